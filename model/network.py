@@ -1,0 +1,80 @@
+"""The seed's network: a ResNet-style CNN with Squeeze-and-Excitation blocks.
+
+Parameter names follow the seed's notebook exactly (``stem.0.weight``,
+``stage1.0.conv1.weight``, ``stage1.0.se.fc1.weight``, ``stage1.0.shortcut.weight``,
+``fc.weight`` ...) so a ``CIFAR100_model.pth`` saved by it loads with ``strict=True``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-Excitation: rescale each channel by a gate computed from its mean."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = x.mean(dim=(2, 3))
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(gate))))
+        return x * gate[:, :, None, None]
+
+
+class ResidualSEBlock(nn.Module):
+    """conv-bn-relu-conv-bn, SE gate, plus a shortcut (1x1 conv when the shape changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, reduction: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.se = SEBlock(out_channels, reduction)
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.se(self.bn2(self.conv2(out)))
+        return F.relu(out + self.shortcut(x))
+
+
+class CIFAR100Model(nn.Module):
+    """Stem of 16 channels, three stages of two SE residual blocks (16k, 32k, 64k channels)."""
+
+    def __init__(self, width: int = 10, num_classes: int = 100, dropout: float = 0.3, reduction: int = 16):
+        super().__init__()
+        if width < 1:
+            raise ValueError(f"width must be a positive integer, got {width}")
+        self.width = width
+        self.num_classes = num_classes
+        c1, c2, c3 = 16 * width, 32 * width, 64 * width
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+        )
+        self.stage1 = nn.Sequential(ResidualSEBlock(16, c1, 1, reduction), ResidualSEBlock(c1, c1, 1, reduction))
+        self.stage2 = nn.Sequential(ResidualSEBlock(c1, c2, 2, reduction), ResidualSEBlock(c2, c2, 1, reduction))
+        self.stage3 = nn.Sequential(ResidualSEBlock(c2, c3, 2, reduction), ResidualSEBlock(c3, c3, 1, reduction))
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(c3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
+        x = x.mean(dim=(2, 3))
+        return self.fc(self.dropout(x))
+
+
+def infer_width_and_classes(state_dict: dict) -> tuple[int, int]:
+    """Read the width multiplier and class count off a state dict (to rebuild the network)."""
+    fc = state_dict["fc.weight"]
+    return fc.shape[1] // 64, fc.shape[0]

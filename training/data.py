@@ -1,0 +1,93 @@
+"""CIFAR-100 as uint8 tensors, augmented a whole batch at a time.
+
+Per-image PIL transforms cost more than the network itself on a 2-core CPU, so the split is
+loaded once into one uint8 tensor and random crop + flip are done with tensor indexing on
+the batch. torchvision's ``CIFAR100`` reads (and md5-checks) the official files.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import CIFAR100_MEAN, CIFAR100_STD
+
+DATA_ENV = "CIFAR100_DATA"
+# torchvision's file list for CIFAR-100 ("python version"), used to tell "missing" from "corrupted".
+_FILES = ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta")
+
+
+class DataError(RuntimeError):
+    """The data set cannot be read; the message says what to do."""
+
+
+def default_data_dir() -> str:
+    return os.environ.get(DATA_ENV, "data")
+
+
+def load_split(root: str | os.PathLike, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (images uint8 [N, 3, 32, 32], labels int64 [N]) of one split."""
+    from torchvision.datasets import CIFAR100
+
+    root = Path(root)
+    try:
+        ds = CIFAR100(root=str(root), train=train, download=download)
+    except RuntimeError as err:
+        present = [f for f in _FILES if (root / f).exists()]
+        if not present:
+            raise DataError(
+                f"CIFAR-100 not found under '{root}' (looked for {root / 'cifar-100-python'}). "
+                f"Point --data-dir (or the {DATA_ENV} environment variable) at the folder that holds "
+                "'cifar-100-python/', or pass --download to fetch it (needs internet)."
+            ) from err
+        raise DataError(
+            f"CIFAR-100 files under '{root / 'cifar-100-python'}' failed torchvision's integrity check "
+            f"({err}). A file is truncated or altered: its md5 does not match the official release. "
+            "Replace the folder with an intact copy (or delete it and pass --download)."
+        ) from err
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor(ds.targets, dtype=torch.int64)
+    return images, labels
+
+
+def subset(images: torch.Tensor, labels: torch.Tensor, n: int | None, seed: int = 0):
+    """A fixed random subset of n examples (all of them when n is None or too large)."""
+    if n is None or n >= len(labels):
+        return images, labels
+    idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
+    return images[idx], labels[idx]
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """RandomCrop(32, padding) + RandomHorizontalFlip on a uint8 batch [B, C, H, W], zero fill."""
+    b, c, h, w = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    out = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    flip = torch.rand(b, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def normalize(images: torch.Tensor, device: torch.device | str = "cpu", channels_last: bool = True) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 normalized with the CIFAR-100 statistics, on device."""
+    mean = torch.tensor(CIFAR100_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR100_STD, device=device).view(1, 3, 1, 1)
+    x = images.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def batches(images, labels, indices, batch_size, generator=None, augment=False, drop_last=False):
+    """Yield (uint8 images, labels) batches over the given index order."""
+    n = len(indices)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = indices[start:start + batch_size]
+        x, y = images[idx], labels[idx]
+        if augment:
+            x = random_crop_flip(x, generator)
+        yield x, y

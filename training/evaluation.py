@@ -1,0 +1,59 @@
+"""Accuracy of a network on a labelled uint8 image set (shared by training and evaluate)."""
+from __future__ import annotations
+
+import torch
+
+from training.data import batches, normalize
+
+
+@torch.inference_mode()
+def predict_logits(model, images, labels, batch_size=500, device="cpu", amp_dtype=None,
+                   flip_tta=False, channels_last=True):
+    """Logits (float32, on the CPU) for every image, optionally averaged with the mirror image."""
+    model.eval()
+    device = torch.device(device)
+    out = []
+    order = torch.arange(len(labels))
+    for x, _ in batches(images, labels, order, batch_size):
+        x = normalize(x, device, channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = model(x).float()
+            if flip_tta:
+                logits = (logits + model(x.flip(3)).float()) / 2
+        out.append(logits.cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+    """How many labels are among the top-k logits, for each k."""
+    top = logits.topk(max(ks), dim=1).indices
+    hits = top == labels[:, None]
+    return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
+
+
+def accuracy(logits, labels) -> dict[str, float]:
+    n = max(len(labels), 1)
+    c = topk_correct(logits, labels)
+    return {"top1": 100.0 * c[1] / n, "top5": 100.0 * c[5] / n}
+
+
+def per_class_accuracy(logits, labels, num_classes) -> torch.Tensor:
+    pred = logits.argmax(1)
+    correct = torch.zeros(num_classes).index_add_(0, labels, (pred == labels).float())
+    total = torch.bincount(labels, minlength=num_classes).float()
+    return 100.0 * correct / total.clamp(min=1)
+
+
+def confusion_matrix(logits, labels, num_classes) -> torch.Tensor:
+    """[true, predicted] counts."""
+    pred = logits.argmax(1)
+    return torch.bincount(labels * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def most_confused_pairs(confusion: torch.Tensor, n=10) -> list[tuple[int, int, int]]:
+    """(true, predicted, count) of the n largest off-diagonal entries."""
+    off = confusion.clone()
+    off.fill_diagonal_(0)
+    counts, flat = off.flatten().topk(n)
+    k = confusion.shape[0]
+    return [(int(i // k), int(i % k), int(c)) for i, c in zip(flat, counts) if c > 0]
