@@ -37,15 +37,21 @@ def load_split(root: str | os.PathLike, train: bool, download: bool = False) -> 
     except RuntimeError as err:
         present = [f for f in _FILES if (root / f).exists()]
         if not present:
+            # A common slip: pointing at cifar-100-python/ itself rather than the folder above it.
+            hint = (f" '{root}' looks like the cifar-100-python folder itself: pass its parent, '{root.parent}'."
+                    if (root / "meta").exists() else "")
             raise DataError(
                 f"CIFAR-100 not found under '{root}' (looked for {root / 'cifar-100-python'}). "
                 f"Point --data-dir (or the {DATA_ENV} environment variable) at the folder that holds "
-                "'cifar-100-python/', or pass --download to fetch it (needs internet)."
+                f"'cifar-100-python/', or pass --download to fetch it (needs internet).{hint}"
             ) from err
+        missing = [f for f in _FILES if f not in present]
         raise DataError(
             f"CIFAR-100 files under '{root / 'cifar-100-python'}' failed torchvision's integrity check "
-            f"({err}). A file is truncated or altered: its md5 does not match the official release. "
-            "Replace the folder with an intact copy (or delete it and pass --download)."
+            f"({err}). "
+            + (f"Missing: {', '.join(missing)}. " if missing else
+               "A file is truncated or altered: its md5 does not match the official release. ")
+            + "Replace the folder with an intact copy (or delete it and pass --download)."
         ) from err
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(ds.targets, dtype=torch.int64)

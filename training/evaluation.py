@@ -26,7 +26,8 @@ def predict_logits(model, images, labels, batch_size=500, device="cpu", amp_dtyp
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
     """How many labels are among the top-k logits, for each k."""
-    top = logits.topk(max(ks), dim=1).indices
+    # min(): a model with fewer than 5 classes has every class in its top 5.
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
     return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
 
@@ -54,6 +55,7 @@ def most_confused_pairs(confusion: torch.Tensor, n=10) -> list[tuple[int, int, i
     """(true, predicted, count) of the n largest off-diagonal entries."""
     off = confusion.clone()
     off.fill_diagonal_(0)
-    counts, flat = off.flatten().topk(n)
+    # A stable sort: equal counts come in (true, predicted) order, so reports are reproducible.
+    counts, flat = torch.sort(off.flatten(), descending=True, stable=True)
     k = confusion.shape[0]
-    return [(int(i // k), int(i % k), int(c)) for i, c in zip(flat, counts) if c > 0]
+    return [(int(i // k), int(i % k), int(c)) for i, c in zip(flat[:n], counts[:n]) if c > 0]

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from model import CIFAR100Model
 from training.data import DataError, batches, default_data_dir, load_split, normalize, subset
-from training.evaluation import accuracy, predict_logits
+from training.evaluation import accuracy, predict_logits, topk_correct
 
 # Settings a checkpoint must share with the run that resumes it.
 _SHAPE_KEYS = ("width", "num_classes")
@@ -182,6 +182,19 @@ def save_curves(history: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"--resume: no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types (pickle, zip, RuntimeError) for a bad file
+        raise ConfigError(f"--resume: cannot read {path} ({type(err).__name__}: {err})") from err
+    if not isinstance(checkpoint, dict) or not {"epoch", "args", "model", "optimizer"} <= checkpoint.keys():
+        raise ConfigError(f"--resume: {path} is not a training checkpoint (a CIFAR100_model.pth holds "
+                          "weights only; resume from the checkpoint.pt beside it)")
+    return checkpoint
+
+
 def check_compatible(checkpoint: dict, args) -> None:
     saved = checkpoint["args"]
     for key in _SHAPE_KEYS:
@@ -189,6 +202,14 @@ def check_compatible(checkpoint: dict, args) -> None:
             raise ConfigError(
                 f"checkpoint was trained with --{key.replace('_', '-')} {saved.get(key)}, this run asks for "
                 f"{getattr(args, key)}: pass the same value, or a different --out to start afresh")
+
+
+def changed_options(checkpoint: dict, args) -> list[str]:
+    """Options that differ from the checkpoint's run (allowed, but the run no longer repeats it exactly)."""
+    ignore = {"resume", "max_epochs_this_run", "no_progress", "out", "download", "data_dir", "threads"}
+    saved = checkpoint["args"]
+    return [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in vars(args).items()
+            if k not in ignore and k in saved and saved[k] != v]
 
 
 # ----------------------------------------------------------------------------- training
@@ -206,20 +227,32 @@ def train(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; harmless on the CPU.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed 32x32 inputs: the autotuned kernels pay off
+    # Recorded at the start: the code that ran, not whatever the checkout holds when the run ends.
+    version = code_version()
     amp_dtype = pick_amp(args.amp, device)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt" if args.resume in (None, "auto") else Path(args.resume)
 
     checkpoint = None
     if args.resume is not None:
-        if not ckpt_path.exists():
-            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        # Before the data load: a wrong checkpoint is reported at once, not minutes later.
+        checkpoint = load_checkpoint(ckpt_path)
         check_compatible(checkpoint, args)
+        if main_process and (changed := changed_options(checkpoint, args)):
+            print("note: resuming with changed options: " + ", ".join(changed), flush=True)
 
-    train_x, train_y = subset(*load_split(args.data_dir, True, args.download and main_process), args.train_subset, args.seed)
-    test_x, test_y = subset(*load_split(args.data_dir, False), args.test_subset, args.seed + 1)
+    # With --download only rank 0 fetches; the others wait for it rather than race on the files.
+    if args.download and distributed and not main_process:
+        dist.barrier()
+    train_x, train_y = subset(*load_split(args.data_dir, True, args.download), args.train_subset, args.seed)
+    test_x, test_y = subset(*load_split(args.data_dir, False, args.download), args.test_subset, args.seed + 1)
+    if args.download and distributed and main_process:
+        dist.barrier()
     if int(train_y.max()) >= args.num_classes:
         raise ConfigError(f"labels go up to {int(train_y.max())} but --num-classes is {args.num_classes}")
 
@@ -266,16 +299,19 @@ def train(args) -> dict:
     t_start = time.perf_counter()
     stop_at = args.epochs if args.max_epochs_this_run is None else min(args.epochs, start_epoch + args.max_epochs_this_run)
     for epoch in range(start_epoch, stop_at):
-        # Every epoch draws its randomness from (seed, epoch) alone, so a resumed run repeats
-        # an uninterrupted one exactly.
-        torch.manual_seed(args.seed * 100_003 + epoch)
-        gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        # Every epoch draws its randomness from (seed, epoch, rank) alone, so a resumed run
+        # repeats an uninterrupted one exactly. The rank term gives DDP replicas different crops
+        # and dropout masks; rank 0 draws what a single-process run draws.
+        torch.manual_seed(args.seed * 100_003 + epoch + 7_919 * rank)
+        gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch + 7_919 * rank)
         sampler.set_epoch(epoch)
         order = torch.tensor(list(iter(sampler)))
         net.train()
         t0 = time.perf_counter()
-        seen = correct = 0
+        seen = 0
+        # Summed on the device; read back only for the bar, so a GPU is not stalled every step.
         loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
         bar = tqdm(batches(train_x, train_y, order, args.batch_size, gen, augment=True, drop_last=True),
                    total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
                    disable=args.no_progress or not main_process, dynamic_ncols=True)
@@ -296,13 +332,13 @@ def train(args) -> dict:
             if ema is not None:
                 ema.update_parameters(model)
             loss_sum += loss.detach() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             if i % 10 == 0 or i == steps_per_epoch - 1:
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
                                 img_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
         train_time = time.perf_counter() - t0
-        stats = torch.tensor([loss_sum.item(), correct, seen], dtype=torch.float64)
+        stats = torch.tensor([loss_sum.item(), correct.item(), seen], dtype=torch.float64)
         if distributed:
             dist.all_reduce(stats)
         eval_model = ema.module if ema is not None else model
@@ -317,7 +353,8 @@ def train(args) -> dict:
         elapsed = elapsed_before + time.perf_counter() - t_start
         if main_process:
             print(json.dumps(record), flush=True)
-            atomic_save({"epoch": epoch + 1, "args": vars(args), "model": model.state_dict(),
+            atomic_save({"epoch": epoch + 1, "args": vars(args), "code_version": version,
+                         "model": model.state_dict(),
                          "ema": ema.state_dict() if ema is not None else None,
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "history": history, "wall_time_s": elapsed}, out / "checkpoint.pt")
@@ -326,7 +363,8 @@ def train(args) -> dict:
     result = {}
     if stop_at == args.epochs and main_process:
         result = finish(model, ema, history, args, out, device, amp_dtype, test_x, test_y,
-                        elapsed_before + time.perf_counter() - t_start, world)
+                        elapsed_before + time.perf_counter() - t_start, world, version,
+                        checkpoint.get("code_version") if checkpoint is not None else None)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -339,7 +377,6 @@ def evaluate_sharded(model, images, labels, args, device, amp_dtype, rank, world
     # No flip-TTA here: it doubles the per-epoch cost; finish() measures it once at the end.
     logits = predict_logits(model, images[idx], labels[idx], args.eval_batch_size, device, amp_dtype,
                             False, args.channels_last)
-    from training.evaluation import topk_correct
     c = topk_correct(logits, labels[idx])
     counts = torch.tensor([c[1], c[5], len(idx)], dtype=torch.float64)
     if world > 1:
@@ -347,7 +384,8 @@ def evaluate_sharded(model, images, labels, args, device, amp_dtype, rank, world
     return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item()}
 
 
-def finish(model, ema, history, args, out, device, amp_dtype, test_x, test_y, wall_time, world) -> dict:
+def finish(model, ema, history, args, out, device, amp_dtype, test_x, test_y, wall_time, world,
+           version, resumed_from_version=None) -> dict:
     """Export the seed-compatible state dict and measure what EMA and flip-TTA bought."""
     exported = ema.module if ema is not None else model
     state = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone()
@@ -365,9 +403,11 @@ def finish(model, ema, history, args, out, device, amp_dtype, test_x, test_y, wa
         "evaluated_as": final_key, "test_images": len(test_y),
         "weights": "CIFAR100_model.pth", "weights_are": "ema" if ema is not None else "raw",
         "final_evaluation": ablation, "history": history, "wall_time_s": wall_time,
-        "hardware": hardware(device, world), "args": vars(args), "code_version": code_version(),
+        "hardware": hardware(device, world), "args": vars(args), "code_version": version,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    if resumed_from_version is not None and resumed_from_version != version:
+        metrics["resumed_from_code_version"] = resumed_from_version
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     save_curves(history, out / "training_curves.png")
     print(f"done: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% ({final_key}), "

@@ -1,0 +1,77 @@
+# The user's verbs. `make serve` and `make test` work on a fresh machine (they install first).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Where CIFAR-100 lives (the folder holding cifar-100-python/): env CIFAR100_DATA, else the
+# shared copy beside the checkout, else ./data.
+export CIFAR100_DATA ?= $(firstword $(wildcard ../shared/data) data)
+# The shipped default weights; `make archive WEIGHTS=path/to/other.pth` packages others.
+WEIGHTS ?= model/weights/CIFAR100_model.pth
+TRAIN_ARGS ?=
+
+.PHONY: install install-system train evaluate archive serve serve-torchserve serve-adapter \
+        stop stop-torchserve stop-adapter test bench bench-train bench-serve clean
+
+install: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt adapter/requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# Debian packages: Java for TorchServe, Chromium for the page tests (root; CI runs this).
+install-system:
+	command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
+
+train: install
+	$(PY) -m training.train --data-dir $(CIFAR100_DATA) --out runs/latest $(TRAIN_ARGS)
+
+evaluate: install
+	$(PY) -m training.evaluate $(WEIGHTS) --data-dir $(CIFAR100_DATA)
+
+# One command for the whole service: TorchServe (on the shipped weights) + adapter + page.
+serve: install
+	$(MAKE) --no-print-directory archive
+	$(MAKE) --no-print-directory serve-torchserve
+	$(MAKE) --no-print-directory serve-adapter
+	@echo "Open the page: http://127.0.0.1:$${ADAPTER_PORT:-8000}/   (stop everything with: make stop)"
+
+stop:
+	-$(MAKE) --no-print-directory stop-adapter
+	-$(MAKE) --no-print-directory stop-torchserve
+
+# The /classify/ adapter + page in the background (logs/adapter.pid, logs/adapter.log); idempotent.
+serve-adapter: install
+	$(PY) -m adapter.run start
+
+stop-adapter:
+	$(PY) -m adapter.run stop
+
+# model_store/cifar100.mar from $(WEIGHTS) + handler + class names (rebuilt only when an input changed).
+archive: install
+	$(PY) -m serving.archive --weights $(WEIGHTS)
+
+# TorchServe in the background (config.properties; key_file.json here, logs in logs/); waits for a
+# READY worker. Both idempotent.
+serve-torchserve: install archive
+	$(PY) -m serving.torchserve start
+
+stop-torchserve:
+	$(PY) -m serving.torchserve stop
+
+# TorchServe vs the same model in-process, concurrency 1/4/16 (BENCH_SERVE_ARGS="--duration 4").
+bench-serve: install
+	$(PY) -m benchmarks.bench_serve --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
+	$(PY) -m benchmarks.bench_adapter --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: bench-train bench-serve
+
+bench-train: install
+	$(PY) -m training.bench --data-dir $(CIFAR100_DATA)
+
+clean:
+	rm -rf runs model_store logs test-artifacts

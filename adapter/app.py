@@ -1,0 +1,155 @@
+"""The seed's `POST /classify/` API, answered by the model that TorchServe hosts, plus the web page.
+
+    POST /classify/   multipart field `image` -> 200 {"prediction": "Aquarium fish", "label": ...,
+                      "probability": ..., "top5": [{"name", "label", "index", "probability"} x5],
+                      "model_version": ..., "time_ms": ...}
+                      `prediction` is the seed's key and display rule (label, `_` as spaces, first
+                      letter capital); the other keys are additions.
+    GET  /health      200 {"status": "ok", ...} when the model can answer now, else
+                      503 {"status": "unavailable", "error": ...}
+    GET  /            the drag-and-drop page (frontend/)
+
+Every error is {"error": "..."} with its status: 400 no `image` field / empty / not an image,
+413 larger than MAX_UPLOAD_BYTES (refused while reading, see upload.py), 404/405 unknown route or
+method, 503 TorchServe down or the model not ready, 504 TorchServe too slow, 502 TorchServe broke.
+Settings come from environment variables (see config.py). No torch here: the model lives in TorchServe.
+
+Run: `python -m adapter.run start` (or `uvicorn adapter.app:create_app --factory`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .config import Settings
+from .errors import ClassifyError
+from .torchserve import TorchServeClient
+from .upload import read_image_upload
+
+log = logging.getLogger("adapter")
+
+TOP_K = 5
+
+
+def display_name(label: str) -> str:
+    """The seed's rule (same as model.classes.display_name, which imports torch via model/)."""
+    text = label.replace("_", " ")
+    return text[:1].upper() + text[1:]
+
+
+def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+
+
+def classify_answer(answer: dict, started: float) -> dict:
+    """The handler's answer in the seed's shape: `prediction` first, then the additions."""
+    label = answer.get("label")
+    prediction = answer.get("prediction") or display_name(label)
+    top5 = [
+        {"name": item.get("name") or display_name(item["label"]), "label": item["label"],
+         "index": item.get("index"), "probability": item.get("probability")}
+        for item in (answer.get("topk") or [])[:TOP_K]
+        if isinstance(item, dict) and isinstance(item.get("label"), str)
+    ]
+    return {
+        "prediction": prediction,
+        "label": label,
+        "index": answer.get("index"),
+        "probability": answer.get("probability"),
+        "top5": top5,
+        "model_version": answer.get("model_version"),
+        "time_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.torchserve = TorchServeClient(settings)
+        log.info("adapter: model '%s' at %s (max upload %d bytes)", settings.model_name,
+                 settings.inference_url, settings.max_upload_bytes)
+        try:
+            yield
+        finally:
+            await app.state.torchserve.aclose()
+
+    app = FastAPI(title="CIFAR-100 classifier", lifespan=lifespan,
+                  summary="The seed's /classify/ API in front of TorchServe")
+    app.state.settings = settings
+
+    @app.exception_handler(ClassifyError)
+    async def classify_error(request: Request, err: ClassifyError) -> JSONResponse:
+        # A 413 answered before the body was read: the connection cannot be reused.
+        headers = {"Connection": "close"} if err.status_code == 413 else None
+        return _error(err.status_code, err.message, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        messages = {404: f"Not found: {request.url.path}",
+                    405: f"Method {request.method} is not allowed on {request.url.path}."}
+        return _error(err.status_code, messages.get(err.status_code, str(err.detail)), err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return _error(400, f"Invalid request: {first.get('msg', 'bad input')} ({where}).")
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
+        # Logged with its traceback by Starlette; the client gets no stack trace.
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error(500, "Internal error in the adapter; see its log.")
+
+    upload_body = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image"],
+        "properties": {"image": {"type": "string", "format": "binary"}}}}}}}
+
+    async def classify(request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        # The body is read here (not by a FastAPI File() parameter) so the size limit acts while
+        # it streams in.
+        upload = await read_image_upload(request, settings.max_upload_bytes)
+        answer = await request.app.state.torchserve.predict(upload.data)
+        return JSONResponse(classify_answer(answer, started))
+
+    app.add_api_route("/classify/", classify, methods=["POST"], openapi_extra=upload_body,
+                      summary="Classify one image (multipart field `image`)")
+    # The page is mounted at "/" and would swallow what the routes do not match: the slash
+    # redirect (answer "/classify" too) and the 405 for other methods (say it here).
+    app.add_api_route("/classify", classify, methods=["POST"], include_in_schema=False)
+
+    async def classify_wrong_method(request: Request) -> JSONResponse:
+        return _error(405, f"Method {request.method} is not allowed on {request.url.path}; "
+                           "POST an image in a multipart field named 'image'.", {"Allow": "POST"})
+
+    for path in ("/classify/", "/classify"):
+        app.add_api_route(path, classify_wrong_method, methods=["GET", "PUT", "PATCH", "DELETE"],
+                          include_in_schema=False)
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        try:
+            status = await request.app.state.torchserve.model_status()
+        except ClassifyError as err:
+            return JSONResponse({"status": "unavailable", "error": err.message}, status_code=503)
+        return JSONResponse({"status": "ok", **status})
+
+    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins,
+                       allow_methods=["GET", "POST"], allow_headers=["*"])
+    if Path(settings.frontend_dir).is_dir():
+        app.mount("/", StaticFiles(directory=settings.frontend_dir, html=True), name="page")
+    else:
+        log.warning("no page: FRONTEND_DIR %s is not a folder", settings.frontend_dir)
+    return app

@@ -1,0 +1,12 @@
+"""The one error type the adapter answers with: an HTTP status and a plain-words message.
+
+Every refusal leaves the adapter in the seed's shape, `{"error": "..."}`.
+"""
+from __future__ import annotations
+
+
+class ClassifyError(Exception):
+    def __init__(self, status_code: int, message: str):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message

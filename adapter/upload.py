@@ -1,0 +1,147 @@
+"""Reading the `image` field of a multipart upload while it streams in, with a size limit.
+
+FastAPI's `UploadFile` parameters only reach the endpoint after the whole body has been received
+(and spooled to disk), so a 2 GB upload would be read in full before it could be refused. Here the
+body is fed chunk by chunk to python-multipart's streaming parser and counted as it arrives:
+  * a Content-Length larger than the limit is refused before a single body byte is read;
+  * a body without Content-Length (chunked) is refused as soon as the count passes the limit;
+  * the `image` part itself may hold at most `max_upload_bytes`; the rest of the form (part
+    headers, boundaries, small extra fields) may add FORM_OVERHEAD_BYTES.
+Only the `image` part is kept (in memory: at most `max_upload_bytes`); other parts are skipped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from .errors import ClassifyError
+
+IMAGE_FIELD = "image"
+# Room for multipart boundaries, part headers and a few small extra fields beside the image.
+FORM_OVERHEAD_BYTES = 64 * 1024
+
+
+@dataclass
+class ImageUpload:
+    data: bytes
+    filename: str | None
+    content_type: str | None
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KB"
+
+
+def too_large(max_bytes: int) -> ClassifyError:
+    return ClassifyError(413, f"The image is too large: the limit is {_mb(max_bytes)}.")
+
+
+class _ImageCollector:
+    """python-multipart callbacks that keep the first `image` part and count its bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.image: ImageUpload | None = None
+        self._buffer: bytearray | None = None
+        self._header_name = b""
+        self._header_value = b""
+        self._headers: dict[bytes, bytes] = {}
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self._headers = {}
+        self._buffer = None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[self._header_name.lower()] = self._header_value
+        self._header_name = self._header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if options.get(b"name") == IMAGE_FIELD.encode() and self.image is None:
+            self._buffer = bytearray()
+
+    @property
+    def image_started(self) -> bool:
+        """An `image` part began but its closing boundary never came (a cut-off body)."""
+        return self._buffer is not None
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._buffer is None:
+            return
+        self._buffer += data[start:end]
+        if len(self._buffer) > self.max_bytes:
+            raise too_large(self.max_bytes)
+
+    def on_part_end(self) -> None:
+        if self._buffer is None:
+            return
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        filename = options.get(b"filename")
+        content_type = self._headers.get(b"content-type")
+        self.image = ImageUpload(
+            data=bytes(self._buffer),
+            filename=filename.decode("utf-8", "replace") if filename is not None else None,
+            content_type=content_type.decode("latin-1") if content_type else None,
+        )
+        self._buffer = None
+
+
+async def read_image_upload(request: Request, max_bytes: int) -> ImageUpload:
+    """The `image` field of a multipart/form-data request, or a ClassifyError (400 / 413)."""
+    mime, params = parse_options_header(request.headers.get("content-type", ""))
+    if mime != b"multipart/form-data" or not params.get(b"boundary"):
+        raise ClassifyError(400, "Send the image as multipart/form-data in a field named 'image'.")
+
+    body_limit = max_bytes + FORM_OVERHEAD_BYTES
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_bytes = int(declared)
+        except ValueError:
+            raise ClassifyError(400, "The Content-Length header is not a number.") from None
+        if declared_bytes > body_limit:
+            # Refused before reading the body: the client is told at once, not after uploading it.
+            raise too_large(max_bytes)
+
+    collector = _ImageCollector(max_bytes)
+    parser = MultipartParser(params[b"boundary"], collector.callbacks())
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > body_limit:
+                raise too_large(max_bytes)
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as err:
+        raise ClassifyError(400, f"The multipart form could not be read: {err}") from None
+    except ClientDisconnect:
+        raise ClassifyError(400, "The upload was interrupted before it was complete.") from None
+
+    if collector.image is None and collector.image_started:
+        raise ClassifyError(400, "The upload ended before the image was complete.")
+    if collector.image is None:
+        raise ClassifyError(400, "No image uploaded: send the file in a form field named 'image'.")
+    if not collector.image.data:
+        raise ClassifyError(400, "The uploaded file is empty.")
+    return collector.image

@@ -1,0 +1,139 @@
+"""`POST /classify/` through the adapter, beside TorchServe called directly and the seed-style server.
+
+    python -m benchmarks.bench_adapter [--duration 8] [--concurrency 1 4 16] [--weights PATH]
+
+One run starts, on free loopback ports, a TorchServe (this checkout's archive of --weights), the
+adapter in front of it (a real uvicorn process) and benchmarks/seed_server.py (the seed's design:
+the model in-process, one image per forward pass in the request handler, same weights), then
+drives each with the same CIFAR-100 test PNGs at each concurrency and prints images/s and
+p50/p99 latency, and the two targets:
+  * adapter p50 - direct TorchServe p50 at concurrency 1 < 3 ms (what the adapter costs);
+  * adapter images/s at concurrency 16 >= 2x the seed-style server's.
+The load generator and any other work share the machine's cores with the servers: read the
+figures as ratios measured side by side in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from adapter.run import free_port, running_adapter  # noqa: E402
+from benchmarks.bench_serve import (  # noqa: E402
+    Request, cifar_png_payloads, print_table, run_load, start_benchmark_torchserve, torchserve_request)
+from serving.archive import DEFAULT_WEIGHTS  # noqa: E402
+
+SEED_START_TIMEOUT_S = 120
+
+
+def classify_request(base_url: str, client: httpx.AsyncClient) -> Request:
+    """The seed's client call: multipart field `image`; a non-200 or an answer without prediction fails."""
+    async def request(payload: bytes) -> None:
+        r = await client.post(f"{base_url}/classify/", files={"image": ("photo.png", payload, "image/png")})
+        r.raise_for_status()
+        if "prediction" not in r.json():
+            raise ValueError(f"no prediction in {r.text[:100]}")
+    return request
+
+
+@contextmanager
+def seed_server(weights: Path, log_file: Path) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "SEED_WEIGHTS": str(weights)}
+    with open(log_file, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "benchmarks.seed_server:app", "--host", "127.0.0.1",
+             "--port", str(port), "--no-access-log"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SEED_START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"seed server exited; see {log_file}:\n{log_file.read_text()[-2000:]}")
+            try:
+                httpx.get(f"{base}/docs", timeout=1.0)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"seed server silent after {SEED_START_TIMEOUT_S} s; see {log_file}")
+                time.sleep(0.3)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="The /classify/ adapter vs direct TorchServe vs the seed-style server.")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per point")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--batch-size", type=int, help="override model-config.yaml's batchSize")
+    parser.add_argument("--max-batch-delay", type=int, help="override model-config.yaml's maxBatchDelay (ms)")
+    args = parser.parse_args(argv)
+
+    payloads = cifar_png_payloads()
+    concurrencies = args.concurrency
+    with tempfile.TemporaryDirectory(prefix="bench-adapter-") as tmp:
+        tmp = Path(tmp)
+        ts = start_benchmark_torchserve(tmp / "torchserve", args.weights, args.batch_size, args.max_batch_delay)
+        try:
+            # The adapter as `make serve-adapter` runs it, access log included.
+            adapter_env = {"TS_INFERENCE_URL": ts.inference_url, "TS_MANAGEMENT_URL": ts.management_url,
+                           "TS_MODEL_NAME": ts.model_name, "TS_KEY_FILE": str(ts.key_file.path)}
+            with running_adapter(adapter_env, tmp / "adapter.log") as adapter, \
+                    seed_server(args.weights, tmp / "seed.log") as seed_base:
+                async def measure():
+                    limits = httpx.Limits(max_connections=max(concurrencies) * 2,
+                                          max_keepalive_connections=max(concurrencies) * 2)
+                    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+                        targets = {
+                            "torchserve": torchserve_request(ts, client),
+                            "adapter": classify_request(adapter.base_url, client),
+                            "seed-style": classify_request(seed_base, client),
+                        }
+                        # Interleave targets at each concurrency so slow drift (other work on the
+                        # machine) touches all three alike.
+                        rows = {name: {} for name in targets}
+                        for c in concurrencies:
+                            for name, request in targets.items():
+                                rows[name][c] = await run_load(request, payloads, c, args.duration)
+                        return rows
+                rows = asyncio.run(measure())
+        finally:
+            ts.stop()
+
+    print(f"/classify/ benchmark: weights {args.weights}; {args.duration:g} s per point; "
+          f"{len(payloads)} CIFAR-100 test PNGs")
+    print_table(rows, concurrencies)
+    lo, hi = min(concurrencies), max(concurrencies)
+    overhead = rows["adapter"][lo].percentile(50) - rows["torchserve"][lo].percentile(50)
+    ratio = rows["adapter"][hi].images_per_s / max(rows["seed-style"][hi].images_per_s, 1e-9)
+    print(f"adapter p50 - torchserve p50 at concurrency {lo}: {overhead:+.2f} ms (target < 3 ms)")
+    print(f"adapter / seed-style images/s at concurrency {hi}: {ratio:.2f}x (target >= 2x)")
+    failed = sum(r.errors for by_c in rows.values() for r in by_c.values())
+    if failed:
+        print(f"{failed} requests failed during the run (counted in the errors column)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

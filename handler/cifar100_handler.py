@@ -1,0 +1,111 @@
+"""TorchServe handler for the CIFAR-100 classifier.
+
+BaseHandler does the device choice (``cuda:<gpu_id>`` when TorchServe gives the worker a GPU, else
+CPU) and reads the manifest and model-config.yaml; this class overrides only what differs:
+  * ``_load_pickled_model``: BaseHandler builds ``model_class()`` with no arguments and wants
+    exactly one nn.Module class in ``--model-file``; our network (model/network.py, three classes)
+    needs its width, which is read off the state dict, and comes from the ``model`` package
+    shipped in the archive (``--extra-files``).
+  * ``preprocess``: decode any image Pillow reads (handler/preprocessing.py), sent as a raw body,
+    a multipart field, or base64 in JSON; a bad image fails only its own request, with a 4xx.
+  * ``inference``: skip the forward pass when every image of a batch was refused.
+  * ``postprocess``: the per-image JSON contract the /classify/ adapter relies on (top-k).
+
+TorchServe loads this file as the handler module and wants exactly one class defined in it; the
+helpers therefore live in the ``handler`` package, also shipped in the archive.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from ts.torch_handler.base_handler import BaseHandler
+
+from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, image_bytes, image_to_tensor, normalize
+from model import CIFAR100Model, infer_width_and_classes, load_class_names
+from model.classes import display_name
+
+DEFAULT_TOPK = 5
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(state_dict: dict) -> CIFAR100Model:
+    """The network with the width and class count the weights were trained with."""
+    width, num_classes = infer_width_and_classes(state_dict)
+    model = CIFAR100Model(width=width, num_classes=num_classes)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+class CIFAR100Handler(BaseHandler):
+    def initialize(self, context):
+        handler_cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
+        if not (torch.cuda.is_available() and context.system_properties.get("gpu_id") is not None):
+            # CPU worker: config.properties runs one worker per model, so it may use every core for
+            # intra-op parallelism, unless the operator pinned a count (handler.cpu_threads in
+            # model-config.yaml or OMP_NUM_THREADS, e.g. when running several workers).
+            threads = handler_cfg.get("cpu_threads") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count()
+            torch.set_num_threads(max(1, int(threads)))
+        super().initialize(context)  # device, manifest, model (via _load_pickled_model), eval mode
+        model_dir = context.system_properties.get("model_dir")
+        self.labels = load_class_names(os.path.join(model_dir, "index_to_name.json"))
+        self.topk = max(1, min(int(handler_cfg.get("topk", DEFAULT_TOPK)), len(self.labels)))
+        self.model_version = str(self.manifest["model"].get("modelVersion", "unknown"))
+        self._errors: dict[int, ImageRequestError] = {}  # per batch: position -> why it was refused
+        logger.info("CIFAR-100 model %s on %s, %d threads, top-%d", self.model_version, self.device,
+                    torch.get_num_threads(), self.topk)
+
+    def _load_pickled_model(self, model_dir, model_file, model_pt_path):
+        state_dict = torch.load(model_pt_path, map_location="cpu", weights_only=True)
+        return build_model(state_dict)
+
+    def preprocess(self, data):
+        """One dict per request -> normalized batch of the good images; bad ones are remembered."""
+        self._errors = {}
+        tensors = []
+        for idx, row in enumerate(data):
+            try:
+                tensors.append(image_to_tensor(decode_image(image_bytes(row))))
+            except ImageRequestError as err:
+                self._errors[idx] = err
+            except Exception as err:  # noqa: BLE001 - never let one request fail the whole batch
+                logger.exception("request %d of the batch failed in preprocessing", idx)
+                self._errors[idx] = ImageRequestError(400, f"could not read the image: {err}")
+        if not tensors:
+            return torch.empty(0, 3, INPUT_SIZE, INPUT_SIZE, device=self.device)
+        return normalize(torch.stack(tensors).to(self.device, non_blocking=True))
+
+    def inference(self, data, *args, **kwargs):
+        if data.shape[0] == 0:
+            return data.new_empty(0, len(self.labels))
+        with torch.inference_mode():
+            return self.model(data, *args, **kwargs)
+
+    def postprocess(self, data):
+        probs, indices = torch.topk(F.softmax(data.float(), dim=1), self.topk, dim=1)
+        probs, indices = probs.cpu().tolist(), indices.cpu().tolist()
+        batch_size = len(data) + len(self._errors)
+        answers, good = [], iter(zip(probs, indices))
+        for idx in range(batch_size):
+            # TorchServe sends no Content-Type of its own for handler output.
+            self.context.set_response_content_type(idx, "application/json")
+            # How many requests shared this forward pass: lets operators (and the tests) see batching.
+            self.context.set_response_header(idx, "X-Batch-Size", str(batch_size))
+            err = self._errors.get(idx)
+            if err is not None:
+                # TorchServe sends `code` as the HTTP status and `phrase` as its reason phrase (one
+                # printable ASCII line there), and the returned object as the body.
+                phrase = " ".join(err.message.split()).encode("ascii", "replace").decode()[:200]
+                self.context.set_response_status(err.status, phrase, idx)
+                answers.append({"error": err.message})
+                continue
+            item_probs, item_indices = next(good)
+            topk = [{"label": self.labels[i], "name": display_name(self.labels[i]), "index": i,
+                     "probability": round(p, 6)} for p, i in zip(item_probs, item_indices)]
+            answers.append({"prediction": topk[0]["name"], "label": topk[0]["label"], "index": topk[0]["index"],
+                            "probability": topk[0]["probability"], "topk": topk,
+                            "model_version": self.model_version})
+        return answers

@@ -1,0 +1,179 @@
+"""Request payload -> normalized image tensor: the handler's input side, testable without TorchServe.
+
+Limits (each refused per image with a 4xx, the server keeps serving):
+  * the upload size is capped by TorchServe itself (``max_request_size`` in config.properties:
+    413 with an empty body, before the handler sees it);
+  * images above MAX_IMAGE_PIXELS are refused with 413 *before* their pixels are decoded, which
+    also stops decompression bombs (a tiny file that declares a huge canvas). 413 rather than 400:
+    the request is well-formed, just too big to process, and a client should not retry it as is.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model import CIFAR100_MEAN, CIFAR100_STD
+
+# 40 megapixels: larger than any phone camera photo (a 48 MP sensor saves 12 MP by default), yet
+# small enough that decoding one (~120 MB as RGB) cannot exhaust a worker's memory.
+MAX_IMAGE_PIXELS = 40_000_000
+INPUT_SIZE = 32  # the network was trained on 32x32 CIFAR images
+# Where an image may sit in a request: multipart field names, keys of a JSON object, and "body"
+# (TorchServe's name for a raw request body, or the parsed object of an application/json body).
+IMAGE_FIELDS = ("image", "data", "file", "body")
+
+
+class ImageRequestError(ValueError):
+    """One request's image cannot be classified; ``status`` is the HTTP code its client gets."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _decode_base64(text: str) -> bytes:
+    """base64 text, optionally as a data: URL ("data:image/png;base64,....")."""
+    text = text.strip()
+    if text.startswith("data:"):
+        header, sep, text = text.partition(",")
+        if not sep or ";base64" not in header:
+            raise ImageRequestError(400, "data: URL must be base64 encoded (data:image/...;base64,...)")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ImageRequestError(
+            400, "request text is not base64 image data; send the image bytes as the body, as "
+                 "multipart field 'image', or as JSON {\"image\": \"<base64>\"}") from err
+
+
+def image_bytes(row: dict) -> bytes:
+    """The encoded image of one request (TorchServe gives one dict per request)."""
+    for field in IMAGE_FIELDS:
+        if field in row and row[field] is not None:
+            value = row[field]
+            break
+    else:
+        fields = ", ".join(sorted(map(str, row))) or "none"
+        raise ImageRequestError(400, f"no image in the request (fields: {fields}); send the image as the "
+                                     "request body or as multipart field 'image'")
+    if isinstance(value, dict):  # an application/json body, parsed by TorchServe
+        for key in ("image", "data", "file"):
+            if isinstance(value.get(key), str):
+                return _decode_base64(value[key])
+        raise ImageRequestError(400, "JSON body must look like {\"image\": \"<base64 image>\"}")
+    if isinstance(value, str):  # a text/* body or a JSON string: only base64 can be an image
+        data = _decode_base64(value) if value.strip() else b""
+    elif isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    else:
+        raise ImageRequestError(400, f"unsupported request payload ({type(value).__name__}); send image bytes")
+    if not data:
+        raise ImageRequestError(400, "empty request: no image data received")
+    return data
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; transparent areas become white (how a page shows them)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        # Palette with a transparent entry: go through RGBA so it is composited like real alpha.
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit (PNG/TIFF) grey: scale the 0..65535 range down to 8 bits rather than clipping at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr / 257.0, 0, 255).round().astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0  # float images are usually 0..1
+        img = Image.fromarray(np.clip(np.nan_to_num(arr) * scale, 0, 255).round().astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, ...
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png_checksums(data: bytes) -> None:
+    """Refuse a PNG whose chunk checksums are wrong (a corrupted upload or download).
+
+    Pillow checks them only for some chunks (and then says "cannot identify image file"); a bad
+    image-data (IDAT) chunk would otherwise decode into wrong pixels and a confident wrong answer.
+    """
+    if not data.startswith(PNG_SIGNATURE):
+        return
+    pos = len(PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        end = pos + 12 + length  # length, type, payload, crc
+        if end > len(data):
+            return  # truncated: decoding reports it
+        kind = data[pos + 4:pos + 8]
+        if zlib.crc32(data[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            raise ImageRequestError(400, f"corrupt PNG: checksum mismatch in its {kind.decode('latin-1')!r} chunk")
+        if kind == b"IEND":
+            return
+        pos = end
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded bytes -> upright 8-bit RGB PIL image (first frame of an animation).
+
+    Animated GIF/WebP/APNG: the first frame is classified, as browsers show it as the still.
+    """
+    check_png_checksums(data)
+    try:
+        with warnings.catch_warnings():
+            # Pillow only *warns* between 1x and 2x its pixel limit; make that a refusal too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:  # checked on the header, before decoding pixels
+                raise ImageRequestError(
+                    413, f"image is {width}x{height} pixels ({width * height / 1e6:.0f} MP), above the "
+                         f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP limit")
+            img = ImageOps.exif_transpose(img)  # phones store portrait photos sideways + EXIF tag
+            img.load()
+    except ImageRequestError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageRequestError(413, f"image refused (possible decompression bomb), above the "
+                                     f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP limit: {err}") from err
+    except UnidentifiedImageError as err:
+        raise ImageRequestError(400, "not an image (or a format Pillow cannot read)") from err
+    except MemoryError as err:
+        raise ImageRequestError(413, "image too large to decode") from err
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, ...) for bad files
+        raise ImageRequestError(400, f"corrupt or truncated image: {err}") from err
+    return _to_rgb(img)
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor [3, 32, 32].
+
+    Like the seed, the whole image is resized to 32x32 (no crop, aspect ratio not kept) with
+    Pillow's bilinear filter, which is antialiased when shrinking (its support widens with the
+    scale) -- the same call torchvision's ``Resize((32, 32))`` makes on a PIL image. A 32x32 image
+    (a CIFAR test image) passes unchanged.
+    """
+    if img.size != (INPUT_SIZE, INPUT_SIZE):
+        img = img.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float normalized with the CIFAR-100 training statistics."""
+    mean = torch.tensor(CIFAR100_MEAN, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR100_STD, device=batch.device).view(1, 3, 1, 1)
+    return (batch.float() / 255.0 - mean) / std

@@ -1,0 +1,1 @@
+"""Running TorchServe for this project: keys, readiness, start/stop scripts (no torch here)."""

@@ -1,0 +1,142 @@
+"""Build model_store/cifar100.mar with torch-model-archiver (``make archive``).
+
+The archive holds:
+  CIFAR100_model.pth (or the --weights file's name)  the state dict (--serialized-file)
+  network.py                                          the network definition (--model-file)
+  cifar100_handler.py                                 the handler class (--handler)
+  model-config.yaml                                   batching, workers, timeout, top-k (--config-file)
+  index_to_name.json                                  the 100 class names
+  model/, handler/                                    the packages the handler imports
+
+The version says which weights it holds: ``w<width>-<first 8 hex of the weights' sha256>``. The
+archive is rebuilt only when an input changed (a digest of all inputs sits beside it), so
+``make archive`` is cheap to run before every start.
+
+    python -m serving.archive [--weights PATH] [--export-path model_store] [--force]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_NAME = "cifar100"
+DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
+DEFAULT_EXPORT = REPO / "model_store"
+HANDLER_FILE = REPO / "handler" / "cifar100_handler.py"
+MODEL_CONFIG = REPO / "handler" / "model-config.yaml"
+NETWORK_FILE = REPO / "model" / "network.py"
+CLASS_NAMES_FILE = REPO / "model" / "index_to_name.json"
+# Packages the handler imports inside the worker, copied as they are (no caches, no weights).
+# (The handler module itself goes in once, at the archive root, via --handler.)
+PACKAGES = {"model": ["*.py", "index_to_name.json"], "handler": ["__init__.py", "preprocessing.py"]}
+
+
+class ArchiveError(RuntimeError):
+    pass
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_version(weights: Path) -> str:
+    """``w<width>-<sha8>``: which network size and which exact weights the archive serves."""
+    import torch  # here, not at module level: the rest of serving/ runs without torch
+
+    from model import infer_width_and_classes
+
+    try:
+        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        width, _ = infer_width_and_classes(state_dict)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ArchiveError(f"{weights} is not a CIFAR100Model state dict: {err}") from err
+    return f"w{width}-{sha256_of(weights)[:8]}"
+
+
+def package_files() -> list[tuple[Path, str]]:
+    """(source, path inside the archive) of every packaged support file."""
+    files = [(CLASS_NAMES_FILE, "index_to_name.json")]
+    for package, patterns in PACKAGES.items():
+        for pattern in patterns:
+            files += [(p, f"{package}/{p.name}") for p in sorted((REPO / package).glob(pattern))]
+    return files
+
+
+def inputs_digest(weights: Path, version: str, model_config: Path = MODEL_CONFIG) -> str:
+    digest = hashlib.sha256(version.encode())
+    for path in [weights, HANDLER_FILE, model_config, NETWORK_FILE] + [src for src, _ in package_files()]:
+        digest.update(str(path.relative_to(REPO) if path.is_relative_to(REPO) else path).encode())
+        digest.update(sha256_of(path).encode())
+    return digest.hexdigest()
+
+
+def build_archive(weights: Path = DEFAULT_WEIGHTS, export_path: Path = DEFAULT_EXPORT,
+                  force: bool = False, quiet: bool = False, model_config: Path = MODEL_CONFIG) -> Path:
+    """Build (or keep, when its inputs are unchanged) ``<export_path>/cifar100.mar``; return its path.
+
+    ``model_config`` replaces handler/model-config.yaml (the benchmark tries other batch settings).
+    """
+    weights, export_path = Path(weights).resolve(), Path(export_path).resolve()
+    if not weights.is_file():
+        raise ArchiveError(f"weights file {weights} not found (train one, or pass --weights)")
+    version = weights_version(weights)
+    mar = export_path / f"{MODEL_NAME}.mar"
+    stamp = export_path / f"{MODEL_NAME}.mar.inputs"
+    digest = inputs_digest(weights, version, Path(model_config))
+    if not force and mar.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+        if not quiet:
+            print(f"{mar.relative_to(REPO) if mar.is_relative_to(REPO) else mar} is up to date (version {version})")
+        return mar
+    export_path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cifar100-archive-") as tmp:
+        extra = Path(tmp, "extra")
+        for src, dest in package_files():
+            Path(extra, dest).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, extra / dest)
+        archiver = Path(sys.executable).with_name("torch-model-archiver")
+        cmd = [str(archiver if archiver.exists() else "torch-model-archiver"),
+               "--model-name", MODEL_NAME, "--version", version,
+               "--model-file", str(NETWORK_FILE), "--serialized-file", str(weights),
+               "--handler", str(HANDLER_FILE), "--config-file", str(model_config),
+               # a directory's *contents* are copied into the archive root: model/, handler/, index_to_name.json
+               "--extra-files", str(extra),
+               "--export-path", str(export_path), "--force"]
+        # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps two builds
+        # (a test session and `make archive`) from mixing their files.
+        env = dict(os.environ, TMPDIR=tmp, TEMP=tmp)
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ArchiveError(f"torch-model-archiver failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    stamp.write_text(digest + "\n")
+    if not quiet:
+        print(f"built {mar} (version {version}, {mar.stat().st_size / 1e6:.1f} MB) from {weights}")
+    return mar
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--export-path", type=Path, default=DEFAULT_EXPORT)
+    parser.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")
+    args = parser.parse_args(argv)
+    try:
+        build_archive(args.weights, args.export_path, args.force)
+    except ArchiveError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

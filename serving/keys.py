@@ -1,0 +1,94 @@
+"""TorchServe's token keys, read from its key_file.json (torch-free; the adapter uses it too).
+
+TorchServe (token authorization on, its default) writes key_file.json into the working directory
+it was started from:
+    {"management": {"key": "...", "expiration time": "2024-02-16T21:12:24.801167Z"},
+     "inference":  {"key": "...", "expiration time": "..."},
+     "API":        {"key": "..."}}
+Inference and management keys expire after `token_expiration_min`; the API key renews them with
+`PUT <management>/token?type=inference|management`, which rewrites the file. Callers therefore never
+cache a key for long: they re-read the file when it changed, and renew when a key is rejected or
+has expired.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+KEY_FILE_ENV = "TS_KEY_FILE"
+
+
+class KeyFileError(RuntimeError):
+    """The key file is missing or unreadable (TorchServe not started, or started elsewhere)."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    inference: str
+    management: str
+    api: str
+    inference_expires: datetime | None
+    management_expires: datetime | None
+
+    def expired(self, kind: str, now: datetime | None = None, margin_s: float = 30.0) -> bool:
+        when = self.inference_expires if kind == "inference" else self.management_expires
+        if when is None:
+            return False
+        now = now or datetime.now(timezone.utc)
+        return (when - now).total_seconds() < margin_s
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+class KeyFile:
+    """Reads key_file.json, re-reading it only when its modification time changes."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path or os.environ.get(KEY_FILE_ENV, "key_file.json"))
+        self._stamp: tuple[int, int] | None = None
+        self._keys: Keys | None = None
+
+    def load(self) -> Keys:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError as err:
+            raise KeyFileError(f"TorchServe key file {self.path} not found (is TorchServe running?)") from err
+        stamp = (st.st_mtime_ns, st.st_size)
+        if self._keys is None or stamp != self._stamp:
+            try:
+                data = json.loads(self.path.read_text())
+                self._keys = Keys(
+                    inference=data["inference"]["key"], management=data["management"]["key"],
+                    api=data["API"]["key"],
+                    inference_expires=_parse_time(data["inference"].get("expiration time")),
+                    management_expires=_parse_time(data["management"].get("expiration time")),
+                )
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise KeyFileError(f"TorchServe key file {self.path} is unreadable: {err}") from err
+            self._stamp = stamp
+        return self._keys
+
+    def header(self, kind: str = "inference") -> dict[str, str]:
+        keys = self.load()
+        return {"Authorization": f"Bearer {getattr(keys, kind)}"}
+
+    def renew(self, management_url: str, kind: str = "inference", timeout: float = 5.0) -> Keys:
+        """Ask TorchServe for a new key of this kind (it rewrites the file), then re-read it."""
+        keys = self.load()
+        r = httpx.put(f"{management_url.rstrip('/')}/token", params={"type": kind},
+                      headers={"Authorization": f"Bearer {keys.api}"}, timeout=timeout)
+        r.raise_for_status()
+        self._stamp = None
+        return self.load()

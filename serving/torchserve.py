@@ -1,0 +1,292 @@
+"""Start, wait for, and stop a TorchServe instance serving cifar100.mar.
+
+    python -m serving.torchserve start [--timeout 180]   # make serve-torchserve
+    python -m serving.torchserve stop                    # make stop-torchserve
+    python -m serving.torchserve status
+
+Both commands are idempotent. ``make serve-torchserve`` runs the instance described by the repo's
+config.properties (ports 8080/8081/8082) from the repo root, so key_file.json lands there and logs
+go to logs/. Tests and benchmarks use the same class with their own directory and free ports:
+
+    ts = TorchServeInstance.on_free_ports(workdir)   # a per-instance copy of config.properties
+    ts.start(); ts.wait_ready(); ...; ts.stop()
+
+Each instance gets its own TMPDIR/TEMP (TorchServe keeps its pid file, worker sockets and the
+unpacked model there, so two instances sharing one would trample each other). Readiness is a
+worker with status READY in ``GET /models/cifar100`` on the management API: /ping answers
+Healthy before the model is loaded, and stays Healthy while a worker crash-loops.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from serving.keys import KeyFile, KeyFileError
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_NAME = "cifar100"
+MAR_FILE = f"{MODEL_NAME}.mar"
+BASE_CONFIG = REPO / "config.properties"
+DEFAULT_MODEL_STORE = REPO / "model_store"
+DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070,
+                 "grpc_management": 7071}
+
+
+class TorchServeError(RuntimeError):
+    """TorchServe did not start or become ready; the message carries the tail of its log."""
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct loopback ports that are free right now (the OS picks them)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    props = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"
+
+
+@dataclass
+class TorchServeInstance:
+    """One TorchServe server: its directory (key_file.json, config, logs/, tmp/) and ports."""
+
+    workdir: Path
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    model_store: Path = DEFAULT_MODEL_STORE
+    model_name: str = MODEL_NAME
+    log_dir: Path | None = None
+    extra_properties: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.workdir = Path(self.workdir).resolve()
+        self.model_store = Path(self.model_store).resolve()
+        self.log_dir = Path(self.log_dir or self.workdir / "logs").resolve()
+        self.tmp_dir = self.log_dir / "tmp"  # pid file, worker sockets, unpacked model
+        self.key_file = KeyFile(self.workdir / "key_file.json")
+
+    @classmethod
+    def on_free_ports(cls, workdir: Path, **kwargs) -> "TorchServeInstance":
+        return cls(workdir, dict(zip(DEFAULT_PORTS, free_ports(len(DEFAULT_PORTS)))), **kwargs)
+
+    # ---- addresses --------------------------------------------------------------------------
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['inference']}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['management']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['metrics']}"
+
+    @property
+    def predictions_url(self) -> str:
+        return f"{self.inference_url}/predictions/{self.model_name}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.log_dir / "config.properties"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.tmp_dir / ".model_server.pid"
+
+    @property
+    def ts_log(self) -> Path:
+        return self.log_dir / "ts_log.log"
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def write_config(self) -> Path:
+        """config.properties with this instance's ports and paths; every other key as in the repo's."""
+        props = read_properties(BASE_CONFIG)
+        props.update({
+            "inference_address": self.inference_url,
+            "management_address": self.management_url,
+            "metrics_address": self.metrics_url,
+            "grpc_inference_port": str(self.ports["grpc_inference"]),
+            "grpc_management_port": str(self.ports["grpc_management"]),
+            "model_store": str(self.model_store),
+            "load_models": MAR_FILE if self.model_name == MODEL_NAME else f"{self.model_name}={MAR_FILE}",
+        })
+        props.update(self.extra_properties)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        return self.config_path
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ, TMPDIR=str(self.tmp_dir), TEMP=str(self.tmp_dir),
+                   LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
+        # The workers must import handler/ and model/ from the archive, not from a checkout that
+        # happens to be on PYTHONPATH (as it is under pytest).
+        env.pop("PYTHONPATH", None)
+        return env
+
+    def java_pid(self) -> int | None:
+        """The running server's (Java) pid, from its pid file; None when it is not running."""
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+            proc = psutil.Process(pid)
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and "java" in proc.name().lower():
+                return pid
+        except (OSError, ValueError, IndexError, psutil.Error):
+            pass
+        return None
+
+    def is_running(self) -> bool:
+        return self.java_pid() is not None
+
+    def start(self) -> None:
+        """Start TorchServe in the background (no-op when this instance already runs)."""
+        if self.is_running():
+            return
+        if not (self.model_store / MAR_FILE).is_file():
+            raise TorchServeError(f"{self.model_store / MAR_FILE} not found: run `make archive` first")
+        self.write_config()
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.pid_file.unlink(missing_ok=True)
+        (self.workdir / "key_file.json").unlink(missing_ok=True)  # a stale one would look like a live server
+        torchserve = Path(sys.executable).with_name("torchserve")
+        cmd = [str(torchserve if torchserve.exists() else "torchserve"), "--start", "--ncs",
+               "--ts-config", str(self.config_path), "--model-store", str(self.model_store)]
+        with open(self.log_dir / "torchserve_launcher.log", "ab") as launcher_log:
+            # `torchserve --start` returns once Java is launched; Java writes key_file.json into its cwd.
+            result = subprocess.run(cmd, cwd=self.workdir, env=self._env(), stdout=launcher_log,
+                                    stderr=subprocess.STDOUT, timeout=60)
+        if result.returncode != 0:
+            raise TorchServeError(f"`{' '.join(cmd)}` failed ({result.returncode}):\n"
+                                  f"{_tail(self.log_dir / 'torchserve_launcher.log')}")
+
+    def worker_statuses(self, timeout: float = 5.0) -> list[dict]:
+        """The model's workers as the management API describes them (needs the management key)."""
+        r = httpx.get(f"{self.management_url}/models/{self.model_name}", headers=self.key_file.header("management"),
+                      timeout=timeout)
+        r.raise_for_status()
+        return r.json()[0].get("workers", [])
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Block until a worker is READY; on failure raise with the tail of the server's log."""
+        deadline = time.monotonic() + timeout
+        last = "not started"
+        while time.monotonic() < deadline:
+            if not self.is_running() and self.pid_file.exists():
+                raise TorchServeError(f"TorchServe exited while starting. Last lines of {self.ts_log}:\n"
+                                      f"{_tail(self.ts_log)}")
+            try:
+                workers = self.worker_statuses()
+                if any(w.get("status") == "READY" for w in workers):
+                    return
+                last = f"workers: {[w.get('status') for w in workers]}"
+            except (httpx.HTTPError, KeyFileError, ValueError, IndexError) as err:
+                last = f"{type(err).__name__}: {err}"
+            time.sleep(0.5)
+        raise TorchServeError(
+            f"TorchServe's {self.model_name} worker not READY after {timeout:.0f} s ({last}). "
+            f"Last lines of {self.log_dir / 'model_log.log'}:\n{_tail(self.log_dir / 'model_log.log')}\n"
+            f"Last lines of {self.ts_log}:\n{_tail(self.ts_log)}")
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the server and its workers; True if one was running. Idempotent."""
+        pid = self.java_pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        java = psutil.Process(pid)
+        procs = [java] + java.children(recursive=True)
+        java.send_signal(signal.SIGTERM)  # Java's shutdown hook stops the workers cleanly
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for proc in alive:  # a worker wedged in a forward pass
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        self.pid_file.unlink(missing_ok=True)
+        (self.workdir / "key_file.json").unlink(missing_ok=True)
+        return True
+
+    def restart(self, timeout: float = 180.0) -> None:
+        self.stop()
+        self.start()
+        self.wait_ready(timeout)
+
+    def curl_example(self) -> str:
+        """The shell lines a user runs to classify photo.jpg (the key comes from key_file.json)."""
+        return (f"KEY=$(python3 -c \"import json; print(json.load(open('{self.key_file.path}'))['inference']['key'])\")\n"
+                f"curl -H \"Authorization: Bearer $KEY\" -T photo.jpg {self.predictions_url}")
+
+
+def default_instance() -> TorchServeInstance:
+    """The instance `make serve-torchserve` runs: ports from config.properties, run from the repo root."""
+    props = read_properties(BASE_CONFIG)
+    ports = dict(DEFAULT_PORTS)
+    for name in ("inference", "management", "metrics"):
+        ports[name] = int(props[f"{name}_address"].rsplit(":", 1)[1])
+    for name in ("grpc_inference", "grpc_management"):
+        ports[name] = int(props.get(f"{name}_port", ports[name]))
+    store = Path(props.get("model_store", "model_store"))
+    return TorchServeInstance(REPO, ports, model_store=store if store.is_absolute() else REPO / store,
+                              log_dir=REPO / "logs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run TorchServe for the CIFAR-100 model.")
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for a READY worker")
+    args = parser.parse_args(argv)
+    ts = default_instance()
+    try:
+        if args.command == "start":
+            already = ts.is_running()
+            ts.start()
+            ts.wait_ready(args.timeout)
+            print(f"TorchServe {'was already running' if already else 'is ready'}: model {ts.model_name} at "
+                  f"{ts.predictions_url}\n  management {ts.management_url}, Prometheus metrics "
+                  f"{ts.metrics_url}/metrics, logs in {ts.log_dir}\n  keys in {ts.key_file.path}. Try:\n"
+                  f"{ts.curl_example()}")
+        elif args.command == "stop":
+            print("TorchServe stopped." if ts.stop() else "TorchServe was not running.")
+        else:
+            running = ts.is_running()
+            print(f"TorchServe {'running (pid %d)' % ts.java_pid() if running else 'not running'}")
+            return 0 if running else 3
+    except TorchServeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Image builders and an in-process reference model shared by the serving tests (no server here)."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from handler.cifar100_handler import build_model
+from handler.preprocessing import decode_image, image_to_tensor, normalize
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def cifar_pil(images: torch.Tensor, i: int) -> Image.Image:
+    """Test-split image i (uint8 [N, 3, 32, 32]) as an RGB PIL image."""
+    return Image.fromarray(images[i].permute(1, 2, 0).numpy(), mode="RGB")
+
+
+def png_with_bad_crc(img: Image.Image, chunk: bytes = b"IDAT") -> bytes:
+    """A PNG one of whose chunks (IDAT: the pixels, IHDR: the header) fails its checksum."""
+    data = bytearray(encode(img))
+    at = data.find(chunk) - 4  # the chunk's length field
+    length = int.from_bytes(data[at:at + 4], "big")
+    crc_at = at + 8 + length
+    data[crc_at:crc_at + 4] = bytes(b ^ 0xFF for b in data[crc_at:crc_at + 4])
+    return bytes(data)
+
+
+def png_declaring_size(width: int, height: int) -> bytes:
+    """A tiny, structurally valid PNG header that declares a huge canvas (a decompression bomb's header)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def decompression_bomb_png() -> bytes:
+    """A real bomb: a ~40 KB PNG that decodes to 256 megapixels (16000 x 16000, one bit each)."""
+    return encode(Image.new("1", (16000, 16000)), optimize=False)
+
+
+def oversized_png() -> bytes:
+    """A valid 42-megapixel image (7000 x 6000 grey), above the handler's 40 MP limit, a few KB as PNG."""
+    return encode(Image.new("L", (7000, 6000), 128))
+
+
+def animated_gif(frames: list[Image.Image]) -> bytes:
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
+def sixteen_bit_png(img: Image.Image) -> tuple[bytes, Image.Image]:
+    """(16-bit greyscale PNG of img, the 8-bit grey image it should read as)."""
+    grey = img.convert("L")
+    wide = np.asarray(grey, dtype=np.uint16) * 257  # 0..255 -> 0..65535
+    return encode(Image.fromarray(wide.astype(np.uint16))), grey
+
+
+def exif_rotated_jpeg(img: Image.Image, orientation: int = 6) -> bytes:
+    """A JPEG of img's pixels stored as they are, with an EXIF Orientation tag for viewers to apply."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(img, "JPEG", quality=95, exif=exif.tobytes())
+
+
+class ReferenceModel:
+    """The served network, called in-process with the same weights and the handler's preprocessing."""
+
+    def __init__(self, weights: Path):
+        self.model = build_model(torch.load(weights, map_location="cpu", weights_only=True)).eval()
+
+    @torch.inference_mode()
+    def probs_of_uint8(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(normalize(batch)), dim=1)
+
+    def probs_of_bytes(self, data: bytes) -> torch.Tensor:
+        return self.probs_of_uint8(image_to_tensor(decode_image(data))[None])[0]
+
+
+def assert_same_answer(body: dict, expected: torch.Tensor, tol: float = 2e-4) -> None:
+    """The server's answer agrees with the in-process probabilities ``expected`` [num_classes].
+
+    Top-1 must match unless the reference's two best classes are closer than ``tol`` (then the
+    batch size's different float summation order may legitimately swap them); the reported
+    probabilities must match the reference's for the same classes.
+    """
+    best2 = torch.topk(expected, 2)
+    if body["index"] != int(best2.indices[0]):
+        assert float(best2.values[0] - best2.values[1]) < tol, (body["index"], int(best2.indices[0]))
+    for item in body["topk"]:
+        assert abs(item["probability"] - float(expected[item["index"]])) < tol, item

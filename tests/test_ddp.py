@@ -1,0 +1,55 @@
+"""Multi-process training through torchrun: DistributedDataParallel on the CPU with gloo.
+
+Two processes on this machine stand in for several GPUs or machines (the code path is the
+same apart from the nccl backend and the device, which need GPUs): it must finish, only rank 0
+may write files, and the metrics must count both processes' images.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from model import CIFAR100Model
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_training import DATA_DIR  # noqa: E402  (one rule for finding the data)
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "training.train", "--data-dir", str(DATA_DIR), "--train-subset", "512", "--test-subset", "200",
+           "--width", "1", "--epochs", "1", "--threads", "1", "--no-progress", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+
+    # Rank 0 alone writes and reports: one set of files, one start line, one result line.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "CIFAR100_model.pth", "checkpoint.pt", "metrics.json", "training_curves.png"]
+    assert proc.stdout.count("world=2") == 1, log[-3000:]
+    assert proc.stdout.count("done: top-1") == 1
+    # 512 images over 2 processes at 128 per process: 2 steps each.
+    assert "steps/epoch=2" in proc.stdout.split()
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["hardware"]["processes"] == 2
+    assert metrics["test_images"] == 200
+    (epoch,) = metrics["history"]
+    assert 3.0 < epoch["train_loss"] < 6.0  # about ln(100) = 4.6 after two steps, and finite
+    assert 0.0 <= epoch["test_top1"] <= epoch["test_top5"] <= 100.0
+    assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 100.0
+    assert epoch["train_img_per_s"] > 0
+
+    state = torch.load(out / "CIFAR100_model.pth", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)  # the network's names, not DDP's wrapper's
+    CIFAR100Model(width=1).load_state_dict(state, strict=True)
+    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == 1

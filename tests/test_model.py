@@ -1,0 +1,123 @@
+"""The network: shapes, parameter names, and loading a state dict saved by the seed's notebook.
+
+The seed's state dict is written out by hand below (names and shapes from the seed's description
+of its network, at its width 10), never by instantiating CIFAR100Model, so a renamed layer or a
+changed shape in model/network.py fails here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from model import CIFAR100Model, ResidualSEBlock, SEBlock, infer_width_and_classes
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_WEIGHTS = ROOT / "model" / "weights" / "CIFAR100_model.pth"
+
+
+def _batchnorm(prefix: str, channels: int) -> dict[str, torch.Size]:
+    return {f"{prefix}.weight": (channels,), f"{prefix}.bias": (channels,),
+            f"{prefix}.running_mean": (channels,), f"{prefix}.running_var": (channels,),
+            f"{prefix}.num_batches_tracked": ()}
+
+
+def _block(prefix: str, c_in: int, c_out: int, se_hidden: int, shortcut: bool) -> dict[str, tuple]:
+    shapes = {f"{prefix}.conv1.weight": (c_out, c_in, 3, 3)}
+    shapes |= _batchnorm(f"{prefix}.bn1", c_out)
+    shapes[f"{prefix}.conv2.weight"] = (c_out, c_out, 3, 3)
+    shapes |= _batchnorm(f"{prefix}.bn2", c_out)
+    shapes |= {f"{prefix}.se.fc1.weight": (se_hidden, c_out), f"{prefix}.se.fc1.bias": (se_hidden,),
+               f"{prefix}.se.fc2.weight": (c_out, se_hidden), f"{prefix}.se.fc2.bias": (c_out,)}
+    if shortcut:  # a bare 1x1 conv (no BN) where the block changes channels or stride
+        shapes[f"{prefix}.shortcut.weight"] = (c_out, c_in, 1, 1)
+    return shapes
+
+
+def seed_state_dict_shapes_width10() -> dict[str, tuple]:
+    """The seed notebook's CIFAR100_model.pth at width 10: stem 16, stages 160/320/640, SE reduction 16."""
+    shapes = {"stem.0.weight": (16, 3, 3, 3)}
+    shapes |= _batchnorm("stem.1", 16)
+    shapes |= _block("stage1.0", 16, 160, 10, shortcut=True)
+    shapes |= _block("stage1.1", 160, 160, 10, shortcut=False)
+    shapes |= _block("stage2.0", 160, 320, 20, shortcut=True)
+    shapes |= _block("stage2.1", 320, 320, 20, shortcut=False)
+    shapes |= _block("stage3.0", 320, 640, 40, shortcut=True)
+    shapes |= _block("stage3.1", 640, 640, 40, shortcut=False)
+    shapes |= {"fc.weight": (100, 640), "fc.bias": (100,)}
+    return shapes
+
+
+def seed_state_dict_width10() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {name: (torch.tensor(7, dtype=torch.int64) if name.endswith("num_batches_tracked")
+                   else torch.randn(shape, generator=gen))
+            for name, shape in seed_state_dict_shapes_width10().items()}
+
+
+def test_seed_state_dict_loads_strictly_at_width_10():
+    seed_state = seed_state_dict_width10()
+    model = CIFAR100Model(width=10, num_classes=100)
+    model.load_state_dict(seed_state, strict=True)
+    loaded = model.state_dict()
+    assert loaded.keys() == seed_state.keys()
+    for name, tensor in seed_state.items():
+        assert torch.equal(loaded[name], tensor), name
+    assert infer_width_and_classes(seed_state) == (10, 100)
+
+
+def test_strict_loading_rejects_a_state_dict_that_differs():
+    """The loading test above could fail: one missing key or one wrong shape is refused."""
+    missing = seed_state_dict_width10()
+    del missing["stage2.0.shortcut.weight"]
+    with pytest.raises(RuntimeError, match="stage2.0.shortcut.weight"):
+        CIFAR100Model(width=10).load_state_dict(missing, strict=True)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        CIFAR100Model(width=8).load_state_dict(seed_state_dict_width10(), strict=True)
+
+
+@pytest.mark.parametrize("width, num_classes", [(1, 100), (2, 100), (2, 10)])
+def test_output_and_stage_shapes(width, num_classes):
+    model = CIFAR100Model(width, num_classes).eval()
+    seen = {}
+    for name in ("stem", "stage1", "stage2", "stage3"):
+        getattr(model, name).register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out.shape))
+    with torch.no_grad():
+        logits = model(torch.randn(3, 3, 32, 32))
+    assert logits.shape == (3, num_classes)
+    assert seen == {"stem": (3, 16, 32, 32), "stage1": (3, 16 * width, 32, 32),
+                    "stage2": (3, 32 * width, 16, 16), "stage3": (3, 64 * width, 8, 8)}
+    assert infer_width_and_classes(model.state_dict()) == (width, num_classes)
+
+
+def test_structure_matches_the_seed_recipe():
+    model = CIFAR100Model(width=4)
+    for stage in (model.stage1, model.stage2, model.stage3):
+        assert len(stage) == 2 and all(isinstance(block, ResidualSEBlock) for block in stage)
+    assert isinstance(model.stage3[1].se, SEBlock)
+    assert model.stage3[1].se.fc1.out_features == 64 * 4 // 16  # SE reduction 16
+    assert model.stage2[0].conv1.stride == (2, 2) and model.stage1[0].conv1.stride == (1, 1)
+    assert isinstance(model.dropout, nn.Dropout) and model.dropout.p == pytest.approx(0.3)
+    assert CIFAR100Model(width=2, dropout=0.1).dropout.p == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="width"):
+        CIFAR100Model(width=0)
+
+
+def test_se_gate_rescales_channels_between_0_and_1():
+    se = SEBlock(32)
+    x = torch.rand(2, 32, 4, 4) + 0.5
+    out = se(x)
+    ratio = out / x  # one gate per (image, channel), the same at every pixel
+    assert torch.allclose(ratio, ratio[:, :, :1, :1].expand_as(ratio))
+    assert bool(((ratio > 0) & (ratio < 1)).all())
+
+
+def test_shipped_weights_load_at_their_own_width():
+    state = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)
+    width, num_classes = infer_width_and_classes(state)
+    model = CIFAR100Model(width, num_classes)
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, num_classes)

@@ -1,0 +1,203 @@
+"""The drag-and-drop page in a real headless Chromium, served by a real adapter before a real TorchServe.
+
+Screenshots of the answered page (desktop and phone width) land in test-artifacts/.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from adapter.run import free_port, running_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+ANSWER_TIMEOUT_MS = 60_000  # the training run may share the CPU
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"no Chromium at {CHROMIUM}: run `make install-system`")
+
+
+@pytest.fixture(scope="module")
+def adapter(torchserve, tmp_path_factory):
+    env = {"TS_INFERENCE_URL": torchserve.inference_url, "TS_MANAGEMENT_URL": torchserve.management_url,
+           "TS_MODEL_NAME": torchserve.model_name, "TS_KEY_FILE": str(torchserve.key_file.path)}
+    with running_adapter(env, tmp_path_factory.mktemp("page-adapter") / "adapter.log") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        # Playwright gives each launch a fresh temporary profile (it refuses --user-data-dir here).
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=120_000)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport=DESKTOP)
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def photo(cifar100_test_split, tmp_path_factory):
+    """A real CIFAR-100 test image as a PNG file."""
+    data, _ = cifar100_test_split
+    path = tmp_path_factory.mktemp("images") / "test-0042.png"
+    Image.fromarray(data[42].permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
+def expected_answer(adapter, photo: Path) -> dict:
+    r = httpx.post(f"{adapter.base_url}/classify/", files={"image": (photo.name, photo.read_bytes(), "image/png")},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_for_answer(page) -> None:
+    page.wait_for_selector("#answer:not([hidden])", timeout=ANSWER_TIMEOUT_MS)
+
+
+def wait_for_error(page) -> str:
+    page.wait_for_selector("#error:not([hidden])", timeout=ANSWER_TIMEOUT_MS)
+    return page.inner_text("#error")
+
+
+def assert_shows(page, answer: dict) -> None:
+    assert page.inner_text("#prediction") == answer["prediction"]
+    guesses = page.locator(".guess")
+    assert guesses.count() == 5
+    names = [guesses.nth(i).locator(".guess-name").inner_text() for i in range(5)]
+    assert names == [g["name"] for g in answer["top5"]]
+    first_value = guesses.nth(0).locator(".guess-value").inner_text()
+    assert first_value.endswith("%")
+    widths = page.eval_on_selector_all(".bar-fill", "els => els.map(e => e.getBoundingClientRect().width)")
+    assert len(widths) == 5 and all(w > 0 for w in widths) and widths == sorted(widths, reverse=True)
+    # Screen readers hear the answer.
+    assert answer["prediction"] in page.inner_text("#status")
+    assert page.get_attribute("#status", "aria-live") == "polite"
+
+
+def test_choose_file_shows_prediction_and_five_bars(adapter, page, photo):
+    answer = expected_answer(adapter, photo)
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    assert_shows(page, answer)
+    assert page.is_visible("#preview")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page-desktop.png"), full_page=True)
+    page.set_viewport_size(PHONE)
+    # At phone width the page is one column: nothing wider than the screen.
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    page.screenshot(path=str(ARTIFACTS / "page-phone.png"), full_page=True)
+
+
+def _file_js(photo: Path) -> str:
+    encoded = base64.b64encode(photo.read_bytes()).decode()
+    return (f"const bytes = Uint8Array.from(atob('{encoded}'), c => c.charCodeAt(0));"
+            f"const file = new File([bytes], '{photo.name}', {{type: 'image/png'}});"
+            "const dt = new DataTransfer(); dt.items.add(file);")
+
+
+def test_drop_an_image(adapter, page, photo):
+    answer = expected_answer(adapter, photo)
+    page.goto(f"{adapter.base_url}/")
+    page.evaluate("() => {" + _file_js(photo) + """
+        const zone = document.getElementById('drop-zone');
+        zone.dispatchEvent(new DragEvent('dragenter', {bubbles: true, cancelable: true, dataTransfer: dt}));
+        zone.dispatchEvent(new DragEvent('dragover', {bubbles: true, cancelable: true, dataTransfer: dt}));
+        zone.dispatchEvent(new DragEvent('drop', {bubbles: true, cancelable: true, dataTransfer: dt}));
+    }""")
+    wait_for_answer(page)
+    assert_shows(page, answer)
+
+
+def test_paste_an_image(adapter, page, photo):
+    answer = expected_answer(adapter, photo)
+    page.goto(f"{adapter.base_url}/")
+    page.evaluate("() => {" + _file_js(photo) + """
+        document.dispatchEvent(new ClipboardEvent('paste', {bubbles: true, cancelable: true, clipboardData: dt}));
+    }""")
+    wait_for_answer(page)
+    assert_shows(page, answer)
+
+
+def test_text_file_shows_not_an_image(adapter, page):
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", files=[{"name": "notes.txt", "mimeType": "text/plain",
+                                                "buffer": b"shopping list: eggs, milk\n"}])
+    assert "not an image" in wait_for_error(page)
+    assert page.is_hidden("#answer")
+
+
+def test_text_file_named_png_is_refused_by_the_server(adapter, page):
+    page.goto(f"{adapter.base_url}/")
+    with page.expect_response(lambda r: "/classify/" in r.url) as response:
+        page.set_input_files("#file-input", files=[{"name": "fake.png", "mimeType": "image/png",
+                                                    "buffer": b"not really a png\n"}])
+    assert response.value.status == 400
+    assert "could not be read as an image" in wait_for_error(page)
+
+
+def test_too_large_is_refused_before_uploading(adapter, page):
+    page.goto(f"{adapter.base_url}/")
+    # The page reads its limit from <meta name="max-upload-bytes"> (10 MB as shipped); a 100 KB limit
+    # here spares pushing 10 MB through the browser protocol on a busy machine.
+    page.evaluate("document.querySelector('meta[name=max-upload-bytes]').content = '100000'")
+    requests = []
+    page.on("request", lambda r: requests.append(r.url) if "/classify/" in r.url else None)
+    big = b"\x89PNG" + b"\0" * 150_000
+    page.set_input_files("#file-input", files=[{"name": "huge.png", "mimeType": "image/png", "buffer": big}])
+    assert "too large" in wait_for_error(page) and "98 KB" in page.inner_text("#error")
+    assert requests == []
+
+
+def test_server_down_shows_an_error(adapter, page, photo):
+    # The page from the adapter, the API pointed (?api=) at a port where nothing listens.
+    down = f"http://127.0.0.1:{free_port()}"
+    page.goto(f"{adapter.base_url}/?api={down}")
+    page.set_input_files("#file-input", str(photo))
+    message = wait_for_error(page)
+    assert "Cannot reach the classifier" in message and down in message
+
+
+def test_keyboard_reaches_drop_zone_and_opens_picker(adapter, page, photo):
+    answer = expected_answer(adapter, photo)
+    page.goto(f"{adapter.base_url}/")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "drop-zone"
+    # The focus is visible: an outline drawn around the zone.
+    outline = page.eval_on_selector("#drop-zone", "e => { const s = getComputedStyle(e); "
+                                    "return [s.outlineStyle, s.outlineWidth]; }")
+    assert outline == ["solid", "3px"]
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(photo))
+    wait_for_answer(page)
+    assert_shows(page, answer)
+    with page.expect_file_chooser():
+        page.keyboard.press("Space")
+
+
+def test_camera_input_offered_separately(adapter, page):
+    page.goto(f"{adapter.base_url}/")
+    assert page.get_attribute("#camera-input", "capture") == "environment"
+    assert page.get_attribute("#file-input", "capture") is None
+    assert page.get_attribute("#file-input", "accept") == "image/*"

@@ -1,0 +1,247 @@
+"""TorchServe end to end: a real server (Java + Python worker) on free loopback ports, real HTTP.
+
+One server for the whole session (conftest.py ``torchserve``). The reference answers come from the
+same network and weights called in-process.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image
+
+from model.classes import display_name
+from serving.archive import weights_version
+from serving_helpers import (ReferenceModel, animated_gif, assert_same_answer, cifar_pil, decompression_bomb_png,
+                             encode, exif_rotated_jpeg, oversized_png, png_declaring_size, png_with_bad_crc,
+                             sixteen_bit_png)
+from torchserve_fixture import weights_under_test
+
+TIMEOUT = httpx.Timeout(60.0, connect=10.0)  # no request may hang: every call has a deadline
+N_MATCH = 200
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return ReferenceModel(weights_under_test())
+
+
+@pytest.fixture(scope="module")
+def client():
+    with httpx.Client(timeout=TIMEOUT) as c:
+        yield c
+
+
+def post(client, ts, data: bytes, how: str = "raw", content_type: str = "application/octet-stream",
+         headers: dict | None = None) -> httpx.Response:
+    headers = headers if headers is not None else ts.key_file.header("inference")
+    if how == "raw":
+        return client.post(ts.predictions_url, content=data, headers={**headers, "Content-Type": content_type})
+    if how.startswith("multipart"):
+        field = how.partition(":")[2] or "image"
+        return client.post(ts.predictions_url, files={field: ("upload", data, content_type)}, headers=headers)
+    if how == "json":
+        return client.post(ts.predictions_url, json={"image": base64.b64encode(data).decode()}, headers=headers)
+    raise ValueError(how)
+
+
+def post_many(client, ts, payloads: list[bytes], how: str = "raw", concurrency: int = 16) -> list[httpx.Response]:
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(lambda d: post(client, ts, d, how), payloads))
+
+
+def assert_serving(client, ts, image: bytes) -> None:
+    r = post(client, ts, image)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("how", ["raw", "multipart"])
+def test_test_split_images_get_the_in_process_answer(torchserve_ready, client, reference, cifar100_test_split, how):
+    images = cifar100_test_split[0][:N_MATCH]
+    expected = reference.probs_of_uint8(images)
+    # PNG keeps the 32x32 pixels exactly, so the handler's resize is the identity.
+    payloads = [encode(cifar_pil(images, i)) for i in range(N_MATCH)]
+    responses = post_many(client, torchserve_ready, payloads, how)
+    version = weights_version(weights_under_test())
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/json"
+        body = r.json()
+        assert_same_answer(body, expected[i])
+        # The contract the /classify/ adapter relies on.
+        assert body["prediction"] == display_name(body["label"]) == body["topk"][0]["name"]
+        assert (body["label"], body["index"], body["probability"]) == (
+            body["topk"][0]["label"], body["topk"][0]["index"], body["topk"][0]["probability"])
+        assert len(body["topk"]) == 5
+        assert [t["probability"] for t in body["topk"]] == sorted((t["probability"] for t in body["topk"]), reverse=True)
+        assert body["model_version"] == version
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(torchserve_ready, client, reference,
+                                                                     cifar100_test_split):
+    images = cifar100_test_split[0][N_MATCH:N_MATCH + 96]
+    expected = reference.probs_of_uint8(images)
+    responses = post_many(client, torchserve_ready, [encode(cifar_pil(images, i)) for i in range(len(images))],
+                          concurrency=16)
+    batch_sizes = [int(r.headers["X-Batch-Size"]) for r in responses]
+    assert max(batch_sizes) > 1, f"no request shared a batch: {batch_sizes}"
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, r.text
+        assert_same_answer(r.json(), expected[i])
+
+
+def test_base64_json_body_gets_the_same_answer_as_raw(torchserve_ready, client, cifar100_test_split):
+    image = encode(cifar_pil(cifar100_test_split[0], 0))
+    raw = post(client, torchserve_ready, image).json()
+    as_json = post(client, torchserve_ready, image, "json").json()
+    data_url = client.post(torchserve_ready.predictions_url,
+                           json={"data": "data:image/png;base64," + base64.b64encode(image).decode()},
+                           headers=torchserve_ready.key_file.header()).json()
+    assert raw["topk"] == as_json["topk"] == data_url["topk"]
+
+
+@pytest.mark.parametrize("field", ["data", "file"])
+def test_other_multipart_field_names(torchserve_ready, client, cifar100_test_split, field):
+    image = encode(cifar_pil(cifar100_test_split[0], 1))
+    r = post(client, torchserve_ready, image, f"multipart:{field}")
+    assert r.status_code == 200, r.text
+    assert r.json()["topk"] == post(client, torchserve_ready, image).json()["topk"]
+
+
+def _text_file() -> bytes:
+    return b"name,score\nalice,3\n" * 20
+
+
+BAD_INPUTS = {
+    # case: (payload builder, content type, expected status, words the message must contain)
+    "empty body": (lambda img: b"", "application/octet-stream", 400, "empty"),
+    "text file": (lambda img: _text_file(), "application/octet-stream", 400, "not an image"),
+    "text file as text/plain": (lambda img: _text_file(), "text/plain", 400, "not base64"),
+    "truncated JPEG": (lambda img: encode(img.resize((256, 256)), "JPEG")[:1500], "image/jpeg", 400, "truncated"),
+    "PNG with a bad CRC": (png_with_bad_crc, "image/png", 400, "corrupt"),
+    "decompression bomb": (lambda img: decompression_bomb_png(), "image/png", 413, "limit"),
+    "header declaring 10^10 pixels": (lambda img: png_declaring_size(100_000, 100_000), "image/png", 413, "limit"),
+    "over the pixel limit": (lambda img: oversized_png(), "image/png", 413, "40 MP limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(torchserve_ready, client, cifar100_test_split, case):
+    build, content_type, status, words = BAD_INPUTS[case]
+    good = encode(cifar_pil(cifar100_test_split[0], 2))
+    r = post(client, torchserve_ready, build(cifar_pil(cifar100_test_split[0], 2)), content_type=content_type)
+    assert r.status_code == status, r.text
+    assert words.lower() in r.json()["error"].lower()
+    assert words.lower() in r.reason_phrase.lower()  # TorchServe sends the message as the reason phrase too
+    assert_serving(client, torchserve_ready, good)
+
+
+def _odd_but_valid(img: Image.Image) -> dict[str, bytes]:
+    second = Image.new("RGB", img.size, (0, 0, 255))
+    return {
+        "animated GIF": animated_gif([img, second]),
+        "16-bit PNG": sixteen_bit_png(img)[0],
+        "CMYK JPEG": encode(img.convert("CMYK"), "JPEG", quality=95),
+        "RGBA PNG": encode(img.convert("RGBA")),
+        "grayscale PNG": encode(img.convert("L")),
+        "EXIF-rotated JPEG": exif_rotated_jpeg(img.resize((64, 48)), orientation=6),
+    }
+
+
+@pytest.mark.parametrize("case", ["animated GIF", "16-bit PNG", "CMYK JPEG", "RGBA PNG", "grayscale PNG",
+                                  "EXIF-rotated JPEG"])
+def test_other_image_kinds_are_classified_like_in_process(torchserve_ready, client, reference, cifar100_test_split,
+                                                          case):
+    # What each kind must turn into is checked in test_serving_preprocessing.py; here: the server
+    # gives exactly the in-process pipeline's answer for the same bytes.
+    data = _odd_but_valid(cifar_pil(cifar100_test_split[0], 3))[case]
+    r = post(client, torchserve_ready, data)
+    assert r.status_code == 200, r.text
+    assert_same_answer(r.json(), reference.probs_of_bytes(data))
+
+
+def test_one_bad_image_in_a_concurrent_batch_fails_alone(torchserve_ready, client, reference, cifar100_test_split):
+    images = cifar100_test_split[0][300:324]
+    expected = reference.probs_of_uint8(images)
+    payloads = [encode(cifar_pil(images, i)) for i in range(len(images))]
+    bad_at = {3, 11, 19}
+    for i in bad_at:
+        payloads[i] = b"\xff\xd8\xff\xe0 not really a jpeg"
+    for _attempt in range(5):  # until a bad image really shared a batch with good ones
+        responses = post_many(client, torchserve_ready, payloads, concurrency=len(payloads))
+        for i, r in enumerate(responses):
+            if i in bad_at:
+                assert r.status_code == 400 and "not an image" in r.json()["error"], r.text
+            else:
+                assert r.status_code == 200, r.text
+                assert_same_answer(r.json(), expected[i])
+        if any(int(responses[i].headers["X-Batch-Size"]) > 1 for i in bad_at):
+            return
+    pytest.fail("a bad image never shared a batch with good ones in 5 bursts")
+
+
+def test_metrics_are_prometheus_text(torchserve_ready, client):
+    r = client.get(f"{torchserve_ready.metrics_url}/metrics")
+    assert r.status_code == 200
+    assert "ts_inference_requests_total" in r.text
+
+
+def test_requests_without_or_with_a_wrong_key_are_refused(torchserve_ready, client, cifar100_test_split):
+    image = encode(cifar_pil(cifar100_test_split[0], 4))
+    for headers in ({}, {"Authorization": "Bearer not-the-key"},
+                    torchserve_ready.key_file.header("management")):  # the management key is not an inference key
+        r = post(client, torchserve_ready, image, headers=headers)
+        assert r.status_code == 400 and "Token Authorization failed" in r.text, (headers, r.status_code, r.text)
+    mgmt = f"{torchserve_ready.management_url}/models"
+    assert client.get(mgmt).status_code == 400
+    assert client.get(mgmt, headers=torchserve_ready.key_file.header("management")).status_code == 200
+
+
+def test_management_api_is_not_on_the_inference_port(torchserve_ready, client):
+    # The same calls answer on the management port (see the worker test); here they must not.
+    for key in ("inference", "management"):
+        r = client.get(f"{torchserve_ready.inference_url}/models/{torchserve_ready.model_name}",
+                       headers=torchserve_ready.key_file.header(key))
+        assert r.status_code in (400, 404), r.text
+        assert "workers" not in r.text
+        r = client.put(f"{torchserve_ready.inference_url}/models/{torchserve_ready.model_name}?min_worker=3",
+                       headers=torchserve_ready.key_file.header(key))
+        assert r.status_code in (400, 404, 405), r.text
+    assert len(torchserve_ready.worker_statuses()) == 1
+
+
+def test_killed_worker_is_replaced_and_no_request_hangs(torchserve_ready, client, cifar100_test_split):
+    ts = torchserve_ready
+    image = encode(cifar_pil(cifar100_test_split[0], 5))
+    old_pid = next(w["pid"] for w in ts.worker_statuses() if w["status"] == "READY")
+    with ThreadPoolExecutor(8) as pool:
+        in_flight = [pool.submit(post, client, ts, image) for _ in range(8)]
+        os.kill(old_pid, signal.SIGKILL)
+        # Requests caught by the kill may fail (5xx), but each one answers before its deadline
+        # (httpx raises on a timeout, which fails the test).
+        statuses = [f.result().status_code for f in in_flight]
+    assert all(s == 200 or 500 <= s < 600 for s in statuses), statuses
+    deadline = time.monotonic() + 90
+    while True:
+        r = post(client, ts, image)
+        if r.status_code == 200:
+            break
+        assert time.monotonic() < deadline, f"no successful answer within 90 s of the kill (last {r.status_code})"
+        time.sleep(0.5)
+    pids = [w["pid"] for w in ts.worker_statuses() if w["status"] == "READY"]
+    assert pids and old_pid not in pids
+
+
+def test_renewed_inference_key_works_and_the_old_one_is_refused(torchserve_ready, client, cifar100_test_split):
+    ts = torchserve_ready
+    image = encode(cifar_pil(cifar100_test_split[0], 6))
+    old = ts.key_file.load().inference
+    new = ts.key_file.renew(ts.management_url, "inference").inference
+    assert new != old
+    assert post(client, ts, image, headers={"Authorization": f"Bearer {new}"}).status_code == 200
+    assert post(client, ts, image, headers={"Authorization": f"Bearer {old}"}).status_code == 400

@@ -1,0 +1,93 @@
+"""The handler class in-process, on the files of a real cifar100.mar, with TorchServe's own Context.
+
+Cheap checks of the per-request contract (statuses, JSON, top-k setting, device choice) without
+starting Java. The GPU case is mocked (torch.cuda.is_available patched): there is no GPU here.
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import torch
+import yaml
+from ts.context import Context, RequestProcessor
+
+from handler.cifar100_handler import CIFAR100Handler
+from serving.archive import build_archive, weights_version
+from serving_helpers import ReferenceModel, assert_same_answer, cifar_pil, encode
+from torchserve_fixture import weights_under_test
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("handler")
+    mar = build_archive(weights_under_test(), root / "store", quiet=True)
+    with zipfile.ZipFile(mar) as z:  # what TorchServe unpacks for its worker
+        z.extractall(root / "model")
+    return root / "model"
+
+
+def make_context(model_dir, gpu=None, topk=None) -> Context:
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    config = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
+    if topk is not None:
+        config.setdefault("handler", {})["topk"] = topk
+    return Context("cifar100", str(model_dir), manifest, config["batchSize"], gpu, "0.12.0",
+                   model_yaml_config=config)
+
+
+def run_batch(handler: CIFAR100Handler, context: Context, rows: list[dict]) -> list[dict]:
+    context.request_processor = [RequestProcessor({}) for _ in rows]
+    handler.context = context
+    return handler.postprocess(handler.inference(handler.preprocess(rows)))
+
+
+def test_batch_with_bad_items_answers_each_request(model_dir, cifar100_test_split):
+    context = make_context(model_dir)
+    handler = CIFAR100Handler()
+    handler.initialize(context)
+    assert handler.device == torch.device("cpu")
+    images = cifar100_test_split[0][:3]
+    expected = ReferenceModel(weights_under_test()).probs_of_uint8(images)
+    rows = [{"body": bytearray(encode(cifar_pil(images, 0)))}, {"body": bytearray(b"")},
+            {"image": bytearray(encode(cifar_pil(images, 1)))}, {"body": bytearray(b"GIF89a junk")},
+            {"body": bytearray(encode(cifar_pil(images, 2)))}]
+    answers = run_batch(handler, context, rows)
+    assert len(answers) == 5
+    for i, image_index in ((0, 0), (2, 1), (4, 2)):
+        assert context.get_response_status(i)[0] == 200
+        assert_same_answer(answers[i], expected[image_index])
+        assert answers[i]["model_version"] == weights_version(weights_under_test())
+    assert context.get_response_status(1) == (400, "empty request: no image data received")
+    assert answers[1] == {"error": "empty request: no image data received"}
+    assert context.get_response_status(3)[0] == 400 and "not an image" in answers[3]["error"]
+    assert all(context.get_response_headers(i)["X-Batch-Size"] == "5" for i in range(5))
+
+
+def test_all_bad_batch_skips_the_model(model_dir):
+    context = make_context(model_dir)
+    handler = CIFAR100Handler()
+    handler.initialize(context)
+    answers = run_batch(handler, context, [{"body": bytearray(b"")}, {"photo": bytearray(b"x")}])
+    assert [context.get_response_status(i)[0] for i in range(2)] == [400, 400]
+    assert "fields: photo" in answers[1]["error"]
+
+
+def test_topk_comes_from_model_config(model_dir, cifar100_test_split):
+    context = make_context(model_dir, topk=3)
+    handler = CIFAR100Handler()
+    handler.initialize(context)
+    answer = run_batch(handler, context, [{"body": bytearray(encode(cifar_pil(cifar100_test_split[0], 0)))}])[0]
+    assert len(answer["topk"]) == 3
+
+
+def test_gpu_worker_uses_its_gpu_id(model_dir, monkeypatch):
+    # MOCK: no GPU on this machine. TorchServe passes gpu_id; with CUDA available the handler
+    # (via BaseHandler) must pick cuda:<gpu_id>. The model move is stubbed since there is no device.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
+    handler = CIFAR100Handler()
+    handler.initialize(make_context(model_dir, gpu=1))
+    assert handler.device == torch.device("cuda:1")

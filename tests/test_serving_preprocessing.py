@@ -1,0 +1,122 @@
+"""The handler's request decoding in-process (no server): what each image kind turns into."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from handler.preprocessing import (INPUT_SIZE, MAX_IMAGE_PIXELS, ImageRequestError, decode_image, image_bytes,
+                                   image_to_tensor)
+from serving_helpers import (animated_gif, decompression_bomb_png, encode, exif_rotated_jpeg, oversized_png,
+                             png_declaring_size, png_with_bad_crc, sixteen_bit_png)
+
+
+def halves(size=(40, 20), left=(255, 0, 0), right=(0, 0, 255)) -> Image.Image:
+    """Left half one colour, right half another: rotations and flips are visible."""
+    img = Image.new("RGB", size, right)
+    img.paste(left, (0, 0, size[0] // 2, size[1]))
+    return img
+
+
+def noisy(size=(32, 32), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), mode="RGB")
+
+
+def test_exif_orientation_is_applied():
+    # Orientation 6: the stored pixels must be turned 90 degrees clockwise to stand upright, so
+    # the stored left half (red) ends up on top.
+    img = decode_image(exif_rotated_jpeg(halves(), orientation=6))
+    assert img.size == (20, 40)
+    top, bottom = np.asarray(img)[5, 10], np.asarray(img)[35, 10]
+    assert top[0] > 200 and top[2] < 60, top
+    assert bottom[2] > 200 and bottom[0] < 60, bottom
+
+
+def test_animated_gif_gives_its_first_frame():
+    img = decode_image(animated_gif([Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 255))]))
+    assert np.asarray(img)[16, 16].tolist() == [255, 0, 0]
+
+
+def test_transparency_is_composited_on_white():
+    clear = Image.new("RGBA", (8, 8), (10, 200, 30, 0))  # colour under alpha 0 must not show
+    half = Image.new("RGBA", (8, 8), (0, 0, 0, 128))
+    assert np.asarray(decode_image(encode(clear))).min() == 255
+    assert abs(int(np.asarray(decode_image(encode(half)))[0, 0, 0]) - 127) <= 1
+    la = Image.new("LA", (8, 8), (0, 0))
+    assert np.asarray(decode_image(encode(la))).min() == 255
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    assert np.asarray(decode_image(encode(palette, transparency=0))).min() == 255
+
+
+def test_sixteen_bit_grey_reads_like_its_eight_bit_version():
+    data, grey = sixteen_bit_png(noisy())
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    got = np.asarray(decode_image(data), dtype=int)
+    assert np.abs(got - np.asarray(grey.convert("RGB"), dtype=int)).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "CMYK", "P", "YCbCr", "F", "I"])
+def test_every_mode_becomes_8_bit_rgb(mode):
+    src = noisy()
+    img = src.convert(mode) if mode not in ("F", "I") else Image.fromarray(
+        np.asarray(src.convert("L"), dtype=np.float32 if mode == "F" else np.int32) * (1 / 255 if mode == "F" else 257))
+    fmt = "TIFF" if mode in ("F", "I", "YCbCr") else ("JPEG" if mode == "CMYK" else "PNG")
+    out = decode_image(encode(img, fmt))
+    assert out.mode == "RGB" and out.size == (32, 32)
+    if mode in ("L", "F", "I"):  # grey levels survive the trip
+        assert np.abs(np.asarray(out, dtype=int)[..., 0] - np.asarray(src.convert("L"), dtype=int)).max() <= 1
+
+
+def test_resize_is_the_whole_image_and_identity_at_32():
+    src = noisy()
+    assert torch.equal(image_to_tensor(src), torch.from_numpy(np.array(src)).permute(2, 0, 1))
+    wide = image_to_tensor(halves((400, 100)))  # not cropped: both halves survive, squeezed
+    assert wide.shape == (3, INPUT_SIZE, INPUT_SIZE)
+    assert wide[0, :, 2].min() > 200 and wide[2, :, -3].min() > 200
+
+
+@pytest.mark.parametrize("build,status", [
+    (lambda: b"", 400),
+    (lambda: b"just some text", 400),
+    (lambda: encode(noisy((256, 256)), "JPEG")[:1500], 400),
+    (lambda: png_with_bad_crc(noisy(), b"IDAT"), 400),
+    (lambda: png_with_bad_crc(noisy(), b"IHDR"), 400),
+    (decompression_bomb_png, 413),
+    (lambda: png_declaring_size(100_000, 100_000), 413),
+    (oversized_png, 413),
+], ids=["empty", "text", "truncated", "bad-crc-pixels", "bad-crc-header", "bomb", "bomb-header", "over-limit"])
+def test_bad_images_raise_with_their_status(build, status):
+    with pytest.raises(ImageRequestError) as info:
+        decode_image(image_bytes({"body": bytearray(build())}))
+    assert info.value.status == status
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    # Exactly at the limit decodes; one row more is refused from the header alone.
+    assert MAX_IMAGE_PIXELS == 40_000_000
+    with pytest.raises(ImageRequestError, match="40 MP limit"):
+        decode_image(png_declaring_size(8000, 5001))
+
+
+def test_where_the_image_may_be_in_a_request():
+    png = encode(noisy())
+    b64 = base64.b64encode(png).decode()
+    assert image_bytes({"body": bytearray(png)}) == png
+    for field in ("image", "data", "file"):
+        assert image_bytes({field: bytearray(png)}) == png
+        assert image_bytes({"body": {field: b64}}) == png
+    assert image_bytes({"body": {"image": "data:image/png;base64," + b64}}) == png
+    assert image_bytes({"body": b64}) == png  # text/plain body holding base64
+    with pytest.raises(ImageRequestError, match="fields: photo"):
+        image_bytes({"photo": bytearray(png)})
+    with pytest.raises(ImageRequestError, match="JSON body"):
+        image_bytes({"body": {"picture": b64}})
+    with pytest.raises(ImageRequestError, match="not base64"):
+        image_bytes({"body": {"image": "%%% not base64 %%%"}})

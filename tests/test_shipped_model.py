@@ -1,0 +1,58 @@
+"""The shipped default weights: their accuracy on the full CIFAR-100 test split, in-process.
+
+The figure recorded in model/weights/metrics.json must be reproducible from the committed weights
+(to 0.1 point), and must clear the floor the model card promises. The served side (the same answer
+through a running TorchServe for 1,000+ images) is in test_shipped_model_served.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import CIFAR100Model, infer_width_and_classes
+from training.data import default_data_dir, load_split
+from training.evaluation import accuracy, predict_logits
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "model" / "weights" / "CIFAR100_model.pth"
+METRICS = ROOT / "model" / "weights" / "metrics.json"
+# The model card's promise for the shipped weights (top-1 on the 10,000 test images as served:
+# no test-time augmentation, which the handler does not do).
+TOP1_FLOOR = 50.0
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    width, classes = infer_width_and_classes(state)
+    net = CIFAR100Model(width, classes)
+    net.load_state_dict(state, strict=True)
+    net = net.to(memory_format=torch.channels_last).eval()
+    return net, json.loads(METRICS.read_text())
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return load_split(default_data_dir(), train=False)
+
+
+def test_metrics_file_describes_the_shipped_weights(shipped):
+    net, metrics = shipped
+    assert metrics["test_images"] == 10_000
+    assert metrics["parameters"] == sum(p.numel() for p in net.parameters())
+    assert metrics["args"]["width"] == net.width
+    assert len(metrics["history"]) == metrics["args"]["epochs"]
+
+
+def test_shipped_top1_matches_metrics_and_clears_the_floor(shipped, test_split):
+    net, metrics = shipped
+    images, labels = test_split
+    assert len(labels) == 10_000
+    served = accuracy(predict_logits(net, images, labels), labels)
+    recorded = metrics["final_evaluation"][metrics["weights_are"]]
+    assert served["top1"] == pytest.approx(recorded["top1"], abs=0.1)
+    assert served["top5"] == pytest.approx(recorded["top5"], abs=0.1)
+    assert served["top1"] >= TOP1_FLOOR

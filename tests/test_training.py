@@ -1,0 +1,210 @@
+"""The training CLI on a few hundred real CIFAR-100 images (width 1, one thread, 1-3 epochs).
+
+Most runs go through training.train.main in this process (a fresh interpreter per run would
+cost more than the training); the Ctrl-C test needs its own process to send SIGINT to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import CIFAR100Model
+from training import train as train_module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_data_dir() -> Path:
+    """The Makefile's rule: $CIFAR100_DATA, else the shared copy beside the checkout, else ./data."""
+    if os.environ.get("CIFAR100_DATA"):
+        return Path(os.environ["CIFAR100_DATA"])
+    for candidate in (ROOT.parent / "shared" / "data", ROOT / "data"):
+        if (candidate / "cifar-100-python").is_dir():
+            return candidate
+    pytest.fail("CIFAR-100 not found: set CIFAR100_DATA to the folder holding cifar-100-python/")
+
+
+DATA_DIR = find_data_dir()
+
+def small_run(**options) -> list[str]:
+    """CLI arguments of a run small enough for 2 busy cores (8 steps of 64 images per epoch, 200
+    test images), with options overridden by keyword (data_dir="..." -> --data-dir ...)."""
+    settings = {"data_dir": DATA_DIR, "train_subset": 512, "test_subset": 200, "width": 1, "batch_size": 64,
+                "threads": 1, "seed": 3} | options
+    return [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))] + ["--no-progress"]
+
+
+SMALL_RUN = small_run()
+METRICS_KEYS = {"top1", "top5", "history", "final_evaluation", "args", "hardware", "wall_time_s", "code_version"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two epochs straight, and the same two epochs as 1 + --resume 1, with code_version() counted."""
+    base = tmp_path_factory.mktemp("train")
+    versions = []
+
+    def fake_code_version():
+        versions.append(f"test-version-{len(versions) + 1}")
+        return versions[-1]
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "code_version", fake_code_version)
+        straight = base / "straight"
+        assert train_module.main(SMALL_RUN + ["--epochs", "2", "--out", str(straight)]) == 0
+        straight_versions = list(versions)
+        split = base / "split"
+        assert train_module.main(SMALL_RUN + ["--epochs", "2", "--max-epochs-this-run", "1", "--out", str(split)]) == 0
+        first_half = torch.load(split / "checkpoint.pt", map_location="cpu", weights_only=False)
+        assert train_module.main(SMALL_RUN + ["--epochs", "2", "--resume", "--out", str(split)]) == 0
+    torch.set_num_threads(threads)
+    return {"straight": straight, "split": split, "first_half": first_half,
+            "straight_versions": straight_versions, "versions": versions}
+
+
+def test_smoke_run_loss_falls_and_writes_every_file(runs):
+    out = runs["straight"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "CIFAR100_model.pth", "checkpoint.pt", "metrics.json", "training_curves.png"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert METRICS_KEYS <= metrics.keys()
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    # Chance level is ln(100) = 4.61; 16 SGD steps on the same 512 images must bring it down.
+    assert history[1]["train_loss"] < history[0]["train_loss"] - 0.03, history
+    assert metrics["test_images"] == 200 and 0.0 <= metrics["top1"] <= metrics["top5"] <= 100.0
+    assert set(metrics["final_evaluation"]) == {"raw", "raw+flip_tta", "ema", "ema+flip_tta"}
+    assert metrics["args"]["width"] == 1 and metrics["hardware"]["device"] == "cpu"
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = torch.load(out / "CIFAR100_model.pth", map_location="cpu", weights_only=True)
+    CIFAR100Model(width=1).load_state_dict(state, strict=True)  # plain, seed-compatible state dict
+
+
+def test_resume_repeats_an_uninterrupted_run_bit_for_bit(runs):
+    assert runs["first_half"]["epoch"] == 1
+    straight = torch.load(runs["straight"] / "checkpoint.pt", map_location="cpu", weights_only=False)
+    resumed = torch.load(runs["split"] / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert straight["epoch"] == resumed["epoch"] == 2
+    # The resumed epoch really trained: the weights moved away from the first half's.
+    assert not torch.equal(runs["first_half"]["model"]["fc.weight"], resumed["model"]["fc.weight"])
+    for part in ("model", "ema"):
+        assert straight[part].keys() == resumed[part].keys()
+        for name in straight[part]:
+            assert torch.equal(straight[part][name], resumed[part][name]), f"{part}.{name}"
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    exported_straight = torch.load(runs["straight"] / "CIFAR100_model.pth", weights_only=True)
+    exported_resumed = torch.load(runs["split"] / "CIFAR100_model.pth", weights_only=True)
+    assert all(torch.equal(exported_straight[k], exported_resumed[k]) for k in exported_straight)
+    h_straight = json.loads((runs["straight"] / "metrics.json").read_text())["history"]
+    h_resumed = json.loads((runs["split"] / "metrics.json").read_text())["history"]
+    assert [h["train_loss"] for h in h_straight] == [h["train_loss"] for h in h_resumed]
+
+
+def test_code_version_is_taken_once_at_the_start_and_recorded(runs):
+    # One call per run; the checkpoint written after epoch 1 already holds it.
+    assert runs["straight_versions"] == ["test-version-1"]
+    assert runs["versions"] == ["test-version-1", "test-version-2", "test-version-3"]
+    assert runs["first_half"]["code_version"] == "test-version-2"
+    straight = json.loads((runs["straight"] / "metrics.json").read_text())
+    assert straight["code_version"] == "test-version-1" and "resumed_from_code_version" not in straight
+    resumed = json.loads((runs["split"] / "metrics.json").read_text())
+    assert resumed["code_version"] == "test-version-3"
+    assert resumed["resumed_from_code_version"] == "test-version-2"
+
+
+@pytest.mark.parametrize("option, value", [("--width", "2"), ("--num-classes", "10")])
+def test_checkpoint_of_another_shape_is_refused_before_training(runs, tmp_path, capsys, option, value):
+    shutil.copy(runs["straight"] / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    # A data folder that does not exist: the refusal must come before any data is read.
+    args = small_run(data_dir=tmp_path / "no-data-here", **{option.removeprefix("--").replace("-", "_"): value})
+    rc = train_module.main(args + ["--epochs", "3", "--resume", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"{option} " in err and value in err and "checkpoint was trained with" in err, err
+    assert "CIFAR-100 not found" not in err
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 2  # untouched
+
+
+def test_resume_from_a_weights_file_says_what_to_pass(runs, tmp_path, capsys):
+    weights = runs["straight"] / "CIFAR100_model.pth"
+    rc = train_module.main(SMALL_RUN + ["--resume", str(weights), "--out", str(tmp_path)])
+    assert rc == 2
+    assert "not a training checkpoint" in capsys.readouterr().err
+    rc = train_module.main(SMALL_RUN + ["--resume", "--out", str(tmp_path / "empty")])
+    assert rc == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_missing_data_names_the_option_and_the_variable(tmp_path, capsys):
+    rc = train_module.main(["--data-dir", str(tmp_path / "nowhere"), "--width", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "CIFAR-100 not found" in err and "--data-dir" in err and "CIFAR100_DATA" in err and "--download" in err
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+    # Pointing at cifar-100-python/ itself is the usual slip; the message names the parent.
+    rc = train_module.main(["--data-dir", str(DATA_DIR / "cifar-100-python"), "--width", "1",
+                            "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert f"pass its parent, '{DATA_DIR}'" in capsys.readouterr().err
+
+
+def test_corrupted_data_reports_the_integrity_failure(tmp_path, capsys):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ("meta", "test"):
+        (folder / name).symlink_to(DATA_DIR / "cifar-100-python" / name)
+    with open(DATA_DIR / "cifar-100-python" / "train", "rb") as whole:
+        (folder / "train").write_bytes(whole.read(1 << 20))  # a truncated download
+    rc = train_module.main(["--data-dir", str(tmp_path), "--width", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "integrity check" in err and "md5" in err and "truncated or altered" in err, err
+
+
+def test_ctrl_c_mid_epoch_keeps_the_last_finished_epochs_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    # Progress bars on: the epoch 2 bar showing a finished step tells us the run is mid-epoch 2.
+    # 16 steps an epoch, so the signal lands well before epoch 2 ends even on a fast machine.
+    args = [a for a in small_run(train_subset=1024) if a != "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "training.train", *args, "--epochs", "3", "--out", str(out)],
+                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    stderr, mid_epoch_2 = [], threading.Event()
+    step_done_in_epoch_2 = re.compile(r"epoch 2/3:[^|]*\|[^|]*\| *([1-9]|1[0-5])/16")
+
+    def read_stderr():
+        for chunk in iter(lambda: proc.stderr.read(64), ""):
+            stderr.append(chunk)
+            if step_done_in_epoch_2.search("".join(stderr)):
+                mid_epoch_2.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        # Generous: a busy 2-core machine can take minutes; an idle one takes seconds.
+        assert mid_epoch_2.wait(timeout=600), "".join(stderr)[-2000:]
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    text = "".join(stderr)
+    assert rc == 130, text[-2000:]
+    assert "interrupted: the last finished epoch's checkpoint is intact" in text
+    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 1
+    CIFAR100Model(width=1).load_state_dict(checkpoint["model"], strict=True)
+    assert not list(out.glob("*.tmp")) and not (out / "metrics.json").exists()

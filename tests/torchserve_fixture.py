@@ -1,0 +1,45 @@
+"""A real TorchServe for the tests: built from this checkout, on free loopback ports.
+
+``start_test_torchserve(root)`` packages the shipped default weights (model/weights/, or
+$CIFAR100_TEST_WEIGHTS) with this checkout's handler into ``root/model_store/cifar100.mar`` and
+starts a TorchServe whose key_file.json, config, logs and TMPDIR/TEMP all live under ``root``; it
+returns a :class:`serving.torchserve.TorchServeInstance`, which offers
+
+    inference_url, management_url, metrics_url, predictions_url, model_name
+    key_file        serving.keys.KeyFile of this instance (header("inference"), renew(...))
+    stop(), start() + wait_ready(), restart(), is_running(), worker_statuses()
+
+conftest.py wraps it in the session fixture ``torchserve`` shared by every serving test (one Java
+start per test session; a start takes ~10-20 s on 2 busy cores).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from serving.archive import DEFAULT_WEIGHTS, build_archive
+from serving.torchserve import TorchServeInstance
+
+WEIGHTS_ENV = "CIFAR100_TEST_WEIGHTS"
+READY_TIMEOUT_S = 240  # generous: CI machines are slow and the training run may share the CPU
+
+
+def weights_under_test() -> Path:
+    return Path(os.environ.get(WEIGHTS_ENV, DEFAULT_WEIGHTS))
+
+
+def start_test_torchserve(root: Path) -> TorchServeInstance:
+    if shutil.which("java") is None:
+        raise RuntimeError("TorchServe needs Java on PATH: run `make install-system` (openjdk-17-jre-headless)")
+    root = Path(root)
+    store = root / "model_store"
+    build_archive(weights_under_test(), store, quiet=True)
+    ts = TorchServeInstance.on_free_ports(root, model_store=store)
+    ts.start()
+    try:
+        ts.wait_ready(READY_TIMEOUT_S)
+    except Exception:
+        ts.stop()
+        raise
+    return ts
