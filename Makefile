@@ -28,7 +28,7 @@ train: install
 	$(PY) -m training.train --data-dir $(CIFAR100_DATA) --out runs/latest $(TRAIN_ARGS)
 
 evaluate: install
-	$(PY) -m training.evaluate $(WEIGHTS) --data-dir $(CIFAR100_DATA)
+	$(PY) -m training.evaluate $(WEIGHTS) --data-dir $(CIFAR100_DATA) $(EVAL_ARGS)
 
 # One command for the whole service: TorchServe (on the shipped weights) + adapter + page.
 serve: install
@@ -71,7 +71,7 @@ test: install
 bench: bench-train bench-serve
 
 bench-train: install
-	$(PY) -m training.bench --data-dir $(CIFAR100_DATA)
+	$(PY) -m training.bench --data-dir $(CIFAR100_DATA) $(BENCH_TRAIN_ARGS)
 
 clean:
 	rm -rf runs model_store logs test-artifacts

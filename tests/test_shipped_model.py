@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from model import CIFAR100Model, infer_width_and_classes
-from training.data import default_data_dir, load_split
 from training.evaluation import accuracy, predict_logits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +33,6 @@ def shipped():
     return net, json.loads(METRICS.read_text())
 
 
-@pytest.fixture(scope="module")
-def test_split():
-    return load_split(default_data_dir(), train=False)
-
-
 def test_metrics_file_describes_the_shipped_weights(shipped):
     net, metrics = shipped
     assert metrics["test_images"] == 10_000
@@ -47,9 +41,9 @@ def test_metrics_file_describes_the_shipped_weights(shipped):
     assert len(metrics["history"]) == metrics["args"]["epochs"]
 
 
-def test_shipped_top1_matches_metrics_and_clears_the_floor(shipped, test_split):
+def test_shipped_top1_matches_metrics_and_clears_the_floor(shipped, cifar100_test_split):
     net, metrics = shipped
-    images, labels = test_split
+    images, labels = cifar100_test_split
     assert len(labels) == 10_000
     served = accuracy(predict_logits(net, images, labels), labels)
     recorded = metrics["final_evaluation"][metrics["weights_are"]]
