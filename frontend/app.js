@@ -201,9 +201,19 @@
 
   // Keyboard: the drop zone acts as a button that opens the picker.
   dropZone.addEventListener("click", () => fileInput.click());
+  // As a native button does: Enter acts on keydown, Space on keyup (Chromium grants the user
+  // activation a file picker needs on Space's keyup, not its keydown).
   dropZone.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" || event.key === " ") {
+    if (event.key === "Enter") {
+      event.preventDefault();
+      fileInput.click();
+    } else if (event.key === " ") {
       event.preventDefault(); // Space would scroll the page
+    }
+  });
+  dropZone.addEventListener("keyup", (event) => {
+    if (event.key === " ") {
+      event.preventDefault();
       fileInput.click();
     }
   });

@@ -171,7 +171,7 @@ def test_one_bad_image_in_a_concurrent_batch_fails_alone(torchserve_ready, clien
     payloads = [encode(cifar_pil(images, i)) for i in range(len(images))]
     bad_at = {3, 11, 19}
     for i in bad_at:
-        payloads[i] = b"\xff\xd8\xff\xe0 not really a jpeg"
+        payloads[i] = b"plain text, not an image"
     for _attempt in range(5):  # until a bad image really shared a batch with good ones
         responses = post_many(client, torchserve_ready, payloads, concurrency=len(payloads))
         for i, r in enumerate(responses):
