@@ -33,8 +33,7 @@ if str(REPO) not in sys.path:
 
 from adapter.run import free_port, running_adapter  # noqa: E402
 from benchmarks.bench_serve import (  # noqa: E402
-    Request, cifar_png_payloads, print_table, run_load, start_benchmark_torchserve, torchserve_request)
-from serving.archive import DEFAULT_WEIGHTS  # noqa: E402
+    Request, add_load_arguments, cifar_png_payloads, print_table, run_load, start_benchmark_torchserve, torchserve_request)
 
 SEED_START_TIMEOUT_S = 120
 
@@ -83,11 +82,7 @@ def seed_server(weights: Path, log_file: Path) -> Iterator[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The /classify/ adapter vs direct TorchServe vs the seed-style server.")
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per point")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    parser.add_argument("--batch-size", type=int, help="override model-config.yaml's batchSize")
-    parser.add_argument("--max-batch-delay", type=int, help="override model-config.yaml's maxBatchDelay (ms)")
+    add_load_arguments(parser)
     args = parser.parse_args(argv)
 
     payloads = cifar_png_payloads()

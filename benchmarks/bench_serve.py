@@ -173,13 +173,18 @@ async def _serve_columns(targets: dict[str, Request], payloads, concurrencies, d
             for name, req in targets.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="TorchServe vs in-process throughput and latency.")
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every serving benchmark shares (bench_adapter uses them too)."""
     parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per point")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument("--batch-size", type=int, help="override model-config.yaml's batchSize")
     parser.add_argument("--max-batch-delay", type=int, help="override model-config.yaml's maxBatchDelay (ms)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="TorchServe vs in-process throughput and latency.")
+    add_load_arguments(parser)
     args = parser.parse_args(argv)
 
     payloads = cifar_png_payloads()
