@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Where CIFAR-100 lives (the folder holding cifar-100-python/): env CIFAR100_DATA, else the
 # shared copy beside the checkout, else ./data.
-export CIFAR100_DATA ?= $(firstword $(wildcard ../shared/data) data)
+export CIFAR100_DATA ?= $(abspath $(firstword $(wildcard ../shared/data) data))
 # The shipped default weights; `make archive WEIGHTS=path/to/other.pth` packages others.
 WEIGHTS ?= model/weights/CIFAR100_model.pth
 TRAIN_ARGS ?=

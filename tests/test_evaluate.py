@@ -129,3 +129,36 @@ def test_missing_data_is_reported_for_good_weights(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "CIFAR-100 not found" in err and "--data-dir" in err and "CIFAR100_DATA" in err
+
+
+def test_export_writes_a_half_precision_state_dict_that_loads_and_scores_the_same(tmp_path):
+    """training.export: float16 storage of a seed-format state dict (how the width-10 file was made)."""
+    from training import export
+
+    torch.manual_seed(0)
+    src = tmp_path / "w1.pth"
+    net = CIFAR100Model(width=1).eval()
+    torch.save(net.state_dict(), src)
+    out = tmp_path / "half" / "w1_fp16.pth"
+    assert export.main([str(src), str(out), "--dtype", "float16"]) == 0
+    half = torch.load(out, map_location="cpu", weights_only=True)
+    assert set(half) == set(net.state_dict())
+    assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
+    assert half["stem.1.num_batches_tracked"].dtype == torch.int64  # integer buffers keep their dtype
+    assert out.stat().st_size < 0.6 * src.stat().st_size
+    reloaded = CIFAR100Model(width=1).eval()
+    reloaded.load_state_dict(half, strict=True)  # the float32 network takes the float16 values
+    x = torch.randn(8, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(reloaded(x), net(x), atol=2e-2)
+        assert torch.equal(reloaded(x).argmax(1), net(x).argmax(1))
+
+
+def test_export_refuses_what_is_not_a_network(tmp_path, capsys):
+    from training import export
+
+    bad = tmp_path / "bad.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, bad)
+    assert export.main([str(bad), str(tmp_path / "o.pth")]) == 2
+    assert "not CIFAR100Model weights" in capsys.readouterr().err
+    assert not (tmp_path / "o.pth").exists()

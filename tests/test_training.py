@@ -34,7 +34,7 @@ def find_data_dir() -> Path:
     pytest.fail("CIFAR-100 not found: set CIFAR100_DATA to the folder holding cifar-100-python/")
 
 
-DATA_DIR = find_data_dir()
+DATA_DIR = find_data_dir().resolve()  # absolute: the tests below make symlinks into it
 
 def small_run(**options) -> list[str]:
     """CLI arguments of a run small enough for 2 busy cores (8 steps of 64 images per epoch, 200

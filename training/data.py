@@ -67,15 +67,20 @@ def subset(images: torch.Tensor, labels: torch.Tensor, n: int | None, seed: int 
 
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """RandomCrop(32, padding) + RandomHorizontalFlip on a uint8 batch [B, C, H, W], zero fill."""
+    """RandomCrop(32, padding) + RandomHorizontalFlip on a uint8 batch [B, C, H, W], zero fill.
+
+    The random draws come from the CPU generator whatever the images' device, so a run draws
+    the same crops on a GPU as on the CPU; the indexing itself runs where the images are.
+    """
     b, c, h, w = images.shape
+    dev = images.device
     padded = F.pad(images, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    out = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-    flip = torch.rand(b, generator=generator) < 0.5
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+    out = padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 

@@ -255,6 +255,11 @@ def train(args) -> dict:
         dist.barrier()
     if int(train_y.max()) >= args.num_classes:
         raise ConfigError(f"labels go up to {int(train_y.max())} but --num-classes is {args.num_classes}")
+    if device.type == "cuda":
+        # The whole split as uint8 is 150 MB: kept on the GPU, batches are cropped and flipped
+        # there, and the host never feeds images step by step.
+        # Labels stay on the host: the accuracy counts are taken there.
+        train_x, test_x = train_x.to(device), test_x.to(device)
 
     torch.manual_seed(args.seed)
     model = CIFAR100Model(args.width, args.num_classes, args.dropout).to(device)
@@ -323,8 +328,6 @@ def train(args) -> dict:
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 logits = net(x)
                 loss = criterion(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {i}: lower --lr")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -335,6 +338,10 @@ def train(args) -> dict:
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             if i % 10 == 0 or i == steps_per_epoch - 1:
+                # Checked here rather than every step: reading the loss back stalls a GPU. A
+                # diverged run is caught within 10 steps, before the epoch's checkpoint.
+                if not torch.isfinite(loss_sum):
+                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {i}: lower --lr")
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
                                 img_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
         train_time = time.perf_counter() - t0
