@@ -30,6 +30,8 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from model.classes import display_name  # the seed's display rule, one copy (no torch)
+
 from .config import Settings
 from .errors import ClassifyError
 from .torchserve import TorchServeClient
@@ -38,12 +40,6 @@ from .upload import read_image_upload
 log = logging.getLogger("adapter")
 
 TOP_K = 5
-
-
-def display_name(label: str) -> str:
-    """The seed's rule (same as model.classes.display_name, which imports torch via model/)."""
-    text = label.replace("_", " ")
-    return text[:1].upper() + text[1:]
 
 
 def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import aiohttp
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,18 +34,22 @@ if str(REPO) not in sys.path:
 
 from adapter.run import free_port, running_adapter  # noqa: E402
 from benchmarks.bench_serve import (  # noqa: E402
-    Request, add_load_arguments, cifar_png_payloads, print_table, run_load, start_benchmark_torchserve, torchserve_request)
+    Request, add_load_arguments, cifar_png_payloads, load_client, print_table, run_load, start_benchmark_torchserve,
+    torchserve_request, ts_properties, warm_up)
 
 SEED_START_TIMEOUT_S = 120
 
 
-def classify_request(base_url: str, client: httpx.AsyncClient) -> Request:
+def classify_request(base_url: str, client: aiohttp.ClientSession) -> Request:
     """The seed's client call: multipart field `image`; a non-200 or an answer without prediction fails."""
     async def request(payload: bytes) -> None:
-        r = await client.post(f"{base_url}/classify/", files={"image": ("photo.png", payload, "image/png")})
-        r.raise_for_status()
-        if "prediction" not in r.json():
-            raise ValueError(f"no prediction in {r.text[:100]}")
+        form = aiohttp.FormData()
+        form.add_field("image", payload, filename="photo.png", content_type="image/png")
+        async with client.post(f"{base_url}/classify/", data=form) as r:
+            answer = await r.json(content_type=None)
+            r.raise_for_status()
+        if "prediction" not in answer:
+            raise ValueError(f"no prediction in {str(answer)[:100]}")
     return request
 
 
@@ -89,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     concurrencies = args.concurrency
     with tempfile.TemporaryDirectory(prefix="bench-adapter-") as tmp:
         tmp = Path(tmp)
-        ts = start_benchmark_torchserve(tmp / "torchserve", args.weights, args.batch_size, args.max_batch_delay)
+        ts = start_benchmark_torchserve(tmp / "torchserve", args.weights, args.batch_size, args.max_batch_delay,
+                                        args.cpu_threads, ts_properties(args.ts_property))
         try:
             # The adapter as `make serve-adapter` runs it, access log included.
             adapter_env = {"TS_INFERENCE_URL": ts.inference_url, "TS_MANAGEMENT_URL": ts.management_url,
@@ -97,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             with running_adapter(adapter_env, tmp / "adapter.log") as adapter, \
                     seed_server(args.weights, tmp / "seed.log") as seed_base:
                 async def measure():
-                    limits = httpx.Limits(max_connections=max(concurrencies) * 2,
-                                          max_keepalive_connections=max(concurrencies) * 2)
-                    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+                    async with load_client(max(concurrencies) * 2) as client:
                         targets = {
                             "torchserve": torchserve_request(ts, client),
                             "adapter": classify_request(adapter.base_url, client),
                             "seed-style": classify_request(seed_base, client),
                         }
+                        for request in targets.values():
+                            await warm_up(request, payloads, max(concurrencies))
                         # Interleave targets at each concurrency so slow drift (other work on the
                         # machine) touches all three alike.
                         rows = {name: {} for name in targets}

@@ -39,6 +39,19 @@ def build_model(state_dict: dict) -> CIFAR100Model:
     model.load_state_dict(state_dict, strict=True)
     return model
 
+def serving_model(state_dict: dict) -> torch.nn.Module:
+    """The network as the handler runs it: eval mode, each BatchNorm folded into the convolution
+    before it (torch.fx), weights in channels_last.
+
+    Same answers as the trained network up to float rounding (~1e-6 on the logits). Measured on
+    this 2-core CPU for width 2, fp32: 9.8 ms -> 7.3..9.8 ms for one image and ~77 -> ~64 ms for 16;
+    fewer operators also mean fewer OpenMP wake-ups per request in the worker.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    model = fuse(build_model(state_dict).eval())
+    return model.to(memory_format=torch.channels_last)
+
 
 class CIFAR100Handler(BaseHandler):
     def initialize(self, context):
@@ -60,7 +73,7 @@ class CIFAR100Handler(BaseHandler):
 
     def _load_pickled_model(self, model_dir, model_file, model_pt_path):
         state_dict = torch.load(model_pt_path, map_location="cpu", weights_only=True)
-        return build_model(state_dict)
+        return serving_model(state_dict)
 
     def preprocess(self, data):
         """One dict per request -> normalized batch of the good images; bad ones are remembered."""

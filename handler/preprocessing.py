@@ -176,4 +176,5 @@ def normalize(batch: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float normalized with the CIFAR-100 training statistics."""
     mean = torch.tensor(CIFAR100_MEAN, device=batch.device).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR100_STD, device=batch.device).view(1, 3, 1, 1)
-    return (batch.float() / 255.0 - mean) / std
+    # channels_last: the layout the serving network's weights are in (see serving_model).
+    return ((batch.float() / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)

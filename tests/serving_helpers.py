@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from handler.cifar100_handler import build_model
+from handler.cifar100_handler import serving_model
 from handler.preprocessing import decode_image, image_to_tensor, normalize
 
 
@@ -77,7 +77,7 @@ class ReferenceModel:
     """The served network, called in-process with the same weights and the handler's preprocessing."""
 
     def __init__(self, weights: Path):
-        self.model = build_model(torch.load(weights, map_location="cpu", weights_only=True)).eval()
+        self.model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
 
     @torch.inference_mode()
     def probs_of_uint8(self, batch: torch.Tensor) -> torch.Tensor:
