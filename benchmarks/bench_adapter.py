@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-adapter-") as tmp:
         tmp = Path(tmp)
         ts = start_benchmark_torchserve(tmp / "torchserve", args.weights, args.batch_size, args.max_batch_delay,
-                                        args.cpu_threads, ts_properties(args.ts_property))
+                                        args.cpu_threads, ts_properties(args.ts_property), args.workers)
         try:
             # The adapter as `make serve-adapter` runs it, access log included.
             adapter_env = {"TS_INFERENCE_URL": ts.inference_url, "TS_MANAGEMENT_URL": ts.management_url,

@@ -109,11 +109,12 @@ def in_process_load(model: torch.nn.Module, payloads: list[bytes], batch: int, d
 
 def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batch_size: int | None = None,
                                max_batch_delay: int | None = None, cpu_threads: int | None = None,
-                               properties: dict[str, str] | None = None) -> TorchServeInstance:
+                               properties: dict[str, str] | None = None,
+                               workers: int | None = None) -> TorchServeInstance:
     """A TorchServe on free ports under `root`, optionally with other settings than the repo's:
     batching and the worker's torch threads (model-config.yaml), config.properties keys."""
     config = MODEL_CONFIG
-    if batch_size is not None or max_batch_delay is not None or cpu_threads is not None:
+    if batch_size is not None or max_batch_delay is not None or cpu_threads is not None or workers is not None:
         import yaml
 
         settings = yaml.safe_load(MODEL_CONFIG.read_text())
@@ -121,6 +122,8 @@ def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batc
         settings["maxBatchDelay"] = max_batch_delay if max_batch_delay is not None else settings["maxBatchDelay"]
         if cpu_threads is not None:
             settings.setdefault("handler", {})["cpu_threads"] = cpu_threads
+        if workers is not None:
+            settings["minWorkers"] = settings["maxWorkers"] = workers
         config = root / "model-config.yaml"
         config.write_text(yaml.safe_dump(settings))
     build_archive(weights, root / "model_store", quiet=True, model_config=config)
@@ -210,6 +213,7 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="override model-config.yaml's batchSize")
     parser.add_argument("--max-batch-delay", type=int, help="override model-config.yaml's maxBatchDelay (ms)")
     parser.add_argument("--cpu-threads", type=int, help="override the worker's torch threads (handler.cpu_threads)")
+    parser.add_argument("--workers", type=int, help="override model-config.yaml's minWorkers/maxWorkers")
     parser.add_argument("--ts-property", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config.properties key for the benchmark's TorchServe (repeatable)")
 
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {"in-process": {c: in_process_load(model, payloads, c, args.duration) for c in args.concurrency}}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         ts = start_benchmark_torchserve(Path(tmp), args.weights, args.batch_size, args.max_batch_delay,
-                                        args.cpu_threads, ts_properties(args.ts_property))
+                                        args.cpu_threads, ts_properties(args.ts_property), args.workers)
         try:
             async def serve():
                 async with load_client(max(args.concurrency) * 2) as client:

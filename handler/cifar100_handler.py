@@ -57,10 +57,12 @@ class CIFAR100Handler(BaseHandler):
     def initialize(self, context):
         handler_cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
         if not (torch.cuda.is_available() and context.system_properties.get("gpu_id") is not None):
-            # CPU worker: config.properties runs one worker per model, so it may use every core for
-            # intra-op parallelism, unless the operator pinned a count (handler.cpu_threads in
-            # model-config.yaml or OMP_NUM_THREADS, e.g. when running several workers).
-            threads = handler_cfg.get("cpu_threads") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count()
+            # CPU worker: the cores are shared out among the model's workers (minWorkers in
+            # model-config.yaml), unless the operator pinned a count (handler.cpu_threads or
+            # OMP_NUM_THREADS). See model-config.yaml for what was measured.
+            workers = int((getattr(context, "model_yaml_config", None) or {}).get("minWorkers") or 1)
+            threads = (handler_cfg.get("cpu_threads") or os.environ.get("OMP_NUM_THREADS")
+                       or (os.cpu_count() or 1) // max(1, workers))
             torch.set_num_threads(max(1, int(threads)))
         super().initialize(context)  # device, manifest, model (via _load_pickled_model), eval mode
         model_dir = context.system_properties.get("model_dir")

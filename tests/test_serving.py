@@ -10,9 +10,11 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from PIL import Image
 
 from model.classes import display_name
@@ -24,6 +26,9 @@ from torchserve_fixture import weights_under_test
 
 TIMEOUT = httpx.Timeout(60.0, connect=10.0)  # no request may hang: every call has a deadline
 N_MATCH = 200
+# The archive's worker count (model-config.yaml minWorkers = maxWorkers).
+CONFIGURED_WORKERS = yaml.safe_load((Path(__file__).resolve().parents[1] / "handler" / "model-config.yaml")
+                                    .read_text())["minWorkers"]
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +217,7 @@ def test_management_api_is_not_on_the_inference_port(torchserve_ready, client):
         r = client.put(f"{torchserve_ready.inference_url}/models/{torchserve_ready.model_name}?min_worker=3",
                        headers=torchserve_ready.key_file.header(key))
         assert r.status_code in (400, 404, 405), r.text
-    assert len(torchserve_ready.worker_statuses()) == 1
+    assert len(torchserve_ready.worker_statuses()) == CONFIGURED_WORKERS
 
 
 def test_killed_worker_is_replaced_and_no_request_hangs(torchserve_ready, client, cifar100_test_split):
@@ -233,8 +238,13 @@ def test_killed_worker_is_replaced_and_no_request_hangs(torchserve_ready, client
             break
         assert time.monotonic() < deadline, f"no successful answer within 90 s of the kill (last {r.status_code})"
         time.sleep(0.5)
-    pids = [w["pid"] for w in ts.worker_statuses() if w["status"] == "READY"]
-    assert pids and old_pid not in pids
+    # Replaced: the model is back to its configured number of READY workers, the killed one gone.
+    while True:
+        pids = [w["pid"] for w in ts.worker_statuses() if w["status"] == "READY"]
+        if len(pids) == CONFIGURED_WORKERS and old_pid not in pids:
+            break
+        assert time.monotonic() < deadline, f"workers not replaced within 90 s of the kill: {ts.worker_statuses()}"
+        time.sleep(0.5)
 
 
 def test_renewed_inference_key_works_and_the_old_one_is_refused(torchserve_ready, client, cifar100_test_split):
