@@ -26,30 +26,26 @@ class ConfigError(ValueError):
     """An environment variable holds a value the adapter cannot use."""
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_positive(name: str, default, kind: type, what: str):
+    """A positive number of `kind` (int or float) from the environment, or the default when unset."""
     text = os.environ.get(name)
     if text is None or text == "":
         return default
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError as err:
-        raise ConfigError(f"{name}={text!r} is not a number") from err
+        raise ConfigError(f"{name}={text!r} is not {what}") from err
     if value <= 0:
         raise ConfigError(f"{name}={text!r} must be positive")
     return value
+
+
+def _env_float(name: str, default: float) -> float:
+    return _env_positive(name, default, float, "a number")
 
 
 def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name)
-    if text is None or text == "":
-        return default
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise ConfigError(f"{name}={text!r} is not a whole number") from err
-    if value <= 0:
-        raise ConfigError(f"{name}={text!r} must be positive")
-    return value
+    return _env_positive(name, default, int, "a whole number")
 
 
 def _env_origins(name: str) -> list[str]:

@@ -180,7 +180,12 @@ def test_ctrl_c_mid_epoch_keeps_the_last_finished_epochs_checkpoint(tmp_path):
     args = [a for a in small_run(train_subset=1024) if a != "--no-progress"]
     proc = subprocess.Popen([sys.executable, "-m", "training.train", *args, "--epochs", "3", "--out", str(out)],
                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            # A run started in the background (`cmd &` in a script, some CI
+                            # runners) inherits SIGINT *ignored*, and then Python never raises
+                            # KeyboardInterrupt: give the child the default disposition, as a
+                            # terminal's Ctrl-C would find it.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stderr, mid_epoch_2 = [], threading.Event()
     step_done_in_epoch_2 = re.compile(r"epoch 2/3:[^|]*\|[^|]*\| *([1-9]|1[0-5])/16")
 
