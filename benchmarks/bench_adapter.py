@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                             "seed-style": classify_request(seed_base, client),
                         }
                         for request in targets.values():
-                            await warm_up(request, payloads, max(concurrencies))
+                            await warm_up(request, payloads, concurrencies)
                         # Interleave targets at each concurrency so slow drift (other work on the
                         # machine) touches all three alike.
                         rows = {name: {} for name in targets}

@@ -188,19 +188,23 @@ def print_table(rows: dict[str, dict[int, LoadResult]], concurrencies: list[int]
                   f"{r.errors:>8}")
 
 
-# A freshly started TorchServe answers its first thousand or so requests slowly while the JVM
-# compiles its hot paths: measured at concurrency 1, p50 23.5 ms in the first seconds after start,
-# 16.7 ms after 10 s of load. Each served target gets this much load, unmeasured, before its points.
-SERVER_WARMUP_S = 6.0
+# A freshly started TorchServe answers slowly while the JVM compiles its hot paths, and each load
+# shape has its own: measured, conc-1 p50 fell from 23.5 ms in the first seconds to 16.7 ms after
+# 10 s of load, and 8 s of concurrency-16 load still left the JIT compiler (the "C2 CompilerThread")
+# with half of Java's CPU during the next concurrency-1 run. So every served target gets this much
+# unmeasured load at each concurrency of the run before its points are measured.
+SERVER_WARMUP_S = 4.0
 
 
-async def warm_up(request: Request, payloads: list[bytes], concurrency: int, seconds: float = SERVER_WARMUP_S) -> None:
-    await run_load(request, payloads, concurrency, seconds, warmup_s=0.0)
+async def warm_up(request: Request, payloads: list[bytes], concurrencies: list[int],
+                  seconds: float = SERVER_WARMUP_S) -> None:
+    for concurrency in concurrencies:
+        await run_load(request, payloads, concurrency, seconds, warmup_s=0.0)
 
 
 async def _serve_columns(targets: dict[str, Request], payloads, concurrencies, duration_s):
     for request in targets.values():
-        await warm_up(request, payloads, max(concurrencies))
+        await warm_up(request, payloads, concurrencies)
     return {name: {c: await run_load(req, payloads, c, duration_s) for c in concurrencies}
             for name, req in targets.items()}
 
