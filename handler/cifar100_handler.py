@@ -39,6 +39,7 @@ def build_model(state_dict: dict) -> CIFAR100Model:
     model.load_state_dict(state_dict, strict=True)
     return model
 
+
 def serving_model(state_dict: dict) -> torch.nn.Module:
     """The network as the handler runs it: eval mode, each BatchNorm folded into the convolution
     before it (torch.fx), weights in channels_last.
@@ -55,12 +56,13 @@ def serving_model(state_dict: dict) -> torch.nn.Module:
 
 class CIFAR100Handler(BaseHandler):
     def initialize(self, context):
-        handler_cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
+        model_cfg = getattr(context, "model_yaml_config", None) or {}  # model-config.yaml
+        handler_cfg = model_cfg.get("handler") or {}
         if not (torch.cuda.is_available() and context.system_properties.get("gpu_id") is not None):
             # CPU worker: the cores are shared out among the model's workers (minWorkers in
             # model-config.yaml), unless the operator pinned a count (handler.cpu_threads or
             # OMP_NUM_THREADS). See model-config.yaml for what was measured.
-            workers = int((getattr(context, "model_yaml_config", None) or {}).get("minWorkers") or 1)
+            workers = int(model_cfg.get("minWorkers") or 1)
             threads = (handler_cfg.get("cpu_threads") or os.environ.get("OMP_NUM_THREADS")
                        or (os.cpu_count() or 1) // max(1, workers))
             torch.set_num_threads(max(1, int(threads)))
