@@ -80,14 +80,11 @@ class _Pool:
 
     async def request(self, method: str, path: str, headers: dict[str, str],
                       data: bytes | None = None) -> _Response:
-        if self._slots.locked():
-            try:
-                async with asyncio.timeout(self.wait_s):
-                    await self._slots.acquire()
-            except TimeoutError:
-                raise _PoolBusy() from None
-        else:
-            await self._slots.acquire()  # a free slot: returns at once, no timer needed
+        try:
+            async with asyncio.timeout(self.wait_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise _PoolBusy() from None
         try:
             async with self.session.request(method, self.base_url + path, headers=headers,
                                             data=data) as response:
