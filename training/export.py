@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from training.evaluate import WeightsError, build_model, load_state_dict
+from training.train import atomic_save
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -41,9 +42,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(args.out)
+    atomic_save(state, args.out)
     size = args.out.stat().st_size / 1e6
     print(f"wrote {args.out} ({args.dtype}, {size:.1f} MB)")
     return 0
