@@ -369,7 +369,7 @@ def train(args) -> dict:
 
     result = {}
     if stop_at == args.epochs and main_process:
-        result = finish(model, ema, history, args, out, device, amp_dtype, test_x, test_y,
+        result = finish(model, ema, history, args, out, device, test_x, test_y,
                         elapsed_before + time.perf_counter() - t_start, world, version,
                         checkpoint.get("code_version") if checkpoint is not None else None)
     if distributed:
@@ -391,7 +391,7 @@ def evaluate_sharded(model, images, labels, args, device, amp_dtype, rank, world
     return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item()}
 
 
-def finish(model, ema, history, args, out, device, amp_dtype, test_x, test_y, wall_time, world,
+def finish(model, ema, history, args, out, device, test_x, test_y, wall_time, world,
            version, resumed_from_version=None) -> dict:
     """Export the seed-compatible state dict and measure what EMA and flip-TTA bought."""
     exported = ema.module if ema is not None else model
@@ -402,7 +402,10 @@ def finish(model, ema, history, args, out, device, amp_dtype, test_x, test_y, wa
     candidates = {"raw": model} | ({"ema": ema.module} if ema is not None else {})
     for name, net in candidates.items():
         for tta in (False, True):
-            logits = predict_logits(net, test_x, test_y, args.eval_batch_size, device, amp_dtype, tta, args.channels_last)
+            # In float32 whatever precision trained it: the handler and training.evaluate run the
+            # exported weights in float32, and the recorded figures must be the ones they reproduce
+            # (a bf16 evaluation differed from them by a few tenths of a point).
+            logits = predict_logits(net, test_x, test_y, args.eval_batch_size, device, None, tta, args.channels_last)
             ablation[f"{name}{'+flip_tta' if tta else ''}"] = accuracy(logits, test_y)
     final_key = ("ema" if ema is not None else "raw") + ("+flip_tta" if args.tta else "")
     metrics = {
