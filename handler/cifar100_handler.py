@@ -45,7 +45,7 @@ def serving_model(state_dict: dict) -> torch.nn.Module:
     before it (torch.fx), weights in channels_last.
 
     Same answers as the trained network up to float rounding (~1e-6 on the logits). Measured on
-    this 2-core CPU for width 2, fp32: 9.8 ms -> 7.3..9.8 ms for one image and ~77 -> ~64 ms for 16;
+    the 2-core AVX2-only EPYC for width 2, fp32: 9.8 ms -> 7.3..9.8 ms for one image and ~77 -> ~64 ms for 16;
     fewer operators also mean fewer OpenMP wake-ups per request in the worker.
     """
     from torch.fx.experimental.optimization import fuse
