@@ -404,7 +404,8 @@ def finish(model, ema, history, args, out, device, test_x, test_y, wall_time, wo
         for tta in (False, True):
             # In float32 whatever precision trained it: the handler and training.evaluate run the
             # exported weights in float32, and the recorded figures must be the ones they reproduce
-            # (a bf16 evaluation differed from them by a few tenths of a point).
+            # (the shipped width-3 run: 75.00 / 93.41 in bf16, 74.95 / 93.45 in float32; the
+            # shipped-model test allows 0.1 point).
             logits = predict_logits(net, test_x, test_y, args.eval_batch_size, device, None, tta, args.channels_last)
             ablation[f"{name}{'+flip_tta' if tta else ''}"] = accuracy(logits, test_y)
     final_key = ("ema" if ema is not None else "raw") + ("+flip_tta" if args.tta else "")
