@@ -19,10 +19,12 @@ $(VENV)/.installed: requirements.txt adapter/requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# Debian packages: Java for TorchServe, Chromium for the page tests (root; CI runs this).
+# Debian packages: Java for TorchServe, Chromium for the page tests, wrk as the serving benchmarks'
+# load generator (root; CI runs this).
 install-system:
 	command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
+	test -x /usr/bin/wrk || (apt-get update -qq && apt-get install -y -qq wrk)
 
 train: install
 	$(PY) -m training.train --data-dir $(CIFAR100_DATA) --out runs/latest $(TRAIN_ARGS)

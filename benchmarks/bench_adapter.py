@@ -9,13 +9,12 @@ drives each with the same CIFAR-100 test PNGs at each concurrency and prints ima
 p50/p99 latency, and the two targets:
   * adapter p50 - direct TorchServe p50 at concurrency 1 < 3 ms (what the adapter costs);
   * adapter images/s at concurrency 16 >= 2x the seed-style server's.
-The load generator and any other work share the machine's cores with the servers: read the
-figures as ratios measured side by side in one run.
+The load generator (wrk, see benchmarks/load.py) and any other work share the machine's cores with
+the servers: read the figures as ratios measured side by side in one run.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import subprocess
 import sys
@@ -25,7 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import aiohttp
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,23 +32,18 @@ if str(REPO) not in sys.path:
 
 from adapter.run import free_port, running_adapter  # noqa: E402
 from benchmarks.bench_serve import (  # noqa: E402
-    Request, add_load_arguments, cifar_png_payloads, load_client, print_table, run_load, start_benchmark_torchserve,
-    torchserve_request, ts_properties, warm_up)
+    add_load_arguments, cifar_png_payloads, print_table, start_benchmark_torchserve, torchserve_target, ts_properties)
+from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies  # noqa: E402
 
 SEED_START_TIMEOUT_S = 120
 
 
-def classify_request(base_url: str, client: aiohttp.ClientSession) -> Request:
-    """The seed's client call: multipart field `image`; a non-200 or an answer without prediction fails."""
-    async def request(payload: bytes) -> None:
-        form = aiohttp.FormData()
-        form.add_field("image", payload, filename="photo.png", content_type="image/png")
-        async with client.post(f"{base_url}/classify/", data=form) as r:
-            answer = await r.json(content_type=None)
-            r.raise_for_status()
-        if "prediction" not in answer:
-            raise ValueError(f"no prediction in {str(answer)[:100]}")
-    return request
+def classify_target(base_url: str, payloads: list[bytes]) -> HttpTarget:
+    """The seed's client call: multipart field `image`; a non-200 or an answer without "prediction"
+    counts as an error."""
+    bodies, content_type = multipart_image_bodies(payloads, "image")
+    return HttpTarget(f"{base_url}/classify/", bodies, headers=lambda: {"Content-Type": content_type},
+                      expect='"prediction"')
 
 
 @contextmanager
@@ -102,23 +95,12 @@ def main(argv: list[str] | None = None) -> int:
                            "TS_MODEL_NAME": ts.model_name, "TS_KEY_FILE": str(ts.key_file.path)}
             with running_adapter(adapter_env, tmp / "adapter.log") as adapter, \
                     seed_server(args.weights, tmp / "seed.log") as seed_base:
-                async def measure():
-                    async with load_client(max(concurrencies) * 2) as client:
-                        targets = {
-                            "torchserve": torchserve_request(ts, client),
-                            "adapter": classify_request(adapter.base_url, client),
-                            "seed-style": classify_request(seed_base, client),
-                        }
-                        for request in targets.values():
-                            await warm_up(request, payloads, concurrencies)
-                        # Interleave targets at each concurrency so slow drift (other work on the
-                        # machine) touches all three alike.
-                        rows = {name: {} for name in targets}
-                        for c in concurrencies:
-                            for name, request in targets.items():
-                                rows[name][c] = await run_load(request, payloads, c, args.duration)
-                        return rows
-                rows = asyncio.run(measure())
+                targets = {
+                    "torchserve": torchserve_target(ts, payloads),
+                    "adapter": classify_target(adapter.base_url, payloads),
+                    "seed-style": classify_target(seed_base, payloads),
+                }
+                rows = measure_targets(targets, concurrencies, args.duration, tmp)
         finally:
             ts.stop()
 
@@ -126,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(payloads)} CIFAR-100 test PNGs")
     print_table(rows, concurrencies)
     lo, hi = min(concurrencies), max(concurrencies)
-    overhead = rows["adapter"][lo].percentile(50) - rows["torchserve"][lo].percentile(50)
+    overhead = rows["adapter"][lo].p50_ms - rows["torchserve"][lo].p50_ms
     ratio = rows["adapter"][hi].images_per_s / max(rows["seed-style"][hi].images_per_s, 1e-9)
     print(f"adapter p50 - torchserve p50 at concurrency {lo}: {overhead:+.2f} ms (target < 3 ms)")
     print(f"adapter / seed-style images/s at concurrency {hi}: {ratio:.2f}x (target >= 2x)")

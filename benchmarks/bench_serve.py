@@ -5,83 +5,36 @@
 For each concurrency it prints images/s and p50/p99 latency of
   * in-process: decode the PNGs, stack a batch of `concurrency` images, normalize, forward, top-k
     (what a perfectly batching server could do at best; its latency is one batch's time);
-  * torchserve: real HTTP requests (raw PNG bodies) to a TorchServe started for the run.
+  * torchserve: real HTTP requests (raw PNG bodies) to a TorchServe started for the run, sent by
+    wrk (benchmarks/load.py says why wrk).
 and the ratios the project aims at: TorchServe at concurrency 16 >= 80% of in-process images/s;
 TorchServe's p50 at concurrency 1 within 5 ms of the in-process single-image latency.
 
 The load generator shares the machine's cores with the server, and so does any other work on
 the machine: read the figures as side-by-side ratios of one run, not absolute capacity.
 
-Other columns (e.g. the /classify/ adapter): write an ``async def request(payload: bytes)`` that
-raises on a failed answer, and add it to the ``targets`` dict in ``main``; ``run_load`` drives it.
+Other columns (e.g. the /classify/ adapter): describe them as a load.HttpTarget and add them to the
+targets that load.measure_targets drives (bench_adapter does).
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
 
-import aiohttp
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.load import HttpTarget, LoadResult, percentile, run_wrk, warm_up  # noqa: E402
 from handler.cifar100_handler import serving_model  # noqa: E402
 from handler.preprocessing import decode_image, image_to_tensor, normalize  # noqa: E402
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive  # noqa: E402
 from serving.torchserve import TorchServeInstance  # noqa: E402
-
-Request = Callable[[bytes], Awaitable[None]]
-
-
-@dataclass
-class LoadResult:
-    concurrency: int
-    images: int
-    seconds: float
-    latencies_ms: list[float]
-    errors: int = 0
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds else 0.0
-
-    def percentile(self, q: float) -> float:
-        if not self.latencies_ms:
-            return float("nan")
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
-async def run_load(request: Request, payloads: list[bytes], concurrency: int, duration_s: float,
-                   warmup_s: float = 1.0) -> LoadResult:
-    """Keep `concurrency` requests in flight for duration_s (after a warm-up); time each one."""
-    latencies: list[float] = []
-    errors = 0
-    stop_at = time.perf_counter() + warmup_s + duration_s
-    measure_from = time.perf_counter() + warmup_s
-
-    async def client(offset: int):
-        nonlocal errors
-        i = offset
-        while (start := time.perf_counter()) < stop_at:
-            try:
-                await request(payloads[i % len(payloads)])
-                if start >= measure_from:
-                    latencies.append((time.perf_counter() - start) * 1000)
-            except Exception:  # noqa: BLE001 - counted and reported, the run goes on
-                errors += 1
-            i += concurrency
-
-    await asyncio.gather(*(client(k) for k in range(concurrency)))
-    return LoadResult(concurrency, len(latencies), duration_s, latencies, errors)
 
 
 def in_process_load(model: torch.nn.Module, payloads: list[bytes], batch: int, duration_s: float) -> LoadResult:
@@ -104,7 +57,8 @@ def in_process_load(model: torch.nn.Module, payloads: list[bytes], batch: int, d
                     latencies.append((time.perf_counter() - start) * 1000)
                     images += batch
                 i += batch
-    return LoadResult(batch, images, time.perf_counter() - start_all, latencies)
+    return LoadResult(batch, images, time.perf_counter() - start_all, percentile(latencies, 50),
+                      percentile(latencies, 99))
 
 
 def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batch_size: int | None = None,
@@ -137,25 +91,10 @@ def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batc
     return ts
 
 
-def load_client(max_connections: int) -> aiohttp.ClientSession:
-    """The load generator's pooled keep-alive HTTP client.
-
-    aiohttp rather than httpx: the load generator shares the 2 cores with the servers it measures,
-    and measured side by side against the same TorchServe at concurrency 16, httpx's AsyncClient
-    took ~5.5 ms of CPU per request, aiohttp's ~0.6 ms: with httpx the client alone ate a quarter
-    of the machine and the figures measured the client.
-    """
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_connections),
-                                 timeout=aiohttp.ClientTimeout(total=60))
-
-
-def torchserve_request(ts: TorchServeInstance, client: aiohttp.ClientSession) -> Request:
-    async def request(payload: bytes) -> None:
-        async with client.post(ts.predictions_url, data=payload,
-                               headers={**ts.key_file.header("inference"), "Content-Type": "image/png"}) as r:
-            await r.read()
-            r.raise_for_status()
-    return request
+def torchserve_target(ts: TorchServeInstance, payloads: list[bytes]) -> HttpTarget:
+    """Raw PNG bodies to the predictions API, with the current inference key."""
+    return HttpTarget(ts.predictions_url, payloads, expect='"prediction"',
+                      headers=lambda: {**ts.key_file.header("inference"), "Content-Type": "image/png"})
 
 
 def cifar_png_payloads(n: int = 256) -> list[bytes]:
@@ -184,29 +123,8 @@ def print_table(rows: dict[str, dict[int, LoadResult]], concurrencies: list[int]
     for name, by_c in rows.items():
         for c in concurrencies:
             r = by_c[c]
-            print(f"{name:<14}{c:>5}{r.images_per_s:>10.1f}{r.percentile(50):>9.2f}{r.percentile(99):>9.2f}"
+            print(f"{name:<14}{c:>5}{r.images_per_s:>10.1f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
                   f"{r.errors:>8}")
-
-
-# A freshly started TorchServe answers slowly while the JVM compiles its hot paths, and each load
-# shape has its own: measured, conc-1 p50 fell from 23.5 ms in the first seconds to 16.7 ms after
-# 10 s of load, and 8 s of concurrency-16 load still left the JIT compiler (the "C2 CompilerThread")
-# with half of Java's CPU during the next concurrency-1 run. So every served target gets this much
-# unmeasured load at each concurrency of the run before its points are measured.
-SERVER_WARMUP_S = 4.0
-
-
-async def warm_up(request: Request, payloads: list[bytes], concurrencies: list[int],
-                  seconds: float = SERVER_WARMUP_S) -> None:
-    for concurrency in concurrencies:
-        await run_load(request, payloads, concurrency, seconds, warmup_s=0.0)
-
-
-async def _serve_columns(targets: dict[str, Request], payloads, concurrencies, duration_s):
-    for request in targets.values():
-        await warm_up(request, payloads, concurrencies)
-    return {name: {c: await run_load(req, payloads, c, duration_s) for c in concurrencies}
-            for name, req in targets.items()}
 
 
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
@@ -241,16 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     payloads = cifar_png_payloads()
     model = serving_model(torch.load(args.weights, map_location="cpu", weights_only=True))
     print(f"torch threads {torch.get_num_threads()}; weights {args.weights}; {args.duration:.0f} s per point")
-    rows = {"in-process": {c: in_process_load(model, payloads, c, args.duration) for c in args.concurrency}}
+    rows: dict[str, dict[int, LoadResult]] = {"in-process": {}, "torchserve": {}}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         ts = start_benchmark_torchserve(Path(tmp), args.weights, args.batch_size, args.max_batch_delay,
                                         args.cpu_threads, ts_properties(args.ts_property), args.workers)
         try:
-            async def serve():
-                async with load_client(max(args.concurrency) * 2) as client:
-                    targets: dict[str, Request] = {"torchserve": torchserve_request(ts, client)}
-                    return await _serve_columns(targets, payloads, args.concurrency, args.duration)
-            rows.update(asyncio.run(serve()))
+            targets = {"torchserve": torchserve_target(ts, payloads)}
+            warm_up(targets, args.concurrency, Path(tmp))
+            # Each concurrency's two points back to back (TorchServe idles meanwhile): the machine is
+            # shared, and its speed was seen to drift by 10% within minutes, which a ratio of points
+            # measured minutes apart would carry.
+            for c in args.concurrency:
+                rows["in-process"][c] = in_process_load(model, payloads, c, args.duration)
+                rows["torchserve"][c] = run_wrk(targets["torchserve"], c, args.duration, Path(tmp))
         finally:
             ts.stop()
     print_table(rows, args.concurrency)
@@ -259,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torchserve / in-process images/s at concurrency {hi}: "
           f"{served[hi].images_per_s / base[hi].images_per_s:.2f} (target >= 0.80)")
     print(f"torchserve p50 - in-process p50 at concurrency {lo}: "
-          f"{served[lo].percentile(50) - base[lo].percentile(50):+.2f} ms (target <= 5 ms)")
+          f"{served[lo].p50_ms - base[lo].p50_ms:+.2f} ms (target <= 5 ms)")
+    failed = sum(r.errors for r in served.values())
+    if failed:
+        print(f"{failed} requests failed during the run (counted in the errors column)")
     return 0
 
 

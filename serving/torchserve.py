@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "cifar100"
 MAR_FILE = f"{MODEL_NAME}.mar"
 BASE_CONFIG = REPO / "config.properties"
+LOG_CONFIG = REPO / "serving" / "log4j2.xml"
 DEFAULT_MODEL_STORE = REPO / "model_store"
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070,
                  "grpc_management": 7071}
@@ -87,6 +88,8 @@ class TorchServeInstance:
     model_name: str = MODEL_NAME
     log_dir: Path | None = None
     extra_properties: dict[str, str] = field(default_factory=dict)
+    # log4j2 configuration for Java's logs; None: TorchServe's built-in one (see serving/log4j2.xml)
+    log_config: Path | None = LOG_CONFIG
 
     def __post_init__(self):
         self.workdir = Path(self.workdir).resolve()
@@ -187,6 +190,8 @@ class TorchServeInstance:
         torchserve = Path(sys.executable).with_name("torchserve")
         cmd = [str(torchserve if torchserve.exists() else "torchserve"), "--start", "--ncs",
                "--ts-config", str(self.config_path), "--model-store", str(self.model_store)]
+        if self.log_config is not None:
+            cmd += ["--log-config", str(self.log_config)]
         with open(self.log_dir / "torchserve_launcher.log", "ab") as launcher_log:
             # `torchserve --start` returns once Java is launched; Java writes key_file.json into its cwd.
             result = subprocess.run(cmd, cwd=self.workdir, env=self._env(), stdout=launcher_log,

@@ -255,3 +255,26 @@ def test_renewed_inference_key_works_and_the_old_one_is_refused(torchserve_ready
     assert new != old
     assert post(client, ts, image, headers={"Authorization": f"Bearer {new}"}).status_code == 200
     assert post(client, ts, image, headers={"Authorization": f"Bearer {old}"}).status_code == 400
+
+
+def test_logs_keep_one_access_line_per_request_and_no_per_request_debug_noise(torchserve_ready, client,
+                                                                              cifar100_test_split):
+    # serving/log4j2.xml: TorchServe's own file wrote ~7 lines per request to ts_log.log, each twice,
+    # and again to the console; ours keeps the access log and INFO, and sends warnings to the console.
+    ts = torchserve_ready
+    access_log, ts_log = ts.log_dir / "access_log.log", ts.log_dir / "ts_log.log"
+    launcher_log = ts.log_dir / "torchserve_launcher.log"
+    before = access_log.read_text().count("POST /predictions/") if access_log.exists() else 0
+    images = [encode(cifar_pil(cifar100_test_split[0], i)) for i in range(6)]
+    assert all(r.status_code == 200 for r in post_many(client, ts, images, concurrency=3))
+    deadline = time.monotonic() + 10
+    while access_log.read_text().count("POST /predictions/") < before + len(images):
+        assert time.monotonic() < deadline, "the access log lacks lines for the requests just answered"
+        time.sleep(0.2)
+    server_log = ts_log.read_text()
+    assert "[INFO ]" in server_log and "Backend response time" in server_log
+    assert "[DEBUG]" not in server_log
+    assert "Sending response for jobId" not in server_log
+    console = launcher_log.read_text()
+    assert "StatusLogger" not in console, console[-2000:]  # log4j could not read serving/log4j2.xml
+    assert "[INFO ]" not in console and "[DEBUG]" not in console

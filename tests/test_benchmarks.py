@@ -1,0 +1,71 @@
+"""The serving benchmarks' parts: the wrk load generator (benchmarks/load.py) against the session's
+real TorchServe, and `python -m benchmarks.bench_serve` end to end on a short run.
+
+What is tested is that the figures are measured and failures are counted, not any speed: speed
+is shown by `make bench`, never asserted by a test.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies, run_wrk
+from serving_helpers import cifar_pil, encode
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pngs(cifar100_test_split):
+    return [encode(cifar_pil(cifar100_test_split[0], i)) for i in range(8)]
+
+
+def png_target(ts, pngs, headers=None, expect='"prediction"') -> HttpTarget:
+    return HttpTarget(ts.predictions_url, pngs, expect=expect,
+                      headers=lambda: {**(ts.key_file.header("inference") if headers is None else headers),
+                                       "Content-Type": "image/png"})
+
+
+def test_wrk_measures_answered_requests(torchserve_ready, pngs, tmp_path):
+    result = run_wrk(png_target(torchserve_ready, pngs), concurrency=2, duration_s=1, workdir=tmp_path)
+    assert result.errors == 0
+    assert result.images > 0 and result.images_per_s > 0
+    assert 0 < result.p50_ms <= result.p99_ms
+
+
+def test_wrk_counts_refused_requests_and_wrong_answers_as_errors(torchserve_ready, pngs, tmp_path):
+    refused = run_wrk(png_target(torchserve_ready, pngs, headers={"Authorization": "Bearer not-the-key"}),
+                      concurrency=2, duration_s=1, workdir=tmp_path)
+    assert refused.images == 0 and refused.errors > 0
+    wrong = run_wrk(png_target(torchserve_ready, pngs, expect="text no answer contains"),
+                    concurrency=2, duration_s=1, workdir=tmp_path)
+    assert wrong.images == 0 and wrong.errors > 0
+
+
+def test_multipart_bodies_are_read_as_the_image_field(torchserve_ready, pngs, tmp_path):
+    bodies, content_type = multipart_image_bodies(pngs, "image")
+    ts = torchserve_ready
+    target = HttpTarget(ts.predictions_url, bodies, expect='"prediction"',
+                        headers=lambda: {**ts.key_file.header("inference"), "Content-Type": content_type})
+    rows = measure_targets({"multipart": target}, [1, 3], duration_s=1, workdir=tmp_path, warmup_s=1)
+    assert set(rows["multipart"]) == {1, 3}
+    for result in rows["multipart"].values():
+        assert result.errors == 0 and result.images > 0
+
+
+def test_bench_serve_prints_both_columns_and_the_two_ratios():
+    # Starts its own TorchServe, as `make bench-serve` does (~30 s here).
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_serve", "--duration", "1",
+                           "--concurrency", "1", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for name in ("in-process", "torchserve"):  # the table: target, conc, img/s, p50, p99, errors
+        rows = [row for row in map(str.split, lines) if len(row) == 6 and row[0] == name]
+        assert [row[1] for row in rows] == ["1", "2"], done.stdout
+        assert all(float(row[2]) > 0 and row[5] == "0" for row in rows), done.stdout  # img/s, errors
+    assert any(line.startswith("torchserve / in-process images/s at concurrency 2:") for line in lines), done.stdout
+    assert any(line.startswith("torchserve p50 - in-process p50 at concurrency 1:") for line in lines), done.stdout
+    assert "failed" not in done.stdout
