@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
 
 from adapter.run import free_port, running_adapter  # noqa: E402
 from benchmarks.bench_serve import (  # noqa: E402
-    add_load_arguments, cifar_png_payloads, print_table, start_benchmark_torchserve, torchserve_target, ts_properties)
+    add_load_arguments, cifar_png_payloads, machine, print_table, start_benchmark_torchserve, torchserve_target, ts_properties)
 from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies  # noqa: E402
 
 SEED_START_TIMEOUT_S = 120
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ts.stop()
 
-    print(f"/classify/ benchmark: weights {args.weights}; {args.duration:g} s per point; "
+    print(f"/classify/ benchmark on {machine()}: weights {args.weights}; {args.duration:g} s per point; "
           f"{len(payloads)} CIFAR-100 test PNGs")
     print_table(rows, concurrencies)
     lo, hi = min(concurrencies), max(concurrencies)

@@ -118,6 +118,21 @@ def cifar_png_payloads(n: int = 256) -> list[bytes]:
     return out
 
 
+def machine() -> str:
+    """The CPU the figures were measured on (they differ several-fold between CPUs)."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores{gpu}"
+
+
 def print_table(rows: dict[str, dict[int, LoadResult]], concurrencies: list[int]) -> None:
     print(f"{'target':<14}{'conc':>5}{'img/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for name, by_c in rows.items():
@@ -158,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     payloads = cifar_png_payloads()
     model = serving_model(torch.load(args.weights, map_location="cpu", weights_only=True))
-    print(f"torch threads {torch.get_num_threads()}; weights {args.weights}; {args.duration:.0f} s per point")
+    print(f"{machine()}; torch threads {torch.get_num_threads()}; weights {args.weights}; {args.duration:.0f} s per point")
     rows: dict[str, dict[int, LoadResult]] = {"in-process": {}, "torchserve": {}}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         ts = start_benchmark_torchserve(Path(tmp), args.weights, args.batch_size, args.max_batch_delay,

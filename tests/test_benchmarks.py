@@ -1,5 +1,5 @@
 """The serving benchmarks' parts: the wrk load generator (benchmarks/load.py) against the session's
-real TorchServe, and `python -m benchmarks.bench_serve` end to end on a short run.
+real TorchServe, and `python -m benchmarks.bench_serve` and `bench_adapter` end to end on short runs.
 
 What is tested is that the figures are measured and failures are counted, not any speed: speed
 is shown by `make bench`, never asserted by a test.
@@ -62,10 +62,26 @@ def test_bench_serve_prints_both_columns_and_the_two_ratios():
                            "--concurrency", "1", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
+    assert " cores" in lines[0], done.stdout  # which machine the figures are from
     for name in ("in-process", "torchserve"):  # the table: target, conc, img/s, p50, p99, errors
         rows = [row for row in map(str.split, lines) if len(row) == 6 and row[0] == name]
         assert [row[1] for row in rows] == ["1", "2"], done.stdout
         assert all(float(row[2]) > 0 and row[5] == "0" for row in rows), done.stdout  # img/s, errors
     assert any(line.startswith("torchserve / in-process images/s at concurrency 2:") for line in lines), done.stdout
     assert any(line.startswith("torchserve p50 - in-process p50 at concurrency 1:") for line in lines), done.stdout
+    assert "failed" not in done.stdout
+
+
+def test_bench_adapter_prints_three_columns_and_its_two_targets():
+    # Starts its own TorchServe, adapter and seed-style server, as `make bench-serve` does (~45 s here).
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_adapter", "--duration", "1",
+                           "--concurrency", "1", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for name in ("torchserve", "adapter", "seed-style"):
+        rows = [row for row in map(str.split, lines) if len(row) == 6 and row[0] == name]
+        assert [row[1] for row in rows] == ["1", "2"], done.stdout
+        assert all(float(row[2]) > 0 and row[5] == "0" for row in rows), done.stdout
+    assert any(line.startswith("adapter p50 - torchserve p50 at concurrency 1:") for line in lines), done.stdout
+    assert any(line.startswith("adapter / seed-style images/s at concurrency 2:") for line in lines), done.stdout
     assert "failed" not in done.stdout
