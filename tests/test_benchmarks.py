@@ -56,32 +56,32 @@ def test_multipart_bodies_are_read_as_the_image_field(torchserve_ready, pngs, tm
         assert result.errors == 0 and result.images > 0
 
 
-def test_bench_serve_prints_both_columns_and_the_two_ratios():
-    # Starts its own TorchServe, as `make bench-serve` does (~30 s here).
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_serve", "--duration", "1",
+def run_benchmark(module: str, columns: tuple[str, ...]) -> list[str]:
+    """`python -m benchmarks.<module>` on 1 s points at concurrency 1 and 2: its output lines, after
+    checking that it succeeded and that each column has a row per concurrency with images/s and
+    no failed request (the table: target, conc, img/s, p50, p99, errors)."""
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--duration", "1",
                            "--concurrency", "1", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert " cores" in lines[0], done.stdout  # which machine the figures are from
-    for name in ("in-process", "torchserve"):  # the table: target, conc, img/s, p50, p99, errors
+    for name in columns:
         rows = [row for row in map(str.split, lines) if len(row) == 6 and row[0] == name]
         assert [row[1] for row in rows] == ["1", "2"], done.stdout
-        assert all(float(row[2]) > 0 and row[5] == "0" for row in rows), done.stdout  # img/s, errors
-    assert any(line.startswith("torchserve / in-process images/s at concurrency 2:") for line in lines), done.stdout
-    assert any(line.startswith("torchserve p50 - in-process p50 at concurrency 1:") for line in lines), done.stdout
+        assert all(float(row[2]) > 0 and row[5] == "0" for row in rows), done.stdout
     assert "failed" not in done.stdout
+    return lines
+
+
+def test_bench_serve_prints_both_columns_and_the_two_ratios():
+    # Starts its own TorchServe, as `make bench-serve` does (~30 s here).
+    lines = run_benchmark("bench_serve", ("in-process", "torchserve"))
+    assert " cores" in lines[0], lines  # which machine the figures are from
+    assert any(line.startswith("torchserve / in-process images/s at concurrency 2:") for line in lines), lines
+    assert any(line.startswith("torchserve p50 - in-process p50 at concurrency 1:") for line in lines), lines
 
 
 def test_bench_adapter_prints_three_columns_and_its_two_targets():
     # Starts its own TorchServe, adapter and seed-style server, as `make bench-serve` does (~45 s here).
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_adapter", "--duration", "1",
-                           "--concurrency", "1", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    for name in ("torchserve", "adapter", "seed-style"):
-        rows = [row for row in map(str.split, lines) if len(row) == 6 and row[0] == name]
-        assert [row[1] for row in rows] == ["1", "2"], done.stdout
-        assert all(float(row[2]) > 0 and row[5] == "0" for row in rows), done.stdout
-    assert any(line.startswith("adapter p50 - torchserve p50 at concurrency 1:") for line in lines), done.stdout
-    assert any(line.startswith("adapter / seed-style images/s at concurrency 2:") for line in lines), done.stdout
-    assert "failed" not in done.stdout
+    lines = run_benchmark("bench_adapter", ("torchserve", "adapter", "seed-style"))
+    assert any(line.startswith("adapter p50 - torchserve p50 at concurrency 1:") for line in lines), lines
+    assert any(line.startswith("adapter / seed-style images/s at concurrency 2:") for line in lines), lines
