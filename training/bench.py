@@ -5,7 +5,7 @@
   DataLoader (2 workers), fp32, NCHW, eager (the seed's loop);
 - fast: what training.train does: uint8 tensors augmented a batch at a time, channels_last,
   and the mixed precision its --amp auto picks: bf16/fp16 on CUDA, bf16 on CPUs with native
-  bf16, fp32 elsewhere (on AVX2-only CPUs emulated bf16 is ~10x slower than fp32).
+  bf16, fp32 elsewhere (emulated bf16 is much slower than fp32: benchmarks/RESULTS.md).
 Figures are images/s over timed steps after warm-up steps. Other processes on the machine
 lower both columns; the ratio, measured side by side, is the figure to quote.
 """
@@ -19,7 +19,7 @@ from torch import nn
 
 from model import CIFAR100_MEAN, CIFAR100_STD, CIFAR100Model
 from training.data import batches, default_data_dir, load_split, normalize
-from training.train import pick_amp
+from training.runtime import pick_amp
 
 
 def _step(model, opt, x, y, autocast_dtype, device_type):
@@ -41,7 +41,7 @@ def bench_plain(width, data_dir, batch_size, warmup, steps, device):
     ])
     loader = DataLoader(CIFAR100(data_dir, train=True, transform=tf), batch_size=batch_size,
                         shuffle=True, num_workers=2, drop_last=True, persistent_workers=False)
-    model = CIFAR100Model(width).to(device).train()
+    model = CIFAR100Model(width=width).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     it = iter(loader)
     for _ in range(warmup):
@@ -60,7 +60,7 @@ def bench_fast(width, data_dir, batch_size, warmup, steps, device, amp_dtype, ch
     images, labels = load_split(data_dir, train=True)
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(len(labels), generator=gen)
-    model = CIFAR100Model(width).to(device)
+    model = CIFAR100Model(width=width).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()

@@ -19,10 +19,9 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from model import CIFAR100Model
 from training.data import DataError, batches, default_data_dir, load_split, normalize, subset
 from training.evaluation import accuracy, predict_logits, topk_correct
+from training.runtime import atomic_save, code_version, hardware, pick_amp, pick_device
 
 # Settings a checkpoint must share with the run that resumes it.
 _SHAPE_KEYS = ("width", "num_classes")
@@ -94,29 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- helpers
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device(f"cuda:{local}")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def pick_amp(name: str, device: torch.device):
-    if name == "off":
-        return None
-    if name == "bf16":
-        return torch.bfloat16
-    if name == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # On a CPU without native bf16 (no AVX512-BF16/AMX) autocast bf16 is emulated: measured
-    # here about 10x SLOWER than fp32 on an AVX2-only EPYC, so fp32 is the fast path there.
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-
-
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     if warmup and step < warmup:
         return 0.1 + 0.9 * step / warmup
@@ -124,41 +101,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     if schedule == "onecycle":
         return max(1.0 - progress, 0.0)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def code_version() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (rev or "unknown") + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def hardware(device: torch.device, world: int) -> dict:
-    info = {"device": str(device), "processes": world, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: an interrupted save never replaces a good file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def save_curves(history: list[dict], path: Path) -> None:
@@ -213,17 +155,147 @@ def changed_options(checkpoint: dict, args) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- training
-def train(args) -> dict:
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+@dataclass
+class Run:
+    """One run's settings and the record it keeps: what each epoch, the checkpoint and finish() read."""
+    args: argparse.Namespace
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    rank: int = 0
+    world: int = 1
+    code_version: str = "unknown"  # taken at the start: the code that ran, not the checkout at the end
+    resumed_from_code_version: str | None = None
+    steps_per_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    wall_time_s: float = 0.0  # training wall time, earlier sessions of a resumed run included
+
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+
+def init_distributed(args) -> tuple[torch.device, int, int]:
+    """(device, rank, world size); joins the process group when torchrun started several processes."""
     device = pick_device(args.device)
-    if distributed:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
-    main_process = rank == 0
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return device, 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def load_data(run: Run):
+    """(train images, train labels, test images, test labels), subsets as asked; the images on the GPU
+    when training runs there."""
+    args = run.args
+    # With --download only rank 0 fetches; the others wait for it rather than race on the files.
+    if args.download and run.distributed and not run.main_process:
+        dist.barrier()
+    train_x, train_y = subset(*load_split(args.data_dir, True, args.download), args.train_subset, args.seed)
+    test_x, test_y = subset(*load_split(args.data_dir, False, args.download), args.test_subset, args.seed + 1)
+    if args.download and run.distributed and run.main_process:
+        dist.barrier()
+    if int(train_y.max()) >= args.num_classes:
+        raise ConfigError(f"labels go up to {int(train_y.max())} but --num-classes is {args.num_classes}")
+    if run.device.type == "cuda":
+        # The whole split as uint8 is 150 MB: kept on the GPU, batches are cropped and flipped
+        # there, and the host never feeds images step by step.
+        # Labels stay on the host: the accuracy counts are taken there.
+        train_x, test_x = train_x.to(run.device), test_x.to(run.device)
+    return train_x, train_y, test_x, test_y
+
+
+def restore(checkpoint: dict, run: Run, model, ema, optimizer, scaler) -> tuple[int, float]:
+    """Load a checkpoint's state into the run; returns (epochs done, wall time spent so far)."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    if ema is not None and checkpoint.get("ema") is not None:
+        ema.load_state_dict(checkpoint["ema"])
+    run.history = checkpoint["history"]
+    run.resumed_from_code_version = checkpoint.get("code_version")
+    return checkpoint["epoch"], checkpoint.get("wall_time_s", 0.0)
+
+
+def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loader, epoch: int) -> dict:
+    """One pass over the loader's batches; returns the epoch's training loss, top-1 and images/s
+    (summed over every process)."""
+    args, device, amp_dtype = run.args, run.device, run.amp_dtype
+    total_steps = run.steps_per_epoch * args.epochs
+    warmup_steps = round(args.warmup_epochs * run.steps_per_epoch)
+    net.train()
+    t0 = time.perf_counter()
+    seen = 0
+    # Summed on the device; read back only for the bar, so a GPU is not stalled every step.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    bar = tqdm(loader, total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
+               disable=args.no_progress or not run.main_process, dynamic_ncols=True)
+    for i, (x, y) in enumerate(bar):
+        step = epoch * run.steps_per_epoch + i
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * lr_factor(step, total_steps, warmup_steps, args.schedule)
+        x, y = normalize(x, device, args.channels_last), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = net(x)
+            loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update_parameters(model)
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if i % 10 == 0 or i == run.steps_per_epoch - 1:
+            # Checked here rather than every step: reading the loss back stalls a GPU. A
+            # diverged run is caught within 10 steps, before the epoch's checkpoint.
+            if not torch.isfinite(loss_sum):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {i}: lower --lr")
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
+                            img_s=f"{seen * run.world / (time.perf_counter() - t0):.0f}")
+    train_time = time.perf_counter() - t0
+    stats = torch.tensor([loss_sum.item(), correct.item(), seen], dtype=torch.float64)
+    if run.distributed:
+        dist.all_reduce(stats)
+    return {"train_loss": stats[0].item() / stats[2].item(), "train_top1": 100 * stats[1].item() / stats[2].item(),
+            "train_img_per_s": stats[2].item() / train_time}
+
+
+def evaluate(run: Run, model, images, labels) -> dict:
+    """Top-1/top-5 on the test images: each process scores every world-th image, counts are summed."""
+    idx = torch.arange(run.rank, len(labels), run.world)
+    # No flip-TTA here: it doubles the per-epoch cost; finish() measures it once at the end.
+    logits = predict_logits(model, images[idx], labels[idx], run.args.eval_batch_size, run.device,
+                            run.amp_dtype, False, run.args.channels_last)
+    c = topk_correct(logits, labels[idx])
+    counts = torch.tensor([c[1], c[5], len(idx)], dtype=torch.float64)
+    if run.distributed:
+        dist.all_reduce(counts)
+    return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item()}
+
+
+def save_checkpoint(run: Run, epoch: int, model, ema, optimizer, scaler) -> None:
+    """checkpoint.pt after a finished epoch: everything --resume needs to repeat the run exactly."""
+    atomic_save({"epoch": epoch, "args": vars(run.args), "code_version": run.code_version,
+                 "model": model.state_dict(),
+                 "ema": ema.state_dict() if ema is not None else None,
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "history": run.history, "wall_time_s": run.wall_time_s}, run.out / "checkpoint.pt")
+
+
+def train(args) -> dict:
+    device, rank, world = init_distributed(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.deterministic:
@@ -232,10 +304,8 @@ def train(args) -> dict:
         torch.use_deterministic_algorithms(True)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 32x32 inputs: the autotuned kernels pay off
-    # Recorded at the start: the code that ran, not whatever the checkout holds when the run ends.
-    version = code_version()
-    amp_dtype = pick_amp(args.amp, device)
-    out = Path(args.out)
+    run = Run(args, device, pick_amp(args.amp, device), rank, world, code_version())
+    out = run.out
     ckpt_path = out / "checkpoint.pt" if args.resume in (None, "auto") else Path(args.resume)
 
     checkpoint = None
@@ -243,63 +313,42 @@ def train(args) -> dict:
         # Before the data load: a wrong checkpoint is reported at once, not minutes later.
         checkpoint = load_checkpoint(ckpt_path)
         check_compatible(checkpoint, args)
-        if main_process and (changed := changed_options(checkpoint, args)):
+        if run.main_process and (changed := changed_options(checkpoint, args)):
             print("note: resuming with changed options: " + ", ".join(changed), flush=True)
 
-    # With --download only rank 0 fetches; the others wait for it rather than race on the files.
-    if args.download and distributed and not main_process:
-        dist.barrier()
-    train_x, train_y = subset(*load_split(args.data_dir, True, args.download), args.train_subset, args.seed)
-    test_x, test_y = subset(*load_split(args.data_dir, False, args.download), args.test_subset, args.seed + 1)
-    if args.download and distributed and main_process:
-        dist.barrier()
-    if int(train_y.max()) >= args.num_classes:
-        raise ConfigError(f"labels go up to {int(train_y.max())} but --num-classes is {args.num_classes}")
-    if device.type == "cuda":
-        # The whole split as uint8 is 150 MB: kept on the GPU, batches are cropped and flipped
-        # there, and the host never feeds images step by step.
-        # Labels stay on the host: the accuracy counts are taken there.
-        train_x, test_x = train_x.to(device), test_x.to(device)
+    train_x, train_y, test_x, test_y = load_data(run)
 
     torch.manual_seed(args.seed)
-    model = CIFAR100Model(args.width, args.num_classes, args.dropout).to(device)
+    model = CIFAR100Model(width=args.width, num_classes=args.num_classes, dropout=args.dropout).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True) if args.ema else None
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 nesterov=args.nesterov, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16)
 
     sampler = DistributedSampler(range(len(train_y)), num_replicas=world, rank=rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // args.batch_size
-    if steps_per_epoch == 0:
+    run.steps_per_epoch = len(sampler) // args.batch_size
+    if run.steps_per_epoch == 0:
         raise ConfigError(f"{len(train_y)} training images over {world} process(es) make no full batch of {args.batch_size}")
-    total_steps = steps_per_epoch * args.epochs
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
 
-    start_epoch, history, elapsed_before = 0, [], 0.0
+    start_epoch, elapsed_before = 0, 0.0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None and checkpoint.get("ema") is not None:
-            ema.load_state_dict(checkpoint["ema"])
-        start_epoch, history = checkpoint["epoch"], checkpoint["history"]
-        elapsed_before = checkpoint.get("wall_time_s", 0.0)
-        if main_process:
+        start_epoch, elapsed_before = restore(checkpoint, run, model, ema, optimizer, scaler)
+        if run.main_process:
             print(f"resumed from {ckpt_path} after epoch {start_epoch}", flush=True)
 
     net = model
     if args.compile:
         net = torch.compile(net)
-    if distributed:
+    if run.distributed:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    if main_process:
+    if run.main_process:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"device={device} amp={amp_dtype} world={world} width={args.width} "
-              f"train={len(train_y)} test={len(test_y)} steps/epoch={steps_per_epoch}", flush=True)
+        print(f"device={device} amp={run.amp_dtype} world={world} width={args.width} "
+              f"train={len(train_y)} test={len(test_y)} steps/epoch={run.steps_per_epoch}", flush=True)
 
     t_start = time.perf_counter()
     stop_at = args.epochs if args.max_epochs_this_run is None else min(args.epochs, start_epoch + args.max_epochs_this_run)
@@ -311,89 +360,36 @@ def train(args) -> dict:
         gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch + 7_919 * rank)
         sampler.set_epoch(epoch)
         order = torch.tensor(list(iter(sampler)))
-        net.train()
+        loader = batches(train_x, train_y, order, args.batch_size, gen, augment=True, drop_last=True)
         t0 = time.perf_counter()
-        seen = 0
-        # Summed on the device; read back only for the bar, so a GPU is not stalled every step.
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        bar = tqdm(batches(train_x, train_y, order, args.batch_size, gen, augment=True, drop_last=True),
-                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
-                   disable=args.no_progress or not main_process, dynamic_ncols=True)
-        for i, (x, y) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * lr_factor(step, total_steps, warmup_steps, args.schedule)
-            x, y = normalize(x, device, args.channels_last), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                logits = net(x)
-                loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            if i % 10 == 0 or i == steps_per_epoch - 1:
-                # Checked here rather than every step: reading the loss back stalls a GPU. A
-                # diverged run is caught within 10 steps, before the epoch's checkpoint.
-                if not torch.isfinite(loss_sum):
-                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {i}: lower --lr")
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
-                                img_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
-        train_time = time.perf_counter() - t0
-        stats = torch.tensor([loss_sum.item(), correct.item(), seen], dtype=torch.float64)
-        if distributed:
-            dist.all_reduce(stats)
-        eval_model = ema.module if ema is not None else model
-        test = evaluate_sharded(eval_model, test_x, test_y, args, device, amp_dtype, rank, world)
+        trained = train_one_epoch(run, net, model, ema, criterion, optimizer, scaler, loader, epoch)
+        test = evaluate(run, ema.module if ema is not None else model, test_x, test_y)
         record = {
             "epoch": epoch + 1, "lr_end": optimizer.param_groups[0]["lr"],
-            "train_loss": stats[0].item() / stats[2].item(), "train_top1": 100 * stats[1].item() / stats[2].item(),
+            "train_loss": trained["train_loss"], "train_top1": trained["train_top1"],
             "test_top1": test["top1"], "test_top5": test["top5"],
-            "epoch_time_s": time.perf_counter() - t0, "train_img_per_s": stats[2].item() / train_time,
+            "epoch_time_s": time.perf_counter() - t0, "train_img_per_s": trained["train_img_per_s"],
         }
-        history.append(record)
-        elapsed = elapsed_before + time.perf_counter() - t_start
-        if main_process:
+        run.history.append(record)
+        run.wall_time_s = elapsed_before + time.perf_counter() - t_start
+        if run.main_process:
             print(json.dumps(record), flush=True)
-            atomic_save({"epoch": epoch + 1, "args": vars(args), "code_version": version,
-                         "model": model.state_dict(),
-                         "ema": ema.state_dict() if ema is not None else None,
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "history": history, "wall_time_s": elapsed}, out / "checkpoint.pt")
-            save_curves(history, out / "training_curves.png")
+            save_checkpoint(run, epoch + 1, model, ema, optimizer, scaler)
+            save_curves(run.history, out / "training_curves.png")
 
     result = {}
-    if stop_at == args.epochs and main_process:
-        result = finish(model, ema, history, args, out, device, test_x, test_y,
-                        elapsed_before + time.perf_counter() - t_start, world, version,
-                        checkpoint.get("code_version") if checkpoint is not None else None)
-    if distributed:
+    if stop_at == args.epochs and run.main_process:
+        run.wall_time_s = elapsed_before + time.perf_counter() - t_start
+        result = finish(run, model, ema, test_x, test_y)
+    if run.distributed:
         dist.barrier()
         dist.destroy_process_group()
     return result
 
 
-def evaluate_sharded(model, images, labels, args, device, amp_dtype, rank, world) -> dict:
-    """Each process scores every world-th test image; counts are summed across processes."""
-    idx = torch.arange(rank, len(labels), world)
-    # No flip-TTA here: it doubles the per-epoch cost; finish() measures it once at the end.
-    logits = predict_logits(model, images[idx], labels[idx], args.eval_batch_size, device, amp_dtype,
-                            False, args.channels_last)
-    c = topk_correct(logits, labels[idx])
-    counts = torch.tensor([c[1], c[5], len(idx)], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(counts)
-    return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item()}
-
-
-def finish(model, ema, history, args, out, device, test_x, test_y, wall_time, world,
-           version, resumed_from_version=None) -> dict:
+def finish(run: Run, model, ema, test_x, test_y) -> dict:
     """Export the seed-compatible state dict and measure what EMA and flip-TTA bought."""
+    args, out = run.args, run.out
     exported = ema.module if ema is not None else model
     state = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone()
              for k, v in exported.state_dict().items()}
@@ -403,26 +399,25 @@ def finish(model, ema, history, args, out, device, test_x, test_y, wall_time, wo
     for name, net in candidates.items():
         for tta in (False, True):
             # In float32 whatever precision trained it: the handler and training.evaluate run the
-            # exported weights in float32, and the recorded figures must be the ones they reproduce
-            # (the shipped width-3 run: 75.00 / 93.41 in bf16, 74.95 / 93.45 in float32; the
-            # shipped-model test allows 0.1 point).
-            logits = predict_logits(net, test_x, test_y, args.eval_batch_size, device, None, tta, args.channels_last)
+            # exported weights in float32, and the recorded figures must be the ones they
+            # reproduce (the shipped-model test allows 0.1 point).
+            logits = predict_logits(net, test_x, test_y, args.eval_batch_size, run.device, None, tta, args.channels_last)
             ablation[f"{name}{'+flip_tta' if tta else ''}"] = accuracy(logits, test_y)
     final_key = ("ema" if ema is not None else "raw") + ("+flip_tta" if args.tta else "")
     metrics = {
         "top1": ablation[final_key]["top1"], "top5": ablation[final_key]["top5"],
         "evaluated_as": final_key, "test_images": len(test_y),
         "weights": "CIFAR100_model.pth", "weights_are": "ema" if ema is not None else "raw",
-        "final_evaluation": ablation, "history": history, "wall_time_s": wall_time,
-        "hardware": hardware(device, world), "args": vars(args), "code_version": version,
+        "final_evaluation": ablation, "history": run.history, "wall_time_s": run.wall_time_s,
+        "hardware": hardware(run.device, run.world), "args": vars(args), "code_version": run.code_version,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    if resumed_from_version is not None and resumed_from_version != version:
-        metrics["resumed_from_code_version"] = resumed_from_version
+    if run.resumed_from_code_version is not None and run.resumed_from_code_version != run.code_version:
+        metrics["resumed_from_code_version"] = run.resumed_from_code_version
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    save_curves(history, out / "training_curves.png")
+    save_curves(run.history, out / "training_curves.png")
     print(f"done: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% ({final_key}), "
-          f"wall time {wall_time / 60:.1f} min -> {out}", flush=True)
+          f"wall time {run.wall_time_s / 60:.1f} min -> {out}", flush=True)
     return metrics
 
 
