@@ -20,17 +20,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from model import CIFAR100_MEAN, CIFAR100_STD, CIFAR100Model, infer_width_and_classes
+from model import CIFAR100_MEAN, CIFAR100_STD, load_network
 from model.classes import CLASS_NAMES, display_name
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = Path(os.environ.get("SEED_WEIGHTS", REPO / "model" / "weights" / "CIFAR100_model.pth"))
 
-state_dict = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
-width, num_classes = infer_width_and_classes(state_dict)
-model = CIFAR100Model(width=width, num_classes=num_classes)
-model.load_state_dict(state_dict)
-model.eval()
+model = load_network(WEIGHTS).eval()
 
 transform = transforms.Compose([
     transforms.Resize((32, 32)),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, image_bytes, image_to_tensor, normalize
-from model import CIFAR100Model, infer_width_and_classes, load_class_names
+from model import load_class_names, network_from_state_dict
 from model.classes import display_name
 
 DEFAULT_TOPK = 5
@@ -32,25 +32,16 @@ DEFAULT_TOPK = 5
 logger = logging.getLogger(__name__)
 
 
-def build_model(state_dict: dict) -> CIFAR100Model:
-    """The network with the width and class count the weights were trained with."""
-    width, num_classes = infer_width_and_classes(state_dict)
-    model = CIFAR100Model(width=width, num_classes=num_classes)
-    model.load_state_dict(state_dict, strict=True)
-    return model
-
-
 def serving_model(state_dict: dict) -> torch.nn.Module:
     """The network as the handler runs it: eval mode, each BatchNorm folded into the convolution
     before it (torch.fx), weights in channels_last.
 
-    Same answers as the trained network up to float rounding (~1e-6 on the logits). Measured on
-    the 2-core AVX2-only EPYC for width 2, fp32: 9.8 ms -> 7.3..9.8 ms for one image and ~77 -> ~64 ms for 16;
-    fewer operators also mean fewer OpenMP wake-ups per request in the worker.
+    Same answers as the trained network up to float rounding (~1e-6 on the logits), in less time
+    (benchmarks/RESULTS.md); fewer operators also mean fewer OpenMP wake-ups per request.
     """
     from torch.fx.experimental.optimization import fuse
 
-    model = fuse(build_model(state_dict).eval())
+    model = fuse(network_from_state_dict(state_dict).eval())
     return model.to(memory_format=torch.channels_last)
 
 

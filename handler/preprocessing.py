@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model import CIFAR100_MEAN, CIFAR100_STD
+from model.normalization import normalize  # noqa: F401 - the handler normalizes through here
 
 # 40 megapixels: larger than any phone camera photo (a 48 MP sensor saves 12 MP by default), yet
 # small enough that decoding one (~120 MB as RGB) cannot exhaust a worker's memory.
@@ -170,11 +170,3 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
     if img.size != (INPUT_SIZE, INPUT_SIZE):
         img = img.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-
-
-def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float normalized with the CIFAR-100 training statistics."""
-    mean = torch.tensor(CIFAR100_MEAN, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR100_STD, device=batch.device).view(1, 3, 1, 1)
-    # channels_last: the layout the serving network's weights are in (see serving_model).
-    return ((batch.float() / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)

@@ -1,26 +1,28 @@
-"""The network and the class names.
+"""The network, its weights files, the class names and the CIFAR-100 normalization.
 
-``model.classes`` (names, the display rule) needs no torch, so the adapter imports it without
-pulling torch in; the network is imported on first use of one of its names (PEP 562).
+``model.classes`` (names, the display rule) and the normalization statistics need no torch, so the
+adapter imports them without pulling torch in; the network and the weights loaders are imported on
+first use of one of their names (PEP 562).
 """
 from .classes import CLASS_NAMES, INDEX_TO_NAME_PATH, display_name, load_class_names
+from .normalization import CIFAR100_MEAN, CIFAR100_STD, normalize
 
-# CIFAR-100 train-split pixel statistics, in [0, 1] units (the seed's normalization).
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-
-_NETWORK_NAMES = ("CIFAR100Model", "ResidualSEBlock", "SEBlock", "infer_width_and_classes")
+# name -> submodule that defines it (each imports torch)
+_LAZY = {
+    **dict.fromkeys(("CIFAR100Model", "ResidualSEBlock", "SEBlock", "infer_width_and_classes"), "network"),
+    **dict.fromkeys(("WeightsError", "read_state_dict", "network_from_state_dict", "load_network"), "weights"),
+}
 
 __all__ = [
-    *_NETWORK_NAMES,
+    *_LAZY,
     "CLASS_NAMES", "INDEX_TO_NAME_PATH", "display_name", "load_class_names",
-    "CIFAR100_MEAN", "CIFAR100_STD",
+    "CIFAR100_MEAN", "CIFAR100_STD", "normalize",
 ]
 
 
 def __getattr__(name: str):
-    if name in _NETWORK_NAMES:
-        from . import network  # imports torch
+    if name in _LAZY:
+        from importlib import import_module
 
-        return getattr(network, name)
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'model' has no attribute {name!r}")

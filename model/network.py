@@ -48,17 +48,30 @@ class ResidualSEBlock(nn.Module):
 
 
 class CIFAR100Model(nn.Module):
-    """Stem of 16 channels, three stages of two SE residual blocks (16k, 32k, 64k channels)."""
+    """Stem of 16 channels, three stages of two SE residual blocks (16k, 32k, 64k channels).
 
-    def __init__(self, width: int = 10, num_classes: int = 100, dropout: float = 0.3, reduction: int = 16):
+    The seed's signature, by keyword or position: ``CIFAR100Model(input_shape=3,
+    width_multiplier=10, num_classes=100)`` or ``CIFAR100Model(3, 10, 100)``; ``input_shape`` is
+    the number of input channels. ``width=`` is this project's name for ``width_multiplier``;
+    ``dropout`` and ``reduction`` are keyword-only.
+    """
+
+    def __init__(self, input_shape: int = 3, width_multiplier: int | None = None, num_classes: int = 100, *,
+                 width: int | None = None, dropout: float = 0.3, reduction: int = 16):
         super().__init__()
+        if width is not None and width_multiplier is not None and width != width_multiplier:
+            raise TypeError(f"width={width} and width_multiplier={width_multiplier} name the same setting: pass one")
+        width = width if width is not None else (width_multiplier if width_multiplier is not None else 10)
         if width < 1:
             raise ValueError(f"width must be a positive integer, got {width}")
+        if input_shape < 1:
+            raise ValueError(f"input_shape (input channels) must be a positive integer, got {input_shape}")
+        self.input_shape = input_shape
         self.width = width
         self.num_classes = num_classes
         c1, c2, c3 = 16 * width, 32 * width, 64 * width
         self.stem = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1, bias=False),
+            nn.Conv2d(input_shape, 16, 3, padding=1, bias=False),
             nn.BatchNorm2d(16),
             nn.ReLU(inplace=True),
         )

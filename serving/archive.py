@@ -54,11 +54,11 @@ def weights_version(weights: Path) -> str:
     """``w<width>-<sha8>``: which network size and which exact weights the archive serves."""
     import torch  # here, not at module level: the rest of serving/ runs without torch
 
-    from model import infer_width_and_classes
+    from model import network_from_state_dict
 
     try:
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-        width, _ = infer_width_and_classes(state_dict)
+        # A plain state dict, as the handler loads it; strict: refuses what the handler could not load.
+        width = network_from_state_dict(torch.load(weights, map_location="cpu", weights_only=True)).width
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise ArchiveError(f"{weights} is not a CIFAR100Model state dict: {err}") from err
     return f"w{width}-{sha256_of(weights)[:8]}"

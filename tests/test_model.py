@@ -80,7 +80,7 @@ def test_strict_loading_rejects_a_state_dict_that_differs():
 
 @pytest.mark.parametrize("width, num_classes", [(1, 100), (2, 100), (2, 10)])
 def test_output_and_stage_shapes(width, num_classes):
-    model = CIFAR100Model(width, num_classes).eval()
+    model = CIFAR100Model(width=width, num_classes=num_classes).eval()
     seen = {}
     for name in ("stem", "stage1", "stage2", "stage3"):
         getattr(model, name).register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out.shape))
@@ -117,7 +117,68 @@ def test_se_gate_rescales_channels_between_0_and_1():
 def test_shipped_weights_load_at_their_own_width():
     state = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)
     width, num_classes = infer_width_and_classes(state)
-    model = CIFAR100Model(width, num_classes)
+    model = CIFAR100Model(width=width, num_classes=num_classes)
     model.load_state_dict(state, strict=True)
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, num_classes)
+
+
+def test_the_seeds_constructor_by_keyword_and_by_position_builds_the_seeds_network():
+    """Code written against the seed calls CIFAR100Model(input_shape=3, width_multiplier=10, num_classes=100)."""
+    seed_shapes = seed_state_dict_shapes_width10()
+    for model in (CIFAR100Model(input_shape=3, width_multiplier=10, num_classes=100), CIFAR100Model(3, 10, 100),
+                  CIFAR100Model()):
+        assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == seed_shapes
+        assert (model.width, model.num_classes, model.input_shape) == (10, 100, 3)
+        assert model.dropout.p == pytest.approx(0.3)  # the seed's dropout, not the class count
+        model.load_state_dict(seed_state_dict_width10(), strict=True)
+    # This project's keyword names build the same network, and both names must agree.
+    assert CIFAR100Model(width=2, num_classes=10).fc.weight.shape == CIFAR100Model(3, 2, 10).fc.weight.shape == (10, 128)
+    assert CIFAR100Model(width_multiplier=2, width=2).width == 2
+    with pytest.raises(TypeError, match="same setting"):
+        CIFAR100Model(width_multiplier=2, width=3)
+    with pytest.raises(ValueError, match="input_shape"):
+        CIFAR100Model(input_shape=0)
+    # input_shape is the number of input channels: a one-channel network takes grey images.
+    with torch.no_grad():
+        assert CIFAR100Model(1, 1, 5).eval()(torch.zeros(2, 1, 32, 32)).shape == (2, 5)
+
+
+def test_weights_file_becomes_the_network_of_its_own_width(tmp_path):
+    """model.load_network / network_from_state_dict: the one way a state dict becomes the network."""
+    from model import WeightsError, load_network, network_from_state_dict
+
+    torch.manual_seed(0)
+    trained = CIFAR100Model(width=2, num_classes=10).eval()
+    torch.save(trained.state_dict(), tmp_path / "w2.pth")
+    loaded = load_network(tmp_path / "w2.pth").eval()
+    assert (loaded.width, loaded.num_classes) == (2, 10)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), trained(x))
+    # A training checkpoint gives its EMA weights (AveragedModel's "module." names, without the counter).
+    ema = {f"module.{k}": v for k, v in trained.state_dict().items()} | {"n_averaged": torch.tensor(3)}
+    torch.save({"epoch": 1, "model": CIFAR100Model(width=2, num_classes=10).state_dict(), "ema": ema},
+               tmp_path / "checkpoint.pt")
+    with torch.no_grad():
+        assert torch.equal(load_network(tmp_path / "checkpoint.pt").eval()(x), trained(x))
+    broken = trained.state_dict()
+    del broken["stage1.0.se.fc1.bias"]
+    with pytest.raises(WeightsError, match=r"do not fit CIFAR100Model\(width=2, num_classes=10\)"):
+        network_from_state_dict(broken)
+    with pytest.raises(WeightsError, match="not CIFAR100Model weights"):
+        network_from_state_dict(nn.Linear(4, 2).state_dict())
+
+
+def test_normalization_is_the_cifar_statistics_once_for_training_and_serving():
+    from handler.preprocessing import normalize as serving_normalize
+    from model import CIFAR100_MEAN, CIFAR100_STD
+    from training.data import normalize as training_normalize
+
+    assert serving_normalize is training_normalize  # one function
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    x = training_normalize(images)
+    expected = (images.float() / 255 - torch.tensor(CIFAR100_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR100_STD).view(1, 3, 1, 1)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(x, expected, atol=1e-6)
+    assert training_normalize(images, channels_last=False).is_contiguous()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import CIFAR100Model, infer_width_and_classes
+from model import load_network
 from training.evaluation import accuracy, predict_logits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,11 +25,7 @@ TOP1_FLOOR = 70.0
 
 @pytest.fixture(scope="module")
 def shipped():
-    state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
-    width, classes = infer_width_and_classes(state)
-    net = CIFAR100Model(width, classes)
-    net.load_state_dict(state, strict=True)
-    net = net.to(memory_format=torch.channels_last).eval()
+    net = load_network(WEIGHTS).to(memory_format=torch.channels_last).eval()  # strict load
     return net, json.loads(METRICS.read_text())
 
 

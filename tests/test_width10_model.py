@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from handler.cifar100_handler import build_model as handler_build_model
-from training.evaluate import build_model, load_state_dict
+from model import network_from_state_dict, read_state_dict
 from training.evaluation import accuracy, predict_logits
 
 FOLDER = Path(__file__).resolve().parents[1] / "model" / "weights" / "width10"
@@ -35,7 +34,7 @@ def records():
 def state():
     if not WEIGHTS.exists():
         pytest.skip(f"{WEIGHTS} not exported here (not committed: over the 30 MB file limit)")
-    return load_state_dict(WEIGHTS)
+    return read_state_dict(WEIGHTS)
 
 
 def test_file_is_under_the_limit_and_half_precision(state):
@@ -44,12 +43,12 @@ def test_file_is_under_the_limit_and_half_precision(state):
     assert floats and all(v.dtype == torch.float16 for v in floats)
 
 
-def test_loads_strictly_as_width_10_through_handler_and_evaluator(state, records):
-    for net in (build_model(state), handler_build_model(state)):
-        assert net.width == 10 and net.fc.out_features == 100
-        # Loaded into the float32 network: the handler never runs float16 arithmetic on a CPU.
-        assert all(p.dtype == torch.float32 for p in net.parameters())
-        assert sum(p.numel() for p in net.parameters()) == records["metrics"]["parameters"]
+def test_loads_strictly_as_width_10_through_the_loader_the_handler_and_evaluator_use(state, records):
+    net = network_from_state_dict(state)
+    assert net.width == 10 and net.fc.out_features == 100
+    # Loaded into the float32 network: the handler never runs float16 arithmetic on a CPU.
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert sum(p.numel() for p in net.parameters()) == records["metrics"]["parameters"]
 
 
 def test_records_agree(records):
@@ -65,7 +64,7 @@ def test_records_agree(records):
 
 def test_first_1000_test_images_score_what_the_gpu_recorded(state, records, cifar100_test_split):
     images, labels = cifar100_test_split
-    net = build_model(state).to(memory_format=torch.channels_last).eval()
+    net = network_from_state_dict(state).to(memory_format=torch.channels_last).eval()
     torch.manual_seed(0)
     got = accuracy(predict_logits(net, images[:1000], labels[:1000], batch_size=250), labels[:1000])
     # CPU float32 from float16-stored weights against GPU float32 from the float32 weights: a

@@ -1,4 +1,5 @@
-"""CIFAR-100 as uint8 tensors, augmented a whole batch at a time.
+"""CIFAR-100 as uint8 tensors, augmented a whole batch at a time; ``python -m training.data``
+(``make data``) downloads it.
 
 Per-image PIL transforms cost more than the network itself on a 2-core CPU, so the split is
 loaded once into one uint8 tensor and random crop + flip are done with tensor indexing on
@@ -6,13 +7,15 @@ the batch. torchvision's ``CIFAR100`` reads (and md5-checks) the official files.
 """
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from model import CIFAR100_MEAN, CIFAR100_STD
+from model.normalization import normalize  # noqa: F401 - training and evaluation normalize through here
 
 DATA_ENV = "CIFAR100_DATA"
 # torchvision's file list for CIFAR-100 ("python version"), used to tell "missing" from "corrupted".
@@ -43,7 +46,7 @@ def load_split(root: str | os.PathLike, train: bool, download: bool = False) -> 
             raise DataError(
                 f"CIFAR-100 not found under '{root}' (looked for {root / 'cifar-100-python'}). "
                 f"Point --data-dir (or the {DATA_ENV} environment variable) at the folder that holds "
-                f"'cifar-100-python/', or pass --download to fetch it (needs internet).{hint}"
+                f"'cifar-100-python/', or fetch it: `make data` (into ./data) or --download (needs internet).{hint}"
             ) from err
         missing = [f for f in _FILES if f not in present]
         raise DataError(
@@ -84,14 +87,6 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
-def normalize(images: torch.Tensor, device: torch.device | str = "cpu", channels_last: bool = True) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float32 normalized with the CIFAR-100 statistics, on device."""
-    mean = torch.tensor(CIFAR100_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR100_STD, device=device).view(1, 3, 1, 1)
-    x = images.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
 def batches(images, labels, indices, batch_size, generator=None, augment=False, drop_last=False):
     """Yield (uint8 images, labels) batches over the given index order."""
     n = len(indices)
@@ -102,3 +97,32 @@ def batches(images, labels, indices, batch_size, generator=None, augment=False, 
         if augment:
             x = random_crop_flip(x, generator)
         yield x, y
+
+
+def download(root: str | os.PathLike) -> Path:
+    """Fetch CIFAR-100 into root/cifar-100-python (torchvision checks the archive's md5, and each
+    file's before it is used); a complete copy already there is kept. Returns the folder."""
+    from torchvision.datasets import CIFAR100
+
+    for train in (True, False):
+        CIFAR100(root=str(root), train=train, download=True)
+    return Path(root) / "cifar-100-python"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.data",
+                                description="Download CIFAR-100 (the official python version, ~170 MB) "
+                                            "with torchvision, checksums verified.")
+    p.add_argument("--data-dir", default="data", help="where to put cifar-100-python/ (default: %(default)s)")
+    args = p.parse_args(argv)
+    try:
+        folder = download(args.data_dir)
+    except (OSError, RuntimeError) as err:  # urllib's errors are OSErrors; torchvision raises RuntimeError
+        print(f"error: could not download CIFAR-100 into '{args.data_dir}': {err}", file=sys.stderr)
+        return 1
+    print(f"CIFAR-100 is in {folder} (use it with CIFAR100_DATA={Path(args.data_dir).resolve()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,51 +17,10 @@ from pathlib import Path
 
 import torch
 
-from model import CIFAR100Model, display_name, infer_width_and_classes, load_class_names
+from model import WeightsError, display_name, load_class_names, load_network
 from training.data import DataError, default_data_dir, load_split, subset
 from training.evaluation import (accuracy, confusion_matrix, most_confused_pairs, per_class_accuracy,
                                  predict_logits)
-
-
-class WeightsError(RuntimeError):
-    """The weights file cannot be turned into a CIFAR100Model; the message says why."""
-
-
-def load_state_dict(path: str | Path) -> dict:
-    """The network's state dict from a .pth state dict or a training checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"no weights file at '{path}'")
-    try:
-        # weights_only: a .pth from elsewhere must not be able to run code when loaded.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types (pickle, zip, RuntimeError) for a bad file
-        raise WeightsError(f"'{path}' is not a readable PyTorch weights file ({type(err).__name__}: {err})") from err
-    if isinstance(obj, dict) and "model" in obj and "epoch" in obj:  # a training checkpoint
-        obj = obj.get("ema") or obj["model"]
-        # AveragedModel's state dict prefixes the network's keys with "module." and adds a counter.
-        if "n_averaged" in obj:
-            obj = {k.removeprefix("module."): v for k, v in obj.items() if k != "n_averaged"}
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"'{path}' holds a {type(obj).__name__}, not a state dict of tensors")
-    return obj
-
-
-def build_model(state: dict, source: str = "weights") -> CIFAR100Model:
-    """A CIFAR100Model of the width and class count the state dict was trained with, loaded strictly."""
-    fc = state.get("fc.weight")
-    if fc is None or fc.dim() != 2 or fc.shape[1] % 64:
-        raise WeightsError(f"{source} are not CIFAR100Model weights: no 'fc.weight' of shape "
-                           f"[classes, 64 x width] (keys start {list(state)[:4]})")
-    width, num_classes = infer_width_and_classes(state)
-    model = CIFAR100Model(width, num_classes)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[0:3]
-        raise WeightsError(f"{source} do not fit CIFAR100Model(width={width}, num_classes={num_classes}): "
-                           + " ".join(line.strip() for line in first)) from err
-    return model
 
 
 def evaluate(model, images, labels, class_names, batch_size=500, device="cpu", tta=True, top_pairs=10) -> dict:
@@ -126,7 +85,7 @@ def main(argv=None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         # Weights first: a wrong file is reported before the (slower) data load.
-        model = build_model(load_state_dict(args.weights), f"'{args.weights}'")
+        model = load_network(args.weights)
         images, labels = subset(*load_split(args.data_dir, train=False), args.test_subset, seed=1)
     except (WeightsError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -3,11 +3,10 @@
     python -m training.export runs/w10/CIFAR100_model.pth model/weights/width10/CIFAR100_model.pth --dtype float16
     python -m training.export runs/w10/checkpoint.pt runs/w10/ema.pth          # a checkpoint's EMA weights
 
-Why float16: the width-10 network has 17.3 M parameters, 69 MB as float32, more than the 40 MB a
-weights file may take in this repository. Stored as float16 it is 35 MB, and loading it into the
-float32 network (``load_state_dict`` copies and casts) scores the same on the test split (80.60%
-both ways for the shipped file). The keys, shapes and format stay the seed's. Integer buffers
-(BatchNorm's batch counters) keep their dtype. The file is checked to load strictly before it is
+Why float16: it halves the file (the width-10 network is more than the 40 MB a weights file may
+take in this repository as float32), and loading it into the float32 network (``load_state_dict``
+copies and casts) scores the same on the test split (benchmarks/RESULTS.md). The keys, shapes and
+format stay the seed's. Integer buffers (BatchNorm's batch counters) keep their dtype. The file is checked to load strictly before it is
 written, and is written atomically.
 """
 from __future__ import annotations
@@ -18,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from training.evaluate import WeightsError, build_model, load_state_dict
-from training.train import atomic_save
+from model import WeightsError, network_from_state_dict, read_state_dict
+from training.runtime import atomic_save
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -36,8 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = p.parse_args(argv)
     try:
-        state = convert(load_state_dict(args.weights), DTYPES[args.dtype])
-        build_model(state, source=str(args.weights))  # refuses anything the handler could not load
+        state = convert(read_state_dict(args.weights), DTYPES[args.dtype])
+        network_from_state_dict(state, source=str(args.weights))  # refuses anything the handler could not load
     except WeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,61 @@
+"""Weights file -> network: the one place a state dict becomes a ``CIFAR100Model``.
+
+The width and class count are read off the weights, so any width loads; loading is strict, so a
+file of another network is refused with one clear line. Used by the handler, ``training.evaluate``
+and ``training.export``, ``serving.archive`` and the benchmarks' seed-style server.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .network import CIFAR100Model, infer_width_and_classes
+
+
+class WeightsError(RuntimeError):
+    """The weights cannot be turned into a CIFAR100Model; the message says why."""
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """The network's state dict from a .pth state dict or a training checkpoint (its EMA weights
+    when it has them, as training exports them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"no weights file at '{path}'")
+    try:
+        # weights_only: a .pth from elsewhere must not be able to run code when loaded.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types (pickle, zip, RuntimeError) for a bad file
+        raise WeightsError(f"'{path}' is not a readable PyTorch weights file ({type(err).__name__}: {err})") from err
+    if isinstance(obj, dict) and "model" in obj and "epoch" in obj:  # a training checkpoint
+        obj = obj.get("ema") or obj["model"]
+        # AveragedModel's state dict prefixes the network's keys with "module." and adds a counter.
+        if "n_averaged" in obj:
+            obj = {k.removeprefix("module."): v for k, v in obj.items() if k != "n_averaged"}
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"'{path}' holds a {type(obj).__name__}, not a state dict of tensors")
+    return obj
+
+
+def network_from_state_dict(state_dict: dict, source: str = "weights") -> CIFAR100Model:
+    """A CIFAR100Model of the width and class count the state dict was trained with, loaded strictly
+    (float16 values are cast into the float32 network)."""
+    fc = state_dict.get("fc.weight")
+    if fc is None or fc.dim() != 2 or fc.shape[1] % 64:
+        raise WeightsError(f"{source} are not CIFAR100Model weights: no 'fc.weight' of shape "
+                           f"[classes, 64 x width] (keys start {list(state_dict)[:4]})")
+    width, num_classes = infer_width_and_classes(state_dict)
+    model = CIFAR100Model(width=width, num_classes=num_classes)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0:3]
+        raise WeightsError(f"{source} do not fit CIFAR100Model(width={width}, num_classes={num_classes}): "
+                           + " ".join(line.strip() for line in first)) from err
+    return model
+
+
+def load_network(path: str | Path) -> CIFAR100Model:
+    """The network a weights file (state dict or training checkpoint) holds, in train mode as built."""
+    return network_from_state_dict(read_state_dict(path), f"'{path}'")
