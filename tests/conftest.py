@@ -6,12 +6,38 @@ directory (key_file.json, logs, TMPDIR/TEMP). See tests/torchserve_fixture.py fo
 returned object offers. A test that stops or restarts it must leave it READY again
 (``ts.start(); ts.wait_ready()`` in a ``finally``); the fixture ``torchserve_ready`` checks that
 before each test that asks for it, restarting the server if an earlier test left it down.
+
+Test tiers: a test is marked ``integration`` when it needs more than Python and this checkout,
+that is when it uses (directly or through another fixture) TorchServe (Java), the headless browser
+or the CIFAR-100 data (``cifar100_data_dir``), or when its module says ``pytestmark =
+pytest.mark.integration``. ``make test-unit`` runs the others (``-m "not integration"``: seconds,
+no Java, no Chromium, no data); ``make test`` runs both. When selected tests need the data and it
+is missing, the run stops at once and says how to get it.
 """
 from __future__ import annotations
 
 import pytest
 
+from cifar100_data import data_dir, missing_data_message
 from torchserve_fixture import READY_TIMEOUT_S, start_test_torchserve
+
+# Fixtures that make a test an integration test (a test using any fixture built on them is one too).
+INTEGRATION_FIXTURES = {"torchserve", "browser", "cifar100_data_dir"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_collection_finish(session):
+    """Stop before running anything when the selected tests need CIFAR-100 and it is not there."""
+    if any("cifar100_data_dir" in getattr(item, "fixturenames", ()) for item in session.items):
+        message = missing_data_message(data_dir())
+        if message is not None:
+            pytest.exit(message, returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture(scope="session")
@@ -31,14 +57,14 @@ def torchserve_ready(torchserve):
 
 
 @pytest.fixture(scope="session")
-def cifar100_test_split():
+def cifar100_data_dir():
+    """The folder holding cifar-100-python/ (tests/cifar100_data.py says where it is looked for)."""
+    return data_dir()
+
+
+@pytest.fixture(scope="session")
+def cifar100_test_split(cifar100_data_dir):
     """(uint8 images [10000, 3, 32, 32], labels [10000]) of the CIFAR-100 *test* split (never trained on)."""
-    import os
-    from pathlib import Path
+    from training.data import load_split
 
-    from training.data import DATA_ENV, load_split
-
-    # Like the Makefile: $CIFAR100_DATA, else the shared copy beside the checkout, else ./data.
-    root = os.environ.get(DATA_ENV) or next(
-        (d for d in ("../shared/data", "data") if Path(d, "cifar-100-python").is_dir()), "data")
-    return load_split(root, train=False)
+    return load_split(cifar100_data_dir, train=False)

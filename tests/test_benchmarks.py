@@ -16,6 +16,8 @@ from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies,
 from serving_helpers import cifar_pil, encode
 
 REPO = Path(__file__).resolve().parents[1]
+# Every test here drives a real server with wrk, on CIFAR-100 test images.
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cifar100_data_dir")]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from model import CIFAR100Model
@@ -19,6 +20,8 @@ from model import CIFAR100Model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_training import DATA_DIR  # noqa: E402  (one rule for finding the data)
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cifar100_data_dir")]
 
 
 def test_torchrun_two_processes_gloo(tmp_path):

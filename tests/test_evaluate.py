@@ -19,8 +19,6 @@ from model import CIFAR100Model, display_name, load_class_names
 from training import evaluate as evaluate_module
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_training import DATA_DIR  # noqa: E402  (one rule for finding the data)
 
 CLASS_NAMES = load_class_names()
 FAVOURED = [1, 42, 7, 99, 0]  # aquarium_fish first, then four runners-up in this order
@@ -28,7 +26,7 @@ FAVOURED = [1, 42, 7, 99, 0]  # aquarium_fish first, then four runners-up in thi
 
 def known_answer_state(width: int = 1) -> dict:
     torch.manual_seed(0)
-    state = CIFAR100Model(width).state_dict()
+    state = CIFAR100Model(width=width).state_dict()
     state["fc.weight"].zero_()
     state["fc.bias"].zero_()
     for rank, index in enumerate(FAVOURED):
@@ -37,12 +35,12 @@ def known_answer_state(width: int = 1) -> dict:
 
 
 @pytest.fixture(scope="module")
-def known_report(tmp_path_factory):
+def known_report(tmp_path_factory, cifar100_data_dir):
     """One run of the real CLI on the full test split (no TTA: a mirror cannot change a constant)."""
     folder = tmp_path_factory.mktemp("evaluate")
     torch.save(known_answer_state(), folder / "known.pth")
     proc = subprocess.run([sys.executable, "-m", "training.evaluate", str(folder / "known.pth"),
-                           "--data-dir", str(DATA_DIR), "--no-tta", "--json", str(folder / "report.json")],
+                           "--data-dir", str(cifar100_data_dir), "--no-tta", "--json", str(folder / "report.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads((folder / "report.json").read_text())
@@ -79,13 +77,13 @@ def test_printed_report_uses_display_names(known_report):
     assert worst.count("0%") == 5
 
 
-def test_training_checkpoint_is_read_as_its_ema_weights(tmp_path, capsys):
+def test_training_checkpoint_is_read_as_its_ema_weights(tmp_path, capsys, cifar100_data_dir):
     """A checkpoint.pt from training scores as the EMA weights it would export (a 300-image subset)."""
     state = known_answer_state()
     ema = {f"module.{k}": v for k, v in state.items()} | {"n_averaged": torch.tensor(5)}
     raw = dict(state, **{"fc.bias": torch.zeros(100)})  # the raw model would tie everywhere
     torch.save({"epoch": 3, "model": raw, "ema": ema, "args": {"width": 1}}, tmp_path / "checkpoint.pt")
-    rc = evaluate_module.main([str(tmp_path / "checkpoint.pt"), "--data-dir", str(DATA_DIR), "--no-tta",
+    rc = evaluate_module.main([str(tmp_path / "checkpoint.pt"), "--data-dir", str(cifar100_data_dir), "--no-tta",
                                "--test-subset", "300", "--json", str(tmp_path / "r.json")])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "r.json").read_text())

@@ -18,23 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifar100_data import data_dir
 from model import CIFAR100Model
 from training import train as train_module
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def find_data_dir() -> Path:
-    """The Makefile's rule: $CIFAR100_DATA, else the shared copy beside the checkout, else ./data."""
-    if os.environ.get("CIFAR100_DATA"):
-        return Path(os.environ["CIFAR100_DATA"])
-    for candidate in (ROOT.parent / "shared" / "data", ROOT / "data"):
-        if (candidate / "cifar-100-python").is_dir():
-            return candidate
-    pytest.fail("CIFAR-100 not found: set CIFAR100_DATA to the folder holding cifar-100-python/")
-
-
-DATA_DIR = find_data_dir().resolve()  # absolute: the tests below make symlinks into it
+DATA_DIR = data_dir()  # absolute: the tests below make symlinks into it
+# Trains on CIFAR-100 (conftest.py stops the run with how to get it when it is missing).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cifar100_data_dir")]
 
 def small_run(**options) -> list[str]:
     """CLI arguments of a run small enough for 2 busy cores (8 steps of 64 images per epoch, 200

@@ -1,0 +1,48 @@
+"""The test tiers and the missing-data path: `make test-unit` selects only tests that need no server,
+browser or data set, and a run that needs CIFAR-100 without it stops at once saying how to get it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_in_subprocess(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CIFAR100_DATA": str(tmp_path / "no-data")}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_unit_tier_selects_no_server_browser_or_data_test(tmp_path):
+    done = pytest_in_subprocess(tmp_path, "-m", "not integration", "--collect-only", "-q")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    selected = {line.split("::")[0] for line in done.stdout.splitlines() if "::" in line}
+    assert "tests/test_model.py" in selected and "tests/test_java.py" in selected
+    # Modules whose every test needs TorchServe, the browser or the data.
+    for module in ("test_serving.py", "test_page.py", "test_training.py", "test_ddp.py", "test_benchmarks.py",
+                   "test_shipped_model_served.py"):
+        assert f"tests/{module}" not in selected, done.stdout
+    # Mixed modules keep their pure tests only.
+    ids = done.stdout
+    assert "test_bad_weights_file_gets_one_clear_error" in ids and "test_known_answer_figures" not in ids
+    assert "test_metrics_file_describes_the_shipped_weights" in ids and "test_shipped_top1" not in ids
+
+
+def test_missing_data_stops_the_run_at_once_with_how_to_get_it(tmp_path):
+    done = pytest_in_subprocess(tmp_path, "tests/test_evaluate.py")
+    assert done.returncode == 4, done.stdout[-3000:]
+    out = done.stdout + done.stderr
+    assert f"CIFAR-100 not found under {tmp_path / 'no-data'}" in out and "`make data`" in out
+    assert "CIFAR100_DATA" in out and "make test-unit" in out
+    assert " passed" not in out and " failed" not in out
+
+
+def test_training_without_data_names_make_data(tmp_path, capsys):
+    from training import train as train_module
+
+    assert train_module.main(["--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "CIFAR-100 not found" in err and "`make data`" in err and "CIFAR100_DATA" in err
