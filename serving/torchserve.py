@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from serving.java import java_problem
 from serving.keys import KeyFile, KeyFileError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,6 +182,8 @@ class TorchServeInstance:
         """Start TorchServe in the background (no-op when this instance already runs)."""
         if self.is_running():
             return
+        if (problem := java_problem()) is not None:  # fail now, not after a READY wait that cannot end
+            raise TorchServeError(problem)
         if not (self.model_store / MAR_FILE).is_file():
             raise TorchServeError(f"{self.model_store / MAR_FILE} not found: run `make archive` first")
         self.write_config()
