@@ -3,14 +3,14 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Where CIFAR-100 lives (the folder holding cifar-100-python/): env CIFAR100_DATA, else the
-# shared copy beside the checkout, else ./data.
+# shared copy beside the checkout, else ./data (where `make data` puts it).
 export CIFAR100_DATA ?= $(abspath $(firstword $(wildcard ../shared/data) data))
 # The shipped default weights; `make archive WEIGHTS=path/to/other.pth` packages others.
 WEIGHTS ?= model/weights/CIFAR100_model.pth
 TRAIN_ARGS ?=
 
-.PHONY: install install-system train evaluate archive serve serve-torchserve serve-adapter \
-        stop stop-torchserve stop-adapter test bench bench-train bench-serve clean
+.PHONY: install install-system data train evaluate archive serve serve-torchserve serve-adapter \
+        stop stop-torchserve stop-adapter test test-unit bench bench-train bench-serve clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt adapter/requirements.txt
@@ -25,6 +25,10 @@ install-system:
 	command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 	test -x /usr/bin/wrk || (apt-get update -qq && apt-get install -y -qq wrk)
+
+# CIFAR-100 into ./data with torchvision (official files, md5 checked); needs internet, ~170 MB.
+data: install
+	$(PY) -m training.data --data-dir data
 
 train: install
 	$(PY) -m training.train --data-dir $(CIFAR100_DATA) --out runs/latest $(TRAIN_ARGS)
@@ -67,8 +71,13 @@ bench-serve: install
 	$(PY) -m benchmarks.bench_serve --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 	$(PY) -m benchmarks.bench_adapter --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 
+# Every test: unit + integration (real TorchServe, headless Chromium, CIFAR-100; see tests/conftest.py).
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast tier: no server, no browser, no data set (seconds; runs without Java or Chromium).
+test-unit: install
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
 bench: bench-train bench-serve
 
