@@ -26,15 +26,12 @@ from typing import Iterator
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from adapter.run import free_port, running_adapter  # noqa: E402
-from benchmarks.bench_serve import (  # noqa: E402
+from adapter.run import free_port, running_adapter
+from benchmarks.bench_serve import (
     add_load_arguments, cifar_png_payloads, machine, print_table, start_benchmark_torchserve, torchserve_target, ts_properties)
-from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies  # noqa: E402
+from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies
 
+REPO = Path(__file__).resolve().parents[1]
 SEED_START_TIMEOUT_S = 120
 
 

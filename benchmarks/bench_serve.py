@@ -26,15 +26,13 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.load import HttpTarget, LoadResult, percentile, run_wrk, warm_up
+from handler.cifar100_handler import serving_model
+from handler.preprocessing import decode_image, image_to_tensor, normalize
+from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive
+from serving.torchserve import TorchServeInstance
 
-from benchmarks.load import HttpTarget, LoadResult, percentile, run_wrk, warm_up  # noqa: E402
-from handler.cifar100_handler import serving_model  # noqa: E402
-from handler.preprocessing import decode_image, image_to_tensor, normalize  # noqa: E402
-from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive  # noqa: E402
-from serving.torchserve import TorchServeInstance  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def in_process_load(model: torch.nn.Module, payloads: list[bytes], batch: int, duration_s: float) -> LoadResult:
