@@ -75,7 +75,7 @@ bench-serve: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The fast tier: no server, no browser, no data set (seconds; runs without Java or Chromium).
+# The fast tier: no server, no browser, no data set (under a minute; runs without Java or Chromium).
 test-unit: install
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
