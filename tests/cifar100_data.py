@@ -1,21 +1,15 @@
-"""Where the tests find CIFAR-100, by the Makefile's rule: $CIFAR100_DATA, else the shared copy
-beside the checkout (../shared/data), else ./data (where `make data` downloads it)."""
+"""Where the tests find CIFAR-100 (training.data.default_data_dir: $CIFAR100_DATA, else the shared
+copy beside the checkout, else ./data, where `make data` downloads it), and what to say when it is not there."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from training.data import default_data_dir
 
 
 def data_dir() -> Path:
     """The folder that holds (or should hold) cifar-100-python/, absolute."""
-    if os.environ.get("CIFAR100_DATA"):
-        return Path(os.environ["CIFAR100_DATA"]).resolve()
-    for candidate in (ROOT.parent / "shared" / "data", ROOT / "data"):
-        if (candidate / "cifar-100-python").is_dir():
-            return candidate.resolve()
-    return (ROOT / "data").resolve()
+    return Path(default_data_dir()).resolve()
 
 
 def missing_data_message(folder: Path) -> str | None:

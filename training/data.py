@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from model.normalization import normalize  # noqa: F401 - training and evaluation normalize through here
 
 DATA_ENV = "CIFAR100_DATA"
+REPO = Path(__file__).resolve().parents[1]
 # torchvision's file list for CIFAR-100 ("python version"), used to tell "missing" from "corrupted".
 _FILES = ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta")
 
@@ -27,7 +28,14 @@ class DataError(RuntimeError):
 
 
 def default_data_dir() -> str:
-    return os.environ.get(DATA_ENV, "data")
+    """The Makefile's rule: $CIFAR100_DATA, else the shared copy beside the checkout
+    (../shared/data), else ./data (where `make data` puts it)."""
+    if os.environ.get(DATA_ENV):
+        return os.environ[DATA_ENV]
+    for candidate in (REPO.parent / "shared" / "data", REPO / "data"):
+        if (candidate / "cifar-100-python").is_dir():
+            return str(candidate)
+    return "data"
 
 
 def load_split(root: str | os.PathLike, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
