@@ -12,22 +12,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from model import CIFAR100Model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_training import DATA_DIR  # noqa: E402  (one rule for finding the data)
-
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cifar100_data_dir")]
 
 
-def test_torchrun_two_processes_gloo(tmp_path):
+def test_torchrun_two_processes_gloo(tmp_path, cifar100_data_dir):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "training.train", "--data-dir", str(DATA_DIR), "--train-subset", "512", "--test-subset", "200",
+           "-m", "training.train", "--data-dir", str(cifar100_data_dir), "--train-subset", "512", "--test-subset", "200",
            "--width", "1", "--epochs", "1", "--threads", "1", "--no-progress", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
