@@ -10,7 +10,7 @@ WEIGHTS ?= model/weights/CIFAR100_model.pth
 TRAIN_ARGS ?=
 
 .PHONY: install install-system train evaluate archive serve serve-torchserve serve-adapter \
-        stop stop-torchserve stop-adapter test bench bench-train bench-serve clean
+        stop stop-torchserve stop-adapter test bench bench-train bench-serve clean kserve-bundle
 
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt adapter/requirements.txt
@@ -54,6 +54,11 @@ stop-adapter:
 archive: install
 	$(PY) -m serving.archive --weights $(WEIGHTS)
 
+# KServe's storage layout in dist/kserve/ (config/config.properties + model-store/cifar100.mar from
+# $(WEIGHTS)); copy it where an InferenceService's storageUri points (deploy/kserve/, README).
+kserve-bundle: install
+	$(PY) -m serving.kserve --weights $(WEIGHTS)
+
 # TorchServe in the background (config.properties; key_file.json here, logs in logs/); waits for a
 # READY worker. Both idempotent.
 serve-torchserve: install archive
@@ -76,4 +81,4 @@ bench-train: install
 	$(PY) -m training.bench --data-dir $(CIFAR100_DATA) $(BENCH_TRAIN_ARGS)
 
 clean:
-	rm -rf runs model_store logs test-artifacts
+	rm -rf runs model_store logs test-artifacts dist
