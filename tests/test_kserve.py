@@ -263,3 +263,40 @@ def test_the_envelope_variable_is_set_and_ignored(kserve_ts):
 
     java = psutil.Process(kserve_ts.java_pid())
     assert java.environ().get("TS_SERVICE_ENVELOPE") == ENVELOPES[kserve_ts.protocol]
+
+
+# ---- the /classify/ adapter in front of the bundle's v2 server (OIP_URL) -----------------------
+def test_adapter_in_front_of_the_v2_server_answers_classify_as_today(kserve_ts, reference, cifar100_test_split,
+                                                                     tmp_path):
+    if kserve_ts.protocol != "v2":
+        pytest.skip("the adapter speaks v2 to an Open Inference Protocol server")
+    from adapter.run import running_adapter
+    from model.classes import display_name
+
+    images = cifar100_test_split[0][1000:1100]
+    expected = reference.probs_of_uint8(images)
+    payloads = [encode(cifar_pil(images, i)) for i in range(len(images))]
+    # No TorchServe key file, no management URL: only the OIP server's address.
+    env = {"OIP_URL": kserve_ts.inference_url, "TS_MODEL_NAME": kserve_ts.model_name,
+           "TS_KEY_FILE": str(tmp_path / "no-key-file.json"), "TS_INFERENCE_URL": "http://127.0.0.1:9",
+           "TS_MANAGEMENT_URL": "http://127.0.0.1:9"}
+    with running_adapter(env, tmp_path / "adapter.log") as adapter, httpx.Client(timeout=TIMEOUT) as c:
+        def classify(data: bytes) -> httpx.Response:
+            return c.post(f"{adapter.base_url}/classify/", files={"image": ("photo.png", data, "image/png")})
+
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            responses = list(pool.map(classify, payloads))
+        version = weights_version(weights_under_test())
+        for i, r in enumerate(responses):
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["prediction"] == display_name(body["label"]) == body["top5"][0]["name"]
+            assert (body["label"], body["index"]) == (body["top5"][0]["label"], body["top5"][0]["index"])
+            assert len(body["top5"]) == 5 and body["model_version"] == version and body["time_ms"] > 0
+            assert_same_answer({"index": body["index"], "topk": body["top5"]}, expected[i])
+        # The same error mapping as in front of TorchServe: the server's 4xx and message pass through.
+        text = classify(b"name,score\nalice,3\n" * 20)
+        assert text.status_code == 400 and "not an image" in text.json()["error"]
+        bomb = classify(decompression_bomb_png())
+        assert bomb.status_code == 413 and "limit" in bomb.json()["error"]
+        assert classify(payloads[0]).status_code == 200
