@@ -67,10 +67,12 @@ serve-torchserve: install archive
 stop-torchserve:
 	$(PY) -m serving.torchserve stop
 
-# TorchServe vs the same model in-process, concurrency 1/4/16 (BENCH_SERVE_ARGS="--duration 4").
+# TorchServe vs the same model in-process, concurrency 1/4/16 (BENCH_SERVE_ARGS="--duration 4"); then the
+# adapter, then v2 bodies vs raw ones through the KServe bundle (concurrency 16 unless --concurrency).
 bench-serve: install
 	$(PY) -m benchmarks.bench_serve --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 	$(PY) -m benchmarks.bench_adapter --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
+	$(PY) -m benchmarks.bench_kserve --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
