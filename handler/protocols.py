@@ -80,7 +80,7 @@ def _json_body(row: dict):
     body = row.get("body")
     if isinstance(body, dict):
         return body
-    if isinstance(body, (bytes, bytearray)) and body.lstrip()[:1] == b"{":
+    if isinstance(body, (bytes, bytearray)) and body[:64].lstrip()[:1] == b"{":  # no copy of a big image
         try:
             body = json.loads(body)
         except ValueError:

@@ -300,3 +300,19 @@ def test_adapter_in_front_of_the_v2_server_answers_classify_as_today(kserve_ts, 
         bomb = classify(decompression_bomb_png())
         assert bomb.status_code == 413 and "limit" in bomb.json()["error"]
         assert classify(payloads[0]).status_code == 200
+
+
+# ---- the benchmark's v2 point (figures are make bench-serve's job; here: it measures) -----------
+def test_bench_kserve_prints_both_columns_and_the_ratio():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_kserve", "--duration", "1", "--rounds", "2",
+                           "--concurrency", "2"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [row for row in map(str.split, done.stdout.splitlines()) if len(row) == 6 and row[1] == "2"]
+    assert sorted(row[0] for row in rows) == ["predictions", "v2"], done.stdout
+    assert all(float(row[2]) > 0 and row[5] == "0" for row in rows), done.stdout
+    assert "v2 / predictions images/s at concurrency 2:" in done.stdout and "failed" not in done.stdout
