@@ -9,7 +9,7 @@ export CIFAR100_DATA ?= $(abspath $(firstword $(wildcard ../shared/data) data))
 WEIGHTS ?= model/weights/CIFAR100_model.pth
 TRAIN_ARGS ?=
 
-.PHONY: install install-system data train evaluate archive serve serve-torchserve serve-adapter \
+.PHONY: install install-system data train evaluate archive kserve-bundle serve serve-torchserve serve-adapter \
         stop stop-torchserve stop-adapter test test-unit bench bench-train bench-serve clean
 
 install: $(VENV)/.installed
@@ -58,6 +58,11 @@ stop-adapter:
 archive: install
 	$(PY) -m serving.archive --weights $(WEIGHTS)
 
+# KServe's storage layout in dist/kserve/ (config/config.properties + model-store/cifar100.mar from
+# $(WEIGHTS)); copy it where an InferenceService's storageUri points (deploy/kserve/, README).
+kserve-bundle: install
+	$(PY) -m serving.kserve --weights $(WEIGHTS)
+
 # TorchServe in the background (config.properties; key_file.json here, logs in logs/); waits for a
 # READY worker. Both idempotent.
 serve-torchserve: install archive
@@ -66,10 +71,12 @@ serve-torchserve: install archive
 stop-torchserve:
 	$(PY) -m serving.torchserve stop
 
-# TorchServe vs the same model in-process, concurrency 1/4/16 (BENCH_SERVE_ARGS="--duration 4").
+# TorchServe vs the same model in-process, concurrency 1/4/16 (BENCH_SERVE_ARGS="--duration 4"); then the
+# adapter, then v2 bodies vs raw ones through the KServe bundle (concurrency 16 unless --concurrency).
 bench-serve: install
 	$(PY) -m benchmarks.bench_serve --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 	$(PY) -m benchmarks.bench_adapter --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
+	$(PY) -m benchmarks.bench_kserve --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 
 # Every test: unit + integration (real TorchServe, headless Chromium, CIFAR-100; see tests/conftest.py).
 test: install
@@ -85,4 +92,4 @@ bench-train: install
 	$(PY) -m training.bench --data-dir $(CIFAR100_DATA) $(BENCH_TRAIN_ARGS)
 
 clean:
-	rm -rf runs model_store logs test-artifacts
+	rm -rf runs model_store logs test-artifacts dist

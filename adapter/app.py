@@ -34,6 +34,7 @@ from model.classes import display_name  # the seed's display rule, one copy (no 
 
 from .config import Settings
 from .errors import ClassifyError
+from .oip import OIPClient
 from .torchserve import TorchServeClient
 from .upload import read_image_upload
 
@@ -72,9 +73,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.torchserve = TorchServeClient(settings)
+        # OIP_URL set: an Open Inference Protocol server (KServe) instead of the local TorchServe.
+        app.state.torchserve = (OIPClient if settings.oip_url else TorchServeClient)(settings)
         log.info("adapter: model '%s' at %s (max upload %d bytes)", settings.model_name,
-                 settings.inference_url, settings.max_upload_bytes)
+                 settings.oip_url or settings.inference_url, settings.max_upload_bytes)
         try:
             yield
         finally:

@@ -8,6 +8,9 @@
     TS_PREDICT_TIMEOUT_S  waiting for one prediction (-> 504)   30
     TS_HEALTH_TIMEOUT_S   waiting for the model status          3
     TS_MAX_CONNECTIONS    pooled connections to TorchServe      64
+    OIP_URL               an Open Inference Protocol (v2) server to use instead of TorchServe, e.g. a
+                          KServe InferenceService's URL (adapter/oip.py; model name TS_MODEL_NAME) (unset)
+    OIP_HOST_HEADER       Host header for it (KServe's ingress routes by host name)   (unset)
     MAX_UPLOAD_BYTES      largest accepted image file (-> 413)  10485760 (10 MB)
     CORS_ALLOW_ORIGINS    comma-separated origins, or *         *
     FRONTEND_DIR          folder served at /                    frontend/ beside this package
@@ -63,6 +66,8 @@ class Settings:
     predict_timeout_s: float = 30.0
     health_timeout_s: float = 3.0
     max_connections: int = 64
+    oip_url: str = ""
+    oip_host_header: str = ""
     max_upload_bytes: int = 10 * 1024 * 1024
     cors_allow_origins: list[str] = field(default_factory=lambda: ["*"])
     frontend_dir: str = str(DEFAULT_FRONTEND_DIR)
@@ -78,6 +83,8 @@ class Settings:
             predict_timeout_s=_env_float("TS_PREDICT_TIMEOUT_S", cls.predict_timeout_s),
             health_timeout_s=_env_float("TS_HEALTH_TIMEOUT_S", cls.health_timeout_s),
             max_connections=_env_int("TS_MAX_CONNECTIONS", cls.max_connections),
+            oip_url=os.environ.get("OIP_URL", cls.oip_url).rstrip("/"),
+            oip_host_header=os.environ.get("OIP_HOST_HEADER", cls.oip_host_header),
             max_upload_bytes=_env_int("MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             cors_allow_origins=_env_origins("CORS_ALLOW_ORIGINS"),
             frontend_dir=os.environ.get("FRONTEND_DIR", str(DEFAULT_FRONTEND_DIR)),

@@ -7,9 +7,12 @@ CPU) and reads the manifest and model-config.yaml; this class overrides only wha
     needs its width, which is read off the state dict, and comes from the ``model`` package
     shipped in the archive (``--extra-files``).
   * ``preprocess``: decode any image Pillow reads (handler/preprocessing.py), sent as a raw body,
-    a multipart field, or base64 in JSON; a bad image fails only its own request, with a 4xx.
+    a multipart field, base64 in JSON, or in a KServe v1 / Open Inference Protocol v2 body
+    (handler/protocols.py; such a request may carry several images); a bad image fails only its
+    own request, with a 4xx.
   * ``inference``: skip the forward pass when every image of a batch was refused.
-  * ``postprocess``: the per-image JSON contract the /classify/ adapter relies on (top-k).
+  * ``postprocess``: the per-image JSON contract the /classify/ adapter relies on (top-k), grouped
+    per request and answered in the request's protocol.
 
 TorchServe loads this file as the handler module and wants exactly one class defined in it; the
 helpers therefore live in the ``handler`` package, also shipped in the archive.
@@ -18,16 +21,19 @@ from __future__ import annotations
 
 import logging
 import os
+from itertools import islice
 
 import torch
 import torch.nn.functional as F
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, image_bytes, image_to_tensor, normalize
+from handler.protocols import ProtocolError, encode_answer, parse_request
 from model import load_class_names, network_from_state_dict
 from model.classes import display_name
 
 DEFAULT_TOPK = 5
+DEFAULT_MAX_IMAGES_PER_REQUEST = 64  # images in one v1/v2 request (-> 413 above)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +68,9 @@ class CIFAR100Handler(BaseHandler):
         self.labels = load_class_names(os.path.join(model_dir, "index_to_name.json"))
         self.topk = max(1, min(int(handler_cfg.get("topk", DEFAULT_TOPK)), len(self.labels)))
         self.model_version = str(self.manifest["model"].get("modelVersion", "unknown"))
-        self._errors: dict[int, ImageRequestError] = {}  # per batch: position -> why it was refused
+        self.max_images = int(handler_cfg.get("max_images_per_request", DEFAULT_MAX_IMAGES_PER_REQUEST))
+        self._errors: dict[int, ImageRequestError | ProtocolError] = {}  # per batch: position -> why refused
+        self._requests: list = []  # per batch position: (v1/v2 request or None for plain, image count)
         logger.info("CIFAR-100 model %s on %s, %d threads, top-%d", self.model_version, self.device,
                     torch.get_num_threads(), self.topk)
 
@@ -71,17 +79,31 @@ class CIFAR100Handler(BaseHandler):
         return serving_model(state_dict)
 
     def preprocess(self, data):
-        """One dict per request -> normalized batch of the good images; bad ones are remembered."""
-        self._errors = {}
+        """One dict per request -> normalized batch of the good images; bad ones are remembered.
+
+        A v1/v2 request may carry several images; one bad image refuses that whole request.
+        """
+        self._errors, self._requests = {}, []
         tensors = []
         for idx, row in enumerate(data):
+            request, images = None, []
             try:
-                tensors.append(image_to_tensor(decode_image(image_bytes(row))))
-            except ImageRequestError as err:
-                self._errors[idx] = err
+                request = parse_request(row, self.max_images)
+                payloads = request.images if request else [image_bytes(row)]
+                for n, payload in enumerate(payloads):
+                    try:
+                        images.append(image_to_tensor(decode_image(payload)))
+                    except ImageRequestError as err:
+                        if request is None:
+                            raise
+                        raise ImageRequestError(err.status, f"{request.where[n]}: {err.message}") from err
+                tensors.extend(images)
+            except (ImageRequestError, ProtocolError) as err:
+                self._errors[idx], images = err, []
             except Exception as err:  # noqa: BLE001 - never let one request fail the whole batch
                 logger.exception("request %d of the batch failed in preprocessing", idx)
-                self._errors[idx] = ImageRequestError(400, f"could not read the image: {err}")
+                self._errors[idx], images = ImageRequestError(400, f"could not read the image: {err}"), []
+            self._requests.append((request, len(images)))
         if not tensors:
             return torch.empty(0, 3, INPUT_SIZE, INPUT_SIZE, device=self.device)
         return normalize(torch.stack(tensors).to(self.device, non_blocking=True))
@@ -95,13 +117,14 @@ class CIFAR100Handler(BaseHandler):
     def postprocess(self, data):
         probs, indices = torch.topk(F.softmax(data.float(), dim=1), self.topk, dim=1)
         probs, indices = probs.cpu().tolist(), indices.cpu().tolist()
-        batch_size = len(data) + len(self._errors)
+        batch_size = len(self._requests)
         answers, good = [], iter(zip(probs, indices))
         for idx in range(batch_size):
             # TorchServe sends no Content-Type of its own for handler output.
             self.context.set_response_content_type(idx, "application/json")
             # How many requests shared this forward pass: lets operators (and the tests) see batching.
             self.context.set_response_header(idx, "X-Batch-Size", str(batch_size))
+            self.context.set_response_header(idx, "X-Batch-Images", str(len(data)))
             err = self._errors.get(idx)
             if err is not None:
                 # TorchServe sends `code` as the HTTP status and `phrase` as its reason phrase (one
@@ -110,10 +133,13 @@ class CIFAR100Handler(BaseHandler):
                 self.context.set_response_status(err.status, phrase, idx)
                 answers.append({"error": err.message})
                 continue
-            item_probs, item_indices = next(good)
-            topk = [{"label": self.labels[i], "name": display_name(self.labels[i]), "index": i,
-                     "probability": round(p, 6)} for p, i in zip(item_probs, item_indices)]
-            answers.append({"prediction": topk[0]["name"], "label": topk[0]["label"], "index": topk[0]["index"],
-                            "probability": topk[0]["probability"], "topk": topk,
-                            "model_version": self.model_version})
+            request, count = self._requests[idx]
+            image_answers = []
+            for item_probs, item_indices in islice(good, count):
+                topk = [{"label": self.labels[i], "name": display_name(self.labels[i]), "index": i,
+                         "probability": round(p, 6)} for p, i in zip(item_probs, item_indices)]
+                image_answers.append({"prediction": topk[0]["name"], "label": topk[0]["label"],
+                                      "index": topk[0]["index"], "probability": topk[0]["probability"],
+                                      "topk": topk, "model_version": self.model_version})
+            answers.append(encode_answer(request, image_answers, self.context.model_name, self.model_version))
         return answers

@@ -35,7 +35,7 @@ NETWORK_FILE = REPO / "model" / "network.py"
 CLASS_NAMES_FILE = REPO / "model" / "index_to_name.json"
 # Packages the handler imports inside the worker, copied as they are (no caches, no weights).
 # (The handler module itself goes in once, at the archive root, via --handler.)
-PACKAGES = {"model": ["*.py", "index_to_name.json"], "handler": ["__init__.py", "preprocessing.py"]}
+PACKAGES = {"model": ["*.py", "index_to_name.json"], "handler": ["__init__.py", "preprocessing.py", "protocols.py"]}
 
 
 class ArchiveError(RuntimeError):

@@ -22,7 +22,7 @@ from cifar100_data import data_dir, missing_data_message
 from torchserve_fixture import READY_TIMEOUT_S, start_test_torchserve
 
 # Fixtures that make a test an integration test (a test using any fixture built on them is one too).
-INTEGRATION_FIXTURES = {"torchserve", "browser", "cifar100_data_dir"}
+INTEGRATION_FIXTURES = {"torchserve", "kserve_ts", "browser", "cifar100_data_dir"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

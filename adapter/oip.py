@@ -1,0 +1,110 @@
+"""Talking to an Open Inference Protocol (v2) server instead of the local TorchServe (OIP_URL set):
+a KServe InferenceService with many replicas, or the KServe bundle's TorchServe.
+
+    predict       POST {OIP_URL}/v2/models/{model}/infer, the image as a BYTES input (base64)
+    model_status  GET  {OIP_URL}/v2/models/{model}/ready   (KServe's model server answers it;
+                  TorchServe alone does not, so /health says "unavailable" in front of a bare one)
+
+The answer's outputs (handler/protocols.py OUTPUTS) become the handler's per-image answer, so
+/classify/ answers exactly as in front of TorchServe. Failures map to the same statuses as
+adapter/torchserve.py: down / busy / model missing or not ready 503, too slow 504, the image
+refused (4xx) the same 4xx with the server's message, the server broken 502. No token: KServe
+authenticates at its ingress (OIP_HOST_HEADER names the InferenceService when calling the
+ingress by address).
+"""
+from __future__ import annotations
+
+import base64
+import json
+
+import aiohttp
+
+from handler.protocols import OUTPUTS  # the output names, one home (no torch there)
+
+from .config import Settings
+from .errors import ClassifyError
+from .torchserve import _TRANSPORT_ERRORS, _error_message, _Pool, _PoolBusy, _Response
+
+INPUT_NAME = "image"
+
+
+def answer_from_outputs(body: dict) -> dict:
+    """One image's OIP answer -> the handler's shape: prediction, label, index, probability, topk."""
+    try:
+        outputs = {o["name"]: o["data"] for o in body["outputs"]}
+        missing = [name for name in OUTPUTS if name not in outputs]
+        if missing:
+            raise ClassifyError(502, f"The model server's answer lacks the outputs {missing}.")
+        topk = [{"label": label, "name": name, "index": index, "probability": probability}
+                for label, name, index, probability in zip(outputs["topk_label"], outputs["topk_name"],
+                                                            outputs["topk_index"], outputs["topk_probability"])]
+        return {"prediction": outputs["name"][0], "label": outputs["label"][0], "index": outputs["index"][0],
+                "probability": outputs["probability"][0], "topk": topk, "model_version": body.get("model_version")}
+    except (KeyError, IndexError, TypeError):
+        raise ClassifyError(502, "The model server's answer is not an Open Inference Protocol answer.") from None
+
+
+class OIPClient:
+    """Same interface as TorchServeClient: predict(image), model_status(), aclose()."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        s = settings
+        self.headers = {"Host": s.oip_host_header} if s.oip_host_header else {}
+        self._infer_path = f"/v2/models/{s.model_name}/infer"
+        self._pool = _Pool(s.oip_url, s.max_connections, s.predict_timeout_s,
+                           aiohttp.ClientTimeout(total=s.predict_timeout_s, connect=s.connect_timeout_s))
+        self._health = _Pool(s.oip_url, 8, s.health_timeout_s,
+                             aiohttp.ClientTimeout(total=s.health_timeout_s, connect=s.connect_timeout_s))
+
+    async def aclose(self) -> None:
+        try:
+            await self._pool.close()
+        finally:
+            await self._health.close()
+
+    def _unreachable(self, err: Exception) -> ClassifyError:
+        if isinstance(err, _PoolBusy):
+            return ClassifyError(503, "The model server is busy: too many requests are waiting. Try again shortly.")
+        if isinstance(err, TimeoutError) and not isinstance(err, aiohttp.ConnectionTimeoutError):
+            return ClassifyError(504, f"The model server took longer than {self.settings.predict_timeout_s:g} s to answer.")
+        return ClassifyError(503, f"The model server is not reachable at {self.settings.oip_url}.")
+
+    async def predict(self, image: bytes) -> dict:
+        body = {"inputs": [{"name": INPUT_NAME, "shape": [1], "datatype": "BYTES",
+                            "data": [base64.b64encode(image).decode("ascii")]}]}
+        headers = {**self.headers, "Content-Type": "application/json"}
+        try:
+            response: _Response = await self._pool.request("POST", self._infer_path, headers,
+                                                           json.dumps(body).encode())
+        except _TRANSPORT_ERRORS as err:
+            raise self._unreachable(err) from None
+        status = response.status_code
+        if status == 200:
+            try:
+                answer = response.json()
+            except ValueError:
+                raise ClassifyError(502, "The model server sent an answer that is not JSON.") from None
+            return answer_from_outputs(answer)
+        message = _error_message(response)
+        if status == 404:
+            raise ClassifyError(503, f"The model '{self.settings.model_name}' is not loaded on the model server.")
+        if status == 413:
+            raise ClassifyError(413, message if response.content.strip() else
+                                "The image is larger than the model server accepts.")
+        if status == 503:
+            raise ClassifyError(503, f"The model is not ready: {message}")
+        if 400 <= status < 500:
+            raise ClassifyError(status, message)
+        raise ClassifyError(502, f"The model server failed: {message}")
+
+    async def model_status(self) -> dict:
+        path = f"/v2/models/{self.settings.model_name}/ready"
+        try:
+            response = await self._health.request("GET", path, self.headers)
+        except _TRANSPORT_ERRORS as err:
+            raise ClassifyError(503, self._unreachable(err).message) from None
+        if response.status_code != 200:
+            raise ClassifyError(503, f"The model '{self.settings.model_name}' is not ready on the model server "
+                                     f"({response.status_code}: {_error_message(response)}).")
+        return {"model": self.settings.model_name, "backend": "oip", "server": self.settings.oip_url}

@@ -1,0 +1,187 @@
+"""KServe v1 and Open Inference Protocol (v2) JSON bodies: which images a request carries, and the
+answer in the request's own protocol. No torch here (the adapter's OIP client reads OUTPUTS too).
+
+Why the handler speaks them itself: TorchServe's envelopes (TS_SERVICE_ENVELOPE=kserve/kservev2)
+read only the first request of a batch, so an archive that batches breaks behind them. The KServe
+bundle turns the envelopes off (serving/kserve.py), and every request of a batch reaches the
+handler as ``{"body": <parsed JSON>}``, on /predictions/<name> as on /v1 and /v2 paths.
+
+    v1  {"instances": [{"data": "<base64>"} | {"b64": "<base64>"} | "<base64>", ...]}
+        -> {"predictions": [<the per-image answer>, ...]}
+    v2  {"id": "42", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [n], "data": ["<base64>", ...]}, ...]}
+        -> {"id": "42", "model_name", "model_version", "outputs": [{"name", "datatype", "shape", "data"}, ...]}
+        Several inputs, or a longer BYTES tensor, are several images (in order). ``outputs`` in the
+        request picks which outputs come back (all of OUTPUTS by default).
+Anything else (a raw body, a multipart field, ``{"image": "<base64>"}``) is the plain protocol,
+read by handler.preprocessing.image_bytes as before.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass, field
+
+PLAIN, V1, V2 = "plain", "v1", "v2"
+
+# v2 outputs, one row per image (shape [n] or [n, k]); the README lists them for users.
+OUTPUTS = {
+    "label": "BYTES",              # [n] class label, e.g. "aquarium_fish"
+    "name": "BYTES",               # [n] display name, e.g. "Aquarium fish"
+    "index": "INT64",              # [n] class index 0..99
+    "probability": "FP32",         # [n] probability of that class
+    "topk_label": "BYTES",         # [n, k] the k most likely labels, best first
+    "topk_name": "BYTES",          # [n, k] their display names
+    "topk_index": "INT64",         # [n, k] their indices
+    "topk_probability": "FP32",    # [n, k] their probabilities
+}
+
+
+class ProtocolError(ValueError):
+    """The request's body is not a usable v1/v2 request; ``status`` is the HTTP code its client gets."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class ParsedRequest:
+    protocol: str                                   # V1 or V2
+    images: list[bytes]                             # encoded images, in request order
+    where: list[str]                                # where each image sits, for error messages
+    request_id: str | None = None                   # v2 "id", echoed in the answer
+    outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))  # v2 outputs to answer
+
+
+def _b64_image(text, where: str) -> bytes:
+    """base64 text (optionally a data: URL) -> bytes; anything else is the client's mistake."""
+    if not isinstance(text, str):
+        raise ProtocolError(400, f"{where}: expected a base64 string, got {type(text).__name__}")
+    text = text.strip()
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if ";base64" not in header:
+            raise ProtocolError(400, f"{where}: data: URL must be base64 encoded")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(400, f"{where}: not base64 image data") from None
+    if not data:
+        raise ProtocolError(400, f"{where}: empty image")
+    return data
+
+
+def _json_body(row: dict):
+    """The request's JSON object, or None: TorchServe parses application/json bodies itself; a JSON
+    body sent as another content type arrives as bytes (an image never starts with '{')."""
+    body = row.get("body")
+    if isinstance(body, dict):
+        return body
+    if isinstance(body, (bytes, bytearray)) and body[:64].lstrip()[:1] == b"{":  # no copy of a big image
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+    return None
+
+
+def _flatten(data) -> list:
+    if isinstance(data, list):
+        return [item for part in data for item in _flatten(part)]
+    return [data]
+
+
+def _parse_v1(body: dict) -> ParsedRequest:
+    instances = body["instances"]
+    if not isinstance(instances, list) or not instances:
+        raise ProtocolError(400, "'instances' must be a non-empty list of images")
+    images, where = [], []
+    for n, instance in enumerate(instances):
+        at = f"instances[{n}]"
+        if isinstance(instance, dict):
+            key = next((k for k in ("data", "b64", "image") if k in instance), None)
+            if key is None:
+                raise ProtocolError(400, f"{at}: expected {{\"data\": \"<base64 image>\"}}")
+            at, instance = f"{at}.{key}", instance[key]
+        images.append(_b64_image(instance, at))
+        where.append(at)
+    return ParsedRequest(V1, images, where)
+
+
+def _parse_v2(body: dict) -> ParsedRequest:
+    inputs = body["inputs"]
+    if not isinstance(inputs, list) or not inputs:
+        raise ProtocolError(400, "'inputs' must be a non-empty list of tensors")
+    images, where = [], []
+    for n, tensor in enumerate(inputs):
+        if not isinstance(tensor, dict):
+            raise ProtocolError(400, f"inputs[{n}] must be an object with name, shape, datatype, data")
+        at = f"inputs[{n}] ({tensor.get('name', 'unnamed')!r})"
+        if tensor.get("datatype") != "BYTES":
+            raise ProtocolError(400, f"{at}: datatype {tensor.get('datatype')!r} is not supported; send "
+                                     "encoded images as datatype BYTES, base64 strings")
+        data = _flatten(tensor.get("data"))
+        shape = tensor.get("shape")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ProtocolError(400, f"{at}: shape must be a list of sizes, e.g. [{len(data)}]")
+        if math.prod(shape) != len(data):
+            raise ProtocolError(400, f"{at}: shape {shape} holds {math.prod(shape)} elements, data has {len(data)}")
+        for k, item in enumerate(data):
+            images.append(_b64_image(item, f"{at} data[{k}]"))
+            where.append(f"{at} data[{k}]")
+    if not images:
+        raise ProtocolError(400, "the request's inputs hold no image")
+    request_id = body.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError(400, "'id' must be a string")
+    outputs = list(OUTPUTS)
+    if body.get("outputs") is not None:
+        asked = body["outputs"]
+        names = [o.get("name") if isinstance(o, dict) else None for o in asked] if isinstance(asked, list) else [None]
+        unknown = [name for name in names if name not in OUTPUTS]
+        if unknown or not names:
+            raise ProtocolError(400, f"unknown output(s) {unknown}; this model has {', '.join(OUTPUTS)}")
+        outputs = names
+    return ParsedRequest(V2, images, where, request_id, outputs)
+
+
+def parse_request(row: dict, max_images: int) -> ParsedRequest | None:
+    """A v1/v2 request's images, or None for the plain protocol (raw, multipart, {"image": ...})."""
+    body = _json_body(row)
+    if body is None or not ("instances" in body or "inputs" in body):
+        return None
+    request = _parse_v1(body) if "instances" in body else _parse_v2(body)
+    if len(request.images) > max_images:
+        raise ProtocolError(413, f"{len(request.images)} images in one request, above the limit of "
+                                 f"{max_images} (handler.max_images_per_request)")
+    return request
+
+
+def encode_answer(request: ParsedRequest | None, answers: list[dict], model_name: str, model_version: str):
+    """The per-image answers (handler's dicts) in the request's protocol."""
+    if request is None:
+        return answers[0]
+    if request.protocol == V1:
+        return {"predictions": answers}
+    columns = {
+        "label": [a["label"] for a in answers],
+        "name": [a["prediction"] for a in answers],
+        "index": [a["index"] for a in answers],
+        "probability": [a["probability"] for a in answers],
+        "topk_label": [t["label"] for a in answers for t in a["topk"]],
+        "topk_name": [t["name"] for a in answers for t in a["topk"]],
+        "topk_index": [t["index"] for a in answers for t in a["topk"]],
+        "topk_probability": [t["probability"] for a in answers for t in a["topk"]],
+    }
+    k = len(answers[0]["topk"]) if answers else 0
+    outputs = [{"name": name, "datatype": OUTPUTS[name],
+                "shape": [len(answers), k] if name.startswith("topk_") else [len(answers)],
+                "data": columns[name]} for name in request.outputs]
+    answer = {"model_name": model_name, "model_version": model_version, "outputs": outputs}
+    if request.request_id is not None:
+        answer = {"id": request.request_id, **answer}
+    return answer

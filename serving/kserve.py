@@ -1,0 +1,178 @@
+"""The KServe bundle (``make kserve-bundle``), and running it locally exactly as KServe runs it.
+
+KServe's TorchServe runtime mounts ``storageUri`` at /mnt/models and expects
+
+    dist/kserve/config/config.properties     TorchServe's settings, read by TorchServe and by KServe's wrapper
+    dist/kserve/model-store/cifar100.mar     the same archive as `make archive` (WEIGHTS= picks others)
+
+and starts ``torchserve --start --model-store=/mnt/models/model-store
+--ts-config=/mnt/models/config/config.properties`` with ``TS_SERVICE_ENVELOPE`` = ``kserve`` (v1) or
+``kservev2`` (v2). The envelopes answer only the first request of a batch (pytorch/serve #2158), so
+the config sets ``enable_envvars_config=false``: TorchServe ignores the variable, and the handler
+reads v1/v2 bodies itself (handler/protocols.py) with batching intact.
+
+    python -m serving.kserve [--weights PATH] [--out dist/kserve] [--force]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import yaml
+
+from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, MODEL_NAME, ArchiveError, build_archive, weights_version
+from serving.torchserve import BASE_CONFIG, MAR_FILE, TorchServeError, TorchServeInstance, _tail, free_ports, read_properties
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "dist" / "kserve"
+MOUNT = "/mnt/models"  # where KServe's storage initializer puts storageUri's contents
+MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice.yaml"
+# KServe's wrapper (port 8080, the pod's only served port) calls TorchServe on 8085 for inference
+# and management alike; only the wrapper calls it, so it listens on the pod's loopback. Prometheus
+# scrapes the metrics port from outside the container.
+POD_ADDRESSES = {"inference_address": "http://127.0.0.1:8085", "management_address": "http://127.0.0.1:8085",
+                 "metrics_address": "http://0.0.0.0:8082", "grpc_inference_port": "7070",
+                 "grpc_management_port": "7071"}
+ENVELOPES = {"v1": "kserve", "v2": "kservev2"}  # TS_SERVICE_ENVELOPE per protocolVersion, as KServe sets it
+# Keys of the repo's config.properties that describe a local machine, not the pod.
+LOCAL_ONLY = {"model_store", "load_models", "token_expiration_min", "default_workers_per_model"}
+
+
+def model_snapshot(version: str, model_config: Path = MODEL_CONFIG) -> dict:
+    """The ``model_snapshot`` KServe's wrapper reads (model names) and TorchServe loads: batching and
+    workers as in model-config.yaml (a snapshot's values override the archive's)."""
+    cfg = yaml.safe_load(Path(model_config).read_text())
+    settings = {key: cfg[key] for key in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")}
+    return {"name": "startup.cfg", "modelCount": 1,
+            "models": {MODEL_NAME: {version: {"defaultVersion": True, "marName": MAR_FILE, **settings}}}}
+
+
+def bundle_properties(version: str) -> dict[str, str]:
+    props = {k: v for k, v in read_properties(BASE_CONFIG).items() if k not in LOCAL_ONLY}
+    props.update(POD_ADDRESSES)
+    props.update({
+        "model_store": f"{MOUNT}/model-store",
+        # TS_SERVICE_ENVELOPE (set by KServe) must stay unread: its envelopes break batching.
+        "enable_envvars_config": "false",
+        # KServe authenticates at its ingress; the wrapper sends no TorchServe token.
+        "disable_token_authorization": "true",
+        "install_py_dep_per_model": "false",
+        "metrics_mode": "prometheus",
+        "enable_metrics_api": "true",
+        "model_snapshot": json.dumps(model_snapshot(version), separators=(",", ":")),
+    })
+    return props
+
+
+def build_bundle(weights: Path = DEFAULT_WEIGHTS, out: Path = DEFAULT_OUT, force: bool = False,
+                 quiet: bool = False) -> Path:
+    """Write ``out/config/config.properties`` and ``out/model-store/cifar100.mar``; return ``out``."""
+    out = Path(out).resolve()
+    build_archive(Path(weights), out / "model-store", force=force, quiet=quiet)
+    props = bundle_properties(weights_version(Path(weights).resolve()))
+    config = out / "config" / "config.properties"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    header = ("# Written by `make kserve-bundle` (serving/kserve.py) for KServe's TorchServe runtime.\n"
+              "# enable_envvars_config=false: TS_SERVICE_ENVELOPE is ignored, the handler reads v1/v2 bodies\n"
+              "# itself and keeps batching. Token auth off: KServe authenticates at its ingress.\n")
+    config.write_text(header + "".join(f"{k}={v}\n" for k, v in props.items()))
+    if not quiet:
+        print(f"KServe bundle in {out}: config/config.properties, model-store/{MAR_FILE}\n"
+              f"  copy it where the InferenceService's storageUri points (README, 'KServe').")
+    return out
+
+
+def pod_environment(manifest: Path = MANIFEST) -> dict[str, str]:
+    """The predictor container's env from deploy/kserve/inferenceservice.yaml (threads, OpenMP)."""
+    spec = yaml.safe_load(Path(manifest).read_text())
+    return {e["name"]: str(e["value"]) for e in spec["spec"]["predictor"]["model"].get("env", [])}
+
+
+class KServeTorchServe(TorchServeInstance):
+    """TorchServe from a KServe bundle, started with KServe's runtime command line and environment.
+
+    Only the ports and the /mnt/models paths of the bundle's config are substituted (free loopback
+    ports, the bundle's real folder); TMPDIR/TEMP and the working directory are the instance's own.
+    """
+
+    def __init__(self, workdir: Path, bundle: Path = DEFAULT_OUT, protocol: str = "v2", ports: dict | None = None):
+        inference, metrics, grpc_inference, grpc_management = free_ports(4) if ports is None else ports
+        super().__init__(workdir, {"inference": inference, "management": inference, "metrics": metrics,
+                                   "grpc_inference": grpc_inference, "grpc_management": grpc_management},
+                         model_store=Path(bundle) / "model-store", log_config=None)
+        self.bundle = Path(bundle).resolve()
+        self.protocol = protocol
+
+    @property
+    def v2_infer_url(self) -> str:
+        return f"{self.inference_url}/v2/models/{self.model_name}/infer"
+
+    @property
+    def v1_predict_url(self) -> str:
+        return f"{self.inference_url}/v1/models/{self.model_name}:predict"
+
+    def write_config(self) -> Path:
+        props = read_properties(self.bundle / "config" / "config.properties")
+        props.update({"inference_address": self.inference_url, "management_address": self.management_url,
+                      "metrics_address": self.metrics_url,
+                      "grpc_inference_port": str(self.ports["grpc_inference"]),
+                      "grpc_management_port": str(self.ports["grpc_management"]),
+                      "model_store": str(self.model_store)})
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        return self.config_path
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ, TMPDIR=str(self.tmp_dir), TEMP=str(self.tmp_dir),
+                   TS_SERVICE_ENVELOPE=ENVELOPES[self.protocol], **pod_environment())
+        env.pop("PYTHONPATH", None)  # the workers import handler/ and model/ from the archive
+        return env
+
+    def start(self) -> None:
+        if self.is_running():
+            return
+        if not (self.model_store / MAR_FILE).is_file():
+            raise TorchServeError(f"{self.model_store / MAR_FILE} not found: run `make kserve-bundle` first")
+        self.write_config()
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.pid_file.unlink(missing_ok=True)
+        torchserve = Path(sys.executable).with_name("torchserve")
+        # KServe's runtime (config/runtimes/kserve-torchserve.yaml): these two options, nothing else.
+        cmd = [str(torchserve if torchserve.exists() else "torchserve"), "--start",
+               f"--model-store={self.model_store}", f"--ts-config={self.config_path}"]
+        with open(self.log_dir / "torchserve_launcher.log", "ab") as launcher_log:
+            # Java keeps the launcher's stdout/stderr: a file, never a pipe (a pipe would never close).
+            result = subprocess.run(cmd, cwd=self.workdir, env=self._env(), stdout=launcher_log,
+                                    stderr=subprocess.STDOUT, timeout=60)
+        if result.returncode != 0:
+            raise TorchServeError(f"`{' '.join(cmd)}` failed ({result.returncode}):\n"
+                                  f"{_tail(self.log_dir / 'torchserve_launcher.log')}")
+
+    def worker_statuses(self, timeout: float = 5.0) -> list[dict]:
+        # Token auth is off inside the pod, as for KServe's wrapper: no key.
+        r = httpx.get(f"{self.management_url}/models/{self.model_name}", timeout=timeout)
+        r.raise_for_status()
+        return r.json()[0].get("workers", [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write KServe's storage layout for the CIFAR-100 model.")
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--force", action="store_true", help="rebuild the archive even when its inputs are unchanged")
+    args = parser.parse_args(argv)
+    try:
+        build_bundle(args.weights, args.out, args.force)
+    except ArchiveError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""adapter/oip.py against a real HTTP server (aiohttp.web) playing an Open Inference Protocol server
+that answers with each failure a KServe deployment can give: the statuses /classify/ passes on
+must be the ones it gives in front of TorchServe (adapter/torchserve.py)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+
+import pytest
+from aiohttp import web
+
+from adapter.config import Settings
+from adapter.errors import ClassifyError
+from adapter.oip import OIPClient
+
+GOOD = {"id": "x", "model_name": "cifar100", "model_version": "w3-test", "outputs": [
+    {"name": "label", "datatype": "BYTES", "shape": [1], "data": ["aquarium_fish"]},
+    {"name": "name", "datatype": "BYTES", "shape": [1], "data": ["Aquarium fish"]},
+    {"name": "index", "datatype": "INT64", "shape": [1], "data": [1]},
+    {"name": "probability", "datatype": "FP32", "shape": [1], "data": [0.9]},
+    {"name": "topk_label", "datatype": "BYTES", "shape": [1, 2], "data": ["aquarium_fish", "flatfish"]},
+    {"name": "topk_name", "datatype": "BYTES", "shape": [1, 2], "data": ["Aquarium fish", "Flatfish"]},
+    {"name": "topk_index", "datatype": "INT64", "shape": [1, 2], "data": [1, 32]},
+    {"name": "topk_probability", "datatype": "FP32", "shape": [1, 2], "data": [0.9, 0.05]}]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def call_server(reply, settings_kwargs=None, method="predict"):
+    """Run the fake server (reply: request -> web.Response) and one client call against it."""
+    seen = []
+
+    async def infer(request: web.Request) -> web.StreamResponse:
+        seen.append((request.path, request.headers.get("Host"), await request.text()))
+        return await reply(request)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", infer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    client = OIPClient(Settings(oip_url=f"http://127.0.0.1:{port}", **(settings_kwargs or {})))
+    try:
+        result = await (client.predict(b"PNGDATA") if method == "predict" else client.model_status())
+        return result, seen
+    finally:
+        await client.aclose()
+        await runner.cleanup()
+
+
+def json_reply(status: int, body) -> callable:
+    async def reply(request):
+        return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+    return reply
+
+
+def test_a_v2_answer_becomes_the_handlers_answer_and_the_request_is_v2():
+    answer, seen = asyncio.run(call_server(json_reply(200, GOOD), {"oip_host_header": "cifar100.default.example.com"}))
+    assert answer == {"prediction": "Aquarium fish", "label": "aquarium_fish", "index": 1, "probability": 0.9,
+                      "model_version": "w3-test",
+                      "topk": [{"label": "aquarium_fish", "name": "Aquarium fish", "index": 1, "probability": 0.9},
+                               {"label": "flatfish", "name": "Flatfish", "index": 32, "probability": 0.05}]}
+    path, host, body = seen[0]
+    assert path == "/v2/models/cifar100/infer" and host == "cifar100.default.example.com"
+    [tensor] = json.loads(body)["inputs"]
+    assert tensor["datatype"] == "BYTES" and tensor["shape"] == [1]
+    assert base64.b64decode(tensor["data"][0]) == b"PNGDATA"
+
+
+@pytest.mark.parametrize("status, body, expected_status, words", [
+    (400, {"error": "inputs[0] ('image') data[0]: not an image"}, 400, "not an image"),
+    (413, {"error": "image is 9000x9000 pixels"}, 413, "9000x9000"),
+    (404, {"error": "Model with name cifar100 does not exist."}, 503, "not loaded"),
+    (503, {"error": "no worker"}, 503, "not ready"),
+    (500, {"error": "boom"}, 502, "boom"),
+    (200, {"predictions": [{"label": "x"}]}, 502, "not an Open Inference Protocol answer"),
+    (200, {**GOOD, "outputs": GOOD["outputs"][:2]}, 502, "lacks the outputs"),
+])
+def test_failures_get_the_same_statuses_as_in_front_of_torchserve(status, body, expected_status, words):
+    with pytest.raises(ClassifyError) as err:
+        asyncio.run(call_server(json_reply(status, body)))
+    assert err.value.status_code == expected_status and words in err.value.message
+
+
+def test_slow_server_is_504_and_absent_server_is_503():
+    async def slow(request):
+        await asyncio.sleep(3)
+        return web.Response(text="{}")
+    with pytest.raises(ClassifyError) as err:
+        asyncio.run(call_server(slow, {"predict_timeout_s": 0.5}))
+    assert err.value.status_code == 504
+
+    async def absent():
+        client = OIPClient(Settings(oip_url=f"http://127.0.0.1:{free_port()}"))
+        try:
+            await client.predict(b"x")
+        finally:
+            await client.aclose()
+    with pytest.raises(ClassifyError) as err:
+        asyncio.run(absent())
+    assert err.value.status_code == 503 and "not reachable" in err.value.message
+
+
+def test_health_asks_the_models_ready_endpoint():
+    status, seen = asyncio.run(call_server(json_reply(200, {"name": "cifar100", "ready": True}), method="status"))
+    assert seen[0][0] == "/v2/models/cifar100/ready" and status["model"] == "cifar100"
+    with pytest.raises(ClassifyError) as err:
+        asyncio.run(call_server(json_reply(503, {"error": "not ready"}), method="status"))
+    assert err.value.status_code == 503

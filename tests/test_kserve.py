@@ -1,0 +1,318 @@
+"""The KServe bundle, run exactly as KServe's TorchServe runtime runs it, over v1 and v2.
+
+``make kserve-bundle``'s layout is built into a temporary folder and started with the runtime's
+command line (``torchserve --start --model-store=... --ts-config=...``), with
+``TS_SERVICE_ENVELOPE`` as KServe sets it (``kservev2`` for v2, ``kserve`` for v1) and the pod's
+env from deploy/kserve/inferenceservice.yaml; only the ports and the /mnt/models paths are
+substituted. No token (KServe's wrapper sends none). Real Java, real HTTP, real CIFAR-100 test
+images; the reference answers come from the same network called in-process.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import yaml
+
+from handler.protocols import OUTPUTS, ProtocolError, parse_request
+from serving.archive import MODEL_CONFIG, weights_version
+from serving.kserve import ENVELOPES, KServeTorchServe, build_bundle
+from serving.torchserve import read_properties
+from serving_helpers import ReferenceModel, assert_same_answer, cifar_pil, decompression_bomb_png, encode
+from torchserve_fixture import READY_TIMEOUT_S, weights_under_test
+
+TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+N_IMAGES = 200
+CONCURRENCY = 8
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def v2_body(images: list[bytes], request_id: str | None = None) -> dict:
+    body = {"inputs": [{"name": "image", "shape": [len(images)], "datatype": "BYTES", "data": [b64(i) for i in images]}]}
+    return {"id": request_id, **body} if request_id is not None else body
+
+
+def v1_body(images: list[bytes]) -> dict:
+    return {"instances": [{"data": b64(i)} for i in images]}
+
+
+def v2_answers(body: dict) -> list[dict]:
+    """An OIP answer back into the handler's per-image shape (index, topk), checking its tensors."""
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert set(outputs) == set(OUTPUTS)
+    n = outputs["label"]["shape"][0]
+    for name, out in outputs.items():
+        assert out["datatype"] == OUTPUTS[name]
+        k = out["shape"][1] if name.startswith("topk_") else 1
+        assert len(out["data"]) == n * k, name
+    k = outputs["topk_index"]["shape"][1]
+    answers = []
+    for i in range(n):
+        topk = [{"index": outputs["topk_index"]["data"][i * k + j], "label": outputs["topk_label"]["data"][i * k + j],
+                 "name": outputs["topk_name"]["data"][i * k + j],
+                 "probability": outputs["topk_probability"]["data"][i * k + j]} for j in range(k)]
+        answer = {"index": outputs["index"]["data"][i], "label": outputs["label"]["data"][i],
+                  "prediction": outputs["name"]["data"][i], "probability": outputs["probability"]["data"][i],
+                  "topk": topk}
+        assert (answer["index"], answer["label"], answer["prediction"]) == (topk[0]["index"], topk[0]["label"],
+                                                                             topk[0]["name"])
+        answers.append(answer)
+    return answers
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return build_bundle(weights_under_test(), tmp_path_factory.mktemp("kserve") / "dist-kserve", quiet=True)
+
+
+@pytest.fixture(scope="module", params=["v2", "v1"])
+def kserve_ts(request, bundle, tmp_path_factory):
+    ts = KServeTorchServe(tmp_path_factory.mktemp(f"kserve-{request.param}"), bundle, request.param)
+    ts.start()
+    try:
+        ts.wait_ready(READY_TIMEOUT_S)
+        yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return ReferenceModel(weights_under_test())
+
+
+@pytest.fixture(scope="module")
+def client():
+    with httpx.Client(timeout=TIMEOUT) as c:
+        yield c
+
+
+def routes(ts: KServeTorchServe) -> list[str]:
+    """Where a client of this protocol posts: TorchServe's own path (where KServe's wrapper
+    forwards) and the protocol's path."""
+    return [ts.predictions_url, ts.v2_infer_url if ts.protocol == "v2" else ts.v1_predict_url]
+
+
+def body_for(ts: KServeTorchServe, images: list[bytes], request_id: str | None = None) -> dict:
+    return v2_body(images, request_id) if ts.protocol == "v2" else v1_body(images)
+
+
+def answers_of(ts: KServeTorchServe, response: httpx.Response) -> list[dict]:
+    body = response.json()
+    return v2_answers(body) if ts.protocol == "v2" else body["predictions"]
+
+
+# ---- the bundle itself -----------------------------------------------------------------------
+def test_bundle_layout_and_config(bundle):
+    props = read_properties(bundle / "config" / "config.properties")
+    assert (bundle / "model-store" / "cifar100.mar").is_file()
+    assert props["enable_envvars_config"] == "false"  # TS_SERVICE_ENVELOPE ignored: batching survives
+    assert props["disable_token_authorization"] == "true"
+    assert props["metrics_mode"] == "prometheus" and props["metrics_address"].endswith(":8082")
+    assert props["inference_address"] == props["management_address"] == "http://127.0.0.1:8085"
+    assert props["model_store"] == "/mnt/models/model-store"
+    assert "service_envelope" not in props
+    snapshot = json.loads(props["model_snapshot"])
+    config = yaml.safe_load(MODEL_CONFIG.read_text())
+    version = weights_version(weights_under_test())
+    entry = snapshot["models"]["cifar100"][version]
+    assert entry["marName"] == "cifar100.mar" and entry["defaultVersion"] is True
+    assert entry["batchSize"] == config["batchSize"] > 1
+    assert (entry["minWorkers"], entry["maxWorkers"], entry["maxBatchDelay"]) == (
+        config["minWorkers"], config["maxWorkers"], config["maxBatchDelay"])
+
+
+# ---- request parsing, without a server -------------------------------------------------------
+PNG = b"\x89PNG\r\n\x1a\n..."
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, 400, "BYTES"),
+    ({"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": [b64(PNG)]}]}, 400, "shape"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]}]}, 400, "base64"),
+    ({"inputs": []}, 400, "non-empty"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [b64(PNG)]}],
+      "outputs": [{"name": "logits"}]}, 400, "unknown output"),
+    ({"instances": []}, 400, "non-empty"),
+    ({"instances": [{"pixels": b64(PNG)}]}, 400, "instances[0]"),
+    ({"instances": [b64(PNG)] * 65}, 413, "limit of 64"),
+])
+def test_malformed_protocol_bodies_are_refused_with_a_reason(body, status, words):
+    with pytest.raises(ProtocolError) as err:
+        parse_request({"body": body}, max_images=64)
+    assert err.value.status == status and words in err.value.message
+
+
+def test_plain_bodies_stay_plain_and_json_sent_as_bytes_is_read():
+    assert parse_request({"body": {"image": b64(PNG)}}, 64) is None
+    assert parse_request({"body": bytearray(PNG)}, 64) is None
+    assert parse_request({"image": bytearray(PNG)}, 64) is None
+    as_bytes = parse_request({"body": bytearray(json.dumps(v2_body([PNG, PNG], "7")).encode())}, 64)
+    assert as_bytes.images == [PNG, PNG] and as_bytes.request_id == "7"
+    v1 = parse_request({"body": {"instances": [b64(PNG), {"b64": b64(PNG)}, {"data": b64(PNG)}]}}, 64)
+    assert v1.images == [PNG] * 3 and v1.protocol == "v1"
+
+
+# ---- the running bundle ----------------------------------------------------------------------
+def test_test_split_in_this_protocol_gets_the_in_process_answer_with_batching(kserve_ts, client, reference,
+                                                                              cifar100_test_split):
+    images = cifar100_test_split[0][:N_IMAGES]
+    expected = reference.probs_of_uint8(images)
+    payloads = [encode(cifar_pil(images, i)) for i in range(N_IMAGES)]
+    version = weights_version(weights_under_test())
+    for url in routes(kserve_ts):
+        def call(i):
+            return client.post(url, json=body_for(kserve_ts, [payloads[i]], request_id=f"req-{i}"))
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            responses = list(pool.map(call, range(N_IMAGES)))
+        batch_sizes = [int(r.headers["X-Batch-Size"]) for r in responses]
+        assert max(batch_sizes) > 1, f"{url}: no request shared a batch: {batch_sizes}"
+        for i, r in enumerate(responses):
+            assert r.status_code == 200, (url, r.text)
+            if kserve_ts.protocol == "v2":
+                body = r.json()
+                assert (body["id"], body["model_name"], body["model_version"]) == (f"req-{i}", "cifar100", version)
+            [answer] = answers_of(kserve_ts, r)
+            assert_same_answer(answer, expected[i])
+
+
+def test_several_images_in_one_request_get_one_answer_each_in_order(kserve_ts, client, reference,
+                                                                    cifar100_test_split):
+    images = cifar100_test_split[0][N_IMAGES:N_IMAGES + 5]
+    expected = reference.probs_of_uint8(images)
+    payloads = [encode(cifar_pil(images, i)) for i in range(5)]
+    if kserve_ts.protocol == "v2":
+        # Two inputs, the second a BYTES tensor of shape [2, 2]: five images in input order.
+        body = {"inputs": [{"name": "first", "shape": [1], "datatype": "BYTES", "data": [b64(payloads[0])]},
+                           {"name": "more", "shape": [2, 2], "datatype": "BYTES",
+                            "data": [[b64(p) for p in payloads[1:3]], [b64(p) for p in payloads[3:]]]}]}
+    else:
+        body = {"instances": [{"data": b64(payloads[0])}, {"b64": b64(payloads[1])}] + [b64(p) for p in payloads[2:]]}
+    for url in routes(kserve_ts):
+        r = client.post(url, json=body)
+        assert r.status_code == 200, r.text
+        answers = answers_of(kserve_ts, r)
+        assert len(answers) == 5
+        for i, answer in enumerate(answers):
+            assert_same_answer(answer, expected[i])
+        if kserve_ts.protocol == "v2":
+            assert "id" not in r.json()  # none was given
+            outputs = {o["name"]: o for o in r.json()["outputs"]}
+            assert outputs["topk_probability"]["shape"] == [5, 5] and outputs["label"]["shape"] == [5]
+
+
+def test_v2_outputs_asked_for_are_the_ones_answered(kserve_ts, client, cifar100_test_split):
+    if kserve_ts.protocol != "v2":
+        pytest.skip("the outputs field is v2's")
+    body = {**v2_body([encode(cifar_pil(cifar100_test_split[0], 0))]), "outputs": [{"name": "name"}, {"name": "index"}]}
+    r = client.post(kserve_ts.v2_infer_url, json=body)
+    assert r.status_code == 200, r.text
+    assert [o["name"] for o in r.json()["outputs"]] == ["name", "index"]
+
+
+def _truncated_png(img) -> bytes:
+    data = encode(img.resize((128, 128)))
+    return data[:len(data) // 2]
+
+
+BAD_IMAGES = {
+    "text": (lambda img: b"name,score\nalice,3\n" * 20, 400, "not an image"),
+    "truncated PNG": (_truncated_png, 400, ""),
+    "decompression bomb": (lambda img: decompression_bomb_png(), 413, "limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_a_bad_image_gets_a_4xx_for_its_request_only(kserve_ts, client, reference, cifar100_test_split, case):
+    build, status, words = BAD_IMAGES[case]
+    images = cifar100_test_split[0][:8]
+    good = [encode(cifar_pil(images, i)) for i in range(8)]
+    bad = build(cifar_pil(images, 0))
+    url = routes(kserve_ts)[-1]
+    # The bad request (a good image first, then the bad one) among good ones sent at once: it must
+    # fail alone, whichever batch it lands in.
+    bodies = [body_for(kserve_ts, [g]) for g in good]
+    bodies.insert(3, body_for(kserve_ts, [good[0], bad]))
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        responses = list(pool.map(lambda b: client.post(url, json=b), bodies))
+    refused = responses.pop(3)
+    assert refused.status_code == status, refused.text
+    message = refused.json()["error"]
+    assert words in message and ("data[1]" in message or "instances[1]" in message), message
+    expected = reference.probs_of_uint8(images)
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, r.text
+        assert_same_answer(answers_of(kserve_ts, r)[0], expected[i])
+
+
+def test_metrics_are_prometheus_text_without_a_token(kserve_ts, client, cifar100_test_split):
+    r = client.get(f"{kserve_ts.metrics_url}/metrics")
+    assert r.status_code == 200 and "ts_inference_requests_total" in r.text
+
+
+def test_the_envelope_variable_is_set_and_ignored(kserve_ts):
+    # KServe's variable reached Java, yet the handler answered every request of a batch (tests
+    # above): TorchServe did not apply its envelope.
+    import psutil
+
+    java = psutil.Process(kserve_ts.java_pid())
+    assert java.environ().get("TS_SERVICE_ENVELOPE") == ENVELOPES[kserve_ts.protocol]
+
+
+# ---- the /classify/ adapter in front of the bundle's v2 server (OIP_URL) -----------------------
+def test_adapter_in_front_of_the_v2_server_answers_classify_as_today(kserve_ts, reference, cifar100_test_split,
+                                                                     tmp_path):
+    if kserve_ts.protocol != "v2":
+        pytest.skip("the adapter speaks v2 to an Open Inference Protocol server")
+    from adapter.run import running_adapter
+    from model.classes import display_name
+
+    images = cifar100_test_split[0][1000:1100]
+    expected = reference.probs_of_uint8(images)
+    payloads = [encode(cifar_pil(images, i)) for i in range(len(images))]
+    # No TorchServe key file, no management URL: only the OIP server's address.
+    env = {"OIP_URL": kserve_ts.inference_url, "TS_MODEL_NAME": kserve_ts.model_name,
+           "TS_KEY_FILE": str(tmp_path / "no-key-file.json"), "TS_INFERENCE_URL": "http://127.0.0.1:9",
+           "TS_MANAGEMENT_URL": "http://127.0.0.1:9"}
+    with running_adapter(env, tmp_path / "adapter.log") as adapter, httpx.Client(timeout=TIMEOUT) as c:
+        def classify(data: bytes) -> httpx.Response:
+            return c.post(f"{adapter.base_url}/classify/", files={"image": ("photo.png", data, "image/png")})
+
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            responses = list(pool.map(classify, payloads))
+        version = weights_version(weights_under_test())
+        for i, r in enumerate(responses):
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["prediction"] == display_name(body["label"]) == body["top5"][0]["name"]
+            assert (body["label"], body["index"]) == (body["top5"][0]["label"], body["top5"][0]["index"])
+            assert len(body["top5"]) == 5 and body["model_version"] == version and body["time_ms"] > 0
+            assert_same_answer({"index": body["index"], "topk": body["top5"]}, expected[i])
+        # The same error mapping as in front of TorchServe: the server's 4xx and message pass through.
+        text = classify(b"name,score\nalice,3\n" * 20)
+        assert text.status_code == 400 and "not an image" in text.json()["error"]
+        bomb = classify(decompression_bomb_png())
+        assert bomb.status_code == 413 and "limit" in bomb.json()["error"]
+        assert classify(payloads[0]).status_code == 200
+
+
+# ---- the benchmark's v2 point (figures are make bench-serve's job; here: it measures) -----------
+def test_bench_kserve_prints_both_columns_and_the_ratio():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_kserve", "--duration", "1", "--rounds", "2",
+                           "--concurrency", "2"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [row for row in map(str.split, done.stdout.splitlines()) if len(row) == 6 and row[1] == "2"]
+    assert sorted(row[0] for row in rows) == ["predictions", "v2"], done.stdout
+    assert all(float(row[2]) > 0 and row[5] == "0" for row in rows), done.stdout
+    assert "v2 / predictions images/s at concurrency 2:" in done.stdout and "failed" not in done.stdout
