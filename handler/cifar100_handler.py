@@ -9,7 +9,10 @@ CPU) and reads the manifest and model-config.yaml; this class overrides only wha
   * ``preprocess``: decode any image Pillow reads (handler/preprocessing.py), sent as a raw body,
     a multipart field, or base64 in JSON; a bad image fails only its own request, with a 4xx.
   * ``inference``: skip the forward pass when every image of a batch was refused.
-  * ``postprocess``: the per-image JSON contract the /classify/ adapter relies on (top-k).
+  * ``postprocess``: the per-image JSON contract the /classify/ adapter relies on (top-k), with
+    calibrated probabilities and an ``unsure`` flag (handler/calibration.py).
+  * ``explain_handle``: TorchServe's /explanations: the same answer plus a Grad-CAM heatmap of
+    the top-1 class (handler/explain.py).
 
 TorchServe loads this file as the handler module and wants exactly one class defined in it; the
 helpers therefore live in the ``handler`` package, also shipped in the archive.
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from ts.torch_handler.base_handler import BaseHandler
 
+from handler.calibration import load_calibration
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, image_bytes, image_to_tensor, normalize
 from model import CIFAR100Model, infer_width_and_classes, load_class_names
 from model.classes import display_name
@@ -72,20 +76,26 @@ class CIFAR100Handler(BaseHandler):
         self.topk = max(1, min(int(handler_cfg.get("topk", DEFAULT_TOPK)), len(self.labels)))
         self.model_version = str(self.manifest["model"].get("modelVersion", "unknown"))
         self._errors: dict[int, ImageRequestError] = {}  # per batch: position -> why it was refused
+        self._sizes: list[tuple[int, int]] = []  # per batch: (width, height) of each good image
+        self.calibration = load_calibration(model_dir)
+        self._explanation_model = None  # built on the first explanation (handler/explain.py)
         logger.info("CIFAR-100 model %s on %s, %d threads, top-%d", self.model_version, self.device,
                     torch.get_num_threads(), self.topk)
 
     def _load_pickled_model(self, model_dir, model_file, model_pt_path):
         state_dict = torch.load(model_pt_path, map_location="cpu", weights_only=True)
+        self._state_dict = state_dict  # for the explanation model, built on first use
         return serving_model(state_dict)
 
     def preprocess(self, data):
         """One dict per request -> normalized batch of the good images; bad ones are remembered."""
-        self._errors = {}
+        self._errors, self._sizes = {}, []
         tensors = []
         for idx, row in enumerate(data):
             try:
-                tensors.append(image_to_tensor(decode_image(image_bytes(row))))
+                image = decode_image(image_bytes(row))
+                tensors.append(image_to_tensor(image))
+                self._sizes.append(image.size)
             except ImageRequestError as err:
                 self._errors[idx] = err
             except Exception as err:  # noqa: BLE001 - never let one request fail the whole batch
@@ -102,7 +112,8 @@ class CIFAR100Handler(BaseHandler):
             return self.model(data, *args, **kwargs)
 
     def postprocess(self, data):
-        probs, indices = torch.topk(F.softmax(data.float(), dim=1), self.topk, dim=1)
+        # Temperature scaling (training/calibrate.py): honest probabilities, same order, same top-1.
+        probs, indices = torch.topk(F.softmax(data.float() / self.calibration.temperature, dim=1), self.topk, dim=1)
         probs, indices = probs.cpu().tolist(), indices.cpu().tolist()
         batch_size = len(data) + len(self._errors)
         answers, good = [], iter(zip(probs, indices))
@@ -124,5 +135,32 @@ class CIFAR100Handler(BaseHandler):
                      "probability": round(p, 6)} for p, i in zip(item_probs, item_indices)]
             answers.append({"prediction": topk[0]["name"], "label": topk[0]["label"], "index": topk[0]["index"],
                             "probability": topk[0]["probability"], "topk": topk,
+                            "unsure": self.calibration.is_unsure(item_probs[0]),
                             "model_version": self.model_version})
+        return answers
+
+    # --- /explanations/<model>: TorchServe marks those requests with the header explain=True ---
+    def _wants_explanation(self, idx: int) -> bool:
+        return self.context.get_request_header(idx, "explain") == "True"
+
+    def _is_explain(self):
+        # A batch may mix /predictions and /explanations requests (one queue per model); BaseHandler
+        # looks at the first request only. Explain when any request asks; the others get plain answers.
+        return any(self._wants_explanation(idx) for idx in range(len(self.context.request_ids or {})))
+
+    def explain_handle(self, data_preprocess, raw_data):
+        """The prediction answers, plus a Grad-CAM ``heatmap`` for each request that asked for one."""
+        from handler.explain import explanation_model, heatmaps
+
+        logits = self.inference(data_preprocess)
+        answers = self.postprocess(logits)
+        good = [idx for idx in range(len(answers)) if idx not in self._errors]  # row r of the batch = good[r]
+        rows = [r for r, idx in enumerate(good) if self._wants_explanation(idx)]
+        if rows:
+            if self._explanation_model is None:
+                self._explanation_model = explanation_model(build_model(self._state_dict)).to(self.device)
+            maps = heatmaps(self._explanation_model, data_preprocess[rows], logits[rows].argmax(dim=1),
+                            [self._sizes[r] for r in rows])
+            for r, heatmap in zip(rows, maps):
+                answers[good[r]]["heatmap"] = heatmap
         return answers
