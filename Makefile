@@ -12,7 +12,11 @@ TRAIN_ARGS ?=
 .PHONY: install install-system train evaluate archive serve serve-torchserve serve-adapter \
         stop stop-torchserve stop-adapter test bench bench-train bench-serve clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed node_modules/.installed
+# npm packages of the page tests (axe-core), exactly as package-lock.json pins them.
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@
 $(VENV)/.installed: requirements.txt adapter/requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -25,6 +29,7 @@ install-system:
 	command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 	test -x /usr/bin/wrk || (apt-get update -qq && apt-get install -y -qq wrk)
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq npm)
 
 train: install
 	$(PY) -m training.train --data-dir $(CIFAR100_DATA) --out runs/latest $(TRAIN_ARGS)
@@ -76,4 +81,4 @@ bench-train: install
 	$(PY) -m training.bench --data-dir $(CIFAR100_DATA) $(BENCH_TRAIN_ARGS)
 
 clean:
-	rm -rf runs model_store logs test-artifacts
+	rm -rf runs model_store logs test-artifacts node_modules
