@@ -97,11 +97,17 @@ def main(argv: list[str] | None = None) -> int:
                 heat += [heatmap_pixels(u) for u in urls]
             done += len(urls)
         seconds[batch_size] = ((time.perf_counter() - started) / done, (time.process_time() - cpu_started) / done)
+    cpu_started, done = time.process_time(), 0
+    with torch.inference_mode():
+        for i in range(0, len(x), 6):
+            done += len(served(x[i:i + 6]))
+    predict_cpu = (time.process_time() - cpu_started) / done
     top, bottom = deletion_drops(served, images, torch.stack(heat), answers, temperature)
     rate = float((top > bottom).float().mean())
     print(f"CPU: {machine()}, {args.threads} torch thread(s); weights {args.weights}")
     for batch_size, (wall, cpu) in seconds.items():
         print(f"Grad-CAM explanation, batch {batch_size}: {wall * 1000:.1f} ms wall, {cpu * 1000:.1f} ms CPU per image")
+    print(f"prediction (forward pass only), batch 6: {predict_cpu * 1000:.1f} ms CPU per image")
     print(f"deletion test on {len(images)} test images: blanking the top {BLANK_SHARE:.0%} of pixels lowers the "
           f"answer's probability more than blanking the bottom {BLANK_SHARE:.0%} on {rate:.1%} of them "
           f"(mean drop {float(top.mean()):.3f} vs {float(bottom.mean()):.3f})")
