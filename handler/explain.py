@@ -43,7 +43,7 @@ def grad_cam(model: torch.nn.Module, batch: torch.Tensor, targets: torch.Tensor)
 
     with torch.enable_grad():
         cam = LayerGradCam(model, model.stage3).attribute(batch, target=targets.clone(), relu_attributions=True)
-    cam = cam.detach().float().sum(dim=1)  # [B, h, w]: LayerGradCam already averages channels
+    cam = cam.detach().float().sum(dim=1).cpu()  # [B, h, w] (LayerGradCam already averages channels); PNGs are made on the CPU
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)
     return cam / peak[:, None, None]
 
