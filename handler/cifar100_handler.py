@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.calibration import load_calibration
+from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, image_bytes, image_to_tensor, normalize
 from model import CIFAR100Model, infer_width_and_classes, load_class_names
 from model.classes import display_name
@@ -79,6 +80,8 @@ class CIFAR100Handler(BaseHandler):
         self._sizes: list[tuple[int, int]] = []  # per batch: (width, height) of each good image
         self.calibration = load_calibration(model_dir)
         self._explanation_model = None  # built on the first explanation (handler/explain.py)
+        # Longer side of a Grad-CAM heatmap PNG (model-config.yaml handler.heatmap_max_side, optional).
+        self.heatmap_max_side = int(handler_cfg.get("heatmap_max_side", HEATMAP_MAX_SIDE))
         logger.info("CIFAR-100 model %s on %s, %d threads, top-%d", self.model_version, self.device,
                     torch.get_num_threads(), self.topk)
 
@@ -146,11 +149,11 @@ class CIFAR100Handler(BaseHandler):
     def _is_explain(self):
         # A batch may mix /predictions and /explanations requests (one queue per model); BaseHandler
         # looks at the first request only. Explain when any request asks; the others get plain answers.
-        return any(self._wants_explanation(idx) for idx in range(len(self.context.request_ids or {})))
+        return any(self._wants_explanation(idx) for idx in range(len(self.context.request_processor or ())))
 
     def explain_handle(self, data_preprocess, raw_data):
         """The prediction answers, plus a Grad-CAM ``heatmap`` for each request that asked for one."""
-        from handler.explain import explanation_model, heatmaps
+        from handler.explain import explanation_model, heatmaps  # captum: imported on first use
 
         logits = self.inference(data_preprocess)
         answers = self.postprocess(logits)
@@ -160,7 +163,7 @@ class CIFAR100Handler(BaseHandler):
             if self._explanation_model is None:
                 self._explanation_model = explanation_model(build_model(self._state_dict)).to(self.device)
             maps = heatmaps(self._explanation_model, data_preprocess[rows], logits[rows].argmax(dim=1),
-                            [self._sizes[r] for r in rows])
+                            [self._sizes[r] for r in rows], self.heatmap_max_side)
             for r, heatmap in zip(rows, maps):
                 answers[good[r]]["heatmap"] = heatmap
         return answers

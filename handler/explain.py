@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-# The longer side of a heatmap PNG: enough for a page to lay it smoothly over a preview; the
-# shorter side follows the picture's aspect. A picture smaller than this keeps its own size.
+# The longer side of a heatmap PNG (default; model-config.yaml `handler.heatmap_max_side` overrides
+# it): enough for a page to lay it smoothly over a preview; the shorter side follows the picture's
+# aspect. A picture smaller than this keeps its own size.
 HEATMAP_MAX_SIDE = 224
 
 
@@ -54,9 +55,9 @@ def heatmap_size(width: int, height: int, max_side: int = HEATMAP_MAX_SIDE) -> t
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def heatmap_png(cam: torch.Tensor, picture_size: tuple[int, int]) -> bytes:
+def heatmap_png(cam: torch.Tensor, picture_size: tuple[int, int], max_side: int = HEATMAP_MAX_SIDE) -> bytes:
     """One non-negative [h, w] map -> greyscale PNG bytes with the picture's aspect, peak = 255."""
-    width, height = heatmap_size(*picture_size)
+    width, height = heatmap_size(*picture_size, max_side)
     up = F.interpolate(cam[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
     up = up / up.max().clamp_min(1e-12)  # peak -> 255 at the PNG's own resolution
     pixels = (up.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
@@ -70,9 +71,9 @@ def data_url(png: bytes) -> str:
 
 
 def heatmaps(model: torch.nn.Module, batch: torch.Tensor, targets: torch.Tensor,
-             picture_sizes: list[tuple[int, int]]) -> list[str]:
+             picture_sizes: list[tuple[int, int]], max_side: int = HEATMAP_MAX_SIDE) -> list[str]:
     """One Grad-CAM PNG data URL per image of the batch (one forward + backward for all of them)."""
     if len(batch) == 0:
         return []
     cams = grad_cam(model, batch, targets)
-    return [data_url(heatmap_png(cam, size)) for cam, size in zip(cams, picture_sizes)]
+    return [data_url(heatmap_png(cam, size, max_side)) for cam, size in zip(cams, picture_sizes)]
