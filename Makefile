@@ -12,7 +12,11 @@ TRAIN_ARGS ?=
 .PHONY: install install-system data train evaluate archive kserve-bundle serve serve-torchserve serve-adapter \
         stop stop-torchserve stop-adapter test test-unit bench bench-train bench-serve clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed node_modules/.installed
+# npm packages of the page tests (axe-core), exactly as package-lock.json pins them.
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@
 $(VENV)/.installed: requirements.txt adapter/requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -25,6 +29,7 @@ install-system:
 	command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 	test -x /usr/bin/wrk || (apt-get update -qq && apt-get install -y -qq wrk)
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq npm)
 
 # CIFAR-100 into ./data with torchvision (official files, md5 checked); needs internet, ~170 MB.
 data: install
@@ -92,4 +97,4 @@ bench-train: install
 	$(PY) -m training.bench --data-dir $(CIFAR100_DATA) $(BENCH_TRAIN_ARGS)
 
 clean:
-	rm -rf runs model_store logs test-artifacts dist
+	rm -rf runs model_store logs test-artifacts dist node_modules

@@ -2,7 +2,9 @@
 
     POST /classify/   multipart field `image` -> 200 {"prediction": "Aquarium fish", "label": ...,
                       "probability": ..., "top5": [{"name", "label", "index", "probability"} x5],
-                      "model_version": ..., "time_ms": ...}
+                      "unsure": ..., "model_version": ..., "time_ms": ...}
+    POST /explain/    the same, plus "heatmap": "data:image/png;base64,..." (Grad-CAM of the answer)
+    GET  /classes     the 100 things the model knows: [{"index", "label", "name"}]
                       `prediction` is the seed's key and display rule (label, `_` as spaces, first
                       letter capital); the other keys are additions.
     GET  /health      200 {"status": "ok", ...} when the model can answer now, else
@@ -30,7 +32,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.classes import display_name  # the seed's display rule, one copy (no torch)
+from model.classes import CLASS_NAMES, display_name  # the seed's display rule, one copy (no torch)
 
 from .config import Settings
 from .errors import ClassifyError
@@ -63,6 +65,8 @@ def classify_answer(answer: dict, started: float) -> dict:
         "index": answer.get("index"),
         "probability": answer.get("probability"),
         "top5": top5,
+        # Calibrated probability under the threshold in model/weights/calibration.json.
+        "unsure": bool(answer.get("unsure", False)),
         "model_version": answer.get("model_version"),
         "time_ms": round((time.perf_counter() - started) * 1000, 2),
     }
@@ -124,6 +128,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_api_route("/classify/", classify, methods=["POST"], openapi_extra=upload_body,
                       summary="Classify one image (multipart field `image`)")
+
+    async def explain(request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        upload = await read_image_upload(request, settings.max_upload_bytes)
+        answer = await request.app.state.torchserve.predict(upload.data, explain=True)
+        return JSONResponse({**classify_answer(answer, started), "heatmap": answer["heatmap"]})
+
+    app.add_api_route("/explain/", explain, methods=["POST"], openapi_extra=upload_body,
+                      summary="Classify one image and say where the answer came from (Grad-CAM heatmap)")
+
+    @app.get("/classes")
+    async def classes() -> JSONResponse:
+        return JSONResponse([{"index": i, "label": label, "name": display_name(label)}
+                             for i, label in enumerate(CLASS_NAMES)])
     # The page is mounted at "/" and would swallow what the routes do not match: the slash
     # redirect (answer "/classify" too) and the 405 for other methods (say it here).
     app.add_api_route("/classify", classify, methods=["POST"], include_in_schema=False)
@@ -132,7 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _error(405, f"Method {request.method} is not allowed on {request.url.path}; "
                            "POST an image in a multipart field named 'image'.", {"Allow": "POST"})
 
-    for path in ("/classify/", "/classify"):
+    for path in ("/classify/", "/classify", "/explain/"):
         app.add_api_route(path, classify_wrong_method, methods=["GET", "PUT", "PATCH", "DELETE"],
                           include_in_schema=False)
 

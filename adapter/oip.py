@@ -39,7 +39,8 @@ def answer_from_outputs(body: dict) -> dict:
                 for label, name, index, probability in zip(outputs["topk_label"], outputs["topk_name"],
                                                             outputs["topk_index"], outputs["topk_probability"])]
         return {"prediction": outputs["name"][0], "label": outputs["label"][0], "index": outputs["index"][0],
-                "probability": outputs["probability"][0], "topk": topk, "model_version": body.get("model_version")}
+                "probability": outputs["probability"][0], "unsure": outputs["unsure"][0], "topk": topk,
+                "model_version": body.get("model_version")}
     except (KeyError, IndexError, TypeError):
         raise ClassifyError(502, "The model server's answer is not an Open Inference Protocol answer.") from None
 

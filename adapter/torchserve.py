@@ -193,9 +193,12 @@ class TorchServeClient:
         return ClassifyError(503, f"The model server is not reachable at {url} (is TorchServe running?).")
 
     # --- API --------------------------------------------------------------------------------
-    async def predict(self, image: bytes) -> dict:
-        """TorchServe's answer for one image: {"prediction", "label", "index", "probability", "topk", ...}."""
-        path = f"/predictions/{self.settings.model_name}"
+    async def predict(self, image: bytes, explain: bool = False) -> dict:
+        """TorchServe's answer for one image: {"prediction", "label", "index", "probability", "topk", ...}.
+
+        ``explain``: ask TorchServe's explanations API instead; the answer adds a Grad-CAM "heatmap".
+        """
+        path = f"/{'explanations' if explain else 'predictions'}/{self.settings.model_name}"
         try:
             # A raw body (not multipart): the handler reads it as the request's `body`.
             response = await self._send(self._inference, "inference", "POST", path, data=image)
@@ -209,6 +212,8 @@ class TorchServeClient:
                 raise ClassifyError(502, "The model server sent an answer that is not JSON.") from None
             if not isinstance(answer, dict) or not isinstance(answer.get("label") or answer.get("prediction"), str):
                 raise ClassifyError(502, "The model server's answer has no prediction.")
+            if explain and not isinstance(answer.get("heatmap"), str):
+                raise ClassifyError(502, "The model server's answer has no heatmap.")
             return answer
         message = _error_message(response)
         if status == 404:

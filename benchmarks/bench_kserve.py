@@ -22,13 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.bench_serve import add_load_arguments, cifar_png_payloads, machine, print_table  # noqa: E402
-from benchmarks.load import HttpTarget, LoadResult, run_wrk, warm_up  # noqa: E402
-from serving.kserve import KServeTorchServe, build_bundle  # noqa: E402
+from benchmarks.bench_serve import add_load_arguments, cifar_png_payloads, machine, print_table
+from benchmarks.load import HttpTarget, LoadResult, run_wrk, warm_up
+from serving.kserve import KServeTorchServe, build_bundle
 
 TARGET_RATIO = 0.90
 

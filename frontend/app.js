@@ -1,5 +1,8 @@
-// The page's behaviour: take an image (drop, file picker, camera, paste), show it, send it to
-// POST {apiBase}/classify/ as multipart field `image`, and show the answer with its top-5 bars.
+// The page's behaviour: take an image (drop, file picker, camera, paste, an example picture), show
+// it, send it to POST {apiBase}/classify/ as multipart field `image`, and show the answer with its
+// top-5 bars, saying so plainly when the model is unsure. "Why?" asks POST {apiBase}/explain/ for
+// the answer's Grad-CAM heatmap and lays it over the preview; GET {apiBase}/classes lists the 100
+// things the model knows.
 "use strict";
 
 (function () {
@@ -15,6 +18,12 @@
   const top5List = $("top5");
   const metaText = $("meta");
   const errorText = $("error");
+  const unsureText = $("unsure");
+  const heatmapImage = $("heatmap");
+  const whyButton = $("why-button");
+  const whyCaption = $("why-caption");
+  const knownThings = $("known-things");
+  const classList = $("class-list");
 
   function metaContent(name) {
     const tag = document.querySelector(`meta[name="${name}"]`);
@@ -44,6 +53,25 @@
 
   let previewUrl = null;
   let requestNumber = 0; // a newer image makes an older answer stale
+  let currentFile = null; // the picture on show, for "Why?"
+  let currentAnswer = null;
+  let heatmapFor = 0; // the requestNumber the overlay belongs to (0: none yet)
+
+  // "a ray", "an apple": the unsure wording names two guesses in running text.
+  function withArticle(name) {
+    const lower = name.toLowerCase();
+    return `${/^[aeiou]/.test(lower) ? "an" : "a"} ${lower}`;
+  }
+
+  function resetWhy() {
+    heatmapImage.hidden = true;
+    heatmapImage.removeAttribute("src");
+    heatmapFor = 0;
+    whyButton.setAttribute("aria-pressed", "false");
+    whyButton.disabled = false;
+    whyCaption.hidden = true;
+    whyCaption.textContent = "";
+  }
 
   function setBusy(busy) {
     resultBox.setAttribute("aria-busy", String(busy));
@@ -61,6 +89,7 @@
 
   function showAnswer(answer) {
     errorText.hidden = true;
+    currentAnswer = answer;
     predictionText.textContent = answer.prediction;
     top5List.replaceChildren();
     const top5 = Array.isArray(answer.top5) ? answer.top5 : [];
@@ -89,9 +118,21 @@
     metaText.textContent = details.join(" · ");
     answerBox.hidden = false;
     const first = top5[0];
-    statusLine.textContent = first
+    const best = first
       ? `Best guess: ${answer.prediction}, ${percent(first.probability)} sure.`
       : `Best guess: ${answer.prediction}.`;
+    if (answer.unsure) {
+      const names = top5.slice(0, 2).map((guess) => withArticle(guess.name));
+      unsureText.textContent = names.length === 2 ? `Not sure — maybe ${names[0]} or ${names[1]}`
+        : `Not sure — maybe ${withArticle(answer.prediction)}`;
+      unsureText.hidden = false;
+      answerBox.classList.add("is-unsure");
+      statusLine.textContent = `${unsureText.textContent}. ${best}`;
+    } else {
+      unsureText.hidden = true;
+      answerBox.classList.remove("is-unsure");
+      statusLine.textContent = best;
+    }
     document.body.dataset.state = "answered";
   }
 
@@ -118,7 +159,7 @@
     return message || `The server answered ${response.status} ${response.statusText}.`;
   }
 
-  async function classify(file) {
+  async function classify(file, description) {
     if (!file) return;
     const thisRequest = ++requestNumber;
     errorText.hidden = true;
@@ -136,6 +177,9 @@
       return;
     }
 
+    currentFile = file;
+    currentAnswer = null;
+    resetWhy();
     if (previewUrl) URL.revokeObjectURL(previewUrl);
     previewUrl = URL.createObjectURL(file);
     preview.onload = () => {
@@ -143,7 +187,7 @@
       preview.classList.toggle("pixelated", preview.naturalWidth < 96);
     };
     preview.src = previewUrl;
-    preview.alt = file.name ? `Your image: ${file.name}` : "Your image";
+    preview.alt = description || (file.name ? `Your image: ${file.name}` : "Your image");
     preview.hidden = false;
     dropZone.classList.add("has-image");
 
@@ -185,6 +229,123 @@
     } finally {
       if (thisRequest === requestNumber) setBusy(false);
     }
+  }
+
+  // The heatmap PNG (grey, 255 = most responsible) -> a see-through red-to-yellow layer of the same size.
+  function colourHeatmap(dataUrl) {
+    return new Promise((resolve, reject) => {
+      const grey = new Image();
+      grey.onload = () => {
+        const canvas = document.createElement("canvas");
+        canvas.width = grey.naturalWidth;
+        canvas.height = grey.naturalHeight;
+        const ctx = canvas.getContext("2d");
+        ctx.drawImage(grey, 0, 0);
+        const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
+        const d = pixels.data;
+        for (let i = 0; i < d.length; i += 4) {
+          const v = d[i] / 255;
+          d[i] = 255;
+          d[i + 1] = Math.round(230 * (1 - v));
+          d[i + 2] = 0;
+          d[i + 3] = Math.round(210 * v);
+        }
+        ctx.putImageData(pixels, 0, 0);
+        resolve(canvas.toDataURL("image/png"));
+      };
+      grey.onerror = () => reject(new Error("the heatmap is not a readable image"));
+      grey.src = dataUrl;
+    });
+  }
+
+  function showWhy() {
+    heatmapImage.hidden = false;
+    whyButton.setAttribute("aria-pressed", "true");
+    whyCaption.textContent = `Red and yellow mark the parts of the picture that made the model answer ` +
+      `“${currentAnswer ? currentAnswer.prediction : "this"}” (Grad-CAM); the redder, the more they counted.`;
+    whyCaption.hidden = false;
+    statusLine.textContent = whyCaption.textContent;
+  }
+
+  async function why() {
+    if (!currentFile) return;
+    if (whyButton.getAttribute("aria-pressed") === "true") { // a second press hides the overlay
+      heatmapImage.hidden = true;
+      whyButton.setAttribute("aria-pressed", "false");
+      whyCaption.hidden = true;
+      return;
+    }
+    const thisRequest = requestNumber;
+    if (heatmapFor === thisRequest) {
+      showWhy();
+      return;
+    }
+    const form = new FormData();
+    form.append("image", currentFile, currentFile.name || "pasted-image");
+    const url = `${apiBase()}/explain/`;
+    whyButton.disabled = true;
+    statusLine.textContent = "Looking for what the answer came from…";
+    try {
+      let response;
+      try {
+        response = await fetch(url, { method: "POST", body: form });
+      } catch (_) {
+        if (thisRequest === requestNumber) showError(`Cannot reach the classifier at ${url}. Please try again later.`);
+        return;
+      }
+      if (thisRequest !== requestNumber) return;
+      if (!response.ok) {
+        showError(await errorMessage(response));
+        return;
+      }
+      const answer = await response.json();
+      const overlay = await colourHeatmap(answer.heatmap);
+      if (thisRequest !== requestNumber) return;
+      heatmapImage.src = overlay;
+      heatmapFor = thisRequest;
+      showWhy();
+    } catch (err) {
+      if (thisRequest === requestNumber) showError(`Could not show why: ${err.message}`);
+    } finally {
+      whyButton.disabled = false;
+    }
+  }
+
+  whyButton.addEventListener("click", why);
+
+  // The 100 things it knows, fetched the first time the list is opened.
+  knownThings.addEventListener("toggle", async () => {
+    if (!knownThings.open || classList.childElementCount) return;
+    try {
+      const response = await fetch(`${apiBase()}/classes`);
+      if (!response.ok) throw new Error(String(response.status));
+      const classes = await response.json();
+      classList.replaceChildren(...classes.map((item) => {
+        const li = document.createElement("li");
+        li.textContent = item.name;
+        return li;
+      }));
+    } catch (_) {
+      const li = document.createElement("li");
+      li.textContent = "The list could not be loaded from the server.";
+      classList.replaceChildren(li);
+    }
+  });
+
+  // Example pictures: fetched from this page's server and classified like a chosen file.
+  for (const button of document.querySelectorAll(".example")) {
+    button.addEventListener("click", async () => {
+      const src = button.dataset.src;
+      try {
+        const response = await fetch(src);
+        if (!response.ok) throw new Error(String(response.status));
+        const blob = await response.blob();
+        const alt = button.querySelector("img").alt.replace(/^Example: /, "");
+        classify(new File([blob], src.split("/").pop(), { type: blob.type || "image/png" }), `Example: ${alt}`);
+      } catch (_) {
+        showError(`The example picture ${src} could not be loaded.`);
+      }
+    });
   }
 
   function firstFile(list) {

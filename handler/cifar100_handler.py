@@ -11,8 +11,11 @@ CPU) and reads the manifest and model-config.yaml; this class overrides only wha
     (handler/protocols.py; such a request may carry several images); a bad image fails only its
     own request, with a 4xx.
   * ``inference``: skip the forward pass when every image of a batch was refused.
-  * ``postprocess``: the per-image JSON contract the /classify/ adapter relies on (top-k), grouped
-    per request and answered in the request's protocol.
+  * ``postprocess``: the per-image JSON contract the /classify/ adapter relies on (top-k), with
+    calibrated probabilities and an ``unsure`` flag (handler/calibration.py), grouped per request
+    and answered in the request's protocol.
+  * ``explain_handle``: TorchServe's /explanations: the same answer plus a Grad-CAM heatmap of
+    the top-1 class (handler/explain.py).
 
 TorchServe loads this file as the handler module and wants exactly one class defined in it; the
 helpers therefore live in the ``handler`` package, also shipped in the archive.
@@ -27,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from ts.torch_handler.base_handler import BaseHandler
 
+from handler.calibration import load_calibration
+from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, image_bytes, image_to_tensor, normalize
 from handler.protocols import ProtocolError, encode_answer, parse_request
 from model import load_class_names, network_from_state_dict
@@ -71,11 +76,17 @@ class CIFAR100Handler(BaseHandler):
         self.max_images = int(handler_cfg.get("max_images_per_request", DEFAULT_MAX_IMAGES_PER_REQUEST))
         self._errors: dict[int, ImageRequestError | ProtocolError] = {}  # per batch: position -> why refused
         self._requests: list = []  # per batch position: (v1/v2 request or None for plain, image count)
+        self._sizes: list[tuple[int, int]] = []  # per batch: (width, height) of each good image
+        self.calibration = load_calibration(model_dir)
+        self._explanation_model = None  # built on the first explanation (handler/explain.py)
+        # Longer side of a Grad-CAM heatmap PNG (model-config.yaml handler.heatmap_max_side, optional).
+        self.heatmap_max_side = int(handler_cfg.get("heatmap_max_side", HEATMAP_MAX_SIDE))
         logger.info("CIFAR-100 model %s on %s, %d threads, top-%d", self.model_version, self.device,
                     torch.get_num_threads(), self.topk)
 
     def _load_pickled_model(self, model_dir, model_file, model_pt_path):
         state_dict = torch.load(model_pt_path, map_location="cpu", weights_only=True)
+        self._state_dict = state_dict  # for the explanation model, built on first use
         return serving_model(state_dict)
 
     def preprocess(self, data):
@@ -83,21 +94,25 @@ class CIFAR100Handler(BaseHandler):
 
         A v1/v2 request may carry several images; one bad image refuses that whole request.
         """
-        self._errors, self._requests = {}, []
+        self._errors, self._requests, self._sizes = {}, [], []
         tensors = []
         for idx, row in enumerate(data):
             request, images = None, []
             try:
                 request = parse_request(row, self.max_images)
                 payloads = request.images if request else [image_bytes(row)]
+                sizes = []
                 for n, payload in enumerate(payloads):
                     try:
-                        images.append(image_to_tensor(decode_image(payload)))
+                        image = decode_image(payload)
                     except ImageRequestError as err:
                         if request is None:
                             raise
                         raise ImageRequestError(err.status, f"{request.where[n]}: {err.message}") from err
+                    images.append(image_to_tensor(image))
+                    sizes.append(image.size)
                 tensors.extend(images)
+                self._sizes.extend(sizes)
             except (ImageRequestError, ProtocolError) as err:
                 self._errors[idx], images = err, []
             except Exception as err:  # noqa: BLE001 - never let one request fail the whole batch
@@ -115,7 +130,8 @@ class CIFAR100Handler(BaseHandler):
             return self.model(data, *args, **kwargs)
 
     def postprocess(self, data):
-        probs, indices = torch.topk(F.softmax(data.float(), dim=1), self.topk, dim=1)
+        # Temperature scaling (training/calibrate.py): honest probabilities, same order, same top-1.
+        probs, indices = torch.topk(F.softmax(data.float() / self.calibration.temperature, dim=1), self.topk, dim=1)
         probs, indices = probs.cpu().tolist(), indices.cpu().tolist()
         batch_size = len(self._requests)
         answers, good = [], iter(zip(probs, indices))
@@ -140,6 +156,39 @@ class CIFAR100Handler(BaseHandler):
                          "probability": round(p, 6)} for p, i in zip(item_probs, item_indices)]
                 image_answers.append({"prediction": topk[0]["name"], "label": topk[0]["label"],
                                       "index": topk[0]["index"], "probability": topk[0]["probability"],
-                                      "topk": topk, "model_version": self.model_version})
+                                      "topk": topk, "unsure": self.calibration.is_unsure(item_probs[0]),
+                                      "model_version": self.model_version})
             answers.append(encode_answer(request, image_answers, self.context.model_name, self.model_version))
+        return answers
+
+    # --- /explanations/<model>: TorchServe marks those requests with the header explain=True ---
+    def _wants_explanation(self, idx: int) -> bool:
+        return self.context.get_request_header(idx, "explain") == "True"
+
+    def _is_explain(self):
+        # A batch may mix /predictions and /explanations requests (one queue per model); BaseHandler
+        # looks at the first request only. Explain when any request asks; the others get plain answers.
+        return any(self._wants_explanation(idx) for idx in range(len(self.context.request_processor or ())))
+
+    def explain_handle(self, data_preprocess, raw_data):
+        """The prediction answers, plus a Grad-CAM ``heatmap`` for each request that asked for one."""
+        from handler.explain import explanation_model, heatmaps  # captum: imported on first use
+
+        logits = self.inference(data_preprocess)
+        answers = self.postprocess(logits)
+        # Rows of the batch tensor per request (a v1/v2 request may carry several images).
+        requests, rows, start = [], [], 0
+        for idx, (request, count) in enumerate(self._requests):
+            # Heatmaps go to plain (one-image) requests: the adapter's /explain/ sends those.
+            if count and request is None and self._wants_explanation(idx):
+                requests.append(idx)
+                rows.append(start)
+            start += count
+        if rows:
+            if self._explanation_model is None:
+                self._explanation_model = explanation_model(network_from_state_dict(self._state_dict)).to(self.device)
+            maps = heatmaps(self._explanation_model, data_preprocess[rows], logits[rows].argmax(dim=1),
+                            [self._sizes[r] for r in rows], self.heatmap_max_side)
+            for idx, heatmap in zip(requests, maps):
+                answers[idx]["heatmap"] = heatmap
         return answers

@@ -30,7 +30,8 @@ OUTPUTS = {
     "label": "BYTES",              # [n] class label, e.g. "aquarium_fish"
     "name": "BYTES",               # [n] display name, e.g. "Aquarium fish"
     "index": "INT64",              # [n] class index 0..99
-    "probability": "FP32",         # [n] probability of that class
+    "probability": "FP32",         # [n] probability of that class (temperature-calibrated)
+    "unsure": "BOOL",              # [n] probability below the calibrated threshold (model/README.md)
     "topk_label": "BYTES",         # [n, k] the k most likely labels, best first
     "topk_name": "BYTES",          # [n, k] their display names
     "topk_index": "INT64",         # [n, k] their indices
@@ -172,6 +173,7 @@ def encode_answer(request: ParsedRequest | None, answers: list[dict], model_name
         "name": [a["prediction"] for a in answers],
         "index": [a["index"] for a in answers],
         "probability": [a["probability"] for a in answers],
+        "unsure": [a["unsure"] for a in answers],
         "topk_label": [t["label"] for a in answers for t in a["topk"]],
         "topk_name": [t["name"] for a in answers for t in a["topk"]],
         "topk_index": [t["index"] for a in answers for t in a["topk"]],

@@ -6,6 +6,8 @@ The archive holds:
   cifar100_handler.py                                 the handler class (--handler)
   model-config.yaml                                   batching, workers, timeout, top-k (--config-file)
   index_to_name.json                                  the 100 class names
+  calibration.json                                    temperature + unsure threshold, when the one beside
+                                                      the weights was fitted on them (training/calibrate.py)
   model/, handler/                                    the packages the handler imports
 
 The version says which weights it holds: ``w<width>-<first 8 hex of the weights' sha256>``. The
@@ -35,7 +37,9 @@ NETWORK_FILE = REPO / "model" / "network.py"
 CLASS_NAMES_FILE = REPO / "model" / "index_to_name.json"
 # Packages the handler imports inside the worker, copied as they are (no caches, no weights).
 # (The handler module itself goes in once, at the archive root, via --handler.)
-PACKAGES = {"model": ["*.py", "index_to_name.json"], "handler": ["__init__.py", "preprocessing.py", "protocols.py"]}
+PACKAGES = {"model": ["*.py", "index_to_name.json"],
+            "handler": ["__init__.py", "preprocessing.py", "protocols.py", "calibration.py", "explain.py"]}
+CALIBRATION_NAME = "calibration.json"  # beside the weights, written by training/calibrate.py
 
 
 class ArchiveError(RuntimeError):
@@ -64,9 +68,30 @@ def weights_version(weights: Path) -> str:
     return f"w{width}-{sha256_of(weights)[:8]}"
 
 
-def package_files() -> list[tuple[Path, str]]:
+def calibration_for(weights: Path) -> Path | None:
+    """The calibration.json beside the weights, if it was fitted on exactly these weights."""
+    import json
+
+    path = Path(weights).resolve().parent / CALIBRATION_NAME
+    if not path.is_file():
+        return None
+    try:
+        fitted_on = json.loads(path.read_text()).get("weights_sha256")
+    except ValueError as err:
+        raise ArchiveError(f"{path} is not JSON: {err}") from err
+    if fitted_on != sha256_of(Path(weights)):
+        print(f"warning: {path} was fitted on other weights; serving uncalibrated probabilities "
+              "(run python -m training.calibrate on these weights)", file=sys.stderr)
+        return None
+    return path
+
+
+def package_files(weights: Path = DEFAULT_WEIGHTS) -> list[tuple[Path, str]]:
     """(source, path inside the archive) of every packaged support file."""
     files = [(CLASS_NAMES_FILE, "index_to_name.json")]
+    calibration = calibration_for(weights)
+    if calibration is not None:
+        files.append((calibration, CALIBRATION_NAME))
     for package, patterns in PACKAGES.items():
         for pattern in patterns:
             files += [(p, f"{package}/{p.name}") for p in sorted((REPO / package).glob(pattern))]
@@ -75,7 +100,7 @@ def package_files() -> list[tuple[Path, str]]:
 
 def inputs_digest(weights: Path, version: str, model_config: Path = MODEL_CONFIG) -> str:
     digest = hashlib.sha256(version.encode())
-    for path in [weights, HANDLER_FILE, model_config, NETWORK_FILE] + [src for src, _ in package_files()]:
+    for path in [weights, HANDLER_FILE, model_config, NETWORK_FILE] + [src for src, _ in package_files(weights)]:
         digest.update(str(path.relative_to(REPO) if path.is_relative_to(REPO) else path).encode())
         digest.update(sha256_of(path).encode())
     return digest.hexdigest()
@@ -101,7 +126,7 @@ def build_archive(weights: Path = DEFAULT_WEIGHTS, export_path: Path = DEFAULT_E
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cifar100-archive-") as tmp:
         extra = Path(tmp, "extra")
-        for src, dest in package_files():
+        for src, dest in package_files(weights):
             Path(extra, dest).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, extra / dest)
         archiver = Path(sys.executable).with_name("torch-model-archiver")

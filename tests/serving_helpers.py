@@ -77,11 +77,17 @@ class ReferenceModel:
     """The served network, called in-process with the same weights and the handler's preprocessing."""
 
     def __init__(self, weights: Path):
+        from handler.calibration import load_calibration
+        from serving.archive import calibration_for
+
         self.model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
+        # The temperature the archive ships with these weights (none: 1, the plain softmax).
+        calibration = calibration_for(Path(weights))
+        self.temperature = load_calibration(str(calibration.parent)).temperature if calibration else 1.0
 
     @torch.inference_mode()
     def probs_of_uint8(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(normalize(batch)), dim=1)
+        return torch.softmax(self.model(normalize(batch)) / self.temperature, dim=1)
 
     def probs_of_bytes(self, data: bytes) -> torch.Tensor:
         return self.probs_of_uint8(image_to_tensor(decode_image(data))[None])[0]

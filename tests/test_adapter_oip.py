@@ -20,6 +20,7 @@ GOOD = {"id": "x", "model_name": "cifar100", "model_version": "w3-test", "output
     {"name": "name", "datatype": "BYTES", "shape": [1], "data": ["Aquarium fish"]},
     {"name": "index", "datatype": "INT64", "shape": [1], "data": [1]},
     {"name": "probability", "datatype": "FP32", "shape": [1], "data": [0.9]},
+    {"name": "unsure", "datatype": "BOOL", "shape": [1], "data": [False]},
     {"name": "topk_label", "datatype": "BYTES", "shape": [1, 2], "data": ["aquarium_fish", "flatfish"]},
     {"name": "topk_name", "datatype": "BYTES", "shape": [1, 2], "data": ["Aquarium fish", "Flatfish"]},
     {"name": "topk_index", "datatype": "INT64", "shape": [1, 2], "data": [1, 32]},

@@ -1,0 +1,37 @@
+"""The temperature and "unsure" threshold fitted by training/calibrate.py, as the handler applies them.
+
+They come from ``calibration.json`` beside the weights (packed into the archive by
+serving/archive.py). An archive without one serves the plain softmax and marks nothing unsure.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+CALIBRATION_FILE = "calibration.json"  # the name training/calibrate.py writes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    temperature: float = 1.0
+    unsure_below: float | None = None  # calibrated top-1 probability under which an answer is unsure
+
+    def is_unsure(self, probability: float) -> bool:
+        return self.unsure_below is not None and probability < self.unsure_below
+
+
+def load_calibration(model_dir: str) -> Calibration:
+    path = os.path.join(model_dir, CALIBRATION_FILE)
+    if not os.path.isfile(path):
+        logger.warning("no %s in the archive: uncalibrated probabilities, nothing marked unsure", CALIBRATION_FILE)
+        return Calibration()
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    temperature = float(record["temperature"])
+    if not temperature > 0:
+        raise ValueError(f"{path}: temperature must be positive, got {temperature}")
+    return Calibration(temperature, float(record["unsure"]["threshold"]))

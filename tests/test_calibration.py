@@ -1,0 +1,70 @@
+"""Temperature scaling: the stored calibration reproduces what the model card reports, and ships.
+
+The served network's logits on the whole CIFAR-100 test split are computed here again (in-process,
+as the handler runs it); the stored temperature must give the reported held-out figures.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from handler.calibration import load_calibration
+from serving.archive import DEFAULT_WEIGHTS, package_files
+from training.calibrate import (CALIBRATION_FILE, calibrate, choose_unsure_threshold, expected_calibration_error,
+                                split_halves)
+
+RECORD = DEFAULT_WEIGHTS.parent / CALIBRATION_FILE
+
+
+@pytest.fixture(scope="module")
+def record() -> dict:
+    return json.loads(RECORD.read_text())
+
+
+@pytest.fixture(scope="module")
+def test_logits(cifar100_test_split):
+    from handler.cifar100_handler import serving_model
+    from training.evaluation import predict_logits
+
+    images, labels = cifar100_test_split
+    state_dict = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+    return predict_logits(serving_model(state_dict), images, labels), labels
+
+
+def test_record_is_for_the_shipped_weights(record):
+    assert record["weights_sha256"] == hashlib.sha256(DEFAULT_WEIGHTS.read_bytes()).hexdigest()
+    assert (RECORD, CALIBRATION_FILE) in package_files(DEFAULT_WEIGHTS)  # goes into the archive
+
+
+def test_stored_temperature_reproduces_the_held_out_figures(record, test_logits):
+    logits, labels = test_logits
+    _, held = split_halves(len(labels))
+    t = load_calibration(str(RECORD.parent)).temperature
+    assert t == record["temperature"] and t != 1.0
+    before = F.softmax(logits[held], dim=1)
+    after = F.softmax(logits[held] / t, dim=1)
+    assert expected_calibration_error(before, labels[held]) == pytest.approx(record["held_out"]["ece_before"], abs=2e-4)
+    assert expected_calibration_error(after, labels[held]) == pytest.approx(record["held_out"]["ece_after"], abs=2e-4)
+    assert record["held_out"]["ece_after"] < record["held_out"]["ece_before"]
+    # Top-1 does not move.
+    assert torch.equal(before.argmax(1), after.argmax(1))
+    # The threshold is the one the held-out half gives.
+    assert choose_unsure_threshold(after, labels[held])["threshold"] == record["unsure"]["threshold"]
+
+
+def test_refitting_gives_the_stored_temperature(record, test_logits):
+    refit = calibrate(*test_logits)
+    assert refit["temperature"] == pytest.approx(record["temperature"], rel=1e-3)
+
+
+def test_fit_recovers_a_known_temperature():
+    # Labels drawn from softmax(z / 2): the best temperature for logits z is 2.
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, 10, generator=gen) * 3
+    labels = torch.multinomial(F.softmax(z / 2, dim=1), 1, generator=gen)[:, 0]
+    from training.calibrate import fit_temperature
+    assert fit_temperature(z, labels) == pytest.approx(2.0, rel=0.05)

@@ -1,0 +1,169 @@
+"""The page's "Why?" view, unsure wording, example gallery, class list and dark mode, in a real
+headless Chromium before a real adapter and TorchServe; plus an axe-core accessibility audit run
+inside the page (axe-core from npm, `make install` puts it in node_modules/).
+
+Screenshots land in test-artifacts/ (page-why.png, page-unsure-phone.png, page-dark.png).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+# The page fixtures (a real adapter before the session's TorchServe, Chromium, a fresh page, the
+# mountain of CIFAR-100 test image 42) and helpers, shared with the page's other tests.
+from test_page import (ANSWER_TIMEOUT_MS, ARTIFACTS, DESKTOP, PHONE, REPO, adapter, browser,  # noqa: F401
+                       expected_answer, page, photo, pytestmark, wait_for_answer)
+
+AXE = REPO / "node_modules" / "axe-core" / "axe.min.js"
+EXAMPLES = REPO / "frontend" / "examples"
+
+
+def article(name: str) -> str:
+    lower = name.lower()
+    return ("an " if lower[0] in "aeiou" else "a ") + lower
+
+
+def show_why(page) -> None:
+    page.click("#why-button")
+    page.wait_for_selector("#heatmap:not([hidden])", timeout=ANSWER_TIMEOUT_MS)
+    page.wait_for_function("document.getElementById('heatmap').complete && "
+                           "document.getElementById('heatmap').naturalWidth > 0")
+
+
+def test_why_lays_the_heatmap_over_the_preview(adapter, page, photo):
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    assert page.is_hidden("#heatmap")
+    with page.expect_response(lambda r: "/explain/" in r.url) as response:
+        show_why(page)
+    assert response.value.status == 200
+    assert page.get_attribute("#why-button", "aria-pressed") == "true"
+    # Same box as the preview: the overlay lines up with the picture.
+    boxes = page.evaluate("['preview', 'heatmap'].map(id => { const r = document.getElementById(id)"
+                          ".getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })")
+    assert boxes[0] == boxes[1] and boxes[0][2] > 100
+    # Coloured and see-through: opaque where it counted most, transparent where it did not.
+    alphas = page.evaluate("""() => { const img = document.getElementById('heatmap');
+        const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
+        const ctx = c.getContext('2d'); ctx.drawImage(img, 0, 0);
+        const d = ctx.getImageData(0, 0, c.width, c.height).data; const a = [];
+        for (let i = 3; i < d.length; i += 4) a.push(d[i]); return [Math.min(...a), Math.max(...a)]; }""")
+    assert alphas[0] < 30 and alphas[1] > 150
+    answer = expected_answer(adapter, photo)
+    assert answer["prediction"] in page.inner_text("#why-caption")
+    assert answer["prediction"] in page.inner_text("#status")  # said to screen readers too
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page-why.png"), full_page=True)
+    # A second press hides it; a new picture starts without it.
+    page.click("#why-button")
+    assert page.is_hidden("#heatmap") and page.get_attribute("#why-button", "aria-pressed") == "false"
+
+
+def test_unsure_answer_says_so(adapter, page, photo):
+    # CIFAR-100 test image 42, a mountain, is the issue's example: "Ray, 18%" in large type before.
+    answer = expected_answer(adapter, photo)
+    assert answer["unsure"] is True
+    page.set_viewport_size(PHONE)
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    first, second = (g["name"] for g in answer["top5"][:2])
+    wording = f"Not sure — maybe {article(first)} or {article(second)}"
+    assert page.inner_text("#unsure") == wording
+    assert page.inner_text("#status").startswith(wording)
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page-unsure-phone.png"), full_page=True)
+
+
+def test_sure_answer_has_no_unsure_wording(adapter, page):
+    lion = EXAMPLES / "test-00015.png"
+    answer = expected_answer(adapter, lion)
+    assert answer["unsure"] is False
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(lion))
+    wait_for_answer(page)
+    assert page.is_hidden("#unsure")
+    assert page.inner_text("#prediction") == answer["prediction"]
+
+
+def test_clicking_an_example_classifies_it(adapter, page):
+    page.goto(f"{adapter.base_url}/")
+    examples = page.locator(".example")
+    assert examples.count() >= 6
+    src = examples.nth(2).get_attribute("data-src")
+    answer = expected_answer(adapter, REPO / "frontend" / src)
+    with page.expect_response(lambda r: "/classify/" in r.url):
+        examples.nth(2).click()
+    wait_for_answer(page)
+    assert page.inner_text("#prediction") == answer["prediction"]
+    assert page.get_attribute("#preview", "alt").startswith("Example:")
+    # Keyboard: Tab reaches the examples, Enter picks one.
+    examples.nth(5).focus()
+    with page.expect_response(lambda r: "/classify/" in r.url):
+        page.keyboard.press("Enter")
+    wait_for_answer(page)
+
+
+def test_page_lists_the_hundred_things_it_knows(adapter, page):
+    page.goto(f"{adapter.base_url}/")
+    page.click("#known-things summary")
+    page.wait_for_function("document.querySelectorAll('#class-list li').length === 100")
+    names = page.eval_on_selector_all("#class-list li", "els => els.map(e => e.textContent)")
+    expected = [c["name"] for c in httpx.get(f"{adapter.base_url}/classes").json()]
+    assert names == expected and "Aquarium fish" in names
+
+
+@pytest.fixture
+def dark_page(browser):
+    context = browser.new_context(viewport=DESKTOP, color_scheme="dark")
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def luminance(css_rgb: str) -> float:
+    r, g, b = (int(v) for v in css_rgb[css_rgb.index("(") + 1:css_rgb.index(")")].split(",")[:3])
+    return (0.2126 * r + 0.7152 * g + 0.0722 * b) / 255
+
+
+def test_dark_mode_follows_the_system(adapter, dark_page, photo):
+    dark_page.goto(f"{adapter.base_url}/")
+    dark_page.set_input_files("#file-input", str(photo))
+    wait_for_answer(dark_page)
+    show_why(dark_page)
+    background = dark_page.evaluate("getComputedStyle(document.documentElement).backgroundColor")
+    text = dark_page.evaluate("getComputedStyle(document.querySelector('h1')).color")
+    assert luminance(background) < 0.15 and luminance(text) > 0.8
+    ARTIFACTS.mkdir(exist_ok=True)
+    dark_page.screenshot(path=str(ARTIFACTS / "page-dark.png"), full_page=True)
+
+
+def axe_violations(page) -> list[dict]:
+    """axe-core's serious and critical violations on the page as it stands."""
+    assert AXE.is_file(), f"{AXE} missing: run `make install` (npm ci installs axe-core from package-lock.json)"
+    page.add_script_tag(path=str(AXE))
+    result = page.evaluate("axe.run(document, {resultTypes: ['violations']})")
+    return [{"id": v["id"], "impact": v["impact"], "help": v["help"],
+             "nodes": [n["html"][:120] for n in v["nodes"][:3]]}
+            for v in result["violations"] if v["impact"] in ("serious", "critical")]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_axe_finds_no_serious_violation(adapter, browser, photo, scheme):
+    context = browser.new_context(viewport=DESKTOP, color_scheme=scheme)
+    page = context.new_page()
+    try:
+        page.goto(f"{adapter.base_url}/")
+        assert axe_violations(page) == []  # the empty page
+        page.set_input_files("#file-input", str(photo))
+        wait_for_answer(page)
+        show_why(page)
+        page.click("#known-things summary")
+        page.wait_for_function("document.querySelectorAll('#class-list li').length === 100")
+        assert axe_violations(page) == []  # answered (unsure), heatmap shown, class list open
+    finally:
+        context.close()
