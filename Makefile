@@ -17,10 +17,12 @@ install: $(VENV)/.installed node_modules/.installed
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $@
-$(VENV)/.installed: requirements.txt adapter/requirements.txt
+# --no-deps: the tests use only KServe's type modules; its server's dependencies would downgrade psutil.
+$(VENV)/.installed: requirements.txt adapter/requirements.txt requirements-kserve-types.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-kserve-types.txt
 	touch $@
 
 # Debian packages: Java for TorchServe, Chromium for the page tests, wrk as the serving benchmarks'

@@ -1,33 +1,25 @@
-"""deploy/kserve/*.yaml against KServe's own InferenceService schema and TorchServe runtime
-(tests/data/kserve/: copied from kserve/kserve, see its README), so that a typo fails here rather
+"""deploy/kserve/*.yaml against KServe's own types (the `kserve` package's InferenceService classes,
+Kubernetes' for containers and resources; tests/kserve_types.py), so that a typo fails here rather
 than at `kubectl apply` time, and the settings the README promises are in them."""
 from __future__ import annotations
 
 import copy
-import gzip
-import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from crd_schema import schema_errors
+import kserve_types
+from kserve_types import ManifestError, build, errors_of
 
 REPO = Path(__file__).resolve().parents[1]
-KSERVE_DATA = Path(__file__).resolve().parent / "data" / "kserve"
 MANIFESTS = {"cpu": REPO / "deploy" / "kserve" / "inferenceservice.yaml",
              "gpu": REPO / "deploy" / "kserve" / "inferenceservice-gpu.yaml"}
-
-
-@pytest.fixture(scope="module")
-def schema() -> dict:
-    return json.loads(gzip.decompress((KSERVE_DATA / "inferenceservice-v1beta1.schema.json.gz").read_bytes()))
-
-
-@pytest.fixture(scope="module")
-def runtime() -> dict:
-    return yaml.safe_load((KSERVE_DATA / "kserve-torchserve.yaml").read_text())
+# KServe's TorchServe runtime (kserve/kserve config/runtimes/kserve-torchserve.yaml, `kserve-torchserve`
+# ClusterServingRuntime): its supportedModelFormats and protocolVersions.
+TORCHSERVE_RUNTIME_FORMATS = ("pytorch",)
+TORCHSERVE_RUNTIME_PROTOCOLS = ("v1", "v2", "grpc-v2")
 
 
 def load(kind: str) -> dict:
@@ -38,39 +30,69 @@ def pinned_torchserve() -> str:
     return re.search(r"^torchserve==(\S+)$", (REPO / "requirements.txt").read_text(), re.M).group(1)
 
 
+def kserve_protocols() -> set[str]:
+    # kserve/constants/constants.py imports only os and enum (the package's __init__ is not run).
+    from kserve.constants.constants import PredictorProtocol
+
+    return {protocol.value for protocol in PredictorProtocol}
+
+
 @pytest.mark.parametrize("kind", list(MANIFESTS))
-def test_manifest_is_a_valid_inferenceservice_for_the_torchserve_runtime(kind, schema, runtime):
-    isvc = load(kind)
-    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
-    assert schema_errors(isvc, schema) == []
-    model = isvc["spec"]["predictor"]["model"]
-    formats = [f["name"] for f in runtime["spec"]["supportedModelFormats"]]
-    assert model["modelFormat"]["name"] == "pytorch" and "pytorch" in formats
-    assert model["protocolVersion"] == "v2" and "v2" in runtime["spec"]["protocolVersions"]
+def test_manifest_is_a_valid_inferenceservice_for_the_torchserve_runtime(kind):
+    manifest = load(kind)
+    assert errors_of(manifest) == []
+    isvc = build(manifest)
+    assert type(isvc) is kserve_types.kserve_models.V1beta1InferenceService
+    assert (isvc.api_version, isvc.kind) == ("serving.kserve.io/v1beta1", "InferenceService")
+    model = isvc.spec.predictor.model
+    assert model.model_format.name == "pytorch" and "pytorch" in TORCHSERVE_RUNTIME_FORMATS
+    assert model.protocol_version == "v2" and "v2" in TORCHSERVE_RUNTIME_PROTOCOLS and "v2" in kserve_protocols()
     # The runtime image's tag: the TorchServe version the archive is built and tested with.
-    assert model["runtimeVersion"].split("-")[0] == pinned_torchserve()
-    assert model["storageUri"].startswith(("pvc://", "s3://", "gs://"))
-    resources = model["resources"]
-    assert resources["requests"]["cpu"] == resources["limits"]["cpu"]
-    assert resources["requests"]["memory"] == resources["limits"]["memory"]
+    assert model.runtime_version.split("-")[0] == pinned_torchserve()
+    assert model.storage_uri.startswith(("pvc://", "s3://", "gs://"))
+    resources = model.resources
+    assert type(resources) is kserve_types.kubernetes_models.V1ResourceRequirements
+    assert resources.requests["cpu"] == resources.limits["cpu"]
+    assert resources.requests["memory"] == resources.limits["memory"]
     # KServe's wrapper answers on 8080; the model name is the archive's (model_snapshot).
-    assert model["readinessProbe"]["httpGet"] == {"path": "/v2/models/cifar100/ready", "port": 8080}
+    probe = model.readiness_probe.http_get
+    assert (probe.path, probe.port) == ("/v2/models/cifar100/ready", 8080)
     if kind == "gpu":
-        assert resources["limits"]["nvidia.com/gpu"] == "1"
+        assert resources.limits["nvidia.com/gpu"] == "1"
     else:
-        assert "nvidia.com/gpu" not in resources["limits"]
+        assert "nvidia.com/gpu" not in resources.limits
+
+
+def model_of(manifest: dict) -> dict:
+    return manifest["spec"]["predictor"]["model"]
 
 
 @pytest.mark.parametrize("mutate, words", [
-    (lambda m: m["spec"]["predictor"]["model"].__setitem__("modelFromat", {"name": "pytorch"}), "modelFromat: unknown field"),
-    (lambda m: m["spec"]["predictor"]["model"]["resources"].__setitem__("limit", {"cpu": "2"}), "limit: unknown field"),
-    (lambda m: m["spec"]["predictor"]["model"]["resources"]["limits"].__setitem__("cpu", "two"), "does not match"),
-    (lambda m: m["spec"]["predictor"].__setitem__("minReplicas", "1"), "expected integer"),
-    (lambda m: m["spec"]["predictor"]["model"]["readinessProbe"].__setitem__("httpGets", {}), "httpGets: unknown field"),
-    (lambda m: m["spec"]["predictor"]["model"]["env"][0].pop("name"), "required field 'name'"),
+    (lambda m: model_of(m).__setitem__("modelFromat", {"name": "pytorch"}),
+     "spec.predictor.model.modelFromat: unknown field of V1beta1ModelSpec"),
+    (lambda m: model_of(m)["resources"].__setitem__("limit", {"cpu": "2"}),
+     "spec.predictor.model.resources.limit: unknown field of V1ResourceRequirements"),
+    (lambda m: model_of(m)["resources"]["limits"].__setitem__("cpu", "two"),
+     "spec.predictor.model.resources.limits.cpu: not a Kubernetes quantity: 'two'"),
+    (lambda m: m["spec"]["predictor"].__setitem__("minReplicas", "1"),
+     "spec.predictor.minReplicas: expected int, got str '1'"),
+    (lambda m: model_of(m)["readinessProbe"].__setitem__("httpGets", {}),
+     "spec.predictor.model.readinessProbe.httpGets: unknown field of V1Probe"),
+    # Kubernetes' own class says so (pydantic: the field is required).
+    (lambda m: model_of(m)["env"][0].pop("name"), "spec.predictor.model.env[0].name: Field required (V1EnvVar)"),
+    # An unquoted number as an env value: the API server rejects it too.
+    (lambda m: model_of(m)["env"][0].__setitem__("value", 1), "spec.predictor.model.env[0].value: expected str, got int 1"),
 ])
-def test_a_typo_in_the_manifest_fails_validation(schema, mutate, words):
-    isvc = copy.deepcopy(load("cpu"))
-    mutate(isvc)
-    errors = schema_errors(isvc, schema)
+def test_a_typo_in_the_manifest_fails_validation(mutate, words):
+    manifest = copy.deepcopy(load("cpu"))
+    mutate(manifest)
+    errors = errors_of(manifest)
     assert any(words in e for e in errors), errors
+    with pytest.raises(ManifestError):
+        build(manifest)
+
+
+def test_kserve_constructor_checks_run():
+    # V1beta1CanarySpec's generated setter requires `predictor`: the constructor's own check reports it.
+    errors = errors_of({"trafficPercent": 10}, "V1beta1CanarySpec")
+    assert errors == ["(top): Invalid value for `predictor`, must not be `None` (V1beta1CanarySpec)"]
