@@ -11,7 +11,7 @@ what a connection may do before the app sees a request live here, at the HTTP pa
     adapter's `{"error": ...}` JSON instead of uvicorn's text/plain;
   * a response sent before the request's body was read (413, 503 busy, 408) is followed by a
     lingering close: the adapter sends FIN and reads (and drops) what the client is still sending
-    for up to LINGER_S before closing. Closing at once, with unread bytes in the socket, makes the
+    until that body ends, for at most BODY_TIMEOUT_S, before closing. Closing at once, with unread bytes in the socket, makes the
     kernel send a reset that can destroy the answer before the client reads it (measured: 24 of 64
     concurrent 9.9 MB uploads saw a reset instead of their 503).
 The body's own deadline and the in-flight caps are the app's (adapter/limits.py), where the request
@@ -29,14 +29,11 @@ from .config import Settings
 
 log = logging.getLogger("adapter.protocol")
 
-# How long a refused upload may go on sending (into the void) after its answer. Not a setting:
-# only long enough for a client on a fast link to notice the answer and stop.
-LINGER_S = 2.0
-
 
 class _LingeringTransport:
     """The connection's transport as uvicorn sees it: close() while the request body is still
-    arriving half-closes instead (FIN after the answer) and closes for real after LINGER_S."""
+    arriving half-closes instead (FIN after the answer); the protocol closes for real when the body
+    has ended, or after BODY_TIMEOUT_S. Dropped bytes are not kept: no memory is held for them."""
 
     def __init__(self, transport, protocol: "GuardedHttpToolsProtocol"):
         self._transport = transport
@@ -59,7 +56,7 @@ class _LingeringTransport:
             return
         self._lingering = True
         self._transport.write_eof()
-        self._protocol.loop.call_later(LINGER_S, self._transport.close)
+        self._protocol.loop.call_later(self._protocol.settings.body_timeout_s, self._transport.close)
 
 
 class _HeadRefused(Exception):
@@ -157,6 +154,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        if getattr(self.transport, "_lingering", False):  # the refused body has ended: close now
+            self.transport._transport.close()
+            return
+        super().on_message_complete()
 
 
 def _parser_reason(err: Exception) -> str:

@@ -12,7 +12,7 @@ TorchServe failures become ClassifyError with the status the adapter's caller sh
     slower than TS_PREDICT_TIMEOUT_S .............. 504
     the image refused by the handler (4xx) ........ same 4xx, with the handler's message
     the handler or TorchServe broke (5xx) ......... 502
-A prediction whose batch died with its worker (TorchServe answers 5xx "Worker died.") or whose
+A prediction whose batch died with its worker (TorchServe answers 507 "Worker died.") or whose
 connection broke is sent once more (classification is idempotent), within the same deadline.
 No internal address or path is put in a message a client sees; the log has them.
 Token keys expire and change when TorchServe restarts: on an auth refusal the key file is read
@@ -131,9 +131,10 @@ def _error_message(response: _Response) -> str:
 
 
 def _worker_lost(response: _Response) -> bool:
-    """TorchServe's answer when the batch's worker died or was restarted under it (500 "Worker
-    died.", 503 while a new worker starts): the image itself was not refused, so it may be resent."""
-    return response.status_code in (500, 502, 503)
+    """TorchServe's answer when the batch's worker died or was restarted under it: 0.12 answers the
+    batch's requests 507 when its worker process is killed (seen in its access log), 500/503 for a
+    worker that failed or is restarting. The image itself was not refused, so it may be resent."""
+    return response.status_code in (500, 502, 503, 507)
 
 
 def _is_auth_refusal(response: _Response) -> bool:
