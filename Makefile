@@ -10,7 +10,7 @@ WEIGHTS ?= model/weights/CIFAR100_model.pth
 TRAIN_ARGS ?=
 
 .PHONY: install install-system train evaluate archive serve serve-torchserve serve-adapter \
-        stop stop-torchserve stop-adapter test bench bench-train bench-serve clean
+        stop stop-torchserve stop-adapter test bench bench-train bench-serve soak clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt adapter/requirements.txt
@@ -66,6 +66,11 @@ stop-torchserve:
 bench-serve: install
 	$(PY) -m benchmarks.bench_serve --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 	$(PY) -m benchmarks.bench_adapter --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
+
+# Hostile and heavy clients, the long runs (~15 min): 64 concurrent 9.9 MB uploads with each
+# process's peak memory, a 20,000-request soak, 150 s of slow and stalled uploads (SOAK_ARGS="--requests 2000").
+soak: install
+	$(PY) -m benchmarks.soak $(SOAK_ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
