@@ -11,7 +11,7 @@ what a connection may do before the app sees a request live here, at the HTTP pa
     adapter's `{"error": ...}` JSON instead of uvicorn's text/plain;
   * a response sent before the request's body was read (413, 503 busy, 408) is followed by a
     lingering close: the adapter sends FIN and reads (and drops) what the client is still sending
-    until that body ends, for at most BODY_TIMEOUT_S, before closing. Closing at once, with unread bytes in the socket, makes the
+    until that body ends, for at most BODY_TIMEOUT_S (and LINGER_MAX_S), before closing. Closing at once, with unread bytes in the socket, makes the
     kernel send a reset that can destroy the answer before the client reads it (measured: 24 of 64
     concurrent 9.9 MB uploads saw a reset instead of their 503).
 The body's own deadline and the in-flight caps are the app's (adapter/limits.py), where the request
@@ -29,11 +29,15 @@ from .config import Settings
 
 log = logging.getLogger("adapter.protocol")
 
+# The longest a refused body may go on arriving (into the void) after its answer: enough for 64
+# clients pushing 10 MB each through a loaded 2-core machine (2 s was not), short for a trickler.
+LINGER_MAX_S = 10.0
+
 
 class _LingeringTransport:
     """The connection's transport as uvicorn sees it: close() while the request body is still
     arriving half-closes instead (FIN after the answer); the protocol closes for real when the body
-    has ended, or after BODY_TIMEOUT_S. Dropped bytes are not kept: no memory is held for them."""
+    has ended, or after BODY_TIMEOUT_S / LINGER_MAX_S. Dropped bytes are not kept: no memory is held for them."""
 
     def __init__(self, transport, protocol: "GuardedHttpToolsProtocol"):
         self._transport = transport
@@ -56,7 +60,8 @@ class _LingeringTransport:
             return
         self._lingering = True
         self._transport.write_eof()
-        self._protocol.loop.call_later(self._protocol.settings.body_timeout_s, self._transport.close)
+        linger_s = min(self._protocol.settings.body_timeout_s, LINGER_MAX_S)
+        self._protocol.loop.call_later(linger_s, self._transport.close)
 
 
 class _HeadRefused(Exception):

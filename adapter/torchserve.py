@@ -154,6 +154,8 @@ class TorchServeClient:
         self.settings = settings
         self.keys = KeyFile(settings.key_file)
         self._renew_lock = asyncio.Lock()
+        self.last_answer_at = 0.0  # time.monotonic() of the last 200 from the inference API
+        self._probe: asyncio.Future | None = None  # /health's running probe, shared by its callers
         s = settings
         # Timeouts: `total` bounds a whole prediction (-> 504), `connect` the DNS + TCP connect (-> 503
         # not reachable); the wait for a free pooled connection is _Pool's (-> 503 busy), bounded like
@@ -220,8 +222,6 @@ class TorchServeClient:
         return ClassifyError(503, "The model server is not reachable (is TorchServe running?).")
 
     # --- API --------------------------------------------------------------------------------
-    last_answer_at: float = 0.0  # time.monotonic() of the last 200 from the inference API
-
     async def _predict_response(self, image: bytes) -> _Response:
         """One image's answer, sent again once if its worker died under it; within TS_PREDICT_TIMEOUT_S."""
         path = f"/predictions/{self.settings.model_name}"
@@ -282,8 +282,6 @@ class TorchServeClient:
             await asyncio.shield(self._probe)
         status["last_answer_s_ago"] = round(time.monotonic() - self.last_answer_at, 3)
         return status
-
-    _probe: asyncio.Future | None = None
 
     async def _probe_prediction(self) -> None:
         timeout_s = self.settings.health_timeout_s
