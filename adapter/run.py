@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import logging.config
 import os
 import signal
 import socket

@@ -8,7 +8,6 @@ test_torchserve_stopped_then_restarted.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import signal
