@@ -10,7 +10,7 @@ WEIGHTS ?= model/weights/CIFAR100_model.pth
 TRAIN_ARGS ?=
 
 .PHONY: install install-system data train evaluate archive kserve-bundle serve serve-torchserve serve-adapter \
-        stop stop-torchserve stop-adapter test test-unit bench bench-train bench-serve clean
+        stop stop-torchserve stop-adapter test test-unit bench bench-train bench-serve soak clean
 
 install: $(VENV)/.installed node_modules/.installed
 # npm packages of the page tests (axe-core), exactly as package-lock.json pins them.
@@ -84,6 +84,11 @@ bench-serve: install
 	$(PY) -m benchmarks.bench_serve --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 	$(PY) -m benchmarks.bench_adapter --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 	$(PY) -m benchmarks.bench_kserve --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
+
+# Hostile and heavy clients, the long runs (~15 min): 64 concurrent 9.9 MB uploads with each
+# process's peak memory, a 20,000-request soak, 150 s of slow and stalled uploads (SOAK_ARGS="--requests 2000").
+soak: install
+	$(PY) -m benchmarks.soak $(SOAK_ARGS)
 
 # Every test: unit + integration (real TorchServe, headless Chromium, CIFAR-100; see tests/conftest.py).
 test: install

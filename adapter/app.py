@@ -11,12 +11,16 @@
                       503 {"status": "unavailable", "error": ...}
     GET  /            the drag-and-drop page (frontend/)
 
-Every error is {"error": "..."} with its status: 400 no `image` field / empty / not an image,
-413 larger than MAX_UPLOAD_BYTES (refused while reading, see upload.py), 404/405 unknown route or
-method, 503 TorchServe down or the model not ready, 504 TorchServe too slow, 502 TorchServe broke.
+Every error is {"error": "..."} with its status: 400 no `image` field / empty / not an image /
+not valid HTTP, 408 body (or head) slower than its deadline, 413 larger than MAX_UPLOAD_BYTES
+(refused while reading, see upload.py), 414/431 URL or headers too large, 404/405 unknown route or
+method (405 with the right Allow), 503 busy (with Retry-After: too many uploads in flight, see
+limits.py), TorchServe down or the model not ready, 504 TorchServe too slow, 502 TorchServe broke.
 Settings come from environment variables (see config.py). No torch here: the model lives in TorchServe.
 
-Run: `python -m adapter.run start` (or `uvicorn adapter.app:create_app --factory`).
+Run: `python -m adapter.run start` (background) or `python -m adapter.run serve` (foreground): both
+use adapter/protocol.py's HTTP limits and a rotating log; a bare `uvicorn adapter.app:create_app
+--factory` lacks the limits on request heads.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from model.classes import CLASS_NAMES, display_name  # the seed's display rule, 
 
 from .config import Settings
 from .errors import ClassifyError
+from .limits import InFlight, RequestLimits
 from .oip import OIPClient
 from .torchserve import TorchServeClient
 from .upload import read_image_upload
@@ -79,28 +84,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         # OIP_URL set: an Open Inference Protocol server (KServe) instead of the local TorchServe.
         app.state.torchserve = (OIPClient if settings.oip_url else TorchServeClient)(settings)
-        log.info("adapter: model '%s' at %s (max upload %d bytes)", settings.model_name,
-                 settings.oip_url or settings.inference_url, settings.max_upload_bytes)
+        log.info("adapter: model '%s' at %s (max upload %d bytes, %d requests / %d bytes in flight, "
+                 "predict deadline %g s)", settings.model_name, settings.oip_url or settings.inference_url,
+                 settings.max_upload_bytes, settings.max_requests_in_flight, settings.max_bytes_in_flight,
+                 settings.predict_timeout_s)
         try:
             yield
         finally:
             await app.state.torchserve.aclose()
 
+    settings.check()
+    # Swagger UI and ReDoc load their scripts from a CDN: off unless ADAPTER_DOCS=1 (/openapi.json stays).
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None}
     app = FastAPI(title="CIFAR-100 classifier", lifespan=lifespan,
-                  summary="The seed's /classify/ API in front of TorchServe")
+                  summary="The seed's /classify/ API in front of TorchServe", **docs)
     app.state.settings = settings
+    app.state.in_flight = InFlight(settings.max_requests_in_flight, settings.max_bytes_in_flight)
 
     @app.exception_handler(ClassifyError)
     async def classify_error(request: Request, err: ClassifyError) -> JSONResponse:
-        # A 413 answered before the body was read: the connection cannot be reused.
-        headers = {"Connection": "close"} if err.status_code == 413 else None
-        return _error(err.status_code, err.message, headers)
+        # (A refusal sent before the body was read closes the connection: limits.py adds that.)
+        return _error(err.status_code, err.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         messages = {404: f"Not found: {request.url.path}",
                     405: f"Method {request.method} is not allowed on {request.url.path}."}
-        return _error(err.status_code, messages.get(err.status_code, str(err.detail)), err.headers)
+        headers = err.headers
+        if err.status_code == 405 and not (headers or {}).get("Allow"):
+            # The page's StaticFiles raises a bare 405 for every path it is asked about.
+            headers = {**(headers or {}), "Allow": "GET, HEAD"}
+        return _error(err.status_code, messages.get(err.status_code, str(err.detail)), headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -150,20 +164,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _error(405, f"Method {request.method} is not allowed on {request.url.path}; "
                            "POST an image in a multipart field named 'image'.", {"Allow": "POST"})
 
+    # Every other method, so that the page's mount at "/" does not answer them (Allow: GET, HEAD).
+    other_methods = ["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
     for path in ("/classify/", "/classify", "/explain/"):
-        app.add_api_route(path, classify_wrong_method, methods=["GET", "PUT", "PATCH", "DELETE"],
-                          include_in_schema=False)
+        app.add_api_route(path, classify_wrong_method, methods=other_methods, include_in_schema=False)
 
-    @app.get("/health")
     async def health(request: Request) -> JSONResponse:
         try:
-            status = await request.app.state.torchserve.model_status()
+            status = await request.app.state.torchserve.health()
         except ClassifyError as err:
             return JSONResponse({"status": "unavailable", "error": err.message}, status_code=503)
         return JSONResponse({"status": "ok", **status})
 
-    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins,
-                       allow_methods=["GET", "POST"], allow_headers=["*"])
+    async def health_wrong_method(request: Request) -> JSONResponse:
+        return _error(405, f"Method {request.method} is not allowed on /health.", {"Allow": "GET, HEAD"})
+
+    app.add_api_route("/health", health, methods=["GET", "HEAD"])
+    app.add_api_route("/health", health_wrong_method, include_in_schema=False,
+                      methods=["POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"])
+
+    if settings.cors_allow_origins:  # none by default: the page is served from this same origin
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+    # Outermost: refuses or times out bodies before anything else holds them.
+    app.add_middleware(RequestLimits, settings=settings, in_flight=app.state.in_flight)
     if Path(settings.frontend_dir).is_dir():
         app.mount("/", StaticFiles(directory=settings.frontend_dir, html=True), name="page")
     else:

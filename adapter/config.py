@@ -5,14 +5,31 @@
     TS_MODEL_NAME         model name registered in TorchServe   cifar100
     TS_KEY_FILE           TorchServe's key_file.json (token auth) key_file.json
     TS_CONNECT_TIMEOUT_S  connecting to TorchServe              2
-    TS_PREDICT_TIMEOUT_S  waiting for one prediction (-> 504)   30
-    TS_HEALTH_TIMEOUT_S   waiting for the model status          3
+    TS_PREDICT_TIMEOUT_S  one prediction, its one retry included (-> 504); must stay
+                          below TorchServe's responseTimeout (checked at start-up)  10
+    TS_RESPONSE_TIMEOUT_S TorchServe's responseTimeout; unset: read from TS_MODEL_CONFIG
+    TS_MODEL_CONFIG       the model-config.yaml packed into the archive  handler/model-config.yaml
+    TS_HEALTH_TIMEOUT_S   waiting for the model status / a health probe  3
     TS_MAX_CONNECTIONS    pooled connections to TorchServe      64
     OIP_URL               an Open Inference Protocol (v2) server to use instead of TorchServe, e.g. a
                           KServe InferenceService's URL (adapter/oip.py; model name TS_MODEL_NAME) (unset)
     OIP_HOST_HEADER       Host header for it (KServe's ingress routes by host name)   (unset)
+    HEALTH_MAX_SILENCE_S  /health probes with a real tiny prediction when no prediction has
+                          succeeded for this long; a failed probe -> 503  10
     MAX_UPLOAD_BYTES      largest accepted image file (-> 413)  10485760 (10 MB)
-    CORS_ALLOW_ORIGINS    comma-separated origins, or *         *
+    MAX_REQUESTS_IN_FLIGHT  requests with a body held at once; more -> 503 + Retry-After  64
+    MAX_BYTES_IN_FLIGHT   bytes those requests may declare together (a chunked upload counts
+                          as MAX_UPLOAD_BYTES); more -> 503 + Retry-After  104857600 (100 MB)
+    RETRY_AFTER_S         the Retry-After of those 503s         1
+    BODY_TIMEOUT_S        a request's whole body must arrive within this (-> 408, closed)  30
+    HEADER_TIMEOUT_S      a request's head (line + headers) must arrive within this (-> 408)  10
+    KEEPALIVE_TIMEOUT_S   idle keep-alive (and fresh, silent) connections are closed after  5
+    MAX_HEADER_BYTES      request line + headers, in bytes (URL too long -> 414, else 431)  16384
+    MAX_HEADER_COUNT      headers per request (-> 431)          100
+    CORS_ALLOW_ORIGINS    comma-separated origins, or *; empty: none (the page is same-origin)  (none)
+    ADAPTER_DOCS          1: serve /docs (Swagger UI loads from a CDN); default off, /openapi.json stays  0
+    ADAPTER_LOG_MAX_BYTES / ADAPTER_LOG_BACKUPS  adapter.log rotates at this size, keeping this
+                          many old files (adapter.log.1, ...)   10485760 / 5
     FRONTEND_DIR          folder served at /                    frontend/ beside this package
     ADAPTER_HOST / ADAPTER_PORT  where `python -m adapter.run start` listens  127.0.0.1 / 8000
 """
@@ -23,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
+# TorchServe's responseTimeout lives here (packed into the archive); the adapter's deadline must be shorter.
+DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "handler" / "model-config.yaml"
 
 
 class ConfigError(ValueError):
@@ -52,8 +71,31 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _env_origins(name: str) -> list[str]:
-    text = os.environ.get(name, "*")
-    return [origin.strip() for origin in text.split(",") if origin.strip()] or ["*"]
+    text = os.environ.get(name, "")
+    return [origin.strip() for origin in text.split(",") if origin.strip()]
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    text = os.environ.get(name, "").strip().lower()
+    if text == "":
+        return default
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={text!r} is not 1/0 (true/false)")
+
+
+def torchserve_response_timeout(model_config: str) -> float | None:
+    """TorchServe's per-batch `responseTimeout` (s) from the archive's model-config.yaml; None if absent."""
+    import yaml  # only at start-up
+
+    try:
+        config = yaml.safe_load(Path(model_config).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    value = config.get("responseTimeout") if isinstance(config, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 @dataclass(frozen=True)
@@ -63,14 +105,41 @@ class Settings:
     model_name: str = "cifar100"
     key_file: str = "key_file.json"
     connect_timeout_s: float = 2.0
-    predict_timeout_s: float = 30.0
+    predict_timeout_s: float = 10.0
+    response_timeout_s: float | None = None  # TorchServe's; None: read from model_config
+    model_config: str = str(DEFAULT_MODEL_CONFIG)
     health_timeout_s: float = 3.0
     max_connections: int = 64
     oip_url: str = ""
     oip_host_header: str = ""
+    health_max_silence_s: float = 10.0
     max_upload_bytes: int = 10 * 1024 * 1024
-    cors_allow_origins: list[str] = field(default_factory=lambda: ["*"])
+    max_requests_in_flight: int = 64
+    max_bytes_in_flight: int = 100 * 1024 * 1024
+    retry_after_s: int = 1
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 5.0
+    max_header_bytes: int = 16 * 1024
+    max_header_count: int = 100
+    cors_allow_origins: list[str] = field(default_factory=list)
+    docs: bool = False
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 5
     frontend_dir: str = str(DEFAULT_FRONTEND_DIR)
+
+    def check(self) -> None:
+        """Refuse settings that contradict each other (called at start-up)."""
+        response_timeout = self.response_timeout_s or torchserve_response_timeout(self.model_config)
+        # A wedged worker is restarted by TorchServe only after responseTimeout; the client must
+        # hear 504 from the adapter before that, not wait for TorchServe's own verdict.
+        if response_timeout is not None and self.predict_timeout_s >= response_timeout:
+            raise ConfigError(
+                f"TS_PREDICT_TIMEOUT_S={self.predict_timeout_s:g} must be below TorchServe's "
+                f"responseTimeout ({response_timeout:g} s, TS_RESPONSE_TIMEOUT_S or {self.model_config})")
+        if self.max_bytes_in_flight < self.max_upload_bytes:
+            raise ConfigError(f"MAX_BYTES_IN_FLIGHT={self.max_bytes_in_flight} is below MAX_UPLOAD_BYTES="
+                              f"{self.max_upload_bytes}: no full-size upload could ever be accepted")
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -81,11 +150,25 @@ class Settings:
             key_file=os.environ.get("TS_KEY_FILE", cls.key_file),
             connect_timeout_s=_env_float("TS_CONNECT_TIMEOUT_S", cls.connect_timeout_s),
             predict_timeout_s=_env_float("TS_PREDICT_TIMEOUT_S", cls.predict_timeout_s),
+            response_timeout_s=_env_float("TS_RESPONSE_TIMEOUT_S", None),
+            model_config=os.environ.get("TS_MODEL_CONFIG", cls.model_config),
             health_timeout_s=_env_float("TS_HEALTH_TIMEOUT_S", cls.health_timeout_s),
             max_connections=_env_int("TS_MAX_CONNECTIONS", cls.max_connections),
             oip_url=os.environ.get("OIP_URL", cls.oip_url).rstrip("/"),
             oip_host_header=os.environ.get("OIP_HOST_HEADER", cls.oip_host_header),
+            health_max_silence_s=_env_float("HEALTH_MAX_SILENCE_S", cls.health_max_silence_s),
             max_upload_bytes=_env_int("MAX_UPLOAD_BYTES", cls.max_upload_bytes),
+            max_requests_in_flight=_env_int("MAX_REQUESTS_IN_FLIGHT", cls.max_requests_in_flight),
+            max_bytes_in_flight=_env_int("MAX_BYTES_IN_FLIGHT", cls.max_bytes_in_flight),
+            retry_after_s=_env_int("RETRY_AFTER_S", cls.retry_after_s),
+            body_timeout_s=_env_float("BODY_TIMEOUT_S", cls.body_timeout_s),
+            header_timeout_s=_env_float("HEADER_TIMEOUT_S", cls.header_timeout_s),
+            keepalive_timeout_s=_env_float("KEEPALIVE_TIMEOUT_S", cls.keepalive_timeout_s),
+            max_header_bytes=_env_int("MAX_HEADER_BYTES", cls.max_header_bytes),
+            max_header_count=_env_int("MAX_HEADER_COUNT", cls.max_header_count),
             cors_allow_origins=_env_origins("CORS_ALLOW_ORIGINS"),
+            docs=_env_flag("ADAPTER_DOCS", cls.docs),
+            log_max_bytes=_env_int("ADAPTER_LOG_MAX_BYTES", cls.log_max_bytes),
+            log_backups=_env_int("ADAPTER_LOG_BACKUPS", cls.log_backups),
             frontend_dir=os.environ.get("FRONTEND_DIR", str(DEFAULT_FRONTEND_DIR)),
         )

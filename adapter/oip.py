@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 
 import aiohttp
 
@@ -24,6 +25,8 @@ from handler.protocols import OUTPUTS  # the output names, one home (no torch th
 from .config import Settings
 from .errors import ClassifyError
 from .torchserve import _TRANSPORT_ERRORS, _error_message, _Pool, _PoolBusy, _Response
+
+log = logging.getLogger("adapter.oip")
 
 INPUT_NAME = "image"
 
@@ -46,7 +49,7 @@ def answer_from_outputs(body: dict) -> dict:
 
 
 class OIPClient:
-    """Same interface as TorchServeClient: predict(image), model_status(), aclose()."""
+    """Same interface as TorchServeClient: predict(image), health(), model_status(), aclose()."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -69,9 +72,12 @@ class OIPClient:
             return ClassifyError(503, "The model server is busy: too many requests are waiting. Try again shortly.")
         if isinstance(err, TimeoutError) and not isinstance(err, aiohttp.ConnectionTimeoutError):
             return ClassifyError(504, f"The model server took longer than {self.settings.predict_timeout_s:g} s to answer.")
-        return ClassifyError(503, f"The model server is not reachable at {self.settings.oip_url}.")
+        log.warning("model server not reachable at %s: %s", self.settings.oip_url, err)  # the URL stays internal
+        return ClassifyError(503, "The model server is not reachable.")
 
-    async def predict(self, image: bytes) -> dict:
+    async def predict(self, image: bytes, explain: bool = False) -> dict:
+        if explain:  # the Open Inference Protocol has no explanations; TorchServe's API has them
+            raise ClassifyError(501, "Explanations need the TorchServe backend (OIP_URL is set).")
         body = {"inputs": [{"name": INPUT_NAME, "shape": [1], "datatype": "BYTES",
                             "data": [base64.b64encode(image).decode("ascii")]}]}
         headers = {**self.headers, "Content-Type": "application/json"}
@@ -108,4 +114,6 @@ class OIPClient:
         if response.status_code != 200:
             raise ClassifyError(503, f"The model '{self.settings.model_name}' is not ready on the model server "
                                      f"({response.status_code}: {_error_message(response)}).")
-        return {"model": self.settings.model_name, "backend": "oip", "server": self.settings.oip_url}
+        return {"model": self.settings.model_name, "backend": "oip"}
+
+    health = model_status  # the v2 readiness route already asks the model server itself

@@ -1,8 +1,12 @@
-"""Start or stop the adapter in the background: `python -m adapter.run start|stop|status`.
+"""Start or stop the adapter in the background: `python -m adapter.run start|stop|status|serve`.
 
-`start` launches uvicorn (ADAPTER_HOST:ADAPTER_PORT, default 127.0.0.1:8000) detached, with its pid in
-logs/adapter.pid and its output in logs/adapter.log, waits until it answers, and prints the page's
-URL. Both commands are idempotent: starting a running adapter or stopping a stopped one is fine.
+`start` launches `serve` (ADAPTER_HOST:ADAPTER_PORT, default 127.0.0.1:8000) detached, with its pid in
+logs/adapter.pid and its log in logs/adapter.log (rotated at ADAPTER_LOG_MAX_BYTES, keeping
+ADAPTER_LOG_BACKUPS old files; what the process prints outside logging, such as a crash at start-up,
+goes to logs/adapter.stderr.log), waits until it answers, and prints the page's URL. Both commands
+are idempotent: starting a running adapter or stopping a stopped one is fine. `serve` runs uvicorn
+in the foreground with the adapter's HTTP limits (adapter/protocol.py: head deadline, header
+limits, keep-alive timeout, JSON for parser refusals).
 ADAPTER_LOG_DIR moves the pid and log files (default logs/ in the repository).
 The adapter's own settings (TorchServe URLs, key file, limits) come from the environment: see
 adapter/config.py.
@@ -10,6 +14,7 @@ adapter/config.py.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import socket
@@ -50,7 +55,7 @@ def _running_pid() -> int | None:
     except OSError:
         return None
     # The pid may have been reused by another program since the file was written.
-    return pid if b"adapter.app:create_app" in cmdline else None
+    return pid if b"adapter.run serve" in cmdline or b"adapter.app:create_app" in cmdline else None
 
 
 def _answers(url: str, statuses: tuple[int, ...] = (200,)) -> bool:
@@ -69,14 +74,31 @@ def _model_state(base: str) -> str:
     return "model ready" if response.status_code == 200 else f"model not ready: {body.get('error')}"
 
 
+def stderr_file(log_file: Path) -> Path:
+    """Where the process's own output goes (start-up crashes); logging writes `log_file`."""
+    return Path(log_file).with_suffix(".stderr.log")
+
+
 def spawn(host: str, port: int, log_file: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """uvicorn serving the adapter on host:port, detached from the caller's terminal and session."""
-    command = [sys.executable, "-m", "uvicorn", "adapter.app:create_app", "--factory",
-               "--host", host, "--port", str(port)]
+    """The adapter (`serve`) on host:port, detached from the caller's terminal and session."""
+    command = [sys.executable, "-m", "adapter.run", "serve", "--host", host, "--port", str(port),
+               "--log-file", str(log_file)]
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    with open(stderr_file(log_file), "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=REPO, start_new_session=True)  # survives the shell (make) that started it
+
+
+def _tails(log_file: Path, lines: int = 15) -> str:
+    parts = []
+    for path in (log_file, stderr_file(log_file)):
+        try:
+            text = "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            continue
+        if text:
+            parts.append(f"{path}:\n{text}")
+    return "\n".join(parts) or f"(nothing in {log_file})"
 
 
 def wait_until_up(base: str, process: subprocess.Popen, log_file: Path, timeout: float = START_TIMEOUT_S) -> None:
@@ -84,8 +106,8 @@ def wait_until_up(base: str, process: subprocess.Popen, log_file: Path, timeout:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
-            raise AdapterStartError(f"The adapter exited at start (code {process.returncode}); {log_file}:\n{tail}")
+            raise AdapterStartError(f"The adapter exited at start (code {process.returncode}); "
+                                    f"{_tails(log_file)}")
         # /health answers 503 while TorchServe is down: the adapter is up all the same.
         if _answers(f"{base}/health", statuses=(200, 503)):
             return
@@ -175,10 +197,66 @@ def status() -> int:
     return 0
 
 
+def logging_config(log_file: Path | None, settings) -> dict:
+    """uvicorn's and the adapter's logs into one rotating file (or the console without a file)."""
+    if log_file is None:
+        handler = {"class": "logging.StreamHandler", "formatter": "plain"}
+    else:
+        handler = {"class": "logging.handlers.RotatingFileHandler", "formatter": "plain",
+                   "filename": str(log_file), "maxBytes": settings.log_max_bytes,
+                   "backupCount": settings.log_backups, "encoding": "utf-8"}
+    quiet = {"handlers": ["out"], "level": "INFO", "propagate": False}
+    return {"version": 1, "disable_existing_loggers": False,
+            "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+            "handlers": {"out": handler},
+            "loggers": {"uvicorn": quiet, "uvicorn.access": quiet, "adapter": quiet},
+            "root": {"handlers": ["out"], "level": "WARNING"}}
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """glibc raises its mmap threshold after large blocks are freed, so later 10 MB uploads land on
+    the heap and stay in the process's RSS after they are gone; a fixed threshold keeps every block
+    over 256 KB in its own mapping, unmapped when freed (measured in benchmarks/RESULTS.md)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    M_MMAP_THRESHOLD = -3
+    libc.mallopt(M_MMAP_THRESHOLD, 256 * 1024)
+
+
+def serve(host: str, port: int, log_file: Path | None) -> int:
+    """The adapter in the foreground: uvicorn with the adapter's protocol, limits and log."""
+    import uvicorn
+
+    from .app import create_app
+    from .config import ConfigError, Settings
+    from .protocol import protocol_class
+
+    try:
+        settings = Settings.from_env()
+        settings.check()
+    except ConfigError as err:
+        print(f"adapter: bad setting: {err}", file=sys.stderr)
+        return 2
+    _return_freed_memory_to_the_os()
+    config = uvicorn.Config(create_app(settings), host=host, port=port, http=protocol_class(settings),
+                            timeout_keep_alive=settings.keepalive_timeout_s,
+                            log_config=logging_config(log_file, settings))
+    uvicorn.Server(config).run()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adapter.run", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("command", choices=["start", "stop", "status", "serve"])
+    parser.add_argument("--host", help="serve: address (default ADAPTER_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="serve: port (default ADAPTER_PORT or 8000)")
+    parser.add_argument("--log-file", type=Path, help="serve: rotating log file (default: the console)")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        host, port = _address()
+        return serve(args.host or host, args.port or port, args.log_file)
     return {"start": start, "stop": stop, "status": status}[args.command]()
 
 

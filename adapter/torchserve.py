@@ -12,6 +12,9 @@ TorchServe failures become ClassifyError with the status the adapter's caller sh
     slower than TS_PREDICT_TIMEOUT_S .............. 504
     the image refused by the handler (4xx) ........ same 4xx, with the handler's message
     the handler or TorchServe broke (5xx) ......... 502
+A prediction whose batch died with its worker (TorchServe answers 507 "Worker died.") or whose
+connection broke is sent once more (classification is idempotent), within the same deadline.
+No internal address or path is put in a message a client sees; the log has them.
 Token keys expire and change when TorchServe restarts: on an auth refusal the key file is read
 again, and if it still holds the refused key the API key renews it; then the request is retried once.
 """
@@ -20,6 +23,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
+import time
+import zlib
 from dataclasses import dataclass
 
 import aiohttp
@@ -35,6 +41,18 @@ log = logging.getLogger("adapter.torchserve")
 
 # httpx's default pool size, which the management API had before: it only serves /health checks.
 MANAGEMENT_MAX_CONNECTIONS = 100
+
+
+def _tiny_png() -> bytes:
+    """A valid 1x1 grey PNG: /health's probe asks the model to classify it (a real prediction)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00\x80"))
+            + chunk(b"IEND", b""))
+
+
+PROBE_IMAGE = _tiny_png()
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +130,13 @@ def _error_message(response: _Response) -> str:
     return response.reason_phrase or f"HTTP {response.status_code}"
 
 
+def _worker_lost(response: _Response) -> bool:
+    """TorchServe's answer when the batch's worker died or was restarted under it: 0.12 answers the
+    batch's requests 507 when its worker process is killed (seen in its access log), 500/503 for a
+    worker that failed or is restarting. The image itself was not refused, so it may be resent."""
+    return response.status_code in (500, 502, 503, 507)
+
+
 def _is_auth_refusal(response: _Response) -> bool:
     # TorchServe 0.12 answers a missing/expired/wrong key with 400 InvalidKeyException, not 401.
     if response.status_code == 401:
@@ -129,6 +154,8 @@ class TorchServeClient:
         self.settings = settings
         self.keys = KeyFile(settings.key_file)
         self._renew_lock = asyncio.Lock()
+        self.last_answer_at = 0.0  # time.monotonic() of the last 200 from the inference API
+        self._probe: asyncio.Future | None = None  # /health's running probe, shared by its callers
         s = settings
         # Timeouts: `total` bounds a whole prediction (-> 504), `connect` the DNS + TCP connect (-> 503
         # not reachable); the wait for a free pooled connection is _Pool's (-> 503 busy), bounded like
@@ -177,8 +204,9 @@ class TorchServeClient:
         if fresh and fresh != header:
             response = await pool.request(method, path, fresh, data)
         if _is_auth_refusal(response):
-            raise ClassifyError(503, f"The model server refused the adapter's {kind} key; check that "
-                                     f"TS_KEY_FILE ({self.keys.path}) is the key file of the running TorchServe.")
+            log.error("TorchServe refused the %s key: is TS_KEY_FILE (%s) the running TorchServe's?",
+                      kind, self.keys.path)
+            raise ClassifyError(503, f"The model server refused the adapter's {kind} key; see the adapter's log.")
         return response
 
     def _unreachable(self, err: Exception, url: str) -> ClassifyError:
@@ -190,9 +218,26 @@ class TorchServeClient:
         if isinstance(err, asyncio.TimeoutError) and not isinstance(err, aiohttp.ConnectionTimeoutError):
             return ClassifyError(504, f"The model server took longer than {self.settings.predict_timeout_s:g} s to answer.")
         # Refused, reset, disconnected mid-answer (aiohttp.ClientError): TorchServe is down or restarting.
-        return ClassifyError(503, f"The model server is not reachable at {url} (is TorchServe running?).")
+        log.warning("TorchServe not reachable at %s: %s", url, err)
+        return ClassifyError(503, "The model server is not reachable (is TorchServe running?).")
 
     # --- API --------------------------------------------------------------------------------
+    async def _predict_response(self, image: bytes, path: str) -> _Response:
+        """One image's answer, sent again once if its worker died under it; within TS_PREDICT_TIMEOUT_S."""
+        # A raw body (not multipart): the handler reads it as the request's `body`.
+        async with asyncio.timeout(self.settings.predict_timeout_s):
+            try:
+                response = await self._send(self._inference, "inference", "POST", path, data=image)
+                if not _worker_lost(response):
+                    return response
+                log.warning("retrying a prediction once: TorchServe answered %d %s", response.status_code,
+                            _error_message(response))
+            except aiohttp.ClientConnectionError as err:  # reset or disconnected mid-answer
+                if isinstance(err, aiohttp.ConnectionTimeoutError):
+                    raise
+                log.warning("retrying a prediction once: %s", err)
+            return await self._send(self._inference, "inference", "POST", path, data=image)
+
     async def predict(self, image: bytes, explain: bool = False) -> dict:
         """TorchServe's answer for one image: {"prediction", "label", "index", "probability", "topk", ...}.
 
@@ -200,12 +245,12 @@ class TorchServeClient:
         """
         path = f"/{'explanations' if explain else 'predictions'}/{self.settings.model_name}"
         try:
-            # A raw body (not multipart): the handler reads it as the request's `body`.
-            response = await self._send(self._inference, "inference", "POST", path, data=image)
+            response = await self._predict_response(image, path)
         except _TRANSPORT_ERRORS as err:
             raise self._unreachable(err, self.settings.inference_url) from None
         status = response.status_code
         if status == 200:
+            self.last_answer_at = time.monotonic()
             try:
                 answer = response.json()
             except ValueError:
@@ -227,7 +272,37 @@ class TorchServeClient:
         if 400 <= status < 500:
             # The handler refused this image (not an image, empty, ...): pass its verdict on.
             raise ClassifyError(status, message)
-        raise ClassifyError(502, f"The model server failed: {message}")
+        log.warning("TorchServe answered %d: %s", status, message)
+        raise ClassifyError(502, f"The model server failed: {message[:120]}")
+
+    async def health(self) -> dict:
+        """model_status(), plus a real prediction of a tiny image when none succeeded for
+        HEALTH_MAX_SILENCE_S: READY workers that are stopped or wedged answer nothing (-> 503)."""
+        status = await self.model_status()
+        silent_s = time.monotonic() - self.last_answer_at
+        if silent_s > self.settings.health_max_silence_s:
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.ensure_future(self._probe_prediction())
+            # Many /health callers share one probe; shielded: one caller leaving does not cancel it.
+            await asyncio.shield(self._probe)
+        status["last_answer_s_ago"] = round(time.monotonic() - self.last_answer_at, 3)
+        return status
+
+    async def _probe_prediction(self) -> None:
+        timeout_s = self.settings.health_timeout_s
+        silent = ("no prediction has succeeded for over "
+                  f"{self.settings.health_max_silence_s:g} s and a test prediction")
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await self._send(self._inference, "inference", "POST",
+                                            f"/predictions/{self.settings.model_name}", data=PROBE_IMAGE)
+        except _TRANSPORT_ERRORS:
+            raise ClassifyError(503, f"The model is not answering: {silent} got no answer within "
+                                     f"{timeout_s:g} s.") from None
+        if response.status_code != 200:
+            raise ClassifyError(503, f"The model is not answering: {silent} failed "
+                                     f"({response.status_code}).")
+        self.last_answer_at = time.monotonic()
 
     async def model_status(self) -> dict:
         """{"model", "archive_version", "workers_ready", "workers"} or ClassifyError(503) when not ready."""

@@ -26,7 +26,7 @@ FORM_OVERHEAD_BYTES = 64 * 1024
 
 @dataclass
 class ImageUpload:
-    data: bytes
+    data: bytes | bytearray
     filename: str | None
     content_type: str | None
 
@@ -99,7 +99,7 @@ class _ImageCollector:
         filename = options.get(b"filename")
         content_type = self._headers.get(b"content-type")
         self.image = ImageUpload(
-            data=bytes(self._buffer),
+            data=self._buffer,  # the bytearray itself: a copy would double what an upload holds
             filename=filename.decode("utf-8", "replace") if filename is not None else None,
             content_type=content_type.decode("latin-1") if content_type else None,
         )

@@ -3,9 +3,16 @@
 Limits (each refused per image with a 4xx, the server keeps serving):
   * the upload size is capped by TorchServe itself (``max_request_size`` in config.properties:
     413 with an empty body, before the handler sees it);
-  * images above MAX_IMAGE_PIXELS are refused with 413 *before* their pixels are decoded, which
-    also stops decompression bombs (a tiny file that declares a huge canvas). 413 rather than 400:
-    the request is well-formed, just too big to process, and a client should not retry it as is.
+  * images above their format's pixel limit are refused with 413 *before* their pixels are decoded,
+    which also stops decompression bombs (a tiny file that declares a huge canvas): MAX_IMAGE_PIXELS
+    for formats decoded at full size (PNG, GIF, WebP, ...), MAX_JPEG_PIXELS for JPEG, which is
+    decoded at 1/2..1/8 scale (below). 413 rather than 400: the request is well-formed, just too big
+    to process, and a client should not retry it as is.
+Cheap decoding: the network sees 32x32, so an image is decoded no larger than it needs. A JPEG is
+decoded by libjpeg at a reduced scale (Pillow's draft mode: the DCT is cut to 1/2, 1/4 or 1/8), a
+large image of another format is box-reduced by an integer factor after decoding; both keep at least
+DECODE_MIN_SIDE pixels on each side, so the final antialiased resize to 32x32 still averages many
+source pixels (benchmarks/bench_decode.py measures the CPU and the agreement with a full decode).
 """
 from __future__ import annotations
 
@@ -21,9 +28,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.normalization import normalize  # noqa: F401 - the handler normalizes through here
 
-# 40 megapixels: larger than any phone camera photo (a 48 MP sensor saves 12 MP by default), yet
-# small enough that decoding one (~120 MB as RGB) cannot exhaust a worker's memory.
-MAX_IMAGE_PIXELS = 40_000_000
+# 16 megapixels decoded at full size (~48 MB as RGB, ~0.1 s): above a 12 MP phone photo or a 5K
+# screenshot (14.7 MP). A 40 MP PNG bomb of 131 KB cost a worker 0.28 s and 119 MB before.
+MAX_IMAGE_PIXELS = 16_000_000
+# JPEGs are decoded at up to 1/8 scale, so a 64 MP JPEG (a 48-50 MP sensor's full-resolution photo)
+# costs about what a 1 MP one does at full scale.
+MAX_JPEG_PIXELS = 64_000_000
+# The smallest side an image is decoded to (draft / reduce stop before going below it): 8x the
+# network's input. A 12 MP photo still decodes at 1/8 scale (3000 / 8 = 375 px). Measured on 500
+# CIFAR-100 test images upscaled to 512x512 JPEGs (tests/test_decoding.py), top-1 agreement with a
+# full decode: 128 px 95.6%, 256 px 97.2%; JPEG quality 90 instead of 92 alone moves it by 2%.
+DECODE_MIN_SIDE = 256
 INPUT_SIZE = 32  # the network was trained on 32x32 CIFAR images
 # Where an image may sit in a request: multipart field names, keys of a JSON object, and "body"
 # (TorchServe's name for a raw request body, or the parsed object of an application/json body).
@@ -127,8 +142,29 @@ def check_png_checksums(data: bytes) -> None:
         pos = end
 
 
+def _check_pixel_limit(img: Image.Image) -> None:
+    """413 naming the limit that applies to this image's format, on its header alone."""
+    width, height = img.size
+    jpeg = img.format == "JPEG"
+    limit = MAX_JPEG_PIXELS if jpeg else MAX_IMAGE_PIXELS
+    if width * height > limit:
+        kind = "JPEG images" if jpeg else f"{img.format or 'these'} images (JPEG: {MAX_JPEG_PIXELS / 1e6:.0f} MP)"
+        raise ImageRequestError(
+            413, f"image is {width}x{height} pixels ({width * height / 1e6:.1f} MP), above the "
+                 f"{limit / 1e6:.0f} MP limit for {kind}")
+
+
+def _reduced(img: Image.Image) -> Image.Image:
+    """A decoded image box-reduced by the largest integer factor that keeps DECODE_MIN_SIDE."""
+    factor = min(img.size) // DECODE_MIN_SIDE
+    if factor < 2 or img.mode not in ("RGB", "RGBA", "L", "LA", "RGBa", "La", "I", "F", "I;16"):
+        return img
+    return img.reduce(factor)
+
+
 def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes -> upright 8-bit RGB PIL image (first frame of an animation).
+    """Encoded bytes -> upright 8-bit RGB PIL image (first frame of an animation), decoded no larger
+    than the 32x32 input needs (see the module's docstring).
 
     Animated GIF/WebP/APNG: the first frame is classified, as browsers show it as the still.
     """
@@ -138,13 +174,13 @@ def decode_image(data: bytes) -> Image.Image:
             # Pillow only *warns* between 1x and 2x its pixel limit; make that a refusal too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > MAX_IMAGE_PIXELS:  # checked on the header, before decoding pixels
-                raise ImageRequestError(
-                    413, f"image is {width}x{height} pixels ({width * height / 1e6:.0f} MP), above the "
-                         f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP limit")
+            _check_pixel_limit(img)  # on the header, before decoding pixels
+            if img.format == "JPEG":
+                # libjpeg decodes at 1/2..1/8 scale; the aspect ratio and the EXIF tag are kept.
+                img.draft(None, (DECODE_MIN_SIDE, DECODE_MIN_SIDE))
             img = ImageOps.exif_transpose(img)  # phones store portrait photos sideways + EXIF tag
             img.load()
+            img = _reduced(img)
     except ImageRequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

@@ -49,7 +49,7 @@ def decompression_bomb_png() -> bytes:
 
 
 def oversized_png() -> bytes:
-    """A valid 42-megapixel image (7000 x 6000 grey), above the handler's 40 MP limit, a few KB as PNG."""
+    """A valid 42-megapixel image (7000 x 6000 grey), above the handler's 16 MP PNG limit, a few KB as PNG."""
     return encode(Image.new("L", (7000, 6000), 128))
 
 

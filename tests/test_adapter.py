@@ -41,7 +41,7 @@ def encode(image_chw, fmt: str = "PNG") -> bytes:
 
 @pytest.fixture(scope="module")
 def adapter(torchserve, tmp_path_factory):
-    """The adapter with its default settings (10 MB limit, CORS *), pointed at the session's TorchServe."""
+    """The adapter with its default settings (10 MB limit, no CORS origin), pointed at the session's TorchServe."""
     log = tmp_path_factory.mktemp("adapter") / "adapter.log"
     with running_adapter(torchserve_env(torchserve), log) as proc:
         yield proc
@@ -165,11 +165,12 @@ def test_health_ok(adapter, torchserve_ready):
     assert r.json()["status"] == "ok" and r.json()["workers_ready"] >= 1
 
 
-def test_cors_allows_any_origin_by_default(adapter):
+def test_cors_allows_no_origin_by_default(adapter):
+    # The page is served from the adapter's own origin; other origins get no CORS grant.
     r = httpx.options(f"{adapter.base_url}/classify/", timeout=10, headers={
         "Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"})
-    assert r.status_code == 200
-    assert r.headers["access-control-allow-origin"] == "*"
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert "access-control-allow-origin" not in r.headers
 
 
 def test_page_served_at_root(adapter):

@@ -1,0 +1,69 @@
+"""Worker CPU to turn one upload into the network's 32x32 input: full decode vs the handler's.
+
+    python -m benchmarks.bench_decode [--repeat 15]
+
+Images: a 12-megapixel photo-like JPEG (~4 MB, like a phone's), a 24 MP JPEG, a 12 MP PNG and a
+16 MP PNG (at the full-size limit). CPU time (time.process_time, one thread) per image, median of
+--repeat runs; "full" decodes every pixel (the handler before draft mode / reduce).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the image builders the decoding tests use
+
+from handler.preprocessing import _to_rgb, decode_image, image_to_tensor  # noqa: E402
+from test_decoding import photo_like  # noqa: E402
+
+
+def full_path(data: bytes) -> torch.Tensor:
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    img.load()
+    return image_to_tensor(_to_rgb(img))
+
+
+def handler_path(data: bytes) -> torch.Tensor:
+    return image_to_tensor(decode_image(data))
+
+
+def cpu_ms(fn, data: bytes, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.process_time()
+        fn(data)
+        times.append(time.process_time() - start)
+    return statistics.median(times) * 1000
+
+
+def encoded(width: int, height: int, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    photo_like(width, height).save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=15)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    cases = [("12 MP JPEG", 4000, 3000, "JPEG"), ("24 MP JPEG", 6000, 4000, "JPEG"),
+             ("12 MP PNG", 4000, 3000, "PNG"), ("16 MP PNG", 4000, 4000, "PNG")]
+    print(f"{'image':<12} {'file':>8}  {'full decode':>12}  {'handler':>9}")
+    for name, width, height, fmt in cases:
+        data = encoded(width, height, fmt)
+        full, cheap = cpu_ms(full_path, data, args.repeat), cpu_ms(handler_path, data, args.repeat)
+        print(f"{name:<12} {len(data) / 1e6:>6.1f}MB  {full:>9.1f} ms  {cheap:>6.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

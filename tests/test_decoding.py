@@ -1,0 +1,106 @@
+"""Cheap decoding (handler/preprocessing.py): images are decoded no larger than the model needs,
+without changing what it answers. In-process (no server); the CPU it saves is measured by
+benchmarks/bench_decode.py, not here.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from handler.preprocessing import (DECODE_MIN_SIDE, MAX_JPEG_PIXELS, ImageRequestError, _to_rgb, decode_image,
+                                   image_to_tensor)
+from serving_helpers import ReferenceModel, cifar_pil, encode, exif_rotated_jpeg
+from torchserve_fixture import weights_under_test
+
+
+def full_decode(data: bytes) -> Image.Image:
+    """What decode_image did before: every pixel at full size."""
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    img.load()
+    return _to_rgb(img)
+
+
+def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth image with some grain, like a camera photo (pure noise would be no photo)."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray((rng.random((height // 16, width // 16, 3)) * 255).astype(np.uint8))
+    big = np.asarray(base.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    grain = rng.normal(0, 3, big.shape).astype(np.int16)
+    return Image.fromarray(np.clip(big + grain, 0, 255).astype(np.uint8))
+
+
+def jpeg_declaring_size(width: int, height: int) -> bytes:
+    """A small real JPEG whose frame header (SOF0) is rewritten to declare width x height."""
+    data = bytearray(encode(Image.new("RGB", (64, 64), (90, 120, 200)), "JPEG"))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 7] = height.to_bytes(2, "big")
+    data[sof + 7:sof + 9] = width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_a_12_megapixel_jpeg_is_decoded_at_reduced_scale_with_the_same_input():
+    data = encode(photo_like(4000, 3000), "JPEG", quality=90)
+    cheap = decode_image(data)
+    # libjpeg's 1/8 scale: 500 x 375, still above the smallest side kept.
+    assert cheap.size == (500, 375) and min(cheap.size) >= DECODE_MIN_SIDE
+    full = image_to_tensor(full_decode(data)).float()
+    diff = (image_to_tensor(cheap).float() - full).abs()
+    # The network's 32x32 input is the same image: on average well under one level of 255.
+    assert diff.mean() < 1.0 and diff.max() < 12, (float(diff.mean()), float(diff.max()))
+
+
+def test_exif_orientation_is_kept_at_reduced_scale():
+    img = photo_like(1600, 1200, seed=1)
+    cheap = decode_image(exif_rotated_jpeg(img, orientation=6))  # stored sideways: shown portrait
+    assert cheap.size == (300, 400)  # 1/4 scale, turned upright
+    full = full_decode(exif_rotated_jpeg(img, orientation=6))
+    assert full.size == (1200, 1600)
+    assert (image_to_tensor(cheap).float() - image_to_tensor(full).float()).abs().mean() < 1.5
+
+
+def test_a_large_png_is_box_reduced_before_the_final_resize():
+    data = encode(photo_like(2048, 1024, seed=2))
+    cheap = decode_image(data)
+    assert cheap.size == (512, 256)  # reduced by 4, keeping DECODE_MIN_SIDE
+    diff = (image_to_tensor(cheap).float() - image_to_tensor(full_decode(data)).float()).abs()
+    assert diff.mean() < 1.0, float(diff.mean())
+
+
+def test_jpeg_pixel_limit_names_the_real_limit():
+    side = int(MAX_JPEG_PIXELS ** 0.5) + 1
+    with pytest.raises(ImageRequestError) as info:
+        decode_image(jpeg_declaring_size(side, side))
+    assert info.value.status == 413
+    assert f"{MAX_JPEG_PIXELS / 1e6:.0f} MP limit for JPEG images" in info.value.message
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    return ReferenceModel(weights_under_test())
+
+
+def test_top1_on_the_cifar_test_split_is_unchanged(cifar100_test_split, reference_model):
+    """The split's own 32x32 images decode to exactly the same tensors (nothing to reduce), and the
+    same images as 512x512 JPEGs (where draft mode acts) keep their top-1 answers."""
+    images, labels = cifar100_test_split
+    picks = range(0, 10000, 20)  # 500 images across the split
+    as_png = [encode(cifar_pil(images, i)) for i in picks]
+    assert all(torch.equal(image_to_tensor(decode_image(d)), image_to_tensor(full_decode(d))) for d in as_png)
+
+    big = [encode(cifar_pil(images, i).resize((512, 512), Image.Resampling.BICUBIC), "JPEG", quality=92)
+           for i in picks]
+    cheap = torch.stack([image_to_tensor(decode_image(d)) for d in big])
+    full = torch.stack([image_to_tensor(full_decode(d)) for d in big])
+    top1_cheap = reference_model.probs_of_uint8(cheap).argmax(1)
+    top1_full = reference_model.probs_of_uint8(full).argmax(1)
+    agree = float((top1_cheap == top1_full).float().mean())
+    truth = labels[list(picks)]
+    acc_cheap = float((top1_cheap == truth).float().mean())
+    acc_full = float((top1_full == truth).float().mean())
+    # JPEG's own noise moves ~2% of these answers (quality 90 vs 92): the same bound here.
+    assert agree >= 0.96, agree
+    assert abs(acc_cheap - acc_full) <= 0.01, (acc_cheap, acc_full)

@@ -1,0 +1,357 @@
+"""Hostile, heavy and unlucky clients against a real adapter in front of the session's real TorchServe.
+
+Short deadlines via the adapter's settings keep the suite quick; the long versions (a 20,000-request
+soak, 150 s of slow clients) are `make soak` (benchmarks/soak.py). TorchServe stopped and restarted
+under a running adapter (503, then 200 with no adapter restart) is tests/test_adapter.py's
+test_torchserve_stopped_then_restarted.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import httpx
+import psutil
+import pytest
+
+from adapter.run import running_adapter
+from benchmarks.soak import padded_jpeg
+from serving_helpers import cifar_pil, encode
+
+REPO = Path(__file__).resolve().parents[1]
+BODY_TIMEOUT_S = 2.0
+HEADER_TIMEOUT_S = 1.5
+KEEPALIVE_TIMEOUT_S = 1.0
+PREDICT_TIMEOUT_S = 6.0
+HEALTH_SILENCE_S = 1.0
+HEALTH_TIMEOUT_S = 1.5
+ADAPTER_MEMORY_BOUND = 500 * 1024 * 1024
+
+
+def torchserve_env(ts) -> dict[str, str]:
+    return {"TS_INFERENCE_URL": ts.inference_url, "TS_MANAGEMENT_URL": ts.management_url,
+            "TS_MODEL_NAME": ts.model_name, "TS_KEY_FILE": str(ts.key_file.path)}
+
+
+@pytest.fixture(scope="module")
+def hostile_adapter(torchserve, tmp_path_factory):
+    """The adapter with short deadlines; caps at their defaults (64 requests, 100 MB in flight)."""
+    env = {**torchserve_env(torchserve), "BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+           "HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "KEEPALIVE_TIMEOUT_S": str(KEEPALIVE_TIMEOUT_S),
+           "TS_PREDICT_TIMEOUT_S": str(PREDICT_TIMEOUT_S), "HEALTH_MAX_SILENCE_S": str(HEALTH_SILENCE_S),
+           "TS_HEALTH_TIMEOUT_S": str(HEALTH_TIMEOUT_S), "ADAPTER_LOG_MAX_BYTES": "4000",
+           "ADAPTER_LOG_BACKUPS": "2"}
+    with running_adapter(env, tmp_path_factory.mktemp("hostile") / "adapter.log") as proc:
+        proc.port = int(proc.base_url.rsplit(":", 1)[1])
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def pngs(cifar100_test_split):
+    return [encode(cifar_pil(cifar100_test_split[0], i)) for i in range(16)]
+
+
+def classify(base: str, content: bytes, timeout: float = 60.0) -> httpx.Response:
+    return httpx.post(f"{base}/classify/", files={"image": ("a.png", content, "image/png")}, timeout=timeout)
+
+
+def raw_exchange(port: int, data: bytes, wait_s: float = 10.0) -> tuple[bytes, float]:
+    """Send raw bytes, read until the server closes; (everything read, seconds until closed)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        sock.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                raise AssertionError(f"still open after {wait_s} s; read {out[:300]!r}") from None
+            if not chunk:
+                return out, time.monotonic() - started
+            out += chunk
+
+
+def parse(response: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+def assert_json_error(status: int, headers: dict[str, str], body: bytes) -> str:
+    assert headers.get("content-type", "").startswith("application/json"), (status, headers, body)
+    payload = json.loads(body)
+    assert set(payload) == {"error"} and payload["error"], payload
+    # Nothing internal: no URL, no file path, no stack trace.
+    for secret in ("http://", "127.0.0.1", "Traceback", str(REPO), "/tmp/", "key_file"):
+        assert secret not in payload["error"], payload
+    return payload["error"]
+
+
+def multipart_head(port: int, length: int, path: str = "/classify/") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary=xx\r\nContent-Length: {length}\r\n\r\n").encode()
+
+
+PART_HEAD = b'--xx\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+
+
+# --- deadlines -----------------------------------------------------------------------------------
+
+def test_slow_upload_is_cut_within_its_deadline_while_others_are_served(hostile_adapter, torchserve_ready, pngs):
+    port = hostile_adapter.port
+    outcome = {}
+
+    def trickle():  # 5 MB at ~10 KB/s: would take 500 s
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(multipart_head(port, 5_000_000) + PART_HEAD)
+            sock.settimeout(0.1)
+            data = b""
+            while time.monotonic() - started < 30:
+                try:
+                    sock.sendall(b"\0" * 1000)
+                except OSError:
+                    pass
+                try:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                except socket.timeout:
+                    pass
+            outcome.update(response=data, seconds=time.monotonic() - started)
+
+    slow = threading.Thread(target=trickle)
+    slow.start()
+    served = [classify(hostile_adapter.base_url, pngs[i % len(pngs)]).status_code for i in range(6)]
+    slow.join(40)
+    assert served == [200] * 6
+    status, headers, body = parse(outcome["response"])
+    assert status == 408 and "within 2 s" in assert_json_error(status, headers, body)
+    # Cut at its deadline (not before, not much after), and the connection closed.
+    assert BODY_TIMEOUT_S <= outcome["seconds"] < BODY_TIMEOUT_S + 3, outcome["seconds"]
+
+
+def test_trickled_request_head_gets_408(hostile_adapter):
+    response, seconds = raw_exchange(hostile_adapter.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    status, headers, body = parse(response)
+    assert status == 408 and "headers" in assert_json_error(status, headers, body)
+    assert HEADER_TIMEOUT_S <= seconds < HEADER_TIMEOUT_S + 2
+
+
+def test_idle_connections_are_closed(hostile_adapter):
+    # A connection that never sends anything, and one kept alive after an answer.
+    response, seconds = raw_exchange(hostile_adapter.port, b"")
+    assert response == b"" and seconds < KEEPALIVE_TIMEOUT_S + 2
+    response, seconds = raw_exchange(hostile_adapter.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 ") and seconds < KEEPALIVE_TIMEOUT_S + HEALTH_TIMEOUT_S + 3
+
+
+def test_predict_deadline_must_be_below_torchserves_response_timeout(tmp_path):
+    env = {**os.environ, "TS_PREDICT_TIMEOUT_S": "40", "ADAPTER_PORT": "1"}  # responseTimeout is 30
+    done = subprocess.run([sys.executable, "-m", "adapter.run", "serve"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "must be below TorchServe's responseTimeout (30 s" in done.stderr
+
+
+# --- bounded memory -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def default_adapter(torchserve, tmp_path_factory):
+    """Default deadlines: 64 clients pushing 634 MB through one loaded machine need more than 2 s."""
+    with running_adapter(torchserve_env(torchserve), tmp_path_factory.mktemp("default") / "adapter.log") as proc:
+        yield proc
+
+
+def test_64_concurrent_large_uploads_stay_under_the_memory_bound(default_adapter, torchserve_ready):
+    adapter = psutil.Process(default_adapter.process.pid)
+    data = padded_jpeg(9_900_000)
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], adapter.memory_info().rss)
+            time.sleep(0.02)
+
+    async def upload(session):
+        form = aiohttp.FormData()
+        form.add_field("image", data, filename="big.jpg", content_type="image/jpeg")
+        async with session.post(f"{default_adapter.base_url}/classify/", data=form,
+                                timeout=aiohttp.ClientTimeout(total=120)) as r:
+            return r.status, r.headers.get("Retry-After"), await r.read()
+
+    async def all_uploads():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64, force_close=True)) as session:
+            return await asyncio.gather(*(upload(session) for _ in range(64)))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        results = asyncio.run(all_uploads())
+    finally:
+        stop.set()
+        sampler.join()
+    statuses = Counter(status for status, _, _ in results)
+    assert set(statuses) <= {200, 503} and statuses[200] >= 1, statuses
+    for status, retry_after, body in results:
+        if status == 503:
+            assert retry_after == "1" and "busy" in json.loads(body)["error"]
+    assert peak[0] < ADAPTER_MEMORY_BOUND, f"adapter peaked at {peak[0] / 2**20:.0f} MB"
+    time.sleep(2)
+    # Freed memory goes back to the system (glibc would otherwise keep ~1 GB after such a burst).
+    assert adapter.memory_info().rss < 150 * 1024 * 1024, adapter.memory_info().rss
+
+
+# --- no lost answers ----------------------------------------------------------------------------
+
+def _worker_processes(ts) -> list[psutil.Process]:
+    java = psutil.Process(ts.java_pid())
+    return [p for p in java.children(recursive=True) if "model_service_worker" in " ".join(p.cmdline())]
+
+
+def _wait_for_ready_workers(ts, count: int = 2, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if sum(w.get("status") == "READY" for w in ts.worker_statuses()) >= count:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {count} workers READY after {timeout} s")
+
+
+def test_worker_killed_under_load_loses_no_answer(hostile_adapter, torchserve_ready, pngs):
+    _wait_for_ready_workers(torchserve_ready)
+    statuses: Counter = Counter()
+    killed = []
+
+    async def client(session, n):
+        for i in range(n):
+            form = aiohttp.FormData()
+            form.add_field("image", pngs[i % len(pngs)], filename="a.png", content_type="image/png")
+            async with session.post(f"{hostile_adapter.base_url}/classify/", data=form,
+                                    timeout=aiohttp.ClientTimeout(total=60)) as r:
+                body = await r.read()
+                statuses[r.status if r.status != 200 or b'"prediction"' in body else "no prediction"] += 1
+
+    async def killer():
+        await asyncio.sleep(1.0)  # the load is flowing
+        victim = _worker_processes(torchserve_ready)[0]
+        victim.send_signal(signal.SIGKILL)
+        killed.append(victim.pid)
+
+    async def load():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as session:
+            await asyncio.gather(killer(), *(client(session, 25) for _ in range(16)))
+
+    try:
+        asyncio.run(load())
+    finally:
+        _wait_for_ready_workers(torchserve_ready)  # TorchServe restarts the worker; leave both READY
+    assert killed
+    assert statuses == Counter({200: 16 * 25}), statuses
+
+
+def test_stopped_workers_give_504_within_the_deadline_and_health_503(hostile_adapter, torchserve_ready, pngs):
+    _wait_for_ready_workers(torchserve_ready)
+    workers = _worker_processes(torchserve_ready)
+    assert httpx.get(f"{hostile_adapter.base_url}/health", timeout=10).status_code == 200
+    for worker in workers:
+        worker.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        r = classify(hostile_adapter.base_url, pngs[0])
+        took = time.monotonic() - started
+        assert r.status_code == 504 and "longer than" in r.json()["error"], r.text
+        assert PREDICT_TIMEOUT_S - 0.5 <= took < PREDICT_TIMEOUT_S + 3, took
+        # The management API still lists both workers READY; /health asks the model itself.
+        time.sleep(HEALTH_SILENCE_S)
+        started = time.monotonic()
+        health = httpx.get(f"{hostile_adapter.base_url}/health", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "unavailable", health.text
+        assert "not answering" in health.json()["error"]
+        assert time.monotonic() - started < HEALTH_TIMEOUT_S + 2
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{hostile_adapter.base_url}/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "/health did not come back after SIGCONT"
+        time.sleep(0.5)
+    assert classify(hostile_adapter.base_url, pngs[1]).status_code == 200
+
+
+# --- one error format ----------------------------------------------------------------------------
+
+MALFORMED = {
+    # case: (raw request, status, words in the error)
+    "Content-Length not a number": (b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400,
+                                    "not valid HTTP"),
+    "bad chunk size": (b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "not valid HTTP"),
+    "not HTTP at all": (b"HELLO THERE\r\n\r\n", 400, "not valid HTTP"),
+    "too many headers": (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(150))
+                         + b"\r\n", 431, "Too many request headers"),
+    "headers too large": (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431,
+                          "headers are too large"),
+    "URL too long": (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "URL is too long"),
+    "OPTIONS /classify/": (b"OPTIONS /classify/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405,
+                           "not allowed"),
+    "POST /health": (b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 405,
+                     "not allowed"),
+    "PUT /": (b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 405, "not allowed"),
+    "unknown path": (b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404, "Not found"),
+    "docs are off (no CDN)": (b"GET /docs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404, "Not found"),
+    "no boundary": (b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data\r\n"
+                    b"Content-Length: 4\r\nConnection: close\r\n\r\nabcd", 400, "multipart"),
+    "too large, declared": (b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                            b"Content-Length: 99999999\r\n\r\n", 413, "10.0 MB"),
+}
+ALLOW = {"OPTIONS /classify/": "POST", "POST /health": "GET, HEAD", "PUT /": "GET, HEAD"}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_every_malformed_request_gets_json(hostile_adapter, case):
+    request, expected_status, words = MALFORMED[case]
+    response, _ = raw_exchange(hostile_adapter.port, request)
+    status, headers, body = parse(response)
+    assert status == expected_status, response[:300]
+    assert words in assert_json_error(status, headers, body)
+    if case in ALLOW:
+        assert headers["allow"] == ALLOW[case]
+
+
+def test_busy_and_down_answers_show_nothing_internal(torchserve, tmp_path, pngs):
+    # An adapter pointed at a port where nothing listens: 503s that must not name the address.
+    env = {**torchserve_env(torchserve), "TS_INFERENCE_URL": "http://127.0.0.1:9",
+           "TS_MANAGEMENT_URL": "http://127.0.0.1:9", "TS_KEY_FILE": str(tmp_path / "none.json")}
+    with running_adapter(env, tmp_path / "adapter.log") as proc:
+        r = classify(proc.base_url, pngs[0])
+        assert r.status_code == 503
+        assert_json_error(503, dict(r.headers), r.content)
+        h = httpx.get(f"{proc.base_url}/health", timeout=10)
+        assert h.status_code == 503 and "127.0.0.1" not in h.text
+
+
+def test_adapter_log_rotates(hostile_adapter):
+    for _ in range(60):
+        httpx.get(f"{hostile_adapter.base_url}/nope", timeout=10)
+    log = hostile_adapter.log_file
+    assert Path(f"{log}.1").exists() and log.stat().st_size <= 4000 + 500
+    assert not Path(f"{log}.3").exists()  # ADAPTER_LOG_BACKUPS=2
