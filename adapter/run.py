@@ -1,10 +1,11 @@
 """Start or stop the adapter in the background: `python -m adapter.run start|stop|status|serve`.
 
-`start` launches `serve` (ADAPTER_HOST:ADAPTER_PORT, default 127.0.0.1:8000) detached, with its pid in
-logs/adapter.pid and its log in logs/adapter.log (rotated at ADAPTER_LOG_MAX_BYTES, keeping
+`start` launches `serve` (ADAPTER_HOST:ADAPTER_PORT, default 127.0.0.1:8000 from serving/settings.py)
+detached, with its pid in logs/adapter.pid and its log in logs/adapter.log (rotated at ADAPTER_LOG_MAX_BYTES, keeping
 ADAPTER_LOG_BACKUPS old files; what the process prints outside logging, such as a crash at start-up,
 goes to logs/adapter.stderr.log), waits until it answers, and prints the page's URL. Both commands
-are idempotent: starting a running adapter or stopping a stopped one is fine. `serve` runs uvicorn
+are idempotent: starting a running adapter or stopping a stopped one is fine; `status` exits 0
+when it runs, 3 when it does not (as TorchServe's, serving/process.py). `serve` runs uvicorn
 in the foreground with the adapter's HTTP limits (adapter/protocol.py: head deadline, header
 limits, keep-alive timeout, JSON for parser refusals).
 ADAPTER_LOG_DIR moves the pid and log files (default logs/ in the repository).
@@ -16,11 +17,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,34 +26,23 @@ from typing import Iterator
 
 import httpx
 
+from serving import settings as shared
+from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, command_line_has, free_port,
+                             popen_exited, stop_popen, stop_process, wait_until_ready)
+
 REPO = Path(__file__).resolve().parents[1]
 LOG_DIR = Path(os.environ.get("ADAPTER_LOG_DIR", REPO / "logs"))
-PID_FILE = LOG_DIR / "adapter.pid"
+PID_FILE = PidFile(LOG_DIR / "adapter.pid", command_line_has("adapter.run serve", "adapter.app:create_app"))
 LOG_FILE = LOG_DIR / "adapter.log"
 START_TIMEOUT_S = 60.0  # generous: a busy 2-core machine imports FastAPI slowly
-STOP_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0  # SIGTERM: uvicorn finishes the requests in flight, then exits; SIGKILL after this
 
-
-class AdapterStartError(RuntimeError):
-    """The adapter process exited or did not answer; the message carries its log's tail."""
+AdapterStartError = ServiceStartError  # the adapter process exited or did not answer (its log's tail)
 
 
 def _address() -> tuple[str, int]:
-    return os.environ.get("ADAPTER_HOST", "127.0.0.1"), int(os.environ.get("ADAPTER_PORT", "8000"))
-
-
-def _running_pid() -> int | None:
-    """The pid in the pid file if that process is alive and is our uvicorn, else None."""
-    try:
-        pid = int(PID_FILE.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return None
-    # The pid may have been reused by another program since the file was written.
-    return pid if b"adapter.run serve" in cmdline or b"adapter.app:create_app" in cmdline else None
+    return (os.environ.get("ADAPTER_HOST", shared.ADAPTER_HOST),
+            int(os.environ.get("ADAPTER_PORT", str(shared.ADAPTER_PORT))))
 
 
 def _answers(url: str, statuses: tuple[int, ...] = (200,)) -> bool:
@@ -89,36 +76,11 @@ def spawn(host: str, port: int, log_file: Path, env: dict[str, str] | None = Non
                                 env=env, cwd=REPO, start_new_session=True)  # survives the shell (make) that started it
 
 
-def _tails(log_file: Path, lines: int = 15) -> str:
-    parts = []
-    for path in (log_file, stderr_file(log_file)):
-        try:
-            text = "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            continue
-        if text:
-            parts.append(f"{path}:\n{text}")
-    return "\n".join(parts) or f"(nothing in {log_file})"
-
-
 def wait_until_up(base: str, process: subprocess.Popen, log_file: Path, timeout: float = START_TIMEOUT_S) -> None:
-    """Return once the adapter at `base` answers; raise AdapterStartError if it exits or stays silent."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AdapterStartError(f"The adapter exited at start (code {process.returncode}); "
-                                    f"{_tails(log_file)}")
-        # /health answers 503 while TorchServe is down: the adapter is up all the same.
-        if _answers(f"{base}/health", statuses=(200, 503)):
-            return
-        time.sleep(0.2)
-    raise AdapterStartError(f"The adapter did not answer within {timeout:g} s; see {log_file}.")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """Return once the adapter at `base` answers; raise ServiceStartError if it exits or stays silent."""
+    # /health answers 503 while TorchServe is down: the adapter is up all the same.
+    wait_until_ready(lambda: _answers(f"{base}/health", statuses=(200, 503)), timeout, "The adapter",
+                     logs=[log_file, stderr_file(log_file)], exited=popen_exited(process))
 
 
 @dataclass
@@ -138,32 +100,25 @@ def running_adapter(settings_env: dict[str, str], log_file: Path, host: str = "1
         wait_until_up(f"http://{host}:{port}", process, Path(log_file), start_timeout)
         yield AdapterProcess(f"http://{host}:{port}", process, Path(log_file))
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_popen(process, STOP_TIMEOUT_S)
 
 
 def start() -> int:
     host, port = _address()
     base = f"http://{host}:{port}"
-    if _running_pid():
-        print(f"Adapter already running (pid {_running_pid()}): page at {base}/ ({_model_state(base)})")
+    if pid := PID_FILE.pid():
+        print(f"Adapter already running (pid {pid}): page at {base}/ ({_model_state(base)})")
         return 0
     if _answers(f"{base}/", statuses=tuple(range(100, 600))):
         print(f"Something else already answers at {base}/; set ADAPTER_PORT to another port.", file=sys.stderr)
         return 1
     process = spawn(host, port, LOG_FILE)
-    PID_FILE.write_text(f"{process.pid}\n")
+    PID_FILE.write(process.pid)
     try:
         wait_until_up(base, process, LOG_FILE)
-    except AdapterStartError as err:
-        if process.poll() is None:
-            process.terminate()
-        PID_FILE.unlink(missing_ok=True)
+    except ServiceStartError as err:
+        stop_popen(process, STOP_TIMEOUT_S)
+        PID_FILE.remove()
         print(err, file=sys.stderr)
         return 1
     print(f"Adapter running (pid {process.pid}, log {LOG_FILE}): page at {base}/ ({_model_state(base)})")
@@ -171,30 +126,22 @@ def start() -> int:
 
 
 def stop() -> int:
-    pid = _running_pid()
-    if pid is None:
-        PID_FILE.unlink(missing_ok=True)
-        print("Adapter not running.")
-        return 0
-    os.kill(pid, signal.SIGTERM)  # uvicorn finishes the requests in flight, then exits
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-        time.sleep(0.1)
-    if Path(f"/proc/{pid}").exists():
-        os.kill(pid, signal.SIGKILL)
-    PID_FILE.unlink(missing_ok=True)
-    print(f"Adapter stopped (pid {pid}).")
+    pid = PID_FILE.pid()
+    if pid is not None:
+        stop_process(pid, STOP_TIMEOUT_S)
+    PID_FILE.remove()
+    print(f"Adapter stopped (pid {pid})." if pid else "Adapter not running.")
     return 0
 
 
 def status() -> int:
     host, port = _address()
-    pid = _running_pid()
+    pid = PID_FILE.pid()
     if pid is None:
         print("Adapter not running.")
-        return 1
+        return NOT_RUNNING
     print(f"Adapter running (pid {pid}): page at http://{host}:{port}/ ({_model_state(f'http://{host}:{port}')})")
-    return 0
+    return RUNNING
 
 
 def logging_config(log_file: Path | None, settings) -> dict:

@@ -19,17 +19,17 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 
-from adapter.run import free_port, running_adapter
+from adapter.run import running_adapter
 from benchmarks.bench_serve import (
     add_load_arguments, cifar_png_payloads, machine, print_table, start_benchmark_torchserve, torchserve_target, ts_properties)
 from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies
+from serving.process import free_port, popen_exited, stop_popen, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_START_TIMEOUT_S = 120
@@ -54,25 +54,19 @@ def seed_server(weights: Path, log_file: Path) -> Iterator[str]:
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SEED_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"seed server exited; see {log_file}:\n{log_file.read_text()[-2000:]}")
-            try:
-                httpx.get(f"{base}/docs", timeout=1.0)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"seed server silent after {SEED_START_TIMEOUT_S} s; see {log_file}")
-                time.sleep(0.3)
+        wait_until_ready(lambda: _answers(f"{base}/docs"), SEED_START_TIMEOUT_S, "The seed server",
+                         logs=[log_file], exited=popen_exited(process), interval=0.3)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_popen(process)
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=1.0)
+        return True
+    except httpx.HTTPError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

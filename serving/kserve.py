@@ -18,15 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import yaml
 
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, MODEL_NAME, ArchiveError, build_archive, weights_version
-from serving.torchserve import BASE_CONFIG, MAR_FILE, TorchServeError, TorchServeInstance, _tail, free_ports, read_properties
+from serving.process import free_ports
+from serving.torchserve import BASE_CONFIG, MAR_FILE, TorchServeError, TorchServeInstance, read_properties
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "dist" / "kserve"
@@ -116,16 +115,8 @@ class KServeTorchServe(TorchServeInstance):
     def v1_predict_url(self) -> str:
         return f"{self.inference_url}/v1/models/{self.model_name}:predict"
 
-    def write_config(self) -> Path:
-        props = read_properties(self.bundle / "config" / "config.properties")
-        props.update({"inference_address": self.inference_url, "management_address": self.management_url,
-                      "metrics_address": self.metrics_url,
-                      "grpc_inference_port": str(self.ports["grpc_inference"]),
-                      "grpc_management_port": str(self.ports["grpc_management"]),
-                      "model_store": str(self.model_store)})
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-        return self.config_path
+    def base_properties(self) -> dict[str, str]:
+        return read_properties(self.bundle / "config" / "config.properties")  # the bundle's, not the repo's
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ, TMPDIR=str(self.tmp_dir), TEMP=str(self.tmp_dir),
@@ -133,25 +124,14 @@ class KServeTorchServe(TorchServeInstance):
         env.pop("PYTHONPATH", None)  # the workers import handler/ and model/ from the archive
         return env
 
-    def start(self) -> None:
-        if self.is_running():
-            return
+    def command(self) -> list[str]:
+        # KServe's runtime (config/runtimes/kserve-torchserve.yaml): these two options, nothing else.
+        torchserve = super().command()[0]
+        return [torchserve, "--start", f"--model-store={self.model_store}", f"--ts-config={self.config_path}"]
+
+    def check_can_start(self) -> None:
         if not (self.model_store / MAR_FILE).is_file():
             raise TorchServeError(f"{self.model_store / MAR_FILE} not found: run `make kserve-bundle` first")
-        self.write_config()
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.pid_file.unlink(missing_ok=True)
-        torchserve = Path(sys.executable).with_name("torchserve")
-        # KServe's runtime (config/runtimes/kserve-torchserve.yaml): these two options, nothing else.
-        cmd = [str(torchserve if torchserve.exists() else "torchserve"), "--start",
-               f"--model-store={self.model_store}", f"--ts-config={self.config_path}"]
-        with open(self.log_dir / "torchserve_launcher.log", "ab") as launcher_log:
-            # Java keeps the launcher's stdout/stderr: a file, never a pipe (a pipe would never close).
-            result = subprocess.run(cmd, cwd=self.workdir, env=self._env(), stdout=launcher_log,
-                                    stderr=subprocess.STDOUT, timeout=60)
-        if result.returncode != 0:
-            raise TorchServeError(f"`{' '.join(cmd)}` failed ({result.returncode}):\n"
-                                  f"{_tail(self.log_dir / 'torchserve_launcher.log')}")
 
     def worker_statuses(self, timeout: float = 5.0) -> list[dict]:
         # Token auth is off inside the pod, as for KServe's wrapper: no key.

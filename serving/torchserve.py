@@ -20,46 +20,30 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import psutil
 
+from serving import settings
 from serving.java import java_problem
 from serving.keys import KeyFile, KeyFileError
+from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, free_ports, log_tail,
+                             stop_process, wait_until_ready)
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_NAME = "cifar100"
+MODEL_NAME = settings.MODEL_NAME
 MAR_FILE = f"{MODEL_NAME}.mar"
 BASE_CONFIG = REPO / "config.properties"
 LOG_CONFIG = REPO / "serving" / "log4j2.xml"
 DEFAULT_MODEL_STORE = REPO / "model_store"
-DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070,
-                 "grpc_management": 7071}
+DEFAULT_PORTS = settings.TORCHSERVE_PORTS
 
 
-class TorchServeError(RuntimeError):
+class TorchServeError(ServiceStartError):
     """TorchServe did not start or become ready; the message carries the tail of its log."""
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct loopback ports that are free right now (the OS picks them)."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -70,13 +54,6 @@ def read_properties(path: Path) -> dict[str, str]:
             key, value = line.split("=", 1)
             props[key.strip()] = value.strip()
     return props
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no log at {path})"
 
 
 @dataclass
@@ -133,19 +110,22 @@ class TorchServeInstance:
         return self.log_dir / "ts_log.log"
 
     # ---- lifecycle --------------------------------------------------------------------------
+    def address_properties(self) -> dict[str, str]:
+        """The config.properties keys that place this instance: its ports and its model store."""
+        return {"inference_address": self.inference_url, "management_address": self.management_url,
+                "metrics_address": self.metrics_url,
+                "grpc_inference_port": str(self.ports["grpc_inference"]),
+                "grpc_management_port": str(self.ports["grpc_management"]),
+                "model_store": str(self.model_store)}
+
+    def base_properties(self) -> dict[str, str]:
+        """Every other key, as in the repo's config.properties, with the model to load."""
+        return {**read_properties(BASE_CONFIG),
+                "load_models": MAR_FILE if self.model_name == MODEL_NAME else f"{self.model_name}={MAR_FILE}"}
+
     def write_config(self) -> Path:
-        """config.properties with this instance's ports and paths; every other key as in the repo's."""
-        props = read_properties(BASE_CONFIG)
-        props.update({
-            "inference_address": self.inference_url,
-            "management_address": self.management_url,
-            "metrics_address": self.metrics_url,
-            "grpc_inference_port": str(self.ports["grpc_inference"]),
-            "grpc_management_port": str(self.ports["grpc_management"]),
-            "model_store": str(self.model_store),
-            "load_models": MAR_FILE if self.model_name == MODEL_NAME else f"{self.model_name}={MAR_FILE}",
-        })
-        props.update(self.extra_properties)
+        """config.properties with this instance's ports and paths (and extra_properties last)."""
+        props = {**self.base_properties(), **self.address_properties(), **self.extra_properties}
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         return self.config_path
@@ -156,52 +136,52 @@ class TorchServeInstance:
         # The workers must import handler/ and model/ from the archive, not from a checkout that
         # happens to be on PYTHONPATH (as it is under pytest).
         env.pop("PYTHONPATH", None)
-        # The worker's OpenMP threads otherwise spin-wait between operators, and on a small CPU
-        # shared with Java (and a client) the spinning steals the cores the others need: measured
-        # at concurrency 16 on 2 cores, the worker's CPU per image fell from ~17 to ~10 ms and
-        # TorchServe's images/s rose ~20% with PASSIVE. Read by libgomp when torch is imported, so
-        # it must be in the worker's environment; an operator's own setting wins.
+        # Idle OpenMP threads sleep instead of spinning, so they do not steal the cores Java and the
+        # other worker need (benchmarks/RESULTS.md). Read by libgomp at torch's import; an operator's own wins.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         return env
 
     def java_pid(self) -> int | None:
         """The running server's (Java) pid, from its pid file; None when it is not running."""
-        try:
-            pid = int(self.pid_file.read_text().split()[0])
-            proc = psutil.Process(pid)
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and "java" in proc.name().lower():
-                return pid
-        except (OSError, ValueError, IndexError, psutil.Error):
-            pass
-        return None
+        return PidFile(self.pid_file, lambda process: "java" in process.name().lower()).pid()
 
     def is_running(self) -> bool:
         return self.java_pid() is not None
 
-    def start(self) -> None:
-        """Start TorchServe in the background (no-op when this instance already runs)."""
-        if self.is_running():
-            return
-        if (problem := java_problem()) is not None:  # fail now, not after a READY wait that cannot end
-            raise TorchServeError(problem)
-        if not (self.model_store / MAR_FILE).is_file():
-            raise TorchServeError(f"{self.model_store / MAR_FILE} not found: run `make archive` first")
-        self.write_config()
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.pid_file.unlink(missing_ok=True)
-        (self.workdir / "key_file.json").unlink(missing_ok=True)  # a stale one would look like a live server
+    def command(self) -> list[str]:
+        """The `torchserve --start` command line that launches this instance."""
         torchserve = Path(sys.executable).with_name("torchserve")
         cmd = [str(torchserve if torchserve.exists() else "torchserve"), "--start", "--ncs",
                "--ts-config", str(self.config_path), "--model-store", str(self.model_store)]
         if self.log_config is not None:
             cmd += ["--log-config", str(self.log_config)]
-        with open(self.log_dir / "torchserve_launcher.log", "ab") as launcher_log:
+        return cmd
+
+    def check_can_start(self) -> None:
+        """Refuse at once what would make the READY wait fail only after its deadline."""
+        if (problem := java_problem()) is not None:
+            raise TorchServeError(problem)
+        if not (self.model_store / MAR_FILE).is_file():
+            raise TorchServeError(f"{self.model_store / MAR_FILE} not found: run `make archive` first")
+
+    def start(self) -> None:
+        """Start TorchServe in the background (no-op when this instance already runs)."""
+        if self.is_running():
+            return
+        self.check_can_start()
+        self.write_config()
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.pid_file.unlink(missing_ok=True)
+        (self.workdir / "key_file.json").unlink(missing_ok=True)  # a stale one would look like a live server
+        cmd = self.command()
+        launcher_log = self.log_dir / "torchserve_launcher.log"
+        with open(launcher_log, "ab") as out:
             # `torchserve --start` returns once Java is launched; Java writes key_file.json into its cwd.
-            result = subprocess.run(cmd, cwd=self.workdir, env=self._env(), stdout=launcher_log,
+            # Java keeps the launcher's stdout/stderr: a file, never a pipe (a pipe would never close).
+            result = subprocess.run(cmd, cwd=self.workdir, env=self._env(), stdout=out,
                                     stderr=subprocess.STDOUT, timeout=60)
         if result.returncode != 0:
-            raise TorchServeError(f"`{' '.join(cmd)}` failed ({result.returncode}):\n"
-                                  f"{_tail(self.log_dir / 'torchserve_launcher.log')}")
+            raise TorchServeError(f"`{' '.join(cmd)}` failed ({result.returncode}):\n{log_tail(launcher_log)}")
 
     def worker_statuses(self, timeout: float = 5.0) -> list[dict]:
         """The model's workers as the management API describes them (needs the management key)."""
@@ -211,50 +191,37 @@ class TorchServeInstance:
         return r.json()[0].get("workers", [])
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        """Block until a worker is READY; on failure raise with the tail of the server's log."""
-        deadline = time.monotonic() + timeout
+        """Block until a worker is READY; on failure raise with the tail of the server's logs."""
         last = "not started"
-        while time.monotonic() < deadline:
-            if not self.is_running() and self.pid_file.exists():
-                raise TorchServeError(f"TorchServe exited while starting. Last lines of {self.ts_log}:\n"
-                                      f"{_tail(self.ts_log)}")
+
+        def ready() -> bool:
+            nonlocal last
             try:
                 workers = self.worker_statuses()
-                if any(w.get("status") == "READY" for w in workers):
-                    return
-                last = f"workers: {[w.get('status') for w in workers]}"
             except (httpx.HTTPError, KeyFileError, ValueError, IndexError) as err:
                 last = f"{type(err).__name__}: {err}"
-            time.sleep(0.5)
-        raise TorchServeError(
-            f"TorchServe's {self.model_name} worker not READY after {timeout:.0f} s ({last}). "
-            f"Last lines of {self.log_dir / 'model_log.log'}:\n{_tail(self.log_dir / 'model_log.log')}\n"
-            f"Last lines of {self.ts_log}:\n{_tail(self.ts_log)}")
+                return False
+            last = f"workers: {[w.get('status') for w in workers]}"
+            return any(w.get("status") == "READY" for w in workers)
+
+        def exited() -> str | None:
+            return "its pid file names no live server" if self.pid_file.exists() and not self.is_running() else None
+
+        try:
+            wait_until_ready(ready, timeout, f"TorchServe's {self.model_name} worker", interval=0.5,
+                             logs=[self.log_dir / "model_log.log", self.ts_log], exited=exited)
+        except ServiceStartError as err:
+            raise TorchServeError(f"{err} (last seen: {last})") from None
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Stop the server and its workers; True if one was running. Idempotent."""
+        """Stop the server and its workers (Java's shutdown hook stops them; a wedged one is killed);
+        True if one was running. Idempotent."""
         pid = self.java_pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return False
-        java = psutil.Process(pid)
-        procs = [java] + java.children(recursive=True)
-        java.send_signal(signal.SIGTERM)  # Java's shutdown hook stops the workers cleanly
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
-        for proc in alive:  # a worker wedged in a forward pass
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        stopped = pid is not None and stop_process(pid, timeout, children=True)
         self.pid_file.unlink(missing_ok=True)
-        (self.workdir / "key_file.json").unlink(missing_ok=True)
-        return True
-
-    def restart(self, timeout: float = 180.0) -> None:
-        self.stop()
-        self.start()
-        self.wait_ready(timeout)
+        if stopped:
+            (self.workdir / "key_file.json").unlink(missing_ok=True)
+        return stopped
 
     def curl_example(self) -> str:
         """The shell lines a user runs to classify photo.jpg (the key comes from key_file.json)."""
@@ -293,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stop":
             print("TorchServe stopped." if ts.stop() else "TorchServe was not running.")
         else:
-            running = ts.is_running()
-            print(f"TorchServe {'running (pid %d)' % ts.java_pid() if running else 'not running'}")
-            return 0 if running else 3
+            pid = ts.java_pid()
+            print(f"TorchServe running (pid {pid})" if pid else "TorchServe not running")
+            return RUNNING if pid else NOT_RUNNING
     except TorchServeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

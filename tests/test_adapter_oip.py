@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 
 import pytest
 from aiohttp import web
@@ -14,6 +13,7 @@ from aiohttp import web
 from adapter.config import Settings
 from adapter.errors import ClassifyError
 from adapter.oip import OIPClient
+from serving.process import free_port
 
 GOOD = {"id": "x", "model_name": "cifar100", "model_version": "w3-test", "outputs": [
     {"name": "label", "datatype": "BYTES", "shape": [1], "data": ["aquarium_fish"]},
@@ -25,12 +25,6 @@ GOOD = {"id": "x", "model_name": "cifar100", "model_version": "w3-test", "output
     {"name": "topk_name", "datatype": "BYTES", "shape": [1, 2], "data": ["Aquarium fish", "Flatfish"]},
     {"name": "topk_index", "datatype": "INT64", "shape": [1, 2], "data": [1, 32]},
     {"name": "topk_probability", "datatype": "FP32", "shape": [1, 2], "data": [0.9, 0.05]}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def call_server(reply, settings_kwargs=None, method="predict"):

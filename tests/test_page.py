@@ -13,7 +13,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from adapter.run import free_port, running_adapter
+from adapter.run import running_adapter
+from serving.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"

@@ -1,0 +1,136 @@
+"""Background services, one way: free ports, pid files, readiness with a deadline, TERM then KILL.
+
+Used by adapter/run.py, serving/torchserve.py (and serving/kserve.py through it), the benchmarks and
+the tests. No torch here (the adapter imports it). ``status`` commands exit with the LSB codes:
+RUNNING (0) or NOT_RUNNING (3); a failed start or a bad setting is another non-zero code.
+"""
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import psutil
+
+RUNNING = 0      # LSB init-script `status`: the service runs
+NOT_RUNNING = 3  # LSB init-script `status`: the service is not running
+
+
+class ServiceStartError(RuntimeError):
+    """A service exited while starting or did not become ready in time; the message carries its log's tail."""
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports on `host` that are free right now (the OS picks them; all held until all are picked)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(1, host)[0]
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last lines of a log file, or a note that there is none."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"
+
+
+def log_tails(paths: Iterable[Path], lines: int = 15) -> str:
+    """`path:` + its last lines for each non-empty log, for an error message."""
+    parts = [f"{path}:\n{text}" for path in paths
+             if Path(path).is_file() and (text := log_tail(path, lines))]
+    return "\n".join(parts) or "(the logs are empty)"
+
+
+class PidFile:
+    """A pid file whose pid counts only while that process is alive and is still ours: `is_ours(process)`
+    checks it (a pid is reused by other programs once its process is gone)."""
+
+    def __init__(self, path: Path, is_ours: Callable[[psutil.Process], bool]):
+        self.path = Path(path)
+        self.is_ours = is_ours
+
+    def pid(self) -> int | None:
+        """The live, matching process's pid, else None."""
+        try:
+            process = psutil.Process(int(self.path.read_text().split()[0]))
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE and self.is_ours(process):
+                return process.pid
+        except (OSError, ValueError, IndexError, psutil.Error):
+            pass
+        return None
+
+    def write(self, pid: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(f"{pid}\n")
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def command_line_has(*needles: str) -> Callable[[psutil.Process], bool]:
+    """An `is_ours` test: the process's command line contains one of these strings."""
+    def is_ours(process: psutil.Process) -> bool:
+        command = " ".join(process.cmdline())
+        return any(needle in command for needle in needles)
+    return is_ours
+
+
+def wait_until_ready(is_ready: Callable[[], bool], timeout: float, what: str, logs: Iterable[Path] = (),
+                     exited: Callable[[], str | None] | None = None, interval: float = 0.2) -> None:
+    """Poll `is_ready()` until it is true; raise ServiceStartError with the logs' tails when `exited()`
+    says why the process is gone (a message; None while it runs) or when `timeout` seconds pass."""
+    logs = list(logs)
+    deadline = time.monotonic() + timeout
+    while True:
+        if exited is not None and (why := exited()) is not None:
+            raise ServiceStartError(f"{what} exited while starting ({why}); {log_tails(logs)}")
+        if is_ready():
+            return
+        if time.monotonic() >= deadline:
+            raise ServiceStartError(f"{what} did not become ready within {timeout:g} s; {log_tails(logs)}")
+        time.sleep(interval)
+
+
+def popen_exited(process: subprocess.Popen) -> Callable[[], str | None]:
+    """An `exited` test for wait_until_ready: the child's exit code once it has ended."""
+    return lambda: None if process.poll() is None else f"code {process.returncode}"
+
+
+def stop_process(pid: int, timeout: float = 10.0, children: bool = False) -> bool:
+    """SIGTERM (the process finishes what it holds), then SIGKILL whatever is still alive after
+    `timeout` s; with `children`, its descendants are waited for (and killed) too. True if it ran."""
+    try:
+        process = psutil.Process(pid)
+        processes = [process] + (process.children(recursive=True) if children else [])
+        process.terminate()
+    except psutil.NoSuchProcess:
+        return False
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for straggler in alive:  # wedged (e.g. a worker stuck in a forward pass)
+        try:
+            straggler.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return True
+
+
+def stop_popen(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """stop_process for a child this process started (reaps it, so no zombie stays behind)."""
+    if process.poll() is None:
+        stop_process(process.pid, timeout)
+    process.wait()

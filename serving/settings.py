@@ -1,0 +1,34 @@
+"""The service's shared facts, one home each: read by serving/, the adapter (which tells the page,
+GET /settings), the handler (packed into the archive beside it) and the benchmarks.
+
+Standard library only: the adapter and the handler both import it. TorchServe reads its own ports
+from config.properties; tests/test_settings.py checks that file agrees with the ports here.
+"""
+from __future__ import annotations
+
+MODEL_NAME = "cifar100"          # the model's name in TorchServe / KServe, and the archive's (cifar100.mar)
+
+# TorchServe on loopback (config.properties says the same to TorchServe itself).
+TORCHSERVE_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070,
+                    "grpc_management": 7071}
+TORCHSERVE_HOST = "127.0.0.1"
+
+ADAPTER_HOST = "127.0.0.1"       # the adapter: the one process that faces users
+ADAPTER_PORT = 8000
+
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # one image through the adapter (413 above); the page checks it first
+TOP_K = 5                            # answers per image: the handler's default (model-config.yaml sets it)
+
+# Open Inference Protocol (v2) outputs of the handler, one row per image ([n], or [n, k] for top-k),
+# with their datatypes; the adapter's OIP client reads the same names back.
+V2_OUTPUTS = {
+    "label": "BYTES",              # [n] class label, e.g. "aquarium_fish"
+    "name": "BYTES",               # [n] display name, e.g. "Aquarium fish"
+    "index": "INT64",              # [n] class index 0..99
+    "probability": "FP32",         # [n] probability of that class (temperature-calibrated)
+    "unsure": "BOOL",              # [n] probability below the calibrated threshold (model/README.md)
+    "topk_label": "BYTES",         # [n, k] the k most likely labels, best first
+    "topk_name": "BYTES",          # [n, k] their display names
+    "topk_index": "INT64",         # [n, k] their indices
+    "topk_probability": "FP32",    # [n, k] their probabilities
+}
