@@ -32,8 +32,6 @@ from handler.preprocessing import decode_image, image_to_tensor, normalize
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive
 from serving.torchserve import TorchServeInstance
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def in_process_load(model: torch.nn.Module, payloads: list[bytes], batch: int, duration_s: float) -> LoadResult:
     """The same decode + preprocessing + forward + top-k, `batch` images at a time, no server."""
@@ -98,16 +96,12 @@ def torchserve_target(ts: TorchServeInstance, payloads: list[bytes]) -> HttpTarg
 def cifar_png_payloads(n: int = 256) -> list[bytes]:
     """CIFAR-100 test-split images as PNG bytes (what a client would upload)."""
     import io
-    import os
 
     from PIL import Image
 
-    from training.data import DATA_ENV, load_split
+    from training.data import default_data_dir, load_split
 
-    root = os.environ.get(DATA_ENV) or next(
-        (d for d in (str(REPO.parent / "shared" / "data"), str(REPO / "data")) if Path(d, "cifar-100-python").is_dir()),
-        "data")
-    images, _ = load_split(root, train=False)
+    images, _ = load_split(default_data_dir(), train=False)
     out = []
     for img in images[:n]:
         buf = io.BytesIO()

@@ -303,6 +303,7 @@ def test_adapter_in_front_of_the_v2_server_answers_classify_as_today(kserve_ts, 
 
 
 # ---- the benchmark's v2 point (figures are make bench-serve's job; here: it measures) -----------
+@pytest.mark.integration  # starts TorchServe and reads CIFAR-100 in a subprocess (no fixture says so)
 def test_bench_kserve_prints_both_columns_and_the_ratio():
     import subprocess
     import sys
