@@ -5,7 +5,7 @@ a KServe InferenceService with many replicas, or the KServe bundle's TorchServe.
     model_status  GET  {OIP_URL}/v2/models/{model}/ready   (KServe's model server answers it;
                   TorchServe alone does not, so /health says "unavailable" in front of a bare one)
 
-The answer's outputs (handler/protocols.py OUTPUTS) become the handler's per-image answer, so
+The answer's outputs (serving/settings.py V2_OUTPUTS) become the handler's per-image answer, so
 /classify/ answers exactly as in front of TorchServe. Failures map to the same statuses as
 adapter/torchserve.py: down / busy / model missing or not ready 503, too slow 504, the image
 refused (4xx) the same 4xx with the server's message, the server broken 502. No token: KServe
@@ -20,7 +20,7 @@ import logging
 
 import aiohttp
 
-from handler.protocols import OUTPUTS  # the output names, one home (no torch there)
+from serving.settings import V2_OUTPUTS  # the handler's v2 output names, one home
 
 from .config import Settings
 from .errors import ClassifyError
@@ -35,7 +35,7 @@ def answer_from_outputs(body: dict) -> dict:
     """One image's OIP answer -> the handler's shape: prediction, label, index, probability, topk."""
     try:
         outputs = {o["name"]: o["data"] for o in body["outputs"]}
-        missing = [name for name in OUTPUTS if name not in outputs]
+        missing = [name for name in V2_OUTPUTS if name not in outputs]
         if missing:
             raise ClassifyError(502, f"The model server's answer lacks the outputs {missing}.")
         topk = [{"label": label, "name": name, "index": index, "probability": probability}

@@ -36,8 +36,7 @@ from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, i
 from handler.protocols import ProtocolError, encode_answer, parse_request
 from model import load_class_names, network_from_state_dict
 from model.classes import display_name
-
-DEFAULT_TOPK = 5
+from serving.settings import TOP_K as DEFAULT_TOPK  # model-config.yaml's handler.topk overrides it
 DEFAULT_MAX_IMAGES_PER_REQUEST = 64  # images in one v1/v2 request (-> 413 above)
 
 logger = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ class CIFAR100Handler(BaseHandler):
         if not (torch.cuda.is_available() and context.system_properties.get("gpu_id") is not None):
             # CPU worker: the cores are shared out among the model's workers (minWorkers in
             # model-config.yaml), unless the operator pinned a count (handler.cpu_threads or
-            # OMP_NUM_THREADS). See model-config.yaml for what was measured.
+            # OMP_NUM_THREADS); measured in benchmarks/RESULTS.md.
             workers = int(model_cfg.get("minWorkers") or 1)
             threads = (handler_cfg.get("cpu_threads") or os.environ.get("OMP_NUM_THREADS")
                        or (os.cpu_count() or 1) // max(1, workers))

@@ -1,5 +1,5 @@
 """KServe v1 and Open Inference Protocol (v2) JSON bodies: which images a request carries, and the
-answer in the request's own protocol. No torch here (the adapter's OIP client reads OUTPUTS too).
+answer in the request's own protocol. No torch here.
 
 Why the handler speaks them itself: TorchServe's envelopes (TS_SERVICE_ENVELOPE=kserve/kservev2)
 read only the first request of a batch, so an archive that batches breaks behind them. The KServe
@@ -23,20 +23,12 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from serving.settings import V2_OUTPUTS
+
 PLAIN, V1, V2 = "plain", "v1", "v2"
 
-# v2 outputs, one row per image (shape [n] or [n, k]); the README lists them for users.
-OUTPUTS = {
-    "label": "BYTES",              # [n] class label, e.g. "aquarium_fish"
-    "name": "BYTES",               # [n] display name, e.g. "Aquarium fish"
-    "index": "INT64",              # [n] class index 0..99
-    "probability": "FP32",         # [n] probability of that class (temperature-calibrated)
-    "unsure": "BOOL",              # [n] probability below the calibrated threshold (model/README.md)
-    "topk_label": "BYTES",         # [n, k] the k most likely labels, best first
-    "topk_name": "BYTES",          # [n, k] their display names
-    "topk_index": "INT64",         # [n, k] their indices
-    "topk_probability": "FP32",    # [n, k] their probabilities
-}
+# The v2 outputs and their datatypes (serving/settings.py, shared with the adapter's OIP client).
+OUTPUTS = V2_OUTPUTS
 
 
 class ProtocolError(ValueError):

@@ -8,7 +8,7 @@ The archive holds:
   index_to_name.json                                  the 100 class names
   calibration.json                                    temperature + unsure threshold, when the one beside
                                                       the weights was fitted on them (training/calibrate.py)
-  model/, handler/                                    the packages the handler imports
+  model/, handler/, serving/settings.py               the packages the handler imports
 
 The version says which weights it holds: ``w<width>-<first 8 hex of the weights' sha256>``. The
 archive is rebuilt only when an input changed (a digest of all inputs sits beside it), so
@@ -27,8 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from serving.settings import MODEL_NAME
+
 REPO = Path(__file__).resolve().parents[1]
-MODEL_NAME = "cifar100"
 DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
 DEFAULT_EXPORT = REPO / "model_store"
 HANDLER_FILE = REPO / "handler" / "cifar100_handler.py"
@@ -38,7 +39,8 @@ CLASS_NAMES_FILE = REPO / "model" / "index_to_name.json"
 # Packages the handler imports inside the worker, copied as they are (no caches, no weights).
 # (The handler module itself goes in once, at the archive root, via --handler.)
 PACKAGES = {"model": ["*.py", "index_to_name.json"],
-            "handler": ["__init__.py", "preprocessing.py", "protocols.py", "calibration.py", "explain.py"]}
+            "handler": ["__init__.py", "preprocessing.py", "protocols.py", "calibration.py", "explain.py"],
+            "serving": ["__init__.py", "settings.py"]}  # the shared facts (top-k, v2 output names)
 CALIBRATION_NAME = "calibration.json"  # beside the weights, written by training/calibrate.py
 
 
