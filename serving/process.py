@@ -130,7 +130,12 @@ def stop_process(pid: int, timeout: float = 10.0, children: bool = False) -> boo
 
 
 def stop_popen(process: subprocess.Popen, timeout: float = 10.0) -> None:
-    """stop_process for a child this process started (reaps it, so no zombie stays behind)."""
+    """stop_process for a child this process started, through Popen (which reaps it and keeps its
+    returncode): SIGTERM, then SIGKILL after `timeout` s."""
     if process.poll() is None:
-        stop_process(process.pid, timeout)
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
     process.wait()
