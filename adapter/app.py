@@ -5,6 +5,7 @@
                       "unsure": ..., "model_version": ..., "time_ms": ...}
     POST /explain/    the same, plus "heatmap": "data:image/png;base64,..." (Grad-CAM of the answer)
     GET  /classes     the 100 things the model knows: [{"index", "label", "name"}]
+    GET  /settings    what the page checks before uploading: {"max_upload_bytes", "top_k"}
                       `prediction` is the seed's key and display rule (label, `_` as spaces, first
                       letter capital); the other keys are additions.
     GET  /health      200 {"status": "ok", ...} when the model can answer now, else
@@ -37,6 +38,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.classes import CLASS_NAMES, display_name  # the seed's display rule, one copy (no torch)
+from serving.settings import TOP_K  # answers per image, as the handler's model-config.yaml says (tested)
 
 from .config import Settings
 from .errors import ClassifyError
@@ -46,8 +48,6 @@ from .torchserve import TorchServeClient
 from .upload import read_image_upload
 
 log = logging.getLogger("adapter")
-
-TOP_K = 5
 
 
 def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -156,6 +156,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def classes() -> JSONResponse:
         return JSONResponse([{"index": i, "label": label, "name": display_name(label)}
                              for i, label in enumerate(CLASS_NAMES)])
+
+    @app.get("/settings")
+    async def page_settings() -> JSONResponse:
+        # The page asks instead of carrying its own copy of the limits.
+        return JSONResponse({"max_upload_bytes": settings.max_upload_bytes, "top_k": TOP_K})
     # The page is mounted at "/" and would swallow what the routes do not match: the slash
     # redirect (answer "/classify" too) and the 405 for other methods (say it here).
     app.add_api_route("/classify", classify, methods=["POST"], include_in_schema=False)

@@ -1,4 +1,6 @@
-"""The adapter's settings, read once from environment variables (each has a default).
+"""The adapter's settings, read once from environment variables (each has a default; the ones
+shared with TorchServe and the page, such as the ports, model name and upload limit, come from
+serving/settings.py).
 
     TS_INFERENCE_URL      TorchServe inference API              http://127.0.0.1:8080
     TS_MANAGEMENT_URL     TorchServe management API (/health, key renewal)  http://127.0.0.1:8081
@@ -38,6 +40,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from serving import settings as shared  # the defaults every part shares (model name, ports, upload limit)
 
 DEFAULT_FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 # TorchServe's responseTimeout lives here (packed into the archive); the adapter's deadline must be shorter.
@@ -100,9 +104,9 @@ def torchserve_response_timeout(model_config: str) -> float | None:
 
 @dataclass(frozen=True)
 class Settings:
-    inference_url: str = "http://127.0.0.1:8080"
-    management_url: str = "http://127.0.0.1:8081"
-    model_name: str = "cifar100"
+    inference_url: str = f"http://{shared.TORCHSERVE_HOST}:{shared.TORCHSERVE_PORTS['inference']}"
+    management_url: str = f"http://{shared.TORCHSERVE_HOST}:{shared.TORCHSERVE_PORTS['management']}"
+    model_name: str = shared.MODEL_NAME
     key_file: str = "key_file.json"
     connect_timeout_s: float = 2.0
     predict_timeout_s: float = 10.0
@@ -113,7 +117,7 @@ class Settings:
     oip_url: str = ""
     oip_host_header: str = ""
     health_max_silence_s: float = 10.0
-    max_upload_bytes: int = 10 * 1024 * 1024
+    max_upload_bytes: int = shared.MAX_UPLOAD_BYTES
     max_requests_in_flight: int = 64
     max_bytes_in_flight: int = 100 * 1024 * 1024
     retry_after_s: int = 1

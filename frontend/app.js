@@ -2,7 +2,7 @@
 // it, send it to POST {apiBase}/classify/ as multipart field `image`, and show the answer with its
 // top-5 bars, saying so plainly when the model is unsure. "Why?" asks POST {apiBase}/explain/ for
 // the answer's Grad-CAM heatmap and lays it over the preview; GET {apiBase}/classes lists the 100
-// things the model knows.
+// things the model knows; GET {apiBase}/settings gives the upload limit checked before sending.
 "use strict";
 
 (function () {
@@ -38,9 +38,12 @@
     return (fromQuery || fromWindow || metaContent("api-base") || "").replace(/\/+$/, "");
   }
 
-  function maxUploadBytes() {
-    return Number(metaContent("max-upload-bytes")) || 10 * 1024 * 1024;
-  }
+  // The adapter's limits (GET {apiBase}/settings: max_upload_bytes, top_k), asked once at start so
+  // that a too-large file is refused before it is sent. Unreachable: no check here, the adapter's
+  // own 413 still answers.
+  const serverSettings = fetch(`${apiBase()}/settings`)
+    .then((response) => (response.ok ? response.json() : {}))
+    .catch(() => ({}));
 
   function formatBytes(n) {
     return n >= 1024 * 1024 ? `${(n / (1024 * 1024)).toFixed(1)} MB` : `${Math.ceil(n / 1024)} KB`;
@@ -172,8 +175,10 @@
       showError("That file is empty.");
       return;
     }
-    if (file.size > maxUploadBytes()) {
-      showError(`The image is too large: ${formatBytes(file.size)}; the limit is ${formatBytes(maxUploadBytes())}.`);
+    const maxUploadBytes = Number((await serverSettings).max_upload_bytes) || 0;
+    if (thisRequest !== requestNumber) return; // a newer image arrived while the settings were asked for
+    if (maxUploadBytes && file.size > maxUploadBytes) {
+      showError(`The image is too large: ${formatBytes(file.size)}; the limit is ${formatBytes(maxUploadBytes)}.`);
       return;
     }
 

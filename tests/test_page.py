@@ -158,10 +158,12 @@ def test_text_file_named_png_is_refused_by_the_server(adapter, page):
 
 
 def test_too_large_is_refused_before_uploading(adapter, page):
+    # The page asks the adapter for its limit (GET /settings: MAX_UPLOAD_BYTES, 10 MB as shipped); a
+    # 100 KB limit in that answer here spares pushing 10 MB through the browser protocol on a busy machine.
+    shipped = httpx.get(f"{adapter.base_url}/settings").json()
+    assert shipped["max_upload_bytes"] == 10 * 1024 * 1024 and shipped["top_k"] == 5
+    page.route("**/settings", lambda route: route.fulfill(json={**shipped, "max_upload_bytes": 100_000}))
     page.goto(f"{adapter.base_url}/")
-    # The page reads its limit from <meta name="max-upload-bytes"> (10 MB as shipped); a 100 KB limit
-    # here spares pushing 10 MB through the browser protocol on a busy machine.
-    page.evaluate("document.querySelector('meta[name=max-upload-bytes]').content = '100000'")
     requests = []
     page.on("request", lambda r: requests.append(r.url) if "/classify/" in r.url else None)
     big = b"\x89PNG" + b"\0" * 150_000

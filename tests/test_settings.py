@@ -1,0 +1,46 @@
+"""One home for each fact: serving/settings.py agrees with the files other programs read themselves
+(TorchServe's config.properties, the archive's model-config.yaml), and nothing else keeps a copy."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from adapter.config import Settings
+from serving import settings
+from serving.torchserve import BASE_CONFIG, default_instance
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_properties_ports_are_the_settings_ports():
+    instance = default_instance()  # the one place the code reads config.properties' ports
+    assert instance.ports == settings.TORCHSERVE_PORTS, BASE_CONFIG
+    assert instance.inference_url == f"http://{settings.TORCHSERVE_HOST}:{settings.TORCHSERVE_PORTS['inference']}"
+
+
+def test_the_archives_topk_is_the_settings_top_k():
+    config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+    assert config["handler"]["topk"] == settings.TOP_K
+
+
+def test_adapter_defaults_come_from_the_settings_module():
+    s = Settings()
+    assert s.model_name == settings.MODEL_NAME and s.max_upload_bytes == settings.MAX_UPLOAD_BYTES
+    assert s.inference_url.endswith(f":{settings.TORCHSERVE_PORTS['inference']}")
+    assert s.management_url.endswith(f":{settings.TORCHSERVE_PORTS['management']}")
+
+
+def test_the_page_carries_no_copy_of_the_upload_limit():
+    for name in ("index.html", "app.js"):
+        text = (ROOT / "frontend" / name).read_text()
+        assert "10485760" not in text and "10 * 1024 * 1024" not in text, name
+
+
+def test_settings_module_imports_only_the_standard_library():
+    code = ("import sys, serving.settings; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'yaml', 'httpx', 'psutil')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
