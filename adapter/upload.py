@@ -27,8 +27,6 @@ FORM_OVERHEAD_BYTES = 64 * 1024
 @dataclass
 class ImageUpload:
     data: bytes | bytearray
-    filename: str | None
-    content_type: str | None
 
 
 def _mb(n: int) -> str:
@@ -95,14 +93,8 @@ class _ImageCollector:
     def on_part_end(self) -> None:
         if self._buffer is None:
             return
-        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
-        filename = options.get(b"filename")
-        content_type = self._headers.get(b"content-type")
-        self.image = ImageUpload(
-            data=self._buffer,  # the bytearray itself: a copy would double what an upload holds
-            filename=filename.decode("utf-8", "replace") if filename is not None else None,
-            content_type=content_type.decode("latin-1") if content_type else None,
-        )
+        # The bytearray itself: a copy would double what an upload holds.
+        self.image = ImageUpload(data=self._buffer)
         self._buffer = None
 
 

@@ -7,15 +7,13 @@ it was started from:
      "API":        {"key": "..."}}
 Inference and management keys expire after `token_expiration_min`; the API key renews them with
 `PUT <management>/token?type=inference|management`, which rewrites the file. Callers therefore never
-cache a key for long: they re-read the file when it changed, and renew when a key is rejected or
-has expired.
+cache a key for long: they re-read the file when it changed, and renew when a key is rejected.
 """
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -32,24 +30,6 @@ class Keys:
     inference: str
     management: str
     api: str
-    inference_expires: datetime | None
-    management_expires: datetime | None
-
-    def expired(self, kind: str, now: datetime | None = None, margin_s: float = 30.0) -> bool:
-        when = self.inference_expires if kind == "inference" else self.management_expires
-        if when is None:
-            return False
-        now = now or datetime.now(timezone.utc)
-        return (when - now).total_seconds() < margin_s
-
-
-def _parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 class KeyFile:
@@ -69,12 +49,8 @@ class KeyFile:
         if self._keys is None or stamp != self._stamp:
             try:
                 data = json.loads(self.path.read_text())
-                self._keys = Keys(
-                    inference=data["inference"]["key"], management=data["management"]["key"],
-                    api=data["API"]["key"],
-                    inference_expires=_parse_time(data["inference"].get("expiration time")),
-                    management_expires=_parse_time(data["management"].get("expiration time")),
-                )
+                self._keys = Keys(inference=data["inference"]["key"], management=data["management"]["key"],
+                                  api=data["API"]["key"])
             except (OSError, ValueError, KeyError, TypeError) as err:
                 raise KeyFileError(f"TorchServe key file {self.path} is unreadable: {err}") from err
             self._stamp = stamp

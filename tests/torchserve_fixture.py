@@ -7,7 +7,7 @@ returns a :class:`serving.torchserve.TorchServeInstance`, which offers
 
     inference_url, management_url, metrics_url, predictions_url, model_name
     key_file        serving.keys.KeyFile of this instance (header("inference"), renew(...))
-    stop(), start() + wait_ready(), restart(), is_running(), worker_statuses()
+    stop(), start() + wait_ready(), is_running(), worker_statuses()
 
 conftest.py wraps it in the session fixture ``torchserve`` shared by every serving test (one Java
 start per test session; a start takes ~10-20 s on 2 busy cores).
