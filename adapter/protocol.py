@@ -12,8 +12,8 @@ what a connection may do before the app sees a request live here, at the HTTP pa
   * a response sent before the request's body was read (413, 503 busy, 408) is followed by a
     lingering close: the adapter sends FIN and reads (and drops) what the client is still sending
     until that body ends, for at most BODY_TIMEOUT_S (and LINGER_MAX_S), before closing. Closing at once, with unread bytes in the socket, makes the
-    kernel send a reset that can destroy the answer before the client reads it (measured: 24 of 64
-    concurrent 9.9 MB uploads saw a reset instead of their 503).
+    kernel send a reset that can destroy the answer before the client reads it (benchmarks/RESULTS.md,
+    "Hostile and heavy clients").
 The body's own deadline and the in-flight caps are the app's (adapter/limits.py), where the request
 is known.
 """

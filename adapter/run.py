@@ -163,7 +163,7 @@ def logging_config(log_file: Path | None, settings) -> dict:
 def _return_freed_memory_to_the_os() -> None:
     """glibc raises its mmap threshold after large blocks are freed, so later 10 MB uploads land on
     the heap and stay in the process's RSS after they are gone; a fixed threshold keeps every block
-    over 256 KB in its own mapping, unmapped when freed (measured in benchmarks/RESULTS.md)."""
+    over 256 KB in its own mapping, unmapped when freed (benchmarks/RESULTS.md, "Hostile and heavy clients")."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune

@@ -2,8 +2,8 @@
 
 One pooled `aiohttp.ClientSession` per API (inference, management) lives for the adapter's lifetime,
 so requests reuse keep-alive connections instead of paying a TCP connect each time. aiohttp rather
-than httpx because the upstream client is the adapter's main CPU cost per request: measured on the
-2-core box, httpx's AsyncClient spends ~5.5 ms of CPU per request, aiohttp ~0.6 ms.
+than httpx because the upstream client is the adapter's main CPU cost per request (a tenth of
+httpx's: benchmarks/RESULTS.md).
 
 TorchServe failures become ClassifyError with the status the adapter's caller should see:
     TorchServe down / refusing connections ........ 503

@@ -1,12 +1,8 @@
 """The serving benchmarks' load generator: wrk, driven by benchmarks/wrk_post.lua.
 
 Why wrk and not a Python client: the load generator shares the machine's cores with the servers it
-measures, so its own CPU per request is taken from them. Measured side by side against the same
-TorchServe on a 2-core machine: aiohttp (the previous client here) used 0.18..0.20 ms of CPU per
-request at concurrency 16 and 0.33 at concurrency 1, wrk 0.03 and 0.06; TorchServe served 7% more
-images/s with wrk driving it, and its concurrency-1 p50 was 0.5 ms lower (the client's own time).
-(httpx's AsyncClient was worse still: ~5.5 ms per request.) wrk comes from Debian (`make
-install-system`).
+measures, so its own CPU per request is taken from them: wrk takes about a sixth of what the
+previous aiohttp client did (benchmarks/RESULTS.md). wrk comes from Debian (`make install-system`).
 
 Each request is a POST of one of a fixed set of bodies, in rotation, keeping `concurrency`
 connections busy (a closed loop: a connection sends its next request when its answer came back).

@@ -28,16 +28,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.normalization import normalize  # noqa: F401 - the handler normalizes through here
 
-# 16 megapixels decoded at full size (~48 MB as RGB, ~0.1 s): above a 12 MP phone photo or a 5K
-# screenshot (14.7 MP). A 40 MP PNG bomb of 131 KB cost a worker 0.28 s and 119 MB before.
+# 16 megapixels decoded at full size (~48 MB as RGB): above a 12 MP phone photo or a 5K screenshot
+# (14.7 MP); a small PNG bomb must not cost a worker seconds and memory (benchmarks/RESULTS.md).
 MAX_IMAGE_PIXELS = 16_000_000
 # JPEGs are decoded at up to 1/8 scale, so a 64 MP JPEG (a 48-50 MP sensor's full-resolution photo)
 # costs about what a 1 MP one does at full scale.
 MAX_JPEG_PIXELS = 64_000_000
 # The smallest side an image is decoded to (draft / reduce stop before going below it): 8x the
-# network's input. A 12 MP photo still decodes at 1/8 scale (3000 / 8 = 375 px). Measured on 500
-# CIFAR-100 test images upscaled to 512x512 JPEGs (tests/test_decoding.py), top-1 agreement with a
-# full decode: 128 px 95.6%, 256 px 97.2%; JPEG quality 90 instead of 92 alone moves it by 2%.
+# network's input. A 12 MP photo still decodes at 1/8 scale (3000 / 8 = 375 px); 256 keeps more
+# answers equal to a full decode's than 128 does (benchmarks/RESULTS.md, "Cheap decoding").
 DECODE_MIN_SIDE = 256
 INPUT_SIZE = 32  # the network was trained on 32x32 CIFAR images
 # Where an image may sit in a request: multipart field names, keys of a JSON object, and "body"
