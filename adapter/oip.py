@@ -24,7 +24,7 @@ from serving.settings import V2_OUTPUTS  # the handler's v2 output names, one ho
 
 from .config import Settings
 from .errors import ClassifyError
-from .torchserve import _TRANSPORT_ERRORS, _error_message, _Pool, _PoolBusy, _Response
+from .torchserve import _TRANSPORT_ERRORS, _error_message, _Pool, _PoolBusy, _Response, answer_error
 
 log = logging.getLogger("adapter.oip")
 
@@ -93,17 +93,7 @@ class OIPClient:
             except ValueError:
                 raise ClassifyError(502, "The model server sent an answer that is not JSON.") from None
             return answer_from_outputs(answer)
-        message = _error_message(response)
-        if status == 404:
-            raise ClassifyError(503, f"The model '{self.settings.model_name}' is not loaded on the model server.")
-        if status == 413:
-            raise ClassifyError(413, message if response.content.strip() else
-                                "The image is larger than the model server accepts.")
-        if status == 503:
-            raise ClassifyError(503, f"The model is not ready: {message}")
-        if 400 <= status < 500:
-            raise ClassifyError(status, message)
-        raise ClassifyError(502, f"The model server failed: {message}")
+        raise answer_error(response, self.settings.model_name)
 
     async def model_status(self) -> dict:
         path = f"/v2/models/{self.settings.model_name}/ready"

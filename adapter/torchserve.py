@@ -114,6 +114,25 @@ class _Pool:
         await self.session.close()
 
 
+def answer_error(response: _Response, model_name: str) -> ClassifyError:
+    """A model server's non-200 answer to a prediction -> what the adapter's client gets (TorchServe
+    and an Open Inference Protocol server alike)."""
+    status, message = response.status_code, _error_message(response)
+    if status == 404:
+        return ClassifyError(503, f"The model '{model_name}' is not loaded on the model server.")
+    if status == 413:
+        # The handler says why (too many pixels); TorchServe's own size refusal has no body.
+        return ClassifyError(413, message if response.content.strip() else
+                             "The image is larger than the model server accepts.")
+    if status == 503:
+        return ClassifyError(503, f"The model is not ready: {message}")
+    if 400 <= status < 500:
+        # The handler refused this image (not an image, empty, ...): pass its verdict on.
+        return ClassifyError(status, message)
+    log.warning("the model server answered %d: %s", status, message)
+    return ClassifyError(502, f"The model server failed: {message[:120]}")
+
+
 def _error_message(response: _Response) -> str:
     """TorchServe's own errors are {"code", "type", "message"}; the handler's are {"error": ...}."""
     text = response.text.strip()
@@ -260,20 +279,7 @@ class TorchServeClient:
             if explain and not isinstance(answer.get("heatmap"), str):
                 raise ClassifyError(502, "The model server's answer has no heatmap.")
             return answer
-        message = _error_message(response)
-        if status == 404:
-            raise ClassifyError(503, f"The model '{self.settings.model_name}' is not loaded on the model server.")
-        if status == 413:
-            # The handler says why (too many pixels); TorchServe's own size refusal has no body.
-            raise ClassifyError(413, message if response.content.strip() else
-                                "The image is larger than the model server accepts.")
-        if status == 503:
-            raise ClassifyError(503, f"The model is not ready: {message}")
-        if 400 <= status < 500:
-            # The handler refused this image (not an image, empty, ...): pass its verdict on.
-            raise ClassifyError(status, message)
-        log.warning("TorchServe answered %d: %s", status, message)
-        raise ClassifyError(502, f"The model server failed: {message[:120]}")
+        raise answer_error(response, self.settings.model_name)
 
     async def health(self) -> dict:
         """model_status(), plus a real prediction of a tiny image when none succeeded for
