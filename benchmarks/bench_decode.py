@@ -13,22 +13,33 @@ import io
 import statistics
 import sys
 import time
-from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the image builders the decoding tests use
+from handler.preprocessing import _to_rgb, decode_image, image_to_tensor
 
-from handler.preprocessing import _to_rgb, decode_image, image_to_tensor  # noqa: E402
-from test_decoding import photo_like  # noqa: E402
+
+def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth image with some grain, like a camera photo (pure noise would be no photo); the
+    decoding tests use it too."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray((rng.random((height // 16, width // 16, 3)) * 255).astype(np.uint8))
+    big = np.asarray(base.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    grain = rng.normal(0, 3, big.shape).astype(np.int16)
+    return Image.fromarray(np.clip(big + grain, 0, 255).astype(np.uint8))
+
+
+def full_decode(data: bytes) -> Image.Image:
+    """What decode_image did before draft mode / reduce: every pixel at full size."""
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    img.load()
+    return _to_rgb(img)
 
 
 def full_path(data: bytes) -> torch.Tensor:
-    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    img.load()
-    return image_to_tensor(_to_rgb(img))
+    return image_to_tensor(full_decode(data))
 
 
 def handler_path(data: bytes) -> torch.Tensor:

@@ -32,13 +32,9 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from adapter.run import running_adapter  # noqa: E402
-from benchmarks.bench_serve import cifar_png_payloads, machine, start_benchmark_torchserve  # noqa: E402
-from serving.archive import DEFAULT_WEIGHTS  # noqa: E402
+from adapter.run import running_adapter
+from benchmarks.bench_serve import cifar_png_payloads, machine, start_benchmark_torchserve
+from serving.archive import DEFAULT_WEIGHTS
 
 BIG_UPLOAD_BYTES = 9_900_000
 MB = 1024 * 1024

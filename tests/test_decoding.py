@@ -4,33 +4,14 @@ benchmarks/bench_decode.py, not here.
 """
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from handler.preprocessing import (DECODE_MIN_SIDE, MAX_JPEG_PIXELS, ImageRequestError, _to_rgb, decode_image,
-                                   image_to_tensor)
+from benchmarks.bench_decode import full_decode, photo_like
+from handler.preprocessing import DECODE_MIN_SIDE, MAX_JPEG_PIXELS, ImageRequestError, decode_image, image_to_tensor
 from serving_helpers import ReferenceModel, cifar_pil, encode, exif_rotated_jpeg
 from torchserve_fixture import weights_under_test
-
-
-def full_decode(data: bytes) -> Image.Image:
-    """What decode_image did before: every pixel at full size."""
-    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    img.load()
-    return _to_rgb(img)
-
-
-def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth image with some grain, like a camera photo (pure noise would be no photo)."""
-    rng = np.random.default_rng(seed)
-    base = Image.fromarray((rng.random((height // 16, width // 16, 3)) * 255).astype(np.uint8))
-    big = np.asarray(base.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
-    grain = rng.normal(0, 3, big.shape).astype(np.int16)
-    return Image.fromarray(np.clip(big + grain, 0, 255).astype(np.uint8))
 
 
 def jpeg_declaring_size(width: int, height: int) -> bytes:
