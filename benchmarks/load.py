@@ -100,10 +100,8 @@ def run_wrk(target: HttpTarget, concurrency: int, duration_s: float, workdir: Pa
 
 
 # A freshly started server answers slowly while it warms up (the JVM compiles its hot paths, and
-# each load shape has its own): measured, TorchServe's concurrency-1 p50 fell from 23.5 ms in the
-# first seconds to 16.7 ms after 10 s of load, and 8 s of concurrency-16 load still left the JIT
-# compiler with half of Java's CPU during the next concurrency-1 run. So every target gets this much
-# unmeasured load at each concurrency of the run before its points are measured.
+# each load shape has its own; benchmarks/RESULTS.md), so every target gets this much unmeasured
+# load at each concurrency of the run before its points are measured.
 SERVER_WARMUP_S = 4.0
 
 
