@@ -37,8 +37,6 @@ LOG_FILE = LOG_DIR / "adapter.log"
 START_TIMEOUT_S = 60.0  # generous: a busy 2-core machine imports FastAPI slowly
 STOP_TIMEOUT_S = 10.0  # SIGTERM: uvicorn finishes the requests in flight, then exits; SIGKILL after this
 
-AdapterStartError = ServiceStartError  # the adapter process exited or did not answer (its log's tail)
-
 
 def _address() -> tuple[str, int]:
     return (os.environ.get("ADAPTER_HOST", shared.ADAPTER_HOST),
