@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     cases = [("12 MP JPEG", 4000, 3000, "JPEG"), ("24 MP JPEG", 6000, 4000, "JPEG"),
              ("12 MP PNG", 4000, 3000, "PNG"), ("16 MP PNG", 4000, 4000, "PNG")]
+    from benchmarks.bench_serve import machine
+
+    print(f"Worker CPU per upload (one thread, median of {args.repeat}) on {machine()}")
     print(f"{'image':<12} {'file':>8}  {'full decode':>12}  {'handler':>9}")
     for name, width, height, fmt in cases:
         data = encoded(width, height, fmt)
