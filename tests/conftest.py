@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 
 from cifar100_data import data_dir, missing_data_message
-from torchserve_fixture import READY_TIMEOUT_S, start_test_torchserve
+from torchserve_fixture import HTTP_TIMEOUT_S, READY_TIMEOUT_S, start_test_torchserve, weights_under_test
 
 # Fixtures that make a test an integration test (a test using any fixture built on them is one too).
 INTEGRATION_FIXTURES = {"torchserve", "kserve_ts", "browser", "cifar100_data_dir"}
@@ -54,6 +54,23 @@ def torchserve_ready(torchserve):
         torchserve.start()
     torchserve.wait_ready(READY_TIMEOUT_S)
     return torchserve
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The shipped network in-process, as the served answers must be (tests/serving_helpers.py)."""
+    from serving_helpers import ReferenceModel  # torch: only for the tests that ask
+
+    return ReferenceModel(weights_under_test())
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A plain HTTP client with a deadline on every call."""
+    import httpx
+
+    with httpx.Client(timeout=httpx.Timeout(HTTP_TIMEOUT_S, connect=10.0)) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

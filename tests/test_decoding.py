@@ -10,8 +10,7 @@ from PIL import Image
 
 from benchmarks.bench_decode import full_decode, photo_like
 from handler.preprocessing import DECODE_MIN_SIDE, MAX_JPEG_PIXELS, ImageRequestError, decode_image, image_to_tensor
-from serving_helpers import ReferenceModel, cifar_pil, encode, exif_rotated_jpeg
-from torchserve_fixture import weights_under_test
+from serving_helpers import cifar_pil, encode, exif_rotated_jpeg
 
 
 def jpeg_declaring_size(width: int, height: int) -> bytes:
@@ -59,12 +58,7 @@ def test_jpeg_pixel_limit_names_the_real_limit():
     assert f"{MAX_JPEG_PIXELS / 1e6:.0f} MP limit for JPEG images" in info.value.message
 
 
-@pytest.fixture(scope="module")
-def reference_model():
-    return ReferenceModel(weights_under_test())
-
-
-def test_top1_on_the_cifar_test_split_is_unchanged(cifar100_test_split, reference_model):
+def test_top1_on_the_cifar_test_split_is_unchanged(cifar100_test_split, reference):
     """The split's own 32x32 images decode to exactly the same tensors (nothing to reduce), and the
     same images as 512x512 JPEGs (where draft mode acts) keep their top-1 answers."""
     images, labels = cifar100_test_split
@@ -76,8 +70,8 @@ def test_top1_on_the_cifar_test_split_is_unchanged(cifar100_test_split, referenc
            for i in picks]
     cheap = torch.stack([image_to_tensor(decode_image(d)) for d in big])
     full = torch.stack([image_to_tensor(full_decode(d)) for d in big])
-    top1_cheap = reference_model.probs_of_uint8(cheap).argmax(1)
-    top1_full = reference_model.probs_of_uint8(full).argmax(1)
+    top1_cheap = reference.probs_of_uint8(cheap).argmax(1)
+    top1_full = reference.probs_of_uint8(full).argmax(1)
     agree = float((top1_cheap == top1_full).float().mean())
     truth = labels[list(picks)]
     acc_cheap = float((top1_cheap == truth).float().mean())

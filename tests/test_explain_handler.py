@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 
-import torch
 from PIL import Image
 from ts.context import RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl

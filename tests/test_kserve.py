@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,10 +24,11 @@ from handler.protocols import OUTPUTS, ProtocolError, parse_request
 from serving.archive import MODEL_CONFIG, weights_version
 from serving.kserve import ENVELOPES, KServeTorchServe, build_bundle
 from serving.torchserve import read_properties
-from serving_helpers import ReferenceModel, assert_same_answer, cifar_pil, decompression_bomb_png, encode
+from serving_helpers import assert_same_answer, cifar_pil, decompression_bomb_png, encode
 from torchserve_fixture import READY_TIMEOUT_S, weights_under_test
 
-TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+REPO = Path(__file__).resolve().parents[1]
+
 N_IMAGES = 200
 CONCURRENCY = 8
 
@@ -82,17 +86,6 @@ def kserve_ts(request, bundle, tmp_path_factory):
         ts.stop()
 
 
-@pytest.fixture(scope="module")
-def reference():
-    return ReferenceModel(weights_under_test())
-
-
-@pytest.fixture(scope="module")
-def client():
-    with httpx.Client(timeout=TIMEOUT) as c:
-        yield c
-
-
 def routes(ts: KServeTorchServe) -> list[str]:
     """Where a client of this protocol posts: TorchServe's own path (where KServe's wrapper
     forwards) and the protocol's path."""
@@ -126,6 +119,19 @@ def test_bundle_layout_and_config(bundle):
     assert entry["batchSize"] == config["batchSize"] > 1
     assert (entry["minWorkers"], entry["maxWorkers"], entry["maxBatchDelay"]) == (
         config["minWorkers"], config["maxWorkers"], config["maxBatchDelay"])
+
+
+def test_make_kserve_bundle_command_writes_the_layout_and_reports_bad_weights(tmp_path):
+    """`make kserve-bundle` runs this module as a program: its exit codes and messages, not only build_bundle."""
+    run = [sys.executable, "-m", "serving.kserve", "--out"]
+    done = subprocess.run([*run, str(tmp_path / "ok"), "--weights", str(weights_under_test())],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ok" / "model-store" / "cifar100.mar").is_file()
+    assert (tmp_path / "ok" / "config" / "config.properties").is_file()
+    done = subprocess.run([*run, str(tmp_path / "bad"), "--weights", str(tmp_path / "missing.pth")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 1 and done.stderr.startswith("error:") and "missing.pth" in done.stderr
 
 
 # ---- request parsing, without a server -------------------------------------------------------
@@ -266,8 +272,8 @@ def test_the_envelope_variable_is_set_and_ignored(kserve_ts):
 
 
 # ---- the /classify/ adapter in front of the bundle's v2 server (OIP_URL) -----------------------
-def test_adapter_in_front_of_the_v2_server_answers_classify_as_today(kserve_ts, reference, cifar100_test_split,
-                                                                     tmp_path):
+def test_adapter_in_front_of_the_v2_server_answers_classify_as_today(kserve_ts, reference, client,
+                                                                     cifar100_test_split, tmp_path):
     if kserve_ts.protocol != "v2":
         pytest.skip("the adapter speaks v2 to an Open Inference Protocol server")
     from adapter.run import running_adapter
@@ -280,9 +286,9 @@ def test_adapter_in_front_of_the_v2_server_answers_classify_as_today(kserve_ts, 
     env = {"OIP_URL": kserve_ts.inference_url, "TS_MODEL_NAME": kserve_ts.model_name,
            "TS_KEY_FILE": str(tmp_path / "no-key-file.json"), "TS_INFERENCE_URL": "http://127.0.0.1:9",
            "TS_MANAGEMENT_URL": "http://127.0.0.1:9"}
-    with running_adapter(env, tmp_path / "adapter.log") as adapter, httpx.Client(timeout=TIMEOUT) as c:
+    with running_adapter(env, tmp_path / "adapter.log") as adapter:
         def classify(data: bytes) -> httpx.Response:
-            return c.post(f"{adapter.base_url}/classify/", files={"image": ("photo.png", data, "image/png")})
+            return client.post(f"{adapter.base_url}/classify/", files={"image": ("photo.png", data, "image/png")})
 
         with ThreadPoolExecutor(CONCURRENCY) as pool:
             responses = list(pool.map(classify, payloads))

@@ -6,7 +6,6 @@ Screenshots land in test-artifacts/ (page-why.png, page-unsure-phone.png, page-d
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import httpx
 import pytest

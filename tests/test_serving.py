@@ -19,27 +19,15 @@ from PIL import Image
 
 from model.classes import display_name
 from serving.archive import weights_version
-from serving_helpers import (ReferenceModel, animated_gif, assert_same_answer, cifar_pil, decompression_bomb_png,
+from serving_helpers import (animated_gif, assert_same_answer, cifar_pil, decompression_bomb_png,
                              encode, exif_rotated_jpeg, oversized_png, png_declaring_size, png_with_bad_crc,
                              sixteen_bit_png)
 from torchserve_fixture import weights_under_test
 
-TIMEOUT = httpx.Timeout(60.0, connect=10.0)  # no request may hang: every call has a deadline
 N_MATCH = 200
 # The archive's worker count (model-config.yaml minWorkers = maxWorkers).
 CONFIGURED_WORKERS = yaml.safe_load((Path(__file__).resolve().parents[1] / "handler" / "model-config.yaml")
                                     .read_text())["minWorkers"]
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return ReferenceModel(weights_under_test())
-
-
-@pytest.fixture(scope="module")
-def client():
-    with httpx.Client(timeout=TIMEOUT) as c:
-        yield c
 
 
 def post(client, ts, data: bytes, how: str = "raw", content_type: str = "application/octet-stream",

@@ -23,6 +23,7 @@ from serving.torchserve import TorchServeInstance
 
 WEIGHTS_ENV = "CIFAR100_TEST_WEIGHTS"
 READY_TIMEOUT_S = 240  # generous: CI machines are slow and the training run may share the CPU
+HTTP_TIMEOUT_S = 60.0  # no test request may hang: every call has a deadline (connect: 10 s)
 
 
 def weights_under_test() -> Path:
