@@ -10,7 +10,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-CALIBRATION_FILE = "calibration.json"  # the name training/calibrate.py writes
+from serving.settings import CALIBRATION_FILE
+
 
 logger = logging.getLogger(__name__)
 

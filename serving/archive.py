@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from serving.settings import MODEL_NAME
+from serving.settings import CALIBRATION_FILE, MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
@@ -41,7 +41,6 @@ CLASS_NAMES_FILE = REPO / "model" / "index_to_name.json"
 PACKAGES = {"model": ["*.py", "index_to_name.json"],
             "handler": ["__init__.py", "preprocessing.py", "protocols.py", "calibration.py", "explain.py"],
             "serving": ["__init__.py", "settings.py"]}  # the shared facts (top-k, v2 output names)
-CALIBRATION_NAME = "calibration.json"  # beside the weights, written by training/calibrate.py
 
 
 class ArchiveError(RuntimeError):
@@ -74,7 +73,7 @@ def calibration_for(weights: Path) -> Path | None:
     """The calibration.json beside the weights, if it was fitted on exactly these weights."""
     import json
 
-    path = Path(weights).resolve().parent / CALIBRATION_NAME
+    path = Path(weights).resolve().parent / CALIBRATION_FILE
     if not path.is_file():
         return None
     try:
@@ -93,7 +92,7 @@ def package_files(weights: Path = DEFAULT_WEIGHTS) -> list[tuple[Path, str]]:
     files = [(CLASS_NAMES_FILE, "index_to_name.json")]
     calibration = calibration_for(weights)
     if calibration is not None:
-        files.append((calibration, CALIBRATION_NAME))
+        files.append((calibration, CALIBRATION_FILE))
     for package, patterns in PACKAGES.items():
         for pattern in patterns:
             files += [(p, f"{package}/{p.name}") for p in sorted((REPO / package).glob(pattern))]

@@ -17,6 +17,8 @@ ADAPTER_HOST = "127.0.0.1"       # the adapter: the one process that faces users
 ADAPTER_PORT = 8000
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # one image through the adapter (413 above); the page checks it first
+# Temperature and "unsure" threshold (training/calibrate.py), beside the weights and in the archive.
+CALIBRATION_FILE = "calibration.json"
 TOP_K = 5                            # answers per image: the handler's default (model-config.yaml sets it)
 
 # Open Inference Protocol (v2) outputs of the handler, one row per image ([n], or [n, k] for top-k),

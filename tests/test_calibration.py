@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from handler.calibration import load_calibration
 from serving.archive import DEFAULT_WEIGHTS, package_files
-from training.calibrate import (CALIBRATION_FILE, calibrate, choose_unsure_threshold, expected_calibration_error,
+from serving.settings import CALIBRATION_FILE
+from training.calibrate import (calibrate, choose_unsure_threshold, expected_calibration_error,
                                 split_halves)
 
 RECORD = DEFAULT_WEIGHTS.parent / CALIBRATION_FILE

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-CALIBRATION_FILE = "calibration.json"
+from serving.settings import CALIBRATION_FILE
+
 RELIABILITY_FILE = "reliability.png"
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017 ("On Calibration of Modern Neural Networks")
 FIT_HALF, REPORT_HALF = "even", "odd"
