@@ -207,10 +207,11 @@ class RequestLimits:
         received = 0
         body_done = False
         refused_busy = False
+        released = False
 
         async def timed_receive():
             nonlocal body_done, received, refused_busy
-            if body_done:
+            if body_done or released:  # (answered: nothing more is charged)
                 return await receive()
             # mod_reqtimeout's MinRate: each byte received buys 1/rate s more, never past the deadline.
             deadline = min(last_deadline, grace_end + received / rate)
@@ -245,18 +246,28 @@ class RequestLimits:
                                         > self.in_flight.max_client_bytes else BUSY_MESSAGE)
             return message
 
+        def release():
+            nonlocal released
+            if not released:
+                released = True
+                charge.release()
+
         async def closing_send(message):
             if message["type"] == "http.response.start" and not body_done:
                 extra = [(b"connection", b"close")]
                 if refused_busy:
                     extra.append((b"retry-after", self.retry_after))
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Before the answer's last bytes leave: a keep-alive client's next request must not
+                # find this one still counted in its share.
+                release()
             await send(message)
 
         try:
             await self.app(scope, timed_receive, closing_send)
         finally:
-            charge.release()
+            release()
 
 
 async def _send_json(send, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
