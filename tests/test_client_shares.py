@@ -25,7 +25,8 @@ from test_hostile import multipart_head, parse, torchserve_env
 
 FULL_SIZE = 10 * 1024 * 1024  # what the attacker's heads declare
 ATTACKER, WELL_BEHAVED, CRAWLERS = "127.0.0.2", "127.0.0.3", ("127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7")
-ATTACK_S = 5.0  # each attack phase; the well-behaved client posts every 0.25 s during it
+ATTACK_S = 5.0  # each attack phase; the well-behaved client posts every 0.25 s during it, from 0.5 s on
+HEAD_START_S = 0.5  # the attacker holds what it can first
 DEFAULTS = Settings()
 PART_HEAD = b'--xx\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
 
@@ -150,9 +151,15 @@ class Sampler:
             await asyncio.sleep(0.05)
 
 
+def _summary(what: str, served: list, attacker: Counter, sampler: Sampler) -> None:
+    print(f"\n{what}: well-behaved {dict(Counter(s for s, _ in served))}, p50 "
+          f"{statistics.median(t for _, t in served) * 1000:.0f} ms; attacker {dict(attacker)}; adapter peak "
+          f"{sampler.peak_fds} fds, {sampler.peak_rss / 2**20:.0f} MB")
+
+
 def _assert_well_behaved_served(results: list) -> None:
     statuses = Counter(status for status, _ in results)
-    assert len(results) >= ATTACK_S / 0.25 - 2, results
+    assert len(results) >= (ATTACK_S - HEAD_START_S) / 0.25 - 2, results
     assert statuses[200] >= 0.95 * len(results), statuses
     p50 = statistics.median(t for _, t in results)
     assert p50 < 1.0, f"p50 {p50:.2f} s"
@@ -171,13 +178,14 @@ def test_one_address_holding_full_size_uploads_does_not_shut_out_another(shares_
         until = time.monotonic() + ATTACK_S
         attackers = [asyncio.create_task(_attacker_slot(port, ATTACKER, mode, until, outcomes))
                      for _ in range(connections)]
-        await asyncio.sleep(0.5)  # the attacker holds what it can first
+        await asyncio.sleep(HEAD_START_S)
         await asyncio.gather(_well_behaved(shares_adapter.base_url, small_png, until, served), sampler.run(until))
         await asyncio.gather(*attackers)
 
     asyncio.run(attack())
-    _assert_well_behaved_served(served)
     answered = Counter(status for status, _ in outcomes)
+    _summary(f"{connections} {mode}", served, answered, sampler)
+    _assert_well_behaved_served(served)
     # The attacker's surplus: 503 at once (over its share), 408 when its crawl falls below the
     # minimum rate, a reset over its connection share; nothing is admitted for long, nothing else.
     assert set(answered) <= {"503", "408", "reset", "closed", "refused"}, answered
@@ -226,13 +234,14 @@ def test_a_thousand_crawling_connections_leave_the_service_answering(shares_adap
     async def attack():
         until = time.monotonic() + ATTACK_S
         crawlers = [asyncio.create_task(crawler(CRAWLERS[i % len(CRAWLERS)], i, until)) for i in range(1000)]
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(HEAD_START_S)
         await asyncio.gather(_well_behaved(shares_adapter.base_url, small_png, until, served), sampler.run(until))
         await asyncio.gather(*crawlers)
 
     asyncio.run(attack())
-    _assert_well_behaved_served(served)
     outcomes = Counter(status for status, _ in held)
+    _summary("1,000 crawling connections", served, outcomes, sampler)
+    _assert_well_behaved_served(served)
     # Each address keeps at most its connection share (the rest are reset at once); trickling heads
     # get 408 after the grace, silent connections are closed after KEEPALIVE_TIMEOUT_S.
     assert set(outcomes) <= {"408", "closed", "reset", "refused", "open at the end"}, outcomes
