@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import aiohttp
 import httpx
 import psutil
 import pytest
 
-from adapter.config import Settings
+from adapter.config import ConfigError, Settings
 from adapter.limits import InFlight
 from adapter.run import running_adapter
 from serving_helpers import cifar_pil, encode
@@ -58,6 +63,27 @@ def test_a_crawling_upload_holds_what_it_sent_and_a_healthy_one_its_promise():
     for charge in (crawler, healthy, slow):
         charge.release()
     assert in_flight.bytes == 0 and in_flight.requests == 0 and not in_flight.clients
+
+
+@pytest.mark.parametrize("env,words", [
+    ({"TRUSTED_PROXIES": "10.0.0.0/8, nginx"}, "'nginx' is not an IP address"),
+    ({"MAX_CLIENT_BYTES_IN_FLIGHT": "1000"}, "no client could send a full-size upload"),
+])
+def test_settings_that_cannot_work_are_refused(monkeypatch, env, words):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=words):
+        Settings.from_env().check()
+
+
+def test_the_adapter_refuses_to_start_without_the_open_files_its_connection_cap_needs():
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (600, 600))
+
+    env = {**os.environ, "MAX_OPEN_CONNECTIONS": "512", "ADAPTER_PORT": "1"}
+    done = subprocess.run([sys.executable, "-m", "adapter.run", "serve"], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=60, preexec_fn=low_limit)
+    assert done.returncode == 2 and "MAX_OPEN_CONNECTIONS=512 needs" in done.stderr, done.stderr[-500:]
 
 
 # --- the adapter under attack --------------------------------------------------------------------
