@@ -22,7 +22,18 @@ serving/settings.py).
     MAX_REQUESTS_IN_FLIGHT  requests with a body held at once; more -> 503 + Retry-After  64
     MAX_BYTES_IN_FLIGHT   bytes those requests may declare together (a chunked upload counts
                           as MAX_UPLOAD_BYTES); more -> 503 + Retry-After  104857600 (100 MB)
+    MAX_CLIENT_REQUESTS_IN_FLIGHT  of those, what one client address may hold; more -> 503 for that
+                          client alone  16
+    MAX_CLIENT_BYTES_IN_FLIGHT  bytes one client address may hold (buffered, or promised to its
+                          uploads arriving at a healthy rate); more -> 503  33554432 (32 MB)
     RETRY_AFTER_S         the Retry-After of those 503s         1
+    MIN_UPLOAD_RATE       after MIN_RATE_GRACE_S, a body (and a head) must arrive at this many
+                          bytes/s on average, else 408 and closed at once  16384
+    MIN_RATE_GRACE_S      the grace before MIN_UPLOAD_RATE applies   2
+    MAX_OPEN_CONNECTIONS  open client connections; more are reset at once (file descriptors)  512
+    MAX_CLIENT_CONNECTIONS  open connections from one client address (trusted proxies exempt)  64
+    TRUSTED_PROXIES       comma-separated proxy addresses/networks whose X-Forwarded-For names
+                          the client (behind nginx or KServe's ingress); empty: the socket's peer  (none)
     BODY_TIMEOUT_S        a request's whole body must arrive within this (-> 408, closed)  30
     HEADER_TIMEOUT_S      a request's head (line + headers) must arrive within this (-> 408)  10
     KEEPALIVE_TIMEOUT_S   idle keep-alive (and fresh, silent) connections are closed after  5
@@ -37,6 +48,7 @@ serving/settings.py).
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +132,14 @@ class Settings:
     max_upload_bytes: int = shared.MAX_UPLOAD_BYTES
     max_requests_in_flight: int = 64
     max_bytes_in_flight: int = 100 * 1024 * 1024
+    max_client_requests_in_flight: int = 16
+    max_client_bytes_in_flight: int = 32 * 1024 * 1024
     retry_after_s: int = 1
+    min_upload_rate: int = 16 * 1024
+    min_rate_grace_s: float = 2.0
+    max_open_connections: int = 512
+    max_client_connections: int = 64
+    trusted_proxies: list[str] = field(default_factory=list)
     body_timeout_s: float = 30.0
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 5.0
@@ -144,6 +163,14 @@ class Settings:
         if self.max_bytes_in_flight < self.max_upload_bytes:
             raise ConfigError(f"MAX_BYTES_IN_FLIGHT={self.max_bytes_in_flight} is below MAX_UPLOAD_BYTES="
                               f"{self.max_upload_bytes}: no full-size upload could ever be accepted")
+        if self.max_client_bytes_in_flight < self.max_upload_bytes:
+            raise ConfigError(f"MAX_CLIENT_BYTES_IN_FLIGHT={self.max_client_bytes_in_flight} is below "
+                              f"MAX_UPLOAD_BYTES={self.max_upload_bytes}: no client could send a full-size upload")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(f"TRUSTED_PROXIES: {proxy!r} is not an IP address or network") from None
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -164,7 +191,15 @@ class Settings:
             max_upload_bytes=_env_int("MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             max_requests_in_flight=_env_int("MAX_REQUESTS_IN_FLIGHT", cls.max_requests_in_flight),
             max_bytes_in_flight=_env_int("MAX_BYTES_IN_FLIGHT", cls.max_bytes_in_flight),
+            max_client_requests_in_flight=_env_int("MAX_CLIENT_REQUESTS_IN_FLIGHT",
+                                                   cls.max_client_requests_in_flight),
+            max_client_bytes_in_flight=_env_int("MAX_CLIENT_BYTES_IN_FLIGHT", cls.max_client_bytes_in_flight),
             retry_after_s=_env_int("RETRY_AFTER_S", cls.retry_after_s),
+            min_upload_rate=_env_int("MIN_UPLOAD_RATE", cls.min_upload_rate),
+            min_rate_grace_s=_env_float("MIN_RATE_GRACE_S", cls.min_rate_grace_s),
+            max_open_connections=_env_int("MAX_OPEN_CONNECTIONS", cls.max_open_connections),
+            max_client_connections=_env_int("MAX_CLIENT_CONNECTIONS", cls.max_client_connections),
+            trusted_proxies=_env_origins("TRUSTED_PROXIES"),
             body_timeout_s=_env_float("BODY_TIMEOUT_S", cls.body_timeout_s),
             header_timeout_s=_env_float("HEADER_TIMEOUT_S", cls.header_timeout_s),
             keepalive_timeout_s=_env_float("KEEPALIVE_TIMEOUT_S", cls.keepalive_timeout_s),

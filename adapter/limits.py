@@ -1,20 +1,30 @@
-"""What one request may hold: its body's deadline, and the adapter's cap on bodies in flight.
+"""What one request, and one client, may hold: body deadlines and rates, and the shares of what is in flight.
 
 An ASGI middleware around the whole app, for every request that has a body:
-  * admission: at most MAX_REQUESTS_IN_FLIGHT such requests, declaring at most MAX_BYTES_IN_FLIGHT
-    together (a chunked body counts as a full-size upload), are held at once, from the first body
-    byte until their answer is sent. Beyond that: 503 with Retry-After at once, before the body is
-    read, so the adapter's memory stays bounded however many clients push uploads at it;
-  * deadline: the whole body must arrive within BODY_TIMEOUT_S of the request's start; a client
-    that trickles or stalls gets 408 and its connection is closed;
+  * admission, at the head: at most MAX_REQUESTS_IN_FLIGHT such requests are held at once, and at
+    most MAX_CLIENT_REQUESTS_IN_FLIGHT from one client address; and its declared size (Content-Length,
+    a chunked body counts as a full-size upload) must fit in what is left of MAX_BYTES_IN_FLIGHT and
+    of the client's MAX_CLIENT_BYTES_IN_FLIGHT. Otherwise 503 with Retry-After at once, before the
+    body is read, for that request alone;
+  * bytes held, not declared: a request is charged the body bytes it has received, plus, once its
+    body is arriving at a healthy rate (at least MIN_UPLOAD_RATE since its start, a second's worth
+    at least), a promise of the rest of its declared size, so that it is never refused half-way.
+    A crawling upload that has sent 5 bytes holds 5 bytes. A chunk that does not fit in the budgets
+    is refused (503); the charges never pass them, so memory stays bounded however many clients push;
+  * deadline: the body must arrive within BODY_TIMEOUT_S, and, after MIN_RATE_GRACE_S, at
+    MIN_UPLOAD_RATE on average (Apache mod_reqtimeout's MinRate: each byte received extends the
+    deadline by 1/MIN_UPLOAD_RATE s). Slower: 408 and the connection closed;
   * a response sent before the body was read in full (413, 408, 503, 404 on a POST) closes the
     connection: the unread rest must not be parsed as the next request, nor keep the socket alive.
+The client address is scope["client"]: the socket's peer, or, behind a proxy listed in
+TRUSTED_PROXIES, what its X-Forwarded-For says (uvicorn's ProxyHeadersMiddleware, adapter/run.py).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import time
 
 from .config import Settings
 from .errors import ClassifyError
@@ -22,26 +32,104 @@ from .upload import FORM_OVERHEAD_BYTES
 
 log = logging.getLogger("adapter.limits")
 
+BUSY_MESSAGE = "The server is busy with other uploads; try again shortly."
+CLIENT_BUSY_MESSAGE = "The server is busy with uploads from your address; try again shortly."
+
+
+class _ClientShare:
+    __slots__ = ("requests", "bytes")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.bytes = 0
+
 
 class InFlight:
-    """Requests with a body held right now, and the bytes they declared."""
+    """Requests with a body held right now and the bytes charged to them, in all and per client."""
 
     def __init__(self, max_requests: int, max_bytes: int):
         self.max_requests = max_requests
         self.max_bytes = max_bytes
+        # Per client address; no shares (the global caps) until share_per_client() says otherwise.
+        self.max_client_requests = max_requests
+        self.max_client_bytes = max_bytes
         self.requests = 0
         self.bytes = 0
+        self.clients: dict[str, _ClientShare] = {}
 
-    def try_admit(self, size: int) -> bool:
-        if self.requests >= self.max_requests or self.bytes + size > self.max_bytes:
+    def share_per_client(self, max_requests: int, max_bytes: int) -> None:
+        self.max_client_requests = min(max_requests, self.max_requests)
+        self.max_client_bytes = min(max_bytes, self.max_bytes)
+
+    def try_admit(self, client: str, declared: int) -> "Charge | str":
+        """A Charge (nothing charged yet), or why not: "busy" (everyone's caps) / "client" (its share)."""
+        share = self.clients.get(client)
+        if share is None:
+            share = self.clients[client] = _ClientShare()
+        if share.requests >= self.max_client_requests or share.bytes + declared > self.max_client_bytes:
+            reason = "client"
+        elif self.requests >= self.max_requests or self.bytes + declared > self.max_bytes:
+            reason = "busy"
+        else:
+            self.requests += 1
+            share.requests += 1
+            return Charge(self, client, share, declared)
+        if share.requests == 0:
+            del self.clients[client]
+        return reason
+
+    def _take(self, share: _ClientShare, n: int) -> bool:
+        if self.bytes + n > self.max_bytes or share.bytes + n > self.max_client_bytes:
             return False
-        self.requests += 1
-        self.bytes += size
+        self.bytes += n
+        share.bytes += n
         return True
 
-    def release(self, size: int) -> None:
-        self.requests -= 1
-        self.bytes -= size
+
+class Charge:
+    """What one admitted request holds: `charged` covers the body bytes received, and its promise."""
+
+    __slots__ = ("in_flight", "client", "share", "declared", "charged", "promised")
+
+    def __init__(self, in_flight: InFlight, client: str, share: _ClientShare, declared: int):
+        self.in_flight = in_flight
+        self.client = client
+        self.share = share
+        self.declared = declared
+        self.charged = 0
+        self.promised = False
+
+    def cover(self, received: int, healthy: bool) -> bool:
+        """Charge for `received` body bytes (and promise the rest while `healthy`); False: no room."""
+        if healthy and not self.promised and self.declared > self.charged:
+            # The whole declared size at once, if it fits: then this upload is never refused half-way.
+            if self.in_flight._take(self.share, self.declared - self.charged):
+                self.charged = self.declared
+                self.promised = True
+        elif self.promised and not healthy:
+            # Fell below the healthy rate: keep only what it holds.
+            self._give_back(self.charged - received)
+            self.promised = False
+        if received <= self.charged:
+            return True
+        if not self.in_flight._take(self.share, received - self.charged):
+            return False
+        self.charged = received
+        return True
+
+    def _give_back(self, n: int) -> None:
+        if n > 0:
+            self.charged -= n
+            self.in_flight.bytes -= n
+            self.share.bytes -= n
+
+    def release(self) -> None:
+        in_flight = self.in_flight
+        self._give_back(self.charged)
+        in_flight.requests -= 1
+        self.share.requests -= 1
+        if self.share.requests == 0:
+            in_flight.clients.pop(self.client, None)
 
 
 def _declared_size(scope, fallback: int) -> int | None:
@@ -64,12 +152,37 @@ def _declared_size(scope, fallback: int) -> int | None:
     return min(size, fallback) if size > 0 else None
 
 
+class ThrottledLog:
+    """One warning per `interval_s` at most, with the count of those left out: an attack's thousands
+    of refusals must not cost a log write each."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 1.0):
+        self.logger = logger
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._left_out = 0
+
+    def warning(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += f" (and {self._left_out} more like it in the last {self.interval_s:g} s)"
+        self._next = now + self.interval_s
+        self._left_out = 0
+        self.logger.warning(message, *args)
+
+
 class RequestLimits:
     def __init__(self, app, settings: Settings, in_flight: InFlight):
         self.app = app
         self.settings = settings
         self.in_flight = in_flight
+        in_flight.share_per_client(settings.max_client_requests_in_flight, settings.max_client_bytes_in_flight)
         self.full_upload = settings.max_upload_bytes + FORM_OVERHEAD_BYTES
+        self.retry_after = str(settings.retry_after_s).encode()
+        self.refusals = ThrottledLog(log)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -77,41 +190,84 @@ class RequestLimits:
         size = _declared_size(scope, self.full_upload)
         if size is None:
             return await self.app(scope, receive, send)
-        if not self.in_flight.try_admit(size):
-            log.warning("busy: refused %s %s (%d requests, %d bytes in flight)", scope["method"],
-                        scope["path"], self.in_flight.requests, self.in_flight.bytes)
-            return await _send_json(send, 503, "The server is busy with other uploads; try again shortly.",
-                                    [(b"retry-after", str(self.settings.retry_after_s).encode()),
-                                     (b"connection", b"close")])
+        client = scope["client"][0] if scope.get("client") else "unknown"
+        charge = self.in_flight.try_admit(client, size)
+        if not isinstance(charge, Charge):
+            self.refusals.warning("503 (%s): refused %s %s from %s (%d requests, %d bytes in flight)",
+                                  "client's share" if charge == "client" else "busy", scope["method"],
+                                  scope["path"], client, self.in_flight.requests, self.in_flight.bytes)
+            return await _send_json(send, 503, CLIENT_BUSY_MESSAGE if charge == "client" else BUSY_MESSAGE,
+                                    [(b"retry-after", self.retry_after), (b"connection", b"close")])
+        settings = self.settings
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.body_timeout_s
+        started = loop.time()
+        last_deadline = started + settings.body_timeout_s
+        grace_end = started + settings.min_rate_grace_s
+        rate = settings.min_upload_rate
+        received = 0
         body_done = False
+        refused_busy = False
+        released = False
 
         async def timed_receive():
-            nonlocal body_done
-            if body_done:
+            nonlocal body_done, received, refused_busy
+            if body_done or released:  # (answered: nothing more is charged)
                 return await receive()
+            # mod_reqtimeout's MinRate: each byte received buys 1/rate s more, never past the deadline.
+            deadline = min(last_deadline, grace_end + received / rate)
             try:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
-                log.warning("408: the body of %s %s did not arrive within %g s", scope["method"],
-                            scope["path"], self.settings.body_timeout_s)
-                raise ClassifyError(408, f"The upload did not arrive within {self.settings.body_timeout_s:g} s.") \
+                if deadline < last_deadline:
+                    self.refusals.warning("408: the body of %s %s from %s arrived slower than %d bytes/s",
+                                          scope["method"], scope["path"], client, rate)
+                    raise ClassifyError(408, f"The upload arrived too slowly (under {rate // 1024} KB/s).") \
+                        from None
+                self.refusals.warning("408: the body of %s %s from %s did not arrive within %g s",
+                                      scope["method"], scope["path"], client, settings.body_timeout_s)
+                raise ClassifyError(408, f"The upload did not arrive within {settings.body_timeout_s:g} s.") \
                     from None
-            if message["type"] != "http.request" or not message.get("more_body", False):
+            if message["type"] != "http.request":
                 body_done = True
+                return message
+            if not message.get("more_body", False):
+                body_done = True
+            chunk = len(message.get("body", b""))
+            if chunk:
+                received += chunk
+                # Healthy: on pace for the minimum rate since the start, and a second's worth of it.
+                healthy = received >= rate * max(loop.time() - started, 1.0)
+                if not charge.cover(received, healthy):
+                    refused_busy = True
+                    self.refusals.warning("503: no room for the body of %s %s from %s (%d bytes in flight)",
+                                          scope["method"], scope["path"], client, self.in_flight.bytes)
+                    raise ClassifyError(503, CLIENT_BUSY_MESSAGE if charge.share.bytes + chunk
+                                        > self.in_flight.max_client_bytes else BUSY_MESSAGE)
             return message
+
+        def release():
+            nonlocal released
+            if not released:
+                released = True
+                charge.release()
 
         async def closing_send(message):
             if message["type"] == "http.response.start" and not body_done:
-                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+                extra = [(b"connection", b"close")]
+                if refused_busy:
+                    extra.append((b"retry-after", self.retry_after))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Before the answer's last bytes leave: a keep-alive client's next request must not
+                # find this one still counted in its share.
+                release()
             await send(message)
 
         try:
             await self.app(scope, timed_receive, closing_send)
         finally:
-            self.in_flight.release(size)
+            release()
 
 
 async def _send_json(send, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:

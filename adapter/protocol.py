@@ -2,16 +2,23 @@
 
 The adapter is the process that faces users (TorchServe listens on loopback only), so the limits on
 what a connection may do before the app sees a request live here, at the HTTP parser:
+  * at most MAX_OPEN_CONNECTIONS connections are open at once, and MAX_CLIENT_CONNECTIONS from one
+    address (proxies in TRUSTED_PROXIES exempt): one more is reset at once, before anything is read
+    or buffered, so that crawling sockets cannot exhaust file descriptors while the admitted
+    connections are served (uvicorn's limit_concurrency answers 503 only once a head has arrived,
+    holding every socket meanwhile; its backlog only bounds connections not yet accepted);
   * a fresh connection that sends nothing is closed after KEEPALIVE_TIMEOUT_S, like an idle
     keep-alive one (uvicorn arms that timer only after a first response);
-  * a request's line + headers must arrive within HEADER_TIMEOUT_S (a trickled head: 408, closed);
+  * a request's line + headers must arrive within HEADER_TIMEOUT_S, and after MIN_RATE_GRACE_S at
+    MIN_UPLOAD_RATE on average (a trickled or stalled head: 408, closed);
   * the URL may hold at most MAX_HEADER_BYTES (414), line + headers together too, in at most
     MAX_HEADER_COUNT headers (431): httptools itself has no limit;
   * what the parser refuses (`Content-Length: abc`, bad chunk sizes, ...) is answered as a 400 in the
     adapter's `{"error": ...}` JSON instead of uvicorn's text/plain;
   * a response sent before the request's body was read (413, 503 busy, 408) is followed by a
     lingering close: the adapter sends FIN and reads (and drops) what the client is still sending
-    until that body ends, for at most BODY_TIMEOUT_S (and LINGER_MAX_S), before closing. Closing at once, with unread bytes in the socket, makes the
+    until that body ends, for at most BODY_TIMEOUT_S (and LINGER_MAX_S), or at once when it arrives
+    slower than MIN_UPLOAD_RATE (a crawler needs no time to finish), before closing. Closing at once, with unread bytes in the socket, makes the
     kernel send a reset that can destroy the answer before the client reads it (benchmarks/RESULTS.md,
     "Hostile and heavy clients").
 The body's own deadline and the in-flight caps are the app's (adapter/limits.py), where the request
@@ -19,19 +26,27 @@ is known.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import socket
+import struct
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from .config import Settings
+from .limits import ThrottledLog
 
 log = logging.getLogger("adapter.protocol")
 
 # The longest a refused body may go on arriving (into the void) after its answer: enough for 64
 # clients pushing 10 MB each through a loaded 2-core machine (2 s was not), short for a trickler.
 LINGER_MAX_S = 10.0
+# How often a lingering connection's drain rate is checked against MIN_UPLOAD_RATE.
+LINGER_CHECK_S = 1.0
+# SO_LINGER on, 0 s: close() resets the connection and frees it at once (no FIN_WAIT / TIME_WAIT).
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 
 class _LingeringTransport:
@@ -43,6 +58,7 @@ class _LingeringTransport:
         self._transport = transport
         self._protocol = protocol
         self._lingering = False
+        self._drained = 0  # bytes dropped while lingering, since the last rate check
 
     def __getattr__(self, name):
         return getattr(self._transport, name)
@@ -60,8 +76,20 @@ class _LingeringTransport:
             return
         self._lingering = True
         self._transport.write_eof()
-        linger_s = min(self._protocol.settings.body_timeout_s, LINGER_MAX_S)
-        self._protocol.loop.call_later(linger_s, self._transport.close)
+        settings = self._protocol.settings
+        linger_s = min(settings.body_timeout_s, LINGER_MAX_S)
+        loop = self._protocol.loop
+        loop.call_later(linger_s, self._transport.close)
+        loop.call_later(LINGER_CHECK_S, self._check_drain_rate)
+
+    def _check_drain_rate(self) -> None:
+        if self._transport.is_closing():
+            return
+        if self._drained < self._protocol.settings.min_upload_rate * LINGER_CHECK_S:
+            self._transport.close()  # a crawler: nothing to wait for
+            return
+        self._drained = 0
+        self._protocol.loop.call_later(LINGER_CHECK_S, self._check_drain_rate)
 
 
 class _HeadRefused(Exception):
@@ -80,19 +108,77 @@ def json_error_bytes(status: int, message: str, default_headers=()) -> bytes:
     return b"".join(content)
 
 
+class OpenConnections:
+    """Client connections open now, in all and per peer address (one instance per server)."""
+
+    def __init__(self, settings: Settings):
+        self.max_open = settings.max_open_connections
+        self.max_per_client = settings.max_client_connections
+        self.trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
+        self.total = 0
+        self.per_client: dict[str, int] = {}
+        self.refusals = ThrottledLog(log)
+
+    def _is_trusted_proxy(self, host: str) -> bool:
+        if not self.trusted:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted)
+
+    def try_open(self, host: str | None) -> str | None:
+        """The key this connection is counted under ("" for a trusted proxy), or None: refuse it."""
+        if self.total >= self.max_open:
+            self.refusals.warning("reset a connection from %s: %d connections open (MAX_OPEN_CONNECTIONS)",
+                                  host, self.total)
+            return None
+        key = "" if host is None or self._is_trusted_proxy(host) else host
+        if key:
+            count = self.per_client.get(key, 0)
+            if count >= self.max_per_client:
+                self.refusals.warning("reset a connection from %s: it has %d open (MAX_CLIENT_CONNECTIONS)",
+                                      host, count)
+                return None
+            self.per_client[key] = count + 1
+        self.total += 1
+        return key
+
+    def closed(self, key: str) -> None:
+        self.total -= 1
+        if key:
+            count = self.per_client[key] - 1
+            if count:
+                self.per_client[key] = count
+            else:
+                del self.per_client[key]
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     settings: Settings = Settings()  # replaced by protocol_class()
+    open_connections: OpenConnections = OpenConnections(Settings())  # one per protocol_class()
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
+        peer = transport.get_extra_info("peername")
+        self._connection_key = self.open_connections.try_open(peer[0] if isinstance(peer, tuple) else None)
+        if self._connection_key is None:
+            _reset(transport)
+            return
         super().connection_made(transport)
         self.transport = _LingeringTransport(transport, self)  # type: ignore[assignment]
         self._head_timer = None
+        self._head_received = 0
         self._refusal: tuple[int, str] | None = None
         # A connection that never sends a byte would otherwise stay open for ever.
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                             self.timeout_keep_alive_handler)
 
     def connection_lost(self, exc) -> None:
+        if self._connection_key is None:  # refused in connection_made: uvicorn never knew it
+            return
+        self.open_connections.closed(self._connection_key)
+        self._connection_key = None
         self._cancel_head_timer()
         super().connection_lost(exc)
 
@@ -115,8 +201,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
+        transport = self.transport
+        if transport._lingering:
+            transport._drained += len(data)
         try:
             self.parser.feed_data(data)
+            if self._head_timer is not None:  # the head is still arriving: count it for its rate
+                self._head_received += len(data)
         except httptools.HttpParserUpgrade:
             super()._unsupported_upgrade_warning()
         except httptools.HttpParserError as err:
@@ -129,13 +220,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
-        self._head_timer = self.loop.call_later(self.settings.header_timeout_s, self._head_too_slow)
+        self._head_received = 0
+        self._head_started = self.loop.time()
+        settings = self.settings
+        # Checked at the end of the grace, then when the bytes received so far run out (mod_reqtimeout).
+        first_check = min(settings.min_rate_grace_s, settings.header_timeout_s)
+        self._head_timer = self.loop.call_later(first_check, self._check_head_pace)
 
-    def _head_too_slow(self) -> None:
+    def _check_head_pace(self) -> None:
+        settings = self.settings
+        now = self.loop.time()
+        last = self._head_started + settings.header_timeout_s
+        allowed = min(last, self._head_started + settings.min_rate_grace_s
+                      + self._head_received / settings.min_upload_rate)
+        if now < allowed:
+            self._head_timer = self.loop.call_at(allowed, self._check_head_pace)
+            return
         self._head_timer = None
-        log.warning("closed a connection whose request head took over %g s", self.settings.header_timeout_s)
-        self.send_error(408, f"The request's headers did not arrive within "
-                             f"{self.settings.header_timeout_s:g} s.")
+        self.open_connections.refusals.warning("408: closed a connection from %s whose request head was too slow",
+                                               self.client[0] if self.client else None)
+        if allowed < last:
+            self.send_error(408, f"The request's headers arrived too slowly (under "
+                                 f"{settings.min_upload_rate // 1024} KB/s).")
+        else:
+            self.send_error(408, f"The request's headers did not arrive within {settings.header_timeout_s:g} s.")
 
     def _refuse(self, status: int, message: str) -> None:
         self._refusal = (status, message)
@@ -173,6 +281,18 @@ def _parser_reason(err: Exception) -> str:
     return text[:120] if text else "malformed request"
 
 
+def _reset(transport) -> None:
+    """Refuse a connection as cheaply as can be: a reset, its descriptor freed at once."""
+    sock = transport.get_extra_info("socket")
+    try:
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+    except OSError:
+        pass
+    transport.abort()
+
+
 def protocol_class(settings: Settings) -> type[GuardedHttpToolsProtocol]:
-    """The protocol uvicorn builds per connection, bound to these settings."""
-    return type("AdapterHttpProtocol", (GuardedHttpToolsProtocol,), {"settings": settings})
+    """The protocol uvicorn builds per connection, bound to these settings (and one connection count)."""
+    return type("AdapterHttpProtocol", (GuardedHttpToolsProtocol,),
+                {"settings": settings, "open_connections": OpenConnections(settings)})

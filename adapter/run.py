@@ -170,6 +170,22 @@ def _return_freed_memory_to_the_os() -> None:
     libc.mallopt(M_MMAP_THRESHOLD, 256 * 1024)
 
 
+def _enough_open_files(settings) -> None:
+    """Raise the soft limit on open files to what MAX_OPEN_CONNECTIONS needs (client connections, the
+    pool to TorchServe, logs and a margin), or refuse to start when the hard limit is below it."""
+    import resource
+
+    from .config import ConfigError
+
+    needed = settings.max_open_connections + settings.max_connections + 128
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise ConfigError(f"MAX_OPEN_CONNECTIONS={settings.max_open_connections} needs {needed} open files; "
+                              f"the limit is {hard} (ulimit -n)")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
 def serve(host: str, port: int, log_file: Path | None) -> int:
     """The adapter in the foreground: uvicorn with the adapter's protocol, limits and log."""
     import uvicorn
@@ -184,9 +200,18 @@ def serve(host: str, port: int, log_file: Path | None) -> int:
     except ConfigError as err:
         print(f"adapter: bad setting: {err}", file=sys.stderr)
         return 2
+    try:
+        _enough_open_files(settings)
+    except ConfigError as err:
+        print(f"adapter: {err}", file=sys.stderr)
+        return 2
     _return_freed_memory_to_the_os()
+    # X-Forwarded-For names the client only when it comes from a trusted proxy (uvicorn's default
+    # trusts 127.0.0.1: any local program could then pick its own address and share).
     config = uvicorn.Config(create_app(settings), host=host, port=port, http=protocol_class(settings),
                             timeout_keep_alive=settings.keepalive_timeout_s,
+                            proxy_headers=bool(settings.trusted_proxies),
+                            forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
                             log_config=logging_config(log_file, settings))
     uvicorn.Server(config).run()
     return 0

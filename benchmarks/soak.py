@@ -14,6 +14,9 @@ so Java runs under its -Xmx) and the adapter in front of it (default settings), 
      send their headers and the start of a body and then nothing, and a well-behaved client
      classifies one image a second; prints when the slow and idle ones were answered and with what,
      what the well-behaved one got, and the adapter's open files over time.
+Clients come from several loopback source addresses, as separate users would (the adapter gives each
+address a share, adapter/limits.py): the big uploads from 8, the soak from 4, the slow and idle
+clients from one (ATTACKER) and the well-behaved client from another.
 """
 from __future__ import annotations
 
@@ -38,6 +41,16 @@ from serving.archive import DEFAULT_WEIGHTS
 
 BIG_UPLOAD_BYTES = 9_900_000
 MB = 1024 * 1024
+ATTACKER, WELL_BEHAVED = "127.0.0.2", "127.0.0.3"
+
+
+def user_address(i: int, users: int) -> str:
+    """The source address of client i of `users` separate ones (127.0.0.10, 127.0.0.11, ...)."""
+    return f"127.0.0.{10 + i % users}"
+
+
+def connector(source: str, limit: int = 100, force_close: bool = False) -> aiohttp.TCPConnector:
+    return aiohttp.TCPConnector(local_addr=(source, 0), limit=limit, force_close=force_close)
 
 
 def padded_jpeg(size: int) -> bytes:
@@ -108,12 +121,17 @@ async def post_image(session: aiohttp.ClientSession, url: str, data: bytes, time
 async def big_uploads(base: str, n: int, sampler: RssSampler) -> None:
     data = padded_jpeg(BIG_UPLOAD_BYTES)
     idle = sampler.now()
-    # One connection each, as n separate clients would have.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=n, force_close=True)) as session:
+    # One connection each, as n separate clients would have, from 8 addresses.
+    sessions = [aiohttp.ClientSession(connector=connector(user_address(i, 8), n, force_close=True)) for i in range(8)]
+    try:
         with sampler:
             started = time.perf_counter()
-            results = await asyncio.gather(*(post_image(session, f"{base}/classify/", data) for _ in range(n)))
+            results = await asyncio.gather(*(post_image(sessions[i % 8], f"{base}/classify/", data)
+                                             for i in range(n)))
             took = time.perf_counter() - started
+    finally:
+        for session in sessions:
+            await session.close()
     await asyncio.sleep(3)
     after = sampler.now()
     statuses = Counter(status for status, _, _ in results)
@@ -139,8 +157,12 @@ async def soak(base: str, payloads: list[bytes], n: int, concurrency: int, sampl
             statuses[status if status != 200 or b'"prediction"' in body else "200 without prediction"] += 1
 
     started = time.perf_counter()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    sessions = [aiohttp.ClientSession(connector=connector(user_address(i, 4), concurrency)) for i in range(4)]
+    try:
+        await asyncio.gather(*(client(sessions[i % 4]) for i in range(concurrency)))
+    finally:
+        for session in sessions:
+            await session.close()
     took = time.perf_counter() - started
     await asyncio.sleep(2)
     after = sampler.now()
@@ -160,7 +182,7 @@ async def _half_sent(host: str, port: int, total: int, first: bytes, rate_bps: f
     head = (f"POST /classify/ HTTP/1.1\r\nHost: {host}:{port}\r\n"
             f"Content-Type: multipart/form-data; boundary=xx\r\nContent-Length: {total}\r\n\r\n").encode()
     try:
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, local_addr=(ATTACKER, 0))
     except OSError as err:
         results.append((name, f"connect failed: {err.strerror}", time.monotonic() - started))
         return
@@ -198,7 +220,7 @@ async def slow_clients(base: str, seconds: float, idle: int, payload: bytes, ada
               for _ in range(idle)]
     normal: Counter = Counter()
     fds: list[tuple[float, int]] = []
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(connector=connector(WELL_BEHAVED)) as session:
         while time.monotonic() - started < seconds:
             status, _, _ = await post_image(session, f"{base}/classify/", payload, timeout_s=10)
             normal[status] += 1

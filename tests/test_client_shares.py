@@ -1,0 +1,388 @@
+"""One client must not shut the others out: per-client shares, bytes held (not declared), minimum rates
+and connection caps, against a real adapter (default settings) in front of the session's real TorchServe.
+
+Clients come from several loopback addresses (127.0.0.2, 127.0.0.3, ...: all local on Linux) by
+binding the socket's source address. The attacks are those of issue 22, kept a few seconds each.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import httpx
+import psutil
+import pytest
+
+from adapter.config import ConfigError, Settings
+from adapter.limits import InFlight
+from adapter.run import running_adapter
+from serving_helpers import cifar_pil, encode
+from test_hostile import multipart_head, parse, torchserve_env
+
+FULL_SIZE = 10 * 1024 * 1024  # what the attacker's heads declare
+ATTACKER, WELL_BEHAVED, CRAWLERS = "127.0.0.2", "127.0.0.3", ("127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7")
+ATTACK_S = 5.0  # each attack phase; the well-behaved client posts every 0.25 s during it, from 0.5 s on
+HEAD_START_S = 0.5  # the attacker holds what it can first
+DEFAULTS = Settings()
+PART_HEAD = b'--xx\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+
+
+# --- the accounting itself (no server) -----------------------------------------------------------
+
+def test_a_crawling_upload_holds_what_it_sent_and_a_healthy_one_its_promise():
+    in_flight = InFlight(max_requests=64, max_bytes=100)
+    in_flight.share_per_client(max_requests=8, max_bytes=40)
+    crawler = in_flight.try_admit("a", 30)
+    assert crawler.cover(5, healthy=False) and in_flight.bytes == 5  # 5 bytes sent, 5 held
+    healthy = in_flight.try_admit("b", 30)
+    assert healthy.cover(10, healthy=True) and healthy.charged == 30 and in_flight.bytes == 35  # promised
+    assert healthy.cover(30, healthy=True) and in_flight.bytes == 35  # inside its promise
+    # Client "a" may hold 40 bytes: a second upload declaring 36 does not fit beside its 5.
+    assert in_flight.try_admit("a", 36) == "client"
+    third = in_flight.try_admit("c", 30)
+    assert third.cover(20, healthy=True) and in_flight.bytes == 65
+    # Everyone's 100: 5 + 30 + 30 leaves 35; a declaration of 36 is refused for all.
+    assert in_flight.try_admit("d", 36) == "busy"
+    # A promise falls back to what is held when the body slows down.
+    assert healthy.cover(30, healthy=False) and healthy.charged == 30
+    third.release()
+    slow = in_flight.try_admit("e", 30)
+    assert slow.cover(20, healthy=True) and slow.charged == 30
+    assert slow.cover(21, healthy=False) and slow.charged == 21
+    # A chunk that does not fit is refused (no charge taken), and a release gives everything back.
+    assert not crawler.cover(5 + 40, healthy=False) and crawler.charged == 5
+    for charge in (crawler, healthy, slow):
+        charge.release()
+    assert in_flight.bytes == 0 and in_flight.requests == 0 and not in_flight.clients
+
+
+@pytest.mark.parametrize("env,words", [
+    ({"TRUSTED_PROXIES": "10.0.0.0/8, nginx"}, "'nginx' is not an IP address"),
+    ({"MAX_CLIENT_BYTES_IN_FLIGHT": "1000"}, "no client could send a full-size upload"),
+])
+def test_settings_that_cannot_work_are_refused(monkeypatch, env, words):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=words):
+        Settings.from_env().check()
+
+
+def test_the_adapter_refuses_to_start_without_the_open_files_its_connection_cap_needs():
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (600, 600))
+
+    env = {**os.environ, "MAX_OPEN_CONNECTIONS": "512", "ADAPTER_PORT": "1"}
+    done = subprocess.run([sys.executable, "-m", "adapter.run", "serve"], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=60, preexec_fn=low_limit)
+    assert done.returncode == 2 and "MAX_OPEN_CONNECTIONS=512 needs" in done.stderr, done.stderr[-500:]
+
+
+# --- the adapter under attack --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shares_adapter(torchserve, tmp_path_factory):
+    """The adapter with its default shares, rates and caps."""
+    env = {**torchserve_env(torchserve), "ADAPTER_LOG_MAX_BYTES": "200000", "ADAPTER_LOG_BACKUPS": "1"}
+    with running_adapter(env, tmp_path_factory.mktemp("shares") / "adapter.log") as proc:
+        proc.port = int(proc.base_url.rsplit(":", 1)[1])
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def small_png(cifar100_test_split):
+    return encode(cifar_pil(cifar100_test_split[0], 3))
+
+
+async def _read_status(reader: asyncio.StreamReader) -> str:
+    try:
+        line = await reader.readline()
+    except ConnectionError:
+        return "reset"
+    if not line:
+        return "closed"
+    return line.split(b" ")[1].decode()
+
+
+async def _attacker_slot(port: int, source: str, mode: str, until: float, outcomes: list) -> None:
+    """One of the attacker's connections, again and again until `until`: a full-size upload's head and
+    a few body bytes, then one byte a second ("trickle") or nothing ("stall")."""
+    while time.monotonic() < until:
+        started = time.monotonic()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        except OSError:
+            outcomes.append(("refused", time.monotonic() - started))
+            await asyncio.sleep(0.25)
+            continue
+
+        async def send():
+            writer.write(multipart_head(port, FULL_SIZE) + PART_HEAD)
+            while mode == "trickle":
+                await asyncio.sleep(1.0)
+                writer.write(b"\0")
+
+        sender = asyncio.create_task(send())
+        try:
+            status = await asyncio.wait_for(_read_status(reader), timeout=max(0.1, until + 30 - time.monotonic()))
+        except asyncio.TimeoutError:
+            status = "no answer"
+        outcomes.append((status, time.monotonic() - started))
+        sender.cancel()
+        writer.transport.abort()
+        if status in ("reset", "closed"):
+            await asyncio.sleep(0.25)  # refused before a head was read: try again soon, not in a spin
+
+
+async def _well_behaved(base: str, png: bytes, until: float, results: list) -> None:
+    """A new connection each time, a small PNG every 0.25 s, from its own address."""
+    connector = aiohttp.TCPConnector(local_addr=(WELL_BEHAVED, 0), force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        next_at = time.monotonic()
+        while next_at < until:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += 0.25
+            form = aiohttp.FormData()
+            form.add_field("image", png, filename="a.png", content_type="image/png")
+            started = time.monotonic()
+            try:
+                async with session.post(f"{base}/classify/", data=form,
+                                        timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    body = await r.read()
+                    status = r.status if r.status != 200 or b'"prediction"' in body else "no prediction"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                status = type(err).__name__
+            results.append((status, time.monotonic() - started))
+
+
+class Sampler:
+    """The adapter's peak RSS and open file descriptors, sampled every 50 ms."""
+
+    def __init__(self, pid: int):
+        self.process = psutil.Process(pid)
+        self.peak_rss = self.peak_fds = 0
+
+    async def run(self, until: float) -> None:
+        while time.monotonic() < until:
+            self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+            self.peak_fds = max(self.peak_fds, self.process.num_fds())
+            await asyncio.sleep(0.05)
+
+
+def _summary(what: str, served: list, attacker: Counter, sampler: Sampler) -> None:
+    print(f"\n{what}: well-behaved {dict(Counter(s for s, _ in served))}, p50 "
+          f"{statistics.median(t for _, t in served) * 1000:.0f} ms; attacker {dict(attacker)}; adapter peak "
+          f"{sampler.peak_fds} fds, {sampler.peak_rss / 2**20:.0f} MB")
+
+
+def _assert_well_behaved_served(results: list) -> None:
+    statuses = Counter(status for status, _ in results)
+    assert len(results) >= (ATTACK_S - HEAD_START_S) / 0.25 - 2, results
+    assert statuses[200] >= 0.95 * len(results), statuses
+    p50 = statistics.median(t for _, t in results)
+    assert p50 < 1.0, f"p50 {p50:.2f} s"
+
+
+@pytest.mark.parametrize("connections,mode", [(10, "trickle"), (64, "trickle"), (300, "trickle"), (300, "stall")])
+def test_one_address_holding_full_size_uploads_does_not_shut_out_another(shares_adapter, torchserve_ready,
+                                                                          small_png, connections, mode):
+    port = shares_adapter.port
+    assert httpx.get(f"{shares_adapter.base_url}/health", timeout=10).status_code == 200
+    outcomes: list = []
+    served: list = []
+    sampler = Sampler(shares_adapter.process.pid)
+
+    async def attack():
+        until = time.monotonic() + ATTACK_S
+        attackers = [asyncio.create_task(_attacker_slot(port, ATTACKER, mode, until, outcomes))
+                     for _ in range(connections)]
+        await asyncio.sleep(HEAD_START_S)
+        await asyncio.gather(_well_behaved(shares_adapter.base_url, small_png, until, served), sampler.run(until))
+        await asyncio.gather(*attackers)
+
+    asyncio.run(attack())
+    answered = Counter(status for status, _ in outcomes)
+    _summary(f"{connections} {mode}", served, answered, sampler)
+    _assert_well_behaved_served(served)
+    # The attacker's surplus: 503 at once (over its share), 408 when its crawl falls below the
+    # minimum rate, a reset over its connection share; nothing is admitted for long, nothing else.
+    assert set(answered) <= {"503", "408", "reset", "closed", "refused"}, answered
+    assert answered["503"] + answered["408"] >= min(connections, DEFAULTS.max_client_connections), answered
+    fast = DEFAULTS.min_rate_grace_s + 2.5  # the grace, plus a loaded 2-core machine's slack
+    slow = [(status, round(t, 1)) for status, t in outcomes if status in ("503", "408") and t > fast]
+    assert not slow, slow[:10]
+    if connections > DEFAULTS.max_client_requests_in_flight:
+        assert answered["503"] > 0, answered
+    if connections > DEFAULTS.max_client_connections:
+        assert answered["reset"] + answered["closed"] + answered["refused"] > 0, answered
+    assert sampler.peak_fds < DEFAULTS.max_client_connections + 100, sampler.peak_fds
+    assert sampler.peak_rss < 200 * 1024 * 1024, sampler.peak_rss
+
+
+def test_a_thousand_crawling_connections_leave_the_service_answering(shares_adapter, torchserve_ready, small_png):
+    """1,000 connections from 4 addresses that crawl (heads at one byte a second, or nothing at all)."""
+    port = shares_adapter.port
+    served: list = []
+    held: list = []
+    sampler = Sampler(shares_adapter.process.pid)
+
+    async def crawler(source: str, i: int, until: float):
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        except OSError:
+            held.append(("refused", 0.0))
+            return
+        started = time.monotonic()
+        head = multipart_head(port, FULL_SIZE)
+
+        async def trickle():  # odd ones: the head, one byte a second; even ones: nothing at all
+            for byte in range(len(head) if i % 2 else 0):
+                writer.write(head[byte:byte + 1])
+                await asyncio.sleep(1.0)
+
+        sender = asyncio.create_task(trickle())
+        try:
+            status = await asyncio.wait_for(_read_status(reader), timeout=max(0.1, until - time.monotonic()))
+        except asyncio.TimeoutError:
+            status = "open at the end"
+        held.append((status, time.monotonic() - started))
+        sender.cancel()
+        writer.transport.abort()
+
+    async def attack():
+        until = time.monotonic() + ATTACK_S
+        crawlers = [asyncio.create_task(crawler(CRAWLERS[i % len(CRAWLERS)], i, until)) for i in range(1000)]
+        await asyncio.sleep(HEAD_START_S)
+        await asyncio.gather(_well_behaved(shares_adapter.base_url, small_png, until, served), sampler.run(until))
+        await asyncio.gather(*crawlers)
+
+    asyncio.run(attack())
+    outcomes = Counter(status for status, _ in held)
+    _summary("1,000 crawling connections", served, outcomes, sampler)
+    _assert_well_behaved_served(served)
+    # Each address keeps at most its connection share (the rest are reset at once); trickling heads
+    # get 408 after the grace, silent connections are closed after KEEPALIVE_TIMEOUT_S.
+    assert set(outcomes) <= {"408", "closed", "reset", "refused", "open at the end"}, outcomes
+    admitted = len(CRAWLERS) * DEFAULTS.max_client_connections
+    assert outcomes["408"] + outcomes["closed"] + outcomes["open at the end"] <= admitted, outcomes
+    assert outcomes["408"] > 0, outcomes
+    late = [round(t, 1) for status, t in held if status == "408" and t > DEFAULTS.min_rate_grace_s + 2.5]
+    assert not late, late[:10]
+    bound = len(CRAWLERS) * DEFAULTS.max_client_connections + 100
+    assert sampler.peak_fds < bound, (sampler.peak_fds, bound)
+    assert sampler.peak_rss < 200 * 1024 * 1024, sampler.peak_rss
+
+
+# --- each share and cap on its own, with small caps ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_caps_adapter(torchserve, tmp_path_factory):
+    """4 uploads in flight in all, 2 per address, and a long grace so that stalled uploads stay held;
+    127.0.0.9 is a trusted proxy."""
+    env = {**torchserve_env(torchserve), "MAX_REQUESTS_IN_FLIGHT": "4", "MAX_CLIENT_REQUESTS_IN_FLIGHT": "2",
+           "MIN_RATE_GRACE_S": "20", "BODY_TIMEOUT_S": "20", "TRUSTED_PROXIES": "127.0.0.9",
+           "RETRY_AFTER_S": "3"}
+    with running_adapter(env, tmp_path_factory.mktemp("small-caps") / "adapter.log") as proc:
+        proc.port = int(proc.base_url.rsplit(":", 1)[1])
+        yield proc
+
+
+async def _hold_upload(port: int, source: str, headers: str = "") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An upload that sends its head and part of its body, then waits (held in flight)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    head = multipart_head(port, 1000)
+    if headers:
+        head = head[:-2] + headers.encode() + b"\r\n"
+    writer.write(head + PART_HEAD)
+    await writer.drain()
+    return reader, writer
+
+
+async def _post_now(port: int, source: str, headers: str = "") -> tuple[int, dict, bytes, float]:
+    """A whole small upload; (status, headers, body, seconds)."""
+    started = time.monotonic()
+    reader, writer = await _hold_upload(port, source, headers)
+    writer.write(b"\0" * (1000 - len(PART_HEAD)))
+    response = await asyncio.wait_for(reader.read(), timeout=30)
+    writer.transport.abort()
+    status, response_headers, body = parse(response)
+    return status, response_headers, body, time.monotonic() - started
+
+
+def test_requests_in_flight_caps_give_503_with_retry_after(small_caps_adapter, torchserve_ready):
+    port = small_caps_adapter.port
+
+    async def scenario():
+        held = [await _hold_upload(port, "127.0.0.5"), await _hold_upload(port, "127.0.0.5")]
+        await asyncio.sleep(0.3)
+        # Over its own share: that address alone is refused, at once.
+        own = await _post_now(port, "127.0.0.5")
+        held += [await _hold_upload(port, "127.0.0.6"), await _hold_upload(port, "127.0.0.7")]
+        await asyncio.sleep(0.3)
+        # MAX_REQUESTS_IN_FLIGHT reached: everyone with an upload gets 503 + Retry-After.
+        everyone = await _post_now(port, "127.0.0.8")
+        health = httpx.get(f"{small_caps_adapter.base_url}/health", timeout=10).status_code  # no body: served
+        for _, writer in held:
+            writer.transport.abort()
+        await asyncio.sleep(0.5)
+        after = await _post_now(port, "127.0.0.8")
+        return own, everyone, health, after
+
+    own, everyone, health, after = asyncio.run(scenario())
+    for (status, headers, body, seconds), words in ((own, "your address"), (everyone, "busy")):
+        assert status == 503 and headers.get("retry-after") == "3", (status, headers)
+        assert words in json.loads(body)["error"] and seconds < 2, (body, seconds)
+    assert health == 200
+    # The held uploads gone, the same request is admitted (400: its body is no image; not 503).
+    assert after[0] == 400, after
+
+
+def test_x_forwarded_for_counts_only_from_a_trusted_proxy(small_caps_adapter, torchserve_ready):
+    port = small_caps_adapter.port
+
+    async def scenario():
+        # Through the trusted proxy, two users with two uploads each: each has its own share.
+        held = [await _hold_upload(port, "127.0.0.9", f"X-Forwarded-For: 203.0.113.{n}\r\n") for n in (1, 1, 2)]
+        await asyncio.sleep(0.3)
+        third_of_user_1 = await _post_now(port, "127.0.0.9", "X-Forwarded-For: 203.0.113.1\r\n")
+        for _, writer in held:
+            writer.transport.abort()
+        # From an address that is no proxy, the header names nobody: both uploads count for 127.0.0.10.
+        held = [await _hold_upload(port, "127.0.0.10", f"X-Forwarded-For: 203.0.113.{n}\r\n") for n in (3, 4)]
+        await asyncio.sleep(0.3)
+        spoofed = await _post_now(port, "127.0.0.10", "X-Forwarded-For: 203.0.113.5\r\n")
+        for _, writer in held:
+            writer.transport.abort()
+        return third_of_user_1, spoofed
+
+    third_of_user_1, spoofed = asyncio.run(scenario())
+    # User 1 is over its share (2), user 2's upload was held beside it: 3 from one proxy address.
+    assert third_of_user_1[0] == 503 and "your address" in json.loads(third_of_user_1[2])["error"]
+    assert spoofed[0] == 503 and "your address" in json.loads(spoofed[2])["error"]
+
+
+def test_a_body_slower_than_the_minimum_rate_gets_408_after_the_grace(shares_adapter):
+    """10 KB first, then nothing: cut at the grace + 10 KB / MIN_UPLOAD_RATE, not after BODY_TIMEOUT_S."""
+    port = shares_adapter.port
+
+    async def scenario():
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.11", 0))
+        writer.write(multipart_head(port, 1_000_000) + PART_HEAD + b"\0" * 10_000)
+        response = await asyncio.wait_for(reader.read(), timeout=DEFAULTS.body_timeout_s + 10)
+        writer.transport.abort()
+        return response, time.monotonic() - started
+
+    response, seconds = asyncio.run(scenario())
+    status, _, body = parse(response)
+    assert status == 408 and "too slowly" in json.loads(body)["error"], response[:300]
+    expected = DEFAULTS.min_rate_grace_s + 10_000 / DEFAULTS.min_upload_rate
+    assert expected - 0.2 <= seconds < expected + 2.5, seconds
