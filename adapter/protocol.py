@@ -82,6 +82,8 @@ def json_error_bytes(status: int, message: str, default_headers=()) -> bytes:
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     settings: Settings = Settings()  # replaced by protocol_class()
+    # adapter/edge.py: counts and logs a refusal; returns the extra headers of its answer (X-Request-ID)
+    on_refusal = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -107,7 +109,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         transport = getattr(self.transport, "_transport", self.transport)  # no lingering: the parser stopped
         if transport.is_closing():
             return
-        transport.write(json_error_bytes(status, message, self.server_state.default_headers))
+        extra = self.on_refusal(status) if self.on_refusal else []
+        transport.write(json_error_bytes(status, message, [*self.server_state.default_headers, *extra]))
         transport.close()
 
     def send_400_response(self, msg: str) -> None:  # uvicorn's own refusals (text/plain otherwise)
@@ -173,6 +176,7 @@ def _parser_reason(err: Exception) -> str:
     return text[:120] if text else "malformed request"
 
 
-def protocol_class(settings: Settings) -> type[GuardedHttpToolsProtocol]:
-    """The protocol uvicorn builds per connection, bound to these settings."""
-    return type("AdapterHttpProtocol", (GuardedHttpToolsProtocol,), {"settings": settings})
+def protocol_class(settings: Settings, on_refusal=None) -> type[GuardedHttpToolsProtocol]:
+    """The protocol uvicorn builds per connection, bound to these settings (and refusal hook)."""
+    return type("AdapterHttpProtocol", (GuardedHttpToolsProtocol,),
+                {"settings": settings, "on_refusal": staticmethod(on_refusal) if on_refusal else None})

@@ -152,7 +152,9 @@ def logging_config(log_file: Path | None, settings) -> dict:
                    "backupCount": settings.log_backups, "encoding": "utf-8"}
     quiet = {"handlers": ["out"], "level": "INFO", "propagate": False}
     return {"version": 1, "disable_existing_loggers": False,
-            "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+            # adapter/edge.py's access lines bare (one JSON object each); the rest plain.
+            "formatters": {"plain": {"()": "adapter.edge.AccessLogFormatter",
+                                     "fmt": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
             "handlers": {"out": handler},
             "loggers": {"uvicorn": quiet, "uvicorn.access": quiet, "adapter": quiet},
             "root": {"handlers": ["out"], "level": "WARNING"}}
@@ -185,8 +187,10 @@ def serve(host: str, port: int, log_file: Path | None) -> int:
         print(f"adapter: bad setting: {err}", file=sys.stderr)
         return 2
     _return_freed_memory_to_the_os()
-    config = uvicorn.Config(create_app(settings), host=host, port=port, http=protocol_class(settings),
-                            timeout_keep_alive=settings.keepalive_timeout_s,
+    app = create_app(settings)
+    # uvicorn's access log is off: adapter/edge.py writes one JSON line per request instead.
+    config = uvicorn.Config(app, host=host, port=port, http=protocol_class(settings, app.state.refused_before_app),
+                            timeout_keep_alive=settings.keepalive_timeout_s, access_log=False,
                             log_config=logging_config(log_file, settings))
     uvicorn.Server(config).run()
     return 0
