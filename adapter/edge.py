@@ -95,8 +95,8 @@ class Edge:
         metrics = self.metrics
         declared = _declared_length(headers) if metrics else 0
         if metrics:
-            metrics.requests_in_flight.inc()
-            metrics.bytes_in_flight.inc(declared)
+            metrics.in_flight[0] += 1
+            metrics.in_flight[1] += declared
         try:
             await self.app(scope, counting_receive, tagging_send)
         except Exception:
@@ -112,8 +112,8 @@ class Edge:
             seconds = time.perf_counter() - started
             route = route_label(scope["path"])
             if metrics:
-                metrics.requests_in_flight.dec()
-                metrics.bytes_in_flight.dec(declared)
+                metrics.in_flight[0] -= 1
+                metrics.in_flight[1] -= declared
                 metrics.answered(route, status, seconds, busy)
             _log_line(scope["method"], route, status, bytes_in, seconds, request_id, context["model_version"])
 

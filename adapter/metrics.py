@@ -41,16 +41,20 @@ class Metrics:
         self.model_server_latency = Histogram("adapter_model_server_duration_seconds",
                                               "One call to the model server's inference API",
                                               buckets=LATENCY_BUCKETS, registry=r)
-        self.requests_in_flight = Gauge("adapter_requests_in_flight", "Requests being answered now", registry=r)
-        self.bytes_in_flight = Gauge("adapter_bytes_in_flight", "Bodies those requests declared (Content-Length)",
-                                     registry=r)
+        # Plain integers, read when Prometheus scrapes (a gauge's inc/dec takes a lock, per request).
+        self.in_flight = [0, 0]  # [requests being answered now, the bodies they declared (Content-Length)]
+        Gauge("adapter_requests_in_flight", "Requests being answered now",
+              registry=r).set_function(lambda: self.in_flight[0])
+        Gauge("adapter_bytes_in_flight", "Bodies those requests declared (Content-Length)",
+              registry=r).set_function(lambda: self.in_flight[1])
         self.refusals = Counter("adapter_refusals", "Requests the adapter refused itself, by reason", ["reason"],
                                 registry=r)
         self.retries = Counter("adapter_model_server_retries", "Predictions sent again after their worker died",
                                registry=r)
         self.model_server_errors = Counter("adapter_model_server_errors", "Failed calls to the model server, by kind",
                                            ["kind"], registry=r)
-        self._requests = {}  # (route, status) -> child: labels() costs more than the increment
+        # (route, status) -> child, route -> child: labels() costs more than the increment itself
+        self._requests, self._latency = {}, {}
 
     def answered(self, route: str, status: int, seconds: float, busy: bool) -> None:
         key = (route, status)
@@ -58,7 +62,10 @@ class Metrics:
         if child is None:
             child = self._requests[key] = self.requests.labels(route, str(status))
         child.inc()
-        self.latency.labels(route).observe(seconds)
+        latency = self._latency.get(route)
+        if latency is None:
+            latency = self._latency[route] = self.latency.labels(route)
+        latency.observe(seconds)
         reason = "busy" if status == 503 and busy else REFUSAL_REASONS.get(status)
         if reason is not None:
             self.refusals.labels(reason).inc()

@@ -14,8 +14,8 @@ the servers: read the figures as ratios measured side by side in one run.
 
     python -m benchmarks.bench_adapter --before REF [--rounds 3] [--duration 4] [--concurrency 1 16]
 
-compares instead this checkout's adapter with the adapter of git REF (its adapter/, serving/, model/
-and frontend/ unpacked into a temporary folder), both in front of the same TorchServe, alternating
+compares instead this checkout's adapter with the adapter of git REF (its adapter/, serving/, model/,
+frontend/ and handler/model-config.yaml unpacked into a temporary folder), both in front of the same TorchServe, alternating
 them point by point for --rounds rounds: images/s, p50 and the adapter process's CPU time per
 request (what each request costs the adapter itself).
 """
@@ -81,8 +81,8 @@ def adapter_at_ref(ref: str, settings_env: dict[str, str], root: Path) -> Iterat
     """The adapter of git ``ref`` on a free port: (base URL, pid)."""
     code = root / f"adapter-{ref}"
     code.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", ref, "adapter", "serving", "model/__init__.py", "model/classes.py",
-                              "model/index_to_name.json", "frontend"], cwd=REPO, capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "archive", ref, "adapter", "serving", "model", "handler/model-config.yaml",
+                              "frontend"], cwd=REPO, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
     port, log_file = free_port(), root / f"adapter-{ref}.log"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -107,3 +107,30 @@ def test_metrics_can_be_turned_off_or_moved(tmp_path, env, on_main, on_own_port)
         if on_own_port:
             own = samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
             assert own[("adapter_model_server_errors_total", (("kind", "unreachable"),))] == 1
+
+
+def test_the_log_rotates_at_its_size_and_keeps_every_line(tmp_path):
+    import logging
+
+    from adapter.run import RotatingLog
+
+    path = tmp_path / "adapter.log"
+    handler = RotatingLog(path, maxBytes=1000, backupCount=2, encoding="utf-8")
+    logger = logging.getLogger("test.rotation")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        lines = [json.dumps({"n": n, "text": "é" * 20}) for n in range(60)]
+        for line in lines[:30]:
+            logger.warning(line)
+        handler.close()  # a restarted adapter appends to the file it finds, and counts it
+        for line in lines[30:]:
+            logger.warning(line)
+    finally:
+        handler.close()
+        logger.removeHandler(handler)
+    files = [path, path.with_name("adapter.log.1"), path.with_name("adapter.log.2")]
+    assert not path.with_name("adapter.log.3").exists()
+    assert all(f.exists() and 0 < f.stat().st_size < 1000 for f in files), [f.stat().st_size for f in files]
+    kept = [line for f in reversed(files) for line in f.read_text(encoding="utf-8").splitlines()]
+    assert kept == lines[-len(kept):] and len(kept) >= 15  # the newest, in order, none cut
