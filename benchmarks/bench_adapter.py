@@ -132,7 +132,7 @@ def compare_before_after(args) -> int:
         finally:
             ts.stop()
     print(f"adapter before/after on {machine()}: {args.rounds} rounds x {args.duration:g} s per point, alternated")
-    print(f"{'adapter':<28}{'conc':>5}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'errors':>8}")
+    print(f"{'adapter (medians)':<28}{'conc':>5}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'errors':>8}")
     medians = {}
     for name in points:
         for c, runs in points[name].items():
@@ -142,7 +142,7 @@ def compare_before_after(args) -> int:
             cpu_us = sorted(cpu for _, cpu in runs)[len(runs) // 2] * 1e6
             medians[name, c] = (ips, p50, cpu_us)
             print(f"{name:<28}{c:>5}{ips:>10.0f}{p50:>9.2f}{p99:>9.2f}{cpu_us:>12.0f}"
-                  f"{sum(r.errors for r, _ in runs):>8}")
+                  f"{sum(r.errors for r, _ in runs):>8}   CPU us/req by round: {[round(cpu * 1e6) for _, cpu in runs]}")
     old, new = list(points)
     for c in args.concurrency:
         (ips0, p500, cpu0), (ips1, p501, cpu1) = medians[old, c], medians[new, c]
