@@ -90,12 +90,12 @@ class OIPClient:
                                                            json.dumps(body).encode())
         except _TRANSPORT_ERRORS as err:
             error = self._unreachable(err)
-            count_failure(self.metrics, error, transport=True)
+            count_failure(self.metrics, error, err)
             raise error from None
         try:
             answer = self._answer(response)
         except ClassifyError as error:
-            count_failure(self.metrics, error, transport=False)
+            count_failure(self.metrics, error, response)
             raise
         note_model_version(answer.get("model_version"))
         return answer

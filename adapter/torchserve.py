@@ -207,16 +207,21 @@ def _is_auth_refusal(response: _Response) -> bool:
 _TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, _PoolBusy)
 
 
-def count_failure(metrics: Metrics | None, error: ClassifyError, transport: bool) -> None:
-    """adapter_model_server_errors_total{kind} for a failed prediction (TorchServe or OIP)."""
+def count_failure(metrics: Metrics | None, error: ClassifyError, cause: Exception | _Response) -> None:
+    """adapter_model_server_errors_total{kind} for a failed prediction (TorchServe or OIP): ``cause``
+    is the transport error, or the model server's answer."""
     if metrics is None:
         return
-    if transport:
-        kind = "timeout" if error.status_code == 504 else "busy" if "busy" in error.message else "unreachable"
-    elif error.status_code == 502:
-        kind = "bad_answer" if "answer" in error.message else "error_answer"
+    if isinstance(cause, _Response):
+        if error.status_code != 502:
+            return  # a 4xx is the image's fault; a 503 "not ready" is /health's to report
+        kind = "bad_answer" if cause.status_code == 200 else "error_answer"
+    elif isinstance(cause, _PoolBusy):
+        kind = "busy"
+    elif isinstance(cause, asyncio.TimeoutError) and not isinstance(cause, aiohttp.ConnectionTimeoutError):
+        kind = "timeout"
     else:
-        return  # a 4xx is the image's fault; a 503 "not ready" is counted by /health
+        kind = "unreachable"
     metrics.model_server_errors.labels(kind).inc()
 
 
@@ -323,12 +328,12 @@ class TorchServeClient:
             response = await self._predict_response(image, path)
         except _TRANSPORT_ERRORS as err:
             error = self._unreachable(err, self.settings.inference_url)
-            count_failure(self.metrics, error, transport=True)
+            count_failure(self.metrics, error, err)
             raise error from None
         try:
             answer = self._answer(response, explain)
         except ClassifyError as error:
-            count_failure(self.metrics, error, transport=False)
+            count_failure(self.metrics, error, response)
             raise
         note_model_version(answer.get("model_version"))
         return answer

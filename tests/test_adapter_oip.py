@@ -30,7 +30,7 @@ GOOD = {"id": "x", "model_name": "cifar100", "model_version": "w3-test", "output
 SEEN_HEADERS: list[dict] = []  # every request's headers, as the fake server received them
 
 
-async def call_server(reply, settings_kwargs=None, method="predict"):
+async def call_server(reply, settings_kwargs=None, method="predict", metrics=None):
     """Run the fake server (reply: request -> web.Response) and one client call against it."""
     seen = []
 
@@ -45,7 +45,7 @@ async def call_server(reply, settings_kwargs=None, method="predict"):
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    client = OIPClient(Settings(oip_url=f"http://127.0.0.1:{port}", **(settings_kwargs or {})))
+    client = OIPClient(Settings(oip_url=f"http://127.0.0.1:{port}", **(settings_kwargs or {})), metrics)
     try:
         result = await (client.predict(b"PNGDATA") if method == "predict" else client.model_status())
         return result, seen
@@ -166,3 +166,27 @@ def test_the_request_id_and_the_model_version_travel_with_the_request():
     context = asyncio.run(one_request())
     assert SEEN_HEADERS[0]["X-Request-ID"] == "client-id-7"
     assert context["model_version"] == "w3-test"  # for the request's log line
+
+
+def test_model_server_failures_are_counted_by_kind():
+    from adapter.metrics import Metrics
+
+    metrics = Metrics()
+
+    async def slow(request):
+        await asyncio.sleep(3)
+        return web.Response(text="{}")
+
+    cases = [(json_reply(500, {"error": "boom"}), {}), (json_reply(200, {"predictions": []}), {}),
+             (slow, {"predict_timeout_s": 0.5}),
+             (json_reply(400, {"error": "not an image"}), {})]  # the image's fault: not counted
+    for reply, settings_kwargs in cases:
+        with pytest.raises(ClassifyError):
+            asyncio.run(call_server(reply, settings_kwargs, metrics=metrics))
+    asyncio.run(call_server(json_reply(200, GOOD), metrics=metrics))
+    kinds = {s.labels["kind"]: s.value for s in metrics.model_server_errors.collect()[0].samples
+             if s.name.endswith("_total")}
+    assert kinds == {"error_answer": 1, "bad_answer": 1, "timeout": 1}
+    assert metrics.model_server_latency.collect()[0].samples  # every call timed
+    count = next(s.value for s in metrics.model_server_latency.collect()[0].samples if s.name.endswith("_count"))
+    assert count == 5
