@@ -204,6 +204,7 @@ class Rollout:
             self.wait_ready_and_warm(version)
         except RolloutError as err:
             self.unregister_quietly(version)
+            (self.ts.model_store / f"{MODEL_NAME}-{version}.mar").unlink(missing_ok=True)
             raise RolloutError(f"{err}\n{old} still serves; {version} was unregistered") from None
         during_workers, during_mb = self.workers_rss_mb()
         self.say(f"{version} is READY and warm; workers {before_workers} -> {during_workers}, their memory "

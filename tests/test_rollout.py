@@ -115,6 +115,7 @@ def test_a_version_that_never_gets_ready_leaves_the_old_one_serving(served, tmp_
         Rollout(ts, ready_timeout_s=25, say=lambda line: None).run(broken)
     assert "was not READY within 25 s" in str(err.value) and f"{old} still serves" in str(err.value)
     assert registered(ts) == [old]
+    assert not (ts.model_store / f"cifar100-{weights_version(broken)}.mar").exists()  # its archive is gone too
     r = httpx.post(f"{adapter.base_url}/classify/", files={"image": ("p.png", IMAGE, "image/png")}, timeout=60)
     assert r.status_code == 200 and r.json()["model_version"] == old
 
