@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from datetime import datetime
 
 import httpx
@@ -134,3 +135,27 @@ def test_the_log_rotates_at_its_size_and_keeps_every_line(tmp_path):
     assert all(f.exists() and 0 < f.stat().st_size < 1000 for f in files), [f.stat().st_size for f in files]
     kept = [line for f in reversed(files) for line in f.read_text(encoding="utf-8").splitlines()]
     assert kept == lines[-len(kept):] and len(kept) >= 15  # the newest, in order, none cut
+
+
+def test_refusals_before_and_in_the_app_are_counted_by_reason(tmp_path):
+    """503 busy (in-flight cap), 408 for a slow body and for a slow head: no model server needed."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "MAX_REQUESTS_IN_FLIGHT": "1",
+           "BODY_TIMEOUT_S": "3", "HEADER_TIMEOUT_S": "1"}
+    post = (b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b"--b" * 3)
+    with running_adapter(env, tmp_path / "a.log") as a:
+        host, port = a.base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as holder:
+            holder.sendall(post)  # holds the one in-flight slot; its body never completes
+            time.sleep(0.5)
+            busy = raw_request(a.base_url, post)
+            assert busy.startswith(b"HTTP/1.1 503") and b"retry-after" in busy.lower(), busy[:300]
+            with socket.create_connection((host, int(port)), timeout=30) as slow_head:
+                slow_head.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+                assert slow_head.recv(65536).startswith(b"HTTP/1.1 408")
+            assert holder.recv(65536).startswith(b"HTTP/1.1 408")  # BODY_TIMEOUT_S
+        values = samples(httpx.get(f"{a.base_url}/metrics", timeout=30).text)
+        assert values[("adapter_refusals_total", (("reason", "busy"),))] == 1
+        assert values[("adapter_refusals_total", (("reason", "timeout"),))] == 2
+        assert values[("adapter_requests_total", (("route", "/classify/"), ("status", "503")))] == 1
