@@ -9,7 +9,7 @@ export CIFAR100_DATA ?= $(abspath $(firstword $(wildcard ../shared/data) data))
 WEIGHTS ?= model/weights/CIFAR100_model.pth
 TRAIN_ARGS ?=
 
-.PHONY: install install-system data train evaluate archive kserve-bundle serve serve-torchserve serve-adapter \
+.PHONY: install install-system data train evaluate archive kserve-bundle serve serve-torchserve serve-adapter rollout \
         stop stop-torchserve stop-adapter test test-unit bench bench-train bench-serve soak clean
 
 install: $(VENV)/.installed node_modules/.installed
@@ -77,6 +77,13 @@ serve-torchserve: install archive
 
 stop-torchserve:
 	$(PY) -m serving.torchserve stop
+
+# New weights into the running TorchServe without a failed request (serving/rollout.py): registers
+# WEIGHTS as a new version, waits until it is READY and warm, makes it the default, drains and
+# unregisters the old one. Rolling back: the same with the previous weights. (Not `make deploy`:
+# deploy/ is a folder.) ROLLOUT_ARGS="--ready-timeout 240 --drain-s 2".
+rollout: install
+	$(PY) -m serving.rollout --weights $(WEIGHTS) $(ROLLOUT_ARGS)
 
 # TorchServe vs the same model in-process, concurrency 1/4/16 (BENCH_SERVE_ARGS="--duration 4"); then the
 # adapter, then v2 bodies vs raw ones through the KServe bundle (concurrency 16 unless --concurrency).

@@ -10,6 +10,7 @@
                       letter capital); the other keys are additions.
     GET  /health      200 {"status": "ok", ...} when the model can answer now, else
                       503 {"status": "unavailable", "error": ...}
+    GET  /metrics     Prometheus text (adapter/metrics.py; METRICS_ENABLED, METRICS_PORT move or drop it)
     GET  /            the drag-and-drop page (frontend/)
 
 Every error is {"error": "..."} with its status: 400 no `image` field / empty / not an image /
@@ -28,12 +29,13 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -41,8 +43,10 @@ from model.classes import CLASS_NAMES, display_name  # the seed's display rule, 
 from serving.settings import TOP_K  # answers per image, as the handler's model-config.yaml says (tested)
 
 from .config import Settings
+from .edge import Edge, refused_before_app
 from .errors import ClassifyError
 from .limits import InFlight, RequestLimits
+from .metrics import Metrics
 from .oip import OIPClient
 from .torchserve import TorchServeClient
 from .upload import read_image_upload
@@ -83,7 +87,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # OIP_URL set: an Open Inference Protocol server (KServe) instead of the local TorchServe.
-        app.state.torchserve = (OIPClient if settings.oip_url else TorchServeClient)(settings)
+        app.state.torchserve = (OIPClient if settings.oip_url else TorchServeClient)(settings, metrics)
+        metrics_server = None
+        if metrics is not None and settings.metrics_port:
+            from prometheus_client import start_http_server
+
+            metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_host, metrics.registry)
+            log.info("adapter: Prometheus metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
         log.info("adapter: model '%s' at %s (max upload %d bytes, %d requests / %d bytes in flight, "
                  "predict deadline %g s)", settings.model_name, settings.oip_url or settings.inference_url,
                  settings.max_upload_bytes, settings.max_requests_in_flight, settings.max_bytes_in_flight,
@@ -91,15 +101,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             await app.state.torchserve.aclose()
 
     settings.check()
+    metrics = Metrics() if settings.metrics else None
     # Swagger UI and ReDoc load their scripts from a CDN: off unless ADAPTER_DOCS=1 (/openapi.json stays).
     docs = {} if settings.docs else {"docs_url": None, "redoc_url": None}
     app = FastAPI(title="CIFAR-100 classifier", lifespan=lifespan,
                   summary="The seed's /classify/ API in front of TorchServe", **docs)
     app.state.settings = settings
     app.state.in_flight = InFlight(settings.max_requests_in_flight, settings.max_bytes_in_flight)
+    app.state.metrics = metrics
+    # adapter/protocol.py's refusals at the HTTP parser, which never reach the app (adapter/run.py).
+    app.state.refused_before_app = partial(refused_before_app, metrics)
 
     @app.exception_handler(ClassifyError)
     async def classify_error(request: Request, err: ClassifyError) -> JSONResponse:
@@ -188,11 +205,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_api_route("/health", health_wrong_method, include_in_schema=False,
                       methods=["POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"])
 
+    if metrics is not None and not settings.metrics_port:
+        async def prometheus_metrics(request: Request) -> Response:
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], include_in_schema=False)
+
     if settings.cors_allow_origins:  # none by default: the page is served from this same origin
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins,
                            allow_methods=["GET", "POST"], allow_headers=["*"])
     # Outermost: refuses or times out bodies before anything else holds them.
     app.add_middleware(RequestLimits, settings=settings, in_flight=app.state.in_flight)
+    # Outside even that: its refusals get a request id, a log line and their count too.
+    app.add_middleware(Edge, request_id_max_length=settings.request_id_max_length, metrics=metrics)
     if Path(settings.frontend_dir).is_dir():
         app.mount("/", StaticFiles(directory=settings.frontend_dir, html=True), name="page")
     else:

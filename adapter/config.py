@@ -43,6 +43,11 @@ serving/settings.py).
     ADAPTER_DOCS          1: serve /docs (Swagger UI loads from a CDN); default off, /openapi.json stays  0
     ADAPTER_LOG_MAX_BYTES / ADAPTER_LOG_BACKUPS  adapter.log rotates at this size, keeping this
                           many old files (adapter.log.1, ...)   10485760 / 5
+    METRICS_ENABLED       1: Prometheus metrics (adapter/metrics.py); 0: none, and no /metrics  1
+    METRICS_PORT          unset: GET /metrics on the adapter's own port; a port: there instead (own
+                          HTTP server, METRICS_HOST), and not on the adapter's port  (unset)
+    METRICS_HOST          where that metrics server listens (0.0.0.0 in a pod for Prometheus)  127.0.0.1
+    REQUEST_ID_MAX_LENGTH  longest client X-Request-ID kept (letters, digits, ._:-); else a new one  128
     FRONTEND_DIR          folder served at /                    frontend/ beside this package
     ADAPTER_HOST / ADAPTER_PORT  where `python -m adapter.run start` listens  127.0.0.1 / 8000
 """
@@ -149,6 +154,10 @@ class Settings:
     docs: bool = False
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 5
+    metrics: bool = True
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    request_id_max_length: int = 128
     frontend_dir: str = str(DEFAULT_FRONTEND_DIR)
 
     def check(self) -> None:
@@ -209,5 +218,9 @@ class Settings:
             docs=_env_flag("ADAPTER_DOCS", cls.docs),
             log_max_bytes=_env_int("ADAPTER_LOG_MAX_BYTES", cls.log_max_bytes),
             log_backups=_env_int("ADAPTER_LOG_BACKUPS", cls.log_backups),
+            metrics=_env_flag("METRICS_ENABLED", cls.metrics),
+            metrics_port=_env_int("METRICS_PORT", None),
+            metrics_host=os.environ.get("METRICS_HOST", cls.metrics_host),
+            request_id_max_length=_env_int("REQUEST_ID_MAX_LENGTH", cls.request_id_max_length),
             frontend_dir=os.environ.get("FRONTEND_DIR", str(DEFAULT_FRONTEND_DIR)),
         )

@@ -24,7 +24,9 @@ from serving.settings import V2_OUTPUTS  # the handler's v2 output names, one ho
 
 from .config import Settings
 from .errors import ClassifyError
-from .torchserve import _TRANSPORT_ERRORS, _error_message, _Pool, _PoolBusy, _Response, answer_error
+from .metrics import Metrics
+from .request_context import note_model_version, request_id_header
+from .torchserve import _TRANSPORT_ERRORS, _error_message, _Pool, _PoolBusy, _Response, answer_error, count_failure
 
 log = logging.getLogger("adapter.oip")
 
@@ -51,13 +53,15 @@ def answer_from_outputs(body: dict) -> dict:
 class OIPClient:
     """Same interface as TorchServeClient: predict(image), health(), model_status(), aclose()."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, metrics: Metrics | None = None):
         self.settings = settings
+        self.metrics = metrics
         s = settings
         self.headers = {"Host": s.oip_host_header} if s.oip_host_header else {}
         self._infer_path = f"/v2/models/{s.model_name}/infer"
         self._pool = _Pool(s.oip_url, s.max_connections, s.predict_timeout_s,
-                           aiohttp.ClientTimeout(total=s.predict_timeout_s, connect=s.connect_timeout_s))
+                           aiohttp.ClientTimeout(total=s.predict_timeout_s, connect=s.connect_timeout_s),
+                           metrics.model_server_latency if metrics else None)
         self._health = _Pool(s.oip_url, 8, s.health_timeout_s,
                              aiohttp.ClientTimeout(total=s.health_timeout_s, connect=s.connect_timeout_s))
 
@@ -80,14 +84,24 @@ class OIPClient:
             raise ClassifyError(501, "Explanations need the TorchServe backend (OIP_URL is set).")
         body = {"inputs": [{"name": INPUT_NAME, "shape": [1], "datatype": "BYTES",
                             "data": [base64.b64encode(image).decode("ascii")]}]}
-        headers = {**self.headers, "Content-Type": "application/json"}
+        headers = {**self.headers, "Content-Type": "application/json", **request_id_header()}
         try:
             response: _Response = await self._pool.request("POST", self._infer_path, headers,
                                                            json.dumps(body).encode())
         except _TRANSPORT_ERRORS as err:
-            raise self._unreachable(err) from None
-        status = response.status_code
-        if status == 200:
+            error = self._unreachable(err)
+            count_failure(self.metrics, error, err)
+            raise error from None
+        try:
+            answer = self._answer(response)
+        except ClassifyError as error:
+            count_failure(self.metrics, error, response)
+            raise
+        note_model_version(answer.get("model_version"))
+        return answer
+
+    def _answer(self, response: _Response) -> dict:
+        if response.status_code == 200:
             try:
                 answer = response.json()
             except ValueError:

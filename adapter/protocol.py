@@ -158,6 +158,8 @@ class OpenConnections:
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     settings: Settings = Settings()  # replaced by protocol_class()
     open_connections: OpenConnections = OpenConnections(Settings())  # one per protocol_class()
+    # adapter/edge.py: counts and logs a refusal; returns the extra headers of its answer (X-Request-ID)
+    on_refusal = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         peer = transport.get_extra_info("peername")
@@ -193,7 +195,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         transport = getattr(self.transport, "_transport", self.transport)  # no lingering: the parser stopped
         if transport.is_closing():
             return
-        transport.write(json_error_bytes(status, message, self.server_state.default_headers))
+        extra = self.on_refusal(status) if self.on_refusal else []
+        transport.write(json_error_bytes(status, message, [*self.server_state.default_headers, *extra]))
         transport.close()
 
     def send_400_response(self, msg: str) -> None:  # uvicorn's own refusals (text/plain otherwise)
@@ -292,7 +295,9 @@ def _reset(transport) -> None:
     transport.abort()
 
 
-def protocol_class(settings: Settings) -> type[GuardedHttpToolsProtocol]:
-    """The protocol uvicorn builds per connection, bound to these settings (and one connection count)."""
+def protocol_class(settings: Settings, on_refusal=None) -> type[GuardedHttpToolsProtocol]:
+    """The protocol uvicorn builds per connection, bound to these settings, one connection count and
+    the refusal hook."""
     return type("AdapterHttpProtocol", (GuardedHttpToolsProtocol,),
-                {"settings": settings, "open_connections": OpenConnections(settings)})
+                {"settings": settings, "open_connections": OpenConnections(settings),
+                 "on_refusal": staticmethod(on_refusal) if on_refusal else None})

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import struct
 import time
 import zlib
@@ -36,6 +37,8 @@ from serving.keys import KeyFile, KeyFileError
 
 from .config import Settings
 from .errors import ClassifyError
+from .metrics import Metrics
+from .request_context import note_model_version, request_id_header
 
 log = logging.getLogger("adapter.torchserve")
 
@@ -85,9 +88,11 @@ class _Pool:
     so aiohttp's own `connect` timeout only ever times DNS + TCP connect, like httpx's did.
     """
 
-    def __init__(self, base_url: str, limit: int, wait_s: float, timeout: aiohttp.ClientTimeout):
+    def __init__(self, base_url: str, limit: int, wait_s: float, timeout: aiohttp.ClientTimeout,
+                 latency=None):
         self.base_url = base_url.rstrip("/")
         self.wait_s = wait_s
+        self.latency = latency  # a Prometheus histogram of each call's seconds, or None
         self._slots = asyncio.Semaphore(limit)
         # Needs the running event loop: the adapter builds its client in the app's lifespan.
         self.session = aiohttp.ClientSession(
@@ -103,12 +108,15 @@ class _Pool:
                 await self._slots.acquire()
         except TimeoutError:
             raise _PoolBusy() from None
+        started = time.perf_counter()
         try:
             async with self.session.request(method, self.base_url + path, headers=headers,
                                             data=data) as response:
                 return _Response(response.status, await response.read(), response.reason or "")
         finally:
             self._slots.release()
+            if self.latency is not None:
+                self.latency.observe(time.perf_counter() - started)
 
     async def close(self) -> None:
         await self.session.close()
@@ -116,21 +124,52 @@ class _Pool:
 
 def answer_error(response: _Response, model_name: str) -> ClassifyError:
     """A model server's non-200 answer to a prediction -> what the adapter's client gets (TorchServe
-    and an Open Inference Protocol server alike)."""
+    and an Open Inference Protocol server alike). A 5xx that wraps a client error (KServe's wrapper)
+    becomes that 4xx; no internal URL or exception name reaches the client (the log has them)."""
     status, message = response.status_code, _error_message(response)
+    wrapped = _wrapped_client_error(status, message, response)
+    if wrapped is not None:
+        status, message = wrapped
+    message = _URL.sub("(internal address)", message)
     if status == 404:
         return ClassifyError(503, f"The model '{model_name}' is not loaded on the model server.")
     if status == 413:
         # The handler says why (too many pixels); TorchServe's own size refusal has no body.
-        return ClassifyError(413, message if response.content.strip() else
+        return ClassifyError(413, message if message and response.content.strip() else
                              "The image is larger than the model server accepts.")
     if status == 503:
         return ClassifyError(503, f"The model is not ready: {message}")
     if 400 <= status < 500:
         # The handler refused this image (not an image, empty, ...): pass its verdict on.
-        return ClassifyError(status, message)
+        return ClassifyError(status, message or f"The model server refused the request ({status}).")
     log.warning("the model server answered %d: %s", status, message)
-    return ClassifyError(502, f"The model server failed: {message[:120]}")
+    return ClassifyError(502, f"The model server failed ({status}); the adapter's log has the details.")
+
+
+# KServe's model server (TorchServe's KServe wrapper) answers a 4xx of the server behind it as
+# 500 {"error": "HTTPStatusError : <that server's error>, '400 Bad Request' for url '<pod-internal URL>'"}.
+_WRAPPED_4XX = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\s*:\s*)?(?P<inner>.*?),?\s*'(?P<code>4\d\d) [^']*' for url '[^']*'",
+                          re.DOTALL)
+_URL = re.compile(r"\b\w+://\S+")
+
+
+def _wrapped_client_error(status: int, message: str, response: _Response) -> tuple[int, str] | None:
+    """(4xx, clean message) when a model server's answer wraps a client error, else None:
+    the wrapper's 500 around the handler's 4xx, or FastAPI's 422 {"detail": [...]}."""
+    if status == 422:
+        try:
+            first = response.json()["detail"][0]
+            where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+            return 400, f"The model server could not read the request: {first['msg']}" + (f" ({where})" if where else "")
+        except (ValueError, LookupError, TypeError, AttributeError):
+            return 400, "The model server could not read the request."
+    if status < 500 or (match := _WRAPPED_4XX.match(message)) is None:
+        return None
+    inner = match["inner"].strip()
+    if inner.startswith("{") and (quoted := re.search(r"'message': '([^']*)'", inner)):
+        inner = quoted[1]  # TorchServe's own {"code", "type", "message"} error, printed as a dict
+    inner = _URL.sub("(internal address)", inner).strip()
+    return int(match["code"]), inner
 
 
 def _error_message(response: _Response) -> str:
@@ -168,9 +207,28 @@ def _is_auth_refusal(response: _Response) -> bool:
 _TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, _PoolBusy)
 
 
+def count_failure(metrics: Metrics | None, error: ClassifyError, cause: Exception | _Response) -> None:
+    """adapter_model_server_errors_total{kind} for a failed prediction (TorchServe or OIP): ``cause``
+    is the transport error, or the model server's answer."""
+    if metrics is None:
+        return
+    if isinstance(cause, _Response):
+        if error.status_code != 502:
+            return  # a 4xx is the image's fault; a 503 "not ready" is /health's to report
+        kind = "bad_answer" if cause.status_code == 200 else "error_answer"
+    elif isinstance(cause, _PoolBusy):
+        kind = "busy"
+    elif isinstance(cause, asyncio.TimeoutError) and not isinstance(cause, aiohttp.ConnectionTimeoutError):
+        kind = "timeout"
+    else:
+        kind = "unreachable"
+    metrics.model_server_errors.labels(kind).inc()
+
+
 class TorchServeClient:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, metrics: Metrics | None = None):
         self.settings = settings
+        self.metrics = metrics
         self.keys = KeyFile(settings.key_file)
         self._renew_lock = asyncio.Lock()
         self.last_answer_at = 0.0  # time.monotonic() of the last 200 from the inference API
@@ -180,7 +238,8 @@ class TorchServeClient:
         # not reachable); the wait for a free pooled connection is _Pool's (-> 503 busy), bounded like
         # httpx's pool timeout was: by the prediction timeout, or the health timeout for management.
         self._inference = _Pool(s.inference_url, s.max_connections, s.predict_timeout_s,
-                                aiohttp.ClientTimeout(total=s.predict_timeout_s, connect=s.connect_timeout_s))
+                                aiohttp.ClientTimeout(total=s.predict_timeout_s, connect=s.connect_timeout_s),
+                                metrics.model_server_latency if metrics else None)
         self._management = _Pool(s.management_url, MANAGEMENT_MAX_CONNECTIONS, s.health_timeout_s,
                                  aiohttp.ClientTimeout(total=s.health_timeout_s, connect=s.connect_timeout_s))
 
@@ -215,13 +274,13 @@ class TorchServeClient:
 
     async def _send(self, pool: _Pool, kind: str, method: str, path: str,
                     data: bytes | None = None) -> _Response:
-        header = self._auth_header(kind)
-        response = await pool.request(method, path, header, data)
+        refused = self._auth_header(kind)
+        response = await pool.request(method, path, {**refused, **request_id_header()}, data)
         if not _is_auth_refusal(response):
             return response
-        fresh = await self._fresh_auth_header(kind, refused=header)
-        if fresh and fresh != header:
-            response = await pool.request(method, path, fresh, data)
+        fresh = await self._fresh_auth_header(kind, refused=refused)
+        if fresh and fresh != refused:
+            response = await pool.request(method, path, {**fresh, **request_id_header()}, data)
         if _is_auth_refusal(response):
             log.error("TorchServe refused the %s key: is TS_KEY_FILE (%s) the running TorchServe's?",
                       kind, self.keys.path)
@@ -255,6 +314,8 @@ class TorchServeClient:
                 if isinstance(err, aiohttp.ConnectionTimeoutError):
                     raise
                 log.warning("retrying a prediction once: %s", err)
+            if self.metrics is not None:
+                self.metrics.retries.inc()
             return await self._send(self._inference, "inference", "POST", path, data=image)
 
     async def predict(self, image: bytes, explain: bool = False) -> dict:
@@ -266,9 +327,19 @@ class TorchServeClient:
         try:
             response = await self._predict_response(image, path)
         except _TRANSPORT_ERRORS as err:
-            raise self._unreachable(err, self.settings.inference_url) from None
-        status = response.status_code
-        if status == 200:
+            error = self._unreachable(err, self.settings.inference_url)
+            count_failure(self.metrics, error, err)
+            raise error from None
+        try:
+            answer = self._answer(response, explain)
+        except ClassifyError as error:
+            count_failure(self.metrics, error, response)
+            raise
+        note_model_version(answer.get("model_version"))
+        return answer
+
+    def _answer(self, response: _Response, explain: bool) -> dict:
+        if response.status_code == 200:
             self.last_answer_at = time.monotonic()
             try:
                 answer = response.json()

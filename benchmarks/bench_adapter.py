@@ -11,6 +11,13 @@ p50/p99 latency, and the two targets:
   * adapter images/s at concurrency 16 >= 2x the seed-style server's.
 The load generator (wrk, see benchmarks/load.py) and any other work share the machine's cores with
 the servers: read the figures as ratios measured side by side in one run.
+
+    python -m benchmarks.bench_adapter --before REF [--rounds 3] [--duration 4] [--concurrency 1 16]
+
+compares instead this checkout's adapter with the adapter of git REF (its adapter/, serving/, model/,
+frontend/ and handler/model-config.yaml unpacked into a temporary folder), both in front of the same TorchServe, alternating
+them point by point for --rounds rounds: images/s, p50 and the adapter process's CPU time per
+request (what each request costs the adapter itself).
 """
 from __future__ import annotations
 
@@ -69,10 +76,89 @@ def _answers(url: str) -> bool:
         return False
 
 
+@contextmanager
+def adapter_at_ref(ref: str, settings_env: dict[str, str], root: Path) -> Iterator[tuple[str, int]]:
+    """The adapter of git ``ref`` on a free port: (base URL, pid)."""
+    code = root / f"adapter-{ref}"
+    code.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", ref, "adapter", "serving", "model", "handler/model-config.yaml",
+                              "frontend"], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
+    port, log_file = free_port(), root / f"adapter-{ref}.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    with open(root / f"adapter-{ref}.stderr.log", "ab") as out:
+        process = subprocess.Popen([sys.executable, "-m", "adapter.run", "serve", "--host", "127.0.0.1", "--port",
+                                    str(port), "--log-file", str(log_file)], cwd=code, env={**env, **settings_env},
+                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(lambda: _answers(f"{base}/health"), SEED_START_TIMEOUT_S, f"The adapter of {ref}",
+                         logs=[log_file], exited=popen_exited(process), interval=0.3)
+        yield base, process.pid
+    finally:
+        stop_popen(process)
+
+
+def compare_before_after(args) -> int:
+    """This checkout's adapter against git ``args.before``'s, alternated, with CPU per request."""
+    import psutil
+
+    from benchmarks.load import run_wrk, warm_up
+
+    payloads = cifar_png_payloads()
+    with tempfile.TemporaryDirectory(prefix="bench-adapter-before-after-") as tmp:
+        tmp = Path(tmp)
+        ts = start_benchmark_torchserve(tmp / "torchserve", args.weights, args.batch_size, args.max_batch_delay,
+                                        args.cpu_threads, ts_properties(args.ts_property), args.workers)
+        try:
+            env = {"TS_INFERENCE_URL": ts.inference_url, "TS_MANAGEMENT_URL": ts.management_url,
+                   "TS_MODEL_NAME": ts.model_name, "TS_KEY_FILE": str(ts.key_file.path)}
+            with adapter_at_ref(args.before, env, tmp) as (old_base, old_pid), \
+                    running_adapter(env, tmp / "adapter.log") as new:
+                names = {f"before ({args.before})": (old_base, old_pid), "after (this checkout)": (new.base_url, new.process.pid)}
+                targets = {name: classify_target(base, payloads) for name, (base, _) in names.items()}
+                warm_up(targets, args.concurrency, tmp)
+                points = {name: {c: [] for c in args.concurrency} for name in names}
+                for round_ in range(args.rounds):
+                    for c in args.concurrency:
+                        order = list(names) if round_ % 2 == 0 else list(reversed(names))
+                        for name in order:
+                            process = psutil.Process(names[name][1])
+                            cpu = process.cpu_times()
+                            result = run_wrk(targets[name], c, args.duration, tmp)
+                            after = process.cpu_times()
+                            spent = (after.user + after.system) - (cpu.user + cpu.system)
+                            points[name][c].append((result, spent / max(1, result.images + result.errors)))
+        finally:
+            ts.stop()
+    print(f"adapter before/after on {machine()}: {args.rounds} rounds x {args.duration:g} s per point, alternated")
+    print(f"{'adapter (medians)':<28}{'conc':>5}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'errors':>8}")
+    medians = {}
+    for name in points:
+        for c, runs in points[name].items():
+            ips = sorted(r.images_per_s for r, _ in runs)[len(runs) // 2]
+            p50 = sorted(r.p50_ms for r, _ in runs)[len(runs) // 2]
+            p99 = sorted(r.p99_ms for r, _ in runs)[len(runs) // 2]
+            cpu_us = sorted(cpu for _, cpu in runs)[len(runs) // 2] * 1e6
+            medians[name, c] = (ips, p50, cpu_us)
+            print(f"{name:<28}{c:>5}{ips:>10.0f}{p50:>9.2f}{p99:>9.2f}{cpu_us:>12.0f}"
+                  f"{sum(r.errors for r, _ in runs):>8}   CPU us/req by round: {[round(cpu * 1e6) for _, cpu in runs]}")
+    old, new = list(points)
+    for c in args.concurrency:
+        (ips0, p500, cpu0), (ips1, p501, cpu1) = medians[old, c], medians[new, c]
+        print(f"concurrency {c}: after/before images/s {ips1 / ips0:.3f}, p50 {p501 - p500:+.2f} ms, "
+              f"adapter CPU per request {cpu1 - cpu0:+.0f} us ({cpu1 / cpu0:.3f}x)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The /classify/ adapter vs direct TorchServe vs the seed-style server.")
     add_load_arguments(parser)
+    parser.add_argument("--before", metavar="REF", help="compare with the adapter of this git ref instead")
+    parser.add_argument("--rounds", type=int, default=3, help="--before: alternated rounds per point (medians)")
     args = parser.parse_args(argv)
+    if args.before:
+        return compare_before_after(args)
 
     payloads = cifar_png_payloads()
     concurrencies = args.concurrency

@@ -98,7 +98,7 @@ class CIFAR100Handler(BaseHandler):
         for idx, row in enumerate(data):
             request, images = None, []
             try:
-                request = parse_request(row, self.max_images)
+                request = parse_request(row, self.max_images, self.context.get_all_request_header(idx))
                 payloads = request.images if request else [image_bytes(row)]
                 sizes = []
                 for n, payload in enumerate(payloads):

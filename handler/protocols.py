@@ -13,7 +13,9 @@ handler as ``{"body": <parsed JSON>}``, on /predictions/<name> as on /v1 and /v2
         Several inputs, or a longer BYTES tensor, are several images (in order). ``outputs`` in the
         request picks which outputs come back (all of OUTPUTS by default).
 Anything else (a raw body, a multipart field, ``{"image": "<base64>"}``) is the plain protocol,
-read by handler.preprocessing.image_bytes as before.
+read by handler.preprocessing.image_bytes as before. The v2 binary tensor extension (a JSON head
+followed by raw bytes, its length in the ``Inference-Header-Content-Length`` header) is refused
+with a 400 that says so: read as a plain body it would only be "not an image".
 """
 from __future__ import annotations
 
@@ -65,6 +67,17 @@ def _b64_image(text, where: str) -> bytes:
     if not data:
         raise ProtocolError(400, f"{where}: empty image")
     return data
+
+
+# The v2 binary tensor extension's header (tritonclient's binary_data=True, kserve's binary REST).
+BINARY_EXTENSION_HEADER = "inference-header-content-length"
+
+
+def refuse_binary_extension(headers: dict | None) -> None:
+    """ProtocolError(400) when the request uses the binary tensor extension (headers: any case)."""
+    if headers and any(str(name).lower() == BINARY_EXTENSION_HEADER for name in headers):
+        raise ProtocolError(400, "the binary tensor extension (Inference-Header-Content-Length) is not "
+                                 "supported: send each image as a BYTES input of base64 strings in JSON")
 
 
 def _json_body(row: dict):
@@ -142,8 +155,10 @@ def _parse_v2(body: dict) -> ParsedRequest:
     return ParsedRequest(V2, images, where, request_id, outputs)
 
 
-def parse_request(row: dict, max_images: int) -> ParsedRequest | None:
-    """A v1/v2 request's images, or None for the plain protocol (raw, multipart, {"image": ...})."""
+def parse_request(row: dict, max_images: int, headers: dict | None = None) -> ParsedRequest | None:
+    """A v1/v2 request's images, or None for the plain protocol (raw, multipart, {"image": ...}).
+    ``headers``: the request's HTTP headers as TorchServe hands them over (a binary request: 400)."""
+    refuse_binary_extension(headers)
     body = _json_body(row)
     if body is None or not ("instances" in body or "inputs" in body):
         return None

@@ -61,6 +61,9 @@ def bundle_properties(version: str) -> dict[str, str]:
         "enable_envvars_config": "false",
         # KServe authenticates at its ingress; the wrapper sends no TorchServe token.
         "disable_token_authorization": "true",
+        # No registration in the pod (no token there): a new version is a new InferenceService
+        # revision (canaryTrafficPercent, deploy/kserve/inferenceservice-canary.yaml), not make rollout.
+        "enable_model_api": "false",
         "install_py_dep_per_model": "false",
         "metrics_mode": "prometheus",
         "enable_metrics_api": "true",

@@ -27,12 +27,16 @@ GOOD = {"id": "x", "model_name": "cifar100", "model_version": "w3-test", "output
     {"name": "topk_probability", "datatype": "FP32", "shape": [1, 2], "data": [0.9, 0.05]}]}
 
 
-async def call_server(reply, settings_kwargs=None, method="predict"):
+SEEN_HEADERS: list[dict] = []  # every request's headers, as the fake server received them
+
+
+async def call_server(reply, settings_kwargs=None, method="predict", metrics=None):
     """Run the fake server (reply: request -> web.Response) and one client call against it."""
     seen = []
 
     async def infer(request: web.Request) -> web.StreamResponse:
         seen.append((request.path, request.headers.get("Host"), await request.text()))
+        SEEN_HEADERS.append(dict(request.headers))
         return await reply(request)
 
     app = web.Application()
@@ -41,7 +45,7 @@ async def call_server(reply, settings_kwargs=None, method="predict"):
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    client = OIPClient(Settings(oip_url=f"http://127.0.0.1:{port}", **(settings_kwargs or {})))
+    client = OIPClient(Settings(oip_url=f"http://127.0.0.1:{port}", **(settings_kwargs or {})), metrics)
     try:
         result = await (client.predict(b"PNGDATA") if method == "predict" else client.model_status())
         return result, seen
@@ -74,7 +78,7 @@ def test_a_v2_answer_becomes_the_handlers_answer_and_the_request_is_v2():
     (413, {"error": "image is 9000x9000 pixels"}, 413, "9000x9000"),
     (404, {"error": "Model with name cifar100 does not exist."}, 503, "not loaded"),
     (503, {"error": "no worker"}, 503, "not ready"),
-    (500, {"error": "boom"}, 502, "boom"),
+    (500, {"error": "boom"}, 502, "failed (500)"),
     (200, {"predictions": [{"label": "x"}]}, 502, "not an Open Inference Protocol answer"),
     (200, {**GOOD, "outputs": GOOD["outputs"][:2]}, 502, "lacks the outputs"),
 ])
@@ -109,3 +113,80 @@ def test_health_asks_the_models_ready_endpoint():
     with pytest.raises(ClassifyError) as err:
         asyncio.run(call_server(json_reply(503, {"error": "not ready"}), method="status"))
     assert err.value.status_code == 503
+
+
+# KServe's wrapper (TorchServe's kserve_wrapper on kserve 0.13's model server) answers like this: a
+# stand-in, because the wrapper needs kserve 0.13, which conflicts with this project's packages
+# (kserve 0.21's type modules; the wrapper fails to import under 0.21). The bodies are the ones
+# measured behind the real wrapper (README, KServe): kserve's HTTPStatusError text inside its 500.
+INTERNAL_URL = "http://127.0.0.1:8085/v2/models/cifar100/infer"
+
+
+def wrapper_500(inner: str, code: str) -> dict:
+    return {"error": f"HTTPStatusError : {inner}, '{code}' for url '{INTERNAL_URL}'"}
+
+
+@pytest.mark.parametrize("status, body, expected_status, expected_message", [
+    (500, wrapper_500("inputs[0] ('image') data[0]: not an image", "400 Bad Request"),
+     400, "inputs[0] ('image') data[0]: not an image"),
+    (500, wrapper_500("65 images in one request, above the limit of 64 (handler.max_images_per_request)",
+                      "413 Request Entity Too Large"),
+     413, "65 images in one request, above the limit of 64 (handler.max_images_per_request)"),
+    (500, wrapper_500("{'code': 400, 'type': 'BadRequestException', 'message': 'Invalid input'}", "400 Bad Request"),
+     400, "Invalid input"),
+    (500, {"error": f", '400 Bad Request' for url '{INTERNAL_URL}'"}, 400, "The model server refused the request (400)."),
+    (422, {"detail": [{"loc": ["body", "inputs", 0, "datatype"], "msg": "Field required", "type": "missing"}]},
+     400, "The model server could not read the request: Field required (inputs.0.datatype)"),
+    (500, {"error": "KeyError : 'outputs'"}, 502, "The model server failed (500); the adapter's log has the details."),
+    (500, {"error": f"HTTPStatusError : Server error '500 Internal Server Error' for url '{INTERNAL_URL}'"},
+     502, "The model server failed (500); the adapter's log has the details."),
+])
+def test_a_client_error_wrapped_by_kserves_wrapper_is_that_4xx_without_internals(status, body, expected_status,
+                                                                                 expected_message):
+    with pytest.raises(ClassifyError) as err:
+        asyncio.run(call_server(json_reply(status, body)))
+    assert (err.value.status_code, err.value.message) == (expected_status, expected_message)
+    for internal in ("127.0.0.1", "http://", "HTTPStatusError", "KeyError", "Exception"):
+        assert internal not in err.value.message
+
+
+def test_the_request_id_and_the_model_version_travel_with_the_request():
+    from adapter.request_context import CURRENT
+
+    async def one_request():
+        context = {"request_id": "client-id-7", "model_version": None}
+        token = CURRENT.set(context)
+        try:
+            await call_server(json_reply(200, GOOD))
+        finally:
+            CURRENT.reset(token)
+        return context
+
+    SEEN_HEADERS.clear()
+    context = asyncio.run(one_request())
+    assert SEEN_HEADERS[0]["X-Request-ID"] == "client-id-7"
+    assert context["model_version"] == "w3-test"  # for the request's log line
+
+
+def test_model_server_failures_are_counted_by_kind():
+    from adapter.metrics import Metrics
+
+    metrics = Metrics()
+
+    async def slow(request):
+        await asyncio.sleep(3)
+        return web.Response(text="{}")
+
+    cases = [(json_reply(500, {"error": "boom"}), {}), (json_reply(200, {"predictions": []}), {}),
+             (slow, {"predict_timeout_s": 0.5}),
+             (json_reply(400, {"error": "not an image"}), {})]  # the image's fault: not counted
+    for reply, settings_kwargs in cases:
+        with pytest.raises(ClassifyError):
+            asyncio.run(call_server(reply, settings_kwargs, metrics=metrics))
+    asyncio.run(call_server(json_reply(200, GOOD), metrics=metrics))
+    kinds = {s.labels["kind"]: s.value for s in metrics.model_server_errors.collect()[0].samples
+             if s.name.endswith("_total")}
+    assert kinds == {"error_answer": 1, "bad_answer": 1, "timeout": 1}
+    assert metrics.model_server_latency.collect()[0].samples  # every call timed
+    count = next(s.value for s in metrics.model_server_latency.collect()[0].samples if s.name.endswith("_count"))
+    assert count == 5

@@ -257,6 +257,35 @@ def test_a_bad_image_gets_a_4xx_for_its_request_only(kserve_ts, client, referenc
         assert_same_answer(answers_of(kserve_ts, r)[0], expected[i])
 
 
+def binary_extension_request(image: bytes) -> tuple[bytes, dict]:
+    """A v2 request with the binary tensor extension, as tritonclient's binary_data=True sends it: a
+    JSON head, then the BYTES element (4-byte little-endian length + the bytes); the head's length
+    in Inference-Header-Content-Length."""
+    element = len(image).to_bytes(4, "little") + image
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(element)}}]}).encode()
+    return head + element, {"Inference-Header-Content-Length": str(len(head)),
+                            "Content-Type": "application/octet-stream"}
+
+
+def test_binary_extension_is_refused_by_name_not_as_not_an_image():
+    with pytest.raises(ProtocolError) as err:
+        parse_request({"body": bytearray(b"{}")}, 64, {"inference-header-content-length": "2"})
+    assert err.value.status == 400 and "base64" in err.value.message
+    assert parse_request({"body": bytearray(PNG)}, 64, {"content-type": "image/png"}) is None
+
+
+def test_a_binary_extension_request_gets_a_400_that_names_it(kserve_ts, client, cifar100_test_split):
+    # Real TorchServe hands the HTTP headers to the handler; every route says the same.
+    body, headers = binary_extension_request(encode(cifar_pil(cifar100_test_split[0], 0)))
+    for url in routes(kserve_ts):
+        r = client.post(url, content=body, headers=headers)
+        assert r.status_code == 400, (url, r.text)
+        message = r.json()["error"]
+        assert "binary tensor extension" in message and "BYTES" in message and "base64" in message, message
+        assert "not an image" not in message
+
+
 def test_metrics_are_prometheus_text_without_a_token(kserve_ts, client, cifar100_test_split):
     r = client.get(f"{kserve_ts.metrics_url}/metrics")
     assert r.status_code == 200 and "ts_inference_requests_total" in r.text

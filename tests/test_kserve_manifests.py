@@ -15,7 +15,8 @@ from kserve_types import ManifestError, build, errors_of
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = {"cpu": REPO / "deploy" / "kserve" / "inferenceservice.yaml",
-             "gpu": REPO / "deploy" / "kserve" / "inferenceservice-gpu.yaml"}
+             "gpu": REPO / "deploy" / "kserve" / "inferenceservice-gpu.yaml",
+             "canary": REPO / "deploy" / "kserve" / "inferenceservice-canary.yaml"}
 # KServe's TorchServe runtime (kserve/kserve config/runtimes/kserve-torchserve.yaml, `kserve-torchserve`
 # ClusterServingRuntime): its supportedModelFormats and protocolVersions.
 TORCHSERVE_RUNTIME_FORMATS = ("pytorch",)
@@ -61,6 +62,34 @@ def test_manifest_is_a_valid_inferenceservice_for_the_torchserve_runtime(kind):
         assert resources.limits["nvidia.com/gpu"] == "1"
     else:
         assert "nvidia.com/gpu" not in resources.limits
+
+
+def test_canary_sends_a_share_to_the_new_bundle_and_keeps_the_rest_on_the_old():
+    canary, stable = build(load("canary")), build(load("cpu"))
+    assert canary.metadata.name == stable.metadata.name  # the same InferenceService, a new revision
+    assert 0 < canary.spec.predictor.canary_traffic_percent < 100
+    assert stable.spec.predictor.canary_traffic_percent is None
+    assert canary.spec.predictor.model.storage_uri != stable.spec.predictor.model.storage_uri
+    # Everything but the bundle's location and the traffic split is the stable manifest's.
+    same = copy.deepcopy(load("canary"))
+    del same["spec"]["predictor"]["canaryTrafficPercent"], same["metadata"]["annotations"]
+    model_of(same)["storageUri"] = model_of(load("cpu"))["storageUri"]
+    assert same == load("cpu")
+    annotations = canary.metadata.annotations
+    assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
+    assert annotations["prometheus.kserve.io/port"] == "8082"  # the bundle's metrics_address
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda m: m["spec"]["predictor"].__setitem__("canaryTrafficPercent", "10"),
+     "spec.predictor.canaryTrafficPercent: expected int, got str '10'"),
+    (lambda m: m["spec"]["predictor"].__setitem__("canaryTraficPercent", 10),
+     "spec.predictor.canaryTraficPercent: unknown field of V1beta1PredictorSpec"),
+])
+def test_a_typo_in_the_canary_fails_validation(mutate, words):
+    manifest = copy.deepcopy(load("canary"))
+    mutate(manifest)
+    assert any(words in e for e in errors_of(manifest)), errors_of(manifest)
 
 
 def model_of(manifest: dict) -> dict:

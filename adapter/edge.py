@@ -1,0 +1,135 @@
+"""What the edge records of every request: its X-Request-ID, one JSON log line, Prometheus metrics.
+
+An ASGI middleware around the whole app (outermost, so the in-flight caps' 503s pass through it):
+  * X-Request-ID: the client's, when it is sane (1..REQUEST_ID_MAX_LENGTH characters of
+    letters, digits and ``._:-``), else a new one; returned on every answer, errors included, and
+    sent on to the model server (adapter/request_context.py);
+  * one line per request on the logger ``adapter.access``, a JSON object: time (UTC), method,
+    route, status, bytes_in, latency_ms, request_id, model_version (of the answer, when a model
+    answered); adapter/run.py writes those lines bare, as JSON;
+  * adapter/metrics.py's counters and histograms, when metrics are on.
+Refusals at the HTTP parser (adapter/protocol.py: 400, 408 head, 414, 431) never reach the app:
+``refused_before_app`` gives them a request id, a log line and their count.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from datetime import datetime, timezone
+
+from .metrics import Metrics, route_label
+from .request_context import CURRENT
+
+access_log = logging.getLogger("adapter.access")
+log = logging.getLogger("adapter.edge")
+
+_SANE_ID = re.compile(rb"[A-Za-z0-9._:-]+")
+
+
+def request_id_from(headers, max_length: int) -> str:
+    """The client's X-Request-ID when sane, else a new random one (32 hex digits)."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            if 0 < len(value) <= max_length and _SANE_ID.fullmatch(value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+def _declared_length(headers) -> int:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return max(0, int(value))
+            except ValueError:
+                return 0
+    return 0
+
+
+def _log_line(method: str, route: str, status: int, bytes_in: int, seconds: float, request_id: str,
+              model_version: str | None) -> None:
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info(json.dumps({
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "method": method,
+            "route": route, "status": status, "bytes_in": bytes_in, "latency_ms": round(seconds * 1000, 2),
+            "request_id": request_id, "model_version": model_version}))
+
+
+class Edge:
+    def __init__(self, app, request_id_max_length: int, metrics: Metrics | None):
+        self.app = app
+        self.max_length = request_id_max_length
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        headers = scope["headers"]
+        request_id = request_id_from(headers, self.max_length)
+        context = {"request_id": request_id, "model_version": None}
+        token = CURRENT.set(context)
+        id_header = (b"x-request-id", request_id.encode())
+        status, busy, bytes_in, response_started = 500, False, 0, False
+
+        async def counting_receive():
+            nonlocal bytes_in
+            message = await receive()
+            if message["type"] == "http.request":
+                bytes_in += len(message.get("body", b""))
+            return message
+
+        async def tagging_send(message):
+            nonlocal status, busy, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                raw = list(message.get("headers", ()))
+                busy = status == 503 and any(name.lower() == b"retry-after" for name, _ in raw)
+                message = {**message, "headers": [*raw, id_header]}
+            await send(message)
+
+        metrics = self.metrics
+        declared = _declared_length(headers) if metrics else 0
+        if metrics:
+            metrics.in_flight[0] += 1
+            metrics.in_flight[1] += declared
+        try:
+            await self.app(scope, counting_receive, tagging_send)
+        except Exception:
+            # Starlette's last-resort 500 is sent outside this middleware: without an id. Send it here.
+            log.exception("unexpected error on %s %s (request %s)", scope["method"], scope["path"], request_id)
+            if not response_started:
+                body = json.dumps({"error": "Internal error in the adapter; see its log."}).encode()
+                await tagging_send({"type": "http.response.start", "status": 500, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+        finally:
+            CURRENT.reset(token)
+            seconds = time.perf_counter() - started
+            route = route_label(scope["path"])
+            if metrics:
+                metrics.in_flight[0] -= 1
+                metrics.in_flight[1] -= declared
+                metrics.answered(route, status, seconds, busy)
+            _log_line(scope["method"], route, status, bytes_in, seconds, request_id, context["model_version"])
+
+def refused_before_app(metrics: Metrics | None, status: int) -> list[tuple[bytes, bytes]]:
+    """adapter/protocol.py refused a request at the parser: count and log it; its answer's headers."""
+    request_id = uuid.uuid4().hex
+    if metrics:
+        metrics.refused_before_app(status)
+    _log_line("-", "other", status, 0, 0.0, request_id, None)
+    return [(b"x-request-id", request_id.encode())]
+
+
+class AccessLogFormatter(logging.Formatter):
+    """The access lines as they are (one JSON object each); every other record in the plain format."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == access_log.name:
+            return record.getMessage()
+        return super().format(record)

@@ -1,0 +1,76 @@
+"""What the adapter counts for Prometheus (prometheus_client; served at GET /metrics, or on its own
+port: METRICS_ENABLED, METRICS_PORT in config.py).
+
+    adapter_requests_total{route, status}            answers sent
+    adapter_request_duration_seconds{route}          end to end, first byte in -> last byte out
+    adapter_model_server_duration_seconds            one call to the model server (a retry is a second one)
+    adapter_requests_in_flight, adapter_bytes_in_flight   requests being answered now, their declared bodies
+    adapter_refusals_total{reason}                   timeout (408), too_large (413), url_too_long (414),
+                                                     headers_too_large (431), bad_http (400 at the parser),
+                                                     busy (503 + Retry-After: in-flight caps)
+    adapter_model_server_retries_total               predictions sent again after their worker died
+    adapter_model_server_errors_total{kind}          unreachable, timeout, busy, error_answer (5xx), bad_answer
+
+Each app has its own registry (tests build several apps in one process). Routes are a fixed set
+(ROUTES, else "other"), so the series stay few whatever paths clients try.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+ROUTES = frozenset({"/classify/", "/classify", "/explain/", "/classes", "/settings", "/health", "/metrics", "/"})
+# Refusals the adapter makes itself, by status; 503 counts only with Retry-After (the in-flight caps:
+# a 503 for a model server that is down or not ready is the model server's, not a refusal).
+REFUSAL_REASONS = {400: "bad_http", 408: "timeout", 413: "too_large", 414: "url_too_long", 431: "headers_too_large"}
+# Seconds: a CPU prediction takes milliseconds, a queue under load tenths, the deadline is 10 s.
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+def route_label(path: str) -> str:
+    return path if path in ROUTES else "other"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter("adapter_requests", "Answers sent, by route and HTTP status", ["route", "status"],
+                                registry=r)
+        self.latency = Histogram("adapter_request_duration_seconds", "A request end to end, in the adapter",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.model_server_latency = Histogram("adapter_model_server_duration_seconds",
+                                              "One call to the model server's inference API",
+                                              buckets=LATENCY_BUCKETS, registry=r)
+        # Plain integers, read when Prometheus scrapes (a gauge's inc/dec takes a lock, per request).
+        self.in_flight = [0, 0]  # [requests being answered now, the bodies they declared (Content-Length)]
+        Gauge("adapter_requests_in_flight", "Requests being answered now",
+              registry=r).set_function(lambda: self.in_flight[0])
+        Gauge("adapter_bytes_in_flight", "Bodies those requests declared (Content-Length)",
+              registry=r).set_function(lambda: self.in_flight[1])
+        self.refusals = Counter("adapter_refusals", "Requests the adapter refused itself, by reason", ["reason"],
+                                registry=r)
+        self.retries = Counter("adapter_model_server_retries", "Predictions sent again after their worker died",
+                               registry=r)
+        self.model_server_errors = Counter("adapter_model_server_errors", "Failed calls to the model server, by kind",
+                                           ["kind"], registry=r)
+        # (route, status) -> child, route -> child: labels() costs more than the increment itself
+        self._requests, self._latency = {}, {}
+
+    def answered(self, route: str, status: int, seconds: float, busy: bool) -> None:
+        key = (route, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(route, str(status))
+        child.inc()
+        latency = self._latency.get(route)
+        if latency is None:
+            latency = self._latency[route] = self.latency.labels(route)
+        latency.observe(seconds)
+        reason = "busy" if status == 503 and busy else REFUSAL_REASONS.get(status)
+        if reason is not None:
+            self.refusals.labels(reason).inc()
+
+    def refused_before_app(self, status: int) -> None:
+        """A refusal at the HTTP parser (adapter/protocol.py): no route, no app."""
+        self.requests.labels("other", str(status)).inc()
+        self.refusals.labels(REFUSAL_REASONS.get(status, "bad_http")).inc()

@@ -1,0 +1,242 @@
+"""Put new weights into service on the running TorchServe without failing a request (``make rollout``).
+
+    python -m serving.rollout --weights PATH [--ready-timeout 240] [--drain-s 2]
+
+  1. build the archive of PATH (serving/archive.py) as ``model_store/cifar100-<version>.mar``;
+  2. register it beside the serving version (management API, management key), its workers as
+     model-config.yaml says; wait until they are READY, then send it warm-up predictions on its own
+     route (``/predictions/cifar100/<version>``): every one must answer 200 from that version;
+  3. make it the default: from then on ``/predictions/cifar100`` (the adapter's route) reaches it;
+  4. drain each old version (its queue empty, then ``--drain-s`` for the batches its workers hold)
+     and unregister it; its rollout archive is deleted (``cifar100.mar``, make serve's, is kept).
+If the new version is not READY and warm within ``--ready-timeout``, it is unregistered again, the
+old one keeps serving, and the command exits 1 with the reason. Rolling back is the same command
+with the previous weights. Serving the version that is already the default is a no-op (exit 0).
+
+TorchServe must allow registration (``enable_model_api=true`` in config.properties; it listens on
+loopback only, and every management call needs the management key), and ``allowed_urls=^$``
+refuses archives from URLs: only files already in the model store can be registered.
+A restart (make serve) serves ``WEIGHTS`` again, the shipped ones by default: roll out, then
+restart with ``make serve WEIGHTS=...`` to keep the new weights across restarts.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+from serving import settings
+from serving.archive import DEFAULT_WEIGHTS, ArchiveError, build_archive, weights_version
+from serving.keys import KeyFile, KeyFileError
+from serving.process import log_tail
+from serving.torchserve import TorchServeInstance, default_instance
+
+MODEL_NAME = settings.MODEL_NAME
+HTTP_TIMEOUT_S = 30.0
+WARMUP_ROUNDS = 2  # warm-up predictions per worker of the new version
+
+
+class RolloutError(RuntimeError):
+    """The rollout stopped; the message says why (and what still serves)."""
+
+
+def _warmup_png() -> bytes:
+    """A 32x32 grey PNG: the shape the network runs on, through the handler's whole path."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class Rollout:
+    ts: TorchServeInstance
+    ready_timeout_s: float = 240.0   # as model-config.yaml's startupTimeout: a busy CI machine is slow
+    drain_s: float = 2.0             # after an old version's queue is empty: its workers' last batches
+    say: callable = print
+
+    def __post_init__(self):
+        self.keys = KeyFile(self.ts.key_file.path)
+        self.http = httpx.Client(timeout=HTTP_TIMEOUT_S)
+
+    # ---- the management API ----------------------------------------------------------------
+    def _call(self, method: str, path: str, kind: str = "management", base: str | None = None, **kwargs):
+        try:
+            headers = self.keys.header(kind)
+        except KeyFileError as err:
+            raise RolloutError(f"no {kind} key for the running TorchServe: {err}") from None
+        try:
+            return self.http.request(method, (base or self.ts.management_url) + path, headers=headers, **kwargs)
+        except httpx.HTTPError as err:
+            raise RolloutError(f"TorchServe's management API at {self.ts.management_url} did not answer "
+                               f"({type(err).__name__}: {err}); is TorchServe running?") from None
+
+    def versions(self) -> list[dict]:
+        r = self._call("GET", f"/models/{MODEL_NAME}/all")
+        if r.status_code != 200:
+            raise RolloutError(f"TorchServe does not serve {MODEL_NAME}: {r.status_code} {r.text.strip()[:200]}")
+        return r.json()
+
+    def default_version(self) -> str:
+        r = self._call("GET", f"/models/{MODEL_NAME}")
+        if r.status_code != 200:
+            raise RolloutError(f"TorchServe does not serve {MODEL_NAME}: {r.status_code} {r.text.strip()[:200]}")
+        return r.json()[0]["modelVersion"]
+
+    def workers_rss_mb(self) -> tuple[int, float]:
+        """(worker processes, their resident memory in MB): what an overlap costs."""
+        pid = self.ts.java_pid()
+        if pid is None:
+            return 0, 0.0
+        workers = [p for p in psutil.Process(pid).children(recursive=True) if "python" in p.name().lower()]
+        rss = 0
+        for p in workers:
+            try:
+                rss += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return len(workers), rss / 1e6
+
+    # ---- the steps ---------------------------------------------------------------------------
+    def archive(self, weights: Path, version: str) -> Path:
+        mar = self.ts.model_store / f"{MODEL_NAME}-{version}.mar"
+        with tempfile.TemporaryDirectory(prefix="cifar100-rollout-") as tmp:
+            built = build_archive(weights, Path(tmp), quiet=True)
+            shutil.move(built, mar)
+        self.say(f"built {mar.name} from {weights}")
+        return mar
+
+    def register(self, mar: Path) -> None:
+        r = self._call("POST", "/models", params={"url": mar.name, "model_name": MODEL_NAME, "synchronous": "false"})
+        if r.status_code == 405:
+            raise RolloutError("TorchServe refuses to register models (enable_model_api=false in its "
+                               "config.properties): set enable_model_api=true and restart it (README, Operating)")
+        if r.status_code not in (200, 202):
+            raise RolloutError(f"TorchServe refused to register {mar.name}: {r.status_code} {r.text.strip()[:300]}")
+
+    def wait_ready_and_warm(self, version: str) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        last = "not registered yet"
+        while True:
+            r = self._call("GET", f"/models/{MODEL_NAME}/{version}")
+            if r.status_code == 200:
+                workers = r.json()[0].get("workers", [])
+                last = f"workers {[w.get('status') for w in workers]}"
+                if workers and all(w.get("status") == "READY" for w in workers):
+                    break
+            else:
+                last = f"{r.status_code} {r.text.strip()[:200]}"
+            if time.monotonic() > deadline:
+                raise RolloutError(f"version {version} was not READY within {self.ready_timeout_s:g} s ({last});"
+                                   f" model log:\n{log_tail(self.ts.log_dir / 'model_log.log')}")
+            time.sleep(0.5)
+        # Warm: a first batch per worker on the new version's own route; each answer must be its own.
+        image, path = _warmup_png(), f"/predictions/{MODEL_NAME}/{version}"
+        count = WARMUP_ROUNDS * len(workers)
+        with ThreadPoolExecutor(len(workers)) as pool:
+            answers = list(pool.map(lambda _: self._call("POST", path, "inference", self.ts.inference_url,
+                                                         content=image), range(count)))
+        bad = [f"{a.status_code} {a.text.strip()[:120]}" for a in answers
+               if a.status_code != 200 or a.json().get("model_version") != version]
+        if bad:
+            raise RolloutError(f"version {version} is READY but its warm-up predictions failed: {bad[0]}")
+
+    def set_default(self, version: str) -> None:
+        r = self._call("PUT", f"/models/{MODEL_NAME}/{version}/set-default")
+        if r.status_code != 200:
+            raise RolloutError(f"could not make {version} the default: {r.status_code} {r.text.strip()[:200]}")
+
+    def drain_and_unregister(self, version: str, url: str) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:  # requests queued for it before the switch
+            r = self._call("GET", f"/models/{MODEL_NAME}/{version}")
+            pending = (r.json()[0].get("jobQueueStatus") or {}).get("pendingRequests", 0) if r.status_code == 200 else 0
+            if not pending:
+                break
+            time.sleep(0.2)
+        time.sleep(self.drain_s)  # the batches its workers hold
+        r = self._call("DELETE", f"/models/{MODEL_NAME}/{version}", timeout=self.ready_timeout_s)
+        if r.status_code != 200:
+            raise RolloutError(f"the new version serves, but unregistering {version} failed: "
+                               f"{r.status_code} {r.text.strip()[:200]}")
+        if url.startswith(f"{MODEL_NAME}-") and url.endswith(".mar"):  # a rollout's archive, not make serve's
+            (self.ts.model_store / url).unlink(missing_ok=True)
+        self.say(f"drained and unregistered {version}")
+
+    def unregister_quietly(self, version: str) -> None:
+        try:
+            self._call("DELETE", f"/models/{MODEL_NAME}/{version}", timeout=self.ready_timeout_s)
+        except RolloutError:
+            pass
+
+    # ---- the whole move ----------------------------------------------------------------------
+    def run(self, weights: Path) -> str:
+        """Serve ``weights``; returns the new version. RolloutError: the old version still serves."""
+        try:
+            version = weights_version(Path(weights))
+        except ArchiveError as err:
+            raise RolloutError(str(err)) from None
+        old = self.default_version()
+        if old == version:
+            self.say(f"version {version} already serves {MODEL_NAME}; nothing to do")
+            return version
+        registered = {v["modelVersion"]: v.get("modelUrl", "") for v in self.versions()}
+        before_workers, before_mb = self.workers_rss_mb()
+        if version not in registered:  # (else: left by a failed run; wait for it again)
+            try:
+                mar = self.archive(Path(weights), version)
+            except ArchiveError as err:
+                raise RolloutError(str(err)) from None
+            self.register(mar)
+            self.say(f"registered {version} beside {old}; waiting for its workers")
+        try:
+            self.wait_ready_and_warm(version)
+        except RolloutError as err:
+            self.unregister_quietly(version)
+            (self.ts.model_store / f"{MODEL_NAME}-{version}.mar").unlink(missing_ok=True)
+            raise RolloutError(f"{err}\n{old} still serves; {version} was unregistered") from None
+        during_workers, during_mb = self.workers_rss_mb()
+        self.say(f"{version} is READY and warm; workers {before_workers} -> {during_workers}, their memory "
+                 f"{before_mb:.0f} MB -> {during_mb:.0f} MB RSS during the overlap")
+        self.set_default(version)
+        self.say(f"{version} is the default: {MODEL_NAME}'s requests go to it")
+        for other, url in registered.items():
+            if other != version:
+                self.drain_and_unregister(other, url)
+        self.say(f"done: {MODEL_NAME} serves {version}")
+        return version
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--ready-timeout", type=float, default=240.0,
+                        help="seconds the new version may take to be READY and warm (then: exit 1, old kept)")
+    parser.add_argument("--drain-s", type=float, default=2.0,
+                        help="seconds an old version keeps its workers after its queue is empty")
+    args = parser.parse_args(argv)
+    ts = default_instance()
+    if not ts.is_running():
+        print("error: TorchServe is not running (make serve-torchserve)", file=sys.stderr)
+        return 1
+    try:
+        Rollout(ts, args.ready_timeout, args.drain_s).run(args.weights)
+    except RolloutError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""What the edge records: X-Request-ID on every answer, one JSON log line per request, Prometheus
+metrics at /metrics (or on their own port, or off). A real adapter process in front of the session's
+real TorchServe; the settings checks run adapters in front of no TorchServe at all."""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from datetime import datetime
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from adapter.run import running_adapter
+from adapter.torchserve import PROBE_IMAGE
+from serving.process import free_port
+from test_adapter import torchserve_env
+
+PNG_1PX = PROBE_IMAGE  # a valid 1x1 PNG
+NEW_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text -> {(sample name, sorted labels): value}."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def raw_request(base: str, request: bytes) -> bytes:
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.fixture(scope="module")
+def adapter(torchserve, tmp_path_factory):
+    log = tmp_path_factory.mktemp("adapter-edge") / "adapter.log"
+    with running_adapter({**torchserve_env(torchserve), "MAX_UPLOAD_BYTES": "100000"}, log) as proc:
+        yield proc
+
+
+def test_request_ids_log_lines_and_metrics(adapter, client):
+    base = adapter.base_url
+    ok = client.post(f"{base}/classify/", files={"image": ("p.png", PNG_1PX, "image/png")},
+                     headers={"X-Request-ID": "req-42.a:b_c"})
+    assert ok.status_code == 200 and ok.headers["x-request-id"] == "req-42.a:b_c"
+    version = ok.json()["model_version"]
+    # Insane ids (spaces, too long) are replaced by a new one; errors carry one too.
+    for bad in ("two words", "x" * 129, "<script>"):
+        r = client.post(f"{base}/classify/", files={"image": ("p.png", PNG_1PX, "image/png")},
+                        headers={"X-Request-ID": bad})
+        assert r.status_code == 200 and NEW_ID.fullmatch(r.headers["x-request-id"]), r.headers
+    no_field = client.post(f"{base}/classify/", files={"photo": ("p.png", PNG_1PX, "image/png")})
+    too_big = client.post(f"{base}/classify/", files={"image": ("p.png", b"\0" * 200_000, "image/png")})
+    assert (no_field.status_code, too_big.status_code) == (400, 413)
+    assert NEW_ID.fullmatch(no_field.headers["x-request-id"]) and NEW_ID.fullmatch(too_big.headers["x-request-id"])
+    # Refused at the HTTP parser, before the app: too many headers (431).
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(120))
+    answer = raw_request(base, b"GET /health HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431") and re.search(rb"x-request-id: [0-9a-f]{32}", answer), answer[:300]
+
+    metrics = client.get(f"{base}/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    values = samples(metrics.text)
+    assert values[("adapter_requests_total", (("route", "/classify/"), ("status", "200")))] == 4
+    assert values[("adapter_requests_total", (("route", "/classify/"), ("status", "413")))] == 1
+    assert values[("adapter_refusals_total", (("reason", "too_large"),))] == 1
+    assert values[("adapter_refusals_total", (("reason", "headers_too_large"),))] == 1
+    # (/health's own probe prediction, at the adapter's start, counts too)
+    assert values[("adapter_model_server_duration_seconds_count", ())] >= 4
+    assert values[("adapter_request_duration_seconds_count", (("route", "/classify/"),))] == 6
+    assert values[("adapter_requests_in_flight", ())] == 1  # this /metrics request itself
+    assert ("adapter_model_server_retries_total", ()) in values
+
+    lines = [json.loads(line) for line in adapter.log_file.read_text().splitlines() if line.startswith("{")]
+    [mine] = [line for line in lines if line["request_id"] == "req-42.a:b_c"]
+    assert mine["route"] == "/classify/" and mine["status"] == 200 and mine["method"] == "POST"
+    assert mine["model_version"] == version and mine["bytes_in"] > len(PNG_1PX) and mine["latency_ms"] > 0
+    assert datetime.fromisoformat(mine["time"]).tzinfo is not None
+    assert {line["status"] for line in lines} >= {200, 400, 413, 431}
+    refused = [line for line in lines if line["request_id"] == no_field.headers["x-request-id"]]
+    assert refused and refused[0]["model_version"] is None
+
+
+@pytest.mark.parametrize("env, on_main, on_own_port", [
+    ({"METRICS_ENABLED": "0"}, 404, None),
+    ({"METRICS_PORT": "{port}"}, 404, 200),
+])
+def test_metrics_can_be_turned_off_or_moved(tmp_path, env, on_main, on_own_port):
+    port = free_port()
+    env = {key: value.format(port=port) for key, value in env.items()}
+    dead = f"http://127.0.0.1:{free_port()}"  # no TorchServe needed for this
+    with running_adapter({"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, **env}, tmp_path / "a.log") as a:
+        r = httpx.get(f"{a.base_url}/metrics", timeout=30)
+        assert r.status_code == on_main and "error" in r.json()
+        if on_own_port:
+            own = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30)
+            assert own.status_code == on_own_port and "adapter_requests_total" in own.text
+        # A failed model-server call is counted (here: nobody listens at TorchServe's address).
+        r = httpx.post(f"{a.base_url}/classify/", files={"image": ("p.png", PNG_1PX, "image/png")}, timeout=30)
+        assert r.status_code == 503 and NEW_ID.fullmatch(r.headers["x-request-id"])
+        if on_own_port:
+            own = samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
+            assert own[("adapter_model_server_errors_total", (("kind", "unreachable"),))] == 1
+
+
+def test_the_log_rotates_at_its_size_and_keeps_every_line(tmp_path):
+    import logging
+
+    from adapter.run import RotatingLog
+
+    path = tmp_path / "adapter.log"
+    handler = RotatingLog(path, maxBytes=1000, backupCount=2, encoding="utf-8")
+    logger = logging.getLogger("test.rotation")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        lines = [json.dumps({"n": n, "text": "é" * 20}) for n in range(60)]
+        for line in lines[:30]:
+            logger.warning(line)
+        handler.close()  # a restarted adapter appends to the file it finds, and counts it
+        for line in lines[30:]:
+            logger.warning(line)
+    finally:
+        handler.close()
+        logger.removeHandler(handler)
+    files = [path, path.with_name("adapter.log.1"), path.with_name("adapter.log.2")]
+    assert not path.with_name("adapter.log.3").exists()
+    assert all(f.exists() and 0 < f.stat().st_size < 1000 for f in files), [f.stat().st_size for f in files]
+    kept = [line for f in reversed(files) for line in f.read_text(encoding="utf-8").splitlines()]
+    assert kept == lines[-len(kept):] and len(kept) >= 15  # the newest, in order, none cut
+
+
+def test_refusals_before_and_in_the_app_are_counted_by_reason(tmp_path):
+    """503 busy (in-flight cap), 408 for a slow body and for a slow head: no model server needed."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "MAX_REQUESTS_IN_FLIGHT": "1",
+           "BODY_TIMEOUT_S": "3", "HEADER_TIMEOUT_S": "1"}
+    post = (b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b"--b" * 3)
+    with running_adapter(env, tmp_path / "a.log") as a:
+        host, port = a.base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as holder:
+            holder.sendall(post)  # holds the one in-flight slot; its body never completes
+            time.sleep(0.5)
+            busy = raw_request(a.base_url, post)
+            assert busy.startswith(b"HTTP/1.1 503") and b"retry-after" in busy.lower(), busy[:300]
+            with socket.create_connection((host, int(port)), timeout=30) as slow_head:
+                slow_head.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+                assert slow_head.recv(65536).startswith(b"HTTP/1.1 408")
+            assert holder.recv(65536).startswith(b"HTTP/1.1 408")  # BODY_TIMEOUT_S
+        values = samples(httpx.get(f"{a.base_url}/metrics", timeout=30).text)
+        assert values[("adapter_refusals_total", (("reason", "busy"),))] == 1
+        assert values[("adapter_refusals_total", (("reason", "timeout"),))] == 2
+        assert values[("adapter_requests_total", (("route", "/classify/"), ("status", "503")))] == 1
