@@ -86,11 +86,13 @@ rollout: install
 	$(PY) -m serving.rollout --weights $(WEIGHTS) $(ROLLOUT_ARGS)
 
 # TorchServe vs the same model in-process, concurrency 1/4/16 (BENCH_SERVE_ARGS="--duration 4"); then the
-# adapter, then v2 bodies vs raw ones through the KServe bundle (concurrency 16 unless --concurrency).
+# adapter, then v2 bodies vs raw ones through the KServe bundle (concurrency 16 unless --concurrency),
+# then 12 MP phone photos through /classify/ (shrunk in the adapter, by the page, or not at all).
 bench-serve: install
 	$(PY) -m benchmarks.bench_serve --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 	$(PY) -m benchmarks.bench_adapter --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 	$(PY) -m benchmarks.bench_kserve --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
+	$(PY) -m benchmarks.bench_photos --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 
 # Hostile and heavy clients, the long runs (~15 min): 64 concurrent 9.9 MB uploads with each
 # process's peak memory, a 20,000-request soak, 150 s of slow and stalled uploads (SOAK_ARGS="--requests 2000").

@@ -5,7 +5,8 @@
                       "unsure": ..., "model_version": ..., "time_ms": ...}
     POST /explain/    the same, plus "heatmap": "data:image/png;base64,..." (Grad-CAM of the answer)
     GET  /classes     the 100 things the model knows: [{"index", "label", "name"}]
-    GET  /settings    what the page checks before uploading: {"max_upload_bytes", "top_k"}
+    GET  /settings    what the page checks before uploading: {"max_upload_bytes", "top_k", "shrink"
+                      (which photos it shrinks before uploading, and how; null: none)}
                       `prediction` is the seed's key and display rule (label, `_` as spaces, first
                       letter capital); the other keys are additions.
     GET  /health      200 {"status": "ok", ...} when the model can answer now, else
@@ -48,6 +49,7 @@ from .errors import ClassifyError
 from .limits import InFlight, RequestLimits
 from .metrics import Metrics
 from .oip import OIPClient
+from .shrink import UploadShrinker
 from .torchserve import TorchServeClient
 from .upload import read_image_upload
 
@@ -94,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
             metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_host, metrics.registry)
             log.info("adapter: Prometheus metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+        app.state.shrinker = UploadShrinker(settings)  # large photos shrunk before they travel on
         log.info("adapter: model '%s' at %s (max upload %d bytes, %d requests / %d bytes in flight, "
                  "predict deadline %g s)", settings.model_name, settings.oip_url or settings.inference_url,
                  settings.max_upload_bytes, settings.max_requests_in_flight, settings.max_bytes_in_flight,
@@ -104,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if metrics_server is not None:
                 metrics_server.shutdown()
                 metrics_server.server_close()
+            app.state.shrinker.close()
             await app.state.torchserve.aclose()
 
     settings.check()
@@ -154,7 +158,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The body is read here (not by a FastAPI File() parameter) so the size limit acts while
         # it streams in.
         upload = await read_image_upload(request, settings.max_upload_bytes)
-        answer = await request.app.state.torchserve.predict(upload.data)
+        image = await request.app.state.shrinker.prepare(upload.data)
+        answer = await request.app.state.torchserve.predict(image)
         return JSONResponse(classify_answer(answer, started))
 
     app.add_api_route("/classify/", classify, methods=["POST"], openapi_extra=upload_body,
@@ -163,7 +168,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def explain(request: Request) -> JSONResponse:
         started = time.perf_counter()
         upload = await read_image_upload(request, settings.max_upload_bytes)
-        answer = await request.app.state.torchserve.predict(upload.data, explain=True)
+        image = await request.app.state.shrinker.prepare(upload.data, explain=True)
+        answer = await request.app.state.torchserve.predict(image, explain=True)
         return JSONResponse({**classify_answer(answer, started), "heatmap": answer["heatmap"]})
 
     app.add_api_route("/explain/", explain, methods=["POST"], openapi_extra=upload_body,
@@ -175,9 +181,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                              for i, label in enumerate(CLASS_NAMES)])
 
     @app.get("/settings")
-    async def page_settings() -> JSONResponse:
+    async def page_settings(request: Request) -> JSONResponse:
         # The page asks instead of carrying its own copy of the limits.
-        return JSONResponse({"max_upload_bytes": settings.max_upload_bytes, "top_k": TOP_K})
+        return JSONResponse({"max_upload_bytes": settings.max_upload_bytes, "top_k": TOP_K,
+                             "shrink": request.app.state.shrinker.page_rules()})
     # The page is mounted at "/" and would swallow what the routes do not match: the slash
     # redirect (answer "/classify" too) and the 405 for other methods (say it here).
     app.add_api_route("/classify", classify, methods=["POST"], include_in_schema=False)

@@ -50,6 +50,10 @@ serving/settings.py).
     REQUEST_ID_MAX_LENGTH  longest client X-Request-ID kept (letters, digits, ._:-); else a new one  128
     FRONTEND_DIR          folder served at /                    frontend/ beside this package
     ADAPTER_HOST / ADAPTER_PORT  where `python -m adapter.run start` listens  127.0.0.1 / 8000
+    SHRINK_UPLOADS        1: large photos are shrunk here before they go on, and the page shrinks
+                          them before uploading (adapter/shrink.py); 0: every file goes as it is  1
+    SHRINK_MIN_BYTES      uploads above this (or above 1 MP) are shrunk  262144 (256 KB)
+    SHRINK_WORKERS        threads that decode uploads to shrink them    2
 """
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving import images
 from serving import settings as shared  # the defaults every part shares (model name, ports, upload limit)
 
 DEFAULT_FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
@@ -159,6 +164,9 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     request_id_max_length: int = 128
     frontend_dir: str = str(DEFAULT_FRONTEND_DIR)
+    shrink_uploads: bool = True
+    shrink_min_bytes: int = images.SHRINK_MIN_BYTES
+    shrink_workers: int = 2  # the machine's cores: decoding is CPU work
 
     def check(self) -> None:
         """Refuse settings that contradict each other (called at start-up)."""
@@ -223,4 +231,7 @@ class Settings:
             metrics_host=os.environ.get("METRICS_HOST", cls.metrics_host),
             request_id_max_length=_env_int("REQUEST_ID_MAX_LENGTH", cls.request_id_max_length),
             frontend_dir=os.environ.get("FRONTEND_DIR", str(DEFAULT_FRONTEND_DIR)),
+            shrink_uploads=_env_flag("SHRINK_UPLOADS", cls.shrink_uploads),
+            shrink_min_bytes=_env_int("SHRINK_MIN_BYTES", cls.shrink_min_bytes),
+            shrink_workers=_env_int("SHRINK_WORKERS", cls.shrink_workers),
         )

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from handler.preprocessing import _to_rgb, decode_image, image_to_tensor
+from handler.preprocessing import decode_image, image_to_tensor
+from serving.images import _to_rgb
 
 
 def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -2,7 +2,8 @@
 // it, send it to POST {apiBase}/classify/ as multipart field `image`, and show the answer with its
 // top-5 bars, saying so plainly when the model is unsure. "Why?" asks POST {apiBase}/explain/ for
 // the answer's Grad-CAM heatmap and lays it over the preview; GET {apiBase}/classes lists the 100
-// things the model knows; GET {apiBase}/settings gives the upload limit checked before sending.
+// things the model knows; GET {apiBase}/settings gives the upload limit checked before sending and
+// the rules for shrinking a large photo here, before it is uploaded (the preview stays full-size).
 "use strict";
 
 (function () {
@@ -17,6 +18,7 @@
   const predictionText = $("prediction");
   const top5List = $("top5");
   const metaText = $("meta");
+  const sentText = $("sent");
   const errorText = $("error");
   const unsureText = $("unsure");
   const heatmapImage = $("heatmap");
@@ -38,9 +40,9 @@
     return (fromQuery || fromWindow || metaContent("api-base") || "").replace(/\/+$/, "");
   }
 
-  // The adapter's limits (GET {apiBase}/settings: max_upload_bytes, top_k), asked once at start so
-  // that a too-large file is refused before it is sent. Unreachable: no check here, the adapter's
-  // own 413 still answers.
+  // The adapter's limits (GET {apiBase}/settings: max_upload_bytes, top_k, shrink), asked once at
+  // start so that a too-large file is refused before it is sent and a large photo is shrunk first.
+  // Unreachable: no check and no shrinking here, the adapter's own 413 still answers.
   const serverSettings = fetch(`${apiBase()}/settings`)
     .then((response) => (response.ok ? response.json() : {}))
     .catch(() => ({}));
@@ -56,7 +58,7 @@
 
   let previewUrl = null;
   let requestNumber = 0; // a newer image makes an older answer stale
-  let currentFile = null; // the picture on show, for "Why?"
+  let currentUpload = null; // what was sent for the picture on show ({blob, name}), for "Why?"
   let currentAnswer = null;
   let heatmapFor = 0; // the requestNumber the overlay belongs to (0: none yet)
 
@@ -162,6 +164,56 @@
     return message || `The server answered ${response.status} ${response.statusText}.`;
   }
 
+  // True when any pixel of the canvas is not fully opaque.
+  function hasTransparency(context, width, height) {
+    const pixels = context.getImageData(0, 0, width, height).data;
+    for (let i = 3; i < pixels.length; i += 4) {
+      if (pixels[i] !== 255) return true;
+    }
+    return false;
+  }
+
+  // A large photo shrunk before upload, following the adapter's rules (GET /settings `shrink`):
+  // its type is one of `types`, it is larger than `min_bytes` or `min_pixels`, and its shorter side
+  // (upright, after its EXIF orientation) is brought down to `min_side`, the most the server
+  // decodes of it anyway; sent as `type` at `quality`. Returns {blob, width, height}, or null to
+  // send the file as it is: small images, transparent ones (the server lays those on white),
+  // and anything this browser cannot decode (the server decides about those).
+  async function shrunkPhoto(file, rules) {
+    if (!rules || !Array.isArray(rules.types) || !rules.types.includes(file.type)) return null;
+    let bitmap;
+    try {
+      // The file's own pixel values, as the server reads them (no colour-profile conversion).
+      bitmap = await createImageBitmap(file, { imageOrientation: "from-image", colorSpaceConversion: "none" });
+    } catch (_) {
+      return null;
+    }
+    try {
+      const { width, height } = bitmap;
+      const shorter = Math.min(width, height);
+      const large = file.size > rules.min_bytes || width * height > rules.min_pixels;
+      if (!large || shorter <= rules.min_side) return null;
+      const scale = rules.min_side / shorter;
+      const canvas = document.createElement("canvas");
+      canvas.width = Math.max(1, Math.round(width * scale));
+      canvas.height = Math.max(1, Math.round(height * scale));
+      const context = canvas.getContext("2d", { willReadFrequently: true });
+      context.imageSmoothingEnabled = true;
+      context.imageSmoothingQuality = "high";
+      context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+      if (file.type !== "image/jpeg" && hasTransparency(context, canvas.width, canvas.height)) return null;
+      const blob = await new Promise((resolve) => canvas.toBlob(resolve, rules.type, rules.quality));
+      if (!blob || blob.size >= file.size) return null;
+      return { blob, width: canvas.width, height: canvas.height };
+    } finally {
+      bitmap.close();
+    }
+  }
+
+  function baseName(name) {
+    return (name || "pasted-image").replace(/\.[^.]*$/, "");
+  }
+
   async function classify(file, description) {
     if (!file) return;
     const thisRequest = ++requestNumber;
@@ -175,14 +227,25 @@
       showError("That file is empty.");
       return;
     }
-    const maxUploadBytes = Number((await serverSettings).max_upload_bytes) || 0;
+    const settings = await serverSettings;
     if (thisRequest !== requestNumber) return; // a newer image arrived while the settings were asked for
-    if (maxUploadBytes && file.size > maxUploadBytes) {
+    const shrunk = await shrunkPhoto(file, settings.shrink);
+    if (thisRequest !== requestNumber) return;
+    const upload = shrunk ? { blob: shrunk.blob, name: `${baseName(file.name)}.jpg` }
+      : { blob: file, name: file.name || "pasted-image" };
+    const maxUploadBytes = Number(settings.max_upload_bytes) || 0;
+    if (maxUploadBytes && upload.blob.size > maxUploadBytes) {
       showError(`The image is too large: ${formatBytes(file.size)}; the limit is ${formatBytes(maxUploadBytes)}.`);
       return;
     }
 
-    currentFile = file;
+    // Say what travels: the preview keeps the original.
+    sentText.textContent = shrunk
+      ? `Sent a ${shrunk.width} × ${shrunk.height} copy (${formatBytes(shrunk.blob.size)}) of your ` +
+        `${formatBytes(file.size)} photo; the model looks at 32 × 32 pixels.`
+      : "";
+    sentText.hidden = !shrunk;
+    currentUpload = upload;
     currentAnswer = null;
     resetWhy();
     if (previewUrl) URL.revokeObjectURL(previewUrl);
@@ -202,7 +265,7 @@
     document.body.dataset.state = "busy";
 
     const form = new FormData();
-    form.append("image", file, file.name || "pasted-image");
+    form.append("image", upload.blob, upload.name);
     const url = `${apiBase()}/classify/`;
     try {
       let response;
@@ -273,7 +336,7 @@
   }
 
   async function why() {
-    if (!currentFile) return;
+    if (!currentUpload) return;
     if (whyButton.getAttribute("aria-pressed") === "true") { // a second press hides the overlay
       heatmapImage.hidden = true;
       whyButton.setAttribute("aria-pressed", "false");
@@ -286,7 +349,7 @@
       return;
     }
     const form = new FormData();
-    form.append("image", currentFile, currentFile.name || "pasted-image");
+    form.append("image", currentUpload.blob, currentUpload.name); // what /classify/ got
     const url = `${apiBase()}/explain/`;
     whyButton.disabled = true;
     statusLine.textContent = "Looking for what the answer came from…";

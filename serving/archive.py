@@ -8,7 +8,7 @@ The archive holds:
   index_to_name.json                                  the 100 class names
   calibration.json                                    temperature + unsure threshold, when the one beside
                                                       the weights was fitted on them (training/calibrate.py)
-  model/, handler/, serving/settings.py               the packages the handler imports
+  model/, handler/, serving/settings.py + images.py   the packages the handler imports
 
 The version says which weights it holds: ``w<width>-<first 8 hex of the weights' sha256>``. The
 archive is rebuilt only when an input changed (a digest of all inputs sits beside it), so
@@ -40,7 +40,8 @@ CLASS_NAMES_FILE = REPO / "model" / "index_to_name.json"
 # (The handler module itself goes in once, at the archive root, via --handler.)
 PACKAGES = {"model": ["*.py", "index_to_name.json"],
             "handler": ["__init__.py", "preprocessing.py", "protocols.py", "calibration.py", "explain.py"],
-            "serving": ["__init__.py", "settings.py"]}  # the shared facts (top-k, v2 output names)
+            # the shared facts (top-k, v2 output names) and the decoding rules the adapter shares
+            "serving": ["__init__.py", "settings.py", "images.py"]}
 
 
 class ArchiveError(RuntimeError):

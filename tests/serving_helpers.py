@@ -43,6 +43,16 @@ def png_declaring_size(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
+def jpeg_declaring_size(width: int, height: int) -> bytes:
+    """A small real JPEG whose frame header (SOF0) is rewritten to declare width x height (a JPEG
+    decompression bomb's header)."""
+    data = bytearray(encode(Image.new("RGB", (64, 64), (90, 120, 200)), "JPEG"))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 7] = height.to_bytes(2, "big")
+    data[sof + 7:sof + 9] = width.to_bytes(2, "big")
+    return bytes(data)
+
+
 def decompression_bomb_png() -> bytes:
     """A real bomb: a ~40 KB PNG that decodes to 256 megapixels (16000 x 16000, one bit each)."""
     return encode(Image.new("1", (16000, 16000)), optimize=False)

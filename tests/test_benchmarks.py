@@ -1,5 +1,5 @@
 """The serving benchmarks' parts: the wrk load generator (benchmarks/load.py) against the session's
-real TorchServe, and `python -m benchmarks.bench_serve` and `bench_adapter` end to end on short runs.
+real TorchServe, and `python -m benchmarks.bench_serve`, `bench_adapter` and `bench_photos` end to end on short runs.
 
 What is tested is that the figures are measured and failures are counted, not any speed: speed
 is shown by `make bench`, never asserted by a test.
@@ -87,3 +87,17 @@ def test_bench_adapter_prints_three_columns_and_its_two_targets():
     lines = run_benchmark("bench_adapter", ("torchserve", "adapter", "seed-style"))
     assert any(line.startswith("adapter p50 - torchserve p50 at concurrency 1:") for line in lines), lines
     assert any(line.startswith("adapter / seed-style images/s at concurrency 2:") for line in lines), lines
+
+
+def test_bench_photos_prints_the_three_paths_with_their_cpu_per_photo():
+    # Starts its own TorchServe and two adapters, 12 MP JPEGs at concurrency 1 only (~60 s here).
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_photos", "--duration", "1", "--concurrency", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert " cores" in lines[0], lines
+    for path in ("whole file (SHRINK_UPLOADS=0)", "shrunk in the adapter", "shrunk by the page"):
+        row = next(line for line in lines if line.startswith(path))[len(path):].split()
+        # conc, photos/s, p50, p99, then CPU ms per photo: adapter, java, workers, wrk, total
+        assert row[0] == "1" and float(row[1]) > 0 and len(row) == 9 and float(row[-1]) > 0, row
+    assert "errors" not in done.stdout

@@ -10,16 +10,7 @@ from PIL import Image
 
 from benchmarks.bench_decode import full_decode, photo_like
 from handler.preprocessing import DECODE_MIN_SIDE, MAX_JPEG_PIXELS, ImageRequestError, decode_image, image_to_tensor
-from serving_helpers import cifar_pil, encode, exif_rotated_jpeg
-
-
-def jpeg_declaring_size(width: int, height: int) -> bytes:
-    """A small real JPEG whose frame header (SOF0) is rewritten to declare width x height."""
-    data = bytearray(encode(Image.new("RGB", (64, 64), (90, 120, 200)), "JPEG"))
-    sof = data.find(b"\xff\xc0")
-    data[sof + 5:sof + 7] = height.to_bytes(2, "big")
-    data[sof + 7:sof + 9] = width.to_bytes(2, "big")
-    return bytes(data)
+from serving_helpers import cifar_pil, encode, exif_rotated_jpeg, jpeg_declaring_size
 
 
 def test_a_12_megapixel_jpeg_is_decoded_at_reduced_scale_with_the_same_input():

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -110,24 +111,110 @@ def test_choose_file_shows_prediction_and_five_bars(adapter, page, photo):
     page.screenshot(path=str(ARTIFACTS / "page-phone.png"), full_page=True)
 
 
-def _file_js(photo: Path) -> str:
+def _file_js(photo: Path, mime: str = "image/png") -> str:
     encoded = base64.b64encode(photo.read_bytes()).decode()
     return (f"const bytes = Uint8Array.from(atob('{encoded}'), c => c.charCodeAt(0));"
-            f"const file = new File([bytes], '{photo.name}', {{type: 'image/png'}});"
+            f"const file = new File([bytes], '{photo.name}', {{type: '{mime}'}});"
             "const dt = new DataTransfer(); dt.items.add(file);")
 
 
-def test_drop_an_image(adapter, page, photo):
-    answer = expected_answer(adapter, photo)
-    page.goto(f"{adapter.base_url}/")
-    page.evaluate("() => {" + _file_js(photo) + """
+def drop(page, photo: Path, mime: str = "image/png") -> None:
+    page.evaluate("() => {" + _file_js(photo, mime) + """
         const zone = document.getElementById('drop-zone');
         zone.dispatchEvent(new DragEvent('dragenter', {bubbles: true, cancelable: true, dataTransfer: dt}));
         zone.dispatchEvent(new DragEvent('dragover', {bubbles: true, cancelable: true, dataTransfer: dt}));
         zone.dispatchEvent(new DragEvent('drop', {bubbles: true, cancelable: true, dataTransfer: dt}));
     }""")
+
+
+def test_drop_an_image(adapter, page, photo):
+    answer = expected_answer(adapter, photo)
+    page.goto(f"{adapter.base_url}/")
+    drop(page, photo)
     wait_for_answer(page)
     assert_shows(page, answer)
+    assert page.is_hidden("#sent")  # a 32x32 PNG goes as it is
+
+
+# --- large photos are shrunk before upload (the adapter's rules: GET /settings "shrink") ---------
+
+def uploads(page) -> list[bytes]:
+    """The bodies the page POSTs to /classify/ from now on, as they go out (intercepted on their
+    way: Chromium hands a canvas-made blob's bytes to an interception, not to a mere listener)."""
+    bodies: list[bytes] = []
+
+    def record(route):
+        bodies.append(route.request.post_data_buffer)
+        route.continue_()
+    page.route("**/classify/", record)
+    return bodies
+
+
+def sent_image(body: bytes) -> Image.Image:
+    """The image inside a multipart body of one file field."""
+    head, _, rest = body.partition(b"\r\n\r\n")
+    return Image.open(io.BytesIO(rest[:rest.rindex(b"\r\n--")]))
+
+
+@pytest.fixture(scope="module")
+def large_photo(cifar100_test_split, tmp_path_factory):
+    """A CIFAR-100 test image as a 12 MP JPEG (4032x3024, a phone photo's size)."""
+    data, _ = cifar100_test_split
+    path = tmp_path_factory.mktemp("photos") / "photo-0042.jpg"
+    img = Image.fromarray(data[42].permute(1, 2, 0).numpy()).resize((4032, 3024), Image.Resampling.BICUBIC)
+    img.save(path, quality=90)
+    return path
+
+
+def test_a_12_mp_photo_is_shrunk_before_upload(adapter, page, large_photo):
+    answer = expected_answer(adapter, large_photo)  # the adapter's answer for the whole file
+    page.goto(f"{adapter.base_url}/")
+    bodies = uploads(page)
+    drop(page, large_photo, "image/jpeg")
+    wait_for_answer(page)
+    assert len(bodies) == 1 and len(bodies[0]) <= 100_000, [len(b) for b in bodies]
+    sent = sent_image(bodies[0])
+    assert sent.format == "JPEG" and sent.size == (341, 256)  # the shorter side the server decodes
+    assert page.inner_text("#prediction") == answer["prediction"]
+    assert "341 × 256" in page.inner_text("#sent") and page.is_visible("#sent")
+    assert page.evaluate("document.getElementById('preview').naturalWidth") == 4032  # the preview: the original
+
+
+def halves(size, top=(255, 0, 0), bottom=(0, 0, 255)) -> Image.Image:
+    img = Image.new("RGB", size, bottom)
+    img.paste(top, (0, 0, size[0], size[1] // 2))
+    return img
+
+
+def test_an_exif_rotated_photo_is_sent_upright(adapter, page, tmp_path):
+    # A portrait photo as phones store it: the pixels a quarter turn left, EXIF orientation 6.
+    path = tmp_path / "portrait.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    halves((2400, 3200)).transpose(Image.Transpose.ROTATE_90).save(path, quality=90, exif=exif.tobytes())
+    page.goto(f"{adapter.base_url}/")
+    bodies = uploads(page)
+    drop(page, path, "image/jpeg")
+    wait_for_answer(page)
+    sent = sent_image(bodies[0])
+    assert sent.size == (256, 341)
+    pixels = np.asarray(sent.convert("RGB"), dtype=int)
+    top, bottom = pixels[20].mean(0), pixels[-20].mean(0)
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60, (top, bottom)
+
+
+def test_a_transparent_png_is_sent_as_it_is(adapter, page, tmp_path):
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (1000, 1200, 4), dtype=np.uint8)
+    rgba[:, :600, 3] = 0  # the left half see-through: the server lays it on white, a canvas would not
+    path = tmp_path / "cut-out.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    page.goto(f"{adapter.base_url}/")
+    bodies = uploads(page)
+    drop(page, path)
+    wait_for_answer(page)
+    assert path.read_bytes() in bodies[0]
+    assert page.is_hidden("#sent")
 
 
 def test_paste_an_image(adapter, page, photo):

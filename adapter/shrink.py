@@ -1,0 +1,66 @@
+"""Large uploads shrunk where they enter, so TorchServe never moves megabytes.
+
+An upload of a photo format above SHRINK_MIN_BYTES (or SHRINK_MIN_PIXELS) is decoded here with the
+handler's own rules (serving/images.py: the pixel limits, JPEG draft mode, integer reduction, EXIF,
+RGB, the 32x32 resize) and forwarded as the network's 32x32 input, a lossless PNG of a few KB; an
+explanation gets the decoded picture at its decoded size (its heatmap follows that size). Both give
+the handler exactly the pixels the whole file would have given it. A large upload the handler would refuse
+is refused here with the handler's status and message; a decompression bomb of any size gets the
+handler's 413 on its header, before any pixel is decoded. Other formats, small files and SHRINK_UPLOADS=0 keep today's path.
+
+Decoding runs in a pool of SHRINK_WORKERS threads, never on the event loop (Pillow releases the GIL
+while it decodes, resizes and encodes). What waits for the pool is bounded by the in-flight caps
+(limits.py): the uploads are already held; a thread holds at most one decoded picture (a JPEG at
+1/8 scale, or up to 16 MP of another format). A small upload's header is read on the loop (tens of
+microseconds): only one that declares many pixels goes to the pool.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from serving.images import ImageRequestError, open_upload, page_shrink_rules, shrunk_png, worth_shrinking
+
+from .config import Settings
+from .errors import ClassifyError
+
+
+class UploadShrinker:
+    def __init__(self, settings: Settings):
+        self.enabled = settings.shrink_uploads
+        self.min_bytes = settings.shrink_min_bytes
+        self._pool = (ThreadPoolExecutor(settings.shrink_workers, thread_name_prefix="shrink")
+                      if self.enabled else None)
+
+    def page_rules(self) -> dict | None:
+        """What the page shrinks, and how (GET /settings); None: send every file as it is."""
+        return page_shrink_rules(self.min_bytes) if self.enabled else None
+
+    async def prepare(self, data: bytes | bytearray, explain: bool = False) -> bytes | bytearray:
+        """The body to forward for this upload: itself, or its shrunk PNG; ClassifyError for an
+        image the handler would refuse."""
+        if not self.enabled:
+            return data
+        loop = asyncio.get_running_loop()
+        try:
+            if len(data) <= self.min_bytes:
+                try:
+                    img = open_upload(data)  # the header (and a small PNG's checksums) only
+                except ImageRequestError as err:
+                    if err.status == 413:  # a bomb: refused before any pixel is decoded
+                        raise
+                    return data  # not an image: the handler says so, as it did before
+                if not worth_shrinking(img, len(data), self.min_bytes):
+                    return data
+                return await loop.run_in_executor(self._pool, shrunk_png, img, explain)
+            return await loop.run_in_executor(self._pool, self._shrink_large, data, explain)
+        except ImageRequestError as err:
+            raise ClassifyError(err.status, err.message) from None
+
+    def _shrink_large(self, data: bytes | bytearray, explain: bool) -> bytes | bytearray:
+        img = open_upload(data)  # in the pool: a 10 MB PNG's checksums take milliseconds
+        return shrunk_png(img, explain) if worth_shrinking(img, len(data), self.min_bytes) else data
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,228 @@
+"""Encoded image -> the picture the network sees, and when an upload is shrunk before it travels:
+one copy of these rules, Pillow only (no torch, no numpy). The handler decodes with it (packed into
+the archive beside serving/settings.py); the adapter shrinks large uploads with it; the page is told
+its part of the rules by the adapter (GET /settings).
+
+Limits (each refused with a 4xx before any pixel is decoded, the server keeps serving):
+  * images above their format's pixel limit are refused with 413 on their header alone, which also
+    stops decompression bombs (a tiny file that declares a huge canvas): MAX_IMAGE_PIXELS for formats
+    decoded at full size (PNG, GIF, WebP, ...), MAX_JPEG_PIXELS for JPEG, which is decoded at 1/2..1/8
+    scale (below). 413 rather than 400: the request is well-formed, just too big to process, and a
+    client should not retry it as is. (The upload's byte size is capped before: by the adapter, and
+    by TorchServe's max_request_size.)
+Cheap decoding: the network sees 32x32, so an image is decoded no larger than it needs. A JPEG is
+decoded by libjpeg at a reduced scale (Pillow's draft mode: the DCT is cut to 1/2, 1/4 or 1/8), a
+large image of another format is box-reduced by an integer factor after decoding; both keep at least
+DECODE_MIN_SIDE pixels on each side, so the final antialiased resize to 32x32 still averages many
+source pixels (benchmarks/bench_decode.py measures the CPU and the agreement with a full decode).
+
+Shrinking where the photo enters (the adapter, the page): an upload of a SHRINK_FORMATS format above
+SHRINK_MIN_BYTES or SHRINK_MIN_PIXELS is decoded by the adapter with these same rules and forwarded
+as the network's own 32x32 input (a lossless PNG of a few KB; for an explanation, the decoded image
+itself, whose size the heatmap follows). The handler's decode of that PNG is the identity, so the
+answer is bit for bit the one the whole file gets (tests/test_shrink.py). The page cannot reproduce
+Pillow's pixels; it sends the photo with its shorter side at DECODE_MIN_SIDE, the most the handler
+would decode anyway, as a JPEG (PAGE_JPEG_QUALITY): agreement with the full path measured in
+benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import io
+import zlib
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# 16 megapixels decoded at full size (~48 MB as RGB): above a 12 MP phone photo or a 5K screenshot
+# (14.7 MP); a small PNG bomb must not cost a worker seconds and memory (benchmarks/RESULTS.md).
+MAX_IMAGE_PIXELS = 16_000_000
+# JPEGs are decoded at up to 1/8 scale, so a 64 MP JPEG (a 48-50 MP sensor's full-resolution photo)
+# costs about what a 1 MP one does at full scale.
+MAX_JPEG_PIXELS = 64_000_000
+# The smallest side an image is decoded to (draft / reduce stop before going below it): 8x the
+# network's input. A 12 MP photo still decodes at 1/8 scale (3000 / 8 = 375 px); 256 keeps more
+# answers equal to a full decode's than 128 does (benchmarks/RESULTS.md, "Cheap decoding").
+DECODE_MIN_SIDE = 256
+INPUT_SIZE = 32  # the network was trained on 32x32 CIFAR images
+
+# --- shrinking uploads where they enter (the adapter; the page through GET /settings) -------------
+# Photo and screenshot formats, as Pillow names them, with the MIME types the page sees.
+SHRINK_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+# Uploads larger than this, or with more pixels than SHRINK_MIN_PIXELS, are shrunk; smaller ones
+# cost less to carry than to shrink (a CIFAR-size PNG is ~3 KB).
+SHRINK_MIN_BYTES = 256 * 1024
+SHRINK_MIN_PIXELS = 1_000_000
+# The page's encoding of what it sends (JPEG: a 12 MP photo becomes ~10-40 KB; the page's
+# agreement with the full path is the same as with a lossless PNG, benchmarks/RESULTS.md).
+PAGE_SHRINK_TYPE = "image/jpeg"
+PAGE_JPEG_QUALITY = 0.92
+PNG_FAST = 1  # zlib level of the adapter's lossless PNGs: a few KB either way, level 1 is fastest
+
+
+class ImageRequestError(ValueError):
+    """One request's image cannot be classified; ``status`` is the HTTP code its client gets."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png_checksums(data: bytes) -> None:
+    """Refuse a PNG whose chunk checksums are wrong (a corrupted upload or download).
+
+    Pillow checks them only for some chunks (and then says "cannot identify image file"); a bad
+    image-data (IDAT) chunk would otherwise decode into wrong pixels and a confident wrong answer.
+    """
+    if not data.startswith(PNG_SIGNATURE):
+        return
+    pos = len(PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        end = pos + 12 + length  # length, type, payload, crc
+        if end > len(data):
+            return  # truncated: decoding reports it
+        kind = data[pos + 4:pos + 8]
+        if zlib.crc32(data[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            raise ImageRequestError(400, f"corrupt PNG: checksum mismatch in its {kind.decode('latin-1')!r} chunk")
+        if kind == b"IEND":
+            return
+        pos = end
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; transparent areas become white (how a page shows them)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        # Palette with a transparent entry: go through RGBA so it is composited like real alpha.
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit (PNG/TIFF) grey: scale the 0..65535 range down to 8 bits (rounded) rather than
+        # clipping at 255. point() on an "I" image truncates; converting to "L" clips to 0..255.
+        img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    elif img.mode == "F":
+        _, high = img.getextrema()
+        scale = 255.0 if high <= 1.0 else 1.0  # float images are usually 0..1
+        img = img.point(lambda v: v * scale + 0.5).convert("L")  # rounded, clipped to 0..255
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, ...
+
+
+def _check_pixel_limit(img: Image.Image) -> None:
+    """413 naming the limit that applies to this image's format, on its header alone."""
+    width, height = img.size
+    jpeg = img.format == "JPEG"
+    limit = MAX_JPEG_PIXELS if jpeg else MAX_IMAGE_PIXELS
+    if width * height > limit:
+        kind = "JPEG images" if jpeg else f"{img.format or 'these'} images (JPEG: {MAX_JPEG_PIXELS / 1e6:.0f} MP)"
+        raise ImageRequestError(
+            413, f"image is {width}x{height} pixels ({width * height / 1e6:.1f} MP), above the "
+                 f"{limit / 1e6:.0f} MP limit for {kind}")
+
+
+def _reduced(img: Image.Image) -> Image.Image:
+    """A decoded image box-reduced by the largest integer factor that keeps DECODE_MIN_SIDE."""
+    factor = min(img.size) // DECODE_MIN_SIDE
+    if factor < 2 or img.mode not in ("RGB", "RGBA", "L", "LA", "RGBa", "La", "I", "F", "I;16"):
+        return img
+    return img.reduce(factor)
+
+
+def _refusal(err: Exception) -> ImageRequestError:
+    """What a Pillow failure while opening or decoding tells the client."""
+    if isinstance(err, ImageRequestError):
+        return err
+    if isinstance(err, Image.DecompressionBombError):
+        return ImageRequestError(413, f"image refused (possible decompression bomb), above the "
+                                      f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP limit: {err}")
+    if isinstance(err, UnidentifiedImageError):
+        return ImageRequestError(400, "not an image (or a format Pillow cannot read)")
+    if isinstance(err, MemoryError):
+        return ImageRequestError(413, "image too large to decode")
+    # Pillow raises many types (OSError, SyntaxError, ...) for bad files.
+    return ImageRequestError(400, f"corrupt or truncated image: {err}")
+
+
+def open_upload(data: bytes) -> Image.Image:
+    """An upload's header, parsed and checked (PNG checksums, then the pixel limits); no pixel
+    decoded yet. Refuses with the status and message the handler answers.
+
+    (No warnings filter: Pillow only warns between 89 and 179 MP, far above these limits, which
+    refuse such an image right after; a process-wide filter would not be thread-safe in the adapter.)
+    """
+    check_png_checksums(data)
+    try:
+        img = Image.open(io.BytesIO(data))
+        _check_pixel_limit(img)  # on the header, before decoding pixels
+    except Exception as err:  # noqa: BLE001 - every failure becomes the client's 4xx
+        raise _refusal(err) from err
+    return img
+
+
+def decode_opened(img: Image.Image) -> Image.Image:
+    """An opened upload (open_upload) -> upright 8-bit RGB, decoded no larger than needed."""
+    try:
+        if img.format == "JPEG":
+            # libjpeg decodes at 1/2..1/8 scale; the aspect ratio and the EXIF tag are kept.
+            img.draft(None, (DECODE_MIN_SIDE, DECODE_MIN_SIDE))
+        img = ImageOps.exif_transpose(img)  # phones store portrait photos sideways + EXIF tag
+        img.load()
+        img = _reduced(img)
+    except Exception as err:  # noqa: BLE001 - every failure becomes the client's 4xx
+        raise _refusal(err) from err
+    return _to_rgb(img)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded bytes -> upright 8-bit RGB PIL image (first frame of an animation), decoded no larger
+    than the 32x32 input needs (see the module's docstring).
+
+    Animated GIF/WebP/APNG: the first frame is classified, as browsers show it as the still.
+    """
+    return decode_opened(open_upload(data))
+
+
+def network_input(img: Image.Image) -> Image.Image:
+    """RGB image -> the network's 32x32 input image.
+
+    Like the seed, the whole image is resized to 32x32 (no crop, aspect ratio not kept) with
+    Pillow's bilinear filter, which is antialiased when shrinking (its support widens with the
+    scale) -- the same call torchvision's ``Resize((32, 32))`` makes on a PIL image. A 32x32 image
+    (a CIFAR test image) passes unchanged.
+    """
+    if img.size != (INPUT_SIZE, INPUT_SIZE):
+        img = img.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)
+    return img
+
+
+# --- shrinking ------------------------------------------------------------------------------------
+
+def worth_shrinking(img: Image.Image, size_bytes: int, min_bytes: int = SHRINK_MIN_BYTES) -> bool:
+    """Whether an upload (its opened header and byte size) is shrunk before it travels on."""
+    width, height = img.size
+    return img.format in SHRINK_FORMATS and (size_bytes > min_bytes or width * height > SHRINK_MIN_PIXELS)
+
+
+def shrunk_png(img: Image.Image, keep_size: bool = False) -> bytes:
+    """An opened upload (open_upload) decoded with the handler's rules, as a lossless PNG: the
+    network's 32x32 input, whose decode by the handler is the identity, or with ``keep_size`` the
+    picture at its decoded size (an explanation's heatmap follows the picture's size). Raises
+    ImageRequestError with the handler's own status and message for an image it would refuse."""
+    decoded = decode_opened(img)
+    if not keep_size:
+        decoded = network_input(decoded)
+    out = io.BytesIO()
+    decoded.save(out, format="PNG", compress_level=PNG_FAST)
+    return out.getvalue()
+
+
+def page_shrink_rules(min_bytes: int = SHRINK_MIN_BYTES) -> dict:
+    """The page's part of the rules (GET /settings): which files it shrinks, to what, sent how."""
+    return {"types": sorted(SHRINK_FORMATS.values()), "min_bytes": min_bytes, "min_pixels": SHRINK_MIN_PIXELS,
+            "min_side": DECODE_MIN_SIDE, "type": PAGE_SHRINK_TYPE, "quality": PAGE_JPEG_QUALITY}

@@ -1,0 +1,268 @@
+"""Large photos shrunk where they enter (serving/images.py, adapter/shrink.py): the network gets the
+same pixels as from the whole file, EXIF-rotated photos stand upright, bombs are refused before any
+pixel is decoded, and decoding never holds up the adapter's event loop. In-process first, then
+through a real adapter in front of the session's real TorchServe. The page's part: tests/test_page.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import multiprocessing
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from adapter.config import Settings
+from adapter.errors import ClassifyError
+from adapter.run import running_adapter
+from adapter.shrink import UploadShrinker
+from benchmarks.bench_decode import photo_like
+from serving.images import (
+    SHRINK_MIN_BYTES, ImageRequestError, decode_image, network_input, open_upload, page_shrink_rules, shrunk_png,
+    worth_shrinking)
+from serving_helpers import encode, exif_rotated_jpeg, jpeg_declaring_size
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTO_SIZE = (4032, 3024)  # a 12 MP phone photo
+JPEG_PHOTOS, PNG_PHOTOS = 200, 12  # a 12 MP PNG costs ~5x a JPEG to make and decode
+
+
+def _full_and_shrunk(job: tuple[np.ndarray, str]) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """One CIFAR test image as a 12 MP photo: (the network's input from the whole file, the same
+    from the adapter's shrunk body, that body's size, whether the adapter shrinks it)."""
+    pixels, fmt = job
+    # Smooth at 1/7 scale, then each pixel 7x7 (a third of the CPU of a smooth 12 MP upscale; the
+    # 7-pixel steps straddle JPEG's 8x8 blocks, so they carry detail).
+    photo = Image.fromarray(pixels).resize((PHOTO_SIZE[0] // 7, PHOTO_SIZE[1] // 7), Image.Resampling.BICUBIC)
+    photo = photo.resize(PHOTO_SIZE, Image.Resampling.NEAREST)
+    data = encode(photo, fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": 1}))
+    full = np.asarray(network_input(decode_image(data)))
+    opened = open_upload(data)
+    body = shrunk_png(opened)
+    return full, np.asarray(network_input(decode_image(body))), len(body), worth_shrinking(opened, len(data))
+
+
+@pytest.fixture(scope="module")
+def large_photos(cifar100_test_split):
+    """200 test images as 12 MP JPEGs and 12 as 12 MP PNGs, made and decoded on 2 processes."""
+    images, _ = cifar100_test_split
+    picks = [(i, "JPEG") for i in range(0, 10000, 10000 // JPEG_PHOTOS)]
+    picks += [(i + 7, "PNG") for i in range(0, 10000 - 7, 10000 // PNG_PHOTOS)]
+    jobs = [(images[i].permute(1, 2, 0).numpy(), fmt) for i, fmt in picks]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_full_and_shrunk, jobs, chunksize=4))
+
+
+def test_large_photos_travel_as_the_networks_own_input(large_photos):
+    assert len(large_photos) >= 200
+    assert all(worth for _, _, _, worth in large_photos)
+    # A few KB instead of megabytes, and bit for bit the pixels the whole file gives the network.
+    assert max(size for _, _, size, _ in large_photos) < 4096
+    same = [np.array_equal(full, shrunk) for full, shrunk, _, _ in large_photos]
+    assert all(same), f"{same.count(False)} of {len(same)} differ"
+
+
+def test_answers_through_the_shrinking_path_equal_the_full_path(large_photos, reference):
+    def top1(arrays):
+        return reference.probs_of_uint8(torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])).argmax(1)
+
+    full = top1([f for f, _, _, _ in large_photos])
+    shrunk = top1([s for _, s, _, _ in large_photos])
+    agreement = float((full == shrunk).float().mean())
+    assert agreement >= 0.99, agreement
+
+
+def halves(size, top=(255, 0, 0), bottom=(0, 0, 255)) -> Image.Image:
+    """Top half one colour, bottom half another: an upright picture whose turns are visible."""
+    img = Image.new("RGB", size, bottom)
+    img.paste(top, (0, 0, size[0], size[1] // 2))
+    return img
+
+
+def sideways_photo(upright: Image.Image) -> bytes:
+    """How a phone stores a portrait photo: the pixels turned a quarter left, EXIF orientation 6."""
+    return exif_rotated_jpeg(upright.transpose(Image.Transpose.ROTATE_90), orientation=6)
+
+
+def assert_upright(img: Image.Image) -> None:
+    pixels = np.asarray(img, dtype=int)
+    top, bottom = pixels[pixels.shape[0] // 8].mean(0), pixels[-pixels.shape[0] // 8].mean(0)
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60, (top, bottom)
+
+
+def test_an_exif_rotated_photo_comes_out_upright():
+    upright = halves((2400, 3200))  # portrait, 7.7 MP
+    data = sideways_photo(upright)
+    assert Image.open(io.BytesIO(data)).size == (3200, 2400)  # stored sideways
+    opened = open_upload(data)
+    assert worth_shrinking(opened, len(data))
+    explained = decode_image(shrunk_png(opened, keep_size=True))
+    assert explained.size == (300, 400)  # 1/8 scale, portrait
+    assert_upright(explained)
+    assert_upright(decode_image(shrunk_png(open_upload(data))))  # the 32x32 input
+
+
+def prepare(data: bytes, explain: bool = False, **settings) -> bytes:
+    async def run():
+        shrinker = UploadShrinker(Settings(**settings))
+        try:
+            return await shrinker.prepare(data, explain)
+        finally:
+            shrinker.close()
+    return asyncio.run(run())
+
+
+def test_the_adapter_forwards_the_input_and_the_picture_for_an_explanation():
+    data = encode(photo_like(4032, 3024), "JPEG", quality=90)
+    assert len(data) > 1_000_000
+    classified, explained = prepare(data), prepare(data, explain=True)
+    assert decode_image(classified).size == (32, 32) and len(classified) < 4096
+    assert decode_image(explained).size == decode_image(data).size == (504, 378)  # the heatmap's size
+    assert np.array_equal(np.asarray(decode_image(explained)), np.asarray(decode_image(data)))
+
+
+def test_small_files_other_formats_and_the_switch_keep_todays_path():
+    small = encode(photo_like(64, 48))
+    assert prepare(small) == small
+    gif = encode(photo_like(1200, 900).convert("P"), "GIF")  # a large file, not a photo format
+    assert len(gif) > SHRINK_MIN_BYTES and prepare(gif) == gif
+    photo = encode(photo_like(2000, 1500), "JPEG")
+    assert prepare(photo, shrink_uploads=False) == photo
+    # Few bytes but many pixels (a screenshot of flat colours): shrunk.
+    flat = encode(Image.new("RGB", (2000, 1500), (20, 90, 160)))
+    assert len(flat) < SHRINK_MIN_BYTES and decode_image(prepare(flat)).size == (32, 32)
+    # Not an image: a small one goes on for the handler to refuse as before; a large one is refused
+    # here with the handler's own words.
+    assert prepare(b"not a picture") == b"not a picture"
+    with pytest.raises(ClassifyError) as info:
+        prepare(b"\x89PNG not really" * 40_000)
+    with pytest.raises(ImageRequestError) as handler:
+        decode_image(b"\x89PNG not really" * 40_000)
+    assert (info.value.status_code, info.value.message) == (handler.value.status, handler.value.message) == (
+        400, "not an image (or a format Pillow cannot read)")
+
+
+@pytest.mark.parametrize("padding", [0, 2 * SHRINK_MIN_BYTES], ids=["small", "large"])
+def test_a_jpeg_bomb_is_413_before_any_pixel_is_decoded(monkeypatch, padding):
+    bomb = jpeg_declaring_size(10_000, 8_000) + b"\0" * padding  # 80 MP declared
+    with pytest.raises(ImageRequestError) as handler:
+        decode_image(bomb)
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or real_load(self))
+    with pytest.raises(ClassifyError) as info:
+        prepare(bomb)
+    assert info.value.status_code == handler.value.status == 413
+    assert info.value.message == handler.value.message and "64 MP limit for JPEG" in info.value.message
+    assert decoded == []
+
+
+def test_the_event_loop_keeps_answering_while_a_photo_is_decoded():
+    data = encode(photo_like(3000, 2000, seed=3))  # a 6 MP PNG: ~0.2 s or more to decode
+    lags: list[float] = []
+
+    async def run():
+        shrinker = UploadShrinker(Settings(shrink_workers=2))
+        try:
+            jobs = asyncio.gather(*(shrinker.prepare(data) for _ in range(4)))
+            names = set()
+            while not jobs.done():
+                started = time.perf_counter()
+                await asyncio.sleep(0.005)
+                lags.append(time.perf_counter() - started - 0.005)
+                names |= {t.name for t in threading.enumerate() if t.name.startswith("shrink")}
+            return await jobs, names
+        finally:
+            shrinker.close()
+
+    started = time.perf_counter()
+    bodies, threads = asyncio.run(run())
+    took = time.perf_counter() - started
+    assert all(decode_image(b).size == (32, 32) for b in bodies)
+    assert 1 <= len(threads) <= 2  # the pool is bounded
+    # Decoding off the loop: it kept turning every few ms (a loaded 2-core machine: up to 0.25 s
+    # late once) instead of stalling for each decode.
+    assert len(lags) >= 10 and max(lags) < min(0.25, took / 2), (len(lags), max(lags), took)
+
+
+def test_the_page_carries_no_copy_of_the_shrink_rules():
+    text = (REPO / "frontend" / "app.js").read_text()
+    rules = page_shrink_rules()
+    for value in (rules["min_bytes"], rules["min_pixels"], rules["quality"], '"image/webp"'):
+        assert str(value) not in text, value
+
+
+# --- through a real adapter and TorchServe ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapter(torchserve, tmp_path_factory):
+    env = {"TS_INFERENCE_URL": torchserve.inference_url, "TS_MANAGEMENT_URL": torchserve.management_url,
+           "TS_MODEL_NAME": torchserve.model_name, "TS_KEY_FILE": str(torchserve.key_file.path)}
+    with running_adapter(env, tmp_path_factory.mktemp("shrink-adapter") / "adapter.log") as proc:
+        yield proc
+
+
+def post(url: str, data: bytes, content_type: str = "image/jpeg") -> httpx.Response:
+    return httpx.post(url, files={"image": ("photo.jpg", data, content_type)}, timeout=60)
+
+
+def direct(ts, data: bytes, route: str = "predictions") -> httpx.Response:
+    return httpx.post(f"{ts.inference_url}/{route}/{ts.model_name}", content=data,
+                      headers=ts.key_file.header("inference"), timeout=60)
+
+
+def requests_served(ts) -> float:
+    """TorchServe's own count of inference requests (Prometheus metrics)."""
+    text = httpx.get(f"{ts.metrics_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ts_inference_requests_total"))
+
+
+def test_a_12_mp_photo_through_the_adapter_answers_as_the_whole_file(adapter, torchserve_ready):
+    data = encode(photo_like(4032, 3024, seed=5), "JPEG", quality=95)  # ~4 MB, like a phone's
+    shrunk = post(f"{adapter.base_url}/classify/", data)
+    whole = direct(torchserve_ready, data)
+    assert shrunk.status_code == 200 and whole.status_code == 200, (shrunk.text, whole.text)
+    a, b = shrunk.json(), whole.json()
+    assert a["prediction"] == b["prediction"]
+    assert [g["label"] for g in a["top5"]] == [g["label"] for g in b["topk"]]
+    for mine, theirs in zip(a["top5"], b["topk"]):
+        assert abs(mine["probability"] - theirs["probability"]) < 1e-4
+    # The explanation's heatmap has the size the whole file's has (the picture's, at most 224 px).
+    explained = post(f"{adapter.base_url}/explain/", data).json()
+    whole_explained = direct(torchserve_ready, data, "explanations").json()
+
+    def heatmap_size(answer):
+        return Image.open(io.BytesIO(base64.b64decode(answer["heatmap"].split(",", 1)[1]))).size
+    assert heatmap_size(explained) == heatmap_size(whole_explained) == (224, 168)
+
+
+def test_an_exif_rotated_photo_through_the_adapter_is_explained_upright(adapter, torchserve_ready):
+    explained = post(f"{adapter.base_url}/explain/", sideways_photo(halves((2400, 3200))))
+    assert explained.status_code == 200, explained.text
+    heatmap = Image.open(io.BytesIO(base64.b64decode(explained.json()["heatmap"].split(",", 1)[1])))
+    assert heatmap.size == (168, 224)  # portrait, as the photo is shown
+
+
+def test_a_jpeg_bomb_is_refused_by_the_adapter_as_the_handler_would(adapter, torchserve_ready):
+    bomb = jpeg_declaring_size(10_000, 8_000)
+    handler = direct(torchserve_ready, bomb)
+    before = requests_served(torchserve_ready)
+    refused = post(f"{adapter.base_url}/classify/", bomb)
+    assert refused.status_code == handler.status_code == 413
+    assert refused.json() == {"error": handler.json()["error"]}
+    assert requests_served(torchserve_ready) == before  # TorchServe never saw it
+
+
+def test_settings_tell_the_page_the_shrink_rules(adapter):
+    settings = httpx.get(f"{adapter.base_url}/settings", timeout=10).json()
+    assert settings["shrink"] == page_shrink_rules()
+    assert settings["shrink"]["types"] == ["image/jpeg", "image/png", "image/webp"]
