@@ -14,7 +14,6 @@ adapter/config.py.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import subprocess
@@ -29,6 +28,7 @@ import httpx
 from serving import settings as shared
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, command_line_has, free_port,
                              popen_exited, stop_popen, stop_process, wait_until_ready)
+from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_DIR = Path(os.environ.get("ADAPTER_LOG_DIR", REPO / "logs"))
@@ -193,7 +193,7 @@ def serve(host: str, port: int, log_file: Path | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adapter.run", description=__doc__.splitlines()[0])
+    parser = cli.Parser("adapter.run", __doc__.splitlines()[0])
     parser.add_argument("command", choices=["start", "stop", "status", "serve"])
     parser.add_argument("--host", help="serve: address (default ADAPTER_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="serve: port (default ADAPTER_PORT or 8000)")

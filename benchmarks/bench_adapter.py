@@ -14,7 +14,6 @@ the servers: read the figures as ratios measured side by side in one run.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from benchmarks.bench_serve import (
     add_load_arguments, cifar_png_payloads, machine, print_table, start_benchmark_torchserve, torchserve_target, ts_properties)
 from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies
 from serving.process import free_port, popen_exited, stop_popen, wait_until_ready
+from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_START_TIMEOUT_S = 120
@@ -70,7 +70,7 @@ def _answers(url: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The /classify/ adapter vs direct TorchServe vs the seed-style server.")
+    parser = cli.Parser("benchmarks.bench_adapter", "The /classify/ adapter vs direct TorchServe vs the seed-style server.")
     add_load_arguments(parser)
     args = parser.parse_args(argv)
 

@@ -18,7 +18,6 @@ archive is rebuilt only when an input changed (a digest of all inputs sits besid
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -28,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from serving.settings import CALIBRATION_FILE, MODEL_NAME
+from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
@@ -151,7 +151,7 @@ def build_archive(weights: Path = DEFAULT_WEIGHTS, export_path: Path = DEFAULT_E
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("serving.archive", __doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument("--export-path", type=Path, default=DEFAULT_EXPORT)
     parser.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")

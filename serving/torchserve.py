@@ -18,7 +18,6 @@ Healthy before the model is loaded, and stays Healthy while a worker crash-loops
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from serving.java import java_problem
 from serving.keys import KeyFile, KeyFileError
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, free_ports, log_tail,
                              stop_process, wait_until_ready)
+from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = settings.MODEL_NAME
@@ -243,7 +243,7 @@ def default_instance() -> TorchServeInstance:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run TorchServe for the CIFAR-100 model.")
+    parser = cli.Parser("serving.torchserve", "Run TorchServe for the CIFAR-100 model.")
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for a READY worker")
     args = parser.parse_args(argv)

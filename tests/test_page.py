@@ -15,19 +15,15 @@ from PIL import Image
 
 from adapter.run import running_adapter
 from serving.process import free_port
+from system_parts import CHROMIUM  # missing: the run stops with the fix (conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 ANSWER_TIMEOUT_MS = 60_000  # the training run may share the CPU
-
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason=f"no Chromium at {CHROMIUM}: run `make install-system`")
-
 
 @pytest.fixture(scope="module")
 def adapter(torchserve, tmp_path_factory):

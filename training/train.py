@@ -35,6 +35,7 @@ from model import CIFAR100Model
 from training.data import DataError, batches, default_data_dir, load_split, normalize, subset
 from training.evaluation import accuracy, predict_logits, topk_correct
 from training.runtime import atomic_save, code_version, hardware, pick_amp, pick_device
+from serving import cli
 
 # Settings a checkpoint must share with the run that resumes it.
 _SHAPE_KEYS = ("width", "num_classes")
@@ -45,8 +46,7 @@ class ConfigError(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser("training.train", __doc__)
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", default=default_data_dir(),
                    help="folder holding cifar-100-python/ (env CIFAR100_DATA; default: %(default)s)")
