@@ -81,10 +81,18 @@ def calibration_for(weights: Path) -> Path | None:
     except ValueError as err:
         raise ArchiveError(f"{path} is not JSON: {err}") from err
     if fitted_on != sha256_of(Path(weights)):
-        print(f"warning: {path} was fitted on other weights; serving uncalibrated probabilities "
-              "(run python -m training.calibrate on these weights)", file=sys.stderr)
         return None
     return path
+
+
+def calibration_warning(weights: Path) -> str | None:
+    """Why these weights will be served uncalibrated (no file beside them, or one for other weights); None if not."""
+    if calibration_for(weights) is not None:
+        return None
+    path = Path(weights).resolve().parent / CALIBRATION_FILE
+    why = "was fitted on other weights" if path.is_file() else "is missing"
+    return (f"warning: {path} {why}: serving uncalibrated probabilities, and no answer is marked unsure. "
+            f"`python -m training.calibrate {weights}` fits one for these weights on the CIFAR-100 test split.")
 
 
 def package_files(weights: Path = DEFAULT_WEIGHTS) -> list[tuple[Path, str]]:
@@ -120,6 +128,8 @@ def build_archive(weights: Path = DEFAULT_WEIGHTS, export_path: Path = DEFAULT_E
     mar = export_path / f"{MODEL_NAME}.mar"
     stamp = export_path / f"{MODEL_NAME}.mar.inputs"
     digest = inputs_digest(weights, version, Path(model_config))
+    if not quiet and (warning := calibration_warning(weights)) is not None:
+        print(warning, file=sys.stderr)
     if not force and mar.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
         if not quiet:
             print(f"{mar.relative_to(REPO) if mar.is_relative_to(REPO) else mar} is up to date (version {version})")
