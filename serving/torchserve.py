@@ -162,14 +162,14 @@ class TorchServeInstance:
         """Refuse at once what would make the READY wait fail only after its deadline."""
         if (problem := java_problem()) is not None:
             raise TorchServeError(problem)
-        if not (self.model_store / MAR_FILE).is_file():
-            raise TorchServeError(f"{self.model_store / MAR_FILE} not found: run `make archive` first")
         # Java would fail to bind and its worker would look like it "exited while starting".
         busy = [f"{port} ({name}, {settings.TORCHSERVE_PORT_ENV[name]})" for name, port in self.ports.items()
                 if port_in_use(port)]
         if busy:
             raise TorchServeError(f"port {', '.join(busy)} already in use by another process: stop it, or move "
                                   "TorchServe with the variable named (make serve / make stop take them too)")
+        if not (self.model_store / MAR_FILE).is_file():
+            raise TorchServeError(f"{self.model_store / MAR_FILE} not found: run `make archive` first")
 
     def start(self) -> None:
         """Start TorchServe in the background (no-op when this instance already runs)."""
