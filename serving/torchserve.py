@@ -254,7 +254,10 @@ def default_instance() -> TorchServeInstance:
         ports[name] = int(props[f"{name}_address"].rsplit(":", 1)[1])
     for name in ("grpc_inference", "grpc_management"):
         ports[name] = int(props.get(f"{name}_port", ports[name]))
-    ports = settings.torchserve_ports(os.environ, ports)  # TS_INFERENCE_PORT=... moves one
+    try:
+        ports = settings.torchserve_ports(os.environ, ports)  # TS_INFERENCE_PORT=... moves one
+    except ValueError as err:
+        raise TorchServeError(str(err)) from None
     store = Path(props.get("model_store", "model_store"))
     return TorchServeInstance(REPO, ports, model_store=store if store.is_absolute() else REPO / store,
                               log_dir=REPO / "logs")
@@ -265,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for a READY worker")
     args = parser.parse_args(argv)
-    ts = default_instance()
     try:
+        ts = default_instance()
         if args.command == "start":
             already = ts.is_running()
             ts.start()
