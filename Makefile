@@ -28,7 +28,10 @@ $(VENV)/.installed: requirements.txt adapter/requirements.txt requirements-kserv
 # Debian packages: Java for TorchServe, Chromium for the page tests, wrk as the serving benchmarks'
 # load generator (root; CI runs this).
 install-system:
-	command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
+	@# A Java older than 17 (TorchServe's minimum) counts as none: 17 is installed beside it.
+	v=$$(java -version 2>&1 | sed -n 's/.*version "\(1\.\)\{0,1\}\([0-9]*\).*/\2/p' | head -1); \
+	  [ "$${v:-0}" -ge 17 ] || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless \
+	  && update-alternatives --set java "$$(update-alternatives --list java | grep -m1 java-17)")
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 	test -x /usr/bin/wrk || (apt-get update -qq && apt-get install -y -qq wrk)
 	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq npm)

@@ -2,8 +2,8 @@
 shared with TorchServe and the page, such as the ports, model name and upload limit, come from
 serving/settings.py).
 
-    TS_INFERENCE_URL      TorchServe inference API              http://127.0.0.1:8080
-    TS_MANAGEMENT_URL     TorchServe management API (/health, key renewal)  http://127.0.0.1:8081
+    TS_INFERENCE_URL      TorchServe inference API              http://127.0.0.1:8080 (port: TS_INFERENCE_PORT)
+    TS_MANAGEMENT_URL     TorchServe management API (/health, key renewal)  http://127.0.0.1:8081 (TS_MANAGEMENT_PORT)
     TS_MODEL_NAME         model name registered in TorchServe   cifar100
     TS_KEY_FILE           TorchServe's key_file.json (token auth) key_file.json
     TS_CONNECT_TIMEOUT_S  connecting to TorchServe              2
@@ -124,6 +124,15 @@ def torchserve_response_timeout(model_config: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _torchserve_url(api: str) -> str:
+    """TorchServe's API where `make serve` starts it: its port moved by TS_<API>_PORT (serving/settings.py)."""
+    try:
+        port = shared.torchserve_ports(os.environ)[api]
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return f"http://{shared.TORCHSERVE_HOST}:{port}"
+
+
 @dataclass(frozen=True)
 class Settings:
     inference_url: str = f"http://{shared.TORCHSERVE_HOST}:{shared.TORCHSERVE_PORTS['inference']}"
@@ -192,8 +201,8 @@ class Settings:
     @classmethod
     def from_env(cls) -> "Settings":
         return cls(
-            inference_url=os.environ.get("TS_INFERENCE_URL", cls.inference_url).rstrip("/"),
-            management_url=os.environ.get("TS_MANAGEMENT_URL", cls.management_url).rstrip("/"),
+            inference_url=os.environ.get("TS_INFERENCE_URL", _torchserve_url("inference")).rstrip("/"),
+            management_url=os.environ.get("TS_MANAGEMENT_URL", _torchserve_url("management")).rstrip("/"),
             model_name=os.environ.get("TS_MODEL_NAME", cls.model_name),
             key_file=os.environ.get("TS_KEY_FILE", cls.key_file),
             connect_timeout_s=_env_float("TS_CONNECT_TIMEOUT_S", cls.connect_timeout_s),

@@ -14,7 +14,6 @@ adapter/config.py.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import subprocess
@@ -29,7 +28,8 @@ import httpx
 
 from serving import settings as shared
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, command_line_has, free_port,
-                             popen_exited, stop_popen, stop_process, wait_until_ready)
+                             popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
+from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_DIR = Path(os.environ.get("ADAPTER_LOG_DIR", REPO / "logs"))
@@ -70,7 +70,7 @@ def spawn(host: str, port: int, log_file: Path, env: dict[str, str] | None = Non
     command = [sys.executable, "-m", "adapter.run", "serve", "--host", host, "--port", str(port),
                "--log-file", str(log_file)]
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(stderr_file(log_file), "ab") as out:
+    with open(stderr_file(log_file), "wb") as out:  # this start's output only: no stale lines above an error
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=REPO, start_new_session=True)  # survives the shell (make) that started it
 
@@ -108,8 +108,9 @@ def start() -> int:
     if pid := PID_FILE.pid():
         print(f"Adapter already running (pid {pid}): page at {base}/ ({_model_state(base)})")
         return 0
-    if _answers(f"{base}/", statuses=tuple(range(100, 600))):
-        print(f"Something else already answers at {base}/; set ADAPTER_PORT to another port.", file=sys.stderr)
+    if port_in_use(port, host):
+        print(f"Port {port} on {host} is already in use by another process: stop it, or set ADAPTER_PORT "
+              "to another port (and ADAPTER_HOST to listen elsewhere).", file=sys.stderr)
         return 1
     process = spawn(host, port, LOG_FILE)
     PID_FILE.write(process.pid)
@@ -250,7 +251,7 @@ def serve(host: str, port: int, log_file: Path | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adapter.run", description=__doc__.splitlines()[0])
+    parser = cli.Parser("adapter.run", __doc__.splitlines()[0])
     parser.add_argument("command", choices=["start", "stop", "status", "serve"])
     parser.add_argument("--host", help="serve: address (default ADAPTER_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="serve: port (default ADAPTER_PORT or 8000)")

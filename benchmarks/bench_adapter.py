@@ -21,7 +21,6 @@ request (what each request costs the adapter itself).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from benchmarks.bench_serve import (
     add_load_arguments, cifar_png_payloads, machine, print_table, start_benchmark_torchserve, torchserve_target, ts_properties)
 from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies
 from serving.process import free_port, popen_exited, stop_popen, wait_until_ready
+from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_START_TIMEOUT_S = 120
@@ -152,7 +152,7 @@ def compare_before_after(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The /classify/ adapter vs direct TorchServe vs the seed-style server.")
+    parser = cli.Parser("benchmarks.bench_adapter", "The /classify/ adapter vs direct TorchServe vs the seed-style server.")
     add_load_arguments(parser)
     parser.add_argument("--before", metavar="REF", help="compare with the adapter of this git ref instead")
     parser.add_argument("--rounds", type=int, default=3, help="--before: alternated rounds per point (medians)")

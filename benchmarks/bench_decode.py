@@ -8,7 +8,6 @@ Images: a 12-megapixel photo-like JPEG (~4 MB, like a phone's), a 24 MP JPEG, a 
 """
 from __future__ import annotations
 
-import argparse
 import io
 import statistics
 import sys
@@ -19,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from handler.preprocessing import decode_image, image_to_tensor
+from serving import cli
 from serving.images import _to_rgb
 
 
@@ -63,7 +63,7 @@ def encoded(width: int, height: int, fmt: str) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser("benchmarks.bench_decode", __doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=15)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -10,7 +10,6 @@ PNG), on the CPU, with the handler's code, for batches of 1 and 6 (the serving b
 """
 from __future__ import annotations
 
-import argparse
 import io
 import time
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from serving import cli
 
 BLANK_SHARE = 0.2
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving.archive import DEFAULT_WEIGHTS
     from training.data import default_data_dir, load_split, normalize
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("benchmarks.bench_explain", __doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--images", type=int, default=500, help="first N test images")

@@ -15,7 +15,6 @@ each target's median round, and every round's ratio is printed.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from benchmarks.bench_serve import add_load_arguments, cifar_png_payloads, machine, print_table
 from benchmarks.load import HttpTarget, LoadResult, run_wrk, warm_up
 from serving.kserve import KServeTorchServe, build_bundle
+from serving import cli
 
 TARGET_RATIO = 0.90
 
@@ -35,7 +35,7 @@ def v2_bodies(payloads: list[bytes]) -> list[bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="v2 bodies vs raw bodies through the KServe bundle's TorchServe.")
+    parser = cli.Parser("benchmarks.bench_kserve", "v2 bodies vs raw bodies through the KServe bundle's TorchServe.")
     add_load_arguments(parser)
     parser.set_defaults(concurrency=[16])
     parser.add_argument("--rounds", type=int, default=4, help="alternating measurements of the two targets")

@@ -31,6 +31,7 @@ from handler.cifar100_handler import serving_model
 from handler.preprocessing import decode_image, image_to_tensor, normalize
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive
 from serving.torchserve import TorchServeInstance
+from serving import cli
 
 
 def in_process_load(model: torch.nn.Module, payloads: list[bytes], batch: int, duration_s: float) -> LoadResult:
@@ -159,7 +160,7 @@ def ts_properties(pairs: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="TorchServe vs in-process throughput and latency.")
+    parser = cli.Parser("benchmarks.bench_serve", "TorchServe vs in-process throughput and latency.")
     add_load_arguments(parser)
     args = parser.parse_args(argv)
 

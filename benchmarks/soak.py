@@ -20,7 +20,6 @@ clients from one (ATTACKER) and the well-behaved client from another.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import resource
@@ -38,6 +37,7 @@ import psutil
 from adapter.run import running_adapter
 from benchmarks.bench_serve import cifar_png_payloads, machine, start_benchmark_torchserve
 from serving.archive import DEFAULT_WEIGHTS
+from serving import cli
 
 BIG_UPLOAD_BYTES = 9_900_000
 MB = 1024 * 1024
@@ -245,7 +245,7 @@ async def slow_clients(base: str, seconds: float, idle: int, payload: bytes, ada
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser("benchmarks.soak", __doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--slow-seconds", type=float, default=150)

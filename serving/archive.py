@@ -18,7 +18,6 @@ archive is rebuilt only when an input changed (a digest of all inputs sits besid
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -28,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from serving.settings import CALIBRATION_FILE, MODEL_NAME
+from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
@@ -82,10 +82,18 @@ def calibration_for(weights: Path) -> Path | None:
     except ValueError as err:
         raise ArchiveError(f"{path} is not JSON: {err}") from err
     if fitted_on != sha256_of(Path(weights)):
-        print(f"warning: {path} was fitted on other weights; serving uncalibrated probabilities "
-              "(run python -m training.calibrate on these weights)", file=sys.stderr)
         return None
     return path
+
+
+def calibration_warning(weights: Path) -> str | None:
+    """Why these weights will be served uncalibrated (no file beside them, or one for other weights); None if not."""
+    if calibration_for(weights) is not None:
+        return None
+    path = Path(weights).resolve().parent / CALIBRATION_FILE
+    why = "was fitted on other weights" if path.is_file() else "is missing"
+    return (f"warning: {path} {why}: serving uncalibrated probabilities, and no answer is marked unsure. "
+            f"`python -m training.calibrate {weights}` fits one for these weights on the CIFAR-100 test split.")
 
 
 def package_files(weights: Path = DEFAULT_WEIGHTS) -> list[tuple[Path, str]]:
@@ -121,6 +129,8 @@ def build_archive(weights: Path = DEFAULT_WEIGHTS, export_path: Path = DEFAULT_E
     mar = export_path / f"{MODEL_NAME}.mar"
     stamp = export_path / f"{MODEL_NAME}.mar.inputs"
     digest = inputs_digest(weights, version, Path(model_config))
+    if not quiet and (warning := calibration_warning(weights)) is not None:
+        print(warning, file=sys.stderr)
     if not force and mar.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
         if not quiet:
             print(f"{mar.relative_to(REPO) if mar.is_relative_to(REPO) else mar} is up to date (version {version})")
@@ -152,7 +162,7 @@ def build_archive(weights: Path = DEFAULT_WEIGHTS, export_path: Path = DEFAULT_E
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("serving.archive", __doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument("--export-path", type=Path, default=DEFAULT_EXPORT)
     parser.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")

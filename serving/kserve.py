@@ -15,7 +15,6 @@ reads v1/v2 bodies itself (handler/protocols.py) with batching intact.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ import yaml
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, MODEL_NAME, ArchiveError, build_archive, weights_version
 from serving.process import free_ports
 from serving.torchserve import BASE_CONFIG, MAR_FILE, TorchServeError, TorchServeInstance, read_properties
+from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "dist" / "kserve"
@@ -145,7 +145,7 @@ class KServeTorchServe(TorchServeInstance):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write KServe's storage layout for the CIFAR-100 model.")
+    parser = cli.Parser("serving.kserve", "Write KServe's storage layout for the CIFAR-100 model.")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--force", action="store_true", help="rebuild the archive even when its inputs are unchanged")

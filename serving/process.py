@@ -40,6 +40,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Something listens on host:port (a bind with SO_REUSEADDR fails only for a listener, not for
+    connections of a stopped server still in TIME_WAIT)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def log_tail(path: Path, lines: int = 40) -> str:
     """The last lines of a log file, or a note that there is none."""
     try:

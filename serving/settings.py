@@ -6,12 +6,31 @@ from config.properties; tests/test_settings.py checks that file agrees with the 
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 MODEL_NAME = "cifar100"          # the model's name in TorchServe / KServe, and the archive's (cifar100.mar)
 
 # TorchServe on loopback (config.properties says the same to TorchServe itself).
 TORCHSERVE_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070,
                     "grpc_management": 7071}
 TORCHSERVE_HOST = "127.0.0.1"
+# Environment variables that move them (`make serve`: TorchServe listens there, the adapter calls there).
+TORCHSERVE_PORT_ENV = {"inference": "TS_INFERENCE_PORT", "management": "TS_MANAGEMENT_PORT",
+                       "metrics": "TS_METRICS_PORT", "grpc_inference": "TS_GRPC_INFERENCE_PORT",
+                       "grpc_management": "TS_GRPC_MANAGEMENT_PORT"}
+
+
+def torchserve_ports(environ: Mapping[str, str], defaults: Mapping[str, int] = TORCHSERVE_PORTS) -> dict[str, int]:
+    """TorchServe's ports: `defaults`, each replaced by its TORCHSERVE_PORT_ENV variable when set."""
+    ports = dict(defaults)
+    for name, variable in TORCHSERVE_PORT_ENV.items():
+        text = environ.get(variable, "").strip()
+        if text:
+            if not text.isdigit() or not 0 < int(text) < 65536:
+                raise ValueError(f"{variable}={text!r} is not a port number (1-65535)")
+            ports[name] = int(text)
+    return ports
+
 
 ADAPTER_HOST = "127.0.0.1"       # the adapter: the one process that faces users
 ADAPTER_PORT = 8000

@@ -18,7 +18,6 @@ Healthy before the model is loaded, and stays Healthy while a worker crash-loops
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -26,12 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 from serving import settings
 from serving.java import java_problem
 from serving.keys import KeyFile, KeyFileError
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, free_ports, log_tail,
-                             stop_process, wait_until_ready)
+                             port_in_use, stop_process, wait_until_ready)
+from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = settings.MODEL_NAME
@@ -161,6 +162,12 @@ class TorchServeInstance:
         """Refuse at once what would make the READY wait fail only after its deadline."""
         if (problem := java_problem()) is not None:
             raise TorchServeError(problem)
+        # Java would fail to bind and its worker would look like it "exited while starting".
+        busy = [f"{port} ({name}, {settings.TORCHSERVE_PORT_ENV[name]})" for name, port in self.ports.items()
+                if port_in_use(port)]
+        if busy:
+            raise TorchServeError(f"port {', '.join(busy)} already in use by another process: stop it, or move "
+                                  "TorchServe with the variable named (make serve / make stop take them too)")
         if not (self.model_store / MAR_FILE).is_file():
             raise TorchServeError(f"{self.model_store / MAR_FILE} not found: run `make archive` first")
 
@@ -175,7 +182,7 @@ class TorchServeInstance:
         (self.workdir / "key_file.json").unlink(missing_ok=True)  # a stale one would look like a live server
         cmd = self.command()
         launcher_log = self.log_dir / "torchserve_launcher.log"
-        with open(launcher_log, "ab") as out:
+        with open(launcher_log, "wb") as out:  # this start's lines only
             # `torchserve --start` returns once Java is launched; Java writes key_file.json into its cwd.
             # Java keeps the launcher's stdout/stderr: a file, never a pipe (a pipe would never close).
             result = subprocess.run(cmd, cwd=self.workdir, env=self._env(), stdout=out,
@@ -209,7 +216,8 @@ class TorchServeInstance:
 
         try:
             wait_until_ready(ready, timeout, f"TorchServe's {self.model_name} worker", interval=0.5,
-                             logs=[self.log_dir / "model_log.log", self.ts_log], exited=exited)
+                             logs=[self.log_dir / "model_log.log", self.ts_log,
+                                   self.log_dir / "torchserve_launcher.log"], exited=exited)
         except ServiceStartError as err:
             raise TorchServeError(f"{err} (last seen: {last})") from None
 
@@ -223,10 +231,19 @@ class TorchServeInstance:
             (self.workdir / "key_file.json").unlink(missing_ok=True)
         return stopped
 
+    def archive_newer_than_server(self) -> bool:
+        """The archive in the model store was rebuilt after the running server loaded it."""
+        pid = self.java_pid()
+        try:
+            return pid is not None and (self.model_store / MAR_FILE).stat().st_mtime > psutil.Process(pid).create_time()
+        except (OSError, psutil.Error):
+            return False
+
     def curl_example(self) -> str:
-        """The shell lines a user runs to classify photo.jpg (the key comes from key_file.json)."""
+        """The shell lines a user runs to classify a shipped example picture (the key comes from key_file.json)."""
         return (f"KEY=$(python3 -c \"import json; print(json.load(open('{self.key_file.path}'))['inference']['key'])\")\n"
-                f"curl -H \"Authorization: Bearer $KEY\" -T photo.jpg {self.predictions_url}")
+                f"curl -H \"Authorization: Bearer $KEY\" -T {REPO / 'frontend' / 'examples' / 'test-00042.png'} "
+                f"{self.predictions_url}")
 
 
 def default_instance() -> TorchServeInstance:
@@ -237,22 +254,30 @@ def default_instance() -> TorchServeInstance:
         ports[name] = int(props[f"{name}_address"].rsplit(":", 1)[1])
     for name in ("grpc_inference", "grpc_management"):
         ports[name] = int(props.get(f"{name}_port", ports[name]))
+    try:
+        ports = settings.torchserve_ports(os.environ, ports)  # TS_INFERENCE_PORT=... moves one
+    except ValueError as err:
+        raise TorchServeError(str(err)) from None
     store = Path(props.get("model_store", "model_store"))
     return TorchServeInstance(REPO, ports, model_store=store if store.is_absolute() else REPO / store,
                               log_dir=REPO / "logs")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run TorchServe for the CIFAR-100 model.")
+    parser = cli.Parser("serving.torchserve", "Run TorchServe for the CIFAR-100 model.")
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for a READY worker")
     args = parser.parse_args(argv)
-    ts = default_instance()
     try:
+        ts = default_instance()
         if args.command == "start":
             already = ts.is_running()
             ts.start()
             ts.wait_ready(args.timeout)
+            if already and ts.archive_newer_than_server():
+                print(f"warning: TorchServe was already running and keeps serving the model it loaded at its start; "
+                      f"{ts.model_store / MAR_FILE} was rebuilt since (other weights?). `make rollout WEIGHTS=...` "
+                      "swaps the served model; or `make stop && make serve WEIGHTS=...`.", file=sys.stderr)
             print(f"TorchServe {'was already running' if already else 'is ready'}: model {ts.model_name} at "
                   f"{ts.predictions_url}\n  management {ts.management_url}, Prometheus metrics "
                   f"{ts.metrics_url}/metrics, logs in {ts.log_dir}\n  keys in {ts.key_file.path}. Try:\n"

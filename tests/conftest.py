@@ -11,18 +11,20 @@ Test tiers: a test is marked ``integration`` when it needs more than Python and 
 that is when it uses (directly or through another fixture) TorchServe (Java), the headless browser
 or the CIFAR-100 data (``cifar100_data_dir``), or when its module says ``pytestmark =
 pytest.mark.integration``. ``make test-unit`` runs the others (``-m "not integration"``: under a minute,
-no Java, no Chromium, no data); ``make test`` runs both. When selected tests need the data and it
-is missing, the run stops at once and says how to get it.
+no Java, no Chromium, no data); ``make test`` runs both. When selected tests need the data, Java,
+Chromium, wrk or npm's axe-core and one is missing, the run stops at once (a failure, never a
+skip) and says how to get it (tests/system_parts.py).
 """
 from __future__ import annotations
 
 import pytest
 
 from cifar100_data import data_dir, missing_data_message
+from system_parts import AXE, missing_parts, wrk_problem
 from torchserve_fixture import HTTP_TIMEOUT_S, READY_TIMEOUT_S, start_test_torchserve, weights_under_test
 
 # Fixtures that make a test an integration test (a test using any fixture built on them is one too).
-INTEGRATION_FIXTURES = {"torchserve", "kserve_ts", "browser", "cifar100_data_dir"}
+INTEGRATION_FIXTURES = {"torchserve", "kserve_ts", "browser", "cifar100_data_dir", "wrk"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
@@ -33,11 +35,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    """Stop before running anything when the selected tests need CIFAR-100 and it is not there."""
-    if any("cifar100_data_dir" in getattr(item, "fixturenames", ()) for item in session.items):
-        message = missing_data_message(data_dir())
-        if message is not None:
-            pytest.exit(message, returncode=pytest.ExitCode.USAGE_ERROR)
+    """Stop before running anything when the selected tests need CIFAR-100 or a part that
+    `make install-system` / `make install` provides, and it is not there."""
+    needed = set().union(*(getattr(item, "fixturenames", ()) for item in session.items))
+    problems = missing_parts(needed)
+    if "cifar100_data_dir" in needed and (message := missing_data_message(data_dir())) is not None:
+        problems.append(message)
+    if problems:
+        pytest.exit("\n".join(problems), returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +76,19 @@ def client():
 
     with httpx.Client(timeout=httpx.Timeout(HTTP_TIMEOUT_S, connect=10.0)) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def wrk():
+    """wrk, the benchmarks' load generator (checked before the run: tests/system_parts.py)."""
+    assert wrk_problem() is None, wrk_problem()
+
+
+@pytest.fixture(scope="session")
+def axe_script():
+    """axe-core's script for the page's accessibility audit (npm ci; checked before the run)."""
+    assert AXE.is_file(), AXE
+    return AXE
 
 
 @pytest.fixture(scope="session")

@@ -190,3 +190,67 @@ def test_model_server_failures_are_counted_by_kind():
     assert metrics.model_server_latency.collect()[0].samples  # every call timed
     count = next(s.value for s in metrics.model_server_latency.collect()[0].samples if s.name.endswith("_count"))
     assert count == 5
+
+
+class ReadinessServer:
+    """A v2 server on a real port, in its own thread: /v2/models/cifar100/ready answers 200 while
+    `ready`, else 503 (as KServe's model server does), and it records the Host header it gets."""
+
+    def __init__(self):
+        import threading
+
+        self.ready = True
+        self.hosts: list[str] = []
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._started.wait(30)
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        self.hosts.append(request.headers.get("Host", ""))
+        if self.ready:
+            return web.json_response({"name": "cifar100", "ready": True})
+        return web.json_response({"error": "Model with name cifar100 is not ready."}, status=503)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_get("/v2/models/cifar100/ready", self._ready)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+        self._started.set()
+        self._loop.run_forever()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def test_adapter_process_in_oip_mode_health_follows_readiness_and_sends_the_host_header(tmp_path):
+    """The settings end to end (environment -> running adapter -> HTTP): OIP_URL, OIP_HOST_HEADER,
+    /health from the v2 readiness route, and /explain/ 501 (the protocol has no explanations).
+    KServe's own model server is not run here (its ~30 server dependencies are not installed)."""
+    import httpx
+
+    from adapter.run import running_adapter
+
+    server = ReadinessServer()
+    env = {"OIP_URL": f"http://127.0.0.1:{server.port}", "OIP_HOST_HEADER": "cifar100.default.example.com",
+           "TS_KEY_FILE": str(tmp_path / "none.json")}
+    try:
+        with running_adapter(env, tmp_path / "adapter.log") as adapter:
+            health = httpx.get(f"{adapter.base_url}/health", timeout=30)
+            assert health.status_code == 200, health.text
+            assert server.hosts and set(server.hosts) == {"cifar100.default.example.com"}
+            server.ready = False
+            health = httpx.get(f"{adapter.base_url}/health", timeout=30)
+            assert health.status_code == 503 and "not ready" in health.json()["error"], health.text
+            explain = httpx.post(f"{adapter.base_url}/explain/", files={"image": ("a.png", b"\x89PNG", "image/png")},
+                                 timeout=30)
+            assert explain.status_code == 501 and "TorchServe" in explain.json()["error"], explain.text
+    finally:
+        server.close()

@@ -17,7 +17,7 @@ from serving_helpers import cifar_pil, encode
 
 REPO = Path(__file__).resolve().parents[1]
 # Every test here drives a real server with wrk, on CIFAR-100 test images.
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cifar100_data_dir")]
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cifar100_data_dir", "wrk")]
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,8 @@ def test_heatmaps_pass_the_deletion_test(explained, cifar100_test_split):
     top, bottom = deletion_drops(model, images[:IMAGES], heat, answers, temperature)
     rate = float((top > bottom).float().mean())
     print(f"deletion test: {rate:.1%} of {IMAGES} images")
-    assert rate >= 0.8
+    # 96.0% measured on the first 500 (README); 0.9 leaves room for 100 images, not for a broken map.
+    assert rate >= 0.9
 
 
 @pytest.mark.parametrize("size", [(64, 32), (30, 90), (640, 480)])
@@ -112,18 +113,20 @@ def test_torchserve_explanations_api_directly(torchserve, cifar100_test_split):
 
 
 BAD_INPUTS = {
-    "not an image": dict(content=b"shopping list: eggs, milk\n", name="notes.png"),
-    "empty file": dict(content=b""),
-    "wrong field": dict(content=b"\x89PNG", field="photo"),
-    "over the upload limit": dict(content=b"\x89PNG" + b"\0" * (MAX_UPLOAD_BYTES + 10)),
+    # case: (what is sent, the status both routes answer)
+    "not an image": (dict(content=b"shopping list: eggs, milk\n", name="notes.png"), 400),
+    "empty file": (dict(content=b""), 400),
+    "wrong field": (dict(content=b"\x89PNG", field="photo"), 400),
+    "over the upload limit": (dict(content=b"\x89PNG" + b"\0" * (MAX_UPLOAD_BYTES + 10)), 413),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gets_the_errors_classify_gives(adapter, case):
-    explain = post(adapter, "/explain/", **BAD_INPUTS[case])
-    classify = post(adapter, "/classify/", **BAD_INPUTS[case])
-    assert explain.status_code == classify.status_code and 400 <= explain.status_code < 500
+    sent, status = BAD_INPUTS[case]
+    explain = post(adapter, "/explain/", **sent)
+    classify = post(adapter, "/classify/", **sent)
+    assert (explain.status_code, classify.status_code) == (status, status), explain.text
     assert explain.json() == classify.json() and set(explain.json()) == {"error"}
 
 

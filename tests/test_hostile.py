@@ -24,6 +24,7 @@ import httpx
 import psutil
 import pytest
 
+from adapter.config import Settings
 from adapter.run import running_adapter
 from benchmarks.soak import padded_jpeg
 from serving_helpers import cifar_pil, encode
@@ -36,6 +37,9 @@ PREDICT_TIMEOUT_S = 6.0
 HEALTH_SILENCE_S = 1.0
 HEALTH_TIMEOUT_S = 1.5
 ADAPTER_MEMORY_BOUND = 500 * 1024 * 1024
+# How late a deadline may fire on a loaded 2-core machine (the adapter's timers and this test's
+# reads both wait for a core): seconds, not the minutes the unbounded case would take.
+LATE_S = 8.0
 
 
 def torchserve_env(ts) -> dict[str, str]:
@@ -65,7 +69,7 @@ def classify(base: str, content: bytes, timeout: float = 60.0) -> httpx.Response
     return httpx.post(f"{base}/classify/", files={"image": ("a.png", content, "image/png")}, timeout=timeout)
 
 
-def raw_exchange(port: int, data: bytes, wait_s: float = 10.0) -> tuple[bytes, float]:
+def raw_exchange(port: int, data: bytes, wait_s: float = 30.0) -> tuple[bytes, float]:
     """Send raw bytes, read until the server closes; (everything read, seconds until closed)."""
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
@@ -121,7 +125,7 @@ def test_slow_upload_is_cut_within_its_deadline_while_others_are_served(hostile_
             sock.sendall(multipart_head(port, 5_000_000) + PART_HEAD)
             sock.settimeout(0.1)
             data = b""
-            while time.monotonic() - started < 30:
+            while time.monotonic() - started < BODY_TIMEOUT_S + LATE_S + 10:
                 try:
                     sock.sendall(b"\0" * 1000)
                 except OSError:
@@ -142,23 +146,23 @@ def test_slow_upload_is_cut_within_its_deadline_while_others_are_served(hostile_
     assert served == [200] * 6
     status, headers, body = parse(outcome["response"])
     assert status == 408 and "within 2 s" in assert_json_error(status, headers, body)
-    # Cut at its deadline (not before, not much after), and the connection closed.
-    assert BODY_TIMEOUT_S <= outcome["seconds"] < BODY_TIMEOUT_S + 3, outcome["seconds"]
+    # Cut at its deadline (not before, and not at the 500 s the upload would take), and closed.
+    assert BODY_TIMEOUT_S <= outcome["seconds"] < BODY_TIMEOUT_S + LATE_S, outcome["seconds"]
 
 
 def test_trickled_request_head_gets_408(hostile_adapter):
     response, seconds = raw_exchange(hostile_adapter.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     status, headers, body = parse(response)
     assert status == 408 and "headers" in assert_json_error(status, headers, body)
-    assert HEADER_TIMEOUT_S <= seconds < HEADER_TIMEOUT_S + 2
+    assert HEADER_TIMEOUT_S <= seconds < HEADER_TIMEOUT_S + LATE_S
 
 
 def test_idle_connections_are_closed(hostile_adapter):
     # A connection that never sends anything, and one kept alive after an answer.
     response, seconds = raw_exchange(hostile_adapter.port, b"")
-    assert response == b"" and seconds < KEEPALIVE_TIMEOUT_S + 2
+    assert response == b"" and seconds < KEEPALIVE_TIMEOUT_S + LATE_S
     response, seconds = raw_exchange(hostile_adapter.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert response.startswith(b"HTTP/1.1 ") and seconds < KEEPALIVE_TIMEOUT_S + HEALTH_TIMEOUT_S + 3
+    assert response.startswith(b"HTTP/1.1 ") and seconds < KEEPALIVE_TIMEOUT_S + HEALTH_TIMEOUT_S + LATE_S
 
 
 def test_predict_deadline_must_be_below_torchserves_response_timeout(tmp_path):
@@ -207,14 +211,24 @@ def test_64_concurrent_large_uploads_stay_under_the_memory_bound(default_adapter
         stop.set()
         sampler.join()
     statuses = Counter(status for status, _, _ in results)
-    assert set(statuses) <= {200, 503} and statuses[200] >= 1, statuses
+    # The first uploads to arrive fit under MAX_BYTES_IN_FLIGHT together (10 of 9.9 MB at the
+    # default 100 MB) and are answered; the others may be turned away while they are held.
+    fit_at_once = Settings().max_bytes_in_flight // len(data)
+    assert set(statuses) <= {200, 503} and statuses[200] >= fit_at_once, statuses
     for status, retry_after, body in results:
         if status == 503:
             assert retry_after == "1" and "busy" in json.loads(body)["error"]
     assert peak[0] < ADAPTER_MEMORY_BOUND, f"adapter peaked at {peak[0] / 2**20:.0f} MB"
-    time.sleep(2)
     # Freed memory goes back to the system (glibc would otherwise keep ~1 GB after such a burst).
-    assert adapter.memory_info().rss < 150 * 1024 * 1024, adapter.memory_info().rss
+    wait_for(lambda: adapter.memory_info().rss < 150 * 1024 * 1024, 30, "the adapter's memory back under 150 MB")
+
+
+def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.2) -> None:
+    """Poll `condition()` until it holds; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached within {timeout_s:g} s: {what}"
+        time.sleep(interval_s)
 
 
 # --- no lost answers ----------------------------------------------------------------------------
@@ -236,36 +250,62 @@ def _wait_for_ready_workers(ts, count: int = 2, timeout: float = 240) -> None:
     raise AssertionError(f"fewer than {count} workers READY after {timeout} s")
 
 
-def test_worker_killed_under_load_loses_no_answer(hostile_adapter, torchserve_ready, pngs):
+@pytest.fixture
+def retry_adapter(torchserve, tmp_path):
+    """Default deadlines and a log that is not rotated away under 400 requests: the retry's line stays."""
+    with running_adapter(torchserve_env(torchserve), tmp_path / "adapter.log") as proc:
+        yield proc
+
+
+def test_worker_killed_with_a_batch_in_flight_loses_no_answer(retry_adapter, torchserve_ready, pngs):
+    """A worker is stopped under load until one of its requests waits (TorchServe keeps handing it
+    batches, so one is in flight on it), then killed: TorchServe answers that batch 507, the adapter
+    sends it again (its log says so), and every client gets its 200."""
     _wait_for_ready_workers(torchserve_ready)
     statuses: Counter = Counter()
-    killed = []
+    pending: dict[int, float] = {}  # request id -> when it was sent
+    events = {}
 
-    async def client(session, n):
+    async def client(session, c, n):
         for i in range(n):
             form = aiohttp.FormData()
             form.add_field("image", pngs[i % len(pngs)], filename="a.png", content_type="image/png")
-            async with session.post(f"{hostile_adapter.base_url}/classify/", data=form,
+            key = c * 1000 + i
+            pending[key] = time.monotonic()
+            async with session.post(f"{retry_adapter.base_url}/classify/", data=form,
                                     timeout=aiohttp.ClientTimeout(total=60)) as r:
                 body = await r.read()
                 statuses[r.status if r.status != 200 or b'"prediction"' in body else "no prediction"] += 1
+            del pending[key]
 
     async def killer():
-        await asyncio.sleep(1.0)  # the load is flowing
+        while sum(statuses.values()) < 32:  # the load is flowing
+            await asyncio.sleep(0.05)
         victim = _worker_processes(torchserve_ready)[0]
-        victim.send_signal(signal.SIGKILL)
-        killed.append(victim.pid)
+        victim.send_signal(signal.SIGSTOP)
+        try:
+            # The other worker answers in milliseconds: a request this old waits on the stopped one.
+            deadline = time.monotonic() + 30
+            while not pending or time.monotonic() - min(pending.values()) < 1.5:
+                assert time.monotonic() < deadline, "no request waited on the stopped worker"
+                await asyncio.sleep(0.05)
+            events["stalled"] = len([t for t in pending.values() if time.monotonic() - t >= 1.5])
+        finally:
+            victim.send_signal(signal.SIGKILL)
+        events["killed"] = victim.pid
 
     async def load():
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as session:
-            await asyncio.gather(killer(), *(client(session, 25) for _ in range(16)))
+            await asyncio.gather(killer(), *(client(session, c, 25) for c in range(16)))
 
     try:
         asyncio.run(load())
     finally:
         _wait_for_ready_workers(torchserve_ready)  # TorchServe restarts the worker; leave both READY
-    assert killed
+    assert events.get("killed") and events["stalled"] >= 1, events
     assert statuses == Counter({200: 16 * 25}), statuses
+    log = retry_adapter.log_file.read_text()
+    assert "retrying a prediction once" in log, log[-3000:]
 
 
 def test_stopped_workers_give_504_within_the_deadline_and_health_503(hostile_adapter, torchserve_ready, pngs):
@@ -279,21 +319,19 @@ def test_stopped_workers_give_504_within_the_deadline_and_health_503(hostile_ada
         r = classify(hostile_adapter.base_url, pngs[0])
         took = time.monotonic() - started
         assert r.status_code == 504 and "longer than" in r.json()["error"], r.text
-        assert PREDICT_TIMEOUT_S - 0.5 <= took < PREDICT_TIMEOUT_S + 3, took
-        # The management API still lists both workers READY; /health asks the model itself.
-        time.sleep(HEALTH_SILENCE_S)
+        assert PREDICT_TIMEOUT_S - 0.5 <= took < PREDICT_TIMEOUT_S + LATE_S, took
+        # The management API still lists both workers READY; /health asks the model itself (no
+        # prediction has succeeded for the 6 s just spent, more than HEALTH_MAX_SILENCE_S).
         started = time.monotonic()
-        health = httpx.get(f"{hostile_adapter.base_url}/health", timeout=10)
+        health = httpx.get(f"{hostile_adapter.base_url}/health", timeout=30)
         assert health.status_code == 503 and health.json()["status"] == "unavailable", health.text
         assert "not answering" in health.json()["error"]
-        assert time.monotonic() - started < HEALTH_TIMEOUT_S + 2
+        assert time.monotonic() - started < HEALTH_TIMEOUT_S + LATE_S
     finally:
         for worker in workers:
             worker.send_signal(signal.SIGCONT)
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{hostile_adapter.base_url}/health", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "/health did not come back after SIGCONT"
-        time.sleep(0.5)
+    wait_for(lambda: httpx.get(f"{hostile_adapter.base_url}/health", timeout=10).status_code == 200, 60,
+             "/health back to 200 after SIGCONT", interval_s=0.5)
     assert classify(hostile_adapter.base_url, pngs[1]).status_code == 200
 
 

@@ -213,9 +213,8 @@ def test_several_images_in_one_request_get_one_answer_each_in_order(kserve_ts, c
             assert outputs["topk_probability"]["shape"] == [5, 5] and outputs["label"]["shape"] == [5]
 
 
+@pytest.mark.parametrize("kserve_ts", ["v2"], indirect=True)  # the outputs field is v2's
 def test_v2_outputs_asked_for_are_the_ones_answered(kserve_ts, client, cifar100_test_split):
-    if kserve_ts.protocol != "v2":
-        pytest.skip("the outputs field is v2's")
     body = {**v2_body([encode(cifar_pil(cifar100_test_split[0], 0))]), "outputs": [{"name": "name"}, {"name": "index"}]}
     r = client.post(kserve_ts.v2_infer_url, json=body)
     assert r.status_code == 200, r.text
@@ -301,10 +300,9 @@ def test_the_envelope_variable_is_set_and_ignored(kserve_ts):
 
 
 # ---- the /classify/ adapter in front of the bundle's v2 server (OIP_URL) -----------------------
+@pytest.mark.parametrize("kserve_ts", ["v2"], indirect=True)  # the adapter speaks v2 to an OIP server
 def test_adapter_in_front_of_the_v2_server_answers_classify_as_today(kserve_ts, reference, client,
                                                                      cifar100_test_split, tmp_path):
-    if kserve_ts.protocol != "v2":
-        pytest.skip("the adapter speaks v2 to an Open Inference Protocol server")
     from adapter.run import running_adapter
     from model.classes import display_name
 

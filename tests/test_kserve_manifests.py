@@ -17,10 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = {"cpu": REPO / "deploy" / "kserve" / "inferenceservice.yaml",
              "gpu": REPO / "deploy" / "kserve" / "inferenceservice-gpu.yaml",
              "canary": REPO / "deploy" / "kserve" / "inferenceservice-canary.yaml"}
-# KServe's TorchServe runtime (kserve/kserve config/runtimes/kserve-torchserve.yaml, `kserve-torchserve`
-# ClusterServingRuntime): its supportedModelFormats and protocolVersions.
-TORCHSERVE_RUNTIME_FORMATS = ("pytorch",)
-TORCHSERVE_RUNTIME_PROTOCOLS = ("v1", "v2", "grpc-v2")
 
 
 def load(kind: str) -> dict:
@@ -38,6 +34,20 @@ def kserve_protocols() -> set[str]:
     return {protocol.value for protocol in PredictorProtocol}
 
 
+def kserve_framework_spec(format_name: str) -> str | None:
+    """KServe's own spec class for a model format named in a predictor (e.g. pytorch ->
+    V1beta1TorchServeSpec: the format the TorchServe runtime serves), None for an unknown one."""
+    return kserve_types.kserve_models.V1beta1PredictorSpec.openapi_types.get(format_name)
+
+
+def kserve_rest_protocols() -> set[str]:
+    """The protocol versions KServe's predictor configuration knows (V1beta1PredictorProtocols)."""
+    # Not exported by kserve.models' __init__: its own module.
+    from kserve.models.v1beta1_predictor_protocols import V1beta1PredictorProtocols
+
+    return set(V1beta1PredictorProtocols.attribute_map.values())
+
+
 @pytest.mark.parametrize("kind", list(MANIFESTS))
 def test_manifest_is_a_valid_inferenceservice_for_the_torchserve_runtime(kind):
     manifest = load(kind)
@@ -46,8 +56,10 @@ def test_manifest_is_a_valid_inferenceservice_for_the_torchserve_runtime(kind):
     assert type(isvc) is kserve_types.kserve_models.V1beta1InferenceService
     assert (isvc.api_version, isvc.kind) == ("serving.kserve.io/v1beta1", "InferenceService")
     model = isvc.spec.predictor.model
-    assert model.model_format.name == "pytorch" and "pytorch" in TORCHSERVE_RUNTIME_FORMATS
-    assert model.protocol_version == "v2" and "v2" in TORCHSERVE_RUNTIME_PROTOCOLS and "v2" in kserve_protocols()
+    # KServe's own types say which runtime a format selects and which protocols exist.
+    assert kserve_framework_spec(model.model_format.name) == "V1beta1TorchServeSpec", model.model_format.name
+    assert model.protocol_version == "v2"
+    assert model.protocol_version in kserve_rest_protocols() & kserve_protocols()
     # The runtime image's tag: the TorchServe version the archive is built and tested with.
     assert model.runtime_version.split("-")[0] == pinned_torchserve()
     assert model.storage_uri.startswith(("pvc://", "s3://", "gs://"))
@@ -119,6 +131,14 @@ def test_a_typo_in_the_manifest_fails_validation(mutate, words):
     assert any(words in e for e in errors), errors
     with pytest.raises(ManifestError):
         build(manifest)
+
+
+def test_the_kserve_type_checks_can_fail():
+    # The lookups above answer "no" for what KServe does not know.
+    assert kserve_framework_spec("pytorch") == "V1beta1TorchServeSpec"
+    assert kserve_framework_spec("sklearn") != "V1beta1TorchServeSpec"
+    assert kserve_framework_spec("torchscript") is None
+    assert "v3" not in kserve_rest_protocols() and "grpc-v2" not in kserve_rest_protocols()
 
 
 def test_kserve_constructor_checks_run():

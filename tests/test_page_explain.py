@@ -13,9 +13,8 @@ import pytest
 # The page fixtures (a real adapter before the session's TorchServe, Chromium, a fresh page, the
 # mountain of CIFAR-100 test image 42) and helpers, shared with the page's other tests.
 from test_page import (ANSWER_TIMEOUT_MS, ARTIFACTS, DESKTOP, PHONE, REPO, adapter, browser,  # noqa: F401
-                       expected_answer, page, photo, pytestmark, wait_for_answer)
+                       expected_answer, page, photo, wait_for_answer)
 
-AXE = REPO / "node_modules" / "axe-core" / "axe.min.js"
 EXAMPLES = REPO / "frontend" / "examples"
 
 
@@ -100,11 +99,17 @@ def test_clicking_an_example_classifies_it(adapter, page):
     wait_for_answer(page)
     assert page.inner_text("#prediction") == answer["prediction"]
     assert page.get_attribute("#preview", "alt").startswith("Example:")
-    # Keyboard: Tab reaches the examples, Enter picks one.
+    # Keyboard: Tab reaches the examples, Enter picks one. The earlier answer is still shown, so
+    # wait for the page to be busy with the new picture, then for the new answer itself.
+    other = examples.nth(5).get_attribute("data-src")
+    other_answer = expected_answer(adapter, REPO / "frontend" / other)
     examples.nth(5).focus()
-    with page.expect_response(lambda r: "/classify/" in r.url):
+    with page.expect_request(lambda r: "/classify/" in r.url):
         page.keyboard.press("Enter")
-    wait_for_answer(page)
+    page.wait_for_function("document.body.dataset.state === 'answered'", timeout=ANSWER_TIMEOUT_MS)
+    assert page.inner_text("#prediction") == other_answer["prediction"]
+    assert other_answer["prediction"] != answer["prediction"]  # so the check above tells them apart
+    assert page.get_attribute("#preview", "alt") == examples.nth(5).locator("img").get_attribute("alt")
 
 
 def test_page_lists_the_hundred_things_it_knows(adapter, page):
@@ -141,10 +146,9 @@ def test_dark_mode_follows_the_system(adapter, dark_page, photo):
     dark_page.screenshot(path=str(ARTIFACTS / "page-dark.png"), full_page=True)
 
 
-def axe_violations(page) -> list[dict]:
+def axe_violations(page, axe_script) -> list[dict]:
     """axe-core's serious and critical violations on the page as it stands."""
-    assert AXE.is_file(), f"{AXE} missing: run `make install` (npm ci installs axe-core from package-lock.json)"
-    page.add_script_tag(path=str(AXE))
+    page.add_script_tag(path=str(axe_script))
     result = page.evaluate("axe.run(document, {resultTypes: ['violations']})")
     return [{"id": v["id"], "impact": v["impact"], "help": v["help"],
              "nodes": [n["html"][:120] for n in v["nodes"][:3]]}
@@ -152,17 +156,17 @@ def axe_violations(page) -> list[dict]:
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
-def test_axe_finds_no_serious_violation(adapter, browser, photo, scheme):
+def test_axe_finds_no_serious_violation(adapter, browser, photo, axe_script, scheme):
     context = browser.new_context(viewport=DESKTOP, color_scheme=scheme)
     page = context.new_page()
     try:
         page.goto(f"{adapter.base_url}/")
-        assert axe_violations(page) == []  # the empty page
+        assert axe_violations(page, axe_script) == []  # the empty page
         page.set_input_files("#file-input", str(photo))
         wait_for_answer(page)
         show_why(page)
         page.click("#known-things summary")
         page.wait_for_function("document.querySelectorAll('#class-list li').length === 100")
-        assert axe_violations(page) == []  # answered (unsure), heatmap shown, class list open
+        assert axe_violations(page, axe_script) == []  # answered (unsure), heatmap shown, class list open
     finally:
         context.close()

@@ -178,6 +178,19 @@ def test_one_bad_image_in_a_concurrent_batch_fails_alone(torchserve_ready, clien
     pytest.fail("a bad image never shared a batch with good ones in 5 bursts")
 
 
+def test_a_request_over_max_request_size_gets_413_and_the_server_keeps_serving(torchserve_ready, client,
+                                                                              cifar100_test_split):
+    from serving.torchserve import BASE_CONFIG, read_properties
+
+    limit = int(read_properties(BASE_CONFIG)["max_request_size"])  # 16 MiB (config.properties)
+    headers = {**torchserve_ready.key_file.header("inference"), "Content-Type": "image/png"}
+    r = client.post(torchserve_ready.predictions_url, content=b"\0" * (limit + 1), headers=headers)
+    assert r.status_code == 413
+    ok = client.post(torchserve_ready.predictions_url, content=encode(cifar_pil(cifar100_test_split[0], 0)),
+                     headers=headers)
+    assert ok.status_code == 200, ok.text
+
+
 def test_metrics_are_prometheus_text(torchserve_ready, client):
     r = client.get(f"{torchserve_ready.metrics_url}/metrics")
     assert r.status_code == 200

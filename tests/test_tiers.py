@@ -40,6 +40,16 @@ def test_missing_data_stops_the_run_at_once_with_how_to_get_it(tmp_path):
     assert " passed" not in out and " failed" not in out
 
 
+def test_missing_chromium_stops_the_run_at_once_with_the_install_hint(tmp_path):
+    env = {**os.environ, "CHROMIUM": str(tmp_path / "no-chromium")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/test_page.py"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 4, out[-3000:]
+    assert f"Chromium at {tmp_path / 'no-chromium'}" in out and "sudo make install-system" in out
+    assert " passed" not in out and " skipped" not in out
+
+
 def test_training_without_data_names_make_data(tmp_path, capsys):
     from training import train as train_module
 

@@ -58,10 +58,19 @@ def runs(tmp_path_factory):
         split = base / "split"
         assert train_module.main(SMALL_RUN + ["--epochs", "2", "--max-epochs-this-run", "1", "--out", str(split)]) == 0
         first_half = torch.load(split / "checkpoint.pt", map_location="cpu", weights_only=False)
-        assert train_module.main(SMALL_RUN + ["--epochs", "2", "--resume", "--out", str(split)]) == 0
+        # Only this session's options: the run's own (width 1, 512 images, seed 3, 2 epochs, ...)
+        # come from the checkpoint, as the bit-for-bit test below shows.
+        assert train_module.main(["--resume", "--out", str(split), "--data-dir", str(DATA_DIR), "--threads", "1",
+                                  "--no-progress"]) == 0
     torch.set_num_threads(threads)
     return {"straight": straight, "split": split, "first_half": first_half,
             "straight_versions": straight_versions, "versions": versions}
+
+
+def test_resume_refuses_only_a_real_conflict(runs, capsys):
+    split = str(runs["split"])
+    assert train_module.main(["--resume", "--out", split, "--data-dir", str(DATA_DIR), "--width", "2"]) == 2
+    assert "checkpoint was trained with --width 1, this run asks for 2" in capsys.readouterr().err
 
 
 def test_smoke_run_loss_falls_and_writes_every_file(runs):

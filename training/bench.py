@@ -20,6 +20,7 @@ from torch import nn
 from model import CIFAR100_MEAN, CIFAR100_STD, CIFAR100Model
 from training.data import batches, default_data_dir, load_split, normalize
 from training.runtime import pick_amp
+from serving import cli
 
 
 def _step(model, opt, x, y, autocast_dtype, device_type):
@@ -85,7 +86,7 @@ def _sync(device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser("training.bench", __doc__)
     p.add_argument("--data-dir", default=default_data_dir())
     p.add_argument("--widths", type=int, nargs="+", default=[2, 4, 10])
     p.add_argument("--batch-size", type=int, default=128)

@@ -14,7 +14,6 @@ below the threshold.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from serving.settings import CALIBRATION_FILE
+from serving import cli
 
 RELIABILITY_FILE = "reliability.png"
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017 ("On Calibration of Modern Neural Networks")
@@ -166,10 +166,24 @@ def test_split_logits(weights: Path, data_dir: str) -> tuple[torch.Tensor, torch
     return predict_logits(serving_model(state_dict), images, labels), labels
 
 
+def _share(value: float | None) -> str:
+    return "no answer" if value is None else f"{value:.1%}"  # None: no answer on that side of the threshold
+
+
+def summary(result: dict) -> str:
+    """One line of what calibrate() found (held-out figures, the unsure threshold)."""
+    held, unsure = result["held_out"], result["unsure"]
+    return (f"temperature {result['temperature']:.4f} (fitted on the even half); held-out odd half: "
+            f"ECE {held['ece_before']:.4f} -> {held['ece_after']:.4f}, NLL {held['nll_before']:.4f} -> "
+            f"{held['nll_after']:.4f}; unsure below {unsure['threshold']:.2f}: {unsure['unsure_share']:.1%} of "
+            f"answers, right {_share(unsure['unsure_accuracy'])} of the time "
+            f"(sure ones {_share(unsure['sure_accuracy'])})")
+
+
 def main(argv: list[str] | None = None) -> int:
     from training.data import default_data_dir
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("training.calibrate", __doc__.split("\n\n")[0])
     parser.add_argument("weights", type=Path, nargs="?",
                         default=Path(__file__).resolve().parents[1] / "model" / "weights" / "CIFAR100_model.pth")
     parser.add_argument("--data-dir", default=default_data_dir())
@@ -182,11 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CALIBRATION_FILE).write_text(json.dumps(result, indent=2) + "\n")
     plot_reliability(result, out_dir / RELIABILITY_FILE)
-    held, unsure = result["held_out"], result["unsure"]
-    print(f"temperature {result['temperature']:.4f} (fitted on the even half); held-out odd half: "
-          f"ECE {held['ece_before']:.4f} -> {held['ece_after']:.4f}, NLL {held['nll_before']:.4f} -> "
-          f"{held['nll_after']:.4f}; unsure below {unsure['threshold']:.2f}: {unsure['unsure_share']:.1%} of "
-          f"answers, right {unsure['unsure_accuracy']:.1%} of the time (sure ones {unsure['sure_accuracy']:.1%})")
+    print(summary(result))
     print(f"wrote {out_dir / CALIBRATION_FILE} and {out_dir / RELIABILITY_FILE}")
     return 0
 

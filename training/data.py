@@ -7,7 +7,6 @@ the batch. torchvision's ``CIFAR100`` reads (and md5-checks) the official files.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from model.normalization import normalize  # noqa: F401 - training and evaluation normalize through here
+from serving import cli
 
 DATA_ENV = "CIFAR100_DATA"
 REPO = Path(__file__).resolve().parents[1]
@@ -118,8 +118,7 @@ def download(root: str | os.PathLike) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.data",
-                                description="Download CIFAR-100 (the official python version, ~170 MB) "
+    p = cli.Parser("training.data", "Download CIFAR-100 (the official python version, ~170 MB) "
                                             "with torchvision, checksums verified.")
     p.add_argument("--data-dir", default="data", help="where to put cifar-100-python/ (default: %(default)s)")
     args = p.parse_args(argv)

@@ -21,6 +21,7 @@ from model import WeightsError, display_name, load_class_names, load_network
 from training.data import DataError, default_data_dir, load_split, subset
 from training.evaluation import (accuracy, confusion_matrix, most_confused_pairs, per_class_accuracy,
                                  predict_logits)
+from serving import cli
 
 
 def evaluate(model, images, labels, class_names, batch_size=500, device="cpu", tta=True, top_pairs=10) -> dict:
@@ -64,8 +65,7 @@ def format_report(report: dict, weights: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser("training.evaluate", __doc__)
     p.add_argument("weights", help="CIFAR100_model.pth (state dict) or a training checkpoint.pt")
     p.add_argument("--data-dir", default=default_data_dir(),
                    help="folder holding cifar-100-python/ (env CIFAR100_DATA; default: %(default)s)")

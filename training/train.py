@@ -11,7 +11,8 @@ flip test-time augmentation): each one is an option.
 Files written to --out (only by rank 0): checkpoint.pt after every finished epoch (written
 to a temporary file, then renamed, so Ctrl-C never leaves a broken one), and at the end
 CIFAR100_model.pth (a plain state dict, loadable by the seed's notebook), metrics.json and
-training_curves.png. --resume continues exactly where the checkpoint stopped.
+training_curves.png. --resume continues exactly where the checkpoint stopped, with its run's options
+(repeat none; one given again wins, except a --width or --num-classes the weights cannot take).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from model import CIFAR100Model
 from training.data import DataError, batches, default_data_dir, load_split, normalize, subset
 from training.evaluation import accuracy, predict_logits, topk_correct
 from training.runtime import atomic_save, code_version, hardware, pick_amp, pick_device
+from serving import cli
 
 # Settings a checkpoint must share with the run that resumes it.
 _SHAPE_KEYS = ("width", "num_classes")
@@ -45,8 +47,7 @@ class ConfigError(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser("training.train", __doc__)
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", default=default_data_dir(),
                    help="folder holding cifar-100-python/ (env CIFAR100_DATA; default: %(default)s)")
@@ -146,12 +147,33 @@ def check_compatible(checkpoint: dict, args) -> None:
                 f"{getattr(args, key)}: pass the same value, or a different --out to start afresh")
 
 
+# Options of this session, not of the run: a resumed run takes them from its command line.
+_SESSION_KEYS = {"resume", "max_epochs_this_run", "no_progress", "out", "download", "data_dir", "threads",
+                 "device", "compile", "eval_batch_size"}
+
+
 def changed_options(checkpoint: dict, args) -> list[str]:
     """Options that differ from the checkpoint's run (allowed, but the run no longer repeats it exactly)."""
-    ignore = {"resume", "max_epochs_this_run", "no_progress", "out", "download", "data_dir", "threads"}
     saved = checkpoint["args"]
     return [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in vars(args).items()
-            if k not in ignore and k in saved and saved[k] != v]
+            if k not in _SESSION_KEYS and k in saved and saved[k] != v]
+
+
+def given_options(argv: list[str] | None) -> set[str]:
+    """The options this command line sets itself (not left at their defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def resumed_args(checkpoint: dict, args, given: set[str]) -> argparse.Namespace:
+    """The checkpoint run's options, except this session's own and those the command line gives."""
+    merged = dict(vars(args))
+    for key, value in checkpoint["args"].items():
+        if key in merged and key not in _SESSION_KEYS and key not in given:
+            merged[key] = value
+    return argparse.Namespace(**merged)
 
 
 # ----------------------------------------------------------------------------- training
@@ -294,7 +316,17 @@ def save_checkpoint(run: Run, epoch: int, model, ema, optimizer, scaler) -> None
                  "history": run.history, "wall_time_s": run.wall_time_s}, run.out / "checkpoint.pt")
 
 
-def train(args) -> dict:
+def train(args, given: set[str] | None = None) -> dict:
+    """One run. With --resume, options not in `given` (the command line's own; None: all of them)
+    are the checkpoint's."""
+    ckpt_path = Path(args.out) / "checkpoint.pt" if args.resume in (None, "auto") else Path(args.resume)
+    checkpoint = None
+    if args.resume is not None:
+        # Before the data load: a wrong checkpoint is reported at once, not minutes later.
+        checkpoint = load_checkpoint(ckpt_path)
+        if given is not None:
+            args = resumed_args(checkpoint, args, given)
+        check_compatible(checkpoint, args)
     device, rank, world = init_distributed(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -306,15 +338,8 @@ def train(args) -> dict:
         torch.backends.cudnn.benchmark = True  # fixed 32x32 inputs: the autotuned kernels pay off
     run = Run(args, device, pick_amp(args.amp, device), rank, world, code_version())
     out = run.out
-    ckpt_path = out / "checkpoint.pt" if args.resume in (None, "auto") else Path(args.resume)
-
-    checkpoint = None
-    if args.resume is not None:
-        # Before the data load: a wrong checkpoint is reported at once, not minutes later.
-        checkpoint = load_checkpoint(ckpt_path)
-        check_compatible(checkpoint, args)
-        if run.main_process and (changed := changed_options(checkpoint, args)):
-            print("note: resuming with changed options: " + ", ".join(changed), flush=True)
+    if checkpoint is not None and run.main_process and (changed := changed_options(checkpoint, args)):
+        print("note: resuming with changed options: " + ", ".join(changed), flush=True)
 
     train_x, train_y, test_x, test_y = load_data(run)
 
@@ -424,7 +449,7 @@ def finish(run: Run, model, ema, test_x, test_y) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        train(args)
+        train(args, given_options(argv))
     except (DataError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,127 @@
+"""The README's own commands: `make serve` and `make stop`, run from the repository root as a user
+runs them, on free ports (ADAPTER_PORT and TorchServe's TS_*_PORT variables).
+
+They serve a copy of the shipped weights whose calibration.json was fitted on other weights (the
+sha256 mismatch path): `make serve` warns and names `python -m training.calibrate`, and the
+answers are the plain softmax, never "unsure". They use the repository's logs/, key_file.json and
+model_store/ as `make serve` does, so the default service must not be running meanwhile.
+A busy port is refused at once, naming the port and the variable that moves it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serving.archive import DEFAULT_WEIGHTS
+from serving.process import free_ports, port_in_use
+from serving.settings import CALIBRATION_FILE, TORCHSERVE_PORT_ENV
+from serving_helpers import ReferenceModel
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "frontend" / "examples" / "test-00042.png"  # CIFAR-100 test image 42
+MAKE_TIMEOUT_S = 600  # archive + TorchServe READY on a busy 2-core machine
+pytestmark = pytest.mark.integration  # Java, TorchServe, the adapter
+
+
+def status(module: str, env: dict[str, str]) -> int:
+    return subprocess.run([sys.executable, "-m", module, "status"], cwd=REPO, env=env, capture_output=True,
+                          timeout=60).returncode
+
+
+def make(target: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", target, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=MAKE_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def env():
+    ports = free_ports(1 + len(TORCHSERVE_PORT_ENV))
+    env = {**os.environ, "ADAPTER_PORT": str(ports[0]),
+           **{variable: str(port) for variable, port in zip(TORCHSERVE_PORT_ENV.values(), ports[1:])}}
+    env.pop("PYTHONPATH", None)  # as a user's shell
+    for module in ("adapter.run", "serving.torchserve"):
+        if status(module, env) == 0:
+            pytest.fail(f"`python -m {module} status`: the repository's own service is running; "
+                        "`make stop` it before running these tests (they use its logs/ and key_file.json)")
+    return env
+
+
+@pytest.fixture(scope="module")
+def miscalibrated_weights(tmp_path_factory) -> Path:
+    """The shipped weights beside a calibration.json fitted on other weights."""
+    folder = tmp_path_factory.mktemp("weights")
+    weights = folder / "CIFAR100_model.pth"
+    shutil.copy(DEFAULT_WEIGHTS, weights)
+    record = json.loads((DEFAULT_WEIGHTS.parent / CALIBRATION_FILE).read_text())
+    record["weights_sha256"] = "0" * 64
+    (folder / CALIBRATION_FILE).write_text(json.dumps(record))
+    return weights
+
+
+@pytest.fixture(scope="module")
+def served(env, miscalibrated_weights):
+    """`make serve WEIGHTS=...` (run once), then `make stop` whatever happens."""
+    try:
+        yield make("serve", env, f"WEIGHTS={miscalibrated_weights}")
+    finally:
+        make("stop", env)
+
+
+def test_make_serve_answers_classify_uncalibrated_and_says_so(served, env, miscalibrated_weights):
+    assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-3000:]
+    assert "was fitted on other weights: serving uncalibrated probabilities" in served.stderr
+    assert f"python -m training.calibrate {miscalibrated_weights}" in served.stderr
+    assert f"http://127.0.0.1:{env['ADAPTER_PORT']}/" in served.stdout
+    r = httpx.post(f"http://127.0.0.1:{env['ADAPTER_PORT']}/classify/",
+                   files={"image": ("test-00042.png", EXAMPLE.read_bytes(), "image/png")}, timeout=60)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    plain = ReferenceModel(miscalibrated_weights).probs_of_bytes(EXAMPLE.read_bytes())
+    calibrated = ReferenceModel(DEFAULT_WEIGHTS).probs_of_bytes(EXAMPLE.read_bytes())
+    assert answer["index"] == int(plain.argmax())
+    assert answer["probability"] == pytest.approx(float(plain.max()), abs=2e-4)
+    assert abs(float(calibrated.max()) - float(plain.max())) > 0.01  # the check above tells them apart
+    assert answer["unsure"] is False  # no threshold without a calibration
+
+
+def test_make_serve_again_is_idempotent_and_status_says_running(served, env):
+    assert served.returncode == 0
+    again = make("serve", env, f"WEIGHTS={DEFAULT_WEIGHTS}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "TorchServe was already running" in again.stdout and "Adapter already running" in again.stdout
+    # Other weights than those served: the archive was rebuilt, the running server keeps the old one.
+    assert "keeps serving the model it loaded" in again.stderr and "make rollout" in again.stderr
+    assert status("adapter.run", env) == 0 and status("serving.torchserve", env) == 0
+
+
+def test_make_stop_stops_both_and_says_so(served, env):
+    assert served.returncode == 0
+    stopped = make("stop", env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "Adapter stopped" in stopped.stdout and "TorchServe stopped." in stopped.stdout
+    assert status("adapter.run", env) == 3 and status("serving.torchserve", env) == 3
+    assert not port_in_use(int(env["ADAPTER_PORT"])) and not port_in_use(int(env["TS_INFERENCE_PORT"]))
+    again = make("stop", env)
+    assert again.returncode == 0 and "Adapter not running." in again.stdout
+    assert "TorchServe was not running." in again.stdout
+
+
+@pytest.mark.parametrize("module, variable", [("serving.torchserve", "TS_MANAGEMENT_PORT"),
+                                              ("adapter.run", "ADAPTER_PORT")])
+def test_a_busy_port_is_named_with_its_cause(env, module, variable):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", module, "start"], cwd=REPO, env={**env, variable: str(port)},
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"{port}" in done.stderr and "already in use" in done.stderr and variable in done.stderr, done.stderr
