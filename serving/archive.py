@@ -8,6 +8,9 @@ The archive holds:
   index_to_name.json                                  the 100 class names
   calibration.json                                    temperature + unsure threshold, when the one beside
                                                       the weights was fitted on them (training/calibrate.py)
+  engines.json                                        each engine's accuracy on the test split, when
+                                                      measured on exactly these weights (training/engines.py)
+  engine_inputs.pt                                    training images: int8 calibration, start-up probe
   model/, handler/, serving/settings.py               the packages the handler imports
 
 The version says which weights it holds: ``w<width>-<first 8 hex of the weights' sha256>``. The
@@ -27,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from serving.settings import CALIBRATION_FILE, MODEL_NAME
+from serving.settings import CALIBRATION_FILE, ENGINE_INPUTS_FILE, ENGINE_RECORD_FILE, MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
@@ -39,7 +42,7 @@ CLASS_NAMES_FILE = REPO / "model" / "index_to_name.json"
 # Packages the handler imports inside the worker, copied as they are (no caches, no weights).
 # (The handler module itself goes in once, at the archive root, via --handler.)
 PACKAGES = {"model": ["*.py", "index_to_name.json"],
-            "handler": ["__init__.py", "preprocessing.py", "protocols.py", "calibration.py", "explain.py"],
+            "handler": ["__init__.py", "preprocessing.py", "protocols.py", "calibration.py", "explain.py", "engine.py"],
             "serving": ["__init__.py", "settings.py"]}  # the shared facts (top-k, v2 output names)
 
 
@@ -69,11 +72,11 @@ def weights_version(weights: Path) -> str:
     return f"w{width}-{sha256_of(weights)[:8]}"
 
 
-def calibration_for(weights: Path) -> Path | None:
-    """The calibration.json beside the weights, if it was fitted on exactly these weights."""
+def _record_for(weights: Path, name: str, consequence: str, command: str) -> Path | None:
+    """The JSON record ``name`` beside the weights, if it was made from exactly these weights."""
     import json
 
-    path = Path(weights).resolve().parent / CALIBRATION_FILE
+    path = Path(weights).resolve().parent / name
     if not path.is_file():
         return None
     try:
@@ -81,10 +84,21 @@ def calibration_for(weights: Path) -> Path | None:
     except ValueError as err:
         raise ArchiveError(f"{path} is not JSON: {err}") from err
     if fitted_on != sha256_of(Path(weights)):
-        print(f"warning: {path} was fitted on other weights; serving uncalibrated probabilities "
-              "(run python -m training.calibrate on these weights)", file=sys.stderr)
+        print(f"warning: {path} was made from other weights; {consequence} (run {command} on these weights)",
+              file=sys.stderr)
         return None
     return path
+
+
+def calibration_for(weights: Path) -> Path | None:
+    """The calibration.json beside the weights, if it was fitted on exactly these weights."""
+    return _record_for(weights, CALIBRATION_FILE, "serving uncalibrated probabilities", "python -m training.calibrate")
+
+
+def engine_record_for(weights: Path) -> Path | None:
+    """The engines.json beside the weights, if it measured exactly these weights."""
+    return _record_for(weights, ENGINE_RECORD_FILE, "only lossless engines (eager/compiled fp32) may be served",
+                       "python -m training.engines")
 
 
 def package_files(weights: Path = DEFAULT_WEIGHTS) -> list[tuple[Path, str]]:
@@ -93,6 +107,14 @@ def package_files(weights: Path = DEFAULT_WEIGHTS) -> list[tuple[Path, str]]:
     calibration = calibration_for(weights)
     if calibration is not None:
         files.append((calibration, CALIBRATION_FILE))
+    record = engine_record_for(weights)
+    if record is not None:
+        files.append((record, ENGINE_RECORD_FILE))
+    # Training images, not tied to the weights: the ones beside them, else the shipped ones.
+    inputs = Path(weights).resolve().parent / ENGINE_INPUTS_FILE
+    inputs = inputs if inputs.is_file() else REPO / "model" / "weights" / ENGINE_INPUTS_FILE
+    if inputs.is_file():
+        files.append((inputs, ENGINE_INPUTS_FILE))
     for package, patterns in PACKAGES.items():
         for pattern in patterns:
             files += [(p, f"{package}/{p.name}") for p in sorted((REPO / package).glob(pattern))]
