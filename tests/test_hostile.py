@@ -239,7 +239,9 @@ def _wait_for_ready_workers(ts, count: int = 2, timeout: float = 240) -> None:
 def test_worker_killed_under_load_loses_no_answer(hostile_adapter, torchserve_ready, pngs):
     _wait_for_ready_workers(torchserve_ready)
     statuses: Counter = Counter()
-    killed = []
+    killed, killed_at = [], []
+    model_log = torchserve_ready.log_dir / "model_log.log"
+    log_before = model_log.stat().st_size
 
     async def client(session, n):
         for i in range(n):
@@ -255,6 +257,7 @@ def test_worker_killed_under_load_loses_no_answer(hostile_adapter, torchserve_re
         victim = _worker_processes(torchserve_ready)[0]
         victim.send_signal(signal.SIGKILL)
         killed.append(victim.pid)
+        killed_at.append(time.monotonic())
 
     async def load():
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as session:
@@ -264,8 +267,18 @@ def test_worker_killed_under_load_loses_no_answer(hostile_adapter, torchserve_re
         asyncio.run(load())
     finally:
         _wait_for_ready_workers(torchserve_ready)  # TorchServe restarts the worker; leave both READY
+        back_after_s = time.monotonic() - killed_at[0] if killed_at else None
     assert killed
     assert statuses == Counter({200: 16 * 25}), statuses
+    # The new worker loaded its compiled engine from the cache (handler/engine.py), READY well under
+    # the compile the first start paid (minutes on 2 cores; a start from the cache takes seconds).
+    started = [line for line in model_log.read_bytes()[log_before:].decode(errors="replace").splitlines()
+               if "CIFAR-100 model" in line and "engine" in line]
+    assert started, "no worker start logged after the kill"
+    if "eager-fp32" not in started[-1]:
+        assert "'cached': True" in started[-1], started[-1]
+        compile_s = float(started[-1].split("'compile_seconds': ")[1].split(",")[0])
+        assert back_after_s < max(30.0, compile_s / 2), (back_after_s, compile_s)
 
 
 def test_stopped_workers_give_504_within_the_deadline_and_health_503(hostile_adapter, torchserve_ready, pngs):
