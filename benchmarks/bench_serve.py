@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.load import HttpTarget, LoadResult, percentile, run_wrk, warm_up
-from handler.cifar100_handler import serving_model
 from handler.preprocessing import decode_image, image_to_tensor, normalize
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive
 from serving.torchserve import TorchServeInstance
+from training.engines import in_process_engine
 
 
-def in_process_load(model: torch.nn.Module, payloads: list[bytes], batch: int, duration_s: float) -> LoadResult:
+def in_process_load(model, payloads: list[bytes], batch: int, duration_s: float) -> LoadResult:
     """The same decode + preprocessing + forward + top-k, `batch` images at a time, no server."""
     latencies: list[float] = []
     images = 0
@@ -80,7 +80,7 @@ def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batc
     ts = TorchServeInstance.on_free_ports(root, model_store=root / "model_store", extra_properties=properties or {})
     ts.start()
     try:
-        ts.wait_ready(240)
+        ts.wait_ready(600)  # the first start on a machine compiles the engine
     except Exception:
         ts.stop()
         raise
@@ -91,6 +91,16 @@ def torchserve_target(ts: TorchServeInstance, payloads: list[bytes]) -> HttpTarg
     """Raw PNG bodies to the predictions API, with the current inference key."""
     return HttpTarget(ts.predictions_url, payloads, expect='"prediction"',
                       headers=lambda: {**ts.key_file.header("inference"), "Content-Type": "image/png"})
+
+
+def served_engine_name(ts: TorchServeInstance, payload: bytes) -> str:
+    """The forward pass TorchServe's workers chose (each answer names it: handler/engine.py)."""
+    import httpx
+
+    r = httpx.post(ts.predictions_url, content=payload, timeout=60,
+                   headers={**ts.key_file.header("inference"), "Content-Type": "image/png"})
+    r.raise_for_status()
+    return r.json()["engine"]
 
 
 def cifar_png_payloads(n: int = 256) -> list[bytes]:
@@ -164,13 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     payloads = cifar_png_payloads()
-    model = serving_model(torch.load(args.weights, map_location="cpu", weights_only=True))
     print(f"{machine()}; torch threads {torch.get_num_threads()}; weights {args.weights}; {args.duration:.0f} s per point")
     rows: dict[str, dict[int, LoadResult]] = {"in-process": {}, "torchserve": {}}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         ts = start_benchmark_torchserve(Path(tmp), args.weights, args.batch_size, args.max_batch_delay,
                                         args.cpu_threads, ts_properties(args.ts_property), args.workers)
         try:
+            engine = served_engine_name(ts, payloads[0])
+            # In-process runs the engine the workers serve, built from the same cache (the same code).
+            model = in_process_engine(args.weights, engine)
+            print(f"engine: {engine} (handler.engine in model-config.yaml; TorchServe and in-process alike)")
             targets = {"torchserve": torchserve_target(ts, payloads)}
             warm_up(targets, args.concurrency, Path(tmp))
             # Each concurrency's two points back to back (TorchServe idles meanwhile): the machine is

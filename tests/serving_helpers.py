@@ -13,6 +13,7 @@ from PIL import Image
 
 from handler.cifar100_handler import serving_model
 from handler.preprocessing import decode_image, image_to_tensor, normalize
+from training.engines import in_process_engine
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -82,26 +83,6 @@ def engine_record(weights: Path) -> dict | None:
     return json.loads(path.read_text()) if path else None
 
 
-def served_engine(model: torch.nn.Module, weights: Path, setting: str = "auto"):
-    """The engine a TorchServe worker started from this checkout builds for ``weights``, in-process."""
-    import hashlib
-    import os
-
-    import yaml
-
-    from handler import engine as engines
-    from serving.archive import MODEL_CONFIG, REPO
-    from serving.settings import ENGINE_CACHE_ENV, ENGINE_INPUTS_FILE
-    from serving.torchserve import DEFAULT_ENGINE_CACHE
-
-    inputs = weights.resolve().parent / ENGINE_INPUTS_FILE
-    inputs = inputs if inputs.is_file() else REPO / "model" / "weights" / ENGINE_INPUTS_FILE
-    return engines.select_engine(setting, model, hashlib.sha256(weights.read_bytes()).hexdigest(),
-                                 int(yaml.safe_load(MODEL_CONFIG.read_text())["batchSize"]), torch.device("cpu"),
-                                 engine_record(weights), engines.load_inputs(inputs.parent), normalize,
-                                 folder=Path(os.environ.get(ENGINE_CACHE_ENV) or DEFAULT_ENGINE_CACHE))
-
-
 class ReferenceModel:
     """The served network, called in-process with the same weights, the handler's preprocessing and
     the same engine (handler/engine.py; ``auto``: the one TorchServe picks on this machine, loaded
@@ -112,7 +93,7 @@ class ReferenceModel:
         from serving.archive import calibration_for
 
         self.model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
-        self.engine = served_engine(self.model, Path(weights), engine)
+        self.engine = in_process_engine(Path(weights), engine, self.model)
         # The temperature the archive ships with these weights (none: 1, the plain softmax), or the
         # one refit for the engine when it moved (training/engines.py).
         calibration = calibration_for(Path(weights))

@@ -41,6 +41,29 @@ def batch_size_of_config(path: Path = REPO / "handler" / "model-config.yaml") ->
     return int(yaml.safe_load(path.read_text())["batchSize"])
 
 
+def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.nn.Module | None = None):
+    """The engine a TorchServe worker started from this checkout builds for ``weights``, built the same
+    way in this process (same record, probe, batch bound and engine cache: the served compiled code)."""
+    import os
+
+    from handler.cifar100_handler import serving_model
+    from model.normalization import normalize
+    from serving.archive import engine_record_for
+    from serving.torchserve import DEFAULT_ENGINE_CACHE
+
+    weights = Path(weights)
+    record_path = engine_record_for(weights)
+    inputs = weights.resolve().parent / engines.INPUTS_FILE
+    inputs = inputs if inputs.is_file() else DEFAULT_WEIGHTS.parent / engines.INPUTS_FILE
+    if model is None:
+        model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
+    return engines.select_engine(setting, model, hashlib.sha256(weights.read_bytes()).hexdigest(),
+                                 batch_size_of_config(), torch.device("cpu"),
+                                 json.loads(record_path.read_text()) if record_path else None,
+                                 engines.load_inputs(inputs.parent), normalize,
+                                 folder=Path(os.environ.get(engines.CACHE_ENV) or DEFAULT_ENGINE_CACHE))
+
+
 def training_inputs(data_dir: str, seed: int = 0) -> dict:
     """Disjoint random training images: calibration (int8 observers) and probe (start-up check)."""
     from training.data import load_split
