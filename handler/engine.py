@@ -286,11 +286,11 @@ def select_engine(setting: str, model: torch.nn.Module, weights_sha256: str, max
     ``build(name, model, weights_sha256, max_batch, device, calibration_images, folder)`` makes one engine.
     """
     reference = Engine(EAGER, model)
-    probe = normalize(inputs["probe"], device) if inputs else None
-    calibration = normalize(inputs["calibration"]) if inputs else None
     for name in candidates(setting, device, record):
         if name == EAGER:
             return reference
+        probe = normalize(inputs["probe"], device) if inputs else None
+        calibration = normalize(inputs["calibration"]) if inputs else None
         started = time.perf_counter()
         try:
             engine = build(name, model, weights_sha256, max_batch, device, calibration, folder)
