@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = load_split(args.data_dir, train=False)
     model = serving_model(torch.load(args.weights, map_location="cpu", weights_only=True))
     reference = engine_logits(engines.Engine(engines.EAGER, model), images)
+    # fp32's top-1 on the probe: the worker's start-up check compares against it (handler/engine.py).
+    record["probe_fp32_top1"] = engine_logits(engines.Engine(engines.EAGER, model), inputs["probe"]).argmax(1).tolist()
     record["engines"][engines.EAGER] = measure(engines.EAGER, reference, reference, labels, shipped)
     max_batch = batch_size_of_config()
     from model.normalization import normalize
