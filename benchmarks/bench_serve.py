@@ -19,6 +19,7 @@ targets that load.measure_targets drives (bench_adapter does).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -28,8 +29,9 @@ import torch
 
 from benchmarks.load import HttpTarget, LoadResult, percentile, run_wrk, warm_up
 from handler.preprocessing import decode_image, image_to_tensor, normalize
+from serving.settings import ENGINE_CACHE_ENV
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive
-from serving.torchserve import TorchServeInstance
+from serving.torchserve import DEFAULT_ENGINE_CACHE, TorchServeInstance
 from training.engines import in_process_engine
 
 
@@ -57,6 +59,9 @@ def in_process_load(model, payloads: list[bytes], batch: int, duration_s: float)
                       percentile(latencies, 99))
 
 
+ENGINE_CACHE = os.environ.get(ENGINE_CACHE_ENV) or DEFAULT_ENGINE_CACHE
+
+
 def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batch_size: int | None = None,
                                max_batch_delay: int | None = None, cpu_threads: int | None = None,
                                properties: dict[str, str] | None = None,
@@ -78,12 +83,14 @@ def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batc
         config.write_text(yaml.safe_dump(settings))
     build_archive(weights, root / "model_store", quiet=True, model_config=config)
     ts = TorchServeInstance.on_free_ports(root, model_store=root / "model_store", extra_properties=properties or {})
+    started = time.perf_counter()
     ts.start()
     try:
         ts.wait_ready(600)  # the first start on a machine compiles the engine
     except Exception:
         ts.stop()
         raise
+    print(f"TorchServe READY {time.perf_counter() - started:.1f} s after its start (engine cache: {ENGINE_CACHE})")
     return ts
 
 
