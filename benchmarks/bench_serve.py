@@ -29,8 +29,8 @@ import torch
 
 from benchmarks.load import HttpTarget, LoadResult, percentile, run_wrk, warm_up
 from handler.preprocessing import decode_image, image_to_tensor, normalize
-from serving.settings import ENGINE_CACHE_ENV
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive
+from serving.settings import ENGINE_CACHE_ENV
 from serving.torchserve import DEFAULT_ENGINE_CACHE, TorchServeInstance
 from training.engines import in_process_engine
 
