@@ -65,11 +65,11 @@ ENGINE_CACHE = os.environ.get(ENGINE_CACHE_ENV) or DEFAULT_ENGINE_CACHE
 def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batch_size: int | None = None,
                                max_batch_delay: int | None = None, cpu_threads: int | None = None,
                                properties: dict[str, str] | None = None,
-                               workers: int | None = None) -> TorchServeInstance:
+                               workers: int | None = None, engine: str | None = None) -> TorchServeInstance:
     """A TorchServe on free ports under `root`, optionally with other settings than the repo's:
     batching and the worker's torch threads (model-config.yaml), config.properties keys."""
     config = MODEL_CONFIG
-    if batch_size is not None or max_batch_delay is not None or cpu_threads is not None or workers is not None:
+    if any(v is not None for v in (batch_size, max_batch_delay, cpu_threads, workers, engine)):
         import yaml
 
         settings = yaml.safe_load(MODEL_CONFIG.read_text())
@@ -79,7 +79,10 @@ def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batc
             settings.setdefault("handler", {})["cpu_threads"] = cpu_threads
         if workers is not None:
             settings["minWorkers"] = settings["maxWorkers"] = workers
+        if engine is not None:
+            settings.setdefault("handler", {})["engine"] = engine
         config = root / "model-config.yaml"
+        root.mkdir(parents=True, exist_ok=True)
         config.write_text(yaml.safe_dump(settings))
     build_archive(weights, root / "model_store", quiet=True, model_config=config)
     ts = TorchServeInstance.on_free_ports(root, model_store=root / "model_store", extra_properties=properties or {})
@@ -160,6 +163,7 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-delay", type=int, help="override model-config.yaml's maxBatchDelay (ms)")
     parser.add_argument("--cpu-threads", type=int, help="override the worker's torch threads (handler.cpu_threads)")
     parser.add_argument("--workers", type=int, help="override model-config.yaml's minWorkers/maxWorkers")
+    parser.add_argument("--engine", help="override model-config.yaml's handler.engine (handler/engine.py)")
     parser.add_argument("--ts-property", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config.properties key for the benchmark's TorchServe (repeatable)")
 
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[int, LoadResult]] = {"in-process": {}, "torchserve": {}}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         ts = start_benchmark_torchserve(Path(tmp), args.weights, args.batch_size, args.max_batch_delay,
-                                        args.cpu_threads, ts_properties(args.ts_property), args.workers)
+                                        args.cpu_threads, ts_properties(args.ts_property), args.workers, args.engine)
         try:
             engine = served_engine_name(ts, payloads[0])
             # In-process runs the engine the workers serve, built from the same cache (the same code).
