@@ -96,6 +96,7 @@ bench-serve: install
 	$(PY) -m benchmarks.bench_adapter --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 	$(PY) -m benchmarks.bench_kserve --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 	$(PY) -m benchmarks.bench_photos --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
+	$(PY) -m benchmarks.bench_engines
 
 # Hostile and heavy clients, the long runs (~15 min): 64 concurrent 9.9 MB uploads with each
 # process's peak memory, a 20,000-request soak, 150 s of slow and stalled uploads (SOAK_ARGS="--requests 2000").

@@ -21,6 +21,7 @@ again, and if it still holds the refused key the API key renews it; then the req
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -232,6 +233,7 @@ class TorchServeClient:
         self.keys = KeyFile(settings.key_file)
         self._renew_lock = asyncio.Lock()
         self.last_answer_at = 0.0  # time.monotonic() of the last 200 from the inference API
+        self.engine: str | None = None  # the forward pass the last answer came from (handler/engine.py)
         self._probe: asyncio.Future | None = None  # /health's running probe, shared by its callers
         s = settings
         # Timeouts: `total` bounds a whole prediction (-> 504), `connect` the DNS + TCP connect (-> 503
@@ -349,6 +351,7 @@ class TorchServeClient:
                 raise ClassifyError(502, "The model server's answer has no prediction.")
             if explain and not isinstance(answer.get("heatmap"), str):
                 raise ClassifyError(502, "The model server's answer has no heatmap.")
+            self.engine = answer.get("engine", self.engine)
             return answer
         raise answer_error(response, self.settings.model_name)
 
@@ -363,6 +366,7 @@ class TorchServeClient:
             # Many /health callers share one probe; shielded: one caller leaving does not cancel it.
             await asyncio.shield(self._probe)
         status["last_answer_s_ago"] = round(time.monotonic() - self.last_answer_at, 3)
+        status["engine"] = self.engine
         return status
 
     async def _probe_prediction(self) -> None:
@@ -380,6 +384,8 @@ class TorchServeClient:
             raise ClassifyError(503, f"The model is not answering: {silent} failed "
                                      f"({response.status_code}).")
         self.last_answer_at = time.monotonic()
+        with contextlib.suppress(ValueError, AttributeError):
+            self.engine = response.json().get("engine", self.engine)
 
     async def model_status(self) -> dict:
         """{"model", "archive_version", "workers_ready", "workers"} or ClassifyError(503) when not ready."""

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         ts = KServeTorchServe(tmp / "torchserve", bundle, "v2")
         ts.start()
         try:
-            ts.wait_ready(240)
+            ts.wait_ready(600)  # the first start on a machine compiles the engine
             targets = {
                 "predictions": HttpTarget(ts.predictions_url, payloads, expect='"prediction"',
                                           headers=lambda: {"Content-Type": "image/png"}),

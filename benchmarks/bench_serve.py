@@ -19,6 +19,7 @@ targets that load.measure_targets drives (bench_adapter does).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -27,14 +28,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.load import HttpTarget, LoadResult, percentile, run_wrk, warm_up
-from handler.cifar100_handler import serving_model
 from handler.preprocessing import decode_image, image_to_tensor, normalize
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive
-from serving.torchserve import TorchServeInstance
 from serving import cli
+from serving.settings import ENGINE_CACHE_ENV
+from serving.torchserve import DEFAULT_ENGINE_CACHE, TorchServeInstance
+from training.engines import in_process_engine
 
 
-def in_process_load(model: torch.nn.Module, payloads: list[bytes], batch: int, duration_s: float) -> LoadResult:
+def in_process_load(model, payloads: list[bytes], batch: int, duration_s: float) -> LoadResult:
     """The same decode + preprocessing + forward + top-k, `batch` images at a time, no server."""
     latencies: list[float] = []
     images = 0
@@ -58,14 +60,17 @@ def in_process_load(model: torch.nn.Module, payloads: list[bytes], batch: int, d
                       percentile(latencies, 99))
 
 
+ENGINE_CACHE = os.environ.get(ENGINE_CACHE_ENV) or DEFAULT_ENGINE_CACHE
+
+
 def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batch_size: int | None = None,
                                max_batch_delay: int | None = None, cpu_threads: int | None = None,
                                properties: dict[str, str] | None = None,
-                               workers: int | None = None) -> TorchServeInstance:
+                               workers: int | None = None, engine: str | None = None) -> TorchServeInstance:
     """A TorchServe on free ports under `root`, optionally with other settings than the repo's:
     batching and the worker's torch threads (model-config.yaml), config.properties keys."""
     config = MODEL_CONFIG
-    if batch_size is not None or max_batch_delay is not None or cpu_threads is not None or workers is not None:
+    if any(v is not None for v in (batch_size, max_batch_delay, cpu_threads, workers, engine)):
         import yaml
 
         settings = yaml.safe_load(MODEL_CONFIG.read_text())
@@ -75,16 +80,21 @@ def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batc
             settings.setdefault("handler", {})["cpu_threads"] = cpu_threads
         if workers is not None:
             settings["minWorkers"] = settings["maxWorkers"] = workers
+        if engine is not None:
+            settings.setdefault("handler", {})["engine"] = engine
         config = root / "model-config.yaml"
+        root.mkdir(parents=True, exist_ok=True)
         config.write_text(yaml.safe_dump(settings))
     build_archive(weights, root / "model_store", quiet=True, model_config=config)
     ts = TorchServeInstance.on_free_ports(root, model_store=root / "model_store", extra_properties=properties or {})
+    started = time.perf_counter()
     ts.start()
     try:
-        ts.wait_ready(240)
+        ts.wait_ready(600)  # the first start on a machine compiles the engine
     except Exception:
         ts.stop()
         raise
+    print(f"TorchServe READY {time.perf_counter() - started:.1f} s after its start (engine cache: {ENGINE_CACHE})")
     return ts
 
 
@@ -92,6 +102,16 @@ def torchserve_target(ts: TorchServeInstance, payloads: list[bytes]) -> HttpTarg
     """Raw PNG bodies to the predictions API, with the current inference key."""
     return HttpTarget(ts.predictions_url, payloads, expect='"prediction"',
                       headers=lambda: {**ts.key_file.header("inference"), "Content-Type": "image/png"})
+
+
+def served_engine_name(ts: TorchServeInstance, payload: bytes) -> str:
+    """The forward pass TorchServe's workers chose (each answer names it: handler/engine.py)."""
+    import httpx
+
+    r = httpx.post(ts.predictions_url, content=payload, timeout=60,
+                   headers={**ts.key_file.header("inference"), "Content-Type": "image/png"})
+    r.raise_for_status()
+    return r.json()["engine"]
 
 
 def cifar_png_payloads(n: int = 256) -> list[bytes]:
@@ -144,6 +164,7 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-delay", type=int, help="override model-config.yaml's maxBatchDelay (ms)")
     parser.add_argument("--cpu-threads", type=int, help="override the worker's torch threads (handler.cpu_threads)")
     parser.add_argument("--workers", type=int, help="override model-config.yaml's minWorkers/maxWorkers")
+    parser.add_argument("--engine", help="override model-config.yaml's handler.engine (handler/engine.py)")
     parser.add_argument("--ts-property", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config.properties key for the benchmark's TorchServe (repeatable)")
 
@@ -165,13 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     payloads = cifar_png_payloads()
-    model = serving_model(torch.load(args.weights, map_location="cpu", weights_only=True))
     print(f"{machine()}; torch threads {torch.get_num_threads()}; weights {args.weights}; {args.duration:.0f} s per point")
     rows: dict[str, dict[int, LoadResult]] = {"in-process": {}, "torchserve": {}}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         ts = start_benchmark_torchserve(Path(tmp), args.weights, args.batch_size, args.max_batch_delay,
-                                        args.cpu_threads, ts_properties(args.ts_property), args.workers)
+                                        args.cpu_threads, ts_properties(args.ts_property), args.workers, args.engine)
         try:
+            engine = served_engine_name(ts, payloads[0])
+            # In-process runs the engine the workers serve, built from the same cache (the same code).
+            model = in_process_engine(args.weights, engine)
+            print(f"engine: {engine} (handler.engine in model-config.yaml; TorchServe and in-process alike)")
             targets = {"torchserve": torchserve_target(ts, payloads)}
             warm_up(targets, args.concurrency, Path(tmp))
             # Each concurrency's two points back to back (TorchServe idles meanwhile): the machine is

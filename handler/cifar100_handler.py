@@ -10,7 +10,9 @@ CPU) and reads the manifest and model-config.yaml; this class overrides only wha
     a multipart field, base64 in JSON, or in a KServe v1 / Open Inference Protocol v2 body
     (handler/protocols.py; such a request may carry several images); a bad image fails only its
     own request, with a 4xx.
-  * ``inference``: skip the forward pass when every image of a batch was refused.
+  * ``inference``: the engine chosen at start (handler/engine.py: compiled, bf16 or int8 where this
+    machine allows and the accuracy guard passes, else eager fp32); skip the forward pass when every
+    image of a batch was refused.
   * ``postprocess``: the per-image JSON contract the /classify/ adapter relies on (top-k), with
     calibrated probabilities and an ``unsure`` flag (handler/calibration.py), grouped per request
     and answered in the request's protocol.
@@ -22,6 +24,7 @@ helpers therefore live in the ``handler`` package, also shipped in the archive.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from itertools import islice
@@ -30,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.calibration import load_calibration
+from handler import engine as engines
+from handler.calibration import Calibration, load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, image_bytes, image_to_tensor, normalize
 from handler.protocols import ProtocolError, encode_answer, parse_request
@@ -77,13 +81,29 @@ class CIFAR100Handler(BaseHandler):
         self._requests: list = []  # per batch position: (v1/v2 request or None for plain, image count)
         self._sizes: list[tuple[int, int]] = []  # per batch: (width, height) of each good image
         self.calibration = load_calibration(model_dir)
+        self.engine = self._start_engine(handler_cfg.get("engine", engines.AUTO), int(model_cfg.get("batchSize") or 1),
+                                         model_dir)
         self._explanation_model = None  # built on the first explanation (handler/explain.py)
         # Longer side of a Grad-CAM heatmap PNG (model-config.yaml handler.heatmap_max_side, optional).
         self.heatmap_max_side = int(handler_cfg.get("heatmap_max_side", HEATMAP_MAX_SIDE))
-        logger.info("CIFAR-100 model %s on %s, %d threads, top-%d", self.model_version, self.device,
-                    torch.get_num_threads(), self.topk)
+        logger.info("CIFAR-100 model %s on %s, %d threads, top-%d, engine %s %s", self.model_version, self.device,
+                    torch.get_num_threads(), self.topk, self.engine.name, self.engine.info)
+
+    def _start_engine(self, setting: str, max_batch: int, model_dir: str) -> engines.Engine:
+        """Build (or load from the cache) the forward pass before READY; its calibration if it moved."""
+        record = engines.load_record(model_dir)
+        engine = engines.select_engine(setting, self.model, self._weights_sha256, max_batch, self.device, record,
+                                       engines.load_inputs(model_dir), normalize)
+        refit = ((record or {}).get("engines", {}).get(engine.name) or {}).get("calibration") or {}
+        if refit.get("moved") and self.calibration.unsure_below is not None:
+            # training/engines.py refit the temperature on this engine's logits: it differs from fp32's.
+            self.calibration = Calibration(float(refit["temperature"]), float(refit["unsure_threshold"]))
+            logger.info("engine %s: calibration refit for it: %s", engine.name, self.calibration)
+        return engine
 
     def _load_pickled_model(self, model_dir, model_file, model_pt_path):
+        with open(model_pt_path, "rb") as f:
+            self._weights_sha256 = hashlib.sha256(f.read()).hexdigest()  # names the engine cache entry
         state_dict = torch.load(model_pt_path, map_location="cpu", weights_only=True)
         self._state_dict = state_dict  # for the explanation model, built on first use
         return serving_model(state_dict)
@@ -125,8 +145,7 @@ class CIFAR100Handler(BaseHandler):
     def inference(self, data, *args, **kwargs):
         if data.shape[0] == 0:
             return data.new_empty(0, len(self.labels))
-        with torch.inference_mode():
-            return self.model(data, *args, **kwargs)
+        return self.engine(data)
 
     def postprocess(self, data):
         # Temperature scaling (training/calibrate.py): honest probabilities, same order, same top-1.
@@ -156,7 +175,7 @@ class CIFAR100Handler(BaseHandler):
                 image_answers.append({"prediction": topk[0]["name"], "label": topk[0]["label"],
                                       "index": topk[0]["index"], "probability": topk[0]["probability"],
                                       "topk": topk, "unsure": self.calibration.is_unsure(item_probs[0]),
-                                      "model_version": self.model_version})
+                                      "model_version": self.model_version, "engine": self.engine.name})
             answers.append(encode_answer(request, image_answers, self.context.model_name, self.model_version))
         return answers
 

@@ -8,6 +8,9 @@ The archive holds:
   index_to_name.json                                  the 100 class names
   calibration.json                                    temperature + unsure threshold, when the one beside
                                                       the weights was fitted on them (training/calibrate.py)
+  engines.json                                        each engine's accuracy on the test split, when
+                                                      measured on exactly these weights (training/engines.py)
+  engine_inputs.pt                                    training images: int8 calibration, start-up probe
   model/, handler/, serving/settings.py + images.py   the packages the handler imports
 
 The version says which weights it holds: ``w<width>-<first 8 hex of the weights' sha256>``. The
@@ -26,8 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from serving.settings import CALIBRATION_FILE, MODEL_NAME
 from serving import cli
+from serving.settings import CALIBRATION_FILE, ENGINE_INPUTS_FILE, ENGINE_RECORD_FILE, MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
@@ -39,7 +42,7 @@ CLASS_NAMES_FILE = REPO / "model" / "index_to_name.json"
 # Packages the handler imports inside the worker, copied as they are (no caches, no weights).
 # (The handler module itself goes in once, at the archive root, via --handler.)
 PACKAGES = {"model": ["*.py", "index_to_name.json"],
-            "handler": ["__init__.py", "preprocessing.py", "protocols.py", "calibration.py", "explain.py"],
+            "handler": ["__init__.py", "preprocessing.py", "protocols.py", "calibration.py", "explain.py", "engine.py"],
             # the shared facts (top-k, v2 output names) and the decoding rules the adapter shares
             "serving": ["__init__.py", "settings.py", "images.py"]}
 
@@ -70,11 +73,11 @@ def weights_version(weights: Path) -> str:
     return f"w{width}-{sha256_of(weights)[:8]}"
 
 
-def calibration_for(weights: Path) -> Path | None:
-    """The calibration.json beside the weights, if it was fitted on exactly these weights."""
+def _record_for(weights: Path, name: str) -> Path | None:
+    """The JSON record ``name`` beside the weights, if it was made from exactly these weights."""
     import json
 
-    path = Path(weights).resolve().parent / CALIBRATION_FILE
+    path = Path(weights).resolve().parent / name
     if not path.is_file():
         return None
     try:
@@ -96,12 +99,31 @@ def calibration_warning(weights: Path) -> str | None:
             f"`python -m training.calibrate {weights}` fits one for these weights on the CIFAR-100 test split.")
 
 
+def calibration_for(weights: Path) -> Path | None:
+    """The calibration.json beside the weights, if it was fitted on exactly these weights."""
+    return _record_for(weights, CALIBRATION_FILE)
+
+
+def engine_record_for(weights: Path) -> Path | None:
+    """The engines.json beside the weights, if it measured exactly these weights (else only the lossless
+    engines, eager/compiled fp32, may be served: `python -m training.engines` measures the others)."""
+    return _record_for(weights, ENGINE_RECORD_FILE)
+
+
 def package_files(weights: Path = DEFAULT_WEIGHTS) -> list[tuple[Path, str]]:
     """(source, path inside the archive) of every packaged support file."""
     files = [(CLASS_NAMES_FILE, "index_to_name.json")]
     calibration = calibration_for(weights)
     if calibration is not None:
         files.append((calibration, CALIBRATION_FILE))
+    record = engine_record_for(weights)
+    if record is not None:
+        files.append((record, ENGINE_RECORD_FILE))
+    # Training images, not tied to the weights: the ones beside them, else the shipped ones.
+    inputs = Path(weights).resolve().parent / ENGINE_INPUTS_FILE
+    inputs = inputs if inputs.is_file() else REPO / "model" / "weights" / ENGINE_INPUTS_FILE
+    if inputs.is_file():
+        files.append((inputs, ENGINE_INPUTS_FILE))
     for package, patterns in PACKAGES.items():
         for pattern in patterns:
             files += [(p, f"{package}/{p.name}") for p in sorted((REPO / package).glob(pattern))]

@@ -25,7 +25,9 @@ import yaml
 
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, MODEL_NAME, ArchiveError, build_archive, weights_version
 from serving.process import free_ports
-from serving.torchserve import BASE_CONFIG, MAR_FILE, TorchServeError, TorchServeInstance, read_properties
+from serving.settings import ENGINE_CACHE_ENV
+from serving.torchserve import (BASE_CONFIG, DEFAULT_ENGINE_CACHE, MAR_FILE, TorchServeError, TorchServeInstance,
+                               read_properties)
 from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,6 +128,7 @@ class KServeTorchServe(TorchServeInstance):
         env = dict(os.environ, TMPDIR=str(self.tmp_dir), TEMP=str(self.tmp_dir),
                    TS_SERVICE_ENVELOPE=ENVELOPES[self.protocol], **pod_environment())
         env.pop("PYTHONPATH", None)  # the workers import handler/ and model/ from the archive
+        env.setdefault(ENGINE_CACHE_ENV, str(DEFAULT_ENGINE_CACHE))  # compiled engines: the tests' shared folder
         return env
 
     def command(self) -> list[str]:

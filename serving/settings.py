@@ -38,6 +38,12 @@ ADAPTER_PORT = 8000
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # one image through the adapter (413 above); the page checks it first
 # Temperature and "unsure" threshold (training/calibrate.py), beside the weights and in the archive.
 CALIBRATION_FILE = "calibration.json"
+# The engines' accuracy record (training/engines.py) and the training images the worker calibrates
+# int8 with and probes each engine on at start (handler/engine.py); beside the weights and in the archive.
+ENGINE_RECORD_FILE = "engines.json"
+ENGINE_INPUTS_FILE = "engine_inputs.pt"
+# Where compiled engines are kept across worker restarts (serving/torchserve.py sets it for TorchServe).
+ENGINE_CACHE_ENV = "CIFAR100_ENGINE_CACHE"
 TOP_K = 5                            # answers per image: the handler's default (model-config.yaml sets it)
 
 # Open Inference Protocol (v2) outputs of the handler, one row per image ([n], or [n, k] for top-k),

@@ -41,6 +41,9 @@ BASE_CONFIG = REPO / "config.properties"
 LOG_CONFIG = REPO / "serving" / "log4j2.xml"
 DEFAULT_MODEL_STORE = REPO / "model_store"
 DEFAULT_PORTS = settings.TORCHSERVE_PORTS
+# Compiled engines (handler/engine.py), kept across worker and server restarts; one folder per
+# checkout, shared by every instance started from it (the tests' too: only the first one compiles).
+DEFAULT_ENGINE_CACHE = REPO / ".cache" / "engines"
 
 
 class TorchServeError(ServiceStartError):
@@ -140,6 +143,9 @@ class TorchServeInstance:
         # Idle OpenMP threads sleep instead of spinning, so they do not steal the cores Java and the
         # other worker need (benchmarks/RESULTS.md). Read by libgomp at torch's import; an operator's own wins.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Compiled engines and inductor's own caches persist, so a restarted worker loads, not compiles.
+        cache = Path(env.setdefault(settings.ENGINE_CACHE_ENV, str(DEFAULT_ENGINE_CACHE)))
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
         return env
 
     def java_pid(self) -> int | None:

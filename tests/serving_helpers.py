@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -12,6 +13,7 @@ from PIL import Image
 
 from handler.cifar100_handler import serving_model
 from handler.preprocessing import decode_image, image_to_tensor, normalize
+from training.engines import in_process_engine
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -83,21 +85,36 @@ def exif_rotated_jpeg(img: Image.Image, orientation: int = 6) -> bytes:
     return encode(img, "JPEG", quality=95, exif=exif.tobytes())
 
 
-class ReferenceModel:
-    """The served network, called in-process with the same weights and the handler's preprocessing."""
+def engine_record(weights: Path) -> dict | None:
+    """engines.json as the archive packs it for these weights (None when it measured others)."""
+    from serving.archive import engine_record_for
 
-    def __init__(self, weights: Path):
+    path = engine_record_for(weights)
+    return json.loads(path.read_text()) if path else None
+
+
+class ReferenceModel:
+    """The served network, called in-process with the same weights, the handler's preprocessing and
+    the same engine (handler/engine.py; ``auto``: the one TorchServe picks on this machine, loaded
+    from the engine cache the tests' TorchServe fills, so the compiled code is the served one)."""
+
+    def __init__(self, weights: Path, engine: str = "auto"):
         from handler.calibration import load_calibration
         from serving.archive import calibration_for
 
         self.model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
-        # The temperature the archive ships with these weights (none: 1, the plain softmax).
+        self.engine = in_process_engine(Path(weights), engine, self.model)
+        # The temperature the archive ships with these weights (none: 1, the plain softmax), or the
+        # one refit for the engine when it moved (training/engines.py).
         calibration = calibration_for(Path(weights))
         self.temperature = load_calibration(str(calibration.parent)).temperature if calibration else 1.0
+        refit = (engine_record(Path(weights)) or {}).get("engines", {}).get(self.engine.name, {}).get("calibration", {})
+        if calibration and refit.get("moved"):
+            self.temperature = refit["temperature"]
 
     @torch.inference_mode()
     def probs_of_uint8(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(normalize(batch)) / self.temperature, dim=1)
+        return torch.softmax(self.engine(normalize(batch)) / self.temperature, dim=1)
 
     def probs_of_bytes(self, data: bytes) -> torch.Tensor:
         return self.probs_of_uint8(image_to_tensor(decode_image(data))[None])[0]

@@ -32,7 +32,7 @@ def handler_and_context(model_dir):  # noqa: F811
 def test_mixed_batch_explains_only_what_asked(model_dir, cifar100_test_split):  # noqa: F811
     handler, context = handler_and_context(model_dir)
     images = cifar100_test_split[0][:3]
-    expected = ReferenceModel(weights_under_test()).probs_of_uint8(images)
+    expected = ReferenceModel(weights_under_test(), "eager-fp32").probs_of_uint8(images)
     wide = cifar_pil(images, 2).resize((96, 32))
     rows = [{"body": bytearray(encode(cifar_pil(images, 0)))},  # prediction
             {"body": bytearray(b"not an image")},                # explanation of a bad image

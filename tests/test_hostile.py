@@ -200,8 +200,14 @@ def test_64_concurrent_large_uploads_stay_under_the_memory_bound(default_adapter
             return r.status, r.headers.get("Retry-After"), await r.read()
 
     async def all_uploads():
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64, force_close=True)) as session:
-            return await asyncio.gather(*(upload(session) for _ in range(64)))
+        # From 8 addresses (8 uploads each), as many users would: one address alone meets its own
+        # share (MAX_CLIENT_BYTES_IN_FLIGHT) first, and the bound under test is the adapter's.
+        sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+            limit=8, force_close=True, local_addr=(f"127.0.0.{2 + k}", 0))) for k in range(8)]
+        try:
+            return await asyncio.gather(*(upload(sessions[i % 8]) for i in range(64)))
+        finally:
+            await asyncio.gather(*(session.close() for session in sessions))
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -265,6 +271,9 @@ def test_worker_killed_with_a_batch_in_flight_loses_no_answer(retry_adapter, tor
     statuses: Counter = Counter()
     pending: dict[int, float] = {}  # request id -> when it was sent
     events = {}
+    killed_at = []
+    model_log = torchserve_ready.log_dir / "model_log.log"
+    log_before = model_log.stat().st_size
 
     async def client(session, c, n):
         for i in range(n):
@@ -293,6 +302,7 @@ def test_worker_killed_with_a_batch_in_flight_loses_no_answer(retry_adapter, tor
         finally:
             victim.send_signal(signal.SIGKILL)
         events["killed"] = victim.pid
+        killed_at.append(time.monotonic())
 
     async def load():
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as session:
@@ -302,10 +312,20 @@ def test_worker_killed_with_a_batch_in_flight_loses_no_answer(retry_adapter, tor
         asyncio.run(load())
     finally:
         _wait_for_ready_workers(torchserve_ready)  # TorchServe restarts the worker; leave both READY
+        back_after_s = time.monotonic() - killed_at[0] if killed_at else None
     assert events.get("killed") and events["stalled"] >= 1, events
     assert statuses == Counter({200: 16 * 25}), statuses
     log = retry_adapter.log_file.read_text()
     assert "retrying a prediction once" in log, log[-3000:]
+    # The new worker loaded its compiled engine from the cache (handler/engine.py), READY well under
+    # the compile the first start paid (minutes on 2 cores; a start from the cache takes seconds).
+    started = [line for line in model_log.read_bytes()[log_before:].decode(errors="replace").splitlines()
+               if "CIFAR-100 model" in line and "engine" in line]
+    assert started, "no worker start logged after the kill"
+    if "eager-fp32" not in started[-1]:
+        assert "'cached': True" in started[-1], started[-1]
+        compile_s = float(started[-1].split("'compile_seconds': ")[1].split(",")[0])
+        assert back_after_s < max(30.0, compile_s / 2), (back_after_s, compile_s)
 
 
 def test_stopped_workers_give_504_within_the_deadline_and_health_503(hostile_adapter, torchserve_ready, pngs):

@@ -28,9 +28,12 @@ def model_dir(tmp_path_factory):
     return root / "model"
 
 
-def make_context(model_dir, gpu=None, topk=None) -> Context:
+def make_context(model_dir, gpu=None, topk=None, engine="eager-fp32") -> Context:
+    """TorchServe's Context for the unpacked archive; the engine is eager fp32 here (these tests check
+    the request contract against the fp32 reference; tests/test_shipped_model_served.py the engines)."""
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     config = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
+    config.setdefault("handler", {})["engine"] = engine
     if topk is not None:
         config.setdefault("handler", {})["topk"] = topk
     return Context("cifar100", str(model_dir), manifest, config["batchSize"], gpu, "0.12.0",
@@ -49,7 +52,7 @@ def test_batch_with_bad_items_answers_each_request(model_dir, cifar100_test_spli
     handler.initialize(context)
     assert handler.device == torch.device("cpu")
     images = cifar100_test_split[0][:3]
-    expected = ReferenceModel(weights_under_test()).probs_of_uint8(images)
+    expected = ReferenceModel(weights_under_test(), "eager-fp32").probs_of_uint8(images)
     rows = [{"body": bytearray(encode(cifar_pil(images, 0)))}, {"body": bytearray(b"")},
             {"image": bytearray(encode(cifar_pil(images, 1)))}, {"body": bytearray(b"GIF89a junk")},
             {"body": bytearray(encode(cifar_pil(images, 2)))}]

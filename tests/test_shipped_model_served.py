@@ -1,5 +1,6 @@
 """The shipped weights as served: 1,000 real test images through the running TorchServe get the
-same top-1 as the network called in-process with the same weights, on every image, and score
+same top-1 as the network called in-process with the same weights and the same engine (the one
+``auto`` picks on this machine: handler/engine.py), on every image, and score
 what the model card promises: its top-1 (model/weights/metrics.json, on all 10,000) to within
 what a sample of 1,000 allows, and the 70% floor. (Serving all 10,000 costs minutes on 2 cores;
 tests/test_shipped_model.py checks the full split in-process, through the handler's own model.)
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from serving.archive import DEFAULT_WEIGHTS
-from serving_helpers import ReferenceModel, cifar_pil, encode
+from serving_helpers import ReferenceModel, cifar_pil, encode, engine_record
 from torchserve_fixture import weights_under_test
 
 N_IMAGES = 1_000
@@ -36,7 +37,8 @@ def test_1000_served_answers_agree_with_in_process_top1(torchserve_ready, cifar1
     images, labels = cifar100_test_split
     # Spread over the split (every 10th image): all 100 classes, 10 images each.
     idx = torch.arange(0, len(labels), len(labels) // N_IMAGES)[:N_IMAGES]
-    expected = ReferenceModel(weights_under_test()).probs_of_uint8(images[idx])
+    reference = ReferenceModel(weights_under_test())
+    expected = reference.probs_of_uint8(images[idx])
     payloads = [encode(cifar_pil(images, int(i))) for i in idx]
     ts = torchserve_ready
 
@@ -48,6 +50,12 @@ def test_1000_served_answers_agree_with_in_process_top1(torchserve_ready, cifar1
             responses = list(pool.map(classify, payloads))
 
     assert [r.status_code for r in responses] == [200] * N_IMAGES
+    # The server runs the engine auto picks here: the first candidate, not a fallback.
+    from handler import engine as engines
+
+    picked = engines.candidates("auto", torch.device("cpu"), engine_record(weights_under_test()))[0]
+    assert reference.engine.name == picked
+    assert {r.json()["engine"] for r in responses} == {picked}
     served = torch.tensor([r.json()["index"] for r in responses])
     in_process = expected.argmax(1)
     top2 = expected.topk(2, dim=1).values

@@ -22,7 +22,7 @@ from serving.archive import DEFAULT_WEIGHTS, build_archive
 from serving.torchserve import TorchServeInstance
 
 WEIGHTS_ENV = "CIFAR100_TEST_WEIGHTS"
-READY_TIMEOUT_S = 240  # generous: CI machines are slow and the training run may share the CPU
+READY_TIMEOUT_S = 600  # generous: the first start on a machine compiles the engine (handler/engine.py), CI is slow
 HTTP_TIMEOUT_S = 60.0  # no test request may hang: every call has a deadline (connect: 10 s)
 
 

@@ -1,0 +1,95 @@
+"""In-process images/s of every engine (handler/engine.py) this machine allows, side by side.
+
+    python -m benchmarks.bench_engines [--widths 3 10] [--seconds 2] [--rounds 2]
+
+Batch 6 on 2 threads (one worker's batch with the cores to itself) and batch 1 on 1 thread (a
+lone request in one of two workers); width 3 is the shipped weights, width 10 the seed's network
+with random weights (speed only). Engines are built through the same cache as TorchServe's
+workers (the first run compiles; its seconds are printed as the cold start, a load from the
+cache as the warm one). Engines run alternately, best round kept: a shared machine drifts.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import time
+from pathlib import Path
+
+import torch
+
+from handler import engine as engines
+from handler.cifar100_handler import serving_model
+from model.network import CIFAR100Model
+from model.normalization import normalize
+from serving.torchserve import DEFAULT_ENGINE_CACHE
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
+POINTS = ((6, 2), (1, 1))  # (batch, threads)
+MAX_BATCH = 6
+
+
+def network(width: int) -> tuple[torch.nn.Module, str]:
+    """(serving model, weights digest): the shipped weights for width 3, seeded random ones else."""
+    if width == 3:
+        data = WEIGHTS.read_bytes()
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    else:
+        torch.manual_seed(0)
+        state = CIFAR100Model(width=width, num_classes=100).state_dict()
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+    return serving_model(state), hashlib.sha256(data).hexdigest()
+
+
+def rate(engine: engines.Engine, x: torch.Tensor, seconds: float) -> float:
+    for _ in range(3):
+        engine(x)
+    n, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        engine(x)
+        n += 1
+    return n * len(x) / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[3, 10])
+    parser.add_argument("--engines", nargs="+", default=list(engines.ENGINES), choices=engines.ENGINES)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    cpu = torch.device("cpu")
+    inputs = engines.load_inputs(REPO / "model" / "weights")
+    calibration = normalize(inputs["calibration"])
+    print(f"CPU: {engines.machine_description(cpu)}; torch {torch.__version__}")
+    for width in args.widths:
+        model, digest = network(width)
+        built = {}
+        for name in args.engines:
+            if engines.refusal(name, cpu, {"engines": {name: {"passed": True}}}):
+                continue
+            torch.set_num_threads(2)
+            started = time.perf_counter()
+            built[name] = engines.build_engine(name, model, digest, MAX_BATCH, cpu, calibration, DEFAULT_ENGINE_CACHE)
+            took = time.perf_counter() - started
+            info = built[name].info
+            print(f"width {width} {name}: {'loaded from the cache' if info.get('cached') else 'compiled'} in "
+                  f"{took:.1f} s (cold compile: {info.get('compile_seconds', 0)} s)", flush=True)
+        for batch, threads in POINTS:
+            torch.set_num_threads(threads)
+            x = normalize(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8))
+            best = {name: 0.0 for name in built}
+            for _ in range(args.rounds):
+                for name, engine in built.items():
+                    best[name] = max(best[name], rate(engine, x, args.seconds))
+            base = best.get(engines.EAGER) or 1.0
+            print(f"width {width}, batch {batch}, {threads} thread(s): " + ", ".join(
+                f"{name} {value:,.0f} img/s ({value / base:.2f}x)" for name, value in best.items()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,319 @@
+"""The forward pass the handler serves: which engine, built (or loaded from a cache) before READY.
+
+Engines (model-config.yaml ``handler.engine``; ``auto`` picks the first allowed one of its list):
+  eager-fp32    the reference: BatchNorm folded, channels_last, float32, plain PyTorch
+  compile-fp32  inductor with freezing, float32 (same answers up to float rounding)
+  compile-bf16  inductor with freezing under bf16 autocast: only where bf16 is native (a CPU with
+                avx512_bf16 / amx_bf16, or a GPU)
+  int8          PT2E post-training quantization (torchao's x86 inductor quantizer), calibrated on
+                CIFAR-100 *training* images shipped in the archive, then inductor: for CPUs without bf16
+
+A compiled engine is an AOTInductor package (``torch.export`` with a dynamic batch dimension
+1..batchSize, one compile covers every batch a worker receives; larger batches, a v1/v2 request
+with many images, run in chunks). Packages live in a cache folder (``CIFAR100_ENGINE_CACHE``, set
+by serving/torchserve.py; else ``~/.cache/cifar100-engines``) under a key naming everything that
+shapes the code (engine, weights, torch, device, CPU flags, batch bound): a restarted worker loads
+one in well under a second. A file lock lets one worker compile while the others wait for it.
+
+Accuracy guard, in two parts (why: the worker cannot read the test split, the data may be absent):
+  * ``python -m training.engines`` measures every engine on the full test split and writes
+    ``engines.json`` (top-1, agreement with eager fp32, pass/fail against the limits below, the
+    calibration refit for that engine when it moved), packed into the archive beside the weights.
+    ``auto`` serves only engines that passed there; an explicit choice that failed is refused.
+  * at start, the built engine answers a probe of training images shipped in the archive
+    (``engine_inputs.pt``) next to eager fp32; below ``PROBE_MIN_AGREEMENT`` the engine is broken
+    on THIS machine (a compiler bug, bad calibration) and the worker serves eager fp32 instead,
+    saying why in the log.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from serving.settings import ENGINE_CACHE_ENV, ENGINE_INPUTS_FILE, ENGINE_RECORD_FILE
+
+logger = logging.getLogger(__name__)
+
+EAGER = "eager-fp32"
+ENGINES = (EAGER, "compile-fp32", "compile-bf16", "int8")
+AUTO = "auto"
+# auto's preference, fastest first (benchmarks/RESULTS.md); eager fp32 is always the last resort.
+AUTO_ORDER = {"native-bf16": ("compile-bf16", "compile-fp32"), "no-bf16": ("int8", "compile-fp32")}
+# Engines whose answers equal eager fp32 up to float rounding: servable without a record.
+LOSSLESS = {EAGER, "compile-fp32"}
+
+# The guard's limits on the full test split (training/engines.py applies them, the record keeps them).
+MAX_TOP1_DROP = 0.002      # top-1 at most 0.2 points under eager fp32
+MIN_AGREEMENT = 0.99       # same top-1 as eager fp32 on at least 99% of test images
+# Start-up probe: a working engine agrees with fp32 on ~99.5%; a broken one on far fewer. The
+# margin below 99% keeps a 256-image probe from refusing a good engine by chance.
+PROBE_MIN_AGREEMENT = 0.97
+PROBE_IMAGES = 256  # of the shipped probe: a few seconds at most on a busy core
+
+RECORD_FILE, INPUTS_FILE, CACHE_ENV = ENGINE_RECORD_FILE, ENGINE_INPUTS_FILE, ENGINE_CACHE_ENV
+DEFAULT_CACHE = Path.home() / ".cache" / "cifar100-engines"
+PACKAGE_FORMAT = 1  # bump when the way packages are built changes (invalidates the cache)
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+# ---- what this machine allows -----------------------------------------------------------------
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 runs in hardware here: a GPU, or a CPU with AVX512-BF16 / AMX-BF16 that oneDNN uses."""
+    if device.type == "cuda":
+        return True
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def machine_kind(device: torch.device) -> str:
+    return "native-bf16" if native_bf16(device) else "no-bf16"
+
+
+def machine_description(device: torch.device) -> dict:
+    """What the record and the cache key say about the machine."""
+    if device.type == "cuda":
+        return {"device": torch.cuda.get_device_name(device)}
+    flags = cpu_flags()
+    return {"device": "cpu", "capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": sorted(f for f in flags if f.startswith(("avx", "amx")) or f in {"fma", "f16c"})}
+
+
+def refusal(engine: str, device: torch.device, record: dict | None) -> str | None:
+    """Why ``engine`` may not be served here (None: it may)."""
+    if engine not in ENGINES:
+        return f"unknown engine {engine!r} (choices: {AUTO}, {', '.join(ENGINES)})"
+    if engine == "compile-bf16" and not native_bf16(device):
+        return "this CPU has no native bf16 (avx512_bf16 / amx_bf16)"
+    if engine == "int8" and device.type == "cuda":
+        return "int8 (x86 inductor quantizer) is a CPU engine"
+    if engine in LOSSLESS:
+        return None
+    measured = (record or {}).get("engines", {}).get(engine)
+    if measured is None:
+        return f"no accuracy record for it ({RECORD_FILE}: run python -m training.engines)"
+    if not measured.get("passed"):
+        return (f"it failed the accuracy guard on the test split ({RECORD_FILE}: top-1 "
+                f"{measured['top1']:.4f} vs fp32 {record['engines'][EAGER]['top1']:.4f}, agreement "
+                f"{measured['agreement']:.4f}; limits: {MAX_TOP1_DROP * 100:.1f} points, {MIN_AGREEMENT:.0%})")
+    return None
+
+
+def candidates(setting: str, device: torch.device, record: dict | None) -> list[str]:
+    """Engines to try, in order; eager fp32 always closes the list."""
+    if setting == AUTO:
+        wanted = list(AUTO_ORDER[machine_kind(device)])
+    else:
+        wanted = [setting]
+    chosen = []
+    for engine in wanted:
+        why = refusal(engine, device, record)
+        if why is None:
+            chosen.append(engine)
+        elif engine != EAGER:
+            logger.warning("engine %s not served: %s", engine, why)
+    return [e for e in chosen if e != EAGER] + [EAGER]
+
+
+# ---- building an engine ------------------------------------------------------------------------
+class _Forward(torch.nn.Module):
+    """What gets compiled: the network, under bf16 autocast for compile-bf16, answering float32."""
+
+    def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None, device_type: str):
+        super().__init__()
+        self.model, self.autocast_dtype, self.device_type = model, autocast_dtype, device_type
+
+    def forward(self, x):
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            return self.model(x).float()
+
+
+def _example(batch: int, device: torch.device) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+
+
+def _quantized(model: torch.nn.Module, calibration_images: torch.Tensor) -> torch.nn.Module:
+    """PT2E static int8 (x86 inductor quantizer): observers see the calibration images, then convert."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    graph = torch.export.export(model, (_example(2, torch.device("cpu")),),
+                                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)).module()
+    prepared = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for chunk in calibration_images.split(64):
+            prepared(chunk.contiguous(memory_format=torch.channels_last))
+    return convert_pt2e(prepared)
+
+
+def _compile_package(engine: str, model: torch.nn.Module, max_batch: int, device: torch.device,
+                     calibration_images: torch.Tensor | None, path: Path) -> None:
+    import torch._inductor.config as inductor_config
+
+    if engine == "int8":
+        if calibration_images is None:
+            raise EngineError(f"int8 needs calibration images ({INPUTS_FILE})")
+        module = _quantized(model, calibration_images)
+    else:
+        module = _Forward(model, torch.bfloat16 if engine == "compile-bf16" else None, device.type).eval()
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    example = _example(min(2, max_batch) if max_batch > 1 else 1, device)
+    with torch.no_grad():
+        exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch} if max_batch > 1 else None,))
+    # Freezing: weights become constants, so inductor folds them into its kernels (oneDNN's packed
+    # weights on CPU); the x86 quantizer's int8 patterns need it too.
+    with inductor_config.patch(freezing=True):
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+
+
+def cache_key(engine: str, weights_sha256: str, max_batch: int, device: torch.device,
+              calibration_images: torch.Tensor | None) -> str:
+    parts = {"engine": engine, "weights": weights_sha256, "torch": torch.__version__, "max_batch": max_batch,
+             "machine": machine_description(device), "format": PACKAGE_FORMAT}
+    if engine == "int8" and calibration_images is not None:
+        parts["calibration"] = hashlib.sha256(calibration_images.numpy().tobytes()).hexdigest()
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # another worker compiling the same package: wait for it
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_or_compile(engine: str, model: torch.nn.Module, weights_sha256: str, max_batch: int,
+                    device: torch.device, calibration_images: torch.Tensor | None = None,
+                    folder: Path | None = None) -> tuple[object, dict]:
+    """(the compiled callable, {"cached": bool, "seconds": float, "compile_seconds": float, "path": ...})."""
+    folder = Path(folder or cache_dir())
+    key = cache_key(engine, weights_sha256, max_batch, device, calibration_images)
+    path, meta_path = folder / f"{engine}-{key}.pt2", folder / f"{engine}-{key}.json"
+    started = time.perf_counter()
+    with _locked(folder / f"{engine}-{key}.lock"):
+        cached = path.is_file() and meta_path.is_file()
+        if not cached:
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.pt2")
+            _compile_package(engine, model, max_batch, device, calibration_images, tmp)
+            os.replace(tmp, path)
+            meta_path.write_text(json.dumps({"engine": engine, "compile_seconds": round(time.perf_counter() - started, 2),
+                                             "max_batch": max_batch, "torch": torch.__version__}) + "\n")
+        compiled = torch._inductor.aoti_load_package(str(path))
+    meta = json.loads(meta_path.read_text())
+    return compiled, {"cached": cached, "seconds": round(time.perf_counter() - started, 2),
+                      "compile_seconds": meta.get("compile_seconds"), "path": str(path)}
+
+
+# ---- the served engine -------------------------------------------------------------------------
+@dataclass
+class Engine:
+    """A forward pass: normalized images [n, 3, 32, 32] -> float32 logits [n, classes]."""
+
+    name: str
+    forward: object
+    max_batch: int | None = None   # compiled bound: larger inputs run in chunks
+    info: dict = field(default_factory=dict)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if self.max_batch is None or len(images) <= self.max_batch:
+                return self.forward(images)
+            return torch.cat([self.forward(c.contiguous(memory_format=torch.channels_last))
+                              for c in images.split(self.max_batch)])
+
+
+def build_engine(engine: str, model: torch.nn.Module, weights_sha256: str, max_batch: int,
+                 device: torch.device, calibration_images: torch.Tensor | None = None,
+                 folder: Path | None = None) -> Engine:
+    if engine == EAGER:
+        return Engine(EAGER, model)
+    compiled, info = load_or_compile(engine, model, weights_sha256, max_batch, device, calibration_images, folder)
+    return Engine(engine, compiled, max_batch, info)
+
+
+def probe_agreement(engine: Engine, reference: Engine | torch.Tensor, probe: torch.Tensor) -> float:
+    """Share of the probe images on which ``engine`` gives eager fp32's top-1 (``reference``: the
+    eager engine, or its top-1 answers as the record keeps them)."""
+    expected = reference if isinstance(reference, torch.Tensor) else reference(probe).argmax(1)
+    return float((engine(probe).argmax(1).cpu() == expected.cpu()).float().mean())
+
+
+def load_inputs(model_dir: str | os.PathLike) -> dict | None:
+    """The shipped training images ({"calibration", "probe": uint8 [n, 3, 32, 32]}), or None."""
+    path = Path(model_dir) / INPUTS_FILE
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+def load_record(model_dir: str | os.PathLike) -> dict | None:
+    path = Path(model_dir) / RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def select_engine(setting: str, model: torch.nn.Module, weights_sha256: str, max_batch: int,
+                  device: torch.device, record: dict | None, inputs: dict | None,
+                  normalize, folder: Path | None = None, build=build_engine) -> Engine:
+    """The first candidate that builds and passes the probe; eager fp32 when none does (logged).
+
+    ``build(name, model, weights_sha256, max_batch, device, calibration_images, folder)`` makes one engine.
+    """
+    reference = Engine(EAGER, model)
+    for name in candidates(setting, device, record):
+        if name == EAGER:
+            return reference
+        probe = normalize(inputs["probe"][:PROBE_IMAGES], device) if inputs else None
+        calibration = normalize(inputs["calibration"]) if inputs else None
+        # fp32's answers on the probe, from the record (training/engines.py) when it has them: saves
+        # an eager pass at every start.
+        recorded = (record or {}).get("probe_fp32_top1") or []
+        expected = torch.tensor(recorded[:PROBE_IMAGES]) if probe is not None and len(recorded) >= len(probe) else reference
+        started = time.perf_counter()
+        try:
+            engine = build(name, model, weights_sha256, max_batch, device, calibration, folder)
+            if probe is None:
+                logger.warning("engine %s: no probe images (%s) in the archive; served unchecked", name, INPUTS_FILE)
+            else:
+                agreement = probe_agreement(engine, expected, probe)
+                engine.info["probe_agreement"] = round(agreement, 4)
+                if agreement < PROBE_MIN_AGREEMENT:
+                    logger.error("engine %s refused: it agrees with fp32 on %.1f%% of the %d probe images "
+                                 "(needs %.0f%%); broken on this machine? falling back",
+                                 name, 100 * agreement, len(probe), 100 * PROBE_MIN_AGREEMENT)
+                    continue
+        except Exception:  # noqa: BLE001 - a compiler failure must not keep the worker from serving
+            logger.exception("engine %s could not be built; falling back", name)
+            continue
+        engine.info["start_seconds"] = round(time.perf_counter() - started, 2)
+        return engine
+    return reference

@@ -1,0 +1,76 @@
+"""The engine choice and its accuracy guard (handler/engine.py), in-process: no server, no data set.
+
+The guard test quantizes the shipped network for real (PT2E, torchao's x86 inductor quantizer) with
+a deliberately damaged calibration, but runs it without inductor's compile (minutes on 2 cores);
+the served path compiles the same quantized graph.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from handler import engine as engines
+from handler.cifar100_handler import serving_model
+from model.normalization import normalize
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
+CPU = torch.device("cpu")
+
+
+def record(**entries) -> dict:
+    return {"engines": {engines.EAGER: {"top1": 0.75, "agreement": 1.0, "passed": True}, **entries}}
+
+
+PASSED = {"top1": 0.749, "agreement": 0.995, "passed": True}
+FAILED = {"top1": 0.70, "agreement": 0.93, "passed": False}
+
+
+def test_auto_prefers_bf16_where_native_and_int8_elsewhere(monkeypatch):
+    both = record(**{"compile-bf16": PASSED, "int8": PASSED})
+    monkeypatch.setattr(engines, "native_bf16", lambda device: True)
+    assert engines.candidates("auto", CPU, both) == ["compile-bf16", "compile-fp32", engines.EAGER]
+    monkeypatch.setattr(engines, "native_bf16", lambda device: False)
+    assert engines.candidates("auto", CPU, both) == ["int8", "compile-fp32", engines.EAGER]
+    assert "no native bf16" in engines.refusal("compile-bf16", CPU, both)
+
+
+def test_an_engine_that_failed_the_test_split_or_was_never_measured_is_not_served(monkeypatch, caplog):
+    monkeypatch.setattr(engines, "native_bf16", lambda device: True)
+    with caplog.at_level(logging.WARNING, logger=engines.__name__):
+        assert engines.candidates("auto", CPU, record(**{"compile-bf16": FAILED})) == ["compile-fp32", engines.EAGER]
+    assert "failed the accuracy guard" in caplog.text and "agreement 0.9300" in caplog.text
+    # Lossless engines need no record; lossy ones do.
+    assert engines.candidates("auto", CPU, None) == ["compile-fp32", engines.EAGER]
+    assert "no accuracy record" in engines.refusal("int8", CPU, None)
+    assert engines.candidates("int8", CPU, record(**{"int8": FAILED})) == [engines.EAGER]
+    assert "unknown engine" in engines.refusal("tensorrt", CPU, None)
+
+
+def test_this_machine_is_described_in_the_cache_key():
+    key = engines.cache_key("compile-bf16", "ab" * 32, 6, CPU, None)
+    assert key != engines.cache_key("compile-bf16", "ab" * 32, 4, CPU, None)  # another batch bound
+    assert key != engines.cache_key("compile-fp32", "ab" * 32, 6, CPU, None)
+    assert key != engines.cache_key("compile-bf16", "cd" * 32, 6, CPU, None)  # other weights
+    assert engines.machine_description(CPU)["capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_guard_refuses_int8_with_a_damaged_calibration_and_falls_back_to_fp32(caplog):
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    inputs = engines.load_inputs(REPO / "model" / "weights")
+    # One flat grey picture to calibrate on; a 128-image probe is plenty to see the damage.
+    damaged = {"calibration": torch.zeros_like(inputs["calibration"][:16]), "probe": inputs["probe"][:128]}
+
+    def build_uncompiled(name, model, weights_sha256, max_batch, device, calibration_images, folder):
+        return engines.Engine(name, engines._quantized(model, calibration_images))
+
+    with caplog.at_level(logging.INFO, logger=engines.__name__):
+        served = engines.select_engine("int8", model, "test", 6, CPU, record(int8=PASSED), damaged, normalize,
+                                       build=build_uncompiled)
+    assert served.name == engines.EAGER
+    assert "engine int8 refused" in caplog.text and "probe images" in caplog.text

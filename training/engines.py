@@ -1,0 +1,161 @@
+"""Measure every serving engine on the full CIFAR-100 test split and write the record the handler reads.
+
+    python -m training.engines [WEIGHTS] [--data-dir DIR] [--engines compile-bf16 int8 ...]
+
+Writes, beside the weights (serving/archive.py packs both into the archive):
+  engines.json       per engine: top-1, top-1 agreement with eager fp32, passed (the guard's limits in
+                     handler/engine.py), the calibration refit for that engine when its fitted
+                     temperature or unsure threshold moved; the machine it was measured on
+  engine_inputs.pt   (once) CIFAR-100 *training* images: ``calibration`` for int8, ``probe`` for the
+                     worker's start-up self-check; never test images
+
+Engines this machine cannot run (bf16 without native bf16) are skipped and keep their earlier
+entry. The compiled packages land in the engine cache (handler/engine.py), so a TorchServe started
+afterwards on this machine loads them instead of compiling.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from handler import engine as engines
+from serving.settings import CALIBRATION_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
+CALIBRATION_IMAGES, PROBE_IMAGES = 256, 512
+# A refit calibration is kept for an engine when its temperature moved by more than this share,
+# or its unsure threshold changed (the grid is 0.01).
+TEMPERATURE_TOLERANCE = 0.01
+
+
+def batch_size_of_config(path: Path = REPO / "handler" / "model-config.yaml") -> int:
+    import yaml
+
+    return int(yaml.safe_load(path.read_text())["batchSize"])
+
+
+def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.nn.Module | None = None):
+    """The engine a TorchServe worker started from this checkout builds for ``weights``, built the same
+    way in this process (same record, probe, batch bound and engine cache: the served compiled code)."""
+    import os
+
+    from handler.cifar100_handler import serving_model
+    from model.normalization import normalize
+    from serving.archive import engine_record_for
+    from serving.torchserve import DEFAULT_ENGINE_CACHE
+
+    weights = Path(weights)
+    record_path = engine_record_for(weights)
+    inputs = weights.resolve().parent / engines.INPUTS_FILE
+    inputs = inputs if inputs.is_file() else DEFAULT_WEIGHTS.parent / engines.INPUTS_FILE
+    if model is None:
+        model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
+    return engines.select_engine(setting, model, hashlib.sha256(weights.read_bytes()).hexdigest(),
+                                 batch_size_of_config(), torch.device("cpu"),
+                                 json.loads(record_path.read_text()) if record_path else None,
+                                 engines.load_inputs(inputs.parent), normalize,
+                                 folder=Path(os.environ.get(engines.CACHE_ENV) or DEFAULT_ENGINE_CACHE))
+
+
+def training_inputs(data_dir: str, seed: int = 0) -> dict:
+    """Disjoint random training images: calibration (int8 observers) and probe (start-up check)."""
+    from training.data import load_split
+
+    images, _ = load_split(data_dir, train=True)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return {"calibration": images[order[:CALIBRATION_IMAGES]].clone(),
+            "probe": images[order[CALIBRATION_IMAGES:CALIBRATION_IMAGES + PROBE_IMAGES]].clone()}
+
+
+def engine_logits(engine: engines.Engine, images: torch.Tensor, chunk: int = 500) -> torch.Tensor:
+    from model.normalization import normalize
+
+    return torch.cat([engine(normalize(part)).float() for part in images.split(chunk)])
+
+
+def measure(name: str, logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor,
+            shipped: dict | None) -> dict:
+    from training.calibrate import calibrate
+
+    top1 = float((logits.argmax(1) == labels).float().mean())
+    ref_top1 = float((reference.argmax(1) == labels).float().mean())
+    agreement = float((logits.argmax(1) == reference.argmax(1)).float().mean())
+    entry = {"top1": round(top1, 4), "agreement": round(agreement, 4), "images": len(labels),
+             "passed": top1 >= ref_top1 - engines.MAX_TOP1_DROP and agreement >= engines.MIN_AGREEMENT}
+    fitted = calibrate(logits, labels)
+    moved = shipped is not None and (
+        abs(fitted["temperature"] - shipped["temperature"]) > TEMPERATURE_TOLERANCE * shipped["temperature"]
+        or fitted["unsure"]["threshold"] != shipped["unsure"]["threshold"])
+    entry["calibration"] = {"temperature": fitted["temperature"], "unsure_threshold": fitted["unsure"]["threshold"],
+                            "moved": bool(moved)}
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    from handler.cifar100_handler import serving_model
+    from training.data import default_data_dir, load_split
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("weights", type=Path, nargs="?", default=DEFAULT_WEIGHTS)
+    parser.add_argument("--data-dir", default=default_data_dir())
+    parser.add_argument("--engines", nargs="+", default=list(engines.ENGINES[1:]), choices=engines.ENGINES[1:])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    folder = args.weights.resolve().parent
+    device = torch.device("cpu")
+    inputs_path = folder / engines.INPUTS_FILE
+    if not inputs_path.is_file():
+        torch.save(training_inputs(args.data_dir), inputs_path)
+        print(f"wrote {inputs_path}")
+    inputs = torch.load(inputs_path, weights_only=True)
+    record_path = folder / engines.RECORD_FILE
+    weights_sha = hashlib.sha256(args.weights.read_bytes()).hexdigest()
+    old = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = {"weights_sha256": weights_sha, "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "machine": engines.machine_description(device),
+              "limits": {"max_top1_drop": engines.MAX_TOP1_DROP, "min_agreement": engines.MIN_AGREEMENT},
+              "test_split": "CIFAR-100 test, all 10,000 images",
+              "engines": old.get("engines", {}) if old.get("weights_sha256") == weights_sha else {}}
+    calibration_path = folder / CALIBRATION_FILE
+    shipped = json.loads(calibration_path.read_text()) if calibration_path.is_file() else None
+
+    images, labels = load_split(args.data_dir, train=False)
+    model = serving_model(torch.load(args.weights, map_location="cpu", weights_only=True))
+    reference = engine_logits(engines.Engine(engines.EAGER, model), images)
+    # fp32's top-1 on the probe: the worker's start-up check compares against it (handler/engine.py).
+    record["probe_fp32_top1"] = engine_logits(engines.Engine(engines.EAGER, model), inputs["probe"]).argmax(1).tolist()
+    record["engines"][engines.EAGER] = measure(engines.EAGER, reference, reference, labels, shipped)
+    max_batch = batch_size_of_config()
+    from model.normalization import normalize
+
+    for name in args.engines:
+        why = engines.refusal(name, device, {"engines": {name: {"passed": True}}})
+        if why is not None:
+            print(f"{name}: skipped ({why})")
+            continue
+        started = time.perf_counter()
+        engine = engines.build_engine(name, model, weights_sha, max_batch, device,
+                                      normalize(inputs["calibration"]))
+        built = time.perf_counter() - started
+        entry = measure(name, engine_logits(engine, images), reference, labels, shipped)
+        entry["compile_seconds"] = engine.info.get("compile_seconds")
+        record["engines"][name] = entry
+        print(f"{name}: top-1 {entry['top1']:.4f} (fp32 {record['engines'][engines.EAGER]['top1']:.4f}), "
+              f"agreement {entry['agreement']:.4f}, {'passed' if entry['passed'] else 'FAILED'}; "
+              f"temperature {entry['calibration']['temperature']:.4f}"
+              f"{' (moved: refit kept)' if entry['calibration']['moved'] else ''}; built in {built:.0f} s", flush=True)
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {record_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
