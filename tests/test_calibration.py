@@ -66,7 +66,8 @@ def test_served_answers_carry_the_calibrated_probability_and_unsure_below_the_st
 
     import httpx
 
-    from serving_helpers import cifar_pil, encode
+    from handler.preprocessing import normalize
+    from serving_helpers import ReferenceModel, cifar_pil, encode, engine_record
     from torchserve_fixture import weights_under_test
 
     if weights_under_test() != DEFAULT_WEIGHTS:
@@ -80,7 +81,15 @@ def test_served_answers_carry_the_calibrated_probability_and_unsure_below_the_st
                                                         content=encode(cifar_pil(images, i))), range(SERVED_IMAGES)))
     assert [r.status_code for r in responses] == [200] * SERVED_IMAGES
     served = [r.json() for r in responses]
-    calibrated = F.softmax(logits[:SERVED_IMAGES] / record["temperature"], dim=1).max(dim=1).values
+    # The served engine's logits (handler/engine.py: compiled bf16 where the CPU has it), in-process.
+    reference = ReferenceModel(weights_under_test())
+    with torch.inference_mode():
+        served_logits = reference.engine(normalize(images[:SERVED_IMAGES]))
+    # The stored temperature, unless training/engines.py refit one for this engine (engines.json).
+    refit = (engine_record(weights_under_test()) or {}).get("engines", {}).get(reference.engine.name, {})
+    if not refit.get("calibration", {}).get("moved"):
+        assert reference.temperature == record["temperature"]
+    calibrated = F.softmax(served_logits.float() / reference.temperature, dim=1).max(dim=1).values
     threshold = record["unsure"]["threshold"]
     for i, answer in enumerate(served):
         assert answer["probability"] == pytest.approx(float(calibrated[i]), abs=1e-3), i
