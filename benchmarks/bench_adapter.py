@@ -112,8 +112,7 @@ def compare_before_after(args) -> int:
         ts = start_benchmark_torchserve(tmp / "torchserve", args.weights, args.batch_size, args.max_batch_delay,
                                         args.cpu_threads, ts_properties(args.ts_property), args.workers)
         try:
-            env = {"TS_INFERENCE_URL": ts.inference_url, "TS_MANAGEMENT_URL": ts.management_url,
-                   "TS_MODEL_NAME": ts.model_name, "TS_KEY_FILE": str(ts.key_file.path)}
+            env = ts.adapter_env()
             with adapter_at_ref(args.before, env, tmp) as (old_base, old_pid), \
                     running_adapter(env, tmp / "adapter.log") as new:
                 names = {f"before ({args.before})": (old_base, old_pid), "after (this checkout)": (new.base_url, new.process.pid)}
@@ -170,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             engine = served_engine_name(ts, payloads[0])
             # The adapter as `make serve-adapter` runs it, access log included.
-            adapter_env = {"TS_INFERENCE_URL": ts.inference_url, "TS_MANAGEMENT_URL": ts.management_url,
-                           "TS_MODEL_NAME": ts.model_name, "TS_KEY_FILE": str(ts.key_file.path)}
+            adapter_env = ts.adapter_env()
             with running_adapter(adapter_env, tmp / "adapter.log") as adapter, \
                     seed_server(args.weights, tmp / "seed.log") as seed_base:
                 targets = {

@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         ts = start_benchmark_torchserve(tmp / "torchserve", args.weights, args.batch_size, args.max_batch_delay,
                                         args.cpu_threads, ts_properties(args.ts_property), args.workers)
         try:
-            env = {"TS_INFERENCE_URL": ts.inference_url, "TS_MANAGEMENT_URL": ts.management_url,
-                   "TS_MODEL_NAME": ts.model_name, "TS_KEY_FILE": str(ts.key_file.path)}
+            env = ts.adapter_env()
             with running_adapter(env, tmp / "shrinking.log") as shrinking, \
                     running_adapter({**env, "SHRINK_UPLOADS": "0"}, tmp / "whole.log") as whole:
                 java = psutil.Process(ts.java_pid())

@@ -261,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         ts = start_benchmark_torchserve(tmp / "ts", args.weights)
         try:
-            env = {"TS_INFERENCE_URL": ts.inference_url, "TS_MANAGEMENT_URL": ts.management_url,
-                   "TS_MODEL_NAME": ts.model_name, "TS_KEY_FILE": str(ts.key_file.path)}
+            env = ts.adapter_env()
             with running_adapter(env, tmp / "adapter.log") as adapter:
                 java = psutil.Process(ts.java_pid())
                 processes = {"adapter": [psutil.Process(adapter.process.pid)], "java": [java],

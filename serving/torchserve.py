@@ -97,6 +97,11 @@ class TorchServeInstance:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['metrics']}"
 
+    def adapter_env(self) -> dict[str, str]:
+        """The environment that points an adapter (adapter/config.py) at this instance."""
+        return {"TS_INFERENCE_URL": self.inference_url, "TS_MANAGEMENT_URL": self.management_url,
+                "TS_MODEL_NAME": self.model_name, "TS_KEY_FILE": str(self.key_file.path)}
+
     @property
     def predictions_url(self) -> str:
         return f"{self.inference_url}/predictions/{self.model_name}"

@@ -14,7 +14,6 @@ import select
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,15 +21,10 @@ import pytest
 from PIL import Image
 
 from adapter.run import running_adapter
-from model.classes import CLASS_NAMES, display_name
+from model.classes import display_name
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LIMIT = 10 * 1024 * 1024  # the adapter's default MAX_UPLOAD_BYTES
-
-
-def torchserve_env(ts) -> dict[str, str]:
-    return {"TS_INFERENCE_URL": ts.inference_url, "TS_MANAGEMENT_URL": ts.management_url,
-            "TS_MODEL_NAME": ts.model_name, "TS_KEY_FILE": str(ts.key_file.path)}
 
 
 def encode(image_chw, fmt: str = "PNG") -> bytes:
@@ -43,7 +37,7 @@ def encode(image_chw, fmt: str = "PNG") -> bytes:
 def adapter(torchserve, tmp_path_factory):
     """The adapter with its default settings (10 MB limit, no CORS origin), pointed at the session's TorchServe."""
     log = tmp_path_factory.mktemp("adapter") / "adapter.log"
-    with running_adapter(torchserve_env(torchserve), log) as proc:
+    with running_adapter(torchserve.adapter_env(), log) as proc:
         yield proc
 
 
@@ -259,7 +253,7 @@ def test_adapter_still_serves_after_refusals(adapter, torchserve_ready, images):
 
 @pytest.fixture(scope="module")
 def tight_adapter(torchserve, tmp_path_factory):
-    env = {**torchserve_env(torchserve), "MAX_UPLOAD_BYTES": "20000", "TS_PREDICT_TIMEOUT_S": "0.001",
+    env = {**torchserve.adapter_env(), "MAX_UPLOAD_BYTES": "20000", "TS_PREDICT_TIMEOUT_S": "0.001",
            "CORS_ALLOW_ORIGINS": "https://page.example, https://other.example"}
     with running_adapter(env, tmp_path_factory.mktemp("tight") / "adapter.log") as proc:
         yield proc

@@ -16,7 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapter.run import running_adapter
 from adapter.torchserve import PROBE_IMAGE
 from serving.process import free_port
-from test_adapter import torchserve_env
 
 PNG_1PX = PROBE_IMAGE  # a valid 1x1 PNG
 NEW_ID = re.compile(r"[0-9a-f]{32}")
@@ -41,7 +40,7 @@ def raw_request(base: str, request: bytes) -> bytes:
 @pytest.fixture(scope="module")
 def adapter(torchserve, tmp_path_factory):
     log = tmp_path_factory.mktemp("adapter-edge") / "adapter.log"
-    with running_adapter({**torchserve_env(torchserve), "MAX_UPLOAD_BYTES": "100000"}, log) as proc:
+    with running_adapter({**torchserve.adapter_env(), "MAX_UPLOAD_BYTES": "100000"}, log) as proc:
         yield proc
 
 

@@ -26,7 +26,7 @@ from adapter.config import ConfigError, Settings
 from adapter.limits import InFlight
 from adapter.run import running_adapter
 from serving_helpers import cifar_pil, encode
-from test_hostile import multipart_head, parse, torchserve_env
+from test_hostile import multipart_head, parse
 
 FULL_SIZE = 10 * 1024 * 1024  # what the attacker's heads declare
 ATTACKER, WELL_BEHAVED, CRAWLERS = "127.0.0.2", "127.0.0.3", ("127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7")
@@ -91,7 +91,7 @@ def test_the_adapter_refuses_to_start_without_the_open_files_its_connection_cap_
 @pytest.fixture(scope="module")
 def shares_adapter(torchserve, tmp_path_factory):
     """The adapter with its default shares, rates and caps."""
-    env = {**torchserve_env(torchserve), "ADAPTER_LOG_MAX_BYTES": "200000", "ADAPTER_LOG_BACKUPS": "1"}
+    env = {**torchserve.adapter_env(), "ADAPTER_LOG_MAX_BYTES": "200000", "ADAPTER_LOG_BACKUPS": "1"}
     with running_adapter(env, tmp_path_factory.mktemp("shares") / "adapter.log") as proc:
         proc.port = int(proc.base_url.rsplit(":", 1)[1])
         yield proc
@@ -287,7 +287,7 @@ def test_a_thousand_crawling_connections_leave_the_service_answering(shares_adap
 def small_caps_adapter(torchserve, tmp_path_factory):
     """4 uploads in flight in all, 2 per address, and a long grace so that stalled uploads stay held;
     127.0.0.9 is a trusted proxy."""
-    env = {**torchserve_env(torchserve), "MAX_REQUESTS_IN_FLIGHT": "4", "MAX_CLIENT_REQUESTS_IN_FLIGHT": "2",
+    env = {**torchserve.adapter_env(), "MAX_REQUESTS_IN_FLIGHT": "4", "MAX_CLIENT_REQUESTS_IN_FLIGHT": "2",
            "MIN_RATE_GRACE_S": "20", "BODY_TIMEOUT_S": "20", "TRUSTED_PROXIES": "127.0.0.9",
            "RETRY_AFTER_S": "3"}
     with running_adapter(env, tmp_path_factory.mktemp("small-caps") / "adapter.log") as proc:

@@ -29,9 +29,7 @@ MAX_UPLOAD_BYTES = 200_000  # small, so that the 413 case needs no 10 MB upload
 
 @pytest.fixture(scope="module")
 def adapter(torchserve, tmp_path_factory):
-    env = {"TS_INFERENCE_URL": torchserve.inference_url, "TS_MANAGEMENT_URL": torchserve.management_url,
-           "TS_MODEL_NAME": torchserve.model_name, "TS_KEY_FILE": str(torchserve.key_file.path),
-           "MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES)}
+    env = {**torchserve.adapter_env(), "MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES)}
     with running_adapter(env, tmp_path_factory.mktemp("explain-adapter") / "adapter.log") as proc:
         yield proc
 

@@ -42,15 +42,10 @@ ADAPTER_MEMORY_BOUND = 500 * 1024 * 1024
 LATE_S = 8.0
 
 
-def torchserve_env(ts) -> dict[str, str]:
-    return {"TS_INFERENCE_URL": ts.inference_url, "TS_MANAGEMENT_URL": ts.management_url,
-            "TS_MODEL_NAME": ts.model_name, "TS_KEY_FILE": str(ts.key_file.path)}
-
-
 @pytest.fixture(scope="module")
 def hostile_adapter(torchserve, tmp_path_factory):
     """The adapter with short deadlines; caps at their defaults (64 requests, 100 MB in flight)."""
-    env = {**torchserve_env(torchserve), "BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+    env = {**torchserve.adapter_env(), "BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
            "HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "KEEPALIVE_TIMEOUT_S": str(KEEPALIVE_TIMEOUT_S),
            "TS_PREDICT_TIMEOUT_S": str(PREDICT_TIMEOUT_S), "HEALTH_MAX_SILENCE_S": str(HEALTH_SILENCE_S),
            "TS_HEALTH_TIMEOUT_S": str(HEALTH_TIMEOUT_S), "ADAPTER_LOG_MAX_BYTES": "4000",
@@ -177,7 +172,7 @@ def test_predict_deadline_must_be_below_torchserves_response_timeout(tmp_path):
 @pytest.fixture(scope="module")
 def default_adapter(torchserve, tmp_path_factory):
     """Default deadlines: 64 clients pushing 634 MB through one loaded machine need more than 2 s."""
-    with running_adapter(torchserve_env(torchserve), tmp_path_factory.mktemp("default") / "adapter.log") as proc:
+    with running_adapter(torchserve.adapter_env(), tmp_path_factory.mktemp("default") / "adapter.log") as proc:
         yield proc
 
 
@@ -259,7 +254,7 @@ def _wait_for_ready_workers(ts, count: int = 2, timeout: float = 240) -> None:
 @pytest.fixture
 def retry_adapter(torchserve, tmp_path):
     """Default deadlines and a log that is not rotated away under 400 requests: the retry's line stays."""
-    with running_adapter(torchserve_env(torchserve), tmp_path / "adapter.log") as proc:
+    with running_adapter(torchserve.adapter_env(), tmp_path / "adapter.log") as proc:
         yield proc
 
 
@@ -397,7 +392,7 @@ def test_every_malformed_request_gets_json(hostile_adapter, case):
 
 def test_busy_and_down_answers_show_nothing_internal(torchserve, tmp_path, pngs):
     # An adapter pointed at a port where nothing listens: 503s that must not name the address.
-    env = {**torchserve_env(torchserve), "TS_INFERENCE_URL": "http://127.0.0.1:9",
+    env = {**torchserve.adapter_env(), "TS_INFERENCE_URL": "http://127.0.0.1:9",
            "TS_MANAGEMENT_URL": "http://127.0.0.1:9", "TS_KEY_FILE": str(tmp_path / "none.json")}
     with running_adapter(env, tmp_path / "adapter.log") as proc:
         r = classify(proc.base_url, pngs[0])

@@ -6,7 +6,6 @@ stand-in here, since only Java 17 is installed on this machine.
 """
 from __future__ import annotations
 
-import shutil
 import stat
 import time
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from pathlib import Path
 
 import httpx
@@ -28,8 +27,7 @@ ANSWER_TIMEOUT_MS = 60_000  # the training run may share the CPU
 
 @pytest.fixture(scope="module")
 def adapter(torchserve, tmp_path_factory):
-    env = {"TS_INFERENCE_URL": torchserve.inference_url, "TS_MANAGEMENT_URL": torchserve.management_url,
-           "TS_MODEL_NAME": torchserve.model_name, "TS_KEY_FILE": str(torchserve.key_file.path)}
+    env = torchserve.adapter_env()
     with running_adapter(env, tmp_path_factory.mktemp("page-adapter") / "adapter.log") as proc:
         yield proc
 
@@ -340,9 +338,7 @@ def test_page_on_another_origin_classifies_through_api_and_cors(torchserve, adap
     page.set_input_files("#file-input", str(photo))
     assert wait_for_error(page)
     # An adapter that allows the page's origin (CORS_ALLOW_ORIGINS) is reached from it.
-    env = {"TS_INFERENCE_URL": torchserve.inference_url, "TS_MANAGEMENT_URL": torchserve.management_url,
-           "TS_MODEL_NAME": torchserve.model_name, "TS_KEY_FILE": str(torchserve.key_file.path),
-           "CORS_ALLOW_ORIGINS": other_origin}
+    env = {**torchserve.adapter_env(), "CORS_ALLOW_ORIGINS": other_origin}
     with running_adapter(env, tmp_path / "adapter.log") as allowing:
         page.goto(f"{other_origin}/index.html?api={allowing.base_url}")
         page.set_input_files("#file-input", str(photo))

@@ -17,7 +17,6 @@ from adapter.run import running_adapter
 from serving.archive import sha256_of, weights_version
 from serving.rollout import Rollout, RolloutError
 from serving.settings import CALIBRATION_FILE
-from test_adapter import torchserve_env
 from torchserve_fixture import start_test_torchserve, weights_under_test
 
 pytestmark = pytest.mark.integration
@@ -41,7 +40,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("rollout")
     ts = start_test_torchserve(root / "torchserve")
     try:
-        with running_adapter(torchserve_env(ts), root / "adapter.log") as adapter:
+        with running_adapter(ts.adapter_env(), root / "adapter.log") as adapter:
             yield ts, adapter, root
     finally:
         ts.stop()

@@ -204,8 +204,7 @@ def test_the_page_carries_no_copy_of_the_shrink_rules():
 
 @pytest.fixture(scope="module")
 def adapter(torchserve, tmp_path_factory):
-    env = {"TS_INFERENCE_URL": torchserve.inference_url, "TS_MANAGEMENT_URL": torchserve.management_url,
-           "TS_MODEL_NAME": torchserve.model_name, "TS_KEY_FILE": str(torchserve.key_file.path)}
+    env = torchserve.adapter_env()
     with running_adapter(env, tmp_path_factory.mktemp("shrink-adapter") / "adapter.log") as proc:
         yield proc
 
