@@ -64,13 +64,7 @@ class CIFAR100Handler(BaseHandler):
         model_cfg = getattr(context, "model_yaml_config", None) or {}  # model-config.yaml
         handler_cfg = model_cfg.get("handler") or {}
         if not (torch.cuda.is_available() and context.system_properties.get("gpu_id") is not None):
-            # CPU worker: the cores are shared out among the model's workers (minWorkers in
-            # model-config.yaml), unless the operator pinned a count (handler.cpu_threads or
-            # OMP_NUM_THREADS); measured in benchmarks/RESULTS.md.
-            workers = int(model_cfg.get("minWorkers") or 1)
-            threads = (handler_cfg.get("cpu_threads") or os.environ.get("OMP_NUM_THREADS")
-                       or (os.cpu_count() or 1) // max(1, workers))
-            torch.set_num_threads(max(1, int(threads)))
+            torch.set_num_threads(engines.worker_threads(model_cfg))  # CPU worker: its share of the cores
         super().initialize(context)  # device, manifest, model (via _load_pickled_model), eval mode
         model_dir = context.system_properties.get("model_dir")
         self.labels = load_class_names(os.path.join(model_dir, "index_to_name.json"))

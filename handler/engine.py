@@ -3,7 +3,7 @@
 Engines (model-config.yaml ``handler.engine``; ``auto`` picks the first allowed one of its list):
   eager-fp32    the reference: BatchNorm folded, channels_last, float32, plain PyTorch
   compile-fp32  inductor with freezing, float32 (same answers up to float rounding)
-  compile-bf16  inductor with freezing under bf16 autocast: only where bf16 is native (a CPU with
+  compile-bf16  inductor with freezing, weights and activations in bf16: only where bf16 is native (a CPU with
                 avx512_bf16 / amx_bf16, or a GPU)
   int8          PT2E post-training quantization (torchao's x86 inductor quantizer), calibrated on
                 CIFAR-100 *training* images shipped in the archive, then inductor: for CPUs without bf16
@@ -13,7 +13,8 @@ A compiled engine is an AOTInductor package (``torch.export`` with a dynamic bat
 with many images, run in chunks). Packages live in a cache folder (``CIFAR100_ENGINE_CACHE``, set
 by serving/torchserve.py; else ``~/.cache/cifar100-engines``) under a key naming everything that
 shapes the code (engine, weights, torch, device, CPU flags, batch bound): a restarted worker loads
-one in well under a second. A file lock lets one worker compile while the others wait for it.
+one in well under a second. A file lock lets one worker compile while the others wait for it. The
+folder keeps the ``CIFAR100_ENGINE_CACHE_KEEP`` most recently used packages (serving/settings.py).
 
 Accuracy guard, in two parts (why: the worker cannot read the test split, the data may be absent):
   * ``python -m training.engines`` measures every engine on the full test split and writes
@@ -28,6 +29,7 @@ Accuracy guard, in two parts (why: the worker cannot read the test split, the da
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -39,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from serving.settings import ENGINE_CACHE_ENV, ENGINE_INPUTS_FILE, ENGINE_RECORD_FILE
+from serving.settings import (ENGINE_CACHE_ENV, ENGINE_CACHE_KEEP, ENGINE_CACHE_KEEP_ENV, ENGINE_INPUTS_FILE,
+                              ENGINE_RECORD_FILE)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ PROBE_IMAGES = 256  # of the shipped probe: a few seconds at most on a busy core
 
 RECORD_FILE, INPUTS_FILE, CACHE_ENV = ENGINE_RECORD_FILE, ENGINE_INPUTS_FILE, ENGINE_CACHE_ENV
 DEFAULT_CACHE = Path.home() / ".cache" / "cifar100-engines"
-PACKAGE_FORMAT = 1  # bump when the way packages are built changes (invalidates the cache)
+PACKAGE_FORMAT = 2  # bump when the way packages are built changes (invalidates the cache)
 
 
 class EngineError(RuntimeError):
@@ -85,6 +88,15 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def worker_threads(model_config: dict) -> int:
+    """A CPU worker's torch threads: ``handler.cpu_threads`` or OMP_NUM_THREADS when the operator pinned
+    them, else the cores shared out among the model's workers (minWorkers; measured in
+    benchmarks/RESULTS.md: two 1-thread workers beat one 2-thread worker on 2 cores)."""
+    pinned = (model_config.get("handler") or {}).get("cpu_threads") or os.environ.get("OMP_NUM_THREADS")
+    workers = int(model_config.get("minWorkers") or 1)
+    return max(1, int(pinned or (os.cpu_count() or 1) // max(1, workers)))
 
 
 def machine_kind(device: torch.device) -> str:
@@ -138,16 +150,22 @@ def candidates(setting: str, device: torch.device, record: dict | None) -> list[
 
 # ---- building an engine ------------------------------------------------------------------------
 class _Forward(torch.nn.Module):
-    """What gets compiled: the network, under bf16 autocast for compile-bf16, answering float32."""
+    """What gets compiled: the network, in bf16 for compile-bf16, answering float32.
 
-    def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None, device_type: str):
+    bf16 weights and activations throughout rather than bf16 autocast over fp32 weights: the same
+    top-1 agreement with fp32 and ~8% more images/s (fewer casts between layers; benchmarks/RESULTS.md).
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None):
         super().__init__()
-        self.model, self.autocast_dtype, self.device_type = model, autocast_dtype, device_type
+        self.dtype = dtype
+        # A copy: the fp32 network stays the reference and the fallback.
+        self.model = copy.deepcopy(model).to(dtype) if dtype is not None else model
 
     def forward(self, x):
-        with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
-            return self.model(x).float()
+        if self.dtype is None:
+            return self.model(x)
+        return self.model(x.to(self.dtype)).float()
 
 
 def _example(batch: int, device: torch.device) -> torch.Tensor:
@@ -178,7 +196,7 @@ def _compile_package(engine: str, model: torch.nn.Module, max_batch: int, device
             raise EngineError(f"int8 needs calibration images ({INPUTS_FILE})")
         module = _quantized(model, calibration_images)
     else:
-        module = _Forward(model, torch.bfloat16 if engine == "compile-bf16" else None, device.type).eval()
+        module = _Forward(model, torch.bfloat16 if engine == "compile-bf16" else None).eval()
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     example = _example(min(2, max_batch) if max_batch > 1 else 1, device)
     with torch.no_grad():
@@ -191,8 +209,10 @@ def _compile_package(engine: str, model: torch.nn.Module, max_batch: int, device
 
 def cache_key(engine: str, weights_sha256: str, max_batch: int, device: torch.device,
               calibration_images: torch.Tensor | None) -> str:
+    # threads: inductor writes the thread count of the compiling process into its CPU kernels
+    # (`omp parallel num_threads(N)`): a 2-thread package in a 1-thread worker oversubscribes the cores.
     parts = {"engine": engine, "weights": weights_sha256, "torch": torch.__version__, "max_batch": max_batch,
-             "machine": machine_description(device), "format": PACKAGE_FORMAT}
+             "machine": machine_description(device), "threads": torch.get_num_threads(), "format": PACKAGE_FORMAT}
     if engine == "int8" and calibration_images is not None:
         parts["calibration"] = hashlib.sha256(calibration_images.numpy().tobytes()).hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
@@ -200,6 +220,33 @@ def cache_key(engine: str, weights_sha256: str, max_batch: int, device: torch.de
 
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+
+
+def cache_keep() -> int:
+    return max(1, int(os.environ.get(ENGINE_CACHE_KEEP_ENV) or ENGINE_CACHE_KEEP))
+
+
+def prune_cache(folder: Path, keep: int) -> list[str]:
+    """Delete all but the ``keep`` most recently used packages (a load touches its .json); a package
+    whose lock another process holds (being compiled or loaded) is left alone. Returns what went."""
+    used = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for meta in used[keep:]:
+        lock = meta.with_suffix(".lock")
+        try:
+            with open(lock, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                for path in (meta.with_suffix(".pt2"), meta):
+                    path.unlink(missing_ok=True)
+                lock.unlink(missing_ok=True)
+                removed.append(meta.stem)
+        except BlockingIOError:
+            continue
+        except OSError as err:
+            logger.warning("engine cache: could not prune %s: %s", meta.stem, err)
+    if removed:
+        logger.info("engine cache: removed %d old package(s), kept the %d most recently used", len(removed), keep)
+    return removed
 
 
 @contextlib.contextmanager
@@ -228,9 +275,14 @@ def load_or_compile(engine: str, model: torch.nn.Module, weights_sha256: str, ma
             _compile_package(engine, model, max_batch, device, calibration_images, tmp)
             os.replace(tmp, path)
             meta_path.write_text(json.dumps({"engine": engine, "compile_seconds": round(time.perf_counter() - started, 2),
-                                             "max_batch": max_batch, "torch": torch.__version__}) + "\n")
+                                             "max_batch": max_batch, "torch": torch.__version__,
+                                             "threads": torch.get_num_threads()}) + "\n")
+        else:
+            os.utime(meta_path)  # most recently used: kept by prune_cache
         compiled = torch._inductor.aoti_load_package(str(path))
     meta = json.loads(meta_path.read_text())
+    if not cached:
+        prune_cache(folder, cache_keep())
     return compiled, {"cached": cached, "seconds": round(time.perf_counter() - started, 2),
                       "compile_seconds": meta.get("compile_seconds"), "path": str(path)}
 

@@ -44,6 +44,10 @@ ENGINE_RECORD_FILE = "engines.json"
 ENGINE_INPUTS_FILE = "engine_inputs.pt"
 # Where compiled engines are kept across worker restarts (serving/torchserve.py sets it for TorchServe).
 ENGINE_CACHE_ENV = "CIFAR100_ENGINE_CACHE"
+# How many compiled packages (~8 MB each) that folder keeps: the most recently used ones; older ones
+# (other weights, torch versions, thread counts) are deleted when a new one is written.
+ENGINE_CACHE_KEEP_ENV = "CIFAR100_ENGINE_CACHE_KEEP"
+ENGINE_CACHE_KEEP = 8
 TOP_K = 5                            # answers per image: the handler's default (model-config.yaml sets it)
 
 # Open Inference Protocol (v2) outputs of the handler, one row per image ([n], or [n, k] for top-k),

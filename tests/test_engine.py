@@ -74,3 +74,31 @@ def test_guard_refuses_int8_with_a_damaged_calibration_and_falls_back_to_fp32(ca
                                        build=build_uncompiled)
     assert served.name == engines.EAGER
     assert "engine int8 refused" in caplog.text and "probe images" in caplog.text
+
+
+def test_the_cache_key_names_the_thread_count_the_kernels_were_written_for():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = engines.cache_key("compile-bf16", "ab" * 32, 6, CPU, None)
+        torch.set_num_threads(2)
+        assert engines.cache_key("compile-bf16", "ab" * 32, 6, CPU, None) != one
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_cache_keeps_the_most_recently_used_packages_and_spares_a_locked_one(tmp_path):
+    import fcntl
+    import os
+
+    for age, name in enumerate(["newest", "recent", "old", "older", "locked-oldest"]):
+        for suffix in (".pt2", ".json", ".lock"):
+            (tmp_path / f"compile-bf16-{name}{suffix}").write_text("x")
+            os.utime(tmp_path / f"compile-bf16-{name}{suffix}", (1e9 - age * 100, 1e9 - age * 100))
+    with open(tmp_path / "compile-bf16-locked-oldest.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another worker is loading it
+        removed = engines.prune_cache(tmp_path, keep=2)
+    assert sorted(removed) == ["compile-bf16-old", "compile-bf16-older"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(f"compile-bf16-{n}{s}" for n in ("newest", "recent", "locked-oldest")
+                          for s in (".pt2", ".json", ".lock"))

@@ -213,3 +213,28 @@ def test_ctrl_c_mid_epoch_keeps_the_last_finished_epochs_checkpoint(tmp_path):
     assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 1
     CIFAR100Model(width=1).load_state_dict(checkpoint["model"], strict=True)
     assert not list(out.glob("*.tmp")) and not (out / "metrics.json").exists()
+
+
+def test_holdout_is_one_fixed_draw_disjoint_from_the_training_images():
+    images = torch.arange(1000).view(1000, 1, 1, 1).expand(1000, 3, 2, 2).to(torch.uint8)
+    labels = torch.arange(1000)
+    train_x, train_y, held_x, held_y = train_module.holdout_split(images, labels, 100)
+    assert len(held_y) == 100 and len(train_y) == 900
+    assert not set(held_y.tolist()) & set(train_y.tolist())
+    assert torch.equal(train_module.holdout_split(images, labels, 100)[3], held_y)  # the same draw every run
+    with pytest.raises(train_module.ConfigError, match="--holdout 1000"):
+        train_module.holdout_split(images, labels, 1000)
+
+
+def test_mixup_cutmix_run_on_a_holdout_says_what_it_was_evaluated_on(tmp_path):
+    threads = torch.get_num_threads()
+    out = tmp_path / "mix"
+    try:
+        assert train_module.main(small_run(holdout=300, test_subset=150, mixup=0.2, cutmix=1.0, mix_prob=0.8)
+                                 + ["--epochs", "1", "--no-ema", "--no-tta", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["evaluated_on"] == "holdout of 300 training images" and metrics["test_images"] == 150
+    assert metrics["args"]["mixup"] == 0.2 and metrics["args"]["cutmix"] == 1.0
+    assert 0.0 < metrics["history"][0]["train_loss"] < 10  # soft targets: a finite cross-entropy

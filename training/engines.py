@@ -16,6 +16,7 @@ afterwards on this machine loads them instead of compiling.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -35,10 +36,17 @@ CALIBRATION_IMAGES, PROBE_IMAGES = 256, 512
 TEMPERATURE_TOLERANCE = 0.01
 
 
-def batch_size_of_config(path: Path = REPO / "handler" / "model-config.yaml") -> int:
+MODEL_CONFIG = REPO / "handler" / "model-config.yaml"
+
+
+def model_config(path: Path = MODEL_CONFIG) -> dict:
     import yaml
 
-    return int(yaml.safe_load(path.read_text())["batchSize"])
+    return yaml.safe_load(path.read_text())
+
+
+def batch_size_of_config(path: Path = MODEL_CONFIG) -> int:
+    return int(model_config(path)["batchSize"])
 
 
 def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.nn.Module | None = None):
@@ -57,11 +65,25 @@ def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.n
     inputs = inputs if inputs.is_file() else DEFAULT_WEIGHTS.parent / engines.INPUTS_FILE
     if model is None:
         model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
-    return engines.select_engine(setting, model, hashlib.sha256(weights.read_bytes()).hexdigest(),
-                                 batch_size_of_config(), torch.device("cpu"),
-                                 json.loads(record_path.read_text()) if record_path else None,
-                                 engines.load_inputs(inputs.parent), normalize,
-                                 folder=Path(os.environ.get(engines.CACHE_ENV) or DEFAULT_ENGINE_CACHE))
+    with workers_thread_count():
+        return engines.select_engine(setting, model, hashlib.sha256(weights.read_bytes()).hexdigest(),
+                                     batch_size_of_config(), torch.device("cpu"),
+                                     json.loads(record_path.read_text()) if record_path else None,
+                                     engines.load_inputs(inputs.parent), normalize,
+                                     folder=Path(os.environ.get(engines.CACHE_ENV) or DEFAULT_ENGINE_CACHE))
+
+
+@contextlib.contextmanager
+def workers_thread_count():
+    """Compile for a TorchServe worker's thread count (part of the cache key: inductor writes it into its
+    kernels), so this process builds or loads the package the workers serve. Called with more threads
+    afterwards, only oneDNN's convolutions use the extra ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(engines.worker_threads(model_config()))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def training_inputs(data_dir: str, seed: int = 0) -> dict:
@@ -142,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: skipped ({why})")
             continue
         started = time.perf_counter()
-        engine = engines.build_engine(name, model, weights_sha, max_batch, device,
-                                      normalize(inputs["calibration"]))
+        with workers_thread_count():
+            engine = engines.build_engine(name, model, weights_sha, max_batch, device,
+                                          normalize(inputs["calibration"]))
         built = time.perf_counter() - started
         entry = measure(name, engine_logits(engine, images), reference, labels, shipped)
         entry["compile_seconds"] = engine.info.get("compile_seconds")

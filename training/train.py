@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--download", action="store_true", help="download CIFAR-100 if missing (needs internet)")
     d.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
     d.add_argument("--test-subset", type=int, default=None, help="evaluate on a fixed random subset of N images")
+    d.add_argument("--holdout", type=int, default=0,
+                   help="set aside N training images (the same draw for every run) and evaluate on them instead "
+                        "of the test split: for choosing a recipe without looking at the test split")
     m = p.add_argument_group("model")
     m.add_argument("--width", type=int, default=10, help="width multiplier k (channels 16k/32k/64k)")
     m.add_argument("--num-classes", type=int, default=100)
@@ -69,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cosine: warm-up then cosine to 0; onecycle: warm-up then linear to 0")
     o.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up from lr/10 (0: none)")
     o.add_argument("--label-smoothing", type=float, default=0.1)
+    o.add_argument("--mixup", type=float, default=0.0, help="MixUp with this Beta alpha (0: off)")
+    o.add_argument("--cutmix", type=float, default=0.0,
+                   help="CutMix with this Beta alpha (0: off; with --mixup too, each batch gets one of the two)")
+    o.add_argument("--mix-prob", type=float, default=1.0, help="share of batches MixUp/CutMix is applied to")
     o.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="keep an exponential moving average of the weights and export it")
     o.add_argument("--ema-decay", type=float, default=0.998, help="EMA decay per step")
@@ -190,6 +197,7 @@ class Run:
     steps_per_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0  # training wall time, earlier sessions of a resumed run included
+    mix: object = None  # MixUp/CutMix (batch_mixer), or None
 
     @property
     def main_process(self) -> bool:
@@ -222,8 +230,13 @@ def load_data(run: Run):
     # With --download only rank 0 fetches; the others wait for it rather than race on the files.
     if args.download and run.distributed and not run.main_process:
         dist.barrier()
-    train_x, train_y = subset(*load_split(args.data_dir, True, args.download), args.train_subset, args.seed)
-    test_x, test_y = subset(*load_split(args.data_dir, False, args.download), args.test_subset, args.seed + 1)
+    train_x, train_y = load_split(args.data_dir, True, args.download)
+    if args.holdout:
+        train_x, train_y, test_x, test_y = holdout_split(train_x, train_y, args.holdout)
+    else:
+        test_x, test_y = load_split(args.data_dir, False, args.download)
+    train_x, train_y = subset(train_x, train_y, args.train_subset, args.seed)
+    test_x, test_y = subset(test_x, test_y, args.test_subset, args.seed + 1)
     if args.download and run.distributed and run.main_process:
         dist.barrier()
     if int(train_y.max()) >= args.num_classes:
@@ -234,6 +247,29 @@ def load_data(run: Run):
         # Labels stay on the host: the accuracy counts are taken there.
         train_x, test_x = train_x.to(run.device), test_x.to(run.device)
     return train_x, train_y, test_x, test_y
+
+
+HOLDOUT_SEED = 20261129  # one draw for every run, whatever its --seed: arms of an ablation compare alike
+
+
+def holdout_split(images, labels, n: int):
+    """(train images, train labels, held-out images, held-out labels): n training images set aside."""
+    if not 0 < n < len(labels):
+        raise ConfigError(f"--holdout {n}: needs 0 < N < {len(labels)} training images")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    return images[order[n:]], labels[order[n:]], images[order[:n]], labels[order[:n]]
+
+
+def batch_mixer(args):
+    """torchvision's MixUp / CutMix on normalized batches (soft targets), or None when both are off."""
+    if not (args.mixup or args.cutmix):
+        return None
+    from torchvision.transforms import v2
+
+    mixers = ([v2.MixUp(alpha=args.mixup, num_classes=args.num_classes)] if args.mixup else []) + (
+        [v2.CutMix(alpha=args.cutmix, num_classes=args.num_classes)] if args.cutmix else [])
+    mixer = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+    return v2.RandomApply([mixer], p=args.mix_prob) if args.mix_prob < 1 else mixer
 
 
 def restore(checkpoint: dict, run: Run, model, ema, optimizer, scaler) -> tuple[int, float]:
@@ -267,9 +303,12 @@ def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loa
         for group in optimizer.param_groups:
             group["lr"] = args.lr * lr_factor(step, total_steps, warmup_steps, args.schedule)
         x, y = normalize(x, device, args.channels_last), y.to(device, non_blocking=True)
+        target = y
+        if run.mix is not None:
+            x, target = run.mix(x, y)  # soft targets; the training top-1 still counts the hard labels
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             logits = net(x)
-            loss = criterion(logits.float(), y)
+            loss = criterion(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -337,6 +376,7 @@ def train(args, given: set[str] | None = None) -> dict:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 32x32 inputs: the autotuned kernels pay off
     run = Run(args, device, pick_amp(args.amp, device), rank, world, code_version())
+    run.mix = batch_mixer(args)
     out = run.out
     if checkpoint is not None and run.main_process and (changed := changed_options(checkpoint, args)):
         print("note: resuming with changed options: " + ", ".join(changed), flush=True)
@@ -373,7 +413,7 @@ def train(args, given: set[str] | None = None) -> dict:
     if run.main_process:
         out.mkdir(parents=True, exist_ok=True)
         print(f"device={device} amp={run.amp_dtype} world={world} width={args.width} "
-              f"train={len(train_y)} test={len(test_y)} steps/epoch={run.steps_per_epoch}", flush=True)
+              f"train={len(train_y)} {evaluated_on(args)}={len(test_y)} steps/epoch={run.steps_per_epoch}", flush=True)
 
     t_start = time.perf_counter()
     stop_at = args.epochs if args.max_epochs_this_run is None else min(args.epochs, start_epoch + args.max_epochs_this_run)
@@ -431,7 +471,7 @@ def finish(run: Run, model, ema, test_x, test_y) -> dict:
     final_key = ("ema" if ema is not None else "raw") + ("+flip_tta" if args.tta else "")
     metrics = {
         "top1": ablation[final_key]["top1"], "top5": ablation[final_key]["top5"],
-        "evaluated_as": final_key, "test_images": len(test_y),
+        "evaluated_as": final_key, "evaluated_on": evaluated_on(args), "test_images": len(test_y),
         "weights": "CIFAR100_model.pth", "weights_are": "ema" if ema is not None else "raw",
         "final_evaluation": ablation, "history": run.history, "wall_time_s": run.wall_time_s,
         "hardware": hardware(run.device, run.world), "args": vars(args), "code_version": run.code_version,
@@ -444,6 +484,11 @@ def finish(run: Run, model, ema, test_x, test_y) -> dict:
     print(f"done: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% ({final_key}), "
           f"wall time {run.wall_time_s / 60:.1f} min -> {out}", flush=True)
     return metrics
+
+
+def evaluated_on(args) -> str:
+    """What the per-epoch and final figures are measured on (``test_*`` keys either way)."""
+    return f"holdout of {args.holdout} training images" if args.holdout else "test split"
 
 
 def main(argv=None) -> int:
