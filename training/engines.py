@@ -10,7 +10,7 @@ Writes, beside the weights (serving/archive.py packs both into the archive):
                      worker's start-up self-check; never test images
 
 Engines this machine cannot run (bf16 without native bf16) are skipped and keep their earlier
-entry. The compiled packages land in the engine cache (handler/engine.py), so a TorchServe started
+entry. The compiled packages land in the engine cache TorchServe uses (served_cache()), so a TorchServe started
 afterwards on this machine loads them instead of compiling.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -52,12 +53,9 @@ def batch_size_of_config(path: Path = MODEL_CONFIG) -> int:
 def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.nn.Module | None = None):
     """The engine a TorchServe worker started from this checkout builds for ``weights``, built the same
     way in this process (same record, probe, batch bound and engine cache: the served compiled code)."""
-    import os
-
     from handler.cifar100_handler import serving_model
     from model.normalization import normalize
     from serving.archive import engine_record_for
-    from serving.torchserve import DEFAULT_ENGINE_CACHE
 
     weights = Path(weights)
     record_path = engine_record_for(weights)
@@ -69,8 +67,14 @@ def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.n
         return engines.select_engine(setting, model, hashlib.sha256(weights.read_bytes()).hexdigest(),
                                      batch_size_of_config(), torch.device("cpu"),
                                      json.loads(record_path.read_text()) if record_path else None,
-                                     engines.load_inputs(inputs.parent), normalize,
-                                     folder=Path(os.environ.get(engines.CACHE_ENV) or DEFAULT_ENGINE_CACHE))
+                                     engines.load_inputs(inputs.parent), normalize, folder=served_cache())
+
+
+def served_cache() -> Path:
+    """The engine cache a TorchServe started from this checkout uses (serving/torchserve.py)."""
+    from serving.torchserve import DEFAULT_ENGINE_CACHE
+
+    return Path(os.environ.get(engines.CACHE_ENV) or DEFAULT_ENGINE_CACHE)
 
 
 @contextlib.contextmanager
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         with workers_thread_count():
             engine = engines.build_engine(name, model, weights_sha, max_batch, device,
-                                          normalize(inputs["calibration"]))
+                                          normalize(inputs["calibration"]), served_cache())
         built = time.perf_counter() - started
         entry = measure(name, engine_logits(engine, images), reference, labels, shipped)
         entry["compile_seconds"] = engine.info.get("compile_seconds")
