@@ -7,10 +7,13 @@ Engines (model-config.yaml ``handler.engine``; ``auto`` picks the first allowed 
                 avx512_bf16 / amx_bf16, or a GPU)
   int8          PT2E post-training quantization (torchao's x86 inductor quantizer), calibrated on
                 CIFAR-100 *training* images shipped in the archive, then inductor: for CPUs without bf16
+  openvino-bf16 OpenVINO's CPU runtime, bf16 inference precision: only where bf16 is native; the fastest
+                here by far (benchmarks/RESULTS.md), so auto's first choice on such CPUs
+  openvino-fp32 OpenVINO's CPU runtime, float32 (same answers up to float rounding)
 
 A compiled engine is an AOTInductor package (``torch.export`` with a dynamic batch dimension
 1..batchSize, one compile covers every batch a worker receives; larger batches, a v1/v2 request
-with many images, run in chunks). Packages live in a cache folder (``CIFAR100_ENGINE_CACHE``, set
+with many images, run in chunks), or for OpenVINO its IR (.xml + .bin, the same batch bound). Packages live in a cache folder (``CIFAR100_ENGINE_CACHE``, set
 by serving/torchserve.py; else ``~/.cache/cifar100-engines``) under a key naming everything that
 shapes the code (engine, weights, torch, device, CPU flags, batch bound): a restarted worker loads
 one in well under a second. A file lock lets one worker compile while the others wait for it. The
@@ -47,12 +50,15 @@ from serving.settings import (ENGINE_CACHE_ENV, ENGINE_CACHE_KEEP, ENGINE_CACHE_
 logger = logging.getLogger(__name__)
 
 EAGER = "eager-fp32"
-ENGINES = (EAGER, "compile-fp32", "compile-bf16", "int8")
+ENGINES = (EAGER, "compile-fp32", "compile-bf16", "int8", "openvino-bf16", "openvino-fp32")
+OPENVINO = {"openvino-bf16": "bf16", "openvino-fp32": "f32"}  # engine -> OpenVINO's inference precision
 AUTO = "auto"
 # auto's preference, fastest first (benchmarks/RESULTS.md); eager fp32 is always the last resort.
-AUTO_ORDER = {"native-bf16": ("compile-bf16", "compile-fp32"), "no-bf16": ("int8", "compile-fp32")}
+# OpenVINO is measured only on CPUs with native bf16 so far: not in the no-bf16 list until it is.
+AUTO_ORDER = {"native-bf16": ("openvino-bf16", "compile-bf16", "compile-fp32"),
+              "no-bf16": ("int8", "compile-fp32")}
 # Engines whose answers equal eager fp32 up to float rounding: servable without a record.
-LOSSLESS = {EAGER, "compile-fp32"}
+LOSSLESS = {EAGER, "compile-fp32", "openvino-fp32"}
 
 # The guard's limits on the full test split (training/engines.py applies them, the record keeps them).
 MAX_TOP1_DROP = 0.002      # top-1 at most 0.2 points under eager fp32
@@ -90,6 +96,12 @@ def native_bf16(device: torch.device) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def openvino_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
 def worker_threads(model_config: dict) -> int:
     """A CPU worker's torch threads: ``handler.cpu_threads`` or OMP_NUM_THREADS when the operator pinned
     them, else the cores shared out among the model's workers (minWorkers; measured in
@@ -116,10 +128,15 @@ def refusal(engine: str, device: torch.device, record: dict | None) -> str | Non
     """Why ``engine`` may not be served here (None: it may)."""
     if engine not in ENGINES:
         return f"unknown engine {engine!r} (choices: {AUTO}, {', '.join(ENGINES)})"
-    if engine == "compile-bf16" and not native_bf16(device):
+    if engine in ("compile-bf16", "openvino-bf16") and not native_bf16(device):
         return "this CPU has no native bf16 (avx512_bf16 / amx_bf16)"
     if engine == "int8" and device.type == "cuda":
         return "int8 (x86 inductor quantizer) is a CPU engine"
+    if engine in OPENVINO:
+        if device.type == "cuda":
+            return "OpenVINO engines run on the CPU"
+        if not openvino_installed():
+            return "the openvino package is not installed (requirements.txt)"
     if engine in LOSSLESS:
         return None
     measured = (record or {}).get("engines", {}).get(engine)
@@ -187,10 +204,52 @@ def _quantized(model: torch.nn.Module, calibration_images: torch.Tensor) -> torc
     return convert_pt2e(prepared)
 
 
+def _openvino_package(model: torch.nn.Module, max_batch: int, path: Path) -> None:
+    """The network as OpenVINO IR (``path`` .xml, its weights in the .bin beside), batch 1..max_batch."""
+    import warnings
+
+    import openvino as ov
+
+    # OpenVINO traces the module (TorchScript); its torch.export route measured slower (shapes left
+    # dynamic). The deprecation warning of that trace says nothing to an operator.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        converted = ov.convert_model(model, example_input=torch.randn(min(2, max_batch), 3, 32, 32),
+                                     input=[ov.PartialShape([ov.Dimension(1, max_batch), 3, 32, 32])])
+    ov.save_model(converted, str(path), compress_to_fp16=False)  # float32 weights: the engine picks its precision
+
+
+class _OpenVINOForward:
+    """An OpenVINO compiled model as a forward: float32 NCHW tensor -> float32 logits tensor.
+
+    One stream, the worker's thread count, no CPU pinning: TorchServe runs several workers on the same
+    cores, and OpenVINO's default pinning on Linux would put each of them on the same ones.
+    """
+
+    def __init__(self, engine: str, path: Path):
+        import openvino as ov
+
+        config = {"INFERENCE_PRECISION_HINT": OPENVINO[engine], "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                  "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        # OpenVINO reads NCHW; infer() copies its output (share_outputs=False) so the next call keeps it.
+        result = self.request.infer({0: images.contiguous().numpy()})
+        return torch.from_numpy(result[0])
+
+
+def _package_suffix(engine: str) -> str:
+    return ".xml" if engine in OPENVINO else ".pt2"
+
+
 def _compile_package(engine: str, model: torch.nn.Module, max_batch: int, device: torch.device,
                      calibration_images: torch.Tensor | None, path: Path) -> None:
     import torch._inductor.config as inductor_config
 
+    if engine in OPENVINO:
+        return _openvino_package(model, max_batch, path)
     if engine == "int8":
         if calibration_images is None:
             raise EngineError(f"int8 needs calibration images ({INPUTS_FILE})")
@@ -236,7 +295,7 @@ def prune_cache(folder: Path, keep: int) -> list[str]:
         try:
             with open(lock, "a") as f:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                for path in (meta.with_suffix(".pt2"), meta):
+                for path in (meta.with_suffix(".pt2"), meta.with_suffix(".xml"), meta.with_suffix(".bin"), meta):
                     path.unlink(missing_ok=True)
                 lock.unlink(missing_ok=True)
                 removed.append(meta.stem)
@@ -266,20 +325,26 @@ def load_or_compile(engine: str, model: torch.nn.Module, weights_sha256: str, ma
     """(the compiled callable, {"cached": bool, "seconds": float, "compile_seconds": float, "path": ...})."""
     folder = Path(folder or cache_dir())
     key = cache_key(engine, weights_sha256, max_batch, device, calibration_images)
-    path, meta_path = folder / f"{engine}-{key}.pt2", folder / f"{engine}-{key}.json"
+    suffix = _package_suffix(engine)
+    path, meta_path = folder / f"{engine}-{key}{suffix}", folder / f"{engine}-{key}.json"
     started = time.perf_counter()
     with _locked(folder / f"{engine}-{key}.lock"):
         cached = path.is_file() and meta_path.is_file()
         if not cached:
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.pt2")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp{suffix}")
             _compile_package(engine, model, max_batch, device, calibration_images, tmp)
+            if engine in OPENVINO:  # the IR's weights: same name, .bin (OpenVINO finds them by it)
+                os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
             os.replace(tmp, path)
             meta_path.write_text(json.dumps({"engine": engine, "compile_seconds": round(time.perf_counter() - started, 2),
                                              "max_batch": max_batch, "torch": torch.__version__,
                                              "threads": torch.get_num_threads()}) + "\n")
         else:
             os.utime(meta_path)  # most recently used: kept by prune_cache
-        compiled = torch._inductor.aoti_load_package(str(path))
+        if engine in OPENVINO:
+            compiled = _OpenVINOForward(engine, path)
+        else:
+            compiled = torch._inductor.aoti_load_package(str(path))
     meta = json.loads(meta_path.read_text())
     if not cached:
         prune_cache(folder, cache_keep())

@@ -30,12 +30,19 @@ FAILED = {"top1": 0.70, "agreement": 0.93, "passed": False}
 
 
 def test_auto_prefers_bf16_where_native_and_int8_elsewhere(monkeypatch):
-    both = record(**{"compile-bf16": PASSED, "int8": PASSED})
+    both = record(**{"compile-bf16": PASSED, "int8": PASSED, "openvino-bf16": PASSED})
     monkeypatch.setattr(engines, "native_bf16", lambda device: True)
-    assert engines.candidates("auto", CPU, both) == ["compile-bf16", "compile-fp32", engines.EAGER]
+    assert engines.candidates("auto", CPU, both) == ["openvino-bf16", "compile-bf16", "compile-fp32", engines.EAGER]
     monkeypatch.setattr(engines, "native_bf16", lambda device: False)
     assert engines.candidates("auto", CPU, both) == ["int8", "compile-fp32", engines.EAGER]
     assert "no native bf16" in engines.refusal("compile-bf16", CPU, both)
+    assert "no native bf16" in engines.refusal("openvino-bf16", CPU, both)
+    # Without the openvino package auto goes on to inductor rather than failing the worker.
+    monkeypatch.setattr(engines, "native_bf16", lambda device: True)
+    monkeypatch.setattr(engines, "openvino_installed", lambda: False)
+    assert engines.candidates("auto", CPU, both) == ["compile-bf16", "compile-fp32", engines.EAGER]
+    assert "not installed" in engines.refusal("openvino-fp32", CPU, both)
+    assert "run on the CPU" in engines.refusal("openvino-fp32", torch.device("cuda"), both)
 
 
 def test_an_engine_that_failed_the_test_split_or_was_never_measured_is_not_served(monkeypatch, caplog):
@@ -102,3 +109,26 @@ def test_the_cache_keeps_the_most_recently_used_packages_and_spares_a_locked_one
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(f"compile-bf16-{n}{s}" for n in ("newest", "recent", "locked-oldest")
                           for s in (".pt2", ".json", ".lock"))
+
+
+def test_openvino_engines_build_once_load_from_the_cache_and_agree_with_fp32(tmp_path):
+    pytest.importorskip("openvino")
+    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    probe = normalize(engines.load_inputs(REPO / "model" / "weights")["probe"][:128])
+    reference = engines.Engine(engines.EAGER, model)
+    expected = reference(probe)
+    names = ["openvino-fp32"] + (["openvino-bf16"] if engines.native_bf16(CPU) else [])
+    for name in names:
+        built = engines.build_engine(name, model, "test", 6, CPU, None, tmp_path)
+        loaded = engines.build_engine(name, model, "test", 6, CPU, None, tmp_path)
+        assert not built.info["cached"] and loaded.info["cached"], (built.info, loaded.info)
+        assert Path(loaded.info["path"]).suffix == ".xml" and Path(loaded.info["path"]).with_suffix(".bin").is_file()
+        # Any batch: 1..6 in one call, 128 in chunks of 6; the answers are fp32's.
+        for batch in (probe[:1], probe[:6], probe):
+            assert loaded(batch).shape == (len(batch), 100) and loaded(batch).dtype == torch.float32
+        assert engines.probe_agreement(loaded, expected.argmax(1), probe) >= engines.PROBE_MIN_AGREEMENT
+        if name == "openvino-fp32":
+            torch.testing.assert_close(loaded(probe), expected, rtol=1e-3, atol=1e-3)
+    # prune_cache removes an IR's .xml and .bin with its record.
+    assert len(engines.prune_cache(tmp_path, keep=1)) == len(names) - 1
+    assert len(list(tmp_path.glob("*.xml"))) == len(list(tmp_path.glob("*.bin"))) == len(list(tmp_path.glob("*.json"))) == 1
