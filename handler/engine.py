@@ -235,7 +235,7 @@ class _OpenVINOForward:
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        # OpenVINO reads NCHW; infer() copies its output (share_outputs=False) so the next call keeps it.
+        # Engine hands it NCHW; infer() copies its output (share_outputs=False) so the next call keeps it.
         result = self.request.infer({0: images.contiguous().numpy()})
         return torch.from_numpy(result[0])
 
@@ -361,13 +361,15 @@ class Engine:
     forward: object
     max_batch: int | None = None   # compiled bound: larger inputs run in chunks
     info: dict = field(default_factory=dict)
+    # The layout the forward reads: PyTorch's engines channels_last, OpenVINO's IR plain NCHW.
+    memory_format: torch.memory_format = torch.channels_last
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
             if self.max_batch is None or len(images) <= self.max_batch:
                 return self.forward(images)
-            return torch.cat([self.forward(c.contiguous(memory_format=torch.channels_last))
+            return torch.cat([self.forward(c.contiguous(memory_format=self.memory_format))
                               for c in images.split(self.max_batch)])
 
 
@@ -377,7 +379,8 @@ def build_engine(engine: str, model: torch.nn.Module, weights_sha256: str, max_b
     if engine == EAGER:
         return Engine(EAGER, model)
     compiled, info = load_or_compile(engine, model, weights_sha256, max_batch, device, calibration_images, folder)
-    return Engine(engine, compiled, max_batch, info)
+    layout = torch.contiguous_format if engine in OPENVINO else torch.channels_last
+    return Engine(engine, compiled, max_batch, info, layout)
 
 
 def probe_agreement(engine: Engine, reference: Engine | torch.Tensor, probe: torch.Tensor) -> float:
