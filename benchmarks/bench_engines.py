@@ -1,18 +1,25 @@
 """In-process images/s of every engine (handler/engine.py) this machine allows, side by side.
 
-    python -m benchmarks.bench_engines [--widths 3 10] [--seconds 2] [--rounds 2]
+    python -m benchmarks.bench_engines [--widths 3 10] [--seconds 2] [--rounds 2] [--emulate-isa avx2]
 
 Batch 6 on 2 threads (one worker's batch with the cores to itself) and batch 1 on 1 thread (a
 lone request in one of two workers); width 3 is the shipped weights, width 10 the seed's network
 with random weights (speed only). Engines are built through the same cache as TorchServe's
 workers (the first run compiles; its seconds are printed as the cold start, a load from the
 cache as the warm one). Engines run alternately, best round kept: a shared machine drifts.
+
+``--emulate-isa avx2`` (or ``avx512-vnni``) runs it again with oneDNN (PyTorch's and OpenVINO's) and
+ATen capped to that instruction set: the kernels an AVX2-only CPU (no VNNI, no bf16) or an AVX-512
+one without bf16 would run, on this machine's cores and caches. A proxy, said so in its output: the
+cores, caches and clocks of such a CPU still differ.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import io
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
 POINTS = ((6, 2), (1, 1))  # (batch, threads)
 MAX_BATCH = 6
+# --emulate-isa: (oneDNN's ONEDNN_MAX_CPU_ISA, ATen's ATEN_CPU_CAPABILITY, which inductor follows too)
+EMULATED_ISA = {"avx2": ("AVX2", "avx2"), "avx512-vnni": ("AVX512_CORE_VNNI", "avx512")}
 
 
 def network(width: int) -> tuple[torch.nn.Module, str]:
@@ -60,7 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="+", default=list(engines.ENGINES), choices=engines.ENGINES)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--emulate-isa", choices=sorted(EMULATED_ISA),
+                        help="cap oneDNN and ATen to this instruction set (a proxy for such a CPU)")
     args = parser.parse_args(argv)
+    if args.emulate_isa:
+        onednn, aten = EMULATED_ISA[args.emulate_isa]
+        if os.environ.get(engines.ONEDNN_ISA_ENV) != onednn:
+            # Both caps are read when the libraries load: run again in a fresh process with them set.
+            os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench_engines", *(argv or sys.argv[1:])],
+                      {**os.environ, engines.ONEDNN_ISA_ENV: onednn, "ATEN_CPU_CAPABILITY": aten})
+        print(f"PROXY: oneDNN capped to {onednn}, ATen to {aten}, on the CPU below (not such a CPU itself)")
     cpu = torch.device("cpu")
     inputs = engines.load_inputs(REPO / "model" / "weights")
     calibration = normalize(inputs["calibration"])

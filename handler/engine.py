@@ -6,7 +6,8 @@ Engines (model-config.yaml ``handler.engine``; ``auto`` picks the first allowed 
   compile-bf16  inductor with freezing, weights and activations in bf16: only where bf16 is native (a CPU with
                 avx512_bf16 / amx_bf16, or a GPU)
   int8          PT2E post-training quantization (torchao's x86 inductor quantizer), calibrated on
-                CIFAR-100 *training* images shipped in the archive, then inductor: for CPUs without bf16
+                CIFAR-100 *training* images shipped in the archive, then inductor: an explicit choice only
+                (slower than openvino-fp32 with the CPU capped to AVX2 or AVX-512 VNNI, benchmarks/RESULTS.md)
   openvino-bf16 OpenVINO's CPU runtime, bf16 inference precision: only where bf16 is native; the fastest
                 here by far (benchmarks/RESULTS.md), so auto's first choice on such CPUs
   openvino-fp32 OpenVINO's CPU runtime, float32 (same answers up to float rounding)
@@ -51,12 +52,14 @@ logger = logging.getLogger(__name__)
 
 EAGER = "eager-fp32"
 ENGINES = (EAGER, "compile-fp32", "compile-bf16", "int8", "openvino-bf16", "openvino-fp32")
+NEEDS_NATIVE_BF16 = {"compile-bf16", "openvino-bf16"}
 OPENVINO = {"openvino-bf16": "bf16", "openvino-fp32": "f32"}  # engine -> OpenVINO's inference precision
 AUTO = "auto"
 # auto's preference, fastest first (benchmarks/RESULTS.md); eager fp32 is always the last resort.
-# OpenVINO is measured only on CPUs with native bf16 so far: not in the no-bf16 list until it is.
+# no-bf16: measured with oneDNN and ATen capped to AVX2 and to AVX-512 VNNI (bench_engines --emulate-isa);
+# int8 ran slower than both lossless engines there, and its agreement fails the guard.
 AUTO_ORDER = {"native-bf16": ("openvino-bf16", "compile-bf16", "compile-fp32"),
-              "no-bf16": ("int8", "compile-fp32")}
+              "no-bf16": ("openvino-fp32", "compile-fp32")}
 # Engines whose answers equal eager fp32 up to float rounding: servable without a record.
 LOSSLESS = {EAGER, "compile-fp32", "openvino-fp32"}
 
@@ -68,6 +71,9 @@ MIN_AGREEMENT = 0.99       # same top-1 as eager fp32 on at least 99% of test im
 PROBE_MIN_AGREEMENT = 0.97
 PROBE_IMAGES = 256  # of the shipped probe: a few seconds at most on a busy core
 
+ONEDNN_ISA_ENV = "ONEDNN_MAX_CPU_ISA"
+# oneDNN's instruction-set caps below AVX512_CORE_BF16: bf16 would be emulated, not native.
+ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 RECORD_FILE, INPUTS_FILE, CACHE_ENV = ENGINE_RECORD_FILE, ENGINE_INPUTS_FILE, ENGINE_CACHE_ENV
 DEFAULT_CACHE = Path.home() / ".cache" / "cifar100-engines"
 PACKAGE_FORMAT = 2  # bump when the way packages are built changes (invalidates the cache)
@@ -93,6 +99,8 @@ def native_bf16(device: torch.device) -> bool:
     """bf16 runs in hardware here: a GPU, or a CPU with AVX512-BF16 / AMX-BF16 that oneDNN uses."""
     if device.type == "cuda":
         return True
+    if os.environ.get(ONEDNN_ISA_ENV, "").upper() in ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -120,15 +128,18 @@ def machine_description(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"device": torch.cuda.get_device_name(device)}
     flags = cpu_flags()
-    return {"device": "cpu", "capability": torch.backends.cpu.get_cpu_capability(),
-            "flags": sorted(f for f in flags if f.startswith(("avx", "amx")) or f in {"fma", "f16c"})}
+    described = {"device": "cpu", "capability": torch.backends.cpu.get_cpu_capability(),
+                 "flags": sorted(f for f in flags if f.startswith(("avx", "amx")) or f in {"fma", "f16c"})}
+    if os.environ.get(ONEDNN_ISA_ENV):  # oneDNN (PyTorch's and OpenVINO's) told to use less than the CPU has
+        described["onednn_max_isa"] = os.environ[ONEDNN_ISA_ENV]
+    return described
 
 
 def refusal(engine: str, device: torch.device, record: dict | None) -> str | None:
     """Why ``engine`` may not be served here (None: it may)."""
     if engine not in ENGINES:
         return f"unknown engine {engine!r} (choices: {AUTO}, {', '.join(ENGINES)})"
-    if engine in ("compile-bf16", "openvino-bf16") and not native_bf16(device):
+    if engine in NEEDS_NATIVE_BF16 and not native_bf16(device):
         return "this CPU has no native bf16 (avx512_bf16 / amx_bf16)"
     if engine == "int8" and device.type == "cuda":
         return "int8 (x86 inductor quantizer) is a CPU engine"
@@ -268,10 +279,13 @@ def _compile_package(engine: str, model: torch.nn.Module, max_batch: int, device
 
 def cache_key(engine: str, weights_sha256: str, max_batch: int, device: torch.device,
               calibration_images: torch.Tensor | None) -> str:
-    # threads: inductor writes the thread count of the compiling process into its CPU kernels
-    # (`omp parallel num_threads(N)`): a 2-thread package in a 1-thread worker oversubscribes the cores.
     parts = {"engine": engine, "weights": weights_sha256, "torch": torch.__version__, "max_batch": max_batch,
-             "machine": machine_description(device), "threads": torch.get_num_threads(), "format": PACKAGE_FORMAT}
+             "machine": machine_description(device), "format": PACKAGE_FORMAT}
+    if engine not in OPENVINO:
+        # inductor writes the thread count of the compiling process into its CPU kernels (`omp parallel
+        # num_threads(N)`): a 2-thread package in a 1-thread worker oversubscribes the cores. OpenVINO's IR
+        # holds no thread count (set when it is compiled at load): one IR serves every worker.
+        parts["threads"] = torch.get_num_threads()
     if engine == "int8" and calibration_images is not None:
         parts["calibration"] = hashlib.sha256(calibration_images.numpy().tobytes()).hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]

@@ -29,12 +29,12 @@ PASSED = {"top1": 0.749, "agreement": 0.995, "passed": True}
 FAILED = {"top1": 0.70, "agreement": 0.93, "passed": False}
 
 
-def test_auto_prefers_bf16_where_native_and_int8_elsewhere(monkeypatch):
+def test_auto_prefers_bf16_where_native_and_lossless_openvino_elsewhere(monkeypatch):
     both = record(**{"compile-bf16": PASSED, "int8": PASSED, "openvino-bf16": PASSED})
     monkeypatch.setattr(engines, "native_bf16", lambda device: True)
     assert engines.candidates("auto", CPU, both) == ["openvino-bf16", "compile-bf16", "compile-fp32", engines.EAGER]
     monkeypatch.setattr(engines, "native_bf16", lambda device: False)
-    assert engines.candidates("auto", CPU, both) == ["int8", "compile-fp32", engines.EAGER]
+    assert engines.candidates("auto", CPU, both) == ["openvino-fp32", "compile-fp32", engines.EAGER]
     assert "no native bf16" in engines.refusal("compile-bf16", CPU, both)
     assert "no native bf16" in engines.refusal("openvino-bf16", CPU, both)
     # Without the openvino package auto goes on to inductor rather than failing the worker.
@@ -62,7 +62,32 @@ def test_this_machine_is_described_in_the_cache_key():
     assert key != engines.cache_key("compile-bf16", "ab" * 32, 4, CPU, None)  # another batch bound
     assert key != engines.cache_key("compile-fp32", "ab" * 32, 6, CPU, None)
     assert key != engines.cache_key("compile-bf16", "cd" * 32, 6, CPU, None)  # other weights
+
+
+def test_inductor_packages_are_per_thread_count_and_openvino_ir_is_not(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = {name: engines.cache_key(name, "ab" * 32, 6, CPU, None) for name in ("compile-fp32", "openvino-fp32")}
+        torch.set_num_threads(2)
+        two = {name: engines.cache_key(name, "ab" * 32, 6, CPU, None) for name in ("compile-fp32", "openvino-fp32")}
+    finally:
+        torch.set_num_threads(threads)
+    assert one["compile-fp32"] != two["compile-fp32"]  # inductor writes the thread count into its kernels
+    assert one["openvino-fp32"] == two["openvino-fp32"]  # the IR has none: one conversion for every worker
     assert engines.machine_description(CPU)["capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_a_capped_onednn_isa_is_another_machine(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA (bench_engines --emulate-isa, or an operator's cap) changes the kernels a
+    package calls: it must not load one built without the cap."""
+    monkeypatch.delenv(engines.ONEDNN_ISA_ENV, raising=False)
+    uncapped = engines.cache_key("compile-fp32", "ab" * 32, 6, CPU, None)
+    monkeypatch.setenv(engines.ONEDNN_ISA_ENV, "AVX2")
+    assert engines.machine_description(CPU)["onednn_max_isa"] == "AVX2"
+    assert engines.cache_key("compile-fp32", "ab" * 32, 6, CPU, None) != uncapped
+    assert not engines.native_bf16(CPU)  # capped below AVX512_CORE_BF16: bf16 would be emulated
+    assert engines.machine_kind(CPU) == "no-bf16"
 
 
 def test_guard_refuses_int8_with_a_damaged_calibration_and_falls_back_to_fp32(caplog):
