@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     add_load_arguments(parser)
     parser.add_argument("--before", metavar="REF", help="compare with the adapter of this git ref instead")
     parser.add_argument("--rounds", type=int, default=3, help="--before: alternated rounds per point (medians)")
+    parser.add_argument("--flip-tta", choices=["on", "off"], help="override model-config.yaml's handler.flip_tta")
     args = parser.parse_args(argv)
     if args.before:
         return compare_before_after(args)
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-adapter-") as tmp:
         tmp = Path(tmp)
         ts = start_benchmark_torchserve(tmp / "torchserve", args.weights, args.batch_size, args.max_batch_delay,
-                                        args.cpu_threads, ts_properties(args.ts_property), args.workers, args.engine)
+                                        args.cpu_threads, ts_properties(args.ts_property), args.workers, args.engine,
+                                        None if args.flip_tta is None else args.flip_tta == "on")
         try:
             engine = served_engine_name(ts, payloads[0])
             # The adapter as `make serve-adapter` runs it, access log included.
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"/classify/ benchmark on {machine()}: weights {args.weights}; {args.duration:g} s per point; "
           f"{len(payloads)} CIFAR-100 test PNGs")
-    print(f"engine: {engine} (handler.engine)")
+    print(f"engine: {engine} (handler.engine); flip TTA: {args.flip_tta or 'as model-config.yaml says'}")
     print_table(rows, concurrencies)
     lo, hi = min(concurrencies), max(concurrencies)
     overhead = rows["adapter"][lo].p50_ms - rows["torchserve"][lo].p50_ms

@@ -66,11 +66,12 @@ ENGINE_CACHE = os.environ.get(ENGINE_CACHE_ENV) or DEFAULT_ENGINE_CACHE
 def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batch_size: int | None = None,
                                max_batch_delay: int | None = None, cpu_threads: int | None = None,
                                properties: dict[str, str] | None = None,
-                               workers: int | None = None, engine: str | None = None) -> TorchServeInstance:
+                               workers: int | None = None, engine: str | None = None,
+                               flip_tta: bool | None = None) -> TorchServeInstance:
     """A TorchServe on free ports under `root`, optionally with other settings than the repo's:
     batching and the worker's torch threads (model-config.yaml), config.properties keys."""
     config = MODEL_CONFIG
-    if any(v is not None for v in (batch_size, max_batch_delay, cpu_threads, workers, engine)):
+    if any(v is not None for v in (batch_size, max_batch_delay, cpu_threads, workers, engine, flip_tta)):
         import yaml
 
         settings = yaml.safe_load(MODEL_CONFIG.read_text())
@@ -82,6 +83,8 @@ def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batc
             settings["minWorkers"] = settings["maxWorkers"] = workers
         if engine is not None:
             settings.setdefault("handler", {})["engine"] = engine
+        if flip_tta is not None:
+            settings.setdefault("handler", {})["flip_tta"] = flip_tta
         config = root / "model-config.yaml"
         root.mkdir(parents=True, exist_ok=True)
         config.write_text(yaml.safe_dump(settings))

@@ -25,13 +25,21 @@ class Calibration:
         return self.unsure_below is not None and probability < self.unsure_below
 
 
-def load_calibration(model_dir: str) -> Calibration:
+def load_calibration(model_dir: str, flip_tta: bool = False) -> Calibration:
+    """The fit for plain logits, or (``flip_tta``) for flip-TTA's averaged ones, sharper: their own
+    temperature; a file fitted before TTA was served has none, and the plain fit is the closest."""
     path = os.path.join(model_dir, CALIBRATION_FILE)
     if not os.path.isfile(path):
         logger.warning("no %s in the archive: uncalibrated probabilities, nothing marked unsure", CALIBRATION_FILE)
         return Calibration()
     with open(path, encoding="utf-8") as f:
         record = json.load(f)
+    if flip_tta:
+        if "flip_tta" in record:
+            record = record["flip_tta"]
+        else:
+            logger.warning("%s has no flip_tta fit (python -m training.calibrate): the plain one is used",
+                           CALIBRATION_FILE)
     temperature = float(record["temperature"])
     if not temperature > 0:
         raise ValueError(f"{path}: temperature must be positive, got {temperature}")

@@ -10,9 +10,10 @@ CPU) and reads the manifest and model-config.yaml; this class overrides only wha
     a multipart field, base64 in JSON, or in a KServe v1 / Open Inference Protocol v2 body
     (handler/protocols.py; such a request may carry several images); a bad image fails only its
     own request, with a 4xx.
-  * ``inference``: the engine chosen at start (handler/engine.py: compiled, bf16 or int8 where this
-    machine allows and the accuracy guard passes, else eager fp32); skip the forward pass when every
-    image of a batch was refused.
+  * ``inference``: the engine chosen at start (handler/engine.py: compiled, bf16 or OpenVINO where
+    this machine allows and the accuracy guard passes, else eager fp32), with flip test-time
+    augmentation when ``handler.flip_tta`` is on; skip the forward pass when every image of a batch
+    was refused.
   * ``postprocess``: the per-image JSON contract the /classify/ adapter relies on (top-k), with
     calibrated probabilities and an ``unsure`` flag (handler/calibration.py), grouped per request
     and answered in the request's protocol.
@@ -40,6 +41,7 @@ from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, i
 from handler.protocols import ProtocolError, encode_answer, parse_request
 from model import load_class_names, network_from_state_dict
 from model.classes import display_name
+from model.tta import flip_tta_logits
 from serving.settings import TOP_K as DEFAULT_TOPK  # model-config.yaml's handler.topk overrides it
 DEFAULT_MAX_IMAGES_PER_REQUEST = 64  # images in one v1/v2 request (-> 413 above)
 
@@ -74,14 +76,18 @@ class CIFAR100Handler(BaseHandler):
         self._errors: dict[int, ImageRequestError | ProtocolError] = {}  # per batch: position -> why refused
         self._requests: list = []  # per batch position: (v1/v2 request or None for plain, image count)
         self._sizes: list[tuple[int, int]] = []  # per batch: (width, height) of each good image
-        self.calibration = load_calibration(model_dir)
-        self.engine = self._start_engine(handler_cfg.get("engine", engines.AUTO), int(model_cfg.get("batchSize") or 1),
-                                         model_dir)
+        # Flip test-time augmentation: each image and its mirror in one forward pass, logits averaged
+        # (model/tta.py): +1 point top-1 for ~1.5-1.8x the forward pass (model card).
+        self.flip_tta = bool(handler_cfg.get("flip_tta", False))
+        self.calibration = load_calibration(model_dir, self.flip_tta)
+        images_per_batch = int(model_cfg.get("batchSize") or 1) * (2 if self.flip_tta else 1)
+        self.engine = self._start_engine(handler_cfg.get("engine", engines.AUTO), images_per_batch, model_dir)
         self._explanation_model = None  # built on the first explanation (handler/explain.py)
         # Longer side of a Grad-CAM heatmap PNG (model-config.yaml handler.heatmap_max_side, optional).
         self.heatmap_max_side = int(handler_cfg.get("heatmap_max_side", HEATMAP_MAX_SIDE))
-        logger.info("CIFAR-100 model %s on %s, %d threads, top-%d, engine %s %s", self.model_version, self.device,
-                    torch.get_num_threads(), self.topk, self.engine.name, self.engine.info)
+        logger.info("CIFAR-100 model %s on %s, %d threads, top-%d, engine %s %s, flip TTA %s", self.model_version,
+                    self.device, torch.get_num_threads(), self.topk, self.engine.name, self.engine.info,
+                    "on" if self.flip_tta else "off")
 
     def _start_engine(self, setting: str, max_batch: int, model_dir: str) -> engines.Engine:
         """Build (or load from the cache) the forward pass before READY; its calibration if it moved."""
@@ -89,7 +95,8 @@ class CIFAR100Handler(BaseHandler):
         engine = engines.select_engine(setting, self.model, self._weights_sha256, max_batch, self.device, record,
                                        engines.load_inputs(model_dir), normalize)
         refit = ((record or {}).get("engines", {}).get(engine.name) or {}).get("calibration") or {}
-        if refit.get("moved") and self.calibration.unsure_below is not None:
+        # The refit is of the engine's plain logits (training/engines.py); flip TTA keeps its own fit.
+        if refit.get("moved") and self.calibration.unsure_below is not None and not self.flip_tta:
             # training/engines.py refit the temperature on this engine's logits: it differs from fp32's.
             self.calibration = Calibration(float(refit["temperature"]), float(refit["unsure_threshold"]))
             logger.info("engine %s: calibration refit for it: %s", engine.name, self.calibration)
@@ -139,7 +146,7 @@ class CIFAR100Handler(BaseHandler):
     def inference(self, data, *args, **kwargs):
         if data.shape[0] == 0:
             return data.new_empty(0, len(self.labels))
-        return self.engine(data)
+        return flip_tta_logits(self.engine, data) if self.flip_tta else self.engine(data)
 
     def postprocess(self, data):
         # Temperature scaling (training/calibrate.py): honest probabilities, same order, same top-1.

@@ -1,4 +1,4 @@
-"""The network, its weights files, the class names and the CIFAR-100 normalization.
+"""The network, its weights files, the class names, the CIFAR-100 normalization and flip TTA.
 
 ``model.classes`` (names, the display rule) and the normalization statistics need no torch, so the
 adapter imports them without pulling torch in; the network and the weights loaders are imported on
@@ -11,6 +11,7 @@ from .normalization import CIFAR100_MEAN, CIFAR100_STD, normalize
 _LAZY = {
     **dict.fromkeys(("CIFAR100Model", "ResidualSEBlock", "SEBlock", "infer_width_and_classes"), "network"),
     **dict.fromkeys(("WeightsError", "read_state_dict", "network_from_state_dict", "load_network"), "weights"),
+    "flip_tta_logits": "tta",
 }
 
 __all__ = [

@@ -98,6 +98,26 @@ def test_served_answers_carry_the_calibrated_probability_and_unsure_below_the_st
     assert flags == {True, False}, "the images must fall on both sides of the threshold"
 
 
+def test_flip_tta_has_its_own_stored_fit_and_buys_top1(record, test_logits, cifar100_test_split):
+    """The flip_tta entry (handler.flip_tta) is what training.calibrate fits on the averaged logits,
+    sharper than plain ones (a lower temperature), and flip TTA is more accurate on the test split."""
+    from handler.cifar100_handler import serving_model
+    from training.evaluation import predict_logits
+
+    images, labels = cifar100_test_split
+    state_dict = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+    tta_logits = predict_logits(serving_model(state_dict), images, labels, flip_tta=True)
+    refit = calibrate(tta_logits, labels)
+    stored = record["flip_tta"]
+    assert refit["temperature"] == pytest.approx(stored["temperature"], rel=1e-3)
+    assert refit["unsure"]["threshold"] == stored["unsure"]["threshold"]
+    assert load_calibration(str(RECORD.parent), flip_tta=True).temperature == stored["temperature"]
+    assert stored["temperature"] < record["temperature"]
+    plain_top1 = float((test_logits[0].argmax(1) == labels).float().mean())
+    tta_top1 = float((tta_logits.argmax(1) == labels).float().mean())
+    assert tta_top1 > plain_top1 + 0.005, (tta_top1, plain_top1)  # the model card's +1.0 point
+
+
 def test_refitting_gives_the_stored_temperature(record, test_logits):
     refit = calibrate(*test_logits)
     assert refit["temperature"] == pytest.approx(record["temperature"], rel=1e-3)

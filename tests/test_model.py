@@ -182,3 +182,16 @@ def test_normalization_is_the_cifar_statistics_once_for_training_and_serving():
     assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(x, expected, atol=1e-6)
     assert training_normalize(images, channels_last=False).is_contiguous()
+
+
+def test_flip_tta_is_the_mean_over_the_mirror_and_the_same_for_a_mirrored_image():
+    from model.tta import flip_tta_logits
+
+    torch.manual_seed(0)
+    net = CIFAR100Model(width=1, num_classes=10).eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        tta = flip_tta_logits(net, images)
+        assert torch.allclose(tta, (net(images) + net(images.flip(3))) / 2, atol=1e-5)
+        assert torch.allclose(flip_tta_logits(net, images.flip(3)), tta, atol=1e-5)
+        assert not torch.allclose(net(images), tta, atol=1e-3)  # it does change the answer

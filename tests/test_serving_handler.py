@@ -14,6 +14,7 @@ import yaml
 from ts.context import Context, RequestProcessor
 
 from handler.cifar100_handler import CIFAR100Handler
+from handler.preprocessing import normalize
 from serving.archive import build_archive, weights_version
 from serving_helpers import ReferenceModel, assert_same_answer, cifar_pil, encode
 from torchserve_fixture import weights_under_test
@@ -28,7 +29,7 @@ def model_dir(tmp_path_factory):
     return root / "model"
 
 
-def make_context(model_dir, gpu=None, topk=None, engine="eager-fp32") -> Context:
+def make_context(model_dir, gpu=None, topk=None, engine="eager-fp32", flip_tta=None) -> Context:
     """TorchServe's Context for the unpacked archive; the engine is eager fp32 here (these tests check
     the request contract against the fp32 reference; tests/test_shipped_model_served.py the engines)."""
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
@@ -36,6 +37,8 @@ def make_context(model_dir, gpu=None, topk=None, engine="eager-fp32") -> Context
     config.setdefault("handler", {})["engine"] = engine
     if topk is not None:
         config.setdefault("handler", {})["topk"] = topk
+    if flip_tta is not None:
+        config.setdefault("handler", {})["flip_tta"] = flip_tta
     return Context("cifar100", str(model_dir), manifest, config["batchSize"], gpu, "0.12.0",
                    model_yaml_config=config)
 
@@ -83,6 +86,39 @@ def test_topk_comes_from_model_config(model_dir, cifar100_test_split):
     handler.initialize(context)
     answer = run_batch(handler, context, [{"body": bytearray(encode(cifar_pil(cifar100_test_split[0], 0)))}])[0]
     assert len(answer["topk"]) == 3
+
+
+def test_flip_tta_setting_serves_the_mean_of_each_image_and_its_mirror(model_dir, cifar100_test_split):
+    """handler.flip_tta: true answers softmax(mean of both logits / the flip-TTA temperature), the same
+    for an image and its mirror; the shipped default is off (one forward pass per image)."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from handler.calibration import load_calibration
+    from model.tta import flip_tta_logits
+
+    shipped = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+    assert shipped["handler"]["flip_tta"] is False
+    context = make_context(model_dir, engine="openvino-fp32", flip_tta=True)  # lossless, built in seconds
+    handler = CIFAR100Handler()
+    handler.initialize(context)
+    assert handler.flip_tta and handler.engine.max_batch == 2 * shipped["batchSize"]
+    tta = load_calibration(str(model_dir), flip_tta=True)
+    assert handler.calibration == tta and tta != load_calibration(str(model_dir))  # its own temperature
+    images = cifar100_test_split[0][:4]
+    reference = ReferenceModel(weights_under_test(), "eager-fp32")
+    with torch.inference_mode():
+        expected = F.softmax(flip_tta_logits(reference.engine, normalize(images)) / tta.temperature, dim=1)
+    pictures = [cifar_pil(images, i) for i in range(4)]
+    rows = [{"body": bytearray(encode(p))} for p in pictures]
+    rows += [{"body": bytearray(encode(p.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))} for p in pictures]
+    answers = run_batch(handler, context, rows)
+    for i in range(4):
+        assert_same_answer(answers[i], expected[i])
+        assert_same_answer(answers[4 + i], expected[i])  # the mirror: the same answer
+    plain = reference.probs_of_uint8(images)  # the plain forward pass: other probabilities
+    assert any(abs(answers[i]["probability"] - float(plain[i].max())) > 1e-3 for i in range(4))
+    assert context.get_response_headers(0)["X-Batch-Images"] == "8"  # photos, not forward-pass rows
 
 
 def test_gpu_worker_uses_its_gpu_id(model_dir, monkeypatch):

@@ -8,7 +8,8 @@ The training split is never used (the network was fitted on it, so it is over-co
     python -m training.calibrate [WEIGHTS] [--data-dir DIR]
     # writes <weights folder>/calibration.json and reliability.png
 
-The handler divides the logits by the temperature before the softmax (top-1 is unchanged: one
+The same fit for flip test-time augmentation's averaged logits goes under ``flip_tta`` (the
+handler's ``flip_tta`` setting uses it). The handler divides the logits by the temperature before the softmax (top-1 is unchanged: one
 positive scale keeps the order), and marks an answer unsure when its calibrated probability is
 below the threshold.
 """
@@ -155,15 +156,24 @@ def plot_reliability(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def test_split_logits(weights: Path, data_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of the served network (BN folded, as the handler runs it) on the whole test split."""
+def test_split_logits(weights: Path, data_dir: str, flip_tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the served network (BN folded, as the handler runs it) on the whole test split
+    (``flip_tta``: averaged with the mirror images', as the handler's ``flip_tta`` setting serves them)."""
     from handler.cifar100_handler import serving_model
     from training.data import load_split
     from training.evaluation import predict_logits
 
     images, labels = load_split(data_dir, train=False)
     state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-    return predict_logits(serving_model(state_dict), images, labels), labels
+    return predict_logits(serving_model(state_dict), images, labels, flip_tta=flip_tta), labels
+
+
+def flip_tta_entry(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The calibration of flip-TTA logits (averaged logits are sharper: another temperature), in brief."""
+    fitted = calibrate(logits, labels)
+    held = fitted["held_out"]
+    return {"temperature": fitted["temperature"], "unsure": {"threshold": fitted["unsure"]["threshold"]},
+            "held_out": {key: held[key] for key in ("images", "top1", "ece_before", "ece_after")}}
 
 
 def _share(value: float | None) -> str:
@@ -192,11 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out_dir or args.weights.parent
     logits, labels = test_split_logits(args.weights, args.data_dir)
     result = calibrate(logits, labels)
+    # The handler's flip_tta setting (model-config.yaml) serves averaged logits: fitted for them too.
+    result["flip_tta"] = flip_tta_entry(*test_split_logits(args.weights, args.data_dir, flip_tta=True))
     result["weights_sha256"] = hashlib.sha256(args.weights.read_bytes()).hexdigest()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CALIBRATION_FILE).write_text(json.dumps(result, indent=2) + "\n")
     plot_reliability(result, out_dir / RELIABILITY_FILE)
     print(summary(result))
+    tta = result["flip_tta"]
+    print(f"flip TTA: temperature {tta['temperature']:.4f}, held-out top-1 {tta['held_out']['top1']:.1%}, "
+          f"ECE {tta['held_out']['ece_before']:.4f} -> {tta['held_out']['ece_after']:.4f}, "
+          f"unsure below {tta['unsure']['threshold']:.2f}")
     print(f"wrote {out_dir / CALIBRATION_FILE} and {out_dir / RELIABILITY_FILE}")
     return 0
 

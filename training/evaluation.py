@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from model.tta import flip_tta_logits
 from training.data import batches, normalize
 
 
@@ -17,9 +18,7 @@ def predict_logits(model, images, labels, batch_size=500, device="cpu", amp_dtyp
     for x, _ in batches(images, labels, order, batch_size):
         x = normalize(x, device, channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            logits = model(x).float()
-            if flip_tta:
-                logits = (logits + model(x.flip(3)).float()) / 2
+            logits = flip_tta_logits(model, x) if flip_tta else model(x).float()
         out.append(logits.cpu())
     return torch.cat(out) if out else torch.empty(0, 0)
 
