@@ -80,8 +80,8 @@ class CIFAR100Handler(BaseHandler):
         # (model/tta.py): +1 point top-1 for ~1.5-1.8x the forward pass (model card).
         self.flip_tta = bool(handler_cfg.get("flip_tta", False))
         self.calibration = load_calibration(model_dir, self.flip_tta)
-        images_per_batch = int(model_cfg.get("batchSize") or 1) * (2 if self.flip_tta else 1)
-        self.engine = self._start_engine(handler_cfg.get("engine", engines.AUTO), images_per_batch, model_dir)
+        self.engine = self._start_engine(handler_cfg.get("engine", engines.AUTO), engines.images_per_forward(model_cfg),
+                                         model_dir)
         self._explanation_model = None  # built on the first explanation (handler/explain.py)
         # Longer side of a Grad-CAM heatmap PNG (model-config.yaml handler.heatmap_max_side, optional).
         self.heatmap_max_side = int(handler_cfg.get("heatmap_max_side", HEATMAP_MAX_SIDE))

@@ -119,6 +119,12 @@ def worker_threads(model_config: dict) -> int:
     return max(1, int(pinned or (os.cpu_count() or 1) // max(1, workers)))
 
 
+def images_per_forward(model_config: dict) -> int:
+    """The engine's batch bound: batchSize images, twice that with flip TTA (each image and its mirror)."""
+    flip_tta = bool((model_config.get("handler") or {}).get("flip_tta", False))
+    return int(model_config.get("batchSize") or 1) * (2 if flip_tta else 1)
+
+
 def machine_kind(device: torch.device) -> str:
     return "native-bf16" if native_bf16(device) else "no-bf16"
 

@@ -157,3 +157,9 @@ def test_openvino_engines_build_once_load_from_the_cache_and_agree_with_fp32(tmp
     # prune_cache removes an IR's .xml and .bin with its record.
     assert len(engines.prune_cache(tmp_path, keep=1)) == len(names) - 1
     assert len(list(tmp_path.glob("*.xml"))) == len(list(tmp_path.glob("*.bin"))) == len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_the_engine_bound_is_the_batch_doubled_with_flip_tta():
+    assert engines.images_per_forward({"batchSize": 6}) == 6
+    assert engines.images_per_forward({"batchSize": 6, "handler": {"flip_tta": False}}) == 6
+    assert engines.images_per_forward({"batchSize": 6, "handler": {"flip_tta": True}}) == 12  # image + mirror

@@ -46,10 +46,6 @@ def model_config(path: Path = MODEL_CONFIG) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def batch_size_of_config(path: Path = MODEL_CONFIG) -> int:
-    return int(model_config(path)["batchSize"])
-
-
 def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.nn.Module | None = None):
     """The engine a TorchServe worker started from this checkout builds for ``weights``, built the same
     way in this process (same record, probe, batch bound and engine cache: the served compiled code)."""
@@ -65,7 +61,7 @@ def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.n
         model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
     with workers_thread_count():
         return engines.select_engine(setting, model, hashlib.sha256(weights.read_bytes()).hexdigest(),
-                                     batch_size_of_config(), torch.device("cpu"),
+                                     engines.images_per_forward(model_config()), torch.device("cpu"),
                                      json.loads(record_path.read_text()) if record_path else None,
                                      engines.load_inputs(inputs.parent), normalize, folder=served_cache())
 
@@ -159,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     # fp32's top-1 on the probe: the worker's start-up check compares against it (handler/engine.py).
     record["probe_fp32_top1"] = engine_logits(engines.Engine(engines.EAGER, model), inputs["probe"]).argmax(1).tolist()
     record["engines"][engines.EAGER] = measure(engines.EAGER, reference, reference, labels, shipped)
-    max_batch = batch_size_of_config()
+    max_batch = engines.images_per_forward(model_config())  # the workers' bound: their packages, cached
     from model.normalization import normalize
 
     for name in args.engines:
