@@ -78,7 +78,7 @@ class CIFAR100Handler(BaseHandler):
         self._sizes: list[tuple[int, int]] = []  # per batch: (width, height) of each good image
         # Flip test-time augmentation: each image and its mirror in one forward pass, logits averaged
         # (model/tta.py): +1 point top-1 for ~1.5-1.8x the forward pass (model card).
-        self.flip_tta = bool(handler_cfg.get("flip_tta", False))
+        self.flip_tta = engines.flip_tta(model_cfg)
         self.calibration = load_calibration(model_dir, self.flip_tta)
         self.engine = self._start_engine(handler_cfg.get("engine", engines.AUTO), engines.images_per_forward(model_cfg),
                                          model_dir)

@@ -119,10 +119,14 @@ def worker_threads(model_config: dict) -> int:
     return max(1, int(pinned or (os.cpu_count() or 1) // max(1, workers)))
 
 
+def flip_tta(model_config: dict) -> bool:
+    """model-config.yaml's ``handler.flip_tta`` (off unless set)."""
+    return bool((model_config.get("handler") or {}).get("flip_tta", False))
+
+
 def images_per_forward(model_config: dict) -> int:
     """The engine's batch bound: batchSize images, twice that with flip TTA (each image and its mirror)."""
-    flip_tta = bool((model_config.get("handler") or {}).get("flip_tta", False))
-    return int(model_config.get("batchSize") or 1) * (2 if flip_tta else 1)
+    return int(model_config.get("batchSize") or 1) * (2 if flip_tta(model_config) else 1)
 
 
 def machine_kind(device: torch.device) -> str:

@@ -62,6 +62,7 @@ def test_this_machine_is_described_in_the_cache_key():
     assert key != engines.cache_key("compile-bf16", "ab" * 32, 4, CPU, None)  # another batch bound
     assert key != engines.cache_key("compile-fp32", "ab" * 32, 6, CPU, None)
     assert key != engines.cache_key("compile-bf16", "cd" * 32, 6, CPU, None)  # other weights
+    assert engines.machine_description(CPU)["capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_inductor_packages_are_per_thread_count_and_openvino_ir_is_not(monkeypatch):
@@ -75,7 +76,6 @@ def test_inductor_packages_are_per_thread_count_and_openvino_ir_is_not(monkeypat
         torch.set_num_threads(threads)
     assert one["compile-fp32"] != two["compile-fp32"]  # inductor writes the thread count into its kernels
     assert one["openvino-fp32"] == two["openvino-fp32"]  # the IR has none: one conversion for every worker
-    assert engines.machine_description(CPU)["capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_a_capped_onednn_isa_is_another_machine(monkeypatch):

@@ -156,16 +156,17 @@ def plot_reliability(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def test_split_logits(weights: Path, data_dir: str, flip_tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of the served network (BN folded, as the handler runs it) on the whole test split
-    (``flip_tta``: averaged with the mirror images', as the handler's ``flip_tta`` setting serves them)."""
+def test_split_logits(weights: Path, data_dir: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(plain logits, flip-TTA logits, labels) of the served network (BN folded, as the handler runs it)
+    on the whole test split; flip TTA averages with the mirror images', as ``handler.flip_tta`` serves."""
     from handler.cifar100_handler import serving_model
     from training.data import load_split
     from training.evaluation import predict_logits
 
     images, labels = load_split(data_dir, train=False)
-    state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-    return predict_logits(serving_model(state_dict), images, labels, flip_tta=flip_tta), labels
+    network = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
+    return (predict_logits(network, images, labels), predict_logits(network, images, labels, flip_tta=True),
+            labels)
 
 
 def flip_tta_entry(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -200,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, help="default: the weights' folder")
     args = parser.parse_args(argv)
     out_dir = args.out_dir or args.weights.parent
-    logits, labels = test_split_logits(args.weights, args.data_dir)
+    logits, tta_logits, labels = test_split_logits(args.weights, args.data_dir)
     result = calibrate(logits, labels)
     # The handler's flip_tta setting (model-config.yaml) serves averaged logits: fitted for them too.
-    result["flip_tta"] = flip_tta_entry(*test_split_logits(args.weights, args.data_dir, flip_tta=True))
+    result["flip_tta"] = flip_tta_entry(tta_logits, labels)
     result["weights_sha256"] = hashlib.sha256(args.weights.read_bytes()).hexdigest()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CALIBRATION_FILE).write_text(json.dumps(result, indent=2) + "\n")
