@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 from itertools import islice
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ class CIFAR100Handler(BaseHandler):
         """Build (or load from the cache) the forward pass before READY; its calibration if it moved."""
         record = engines.load_record(model_dir)
         engine = engines.select_engine(setting, self.model, self._weights_sha256, max_batch, self.device, record,
-                                       engines.load_inputs(model_dir), normalize)
+                                       engines.load_inputs(model_dir), normalize, shipped_dir=Path(model_dir))
         refit = ((record or {}).get("engines", {}).get(engine.name) or {}).get("calibration") or {}
         # The refit is of the engine's plain logits (training/engines.py); flip TTA keeps its own fit.
         if refit.get("moved") and self.calibration.unsure_below is not None and not self.flip_tta:

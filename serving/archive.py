@@ -11,6 +11,8 @@ The archive holds:
   engines.json                                        each engine's accuracy on the test split, when
                                                       measured on exactly these weights (training/engines.py)
   engine_inputs.pt                                    training images: int8 calibration, start-up probe
+  engine_int8.xml + .bin                              the openvino-int8 engine's network, when made from
+                                                      exactly these weights (training/quantize.py)
   model/, handler/, serving/settings.py + images.py   the packages the handler imports
 
 The version says which weights it holds: ``w<width>-<first 8 hex of the weights' sha256>``. The
@@ -30,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 from serving import cli
-from serving.settings import CALIBRATION_FILE, ENGINE_INPUTS_FILE, ENGINE_RECORD_FILE, MODEL_NAME
+from serving.settings import CALIBRATION_FILE, ENGINE_INPUTS_FILE, ENGINE_INT8_FILE, ENGINE_RECORD_FILE, MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
@@ -110,6 +112,23 @@ def engine_record_for(weights: Path) -> Path | None:
     return _record_for(weights, ENGINE_RECORD_FILE)
 
 
+def int8_network_for(weights: Path) -> Path | None:
+    """The int8 IR beside the weights, if training/quantize.py made it from exactly these weights (its
+    rt_info names them; read as XML: the archive needs no OpenVINO)."""
+    import xml.etree.ElementTree as ET
+
+    path = Path(weights).resolve().parent / ENGINE_INT8_FILE
+    if not path.is_file() or not path.with_suffix(".bin").is_file():
+        return None
+    try:
+        made_for = ET.parse(path).getroot().find("rt_info/cifar100/weights_sha256")
+    except ET.ParseError as err:
+        raise ArchiveError(f"{path} is not an OpenVINO IR: {err}") from err
+    if made_for is None or made_for.get("value") != sha256_of(Path(weights)):
+        return None
+    return path
+
+
 def package_files(weights: Path = DEFAULT_WEIGHTS) -> list[tuple[Path, str]]:
     """(source, path inside the archive) of every packaged support file."""
     files = [(CLASS_NAMES_FILE, "index_to_name.json")]
@@ -119,6 +138,9 @@ def package_files(weights: Path = DEFAULT_WEIGHTS) -> list[tuple[Path, str]]:
     record = engine_record_for(weights)
     if record is not None:
         files.append((record, ENGINE_RECORD_FILE))
+    int8 = int8_network_for(weights)
+    if int8 is not None:
+        files += [(int8, ENGINE_INT8_FILE), (int8.with_suffix(".bin"), Path(ENGINE_INT8_FILE).with_suffix(".bin").name)]
     # Training images, not tied to the weights: the ones beside them, else the shipped ones.
     inputs = Path(weights).resolve().parent / ENGINE_INPUTS_FILE
     inputs = inputs if inputs.is_file() else REPO / "model" / "weights" / ENGINE_INPUTS_FILE

@@ -42,6 +42,8 @@ CALIBRATION_FILE = "calibration.json"
 # int8 with and probes each engine on at start (handler/engine.py); beside the weights and in the archive.
 ENGINE_RECORD_FILE = "engines.json"
 ENGINE_INPUTS_FILE = "engine_inputs.pt"
+# The openvino-int8 engine's network (training/quantize.py; its weights in the .bin of the same name).
+ENGINE_INT8_FILE = "engine_int8.xml"
 # Where compiled engines are kept across worker restarts (serving/torchserve.py sets it for TorchServe).
 ENGINE_CACHE_ENV = "CIFAR100_ENGINE_CACHE"
 # How many compiled packages (~8 MB each) that folder keeps: the most recently used ones; older ones

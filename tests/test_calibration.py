@@ -87,10 +87,12 @@ def test_served_answers_carry_the_calibrated_probability_and_unsure_below_the_st
         served_logits = reference.engine(normalize(images[:SERVED_IMAGES]))
     # The stored temperature, unless training/engines.py refit one for this engine (engines.json).
     refit = (engine_record(weights_under_test()) or {}).get("engines", {}).get(reference.engine.name, {})
-    if not refit.get("calibration", {}).get("moved"):
+    moved = refit.get("calibration", {}).get("moved")
+    if not moved:
         assert reference.temperature == record["temperature"]
     calibrated = F.softmax(served_logits.float() / reference.temperature, dim=1).max(dim=1).values
-    threshold = record["unsure"]["threshold"]
+    # The engine's own threshold when its calibration moved (openvino-int8's, where bf16 is not native).
+    threshold = refit["calibration"]["unsure_threshold"] if moved else record["unsure"]["threshold"]
     for i, answer in enumerate(served):
         assert answer["probability"] == pytest.approx(float(calibrated[i]), abs=1e-3), i
         assert answer["unsure"] is (answer["probability"] < threshold), (i, answer["probability"], threshold)

@@ -6,6 +6,7 @@ the served path compiles the same quantized graph.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -29,12 +30,20 @@ PASSED = {"top1": 0.749, "agreement": 0.995, "passed": True}
 FAILED = {"top1": 0.70, "agreement": 0.93, "passed": False}
 
 
-def test_auto_prefers_bf16_where_native_and_lossless_openvino_elsewhere(monkeypatch):
-    both = record(**{"compile-bf16": PASSED, "int8": PASSED, "openvino-bf16": PASSED})
+INT8_PASSED = {**PASSED, "recheck_margin": engines.RECHECK_MARGIN}
+
+
+def test_auto_prefers_bf16_where_native_and_rechecked_int8_elsewhere(monkeypatch):
+    both = record(**{"compile-bf16": PASSED, "int8": PASSED, "openvino-bf16": PASSED, "openvino-int8": INT8_PASSED})
     monkeypatch.setattr(engines, "native_bf16", lambda device: True)
     assert engines.candidates("auto", CPU, both) == ["openvino-bf16", "compile-bf16", "compile-fp32", engines.EAGER]
     monkeypatch.setattr(engines, "native_bf16", lambda device: False)
-    assert engines.candidates("auto", CPU, both) == ["openvino-fp32", "compile-fp32", engines.EAGER]
+    assert engines.candidates("auto", CPU, both) == ["openvino-int8", "openvino-fp32", "compile-fp32", engines.EAGER]
+    # int8 is lossy: without a passing record measured with the handler's recheck margin, the lossless ones.
+    for entry in (None, FAILED, {**INT8_PASSED, "recheck_margin": engines.RECHECK_MARGIN / 2}):
+        other = record(**({"openvino-int8": entry} if entry else {}))
+        assert engines.candidates("auto", CPU, other) == ["openvino-fp32", "compile-fp32", engines.EAGER]
+    assert "recheck margin" in engines.refusal("openvino-int8", CPU, record(**{"openvino-int8": PASSED}))
     assert "no native bf16" in engines.refusal("compile-bf16", CPU, both)
     assert "no native bf16" in engines.refusal("openvino-bf16", CPU, both)
     # Without the openvino package auto goes on to inductor rather than failing the worker.
@@ -43,6 +52,7 @@ def test_auto_prefers_bf16_where_native_and_lossless_openvino_elsewhere(monkeypa
     assert engines.candidates("auto", CPU, both) == ["compile-bf16", "compile-fp32", engines.EAGER]
     assert "not installed" in engines.refusal("openvino-fp32", CPU, both)
     assert "run on the CPU" in engines.refusal("openvino-fp32", torch.device("cuda"), both)
+    assert "run on the CPU" in engines.refusal("openvino-int8", torch.device("cuda"), both)
 
 
 def test_an_engine_that_failed_the_test_split_or_was_never_measured_is_not_served(monkeypatch, caplog):
@@ -98,7 +108,7 @@ def test_guard_refuses_int8_with_a_damaged_calibration_and_falls_back_to_fp32(ca
     # One flat grey picture to calibrate on; a 128-image probe is plenty to see the damage.
     damaged = {"calibration": torch.zeros_like(inputs["calibration"][:16]), "probe": inputs["probe"][:128]}
 
-    def build_uncompiled(name, model, weights_sha256, max_batch, device, calibration_images, folder):
+    def build_uncompiled(name, model, weights_sha256, max_batch, device, calibration_images, folder, **_):
         return engines.Engine(name, engines._quantized(model, calibration_images))
 
     with caplog.at_level(logging.INFO, logger=engines.__name__):
@@ -163,3 +173,75 @@ def test_the_engine_bound_is_the_batch_doubled_with_flip_tta():
     assert engines.images_per_forward({"batchSize": 6}) == 6
     assert engines.images_per_forward({"batchSize": 6, "handler": {"flip_tta": False}}) == 6
     assert engines.images_per_forward({"batchSize": 6, "handler": {"flip_tta": True}}) == 12  # image + mirror
+
+
+def test_openvino_int8_answers_close_calls_with_fp32():
+    int8_logits = torch.tensor([[6.0, 0.0, 0.0],     # sure: int8's answer stands
+                                [1.0, 1.001, 0.0],   # a close call: fp32 answers it
+                                [0.0, 3.0, 9.0],     # sure
+                                [2.0, 0.0, 2.0]])    # a tie: fp32 answers it
+    asked = []
+
+    def fp32(images):
+        asked.append(images.clone())
+        return torch.full((len(images), 3), -1.0)
+
+    forward = engines._RecheckedForward(lambda images: int8_logits.clone(), fp32, margin=0.05)
+    images = torch.arange(4.0).view(4, 1)
+    logits = forward(images)
+    assert [batch.flatten().tolist() for batch in asked] == [[1.0, 3.0]]  # only the close calls, in one call
+    torch.testing.assert_close(logits[[0, 2]], int8_logits[[0, 2]])
+    assert (logits[[1, 3]] == -1.0).all()
+    assert (forward.answered, forward.rechecked) == (4, 2)
+    forward(images[:1].expand(4, 1) * 0)  # a batch with no close call asks fp32 nothing more
+    assert len(asked) == 2 and (forward.answered, forward.rechecked) == (8, 4)
+
+
+def test_openvino_int8_serves_the_shipped_network_and_refuses_one_made_for_other_weights(tmp_path, caplog):
+    pytest.importorskip("openvino")
+    sha = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
+    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    probe = normalize(engines.load_inputs(REPO / "model" / "weights")["probe"])
+    expected = engines.Engine(engines.EAGER, model)(probe)
+    engine = engines.build_engine("openvino-int8", model, sha, 6, CPU, None, tmp_path, shipped_dir=WEIGHTS.parent)
+    logits = engine(probe)
+    assert logits.shape == (len(probe), 100) and engine.forward.answered == len(probe)
+    assert 0 < engine.forward.rechecked < len(probe) / 4  # some close calls, not most answers
+    assert engines.probe_agreement(engine, expected.argmax(1), probe) >= engines.PROBE_MIN_AGREEMENT
+    # The rechecked images carry fp32's logits; the others int8's own, which differ from fp32's.
+    fp32_like = torch.isclose(logits, expected, rtol=1e-3, atol=1e-3).all(1)
+    assert 0 < int(fp32_like.sum()) < len(probe) / 2
+    # Other weights (a retrained network without `python -m training.quantize`), or no int8 network at all:
+    # refused with a line saying what to run, and the worker serves the next candidate.
+    with pytest.raises(engines.EngineError, match="other weights"):
+        engines.build_engine("openvino-int8", model, "0" * 64, 6, CPU, None, tmp_path, shipped_dir=WEIGHTS.parent)
+    with caplog.at_level(logging.WARNING, logger=engines.__name__):
+        served = engines.select_engine("openvino-int8", model, sha, 6, CPU, record(**{"openvino-int8": INT8_PASSED}),
+                                       None, normalize, folder=tmp_path, shipped_dir=tmp_path)
+    assert served.name == engines.EAGER
+    assert "engine openvino-int8 not served: no int8 network" in caplog.text and "training.quantize" in caplog.text
+
+
+def test_quantize_writes_an_int8_network_named_for_its_weights_that_the_archive_packs(tmp_path):
+    pytest.importorskip("nncf")
+    from serving.archive import int8_network_for, package_files
+    from serving.settings import ENGINE_INT8_FILE
+    from training.quantize import quantize
+
+    weights = tmp_path / "CIFAR100_model.pth"
+    weights.write_bytes(WEIGHTS.read_bytes())
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
+    probe = normalize(engines.load_inputs(REPO / "model" / "weights")["probe"]).contiguous()
+    # Few images: this checks the tool and its file, not the quality (the shipped network's is in engines.json).
+    summary = quantize(model, sha, probe[:16], probe[16:40], tmp_path / ENGINE_INT8_FILE, log=lambda line: None)
+    assert summary["weights_sha256"] == sha and summary["quantizers"] > 0
+    assert int8_network_for(weights) == tmp_path / ENGINE_INT8_FILE
+    assert (tmp_path / ENGINE_INT8_FILE, ENGINE_INT8_FILE) in package_files(weights)
+    assert (tmp_path / "engine_int8.bin", "engine_int8.bin") in package_files(weights)
+    engine = engines.build_engine("openvino-int8", model, sha, 6, CPU, None, tmp_path, shipped_dir=tmp_path)
+    assert engine(probe[:7]).argmax(1).tolist()  # builds and answers any batch
+    # Other weights beside it: the archive leaves the int8 network out.
+    weights.write_bytes(WEIGHTS.read_bytes() + b"\0")
+    assert int8_network_for(weights) is None
+    assert all(dest != ENGINE_INT8_FILE for _, dest in package_files(weights))

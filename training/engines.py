@@ -9,6 +9,9 @@ Writes, beside the weights (serving/archive.py packs both into the archive):
   engine_inputs.pt   (once) CIFAR-100 *training* images: ``calibration`` for int8, ``probe`` for the
                      worker's start-up self-check; never test images
 
+openvino-int8 is measured from the engine_int8.xml beside the weights (``python -m training.quantize``
+makes it), as served: with its rechecks (the record keeps their share and margin).
+
 Engines this machine cannot run (bf16 without native bf16) are skipped and keep their earlier
 entry. The compiled packages land in the engine cache TorchServe uses (served_cache()), so a TorchServe started
 afterwards on this machine loads them instead of compiling.
@@ -63,7 +66,8 @@ def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.n
         return engines.select_engine(setting, model, hashlib.sha256(weights.read_bytes()).hexdigest(),
                                      engines.images_per_forward(model_config()), torch.device("cpu"),
                                      json.loads(record_path.read_text()) if record_path else None,
-                                     engines.load_inputs(inputs.parent), normalize, folder=served_cache())
+                                     engines.load_inputs(inputs.parent), normalize, folder=served_cache(),
+                                     shipped_dir=weights.resolve().parent)
 
 
 def served_cache() -> Path:
@@ -159,17 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     from model.normalization import normalize
 
     for name in args.engines:
-        why = engines.refusal(name, device, {"engines": {name: {"passed": True}}})
+        why = engines.machine_refusal(name, device)
         if why is not None:
             print(f"{name}: skipped ({why})")
             continue
         started = time.perf_counter()
         with workers_thread_count():
             engine = engines.build_engine(name, model, weights_sha, max_batch, device,
-                                          normalize(inputs["calibration"]), served_cache())
+                                          normalize(inputs["calibration"]), served_cache(), shipped_dir=folder)
         built = time.perf_counter() - started
         entry = measure(name, engine_logits(engine, images), reference, labels, shipped)
         entry["compile_seconds"] = engine.info.get("compile_seconds")
+        if name == engines.OPENVINO_INT8:  # the share of test images fp32 answered again (close calls)
+            entry["recheck_margin"] = engines.RECHECK_MARGIN
+            entry["rechecked"] = round(engine.forward.rechecked / max(1, engine.forward.answered), 4)
         record["engines"][name] = entry
         print(f"{name}: top-1 {entry['top1']:.4f} (fp32 {record['engines'][engines.EAGER]['top1']:.4f}), "
               f"agreement {entry['agreement']:.4f}, {'passed' if entry['passed'] else 'FAILED'}; "
