@@ -13,7 +13,7 @@ CPU) and reads the manifest and model-config.yaml; this class overrides only wha
   * ``inference``: the engine chosen at start (handler/engine.py: compiled, bf16 or OpenVINO where
     this machine allows and the accuracy guard passes, else eager fp32), with flip test-time
     augmentation when ``handler.flip_tta`` is on; skip the forward pass when every image of a batch
-    was refused.
+    was refused; count the images (and openvino-int8's rechecks) as Prometheus counters.
   * ``postprocess``: the per-image JSON contract the /classify/ adapter relies on (top-k), with
     calibrated probabilities and an ``unsure`` flag (handler/calibration.py), grouped per request
     and answered in the request's protocol.
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler import engine as engines
@@ -147,7 +148,20 @@ class CIFAR100Handler(BaseHandler):
     def inference(self, data, *args, **kwargs):
         if data.shape[0] == 0:
             return data.new_empty(0, len(self.labels))
-        return flip_tta_logits(self.engine, data) if self.flip_tta else self.engine(data)
+        rechecked = self.engine.rechecked
+        logits = flip_tta_logits(self.engine, data) if self.flip_tta else self.engine(data)
+        self._count_forward(data.shape[0] * (2 if self.flip_tta else 1), self.engine.rechecked - rechecked)
+        return logits
+
+    def _count_forward(self, images: int, rechecked: int) -> None:
+        """Prometheus counters through TorchServe's metrics API (config.properties: model_metrics_auto_detect):
+        images through the engine, and for openvino-int8 those fp32 answered again."""
+        metrics = self.context.metrics
+        if metrics is None:  # a Context made outside TorchServe
+            return
+        metrics.add_counter(engines.IMAGES_METRIC, images, dimensions=[Dimension("Engine", self.engine.name)])
+        if self.engine.name == engines.OPENVINO_INT8:
+            metrics.add_counter(engines.RECHECKED_METRIC, rechecked, dimensions=[Dimension("Engine", self.engine.name)])
 
     def postprocess(self, data):
         # Temperature scaling (training/calibrate.py): honest probabilities, same order, same top-1.

@@ -63,6 +63,9 @@ OPENVINO = {"openvino-bf16": "bf16", "openvino-fp32": "f32"}  # engine -> OpenVI
 # openvino-int8: a close call (top-two softmax probabilities of the int8 logits within this) is answered
 # by fp32. 0.05: ~8% of test images rechecked, agreement 97.3% -> 99.35% (benchmarks/RESULTS.md).
 RECHECK_MARGIN = 0.05
+# Prometheus counters the handler adds per batch (TorchServe's metrics API), labelled with the engine:
+# images through the forward pass, and those openvino-int8 answered again with fp32 (the guard's price).
+IMAGES_METRIC, RECHECKED_METRIC = "EngineImages", "EngineRecheckedImages"
 AUTO = "auto"
 # auto's preference, fastest first (benchmarks/RESULTS.md); eager fp32 is always the last resort.
 # no-bf16: measured with oneDNN and ATen capped to AVX2 and to AVX-512 VNNI (bench_engines --emulate-isa):
@@ -451,6 +454,11 @@ class Engine:
     info: dict = field(default_factory=dict)
     # The layout the forward reads: PyTorch's engines channels_last, OpenVINO's IR plain NCHW.
     memory_format: torch.memory_format = torch.channels_last
+
+    @property
+    def rechecked(self) -> int:
+        """Images answered again by fp32 so far (openvino-int8; 0 for the others)."""
+        return getattr(self.forward, "rechecked", 0)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.contiguous(memory_format=self.memory_format)

@@ -197,6 +197,32 @@ def test_metrics_are_prometheus_text(torchserve_ready, client):
     assert "ts_inference_requests_total" in r.text
 
 
+def engine_images_counted(text: str, engine: str) -> float:
+    """The handler's EngineImages counter for ``engine`` (summed over workers' hosts), 0 before any."""
+    from handler.engine import IMAGES_METRIC
+
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(IMAGES_METRIC + "{") and f'Engine="{engine}"' in line)
+
+
+def test_the_handler_counts_the_images_through_its_engine_in_prometheus(torchserve_ready, client,
+                                                                       cifar100_test_split):
+    metrics = f"{torchserve_ready.metrics_url}/metrics"
+    first = post(client, torchserve_ready, encode(cifar_pil(cifar100_test_split[0], 0)))
+    assert first.status_code == 200, first.text
+    engine = first.json()["engine"]
+    deadline = time.monotonic() + 10  # the worker's metric lines reach the frontend shortly after the answer
+    while (before := engine_images_counted(client.get(metrics).text, engine)) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert before >= 1
+    for i in range(3):
+        assert post(client, torchserve_ready, encode(cifar_pil(cifar100_test_split[0], i))).status_code == 200
+    deadline = time.monotonic() + 10
+    while (after := engine_images_counted(client.get(metrics).text, engine)) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert after == before + 3, (before, after)
+
+
 def test_requests_without_or_with_a_wrong_key_are_refused(torchserve_ready, client, cifar100_test_split):
     image = encode(cifar_pil(cifar100_test_split[0], 4))
     for headers in ({}, {"Authorization": "Bearer not-the-key"},

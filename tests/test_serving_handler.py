@@ -130,3 +130,41 @@ def test_gpu_worker_uses_its_gpu_id(model_dir, monkeypatch):
     handler = CIFAR100Handler()
     handler.initialize(make_context(model_dir, gpu=1))
     assert handler.device == torch.device("cuda:1")
+
+
+def test_openvino_int8_counts_its_images_and_rechecks_as_torchserve_metrics(model_dir, cifar100_test_split, caplog):
+    """The handler's counters through TorchServe's own metrics cache (the Prometheus lines a worker writes)."""
+    import logging
+    import re
+    from pathlib import Path
+
+    import ts
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    from handler import engine as engines
+
+    pytest.importorskip("openvino")
+    context = make_context(model_dir, engine=engines.OPENVINO_INT8)
+    handler = CIFAR100Handler()
+    handler.initialize(context)
+    if handler.engine.name != engines.OPENVINO_INT8:
+        pytest.skip("no int8 network made from the weights under test (python -m training.quantize)")
+    metrics = MetricsCacheYamlImpl(config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    metrics.initialize_cache()
+    metrics.model_name = "cifar100"
+    images = cifar100_test_split[0][:48]
+    metrics.set_request_ids({i: f"request-{i}" for i in range(len(images))})
+    context.metrics = metrics
+    before = handler.engine.rechecked
+    with caplog.at_level(logging.INFO):
+        answers = run_batch(handler, context, [{"body": bytearray(encode(cifar_pil(images, i)))} for i in range(48)])
+    assert len(answers) == 48 and all("index" in a for a in answers)
+    rechecked = handler.engine.rechecked - before
+    assert 0 < rechecked < 24  # ~9% of test images are close calls
+
+    def counted(name: str) -> list[float]:
+        pattern = re.compile(rf"^\[METRICS\]{name}\.\w+:([0-9.]+)\|#.*Engine:{engines.OPENVINO_INT8}")
+        return [float(m.group(1)) for r in caplog.records if (m := pattern.match(r.getMessage()))]
+
+    assert counted(engines.IMAGES_METRIC) == [48.0]
+    assert counted(engines.RECHECKED_METRIC) == [float(rechecked)]
