@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name} {value:,.0f} img/s ({value / base:.2f}x)" for name, value in best.items()), flush=True)
             for name, engine in built.items():
                 if name == engines.OPENVINO_INT8:
-                    share = engine.forward.rechecked / max(1, engine.forward.answered)
-                    print(f"  {name}: {share:.1%} of the images rechecked by fp32 (close calls)")
+                    print(f"  {name}: {engine.forward.share:.1%} of the images rechecked by fp32 (close calls)")
     return 0
 
 

@@ -308,6 +308,11 @@ class _RecheckedForward:
         self.rechecked += int(close.sum())
         return logits
 
+    @property
+    def share(self) -> float:
+        """The share of the images answered so far that fp32 answered again."""
+        return self.rechecked / max(1, self.answered)
+
 
 def int8_made_for(network) -> str | None:
     """The weights' sha256 that training/quantize.py wrote into the int8 IR's rt_info."""

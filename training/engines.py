@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["compile_seconds"] = engine.info.get("compile_seconds")
         if name == engines.OPENVINO_INT8:  # the share of test images fp32 answered again (close calls)
             entry["recheck_margin"] = engines.RECHECK_MARGIN
-            entry["rechecked"] = round(engine.forward.rechecked / max(1, engine.forward.answered), 4)
+            entry["rechecked"] = round(engine.forward.share, 4)
         record["engines"][name] = entry
         print(f"{name}: top-1 {entry['top1']:.4f} (fp32 {record['engines'][engines.EAGER]['top1']:.4f}), "
               f"agreement {entry['agreement']:.4f}, {'passed' if entry['passed'] else 'FAILED'}; "

@@ -68,8 +68,7 @@ def quantize(model: torch.nn.Module, weights_sha256: str, calibration: torch.Ten
 
         def agreement(compiled, items):
             request = compiled.create_infer_request()
-            hits = [(torch.from_numpy(request.infer({0: x.numpy()})[0].copy()).argmax(1) == y).float().mean().item()
-                    for x, y in items]
+            hits = [(_top1(request, x) == y).float().mean().item() for x, y in items]
             return float(np.mean(hits)), hits
 
         started = time.perf_counter()
@@ -91,9 +90,14 @@ def quantize(model: torch.nn.Module, weights_sha256: str, calibration: torch.Ten
     return summary
 
 
+def _top1(request, images: torch.Tensor) -> torch.Tensor:
+    """The top-1 answers of an OpenVINO infer request on one batch."""
+    return torch.from_numpy(request.infer({0: images.numpy()})[0].copy()).argmax(1)
+
+
 def _answers(compiled, images: torch.Tensor, batch: int) -> torch.Tensor:
     request = compiled.create_infer_request()
-    return torch.cat([torch.from_numpy(request.infer({0: x.numpy()})[0].copy()).argmax(1) for x in images.split(batch)])
+    return torch.cat([_top1(request, x) for x in images.split(batch)])
 
 
 def main(argv: list[str] | None = None) -> int:
