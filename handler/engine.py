@@ -270,16 +270,17 @@ class _OpenVINOForward:
     cores, and OpenVINO's default pinning on Linux would put each of them on the same ones.
     """
 
-    def __init__(self, precision: str, path: Path, max_batch: int | None = None):
+    def __init__(self, precision: str, network, max_batch: int | None = None):
+        """network: an IR's path, or an ov.Model already read."""
         import openvino as ov
 
         config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": torch.get_num_threads(),
                   "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
         core = ov.Core()
-        network = core.read_model(str(path))
+        if isinstance(network, (str, os.PathLike)):
+            network = core.read_model(str(network))
         if max_batch is not None:  # an IR made for another batch bound (the shipped int8 one)
             network.reshape(ov.PartialShape([ov.Dimension(1, max_batch), 3, 32, 32]))
-        self.network = network
         self.compiled = core.compile_model(network, "CPU", config)
         self.request = self.compiled.create_infer_request()
 
@@ -326,9 +327,12 @@ def _int8_engine(model: torch.nn.Module, weights_sha256: str, max_batch: int, de
     path = Path(shipped_dir) / INT8_FILE if shipped_dir is not None else None
     if path is None or not path.is_file():
         raise EngineError(f"no int8 network ({INT8_FILE}) beside the weights: python -m training.quantize makes it")
-    fast = _OpenVINOForward("f32", path, max_batch)  # f32: the layers NNCF left unquantized stay float32
-    if int8_made_for(fast.network) != weights_sha256:
+    import openvino as ov
+
+    network = ov.Core().read_model(str(path))  # read, not compiled: other weights' IR is refused first
+    if int8_made_for(network) != weights_sha256:
         raise EngineError(f"{INT8_FILE} was made from other weights: python -m training.quantize makes it anew")
+    fast = _OpenVINOForward("f32", network, max_batch)  # f32: the layers NNCF left unquantized stay float32
     exact, info = load_or_compile("openvino-fp32", model, weights_sha256, max_batch, device, None, folder)
     return Engine(OPENVINO_INT8, _RecheckedForward(fast, exact), max_batch, info, torch.contiguous_format)
 

@@ -238,3 +238,61 @@ def test_mixup_cutmix_run_on_a_holdout_says_what_it_was_evaluated_on(tmp_path):
     assert metrics["evaluated_on"] == "holdout of 300 training images" and metrics["test_images"] == 150
     assert metrics["args"]["mixup"] == 0.2 and metrics["args"]["cutmix"] == 1.0
     assert 0.0 < metrics["history"][0]["train_loss"] < 10  # soft targets: a finite cross-entropy
+
+
+def _res_args(**options):
+    import argparse
+    return argparse.Namespace(**({"min_res": 16, "res_ramp": None, "epochs": 10} | options))
+
+
+def test_progressive_resizing_schedule_grows_to_full_size_and_ends_there():
+    schedule = lambda **o: [train_module.train_resolution(e, _res_args(**o)) for e in range(1, _res_args(**o).epochs + 1)]
+    # Default ramp: from half-way (epoch 5) to 85% (epoch 8), in steps of 4 pixels.
+    assert schedule() == [16, 16, 16, 16, 16, 20, 28, 32, 32, 32]
+    assert schedule(res_ramp=[2, 4], epochs=5, min_res=24) == [24, 24, 28, 32, 32]
+    assert schedule(min_res=32) == [32] * 10  # off
+    for epochs in range(1, 60):
+        for min_res in (8, 16, 24, 30):
+            s = schedule(epochs=epochs, min_res=min_res)
+            assert s[-1] == 32 and s == sorted(s) and min(s) >= min_res, (epochs, min_res, s)
+
+
+@pytest.mark.parametrize("options, message", [(["--min-res", "40"], "--min-res 40"),
+                                               (["--min-res", "16", "--res-ramp", "3", "2"], "--res-ramp 3 2"),
+                                               (["--min-res", "16", "--res-ramp", "1", "9"], "--res-ramp 1 9")])
+def test_impossible_resizing_options_are_refused_with_the_option_named(tmp_path, capsys, options, message):
+    assert train_module.main(SMALL_RUN + ["--epochs", "2", "--out", str(tmp_path / "r")] + options) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_progressive_resizing_run_feeds_the_network_small_images_then_full_ones(tmp_path, monkeypatch):
+    seen = []  # (training?, side) of every batch the network was given
+    forward = CIFAR100Model.forward
+    monkeypatch.setattr(CIFAR100Model, "forward", lambda self, x: seen.append((self.training, x.shape[-1])) or forward(self, x))
+    threads = torch.get_num_threads()
+    out = tmp_path / "progressive"
+    try:
+        assert train_module.main(SMALL_RUN + ["--epochs", "3", "--min-res", "16", "--res-ramp", "1", "3", "--no-ema",
+                                              "--no-tta", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["train_res"] for h in history] == [16, 24, 32]
+    trained_sides = [side for training, side in seen if training]
+    assert trained_sides == [16] * 8 + [24] * 8 + [32] * 8  # 8 steps of 64 images per epoch
+    assert {side for training, side in seen if not training} == {32}  # evaluated at the served size
+
+
+def test_training_bench_prints_the_cost_of_each_resolution(capsys):
+    from training import bench
+
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--data-dir", str(DATA_DIR), "--widths", "1", "--resolutions", "16", "32", "--steps", "2",
+                    "--warmup", "1", "--batch-size", "32", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["1"]]
+    assert [row[1] for row in rows] == ["16", "32"]
+    assert float(rows[0][2]) > 0 and rows[1][3] == "1.00x"

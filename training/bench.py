@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from model import CIFAR100_MEAN, CIFAR100_STD, CIFAR100Model
-from training.data import batches, default_data_dir, load_split, normalize
+from training.data import batches, default_data_dir, downscale, load_split, normalize
 from training.runtime import pick_amp
 from serving import cli
 
@@ -57,7 +57,8 @@ def bench_plain(width, data_dir, batch_size, warmup, steps, device):
     return steps * batch_size / (time.perf_counter() - t0)
 
 
-def bench_fast(width, data_dir, batch_size, warmup, steps, device, amp_dtype, channels_last=True, compile=False):
+def bench_fast(width, data_dir, batch_size, warmup, steps, device, amp_dtype, channels_last=True, compile=False,
+               res=32):
     images, labels = load_split(data_dir, train=True)
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(len(labels), generator=gen)
@@ -70,12 +71,12 @@ def bench_fast(width, data_dir, batch_size, warmup, steps, device, amp_dtype, ch
     it = batches(images, labels, order, batch_size, gen, augment=True, drop_last=True)
     for _ in range(warmup):
         x, y = next(it)
-        _step(net, opt, normalize(x, device, channels_last), y.to(device), amp_dtype, device.type)
+        _step(net, opt, downscale(normalize(x, device, channels_last), res), y.to(device), amp_dtype, device.type)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         x, y = next(it)
-        _step(net, opt, normalize(x, device, channels_last), y.to(device), amp_dtype, device.type)
+        _step(net, opt, downscale(normalize(x, device, channels_last), res), y.to(device), amp_dtype, device.type)
     _sync(device)
     return steps * batch_size / (time.perf_counter() - t0)
 
@@ -99,6 +100,9 @@ def main(argv=None):
                    help="the fast path's memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's network")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--resolutions", type=int, nargs="+", default=None, metavar="PX",
+                   help="the fast path only, at each of these training resolutions (training.train --min-res): "
+                        "images/s and cost per image relative to the last one given, e.g. 16 24 32")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,6 +111,8 @@ def main(argv=None):
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch_size} "
           f"steps={args.steps} (after {args.warmup} warm-up); fast path: amp={amp or 'fp32'} "
           f"channels_last={args.channels_last} compile={args.compile}")
+    if args.resolutions:
+        return bench_resolutions(args, device, amp)
     print(f"{'width':>5} {'plain fp32 img/s':>17} {'fast img/s':>11} {'speed-up':>9}")
     for width in args.widths:
         plain = fast = float("nan")
@@ -116,6 +122,19 @@ def main(argv=None):
             fast = bench_fast(width, args.data_dir, args.batch_size, args.warmup, args.steps, device, amp,
                               args.channels_last, args.compile)
         print(f"{width:>5} {plain:>17.1f} {fast:>11.1f} {fast / plain:>8.2f}x", flush=True)
+
+
+
+def bench_resolutions(args, device, amp) -> None:
+    """The fast path at each resolution, measured one after the other in this process: what a
+    --min-res epoch costs against a full-resolution one (the figure a budget is planned with)."""
+    print(f"{'width':>5} {'res':>4} {'fast img/s':>11} {'cost per image':>15}")
+    for width in args.widths:
+        rates = {res: bench_fast(width, args.data_dir, args.batch_size, args.warmup, args.steps, device, amp,
+                                 args.channels_last, args.compile, res) for res in args.resolutions}
+        reference = rates[args.resolutions[-1]]
+        for res, rate in rates.items():
+            print(f"{width:>5} {res:>4} {rate:>11.1f} {reference / rate:>14.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,16 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
+def downscale(x: torch.Tensor, res: int) -> torch.Tensor:
+    """A batch at res x res pixels (antialiased): progressive resizing's cheaper training steps. The
+    same view of each image, fewer pixels; a batch already that size is returned as is."""
+    if x.shape[-1] == res and x.shape[-2] == res:
+        return x
+    from torchvision.transforms.v2.functional import resize
+
+    return resize(x, [res, res], antialias=True)
+
+
 def batches(images, labels, indices, batch_size, generator=None, augment=False, drop_last=False):
     """Yield (uint8 images, labels) batches over the given index order."""
     n = len(indices)

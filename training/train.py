@@ -33,11 +33,12 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from model import CIFAR100Model
-from training.data import DataError, batches, default_data_dir, load_split, normalize, subset
+from training.data import DataError, batches, default_data_dir, downscale, load_split, normalize, subset
 from training.evaluation import accuracy, predict_logits, topk_correct
 from training.runtime import atomic_save, code_version, hardware, pick_amp, pick_device
 from serving import cli
 
+FULL_RES = 32  # CIFAR's own size: what the network is evaluated and served at
 # Settings a checkpoint must share with the run that resumes it.
 _SHAPE_KEYS = ("width", "num_classes")
 
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--cutmix", type=float, default=0.0,
                    help="CutMix with this Beta alpha (0: off; with --mixup too, each batch gets one of the two)")
     o.add_argument("--mix-prob", type=float, default=1.0, help="share of batches MixUp/CutMix is applied to")
+    o.add_argument("--min-res", type=int, default=FULL_RES,
+                   help="progressive resizing: the first epochs train on crops downscaled to this many pixels "
+                        "a side (cheaper steps), growing to 32 over --res-ramp; evaluation is always at 32 "
+                        "(default: %(default)s, off)")
+    o.add_argument("--res-ramp", type=int, nargs=2, metavar=("START", "END"), default=None,
+                   help="epochs (counted from 1) where the resolution leaves --min-res and reaches 32, linearly, "
+                        "in steps of 4 pixels (default: half and 85%% of --epochs)")
     o.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="keep an exponential moving average of the weights and export it")
     o.add_argument("--ema-decay", type=float, default=0.998, help="EMA decay per step")
@@ -111,6 +119,38 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def res_ramp(args) -> tuple[int, int]:
+    """--res-ramp, or its default: the resolution starts growing half-way and is full at 85% of the
+    epochs, so the last sixth trains at the served resolution (FixRes: the network must see 32-pixel
+    images before it is evaluated on them)."""
+    if args.res_ramp is not None:
+        return tuple(args.res_ramp)
+    return max(1, round(0.5 * args.epochs)), max(1, round(0.85 * args.epochs))
+
+
+def train_resolution(epoch: int, args) -> int:
+    """Training crops' side in pixels for epoch `epoch` (counted from 1): --min-res until the ramp's
+    start, FULL_RES from its end, linear between, rounded to a multiple of 4."""
+    if args.min_res >= FULL_RES:
+        return FULL_RES
+    start, end = res_ramp(args)
+    if epoch >= end:  # first: a run too short for a ramp still ends at full size
+        return FULL_RES
+    if epoch <= start:
+        return args.min_res
+    res = args.min_res + (FULL_RES - args.min_res) * (epoch - start) / (end - start)
+    return min(FULL_RES, max(args.min_res, 4 * round(res / 4)))
+
+
+def check_options(args) -> None:
+    if not 8 <= args.min_res <= FULL_RES:
+        raise ConfigError(f"--min-res {args.min_res}: needs 8..{FULL_RES} pixels")
+    if args.res_ramp is not None:
+        start, end = args.res_ramp
+        if not 1 <= start <= end <= args.epochs:
+            raise ConfigError(f"--res-ramp {start} {end}: needs 1 <= START <= END <= --epochs ({args.epochs})")
+
+
 def save_curves(history: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -123,6 +163,9 @@ def save_curves(history: list[dict], path: Path) -> None:
     a2.plot(ep, [h["train_top1"] for h in history], "o-", label="train top-1 (augmented)")
     a2.plot(ep, [h["test_top1"] for h in history], "o-", label="test top-1")
     a2.plot(ep, [h["test_top5"] for h in history], "o-", label="test top-5")
+    small = [h["epoch"] for h in history if h.get("train_res", FULL_RES) < FULL_RES]
+    if small:  # progressive resizing: the test figures of those epochs are at a size not trained on
+        a2.axvspan(min(small) - 0.5, max(small) + 0.5, color="0.85", label=f"trained below {FULL_RES} px")
     a2.set_xlabel("epoch"); a2.set_ylabel("accuracy (%)"); a2.grid(alpha=0.3); a2.legend()
     fig.suptitle("CIFAR100Model training")
     fig.tight_layout()
@@ -298,11 +341,13 @@ def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loa
     correct = torch.zeros((), device=device, dtype=torch.int64)
     bar = tqdm(loader, total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
                disable=args.no_progress or not run.main_process, dynamic_ncols=True)
+    res = train_resolution(epoch + 1, args)
     for i, (x, y) in enumerate(bar):
         step = epoch * run.steps_per_epoch + i
         for group in optimizer.param_groups:
             group["lr"] = args.lr * lr_factor(step, total_steps, warmup_steps, args.schedule)
         x, y = normalize(x, device, args.channels_last), y.to(device, non_blocking=True)
+        x = downscale(x, res)  # after crop + flip, on the whole batch
         target = y
         if run.mix is not None:
             x, target = run.mix(x, y)  # soft targets; the training top-1 still counts the hard labels
@@ -330,7 +375,7 @@ def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loa
     if run.distributed:
         dist.all_reduce(stats)
     return {"train_loss": stats[0].item() / stats[2].item(), "train_top1": 100 * stats[1].item() / stats[2].item(),
-            "train_img_per_s": stats[2].item() / train_time}
+            "train_img_per_s": stats[2].item() / train_time, "train_res": res}
 
 
 def evaluate(run: Run, model, images, labels) -> dict:
@@ -366,6 +411,7 @@ def train(args, given: set[str] | None = None) -> dict:
         if given is not None:
             args = resumed_args(checkpoint, args, given)
         check_compatible(checkpoint, args)
+    check_options(args)
     device, rank, world = init_distributed(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -434,6 +480,7 @@ def train(args, given: set[str] | None = None) -> dict:
             "train_loss": trained["train_loss"], "train_top1": trained["train_top1"],
             "test_top1": test["top1"], "test_top5": test["top5"],
             "epoch_time_s": time.perf_counter() - t0, "train_img_per_s": trained["train_img_per_s"],
+            "train_res": trained["train_res"],
         }
         run.history.append(record)
         run.wall_time_s = elapsed_before + time.perf_counter() - t_start
