@@ -10,7 +10,6 @@ an older adapter is `python -m benchmarks.bench_adapter --before REF`.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import logging.config
@@ -24,6 +23,7 @@ from adapter.edge import Edge
 from adapter.metrics import Metrics
 from adapter.run import logging_config
 from benchmarks.bench_serve import machine
+from serving import cli
 
 SCOPE = {"type": "http", "method": "POST", "path": "/classify/",
          "headers": [(b"content-length", b"3000"), (b"x-request-id", b"client-id-1")]}
@@ -77,7 +77,7 @@ async def _measure(requests: int, repeats: int, log_dir: Path) -> dict[str, floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser("benchmarks.bench_edge", __doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)

@@ -17,7 +17,6 @@ cores, caches and clocks of such a CPU still differ.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import os
@@ -32,6 +31,7 @@ from handler.cifar100_handler import serving_model
 from model.network import CIFAR100Model
 from model.normalization import normalize
 from serving.torchserve import DEFAULT_ENGINE_CACHE
+from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
@@ -78,7 +78,7 @@ def test_images(count: int = 1200) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("benchmarks.bench_engines", __doc__.split("\n\n")[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[3, 10])
     parser.add_argument("--engines", nargs="+", default=list(engines.ENGINES), choices=engines.ENGINES)
     parser.add_argument("--seconds", type=float, default=2.0)

@@ -15,7 +15,6 @@ side-by-side comparison of one run.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import resource
 import sys
@@ -28,6 +27,7 @@ from adapter.run import running_adapter
 from benchmarks.bench_decode import photo_like
 from benchmarks.bench_serve import add_load_arguments, machine, start_benchmark_torchserve, ts_properties
 from benchmarks.load import HttpTarget, multipart_image_bodies, run_wrk
+from serving import cli
 
 PHOTO_SIZE = (4032, 3024)
 WARMUP_S = 3.0
@@ -85,7 +85,7 @@ def measure(target: HttpTarget, concurrency: int, duration_s: float, workdir: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser("benchmarks.bench_photos", __doc__.splitlines()[0])
     add_load_arguments(parser)
     parser.set_defaults(concurrency=[1, 4])
     args = parser.parse_args(argv)

@@ -18,7 +18,6 @@ afterwards on this machine loads them instead of compiling.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import hashlib
@@ -31,6 +30,7 @@ import torch
 
 from handler import engine as engines
 from serving.settings import CALIBRATION_FILE
+from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from handler.cifar100_handler import serving_model
     from training.data import default_data_dir, load_split
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("training.engines", __doc__.split("\n\n")[0])
     parser.add_argument("weights", type=Path, nargs="?", default=DEFAULT_WEIGHTS)
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--engines", nargs="+", default=list(engines.ENGINES[1:]), choices=engines.ENGINES[1:])

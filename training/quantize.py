@@ -14,7 +14,6 @@ same file on every CPU, so it is made once, here, and shipped: NNCF is needed on
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import tempfile
 import time
@@ -24,6 +23,7 @@ import torch
 
 from handler import engine as engines
 from serving.settings import ENGINE_INT8_FILE
+from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.normalization import normalize
     from training.data import default_data_dir
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("training.quantize", __doc__.split("\n\n")[0])
     parser.add_argument("weights", type=Path, nargs="?", default=DEFAULT_WEIGHTS)
     parser.add_argument("--data-dir", default=default_data_dir())
     args = parser.parse_args(argv)
