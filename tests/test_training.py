@@ -257,7 +257,7 @@ def test_progressive_resizing_schedule_grows_to_full_size_and_ends_there():
             assert s[-1] == 32 and s == sorted(s) and min(s) >= min_res, (epochs, min_res, s)
 
 
-@pytest.mark.parametrize("options, message", [(["--min-res", "40"], "--min-res 40"),
+@pytest.mark.parametrize("options, message", [(["--min-res", "40"], "--min-res 40"), (["--eval-every", "0"], "--eval-every 0"),
                                                (["--min-res", "16", "--res-ramp", "3", "2"], "--res-ramp 3 2"),
                                                (["--min-res", "16", "--res-ramp", "1", "9"], "--res-ramp 1 9")])
 def test_impossible_resizing_options_are_refused_with_the_option_named(tmp_path, capsys, options, message):
@@ -296,3 +296,17 @@ def test_training_bench_prints_the_cost_of_each_resolution(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["1"]]
     assert [row[1] for row in rows] == ["16", "32"]
     assert float(rows[0][2]) > 0 and rows[1][3] == "1.00x"
+
+
+def test_eval_every_skips_the_evaluations_between_and_always_scores_the_last_epoch(tmp_path):
+    threads = torch.get_num_threads()
+    out = tmp_path / "sparse"
+    try:
+        assert train_module.main(SMALL_RUN + ["--epochs", "3", "--eval-every", "2", "--no-ema", "--no-tta",
+                                              "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["test_top1"] is None for h in metrics["history"]] == [True, False, False]  # epochs 2 and 3 (the last)
+    assert metrics["history"][-1]["test_top5"] >= metrics["history"][-1]["test_top1"] >= 0
+    assert (out / "training_curves.png").stat().st_size > 0
