@@ -310,3 +310,21 @@ def test_eval_every_skips_the_evaluations_between_and_always_scores_the_last_epo
     assert [h["test_top1"] is None for h in metrics["history"]] == [True, False, False]  # epochs 2 and 3 (the last)
     assert metrics["history"][-1]["test_top5"] >= metrics["history"][-1]["test_top1"] >= 0
     assert (out / "training_curves.png").stat().st_size > 0
+
+
+def test_training_bench_plans_the_most_epochs_that_fit_a_budget(capsys):
+    from training import bench
+
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--data-dir", str(DATA_DIR), "--widths", "1", "--steps", "2", "--warmup", "1", "--batch-size", "32",
+                    "--threads", "1", "--plan-minutes", "0.5", "--min-res", "16", "--eval-every", "2",
+                    "--train-images", "2000", "--test-images", "500"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert all(f"{r} px" in out for r in (16, 20, 24, 28, 32))  # every size the schedule can use, measured
+    found = re.search(r"--epochs (\d+) --min-res 16 --eval-every 2: ([\d.]+) min estimated \(budget 0.5; (\d+) epochs: ([\d.]+) min\)", out)
+    assert found, out
+    epochs, estimate, more, more_estimate = int(found[1]), float(found[2]), int(found[3]), float(found[4])
+    assert epochs >= 1 and more == epochs + 1 and estimate <= 0.5 <= more_estimate

@@ -103,6 +103,14 @@ def main(argv=None):
     p.add_argument("--resolutions", type=int, nargs="+", default=None, metavar="PX",
                    help="the fast path only, at each of these training resolutions (training.train --min-res): "
                         "images/s and cost per image relative to the last one given, e.g. 16 24 32")
+    plan = p.add_argument_group("planning a budgeted run (training.train's options, as that run will use them)")
+    plan.add_argument("--plan-minutes", type=float, default=None, metavar="M",
+                      help="measure every resolution the schedule uses and one evaluation, then print the most "
+                           "--epochs that fit M minutes of wall time on this machine (evaluations included)")
+    plan.add_argument("--min-res", type=int, default=32)
+    plan.add_argument("--eval-every", type=int, default=1)
+    plan.add_argument("--train-images", type=int, default=50_000, help="45000 with --holdout 5000")
+    plan.add_argument("--test-images", type=int, default=10_000, help="5000 with --holdout 5000")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,6 +119,8 @@ def main(argv=None):
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch_size} "
           f"steps={args.steps} (after {args.warmup} warm-up); fast path: amp={amp or 'fp32'} "
           f"channels_last={args.channels_last} compile={args.compile}")
+    if args.plan_minutes is not None:
+        return plan_budget(args, device, amp)
     if args.resolutions:
         return bench_resolutions(args, device, amp)
     print(f"{'width':>5} {'plain fp32 img/s':>17} {'fast img/s':>11} {'speed-up':>9}")
@@ -135,6 +145,57 @@ def bench_resolutions(args, device, amp) -> None:
         reference = rates[args.resolutions[-1]]
         for res, rate in rates.items():
             print(f"{width:>5} {res:>4} {rate:>11.1f} {reference / rate:>14.2f}x", flush=True)
+
+
+
+def evaluation_seconds(width, data_dir, device, amp, channels_last, n_images, n_timed=2000) -> tuple[float, float]:
+    """Seconds for one per-epoch evaluation of n_images (the run's mixed precision) and for the final
+    one (float32, plain and with flip TTA: training.train's finish()), timed on n_timed test images."""
+    from training.evaluation import predict_logits
+
+    images, labels = load_split(data_dir, train=False)
+    images, labels = images[:n_timed], labels[:n_timed]
+    model = CIFAR100Model(width=width).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    seconds = {}
+    for name, dtype, tta in (("epoch", amp, False), ("final", None, False), ("final_tta", None, True)):
+        predict_logits(model, images[:500], labels[:500], 500, device, dtype, tta, channels_last)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        predict_logits(model, images, labels, 500, device, dtype, tta, channels_last)
+        _sync(device)
+        seconds[name] = (time.perf_counter() - t0) * n_images / n_timed
+    return seconds["epoch"], seconds["final"] + seconds["final_tta"]
+
+
+def plan_budget(args, device, amp) -> None:
+    """The most epochs of a training.train run that fit --plan-minutes here: each epoch at the
+    resolution train_resolution() gives it, measured; evaluations every --eval-every epochs."""
+    from training.train import FULL_RES, train_resolution
+
+    sizes = sorted({args.min_res, FULL_RES} | {r for r in range(4, FULL_RES + 1, 4) if r > args.min_res})
+    for width in args.widths:
+        rates = {res: bench_fast(width, args.data_dir, args.batch_size, args.warmup, args.steps, device, amp,
+                                 args.channels_last, args.compile, res) for res in sizes}
+        eval_s, final_s = evaluation_seconds(width, args.data_dir, device, amp, args.channels_last, args.test_images)
+
+        def minutes(epochs: int) -> float:
+            run = argparse.Namespace(min_res=args.min_res, res_ramp=None, epochs=epochs)
+            train_s = sum(args.train_images / rates[train_resolution(e, run)] for e in range(1, epochs + 1))
+            evals = sum(1 for e in range(1, epochs + 1) if e % args.eval_every == 0 or e == epochs)
+            return (train_s + evals * eval_s + final_s) / 60
+
+        print(f"width {width}: training img/s " + ", ".join(f"{r} px {v:.0f}" for r, v in rates.items())
+              + f"; an evaluation of {args.test_images} images {eval_s:.1f} s, the final one {final_s:.1f} s")
+        fits = [e for e in range(1, 2000) if minutes(e) <= args.plan_minutes]
+        if not fits:
+            print(f"width {width}: not even 1 epoch fits {args.plan_minutes:g} min ({minutes(1):.1f} min)")
+            continue
+        best = fits[-1]
+        print(f"width {width}: --epochs {best} --min-res {args.min_res} --eval-every {args.eval_every}: "
+              f"{minutes(best):.2f} min estimated (budget {args.plan_minutes:g}; {best + 1} epochs: "
+              f"{minutes(best + 1):.2f} min)", flush=True)
 
 
 if __name__ == "__main__":
