@@ -134,7 +134,6 @@ def main(argv=None):
         print(f"{width:>5} {plain:>17.1f} {fast:>11.1f} {fast / plain:>8.2f}x", flush=True)
 
 
-
 def bench_resolutions(args, device, amp) -> None:
     """The fast path at each resolution, measured one after the other in this process: what a
     --min-res epoch costs against a full-resolution one (the figure a budget is planned with)."""
@@ -145,7 +144,6 @@ def bench_resolutions(args, device, amp) -> None:
         reference = rates[args.resolutions[-1]]
         for res, rate in rates.items():
             print(f"{width:>5} {res:>4} {rate:>11.1f} {reference / rate:>14.2f}x", flush=True)
-
 
 
 def evaluation_seconds(width, data_dir, device, amp, channels_last, n_images, n_timed=2000) -> tuple[float, float]:
@@ -172,7 +170,7 @@ def evaluation_seconds(width, data_dir, device, amp, channels_last, n_images, n_
 def plan_budget(args, device, amp) -> None:
     """The most epochs of a training.train run that fit --plan-minutes here: each epoch at the
     resolution train_resolution() gives it, measured; evaluations every --eval-every epochs."""
-    from training.train import FULL_RES, train_resolution
+    from training.train import FULL_RES, evaluated, train_resolution
 
     sizes = sorted({args.min_res, FULL_RES} | {r for r in range(4, FULL_RES + 1, 4) if r > args.min_res})
     for width in args.widths:
@@ -181,9 +179,9 @@ def plan_budget(args, device, amp) -> None:
         eval_s, final_s = evaluation_seconds(width, args.data_dir, device, amp, args.channels_last, args.test_images)
 
         def minutes(epochs: int) -> float:
-            run = argparse.Namespace(min_res=args.min_res, res_ramp=None, epochs=epochs)
+            run = argparse.Namespace(min_res=args.min_res, res_ramp=None, epochs=epochs, eval_every=args.eval_every)
             train_s = sum(args.train_images / rates[train_resolution(e, run)] for e in range(1, epochs + 1))
-            evals = sum(1 for e in range(1, epochs + 1) if e % args.eval_every == 0 or e == epochs)
+            evals = sum(1 for e in range(1, epochs + 1) if evaluated(e, run))
             return (train_s + evals * eval_s + final_s) / 60
 
         print(f"width {width}: training img/s " + ", ".join(f"{r} px {v:.0f}" for r, v in rates.items())

@@ -145,6 +145,11 @@ def train_resolution(epoch: int, args) -> int:
     return min(FULL_RES, max(args.min_res, 4 * round(res / 4)))
 
 
+def evaluated(epoch: int, args) -> bool:
+    """Whether epoch `epoch` (counted from 1) ends with an evaluation: every --eval-every, and the last."""
+    return epoch % args.eval_every == 0 or epoch == args.epochs
+
+
 def check_options(args) -> None:
     if args.eval_every < 1:
         raise ConfigError(f"--eval-every {args.eval_every}: needs 1 or more epochs")
@@ -480,7 +485,7 @@ def train(args, given: set[str] | None = None) -> dict:
         loader = batches(train_x, train_y, order, args.batch_size, gen, augment=True, drop_last=True)
         t0 = time.perf_counter()
         trained = train_one_epoch(run, net, model, ema, criterion, optimizer, scaler, loader, epoch)
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+        if evaluated(epoch + 1, args):
             test = evaluate(run, ema.module if ema is not None else model, test_x, test_y)
         else:
             test = {"top1": None, "top5": None}
