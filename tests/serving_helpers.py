@@ -13,6 +13,7 @@ from PIL import Image
 
 from handler.cifar100_handler import serving_model
 from handler.preprocessing import decode_image, image_to_tensor, normalize
+from model.tta import flip_tta_logits
 from training.engines import in_process_engine
 
 
@@ -98,23 +99,31 @@ class ReferenceModel:
     the same engine (handler/engine.py; ``auto``: the one TorchServe picks on this machine, loaded
     from the engine cache the tests' TorchServe fills, so the compiled code is the served one)."""
 
-    def __init__(self, weights: Path, engine: str = "auto"):
+    def __init__(self, weights: Path, engine: str = "auto", flip_tta: bool | None = None):
+        import yaml
+
+        from handler import engine as engines
         from handler.calibration import load_calibration
-        from serving.archive import calibration_for
+        from serving.archive import MODEL_CONFIG, calibration_for
 
         self.model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
         self.engine = in_process_engine(Path(weights), engine, self.model)
+        # As served: model-config.yaml's handler.flip_tta unless the test says otherwise.
+        self.flip_tta = engines.flip_tta(yaml.safe_load(MODEL_CONFIG.read_text())) if flip_tta is None else flip_tta
         # The temperature the archive ships with these weights (none: 1, the plain softmax), or the
-        # one refit for the engine when it moved (training/engines.py).
+        # one refit for the engine when it moved (training/engines.py; of plain logits only, as in
+        # the handler).
         calibration = calibration_for(Path(weights))
-        self.temperature = load_calibration(str(calibration.parent)).temperature if calibration else 1.0
+        self.temperature = load_calibration(str(calibration.parent), self.flip_tta).temperature if calibration else 1.0
         refit = (engine_record(Path(weights)) or {}).get("engines", {}).get(self.engine.name, {}).get("calibration", {})
-        if calibration and refit.get("moved"):
+        if calibration and refit.get("moved") and not self.flip_tta:
             self.temperature = refit["temperature"]
 
     @torch.inference_mode()
     def probs_of_uint8(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.engine(normalize(batch)) / self.temperature, dim=1)
+        images = normalize(batch)
+        logits = flip_tta_logits(self.engine, images) if self.flip_tta else self.engine(images)
+        return torch.softmax(logits / self.temperature, dim=1)
 
     def probs_of_bytes(self, data: bytes) -> torch.Tensor:
         return self.probs_of_uint8(image_to_tensor(decode_image(data))[None])[0]

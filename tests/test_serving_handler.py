@@ -109,6 +109,9 @@ def test_flip_tta_setting_serves_the_mean_of_each_image_and_its_mirror(model_dir
     reference = ReferenceModel(weights_under_test(), "eager-fp32")
     with torch.inference_mode():
         expected = F.softmax(flip_tta_logits(reference.engine, normalize(images)) / tta.temperature, dim=1)
+    assert not reference.flip_tta  # the tests' reference follows model-config.yaml, as served
+    tta_reference = ReferenceModel(weights_under_test(), "eager-fp32", flip_tta=True)  # what tests use once it is on
+    assert torch.allclose(tta_reference.probs_of_uint8(images), expected, atol=1e-6)
     pictures = [cifar_pil(images, i) for i in range(4)]
     rows = [{"body": bytearray(encode(p))} for p in pictures]
     rows += [{"body": bytearray(encode(p.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))} for p in pictures]

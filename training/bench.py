@@ -58,8 +58,9 @@ def bench_plain(width, data_dir, batch_size, warmup, steps, device):
 
 
 def bench_fast(width, data_dir, batch_size, warmup, steps, device, amp_dtype, channels_last=True, compile=False,
-               res=32):
-    images, labels = load_split(data_dir, train=True)
+               res=32, split=None):
+    """Training images/s of training.train's loop; ``split`` (images, labels) saves loading it again."""
+    images, labels = split if split is not None else load_split(data_dir, train=True)
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(len(labels), generator=gen)
     model = CIFAR100Model(width=width).to(device)
@@ -138,9 +139,10 @@ def bench_resolutions(args, device, amp) -> None:
     """The fast path at each resolution, measured one after the other in this process: what a
     --min-res epoch costs against a full-resolution one (the figure a budget is planned with)."""
     print(f"{'width':>5} {'res':>4} {'fast img/s':>11} {'cost per image':>15}")
+    split = load_split(args.data_dir, train=True)
     for width in args.widths:
         rates = {res: bench_fast(width, args.data_dir, args.batch_size, args.warmup, args.steps, device, amp,
-                                 args.channels_last, args.compile, res) for res in args.resolutions}
+                                 args.channels_last, args.compile, res, split) for res in args.resolutions}
         reference = rates[args.resolutions[-1]]
         for res, rate in rates.items():
             print(f"{width:>5} {res:>4} {rate:>11.1f} {reference / rate:>14.2f}x", flush=True)
@@ -173,9 +175,10 @@ def plan_budget(args, device, amp) -> None:
     from training.train import FULL_RES, evaluated, train_resolution
 
     sizes = sorted({args.min_res, FULL_RES} | {r for r in range(4, FULL_RES + 1, 4) if r > args.min_res})
+    split = load_split(args.data_dir, train=True)
     for width in args.widths:
         rates = {res: bench_fast(width, args.data_dir, args.batch_size, args.warmup, args.steps, device, amp,
-                                 args.channels_last, args.compile, res) for res in sizes}
+                                 args.channels_last, args.compile, res, split) for res in sizes}
         eval_s, final_s = evaluation_seconds(width, args.data_dir, device, amp, args.channels_last, args.test_images)
 
         def minutes(epochs: int) -> float:
