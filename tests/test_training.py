@@ -328,3 +328,99 @@ def test_training_bench_plans_the_most_epochs_that_fit_a_budget(capsys):
     assert found, out
     epochs, estimate, more, more_estimate = int(found[1]), float(found[2]), int(found[3]), float(found[4])
     assert epochs >= 1 and more == epochs + 1 and estimate <= 0.5 <= more_estimate
+
+
+def test_kd_loss_is_zero_on_the_teachers_own_answers_and_pulls_the_student_toward_them():
+    from training.distillation import kd_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(8, 100) * 3
+    assert kd_loss(teacher, teacher, 4.0).abs() < 1e-5
+    student = torch.zeros(8, 100, requires_grad=True)
+    kd_loss(student, teacher, 4.0).backward()
+    # A gradient step raises the logits the teacher rates highest: its argmax gains most.
+    assert torch.equal((-student.grad).argmax(1), teacher.argmax(1))
+
+
+def _soft_label_file(path: Path, logits: torch.Tensor, labels: torch.Tensor) -> Path:
+    from training import distillation
+
+    torch.save({"format": distillation.FORMAT, "logits": logits.half(), "labels_sha256": distillation.labels_sha256(labels),
+                "teachers": [{"file": "made-by-the-test", "sha256": "0" * 64}]}, path)
+    return path
+
+
+def test_soft_labels_follow_their_images_through_holdout_subset_and_shuffle(tmp_path, monkeypatch):
+    """A teacher whose logits name each training image's own label: every batch's teacher rows must
+    name that batch's labels, after --holdout, --train-subset and the epoch's shuffle."""
+    from training.data import load_split
+
+    labels = load_split(str(DATA_DIR), train=True)[1]
+    soft = _soft_label_file(tmp_path / "soft.pt", 10 * torch.nn.functional.one_hot(labels, 100).float(), labels)
+    seen = []
+    original = train_module.with_teacher
+
+    def checking(loader, teacher, order, batch_size):
+        for x, y, t in original(loader, teacher, order, batch_size):
+            seen.append(torch.equal(t.argmax(1), y))
+            yield x, y, t
+
+    monkeypatch.setattr(train_module, "with_teacher", checking)
+    threads = torch.get_num_threads()
+    out = tmp_path / "kd"
+    try:
+        assert train_module.main(small_run(holdout=300, test_subset=150) + [
+            "--epochs", "2", "--no-ema", "--no-tta", "--soft-labels", str(soft), "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 16 and all(seen)  # 2 epochs of 8 batches
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["soft_labels"]["teachers"][0]["file"] == "made-by-the-test"
+    assert metrics["args"]["kd_weight"] == 0.9 and metrics["args"]["kd_temperature"] == 4.0
+
+
+def test_soft_labels_change_what_the_student_learns(tmp_path):
+    """The same seeded run with and without a teacher that contradicts the labels (it names the next
+    class): the distilled run's loss and weights differ, so the teacher's term is really trained on."""
+    from training.data import load_split
+
+    labels = load_split(str(DATA_DIR), train=True)[1]
+    wrong = _soft_label_file(tmp_path / "wrong.pt", 10 * torch.nn.functional.one_hot((labels + 1) % 100, 100).float(), labels)
+    threads = torch.get_num_threads()
+    try:
+        for name, extra in (("plain", []), ("taught", ["--soft-labels", str(wrong), "--kd-weight", "1.0"])):
+            assert train_module.main(SMALL_RUN + ["--epochs", "1", "--no-ema", "--no-tta", "--out",
+                                                  str(tmp_path / name)] + extra) == 0
+    finally:
+        torch.set_num_threads(threads)
+    plain, taught = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("plain", "taught"))
+    assert abs(plain["history"][0]["train_loss"] - taught["history"][0]["train_loss"]) > 0.05
+    a, b = (torch.load(tmp_path / n / "CIFAR100_model.pth", weights_only=True) for n in ("plain", "taught"))
+    assert not torch.equal(a["fc.weight"], b["fc.weight"])
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--mixup", "0.2"], "--soft-labels with --mixup"),
+    (["--kd-weight", "1.5"], "--kd-weight 1.5"),
+])
+def test_impossible_distillation_options_are_refused(tmp_path, capsys, options, message):
+    from training.data import load_split
+
+    labels = load_split(str(DATA_DIR), train=True)[1]
+    soft = _soft_label_file(tmp_path / "soft.pt", torch.zeros(len(labels), 100), labels)
+    assert train_module.main(SMALL_RUN + ["--epochs", "1", "--soft-labels", str(soft), "--out", str(tmp_path / "x")]
+                             + options) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_soft_labels_of_other_data_or_not_a_soft_label_file_are_refused_by_name(tmp_path, capsys):
+    from training.data import load_split
+
+    labels = load_split(str(DATA_DIR), train=True)[1]
+    other = _soft_label_file(tmp_path / "other.pt", torch.zeros(len(labels), 100), labels.flip(0))
+    assert train_module.main(SMALL_RUN + ["--epochs", "1", "--soft-labels", str(other), "--out", str(tmp_path / "a")]) == 2
+    assert "made for other training labels" in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    torch.save({"not": "soft labels"}, junk)
+    assert train_module.main(SMALL_RUN + ["--epochs", "1", "--soft-labels", str(junk), "--out", str(tmp_path / "b")]) == 2
+    assert "not a file of python -m training.distillation" in capsys.readouterr().err

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from model import CIFAR100Model
 from training.data import DataError, batches, default_data_dir, downscale, load_split, normalize, subset
+from training.distillation import SoftLabelError, kd_loss, load_soft_labels
 from training.evaluation import accuracy, predict_logits, topk_correct
 from training.runtime import atomic_save, code_version, hardware, pick_amp, pick_device
 from serving import cli
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--cutmix", type=float, default=0.0,
                    help="CutMix with this Beta alpha (0: off; with --mixup too, each batch gets one of the two)")
     o.add_argument("--mix-prob", type=float, default=1.0, help="share of batches MixUp/CutMix is applied to")
+    o.add_argument("--soft-labels", default=None, metavar="FILE",
+                   help="distil from teachers' stored logits on the training split (python -m training.distillation)")
+    o.add_argument("--kd-weight", type=float, default=0.9,
+                   help="with --soft-labels: the loss is this share of the soft-target loss, the rest cross-entropy")
+    o.add_argument("--kd-temperature", type=float, default=4.0, help="with --soft-labels: the softmax temperature")
     o.add_argument("--min-res", type=int, default=FULL_RES,
                    help="progressive resizing: the first epochs train on crops downscaled to this many pixels "
                         "a side (cheaper steps), growing to 32 over --res-ramp; evaluation is always at 32 "
@@ -153,6 +159,11 @@ def evaluated(epoch: int, args) -> bool:
 def check_options(args) -> None:
     if args.eval_every < 1:
         raise ConfigError(f"--eval-every {args.eval_every}: needs 1 or more epochs")
+    if args.soft_labels and (args.mixup or args.cutmix):
+        raise ConfigError("--soft-labels with --mixup/--cutmix: a mixed image has no stored teacher logits")
+    if not 0 <= args.kd_weight <= 1 or args.kd_temperature <= 0:
+        raise ConfigError(f"--kd-weight {args.kd_weight} / --kd-temperature {args.kd_temperature}: "
+                          "needs a weight in 0..1 and a temperature above 0")
     if not 8 <= args.min_res <= FULL_RES:
         raise ConfigError(f"--min-res {args.min_res}: needs 8..{FULL_RES} pixels")
     if args.res_ramp is not None:
@@ -252,6 +263,7 @@ class Run:
     history: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0  # training wall time, earlier sessions of a resumed run included
     mix: object = None  # MixUp/CutMix (batch_mixer), or None
+    teacher: dict | None = None  # --soft-labels: the file's record (teachers' sha256), for metrics.json
 
     @property
     def main_process(self) -> bool:
@@ -278,18 +290,26 @@ def init_distributed(args) -> tuple[torch.device, int, int]:
 
 
 def load_data(run: Run):
-    """(train images, train labels, test images, test labels), subsets as asked; the images on the GPU
-    when training runs there."""
+    """(train images, train labels, test images, test labels, teacher logits of the training images or
+    None), subsets as asked; the images on the GPU when training runs there."""
     args = run.args
     # With --download only rank 0 fetches; the others wait for it rather than race on the files.
     if args.download and run.distributed and not run.main_process:
         dist.barrier()
     train_x, train_y = load_split(args.data_dir, True, args.download)
+    # The teacher's logits follow the training images through the holdout and the subset.
+    teacher = None
+    if args.soft_labels:
+        teacher, run.teacher = load_soft_labels(args.soft_labels, train_y)
+    ids = torch.arange(len(train_y))
     if args.holdout:
         train_x, train_y, test_x, test_y = holdout_split(train_x, train_y, args.holdout)
+        ids = holdout_split(ids, ids, args.holdout)[0]
     else:
         test_x, test_y = load_split(args.data_dir, False, args.download)
     train_x, train_y = subset(train_x, train_y, args.train_subset, args.seed)
+    ids = subset(ids, ids, args.train_subset, args.seed)[0]
+    teacher = teacher[ids] if teacher is not None else None
     test_x, test_y = subset(test_x, test_y, args.test_subset, args.seed + 1)
     if args.download and run.distributed and run.main_process:
         dist.barrier()
@@ -300,7 +320,13 @@ def load_data(run: Run):
         # there, and the host never feeds images step by step.
         # Labels stay on the host: the accuracy counts are taken there.
         train_x, test_x = train_x.to(run.device), test_x.to(run.device)
-    return train_x, train_y, test_x, test_y
+    return train_x, train_y, test_x, test_y, teacher
+
+
+def with_teacher(loader, teacher: torch.Tensor | None, order: torch.Tensor, batch_size: int):
+    """(images, labels, teacher logits or None) per batch of ``batches(..., order, batch_size)``."""
+    for i, (x, y) in enumerate(loader):
+        yield x, y, None if teacher is None else teacher[order[i * batch_size:(i + 1) * batch_size]]
 
 
 HOLDOUT_SEED = 20261129  # one draw for every run, whatever its --seed: arms of an ablation compare alike
@@ -353,7 +379,7 @@ def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loa
     bar = tqdm(loader, total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
                disable=args.no_progress or not run.main_process, dynamic_ncols=True)
     res = train_resolution(epoch + 1, args)
-    for i, (x, y) in enumerate(bar):
+    for i, (x, y, teacher) in enumerate(bar):
         step = epoch * run.steps_per_epoch + i
         for group in optimizer.param_groups:
             group["lr"] = args.lr * lr_factor(step, total_steps, warmup_steps, args.schedule)
@@ -365,6 +391,9 @@ def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loa
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             logits = net(x)
             loss = criterion(logits.float(), target)
+            if teacher is not None:
+                loss = (1 - args.kd_weight) * loss + args.kd_weight * kd_loss(
+                    logits.float(), teacher.to(device, non_blocking=True), args.kd_temperature)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -438,7 +467,7 @@ def train(args, given: set[str] | None = None) -> dict:
     if checkpoint is not None and run.main_process and (changed := changed_options(checkpoint, args)):
         print("note: resuming with changed options: " + ", ".join(changed), flush=True)
 
-    train_x, train_y, test_x, test_y = load_data(run)
+    train_x, train_y, test_x, test_y, teacher = load_data(run)
 
     torch.manual_seed(args.seed)
     model = CIFAR100Model(width=args.width, num_classes=args.num_classes, dropout=args.dropout).to(device)
@@ -482,7 +511,8 @@ def train(args, given: set[str] | None = None) -> dict:
         gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch + 7_919 * rank)
         sampler.set_epoch(epoch)
         order = torch.tensor(list(iter(sampler)))
-        loader = batches(train_x, train_y, order, args.batch_size, gen, augment=True, drop_last=True)
+        loader = with_teacher(batches(train_x, train_y, order, args.batch_size, gen, augment=True, drop_last=True),
+                              teacher, order, args.batch_size)
         t0 = time.perf_counter()
         trained = train_one_epoch(run, net, model, ema, criterion, optimizer, scaler, loader, epoch)
         if evaluated(epoch + 1, args):
@@ -538,6 +568,8 @@ def finish(run: Run, model, ema, test_x, test_y) -> dict:
         "hardware": hardware(run.device, run.world), "args": vars(args), "code_version": run.code_version,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    if run.teacher is not None:
+        metrics["soft_labels"] = run.teacher  # which teachers taught it (their weights' sha256)
     if run.resumed_from_code_version is not None and run.resumed_from_code_version != run.code_version:
         metrics["resumed_from_code_version"] = run.resumed_from_code_version
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -556,7 +588,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         train(args, given_options(argv))
-    except (DataError, ConfigError) as err:
+    except (DataError, ConfigError, SoftLabelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
