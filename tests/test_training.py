@@ -424,3 +424,18 @@ def test_soft_labels_of_other_data_or_not_a_soft_label_file_are_refused_by_name(
     torch.save({"not": "soft labels"}, junk)
     assert train_module.main(SMALL_RUN + ["--epochs", "1", "--soft-labels", str(junk), "--out", str(tmp_path / "b")]) == 2
     assert "not a file of python -m training.distillation" in capsys.readouterr().err
+
+
+def test_distillation_refuses_a_bad_teacher_before_any_inference(tmp_path, capsys, monkeypatch):
+    from training import distillation, evaluation
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("inference ran before every teacher file was checked")
+
+    monkeypatch.setattr(evaluation, "predict_logits", no_inference)
+    good = tmp_path / "good.pth"
+    torch.save(CIFAR100Model(width=1).state_dict(), good)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not weights")
+    assert distillation.main([str(good), str(bad), "--data-dir", str(DATA_DIR), "--out", str(tmp_path / "t.pt")]) == 1
+    assert "bad.pth" in capsys.readouterr().err and not (tmp_path / "t.pt").exists()

@@ -36,9 +36,9 @@ def teacher_logits(weights: list[Path], images: torch.Tensor, labels: torch.Tens
     from model import load_network
     from training.evaluation import predict_logits
 
+    models = [load_network(path) for path in weights]  # every file checked before the minutes of inference
     total = None
-    for path in weights:
-        model = load_network(path)
+    for model in models:
         logits = predict_logits(model, images, labels, batch_size, torch.device("cpu"), None, True, True)
         total = logits if total is None else total + logits
     return total / len(weights)
