@@ -358,14 +358,14 @@ def test_soft_labels_follow_their_images_through_holdout_subset_and_shuffle(tmp_
     labels = load_split(str(DATA_DIR), train=True)[1]
     soft = _soft_label_file(tmp_path / "soft.pt", 10 * torch.nn.functional.one_hot(labels, 100).float(), labels)
     seen = []
-    original = train_module.with_teacher
+    original = train_module.batches
 
-    def checking(loader, teacher, order, batch_size):
-        for x, y, t in original(loader, teacher, order, batch_size):
+    def checking(*args, **kwargs):
+        for x, y, t in original(*args, **kwargs):
             seen.append(torch.equal(t.argmax(1), y))
             yield x, y, t
 
-    monkeypatch.setattr(train_module, "with_teacher", checking)
+    monkeypatch.setattr(train_module, "batches", checking)
     threads = torch.get_num_threads()
     out = tmp_path / "kd"
     try:

@@ -71,12 +71,12 @@ def bench_fast(width, data_dir, batch_size, warmup, steps, device, amp_dtype, ch
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     it = batches(images, labels, order, batch_size, gen, augment=True, drop_last=True)
     for _ in range(warmup):
-        x, y = next(it)
+        x, y, _ = next(it)
         _step(net, opt, downscale(normalize(x, device, channels_last), res), y.to(device), amp_dtype, device.type)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        x, y = next(it)
+        x, y, _ = next(it)
         _step(net, opt, downscale(normalize(x, device, channels_last), res), y.to(device), amp_dtype, device.type)
     _sync(device)
     return steps * batch_size / (time.perf_counter() - t0)

@@ -105,8 +105,11 @@ def downscale(x: torch.Tensor, res: int) -> torch.Tensor:
     return resize(x, [res, res], antialias=True)
 
 
-def batches(images, labels, indices, batch_size, generator=None, augment=False, drop_last=False):
-    """Yield (uint8 images, labels) batches over the given index order."""
+def batches(images, labels, indices, batch_size, generator=None, augment=False, drop_last=False, per_image=None):
+    """Yield (uint8 images, labels, rows of per_image) batches over the given index order.
+
+    per_image: an optional tensor with a row per image (a teacher's logits), sliced with the images
+    so that its rows cannot drift from them; None in every batch without it."""
     n = len(indices)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
@@ -114,7 +117,7 @@ def batches(images, labels, indices, batch_size, generator=None, augment=False, 
         x, y = images[idx], labels[idx]
         if augment:
             x = random_crop_flip(x, generator)
-        yield x, y
+        yield x, y, None if per_image is None else per_image[idx]
 
 
 def download(root: str | os.PathLike) -> Path:

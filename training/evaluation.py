@@ -15,7 +15,7 @@ def predict_logits(model, images, labels, batch_size=500, device="cpu", amp_dtyp
     device = torch.device(device)
     out = []
     order = torch.arange(len(labels))
-    for x, _ in batches(images, labels, order, batch_size):
+    for x, _, _ in batches(images, labels, order, batch_size):
         x = normalize(x, device, channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             logits = flip_tta_logits(model, x) if flip_tta else model(x).float()

@@ -323,12 +323,6 @@ def load_data(run: Run):
     return train_x, train_y, test_x, test_y, teacher
 
 
-def with_teacher(loader, teacher: torch.Tensor | None, order: torch.Tensor, batch_size: int):
-    """(images, labels, teacher logits or None) per batch of ``batches(..., order, batch_size)``."""
-    for i, (x, y) in enumerate(loader):
-        yield x, y, None if teacher is None else teacher[order[i * batch_size:(i + 1) * batch_size]]
-
-
 HOLDOUT_SEED = 20261129  # one draw for every run, whatever its --seed: arms of an ablation compare alike
 
 
@@ -511,8 +505,8 @@ def train(args, given: set[str] | None = None) -> dict:
         gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch + 7_919 * rank)
         sampler.set_epoch(epoch)
         order = torch.tensor(list(iter(sampler)))
-        loader = with_teacher(batches(train_x, train_y, order, args.batch_size, gen, augment=True, drop_last=True),
-                              teacher, order, args.batch_size)
+        loader = batches(train_x, train_y, order, args.batch_size, gen, augment=True, drop_last=True,
+                         per_image=teacher)
         t0 = time.perf_counter()
         trained = train_one_epoch(run, net, model, ema, criterion, optimizer, scaler, loader, epoch)
         if evaluated(epoch + 1, args):
