@@ -426,6 +426,37 @@ def test_soft_labels_of_other_data_or_not_a_soft_label_file_are_refused_by_name(
     assert "not a file of python -m training.distillation" in capsys.readouterr().err
 
 
+def test_distillation_stores_the_teachers_mean_flip_logits_in_the_precision_asked(tmp_path, monkeypatch):
+    """Two teachers on the first 300 training images: the file holds the mean of their float32
+    flip-TTA logits with --amp off; with --amp bf16 the logits move a little and the record says so."""
+    from model import load_network
+    from training import data, distillation, evaluation
+
+    images, labels = data.load_split(str(DATA_DIR), train=True)
+    images, labels = images[:300], labels[:300]
+    monkeypatch.setattr(data, "load_split", lambda *a, **k: (images, labels))
+    teachers = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        teachers.append(tmp_path / f"teacher{seed}.pth")
+        torch.save(CIFAR100Model(width=1).state_dict(), teachers[-1])
+    expected = sum(evaluation.predict_logits(load_network(path), images, labels, flip_tta=True)
+                   for path in teachers) / 2
+    made = {}
+    for amp in ("off", "bf16"):
+        out = tmp_path / f"{amp}.pt"
+        assert distillation.main([str(p) for p in teachers] + ["--data-dir", str(DATA_DIR), "--out", str(out),
+                                                                "--device", "cpu", "--amp", amp]) == 0
+        made[amp] = torch.load(out, weights_only=True)
+    plain, bf16 = made["off"], made["bf16"]
+    assert plain["precision"] == "float32" and bf16["precision"] == "bfloat16"
+    assert plain["labels_sha256"] == distillation.labels_sha256(labels)
+    assert [t["file"] for t in plain["teachers"]] == ["teacher1.pth", "teacher2.pth"]
+    assert torch.allclose(plain["logits"].float(), expected, atol=2e-3 * expected.abs().max().item())
+    moved = (bf16["logits"].float() - expected).abs().max().item()
+    assert 0 < moved < 0.05 * expected.abs().max().item()
+
+
 def test_distillation_refuses_a_bad_teacher_before_any_inference(tmp_path, capsys, monkeypatch):
     from training import distillation, evaluation
 

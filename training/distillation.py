@@ -4,10 +4,11 @@
     python -m training.train ... --soft-labels runs/teachers.pt [--kd-weight 0.9 --kd-temperature 4]
 
 The file holds, for every image of the CIFAR-100 *training* split in its official order, the mean of
-the teachers' float32 logits with flip test-time augmentation (the student's crops and flips move a
+the teachers' logits with flip test-time augmentation (the student's crops and flips move a
 32-pixel image by at most 4 pixels: a label fitted to the whole image stays a fair target), as
-float16, with the sha256 of each teacher's weights and of the training labels it was made for. No
-test image is ever read.
+float16, with the sha256 of each teacher's weights, of the training labels it was made for, and the
+precision the teachers ran in (``--amp``, as training.train's: bf16 where the CPU has it natively,
+a GPU's when there is one). No test image is ever read.
 """
 from __future__ import annotations
 
@@ -31,15 +32,17 @@ def labels_sha256(labels: torch.Tensor) -> str:
     return hashlib.sha256(labels.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def teacher_logits(weights: list[Path], images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Mean float32 flip-TTA logits of the teachers [N, classes]."""
+def teacher_logits(weights: list[Path], images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
+                   device: torch.device = torch.device("cpu"), amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mean flip-TTA logits of the teachers [N, classes], float32 on the CPU (the forward passes in
+    amp_dtype's autocast when given)."""
     from model import load_network
     from training.evaluation import predict_logits
 
     models = [load_network(path) for path in weights]  # every file checked before the minutes of inference
     total = None
     for model in models:
-        logits = predict_logits(model, images, labels, batch_size, torch.device("cpu"), None, True, True)
+        logits = predict_logits(model.to(device), images, labels, batch_size, device, amp_dtype, True, True)
         total = logits if total is None else total + logits
     return total / len(weights)
 
@@ -69,32 +72,38 @@ def main(argv: list[str] | None = None) -> int:
     from model import WeightsError
     from training.data import DataError, default_data_dir, load_split
     from training.evaluation import accuracy
-    from training.runtime import atomic_save
+    from training.runtime import atomic_save, pick_amp, pick_device
 
     parser = cli.Parser("training.distillation", __doc__.split("\n\n")[0])
     parser.add_argument("teachers", type=Path, nargs="+", help="CIFAR100_model.pth state dicts (any widths)")
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--out", type=Path, required=True, help="the soft-label file to write")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
+                        help="the teachers' mixed precision, as training.train --amp; off: float32")
     args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    amp_dtype = pick_amp(args.amp, device)
     try:
         images, labels = load_split(args.data_dir, train=True)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     try:
-        logits = teacher_logits(args.teachers, images, labels)
+        logits = teacher_logits(args.teachers, images, labels, device=device, amp_dtype=amp_dtype)
     except WeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     record = {"format": FORMAT, "logits": logits.half(), "labels_sha256": labels_sha256(labels),
               "teachers": [{"file": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
                            for p in args.teachers],
-              "made_of": "mean float32 logits with flip TTA, CIFAR-100 training split, official order"}
+              "precision": str(amp_dtype or torch.float32).removeprefix("torch."),
+              "made_of": "mean logits with flip TTA, CIFAR-100 training split, official order"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(record, args.out)
     top1 = accuracy(logits, labels)["top1"]
     print(f"wrote {args.out}: {len(labels)} training images, {len(args.teachers)} teacher(s), "
-          f"teachers' training top-1 {top1:.2f}%")
+          f"teachers' training top-1 {top1:.2f}% ({record['precision']} on {device})")
     return 0
 
 
