@@ -86,12 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     amp_dtype = pick_amp(args.amp, device)
     try:
         images, labels = load_split(args.data_dir, train=True)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    try:
         logits = teacher_logits(args.teachers, images, labels, device=device, amp_dtype=amp_dtype)
-    except WeightsError as err:
+    except (DataError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     record = {"format": FORMAT, "logits": logits.half(), "labels_sha256": labels_sha256(labels),

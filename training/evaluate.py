@@ -21,6 +21,7 @@ from model import WeightsError, display_name, load_class_names, load_network
 from training.data import DataError, default_data_dir, load_split, subset
 from training.evaluation import (accuracy, confusion_matrix, most_confused_pairs, per_class_accuracy,
                                  predict_logits)
+from training.runtime import pick_device
 from serving import cli
 
 
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = pick_device(args.device)
     try:
         # Weights first: a wrong file is reported before the (slower) data load.
         model = load_network(args.weights)
