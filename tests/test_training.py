@@ -316,18 +316,23 @@ def test_training_bench_plans_the_most_epochs_that_fit_a_budget(capsys):
     from training import bench
 
     threads = torch.get_num_threads()
+    plan = ["--data-dir", str(DATA_DIR), "--widths", "1", "--steps", "2", "--warmup", "1", "--batch-size", "32",
+            "--threads", "1", "--plan-minutes", "5", "--min-res", "16", "--eval-every", "2",
+            "--train-images", "2000", "--test-images", "500"]
     try:
-        bench.main(["--data-dir", str(DATA_DIR), "--widths", "1", "--steps", "2", "--warmup", "1", "--batch-size", "32",
-                    "--threads", "1", "--plan-minutes", "0.5", "--min-res", "16", "--eval-every", "2",
-                    "--train-images", "2000", "--test-images", "500"])
+        bench.main(plan)
+        bench.main(plan + ["--res-ramp", "6", "9"])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert all(f"{r} px" in out for r in (16, 20, 24, 28, 32))  # every size the schedule can use, measured
-    found = re.search(r"--epochs (\d+) --min-res 16 --eval-every 2: ([\d.]+) min estimated \(budget 0.5; (\d+) epochs: ([\d.]+) min\)", out)
+    found = re.search(r"--epochs (\d+) --min-res 16 --eval-every 2: ([\d.]+) min estimated \(budget 5; (\d+) epochs: ([\d.]+) min\)", out)
     assert found, out
     epochs, estimate, more, more_estimate = int(found[1]), float(found[2]), int(found[3]), float(found[4])
-    assert epochs >= 1 and more == epochs + 1 and estimate <= 0.5 <= more_estimate
+    assert epochs >= 1 and more == epochs + 1 and estimate <= 5 <= more_estimate
+    # A fixed ramp is planned as given, and never cut short of its end.
+    ramped = re.search(r"--epochs (\d+) --min-res 16 --res-ramp 6 9 --eval-every 2: ([\d.]+) min estimated", out)
+    assert ramped and int(ramped[1]) >= 9 and float(ramped[2]) <= 5, out
 
 
 def test_kd_loss_is_zero_on_the_teachers_own_answers_and_pulls_the_student_toward_them():

@@ -109,6 +109,8 @@ def main(argv=None):
                       help="measure every resolution the schedule uses and one evaluation, then print the most "
                            "--epochs that fit M minutes of wall time on this machine (evaluations included)")
     plan.add_argument("--min-res", type=int, default=32)
+    plan.add_argument("--res-ramp", type=int, nargs=2, metavar=("START", "END"), default=None,
+                      help="training.train's --res-ramp (default: its own, half-way to 85%% of the epochs)")
     plan.add_argument("--eval-every", type=int, default=1)
     plan.add_argument("--train-images", type=int, default=50_000, help="45000 with --holdout 5000")
     plan.add_argument("--test-images", type=int, default=10_000, help="5000 with --holdout 5000")
@@ -182,19 +184,22 @@ def plan_budget(args, device, amp) -> None:
         eval_s, final_s = evaluation_seconds(width, args.data_dir, device, amp, args.channels_last, args.test_images)
 
         def minutes(epochs: int) -> float:
-            run = argparse.Namespace(min_res=args.min_res, res_ramp=None, epochs=epochs, eval_every=args.eval_every)
+            run = argparse.Namespace(min_res=args.min_res, res_ramp=args.res_ramp, epochs=epochs,
+                                     eval_every=args.eval_every)
             train_s = sum(args.train_images / rates[train_resolution(e, run)] for e in range(1, epochs + 1))
             evals = sum(1 for e in range(1, epochs + 1) if evaluated(e, run))
             return (train_s + evals * eval_s + final_s) / 60
 
         print(f"width {width}: training img/s " + ", ".join(f"{r} px {v:.0f}" for r, v in rates.items())
               + f"; an evaluation of {args.test_images} images {eval_s:.1f} s, the final one {final_s:.1f} s")
-        fits = [e for e in range(1, 2000) if minutes(e) <= args.plan_minutes]
+        shortest = args.res_ramp[1] if args.res_ramp else 1  # a fixed ramp must end inside the run
+        fits = [e for e in range(shortest, 2000) if minutes(e) <= args.plan_minutes]
         if not fits:
-            print(f"width {width}: not even 1 epoch fits {args.plan_minutes:g} min ({minutes(1):.1f} min)")
+            print(f"width {width}: not even {shortest} epoch(s) fit {args.plan_minutes:g} min ({minutes(shortest):.1f} min)")
             continue
         best = fits[-1]
-        print(f"width {width}: --epochs {best} --min-res {args.min_res} --eval-every {args.eval_every}: "
+        ramp = f" --res-ramp {args.res_ramp[0]} {args.res_ramp[1]}" if args.res_ramp else ""
+        print(f"width {width}: --epochs {best} --min-res {args.min_res}{ramp} --eval-every {args.eval_every}: "
               f"{minutes(best):.2f} min estimated (budget {args.plan_minutes:g}; {best + 1} epochs: "
               f"{minutes(best + 1):.2f} min)", flush=True)
 
