@@ -1,7 +1,7 @@
 """The seed's width 10, trained on a GPU (model/weights/width10/).
 
-Its float16 weights file (35 MB) is not committed (over the repository's 30 MB file limit), so
-nothing here can load or score it; the checks of that file (half precision, strict load, the
+Its float16 weights file (35 MB) is not committed (the repository took files of at most 30 MB when it was
+trained; 40 MB now), so nothing here can load or score it; the checks of that file (half precision, strict load, the
 GPU's scores reproduced on this CPU) come back with the file. What can be checked without it:
 the records describe the network this checkout builds at width 10.
 """
