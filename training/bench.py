@@ -19,7 +19,7 @@ from torch import nn
 
 from model import CIFAR100_MEAN, CIFAR100_STD, CIFAR100Model
 from training.data import batches, default_data_dir, downscale, load_split, normalize
-from training.runtime import pick_amp
+from training.runtime import pick_amp, pick_device
 from serving import cli
 
 
@@ -117,7 +117,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     amp = pick_amp(args.amp, device)
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch_size} "
           f"steps={args.steps} (after {args.warmup} warm-up); fast path: amp={amp or 'fp32'} "
