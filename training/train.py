@@ -13,6 +13,11 @@ to a temporary file, then renamed, so Ctrl-C never leaves a broken one), and at 
 CIFAR100_model.pth (a plain state dict, loadable by the seed's notebook), metrics.json and
 training_curves.png. --resume continues exactly where the checkpoint stopped, with its run's options
 (repeat none; one given again wins, except a --width or --num-classes the weights cannot take).
+
+--time-budget M replaces --epochs with wall-clock minutes: the learning rate and the progressive
+resizing follow the share of the budget spent, not of the epochs done, and the run stops (mid-epoch
+if it must) when the budget less the final evaluation's measured cost is spent. The same command
+then fits its budget on a host twice as fast or half as fast; the epochs it reaches are recorded.
 """
 from __future__ import annotations
 
@@ -65,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dropout", type=float, default=0.3)
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=100)
+    o.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="instead of --epochs: train for this many minutes of wall time, the final evaluation "
+                        "included; the schedules follow the time spent, as many epochs as the host allows")
     o.add_argument("--batch-size", type=int, default=128, help="images per step per process")
     o.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
     o.add_argument("--momentum", type=float, default=0.9)
@@ -119,13 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- helpers
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+def decay(progress: float, schedule: str) -> float:
+    """The learning rate's share of its peak after the warm-up, `progress` 0..1 through the decay."""
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "onecycle":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, spent: float | None = None) -> float:
+    """The learning rate's share of its peak at `step` of `total`: a linear warm-up over `warmup`
+    steps, then the decay. In a --time-budget run `spent` (0..1, the budget's share spent) places
+    the decay instead of the step count: its warm-up ends a few percent into it, so the decay
+    starts there at just under the peak."""
     if warmup and step < warmup:
         return 0.1 + 0.9 * step / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    if schedule == "onecycle":
-        return max(1.0 - progress, 0.0)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if spent is not None:
+        return decay(spent, schedule)
+    return decay((step - warmup) / max(total - warmup, 1), schedule)
 
 
 def res_ramp(args) -> tuple[int, int]:
@@ -137,18 +156,26 @@ def res_ramp(args) -> tuple[int, int]:
     return max(1, round(0.5 * args.epochs)), max(1, round(0.85 * args.epochs))
 
 
-def train_resolution(epoch: int, args) -> int:
-    """Training crops' side in pixels for epoch `epoch` (counted from 1): --min-res until the ramp's
-    start, FULL_RES from its end, linear between, rounded to a multiple of 4."""
-    if args.min_res >= FULL_RES:
+# A --time-budget run's resolution ramp, as shares of its budget: the epoch default's half and 85%.
+BUDGET_RES_RAMP = (0.5, 0.85)
+
+
+def ramped_resolution(position: float, start: float, end: float, min_res: int) -> int:
+    """min_res until `start`, FULL_RES from `end`, linear between, rounded to a multiple of 4."""
+    if min_res >= FULL_RES or position >= end:  # first: a run too short for a ramp still ends at full size
         return FULL_RES
-    start, end = res_ramp(args)
-    if epoch >= end:  # first: a run too short for a ramp still ends at full size
-        return FULL_RES
-    if epoch <= start:
-        return args.min_res
-    res = args.min_res + (FULL_RES - args.min_res) * (epoch - start) / (end - start)
-    return min(FULL_RES, max(args.min_res, 4 * round(res / 4)))
+    if position <= start:
+        return min_res
+    res = min_res + (FULL_RES - min_res) * (position - start) / (end - start)
+    return min(FULL_RES, max(min_res, 4 * round(res / 4)))
+
+
+def train_resolution(epoch: int, args, spent: float | None = None) -> int:
+    """Training crops' side in pixels for epoch `epoch` (counted from 1), or in a --time-budget run
+    for an epoch starting when the share `spent` of the budget is spent."""
+    if spent is not None:
+        return ramped_resolution(spent, *BUDGET_RES_RAMP, args.min_res)
+    return ramped_resolution(epoch, *res_ramp(args), args.min_res)
 
 
 def evaluated(epoch: int, args) -> bool:
@@ -159,6 +186,11 @@ def evaluated(epoch: int, args) -> bool:
 def check_options(args) -> None:
     if args.eval_every < 1:
         raise ConfigError(f"--eval-every {args.eval_every}: needs 1 or more epochs")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise ConfigError(f"--time-budget {args.time_budget}: needs a number of minutes above 0")
+    if args.time_budget is not None and args.res_ramp is not None:
+        raise ConfigError("--res-ramp counts epochs; a --time-budget run ramps the resolution over "
+                          f"{BUDGET_RES_RAMP[0]:.0%}..{BUDGET_RES_RAMP[1]:.0%} of its time: drop one of the two")
     if args.soft_labels and (args.mixup or args.cutmix):
         raise ConfigError("--soft-labels with --mixup/--cutmix: a mixed image has no stored teacher logits")
     if not 0 <= args.kd_weight <= 1 or args.kd_temperature <= 0:
@@ -264,6 +296,13 @@ class Run:
     wall_time_s: float = 0.0  # training wall time, earlier sessions of a resumed run included
     mix: object = None  # MixUp/CutMix (batch_mixer), or None
     teacher: dict | None = None  # --soft-labels: the file's record (teachers' sha256), for metrics.json
+    # --time-budget: the seconds the training may take (the budget less the final evaluation's
+    # estimate), the clock's origin (perf_counter at this session's start, less the earlier
+    # sessions' wall time) and whether the budget is spent.
+    train_budget_s: float | None = None
+    final_evaluation_estimate_s: float | None = None
+    clock_origin: float = 0.0
+    budget_spent: bool = False
 
     @property
     def main_process(self) -> bool:
@@ -276,6 +315,22 @@ class Run:
     @property
     def out(self) -> Path:
         return Path(self.args.out)
+
+    def elapsed(self) -> float:
+        """Wall time of the run so far, earlier sessions of a resumed run included."""
+        return time.perf_counter() - self.clock_origin
+
+    def spent(self) -> float | None:
+        """The share of a --time-budget run's training time spent (rank 0's clock, so every process
+        stops at the same step); None without a budget."""
+        if self.train_budget_s is None:
+            return None
+        share = self.elapsed() / self.train_budget_s
+        if self.distributed:
+            shared = torch.tensor([share], dtype=torch.float64, device=self.device)
+            dist.broadcast(shared, src=0)
+            share = shared.item()
+        return share
 
 
 def init_distributed(args) -> tuple[torch.device, int, int]:
@@ -355,6 +410,7 @@ def restore(checkpoint: dict, run: Run, model, ema, optimizer, scaler) -> tuple[
         ema.load_state_dict(checkpoint["ema"])
     run.history = checkpoint["history"]
     run.resumed_from_code_version = checkpoint.get("code_version")
+    run.budget_spent = checkpoint.get("budget_spent", False)
     return checkpoint["epoch"], checkpoint.get("wall_time_s", 0.0)
 
 
@@ -362,7 +418,7 @@ def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loa
     """One pass over the loader's batches; returns the epoch's training loss, top-1 and images/s
     (summed over every process)."""
     args, device, amp_dtype = run.args, run.device, run.amp_dtype
-    total_steps = run.steps_per_epoch * args.epochs
+    total_steps = run.steps_per_epoch * (args.epochs or 0)  # no --epochs in a --time-budget run
     warmup_steps = round(args.warmup_epochs * run.steps_per_epoch)
     net.train()
     t0 = time.perf_counter()
@@ -370,13 +426,18 @@ def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loa
     # Summed on the device; read back only for the bar, so a GPU is not stalled every step.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    bar = tqdm(loader, total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
+    budget = f" of {args.time_budget:g} min" if args.time_budget else f"/{args.epochs}"
+    bar = tqdm(loader, total=run.steps_per_epoch, desc=f"epoch {epoch + 1}{budget}", unit="batch",
                disable=args.no_progress or not run.main_process, dynamic_ncols=True)
-    res = train_resolution(epoch + 1, args)
+    res = train_resolution(epoch + 1, args, run.spent())
     for i, (x, y, teacher) in enumerate(bar):
         step = epoch * run.steps_per_epoch + i
+        spent = run.spent()
+        if spent is not None and spent >= 1:
+            run.budget_spent = True  # the epoch ends here; the steps done count
+            break
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * lr_factor(step, total_steps, warmup_steps, args.schedule)
+            group["lr"] = args.lr * lr_factor(step, total_steps, warmup_steps, args.schedule, spent)
         x, y = normalize(x, device, args.channels_last), y.to(device, non_blocking=True)
         x = downscale(x, res)  # after crop + flip, on the whole batch
         target = y
@@ -403,13 +464,17 @@ def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loa
             if not torch.isfinite(loss_sum):
                 raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {i}: lower --lr")
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
-                            img_s=f"{seen * run.world / (time.perf_counter() - t0):.0f}")
+                            img_s=f"{seen * run.world / (time.perf_counter() - t0):.0f}",
+                            **({"spent": f"{spent:.0%}"} if spent is not None else {}))
+    bar.close()
+    if seen == 0:  # a --time-budget run spent at an epoch's start: nothing to record
+        return {}
     train_time = time.perf_counter() - t0
     stats = torch.tensor([loss_sum.item(), correct.item(), seen], dtype=torch.float64)
     if run.distributed:
         dist.all_reduce(stats)
     return {"train_loss": stats[0].item() / stats[2].item(), "train_top1": 100 * stats[1].item() / stats[2].item(),
-            "train_img_per_s": stats[2].item() / train_time, "train_res": res}
+            "train_img_per_s": stats[2].item() / train_time, "train_res": res, "steps": seen // args.batch_size}
 
 
 def evaluate(run: Run, model, images, labels) -> dict:
@@ -425,13 +490,36 @@ def evaluate(run: Run, model, images, labels) -> dict:
     return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item()}
 
 
+# Writing the last checkpoint, the curves (twice) and metrics.json: ~0.5 s on 2 CPU cores, kept 4x.
+SAVING_S = 2.0
+
+
+def final_evaluation_estimate(run: Run, model, ema, test_x, test_y) -> float:
+    """Seconds a --time-budget run keeps for after its last step: the last epoch's evaluation and
+    finish()'s float32 passes (plain and flip-TTA, for the raw weights and the EMA's), each timed on
+    one batch after a warm-up batch (a tenth more for the rest of the split's batches), and the saving."""
+    n = min(len(test_y), run.args.eval_batch_size)
+
+    def per_image(amp_dtype) -> float:
+        sample = lambda: predict_logits(model, test_x[:n], test_y[:n], n, run.device, amp_dtype, False,
+                                        run.args.channels_last)
+        sample()
+        t0 = time.perf_counter()
+        sample()
+        return (time.perf_counter() - t0) / n
+
+    passes = 3 * (2 if ema is not None else 1)  # plain: 1 forward pass, flip-TTA: 2
+    return 1.1 * len(test_y) * (passes * per_image(None) + per_image(run.amp_dtype)) + SAVING_S
+
+
 def save_checkpoint(run: Run, epoch: int, model, ema, optimizer, scaler) -> None:
     """checkpoint.pt after a finished epoch: everything --resume needs to repeat the run exactly."""
     atomic_save({"epoch": epoch, "args": vars(run.args), "code_version": run.code_version,
                  "model": model.state_dict(),
                  "ema": ema.state_dict() if ema is not None else None,
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "history": run.history, "wall_time_s": run.wall_time_s}, run.out / "checkpoint.pt")
+                 "history": run.history, "wall_time_s": run.wall_time_s, "budget_spent": run.budget_spent},
+                run.out / "checkpoint.pt")
 
 
 def train(args, given: set[str] | None = None) -> dict:
@@ -445,6 +533,10 @@ def train(args, given: set[str] | None = None) -> dict:
         if given is not None:
             args = resumed_args(checkpoint, args, given)
         check_compatible(checkpoint, args)
+    if args.time_budget is not None and given is not None and "epochs" in given:
+        raise ConfigError("--epochs and --time-budget both set the run's length: pass one")
+    if args.time_budget is not None:
+        args.epochs = None  # the budget decides how many; metrics.json's history says how many it made
     check_options(args)
     device, rank, world = init_distributed(args)
     if args.threads:
@@ -484,6 +576,13 @@ def train(args, given: set[str] | None = None) -> dict:
         if run.main_process:
             print(f"resumed from {ckpt_path} after epoch {start_epoch}", flush=True)
 
+    if args.time_budget is not None:
+        run.final_evaluation_estimate_s = final_evaluation_estimate(run, model, ema, test_x, test_y)
+        run.train_budget_s = 60 * args.time_budget - run.final_evaluation_estimate_s
+        if run.main_process:
+            print(f"time budget {args.time_budget:g} min: {run.train_budget_s / 60:.1f} min of training, "
+                  f"{run.final_evaluation_estimate_s:.0f} s kept for the final evaluation", flush=True)
+
     net = model
     if args.compile:
         net = torch.compile(net)
@@ -495,9 +594,13 @@ def train(args, given: set[str] | None = None) -> dict:
         print(f"device={device} amp={run.amp_dtype} world={world} width={args.width} "
               f"train={len(train_y)} {evaluated_on(args)}={len(test_y)} steps/epoch={run.steps_per_epoch}", flush=True)
 
-    t_start = time.perf_counter()
-    stop_at = args.epochs if args.max_epochs_this_run is None else min(args.epochs, start_epoch + args.max_epochs_this_run)
+    run.clock_origin = time.perf_counter() - elapsed_before
+    # A --time-budget run has no last epoch: the budget ends it (range's end is only a bound).
+    length = sys.maxsize if args.time_budget is not None else args.epochs
+    stop_at = length if args.max_epochs_this_run is None else min(length, start_epoch + args.max_epochs_this_run)
     for epoch in range(start_epoch, stop_at):
+        if run.budget_spent:
+            break
         # Every epoch draws its randomness from (seed, epoch, rank) alone, so a resumed run
         # repeats an uninterrupted one exactly. The rank term gives DDP replicas different crops
         # and dropout masks; rank 0 draws what a single-process run draws.
@@ -509,7 +612,9 @@ def train(args, given: set[str] | None = None) -> dict:
                          per_image=teacher)
         t0 = time.perf_counter()
         trained = train_one_epoch(run, net, model, ema, criterion, optimizer, scaler, loader, epoch)
-        if evaluated(epoch + 1, args):
+        if not trained:  # the budget ran out as this epoch began
+            break
+        if evaluated(epoch + 1, args) or run.budget_spent:
             test = evaluate(run, ema.module if ema is not None else model, test_x, test_y)
         else:
             test = {"top1": None, "top5": None}
@@ -518,18 +623,19 @@ def train(args, given: set[str] | None = None) -> dict:
             "train_loss": trained["train_loss"], "train_top1": trained["train_top1"],
             "test_top1": test["top1"], "test_top5": test["top5"],
             "epoch_time_s": time.perf_counter() - t0, "train_img_per_s": trained["train_img_per_s"],
-            "train_res": trained["train_res"],
+            "train_res": trained["train_res"], "steps": trained["steps"],
         }
         run.history.append(record)
-        run.wall_time_s = elapsed_before + time.perf_counter() - t_start
+        run.wall_time_s = run.elapsed()
         if run.main_process:
             print(json.dumps(record), flush=True)
             save_checkpoint(run, epoch + 1, model, ema, optimizer, scaler)
             save_curves(run.history, out / "training_curves.png")
 
     result = {}
-    if stop_at == args.epochs and run.main_process:
-        run.wall_time_s = elapsed_before + time.perf_counter() - t_start
+    done = run.budget_spent if args.time_budget is not None else stop_at == args.epochs
+    if done and run.main_process:
+        run.wall_time_s = run.elapsed()
         result = finish(run, model, ema, test_x, test_y)
     if run.distributed:
         dist.barrier()
@@ -540,6 +646,7 @@ def train(args, given: set[str] | None = None) -> dict:
 def finish(run: Run, model, ema, test_x, test_y) -> dict:
     """Export the seed-compatible state dict and measure what EMA and flip-TTA bought."""
     args, out = run.args, run.out
+    t0 = time.perf_counter()
     exported = ema.module if ema is not None else model
     state = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone()
              for k, v in exported.state_dict().items()}
@@ -564,12 +671,19 @@ def finish(run: Run, model, ema, test_x, test_y) -> dict:
     }
     if run.teacher is not None:
         metrics["soft_labels"] = run.teacher  # which teachers taught it (their weights' sha256)
+    metrics["final_evaluation_s"] = time.perf_counter() - t0
+    if args.time_budget is not None:
+        # The budget's own check: wall_time_s + final_evaluation_s against 60 * minutes.
+        metrics["time_budget"] = {"minutes": args.time_budget, "epochs": len(run.history),
+                                  "final_evaluation_estimate_s": run.final_evaluation_estimate_s}
     if run.resumed_from_code_version is not None and run.resumed_from_code_version != run.code_version:
         metrics["resumed_from_code_version"] = run.resumed_from_code_version
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     save_curves(run.history, out / "training_curves.png")
-    print(f"done: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% ({final_key}), "
-          f"wall time {run.wall_time_s / 60:.1f} min -> {out}", flush=True)
+    budget = (f" (budget {args.time_budget:g} min: {len(run.history)} epochs)" if args.time_budget is not None else "")
+    print(f"done: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% ({final_key}), wall time "
+          f"{run.wall_time_s / 60:.1f} min + final evaluation {metrics['final_evaluation_s']:.0f} s{budget} -> {out}",
+          flush=True)
     return metrics
 
 
