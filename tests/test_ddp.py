@@ -51,3 +51,22 @@ def test_torchrun_two_processes_gloo(tmp_path, cifar100_data_dir):
     CIFAR100Model(width=1).load_state_dict(state, strict=True)
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == 1
+
+
+def test_torchrun_time_budget_stops_every_process_at_the_same_step(tmp_path, cifar100_data_dir):
+    """Rank 0's clock decides for all: a rank that stopped on its own clock would leave the other
+    waiting in an all-reduce (the timeout below would catch that hang)."""
+    out, budget_s = tmp_path / "ddp-budget", 12
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "training.train", "--data-dir", str(cifar100_data_dir), "--train-subset", "1024", "--test-subset", "200",
+           "--width", "1", "--batch-size", "64", "--time-budget", str(budget_s / 60), "--no-ema", "--no-tta",
+           "--threads", "1", "--no-progress", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert proc.stdout.count("done: top-1") == 1, log[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["hardware"]["processes"] == 2 and len(metrics["history"]) >= 2
+    assert metrics["wall_time_s"] + metrics["final_evaluation_s"] <= budget_s + 2
+    assert metrics["history"][-1]["lr_end"] < 0.1 * metrics["args"]["lr"]

@@ -284,6 +284,87 @@ def test_progressive_resizing_run_feeds_the_network_small_images_then_full_ones(
     assert {side for training, side in seen if not training} == {32}  # evaluated at the served size
 
 
+def test_time_budget_schedules_follow_the_share_of_time_spent():
+    lr = train_module.lr_factor
+    # The warm-up still counts steps; after it the decay follows the budget's share spent.
+    assert lr(0, 0, 10, "onecycle", spent=0.0) == pytest.approx(0.1)
+    assert lr(10, 0, 10, "onecycle", spent=0.02) == pytest.approx(0.98)
+    assert lr(500, 0, 10, "onecycle", spent=0.5) == pytest.approx(0.5)
+    assert lr(500, 0, 10, "cosine", spent=0.5) == pytest.approx(0.5)
+    assert lr(900, 0, 10, "onecycle", spent=1.2) == 0.0 and lr(900, 0, 10, "cosine", spent=1.2) == pytest.approx(0.0)
+    args = _res_args(min_res=16, epochs=None, time_budget=1.0)
+    start, end = train_module.BUDGET_RES_RAMP
+    sides = [train_module.train_resolution(1, args, spent=s / 100) for s in range(0, 101)]
+    assert sides == sorted(sides) and sides[0] == 16 and sides[-1] == 32
+    assert train_module.train_resolution(1, args, spent=start) == 16
+    assert train_module.train_resolution(1, args, spent=end) == 32
+
+
+def test_time_budget_run_fits_its_budget_across_a_resume_and_ends_annealed(tmp_path):
+    """A 15-second budget: the first session stops after 2 epochs (--max-epochs-this-run), the
+    resumed one carries on the same clock; training and the final evaluation end inside the budget,
+    having used most of it, with the learning rate near zero and the resolution grown to 32."""
+    out, budget_s = tmp_path / "budget", 15
+    threads = torch.get_num_threads()
+    run = SMALL_RUN + ["--time-budget", str(budget_s / 60), "--min-res", "16", "--eval-every", "3", "--no-ema",
+                       "--no-tta", "--out", str(out)]
+    try:
+        assert train_module.main(run + ["--max-epochs-this-run", "2"]) == 0
+        assert not (out / "metrics.json").exists()  # not finished: the budget is not spent
+        assert train_module.main(["--resume", "--out", str(out), "--data-dir", str(DATA_DIR), "--threads", "1",
+                                  "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    total = metrics["wall_time_s"] + metrics["final_evaluation_s"]
+    assert 0.6 * budget_s < total <= budget_s + 1, total
+    assert len(history) > 2 and metrics["time_budget"]["epochs"] == len(history)
+    assert metrics["args"]["epochs"] is None and metrics["args"]["time_budget"] == budget_s / 60
+    assert history[0]["train_res"] == 16 and history[-1]["train_res"] == 32
+    assert [h["train_res"] for h in history] == sorted(h["train_res"] for h in history)
+    assert history[-1]["lr_end"] < 0.05 * metrics["args"]["lr"] < history[0]["lr_end"]
+    assert history[-1]["test_top1"] is not None  # the last epoch is scored whatever --eval-every says
+    assert all(h["steps"] == 8 for h in history[:-1]) and 1 <= history[-1]["steps"] <= 8
+
+
+def test_a_budget_spent_between_epochs_still_ends_on_a_scored_step(tmp_path, monkeypatch):
+    """The budget runs out while an epoch is saved (a stand-in clock: 9 readings an epoch, one
+    for its size and one per step, the 19th reads 100%): the next epoch takes one step and is
+    the last, evaluated although --eval-every would skip it."""
+    readings = []
+
+    def clock(self):
+        if self.train_budget_s is None:
+            return None
+        readings.append(None)
+        return len(readings) / 19
+
+    monkeypatch.setattr(train_module.Run, "spent", clock)
+    threads = torch.get_num_threads()
+    out = tmp_path / "between"
+    try:
+        assert train_module.main(SMALL_RUN + ["--time-budget", "5", "--eval-every", "5", "--no-ema", "--no-tta",
+                                              "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["steps"] for h in history] == [8, 8, 1]
+    assert [h["test_top1"] is None for h in history] == [True, True, False]
+    assert history[-1]["lr_end"] == 0.0
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--time-budget", "1", "--epochs", "3"], "--epochs and --time-budget both"),
+    (["--time-budget", "0"], "--time-budget 0"),
+    (["--time-budget", "1", "--min-res", "16", "--res-ramp", "1", "2"], "--res-ramp counts epochs"),
+])
+def test_impossible_time_budget_options_are_refused(tmp_path, capsys, options, message):
+    assert train_module.main(SMALL_RUN + ["--out", str(tmp_path / "r")] + options) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
 def test_training_bench_prints_the_cost_of_each_resolution(capsys):
     from training import bench
 

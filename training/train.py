@@ -434,8 +434,10 @@ def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loa
     for i, (x, y, teacher) in enumerate(bar):
         step = epoch * run.steps_per_epoch + i
         spent = run.spent()
-        if spent is not None and spent >= 1:
-            run.budget_spent = True  # the epoch ends here; the steps done count
+        if spent is not None and spent >= 1 and i > 0:
+            # The epoch ends here. An epoch begun takes one step at least, so the last one
+            # recorded is always the one the run ends with, scored whatever --eval-every says.
+            run.budget_spent = True
             break
         for group in optimizer.param_groups:
             group["lr"] = args.lr * lr_factor(step, total_steps, warmup_steps, args.schedule, spent)
@@ -468,8 +470,6 @@ def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loa
                             img_s=f"{seen * run.world / (time.perf_counter() - t0):.0f}",
                             **({"spent": f"{spent:.0%}"} if spent is not None else {}))
     bar.close()
-    if seen == 0:  # a --time-budget run spent at an epoch's start: nothing to record
-        return {}
     train_time = time.perf_counter() - t0
     stats = torch.tensor([loss_sum.item(), correct.item(), seen], dtype=torch.float64)
     if run.distributed:
@@ -613,8 +613,6 @@ def train(args, given: set[str] | None = None) -> dict:
                          per_image=teacher)
         t0 = time.perf_counter()
         trained = train_one_epoch(run, net, model, ema, criterion, optimizer, scaler, loader, epoch)
-        if not trained:  # the budget ran out as this epoch began
-            break
         if evaluated(epoch + 1, args) or run.budget_spent:
             test = evaluate(run, ema.module if ema is not None else model, test_x, test_y)
         else:
