@@ -36,6 +36,17 @@ def small_run(**options) -> list[str]:
 
 
 SMALL_RUN = small_run()
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """training.train and training.bench set torch's thread count (--threads 1) in this process:
+    each test leaves it as it found it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 METRICS_KEYS = {"top1", "top5", "history", "final_evaluation", "args", "hardware", "wall_time_s", "code_version"}
 
 
@@ -227,13 +238,9 @@ def test_holdout_is_one_fixed_draw_disjoint_from_the_training_images():
 
 
 def test_mixup_cutmix_run_on_a_holdout_says_what_it_was_evaluated_on(tmp_path):
-    threads = torch.get_num_threads()
     out = tmp_path / "mix"
-    try:
-        assert train_module.main(small_run(holdout=300, test_subset=150, mixup=0.2, cutmix=1.0, mix_prob=0.8)
-                                 + ["--epochs", "1", "--no-ema", "--no-tta", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert train_module.main(small_run(holdout=300, test_subset=150, mixup=0.2, cutmix=1.0, mix_prob=0.8)
+                             + ["--epochs", "1", "--no-ema", "--no-tta", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["evaluated_on"] == "holdout of 300 training images" and metrics["test_images"] == 150
     assert metrics["args"]["mixup"] == 0.2 and metrics["args"]["cutmix"] == 1.0
@@ -270,13 +277,9 @@ def test_progressive_resizing_run_feeds_the_network_small_images_then_full_ones(
     seen = []  # (training?, side) of every batch the network was given
     forward = CIFAR100Model.forward
     monkeypatch.setattr(CIFAR100Model, "forward", lambda self, x: seen.append((self.training, x.shape[-1])) or forward(self, x))
-    threads = torch.get_num_threads()
     out = tmp_path / "progressive"
-    try:
-        assert train_module.main(SMALL_RUN + ["--epochs", "3", "--min-res", "16", "--res-ramp", "1", "3", "--no-ema",
-                                              "--no-tta", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert train_module.main(SMALL_RUN + ["--epochs", "3", "--min-res", "16", "--res-ramp", "1", "3", "--no-ema",
+                                          "--no-tta", "--out", str(out)]) == 0
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [h["train_res"] for h in history] == [16, 24, 32]
     trained_sides = [side for training, side in seen if training]
@@ -305,16 +308,12 @@ def test_time_budget_run_fits_its_budget_across_a_resume_and_ends_annealed(tmp_p
     resumed one carries on the same clock; training and the final evaluation end inside the budget,
     having used most of it, with the learning rate near zero and the resolution grown to 32."""
     out, budget_s = tmp_path / "budget", 15
-    threads = torch.get_num_threads()
     run = SMALL_RUN + ["--time-budget", str(budget_s / 60), "--min-res", "16", "--eval-every", "3", "--no-ema",
                        "--no-tta", "--out", str(out)]
-    try:
-        assert train_module.main(run + ["--max-epochs-this-run", "2"]) == 0
-        assert not (out / "metrics.json").exists()  # not finished: the budget is not spent
-        assert train_module.main(["--resume", "--out", str(out), "--data-dir", str(DATA_DIR), "--threads", "1",
-                                  "--no-progress"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert train_module.main(run + ["--max-epochs-this-run", "2"]) == 0
+    assert not (out / "metrics.json").exists()  # not finished: the budget is not spent
+    assert train_module.main(["--resume", "--out", str(out), "--data-dir", str(DATA_DIR), "--threads", "1",
+                              "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     history = metrics["history"]
     total = metrics["wall_time_s"] + metrics["final_evaluation_s"]
@@ -341,13 +340,9 @@ def test_a_budget_spent_between_epochs_still_ends_on_a_scored_step(tmp_path, mon
         return len(readings) / 19
 
     monkeypatch.setattr(train_module.Run, "spent", clock)
-    threads = torch.get_num_threads()
     out = tmp_path / "between"
-    try:
-        assert train_module.main(SMALL_RUN + ["--time-budget", "5", "--eval-every", "5", "--no-ema", "--no-tta",
-                                              "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert train_module.main(SMALL_RUN + ["--time-budget", "5", "--eval-every", "5", "--no-ema", "--no-tta",
+                                          "--out", str(out)]) == 0
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [h["steps"] for h in history] == [8, 8, 1]
     assert [h["test_top1"] is None for h in history] == [True, True, False]
@@ -368,25 +363,17 @@ def test_impossible_time_budget_options_are_refused(tmp_path, capsys, options, m
 def test_training_bench_prints_the_cost_of_each_resolution(capsys):
     from training import bench
 
-    threads = torch.get_num_threads()
-    try:
-        bench.main(["--data-dir", str(DATA_DIR), "--widths", "1", "--resolutions", "16", "32", "--steps", "2",
-                    "--warmup", "1", "--batch-size", "32", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
+    bench.main(["--data-dir", str(DATA_DIR), "--widths", "1", "--resolutions", "16", "32", "--steps", "2",
+                "--warmup", "1", "--batch-size", "32", "--threads", "1"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["1"]]
     assert [row[1] for row in rows] == ["16", "32"]
     assert float(rows[0][2]) > 0 and rows[1][3] == "1.00x"
 
 
 def test_eval_every_skips_the_evaluations_between_and_always_scores_the_last_epoch(tmp_path):
-    threads = torch.get_num_threads()
     out = tmp_path / "sparse"
-    try:
-        assert train_module.main(SMALL_RUN + ["--epochs", "3", "--eval-every", "2", "--no-ema", "--no-tta",
-                                              "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert train_module.main(SMALL_RUN + ["--epochs", "3", "--eval-every", "2", "--no-ema", "--no-tta",
+                                          "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["test_top1"] is None for h in metrics["history"]] == [True, False, False]  # epochs 2 and 3 (the last)
     assert metrics["history"][-1]["test_top5"] >= metrics["history"][-1]["test_top1"] >= 0
@@ -396,15 +383,11 @@ def test_eval_every_skips_the_evaluations_between_and_always_scores_the_last_epo
 def test_training_bench_plans_the_most_epochs_that_fit_a_budget(capsys):
     from training import bench
 
-    threads = torch.get_num_threads()
     plan = ["--data-dir", str(DATA_DIR), "--widths", "1", "--steps", "2", "--warmup", "1", "--batch-size", "32",
             "--threads", "1", "--plan-minutes", "5", "--min-res", "16", "--eval-every", "2",
             "--train-images", "2000", "--test-images", "500"]
-    try:
-        bench.main(plan)
-        bench.main(plan + ["--res-ramp", "6", "9"])
-    finally:
-        torch.set_num_threads(threads)
+    bench.main(plan)
+    bench.main(plan + ["--res-ramp", "6", "9"])
     out = capsys.readouterr().out
     assert all(f"{r} px" in out for r in (16, 20, 24, 28, 32))  # every size the schedule can use, measured
     found = re.search(r"--epochs (\d+) --min-res 16 --eval-every 2: ([\d.]+) min estimated \(budget 5; (\d+) epochs: ([\d.]+) min\)", out)
@@ -452,13 +435,9 @@ def test_soft_labels_follow_their_images_through_holdout_subset_and_shuffle(tmp_
             yield x, y, t
 
     monkeypatch.setattr(train_module, "batches", checking)
-    threads = torch.get_num_threads()
     out = tmp_path / "kd"
-    try:
-        assert train_module.main(small_run(holdout=300, test_subset=150) + [
-            "--epochs", "2", "--no-ema", "--no-tta", "--soft-labels", str(soft), "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert train_module.main(small_run(holdout=300, test_subset=150) + [
+        "--epochs", "2", "--no-ema", "--no-tta", "--soft-labels", str(soft), "--out", str(out)]) == 0
     assert len(seen) == 16 and all(seen)  # 2 epochs of 8 batches
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["soft_labels"]["teachers"][0]["file"] == "made-by-the-test"
@@ -472,13 +451,9 @@ def test_soft_labels_change_what_the_student_learns(tmp_path):
 
     labels = load_split(str(DATA_DIR), train=True)[1]
     wrong = _soft_label_file(tmp_path / "wrong.pt", 10 * torch.nn.functional.one_hot((labels + 1) % 100, 100).float(), labels)
-    threads = torch.get_num_threads()
-    try:
-        for name, extra in (("plain", []), ("taught", ["--soft-labels", str(wrong), "--kd-weight", "1.0"])):
-            assert train_module.main(SMALL_RUN + ["--epochs", "1", "--no-ema", "--no-tta", "--out",
-                                                  str(tmp_path / name)] + extra) == 0
-    finally:
-        torch.set_num_threads(threads)
+    for name, extra in (("plain", []), ("taught", ["--soft-labels", str(wrong), "--kd-weight", "1.0"])):
+        assert train_module.main(SMALL_RUN + ["--epochs", "1", "--no-ema", "--no-tta", "--out",
+                                              str(tmp_path / name)] + extra) == 0
     plain, taught = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("plain", "taught"))
     assert abs(plain["history"][0]["train_loss"] - taught["history"][0]["train_loss"]) > 0.05
     a, b = (torch.load(tmp_path / n / "CIFAR100_model.pth", weights_only=True) for n in ("plain", "taught"))
