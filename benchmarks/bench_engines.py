@@ -2,8 +2,9 @@
 
     python -m benchmarks.bench_engines [--widths 3 10] [--seconds 2] [--rounds 2] [--emulate-isa avx2]
 
-Batch 6 on 2 threads (one worker's batch with the cores to itself) and batch 1 on 1 thread (a
-lone request in one of two workers); width 3 is the shipped weights, width 10 the seed's network
+Batch 6 on 2 threads (one worker's batch with the cores to itself), batch 6 on 1 thread (each of
+the two shipped workers' batches under load, one core each: the served layout) and batch 1 on 1
+thread (a lone request in one of two workers); width 3 is the shipped weights, width 10 the seed's network
 with random weights (speed only). Engines are built through the same cache as TorchServe's
 workers (the first run compiles; its seconds are printed as the cold start, a load from the
 cache as the warm one). Engines run alternately, best round kept: a shared machine drifts. The
@@ -35,7 +36,7 @@ from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
-POINTS = ((6, 2), (1, 1))  # (batch, threads)
+POINTS = ((6, 2), (6, 1), (1, 1))  # (batch, threads)
 MAX_BATCH = 6
 # --emulate-isa: (oneDNN's ONEDNN_MAX_CPU_ISA, ATen's ATEN_CPU_CAPABILITY, which inductor follows too)
 EMULATED_ISA = {"avx2": ("AVX2", "avx2"), "avx512-vnni": ("AVX512_CORE_VNNI", "avx512")}

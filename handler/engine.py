@@ -13,9 +13,9 @@ Engines (model-config.yaml ``handler.engine``; ``auto`` picks the first allowed 
   openvino-fp32 OpenVINO's CPU runtime, float32 (same answers up to float rounding)
   openvino-int8 OpenVINO's CPU runtime on an int8 network made once by NNCF with accuracy control
                 (``python -m training.quantize``: engine_int8.xml beside the weights, shipped in the
-                archive); an image whose int8 answer is a close call (its two most likely classes
-                within RECHECK_MARGIN of softmax probability) is answered by openvino-fp32 instead:
-                int8 alone changes ~3% of the answers, nearly all of them close calls
+                archive); an image whose int8 answer is a close call (its two largest logits within
+                RECHECK_LOGIT_GAP) is answered by openvino-fp32 instead: int8 alone changes ~3% of the
+                answers, nearly all of them close calls
 
 A compiled engine is an AOTInductor package (``torch.export`` with a dynamic batch dimension
 1..batchSize, one compile covers every batch a worker receives; larger batches, a v1/v2 request
@@ -60,9 +60,11 @@ OPENVINO_INT8 = "openvino-int8"
 ENGINES = (EAGER, "compile-fp32", "compile-bf16", "int8", "openvino-bf16", "openvino-fp32", OPENVINO_INT8)
 NEEDS_NATIVE_BF16 = {"compile-bf16", "openvino-bf16"}
 OPENVINO = {"openvino-bf16": "bf16", "openvino-fp32": "f32"}  # engine -> OpenVINO's inference precision
-# openvino-int8: a close call (top-two softmax probabilities of the int8 logits within this) is answered
-# by fp32. 0.05: ~8% of test images rechecked, agreement 97.3% -> 99.35% (benchmarks/RESULTS.md).
-RECHECK_MARGIN = 0.05
+# openvino-int8: a close call (the int8 network's two largest logits within this) is answered by fp32.
+# int8's rounding moves logits by about the same amount whatever the image, so the logit gap finds the answers
+# it flips with fewer rechecks than a softmax-probability gap: 0.25 rechecks ~8% of test images for 99.4%
+# agreement, where a 0.05 probability gap rechecked ~9.5% for 99.2% (benchmarks/RESULTS.md, session 15).
+RECHECK_LOGIT_GAP = 0.25
 # Prometheus counters the handler adds per batch (TorchServe's metrics API), labelled with the engine:
 # images through the forward pass, and those openvino-int8 answered again with fp32 (the guard's price).
 IMAGES_METRIC, RECHECKED_METRIC = "EngineImages", "EngineRecheckedImages"
@@ -187,9 +189,9 @@ def refusal(engine: str, device: torch.device, record: dict | None) -> str | Non
         return (f"it failed the accuracy guard on the test split ({RECORD_FILE}: top-1 "
                 f"{measured['top1']:.4f} vs fp32 {record['engines'][EAGER]['top1']:.4f}, agreement "
                 f"{measured['agreement']:.4f}; limits: {MAX_TOP1_DROP * 100:.1f} points, {MIN_AGREEMENT:.0%})")
-    if engine == OPENVINO_INT8 and measured.get("recheck_margin") != RECHECK_MARGIN:
-        return (f"its record was measured with recheck margin {measured.get('recheck_margin')}, the handler's is "
-                f"{RECHECK_MARGIN} (run python -m training.engines)")
+    if engine == OPENVINO_INT8 and measured.get("recheck_logit_gap") != RECHECK_LOGIT_GAP:
+        return (f"its record was not measured with the handler's recheck rule (close calls: logit gap < "
+                f"{RECHECK_LOGIT_GAP}; run python -m training.engines)")
     return None
 
 
@@ -295,14 +297,14 @@ class _RecheckedForward:
 
     Counts what it rechecked (``rechecked`` of ``answered`` images: the share is the price of the guard)."""
 
-    def __init__(self, fast, exact, margin: float = RECHECK_MARGIN):
-        self.fast, self.exact, self.margin = fast, exact, margin
+    def __init__(self, fast, exact, gap: float = RECHECK_LOGIT_GAP):
+        self.fast, self.exact, self.gap = fast, exact, gap
         self.answered = self.rechecked = 0
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.fast(images)
-        top2 = logits.softmax(1).topk(2, dim=1).values
-        close = (top2[:, 0] - top2[:, 1]) < self.margin
+        top2 = logits.topk(2, dim=1).values
+        close = (top2[:, 0] - top2[:, 1]) < self.gap
         if close.any():
             logits[close] = self.exact(images[close])
         self.answered += len(images)

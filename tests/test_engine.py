@@ -30,7 +30,7 @@ PASSED = {"top1": 0.749, "agreement": 0.995, "passed": True}
 FAILED = {"top1": 0.70, "agreement": 0.93, "passed": False}
 
 
-INT8_PASSED = {**PASSED, "recheck_margin": engines.RECHECK_MARGIN}
+INT8_PASSED = {**PASSED, "recheck_logit_gap": engines.RECHECK_LOGIT_GAP}
 
 
 def test_auto_prefers_bf16_where_native_and_rechecked_int8_elsewhere(monkeypatch):
@@ -39,11 +39,13 @@ def test_auto_prefers_bf16_where_native_and_rechecked_int8_elsewhere(monkeypatch
     assert engines.candidates("auto", CPU, both) == ["openvino-bf16", "compile-bf16", "compile-fp32", engines.EAGER]
     monkeypatch.setattr(engines, "native_bf16", lambda device: False)
     assert engines.candidates("auto", CPU, both) == ["openvino-int8", "openvino-fp32", "compile-fp32", engines.EAGER]
-    # int8 is lossy: without a passing record measured with the handler's recheck margin, the lossless ones.
-    for entry in (None, FAILED, {**INT8_PASSED, "recheck_margin": engines.RECHECK_MARGIN / 2}):
+    # int8 is lossy: without a passing record measured with the handler's recheck rule, the lossless ones
+    # (a record of the earlier softmax-probability rule included).
+    for entry in (None, FAILED, {**INT8_PASSED, "recheck_logit_gap": engines.RECHECK_LOGIT_GAP / 2},
+                  {**PASSED, "recheck_margin": 0.05}):
         other = record(**({"openvino-int8": entry} if entry else {}))
         assert engines.candidates("auto", CPU, other) == ["openvino-fp32", "compile-fp32", engines.EAGER]
-    assert "recheck margin" in engines.refusal("openvino-int8", CPU, record(**{"openvino-int8": PASSED}))
+    assert "recheck rule" in engines.refusal("openvino-int8", CPU, record(**{"openvino-int8": PASSED}))
     assert "no native bf16" in engines.refusal("compile-bf16", CPU, both)
     assert "no native bf16" in engines.refusal("openvino-bf16", CPU, both)
     # Without the openvino package auto goes on to inductor rather than failing the worker.
@@ -176,25 +178,29 @@ def test_the_engine_bound_is_the_batch_doubled_with_flip_tta():
 
 
 def test_openvino_int8_answers_close_calls_with_fp32():
-    int8_logits = torch.tensor([[6.0, 0.0, 0.0],     # sure: int8's answer stands
-                                [1.0, 1.001, 0.0],   # a close call: fp32 answers it
-                                [0.0, 3.0, 9.0],     # sure
-                                [2.0, 0.0, 2.0]])    # a tie: fp32 answers it
+    int8_logits = torch.zeros(5, 100)
+    int8_logits[0, 0] = 6.0                          # sure: int8's answer stands
+    int8_logits[1, :2] = torch.tensor([1.0, 1.001])  # a close call: fp32 answers it
+    int8_logits[2, 1:3] = torch.tensor([3.0, 9.0])   # sure
+    int8_logits[3, [0, 2]] = 2.0                     # a tie: fp32 answers it
+    # Two logits 0.5 apart among 98 others: their softmax probabilities differ by only 0.01, yet the gap is
+    # twice what int8's rounding moves a logit: int8's answer stands (the earlier probability rule asked fp32).
+    int8_logits[4, :2] = torch.tensor([1.0, 0.5])
     asked = []
 
     def fp32(images):
         asked.append(images.clone())
-        return torch.full((len(images), 3), -1.0)
+        return torch.full((len(images), 100), -1.0)
 
-    forward = engines._RecheckedForward(lambda images: int8_logits.clone(), fp32, margin=0.05)
-    images = torch.arange(4.0).view(4, 1)
+    forward = engines._RecheckedForward(lambda images: int8_logits[images.long().flatten()], fp32, gap=0.25)
+    images = torch.arange(5.0).view(5, 1)
     logits = forward(images)
     assert [batch.flatten().tolist() for batch in asked] == [[1.0, 3.0]]  # only the close calls, in one call
-    torch.testing.assert_close(logits[[0, 2]], int8_logits[[0, 2]])
+    torch.testing.assert_close(logits[[0, 2, 4]], int8_logits[[0, 2, 4]])
     assert (logits[[1, 3]] == -1.0).all()
-    assert (forward.answered, forward.rechecked) == (4, 2)
-    forward(images[:1].expand(4, 1) * 0)  # a batch with no close call asks fp32 nothing more
-    assert len(asked) == 2 and (forward.answered, forward.rechecked) == (8, 4)
+    assert (forward.answered, forward.rechecked) == (5, 2)
+    forward(images[[0, 2, 4, 0]])  # a batch with no close call asks fp32 nothing more
+    assert len(asked) == 1 and (forward.answered, forward.rechecked) == (9, 2)
 
 
 def test_openvino_int8_serves_the_shipped_network_and_refuses_one_made_for_other_weights(tmp_path, caplog):
@@ -245,3 +251,16 @@ def test_quantize_writes_an_int8_network_named_for_its_weights_that_the_archive_
     weights.write_bytes(WEIGHTS.read_bytes() + b"\0")
     assert int8_network_for(weights) is None
     assert all(dest != ENGINE_INT8_FILE for _, dest in package_files(weights))
+
+
+def test_a_record_rerun_on_another_machine_keeps_what_it_skipped_saying_where_it_was_measured():
+    from training.engines import kept_entries
+
+    xeon = {"device": "cpu", "capability": "AVX512", "flags": ["amx_bf16", "avx512_bf16"]}
+    old = {"weights_sha256": "abc", "date": "2026-11-30", "machine": xeon,
+           "engines": {"openvino-bf16": PASSED, "openvino-int8": {**INT8_PASSED, "measured_on": {"date": "d", "machine": {}}}}}
+    kept = kept_entries(old, "abc")
+    # An entry without its own stamp was measured where the old record says; one with a stamp keeps it.
+    assert kept["openvino-bf16"] == {**PASSED, "measured_on": {"date": "2026-11-30", "machine": xeon}}
+    assert kept["openvino-int8"]["measured_on"] == {"date": "d", "machine": {}}
+    assert kept_entries(old, "other weights") == {}  # another network's figures say nothing about these

@@ -10,7 +10,7 @@ Writes, beside the weights (serving/archive.py packs both into the archive):
                      worker's start-up self-check; never test images
 
 openvino-int8 is measured from the engine_int8.xml beside the weights (``python -m training.quantize``
-makes it), as served: with its rechecks (the record keeps their share and margin).
+makes it), as served: with its rechecks (the record keeps their share and the logit gap that makes a close call).
 
 Engines this machine cannot run (bf16 without native bf16) are skipped and keep their earlier
 entry. The compiled packages land in the engine cache TorchServe uses (served_cache()), so a TorchServe started
@@ -124,6 +124,16 @@ def measure(name: str, logits: torch.Tensor, reference: torch.Tensor, labels: to
     return entry
 
 
+def kept_entries(old: dict, weights_sha256: str) -> dict:
+    """The earlier record's engines, for the same weights only, each saying where and when it was measured: a
+    run on another machine re-measures what that machine can run (a CPU without bf16 skips the bf16 engines)
+    and keeps the rest."""
+    if old.get("weights_sha256") != weights_sha256:
+        return {}
+    stamp = {"date": old.get("date"), "machine": old.get("machine")}
+    return {name: {"measured_on": stamp, **entry} for name, entry in old.get("engines", {}).items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     from handler.cifar100_handler import serving_model
     from training.data import default_data_dir, load_split
@@ -145,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     record_path = folder / engines.RECORD_FILE
     weights_sha = hashlib.sha256(args.weights.read_bytes()).hexdigest()
     old = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    record = {"weights_sha256": weights_sha, "date": datetime.date.today().isoformat(),
-              "torch": torch.__version__, "machine": engines.machine_description(device),
+    measured_on = {"date": datetime.date.today().isoformat(), "machine": engines.machine_description(device)}
+    record = {"weights_sha256": weights_sha, **measured_on, "torch": torch.__version__,
               "limits": {"max_top1_drop": engines.MAX_TOP1_DROP, "min_agreement": engines.MIN_AGREEMENT},
               "test_split": "CIFAR-100 test, all 10,000 images",
-              "engines": old.get("engines", {}) if old.get("weights_sha256") == weights_sha else {}}
+              "engines": kept_entries(old, weights_sha)}
     calibration_path = folder / CALIBRATION_FILE
     shipped = json.loads(calibration_path.read_text()) if calibration_path.is_file() else None
 
@@ -158,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = engine_logits(engines.Engine(engines.EAGER, model), images)
     # fp32's top-1 on the probe: the worker's start-up check compares against it (handler/engine.py).
     record["probe_fp32_top1"] = engine_logits(engines.Engine(engines.EAGER, model), inputs["probe"]).argmax(1).tolist()
-    record["engines"][engines.EAGER] = measure(engines.EAGER, reference, reference, labels, shipped)
+    record["engines"][engines.EAGER] = {**measure(engines.EAGER, reference, reference, labels, shipped),
+                                        "measured_on": measured_on}
     max_batch = engines.images_per_forward(model_config())  # the workers' bound: their packages, cached
     from model.normalization import normalize
 
@@ -178,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         built = time.perf_counter() - started
         entry = measure(name, engine_logits(engine, images), reference, labels, shipped)
         entry["compile_seconds"] = engine.info.get("compile_seconds")
+        entry["measured_on"] = measured_on  # int8's answers, and so its agreement, depend on the CPU's kernels
         if name == engines.OPENVINO_INT8:  # the share of test images fp32 answered again (close calls)
-            entry["recheck_margin"] = engines.RECHECK_MARGIN
+            entry["recheck_logit_gap"] = engines.RECHECK_LOGIT_GAP
             entry["rechecked"] = round(engine.forward.share, 4)
         record["engines"][name] = entry
         print(f"{name}: top-1 {entry['top1']:.4f} (fp32 {record['engines'][engines.EAGER]['top1']:.4f}), "
