@@ -48,6 +48,15 @@ from serving.settings import TOP_K as DEFAULT_TOPK  # model-config.yaml's handle
 DEFAULT_MAX_IMAGES_PER_REQUEST = 64  # images in one v1/v2 request (-> 413 above)
 
 logger = logging.getLogger(__name__)
+# TorchServe's worker logs this at INFO on the root logger for every batch it receives
+# (ts/protocol/otf_message_handler.py): one model_log.log line per batch for the frontend to parse and
+# write, with nothing in it an operator reads (the access log and the metrics say when requests came).
+PER_BATCH_LOG_LINE = "Backend received inference at: %d"
+
+
+def not_per_batch_line(record: logging.LogRecord) -> bool:
+    """A logging filter (a function: TorchServe refuses a handler module with a second class)."""
+    return record.msg != PER_BATCH_LOG_LINE
 
 
 def serving_model(state_dict: dict) -> torch.nn.Module:
@@ -70,6 +79,7 @@ class CIFAR100Handler(BaseHandler):
         if not (torch.cuda.is_available() and context.system_properties.get("gpu_id") is not None):
             torch.set_num_threads(engines.worker_threads(model_cfg))  # CPU worker: its share of the cores
         super().initialize(context)  # device, manifest, model (via _load_pickled_model), eval mode
+        logging.getLogger().addFilter(not_per_batch_line)  # once: a filter already there is not added again
         model_dir = context.system_properties.get("model_dir")
         self.labels = load_class_names(os.path.join(model_dir, "index_to_name.json"))
         self.topk = max(1, min(int(handler_cfg.get("topk", DEFAULT_TOPK)), len(self.labels)))

@@ -171,3 +171,26 @@ def test_openvino_int8_counts_its_images_and_rechecks_as_torchserve_metrics(mode
 
     assert counted(engines.IMAGES_METRIC) == [48.0]
     assert counted(engines.RECHECKED_METRIC) == [float(rechecked)]
+
+
+def test_the_worker_drops_torchserves_per_batch_log_line_and_keeps_the_others(model_dir):
+    import io
+    import logging
+
+    from handler.cifar100_handler import PER_BATCH_LOG_LINE, not_per_batch_line
+
+    for _ in range(2):  # a second handler in the same process (tests; never two in one worker)
+        CIFAR100Handler().initialize(make_context(model_dir))
+    root, stream = logging.getLogger(), io.StringIO()
+    sink = logging.StreamHandler(stream)
+    root.addHandler(sink)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        logging.info(PER_BATCH_LOG_LINE, 1796082269)  # as ts/protocol/otf_message_handler.py logs it, per batch
+        logging.info("model_name: %s, batchSize: %d", "cifar100", 6)  # TorchServe's other lines still pass
+    finally:
+        root.removeHandler(sink)
+        root.setLevel(level)
+    assert stream.getvalue() == "model_name: cifar100, batchSize: 6\n"
+    assert logging.getLogger().filters.count(not_per_batch_line) == 1  # not added twice
