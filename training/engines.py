@@ -107,7 +107,9 @@ def engine_logits(engine: engines.Engine, images: torch.Tensor, chunk: int = 500
 
 
 def measure(name: str, logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor,
-            shipped: dict | None) -> dict:
+            shipped: dict | None, measured_on: dict) -> dict:
+    """An engine's record entry; ``measured_on`` (date, machine): int8's answers, and so its agreement, depend on
+    the CPU's kernels."""
     from training.calibrate import calibrate
 
     top1 = float((logits.argmax(1) == labels).float().mean())
@@ -121,6 +123,7 @@ def measure(name: str, logits: torch.Tensor, reference: torch.Tensor, labels: to
         or fitted["unsure"]["threshold"] != shipped["unsure"]["threshold"])
     entry["calibration"] = {"temperature": fitted["temperature"], "unsure_threshold": fitted["unsure"]["threshold"],
                             "moved": bool(moved)}
+    entry["measured_on"] = measured_on
     return entry
 
 
@@ -168,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = engine_logits(engines.Engine(engines.EAGER, model), images)
     # fp32's top-1 on the probe: the worker's start-up check compares against it (handler/engine.py).
     record["probe_fp32_top1"] = engine_logits(engines.Engine(engines.EAGER, model), inputs["probe"]).argmax(1).tolist()
-    record["engines"][engines.EAGER] = {**measure(engines.EAGER, reference, reference, labels, shipped),
-                                        "measured_on": measured_on}
+    record["engines"][engines.EAGER] = measure(engines.EAGER, reference, reference, labels, shipped, measured_on)
     max_batch = engines.images_per_forward(model_config())  # the workers' bound: their packages, cached
     from model.normalization import normalize
 
@@ -187,9 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: skipped ({err})")
             continue
         built = time.perf_counter() - started
-        entry = measure(name, engine_logits(engine, images), reference, labels, shipped)
+        entry = measure(name, engine_logits(engine, images), reference, labels, shipped, measured_on)
         entry["compile_seconds"] = engine.info.get("compile_seconds")
-        entry["measured_on"] = measured_on  # int8's answers, and so its agreement, depend on the CPU's kernels
         if name == engines.OPENVINO_INT8:  # the share of test images fp32 answered again (close calls)
             entry["recheck_logit_gap"] = engines.RECHECK_LOGIT_GAP
             entry["rechecked"] = round(engine.forward.share, 4)
