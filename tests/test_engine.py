@@ -237,11 +237,25 @@ def test_quantize_writes_an_int8_network_named_for_its_weights_that_the_archive_
     weights = tmp_path / "CIFAR100_model.pth"
     weights.write_bytes(WEIGHTS.read_bytes())
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
-    probe = normalize(engines.load_inputs(REPO / "model" / "weights")["probe"]).contiguous()
-    # Few images: this checks the tool and its file, not the quality (the shipped network's is in engines.json).
-    summary = quantize(model, sha, probe[:16], probe[16:40], tmp_path / ENGINE_INT8_FILE, log=lambda line: None)
-    assert summary["weights_sha256"] == sha and summary["quantizers"] > 0
+    state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+    model = serving_model(state_dict)
+    images = engines.load_inputs(REPO / "model" / "weights")["probe"]
+    probe = normalize(images, channels_last=False)
+    # Few images and steps: this checks the tool and its file, not the quality (the shipped network's is in
+    # engines.json).
+    summary = quantize(state_dict, sha, probe[:16], probe[16:40], images, tmp_path / ENGINE_INT8_FILE, steps=2,
+                       batch=8, progress=False, log=lambda line: None)
+    assert summary["weights_sha256"] == sha and summary["quantizers"] > 0 and summary["qat_steps"] == 2
+    # The stem and the SE gates stay float32 (their inputs are not quantized), the other layers are int8.
+    import openvino as ov
+
+    network = ov.Core().read_model(str(tmp_path / ENGINE_INT8_FILE))
+    inputs = {op.get_friendly_name(): op.input(0).get_source_output().get_node().get_type_name()
+              for op in network.get_ordered_ops() if op.get_type_name() in ("Convolution", "MatMul")}
+    stem, gates = [n for n in inputs if ".stem." in n], [n for n in inputs if ".se." in n]
+    rest = [n for n in inputs if n not in stem + gates]
+    assert len(stem) == 1 and len(gates) == 12 and len(rest) == 16
+    assert all(inputs[n] != "FakeQuantize" for n in stem + gates) and all(inputs[n] == "FakeQuantize" for n in rest)
     assert int8_network_for(weights) == tmp_path / ENGINE_INT8_FILE
     assert (tmp_path / ENGINE_INT8_FILE, ENGINE_INT8_FILE) in package_files(weights)
     assert (tmp_path / "engine_int8.bin", "engine_int8.bin") in package_files(weights)
@@ -251,6 +265,17 @@ def test_quantize_writes_an_int8_network_named_for_its_weights_that_the_archive_
     weights.write_bytes(WEIGHTS.read_bytes() + b"\0")
     assert int8_network_for(weights) is None
     assert all(dest != ENGINE_INT8_FILE for _, dest in package_files(weights))
+
+
+def test_the_network_quantize_trains_computes_what_the_handler_serves():
+    from training.quantize import folded_network
+
+    state_dict = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    images = normalize(engines.load_inputs(REPO / "model" / "weights")["probe"][:32], channels_last=False)
+    folded = folded_network(state_dict)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), serving_model(state_dict)(images), atol=1e-4, rtol=1e-4)
 
 
 def test_a_record_rerun_on_another_machine_keeps_what_it_skipped_saying_where_it_was_measured():
