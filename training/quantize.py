@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from handler import engine as engines
 from serving.settings import ENGINE_INT8_FILE
 from serving import cli
 
@@ -89,10 +90,8 @@ def quantize(state_dict: dict, weights_sha256: str, calibration: torch.Tensor, c
         network = ov.convert_model(student.eval(), example_input=calibration[:2].contiguous(),
                                    input=[ov.PartialShape([ov.Dimension(1, max_batch), 3, 32, 32])])
     fp32 = teacher(control).argmax(1)
-    # float32 explicitly: on a CPU with native bf16 OpenVINO's default would be bf16.
-    request = ov.Core().compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
-    int8 = torch.cat([torch.from_numpy(request.infer({0: x.contiguous().numpy()})[0].copy()).argmax(1)
-                      for x in control.split(max_batch)])
+    served = engines._OpenVINOForward("f32", network)  # as the handler runs it (f32: the float layers stay float32)
+    int8 = torch.cat([served(x).argmax(1) for x in control.split(max_batch)])
     quantizers = sum(op.get_type_name() == "FakeQuantize" for op in network.get_ordered_ops())
     summary = {"weights_sha256": weights_sha256, "calibration_images": len(calibration),
                "float_layers": " ".join(FLOAT_LAYERS), "qat_steps": steps, "qat_batch": batch,
