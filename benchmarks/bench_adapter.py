@@ -110,7 +110,8 @@ def compare_before_after(args) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-adapter-before-after-") as tmp:
         tmp = Path(tmp)
         ts = start_benchmark_torchserve(tmp / "torchserve", args.weights, args.batch_size, args.max_batch_delay,
-                                        args.cpu_threads, ts_properties(args.ts_property), args.workers)
+                                        args.cpu_threads, ts_properties(args.ts_property), args.workers,
+                                        lone_image_threads=args.lone_image_threads)
         try:
             env = ts.adapter_env()
             with adapter_at_ref(args.before, env, tmp) as (old_base, old_pid), \
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         ts = start_benchmark_torchserve(tmp / "torchserve", args.weights, args.batch_size, args.max_batch_delay,
                                         args.cpu_threads, ts_properties(args.ts_property), args.workers, args.engine,
-                                        None if args.flip_tta is None else args.flip_tta == "on")
+                                        None if args.flip_tta is None else args.flip_tta == "on",
+                                        lone_image_threads=args.lone_image_threads)
         try:
             engine = served_engine_name(ts, payloads[0])
             # The adapter as `make serve-adapter` runs it, access log included.

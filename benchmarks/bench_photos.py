@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-photos-") as tmp:
         tmp = Path(tmp)
         ts = start_benchmark_torchserve(tmp / "torchserve", args.weights, args.batch_size, args.max_batch_delay,
-                                        args.cpu_threads, ts_properties(args.ts_property), args.workers)
+                                        args.cpu_threads, ts_properties(args.ts_property), args.workers,
+                                        lone_image_threads=args.lone_image_threads)
         try:
             env = ts.adapter_env()
             with running_adapter(env, tmp / "shrinking.log") as shrinking, \

@@ -67,11 +67,13 @@ def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batc
                                max_batch_delay: int | None = None, cpu_threads: int | None = None,
                                properties: dict[str, str] | None = None,
                                workers: int | None = None, engine: str | None = None,
-                               flip_tta: bool | None = None) -> TorchServeInstance:
+                               flip_tta: bool | None = None,
+                               lone_image_threads: int | None = None) -> TorchServeInstance:
     """A TorchServe on free ports under `root`, optionally with other settings than the repo's:
     batching and the worker's torch threads (model-config.yaml), config.properties keys."""
     config = MODEL_CONFIG
-    if any(v is not None for v in (batch_size, max_batch_delay, cpu_threads, workers, engine, flip_tta)):
+    if any(v is not None for v in (batch_size, max_batch_delay, cpu_threads, workers, engine, flip_tta,
+                                   lone_image_threads)):
         import yaml
 
         settings = yaml.safe_load(MODEL_CONFIG.read_text())
@@ -85,6 +87,8 @@ def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batc
             settings.setdefault("handler", {})["engine"] = engine
         if flip_tta is not None:
             settings.setdefault("handler", {})["flip_tta"] = flip_tta
+        if lone_image_threads is not None:
+            settings.setdefault("handler", {})["lone_image_threads"] = lone_image_threads
         config = root / "model-config.yaml"
         root.mkdir(parents=True, exist_ok=True)
         config.write_text(yaml.safe_dump(settings))
@@ -168,6 +172,8 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-threads", type=int, help="override the worker's torch threads (handler.cpu_threads)")
     parser.add_argument("--workers", type=int, help="override model-config.yaml's minWorkers/maxWorkers")
     parser.add_argument("--engine", help="override model-config.yaml's handler.engine (handler/engine.py)")
+    parser.add_argument("--lone-image-threads", type=int,
+                        help="override the threads a one-image forward pass may use (handler.lone_image_threads)")
     parser.add_argument("--ts-property", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config.properties key for the benchmark's TorchServe (repeatable)")
 
@@ -193,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[int, LoadResult]] = {"in-process": {}, "torchserve": {}}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         ts = start_benchmark_torchserve(Path(tmp), args.weights, args.batch_size, args.max_batch_delay,
-                                        args.cpu_threads, ts_properties(args.ts_property), args.workers, args.engine)
+                                        args.cpu_threads, ts_properties(args.ts_property), args.workers, args.engine,
+                                        lone_image_threads=args.lone_image_threads)
         try:
             engine = served_engine_name(ts, payloads[0])
             # In-process runs the engine the workers serve, built from the same cache (the same code).

@@ -94,6 +94,8 @@ class CIFAR100Handler(BaseHandler):
         self.calibration = load_calibration(model_dir, self.flip_tta)
         self.engine = self._start_engine(handler_cfg.get("engine", engines.AUTO), engines.images_per_forward(model_cfg),
                                          model_dir)
+        if self.device.type == "cpu":  # a lone image (and its mirror with flip TTA) on an idle neighbour's cores too
+            self.engine.lend_threads(engines.lone_image_threads(model_cfg), 2 if self.flip_tta else 1)
         self._explanation_model = None  # built on the first explanation (handler/explain.py)
         # Longer side of a Grad-CAM heatmap PNG (model-config.yaml handler.heatmap_max_side, optional).
         self.heatmap_max_side = int(handler_cfg.get("heatmap_max_side", HEATMAP_MAX_SIDE))

@@ -136,6 +136,22 @@ def worker_threads(model_config: dict) -> int:
     return max(1, int(pinned or (os.cpu_count() or 1) // max(1, workers)))
 
 
+def lone_image_threads(model_config: dict) -> int:
+    """Threads for a forward pass of one image (``handler.lone_image_threads``), on OpenVINO's engines.
+
+    A batch holding a single image means the load is light: the other workers are most likely idle, so
+    by default it borrows one neighbour's share of the cores (twice the worker's threads, at most all
+    cores; measured on 2 cores only, benchmarks/RESULTS.md). Off (the worker's own threads) when the
+    operator pinned the threads, on a worker that already has every core, or when set to 0."""
+    handler = model_config.get("handler") or {}
+    own = worker_threads(model_config)
+    if "lone_image_threads" in handler:
+        return max(own, int(handler["lone_image_threads"] or 0))
+    if handler.get("cpu_threads") or os.environ.get("OMP_NUM_THREADS"):
+        return own
+    return max(own, min(os.cpu_count() or 1, 2 * own))
+
+
 def flip_tta(model_config: dict) -> bool:
     """model-config.yaml's ``handler.flip_tta`` (off unless set)."""
     return bool((model_config.get("handler") or {}).get("flip_tta", False))
@@ -284,12 +300,24 @@ class _OpenVINOForward:
             network = core.read_model(str(network))
         if max_batch is not None:  # an IR made for another batch bound (the shipped int8 one)
             network.reshape(ov.PartialShape([ov.Dimension(1, max_batch), 3, 32, 32]))
+        self._core, self._network, self._config = core, network, config
         self.compiled = core.compile_model(network, "CPU", config)
         self.request = self.compiled.create_infer_request()
+        self._lone_request, self._lone_rows = None, 0
+
+    def lend_threads(self, threads: int, rows: int) -> bool:
+        """Batches of at most ``rows`` rows run on ``threads`` threads from now on (a second compiled
+        model: OpenVINO fixes the thread count at compile time). False when that is no more than today's."""
+        if threads <= self._config["INFERENCE_NUM_THREADS"]:
+            return False
+        compiled = self._core.compile_model(self._network, "CPU", {**self._config, "INFERENCE_NUM_THREADS": threads})
+        self._lone_request, self._lone_rows = compiled.create_infer_request(), rows
+        return True
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        request = self._lone_request if len(images) <= self._lone_rows else self.request
         # Engine hands it NCHW; infer() copies its output (share_outputs=False) so the next call keeps it.
-        result = self.request.infer({0: images.contiguous().numpy()})
+        result = request.infer({0: images.contiguous().numpy()})
         return torch.from_numpy(result[0])
 
 
@@ -311,6 +339,9 @@ class _RecheckedForward:
         self.answered += len(images)
         self.rechecked += int(close.sum())
         return logits
+
+    def lend_threads(self, threads: int, rows: int) -> bool:
+        return all([self.fast.lend_threads(threads, rows), self.exact.lend_threads(threads, rows)])
 
     @property
     def share(self) -> float:
@@ -471,6 +502,13 @@ class Engine:
     def rechecked(self) -> int:
         """Images answered again by fp32 so far (openvino-int8; 0 for the others)."""
         return getattr(self.forward, "rechecked", 0)
+
+    def lend_threads(self, threads: int, rows: int) -> None:
+        """A forward of at most ``rows`` rows (one image) runs on ``threads`` threads: OpenVINO's engines;
+        the others keep the worker's threads (PyTorch's are one setting per process)."""
+        lend = getattr(self.forward, "lend_threads", None)
+        if lend is not None and lend(threads, rows):
+            self.info["lone_image_threads"] = threads
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.contiguous(memory_format=self.memory_format)

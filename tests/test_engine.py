@@ -177,6 +177,68 @@ def test_the_engine_bound_is_the_batch_doubled_with_flip_tta():
     assert engines.images_per_forward({"batchSize": 6, "handler": {"flip_tta": True}}) == 12  # image + mirror
 
 
+def test_a_lone_image_borrows_an_idle_neighbours_share_of_the_cores_unless_pinned(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(engines.os, "cpu_count", lambda: 2)
+    two_workers = {"minWorkers": 2}
+    assert engines.worker_threads(two_workers) == 1 and engines.lone_image_threads(two_workers) == 2
+    # A worker that has every core already, pinned threads, or the setting at 0: no more than its own.
+    assert engines.lone_image_threads({"minWorkers": 1}) == 2 == engines.worker_threads({"minWorkers": 1})
+    assert engines.lone_image_threads({"minWorkers": 2, "handler": {"cpu_threads": 1}}) == 1
+    assert engines.lone_image_threads({"minWorkers": 2, "handler": {"lone_image_threads": 0}}) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert engines.lone_image_threads(two_workers) == 1
+    # Said explicitly, it is what the operator asked (here more than the cores: an operator's choice).
+    assert engines.lone_image_threads({"minWorkers": 2, "handler": {"lone_image_threads": 4}}) == 4
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(engines.os, "cpu_count", lambda: 16)
+    assert engines.lone_image_threads(two_workers) == 16 and engines.lone_image_threads({"minWorkers": 4}) == 8
+
+
+def test_openvino_runs_a_lone_image_on_the_lent_threads_and_batches_on_its_own(tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    sha = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
+    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    probe = normalize(engines.load_inputs(REPO / "model" / "weights")["probe"][:12])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # a 1-thread worker, as served on 2 cores
+    engine = engines.build_engine("openvino-int8", model, sha, 6, CPU, None, tmp_path, shipped_dir=WEIGHTS.parent)
+    parts = engine.forward.fast, engine.forward.exact  # int8 and its fp32 rechecks
+
+    def answers():
+        return [torch.cat([part(image) for image in probe.split(1)]) for part in parts] + [part(probe[:6]) for part in parts]
+
+    before = answers()
+    engine.lend_threads(2, rows=1)
+    assert engine.info["lone_image_threads"] == 2
+    for part in parts:
+        assert part.request.get_compiled_model().get_property("INFERENCE_NUM_THREADS") == 1
+        assert part._lone_request.get_compiled_model().get_property("INFERENCE_NUM_THREADS") == 2
+    used = []
+
+    class Counted:  # which of int8's two compiled models answered, and how many rows
+        def __init__(self, name):
+            self.name, self.request = name, getattr(engine.forward.fast, name)
+
+        def infer(self, inputs):
+            used.append((self.name, len(inputs[0])))
+            return self.request.infer(inputs)
+
+    for name in ("request", "_lone_request"):
+        monkeypatch.setattr(engine.forward.fast, name, Counted(name))
+    for image in probe.split(1):
+        engine(image)
+    engine(probe[:6])
+    assert used == [("_lone_request", 1)] * len(probe) + [("request", 6)]
+    # The same networks on more threads: the same logits up to float rounding.
+    after = answers()
+    for old, new in zip(before, after):
+        torch.testing.assert_close(new, old, rtol=1e-4, atol=1e-4)
+    # More threads than it has already: nothing to lend, nothing said.
+    fp32 = engines.build_engine("openvino-fp32", model, sha, 6, CPU, None, tmp_path)
+    fp32.lend_threads(1, rows=1)
+    assert "lone_image_threads" not in fp32.info and fp32.forward._lone_request is None
+
+
 def test_openvino_int8_answers_close_calls_with_fp32():
     int8_logits = torch.zeros(5, 100)
     int8_logits[0, 0] = 6.0                          # sure: int8's answer stands

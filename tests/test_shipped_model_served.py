@@ -17,8 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+import yaml
 
-from serving.archive import DEFAULT_WEIGHTS
+from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG
 from serving_helpers import ReferenceModel, cifar_pil, encode, engine_record
 from torchserve_fixture import weights_under_test
 
@@ -56,6 +57,17 @@ def test_1000_served_answers_agree_with_in_process_top1(torchserve_ready, cifar1
     picked = engines.candidates("auto", torch.device("cpu"), engine_record(weights_under_test()))[0]
     assert reference.engine.name == picked
     assert {r.json()["engine"] for r in responses} == {picked}
+    # Where the engine is OpenVINO's and a worker has fewer threads than the cores, a lone image's forward
+    # pass borrows an idle neighbour's share (handler.lone_image_threads): the worker says so when it starts.
+    config = yaml.safe_load(MODEL_CONFIG.read_text())
+    lent = engines.lone_image_threads(config)
+    started = [line for line in (ts.log_dir / "model_log.log").read_text(errors="replace").splitlines()
+               if "CIFAR-100 model" in line]
+    assert started, "no worker start in model_log.log"
+    if picked.startswith("openvino") and lent > engines.worker_threads(config):
+        assert f"'lone_image_threads': {lent}" in started[-1], started[-1]
+    else:
+        assert "lone_image_threads" not in started[-1], started[-1]
     served = torch.tensor([r.json()["index"] for r in responses])
     in_process = expected.argmax(1)
     top2 = expected.topk(2, dim=1).values
