@@ -41,7 +41,7 @@ from handler.calibration import Calibration, load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, image_bytes, image_to_tensor, normalize
 from handler.protocols import ProtocolError, encode_answer, parse_request
-from model import load_class_names, network_from_state_dict
+from model import fold_batchnorm, load_class_names, network_from_state_dict
 from model.classes import display_name
 from model.tta import flip_tta_logits
 from serving.settings import TOP_K as DEFAULT_TOPK  # model-config.yaml's handler.topk overrides it
@@ -61,15 +61,12 @@ def not_per_batch_line(record: logging.LogRecord) -> bool:
 
 def serving_model(state_dict: dict) -> torch.nn.Module:
     """The network as the handler runs it: eval mode, each BatchNorm folded into the convolution
-    before it (torch.fx), weights in channels_last.
+    before it (model.network.fold_batchnorm), weights in channels_last.
 
     Same answers as the trained network up to float rounding (~1e-6 on the logits), in less time
     (benchmarks/RESULTS.md); fewer operators also mean fewer OpenMP wake-ups per request.
     """
-    from torch.fx.experimental.optimization import fuse
-
-    model = fuse(network_from_state_dict(state_dict).eval())
-    return model.to(memory_format=torch.channels_last)
+    return fold_batchnorm(network_from_state_dict(state_dict)).to(memory_format=torch.channels_last)
 
 
 class CIFAR100Handler(BaseHandler):

@@ -93,7 +93,7 @@ ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", 
 RECORD_FILE, INPUTS_FILE, INT8_FILE, CACHE_ENV = (ENGINE_RECORD_FILE, ENGINE_INPUTS_FILE, ENGINE_INT8_FILE,
                                                    ENGINE_CACHE_ENV)
 DEFAULT_CACHE = Path.home() / ".cache" / "cifar100-engines"
-PACKAGE_FORMAT = 2  # bump when the way packages are built changes (invalidates the cache)
+PACKAGE_FORMAT = 3  # bump when the way packages are built changes (invalidates the cache)
 
 
 class EngineError(RuntimeError):

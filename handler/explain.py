@@ -6,9 +6,9 @@ its answer. The map is stretched over the whole uploaded picture (the network sa
 squashed to 32x32, so its grid covers the full frame) and sent as an 8-bit greyscale PNG with the
 picture's aspect: 255 = most responsible, 0 = no evidence.
 
-The network runs with each block's BatchNorm folded into its convolutions block by block (torch.fx
-on each block rather than on the whole network, as ``serving_model`` does): the stages stay
-modules, so Captum can hook the last one, and the forward/backward pass stays as cheap as serving's.
+The network runs with each BatchNorm folded into its convolution, as served (model.network.fold_batchnorm):
+the stages stay modules, so Captum can hook the last one, and the forward/backward pass stays as cheap
+as serving's.
 """
 from __future__ import annotations
 
@@ -27,14 +27,10 @@ HEATMAP_MAX_SIDE = 224
 
 
 def explanation_model(network: torch.nn.Module) -> torch.nn.Module:
-    """The trained CIFAR100Model in eval mode, BN folded inside each block; ``model.stage3`` stays hookable."""
-    from torch.fx.experimental.optimization import fuse
+    """The trained CIFAR100Model in eval mode, BN folded; ``model.stage3`` stays hookable."""
+    from model import fold_batchnorm
 
-    model = network.eval()
-    model.stem = fuse(model.stem)
-    for stage in (model.stage1, model.stage2, model.stage3):
-        for i, block in enumerate(stage):
-            stage[i] = fuse(block)
+    model = fold_batchnorm(network)
     return model.to(memory_format=torch.channels_last)
 
 

@@ -336,6 +336,7 @@ def test_the_network_quantize_trains_computes_what_the_handler_serves():
     images = normalize(engines.load_inputs(REPO / "model" / "weights")["probe"][:32], channels_last=False)
     folded = folded_network(state_dict)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert next(folded.parameters()).is_contiguous()  # NCHW, as NNCF and OpenVINO's trace take it
     with torch.no_grad():
         torch.testing.assert_close(folded(images), serving_model(state_dict)(images), atol=1e-4, rtol=1e-4)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from model import CIFAR100Model, ResidualSEBlock, SEBlock, infer_width_and_classes
+from model import CIFAR100Model, ResidualSEBlock, SEBlock, fold_batchnorm, infer_width_and_classes, network_from_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_WEIGHTS = ROOT / "model" / "weights" / "CIFAR100_model.pth"
@@ -121,6 +121,26 @@ def test_shipped_weights_load_at_their_own_width():
     model.load_state_dict(state, strict=True)
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, num_classes)
+
+
+def test_folding_batchnorm_keeps_the_answers_and_the_stages_as_modules():
+    """The one fold every served form is made from (engines, Grad-CAM's network, the int8 network)."""
+    state = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)
+    torch.manual_seed(0)
+    images = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        expected = network_from_state_dict(state).eval()(images)
+        folded = fold_batchnorm(network_from_state_dict(state))
+        assert not folded.training and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert len(convs) == 13 and all(c.bias is not None for c in convs)  # stem + 2 per block: BN's shift is the bias
+        torch.testing.assert_close(folded(images), expected, atol=1e-4, rtol=1e-4)
+        assert isinstance(folded.stage3, nn.Sequential) and isinstance(folded.stage3[-1], ResidualSEBlock)
+        # Folding again changes nothing; channels_last (as served) gives the same logits.
+        torch.testing.assert_close(fold_batchnorm(folded)(images), expected, atol=1e-4, rtol=1e-4)
+        served = folded.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(served(images.contiguous(memory_format=torch.channels_last)), expected,
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_the_seeds_constructor_by_keyword_and_by_position_builds_the_seeds_network():

@@ -52,19 +52,11 @@ def control_images(data_dir: str) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def folded_network(state_dict: dict) -> torch.nn.Module:
-    """The served arithmetic (each BatchNorm folded into the convolution before it, eval mode) as plain modules:
-    NNCF traces modules, not the torch.fx graph handler.cifar100_handler.serving_model folds into."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    """The served arithmetic (each BatchNorm folded into the convolution before it, eval mode) in NCHW, the
+    layout NNCF and OpenVINO's trace take (the handler's serving_model is the same network in channels_last)."""
+    from model import fold_batchnorm, network_from_state_dict
 
-    from model.weights import network_from_state_dict
-
-    model = network_from_state_dict(state_dict).eval()
-    pairs = [(model.stem, "0", "1")] + [(block, f"conv{i}", f"bn{i}") for stage in (model.stage1, model.stage2, model.stage3)
-                                         for block in stage for i in (1, 2)]
-    for parent, conv, bn in pairs:
-        setattr(parent, conv, fuse_conv_bn_eval(getattr(parent, conv), getattr(parent, bn)))
-        setattr(parent, bn, torch.nn.Identity())
-    return model
+    return fold_batchnorm(network_from_state_dict(state_dict))
 
 
 def quantize(state_dict: dict, weights_sha256: str, calibration: torch.Tensor, control: torch.Tensor,
