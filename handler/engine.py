@@ -127,11 +127,16 @@ def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def pinned_threads(model_config: dict) -> str | int | None:
+    """The threads the operator pinned: ``handler.cpu_threads``, else OMP_NUM_THREADS; None when neither."""
+    return (model_config.get("handler") or {}).get("cpu_threads") or os.environ.get("OMP_NUM_THREADS")
+
+
 def worker_threads(model_config: dict) -> int:
-    """A CPU worker's torch threads: ``handler.cpu_threads`` or OMP_NUM_THREADS when the operator pinned
-    them, else the cores shared out among the model's workers (minWorkers; measured in
-    benchmarks/RESULTS.md: two 1-thread workers beat one 2-thread worker on 2 cores)."""
-    pinned = (model_config.get("handler") or {}).get("cpu_threads") or os.environ.get("OMP_NUM_THREADS")
+    """A CPU worker's torch threads: the pinned ones (``pinned_threads``), else the cores shared out among
+    the model's workers (minWorkers; measured in benchmarks/RESULTS.md: two 1-thread workers beat one
+    2-thread worker on 2 cores)."""
+    pinned = pinned_threads(model_config)
     workers = int(model_config.get("minWorkers") or 1)
     return max(1, int(pinned or (os.cpu_count() or 1) // max(1, workers)))
 
@@ -147,7 +152,7 @@ def lone_image_threads(model_config: dict) -> int:
     own = worker_threads(model_config)
     if "lone_image_threads" in handler:
         return max(own, int(handler["lone_image_threads"] or 0))
-    if handler.get("cpu_threads") or os.environ.get("OMP_NUM_THREADS"):
+    if pinned_threads(model_config):
         return own
     return max(own, min(os.cpu_count() or 1, 2 * own))
 

@@ -30,8 +30,7 @@ def explanation_model(network: torch.nn.Module) -> torch.nn.Module:
     """The trained CIFAR100Model in eval mode, BN folded; ``model.stage3`` stays hookable."""
     from model import fold_batchnorm
 
-    model = fold_batchnorm(network)
-    return model.to(memory_format=torch.channels_last)
+    return fold_batchnorm(network).to(memory_format=torch.channels_last)
 
 
 def grad_cam(model: torch.nn.Module, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
