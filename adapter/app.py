@@ -17,8 +17,8 @@
 Every error is {"error": "..."} with its status: 400 no `image` field / empty / not an image /
 not valid HTTP, 408 body (or head) slower than its deadline, 413 larger than MAX_UPLOAD_BYTES
 (refused while reading, see upload.py), 414/431 URL or headers too large, 404/405 unknown route or
-method (405 with the right Allow), 503 busy (with Retry-After: too many uploads in flight, see
-limits.py), TorchServe down or the model not ready, 504 TorchServe too slow, 502 TorchServe broke.
+method (405 with the right Allow), 503 busy (with Retry-After: too many uploads in flight, or
+explanations, see limits.py), TorchServe down or the model not ready, 504 TorchServe too slow, 502 TorchServe broke.
 Settings come from environment variables (see config.py). No torch here: the model lives in TorchServe.
 
 Run: `python -m adapter.run start` (background) or `python -m adapter.run serve` (foreground): both
@@ -46,7 +46,7 @@ from serving.settings import TOP_K  # answers per image, as the handler's model-
 from .config import Settings
 from .edge import Edge, refused_before_app
 from .errors import ClassifyError
-from .limits import InFlight, RequestLimits
+from .limits import Explanations, InFlight, RequestLimits
 from .metrics import Metrics
 from .oip import OIPClient
 from .shrink import UploadShrinker
@@ -118,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   summary="The seed's /classify/ API in front of TorchServe", **docs)
     app.state.settings = settings
     app.state.in_flight = InFlight(settings.max_requests_in_flight, settings.max_bytes_in_flight)
+    app.state.explanations = Explanations(settings)
     app.state.metrics = metrics
     # adapter/protocol.py's refusals at the HTTP parser, which never reach the app (adapter/run.py).
     app.state.refused_before_app = partial(refused_before_app, metrics)
@@ -125,7 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(ClassifyError)
     async def classify_error(request: Request, err: ClassifyError) -> JSONResponse:
         # (A refusal sent before the body was read closes the connection: limits.py adds that.)
-        return _error(err.status_code, err.message)
+        return _error(err.status_code, err.message, err.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -167,9 +168,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def explain(request: Request) -> JSONResponse:
         started = time.perf_counter()
-        upload = await read_image_upload(request, settings.max_upload_bytes)
-        image = await request.app.state.shrinker.prepare(upload.data, explain=True)
-        answer = await request.app.state.torchserve.predict(image, explain=True)
+        explanations = request.app.state.explanations
+        # Its client's share first, before the body is read; the model server's turn once it is.
+        async with explanations.share(request.client.host if request.client else "unknown"):
+            upload = await read_image_upload(request, settings.max_upload_bytes)
+            image = await request.app.state.shrinker.prepare(upload.data, explain=True)
+            async with explanations.turn():
+                answer = await request.app.state.torchserve.predict(image, explain=True)
         return JSONResponse({**classify_answer(answer, started), "heatmap": answer["heatmap"]})
 
     app.add_api_route("/explain/", explain, methods=["POST"], openapi_extra=upload_body,

@@ -26,6 +26,11 @@ serving/settings.py).
                           client alone  16
     MAX_CLIENT_BYTES_IN_FLIGHT  bytes one client address may hold (buffered, or promised to its
                           uploads arriving at a healthy rate); more -> 503  33554432 (32 MB)
+    MAX_EXPLANATIONS_IN_FLIGHT  POST /explain/ answered by the model server at once (each costs
+                          several classifications' CPU); more wait their turn  4
+    MAX_CLIENT_EXPLANATIONS_IN_FLIGHT  explanations one client address may hold (reading, waiting or
+                          answered); more -> 503 + Retry-After at once  2
+    EXPLANATION_WAIT_S    the longest an explanation waits for its turn; then 503 + Retry-After  5
     RETRY_AFTER_S         the Retry-After of those 503s         1
     MIN_UPLOAD_RATE       after MIN_RATE_GRACE_S, a body (and a head) must arrive at this many
                           bytes/s on average, else 408 and closed at once  16384
@@ -153,6 +158,9 @@ class Settings:
     max_bytes_in_flight: int = 100 * 1024 * 1024
     max_client_requests_in_flight: int = 16
     max_client_bytes_in_flight: int = 32 * 1024 * 1024
+    max_explanations_in_flight: int = 4
+    max_client_explanations_in_flight: int = 2
+    explanation_wait_s: float = 5.0
     retry_after_s: int = 1
     min_upload_rate: int = 16 * 1024
     min_rate_grace_s: float = 2.0
@@ -220,6 +228,10 @@ class Settings:
             max_client_requests_in_flight=_env_int("MAX_CLIENT_REQUESTS_IN_FLIGHT",
                                                    cls.max_client_requests_in_flight),
             max_client_bytes_in_flight=_env_int("MAX_CLIENT_BYTES_IN_FLIGHT", cls.max_client_bytes_in_flight),
+            max_explanations_in_flight=_env_int("MAX_EXPLANATIONS_IN_FLIGHT", cls.max_explanations_in_flight),
+            max_client_explanations_in_flight=_env_int("MAX_CLIENT_EXPLANATIONS_IN_FLIGHT",
+                                                       cls.max_client_explanations_in_flight),
+            explanation_wait_s=_env_float("EXPLANATION_WAIT_S", cls.explanation_wait_s),
             retry_after_s=_env_int("RETRY_AFTER_S", cls.retry_after_s),
             min_upload_rate=_env_int("MIN_UPLOAD_RATE", cls.min_upload_rate),
             min_rate_grace_s=_env_float("MIN_RATE_GRACE_S", cls.min_rate_grace_s),

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 
 class ClassifyError(Exception):
-    def __init__(self, status_code: int, message: str):
+    def __init__(self, status_code: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status_code = status_code
         self.message = message
+        self.headers = headers  # e.g. Retry-After on a 503 that a later try may pass

@@ -16,12 +16,19 @@ An ASGI middleware around the whole app, for every request that has a body:
     deadline by 1/MIN_UPLOAD_RATE s). Slower: 408 and the connection closed;
   * a response sent before the body was read in full (413, 408, 503, 404 on a POST) closes the
     connection: the unread rest must not be parsed as the next request, nor keep the socket alive.
+Explanations (POST /explain/) cost several classifications' worth of the model server's CPU each
+(Grad-CAM's backward pass: benchmarks/RESULTS.md), so they have caps of their own (`Explanations`):
+at most MAX_CLIENT_EXPLANATIONS_IN_FLIGHT from one client (more -> 503 with Retry-After at once,
+before the body is read), and at most MAX_EXPLANATIONS_IN_FLIGHT at the model server from everyone;
+an explanation past that waits its turn (first come, first served) up to EXPLANATION_WAIT_S, then
+503 with Retry-After. Classifications never wait behind more than that many explanations.
 The client address is scope["client"]: the socket's peer, or, behind a proxy listed in
 TRUSTED_PROXIES, what its X-Forwarded-For says (uvicorn's ProxyHeadersMiddleware, adapter/run.py).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -34,6 +41,8 @@ log = logging.getLogger("adapter.limits")
 
 BUSY_MESSAGE = "The server is busy with other uploads; try again shortly."
 CLIENT_BUSY_MESSAGE = "The server is busy with uploads from your address; try again shortly."
+CLIENT_EXPLANATIONS_MESSAGE = "Too many explanations asked from your address at once; try again shortly."
+EXPLANATIONS_BUSY_MESSAGE = "The server is busy explaining other answers; try again shortly."
 
 
 class _ClientShare:
@@ -130,6 +139,46 @@ class Charge:
         self.share.requests -= 1
         if self.share.requests == 0:
             in_flight.clients.pop(self.client, None)
+
+
+class Explanations:
+    """The caps on explanations in flight: one client's share, and everyone's turns at the model server."""
+
+    def __init__(self, settings: Settings):
+        self.max_client = min(settings.max_client_explanations_in_flight, settings.max_explanations_in_flight)
+        self.wait_s = settings.explanation_wait_s
+        self.retry_after = {"Retry-After": str(settings.retry_after_s)}
+        self._turns = asyncio.Semaphore(settings.max_explanations_in_flight)  # FIFO for its waiters
+        self.clients: dict[str, int] = {}  # client -> explanations it holds (reading, waiting or at the server)
+
+    @contextlib.asynccontextmanager
+    async def share(self, client: str):
+        """One explanation of ``client`` held while the body is yielded; 503 at once beyond its share."""
+        held = self.clients.get(client, 0)
+        if held >= self.max_client:
+            log.warning("503 (client's explanations): refused POST /explain/ from %s (%d held)", client, held)
+            raise ClassifyError(503, CLIENT_EXPLANATIONS_MESSAGE, self.retry_after)
+        self.clients[client] = held + 1
+        try:
+            yield
+        finally:
+            left = self.clients.pop(client) - 1
+            if left:
+                self.clients[client] = left
+
+    @contextlib.asynccontextmanager
+    async def turn(self):
+        """A turn at the model server; 503 when none came within ``wait_s``."""
+        try:
+            async with asyncio.timeout(self.wait_s):
+                await self._turns.acquire()
+        except TimeoutError:
+            log.warning("503 (explanations busy): no turn at the model server within %g s", self.wait_s)
+            raise ClassifyError(503, EXPLANATIONS_BUSY_MESSAGE, self.retry_after) from None
+        try:
+            yield
+        finally:
+            self._turns.release()
 
 
 def _declared_size(scope, fallback: int) -> int | None:

@@ -23,7 +23,8 @@ import psutil
 import pytest
 
 from adapter.config import ConfigError, Settings
-from adapter.limits import InFlight
+from adapter.errors import ClassifyError
+from adapter.limits import Explanations, InFlight
 from adapter.run import running_adapter
 from serving_helpers import cifar_pil, encode
 from test_hostile import multipart_head, parse
@@ -63,6 +64,48 @@ def test_a_crawling_upload_holds_what_it_sent_and_a_healthy_one_its_promise():
     for charge in (crawler, healthy, slow):
         charge.release()
     assert in_flight.bytes == 0 and in_flight.requests == 0 and not in_flight.clients
+
+
+def test_explanations_have_their_own_shares_and_wait_their_turn_in_order():
+    """One explanation costs several classifications: one client's share, then turns at the model server."""
+    explanations = Explanations(Settings(max_explanations_in_flight=2, max_client_explanations_in_flight=1,
+                                         explanation_wait_s=0.2, retry_after_s=3))
+    order: list[str] = []
+
+    async def explain(client: str, hold: asyncio.Event) -> str:
+        async with explanations.share(client):
+            async with explanations.turn():
+                order.append(client)
+                await hold.wait()
+        return client
+
+    async def scenario():
+        holds = {name: asyncio.Event() for name in "abcd"}
+        first = [asyncio.create_task(explain(name, holds[name])) for name in "ab"]
+        await asyncio.sleep(0.01)
+        # "a" holds its one explanation: its second is refused at once, with Retry-After.
+        with pytest.raises(ClassifyError) as refused:
+            async with explanations.share("a"):
+                pass
+        assert (refused.value.status_code, refused.value.headers) == (503, {"Retry-After": "3"})
+        assert "your address" in refused.value.message
+        # Both turns taken: "c" waits its turn, and gets 503 when none comes within the wait.
+        with pytest.raises(ClassifyError) as busy:
+            await explain("c", holds["c"])
+        assert busy.value.status_code == 503 and "busy explaining" in busy.value.message
+        # Waiters get their turns first come, first served.
+        waiting = [asyncio.create_task(explain(name, holds[name])) for name in "cd"]
+        await asyncio.sleep(0.01)
+        assert order == ["a", "b"]
+        holds["b"].set()
+        await asyncio.sleep(0.01)
+        assert order == ["a", "b", "c"]
+        for hold in holds.values():
+            hold.set()
+        return await asyncio.gather(*first, *waiting)
+
+    assert asyncio.run(scenario()) == ["a", "b", "c", "d"]
+    assert explanations.clients == {}  # every share given back
 
 
 @pytest.mark.parametrize("env,words", [
@@ -386,3 +429,48 @@ def test_a_body_slower_than_the_minimum_rate_gets_408_after_the_grace(shares_ada
     assert status == 408 and "too slowly" in json.loads(body)["error"], response[:300]
     expected = DEFAULTS.min_rate_grace_s + 10_000 / DEFAULTS.min_upload_rate
     assert expected - 0.2 <= seconds < expected + 2.5, seconds
+
+
+def test_explanations_past_a_clients_share_get_503_and_its_classifications_do_not(shares_adapter, torchserve_ready,
+                                                                                  small_png):
+    """Explanations held by one address (bodies half sent) refuse its next one at once; its
+    classifications and another address's explanation are answered, and so are the held ones."""
+    port = shares_adapter.port
+    body = PART_HEAD + small_png + b"\r\n--xx--\r\n"
+
+    def closing_head(length: int, path: str) -> bytes:  # the answer ends the connection: read() to its end
+        return multipart_head(port, length, path)[:-2] + b"Connection: close\r\n\r\n"
+
+    async def held_explanation():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(ATTACKER, 0))
+        writer.write(closing_head(len(body), "/explain/") + body[:len(PART_HEAD) + 10])
+        await writer.drain()
+        return reader, writer
+
+    async def explain_now(source: str, path: str = "/explain/"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        writer.write(closing_head(len(body), path) + body)
+        response = await asyncio.wait_for(reader.read(), timeout=30)
+        writer.transport.abort()
+        return parse(response)
+
+    async def scenario():
+        held = [await held_explanation() for _ in range(DEFAULTS.max_client_explanations_in_flight)]
+        await asyncio.sleep(0.3)
+        refused = await explain_now(ATTACKER)
+        classified = await explain_now(ATTACKER, "/classify/")
+        other = await explain_now(WELL_BEHAVED)
+        answers = []
+        for reader, writer in held:
+            writer.write(body[len(PART_HEAD) + 10:])
+            answers.append(parse(await asyncio.wait_for(reader.read(), timeout=30)))
+            writer.transport.abort()
+        return refused, classified, other, answers
+
+    refused, classified, other, answers = asyncio.run(scenario())
+    status, headers, payload = refused
+    assert status == 503 and headers.get("retry-after") == str(DEFAULTS.retry_after_s), refused
+    assert "explanations asked from your address" in json.loads(payload)["error"]
+    assert classified[0] == 200 and "prediction" in json.loads(classified[2]), classified
+    for status, _, payload in (other, *answers):
+        assert status == 200 and json.loads(payload)["heatmap"].startswith("data:image/png;base64,"), payload[:200]

@@ -29,7 +29,9 @@ MAX_UPLOAD_BYTES = 200_000  # small, so that the 413 case needs no 10 MB upload
 
 @pytest.fixture(scope="module")
 def adapter(torchserve, tmp_path_factory):
-    env = {**torchserve.adapter_env(), "MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES)}
+    # Explanations 8 at a time from one address (mixed batches, below): room for them beside the defaults' 2.
+    env = {**torchserve.adapter_env(), "MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
+           "MAX_CLIENT_EXPLANATIONS_IN_FLIGHT": "8", "MAX_EXPLANATIONS_IN_FLIGHT": "8"}
     with running_adapter(env, tmp_path_factory.mktemp("explain-adapter") / "adapter.log") as proc:
         yield proc
 
