@@ -308,19 +308,19 @@ class _OpenVINOForward:
         self._core, self._network, self._config = core, network, config
         self.compiled = core.compile_model(network, "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self._lone_request, self._lone_rows = None, 0
+        self._lone_request = None
 
-    def lend_threads(self, threads: int, rows: int) -> bool:
-        """Batches of at most ``rows`` rows run on ``threads`` threads from now on (a second compiled
-        model: OpenVINO fixes the thread count at compile time). False when that is no more than today's."""
+    def lend_threads(self, threads: int) -> bool:
+        """Calls with ``lone=True`` run on ``threads`` threads from now on (a second compiled model:
+        OpenVINO fixes the thread count at compile time). False when that is no more than today's."""
         if threads <= self._config["INFERENCE_NUM_THREADS"]:
             return False
         compiled = self._core.compile_model(self._network, "CPU", {**self._config, "INFERENCE_NUM_THREADS": threads})
-        self._lone_request, self._lone_rows = compiled.create_infer_request(), rows
+        self._lone_request = compiled.create_infer_request()
         return True
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        request = self._lone_request if len(images) <= self._lone_rows else self.request
+    def __call__(self, images: torch.Tensor, lone: bool = False) -> torch.Tensor:
+        request = self._lone_request if lone and self._lone_request is not None else self.request
         # Engine hands it NCHW; infer() copies its output (share_outputs=False) so the next call keeps it.
         result = request.infer({0: images.contiguous().numpy()})
         return torch.from_numpy(result[0])
@@ -335,18 +335,19 @@ class _RecheckedForward:
         self.fast, self.exact, self.gap = fast, exact, gap
         self.answered = self.rechecked = 0
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.fast(images)
+    def __call__(self, images: torch.Tensor, lone: bool = False) -> torch.Tensor:
+        logits = self.fast(images, lone=lone)
         top2 = logits.topk(2, dim=1).values
         close = (top2[:, 0] - top2[:, 1]) < self.gap
         if close.any():
-            logits[close] = self.exact(images[close])
+            # A close call of a full batch stays on the worker's own threads: its neighbour is likely busy too.
+            logits[close] = self.exact(images[close], lone=lone)
         self.answered += len(images)
         self.rechecked += int(close.sum())
         return logits
 
-    def lend_threads(self, threads: int, rows: int) -> bool:
-        return all([self.fast.lend_threads(threads, rows), self.exact.lend_threads(threads, rows)])
+    def lend_threads(self, threads: int) -> bool:
+        return all([self.fast.lend_threads(threads), self.exact.lend_threads(threads)])
 
     @property
     def share(self) -> float:
@@ -502,6 +503,7 @@ class Engine:
     info: dict = field(default_factory=dict)
     # The layout the forward reads: PyTorch's engines channels_last, OpenVINO's IR plain NCHW.
     memory_format: torch.memory_format = torch.channels_last
+    lone_rows: int = 0  # batches this small run on lent threads (lend_threads); 0: none
 
     @property
     def rechecked(self) -> int:
@@ -509,18 +511,21 @@ class Engine:
         return getattr(self.forward, "rechecked", 0)
 
     def lend_threads(self, threads: int, rows: int) -> None:
-        """A forward of at most ``rows`` rows (one image) runs on ``threads`` threads: OpenVINO's engines;
+        """A batch of at most ``rows`` rows (one image) runs on ``threads`` threads: OpenVINO's engines;
         the others keep the worker's threads (PyTorch's are one setting per process)."""
         lend = getattr(self.forward, "lend_threads", None)
-        if lend is not None and lend(threads, rows):
+        if lend is not None and lend(threads):
+            self.lone_rows = rows
             self.info["lone_image_threads"] = threads
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.contiguous(memory_format=self.memory_format)
+        # Lone or not is the whole batch's say: its chunks and its rechecked close calls follow it.
+        lone = {"lone": len(images) <= self.lone_rows} if self.lone_rows else {}
         with torch.inference_mode():
             if self.max_batch is None or len(images) <= self.max_batch:
-                return self.forward(images)
-            return torch.cat([self.forward(c.contiguous(memory_format=self.memory_format))
+                return self.forward(images, **lone)
+            return torch.cat([self.forward(c.contiguous(memory_format=self.memory_format), **lone)
                               for c in images.split(self.max_batch)])
 
 

@@ -205,9 +205,12 @@ def test_openvino_runs_a_lone_image_on_the_lent_threads_and_batches_on_its_own(t
     parts = engine.forward.fast, engine.forward.exact  # int8 and its fp32 rechecks
 
     def answers():
-        return [torch.cat([part(image) for image in probe.split(1)]) for part in parts] + [part(probe[:6]) for part in parts]
+        return ([torch.cat([part(image, lone=True) for image in probe.split(1)]) for part in parts]
+                + [part(probe[:6]) for part in parts])
 
     before = answers()
+    top2 = parts[0](probe[:6]).topk(2, dim=1).values
+    one_close_call = float((top2[:, 0] - top2[:, 1]).sort().values[:2].mean())  # a gap that rechecks 1 of the 6
     engine.lend_threads(2, rows=1)
     assert engine.info["lone_image_threads"] == 2
     for part in parts:
@@ -215,20 +218,32 @@ def test_openvino_runs_a_lone_image_on_the_lent_threads_and_batches_on_its_own(t
         assert part._lone_request.get_compiled_model().get_property("INFERENCE_NUM_THREADS") == 2
     used = []
 
-    class Counted:  # which of int8's two compiled models answered, and how many rows
-        def __init__(self, name):
-            self.name, self.request = name, getattr(engine.forward.fast, name)
+    class Counted:  # which compiled model answered (int8's or fp32's, own or lent threads), and how many rows
+        def __init__(self, part, name):
+            self.name, self.request = f"{part} {name}", getattr(getattr(engine.forward, part), name)
 
         def infer(self, inputs):
             used.append((self.name, len(inputs[0])))
             return self.request.infer(inputs)
 
-    for name in ("request", "_lone_request"):
-        monkeypatch.setattr(engine.forward.fast, name, Counted(name))
+    for part in ("fast", "exact"):
+        for name in ("request", "_lone_request"):
+            monkeypatch.setattr(getattr(engine.forward, part), name, Counted(part, name))
     for image in probe.split(1):
         engine(image)
     engine(probe[:6])
-    assert used == [("_lone_request", 1)] * len(probe) + [("request", 6)]
+    engine(probe[:7])  # two chunks, 6 rows and 1: a batch of 7 is no lone image, its last row neither
+    assert [u for u in used if u[0].startswith("fast")] == \
+        [("fast _lone_request", 1)] * len(probe) + [("fast request", 6), ("fast request", 6), ("fast request", 1)]
+    # Close calls are rechecked on the threads of the batch they came from: a lone image's on the lent ones,
+    # the one close call of a batch of 6 on the worker's own.
+    used.clear()
+    monkeypatch.setattr(engine.forward, "gap", float("inf"))
+    engine(probe[:1])
+    monkeypatch.setattr(engine.forward, "gap", one_close_call)
+    engine(probe[:6])
+    assert used == [("fast _lone_request", 1), ("exact _lone_request", 1), ("fast request", 6), ("exact request", 1)]
+    monkeypatch.undo()
     # The same networks on more threads: the same logits up to float rounding.
     after = answers()
     for old, new in zip(before, after):
@@ -236,7 +251,7 @@ def test_openvino_runs_a_lone_image_on_the_lent_threads_and_batches_on_its_own(t
     # More threads than it has already: nothing to lend, nothing said.
     fp32 = engines.build_engine("openvino-fp32", model, sha, 6, CPU, None, tmp_path)
     fp32.lend_threads(1, rows=1)
-    assert "lone_image_threads" not in fp32.info and fp32.forward._lone_request is None
+    assert "lone_image_threads" not in fp32.info and fp32.forward._lone_request is None and fp32.lone_rows == 0
 
 
 def test_openvino_int8_answers_close_calls_with_fp32():
@@ -250,11 +265,11 @@ def test_openvino_int8_answers_close_calls_with_fp32():
     int8_logits[4, :2] = torch.tensor([1.0, 0.5])
     asked = []
 
-    def fp32(images):
+    def fp32(images, lone=False):
         asked.append(images.clone())
         return torch.full((len(images), 100), -1.0)
 
-    forward = engines._RecheckedForward(lambda images: int8_logits[images.long().flatten()], fp32, gap=0.25)
+    forward = engines._RecheckedForward(lambda images, lone=False: int8_logits[images.long().flatten()], fp32, gap=0.25)
     images = torch.arange(5.0).view(5, 1)
     logits = forward(images)
     assert [batch.flatten().tolist() for batch in asked] == [[1.0, 3.0]]  # only the close calls, in one call
