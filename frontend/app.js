@@ -141,6 +141,25 @@
     document.body.dataset.state = "answered";
   }
 
+  // A 503 with Retry-After is the server's "busy: ask again in N s" (its shares and caps, not a server
+  // that is down): the page waits that long (at most BUSY_WAIT_MAX_S), saying so, and asks again, up to
+  // BUSY_RETRIES times, while the answer is still wanted (`wanted()`). Other answers return as they are.
+  const BUSY_RETRIES = 2;
+  const BUSY_WAIT_MAX_S = 5;
+
+  async function postForm(url, form, wanted) {
+    for (let retry = 0; ; retry++) {
+      const response = await fetch(url, { method: "POST", body: form });
+      const header = response.headers.get("Retry-After");
+      const seconds = header === null ? NaN : Number(header); // an HTTP date: no retry
+      if (response.status !== 503 || !(seconds >= 0) || retry >= BUSY_RETRIES || !wanted()) return response;
+      const wait = Math.min(seconds, BUSY_WAIT_MAX_S);
+      statusLine.textContent = `The server is busy; trying again in ${wait} s…`;
+      await new Promise((resolve) => setTimeout(resolve, wait * 1000));
+      if (!wanted()) return response;
+    }
+  }
+
   // The adapter's errors are {"error": "..."}; anything else (a proxy's HTML page) gets a plain line.
   async function errorMessage(response) {
     let message = "";
@@ -270,7 +289,7 @@
     try {
       let response;
       try {
-        response = await fetch(url, { method: "POST", body: form });
+        response = await postForm(url, form, () => thisRequest === requestNumber);
       } catch (_) {
         if (thisRequest === requestNumber) {
           showError(`Cannot reach the classifier at ${url}. The server may be down; please try again later.`);
@@ -356,7 +375,7 @@
     try {
       let response;
       try {
-        response = await fetch(url, { method: "POST", body: form });
+        response = await postForm(url, form, () => thisRequest === requestNumber);
       } catch (_) {
         if (thisRequest === requestNumber) showError(`Cannot reach the classifier at ${url}. Please try again later.`);
         return;

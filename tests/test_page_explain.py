@@ -6,9 +6,12 @@ Screenshots land in test-artifacts/ (page-why.png, page-unsure-phone.png, page-d
 """
 from __future__ import annotations
 
+import socket
 
 import httpx
 import pytest
+
+from adapter.run import running_adapter
 
 # The page fixtures (a real adapter before the session's TorchServe, Chromium, a fresh page, the
 # mountain of CIFAR-100 test image 42) and helpers, shared with the page's other tests.
@@ -170,3 +173,41 @@ def test_axe_finds_no_serious_violation(adapter, browser, photo, axe_script, sch
         assert axe_violations(page, axe_script) == []  # answered (unsure), heatmap shown, class list open
     finally:
         context.close()
+
+
+@pytest.fixture(scope="module")
+def one_explanation_adapter(torchserve, tmp_path_factory):
+    """An adapter where one address may hold a single explanation at a time."""
+    env = {**torchserve.adapter_env(), "MAX_CLIENT_EXPLANATIONS_IN_FLIGHT": "1"}
+    with running_adapter(env, tmp_path_factory.mktemp("one-explanation") / "adapter.log") as proc:
+        yield proc
+
+
+def test_a_busy_answer_is_asked_again_after_its_retry_after(one_explanation_adapter, page, photo):
+    """The address's one explanation is held (its body half sent) when "Why?" is pressed: the adapter
+    answers 503 + Retry-After, the page says it will try again, and does once the held one is done."""
+    adapter = one_explanation_adapter
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    statuses = []
+    page.on("response", lambda r: statuses.append(r.status) if "/explain/" in r.url else None)
+    port = int(adapter.base_url.rsplit(":", 1)[1])
+    body = (b'--xx\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+            + photo.read_bytes() + b"\r\n--xx--\r\n")
+    head = (f"POST /explain/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+            f"Content-Type: multipart/form-data; boundary=xx\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as held:  # the browser's address too
+        held.sendall(head + body[:100])
+        page.wait_for_timeout(300)
+        page.click("#why-button")
+        page.wait_for_function("document.getElementById('status').textContent.includes('busy; trying again in 1 s')",
+                               timeout=ANSWER_TIMEOUT_MS)
+        held.sendall(body[100:])
+        answer = b""
+        while chunk := held.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    page.wait_for_selector("#heatmap:not([hidden])", timeout=ANSWER_TIMEOUT_MS)
+    assert statuses[0] == 503 and statuses[-1] == 200 and len(statuses) <= 3, statuses
+    assert page.is_hidden("#error")
