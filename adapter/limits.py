@@ -150,13 +150,14 @@ class Explanations:
         self.retry_after = {"Retry-After": str(settings.retry_after_s)}
         self._turns = asyncio.Semaphore(settings.max_explanations_in_flight)  # FIFO for its waiters
         self.clients: dict[str, int] = {}  # client -> explanations it holds (reading, waiting or at the server)
+        self.refusals = ThrottledLog(log)
 
     @contextlib.asynccontextmanager
     async def share(self, client: str):
         """One explanation of ``client`` held while the body is yielded; 503 at once beyond its share."""
         held = self.clients.get(client, 0)
         if held >= self.max_client:
-            log.warning("503 (client's explanations): refused POST /explain/ from %s (%d held)", client, held)
+            self.refusals.warning("503 (client's explanations): refused POST /explain/ from %s (%d held)", client, held)
             raise ClassifyError(503, CLIENT_EXPLANATIONS_MESSAGE, self.retry_after)
         self.clients[client] = held + 1
         try:
@@ -173,7 +174,7 @@ class Explanations:
             async with asyncio.timeout(self.wait_s):
                 await self._turns.acquire()
         except TimeoutError:
-            log.warning("503 (explanations busy): no turn at the model server within %g s", self.wait_s)
+            self.refusals.warning("503 (explanations busy): no turn at the model server within %g s", self.wait_s)
             raise ClassifyError(503, EXPLANATIONS_BUSY_MESSAGE, self.retry_after) from None
         try:
             yield

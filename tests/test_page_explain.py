@@ -177,8 +177,9 @@ def test_axe_finds_no_serious_violation(adapter, browser, photo, axe_script, sch
 
 @pytest.fixture(scope="module")
 def one_explanation_adapter(torchserve, tmp_path_factory):
-    """An adapter where one address may hold a single explanation at a time."""
-    env = {**torchserve.adapter_env(), "MAX_CLIENT_EXPLANATIONS_IN_FLIGHT": "1"}
+    """An adapter where one address may hold a single explanation at a time (and a held body may pause
+    for 30 s before the minimum upload rate applies)."""
+    env = {**torchserve.adapter_env(), "MAX_CLIENT_EXPLANATIONS_IN_FLIGHT": "1", "MIN_RATE_GRACE_S": "30"}
     with running_adapter(env, tmp_path_factory.mktemp("one-explanation") / "adapter.log") as proc:
         yield proc
 
