@@ -9,9 +9,14 @@ export CIFAR100_DATA ?= $(abspath $(firstword $(wildcard ../shared/data) data))
 WEIGHTS ?= model/weights/CIFAR100_model.pth
 TRAIN_ARGS ?=
 
-.PHONY: install install-system data train evaluate archive kserve-bundle serve serve-torchserve serve-adapter rollout \
+.PHONY: help install install-system data train evaluate archive kserve-bundle serve serve-torchserve serve-adapter rollout \
         stop stop-torchserve stop-adapter test test-unit bench bench-train bench-serve soak clean
 
+# This list: each target with the first line of the comment above it.
+help:
+	@awk '/^# / && !c {c = substr($$0, 3)} /^[a-z-]+:/ {split($$0, t, ":"); printf "  make %-16s %s\n", t[1], c} !/^# / {c = ""}' $(firstword $(MAKEFILE_LIST))
+
+# The project's environment: .venv (pip, the pinned requirements) and node_modules (npm ci).
 install: $(VENV)/.installed node_modules/.installed
 # npm packages of the page tests (axe-core), exactly as package-lock.json pins them.
 node_modules/.installed: package.json package-lock.json
@@ -25,8 +30,8 @@ $(VENV)/.installed: requirements.txt adapter/requirements.txt requirements-kserv
 	$(PY) -m pip install -q --no-deps -r requirements-kserve-types.txt
 	touch $@
 
-# Debian packages: Java for TorchServe, Chromium for the page tests, wrk as the serving benchmarks'
-# load generator (root; CI runs this).
+# Debian packages the tests and benchmarks need (as root; CI runs this).
+# Java for TorchServe, Chromium for the page tests, wrk as the serving benchmarks' load generator, npm.
 install-system:
 	@# A Java older than 17 (TorchServe's minimum) counts as none: 17 is installed beside it.
 	v=$$(java -version 2>&1 | sed -n 's/.*version "\(1\.\)\{0,1\}\([0-9]*\).*/\2/p' | head -1); \
@@ -40,9 +45,11 @@ install-system:
 data: install
 	$(PY) -m training.data --data-dir data
 
+# A training run into runs/latest (TRAIN_ARGS="--epochs 30 ..."; python -m training.train --help).
 train: install
 	$(PY) -m training.train --data-dir $(CIFAR100_DATA) --out runs/latest $(TRAIN_ARGS)
 
+# Top-1 of WEIGHTS on the full test split (EVAL_ARGS="--json ...").
 evaluate: install
 	$(PY) -m training.evaluate $(WEIGHTS) --data-dir $(CIFAR100_DATA) $(EVAL_ARGS)
 
@@ -53,6 +60,7 @@ serve: install
 	$(MAKE) --no-print-directory serve-adapter
 	@echo "Open the page: http://127.0.0.1:$${ADAPTER_PORT:-8000}/   (stop everything with: make stop)"
 
+# Stops the adapter and TorchServe that make serve started.
 stop:
 	-$(MAKE) --no-print-directory stop-adapter
 	-$(MAKE) --no-print-directory stop-torchserve
@@ -61,6 +69,7 @@ stop:
 serve-adapter: install
 	$(PY) -m adapter.run start
 
+# Stops the adapter alone.
 stop-adapter:
 	$(PY) -m adapter.run stop
 
@@ -68,28 +77,30 @@ stop-adapter:
 archive: install
 	$(PY) -m serving.archive --weights $(WEIGHTS)
 
-# KServe's storage layout in dist/kserve/ (config/config.properties + model-store/cifar100.mar from
-# $(WEIGHTS)); copy it where an InferenceService's storageUri points (deploy/kserve/, README).
+# KServe's storage layout for WEIGHTS in dist/kserve/ (deploy/kserve/, README).
+# config/config.properties + model-store/cifar100.mar; copy it where an InferenceService's storageUri points.
 kserve-bundle: install
 	$(PY) -m serving.kserve --weights $(WEIGHTS)
 
-# TorchServe in the background (config.properties; key_file.json here, logs in logs/); waits for a
-# READY worker. Both idempotent.
+# TorchServe alone, in the background; waits for a READY worker (idempotent, as is its stop).
+# config.properties; key_file.json here, logs in logs/.
 serve-torchserve: install archive
 	$(PY) -m serving.torchserve start
 
+# Stops TorchServe alone.
 stop-torchserve:
 	$(PY) -m serving.torchserve stop
 
-# New weights into the running TorchServe without a failed request (serving/rollout.py): registers
-# WEIGHTS as a new version, waits until it is READY and warm, makes it the default, drains and
-# unregisters the old one. Rolling back: the same with the previous weights. (Not `make deploy`:
+# WEIGHTS into the running TorchServe without a failed request (ROLLOUT_ARGS, below).
+# serving/rollout.py registers WEIGHTS as a new version, waits until it is READY and warm, makes it
+# the default, drains and unregisters the old one. Rolling back: the same with the previous weights. (Not `make deploy`:
 # deploy/ is a folder.) ROLLOUT_ARGS="--ready-timeout 240 --drain-s 2".
 rollout: install
 	$(PY) -m serving.rollout --weights $(WEIGHTS) $(ROLLOUT_ARGS)
 
-# TorchServe vs the same model in-process, concurrency 1/4/16 (BENCH_SERVE_ARGS="--duration 4"); then the
-# adapter, then v2 bodies vs raw ones through the KServe bundle (concurrency 16 unless --concurrency),
+# The serving benchmarks (BENCH_SERVE_ARGS="--duration 4"), figures printed.
+# TorchServe vs the same model in-process, concurrency 1/4/16; then the adapter, then v2 bodies vs raw
+# ones through the KServe bundle (concurrency 16 unless --concurrency),
 # then 12 MP phone photos through /classify/ (shrunk in the adapter, by the page, or not at all).
 bench-serve: install
 	$(PY) -m benchmarks.bench_serve --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
@@ -98,8 +109,9 @@ bench-serve: install
 	$(PY) -m benchmarks.bench_photos --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 	$(PY) -m benchmarks.bench_engines
 
-# Hostile and heavy clients, the long runs (~15 min): 64 concurrent 9.9 MB uploads with each
-# process's peak memory, a 20,000-request soak, 150 s of slow and stalled uploads (SOAK_ARGS="--requests 2000").
+# Hostile and heavy clients, the long runs (~15 min; SOAK_ARGS="--requests 2000").
+# 64 concurrent 9.9 MB uploads with each process's peak memory, a 20,000-request soak, 150 s of slow
+# and stalled uploads.
 soak: install
 	$(PY) -m benchmarks.soak $(SOAK_ARGS)
 
@@ -111,10 +123,13 @@ test: install
 test-unit: install
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
+# Both benchmarks below, training's then serving's.
 bench: bench-train bench-serve
 
+# Training images/s per precision and layout (BENCH_TRAIN_ARGS="--widths 3 --only fast").
 bench-train: install
 	$(PY) -m training.bench --data-dir $(CIFAR100_DATA) $(BENCH_TRAIN_ARGS)
 
+# Removes what the targets made: runs, model_store, logs, test-artifacts, dist, node_modules.
 clean:
 	rm -rf runs model_store logs test-artifacts dist node_modules
