@@ -150,6 +150,7 @@ class Explanations:
         self.retry_after = {"Retry-After": str(settings.retry_after_s)}
         self._turns = asyncio.Semaphore(settings.max_explanations_in_flight)  # FIFO for its waiters
         self.clients: dict[str, int] = {}  # client -> explanations it holds (reading, waiting or at the server)
+        self.waiting = self.at_server = 0  # read by adapter/metrics.py's gauges
         self.refusals = ThrottledLog(log)
 
     @contextlib.asynccontextmanager
@@ -170,15 +171,20 @@ class Explanations:
     @contextlib.asynccontextmanager
     async def turn(self):
         """A turn at the model server; 503 when none came within ``wait_s``."""
+        self.waiting += 1
         try:
             async with asyncio.timeout(self.wait_s):
                 await self._turns.acquire()
         except TimeoutError:
             self.refusals.warning("503 (explanations busy): no turn at the model server within %g s", self.wait_s)
             raise ClassifyError(503, EXPLANATIONS_BUSY_MESSAGE, self.retry_after) from None
+        finally:
+            self.waiting -= 1
+        self.at_server += 1
         try:
             yield
         finally:
+            self.at_server -= 1
             self._turns.release()
 
 

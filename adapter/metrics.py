@@ -5,6 +5,8 @@ port: METRICS_ENABLED, METRICS_PORT in config.py).
     adapter_request_duration_seconds{route}          end to end, first byte in -> last byte out
     adapter_model_server_duration_seconds            one call to the model server (a retry is a second one)
     adapter_requests_in_flight, adapter_bytes_in_flight   requests being answered now, their declared bodies
+    adapter_explanations_at_model_server, adapter_explanations_waiting   explanations there now, and
+                                                     those waiting their turn (adapter/limits.py)
     adapter_refusals_total{reason}                   timeout (408), too_large (413), url_too_long (414),
                                                      headers_too_large (431), bad_http (400 at the parser),
                                                      busy (503 + Retry-After: in-flight caps)
@@ -55,6 +57,13 @@ class Metrics:
                                            ["kind"], registry=r)
         # (route, status) -> child, route -> child: labels() costs more than the increment itself
         self._requests, self._latency = {}, {}
+
+    def watch_explanations(self, explanations) -> None:
+        """Gauges of adapter/limits.py's Explanations, read when Prometheus scrapes."""
+        Gauge("adapter_explanations_at_model_server", "Explanations being answered by the model server now",
+              registry=self.registry).set_function(lambda: explanations.at_server)
+        Gauge("adapter_explanations_waiting", "Explanations waiting for their turn at the model server",
+              registry=self.registry).set_function(lambda: explanations.waiting)
 
     def answered(self, route: str, status: int, seconds: float, busy: bool) -> None:
         key = (route, status)

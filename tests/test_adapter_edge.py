@@ -75,6 +75,7 @@ def test_request_ids_log_lines_and_metrics(adapter, client):
     assert values[("adapter_model_server_duration_seconds_count", ())] >= 4
     assert values[("adapter_request_duration_seconds_count", (("route", "/classify/"),))] == 6
     assert values[("adapter_requests_in_flight", ())] == 1  # this /metrics request itself
+    assert values[("adapter_explanations_at_model_server", ())] == 0 == values[("adapter_explanations_waiting", ())]
     assert ("adapter_model_server_retries_total", ()) in values
 
     lines = [json.loads(line) for line in adapter.log_file.read_text().splitlines() if line.startswith("{")]

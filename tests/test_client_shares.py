@@ -102,16 +102,16 @@ def test_explanations_have_their_own_shares_and_wait_their_turn_in_order():
         # Waiters get their turns first come, first served.
         waiting = [asyncio.create_task(explain(name)) for name in "cd"]
         await asyncio.sleep(0.05)
-        assert order == ["a", "b"]
+        assert order == ["a", "b"] and (explanations.at_server, explanations.waiting) == (2, 2)  # the gauges
         holds["b"].set()
         await reached("c")
-        assert order == ["a", "b", "c"]
+        assert order == ["a", "b", "c"] and (explanations.at_server, explanations.waiting) == (2, 1)
         for hold in holds.values():
             hold.set()
         return await asyncio.gather(*first, *waiting)
 
     assert asyncio.run(scenario()) == ["a", "b", "c", "d"]
-    assert explanations.clients == {}  # every share given back
+    assert explanations.clients == {} and (explanations.at_server, explanations.waiting) == (0, 0)  # all given back
 
 
 @pytest.mark.parametrize("env,words", [
