@@ -182,10 +182,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_api_route("/explain/", explain, methods=["POST"], openapi_extra=upload_body,
                       summary="Classify one image and say where the answer came from (Grad-CAM heatmap)")
 
+    # Never changes: encoded once, not on every request.
+    classes_body = JSONResponse([{"index": i, "label": label, "name": display_name(label)}
+                                 for i, label in enumerate(CLASS_NAMES)]).body
+
     @app.get("/classes")
-    async def classes() -> JSONResponse:
-        return JSONResponse([{"index": i, "label": label, "name": display_name(label)}
-                             for i, label in enumerate(CLASS_NAMES)])
+    async def classes() -> Response:
+        return Response(classes_body, media_type="application/json")
 
     @app.get("/settings")
     async def page_settings(request: Request) -> JSONResponse:
