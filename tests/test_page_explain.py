@@ -1,4 +1,5 @@
-"""The page's "Why?" view, unsure wording, example gallery, class list and dark mode, in a real
+"""The page's "Why?" view, unsure wording, example gallery, class list, dark mode and its retry of a
+busy answer (503 + Retry-After, for a classification and an explanation), in a real
 headless Chromium before a real adapter and TorchServe; plus an axe-core accessibility audit run
 inside the page (axe-core from npm, `make install` puts it in node_modules/).
 
@@ -184,31 +185,76 @@ def one_explanation_adapter(torchserve, tmp_path_factory):
         yield proc
 
 
-def test_a_busy_answer_is_asked_again_after_its_retry_after(one_explanation_adapter, page, photo):
-    """The address's one explanation is held (its body half sent) when "Why?" is pressed: the adapter
-    answers 503 + Retry-After, the page says it will try again, and does once the held one is done."""
+@pytest.fixture(scope="module")
+def one_upload_adapter(torchserve, tmp_path_factory):
+    """An adapter where one address may hold a single upload at a time (held bodies may pause 30 s)."""
+    env = {**torchserve.adapter_env(), "MAX_CLIENT_REQUESTS_IN_FLIGHT": "1", "MIN_RATE_GRACE_S": "30"}
+    with running_adapter(env, tmp_path_factory.mktemp("one-upload") / "adapter.log") as proc:
+        yield proc
+
+
+class HeldUpload:
+    """An upload of `photo` from 127.0.0.1 (the browser's address too) whose body stops half-way until
+    finish(): it holds its address's share meanwhile."""
+
+    def __init__(self, adapter, route: str, photo):
+        port = int(adapter.base_url.rsplit(":", 1)[1])
+        self.body = (b'--xx\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+                     + photo.read_bytes() + b"\r\n--xx--\r\n")
+        head = (f"POST {route} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+                f"Content-Type: multipart/form-data; boundary=xx\r\nContent-Length: {len(self.body)}\r\n\r\n")
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.sendall(head.encode() + self.body[:100])
+
+    def finish(self) -> bytes:
+        self.sock.sendall(self.body[100:])
+        answer = b""
+        while chunk := self.sock.recv(65536):
+            answer += chunk
+        self.sock.close()
+        return answer
+
+
+def statuses_of(page, route: str) -> list:
+    statuses = []
+    page.on("response", lambda r: statuses.append(r.status) if r.url.endswith(route) else None)
+    return statuses
+
+
+def wait_for_busy_notice(page) -> None:
+    page.wait_for_function("document.getElementById('status').textContent.includes('busy; trying again in 1 s')",
+                           timeout=ANSWER_TIMEOUT_MS)
+
+
+def test_a_busy_explanation_is_asked_again_after_its_retry_after(one_explanation_adapter, page, photo):
+    """The address's one explanation is held when "Why?" is pressed: the adapter answers 503 +
+    Retry-After, the page says it will try again, and does once the held one is done."""
     adapter = one_explanation_adapter
     page.goto(f"{adapter.base_url}/")
     page.set_input_files("#file-input", str(photo))
     wait_for_answer(page)
-    statuses = []
-    page.on("response", lambda r: statuses.append(r.status) if "/explain/" in r.url else None)
-    port = int(adapter.base_url.rsplit(":", 1)[1])
-    body = (b'--xx\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
-            + photo.read_bytes() + b"\r\n--xx--\r\n")
-    head = (f"POST /explain/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
-            f"Content-Type: multipart/form-data; boundary=xx\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as held:  # the browser's address too
-        held.sendall(head + body[:100])
-        page.wait_for_timeout(300)
-        page.click("#why-button")
-        page.wait_for_function("document.getElementById('status').textContent.includes('busy; trying again in 1 s')",
-                               timeout=ANSWER_TIMEOUT_MS)
-        held.sendall(body[100:])
-        answer = b""
-        while chunk := held.recv(65536):
-            answer += chunk
-    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    statuses = statuses_of(page, "/explain/")
+    held = HeldUpload(adapter, "/explain/", photo)
+    page.wait_for_timeout(300)
+    page.click("#why-button")
+    wait_for_busy_notice(page)
+    assert held.finish().startswith(b"HTTP/1.1 200")
     page.wait_for_selector("#heatmap:not([hidden])", timeout=ANSWER_TIMEOUT_MS)
     assert statuses[0] == 503 and statuses[-1] == 200 and len(statuses) <= 3, statuses
+    assert page.is_hidden("#error")
+
+
+def test_a_busy_classification_is_asked_again_after_its_retry_after(one_upload_adapter, page, photo):
+    """The same for the picture itself: the address's one upload is held when the page sends its own."""
+    adapter = one_upload_adapter
+    page.goto(f"{adapter.base_url}/")
+    statuses = statuses_of(page, "/classify/")
+    held = HeldUpload(adapter, "/classify/", photo)
+    page.wait_for_timeout(300)
+    page.set_input_files("#file-input", str(photo))
+    wait_for_busy_notice(page)
+    assert held.finish().startswith(b"HTTP/1.1 200")
+    wait_for_answer(page)
+    assert statuses[0] == 503 and statuses[-1] == 200 and len(statuses) <= 3, statuses
+    assert page.inner_text("#prediction") == expected_answer(adapter, photo)["prediction"]
     assert page.is_hidden("#error")
