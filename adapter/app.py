@@ -46,7 +46,7 @@ from serving.settings import TOP_K  # answers per image, as the handler's model-
 from .config import Settings
 from .edge import Edge, refused_before_app
 from .errors import ClassifyError
-from .limits import Explanations, InFlight, RequestLimits
+from .limits import Explanations, InFlight, RequestLimits, client_address
 from .metrics import Metrics
 from .oip import OIPClient
 from .shrink import UploadShrinker
@@ -172,7 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         started = time.perf_counter()
         explanations = request.app.state.explanations
         # Its client's share first, before the body is read; the model server's turn once it is.
-        async with explanations.share(request.client.host if request.client else "unknown"):
+        async with explanations.share(client_address(request.scope)):
             upload = await read_image_upload(request, settings.max_upload_bytes)
             image = await request.app.state.shrinker.prepare(upload.data, explain=True)
             async with explanations.turn():

@@ -145,28 +145,29 @@ class Explanations:
     """The caps on explanations in flight: one client's share, and everyone's turns at the model server."""
 
     def __init__(self, settings: Settings):
-        self.max_client = min(settings.max_client_explanations_in_flight, settings.max_explanations_in_flight)
+        # What each client holds (reading, waiting or at the server), counted as uploads are: no bytes
+        # (RequestLimits charges those), and no cap for all together (the turns are that).
+        self.held = InFlight(settings.max_requests_in_flight, 0)
+        self.held.share_per_client(min(settings.max_client_explanations_in_flight,
+                                       settings.max_explanations_in_flight), 0)
         self.wait_s = settings.explanation_wait_s
         self.retry_after = {"Retry-After": str(settings.retry_after_s)}
         self._turns = asyncio.Semaphore(settings.max_explanations_in_flight)  # FIFO for its waiters
-        self.clients: dict[str, int] = {}  # client -> explanations it holds (reading, waiting or at the server)
         self.waiting = self.at_server = 0  # read by adapter/metrics.py's gauges
         self.refusals = ThrottledLog(log)
 
     @contextlib.asynccontextmanager
     async def share(self, client: str):
         """One explanation of ``client`` held while the body is yielded; 503 at once beyond its share."""
-        held = self.clients.get(client, 0)
-        if held >= self.max_client:
-            self.refusals.warning("503 (client's explanations): refused POST /explain/ from %s (%d held)", client, held)
+        charge = self.held.try_admit(client, 0)
+        if not isinstance(charge, Charge):
+            self.refusals.warning("503 (client's explanations): refused POST /explain/ from %s (%d held)",
+                                  client, self.held.max_client_requests)
             raise ClassifyError(503, CLIENT_EXPLANATIONS_MESSAGE, self.retry_after)
-        self.clients[client] = held + 1
         try:
             yield
         finally:
-            left = self.clients.pop(client) - 1
-            if left:
-                self.clients[client] = left
+            charge.release()
 
     @contextlib.asynccontextmanager
     async def turn(self):
@@ -186,6 +187,11 @@ class Explanations:
         finally:
             self.at_server -= 1
             self._turns.release()
+
+
+def client_address(scope) -> str:
+    """Whose share a request counts in: the socket's peer, or what a trusted proxy says (module docstring)."""
+    return scope["client"][0] if scope.get("client") else "unknown"
 
 
 def _declared_size(scope, fallback: int) -> int | None:
@@ -246,7 +252,7 @@ class RequestLimits:
         size = _declared_size(scope, self.full_upload)
         if size is None:
             return await self.app(scope, receive, send)
-        client = scope["client"][0] if scope.get("client") else "unknown"
+        client = client_address(scope)
         charge = self.in_flight.try_admit(client, size)
         if not isinstance(charge, Charge):
             self.refusals.warning("503 (%s): refused %s %s from %s (%d requests, %d bytes in flight)",

@@ -29,7 +29,7 @@ import aiohttp
 from adapter.run import running_adapter
 from benchmarks.bench_photos import phone_photos
 from benchmarks.bench_serve import cifar_png_payloads, machine, start_benchmark_torchserve
-from benchmarks.soak import connector, user_address
+from benchmarks.soak import connector, post_image, user_address
 from serving import cli
 from serving.archive import DEFAULT_WEIGHTS
 
@@ -45,17 +45,9 @@ async def _client(url: str, source: str, bodies: list[bytes], until: float, resu
     async with aiohttp.ClientSession(connector=connector(source)) as session:
         i = 0
         while time.monotonic() < until:
-            form = aiohttp.FormData()
-            form.add_field("image", bodies[i % len(bodies)], filename="image", content_type="application/octet-stream")
-            i += 1
             started = time.perf_counter()
-            retry_after = None
-            try:
-                async with session.post(url, data=form, timeout=aiohttp.ClientTimeout(total=60)) as r:
-                    await r.read()
-                    status, retry_after = r.status, r.headers.get("Retry-After")
-            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-                status = type(err).__name__
+            status, _, retry_after = await post_image(session, url, bodies[i % len(bodies)])
+            i += 1
             results.append((status, (time.perf_counter() - started) * 1000))
             if status == 503 and retry_after is not None:
                 await asyncio.sleep(min(float(retry_after), max(0.0, until - time.monotonic())))

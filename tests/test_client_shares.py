@@ -111,7 +111,7 @@ def test_explanations_have_their_own_shares_and_wait_their_turn_in_order():
         return await asyncio.gather(*first, *waiting)
 
     assert asyncio.run(scenario()) == ["a", "b", "c", "d"]
-    assert explanations.clients == {} and (explanations.at_server, explanations.waiting) == (0, 0)  # all given back
+    assert explanations.held.clients == {} and (explanations.at_server, explanations.waiting) == (0, 0)  # all given back
 
 
 @pytest.mark.parametrize("env,words", [
@@ -344,13 +344,18 @@ def small_caps_adapter(torchserve, tmp_path_factory):
         yield proc
 
 
-async def _hold_upload(port: int, source: str, headers: str = "") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """An upload that sends its head and part of its body, then waits (held in flight)."""
+HELD_BYTES = len(PART_HEAD) + 10  # what a held upload of a given body sends of it
+
+
+async def _hold_upload(port: int, source: str, headers: str = "", path: str = "/classify/",
+                       body: bytes | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An upload that sends its head and part of its body, then waits (held in flight). The body: a
+    1000-byte one whose image part's head is sent, or `body`, its first HELD_BYTES sent."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-    head = multipart_head(port, 1000)
+    head = multipart_head(port, len(body) if body else 1000, path)
     if headers:
         head = head[:-2] + headers.encode() + b"\r\n"
-    writer.write(head + PART_HEAD)
+    writer.write(head + (body[:HELD_BYTES] if body else PART_HEAD))
     await writer.drain()
     return reader, writer
 
@@ -452,34 +457,25 @@ def test_explanations_past_a_clients_share_get_503_and_its_classifications_do_no
     classifications and another address's explanation are answered, and so are the held ones."""
     port = patient_adapter.port
     body = PART_HEAD + small_png + b"\r\n--xx--\r\n"
+    close = "Connection: close\r\n"  # the answer ends the connection: read() to its end
 
-    def closing_head(length: int, path: str) -> bytes:  # the answer ends the connection: read() to its end
-        return multipart_head(port, length, path)[:-2] + b"Connection: close\r\n\r\n"
-
-    async def held_explanation():
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(ATTACKER, 0))
-        writer.write(closing_head(len(body), "/explain/") + body[:len(PART_HEAD) + 10])
-        await writer.drain()
-        return reader, writer
-
-    async def explain_now(source: str, path: str = "/explain/"):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-        writer.write(closing_head(len(body), path) + body)
+    async def finish(reader, writer):
+        writer.write(body[HELD_BYTES:])
         response = await asyncio.wait_for(reader.read(), timeout=30)
         writer.transport.abort()
         return parse(response)
 
+    async def post_now(source: str, path: str = "/explain/"):
+        return await finish(*await _hold_upload(port, source, close, path, body))
+
     async def scenario():
-        held = [await held_explanation() for _ in range(DEFAULTS.max_client_explanations_in_flight)]
+        held = [await _hold_upload(port, ATTACKER, close, "/explain/", body)
+                for _ in range(DEFAULTS.max_client_explanations_in_flight)]
         await asyncio.sleep(1.0)  # their heads read and their shares taken, even on a loaded machine (30 s grace)
-        refused = await explain_now(ATTACKER)
-        classified = await explain_now(ATTACKER, "/classify/")
-        other = await explain_now(WELL_BEHAVED)
-        answers = []
-        for reader, writer in held:
-            writer.write(body[len(PART_HEAD) + 10:])
-            answers.append(parse(await asyncio.wait_for(reader.read(), timeout=30)))
-            writer.transport.abort()
+        refused = await post_now(ATTACKER)
+        classified = await post_now(ATTACKER, "/classify/")
+        other = await post_now(WELL_BEHAVED)
+        answers = [await finish(reader, writer) for reader, writer in held]
         return refused, classified, other, answers
 
     refused, classified, other, answers = asyncio.run(scenario())

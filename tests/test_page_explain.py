@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from adapter.run import running_adapter
+from test_hostile import PART_HEAD, multipart_head
 
 # The page fixtures (a real adapter before the session's TorchServe, Chromium, a fresh page, the
 # mountain of CIFAR-100 test image 42) and helpers, shared with the page's other tests.
@@ -199,12 +200,10 @@ class HeldUpload:
 
     def __init__(self, adapter, route: str, photo):
         port = int(adapter.base_url.rsplit(":", 1)[1])
-        self.body = (b'--xx\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
-                     + photo.read_bytes() + b"\r\n--xx--\r\n")
-        head = (f"POST {route} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
-                f"Content-Type: multipart/form-data; boundary=xx\r\nContent-Length: {len(self.body)}\r\n\r\n")
+        self.body = PART_HEAD + photo.read_bytes() + b"\r\n--xx--\r\n"
+        head = multipart_head(port, len(self.body), route)[:-2] + b"Connection: close\r\n\r\n"
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.sock.sendall(head.encode() + self.body[:100])
+        self.sock.sendall(head + self.body[:100])
 
     def finish(self) -> bytes:
         self.sock.sendall(self.body[100:])
