@@ -194,12 +194,19 @@ class Settings:
             raise ConfigError(
                 f"TS_PREDICT_TIMEOUT_S={self.predict_timeout_s:g} must be below TorchServe's "
                 f"responseTimeout ({response_timeout:g} s, TS_RESPONSE_TIMEOUT_S or {self.model_config})")
-        if self.max_bytes_in_flight < self.max_upload_bytes:
+        # A full-size upload declares the image plus its form (adapter/upload.py's FORM_OVERHEAD_BYTES),
+        # and a chunked one counts as that much (adapter/limits.py): the budgets must hold it.
+        from .upload import FORM_OVERHEAD_BYTES  # (starlette: only when checking)
+
+        full_upload = self.max_upload_bytes + FORM_OVERHEAD_BYTES
+        if self.max_bytes_in_flight < full_upload:
             raise ConfigError(f"MAX_BYTES_IN_FLIGHT={self.max_bytes_in_flight} is below MAX_UPLOAD_BYTES="
-                              f"{self.max_upload_bytes}: no full-size upload could ever be accepted")
-        if self.max_client_bytes_in_flight < self.max_upload_bytes:
+                              f"{self.max_upload_bytes} + {FORM_OVERHEAD_BYTES} (the form around the image): "
+                              "no full-size upload could ever be accepted")
+        if self.max_client_bytes_in_flight < full_upload:
             raise ConfigError(f"MAX_CLIENT_BYTES_IN_FLIGHT={self.max_client_bytes_in_flight} is below "
-                              f"MAX_UPLOAD_BYTES={self.max_upload_bytes}: no client could send a full-size upload")
+                              f"MAX_UPLOAD_BYTES={self.max_upload_bytes} + {FORM_OVERHEAD_BYTES} (the form around "
+                              "the image): no client could send a full-size upload")
         for proxy in self.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy, strict=False)

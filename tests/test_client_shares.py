@@ -26,8 +26,10 @@ from adapter.config import ConfigError, Settings
 from adapter.errors import ClassifyError
 from adapter.limits import Explanations, InFlight
 from adapter.run import running_adapter
+from serving.process import free_port
 from serving_helpers import cifar_pil, encode
-from test_hostile import multipart_head, parse
+from test_adapter_edge import samples
+from test_hostile import multipart_head, parse, raw_exchange, wait_for
 
 FULL_SIZE = 10 * 1024 * 1024  # what the attacker's heads declare
 ATTACKER, WELL_BEHAVED, CRAWLERS = "127.0.0.2", "127.0.0.3", ("127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7")
@@ -97,7 +99,7 @@ def test_explanations_have_their_own_shares_and_wait_their_turn_in_order():
         assert "your address" in refused.value.message
         # Both turns taken: "c" waits its turn, and gets 503 when none comes within the wait.
         with pytest.raises(ClassifyError) as busy:
-            await explain("c")
+            await asyncio.wait_for(explain("c"), timeout=10)  # (a wait without end must fail, not hang)
         assert busy.value.status_code == 503 and "busy explaining" in busy.value.message
         # Waiters get their turns first come, first served.
         waiting = [asyncio.create_task(explain(name)) for name in "cd"]
@@ -117,6 +119,12 @@ def test_explanations_have_their_own_shares_and_wait_their_turn_in_order():
 @pytest.mark.parametrize("env,words", [
     ({"TRUSTED_PROXIES": "10.0.0.0/8, nginx"}, "'nginx' is not an IP address"),
     ({"MAX_CLIENT_BYTES_IN_FLIGHT": "1000"}, "no client could send a full-size upload"),
+    ({"MAX_BYTES_IN_FLIGHT": "1000"}, "no full-size upload could ever be accepted"),
+    # Equal to the upload limit: the form around a full-size image (or any chunked upload) never fits.
+    ({"MAX_UPLOAD_BYTES": "100000", "MAX_CLIENT_BYTES_IN_FLIGHT": "100000"}, "no client could send"),
+    ({"MAX_UPLOAD_BYTES": "100000", "MAX_BYTES_IN_FLIGHT": "100000"}, "no full-size upload could ever"),
+    ({"MIN_UPLOAD_RATE": "0"}, "must be positive"),  # (a rate of 0 would divide by zero)
+    ({"MAX_REQUESTS_IN_FLIGHT": "0"}, "must be positive"),
 ])
 def test_settings_that_cannot_work_are_refused(monkeypatch, env, words):
     for name, value in env.items():
@@ -485,3 +493,152 @@ def test_explanations_past_a_clients_share_get_503_and_its_classifications_do_no
     assert classified[0] == 200 and "prediction" in json.loads(classified[2]), classified
     for status, _, payload in (other, *answers):
         assert status == 200 and json.loads(payload)["heatmap"].startswith("data:image/png;base64,"), payload[:200]
+
+
+# --- connection caps and bytes held, with no model server (nothing here reaches one) -------------
+
+def _no_model_server_adapter(tmp_path_factory, name: str, env: dict[str, str]):
+    dead = f"http://127.0.0.1:{free_port()}"  # nobody listens there: no TorchServe needed
+    return running_adapter({"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, **env},
+                           tmp_path_factory.mktemp(name) / "adapter.log")
+
+
+@pytest.fixture(scope="module")
+def connection_caps_adapter(tmp_path_factory):
+    """6 connections open in all, 2 per address, 127.0.0.9 a trusted proxy; idle ones kept a minute;
+    a head may take 30 s, but after a 1 s grace it must arrive at MIN_UPLOAD_RATE."""
+    env = {"MAX_OPEN_CONNECTIONS": "6", "MAX_CLIENT_CONNECTIONS": "2", "TRUSTED_PROXIES": "127.0.0.9",
+           "KEEPALIVE_TIMEOUT_S": "60", "HEADER_TIMEOUT_S": "30", "MIN_RATE_GRACE_S": "1"}
+    with _no_model_server_adapter(tmp_path_factory, "connection-caps", env) as proc:
+        proc.port = int(proc.base_url.rsplit(":", 1)[1])
+        yield proc
+
+
+def test_a_request_head_slower_than_the_minimum_rate_gets_408_after_the_grace(connection_caps_adapter):
+    """A head's first 30 bytes, then nothing: cut at the 1 s grace (+ 30 bytes / MIN_UPLOAD_RATE), not
+    after HEADER_TIMEOUT_S (30 s)."""
+    response, seconds = raw_exchange(connection_caps_adapter.port, b"GET /classes HTTP/1.1\r\nHost: x\r\n",
+                                     wait_s=20)
+    status, _, body = parse(response)
+    assert status == 408 and "too slowly" in json.loads(body)["error"], response[:300]
+    assert 1.0 <= seconds < 1.0 + 2.5, seconds  # the grace, plus a loaded 2-core machine's slack
+
+
+def test_a_chunked_body_slower_than_the_minimum_rate_gets_408_too(connection_caps_adapter):
+    """No Content-Length: the body's minimum rate (and its share, as a full-size upload) still applies."""
+    chunk = PART_HEAD
+    response, seconds = raw_exchange(connection_caps_adapter.port, (
+        b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(chunk), chunk)), wait_s=20)
+    status, _, body = parse(response)
+    assert status == 408 and "too slowly" in json.loads(body)["error"], response[:300]
+    # The grace, a second for the adapter to see that nothing more comes, a loaded machine's slack.
+    assert 1.0 <= seconds < 1.0 + 1.0 + 2.5, seconds
+
+
+def test_a_request_may_carry_max_header_count_headers_and_no_more(connection_caps_adapter):
+    """MAX_HEADER_COUNT (100) is the most a head may hold: 100 are served, 101 get 431."""
+    def head(count: int) -> bytes:  # Host, Connection and count - 2 others
+        return (b"GET /classes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                + b"".join(b"X-%d: a\r\n" % i for i in range(count - 2)) + b"\r\n")
+
+    at_limit, _ = raw_exchange(connection_caps_adapter.port, head(DEFAULTS.max_header_count))
+    over, _ = raw_exchange(connection_caps_adapter.port, head(DEFAULTS.max_header_count + 1))
+    assert parse(at_limit)[0] == 200, at_limit[:300]
+    assert parse(over)[0] == 431 and b"Too many request headers" in over, over[:300]
+
+
+def test_connections_past_an_address_share_or_the_open_cap_are_reset(connection_caps_adapter):
+    """One more connection than an address's share (or than everyone's cap) is reset at once, another
+    address and a trusted proxy's are not; a closed connection gives its place back."""
+    port = connection_caps_adapter.port
+
+    async def connect(source: str) -> tuple[str, asyncio.StreamReader | None, asyncio.StreamWriter | None]:
+        """A connection that asks GET /classes: ("200", ...) and kept open, or ("reset"/"closed", ...)."""
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        except ConnectionError:  # reset before the handshake was even reported
+            return "reset", None, None
+        writer.write(b"GET /classes HTTP/1.1\r\nHost: x\r\n\r\n")
+        return await asyncio.wait_for(_read_status(reader), timeout=10), reader, writer
+
+    async def scenario():
+        held = [await connect("127.0.0.2") for _ in range(2)]
+        over_share = await connect("127.0.0.2")
+        held += [await connect("127.0.0.3")]
+        held += [await connect("127.0.0.9") for _ in range(3)]  # a proxy: no share of its own
+        over_all = await connect("127.0.0.4")  # 6 open: a fresh address is reset too
+        # One of 127.0.0.2's closes (its end read: the adapter has counted it closed): its place is back.
+        _, reader, writer = held.pop(0)
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(), timeout=10)
+        again = await connect("127.0.0.2")
+        for _, _, w in (*held, over_share, over_all, again):
+            if w is not None:
+                w.transport.abort()
+        return [status for status, _, _ in held], over_share[0], over_all[0], again[0]
+
+    held, over_share, over_all, again = asyncio.run(scenario())
+    assert held == ["200"] * 5, held
+    assert over_share in ("reset", "closed") and over_all in ("reset", "closed"), (over_share, over_all)
+    assert again == "200", again
+
+
+@pytest.fixture(scope="module")
+def bytes_adapter(tmp_path_factory):
+    """150 KB uploads, 250 KB in flight in all, a healthy rate of 1000 bytes/s and a long grace
+    (stalled uploads stay held)."""
+    env = {"MAX_UPLOAD_BYTES": "150000", "MAX_BYTES_IN_FLIGHT": "250000", "MIN_UPLOAD_RATE": "1000",
+           "MIN_RATE_GRACE_S": "30", "BODY_TIMEOUT_S": "30"}
+    with _no_model_server_adapter(tmp_path_factory, "bytes", env) as proc:
+        proc.port = int(proc.base_url.rsplit(":", 1)[1])
+        yield proc
+
+
+def test_a_crawler_holds_the_bytes_it_sent_and_a_chunk_past_the_budget_gets_503(bytes_adapter):
+    """Over HTTP: a crawling upload declaring 150 KB holds the few bytes it sent, so another 150 KB upload
+    fits beside it; two healthy ones that do not fit together: the one whose bytes find no room is
+    refused half-way, 503 + Retry-After (closed), and the other, promised its size, is read to its end."""
+    port = bytes_adapter.port
+    size = 150_000
+    body = PART_HEAD + b"\0" * (size - len(PART_HEAD))  # no closing boundary: 400 once read in full
+    close = "Connection: close\r\n"
+
+    def wait_held(count: int) -> None:  # requests being answered, the /metrics that asks included
+        wait_for(lambda: samples(httpx.get(f"{bytes_adapter.base_url}/metrics", timeout=10).text)[
+            ("adapter_requests_in_flight", ())] == count + 1, 10, f"{count} uploads held")
+
+    async def finish(reader, writer, rest: bytes) -> tuple[int, dict, bytes]:
+        writer.write(rest)
+        response = await asyncio.wait_for(reader.read(), timeout=30)
+        writer.transport.abort()
+        return parse(response)
+
+    async def scenario():
+        crawler = await _hold_upload(port, "127.0.0.2", close, body=body)  # sends 85 bytes, then nothing
+        wait_held(1)
+        # Beside it, a whole 150 KB upload: admitted (85 + 150 KB fit in 250 KB), answered 400 (no image).
+        beside_crawler = await finish(*await _hold_upload(port, "127.0.0.3", close, body=body), body[HELD_BYTES:])
+        assert beside_crawler[0] == 400, beside_crawler  # (503: the crawler held its whole declared size)
+        # Two uploads admitted (each fits beside what is held), then 120 KB of each: the first found
+        # healthy is promised its 150 KB; the other's bytes cannot all fit (85 + 150 KB + 120 KB).
+        pair = [await _hold_upload(port, source, close, body=body) for source in ("127.0.0.4", "127.0.0.5")]
+        wait_held(3)
+        for _, writer in pair:
+            writer.write(body[HELD_BYTES:120_000])
+        reads = [asyncio.create_task(reader.read()) for reader, _ in pair]
+        done, _ = await asyncio.wait(reads, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1, f"{len(done)} of the two answered before their bodies ended"
+        refused = reads.index(done.pop())
+        kept = 1 - refused
+        pair[kept][1].write(body[120_000:])
+        outcomes = parse(reads[refused].result()), parse(await asyncio.wait_for(reads[kept], timeout=30))
+        for _, writer in (crawler, *pair):
+            writer.transport.abort()
+        return outcomes
+
+    refused, kept = asyncio.run(scenario())
+    status, headers, payload = refused
+    assert status == 503 and headers.get("retry-after") == "1" and headers.get("connection") == "close", refused
+    assert "busy with other uploads" in json.loads(payload)["error"], payload
+    assert kept[0] == 400, kept  # read to its end (no image in it), not refused

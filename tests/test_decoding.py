@@ -10,6 +10,7 @@ from PIL import Image
 
 from benchmarks.bench_decode import full_decode, photo_like
 from handler.preprocessing import DECODE_MIN_SIDE, MAX_JPEG_PIXELS, ImageRequestError, decode_image, image_to_tensor
+from serving.images import open_upload
 from serving_helpers import cifar_pil, encode, exif_rotated_jpeg, jpeg_declaring_size
 
 
@@ -43,6 +44,7 @@ def test_a_large_png_is_box_reduced_before_the_final_resize():
 
 def test_jpeg_pixel_limit_names_the_real_limit():
     side = int(MAX_JPEG_PIXELS ** 0.5) + 1
+    assert open_upload(jpeg_declaring_size(side - 1, side - 1)).size == (side - 1, side - 1)  # 64 MP: admitted
     with pytest.raises(ImageRequestError) as info:
         decode_image(jpeg_declaring_size(side, side))
     assert info.value.status == 413

@@ -248,8 +248,9 @@ def test_openvino_runs_a_lone_image_on_the_lent_threads_and_batches_on_its_own(t
     after = answers()
     for old, new in zip(before, after):
         torch.testing.assert_close(new, old, rtol=1e-4, atol=1e-4)
-    # More threads than it has already: nothing to lend, nothing said.
+    # No more threads than it has already (its own count, or fewer): nothing to lend, nothing said.
     fp32 = engines.build_engine("openvino-fp32", model, sha, 6, CPU, None, tmp_path)
+    fp32.lend_threads(torch.get_num_threads(), rows=1)
     fp32.lend_threads(1, rows=1)
     assert "lone_image_threads" not in fp32.info and fp32.forward._lone_request is None and fp32.lone_rows == 0
 
@@ -367,3 +368,72 @@ def test_a_record_rerun_on_another_machine_keeps_what_it_skipped_saying_where_it
     assert kept["openvino-bf16"] == {**PASSED, "measured_on": {"date": "2026-11-30", "machine": xeon}}
     assert kept["openvino-int8"]["measured_on"] == {"date": "d", "machine": {}}
     assert kept_entries(old, "other weights") == {}  # another network's figures say nothing about these
+
+
+def test_the_start_probe_serves_an_engine_above_97_percent_agreement_and_refuses_one_below(caplog):
+    """PROBE_MIN_AGREEMENT's line, on the shipped probe: an engine that changes fp32's top-1 on 2.5% of it is
+    served, one that changes 3.5% is refused with a line saying so and the worker serves eager fp32. The
+    damaged engine is the real network whose first rows' logits are shifted by one class (its top-1 moves)."""
+    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    inputs = engines.load_inputs(REPO / "model" / "weights")
+    shipped = {"calibration": inputs["calibration"][:8], "probe": inputs["probe"][:200]}
+
+    def changing(rows: int):
+        def build(name, model, weights_sha256, max_batch, device, calibration_images, folder, **_):
+            def forward(images):
+                logits = model(images)
+                logits[:rows] = logits[:rows].roll(1, dims=1)  # another top-1 on the first `rows` images
+                return logits
+            return engines.Engine(name, forward)
+        return build
+
+    with caplog.at_level(logging.INFO, logger=engines.__name__):
+        served = engines.select_engine("compile-fp32", model, "test", 6, CPU, None, shipped, normalize,
+                                       build=changing(5))
+    assert served.name == "compile-fp32" and served.info["probe_agreement"] == 0.975
+    assert "refused" not in caplog.text
+    with caplog.at_level(logging.INFO, logger=engines.__name__):
+        served = engines.select_engine("compile-fp32", model, "test", 6, CPU, None, shipped, normalize,
+                                       build=changing(7))
+    assert served.name == engines.EAGER
+    assert "engine compile-fp32 refused: it agrees with fp32 on 96.5% of the 200 probe images" in caplog.text
+
+
+def test_the_record_fails_an_engine_beyond_either_limit_of_the_guard():
+    """training/engines.py's pass/fail (MAX_TOP1_DROP, MIN_AGREEMENT): on 1,000 images where fp32 is right on
+    800, an engine 0.1 point under fp32 with 99.1% agreement passes; 0.3 point under (agreement 99.7%), or at
+    fp32's top-1 but agreeing on only 98.9%, fails."""
+    from training.engines import measure
+
+    n, classes = 1000, 100
+    labels = torch.arange(n) % classes
+    answers = torch.where(torch.arange(n) < 800, labels, (labels + 1) % classes)  # fp32: 80.0% top-1
+
+    def logits_of(top1: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(n, classes)
+        logits[torch.arange(n), top1] = 5.0
+        return logits
+
+    def engine(right_to_wrong: int, wrong_to_other_wrong: int) -> dict:
+        top1 = answers.clone()
+        top1[:right_to_wrong] = (labels[:right_to_wrong] + 2) % classes      # were right: now wrong
+        top1[800:800 + wrong_to_other_wrong] = (labels[800:800 + wrong_to_other_wrong] + 2) % classes  # wrong either way
+        return measure("int8", logits_of(top1), logits_of(answers), labels, None, {})
+
+    within = engine(right_to_wrong=1, wrong_to_other_wrong=8)
+    assert (within["top1"], within["agreement"], within["passed"]) == (0.799, 0.991, True)
+    lower = engine(right_to_wrong=3, wrong_to_other_wrong=0)
+    assert (lower["top1"], lower["agreement"], lower["passed"]) == (0.797, 0.997, False)
+    disagreeing = engine(right_to_wrong=0, wrong_to_other_wrong=11)
+    assert (disagreeing["top1"], disagreeing["agreement"], disagreeing["passed"]) == (0.8, 0.989, False)
+
+
+def test_the_shipped_record_lets_the_handler_serve_openvino_int8_on_a_cpu_without_native_bf16(monkeypatch):
+    """The shipped engines.json was measured with the handler's recheck rule: without native bf16, auto's first
+    choice is openvino-int8, as the README says (a RECHECK_LOGIT_GAP changed without re-running
+    python -m training.engines would quietly serve openvino-fp32 instead)."""
+    pytest.importorskip("openvino")
+    shipped = engines.load_record(REPO / "model" / "weights")
+    assert shipped["engines"][engines.OPENVINO_INT8]["recheck_logit_gap"] == engines.RECHECK_LOGIT_GAP
+    monkeypatch.setattr(engines, "native_bf16", lambda device: False)
+    assert engines.candidates("auto", CPU, shipped)[0] == engines.OPENVINO_INT8

@@ -148,11 +148,24 @@ PNG = b"\x89PNG\r\n\x1a\n..."
     ({"instances": []}, 400, "non-empty"),
     ({"instances": [{"pixels": b64(PNG)}]}, 400, "instances[0]"),
     ({"instances": [b64(PNG)] * 65}, 413, "limit of 64"),
+    ({"inputs": [{"name": "x", "shape": [0], "datatype": "BYTES", "data": []}]}, 400, "no image"),
+    ({"id": 42, "inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [b64(PNG)]}]}, 400, "'id'"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [b64(PNG)]}], "outputs": []}, 400,
+     "unknown output"),
 ])
 def test_malformed_protocol_bodies_are_refused_with_a_reason(body, status, words):
     with pytest.raises(ProtocolError) as err:
         parse_request({"body": body}, max_images=64)
     assert err.value.status == status and words in err.value.message
+
+
+def test_a_request_of_exactly_the_image_limit_is_read_one_more_is_413():
+    # handler.max_images_per_request: "more than 64 images in one request" is refused, 64 are answered.
+    assert len(parse_request({"body": v1_body([PNG] * 64)}, max_images=64).images) == 64
+    assert len(parse_request({"body": v2_body([PNG] * 64)}, max_images=64).images) == 64
+    with pytest.raises(ProtocolError) as err:
+        parse_request({"body": v2_body([PNG] * 65)}, max_images=64)
+    assert err.value.status == 413 and "65 images in one request, above the limit of 64" in err.value.message
 
 
 def test_plain_bodies_stay_plain_and_json_sent_as_bytes_is_read():
@@ -271,6 +284,9 @@ def test_binary_extension_is_refused_by_name_not_as_not_an_image():
     with pytest.raises(ProtocolError) as err:
         parse_request({"body": bytearray(b"{}")}, 64, {"inference-header-content-length": "2"})
     assert err.value.status == 400 and "base64" in err.value.message
+    # The header's name in any case (HTTP names are case-insensitive; tritonclient writes it capitalized).
+    with pytest.raises(ProtocolError, match="binary tensor extension"):
+        parse_request({"body": bytearray(b"{}")}, 64, {"Inference-Header-Content-Length": "2"})
     assert parse_request({"body": bytearray(PNG)}, 64, {"content-type": "image/png"}) is None
 
 

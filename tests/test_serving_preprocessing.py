@@ -11,6 +11,7 @@ from PIL import Image
 
 from handler.preprocessing import (INPUT_SIZE, MAX_IMAGE_PIXELS, ImageRequestError, decode_image, image_bytes,
                                    image_to_tensor)
+from serving.images import open_upload
 from serving_helpers import (animated_gif, decompression_bomb_png, encode, exif_rotated_jpeg, oversized_png,
                              png_declaring_size, png_with_bad_crc, sixteen_bit_png)
 
@@ -74,12 +75,33 @@ def test_every_mode_becomes_8_bit_rgb(mode):
         assert np.abs(np.asarray(out, dtype=int)[..., 0] - np.asarray(src.convert("L"), dtype=int)).max() <= 1
 
 
+def test_a_float_image_already_in_0_to_255_keeps_its_grey_levels():
+    # Float (mode F) pixels are usually 0..1 (scaled up, above); ones already in 0..255 are not scaled again.
+    grey = noisy().convert("L")
+    img = Image.fromarray(np.asarray(grey, dtype=np.float32))
+    out = decode_image(encode(img, "TIFF"))
+    assert np.abs(np.asarray(out, dtype=int)[..., 0] - np.asarray(grey, dtype=int)).max() <= 1
+
+
 def test_resize_is_the_whole_image_and_identity_at_32():
     src = noisy()
     assert torch.equal(image_to_tensor(src), torch.from_numpy(np.array(src)).permute(2, 0, 1))
     wide = image_to_tensor(halves((400, 100)))  # not cropped: both halves survive, squeezed
     assert wide.shape == (3, INPUT_SIZE, INPUT_SIZE)
     assert wide[0, :, 2].min() > 200 and wide[2, :, -3].min() > 200
+    # Antialiased, as the seed's torchvision Resize((32, 32)) on a PIL image: a one-pixel checkerboard shrunk
+    # tenfold is an even grey, not a sample of its black and white pixels.
+    from torchvision import transforms
+
+    def seed_input(img):
+        return torch.from_numpy(np.array(transforms.Resize((32, 32))(img))).permute(2, 0, 1)
+
+    board = Image.fromarray((np.indices((320, 320)).sum(0) % 2 * 255).astype(np.uint8)).convert("RGB")
+    shrunk = image_to_tensor(board)
+    assert torch.equal(shrunk, seed_input(board))
+    assert shrunk.min() >= 120 and shrunk.max() <= 135, (int(shrunk.min()), int(shrunk.max()))
+    big = noisy((320, 240), seed=3)
+    assert torch.equal(image_to_tensor(big), seed_input(big))
 
 
 @pytest.mark.parametrize("build,status", [
@@ -98,9 +120,17 @@ def test_bad_images_raise_with_their_status(build, status):
     assert info.value.status == status
 
 
+def test_bytes_after_a_pngs_end_are_not_read_as_chunks():
+    # Some tools append data after IEND; Pillow ignores it, and the checksum check stops at IEND too.
+    src = noisy()
+    img = decode_image(encode(src) + b"\0" * 16 + b"trailing data")
+    assert np.array_equal(np.asarray(img), np.asarray(src))
+
+
 def test_pixel_limit_is_checked_before_decoding():
     # Exactly at the limit decodes; one row more is refused from the header alone.
     assert MAX_IMAGE_PIXELS == 16_000_000
+    assert open_upload(png_declaring_size(4000, 4000)).size == (4000, 4000)  # the header alone: admitted
     with pytest.raises(ImageRequestError, match="16 MP limit for PNG images"):
         decode_image(png_declaring_size(4000, 4001))
 
