@@ -26,7 +26,8 @@ from .config import Settings
 from .errors import ClassifyError
 from .metrics import Metrics
 from .request_context import note_model_version, request_id_header
-from .torchserve import _TRANSPORT_ERRORS, _error_message, _Pool, _PoolBusy, _Response, answer_error, count_failure
+from .torchserve import (_TRANSPORT_ERRORS, _error_message, _Pool, _PoolBusy, _Response, answer_error, count_failure,
+                         prediction_deadline)
 
 log = logging.getLogger("adapter.oip")
 
@@ -86,8 +87,10 @@ class OIPClient:
                             "data": [base64.b64encode(image).decode("ascii")]}]}
         headers = {**self.headers, "Content-Type": "application/json", **request_id_header()}
         try:
-            response: _Response = await self._pool.request("POST", self._infer_path, headers,
-                                                           json.dumps(body).encode())
+            # The wait for a pooled connection and the answer share one deadline, as TorchServe's do.
+            async with prediction_deadline(self.settings.predict_timeout_s):
+                response: _Response = await self._pool.request("POST", self._infer_path, headers,
+                                                               json.dumps(body).encode())
         except _TRANSPORT_ERRORS as err:
             error = self._unreachable(err)
             count_failure(self.metrics, error, err)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import re
@@ -78,6 +79,11 @@ class _PoolBusy(Exception):
     """Every pooled connection stayed in use for longer than the wait allowed."""
 
 
+# True while the current task waits for a pooled connection: a deadline around the whole call (a
+# prediction's, its retry included) that runs out then means "busy" (503), not "too slow" (504).
+_WAITING_FOR_SLOT: contextvars.ContextVar[bool] = contextvars.ContextVar("waiting_for_slot", default=False)
+
+
 class _Pool:
     """One API's pooled aiohttp session, plus a count of its free connections.
 
@@ -104,11 +110,13 @@ class _Pool:
 
     async def request(self, method: str, path: str, headers: dict[str, str],
                       data: bytes | None = None) -> _Response:
+        _WAITING_FOR_SLOT.set(True)
         try:
             async with asyncio.timeout(self.wait_s):
                 await self._slots.acquire()
         except TimeoutError:
             raise _PoolBusy() from None
+        _WAITING_FOR_SLOT.set(False)
         started = time.perf_counter()
         try:
             async with self.session.request(method, self.base_url + path, headers=headers,
@@ -121,6 +129,21 @@ class _Pool:
 
     async def close(self) -> None:
         await self.session.close()
+
+
+@contextlib.asynccontextmanager
+async def prediction_deadline(seconds: float):
+    """One deadline around a whole prediction (its retry and its waits for a pooled connection included):
+    TimeoutError (-> 504) when it runs out, or _PoolBusy (-> 503 busy) when it runs out while the
+    request still waits for a connection (the pool's own wait is as long but starts later)."""
+    _WAITING_FOR_SLOT.set(False)  # (left set by an earlier call of this task that the pool refused)
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        if _WAITING_FOR_SLOT.get():
+            raise _PoolBusy() from None
+        raise
 
 
 def answer_error(response: _Response, model_name: str) -> ClassifyError:
@@ -305,7 +328,7 @@ class TorchServeClient:
     async def _predict_response(self, image: bytes, path: str) -> _Response:
         """One image's answer, sent again once if its worker died under it; within TS_PREDICT_TIMEOUT_S."""
         # A raw body (not multipart): the handler reads it as the request's `body`.
-        async with asyncio.timeout(self.settings.predict_timeout_s):
+        async with prediction_deadline(self.settings.predict_timeout_s):
             try:
                 response = await self._send(self._inference, "inference", "POST", path, data=image)
                 if not _worker_lost(response):

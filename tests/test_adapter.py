@@ -2,7 +2,9 @@
 
 Checks the seed's contract on real CIFAR-100 test images (against TorchServe's own answer), every
 error status, the upload limit acting while the body streams in, key rotation and renewal, and
-TorchServe stopped and restarted under a running adapter.
+TorchServe stopped and restarted under a running adapter. TorchServe's failures that a real one gives
+only by chance (a worker dying mid-batch, an expired key, a reset, a wedged model) against a stand-in
+server, as tests/test_adapter_oip.py does for an Open Inference Protocol server.
 """
 from __future__ import annotations
 
@@ -14,14 +16,22 @@ import select
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp import web
 from PIL import Image
 
+from adapter.config import Settings
+from adapter.errors import ClassifyError
+from adapter.metrics import Metrics
+from adapter.request_context import CURRENT
 from adapter.run import running_adapter
+from adapter.torchserve import TorchServeClient
 from model.classes import display_name
+from serving.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LIMIT = 10 * 1024 * 1024  # the adapter's default MAX_UPLOAD_BYTES
@@ -332,3 +342,363 @@ def test_torchserve_stopped_then_restarted(adapter, torchserve_ready, images):
     assert r.json()["prediction"] == expected
     assert httpx.get(f"{adapter.base_url}/health", timeout=10).status_code == 200
     assert adapter.process.poll() is None and adapter.process.pid == pid
+
+
+# --- TorchServe's failures that a real TorchServe gives only by chance: a stand-in ------------------
+# adapter/torchserve.py's TorchServeClient against a real HTTP server (aiohttp.web on a real port, in
+# the test's own event loop) that answers as TorchServe 0.12 does when a worker dies (507), a key is
+# refused (400 InvalidKeyException), a connection resets, or the model hangs: the pattern of
+# tests/test_adapter_oip.py. The statuses and bodies are TorchServe's own.
+
+ANSWER = {"prediction": "Aquarium fish", "label": "aquarium_fish", "index": 1, "probability": 0.9,
+          "topk": [], "model_version": "w3-test", "engine": "eager-fp32"}
+WORKER_DIED = {"code": 507, "type": "InternalServerException", "message": "Worker died."}
+INVALID_KEY = {"code": 400, "type": "InvalidKeyException",
+               "message": "Token Authorization failed. Token either incorrect, expired, or not provided correctly"}
+CLOSING = web.AppKey("closing", asyncio.Event)  # set when the test is done: ends every hang()
+READY = [{"modelName": "cifar100", "modelVersion": "w3-test", "workers": [{"id": "9000", "status": "READY"}]}]
+
+
+class StandIn:
+    """A TorchServe stand-in for both APIs on one real port: `predict(request, n)` answers the n-th
+    prediction (from 1), `manage(request, n)` the n-th management call (default: READY). Records
+    (method, path, headers) of every request."""
+
+    def __init__(self, predict=None, manage=None):
+        self.seen: list[tuple[str, str, dict]] = []
+        self._predict, self._manage = predict, manage
+
+    def predictions(self) -> list[dict]:
+        return [headers for method, path, headers in self.seen if path.startswith("/predictions/")]
+
+    async def _route(self, request):
+        self.seen.append((request.method, request.path, dict(request.headers)))
+        if request.path.startswith("/predictions/"):
+            return await self._predict(request, len(self.predictions()))
+        n = len(self.seen) - len(self.predictions())
+        if self._manage is not None:
+            return await self._manage(request, n)
+        return web.json_response(READY)
+
+    async def __aenter__(self):
+        app = web.Application()
+        app[CLOSING] = self.closing = asyncio.Event()
+        app.router.add_route("*", "/{tail:.*}", self._route)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self.closing.set()
+        await self._runner.cleanup()
+
+    def client(self, tmp_path, metrics=None, **settings):
+        settings = {"key_file": str(tmp_path / "no-key-file.json"), **settings}
+        return TorchServeClient(Settings(inference_url=self.url, management_url=self.url, **settings), metrics)
+
+
+def json_answer(status: int, body):
+    return web.json_response(body, status=status)
+
+
+async def reset_connection(request):
+    """The connection closes under the request, as when TorchServe's Netty drops it mid-answer."""
+    request.transport.close()
+    return web.Response()
+
+
+async def hang(request) -> None:
+    """A model that never answers (its workers stopped), until the test is over."""
+    await request.app[CLOSING].wait()
+
+
+def run_client(stand_in: StandIn, tmp_path, calls, metrics=None, **settings):
+    """Start the stand-in, run `calls(client)` (a coroutine function), close both; its result."""
+    async def run():
+        async with stand_in:
+            client = stand_in.client(tmp_path, metrics, **settings)
+            try:
+                return await calls(client)
+            finally:
+                await client.aclose()
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("first", [507, 500, 502, 503, "reset"])
+def test_a_prediction_whose_worker_died_is_sent_once_more_with_its_request_id(tmp_path, first):
+    async def predict(request, n):
+        if n == 1:
+            if first == "reset":
+                return await reset_connection(request)
+            return json_answer(first, WORKER_DIED if first == 507 else {"code": first, "message": "worker restarting"})
+        return json_answer(200, ANSWER)
+
+    async def one_request(client):
+        token = CURRENT.set({"request_id": "client-id-9", "model_version": None})
+        try:
+            return await client.predict(b"PNG")
+        finally:
+            CURRENT.reset(token)
+
+    metrics = Metrics()
+    stand_in = StandIn(predict)
+    answer = run_client(stand_in, tmp_path, one_request, metrics)
+    assert answer["label"] == "aquarium_fish"
+    assert [headers.get("X-Request-ID") for headers in stand_in.predictions()] == ["client-id-9"] * 2
+    assert metrics.retries.collect()[0].samples[0].value == 1
+
+
+@pytest.mark.parametrize("status, expected", [(507, 502), (503, 503), (400, 400), (504, 502)])
+def test_a_prediction_is_sent_at_most_twice_and_a_refusal_only_once(tmp_path, status, expected):
+    async def predict(request, n):
+        return json_answer(status, WORKER_DIED if status == 507 else {"code": status, "message": "no"})
+
+    stand_in = StandIn(predict)
+    with pytest.raises(ClassifyError) as err:
+        run_client(stand_in, tmp_path, lambda client: client.predict(b"PNG"))
+    assert err.value.status_code == expected
+    # 507/503: the worker died or restarts -> once more; 400 (the image) and 504 (TorchServe's own
+    # timeout: the worker did not die, it is slow) are not sent again.
+    assert len(stand_in.predictions()) == (2 if status in (507, 503) else 1)
+
+
+def test_the_retry_shares_the_predictions_deadline(tmp_path):
+    """TS_PREDICT_TIMEOUT_S bounds a prediction and its one retry together (adapter/config.py)."""
+    async def predict(request, n):
+        if n == 1:
+            await asyncio.sleep(1.6)  # the stand-in is slow, then its worker dies
+            return json_answer(507, WORKER_DIED)
+        await hang(request)  # the retry gets no answer
+        return json_answer(200, ANSWER)
+
+    async def timed(client):
+        started = time.monotonic()
+        try:
+            await client.predict(b"PNG")
+        except ClassifyError as err:
+            return err, time.monotonic() - started
+
+    err, took = run_client(StandIn(predict), tmp_path, timed, predict_timeout_s=2.0)
+    assert err.status_code == 504 and "longer than 2 s" in err.message
+    assert took < 3.0, took  # 2 s, not 1.6 s + another 2 s for the retry
+
+
+def write_keys(path: Path, inference: str) -> None:
+    path.write_text(json.dumps({"management": {"key": "m-key"}, "inference": {"key": inference},
+                                "API": {"key": "api-key"}}))
+
+
+def test_many_refused_keys_renew_once_and_each_request_is_answered(tmp_path):
+    """The key file holds an expired key: TorchServe refuses it (400 InvalidKeyException); the first
+    refused request renews it with the API key (PUT /token, which rewrites the file), the others
+    read the renewed key from the file: one renewal for all, every request answered."""
+    key_file = tmp_path / "key_file.json"
+    write_keys(key_file, "expired")
+    valid = {"key": "fresh-1"}
+    renewals = []
+
+    async def predict(request, n):
+        if request.headers.get("Authorization") != f"Bearer {valid['key']}":
+            return json_answer(400, INVALID_KEY)
+        return json_answer(200, ANSWER)
+
+    async def manage(request, n):
+        if request.method == "PUT" and request.path == "/token":
+            assert request.headers["Authorization"] == "Bearer api-key" and request.query["type"] == "inference"
+            renewals.append(request.query["type"])
+            valid["key"] = f"fresh-{len(renewals)}"
+            write_keys(key_file, valid["key"])
+            return json_answer(200, {"message": "Token renewed"})
+        return json_answer(200, READY)
+
+    async def many(client):
+        return await asyncio.gather(*(client.predict(b"PNG") for _ in range(8)))
+
+    answers = run_client(StandIn(predict, manage), tmp_path, many, key_file=str(key_file))
+    assert [a["label"] for a in answers] == ["aquarium_fish"] * 8
+    assert renewals == ["inference"]
+
+
+def test_a_renewed_key_is_read_even_if_the_files_time_and_size_did_not_change(tmp_path):
+    """KeyFile re-reads the file when its modification time or size changes; a renewal rewrites it
+    within the filesystem's timestamp granularity (coarse on some: 1-2 s) with a key as long as the
+    old one, so after a renewal the file is read again regardless."""
+    key_file = tmp_path / "key_file.json"
+    write_keys(key_file, "expired")
+    stamp = key_file.stat()
+
+    async def predict(request, n):
+        if request.headers.get("Authorization") != "Bearer renewed":
+            return json_answer(400, INVALID_KEY)
+        return json_answer(200, ANSWER)
+
+    async def manage(request, n):
+        write_keys(key_file, "renewed")  # as long as "expired": same size
+        os.utime(key_file, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # and, on a coarse clock, same time
+        return json_answer(200, {"message": "Token renewed"})
+
+    answer = run_client(StandIn(predict, manage), tmp_path, lambda client: client.predict(b"PNG"),
+                        key_file=str(key_file))
+    assert answer["label"] == "aquarium_fish"
+
+
+def test_a_key_still_refused_after_renewal_is_503_naming_no_key(tmp_path):
+    key_file = tmp_path / "key_file.json"
+    write_keys(key_file, "expired")
+
+    async def predict(request, n):
+        return json_answer(400, INVALID_KEY)  # TS_KEY_FILE is not the running TorchServe's
+
+    async def manage(request, n):
+        write_keys(key_file, f"other-{n}")
+        return json_answer(200, {"message": "Token renewed"})
+
+    stand_in = StandIn(predict, manage)
+    with pytest.raises(ClassifyError) as err:
+        run_client(stand_in, tmp_path, lambda client: client.predict(b"PNG"), key_file=str(key_file))
+    assert err.value.status_code == 503 and "key" in err.value.message
+    assert "expired" not in err.value.message and "other-" not in err.value.message
+    assert len(stand_in.predictions()) == 2  # the refused key, then the renewed one; no more
+
+
+def test_health_callers_share_one_probe_and_one_leaving_does_not_cancel_it(tmp_path):
+    """HEALTH_MAX_SILENCE_S passed: /health asks the model itself, once for all its callers at that
+    moment; a caller that gives up (its client disconnected) leaves the probe to the others."""
+    arrived, go = asyncio.Event(), asyncio.Event()
+    status_calls, all_in = [], asyncio.Event()
+
+    async def predict(request, n):
+        arrived.set()
+        await go.wait()
+        return json_answer(200, ANSWER)
+
+    async def manage(request, n):
+        status_calls.append(n)
+        if len(status_calls) == 5:
+            all_in.set()
+        await all_in.wait()  # the five /health calls see READY together, then want the probe
+        return json_answer(200, READY)
+
+    async def calls(client):
+        callers = [asyncio.ensure_future(client.health()) for _ in range(5)]
+        await arrived.wait()
+        callers[0].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await callers[0]
+        go.set()
+        return await asyncio.gather(*callers[1:])
+
+    stand_in = StandIn(predict, manage)
+    statuses = run_client(stand_in, tmp_path, calls, health_max_silence_s=0.0)
+    assert len(stand_in.predictions()) == 1
+    assert all(s["workers_ready"] == 1 and s["engine"] == "eager-fp32" for s in statuses), statuses
+
+
+@pytest.mark.parametrize("prediction, words", [(500, "failed (500)"), ("hang", "got no answer within 0.5 s")])
+def test_health_is_503_when_the_model_does_not_answer_its_probe(tmp_path, prediction, words):
+    async def predict(request, n):
+        if prediction == "hang":
+            await hang(request)
+        return json_answer(500, {"code": 500, "message": "boom"})
+
+    with pytest.raises(ClassifyError) as err:
+        run_client(StandIn(predict), tmp_path, lambda client: client.health(), health_timeout_s=0.5)
+    assert err.value.status_code == 503 and "not answering" in err.value.message and words in err.value.message
+
+
+def test_health_does_not_probe_after_a_recent_answer(tmp_path):
+    async def predict(request, n):
+        return json_answer(200, ANSWER)
+
+    async def calls(client):
+        await client.predict(b"PNG")
+        return await client.health()
+
+    stand_in = StandIn(predict)
+    status = run_client(stand_in, tmp_path, calls, health_max_silence_s=60.0)
+    assert status["workers_ready"] == 1 and status["last_answer_s_ago"] < 60
+    assert len(stand_in.predictions()) == 1  # the client's own; no probe
+
+
+def test_an_address_where_nobody_answers_the_connect_is_503_not_reachable_and_not_resent(tmp_path):
+    """TS_CONNECT_TIMEOUT_S: a TCP connect left unanswered (a listener whose backlog is full drops
+    the SYN, as a host that is gone does) is "not reachable" (503) at once, not "too slow" (504)
+    after TS_PREDICT_TIMEOUT_S, and not sent again (nothing died under it)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # fill the accept queue (never accepted): later connects get no answer
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    metrics = Metrics()
+
+    async def predict():
+        url = f"http://127.0.0.1:{port}"
+        client = TorchServeClient(Settings(inference_url=url, management_url=url, connect_timeout_s=0.3,
+                                           predict_timeout_s=5.0, key_file=str(tmp_path / "none.json")), metrics)
+        started = time.monotonic()
+        try:
+            await client.predict(b"PNG")
+        except ClassifyError as err:
+            return err, time.monotonic() - started
+        finally:
+            await client.aclose()
+
+    try:
+        err, took = asyncio.run(predict())
+    finally:
+        for s in (listener, *fillers):
+            s.close()
+    assert err.status_code == 503 and "not reachable" in err.message and f"{port}" not in err.message
+    assert took < 3.0, took
+    assert metrics.retries.collect()[0].samples[0].value == 0
+    kinds = {s.labels["kind"]: s.value for s in metrics.model_server_errors.collect()[0].samples
+             if s.name.endswith("_total")}
+    assert kinds == {"unreachable": 1}
+
+
+@pytest.mark.parametrize("status, body, words", [
+    (200, [{"modelVersion": "w3-test", "workers": [{"status": "UNLOADING"}, {"status": "FAILED"}]}],
+     "no worker ready yet (2 starting or failed)"),
+    (404, {"code": 404, "type": "ModelNotFoundException", "message": "Model not found: cifar100"}, "not registered"),
+    (500, {"code": 500, "message": "management API broke"}, "status check failed: management API broke"),
+    (200, {"not": "a list"}, "unreadable"),
+])
+def test_health_is_503_unless_a_worker_is_ready(tmp_path, status, body, words):
+    async def manage(request, n):
+        return json_answer(status, body)
+
+    with pytest.raises(ClassifyError) as err:
+        run_client(StandIn(manage=manage), tmp_path, lambda client: client.health())
+    assert err.value.status_code == 503 and words in err.value.message, err.value.message
+
+
+def test_no_pooled_connection_free_within_the_deadline_is_503_busy(tmp_path):
+    """TS_MAX_CONNECTIONS=1, TorchServe answering in 0.7 s, three predictions at once, a 1 s deadline:
+    the first is answered, the second gets the connection at 0.7 s and is too slow (504), the third
+    is still waiting for a connection at 1 s: 503 "busy" (try again), as the module's table says,
+    counted as busy."""
+    from adapter.errors import ClassifyError
+    from adapter.metrics import Metrics
+
+    async def predict(request, n):
+        await asyncio.sleep(0.7)
+        return json_answer(200, ANSWER)
+
+    async def three(client):
+        return await asyncio.gather(*(client.predict(b"PNG") for _ in range(3)), return_exceptions=True)
+
+    metrics = Metrics()
+    results = run_client(StandIn(predict), tmp_path, three, metrics, max_connections=1, predict_timeout_s=1.0)
+    assert isinstance(results[0], dict), results
+    assert [(r.status_code, "busy" in r.message) for r in results[1:]] == [(504, False), (503, True)], results
+    kinds = {s.labels["kind"]: s.value for s in metrics.model_server_errors.collect()[0].samples
+             if s.name.endswith("_total")}
+    assert kinds == {"timeout": 1, "busy": 1}

@@ -108,6 +108,27 @@ def test_metrics_can_be_turned_off_or_moved(tmp_path, env, on_main, on_own_port)
         if on_own_port:
             own = samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
             assert own[("adapter_model_server_errors_total", (("kind", "unreachable"),))] == 1
+            # A 503 for a model server that is down is not a refusal of the adapter's ("busy" is
+            # 503 + Retry-After, its in-flight caps): alerts on refusals must not fire for it.
+            assert not any(name == "adapter_refusals_total" for name, _ in own), own
+
+
+def test_a_client_id_is_kept_up_to_its_length_limit_and_only_with_sane_characters(tmp_path):
+    """REQUEST_ID_MAX_LENGTH characters of letters, digits and ._:- are kept (the limit included);
+    anything else (too long, empty, other characters) gets a new id. No model server needed: the
+    503 for the absent one carries the id like any answer."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "REQUEST_ID_MAX_LENGTH": "40"}
+    kept = ["a" * 40, "Z", "0.1:2-3_4", "req-" + "9" * 36]
+    replaced = ["a" * 41, "", "a/b", "a;b", "a b", "a,b", "\u00e9t\u00e9".encode(), "a\tb"]
+    with running_adapter({**env}, tmp_path / "a.log") as a:
+        for request_id in kept + replaced:
+            r = httpx.get(f"{a.base_url}/health", headers=[("X-Request-ID", request_id)], timeout=30)
+            assert r.status_code == 503, r.text
+            if request_id in kept:
+                assert r.headers["x-request-id"] == request_id
+            else:
+                assert NEW_ID.fullmatch(r.headers["x-request-id"]), (request_id, r.headers["x-request-id"])
 
 
 def test_the_log_rotates_at_its_size_and_keeps_every_line(tmp_path):

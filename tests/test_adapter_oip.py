@@ -76,6 +76,8 @@ def test_a_v2_answer_becomes_the_handlers_answer_and_the_request_is_v2():
 @pytest.mark.parametrize("status, body, expected_status, words", [
     (400, {"error": "inputs[0] ('image') data[0]: not an image"}, 400, "not an image"),
     (413, {"error": "image is 9000x9000 pixels"}, 413, "9000x9000"),
+    (415, {"error": "image/x-foo is not a supported image type"}, 415, "not a supported image type"),
+    (429, {"error": "too many requests"}, 429, "too many requests"),
     (404, {"error": "Model with name cifar100 does not exist."}, 503, "not loaded"),
     (503, {"error": "no worker"}, 503, "not ready"),
     (500, {"error": "boom"}, 502, "failed (500)"),
@@ -137,6 +139,10 @@ def wrapper_500(inner: str, code: str) -> dict:
     (500, {"error": f", '400 Bad Request' for url '{INTERNAL_URL}'"}, 400, "The model server refused the request (400)."),
     (422, {"detail": [{"loc": ["body", "inputs", 0, "datatype"], "msg": "Field required", "type": "missing"}]},
      400, "The model server could not read the request: Field required (inputs.0.datatype)"),
+    (503, {"error": f"upstream connect error to {INTERNAL_URL}: connection refused"},
+     503, "The model is not ready: upstream connect error to (internal address) connection refused"),
+    (400, {"error": f"could not fetch https://10.0.0.7:8443/v2/models/cifar100/infer?x=1 for this image"},
+     400, "could not fetch (internal address) for this image"),
     (500, {"error": "KeyError : 'outputs'"}, 502, "The model server failed (500); the adapter's log has the details."),
     (500, {"error": f"HTTPStatusError : Server error '500 Internal Server Error' for url '{INTERNAL_URL}'"},
      502, "The model server failed (500); the adapter's log has the details."),
@@ -179,7 +185,8 @@ def test_model_server_failures_are_counted_by_kind():
 
     cases = [(json_reply(500, {"error": "boom"}), {}), (json_reply(200, {"predictions": []}), {}),
              (slow, {"predict_timeout_s": 0.5}),
-             (json_reply(400, {"error": "not an image"}), {})]  # the image's fault: not counted
+             (json_reply(400, {"error": "not an image"}), {}),  # the image's fault: not counted
+             (json_reply(503, {"error": "no worker"}), {})]  # not ready: /health's to report, not counted
     for reply, settings_kwargs in cases:
         with pytest.raises(ClassifyError):
             asyncio.run(call_server(reply, settings_kwargs, metrics=metrics))
@@ -189,7 +196,43 @@ def test_model_server_failures_are_counted_by_kind():
     assert kinds == {"error_answer": 1, "bad_answer": 1, "timeout": 1}
     assert metrics.model_server_latency.collect()[0].samples  # every call timed
     count = next(s.value for s in metrics.model_server_latency.collect()[0].samples if s.name.endswith("_count"))
-    assert count == 5
+    assert count == 6
+
+
+def test_no_pooled_connection_free_in_time_is_503_busy_not_a_timeout():
+    """TS_MAX_CONNECTIONS=1 and a server that takes 0.7 s per answer, a 1 s deadline for the wait and the
+    answer together (as in front of TorchServe): of three requests at once the first is answered, the
+    second gets the connection at 0.7 s and is too slow (504), the third still waits for a connection
+    at 1 s: 503 "busy" (try again), counted as busy, not 504 (slow) nor "not reachable"."""
+    from adapter.metrics import Metrics
+
+    metrics = Metrics()
+
+    async def slowish(request):
+        await asyncio.sleep(0.7)
+        return web.json_response(GOOD)
+
+    async def three_at_once():
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", slowish)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        client = OIPClient(Settings(oip_url=f"http://127.0.0.1:{port}", max_connections=1, predict_timeout_s=1.0),
+                           metrics)
+        try:
+            return await asyncio.gather(*(client.predict(b"PNG") for _ in range(3)), return_exceptions=True)
+        finally:
+            await client.aclose()
+            await runner.cleanup()
+
+    results = asyncio.run(three_at_once())
+    assert isinstance(results[0], dict), results
+    assert [(r.status_code, "busy" in r.message) for r in results[1:]] == [(504, False), (503, True)], results
+    kinds = {s.labels["kind"]: s.value for s in metrics.model_server_errors.collect()[0].samples
+             if s.name.endswith("_total")}
+    assert kinds == {"timeout": 1, "busy": 1}
 
 
 class ReadinessServer:
