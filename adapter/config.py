@@ -7,7 +7,8 @@ serving/settings.py).
     TS_MODEL_NAME         model name registered in TorchServe   cifar100
     TS_KEY_FILE           TorchServe's key_file.json (token auth) key_file.json
     TS_CONNECT_TIMEOUT_S  connecting to TorchServe              2
-    TS_PREDICT_TIMEOUT_S  one prediction, its one retry included (-> 504); must stay
+    TS_PREDICT_TIMEOUT_S  one prediction, its one retry and waits for a pooled connection included
+                          (-> 504; still waiting for a connection: 503 busy); must stay
                           below TorchServe's responseTimeout (checked at start-up)  10
     TS_RESPONSE_TIMEOUT_S TorchServe's responseTimeout; unset: read from TS_MODEL_CONFIG
     TS_MODEL_CONFIG       the model-config.yaml packed into the archive  handler/model-config.yaml
