@@ -94,12 +94,34 @@ def test_training_checkpoint_is_read_as_its_ema_weights(tmp_path, capsys, cifar1
     assert report["top5"] == pytest.approx(100.0 * int(labels[FAVOURED].sum()) / 300)
 
 
+def test_flip_tta_reports_the_mirror_averaged_figures(tmp_path, cifar100_data_dir):
+    """--tta (the default) scores flip TTA's averaged logits and --no-tta the plain ones: the shipped
+    weights on a 300-image subset, where the two answers differ."""
+    from model import load_network
+    from serving.archive import DEFAULT_WEIGHTS
+    from training.data import load_split, subset
+    from training.evaluation import accuracy, predict_logits
+
+    images, labels = subset(*load_split(str(cifar100_data_dir), train=False), 300, seed=1)
+    network = load_network(DEFAULT_WEIGHTS)
+    expected = {tta: accuracy(predict_logits(network, images, labels, flip_tta=tta), labels) for tta in (False, True)}
+    assert expected[True] != expected[False]
+    for tta, flag in ((True, "--tta"), (False, "--no-tta")):
+        out = tmp_path / f"{flag}.json"
+        assert evaluate_module.main([str(DEFAULT_WEIGHTS), "--data-dir", str(cifar100_data_dir), "--test-subset",
+                                     "300", flag, "--json", str(out)]) == 0
+        report = json.loads(out.read_text())
+        assert report["flip_tta"] is tta
+        assert (report["top1"], report["top5"]) == pytest.approx((expected[tta]["top1"], expected[tta]["top5"])), flag
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "no weights file at"),
     ("not_torch", "is not a readable PyTorch weights file"),
     ("other_network", "are not CIFAR100Model weights"),
     ("missing_key", "do not fit CIFAR100Model(width=1, num_classes=100)"),
     ("not_a_state_dict", "not a state dict of tensors"),
+    ("dict_of_non_tensors", "not a state dict of tensors"),
 ])
 def test_bad_weights_file_gets_one_clear_error(tmp_path, capsys, case, message):
     path = tmp_path / "weights.pth"
@@ -113,6 +135,8 @@ def test_bad_weights_file_gets_one_clear_error(tmp_path, capsys, case, message):
         torch.save(state, path)
     elif case == "not_a_state_dict":
         torch.save([1, 2, 3], path)
+    elif case == "dict_of_non_tensors":
+        torch.save({"fc.weight": [[0.0] * 64] * 100, "fc.bias": [0.0] * 100}, path)
     # No data folder: a bad weights file is reported before the test split is read.
     rc = evaluate_module.main([str(path), "--data-dir", str(tmp_path / "no-data")])
     captured = capsys.readouterr()

@@ -190,6 +190,28 @@ def test_weights_file_becomes_the_network_of_its_own_width(tmp_path):
         network_from_state_dict(nn.Linear(4, 2).state_dict())
 
 
+class _RunsCodeWhenUnpickled:
+    """A .pth from elsewhere that would create a file when unpickled by plain torch.load."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_weights_file_that_would_run_code_is_refused_unrun(tmp_path):
+    """load_network reads with weights_only: a pickle that calls a function is refused with one clear
+    line, and the function never runs."""
+    from model import WeightsError, load_network
+
+    marker = tmp_path / "code-ran"
+    torch.save(_RunsCodeWhenUnpickled(marker), tmp_path / "evil.pth")
+    with pytest.raises(WeightsError, match="is not a readable PyTorch weights file"):
+        load_network(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
 def test_normalization_is_the_cifar_statistics_once_for_training_and_serving():
     from handler.preprocessing import normalize as serving_normalize
     from model import CIFAR100_MEAN, CIFAR100_STD

@@ -105,6 +105,21 @@ def test_choose_file_shows_prediction_and_five_bars(adapter, page, photo):
     page.screenshot(path=str(ARTIFACTS / "page-phone.png"), full_page=True)
 
 
+def test_top5_lists_the_answers_guesses_in_order_with_rounded_percentages(adapter, page, photo):
+    """An answer known in advance (the adapter's reply replaced): its five guesses in its order, a
+    whole percent from 10% (and for 0%), one decimal below 10%."""
+    top5 = [("Maple tree", 0.6238), ("Oak tree", 0.3), ("Willow tree", 0.0512), ("Forest", 0.0049), ("Pine tree", 0.0)]
+    answer = {"prediction": "Maple tree", "top5": [{"name": n, "probability": p} for n, p in top5], "unsure": False}
+    page.route("**/classify/", lambda route: route.fulfill(json=answer))
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    guesses = page.locator(".guess")
+    assert [guesses.nth(i).locator(".guess-name").inner_text() for i in range(5)] == [n for n, _ in top5]
+    assert [guesses.nth(i).locator(".guess-value").inner_text() for i in range(5)] == ["62%", "30%", "5.1%", "0.5%", "0%"]
+    assert "Best guess: Maple tree, 62% sure." in page.inner_text("#status")
+
+
 def _file_js(photo: Path, mime: str = "image/png") -> str:
     encoded = base64.b64encode(photo.read_bytes()).decode()
     return (f"const bytes = Uint8Array.from(atob('{encoded}'), c => c.charCodeAt(0));"
@@ -235,7 +250,10 @@ def test_text_file_named_png_is_refused_by_the_server(adapter, page):
         page.set_input_files("#file-input", files=[{"name": "fake.png", "mimeType": "image/png",
                                                     "buffer": b"not really a png\n"}])
     assert response.value.status == 400
-    assert "could not be read as an image" in wait_for_error(page)
+    # The page's own sentence, then the server's reason (the adapter's {"error": ...} for these bytes).
+    reason = httpx.post(f"{adapter.base_url}/classify/", timeout=60,
+                        files={"image": ("fake.png", b"not really a png\n", "image/png")}).json()["error"]
+    assert wait_for_error(page) == f"That file could not be read as an image. (Server: {reason})"
 
 
 def test_too_large_is_refused_before_uploading(adapter, page):

@@ -8,6 +8,7 @@ Screenshots land in test-artifacts/ (page-why.png, page-unsure-phone.png, page-d
 from __future__ import annotations
 
 import socket
+import time
 
 import httpx
 import pytest
@@ -18,7 +19,7 @@ from test_hostile import PART_HEAD, multipart_head
 # The page fixtures (a real adapter before the session's TorchServe, Chromium, a fresh page, the
 # mountain of CIFAR-100 test image 42) and helpers, shared with the page's other tests.
 from test_page import (ANSWER_TIMEOUT_MS, ARTIFACTS, DESKTOP, PHONE, REPO, adapter, browser,  # noqa: F401
-                       expected_answer, page, photo, wait_for_answer)
+                       expected_answer, page, photo, wait_for_answer, wait_for_error)
 
 EXAMPLES = REPO / "frontend" / "examples"
 
@@ -257,3 +258,21 @@ def test_a_busy_classification_is_asked_again_after_its_retry_after(one_upload_a
     assert statuses[0] == 503 and statuses[-1] == 200 and len(statuses) <= 3, statuses
     assert page.inner_text("#prediction") == expected_answer(adapter, photo)["prediction"]
     assert page.is_hidden("#error")
+
+
+def test_a_server_that_stays_busy_is_asked_again_twice_at_most_5_s_apart(adapter, page, photo):
+    """Every answer a 503 with Retry-After: 3600 (the adapter's replies replaced): the page says it
+    waits 5 s (its cap), asks again twice (its cap), then says the classifier is not available."""
+    page.route("**/classify/", lambda route: route.fulfill(status=503, headers={"Retry-After": "3600"},
+                                                           json={"error": "busy"}))
+    sent = []
+    page.on("request", lambda r: sent.append(time.monotonic()) if r.url.endswith("/classify/") else None)
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    page.wait_for_function("document.getElementById('status').textContent.includes('busy; trying again in')",
+                           timeout=ANSWER_TIMEOUT_MS)
+    assert "trying again in 5 s" in page.inner_text("#status")
+    assert "The classifier is not available right now." in wait_for_error(page)
+    page.wait_for_timeout(1000)  # a third retry would go out at once: none does
+    gaps = [later - earlier for earlier, later in zip(sent, sent[1:])]
+    assert len(sent) == 3 and all(4.5 < gap < 15 for gap in gaps), gaps

@@ -6,6 +6,7 @@ cost more than the training); the Ctrl-C test needs its own process to send SIGI
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -100,6 +101,35 @@ def test_smoke_run_loss_falls_and_writes_every_file(runs):
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = torch.load(out / "CIFAR100_model.pth", map_location="cpu", weights_only=True)
     CIFAR100Model(width=1).load_state_dict(state, strict=True)  # plain, seed-compatible state dict
+
+
+def test_export_and_final_figures_are_the_ema_updated_every_step(runs):
+    """--ema (the default): CIFAR100_model.pth holds the EMA's weights, updated once a step (2 epochs
+    of 8), not the raw ones, and metrics.json's top-1/top-5 are the EMA's with flip TTA."""
+    checkpoint = torch.load(runs["straight"] / "checkpoint.pt", map_location="cpu", weights_only=False)
+    exported = torch.load(runs["straight"] / "CIFAR100_model.pth", map_location="cpu", weights_only=True)
+    assert int(checkpoint["ema"]["n_averaged"]) == 16
+    assert exported.keys() == checkpoint["model"].keys()
+    assert all(torch.equal(exported[k], checkpoint["ema"][f"module.{k}"]) for k in exported)
+    assert not torch.equal(exported["fc.weight"], checkpoint["model"]["fc.weight"])
+    metrics = json.loads((runs["straight"] / "metrics.json").read_text())
+    assert metrics["evaluated_as"] == "ema+flip_tta" and metrics["weights_are"] == "ema"
+    final = metrics["final_evaluation"]["ema+flip_tta"]
+    assert (metrics["top1"], metrics["top5"]) == (final["top1"], final["top5"])
+
+
+def test_epoch_schedule_warms_up_then_decays_to_zero_at_the_last_step(runs):
+    lr = train_module.lr_factor
+    # 24 steps, 8 of warm-up: from lr/10 up to the peak where the warm-up ends, then cosine to 0.
+    assert lr(0, 24, 8, "cosine") == pytest.approx(0.1) and lr(4, 24, 8, "cosine") == pytest.approx(0.55)
+    assert lr(8, 24, 8, "cosine") == pytest.approx(1.0)
+    assert lr(16, 24, 8, "cosine") == pytest.approx(0.5) and lr(16, 24, 8, "onecycle") == pytest.approx(0.5)
+    assert lr(24, 24, 8, "cosine") == pytest.approx(0.0) and lr(24, 24, 8, "onecycle") == pytest.approx(0.0)
+    assert lr(0, 24, 0, "cosine") == 1.0  # --warmup-epochs 0: the peak from the first step
+    # The 2-epoch run (8 steps an epoch, 1 epoch of warm-up, lr 0.1): each epoch's last step.
+    history = json.loads((runs["straight"] / "metrics.json").read_text())["history"]
+    assert [h["lr_end"] for h in history] == pytest.approx(
+        [0.1 * (0.1 + 0.9 * 7 / 8), 0.1 * 0.5 * (1 + math.cos(math.pi * 7 / 8))])
 
 
 def test_resume_repeats_an_uninterrupted_run_bit_for_bit(runs):
@@ -237,6 +267,47 @@ def test_holdout_is_one_fixed_draw_disjoint_from_the_training_images():
         train_module.holdout_split(images, labels, 1000)
 
 
+def test_holdout_run_is_scored_on_held_out_training_images_and_trains_on_the_rest():
+    """--holdout: what the run evaluates on is the training split's held-out draw (never the test
+    split), and what it trains on is the rest of the training split."""
+    from training.data import load_split
+
+    args = train_module.build_parser().parse_args(small_run(holdout=300, test_subset=100))
+    train_x, train_y, test_x, test_y, _ = train_module.load_data(train_module.Run(args, torch.device("cpu"), None))
+    _, _, held_x, _ = train_module.holdout_split(*load_split(str(DATA_DIR), train=True), 300)
+    as_set = lambda images: {bytes(image.flatten().tolist()) for image in images}
+    held = as_set(held_x)
+    assert len(test_y) == 100 and as_set(test_x) <= held
+    assert len(train_y) == 512 and not as_set(train_x) & held
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    """training.runtime.atomic_save (every checkpoint.pt and the export): a save that fails half-way
+    (an unpicklable value here; a Ctrl-C or a full disk in life) never replaces the good file."""
+    from training.runtime import atomic_save
+
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"epoch": 1, "weights": torch.ones(3)}, path)
+    with pytest.raises(Exception):
+        atomic_save({"epoch": 2, "weights": torch.zeros(3), "broken": lambda: None}, path)
+    kept = torch.load(path, map_location="cpu", weights_only=True)
+    assert kept["epoch"] == 1 and torch.equal(kept["weights"], torch.ones(3))
+
+
+def test_label_smoothing_reaches_the_training_loss(tmp_path):
+    """The same seeded epoch (2 steps from the same initial weights) with --label-smoothing 0 and with
+    the default 0.1: only the targets differ, so the recorded losses must differ too."""
+    losses = {}
+    for name, extra in (("off", ["--label-smoothing", "0"]), ("default", [])):
+        out = tmp_path / name
+        assert train_module.main(small_run(train_subset=128, test_subset=50) + [
+            "--epochs", "1", "--no-ema", "--no-tta", "--out", str(out)] + extra) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        losses[name] = metrics["history"][0]["train_loss"]
+    assert metrics["args"]["label_smoothing"] == 0.1
+    assert abs(losses["default"] - losses["off"]) > 1e-4, losses
+
+
 def test_mixup_cutmix_run_on_a_holdout_says_what_it_was_evaluated_on(tmp_path):
     out = tmp_path / "mix"
     assert train_module.main(small_run(holdout=300, test_subset=150, mixup=0.2, cutmix=1.0, mix_prob=0.8)
@@ -304,16 +375,22 @@ def test_time_budget_schedules_follow_the_share_of_time_spent():
 
 
 def test_time_budget_run_fits_its_budget_across_a_resume_and_ends_annealed(tmp_path):
-    """A 15-second budget: the first session stops after 2 epochs (--max-epochs-this-run), the
-    resumed one carries on the same clock; training and the final evaluation end inside the budget,
-    having used most of it, with the learning rate near zero and the resolution grown to 32."""
+    """A 15-second budget: the first session stops after 2 epochs (--max-epochs-this-run), the second
+    after one more, the third carries on to the end, all on one clock; training and the final
+    evaluation end inside the budget, having used most of it, with the learning rate near zero and
+    the resolution grown to 32. Resumed after that, the finished run trains no further."""
     out, budget_s = tmp_path / "budget", 15
     run = SMALL_RUN + ["--time-budget", str(budget_s / 60), "--min-res", "16", "--eval-every", "3", "--no-ema",
                        "--no-tta", "--out", str(out)]
     assert train_module.main(run + ["--max-epochs-this-run", "2"]) == 0
     assert not (out / "metrics.json").exists()  # not finished: the budget is not spent
-    assert train_module.main(["--resume", "--out", str(out), "--data-dir", str(DATA_DIR), "--threads", "1",
-                              "--no-progress"]) == 0
+    resume = ["--resume", "--out", str(out), "--data-dir", str(DATA_DIR), "--threads", "1", "--no-progress"]
+    # One clock for every session: one more epoch resumed adds its time to the wall time the first kept.
+    before = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["wall_time_s"]
+    assert train_module.main(resume + ["--max-epochs-this-run", "1"]) == 0
+    after = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert after["epoch"] == 3 and after["wall_time_s"] >= before + after["history"][-1]["epoch_time_s"]
+    assert train_module.main(resume) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     history = metrics["history"]
     total = metrics["wall_time_s"] + metrics["final_evaluation_s"]
@@ -325,6 +402,9 @@ def test_time_budget_run_fits_its_budget_across_a_resume_and_ends_annealed(tmp_p
     assert history[-1]["lr_end"] < 0.05 * metrics["args"]["lr"] < history[0]["lr_end"]
     assert history[-1]["test_top1"] is not None  # the last epoch is scored whatever --eval-every says
     assert all(h["steps"] == 8 for h in history[:-1]) and 1 <= history[-1]["steps"] <= 8
+    # Resumed once more, a run whose budget is spent trains no further.
+    assert train_module.main(resume) == 0
+    assert json.loads((out / "metrics.json").read_text())["history"] == history
 
 
 def test_a_budget_spent_between_epochs_still_ends_on_a_scored_step(tmp_path, monkeypatch):
