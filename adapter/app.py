@@ -136,7 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     405: f"Method {request.method} is not allowed on {request.url.path}."}
         headers = err.headers
         if err.status_code == 405 and not (headers or {}).get("Allow"):
-            # The page's StaticFiles raises a bare 405 for every path it is asked about.
+            # A 405 must name what is allowed; the page's StaticFiles names GET, HEAD itself (Starlette 1.10),
+            # older Starlette raised it bare: kept for them.
             headers = {**(headers or {}), "Allow": "GET, HEAD"}
         return _error(err.status_code, messages.get(err.status_code, str(err.detail)), headers)
 

@@ -137,20 +137,20 @@ def test_the_log_rotates_at_its_size_and_keeps_every_line(tmp_path):
     from adapter.run import RotatingLog
 
     path = tmp_path / "adapter.log"
-    handler = RotatingLog(path, maxBytes=1000, backupCount=2, encoding="utf-8")
     logger = logging.getLogger("test.rotation")
-    logger.addHandler(handler)
     logger.propagate = False
-    try:
-        lines = [json.dumps({"n": n, "text": "é" * 20}) for n in range(60)]
-        for line in lines[:30]:
-            logger.warning(line)
-        handler.close()  # a restarted adapter appends to the file it finds, and counts it
-        for line in lines[30:]:
-            logger.warning(line)
-    finally:
-        handler.close()
-        logger.removeHandler(handler)
+    # Unescaped: the handler counts the bytes of non-ASCII lines, not their characters.
+    lines = [json.dumps({"n": n, "text": "é" * 20}, ensure_ascii=False) for n in range(60)]
+    # A restarted adapter (a new handler) appends to the file it finds, and counts what is there.
+    for run in (lines[:30], lines[30:]):
+        handler = RotatingLog(path, maxBytes=1000, backupCount=2, encoding="utf-8")
+        logger.addHandler(handler)
+        try:
+            for line in run:
+                logger.warning(line)
+        finally:
+            handler.close()
+            logger.removeHandler(handler)
     files = [path, path.with_name("adapter.log.1"), path.with_name("adapter.log.2")]
     assert not path.with_name("adapter.log.3").exists()
     assert all(f.exists() and 0 < f.stat().st_size < 1000 for f in files), [f.stat().st_size for f in files]
@@ -180,3 +180,29 @@ def test_refusals_before_and_in_the_app_are_counted_by_reason(tmp_path):
         assert values[("adapter_refusals_total", (("reason", "busy"),))] == 1
         assert values[("adapter_refusals_total", (("reason", "timeout"),))] == 2
         assert values[("adapter_requests_total", (("route", "/classify/"), ("status", "503")))] == 1
+
+
+@pytest.mark.parametrize("flag, status", [(None, 404), ("1", 200)], ids=["default", "ADAPTER_DOCS=1"])
+def test_swagger_ui_is_served_only_with_adapter_docs(tmp_path, flag, status):
+    """ADAPTER_DOCS=1 serves /docs and /redoc (their scripts come from a CDN); off by default.
+    /openapi.json is served either way."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "ADAPTER_DOCS": flag or "0"}
+    with running_adapter(env, tmp_path / "a.log") as a:
+        for path in ("/docs", "/redoc"):
+            r = httpx.get(f"{a.base_url}{path}", timeout=30)
+            assert r.status_code == status, (path, r.text[:200])
+            if status == 404:
+                assert r.json() == {"error": f"Not found: {path}"}
+            else:
+                assert "text/html" in r.headers["content-type"]
+        assert httpx.get(f"{a.base_url}/openapi.json", timeout=30).json()["paths"]["/classify/"]
+
+
+def test_settings_tell_the_page_the_configured_upload_limit(tmp_path):
+    """The page checks a file against GET /settings before uploading it: MAX_UPLOAD_BYTES as set."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "MAX_UPLOAD_BYTES": "20000"}
+    with running_adapter(env, tmp_path / "a.log") as a:
+        settings = httpx.get(f"{a.base_url}/settings", timeout=30).json()
+    assert (settings["max_upload_bytes"], settings["top_k"]) == (20000, 5)

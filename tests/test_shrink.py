@@ -28,6 +28,7 @@ from benchmarks.bench_decode import photo_like
 from serving.images import (
     SHRINK_MIN_BYTES, ImageRequestError, decode_image, network_input, open_upload, page_shrink_rules, shrunk_png,
     worth_shrinking)
+from serving.process import free_port
 from serving_helpers import encode, exif_rotated_jpeg, jpeg_declaring_size
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,6 +149,24 @@ def test_small_files_other_formats_and_the_switch_keep_todays_path():
         decode_image(b"\x89PNG not really" * 40_000)
     assert (info.value.status_code, info.value.message) == (handler.value.status, handler.value.message) == (
         400, "not an image (or a format Pillow cannot read)")
+
+
+def test_shrink_min_bytes_is_the_setting_not_the_default():
+    photo = encode(photo_like(640, 480), "JPEG", quality=95)  # under 1 MP and under 256 KB
+    assert 20_000 < len(photo) < SHRINK_MIN_BYTES
+    assert prepare(photo) == photo
+    assert decode_image(prepare(photo, shrink_min_bytes=20_000)).size == (32, 32)
+
+
+def test_settings_tell_the_page_what_the_operator_chose(tmp_path):
+    """GET /settings follows SHRINK_MIN_BYTES, and SHRINK_UPLOADS=0 tells the page to shrink nothing
+    (README: "0: every file goes as it is, and the page shrinks nothing"). No model server needed."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "SHRINK_MIN_BYTES": "123456"}
+    with running_adapter(env, tmp_path / "on.log") as a:
+        assert httpx.get(f"{a.base_url}/settings", timeout=30).json()["shrink"] == page_shrink_rules(123456)
+    with running_adapter({**env, "SHRINK_UPLOADS": "0"}, tmp_path / "off.log") as a:
+        assert httpx.get(f"{a.base_url}/settings", timeout=30).json()["shrink"] is None
 
 
 @pytest.mark.parametrize("padding", [0, 2 * SHRINK_MIN_BYTES], ids=["small", "large"])
