@@ -15,13 +15,15 @@ from test_serving_handler import make_context, model_dir  # noqa: F401 - the unp
 from torchserve_fixture import weights_under_test
 
 
-def handler_and_context(model_dir):  # noqa: F811
-    """An initialized handler and its Context, with TorchServe's own metrics cache (handle() records HandlerTime)."""
+def handler_and_context(model_dir, **handler_settings):  # noqa: F811
+    """An initialized handler and its Context, with TorchServe's own metrics cache (handle() records HandlerTime);
+    ``handler_settings`` go into model-config.yaml's ``handler`` section."""
     import os
 
     import ts
 
     context = make_context(model_dir)
+    context.model_yaml_config["handler"].update(handler_settings)
     context.metrics = MetricsCacheYamlImpl(os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml"))
     context.metrics.initialize_cache()
     handler = CIFAR100Handler()
@@ -61,3 +63,41 @@ def test_batch_of_predictions_only_stays_on_the_prediction_path(model_dir, cifar
     answers = handler.handle(rows, context)
     assert all("heatmap" not in a and isinstance(a["unsure"], bool) for a in answers)
     assert handler._explanation_model is None  # never built for predictions
+
+
+def test_a_refused_multi_image_request_does_not_shift_the_explained_image(model_dir, cifar100_test_split):  # noqa: F811
+    """A v1 request refused for its second image keeps none of its rows: the explanation after it is
+    the Grad-CAM of its own image for its own top-1 class, as a PNG data URL (handler/explain.py)."""
+    import torch
+
+    from handler.explain import grad_cam, heatmaps
+    from handler.preprocessing import normalize
+
+    handler, context = handler_and_context(model_dir)
+    images = cifar100_test_split[0][:2]
+    expected = ReferenceModel(weights_under_test(), "eager-fp32").probs_of_uint8(images)
+    good = base64.b64encode(encode(cifar_pil(images, 1))).decode()
+    rows = [{"body": {"instances": [good, base64.b64encode(b"not an image").decode()]}},
+            {"body": bytearray(encode(cifar_pil(images, 0)))}]  # its Grad-CAM has negative parts before ReLU
+    context.request_processor = [RequestProcessor({"explain": "True"}) for _ in rows]
+    answers = handler.handle(rows, context)
+
+    assert context.get_response_status(0)[0] == 400 and "instances[1]" in answers[0]["error"]
+    explained = answers[1]
+    assert_same_answer(explained, expected[0])
+    assert explained["heatmap"].startswith("data:image/png;base64,")
+    batch = normalize(images[:1])
+    top1 = torch.tensor([explained["index"]])
+    assert explained["heatmap"] == heatmaps(handler._explanation_model, batch, top1, [(32, 32)])[0]
+    cam = grad_cam(handler._explanation_model, batch, top1)
+    assert cam.shape == (1, 8, 8) and cam.min() >= 0 and cam.max() == 1  # the positive evidence, peak 1
+
+
+def test_heatmap_max_side_comes_from_model_config(model_dir, cifar100_test_split):  # noqa: F811
+    """model-config.yaml handler.heatmap_max_side bounds the PNG's longer side; the picture's aspect stays."""
+    handler, context = handler_and_context(model_dir, heatmap_max_side=48)
+    rows = [{"body": bytearray(encode(cifar_pil(cifar100_test_split[0], 0).resize((96, 32))))}]
+    context.request_processor = [RequestProcessor({"explain": "True"})]
+    answer = handler.handle(rows, context)[0]
+    png = Image.open(io.BytesIO(base64.b64decode(answer["heatmap"].split(",", 1)[1])))
+    assert png.size == (48, 16)

@@ -81,17 +81,27 @@ def test_all_bad_batch_skips_the_model(model_dir):
 
 
 def test_topk_comes_from_model_config(model_dir, cifar100_test_split):
-    context = make_context(model_dir, topk=3)
-    handler = CIFAR100Handler()
-    handler.initialize(context)
-    answer = run_batch(handler, context, [{"body": bytearray(encode(cifar_pil(cifar100_test_split[0], 0)))}])[0]
-    assert len(answer["topk"]) == 3
+    for topk, served in ((3, 3), (0, 1), (1000, 100)):  # a setting out of range is held to 1..100 classes
+        context = make_context(model_dir, topk=topk)
+        handler = CIFAR100Handler()
+        handler.initialize(context)
+        answer = run_batch(handler, context, [{"body": bytearray(encode(cifar_pil(cifar100_test_split[0], 0)))}])[0]
+        assert len(answer["topk"]) == served, topk
 
 
-def test_flip_tta_setting_serves_the_mean_of_each_image_and_its_mirror(model_dir, cifar100_test_split):
+def test_flip_tta_setting_serves_the_mean_of_each_image_and_its_mirror(model_dir, cifar100_test_split, caplog):
     """handler.flip_tta: true answers softmax(mean of both logits / the flip-TTA temperature), the same
-    for an image and its mirror; the shipped default is off (one forward pass per image)."""
+    for an image and its mirror; the shipped default is off (one forward pass per image). EngineImages
+    counts the mirrors too: images through the forward pass (README)."""
+    import logging
+    import re
+    from pathlib import Path
+
     import torch.nn.functional as F
+    import ts
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    from handler import engine as engines
     from PIL import Image
 
     from handler.calibration import load_calibration
@@ -115,7 +125,14 @@ def test_flip_tta_setting_serves_the_mean_of_each_image_and_its_mirror(model_dir
     pictures = [cifar_pil(images, i) for i in range(4)]
     rows = [{"body": bytearray(encode(p))} for p in pictures]
     rows += [{"body": bytearray(encode(p.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))} for p in pictures]
-    answers = run_batch(handler, context, rows)
+    context.metrics = MetricsCacheYamlImpl(config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    context.metrics.initialize_cache()
+    context.metrics.model_name = "cifar100"
+    context.metrics.set_request_ids({i: f"request-{i}" for i in range(len(rows))})
+    with caplog.at_level(logging.INFO):
+        answers = run_batch(handler, context, rows)
+    pattern = re.compile(rf"^\[METRICS\]{engines.IMAGES_METRIC}\.\w+:([0-9.]+)\|#.*Engine:{handler.engine.name}")
+    assert [float(m.group(1)) for r in caplog.records if (m := pattern.match(r.getMessage()))] == [16.0]
     for i in range(4):
         assert_same_answer(answers[i], expected[i])
         assert_same_answer(answers[4 + i], expected[i])  # the mirror: the same answer
@@ -272,3 +289,96 @@ def test_v1_and_v2_requests_in_one_batch_get_their_own_images_answers_as_tensors
     topk = [{"index": i, "probability": float(expected[5][i])} for i in last["outputs"][0]["data"]]
     assert_same_answer({"index": topk[0]["index"], "topk": topk}, expected[5])
     assert abs(last["outputs"][1]["data"][0] - float(expected[5].max())) < 2e-4
+
+
+def test_a_refused_request_gets_its_own_4xx_and_the_rest_of_the_batch_its_own_answers(model_dir, cifar100_test_split):
+    """One batch: a v1 request with one bad image of two (400 naming it), a decompression bomb (413), a v1
+    request over the image limit (413); the plain requests around them get their own images' answers, with
+    the engine that answered; X-Batch-Images counts only the images that reached the model."""
+    import base64
+
+    from serving_helpers import decompression_bomb_png
+
+    context = make_context(model_dir)
+    handler = CIFAR100Handler()
+    handler.initialize(context)
+    images = cifar100_test_split[0][:3]
+    expected = ReferenceModel(weights_under_test(), "eager-fp32").probs_of_uint8(images)
+    good = [encode(cifar_pil(images, i)) for i in range(3)]
+    rows = [{"body": bytearray(good[0])},
+            {"body": {"instances": [base64.b64encode(good[1]).decode(), base64.b64encode(b"GIF89a junk").decode()]}},
+            {"body": bytearray(decompression_bomb_png())},
+            {"body": {"instances": [base64.b64encode(good[1]).decode()] * 65}},
+            {"body": bytearray(good[2])}]
+    answers = run_batch(handler, context, rows)
+    assert [context.get_response_status(i)[0] for i in range(5)] == [200, 400, 413, 413, 200]
+    assert "instances[1]" in answers[1]["error"] and set(answers[1]) == {"error"}
+    assert "decompression bomb" in answers[2]["error"] and "limit of 64" in answers[3]["error"]
+    for i, image_index in ((0, 0), (4, 2)):
+        assert_same_answer(answers[i], expected[image_index])
+        assert answers[i]["engine"] == "eager-fp32"
+    assert context.get_response_headers(4)["X-Batch-Images"] == "2"
+
+
+def test_an_engine_whose_calibration_moved_serves_its_refit_and_flip_tta_keeps_its_own(model_dir):
+    """engines.json: an engine whose logits moved gets training/engines.py's refit (temperature and unsure
+    threshold); with flip TTA on, the flip-TTA fit stays (the refit is of plain logits)."""
+    from handler.calibration import Calibration, load_calibration
+
+    pytest.importorskip("openvino")
+    record = json.loads((model_dir / "engines.json").read_text()) if (model_dir / "engines.json").is_file() else {}
+    moved = {name: e["calibration"] for name, e in record.get("engines", {}).items()
+             if (e.get("calibration") or {}).get("moved")}
+    if not moved:
+        pytest.skip("no engine of the weights under test has a refit calibration (python -m training.engines)")
+    name, refit = next(iter(moved.items()))
+    handler = CIFAR100Handler()
+    handler.initialize(make_context(model_dir, engine=name))
+    if handler.engine.name != name:
+        pytest.skip(f"{name} is not served here ({handler.engine.info})")
+    assert handler.calibration == Calibration(refit["temperature"], refit["unsure_threshold"])
+    assert handler.calibration != load_calibration(str(model_dir))
+    tta = CIFAR100Handler()
+    tta.initialize(make_context(model_dir, engine=name, flip_tta=True))
+    assert tta.engine.name == name and tta.calibration == load_calibration(str(model_dir), flip_tta=True)
+
+
+def test_the_archive_is_rebuilt_when_weights_handler_or_config_change_and_kept_otherwise(tmp_path, monkeypatch):
+    """`make archive` before every start is cheap: same inputs, same digest, the .mar is kept; another
+    model-config.yaml, handler file or weights file changes the digest, and the archive is rebuilt."""
+    import shutil
+
+    from serving import archive
+
+    weights = weights_under_test()
+    version = weights_version(weights)
+    digest = archive.inputs_digest(weights, version)
+    assert archive.inputs_digest(weights, version) == digest
+    config = tmp_path / "model-config.yaml"
+    config.write_text(archive.MODEL_CONFIG.read_text())
+    copied = archive.inputs_digest(weights, version, config)
+    assert archive.inputs_digest(weights, version, config) == copied
+    config.write_text(archive.MODEL_CONFIG.read_text().replace("topk: 5", "topk: 3"))
+    assert "topk: 3" in config.read_text() and archive.inputs_digest(weights, version, config) != copied
+    other = tmp_path / "weights" / weights.name
+    other.parent.mkdir()
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state[next(k for k, v in state.items() if v.is_floating_point())].add_(1e-3)
+    torch.save(state, other)
+    moved = archive.inputs_digest(other, version)
+    shutil.copyfile(weights, other)
+    assert moved != archive.inputs_digest(other, version)  # the weights' content, not only their path
+    handler_copy = tmp_path / "cifar100_handler.py"
+    handler_copy.write_text(archive.HANDLER_FILE.read_text() + "\n# changed\n")
+    monkeypatch.setattr(archive, "HANDLER_FILE", handler_copy)  # the handler file as edited, outside the repo
+    assert archive.inputs_digest(weights, version) != digest
+    monkeypatch.undo()
+
+    store = tmp_path / "store"
+    mar = build_archive(weights, store, quiet=True)
+    built = mar.stat().st_mtime_ns
+    assert build_archive(weights, store, quiet=True).stat().st_mtime_ns == built  # unchanged inputs: kept
+    assert (store / "cifar100.mar.inputs").read_text().strip() == digest
+    build_archive(weights, store, quiet=True, model_config=config)
+    assert mar.stat().st_mtime_ns != built  # another config: rebuilt
+    assert (store / "cifar100.mar.inputs").read_text().strip() == archive.inputs_digest(weights, version, config)

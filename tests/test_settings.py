@@ -44,3 +44,20 @@ def test_settings_module_imports_only_the_standard_library():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'yaml', 'httpx', 'psutil')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_ts_port_variables_move_their_own_port_and_refuse_what_is_not_a_port():
+    assert settings.torchserve_ports({}) == settings.TORCHSERVE_PORTS
+    for i, (name, variable) in enumerate(settings.TORCHSERVE_PORT_ENV.items()):
+        moved = settings.torchserve_ports({variable: f" {9001 + i} "})
+        assert moved == {**settings.TORCHSERVE_PORTS, name: 9001 + i}, variable
+    assert settings.torchserve_ports({"TS_INFERENCE_PORT": ""}) == settings.TORCHSERVE_PORTS  # empty: unset
+    for edge in ("1", "65535"):
+        assert settings.torchserve_ports({"TS_METRICS_PORT": edge})["metrics"] == int(edge)
+    for bad in ("0", "65536", "-1", "80.5", "http", "8080x"):
+        try:
+            settings.torchserve_ports({"TS_MANAGEMENT_PORT": bad})
+        except ValueError as err:
+            assert "TS_MANAGEMENT_PORT" in str(err) and "1-65535" in str(err), err
+        else:
+            raise AssertionError(f"TS_MANAGEMENT_PORT={bad!r} was accepted")
