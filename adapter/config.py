@@ -195,11 +195,11 @@ class Settings:
             raise ConfigError(
                 f"TS_PREDICT_TIMEOUT_S={self.predict_timeout_s:g} must be below TorchServe's "
                 f"responseTimeout ({response_timeout:g} s, TS_RESPONSE_TIMEOUT_S or {self.model_config})")
-        # A full-size upload declares the image plus its form (adapter/upload.py's FORM_OVERHEAD_BYTES),
-        # and a chunked one counts as that much (adapter/limits.py): the budgets must hold it.
-        from .upload import FORM_OVERHEAD_BYTES  # (starlette: only when checking)
+        # A full-size upload declares the image plus its form, and a chunked one counts as that much
+        # (adapter/limits.py): the budgets must hold it.
+        from .upload import FORM_OVERHEAD_BYTES, upload_body_limit  # (starlette: only when checking)
 
-        full_upload = self.max_upload_bytes + FORM_OVERHEAD_BYTES
+        full_upload = upload_body_limit(self.max_upload_bytes)
         if self.max_bytes_in_flight < full_upload:
             raise ConfigError(f"MAX_BYTES_IN_FLIGHT={self.max_bytes_in_flight} is below MAX_UPLOAD_BYTES="
                               f"{self.max_upload_bytes} + {FORM_OVERHEAD_BYTES} (the form around the image): "

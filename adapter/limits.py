@@ -35,7 +35,7 @@ import time
 
 from .config import Settings
 from .errors import ClassifyError
-from .upload import FORM_OVERHEAD_BYTES
+from .upload import upload_body_limit
 
 log = logging.getLogger("adapter.limits")
 
@@ -242,7 +242,7 @@ class RequestLimits:
         self.settings = settings
         self.in_flight = in_flight
         in_flight.share_per_client(settings.max_client_requests_in_flight, settings.max_client_bytes_in_flight)
-        self.full_upload = settings.max_upload_bytes + FORM_OVERHEAD_BYTES
+        self.full_upload = upload_body_limit(settings.max_upload_bytes)
         self.retry_after = str(settings.retry_after_s).encode()
         self.refusals = ThrottledLog(log)
 

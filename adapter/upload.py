@@ -24,6 +24,11 @@ IMAGE_FIELD = "image"
 FORM_OVERHEAD_BYTES = 64 * 1024
 
 
+def upload_body_limit(max_upload_bytes: int) -> int:
+    """The largest body an upload of a `max_upload_bytes` image may have (what a chunked one counts as)."""
+    return max_upload_bytes + FORM_OVERHEAD_BYTES
+
+
 @dataclass
 class ImageUpload:
     data: bytes | bytearray
@@ -104,7 +109,7 @@ async def read_image_upload(request: Request, max_bytes: int) -> ImageUpload:
     if mime != b"multipart/form-data" or not params.get(b"boundary"):
         raise ClassifyError(400, "Send the image as multipart/form-data in a field named 'image'.")
 
-    body_limit = max_bytes + FORM_OVERHEAD_BYTES
+    body_limit = upload_body_limit(max_bytes)
     declared = request.headers.get("content-length")
     if declared is not None:
         try:

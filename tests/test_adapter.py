@@ -31,7 +31,7 @@ from adapter.request_context import CURRENT
 from adapter.run import running_adapter
 from adapter.torchserve import TorchServeClient
 from model.classes import display_name
-from serving.process import free_port
+from test_adapter_oip import stand_in_server
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LIMIT = 10 * 1024 * 1024  # the adapter's default MAX_UPLOAD_BYTES
@@ -383,17 +383,13 @@ class StandIn:
     async def __aenter__(self):
         app = web.Application()
         app[CLOSING] = self.closing = asyncio.Event()
-        app.router.add_route("*", "/{tail:.*}", self._route)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
-        self.url = f"http://127.0.0.1:{port}"
+        self._server = stand_in_server(self._route, app)
+        self.url = await self._server.__aenter__()
         return self
 
     async def __aexit__(self, *exc):
         self.closing.set()
-        await self._runner.cleanup()
+        await self._server.__aexit__(*exc)
 
     def client(self, tmp_path, metrics=None, **settings):
         settings = {"key_file": str(tmp_path / "no-key-file.json"), **settings}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 
 import pytest
@@ -30,8 +31,25 @@ GOOD = {"id": "x", "model_name": "cifar100", "model_version": "w3-test", "output
 SEEN_HEADERS: list[dict] = []  # every request's headers, as the fake server received them
 
 
+@contextlib.asynccontextmanager
+async def stand_in_server(route, app: web.Application | None = None):
+    """A real aiohttp.web server on a free loopback port, in the running event loop, answering every
+    method and path with ``route`` (request -> response); yields its base URL."""
+    app = app if app is not None else web.Application()
+    app.router.add_route("*", "/{tail:.*}", route)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
 async def call_server(reply, settings_kwargs=None, method="predict", metrics=None):
-    """Run the fake server (reply: request -> web.Response) and one client call against it."""
+    """Run the fake server (reply: request -> web.Response) and one client call against it; ``method``:
+    "predict", "status", or a coroutine function of the client."""
     seen = []
 
     async def infer(request: web.Request) -> web.StreamResponse:
@@ -39,19 +57,13 @@ async def call_server(reply, settings_kwargs=None, method="predict", metrics=Non
         SEEN_HEADERS.append(dict(request.headers))
         return await reply(request)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", infer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    client = OIPClient(Settings(oip_url=f"http://127.0.0.1:{port}", **(settings_kwargs or {})), metrics)
-    try:
-        result = await (client.predict(b"PNGDATA") if method == "predict" else client.model_status())
-        return result, seen
-    finally:
-        await client.aclose()
-        await runner.cleanup()
+    calls = {"predict": lambda client: client.predict(b"PNGDATA"), "status": lambda client: client.model_status()}
+    async with stand_in_server(infer) as url:
+        client = OIPClient(Settings(oip_url=url, **(settings_kwargs or {})), metrics)
+        try:
+            return await calls.get(method, method)(client), seen
+        finally:
+            await client.aclose()
 
 
 def json_reply(status: int, body) -> callable:
@@ -212,22 +224,11 @@ def test_no_pooled_connection_free_in_time_is_503_busy_not_a_timeout():
         await asyncio.sleep(0.7)
         return web.json_response(GOOD)
 
-    async def three_at_once():
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", slowish)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        client = OIPClient(Settings(oip_url=f"http://127.0.0.1:{port}", max_connections=1, predict_timeout_s=1.0),
-                           metrics)
-        try:
-            return await asyncio.gather(*(client.predict(b"PNG") for _ in range(3)), return_exceptions=True)
-        finally:
-            await client.aclose()
-            await runner.cleanup()
+    def three_at_once(client):
+        return asyncio.gather(*(client.predict(b"PNG") for _ in range(3)), return_exceptions=True)
 
-    results = asyncio.run(three_at_once())
+    results, _ = asyncio.run(call_server(slowish, {"max_connections": 1, "predict_timeout_s": 1.0},
+                                         three_at_once, metrics))
     assert isinstance(results[0], dict), results
     assert [(r.status_code, "busy" in r.message) for r in results[1:]] == [(504, False), (503, True)], results
     kinds = {s.labels["kind"]: s.value for s in metrics.model_server_errors.collect()[0].samples
