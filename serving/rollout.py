@@ -59,6 +59,21 @@ def _warmup_png() -> bytes:
     return buf.getvalue()
 
 
+def _answered_by(answer: httpx.Response) -> str | None:
+    """The version a prediction's answer names; None for an answer that is not the handler's JSON."""
+    try:
+        body = answer.json()
+    except ValueError:
+        return None
+    return body.get("model_version") if isinstance(body, dict) else None
+
+
+def _described(answer: httpx.Response) -> str:
+    """A warm-up answer on one line: its status, the version that answered (when one did), its start."""
+    by, text = _answered_by(answer), " ".join(answer.text.split())[:120]
+    return f"{answer.status_code} from version {by}: {text}" if by else f"{answer.status_code} {text}"
+
+
 @dataclass
 class Rollout:
     ts: TorchServeInstance
@@ -147,8 +162,8 @@ class Rollout:
         with ThreadPoolExecutor(len(workers)) as pool:
             answers = list(pool.map(lambda _: self._call("POST", path, "inference", self.ts.inference_url,
                                                          content=image), range(count)))
-        bad = [f"{a.status_code} {a.text.strip()[:120]}" for a in answers
-               if a.status_code != 200 or a.json().get("model_version") != version]
+        bad = [_described(a) for a in answers
+               if a.status_code != 200 or _answered_by(a) != version]
         if bad:
             raise RolloutError(f"version {version} is READY but its warm-up predictions failed: {bad[0]}")
 

@@ -1,22 +1,28 @@
 """`make rollout` (serving/rollout.py) on a real TorchServe with the real adapter in front, under load:
-no failed request, one switch of version, the old version gone afterwards; a rollback; a version
-that never becomes ready leaves the old one serving. Its own TorchServe (the session's must keep
-its version for the other tests)."""
+no failed request, one switch of version, the old version gone afterwards; a rollback that answers
+the backlog of the version it retires before unregistering it; a version that never becomes ready,
+or whose warm-up is not answered by it, leaves the old one serving. Its own TorchServe (the
+session's must keep its version for the other tests)."""
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import torch
+from aiohttp import web
 
 from adapter.run import running_adapter
 from serving.archive import sha256_of, weights_version
 from serving.rollout import Rollout, RolloutError
 from serving.settings import CALIBRATION_FILE
+from test_adapter_oip import stand_in_server
 from torchserve_fixture import start_test_torchserve, weights_under_test
 
 pytestmark = pytest.mark.integration
@@ -60,6 +66,77 @@ def registered(ts) -> list[str]:
     return [v["modelVersion"] for v in r.json()]
 
 
+def describe(ts, version: str) -> dict:
+    r = httpx.get(f"{ts.management_url}/models/{ts.model_name}/{version}",
+                  headers=ts.key_file.header("management"), timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()[0]
+
+
+class BacklogAtSwitch:
+    """A ``say`` for Rollout that leaves the retiring version a backlog when the default switches.
+
+    At "READY and warm" (the next step makes the new version the default) the retiring version's
+    workers are paused (SIGSTOP), ``count`` predictions are queued on it through the default route
+    (/predictions/cifar100, the adapter's), and its workers resume ``resume_s`` after the switch: a
+    backlog that outlasts --drain-s however fast this machine is. A rollout that unregisters the
+    version without waiting for its queue leaves those requests unanswered (TorchServe drops a
+    removed version's queue: its clients wait until they time out) or failed ("Worker died.")."""
+
+    def __init__(self, ts, retiring: str, say, count: int = 30, resume_s: float = 3.0):
+        self.ts, self.retiring, self.say, self.count, self.resume_s = ts, retiring, say, count, resume_s
+        self.results: list[tuple[int | None, str | None, str]] = []
+        self.threads: list[threading.Thread] = []
+        self.workers: list[psutil.Process] = []
+        self.timer: threading.Timer | None = None
+
+    def __call__(self, line: str) -> None:
+        self.say(line)
+        if "is READY and warm" in line and not self.workers:
+            self.start()
+
+    def _predict(self) -> None:
+        try:
+            r = httpx.post(self.ts.predictions_url, content=IMAGE, headers=self.ts.key_file.header("inference"),
+                           timeout=20)
+            version = r.json().get("model_version") if r.status_code == 200 else None
+            self.results.append((r.status_code, version, r.text[:120]))
+        except httpx.HTTPError as err:
+            self.results.append((None, None, f"{type(err).__name__}: {err}"))
+
+    def start(self) -> None:
+        self.workers = [psutil.Process(w["pid"]) for w in describe(self.ts, self.retiring)["workers"]]
+        assert self.workers
+        for p in self.workers:
+            p.suspend()
+        self.threads = [threading.Thread(target=self._predict) for _ in range(self.count)]
+        for t in self.threads:
+            t.start()
+        # Queued on the retiring version (the paused workers' threads hold a batch each, at most 6).
+        deadline = time.monotonic() + 30
+        while (describe(self.ts, self.retiring).get("jobQueueStatus") or {}).get("pendingRequests", 0) \
+                < self.count - 2 * 6:
+            assert time.monotonic() < deadline, "the backlog never queued on the retiring version"
+            time.sleep(0.05)
+        time.sleep(0.3)  # the last of them too
+        self.timer = threading.Timer(self.resume_s, self.resume)
+        self.timer.start()
+
+    def resume(self) -> None:
+        for p in self.workers:
+            try:
+                p.resume()
+            except psutil.Error:  # killed by an unregistration
+                pass
+
+    def finish(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.resume()
+        for t in self.threads:
+            t.join(60)
+
+
 def test_rollout_under_load_fails_no_request_and_switches_once(served, tmp_path):
     ts, adapter, _ = served
     old = weights_version(weights_under_test())
@@ -93,8 +170,18 @@ def test_rollout_under_load_fails_no_request_and_switches_once(served, tmp_path)
     overlap = next(line for line in said if "during the overlap" in line)
     assert "workers 2 -> 4" in overlap, said
 
-    # Rolling back is the same move with the previous weights.
-    Rollout(ts, ready_timeout_s=240, say=said.append).run(weights_under_test())
+    # Rolling back is the same move with the previous weights; here the version it retires still has a
+    # backlog when the default switches: every queued request is answered before that version is
+    # unregistered (--drain-s only covers the batches its workers hold, not a queue).
+    backlog = BacklogAtSwitch(ts, new, said.append)
+    try:
+        Rollout(ts, ready_timeout_s=240, drain_s=1, say=backlog).run(weights_under_test())
+    finally:
+        backlog.finish()
+    assert len(backlog.results) == backlog.count, said
+    lost = [r for r in backlog.results if r[0] != 200]
+    assert not lost, (f"{len(lost)} of {backlog.count} requests queued on {new} at the switch got no answer", lost[:3])
+    assert sum(v == new for _, v, _ in backlog.results) >= backlog.count - 2 * 6, backlog.results
     assert registered(ts) == [old]
     r = httpx.post(f"{adapter.base_url}/classify/", files={"image": ("p.png", IMAGE, "image/png")}, timeout=60)
     assert r.status_code == 200 and r.json()["model_version"] == old
@@ -117,6 +204,64 @@ def test_a_version_that_never_gets_ready_leaves_the_old_one_serving(served, tmp_
     assert not (ts.model_store / f"cifar100-{weights_version(broken)}.mar").exists()  # its archive is gone too
     r = httpx.post(f"{adapter.base_url}/classify/", files={"image": ("p.png", IMAGE, "image/png")}, timeout=60)
     assert r.status_code == 200 and r.json()["model_version"] == old
+
+
+async def misrouted_to_default(ts, request: web.Request) -> web.Response:
+    """A front on the inference address that sends every prediction to the model's default version,
+    whatever version its path names (TorchServe itself answers /predictions/cifar100/<v> from <v>)."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        r = await client.post(ts.predictions_url, content=await request.read(),
+                              headers={"Authorization": request.headers.get("Authorization", "")})
+    return web.Response(status=r.status_code, body=r.content,
+                        headers={"Content-Type": r.headers.get("content-type", "application/octet-stream")})
+
+
+def through_front(ts, route, action):
+    """Run ``action(ts')`` in a thread, where ts' is ``ts`` with its inference address on a real HTTP
+    server answering with ``route`` (its management API is still ``ts``'s own)."""
+    async def go():
+        async with stand_in_server(route) as url:
+            front = copy.copy(ts)
+            front.ports = {**ts.ports, "inference": int(url.rsplit(":", 1)[1])}
+            return await asyncio.to_thread(action, front)
+    return asyncio.run(go())
+
+
+def test_a_warm_up_not_answered_by_the_new_version_leaves_the_old_one_serving(served, tmp_path):
+    """"Warm" must mean the new version answered: the warm-up is the one check that it serves before
+    the adapter's requests reach it. Here its workers are READY but the warm-up is answered by the
+    old version (a front that misroutes): the rollout stops, the old version keeps serving."""
+    ts, adapter, _ = served
+    old = httpx.get(f"{adapter.base_url}/health", timeout=30).json()["archive_version"]
+    candidate = other_weights(tmp_path / "misrouted" / "CIFAR100_model.pth", 4e-3)
+    version = weights_version(candidate)
+
+    async def misrouted(request):
+        return await misrouted_to_default(ts, request)
+    with pytest.raises(RolloutError) as err:
+        through_front(ts, misrouted,
+                      lambda front: Rollout(front, ready_timeout_s=240, say=lambda line: None).run(candidate))
+    message = str(err.value)
+    assert f"{version} is READY but its warm-up predictions failed: 200 from version {old}:" in message, message
+    assert f"{old} still serves; {version} was unregistered" in message
+    assert registered(ts) == [old]
+    assert not (ts.model_store / f"cifar100-{version}.mar").exists()
+    r = httpx.post(f"{adapter.base_url}/classify/", files={"image": ("p.png", IMAGE, "image/png")}, timeout=60)
+    assert r.status_code == 200 and r.json()["model_version"] == old
+
+
+@pytest.mark.parametrize("body", ["<html>ok</html>", '{"model_version": null}', "[]"])
+def test_a_warm_up_answer_that_is_not_the_handlers_is_a_failed_warm_up(served, body):
+    """A 200 whose body is no answer of the handler (a front's page, another JSON) fails the warm-up
+    with the rollout's own error (which unregisters the new version), not a traceback."""
+    ts, _, _ = served
+    version = registered(ts)[0]  # READY: the warm-up is what is checked
+
+    async def page(request):
+        return web.Response(status=200, text=body)
+    with pytest.raises(RolloutError) as err:
+        through_front(ts, page, lambda front: Rollout(front, say=lambda line: None).wait_ready_and_warm(version))
+    assert f"warm-up predictions failed: 200 {body}" in str(err.value)
 
 
 def test_archives_come_from_the_model_store_only(served):
