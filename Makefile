@@ -23,11 +23,11 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $@
 # --no-deps: the tests use only KServe's type modules; its server's dependencies would downgrade psutil.
-$(VENV)/.installed: requirements.txt adapter/requirements.txt requirements-kserve-types.txt
+$(VENV)/.installed: requirements.txt adapter/requirements.txt requirements-kserve.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -r requirements-kserve-types.txt
+	$(PY) -m pip install -q --no-deps -r requirements-kserve.txt
 	touch $@
 
 # Debian packages the tests and benchmarks need (as root; CI runs this).

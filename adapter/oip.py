@@ -1,5 +1,6 @@
 """Talking to an Open Inference Protocol (v2) server instead of the local TorchServe (OIP_URL set):
-a KServe InferenceService with many replicas, or the KServe bundle's TorchServe.
+a KServe InferenceService with many replicas, the KServe bundle's TorchServe, or KServe's own model
+server on the same bundle (handler/kserve_predictor.py, no TorchServe).
 
     predict       POST {OIP_URL}/v2/models/{model}/infer, the image as a BYTES input (base64)
     model_status  GET  {OIP_URL}/v2/models/{model}/ready   (KServe's model server answers it;

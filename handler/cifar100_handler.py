@@ -29,23 +29,21 @@ import hashlib
 import logging
 import os
 from itertools import islice
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler import engine as engines
-from handler.calibration import Calibration, load_calibration
+from handler.answers import image_answers
+from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, image_bytes, image_to_tensor, normalize
-from handler.protocols import ProtocolError, encode_answer, parse_request
-from model import fold_batchnorm, load_class_names, network_from_state_dict
-from model.classes import display_name
+from handler.engine import serving_model  # noqa: F401 - also imported from here by training/
+from handler.protocols import DEFAULT_MAX_IMAGES_PER_REQUEST, ProtocolError, encode_answer, parse_request
+from model import load_class_names, network_from_state_dict
 from model.tta import flip_tta_logits
 from serving.settings import TOP_K as DEFAULT_TOPK  # model-config.yaml's handler.topk overrides it
-DEFAULT_MAX_IMAGES_PER_REQUEST = 64  # images in one v1/v2 request (-> 413 above)
 
 logger = logging.getLogger(__name__)
 # TorchServe's worker logs this at INFO on the root logger for every batch it receives
@@ -57,16 +55,6 @@ PER_BATCH_LOG_LINE = "Backend received inference at: %d"
 def not_per_batch_line(record: logging.LogRecord) -> bool:
     """A logging filter (a function: TorchServe refuses a handler module with a second class)."""
     return record.msg != PER_BATCH_LOG_LINE
-
-
-def serving_model(state_dict: dict) -> torch.nn.Module:
-    """The network as the handler runs it: eval mode, each BatchNorm folded into the convolution
-    before it (model.network.fold_batchnorm), weights in channels_last.
-
-    Same answers as the trained network up to float rounding (~1e-6 on the logits), in less time
-    (benchmarks/RESULTS.md); fewer operators also mean fewer OpenMP wake-ups per request.
-    """
-    return fold_batchnorm(network_from_state_dict(state_dict)).to(memory_format=torch.channels_last)
 
 
 class CIFAR100Handler(BaseHandler):
@@ -102,15 +90,8 @@ class CIFAR100Handler(BaseHandler):
 
     def _start_engine(self, setting: str, max_batch: int, model_dir: str) -> engines.Engine:
         """Build (or load from the cache) the forward pass before READY; its calibration if it moved."""
-        record = engines.load_record(model_dir)
-        engine = engines.select_engine(setting, self.model, self._weights_sha256, max_batch, self.device, record,
-                                       engines.load_inputs(model_dir), normalize, shipped_dir=Path(model_dir))
-        refit = ((record or {}).get("engines", {}).get(engine.name) or {}).get("calibration") or {}
-        # The refit is of the engine's plain logits (training/engines.py); flip TTA keeps its own fit.
-        if refit.get("moved") and self.calibration.unsure_below is not None and not self.flip_tta:
-            # training/engines.py refit the temperature on this engine's logits: it differs from fp32's.
-            self.calibration = Calibration(float(refit["temperature"]), float(refit["unsure_threshold"]))
-            logger.info("engine %s: calibration refit for it: %s", engine.name, self.calibration)
+        engine, self.calibration = engines.start(setting, self.model, self._weights_sha256, max_batch, self.device,
+                                                 model_dir, self.calibration, self.flip_tta)
         return engine
 
     def _load_pickled_model(self, model_dir, model_file, model_pt_path):
@@ -173,11 +154,9 @@ class CIFAR100Handler(BaseHandler):
             metrics.add_counter(engines.RECHECKED_METRIC, rechecked, dimensions=[Dimension("Engine", self.engine.name)])
 
     def postprocess(self, data):
-        # Temperature scaling (training/calibrate.py): honest probabilities, same order, same top-1.
-        probs, indices = torch.topk(F.softmax(data.float() / self.calibration.temperature, dim=1), self.topk, dim=1)
-        probs, indices = probs.cpu().tolist(), indices.cpu().tolist()
+        rows = iter(image_answers(data, self.calibration, self.topk, self.labels, self.model_version, self.engine.name))
         batch_size = len(self._requests)
-        answers, good = [], iter(zip(probs, indices))
+        answers = []
         for idx in range(batch_size):
             # TorchServe sends no Content-Type of its own for handler output.
             self.context.set_response_content_type(idx, "application/json")
@@ -193,15 +172,8 @@ class CIFAR100Handler(BaseHandler):
                 answers.append({"error": err.message})
                 continue
             request, count = self._requests[idx]
-            image_answers = []
-            for item_probs, item_indices in islice(good, count):
-                topk = [{"label": self.labels[i], "name": display_name(self.labels[i]), "index": i,
-                         "probability": round(p, 6)} for p, i in zip(item_probs, item_indices)]
-                image_answers.append({"prediction": topk[0]["name"], "label": topk[0]["label"],
-                                      "index": topk[0]["index"], "probability": topk[0]["probability"],
-                                      "topk": topk, "unsure": self.calibration.is_unsure(item_probs[0]),
-                                      "model_version": self.model_version, "engine": self.engine.name})
-            answers.append(encode_answer(request, image_answers, self.context.model_name, self.model_version))
+            answers.append(encode_answer(request, list(islice(rows, count)), self.context.model_name,
+                                         self.model_version))
         return answers
 
     # --- /explanations/<model>: TorchServe marks those requests with the header explain=True ---

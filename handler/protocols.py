@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from serving.settings import V2_OUTPUTS
 
 PLAIN, V1, V2 = "plain", "v1", "v2"
+# Images in one v1/v2 request (more -> 413); model-config.yaml's handler.max_images_per_request overrides it.
+DEFAULT_MAX_IMAGES_PER_REQUEST = 64
 
 # The v2 outputs and their datatypes (serving/settings.py, shared with the adapter's OIP client).
 OUTPUTS = V2_OUTPUTS

@@ -44,7 +44,8 @@ CLASS_NAMES_FILE = REPO / "model" / "index_to_name.json"
 # Packages the handler imports inside the worker, copied as they are (no caches, no weights).
 # (The handler module itself goes in once, at the archive root, via --handler.)
 PACKAGES = {"model": ["*.py", "index_to_name.json"],
-            "handler": ["__init__.py", "preprocessing.py", "protocols.py", "calibration.py", "explain.py", "engine.py"],
+            "handler": ["__init__.py", "preprocessing.py", "protocols.py", "calibration.py", "explain.py", "engine.py",
+                        "answers.py"],
             # the shared facts (top-k, v2 output names) and the decoding rules the adapter shares
             "serving": ["__init__.py", "settings.py", "images.py"]}
 

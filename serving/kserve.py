@@ -11,12 +11,16 @@ and starts ``torchserve --start --model-store=/mnt/models/model-store
 the config sets ``enable_envvars_config=false``: TorchServe ignores the variable, and the handler
 reads v1/v2 bodies itself (handler/protocols.py) with batching intact.
 
+The same bundle also runs without TorchServe, under KServe's own Python model server
+(handler/kserve_predictor.py; ``KServePredictor`` below starts it as its container would).
+
     python -m serving.kserve [--weights PATH] [--out dist/kserve] [--force]
 """
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +28,7 @@ import httpx
 import yaml
 
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, MODEL_NAME, ArchiveError, build_archive, weights_version
-from serving.process import free_ports
+from serving.process import free_port, free_ports, popen_exited, stop_popen, wait_until_ready
 from serving.settings import ENGINE_CACHE_ENV
 from serving.torchserve import (BASE_CONFIG, DEFAULT_ENGINE_CACHE, MAR_FILE, TorchServeError, TorchServeInstance,
                                read_properties)
@@ -145,6 +149,44 @@ class KServeTorchServe(TorchServeInstance):
         r = httpx.get(f"{self.management_url}/models/{self.model_name}", timeout=timeout)
         r.raise_for_status()
         return r.json()[0].get("workers", [])
+
+
+class KServePredictor:
+    """KServe's own Python model server on a bundle (handler/kserve_predictor.py), no TorchServe:
+    started as its container would be, on a free loopback port, REST only."""
+
+    def __init__(self, workdir: Path, bundle: Path = DEFAULT_OUT, port: int | None = None,
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None):
+        self.workdir, self.bundle = Path(workdir), Path(bundle).resolve()
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = self.workdir / "predictor.log"
+        self.extra_args, self.env = list(extra_args or []), dict(env or {})
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "handler.kserve_predictor", f"--model_dir={self.bundle}",
+                f"--http_port={self.port}", "--enable_grpc=false", *self.extra_args]
+
+    def start(self, timeout: float = 300.0) -> "KServePredictor":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env}
+        env.setdefault(ENGINE_CACHE_ENV, str(DEFAULT_ENGINE_CACHE))
+        env.setdefault("TMPDIR", str(self.workdir))
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_until_ready(self.ready, timeout, "KServe's model server", [self.log], popen_exited(self.process))
+        return self
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/v2/models/{MODEL_NAME}/ready", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_popen(self.process)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from system_parts import AXE, missing_parts, wrk_problem
 from torchserve_fixture import HTTP_TIMEOUT_S, READY_TIMEOUT_S, start_test_torchserve, weights_under_test
 
 # Fixtures that make a test an integration test (a test using any fixture built on them is one too).
-INTEGRATION_FIXTURES = {"torchserve", "kserve_ts", "browser", "cifar100_data_dir", "wrk"}
+INTEGRATION_FIXTURES = {"torchserve", "kserve_ts", "kserve_predictor", "browser", "cifar100_data_dir", "wrk"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

@@ -4,8 +4,8 @@ must be a field of its class (unknown keys fail with their path), every value mu
 type, and each object is built through its generated constructor so that the classes' own checks
 (required fields, strict types) run too.
 
-Only the type modules are imported: `kserve/__init__.py` starts KServe's whole model server (and
-needs packages the project does not install, see requirements-kserve-types.txt), and
+Only the type modules are imported: `kserve/__init__.py` imports KServe's whole model server
+(grpc, pandas, FastAPI; handler/kserve_predictor.py runs it, in its own process), and
 `kubernetes/__init__.py` the whole API client, so both packages are registered bare."""
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _register_bare_package(name: str) -> None:
         return
     spec = importlib.util.find_spec(name)  # finds the package; does not execute it
     if spec is None:
-        raise ModuleNotFoundError(f"{name} is not installed: run `make install` (requirements-kserve-types.txt)")
+        raise ModuleNotFoundError(f"{name} is not installed: run `make install` (requirements-kserve.txt)")
     package = types.ModuleType(name)
     package.__path__ = list(spec.submodule_search_locations)
     package.__spec__ = spec

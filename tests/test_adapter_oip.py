@@ -277,7 +277,7 @@ class ReadinessServer:
 def test_adapter_process_in_oip_mode_health_follows_readiness_and_sends_the_host_header(tmp_path):
     """The settings end to end (environment -> running adapter -> HTTP): OIP_URL, OIP_HOST_HEADER,
     /health from the v2 readiness route, and /explain/ 501 (the protocol has no explanations).
-    KServe's own model server is not run here (its ~30 server dependencies are not installed)."""
+    (KServe's own model server in front of a real model: tests/test_kserve_predictor.py.)"""
     import httpx
 
     from adapter.run import running_adapter

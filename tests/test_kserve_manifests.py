@@ -145,3 +145,52 @@ def test_kserve_constructor_checks_run():
     # V1beta1CanarySpec's generated setter requires `predictor`: the constructor's own check reports it.
     errors = errors_of({"trafficPercent": 10}, "V1beta1CanarySpec")
     assert errors == ["(top): Invalid value for `predictor`, must not be `None` (V1beta1CanarySpec)"]
+
+
+# ---- KServe without TorchServe: the custom predictor container -------------------------------
+PREDICTOR_MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice-predictor.yaml"
+PREDICTOR_DOCKERFILE = REPO / "deploy" / "kserve" / "predictor.Dockerfile"
+
+
+def dockerfile_instruction(name: str) -> list[str]:
+    """The JSON form of a Dockerfile instruction (ENTRYPOINT, CMD) as a list."""
+    import json
+
+    line = next(line for line in PREDICTOR_DOCKERFILE.read_text().splitlines() if line.startswith(f"{name} "))
+    return json.loads(line[len(name) + 1:])
+
+
+def test_the_predictor_manifest_runs_the_dockerfiles_image_on_the_same_bundle():
+    manifest = yaml.safe_load(PREDICTOR_MANIFEST.read_text())
+    assert errors_of(manifest) == []
+    isvc = build(manifest)
+    [container] = isvc.spec.predictor.containers
+    assert type(container) is kserve_types.kubernetes_models.V1Container
+    assert isvc.spec.predictor.model is None  # no runtime: the container is the model server
+    env = {e.name: e.value for e in container.env}
+    # The same bundle as the TorchServe runtime's manifest: one `make kserve-bundle`, either server.
+    assert env["STORAGE_URI"] == build(load("cpu")).spec.predictor.model.storage_uri
+    assert int(env["OMP_NUM_THREADS"]) == int(float(container.resources.limits["cpu"]))  # the pod's CPUs, not the node's
+    # The container's arguments are the image's defaults, and they read the mount and serve on the probed port.
+    assert container.args == dockerfile_instruction("CMD")
+    assert "--model_dir=/mnt/models" in container.args and "--http_port=8080" in container.args
+    assert dockerfile_instruction("ENTRYPOINT")[-2:] == ["-m", "handler.kserve_predictor"]
+    probe = container.readiness_probe.http_get
+    assert (probe.path, probe.port) == ("/v2/models/cifar100/ready", 8080)
+    assert [p.container_port for p in container.ports] == [8080]
+
+
+def test_the_predictor_image_copies_what_exists_and_installs_pinned_versions():
+    copied = [line.split()[1:-1] for line in PREDICTOR_DOCKERFILE.read_text().splitlines() if line.startswith("COPY ")]
+    sources = [source for sources in copied for source in sources]
+    assert {"handler/", "model/", "serving/", "requirements-kserve.txt"} <= set(sources)
+    for source in sources:
+        assert (REPO / source).exists(), source
+    text = PREDICTOR_DOCKERFILE.read_text()
+    assert "-c requirements.txt" in text and "--no-deps -r requirements-kserve.txt" in text
+    # Every package the image installs by name is pinned in requirements.txt or the adapter's, which it
+    # includes (the -c constraint).
+    install = re.search(r"-c requirements.txt \\\n\s+(.+?) \\\n", text).group(1).split()
+    lines = (REPO / "requirements.txt").read_text().splitlines() + (REPO / "adapter" / "requirements.txt").read_text().splitlines()
+    pinned = {line.split("==")[0].lower() for line in lines if "==" in line}
+    assert install and all(name.lower() in pinned for name in install), install

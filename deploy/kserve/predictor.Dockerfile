@@ -1,0 +1,23 @@
+# The CIFAR-100 model under KServe's own Python model server (handler/kserve_predictor.py): no
+# TorchServe, no Java. The model (weights, engines, calibration) is not in the image: KServe's
+# storage initializer puts the bundle (`make kserve-bundle`) at /mnt/models (STORAGE_URI in
+# deploy/kserve/inferenceservice-predictor.yaml). Build from the repository root:
+#   docker build -f deploy/kserve/predictor.Dockerfile -t REGISTRY/cifar100-predictor:TAG .
+# Versions: requirements.txt's pins (-c), kserve's with --no-deps (requirements-kserve.txt).
+FROM python:3.11-slim
+WORKDIR /app
+COPY requirements.txt requirements-kserve.txt ./
+COPY adapter/requirements.txt adapter/requirements.txt
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -c requirements.txt \
+        torch torchvision numpy pillow PyYAML openvino openvino-telemetry psutil httpx \
+    && pip install --no-cache-dir --no-deps -r requirements-kserve.txt
+COPY model/ model/
+COPY handler/ handler/
+COPY serving/ serving/
+# max_request_size when the bundle has no config.properties of its own (handler/kserve_predictor.py).
+COPY config.properties .
+# Compiled engines are cached per container (the first start builds them; OpenVINO's take ~2 s).
+ENV CIFAR100_ENGINE_CACHE=/tmp/cifar100-engines
+USER 1000
+ENTRYPOINT ["python", "-m", "handler.kserve_predictor"]
+CMD ["--model_dir=/mnt/models", "--http_port=8080", "--enable_grpc=false"]

@@ -1,0 +1,27 @@
+"""Logits -> each image's answer: the top-k with calibrated probabilities and the "unsure" flag, the
+shape the adapter and the v1/v2 bodies (handler/protocols.py) read. One copy for TorchServe's
+handler and KServe's predictor (handler/kserve_predictor.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from handler.calibration import Calibration
+from model.classes import display_name
+
+
+def image_answers(logits: torch.Tensor, calibration: Calibration, topk: int, labels: list[str],
+                  model_version: str, engine_name: str) -> list[dict]:
+    """One dict per row of ``logits``: prediction, label, index, probability, topk, unsure, model_version, engine."""
+    # Temperature scaling (training/calibrate.py): honest probabilities, same order, same top-1.
+    probs, indices = torch.topk(F.softmax(logits.float() / calibration.temperature, dim=1), topk, dim=1)
+    answers = []
+    for item_probs, item_indices in zip(probs.cpu().tolist(), indices.cpu().tolist()):
+        top = [{"label": labels[i], "name": display_name(labels[i]), "index": i, "probability": round(p, 6)}
+               for p, i in zip(item_probs, item_indices)]
+        answers.append({"prediction": top[0]["name"], "label": top[0]["label"], "index": top[0]["index"],
+                        "probability": top[0]["probability"], "topk": top,
+                        "unsure": calibration.is_unsure(item_probs[0]), "model_version": model_version,
+                        "engine": engine_name})
+    return answers

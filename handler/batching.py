@@ -1,0 +1,73 @@
+"""Concurrent requests' images through shared forward passes, for a server that has no batching of
+its own (KServe's Python model server: handler/kserve_predictor.py; TorchServe batches in Java).
+
+Requests queue their images; one task takes the first waiting request, then any others that come
+within ``max_delay_s`` (model-config.yaml ``maxBatchDelay``), up to ``max_images`` images
+(``batchSize``), and runs them as one batch on a single thread: the forward pass never runs twice
+at once (each has every core), and while it runs the next batch gathers. A request larger than
+``max_images`` (a v1/v2 request may hold up to 64 images) goes alone; the engine splits it into
+chunks it was built for.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+
+class Batcher:
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_images: int, max_delay_s: float):
+        self.forward, self.max_images, self.max_delay_s = forward, max(1, max_images), max(0.0, max_delay_s)
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self.batches = self.images = 0  # run so far (the tests and the log read them)
+
+    async def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """The logits of ``images`` ([n, 3, 32, 32] normalized), computed in a batch with others'."""
+        if self._task is None or self._task.done():  # the first call, on the server's event loop
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        done = asyncio.get_running_loop().create_future()
+        await self._queue.put((images, done))
+        return await done
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        held = None  # the request that did not fit in the last batch: first in the next one
+        while True:
+            first, held = (held if held is not None else await self._queue.get()), None
+            batch, count = [first], len(first[0])
+            deadline = loop.time() + self.max_delay_s
+            while count < self.max_images:
+                try:
+                    item = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    if (left := deadline - loop.time()) <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), left)
+                    except TimeoutError:
+                        break
+                if count + len(item[0]) > self.max_images:
+                    held = item
+                    break
+                batch.append(item)
+                count += len(item[0])
+            batch = [item for item in batch if not item[1].done()]  # a client gone meanwhile: skipped
+            if not batch:
+                continue
+            try:
+                logits = await loop.run_in_executor(self._thread, self.forward, torch.cat([b[0] for b in batch]))
+            except Exception as err:  # noqa: BLE001 - every request of the batch hears of it
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(err)
+                continue
+            self.batches += 1
+            self.images += len(logits)
+            for (_, done), rows in zip(batch, logits.split([len(b[0]) for b in batch])):
+                if not done.done():
+                    done.set_result(rows)

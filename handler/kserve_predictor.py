@@ -1,0 +1,252 @@
+"""The model under KServe's own Python model server (``kserve.ModelServer``): the Open Inference
+Protocol without TorchServe, which is archived upstream and whose KServe runtime is deprecated.
+
+    python -m handler.kserve_predictor --model_dir dist/kserve [--http_port 8080] [--enable_grpc false]
+
+It serves the same archive as TorchServe (``model-store/cifar100.mar`` under ``--model_dir``, where
+KServe mounts ``storageUri``; or a ``.mar`` path; or a folder of the archive's files) with the same
+parts: the handler's decoding and pixel limits, the engine chosen and guarded at start
+(handler/engine.py; compiled engines cached as in a TorchServe worker), the calibration, and the
+v1/v2 bodies and answers (handler/protocols.py, handler/answers.py). Concurrent requests share
+forward passes (handler/batching.py: up to the archive's ``batchSize`` images, waiting at most its
+``maxBatchDelay``), one at a time on every core (``handler.cpu_threads`` or OMP_NUM_THREADS pin
+fewer). Routes are KServe's: ``POST /v2/models/cifar100/infer``, ``GET /v2/models/cifar100/ready``,
+``POST /v1/models/cifar100:predict``, ``/v2/health/live|ready``, Prometheus ``/metrics``.
+
+Errors are ``{"error": "..."}``: 400 for a malformed body or a bad image, 413 for an image over the
+pixel limit, more than ``handler.max_images_per_request`` images, or a body over ``max_request_size``
+(config.properties, as TorchServe). KServe's own checks answer first where they apply (a body that
+is not an inference request: 422 ``{"detail": [...]}``).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import uuid
+import zipfile
+from pathlib import Path
+
+import torch
+import yaml
+from fastapi.responses import JSONResponse
+from kserve import InferRequest, Model, ModelServer, model_server
+from prometheus_client import Counter
+
+from handler import engine as engines
+from handler.answers import image_answers
+from handler.batching import Batcher
+from handler.calibration import load_calibration
+from handler.preprocessing import ImageRequestError, decode_image, image_to_tensor, normalize
+from handler.protocols import DEFAULT_MAX_IMAGES_PER_REQUEST, V2, ProtocolError, encode_answer, parse_request
+from model import load_class_names
+from serving.settings import MODEL_NAME, TOP_K
+
+logger = logging.getLogger("handler.kserve_predictor")
+
+ARCHIVE_IN_BUNDLE = Path("model-store") / f"{MODEL_NAME}.mar"  # serving/kserve.py's layout
+# Where max_request_size is read: the bundle's TorchServe settings, else the repository's (in the image too).
+PROPERTIES_IN_BUNDLE = Path("config") / "config.properties"
+REPO_PROPERTIES = Path(__file__).resolve().parents[1] / "config.properties"
+
+
+# At /metrics beside KServe's own (the names of the TorchServe handler's counters, handler/engine.py).
+IMAGES = Counter(engines.IMAGES_METRIC, "Images through the forward pass", ["Engine"])
+RECHECKED = Counter(engines.RECHECKED_METRIC, "Images openvino-int8 had fp32 answer again", ["Engine"])
+BATCHES = Counter("ForwardBatches", "Forward passes (batches of concurrent requests' images)", ["Engine"])
+
+
+class RequestRefused(Exception):
+    """A request this model refuses: ``status`` (4xx) and ``message`` for its ``{"error": ...}`` body."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+async def _refused(_, err: RequestRefused) -> JSONResponse:
+    return JSONResponse(status_code=err.status, content={"error": err.message})
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` (declared, or as it streams in) -> 413 before any of it
+    is parsed (uvicorn itself reads a body of any length). The body is held here, then handed on."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        chunks, seen, message = [], 0, {"more_body": True}
+        while message.get("more_body"):
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                return await self._refuse(send)
+        body = b"".join(chunks)
+        del chunks
+
+        async def replay():
+            nonlocal body
+            if body is None:
+                return await receive()  # after the body: the disconnect, when it comes
+            message, body = {"type": "http.request", "body": body, "more_body": False}, None
+            return message
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"error": f"request body over {self.max_bytes} bytes (max_request_size)"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def archive_folder(model_dir: Path, into: Path) -> Path:
+    """The folder holding the archive's files: ``model_dir`` itself, or a .mar (zip) unpacked into ``into``."""
+    mar = model_dir if model_dir.suffix == ".mar" else model_dir / ARCHIVE_IN_BUNDLE
+    if mar.is_file():
+        with zipfile.ZipFile(mar) as archive:
+            archive.extractall(into)
+        return into
+    if (model_dir / "MAR-INF" / "MANIFEST.json").is_file():
+        return model_dir
+    raise FileNotFoundError(f"no {ARCHIVE_IN_BUNDLE} (make kserve-bundle) and no unpacked archive in {model_dir}")
+
+
+def max_request_bytes(model_dir: Path) -> int:
+    """TorchServe's ``max_request_size``, the same limit here: from the bundle's config.properties, else
+    the repository's."""
+    for properties in (model_dir / PROPERTIES_IN_BUNDLE, REPO_PROPERTIES):
+        if properties.is_file():
+            for line in properties.read_text().splitlines():
+                key, sep, value = line.partition("=")
+                if sep and key.strip() == "max_request_size" and value.strip().isdigit():
+                    return int(value.strip())
+    raise FileNotFoundError(f"no max_request_size in {model_dir / PROPERTIES_IN_BUNDLE} or {REPO_PROPERTIES}")
+
+
+class CIFAR100Predictor(Model):
+    def __init__(self, name: str, model_dir: Path, engine_setting: str | None = None):
+        super().__init__(name)
+        self.model_dir = Path(model_dir)
+        self.engine_setting = engine_setting
+        self._unpacked = tempfile.TemporaryDirectory(prefix="cifar100-kserve-")
+
+    def load(self) -> bool:
+        folder = archive_folder(self.model_dir, Path(self._unpacked.name))
+        manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())["model"]
+        config = yaml.safe_load((folder / manifest["configFile"]).read_text()) if manifest.get("configFile") else {}
+        handler_cfg = config.get("handler") or {}
+        torch.set_num_threads(int(engines.pinned_threads(config) or len(os.sched_getaffinity(0))))
+        weights = folder / manifest["serializedFile"]
+        self.model_version = str(manifest.get("modelVersion", "unknown"))
+        self.labels = load_class_names(folder / "index_to_name.json")
+        self.topk = max(1, min(int(handler_cfg.get("topk", TOP_K)), len(self.labels)))
+        self.max_images = int(handler_cfg.get("max_images_per_request", DEFAULT_MAX_IMAGES_PER_REQUEST))
+        self.flip_tta = engines.flip_tta(config)
+        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        network = engines.serving_model(state_dict)
+        self.engine, self.calibration = engines.start(
+            self.engine_setting or handler_cfg.get("engine", engines.AUTO), network,
+            hashlib.sha256(weights.read_bytes()).hexdigest(), engines.images_per_forward(config),
+            torch.device("cpu"), folder, load_calibration(str(folder), self.flip_tta), self.flip_tta)
+        self.batcher = Batcher(self._forward, int(config.get("batchSize") or 1),
+                               float(config.get("maxBatchDelay") or 0) / 1000)
+        logger.info("CIFAR-100 model %s, %d threads, top-%d, engine %s %s, flip TTA %s, batches of up to %d "
+                    "images within %s ms", self.model_version, torch.get_num_threads(), self.topk, self.engine.name,
+                    self.engine.info, "on" if self.flip_tta else "off", self.batcher.max_images,
+                    config.get("maxBatchDelay"))
+        self.ready = True
+        return self.ready
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        """One batch (on the batcher's thread), counted as the TorchServe handler counts its own."""
+        rechecked = self.engine.rechecked
+        if self.flip_tta:
+            from model.tta import flip_tta_logits
+            logits = flip_tta_logits(self.engine, images)
+        else:
+            logits = self.engine(images)
+        IMAGES.labels(self.engine.name).inc(len(images) * (2 if self.flip_tta else 1))
+        RECHECKED.labels(self.engine.name).inc(self.engine.rechecked - rechecked)
+        BATCHES.labels(self.engine.name).inc()
+        return logits
+
+    def _images(self, body: dict) -> tuple:
+        """The request's images as one normalized tensor (decoded in a thread: Pillow lets go of the GIL)."""
+        try:
+            request = parse_request({"body": body}, self.max_images)
+            if request is None:
+                raise ProtocolError(400, "expected a v1 body {\"instances\": [...]} or a v2 body {\"inputs\": [...]}")
+            tensors = []
+            for where, payload in zip(request.where, request.images):
+                try:
+                    tensors.append(image_to_tensor(decode_image(payload)))
+                except ImageRequestError as err:
+                    raise ImageRequestError(err.status, f"{where}: {err.message}") from err
+        except (ProtocolError, ImageRequestError) as err:
+            raise RequestRefused(err.status, err.message) from None
+        return request, normalize(torch.stack(tensors))
+
+    async def predict(self, payload, headers: dict | None = None) -> dict:
+        body = _as_dict(payload)
+        request, images = await asyncio.get_running_loop().run_in_executor(None, self._images, body)
+        logits = await self.batcher(images)
+        answers = image_answers(logits, self.calibration, self.topk, self.labels, self.model_version, self.engine.name)
+        answer = encode_answer(request, answers, self.name, self.model_version)
+        if request.protocol == V2 and "id" not in answer:
+            # KServe's v2 answer must have an id (the protocol's is optional): the caller's request id, else a new one.
+            answer["id"] = (headers or {}).get("x-request-id") or uuid.uuid4().hex
+        return answer
+
+
+def _as_dict(payload) -> dict:
+    """KServe hands a v2 body over parsed (InferRequest); the shared parser reads the JSON shape."""
+    if not isinstance(payload, InferRequest):
+        return payload if isinstance(payload, dict) else {}
+    body = {"inputs": [{"name": i.name, "shape": list(i.shape), "datatype": i.datatype, "data": i.data}
+                       for i in payload.inputs]}
+    if payload.id is not None:
+        body["id"] = payload.id
+    if payload.request_outputs:
+        body["outputs"] = [{"name": o.name} for o in payload.request_outputs]
+    return body
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(parents=[model_server.parser], description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_dir", type=Path, default=Path("/mnt/models"),
+                        help="the KServe bundle (make kserve-bundle), a .mar, or an unpacked archive")
+    parser.add_argument("--engine", default=None, help="override model-config.yaml's handler.engine")
+    args, _ = parser.parse_known_args()
+    limit = max_request_bytes(args.model_dir)
+    model_server.app.add_exception_handler(RequestRefused, _refused)
+    model_server.app.add_middleware(BodyLimit, max_bytes=limit)
+    server = ModelServer()  # configures KServe's logging; the handler's lines (engine choice, refusals) join it
+    for name in ("handler", "model", "serving"):
+        logging.getLogger(name).handlers[:] = logging.getLogger("kserve").handlers
+        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).propagate = False
+    # KServe's timing middleware logs two lines per request at INFO (wall and CPU time); the access log stays.
+    logging.getLogger("kserve.trace").setLevel(logging.WARNING)
+    model = CIFAR100Predictor(args.model_name if args.model_name != "model" else MODEL_NAME, args.model_dir,
+                              args.engine)
+    model.load()
+    server.start([model])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""handler/batching.py: concurrent requests' images share forward passes, each gets its own rows back."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from handler.batching import Batcher
+
+
+class RecordingForward:
+    """Returns each row's first pixel as its 'logit' (so every caller can check its rows came back),
+    records the batch sizes, and can be made slow or failing."""
+
+    def __init__(self, delay_s: float = 0.0, fail_on: int | None = None):
+        self.sizes, self.threads, self.delay_s, self.fail_on = [], set(), delay_s, fail_on
+        self.running = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            self.sizes.append(len(images))
+            self.threads.add(threading.get_ident())
+            time.sleep(self.delay_s)
+            if self.fail_on is not None and len(self.sizes) == self.fail_on:
+                raise RuntimeError("forward failed")
+            return images[:, :1, 0, 0].clone()
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def images(tag: float, n: int = 1) -> torch.Tensor:
+    return torch.full((n, 3, 32, 32), tag)
+
+
+def test_concurrent_requests_share_batches_up_to_the_bound_and_get_their_own_rows():
+    forward = RecordingForward(delay_s=0.02)
+    batcher = Batcher(forward, max_images=6, max_delay_s=0.005)
+
+    async def main():
+        return await asyncio.gather(*(batcher(images(i, 1 + i % 2)) for i in range(20)))
+
+    results = asyncio.run(main())
+    for i, rows in enumerate(results):
+        assert rows.shape == (1 + i % 2, 1) and torch.all(rows == i), (i, rows)
+    assert sum(forward.sizes) == sum(1 + i % 2 for i in range(20))
+    assert max(forward.sizes) <= 6 and max(forward.sizes) > 1, forward.sizes
+    assert forward.most_at_once == 1 and len(forward.threads) == 1  # one forward pass at a time, one thread
+    assert (batcher.batches, batcher.images) == (len(forward.sizes), sum(forward.sizes))
+
+
+def test_a_lone_request_waits_at_most_the_delay_and_a_large_one_goes_alone_in_order():
+    forward = RecordingForward()
+    batcher = Batcher(forward, max_images=6, max_delay_s=0.05)
+
+    async def main():
+        started = time.perf_counter()
+        await batcher(images(1))
+        lone = time.perf_counter() - started
+        # 4 images, then 5 (does not fit: waits for the next batch, ahead of the later ones), then 1 + 1.
+        answers = await asyncio.gather(batcher(images(2, 4)), batcher(images(3, 5)), batcher(images(4)),
+                                       batcher(images(5)))
+        return lone, answers
+
+    lone, answers = asyncio.run(main())
+    assert 0.04 <= lone < 1.0, lone  # waited for company that never came, then ran
+    assert [a.flatten().tolist() for a in answers] == [[2] * 4, [3] * 5, [4], [5]]
+    assert forward.sizes == [1, 4, 5 + 1, 1], forward.sizes
+
+
+def test_a_failing_forward_fails_its_batch_only_and_the_batcher_goes_on():
+    forward = RecordingForward(delay_s=0.01, fail_on=1)
+    batcher = Batcher(forward, max_images=2, max_delay_s=0.0)
+
+    async def main():
+        first = await asyncio.gather(batcher(images(1)), batcher(images(2)), return_exceptions=True)
+        return first, await batcher(images(3))
+
+    first, later = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) for r in first), first
+    assert later.flatten().tolist() == [3]
+
+
+def test_a_caller_that_left_is_skipped_and_the_others_are_answered():
+    forward = RecordingForward(delay_s=0.05)
+    batcher = Batcher(forward, max_images=1, max_delay_s=0.0)
+
+    async def main():
+        busy = asyncio.ensure_future(batcher(images(1)))  # occupies the forward pass
+        await asyncio.sleep(0.01)
+        gone = asyncio.ensure_future(batcher(images(2)))
+        kept = asyncio.ensure_future(batcher(images(3)))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return await busy, await kept
+
+    busy, kept = asyncio.run(main())
+    assert (busy.item(), kept.item()) == (1, 3)
+    assert forward.sizes == [1, 1]  # the cancelled request never reached the forward pass

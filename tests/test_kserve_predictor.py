@@ -1,0 +1,172 @@
+"""KServe's own Python model server on the KServe bundle (handler/kserve_predictor.py): the Open
+Inference Protocol without TorchServe, and the adapter in OIP mode in front of it.
+
+Real processes and HTTP: the bundle built by ``make kserve-bundle``'s code, the predictor started as
+its container would run it (serving/kserve.py KServePredictor), real CIFAR-100 test images; the
+reference answers come from the same network and engine in-process.
+"""
+from __future__ import annotations
+
+import base64
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from serving.archive import weights_version
+from serving.kserve import KServePredictor, build_bundle
+from serving.torchserve import read_properties
+from serving_helpers import assert_same_answer, cifar_pil, decompression_bomb_png, encode
+from test_kserve import v1_body, v2_answers, v2_body
+from torchserve_fixture import weights_under_test
+
+N_IMAGES = 120
+CONCURRENCY = 8
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return build_bundle(weights_under_test(), tmp_path_factory.mktemp("kserve-bundle") / "dist-kserve", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def kserve_predictor(bundle, tmp_path_factory):
+    predictor = KServePredictor(tmp_path_factory.mktemp("kserve-predictor"), bundle)
+    predictor.start()
+    yield predictor
+    predictor.stop()
+
+
+def infer_url(predictor: KServePredictor) -> str:
+    return f"{predictor.url}/v2/models/cifar100/infer"
+
+
+def counters(predictor: KServePredictor) -> dict[str, float]:
+    """The predictor's own Prometheus counters, summed over their labels."""
+    text = httpx.get(f"{predictor.url}/metrics", timeout=10).text
+    totals: dict[str, float] = {}
+    for name, value in re.findall(r"^(EngineImages_total|EngineRecheckedImages_total|ForwardBatches_total)\{[^}]*\} (\S+)$",
+                                  text, re.M):
+        totals[name] = totals.get(name, 0.0) + float(value)
+    return totals
+
+
+def test_test_images_get_the_in_process_answer_through_shared_forward_passes(kserve_predictor, client, reference,
+                                                                             cifar100_test_split):
+    images = cifar100_test_split[0][:N_IMAGES]
+    expected = reference.probs_of_uint8(images)
+    payloads = [encode(cifar_pil(images, i)) for i in range(N_IMAGES)]
+    before = counters(kserve_predictor)
+
+    def call(i):
+        return client.post(infer_url(kserve_predictor), json=v2_body([payloads[i]], request_id=f"req-{i}"))
+
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        responses = list(pool.map(call, range(N_IMAGES)))
+    version = weights_version(weights_under_test())
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["id"], body["model_name"], body["model_version"]) == (f"req-{i}", "cifar100", version)
+        [answer] = v2_answers(body)
+        assert_same_answer(answer, expected[i])
+    after = counters(kserve_predictor)
+    images_run = after["EngineImages_total"] - before.get("EngineImages_total", 0)
+    batches = after["ForwardBatches_total"] - before.get("ForwardBatches_total", 0)
+    assert images_run == N_IMAGES
+    assert batches < N_IMAGES, "no two concurrent requests shared a forward pass"
+
+
+def test_v1_several_images_and_chosen_outputs_are_answered_in_order(kserve_predictor, client, reference,
+                                                                    cifar100_test_split):
+    images = cifar100_test_split[0][N_IMAGES:N_IMAGES + 5]
+    expected = reference.probs_of_uint8(images)
+    payloads = [encode(cifar_pil(images, i)) for i in range(5)]
+    v1 = client.post(f"{kserve_predictor.url}/v1/models/cifar100:predict", json=v1_body(payloads))
+    assert v1.status_code == 200, v1.text
+    assert len(v1.json()["predictions"]) == 5
+    for i, answer in enumerate(v1.json()["predictions"]):
+        assert_same_answer(answer, expected[i])
+    b64 = [base64.b64encode(p).decode() for p in payloads]
+    two_inputs = {"inputs": [{"name": "first", "shape": [1], "datatype": "BYTES", "data": [b64[0]]},
+                             {"name": "more", "shape": [2, 2], "datatype": "BYTES", "data": [b64[1:3], b64[3:]]}]}
+    v2 = client.post(infer_url(kserve_predictor), json=two_inputs, headers={"X-Request-ID": "from-the-edge"})
+    assert v2.status_code == 200, v2.text
+    assert v2.json()["id"] == "from-the-edge"  # none in the body: the caller's request id
+    for i, answer in enumerate(v2_answers(v2.json())):
+        assert_same_answer(answer, expected[i])
+    # Unlike KServe's TorchServe wrapper (README), this server honours an outputs selection.
+    chosen = client.post(infer_url(kserve_predictor),
+                         json={**v2_body(payloads[:1]), "outputs": [{"name": "name"}, {"name": "topk_index"}]})
+    assert chosen.status_code == 200, chosen.text
+    assert [o["name"] for o in chosen.json()["outputs"]] == ["name", "topk_index"]
+
+
+def test_refused_requests_get_their_4xx_and_error_and_the_server_goes_on(kserve_predictor, client, bundle,
+                                                                        cifar100_test_split):
+    good = encode(cifar_pil(cifar100_test_split[0], 0))
+    url = infer_url(kserve_predictor)
+    limit = int(read_properties(bundle / "config" / "config.properties")["max_request_size"])
+    cases = [
+        (v2_body([good, b"name,score\nalice,3\n" * 20]), 400, "inputs[0] ('image') data[1]: not an image"),
+        ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, 400, "BYTES"),
+        (v2_body([decompression_bomb_png()]), 413, "limit"),
+        (v2_body([good] * 65), 413, "above the limit of 64"),
+        ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]}]}, 400, "base64"),
+        ({"instances": [{"pixels": "x"}]}, 400, "instances[0]"),
+    ]
+    for body, status, words in cases:
+        r = client.post(url if "inputs" in body else f"{kserve_predictor.url}/v1/models/cifar100:predict", json=body)
+        assert r.status_code == status and words in r.json()["error"], (words, r.status_code, r.text)
+    # A body over max_request_size (the bundle's config.properties, as TorchServe): 413 whether it says its
+    # length or streams it in chunks, before any of it is parsed.
+    big = b"{" + b" " * limit + b"}"
+    declared = client.post(url, content=big, headers={"Content-Type": "application/json"})
+    chunked = client.post(url, content=iter([big[:limit // 2], big[limit // 2:]]),
+                          headers={"Content-Type": "application/json"})
+    for r in (declared, chunked):
+        assert r.status_code == 413 and "max_request_size" in r.json()["error"], r.text
+    malformed = client.post(url, content=b'{"inputs": [', headers={"Content-Type": "application/json"})
+    assert malformed.status_code == 422  # KServe's own parser answers first (FastAPI's {"detail": [...]})
+    r = client.post(url, json=v2_body([good]))
+    assert r.status_code == 200 and kserve_predictor.process.poll() is None, r.text
+
+
+def test_the_adapter_in_oip_mode_serves_classify_from_kserves_model_server(kserve_predictor, client, tmp_path,
+                                                                           cifar100_test_split):
+    from adapter.run import running_adapter
+
+    image = encode(cifar_pil(cifar100_test_split[0], 7))
+    direct = v2_answers(client.post(infer_url(kserve_predictor), json=v2_body([image])).json())[0]
+    env = {"OIP_URL": kserve_predictor.url, "TS_KEY_FILE": str(tmp_path / "none.json")}
+    with running_adapter(env, tmp_path / "adapter.log") as adapter:
+        health = client.get(f"{adapter.base_url}/health")
+        assert health.status_code == 200 and health.json()["backend"] == "oip", health.text
+        r = client.post(f"{adapter.base_url}/classify/", files={"image": ("a.png", image, "image/png")})
+        assert r.status_code == 200, r.text
+        assert (r.json()["prediction"], r.json()["probability"]) == (direct["prediction"], direct["probability"])
+        assert [t["index"] for t in r.json()["top5"]] == [t["index"] for t in direct["topk"]]
+        junk = client.post(f"{adapter.base_url}/classify/", files={"image": ("a.png", b"\x89PNG" + b"x" * 500,
+                                                                              "image/png")})
+        assert junk.status_code == 400 and "not an image" in junk.json()["error"], junk.text
+
+
+@pytest.mark.integration  # starts the server's process
+def test_a_model_dir_without_the_archive_stops_the_start_with_the_reason(tmp_path):
+    from serving.process import ServiceStartError
+
+    with pytest.raises(ServiceStartError) as err:
+        KServePredictor(tmp_path / "run", tmp_path).start(timeout=120)
+    assert "exited while starting" in str(err.value) and "no model-store/cifar100.mar" in str(err.value)
+
+
+def test_a_bare_archive_is_served_too(bundle, client, tmp_path, cifar100_test_split):
+    """--model_dir may name the .mar itself (no bundle around it: TorchServe's max_request_size from the repo's
+    config.properties)."""
+    predictor = KServePredictor(tmp_path, bundle / "model-store" / "cifar100.mar").start()
+    try:
+        r = client.post(infer_url(predictor), json=v2_body([encode(cifar_pil(cifar100_test_split[0], 3))]))
+        assert r.status_code == 200 and v2_answers(r.json())[0]["prediction"], r.text
+    finally:
+        predictor.stop()
