@@ -13,9 +13,9 @@ forward passes (handler/batching.py: up to the archive's ``batchSize`` images, w
 fewer). Routes are KServe's: ``POST /v2/models/cifar100/infer``, ``GET /v2/models/cifar100/ready``,
 ``POST /v1/models/cifar100:predict``, ``/v2/health/live|ready``, Prometheus ``/metrics``.
 
-Errors are ``{"error": "..."}``: 400 for a malformed body or a bad image, 413 for an image over the
-pixel limit, more than ``handler.max_images_per_request`` images, or a body over ``max_request_size``
-(config.properties, as TorchServe). KServe's own checks answer first where they apply (a body that
+Errors are ``{"error": "..."}``: 400 for a malformed body, a bad image or the binary tensor extension,
+413 for an image over the pixel limit, more than ``handler.max_images_per_request`` images, or a body
+over ``max_request_size`` (config.properties, as TorchServe). KServe's own checks answer first where they apply (a body that
 is not an inference request: 422 ``{"detail": [...]}``).
 """
 from __future__ import annotations
@@ -42,7 +42,8 @@ from handler.answers import image_answers
 from handler.batching import Batcher
 from handler.calibration import load_calibration
 from handler.preprocessing import ImageRequestError, decode_image, image_to_tensor, normalize
-from handler.protocols import DEFAULT_MAX_IMAGES_PER_REQUEST, V2, ProtocolError, encode_answer, parse_request
+from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, V2, ProtocolError, encode_answer, parse_request,
+                               refuse_binary_extension)
 from model import load_class_names
 from serving.settings import MODEL_NAME, TOP_K
 
@@ -72,9 +73,11 @@ async def _refused(_, err: RequestRefused) -> JSONResponse:
     return JSONResponse(status_code=err.status, content={"error": err.message})
 
 
-class BodyLimit:
-    """ASGI middleware: a body over ``max_bytes`` (declared, or as it streams in) -> 413 before any of it
-    is parsed (uvicorn itself reads a body of any length). The body is held here, then handed on."""
+class RequestChecks:
+    """ASGI middleware, before KServe parses anything: the binary tensor extension -> 400 (KServe's own
+    decoding of it fails with a 500 that echoes the image's bytes; the handler refuses it on TorchServe
+    too), and a body over ``max_bytes`` (declared, or as it streams in) -> 413 (uvicorn itself reads a
+    body of any length). The body is held here, then handed on."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -82,7 +85,12 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        headers = {name.decode("latin-1"): value for name, value in scope["headers"]}
+        try:
+            refuse_binary_extension(headers)
+        except ProtocolError as err:
+            return await _answer(send, err.status, err.message)
+        declared = headers.get("content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(send)
         chunks, seen, message = [], 0, {"more_body": True}
@@ -107,11 +115,16 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send) -> None:
-        body = json.dumps({"error": f"request body over {self.max_bytes} bytes (max_request_size)"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await _answer(send, 413, f"request body over {self.max_bytes} bytes (max_request_size)")
+
+
+async def _answer(send, status: int, message: str) -> None:
+    """An ``{"error": ...}`` answer straight from the middleware; the connection closes (a body may be unread)."""
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def archive_folder(model_dir: Path, into: Path) -> Path:
@@ -234,7 +247,7 @@ def main() -> None:
     args, _ = parser.parse_known_args()
     limit = max_request_bytes(args.model_dir)
     model_server.app.add_exception_handler(RequestRefused, _refused)
-    model_server.app.add_middleware(BodyLimit, max_bytes=limit)
+    model_server.app.add_middleware(RequestChecks, max_bytes=limit)
     server = ModelServer()  # configures KServe's logging; the handler's lines (engine choice, refusals) join it
     for name in ("handler", "model", "serving"):
         logging.getLogger(name).handlers[:] = logging.getLogger("kserve").handlers

@@ -8,6 +8,7 @@ reference answers come from the same network and engine in-process.
 from __future__ import annotations
 
 import base64
+import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -127,6 +128,14 @@ def test_refused_requests_get_their_4xx_and_error_and_the_server_goes_on(kserve_
                           headers={"Content-Type": "application/json"})
     for r in (declared, chunked):
         assert r.status_code == 413 and "max_request_size" in r.json()["error"], r.text
+    # The binary tensor extension (tritonclient's binary_data=True): refused as on TorchServe, not KServe's own
+    # decoding failure (a 500 that echoes the image's bytes).
+    raw = len(good).to_bytes(4, "little") + good
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    binary = client.post(url, content=head + raw, headers={"Inference-Header-Content-Length": str(len(head)),
+                                                           "Content-Type": "application/octet-stream"})
+    assert binary.status_code == 400 and "binary tensor extension" in binary.json()["error"], binary.text
     malformed = client.post(url, content=b'{"inputs": [', headers={"Content-Type": "application/json"})
     assert malformed.status_code == 422  # KServe's own parser answers first (FastAPI's {"detail": [...]})
     r = client.post(url, json=v2_body([good]))
