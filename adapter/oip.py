@@ -3,6 +3,9 @@ a KServe InferenceService with many replicas, the KServe bundle's TorchServe, or
 server on the same bundle (handler/kserve_predictor.py, no TorchServe).
 
     predict       POST {OIP_URL}/v2/models/{model}/infer, the image as a BYTES input (base64)
+    explain       POST {OIP_URL}/v1/models/{model}:explain, {"instances": [{"data": base64}]} (KServe's v1
+                  route: the protocol has no explanations; KServe's own model server on the bundle answers it,
+                  handler/kserve_predictor.py; a server without it -> 501)
     model_status  GET  {OIP_URL}/v2/models/{model}/ready   (KServe's model server answers it;
                   TorchServe alone does not, so /health says "unavailable" in front of a bare one)
 
@@ -52,6 +55,14 @@ def answer_from_outputs(body: dict) -> dict:
         raise ClassifyError(502, "The model server's answer is not an Open Inference Protocol answer.") from None
 
 
+def _model_missing(response: _Response) -> bool:
+    """A 404 from KServe's model server about the model ({"error": ...}), not about the route ({"detail": ...})."""
+    try:
+        return "error" in response.json()
+    except (ValueError, TypeError):
+        return False
+
+
 class OIPClient:
     """Same interface as TorchServeClient: predict(image), health(), model_status(), aclose()."""
 
@@ -61,6 +72,7 @@ class OIPClient:
         s = settings
         self.headers = {"Host": s.oip_host_header} if s.oip_host_header else {}
         self._infer_path = f"/v2/models/{s.model_name}/infer"
+        self._explain_path = f"/v1/models/{s.model_name}:explain"  # KServe's v1 route: OIP has no explanations
         self._pool = _Pool(s.oip_url, s.max_connections, s.predict_timeout_s,
                            aiohttp.ClientTimeout(total=s.predict_timeout_s, connect=s.connect_timeout_s),
                            metrics.model_server_latency if metrics else None)
@@ -82,35 +94,55 @@ class OIPClient:
         return ClassifyError(503, "The model server is not reachable.")
 
     async def predict(self, image: bytes, explain: bool = False) -> dict:
-        if explain:  # the Open Inference Protocol has no explanations; TorchServe's API has them
-            raise ClassifyError(501, "Explanations need the TorchServe backend (OIP_URL is set).")
-        body = {"inputs": [{"name": INPUT_NAME, "shape": [1], "datatype": "BYTES",
-                            "data": [base64.b64encode(image).decode("ascii")]}]}
+        """The model server's answer for one image in the handler's shape; ``explain``: KServe's v1 explain
+        route instead (the Open Inference Protocol has none), whose answer adds a Grad-CAM "heatmap"."""
+        data = base64.b64encode(image).decode("ascii")
+        if explain:
+            path, body = self._explain_path, {"instances": [{"data": data}]}
+        else:
+            path, body = self._infer_path, {"inputs": [{"name": INPUT_NAME, "shape": [1], "datatype": "BYTES",
+                                                        "data": [data]}]}
         headers = {**self.headers, "Content-Type": "application/json", **request_id_header()}
         try:
             # The wait for a pooled connection and the answer share one deadline, as TorchServe's do.
             async with prediction_deadline(self.settings.predict_timeout_s):
-                response: _Response = await self._pool.request("POST", self._infer_path, headers,
-                                                               json.dumps(body).encode())
+                response: _Response = await self._pool.request("POST", path, headers, json.dumps(body).encode())
         except _TRANSPORT_ERRORS as err:
             error = self._unreachable(err)
             count_failure(self.metrics, error, err)
             raise error from None
         try:
-            answer = self._answer(response)
+            answer = self._explanation(response) if explain else self._answer(response)
         except ClassifyError as error:
             count_failure(self.metrics, error, response)
             raise
         note_model_version(answer.get("model_version"))
         return answer
 
+    def _json(self, response: _Response):
+        try:
+            return response.json()
+        except ValueError:
+            raise ClassifyError(502, "The model server sent an answer that is not JSON.") from None
+
     def _answer(self, response: _Response) -> dict:
         if response.status_code == 200:
+            return answer_from_outputs(self._json(response))
+        raise answer_error(response, self.settings.model_name)
+
+    def _explanation(self, response: _Response) -> dict:
+        if response.status_code == 200:
             try:
-                answer = response.json()
-            except ValueError:
-                raise ClassifyError(502, "The model server sent an answer that is not JSON.") from None
-            return answer_from_outputs(answer)
+                answer = self._json(response)["predictions"][0]
+                if isinstance(answer.get("prediction"), str) and isinstance(answer.get("heatmap"), str):
+                    return answer
+            except (KeyError, IndexError, TypeError, AttributeError):
+                pass
+            raise ClassifyError(502, "The model server's explanation has no prediction and heatmap.")
+        if response.status_code in (405, 501) or (response.status_code == 404 and not _model_missing(response)):
+            # no explain route (a 404 that is not KServe's "model ... does not exist"), or a model without them
+            raise ClassifyError(501, "This model server gives no explanations: they need TorchServe's backend or "
+                                     "KServe's own model server on the bundle (handler/kserve_predictor.py).")
         raise answer_error(response, self.settings.model_name)
 
     async def model_status(self) -> dict:

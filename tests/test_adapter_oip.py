@@ -102,6 +102,33 @@ def test_failures_get_the_same_statuses_as_in_front_of_torchserve(status, body, 
     assert err.value.status_code == expected_status and words in err.value.message
 
 
+EXPLAINED = {"prediction": "Aquarium fish", "label": "aquarium_fish", "index": 1, "probability": 0.9, "unsure": False,
+             "topk": [], "model_version": "w3-test", "heatmap": "data:image/png;base64,iVBORw0KGgo="}
+
+
+def test_an_explanation_asks_kserves_v1_explain_route_and_needs_a_heatmap():
+    explain = lambda client: client.predict(b"PNGDATA", explain=True)  # noqa: E731
+    answer, seen = asyncio.run(call_server(json_reply(200, {"predictions": [EXPLAINED]}), method=explain))
+    assert answer == EXPLAINED
+    path, _, body = seen[0]
+    assert path == "/v1/models/cifar100:explain"
+    assert base64.b64decode(json.loads(body)["instances"][0]["data"]) == b"PNGDATA"
+
+
+@pytest.mark.parametrize("status, body, expected_status, words", [
+    (200, {"predictions": [{**EXPLAINED, "heatmap": None}]}, 502, "no prediction and heatmap"),
+    (200, {"outputs": []}, 502, "no prediction and heatmap"),
+    (501, {"error": "explain is not implemented"}, 501, "no explanations"),  # KServe's Model without explain()
+    (404, {"detail": "Not Found"}, 501, "no explanations"),                 # a server without the route
+    (404, {"error": "Model with name cifar100 does not exist."}, 503, "not loaded"),
+    (400, {"error": "instances[0].data: not an image"}, 400, "not an image"),
+])
+def test_explanation_failures(status, body, expected_status, words):
+    with pytest.raises(ClassifyError) as err:
+        asyncio.run(call_server(json_reply(status, body), method=lambda client: client.predict(b"x", explain=True)))
+    assert err.value.status_code == expected_status and words in err.value.message, err.value.message
+
+
 def test_slow_server_is_504_and_absent_server_is_503():
     async def slow(request):
         await asyncio.sleep(3)
@@ -276,7 +303,7 @@ class ReadinessServer:
 
 def test_adapter_process_in_oip_mode_health_follows_readiness_and_sends_the_host_header(tmp_path):
     """The settings end to end (environment -> running adapter -> HTTP): OIP_URL, OIP_HOST_HEADER,
-    /health from the v2 readiness route, and /explain/ 501 (the protocol has no explanations).
+    /health from the v2 readiness route, and /explain/ 501 from a server without KServe's explain route.
     (KServe's own model server in front of a real model: tests/test_kserve_predictor.py.)"""
     import httpx
 

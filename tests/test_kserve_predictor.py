@@ -104,6 +104,29 @@ def test_v1_several_images_and_chosen_outputs_are_answered_in_order(kserve_predi
     assert [o["name"] for o in chosen.json()["outputs"]] == ["name", "topk_index"]
 
 
+def test_an_explanation_is_the_answer_plus_a_heatmap_with_the_pictures_aspect(kserve_predictor, client, reference,
+                                                                              cifar100_test_split):
+    import io
+
+    from PIL import Image
+
+    images = cifar100_test_split[0][:2]
+    expected = reference.probs_of_uint8(images)
+    wide = cifar_pil(images, 1).resize((96, 48))  # its heatmap follows the picture's aspect
+    payloads = [encode(cifar_pil(images, 0)), encode(wide)]
+    r = client.post(f"{kserve_predictor.url}/v1/models/cifar100:explain", json=v1_body(payloads))
+    assert r.status_code == 200, r.text
+    first, second = r.json()["predictions"]
+    assert_same_answer(first, expected[0])
+    sizes = []
+    for answer in (first, second):
+        assert answer["heatmap"].startswith("data:image/png;base64,")
+        heatmap = Image.open(io.BytesIO(base64.b64decode(answer["heatmap"].split(",", 1)[1])))
+        assert heatmap.mode == "L" and max(heatmap.getdata()) == 255  # the peak of its evidence
+        sizes.append(heatmap.size)
+    assert sizes == [(32, 32), (96, 48)]
+
+
 def test_refused_requests_get_their_4xx_and_error_and_the_server_goes_on(kserve_predictor, client, bundle,
                                                                         cifar100_test_split):
     good = encode(cifar_pil(cifar100_test_split[0], 0))
@@ -156,6 +179,10 @@ def test_the_adapter_in_oip_mode_serves_classify_from_kserves_model_server(kserv
         assert r.status_code == 200, r.text
         assert (r.json()["prediction"], r.json()["probability"]) == (direct["prediction"], direct["probability"])
         assert [t["index"] for t in r.json()["top5"]] == [t["index"] for t in direct["topk"]]
+        explained = client.post(f"{adapter.base_url}/explain/", files={"image": ("a.png", image, "image/png")})
+        assert explained.status_code == 200, explained.text
+        assert explained.json()["prediction"] == direct["prediction"]
+        assert explained.json()["heatmap"].startswith("data:image/png;base64,")
         junk = client.post(f"{adapter.base_url}/classify/", files={"image": ("a.png", b"\x89PNG" + b"x" * 500,
                                                                               "image/png")})
         assert junk.status_code == 400 and "not an image" in junk.json()["error"], junk.text

@@ -9,7 +9,7 @@ WORKDIR /app
 COPY requirements.txt requirements-kserve.txt ./
 COPY adapter/requirements.txt adapter/requirements.txt
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -c requirements.txt \
-        torch torchvision numpy pillow PyYAML openvino openvino-telemetry psutil httpx \
+        torch torchvision numpy pillow PyYAML openvino openvino-telemetry psutil httpx captum \
     && pip install --no-cache-dir --no-deps -r requirements-kserve.txt
 COPY model/ model/
 COPY handler/ handler/
