@@ -1,6 +1,7 @@
 """Image builders and an in-process reference model shared by the serving tests (no server here)."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 import struct
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from handler.cifar100_handler import serving_model
+from handler.protocols import OUTPUTS
 from handler.preprocessing import decode_image, image_to_tensor, normalize
 from model.tta import flip_tta_logits
 from training.engines import in_process_engine
@@ -141,3 +143,41 @@ def assert_same_answer(body: dict, expected: torch.Tensor, tol: float = 2e-4) ->
         assert float(best2.values[0] - best2.values[1]) < tol, (body["index"], int(best2.indices[0]))
     for item in body["topk"]:
         assert abs(item["probability"] - float(expected[item["index"]])) < tol, item
+
+
+# ---- KServe v1 / Open Inference Protocol v2 bodies (tests/test_kserve.py, tests/test_kserve_predictor.py) ----
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def v2_body(images: list[bytes], request_id: str | None = None) -> dict:
+    body = {"inputs": [{"name": "image", "shape": [len(images)], "datatype": "BYTES", "data": [b64(i) for i in images]}]}
+    return {"id": request_id, **body} if request_id is not None else body
+
+
+def v1_body(images: list[bytes]) -> dict:
+    return {"instances": [{"data": b64(i)} for i in images]}
+
+
+def v2_answers(body: dict) -> list[dict]:
+    """An OIP answer back into the handler's per-image shape (index, topk), checking its tensors."""
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert set(outputs) == set(OUTPUTS)
+    n = outputs["label"]["shape"][0]
+    for name, out in outputs.items():
+        assert out["datatype"] == OUTPUTS[name]
+        k = out["shape"][1] if name.startswith("topk_") else 1
+        assert len(out["data"]) == n * k, name
+    k = outputs["topk_index"]["shape"][1]
+    answers = []
+    for i in range(n):
+        topk = [{"index": outputs["topk_index"]["data"][i * k + j], "label": outputs["topk_label"]["data"][i * k + j],
+                 "name": outputs["topk_name"]["data"][i * k + j],
+                 "probability": outputs["topk_probability"]["data"][i * k + j]} for j in range(k)]
+        answer = {"index": outputs["index"]["data"][i], "label": outputs["label"]["data"][i],
+                  "prediction": outputs["name"]["data"][i], "probability": outputs["probability"]["data"][i],
+                  "topk": topk}
+        assert (answer["index"], answer["label"], answer["prediction"]) == (topk[0]["index"], topk[0]["label"],
+                                                                             topk[0]["name"])
+        answers.append(answer)
+    return answers

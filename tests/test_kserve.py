@@ -9,7 +9,6 @@ images; the reference answers come from the same network called in-process.
 """
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import sys
@@ -20,54 +19,18 @@ import httpx
 import pytest
 import yaml
 
-from handler.protocols import OUTPUTS, ProtocolError, parse_request
+from handler.protocols import ProtocolError, parse_request
 from serving.archive import MODEL_CONFIG, weights_version
 from serving.kserve import ENVELOPES, KServeTorchServe, build_bundle
 from serving.torchserve import read_properties
-from serving_helpers import assert_same_answer, cifar_pil, decompression_bomb_png, encode
+from serving_helpers import (assert_same_answer, b64, cifar_pil, decompression_bomb_png, encode, v1_body, v2_answers,
+                             v2_body)
 from torchserve_fixture import READY_TIMEOUT_S, weights_under_test
 
 REPO = Path(__file__).resolve().parents[1]
 
 N_IMAGES = 200
 CONCURRENCY = 8
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def v2_body(images: list[bytes], request_id: str | None = None) -> dict:
-    body = {"inputs": [{"name": "image", "shape": [len(images)], "datatype": "BYTES", "data": [b64(i) for i in images]}]}
-    return {"id": request_id, **body} if request_id is not None else body
-
-
-def v1_body(images: list[bytes]) -> dict:
-    return {"instances": [{"data": b64(i)} for i in images]}
-
-
-def v2_answers(body: dict) -> list[dict]:
-    """An OIP answer back into the handler's per-image shape (index, topk), checking its tensors."""
-    outputs = {o["name"]: o for o in body["outputs"]}
-    assert set(outputs) == set(OUTPUTS)
-    n = outputs["label"]["shape"][0]
-    for name, out in outputs.items():
-        assert out["datatype"] == OUTPUTS[name]
-        k = out["shape"][1] if name.startswith("topk_") else 1
-        assert len(out["data"]) == n * k, name
-    k = outputs["topk_index"]["shape"][1]
-    answers = []
-    for i in range(n):
-        topk = [{"index": outputs["topk_index"]["data"][i * k + j], "label": outputs["topk_label"]["data"][i * k + j],
-                 "name": outputs["topk_name"]["data"][i * k + j],
-                 "probability": outputs["topk_probability"]["data"][i * k + j]} for j in range(k)]
-        answer = {"index": outputs["index"]["data"][i], "label": outputs["label"]["data"][i],
-                  "prediction": outputs["name"]["data"][i], "probability": outputs["probability"]["data"][i],
-                  "topk": topk}
-        assert (answer["index"], answer["label"], answer["prediction"]) == (topk[0]["index"], topk[0]["label"],
-                                                                             topk[0]["name"])
-        answers.append(answer)
-    return answers
 
 
 @pytest.fixture(scope="module")

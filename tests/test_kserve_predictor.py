@@ -18,8 +18,7 @@ import pytest
 from serving.archive import weights_version
 from serving.kserve import KServePredictor, build_bundle
 from serving.torchserve import read_properties
-from serving_helpers import assert_same_answer, cifar_pil, decompression_bomb_png, encode
-from test_kserve import v1_body, v2_answers, v2_body
+from serving_helpers import assert_same_answer, cifar_pil, decompression_bomb_png, encode, v1_body, v2_answers, v2_body
 from torchserve_fixture import weights_under_test
 
 N_IMAGES = 120
