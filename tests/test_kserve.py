@@ -316,7 +316,7 @@ def test_adapter_in_front_of_the_v2_server_answers_classify_as_today(kserve_ts, 
 
 # ---- the benchmark's v2 point (figures are make bench-serve's job; here: it measures) -----------
 @pytest.mark.integration  # starts TorchServe and reads CIFAR-100 in a subprocess (no fixture says so)
-def test_bench_kserve_prints_both_columns_and_the_ratio():
+def test_bench_kserve_prints_each_target_and_the_ratios():
     import subprocess
     import sys
     from pathlib import Path
@@ -326,6 +326,7 @@ def test_bench_kserve_prints_both_columns_and_the_ratio():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [row for row in map(str.split, done.stdout.splitlines()) if len(row) == 6 and row[1] == "2"]
-    assert sorted(row[0] for row in rows) == ["predictions", "v2"], done.stdout
+    assert sorted(row[0] for row in rows) == ["predictions", "predictor", "v2"], done.stdout
     assert all(float(row[2]) > 0 and row[5] == "0" for row in rows), done.stdout
     assert "v2 / predictions images/s at concurrency 2:" in done.stdout and "failed" not in done.stdout
+    assert "KServe's model server / TorchServe, v2, per round at concurrency 2:" in done.stdout
