@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"v2 / predictions images/s at concurrency {hi}: {ratio:.2f} (target >= {TARGET_RATIO:.2f})")
     if "predictor" in rows:
         each = [p.images_per_s / max(v2.images_per_s, 1e-9) for p, v2 in zip(rounds["predictor"][hi], rounds["v2"][hi])]
-        print(f"KServe's model server / TorchServe, v2, per round at concurrency {hi}: {', '.join(f'{r:.2f}' for r in each)}")
+        print(f"KServe's model server / TorchServe, v2, per round at concurrency {hi}: "
+              f"{', '.join(f'{r:.2f}' for r in each)}")
     failed = sum(r.errors for by_c in rounds.values() for results in by_c.values() for r in results)
     if failed:
         print(f"{failed} requests failed during the run (counted in the errors column)")

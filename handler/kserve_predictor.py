@@ -16,8 +16,8 @@ heatmap, as TorchServe's /explanations), ``/v2/health/live|ready``, Prometheus `
 
 Errors are ``{"error": "..."}``: 400 for a malformed body, a bad image or the binary tensor extension,
 413 for an image over the pixel limit, more than ``handler.max_images_per_request`` images, or a body
-over ``max_request_size`` (config.properties, as TorchServe). KServe's own checks answer first where they apply (a body that
-is not an inference request: 422 ``{"detail": [...]}``).
+over ``max_request_size`` (config.properties, as TorchServe). KServe's own checks answer first where
+they apply (a body that is not an inference request: 422 ``{"detail": [...]}``).
 """
 from __future__ import annotations
 
@@ -205,7 +205,8 @@ class CIFAR100Predictor(Model):
         return logits
 
     def _images(self, body: dict) -> tuple:
-        """The request's images as one normalized tensor (decoded in a thread: Pillow lets go of the GIL)."""
+        """The request, its images as one normalized tensor, and their (width, height); run in a thread
+        (Pillow lets go of the GIL while it decodes). A refused request raises RequestRefused (its 4xx)."""
         try:
             request = parse_request({"body": body}, self.max_images)
             if request is None:
@@ -236,7 +237,6 @@ class CIFAR100Predictor(Model):
             # KServe's v2 answer must have an id (the protocol's is optional): the caller's request id, else a new one.
             answer["id"] = (headers or {}).get("x-request-id") or uuid.uuid4().hex
         return answer
-
 
     async def explain(self, payload, headers: dict | None = None) -> dict:
         """KServe's v1 explain route (``POST /v1/models/cifar100:explain``, v1 or v2 body): each image's

@@ -191,6 +191,7 @@ def test_the_predictor_image_copies_what_exists_and_installs_pinned_versions():
     # Every package the image installs by name is pinned in requirements.txt or the adapter's, which it
     # includes (the -c constraint).
     install = re.search(r"-c requirements.txt \\\n\s+(.+?) \\\n", text).group(1).split()
-    lines = (REPO / "requirements.txt").read_text().splitlines() + (REPO / "adapter" / "requirements.txt").read_text().splitlines()
+    lines = [line for path in (REPO / "requirements.txt", REPO / "adapter" / "requirements.txt")
+             for line in path.read_text().splitlines()]
     pinned = {line.split("==")[0].lower() for line in lines if "==" in line}
     assert install and all(name.lower() in pinned for name in install), install

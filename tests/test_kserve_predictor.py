@@ -46,8 +46,8 @@ def counters(predictor: KServePredictor) -> dict[str, float]:
     """The predictor's own Prometheus counters, summed over their labels."""
     text = httpx.get(f"{predictor.url}/metrics", timeout=10).text
     totals: dict[str, float] = {}
-    for name, value in re.findall(r"^(EngineImages_total|EngineRecheckedImages_total|ForwardBatches_total)\{[^}]*\} (\S+)$",
-                                  text, re.M):
+    names = "EngineImages_total|EngineRecheckedImages_total|ForwardBatches_total"
+    for name, value in re.findall(rf"^({names})\{{[^}}]*\}} (\S+)$", text, re.M):
         totals[name] = totals.get(name, 0.0) + float(value)
     return totals
 
