@@ -178,6 +178,7 @@ def test_the_predictor_manifest_runs_the_dockerfiles_image_on_the_same_bundle():
     probe = container.readiness_probe.http_get
     assert (probe.path, probe.port) == ("/v2/models/cifar100/ready", 8080)
     assert [p.container_port for p in container.ports] == [8080]
+    assert isvc.spec.predictor.container_concurrency == 64  # its own server has no cap on requests in flight
 
 
 def test_the_predictor_image_copies_what_exists_and_installs_pinned_versions():
