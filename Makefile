@@ -22,7 +22,7 @@ install: $(VENV)/.installed node_modules/.installed
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $@
-# --no-deps: the tests use only KServe's type modules; its server's dependencies would downgrade psutil.
+# --no-deps for kserve: it declares psutil<6 (pinned 7 here); requirements-kserve.txt pins what it imports.
 $(VENV)/.installed: requirements.txt adapter/requirements.txt requirements-kserve.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
