@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from handler import engine as engines
-from handler.cifar100_handler import serving_model
+from handler.engine import serving_model
 from model.network import CIFAR100Model
 from model.normalization import normalize
 from serving.torchserve import DEFAULT_ENGINE_CACHE

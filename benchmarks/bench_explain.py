@@ -63,7 +63,7 @@ def deletion_drops(model: torch.nn.Module, images: torch.Tensor, heat: torch.Ten
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.bench_serve import machine
     from handler.calibration import load_calibration
-    from handler.cifar100_handler import serving_model
+    from handler.engine import serving_model
     from handler.explain import explanation_model, heatmaps
     from model import network_from_state_dict
     from serving.archive import DEFAULT_WEIGHTS

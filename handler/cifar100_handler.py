@@ -39,7 +39,7 @@ from handler.answers import image_answers
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, image_bytes, image_to_tensor, normalize
-from handler.engine import serving_model  # noqa: F401 - also imported from here by training/
+from handler.engine import serving_model
 from handler.protocols import DEFAULT_MAX_IMAGES_PER_REQUEST, ProtocolError, encode_answer, parse_request
 from model import load_class_names, network_from_state_dict
 from model.tta import flip_tta_logits

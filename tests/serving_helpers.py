@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from handler.cifar100_handler import serving_model
+from handler.engine import serving_model
 from handler.protocols import OUTPUTS
 from handler.preprocessing import decode_image, image_to_tensor, normalize
 from model.tta import flip_tta_logits

@@ -28,7 +28,7 @@ def record() -> dict:
 
 @pytest.fixture(scope="module")
 def test_logits(cifar100_test_split):
-    from handler.cifar100_handler import serving_model
+    from handler.engine import serving_model
     from training.evaluation import predict_logits
 
     images, labels = cifar100_test_split
@@ -103,7 +103,7 @@ def test_served_answers_carry_the_calibrated_probability_and_unsure_below_the_st
 def test_flip_tta_has_its_own_stored_fit_and_buys_top1(record, test_logits, cifar100_test_split):
     """The flip_tta entry (handler.flip_tta) is what training.calibrate fits on the averaged logits,
     sharper than plain ones (a lower temperature), and flip TTA is more accurate on the test split."""
-    from handler.cifar100_handler import serving_model
+    from handler.engine import serving_model
     from training.evaluation import predict_logits
 
     images, labels = cifar100_test_split

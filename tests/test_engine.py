@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from handler import engine as engines
-from handler.cifar100_handler import serving_model
+from handler.engine import serving_model
 from model.normalization import normalize
 
 REPO = Path(__file__).resolve().parents[1]

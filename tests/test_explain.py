@@ -78,7 +78,7 @@ def test_explain_answers_what_classify_answers_plus_a_heatmap(explained):
 
 
 def test_heatmaps_pass_the_deletion_test(explained, cifar100_test_split):
-    from handler.cifar100_handler import serving_model
+    from handler.engine import serving_model
 
     images, _ = cifar100_test_split
     answers = torch.tensor([r.json()["index"] for r in explained[0]])

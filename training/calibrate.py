@@ -159,7 +159,7 @@ def plot_reliability(result: dict, path: Path) -> None:
 def test_split_logits(weights: Path, data_dir: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(plain logits, flip-TTA logits, labels) of the served network (BN folded, as the handler runs it)
     on the whole test split; flip TTA averages with the mirror images', as ``handler.flip_tta`` serves."""
-    from handler.cifar100_handler import serving_model
+    from handler.engine import serving_model
     from training.data import load_split
     from training.evaluation import predict_logits
 

@@ -52,7 +52,7 @@ def model_config(path: Path = MODEL_CONFIG) -> dict:
 def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.nn.Module | None = None):
     """The engine a TorchServe worker started from this checkout builds for ``weights``, built the same
     way in this process (same record, probe, batch bound and engine cache: the served compiled code)."""
-    from handler.cifar100_handler import serving_model
+    from handler.engine import serving_model
     from model.normalization import normalize
     from serving.archive import engine_record_for
 
@@ -138,7 +138,7 @@ def kept_entries(old: dict, weights_sha256: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from handler.cifar100_handler import serving_model
+    from handler.engine import serving_model
     from training.data import default_data_dir, load_split
 
     parser = cli.Parser("training.engines", __doc__.split("\n\n")[0])
