@@ -9,6 +9,12 @@ import torch.nn.functional as F
 
 from handler.calibration import Calibration
 from model.classes import display_name
+from serving.settings import TOP_K  # model-config.yaml's handler.topk overrides it
+
+
+def served_topk(handler_config: dict, classes: int) -> int:
+    """Answers per image: model-config.yaml's ``handler.topk`` (default TOP_K), held to 1..classes."""
+    return max(1, min(int(handler_config.get("topk", TOP_K)), classes))
 
 
 def image_answers(logits: torch.Tensor, calibration: Calibration, topk: int, labels: list[str],

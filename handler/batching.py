@@ -23,7 +23,7 @@ class Batcher:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
-        self.batches = self.images = 0  # run so far (the tests and the log read them)
+        self.batches = self.images = 0  # run so far (tests/test_batching.py reads them)
 
     async def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """The logits of ``images`` ([n, 3, 32, 32] normalized), computed in a batch with others'."""

@@ -35,7 +35,7 @@ from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler import engine as engines
-from handler.answers import image_answers
+from handler.answers import image_answers, served_topk
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, image_bytes, image_to_tensor, normalize
@@ -43,7 +43,6 @@ from handler.engine import serving_model
 from handler.protocols import DEFAULT_MAX_IMAGES_PER_REQUEST, ProtocolError, encode_answer, parse_request
 from model import load_class_names, network_from_state_dict
 from model.tta import flip_tta_logits
-from serving.settings import TOP_K as DEFAULT_TOPK  # model-config.yaml's handler.topk overrides it
 
 logger = logging.getLogger(__name__)
 # TorchServe's worker logs this at INFO on the root logger for every batch it receives
@@ -67,7 +66,7 @@ class CIFAR100Handler(BaseHandler):
         logging.getLogger().addFilter(not_per_batch_line)  # once: a filter already there is not added again
         model_dir = context.system_properties.get("model_dir")
         self.labels = load_class_names(os.path.join(model_dir, "index_to_name.json"))
-        self.topk = max(1, min(int(handler_cfg.get("topk", DEFAULT_TOPK)), len(self.labels)))
+        self.topk = served_topk(handler_cfg, len(self.labels))
         self.model_version = str(self.manifest["model"].get("modelVersion", "unknown"))
         self.max_images = int(handler_cfg.get("max_images_per_request", DEFAULT_MAX_IMAGES_PER_REQUEST))
         self._errors: dict[int, ImageRequestError | ProtocolError] = {}  # per batch: position -> why refused

@@ -40,7 +40,7 @@ from kserve import InferRequest, Model, ModelServer, model_server
 from prometheus_client import Counter
 
 from handler import engine as engines
-from handler.answers import image_answers
+from handler.answers import image_answers, served_topk
 from handler.batching import Batcher
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
@@ -48,14 +48,14 @@ from handler.preprocessing import ImageRequestError, decode_image, image_to_tens
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, V2, ProtocolError, encode_answer, parse_request,
                                refuse_binary_extension)
 from model import load_class_names, network_from_state_dict
-from serving.settings import MODEL_NAME, TOP_K
+from serving.settings import MODEL_NAME
+from serving.torchserve import BASE_CONFIG, read_properties
 
 logger = logging.getLogger("handler.kserve_predictor")
 
 ARCHIVE_IN_BUNDLE = Path("model-store") / f"{MODEL_NAME}.mar"  # serving/kserve.py's layout
 # Where max_request_size is read: the bundle's TorchServe settings, else the repository's (in the image too).
 PROPERTIES_IN_BUNDLE = Path("config") / "config.properties"
-REPO_PROPERTIES = Path(__file__).resolve().parents[1] / "config.properties"
 
 
 # At /metrics beside KServe's own (the names of the TorchServe handler's counters, handler/engine.py).
@@ -145,13 +145,10 @@ def archive_folder(model_dir: Path, into: Path) -> Path:
 def max_request_bytes(model_dir: Path) -> int:
     """TorchServe's ``max_request_size``, the same limit here: from the bundle's config.properties, else
     the repository's."""
-    for properties in (model_dir / PROPERTIES_IN_BUNDLE, REPO_PROPERTIES):
-        if properties.is_file():
-            for line in properties.read_text().splitlines():
-                key, sep, value = line.partition("=")
-                if sep and key.strip() == "max_request_size" and value.strip().isdigit():
-                    return int(value.strip())
-    raise FileNotFoundError(f"no max_request_size in {model_dir / PROPERTIES_IN_BUNDLE} or {REPO_PROPERTIES}")
+    for properties in (model_dir / PROPERTIES_IN_BUNDLE, BASE_CONFIG):
+        if properties.is_file() and "max_request_size" in (props := read_properties(properties)):
+            return int(props["max_request_size"])
+    raise FileNotFoundError(f"no max_request_size in {model_dir / PROPERTIES_IN_BUNDLE} or {BASE_CONFIG}")
 
 
 class CIFAR100Predictor(Model):
@@ -171,7 +168,7 @@ class CIFAR100Predictor(Model):
         weights = folder / manifest["serializedFile"]
         self.model_version = str(manifest.get("modelVersion", "unknown"))
         self.labels = load_class_names(folder / "index_to_name.json")
-        self.topk = max(1, min(int(handler_cfg.get("topk", TOP_K)), len(self.labels)))
+        self.topk = served_topk(handler_cfg, len(self.labels))
         self.max_images = int(handler_cfg.get("max_images_per_request", DEFAULT_MAX_IMAGES_PER_REQUEST))
         self.flip_tta = engines.flip_tta(config)
         state_dict = torch.load(weights, map_location="cpu", weights_only=True)
