@@ -11,7 +11,7 @@ from .normalization import CIFAR100_MEAN, CIFAR100_STD, normalize
 _LAZY = {
     **dict.fromkeys(("CIFAR100Model", "ResidualSEBlock", "SEBlock", "fold_batchnorm", "infer_width_and_classes"), "network"),
     **dict.fromkeys(("WeightsError", "read_state_dict", "network_from_state_dict", "load_network"), "weights"),
-    "flip_tta_logits": "tta",
+    **dict.fromkeys(("flip_tta_logits", "plain_and_flip_tta_logits"), "tta"),
 }
 
 __all__ = [

@@ -103,3 +103,13 @@ def cifar100_test_split(cifar100_data_dir):
     from training.data import load_split
 
     return load_split(cifar100_data_dir, train=False)
+
+
+@pytest.fixture(scope="session")
+def shipped_test_split_logits(cifar100_data_dir):
+    """(plain logits, flip-TTA logits, labels) of the shipped weights' served network on the whole test
+    split, computed once for every test that needs them (one pass over 20,000 images: ~1 min on 2 cores)."""
+    from serving.archive import DEFAULT_WEIGHTS
+    from training.calibrate import logits_on_test_split
+
+    return logits_on_test_split(DEFAULT_WEIGHTS, cifar100_data_dir)

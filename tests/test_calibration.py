@@ -27,13 +27,9 @@ def record() -> dict:
 
 
 @pytest.fixture(scope="module")
-def test_logits(cifar100_test_split):
-    from handler.engine import serving_model
-    from training.evaluation import predict_logits
-
-    images, labels = cifar100_test_split
-    state_dict = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
-    return predict_logits(serving_model(state_dict), images, labels), labels
+def test_logits(shipped_test_split_logits):
+    plain, _, labels = shipped_test_split_logits
+    return plain, labels
 
 
 def test_record_is_for_the_shipped_weights(record):
@@ -100,15 +96,10 @@ def test_served_answers_carry_the_calibrated_probability_and_unsure_below_the_st
     assert flags == {True, False}, "the images must fall on both sides of the threshold"
 
 
-def test_flip_tta_has_its_own_stored_fit_and_buys_top1(record, test_logits, cifar100_test_split):
+def test_flip_tta_has_its_own_stored_fit_and_buys_top1(record, test_logits, shipped_test_split_logits):
     """The flip_tta entry (handler.flip_tta) is what training.calibrate fits on the averaged logits,
     sharper than plain ones (a lower temperature), and flip TTA is more accurate on the test split."""
-    from handler.engine import serving_model
-    from training.evaluation import predict_logits
-
-    images, labels = cifar100_test_split
-    state_dict = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
-    tta_logits = predict_logits(serving_model(state_dict), images, labels, flip_tta=True)
+    _, tta_logits, labels = shipped_test_split_logits
     refit = calibrate(tta_logits, labels)
     stored = record["flip_tta"]
     assert refit["temperature"] == pytest.approx(stored["temperature"], rel=1e-3)

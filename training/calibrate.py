@@ -156,17 +156,16 @@ def plot_reliability(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def test_split_logits(weights: Path, data_dir: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def logits_on_test_split(weights: Path, data_dir: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(plain logits, flip-TTA logits, labels) of the served network (BN folded, as the handler runs it)
     on the whole test split; flip TTA averages with the mirror images', as ``handler.flip_tta`` serves."""
     from handler.engine import serving_model
     from training.data import load_split
-    from training.evaluation import predict_logits
+    from training.evaluation import predict_plain_and_flip_tta_logits
 
     images, labels = load_split(data_dir, train=False)
     network = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
-    return (predict_logits(network, images, labels), predict_logits(network, images, labels, flip_tta=True),
-            labels)
+    return (*predict_plain_and_flip_tta_logits(network, images, labels), labels)
 
 
 def flip_tta_entry(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -201,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, help="default: the weights' folder")
     args = parser.parse_args(argv)
     out_dir = args.out_dir or args.weights.parent
-    logits, tta_logits, labels = test_split_logits(args.weights, args.data_dir)
+    logits, tta_logits, labels = logits_on_test_split(args.weights, args.data_dir)
     result = calibrate(logits, labels)
     # The handler's flip_tta setting (model-config.yaml) serves averaged logits: fitted for them too.
     result["flip_tta"] = flip_tta_entry(tta_logits, labels)

@@ -20,12 +20,12 @@ import torch
 from model import WeightsError, display_name, load_class_names, load_network
 from training.data import DataError, default_data_dir, load_split, subset
 from training.evaluation import (accuracy, confusion_matrix, most_confused_pairs, per_class_accuracy,
-                                 predict_logits)
+                                 predict_logits, EVAL_BATCH_SIZE)
 from training.runtime import pick_device
 from serving import cli
 
 
-def evaluate(model, images, labels, class_names, batch_size=500, device="cpu", tta=True, top_pairs=10) -> dict:
+def evaluate(model, images, labels, class_names, batch_size=EVAL_BATCH_SIZE, device="cpu", tta=True, top_pairs=10) -> dict:
     """Every figure of the report, as plain JSON-able values."""
     device = torch.device(device)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="average with the mirrored image (the served handler does not; --no-tta matches it)")
     p.add_argument("--json", metavar="OUT", help="also write the full report (every class) as JSON here")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
     p.add_argument("--test-subset", type=int, default=None,
                    help="score a fixed random subset of N test images (quick checks; not for model cards)")

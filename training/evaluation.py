@@ -3,24 +3,44 @@ from __future__ import annotations
 
 import torch
 
-from model.tta import flip_tta_logits
+from model.tta import flip_tta_logits, plain_and_flip_tta_logits
 from training.data import batches, normalize
 
 
+# 64 images a batch: on a 2-core AVX2 EPYC, 1.2-1.7x the images/s of 500 (the activations stay in cache).
+EVAL_BATCH_SIZE = 64
+
+
 @torch.inference_mode()
-def predict_logits(model, images, labels, batch_size=500, device="cpu", amp_dtype=None,
-                   flip_tta=False, channels_last=True):
-    """Logits (float32, on the CPU) for every image, optionally averaged with the mirror image."""
+def _logits_by_batch(model, images, labels, batch_size, device, amp_dtype, channels_last, forward) -> list:
+    """``forward(model, x)`` of every batch of normalized images, on the CPU: a list with one entry a batch."""
     model.eval()
     device = torch.device(device)
     out = []
-    order = torch.arange(len(labels))
-    for x, _, _ in batches(images, labels, order, batch_size):
+    for x, _, _ in batches(images, labels, torch.arange(len(labels)), batch_size):
         x = normalize(x, device, channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            logits = flip_tta_logits(model, x) if flip_tta else model(x).float()
-        out.append(logits.cpu())
+            out.append(forward(model, x))
+    return out
+
+
+def predict_logits(model, images, labels, batch_size=EVAL_BATCH_SIZE, device="cpu", amp_dtype=None,
+                   flip_tta=False, channels_last=True):
+    """Logits (float32, on the CPU) for every image, optionally averaged with the mirror image."""
+    out = _logits_by_batch(model, images, labels, batch_size, device, amp_dtype, channels_last,
+                           lambda net, x: (flip_tta_logits(net, x) if flip_tta else net(x).float()).cpu())
     return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def predict_plain_and_flip_tta_logits(model, images, labels, batch_size=EVAL_BATCH_SIZE, device="cpu",
+                                      channels_last=True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(plain, flip-TTA) float32 logits for every image from one pass over the images and their mirrors
+    (the price of flip TTA alone, where both are wanted)."""
+    out = _logits_by_batch(model, images, labels, batch_size, device, None, channels_last,
+                           lambda net, x: [t.cpu() for t in plain_and_flip_tta_logits(net, x)])
+    if not out:
+        return torch.empty(0, 0), torch.empty(0, 0)
+    return torch.cat([plain for plain, _ in out]), torch.cat([tta for _, tta in out])
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
