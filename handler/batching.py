@@ -6,27 +6,28 @@ within ``max_delay_s`` (model-config.yaml ``maxBatchDelay``), up to ``max_images
 (``batchSize``), and runs them as one batch on a single thread: the forward pass never runs twice
 at once (each has every core), and while it runs the next batch gathers. A request larger than
 ``max_images`` (a v1/v2 request may hold up to 64 images) goes alone; the engine splits it into
-chunks it was built for.
+chunks it was built for. ``forward`` may answer with anything indexed by image (a tensor of logits,
+a list of answers): each request gets its own slice.
 """
 from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 
 class Batcher:
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_images: int, max_delay_s: float):
+    def __init__(self, forward: Callable[[torch.Tensor], Sequence], max_images: int, max_delay_s: float):
         self.forward, self.max_images, self.max_delay_s = forward, max(1, max_images), max(0.0, max_delay_s)
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self.batches = self.images = 0  # run so far (tests/test_batching.py reads them)
 
-    async def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """The logits of ``images`` ([n, 3, 32, 32] normalized), computed in a batch with others'."""
+    async def __call__(self, images: torch.Tensor) -> Sequence:
+        """``forward``'s rows for ``images`` ([n, 3, 32, 32] normalized), computed in a batch with others'."""
         if self._task is None or self._task.done():  # the first call, on the server's event loop
             self._queue = asyncio.Queue()
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -60,14 +61,16 @@ class Batcher:
             if not batch:
                 continue
             try:
-                logits = await loop.run_in_executor(self._thread, self.forward, torch.cat([b[0] for b in batch]))
+                rows = await loop.run_in_executor(self._thread, self.forward, torch.cat([b[0] for b in batch]))
             except Exception as err:  # noqa: BLE001 - every request of the batch hears of it
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(err)
                 continue
             self.batches += 1
-            self.images += len(logits)
-            for (_, done), rows in zip(batch, logits.split([len(b[0]) for b in batch])):
+            self.images += len(rows)
+            start = 0
+            for images, done in batch:
                 if not done.done():
-                    done.set_result(rows)
+                    done.set_result(rows[start:start + len(images)])
+                start += len(images)

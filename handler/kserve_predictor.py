@@ -1,7 +1,7 @@
 """The model under KServe's own Python model server (``kserve.ModelServer``): the Open Inference
 Protocol without TorchServe, which is archived upstream and whose KServe runtime is deprecated.
 
-    python -m handler.kserve_predictor --model_dir dist/kserve [--http_port 8080] [--enable_grpc false]
+    python -m handler.kserve_predictor --model_dir dist/kserve [--http_port 8080] [--grpc_port 8081]
 
 It serves the same archive as TorchServe (``model-store/cifar100.mar`` under ``--model_dir``, where
 KServe mounts ``storageUri``; or a ``.mar`` path; or a folder of the archive's files) with the same
@@ -12,11 +12,13 @@ forward passes (handler/batching.py: up to the archive's ``batchSize`` images, w
 ``maxBatchDelay``), one at a time on every core (``handler.cpu_threads`` or OMP_NUM_THREADS pin
 fewer). Routes are KServe's: ``POST /v2/models/cifar100/infer``, ``GET /v2/models/cifar100/ready``,
 ``POST /v1/models/cifar100:predict``, ``POST /v1/models/cifar100:explain`` (the answer plus a Grad-CAM
-heatmap, as TorchServe's /explanations), ``/v2/health/live|ready``, Prometheus ``/metrics``.
+heatmap, as TorchServe's /explanations), ``/v2/health/live|ready``, Prometheus ``/metrics``; and the
+protocol's gRPC service (ModelInfer: each image's bytes as a BYTES element, the v2 outputs back).
 
 Errors are ``{"error": "..."}``: 400 for a malformed body, a bad image or the binary tensor extension,
 413 for an image over the pixel limit, more than ``handler.max_images_per_request`` images, or a body
-over ``max_request_size`` (config.properties, as TorchServe). KServe's own checks answer first where
+over ``max_request_size`` (config.properties, as TorchServe; gRPC's message limit too). Over gRPC the
+4xx are INVALID_ARGUMENT with the same message. KServe's own checks answer first where
 they apply (a body that is not an inference request: 422 ``{"detail": [...]}``).
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import uuid
 import zipfile
@@ -36,7 +39,8 @@ from pathlib import Path
 import torch
 import yaml
 from fastapi.responses import JSONResponse
-from kserve import InferRequest, Model, ModelServer, model_server
+from grpc_interceptor.exceptions import InvalidArgument
+from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer, model_server
 from prometheus_client import Counter
 
 from handler import engine as engines
@@ -45,8 +49,8 @@ from handler.batching import Batcher
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import ImageRequestError, decode_image, image_to_tensor, normalize
-from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, V2, ProtocolError, encode_answer, parse_request,
-                               refuse_binary_extension)
+from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, OUTPUTS, V2, ProtocolError, encode_answer,
+                               parse_request, refuse_binary_extension)
 from model import load_class_names, network_from_state_dict
 from serving.settings import MODEL_NAME
 from serving.torchserve import BASE_CONFIG, read_properties
@@ -175,43 +179,45 @@ class CIFAR100Predictor(Model):
         network = engines.serving_model(state_dict)
         self._state_dict, self._explanation_model = state_dict, None  # Grad-CAM's network: built on first use
         self.heatmap_max_side = int(handler_cfg.get("heatmap_max_side", HEATMAP_MAX_SIDE))
-        self.engine, self.calibration = engines.start(
+        # Not "self.engine": KServe's Model.engine is a flag (an engine to start; stop_engine at unload).
+        self.network_engine, self.calibration = engines.start(
             self.engine_setting or handler_cfg.get("engine", engines.AUTO), network,
             hashlib.sha256(weights.read_bytes()).hexdigest(), engines.images_per_forward(config),
             torch.device("cpu"), folder, load_calibration(str(folder), self.flip_tta), self.flip_tta)
         self.batcher = Batcher(self._forward, int(config.get("batchSize") or 1),
                                float(config.get("maxBatchDelay") or 0) / 1000)
         logger.info("CIFAR-100 model %s, %d threads, top-%d, engine %s %s, flip TTA %s, batches of up to %d "
-                    "images within %s ms", self.model_version, torch.get_num_threads(), self.topk, self.engine.name,
-                    self.engine.info, "on" if self.flip_tta else "off", self.batcher.max_images,
+                    "images within %s ms", self.model_version, torch.get_num_threads(), self.topk, self.network_engine.name,
+                    self.network_engine.info, "on" if self.flip_tta else "off", self.batcher.max_images,
                     config.get("maxBatchDelay"))
         self.ready = True
         return self.ready
 
-    def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        """One batch (on the batcher's thread), counted as the TorchServe handler counts its own."""
-        rechecked = self.engine.rechecked
+    def _forward(self, images: torch.Tensor) -> list[dict]:
+        """One batch's answers, on the batcher's thread (the event loop only encodes them), counted as the
+        TorchServe handler counts its own."""
+        rechecked = self.network_engine.rechecked
         if self.flip_tta:
             from model.tta import flip_tta_logits
-            logits = flip_tta_logits(self.engine, images)
+            logits = flip_tta_logits(self.network_engine, images)
         else:
-            logits = self.engine(images)
-        IMAGES.labels(self.engine.name).inc(len(images) * (2 if self.flip_tta else 1))
-        RECHECKED.labels(self.engine.name).inc(self.engine.rechecked - rechecked)
-        BATCHES.labels(self.engine.name).inc()
-        return logits
+            logits = self.network_engine(images)
+        IMAGES.labels(self.network_engine.name).inc(len(images) * (2 if self.flip_tta else 1))
+        RECHECKED.labels(self.network_engine.name).inc(self.network_engine.rechecked - rechecked)
+        BATCHES.labels(self.network_engine.name).inc()
+        return image_answers(logits, self.calibration, self.topk, self.labels, self.model_version, self.network_engine.name)
 
-    def _images(self, body: dict) -> tuple:
+    def _images(self, payload) -> tuple:
         """The request, its images as one normalized tensor, and their (width, height); run in a thread
         (Pillow lets go of the GIL while it decodes). A refused request raises RequestRefused (its 4xx)."""
         try:
-            request = parse_request({"body": body}, self.max_images)
+            request = parse_request({"body": _as_dict(payload)}, self.max_images)
             if request is None:
                 raise ProtocolError(400, "expected a v1 body {\"instances\": [...]} or a v2 body {\"inputs\": [...]}")
             tensors, sizes = [], []
-            for where, payload in zip(request.where, request.images):
+            for where, encoded in zip(request.where, request.images):
                 try:
-                    image = decode_image(payload)
+                    image = decode_image(encoded)
                 except ImageRequestError as err:
                     raise ImageRequestError(err.status, f"{where}: {err.message}") from err
                 tensors.append(image_to_tensor(image))
@@ -222,18 +228,33 @@ class CIFAR100Predictor(Model):
 
     async def _answers(self, payload) -> tuple:
         """The request, its images, their sizes, and each image's answer (its forward pass shared with others')."""
-        request, images, sizes = await asyncio.get_running_loop().run_in_executor(None, self._images, _as_dict(payload))
-        logits = await self.batcher(images)
-        answers = image_answers(logits, self.calibration, self.topk, self.labels, self.model_version, self.engine.name)
-        return request, images, sizes, answers
+        request, images, sizes = await asyncio.get_running_loop().run_in_executor(None, self._images, payload)
+        return request, images, sizes, await self.batcher(images)
 
-    async def predict(self, payload, headers: dict | None = None) -> dict:
-        request, _, _, answers = await self._answers(payload)
+    async def predict(self, payload, headers: dict | None = None) -> dict | InferResponse:
+        grpc = isinstance(payload, InferRequest) and payload.from_grpc
+        try:
+            request, _, _, answers = await self._answers(payload)
+        except RequestRefused as err:
+            if grpc:  # INVALID_ARGUMENT with the message (KServe's interceptor answers INTERNAL to the rest)
+                raise InvalidArgument(err.message) from None
+            raise
         answer = encode_answer(request, answers, self.name, self.model_version)
         if request.protocol == V2 and "id" not in answer:
             # KServe's v2 answer must have an id (the protocol's is optional): the caller's request id, else a new one.
             answer["id"] = (headers or {}).get("x-request-id") or uuid.uuid4().hex
+        if grpc:  # KServe's gRPC servicer wants its typed answer; raw inputs get raw outputs (the protocol's rule)
+            return InferResponse(answer["id"], answer["model_name"], [InferOutput(**output) for output in answer["outputs"]],
+                                 answer["model_version"], use_binary_outputs=payload.use_binary_outputs)
         return answer
+
+    def get_input_types(self) -> list[dict]:
+        """The v2 model metadata's inputs (``GET /v2/models/cifar100``, gRPC ModelMetadata): encoded images."""
+        return [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": name, "datatype": datatype, "shape": [-1, -1] if name.startswith("topk_") else [-1]}
+                for name, datatype in OUTPUTS.items()]
 
     async def explain(self, payload, headers: dict | None = None) -> dict:
         """KServe's v1 explain route (``POST /v1/models/cifar100:explain``, v1 or v2 body): each image's
@@ -254,16 +275,46 @@ class CIFAR100Predictor(Model):
 
 
 def _as_dict(payload) -> dict:
-    """KServe hands a v2 body over parsed (InferRequest); the shared parser reads the JSON shape."""
+    """KServe hands a v2 body over parsed (InferRequest, from JSON or gRPC); the shared parser reads the
+    JSON shape (a gRPC BYTES element is the image's bytes: handler/protocols.py)."""
     if not isinstance(payload, InferRequest):
         return payload if isinstance(payload, dict) else {}
-    body = {"inputs": [{"name": i.name, "shape": list(i.shape), "datatype": i.datatype, "data": i.data}
+    body = {"inputs": [{"name": i.name, "shape": list(i.shape), "datatype": i.datatype, "data": _tensor_data(i)}
                        for i in payload.inputs]}
     if payload.id is not None:
         body["id"] = payload.id
     if payload.request_outputs:
         body["outputs"] = [{"name": o.name} for o in payload.request_outputs]
     return body
+
+
+def _tensor_data(tensor) -> list:
+    """A request tensor's elements; gRPC's raw_input_contents (4-byte length + bytes per BYTES element)
+    read as KServe reads them."""
+    if getattr(tensor, "_raw_data", None) is None:
+        return tensor.data
+    if tensor.datatype != "BYTES":
+        return []  # the shared parser refuses the datatype
+    try:
+        return tensor.as_numpy().reshape(-1).tolist()
+    except Exception as err:  # noqa: BLE001 - a malformed raw tensor is the client's
+        raise ProtocolError(400, f"input {tensor.name!r}: raw_input_contents do not hold its shape's BYTES elements "
+                                 f"({err})") from None
+
+
+def _without_timing(app) -> None:
+    """Leaves KServe's TimingMiddleware out of ``app``'s middleware stack when it is built (first request;
+    KServe adds it at start): it reads the process's CPU time twice a request (getrusage) to log it at
+    INFO on kserve.trace, silenced here: ~15% of the event loop's time at concurrency 16."""
+    from timing_asgi import TimingMiddleware
+
+    build = app.build_middleware_stack
+
+    def build_without_timing():
+        app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
+        return build()
+
+    app.build_middleware_stack = build_without_timing
 
 
 def main() -> None:
@@ -273,6 +324,9 @@ def main() -> None:
     parser.add_argument("--engine", default=None, help="override model-config.yaml's handler.engine")
     args, _ = parser.parse_known_args()
     limit = max_request_bytes(args.model_dir)
+    if not any(arg.startswith("--grpc_max_receive_message_length") for arg in sys.argv[1:]):
+        # One limit for both routes: gRPC refuses a larger message itself (RESOURCE_EXHAUSTED).
+        model_server.args.grpc_max_receive_message_length = limit
     model_server.app.add_exception_handler(RequestRefused, _refused)
     model_server.app.add_middleware(RequestChecks, max_bytes=limit)
     server = ModelServer()  # configures KServe's logging; the handler's lines (engine choice, refusals) join it
@@ -280,8 +334,11 @@ def main() -> None:
         logging.getLogger(name).handlers[:] = logging.getLogger("kserve").handlers
         logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger(name).propagate = False
-    # KServe's timing middleware logs two lines per request at INFO (wall and CPU time); the access log stays.
+    # KServe's per-request timing lines (kserve.trace, INFO: wall and CPU time, model latencies) stay silent;
+    # the access log stays. Its timing middleware, whose only output they are, goes (_without_timing).
     logging.getLogger("kserve.trace").setLevel(logging.WARNING)
+    server.enable_latency_logging = False
+    _without_timing(model_server.app)
     model = CIFAR100Predictor(args.model_name if args.model_name != "model" else MODEL_NAME, args.model_dir,
                               args.engine)
     model.load()

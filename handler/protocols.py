@@ -11,7 +11,8 @@ handler as ``{"body": <parsed JSON>}``, on /predictions/<name> as on /v1 and /v2
     v2  {"id": "42", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [n], "data": ["<base64>", ...]}, ...]}
         -> {"id": "42", "model_name", "model_version", "outputs": [{"name", "datatype", "shape", "data"}, ...]}
         Several inputs, or a longer BYTES tensor, are several images (in order). ``outputs`` in the
-        request picks which outputs come back (all of OUTPUTS by default).
+        request picks which outputs come back (all of OUTPUTS by default). Over gRPC (KServe's
+        predictor, handler/kserve_predictor.py) the same tensors carry each image's bytes as they are.
 Anything else (a raw body, a multipart field, ``{"image": "<base64>"}``) is the plain protocol,
 read by handler.preprocessing.image_bytes as before. The v2 binary tensor extension (a JSON head
 followed by raw bytes, its length in the ``Inference-Header-Content-Length`` header) is refused
@@ -54,7 +55,12 @@ class ParsedRequest:
 
 
 def _b64_image(text, where: str) -> bytes:
-    """base64 text (optionally a data: URL) -> bytes; anything else is the client's mistake."""
+    """base64 text (optionally a data: URL) -> bytes; bytes are the image itself (a BYTES element of an
+    Open Inference Protocol gRPC request: no JSON, no base64); anything else is the client's mistake."""
+    if isinstance(text, (bytes, bytearray)):
+        if not text:
+            raise ProtocolError(400, f"{where}: empty image")
+        return bytes(text)
     if not isinstance(text, str):
         raise ProtocolError(400, f"{where}: expected a base64 string, got {type(text).__name__}")
     text = text.strip()
@@ -131,7 +137,7 @@ def _parse_v2(body: dict) -> ParsedRequest:
         at = f"inputs[{n}] ({tensor.get('name', 'unnamed')!r})"
         if tensor.get("datatype") != "BYTES":
             raise ProtocolError(400, f"{at}: datatype {tensor.get('datatype')!r} is not supported; send "
-                                     "encoded images as datatype BYTES, base64 strings")
+                                     "encoded images as datatype BYTES: base64 strings in JSON, the bytes themselves over gRPC")
         data = _flatten(tensor.get("data"))
         shape = tensor.get("shape")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):

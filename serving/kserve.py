@@ -28,7 +28,7 @@ import httpx
 import yaml
 
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, MODEL_NAME, ArchiveError, build_archive, weights_version
-from serving.process import free_port, free_ports, popen_exited, stop_popen, wait_until_ready
+from serving.process import free_ports, popen_exited, stop_popen, wait_until_ready
 from serving.settings import ENGINE_CACHE_ENV
 from serving.torchserve import (BASE_CONFIG, DEFAULT_ENGINE_CACHE, MAR_FILE, TorchServeError, TorchServeInstance,
                                read_properties)
@@ -153,20 +153,24 @@ class KServeTorchServe(TorchServeInstance):
 
 class KServePredictor:
     """KServe's own Python model server on a bundle (handler/kserve_predictor.py), no TorchServe:
-    started as its container would be, on a free loopback port, REST only."""
+    started as its container would be, REST and gRPC (the Open Inference Protocol's two transports) on
+    free ports."""
 
     def __init__(self, workdir: Path, bundle: Path = DEFAULT_OUT, port: int | None = None,
-                 extra_args: list[str] | None = None, env: dict[str, str] | None = None):
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 grpc_port: int | None = None):
         self.workdir, self.bundle = Path(workdir), Path(bundle).resolve()
-        self.port = port or free_port()
+        spare = free_ports(2)
+        self.port, self.grpc_port = port or spare[0], grpc_port or spare[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log = self.workdir / "predictor.log"
         self.extra_args, self.env = list(extra_args or []), dict(env or {})
         self.process: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "handler.kserve_predictor", f"--model_dir={self.bundle}",
-                f"--http_port={self.port}", "--enable_grpc=false", *self.extra_args]
+                f"--http_port={self.port}", f"--grpc_port={self.grpc_port}", *self.extra_args]
 
     def start(self, timeout: float = 300.0) -> "KServePredictor":
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -107,3 +107,29 @@ def test_a_caller_that_left_is_skipped_and_the_others_are_answered():
     busy, kept = asyncio.run(main())
     assert (busy.item(), kept.item()) == (1, 3)
     assert forward.sizes == [1, 1]  # the cancelled request never reached the forward pass
+
+
+def test_a_forward_that_answers_with_a_list_gives_each_request_its_own_items():
+    """The predictor's forward returns one answer (a dict) per image: each request gets its own, in order,
+    also when a caller in the middle of a batch left."""
+    sizes = []
+
+    def answers(batch: torch.Tensor) -> list[dict]:
+        sizes.append(len(batch))
+        time.sleep(0.02)
+        return [{"tag": float(image[0, 0, 0])} for image in batch]
+
+    batcher = Batcher(answers, max_images=8, max_delay_s=0.01)
+
+    async def main():
+        calls = [asyncio.ensure_future(batcher(images(i, 1 + i % 3))) for i in range(6)]
+        await asyncio.sleep(0)
+        calls[2].cancel()
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[2], asyncio.CancelledError)
+    for i, rows in enumerate(results):
+        if i != 2:
+            assert rows == [{"tag": float(i)}] * (1 + i % 3), (i, rows)
+    assert sum(sizes) == sum(1 + i % 3 for i in range(6) if i != 2)

@@ -149,6 +149,7 @@ def test_kserve_constructor_checks_run():
 
 # ---- KServe without TorchServe: the custom predictor container -------------------------------
 PREDICTOR_MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice-predictor.yaml"
+PREDICTOR_GRPC_MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice-predictor-grpc.yaml"
 PREDICTOR_DOCKERFILE = REPO / "deploy" / "kserve" / "predictor.Dockerfile"
 
 
@@ -173,7 +174,7 @@ def test_the_predictor_manifest_runs_the_dockerfiles_image_on_the_same_bundle():
     assert int(env["OMP_NUM_THREADS"]) == int(float(container.resources.limits["cpu"]))  # the pod's CPUs, not the node's
     # The container's arguments are the image's defaults, and they read the mount and serve on the probed port.
     assert container.args == dockerfile_instruction("CMD")
-    assert "--model_dir=/mnt/models" in container.args and "--http_port=8080" in container.args
+    assert {"--model_dir=/mnt/models", "--http_port=8080", "--grpc_port=8081"} <= set(container.args)
     assert dockerfile_instruction("ENTRYPOINT")[-2:] == ["-m", "handler.kserve_predictor"]
     probe = container.readiness_probe.http_get
     assert (probe.path, probe.port) == ("/v2/models/cifar100/ready", 8080)
@@ -196,3 +197,20 @@ def test_the_predictor_image_copies_what_exists_and_installs_pinned_versions():
              for line in path.read_text().splitlines()]
     pinned = {line.split("==")[0].lower() for line in lines if "==" in line}
     assert install and all(name.lower() in pinned for name in install), install
+
+
+def test_the_grpc_manifest_is_the_same_predictor_routed_on_its_h2c_port():
+    """Knative routes one port per container: the gRPC manifest is the REST one's container (image,
+    arguments, bundle, threads, resources, concurrency) with the gRPC port, named h2c, and its probe there."""
+    manifest = yaml.safe_load(PREDICTOR_GRPC_MANIFEST.read_text())
+    assert errors_of(manifest) == []
+    grpc_isvc, rest_isvc = build(manifest), build(yaml.safe_load(PREDICTOR_MANIFEST.read_text()))
+    [grpc], [rest] = grpc_isvc.spec.predictor.containers, rest_isvc.spec.predictor.containers
+    assert grpc_isvc.metadata.name != rest_isvc.metadata.name  # both can run side by side
+    for field in ("image", "args", "env", "resources"):
+        assert getattr(grpc, field) == getattr(rest, field), field
+    assert grpc_isvc.spec.predictor.container_concurrency == rest_isvc.spec.predictor.container_concurrency
+    [port] = grpc.ports
+    assert (port.name, port.container_port) == ("h2c", 8081)
+    assert f"--grpc_port={port.container_port}" in grpc.args
+    assert grpc.readiness_probe.tcp_socket.port == port.container_port and grpc.readiness_probe.http_get is None

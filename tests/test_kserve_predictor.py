@@ -10,7 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,6 +24,7 @@ from serving.torchserve import read_properties
 from serving_helpers import assert_same_answer, cifar_pil, decompression_bomb_png, encode, v1_body, v2_answers, v2_body
 from torchserve_fixture import weights_under_test
 
+REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 120
 CONCURRENCY = 8
 
@@ -205,3 +209,151 @@ def test_a_bare_archive_is_served_too(bundle, client, tmp_path, cifar100_test_sp
         assert r.status_code == 200 and v2_answers(r.json())[0]["prediction"], r.text
     finally:
         predictor.stop()
+
+
+def test_kserves_timing_middleware_is_left_out_of_the_stack_and_the_rest_kept():
+    """KServe adds a middleware that reads the process's CPU time twice a request for log lines the
+    predictor silences (~15% of its event loop at concurrency 16): left out; KServe's other layers and
+    the predictor's own checks stay. In a child process (importing kserve here would clash with
+    tests/kserve_types.py); KServe's own start-up code adds the middlewares."""
+    script = """
+from kserve import model_server
+from kserve.model_repository import ModelRepository
+from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.rest.server import RESTServer
+from timing_asgi import TimingMiddleware
+from handler.kserve_predictor import RequestChecks, _without_timing
+app = model_server.app
+app.add_middleware(RequestChecks, max_bytes=1)
+_without_timing(app)
+RESTServer("kserve.model_server:app", DataPlane(ModelRepository()), None, 0).create_application()  # KServe's start
+layers, layer = [], app.build_middleware_stack()
+while layer is not None:
+    layers.append(type(layer).__name__)
+    layer = getattr(layer, "app", None)
+print(" ".join(layers))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    layers = done.stdout.split()
+    assert "TimingMiddleware" not in layers, layers
+    assert "RequestChecks" in layers and "ServerErrorMiddleware" in layers, layers
+
+
+# ---- the Open Inference Protocol over gRPC (KServe's generated stubs; a real channel) ----
+@pytest.fixture(scope="module")
+def grpc_stub(kserve_predictor):
+    import grpc
+
+    import kserve_types  # noqa: F401 - registers the kserve package bare: its generated gRPC modules import alone
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+
+    with grpc.insecure_channel(kserve_predictor.grpc_target,
+                               options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        yield grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def pb():
+    from kserve.protocol.grpc import grpc_predict_v2_pb2
+
+    return grpc_predict_v2_pb2
+
+
+def grpc_request(images: list[bytes], raw: bool = False, request_id: str = "", datatype: str = "BYTES"):
+    """A ModelInferRequest of one BYTES tensor: each image's bytes in ``contents``, or, ``raw``, in
+    ``raw_input_contents`` (4-byte little-endian length + bytes per element, as tritonclient sends)."""
+    tensor = pb().ModelInferRequest.InferInputTensor(name="image", datatype=datatype, shape=[len(images)])
+    request = pb().ModelInferRequest(model_name="cifar100", id=request_id, inputs=[tensor])
+    if raw:
+        request.raw_input_contents.append(b"".join(len(i).to_bytes(4, "little") + i for i in images))
+    else:
+        request.inputs[0].contents.bytes_contents.extend(images)
+    return request
+
+
+def grpc_answer_body(response) -> dict:
+    """A ModelInferResponse as the v2 JSON answer's shape (for v2_answers), from contents or raw outputs."""
+    import numpy as np
+
+    kinds = {"BYTES": ("bytes_contents", None), "INT64": ("int64_contents", np.int64),
+             "FP32": ("fp32_contents", np.float32), "BOOL": ("bool_contents", np.bool_)}
+    outputs = []
+    for n, output in enumerate(response.outputs):
+        field, dtype = kinds[output.datatype]
+        if response.raw_output_contents:
+            raw = response.raw_output_contents[n]
+            if dtype is None:  # BYTES: 4-byte length + bytes per element
+                data, at = [], 0
+                while at < len(raw):
+                    size = int.from_bytes(raw[at:at + 4], "little")
+                    data.append(raw[at + 4:at + 4 + size])
+                    at += 4 + size
+            else:
+                data = np.frombuffer(raw, dtype=dtype).tolist()
+        else:
+            data = list(getattr(output.contents, field))
+        if dtype is None:
+            data = [item.decode() for item in data]
+        elif output.datatype == "FP32":
+            data = [round(float(x), 6) for x in data]
+        outputs.append({"name": output.name, "datatype": output.datatype, "shape": list(output.shape), "data": data})
+    return {"id": response.id, "model_name": response.model_name, "model_version": response.model_version,
+            "outputs": outputs}
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["contents", "raw_input_contents"])
+def test_grpc_answers_match_the_in_process_network(kserve_predictor, grpc_stub, reference, cifar100_test_split, raw):
+    images = cifar100_test_split[0][200:206]
+    expected = reference.probs_of_uint8(images)
+    payloads = [encode(cifar_pil(images, i)) for i in range(len(images))]
+    response = grpc_stub.ModelInfer(grpc_request(payloads, raw=raw, request_id="grpc-1"), timeout=60)
+    assert bool(response.raw_output_contents) is raw  # raw in, raw out (the protocol's rule)
+    body = grpc_answer_body(response)
+    assert (body["id"], body["model_name"], body["model_version"]) == (
+        "grpc-1", "cifar100", weights_version(weights_under_test()))
+    answers = v2_answers(body)
+    assert len(answers) == len(images)
+    for answer, probs in zip(answers, expected):
+        assert_same_answer(answer, probs)
+
+
+def test_grpc_refusals_carry_the_handlers_message_and_the_server_goes_on(kserve_predictor, grpc_stub, cifar100_test_split):
+    import grpc
+
+    good = encode(cifar_pil(cifar100_test_split[0], 0))
+    refusals = [
+        (grpc_request([b"not an image at all"]), grpc.StatusCode.INVALID_ARGUMENT, "not an image"),
+        (grpc_request([b""]), grpc.StatusCode.INVALID_ARGUMENT, "empty image"),
+        (grpc_request([decompression_bomb_png()]), grpc.StatusCode.INVALID_ARGUMENT, "decompression bomb"),
+        (grpc_request([good] * 65), grpc.StatusCode.INVALID_ARGUMENT, "above the limit"),
+        (grpc_request([good], datatype="FP32"), grpc.StatusCode.INVALID_ARGUMENT, "the bytes themselves over gRPC"),
+    ]
+    raw_short = grpc_request([good], raw=True)
+    raw_short.raw_input_contents[0] = raw_short.raw_input_contents[0][:-10] + (10 ** 6).to_bytes(4, "little")
+    refusals.append((raw_short, grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents"))
+    limit = int(read_properties(kserve_predictor.bundle / "config" / "config.properties")["max_request_size"])
+    # The message limit is max_request_size, as on REST (gRPC's own default would be 8 MiB).
+    refusals.append((grpc_request([b"\0" * (limit - (1 << 20))]), grpc.StatusCode.INVALID_ARGUMENT, "not an image"))
+    refusals.append((grpc_request([b"\0" * (limit + 1)]), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"))
+    for request, code, words in refusals:
+        with pytest.raises(grpc.RpcError) as refused:
+            grpc_stub.ModelInfer(request, timeout=60)
+        assert refused.value.code() == code, (words, refused.value.code(), refused.value.details())
+        assert words.lower() in refused.value.details().lower(), (words, refused.value.details())
+    answer = grpc_stub.ModelInfer(grpc_request([good]), timeout=60)
+    assert [o.name for o in answer.outputs][:1] == ["label"]
+
+
+def test_model_metadata_names_the_image_input_and_the_answers_outputs(kserve_predictor, grpc_stub, client):
+    from serving.settings import V2_OUTPUTS
+
+    rest = client.get(f"{kserve_predictor.url}/v2/models/cifar100")
+    assert rest.status_code == 200, rest.text
+    assert rest.json()["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    assert {o["name"]: o["datatype"] for o in rest.json()["outputs"]} == V2_OUTPUTS
+    metadata = grpc_stub.ModelMetadata(pb().ModelMetadataRequest(name="cifar100"), timeout=30)
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("image", "BYTES", [-1])]
+    assert {t.name: t.datatype for t in metadata.outputs} == V2_OUTPUTS
+    assert grpc_stub.ServerLive(pb().ServerLiveRequest(), timeout=30).live
+    assert grpc_stub.ModelReady(pb().ModelReadyRequest(name="cifar100"), timeout=30).ready

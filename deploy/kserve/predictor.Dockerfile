@@ -19,5 +19,7 @@ COPY config.properties .
 # Compiled engines are cached per container (the first start builds them; OpenVINO's take ~2 s).
 ENV CIFAR100_ENGINE_CACHE=/tmp/cifar100-engines
 USER 1000
+# The Open Inference Protocol over REST on 8080 and over gRPC on 8081.
+EXPOSE 8080 8081
 ENTRYPOINT ["python", "-m", "handler.kserve_predictor"]
-CMD ["--model_dir=/mnt/models", "--http_port=8080", "--enable_grpc=false"]
+CMD ["--model_dir=/mnt/models", "--http_port=8080", "--grpc_port=8081"]
