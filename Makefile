@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Where CIFAR-100 lives (the folder holding cifar-100-python/): env CIFAR100_DATA, else the
 # shared copy beside the checkout, else ./data (where `make data` puts it).
-export CIFAR100_DATA ?= $(abspath $(firstword $(wildcard ../shared/data) data))
+export CIFAR100_DATA ?= $(abspath $(firstword $(patsubst %/cifar-100-python,%,$(wildcard ../shared/data/cifar-100-python)) data))
 # The shipped default weights; `make archive WEIGHTS=path/to/other.pth` packages others.
 WEIGHTS ?= model/weights/CIFAR100_model.pth
 TRAIN_ARGS ?=
@@ -16,14 +16,16 @@ TRAIN_ARGS ?=
 help:
 	@awk '/^# / && !c {c = substr($$0, 3)} /^[a-z-]+:/ {split($$0, t, ":"); printf "  make %-16s %s\n", t[1], c} !/^# / {c = ""}' $(firstword $(MAKEFILE_LIST))
 
-# The project's environment: .venv (pip, the pinned requirements) and node_modules (npm ci).
-install: $(VENV)/.installed node_modules/.installed
+# The project's environment: .venv (pip, the pinned requirements); `make test` adds node_modules (npm ci).
+install: $(VENV)/.installed
 # npm packages of the page tests (axe-core), exactly as package-lock.json pins them.
 node_modules/.installed: package.json package-lock.json
+	@command -v npm >/dev/null || { echo "npm is missing (the page tests' axe-core): sudo make install-system"; exit 1; }
 	npm ci --no-audit --no-fund
 	touch $@
 # --no-deps for kserve: it declares psutil<6 (pinned 7 here); requirements-kserve.txt pins what it imports.
 $(VENV)/.installed: requirements.txt adapter/requirements.txt requirements-kserve.txt
+	@python3 -c 'import ensurepip' 2>/dev/null || { echo "python3 cannot make a virtualenv (Debian: python3-venv): sudo make install-system"; exit 1; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
@@ -31,7 +33,8 @@ $(VENV)/.installed: requirements.txt adapter/requirements.txt requirements-kserv
 	touch $@
 
 # Debian packages the tests and benchmarks need (as root; CI runs this).
-# Java for TorchServe, Chromium for the page tests, wrk as the serving benchmarks' load generator, npm.
+# Java for TorchServe, Chromium for the page tests, wrk as the serving benchmarks' load generator, npm,
+# python3-venv (Debian's python3 makes no virtualenv without it).
 install-system:
 	@# A Java older than 17 (TorchServe's minimum) counts as none: 17 is installed beside it.
 	v=$$(java -version 2>&1 | sed -n 's/.*version "\(1\.\)\{0,1\}\([0-9]*\).*/\2/p' | head -1); \
@@ -40,6 +43,7 @@ install-system:
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 	test -x /usr/bin/wrk || (apt-get update -qq && apt-get install -y -qq wrk)
 	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq npm)
+	python3 -c 'import ensurepip' 2>/dev/null || (apt-get update -qq && apt-get install -y -qq python3-venv)
 
 # CIFAR-100 into ./data with torchvision (official files, md5 checked); needs internet, ~170 MB.
 data: install
@@ -118,7 +122,7 @@ soak: install
 	$(PY) -m benchmarks.soak $(SOAK_ARGS)
 
 # Every test: unit + integration (real TorchServe, headless Chromium, CIFAR-100; see tests/conftest.py).
-test: install
+test: install node_modules/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The fast tier: no server, no browser, no data set (under a minute; runs without Java or Chromium).

@@ -33,7 +33,7 @@ def axe_problem() -> str | None:
     if AXE.is_file():
         return None
     npm = "" if shutil.which("npm") else f"npm is missing too ({SYSTEM} installs it); then "
-    return f"The accessibility test needs axe-core at {AXE}: {npm}run `make install` (npm ci, package-lock.json)"
+    return f"The accessibility test needs axe-core at {AXE}: {npm}run `make test` (it runs npm ci: package-lock.json)"
 
 
 # fixture name -> the check that says what is missing (None: present)

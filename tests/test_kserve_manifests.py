@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = {"cpu": REPO / "deploy" / "kserve" / "inferenceservice.yaml",
              "gpu": REPO / "deploy" / "kserve" / "inferenceservice-gpu.yaml",
              "canary": REPO / "deploy" / "kserve" / "inferenceservice-canary.yaml"}
+PREDICTOR_MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice-predictor.yaml"
+PREDICTOR_GRPC_MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice-predictor-grpc.yaml"
 
 
 def load(kind: str) -> dict:
@@ -84,12 +86,18 @@ def test_canary_sends_a_share_to_the_new_bundle_and_keeps_the_rest_on_the_old():
     assert canary.spec.predictor.model.storage_uri != stable.spec.predictor.model.storage_uri
     # Everything but the bundle's location and the traffic split is the stable manifest's.
     same = copy.deepcopy(load("canary"))
-    del same["spec"]["predictor"]["canaryTrafficPercent"], same["metadata"]["annotations"]
+    del same["spec"]["predictor"]["canaryTrafficPercent"]
     model_of(same)["storageUri"] = model_of(load("cpu"))["storageUri"]
     assert same == load("cpu")
-    annotations = canary.metadata.annotations
+
+
+@pytest.mark.parametrize("path, port", [*((path, "8082") for path in MANIFESTS.values()),  # the bundle's metrics_address
+                                        (PREDICTOR_MANIFEST, "8080"), (PREDICTOR_GRPC_MANIFEST, "8080")],  # its REST port
+                         ids=lambda v: getattr(v, "name", v))
+def test_every_inferenceservice_is_scraped_where_its_server_has_its_metrics(path, port):
+    annotations = build(yaml.safe_load(path.read_text())).metadata.annotations
     assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
-    assert annotations["prometheus.kserve.io/port"] == "8082"  # the bundle's metrics_address
+    assert (annotations["prometheus.kserve.io/port"], annotations["prometheus.kserve.io/path"]) == (port, "/metrics")
 
 
 @pytest.mark.parametrize("mutate, words", [
@@ -148,8 +156,6 @@ def test_kserve_constructor_checks_run():
 
 
 # ---- KServe without TorchServe: the custom predictor container -------------------------------
-PREDICTOR_MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice-predictor.yaml"
-PREDICTOR_GRPC_MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice-predictor-grpc.yaml"
 PREDICTOR_DOCKERFILE = REPO / "deploy" / "kserve" / "predictor.Dockerfile"
 
 

@@ -1,7 +1,7 @@
 """The page's "Why?" view, unsure wording, example gallery, class list, dark mode and its retry of a
 busy answer (503 + Retry-After, for a classification and an explanation), in a real
 headless Chromium before a real adapter and TorchServe; plus an axe-core accessibility audit run
-inside the page (axe-core from npm, `make install` puts it in node_modules/).
+inside the page (axe-core from npm, `make test` puts it in node_modules/).
 
 Screenshots land in test-artifacts/ (page-why.png, page-unsure-phone.png, page-dark.png).
 """
