@@ -42,7 +42,6 @@ from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, i
 from handler.engine import serving_model
 from handler.protocols import DEFAULT_MAX_IMAGES_PER_REQUEST, ProtocolError, encode_answer, parse_request
 from model import load_class_names, network_from_state_dict
-from model.tta import flip_tta_logits
 
 logger = logging.getLogger(__name__)
 # TorchServe's worker logs this at INFO on the root logger for every batch it receives
@@ -137,9 +136,8 @@ class CIFAR100Handler(BaseHandler):
     def inference(self, data, *args, **kwargs):
         if data.shape[0] == 0:
             return data.new_empty(0, len(self.labels))
-        rechecked = self.engine.rechecked
-        logits = flip_tta_logits(self.engine, data) if self.flip_tta else self.engine(data)
-        self._count_forward(data.shape[0] * (2 if self.flip_tta else 1), self.engine.rechecked - rechecked)
+        logits, images, rechecked = self.engine.answer(data, self.flip_tta)
+        self._count_forward(images, rechecked)
         return logits
 
     def _count_forward(self, images: int, rechecked: int) -> None:

@@ -520,6 +520,15 @@ class Engine:
             self.lone_rows = rows
             self.info["lone_image_threads"] = threads
 
+    def answer(self, images: torch.Tensor, flip_tta: bool) -> tuple[torch.Tensor, int, int]:
+        """(logits, images through the forward pass, of them answered again by fp32) of one batch, with
+        flip TTA or not: what a server runs and counts (the TorchServe handler, KServe's predictor)."""
+        from model.tta import flip_tta_logits
+
+        rechecked = self.rechecked
+        logits = flip_tta_logits(self, images) if flip_tta else self(images)
+        return logits, len(images) * (2 if flip_tta else 1), self.rechecked - rechecked
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.contiguous(memory_format=self.memory_format)
         # Lone or not is the whole batch's say: its chunks and its rechecked close calls follow it.

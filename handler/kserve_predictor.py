@@ -196,14 +196,9 @@ class CIFAR100Predictor(Model):
     def _forward(self, images: torch.Tensor) -> list[dict]:
         """One batch's answers, on the batcher's thread (the event loop only encodes them), counted as the
         TorchServe handler counts its own."""
-        rechecked = self.network_engine.rechecked
-        if self.flip_tta:
-            from model.tta import flip_tta_logits
-            logits = flip_tta_logits(self.network_engine, images)
-        else:
-            logits = self.network_engine(images)
-        IMAGES.labels(self.network_engine.name).inc(len(images) * (2 if self.flip_tta else 1))
-        RECHECKED.labels(self.network_engine.name).inc(self.network_engine.rechecked - rechecked)
+        logits, run, rechecked = self.network_engine.answer(images, self.flip_tta)
+        IMAGES.labels(self.network_engine.name).inc(run)
+        RECHECKED.labels(self.network_engine.name).inc(rechecked)
         BATCHES.labels(self.network_engine.name).inc()
         return image_answers(logits, self.calibration, self.topk, self.labels, self.model_version, self.network_engine.name)
 
