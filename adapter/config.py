@@ -163,12 +163,12 @@ class Settings:
     max_client_explanations_in_flight: int = 2
     explanation_wait_s: float = 5.0
     retry_after_s: int = 1
-    min_upload_rate: int = 16 * 1024
-    min_rate_grace_s: float = 2.0
+    min_upload_rate: int = shared.MIN_UPLOAD_RATE
+    min_rate_grace_s: float = shared.MIN_RATE_GRACE_S
     max_open_connections: int = 512
     max_client_connections: int = 64
     trusted_proxies: list[str] = field(default_factory=list)
-    body_timeout_s: float = 30.0
+    body_timeout_s: float = shared.BODY_TIMEOUT_S
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 5.0
     max_header_bytes: int = 16 * 1024

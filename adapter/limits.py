@@ -33,6 +33,8 @@ import json
 import logging
 import time
 
+from serving.pace import paced_deadline
+
 from .config import Settings
 from .errors import ClassifyError
 from .upload import upload_body_limit
@@ -264,7 +266,6 @@ class RequestLimits:
         loop = asyncio.get_running_loop()
         started = loop.time()
         last_deadline = started + settings.body_timeout_s
-        grace_end = started + settings.min_rate_grace_s
         rate = settings.min_upload_rate
         received = 0
         body_done = False
@@ -276,7 +277,7 @@ class RequestLimits:
             if body_done or released:  # (answered: nothing more is charged)
                 return await receive()
             # mod_reqtimeout's MinRate: each byte received buys 1/rate s more, never past the deadline.
-            deadline = min(last_deadline, grace_end + received / rate)
+            deadline = paced_deadline(started, received, settings.body_timeout_s, settings.min_rate_grace_s, rate)
             try:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()

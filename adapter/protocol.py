@@ -35,6 +35,8 @@ import struct
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from serving.pace import paced_deadline
+
 from .config import Settings
 from .limits import ThrottledLog
 
@@ -234,8 +236,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         settings = self.settings
         now = self.loop.time()
         last = self._head_started + settings.header_timeout_s
-        allowed = min(last, self._head_started + settings.min_rate_grace_s
-                      + self._head_received / settings.min_upload_rate)
+        allowed = paced_deadline(self._head_started, self._head_received, settings.header_timeout_s,
+                                 settings.min_rate_grace_s, settings.min_upload_rate)
         if now < allowed:
             self._head_timer = self.loop.call_at(allowed, self._check_head_pace)
             return

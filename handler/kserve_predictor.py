@@ -52,7 +52,8 @@ from handler.preprocessing import ImageRequestError, decode_image, image_to_tens
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, OUTPUTS, V2, ProtocolError, encode_answer,
                                parse_request, refuse_binary_extension)
 from model import load_class_names, network_from_state_dict
-from serving.settings import MODEL_NAME
+from serving.pace import paced_deadline
+from serving.settings import BODY_TIMEOUT_S, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME
 from serving.torchserve import BASE_CONFIG, read_properties
 
 logger = logging.getLogger("handler.kserve_predictor")
@@ -83,11 +84,14 @@ async def _refused(_, err: RequestRefused) -> JSONResponse:
 class RequestChecks:
     """ASGI middleware, before KServe parses anything: the binary tensor extension -> 400 (KServe's own
     decoding of it fails with a 500 that echoes the image's bytes; the handler refuses it on TorchServe
-    too), and a body over ``max_bytes`` (declared, or as it streams in) -> 413 (uvicorn itself reads a
-    body of any length). The body is held here, then handed on."""
+    too), a body over ``max_bytes`` (declared, or as it streams in) -> 413 (uvicorn itself reads a
+    body of any length), and a body slower than ``pace`` allows -> 408 (serving/pace.py, as the
+    adapter: a slow client would otherwise hold a slot of the pod's containerConcurrency for as long
+    as it likes). The body is held here, then handed on; a refusal closes the connection."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, pace: dict | None = None):
         self.app, self.max_bytes = app, max_bytes
+        self.pace = {"limit_s": BODY_TIMEOUT_S, "grace_s": MIN_RATE_GRACE_S, "min_rate": MIN_UPLOAD_RATE, **(pace or {})}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -101,8 +105,20 @@ class RequestChecks:
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(send)
         chunks, seen, message = [], 0, {"more_body": True}
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while message.get("more_body"):
-            message = await receive()
+            deadline = paced_deadline(started, seen, **self.pace)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                logger.warning("408: the body of %s %s did not arrive in time (%d bytes in %.1f s)", scope["method"],
+                               scope["path"], seen, loop.time() - started)
+                return await _answer(send, 408, (
+                    f"the request body did not arrive within {self.pace['limit_s']:g} s"
+                    if deadline >= started + self.pace["limit_s"] else
+                    f"the request body arrived too slowly (under {self.pace['min_rate']:g} bytes/s)"))
             if message["type"] != "http.request":  # the client left
                 return
             chunks.append(message.get("body", b""))
@@ -317,13 +333,19 @@ def main() -> None:
     parser.add_argument("--model_dir", type=Path, default=Path("/mnt/models"),
                         help="the KServe bundle (make kserve-bundle), a .mar, or an unpacked archive")
     parser.add_argument("--engine", default=None, help="override model-config.yaml's handler.engine")
+    parser.add_argument("--body_timeout_s", type=float, default=BODY_TIMEOUT_S,
+                        help="a request's whole body must arrive within this (408)")
+    parser.add_argument("--min_upload_rate", type=float, default=MIN_UPLOAD_RATE,
+                        help="bytes/s a body must average after --min_rate_grace_s (408)")
+    parser.add_argument("--min_rate_grace_s", type=float, default=MIN_RATE_GRACE_S)
     args, _ = parser.parse_known_args()
     limit = max_request_bytes(args.model_dir)
     if not any(arg.startswith("--grpc_max_receive_message_length") for arg in sys.argv[1:]):
         # One limit for both routes: gRPC refuses a larger message itself (RESOURCE_EXHAUSTED).
         model_server.args.grpc_max_receive_message_length = limit
     model_server.app.add_exception_handler(RequestRefused, _refused)
-    model_server.app.add_middleware(RequestChecks, max_bytes=limit)
+    model_server.app.add_middleware(RequestChecks, max_bytes=limit, pace={
+        "limit_s": args.body_timeout_s, "grace_s": args.min_rate_grace_s, "min_rate": args.min_upload_rate})
     server = ModelServer()  # configures KServe's logging; the handler's lines (engine choice, refusals) join it
     for name in ("handler", "model", "serving"):
         logging.getLogger(name).handlers[:] = logging.getLogger("kserve").handlers

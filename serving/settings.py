@@ -36,6 +36,10 @@ ADAPTER_HOST = "127.0.0.1"       # the adapter: the one process that faces users
 ADAPTER_PORT = 8000
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # one image through the adapter (413 above); the page checks it first
+# How long a request's body may take to arrive (serving/pace.py): the adapter's defaults, and KServe's predictor's.
+BODY_TIMEOUT_S = 30.0                # all of it, at most (-> 408)
+MIN_UPLOAD_RATE = 16 * 1024          # bytes/s on average once MIN_RATE_GRACE_S has passed (-> 408)
+MIN_RATE_GRACE_S = 2.0
 # Temperature and "unsure" threshold (training/calibrate.py), beside the weights and in the archive.
 CALIBRATION_FILE = "calibration.json"
 # The engines' accuracy record (training/engines.py) and the training images the worker calibrates

@@ -357,3 +357,32 @@ def test_model_metadata_names_the_image_input_and_the_answers_outputs(kserve_pre
     assert {t.name: t.datatype for t in metadata.outputs} == V2_OUTPUTS
     assert grpc_stub.ServerLive(pb().ServerLiveRequest(), timeout=30).live
     assert grpc_stub.ModelReady(pb().ModelReadyRequest(name="cifar100"), timeout=30).ready
+
+
+def test_a_crawling_body_gets_408_after_the_grace_and_others_are_answered_meanwhile(kserve_predictor, client,
+                                                                                     cifar100_test_split):
+    """serving/pace.py's rule (the adapter's defaults): after MIN_RATE_GRACE_S, a body must average
+    MIN_UPLOAD_RATE; one that sent 100 bytes of 100,000 and stalls is refused (408, closed), and does
+    not hold up anyone else's answer."""
+    import socket
+    import time
+
+    from serving.settings import MIN_RATE_GRACE_S
+
+    host, port = kserve_predictor.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as slow:
+        slow.sendall(b"POST /v2/models/cifar100/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b"{" * 100)
+        started = time.monotonic()
+        answered = client.post(infer_url(kserve_predictor),
+                               json=v2_body([encode(cifar_pil(cifar100_test_split[0], 3))]))
+        assert answered.status_code == 200, answered.text
+        assert time.monotonic() - started < MIN_RATE_GRACE_S  # not behind the crawling one
+        reply = b""
+        while chunk := slow.recv(65536):  # the server closes the connection after its answer
+            reply += chunk
+        waited = time.monotonic() - started
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert "too slowly" in json.loads(body)["error"]
+    assert MIN_RATE_GRACE_S - 0.5 <= waited < MIN_RATE_GRACE_S + 5, waited
