@@ -292,7 +292,7 @@ def _as_dict(payload) -> dict:
         return payload if isinstance(payload, dict) else {}
     body = {"inputs": [{"name": i.name, "shape": list(i.shape), "datatype": i.datatype, "data": _tensor_data(i)}
                        for i in payload.inputs]}
-    if payload.id is not None:
+    if payload.id is not None and not (payload.from_grpc and payload.id == ""):  # gRPC's unset id is ""
         body["id"] = payload.id
     if payload.request_outputs:
         body["outputs"] = [{"name": o.name} for o in payload.request_outputs]

@@ -343,6 +343,9 @@ def test_grpc_refusals_carry_the_handlers_message_and_the_server_goes_on(kserve_
         assert words.lower() in refused.value.details().lower(), (words, refused.value.details())
     answer = grpc_stub.ModelInfer(grpc_request([good]), timeout=60)
     assert [o.name for o in answer.outputs][:1] == ["label"]
+    assert len(answer.id) == 32  # none sent (gRPC's ""): a new one, as for a REST request without an id
+    tagged = grpc_stub.ModelInfer(grpc_request([good]), metadata=[("x-request-id", "edge-7")], timeout=60)
+    assert tagged.id == "edge-7"  # the caller's request id, from the call's metadata
 
 
 def test_model_metadata_names_the_image_input_and_the_answers_outputs(kserve_predictor, grpc_stub, client):
