@@ -9,8 +9,8 @@ export CIFAR100_DATA ?= $(abspath $(firstword $(patsubst %/cifar-100-python,%,$(
 WEIGHTS ?= model/weights/CIFAR100_model.pth
 TRAIN_ARGS ?=
 
-.PHONY: help install install-system data train evaluate archive kserve-bundle serve serve-torchserve serve-adapter rollout \
-        stop stop-torchserve stop-adapter test test-unit bench bench-train bench-serve soak clean
+.PHONY: help install install-system data train evaluate archive kserve-bundle serve serve-kserve serve-torchserve \
+        serve-adapter rollout stop stop-torchserve stop-adapter stop-kserve test test-unit bench bench-train bench-serve soak clean
 
 # This list: each target with the first line of the comment above it.
 help:
@@ -64,10 +64,24 @@ serve: install
 	$(MAKE) --no-print-directory serve-adapter
 	@echo "Open the page: http://127.0.0.1:$${ADAPTER_PORT:-8000}/   (stop everything with: make stop)"
 
-# Stops the adapter and TorchServe that make serve started.
+# The same page without TorchServe or Java: the KServe bundle under KServe's own model server, the adapter in front.
+serve-kserve: install
+	$(MAKE) --no-print-directory kserve-bundle
+	$(PY) -m serving.kserve predictor start
+	@# An adapter already running (make serve's) would stay in front of TorchServe.
+	$(PY) -m adapter.run stop >/dev/null
+	OIP_URL=http://127.0.0.1:$${PREDICTOR_HTTP_PORT:-8085} $(MAKE) --no-print-directory serve-adapter
+	@echo "Open the page: http://127.0.0.1:$${ADAPTER_PORT:-8000}/   (stop everything with: make stop)"
+
+# Stops the adapter, TorchServe and KServe's model server that make serve / make serve-kserve started.
 stop:
 	-$(MAKE) --no-print-directory stop-adapter
 	-$(MAKE) --no-print-directory stop-torchserve
+	-$(MAKE) --no-print-directory stop-kserve
+
+# Stops KServe's model server alone.
+stop-kserve:
+	$(PY) -m serving.kserve predictor stop
 
 # The /classify/ adapter + page in the background (logs/adapter.pid, logs/adapter.log); idempotent.
 serve-adapter: install

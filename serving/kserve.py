@@ -15,6 +15,11 @@ The same bundle also runs without TorchServe, under KServe's own Python model se
 (handler/kserve_predictor.py; ``KServePredictor`` below starts it as its container would).
 
     python -m serving.kserve [--weights PATH] [--out dist/kserve] [--force]
+    python -m serving.kserve predictor start|stop|status [--bundle dist/kserve]
+
+``predictor start`` runs KServe's model server on the bundle in the background, as `make serve-kserve`
+does (ports: PREDICTOR_HTTP_PORT / PREDICTOR_GRPC_PORT, 8085 / 8086; logs/predictor.log,
+logs/kserve-predictor.pid); ``stop`` stops it (`make stop` too).
 """
 from __future__ import annotations
 
@@ -28,8 +33,9 @@ import httpx
 import yaml
 
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, MODEL_NAME, ArchiveError, build_archive, weights_version
-from serving.process import free_ports, popen_exited, stop_popen, wait_until_ready
-from serving.settings import ENGINE_CACHE_ENV
+from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, command_line_has, free_ports,
+                             popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
+from serving.settings import ENGINE_CACHE_ENV, PREDICTOR_PORT_ENV, PREDICTOR_PORTS
 from serving.torchserve import (BASE_CONFIG, DEFAULT_ENGINE_CACHE, MAR_FILE, TorchServeError, TorchServeInstance,
                                read_properties)
 from serving import cli
@@ -38,6 +44,10 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "dist" / "kserve"
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts storageUri's contents
 MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice.yaml"
+LOG_DIR = REPO / "logs"
+PREDICTOR_PID = PidFile(LOG_DIR / "kserve-predictor.pid", command_line_has("handler.kserve_predictor"))
+PREDICTOR_START_TIMEOUT_S = 300.0  # the first start on a machine compiles the engine
+PREDICTOR_STOP_TIMEOUT_S = 30.0    # SIGTERM: KServe finishes the requests in flight (its grace period), then exits
 # KServe's wrapper (port 8080, the pod's only served port) calls TorchServe on 8085 for inference
 # and management alike; only the wrapper calls it, so it listens on the pod's loopback. Prometheus
 # scrapes the metrics port from outside the container.
@@ -158,7 +168,7 @@ class KServePredictor:
 
     def __init__(self, workdir: Path, bundle: Path = DEFAULT_OUT, port: int | None = None,
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 grpc_port: int | None = None):
+                 grpc_port: int | None = None, detached: bool = False):
         self.workdir, self.bundle = Path(workdir), Path(bundle).resolve()
         spare = free_ports(2)
         self.port, self.grpc_port = port or spare[0], grpc_port or spare[1]
@@ -167,6 +177,7 @@ class KServePredictor:
         self.log = self.workdir / "predictor.log"
         self.extra_args, self.env = list(extra_args or []), dict(env or {})
         self.process: subprocess.Popen | None = None
+        self.detached = detached  # a service of its own (predictor start): outlives this process and its shell
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "handler.kserve_predictor", f"--model_dir={self.bundle}",
@@ -178,7 +189,8 @@ class KServePredictor:
         env.setdefault(ENGINE_CACHE_ENV, str(DEFAULT_ENGINE_CACHE))
         env.setdefault("TMPDIR", str(self.workdir))
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=self.detached)
         wait_until_ready(self.ready, timeout, "KServe's model server", [self.log], popen_exited(self.process))
         return self
 
@@ -193,7 +205,58 @@ class KServePredictor:
             stop_popen(self.process)
 
 
+def predictor_ports() -> tuple[int, int]:
+    """(REST, gRPC) ports of the local predictor: PREDICTOR_HTTP_PORT / PREDICTOR_GRPC_PORT, else 8085 / 8086."""
+    return tuple(int(os.environ.get(PREDICTOR_PORT_ENV[kind], PREDICTOR_PORTS[kind])) for kind in ("http", "grpc"))
+
+
+def predictor_command(argv: list[str]) -> int:
+    """``predictor start|stop|status``: KServe's model server on the bundle as a background service."""
+    parser = cli.Parser("serving.kserve predictor", "KServe's own model server on the bundle, in the background.")
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_OUT, help="the KServe bundle (make kserve-bundle)")
+    args = parser.parse_args(argv)
+    http, grpc = predictor_ports()
+    pid = PREDICTOR_PID.pid()
+    if args.command == "status":
+        print(f"KServe's model server running (pid {pid}): http://127.0.0.1:{http}, gRPC 127.0.0.1:{grpc}"
+              if pid else "KServe's model server not running.")
+        return RUNNING if pid else NOT_RUNNING
+    if args.command == "stop":
+        if pid:
+            stop_process(pid, PREDICTOR_STOP_TIMEOUT_S)
+        PREDICTOR_PID.remove()
+        print(f"KServe's model server stopped (pid {pid})." if pid else "KServe's model server not running.")
+        return 0
+    if pid:
+        print(f"KServe's model server already running (pid {pid}): http://127.0.0.1:{http}")
+        return 0
+    if not (args.bundle / "model-store" / MAR_FILE).is_file():
+        print(f"error: no bundle at {args.bundle}: run `make kserve-bundle` first", file=sys.stderr)
+        return 1
+    for kind, port in (("http", http), ("grpc", grpc)):
+        if port_in_use(port):
+            print(f"error: port {port} is already in use by another process: stop it, or set "
+                  f"{PREDICTOR_PORT_ENV[kind]} to another port", file=sys.stderr)
+            return 1
+    predictor = KServePredictor(LOG_DIR, args.bundle, port=http, grpc_port=grpc, detached=True,
+                                env={"TMPDIR": os.environ.get("TMPDIR", "/tmp")})
+    try:
+        predictor.start(PREDICTOR_START_TIMEOUT_S)
+    except ServiceStartError as err:
+        predictor.stop()
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    PREDICTOR_PID.write(predictor.process.pid)
+    print(f"KServe's model server running (pid {predictor.process.pid}, log {predictor.log}): "
+          f"http://127.0.0.1:{http} (Open Inference Protocol; gRPC on {grpc}); it listens on every interface")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predictor"]:
+        return predictor_command(argv[1:])
     parser = cli.Parser("serving.kserve", "Write KServe's storage layout for the CIFAR-100 model.")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -32,6 +32,9 @@ def torchserve_ports(environ: Mapping[str, str], defaults: Mapping[str, int] = T
     return ports
 
 
+# KServe's own model server run locally (`make serve-kserve`): REST and gRPC ports, and the variables that move them.
+PREDICTOR_PORTS = {"http": 8085, "grpc": 8086}
+PREDICTOR_PORT_ENV = {"http": "PREDICTOR_HTTP_PORT", "grpc": "PREDICTOR_GRPC_PORT"}
 ADAPTER_HOST = "127.0.0.1"       # the adapter: the one process that faces users
 ADAPTER_PORT = 8000
 
