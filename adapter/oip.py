@@ -50,7 +50,7 @@ def answer_from_outputs(body: dict) -> dict:
                                                             outputs["topk_index"], outputs["topk_probability"])]
         return {"prediction": outputs["name"][0], "label": outputs["label"][0], "index": outputs["index"][0],
                 "probability": outputs["probability"][0], "unsure": outputs["unsure"][0], "topk": topk,
-                "model_version": body.get("model_version")}
+                "model_version": body.get("model_version"), "engine": (body.get("parameters") or {}).get("engine")}
     except (KeyError, IndexError, TypeError):
         raise ClassifyError(502, "The model server's answer is not an Open Inference Protocol answer.") from None
 
@@ -69,6 +69,7 @@ class OIPClient:
     def __init__(self, settings: Settings, metrics: Metrics | None = None):
         self.settings = settings
         self.metrics = metrics
+        self.engine: str | None = None  # the forward pass the last answer named (/health)
         s = settings
         self.headers = {"Host": s.oip_host_header} if s.oip_host_header else {}
         self._infer_path = f"/v2/models/{s.model_name}/infer"
@@ -117,6 +118,7 @@ class OIPClient:
             count_failure(self.metrics, error, response)
             raise
         note_model_version(answer.get("model_version"))
+        self.engine = answer.get("engine") or self.engine
         return answer
 
     def _json(self, response: _Response):
@@ -154,6 +156,7 @@ class OIPClient:
         if response.status_code != 200:
             raise ClassifyError(503, f"The model '{self.settings.model_name}' is not ready on the model server "
                                      f"({response.status_code}: {_error_message(response)}).")
-        return {"model": self.settings.model_name, "backend": "oip"}
+        # The engine: as the last answer named it (the response's parameters; none from a server that does not say).
+        return {"model": self.settings.model_name, "backend": "oip", "engine": self.engine}
 
     health = model_status  # the v2 readiness route already asks the model server itself

@@ -256,7 +256,8 @@ class CIFAR100Predictor(Model):
             answer["id"] = (headers or {}).get("x-request-id") or uuid.uuid4().hex
         if grpc:  # KServe's gRPC servicer wants its typed answer; raw inputs get raw outputs (the protocol's rule)
             return InferResponse(answer["id"], answer["model_name"], [InferOutput(**output) for output in answer["outputs"]],
-                                 answer["model_version"], use_binary_outputs=payload.use_binary_outputs)
+                                 answer["model_version"], parameters=answer.get("parameters"),
+                                 use_binary_outputs=payload.use_binary_outputs)
         return answer
 
     def get_input_types(self) -> list[dict]:

@@ -9,7 +9,8 @@ handler as ``{"body": <parsed JSON>}``, on /predictions/<name> as on /v1 and /v2
     v1  {"instances": [{"data": "<base64>"} | {"b64": "<base64>"} | "<base64>", ...]}
         -> {"predictions": [<the per-image answer>, ...]}
     v2  {"id": "42", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [n], "data": ["<base64>", ...]}, ...]}
-        -> {"id": "42", "model_name", "model_version", "outputs": [{"name", "datatype", "shape", "data"}, ...]}
+        -> {"id": "42", "model_name", "model_version", "outputs": [{"name", "datatype", "shape", "data"}, ...],
+            "parameters": {"engine": "<the forward pass that answered>"}}
         Several inputs, or a longer BYTES tensor, are several images (in order). ``outputs`` in the
         request picks which outputs come back (all of OUTPUTS by default). Over gRPC (KServe's
         predictor, handler/kserve_predictor.py) the same tensors carry each image's bytes as they are.
@@ -199,6 +200,9 @@ def encode_answer(request: ParsedRequest | None, answers: list[dict], model_name
                 "shape": [len(answers), k] if name.startswith("topk_") else [len(answers)],
                 "data": columns[name]} for name in request.outputs]
     answer = {"model_name": model_name, "model_version": model_version, "outputs": outputs}
+    if answers and answers[0].get("engine"):
+        # The protocol's response parameters: which forward pass answered (handler/engine.py), as the plain answer says.
+        answer["parameters"] = {"engine": answers[0]["engine"]}
     if request.request_id is not None:
         answer = {"id": request.request_id, **answer}
     return answer

@@ -73,9 +73,10 @@ def json_reply(status: int, body) -> callable:
 
 
 def test_a_v2_answer_becomes_the_handlers_answer_and_the_request_is_v2():
-    answer, seen = asyncio.run(call_server(json_reply(200, GOOD), {"oip_host_header": "cifar100.default.example.com"}))
+    reply = json_reply(200, {**GOOD, "parameters": {"engine": "openvino-int8"}})  # the forward pass that answered
+    answer, seen = asyncio.run(call_server(reply, {"oip_host_header": "cifar100.default.example.com"}))
     assert answer == {"prediction": "Aquarium fish", "label": "aquarium_fish", "index": 1, "probability": 0.9,
-                      "unsure": False, "model_version": "w3-test",
+                      "unsure": False, "model_version": "w3-test", "engine": "openvino-int8",
                       "topk": [{"label": "aquarium_fish", "name": "Aquarium fish", "index": 1, "probability": 0.9},
                                {"label": "flatfish", "name": "Flatfish", "index": 32, "probability": 0.05}]}
     path, host, body = seen[0]

@@ -160,6 +160,7 @@ def test_test_split_in_this_protocol_gets_the_in_process_answer_with_batching(ks
             if kserve_ts.protocol == "v2":
                 body = r.json()
                 assert (body["id"], body["model_name"], body["model_version"]) == (f"req-{i}", "cifar100", version)
+                assert body["parameters"]["engine"] == reference.engine.name  # the forward pass that answered
             [answer] = answers_of(kserve_ts, r)
             assert_same_answer(answer, expected[i])
 

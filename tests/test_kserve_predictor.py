@@ -73,6 +73,7 @@ def test_test_images_get_the_in_process_answer_through_shared_forward_passes(kse
         assert r.status_code == 200, r.text
         body = r.json()
         assert (body["id"], body["model_name"], body["model_version"]) == (f"req-{i}", "cifar100", version)
+        assert body["parameters"] == {"engine": reference.engine.name}  # the forward pass that answered
         [answer] = v2_answers(body)
         assert_same_answer(answer, expected[i])
     after = counters(kserve_predictor)
@@ -169,7 +170,7 @@ def test_refused_requests_get_their_4xx_and_error_and_the_server_goes_on(kserve_
 
 
 def test_the_adapter_in_oip_mode_serves_classify_from_kserves_model_server(kserve_predictor, client, tmp_path,
-                                                                           cifar100_test_split):
+                                                                           cifar100_test_split, reference):
     from adapter.run import running_adapter
 
     image = encode(cifar_pil(cifar100_test_split[0], 7))
@@ -181,6 +182,8 @@ def test_the_adapter_in_oip_mode_serves_classify_from_kserves_model_server(kserv
         r = client.post(f"{adapter.base_url}/classify/", files={"image": ("a.png", image, "image/png")})
         assert r.status_code == 200, r.text
         assert (r.json()["prediction"], r.json()["probability"]) == (direct["prediction"], direct["probability"])
+        # /health names the engine the answers came from, as in front of TorchServe.
+        assert client.get(f"{adapter.base_url}/health").json()["engine"] == reference.engine.name
         assert [t["index"] for t in r.json()["top5"]] == [t["index"] for t in direct["topk"]]
         explained = client.post(f"{adapter.base_url}/explain/", files={"image": ("a.png", image, "image/png")})
         assert explained.status_code == 200, explained.text
@@ -312,6 +315,7 @@ def test_grpc_answers_match_the_in_process_network(kserve_predictor, grpc_stub, 
     body = grpc_answer_body(response)
     assert (body["id"], body["model_name"], body["model_version"]) == (
         "grpc-1", "cifar100", weights_version(weights_under_test()))
+    assert response.parameters["engine"].string_param == reference.engine.name
     answers = v2_answers(body)
     assert len(answers) == len(images)
     for answer, probs in zip(answers, expected):
