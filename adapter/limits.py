@@ -31,9 +31,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 
 from serving.pace import paced_deadline
+from serving.throttled_log import ThrottledLog
 
 from .config import Settings
 from .errors import ClassifyError
@@ -214,28 +214,6 @@ def _declared_size(scope, fallback: int) -> int | None:
         return fallback
     # Larger declarations are refused (413) before their body is read: they hold no more than this.
     return min(size, fallback) if size > 0 else None
-
-
-class ThrottledLog:
-    """One warning per `interval_s` at most, with the count of those left out: an attack's thousands
-    of refusals must not cost a log write each."""
-
-    def __init__(self, logger: logging.Logger, interval_s: float = 1.0):
-        self.logger = logger
-        self.interval_s = interval_s
-        self._next = 0.0
-        self._left_out = 0
-
-    def warning(self, message: str, *args) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._left_out += 1
-            return
-        if self._left_out:
-            message += f" (and {self._left_out} more like it in the last {self.interval_s:g} s)"
-        self._next = now + self.interval_s
-        self._left_out = 0
-        self.logger.warning(message, *args)
 
 
 class RequestLimits:

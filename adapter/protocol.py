@@ -36,9 +36,9 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from serving.pace import paced_deadline
+from serving.throttled_log import ThrottledLog
 
 from .config import Settings
-from .limits import ThrottledLog
 
 log = logging.getLogger("adapter.protocol")
 

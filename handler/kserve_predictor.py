@@ -54,6 +54,7 @@ from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, OUTPUTS, V2, Prot
 from model import load_class_names, network_from_state_dict
 from serving.pace import paced_deadline
 from serving.settings import BODY_TIMEOUT_S, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME
+from serving.throttled_log import ThrottledLog
 from serving.torchserve import BASE_CONFIG, read_properties
 
 logger = logging.getLogger("handler.kserve_predictor")
@@ -91,6 +92,7 @@ class RequestChecks:
 
     def __init__(self, app, max_bytes: int, pace: dict | None = None):
         self.app, self.max_bytes = app, max_bytes
+        self.refusals = ThrottledLog(logger)  # a flood of slow clients: one line a second
         self.pace = {"limit_s": BODY_TIMEOUT_S, "grace_s": MIN_RATE_GRACE_S, "min_rate": MIN_UPLOAD_RATE, **(pace or {})}
 
     async def __call__(self, scope, receive, send):
@@ -113,8 +115,8 @@ class RequestChecks:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
-                logger.warning("408: the body of %s %s did not arrive in time (%d bytes in %.1f s)", scope["method"],
-                               scope["path"], seen, loop.time() - started)
+                self.refusals.warning("408: the body of %s %s did not arrive in time (%d bytes in %.1f s)",
+                                      scope["method"], scope["path"], seen, loop.time() - started)
                 return await _answer(send, 408, (
                     f"the request body did not arrive within {self.pace['limit_s']:g} s"
                     if deadline >= started + self.pace["limit_s"] else
