@@ -8,6 +8,8 @@ server on the same bundle (handler/kserve_predictor.py, no TorchServe).
                   handler/kserve_predictor.py; a server without it -> 501)
     model_status  GET  {OIP_URL}/v2/models/{model}/ready   (KServe's model server answers it;
                   TorchServe alone does not, so /health says "unavailable" in front of a bare one)
+    health        model_status, plus a prediction of a 1-pixel image after HEALTH_MAX_SILENCE_S without
+                  an answer (SilenceProbe, as in front of TorchServe: ready but wedged -> 503)
 
 The answer's outputs (serving/settings.py V2_OUTPUTS) become the handler's per-image answer, so
 /classify/ answers exactly as in front of TorchServe. Failures map to the same statuses as
@@ -19,6 +21,7 @@ ingress by address).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 
@@ -30,8 +33,8 @@ from .config import Settings
 from .errors import ClassifyError
 from .metrics import Metrics
 from .request_context import note_model_version, request_id_header
-from .torchserve import (_TRANSPORT_ERRORS, _error_message, _Pool, _PoolBusy, _Response, answer_error, count_failure,
-                         prediction_deadline)
+from .torchserve import (_TRANSPORT_ERRORS, PROBE_IMAGE, SilenceProbe, _error_message, _Pool, _PoolBusy, _Response,
+                         answer_error, count_failure, prediction_deadline)
 
 log = logging.getLogger("adapter.oip")
 
@@ -70,6 +73,7 @@ class OIPClient:
         self.settings = settings
         self.metrics = metrics
         self.engine: str | None = None  # the forward pass the last answer named (/health)
+        self.silence = SilenceProbe(settings, self._send_probe)  # /health: does the model answer?
         s = settings
         self.headers = {"Host": s.oip_host_header} if s.oip_host_header else {}
         self._infer_path = f"/v2/models/{s.model_name}/infer"
@@ -129,7 +133,9 @@ class OIPClient:
 
     def _answer(self, response: _Response) -> dict:
         if response.status_code == 200:
-            return answer_from_outputs(self._json(response))
+            answer = answer_from_outputs(self._json(response))
+            self.silence.answered()
+            return answer
         raise answer_error(response, self.settings.model_name)
 
     def _explanation(self, response: _Response) -> dict:
@@ -156,7 +162,23 @@ class OIPClient:
         if response.status_code != 200:
             raise ClassifyError(503, f"The model '{self.settings.model_name}' is not ready on the model server "
                                      f"({response.status_code}: {_error_message(response)}).")
-        # The engine: as the last answer named it (the response's parameters; none from a server that does not say).
-        return {"model": self.settings.model_name, "backend": "oip", "engine": self.engine}
+        return {"model": self.settings.model_name, "backend": "oip"}
 
-    health = model_status  # the v2 readiness route already asks the model server itself
+    async def health(self) -> dict:
+        """model_status() (the v2 readiness route: a ready flag), plus a real prediction of a tiny image when
+        none succeeded for HEALTH_MAX_SILENCE_S, as in front of TorchServe (a wedged server is ready but
+        answers nothing: 503)."""
+        status = await self.model_status()
+        status["last_answer_s_ago"] = await self.silence.check()
+        status["engine"] = self.engine
+        return status
+
+    async def _send_probe(self) -> _Response:
+        body = {"inputs": [{"name": INPUT_NAME, "shape": [1], "datatype": "BYTES",
+                            "data": [base64.b64encode(PROBE_IMAGE).decode()]}]}
+        response = await self._pool.request("POST", self._infer_path, {**self.headers, "Content-Type": "application/json"},
+                                            json.dumps(body).encode())
+        if response.status_code == 200:
+            with contextlib.suppress(ValueError, ClassifyError):
+                self.engine = answer_from_outputs(response.json()).get("engine") or self.engine
+        return response

@@ -60,6 +60,45 @@ def _tiny_png() -> bytes:
 PROBE_IMAGE = _tiny_png()
 
 
+class SilenceProbe:
+    """/health's proof that the model answers, for either client (TorchServe's, adapter/oip.py's): when no
+    prediction has succeeded for HEALTH_MAX_SILENCE_S, one prediction of PROBE_IMAGE (``send_probe``:
+    an awaitable giving the response), shared by the /health callers meanwhile. Ready workers that are
+    stopped or wedged answer nothing: 503."""
+
+    def __init__(self, settings: Settings, send_probe):
+        self.settings, self.send_probe = settings, send_probe
+        self.last_answer_at = 0.0  # time.monotonic() of the last answer (a prediction's or the probe's)
+        self._probe: asyncio.Future | None = None
+
+    def answered(self) -> None:
+        self.last_answer_at = time.monotonic()
+
+    async def check(self) -> float:
+        """Seconds since the last answer, after a probe when that was too long ago (ClassifyError 503)."""
+        if time.monotonic() - self.last_answer_at > self.settings.health_max_silence_s:
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.ensure_future(self._probe_prediction())
+            # Many /health callers share one probe; shielded: one caller leaving does not cancel it.
+            await asyncio.shield(self._probe)
+        return round(time.monotonic() - self.last_answer_at, 3)
+
+    async def _probe_prediction(self) -> None:
+        timeout_s = self.settings.health_timeout_s
+        silent = ("no prediction has succeeded for over "
+                  f"{self.settings.health_max_silence_s:g} s and a test prediction")
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await self.send_probe()
+        except _TRANSPORT_ERRORS:
+            raise ClassifyError(503, f"The model is not answering: {silent} got no answer within "
+                                     f"{timeout_s:g} s.") from None
+        if response.status_code != 200:
+            raise ClassifyError(503, f"The model is not answering: {silent} failed "
+                                     f"({response.status_code}).")
+        self.answered()
+
+
 @dataclass(frozen=True, slots=True)
 class _Response:
     """TorchServe's answer, read whole once: the connection goes back to the pool before we look at it."""
@@ -255,9 +294,8 @@ class TorchServeClient:
         self.metrics = metrics
         self.keys = KeyFile(settings.key_file)
         self._renew_lock = asyncio.Lock()
-        self.last_answer_at = 0.0  # time.monotonic() of the last 200 from the inference API
         self.engine: str | None = None  # the forward pass the last answer came from (handler/engine.py)
-        self._probe: asyncio.Future | None = None  # /health's running probe, shared by its callers
+        self.silence = SilenceProbe(settings, self._send_probe)  # /health: does the model answer?
         s = settings
         # Timeouts: `total` bounds a whole prediction (-> 504), `connect` the DNS + TCP connect (-> 503
         # not reachable); the wait for a free pooled connection is _Pool's (-> 503 busy), bounded like
@@ -365,7 +403,7 @@ class TorchServeClient:
 
     def _answer(self, response: _Response, explain: bool) -> dict:
         if response.status_code == 200:
-            self.last_answer_at = time.monotonic()
+            self.silence.answered()
             try:
                 answer = response.json()
             except ValueError:
@@ -380,35 +418,19 @@ class TorchServeClient:
 
     async def health(self) -> dict:
         """model_status(), plus a real prediction of a tiny image when none succeeded for
-        HEALTH_MAX_SILENCE_S: READY workers that are stopped or wedged answer nothing (-> 503)."""
+        HEALTH_MAX_SILENCE_S (SilenceProbe)."""
         status = await self.model_status()
-        silent_s = time.monotonic() - self.last_answer_at
-        if silent_s > self.settings.health_max_silence_s:
-            if self._probe is None or self._probe.done():
-                self._probe = asyncio.ensure_future(self._probe_prediction())
-            # Many /health callers share one probe; shielded: one caller leaving does not cancel it.
-            await asyncio.shield(self._probe)
-        status["last_answer_s_ago"] = round(time.monotonic() - self.last_answer_at, 3)
+        status["last_answer_s_ago"] = await self.silence.check()
         status["engine"] = self.engine
         return status
 
-    async def _probe_prediction(self) -> None:
-        timeout_s = self.settings.health_timeout_s
-        silent = ("no prediction has succeeded for over "
-                  f"{self.settings.health_max_silence_s:g} s and a test prediction")
-        try:
-            async with asyncio.timeout(timeout_s):
-                response = await self._send(self._inference, "inference", "POST",
-                                            f"/predictions/{self.settings.model_name}", data=PROBE_IMAGE)
-        except _TRANSPORT_ERRORS:
-            raise ClassifyError(503, f"The model is not answering: {silent} got no answer within "
-                                     f"{timeout_s:g} s.") from None
-        if response.status_code != 200:
-            raise ClassifyError(503, f"The model is not answering: {silent} failed "
-                                     f"({response.status_code}).")
-        self.last_answer_at = time.monotonic()
-        with contextlib.suppress(ValueError, AttributeError):
-            self.engine = response.json().get("engine", self.engine)
+    async def _send_probe(self) -> _Response:
+        response = await self._send(self._inference, "inference", "POST", f"/predictions/{self.settings.model_name}",
+                                    data=PROBE_IMAGE)
+        if response.status_code == 200:
+            with contextlib.suppress(ValueError, AttributeError):
+                self.engine = response.json().get("engine", self.engine)
+        return response
 
     async def model_status(self) -> dict:
         """{"model", "archive_version", "workers_ready", "workers"} or ClassifyError(503) when not ready."""

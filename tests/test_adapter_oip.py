@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import time
 
 import pytest
 from aiohttp import web
@@ -272,6 +273,8 @@ class ReadinessServer:
         import threading
 
         self.ready = True
+        self.answering = True  # its inference route: a good answer, else a 500 (ready but wedged)
+        self.infers = 0
         self.hosts: list[str] = []
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
@@ -286,10 +289,18 @@ class ReadinessServer:
             return web.json_response({"name": "cifar100", "ready": True})
         return web.json_response({"error": "Model with name cifar100 is not ready."}, status=503)
 
+    async def _infer(self, request: web.Request) -> web.Response:
+        self.hosts.append(request.headers.get("Host", ""))
+        self.infers += 1
+        if self.answering:
+            return web.json_response({**GOOD, "parameters": {"engine": "openvino-int8"}})
+        return web.json_response({"error": "boom"}, status=500)
+
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
         app.router.add_get("/v2/models/cifar100/ready", self._ready)
+        app.router.add_post("/v2/models/cifar100/infer", self._infer)
         self._runner = web.AppRunner(app)
         self._loop.run_until_complete(self._runner.setup())
         self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
@@ -314,10 +325,18 @@ def test_adapter_process_in_oip_mode_health_follows_readiness_and_sends_the_host
     env = {"OIP_URL": f"http://127.0.0.1:{server.port}", "OIP_HOST_HEADER": "cifar100.default.example.com",
            "TS_KEY_FILE": str(tmp_path / "none.json")}
     try:
-        with running_adapter(env, tmp_path / "adapter.log") as adapter:
+        with running_adapter({**env, "HEALTH_MAX_SILENCE_S": "0.5"}, tmp_path / "adapter.log") as adapter:
             health = httpx.get(f"{adapter.base_url}/health", timeout=30)
             assert health.status_code == 200, health.text
             assert server.hosts and set(server.hosts) == {"cifar100.default.example.com"}
+            # Silent for too long: /health classifies a tiny image itself, and names the engine that answered.
+            assert server.infers >= 1 and health.json()["engine"] == "openvino-int8", health.text
+            # Ready, but its answers fail (a wedged server): 503, as in front of TorchServe.
+            server.answering = False
+            time.sleep(0.6)
+            health = httpx.get(f"{adapter.base_url}/health", timeout=30)
+            assert health.status_code == 503 and "not answering" in health.json()["error"], health.text
+            server.answering = True
             server.ready = False
             health = httpx.get(f"{adapter.base_url}/health", timeout=30)
             assert health.status_code == 503 and "not ready" in health.json()["error"], health.text
