@@ -41,6 +41,12 @@ log = logging.getLogger("adapter.oip")
 INPUT_NAME = "image"
 
 
+def infer_body(image: bytes) -> dict:
+    """The v2 inference request for one image: a BYTES input holding it in base64."""
+    return {"inputs": [{"name": INPUT_NAME, "shape": [1], "datatype": "BYTES",
+                        "data": [base64.b64encode(image).decode("ascii")]}]}
+
+
 def answer_from_outputs(body: dict) -> dict:
     """One image's OIP answer -> the handler's shape: prediction, label, index, probability, topk."""
     try:
@@ -101,12 +107,10 @@ class OIPClient:
     async def predict(self, image: bytes, explain: bool = False) -> dict:
         """The model server's answer for one image in the handler's shape; ``explain``: KServe's v1 explain
         route instead (the Open Inference Protocol has none), whose answer adds a Grad-CAM "heatmap"."""
-        data = base64.b64encode(image).decode("ascii")
         if explain:
-            path, body = self._explain_path, {"instances": [{"data": data}]}
+            path, body = self._explain_path, {"instances": [{"data": base64.b64encode(image).decode("ascii")}]}
         else:
-            path, body = self._infer_path, {"inputs": [{"name": INPUT_NAME, "shape": [1], "datatype": "BYTES",
-                                                        "data": [data]}]}
+            path, body = self._infer_path, infer_body(image)
         headers = {**self.headers, "Content-Type": "application/json", **request_id_header()}
         try:
             # The wait for a pooled connection and the answer share one deadline, as TorchServe's do.
@@ -174,10 +178,8 @@ class OIPClient:
         return status
 
     async def _send_probe(self) -> _Response:
-        body = {"inputs": [{"name": INPUT_NAME, "shape": [1], "datatype": "BYTES",
-                            "data": [base64.b64encode(PROBE_IMAGE).decode()]}]}
         response = await self._pool.request("POST", self._infer_path, {**self.headers, "Content-Type": "application/json"},
-                                            json.dumps(body).encode())
+                                            json.dumps(infer_body(PROBE_IMAGE)).encode())
         if response.status_code == 200:
             with contextlib.suppress(ValueError, ClassifyError):
                 self.engine = answer_from_outputs(response.json()).get("engine") or self.engine
