@@ -13,7 +13,7 @@ server on the same bundle (handler/kserve_predictor.py, no TorchServe).
 
 The answer's outputs (serving/settings.py V2_OUTPUTS) become the handler's per-image answer, so
 /classify/ answers exactly as in front of TorchServe. Failures map to the same statuses as
-adapter/torchserve.py: down / busy / model missing or not ready 503, too slow 504, the image
+in front of TorchServe (adapter/model_server.py, shared): down / busy / model missing or not ready 503, too slow 504, the image
 refused (4xx) the same 4xx with the server's message, the server broken 502. No token: KServe
 authenticates at its ingress (OIP_HOST_HEADER names the InferenceService when calling the
 ingress by address).
@@ -32,9 +32,9 @@ from serving.settings import V2_OUTPUTS  # the handler's v2 output names, one ho
 from .config import Settings
 from .errors import ClassifyError
 from .metrics import Metrics
+from .model_server import (PROBE_IMAGE, TRANSPORT_ERRORS, Pool, PoolBusy, Response, SilenceProbe, answer_error,
+                           count_failure, error_message, named_engine, prediction_deadline)
 from .request_context import note_model_version, request_id_header
-from .torchserve import (_TRANSPORT_ERRORS, PROBE_IMAGE, SilenceProbe, _error_message, _Pool, _PoolBusy, _Response,
-                         answer_error, count_failure, prediction_deadline)
 
 log = logging.getLogger("adapter.oip")
 
@@ -64,7 +64,7 @@ def answer_from_outputs(body: dict) -> dict:
         raise ClassifyError(502, "The model server's answer is not an Open Inference Protocol answer.") from None
 
 
-def _model_missing(response: _Response) -> bool:
+def _model_missing(response: Response) -> bool:
     """A 404 from KServe's model server about the model ({"error": ...}), not about the route ({"detail": ...})."""
     try:
         return "error" in response.json()
@@ -84,10 +84,10 @@ class OIPClient:
         self.headers = {"Host": s.oip_host_header} if s.oip_host_header else {}
         self._infer_path = f"/v2/models/{s.model_name}/infer"
         self._explain_path = f"/v1/models/{s.model_name}:explain"  # KServe's v1 route: OIP has no explanations
-        self._pool = _Pool(s.oip_url, s.max_connections, s.predict_timeout_s,
+        self._pool = Pool(s.oip_url, s.max_connections, s.predict_timeout_s,
                            aiohttp.ClientTimeout(total=s.predict_timeout_s, connect=s.connect_timeout_s),
                            metrics.model_server_latency if metrics else None)
-        self._health = _Pool(s.oip_url, 8, s.health_timeout_s,
+        self._health = Pool(s.oip_url, 8, s.health_timeout_s,
                              aiohttp.ClientTimeout(total=s.health_timeout_s, connect=s.connect_timeout_s))
 
     async def aclose(self) -> None:
@@ -97,7 +97,7 @@ class OIPClient:
             await self._health.close()
 
     def _unreachable(self, err: Exception) -> ClassifyError:
-        if isinstance(err, _PoolBusy):
+        if isinstance(err, PoolBusy):
             return ClassifyError(503, "The model server is busy: too many requests are waiting. Try again shortly.")
         if isinstance(err, TimeoutError) and not isinstance(err, aiohttp.ConnectionTimeoutError):
             return ClassifyError(504, f"The model server took longer than {self.settings.predict_timeout_s:g} s to answer.")
@@ -115,8 +115,8 @@ class OIPClient:
         try:
             # The wait for a pooled connection and the answer share one deadline, as TorchServe's do.
             async with prediction_deadline(self.settings.predict_timeout_s):
-                response: _Response = await self._pool.request("POST", path, headers, json.dumps(body).encode())
-        except _TRANSPORT_ERRORS as err:
+                response: Response = await self._pool.request("POST", path, headers, json.dumps(body).encode())
+        except TRANSPORT_ERRORS as err:
             error = self._unreachable(err)
             count_failure(self.metrics, error, err)
             raise error from None
@@ -126,23 +126,23 @@ class OIPClient:
             count_failure(self.metrics, error, response)
             raise
         note_model_version(answer.get("model_version"))
-        self.engine = answer.get("engine") or self.engine
+        self.engine = named_engine(answer, self.engine)
         return answer
 
-    def _json(self, response: _Response):
+    def _json(self, response: Response):
         try:
             return response.json()
         except ValueError:
             raise ClassifyError(502, "The model server sent an answer that is not JSON.") from None
 
-    def _answer(self, response: _Response) -> dict:
+    def _answer(self, response: Response) -> dict:
         if response.status_code == 200:
             answer = answer_from_outputs(self._json(response))
             self.silence.answered()
             return answer
         raise answer_error(response, self.settings.model_name)
 
-    def _explanation(self, response: _Response) -> dict:
+    def _explanation(self, response: Response) -> dict:
         if response.status_code == 200:
             try:
                 answer = self._json(response)["predictions"][0]
@@ -161,11 +161,11 @@ class OIPClient:
         path = f"/v2/models/{self.settings.model_name}/ready"
         try:
             response = await self._health.request("GET", path, self.headers)
-        except _TRANSPORT_ERRORS as err:
+        except TRANSPORT_ERRORS as err:
             raise ClassifyError(503, self._unreachable(err).message) from None
         if response.status_code != 200:
             raise ClassifyError(503, f"The model '{self.settings.model_name}' is not ready on the model server "
-                                     f"({response.status_code}: {_error_message(response)}).")
+                                     f"({response.status_code}: {error_message(response)}).")
         return {"model": self.settings.model_name, "backend": "oip"}
 
     async def health(self) -> dict:
@@ -177,10 +177,10 @@ class OIPClient:
         status["engine"] = self.engine
         return status
 
-    async def _send_probe(self) -> _Response:
+    async def _send_probe(self) -> Response:
         response = await self._pool.request("POST", self._infer_path, {**self.headers, "Content-Type": "application/json"},
                                             json.dumps(infer_body(PROBE_IMAGE)).encode())
         if response.status_code == 200:
             with contextlib.suppress(ValueError, ClassifyError):
-                self.engine = answer_from_outputs(response.json()).get("engine") or self.engine
+                self.engine = named_engine(answer_from_outputs(response.json()), self.engine)
         return response

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter.run import running_adapter
-from adapter.torchserve import PROBE_IMAGE
+from adapter.model_server import PROBE_IMAGE
 from serving.process import free_port
 
 PNG_1PX = PROBE_IMAGE  # a valid 1x1 PNG
