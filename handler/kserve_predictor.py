@@ -41,6 +41,7 @@ import yaml
 from fastapi.responses import JSONResponse
 from grpc_interceptor.exceptions import InvalidArgument
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer, model_server
+from kserve.model import InferenceVerb
 from prometheus_client import Counter
 
 from handler import engine as engines
@@ -48,10 +49,11 @@ from handler.answers import image_answers, served_topk
 from handler.batching import Batcher
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
-from handler.preprocessing import ImageRequestError, decode_image, image_to_tensor, normalize
+from handler.preprocessing import ImageRequestError, decodes_inline, image_to_tensor, normalize
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, OUTPUTS, V2, ProtocolError, encode_answer,
-                               parse_request, refuse_binary_extension)
+                               parse_request, plain_v2_body, refuse_binary_extension)
 from model import load_class_names, network_from_state_dict
+from serving.images import decode_opened, open_upload
 from serving.pace import paced_deadline
 from serving.settings import BODY_TIMEOUT_S, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME
 from serving.throttled_log import ThrottledLog
@@ -152,6 +154,46 @@ async def _answer(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class PlainV2Route:
+    """ASGI middleware: ``POST /v2/models/<name>/infer`` with a plain v2 JSON body
+    (handler/protocols.py ``plain_v2_body``) goes to the model straight, past FastAPI's routing,
+    KServe's pydantic request and answer models and ``jsonable_encoder`` (half the event loop's time
+    per image at concurrency 16: benchmarks/RESULTS.md, session 22), still through ``Model.__call__``
+    (KServe's latency histograms). Any other request, or a body that is not plain, goes on to
+    KServe's route, which answers it as before (its 422s)."""
+
+    def __init__(self, app, path: str, model: Model):
+        self.app, self.path, self.model = app, path, model
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path or not self.model.ready:
+            return await self.app(scope, receive, send)
+        message = await receive()  # RequestChecks holds the whole body: one message
+        content_type = next((value for name, value in scope["headers"] if name == b"content-type"), b"")
+        payload = None if message.get("more_body") else plain_v2_body(content_type.decode("latin-1"), message["body"])
+        if payload is None:
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return message
+
+            return await self.app(scope, replay, send)
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        try:
+            answer, _ = await self.model(payload, headers=headers, verb=InferenceVerb.PREDICT)
+            status = 200
+        except RequestRefused as err:
+            answer, status = {"error": err.message}, err.status
+        body = json.dumps(answer, separators=(",", ":")).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def archive_folder(model_dir: Path, into: Path) -> Path:
     """The folder holding the archive's files: ``model_dir`` itself, or a .mar (zip) unpacked into ``into``."""
     mar = model_dir if model_dir.suffix == ".mar" else model_dir / ARCHIVE_IN_BUNDLE
@@ -220,34 +262,50 @@ class CIFAR100Predictor(Model):
         BATCHES.labels(self.network_engine.name).inc()
         return image_answers(logits, self.calibration, self.topk, self.labels, self.model_version, self.network_engine.name)
 
-    def _images(self, payload) -> tuple:
-        """The request, its images as one normalized tensor, and their (width, height); run in a thread
-        (Pillow lets go of the GIL while it decodes). A refused request raises RequestRefused (its 4xx)."""
+    def _request(self, payload) -> tuple:
+        """The request and its images' opened headers (pixel limits checked, nothing decoded yet). A
+        refused request raises RequestRefused (its 4xx)."""
         try:
             request = parse_request({"body": _as_dict(payload)}, self.max_images)
             if request is None:
                 raise ProtocolError(400, "expected a v1 body {\"instances\": [...]} or a v2 body {\"inputs\": [...]}")
-            tensors, sizes = [], []
-            for where, encoded in zip(request.where, request.images):
-                try:
-                    image = decode_image(encoded)
-                except ImageRequestError as err:
-                    raise ImageRequestError(err.status, f"{where}: {err.message}") from err
-                tensors.append(image_to_tensor(image))
-                sizes.append(image.size)
+            return request, [_located(request, n, open_upload, encoded) for n, encoded in enumerate(request.images)]
         except (ProtocolError, ImageRequestError) as err:
             raise RequestRefused(err.status, err.message) from None
-        return request, normalize(torch.stack(tensors)), sizes
 
-    async def _answers(self, payload) -> tuple:
-        """The request, its images, their sizes, and each image's answer (its forward pass shared with others')."""
-        request, images, sizes = await asyncio.get_running_loop().run_in_executor(None, self._images, payload)
+    def _decoded(self, request, opened: list) -> tuple:
+        """Opened images -> one normalized tensor and their (width, height)."""
+        try:
+            images = [_located(request, n, decode_opened, image) for n, image in enumerate(opened)]
+        except ImageRequestError as err:
+            raise RequestRefused(err.status, err.message) from None
+        return normalize(torch.stack([image_to_tensor(image) for image in images])), [image.size for image in images]
+
+    def _images(self, payload) -> tuple:
+        request, opened = self._request(payload)
+        return (request, *self._decoded(request, opened))
+
+    async def _answers(self, payload, headers: dict | None) -> tuple:
+        """The request, its images, their sizes, and each image's answer (its forward pass shared with
+        others'). A small request is read on the event loop (handler/preprocessing.py decodes_inline: a
+        thread's hand-off costs more than decoding a CIFAR-size image), any other in a thread (Pillow lets
+        go of the GIL while it decodes), so a large photo never holds up the loop."""
+        loop = asyncio.get_running_loop()
+        declared = str((headers or {}).get("content-length", ""))
+        if decodes_inline(int(declared) if declared.isdigit() else None):
+            request, opened = self._request(payload)
+            if decodes_inline(int(declared), opened):
+                images, sizes = self._decoded(request, opened)
+            else:
+                images, sizes = await loop.run_in_executor(None, self._decoded, request, opened)
+        else:  # a large body, one without a length (chunked) or gRPC's: parsed in a thread too
+            request, images, sizes = await loop.run_in_executor(None, self._images, payload)
         return request, images, sizes, await self.batcher(images)
 
     async def predict(self, payload, headers: dict | None = None) -> dict | InferResponse:
         grpc = isinstance(payload, InferRequest) and payload.from_grpc
         try:
-            request, _, _, answers = await self._answers(payload)
+            request, _, _, answers = await self._answers(payload, headers)
         except RequestRefused as err:
             if grpc:  # INVALID_ARGUMENT with the message (KServe's interceptor answers INTERNAL to the rest)
                 raise InvalidArgument(err.message) from None
@@ -275,7 +333,7 @@ class CIFAR100Predictor(Model):
         answer plus a Grad-CAM ``heatmap`` of its top-1 class (handler/explain.py), as TorchServe's
         /explanations; answered as v1 ``{"predictions": [...]}``. One explanation batch at a time, on its own
         thread (a backward pass: 10-18 ms an image here), beside the forward passes."""
-        request, images, sizes, answers = await self._answers(payload)
+        request, images, sizes, answers = await self._answers(payload, headers)
         targets = torch.tensor([answer["index"] for answer in answers])
         maps = await asyncio.get_running_loop().run_in_executor(self._explainer, self._heatmaps, images, targets, sizes)
         return {"predictions": [{**answer, "heatmap": heatmap} for answer, heatmap in zip(answers, maps)]}
@@ -286,6 +344,14 @@ class CIFAR100Predictor(Model):
         if self._explanation_model is None:
             self._explanation_model = explanation_model(network_from_state_dict(self._state_dict))
         return heatmaps(self._explanation_model, images, targets, sizes, self.heatmap_max_side)
+
+
+def _located(request, n: int, step, image):
+    """``step(image)`` for the request's ``n``-th image; its refusal names where the image sits."""
+    try:
+        return step(image)
+    except ImageRequestError as err:
+        raise ImageRequestError(err.status, f"{request.where[n]}: {err.message}") from err
 
 
 def _as_dict(payload) -> dict:
@@ -346,7 +412,10 @@ def main() -> None:
     if not any(arg.startswith("--grpc_max_receive_message_length") for arg in sys.argv[1:]):
         # One limit for both routes: gRPC refuses a larger message itself (RESOURCE_EXHAUSTED).
         model_server.args.grpc_max_receive_message_length = limit
+    model = CIFAR100Predictor(args.model_name if args.model_name != "model" else MODEL_NAME, args.model_dir,
+                              args.engine)
     model_server.app.add_exception_handler(RequestRefused, _refused)
+    model_server.app.add_middleware(PlainV2Route, path=f"/v2/models/{model.name}/infer", model=model)
     model_server.app.add_middleware(RequestChecks, max_bytes=limit, pace={
         "limit_s": args.body_timeout_s, "grace_s": args.min_rate_grace_s, "min_rate": args.min_upload_rate})
     server = ModelServer()  # configures KServe's logging; the handler's lines (engine choice, refusals) join it
@@ -359,8 +428,6 @@ def main() -> None:
     logging.getLogger("kserve.trace").setLevel(logging.WARNING)
     server.enable_latency_logging = False
     _without_timing(model_server.app)
-    model = CIFAR100Predictor(args.model_name if args.model_name != "model" else MODEL_NAME, args.model_dir,
-                              args.engine)
     model.load()
     server.start([model])
 

@@ -67,6 +67,22 @@ def image_bytes(row: dict) -> bytes:
     return data
 
 
+# A server with an event loop (KServe's predictor) decodes a request on the loop when its body is at most
+# INLINE_DECODE_MAX_BYTES and its images hold at most INLINE_DECODE_MAX_PIXELS in all (64 CIFAR images or one
+# 256x256: under a millisecond), else in a thread: the hand-off cost more than such a decode (30% of the
+# images/s at concurrency 16, benchmarks/RESULTS.md session 22), and a small file can hold many pixels.
+INLINE_DECODE_MAX_BYTES = 64 * 1024
+INLINE_DECODE_MAX_PIXELS = 256 * 256
+
+
+def decodes_inline(body_bytes: int | None, opened: list[Image.Image] | None = None) -> bool:
+    """Whether a request of ``body_bytes`` (None: unknown, e.g. chunked) is decoded where it is read;
+    with its images ``opened`` (serving.images.open_upload: headers only), whether they are too."""
+    if body_bytes is None or body_bytes > INLINE_DECODE_MAX_BYTES:
+        return False
+    return opened is None or sum(image.width * image.height for image in opened) <= INLINE_DECODE_MAX_PIXELS
+
+
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> uint8 tensor [3, 32, 32] (the resize: serving.images.network_input)."""
     return torch.from_numpy(np.array(network_input(img), dtype=np.uint8)).permute(2, 0, 1)

@@ -178,6 +178,30 @@ def parse_request(row: dict, max_images: int, headers: dict | None = None) -> Pa
     return request
 
 
+def plain_v2_body(content_type: str, body: bytes) -> dict | None:
+    """``body`` as a v2 request when it is plain: a JSON content type and a JSON object with exactly the
+    types of KServe's own request model (id, inputs of name/shape/datatype/data, outputs by name) and
+    no ``parameters`` (KServe reads some, e.g. binary outputs); else None. KServe's predictor answers
+    plain bodies itself and hands the rest to KServe's route (handler/kserve_predictor.py)."""
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        return None
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    if not (isinstance(payload, dict) and set(payload) <= {"id", "inputs", "outputs"}
+            and isinstance(payload.get("id", ""), str) and isinstance(payload.get("inputs"), list)):
+        return None
+    inputs_plain = all(isinstance(t, dict) and set(t) == {"name", "shape", "datatype", "data"}
+                       and isinstance(t["name"], str) and isinstance(t["datatype"], str) and isinstance(t["data"], list)
+                       and isinstance(t["shape"], list) and all(type(d) is int for d in t["shape"])
+                       for t in payload["inputs"])
+    outputs = payload.get("outputs", [])
+    outputs_plain = isinstance(outputs, list) and all(
+        isinstance(o, dict) and set(o) == {"name"} and isinstance(o["name"], str) for o in outputs)
+    return payload if inputs_plain and outputs_plain else None
+
+
 def encode_answer(request: ParsedRequest | None, answers: list[dict], model_name: str, model_version: str):
     """The per-image answers (handler's dicts) in the request's protocol."""
     if request is None:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from handler.protocols import ProtocolError, parse_request
+from handler.protocols import ProtocolError, parse_request, plain_v2_body
 from serving.archive import MODEL_CONFIG, weights_version
 from serving.kserve import ENVELOPES, KServeTorchServe, build_bundle
 from serving.torchserve import read_properties
@@ -139,6 +139,32 @@ def test_plain_bodies_stay_plain_and_json_sent_as_bytes_is_read():
     assert as_bytes.images == [PNG, PNG] and as_bytes.request_id == "7"
     v1 = parse_request({"body": {"instances": [b64(PNG), {"b64": b64(PNG)}, {"data": b64(PNG)}]}}, 64)
     assert v1.images == [PNG] * 3 and v1.protocol == "v1"
+
+
+def test_only_plain_v2_json_bodies_are_taken_past_kserves_route():
+    """KServe's predictor answers these itself (handler/kserve_predictor.py PlainV2Route); anything
+    KServe's pydantic model would read otherwise, or whose parameters it acts on, stays KServe's."""
+    body = v2_body([PNG], "7")
+    as_json = json.dumps(body).encode()
+    assert plain_v2_body("application/json", as_json) == body
+    assert plain_v2_body("Application/JSON; charset=utf-8", as_json) == body
+    assert plain_v2_body("application/json", json.dumps({**body, "outputs": [{"name": "name"}]}).encode())
+    tensor = body["inputs"][0]
+    not_plain = [
+        ("application/x-www-form-urlencoded", as_json), ("", as_json), ("application/json", b'{"inputs": ['),
+        ("application/json", b"[]"),
+        ("application/json", json.dumps({**body, "parameters": {"binary_data_output": True}}).encode()),
+        ("application/json", json.dumps({"inputs": [{**tensor, "parameters": {}}]}).encode()),
+        ("application/json", json.dumps({"inputs": [{k: v for k, v in tensor.items() if k != "name"}]}).encode()),
+        ("application/json", json.dumps({"inputs": [{**tensor, "shape": ["1"]}]}).encode()),  # pydantic coerces it
+        ("application/json", json.dumps({"inputs": [{**tensor, "shape": [True]}]}).encode()),
+        ("application/json", json.dumps({"inputs": [{**tensor, "data": "x"}]}).encode()),
+        ("application/json", json.dumps({**body, "id": 7}).encode()),
+        ("application/json", json.dumps({**body, "outputs": [{"name": "name", "parameters": {}}]}).encode()),
+        ("application/json", json.dumps({"instances": [b64(PNG)]}).encode()),
+    ]
+    for content_type, raw in not_plain:
+        assert plain_v2_body(content_type, raw) is None, (content_type, raw[:120])
 
 
 # ---- the running bundle ----------------------------------------------------------------------

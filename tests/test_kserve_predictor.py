@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -167,6 +168,63 @@ def test_refused_requests_get_their_4xx_and_error_and_the_server_goes_on(kserve_
     assert malformed.status_code == 422  # KServe's own parser answers first (FastAPI's {"detail": [...]})
     r = client.post(url, json=v2_body([good]))
     assert r.status_code == 200 and kserve_predictor.process.poll() is None, r.text
+
+
+def predict_histogram_count(predictor: KServePredictor) -> float:
+    """KServe's own latency histogram of its model's predict step (``request_predict_seconds``)."""
+    text = httpx.get(f"{predictor.url}/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(r'^request_predict_seconds_count\{[^}]*\} (\S+)$', text, re.M))
+
+
+def test_plain_v2_bodies_skip_fastapi_and_are_answered_as_kserves_route_answers(kserve_predictor, client,
+                                                                                  cifar100_test_split):
+    """A plain v2 JSON body is answered past FastAPI and pydantic (PlainV2Route: half the event loop's
+    time per image); the same request with ``parameters`` goes through KServe's route. Both must give
+    the same answer, id and refusals, and both pass KServe's Model call (its latency histogram)."""
+    url = infer_url(kserve_predictor)
+    good = encode(cifar_pil(cifar100_test_split[0], 7))
+    bad = b"name,score\nalice,3\n" * 20
+    before = predict_histogram_count(kserve_predictor)
+    for images, status in (([good, good], 200), ([good, bad], 400)):
+        plain = v2_body(images)
+        answered = [client.post(url, json=body, headers={"X-Request-ID": "edge-7"})
+                    for body in (plain, {**plain, "parameters": {}})]
+        assert [r.status_code for r in answered] == [status, status], [r.text for r in answered]
+        fast, kserves = (r.json() for r in answered)
+        if status != 200:
+            assert fast == kserves and "data[1]: not an image" in fast["error"]
+            continue
+        # KServe's answer model writes "parameters": null into every output; the plain route writes none.
+        assert all("parameters" not in o for o in fast["outputs"]), "the plain body went through KServe's route"
+        assert all(o.pop("parameters") is None for o in kserves["outputs"])
+        assert fast == kserves and fast["id"] == "edge-7"
+    assert predict_histogram_count(kserve_predictor) - before == 4
+
+
+def test_a_small_file_of_many_pixels_does_not_hold_up_the_requests_behind_it(kserve_predictor, client,
+                                                                          cifar100_test_split):
+    """Small requests are decoded on the server's event loop (handler/preprocessing.py decodes_inline); a
+    flat 3000x3000 PNG is small too (~30 KB) but takes ~0.1-0.2 s to decode: it must go to a thread, so a
+    CIFAR image sent after it is answered first, not after its decode."""
+    from PIL import Image
+
+    url = infer_url(kserve_predictor)
+    flat = encode(Image.new("RGB", (3000, 3000), (10, 200, 30)))
+    small = v2_body([encode(cifar_pil(cifar100_test_split[0], 5))])
+    for _ in range(3):  # the order, three times over: not a lucky schedule
+        finished = []
+
+        def call(name, body):
+            r = client.post(url, json=body)
+            assert r.status_code == 200, r.text
+            finished.append(name)
+
+        with ThreadPoolExecutor(2) as pool:
+            heavy = pool.submit(call, "flat", v2_body([flat]))
+            time.sleep(0.03)  # the flat images' request is read and decoding
+            pool.submit(call, "small", small).result()
+            heavy.result()
+        assert finished == ["small", "flat"], finished
 
 
 def test_the_adapter_in_oip_mode_serves_classify_from_kserves_model_server(kserve_predictor, client, tmp_path,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.preprocessing import (INPUT_SIZE, MAX_IMAGE_PIXELS, ImageRequestError, decode_image, image_bytes,
-                                   image_to_tensor)
+from handler.preprocessing import (INLINE_DECODE_MAX_BYTES, INPUT_SIZE, MAX_IMAGE_PIXELS, ImageRequestError,
+                                   decode_image, decodes_inline, image_bytes, image_to_tensor)
 from serving.images import open_upload
 from serving_helpers import (animated_gif, decompression_bomb_png, encode, exif_rotated_jpeg, oversized_png,
                              png_declaring_size, png_with_bad_crc, sixteen_bit_png)
@@ -150,3 +150,15 @@ def test_where_the_image_may_be_in_a_request():
         image_bytes({"body": {"picture": b64}})
     with pytest.raises(ImageRequestError, match="not base64"):
         image_bytes({"body": {"image": "%%% not base64 %%%"}})
+
+
+def test_only_small_requests_of_few_pixels_are_decoded_where_they_are_read():
+    """KServe's predictor decodes these on its event loop; a small file that declares many pixels (a flat
+    PNG: tens of KB, ~0.1-0.3 s to decode) must go to a thread, or it would hold up every other request."""
+    cifar = open_upload(encode(noisy()))
+    flat = encode(Image.new("RGB", (3000, 3000), (10, 200, 30)))
+    assert len(base64.b64encode(flat)) < INLINE_DECODE_MAX_BYTES  # small on the wire, even as base64
+    assert decodes_inline(4000) and decodes_inline(4000, [cifar] * 64)
+    assert not decodes_inline(4000, [cifar] * 65)
+    assert not decodes_inline(len(flat), [open_upload(flat)])
+    assert not decodes_inline(INLINE_DECODE_MAX_BYTES + 1) and not decodes_inline(None)  # too long, or unknown
