@@ -6,9 +6,14 @@ One run starts, on free loopback ports, a TorchServe (this checkout's archive of
 adapter in front of it (a real uvicorn process) and benchmarks/seed_server.py (the seed's design:
 the model in-process, one image per forward pass in the request handler, same weights), then
 drives each with the same CIFAR-100 test PNGs at each concurrency and prints images/s and
-p50/p99 latency, and the two targets:
+p50/p99 latency, and the targets:
   * adapter p50 - direct TorchServe p50 at concurrency 1 < 3 ms (what the adapter costs);
-  * adapter images/s at concurrency 16 >= 2x the seed-style server's.
+  * adapter images/s at concurrency 16 >= 4x the seed-style server's (issue 19), p50 at 1 no higher.
+The Open Inference Protocol path without TorchServe (``make serve-kserve``) is measured beside them
+(``--no-kserve`` leaves it out): KServe's own model server on the KServe bundle of the same weights
+(handler/kserve_predictor.py, the bundle's default model-config.yaml: the overrides below are
+TorchServe's), v2 bodies sent to it directly ("predictor"), and `/classify/` through an adapter in
+OIP mode in front of it ("adapter-oip").
 The load generator (wrk, see benchmarks/load.py) and any other work share the machine's cores with
 the servers: read the figures as ratios measured side by side in one run.
 
@@ -25,7 +30,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -35,9 +40,12 @@ from adapter.run import running_adapter
 from benchmarks.bench_serve import (
     add_load_arguments, cifar_png_payloads, machine, print_table, served_engine_name, start_benchmark_torchserve,
     torchserve_target, ts_properties)
+from benchmarks.bench_kserve import v2_bodies
 from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies
+from serving.kserve import KServePredictor, build_bundle
 from serving.process import free_port, popen_exited, stop_popen, wait_until_ready
 from serving import cli
+from serving.settings import MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_START_TIMEOUT_S = 120
@@ -67,6 +75,23 @@ def seed_server(weights: Path, log_file: Path) -> Iterator[str]:
         yield base
     finally:
         stop_popen(process)
+
+
+@contextmanager
+def kserve_path(weights: Path, root: Path) -> Iterator[dict[str, HttpTarget]]:
+    """KServe's own model server on the bundle of ``weights`` and an adapter in OIP mode in front of it
+    (``make serve-kserve``'s path): their targets, "predictor" (v2 bodies) and "adapter-oip"."""
+    payloads = cifar_png_payloads()
+    predictor = KServePredictor(root / "predictor", build_bundle(weights, root / "dist-kserve", quiet=True))
+    predictor.start(600)  # the first start on a machine builds the engine
+    try:
+        env = {"OIP_URL": predictor.url, "TS_KEY_FILE": str(root / "no-key-file.json")}
+        with running_adapter(env, root / "adapter-oip.log") as adapter:
+            yield {"predictor": HttpTarget(f"{predictor.url}/v2/models/{MODEL_NAME}/infer", v2_bodies(payloads),
+                                           expect='"outputs"', headers=lambda: {"Content-Type": "application/json"}),
+                   "adapter-oip": classify_target(adapter.base_url, payloads)}
+    finally:
+        predictor.stop()
 
 
 def _answers(url: str) -> bool:
@@ -158,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", metavar="REF", help="compare with the adapter of this git ref instead")
     parser.add_argument("--rounds", type=int, default=3, help="--before: alternated rounds per point (medians)")
     parser.add_argument("--flip-tta", choices=["on", "off"], help="override model-config.yaml's handler.flip_tta")
+    parser.add_argument("--no-kserve", dest="kserve", action="store_false",
+                        help="leave out KServe's own model server and the adapter in OIP mode in front of it")
     args = parser.parse_args(argv)
     if args.before:
         return compare_before_after(args)
@@ -175,11 +202,13 @@ def main(argv: list[str] | None = None) -> int:
             # The adapter as `make serve-adapter` runs it, access log included.
             adapter_env = ts.adapter_env()
             with running_adapter(adapter_env, tmp / "adapter.log") as adapter, \
-                    seed_server(args.weights, tmp / "seed.log") as seed_base:
+                    seed_server(args.weights, tmp / "seed.log") as seed_base, \
+                    kserve_path(args.weights, tmp) if args.kserve else nullcontext({}) as oip_targets:
                 targets = {
                     "torchserve": torchserve_target(ts, payloads),
                     "adapter": classify_target(adapter.base_url, payloads),
                     "seed-style": classify_target(seed_base, payloads),
+                    **oip_targets,
                 }
                 rows = measure_targets(targets, concurrencies, args.duration, tmp)
         finally:
@@ -196,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adapter / seed-style images/s at concurrency {hi}: {ratio:.2f}x (target >= 4x)")
     print(f"adapter p50 / seed-style p50 at concurrency {lo}: "
           f"{rows['adapter'][lo].p50_ms:.2f} / {rows['seed-style'][lo].p50_ms:.2f} ms (target: no higher)")
+    if "adapter-oip" in rows:
+        print(f"without TorchServe: adapter-oip / seed-style images/s at concurrency {hi}: "
+              f"{rows['adapter-oip'][hi].images_per_s / max(rows['seed-style'][hi].images_per_s, 1e-9):.2f}x; "
+              f"adapter-oip p50 / seed-style p50 at concurrency {lo}: "
+              f"{rows['adapter-oip'][lo].p50_ms:.2f} / {rows['seed-style'][lo].p50_ms:.2f} ms")
     failed = sum(r.errors for by_c in rows.values() for r in by_c.values())
     if failed:
         print(f"{failed} requests failed during the run (counted in the errors column)")

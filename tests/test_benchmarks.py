@@ -82,11 +82,14 @@ def test_bench_serve_prints_both_columns_and_the_two_ratios():
     assert any(line.startswith("torchserve p50 - in-process p50 at concurrency 1:") for line in lines), lines
 
 
-def test_bench_adapter_prints_three_columns_and_its_two_targets():
-    # Starts its own TorchServe, adapter and seed-style server, as `make bench-serve` does (~45 s here).
-    lines = run_benchmark("bench_adapter", ("torchserve", "adapter", "seed-style"))
+def test_bench_adapter_prints_both_paths_and_its_targets():
+    # Starts its own TorchServe, adapter and seed-style server, and KServe's model server with an adapter in
+    # OIP mode in front, as `make bench-serve` does (~60 s here).
+    lines = run_benchmark("bench_adapter", ("torchserve", "adapter", "seed-style", "predictor", "adapter-oip"))
     assert any(line.startswith("adapter p50 - torchserve p50 at concurrency 1:") for line in lines), lines
     assert any(line.startswith("adapter / seed-style images/s at concurrency 2:") for line in lines), lines
+    assert any(line.startswith("without TorchServe: adapter-oip / seed-style images/s at concurrency 2:")
+               for line in lines), lines
 
 
 def test_bench_photos_prints_the_three_paths_with_their_cpu_per_photo():
