@@ -291,14 +291,14 @@ class CIFAR100Predictor(Model):
         thread's hand-off costs more than decoding a CIFAR-size image), any other in a thread (Pillow lets
         go of the GIL while it decodes), so a large photo never holds up the loop."""
         loop = asyncio.get_running_loop()
-        declared = str((headers or {}).get("content-length", ""))
-        if decodes_inline(int(declared) if declared.isdigit() else None):
+        size = _request_bytes(payload, headers)
+        if decodes_inline(size):
             request, opened = self._request(payload)
-            if decodes_inline(int(declared), opened):
+            if decodes_inline(size, opened):
                 images, sizes = self._decoded(request, opened)
             else:
                 images, sizes = await loop.run_in_executor(None, self._decoded, request, opened)
-        else:  # a large body, one without a length (chunked) or gRPC's: parsed in a thread too
+        else:  # a large body, or one without a length (chunked): parsed in a thread too
             request, images, sizes = await loop.run_in_executor(None, self._images, payload)
         return request, images, sizes, await self.batcher(images)
 
@@ -352,6 +352,17 @@ def _located(request, n: int, step, image):
         return step(image)
     except ImageRequestError as err:
         raise ImageRequestError(err.status, f"{request.where[n]}: {err.message}") from err
+
+
+def _request_bytes(payload, headers: dict | None) -> int | None:
+    """A request's size for decodes_inline: its Content-Length, or over gRPC its tensors' bytes (the
+    message is whole by then); None when unknown (a chunked body)."""
+    if isinstance(payload, InferRequest) and payload.from_grpc:
+        return sum(len(raw) if (raw := getattr(tensor, "_raw_data", None)) is not None
+                   else sum(len(item) for item in tensor.data or () if isinstance(item, (bytes, bytearray)))
+                   for tensor in payload.inputs)
+    declared = str((headers or {}).get("content-length", ""))
+    return int(declared) if declared.isdigit() else None
 
 
 def _as_dict(payload) -> dict:

@@ -201,22 +201,25 @@ def test_plain_v2_bodies_skip_fastapi_and_are_answered_as_kserves_route_answers(
     assert predict_histogram_count(kserve_predictor) - before == 4
 
 
-def test_a_small_file_of_many_pixels_does_not_hold_up_the_requests_behind_it(kserve_predictor, client,
+def test_a_small_file_of_many_pixels_does_not_hold_up_the_requests_behind_it(kserve_predictor, client, grpc_stub,
                                                                           cifar100_test_split):
     """Small requests are decoded on the server's event loop (handler/preprocessing.py decodes_inline); a
     flat 3000x3000 PNG is small too (~30 KB) but takes ~0.1-0.2 s to decode: it must go to a thread, so a
-    CIFAR image sent after it is answered first, not after its decode."""
+    CIFAR image sent after it is answered first, not after its decode; over REST and over gRPC."""
     from PIL import Image
 
     url = infer_url(kserve_predictor)
     flat = encode(Image.new("RGB", (3000, 3000), (10, 200, 30)))
     small = v2_body([encode(cifar_pil(cifar100_test_split[0], 5))])
-    for _ in range(3):  # the order, three times over: not a lucky schedule
+    for over_grpc in (False, False, True, True):  # the order, again and again: not a lucky schedule
         finished = []
 
         def call(name, body):
-            r = client.post(url, json=body)
-            assert r.status_code == 200, r.text
+            if name == "flat" and over_grpc:
+                grpc_stub.ModelInfer(grpc_request([flat]), timeout=60)
+            else:
+                r = client.post(url, json=body)
+                assert r.status_code == 200, r.text
             finished.append(name)
 
         with ThreadPoolExecutor(2) as pool:
