@@ -7,7 +7,9 @@ within ``max_delay_s`` (model-config.yaml ``maxBatchDelay``), up to ``max_images
 at once (each has every core), and while it runs the next batch gathers. A request larger than
 ``max_images`` (a v1/v2 request may hold up to 64 images) goes alone; the engine splits it into
 chunks it was built for. ``forward`` may answer with anything indexed by image (a tensor of logits,
-a list of answers): each request gets its own slice.
+a list of answers): each request gets its own slice. At most ``max_waiting`` requests wait for a
+batch (None: no bound); one more is refused at once (BatcherFull), as TorchServe refuses a request
+beyond its ``job_queue_size``, rather than queueing without end behind a flood.
 """
 from __future__ import annotations
 
@@ -18,9 +20,19 @@ from typing import Callable, Sequence
 import torch
 
 
+class BatcherFull(Exception):
+    """``max_waiting`` requests already wait for a forward pass."""
+
+    def __init__(self, max_waiting: int):
+        super().__init__(f"{max_waiting} requests already wait for the model")
+        self.max_waiting = max_waiting
+
+
 class Batcher:
-    def __init__(self, forward: Callable[[torch.Tensor], Sequence], max_images: int, max_delay_s: float):
+    def __init__(self, forward: Callable[[torch.Tensor], Sequence], max_images: int, max_delay_s: float,
+                 max_waiting: int | None = None):
         self.forward, self.max_images, self.max_delay_s = forward, max(1, max_images), max(0.0, max_delay_s)
+        self.max_waiting = max_waiting
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
@@ -31,6 +43,8 @@ class Batcher:
         if self._task is None or self._task.done():  # the first call, on the server's event loop
             self._queue = asyncio.Queue()
             self._task = asyncio.get_running_loop().create_task(self._run())
+        if self.max_waiting is not None and self._queue.qsize() >= self.max_waiting:
+            raise BatcherFull(self.max_waiting)
         done = asyncio.get_running_loop().create_future()
         await self._queue.put((images, done))
         return await done

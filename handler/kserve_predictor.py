@@ -17,8 +17,9 @@ protocol's gRPC service (ModelInfer: each image's bytes as a BYTES element, the 
 
 Errors are ``{"error": "..."}``: 400 for a malformed body, a bad image or the binary tensor extension,
 413 for an image over the pixel limit, more than ``handler.max_images_per_request`` images, or a body
-over ``max_request_size`` (config.properties, as TorchServe; gRPC's message limit too). Over gRPC the
-4xx are INVALID_ARGUMENT with the same message. KServe's own checks answer first where
+over ``max_request_size`` (config.properties, as TorchServe; gRPC's message limit too); 503 when
+``--max_waiting_requests`` requests already wait for a forward pass (default: TorchServe's
+``job_queue_size``, 100). Over gRPC the 4xx are INVALID_ARGUMENT, the 503 UNAVAILABLE, with the same message. KServe's own checks answer first where
 they apply (a body that is not an inference request: 422 ``{"detail": [...]}``).
 """
 from __future__ import annotations
@@ -39,14 +40,14 @@ from pathlib import Path
 import torch
 import yaml
 from fastapi.responses import JSONResponse
-from grpc_interceptor.exceptions import InvalidArgument
+from grpc_interceptor.exceptions import InvalidArgument, Unavailable
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer, model_server
 from kserve.model import InferenceVerb
 from prometheus_client import Counter
 
 from handler import engine as engines
 from handler.answers import image_answers, served_topk
-from handler.batching import Batcher
+from handler.batching import Batcher, BatcherFull
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import ImageRequestError, decodes_inline, image_to_tensor, normalize
@@ -62,8 +63,10 @@ from serving.torchserve import BASE_CONFIG, read_properties
 logger = logging.getLogger("handler.kserve_predictor")
 
 ARCHIVE_IN_BUNDLE = Path("model-store") / f"{MODEL_NAME}.mar"  # serving/kserve.py's layout
-# Where max_request_size is read: the bundle's TorchServe settings, else the repository's (in the image too).
+# Where max_request_size and job_queue_size are read: the bundle's TorchServe settings, else the repository's
+# (in the image too).
 PROPERTIES_IN_BUNDLE = Path("config") / "config.properties"
+TORCHSERVE_JOB_QUEUE_SIZE = 100  # TorchServe's default job_queue_size (requests waiting per model)
 
 
 # At /metrics beside KServe's own (the names of the TorchServe handler's counters, handler/engine.py).
@@ -206,22 +209,26 @@ def archive_folder(model_dir: Path, into: Path) -> Path:
     raise FileNotFoundError(f"no {ARCHIVE_IN_BUNDLE} (make kserve-bundle) and no unpacked archive in {model_dir}")
 
 
-def max_request_bytes(model_dir: Path) -> int:
-    """TorchServe's ``max_request_size``, the same limit here: from the bundle's config.properties, else
-    the repository's."""
+def torchserve_setting(model_dir: Path, key: str, default: int | None = None) -> int:
+    """A TorchServe limit that applies here too (``max_request_size``, ``job_queue_size``): from the bundle's
+    config.properties, else the repository's, else TorchServe's own default."""
     for properties in (model_dir / PROPERTIES_IN_BUNDLE, BASE_CONFIG):
-        if properties.is_file() and "max_request_size" in (props := read_properties(properties)):
-            return int(props["max_request_size"])
-    raise FileNotFoundError(f"no max_request_size in {model_dir / PROPERTIES_IN_BUNDLE} or {BASE_CONFIG}")
+        if properties.is_file() and key in (props := read_properties(properties)):
+            return int(props[key])
+    if default is None:
+        raise FileNotFoundError(f"no {key} in {model_dir / PROPERTIES_IN_BUNDLE} or {BASE_CONFIG}")
+    return default
 
 
 class CIFAR100Predictor(Model):
-    def __init__(self, name: str, model_dir: Path, engine_setting: str | None = None):
+    def __init__(self, name: str, model_dir: Path, engine_setting: str | None = None,
+                 max_waiting: int | None = None):
         super().__init__(name)
         self.model_dir = Path(model_dir)
-        self.engine_setting = engine_setting
+        self.engine_setting, self.max_waiting = engine_setting, max_waiting
         self._unpacked = tempfile.TemporaryDirectory(prefix="cifar100-kserve-")
         self._explainer = ThreadPoolExecutor(1, thread_name_prefix="explain")
+        self.refusals = ThrottledLog(logger)  # a flood refused: one line a second
 
     def load(self) -> bool:
         folder = archive_folder(self.model_dir, Path(self._unpacked.name))
@@ -245,7 +252,7 @@ class CIFAR100Predictor(Model):
             hashlib.sha256(weights.read_bytes()).hexdigest(), engines.images_per_forward(config),
             torch.device("cpu"), folder, load_calibration(str(folder), self.flip_tta), self.flip_tta)
         self.batcher = Batcher(self._forward, int(config.get("batchSize") or 1),
-                               float(config.get("maxBatchDelay") or 0) / 1000)
+                               float(config.get("maxBatchDelay") or 0) / 1000, self.max_waiting)
         logger.info("CIFAR-100 model %s, %d threads, top-%d, engine %s %s, flip TTA %s, batches of up to %d "
                     "images within %s ms", self.model_version, torch.get_num_threads(), self.topk, self.network_engine.name,
                     self.network_engine.info, "on" if self.flip_tta else "off", self.batcher.max_images,
@@ -300,15 +307,19 @@ class CIFAR100Predictor(Model):
                 images, sizes = await loop.run_in_executor(None, self._decoded, request, opened)
         else:  # a large body, or one without a length (chunked): parsed in a thread too
             request, images, sizes = await loop.run_in_executor(None, self._images, payload)
-        return request, images, sizes, await self.batcher(images)
+        try:
+            return request, images, sizes, await self.batcher(images)
+        except BatcherFull as err:
+            self.refusals.warning("503: %s (--max_waiting_requests)", err)
+            raise RequestRefused(503, f"The model is busy: {err}; try again shortly.") from None
 
     async def predict(self, payload, headers: dict | None = None) -> dict | InferResponse:
         grpc = isinstance(payload, InferRequest) and payload.from_grpc
         try:
             request, _, _, answers = await self._answers(payload, headers)
         except RequestRefused as err:
-            if grpc:  # INVALID_ARGUMENT with the message (KServe's interceptor answers INTERNAL to the rest)
-                raise InvalidArgument(err.message) from None
+            if grpc:  # INVALID_ARGUMENT / UNAVAILABLE with the message (KServe's interceptor: INTERNAL for the rest)
+                raise (Unavailable if err.status == 503 else InvalidArgument)(err.message) from None
             raise
         answer = encode_answer(request, answers, self.name, self.model_version)
         if request.protocol == V2 and "id" not in answer:
@@ -418,13 +429,17 @@ def main() -> None:
     parser.add_argument("--min_upload_rate", type=float, default=MIN_UPLOAD_RATE,
                         help="bytes/s a body must average after --min_rate_grace_s (408)")
     parser.add_argument("--min_rate_grace_s", type=float, default=MIN_RATE_GRACE_S)
+    parser.add_argument("--max_waiting_requests", type=int, default=None,
+                        help="requests that may wait for a forward pass; one more gets 503 (default: TorchServe's "
+                             f"job_queue_size of the bundle's config.properties, else {TORCHSERVE_JOB_QUEUE_SIZE})")
     args, _ = parser.parse_known_args()
-    limit = max_request_bytes(args.model_dir)
+    limit = torchserve_setting(args.model_dir, "max_request_size")
     if not any(arg.startswith("--grpc_max_receive_message_length") for arg in sys.argv[1:]):
         # One limit for both routes: gRPC refuses a larger message itself (RESOURCE_EXHAUSTED).
         model_server.args.grpc_max_receive_message_length = limit
     model = CIFAR100Predictor(args.model_name if args.model_name != "model" else MODEL_NAME, args.model_dir,
-                              args.engine)
+                              args.engine, args.max_waiting_requests or torchserve_setting(
+                                  args.model_dir, "job_queue_size", TORCHSERVE_JOB_QUEUE_SIZE))
     model_server.app.add_exception_handler(RequestRefused, _refused)
     model_server.app.add_middleware(PlainV2Route, path=f"/v2/models/{model.name}/infer", model=model)
     model_server.app.add_middleware(RequestChecks, max_bytes=limit, pace={

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from handler.batching import Batcher
+from handler.batching import Batcher, BatcherFull
 
 
 class RecordingForward:
@@ -133,3 +133,20 @@ def test_a_forward_that_answers_with_a_list_gives_each_request_its_own_items():
         if i != 2:
             assert rows == [{"tag": float(i)}] * (1 + i % 3), (i, rows)
     assert sum(sizes) == sum(1 + i % 3 for i in range(6) if i != 2)
+
+
+def test_requests_beyond_the_waiting_bound_are_refused_at_once_and_the_waiting_ones_answered():
+    forward = RecordingForward(delay_s=0.05)
+    batcher = Batcher(forward, max_images=1, max_delay_s=0.0, max_waiting=3)
+
+    async def main():
+        first = asyncio.ensure_future(batcher(images(0)))
+        await asyncio.sleep(0.01)  # in its forward pass: no longer waiting
+        calls = [first] + [asyncio.ensure_future(batcher(images(i))) for i in range(1, 8)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(main())
+    refused = [i for i, r in enumerate(results) if isinstance(r, BatcherFull)]
+    # The first runs, 3 wait, the other 4 are refused at once.
+    assert refused == [4, 5, 6, 7] and all(results[i].max_waiting == 3 for i in refused), results
+    assert [results[i].item() for i in range(4)] == [0, 1, 2, 3]

@@ -454,3 +454,47 @@ def test_a_crawling_body_gets_408_after_the_grace_and_others_are_answered_meanwh
     assert head.startswith(b"HTTP/1.1 408"), reply[:200]
     assert "too slowly" in json.loads(body)["error"]
     assert MIN_RATE_GRACE_S - 0.5 <= waited < MIN_RATE_GRACE_S + 5, waited
+
+
+@pytest.mark.integration  # starts its own server process
+def test_a_flood_beyond_the_waiting_bound_gets_503_at_once_and_the_rest_are_answered(bundle, client, tmp_path,
+                                                                                     cifar100_test_split):
+    """``--max_waiting_requests`` (default: TorchServe's job_queue_size) bounds the requests waiting for a
+    forward pass: one more is refused at once with 503 (gRPC: UNAVAILABLE), the ones let in are answered,
+    and the server serves on, instead of queueing without end behind a flood."""
+    import grpc
+
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+
+    import kserve_types  # noqa: F401 - registers KServe's gRPC types
+
+    predictor = KServePredictor(tmp_path, bundle, extra_args=["--max_waiting_requests=1"]).start()
+    try:
+        six = [encode(cifar_pil(cifar100_test_split[0], i)) for i in range(6)]  # each request a whole batch
+        url = infer_url(predictor)
+        channel = grpc.insecure_channel(predictor.grpc_target)
+        stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        def rest(_):
+            r = client.post(url, json=v2_body(six))
+            return r.status_code, r.json().get("error", "")
+
+        def over_grpc(_):
+            try:
+                stub.ModelInfer(grpc_request(six), timeout=60)
+                return 200, ""
+            except grpc.RpcError as err:
+                return err.code().name, err.details()
+
+        with ThreadPoolExecutor(16) as pool:  # a burst over REST, then one over gRPC
+            answers = list(pool.map(rest, range(16))) + list(pool.map(over_grpc, range(8)))
+        refused = [a for a in answers if a[0] in (503, "UNAVAILABLE")]
+        assert {503, "UNAVAILABLE"} <= {status for status, _ in refused}, answers
+        assert refused and all("busy" in why and "1 requests already wait" in why for _, why in refused), answers
+        assert all(a[0] in (200, 503, "UNAVAILABLE") for a in answers), answers
+        assert sum(a[0] == 200 for a in answers) >= 2, answers
+        r = client.post(url, json=v2_body(six[:1]))
+        assert r.status_code == 200 and predictor.process.poll() is None, r.text
+        channel.close()
+    finally:
+        predictor.stop()
