@@ -78,10 +78,9 @@ def seed_server(weights: Path, log_file: Path) -> Iterator[str]:
 
 
 @contextmanager
-def kserve_path(weights: Path, root: Path) -> Iterator[dict[str, HttpTarget]]:
+def kserve_path(weights: Path, payloads: list[bytes], root: Path) -> Iterator[dict[str, HttpTarget]]:
     """KServe's own model server on the bundle of ``weights`` and an adapter in OIP mode in front of it
     (``make serve-kserve``'s path): their targets, "predictor" (v2 bodies) and "adapter-oip"."""
-    payloads = cifar_png_payloads()
     predictor = KServePredictor(root / "predictor", build_bundle(weights, root / "dist-kserve", quiet=True))
     predictor.start(600)  # the first start on a machine builds the engine
     try:
@@ -203,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             adapter_env = ts.adapter_env()
             with running_adapter(adapter_env, tmp / "adapter.log") as adapter, \
                     seed_server(args.weights, tmp / "seed.log") as seed_base, \
-                    kserve_path(args.weights, tmp) if args.kserve else nullcontext({}) as oip_targets:
+                    kserve_path(args.weights, payloads, tmp) if args.kserve else nullcontext({}) as oip_targets:
                 targets = {
                     "torchserve": torchserve_target(ts, payloads),
                     "adapter": classify_target(adapter.base_url, payloads),

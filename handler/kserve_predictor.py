@@ -132,17 +132,9 @@ class RequestChecks:
             seen += len(chunks[-1])
             if seen > self.max_bytes:
                 return await self._refuse(send)
-        body = b"".join(chunks)
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         del chunks
-
-        async def replay():
-            nonlocal body
-            if body is None:
-                return await receive()  # after the body: the disconnect, when it comes
-            message, body = {"type": "http.request", "body": body, "more_body": False}, None
-            return message
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replaying(whole, receive), send)
 
     async def _refuse(self, send) -> None:
         await _answer(send, 413, f"request body over {self.max_bytes} bytes (max_request_size)")
@@ -150,11 +142,26 @@ class RequestChecks:
 
 async def _answer(send, status: int, message: str) -> None:
     """An ``{"error": ...}`` answer straight from the middleware; the connection closes (a body may be unread)."""
-    body = json.dumps({"error": message}).encode()
+    await _send_json(send, status, json.dumps({"error": message}).encode(), close=True)
+
+
+async def _send_json(send, status: int, body: bytes, close: bool = False) -> None:
+    """A JSON answer sent from an ASGI middleware (``close``: the connection closes after it)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                "headers": headers + [(b"connection", b"close")] if close else headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _replaying(message: dict, receive):
+    """An ASGI ``receive`` that gives ``message`` (a request's whole body, read by a middleware) once, then
+    the connection's own messages (the disconnect, when it comes)."""
+    pending = [message]
+
+    async def replay():
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 class PlainV2Route:
@@ -175,26 +182,14 @@ class PlainV2Route:
         content_type = next((value for name, value in scope["headers"] if name == b"content-type"), b"")
         payload = None if message.get("more_body") else plain_v2_body(content_type.decode("latin-1"), message["body"])
         if payload is None:
-            replayed = False
-
-            async def replay():
-                nonlocal replayed
-                if replayed:
-                    return await receive()
-                replayed = True
-                return message
-
-            return await self.app(scope, replay, send)
+            return await self.app(scope, _replaying(message, receive), send)
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
         try:
             answer, _ = await self.model(payload, headers=headers, verb=InferenceVerb.PREDICT)
             status = 200
         except RequestRefused as err:
             answer, status = {"error": err.message}, err.status
-        body = json.dumps(answer, separators=(",", ":")).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, status, json.dumps(answer, separators=(",", ":")).encode())
 
 
 def archive_folder(model_dir: Path, into: Path) -> Path:
