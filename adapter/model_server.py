@@ -183,7 +183,8 @@ def answer_error(response: Response, model_name: str) -> ClassifyError:
         return ClassifyError(413, message if message and response.content.strip() else
                              "The image is larger than the model server accepts.")
     if status == 503:
-        return ClassifyError(503, f"The model is not ready: {message}")
+        # Busy (a full queue) or not ready (starting, no worker): the model server's own words say which.
+        return ClassifyError(503, f"The model server is unavailable: {message}")
     if 400 <= status < 500:
         # The handler refused this image (not an image, empty, ...): pass its verdict on.
         return ClassifyError(status, message or f"The model server refused the request ({status}).")

@@ -142,7 +142,7 @@ def compare_before_after(args) -> int:
                     running_adapter(env, tmp / "adapter.log") as new:
                 names = {f"before ({args.before})": (old_base, old_pid), "after (this checkout)": (new.base_url, new.process.pid)}
                 targets = {name: classify_target(base, payloads) for name, (base, _) in names.items()}
-                warm_up(targets, args.concurrency, tmp)
+                warm_up(targets, args.concurrency, tmp, args.warmup)
                 points = {name: {c: [] for c in args.concurrency} for name in names}
                 for round_ in range(args.rounds):
                     for c in args.concurrency:
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                     "seed-style": classify_target(seed_base, payloads),
                     **oip_targets,
                 }
-                rows = measure_targets(targets, concurrencies, args.duration, tmp)
+                rows = measure_targets(targets, concurrencies, args.duration, tmp, args.warmup)
         finally:
             ts.stop()
 

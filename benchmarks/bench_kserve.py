@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             if predictor is not None:
                 targets["predictor"] = HttpTarget(f"{predictor.url}/v2/models/cifar100/infer", v2_bodies(payloads),
                                                   expect='"outputs"', headers=lambda: {"Content-Type": "application/json"})
-            warm_up(targets, args.concurrency, tmp)
+            warm_up(targets, args.concurrency, tmp, args.warmup)
             rounds: dict[str, dict[int, list[LoadResult]]] = {name: {c: [] for c in args.concurrency} for name in targets}
             for c in args.concurrency:
                 for r in range(args.rounds):

@@ -87,7 +87,7 @@ def measure(target: HttpTarget, concurrency: int, duration_s: float, workdir: Pa
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser("benchmarks.bench_photos", __doc__.splitlines()[0])
     add_load_arguments(parser)
-    parser.set_defaults(concurrency=[1, 4])
+    parser.set_defaults(warmup=WARMUP_S, concurrency=[1, 4])
     args = parser.parse_args(argv)
 
     photos = phone_photos()
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                     targets[name] = (target, psutil.Process(adapter.process.pid))
                 for target, _ in targets.values():  # warm-up, unmeasured
                     for concurrency in args.concurrency:
-                        run_wrk(target, concurrency, WARMUP_S, tmp)
+                        run_wrk(target, concurrency, args.warmup, tmp)
                 for concurrency in args.concurrency:
                     for name, (target, adapter_process) in targets.items():
                         workers = java.children(recursive=True)

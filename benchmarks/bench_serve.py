@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.load import HttpTarget, LoadResult, percentile, run_wrk, warm_up
+from benchmarks.load import SERVER_WARMUP_S, HttpTarget, LoadResult, percentile, run_wrk, warm_up
 from handler.preprocessing import decode_image, image_to_tensor, normalize
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive
 from serving import cli
@@ -165,6 +165,8 @@ def print_table(rows: dict[str, dict[int, LoadResult]], concurrencies: list[int]
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every serving benchmark shares (bench_adapter uses them too)."""
     parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per point")
+    parser.add_argument("--warmup", type=float, default=SERVER_WARMUP_S,
+                        help="seconds of unmeasured load per target and concurrency before the measured points")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument("--batch-size", type=int, help="override model-config.yaml's batchSize")
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             model = in_process_engine(args.weights, engine)
             print(f"engine: {engine} (handler.engine in model-config.yaml; TorchServe and in-process alike)")
             targets = {"torchserve": torchserve_target(ts, payloads)}
-            warm_up(targets, args.concurrency, Path(tmp))
+            warm_up(targets, args.concurrency, Path(tmp), args.warmup)
             # Each concurrency's two points back to back (TorchServe idles meanwhile): the machine is
             # shared, and its speed was seen to drift by 10% within minutes, which a ratio of points
             # measured minutes apart would carry.

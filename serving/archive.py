@@ -31,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from serving import cli
 from serving.settings import CALIBRATION_FILE, ENGINE_INPUTS_FILE, ENGINE_INT8_FILE, ENGINE_RECORD_FILE, MODEL_NAME
 
@@ -52,6 +54,12 @@ PACKAGES = {"model": ["*.py", "index_to_name.json"],
 
 class ArchiveError(RuntimeError):
     pass
+
+
+def startup_timeout_s(model_config: Path = MODEL_CONFIG) -> float:
+    """model-config.yaml's ``startupTimeout``: how long TorchServe lets a worker start (a first start on a
+    machine compiles its engine), and so how long a caller waits for a READY worker."""
+    return float(yaml.safe_load(Path(model_config).read_text())["startupTimeout"])
 
 
 def sha256_of(path: Path) -> str:

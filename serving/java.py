@@ -39,7 +39,8 @@ def java_problem() -> str | None:
     java = java_command()
     if java is None:
         where = f"JAVA_HOME={os.environ['JAVA_HOME']} has no bin/java" if os.environ.get("JAVA_HOME") else "no java on PATH"
-        return f"TorchServe needs Java {MIN_JAVA_VERSION} or newer, and there is none ({where}): {FIX}"
+        fix = "unset JAVA_HOME or point it at a Java installation" if os.environ.get("JAVA_HOME") else FIX
+        return f"TorchServe needs Java {MIN_JAVA_VERSION} or newer, and there is none ({where}): {fix}"
     try:
         done = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as err:
@@ -47,5 +48,7 @@ def java_problem() -> str | None:
     version = parse_java_version(done.stderr + done.stdout)
     if version is None or version < MIN_JAVA_VERSION:
         found = f"Java {version}" if version is not None else "a Java whose version it cannot read"
-        return f"TorchServe needs Java {MIN_JAVA_VERSION} or newer; {java} is {found}: {FIX}"
+        fix = (f"point JAVA_HOME at a Java {MIN_JAVA_VERSION} or newer, or unset it to use the java on PATH"
+               if os.environ.get("JAVA_HOME") else FIX)
+        return f"TorchServe needs Java {MIN_JAVA_VERSION} or newer; {java} is {found}: {fix}"
     return None

@@ -1,6 +1,6 @@
 """Put new weights into service on the running TorchServe without failing a request (``make rollout``).
 
-    python -m serving.rollout --weights PATH [--ready-timeout 240] [--drain-s 2]
+    python -m serving.rollout --weights PATH [--ready-timeout S] [--drain-s 2]
 
   1. build the archive of PATH (serving/archive.py) as ``model_store/cifar100-<version>.mar``;
   2. register it beside the serving version (management API, management key), its workers as
@@ -27,14 +27,14 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import psutil
 
 from serving import settings
-from serving.archive import DEFAULT_WEIGHTS, ArchiveError, build_archive, weights_version
+from serving.archive import DEFAULT_WEIGHTS, ArchiveError, build_archive, startup_timeout_s, weights_version
 from serving.keys import KeyFile, KeyFileError
 from serving.process import log_tail
 from serving.torchserve import TorchServeInstance, default_instance
@@ -77,7 +77,7 @@ def _described(answer: httpx.Response) -> str:
 @dataclass
 class Rollout:
     ts: TorchServeInstance
-    ready_timeout_s: float = 240.0   # as model-config.yaml's startupTimeout: a busy CI machine is slow
+    ready_timeout_s: float = field(default_factory=startup_timeout_s)  # a first start compiles its engine
     drain_s: float = 2.0             # after an old version's queue is empty: its workers' last batches
     say: callable = print
 
@@ -236,8 +236,9 @@ class Rollout:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    parser.add_argument("--ready-timeout", type=float, default=240.0,
-                        help="seconds the new version may take to be READY and warm (then: exit 1, old kept)")
+    parser.add_argument("--ready-timeout", type=float, default=startup_timeout_s(),
+                        help="seconds the new version may take to be READY and warm (then: exit 1, old kept; "
+                             "model-config.yaml's startupTimeout)")
     parser.add_argument("--drain-s", type=float, default=2.0,
                         help="seconds an old version keeps its workers after its queue is empty")
     args = parser.parse_args(argv)

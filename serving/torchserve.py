@@ -33,6 +33,7 @@ from serving.keys import KeyFile, KeyFileError
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, free_ports, log_tail,
                              port_in_use, stop_process, wait_until_ready)
 from serving import cli
+from serving.archive import startup_timeout_s
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = settings.MODEL_NAME
@@ -277,7 +278,8 @@ def default_instance() -> TorchServeInstance:
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser("serving.torchserve", "Run TorchServe for the CIFAR-100 model.")
     parser.add_argument("command", choices=["start", "stop", "status"])
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for a READY worker")
+    parser.add_argument("--timeout", type=float, default=startup_timeout_s(),
+                        help="seconds to wait for a READY worker (model-config.yaml's startupTimeout)")
     args = parser.parse_args(argv)
     try:
         ts = default_instance()

@@ -51,6 +51,18 @@ def test_an_old_java_is_refused_with_its_version(tmp_path, monkeypatch):
     assert "sudo make install-system" in problem
 
 
+def test_an_old_java_under_java_home_names_java_home(tmp_path, monkeypatch):
+    """JAVA_HOME wins over PATH (as TorchServe's start): installing Java 17 would not help, so the fix says so."""
+    (tmp_path / "jdk" / "bin").mkdir(parents=True)
+    fake = tmp_path / "jdk" / "bin" / "java"
+    fake.write_text('#!/bin/sh\necho \'java version "1.8.0_392"\' >&2\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "jdk"))
+    problem = java_problem()
+    assert problem is not None and "is Java 8" in problem
+    assert "JAVA_HOME" in problem and "sudo make install-system" not in problem
+
+
 def test_torchserve_start_without_java_fails_at_once(tmp_path, monkeypatch):
     """The real start path (what `make serve` runs): refused before anything is launched."""
     monkeypatch.delenv("JAVA_HOME", raising=False)

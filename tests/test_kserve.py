@@ -349,8 +349,8 @@ def test_bench_kserve_prints_each_target_and_the_ratios():
     from pathlib import Path
 
     done = subprocess.run([sys.executable, "-m", "benchmarks.bench_kserve", "--duration", "1", "--rounds", "2",
-                           "--concurrency", "2"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, timeout=600)
+                           "--warmup", "0.5", "--concurrency", "2"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [row for row in map(str.split, done.stdout.splitlines()) if len(row) == 6 and row[1] == "2"]
     assert sorted(row[0] for row in rows) == ["predictions", "predictor", "v2"], done.stdout
