@@ -114,6 +114,13 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def serving_device() -> torch.device:
+    """Where a one-process server (KServe's predictor) runs the network: the first GPU it sees (a pod sees
+    the GPUs it was given; ``CUDA_VISIBLE_DEVICES=`` hides them), else the CPU. TorchServe's workers get
+    theirs from TorchServe (gpu_id) instead."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def native_bf16(device: torch.device) -> bool:
     """bf16 runs in hardware here: a GPU, or a CPU with AVX512-BF16 / AMX-BF16 that oneDNN uses."""
     if device.type == "cuda":

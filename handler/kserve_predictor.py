@@ -10,7 +10,7 @@ parts: the handler's decoding and pixel limits, the engine chosen and guarded at
 v1/v2 bodies and answers (handler/protocols.py, handler/answers.py). Concurrent requests share
 forward passes (handler/batching.py: up to the archive's ``batchSize`` images, waiting at most its
 ``maxBatchDelay``), one at a time on every core (``handler.cpu_threads`` or OMP_NUM_THREADS pin
-fewer). Routes are KServe's: ``POST /v2/models/cifar100/infer``, ``GET /v2/models/cifar100/ready``,
+fewer), or on the first GPU the process sees (handler/engine.py serving_device). Routes are KServe's: ``POST /v2/models/cifar100/infer``, ``GET /v2/models/cifar100/ready``,
 ``POST /v1/models/cifar100:predict``, ``POST /v1/models/cifar100:explain`` (the answer plus a Grad-CAM
 heatmap, as TorchServe's /explanations), ``/v2/health/live|ready``, Prometheus ``/metrics``; and the
 protocol's gRPC service (ModelInfer: each image's bytes as a BYTES element, the v2 outputs back).
@@ -238,27 +238,28 @@ class CIFAR100Predictor(Model):
         self.max_images = int(handler_cfg.get("max_images_per_request", DEFAULT_MAX_IMAGES_PER_REQUEST))
         self.flip_tta = engines.flip_tta(config)
         state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-        network = engines.serving_model(state_dict)
+        self.device = engines.serving_device()
+        network = engines.serving_model(state_dict).to(self.device)
         self._state_dict, self._explanation_model = state_dict, None  # Grad-CAM's network: built on first use
         self.heatmap_max_side = int(handler_cfg.get("heatmap_max_side", HEATMAP_MAX_SIDE))
         # Not "self.engine": KServe's Model.engine is a flag (an engine to start; stop_engine at unload).
         self.network_engine, self.calibration = engines.start(
             self.engine_setting or handler_cfg.get("engine", engines.AUTO), network,
             hashlib.sha256(weights.read_bytes()).hexdigest(), engines.images_per_forward(config),
-            torch.device("cpu"), folder, load_calibration(str(folder), self.flip_tta), self.flip_tta)
+            self.device, folder, load_calibration(str(folder), self.flip_tta), self.flip_tta)
         self.batcher = Batcher(self._forward, int(config.get("batchSize") or 1),
                                float(config.get("maxBatchDelay") or 0) / 1000, self.max_waiting)
-        logger.info("CIFAR-100 model %s, %d threads, top-%d, engine %s %s, flip TTA %s, batches of up to %d "
-                    "images within %s ms", self.model_version, torch.get_num_threads(), self.topk, self.network_engine.name,
-                    self.network_engine.info, "on" if self.flip_tta else "off", self.batcher.max_images,
-                    config.get("maxBatchDelay"))
+        logger.info("CIFAR-100 model %s on %s, %d threads, top-%d, engine %s %s, flip TTA %s, batches of up to %d "
+                    "images within %s ms", self.model_version, self.device, torch.get_num_threads(), self.topk,
+                    self.network_engine.name, self.network_engine.info, "on" if self.flip_tta else "off",
+                    self.batcher.max_images, config.get("maxBatchDelay"))
         self.ready = True
         return self.ready
 
     def _forward(self, images: torch.Tensor) -> list[dict]:
         """One batch's answers, on the batcher's thread (the event loop only encodes them), counted as the
         TorchServe handler counts its own."""
-        logits, run, rechecked = self.network_engine.answer(images, self.flip_tta)
+        logits, run, rechecked = self.network_engine.answer(images.to(self.device, non_blocking=True), self.flip_tta)
         IMAGES.labels(self.network_engine.name).inc(run)
         RECHECKED.labels(self.network_engine.name).inc(rechecked)
         BATCHES.labels(self.network_engine.name).inc()
@@ -348,8 +349,9 @@ class CIFAR100Predictor(Model):
         from handler.explain import explanation_model, heatmaps  # captum: imported on the first explanation
 
         if self._explanation_model is None:
-            self._explanation_model = explanation_model(network_from_state_dict(self._state_dict))
-        return heatmaps(self._explanation_model, images, targets, sizes, self.heatmap_max_side)
+            self._explanation_model = explanation_model(network_from_state_dict(self._state_dict)).to(self.device)
+        return heatmaps(self._explanation_model, images.to(self.device), targets.to(self.device), sizes,
+                        self.heatmap_max_side)
 
 
 def _located(request, n: int, step, image):

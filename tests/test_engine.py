@@ -57,6 +57,18 @@ def test_auto_prefers_bf16_where_native_and_rechecked_int8_elsewhere(monkeypatch
     assert "run on the CPU" in engines.refusal("openvino-int8", torch.device("cuda"), both)
 
 
+def test_kserves_predictor_runs_on_the_gpu_it_sees_and_auto_skips_openvino_there(monkeypatch):
+    # MOCK: no GPU on this machine (torch.cuda.is_available patched): the device choice and the engines it
+    # leads to; the forward pass on a GPU is not run here.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engines.serving_device() == CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = engines.serving_device()
+    assert gpu == torch.device("cuda", 0)
+    both = record(**{"compile-bf16": PASSED, "openvino-bf16": PASSED, "openvino-int8": INT8_PASSED})
+    assert engines.candidates("auto", gpu, both) == ["compile-bf16", "compile-fp32", engines.EAGER]
+
+
 def test_an_engine_that_failed_the_test_split_or_was_never_measured_is_not_served(monkeypatch, caplog):
     monkeypatch.setattr(engines, "native_bf16", lambda device: True)
     with caplog.at_level(logging.WARNING, logger=engines.__name__):

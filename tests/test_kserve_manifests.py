@@ -19,6 +19,7 @@ MANIFESTS = {"cpu": REPO / "deploy" / "kserve" / "inferenceservice.yaml",
              "canary": REPO / "deploy" / "kserve" / "inferenceservice-canary.yaml"}
 PREDICTOR_MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice-predictor.yaml"
 PREDICTOR_GRPC_MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice-predictor-grpc.yaml"
+PREDICTOR_GPU_MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice-predictor-gpu.yaml"
 
 
 def load(kind: str) -> dict:
@@ -92,7 +93,8 @@ def test_canary_sends_a_share_to_the_new_bundle_and_keeps_the_rest_on_the_old():
 
 
 @pytest.mark.parametrize("path, port", [*((path, "8082") for path in MANIFESTS.values()),  # the bundle's metrics_address
-                                        (PREDICTOR_MANIFEST, "8080"), (PREDICTOR_GRPC_MANIFEST, "8080")],  # its REST port
+                                        (PREDICTOR_MANIFEST, "8080"), (PREDICTOR_GRPC_MANIFEST, "8080"),
+                                        (PREDICTOR_GPU_MANIFEST, "8080")],  # its REST port
                          ids=lambda v: getattr(v, "name", v))
 def test_every_inferenceservice_is_scraped_where_its_server_has_its_metrics(path, port):
     annotations = build(yaml.safe_load(path.read_text())).metadata.annotations
@@ -220,3 +222,27 @@ def test_the_grpc_manifest_is_the_same_predictor_routed_on_its_h2c_port():
     assert (port.name, port.container_port) == ("h2c", 8081)
     assert f"--grpc_port={port.container_port}" in grpc.args
     assert grpc.readiness_probe.tcp_socket.port == port.container_port and grpc.readiness_probe.http_get is None
+
+
+def test_the_gpu_predictor_manifest_is_the_same_server_with_a_gpu_and_the_cuda_image():
+    """The same model server, arguments, bundle and probe as the CPU predictor's manifest, one GPU asked and
+    limited, CPU threads as its CPU limit, and an image of its own (the Dockerfile's TORCH_INDEX build-arg)."""
+    manifest = yaml.safe_load(PREDICTOR_GPU_MANIFEST.read_text())
+    assert errors_of(manifest) == []
+    gpu_isvc, cpu_isvc = build(manifest), build(yaml.safe_load(PREDICTOR_MANIFEST.read_text()))
+    [gpu], [cpu] = gpu_isvc.spec.predictor.containers, cpu_isvc.spec.predictor.containers
+    assert gpu_isvc.spec.predictor.model is None
+    for field in ("args", "ports"):
+        assert getattr(gpu, field) == getattr(cpu, field), field
+    assert gpu.readiness_probe.http_get == cpu.readiness_probe.http_get
+    env, cpu_env = {e.name: e.value for e in gpu.env}, {e.name: e.value for e in cpu.env}
+    assert env["STORAGE_URI"] == cpu_env["STORAGE_URI"]
+    assert int(env["OMP_NUM_THREADS"]) == int(float(gpu.resources.limits["cpu"]))
+    assert gpu.resources.requests["nvidia.com/gpu"] == gpu.resources.limits["nvidia.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in cpu.resources.limits
+    assert gpu.image != cpu.image  # torch's CUDA build: a different image
+    text = PREDICTOR_DOCKERFILE.read_text()
+    default = re.search(r"^ARG TORCH_INDEX=(\S+)$", text, re.M)
+    assert default and default.group(1).endswith("/whl/cpu")  # the CPU image stays the default build
+    assert '--extra-index-url "$TORCH_INDEX"' in text
+    assert "--build-arg TORCH_INDEX=" in PREDICTOR_GPU_MANIFEST.read_text()

@@ -3,12 +3,19 @@
 # storage initializer puts the bundle (`make kserve-bundle`) at /mnt/models (STORAGE_URI in
 # deploy/kserve/inferenceservice-predictor.yaml). Build from the repository root:
 #   docker build -f deploy/kserve/predictor.Dockerfile -t REGISTRY/cifar100-predictor:TAG .
+# (with a GPU: --build-arg TORCH_INDEX below).
 # Versions: requirements.txt's pins (-c), kserve's with --no-deps (requirements-kserve.txt).
 FROM python:3.11-slim
 WORKDIR /app
+# A C/C++ compiler for torch.compile's engines (inductor's C++ on a CPU, Triton's launcher on a GPU): without
+# one they fail to build and the start falls back to the next engine (auto on a CPU serves OpenVINO first).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc g++ && rm -rf /var/lib/apt/lists/*
 COPY requirements.txt requirements-kserve.txt ./
 COPY adapter/requirements.txt adapter/requirements.txt
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -c requirements.txt \
+# torch's CPU build by default; for a GPU image (inferenceservice-predictor-gpu.yaml)
+# --build-arg TORCH_INDEX=https://pypi.org/simple: PyPI's Linux torch wheels are the CUDA builds.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" -c requirements.txt \
         torch torchvision numpy pillow PyYAML openvino openvino-telemetry psutil httpx captum \
     && pip install --no-cache-dir --no-deps -r requirements-kserve.txt
 COPY model/ model/
