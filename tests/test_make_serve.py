@@ -3,8 +3,8 @@ runs them, on free ports (ADAPTER_PORT and TorchServe's TS_*_PORT variables).
 
 They serve a copy of the shipped weights whose calibration.json was fitted on other weights (the
 sha256 mismatch path): `make serve` warns and names `python -m training.calibrate`, and the
-answers are the plain softmax, never "unsure". They use the repository's logs/, key_file.json and
-model_store/ as `make serve` does, so the default service must not be running meanwhile.
+answers are the plain softmax, never "unsure". They run in a copy of the checkout (tests/checkout.py):
+its logs/, key_file.json and model_store/ are the copy's, so a service started in this one keeps running.
 A busy port is refused at once, naming the port and the variable that moves it.
 """
 from __future__ import annotations
@@ -13,8 +13,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -23,6 +21,7 @@ import pytest
 from serving.archive import DEFAULT_WEIGHTS
 from serving.process import free_ports, port_in_use
 from serving.settings import CALIBRATION_FILE, TORCHSERVE_PORT_ENV
+from checkout import Commands, copy_of_checkout
 from serving_helpers import ReferenceModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,27 +30,14 @@ MAKE_TIMEOUT_S = 600  # archive + TorchServe READY on a busy 2-core machine
 pytestmark = pytest.mark.integration  # Java, TorchServe, the adapter
 
 
-def status(module: str, env: dict[str, str]) -> int:
-    return subprocess.run([sys.executable, "-m", module, "status"], cwd=REPO, env=env, capture_output=True,
-                          timeout=60).returncode
-
-
-def make(target: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", target, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=MAKE_TIMEOUT_S)
-
-
 @pytest.fixture(scope="module")
-def env():
+def user(tmp_path_factory) -> Commands:
+    """A user's shell in a copy of the checkout, with free ports for the adapter and TorchServe."""
     ports = free_ports(1 + len(TORCHSERVE_PORT_ENV))
     env = {**os.environ, "ADAPTER_PORT": str(ports[0]),
            **{variable: str(port) for variable, port in zip(TORCHSERVE_PORT_ENV.values(), ports[1:])}}
     env.pop("PYTHONPATH", None)  # as a user's shell
-    for module in ("adapter.run", "serving.torchserve"):
-        if status(module, env) == 0:
-            pytest.fail(f"`python -m {module} status`: the repository's own service is running; "
-                        "`make stop` it before running these tests (they use its logs/ and key_file.json)")
-    return env
+    return Commands(copy_of_checkout(tmp_path_factory.mktemp("checkout")), env, MAKE_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -67,20 +53,20 @@ def miscalibrated_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(env, miscalibrated_weights):
+def served(user, miscalibrated_weights):
     """`make serve WEIGHTS=...` (run once), then `make stop` whatever happens."""
     try:
-        yield make("serve", env, f"WEIGHTS={miscalibrated_weights}")
+        yield user.make("serve", f"WEIGHTS={miscalibrated_weights}")
     finally:
-        make("stop", env)
+        user.make("stop")
 
 
-def test_make_serve_answers_classify_uncalibrated_and_says_so(served, env, miscalibrated_weights):
+def test_make_serve_answers_classify_uncalibrated_and_says_so(served, user, miscalibrated_weights):
     assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-3000:]
     assert "was fitted on other weights: serving uncalibrated probabilities" in served.stderr
     assert f"python -m training.calibrate {miscalibrated_weights}" in served.stderr
-    assert f"http://127.0.0.1:{env['ADAPTER_PORT']}/" in served.stdout
-    r = httpx.post(f"http://127.0.0.1:{env['ADAPTER_PORT']}/classify/",
+    assert f"http://127.0.0.1:{user.env['ADAPTER_PORT']}/" in served.stdout
+    r = httpx.post(f"http://127.0.0.1:{user.env['ADAPTER_PORT']}/classify/",
                    files={"image": ("test-00042.png", EXAMPLE.read_bytes(), "image/png")}, timeout=60)
     assert r.status_code == 200, r.text
     answer = r.json()
@@ -90,38 +76,39 @@ def test_make_serve_answers_classify_uncalibrated_and_says_so(served, env, misca
     assert answer["probability"] == pytest.approx(float(plain.max()), abs=2e-4)
     assert abs(float(calibrated.max()) - float(plain.max())) > 0.01  # the check above tells them apart
     assert answer["unsure"] is False  # no threshold without a calibration
+    # The copy's own service: its logs and archive, none of this checkout's.
+    assert (user.root / "logs" / "adapter.log").is_file() and (user.root / "model_store" / "cifar100.mar").is_file()
 
 
-def test_make_serve_again_is_idempotent_and_status_says_running(served, env):
+def test_make_serve_again_is_idempotent_and_status_says_running(served, user):
     assert served.returncode == 0
-    again = make("serve", env, f"WEIGHTS={DEFAULT_WEIGHTS}")
+    again = user.make("serve", f"WEIGHTS={DEFAULT_WEIGHTS}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "TorchServe was already running" in again.stdout and "Adapter already running" in again.stdout
     # Other weights than those served: the archive was rebuilt, the running server keeps the old one.
     assert "keeps serving the model it loaded" in again.stderr and "make rollout" in again.stderr
-    assert status("adapter.run", env) == 0 and status("serving.torchserve", env) == 0
+    assert user.status("adapter.run") == 0 and user.status("serving.torchserve") == 0
 
 
-def test_make_stop_stops_both_and_says_so(served, env):
+def test_make_stop_stops_both_and_says_so(served, user):
     assert served.returncode == 0
-    stopped = make("stop", env)
+    stopped = user.make("stop")
     assert stopped.returncode == 0, stopped.stderr
     assert "Adapter stopped" in stopped.stdout and "TorchServe stopped." in stopped.stdout
-    assert status("adapter.run", env) == 3 and status("serving.torchserve", env) == 3
-    assert not port_in_use(int(env["ADAPTER_PORT"])) and not port_in_use(int(env["TS_INFERENCE_PORT"]))
-    again = make("stop", env)
+    assert user.status("adapter.run") == 3 and user.status("serving.torchserve") == 3
+    assert not port_in_use(int(user.env["ADAPTER_PORT"])) and not port_in_use(int(user.env["TS_INFERENCE_PORT"]))
+    again = user.make("stop")
     assert again.returncode == 0 and "Adapter not running." in again.stdout
     assert "TorchServe was not running." in again.stdout
 
 
 @pytest.mark.parametrize("module, variable", [("serving.torchserve", "TS_MANAGEMENT_PORT"),
                                               ("adapter.run", "ADAPTER_PORT")])
-def test_a_busy_port_is_named_with_its_cause(env, module, variable):
+def test_a_busy_port_is_named_with_its_cause(user, module, variable):
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", module, "start"], cwd=REPO, env={**env, variable: str(port)},
-                              capture_output=True, text=True, timeout=120)
+        done = user.python(module, "start", timeout=120, **{variable: str(port)})
     assert done.returncode == 1
     assert f"{port}" in done.stderr and "already in use" in done.stderr and variable in done.stderr, done.stderr

@@ -1,14 +1,13 @@
 """`make serve-kserve` and `make stop`: the README's TorchServe-free service (the KServe bundle under
 KServe's own model server, the adapter in OIP mode in front, the page), run from the repository root as a
-user runs it, on free ports (ADAPTER_PORT, PREDICTOR_HTTP_PORT, PREDICTOR_GRPC_PORT). It uses the
-repository's dist/kserve and logs/ as the make target does, so the default service must not be running.
+user runs it, on free ports (ADAPTER_PORT, PREDICTOR_HTTP_PORT, PREDICTOR_GRPC_PORT), in a copy of the
+checkout (tests/checkout.py): its dist/kserve and logs/ are the copy's, so a service started in this one keeps
+running.
 """
 from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,7 @@ import pytest
 from serving.archive import DEFAULT_WEIGHTS
 from serving.process import free_ports, port_in_use
 from serving.settings import PREDICTOR_PORT_ENV, TORCHSERVE_PORT_ENV
+from checkout import Commands, copy_of_checkout
 from serving_helpers import ReferenceModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,41 +25,28 @@ MAKE_TIMEOUT_S = 600
 pytestmark = pytest.mark.integration  # KServe's model server, the adapter
 
 
-def status(args: list[str], env: dict[str, str]) -> int:
-    return subprocess.run([sys.executable, "-m", *args, "status"], cwd=REPO, env=env, capture_output=True,
-                          timeout=60).returncode
-
-
-def make(target: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", target], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=MAKE_TIMEOUT_S)
-
-
 @pytest.fixture(scope="module")
-def env():
+def user(tmp_path_factory) -> Commands:
+    """A user's shell in a copy of the checkout, with free ports for the adapter and KServe's server."""
     ports = free_ports(3 + len(TORCHSERVE_PORT_ENV))
     env = {**os.environ, "ADAPTER_PORT": str(ports[0]), PREDICTOR_PORT_ENV["http"]: str(ports[1]),
            PREDICTOR_PORT_ENV["grpc"]: str(ports[2]),
            **{variable: str(port) for variable, port in zip(TORCHSERVE_PORT_ENV.values(), ports[3:])}}
     env.pop("PYTHONPATH", None)  # as a user's shell
-    for args in (["adapter.run"], ["serving.kserve", "predictor"]):
-        if status(args, env) == 0:
-            pytest.fail(f"`python -m {' '.join(args)} status`: the repository's own service is running; "
-                        "`make stop` it before running these tests (they use its logs/)")
-    return env
+    return Commands(copy_of_checkout(tmp_path_factory.mktemp("checkout")), env, MAKE_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
-def served(env):
+def served(user):
     try:
-        yield make("serve-kserve", env)
+        yield user.make("serve-kserve")
     finally:
-        make("stop", env)
+        user.make("stop")
 
 
-def test_make_serve_kserve_answers_through_kserves_server_without_torchserve(served, env):
+def test_make_serve_kserve_answers_through_kserves_server_without_torchserve(served, user):
     assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-3000:]
-    adapter = f"http://127.0.0.1:{env['ADAPTER_PORT']}"
+    adapter = f"http://127.0.0.1:{user.env['ADAPTER_PORT']}"
     assert f"{adapter}/" in served.stdout
     health = httpx.get(f"{adapter}/health", timeout=30)
     assert health.status_code == 200 and health.json()["backend"] == "oip", health.text
@@ -67,29 +54,29 @@ def test_make_serve_kserve_answers_through_kserves_server_without_torchserve(ser
                    timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["index"] == int(ReferenceModel(DEFAULT_WEIGHTS).probs_of_bytes(EXAMPLE.read_bytes()).argmax())
-    assert status(["serving.kserve", "predictor"], env) == 0
-    assert status(["serving.torchserve"], env) == 3  # no TorchServe, no Java
+    assert user.status("serving.kserve", "predictor") == 0
+    assert user.status("serving.torchserve") == 3  # no TorchServe, no Java
     # gRPC is served too, on its own port.
-    assert port_in_use(int(env[PREDICTOR_PORT_ENV["grpc"]]))
+    assert port_in_use(int(user.env[PREDICTOR_PORT_ENV["grpc"]]))
+    assert (user.root / "logs" / "predictor.log").is_file() and (user.root / "dist" / "kserve").is_dir()  # the copy's
 
 
-def test_make_stop_stops_kserves_server_and_the_adapter(served, env):
+def test_make_stop_stops_kserves_server_and_the_adapter(served, user):
     assert served.returncode == 0
-    stopped = make("stop", env)
+    stopped = user.make("stop")
     assert stopped.returncode == 0, stopped.stderr
     assert "Adapter stopped" in stopped.stdout and "KServe's model server stopped" in stopped.stdout
-    assert status(["adapter.run"], env) == 3 and status(["serving.kserve", "predictor"], env) == 3
+    assert user.status("adapter.run") == 3 and user.status("serving.kserve", "predictor") == 3
     for variable in ("ADAPTER_PORT", *PREDICTOR_PORT_ENV.values()):
-        assert not port_in_use(int(env[variable])), variable
+        assert not port_in_use(int(user.env[variable])), variable
 
 
-def test_a_busy_predictor_port_is_named_with_its_variable(env):
+def test_a_busy_predictor_port_is_named_with_its_variable(user):
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "serving.kserve", "predictor", "start"], cwd=REPO,
-                              env={**env, PREDICTOR_PORT_ENV["grpc"]: str(port)}, capture_output=True, text=True,
-                              timeout=120)
+        done = user.python("serving.kserve", "predictor", "start", timeout=120,
+                           **{PREDICTOR_PORT_ENV["grpc"]: str(port)})
     assert done.returncode == 1
     assert str(port) in done.stderr and "already in use" in done.stderr and "PREDICTOR_GRPC_PORT" in done.stderr
