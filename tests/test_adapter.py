@@ -681,7 +681,6 @@ def test_no_pooled_connection_free_within_the_deadline_is_503_busy(tmp_path):
     the first is answered, the second gets the connection at 0.7 s and is too slow (504), the third
     is still waiting for a connection at 1 s: 503 "busy" (try again), as the module's table says,
     counted as busy."""
-    from adapter.errors import ClassifyError
     from adapter.metrics import Metrics
 
     async def predict(request, n):

@@ -206,3 +206,40 @@ def test_settings_tell_the_page_the_configured_upload_limit(tmp_path):
     with running_adapter(env, tmp_path / "a.log") as a:
         settings = httpx.get(f"{a.base_url}/settings", timeout=30).json()
     assert (settings["max_upload_bytes"], settings["top_k"]) == (20000, 5)
+
+
+def test_the_edge_gives_the_model_server_the_id_it_returns_and_keeps_it_on_a_last_resort_500():
+    """In-process, around a bare ASGI app: the id the app sees (sent on to the model server) is the one the
+    client gets back; an app that raises gets the edge's own 500 in JSON, with the id too."""
+    import asyncio
+
+    from adapter.edge import Edge
+    from adapter.request_context import CURRENT
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(CURRENT.get()["request_id"])
+        if scope["path"] == "/boom":
+            raise RuntimeError("boom")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def call(path: str) -> list[dict]:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": path, "headers": [(b"x-request-id", b"abc-1")]}
+        await Edge(app, 40, None)(scope, receive, send)
+        return sent
+
+    ok = asyncio.run(call("/health"))
+    assert (b"x-request-id", b"abc-1") in ok[0]["headers"] and seen == ["abc-1"]
+    failed = asyncio.run(call("/boom"))
+    assert failed[0]["status"] == 500 and (b"x-request-id", b"abc-1") in failed[0]["headers"]
+    assert "Internal error" in json.loads(failed[1]["body"])["error"] and seen == ["abc-1", "abc-1"]

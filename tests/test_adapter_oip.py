@@ -68,8 +68,10 @@ async def call_server(reply, settings_kwargs=None, method="predict", metrics=Non
 
 
 def json_reply(status: int, body) -> callable:
+    """An answer of ``status`` with ``body`` as JSON (a str: sent as it is, "" an empty body)."""
     async def reply(request):
-        return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+        return web.Response(status=status, text=body if isinstance(body, str) else json.dumps(body),
+                            content_type="application/json")
     return reply
 
 
@@ -90,6 +92,7 @@ def test_a_v2_answer_becomes_the_handlers_answer_and_the_request_is_v2():
 @pytest.mark.parametrize("status, body, expected_status, words", [
     (400, {"error": "inputs[0] ('image') data[0]: not an image"}, 400, "not an image"),
     (413, {"error": "image is 9000x9000 pixels"}, 413, "9000x9000"),
+    (413, "", 413, "larger than the model server accepts"),  # TorchServe's own size refusal: no body
     (415, {"error": "image/x-foo is not a supported image type"}, 415, "not a supported image type"),
     (429, {"error": "too many requests"}, 429, "too many requests"),
     (404, {"error": "Model with name cifar100 does not exist."}, 503, "not loaded"),
@@ -182,7 +185,7 @@ def wrapper_500(inner: str, code: str) -> dict:
      400, "The model server could not read the request: Field required (inputs.0.datatype)"),
     (503, {"error": f"upstream connect error to {INTERNAL_URL}: connection refused"},
      503, "The model server is unavailable: upstream connect error to (internal address) connection refused"),
-    (400, {"error": f"could not fetch https://10.0.0.7:8443/v2/models/cifar100/infer?x=1 for this image"},
+    (400, {"error": "could not fetch https://10.0.0.7:8443/v2/models/cifar100/infer?x=1 for this image"},
      400, "could not fetch (internal address) for this image"),
     (500, {"error": "KeyError : 'outputs'"}, 502, "The model server failed (500); the adapter's log has the details."),
     (500, {"error": f"HTTPStatusError : Server error '500 Internal Server Error' for url '{INTERNAL_URL}'"},

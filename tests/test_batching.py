@@ -150,3 +150,29 @@ def test_requests_beyond_the_waiting_bound_are_refused_at_once_and_the_waiting_o
     # The first runs, 3 wait, the other 4 are refused at once.
     assert refused == [4, 5, 6, 7] and all(results[i].max_waiting == 3 for i in refused), results
     assert [results[i].item() for i in range(4)] == [0, 1, 2, 3]
+
+
+def test_the_delay_counts_from_the_first_request_and_a_full_batch_goes_at_once():
+    """maxBatchDelay bounds the first request's wait (later arrivals do not extend it), and a batch that is
+    full runs without waiting out the delay. (Margins of tenths of a second: behaviour, not speed.)"""
+    trickled = RecordingForward()
+    batcher = Batcher(trickled, max_images=64, max_delay_s=0.3)
+
+    async def trickle():  # six requests 0.1 s apart: a delay restarted by each would hold them all
+        async def later(i):
+            await asyncio.sleep(0.1 * i)
+            return await batcher(images(i))
+        return await asyncio.gather(*(later(i) for i in range(6)))
+
+    asyncio.run(trickle())
+    assert len(trickled.sizes) >= 2 and trickled.sizes[0] <= 4, trickled.sizes
+
+    full = RecordingForward()
+    batcher = Batcher(full, max_images=2, max_delay_s=5.0)
+
+    async def pair():
+        started = time.perf_counter()
+        await asyncio.gather(batcher(images(1)), batcher(images(2)))
+        return time.perf_counter() - started
+
+    assert asyncio.run(pair()) < 2.5 and full.sizes == [2]

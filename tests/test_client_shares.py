@@ -41,6 +41,24 @@ PART_HEAD = b'--xx\r\nContent-Disposition: form-data; name="image"; filename="a.
 
 # --- the accounting itself (no server) -----------------------------------------------------------
 
+def test_the_pace_rule_gives_the_grace_then_one_second_per_min_rate_bytes_within_the_limit():
+    from serving.pace import paced_deadline
+
+    assert paced_deadline(100.0, 0, 30, 2, 16384) == 102.0  # nothing yet: the grace
+    assert paced_deadline(100.0, 16384, 30, 2, 16384) == 103.0  # each MIN_UPLOAD_RATE bytes buy a second
+    assert paced_deadline(100.0, 10**9, 30, 2, 16384) == 130.0  # never past the whole limit
+
+
+def test_everyones_request_cap_admits_exactly_that_many():
+    in_flight = InFlight(max_requests=2, max_bytes=10**6)
+    in_flight.share_per_client(max_requests=2, max_bytes=10**6)
+    first, second = in_flight.try_admit("a", 1), in_flight.try_admit("b", 1)
+    assert not isinstance(first, str) and not isinstance(second, str)
+    assert in_flight.try_admit("c", 1) == "busy"
+    first.release()
+    assert not isinstance(in_flight.try_admit("c", 1), str)
+
+
 def test_a_crawling_upload_holds_what_it_sent_and_a_healthy_one_its_promise():
     in_flight = InFlight(max_requests=64, max_bytes=100)
     in_flight.share_per_client(max_requests=8, max_bytes=40)
@@ -125,6 +143,9 @@ def test_explanations_have_their_own_shares_and_wait_their_turn_in_order():
     ({"MAX_UPLOAD_BYTES": "100000", "MAX_BYTES_IN_FLIGHT": "100000"}, "no full-size upload could ever"),
     ({"MIN_UPLOAD_RATE": "0"}, "must be positive"),  # (a rate of 0 would divide by zero)
     ({"MAX_REQUESTS_IN_FLIGHT": "0"}, "must be positive"),
+    ({"SHRINK_UPLOADS": "maybe"}, "is not 1/0"),  # a flag that is neither on nor off is not read as off
+    # The adapter's deadline must be below TorchServe's responseTimeout, not equal to it.
+    ({"TS_PREDICT_TIMEOUT_S": "30", "TS_RESPONSE_TIMEOUT_S": "30"}, "must be below TorchServe's responseTimeout"),
 ])
 def test_settings_that_cannot_work_are_refused(monkeypatch, env, words):
     for name, value in env.items():

@@ -413,8 +413,8 @@ def test_the_start_probe_serves_an_engine_above_97_percent_agreement_and_refuses
 
 def test_the_record_fails_an_engine_beyond_either_limit_of_the_guard():
     """training/engines.py's pass/fail (MAX_TOP1_DROP, MIN_AGREEMENT): on 1,000 images where fp32 is right on
-    800, an engine 0.1 point under fp32 with 99.1% agreement passes; 0.3 point under (agreement 99.7%), or at
-    fp32's top-1 but agreeing on only 98.9%, fails."""
+    800, an engine 0.1 point under fp32 with 99.1% agreement passes, and so does one exactly at either limit;
+    0.3 point under (agreement 99.7%), or at fp32's top-1 but agreeing on only 98.9%, fails."""
     from training.engines import measure
 
     n, classes = 1000, 100
@@ -438,6 +438,10 @@ def test_the_record_fails_an_engine_beyond_either_limit_of_the_guard():
     assert (lower["top1"], lower["agreement"], lower["passed"]) == (0.797, 0.997, False)
     disagreeing = engine(right_to_wrong=0, wrong_to_other_wrong=11)
     assert (disagreeing["top1"], disagreeing["agreement"], disagreeing["passed"]) == (0.8, 0.989, False)
+    # Exactly at either limit passes (float rounding must not push it over).
+    at_drop, at_agreement = engine(right_to_wrong=2, wrong_to_other_wrong=0), engine(0, 10)
+    assert (at_drop["top1"], at_drop["agreement"], at_drop["passed"]) == (0.798, 0.998, True)
+    assert (at_agreement["top1"], at_agreement["agreement"], at_agreement["passed"]) == (0.8, 0.99, True)
 
 
 def test_the_shipped_record_lets_the_handler_serve_openvino_int8_on_a_cpu_without_native_bf16(monkeypatch):

@@ -104,6 +104,7 @@ PNG = b"\x89PNG\r\n\x1a\n..."
 @pytest.mark.parametrize("body, status, words", [
     ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, 400, "BYTES"),
     ({"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": [b64(PNG)]}]}, 400, "shape"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [b64(PNG), b64(PNG)]}]}, 400, "shape"),
     ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]}]}, 400, "base64"),
     ({"inputs": []}, 400, "non-empty"),
     ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [b64(PNG)]}],

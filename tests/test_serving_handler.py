@@ -374,6 +374,22 @@ def test_the_archive_is_rebuilt_when_weights_handler_or_config_change_and_kept_o
     assert archive.inputs_digest(weights, version) != digest
     monkeypatch.undo()
 
+    # A packaged support file (a calibration fitted on these weights beside them, a handler/ module) is an input too.
+    beside = tmp_path / "fitted" / weights.name
+    beside.parent.mkdir()
+    shutil.copyfile(weights, beside)
+    bare = archive.inputs_digest(beside, version)
+    calibration = json.loads((archive.DEFAULT_WEIGHTS.parent / "calibration.json").read_text())
+    (beside.parent / "calibration.json").write_text(json.dumps({**calibration, "weights_sha256": archive.sha256_of(beside)}))
+    assert archive.inputs_digest(beside, version) != bare
+    module = tmp_path / "answers.py"
+    module.write_text((archive.REPO / "handler" / "answers.py").read_text() + "\n# changed\n")
+    packaged = archive.package_files
+    monkeypatch.setattr(archive, "package_files", lambda w: [(module if src.name == "answers.py" else src, dest)
+                                                             for src, dest in packaged(w)])
+    assert archive.inputs_digest(weights, version) != digest
+    monkeypatch.undo()
+
     store = tmp_path / "store"
     mar = build_archive(weights, store, quiet=True)
     built = mar.stat().st_mtime_ns
@@ -382,3 +398,15 @@ def test_the_archive_is_rebuilt_when_weights_handler_or_config_change_and_kept_o
     build_archive(weights, store, quiet=True, model_config=config)
     assert mar.stat().st_mtime_ns != built  # another config: rebuilt
     assert (store / "cifar100.mar.inputs").read_text().strip() == archive.inputs_digest(weights, version, config)
+
+
+def test_the_archive_version_names_the_width_and_the_weights_first_eight_hex_digits():
+    import re
+
+    from serving.archive import sha256_of
+
+    weights = weights_under_test()
+    version = weights_version(weights)
+    assert re.fullmatch(r"w\d+-[0-9a-f]{8}", version), version
+    width = torch.load(weights, map_location="cpu", weights_only=True)["stage1.0.conv1.weight"].shape[0] // 16  # 16k
+    assert version == f"w{width}-{sha256_of(weights)[:8]}"

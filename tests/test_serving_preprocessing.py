@@ -162,3 +162,4 @@ def test_only_small_requests_of_few_pixels_are_decoded_where_they_are_read():
     assert not decodes_inline(4000, [cifar] * 65)
     assert not decodes_inline(len(flat), [open_upload(flat)])
     assert not decodes_inline(INLINE_DECODE_MAX_BYTES + 1) and not decodes_inline(None)  # too long, or unknown
+    assert decodes_inline(INLINE_DECODE_MAX_BYTES)  # the limit itself is inline
