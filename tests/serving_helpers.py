@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import struct
@@ -17,6 +18,16 @@ from handler.protocols import OUTPUTS
 from handler.preprocessing import decode_image, image_to_tensor, normalize
 from model.tta import flip_tta_logits
 from training.engines import in_process_engine
+
+
+def torchserve_log(log_dir: Path, name: str) -> str:
+    """All of one of TorchServe's logs (name: "model_log", "access_log", ...), the files serving/log4j2.xml
+    rolled over (each midnight, or at 100 MB) first: an offset or a count taken before midnight still holds
+    after it."""
+    rolled = sorted(log_dir.glob(f"{name}.*.log.gz"), key=lambda f: f.stat().st_mtime)
+    current = log_dir / f"{name}.log"
+    parts = [gzip.decompress(f.read_bytes()) for f in rolled] + ([current.read_bytes()] if current.exists() else [])
+    return b"".join(parts).decode(errors="replace")
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

@@ -27,7 +27,7 @@ import pytest
 from adapter.config import Settings
 from adapter.run import running_adapter
 from benchmarks.soak import padded_jpeg
-from serving_helpers import cifar_pil, encode
+from serving_helpers import cifar_pil, encode, torchserve_log
 
 REPO = Path(__file__).resolve().parents[1]
 BODY_TIMEOUT_S = 2.0
@@ -267,8 +267,7 @@ def test_worker_killed_with_a_batch_in_flight_loses_no_answer(retry_adapter, tor
     pending: dict[int, float] = {}  # request id -> when it was sent
     events = {}
     killed_at = []
-    model_log = torchserve_ready.log_dir / "model_log.log"
-    log_before = model_log.stat().st_size
+    log_before = len(torchserve_log(torchserve_ready.log_dir, "model_log"))
 
     async def client(session, c, n):
         for i in range(n):
@@ -314,7 +313,7 @@ def test_worker_killed_with_a_batch_in_flight_loses_no_answer(retry_adapter, tor
     assert "retrying a prediction once" in log, log[-3000:]
     # The new worker loaded its compiled engine from the cache (handler/engine.py), READY well under
     # the compile the first start paid (minutes on 2 cores; a start from the cache takes seconds).
-    started = [line for line in model_log.read_bytes()[log_before:].decode(errors="replace").splitlines()
+    started = [line for line in torchserve_log(torchserve_ready.log_dir, "model_log")[log_before:].splitlines()
                if "CIFAR-100 model" in line and "engine" in line]
     assert started, "no worker start logged after the kill"
     if "eager-fp32" not in started[-1]:

@@ -21,7 +21,7 @@ from model.classes import display_name
 from serving.archive import weights_version
 from serving_helpers import (animated_gif, assert_same_answer, cifar_pil, decompression_bomb_png,
                              encode, exif_rotated_jpeg, oversized_png, png_declaring_size, png_with_bad_crc,
-                             sixteen_bit_png)
+                             sixteen_bit_png, torchserve_log)
 from torchserve_fixture import weights_under_test
 
 N_MATCH = 200
@@ -289,16 +289,15 @@ def test_logs_keep_one_access_line_per_request_and_no_per_request_debug_noise(to
     # serving/log4j2.xml: TorchServe's own file wrote ~7 lines per request to ts_log.log, each twice,
     # and again to the console; ours keeps the access log and INFO, and sends warnings to the console.
     ts = torchserve_ready
-    access_log, ts_log = ts.log_dir / "access_log.log", ts.log_dir / "ts_log.log"
     launcher_log = ts.log_dir / "torchserve_launcher.log"
-    before = access_log.read_text().count("POST /predictions/") if access_log.exists() else 0
+    before = torchserve_log(ts.log_dir, "access_log").count("POST /predictions/")
     images = [encode(cifar_pil(cifar100_test_split[0], i)) for i in range(6)]
     assert all(r.status_code == 200 for r in post_many(client, ts, images, concurrency=3))
     deadline = time.monotonic() + 10
-    while access_log.read_text().count("POST /predictions/") < before + len(images):
+    while torchserve_log(ts.log_dir, "access_log").count("POST /predictions/") < before + len(images):
         assert time.monotonic() < deadline, "the access log lacks lines for the requests just answered"
         time.sleep(0.2)
-    server_log = ts_log.read_text()
+    server_log = torchserve_log(ts.log_dir, "ts_log")
     assert "[INFO ]" in server_log and "Backend response time" in server_log
     assert "[DEBUG]" not in server_log
     assert "Sending response for jobId" not in server_log

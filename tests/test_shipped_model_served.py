@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG
-from serving_helpers import ReferenceModel, cifar_pil, encode, engine_record
+from serving_helpers import ReferenceModel, cifar_pil, encode, engine_record, torchserve_log
 from torchserve_fixture import weights_under_test
 
 N_IMAGES = 1_000
@@ -61,7 +61,7 @@ def test_1000_served_answers_agree_with_in_process_top1(torchserve_ready, cifar1
     # pass borrows an idle neighbour's share (handler.lone_image_threads): the worker says so when it starts.
     config = yaml.safe_load(MODEL_CONFIG.read_text())
     lent = engines.lone_image_threads(config)
-    started = [line for line in (ts.log_dir / "model_log.log").read_text(errors="replace").splitlines()
+    started = [line for line in torchserve_log(ts.log_dir, "model_log").splitlines()
                if "CIFAR-100 model" in line]
     assert started, "no worker start in model_log.log"
     if picked.startswith("openvino") and lent > engines.worker_threads(config):
