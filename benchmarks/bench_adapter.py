@@ -38,8 +38,8 @@ import httpx
 
 from adapter.run import running_adapter
 from benchmarks.bench_serve import (
-    add_load_arguments, cifar_png_payloads, machine, print_table, served_engine_name, start_benchmark_torchserve,
-    torchserve_target, ts_properties)
+    add_load_arguments, cifar_png_payloads, machine, print_table, served_engine_name, torchserve_from_arguments,
+    torchserve_target)
 from benchmarks.bench_kserve import v2_bodies
 from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies
 from serving.kserve import KServePredictor, build_bundle
@@ -133,9 +133,7 @@ def compare_before_after(args) -> int:
     payloads = cifar_png_payloads()
     with tempfile.TemporaryDirectory(prefix="bench-adapter-before-after-") as tmp:
         tmp = Path(tmp)
-        ts = start_benchmark_torchserve(tmp / "torchserve", args.weights, args.batch_size, args.max_batch_delay,
-                                        args.cpu_threads, ts_properties(args.ts_property), args.workers,
-                                        lone_image_threads=args.lone_image_threads)
+        ts = torchserve_from_arguments(tmp / "torchserve", args)
         try:
             env = ts.adapter_env()
             with adapter_at_ref(args.before, env, tmp) as (old_base, old_pid), \
@@ -192,10 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     concurrencies = args.concurrency
     with tempfile.TemporaryDirectory(prefix="bench-adapter-") as tmp:
         tmp = Path(tmp)
-        ts = start_benchmark_torchserve(tmp / "torchserve", args.weights, args.batch_size, args.max_batch_delay,
-                                        args.cpu_threads, ts_properties(args.ts_property), args.workers, args.engine,
-                                        None if args.flip_tta is None else args.flip_tta == "on",
-                                        lone_image_threads=args.lone_image_threads)
+        ts = torchserve_from_arguments(tmp / "torchserve", args)
         try:
             engine = served_engine_name(ts, payloads[0])
             # The adapter as `make serve-adapter` runs it, access log included.

@@ -25,7 +25,7 @@ import psutil
 
 from adapter.run import running_adapter
 from benchmarks.bench_decode import photo_like
-from benchmarks.bench_serve import add_load_arguments, machine, start_benchmark_torchserve, ts_properties
+from benchmarks.bench_serve import add_load_arguments, machine, torchserve_from_arguments
 from benchmarks.load import HttpTarget, multipart_image_bodies, run_wrk
 from serving import cli
 
@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-photos-") as tmp:
         tmp = Path(tmp)
-        ts = start_benchmark_torchserve(tmp / "torchserve", args.weights, args.batch_size, args.max_batch_delay,
-                                        args.cpu_threads, ts_properties(args.ts_property), args.workers,
-                                        lone_image_threads=args.lone_image_threads)
+        ts = torchserve_from_arguments(tmp / "torchserve", args)
         try:
             env = ts.adapter_env()
             with running_adapter(env, tmp / "shrinking.log") as shrinking, \

@@ -105,6 +105,16 @@ def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batc
     return ts
 
 
+def torchserve_from_arguments(root: Path, args: argparse.Namespace) -> TorchServeInstance:
+    """start_benchmark_torchserve with every TorchServe setting of add_load_arguments (and bench_adapter's
+    --flip-tta): one place, so that no benchmark quietly ignores one of them."""
+    flip_tta = getattr(args, "flip_tta", None)
+    return start_benchmark_torchserve(root, args.weights, args.batch_size, args.max_batch_delay, args.cpu_threads,
+                                      ts_properties(args.ts_property), args.workers, args.engine,
+                                      None if flip_tta is None else flip_tta == "on",
+                                      lone_image_threads=args.lone_image_threads)
+
+
 def torchserve_target(ts: TorchServeInstance, payloads: list[bytes]) -> HttpTarget:
     """Raw PNG bodies to the predictions API, with the current inference key."""
     return HttpTarget(ts.predictions_url, payloads, expect='"prediction"',
@@ -200,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{machine()}; torch threads {torch.get_num_threads()}; weights {args.weights}; {args.duration:.0f} s per point")
     rows: dict[str, dict[int, LoadResult]] = {"in-process": {}, "torchserve": {}}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        ts = start_benchmark_torchserve(Path(tmp), args.weights, args.batch_size, args.max_batch_delay,
-                                        args.cpu_threads, ts_properties(args.ts_property), args.workers, args.engine,
-                                        lone_image_threads=args.lone_image_threads)
+        ts = torchserve_from_arguments(Path(tmp), args)
         try:
             engine = served_engine_name(ts, payloads[0])
             # In-process runs the engine the workers serve, built from the same cache (the same code).

@@ -1,0 +1,35 @@
+"""The serving benchmarks' shared options reach the TorchServe they start (benchmarks/bench_serve.py
+torchserve_from_arguments): an option a benchmark accepts and then ignores would measure the wrong thing."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from benchmarks import bench_serve
+
+
+def test_every_torchserve_option_reaches_the_benchmark_torchserve(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(bench_serve, "start_benchmark_torchserve", lambda *a, **k: calls.append((a, k)) or "ts")
+    parser = argparse.ArgumentParser()
+    bench_serve.add_load_arguments(parser)
+    parser.add_argument("--flip-tta", choices=["on", "off"])  # bench_adapter's
+    args = parser.parse_args(["--weights", "w.pth", "--batch-size", "3", "--max-batch-delay", "7", "--cpu-threads", "1",
+                              "--workers", "2", "--engine", "eager-fp32", "--lone-image-threads", "2",
+                              "--ts-property", "job_queue_size=9", "--flip-tta", "off"])
+    assert bench_serve.torchserve_from_arguments(tmp_path, args) == "ts"
+    (a, k), = calls
+    assert a == (tmp_path, Path("w.pth"), 3, 7, 1, {"job_queue_size": "9"}, 2, "eager-fp32", False)
+    assert k == {"lone_image_threads": 2}
+
+    # Without the options: the repository's settings (None: model-config.yaml's), flip TTA included.
+    calls.clear()
+    bench_serve.torchserve_from_arguments(tmp_path, bench_serve_args([]))
+    (a, k), = calls
+    assert a[2:] == (None, None, None, {}, None, None, None) and k == {"lone_image_threads": None}
+
+
+def bench_serve_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_serve.add_load_arguments(parser)
+    return parser.parse_args(argv)
