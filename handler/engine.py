@@ -9,13 +9,13 @@ Engines (model-config.yaml ``handler.engine``; ``auto`` picks the first allowed 
                 CIFAR-100 *training* images shipped in the archive, then inductor: an explicit choice only
                 (slower than openvino-fp32 with the CPU capped to AVX2 or AVX-512 VNNI, benchmarks/RESULTS.md)
   openvino-bf16 OpenVINO's CPU runtime, bf16 inference precision: only where bf16 is native; the fastest
-                here by far (benchmarks/RESULTS.md), so auto's first choice on such CPUs
+                with AMX's tiles (benchmarks/RESULTS.md), so auto's first choice there
   openvino-fp32 OpenVINO's CPU runtime, float32 (same answers up to float rounding)
   openvino-int8 OpenVINO's CPU runtime on an int8 network made once by NNCF and fine-tuned toward fp32's
                 logits (``python -m training.quantize``: engine_int8.xml beside the weights, shipped in the
                 archive); an image whose int8 answer is a close call (its two largest logits within
                 RECHECK_LOGIT_GAP) is answered by openvino-fp32 instead: int8 alone changes ~2% of the
-                answers, nearly all of them close calls
+                answers, nearly all of them close calls; auto's first choice on CPUs without AMX
 
 A compiled engine is an AOTInductor package (``torch.export`` with a dynamic batch dimension
 1..batchSize, one compile covers every batch a worker receives; larger batches, a v1/v2 request
@@ -73,11 +73,15 @@ RECHECK_LOGIT_GAP = 0.10
 IMAGES_METRIC, RECHECKED_METRIC = "EngineImages", "EngineRecheckedImages"
 AUTO = "auto"
 # auto's preference, fastest first (benchmarks/RESULTS.md); eager fp32 is always the last resort.
-# no-bf16: measured with oneDNN and ATen capped to AVX2 and to AVX-512 VNNI (bench_engines --emulate-isa):
-# openvino-int8 (rechecks included) leads there; PT2E int8 ran slower than the lossless engines and fails
-# the guard. With native bf16, openvino-bf16 beats openvino-int8 (1.5x).
-AUTO_ORDER = {"native-bf16": ("openvino-bf16", "compile-bf16", "compile-fp32"),
-              "no-bf16": (OPENVINO_INT8, "openvino-fp32", "compile-fp32")}
+# amx-bf16 (bf16 matrix tiles: Xeon Sapphire Rapids on): openvino-bf16 beat openvino-int8 1.5x.
+# avx512-bf16 (bf16 in AVX-512 without AMX: an AMD EPYC Zen 4): openvino-int8 beat openvino-bf16 1.25-1.5x in-process
+# and 1.4x through TorchServe (AVX-512 VNNI), as accurate. no-bf16: measured on an AVX2-only EPYC and with
+# oneDNN capped to AVX-512 VNNI: openvino-int8 (rechecks included) leads. PT2E int8 ran slower than the
+# lossless engines everywhere and fails the guard. A GPU: inductor (OpenVINO here is CPU-only).
+AUTO_ORDER = {"amx-bf16": ("openvino-bf16", "compile-bf16", "compile-fp32"),
+              "avx512-bf16": (OPENVINO_INT8, "openvino-bf16", "compile-bf16", "compile-fp32"),
+              "no-bf16": (OPENVINO_INT8, "openvino-fp32", "compile-fp32"),
+              "gpu": ("compile-bf16", "compile-fp32")}
 # Engines whose answers equal eager fp32 up to float rounding: servable without a record.
 LOSSLESS = {EAGER, "compile-fp32", "openvino-fp32"}
 
@@ -92,6 +96,8 @@ PROBE_IMAGES = 256  # of the shipped probe: a few seconds at most on a busy core
 ONEDNN_ISA_ENV = "ONEDNN_MAX_CPU_ISA"
 # oneDNN's instruction-set caps below AVX512_CORE_BF16: bf16 would be emulated, not native.
 ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+# ... and below AVX512_CORE_AMX: bf16 in AVX-512 only, without the matrix tiles.
+ONEDNN_ISAS_WITHOUT_AMX = ONEDNN_ISAS_WITHOUT_BF16 | {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512"}
 RECORD_FILE, INPUTS_FILE, INT8_FILE, CACHE_ENV = (ENGINE_RECORD_FILE, ENGINE_INPUTS_FILE, ENGINE_INT8_FILE,
                                                    ENGINE_CACHE_ENV)
 DEFAULT_CACHE = Path.home() / ".cache" / "cifar100-engines"
@@ -177,7 +183,13 @@ def images_per_forward(model_config: dict) -> int:
 
 
 def machine_kind(device: torch.device) -> str:
-    return "native-bf16" if native_bf16(device) else "no-bf16"
+    """Which of AUTO_ORDER's lists this machine takes: a GPU, bf16 with AMX's tiles, bf16 in AVX-512 only, none."""
+    if device.type == "cuda":
+        return "gpu"
+    if not native_bf16(device):
+        return "no-bf16"
+    capped = os.environ.get(ONEDNN_ISA_ENV, "").upper() in ONEDNN_ISAS_WITHOUT_AMX
+    return "amx-bf16" if "amx_bf16" in cpu_flags() and not capped else "avx512-bf16"
 
 
 def machine_description(device: torch.device) -> dict:

@@ -33,10 +33,22 @@ FAILED = {"top1": 0.70, "agreement": 0.93, "passed": False}
 INT8_PASSED = {**PASSED, "recheck_logit_gap": engines.RECHECK_LOGIT_GAP}
 
 
-def test_auto_prefers_bf16_where_native_and_rechecked_int8_elsewhere(monkeypatch):
+def test_auto_prefers_bf16_with_amx_and_rechecked_int8_elsewhere(monkeypatch):
     both = record(**{"compile-bf16": PASSED, "int8": PASSED, "openvino-bf16": PASSED, "openvino-int8": INT8_PASSED})
+    monkeypatch.delenv(engines.ONEDNN_ISA_ENV, raising=False)
     monkeypatch.setattr(engines, "native_bf16", lambda device: True)
+    monkeypatch.setattr(engines, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    assert engines.machine_kind(CPU) == "amx-bf16"
     assert engines.candidates("auto", CPU, both) == ["openvino-bf16", "compile-bf16", "compile-fp32", engines.EAGER]
+    # bf16 in AVX-512 without AMX's tiles (AMD Zen 4; or oneDNN capped below AMX): int8 with VNNI was faster.
+    without_amx = ["openvino-int8", "openvino-bf16", "compile-bf16", "compile-fp32", engines.EAGER]
+    monkeypatch.setenv(engines.ONEDNN_ISA_ENV, "avx512_core_bf16")
+    assert engines.machine_kind(CPU) == "avx512-bf16" and engines.candidates("auto", CPU, both) == without_amx
+    monkeypatch.delenv(engines.ONEDNN_ISA_ENV)
+    monkeypatch.setattr(engines, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "avx512_vnni"})
+    assert engines.machine_kind(CPU) == "avx512-bf16" and engines.candidates("auto", CPU, both) == without_amx
+    unmeasured_int8 = record(**{"openvino-bf16": PASSED, "compile-bf16": PASSED})
+    assert engines.candidates("auto", CPU, unmeasured_int8) == without_amx[1:]
     monkeypatch.setattr(engines, "native_bf16", lambda device: False)
     assert engines.candidates("auto", CPU, both) == ["openvino-int8", "openvino-fp32", "compile-fp32", engines.EAGER]
     # int8 is lossy: without a passing record measured with the handler's recheck rule, the lossless ones
