@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from serving.process import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
 # Shared with this checkout, not copied: the environment (large; make's install stamps inside it) and the
 # engine cache (a warm start, as in this checkout: packages are locked while in use, handler/engine.py).
@@ -58,3 +60,12 @@ class Commands:
     def make(self, target: str, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["make", "--no-print-directory", target, *args], cwd=self.root, env=self.env,
                               capture_output=True, text=True, timeout=self.make_timeout_s)
+
+
+def user_in_a_copy(into: Path, port_variables: list[str], make_timeout_s: float) -> Commands:
+    """A user's shell (no PYTHONPATH) in a copy of this checkout made in ``into``, a free port in each of
+    ``port_variables``."""
+    env = {**os.environ, **{variable: str(port) for variable, port in
+                            zip(port_variables, free_ports(len(port_variables)))}}
+    env.pop("PYTHONPATH", None)
+    return Commands(copy_of_checkout(into), env, make_timeout_s)

@@ -10,7 +10,6 @@ A busy port is refused at once, naming the port and the variable that moves it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 from pathlib import Path
@@ -19,9 +18,9 @@ import httpx
 import pytest
 
 from serving.archive import DEFAULT_WEIGHTS
-from serving.process import free_ports, port_in_use
+from serving.process import port_in_use
 from serving.settings import CALIBRATION_FILE, TORCHSERVE_PORT_ENV
-from checkout import Commands, copy_of_checkout
+from checkout import Commands, user_in_a_copy
 from serving_helpers import ReferenceModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,11 +32,8 @@ pytestmark = pytest.mark.integration  # Java, TorchServe, the adapter
 @pytest.fixture(scope="module")
 def user(tmp_path_factory) -> Commands:
     """A user's shell in a copy of the checkout, with free ports for the adapter and TorchServe."""
-    ports = free_ports(1 + len(TORCHSERVE_PORT_ENV))
-    env = {**os.environ, "ADAPTER_PORT": str(ports[0]),
-           **{variable: str(port) for variable, port in zip(TORCHSERVE_PORT_ENV.values(), ports[1:])}}
-    env.pop("PYTHONPATH", None)  # as a user's shell
-    return Commands(copy_of_checkout(tmp_path_factory.mktemp("checkout")), env, MAKE_TIMEOUT_S)
+    return user_in_a_copy(tmp_path_factory.mktemp("checkout"), ["ADAPTER_PORT", *TORCHSERVE_PORT_ENV.values()],
+                          MAKE_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

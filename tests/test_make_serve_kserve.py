@@ -6,7 +6,6 @@ running.
 """
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -14,9 +13,9 @@ import httpx
 import pytest
 
 from serving.archive import DEFAULT_WEIGHTS
-from serving.process import free_ports, port_in_use
+from serving.process import port_in_use
 from serving.settings import PREDICTOR_PORT_ENV, TORCHSERVE_PORT_ENV
-from checkout import Commands, copy_of_checkout
+from checkout import Commands, user_in_a_copy
 from serving_helpers import ReferenceModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,12 +27,8 @@ pytestmark = pytest.mark.integration  # KServe's model server, the adapter
 @pytest.fixture(scope="module")
 def user(tmp_path_factory) -> Commands:
     """A user's shell in a copy of the checkout, with free ports for the adapter and KServe's server."""
-    ports = free_ports(3 + len(TORCHSERVE_PORT_ENV))
-    env = {**os.environ, "ADAPTER_PORT": str(ports[0]), PREDICTOR_PORT_ENV["http"]: str(ports[1]),
-           PREDICTOR_PORT_ENV["grpc"]: str(ports[2]),
-           **{variable: str(port) for variable, port in zip(TORCHSERVE_PORT_ENV.values(), ports[3:])}}
-    env.pop("PYTHONPATH", None)  # as a user's shell
-    return Commands(copy_of_checkout(tmp_path_factory.mktemp("checkout")), env, MAKE_TIMEOUT_S)
+    return user_in_a_copy(tmp_path_factory.mktemp("checkout"), ["ADAPTER_PORT", *PREDICTOR_PORT_ENV.values(),
+                                                                *TORCHSERVE_PORT_ENV.values()], MAKE_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
