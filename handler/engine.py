@@ -127,11 +127,17 @@ def serving_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def onednn_isa_cap() -> str:
+    """The instruction set oneDNN (PyTorch's and OpenVINO's) is told to stay within (ONEDNN_MAX_CPU_ISA), upper case;
+    "" when it may use all the CPU has."""
+    return os.environ.get(ONEDNN_ISA_ENV, "").upper()
+
+
 def native_bf16(device: torch.device) -> bool:
     """bf16 runs in hardware here: a GPU, or a CPU with AVX512-BF16 / AMX-BF16 that oneDNN uses."""
     if device.type == "cuda":
         return True
-    if os.environ.get(ONEDNN_ISA_ENV, "").upper() in ONEDNN_ISAS_WITHOUT_BF16:
+    if onednn_isa_cap() in ONEDNN_ISAS_WITHOUT_BF16:
         return False
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
@@ -188,8 +194,7 @@ def machine_kind(device: torch.device) -> str:
         return "gpu"
     if not native_bf16(device):
         return "no-bf16"
-    capped = os.environ.get(ONEDNN_ISA_ENV, "").upper() in ONEDNN_ISAS_WITHOUT_AMX
-    return "amx-bf16" if "amx_bf16" in cpu_flags() and not capped else "avx512-bf16"
+    return "amx-bf16" if "amx_bf16" in cpu_flags() and onednn_isa_cap() not in ONEDNN_ISAS_WITHOUT_AMX else "avx512-bf16"
 
 
 def machine_description(device: torch.device) -> dict:
