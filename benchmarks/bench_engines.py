@@ -1,6 +1,6 @@
 """In-process images/s of every engine (handler/engine.py) this machine allows, side by side.
 
-    python -m benchmarks.bench_engines [--widths 3 10] [--seconds 2] [--rounds 2] [--emulate-isa avx2]
+    python -m benchmarks.bench_engines [--widths 3 10] [--seconds 2] [--rounds 2] [--emulate-isa avx2] [--device cuda]
 
 Batch 6 on 2 threads (one worker's batch with the cores to itself), batch 6 on 1 thread (each of
 the two shipped workers' batches under load, one core each: the served layout) and batch 1 on 1
@@ -15,6 +15,9 @@ openvino-int8's speed depends on how many close calls it rechecks, printed besid
 ATen capped to that instruction set: the kernels an AVX2-only CPU (no VNNI, no bf16) or an AVX-512
 one without bf16 would run, on this machine's cores and caches. A proxy, said so in its output: the
 cores, caches and clocks of such a CPU still differ.
+
+``--device cuda`` measures the engines a GPU worker can run (eager fp32, compile-fp32, compile-bf16) at
+batch 6 and batch 1 (threads do not apply), each call's logits copied back to the CPU as a server's are.
 """
 from __future__ import annotations
 
@@ -33,16 +36,18 @@ from model.network import CIFAR100Model
 from model.normalization import normalize
 from serving.torchserve import DEFAULT_ENGINE_CACHE
 from serving import cli
+from training.runtime import DEVICE_HELP, device_argument, pick_device
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
 POINTS = ((6, 2), (6, 1), (1, 1))  # (batch, threads)
+GPU_POINTS = ((6, None), (1, None))  # a GPU worker's batches: threads do not apply
 MAX_BATCH = 6
 # --emulate-isa: (oneDNN's ONEDNN_MAX_CPU_ISA, ATen's ATEN_CPU_CAPABILITY, which inductor follows too)
 EMULATED_ISA = {"avx2": ("AVX2", "avx2"), "avx512-vnni": ("AVX512_CORE_VNNI", "avx512")}
 
 
-def network(width: int) -> tuple[torch.nn.Module, str]:
+def network(width: int, device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, str]:
     """(serving model, weights digest): the shipped weights for width 3, seeded random ones else."""
     if width == 3:
         data = WEIGHTS.read_bytes()
@@ -53,16 +58,17 @@ def network(width: int) -> tuple[torch.nn.Module, str]:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = buffer.getvalue()
-    return serving_model(state), hashlib.sha256(data).hexdigest()
+    return serving_model(state).to(device), hashlib.sha256(data).hexdigest()
 
 
 def rate(engine: engines.Engine, batches: list[torch.Tensor], seconds: float) -> float:
     """images/s over ``batches`` in turn (real images: openvino-int8's rechecks depend on them)."""
+    # .cpu(): what a server pays for each answer (on a GPU it waits for the forward pass; on a CPU a no-op).
     for x in batches[:3]:
-        engine(x)
+        engine(x).cpu()
     n, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        engine(batches[n % len(batches)])
+        engine(batches[n % len(batches)]).cpu()
         n += 1
     return n * len(batches[0]) / (time.perf_counter() - started)
 
@@ -86,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--emulate-isa", choices=sorted(EMULATED_ISA),
                         help="cap oneDNN and ATen to this instruction set (a proxy for such a CPU)")
+    parser.add_argument("--device", default="cpu", type=device_argument, help=DEVICE_HELP)
     args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    if args.emulate_isa and device.type != "cpu":
+        parser.error("--emulate-isa caps a CPU's instruction set: it needs --device cpu")
     if args.emulate_isa:
         onednn, aten = EMULATED_ISA[args.emulate_isa]
         if os.environ.get(engines.ONEDNN_ISA_ENV) != onednn:
@@ -94,36 +104,38 @@ def main(argv: list[str] | None = None) -> int:
             os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench_engines", *(argv or sys.argv[1:])],
                       {**os.environ, engines.ONEDNN_ISA_ENV: onednn, "ATEN_CPU_CAPABILITY": aten})
         print(f"PROXY: oneDNN capped to {onednn}, ATen to {aten}, on the CPU below (not such a CPU itself)")
-    cpu = torch.device("cpu")
     inputs = engines.load_inputs(REPO / "model" / "weights")
     calibration = normalize(inputs["calibration"])
-    images = normalize(test_images())
-    print(f"CPU: {engines.machine_description(cpu)}; torch {torch.__version__}")
+    images = normalize(test_images(), device)
+    points = POINTS if device.type == "cpu" else GPU_POINTS
+    print(f"{'CPU' if device.type == 'cpu' else 'GPU'}: {engines.machine_description(device)}; torch {torch.__version__}")
     for width in args.widths:
-        model, digest = network(width)
+        model, digest = network(width, device)
         built_for = {}  # threads -> {engine: Engine}: inductor writes the thread count into its kernels
-        for threads in sorted({threads for _, threads in POINTS}):
-            torch.set_num_threads(threads)
+        for threads in sorted({threads for _, threads in points}, key=lambda t: t or 0):
+            if threads:
+                torch.set_num_threads(threads)
             built_for[threads] = {}
             for name in args.engines:
-                if engines.machine_refusal(name, cpu):
+                if engines.machine_refusal(name, device):
                     continue
                 started = time.perf_counter()
                 try:
-                    engine = engines.build_engine(name, model, digest, MAX_BATCH, cpu, calibration, DEFAULT_ENGINE_CACHE,
-                                                  shipped_dir=WEIGHTS.parent)
+                    engine = engines.build_engine(name, model, digest, MAX_BATCH, device, calibration,
+                                                  DEFAULT_ENGINE_CACHE, shipped_dir=WEIGHTS.parent)
                 except engines.EngineError as err:  # openvino-int8 for random weights: no int8 network made for them
                     print(f"width {width} {name}: not built: {err}")
                     continue
                 built_for[threads][name] = engine
                 if name == engines.EAGER:
                     continue  # nothing compiled
-                print(f"width {width} {name} for {threads} thread(s): "
+                print(f"width {width} {name}{f' for {threads} thread(s)' if threads else ''}: "
                       f"{'loaded from the cache' if engine.info.get('cached') else 'compiled'} in "
                       f"{time.perf_counter() - started:.1f} s (cold compile: {engine.info.get('compile_seconds', 0)} s)",
                       flush=True)
-        for batch, threads in POINTS:
-            torch.set_num_threads(threads)
+        for batch, threads in points:
+            if threads:
+                torch.set_num_threads(threads)
             built = built_for[threads]
             batches = list(images.split(batch))[:len(images) // batch]
             best = {name: 0.0 for name in built}
@@ -131,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, engine in built.items():
                     best[name] = max(best[name], rate(engine, batches, args.seconds))
             base = best.get(engines.EAGER) or 1.0
-            print(f"width {width}, batch {batch}, {threads} thread(s): " + ", ".join(
+            print(f"width {width}, batch {batch}{f', {threads} thread(s)' if threads else ''}: " + ", ".join(
                 f"{name} {value:,.0f} img/s ({value / base:.2f}x)" for name, value in best.items()), flush=True)
             for name, engine in built.items():
                 if name == engines.OPENVINO_INT8:

@@ -433,10 +433,10 @@ def cache_key(engine: str, weights_sha256: str, max_batch: int, device: torch.de
               calibration_images: torch.Tensor | None) -> str:
     parts = {"engine": engine, "weights": weights_sha256, "torch": torch.__version__, "max_batch": max_batch,
              "machine": machine_description(device), "format": PACKAGE_FORMAT}
-    if engine not in OPENVINO:
+    if engine not in OPENVINO and device.type == "cpu":
         # inductor writes the thread count of the compiling process into its CPU kernels (`omp parallel
         # num_threads(N)`): a 2-thread package in a 1-thread worker oversubscribes the cores. OpenVINO's IR
-        # holds no thread count (set when it is compiled at load): one IR serves every worker.
+        # holds no thread count (set when it is compiled at load): one IR serves every worker; nor do GPU kernels.
         parts["threads"] = torch.get_num_threads()
     if engine == "int8" and calibration_images is not None:
         parts["calibration"] = hashlib.sha256(calibration_images.numpy().tobytes()).hexdigest()

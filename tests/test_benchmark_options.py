@@ -33,3 +33,27 @@ def bench_serve_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     bench_serve.add_load_arguments(parser)
     return parser.parse_args(argv)
+
+
+def test_bench_engines_prints_every_point_of_each_engine_it_ran(capsys):
+    from benchmarks import bench_engines
+
+    assert bench_engines.main(["--widths", "3", "--engines", "eager-fp32", "--seconds", "0.05", "--rounds", "1",
+                               "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for batch, threads in bench_engines.POINTS:
+        assert f"width 3, batch {batch}, {threads} thread(s): eager-fp32 " in out
+
+
+def test_bench_engines_caps_only_a_cpus_instruction_set(monkeypatch, capsys):
+    # MOCK: CUDA's presence is patched (no GPU here): the option check runs before any GPU work.
+    import pytest
+    import torch
+
+    from benchmarks import bench_engines
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit):
+        bench_engines.main(["--device", "cuda", "--emulate-isa", "avx2"])
+    assert "--emulate-isa caps a CPU's instruction set: it needs --device cpu" in capsys.readouterr().err

@@ -465,3 +465,19 @@ def test_the_shipped_record_lets_the_handler_serve_openvino_int8_on_a_cpu_withou
     assert shipped["engines"][engines.OPENVINO_INT8]["recheck_logit_gap"] == engines.RECHECK_LOGIT_GAP
     monkeypatch.setattr(engines, "native_bf16", lambda device: False)
     assert engines.candidates("auto", CPU, shipped)[0] == engines.OPENVINO_INT8
+
+
+def test_gpu_packages_are_shared_by_every_thread_count(monkeypatch):
+    # MOCK: the GPU's name is patched (no GPU here): GPU kernels hold no CPU thread count, so two GPU workers
+    # with different torch thread counts load one package instead of compiling two.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    gpu = torch.device("cuda", 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = engines.cache_key("compile-bf16", "ab" * 32, 6, gpu, None)
+        torch.set_num_threads(2)
+        assert engines.cache_key("compile-bf16", "ab" * 32, 6, gpu, None) == one
+    finally:
+        torch.set_num_threads(threads)
+    assert one != engines.cache_key("compile-bf16", "ab" * 32, 6, CPU, None)

@@ -611,3 +611,49 @@ def test_distillation_refuses_a_bad_teacher_before_any_inference(tmp_path, capsy
     bad.write_bytes(b"not weights")
     assert distillation.main([str(good), str(bad), "--data-dir", str(DATA_DIR), "--out", str(tmp_path / "t.pt")]) == 1
     assert "bad.pth" in capsys.readouterr().err and not (tmp_path / "t.pt").exists()
+
+
+def test_a_machine_holding_only_the_test_split_can_evaluate_but_not_train(tmp_path, capsys):
+    """A benchmark or evaluation machine (a GPU lent for minutes, 64 MiB carried) holds test + meta, not the
+    155 MB training file: the test split loads, the training split's absence is named."""
+    from training.data import load_split
+
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ("meta", "test"):
+        (folder / name).symlink_to(DATA_DIR / "cifar-100-python" / name)
+    images, labels = load_split(tmp_path, train=False)
+    assert images.shape == (10000, 3, 32, 32) and images.dtype == torch.uint8 and len(labels) == 10000
+    rc = train_module.main(["--data-dir", str(tmp_path), "--width", "1", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "Missing: cifar-100-python/train." in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, error", [
+    ("cudx", "'cudx' is not a device: auto, cpu, cuda or cuda:N"),
+    ("mps", "'mps': this project runs on cpu or cuda only"),
+])
+def test_device_option_names_what_it_takes(name, error, capsys):
+    from training import evaluate
+
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(["weights.pth", "--device", name])
+    assert stopped.value.code == 2
+    assert f"argument --device: {error}" in capsys.readouterr().err
+
+
+def test_device_option_refuses_a_gpu_this_machine_lacks(monkeypatch):
+    # MOCK: CUDA's presence and GPU count are patched (no GPU here); the rule is what is tested.
+    import argparse
+
+    from training.runtime import device_argument
+
+    assert device_argument("cpu") == "cpu" and device_argument("auto") == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(argparse.ArgumentTypeError, match="has no CUDA GPU .* use cpu"):
+        device_argument("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_argument("cuda") == "cuda" and device_argument("cuda:1") == "cuda:1"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"has 2 CUDA GPU\(s\): cuda:0..cuda:1"):
+        device_argument("cuda:2")

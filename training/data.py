@@ -19,8 +19,9 @@ from serving import cli
 
 DATA_ENV = "CIFAR100_DATA"
 REPO = Path(__file__).resolve().parents[1]
-# torchvision's file list for CIFAR-100 ("python version"), used to tell "missing" from "corrupted".
-_FILES = ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta")
+# The files each split needs (torchvision's CIFAR-100 "python version"), to tell "missing" from "corrupted".
+_FILES = {True: ("cifar-100-python/train", "cifar-100-python/meta"),
+          False: ("cifar-100-python/test", "cifar-100-python/meta")}
 
 
 class DataError(RuntimeError):
@@ -39,14 +40,26 @@ def default_data_dir() -> str:
 
 
 def load_split(root: str | os.PathLike, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (images uint8 [N, 3, 32, 32], labels int64 [N]) of one split."""
+    """Return (images uint8 [N, 3, 32, 32], labels int64 [N]) of one split.
+
+    Only that split's file and ``meta`` need be there (md5-checked): a machine that only evaluates or
+    benchmarks can hold the 31 MB test split without the 155 MB training one."""
     from torchvision.datasets import CIFAR100
+
+    class OneSplit(CIFAR100):
+        # torchvision checks both splits' files before reading either; the other split's list is emptied.
+        def __init__(self, root: str, train: bool, download: bool):
+            if not download and train:
+                self.test_list = []
+            elif not download:
+                self.train_list = []
+            super().__init__(root=root, train=train, download=download)
 
     root = Path(root)
     try:
-        ds = CIFAR100(root=str(root), train=train, download=download)
+        ds = OneSplit(str(root), train, download)
     except RuntimeError as err:
-        present = [f for f in _FILES if (root / f).exists()]
+        present = [f for f in _FILES[train] if (root / f).exists()]
         if not present:
             # A common slip: pointing at cifar-100-python/ itself rather than the folder above it.
             hint = (f" '{root}' looks like the cifar-100-python folder itself: pass its parent, '{root.parent}'."
@@ -56,7 +69,7 @@ def load_split(root: str | os.PathLike, train: bool, download: bool = False) -> 
                 f"Point --data-dir (or the {DATA_ENV} environment variable) at the folder that holds "
                 f"'cifar-100-python/', or fetch it: `make data` (into ./data) or --download (needs internet).{hint}"
             ) from err
-        missing = [f for f in _FILES if f not in present]
+        missing = [f for f in _FILES[train] if f not in present]
         raise DataError(
             f"CIFAR-100 files under '{root / 'cifar-100-python'}' failed torchvision's integrity check "
             f"({err}). "

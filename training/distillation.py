@@ -72,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     from model import WeightsError
     from training.data import DataError, default_data_dir, load_split
     from training.evaluation import accuracy
-    from training.runtime import atomic_save, pick_amp, pick_device
+    from training.runtime import DEVICE_HELP, atomic_save, device_argument, pick_amp, pick_device
 
     parser = cli.Parser("training.distillation", __doc__.split("\n\n")[0])
     parser.add_argument("teachers", type=Path, nargs="+", help="CIFAR100_model.pth state dicts (any widths)")
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--out", type=Path, required=True, help="the soft-label file to write")
-    parser.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
     parser.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                         help="the teachers' mixed precision, as training.train --amp; off: float32")
     args = parser.parse_args(argv)

@@ -1,6 +1,7 @@
 """Measure every serving engine on the full CIFAR-100 test split and write the record the handler reads.
 
     python -m training.engines [WEIGHTS] [--data-dir DIR] [--engines compile-bf16 int8 ...]
+    python -m training.engines --device cuda --record FILE   # a GPU's figures, in a file of their own
 
 Writes, beside the weights (serving/archive.py packs both into the archive):
   engines.json       per engine: top-1, top-1 agreement with eager fp32, passed (the guard's limits in
@@ -13,7 +14,8 @@ openvino-int8 is measured from the engine_int8.xml beside the weights (``python 
 makes it), as served: with its rechecks (the record keeps their share and the logit gap that makes a close call).
 
 Engines this machine cannot run (bf16 without native bf16) are skipped and keep their earlier
-entry. The compiled packages land in the engine cache TorchServe uses (served_cache()), so a TorchServe started
+entry. On a GPU (``--device cuda``) the record goes where ``--record`` says: the shipped record is the CPUs'
+(a GPU worker checks its engine on the probe images at start, handler/engine.py). The compiled packages land in the engine cache TorchServe uses (served_cache()), so a TorchServe started
 afterwards on this machine loads them instead of compiling.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from handler import engine as engines
 from serving.settings import CALIBRATION_FILE
 from serving import cli
+from training.runtime import DEVICE_HELP, device_argument, pick_device
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
@@ -100,10 +103,12 @@ def training_inputs(data_dir: str, seed: int = 0) -> dict:
             "probe": images[order[CALIBRATION_IMAGES:CALIBRATION_IMAGES + PROBE_IMAGES]].clone()}
 
 
-def engine_logits(engine: engines.Engine, images: torch.Tensor, chunk: int = 500) -> torch.Tensor:
+def engine_logits(engine: engines.Engine, images: torch.Tensor, chunk: int = 500,
+                  device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """``engine``'s float32 logits for uint8 ``images``, normalized on ``device`` (where the engine runs), on the CPU."""
     from model.normalization import normalize
 
-    return torch.cat([engine(normalize(part)).float() for part in images.split(chunk)])
+    return torch.cat([engine(normalize(part, device)).float().cpu() for part in images.split(chunk)])
 
 
 def measure(name: str, logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor,
@@ -149,16 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--engines", nargs="+", default=list(engines.ENGINES[1:]), choices=engines.ENGINES[1:])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", type=device_argument, help=DEVICE_HELP)
+    parser.add_argument("--record", type=Path, help=f"where the record goes (default: {engines.RECORD_FILE} "
+                        "beside the weights; needed with a GPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     folder = args.weights.resolve().parent
-    device = torch.device("cpu")
+    device = pick_device(args.device)
+    if device.type != "cpu" and args.record is None:
+        parser.error(f"--device {args.device}: give --record FILE ({engines.RECORD_FILE} beside the weights is the "
+                     "CPUs' record, which CPU workers read)")
     inputs_path = folder / engines.INPUTS_FILE
     if not inputs_path.is_file():
         torch.save(training_inputs(args.data_dir), inputs_path)
         print(f"wrote {inputs_path}")
     inputs = torch.load(inputs_path, weights_only=True)
-    record_path = folder / engines.RECORD_FILE
+    record_path = args.record or folder / engines.RECORD_FILE
     weights_sha = hashlib.sha256(args.weights.read_bytes()).hexdigest()
     old = json.loads(record_path.read_text()) if record_path.is_file() else {}
     measured_on = {"date": datetime.date.today().isoformat(), "machine": engines.machine_description(device)}
@@ -170,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     shipped = json.loads(calibration_path.read_text()) if calibration_path.is_file() else None
 
     images, labels = load_split(args.data_dir, train=False)
-    model = serving_model(torch.load(args.weights, map_location="cpu", weights_only=True))
-    reference = engine_logits(engines.Engine(engines.EAGER, model), images)
+    model = serving_model(torch.load(args.weights, map_location="cpu", weights_only=True)).to(device)
+    reference = engine_logits(engines.Engine(engines.EAGER, model), images, device=device)
     # fp32's top-1 on the probe: the worker's start-up check compares against it (handler/engine.py).
-    record["probe_fp32_top1"] = engine_logits(engines.Engine(engines.EAGER, model), inputs["probe"]).argmax(1).tolist()
+    record["probe_fp32_top1"] = engine_logits(engines.Engine(engines.EAGER, model), inputs["probe"],
+                                              device=device).argmax(1).tolist()
     record["engines"][engines.EAGER] = measure(engines.EAGER, reference, reference, labels, shipped, measured_on)
     max_batch = engines.images_per_forward(model_config())  # the workers' bound: their packages, cached
     from model.normalization import normalize
@@ -192,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: skipped ({err})")
             continue
         built = time.perf_counter() - started
-        entry = measure(name, engine_logits(engine, images), reference, labels, shipped, measured_on)
+        entry = measure(name, engine_logits(engine, images, device=device), reference, labels, shipped, measured_on)
         entry["compile_seconds"] = engine.info.get("compile_seconds")
         if name == engines.OPENVINO_INT8:  # the share of test images fp32 answered again (close calls)
             entry["recheck_logit_gap"] = engines.RECHECK_LOGIT_GAP

@@ -21,7 +21,7 @@ from model import WeightsError, display_name, load_class_names, load_network
 from training.data import DataError, default_data_dir, load_split, subset
 from training.evaluation import (accuracy, confusion_matrix, most_confused_pairs, per_class_accuracy,
                                  predict_logits, EVAL_BATCH_SIZE)
-from training.runtime import pick_device
+from training.runtime import DEVICE_HELP, device_argument, pick_device
 from serving import cli
 
 
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average with the mirrored image (the served handler does not; --no-tta matches it)")
     p.add_argument("--json", metavar="OUT", help="also write the full report (every class) as JSON here")
     p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
-    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
     p.add_argument("--test-subset", type=int, default=None,
                    help="score a fixed random subset of N test images (quick checks; not for model cards)")
     p.add_argument("--pairs", type=int, default=10, help="how many confused pairs to list")

@@ -5,12 +5,38 @@ Shared by ``training.train``, ``training.export`` and ``training.bench``.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
 from pathlib import Path
 
 import torch
+
+
+DEVICE_HELP = "auto (cuda if present, else cpu), cpu, cuda, cuda:1 ..."
+
+
+def device_argument(name: str) -> str:
+    """``--device``'s argparse type: ``name`` unchanged when this machine has that device, else a usage
+    error that says what it has (not a CUDA traceback at the first tensor)."""
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device: auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return name
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"{name!r}: this project runs on cpu or cuda only")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: this machine has no CUDA GPU that torch {torch.__version__} "
+                                         f"can use: use cpu (or auto)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+                                         f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return name
 
 
 def pick_device(name: str) -> torch.device:

@@ -41,7 +41,7 @@ from model import CIFAR100Model
 from training.data import DataError, batches, default_data_dir, downscale, load_split, normalize, subset
 from training.distillation import SoftLabelError, kd_loss, load_soft_labels
 from training.evaluation import accuracy, predict_logits, topk_correct
-from training.runtime import atomic_save, code_version, hardware, pick_amp, pick_device
+from training.runtime import DEVICE_HELP, atomic_save, code_version, device_argument, hardware, pick_amp, pick_device
 from serving import cli
 
 FULL_RES = 32  # CIFAR's own size: what the network is evaluated and served at
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="flip test-time augmentation in the final evaluation (per-epoch figures are without)")
     e = p.add_argument_group("speed")
-    e.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
+    e.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
     e.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                    help="auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
     e.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
