@@ -3,6 +3,7 @@ torchserve_from_arguments): an option a benchmark accepts and then ignores would
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from benchmarks import bench_serve
@@ -38,11 +39,14 @@ def bench_serve_args(argv: list[str]) -> argparse.Namespace:
 def test_bench_engines_prints_every_point_of_each_engine_it_ran(capsys):
     from benchmarks import bench_engines
 
-    assert bench_engines.main(["--widths", "3", "--engines", "eager-fp32", "--seconds", "0.05", "--rounds", "1",
-                               "--device", "cpu"]) == 0
+    assert bench_engines.main(["--widths", "3", "--engines", "eager-fp32", "openvino-int8", "--seconds", "0.05",
+                               "--rounds", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for batch, threads in bench_engines.POINTS:
         assert f"width 3, batch {batch}, {threads} thread(s): eager-fp32 " in out
+    # openvino-int8 with the price of its rechecks beside it (its network alone).
+    assert len(re.findall(r"openvino-int8: [0-9.]+% of the images rechecked by fp32 \(close calls\); its int8 "
+                          r"network alone, not servable: [0-9,]+ img/s", out)) == len(bench_engines.POINTS), out
 
 
 def test_bench_engines_caps_only_a_cpus_instruction_set(monkeypatch, capsys):
