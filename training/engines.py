@@ -14,9 +14,10 @@ openvino-int8 is measured from the engine_int8.xml beside the weights (``python 
 makes it), as served: with its rechecks (the record keeps their share and the logit gap that makes a close call).
 
 Engines this machine cannot run (bf16 without native bf16) are skipped and keep their earlier
-entry. On a GPU (``--device cuda``) the record goes where ``--record`` says: the shipped record is the CPUs'
-(a GPU worker checks its engine on the probe images at start, handler/engine.py). The compiled packages land in the engine cache TorchServe uses (served_cache()), so a TorchServe started
-afterwards on this machine loads them instead of compiling.
+entry. On a GPU (``--device cuda``) the record goes where ``--record`` says: the shipped record is the
+CPUs' (a GPU worker checks its engine on the probe images at start, handler/engine.py). The compiled
+packages land in the engine cache TorchServe uses (served_cache()), so a TorchServe started afterwards on
+this machine loads them instead of compiling.
 """
 from __future__ import annotations
 
