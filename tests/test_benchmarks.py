@@ -124,3 +124,25 @@ def test_bench_fairness_prints_the_probe_beside_each_kind_of_load():
         assert probe.startswith("p50 ") and "{200: " in probe and "no answer" not in line, line
     # The loads were answered (a capped explanation may also have met a 503 and waited its Retry-After).
     assert all(" answered/s" in line and "theirs p50 " in line for line in lines[1:]), lines
+
+
+def test_bench_served_engines_serves_each_engine_and_compares_its_answers(tmp_path):
+    # Starts KServe's own model server once per engine (no TorchServe, no wrk: aiohttp clients), ~30 s here.
+    out = tmp_path / "served.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_served_engines", "--engines", "eager-fp32",
+                           "openvino-fp32", "--images", "40", "--concurrency", "1", "3", "--duration", "1",
+                           "--warmup", "0.5", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " cores" in done.stdout.splitlines()[0], done.stdout
+    import json
+
+    figures = json.loads(out.read_text())
+    assert set(figures["engines"]) == {"eager-fp32", "openvino-fp32"}, figures
+    for name, entry in figures["engines"].items():
+        assert entry["served"] == name and entry["device"] == "cpu", entry  # read from the server's own log
+        assert entry["answered"] == 40 and entry["agreement_with_fp32_in_process"] == 1.0, entry  # lossless engines
+        for concurrency in (1, 3):
+            assert entry[f"concurrency_{concurrency}"]["images_per_s"] > 0, entry
+            assert entry[f"concurrency_{concurrency}"]["failed"] == 0, entry
+    assert "openvino-fp32 vs eager-fp32: " in done.stdout, done.stdout

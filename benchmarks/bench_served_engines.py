@@ -1,0 +1,167 @@
+"""Each engine served by KServe's own model server (the Open Inference Protocol path: no TorchServe, no
+Java), one after the other on the same bundle: images/s and p50 at each concurrency, and its answers on
+the first test images against eager fp32 in-process on the same device.
+
+    python -m benchmarks.bench_served_engines [--engines eager-fp32 compile-fp32 compile-bf16]
+        [--concurrency 1 16] [--duration 8] [--images 1000] [--out FILE]
+
+Made for a GPU machine lent to a session (benchmarks/gpu_check.sh), where neither Java nor wrk is at
+hand: the clients are aiohttp's, one connection each, posting one-image v2 requests (the adapter's OIP
+body) in turn. It runs on a CPU too. The engine each server actually served is read from its log (a
+refused engine falls back to eager fp32 and says so there), and every figure is printed beside it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_kserve import v2_bodies
+from benchmarks.bench_serve import cifar_png_payloads, machine
+from handler import engine as engines
+from serving import cli
+from serving.kserve import KServePredictor, build_bundle
+from serving.settings import MODEL_NAME
+from training.engines import DEFAULT_WEIGHTS
+
+ENGINES = ("eager-fp32", "compile-fp32", "compile-bf16")  # what a GPU worker can run (handler/engine.py)
+SERVED_LINE = re.compile(r"CIFAR-100 model \S+ on (\S+), .*?engine (\S+) ")
+
+
+async def _post(session, url: str, body: bytes) -> tuple[int, dict | None]:
+    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+        return response.status, (await response.json() if response.status == 200 else None)
+
+
+async def top1_answers(url: str, bodies: list[bytes], concurrency: int = 16) -> list[int | None]:
+    """Each body's top-1 class index (None where it got no answer), ``concurrency`` requests at a time."""
+    import aiohttp
+
+    answers: list[int | None] = [None] * len(bodies)
+    queue = list(range(len(bodies)))
+
+    async def client(session):
+        while queue:
+            i = queue.pop()
+            status, answer = await _post(session, url, bodies[i])
+            if status == 200:
+                index = next(o for o in answer["outputs"] if o["name"] == "index")
+                answers[i] = int(index["data"][0])
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    return answers
+
+
+async def drive(url: str, bodies: list[bytes], concurrency: int, duration_s: float) -> dict:
+    """``concurrency`` clients, each its own connection, posting ``bodies`` in turn for ``duration_s``."""
+    import aiohttp
+
+    until = time.monotonic() + duration_s
+    latencies: list[float] = []
+    failed = 0
+
+    async def client(offset: int):
+        nonlocal failed
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+            i = offset
+            while time.monotonic() < until:
+                started = time.perf_counter()
+                status, _ = await _post(session, url, bodies[i % len(bodies)])
+                i += concurrency
+                if status == 200:
+                    latencies.append((time.perf_counter() - started) * 1000)
+                else:
+                    failed += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(client(c) for c in range(concurrency)))
+    elapsed = time.monotonic() - started
+    return {"images_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(statistics.median(latencies), 2) if latencies else None, "failed": failed}
+
+
+def in_process_top1(payloads: list[bytes], device: torch.device) -> list[int]:
+    """Eager fp32's top-1 for each payload, decoded as the servers decode it, on ``device``."""
+    from handler.preprocessing import decode_image, image_to_tensor, normalize
+
+    model = engines.serving_model(torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)).to(device)
+    images = torch.stack([image_to_tensor(decode_image(p)) for p in payloads])
+    with torch.inference_mode():
+        return [int(i) for part in images.split(250) for i in model(normalize(part, device)).argmax(1).cpu()]
+
+
+def served_engine(log: Path) -> tuple[str, str]:
+    """(device, engine) from the predictor's start line."""
+    found = SERVED_LINE.findall(log.read_text(errors="replace"))
+    return found[-1] if found else ("?", "?")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.Parser("benchmarks.bench_served_engines", __doc__.split("\n\n")[0])
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=engines.ENGINES)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per concurrency")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
+    parser.add_argument("--images", type=int, default=1000, help="test images whose answers are compared")
+    parser.add_argument("--start-timeout", type=float, default=600.0, help="seconds a server may take to start "
+                        "(its first start compiles)")
+    parser.add_argument("--out", type=Path, help="also write the figures here (JSON)")
+    args = parser.parse_args(argv)
+
+    device = engines.serving_device()
+    print(f"machine: {machine()}; torch {torch.__version__}; the servers run the network on {device}", flush=True)
+    payloads = cifar_png_payloads(args.images)
+    bodies = v2_bodies(payloads)
+    reference = in_process_top1(payloads, device)
+    results = {"machine": machine(), "torch": torch.__version__, "images": len(payloads), "engines": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-served-engines-") as tmp:
+        bundle = build_bundle(DEFAULT_WEIGHTS, Path(tmp) / "bundle", quiet=True)
+        for name in args.engines:
+            predictor = KServePredictor(Path(tmp) / name, bundle, extra_args=[f"--engine={name}"])
+            started = time.perf_counter()
+            try:
+                predictor.start(args.start_timeout)
+            except Exception as err:  # noqa: BLE001 - the next engine still gets its turn
+                print(f"{name}: did not start: {err}", flush=True)
+                predictor.stop()
+                continue
+            try:
+                url = f"{predictor.url}/v2/models/{MODEL_NAME}/infer"
+                ran_on, served = served_engine(predictor.log)
+                entry = {"served": served, "device": ran_on, "start_s": round(time.perf_counter() - started, 1)}
+                answers = asyncio.run(top1_answers(url, bodies))
+                entry["answered"] = sum(a is not None for a in answers)
+                entry["agreement_with_fp32_in_process"] = round(
+                    sum(a == r for a, r in zip(answers, reference)) / len(reference), 4)
+                asyncio.run(drive(url, bodies, max(args.concurrency), args.warmup))
+                for concurrency in args.concurrency:
+                    entry[f"concurrency_{concurrency}"] = asyncio.run(drive(url, bodies, concurrency, args.duration))
+            finally:
+                predictor.stop()
+            results["engines"][name] = entry
+            print(f"{name} (served: {served} on {ran_on}, started in {entry['start_s']} s): "
+                  f"{entry['answered']}/{len(payloads)} answered, agreement with eager fp32 in-process "
+                  f"{entry['agreement_with_fp32_in_process']:.2%}; " + "; ".join(
+                      f"concurrency {c}: {entry[f'concurrency_{c}']['images_per_s']:,.1f} img/s, "
+                      f"p50 {entry[f'concurrency_{c}']['p50_ms']} ms" for c in args.concurrency), flush=True)
+    base = results["engines"].get(engines.EAGER)
+    if base:
+        for name, entry in results["engines"].items():
+            ratios = {c: entry[f"concurrency_{c}"]["images_per_s"] / max(base[f"concurrency_{c}"]["images_per_s"], 1e-9)
+                      for c in args.concurrency}
+            print(f"  {name} vs eager-fp32: " + ", ".join(f"{ratio:.2f}x at {c}" for c, ratio in ratios.items()))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
