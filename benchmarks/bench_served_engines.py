@@ -7,14 +7,13 @@ the first test images against eager fp32 in-process on the same device.
 
 Made for a GPU machine lent to a session (benchmarks/gpu_check.sh), where neither Java nor wrk is at
 hand: the clients are aiohttp's, one connection each, posting one-image v2 requests (the adapter's OIP
-body) in turn. It runs on a CPU too. The engine each server actually served is read from its log (a
-refused engine falls back to eager fp32 and says so there), and every figure is printed beside it.
+body) in turn. It runs on a CPU too. The engine each server actually served is the one its answers name
+(a refused engine falls back to eager fp32), and every figure is printed beside it.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import statistics
 import tempfile
 import time
@@ -28,10 +27,9 @@ from handler import engine as engines
 from serving import cli
 from serving.kserve import KServePredictor, build_bundle
 from serving.settings import MODEL_NAME
-from training.engines import DEFAULT_WEIGHTS
+from training.engines import DEFAULT_WEIGHTS, engine_logits
 
 ENGINES = ("eager-fp32", "compile-fp32", "compile-bf16")  # what a GPU worker can run (handler/engine.py)
-SERVED_LINE = re.compile(r"CIFAR-100 model \S+ on (\S+), .*?engine (\S+) ")
 
 
 async def _post(session, url: str, body: bytes) -> tuple[int, dict | None]:
@@ -39,11 +37,13 @@ async def _post(session, url: str, body: bytes) -> tuple[int, dict | None]:
         return response.status, (await response.json() if response.status == 200 else None)
 
 
-async def top1_answers(url: str, bodies: list[bytes], concurrency: int = 16) -> list[int | None]:
-    """Each body's top-1 class index (None where it got no answer), ``concurrency`` requests at a time."""
+async def top1_answers(url: str, bodies: list[bytes], concurrency: int = 16) -> tuple[list[int | None], set[str]]:
+    """(each body's top-1 class index, None where it got no answer; the engines the answers name: the OIP
+    response's parameters), ``concurrency`` requests at a time."""
     import aiohttp
 
     answers: list[int | None] = [None] * len(bodies)
+    named: set[str] = set()
     queue = list(range(len(bodies)))
 
     async def client(session):
@@ -53,10 +53,11 @@ async def top1_answers(url: str, bodies: list[bytes], concurrency: int = 16) -> 
             if status == 200:
                 index = next(o for o in answer["outputs"] if o["name"] == "index")
                 answers[i] = int(index["data"][0])
+                named.add((answer.get("parameters") or {}).get("engine"))
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
-    return answers
+    return answers, named
 
 
 async def drive(url: str, bodies: list[bytes], concurrency: int, duration_s: float) -> dict:
@@ -89,18 +90,11 @@ async def drive(url: str, bodies: list[bytes], concurrency: int, duration_s: flo
 
 def in_process_top1(payloads: list[bytes], device: torch.device) -> list[int]:
     """Eager fp32's top-1 for each payload, decoded as the servers decode it, on ``device``."""
-    from handler.preprocessing import decode_image, image_to_tensor, normalize
+    from handler.preprocessing import decode_image, image_to_tensor
 
     model = engines.serving_model(torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)).to(device)
     images = torch.stack([image_to_tensor(decode_image(p)) for p in payloads])
-    with torch.inference_mode():
-        return [int(i) for part in images.split(250) for i in model(normalize(part, device)).argmax(1).cpu()]
-
-
-def served_engine(log: Path) -> tuple[str, str]:
-    """(device, engine) from the predictor's start line."""
-    found = SERVED_LINE.findall(log.read_text(errors="replace"))
-    return found[-1] if found else ("?", "?")
+    return engine_logits(engines.Engine(engines.EAGER, model), images, device=device).argmax(1).tolist()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 url = f"{predictor.url}/v2/models/{MODEL_NAME}/infer"
-                ran_on, served = served_engine(predictor.log)
-                entry = {"served": served, "device": ran_on, "start_s": round(time.perf_counter() - started, 1)}
-                answers = asyncio.run(top1_answers(url, bodies))
+                entry = {"device": str(device), "start_s": round(time.perf_counter() - started, 1)}
+                answers, named = asyncio.run(top1_answers(url, bodies))
+                entry["served"] = served = ", ".join(sorted(map(str, named)))
                 entry["answered"] = sum(a is not None for a in answers)
                 entry["agreement_with_fp32_in_process"] = round(
                     sum(a == r for a, r in zip(answers, reference)) / len(reference), 4)
@@ -146,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 predictor.stop()
             results["engines"][name] = entry
-            print(f"{name} (served: {served} on {ran_on}, started in {entry['start_s']} s): "
+            print(f"{name} (served: {served} on {device}, started in {entry['start_s']} s): "
                   f"{entry['answered']}/{len(payloads)} answered, agreement with eager fp32 in-process "
                   f"{entry['agreement_with_fp32_in_process']:.2%}; " + "; ".join(
                       f"concurrency {c}: {entry[f'concurrency_{c}']['images_per_s']:,.1f} img/s, "
