@@ -38,7 +38,7 @@ from handler import engine as engines
 from handler.answers import image_answers, served_topk
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
-from handler.preprocessing import INPUT_SIZE, ImageRequestError, decode_image, image_bytes, image_to_tensor, normalize
+from handler.preprocessing import INPUT_SIZE, ImageRequestError, decoded_tensors, image_bytes, normalize, opened_images
 from handler.engine import serving_model
 from handler.protocols import DEFAULT_MAX_IMAGES_PER_REQUEST, ProtocolError, encode_answer, parse_request
 from model import load_class_names, network_from_state_dict
@@ -68,7 +68,7 @@ class CIFAR100Handler(BaseHandler):
         self.topk = served_topk(handler_cfg, len(self.labels))
         self.model_version = str(self.manifest["model"].get("modelVersion", "unknown"))
         self.max_images = int(handler_cfg.get("max_images_per_request", DEFAULT_MAX_IMAGES_PER_REQUEST))
-        self._errors: dict[int, ImageRequestError | ProtocolError] = {}  # per batch: position -> why refused
+        self._errors: dict[int, ImageRequestError] = {}  # per batch: position -> why refused
         self._requests: list = []  # per batch position: (v1/v2 request or None for plain, image count)
         self._sizes: list[tuple[int, int]] = []  # per batch: (width, height) of each good image
         # Flip test-time augmentation: each image and its mirror in one forward pass, logits averaged
@@ -110,21 +110,14 @@ class CIFAR100Handler(BaseHandler):
             request, images = None, []
             try:
                 request = parse_request(row, self.max_images, self.context.get_all_request_header(idx))
-                payloads = request.images if request else [image_bytes(row)]
-                sizes = []
-                for n, payload in enumerate(payloads):
-                    try:
-                        image = decode_image(payload)
-                    except ImageRequestError as err:
-                        if request is None:
-                            raise
-                        raise ImageRequestError(err.status, f"{request.where[n]}: {err.message}") from err
-                    images.append(image_to_tensor(image))
-                    sizes.append(image.size)
+                opened = opened_images(request, request.images if request else [image_bytes(row)])
+                images, sizes = decoded_tensors(request, opened)
                 tensors.extend(images)
                 self._sizes.extend(sizes)
             except (ImageRequestError, ProtocolError) as err:
-                self._errors[idx], images = err, []
+                # A copy without the traceback: the original's frames hold the image's decoded pixels
+                # (hundreds of MB for a large one) until the next batch.
+                self._errors[idx], images = ImageRequestError(err.status, err.message), []
             except Exception as err:  # noqa: BLE001 - never let one request fail the whole batch
                 logger.exception("request %d of the batch failed in preprocessing", idx)
                 self._errors[idx], images = ImageRequestError(400, f"could not read the image: {err}"), []

@@ -20,7 +20,9 @@ Errors are ``{"error": "..."}``: 400 for a malformed body, a bad image or the bi
 over ``max_request_size`` (config.properties, as TorchServe; gRPC's message limit too); 503 when
 ``--max_waiting_requests`` requests already wait for a forward pass (default: TorchServe's
 ``job_queue_size``, 100). Over gRPC the 4xx are INVALID_ARGUMENT, the 503 UNAVAILABLE, with the same message. KServe's own checks answer first where
-they apply (a body that is not an inference request: 422 ``{"detail": [...]}``).
+they apply (JSON that is not an inference request: 422 ``{"detail": [...]}``), except where they would
+answer wrongly: a v2 body that is not JSON, or JSON with NaN or nested past the recursion limit, gets
+our 400 (PlainV2Route).
 """
 from __future__ import annotations
 
@@ -50,11 +52,10 @@ from handler.answers import image_answers, served_topk
 from handler.batching import Batcher, BatcherFull
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
-from handler.preprocessing import ImageRequestError, decodes_inline, image_to_tensor, normalize
-from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, OUTPUTS, V2, ProtocolError, encode_answer,
+from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
+from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, OUTPUTS, V2, ProtocolError, encode_answer, json_body,
                                parse_request, plain_v2_body, refuse_binary_extension)
 from model import load_class_names, network_from_state_dict
-from serving.images import decode_opened, open_upload
 from serving.pace import paced_deadline
 from serving.settings import BODY_TIMEOUT_S, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME
 from serving.throttled_log import ThrottledLog
@@ -179,8 +180,15 @@ class PlainV2Route:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path or not self.model.ready:
             return await self.app(scope, receive, send)
         message = await receive()  # RequestChecks holds the whole body: one message
-        content_type = next((value for name, value in scope["headers"] if name == b"content-type"), b"")
-        payload = None if message.get("more_body") else plain_v2_body(content_type.decode("latin-1"), message["body"])
+        content_type = next((value for name, value in scope["headers"] if name == b"content-type"), b"").decode("latin-1")
+        try:
+            if not is_json_type(content_type):
+                # KServe's route would read it as the binary extension's and say its header is missing.
+                raise ProtocolError(400, f"a v2 request is JSON: send it as Content-Type: application/json "
+                                         f"(not {content_type.split(';')[0].strip()!r})")
+            payload = None if message.get("more_body") else plain_v2_body(content_type, message["body"])
+        except ProtocolError as err:
+            return await _send_json(send, err.status, json.dumps({"error": err.message}).encode())
         if payload is None:
             return await self.app(scope, _replaying(message, receive), send)
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
@@ -190,6 +198,13 @@ class PlainV2Route:
         except RequestRefused as err:
             answer, status = {"error": err.message}, err.status
         await _send_json(send, status, json.dumps(answer, separators=(",", ":")).encode())
+
+
+def is_json_type(content_type: str) -> bool:
+    """Whether FastAPI (KServe's v2 route) reads a body of this Content-Type as JSON: none given,
+    application/json, or application/*+json."""
+    kind = content_type.split(";")[0].strip().lower()
+    return not kind or kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 def archive_folder(model_dir: Path, into: Path) -> Path:
@@ -272,17 +287,17 @@ class CIFAR100Predictor(Model):
             request = parse_request({"body": _as_dict(payload)}, self.max_images)
             if request is None:
                 raise ProtocolError(400, "expected a v1 body {\"instances\": [...]} or a v2 body {\"inputs\": [...]}")
-            return request, [_located(request, n, open_upload, encoded) for n, encoded in enumerate(request.images)]
+            return request, opened_images(request, request.images)
         except (ProtocolError, ImageRequestError) as err:
             raise RequestRefused(err.status, err.message) from None
 
     def _decoded(self, request, opened: list) -> tuple:
-        """Opened images -> one normalized tensor and their (width, height)."""
+        """Opened images -> one normalized tensor and their (width, height), one decoded at a time."""
         try:
-            images = [_located(request, n, decode_opened, image) for n, image in enumerate(opened)]
+            tensors, sizes = decoded_tensors(request, opened)
         except ImageRequestError as err:
             raise RequestRefused(err.status, err.message) from None
-        return normalize(torch.stack([image_to_tensor(image) for image in images])), [image.size for image in images]
+        return normalize(torch.stack(tensors)), sizes
 
     def _images(self, payload) -> tuple:
         request, opened = self._request(payload)
@@ -354,14 +369,6 @@ class CIFAR100Predictor(Model):
                         self.heatmap_max_side)
 
 
-def _located(request, n: int, step, image):
-    """``step(image)`` for the request's ``n``-th image; its refusal names where the image sits."""
-    try:
-        return step(image)
-    except ImageRequestError as err:
-        raise ImageRequestError(err.status, f"{request.where[n]}: {err.message}") from err
-
-
 def _request_bytes(payload, headers: dict | None) -> int | None:
     """A request's size for decodes_inline: its Content-Length, or over gRPC its tensors' bytes (the
     message is whole by then); None when unknown (a chunked body)."""
@@ -377,6 +384,8 @@ def _as_dict(payload) -> dict:
     """KServe hands a v2 body over parsed (InferRequest, from JSON or gRPC); the shared parser reads the
     JSON shape (a gRPC BYTES element is the image's bytes: handler/protocols.py)."""
     if not isinstance(payload, InferRequest):
+        if isinstance(payload, (bytes, bytearray)):  # a JSON body sent as another content type: handed over unread
+            payload = json_body({"body": payload})
         return payload if isinstance(payload, dict) else {}
     body = {"inputs": [{"name": i.name, "shape": list(i.shape), "datatype": i.datatype, "data": _tensor_data(i)}
                        for i in payload.inputs]}

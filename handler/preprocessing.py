@@ -19,7 +19,7 @@ from model.normalization import normalize  # noqa: F401 - the handler normalizes
 # The decoding rules, re-exported for the handler, the tests and the benchmarks.
 from serving.images import (  # noqa: F401
     DECODE_MIN_SIDE, INPUT_SIZE, MAX_IMAGE_PIXELS, MAX_JPEG_PIXELS, ImageRequestError, check_png_checksums,
-    decode_image, network_input)
+    check_request_pixels, decode_image, decode_opened, network_input, open_upload)
 
 # Where an image may sit in a request: multipart field names, keys of a JSON object, and "body"
 # (TorchServe's name for a raw request body, or the parsed object of an application/json body).
@@ -65,6 +65,38 @@ def image_bytes(row: dict) -> bytes:
     if not data:
         raise ImageRequestError(400, "empty request: no image data received")
     return data
+
+
+def located(request, n: int, step, image):
+    """``step(image)`` for a request's ``n``-th image; its refusal names where the image sits in a v1/v2
+    request (``request``: handler/protocols.py's ParsedRequest; None for a plain one-image request)."""
+    try:
+        return step(image)
+    except ImageRequestError as err:
+        if request is None:
+            raise
+        raise ImageRequestError(err.status, f"{request.where[n]}: {err.message}") from err
+
+
+def opened_images(request, payloads: list) -> list[Image.Image]:
+    """A request's encoded images opened: every header read and checked, the per-image and then the
+    per-request pixel limits (MAX_REQUEST_PIXELS) applied, before any pixel is decoded. Refusals:
+    ImageRequestError, located in the request."""
+    opened = [located(request, n, open_upload, payload) for n, payload in enumerate(payloads)]
+    check_request_pixels(opened)
+    return opened
+
+
+def decoded_tensors(request, opened: list) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """Opened images -> their [3, 32, 32] uint8 tensors and (width, height), one image decoded at a time,
+    each let go before the next (``opened`` is emptied): a request of many large images holds one
+    image's pixels at a time, not all of them."""
+    tensors, sizes = [], []
+    for n in range(len(opened)):
+        image, opened[n] = located(request, n, decode_opened, opened[n]), None
+        tensors.append(image_to_tensor(image))
+        sizes.append(image.size)
+    return tensors, sizes
 
 
 # A server with an event loop (KServe's predictor) decodes a request on the loop when its body is at most

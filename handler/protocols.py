@@ -89,25 +89,55 @@ def refuse_binary_extension(headers: dict | None) -> None:
                                  "supported: send each image as a BYTES input of base64 strings in JSON")
 
 
-def _json_body(row: dict):
+def json_body(row: dict):
     """The request's JSON object, or None: TorchServe parses application/json bodies itself; a JSON
     body sent as another content type arrives as bytes (an image never starts with '{')."""
     body = row.get("body")
     if isinstance(body, dict):
         return body
     if isinstance(body, (bytes, bytearray)) and body[:64].lstrip()[:1] == b"{":  # no copy of a big image
-        try:
-            body = json.loads(body)
-        except ValueError:
-            return None
+        body = json_object(body)
         return body if isinstance(body, dict) else None
     return None
 
 
+def _not_json(constant: str):
+    raise ProtocolError(400, f"the body is not valid JSON: {constant} is not a JSON number")
+
+
+def json_object(body: bytes):
+    """``body`` parsed as JSON, or None when it is not JSON. ProtocolError(400) for what Python's parser
+    takes but a server must not: NaN and Infinity (KServe's route fails on them with a 500), and nesting
+    deeper than Python's recursion limit (a RecursionError: a 500 too)."""
+    try:
+        return json.loads(body, parse_constant=_not_json)
+    except ProtocolError:  # a ValueError too
+        raise
+    except RecursionError:
+        raise ProtocolError(400, "the body is JSON nested too deeply") from None
+    except ValueError:
+        return None
+
+
+# A v2 tensor's data nested deeper than this is refused: a tensor has a handful of dimensions.
+MAX_DATA_DEPTH = 32
+
+
 def _flatten(data) -> list:
-    if isinstance(data, list):
-        return [item for part in data for item in _flatten(part)]
-    return [data]
+    """A v2 tensor's data, its nested lists flattened in order (without recursion: any depth a JSON
+    parser lets through is answered with a 400, not a RecursionError)."""
+    flat, levels = [], [iter((data,))]
+    while levels:
+        for item in levels[-1]:
+            if isinstance(item, list):
+                if len(levels) > MAX_DATA_DEPTH:
+                    raise ProtocolError(400, f"data is nested deeper than {MAX_DATA_DEPTH} levels")
+                levels.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            levels.pop()
+    return flat
 
 
 def _parse_v1(body: dict) -> ParsedRequest:
@@ -168,7 +198,7 @@ def parse_request(row: dict, max_images: int, headers: dict | None = None) -> Pa
     """A v1/v2 request's images, or None for the plain protocol (raw, multipart, {"image": ...}).
     ``headers``: the request's HTTP headers as TorchServe hands them over (a binary request: 400)."""
     refuse_binary_extension(headers)
-    body = _json_body(row)
+    body = json_body(row)
     if body is None or not ("instances" in body or "inputs" in body):
         return None
     request = _parse_v1(body) if "instances" in body else _parse_v2(body)
@@ -182,13 +212,11 @@ def plain_v2_body(content_type: str, body: bytes) -> dict | None:
     """``body`` as a v2 request when it is plain: a JSON content type and a JSON object with exactly the
     types of KServe's own request model (id, inputs of name/shape/datatype/data, outputs by name) and
     no ``parameters`` (KServe reads some, e.g. binary outputs); else None. KServe's predictor answers
-    plain bodies itself and hands the rest to KServe's route (handler/kserve_predictor.py)."""
+    plain bodies itself and hands the rest to KServe's route (handler/kserve_predictor.py). JSON that
+    no route can answer raises ProtocolError (json_object)."""
     if content_type.split(";")[0].strip().lower() != "application/json":
         return None
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return None
+    payload = json_object(body)  # ProtocolError for NaN, Infinity or deep nesting
     if not (isinstance(payload, dict) and set(payload) <= {"id", "inputs", "outputs"}
             and isinstance(payload.get("id", ""), str) and isinstance(payload.get("inputs"), list)):
         return None

@@ -10,6 +10,9 @@ Limits (each refused with a 4xx before any pixel is decoded, the server keeps se
     scale (below). 413 rather than 400: the request is well-formed, just too big to process, and a
     client should not retry it as is. (The upload's byte size is capped before: by the adapter, and
     by TorchServe's max_request_size.)
+  * a v1/v2 request's images together: MAX_REQUEST_PIXELS as decoded (check_request_pixels), 413 on
+    their headers too;
+  * formats: only ACCEPTED_FORMATS are opened (400 for the rest).
 Cheap decoding: the network sees 32x32, so an image is decoded no larger than it needs. A JPEG is
 decoded by libjpeg at a reduced scale (Pillow's draft mode: the DCT is cut to 1/2, 1/4 or 1/8), a
 large image of another format is box-reduced by an integer factor after decoding; both keep at least
@@ -38,6 +41,11 @@ MAX_IMAGE_PIXELS = 16_000_000
 # JPEGs are decoded at up to 1/8 scale, so a 64 MP JPEG (a 48-50 MP sensor's full-resolution photo)
 # costs about what a 1 MP one does at full scale.
 MAX_JPEG_PIXELS = 64_000_000
+# What one request's images may cost to decode in all (a v1/v2 request carries up to 64): pixels as
+# decoded, a JPEG's at the scale libjpeg decodes it at (decoded_pixels). 64 images of 16 MP held a
+# worker ~22 s (0.35 s each, a 70 KB flat PNG): two such in one batch passed TorchServe's
+# responseTimeout, which restarts the worker and fails the batch's other requests. 64 MP: ~1.4 s.
+MAX_REQUEST_PIXELS = 64_000_000
 # The smallest side an image is decoded to (draft / reduce stop before going below it): 8x the
 # network's input. A 12 MP photo still decodes at 1/8 scale (3000 / 8 = 375 px); 256 keeps more
 # answers equal to a full decode's than 128 does (benchmarks/RESULTS.md, "Cheap decoding").
@@ -56,6 +64,15 @@ SHRINK_MIN_PIXELS = 1_000_000
 PAGE_SHRINK_TYPE = "image/jpeg"
 PAGE_JPEG_QUALITY = 0.92
 PNG_FAST = 1  # zlib level of the adapter's lossless PNGs: a few KB either way, level 1 is fastest
+
+# The formats opened at all, as Pillow's openers name them: what browsers, phones and cameras write,
+# TIFF and netpbm. Not Pillow's other readers: some decode pixels while opening, before the pixel limit
+# can refuse them (an ICO or ICNS holding a huge PNG, tests/test_serving_preprocessing.py); the rest
+# are niche.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "PPM")
+# Decoded by libjpeg (draft mode), under MAX_JPEG_PIXELS. MPO: the JPEG opener's name for a JPEG with
+# multi-picture data, as many cameras and phones write.
+JPEG_FORMATS = {"JPEG", "MPO"}
 
 
 class ImageRequestError(ValueError):
@@ -117,7 +134,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def _check_pixel_limit(img: Image.Image) -> None:
     """413 naming the limit that applies to this image's format, on its header alone."""
     width, height = img.size
-    jpeg = img.format == "JPEG"
+    jpeg = img.format in JPEG_FORMATS
     limit = MAX_JPEG_PIXELS if jpeg else MAX_IMAGE_PIXELS
     if width * height > limit:
         kind = "JPEG images" if jpeg else f"{img.format or 'these'} images (JPEG: {MAX_JPEG_PIXELS / 1e6:.0f} MP)"
@@ -126,10 +143,35 @@ def _check_pixel_limit(img: Image.Image) -> None:
                  f"{limit / 1e6:.0f} MP limit for {kind}")
 
 
+def decoded_pixels(img: Image.Image) -> int:
+    """The pixels decode_opened decodes for an opened upload: a JPEG's at its draft scale (as Pillow's
+    draft picks it: the largest of 8, 4, 2 that keeps DECODE_MIN_SIDE), any other image's all."""
+    width, height = img.size
+    if img.format in JPEG_FORMATS:
+        fits = min(width // DECODE_MIN_SIDE, height // DECODE_MIN_SIDE)
+        scale = next(m for m in (8, 4, 2, 1) if fits >= m or m == 1)
+        return -(-width // scale) * -(-height // scale)
+    return width * height
+
+
+def check_request_pixels(opened: list[Image.Image]) -> None:
+    """413 when one request's opened images would decode more than MAX_REQUEST_PIXELS in all."""
+    total = sum(decoded_pixels(img) for img in opened)
+    if total > MAX_REQUEST_PIXELS:
+        raise ImageRequestError(
+            413, f"the request's {len(opened)} images hold {total / 1e6:.0f} MP to decode in all, above the "
+                 f"{MAX_REQUEST_PIXELS / 1e6:.0f} MP limit per request (a JPEG counts at the 1/2-1/8 scale it is "
+                 "decoded at): send fewer or smaller images in one request")
+
+
 def _reduced(img: Image.Image) -> Image.Image:
     """A decoded image box-reduced by the largest integer factor that keeps DECODE_MIN_SIDE."""
     factor = min(img.size) // DECODE_MIN_SIDE
-    if factor < 2 or img.mode not in ("RGB", "RGBA", "L", "LA", "RGBa", "La", "I", "F", "I;16"):
+    if factor < 2:
+        return img
+    if img.mode.startswith("I;16"):
+        img = img.convert("I")  # reduce() has no 16-bit modes; 32-bit "I" keeps every grey level
+    if img.mode not in ("RGB", "RGBA", "L", "LA", "RGBa", "La", "I", "F"):
         return img
     return img.reduce(factor)
 
@@ -142,7 +184,8 @@ def _refusal(err: Exception) -> ImageRequestError:
         return ImageRequestError(413, f"image refused (possible decompression bomb), above the "
                                       f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP limit: {err}")
     if isinstance(err, UnidentifiedImageError):
-        return ImageRequestError(400, "not an image (or a format Pillow cannot read)")
+        names = ", ".join("WebP" if name == "WEBP" else name for name in ACCEPTED_FORMATS)
+        return ImageRequestError(400, f"not an image in a format the server reads ({names})")
     if isinstance(err, MemoryError):
         return ImageRequestError(413, "image too large to decode")
     # Pillow raises many types (OSError, SyntaxError, ...) for bad files.
@@ -158,7 +201,7 @@ def open_upload(data: bytes) -> Image.Image:
     """
     check_png_checksums(data)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         _check_pixel_limit(img)  # on the header, before decoding pixels
     except Exception as err:  # noqa: BLE001 - every failure becomes the client's 4xx
         raise _refusal(err) from err
@@ -168,10 +211,12 @@ def open_upload(data: bytes) -> Image.Image:
 def decode_opened(img: Image.Image) -> Image.Image:
     """An opened upload (open_upload) -> upright 8-bit RGB, decoded no larger than needed."""
     try:
-        if img.format == "JPEG":
+        if img.format in JPEG_FORMATS:
             # libjpeg decodes at 1/2..1/8 scale; the aspect ratio and the EXIF tag are kept.
             img.draft(None, (DECODE_MIN_SIDE, DECODE_MIN_SIDE))
-        img = ImageOps.exif_transpose(img)  # phones store portrait photos sideways + EXIF tag
+        # Phones store portrait photos sideways + an EXIF tag. In place: a copy would hold the
+        # decoded pixels twice (2x the memory of a large PNG).
+        ImageOps.exif_transpose(img, in_place=True)
         img.load()
         img = _reduced(img)
     except Exception as err:  # noqa: BLE001 - every failure becomes the client's 4xx

@@ -170,6 +170,34 @@ def test_refused_requests_get_their_4xx_and_error_and_the_server_goes_on(kserve_
     assert r.status_code == 200 and kserve_predictor.process.poll() is None, r.text
 
 
+def test_bodies_that_no_route_could_parse_get_a_400_that_says_why(kserve_predictor, client, cifar100_test_split):
+    """JSON that Python's parser takes but KServe's route failed on with a 500 (NaN; data nested past the
+    recursion limit), and a v2 body of another Content-Type (KServe's route blamed a missing binary
+    extension header); a v1 body of another Content-Type is read as JSON, as on TorchServe."""
+    good = base64.b64encode(encode(cifar_pil(cifar100_test_split[0], 0))).decode()
+    url = infer_url(kserve_predictor)
+
+    def nested(depth: int) -> bytes:
+        return ('{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": '
+                + "[" * depth + json.dumps(good) + "]" * depth + "}]%s}").encode()
+    json_type = {"Content-Type": "application/json"}
+    for route in (b"", b', "parameters": {}'):  # the plain route, then KServe's
+        for depth, words in ((600, "nested deeper than"), (5000, "nested too deeply")):
+            r = client.post(url, content=nested(depth) % route, headers=json_type)
+            assert r.status_code == 400 and words in r.json()["error"], (route, depth, r.status_code, r.text[:200])
+        body = ('{"inputs": [{"name": "image", "shape": [NaN], "datatype": "BYTES", "data": ["%s"]}]%s}'
+                % (good, route.decode())).encode()
+        r = client.post(url, content=body, headers=json_type)
+        assert r.status_code == 400 and "NaN is not a JSON number" in r.json()["error"], (route, r.text[:200])
+    r = client.post(url, content=json.dumps(v2_body([base64.b64decode(good)])), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"], r.text[:200]
+    v1 = client.post(f"{kserve_predictor.url}/v1/models/cifar100:predict", content=json.dumps({"instances": [good]}),
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})  # curl -d's type
+    assert v1.status_code == 200 and v1.json()["predictions"][0]["label"], v1.text[:200]
+    assert client.post(url, json=v2_body([base64.b64decode(good)])).status_code == 200
+    assert kserve_predictor.process.poll() is None
+
+
 def predict_histogram_count(predictor: KServePredictor) -> float:
     """KServe's own latency histogram of its model's predict step (``request_predict_seconds``)."""
     text = httpx.get(f"{predictor.url}/metrics", timeout=10).text

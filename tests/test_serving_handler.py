@@ -410,3 +410,35 @@ def test_the_archive_version_names_the_width_and_the_weights_first_eight_hex_dig
     assert re.fullmatch(r"w\d+-[0-9a-f]{8}", version), version
     width = torch.load(weights, map_location="cpu", weights_only=True)["stage1.0.conv1.weight"].shape[0] // 16  # 16k
     assert version == f"w{width}-{sha256_of(weights)[:8]}"
+
+
+def test_a_request_holding_too_many_pixels_in_all_is_refused_before_any_is_decoded(model_dir):
+    """MAX_REQUEST_PIXELS: each image under its own limit, together over the request's (64 images of 16 MP
+    held a worker ~22 s, past TorchServe's responseTimeout with a second such request in the batch). The
+    headers decide (these PNGs have no pixel data: decoded, they would be 400 corrupt, not 413); a JPEG
+    counts at the scale it is decoded at, so a request of large photos still passes."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from serving.images import MAX_REQUEST_PIXELS
+    from serving_helpers import png_declaring_size
+
+    context = make_context(model_dir)
+    handler = CIFAR100Handler()
+    handler.initialize(context)
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    headers_only = b64(png_declaring_size(4000, 4000))  # 16 MP: at the per-image limit
+    photo = io.BytesIO()
+    Image.new("RGB", (8000, 8000), (200, 30, 40)).save(photo, "JPEG")  # 64 MP, decoded at 1/8: 1 MP
+    flat = io.BytesIO()
+    Image.new("RGB", (4000, 4000), (20, 90, 160)).save(flat, "PNG")
+    rows = [{"body": {"instances": [headers_only] * (MAX_REQUEST_PIXELS // 16_000_000 + 1)}},
+            {"body": {"instances": [headers_only] * 2}},
+            {"body": {"instances": [b64(flat.getvalue())] + [b64(photo.getvalue())] * 8}}]
+    answers = run_batch(handler, context, rows)
+    assert [context.get_response_status(i)[0] for i in range(3)] == [413, 400, 200], answers
+    assert "80 MP to decode in all, above the 64 MP limit per request" in answers[0]["error"]
+    assert "corrupt" in answers[1]["error"]
+    assert len(answers[2]["predictions"]) == 9

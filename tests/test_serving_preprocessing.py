@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import time
 
 import numpy as np
 import pytest
@@ -133,6 +135,53 @@ def test_pixel_limit_is_checked_before_decoding():
     assert open_upload(png_declaring_size(4000, 4000)).size == (4000, 4000)  # the header alone: admitted
     with pytest.raises(ImageRequestError, match="16 MP limit for PNG images"):
         decode_image(png_declaring_size(4000, 4001))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "PPM"])
+def test_the_accepted_formats_decode(fmt):
+    out = decode_image(encode(halves((64, 32)), fmt))
+    assert out.size == (64, 32) and out.mode == "RGB"
+    assert np.asarray(out)[16, 8, 0] > 180 and np.asarray(out)[16, 56, 2] > 180  # red left, blue right
+
+
+def icon_holding(png: bytes) -> bytes:
+    """An ICO file whose one entry is ``png`` (an icon may hold a PNG of any size; its header says 256)."""
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16) + png
+
+
+@pytest.mark.filterwarnings("ignore:Image was not the expected size")  # Pillow opening the small icon itself
+def test_formats_pillow_decodes_while_opening_are_refused_unread():
+    # Pillow's ICO reader decodes the PNG inside while opening it, before the pixel limit could refuse
+    # it: a 100 KB icon made a worker hold ~570 MB for 2 s. Only ACCEPTED_FORMATS are opened at all.
+    big = encode(Image.new("L", (8000, 8000)), optimize=True)
+    started = time.perf_counter()
+    with pytest.raises(ImageRequestError) as info:
+        decode_image(icon_holding(big))
+    assert info.value.status == 400 and "not an image in a format the server reads (JPEG, PNG" in info.value.message
+    assert time.perf_counter() - started < 0.5
+    assert Image.open(io.BytesIO(icon_holding(encode(noisy())))).format == "ICO"  # a real icon, refused all the same
+    with pytest.raises(ImageRequestError, match="format the server reads"):
+        decode_image(icon_holding(encode(noisy())))
+
+
+def test_a_large_sixteen_bit_grey_image_is_reduced_not_refused():
+    # Pillow's reduce() has no 16-bit modes: a 16-bit PNG over 512 px a side was refused as corrupt.
+    data, grey = sixteen_bit_png(noisy((600, 520), seed=4))
+    out = decode_image(data)
+    assert out.size == (300, 260) and out.mode == "RGB"
+    expected = np.asarray(grey.reduce(2), dtype=int)
+    assert np.abs(np.asarray(out, dtype=int)[..., 0] - expected).max() <= 1
+
+
+def test_a_jpeg_with_multi_picture_data_is_decoded_as_a_jpeg():
+    # Pillow names a JPEG with MPF data (many cameras and phones) "MPO": it gets the JPEG pixel limit and
+    # the reduced-scale decode, not the 16 MP limit of full-size formats.
+    photo = Image.new("RGB", (5000, 4000), (200, 30, 40))
+    data = encode(photo, "MPO", save_all=True, append_images=[photo.resize((160, 128))])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    out = decode_image(data)
+    assert out.size == (625, 500)  # libjpeg's 1/8 scale (draft); a full decode box-reduces to 333x266
+    assert abs(int(np.asarray(out)[250, 300, 0]) - 200) <= 3
 
 
 def test_where_the_image_may_be_in_a_request():

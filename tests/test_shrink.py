@@ -148,7 +148,7 @@ def test_small_files_other_formats_and_the_switch_keep_todays_path():
     with pytest.raises(ImageRequestError) as handler:
         decode_image(b"\x89PNG not really" * 40_000)
     assert (info.value.status_code, info.value.message) == (handler.value.status, handler.value.message) == (
-        400, "not an image (or a format Pillow cannot read)")
+        400, "not an image in a format the server reads (JPEG, PNG, GIF, WebP, AVIF, BMP, TIFF, PPM)")
 
 
 def test_shrink_min_bytes_is_the_setting_not_the_default():
