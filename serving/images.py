@@ -111,11 +111,12 @@ def check_png_checksums(data: bytes) -> None:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; transparent areas become white (how a page shows them)."""
-    if img.mode == "RGB":
+    keyed = "transparency" in img.info  # a palette entry, or a PNG's one transparent grey or colour (tRNS)
+    if img.mode == "RGB" and not keyed:
         return img
-    if img.mode == "P":
-        # Palette with a transparent entry: go through RGBA so it is composited like real alpha.
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("P", "L", "RGB"):
+        # A transparent colour: through RGBA, so it is composited like real alpha.
+        img = img.convert("RGBA" if keyed else "RGB")
     elif img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit (PNG/TIFF) grey: scale the 0..65535 range down to 8 bits (rounded) rather than
         # clipping at 255. point() on an "I" image truncates; converting to "L" clips to 0..255.

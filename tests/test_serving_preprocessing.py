@@ -56,6 +56,12 @@ def test_transparency_is_composited_on_white():
     palette.putpalette([0, 0, 0] * 256)
     palette.info["transparency"] = 0
     assert np.asarray(decode_image(encode(palette, transparency=0))).min() == 255
+    # A PNG's single transparent grey or colour (tRNS), as a browser shows it: white here, the rest kept.
+    for mode, key, other in (("L", 77, 20), ("RGB", (10, 200, 30), (0, 0, 250))):
+        keyed = Image.new(mode, (8, 8), key)
+        keyed.paste(other, (0, 0, 4, 8))
+        got = np.asarray(decode_image(encode(keyed, transparency=key)))
+        assert got[:, 4:].min() == 255 and got[:, :4].max() < 251, (mode, got[0])
 
 
 def test_sixteen_bit_grey_reads_like_its_eight_bit_version():
