@@ -73,9 +73,10 @@
     heatmapImage.removeAttribute("src");
     heatmapFor = 0;
     whyButton.setAttribute("aria-pressed", "false");
-    whyButton.disabled = false;
+    whyButton.removeAttribute("aria-disabled");
     whyCaption.hidden = true;
     whyCaption.textContent = "";
+    whyCaption.classList.remove("why-failed");
   }
 
   function setBusy(busy) {
@@ -84,12 +85,64 @@
     document.body.classList.toggle("busy", busy);
   }
 
+  // Text for a live region (#status, #error). The same text again is no change a screen reader
+  // hears: then the region is emptied first and the text comes back 100 ms later (unless something
+  // newer was said meanwhile).
+  const pendingSay = new Map();
+  function say(element, text) {
+    clearTimeout(pendingSay.get(element));
+    pendingSay.delete(element);
+    if (text && element.textContent === text) {
+      element.textContent = "";
+      pendingSay.set(element, setTimeout(() => {
+        pendingSay.delete(element);
+        element.textContent = text;
+      }, 100));
+    } else {
+      element.textContent = text;
+    }
+  }
+
+  // The picture on show, its answer and its "Why?" view taken away: the page shows no image.
+  function clearPicture() {
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    previewUrl = null;
+    preview.onload = null;
+    preview.removeAttribute("src");
+    preview.alt = "";
+    preview.hidden = true;
+    preview.classList.remove("pixelated");
+    dropZone.classList.remove("has-image");
+    sentText.hidden = true;
+    sentText.textContent = "";
+    currentUpload = null;
+    currentAnswer = null;
+    resetWhy();
+  }
+
+  // The picture could not be classified: no answer, the reason, and nothing left busy (an older
+  // upload still on its way is stale, its late answer ignored).
   function showError(message) {
     answerBox.hidden = true;
-    statusLine.textContent = "Could not classify the image.";
-    errorText.textContent = message;
+    setBusy(false);
+    say(statusLine, "Could not classify the image.");
+    say(errorText, message);
     errorText.hidden = false;
     document.body.dataset.state = "error";
+  }
+
+  // A newly chosen picture refused before it is sent (not an image, empty, too large, not loaded):
+  // an earlier picture's preview must not stand beside the error as if it were the one that failed.
+  function refuse(message) {
+    requestNumber++; // an answer still on its way is for an earlier picture
+    clearPicture();
+    showError(message);
+  }
+
+  // Something that is not a picture (a dropped text or link): said, and the answer on show stays.
+  function notice(message) {
+    say(errorText, message);
+    errorText.hidden = false;
   }
 
   function showAnswer(answer) {
@@ -132,11 +185,11 @@
         : `Not sure — maybe ${withArticle(answer.prediction)}`;
       unsureText.hidden = false;
       answerBox.classList.add("is-unsure");
-      statusLine.textContent = `${unsureText.textContent}. ${best}`;
+      say(statusLine, `${unsureText.textContent}. ${best}`);
     } else {
       unsureText.hidden = true;
       answerBox.classList.remove("is-unsure");
-      statusLine.textContent = best;
+      say(statusLine, best);
     }
     document.body.dataset.state = "answered";
   }
@@ -154,7 +207,7 @@
       const seconds = header === null ? NaN : Number(header); // an HTTP date: no retry
       if (response.status !== 503 || !(seconds >= 0) || retry >= BUSY_RETRIES || !wanted()) return response;
       const wait = Math.min(seconds, BUSY_WAIT_MAX_S);
-      statusLine.textContent = `The server is busy; trying again in ${wait} s…`;
+      say(statusLine, `The server is busy; trying again in ${wait} s…`);
       await new Promise((resolve) => setTimeout(resolve, wait * 1000));
       if (!wanted()) return response;
     }
@@ -235,17 +288,17 @@
 
   async function classify(file, description) {
     if (!file) return;
-    const thisRequest = ++requestNumber;
-    errorText.hidden = true;
     // Some systems give no type for a file; then the server decides whether it is an image.
     if (file.type && !file.type.startsWith("image/")) {
-      showError(`“${file.name || "That file"}” is not an image (it is ${file.type}). Choose a photo or picture.`);
+      refuse(`“${file.name || "That file"}” is not an image (it is ${file.type}). Choose a photo or picture.`);
       return;
     }
     if (file.size === 0) {
-      showError("That file is empty.");
+      refuse("That file is empty.");
       return;
     }
+    const thisRequest = ++requestNumber;
+    errorText.hidden = true;
     const settings = await serverSettings;
     if (thisRequest !== requestNumber) return; // a newer image arrived while the settings were asked for
     const shrunk = await shrunkPhoto(file, settings.shrink);
@@ -254,7 +307,7 @@
       : { blob: file, name: file.name || "pasted-image" };
     const maxUploadBytes = Number(settings.max_upload_bytes) || 0;
     if (maxUploadBytes && upload.blob.size > maxUploadBytes) {
-      showError(`The image is too large: ${formatBytes(file.size)}; the limit is ${formatBytes(maxUploadBytes)}.`);
+      refuse(`The image is too large: ${formatBytes(file.size)}; the limit is ${formatBytes(maxUploadBytes)}.`);
       return;
     }
 
@@ -280,7 +333,7 @@
 
     setBusy(true);
     answerBox.hidden = true;
-    statusLine.textContent = "Looking at your image…";
+    say(statusLine, "Looking at your image…");
     document.body.dataset.state = "busy";
 
     const form = new FormData();
@@ -298,16 +351,18 @@
       }
       if (thisRequest !== requestNumber) return;
       if (!response.ok) {
-        showError(await errorMessage(response));
+        const message = await errorMessage(response);
+        if (thisRequest === requestNumber) showError(message);
         return;
       }
       let answer;
       try {
         answer = await response.json();
       } catch (_) {
-        showError("The server sent an answer this page cannot read.");
+        if (thisRequest === requestNumber) showError("The server sent an answer this page cannot read.");
         return;
       }
+      if (thisRequest !== requestNumber) return; // a newer picture was chosen while this answer was read
       if (!answer || typeof answer.prediction !== "string") {
         showError(answer && answer.error ? answer.error : "The server's answer has no prediction.");
         return;
@@ -348,14 +403,26 @@
   function showWhy() {
     heatmapImage.hidden = false;
     whyButton.setAttribute("aria-pressed", "true");
+    whyCaption.classList.remove("why-failed");
     whyCaption.textContent = `Red and yellow mark the parts of the picture that made the model answer ` +
       `“${currentAnswer ? currentAnswer.prediction : "this"}” (Grad-CAM); the redder, the more they counted.`;
     whyCaption.hidden = false;
-    statusLine.textContent = whyCaption.textContent;
+    say(statusLine, whyCaption.textContent);
   }
 
+  // The explanation failed, not the answer: the answer stays, the reason goes beside the button
+  // (and to screen readers), and the button keeps the keyboard focus for another try.
+  function whyFailed(message) {
+    whyCaption.textContent = `Could not show why: ${message}`;
+    whyCaption.classList.add("why-failed");
+    whyCaption.hidden = false;
+    say(statusLine, whyCaption.textContent);
+  }
+
+  let explaining = false;
+
   async function why() {
-    if (!currentUpload) return;
+    if (!currentUpload || explaining) return;
     if (whyButton.getAttribute("aria-pressed") === "true") { // a second press hides the overlay
       heatmapImage.hidden = true;
       whyButton.setAttribute("aria-pressed", "false");
@@ -370,19 +437,23 @@
     const form = new FormData();
     form.append("image", currentUpload.blob, currentUpload.name); // what /classify/ got
     const url = `${apiBase()}/explain/`;
-    whyButton.disabled = true;
-    statusLine.textContent = "Looking for what the answer came from…";
+    // aria-disabled, not disabled: a disabled button would lose the keyboard focus.
+    explaining = true;
+    whyButton.setAttribute("aria-disabled", "true");
+    whyCaption.hidden = true;
+    say(statusLine, "Looking for what the answer came from…");
     try {
       let response;
       try {
         response = await postForm(url, form, () => thisRequest === requestNumber);
       } catch (_) {
-        if (thisRequest === requestNumber) showError(`Cannot reach the classifier at ${url}. Please try again later.`);
+        if (thisRequest === requestNumber) whyFailed(`cannot reach the classifier at ${url}. Please try again later.`);
         return;
       }
       if (thisRequest !== requestNumber) return;
       if (!response.ok) {
-        showError(await errorMessage(response));
+        const message = await errorMessage(response);
+        if (thisRequest === requestNumber) whyFailed(message);
         return;
       }
       const answer = await response.json();
@@ -392,9 +463,10 @@
       heatmapFor = thisRequest;
       showWhy();
     } catch (err) {
-      if (thisRequest === requestNumber) showError(`Could not show why: ${err.message}`);
+      if (thisRequest === requestNumber) whyFailed(err.message);
     } finally {
-      whyButton.disabled = false;
+      explaining = false;
+      whyButton.removeAttribute("aria-disabled");
     }
   }
 
@@ -419,19 +491,29 @@
     }
   });
 
-  // Example pictures: fetched from this page's server and classified like a chosen file.
+  // A picture on this page's own server (an example, clicked or dragged onto the drop zone): fetched
+  // and classified like a chosen file. A file chosen meanwhile wins.
+  async function classifyFrom(src, description) {
+    const asked = requestNumber;
+    let blob;
+    try {
+      const response = await fetch(src);
+      if (!response.ok) throw new Error(String(response.status));
+      blob = await response.blob();
+    } catch (_) {
+      if (asked === requestNumber) refuse(`The picture ${src} could not be loaded.`);
+      return;
+    }
+    if (asked !== requestNumber) return;
+    const name = new URL(src, window.location.href).pathname.split("/").pop() || "picture";
+    classify(new File([blob], name, { type: blob.type || "image/png" }), description);
+  }
+
+  // Example pictures.
   for (const button of document.querySelectorAll(".example")) {
-    button.addEventListener("click", async () => {
-      const src = button.dataset.src;
-      try {
-        const response = await fetch(src);
-        if (!response.ok) throw new Error(String(response.status));
-        const blob = await response.blob();
-        const alt = button.querySelector("img").alt.replace(/^Example: /, "");
-        classify(new File([blob], src.split("/").pop(), { type: blob.type || "image/png" }), `Example: ${alt}`);
-      } catch (_) {
-        showError(`The example picture ${src} could not be loaded.`);
-      }
+    button.addEventListener("click", () => {
+      const alt = button.querySelector("img").alt.replace(/^Example: /, "");
+      classifyFrom(button.dataset.src, `Example: ${alt}`);
     });
   }
 
@@ -480,12 +562,36 @@
       }
     });
   }
+  // A picture dragged from this page (an example) brings its address, not a file: one on this
+  // page's own origin is fetched. (Another site's would need its CORS consent: not tried.)
+  function droppedUrl(data) {
+    const lines = (data.getData("text/uri-list") || "").split(/\r?\n/)
+      .map((line) => line.trim()).filter((line) => line && !line.startsWith("#"));
+    if (!lines.length) return null;
+    try {
+      const url = new URL(lines[0], window.location.href);
+      return url.origin === window.location.origin ? url : null;
+    } catch (_) {
+      return null;
+    }
+  }
+
   document.addEventListener("drop", (event) => {
     event.preventDefault();
     dropZone.classList.remove("dragging");
-    const file = event.dataTransfer && firstFile(event.dataTransfer.files);
-    if (file) classify(file);
-    else showError("Nothing to classify was dropped: drop an image file.");
+    const data = event.dataTransfer;
+    const file = data && firstFile(data.files);
+    if (file) {
+      classify(file);
+      return;
+    }
+    const url = data && droppedUrl(data);
+    if (url) {
+      const example = Array.from(document.querySelectorAll(".example img")).find((img) => img.src === url.href);
+      classifyFrom(url.href, example ? example.alt : "");
+      return;
+    }
+    notice("Nothing to classify was dropped: drop an image file or one of the example pictures.");
   });
 
   // Paste: an image copied to the clipboard (a screenshot, "Copy image" in a browser).

@@ -71,8 +71,20 @@ def wait_for_answer(page) -> None:
 
 
 def wait_for_error(page) -> str:
-    page.wait_for_selector("#error:not([hidden])", timeout=ANSWER_TIMEOUT_MS)
+    # Not empty: the same message again is emptied first and said again 100 ms later (app.js `say`).
+    page.wait_for_selector("#error:not([hidden]):not(:empty)", timeout=ANSWER_TIMEOUT_MS)
     return page.inner_text("#error")
+
+
+def page_state(page) -> dict:
+    """What the page shows and says, for the checks of what an error leaves behind."""
+    return page.evaluate("""() => { const $ = (id) => document.getElementById(id);
+        return {busy: $('result').getAttribute('aria-busy'), spinner: $('drop-zone').classList.contains('busy'),
+                bodyBusy: document.body.classList.contains('busy'), state: document.body.dataset.state,
+                status: $('status').textContent, error: $('error').hidden ? null : $('error').textContent,
+                answerHidden: $('answer').hidden, prediction: $('prediction').textContent,
+                previewHidden: $('preview').hidden, previewSrc: $('preview').getAttribute('src'),
+                previewAlt: $('preview').alt}; }""")
 
 
 def assert_shows(page, answer: dict) -> None:
@@ -269,6 +281,110 @@ def test_too_large_is_refused_before_uploading(adapter, page):
     page.set_input_files("#file-input", files=[{"name": "huge.png", "mimeType": "image/png", "buffer": big}])
     assert "too large" in wait_for_error(page) and "98 KB" in page.inner_text("#error")
     assert requests == []
+
+
+def hold(page, pattern: str) -> list:
+    """Requests to `pattern` held unanswered (their routes, in order) until the test lets them go on."""
+    held = []
+    page.route(pattern, lambda route: held.append(route))
+    return held
+
+
+@pytest.mark.parametrize("refused", [
+    {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"shopping list: eggs, milk\n"},
+    {"name": "empty.png", "mimeType": "image/png", "buffer": b""},
+], ids=["not-an-image", "empty"])
+def test_a_file_refused_while_a_photo_uploads_leaves_the_page_idle(adapter, page, photo, refused):
+    """A photo's upload is held on its way; then a file the page refuses itself is chosen: the page is
+    not busy any more, shows no picture beside the error, and the photo's late answer changes nothing."""
+    page.goto(f"{adapter.base_url}/")
+    held = hold(page, "**/classify/")
+    page.set_input_files("#file-input", str(photo))
+    page.wait_for_function("document.getElementById('result').getAttribute('aria-busy') === 'true'")
+    assert page.is_visible("#preview")
+    page.set_input_files("#file-input", files=[refused])
+    message = wait_for_error(page)
+    state = page_state(page)
+    assert (state["busy"], state["spinner"], state["bodyBusy"]) == ("false", False, False), state
+    assert state["state"] == "error" and state["status"] == "Could not classify the image."
+    # The photo's preview is gone: it is not the picture that failed.
+    assert state["previewHidden"] and state["previewSrc"] is None and state["previewAlt"] == "", state
+    assert len(held) == 1
+    with page.expect_response(lambda r: "/classify/" in r.url) as response:
+        held[0].continue_()
+    assert response.value.status == 200
+    page.wait_for_timeout(500)
+    assert page_state(page) == state  # the stale answer is not shown
+    assert page.inner_text("#error") == message
+
+
+def test_a_refused_file_takes_the_answered_picture_away(adapter, page, photo):
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    assert page.get_attribute("#preview", "alt") == f"Your image: {photo.name}"
+    drop(page, photo, "text/plain")  # a file that says it is text
+    assert "not an image" in wait_for_error(page)
+    state = page_state(page)
+    assert state["answerHidden"] and state["previewHidden"] and state["previewAlt"] == "", state
+    assert state["busy"] == "false"
+
+
+def test_dragging_an_example_onto_the_drop_zone_classifies_it(adapter, page, photo):
+    """An example picture dragged (a real mouse drag) brings its address, not a file: it is fetched."""
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    lion = page.locator(".example").nth(2)
+    answer = expected_answer(adapter, REPO / "frontend" / lion.get_attribute("data-src"))
+    assert answer["prediction"] != page.inner_text("#prediction")  # so the check below tells them apart
+    with page.expect_response(lambda r: "/classify/" in r.url):
+        page.drag_and_drop(".example >> nth=2", "#drop-zone")
+    page.wait_for_function(f"document.getElementById('prediction').textContent === {answer['prediction']!r}"
+                           " && document.body.dataset.state === 'answered'", timeout=ANSWER_TIMEOUT_MS)
+    assert page.is_hidden("#error") and page.is_visible("#answer")
+    assert page.get_attribute("#preview", "alt") == lion.locator("img").get_attribute("alt")
+
+
+def test_a_drop_with_no_file_keeps_the_answer(adapter, page, photo):
+    """Dragged text (or another site's link) is nothing to classify: the page says so, and the answer
+    and picture on show stay."""
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    before = page_state(page)
+    page.evaluate("""() => { const dt = new DataTransfer();
+        dt.setData('text/plain', 'a lion'); dt.setData('text/uri-list', 'https://example.com/lion.png');
+        const zone = document.getElementById('drop-zone');
+        for (const type of ['dragenter', 'dragover', 'drop'])
+            zone.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: dt})); }""")
+    assert "Nothing to classify was dropped" in wait_for_error(page)
+    after = page_state(page)
+    assert not after["answerHidden"] and not after["previewHidden"], after
+    assert {k: after[k] for k in ("prediction", "status", "state", "previewSrc", "previewAlt")} == \
+        {k: before[k] for k in ("prediction", "status", "state", "previewSrc", "previewAlt")}
+
+
+def test_the_same_error_again_is_said_again(adapter, page):
+    """The live regions (#error role=alert, #status) are emptied before the same text comes back, or
+    a screen reader hears no change: what each region held, batch by batch, shows the gap."""
+    page.goto(f"{adapter.base_url}/")
+    page.evaluate("""() => { window.said = {error: [], status: []};
+        for (const id of ['error', 'status']) {
+            const el = document.getElementById(id);
+            new MutationObserver(() => window.said[id].push(el.textContent))
+                .observe(el, {childList: true, characterData: true, subtree: true});
+        } }""")
+    notes = {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"shopping list\n"}
+    page.set_input_files("#file-input", files=[notes])
+    message = wait_for_error(page)
+    page.set_input_files("#file-input", files=[notes])
+    page.wait_for_function(f"window.said.error.filter(t => t === {message!r}).length === 2")
+    page.wait_for_timeout(300)
+    said = page.evaluate("window.said")
+    assert said["error"] == [message, "", message], said
+    assert said["status"] == ["Could not classify the image.", "", "Could not classify the image."], said
+    assert page.inner_text("#error") == message
 
 
 def test_server_down_shows_an_error(adapter, page, photo):

@@ -66,6 +66,33 @@ def test_why_lays_the_heatmap_over_the_preview(adapter, page, photo):
     assert page.is_hidden("#heatmap") and page.get_attribute("#why-button", "aria-pressed") == "false"
 
 
+def test_a_failed_explanation_keeps_the_answer_and_the_focus(adapter, page, photo):
+    """/explain/ fails (the adapter's reply replaced by a 500): the answer stays, the reason is said
+    beside the button and to screen readers, the keyboard focus stays on the button, and a second
+    press (the server well again) shows the heatmap."""
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    prediction = page.inner_text("#prediction")
+    page.route("**/explain/", lambda route: route.fulfill(status=500, json={"error": "The model server failed (500)"}))
+    page.focus("#why-button")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.getElementById('why-caption').textContent.startsWith('Could not show why')",
+                           timeout=ANSWER_TIMEOUT_MS)
+    assert page.inner_text("#why-caption") == "Could not show why: The model server failed (500)"
+    assert page.is_visible("#why-caption") and page.is_visible("#answer") and page.is_hidden("#error")
+    assert page.inner_text("#prediction") == prediction
+    assert page.evaluate("document.body.dataset.state") == "answered"
+    assert "Could not show why" in page.inner_text("#status")
+    assert page.evaluate("document.activeElement.id") == "why-button"
+    assert page.get_attribute("#why-button", "aria-pressed") == "false"
+    page.unroute("**/explain/")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#heatmap:not([hidden])", timeout=ANSWER_TIMEOUT_MS)
+    assert prediction in page.inner_text("#why-caption")
+    assert page.evaluate("document.activeElement.id") == "why-button"
+
+
 def test_unsure_answer_says_so(adapter, page, photo):
     # CIFAR-100 test image 42, a mountain, is the issue's example: "Ray, 18%" in large type before.
     answer = expected_answer(adapter, photo)
