@@ -161,7 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         started = time.perf_counter()
         # The body is read here (not by a FastAPI File() parameter) so the size limit acts while
         # it streams in.
-        upload = await read_image_upload(request, settings.max_upload_bytes)
+        upload = await read_image_upload(request, settings.max_upload_bytes, settings.max_form_parts)
         image = await request.app.state.shrinker.prepare(upload.data)
         answer = await request.app.state.torchserve.predict(image)
         return JSONResponse(classify_answer(answer, started))
@@ -174,7 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         explanations = request.app.state.explanations
         # Its client's share first, before the body is read; the model server's turn once it is.
         async with explanations.share(client_address(request.scope)):
-            upload = await read_image_upload(request, settings.max_upload_bytes)
+            upload = await read_image_upload(request, settings.max_upload_bytes, settings.max_form_parts)
             image = await request.app.state.shrinker.prepare(upload.data, explain=True)
             async with explanations.turn():
                 answer = await request.app.state.torchserve.predict(image, explain=True)
@@ -197,8 +197,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"max_upload_bytes": settings.max_upload_bytes, "top_k": TOP_K,
                              "shrink": request.app.state.shrinker.page_rules()})
     # The page is mounted at "/" and would swallow what the routes do not match: the slash
-    # redirect (answer "/classify" too) and the 405 for other methods (say it here).
+    # redirect (answer "/classify" and "/explain" too) and the 405 for other methods (say it here).
     app.add_api_route("/classify", classify, methods=["POST"], include_in_schema=False)
+    app.add_api_route("/explain", explain, methods=["POST"], include_in_schema=False)
 
     async def classify_wrong_method(request: Request) -> JSONResponse:
         return _error(405, f"Method {request.method} is not allowed on {request.url.path}; "
@@ -206,7 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Every other method, so that the page's mount at "/" does not answer them (Allow: GET, HEAD).
     other_methods = ["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
-    for path in ("/classify/", "/classify", "/explain/"):
+    for path in ("/classify/", "/classify", "/explain/", "/explain"):
         app.add_api_route(path, classify_wrong_method, methods=other_methods, include_in_schema=False)
 
     async def health(request: Request) -> JSONResponse:

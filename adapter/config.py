@@ -45,6 +45,9 @@ serving/settings.py).
     KEEPALIVE_TIMEOUT_S   idle keep-alive (and fresh, silent) connections are closed after  5
     MAX_HEADER_BYTES      request line + headers, in bytes (URL too long -> 414, else 431)  16384
     MAX_HEADER_COUNT      headers per request (-> 431)          100
+    MAX_FORM_PARTS        parts in one upload's multipart form (-> 400; the page sends 1)  16
+    SEND_TIMEOUT_S        an answer the client does not read: the connection is reset when its
+                          send buffer stays full this long (writing paused)  30
     CORS_ALLOW_ORIGINS    comma-separated origins, or *; empty: none (the page is same-origin)  (none)
     ADAPTER_DOCS          1: serve /docs (Swagger UI loads from a CDN); default off, /openapi.json stays  0
     ADAPTER_LOG_MAX_BYTES / ADAPTER_LOG_BACKUPS  adapter.log rotates at this size, keeping this
@@ -60,6 +63,7 @@ serving/settings.py).
                           them before uploading (adapter/shrink.py); 0: every file goes as it is  1
     SHRINK_MIN_BYTES      uploads above this (or above 1 MP) are shrunk  262144 (256 KB)
     SHRINK_WORKERS        threads that decode uploads to shrink them    2
+    SHRINK_WAIT_S         the longest an upload waits for a free one; then 503 + Retry-After  5
 """
 from __future__ import annotations
 
@@ -173,6 +177,8 @@ class Settings:
     keepalive_timeout_s: float = 5.0
     max_header_bytes: int = 16 * 1024
     max_header_count: int = 100
+    max_form_parts: int = 16
+    send_timeout_s: float = 30.0
     cors_allow_origins: list[str] = field(default_factory=list)
     docs: bool = False
     log_max_bytes: int = 10 * 1024 * 1024
@@ -185,6 +191,7 @@ class Settings:
     shrink_uploads: bool = True
     shrink_min_bytes: int = images.SHRINK_MIN_BYTES
     shrink_workers: int = 2  # the machine's cores: decoding is CPU work
+    shrink_wait_s: float = 5.0
 
     def check(self) -> None:
         """Refuse settings that contradict each other (called at start-up)."""
@@ -251,6 +258,8 @@ class Settings:
             keepalive_timeout_s=_env_float("KEEPALIVE_TIMEOUT_S", cls.keepalive_timeout_s),
             max_header_bytes=_env_int("MAX_HEADER_BYTES", cls.max_header_bytes),
             max_header_count=_env_int("MAX_HEADER_COUNT", cls.max_header_count),
+            max_form_parts=_env_int("MAX_FORM_PARTS", cls.max_form_parts),
+            send_timeout_s=_env_float("SEND_TIMEOUT_S", cls.send_timeout_s),
             cors_allow_origins=_env_origins("CORS_ALLOW_ORIGINS"),
             docs=_env_flag("ADAPTER_DOCS", cls.docs),
             log_max_bytes=_env_int("ADAPTER_LOG_MAX_BYTES", cls.log_max_bytes),
@@ -263,4 +272,5 @@ class Settings:
             shrink_uploads=_env_flag("SHRINK_UPLOADS", cls.shrink_uploads),
             shrink_min_bytes=_env_int("SHRINK_MIN_BYTES", cls.shrink_min_bytes),
             shrink_workers=_env_int("SHRINK_WORKERS", cls.shrink_workers),
+            shrink_wait_s=_env_float("SHRINK_WAIT_S", cls.shrink_wait_s),
         )

@@ -20,6 +20,8 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+from starlette.requests import ClientDisconnect
+
 from .metrics import Metrics, route_label
 from .request_context import CURRENT
 
@@ -99,9 +101,14 @@ class Edge:
             metrics.in_flight[1] += declared
         try:
             await self.app(scope, counting_receive, tagging_send)
-        except Exception:
+        except Exception as err:
+            if isinstance(err, (ClientDisconnect, ConnectionError)):
+                # The client went away mid-request: its business, not an error of the adapter's.
+                log.info("client gone during %s %s (request %s): %s", scope["method"], scope["path"],
+                         request_id, type(err).__name__)
+            else:
+                log.exception("unexpected error on %s %s (request %s)", scope["method"], scope["path"], request_id)
             # Starlette's last-resort 500 is sent outside this middleware: without an id. Send it here.
-            log.exception("unexpected error on %s %s (request %s)", scope["method"], scope["path"], request_id)
             if not response_started:
                 body = json.dumps({"error": "Internal error in the adapter; see its log."}).encode()
                 await tagging_send({"type": "http.response.start", "status": 500, "headers": [

@@ -9,6 +9,7 @@ port: METRICS_ENABLED, METRICS_PORT in config.py).
                                                      those waiting their turn (adapter/limits.py)
     adapter_refusals_total{reason}                   timeout (408), too_large (413), url_too_long (414),
                                                      headers_too_large (431), bad_http (400 at the parser),
+                                                     unsupported (501: WebSocket, CONNECT, upgrades),
                                                      busy (503 + Retry-After: in-flight caps)
     adapter_model_server_retries_total               predictions sent again after their worker died
     adapter_model_server_errors_total{kind}          unreachable, timeout, busy, error_answer (5xx), bad_answer
@@ -20,10 +21,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-ROUTES = frozenset({"/classify/", "/classify", "/explain/", "/classes", "/settings", "/health", "/metrics", "/"})
+ROUTES = frozenset({"/classify/", "/classify", "/explain/", "/explain", "/classes", "/settings", "/health", "/metrics", "/"})
 # Refusals the adapter makes itself, by status; 503 counts only with Retry-After (the in-flight caps:
 # a 503 for a model server that is down or not ready is the model server's, not a refusal).
-REFUSAL_REASONS = {400: "bad_http", 408: "timeout", 413: "too_large", 414: "url_too_long", 431: "headers_too_large"}
+REFUSAL_REASONS = {400: "bad_http", 408: "timeout", 413: "too_large", 414: "url_too_long", 431: "headers_too_large",
+                   501: "unsupported"}
 # Seconds: a CPU prediction takes milliseconds, a queue under load tenths, the deadline is 10 s.
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 

@@ -8,17 +8,26 @@ what a connection may do before the app sees a request live here, at the HTTP pa
     connections are served (uvicorn's limit_concurrency answers 503 only once a head has arrived,
     holding every socket meanwhile; its backlog only bounds connections not yet accepted);
   * a fresh connection that sends nothing is closed after KEEPALIVE_TIMEOUT_S, like an idle
-    keep-alive one (uvicorn arms that timer only after a first response);
+    keep-alive one (uvicorn arms that timer only after a first response); bytes that begin no
+    request (blank lines between requests) do not reset that timer, only a request's first byte does;
   * a request's line + headers must arrive within HEADER_TIMEOUT_S, and after MIN_RATE_GRACE_S at
     MIN_UPLOAD_RATE on average (a trickled or stalled head: 408, closed);
   * the URL may hold at most MAX_HEADER_BYTES (414), line + headers together too, in at most
-    MAX_HEADER_COUNT headers (431): httptools itself has no limit;
+    MAX_HEADER_COUNT headers (431): httptools itself has no limit. httptools hands over a header only
+    when the next one starts, so the raw bytes of a head still arriving are counted too: past
+    MAX_HEADER_BYTES (+ HEAD_SLACK_BYTES), 431 at once, however long its unfinished line;
+  * no protocol switch: a WebSocket upgrade, CONNECT, or an `Upgrade` on a request with a body is
+    answered 501 (this server has no WebSocket routes); another `Upgrade` (curl --http2's h2c) on a
+    request without a body is ignored, as HTTP allows, and the request answered in HTTP/1.1;
+  * an answer the client does not read (its send buffer full, writing paused) may wait at most
+    SEND_TIMEOUT_S for it to drain; then the connection is reset (a client pipelining requests and
+    reading nothing would otherwise hold it, and megabytes of buffers, for ever);
   * what the parser refuses (`Content-Length: abc`, bad chunk sizes, ...) is answered as a 400 in the
     adapter's `{"error": ...}` JSON instead of uvicorn's text/plain;
   * a response sent before the request's body was read (413, 503 busy, 408) is followed by a
     lingering close: the adapter sends FIN and reads (and drops) what the client is still sending
     until that body ends, for at most BODY_TIMEOUT_S (and LINGER_MAX_S), or at once when it arrives
-    slower than MIN_UPLOAD_RATE (a crawler needs no time to finish), before closing. Closing at once, with unread bytes in the socket, makes the
+    slower than MIN_UPLOAD_RATE (checked every LINGER_CHECK_S: a crawler needs no time to finish), before closing. Closing at once, with unread bytes in the socket, makes the
     kernel send a reset that can destroy the answer before the client reads it (benchmarks/RESULTS.md,
     "Hostile and heavy clients").
 The body's own deadline and the in-flight caps are the app's (adapter/limits.py), where the request
@@ -47,6 +56,9 @@ log = logging.getLogger("adapter.protocol")
 LINGER_MAX_S = 10.0
 # How often a lingering connection's drain rate is checked against MIN_UPLOAD_RATE.
 LINGER_CHECK_S = 1.0
+# A head's raw bytes may pass MAX_HEADER_BYTES by this much before the 431 (what the header count
+# leaves out: the method, the version, line ends, spaces around values).
+HEAD_SLACK_BYTES = 1024
 # SO_LINGER on, 0 s: close() resets the connection and frees it at once (no FIN_WAIT / TIME_WAIT).
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
@@ -66,7 +78,9 @@ class _LingeringTransport:
         return getattr(self._transport, name)
 
     def write(self, data: bytes) -> None:
-        if not self._lingering:  # nothing may follow the FIN
+        # Nothing may follow the FIN; and an answer to a client that is gone (a pipelined request's,
+        # whose cycle uvicorn never marks disconnected) is dropped: uvloop raises on a closed transport.
+        if not self._lingering and not self._transport.is_closing():
             self._transport.write(data)
 
     def close(self) -> None:
@@ -173,6 +187,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport = _LingeringTransport(transport, self)  # type: ignore[assignment]
         self._head_timer = None
         self._head_received = 0
+        self._in_head = False  # a request's line + headers are arriving
+        self._in_message = False  # a request is arriving (its head or its body)
+        self._messages_begun = 0
+        self._head_raw = 0  # raw bytes of the head in progress (those httptools still holds included)
+        self._send_timer = None
         self._refusal: tuple[int, str] | None = None
         # A connection that never sends a byte would otherwise stay open for ever.
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
@@ -184,6 +203,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.open_connections.closed(self._connection_key)
         self._connection_key = None
         self._cancel_head_timer()
+        self._cancel_send_timer()
         super().connection_lost(exc)
 
     def _cancel_head_timer(self) -> None:
@@ -205,25 +225,60 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.send_error(400, "The request is not valid HTTP.")
 
     def data_received(self, data: bytes) -> None:
-        self._unset_keepalive_if_required()
+        # The keep-alive timer is not reset here: bytes that begin no request (blank lines) must not
+        # keep a connection open; on_message_begin stops it.
         transport = self.transport
         if transport._lingering:
             transport._drained += len(data)
+            self._unset_keepalive_if_required()  # the lingering close has deadlines of its own
+        received = len(data)
+        begun, idle = self._messages_begun, not self._in_message
+        rest = data
         try:
-            self.parser.feed_data(data)
-            if self._head_timer is not None:  # the head is still arriving: count it for its rate
-                self._head_received += len(data)
-        except httptools.HttpParserUpgrade:
-            super()._unsupported_upgrade_warning()
+            while True:
+                try:
+                    self.parser.feed_data(rest)
+                    break
+                except httptools.HttpParserUpgrade as upgrade:
+                    # An Upgrade this server ignores (on_headers_complete refused the others): what
+                    # follows is the next request, in HTTP/1.1.
+                    offset = upgrade.args[0] if upgrade.args else len(rest)
+                    rest = rest[offset:]
+                    if not rest:
+                        break
         except httptools.HttpParserError as err:
             self._cancel_head_timer()
+            self._in_head = False
             status, message = self._refusal or (400, f"The request is not valid HTTP: {_parser_reason(err)}.")
             log.warning("refused a request at the HTTP parser (%d): %s", status, message)
             self.send_error(status, message)
+            return
+        if not self._in_head:
+            return
+        if self._head_timer is not None:  # the head is still arriving: count it for its rate
+            self._head_received += received
+        # Its raw size: the whole chunk when the head began before it, or began it on an idle
+        # connection; a head that began behind another request in the chunk counts from the next one.
+        if self._messages_begun == begun:
+            self._head_raw += received
+        elif self._messages_begun == begun + 1 and idle:
+            self._head_raw = received
+        limit = self.settings.max_header_bytes
+        if self._head_raw > limit + HEAD_SLACK_BYTES:
+            self._cancel_head_timer()
+            self._in_head = False
+            message = f"The request headers are too large: the limit is {limit} bytes."
+            log.warning("refused a request at the HTTP parser (431): %s (%d bytes and counting)",
+                        message, self._head_raw)
+            self.send_error(431, message)
 
     # ---- parser callbacks ------------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._unset_keepalive_if_required()  # a request has begun: its head's deadline applies now
+        self._in_head = self._in_message = True
+        self._messages_begun += 1
+        self._head_raw = 0
         self._head_bytes = 0
         self._head_received = 0
         self._head_started = self.loop.time()
@@ -271,13 +326,57 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
+        self._in_head = False
+        if self.parser.should_upgrade():
+            self._refuse_upgrade()
         super().on_headers_complete()
 
+    def _should_upgrade(self) -> bool:  # uvicorn's: hand the connection to a WebSocket protocol
+        return False  # never: no WebSocket routes here (on_headers_complete answers those requests)
+
+    def _refuse_upgrade(self) -> None:
+        """501 for a protocol switch this server cannot make; returns for an Upgrade it may ignore."""
+        if self.parser.get_method() == b"CONNECT":
+            self._refuse(501, "CONNECT is not supported: this server is not a proxy.")
+        upgrade = (self._get_upgrade() or b"").decode("latin-1")
+        if "websocket" in upgrade.lower():
+            self._refuse(501, "WebSocket is not supported: this server answers plain HTTP requests only.")
+        # httptools skips the body of an upgrade request (it would be the new protocol's bytes): it
+        # cannot be read, so the request cannot be answered.
+        if any(name in (b"content-length", b"transfer-encoding") and value.strip() not in (b"", b"0")
+               for name, value in self.headers):
+            self._refuse(501, f"Protocol upgrades (Upgrade: {upgrade[:40]}) are not supported: "
+                              "send the request without the Upgrade header.")
+
     def on_message_complete(self) -> None:
+        self._in_message = False
         if getattr(self.transport, "_lingering", False):  # the refused body has ended: close now
             self.transport._transport.close()
             return
         super().on_message_complete()
+
+
+    # ---- flow control ------------------------------------------------------------------------
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if getattr(self, "_send_timer", False) is None:
+            self._send_timer = self.loop.call_later(self.settings.send_timeout_s, self._send_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_send_timer()
+
+    def _cancel_send_timer(self) -> None:
+        if getattr(self, "_send_timer", None) is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_stalled(self) -> None:
+        self._send_timer = None
+        self.open_connections.refusals.warning(
+            "reset a connection from %s: it read none of its answers for %g s (SEND_TIMEOUT_S)",
+            self.client[0] if self.client else None, self.settings.send_timeout_s)
+        _reset(getattr(self.transport, "_transport", self.transport))
 
 
 def _parser_reason(err: Exception) -> str:

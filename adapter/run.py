@@ -243,6 +243,7 @@ def serve(host: str, port: int, log_file: Path | None) -> int:
     config = uvicorn.Config(app, host=host, port=port,
                             http=protocol_class(settings, app.state.refused_before_app),
                             timeout_keep_alive=settings.keepalive_timeout_s, access_log=False,
+                            ws="none",  # no WebSocket routes: upgrades are answered 501 (adapter/protocol.py)
                             proxy_headers=bool(settings.trusted_proxies),
                             forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
                             log_config=logging_config(log_file, settings))

@@ -11,18 +11,26 @@ handler's 413 on its header, before any pixel is decoded. Other formats, small f
 Decoding runs in a pool of SHRINK_WORKERS threads, never on the event loop (Pillow releases the GIL
 while it decodes, resizes and encodes). What waits for the pool is bounded by the in-flight caps
 (limits.py): the uploads are already held; a thread holds at most one decoded picture (a JPEG at
-1/8 scale, or up to 16 MP of another format). A small upload's header is read on the loop (tens of
+1/8 scale, or up to 16 MP of another format). An upload waits for a free thread (first come, first
+served) at most SHRINK_WAIT_S, then gets 503 + Retry-After: dozens of 16 MP uploads queued ahead
+must not hold everyone else's answers for many seconds. A small upload's header is read on the loop (tens of
 microseconds): only one that declares many pixels goes to the pool.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from serving.images import ImageRequestError, open_upload, page_shrink_rules, shrunk_png, worth_shrinking
+from serving.throttled_log import ThrottledLog
 
 from .config import Settings
 from .errors import ClassifyError
+
+log = logging.getLogger("adapter.shrink")
+
+SHRINK_BUSY_MESSAGE = "The server is busy shrinking other photos; try again shortly."
 
 
 class UploadShrinker:
@@ -31,6 +39,10 @@ class UploadShrinker:
         self.min_bytes = settings.shrink_min_bytes
         self._pool = (ThreadPoolExecutor(settings.shrink_workers, thread_name_prefix="shrink")
                       if self.enabled else None)
+        self._threads = asyncio.Semaphore(settings.shrink_workers)  # FIFO for its waiters
+        self.wait_s = settings.shrink_wait_s
+        self.retry_after = {"Retry-After": str(settings.retry_after_s)}
+        self.refusals = ThrottledLog(log)
 
     def page_rules(self) -> dict | None:
         """What the page shrinks, and how (GET /settings); None: send every file as it is."""
@@ -41,7 +53,6 @@ class UploadShrinker:
         image the handler would refuse."""
         if not self.enabled:
             return data
-        loop = asyncio.get_running_loop()
         try:
             if len(data) <= self.min_bytes:
                 try:
@@ -52,10 +63,23 @@ class UploadShrinker:
                     return data  # not an image: the handler says so, as it did before
                 if not worth_shrinking(img, len(data), self.min_bytes):
                     return data
-                return await loop.run_in_executor(self._pool, shrunk_png, img, explain)
-            return await loop.run_in_executor(self._pool, self._shrink_large, data, explain)
+                return await self._in_pool(shrunk_png, img, explain)
+            return await self._in_pool(self._shrink_large, data, explain)
         except ImageRequestError as err:
             raise ClassifyError(err.status, err.message) from None
+
+    async def _in_pool(self, work, *args):
+        """work(*args) on a pool thread, once one is free within wait_s; else 503 busy."""
+        try:
+            async with asyncio.timeout(self.wait_s):
+                await self._threads.acquire()
+        except TimeoutError:
+            self.refusals.warning("503 (shrink busy): no thread free to shrink an upload within %g s", self.wait_s)
+            raise ClassifyError(503, SHRINK_BUSY_MESSAGE, self.retry_after) from None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
+        finally:
+            self._threads.release()
 
     def _shrink_large(self, data: bytes | bytearray, explain: bool) -> bytes | bytearray:
         img = open_upload(data)  # in the pool: a 10 MB PNG's checksums take milliseconds

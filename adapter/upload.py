@@ -6,7 +6,11 @@ body is fed chunk by chunk to python-multipart's streaming parser and counted as
   * a Content-Length larger than the limit is refused before a single body byte is read;
   * a body without Content-Length (chunked) is refused as soon as the count passes the limit;
   * the `image` part itself may hold at most `max_upload_bytes`; the rest of the form (part
-    headers, boundaries, small extra fields) may add FORM_OVERHEAD_BYTES.
+    headers, boundaries, small extra fields) may add FORM_OVERHEAD_BYTES;
+  * the form may hold at most MAX_FORM_PARTS parts (400 at the next one): the parser runs on the
+    event loop, and each part costs it far more than its bytes (10 MB of tiny parts took seconds of
+    CPU, every other client waiting). python-multipart bounds each part's headers itself (8 headers
+    of 4 KB).
 Only the `image` part is kept (in memory: at most `max_upload_bytes`); other parts are skipped.
 """
 from __future__ import annotations
@@ -42,11 +46,18 @@ def too_large(max_bytes: int) -> ClassifyError:
     return ClassifyError(413, f"The image is too large: the limit is {_mb(max_bytes)}.")
 
 
-class _ImageCollector:
-    """python-multipart callbacks that keep the first `image` part and count its bytes."""
+def too_many_parts(max_parts: int) -> ClassifyError:
+    return ClassifyError(400, f"The form has too many parts: the limit is {max_parts}. "
+                              "Send the image in one field named 'image'.")
 
-    def __init__(self, max_bytes: int):
+
+class _ImageCollector:
+    """python-multipart callbacks that keep the first `image` part, count its bytes and the parts."""
+
+    def __init__(self, max_bytes: int, max_parts: int):
         self.max_bytes = max_bytes
+        self.max_parts = max_parts
+        self.parts = 0
         self.image: ImageUpload | None = None
         self._buffer: bytearray | None = None
         self._header_name = b""
@@ -65,6 +76,9 @@ class _ImageCollector:
         }
 
     def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.max_parts:
+            raise too_many_parts(self.max_parts)
         self._headers = {}
         self._buffer = None
 
@@ -103,7 +117,7 @@ class _ImageCollector:
         self._buffer = None
 
 
-async def read_image_upload(request: Request, max_bytes: int) -> ImageUpload:
+async def read_image_upload(request: Request, max_bytes: int, max_parts: int) -> ImageUpload:
     """The `image` field of a multipart/form-data request, or a ClassifyError (400 / 413)."""
     mime, params = parse_options_header(request.headers.get("content-type", ""))
     if mime != b"multipart/form-data" or not params.get(b"boundary"):
@@ -120,7 +134,7 @@ async def read_image_upload(request: Request, max_bytes: int) -> ImageUpload:
             # Refused before reading the body: the client is told at once, not after uploading it.
             raise too_large(max_bytes)
 
-    collector = _ImageCollector(max_bytes)
+    collector = _ImageCollector(max_bytes, max_parts)
     parser = MultipartParser(params[b"boundary"], collector.callbacks())
     received = 0
     try:

@@ -1,0 +1,236 @@
+"""Hostile clients at the adapter's edge that need no model: a real adapter process (in front of no
+TorchServe at all) over real sockets, with short deadlines through its settings.
+
+    many tiny multipart parts   -> 400 at MAX_FORM_PARTS (the parser runs on the event loop)
+    a header line that never ends -> 431 as soon as the head passes MAX_HEADER_BYTES
+    blank lines only            -> closed at KEEPALIVE_TIMEOUT_S, like a silent connection
+    WebSocket / CONNECT / Upgrade with a body -> 501 JSON; another Upgrade is ignored
+    POST /explain (no slash)    -> the explanation route, as /classify
+    answers never read          -> reset after SEND_TIMEOUT_S; no traceback in the log
+    uploads queued to be shrunk -> 503 + Retry-After after SHRINK_WAIT_S
+"""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from adapter.run import running_adapter
+from serving.process import free_port
+
+KEEPALIVE_TIMEOUT_S = 1.0
+HEADER_TIMEOUT_S = 6.0
+SEND_TIMEOUT_S = 1.0
+SHRINK_WAIT_S = 0.2
+MAX_FORM_PARTS = 16
+MAX_HEADER_BYTES = 16384  # the default
+# How late a deadline may fire on a loaded 2-core machine.
+LATE_S = 4.0
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory):
+    dead = f"http://127.0.0.1:{free_port()}"  # no model server: every path here is refused before it
+    env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "KEEPALIVE_TIMEOUT_S": str(KEEPALIVE_TIMEOUT_S),
+           "HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "SEND_TIMEOUT_S": str(SEND_TIMEOUT_S),
+           "SHRINK_WORKERS": "1", "SHRINK_WAIT_S": str(SHRINK_WAIT_S)}
+    with running_adapter(env, tmp_path_factory.mktemp("hostile-edge") / "adapter.log") as proc:
+        proc.port = int(proc.base_url.rsplit(":", 1)[1])
+        yield proc
+
+
+def connect(port: int, timeout: float = 30.0) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    with connect(port) as sock:
+        sock.sendall(data)
+        return read_until_closed(sock)
+
+
+def status_and_json(response: bytes) -> tuple[int, dict, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip()
+               for name, _, value in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split(" ")[1]), headers, json.loads(body) if body else {}
+
+
+def form_request(port: int, body: bytes, path: str = "/classify/") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+def png(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_part(data: bytes, name: str = "image") -> bytes:
+    return (f'--xx\r\nContent-Disposition: form-data; name="{name}"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode() + data + b"\r\n"
+
+
+TINY_PART = b"--xx\r\nA:b\r\n\r\nz\r\n"
+
+
+def test_a_form_of_many_tiny_parts_is_refused_at_max_form_parts(edge):
+    small = png((4, 4))
+    # A form with a few fields beside the image (curl -F ... -F ...) is read: 503, the model server is absent.
+    few = b"".join(image_part(b"v", name=f"field{i}") for i in range(3)) + image_part(small) + b"--xx--\r\n"
+    status, _, answer = status_and_json(exchange(edge.port, form_request(edge.port, few)))
+    assert status == 503, answer
+    # One part more than the limit, the image last: refused at the part, before the image is reached.
+    many = TINY_PART * MAX_FORM_PARTS + image_part(small) + b"--xx--\r\n"
+    status, _, answer = status_and_json(exchange(edge.port, form_request(edge.port, many)))
+    assert status == 400 and f"too many parts: the limit is {MAX_FORM_PARTS}" in answer["error"], answer
+    # 10 MB of them (seconds of the event loop's CPU when parsed in full): refused at once.
+    flood = TINY_PART * ((10 * 1024 * 1024 - 100) // len(TINY_PART))
+    started = time.monotonic()
+    status, _, answer = status_and_json(exchange(edge.port, form_request(edge.port, flood, "/explain/")))
+    assert status == 400 and "too many parts" in answer["error"], answer
+    assert time.monotonic() - started < 3.0
+
+
+def test_a_header_line_that_never_ends_gets_431_once_the_head_passes_the_limit(edge):
+    # In pieces, the line never finished: httptools holds the value until the next header starts.
+    with connect(edge.port) as sock:
+        sock.sendall(b"GET /classes HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        for _ in range(MAX_HEADER_BYTES // 2048 + 2):
+            sock.sendall(b"a" * 2048)
+            time.sleep(0.05)
+        started = time.monotonic()
+        response = read_until_closed(sock)
+    status, _, answer = status_and_json(response)
+    assert status == 431 and "headers are too large" in answer["error"], response[:300]
+    assert time.monotonic() - started < LATE_S  # not HEADER_TIMEOUT_S's 408
+    # In one piece, 64 KB and no line end.
+    with connect(edge.port) as sock:
+        sock.sendall(b"GET /classes HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536)
+        status, _, _ = status_and_json(read_until_closed(sock))
+    assert status == 431
+    # A head just under the limit is served, alone and behind another request in the same packet.
+    near = b"GET /settings HTTP/1.1\r\nHost: x\r\nX-Near: " + b"a" * (MAX_HEADER_BYTES - 200) + b"\r\n"
+    response = exchange(edge.port, b"GET /settings HTTP/1.1\r\nHost: x\r\n\r\n" + near + b"Connection: close\r\n\r\n")
+    assert response.count(b"HTTP/1.1 200 OK") == 2, response[:300]
+    assert exchange(edge.port, near + b"Connection: close\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+
+
+@pytest.mark.parametrize("after_a_request", [False, True], ids=["fresh", "kept-alive"])
+def test_blank_lines_do_not_keep_a_connection_open(edge, after_a_request):
+    with connect(edge.port, timeout=1.0) as sock:
+        started = time.monotonic()
+        if after_a_request:
+            sock.sendall(b"GET /settings HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        closed = False
+        while time.monotonic() - started < KEEPALIVE_TIMEOUT_S + LATE_S:
+            try:
+                sock.sendall(b"\r\n")  # begins no request
+                if sock.recv(65536) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+                break
+        assert closed, "a connection sending only blank lines is still open"
+        assert time.monotonic() - started >= KEEPALIVE_TIMEOUT_S - 0.1
+
+
+WEBSOCKET = (b"GET /classes HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+@pytest.mark.parametrize("request_bytes, words", [
+    (WEBSOCKET, "WebSocket is not supported"),
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", "CONNECT is not supported"),
+    # httptools never reads the body of an upgrade request: it cannot be answered
+    (b"POST /classify/ HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+     b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+     b"Content-Length: 6\r\n\r\n--xx--", "Upgrade: h2c"),
+], ids=["websocket", "connect", "h2c-with-body"])
+def test_protocol_switches_get_501_json_and_are_closed(edge, request_bytes, words):
+    started = time.monotonic()
+    status, headers, answer = status_and_json(exchange(edge.port, request_bytes))
+    assert status == 501 and words in answer["error"] and set(answer) == {"error"}, answer
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+    assert time.monotonic() - started < LATE_S
+
+
+def test_another_upgrade_without_a_body_is_ignored_and_answered_in_http_1_1(edge):
+    # curl --http2 on http:// asks for h2c; the request, and the one after it, are answered as HTTP/1.1.
+    response = exchange(edge.port, b"GET /settings HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                                   b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+                                   b"GET /settings HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert response.count(b"HTTP/1.1 200 OK") == 2 and response.count(b"max_upload_bytes") == 2, response[:500]
+
+
+def test_post_explain_without_the_slash_is_the_explanation_route(edge):
+    request = b"POST /explain HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    status, _, answer = status_and_json(exchange(edge.port, request))
+    assert status == 400 and "multipart/form-data" in answer["error"], answer  # the route's, not a 405
+    status, headers, answer = status_and_json(
+        exchange(edge.port, b"GET /explain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    assert status == 405 and headers["allow"] == "POST", (status, headers, answer)
+
+
+def test_a_client_that_reads_none_of_its_answers_is_reset_after_send_timeout(edge):
+    count = 1500  # ~7 MB of answers: more than the kernel's buffers hold
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", edge.port))
+        sock.sendall(b"GET /classes HTTP/1.1\r\nHost: x\r\n\r\n" * count)
+        time.sleep(SEND_TIMEOUT_S + 2.0)  # reads nothing meanwhile
+        answered, reset = 0, False
+        try:
+            while chunk := sock.recv(1 << 20):
+                answered += chunk.count(b"HTTP/1.1 200 OK")
+        except ConnectionResetError:
+            reset = True
+        except socket.timeout:
+            pass
+    assert reset or answered < count, f"all {count} answers waited for a client that read none"
+    log = edge.log_file.read_text()
+    assert "SEND_TIMEOUT_S" in log
+    # Answers to a connection that is gone are dropped, not an error with a traceback.
+    assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
+
+
+def test_uploads_waiting_to_be_shrunk_get_503_busy_after_shrink_wait(edge):
+    # 16 MP each (a second or so to decode): with one shrinking thread, the later ones wait past SHRINK_WAIT_S.
+    body = image_part(png((4000, 3999), "RGBA")) + b"--xx--\r\n"
+    results = []
+
+    def upload(i: int) -> None:
+        with socket.socket() as sock:
+            sock.settimeout(60)
+            sock.bind((f"127.0.0.{2 + i % 4}", 0))  # several addresses: no client share is reached first
+            sock.connect(("127.0.0.1", edge.port))
+            sock.sendall(form_request(edge.port, body))
+            results.append(status_and_json(read_until_closed(sock)))
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    busy = [(status, headers, answer) for status, headers, answer in results if "busy shrinking" in answer["error"]]
+    assert len(results) == 6 and busy, results
+    assert all(status == 503 and headers.get("retry-after") == "1" for status, headers, _ in busy), busy
