@@ -49,7 +49,8 @@ install-system:
 data: install
 	$(PY) -m training.data --data-dir data
 
-# A training run into runs/latest (TRAIN_ARGS="--epochs 30 ..."; python -m training.train --help).
+# A training run into runs/latest (TRAIN_ARGS="--epochs 30 ..."; python -m training.train --help); a run
+# already there is continued with TRAIN_ARGS=--resume or started over with TRAIN_ARGS="--overwrite ...".
 train: install
 	$(PY) -m training.train --data-dir $(CIFAR100_DATA) --out runs/latest $(TRAIN_ARGS)
 

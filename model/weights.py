@@ -17,9 +17,9 @@ class WeightsError(RuntimeError):
     """The weights cannot be turned into a CIFAR100Model; the message says why."""
 
 
-def read_state_dict(path: str | Path) -> dict:
+def read_state_dict(path: str | Path, checkpoint: bool = True) -> dict:
     """The network's state dict from a .pth state dict or a training checkpoint (its EMA weights
-    when it has them, as training exports them)."""
+    when it has them, as training exports them); ``checkpoint=False`` refuses a checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"no weights file at '{path}'")
@@ -29,6 +29,9 @@ def read_state_dict(path: str | Path) -> dict:
     except Exception as err:  # torch raises several types (pickle, zip, RuntimeError) for a bad file
         raise WeightsError(f"'{path}' is not a readable PyTorch weights file ({type(err).__name__}: {err})") from err
     if isinstance(obj, dict) and "model" in obj and "epoch" in obj:  # a training checkpoint
+        if not checkpoint:
+            raise WeightsError(f"'{path}' is a training checkpoint, not a weights file: pass the CIFAR100_model.pth "
+                               f"its run wrote beside it (or make one: python -m training.export {path} OUT.pth)")
         obj = obj.get("ema") or obj["model"]
         # AveragedModel's state dict prefixes the network's keys with "module." and adds a counter.
         if "n_averaged" in obj:

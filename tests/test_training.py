@@ -216,9 +216,10 @@ def test_corrupted_data_reports_the_integrity_failure(tmp_path, capsys):
 
 def test_ctrl_c_mid_epoch_keeps_the_last_finished_epochs_checkpoint(tmp_path):
     out = tmp_path / "run"
-    # Progress bars on: the epoch 2 bar showing a finished step tells us the run is mid-epoch 2.
+    # Progress bars on (--progress: stderr is a pipe here, which gets none by default): the epoch 2
+    # bar showing a finished step tells us the run is mid-epoch 2.
     # 16 steps an epoch, so the signal lands well before epoch 2 ends even on a fast machine.
-    args = [a for a in small_run(train_subset=1024) if a != "--no-progress"]
+    args = [a for a in small_run(train_subset=1024) if a != "--no-progress"] + ["--progress"]
     proc = subprocess.Popen([sys.executable, "-m", "training.train", *args, "--epochs", "3", "--out", str(out)],
                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -250,6 +251,7 @@ def test_ctrl_c_mid_epoch_keeps_the_last_finished_epochs_checkpoint(tmp_path):
     text = "".join(stderr)
     assert rc == 130, text[-2000:]
     assert "interrupted: the last finished epoch's checkpoint is intact" in text
+    assert f"continue with: python -m training.train --resume --out {out}" in text  # not runs/latest's
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 1
     CIFAR100Model(width=1).load_state_dict(checkpoint["model"], strict=True)

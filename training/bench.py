@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from model import CIFAR100_MEAN, CIFAR100_STD, CIFAR100Model
-from training.data import batches, default_data_dir, downscale, load_split, normalize
-from training.runtime import pick_amp, pick_device
+from training.data import batches, data_error, default_data_dir, downscale, load_split, normalize
+from training.runtime import pick_amp, pick_device, user_errors
 from serving import cli
 
 
@@ -40,7 +40,11 @@ def bench_plain(width, data_dir, batch_size, warmup, steps, device):
         transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
         transforms.ToTensor(), transforms.Normalize(CIFAR100_MEAN, CIFAR100_STD),
     ])
-    loader = DataLoader(CIFAR100(data_dir, train=True, transform=tf), batch_size=batch_size,
+    try:
+        dataset = CIFAR100(data_dir, train=True, transform=tf)
+    except RuntimeError as err:  # torchvision's "Dataset not found or corrupted": say which, and what to do
+        raise data_error(data_dir, True, err) from err
+    loader = DataLoader(dataset, batch_size=batch_size,
                         shuffle=True, num_workers=2, drop_last=True, persistent_workers=False)
     model = CIFAR100Model(width=width).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -87,20 +91,21 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+@user_errors
 def main(argv=None):
     p = cli.Parser("training.bench", __doc__)
     p.add_argument("--data-dir", default=default_data_dir())
-    p.add_argument("--widths", type=int, nargs="+", default=[2, 4, 10])
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--widths", type=cli.positive_int, nargs="+", default=[2, 4, 10])
+    p.add_argument("--batch-size", type=cli.positive_int, default=128)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=cli.positive_int, default=10)
     p.add_argument("--only", choices=["plain", "fast"], default=None)
     p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                    help="the fast path's mixed precision, as training.train --amp (default: %(default)s)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="the fast path's memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's network")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--resolutions", type=int, nargs="+", default=None, metavar="PX",
                    help="the fast path only, at each of these training resolutions (training.train --min-res): "
                         "images/s and cost per image relative to the last one given, e.g. 16 24 32")
@@ -205,4 +210,4 @@ def plan_budget(args, device, amp) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from serving.settings import CALIBRATION_FILE
 from serving import cli
+from training.runtime import served_weights, user_errors
 
 RELIABILITY_FILE = "reliability.png"
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017 ("On Calibration of Modern Neural Networks")
@@ -163,8 +164,8 @@ def logits_on_test_split(weights: Path, data_dir: str) -> tuple[torch.Tensor, to
     from training.data import load_split
     from training.evaluation import predict_plain_and_flip_tta_logits
 
+    network = serving_model(served_weights(weights))  # before the data load: a wrong file is named at once
     images, labels = load_split(data_dir, train=False)
-    network = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
     return (*predict_plain_and_flip_tta_logits(network, images, labels), labels)
 
 
@@ -190,6 +191,7 @@ def summary(result: dict) -> str:
             f"(sure ones {_share(unsure['sure_accuracy'])})")
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     from training.data import default_data_dir
 

@@ -39,11 +39,13 @@ def default_data_dir() -> str:
     return "data"
 
 
-def load_split(root: str | os.PathLike, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(root: str | os.PathLike, train: bool, download: bool = False,
+               offer_download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (images uint8 [N, 3, 32, 32], labels int64 [N]) of one split.
 
     Only that split's file and ``meta`` need be there (md5-checked): a machine that only evaluates or
-    benchmarks can hold the 31 MB test split without the 155 MB training one."""
+    benchmarks can hold the 31 MB test split without the 155 MB training one. ``offer_download``: the
+    calling command has a --download option, so a missing-data message may suggest it."""
     from torchvision.datasets import CIFAR100
 
     class OneSplit(CIFAR100):
@@ -58,28 +60,38 @@ def load_split(root: str | os.PathLike, train: bool, download: bool = False) -> 
     root = Path(root)
     try:
         ds = OneSplit(str(root), train, download)
-    except RuntimeError as err:
-        present = [f for f in _FILES[train] if (root / f).exists()]
-        if not present:
-            # A common slip: pointing at cifar-100-python/ itself rather than the folder above it.
-            hint = (f" '{root}' looks like the cifar-100-python folder itself: pass its parent, '{root.parent}'."
-                    if (root / "meta").exists() else "")
-            raise DataError(
-                f"CIFAR-100 not found under '{root}' (looked for {root / 'cifar-100-python'}). "
-                f"Point --data-dir (or the {DATA_ENV} environment variable) at the folder that holds "
-                f"'cifar-100-python/', or fetch it: `make data` (into ./data) or --download (needs internet).{hint}"
-            ) from err
-        missing = [f for f in _FILES[train] if f not in present]
-        raise DataError(
-            f"CIFAR-100 files under '{root / 'cifar-100-python'}' failed torchvision's integrity check "
-            f"({err}). "
-            + (f"Missing: {', '.join(missing)}. " if missing else
-               "A file is truncated or altered: its md5 does not match the official release. ")
-            + "Replace the folder with an intact copy (or delete it and pass --download)."
-        ) from err
+    except OSError as err:  # urllib's errors (no network, a refused connection) are OSErrors
+        action = "download CIFAR-100 into" if download else "read CIFAR-100 under"
+        raise DataError(f"could not {action} '{root}' ({type(err).__name__}: {err})") from err
+    except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
+        raise data_error(root, train, err, offer_download) from err
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(ds.targets, dtype=torch.int64)
     return images, labels
+
+
+def data_error(root: str | os.PathLike, train: bool, err: Exception, offer_download: bool = False) -> DataError:
+    """What to do when torchvision refused the split under ``root`` (``err``): the data is missing, in
+    the wrong folder, or corrupted. --download is suggested only by a command that has it
+    (``offer_download``); ``python -m training.data`` works for every one."""
+    root = Path(root)
+    fetch = f"`python -m training.data --data-dir {root}`" + (" or --download" if offer_download else "")
+    present = [f for f in _FILES[train] if (root / f).exists()]
+    if not present:
+        # A common slip: pointing at cifar-100-python/ itself rather than the folder above it.
+        hint = (f" '{root}' looks like the cifar-100-python folder itself: pass its parent, '{root.parent}'."
+                if (root / "meta").exists() else "")
+        return DataError(
+            f"CIFAR-100 not found under '{root}' (looked for {root / 'cifar-100-python'}). "
+            f"Point --data-dir (or the {DATA_ENV} environment variable) at the folder that holds "
+            f"'cifar-100-python/', or fetch it (needs internet): {fetch}; `make data` puts it in ./data.{hint}")
+    missing = [f for f in _FILES[train] if f not in present]
+    return DataError(
+        f"CIFAR-100 files under '{root / 'cifar-100-python'}' failed torchvision's integrity check "
+        f"({err}). "
+        + (f"Missing: {', '.join(missing)}. " if missing else
+           "A file is truncated or altered: its md5 does not match the official release. ")
+        + f"Replace the folder with an intact copy (or delete it and fetch it again: {fetch}).")
 
 
 def subset(images: torch.Tensor, labels: torch.Tensor, n: int | None, seed: int = 0):

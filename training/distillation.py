@@ -33,17 +33,28 @@ def labels_sha256(labels: torch.Tensor) -> str:
 
 
 def teacher_logits(weights: list[Path], images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
-                   device: torch.device = torch.device("cpu"), amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   device: torch.device = torch.device("cpu"), amp_dtype: torch.dtype | None = None,
+                   progress: bool = False) -> torch.Tensor:
     """Mean flip-TTA logits of the teachers [N, classes], float32 on the CPU (the forward passes in
-    amp_dtype's autocast when given)."""
+    amp_dtype's autocast when given); ``progress``: a tqdm bar over the images, every teacher's."""
+    from tqdm import tqdm
+
     from model import load_network
     from training.evaluation import predict_logits
 
     models = [load_network(path) for path in weights]  # every file checked before the minutes of inference
+    chunk = 4 * batch_size  # the bar moves every few seconds; the logits are the same as in one call
     total = None
-    for model in models:
-        logits = predict_logits(model.to(device), images, labels, batch_size, device, amp_dtype, True, True)
-        total = logits if total is None else total + logits
+    with tqdm(total=len(models) * len(labels), desc="teachers' logits", unit="img", disable=not progress) as bar:
+        for model in models:
+            model = model.to(device)
+            parts = []
+            for start in range(0, len(labels), chunk):
+                parts.append(predict_logits(model, images[start:start + chunk], labels[start:start + chunk],
+                                            batch_size, device, amp_dtype, True, True))
+                bar.update(len(parts[-1]))
+            logits = torch.cat(parts)
+            total = logits if total is None else total + logits
     return total / len(weights)
 
 
@@ -72,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     from model import WeightsError
     from training.data import DataError, default_data_dir, load_split
     from training.evaluation import accuracy
-    from training.runtime import DEVICE_HELP, atomic_save, device_argument, pick_amp, pick_device
+    from training.runtime import (DEVICE_HELP, atomic_save, device_argument, pick_amp, pick_device, progress_argument,
+                                  show_progress)
 
     parser = cli.Parser("training.distillation", __doc__.split("\n\n")[0])
     parser.add_argument("teachers", type=Path, nargs="+", help="CIFAR100_model.pth state dicts (any widths)")
@@ -81,12 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
     parser.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                         help="the teachers' mixed precision, as training.train --amp; off: float32")
+    progress_argument(parser)
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     amp_dtype = pick_amp(args.amp, device)
     try:
         images, labels = load_split(args.data_dir, train=True)
-        logits = teacher_logits(args.teachers, images, labels, device=device, amp_dtype=amp_dtype)
+        logits = teacher_logits(args.teachers, images, labels, device=device, amp_dtype=amp_dtype,
+                                progress=show_progress(args.progress))
     except (DataError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

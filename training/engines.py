@@ -34,7 +34,7 @@ import torch
 from handler import engine as engines
 from serving.settings import CALIBRATION_FILE
 from serving import cli
-from training.runtime import DEVICE_HELP, device_argument, pick_device
+from training.runtime import DEVICE_HELP, device_argument, pick_device, served_weights, user_errors
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
@@ -146,6 +146,7 @@ def kept_entries(old: dict, weights_sha256: str) -> dict:
     return {name: {"measured_on": stamp, **entry} for name, entry in old.get("engines", {}).items()}
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     from handler.engine import serving_model
     from training.data import default_data_dir, load_split
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("weights", type=Path, nargs="?", default=DEFAULT_WEIGHTS)
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--engines", nargs="+", default=list(engines.ENGINES[1:]), choices=engines.ENGINES[1:])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=cli.positive_int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu", type=device_argument, help=DEVICE_HELP)
     parser.add_argument("--record", type=Path, help=f"where the record goes (default: {engines.RECORD_FILE} "
                         "beside the weights; needed with a GPU)")
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cpu" and args.record is None:
         parser.error(f"--device {args.device}: give --record FILE ({engines.RECORD_FILE} beside the weights is the "
                      "CPUs' record, which CPU workers read)")
+    state_dict = served_weights(args.weights)  # before the data load: a wrong file is named at once
     inputs_path = folder / engines.INPUTS_FILE
     if not inputs_path.is_file():
         torch.save(training_inputs(args.data_dir), inputs_path)
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     shipped = json.loads(calibration_path.read_text()) if calibration_path.is_file() else None
 
     images, labels = load_split(args.data_dir, train=False)
-    model = serving_model(torch.load(args.weights, map_location="cpu", weights_only=True)).to(device)
+    model = serving_model(state_dict).to(device)
     reference = engine_logits(engines.Engine(engines.EAGER, model), images, device=device)
     # fp32's top-1 on the probe: the worker's start-up check compares against it (handler/engine.py).
     record["probe_fp32_top1"] = engine_logits(engines.Engine(engines.EAGER, model), inputs["probe"],

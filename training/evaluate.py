@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from model import WeightsError, display_name, load_class_names, load_network
-from training.data import DataError, default_data_dir, load_split, subset
+from model import display_name, load_class_names, load_network
+from training.data import default_data_dir, load_split, subset
 from training.evaluation import (accuracy, confusion_matrix, most_confused_pairs, per_class_accuracy,
                                  predict_logits, EVAL_BATCH_SIZE)
-from training.runtime import DEVICE_HELP, device_argument, pick_device
+from training.runtime import DEVICE_HELP, device_argument, pick_device, user_errors
 from serving import cli
 
 
@@ -73,24 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="average with the mirrored image (the served handler does not; --no-tta matches it)")
     p.add_argument("--json", metavar="OUT", help="also write the full report (every class) as JSON here")
-    p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
+    p.add_argument("--batch-size", type=cli.positive_int, default=EVAL_BATCH_SIZE)
     p.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
-    p.add_argument("--test-subset", type=int, default=None,
+    p.add_argument("--test-subset", type=cli.positive_int, default=None,
                    help="score a fixed random subset of N test images (quick checks; not for model cards)")
     p.add_argument("--pairs", type=int, default=10, help="how many confused pairs to list")
     return p
 
 
+@user_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     device = pick_device(args.device)
-    try:
-        # Weights first: a wrong file is reported before the (slower) data load.
-        model = load_network(args.weights)
-        images, labels = subset(*load_split(args.data_dir, train=False), args.test_subset, seed=1)
-    except (WeightsError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # Weights first: a wrong file is reported before the (slower) data load.
+    model = load_network(args.weights)
+    images, labels = subset(*load_split(args.data_dir, train=False), args.test_subset, seed=1)
     report = evaluate(model, images, labels, load_class_names(), args.batch_size, device, args.tta, args.pairs)
     report["weights"] = str(args.weights)
     print(format_report(report, args.weights))

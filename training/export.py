@@ -2,9 +2,10 @@
 
     python -m training.export runs/w10/CIFAR100_model.pth model/weights/width10/CIFAR100_model.pth --dtype float16
     python -m training.export runs/w10/checkpoint.pt runs/w10/ema.pth          # a checkpoint's EMA weights
+    python -m training.export runs/w10/checkpoint.pt runs/best/      # an existing folder: runs/best/CIFAR100_model.pth
 
 Why float16: it halves the file (the width-10 network: 69 MB as float32, 35 MB as float16; the
-repository takes files up to 30 MB, so even that one is kept outside it), and loading it into the float32 network (``load_state_dict``
+repository takes files up to 40 MB, so only the float16 one fits), and loading it into the float32 network (``load_state_dict``
 copies and casts) scores the same on the test split (benchmarks/RESULTS.md). The keys, shapes and
 format stay the seed's. Integer buffers (BatchNorm's batch counters) keep their dtype. The file is checked to load strictly before it is
 written, and is written atomically.
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from model import WeightsError, network_from_state_dict, read_state_dict
-from training.runtime import atomic_save
+from model import network_from_state_dict, read_state_dict
+from training.runtime import atomic_save, user_errors
 from serving import cli
 
+WEIGHTS_FILE = "CIFAR100_model.pth"  # the name inside a folder given as the output (the name training writes)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -27,22 +29,20 @@ def convert(state: dict, dtype: torch.dtype) -> dict:
     return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
 
+@user_errors
 def main(argv=None) -> int:
     p = cli.Parser("training.export", __doc__)
     p.add_argument("weights", help="CIFAR100_model.pth (state dict) or a training checkpoint.pt")
-    p.add_argument("out", type=Path, help="where to write the state dict")
+    p.add_argument("out", type=Path, help=f"where to write the state dict (an existing folder: {WEIGHTS_FILE} in it)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = p.parse_args(argv)
-    try:
-        state = convert(read_state_dict(args.weights), DTYPES[args.dtype])
-        network_from_state_dict(state, source=str(args.weights))  # refuses anything the handler could not load
-    except WeightsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(state, args.out)
-    size = args.out.stat().st_size / 1e6
-    print(f"wrote {args.out} ({args.dtype}, {size:.1f} MB)")
+    state = convert(read_state_dict(args.weights), DTYPES[args.dtype])
+    network_from_state_dict(state, source=str(args.weights))  # refuses anything the handler could not load
+    out = args.out / WEIGHTS_FILE if args.out.is_dir() else args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(state, out)
+    size = out.stat().st_size / 1e6
+    print(f"wrote {out} ({args.dtype}, {size:.1f} MB)")
     return 0
 
 

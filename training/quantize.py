@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from handler import engine as engines
 from serving.settings import ENGINE_INT8_FILE
 from serving import cli
+from training.runtime import progress_argument, served_weights, show_progress, user_errors
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
@@ -127,6 +128,7 @@ def fine_tune(student: torch.nn.Module, teacher: torch.nn.Module, images: torch.
     return sum(recent) / len(recent) if recent else float("nan")
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     from model.normalization import normalize
     from training.data import default_data_dir
@@ -135,15 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("weights", type=Path, nargs="?", default=DEFAULT_WEIGHTS)
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--steps", type=int, default=QAT_STEPS, help=f"fine-tuning batches of {QAT_BATCH} (0: none)")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    progress_argument(parser)
     args = parser.parse_args(argv)
     if args.steps < 0:
         parser.error(f"--steps {args.steps}: needs 0 or more")
-    state_dict = torch.load(args.weights, map_location="cpu", weights_only=True)
+    state_dict = served_weights(args.weights)  # before the data load: a wrong file is named at once
     calibration, control, images = control_images(args.data_dir)
     out = args.weights.resolve().parent / ENGINE_INT8_FILE
     quantize(state_dict, hashlib.sha256(args.weights.read_bytes()).hexdigest(), normalize(calibration, channels_last=False),
-             normalize(control, channels_last=False), images, out, steps=args.steps, progress=not args.no_progress)
+             normalize(control, channels_last=False), images, out, steps=args.steps, progress=show_progress(args.progress))
     print(f"wrote {out} (+ .bin); now `python -m training.engines {args.weights}` measures it on the test split")
     return 0
 

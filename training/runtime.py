@@ -1,17 +1,23 @@
 """What a training-side command needs from the machine and the checkout: the device, the mixed
-precision, a description of the hardware, the code version, and saving files atomically.
+precision, a description of the hardware, the code version, saving files atomically, and turning a
+user's ordinary mistakes (a wrong weights file, no data) into one line.
 
-Shared by ``training.train``, ``training.export`` and ``training.bench``.
+Shared by the ``training.*`` command lines.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
+
+from model import WeightsError, network_from_state_dict, read_state_dict
+from training.data import DataError
 
 
 DEVICE_HELP = "auto (cuda if present, else cpu), cpu, cuda, cuda:1 ..."
@@ -39,13 +45,24 @@ def device_argument(name: str) -> str:
     return name
 
 
+def progress_argument(parser: argparse.ArgumentParser) -> None:
+    """--progress / --no-progress: tqdm bars, by default only on a terminal (a log gets no \\r bars)."""
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="tqdm progress bars (default: only when stderr is a terminal, never into a log file)")
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Whether to draw bars: --progress / --no-progress when given, else whether stderr is a terminal."""
+    return sys.stderr.isatty() if progress is None else progress
+
+
 def pick_device(name: str) -> torch.device:
-    """``auto``: this process's GPU (LOCAL_RANK under torchrun) when CUDA is present, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device(f"cuda:{local}")
+    """``auto``: this process's GPU (LOCAL_RANK under torchrun) when CUDA is present, else the CPU.
+    A plain ``cuda`` is this process's GPU too: under torchrun every rank would otherwise take GPU 0."""
+    if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
+    if name in ("auto", "cuda"):
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return torch.device(name)
 
 
@@ -97,5 +114,32 @@ def hardware(device: torch.device, world: int) -> dict:
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: an interrupted save never replaces a good file."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C, a full disk, a folder in the way: no half-written file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def served_weights(path: str | Path) -> dict:
+    """The state dict of a weights file the handler can serve, checked to load into the network. A
+    training checkpoint is refused: what the calling command writes (calibration, engines) is keyed to
+    the sha256 of the served file."""
+    state = read_state_dict(path, checkpoint=False)
+    network_from_state_dict(state, f"'{path}'")
+    return state
+
+
+def user_errors(main):
+    """A command's ``main(argv)``: the ordinary mistakes (a missing or wrong weights file, no CIFAR-100
+    under --data-dir, a path that cannot be read or written) end as one ``error:`` line on stderr and
+    exit status 2, as a usage error does, not as a traceback."""
+    @functools.wraps(main)
+    def checked(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except (WeightsError, DataError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return checked

@@ -12,7 +12,9 @@ Files written to --out (only by rank 0): checkpoint.pt after every finished epoc
 to a temporary file, then renamed, so Ctrl-C never leaves a broken one), and at the end
 CIFAR100_model.pth (a plain state dict, loadable by the seed's notebook), metrics.json and
 training_curves.png. --resume continues exactly where the checkpoint stopped, with its run's options
-(repeat none; one given again wins, except a --width or --num-classes the weights cannot take).
+(repeat none; one given again wins, except a --width or --num-classes the weights cannot take), in the
+checkpoint's folder unless --out says otherwise. A fresh run into an --out that holds a checkpoint is
+refused: --resume it, or --overwrite it.
 
 --time-budget M replaces --epochs with wall-clock minutes: the learning rate and the progressive
 resizing follow the share of the budget spent, not of the epochs done, and the run stops (mid-epoch
@@ -25,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,10 +44,12 @@ from model import CIFAR100Model
 from training.data import DataError, batches, default_data_dir, downscale, load_split, normalize, subset
 from training.distillation import SoftLabelError, kd_loss, load_soft_labels
 from training.evaluation import accuracy, predict_logits, topk_correct
-from training.runtime import DEVICE_HELP, atomic_save, code_version, device_argument, hardware, pick_amp, pick_device
+from training.runtime import (DEVICE_HELP, atomic_save, code_version, device_argument, hardware, pick_amp, pick_device,
+                              progress_argument, show_progress)
 from serving import cli
 
 FULL_RES = 32  # CIFAR's own size: what the network is evaluated and served at
+DEFAULT_OUT = "runs/latest"
 # Settings a checkpoint must share with the run that resumes it.
 _SHAPE_KEYS = ("width", "num_classes")
 
@@ -59,33 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", default=default_data_dir(),
                    help="folder holding cifar-100-python/ (env CIFAR100_DATA; default: %(default)s)")
     d.add_argument("--download", action="store_true", help="download CIFAR-100 if missing (needs internet)")
-    d.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
-    d.add_argument("--test-subset", type=int, default=None, help="evaluate on a fixed random subset of N images")
+    d.add_argument("--train-subset", type=cli.positive_int, default=None, help="train on a fixed random subset of N images")
+    d.add_argument("--test-subset", type=cli.positive_int, default=None, help="evaluate on a fixed random subset of N images")
     d.add_argument("--holdout", type=int, default=0,
                    help="set aside N training images (the same draw for every run) and evaluate on them instead "
                         "of the test split: for choosing a recipe without looking at the test split")
     m = p.add_argument_group("model")
-    m.add_argument("--width", type=int, default=10, help="width multiplier k (channels 16k/32k/64k)")
-    m.add_argument("--num-classes", type=int, default=100)
-    m.add_argument("--dropout", type=float, default=0.3)
+    m.add_argument("--width", type=cli.positive_int, default=10, help="width multiplier k (channels 16k/32k/64k)")
+    m.add_argument("--num-classes", type=cli.positive_int, default=100)
+    m.add_argument("--dropout", type=cli.fraction, default=0.3)
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=100)
+    o.add_argument("--epochs", type=cli.positive_int, default=100)
     o.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="instead of --epochs: train for this many minutes of wall time, the final evaluation "
                         "included; the schedules follow the time spent, as many epochs as the host allows")
-    o.add_argument("--batch-size", type=int, default=128, help="images per step per process")
-    o.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    o.add_argument("--momentum", type=float, default=0.9)
+    o.add_argument("--batch-size", type=cli.positive_int, default=128, help="images per step per process")
+    o.add_argument("--lr", type=cli.positive_float, default=0.1, help="peak learning rate")
+    o.add_argument("--momentum", type=cli.fraction, default=0.9)
     o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
-    o.add_argument("--weight-decay", type=float, default=5e-4)
+    o.add_argument("--weight-decay", type=cli.non_negative_float, default=5e-4)
     o.add_argument("--schedule", choices=["cosine", "onecycle"], default="cosine",
                    help="cosine: warm-up then cosine to 0; onecycle: warm-up then linear to 0")
-    o.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up from lr/10 (0: none)")
-    o.add_argument("--label-smoothing", type=float, default=0.1)
-    o.add_argument("--mixup", type=float, default=0.0, help="MixUp with this Beta alpha (0: off)")
-    o.add_argument("--cutmix", type=float, default=0.0,
+    o.add_argument("--warmup-epochs", type=cli.non_negative_float, default=1.0, help="linear warm-up from lr/10 (0: none)")
+    o.add_argument("--label-smoothing", type=cli.fraction, default=0.1)
+    o.add_argument("--mixup", type=cli.non_negative_float, default=0.0, help="MixUp with this Beta alpha (0: off)")
+    o.add_argument("--cutmix", type=cli.non_negative_float, default=0.0,
                    help="CutMix with this Beta alpha (0: off; with --mixup too, each batch gets one of the two)")
-    o.add_argument("--mix-prob", type=float, default=1.0, help="share of batches MixUp/CutMix is applied to")
+    o.add_argument("--mix-prob", type=cli.probability, default=1.0, help="share of batches MixUp/CutMix is applied to")
     o.add_argument("--soft-labels", default=None, metavar="FILE",
                    help="distil from teachers' stored logits on the training split (python -m training.distillation)")
     o.add_argument("--kd-weight", type=float, default=0.9,
@@ -95,12 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progressive resizing: the first epochs train on crops downscaled to this many pixels "
                         "a side (cheaper steps), growing to 32 over --res-ramp; evaluation is always at 32 "
                         "(default: %(default)s, off)")
-    o.add_argument("--res-ramp", type=int, nargs=2, metavar=("START", "END"), default=None,
+    o.add_argument("--res-ramp", type=cli.positive_int, nargs=2, metavar=("START", "END"), default=None,
                    help="epochs (counted from 1) where the resolution leaves --min-res and reaches 32, linearly, "
                         "in steps of 4 pixels (default: half and 85%% of --epochs)")
     o.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="keep an exponential moving average of the weights and export it")
-    o.add_argument("--ema-decay", type=float, default=0.998, help="EMA decay per step")
+    o.add_argument("--ema-decay", type=cli.fraction, default=0.998, help="EMA decay per step")
     o.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="flip test-time augmentation in the final evaluation (per-epoch figures are without)")
     e = p.add_argument_group("speed")
@@ -109,19 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
     e.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     e.add_argument("--compile", action="store_true", help="torch.compile the network")
-    e.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    e.add_argument("--eval-batch-size", type=int, default=500)
+    e.add_argument("--threads", type=cli.positive_int, default=None, help="CPU threads (default: torch's choice)")
+    e.add_argument("--eval-batch-size", type=cli.positive_int, default=500)
     e.add_argument("--eval-every", type=int, default=1, metavar="N",
                    help="evaluate every N epochs and after the last (an evaluation of the test split costs "
                         "about a tenth of an epoch on a CPU: budgeted runs buy epochs with it)")
     r = p.add_argument_group("run")
-    r.add_argument("--out", default="runs/latest", help="output folder (default: %(default)s)")
-    r.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint (default: OUT/checkpoint.pt)")
+    r.add_argument("--out", default=DEFAULT_OUT,
+                   help="output folder (default: %(default)s; with --resume PATH: PATH's folder)")
+    r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT, in its folder unless --out is given "
+                        "(default: a fresh run; --resume alone: OUT/checkpoint.pt)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an OUT that holds a checkpoint (its files are replaced as this run writes its own)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
-    r.add_argument("--no-progress", action="store_true", help="no tqdm bars (log lines only)")
-    r.add_argument("--max-epochs-this-run", type=int, default=None,
+    progress_argument(r)
+    r.add_argument("--max-epochs-this-run", type=cli.positive_int, default=None,
                    help="stop after this many epochs (the schedule still spans --epochs; resume later)")
     return p
 
@@ -253,8 +262,8 @@ def check_compatible(checkpoint: dict, args) -> None:
 
 
 # Options of this session, not of the run: a resumed run takes them from its command line.
-_SESSION_KEYS = {"resume", "max_epochs_this_run", "no_progress", "out", "download", "data_dir", "threads",
-                 "device", "compile", "eval_batch_size"}
+_SESSION_KEYS = {"resume", "max_epochs_this_run", "progress", "out", "overwrite", "download", "data_dir",
+                 "threads", "device", "compile", "eval_batch_size"}
 
 
 def changed_options(checkpoint: dict, args) -> list[str]:
@@ -262,6 +271,29 @@ def changed_options(checkpoint: dict, args) -> list[str]:
     saved = checkpoint["args"]
     return [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in vars(args).items()
             if k not in _SESSION_KEYS and k in saved and saved[k] != v]
+
+
+def run_folder(args, given: set[str] | None) -> Path:
+    """The checkpoint this run resumes from or would replace. A --resume PATH without --out continues in
+    PATH's folder (sets args.out), not in the default one; a fresh run refuses to replace a checkpoint
+    unless --overwrite says so."""
+    if args.resume not in (None, "auto") and given is not None and "out" not in given:
+        args.out = str(Path(args.resume).parent)
+    path = Path(args.out) / "checkpoint.pt" if args.resume in (None, "auto") else Path(args.resume)
+    if args.resume is not None and args.overwrite:
+        raise ConfigError("--resume continues the checkpoint, --overwrite starts afresh: pass one")
+    if args.resume is None and not args.overwrite and path.exists():
+        raise ConfigError(f"{path} holds an earlier run: continue it with --resume, start afresh over it with "
+                          "--overwrite, or pass another --out")
+    return path
+
+
+def resume_command(args) -> str:
+    """The command line that continues this run (--out only when it is not the default)."""
+    words = ["python", "-m", "training.train", "--resume"]
+    if os.path.normpath(args.out) != os.path.normpath(DEFAULT_OUT):
+        words += ["--out", str(args.out)]
+    return shlex.join(words)
 
 
 def given_options(argv: list[str] | None) -> set[str]:
@@ -352,7 +384,7 @@ def load_data(run: Run):
     # With --download only rank 0 fetches; the others wait for it rather than race on the files.
     if args.download and run.distributed and not run.main_process:
         dist.barrier()
-    train_x, train_y = load_split(args.data_dir, True, args.download)
+    train_x, train_y = load_split(args.data_dir, True, args.download, offer_download=True)
     # The teacher's logits follow the training images through the holdout and the subset.
     teacher = None
     if args.soft_labels:
@@ -362,7 +394,7 @@ def load_data(run: Run):
         train_x, train_y, test_x, test_y = holdout_split(train_x, train_y, args.holdout)
         ids = holdout_split(ids, ids, args.holdout)[0]
     else:
-        test_x, test_y = load_split(args.data_dir, False, args.download)
+        test_x, test_y = load_split(args.data_dir, False, args.download, offer_download=True)
     train_x, train_y = subset(train_x, train_y, args.train_subset, args.seed)
     ids = subset(ids, ids, args.train_subset, args.seed)[0]
     teacher = teacher[ids] if teacher is not None else None
@@ -429,7 +461,7 @@ def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loa
     correct = torch.zeros((), device=device, dtype=torch.int64)
     budget = f" of {args.time_budget:g} min" if args.time_budget else f"/{args.epochs}"
     bar = tqdm(loader, total=run.steps_per_epoch, desc=f"epoch {epoch + 1}{budget}", unit="batch",
-               disable=args.no_progress or not run.main_process, dynamic_ncols=True)
+               disable=not (show_progress(args.progress) and run.main_process), dynamic_ncols=True)
     res = train_resolution(epoch + 1, args, run.spent())
     for i, (x, y, teacher) in enumerate(bar):
         step = epoch * run.steps_per_epoch + i
@@ -526,7 +558,7 @@ def save_checkpoint(run: Run, epoch: int, model, ema, optimizer, scaler) -> None
 def train(args, given: set[str] | None = None) -> dict:
     """One run. With --resume, options not in `given` (the command line's own; None: all of them)
     are the checkpoint's."""
-    ckpt_path = Path(args.out) / "checkpoint.pt" if args.resume in (None, "auto") else Path(args.resume)
+    ckpt_path = run_folder(args, given)
     checkpoint = None
     if args.resume is not None:
         # Before the data load: a wrong checkpoint is reported at once, not minutes later.
@@ -694,13 +726,16 @@ def evaluated_on(args) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        train(args, given_options(argv))
+        train(args, given_options(argv))  # sets args.out when --resume PATH names the folder
     except (DataError, ConfigError, SoftLabelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: the last finished epoch's checkpoint is intact; continue with --resume",
-              file=sys.stderr)
+        if (Path(args.out) / "checkpoint.pt").exists():
+            print(f"\ninterrupted: the last finished epoch's checkpoint is intact; continue with: {resume_command(args)}",
+                  file=sys.stderr)
+        else:
+            print("\ninterrupted before the first epoch ended: no checkpoint to continue from", file=sys.stderr)
         return 130
     return 0
 

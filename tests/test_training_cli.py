@@ -1,0 +1,266 @@
+"""The training command lines' handling of ordinary mistakes: one line and exit status 2 before any
+data is read, never a traceback; where a run writes; what --help says. No CIFAR-100 needed, except
+the one test that resumes a real run (an integration test through its fixture)."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import CIFAR100Model
+from training import train as train_module
+
+NO_DATA = ["--data-dir", "/nonexistent/cifar"]  # a check that reads data first would fail on this instead
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def weights(tmp_path) -> dict[str, Path]:
+    """A good width-1 weights file, a file that is not one, a training checkpoint and a missing path."""
+    torch.manual_seed(0)
+    net = CIFAR100Model(width=1)
+    files = {"good": tmp_path / "w.pth", "junk": tmp_path / "junk.pth", "checkpoint": tmp_path / "checkpoint.pt",
+             "missing": tmp_path / "nowhere.pth"}
+    torch.save(net.state_dict(), files["good"])
+    files["junk"].write_text("not a weights file\n")
+    torch.save({"epoch": 1, "model": net.state_dict(), "ema": None, "optimizer": {}, "args": {}}, files["checkpoint"])
+    return files
+
+
+def usage_error(main, argv, capsys) -> str:
+    """main(argv) must stop at argparse with exit status 2; returns its stderr."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    return capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- out-of-range numbers
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch-size", "0", "needs 1 or more, not 0"),
+    ("--width", "0", "needs 1 or more, not 0"),
+    ("--epochs", "0", "needs 1 or more, not 0"),
+    ("--test-subset", "0", "needs 1 or more, not 0"),
+    ("--dropout", "1.5", "needs 0 <= x < 1, not 1.5"),
+    ("--label-smoothing", "1", "needs 0 <= x < 1, not 1"),
+    ("--mixup", "-1", "needs 0 or more, not -1"),
+    ("--mix-prob", "2", "needs 0 <= p <= 1, not 2"),
+    ("--lr", "0", "needs a number above 0, not 0"),
+    ("--lr", "nan", "'nan' is not a finite number"),
+    ("--threads", "two", "'two' is not a whole number"),
+])
+def test_train_refuses_an_out_of_range_number_before_reading_data(capsys, option, value, message):
+    err = usage_error(train_module.main, NO_DATA + [option, value], capsys)
+    assert f"argument {option}: {message}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--test-subset"])
+def test_evaluate_refuses_zero_images(weights, capsys, option):
+    from training import evaluate
+
+    err = usage_error(evaluate.main, [str(weights["good"]), *NO_DATA, option, "0"], capsys)
+    assert f"argument {option}: needs 1 or more, not 0" in err
+
+
+# ----------------------------------------------------------------------------- where a run writes
+def test_a_fresh_run_refuses_to_replace_a_checkpoint(tmp_path, weights, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(weights["checkpoint"].read_bytes())
+    before = (out / "checkpoint.pt").read_bytes()
+    assert train_module.main(NO_DATA + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out / 'checkpoint.pt'} holds an earlier run") and "--resume" in err
+    assert "--overwrite" in err and (out / "checkpoint.pt").read_bytes() == before
+    # --overwrite gets past that check (to the missing data here); --resume with it is refused.
+    assert train_module.main(NO_DATA + ["--out", str(out), "--overwrite"]) == 2
+    assert "CIFAR-100 not found" in capsys.readouterr().err
+    assert train_module.main(NO_DATA + ["--out", str(out), "--overwrite", "--resume"]) == 2
+    assert "pass one" in capsys.readouterr().err
+    assert "--overwrite" in train_module.build_parser().format_help()
+
+
+def test_resume_path_without_out_continues_in_the_checkpoints_folder():
+    def folder(argv):
+        args = train_module.build_parser().parse_args(argv)
+        train_module.run_folder(args, train_module.given_options(argv))
+        return args.out
+
+    assert folder(["--resume", "runs/w2/checkpoint.pt"]) == "runs/w2"
+    assert folder(["--resume", "runs/w2/checkpoint.pt", "--out", "runs/w2b"]) == "runs/w2b"
+    assert folder(["--resume"]) == train_module.DEFAULT_OUT
+    assert folder(["--out", "runs/new"]) == "runs/new"
+
+
+def test_the_interrupted_message_names_the_folder_to_continue():
+    command = lambda out: train_module.resume_command(argparse.Namespace(out=out))
+    assert command(train_module.DEFAULT_OUT) == "python -m training.train --resume"
+    assert command("runs/w2") == "python -m training.train --resume --out runs/w2"
+    assert command("my runs/a") == "python -m training.train --resume --out 'my runs/a'"
+
+
+def test_resume_from_a_path_continues_there_not_in_runs_latest(tmp_path, monkeypatch, cifar100_data_dir):
+    """The whole path: one epoch of two into run/, then --resume run/checkpoint.pt alone, from a working
+    folder whose runs/latest must stay untouched."""
+    monkeypatch.chdir(tmp_path)
+    small = ["--data-dir", str(cifar100_data_dir), "--train-subset", "256", "--test-subset", "100", "--width", "1",
+             "--batch-size", "64", "--threads", "1", "--no-progress", "--no-tta"]
+    assert train_module.main(small + ["--epochs", "2", "--max-epochs-this-run", "1", "--out", "run"]) == 0
+    assert train_module.main(["--resume", "run/checkpoint.pt", "--data-dir", str(cifar100_data_dir),
+                              "--threads", "1", "--no-progress"]) == 0
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    assert (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- weights and data mistakes
+def _quantize_main(argv):
+    from training import quantize
+
+    return quantize.main(argv)
+
+
+def _calibrate_main(argv):
+    from training import calibrate
+
+    return calibrate.main(argv)
+
+
+def _engines_main(argv):
+    from training import engines
+
+    return engines.main(argv)
+
+
+@pytest.mark.parametrize("main", [_calibrate_main, _quantize_main, _engines_main])
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no weights file at"),
+    ("junk", "is not a readable PyTorch weights file"),
+    ("checkpoint", "is a training checkpoint, not a weights file"),
+    ("good", "CIFAR-100 not found"),  # the weights pass; the data is missing
+])
+def test_weights_commands_name_a_wrong_file_or_missing_data_in_one_line(weights, tmp_path, capsys, main, case,
+                                                                          message):
+    assert main([str(weights[case]), *NO_DATA]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message in captured.err, captured.err
+    assert "Traceback" not in captured.err
+    assert "--download" not in captured.err  # these commands have no such option
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "engine_inputs.pt").exists()
+
+
+@pytest.mark.parametrize("only", ["plain", "fast"])
+def test_bench_names_missing_data_in_one_line(capsys, only):
+    from training import bench
+
+    assert bench.main([*NO_DATA, "--widths", "1", "--only", only, "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: CIFAR-100 not found") and "Dataset not found" not in err
+
+
+def test_missing_data_offers_download_only_where_the_command_has_it(tmp_path, capsys):
+    from training.data import DataError, load_split
+
+    with pytest.raises(DataError) as without:
+        load_split(tmp_path, train=False)
+    assert "--download" not in str(without.value) and "python -m training.data" in str(without.value)
+    with pytest.raises(DataError) as offered:
+        load_split(tmp_path, train=False, offer_download=True)
+    assert "--download" in str(offered.value)
+    assert train_module.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--download" in capsys.readouterr().err  # training.train has --download
+
+
+def test_download_without_a_network_is_one_clear_error(tmp_path, monkeypatch):
+    """MOCK: torchvision's download is patched to fail as urllib does offline (no network is used)."""
+    import urllib.error
+
+    import torchvision.datasets.cifar as cifar
+    from training.data import DataError, load_split
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    with pytest.raises(DataError, match="could not download CIFAR-100 into .*Temporary failure"):
+        load_split(tmp_path, train=True, download=True)
+
+
+# ----------------------------------------------------------------------------- export
+def test_export_into_a_folder_writes_the_weights_file_there(weights, tmp_path):
+    from training import export
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert export.main([str(weights["good"]), str(folder)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["CIFAR100_model.pth"]
+    assert not list(tmp_path.glob("*.tmp"))
+    assert "40 MB" in export.__doc__ and "30 MB" not in export.__doc__
+
+
+def test_a_save_that_cannot_replace_its_target_leaves_no_temporary_file(tmp_path):
+    from training.runtime import atomic_save
+
+    (tmp_path / "taken").mkdir()  # a folder where the file should go
+    with pytest.raises(OSError):
+        atomic_save({"x": torch.ones(3)}, tmp_path / "taken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+# ----------------------------------------------------------------------------- --help
+def test_help_shows_each_default_once_and_a_zero_default():
+    text = " ".join(train_module.build_parser().format_help().split())
+    assert "--seed SEED (default: 0)" in text
+    assert "CPU threads (default: torch's choice) --eval-batch-size" in text
+    assert "(default: half and 85% of --epochs) --ema" in text
+    assert not re.search(r"\(default:[^)]*\)[^-]*\(default:", text)  # never two for one option
+
+
+# ----------------------------------------------------------------------------- progress bars
+def test_progress_bars_only_on_a_terminal_unless_asked(monkeypatch):
+    from training.runtime import show_progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert show_progress(None) is False and show_progress(True) is True
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert show_progress(None) is True and show_progress(False) is False
+    args = train_module.build_parser().parse_args(["--no-progress"])
+    assert args.progress is False and train_module.build_parser().parse_args([]).progress is None
+
+
+def test_distillation_shows_progress_and_computes_the_same_logits(weights, capsys):
+    from training.distillation import teacher_logits
+    from training.evaluation import predict_logits
+    from model import load_network
+
+    images = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.zeros(100, dtype=torch.int64)
+    logits = teacher_logits([weights["good"]], images, labels, batch_size=16, progress=True)
+    err = capsys.readouterr().err
+    assert "teachers' logits" in err and "100/100" in err
+    expected = predict_logits(load_network(weights["good"]), images, labels, 16, "cpu", None, True, True)
+    assert torch.equal(logits, expected)
+
+
+# ----------------------------------------------------------------------------- torchrun's devices
+def test_plain_cuda_under_torchrun_is_this_processs_gpu(monkeypatch):
+    """MOCK: CUDA's presence is patched (no GPU here); the mapping of names to devices is what is tested."""
+    from training.runtime import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert pick_device("cuda") == torch.device("cuda:3") and pick_device("auto") == torch.device("cuda:3")
+    assert pick_device("cuda:1") == torch.device("cuda:1") and pick_device("cpu") == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert pick_device("cuda") == torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
