@@ -69,8 +69,7 @@ serve: install
 serve-kserve: install
 	$(MAKE) --no-print-directory kserve-bundle
 	$(PY) -m serving.kserve predictor start
-	@# An adapter already running (make serve's) would stay in front of TorchServe.
-	$(PY) -m adapter.run stop >/dev/null
+	@# An adapter already running in front of TorchServe (make serve's) is restarted in front of this one.
 	OIP_URL=http://127.0.0.1:$${PREDICTOR_HTTP_PORT:-8085} $(MAKE) --no-print-directory serve-adapter
 	@echo "Open the page: http://127.0.0.1:$${ADAPTER_PORT:-8000}/   (stop everything with: make stop)"
 
@@ -152,5 +151,7 @@ bench-train: install
 	$(PY) -m training.bench --data-dir $(CIFAR100_DATA) $(BENCH_TRAIN_ARGS)
 
 # Removes what the targets made: runs, model_store, logs, test-artifacts, dist, node_modules.
+# make stop first: the running services' pid files are in logs/ (without them, nothing could stop them).
 clean:
+	-test ! -x $(PY) || $(MAKE) --no-print-directory stop
 	rm -rf runs model_store logs test-artifacts dist node_modules

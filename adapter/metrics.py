@@ -23,9 +23,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 ROUTES = frozenset({"/classify/", "/classify", "/explain/", "/explain", "/classes", "/settings", "/health", "/metrics", "/"})
 # Refusals the adapter makes itself, by status; 503 counts only with Retry-After (the in-flight caps:
-# a 503 for a model server that is down or not ready is the model server's, not a refusal).
-REFUSAL_REASONS = {400: "bad_http", 408: "timeout", 413: "too_large", 414: "url_too_long", 431: "headers_too_large",
-                   501: "unsupported"}
+# a 503 for a model server that is down or not ready is the model server's, not a refusal). A 400 is
+# one only at the HTTP parser (refused_before_app: bad_http); the app's 400s (no image, a picture the
+# handler refuses) are answers about a request's content, counted in adapter_requests_total alone.
+REFUSAL_REASONS = {408: "timeout", 413: "too_large", 414: "url_too_long", 431: "headers_too_large", 501: "unsupported"}
+PARSER_REFUSAL = "bad_http"  # the parser's 400, and any status the parser refuses with that has no reason above
 # Seconds: a CPU prediction takes milliseconds, a queue under load tenths, the deadline is 10 s.
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -84,4 +86,4 @@ class Metrics:
     def refused_before_app(self, status: int) -> None:
         """A refusal at the HTTP parser (adapter/protocol.py): no route, no app."""
         self.requests.labels("other", str(status)).inc()
-        self.refusals.labels(REFUSAL_REASONS.get(status, "bad_http")).inc()
+        self.refusals.labels(REFUSAL_REASONS.get(status, PARSER_REFUSAL)).inc()

@@ -4,7 +4,9 @@
 detached, with its pid in logs/adapter.pid and its log in logs/adapter.log (rotated at ADAPTER_LOG_MAX_BYTES, keeping
 ADAPTER_LOG_BACKUPS old files; what the process prints outside logging, such as a crash at start-up,
 goes to logs/adapter.stderr.log), waits until it answers, and prints the page's URL. Both commands
-are idempotent: starting a running adapter or stopping a stopped one is fine; `status` exits 0
+are idempotent: starting a running adapter or stopping a stopped one is fine; a running adapter that
+was started in front of another model server (logs/adapter.model-server: `make serve` after
+`make serve-kserve`, or the other way round) is restarted in front of this one, saying so. `status` exits 0
 when it runs, 3 when it does not (as TorchServe's, serving/process.py). `serve` runs uvicorn
 in the foreground with the adapter's HTTP limits (adapter/protocol.py: head deadline, header
 limits, keep-alive timeout, JSON for parser refusals).
@@ -35,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 LOG_DIR = Path(os.environ.get("ADAPTER_LOG_DIR", REPO / "logs"))
 PID_FILE = PidFile(LOG_DIR / "adapter.pid", command_line_has("adapter.run serve", "adapter.app:create_app"))
 LOG_FILE = LOG_DIR / "adapter.log"
+# Beside the pid file: the model server the running adapter was started in front of (model_server()).
+MODEL_SERVER_FILE = LOG_DIR / "adapter.model-server"
 START_TIMEOUT_S = 60.0  # generous: a busy 2-core machine imports FastAPI slowly
 STOP_TIMEOUT_S = 10.0  # SIGTERM: uvicorn finishes the requests in flight, then exits; SIGKILL after this
 
@@ -49,6 +53,18 @@ def _answers(url: str, statuses: tuple[int, ...] = (200,)) -> bool:
         return httpx.get(url, timeout=1.0).status_code in statuses
     except httpx.HTTPError:
         return False
+
+
+def model_server() -> str | None:
+    """The model server this environment puts the adapter in front of (adapter/config.py's choice:
+    OIP_URL when set, else TorchServe's inference API); None for settings the adapter refuses."""
+    from .config import ConfigError, Settings
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError:
+        return None
+    return f"the OIP server at {settings.oip_url}" if settings.oip_url else f"TorchServe at {settings.inference_url}"
 
 
 def _model_state(base: str) -> str:
@@ -105,20 +121,31 @@ def running_adapter(settings_env: dict[str, str], log_file: Path, host: str = "1
 def start() -> int:
     host, port = _address()
     base = f"http://{host}:{port}"
+    wanted = model_server()
     if pid := PID_FILE.pid():
-        print(f"Adapter already running (pid {pid}): page at {base}/ ({_model_state(base)})")
-        return 0
+        try:
+            running_for = MODEL_SERVER_FILE.read_text().strip()
+        except OSError:
+            running_for = "a model server it did not record"
+        if wanted is None or running_for == wanted:
+            print(f"Adapter already running (pid {pid}): page at {base}/ ({_model_state(base)})")
+            return 0
+        print(f"Adapter running (pid {pid}) in front of {running_for}: restarting it in front of {wanted}.")
+        stop_process(pid, STOP_TIMEOUT_S)
+        PID_FILE.remove()
     if port_in_use(port, host):
         print(f"Port {port} on {host} is already in use by another process: stop it, or set ADAPTER_PORT "
               "to another port (and ADAPTER_HOST to listen elsewhere).", file=sys.stderr)
         return 1
     process = spawn(host, port, LOG_FILE)
     PID_FILE.write(process.pid)
+    MODEL_SERVER_FILE.write_text(f"{wanted}\n")
     try:
         wait_until_up(base, process, LOG_FILE)
     except ServiceStartError as err:
         stop_popen(process, STOP_TIMEOUT_S)
         PID_FILE.remove()
+        MODEL_SERVER_FILE.unlink(missing_ok=True)
         print(err, file=sys.stderr)
         return 1
     print(f"Adapter running (pid {process.pid}, log {LOG_FILE}): page at {base}/ ({_model_state(base)})")
@@ -130,6 +157,7 @@ def stop() -> int:
     if pid is not None:
         stop_process(pid, STOP_TIMEOUT_S)
     PID_FILE.remove()
+    MODEL_SERVER_FILE.unlink(missing_ok=True)
     print(f"Adapter stopped (pid {pid})." if pid else "Adapter not running.")
     return 0
 

@@ -28,7 +28,7 @@ import aiohttp
 # Only for KeyFile.renew's errors: serving/keys.py renews keys with httpx (synchronously, rarely).
 import httpx
 
-from serving.keys import KeyFile, KeyFileError
+from serving.keys import KeyFile, KeyFileError, is_auth_refusal
 
 from .config import Settings
 from .errors import ClassifyError
@@ -51,10 +51,7 @@ def _worker_lost(response: Response) -> bool:
 
 
 def _is_auth_refusal(response: Response) -> bool:
-    # TorchServe 0.12 answers a missing/expired/wrong key with 400 InvalidKeyException, not 401.
-    if response.status_code == 401:
-        return True
-    return response.status_code == 400 and "InvalidKeyException" in response.text
+    return is_auth_refusal(response.status_code, response.text)
 
 
 class TorchServeClient:

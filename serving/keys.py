@@ -7,7 +7,9 @@ it was started from:
      "API":        {"key": "..."}}
 Inference and management keys expire after `token_expiration_min`; the API key renews them with
 `PUT <management>/token?type=inference|management`, which rewrites the file. Callers therefore never
-cache a key for long: they re-read the file when it changed, and renew when a key is rejected.
+cache a key for long: they re-read the file when it changed, and renew when a key is rejected
+(``is_auth_refusal``: the one rule for "rejected", used by the adapter and by make rollout): if the
+file still holds the refused key, ``KeyFile.renew``; then the call is retried once.
 """
 from __future__ import annotations
 
@@ -19,6 +21,14 @@ from pathlib import Path
 import httpx
 
 KEY_FILE_ENV = "TS_KEY_FILE"
+
+
+def is_auth_refusal(status_code: int, text: str) -> bool:
+    """TorchServe's answer to a missing, expired or wrong key: 401, or (TorchServe 0.12) 400 whose
+    body names InvalidKeyException."""
+    if status_code == 401:
+        return True
+    return status_code == 400 and "InvalidKeyException" in text
 
 
 class KeyFileError(RuntimeError):

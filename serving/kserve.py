@@ -35,7 +35,7 @@ import yaml
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, MODEL_NAME, ArchiveError, build_archive, weights_version
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, command_line_has, free_ports,
                              popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
-from serving.settings import ENGINE_CACHE_ENV, PREDICTOR_PORT_ENV, PREDICTOR_PORTS
+from serving.settings import ENGINE_CACHE_ENV, PREDICTOR_PORT_ENV, PREDICTOR_PORTS, ports_from_env
 from serving.torchserve import (BASE_CONFIG, DEFAULT_ENGINE_CACHE, MAR_FILE, TorchServeError, TorchServeInstance,
                                read_properties)
 from serving import cli
@@ -59,11 +59,17 @@ ENVELOPES = {"v1": "kserve", "v2": "kservev2"}  # TS_SERVICE_ENVELOPE per protoc
 LOCAL_ONLY = {"model_store", "load_models", "token_expiration_min", "default_workers_per_model"}
 
 
+# model-config.yaml's settings a snapshot entry carries (TorchServe's Model.setModelState reads them).
+SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout")
+
+
 def model_snapshot(version: str, model_config: Path = MODEL_CONFIG) -> dict:
-    """The ``model_snapshot`` KServe's wrapper reads (model names) and TorchServe loads: batching and
-    workers as in model-config.yaml (a snapshot's values override the archive's)."""
+    """The ``model_snapshot`` KServe's wrapper reads (model names) and TorchServe loads: batching,
+    workers and their timeouts as in model-config.yaml. A snapshot's values replace the archive's, and
+    a key it lacks gets TorchServe's default, not the archive's (0.12: 120 s for startupTimeout and
+    responseTimeout), so every one of SNAPSHOT_KEYS is copied."""
     cfg = yaml.safe_load(Path(model_config).read_text())
-    settings = {key: cfg[key] for key in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")}
+    settings = {key: cfg[key] for key in SNAPSHOT_KEYS}
     return {"name": "startup.cfg", "modelCount": 1,
             "models": {MODEL_NAME: {version: {"defaultVersion": True, "marName": MAR_FILE, **settings}}}}
 
@@ -184,6 +190,12 @@ class KServePredictor:
                 f"--http_port={self.port}", f"--grpc_port={self.grpc_port}", *self.extra_args]
 
     def start(self, timeout: float = 300.0) -> "KServePredictor":
+        self.spawn()
+        self.wait_ready(timeout)
+        return self
+
+    def spawn(self) -> subprocess.Popen:
+        """The server's process, started (not ready yet: wait_ready)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env}
         env.setdefault(ENGINE_CACHE_ENV, str(DEFAULT_ENGINE_CACHE))
@@ -191,8 +203,11 @@ class KServePredictor:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=self.detached)
+        return self.process
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Return once it answers; ServiceStartError when it exits first or stays silent ``timeout`` s."""
         wait_until_ready(self.ready, timeout, "KServe's model server", [self.log], popen_exited(self.process))
-        return self
 
     def ready(self) -> bool:
         try:
@@ -206,8 +221,10 @@ class KServePredictor:
 
 
 def predictor_ports() -> tuple[int, int]:
-    """(REST, gRPC) ports of the local predictor: PREDICTOR_HTTP_PORT / PREDICTOR_GRPC_PORT, else 8085 / 8086."""
-    return tuple(int(os.environ.get(PREDICTOR_PORT_ENV[kind], PREDICTOR_PORTS[kind])) for kind in ("http", "grpc"))
+    """(REST, gRPC) ports of the local predictor: PREDICTOR_HTTP_PORT / PREDICTOR_GRPC_PORT, else 8085 / 8086;
+    ValueError for a value that is no port number."""
+    ports = ports_from_env(os.environ, PREDICTOR_PORTS, PREDICTOR_PORT_ENV)
+    return ports["http"], ports["grpc"]
 
 
 def predictor_command(argv: list[str]) -> int:
@@ -216,7 +233,11 @@ def predictor_command(argv: list[str]) -> int:
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--bundle", type=Path, default=DEFAULT_OUT, help="the KServe bundle (make kserve-bundle)")
     args = parser.parse_args(argv)
-    http, grpc = predictor_ports()
+    try:
+        http, grpc = predictor_ports()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     pid = PREDICTOR_PID.pid()
     if args.command == "status":
         print(f"KServe's model server running (pid {pid}): http://127.0.0.1:{http}, gRPC 127.0.0.1:{grpc}"
@@ -241,13 +262,18 @@ def predictor_command(argv: list[str]) -> int:
             return 1
     predictor = KServePredictor(LOG_DIR, args.bundle, port=http, grpc_port=grpc, detached=True,
                                 env={"TMPDIR": os.environ.get("TMPDIR", "/tmp")})
+    # Its pid is written at once: a start interrupted in any way leaves no server that status and stop
+    # cannot see; one interrupted here (Ctrl-C, a failed start) stops it again.
+    PREDICTOR_PID.write(predictor.spawn().pid)
     try:
-        predictor.start(PREDICTOR_START_TIMEOUT_S)
-    except ServiceStartError as err:
+        predictor.wait_ready(PREDICTOR_START_TIMEOUT_S)
+    except BaseException as err:
         predictor.stop()
+        PREDICTOR_PID.remove()
+        if not isinstance(err, ServiceStartError):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 1
-    PREDICTOR_PID.write(predictor.process.pid)
     print(f"KServe's model server running (pid {predictor.process.pid}, log {predictor.log}): "
           f"http://127.0.0.1:{http} (Open Inference Protocol; gRPC on {grpc}); it listens on every interface")
     return 0

@@ -11,20 +11,24 @@
      and unregister it; its rollout archive is deleted (``cifar100.mar``, make serve's, is kept).
 If the new version is not READY and warm within ``--ready-timeout``, it is unregistered again, the
 old one keeps serving, and the command exits 1 with the reason. Rolling back is the same command
-with the previous weights. Serving the version that is already the default is a no-op (exit 0).
+with the previous weights. Serving the version that is already the default only drains and
+unregisters the other versions still registered (left by an interrupted rollout), if any (exit 0).
 
 TorchServe must allow registration (``enable_model_api=true`` in config.properties; it listens on
 loopback only, and every management call needs the management key), and ``allowed_urls=^$``
 refuses archives from URLs: only files already in the model store can be registered.
+Keys expire (``token_expiration_min``): a refused key is read again from key_file.json and, if the
+file still holds it, renewed with the API key (serving/keys.py), then the call is retried once; a key
+still refused stops the rollout with that reason.
 A restart (make serve) serves ``WEIGHTS`` again, the shipped ones by default: roll out, then
 restart with ``make serve WEIGHTS=...`` to keep the new weights across restarts.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +39,8 @@ import psutil
 
 from serving import settings
 from serving.archive import DEFAULT_WEIGHTS, ArchiveError, build_archive, startup_timeout_s, weights_version
-from serving.keys import KeyFile, KeyFileError
+from serving.cli import Parser, non_negative_float, positive_float
+from serving.keys import KeyFile, KeyFileError, is_auth_refusal
 from serving.process import log_tail
 from serving.torchserve import TorchServeInstance, default_instance
 
@@ -84,15 +89,45 @@ class Rollout:
     def __post_init__(self):
         self.keys = KeyFile(self.ts.key_file.path)
         self.http = httpx.Client(timeout=HTTP_TIMEOUT_S)
+        self._renew_lock = threading.Lock()  # the warm-up's threads refused at once renew once
 
     # ---- the management API ----------------------------------------------------------------
-    def _call(self, method: str, path: str, kind: str = "management", base: str | None = None, **kwargs):
+    def _header(self, kind: str) -> dict[str, str]:
         try:
-            headers = self.keys.header(kind)
+            return self.keys.header(kind)
         except KeyFileError as err:
             raise RolloutError(f"no {kind} key for the running TorchServe: {err}") from None
+
+    def _fresh_header(self, kind: str, refused: dict[str, str]) -> dict[str, str]:
+        """A key other than the refused one: the file read again, else a key renewed with the API key."""
+        with self._renew_lock:
+            header = self._header(kind)
+            if header != refused:  # renewed meanwhile (another thread, TorchServe restarted)
+                return header
+            try:
+                self.keys.renew(self.ts.management_url, kind, HTTP_TIMEOUT_S)
+            except (KeyFileError, httpx.HTTPError) as err:
+                raise RolloutError(f"TorchServe refused the {kind} key of {self.keys.path} (expired?) and renewing "
+                                   f"it with the API key failed ({type(err).__name__}: {err}); is that the "
+                                   f"running TorchServe's key file?") from None
+            return self._header(kind)
+
+    def _call(self, method: str, path: str, kind: str = "management", base: str | None = None, **kwargs):
+        """One call with the ``kind`` key; a refused key is renewed and the call sent once more."""
+        url = (base or self.ts.management_url) + path
+        headers = self._header(kind)
+        r = self._send(method, url, headers, **kwargs)
+        if not is_auth_refusal(r.status_code, r.text):
+            return r
+        r = self._send(method, url, self._fresh_header(kind, refused=headers), **kwargs)
+        if is_auth_refusal(r.status_code, r.text):
+            raise RolloutError(f"TorchServe refused the {kind} key of {self.keys.path}, even renewed: "
+                               f"{r.status_code} {r.text.strip()[:200]}")
+        return r
+
+    def _send(self, method: str, url: str, headers: dict[str, str], **kwargs) -> httpx.Response:
         try:
-            return self.http.request(method, (base or self.ts.management_url) + path, headers=headers, **kwargs)
+            return self.http.request(method, url, headers=headers, **kwargs)
         except httpx.HTTPError as err:
             raise RolloutError(f"TorchServe's management API at {self.ts.management_url} did not answer "
                                f"({type(err).__name__}: {err}); is TorchServe running?") from None
@@ -189,11 +224,13 @@ class Rollout:
             (self.ts.model_store / url).unlink(missing_ok=True)
         self.say(f"drained and unregistered {version}")
 
-    def unregister_quietly(self, version: str) -> None:
+    def unregister_quietly(self, version: str) -> str | None:
+        """Unregister ``version`` after a failed step; None when done, else why it is still registered."""
         try:
-            self._call("DELETE", f"/models/{MODEL_NAME}/{version}", timeout=self.ready_timeout_s)
-        except RolloutError:
-            pass
+            r = self._call("DELETE", f"/models/{MODEL_NAME}/{version}", timeout=self.ready_timeout_s)
+        except RolloutError as err:
+            return str(err)
+        return None if r.status_code in (200, 404) else f"{r.status_code} {r.text.strip()[:200]}"
 
     # ---- the whole move ----------------------------------------------------------------------
     def run(self, weights: Path) -> str:
@@ -203,10 +240,19 @@ class Rollout:
         except ArchiveError as err:
             raise RolloutError(str(err)) from None
         old = self.default_version()
-        if old == version:
-            self.say(f"version {version} already serves {MODEL_NAME}; nothing to do")
-            return version
         registered = {v["modelVersion"]: v.get("modelUrl", "") for v in self.versions()}
+        if old == version:
+            # Other versions still registered: a rollout interrupted after its switch left them.
+            leftovers = {other: url for other, url in registered.items() if other != version}
+            if not leftovers:
+                self.say(f"version {version} already serves {MODEL_NAME}; nothing to do")
+                return version
+            self.say(f"version {version} already serves {MODEL_NAME}; unregistering the versions left "
+                     f"registered beside it: {', '.join(leftovers)}")
+            for other, url in leftovers.items():
+                self.drain_and_unregister(other, url)
+            self.say(f"done: {MODEL_NAME} serves {version}")
+            return version
         before_workers, before_mb = self.workers_rss_mb()
         if version not in registered:  # (else: left by a failed run; wait for it again)
             try:
@@ -218,7 +264,10 @@ class Rollout:
         try:
             self.wait_ready_and_warm(version)
         except RolloutError as err:
-            self.unregister_quietly(version)
+            left = self.unregister_quietly(version)
+            if left is not None:
+                raise RolloutError(f"{err}\n{old} still serves; unregistering {version} failed too ({left}): "
+                                   f"the same command with {old}'s weights unregisters it") from None
             (self.ts.model_store / f"{MODEL_NAME}-{version}.mar").unlink(missing_ok=True)
             raise RolloutError(f"{err}\n{old} still serves; {version} was unregistered") from None
         during_workers, during_mb = self.workers_rss_mb()
@@ -234,12 +283,12 @@ class Rollout:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    parser.add_argument("--ready-timeout", type=float, default=startup_timeout_s(),
+    parser = Parser("serving.rollout", __doc__.split("\n\n")[0])
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="the weights to serve")
+    parser.add_argument("--ready-timeout", type=positive_float, default=startup_timeout_s(),
                         help="seconds the new version may take to be READY and warm (then: exit 1, old kept; "
                              "model-config.yaml's startupTimeout)")
-    parser.add_argument("--drain-s", type=float, default=2.0,
+    parser.add_argument("--drain-s", type=non_negative_float, default=2.0,
                         help="seconds an old version keeps its workers after its queue is empty")
     args = parser.parse_args(argv)
     ts = default_instance()

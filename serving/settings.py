@@ -22,8 +22,15 @@ TORCHSERVE_PORT_ENV = {"inference": "TS_INFERENCE_PORT", "management": "TS_MANAG
 
 def torchserve_ports(environ: Mapping[str, str], defaults: Mapping[str, int] = TORCHSERVE_PORTS) -> dict[str, int]:
     """TorchServe's ports: `defaults`, each replaced by its TORCHSERVE_PORT_ENV variable when set."""
+    return ports_from_env(environ, defaults, TORCHSERVE_PORT_ENV)
+
+
+def ports_from_env(environ: Mapping[str, str], defaults: Mapping[str, int],
+                   variables: Mapping[str, str]) -> dict[str, int]:
+    """`defaults`, each replaced by its variable's value when set (not empty); ValueError (naming the
+    variable) for a value that is no port number."""
     ports = dict(defaults)
-    for name, variable in TORCHSERVE_PORT_ENV.items():
+    for name, variable in variables.items():
         text = environ.get(variable, "").strip()
         if text:
             if not text.isdigit() or not 0 < int(text) < 65536:

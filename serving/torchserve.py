@@ -1,6 +1,7 @@
 """Start, wait for, and stop a TorchServe instance serving cifar100.mar.
 
-    python -m serving.torchserve start [--timeout 180]   # make serve-torchserve
+    python -m serving.torchserve start [--timeout 600]   # make serve-torchserve (default: model-config.yaml's
+                                                         # startupTimeout, 600)
     python -m serving.torchserve stop                    # make stop-torchserve
     python -m serving.torchserve status
 

@@ -8,6 +8,7 @@ import re
 import socket
 import time
 from datetime import datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ from adapter.run import running_adapter
 from adapter.model_server import PROBE_IMAGE
 from serving.process import free_port
 
+REPO = Path(__file__).resolve().parents[1]
 PNG_1PX = PROBE_IMAGE  # a valid 1x1 PNG
 NEW_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -180,6 +182,61 @@ def test_refusals_before_and_in_the_app_are_counted_by_reason(tmp_path):
         assert values[("adapter_refusals_total", (("reason", "busy"),))] == 1
         assert values[("adapter_refusals_total", (("reason", "timeout"),))] == 2
         assert values[("adapter_requests_total", (("route", "/classify/"), ("status", "503")))] == 1
+
+
+def test_bad_http_counts_the_parsers_400s_not_the_apps(tmp_path):
+    """adapter_refusals_total{reason="bad_http"} is what its name and the README say: requests that are
+    not valid HTTP, refused at the parser. A 400 of the app (no image in the upload) is an answer about
+    the request's content: adapter_requests_total counts it, not a refusal. No model server needed."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    with running_adapter({"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead}, tmp_path / "a.log") as a:
+        for _ in range(2):
+            r = httpx.post(f"{a.base_url}/classify/", files={"photo": ("p.png", PNG_1PX, "image/png")}, timeout=30)
+            assert r.status_code == 400, r.text
+        answer = raw_request(a.base_url, b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+        values = samples(httpx.get(f"{a.base_url}/metrics", timeout=30).text)
+        assert values[("adapter_refusals_total", (("reason", "bad_http"),))] == 1
+        assert values[("adapter_requests_total", (("route", "/classify/"), ("status", "400")))] == 2
+
+
+def test_start_restarts_an_adapter_started_in_front_of_another_model_server(tmp_path):
+    """`make serve` after `make serve-kserve` (no make stop): `adapter.run start` finds an adapter running
+    in front of KServe's server (OIP_URL) and restarts it in front of TorchServe, saying so; started
+    again with the same model server it is left running. ADAPTER_LOG_DIR keeps its pid and record
+    out of logs/; nobody listens at either model server's address (no model server needed)."""
+    import os
+    import subprocess
+    import sys
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "ADAPTER_LOG_DIR": str(tmp_path), "ADAPTER_PORT": str(free_port()),
+           "TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead}
+    env.pop("OIP_URL", None)
+    base = f"http://127.0.0.1:{env['ADAPTER_PORT']}"
+
+    def run(command: str, **more: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "adapter.run", command], cwd=REPO, env={**env, **more},
+                              capture_output=True, text=True, timeout=120)
+
+    def backend() -> str:  # which client the adapter runs, by its 503 for a model server nobody runs
+        error = httpx.get(f"{base}/health", timeout=30).json()["error"]
+        return "torchserve" if "is TorchServe running?" in error else "oip"
+    try:
+        started = run("start", OIP_URL=dead)
+        assert started.returncode == 0, started.stderr
+        first = (tmp_path / "adapter.pid").read_text()
+        assert backend() == "oip"
+        again = run("start")  # make serve: TorchServe
+        assert again.returncode == 0, again.stderr
+        assert f"in front of the OIP server at {dead}: restarting it in front of TorchServe at {dead}" in again.stdout
+        assert (tmp_path / "adapter.pid").read_text() != first and backend() == "torchserve"
+        same = run("start")
+        assert same.returncode == 0 and "Adapter already running" in same.stdout, same.stdout
+    finally:
+        stopped = run("stop")
+    assert stopped.returncode == 0 and "Adapter stopped" in stopped.stdout
+    assert not (tmp_path / "adapter.pid").exists() and not (tmp_path / "adapter.model-server").exists()
 
 
 @pytest.mark.parametrize("flag, status", [(None, 404), ("1", 200)], ids=["default", "ADAPTER_DOCS=1"])

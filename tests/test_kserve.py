@@ -22,6 +22,8 @@ import yaml
 from handler.protocols import ProtocolError, parse_request, plain_v2_body
 from serving.archive import MODEL_CONFIG, weights_version
 from serving.kserve import ENVELOPES, KServeTorchServe, build_bundle
+from serving.process import free_ports
+from serving.settings import PREDICTOR_PORT_ENV
 from serving.torchserve import read_properties
 from serving_helpers import (assert_same_answer, b64, cifar_pil, decompression_bomb_png, encode, v1_body, v2_answers,
                              v2_body)
@@ -80,8 +82,10 @@ def test_bundle_layout_and_config(bundle):
     entry = snapshot["models"]["cifar100"][version]
     assert entry["marName"] == "cifar100.mar" and entry["defaultVersion"] is True
     assert entry["batchSize"] == config["batchSize"] > 1
-    assert (entry["minWorkers"], entry["maxWorkers"], entry["maxBatchDelay"]) == (
-        config["minWorkers"], config["maxWorkers"], config["maxBatchDelay"])
+    # Every worker setting of model-config.yaml: one the snapshot lacks is TorchServe's default, not the
+    # archive's (startupTimeout: 120 s instead of 600, too short for a first start that compiles the engine).
+    for key in ("minWorkers", "maxWorkers", "maxBatchDelay", "responseTimeout", "startupTimeout"):
+        assert entry[key] == config[key], key
 
 
 def test_make_kserve_bundle_command_writes_the_layout_and_reports_bad_weights(tmp_path):
@@ -95,6 +99,52 @@ def test_make_kserve_bundle_command_writes_the_layout_and_reports_bad_weights(tm
     done = subprocess.run([*run, str(tmp_path / "bad"), "--weights", str(tmp_path / "missing.pth")],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 1 and done.stderr.startswith("error:") and "missing.pth" in done.stderr
+
+
+def test_an_interrupted_predictor_start_leaves_no_server_behind(tmp_path, monkeypatch):
+    """Ctrl-C while `predictor start` (make serve-kserve) waits for the server to be ready: the server
+    has a session of its own (the terminal's SIGINT misses it), so the command stops it; and its pid
+    file named it from its start on (a start killed outright leaves a server that stop can find).
+    A stand-in process instead of KServe's server; the interruption is raised in its readiness wait."""
+    import serving.kserve as kserve
+    from serving.process import PidFile, command_line_has, stop_popen
+
+    logs = tmp_path / "logs"
+    monkeypatch.setattr(kserve, "LOG_DIR", logs)
+    monkeypatch.setattr(kserve, "PREDICTOR_PID", PidFile(logs / "kserve-predictor.pid",
+                                                         command_line_has("handler.kserve_predictor")))
+    monkeypatch.setattr(kserve.KServePredictor, "command", lambda self: [
+        sys.executable, "-c", "import time; time.sleep(120)", "handler.kserve_predictor"])
+    for variable, port in zip(PREDICTOR_PORT_ENV.values(), free_ports(2)):
+        monkeypatch.setenv(variable, str(port))
+    (tmp_path / "bundle" / "model-store").mkdir(parents=True)
+    (tmp_path / "bundle" / "model-store" / "cifar100.mar").touch()
+    seen = {}
+
+    def interrupted(is_ready, *args, **kwargs):
+        seen["process"] = is_ready.__self__.process
+        seen["pid file"] = kserve.PREDICTOR_PID.path.read_text() if kserve.PREDICTOR_PID.path.exists() else None
+        raise KeyboardInterrupt
+    monkeypatch.setattr(kserve, "wait_until_ready", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            kserve.main(["predictor", "start", "--bundle", str(tmp_path / "bundle")])
+        assert seen["pid file"] == f"{seen['process'].pid}\n"
+        assert seen["process"].poll() is not None, "the server outlived its interrupted start"
+        assert not kserve.PREDICTOR_PID.path.exists()
+    finally:
+        if "process" in seen:
+            stop_popen(seen["process"])
+
+
+@pytest.mark.parametrize("variable", PREDICTOR_PORT_ENV.values())
+def test_a_predictor_port_that_is_no_number_is_a_one_line_error(variable, monkeypatch, capsys):
+    import serving.kserve as kserve
+
+    monkeypatch.setenv(variable, "80a5")
+    assert kserve.main(["predictor", "status"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {variable}='80a5' is not a port number (1-65535)\n"
 
 
 # ---- request parsing, without a server -------------------------------------------------------
@@ -304,6 +354,16 @@ def test_the_envelope_variable_is_set_and_ignored(kserve_ts):
 
     java = psutil.Process(kserve_ts.java_pid())
     assert java.environ().get("TS_SERVICE_ENVELOPE") == ENVELOPES[kserve_ts.protocol]
+
+
+@pytest.mark.parametrize("kserve_ts", ["v2"], indirect=True)  # the snapshot is the same for both
+def test_the_bundles_workers_run_as_model_config_says(kserve_ts, client):
+    """The bundle's model_snapshot is what TorchServe loads: each worker setting it lacks would be
+    TorchServe's default (startupTimeout 120 s, too short for a first start that compiles the engine)."""
+    described = client.get(f"{kserve_ts.management_url}/models/cifar100").json()[0]
+    config = yaml.safe_load(MODEL_CONFIG.read_text())
+    for key in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout"):
+        assert described[key] == config[key], (key, described)
 
 
 # ---- the /classify/ adapter in front of the bundle's v2 server (OIP_URL) -----------------------

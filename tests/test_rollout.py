@@ -271,3 +271,21 @@ def test_archives_come_from_the_model_store_only(served):
     assert r.status_code == 404 and "does not match any allowed URL" in r.text
     r = httpx.post(f"{ts.management_url}/models", params={"url": "cifar100.mar"}, timeout=30)  # no key
     assert r.status_code in (400, 401) and "InvalidKeyException" in r.text, r.text
+
+
+def test_a_refused_management_key_is_renewed_with_the_api_key(served):
+    """TorchServe's keys expire (token_expiration_min, 60): a rollout an hour after make serve has its
+    management key refused (400 InvalidKeyException). Here the key file's management key is spoiled
+    instead, which this TorchServe refuses the same way without waiting for an expiry: the rollout
+    renews the key with the API key (TorchServe rewrites key_file.json) and goes on."""
+    ts, _, _ = served
+    keys = json.loads(ts.key_file.path.read_text())
+    keys["management"]["key"] = "spoiled"
+    ts.key_file.path.write_text(json.dumps(keys))
+    said: list[str] = []
+    assert Rollout(ts, say=said.append).run(weights_under_test()) == weights_version(weights_under_test())
+    assert "nothing to do" in said[-1]
+    renewed = json.loads(ts.key_file.path.read_text())["management"]["key"]
+    assert renewed != "spoiled"
+    assert httpx.get(f"{ts.management_url}/models/cifar100", headers={"Authorization": f"Bearer {renewed}"},
+                     timeout=30).status_code == 200

@@ -1,0 +1,135 @@
+"""`make rollout`'s conversation with TorchServe's management API (serving/rollout.py), against a
+stand-in API (a real HTTP server on a free loopback port, no Java): fast, so each rule has a test.
+
+The stand-in keeps TorchServe 0.12's key rules: a missing, expired or wrong key is answered 400
+InvalidKeyException; ``PUT /token?type=<kind>`` with the API key issues a new key of that kind and
+rewrites key_file.json. A real TorchServe whose key expired answers the same (tests/test_rollout.py
+checks the renewal on one with a spoiled key: waiting for a real expiry takes a minute at least).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from serving.archive import DEFAULT_WEIGHTS, weights_version
+from serving.rollout import Rollout, RolloutError
+from serving.torchserve import TorchServeInstance
+from test_adapter_oip import stand_in_server
+
+NEW = weights_version(DEFAULT_WEIGHTS)
+OLD = "w3-deadbeef"
+INVALID_KEY = {"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed. Token either"
+                                                                      " incorrect, expired, or not provided correctly"}
+
+
+class StandInManagement:
+    """TorchServe's management API for ``cifar100`` with ``registered`` versions (the first the default)."""
+
+    def __init__(self, workdir: Path, registered: list[str], expired: set[str] = frozenset(),
+                 renewable: bool = True):
+        self.workdir, self.registered, self.renewable = workdir, list(registered), renewable
+        self.keys = {"management": "m0", "inference": "i0", "API": "a0"}
+        self.issued = 0
+        self.calls: list[tuple[str, str]] = []  # (method, path) of every call whose key was accepted
+        self.refused: list[tuple[str, str]] = []
+        self.write_key_file()
+        for kind in expired:  # TorchServe's file still holds the key, but it is no longer valid
+            self.keys[kind] = "expired-" + kind
+
+    def write_key_file(self) -> None:
+        (self.workdir / "key_file.json").write_text(json.dumps(
+            {kind: {"key": key, "expiration time": "2024-02-16T21:12:24.801167Z"} for kind, key in self.keys.items()}))
+
+    def key_of(self, request: web.Request) -> str:
+        return request.headers.get("Authorization", "").removeprefix("Bearer ")
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        path = request.path
+        if path == "/token":
+            if self.key_of(request) != self.keys["API"] or not self.renewable:
+                return web.json_response(INVALID_KEY, status=400)
+            self.issued += 1
+            self.keys[request.query["type"]] = f"{request.query['type'][0]}{self.issued}"
+            self.write_key_file()
+            return web.json_response({"status": "renewed"})
+        if self.key_of(request) != self.keys["management"]:
+            self.refused.append((request.method, path))
+            return web.json_response(INVALID_KEY, status=400)
+        self.calls.append((request.method, path))
+        if request.method == "GET" and path == "/models/cifar100":
+            return web.json_response([{"modelVersion": self.registered[0]}])
+        if request.method == "GET" and path == "/models/cifar100/all":
+            return web.json_response([{"modelVersion": v, "modelUrl": "cifar100.mar" if v == OLD else f"cifar100-{v}.mar"}
+                                      for v in self.registered])
+        version = path.rsplit("/", 1)[1]
+        if version not in self.registered:
+            return web.json_response({"code": 404, "message": f"Model version {version} does not exist"}, status=404)
+        if request.method == "DELETE":
+            self.registered.remove(version)
+            return web.json_response({"status": f"Model cifar100 version {version} unregistered"})
+        return web.json_response([{"modelVersion": version, "workers": [{"status": "READY"}],
+                                   "jobQueueStatus": {"pendingRequests": 0}}])
+
+
+def with_stand_in(api: StandInManagement, action):
+    """Run ``action(rollout)`` in a thread, its TorchServe's every API on ``api``."""
+    async def route(request):
+        return await api(request)
+
+    async def go():
+        async with stand_in_server(route) as url:
+            port = int(url.rsplit(":", 1)[1])
+            ts = TorchServeInstance(api.workdir, {"inference": port, "management": port, "metrics": port,
+                                                  "grpc_inference": 1, "grpc_management": 2}, model_store=api.workdir)
+            return await asyncio.to_thread(action, Rollout(ts, ready_timeout_s=5, drain_s=0, say=said.append))
+    said: list[str] = []
+    return asyncio.run(go()), said
+
+
+def test_an_expired_management_key_is_renewed_and_the_call_sent_again(tmp_path):
+    """TorchServe's management key expires after token_expiration_min (60): the rollout asks for a new
+    one with the API key, as the adapter does, instead of reporting that cifar100 is not served."""
+    api = StandInManagement(tmp_path, [NEW], expired={"management"})
+    version, said = with_stand_in(api, lambda rollout: rollout.run(DEFAULT_WEIGHTS))
+    assert version == NEW and "nothing to do" in said[-1]
+    assert api.refused == [("GET", "/models/cifar100")] and api.issued == 1
+    assert json.loads((tmp_path / "key_file.json").read_text())["management"]["key"] == "m1"
+
+
+def test_a_key_renewed_elsewhere_is_read_again_not_renewed(tmp_path):
+    """The file already holds a newer key than the one refused (renewed by the adapter meanwhile):
+    that key is used, and no other is asked for."""
+    api = StandInManagement(tmp_path, [NEW])
+
+    def go(rollout):
+        rollout.keys.load()  # the old key, read
+        api.keys["management"] = "m-elsewhere"
+        api.write_key_file()
+        return rollout.default_version()
+    assert with_stand_in(api, go)[0] == NEW
+    assert api.issued == 0 and api.calls == [("GET", "/models/cifar100")]
+
+
+def test_a_key_that_cannot_be_renewed_is_reported_as_such(tmp_path):
+    api = StandInManagement(tmp_path, [NEW], expired={"management"}, renewable=False)
+    with pytest.raises(RolloutError) as err:
+        with_stand_in(api, lambda rollout: rollout.run(DEFAULT_WEIGHTS))
+    message = str(err.value)
+    assert "refused the management key" in message and "renewing it with the API key failed" in message
+    assert "does not serve" not in message
+
+
+def test_the_default_already_serving_still_unregisters_the_versions_left_beside_it(tmp_path):
+    """A rollout interrupted after its switch leaves the old version registered (its workers' memory
+    for good): the same command again drains and unregisters it, and says so."""
+    api = StandInManagement(tmp_path, [NEW, OLD])
+    version, said = with_stand_in(api, lambda rollout: rollout.run(DEFAULT_WEIGHTS))
+    assert version == NEW and api.registered == [NEW]
+    assert ("DELETE", f"/models/cifar100/{OLD}") in api.calls
+    assert not any(method == "DELETE" and path.endswith(NEW) for method, path in api.calls)
+    assert any(f"unregistering the versions left registered beside it: {OLD}" in line for line in said), said
+    assert f"drained and unregistered {OLD}" in said
