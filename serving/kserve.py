@@ -33,8 +33,8 @@ import httpx
 import yaml
 
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, MODEL_NAME, ArchiveError, build_archive, weights_version
-from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, command_line_has, free_ports,
-                             popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
+from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, changed_since_started, command_line_has,
+                             free_ports, popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
 from serving.settings import ENGINE_CACHE_ENV, PREDICTOR_PORT_ENV, PREDICTOR_PORTS, ports_from_env
 from serving.torchserve import (BASE_CONFIG, DEFAULT_ENGINE_CACHE, MAR_FILE, TorchServeError, TorchServeInstance,
                                read_properties)
@@ -250,6 +250,10 @@ def predictor_command(argv: list[str]) -> int:
         print(f"KServe's model server stopped (pid {pid})." if pid else "KServe's model server not running.")
         return 0
     if pid:
+        if changed_since_started(args.bundle / "model-store" / MAR_FILE, pid):
+            print(f"warning: KServe's model server was already running and keeps serving the model it loaded at "
+                  f"its start; {args.bundle} was rebuilt since (other weights?): `make stop-kserve && make "
+                  "serve-kserve WEIGHTS=...` serves them.", file=sys.stderr)
         print(f"KServe's model server already running (pid {pid}): http://127.0.0.1:{http}")
         return 0
     if not (args.bundle / "model-store" / MAR_FILE).is_file():

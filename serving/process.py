@@ -93,6 +93,14 @@ class PidFile:
         self.path.unlink(missing_ok=True)
 
 
+def changed_since_started(path: Path, pid: int | None) -> bool:
+    """Whether ``path`` was written after process ``pid`` started (the process loaded an older one)."""
+    try:
+        return pid is not None and path.stat().st_mtime > psutil.Process(pid).create_time()
+    except (OSError, psutil.Error):
+        return False
+
+
 def command_line_has(*needles: str) -> Callable[[psutil.Process], bool]:
     """An `is_ours` test: the process's command line contains one of these strings."""
     def is_ours(process: psutil.Process) -> bool:

@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import psutil
 
 from serving import settings
 from serving.java import java_problem
 from serving.keys import KeyFile, KeyFileError
-from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, free_ports, log_tail,
-                             port_in_use, stop_process, wait_until_ready)
+from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, changed_since_started, free_ports,
+                             log_tail, port_in_use, stop_process, wait_until_ready)
 from serving import cli
 from serving.archive import startup_timeout_s
 
@@ -246,11 +245,7 @@ class TorchServeInstance:
 
     def archive_newer_than_server(self) -> bool:
         """The archive in the model store was rebuilt after the running server loaded it."""
-        pid = self.java_pid()
-        try:
-            return pid is not None and (self.model_store / MAR_FILE).stat().st_mtime > psutil.Process(pid).create_time()
-        except (OSError, psutil.Error):
-            return False
+        return changed_since_started(self.model_store / MAR_FILE, self.java_pid())
 
     def curl_example(self) -> str:
         """The shell lines a user runs to classify a shipped example picture (the key comes from key_file.json)."""

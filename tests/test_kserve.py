@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -135,6 +136,35 @@ def test_an_interrupted_predictor_start_leaves_no_server_behind(tmp_path, monkey
     finally:
         if "process" in seen:
             stop_popen(seen["process"])
+
+
+def test_start_warns_when_the_running_server_loaded_an_older_bundle(tmp_path, monkeypatch, capsys):
+    """`make serve-kserve WEIGHTS=other.pth` while the server runs rebuilds the bundle but cannot swap
+    the model: said, as TorchServe's start says it. A stand-in process as the running server."""
+    import os
+
+    import serving.kserve as kserve
+    from serving.process import PidFile, command_line_has, stop_popen
+
+    logs = tmp_path / "logs"
+    monkeypatch.setattr(kserve, "LOG_DIR", logs)
+    monkeypatch.setattr(kserve, "PREDICTOR_PID", PidFile(logs / "kserve-predictor.pid",
+                                                         command_line_has("handler.kserve_predictor")))
+    mar = tmp_path / "bundle" / "model-store" / "cifar100.mar"
+    mar.parent.mkdir(parents=True)
+    mar.touch()
+    os.utime(mar, (time.time() - 3600,) * 2)  # built before the server started
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "handler.kserve_predictor"])
+    try:
+        kserve.PREDICTOR_PID.write(server.pid)
+        argv = ["predictor", "start", "--bundle", str(tmp_path / "bundle")]
+        assert kserve.main(argv) == 0
+        assert "warning" not in capsys.readouterr().err
+        mar.touch()  # rebuilt with other weights
+        assert kserve.main(argv) == 0
+        assert "keeps serving the model it loaded at its start" in capsys.readouterr().err
+    finally:
+        stop_popen(server)
 
 
 @pytest.mark.parametrize("variable", PREDICTOR_PORT_ENV.values())

@@ -264,3 +264,10 @@ def test_plain_cuda_under_torchrun_is_this_processs_gpu(monkeypatch):
     assert pick_device("cuda") == torch.device("cuda:0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto") == torch.device("cpu")
+
+
+def test_nesterov_without_momentum_is_refused_before_reading_data(capsys):
+    # torch.optim.SGD refuses it only once the data is loaded and the optimiser built.
+    assert train_module.main(NO_DATA + ["--momentum", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--momentum 0 with Nesterov" in err and "--no-nesterov" in err and "Traceback" not in err

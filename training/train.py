@@ -206,6 +206,9 @@ def check_options(args) -> None:
     if not 0 <= args.kd_weight <= 1 or args.kd_temperature <= 0:
         raise ConfigError(f"--kd-weight {args.kd_weight} / --kd-temperature {args.kd_temperature}: "
                           "needs a weight in 0..1 and a temperature above 0")
+    if args.nesterov and args.momentum == 0:
+        raise ConfigError("--momentum 0 with Nesterov momentum (the default): give a momentum above 0, "
+                          "or --no-nesterov for plain SGD")
     if not 8 <= args.min_res <= FULL_RES:
         raise ConfigError(f"--min-res {args.min_res}: needs 8..{FULL_RES} pixels")
     if args.res_ramp is not None:
