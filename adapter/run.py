@@ -17,6 +17,7 @@ adapter/config.py.
 from __future__ import annotations
 
 import ctypes
+import logging.config
 import os
 import subprocess
 import sys
@@ -264,6 +265,9 @@ def serve(host: str, port: int, log_file: Path | None) -> int:
         print(f"adapter: {err}", file=sys.stderr)
         return 2
     _return_freed_memory_to_the_os()
+    # The log is set up before the app is made (its start-up warnings, e.g. "no page", belong in it),
+    # so uvicorn is given none to set up again.
+    logging.config.dictConfig(logging_config(log_file, settings))
     app = create_app(settings)
     # X-Forwarded-For names the client only when it comes from a trusted proxy (uvicorn's default
     # trusts 127.0.0.1: any local program could then pick its own address and share).
@@ -274,7 +278,7 @@ def serve(host: str, port: int, log_file: Path | None) -> int:
                             ws="none",  # no WebSocket routes: upgrades are answered 501 (adapter/protocol.py)
                             proxy_headers=bool(settings.trusted_proxies),
                             forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
-                            log_config=logging_config(log_file, settings))
+                            log_config=None)
     uvicorn.Server(config).run()
     return 0
 

@@ -300,3 +300,25 @@ def test_the_edge_gives_the_model_server_the_id_it_returns_and_keeps_it_on_a_las
     failed = asyncio.run(call("/boom"))
     assert failed[0]["status"] == 500 and (b"x-request-id", b"abc-1") in failed[0]["headers"]
     assert "Internal error" in json.loads(failed[1]["body"])["error"] and seen == ["abc-1", "abc-1"]
+
+
+def test_metrics_host_and_frontend_dir_are_the_settings_readme_says(tmp_path):
+    """METRICS_HOST: the metrics port listens there only (127.0.0.2: another loopback address);
+    FRONTEND_DIR: the folder served at /; a folder that is not there: no page, said in the log."""
+    port = free_port("127.0.0.2")
+    dead = f"http://127.0.0.1:{free_port()}"
+    page = tmp_path / "page"
+    page.mkdir()
+    (page / "index.html").write_text("<!doctype html><title>mine</title>")
+    env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "METRICS_PORT": str(port),
+           "METRICS_HOST": "127.0.0.2", "FRONTEND_DIR": str(page)}
+    with running_adapter(env, tmp_path / "a.log") as a:
+        assert "adapter_requests_total" in httpx.get(f"http://127.0.0.2:{port}/metrics", timeout=30).text
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30)
+        assert "<title>mine</title>" in httpx.get(f"{a.base_url}/", timeout=30).text
+    env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "FRONTEND_DIR": str(tmp_path / "nowhere")}
+    with running_adapter(env, tmp_path / "b.log") as a:
+        assert httpx.get(f"{a.base_url}/", timeout=30).status_code == 404
+        assert httpx.get(f"{a.base_url}/classes", timeout=30).status_code == 200
+        assert "no page: FRONTEND_DIR" in a.log_file.read_text()
