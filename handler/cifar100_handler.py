@@ -41,7 +41,7 @@ from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decoded_tensors, image_bytes, normalize, opened_images
 from handler.engine import serving_model
 from handler.protocols import DEFAULT_MAX_IMAGES_PER_REQUEST, ProtocolError, encode_answer, parse_request
-from model import load_class_names, network_from_state_dict
+from model import check_class_count, load_class_names, network_from_state_dict
 
 logger = logging.getLogger(__name__)
 # TorchServe's worker logs this at INFO on the root logger for every batch it receives
@@ -65,6 +65,7 @@ class CIFAR100Handler(BaseHandler):
         logging.getLogger().addFilter(not_per_batch_line)  # once: a filter already there is not added again
         model_dir = context.system_properties.get("model_dir")
         self.labels = load_class_names(os.path.join(model_dir, "index_to_name.json"))
+        check_class_count(self.model.num_classes, self.labels)  # else a top-k index past the names fails each batch
         self.topk = served_topk(handler_cfg, len(self.labels))
         self.model_version = str(self.manifest["model"].get("modelVersion", "unknown"))
         self.max_images = int(handler_cfg.get("max_images_per_request", DEFAULT_MAX_IMAGES_PER_REQUEST))

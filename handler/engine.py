@@ -21,15 +21,16 @@ A compiled engine is an AOTInductor package (``torch.export`` with a dynamic bat
 1..batchSize, one compile covers every batch a worker receives; larger batches, a v1/v2 request
 with many images, run in chunks), or for OpenVINO its IR (.xml + .bin, the same batch bound). Packages live in a cache folder (``CIFAR100_ENGINE_CACHE``, set
 by serving/torchserve.py; else ``~/.cache/cifar100-engines``) under a key naming everything that
-shapes the code (engine, weights, torch, device, CPU flags, batch bound): a restarted worker loads
-one in well under a second. A file lock lets one worker compile while the others wait for it. The
-folder keeps the ``CIFAR100_ENGINE_CACHE_KEEP`` most recently used packages (serving/settings.py).
+shapes the code (engine, weights, torch, OpenVINO or torchao, device, CPU flags, batch bound): a restarted
+worker loads one in well under a second; one that no longer loads is compiled again. A file lock lets one
+worker compile while the others wait for it. The folder keeps the ``CIFAR100_ENGINE_CACHE_KEEP`` most
+recently used packages (serving/settings.py).
 
 Accuracy guard, in two parts (why: the worker cannot read the test split, the data may be absent):
   * ``python -m training.engines`` measures every engine on the full test split and writes
     ``engines.json`` (top-1, agreement with eager fp32, pass/fail against the limits below, the
-    calibration refit for that engine when it moved), packed into the archive beside the weights.
-    ``auto`` serves only engines that passed there; an explicit choice that failed is refused.
+    calibration refit for that engine when it moved; the int8 network it measured), packed into the archive
+    beside the weights. ``auto`` serves only engines that passed there; an explicit choice that failed is refused.
   * at start, the built engine answers a probe of training images shipped in the archive
     (``engine_inputs.pt``) next to eager fp32; below ``PROBE_MIN_AGREEMENT`` the engine is broken
     on THIS machine (a compiler bug, bad calibration) and the worker serves eager fp32 instead,
@@ -225,8 +226,21 @@ def machine_refusal(engine: str, device: torch.device) -> str | None:
     return None
 
 
-def refusal(engine: str, device: torch.device, record: dict | None) -> str | None:
-    """Why ``engine`` may not be served here (None: it may)."""
+def int8_network_sha256(xml: Path) -> str | None:
+    """sha256 of an int8 IR's .xml and .bin together (None when either is missing): which int8 network an
+    engines.json entry measured (training/engines.py writes it; refusal and serving/archive.py compare it)."""
+    digest = hashlib.sha256()
+    for part in (xml, xml.with_suffix(".bin")):
+        if not part.is_file():
+            return None
+        with open(part, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def refusal(engine: str, device: torch.device, record: dict | None, shipped_dir: Path | None = None) -> str | None:
+    """Why ``engine`` may not be served here (None: it may); ``shipped_dir``: where openvino-int8's network is."""
     why = machine_refusal(engine, device)
     if why is not None or engine in LOSSLESS:
         return why
@@ -240,10 +254,17 @@ def refusal(engine: str, device: torch.device, record: dict | None) -> str | Non
     if engine == OPENVINO_INT8 and measured.get("recheck_logit_gap") != RECHECK_LOGIT_GAP:
         return (f"its record was not measured with the handler's recheck rule (close calls: logit gap < "
                 f"{RECHECK_LOGIT_GAP}; run python -m training.engines)")
+    if engine == OPENVINO_INT8 and shipped_dir is not None:
+        # A network made anew (python -m training.quantize) was never measured: the record's figures and refit are
+        # another network's. No network at all is the build's to say.
+        on_disk = int8_network_sha256(Path(shipped_dir) / INT8_FILE)
+        if on_disk is not None and measured.get("network_sha256") != on_disk:
+            return (f"its record measured another int8 network than {INT8_FILE} (made anew since? run "
+                    f"python -m training.engines)")
     return None
 
 
-def candidates(setting: str, device: torch.device, record: dict | None) -> list[str]:
+def candidates(setting: str, device: torch.device, record: dict | None, shipped_dir: Path | None = None) -> list[str]:
     """Engines to try, in order; eager fp32 always closes the list."""
     if setting == AUTO:
         wanted = list(AUTO_ORDER[machine_kind(device)])
@@ -251,7 +272,7 @@ def candidates(setting: str, device: torch.device, record: dict | None) -> list[
         wanted = [setting]
     chosen = []
     for engine in wanted:
-        why = refusal(engine, device, record)
+        why = refusal(engine, device, record, shipped_dir)
         if why is None:
             chosen.append(engine)
         elif engine != EAGER:
@@ -429,6 +450,15 @@ def _compile_package(engine: str, model: torch.nn.Module, max_batch: int, device
         torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
 
 
+def _version(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def cache_key(engine: str, weights_sha256: str, max_batch: int, device: torch.device,
               calibration_images: torch.Tensor | None) -> str:
     parts = {"engine": engine, "weights": weights_sha256, "torch": torch.__version__, "max_batch": max_batch,
@@ -438,6 +468,10 @@ def cache_key(engine: str, weights_sha256: str, max_batch: int, device: torch.de
         # num_threads(N)`): a 2-thread package in a 1-thread worker oversubscribes the cores. OpenVINO's IR
         # holds no thread count (set when it is compiled at load): one IR serves every worker; nor do GPU kernels.
         parts["threads"] = torch.get_num_threads()
+    if engine in OPENVINO:  # its converter writes the IR
+        parts["openvino"] = _version("openvino")
+    if engine == "int8":  # its quantizer makes the graph inductor compiles
+        parts["torchao"] = _version("torchao")
     if engine == "int8" and calibration_images is not None:
         parts["calibration"] = hashlib.sha256(calibration_images.numpy().tobytes()).hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
@@ -451,24 +485,40 @@ def cache_keep() -> int:
     return max(1, int(os.environ.get(ENGINE_CACHE_KEEP_ENV) or ENGINE_CACHE_KEEP))
 
 
+TEMPORARY = ".tmp."  # in the name of a file being written (ENTRY.PID.tmp.SUFFIX), under the entry's lock
+
+
+def _entry_files(meta: Path) -> list[Path]:
+    """A cache entry's files but its .lock: a lock file stays for good (empty), so every worker locks the same one."""
+    return [meta.with_suffix(".pt2"), meta.with_suffix(".xml"), meta.with_suffix(".bin"), meta]
+
+
 def prune_cache(folder: Path, keep: int) -> list[str]:
-    """Delete all but the ``keep`` most recently used packages (a load touches its .json); a package
-    whose lock another process holds (being compiled or loaded) is left alone. Returns what went."""
-    used = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    """Delete all but the ``keep`` most recently used packages (a load touches its .json), and the temporary
+    files of a compile that was killed; a package whose lock another process holds (being compiled or loaded)
+    is left alone. Returns the packages that went."""
+    used = sorted((p for p in folder.glob("*.json") if TEMPORARY not in p.name),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
     removed = []
     for meta in used[keep:]:
-        lock = meta.with_suffix(".lock")
         try:
-            with open(lock, "a") as f:
+            with open(meta.with_suffix(".lock"), "a") as f:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                for path in (meta.with_suffix(".pt2"), meta.with_suffix(".xml"), meta.with_suffix(".bin"), meta):
+                for path in _entry_files(meta):
                     path.unlink(missing_ok=True)
-                lock.unlink(missing_ok=True)
                 removed.append(meta.stem)
         except BlockingIOError:
             continue
         except OSError as err:
             logger.warning("engine cache: could not prune %s: %s", meta.stem, err)
+    for tmp in folder.glob(f"*{TEMPORARY}*"):
+        # Written only under its entry's lock: a free lock means its writer is gone.
+        try:
+            with open(folder / f"{tmp.name.split('.')[0]}.lock", "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                tmp.unlink(missing_ok=True)
+        except OSError:  # BlockingIOError: being written now
+            continue
     if removed:
         logger.info("engine cache: removed %d old package(s), kept the %d most recently used", len(removed), keep)
     return removed
@@ -485,6 +535,12 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _load_package(engine: str, path: Path):
+    if engine in OPENVINO:
+        return _OpenVINOForward(OPENVINO[engine], path)
+    return torch._inductor.aoti_load_package(str(path))
+
+
 def load_or_compile(engine: str, model: torch.nn.Module, weights_sha256: str, max_batch: int,
                     device: torch.device, calibration_images: torch.Tensor | None = None,
                     folder: Path | None = None) -> tuple[object, dict]:
@@ -496,26 +552,35 @@ def load_or_compile(engine: str, model: torch.nn.Module, weights_sha256: str, ma
     started = time.perf_counter()
     with _locked(folder / f"{engine}-{key}.lock"):
         cached = path.is_file() and meta_path.is_file()
+        if cached:
+            try:
+                compiled = _load_package(engine, path)
+                compile_seconds = json.loads(meta_path.read_text()).get("compile_seconds")
+                os.utime(meta_path)  # most recently used: kept by prune_cache
+            except Exception as err:  # noqa: BLE001 - damaged (a full disk, a copy cut short): compiled again
+                logger.warning("engine cache: %s is damaged (%s: %s); compiling it again", meta_path.stem,
+                               type(err).__name__, "".join(str(err).strip().splitlines()[-1:]))
+                for damaged in _entry_files(meta_path):
+                    damaged.unlink(missing_ok=True)
+                cached = False
         if not cached:
-            tmp = path.with_suffix(f".{os.getpid()}.tmp{suffix}")
+            tmp = path.with_suffix(f".{os.getpid()}{TEMPORARY}{suffix.lstrip('.')}")
             _compile_package(engine, model, max_batch, device, calibration_images, tmp)
             if engine in OPENVINO:  # the IR's weights: same name, .bin (OpenVINO finds them by it)
                 os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
             os.replace(tmp, path)
-            meta_path.write_text(json.dumps({"engine": engine, "compile_seconds": round(time.perf_counter() - started, 2),
-                                             "max_batch": max_batch, "torch": torch.__version__,
-                                             "threads": torch.get_num_threads()}) + "\n")
-        else:
-            os.utime(meta_path)  # most recently used: kept by prune_cache
-        if engine in OPENVINO:
-            compiled = _OpenVINOForward(OPENVINO[engine], path)
-        else:
-            compiled = torch._inductor.aoti_load_package(str(path))
-    meta = json.loads(meta_path.read_text())
+            compile_seconds = round(time.perf_counter() - started, 2)
+            meta = {"engine": engine, "compile_seconds": compile_seconds, "max_batch": max_batch,
+                    "torch": torch.__version__, "threads": torch.get_num_threads()}
+            # Whole or not at all: a worker killed mid-write leaves a temporary file, not a damaged entry.
+            tmp_meta = meta_path.with_suffix(f".{os.getpid()}{TEMPORARY}json")
+            tmp_meta.write_text(json.dumps(meta) + "\n")
+            os.replace(tmp_meta, meta_path)
+            compiled = _load_package(engine, path)
     if not cached:
         prune_cache(folder, cache_keep())
     return compiled, {"cached": cached, "seconds": round(time.perf_counter() - started, 2),
-                      "compile_seconds": meta.get("compile_seconds"), "path": str(path)}
+                      "compile_seconds": compile_seconds, "path": str(path)}
 
 
 # ---- the served engine -------------------------------------------------------------------------
@@ -605,7 +670,7 @@ def select_engine(setting: str, model: torch.nn.Module, weights_sha256: str, max
     one engine.
     """
     reference = Engine(EAGER, model)
-    for name in candidates(setting, device, record):
+    for name in candidates(setting, device, record, shipped_dir):
         if name == EAGER:
             return reference
         probe = normalize(inputs["probe"][:PROBE_IMAGES], device) if inputs else None

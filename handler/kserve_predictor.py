@@ -55,7 +55,7 @@ from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, OUTPUTS, V2, ProtocolError, encode_answer, json_body,
                                parse_request, plain_v2_body, refuse_binary_extension)
-from model import load_class_names, network_from_state_dict
+from model import check_class_count, load_class_names, network_from_state_dict
 from serving.pace import paced_deadline
 from serving.settings import BODY_TIMEOUT_S, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME
 from serving.throttled_log import ThrottledLog
@@ -255,6 +255,7 @@ class CIFAR100Predictor(Model):
         state_dict = torch.load(weights, map_location="cpu", weights_only=True)
         self.device = engines.serving_device()
         network = engines.serving_model(state_dict).to(self.device)
+        check_class_count(network.num_classes, self.labels)  # else a top-k index past the names fails each batch
         self._state_dict, self._explanation_model = state_dict, None  # Grad-CAM's network: built on first use
         self.heatmap_max_side = int(handler_cfg.get("heatmap_max_side", HEATMAP_MAX_SIDE))
         # Not "self.engine": KServe's Model.engine is a flag (an engine to start; stop_engine at unload).

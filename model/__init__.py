@@ -10,7 +10,8 @@ from .normalization import CIFAR100_MEAN, CIFAR100_STD, normalize
 # name -> submodule that defines it (each imports torch)
 _LAZY = {
     **dict.fromkeys(("CIFAR100Model", "ResidualSEBlock", "SEBlock", "fold_batchnorm", "infer_width_and_classes"), "network"),
-    **dict.fromkeys(("WeightsError", "read_state_dict", "network_from_state_dict", "load_network"), "weights"),
+    **dict.fromkeys(("WeightsError", "read_state_dict", "network_from_state_dict", "check_class_count",
+                     "load_network"), "weights"),
     **dict.fromkeys(("flip_tta_logits", "plain_and_flip_tta_logits"), "tta"),
 }
 

@@ -43,13 +43,19 @@ def read_state_dict(path: str | Path, checkpoint: bool = True) -> dict:
 
 def network_from_state_dict(state_dict: dict, source: str = "weights") -> CIFAR100Model:
     """A CIFAR100Model of the width and class count the state dict was trained with, loaded strictly
-    (float16 values are cast into the float32 network)."""
+    (float16, bfloat16 and float64 values are cast into the float32 network; integer ones are refused)."""
     fc = state_dict.get("fc.weight")
     if fc is None or fc.dim() != 2 or fc.shape[1] % 64:
         raise WeightsError(f"{source} are not CIFAR100Model weights: no 'fc.weight' of shape "
                            f"[classes, 64 x width] (keys start {list(state_dict)[:4]})")
     width, num_classes = infer_width_and_classes(state_dict)
     model = CIFAR100Model(width=width, num_classes=num_classes)
+    # load_state_dict casts whatever it is given: integer or bool weights would load as a network that answers noise.
+    for name, value in model.state_dict().items():
+        given = state_dict.get(name)
+        if isinstance(given, torch.Tensor) and value.is_floating_point() and not given.is_floating_point():
+            raise WeightsError(f"{source} hold '{name}' as {str(given.dtype).removeprefix('torch.')}, not floating "
+                               "point: not trained weights (float32, float16, bfloat16 or float64)")
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
@@ -57,6 +63,14 @@ def network_from_state_dict(state_dict: dict, source: str = "weights") -> CIFAR1
         raise WeightsError(f"{source} do not fit CIFAR100Model(width={width}, num_classes={num_classes}): "
                            + " ".join(line.strip() for line in first)) from err
     return model
+
+
+def check_class_count(num_classes: int, labels: list[str], source: str = "weights") -> None:
+    """A server answers with a name for each of the network's classes: weights of another class count are refused
+    (TorchServe's handler, KServe's predictor, the archive)."""
+    if num_classes != len(labels):
+        raise WeightsError(f"{source} are a network of {num_classes} classes, but index_to_name.json names "
+                           f"{len(labels)}: these weights cannot be served with these class names")
 
 
 def load_network(path: str | Path) -> CIFAR100Model:

@@ -74,14 +74,18 @@ def weights_version(weights: Path) -> str:
     """``w<width>-<sha8>``: which network size and which exact weights the archive serves."""
     import torch  # here, not at module level: the rest of serving/ runs without torch
 
-    from model import network_from_state_dict
+    from model import WeightsError, check_class_count, load_class_names, network_from_state_dict
 
     try:
         # A plain state dict, as the handler loads it; strict: refuses what the handler could not load.
-        width = network_from_state_dict(torch.load(weights, map_location="cpu", weights_only=True)).width
+        network = network_from_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise ArchiveError(f"{weights} is not a CIFAR100Model state dict: {err}") from err
-    return f"w{width}-{sha256_of(weights)[:8]}"
+    try:
+        check_class_count(network.num_classes, load_class_names(CLASS_NAMES_FILE), str(weights))  # the names packed
+    except WeightsError as err:
+        raise ArchiveError(str(err)) from err
+    return f"w{network.width}-{sha256_of(weights)[:8]}"
 
 
 def _record_for(weights: Path, name: str) -> Path | None:
@@ -138,6 +142,20 @@ def int8_network_for(weights: Path) -> Path | None:
     return path
 
 
+def int8_record_warning(weights: Path) -> str | None:
+    """Why the int8 network packed will not be served: engines.json measured another one (None if not)."""
+    import json
+
+    from handler.engine import OPENVINO_INT8, int8_network_sha256
+
+    record, int8 = engine_record_for(weights), int8_network_for(weights)
+    measured = json.loads(record.read_text()).get("engines", {}).get(OPENVINO_INT8) if record and int8 else None
+    if measured is None or measured.get("network_sha256") == int8_network_sha256(int8):
+        return None
+    return (f"warning: {record} measured another {ENGINE_INT8_FILE} than the one beside the weights (made anew "
+            f"since?): openvino-int8 will not be served. `python -m training.engines {weights}` measures it.")
+
+
 def package_files(weights: Path = DEFAULT_WEIGHTS) -> list[tuple[Path, str]]:
     """(source, path inside the archive) of every packaged support file."""
     files = [(CLASS_NAMES_FILE, "index_to_name.json")]
@@ -182,8 +200,9 @@ def build_archive(weights: Path = DEFAULT_WEIGHTS, export_path: Path = DEFAULT_E
     mar = export_path / f"{MODEL_NAME}.mar"
     stamp = export_path / f"{MODEL_NAME}.mar.inputs"
     digest = inputs_digest(weights, version, Path(model_config))
-    if not quiet and (warning := calibration_warning(weights)) is not None:
-        print(warning, file=sys.stderr)
+    for warning in () if quiet else (calibration_warning(weights), int8_record_warning(weights)):
+        if warning is not None:
+            print(warning, file=sys.stderr)
     if not force and mar.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
         if not quiet:
             print(f"{mar.relative_to(REPO) if mar.is_relative_to(REPO) else mar} is up to date (version {version})")

@@ -114,6 +114,18 @@ def test_inductor_packages_are_per_thread_count_and_openvino_ir_is_not(monkeypat
     assert one["openvino-fp32"] == two["openvino-fp32"]  # the IR has none: one conversion for every worker
 
 
+def test_the_cache_key_names_the_converter_that_wrote_the_package(monkeypatch):
+    """OpenVINO's converter writes its IR, torchao's quantizer makes int8's graph: another version, another package."""
+    def keys():
+        return {name: engines.cache_key(name, "ab" * 32, 6, CPU, None) for name in ("compile-fp32", "openvino-fp32", "int8")}
+
+    before = keys()
+    monkeypatch.setattr(engines, "_version", lambda distribution: f"{distribution} 99.0")
+    after = keys()
+    assert after["compile-fp32"] == before["compile-fp32"]  # neither shapes inductor's fp32 package
+    assert after["openvino-fp32"] != before["openvino-fp32"] and after["int8"] != before["int8"]
+
+
 def test_a_capped_onednn_isa_is_another_machine(monkeypatch):
     """ONEDNN_MAX_CPU_ISA (bench_engines --emulate-isa, or an operator's cap) changes the kernels a
     package calls: it must not load one built without the cap."""
@@ -163,13 +175,41 @@ def test_the_cache_keeps_the_most_recently_used_packages_and_spares_a_locked_one
         for suffix in (".pt2", ".json", ".lock"):
             (tmp_path / f"compile-bf16-{name}{suffix}").write_text("x")
             os.utime(tmp_path / f"compile-bf16-{name}{suffix}", (1e9 - age * 100, 1e9 - age * 100))
+    # A compile killed mid-write left its temporaries; another one is being written now (its entry's lock held).
+    writing = "compile-bf16-locked-oldest.456.tmp.pt2"
+    for name in ("compile-bf16-gone.123.tmp.pt2", "openvino-fp32-gone.123.tmp.json", writing):
+        (tmp_path / name).write_text("x")
     with open(tmp_path / "compile-bf16-locked-oldest.lock") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another worker is loading it
         removed = engines.prune_cache(tmp_path, keep=2)
     assert sorted(removed) == ["compile-bf16-old", "compile-bf16-older"]
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted(f"compile-bf16-{n}{s}" for n in ("newest", "recent", "locked-oldest")
-                          for s in (".pt2", ".json", ".lock"))
+    # The lock files stay: a worker waiting on the old one and a newcomer opening the name lock the same file.
+    kept = [f"compile-bf16-{n}{s}" for n in ("newest", "recent", "locked-oldest") for s in (".pt2", ".json")]
+    locks = [f"compile-bf16-{n}.lock" for n in ("newest", "recent", "locked-oldest", "old", "older", "gone")]
+    assert left == sorted(kept + locks + ["openvino-fp32-gone.lock", writing])
+
+
+def test_a_damaged_cache_entry_is_compiled_again_and_served(tmp_path, caplog):
+    """A package or record cut short (a full disk, a worker killed while copying) is said once, deleted and
+    compiled again under its lock: the engine is served, not eager fp32 for good."""
+    pytest.importorskip("openvino")
+    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    inputs = engines.load_inputs(REPO / "model" / "weights")
+    built = engines.build_engine("openvino-fp32", model, "test", 6, CPU, None, tmp_path)
+    xml = Path(built.info["path"])
+    for damaged, content in ((xml, xml.read_bytes()[:len(xml.read_bytes()) // 2]), (xml.with_suffix(".json"), b"")):
+        damaged.write_bytes(content)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=engines.__name__):
+            served = engines.select_engine("openvino-fp32", model, "test", 6, CPU, None, inputs, normalize,
+                                           folder=tmp_path)
+        assert served.name == "openvino-fp32" and not served.info["cached"], served.info
+        said = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+        assert len(said) == 1 and xml.stem in said[0], caplog.text
+        again = engines.build_engine("openvino-fp32", model, "test", 6, CPU, None, tmp_path)
+        assert again.info["cached"] and again.info["path"] == str(xml)
+    assert not list(tmp_path.glob("*.tmp.*"))  # the record too was written whole, then renamed
 
 
 def test_openvino_engines_build_once_load_from_the_cache_and_agree_with_fp32(tmp_path):
@@ -464,7 +504,43 @@ def test_the_shipped_record_lets_the_handler_serve_openvino_int8_on_a_cpu_withou
     shipped = engines.load_record(REPO / "model" / "weights")
     assert shipped["engines"][engines.OPENVINO_INT8]["recheck_logit_gap"] == engines.RECHECK_LOGIT_GAP
     monkeypatch.setattr(engines, "native_bf16", lambda device: False)
-    assert engines.candidates("auto", CPU, shipped)[0] == engines.OPENVINO_INT8
+    # ... of the int8 network shipped beside it (engine_int8.xml + .bin, committed with it)
+    assert engines.candidates("auto", CPU, shipped, WEIGHTS.parent)[0] == engines.OPENVINO_INT8
+
+
+def test_openvino_int8_is_refused_when_its_network_is_not_the_one_the_record_measured(tmp_path, monkeypatch, caplog):
+    """A network made anew (python -m training.quantize, same weights) carries no figures: the record's pass and
+    calibration refit were another network's, so the worker serves the next candidate and says why."""
+    monkeypatch.setattr(engines, "native_bf16", lambda device: False)
+    monkeypatch.setattr(engines, "openvino_installed", lambda: True)
+    (tmp_path / engines.INT8_FILE).write_text("<net/>")
+    (tmp_path / engines.INT8_FILE).with_suffix(".bin").write_bytes(b"weights")
+    measured = engines.int8_network_sha256(tmp_path / engines.INT8_FILE)
+    assert len(measured) == 64
+    assert engines.candidates("auto", CPU, record(**{"openvino-int8": {**INT8_PASSED, "network_sha256": measured}}),
+                              tmp_path)[0] == engines.OPENVINO_INT8
+    (tmp_path / engines.INT8_FILE).with_suffix(".bin").write_bytes(b"weights made anew")
+    assert engines.int8_network_sha256(tmp_path / engines.INT8_FILE) != measured  # the .bin counts too
+    for entry in ({**INT8_PASSED, "network_sha256": measured}, INT8_PASSED):  # another network, or none named
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=engines.__name__):
+            assert engines.candidates("auto", CPU, record(**{"openvino-int8": entry}), tmp_path)[0] == "openvino-fp32"
+        assert "engine openvino-int8 not served: its record measured another int8 network" in caplog.text
+    # The archive says so when it is built (it packs the record and the network as they are).
+    import json
+
+    from serving.archive import int8_record_warning
+
+    weights = tmp_path / "CIFAR100_model.pth"
+    weights.write_bytes(WEIGHTS.read_bytes())
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    rt_info = f'<rt_info><cifar100><weights_sha256 value="{sha}"/></cifar100></rt_info>'  # made for these weights
+    (tmp_path / engines.INT8_FILE).write_text(f"<net>{rt_info}</net>")
+    for digest, warned in ((engines.int8_network_sha256(tmp_path / engines.INT8_FILE), False), (measured, True)):
+        (tmp_path / engines.RECORD_FILE).write_text(json.dumps(
+            {"weights_sha256": sha, **record(**{"openvino-int8": {**INT8_PASSED, "network_sha256": digest}})}))
+        assert (int8_record_warning(weights) is not None) == warned
+    assert "openvino-int8 will not be served" in int8_record_warning(weights)
 
 
 def test_gpu_packages_are_shared_by_every_thread_count(monkeypatch):

@@ -190,6 +190,30 @@ def test_weights_file_becomes_the_network_of_its_own_width(tmp_path):
         network_from_state_dict(nn.Linear(4, 2).state_dict())
 
 
+def test_weights_of_integer_or_bool_values_are_refused_and_other_float_types_load():
+    """load_state_dict casts what it is given: int64/int8/bool weights would make a float32 network that answers
+    noise. Float types of another width load (float16 exports, bf16, float64); BatchNorm's counter stays integer."""
+    from model import WeightsError, check_class_count
+
+    torch.manual_seed(0)
+    trained = CIFAR100Model(width=1, num_classes=100).eval()
+    state = trained.state_dict()
+    assert state["stem.1.num_batches_tracked"].dtype == torch.int64
+    x = torch.randn(2, 3, 32, 32)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        loaded = network_from_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+        assert next(loaded.parameters()).dtype == torch.float32
+        with torch.no_grad():
+            assert loaded.eval()(x).argmax(1).tolist() == trained(x).argmax(1).tolist(), dtype
+    for dtype in (torch.int64, torch.int8, torch.bool):
+        with pytest.raises(WeightsError, match=rf"hold 'stem.0.weight' as {str(dtype)[6:]}, not floating point"):
+            network_from_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+    # A server names each class the network answers: another class count than the names is refused.
+    check_class_count(100, [str(i) for i in range(100)])
+    with pytest.raises(WeightsError, match="a network of 101 classes, but index_to_name.json names 100"):
+        check_class_count(101, [str(i) for i in range(100)])
+
+
 class _RunsCodeWhenUnpickled:
     """A .pth from elsewhere that would create a file when unpickled by plain torch.load."""
 

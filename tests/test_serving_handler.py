@@ -442,3 +442,27 @@ def test_a_request_holding_too_many_pixels_in_all_is_refused_before_any_is_decod
     assert "80 MP to decode in all, above the 64 MP limit per request" in answers[0]["error"]
     assert "corrupt" in answers[1]["error"]
     assert len(answers[2]["predictions"]) == 9
+
+
+def test_weights_of_another_class_count_than_the_names_are_refused_at_start_and_by_the_archive(model_dir, tmp_path):
+    """A 101-class network with CIFAR-100's 100 names would fail every batch whose top-k reaches class 100: the
+    TorchServe worker, KServe's predictor and the archive build refuse it with one clear line instead."""
+    import shutil
+
+    from model import CIFAR100Model, WeightsError
+    from serving.archive import ArchiveError
+
+    wider = tmp_path / "model"
+    shutil.copytree(model_dir, wider)
+    manifest = json.loads((wider / "MAR-INF" / "MANIFEST.json").read_text())["model"]
+    torch.save(CIFAR100Model(width=1, num_classes=101).state_dict(), wider / manifest["serializedFile"])
+    refused = "a network of 101 classes, but index_to_name.json names 100"
+    with pytest.raises(WeightsError, match=refused):
+        CIFAR100Handler().initialize(make_context(wider))
+    pytest.importorskip("kserve")
+    from handler.kserve_predictor import CIFAR100Predictor
+
+    with pytest.raises(WeightsError, match=refused):
+        CIFAR100Predictor("cifar100", wider, "eager-fp32").load()
+    with pytest.raises(ArchiveError, match=refused):
+        weights_version(wider / manifest["serializedFile"])

@@ -54,7 +54,8 @@ def test_1000_served_answers_agree_with_in_process_top1(torchserve_ready, cifar1
     # The server runs the engine auto picks here: the first candidate, not a fallback.
     from handler import engine as engines
 
-    picked = engines.candidates("auto", torch.device("cpu"), engine_record(weights_under_test()))[0]
+    picked = engines.candidates("auto", torch.device("cpu"), engine_record(weights_under_test()),
+                                weights_under_test().resolve().parent)[0]
     assert reference.engine.name == picked
     assert {r.json()["engine"] for r in responses} == {picked}
     # Where the engine is OpenVINO's and a worker has fewer threads than the cores, a lone image's forward

@@ -11,7 +11,8 @@ Writes, beside the weights (serving/archive.py packs both into the archive):
                      worker's start-up self-check; never test images
 
 openvino-int8 is measured from the engine_int8.xml beside the weights (``python -m training.quantize``
-makes it), as served: with its rechecks (the record keeps their share and the logit gap that makes a close call).
+makes it), as served: with its rechecks (the record keeps their share, the logit gap that makes a close call and
+the sha256 of the .xml + .bin it measured: the handler serves no other int8 network on these figures).
 
 Engines this machine cannot run (bf16 without native bf16) are skipped and keep their earlier
 entry. On a GPU (``--device cuda``) the record goes where ``--record`` says: the shipped record is the
@@ -199,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: skipped ({why})")
             continue
         started = time.perf_counter()
+        # Which int8 network the figures are of, read before it is built (the handler serves no other).
+        network = engines.int8_network_sha256(folder / engines.INT8_FILE) if name == engines.OPENVINO_INT8 else None
         try:
             with workers_thread_count():
                 engine = engines.build_engine(name, model, weights_sha, max_batch, device,
@@ -212,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == engines.OPENVINO_INT8:  # the share of test images fp32 answered again (close calls)
             entry["recheck_logit_gap"] = engines.RECHECK_LOGIT_GAP
             entry["rechecked"] = round(engine.forward.share, 4)
+            entry["network_sha256"] = network
         record["engines"][name] = entry
         print(f"{name}: top-1 {entry['top1']:.4f} (fp32 {record['engines'][engines.EAGER]['top1']:.4f}), "
               f"agreement {entry['agreement']:.4f}, {'passed' if entry['passed'] else 'FAILED'}; "
