@@ -42,9 +42,9 @@ MAX_IMAGE_PIXELS = 16_000_000
 # costs about what a 1 MP one does at full scale.
 MAX_JPEG_PIXELS = 64_000_000
 # What one request's images may cost to decode in all (a v1/v2 request carries up to 64): pixels as
-# decoded, a JPEG's at the scale libjpeg decodes it at (decoded_pixels). 64 images of 16 MP held a
-# worker ~22 s (0.35 s each, a 70 KB flat PNG): two such in one batch passed TorchServe's
-# responseTimeout, which restarts the worker and fails the batch's other requests. 64 MP: ~1.4 s.
+# decoded, a JPEG's at the scale libjpeg decodes it at (decoded_pixels). Without it, 64 images of 16 MP
+# held a worker past TorchServe's responseTimeout with a second such request in the batch, which
+# restarts the worker and fails the batch's other requests (benchmarks/RESULTS.md, session 25).
 MAX_REQUEST_PIXELS = 64_000_000
 # The smallest side an image is decoded to (draft / reduce stop before going below it): 8x the
 # network's input. A 12 MP photo still decodes at 1/8 scale (3000 / 8 = 375 px); 256 keeps more
