@@ -23,12 +23,14 @@ before the body is read), and at most MAX_EXPLANATIONS_IN_FLIGHT at the model se
 an explanation past that waits its turn (first come, first served) up to EXPLANATION_WAIT_S, then
 503 with Retry-After. Classifications never wait behind more than that many explanations.
 The client address is scope["client"]: the socket's peer, or, behind a proxy listed in
-TRUSTED_PROXIES, what its X-Forwarded-For says (uvicorn's ProxyHeadersMiddleware, adapter/run.py).
+TRUSTED_PROXIES, what its X-Forwarded-For says (uvicorn's ProxyHeadersMiddleware, adapter/run.py);
+an IPv6 client is counted by its /64 (client_key).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 
@@ -191,9 +193,29 @@ class Explanations:
             self._turns.release()
 
 
+# An IPv6 client is its /64: one subscriber or host usually holds a whole /64 (2^64 addresses), so a
+# share per address would be a share per source address it cares to pick.
+IPV6_CLIENT_PREFIX = 64
+
+
+def client_key(host: str) -> str:
+    """The client a peer address counts as: an IPv4 address (also written IPv4-mapped, ::ffff:a.b.c.d)
+    itself, an IPv6 address its /64; anything else (a Unix socket's name) as it is."""
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])  # fe80::1%eth0: the zone is not the client
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/{IPV6_CLIENT_PREFIX}", strict=False))
+    return str(address)
+
+
 def client_address(scope) -> str:
-    """Whose share a request counts in: the socket's peer, or what a trusted proxy says (module docstring)."""
-    return scope["client"][0] if scope.get("client") else "unknown"
+    """Whose share a request counts in: the socket's peer, or what a trusted proxy says (module docstring),
+    as client_key groups it."""
+    return client_key(scope["client"][0]) if scope.get("client") else "unknown"
 
 
 def _declared_size(scope, fallback: int) -> int | None:

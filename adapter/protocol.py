@@ -48,6 +48,7 @@ from serving.pace import paced_deadline
 from serving.throttled_log import ThrottledLog
 
 from .config import Settings
+from .limits import client_key
 
 log = logging.getLogger("adapter.protocol")
 
@@ -150,7 +151,7 @@ class OpenConnections:
             self.refusals.warning("reset a connection from %s: %d connections open (MAX_OPEN_CONNECTIONS)",
                                   host, self.total)
             return None
-        key = "" if host is None or self._is_trusted_proxy(host) else host
+        key = "" if host is None or self._is_trusted_proxy(host) else client_key(host)
         if key:
             count = self.per_client.get(key, 0)
             if count >= self.max_per_client:

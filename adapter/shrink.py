@@ -55,12 +55,10 @@ class UploadShrinker:
             return data
         try:
             if len(data) <= self.min_bytes:
-                try:
-                    img = open_upload(data)  # the header (and a small PNG's checksums) only
-                except ImageRequestError as err:
-                    if err.status == 413:  # a bomb: refused before any pixel is decoded
-                        raise
-                    return data  # not an image: the handler says so, as it did before
+                # The header (and a small PNG's checksums) only. Not an image: refused here with the
+                # handler's words, not forwarded (a JSON "image" would reach the handler as a v1/v2
+                # request of up to 64 images); a bomb: before any pixel is decoded.
+                img = open_upload(data)
                 if not worth_shrinking(img, len(data), self.min_bytes):
                     return data
                 return await self._in_pool(shrunk_png, img, explain)

@@ -31,6 +31,7 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import io
+import math
 import zlib
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -63,6 +64,9 @@ SHRINK_MIN_PIXELS = 1_000_000
 # agreement with the full path is the same as with a lossless PNG, benchmarks/RESULTS.md).
 PAGE_SHRINK_TYPE = "image/jpeg"
 PAGE_JPEG_QUALITY = 0.92
+# The most pixels of the picture forwarded for an explanation (its size the heatmap follows): a photo
+# decoded as above has ~0.1-0.5 MP; only long thin ones have more, reduced to this.
+EXPLAIN_MAX_PIXELS = 1_000_000
 PNG_FAST = 1  # zlib level of the adapter's lossless PNGs: a few KB either way, level 1 is fastest
 
 # The formats opened at all, as Pillow's openers name them: what browsers, phones and cameras write,
@@ -263,6 +267,10 @@ def shrunk_png(img: Image.Image, keep_size: bool = False) -> bytes:
     decoded = decode_opened(img)
     if not keep_size:
         decoded = network_input(decoded)
+    elif decoded.width * decoded.height > EXPLAIN_MAX_PIXELS:
+        # A long thin picture (a panorama JPEG under 512 px high is decoded whole): its size, not all its
+        # pixels, is what the heatmap needs; a lossless PNG of all of them ran to 50 MB.
+        decoded = decoded.reduce(math.ceil(math.sqrt(decoded.width * decoded.height / EXPLAIN_MAX_PIXELS)))
     out = io.BytesIO()
     decoded.save(out, format="PNG", compress_level=PNG_FAST)
     return out.getvalue()

@@ -59,6 +59,25 @@ def test_everyones_request_cap_admits_exactly_that_many():
     assert not isinstance(in_flight.try_admit("c", 1), str)
 
 
+def test_an_ipv6_client_is_its_slash_64_and_an_ipv4_mapped_one_its_ipv4_address():
+    """One IPv6 host usually holds a whole /64: a share per address would let it take any number of shares
+    (64 addresses of one /64 held every request slot). The connection cap counts the same way."""
+    from adapter.limits import client_address
+    from adapter.protocol import OpenConnections
+
+    same = ["2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:ffff"]
+    assert client_address({"client": (same[0], 1)}) == client_address({"client": (same[1], 2)}) == "2001:db8:1:2::/64"
+    assert client_address({"client": ("2001:db8:1:3::1", 1)}) != client_address({"client": (same[0], 1)})
+    assert client_address({"client": ("::ffff:10.0.0.7", 1)}) == client_address({"client": ("10.0.0.7", 1)}) == "10.0.0.7"
+    in_flight = InFlight(max_requests=64, max_bytes=10**8)
+    in_flight.share_per_client(max_requests=1, max_bytes=10**8)
+    assert not isinstance(in_flight.try_admit(client_address({"client": (same[0], 1)}), 1), str)
+    assert in_flight.try_admit(client_address({"client": (same[1], 1)}), 1) == "client"
+    connections = OpenConnections(Settings(max_client_connections=1))
+    assert connections.try_open(same[0]) is not None and connections.try_open(same[1]) is None
+    assert connections.try_open("2001:db8:1:3::1") is not None
+
+
 def test_a_crawling_upload_holds_what_it_sent_and_a_healthy_one_its_promise():
     in_flight = InFlight(max_requests=64, max_bytes=100)
     in_flight.share_per_client(max_requests=8, max_bytes=40)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import multiprocessing
 import threading
 import time
@@ -130,6 +131,18 @@ def test_the_adapter_forwards_the_input_and_the_picture_for_an_explanation():
     assert np.array_equal(np.asarray(decode_image(explained)), np.asarray(decode_image(data)))
 
 
+def test_a_long_thin_picture_is_forwarded_for_an_explanation_at_a_bounded_size():
+    # A JPEG under 512 px high is decoded whole (draft mode keeps 256 px a side): a 40000x300 panorama went on
+    # as a 12 MP lossless PNG (a 65000x450 one: 55 MB, over TorchServe's request limit: 413 where /classify/
+    # answered). Its size, which the heatmap follows, keeps its shape within EXPLAIN_MAX_PIXELS.
+    from serving.images import EXPLAIN_MAX_PIXELS
+
+    panorama = encode(photo_like(40_000, 300), "JPEG", quality=80)
+    explained = decode_image(prepare(panorama, explain=True))
+    assert explained.width * explained.height <= EXPLAIN_MAX_PIXELS < 40_000 * 300
+    assert abs(explained.width / explained.height - 40_000 / 300) < 3
+
+
 def test_small_files_other_formats_and_the_switch_keep_todays_path():
     small = encode(photo_like(64, 48))
     assert prepare(small) == small
@@ -140,9 +153,11 @@ def test_small_files_other_formats_and_the_switch_keep_todays_path():
     # Few bytes but many pixels (a screenshot of flat colours): shrunk.
     flat = encode(Image.new("RGB", (2000, 1500), (20, 90, 160)))
     assert len(flat) < SHRINK_MIN_BYTES and decode_image(prepare(flat)).size == (32, 32)
-    # Not an image: a small one goes on for the handler to refuse as before; a large one is refused
-    # here with the handler's own words.
-    assert prepare(b"not a picture") == b"not a picture"
+    # Not an image, small or large: refused here with the handler's own words, not forwarded (a small
+    # JSON "image" would reach the handler as a v1/v2 request of up to 64 images).
+    with pytest.raises(ClassifyError) as small:
+        prepare(json.dumps({"instances": ["aGVsbG8="] * 3}).encode())
+    assert (small.value.status_code, small.value.message[:24]) == (400, "not an image in a format")
     with pytest.raises(ClassifyError) as info:
         prepare(b"\x89PNG not really" * 40_000)
     with pytest.raises(ImageRequestError) as handler:
