@@ -115,7 +115,18 @@ class OIPClient:
         try:
             # The wait for a pooled connection and the answer share one deadline, as TorchServe's do.
             async with prediction_deadline(self.settings.predict_timeout_s):
-                response: Response = await self._pool.request("POST", path, headers, json.dumps(body).encode())
+                data = json.dumps(body).encode()
+                try:
+                    response: Response = await self._pool.request("POST", path, headers, data)
+                except aiohttp.ClientConnectionError as err:
+                    # Reset or closed mid-answer (a pooled connection the server had closed, a pod going
+                    # away): sent once more within the same deadline, as in front of TorchServe.
+                    if isinstance(err, aiohttp.ConnectionTimeoutError):
+                        raise
+                    log.warning("retrying a prediction once: %s", err)
+                    if self.metrics is not None:
+                        self.metrics.retries.inc()
+                    response = await self._pool.request("POST", path, headers, data)
         except TRANSPORT_ERRORS as err:
             error = self._unreachable(err)
             count_failure(self.metrics, error, err)

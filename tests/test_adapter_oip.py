@@ -14,6 +14,7 @@ from aiohttp import web
 
 from adapter.config import Settings
 from adapter.errors import ClassifyError
+from adapter.model_server import PROBE_IMAGE
 from adapter.oip import OIPClient
 from serving.process import free_port
 
@@ -243,6 +244,31 @@ def test_model_server_failures_are_counted_by_kind():
     assert count == 6
 
 
+def test_a_connection_that_breaks_mid_request_is_sent_once_more_as_in_front_of_torchserve():
+    """A pooled connection the server closed, or a pod going away: the prediction is sent again once (it is
+    idempotent), counted as a retry; a second break is the client's 503."""
+    from adapter.metrics import Metrics
+
+    def breaking(times: int):
+        calls = []
+
+        async def reply(request):
+            calls.append(request.path)
+            if len(calls) <= times:
+                request.transport.close()  # gone mid-request: no answer at all
+                await asyncio.sleep(1)
+            return await json_reply(200, GOOD)(request)
+        return reply
+
+    metrics = Metrics()
+    answer, seen = asyncio.run(call_server(breaking(1), metrics=metrics))
+    assert answer["prediction"] == "Aquarium fish" and len(seen) == 2
+    assert metrics.retries.collect()[0].samples[0].value == 1
+    with pytest.raises(ClassifyError) as info:
+        asyncio.run(call_server(breaking(2)))
+    assert info.value.status_code == 503
+
+
 def test_no_pooled_connection_free_in_time_is_503_busy_not_a_timeout():
     """TS_MAX_CONNECTIONS=1 and a server that takes 0.7 s per answer, a 1 s deadline for the wait and the
     answer together (as in front of TorchServe): of three requests at once the first is answered, the
@@ -343,7 +369,7 @@ def test_adapter_process_in_oip_mode_health_follows_readiness_and_sends_the_host
             server.ready = False
             health = httpx.get(f"{adapter.base_url}/health", timeout=30)
             assert health.status_code == 503 and "not ready" in health.json()["error"], health.text
-            explain = httpx.post(f"{adapter.base_url}/explain/", files={"image": ("a.png", b"\x89PNG", "image/png")},
+            explain = httpx.post(f"{adapter.base_url}/explain/", files={"image": ("a.png", PROBE_IMAGE, "image/png")},
                                  timeout=30)
             assert explain.status_code == 501 and "TorchServe" in explain.json()["error"], explain.text
     finally:
