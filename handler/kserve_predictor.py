@@ -17,12 +17,14 @@ protocol's gRPC service (ModelInfer: each image's bytes as a BYTES element, the 
 
 Errors are ``{"error": "..."}``: 400 for a malformed body, a bad image or the binary tensor extension,
 413 for an image over the pixel limit, more than ``handler.max_images_per_request`` images, or a body
-over ``max_request_size`` (config.properties, as TorchServe; gRPC's message limit too); 503 when
-``--max_waiting_requests`` requests already wait for a forward pass (default: TorchServe's
-``job_queue_size``, 100). Over gRPC the 4xx are INVALID_ARGUMENT, the 503 UNAVAILABLE, with the same message. KServe's own checks answer first where
-they apply (JSON that is not an inference request: 422 ``{"detail": [...]}``), except where they would
-answer wrongly: a v2 body that is not JSON, or JSON with NaN or nested past the recursion limit, gets
-our 400 (PlainV2Route).
+over ``max_request_size`` (config.properties, as TorchServe; gRPC's message limit too); 503, before
+the body is decoded, when ``--max_waiting_requests`` requests already wait for a forward pass (default:
+TorchServe's ``job_queue_size``, 100), or ``--max_waiting_explanations`` explanations are under way
+(default: the same bound). A client that leaves before its answer has its request cancelled. Over
+gRPC the 4xx are INVALID_ARGUMENT, the 503 UNAVAILABLE, with the same message. KServe's own checks
+answer first where they apply (JSON that is not an inference request: 422 ``{"detail": [...]}``),
+except where they would answer wrongly: a v2 body that is not JSON, or JSON with NaN or nested past
+the recursion limit, gets our 400 (PlainV2Route).
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_in
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, OUTPUTS, V2, ProtocolError, encode_answer, json_body,
                                parse_request, plain_v2_body, refuse_binary_extension)
 from model import check_class_count, load_class_names, network_from_state_dict
+from serving.cli import positive_int
 from serving.pace import paced_deadline
 from serving.settings import BODY_TIMEOUT_S, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME
 from serving.throttled_log import ThrottledLog
@@ -94,7 +97,8 @@ class RequestChecks:
     too), a body over ``max_bytes`` (declared, or as it streams in) -> 413 (uvicorn itself reads a
     body of any length), and a body slower than ``pace`` allows -> 408 (serving/pace.py, as the
     adapter: a slow client would otherwise hold a slot of the pod's containerConcurrency for as long
-    as it likes). The body is held here, then handed on; a refusal closes the connection."""
+    as it likes). The body is held here, then handed on; a refusal closes the connection. A client that
+    leaves before its answer has started has its request cancelled (``_answered``)."""
 
     def __init__(self, app, max_bytes: int, pace: dict | None = None):
         self.app, self.max_bytes = app, max_bytes
@@ -135,7 +139,7 @@ class RequestChecks:
                 return await self._refuse(send)
         whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         del chunks
-        await self.app(scope, _replaying(whole, receive), send)
+        await _answered(self.app, scope, whole, receive, send)
 
     async def _refuse(self, send) -> None:
         await _answer(send, 413, f"request body over {self.max_bytes} bytes (max_request_size)")
@@ -152,6 +156,46 @@ async def _send_json(send, status: int, body: bytes, close: bool = False) -> Non
     await send({"type": "http.response.start", "status": status,
                 "headers": headers + [(b"connection", b"close")] if close else headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _answered(app, scope, whole: dict, receive, send) -> None:
+    """``app`` on a request whose ``whole`` body is read, cancelled if the client leaves before the answer
+    starts: uvicorn lets a handler run on for a client gone (its decoding, a forward pass and a waiting
+    slot spent for nobody, live requests refused meanwhile). Only a watcher reads the connection; the app
+    gets the body, then the disconnect when the watcher sees it (at the latest when the answer is sent)."""
+    pending, left, started = [whole], asyncio.Event(), False
+
+    async def replay():
+        if pending:
+            return pending.pop()
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def sending(message):
+        nonlocal started
+        started = True
+        await send(message)
+
+    async def watch():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        left.set()
+
+    answering, watcher = asyncio.ensure_future(app(scope, replay, sending)), asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait((answering, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if left.is_set() and not started and not answering.done():
+            answering.cancel()
+            try:
+                await answering
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # this task's own cancellation (the server stopping)
+                    raise
+            return
+        await answering
+    finally:
+        watcher.cancel()
+        answering.cancel()  # a no-op unless this task itself was cancelled
 
 
 def _replaying(message: dict, receive):
@@ -232,10 +276,13 @@ def torchserve_setting(model_dir: Path, key: str, default: int | None = None) ->
 
 class CIFAR100Predictor(Model):
     def __init__(self, name: str, model_dir: Path, engine_setting: str | None = None,
-                 max_waiting: int | None = None):
+                 max_waiting: int | None = None, max_explanations: int | None = None):
         super().__init__(name)
         self.model_dir = Path(model_dir)
         self.engine_setting, self.max_waiting = engine_setting, max_waiting
+        # Explanations under way at once (None: as many as may wait for a forward pass); one more gets 503.
+        self.max_explanations = max_explanations if max_explanations is not None else max_waiting
+        self._explanations = 0
         self._unpacked = tempfile.TemporaryDirectory(prefix="cifar100-kserve-")
         self._explainer = ThreadPoolExecutor(1, thread_name_prefix="explain")
         self.refusals = ThrottledLog(logger)  # a flood refused: one line a second
@@ -309,6 +356,8 @@ class CIFAR100Predictor(Model):
         others'). A small request is read on the event loop (handler/preprocessing.py decodes_inline: a
         thread's hand-off costs more than decoding a CIFAR-size image), any other in a thread (Pillow lets
         go of the GIL while it decodes), so a large photo never holds up the loop."""
+        if self.batcher.full():  # refused before its images are decoded (up to 64 of them), not after
+            raise self._busy(str(BatcherFull(self.batcher.max_waiting)), "--max_waiting_requests")
         loop = asyncio.get_running_loop()
         size = _request_bytes(payload, headers)
         if decodes_inline(size):
@@ -321,9 +370,13 @@ class CIFAR100Predictor(Model):
             request, images, sizes = await loop.run_in_executor(None, self._images, payload)
         try:
             return request, images, sizes, await self.batcher(images)
-        except BatcherFull as err:
-            self.refusals.warning("503: %s (--max_waiting_requests)", err)
-            raise RequestRefused(503, f"The model is busy: {err}; try again shortly.") from None
+        except BatcherFull as err:  # filled up while this one was read
+            raise self._busy(str(err), "--max_waiting_requests") from None
+
+    def _busy(self, why: str, option: str) -> RequestRefused:
+        """The 503 of a full bound (``option`` names it in the log line)."""
+        self.refusals.warning("503: %s (%s)", why, option)
+        return RequestRefused(503, f"The model is busy: {why}; try again shortly.")
 
     async def predict(self, payload, headers: dict | None = None) -> dict | InferResponse:
         grpc = isinstance(payload, InferRequest) and payload.from_grpc
@@ -355,10 +408,20 @@ class CIFAR100Predictor(Model):
         """KServe's v1 explain route (``POST /v1/models/cifar100:explain``, v1 or v2 body): each image's
         answer plus a Grad-CAM ``heatmap`` of its top-1 class (handler/explain.py), as TorchServe's
         /explanations; answered as v1 ``{"predictions": [...]}``. One explanation batch at a time, on its own
-        thread (a backward pass: 10-18 ms an image here), beside the forward passes."""
-        request, images, sizes, answers = await self._answers(payload, headers)
-        targets = torch.tensor([answer["index"] for answer in answers])
-        maps = await asyncio.get_running_loop().run_in_executor(self._explainer, self._heatmaps, images, targets, sizes)
+        thread (a backward pass: 10-18 ms an image here), beside the forward passes. At most
+        ``max_explanations`` under way (read, answered, waiting for or on that thread); one more gets 503 at
+        once, rather than a queue without end on the thread."""
+        if self.max_explanations is not None and self._explanations >= self.max_explanations:
+            raise self._busy(f"{self.max_explanations} explanations already wait for the explainer",
+                             "--max_waiting_explanations")
+        self._explanations += 1
+        try:
+            request, images, sizes, answers = await self._answers(payload, headers)
+            targets = torch.tensor([answer["index"] for answer in answers])
+            maps = await asyncio.get_running_loop().run_in_executor(self._explainer, self._heatmaps, images, targets,
+                                                                    sizes)
+        finally:
+            self._explanations -= 1
         return {"predictions": [{**answer, "heatmap": heatmap} for answer, heatmap in zip(answers, maps)]}
 
     def _heatmaps(self, images: torch.Tensor, targets: torch.Tensor, sizes: list) -> list[str]:
@@ -436,17 +499,23 @@ def main() -> None:
     parser.add_argument("--min_upload_rate", type=float, default=MIN_UPLOAD_RATE,
                         help="bytes/s a body must average after --min_rate_grace_s (408)")
     parser.add_argument("--min_rate_grace_s", type=float, default=MIN_RATE_GRACE_S)
-    parser.add_argument("--max_waiting_requests", type=int, default=None,
+    parser.add_argument("--max_waiting_requests", type=positive_int, default=None,
                         help="requests that may wait for a forward pass; one more gets 503 (default: TorchServe's "
                              f"job_queue_size of the bundle's config.properties, else {TORCHSERVE_JOB_QUEUE_SIZE})")
+    parser.add_argument("--max_waiting_explanations", type=positive_int, default=None,
+                        help="explanations (:explain) that may be under way at once, one Grad-CAM batch running "
+                             "and the rest waiting; one more gets 503 (default: the --max_waiting_requests bound)")
     args, _ = parser.parse_known_args()
     limit = torchserve_setting(args.model_dir, "max_request_size")
     if not any(arg.startswith("--grpc_max_receive_message_length") for arg in sys.argv[1:]):
         # One limit for both routes: gRPC refuses a larger message itself (RESOURCE_EXHAUSTED).
         model_server.args.grpc_max_receive_message_length = limit
+    max_waiting = args.max_waiting_requests if args.max_waiting_requests is not None else torchserve_setting(
+        args.model_dir, "job_queue_size", TORCHSERVE_JOB_QUEUE_SIZE)
+    if max_waiting < 1:  # a bound of 0 would refuse every request
+        parser.error(f"job_queue_size in the bundle's config.properties needs 1 or more, not {max_waiting}")
     model = CIFAR100Predictor(args.model_name if args.model_name != "model" else MODEL_NAME, args.model_dir,
-                              args.engine, args.max_waiting_requests or torchserve_setting(
-                                  args.model_dir, "job_queue_size", TORCHSERVE_JOB_QUEUE_SIZE))
+                              args.engine, max_waiting, args.max_waiting_explanations)
     model_server.app.add_exception_handler(RequestRefused, _refused)
     model_server.app.add_middleware(PlainV2Route, path=f"/v2/models/{model.name}/infer", model=model)
     model_server.app.add_middleware(RequestChecks, max_bytes=limit, pace={

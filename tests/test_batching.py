@@ -176,3 +176,30 @@ def test_the_delay_counts_from_the_first_request_and_a_full_batch_goes_at_once()
         return time.perf_counter() - started
 
     assert asyncio.run(pair()) < 2.5 and full.sizes == [2]
+
+
+def test_callers_that_left_neither_hold_waiting_slots_nor_room_in_a_batch():
+    """Cancelled calls (a client gone, a gRPC deadline passed) stay in the queue until the batcher reaches
+    them: they must not count toward ``max_waiting`` (a live request refused while nobody waits) nor take
+    a batch's images (the live requests behind them squeezed out of it)."""
+    forward = RecordingForward(delay_s=0.3)
+    batcher = Batcher(forward, max_images=6, max_delay_s=0.0, max_waiting=3)
+
+    async def main():
+        busy = asyncio.ensure_future(batcher(images(0)))
+        await asyncio.sleep(0.05)  # in its forward pass
+        gone = [asyncio.ensure_future(batcher(images(9, 2))) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        for call in gone:
+            call.cancel()
+        await asyncio.sleep(0)
+        assert not batcher.full()
+        # Three live ones fit beside the three gone (6 images): one batch of their 6 images, not 3 + 3.
+        live = [asyncio.ensure_future(batcher(images(i, 2))) for i in (1, 2, 3)]
+        await asyncio.sleep(0.01)
+        assert batcher.full()
+        return await busy, await asyncio.gather(*live)
+
+    busy, live = asyncio.run(main())
+    assert busy.item() == 0 and [rows.flatten().tolist() for rows in live] == [[1, 1], [2, 2], [3, 3]]
+    assert forward.sizes == [1, 6], forward.sizes

@@ -332,6 +332,157 @@ print(" ".join(layers))
     assert "RequestChecks" in layers and "ServerErrorMiddleware" in layers, layers
 
 
+def test_a_waiting_bound_under_one_is_refused_at_start(tmp_path):
+    """--max_waiting_requests 0 once became the default 100 and a negative one refused every request."""
+    for option in ("--max_waiting_requests=0", "--max_waiting_explanations=-1"):
+        done = subprocess.run([sys.executable, "-m", "handler.kserve_predictor", f"--model_dir={tmp_path}", option],
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert done.returncode == 2 and "needs 1 or more" in done.stderr, (option, done.stderr[-1000:])
+
+
+def in_child(script: str) -> dict:
+    """``script``'s last line of output, JSON, run in a child process (importing kserve here would clash
+    with tests/kserve_types.py)."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_client_that_leaves_cancels_its_request_until_the_answer_has_started():
+    """RequestChecks reads the connection while the app answers: a disconnect before the answer starts
+    cancels the app (nothing sent); after, the app finishes, and an app that asks for the disconnect
+    itself gets its body first, then the disconnect. In-process ASGI, a queue as the connection."""
+    script = """
+import asyncio, json
+from handler.kserve_predictor import RequestChecks
+
+SCOPE = {"type": "http", "method": "POST", "path": "/x", "headers": []}
+DISCONNECT = {"type": "http.disconnect"}
+
+def connection(*messages):
+    queue = asyncio.Queue()
+    for message in messages:
+        queue.put_nowait(message)
+    return queue
+
+async def main():
+    seen, sent, cancelled = [], [], asyncio.Event()
+
+    async def streaming(scope, receive, send):  # answers, then waits for the client to leave
+        seen.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        seen.append(await receive())
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def slow(scope, receive, send):
+        seen.append(await receive())
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def send(message):
+        sent.append(message["type"])
+
+    client = connection({"type": "http.request", "body": b"ab", "more_body": True},
+                        {"type": "http.request", "body": b"c", "more_body": False})
+    answering = asyncio.ensure_future(RequestChecks(streaming, max_bytes=100)(SCOPE, client.get, send))
+    await asyncio.sleep(0.05)
+    started = (len(seen), sent[:])
+    client.put_nowait(DISCONNECT)
+    await asyncio.wait_for(answering, 5)
+    out = {"started": started, "streaming": [m["type"] for m in seen], "body": seen[0]["body"].decode(),
+           "sent": sent[:]}
+    seen.clear(), sent.clear()
+    client = connection({"type": "http.request", "body": b"abc", "more_body": False})
+    answering = asyncio.ensure_future(RequestChecks(slow, max_bytes=100)(SCOPE, client.get, send))
+    await asyncio.sleep(0.05)
+    client.put_nowait(DISCONNECT)
+    await asyncio.wait_for(answering, 5)
+    out.update(slow=len(seen), cancelled=cancelled.is_set(), slow_sent=sent,
+               left=len(asyncio.all_tasks()) - 1)
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+    out = in_child(script)
+    assert out["started"] == [1, ["http.response.start"]] and out["body"] == "abc", out
+    assert out["streaming"] == ["http.request", "http.disconnect"], out  # its body, then the disconnect
+    assert out["sent"] == ["http.response.start", "http.response.body"], out
+    assert (out["slow"], out["cancelled"], out["slow_sent"]) == (1, True, []), out
+    assert out["left"] == 0, out  # no watcher left behind
+
+
+def test_busy_bounds_refuse_before_decoding_and_bound_explanations_too():
+    """In-process, with a stand-in forward pass (a sleep) and Grad-CAM patched to a short sleep (its
+    time, not its work): with the one waiting slot taken, an 8-image request is refused (503) before any
+    of its images is decoded; explanations beyond ``max_explanations`` get 503 at once instead of
+    queueing on the explainer's single thread, and the bound frees as they finish."""
+    script = """
+import asyncio, base64, io, json, tempfile, time
+from PIL import Image
+import handler.kserve_predictor as kp
+from handler.batching import Batcher
+
+def png(seed):
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (seed, 0, 0)).save(out, "PNG")
+    return {"data": base64.b64encode(out.getvalue()).decode()}
+
+decoded, decode = [], kp.decoded_tensors
+kp.decoded_tensors = lambda request, opened: (decoded.append(len(opened)), decode(request, opened))[1]
+model = kp.CIFAR100Predictor("cifar100", tempfile.mkdtemp(), max_waiting=1, max_explanations=2)
+model.max_images, model.model_version = 64, "t"
+
+def answers(images, delay_s):
+    time.sleep(delay_s)
+    return [{"index": 0, "prediction": "x"}] * len(images)
+
+def heatmaps(images, targets, sizes):
+    time.sleep(0.2)
+    return ["map"] * len(images)
+
+model._heatmaps = heatmaps
+
+async def main():
+    model.batcher = Batcher(lambda images: answers(images, 0.3), 6, 0.0, 1)
+    one = {"instances": [png(0)]}
+    busy = asyncio.ensure_future(model.predict(one))
+    await asyncio.sleep(0.05)  # in its forward pass
+    waiting = asyncio.ensure_future(model.predict(one))
+    await asyncio.sleep(0.05)  # the one waiting slot taken
+    decoded.clear()
+    try:
+        await model.predict({"instances": [png(i) for i in range(8)]})
+        full = None
+    except kp.RequestRefused as err:
+        full = [err.status, err.message, sum(decoded)]
+    await asyncio.gather(busy, waiting)
+
+    model.batcher = Batcher(lambda images: answers(images, 0.0), 6, 0.0, 1)
+    async def explained(i):
+        await asyncio.sleep(0.02 * i)  # each finds the forward pass free
+        try:
+            return (await model.explain({"instances": [png(i)] * 4}))["predictions"][0]["heatmap"]
+        except kp.RequestRefused as err:
+            return [err.status, err.message]
+    burst = await asyncio.gather(*(explained(i) for i in range(6)))
+    later = await explained(0)
+    print(json.dumps({"full": full, "burst": burst, "later": later, "under_way": model._explanations}))
+
+asyncio.run(main())
+"""
+    out = in_child(script)
+    status, message, images_decoded = out["full"]
+    assert (status, images_decoded) == (503, 0) and "1 requests already wait" in message, out
+    answered = [r for r in out["burst"] if r == "map"]
+    refused = [r for r in out["burst"] if r != "map"]
+    assert len(answered) == 2 and len(refused) == 4, out
+    assert all(r[0] == 503 and "busy: 2 explanations already wait" in r[1] for r in refused), out
+    assert out["later"] == "map" and out["under_way"] == 0, out
+
+
 # ---- the Open Inference Protocol over gRPC (KServe's generated stubs; a real channel) ----
 @pytest.fixture(scope="module")
 def grpc_stub(kserve_predictor):
@@ -484,8 +635,17 @@ def test_a_crawling_body_gets_408_after_the_grace_and_others_are_answered_meanwh
     assert MIN_RATE_GRACE_S - 0.5 <= waited < MIN_RATE_GRACE_S + 5, waited
 
 
+@pytest.fixture(scope="module")
+def bounded_predictor(bundle, tmp_path_factory):
+    """A predictor of its own that lets one request wait for a forward pass (--max_waiting_requests=1)."""
+    predictor = KServePredictor(tmp_path_factory.mktemp("kserve-bounded"), bundle,
+                                extra_args=["--max_waiting_requests=1"]).start()
+    yield predictor
+    predictor.stop()
+
+
 @pytest.mark.integration  # starts its own server process
-def test_a_flood_beyond_the_waiting_bound_gets_503_at_once_and_the_rest_are_answered(bundle, client, tmp_path,
+def test_a_flood_beyond_the_waiting_bound_gets_503_at_once_and_the_rest_are_answered(bounded_predictor, client,
                                                                                      cifar100_test_split):
     """``--max_waiting_requests`` (default: TorchServe's job_queue_size) bounds the requests waiting for a
     forward pass: one more is refused at once with 503 (gRPC: UNAVAILABLE), the ones let in are answered,
@@ -496,33 +656,60 @@ def test_a_flood_beyond_the_waiting_bound_gets_503_at_once_and_the_rest_are_answ
 
     import kserve_types  # noqa: F401 - registers KServe's gRPC types
 
-    predictor = KServePredictor(tmp_path, bundle, extra_args=["--max_waiting_requests=1"]).start()
-    try:
-        six = [encode(cifar_pil(cifar100_test_split[0], i)) for i in range(6)]  # each request a whole batch
-        url = infer_url(predictor)
-        channel = grpc.insecure_channel(predictor.grpc_target)
-        stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+    predictor = bounded_predictor
+    six = [encode(cifar_pil(cifar100_test_split[0], i)) for i in range(6)]  # each request a whole batch
+    url = infer_url(predictor)
+    channel = grpc.insecure_channel(predictor.grpc_target)
+    stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
 
-        def rest(_):
-            r = client.post(url, json=v2_body(six))
-            return r.status_code, r.json().get("error", "")
+    def rest(_):
+        r = client.post(url, json=v2_body(six))
+        return r.status_code, r.json().get("error", "")
 
-        def over_grpc(_):
-            try:
-                stub.ModelInfer(grpc_request(six), timeout=60)
-                return 200, ""
-            except grpc.RpcError as err:
-                return err.code().name, err.details()
+    def over_grpc(_):
+        try:
+            stub.ModelInfer(grpc_request(six), timeout=60)
+            return 200, ""
+        except grpc.RpcError as err:
+            return err.code().name, err.details()
 
-        with ThreadPoolExecutor(16) as pool:  # a burst over REST, then one over gRPC
-            answers = list(pool.map(rest, range(16))) + list(pool.map(over_grpc, range(8)))
-        refused = [a for a in answers if a[0] in (503, "UNAVAILABLE")]
-        assert {503, "UNAVAILABLE"} <= {status for status, _ in refused}, answers
-        assert refused and all("busy" in why and "1 requests already wait" in why for _, why in refused), answers
-        assert all(a[0] in (200, 503, "UNAVAILABLE") for a in answers), answers
-        assert sum(a[0] == 200 for a in answers) >= 2, answers
-        r = client.post(url, json=v2_body(six[:1]))
-        assert r.status_code == 200 and predictor.process.poll() is None, r.text
-        channel.close()
-    finally:
-        predictor.stop()
+    with ThreadPoolExecutor(16) as pool:  # a burst over REST, then one over gRPC
+        answers = list(pool.map(rest, range(16))) + list(pool.map(over_grpc, range(8)))
+    channel.close()
+    refused = [a for a in answers if a[0] in (503, "UNAVAILABLE")]
+    assert {503, "UNAVAILABLE"} <= {status for status, _ in refused}, answers
+    assert refused and all("busy" in why and "1 requests already wait" in why for _, why in refused), answers
+    assert all(a[0] in (200, 503, "UNAVAILABLE") for a in answers), answers
+    assert sum(a[0] == 200 for a in answers) >= 2, answers
+    r = client.post(url, json=v2_body(six[:1]))
+    assert r.status_code == 200 and predictor.process.poll() is None, r.text
+
+
+@pytest.mark.integration  # starts its own server process
+def test_clients_that_leave_before_their_answer_cost_no_forward_pass_nor_the_waiting_slot(bounded_predictor, client,
+                                                                                        cifar100_test_split):
+    """uvicorn lets a handler run on for a client gone: before RequestChecks watched the connection, ten
+    clients that sent 64 images and left at once had 640 images decoded and run for nobody, and held the
+    waiting slot, so that a live request right after was refused. Over the plain v2 route, KServe's own
+    v2 route (a body with ``parameters``) and v1; their cancellation logs no error."""
+    import socket
+
+    sixty_four = [encode(cifar_pil(cifar100_test_split[0], i)) for i in range(64)]
+    bodies = [("/v2/models/cifar100/infer", v2_body(sixty_four)),
+              ("/v2/models/cifar100/infer", {**v2_body(sixty_four), "parameters": {}}),
+              ("/v1/models/cifar100:predict", v1_body(sixty_four))]
+    requests = [f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                f"{len(body)}\r\n\r\n".encode() + body
+                for path, body in ((path, json.dumps(body).encode()) for path, body in bodies)]
+    host, port = bounded_predictor.url.removeprefix("http://").split(":")
+    before = counters(bounded_predictor)
+    for i in range(12):  # each sends its whole request and leaves without reading an answer
+        with socket.create_connection((host, int(port)), timeout=30) as gone:
+            gone.sendall(requests[i % 3])
+    time.sleep(0.2)
+    r = client.post(infer_url(bounded_predictor), json=v2_body(sixty_four[:1]))
+    assert r.status_code == 200, r.text
+    time.sleep(1)  # a request let run on would be through its forward pass by now
+    ran = counters(bounded_predictor)["EngineImages_total"] - before.get("EngineImages_total", 0)
+    assert ran < 2 * 64, f"{ran:g} images run for 12 clients gone and one live request"
+    assert "Exception in ASGI application" not in bounded_predictor.log.read_text()
