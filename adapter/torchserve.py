@@ -50,10 +50,6 @@ def _worker_lost(response: Response) -> bool:
     return response.status_code in (500, 502, 503, 507)
 
 
-def _is_auth_refusal(response: Response) -> bool:
-    return is_auth_refusal(response.status_code, response.text)
-
-
 class TorchServeClient:
     def __init__(self, settings: Settings, metrics: Metrics | None = None):
         self.settings = settings
@@ -105,12 +101,12 @@ class TorchServeClient:
                     data: bytes | None = None) -> Response:
         refused = self._auth_header(kind)
         response = await pool.request(method, path, {**refused, **request_id_header()}, data)
-        if not _is_auth_refusal(response):
+        if not is_auth_refusal(response.status_code, response.text):
             return response
         fresh = await self._fresh_auth_header(kind, refused=refused)
         if fresh and fresh != refused:
             response = await pool.request(method, path, {**fresh, **request_id_header()}, data)
-        if _is_auth_refusal(response):
+        if is_auth_refusal(response.status_code, response.text):
             log.error("TorchServe refused the %s key: is TS_KEY_FILE (%s) the running TorchServe's?",
                       kind, self.keys.path)
             raise ClassifyError(503, f"The model server refused the adapter's {kind} key; see the adapter's log.")

@@ -45,41 +45,23 @@ def _number(kind, text: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    """A whole number of 1 or more (epochs, a batch size, a width, a subset's size)."""
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"needs 1 or more, not {value}")
-    return value
+def _ranged(kind, accepts, needs: str, name: str, doc: str):
+    """An argparse type: a ``kind`` number that ``accepts``, else "needs <needs>, not <value>"."""
+    def parse(text: str):
+        value = _number(kind, text)
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"needs {needs}, not {value if kind is int else format(value, 'g')}")
+        return value
+    parse.__name__, parse.__doc__ = name, doc
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """A number above 0 (a learning rate)."""
-    value = _number(float, text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"needs a number above 0, not {value:g}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A number of 0 or more (a Beta alpha, where 0 means off; a weight decay)."""
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"needs 0 or more, not {value:g}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A share in [0, 1): 1 would leave nothing (a dropout of 1 zeroes every activation)."""
-    value = _number(float, text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"needs 0 <= x < 1, not {value:g}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A probability in [0, 1]."""
-    value = _number(float, text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"needs 0 <= p <= 1, not {value:g}")
-    return value
+positive_int = _ranged(int, lambda v: v >= 1, "1 or more", "positive_int",
+                       "A whole number of 1 or more (epochs, a batch size, a width, a subset's size).")
+positive_float = _ranged(float, lambda v: v > 0, "a number above 0", "positive_float",
+                         "A number above 0 (a learning rate).")
+non_negative_float = _ranged(float, lambda v: v >= 0, "0 or more", "non_negative_float",
+                             "A number of 0 or more (a Beta alpha, where 0 means off; a weight decay).")
+fraction = _ranged(float, lambda v: 0 <= v < 1, "0 <= x < 1", "fraction",
+                   "A share in [0, 1): 1 would leave nothing (a dropout of 1 zeroes every activation).")
+probability = _ranged(float, lambda v: 0 <= v <= 1, "0 <= p <= 1", "probability", "A probability in [0, 1].")
