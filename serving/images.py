@@ -12,7 +12,8 @@ Limits (each refused with a 4xx before any pixel is decoded, the server keeps se
     by TorchServe's max_request_size.)
   * a v1/v2 request's images together: MAX_REQUEST_PIXELS as decoded (check_request_pixels), 413 on
     their headers too;
-  * formats: only ACCEPTED_FORMATS are opened (400 for the rest).
+  * formats: only ACCEPTED_FORMATS are opened (400 for the rest);
+  * a JPEG of more than MAX_JPEG_SCANS scans is refused (400), counted on its markers.
 Cheap decoding: the network sees 32x32, so an image is decoded no larger than it needs. A JPEG is
 decoded by libjpeg at a reduced scale (Pillow's draft mode: the DCT is cut to 1/2, 1/4 or 1/8), a
 large image of another format is box-reduced by an integer factor after decoding; both keep at least
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import zlib
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -77,6 +79,11 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "PPM")
 # Decoded by libjpeg (draft mode), under MAX_JPEG_PIXELS. MPO: the JPEG opener's name for a JPEG with
 # multi-picture data, as many cameras and phones write.
 JPEG_FORMATS = {"JPEG", "MPO"}
+# Scans of one JPEG: libjpeg decodes every scan over the whole picture, whatever the draft scale, and
+# a scan that changes nothing costs ~30 bytes: a 156 KB JPEG (4000x4000) of 2,000 repeated scans cost
+# a decode 24 s of CPU (benchmarks/RESULTS.md, session 26). Encoders write 1-3 (baseline) or 6-18
+# (progressive: grey, colour, CMYK).
+MAX_JPEG_SCANS = 32
 
 
 class ImageRequestError(ValueError):
@@ -134,6 +141,42 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, ...
+
+
+# A marker after entropy-coded data: 0xFF (fill bytes allowed) then neither 0x00 (a stuffed 0xFF
+# byte) nor a restart marker (inside a scan).
+_NEXT_MARKER = re.compile(rb"\xff+([^\x00\xff\xd0-\xd7])")
+_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
+_SOS, _EOI = 0xDA, 0xD9
+
+
+def jpeg_scans(data: bytes | bytearray) -> int:
+    """How many scans (SOS segments) a JPEG's first picture holds, counted on its markers: segments
+    skipped by their length, scans' entropy-coded data searched for the next marker. Stops at the
+    first picture's end (an MPO's other pictures, never decoded, come after it) or one scan past
+    MAX_JPEG_SCANS."""
+    scans, pos = 0, 2  # after SOI
+    while scans <= MAX_JPEG_SCANS:
+        found = _NEXT_MARKER.search(data, pos)
+        if found is None:
+            return scans
+        marker, pos = found.group(1)[0], found.end()
+        if marker == _EOI:
+            return scans
+        if marker in _STANDALONE_MARKERS:
+            continue
+        if marker == _SOS:
+            scans += 1
+        pos += int.from_bytes(data[pos:pos + 2], "big")  # the segment's length counts its own 2 bytes
+    return scans
+
+
+def _check_jpeg_scans(data: bytes | bytearray) -> None:
+    scans = jpeg_scans(data)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageRequestError(
+            400, f"JPEG of more than {MAX_JPEG_SCANS} scans refused (encoders write at most 18; each "
+                 "scan is decoded over the whole picture)")
 
 
 def _check_pixel_limit(img: Image.Image) -> None:
@@ -208,6 +251,8 @@ def open_upload(data: bytes) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         _check_pixel_limit(img)  # on the header, before decoding pixels
+        if img.format in JPEG_FORMATS:
+            _check_jpeg_scans(data)
     except Exception as err:  # noqa: BLE001 - every failure becomes the client's 4xx
         raise _refusal(err) from err
     return img

@@ -69,6 +69,14 @@ def jpeg_declaring_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def jpeg_with_repeated_scans(img: Image.Image, repeats: int, **kwargs) -> bytes:
+    """A progressive JPEG of img whose last scan is repeated ``repeats`` times more (libjpeg warns and
+    decodes each over the whole picture: ~30 bytes a scan that cost a decoder milliseconds each)."""
+    data = encode(img, "JPEG", progressive=True, **kwargs)
+    last_scan, end = data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")  # 0xFF 0xDA never occurs inside scans
+    return data[:end] + data[last_scan:end] * repeats + data[end:]
+
+
 def decompression_bomb_png() -> bytes:
     """A real bomb: a ~40 KB PNG that decodes to 256 megapixels (16000 x 16000, one bit each)."""
     return encode(Image.new("1", (16000, 16000)), optimize=False)

@@ -13,9 +13,9 @@ from PIL import Image
 
 from handler.preprocessing import (INLINE_DECODE_MAX_BYTES, INPUT_SIZE, MAX_IMAGE_PIXELS, ImageRequestError,
                                    decode_image, decodes_inline, image_bytes, image_to_tensor)
-from serving.images import open_upload
-from serving_helpers import (animated_gif, decompression_bomb_png, encode, exif_rotated_jpeg, oversized_png,
-                             png_declaring_size, png_with_bad_crc, sixteen_bit_png)
+from serving.images import MAX_JPEG_SCANS, jpeg_scans, open_upload
+from serving_helpers import (animated_gif, decompression_bomb_png, encode, exif_rotated_jpeg, jpeg_with_repeated_scans,
+                             oversized_png, png_declaring_size, png_with_bad_crc, sixteen_bit_png)
 
 
 def halves(size=(40, 20), left=(255, 0, 0), right=(0, 0, 255)) -> Image.Image:
@@ -168,6 +168,35 @@ def test_formats_pillow_decodes_while_opening_are_refused_unread():
     assert Image.open(io.BytesIO(icon_holding(encode(noisy())))).format == "ICO"  # a real icon, refused all the same
     with pytest.raises(ImageRequestError, match="format the server reads"):
         decode_image(icon_holding(encode(noisy())))
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
+    # libjpeg decodes every scan over the whole picture, at any draft scale: a 156 KB JPEG of 2,000 repeated
+    # scans cost a decode 24 s of CPU. Refused on its markers, in milliseconds.
+    hostile = jpeg_with_repeated_scans(Image.new("RGB", (4000, 4000), (120, 130, 140)), 2000)
+    assert len(hostile) < 200_000
+    started = time.perf_counter()
+    with pytest.raises(ImageRequestError) as info:
+        decode_image(hostile)
+    assert info.value.status == 400 and f"more than {MAX_JPEG_SCANS} scans" in info.value.message
+    assert time.perf_counter() - started < 0.5
+    # At the limit it decodes (libjpeg warns of the repeated scans, the picture is right).
+    at_limit = jpeg_with_repeated_scans(halves((64, 32)), MAX_JPEG_SCANS - 10)
+    assert jpeg_scans(at_limit) == MAX_JPEG_SCANS
+    out = np.asarray(decode_image(at_limit))
+    assert out[16, 8, 0] > 180 and out[16, 56, 2] > 180
+
+
+@pytest.mark.parametrize("mode,scans", [("RGB", 10), ("L", 6), ("CMYK", 18)])
+def test_progressive_jpegs_as_encoders_write_them_decode(mode, scans):
+    data = encode(halves((64, 32)).convert(mode), "JPEG", progressive=True)
+    assert jpeg_scans(data) == scans
+    assert decode_image(data).size == (64, 32)
+    # Scans are counted on the markers: a scan marker's bytes inside a segment (an EXIF thumbnail, a
+    # comment) are skipped with it; a baseline JPEG is one scan.
+    exif = Image.Exif()
+    exif[0x010E] = b"\xff\xda" * 100  # ImageDescription
+    assert jpeg_scans(encode(halves((64, 32)), "JPEG", exif=exif.tobytes())) == 1
 
 
 def test_a_large_sixteen_bit_grey_image_is_reduced_not_refused():
