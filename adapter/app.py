@@ -187,11 +187,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     classes_body = JSONResponse([{"index": i, "label": label, "name": display_name(label)}
                                  for i, label in enumerate(CLASS_NAMES)]).body
 
-    @app.get("/classes")
+    # GET and HEAD (uptime checkers): FastAPI's get() adds no HEAD, and the page's mount answered 404.
+    @app.api_route("/classes", methods=["GET", "HEAD"])
     async def classes() -> Response:
         return Response(classes_body, media_type="application/json")
 
-    @app.get("/settings")
+    @app.api_route("/settings", methods=["GET", "HEAD"])
     async def page_settings(request: Request) -> JSONResponse:
         # The page asks instead of carrying its own copy of the limits.
         return JSONResponse({"max_upload_bytes": settings.max_upload_bytes, "top_k": TOP_K,
@@ -230,7 +231,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
             return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-        app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], include_in_schema=False)
+        app.add_api_route("/metrics", prometheus_metrics, methods=["GET", "HEAD"], include_in_schema=False)
 
     if settings.cors_allow_origins:  # none by default: the page is served from this same origin
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins,

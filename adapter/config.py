@@ -221,6 +221,12 @@ class Settings:
             except ValueError:
                 raise ConfigError(f"TRUSTED_PROXIES: {proxy!r} is not an IP address or network") from None
 
+    def trusted_networks(self) -> list[str]:
+        """TRUSTED_PROXIES as networks ("10.0.0.1/8" -> "10.0.0.0/8"): uvicorn reads X-Forwarded-For only
+        from entries it can parse strictly, and took one with host bits set for a literal that matched
+        nothing, while the connection caps (adapter/protocol.py) exempted the network."""
+        return [str(ipaddress.ip_network(proxy, strict=False)) for proxy in self.trusted_proxies]
+
     @classmethod
     def from_env(cls) -> "Settings":
         return cls(

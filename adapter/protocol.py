@@ -15,7 +15,12 @@ what a connection may do before the app sees a request live here, at the HTTP pa
   * the URL may hold at most MAX_HEADER_BYTES (414), line + headers together too, in at most
     MAX_HEADER_COUNT headers (431): httptools itself has no limit. httptools hands over a header only
     when the next one starts, so the raw bytes of a head still arriving are counted too: past
-    MAX_HEADER_BYTES (+ HEAD_SLACK_BYTES), 431 at once, however long its unfinished line;
+    MAX_HEADER_BYTES (+ HEAD_SLACK_BYTES), 431 at once, however long its unfinished line. Past the
+    head, a chunked body's bytes that are not body (chunk-size lines, extensions, trailers) are held to
+    the same limit between two pieces of body: a trailer line that never ended cost the event loop
+    quadratic CPU (httptools appends to its value) and froze every client's answers;
+  * a client that half-closes after its request (shutdown(SHUT_WR), `nc -N`) still gets its answer;
+    the connection closes after it;
   * no protocol switch: a WebSocket upgrade, CONNECT, or an `Upgrade` on a request with a body is
     answered 501 (this server has no WebSocket routes); another `Upgrade` (curl --http2's h2c) on a
     request without a body is ignored, as HTTP allows, and the request answered in HTTP/1.1;
@@ -131,7 +136,7 @@ class OpenConnections:
     def __init__(self, settings: Settings):
         self.max_open = settings.max_open_connections
         self.max_per_client = settings.max_client_connections
-        self.trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
+        self.trusted = [ipaddress.ip_network(network) for network in settings.trusted_networks()]
         self.total = 0
         self.per_client: dict[str, int] = {}
         self.refusals = ThrottledLog(log)
@@ -192,6 +197,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_message = False  # a request is arriving (its head or its body)
         self._messages_begun = 0
         self._head_raw = 0  # raw bytes of the head in progress (those httptools still holds included)
+        self._framing_raw = 0  # raw bytes past the head that were not body, since the last piece of body
+        self._body_fed = 0  # body bytes the parser handed over during the current feed
+        self._peer_done = False  # the client half-closed: close once its answers are sent
         self._send_timer = None
         self._refusal: tuple[int, str] | None = None
         # A connection that never sends a byte would otherwise stay open for ever.
@@ -234,6 +242,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._unset_keepalive_if_required()  # the lingering close has deadlines of its own
         received = len(data)
         begun, idle = self._messages_begun, not self._in_message
+        in_body = self._in_message and not self._in_head
+        self._body_fed = 0
         rest = data
         try:
             while True:
@@ -254,6 +264,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             log.warning("refused a request at the HTTP parser (%d): %s", status, message)
             self.send_error(status, message)
             return
+        if in_body and self._messages_begun == begun:
+            self._count_framing(received - self._body_fed)
         if not self._in_head:
             return
         if self._head_timer is not None:  # the head is still arriving: count it for its rate
@@ -273,13 +285,47 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                         message, self._head_raw)
             self.send_error(431, message)
 
+    def _count_framing(self, framing: int) -> None:
+        """A chunked body's bytes that are not body, since its last piece of body: past the head's limit, 431."""
+        self._framing_raw += framing
+        limit = self.settings.max_header_bytes
+        if self._framing_raw <= limit + HEAD_SLACK_BYTES:
+            return
+        self._in_message = False
+        if self.transport._lingering:  # already answered: what it still sends is not worth parsing
+            self.transport._transport.close()
+            return
+        message = f"The request's chunk lines or trailers are too large: the limit is {limit} bytes."
+        log.warning("refused a request at the HTTP parser (431): %s", message)
+        self.send_error(431, message)
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed (sent FIN). Its answers still go out (True keeps the transport open),
+        then the connection closes; with no request complete to answer, it closes now."""
+        cycle = self.cycle
+        answering = cycle is not None and not cycle.response_complete and not cycle.more_body
+        if (answering or self.pipeline) and not self.transport._lingering:
+            self._peer_done = True
+            return True
+        return None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._peer_done and not self.pipeline and not self.transport.is_closing():
+            self.transport.close()
+
     # ---- parser callbacks ------------------------------------------------------------------
+    def on_body(self, body: bytes) -> None:
+        self._body_fed += len(body)
+        self._framing_raw = 0
+        super().on_body(body)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._unset_keepalive_if_required()  # a request has begun: its head's deadline applies now
         self._in_head = self._in_message = True
         self._messages_begun += 1
-        self._head_raw = 0
+        self._head_raw = self._framing_raw = 0
         self._head_bytes = 0
         self._head_received = 0
         self._head_started = self.loop.time()

@@ -277,7 +277,7 @@ def serve(host: str, port: int, log_file: Path | None) -> int:
                             timeout_keep_alive=settings.keepalive_timeout_s, access_log=False,
                             ws="none",  # no WebSocket routes: upgrades are answered 501 (adapter/protocol.py)
                             proxy_headers=bool(settings.trusted_proxies),
-                            forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
+                            forwarded_allow_ips=",".join(settings.trusted_networks()) or None,
                             log_config=None)
     uvicorn.Server(config).run()
     return 0

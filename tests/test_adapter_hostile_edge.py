@@ -8,6 +8,10 @@ TorchServe at all) over real sockets, with short deadlines through its settings.
     POST /explain (no slash)    -> the explanation route, as /classify
     answers never read          -> reset after SEND_TIMEOUT_S; no traceback in the log
     uploads queued to be shrunk -> 503 + Retry-After after SHRINK_WAIT_S
+    near-matches of the boundary -> 400 on the delimiter count; a boundary over 70 characters -> 400
+    a trailer line that never ends, a huge chunk extension -> 431
+    a client that half-closes after its request -> still gets its answer
+    HEAD on every GET route    -> 200
 """
 from __future__ import annotations
 
@@ -104,6 +108,75 @@ def test_a_form_of_many_tiny_parts_is_refused_at_max_form_parts(edge):
     status, _, answer = status_and_json(exchange(edge.port, form_request(edge.port, flood, "/explain/")))
     assert status == 400 and "too many parts" in answer["error"], answer
     assert time.monotonic() - started < 3.0
+
+
+def test_near_matches_of_the_boundary_and_overlong_boundaries_are_refused_at_once(edge):
+    # "\r\n--xxX" repeated: a whole delimiter, then a byte that starts no part. No part is ever begun,
+    # but python-multipart spent ~0.8 s of the event loop's CPU per MB on them.
+    flood = image_part(b"")[:-2] + b"\r\n--xxX" * ((10 * 1024 * 1024 - 200) // 7)
+    started = time.monotonic()
+    status, _, answer = status_and_json(exchange(edge.port, form_request(edge.port, flood)))
+    assert status == 400 and "too many parts" in answer["error"], answer
+    assert time.monotonic() - started < 3.0
+    # A boundary of 71 characters (RFC 2046 allows 70; python-multipart failed with a 500 past 256).
+    for length, expected in ((70, 503), (71, 400), (300, 400)):
+        boundary = "b" * length
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n").encode() \
+            + png((4, 4)) + f"\r\n--{boundary}--\r\n".encode()
+        request = (f"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}"
+                   f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+        status, _, answer = status_and_json(exchange(edge.port, request))
+        assert status == expected, (length, answer)
+        if expected == 400:
+            assert f"boundary is {length} characters long" in answer["error"]
+
+
+def test_trailers_and_chunk_lines_past_the_head_limit_get_431(edge):
+    head = (b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    part = image_part(png((4, 4))) + b"--xx--\r\n"
+    chunk = f"{len(part):x}\r\n".encode() + part + b"\r\n"
+    # A trailer line that never ends, sent in pieces (httptools appended each piece to the value:
+    # quadratic CPU on the event loop, every client's answers frozen until the body deadline).
+    for ending in (b"0\r\nX-Trailer: ", b"5;ext="):
+        with connect(edge.port, timeout=10) as sock:
+            sock.sendall(head + chunk + ending)
+            try:
+                for _ in range(MAX_HEADER_BYTES // 2048 + 2):
+                    sock.sendall(b"a" * 2048)
+                    time.sleep(0.02)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused while still sending
+            status, _, answer = status_and_json(read_until_closed(sock))
+        assert status == 431 and "chunk lines or trailers are too large" in answer["error"], (ending, answer)
+    # Small trailers are read as before: the upload reaches the model server (absent: 503).
+    status, _, _ = status_and_json(exchange(edge.port, head + chunk + b"0\r\nX-Trailer: ok\r\n\r\n"))
+    assert status == 503
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    form_request(0, image_part(png((4, 4))) + b"--xx--\r\n"),
+], ids=["health", "classify"])
+def test_a_client_that_half_closes_after_its_request_gets_its_answer(edge, request_bytes):
+    # shutdown(SHUT_WR) after the request (nc -N, socat): the connection was closed at the FIN and the
+    # answer, already computed, lost.
+    with connect(edge.port, timeout=10) as sock:
+        sock.sendall(request_bytes)
+        sock.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        response = read_until_closed(sock)
+    status, _, answer = status_and_json(response)
+    assert status == 503 and "error" in answer, response[:300]  # the model server is absent
+    assert time.monotonic() - started < LATE_S  # closed after the answer, not at KEEPALIVE_TIMEOUT_S
+
+
+@pytest.mark.parametrize("path", ["/classes", "/settings", "/metrics", "/health", "/"])
+def test_head_is_answered_on_every_get_route(edge, path):
+    get = exchange(edge.port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    head = exchange(edge.port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert head.split(b"\r\n", 1)[0] == get.split(b"\r\n", 1)[0], (head[:200], get[:200])
+    assert head.endswith(b"\r\n\r\n")  # no body
 
 
 def test_a_header_line_that_never_ends_gets_431_once_the_head_passes_the_limit(edge):

@@ -383,9 +383,9 @@ def test_a_thousand_crawling_connections_leave_the_service_answering(shares_adap
 @pytest.fixture(scope="module")
 def small_caps_adapter(torchserve, tmp_path_factory):
     """4 uploads in flight in all, 2 per address, and a long grace so that stalled uploads stay held;
-    127.0.0.9 is a trusted proxy."""
+    127.0.0.9 and 127.0.1.0/24 are trusted proxies (the network written with host bits set)."""
     env = {**torchserve.adapter_env(), "MAX_REQUESTS_IN_FLIGHT": "4", "MAX_CLIENT_REQUESTS_IN_FLIGHT": "2",
-           "MIN_RATE_GRACE_S": "20", "BODY_TIMEOUT_S": "20", "TRUSTED_PROXIES": "127.0.0.9",
+           "MIN_RATE_GRACE_S": "20", "BODY_TIMEOUT_S": "20", "TRUSTED_PROXIES": "127.0.0.9, 127.0.1.1/24",
            "RETRY_AFTER_S": "3"}
     with running_adapter(env, tmp_path_factory.mktemp("small-caps") / "adapter.log") as proc:
         proc.port = int(proc.base_url.rsplit(":", 1)[1])
@@ -463,12 +463,20 @@ def test_x_forwarded_for_counts_only_from_a_trusted_proxy(small_caps_adapter, to
         spoofed = await _post_now(port, "127.0.0.10", "X-Forwarded-For: 203.0.113.5\r\n")
         for _, writer in held:
             writer.transport.abort()
-        return third_of_user_1, spoofed
+        # A proxy in a network written "127.0.1.1/24": its users have their own shares too (uvicorn
+        # took that entry for a literal address and read no X-Forwarded-For behind it).
+        held = [await _hold_upload(port, "127.0.1.9", "X-Forwarded-For: 203.0.113.6\r\n") for _ in (1, 2)]
+        await asyncio.sleep(0.3)
+        other_user = await _post_now(port, "127.0.1.9", "X-Forwarded-For: 203.0.113.7\r\n")
+        for _, writer in held:
+            writer.transport.abort()
+        return third_of_user_1, spoofed, other_user
 
-    third_of_user_1, spoofed = asyncio.run(scenario())
+    third_of_user_1, spoofed, other_user = asyncio.run(scenario())
     # User 1 is over its share (2), user 2's upload was held beside it: 3 from one proxy address.
     assert third_of_user_1[0] == 503 and "your address" in json.loads(third_of_user_1[2])["error"]
     assert spoofed[0] == 503 and "your address" in json.loads(spoofed[2])["error"]
+    assert other_user[0] == 400, other_user  # admitted (its body is no image), not 503
 
 
 def test_a_body_slower_than_the_minimum_rate_gets_408_after_the_grace(shares_adapter):
