@@ -43,6 +43,8 @@ install-system:
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 	test -x /usr/bin/wrk || (apt-get update -qq && apt-get install -y -qq wrk)
 	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq npm)
+	@# g++: NNCF builds a C++ extension once for python -m training.quantize (and its test).
+	command -v g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq g++)
 	python3 -c 'import ensurepip' 2>/dev/null || (apt-get update -qq && apt-get install -y -qq python3-venv)
 
 # CIFAR-100 into ./data with torchvision (official files, md5 checked); needs internet, ~170 MB.

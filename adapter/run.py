@@ -290,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="serve: port (default ADAPTER_PORT or 8000)")
     parser.add_argument("--log-file", type=Path, help="serve: rotating log file (default: the console)")
     args = parser.parse_args(argv)
+    if args.command != "serve" and (args.host or args.port or args.log_file):
+        # start/stop/status find the adapter by its settings: an address given here would be ignored.
+        parser.error(f"--host, --port and --log-file are for serve; {args.command} reads ADAPTER_HOST and "
+                     "ADAPTER_PORT (e.g. ADAPTER_PORT=8001 python -m adapter.run start)")
     if args.command == "serve":
         host, port = _address()
         return serve(args.host or host, args.port or port, args.log_file)

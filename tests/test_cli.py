@@ -25,3 +25,11 @@ def test_a_real_command_line():
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("usage: python -m serving.archive")
     assert "(default: " in done.stdout and "CIFAR100_model.pth" in done.stdout
+
+
+def test_options_a_command_would_ignore_are_refused():
+    # `adapter.run start --port N` listened on ADAPTER_PORT (8000), not N, and said nothing.
+    done = subprocess.run([sys.executable, "-m", "adapter.run", "start", "--port", "8123"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--port and --log-file are for serve" in done.stderr, done.stderr
+    assert "ADAPTER_PORT" in done.stderr

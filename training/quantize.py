@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -66,6 +67,9 @@ def quantize(state_dict: dict, weights_sha256: str, calibration: torch.Tensor, c
     """Write the int8 IR of the network to ``out`` (.xml, and its .bin); returns a summary.
 
     ``calibration`` and ``control``: normalized float images; ``training_images``: uint8, augmented here."""
+    # NNCF builds its C++ extension with g++ the first time (cached in ~/.cache/torch_extensions): ~1 min on
+    # 2 idle cores, past NNCF's own 60 s limit on a loaded machine.
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
     import nncf
     import openvino as ov
 
