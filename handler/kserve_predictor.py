@@ -13,7 +13,8 @@ forward passes (handler/batching.py: up to the archive's ``batchSize`` images, w
 fewer), or on the first GPU the process sees (handler/engine.py serving_device). Routes are KServe's: ``POST /v2/models/cifar100/infer``, ``GET /v2/models/cifar100/ready``,
 ``POST /v1/models/cifar100:predict``, ``POST /v1/models/cifar100:explain`` (the answer plus a Grad-CAM
 heatmap, as TorchServe's /explanations), ``/v2/health/live|ready``, Prometheus ``/metrics``; and the
-protocol's gRPC service (ModelInfer: each image's bytes as a BYTES element, the v2 outputs back).
+protocol's gRPC service (ModelInfer: each image's bytes as a BYTES element, the v2 outputs back). KServe's
+model repository extension (load/unload by request) is refused on both (501, UNIMPLEMENTED).
 
 Errors are ``{"error": "..."}``: 400 for a malformed body, a bad image or the binary tensor extension,
 413 for an image over the pixel limit, more than ``handler.max_images_per_request`` images, or a body
@@ -44,7 +45,7 @@ from pathlib import Path
 import torch
 import yaml
 from fastapi.responses import JSONResponse
-from grpc_interceptor.exceptions import InvalidArgument, Unavailable
+from grpc_interceptor.exceptions import InvalidArgument, Unavailable, Unimplemented
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer, model_server
 from kserve.model import InferenceVerb
 from prometheus_client import Counter
@@ -249,6 +250,36 @@ def is_json_type(content_type: str) -> bool:
     application/json, or application/*+json."""
     kind = content_type.split(";")[0].strip().lower()
     return not kind or kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+class RepositoryExtensionRefused(Unimplemented):
+    """A call of KServe's model repository extension: gRPC UNIMPLEMENTED, REST 501 (``_repository_refused``)."""
+
+
+class NoModelRepository:
+    """In place of KServe's model repository extension (``POST /v2/repository/models/<name>/load|unload``,
+    gRPC RepositoryModelLoad/Unload): any client could unload the model, the pod staying up (its
+    probes answered) with no way back but a restart. This server serves one model, loaded at start."""
+
+    async def load(self, model_name: str):
+        raise RepositoryExtensionRefused(
+            f"the model repository extension is not served: {model_name!r} cannot be loaded or unloaded by a "
+            f"request; this server serves {MODEL_NAME}, loaded at start")
+
+    unload = load
+
+
+async def _repository_refused(_, err: RepositoryExtensionRefused) -> JSONResponse:
+    return JSONResponse(status_code=501, content={"error": err.details})
+
+
+def _without_repository_extension(server: ModelServer) -> None:
+    """KServe's model repository extension refused on both transports, and not advertised in the server
+    metadata (``GET /v2``, gRPC ServerMetadata)."""
+    server.model_repository_extension = NoModelRepository()  # handed to the REST and gRPC servers at start
+    model_server.app.add_exception_handler(RepositoryExtensionRefused, _repository_refused)
+    metadata = server.dataplane.metadata
+    server.dataplane.metadata = lambda: {**metadata(), "extensions": []}
 
 
 def archive_folder(model_dir: Path, into: Path) -> Path:
@@ -531,6 +562,7 @@ def main() -> None:
     server.enable_latency_logging = False
     _without_timing(model_server.app)
     model.load()
+    _without_repository_extension(server)
     server.start([model])
 
 

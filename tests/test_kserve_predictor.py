@@ -713,3 +713,29 @@ def test_clients_that_leave_before_their_answer_cost_no_forward_pass_nor_the_wai
     ran = counters(bounded_predictor)["EngineImages_total"] - before.get("EngineImages_total", 0)
     assert ran < 2 * 64, f"{ran:g} images run for 12 clients gone and one live request"
     assert "Exception in ASGI application" not in bounded_predictor.log.read_text()
+
+
+def test_the_model_repository_extension_is_refused_and_the_model_stays_loaded(kserve_predictor, grpc_stub, client,
+                                                                               cifar100_test_split):
+    """KServe's model repository extension let any client unload the model for good (its load then failed),
+    over REST or gRPC, while the pod stayed up: refused on both (501, UNIMPLEMENTED), not advertised in the
+    server metadata, and the model answers on."""
+    import grpc
+
+    good = encode(cifar_pil(cifar100_test_split[0], 0))
+    for verb in ("unload", "load"):
+        r = client.post(f"{kserve_predictor.url}/v2/repository/models/cifar100/{verb}")
+        assert r.status_code == 501 and "model repository extension is not served" in r.json()["error"], r.text
+    for method, request in (("RepositoryModelUnload", pb().RepositoryModelUnloadRequest(model_name="cifar100")),
+                            ("RepositoryModelLoad", pb().RepositoryModelLoadRequest(model_name="cifar100"))):
+        with pytest.raises(grpc.RpcError) as refused:
+            getattr(grpc_stub, method)(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, (method, refused.value.details())
+        assert "model repository extension is not served" in refused.value.details()
+    assert client.get(f"{kserve_predictor.url}/v2/models/cifar100/ready").status_code == 200
+    assert client.post(infer_url(kserve_predictor), json=v2_body([good])).status_code == 200
+    assert grpc_stub.ModelReady(pb().ModelReadyRequest(name="cifar100"), timeout=30).ready
+    assert grpc_stub.ModelInfer(grpc_request([good]), timeout=60).outputs
+    assert client.get(f"{kserve_predictor.url}/v2").json()["extensions"] == []
+    assert list(grpc_stub.ServerMetadata(pb().ServerMetadataRequest(), timeout=30).extensions) == []
+
