@@ -25,6 +25,7 @@ import base64
 import binascii
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 from serving.settings import V2_OUTPUTS
@@ -190,6 +191,9 @@ def _parse_v2(body: dict) -> ParsedRequest:
         unknown = [name for name in names if name not in OUTPUTS]
         if unknown or not names:
             raise ProtocolError(400, f"unknown output(s) {unknown}; this model has {', '.join(OUTPUTS)}")
+        if len(set(names)) < len(names):  # each copy would be answered: a small request, an answer without bound
+            repeated = [name for name, times in Counter(names).items() if times > 1]
+            raise ProtocolError(400, f"output(s) {repeated} asked more than once; ask each at most once")
         outputs = names
     return ParsedRequest(V2, images, where, request_id, outputs)
 
