@@ -13,11 +13,14 @@ forward passes (handler/batching.py: up to the archive's ``batchSize`` images, w
 fewer), or on the first GPU the process sees (handler/engine.py serving_device). Routes are KServe's: ``POST /v2/models/cifar100/infer``, ``GET /v2/models/cifar100/ready``,
 ``POST /v1/models/cifar100:predict``, ``POST /v1/models/cifar100:explain`` (the answer plus a Grad-CAM
 heatmap, as TorchServe's /explanations), ``/v2/health/live|ready``, Prometheus ``/metrics``; and the
-protocol's gRPC service (ModelInfer: each image's bytes as a BYTES element, the v2 outputs back).
+protocol's gRPC service (ModelInfer: each image's bytes as a BYTES element, the v2 outputs back). KServe's
+model repository extension (load/unload by request) is refused on both (501, UNIMPLEMENTED).
 
 Errors are ``{"error": "..."}``: 400 for a malformed body, a bad image or the binary tensor extension,
-413 for an image over the pixel limit, more than ``handler.max_images_per_request`` images, or a body
-over ``max_request_size`` (config.properties, as TorchServe; gRPC's message limit too); 503, before
+413 for an image over the pixel limit, more than ``handler.max_images_per_request`` images (counted before
+anything is converted: a JSON body's commas before it is parsed, a gRPC request's parts before KServe's
+conversion), or a body over ``max_request_size`` (config.properties, as TorchServe; gRPC's message limit
+too); 503, before
 the body is decoded, when ``--max_waiting_requests`` requests already wait for a forward pass (default:
 TorchServe's ``job_queue_size``, 100), or ``--max_waiting_explanations`` explanations are under way
 (default: the same bound). A client that leaves before its answer has its request cancelled. Over
@@ -44,9 +47,11 @@ from pathlib import Path
 import torch
 import yaml
 from fastapi.responses import JSONResponse
-from grpc_interceptor.exceptions import InvalidArgument, Unavailable
+from grpc_interceptor.exceptions import InvalidArgument, Unavailable, Unimplemented
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer, model_server
 from kserve.model import InferenceVerb
+from kserve.protocol.grpc import server as grpc_server
+from kserve.protocol.grpc.servicer import InferenceServicer
 from prometheus_client import Counter
 
 from handler import engine as engines
@@ -55,8 +60,9 @@ from handler.batching import Batcher, BatcherFull
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
-from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, OUTPUTS, V2, ProtocolError, encode_answer, json_body,
-                               parse_request, plain_v2_body, refuse_binary_extension)
+from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, OUTPUTS, V2, ProtocolError,
+                               encode_answer, json_body, parse_request, plain_v2_body, refuse_binary_extension,
+                               refuse_json_flood, too_many_images)
 from model import check_class_count, load_class_names, network_from_state_dict
 from serving.cli import positive_int
 from serving.pace import paced_deadline
@@ -71,6 +77,9 @@ ARCHIVE_IN_BUNDLE = Path("model-store") / f"{MODEL_NAME}.mar"  # serving/kserve.
 # (in the image too).
 PROPERTIES_IN_BUNDLE = Path("config") / "config.properties"
 TORCHSERVE_JOB_QUEUE_SIZE = 100  # TorchServe's default job_queue_size (requests waiting per model)
+# Entries in one v2 parameters map over gRPC (the request's, a tensor's, an output's): this model reads none, and
+# KServe converts every entry on the event loop before the model sees the request (500,000 of them: 2 s).
+MAX_GRPC_PARAMETERS = 64
 
 
 # At /metrics beside KServe's own (the names of the TorchServe handler's counters, handler/engine.py).
@@ -95,13 +104,16 @@ class RequestChecks:
     """ASGI middleware, before KServe parses anything: the binary tensor extension -> 400 (KServe's own
     decoding of it fails with a 500 that echoes the image's bytes; the handler refuses it on TorchServe
     too), a body over ``max_bytes`` (declared, or as it streams in) -> 413 (uvicorn itself reads a
-    body of any length), and a body slower than ``pace`` allows -> 408 (serving/pace.py, as the
+    body of any length), a body slower than ``pace`` allows -> 408 (serving/pace.py, as the
     adapter: a slow client would otherwise hold a slot of the pod's containerConcurrency for as long
-    as it likes). The body is held here, then handed on; a refusal closes the connection. A client that
-    leaves before its answer has started has its request cancelled (``_answered``)."""
+    as it likes), and a JSON body of more values than a request of ``max_images`` images holds -> 413
+    (handler/protocols.py refuse_json_flood: parsing it would hold the event loop for seconds). The body
+    is held here, then handed on; a refusal closes the connection. A client that leaves before its answer
+    has started has its request cancelled (``_answered``)."""
 
-    def __init__(self, app, max_bytes: int, pace: dict | None = None):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES_PER_REQUEST,
+                 pace: dict | None = None):
+        self.app, self.max_bytes, self.max_images = app, max_bytes, max_images
         self.refusals = ThrottledLog(logger)  # a flood of slow clients: one line a second
         self.pace = {"limit_s": BODY_TIMEOUT_S, "grace_s": MIN_RATE_GRACE_S, "min_rate": MIN_UPLOAD_RATE, **(pace or {})}
 
@@ -139,6 +151,10 @@ class RequestChecks:
                 return await self._refuse(send)
         whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         del chunks
+        try:
+            refuse_json_flood(whole["body"], self.max_images)
+        except ProtocolError as err:
+            return await _answer(send, err.status, err.message)
         await _answered(self.app, scope, whole, receive, send)
 
     async def _refuse(self, send) -> None:
@@ -249,6 +265,78 @@ def is_json_type(content_type: str) -> bool:
     application/json, or application/*+json."""
     kind = content_type.split(";")[0].strip().lower()
     return not kind or kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def grpc_count_refusal(request, max_images: int) -> str | None:
+    """Why a gRPC ModelInferRequest holds more than a request to this model may, from plain counts
+    (protobuf's len, no element converted), or None: more than ``max_images`` inputs or elements, more
+    outputs than the model has, a shape longer than MAX_DATA_DEPTH, more than MAX_GRPC_PARAMETERS entries
+    in a parameters map."""
+    if len(request.inputs) > max_images:
+        return too_many_images(len(request.inputs), max_images, "inputs").message
+    if len(request.outputs) > len(OUTPUTS):
+        return f"{len(request.outputs)} outputs asked; this model has {len(OUTPUTS)}, each may be asked once"
+    maps = [request.parameters, *(t.parameters for t in request.inputs), *(o.parameters for o in request.outputs)]
+    if any(len(parameters) > MAX_GRPC_PARAMETERS for parameters in maps):
+        return f"a parameters map of more than {MAX_GRPC_PARAMETERS} entries (this model reads none)"
+    images = 0
+    for n, tensor in enumerate(request.inputs):
+        at = f"inputs[{n}] ({tensor.name!r})"
+        if len(tensor.shape) > MAX_DATA_DEPTH:
+            return f"{at}: shape has {len(tensor.shape)} dimensions, more than {MAX_DATA_DEPTH}"
+        images += sum(len(values) for _, values in tensor.contents.ListFields())
+    for raw in request.raw_input_contents:  # 4-byte length + bytes per element: counted until one too many
+        at = 0
+        while at + 4 <= len(raw) and images <= max_images:
+            at += 4 + int.from_bytes(raw[at:at + 4], "little")
+            images += 1
+        if images > max_images:
+            return too_many_images(f"more than {max_images}", max_images).message
+    return too_many_images(images, max_images).message if images > max_images else None
+
+
+class CIFAR100Servicer(InferenceServicer):
+    """KServe's gRPC servicer with checks of its own before KServe's work (installed in its place in main:
+    KServe's server builds its servicer itself). ModelInfer: KServe turns every element, dimension and
+    parameter of a request into Python objects on the event loop before the model sees it
+    (InferRequest.from_grpc: 5 s for 100,000 one-element inputs, while no REST or gRPC client is
+    answered), so a request is first refused on plain counts (grpc_count_refusal)."""
+
+    def validate_grpc_request(self, request) -> None:  # KServe's classmethod, called on the servicer before from_grpc
+        model = self._data_plane.get_model_from_registry(request.model_name)
+        if (refusal := grpc_count_refusal(request, model.max_images)) is not None:
+            raise InvalidArgument(refusal)
+        super().validate_grpc_request(request)
+
+
+class RepositoryExtensionRefused(Unimplemented):
+    """A call of KServe's model repository extension: gRPC UNIMPLEMENTED, REST 501 (``_repository_refused``)."""
+
+
+class NoModelRepository:
+    """In place of KServe's model repository extension (``POST /v2/repository/models/<name>/load|unload``,
+    gRPC RepositoryModelLoad/Unload): any client could unload the model, the pod staying up (its
+    probes answered) with no way back but a restart. This server serves one model, loaded at start."""
+
+    async def load(self, model_name: str):
+        raise RepositoryExtensionRefused(
+            f"the model repository extension is not served: {model_name!r} cannot be loaded or unloaded by a "
+            f"request; this server serves {MODEL_NAME}, loaded at start")
+
+    unload = load
+
+
+async def _repository_refused(_, err: RepositoryExtensionRefused) -> JSONResponse:
+    return JSONResponse(status_code=501, content={"error": err.details})
+
+
+def _without_repository_extension(server: ModelServer) -> None:
+    """KServe's model repository extension refused on both transports, and not advertised in the server
+    metadata (``GET /v2``, gRPC ServerMetadata)."""
+    server.model_repository_extension = NoModelRepository()  # handed to the REST and gRPC servers at start
+    model_server.app.add_exception_handler(RepositoryExtensionRefused, _repository_refused)
+    metadata = server.dataplane.metadata
+    server.dataplane.metadata = lambda: {**metadata(), "extensions": []}
 
 
 def archive_folder(model_dir: Path, into: Path) -> Path:
@@ -516,10 +604,6 @@ def main() -> None:
         parser.error(f"job_queue_size in the bundle's config.properties needs 1 or more, not {max_waiting}")
     model = CIFAR100Predictor(args.model_name if args.model_name != "model" else MODEL_NAME, args.model_dir,
                               args.engine, max_waiting, args.max_waiting_explanations)
-    model_server.app.add_exception_handler(RequestRefused, _refused)
-    model_server.app.add_middleware(PlainV2Route, path=f"/v2/models/{model.name}/infer", model=model)
-    model_server.app.add_middleware(RequestChecks, max_bytes=limit, pace={
-        "limit_s": args.body_timeout_s, "grace_s": args.min_rate_grace_s, "min_rate": args.min_upload_rate})
     server = ModelServer()  # configures KServe's logging; the handler's lines (engine choice, refusals) join it
     for name in ("handler", "model", "serving"):
         logging.getLogger(name).handlers[:] = logging.getLogger("kserve").handlers
@@ -531,6 +615,12 @@ def main() -> None:
     server.enable_latency_logging = False
     _without_timing(model_server.app)
     model.load()
+    model_server.app.add_exception_handler(RequestRefused, _refused)
+    model_server.app.add_middleware(PlainV2Route, path=f"/v2/models/{model.name}/infer", model=model)
+    model_server.app.add_middleware(RequestChecks, max_bytes=limit, max_images=model.max_images, pace={
+        "limit_s": args.body_timeout_s, "grace_s": args.min_rate_grace_s, "min_rate": args.min_upload_rate})
+    _without_repository_extension(server)
+    grpc_server.InferenceServicer = CIFAR100Servicer  # the servicer KServe's gRPC server builds at start
     server.start([model])
 
 

@@ -25,6 +25,8 @@ import base64
 import binascii
 import json
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 from serving.settings import V2_OUTPUTS
@@ -35,6 +37,11 @@ DEFAULT_MAX_IMAGES_PER_REQUEST = 64
 
 # The v2 outputs and their datatypes (serving/settings.py, shared with the adapter's OIP client).
 OUTPUTS = V2_OUTPUTS
+
+# Commas a v1/v2 JSON body may hold per image it may carry (refuse_json_flood): an image in a tensor of its own
+# with a long shape needs under 40, each output asked 1; the spare covers outputs, parameters, an id.
+JSON_COMMAS_PER_IMAGE = 64
+JSON_COMMAS_SPARE = 1024
 
 
 class ProtocolError(ValueError):
@@ -140,10 +147,23 @@ def _flatten(data) -> list:
     return flat
 
 
-def _parse_v1(body: dict) -> ParsedRequest:
+def too_many_images(count: int, max_images: int, what: str = "images") -> ProtocolError:
+    """The 413 of a request of more than ``max_images`` images (or of ``what`` else that holds them)."""
+    return ProtocolError(413, f"{count} {what} in one request, above the limit of {max_images}"
+                              f"{'' if what == 'images' else ' images'} (handler.max_images_per_request)")
+
+
+def unsupported_datatype(at: str, datatype) -> ProtocolError:
+    return ProtocolError(400, f"{at}: datatype {datatype!r} is not supported; send encoded images as datatype BYTES: "
+                              "base64 strings in JSON, the bytes themselves over gRPC")
+
+
+def _parse_v1(body: dict, max_images: int) -> ParsedRequest:
     instances = body["instances"]
     if not isinstance(instances, list) or not instances:
         raise ProtocolError(400, "'instances' must be a non-empty list of images")
+    if len(instances) > max_images:  # counted before any is decoded
+        raise too_many_images(len(instances), max_images)
     images, where = [], []
     for n, instance in enumerate(instances):
         at = f"instances[{n}]"
@@ -157,24 +177,30 @@ def _parse_v1(body: dict) -> ParsedRequest:
     return ParsedRequest(V1, images, where)
 
 
-def _parse_v2(body: dict) -> ParsedRequest:
+def _parse_v2(body: dict, max_images: int) -> ParsedRequest:
     inputs = body["inputs"]
     if not isinstance(inputs, list) or not inputs:
         raise ProtocolError(400, "'inputs' must be a non-empty list of tensors")
-    images, where = [], []
+    if len(inputs) > max_images:  # counted before any tensor is read
+        raise too_many_images(len(inputs), max_images, "inputs")
+    tensors = []  # (where, elements): every tensor's elements counted before any is decoded
     for n, tensor in enumerate(inputs):
         if not isinstance(tensor, dict):
             raise ProtocolError(400, f"inputs[{n}] must be an object with name, shape, datatype, data")
         at = f"inputs[{n}] ({tensor.get('name', 'unnamed')!r})"
         if tensor.get("datatype") != "BYTES":
-            raise ProtocolError(400, f"{at}: datatype {tensor.get('datatype')!r} is not supported; send "
-                                     "encoded images as datatype BYTES: base64 strings in JSON, the bytes themselves over gRPC")
+            raise unsupported_datatype(at, tensor.get("datatype"))
         data = _flatten(tensor.get("data"))
         shape = tensor.get("shape")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise ProtocolError(400, f"{at}: shape must be a list of sizes, e.g. [{len(data)}]")
         if math.prod(shape) != len(data):
             raise ProtocolError(400, f"{at}: shape {shape} holds {math.prod(shape)} elements, data has {len(data)}")
+        tensors.append((at, data))
+    if (count := sum(len(data) for _, data in tensors)) > max_images:
+        raise too_many_images(count, max_images)
+    images, where = [], []
+    for at, data in tensors:
         for k, item in enumerate(data):
             images.append(_b64_image(item, f"{at} data[{k}]"))
             where.append(f"{at} data[{k}]")
@@ -190,6 +216,9 @@ def _parse_v2(body: dict) -> ParsedRequest:
         unknown = [name for name in names if name not in OUTPUTS]
         if unknown or not names:
             raise ProtocolError(400, f"unknown output(s) {unknown}; this model has {', '.join(OUTPUTS)}")
+        if len(set(names)) < len(names):  # each copy would be answered: a small request, an answer without bound
+            repeated = [name for name, times in Counter(names).items() if times > 1]
+            raise ProtocolError(400, f"output(s) {repeated} asked more than once; ask each at most once")
         outputs = names
     return ParsedRequest(V2, images, where, request_id, outputs)
 
@@ -201,11 +230,24 @@ def parse_request(row: dict, max_images: int, headers: dict | None = None) -> Pa
     body = json_body(row)
     if body is None or not ("instances" in body or "inputs" in body):
         return None
-    request = _parse_v1(body) if "instances" in body else _parse_v2(body)
-    if len(request.images) > max_images:
-        raise ProtocolError(413, f"{len(request.images)} images in one request, above the limit of "
-                                 f"{max_images} (handler.max_images_per_request)")
-    return request
+    # More than max_images images (413) is refused on counts, before any image is decoded.
+    return _parse_v1(body, max_images) if "instances" in body else _parse_v2(body, max_images)
+
+
+_STARTS_AS_JSON = re.compile(rb"[ \t\r\n]*[\[{]")
+
+
+def refuse_json_flood(body: bytes, max_images: int) -> None:
+    """ProtocolError(413) for a JSON body of more values than a request of ``max_images`` images holds,
+    counted by its commas (C speed, no parsing): within max_request_size, a million tiny values cost
+    json.loads seconds holding the GIL and the per-value checks after it far more (benchmarks/RESULTS.md,
+    session 26). A comma inside a string counts too: base64 has none, a data: URL one."""
+    if not _STARTS_AS_JSON.match(body):
+        return
+    limit = max_images * JSON_COMMAS_PER_IMAGE + JSON_COMMAS_SPARE
+    if (commas := body.count(b",")) > limit:
+        raise ProtocolError(413, f"the JSON body has {commas} commas (values), above the limit of {limit} for a "
+                                 f"request of at most {max_images} images (handler.max_images_per_request)")
 
 
 def plain_v2_body(content_type: str, body: bytes) -> dict | None:

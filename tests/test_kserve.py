@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from handler.protocols import ProtocolError, parse_request, plain_v2_body
+from handler.protocols import OUTPUTS, ProtocolError, parse_request, plain_v2_body
 from serving.archive import MODEL_CONFIG, weights_version
 from serving.kserve import ENVELOPES, KServeTorchServe, build_bundle
 from serving.process import free_ports
@@ -196,6 +196,15 @@ PNG = b"\x89PNG\r\n\x1a\n..."
     ({"id": 42, "inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [b64(PNG)]}]}, 400, "'id'"),
     ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [b64(PNG)]}], "outputs": []}, 400,
      "unknown output"),
+    # Each copy of an output would be answered: 30,000 copies made a 0.96 MB request a 107 MB answer.
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [b64(PNG)]}],
+      "outputs": [{"name": "name"}, {"name": "index"}, {"name": "name"}]}, 400, "['name'] asked more than once"),
+    # Counted before any image is decoded: the 413, not the first element's 400.
+    ({"instances": ["not base64!"] * 65}, 413, "65 images in one request, above the limit of 64"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]}] * 65}, 413,
+     "65 inputs in one request, above the limit of 64 images"),
+    ({"inputs": [{"name": "x", "shape": [40], "datatype": "BYTES", "data": ["not base64!"] * 40}] * 2}, 413,
+     "80 images in one request, above the limit of 64"),
 ])
 def test_malformed_protocol_bodies_are_refused_with_a_reason(body, status, words):
     with pytest.raises(ProtocolError) as err:
@@ -210,6 +219,27 @@ def test_a_request_of_exactly_the_image_limit_is_read_one_more_is_413():
     with pytest.raises(ProtocolError) as err:
         parse_request({"body": v2_body([PNG] * 65)}, max_images=64)
     assert err.value.status == 413 and "65 images in one request, above the limit of 64" in err.value.message
+
+
+def test_a_json_body_of_more_values_than_its_images_need_is_refused_by_counting_commas():
+    """refuse_json_flood, before any parsing: within 16 MiB, 300,000 one-element inputs cost json.loads and the
+    checks after it seconds of the event loop. A request of 64 images in tensors of their own is far below the
+    limit; a body that is not JSON (an image: commas are bytes like any other) is not counted."""
+    from handler.protocols import JSON_COMMAS_PER_IMAGE, JSON_COMMAS_SPARE, refuse_json_flood
+
+    limit = 64 * JSON_COMMAS_PER_IMAGE + JSON_COMMAS_SPARE
+    sixty_four = {"id": "7", "inputs": [{"name": f"image{i}", "shape": [1, 1, 1, 1], "datatype": "BYTES",
+                                         "data": [[[["data:image/png;base64," + b64(PNG)]]]]} for i in range(64)],
+                  "outputs": [{"name": name} for name in OUTPUTS]}
+    refuse_json_flood(json.dumps(sixty_four).encode(), 64)
+    refuse_json_flood(b"{" + b"," * limit + b"}", 64)
+    refuse_json_flood(b"\x89PNG" + b"," * (limit + 1), 64)
+    flood = json.dumps({"inputs": [{"name": "", "shape": [1], "datatype": "BYTES", "data": [""]}] * 2000}).encode()
+    for body in (b"{" + b"," * (limit + 1) + b"}", b" \r\n\t" + flood, flood):
+        with pytest.raises(ProtocolError) as err:
+            refuse_json_flood(body, 64)
+        assert err.value.status == 413 and f"above the limit of {limit}" in err.value.message
+    refuse_json_flood(flood, 2000)  # the limit follows handler.max_images_per_request
 
 
 def test_plain_bodies_stay_plain_and_json_sent_as_bytes_is_read():
