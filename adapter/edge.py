@@ -133,10 +133,24 @@ def refused_before_app(metrics: Metrics | None, status: int) -> list[tuple[bytes
     return [(b"x-request-id", request_id.encode())]
 
 
+# Line breaks (those Python's splitlines sees too) and other control characters.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(text: str) -> str:
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class AccessLogFormatter(logging.Formatter):
-    """The access lines as they are (one JSON object each); every other record in the plain format."""
+    """The access lines as they are (one JSON object each); every other record in the plain format, on a line
+    of its own: client text in it (a path, a header) has its line breaks and control characters escaped
+    (\\n, \\x1b), and a traceback's lines are indented. A path of ``/x%0A{...}`` wrote a line of its own that
+    ``grep '^{'`` read as an access record: only access records start a line with ``{``."""
 
     def format(self, record: logging.LogRecord) -> str:
         if record.name == access_log.name:
             return record.getMessage()
-        return super().format(record)
+        return super().format(record).replace("\n", "\n  ")  # (the message's own were escaped: a traceback's)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return _escaped(super().formatMessage(record))

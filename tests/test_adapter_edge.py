@@ -184,6 +184,34 @@ def test_refusals_before_and_in_the_app_are_counted_by_reason(tmp_path):
         assert values[("adapter_requests_total", (("route", "/classify/"), ("status", "503")))] == 1
 
 
+def test_a_path_cannot_forge_a_line_of_the_log(tmp_path):
+    """The refusal warnings print the request's path, percent-decoded: a path holding %0A and JSON wrote a line
+    of its own that `grep '^{' logs/adapter.log | jq` (README) read as an access record. Every plain line now
+    has its line breaks and control characters escaped; only access records start a line with "{"."""
+    from urllib.parse import quote
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "MAX_REQUESTS_IN_FLIGHT": "1"}
+    forged = json.dumps({"time": "2026-12-02T00:00:00.000+00:00", "method": "POST", "route": "/classify/",
+                         "status": 200, "bytes_in": 1, "latency_ms": 1.0, "request_id": "forged",
+                         "model_version": "w3-FORGED"})
+    path = quote("/x\n" + forged + "\r\n\x1b[2J\u2028", safe="/").encode()
+    with running_adapter(env, tmp_path / "a.log") as a:
+        host, port = a.base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as holder:
+            holder.sendall(b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                           b"Content-Length: 1000\r\n\r\n--b")  # holds the one slot: its body never completes
+            time.sleep(0.5)
+            busy = raw_request(a.base_url, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+                               + b"0123456789")
+            assert busy.startswith(b"HTTP/1.1 503"), busy[:300]
+    lines = a.log_file.read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert records and not [r for r in records if r["request_id"] == "forged"], lines
+    refusal = next(line for line in lines if "refused POST /x" in line)
+    assert '/x\\n{"time": "2026' in refusal and '\\r\\n\\x1b[2J\\u2028 from 127.0.0.1' in refusal, refusal
+
+
 def test_bad_http_counts_the_parsers_400s_not_the_apps(tmp_path):
     """adapter_refusals_total{reason="bad_http"} is what its name and the README say: requests that are
     not valid HTTP, refused at the parser. A 400 of the app (no image in the upload) is an answer about
