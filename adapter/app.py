@@ -123,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if metrics is not None:
         metrics.watch_explanations(app.state.explanations)
     # adapter/protocol.py's refusals at the HTTP parser, which never reach the app (adapter/run.py).
-    app.state.refused_before_app = partial(refused_before_app, metrics)
+    app.state.refused_before_app = partial(refused_before_app, metrics, settings.request_id_max_length)
 
     @app.exception_handler(ClassifyError)
     async def classify_error(request: Request, err: ClassifyError) -> JSONResponse:

@@ -9,7 +9,10 @@ An ASGI middleware around the whole app (outermost, so the in-flight caps' 503s 
     answered); adapter/run.py writes those lines bare, as JSON;
   * adapter/metrics.py's counters and histograms, when metrics are on.
 Refusals at the HTTP parser (adapter/protocol.py: 400, 408 head, 414, 431) never reach the app:
-``refused_before_app`` gives them a request id, a log line and their count.
+``refused_before_app`` gives them a request id (the client's when sane: from the headers parsed so far),
+a log line and their count. A request whose body the parser refuses after the app got it (a chunk that
+breaks mid-stream) is the Edge's: the parser's answer carries its id, and the Edge records it once, with
+the parser's status (the app's own answer never left).
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ from .request_context import CURRENT
 
 access_log = logging.getLogger("adapter.access")
 log = logging.getLogger("adapter.edge")
+# The request's record in its ASGI scope (the dict the app and adapter/protocol.py share): request_id,
+# model_version, and parser_refused (the status the parser answered its body with, else None).
+EDGE_RECORD = "adapter.edge"
 
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]+")
 
@@ -39,6 +45,16 @@ def request_id_from(headers, max_length: int) -> str:
                 return value.decode("ascii")
             break
     return uuid.uuid4().hex
+
+
+def edge_record(scope: dict, max_length: int) -> dict:
+    """The request's record in its scope (EDGE_RECORD), made on first use: by the Edge, or by the parser when it
+    refuses the body before the app has run (both in one read of the socket)."""
+    record = scope.get(EDGE_RECORD)
+    if record is None:
+        record = scope[EDGE_RECORD] = {"request_id": request_id_from(scope["headers"], max_length),
+                                       "model_version": None, "parser_refused": None}
+    return record
 
 
 def _declared_length(headers) -> int:
@@ -71,8 +87,8 @@ class Edge:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         headers = scope["headers"]
-        request_id = request_id_from(headers, self.max_length)
-        context = {"request_id": request_id, "model_version": None}
+        context = edge_record(scope, self.max_length)
+        request_id = context["request_id"]
         token = CURRENT.set(context)
         id_header = (b"x-request-id", request_id.encode())
         status, busy, bytes_in, response_started = 500, False, 0, False
@@ -104,8 +120,9 @@ class Edge:
         except Exception as err:
             if isinstance(err, (ClientDisconnect, ConnectionError)):
                 # The client went away mid-request: its business, not an error of the adapter's.
-                log.info("client gone during %s %s (request %s): %s", scope["method"], scope["path"],
-                         request_id, type(err).__name__)
+                if context["parser_refused"] is None:  # (else the parser closed it, and logged why)
+                    log.info("client gone during %s %s (request %s): %s", scope["method"], scope["path"],
+                             request_id, type(err).__name__)
             else:
                 log.exception("unexpected error on %s %s (request %s)", scope["method"], scope["path"], request_id)
             # Starlette's last-resort 500 is sent outside this middleware: without an id. Send it here.
@@ -118,25 +135,50 @@ class Edge:
             CURRENT.reset(token)
             seconds = time.perf_counter() - started
             route = route_label(scope["path"])
+            parser_refused = context["parser_refused"]
+            if parser_refused is not None:  # the answer the client got
+                status = parser_refused
             if metrics:
                 metrics.in_flight[0] -= 1
                 metrics.in_flight[1] -= declared
-                metrics.answered(route, status, seconds, busy)
+                metrics.answered(route, status, seconds, busy, parser_refused is not None)
             _log_line(scope["method"], route, status, bytes_in, seconds, request_id, context["model_version"])
 
-def refused_before_app(metrics: Metrics | None, status: int) -> list[tuple[bytes, bytes]]:
-    """adapter/protocol.py refused a request at the parser: count and log it; its answer's headers."""
-    request_id = uuid.uuid4().hex
+
+def refused_before_app(metrics: Metrics | None, request_id_max_length: int, status: int, headers=(),
+                       scope: dict | None = None) -> list[tuple[bytes, bytes]]:
+    """adapter/protocol.py refused a request at the parser: count and log it; its answer's headers.
+    ``headers``: the request's, as far as parsed (its X-Request-ID); ``scope``: the request's, when the app
+    has it (its body broke mid-stream): the Edge records it then, with this status and its own id."""
+    if scope is not None:
+        record = edge_record(scope, request_id_max_length)
+        record["parser_refused"] = status
+        return [(b"x-request-id", record["request_id"].encode())]
+    request_id = request_id_from(headers, request_id_max_length)
     if metrics:
         metrics.refused_before_app(status)
     _log_line("-", "other", status, 0, 0.0, request_id, None)
     return [(b"x-request-id", request_id.encode())]
 
 
+# Line breaks (those Python's splitlines sees too) and other control characters.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(text: str) -> str:
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class AccessLogFormatter(logging.Formatter):
-    """The access lines as they are (one JSON object each); every other record in the plain format."""
+    """The access lines as they are (one JSON object each); every other record in the plain format, on a line
+    of its own: client text in it (a path, a header) has its line breaks and control characters escaped
+    (\\n, \\x1b), and a traceback's lines are indented. A path of ``/x%0A{...}`` wrote a line of its own that
+    ``grep '^{'`` read as an access record: only access records start a line with ``{``."""
 
     def format(self, record: logging.LogRecord) -> str:
         if record.name == access_log.name:
             return record.getMessage()
-        return super().format(record)
+        return super().format(record).replace("\n", "\n  ")  # (the message's own were escaped: a traceback's)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return _escaped(super().formatMessage(record))

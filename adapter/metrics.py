@@ -69,7 +69,8 @@ class Metrics:
         Gauge("adapter_explanations_waiting", "Explanations waiting for their turn at the model server",
               registry=self.registry).set_function(lambda: explanations.waiting)
 
-    def answered(self, route: str, status: int, seconds: float, busy: bool) -> None:
+    def answered(self, route: str, status: int, seconds: float, busy: bool, parser_refused: bool = False) -> None:
+        """One answer of the app's; ``parser_refused``: the HTTP parser answered it instead (its body broke)."""
         key = (route, status)
         child = self._requests.get(key)
         if child is None:
@@ -79,7 +80,10 @@ class Metrics:
         if latency is None:
             latency = self._latency[route] = self.latency.labels(route)
         latency.observe(seconds)
-        reason = "busy" if status == 503 and busy else REFUSAL_REASONS.get(status)
+        if parser_refused:
+            reason = REFUSAL_REASONS.get(status, PARSER_REFUSAL)
+        else:
+            reason = "busy" if status == 503 and busy else REFUSAL_REASONS.get(status)
         if reason is not None:
             self.refusals.labels(reason).inc()
 

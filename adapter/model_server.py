@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import math
 import re
 import struct
 import time
@@ -78,6 +79,11 @@ class SilenceProbe:
         if response.status_code != 200:
             raise ClassifyError(503, f"The model is not answering: {silent} failed "
                                      f"({response.status_code}).")
+        try:
+            response.json()
+        except ValueError:  # NaN probabilities: every prediction would be a 502
+            raise ClassifyError(503, f"The model is not answering: {silent} got an answer that is not JSON "
+                                     "(NaN or infinity?).") from None
         self.answered()
 
 
@@ -93,7 +99,20 @@ class Response:
         return self.content.decode("utf-8", errors="replace")
 
     def json(self):
-        return json.loads(self.content)  # ValueError (JSONDecodeError, UnicodeDecodeError) if not JSON
+        """The body as JSON, strictly: ValueError (JSONDecodeError, UnicodeDecodeError) if not JSON, and for NaN
+        or infinity, which Python's json reads but the adapter cannot send on (a bad answer, not a number)."""
+        return json.loads(self.content, parse_constant=_not_a_number, parse_float=_finite_float)
+
+
+def _not_a_number(word: str):
+    raise ValueError(f"{word} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e999
+        raise ValueError(f"{text} is out of a float's range")
+    return number
 
 
 class PoolBusy(Exception):

@@ -180,7 +180,8 @@ class OpenConnections:
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     settings: Settings = Settings()  # replaced by protocol_class()
     open_connections: OpenConnections = OpenConnections(Settings())  # one per protocol_class()
-    # adapter/edge.py: counts and logs a refusal; returns the extra headers of its answer (X-Request-ID)
+    # adapter/edge.py refused_before_app(status, headers, scope): counts and logs a refusal; returns the extra
+    # headers of its answer (X-Request-ID)
     on_refusal = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -195,6 +196,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_received = 0
         self._in_head = False  # a request's line + headers are arriving
         self._in_message = False  # a request is arriving (its head or its body)
+        self._head_done = False  # ... and the app has it
         self._messages_begun = 0
         self._head_raw = 0  # raw bytes of the head in progress (those httptools still holds included)
         self._framing_raw = 0  # raw bytes past the head that were not body, since the last piece of body
@@ -226,9 +228,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         transport = getattr(self.transport, "_transport", self.transport)  # no lingering: the parser stopped
         if transport.is_closing():
             return
-        extra = self.on_refusal(status) if self.on_refusal else []
+        extra = self.on_refusal(status, *self._refused_request()) if self.on_refusal else []
         transport.write(json_error_bytes(status, message, [*self.server_state.default_headers, *extra]))
         transport.close()
+
+    def _refused_request(self) -> tuple[list, dict | None]:
+        """For on_refusal: the refused request's headers as far as parsed (its X-Request-ID), and its scope when
+        the app has it and has not begun an answer (its body broke mid-stream): the edge records it then."""
+        if not self._in_message:  # bytes that begin no request: nothing of one is known
+            return [], None
+        cycle = self.cycle
+        in_app = self._head_done and cycle is not None and not cycle.response_started
+        return self.headers, cycle.scope if in_app else None
 
     def send_400_response(self, msg: str) -> None:  # uvicorn's own refusals (text/plain otherwise)
         self.send_error(400, "The request is not valid HTTP.")
@@ -324,6 +335,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._unset_keepalive_if_required()  # a request has begun: its head's deadline applies now
         self._in_head = self._in_message = True
+        self._head_done = False  # True once the app has the request (on_headers_complete)
         self._messages_begun += 1
         self._head_raw = self._framing_raw = 0
         self._head_bytes = 0
@@ -377,6 +389,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.parser.should_upgrade():
             self._refuse_upgrade()
         super().on_headers_complete()
+        self._head_done = True
 
     def _should_upgrade(self) -> bool:  # uvicorn's: hand the connection to a WebSocket protocol
         return False  # never: no WebSocket routes here (on_headers_complete answers those requests)

@@ -30,14 +30,16 @@ from typing import Iterator
 import httpx
 
 from serving import settings as shared
-from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, command_line_has, free_port,
+from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, command_line_with, free_port,
                              popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
 from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_DIR = Path(os.environ.get("ADAPTER_LOG_DIR", REPO / "logs"))
-PID_FILE = PidFile(LOG_DIR / "adapter.pid", command_line_has("adapter.run serve", "adapter.app:create_app"))
-LOG_FILE = LOG_DIR / "adapter.log"
+LOG_FILE = (LOG_DIR / "adapter.log").absolute()
+# Ours: `serve` with this checkout's log file (spawn's command line). "adapter.run serve" alone matched another
+# checkout's adapter, or any program that mentions it, given the pid of ours after a crash: stop killed it.
+PID_FILE = PidFile(LOG_DIR / "adapter.pid", command_line_with(["-m", "adapter.run", "serve"], ["--log-file", str(LOG_FILE)]))
 # Beside the pid file: the model server the running adapter was started in front of (model_server()).
 MODEL_SERVER_FILE = LOG_DIR / "adapter.model-server"
 START_TIMEOUT_S = 60.0  # generous: a busy 2-core machine imports FastAPI slowly
@@ -119,10 +121,17 @@ def running_adapter(settings_env: dict[str, str], log_file: Path, host: str = "1
         stop_popen(process, STOP_TIMEOUT_S)
 
 
+def _say_if_stranger() -> None:
+    if (stranger := PID_FILE.stranger()) is not None:
+        print(f"Note: {PID_FILE.path} names {stranger}, which is not this adapter (ours stopped without removing "
+              "the file; the pid was reused): that process is left alone.", file=sys.stderr)
+
+
 def start() -> int:
     host, port = _address()
     base = f"http://{host}:{port}"
     wanted = model_server()
+    _say_if_stranger()
     if pid := PID_FILE.pid():
         try:
             running_for = MODEL_SERVER_FILE.read_text().strip()
@@ -154,6 +163,7 @@ def start() -> int:
 
 
 def stop() -> int:
+    _say_if_stranger()
     pid = PID_FILE.pid()
     if pid is not None:
         stop_process(pid, STOP_TIMEOUT_S)
@@ -164,6 +174,7 @@ def stop() -> int:
 
 
 def status() -> int:
+    _say_if_stranger()
     host, port = _address()
     pid = PID_FILE.pid()
     if pid is None:

@@ -165,11 +165,12 @@ class TorchServeClient:
 
     def _answer(self, response: Response, explain: bool) -> dict:
         if response.status_code == 200:
-            self.silence.answered()
             try:
                 answer = response.json()
-            except ValueError:
+            except ValueError as err:  # NaN or infinity included (weights that overflow)
+                log.warning("the model server answered 200 with no valid JSON (%s): %s", err, ascii(response.text[:200]))
                 raise ClassifyError(502, "The model server sent an answer that is not JSON.") from None
+            self.silence.answered()
             if not isinstance(answer, dict) or not isinstance(answer.get("label") or answer.get("prediction"), str):
                 raise ClassifyError(502, "The model server's answer has no prediction.")
             if explain and not isinstance(answer.get("heatmap"), str):

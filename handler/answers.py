@@ -17,13 +17,24 @@ def served_topk(handler_config: dict, classes: int) -> int:
     return max(1, min(int(handler_config.get("topk", TOP_K)), classes))
 
 
+# Why an image gets no answer when its logits or probabilities are NaN or infinite: weights that overflow
+# (finite, but huge) answer so, and such a probability has no JSON form (Python writes NaN, parsers refuse it).
+NOT_FINITE = "The model's output is not finite (NaN or infinity): the weights it serves are broken."
+
+
 def image_answers(logits: torch.Tensor, calibration: Calibration, topk: int, labels: list[str],
-                  model_version: str, engine_name: str) -> list[dict]:
-    """One dict per row of ``logits``: prediction, label, index, probability, topk, unsure, model_version, engine."""
+                  model_version: str, engine_name: str) -> list[dict | None]:
+    """One dict per row of ``logits``: prediction, label, index, probability, topk, unsure, model_version, engine;
+    None for a row whose logits or probabilities are not finite (NOT_FINITE)."""
     # Temperature scaling (training/calibrate.py): honest probabilities, same order, same top-1.
-    probs, indices = torch.topk(F.softmax(logits.float() / calibration.temperature, dim=1), topk, dim=1)
+    scaled = F.softmax(logits.float() / calibration.temperature, dim=1)
+    finite = (torch.isfinite(logits).all(dim=1) & torch.isfinite(scaled).all(dim=1)).cpu().tolist()
+    probs, indices = torch.topk(scaled, topk, dim=1)
     answers = []
-    for item_probs, item_indices in zip(probs.cpu().tolist(), indices.cpu().tolist()):
+    for ok, item_probs, item_indices in zip(finite, probs.cpu().tolist(), indices.cpu().tolist()):
+        if not ok:
+            answers.append(None)
+            continue
         top = [{"label": labels[i], "name": display_name(labels[i]), "index": i, "probability": round(p, 6)}
                for p, i in zip(item_probs, item_indices)]
         answers.append({"prediction": top[0]["name"], "label": top[0]["label"], "index": top[0]["index"],

@@ -35,7 +35,7 @@ from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler import engine as engines
-from handler.answers import image_answers, served_topk
+from handler.answers import NOT_FINITE, image_answers, served_topk
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decoded_tensors, image_bytes, normalize, opened_images
@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 # (ts/protocol/otf_message_handler.py): one model_log.log line per batch for the frontend to parse and
 # write, with nothing in it an operator reads (the access log and the metrics say when requests came).
 PER_BATCH_LOG_LINE = "Backend received inference at: %d"
+REQUEST_ID_LOGGED = 128  # characters of a request's X-Request-ID put in a log line (the adapter's ids are shorter)
 
 
 def not_per_batch_line(record: logging.LogRecord) -> bool:
@@ -72,6 +73,7 @@ class CIFAR100Handler(BaseHandler):
         self._errors: dict[int, ImageRequestError] = {}  # per batch: position -> why refused
         self._requests: list = []  # per batch position: (v1/v2 request or None for plain, image count)
         self._sizes: list[tuple[int, int]] = []  # per batch: (width, height) of each good image
+        self._said_not_finite = False  # NOT_FINITE logged already (once per worker)
         # Flip test-time augmentation: each image and its mirror in one forward pass, logits averaged
         # (model/tta.py): +1 point top-1 for ~1.5-1.8x the forward pass (model card).
         self.flip_tta = engines.flip_tta(model_cfg)
@@ -154,7 +156,9 @@ class CIFAR100Handler(BaseHandler):
             # How many requests shared this forward pass: lets operators (and the tests) see batching.
             self.context.set_response_header(idx, "X-Batch-Size", str(batch_size))
             self.context.set_response_header(idx, "X-Batch-Images", str(len(data)))
-            err = self._errors.get(idx)
+            request, count = self._requests[idx]
+            images = list(islice(rows, count))
+            err = self._errors.get(idx) or (self._not_finite(idx) if None in images else None)
             if err is not None:
                 # TorchServe sends `code` as the HTTP status and `phrase` as its reason phrase (one
                 # printable ASCII line there), and the returned object as the body.
@@ -162,10 +166,23 @@ class CIFAR100Handler(BaseHandler):
                 self.context.set_response_status(err.status, phrase, idx)
                 answers.append({"error": err.message})
                 continue
-            request, count = self._requests[idx]
-            answers.append(encode_answer(request, list(islice(rows, count)), self.context.model_name,
-                                         self.model_version))
+            answers.append(encode_answer(request, images, self.context.model_name, self.model_version))
         return answers
+
+    def _request_id(self, idx: int) -> str:
+        """The request's X-Request-ID (the adapter's, which its log line has too), for this worker's log lines."""
+        headers = self.context.get_all_request_header(idx) or {}
+        given = next((str(v) for k, v in headers.items() if str(k).lower() == "x-request-id"), None)
+        return "without X-Request-ID" if given is None else ascii(given[:REQUEST_ID_LOGGED])
+
+    def _not_finite(self, idx: int) -> ImageRequestError:
+        """A 500 for a request whose answer is NaN or infinite; said in the log once per worker (then every
+        request would add a line)."""
+        if not self._said_not_finite:
+            self._said_not_finite = True
+            logger.error("request %s failed: %s Every such request is answered 500 (this line is not repeated); "
+                         "roll back to weights that answer numbers.", self._request_id(idx), NOT_FINITE)
+        return ImageRequestError(500, NOT_FINITE)
 
     # --- /explanations/<model>: TorchServe marks those requests with the header explain=True ---
     def _wants_explanation(self, idx: int) -> bool:
@@ -186,7 +203,7 @@ class CIFAR100Handler(BaseHandler):
         requests, rows, start = [], [], 0
         for idx, (request, count) in enumerate(self._requests):
             # Heatmaps go to plain (one-image) requests: the adapter's /explain/ sends those.
-            if count and request is None and self._wants_explanation(idx):
+            if count and request is None and self._wants_explanation(idx) and "error" not in answers[idx]:
                 requests.append(idx)
                 rows.append(start)
             start += count

@@ -55,7 +55,7 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from prometheus_client import Counter
 
 from handler import engine as engines
-from handler.answers import image_answers, served_topk
+from handler.answers import NOT_FINITE, image_answers, served_topk
 from handler.batching import Batcher, BatcherFull
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
@@ -414,7 +414,11 @@ class CIFAR100Predictor(Model):
         IMAGES.labels(self.network_engine.name).inc(run)
         RECHECKED.labels(self.network_engine.name).inc(rechecked)
         BATCHES.labels(self.network_engine.name).inc()
-        return image_answers(logits, self.calibration, self.topk, self.labels, self.model_version, self.network_engine.name)
+        answers = image_answers(logits, self.calibration, self.topk, self.labels, self.model_version,
+                                self.network_engine.name)
+        if None in answers:  # every request of the batch hears of it (handler/batching.py): a 500 naming it
+            raise ValueError(NOT_FINITE)
+        return answers
 
     def _request(self, payload) -> tuple:
         """The request and its images' opened headers (pixel limits checked, nothing decoded yet). A

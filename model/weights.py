@@ -43,7 +43,8 @@ def read_state_dict(path: str | Path, checkpoint: bool = True) -> dict:
 
 def network_from_state_dict(state_dict: dict, source: str = "weights") -> CIFAR100Model:
     """A CIFAR100Model of the width and class count the state dict was trained with, loaded strictly
-    (float16, bfloat16 and float64 values are cast into the float32 network; integer ones are refused)."""
+    (float16, bfloat16 and float64 values are cast into the float32 network; integer ones are refused, and so
+    are NaN or infinite values: a diverged training run's, whose every answer would be NaN)."""
     fc = state_dict.get("fc.weight")
     if fc is None or fc.dim() != 2 or fc.shape[1] % 64:
         raise WeightsError(f"{source} are not CIFAR100Model weights: no 'fc.weight' of shape "
@@ -56,6 +57,9 @@ def network_from_state_dict(state_dict: dict, source: str = "weights") -> CIFAR1
         if isinstance(given, torch.Tensor) and value.is_floating_point() and not given.is_floating_point():
             raise WeightsError(f"{source} hold '{name}' as {str(given.dtype).removeprefix('torch.')}, not floating "
                                "point: not trained weights (float32, float16, bfloat16 or float64)")
+        if isinstance(given, torch.Tensor) and given.is_floating_point() and not torch.isfinite(given).all():
+            raise WeightsError(f"{source} hold NaN or infinite values in '{name}' (a training run that diverged?): "
+                               "every answer would be NaN")
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:

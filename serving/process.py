@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import psutil
 
@@ -75,15 +75,34 @@ class PidFile:
         self.path = Path(path)
         self.is_ours = is_ours
 
-    def pid(self) -> int | None:
-        """The live, matching process's pid, else None."""
+    def _live_process(self) -> psutil.Process | None:
+        """The live process the file names, whoever's it is."""
         try:
             process = psutil.Process(int(self.path.read_text().split()[0]))
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE and self.is_ours(process):
-                return process.pid
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                return process
         except (OSError, ValueError, IndexError, psutil.Error):
             pass
         return None
+
+    def pid(self) -> int | None:
+        """The live, matching process's pid, else None."""
+        process = self._live_process()
+        try:
+            return process.pid if process is not None and self.is_ours(process) else None
+        except psutil.Error:
+            return None
+
+    def stranger(self) -> str | None:
+        """When the file names a live process that is not ours (the pid reused after ours died without removing
+        the file: a crash, kill -9): that process, described for a message; else None. It is left alone."""
+        process = self._live_process()
+        try:
+            if process is None or self.is_ours(process):
+                return None
+            return f"pid {process.pid} ({' '.join(process.cmdline())[:120] or process.name()})"
+        except psutil.Error:
+            return None
 
     def write(self, pid: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +125,16 @@ def command_line_has(*needles: str) -> Callable[[psutil.Process], bool]:
     def is_ours(process: psutil.Process) -> bool:
         command = " ".join(process.cmdline())
         return any(needle in command for needle in needles)
+    return is_ours
+
+
+def command_line_with(*runs: Sequence[str]) -> Callable[[psutil.Process], bool]:
+    """An `is_ours` test: each run of arguments (e.g. ``("--log-file", "/abs/logs/adapter.log")``) appears whole
+    and in order in the process's command line. A run naming a path of the instance's own tells it from
+    another checkout's copy of the service, or from any program whose command line merely mentions it."""
+    def is_ours(process: psutil.Process) -> bool:
+        args = process.cmdline()
+        return all(any(args[i:i + len(run)] == list(run) for i in range(len(args) - len(run) + 1)) for run in runs)
     return is_ours
 
 

@@ -25,6 +25,7 @@ restart with ``make serve WEIGHTS=...`` to keep the new weights across restarts.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -64,13 +65,24 @@ def _warmup_png() -> bytes:
     return buf.getvalue()
 
 
+def _not_a_number(word: str):
+    raise ValueError(f"{word} is not a JSON number")
+
+
 def _answered_by(answer: httpx.Response) -> str | None:
-    """The version a prediction's answer names; None for an answer that is not the handler's JSON."""
+    """The version a prediction's answer names; None for an answer that is not the handler's JSON, strictly
+    read (NaN or infinity: weights that overflow; no client can parse it) or whose probabilities are not numbers."""
     try:
-        body = answer.json()
+        body = json.loads(answer.content, parse_constant=_not_a_number)
     except ValueError:
         return None
-    return body.get("model_version") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or not _is_probability(body.get("probability")):
+        return None
+    return body.get("model_version")
+
+
+def _is_probability(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
 def _described(answer: httpx.Response) -> str:

@@ -30,8 +30,8 @@ import httpx
 from serving import settings
 from serving.java import java_problem
 from serving.keys import KeyFile, KeyFileError
-from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, changed_since_started, free_ports,
-                             log_tail, port_in_use, stop_process, wait_until_ready)
+from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, changed_since_started,
+                             command_line_with, free_ports, log_tail, port_in_use, stop_process, wait_until_ready)
 from serving import cli
 from serving.archive import startup_timeout_s
 
@@ -45,6 +45,7 @@ DEFAULT_PORTS = settings.TORCHSERVE_PORTS
 # Compiled engines (handler/engine.py), kept across worker and server restarts; one folder per
 # checkout, shared by every instance started from it (the tests' too: only the first one compiles).
 DEFAULT_ENGINE_CACHE = REPO / ".cache" / "engines"
+JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"  # on the command line of TorchServe's Java process
 
 
 class TorchServeError(ServiceStartError):
@@ -154,9 +155,16 @@ class TorchServeInstance:
         env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
         return env
 
+    @property
+    def pid_record(self) -> PidFile:
+        """The pid file TorchServe writes, counting only this instance's server: TorchServe's main class run
+        with this instance's config (-f). "java" alone matched any Java program that got the pid of a server
+        that died without removing the file: `stop` killed it, `start` started nothing."""
+        return PidFile(self.pid_file, command_line_with([JAVA_MAIN_CLASS], ["-f", str(self.config_path)]))
+
     def java_pid(self) -> int | None:
         """The running server's (Java) pid, from its pid file; None when it is not running."""
-        return PidFile(self.pid_file, lambda process: "java" in process.name().lower()).pid()
+        return self.pid_record.pid()
 
     def is_running(self) -> bool:
         return self.java_pid() is not None
@@ -279,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         ts = default_instance()
+        if (stranger := ts.pid_record.stranger()) is not None:
+            print(f"note: {ts.pid_file} names {stranger}, which is not this TorchServe (ours stopped without "
+                  "removing the file; the pid was reused): that process is left alone", file=sys.stderr)
         if args.command == "start":
             already = ts.is_running()
             ts.start()

@@ -607,6 +607,30 @@ def test_health_is_503_when_the_model_does_not_answer_its_probe(tmp_path, predic
     assert err.value.status_code == 503 and "not answering" in err.value.message and words in err.value.message
 
 
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_an_answer_whose_probability_is_not_a_number_is_a_502_bad_answer_and_fails_healths_probe(tmp_path, number):
+    """Weights that overflow answered 200 {"probability": NaN, ...}: Python's json read it, and the adapter's
+    own answer then failed to encode: a 500 "Internal error in the adapter" for every request while /health
+    said ok. Now such an answer is a bad answer from the model server (502, counted so), and /health's
+    probe fails on it."""
+    text = json.dumps(ANSWER).replace('"probability": 0.9', f'"probability": {number}')
+    assert number in text
+
+    async def predict(request, n):
+        return web.Response(status=200, text=text, content_type="application/json")
+
+    metrics = Metrics()
+    with pytest.raises(ClassifyError) as err:
+        run_client(StandIn(predict), tmp_path, lambda client: client.predict(b"PNG"), metrics)
+    assert err.value.status_code == 502 and "not JSON" in err.value.message
+    kinds = {s.labels["kind"]: s.value for s in metrics.model_server_errors.collect()[0].samples
+             if s.name.endswith("_total")}
+    assert kinds == {"bad_answer": 1}
+    with pytest.raises(ClassifyError) as err:
+        run_client(StandIn(predict), tmp_path, lambda client: client.health(), health_max_silence_s=0.0)
+    assert err.value.status_code == 503 and "not answering" in err.value.message and "not JSON" in err.value.message
+
+
 def test_health_does_not_probe_after_a_recent_answer(tmp_path):
     async def predict(request, n):
         return json_answer(200, ANSWER)

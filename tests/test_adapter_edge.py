@@ -184,6 +184,34 @@ def test_refusals_before_and_in_the_app_are_counted_by_reason(tmp_path):
         assert values[("adapter_requests_total", (("route", "/classify/"), ("status", "503")))] == 1
 
 
+def test_a_path_cannot_forge_a_line_of_the_log(tmp_path):
+    """The refusal warnings print the request's path, percent-decoded: a path holding %0A and JSON wrote a line
+    of its own that `grep '^{' logs/adapter.log | jq` (README) read as an access record. Every plain line now
+    has its line breaks and control characters escaped; only access records start a line with "{"."""
+    from urllib.parse import quote
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "MAX_REQUESTS_IN_FLIGHT": "1"}
+    forged = json.dumps({"time": "2026-12-02T00:00:00.000+00:00", "method": "POST", "route": "/classify/",
+                         "status": 200, "bytes_in": 1, "latency_ms": 1.0, "request_id": "forged",
+                         "model_version": "w3-FORGED"})
+    path = quote("/x\n" + forged + "\r\n\x1b[2J\u2028", safe="/").encode()
+    with running_adapter(env, tmp_path / "a.log") as a:
+        host, port = a.base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as holder:
+            holder.sendall(b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                           b"Content-Length: 1000\r\n\r\n--b")  # holds the one slot: its body never completes
+            time.sleep(0.5)
+            busy = raw_request(a.base_url, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+                               + b"0123456789")
+            assert busy.startswith(b"HTTP/1.1 503"), busy[:300]
+    lines = a.log_file.read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert records and not [r for r in records if r["request_id"] == "forged"], lines
+    refusal = next(line for line in lines if "refused POST /x" in line)
+    assert '/x\\n{"time": "2026' in refusal and '\\r\\n\\x1b[2J\\u2028 from 127.0.0.1' in refusal, refusal
+
+
 def test_bad_http_counts_the_parsers_400s_not_the_apps(tmp_path):
     """adapter_refusals_total{reason="bad_http"} is what its name and the README say: requests that are
     not valid HTTP, refused at the parser. A 400 of the app (no image in the upload) is an answer about
@@ -198,6 +226,48 @@ def test_bad_http_counts_the_parsers_400s_not_the_apps(tmp_path):
         values = samples(httpx.get(f"{a.base_url}/metrics", timeout=30).text)
         assert values[("adapter_refusals_total", (("reason", "bad_http"),))] == 1
         assert values[("adapter_requests_total", (("route", "/classify/"), ("status", "400")))] == 2
+
+
+def test_a_request_refused_at_the_parser_keeps_the_clients_id_and_is_counted_and_logged_once(tmp_path):
+    """README: every answer, those refused at the HTTP parser included, has the client's X-Request-ID when
+    it is sane. A 431 (too many headers) and a 400 for a chunk that breaks mid-body had a new one. And the
+    body's 400, refused after the app had the request, was counted and logged twice: once by the parser
+    (route "other", with the id the client got) and once by the app's edge (route /classify/, with an id
+    the client never saw). Now: one record, with the id the client got."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    png = PNG_1PX
+    part = (b"--XX\r\nContent-Disposition: form-data; name=\"image\"; filename=\"p.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--XX--\r\n")
+
+    def broken_chunk(request_id: bytes | None) -> bytes:
+        return (b"POST /classify/ HTTP/1.1\r\nHost: x\r\n" + (b"X-Request-ID: " + request_id + b"\r\n" if request_id else b"")
+                + b"Content-Type: multipart/form-data; boundary=XX\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"%x\r\n" % 40 + part[:40] + b"\r\nZZZZ-not-hex\r\n\r\n")
+
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(120))
+    with running_adapter({"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead}, tmp_path / "a.log") as a:
+        before = samples(httpx.get(f"{a.base_url}/metrics", timeout=30).text)
+        answers = [raw_request(a.base_url, b"GET /classes HTTP/1.1\r\nHost: x\r\nX-Request-ID: client-431\r\n" + many
+                               + b"\r\n"),
+                   raw_request(a.base_url, broken_chunk(b"client-chunk")), raw_request(a.base_url, broken_chunk(None)),
+                   raw_request(a.base_url, broken_chunk(b"not sane!"))]
+        time.sleep(0.5)  # the edge's record of the last one
+        after = samples(httpx.get(f"{a.base_url}/metrics", timeout=30).text)
+    assert [answer[:12] for answer in answers] == [b"HTTP/1.1 431"] + [b"HTTP/1.1 400"] * 3, answers
+    ids = [re.search(rb"x-request-id: (\S+)", answer)[1].decode() for answer in answers]
+    assert ids[:2] == ["client-431", "client-chunk"] and NEW_ID.fullmatch(ids[2]) and NEW_ID.fullmatch(ids[3]), ids
+    records = [json.loads(line) for line in a.log_file.read_text().splitlines() if line.startswith("{")]
+    refused = [r for r in records if r["status"] in (400, 431)]
+    assert [(r["route"], r["status"], r["request_id"]) for r in refused] == [
+        ("other", 431, "client-431"), ("/classify/", 400, ids[1]), ("/classify/", 400, ids[2]),
+        ("/classify/", 400, ids[3])], refused
+
+    def grown(name, labels):
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+    assert grown("adapter_requests_total", (("route", "/classify/"), ("status", "400"))) == 3
+    assert grown("adapter_requests_total", (("route", "other"), ("status", "400"))) == 0
+    assert grown("adapter_refusals_total", (("reason", "bad_http"),)) == 3
+    assert grown("adapter_refusals_total", (("reason", "headers_too_large"),)) == 1
 
 
 def test_start_restarts_an_adapter_started_in_front_of_another_model_server(tmp_path):

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -39,6 +40,85 @@ def test_pid_file_counts_only_a_live_process_that_is_ours(tmp_path):
     assert pid_file.pid() is None  # gone
     pid_file.remove()
     assert not pid_file.path.exists()
+
+
+def sleeper(*args: str, named: str | None = None, tmp_path=None, child: bool = False) -> subprocess.Popen:
+    """A process that sleeps with ``args`` on its command line; ``named``: run through a link of that name (its
+    process name, as a JVM's is "java"); ``child``: it has a child of its own (a JVM's helper, a worker)."""
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "time.sleep(60)") if child else "import time; time.sleep(60)"
+    program = sys.executable
+    if named is not None:
+        program = str(tmp_path / named)
+        os.symlink(sys.executable, program)
+    process = subprocess.Popen([program, "-c", code, *args])
+    if child:
+        wait_until_ready(lambda: psutil.Process(process.pid).children(), 30, "the child", interval=0.05)
+    return process
+
+
+def test_a_stale_torchserve_pid_file_naming_another_java_program_leaves_it_alone(tmp_path):
+    """TorchServe's pid file outlives a crash or a kill -9, and its pid goes to another program. Any process
+    named "java" counted as the server: `status` said running, `stop` killed that program and its children,
+    `start` started nothing and waited out its timeout. Only TorchServe's main class run with this instance's
+    config counts now: not a stranger, nor another instance's server."""
+    from serving.torchserve import TorchServeInstance
+
+    main_class = "org.pytorch.serve.ModelServer"
+
+    ts = TorchServeInstance(tmp_path / "ts")
+    ts.tmp_dir.mkdir(parents=True)
+    stranger = sleeper("-jar", "stranger.jar", named="java", tmp_path=tmp_path, child=True)
+    other_instance = sleeper(main_class, "-f", str(tmp_path / "other" / "logs" / "config.properties"))
+    ours = sleeper("-Dmodel_server_home=x", "-cp", "y", main_class, "--python", "z", "-f", str(ts.config_path))
+    try:
+        helper = psutil.Process(stranger.pid).children()[0]
+        for process in (stranger, other_instance):
+            ts.pid_file.write_text(f"{process.pid}")
+            assert ts.java_pid() is None and not ts.is_running()
+            assert f"pid {process.pid}" in ts.pid_record.stranger()
+            assert ts.stop() is False
+            assert process.poll() is None
+        assert helper.is_running()
+        ts.pid_file.write_text(f"{ours.pid}")
+        assert ts.java_pid() == ours.pid and ts.pid_record.stranger() is None
+        assert ts.stop(timeout=5) is True and ours.wait(5) is not None  # (reaped by stop: no status to see)
+    finally:
+        for process in (stranger, other_instance, ours):
+            stop_popen(process, timeout=5)
+        helper.kill()
+
+
+def test_a_stale_adapter_pid_file_naming_another_adapter_or_program_leaves_it_alone(tmp_path):
+    """adapter.run's pid file counted any command line holding "adapter.run serve": another checkout's adapter
+    or any program mentioning it was reported running and then killed. Ours is `-m adapter.run serve` with
+    this checkout's --log-file (ADAPTER_LOG_DIR)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    other_checkout = sleeper("-m", "adapter.run", "serve", "--log-file", str(tmp_path / "elsewhere" / "adapter.log"))
+    mentions = sleeper("adapter.run serve", "--log-file", str(logs / "adapter.log"))
+    ours = sleeper("-m", "adapter.run", "serve", "--host", "127.0.0.1", "--log-file", str(logs / "adapter.log"))
+    env = {**os.environ, "ADAPTER_LOG_DIR": str(logs), "ADAPTER_PORT": str(free_ports(1)[0])}
+
+    def run(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "adapter.run", command], env=env, capture_output=True,
+                              text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    try:
+        for process in (other_checkout, mentions):
+            (logs / "adapter.pid").write_text(f"{process.pid}\n")
+            status = run("status")
+            assert status.returncode == 3 and "Adapter not running." in status.stdout, status
+            stop = run("stop")
+            assert "Adapter not running." in stop.stdout, stop
+            assert f"names pid {process.pid}" in stop.stderr and "left alone" in stop.stderr, stop
+            assert process.poll() is None
+        (logs / "adapter.pid").write_text(f"{ours.pid}\n")
+        stop = run("stop")
+        assert f"Adapter stopped (pid {ours.pid})." in stop.stdout, stop
+        assert ours.wait(15) == -15
+    finally:
+        for process in (other_checkout, mentions, ours):
+            stop_popen(process, timeout=5)
 
 
 def test_stop_sends_term_then_kill_after_the_timeout(tmp_path):

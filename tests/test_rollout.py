@@ -250,12 +250,18 @@ def test_a_warm_up_not_answered_by_the_new_version_leaves_the_old_one_serving(se
     assert r.status_code == 200 and r.json()["model_version"] == old
 
 
-@pytest.mark.parametrize("body", ["<html>ok</html>", '{"model_version": null}', "[]"])
+@pytest.mark.parametrize("body", ["<html>ok</html>", '{"model_version": null}', "[]",
+                                  # the new version's own answers, but NaN (weights that overflow) or no number
+                                  '{"model_version": "VERSION", "probability": NaN}',
+                                  '{"model_version": "VERSION", "probability": 1e999}',
+                                  '{"model_version": "VERSION", "probability": null}'])
 def test_a_warm_up_answer_that_is_not_the_handlers_is_a_failed_warm_up(served, body):
-    """A 200 whose body is no answer of the handler (a front's page, another JSON) fails the warm-up
-    with the rollout's own error (which unregisters the new version), not a traceback."""
+    """A 200 whose body is no answer of the handler (a front's page, another JSON, probabilities that are
+    not numbers) fails the warm-up with the rollout's own error (which unregisters the new version), not a
+    traceback. NaN passed: every adapter answer of that version was then a 500."""
     ts, _, _ = served
     version = registered(ts)[0]  # READY: the warm-up is what is checked
+    body = body.replace("VERSION", version)
 
     async def page(request):
         return web.Response(status=200, text=body)

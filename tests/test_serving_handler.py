@@ -472,3 +472,66 @@ def test_weights_of_another_class_count_than_the_names_are_refused_at_start_and_
     assert done.returncode == 3 and done.stdout.startswith("WeightsError") and refused in done.stdout, (done.stdout, done.stderr[-2000:])
     with pytest.raises(ArchiveError, match=refused):
         weights_version(wider / manifest["serializedFile"])
+
+
+def weights_copy(model_dir: Path, into: Path, change) -> Path:
+    """The unpacked archive under ``into``, its weights passed through ``change(state_dict)``."""
+    import shutil
+
+    shutil.copytree(model_dir, into)
+    serialized = into / json.loads((into / "MAR-INF" / "MANIFEST.json").read_text())["model"]["serializedFile"]
+    state = torch.load(serialized, map_location="cpu", weights_only=True)
+    change(state)
+    torch.save(state, serialized)
+    return into
+
+
+def test_weights_holding_nan_are_refused_at_start_and_by_the_archive(model_dir, tmp_path):
+    """A diverged training run leaves NaN weights: served, every answer was NaN (TorchServe sent the
+    non-JSON literal, the adapter a 500 for each); the worker and the archive build refuse them instead."""
+    from model import WeightsError
+    from serving.archive import ArchiveError
+
+    def diverged(state):
+        state["fc.weight"][3, 5] = float("nan")
+    broken = weights_copy(model_dir, tmp_path / "model", diverged)
+    refused = "NaN or infinite values in 'fc.weight'"
+    with pytest.raises(WeightsError, match=refused):
+        CIFAR100Handler().initialize(make_context(broken))
+    serialized = next(broken.glob("*.pth"))
+    with pytest.raises(ArchiveError, match=refused):
+        weights_version(serialized)
+
+
+def test_an_answer_that_is_not_finite_is_a_500_naming_it_logged_once_with_its_request_id(model_dir, tmp_path,
+                                                                                         cifar100_test_split, caplog):
+    """Finite weights can still overflow: every logit is then infinite and every probability NaN, which no
+    JSON can carry. Each such request gets a 500 that says why (said once in the worker's log, with the
+    request's X-Request-ID); a request the handler refuses gets its 4xx."""
+    import base64
+    import logging
+
+    from handler.answers import NOT_FINITE
+    from ts.context import RequestProcessor
+
+    def overflowing(state):
+        state["fc.weight"] = torch.full_like(state["fc.weight"], 3e38)  # finite, but each logit sums to infinity
+    context = make_context(weights_copy(model_dir, tmp_path / "model", overflowing))
+    handler = CIFAR100Handler()
+    handler.initialize(context)
+    png = encode(cifar_pil(cifar100_test_split[0], 0))
+    rows = [{"body": bytearray(png)}, {"body": bytearray(b"")},
+            {"body": {"instances": [base64.b64encode(png).decode()]}}, {"body": bytearray(png)}]
+    headers = [{"X-Request-ID": "corr-0"}, {"X-Request-ID": "corr-1"}, {"x-request-id": "corr-2"},
+               {"X-Request-ID": "corr-3", "explain": "True"}]
+    with caplog.at_level(logging.INFO, logger="handler.cifar100_handler"):
+        for _ in range(2):  # a second batch: no second log line
+            context.request_processor = [RequestProcessor(h) for h in headers]
+            handler.context = context
+            data = handler.preprocess(rows)
+            answers = handler.explain_handle(data, rows)  # TorchServe's path when a request asks to explain
+            assert [context.get_response_status(i)[0] for i in range(4)] == [500, 400, 500, 500], answers
+            assert answers[0] == answers[2] == answers[3] == {"error": NOT_FINITE}  # no heatmap either
+            json.dumps(answers, allow_nan=False)
+    failed = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(failed) == 1 and "request 'corr-0' failed" in failed[0] and NOT_FINITE in failed[0], failed
