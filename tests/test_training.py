@@ -153,6 +153,20 @@ def test_resume_repeats_an_uninterrupted_run_bit_for_bit(runs):
     assert [h["train_loss"] for h in h_straight] == [h["train_loss"] for h in h_resumed]
 
 
+def test_resume_with_fp16_after_a_run_without_a_loss_scale_starts_a_fresh_one(tmp_path, capsys):
+    """A float32 (or bf16) run saves a disabled GradScaler's empty state; resumed with --amp fp16 (or by
+    amp=auto on a GPU without bf16) the run needs a scaler: it gets a fresh one, not a traceback."""
+    out = tmp_path / "amp"
+    assert train_module.main(small_run(train_subset=128, test_subset=50) + [
+        "--epochs", "2", "--max-epochs-this-run", "1", "--amp", "off", "--no-ema", "--no-tta", "--out", str(out)]) == 0
+    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["scaler"] == {}
+    assert train_module.main(["--resume", "--out", str(out), "--amp", "fp16", "--data-dir", str(DATA_DIR),
+                              "--threads", "1", "--no-progress"]) == 0
+    assert "no fp16 loss scale" in capsys.readouterr().out
+    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == 2 and checkpoint["scaler"]["scale"] > 0  # the fresh scaler, saved this time
+
+
 def test_code_version_is_taken_once_at_the_start_and_recorded(runs):
     # One call per run; the checkpoint written after epoch 1 already holds it.
     assert runs["straight_versions"] == ["test-version-1"]

@@ -441,7 +441,13 @@ def restore(checkpoint: dict, run: Run, model, ema, optimizer, scaler) -> tuple[
     """Load a checkpoint's state into the run; returns (epochs done, wall time spent so far)."""
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    saved_scaler = checkpoint.get("scaler") or {}
+    if saved_scaler and scaler.is_enabled():
+        scaler.load_state_dict(saved_scaler)
+    elif scaler.is_enabled() and run.main_process:
+        # A run that was bf16 or float32 kept no loss scale (a disabled GradScaler saves {}): an
+        # --amp fp16 given on resume, or amp=auto picking fp16 on another GPU, starts a fresh one.
+        print("note: the checkpoint has no fp16 loss scale (it ran without fp16): starting a fresh one", flush=True)
     if ema is not None and checkpoint.get("ema") is not None:
         ema.load_state_dict(checkpoint["ema"])
     run.history = checkpoint["history"]
