@@ -14,7 +14,7 @@ CIFAR100_model.pth (a plain state dict, loadable by the seed's notebook), metric
 training_curves.png. --resume continues exactly where the checkpoint stopped, with its run's options
 (repeat none; one given again wins, except a --width or --num-classes the weights cannot take), in the
 checkpoint's folder unless --out says otherwise. A fresh run into an --out that holds a checkpoint is
-refused: --resume it, or --overwrite it.
+refused: --resume it, or --overwrite it; so is a --resume PATH into an --out that holds another run's.
 
 --time-budget M replaces --epochs with wall-clock minutes: the learning rate and the progressive
 resizing follow the share of the budget spent, not of the epochs done, and the run stops (mid-epoch
@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from CHECKPOINT, in its folder unless --out is given "
                         "(default: a fresh run; --resume alone: OUT/checkpoint.pt)")
     r.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an OUT that holds a checkpoint (its files are replaced as this run writes its own)")
+                   help="start afresh in an OUT that holds a checkpoint, or continue --resume PATH's run there "
+                        "(OUT's files are replaced as this run writes its own)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     progress_argument(r)
@@ -278,24 +279,42 @@ def changed_options(checkpoint: dict, args) -> list[str]:
 
 def run_folder(args, given: set[str] | None) -> Path:
     """The checkpoint this run resumes from or would replace. A --resume PATH without --out continues in
-    PATH's folder (sets args.out), not in the default one; a fresh run refuses to replace a checkpoint
-    unless --overwrite says so."""
+    PATH's folder (sets args.out), not in the default one. A fresh run, or a --resume PATH into another
+    --out, refuses to replace a checkpoint there unless --overwrite says so."""
     if args.resume not in (None, "auto") and given is not None and "out" not in given:
         args.out = str(Path(args.resume).parent)
-    path = Path(args.out) / "checkpoint.pt" if args.resume in (None, "auto") else Path(args.resume)
-    if args.resume is not None and args.overwrite:
+    own = Path(args.out) / "checkpoint.pt"
+    path = own if args.resume in (None, "auto") else Path(args.resume)
+    resumes_elsewhere = args.resume is not None and own.exists() and path.exists() and not own.samefile(path)
+    if args.resume is not None and args.overwrite and not resumes_elsewhere:
         raise ConfigError("--resume continues the checkpoint, --overwrite starts afresh: pass one")
     if args.resume is None and not args.overwrite and path.exists():
         raise ConfigError(f"{path} holds an earlier run: continue it with --resume, start afresh over it with "
                           "--overwrite, or pass another --out")
+    if resumes_elsewhere and not args.overwrite:
+        raise ConfigError(f"--resume {path} --out {args.out}: {own} holds another run, which this one would replace: "
+                          f"leave out --out to continue in {path.parent}, pass another --out, or --overwrite to "
+                          "replace that run")
     return path
 
 
+# Session options the printed resume command repeats when this session set them (a checkpoint does
+# not carry them: see _SESSION_KEYS).
+_RESUMED_SESSION_OPTIONS = ("data_dir", "threads", "device", "compile", "eval_batch_size")
+
+
 def resume_command(args) -> str:
-    """The command line that continues this run (--out only when it is not the default)."""
+    """The command line that continues this run: --out when it is not the default, and the session
+    options (data folder, threads, device ...) that differ from their defaults."""
     words = ["python", "-m", "training.train", "--resume"]
     if os.path.normpath(args.out) != os.path.normpath(DEFAULT_OUT):
         words += ["--out", str(args.out)]
+    defaults = build_parser().parse_args([])
+    for key in _RESUMED_SESSION_OPTIONS:
+        value = getattr(args, key, getattr(defaults, key))
+        if value != getattr(defaults, key):
+            option = "--" + key.replace("_", "-")
+            words += [option] if value is True else [option, str(value)]
     return shlex.join(words)
 
 
@@ -313,7 +332,14 @@ def resumed_args(checkpoint: dict, args, given: set[str]) -> argparse.Namespace:
     for key, value in checkpoint["args"].items():
         if key in merged and key not in _SESSION_KEYS and key not in given:
             merged[key] = value
+    saved_data = checkpoint["args"].get("data_dir")
+    if "data_dir" not in given and saved_data and not has_cifar100(merged["data_dir"]) and has_cifar100(saved_data):
+        merged["data_dir"] = saved_data  # the default finds no data here, the run's own folder still has it
     return argparse.Namespace(**merged)
+
+
+def has_cifar100(folder: str) -> bool:
+    return (Path(folder) / "cifar-100-python").is_dir()
 
 
 # ----------------------------------------------------------------------------- training
