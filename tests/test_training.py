@@ -324,12 +324,25 @@ def test_label_smoothing_reaches_the_training_loss(tmp_path):
     assert abs(losses["default"] - losses["off"]) > 1e-4, losses
 
 
-def test_mixup_cutmix_run_on_a_holdout_says_what_it_was_evaluated_on(tmp_path):
+def test_mixup_cutmix_run_on_a_holdout_says_what_it_was_evaluated_on(tmp_path, capsys, monkeypatch):
+    """metrics.json, the done: line and the curves' legend all name the holdout (they said "test")."""
+    from matplotlib.figure import Figure
+
+    legends, savefig = [], Figure.savefig
+
+    def savefig_noting_the_legend(fig, *args, **kwargs):
+        legends.append([t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()])
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig_noting_the_legend)
     out = tmp_path / "mix"
     assert train_module.main(small_run(holdout=300, test_subset=150, mixup=0.2, cutmix=1.0, mix_prob=0.8)
                              + ["--epochs", "1", "--no-ema", "--no-tta", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["evaluated_on"] == "holdout of 300 training images" and metrics["test_images"] == 150
+    assert "(raw, holdout of 300 training images)" in capsys.readouterr().out
+    assert legends and all("top-1, holdout of 300 training images" in texts for texts in legends), legends
+    assert not any("test" in text for texts in legends for text in texts)
     assert metrics["args"]["mixup"] == 0.2 and metrics["args"]["cutmix"] == 1.0
     assert 0.0 < metrics["history"][0]["train_loss"] < 10  # soft targets: a finite cross-entropy
 

@@ -218,7 +218,9 @@ def check_options(args) -> None:
             raise ConfigError(f"--res-ramp {start} {end}: needs 1 <= START <= END <= --epochs ({args.epochs})")
 
 
-def save_curves(history: list[dict], path: Path) -> None:
+def save_curves(history: list[dict], path: Path, scored_on: str = "test split") -> None:
+    """The loss and accuracy curves; `scored_on` (evaluated_on(args)) names what the per-epoch figures
+    are measured on: a --holdout run's are not the test split's."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -229,8 +231,8 @@ def save_curves(history: list[dict], path: Path) -> None:
     a1.set_xlabel("epoch"); a1.set_ylabel("loss"); a1.grid(alpha=0.3); a1.legend()
     a2.plot(ep, [h["train_top1"] for h in history], "o-", label="train top-1 (augmented)")
     tested = [h for h in history if h["test_top1"] is not None]  # --eval-every skips some epochs
-    a2.plot([h["epoch"] for h in tested], [h["test_top1"] for h in tested], "o-", label="test top-1")
-    a2.plot([h["epoch"] for h in tested], [h["test_top5"] for h in tested], "o-", label="test top-5")
+    a2.plot([h["epoch"] for h in tested], [h["test_top1"] for h in tested], "o-", label=f"top-1, {scored_on}")
+    a2.plot([h["epoch"] for h in tested], [h["test_top5"] for h in tested], "o-", label=f"top-5, {scored_on}")
     small = [h["epoch"] for h in history if h.get("train_res", FULL_RES) < FULL_RES]
     if small:  # progressive resizing: the test figures of those epochs are at a size not trained on
         a2.axvspan(min(small) - 0.5, max(small) + 0.5, color="0.85", label=f"trained below {FULL_RES} px")
@@ -696,7 +698,7 @@ def train(args, given: set[str] | None = None) -> dict:
         if run.main_process:
             print(json.dumps(record), flush=True)
             save_checkpoint(run, epoch + 1, model, ema, optimizer, scaler)
-            save_curves(run.history, out / "training_curves.png")
+            save_curves(run.history, out / "training_curves.png", evaluated_on(args))
 
     result = {}
     done = run.budget_spent if args.time_budget is not None else stop_at == args.epochs
@@ -745,9 +747,9 @@ def finish(run: Run, model, ema, test_x, test_y) -> dict:
     if run.resumed_from_code_version is not None and run.resumed_from_code_version != run.code_version:
         metrics["resumed_from_code_version"] = run.resumed_from_code_version
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    save_curves(run.history, out / "training_curves.png")
+    save_curves(run.history, out / "training_curves.png", evaluated_on(args))
     budget = (f" (budget {args.time_budget:g} min: {len(run.history)} epochs)" if args.time_budget is not None else "")
-    print(f"done: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% ({final_key}), wall time "
+    print(f"done: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% ({final_key}, {evaluated_on(args)}), wall time "
           f"{run.wall_time_s / 60:.1f} min + final evaluation {metrics['final_evaluation_s']:.0f} s{budget} -> {out}",
           flush=True)
     return metrics
