@@ -584,6 +584,7 @@ def test_impossible_distillation_options_are_refused(tmp_path, capsys, options, 
 
 
 def test_soft_labels_of_other_data_or_not_a_soft_label_file_are_refused_by_name(tmp_path, capsys):
+    from training import distillation
     from training.data import load_split
 
     labels = load_split(str(DATA_DIR), train=True)[1]
@@ -594,6 +595,16 @@ def test_soft_labels_of_other_data_or_not_a_soft_label_file_are_refused_by_name(
     torch.save({"not": "soft labels"}, junk)
     assert train_module.main(SMALL_RUN + ["--epochs", "1", "--soft-labels", str(junk), "--out", str(tmp_path / "b")]) == 2
     assert "not a file of python -m training.distillation" in capsys.readouterr().err
+    # Not a zip at all (an UnpicklingError from torch.load), and the right format with no labels' hash:
+    # one line each (they were a traceback and a KeyError).
+    text = tmp_path / "text.pt"
+    text.write_text("junk\n")
+    no_hash = tmp_path / "no-hash.pt"
+    torch.save({"format": distillation.FORMAT, "logits": torch.zeros(len(labels), 100, dtype=torch.float16)}, no_hash)
+    for bad, message in ((text, f"--soft-labels {text}: cannot read it"), (no_hash, f"--soft-labels {no_hash}: made for other training labels")):
+        assert train_module.main(SMALL_RUN + ["--epochs", "1", "--soft-labels", str(bad), "--out", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
 
 
 def test_distillation_stores_the_teachers_mean_flip_logits_in_the_precision_asked(tmp_path, monkeypatch):
