@@ -286,6 +286,16 @@ def test_export_into_a_folder_writes_the_weights_file_there(weights, tmp_path):
     assert "40 MB" in export.__doc__ and "30 MB" not in export.__doc__
 
 
+def test_export_into_a_folder_not_made_yet_when_the_path_ends_in_a_slash(weights, tmp_path):
+    """`training.export W runs/best/` (the docstring's own example) wrote a file named best."""
+    from training import export
+
+    assert export.main([str(weights["good"]), f"{tmp_path / 'best'}/"]) == 0
+    assert (tmp_path / "best").is_dir() and sorted(p.name for p in (tmp_path / "best").iterdir()) == ["CIFAR100_model.pth"]
+    assert export.main([str(weights["good"]), str(tmp_path / "named.pth")]) == 0  # a file name stays a file
+    assert (tmp_path / "named.pth").is_file()
+
+
 def test_a_save_that_cannot_replace_its_target_leaves_no_temporary_file(tmp_path):
     from training.runtime import atomic_save
 
