@@ -53,8 +53,10 @@ data: install
 
 # A training run into runs/latest (TRAIN_ARGS="--epochs 30 ..."; python -m training.train --help); a run
 # already there is continued with TRAIN_ARGS=--resume or started over with TRAIN_ARGS="--overwrite ...".
+# No --out here: runs/latest is training.train's own default, so TRAIN_ARGS="--resume runs/w2/checkpoint.pt"
+# continues that run in runs/w2 (an --out in TRAIN_ARGS still wins).
 train: install
-	$(PY) -m training.train --data-dir $(CIFAR100_DATA) --out runs/latest $(TRAIN_ARGS)
+	$(PY) -m training.train --data-dir $(CIFAR100_DATA) $(TRAIN_ARGS)
 
 # Top-1 of WEIGHTS on the full test split (EVAL_ARGS="--json ...").
 evaluate: install

@@ -153,6 +153,20 @@ def test_resume_repeats_an_uninterrupted_run_bit_for_bit(runs):
     assert [h["train_loss"] for h in h_straight] == [h["train_loss"] for h in h_resumed]
 
 
+def test_resume_with_fp16_after_a_run_without_a_loss_scale_starts_a_fresh_one(tmp_path, capsys):
+    """A float32 (or bf16) run saves a disabled GradScaler's empty state; resumed with --amp fp16 (or by
+    amp=auto on a GPU without bf16) the run needs a scaler: it gets a fresh one, not a traceback."""
+    out = tmp_path / "amp"
+    assert train_module.main(small_run(train_subset=128, test_subset=50) + [
+        "--epochs", "2", "--max-epochs-this-run", "1", "--amp", "off", "--no-ema", "--no-tta", "--out", str(out)]) == 0
+    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["scaler"] == {}
+    assert train_module.main(["--resume", "--out", str(out), "--amp", "fp16", "--data-dir", str(DATA_DIR),
+                              "--threads", "1", "--no-progress"]) == 0
+    assert "no fp16 loss scale" in capsys.readouterr().out
+    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == 2 and checkpoint["scaler"]["scale"] > 0  # the fresh scaler, saved this time
+
+
 def test_code_version_is_taken_once_at_the_start_and_recorded(runs):
     # One call per run; the checkpoint written after epoch 1 already holds it.
     assert runs["straight_versions"] == ["test-version-1"]
@@ -310,12 +324,25 @@ def test_label_smoothing_reaches_the_training_loss(tmp_path):
     assert abs(losses["default"] - losses["off"]) > 1e-4, losses
 
 
-def test_mixup_cutmix_run_on_a_holdout_says_what_it_was_evaluated_on(tmp_path):
+def test_mixup_cutmix_run_on_a_holdout_says_what_it_was_evaluated_on(tmp_path, capsys, monkeypatch):
+    """metrics.json, the done: line and the curves' legend all name the holdout (they said "test")."""
+    from matplotlib.figure import Figure
+
+    legends, savefig = [], Figure.savefig
+
+    def savefig_noting_the_legend(fig, *args, **kwargs):
+        legends.append([t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()])
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig_noting_the_legend)
     out = tmp_path / "mix"
     assert train_module.main(small_run(holdout=300, test_subset=150, mixup=0.2, cutmix=1.0, mix_prob=0.8)
                              + ["--epochs", "1", "--no-ema", "--no-tta", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["evaluated_on"] == "holdout of 300 training images" and metrics["test_images"] == 150
+    assert "(raw, holdout of 300 training images)" in capsys.readouterr().out
+    assert legends and all("top-1, holdout of 300 training images" in texts for texts in legends), legends
+    assert not any("test" in text for texts in legends for text in texts)
     assert metrics["args"]["mixup"] == 0.2 and metrics["args"]["cutmix"] == 1.0
     assert 0.0 < metrics["history"][0]["train_loss"] < 10  # soft targets: a finite cross-entropy
 
@@ -557,6 +584,7 @@ def test_impossible_distillation_options_are_refused(tmp_path, capsys, options, 
 
 
 def test_soft_labels_of_other_data_or_not_a_soft_label_file_are_refused_by_name(tmp_path, capsys):
+    from training import distillation
     from training.data import load_split
 
     labels = load_split(str(DATA_DIR), train=True)[1]
@@ -567,6 +595,16 @@ def test_soft_labels_of_other_data_or_not_a_soft_label_file_are_refused_by_name(
     torch.save({"not": "soft labels"}, junk)
     assert train_module.main(SMALL_RUN + ["--epochs", "1", "--soft-labels", str(junk), "--out", str(tmp_path / "b")]) == 2
     assert "not a file of python -m training.distillation" in capsys.readouterr().err
+    # Not a zip at all (an UnpicklingError from torch.load), and the right format with no labels' hash:
+    # one line each (they were a traceback and a KeyError).
+    text = tmp_path / "text.pt"
+    text.write_text("junk\n")
+    no_hash = tmp_path / "no-hash.pt"
+    torch.save({"format": distillation.FORMAT, "logits": torch.zeros(len(labels), 100, dtype=torch.float16)}, no_hash)
+    for bad, message in ((text, f"--soft-labels {text}: cannot read it"), (no_hash, f"--soft-labels {no_hash}: made for other training labels")):
+        assert train_module.main(SMALL_RUN + ["--epochs", "1", "--soft-labels", str(bad), "--out", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
 
 
 def test_distillation_stores_the_teachers_mean_flip_logits_in_the_precision_asked(tmp_path, monkeypatch):

@@ -109,6 +109,69 @@ def test_the_interrupted_message_names_the_folder_to_continue():
     assert command("my runs/a") == "python -m training.train --resume --out 'my runs/a'"
 
 
+def test_the_interrupted_message_repeats_the_sessions_own_options():
+    """--data-dir, --threads, --device, --compile are this session's, not the checkpoint's: the printed
+    command gives them again (without --data-dir it failed where the default folder has no data)."""
+    argv = ["--data-dir", "/data/cifar", "--threads", "1", "--device", "cpu", "--compile", "--width", "1",
+            "--out", "runs/w2"]
+    assert train_module.resume_command(train_module.build_parser().parse_args(argv)) == (
+        "python -m training.train --resume --out runs/w2 --data-dir /data/cifar --threads 1 --device cpu --compile")
+
+
+def test_resume_without_data_dir_falls_back_to_the_runs_own_data_folder(tmp_path, monkeypatch):
+    """Resumed without --data-dir where the default folder holds no CIFAR-100: the checkpoint's folder,
+    when it still has the data; a --data-dir given, or a default that has it, wins."""
+    runs_data, here_data = tmp_path / "runs-data", tmp_path / "here"
+    (runs_data / "cifar-100-python").mkdir(parents=True)
+    monkeypatch.setenv("CIFAR100_DATA", str(tmp_path / "empty"))
+    checkpoint = {"args": {"data_dir": str(runs_data), "width": 1}}
+
+    def resumed(argv):
+        args = train_module.build_parser().parse_args(argv)
+        return train_module.resumed_args(checkpoint, args, train_module.given_options(argv)).data_dir
+
+    assert resumed(["--resume"]) == str(runs_data)
+    assert resumed(["--resume", "--data-dir", str(here_data)]) == str(here_data)
+    (here_data / "cifar-100-python").mkdir(parents=True)
+    monkeypatch.setenv("CIFAR100_DATA", str(here_data))
+    assert resumed(["--resume"]) == str(here_data)
+
+
+def test_resume_from_a_path_refuses_to_replace_another_run_in_out(tmp_path, weights, capsys):
+    """--resume runs/w2/checkpoint.pt --out runs/latest (what `make train` ran before it stopped passing
+    --out) replaced runs/latest's own run without a word: refused, naming both; --overwrite allows it."""
+    w2, latest = tmp_path / "w2", tmp_path / "latest"
+    for folder in (w2, latest):
+        folder.mkdir()
+        (folder / "checkpoint.pt").write_bytes(weights["checkpoint"].read_bytes())
+    before = (latest / "checkpoint.pt").read_bytes()
+    argv = NO_DATA + ["--resume", str(w2 / "checkpoint.pt"), "--out", str(latest)]
+    assert train_module.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume {w2 / 'checkpoint.pt'} --out {latest}: {latest / 'checkpoint.pt'} "
+                          "holds another run") and f"continue in {w2}" in err and "--overwrite" in err
+    assert (latest / "checkpoint.pt").read_bytes() == before
+    # --overwrite gets past that check (to the fixture's checkpoint, which has no --width: refused next).
+    assert train_module.main(argv + ["--overwrite"]) == 2
+    assert "checkpoint was trained with --width None" in capsys.readouterr().err
+    # Its own checkpoint named by path, or an --out with none yet, is no conflict; --overwrite with those is.
+    for ok in ([str(latest / "checkpoint.pt"), "--out", str(latest)], [str(w2 / "checkpoint.pt"), "--out", str(tmp_path / "new")]):
+        assert train_module.main(NO_DATA + ["--resume", *ok]) == 2
+        assert "--width None" in capsys.readouterr().err
+        assert train_module.main(NO_DATA + ["--resume", *ok, "--overwrite"]) == 2
+        assert "pass one" in capsys.readouterr().err
+
+
+def _makefile_train_argv(train_args: list[str], data_dir: Path) -> list[str]:
+    """training.train's arguments on the Makefile's `train` recipe line, $(VARIABLES) filled in."""
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = makefile.split("\ntrain: install\n\t", 1)[1].split("\n", 1)[0]
+    assert recipe.startswith("$(PY) -m training.train "), recipe
+    words = recipe.removeprefix("$(PY) -m training.train ").split()
+    filled = {"$(CIFAR100_DATA)": [str(data_dir)], "$(TRAIN_ARGS)": train_args}
+    return [a for word in words for a in filled.get(word, [word])]
+
+
 def test_resume_from_a_path_continues_there_not_in_runs_latest(tmp_path, monkeypatch, cifar100_data_dir):
     """The whole path: one epoch of two into run/, then --resume run/checkpoint.pt alone, from a working
     folder whose runs/latest must stay untouched."""
@@ -120,6 +183,22 @@ def test_resume_from_a_path_continues_there_not_in_runs_latest(tmp_path, monkeyp
                               "--threads", "1", "--no-progress"]) == 0
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 2
     assert (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "runs").exists()
+
+
+def test_make_train_resume_path_continues_that_run_in_its_folder(tmp_path, monkeypatch, cifar100_data_dir):
+    """`make train TRAIN_ARGS="--resume run/checkpoint.pt"` (its recipe's arguments, not make itself):
+    the Makefile passed --out runs/latest, so the run continued there over runs/latest's own run."""
+    monkeypatch.chdir(tmp_path)
+    small = ["--data-dir", str(cifar100_data_dir), "--train-subset", "256", "--test-subset", "100", "--width", "1",
+             "--batch-size", "64", "--threads", "1", "--no-progress", "--no-tta", "--no-ema"]
+    assert train_module.main(small + ["--epochs", "2", "--max-epochs-this-run", "1", "--out", "run"]) == 0
+    assert train_module.main(_makefile_train_argv(["--resume", "run/checkpoint.pt", "--threads", "1", "--no-progress"],
+                                                  cifar100_data_dir)) == 0
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    assert not (tmp_path / "runs").exists()
+    # A fresh `make train` still writes runs/latest (training.train's default --out).
+    assert train_module.main(_makefile_train_argv(small[2:] + ["--epochs", "1"], cifar100_data_dir)) == 0
+    assert (tmp_path / "runs" / "latest" / "metrics.json").exists()
 
 
 # ----------------------------------------------------------------------------- weights and data mistakes
@@ -205,6 +284,16 @@ def test_export_into_a_folder_writes_the_weights_file_there(weights, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["CIFAR100_model.pth"]
     assert not list(tmp_path.glob("*.tmp"))
     assert "40 MB" in export.__doc__ and "30 MB" not in export.__doc__
+
+
+def test_export_into_a_folder_not_made_yet_when_the_path_ends_in_a_slash(weights, tmp_path):
+    """`training.export W runs/best/` (the docstring's own example) wrote a file named best."""
+    from training import export
+
+    assert export.main([str(weights["good"]), f"{tmp_path / 'best'}/"]) == 0
+    assert (tmp_path / "best").is_dir() and sorted(p.name for p in (tmp_path / "best").iterdir()) == ["CIFAR100_model.pth"]
+    assert export.main([str(weights["good"]), str(tmp_path / "named.pth")]) == 0  # a file name stays a file
+    assert (tmp_path / "named.pth").is_file()
 
 
 def test_a_save_that_cannot_replace_its_target_leaves_no_temporary_file(tmp_path):

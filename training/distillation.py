@@ -62,11 +62,12 @@ def load_soft_labels(path: str | Path, train_labels: torch.Tensor) -> tuple[torc
     """(teacher logits [N, classes] float32 for the full training split, the file's record)."""
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as err:
-        raise SoftLabelError(f"--soft-labels {path}: cannot read it ({err})") from err
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
+    except Exception as err:  # torch raises several types (pickle, zip, RuntimeError, OSError) for a bad file
+        first_line = (str(err).strip().splitlines() or [""])[0]  # weights_only's refusals run to paragraphs
+        raise SoftLabelError(f"--soft-labels {path}: cannot read it ({type(err).__name__}: {first_line})") from err
+    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("logits"), torch.Tensor):
         raise SoftLabelError(f"--soft-labels {path}: not a file of python -m training.distillation")
-    if record["labels_sha256"] != labels_sha256(train_labels):
+    if record.get("labels_sha256") != labels_sha256(train_labels):
         raise SoftLabelError(f"--soft-labels {path}: made for other training labels than this data's")
     return record.pop("logits").float(), record
 

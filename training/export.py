@@ -2,7 +2,7 @@
 
     python -m training.export runs/w10/CIFAR100_model.pth model/weights/width10/CIFAR100_model.pth --dtype float16
     python -m training.export runs/w10/checkpoint.pt runs/w10/ema.pth          # a checkpoint's EMA weights
-    python -m training.export runs/w10/checkpoint.pt runs/best/      # an existing folder: runs/best/CIFAR100_model.pth
+    python -m training.export runs/w10/checkpoint.pt runs/best/      # a folder (an existing one, or a trailing /): runs/best/CIFAR100_model.pth
 
 Why float16: it halves the file (the width-10 network: 69 MB as float32, 35 MB as float16; the
 repository takes files up to 40 MB, so only the float16 one fits), and loading it into the float32 network (``load_state_dict``
@@ -12,6 +12,7 @@ written, and is written atomically.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -33,12 +34,14 @@ def convert(state: dict, dtype: torch.dtype) -> dict:
 def main(argv=None) -> int:
     p = cli.Parser("training.export", __doc__)
     p.add_argument("weights", help="CIFAR100_model.pth (state dict) or a training checkpoint.pt")
-    p.add_argument("out", type=Path, help=f"where to write the state dict (an existing folder: {WEIGHTS_FILE} in it)")
+    p.add_argument("out", help=f"where to write the state dict (an existing folder, or one ending in /: {WEIGHTS_FILE} in it)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = p.parse_args(argv)
     state = convert(read_state_dict(args.weights), DTYPES[args.dtype])
     network_from_state_dict(state, source=str(args.weights))  # refuses anything the handler could not load
-    out = args.out / WEIGHTS_FILE if args.out.is_dir() else args.out
+    # Path() drops a trailing slash: "runs/best/" for a folder not made yet would become a file named best.
+    into_folder = args.out.endswith(("/", os.sep)) or Path(args.out).is_dir()
+    out = Path(args.out) / WEIGHTS_FILE if into_folder else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(state, out)
     size = out.stat().st_size / 1e6

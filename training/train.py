@@ -14,7 +14,7 @@ CIFAR100_model.pth (a plain state dict, loadable by the seed's notebook), metric
 training_curves.png. --resume continues exactly where the checkpoint stopped, with its run's options
 (repeat none; one given again wins, except a --width or --num-classes the weights cannot take), in the
 checkpoint's folder unless --out says otherwise. A fresh run into an --out that holds a checkpoint is
-refused: --resume it, or --overwrite it.
+refused: --resume it, or --overwrite it; so is a --resume PATH into an --out that holds another run's.
 
 --time-budget M replaces --epochs with wall-clock minutes: the learning rate and the progressive
 resizing follow the share of the budget spent, not of the epochs done, and the run stops (mid-epoch
@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from CHECKPOINT, in its folder unless --out is given "
                         "(default: a fresh run; --resume alone: OUT/checkpoint.pt)")
     r.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an OUT that holds a checkpoint (its files are replaced as this run writes its own)")
+                   help="start afresh in an OUT that holds a checkpoint, or continue --resume PATH's run there "
+                        "(OUT's files are replaced as this run writes its own)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     progress_argument(r)
@@ -217,7 +218,9 @@ def check_options(args) -> None:
             raise ConfigError(f"--res-ramp {start} {end}: needs 1 <= START <= END <= --epochs ({args.epochs})")
 
 
-def save_curves(history: list[dict], path: Path) -> None:
+def save_curves(history: list[dict], path: Path, scored_on: str = "test split") -> None:
+    """The loss and accuracy curves; `scored_on` (evaluated_on(args)) names what the per-epoch figures
+    are measured on: a --holdout run's are not the test split's."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -228,8 +231,8 @@ def save_curves(history: list[dict], path: Path) -> None:
     a1.set_xlabel("epoch"); a1.set_ylabel("loss"); a1.grid(alpha=0.3); a1.legend()
     a2.plot(ep, [h["train_top1"] for h in history], "o-", label="train top-1 (augmented)")
     tested = [h for h in history if h["test_top1"] is not None]  # --eval-every skips some epochs
-    a2.plot([h["epoch"] for h in tested], [h["test_top1"] for h in tested], "o-", label="test top-1")
-    a2.plot([h["epoch"] for h in tested], [h["test_top5"] for h in tested], "o-", label="test top-5")
+    a2.plot([h["epoch"] for h in tested], [h["test_top1"] for h in tested], "o-", label=f"top-1, {scored_on}")
+    a2.plot([h["epoch"] for h in tested], [h["test_top5"] for h in tested], "o-", label=f"top-5, {scored_on}")
     small = [h["epoch"] for h in history if h.get("train_res", FULL_RES) < FULL_RES]
     if small:  # progressive resizing: the test figures of those epochs are at a size not trained on
         a2.axvspan(min(small) - 0.5, max(small) + 0.5, color="0.85", label=f"trained below {FULL_RES} px")
@@ -278,24 +281,42 @@ def changed_options(checkpoint: dict, args) -> list[str]:
 
 def run_folder(args, given: set[str] | None) -> Path:
     """The checkpoint this run resumes from or would replace. A --resume PATH without --out continues in
-    PATH's folder (sets args.out), not in the default one; a fresh run refuses to replace a checkpoint
-    unless --overwrite says so."""
+    PATH's folder (sets args.out), not in the default one. A fresh run, or a --resume PATH into another
+    --out, refuses to replace a checkpoint there unless --overwrite says so."""
     if args.resume not in (None, "auto") and given is not None and "out" not in given:
         args.out = str(Path(args.resume).parent)
-    path = Path(args.out) / "checkpoint.pt" if args.resume in (None, "auto") else Path(args.resume)
-    if args.resume is not None and args.overwrite:
+    own = Path(args.out) / "checkpoint.pt"
+    path = own if args.resume in (None, "auto") else Path(args.resume)
+    resumes_elsewhere = args.resume is not None and own.exists() and path.exists() and not own.samefile(path)
+    if args.resume is not None and args.overwrite and not resumes_elsewhere:
         raise ConfigError("--resume continues the checkpoint, --overwrite starts afresh: pass one")
     if args.resume is None and not args.overwrite and path.exists():
         raise ConfigError(f"{path} holds an earlier run: continue it with --resume, start afresh over it with "
                           "--overwrite, or pass another --out")
+    if resumes_elsewhere and not args.overwrite:
+        raise ConfigError(f"--resume {path} --out {args.out}: {own} holds another run, which this one would replace: "
+                          f"leave out --out to continue in {path.parent}, pass another --out, or --overwrite to "
+                          "replace that run")
     return path
 
 
+# Session options the printed resume command repeats when this session set them (a checkpoint does
+# not carry them: see _SESSION_KEYS).
+_RESUMED_SESSION_OPTIONS = ("data_dir", "threads", "device", "compile", "eval_batch_size")
+
+
 def resume_command(args) -> str:
-    """The command line that continues this run (--out only when it is not the default)."""
+    """The command line that continues this run: --out when it is not the default, and the session
+    options (data folder, threads, device ...) that differ from their defaults."""
     words = ["python", "-m", "training.train", "--resume"]
     if os.path.normpath(args.out) != os.path.normpath(DEFAULT_OUT):
         words += ["--out", str(args.out)]
+    defaults = build_parser().parse_args([])
+    for key in _RESUMED_SESSION_OPTIONS:
+        value = getattr(args, key, getattr(defaults, key))
+        if value != getattr(defaults, key):
+            option = "--" + key.replace("_", "-")
+            words += [option] if value is True else [option, str(value)]
     return shlex.join(words)
 
 
@@ -313,7 +334,14 @@ def resumed_args(checkpoint: dict, args, given: set[str]) -> argparse.Namespace:
     for key, value in checkpoint["args"].items():
         if key in merged and key not in _SESSION_KEYS and key not in given:
             merged[key] = value
+    saved_data = checkpoint["args"].get("data_dir")
+    if "data_dir" not in given and saved_data and not has_cifar100(merged["data_dir"]) and has_cifar100(saved_data):
+        merged["data_dir"] = saved_data  # the default finds no data here, the run's own folder still has it
     return argparse.Namespace(**merged)
+
+
+def has_cifar100(folder: str) -> bool:
+    return (Path(folder) / "cifar-100-python").is_dir()
 
 
 # ----------------------------------------------------------------------------- training
@@ -441,7 +469,13 @@ def restore(checkpoint: dict, run: Run, model, ema, optimizer, scaler) -> tuple[
     """Load a checkpoint's state into the run; returns (epochs done, wall time spent so far)."""
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    saved_scaler = checkpoint.get("scaler") or {}
+    if saved_scaler and scaler.is_enabled():
+        scaler.load_state_dict(saved_scaler)
+    elif scaler.is_enabled() and run.main_process:
+        # A run that was bf16 or float32 kept no loss scale (a disabled GradScaler saves {}): an
+        # --amp fp16 given on resume, or amp=auto picking fp16 on another GPU, starts a fresh one.
+        print("note: the checkpoint has no fp16 loss scale (it ran without fp16): starting a fresh one", flush=True)
     if ema is not None and checkpoint.get("ema") is not None:
         ema.load_state_dict(checkpoint["ema"])
     run.history = checkpoint["history"]
@@ -664,7 +698,7 @@ def train(args, given: set[str] | None = None) -> dict:
         if run.main_process:
             print(json.dumps(record), flush=True)
             save_checkpoint(run, epoch + 1, model, ema, optimizer, scaler)
-            save_curves(run.history, out / "training_curves.png")
+            save_curves(run.history, out / "training_curves.png", evaluated_on(args))
 
     result = {}
     done = run.budget_spent if args.time_budget is not None else stop_at == args.epochs
@@ -713,9 +747,9 @@ def finish(run: Run, model, ema, test_x, test_y) -> dict:
     if run.resumed_from_code_version is not None and run.resumed_from_code_version != run.code_version:
         metrics["resumed_from_code_version"] = run.resumed_from_code_version
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    save_curves(run.history, out / "training_curves.png")
+    save_curves(run.history, out / "training_curves.png", evaluated_on(args))
     budget = (f" (budget {args.time_budget:g} min: {len(run.history)} epochs)" if args.time_budget is not None else "")
-    print(f"done: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% ({final_key}), wall time "
+    print(f"done: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% ({final_key}, {evaluated_on(args)}), wall time "
           f"{run.wall_time_s / 60:.1f} min + final evaluation {metrics['final_evaluation_s']:.0f} s{budget} -> {out}",
           flush=True)
     return metrics
