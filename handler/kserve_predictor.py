@@ -24,7 +24,8 @@ too); 503, before
 the body is decoded, when ``--max_waiting_requests`` requests already wait for a forward pass (default:
 TorchServe's ``job_queue_size``, 100), or ``--max_waiting_explanations`` explanations are under way
 (default: the same bound). A client that leaves before its answer has its request cancelled. Over
-gRPC the 4xx are INVALID_ARGUMENT, the 503 UNAVAILABLE, with the same message. KServe's own checks
+gRPC the 4xx are INVALID_ARGUMENT, the 503 UNAVAILABLE, with the same message; a model or version not
+served NOT_FOUND. KServe's own checks
 answer first where they apply (JSON that is not an inference request: 422 ``{"detail": [...]}``),
 except where they would answer wrongly: a v2 body that is not JSON, or JSON with NaN or nested past
 the recursion limit, gets our 400 (PlainV2Route).
@@ -47,7 +48,7 @@ from pathlib import Path
 import torch
 import yaml
 from fastapi.responses import JSONResponse
-from grpc_interceptor.exceptions import InvalidArgument, Unavailable, Unimplemented
+from grpc_interceptor.exceptions import InvalidArgument, NotFound, Unavailable, Unimplemented
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer, model_server
 from kserve.model import InferenceVerb
 from kserve.protocol.grpc import server as grpc_server
@@ -62,7 +63,7 @@ from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, OUTPUTS, V2, ProtocolError,
                                encode_answer, json_body, parse_request, plain_v2_body, refuse_binary_extension,
-                               refuse_json_flood, too_many_images)
+                               refuse_json_flood, too_many_images, unsupported_datatype)
 from model import check_class_count, load_class_names, network_from_state_dict
 from serving.cli import positive_int
 from serving.pace import paced_deadline
@@ -271,7 +272,8 @@ def grpc_count_refusal(request, max_images: int) -> str | None:
     """Why a gRPC ModelInferRequest holds more than a request to this model may, from plain counts
     (protobuf's len, no element converted), or None: more than ``max_images`` inputs or elements, more
     outputs than the model has, a shape longer than MAX_DATA_DEPTH, more than MAX_GRPC_PARAMETERS entries
-    in a parameters map."""
+    in a parameters map; and a datatype other than BYTES (KServe's conversion of it would fail first, with
+    a traceback in the log)."""
     if len(request.inputs) > max_images:
         return too_many_images(len(request.inputs), max_images, "inputs").message
     if len(request.outputs) > len(OUTPUTS):
@@ -282,6 +284,8 @@ def grpc_count_refusal(request, max_images: int) -> str | None:
     images = 0
     for n, tensor in enumerate(request.inputs):
         at = f"inputs[{n}] ({tensor.name!r})"
+        if tensor.datatype != "BYTES":
+            return unsupported_datatype(at, tensor.datatype).message
         if len(tensor.shape) > MAX_DATA_DEPTH:
             return f"{at}: shape has {len(tensor.shape)} dimensions, more than {MAX_DATA_DEPTH}"
         images += sum(len(values) for _, values in tensor.contents.ListFields())
@@ -300,13 +304,32 @@ class CIFAR100Servicer(InferenceServicer):
     KServe's server builds its servicer itself). ModelInfer: KServe turns every element, dimension and
     parameter of a request into Python objects on the event loop before the model sees it
     (InferRequest.from_grpc: 5 s for 100,000 one-element inputs, while no REST or gRPC client is
-    answered), so a request is first refused on plain counts (grpc_count_refusal)."""
+    answered), so a request is first refused on plain counts (grpc_count_refusal). A model name or version
+    this server does not serve gets NOT_FOUND (KServe answered any version with the one it has, and logs a
+    traceback for a wrong name)."""
 
     def validate_grpc_request(self, request) -> None:  # KServe's classmethod, called on the servicer before from_grpc
-        model = self._data_plane.get_model_from_registry(request.model_name)
+        model = self._served(request.model_name, request.model_version)
         if (refusal := grpc_count_refusal(request, model.max_images)) is not None:
             raise InvalidArgument(refusal)
         super().validate_grpc_request(request)
+
+    def _served(self, name: str, version: str) -> "CIFAR100Predictor":
+        model = self._data_plane.model_registry.get_model(name)
+        if model is None:
+            raise NotFound(f"Model with name {name} does not exist.")
+        if version not in ("", model.model_version):
+            raise NotFound(f"model {name} has no version {version!r}: this server serves version "
+                           f"{model.model_version!r} (or leave model_version empty)")
+        return model
+
+    async def ModelReady(self, request, context):
+        self._served(request.name, request.version)
+        return await super().ModelReady(request, context)
+
+    async def ModelMetadata(self, request, context):
+        self._served(request.name, request.version)
+        return await super().ModelMetadata(request, context)
 
 
 class RepositoryExtensionRefused(Unimplemented):

@@ -843,3 +843,34 @@ def test_an_output_asked_twice_is_refused_not_answered_twice(kserve_predictor, g
     chosen.outputs.add(name="topk_name")
     chosen.outputs.add(name="label")
     assert [o.name for o in grpc_stub.ModelInfer(chosen, timeout=60).outputs] == ["topk_name", "label"]
+
+
+def test_a_version_or_model_not_served_is_not_found_and_logs_no_traceback(kserve_predictor, grpc_stub,
+                                                                          cifar100_test_split):
+    """gRPC: a model_version other than the served one was answered by the served one (ModelReady said ready);
+    a wrong model name or a lowercase datatype got KServe's refusal with a traceback in the log for each."""
+    import grpc
+
+    good = encode(cifar_pil(cifar100_test_split[0], 0))
+    served = weights_version(weights_under_test())
+    pinned, wrong_version, wrong_model = grpc_request([good]), grpc_request([good]), grpc_request([good])
+    pinned.model_version, wrong_version.model_version, wrong_model.model_name = served, "9", "cifar10"
+    assert grpc_stub.ModelInfer(pinned, timeout=60).model_version == served
+    log_before = kserve_predictor.log.read_text().count("Traceback")
+    refusals = [
+        ("ModelInfer", wrong_version, grpc.StatusCode.NOT_FOUND,
+         f"no version '9': this server serves version '{served}'"),
+        ("ModelReady", pb().ModelReadyRequest(name="cifar100", version="9"), grpc.StatusCode.NOT_FOUND, "no version"),
+        ("ModelMetadata", pb().ModelMetadataRequest(name="cifar100", version="9"), grpc.StatusCode.NOT_FOUND,
+         "no version"),
+        ("ModelInfer", wrong_model, grpc.StatusCode.NOT_FOUND, "cifar10 does not exist"),
+        ("ModelReady", pb().ModelReadyRequest(name="cifar10"), grpc.StatusCode.NOT_FOUND, "cifar10 does not exist"),
+        ("ModelInfer", grpc_request([good], datatype="bytes"), grpc.StatusCode.INVALID_ARGUMENT,
+         "datatype 'bytes' is not supported"),
+    ]
+    for method, request, code, words in refusals:
+        with pytest.raises(grpc.RpcError) as refused:
+            getattr(grpc_stub, method)(request, timeout=60)
+        assert refused.value.code() == code and words in refused.value.details(), (method, refused.value.details())
+    assert grpc_stub.ModelReady(pb().ModelReadyRequest(name="cifar100", version=served), timeout=30).ready
+    assert kserve_predictor.log.read_text().count("Traceback") == log_before
