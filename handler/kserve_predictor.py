@@ -620,7 +620,9 @@ def main() -> None:
     parser.add_argument("--max_waiting_explanations", type=positive_int, default=None,
                         help="explanations (:explain) that may be under way at once, one Grad-CAM batch running "
                              "and the rest waiting; one more gets 503 (default: the --max_waiting_requests bound)")
-    args, _ = parser.parse_known_args()
+    # Every option known (KServe's and ours): a misspelt one (--enable-grpc for --enable_grpc) was dropped
+    # without a word, leaving gRPC open on every interface.
+    args = parser.parse_args()
     limit = torchserve_setting(args.model_dir, "max_request_size")
     if not any(arg.startswith("--grpc_max_receive_message_length") for arg in sys.argv[1:]):
         # One limit for both routes: gRPC refuses a larger message itself (RESOURCE_EXHAUSTED).

@@ -874,3 +874,11 @@ def test_a_version_or_model_not_served_is_not_found_and_logs_no_traceback(kserve
         assert refused.value.code() == code and words in refused.value.details(), (method, refused.value.details())
     assert grpc_stub.ModelReady(pb().ModelReadyRequest(name="cifar100", version=served), timeout=30).ready
     assert kserve_predictor.log.read_text().count("Traceback") == log_before
+
+
+def test_a_misspelt_option_is_refused_not_dropped():
+    # --enable-grpc (dashes) for --enable_grpc: KServe's parse_known_args dropped it, and gRPC stayed open on
+    # every interface while the operator believed it off.
+    done = subprocess.run([sys.executable, "-m", "handler.kserve_predictor", "--model_dir", "/nonexistent",
+                           "--enable-grpc", "false"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "unrecognized arguments: --enable-grpc false" in done.stderr, done.stderr[-2000:]
