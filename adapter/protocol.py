@@ -202,6 +202,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._framing_raw = 0  # raw bytes past the head that were not body, since the last piece of body
         self._body_fed = 0  # body bytes the parser handed over during the current feed
         self._peer_done = False  # the client half-closed: close once its answers are sent
+        self._deferred_refusal: bytes | None = None  # sent once the earlier answers are (send_error)
         self._send_timer = None
         self._refusal: tuple[int, str] | None = None
         # A connection that never sends a byte would otherwise stay open for ever.
@@ -228,9 +229,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         transport = getattr(self.transport, "_transport", self.transport)  # no lingering: the parser stopped
         if transport.is_closing():
             return
+        if self._deferred_refusal is not None:
+            return  # a refusal is already waiting to be sent; what follows is dropped
         extra = self.on_refusal(status, *self._refused_request()) if self.on_refusal else []
-        transport.write(json_error_bytes(status, message, [*self.server_state.default_headers, *extra]))
+        response = json_error_bytes(status, message, [*self.server_state.default_headers, *extra])
+        if self._earlier_answer_pending():
+            # A later request was refused while an earlier one on this connection is still being answered:
+            # written now, the refusal and its close would destroy that answer. Sent after it instead.
+            self._deferred_refusal = response
+            transport.pause_reading()
+            return
+        transport.write(response)
         transport.close()
+
+    def _earlier_answer_pending(self) -> bool:
+        """An earlier, complete request on this connection still being answered (or queued behind one)."""
+        cycle = self.cycle
+        if cycle is None or cycle.more_body:  # none, or the refusal is the running request's own (its body)
+            return False
+        return not cycle.response_complete or bool(self.pipeline)
 
     def _refused_request(self) -> tuple[list, dict | None]:
         """For on_refusal: the refused request's headers as far as parsed (its X-Request-ID), and its scope when
@@ -322,7 +339,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._peer_done and not self.pipeline and not self.transport.is_closing():
+        if self.pipeline or not self.cycle.response_complete:
+            return  # the next pipelined request is being answered
+        transport = getattr(self.transport, "_transport", self.transport)
+        if self._deferred_refusal is not None and not transport.is_closing():
+            transport.write(self._deferred_refusal)
+            transport.close()
+        elif self._peer_done and not transport.is_closing():
             self.transport.close()
 
     # ---- parser callbacks ------------------------------------------------------------------
