@@ -32,18 +32,31 @@
     return tag ? tag.content.trim() : "";
   }
 
-  // Where the API lives: ?api=... beats window.CIFAR100_CONFIG.apiBase beats <meta name="api-base">;
-  // empty means this page's own server.
-  function apiBase() {
-    const fromQuery = new URLSearchParams(window.location.search).get("api");
-    const fromWindow = window.CIFAR100_CONFIG && window.CIFAR100_CONFIG.apiBase;
-    return (fromQuery || fromWindow || metaContent("api-base") || "").replace(/\/+$/, "");
+  // An http(s) address (absolute, or relative to this page), else "".
+  function httpAddress(text) {
+    try {
+      return /^https?:$/.test(new URL(text, window.location.href).protocol) ? text : "";
+    } catch (_) {
+      return "";
+    }
   }
+
+  // Where the API lives: window.CIFAR100_CONFIG.apiBase beats <meta name="api-base"> beats ?api=...;
+  // none: this page's own server. ?api= is for a copy of the page hosted elsewhere: the adapter's
+  // own page (which the adapter marks <meta name="page-server" content="adapter">, adapter/page.py)
+  // ignores it, as does a copy that names its API itself, or a crafted link would send users'
+  // photos to another server and show its answers here.
+  const apiBase = (() => {
+    const configured = (window.CIFAR100_CONFIG && window.CIFAR100_CONFIG.apiBase) || metaContent("api-base");
+    const fromQuery = metaContent("page-server") === "adapter" ? ""
+      : httpAddress(new URLSearchParams(window.location.search).get("api") || "");
+    return (configured || fromQuery || "").replace(/\/+$/, "");
+  })();
 
   // The adapter's limits (GET {apiBase}/settings: max_upload_bytes, top_k, shrink), asked once at
   // start so that a too-large file is refused before it is sent and a large photo is shrunk first.
   // Unreachable: no check and no shrinking here, the adapter's own 413 still answers.
-  const serverSettings = fetch(`${apiBase()}/settings`)
+  const serverSettings = fetch(`${apiBase}/settings`)
     .then((response) => (response.ok ? response.json() : {}))
     .catch(() => ({}));
 
@@ -338,7 +351,7 @@
 
     const form = new FormData();
     form.append("image", upload.blob, upload.name);
-    const url = `${apiBase()}/classify/`;
+    const url = `${apiBase}/classify/`;
     try {
       let response;
       try {
@@ -436,7 +449,7 @@
     }
     const form = new FormData();
     form.append("image", currentUpload.blob, currentUpload.name); // what /classify/ got
-    const url = `${apiBase()}/explain/`;
+    const url = `${apiBase}/explain/`;
     // aria-disabled, not disabled: a disabled button would lose the keyboard focus.
     explaining = true;
     whyButton.setAttribute("aria-disabled", "true");
@@ -476,7 +489,7 @@
   knownThings.addEventListener("toggle", async () => {
     if (!knownThings.open || classList.childElementCount) return;
     try {
-      const response = await fetch(`${apiBase()}/classes`);
+      const response = await fetch(`${apiBase}/classes`);
       if (!response.ok) throw new Error(String(response.status));
       const classes = await response.json();
       classList.replaceChildren(...classes.map((item) => {

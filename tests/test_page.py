@@ -24,6 +24,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 ANSWER_TIMEOUT_MS = 60_000  # the training run may share the CPU
+# page.wait_for_function() predicates are written as functions ("() => ..."): a bare expression is
+# eval()ed in the page while it polls, which the page's Content-Security-Policy refuses.
 
 @pytest.fixture(scope="module")
 def adapter(torchserve, tmp_path_factory):
@@ -300,7 +302,7 @@ def test_a_file_refused_while_a_photo_uploads_leaves_the_page_idle(adapter, page
     page.goto(f"{adapter.base_url}/")
     held = hold(page, "**/classify/")
     page.set_input_files("#file-input", str(photo))
-    page.wait_for_function("document.getElementById('result').getAttribute('aria-busy') === 'true'")
+    page.wait_for_function("() => document.getElementById('result').getAttribute('aria-busy') === 'true'")
     assert page.is_visible("#preview")
     page.set_input_files("#file-input", files=[refused])
     message = wait_for_error(page)
@@ -340,7 +342,7 @@ def test_dragging_an_example_onto_the_drop_zone_classifies_it(adapter, page, pho
     assert answer["prediction"] != page.inner_text("#prediction")  # so the check below tells them apart
     with page.expect_response(lambda r: "/classify/" in r.url):
         page.drag_and_drop(".example >> nth=2", "#drop-zone")
-    page.wait_for_function(f"document.getElementById('prediction').textContent === {answer['prediction']!r}"
+    page.wait_for_function(f"() => document.getElementById('prediction').textContent === {answer['prediction']!r}"
                            " && document.body.dataset.state === 'answered'", timeout=ANSWER_TIMEOUT_MS)
     assert page.is_hidden("#error") and page.is_visible("#answer")
     assert page.get_attribute("#preview", "alt") == lion.locator("img").get_attribute("alt")
@@ -379,7 +381,7 @@ def test_the_same_error_again_is_said_again(adapter, page):
     page.set_input_files("#file-input", files=[notes])
     message = wait_for_error(page)
     page.set_input_files("#file-input", files=[notes])
-    page.wait_for_function(f"window.said.error.filter(t => t === {message!r}).length === 2")
+    page.wait_for_function(f"() => window.said.error.filter(t => t === {message!r}).length === 2")
     page.wait_for_timeout(300)
     said = page.evaluate("window.said")
     assert said["error"] == [message, "", message], said
@@ -387,10 +389,10 @@ def test_the_same_error_again_is_said_again(adapter, page):
     assert page.inner_text("#error") == message
 
 
-def test_server_down_shows_an_error(adapter, page, photo):
-    # The page from the adapter, the API pointed (?api=) at a port where nothing listens.
+def test_server_down_shows_an_error(other_origin, page, photo):
+    # The page hosted elsewhere, its API pointed (?api=) at a port where nothing listens.
     down = f"http://127.0.0.1:{free_port()}"
-    page.goto(f"{adapter.base_url}/?api={down}")
+    page.goto(f"{other_origin}/index.html?api={down}")
     page.set_input_files("#file-input", str(photo))
     message = wait_for_error(page)
     assert "Cannot reach the classifier" in message and down in message
@@ -476,5 +478,119 @@ def test_page_on_another_origin_classifies_through_api_and_cors(torchserve, adap
     with running_adapter(env, tmp_path / "adapter.log") as allowing:
         page.goto(f"{other_origin}/index.html?api={allowing.base_url}")
         page.set_input_files("#file-input", str(photo))
-        page.wait_for_function("document.body.dataset.state === 'answered'", timeout=ANSWER_TIMEOUT_MS)
+        page.wait_for_function("() => document.body.dataset.state === 'answered'", timeout=ANSWER_TIMEOUT_MS)
         assert_shows(page, answer)
+
+
+# --- where the page sends pictures, and what the adapter serves it with ---------------------------
+
+@pytest.fixture
+def another_api():
+    """Someone else's server that answers like the API (CORS for everyone) and records what it gets."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = []
+
+    class Api(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def answer(self, status, body=b""):
+            self.send_response(status)
+            self.send_header("Access-Control-Allow-Origin", "*")
+            self.send_header("Access-Control-Allow-Methods", "GET, POST")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_OPTIONS(self):
+            received.append(("OPTIONS", self.path))
+            self.answer(204)
+
+        def do_GET(self):
+            received.append(("GET", self.path))
+            self.answer(200, json.dumps({"max_upload_bytes": 50_000_000, "top_k": 5, "shrink": None}).encode())
+
+        def do_POST(self):
+            received.append(("POST", self.path, len(self.rfile.read(int(self.headers["Content-Length"])))))
+            self.answer(400, json.dumps({"error": "Your session expired: sign in again at https://example.net/login"}).encode())
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_adapters_own_page_ignores_api_in_its_address(adapter, another_api, page, photo):
+    """A crafted link to the adapter's page, ?api=<another server>: the photo went to that server and
+    its text showed on the real page. Now the page answers from its own server, and the other one
+    hears nothing. (A copy hosted elsewhere still follows ?api=:
+    test_page_on_another_origin_classifies_through_api_and_cors.)"""
+    other, received = another_api
+    answer = expected_answer(adapter, photo)
+    page.goto(f"{adapter.base_url}/?api={other}")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    assert_shows(page, answer)
+    page.wait_for_timeout(300)
+    assert received == []
+
+
+def test_the_page_runs_under_its_content_security_policy(adapter, browser, photo):
+    """The adapter's CSP (adapter/page.py) breaks nothing: a classification, "Why?" and the class list
+    with no violation reported; and another site cannot frame the page."""
+    context = browser.new_context(viewport=DESKTOP)
+    page = context.new_page()
+    try:
+        page.add_init_script("window.violations = []; document.addEventListener('securitypolicyviolation',"
+                             " e => window.violations.push(e.violatedDirective + ' ' + e.blockedURI));")
+        response = page.goto(f"{adapter.base_url}/")
+        assert "connect-src 'self'" in response.headers["content-security-policy"]
+        page.set_input_files("#file-input", str(photo))
+        wait_for_answer(page)
+        page.click("#why-button")
+        page.wait_for_selector("#heatmap:not([hidden])", timeout=ANSWER_TIMEOUT_MS)
+        page.click("#known-things summary")
+        page.wait_for_function("() => document.querySelectorAll('#class-list li').length === 100")
+        assert page.evaluate("window.violations") == []
+        # Framed by a page of another origin (about:blank here): the frame stays empty.
+        framing = context.new_page()
+        framing.set_content(f"<iframe src='{adapter.base_url}/' width=800 height=600></iframe>")
+        framing.wait_for_timeout(500)
+        assert len(framing.frames) == 2
+        assert framing.frames[1].evaluate("document.getElementById('drop-zone')") is None
+    finally:
+        context.close()
+
+
+def test_an_upgraded_app_js_is_used_at_the_next_visit(torchserve, browser, tmp_path):
+    """A checkout a month old, its app.js replaced by an upgrade: the next visit runs the new one.
+    (Without Cache-Control, Chromium took the old copy as fresh for a tenth of its age, 3 days.)"""
+    import os
+    import shutil
+    import time
+
+    frontend = tmp_path / "frontend"
+    shutil.copytree(REPO / "frontend", frontend)
+    month_ago = time.time() - 30 * 86400
+    for path in frontend.rglob("*"):
+        os.utime(path, (month_ago, month_ago))
+    env = {**torchserve.adapter_env(), "FRONTEND_DIR": str(frontend)}
+    context = browser.new_context(viewport=DESKTOP)
+    try:
+        with running_adapter(env, tmp_path / "adapter.log") as served:
+            page = context.new_page()
+            page.goto(f"{served.base_url}/")
+            assert page.evaluate("window.pageVersion") is None
+            with (frontend / "app.js").open("a") as f:
+                f.write("\nwindow.pageVersion = 2;\n")
+            page.goto(f"{served.base_url}/")
+            assert page.evaluate("window.pageVersion") == 2
+    finally:
+        context.close()
