@@ -93,6 +93,31 @@ def test_a_failed_explanation_keeps_the_answer_and_the_focus(adapter, page, phot
     assert page.evaluate("document.activeElement.id") == "why-button"
 
 
+def test_why_for_a_new_picture_works_while_the_old_ones_explanation_is_pending(adapter, page, photo):
+    """"Why?" for picture A, its explanation held; picture B chosen and answered: "Why?" for B sent
+    nothing until A's stale explanation came back. Now B's goes out and shows; A's, late, does not."""
+    held = []
+    page.route("**/explain/", lambda route: held.append(route) if not held else route.continue_())
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    page.click("#why-button")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Looking for what')")
+    lion = EXAMPLES / "test-00015.png"
+    lion_answer = expected_answer(adapter, lion)
+    page.set_input_files("#file-input", str(lion))
+    page.wait_for_function(f"() => document.getElementById('prediction').textContent === {lion_answer['prediction']!r}"
+                           " && document.body.dataset.state === 'answered'", timeout=ANSWER_TIMEOUT_MS)
+    assert page.get_attribute("#why-button", "aria-disabled") is None
+    with page.expect_response(lambda r: "/explain/" in r.url, timeout=ANSWER_TIMEOUT_MS):
+        show_why(page)
+    assert lion_answer["prediction"] in page.inner_text("#why-caption")
+    overlay = page.get_attribute("#heatmap", "src")
+    held[0].continue_()  # A's explanation, late
+    page.wait_for_timeout(1000)
+    assert page.get_attribute("#heatmap", "src") == overlay and lion_answer["prediction"] in page.inner_text("#why-caption")
+
+
 def test_unsure_answer_says_so(adapter, page, photo):
     # CIFAR-100 test image 42, a mountain, is the issue's example: "Ray, 18%" in large type before.
     answer = expected_answer(adapter, photo)
