@@ -735,6 +735,16 @@ def test_a_proxys_busy_answer_is_retried_and_names_the_wait(adapter, page, photo
 
 # --- small things said and shown -------------------------------------------------------------------
 
+def test_a_long_file_name_in_an_error_fits_a_small_phone(adapter, page):
+    page.set_viewport_size({"width": 360, "height": 740})
+    page.goto(f"{adapter.base_url}/")
+    name = "Screenshot_2026-12-02-08-15-42-123_com.android.chrome.webarchive"
+    page.set_input_files("#file-input", files=[{"name": name, "mimeType": "application/x-webarchive",
+                                                "buffer": b"bplist00 not a picture"}])
+    assert name in wait_for_error(page)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+
+
 def paste_files(page, paths: list[Path]) -> None:
     page.evaluate("""(files) => { const dt = new DataTransfer();
         for (const [name, encoded] of files) dt.items.add(new File(

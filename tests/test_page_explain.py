@@ -204,6 +204,26 @@ def test_dark_mode_follows_the_system(adapter, dark_page, photo):
     dark_page.screenshot(path=str(ARTIFACTS / "page-dark.png"), full_page=True)
 
 
+def test_bars_and_the_pressed_why_show_in_forced_colours(adapter, browser, photo):
+    """Windows high contrast: every background becomes the system's one; the top-5 bars vanished (fill
+    and track alike) and a pressed "Why?" looked like any button. Now they have colours of their own."""
+    context = browser.new_context(viewport=DESKTOP, forced_colors="active")
+    page = context.new_page()
+    try:
+        page.goto(f"{adapter.base_url}/")
+        assert page.evaluate("matchMedia('(forced-colors: active)').matches")
+        page.set_input_files("#file-input", str(photo))
+        wait_for_answer(page)
+        show_why(page)
+        background = "(selector) => getComputedStyle(document.querySelector(selector)).backgroundColor"
+        assert page.evaluate(background, ".bar-fill") != page.evaluate(background, ".bar")
+        assert page.evaluate(background, "#why-button") != page.evaluate(background, "label[for='camera-input']")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "page-forced-colours.png"), full_page=True)
+    finally:
+        context.close()
+
+
 def axe_violations(page, axe_script) -> list[dict]:
     """axe-core's serious and critical violations on the page as it stands."""
     page.add_script_tag(path=str(axe_script))
