@@ -12,7 +12,7 @@
     GET  /health      200 {"status": "ok", ...} when the model can answer now, else
                       503 {"status": "unavailable", "error": ...}
     GET  /metrics     Prometheus text (adapter/metrics.py; METRICS_ENABLED, METRICS_PORT move or drop it)
-    GET  /            the drag-and-drop page (frontend/)
+    GET  /            the drag-and-drop page (frontend/; adapter/page.py: its headers, no-cache and CSP)
 
 Every error is {"error": "..."} with its status: 400 no `image` field / empty / not an image /
 not valid HTTP, 408 body (or head) slower than its deadline, 413 larger than MAX_UPLOAD_BYTES
@@ -37,7 +37,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.classes import CLASS_NAMES, display_name  # the seed's display rule, one copy (no torch)
@@ -49,6 +48,7 @@ from .errors import ClassifyError
 from .limits import Explanations, InFlight, RequestLimits, client_address
 from .metrics import Metrics
 from .oip import OIPClient
+from .page import PageFiles
 from .shrink import UploadShrinker
 from .torchserve import TorchServeClient
 from .upload import read_image_upload
@@ -241,7 +241,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outside even that: its refusals get a request id, a log line and their count too.
     app.add_middleware(Edge, request_id_max_length=settings.request_id_max_length, metrics=metrics)
     if Path(settings.frontend_dir).is_dir():
-        app.mount("/", StaticFiles(directory=settings.frontend_dir, html=True), name="page")
+        app.mount("/", PageFiles(settings.frontend_dir), name="page")
     else:
         log.warning("no page: FRONTEND_DIR %s is not a folder", settings.frontend_dir)
     return app

@@ -32,18 +32,38 @@
     return tag ? tag.content.trim() : "";
   }
 
-  // Where the API lives: ?api=... beats window.CIFAR100_CONFIG.apiBase beats <meta name="api-base">;
-  // empty means this page's own server.
-  function apiBase() {
-    const fromQuery = new URLSearchParams(window.location.search).get("api");
-    const fromWindow = window.CIFAR100_CONFIG && window.CIFAR100_CONFIG.apiBase;
-    return (fromQuery || fromWindow || metaContent("api-base") || "").replace(/\/+$/, "");
+  // An http(s) address (absolute, or relative to this page), else "".
+  function httpAddress(text) {
+    try {
+      return /^https?:$/.test(new URL(text, window.location.href).protocol) ? text : "";
+    } catch (_) {
+      return "";
+    }
   }
+
+  // Where the API lives: window.CIFAR100_CONFIG.apiBase beats <meta name="api-base"> beats ?api=...;
+  // none: this page's own server. ?api= is for a copy of the page hosted elsewhere: the adapter's
+  // own page (which the adapter marks <meta name="page-server" content="adapter">, adapter/page.py)
+  // ignores it, as does a copy that names its API itself, or a crafted link would send users'
+  // photos to another server and show its answers here.
+  const apiBase = (() => {
+    const configured = (window.CIFAR100_CONFIG && window.CIFAR100_CONFIG.apiBase) || metaContent("api-base");
+    const fromQuery = metaContent("page-server") === "adapter" ? ""
+      : httpAddress(new URLSearchParams(window.location.search).get("api") || "");
+    return (configured || fromQuery || "").replace(/\/+$/, "");
+  })();
+
+  // How long the page waits for GET /settings before it goes on without them, and for every other
+  // answer. The adapter answers within BODY_TIMEOUT_S + SHRINK_WAIT_S + TS_PREDICT_TIMEOUT_S
+  // (30 + 5 + 10 s) even when the model server hangs: past 60 s something on the way (a proxy, the
+  // network) is stuck, and the page says so instead of waiting for ever.
+  const SETTINGS_DEADLINE_S = 3;
+  const ANSWER_DEADLINE_S = 60;
 
   // The adapter's limits (GET {apiBase}/settings: max_upload_bytes, top_k, shrink), asked once at
   // start so that a too-large file is refused before it is sent and a large photo is shrunk first.
-  // Unreachable: no check and no shrinking here, the adapter's own 413 still answers.
-  const serverSettings = fetch(`${apiBase()}/settings`)
+  // Unreachable or slow: no check and no shrinking here, the adapter's own 413 still answers.
+  const serverSettings = fetch(`${apiBase}/settings`, { signal: AbortSignal.timeout(SETTINGS_DEADLINE_S * 1000) })
     .then((response) => (response.ok ? response.json() : {}))
     .catch(() => ({}));
 
@@ -51,16 +71,23 @@
     return n >= 1024 * 1024 ? `${(n / (1024 * 1024)).toFixed(1)} MB` : `${Math.ceil(n / 1024)} KB`;
   }
 
+  // A whole percent from 10% (and 0%), one decimal below; chosen on the rounded value, so that
+  // 9.98% shows "10%", not "10.0%", and 0.004% "0%", not "0.0%".
   function percent(p) {
-    const value = 100 * p;
-    return value >= 10 || value === 0 ? `${value.toFixed(0)}%` : `${value.toFixed(1)}%`;
+    const tenths = Math.round(1000 * p) / 10;
+    return tenths >= 10 || tenths === 0 ? `${Math.round(100 * p)}%` : `${tenths.toFixed(1)}%`;
+  }
+
+  // "30 s", "2 min": how long the server asked the user to wait.
+  function waitInWords(seconds) {
+    return seconds < 90 ? `${Math.ceil(seconds)} s` : `${Math.ceil(seconds / 60)} min`;
   }
 
   let previewUrl = null;
   let requestNumber = 0; // a newer image makes an older answer stale
   let currentUpload = null; // what was sent for the picture on show ({blob, name}), for "Why?"
   let currentAnswer = null;
-  let heatmapFor = 0; // the requestNumber the overlay belongs to (0: none yet)
+  let heatmapFor = null; // the upload the overlay belongs to (null: none yet)
 
   // "a ray", "an apple": the unsure wording names two guesses in running text.
   function withArticle(name) {
@@ -71,12 +98,19 @@
   function resetWhy() {
     heatmapImage.hidden = true;
     heatmapImage.removeAttribute("src");
-    heatmapFor = 0;
+    heatmapFor = null;
     whyButton.setAttribute("aria-pressed", "false");
     whyButton.removeAttribute("aria-disabled");
     whyCaption.hidden = true;
     whyCaption.textContent = "";
     whyCaption.classList.remove("why-failed");
+  }
+
+  // The answer hidden (busy, or an error). The keyboard focus on its "Why?" button would fall to
+  // the page's start: it goes to the drop zone, where the next picture is chosen.
+  function hideAnswer() {
+    if (answerBox.contains(document.activeElement)) dropZone.focus();
+    answerBox.hidden = true;
   }
 
   function setBusy(busy) {
@@ -123,7 +157,7 @@
   // The picture could not be classified: no answer, the reason, and nothing left busy (an older
   // upload still on its way is stale, its late answer ignored).
   function showError(message) {
-    answerBox.hidden = true;
+    hideAnswer();
     setBusy(false);
     say(statusLine, "Could not classify the image.");
     say(errorText, message);
@@ -194,23 +228,42 @@
     document.body.dataset.state = "answered";
   }
 
-  // A 503 with Retry-After is the server's "busy: ask again in N s" (its shares and caps, not a server
-  // that is down): the page waits that long (at most BUSY_WAIT_MAX_S), saying so, and asks again, up to
-  // BUSY_RETRIES times, while the answer is still wanted (`wanted()`). Other answers return as they are.
+  // Retry-After in seconds (it may be a number of seconds or an HTTP date); NaN when there is none.
+  function retryAfterSeconds(response) {
+    const header = (response.headers.get("Retry-After") || "").trim();
+    if (!header) return NaN;
+    if (/^\d+$/.test(header)) return Number(header);
+    const date = Date.parse(header);
+    return Number.isNaN(date) ? NaN : Math.max(0, (date - Date.now()) / 1000);
+  }
+
+  // A 503 or 429 with Retry-After is the server's "busy: ask again in N s" (its shares and caps, or a
+  // proxy's rate limit; not a server that is down): the page waits that long (at most BUSY_WAIT_MAX_S),
+  // saying so, and asks again, up to BUSY_RETRIES times, while the answer is still wanted (`wanted()`).
+  // Other answers return as they are. Each try has ANSWER_DEADLINE_S, the reading of its answer included.
   const BUSY_RETRIES = 2;
   const BUSY_WAIT_MAX_S = 5;
+  const BUSY_STATUSES = [429, 503];
 
   async function postForm(url, form, wanted) {
     for (let retry = 0; ; retry++) {
-      const response = await fetch(url, { method: "POST", body: form });
-      const header = response.headers.get("Retry-After");
-      const seconds = header === null ? NaN : Number(header); // an HTTP date: no retry
-      if (response.status !== 503 || !(seconds >= 0) || retry >= BUSY_RETRIES || !wanted()) return response;
-      const wait = Math.min(seconds, BUSY_WAIT_MAX_S);
+      const response = await fetch(url, { method: "POST", body: form, signal: AbortSignal.timeout(ANSWER_DEADLINE_S * 1000) });
+      const seconds = retryAfterSeconds(response);
+      if (!BUSY_STATUSES.includes(response.status) || !(seconds >= 0) || retry >= BUSY_RETRIES || !wanted()) {
+        return response;
+      }
+      const wait = Math.ceil(Math.min(seconds, BUSY_WAIT_MAX_S));
       say(statusLine, `The server is busy; trying again in ${wait} s…`);
       await new Promise((resolve) => setTimeout(resolve, wait * 1000));
       if (!wanted()) return response;
     }
+  }
+
+  // A fetch that failed outright: no answer within the deadline, or none at all.
+  function unreachable(err, url) {
+    return err && err.name === "TimeoutError"
+      ? `The classifier at ${url} did not answer within ${ANSWER_DEADLINE_S} s. Please try again later.`
+      : `Cannot reach the classifier at ${url}. The server may be down; please try again later.`;
   }
 
   // The adapter's errors are {"error": "..."}; anything else (a proxy's HTML page) gets a plain line.
@@ -220,12 +273,18 @@
       const body = await response.json();
       message = body && (body.error || body.detail || body.message) || "";
     } catch (_) { /* not JSON */ }
+    const seconds = retryAfterSeconds(response);
+    const tryAgain = seconds >= 0 ? `Please try again in ${waitInWords(seconds)}.` : "";
+    if (response.status === 429) {
+      return ["Too many requests reach the classifier right now.", tryAgain || "Please try again later."].join(" ");
+    }
     if (response.status === 413) {
       return message.startsWith("The image is too large") ? message
         : `The image is too large${message ? ` (${message})` : ""}. Try a smaller photo.`;
     }
     if (response.status === 503 || response.status === 502) {
-      return `The classifier is not available right now. ${message}`.trim();
+      // The adapter's own busy messages say "try again shortly"; a proxy's page says nothing.
+      return ["The classifier is not available right now.", message || tryAgain].filter(Boolean).join(" ");
     }
     if (response.status === 504) {
       return "The classifier took too long to answer. Please try again.";
@@ -245,14 +304,27 @@
     return false;
   }
 
+  // What a file's first bytes say it is ("image/<format>", the names GET /settings uses): its type as
+  // given may be missing ("", some systems) or not the usual name ("image/jpg"). "" for the rest.
+  // (Which formats are shrunk is the server's to say: tests/test_shrink.py.)
+  function sniffedType(head) {
+    const bytes = new Uint8Array(head);
+    const text = (from, to) => String.fromCharCode(...bytes.subarray(from, to));
+    const format = bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff ? "jpeg"
+      : text(0, 8) === "\x89PNG\r\n\x1a\n" ? "png"
+      : text(0, 4) === "RIFF" && text(8, 12) === "WEBP" ? "webp"
+      : text(0, 6) === "GIF87a" || text(0, 6) === "GIF89a" ? "gif" : "";
+    return format && `image/${format}`;
+  }
+
   // A large photo shrunk before upload, following the adapter's rules (GET /settings `shrink`):
-  // its type is one of `types`, it is larger than `min_bytes` or `min_pixels`, and its shorter side
-  // (upright, after its EXIF orientation) is brought down to `min_side`, the most the server
-  // decodes of it anyway; sent as `type` at `quality`. Returns {blob, width, height}, or null to
-  // send the file as it is: small images, transparent ones (the server lays those on white),
-  // and anything this browser cannot decode (the server decides about those).
-  async function shrunkPhoto(file, rules) {
-    if (!rules || !Array.isArray(rules.types) || !rules.types.includes(file.type)) return null;
+  // its type (`type`, from its bytes) is one of `types`, it is larger than `min_bytes` or
+  // `min_pixels`, and its shorter side (upright, after its EXIF orientation) is brought down to
+  // `min_side`, the most the server decodes of it anyway; sent as `type` at `quality`. Returns
+  // {blob, width, height}, or null to send the file as it is: small images, transparent ones (the
+  // server lays those on white), and anything this browser cannot decode (the server decides).
+  async function shrunkPhoto(file, type, rules) {
+    if (!rules || !Array.isArray(rules.types) || !rules.types.includes(type)) return null;
     let bitmap;
     try {
       // The file's own pixel values, as the server reads them (no colour-profile conversion).
@@ -273,7 +345,7 @@
       context.imageSmoothingEnabled = true;
       context.imageSmoothingQuality = "high";
       context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
-      if (file.type !== "image/jpeg" && hasTransparency(context, canvas.width, canvas.height)) return null;
+      if (type !== "image/jpeg" && hasTransparency(context, canvas.width, canvas.height)) return null;
       const blob = await new Promise((resolve) => canvas.toBlob(resolve, rules.type, rules.quality));
       if (!blob || blob.size >= file.size) return null;
       return { blob, width: canvas.width, height: canvas.height };
@@ -286,9 +358,13 @@
     return (name || "pasted-image").replace(/\.[^.]*$/, "");
   }
 
-  async function classify(file, description) {
+  // Classify a chosen file. `ticket`: the requestNumber its pick took (an example picture takes one
+  // when clicked, before it is fetched); none: it takes the next one now. `note`: said beside the
+  // answer (several files were dropped).
+  async function classify(file, description, ticket, note) {
     if (!file) return;
-    // Some systems give no type for a file; then the server decides whether it is an image.
+    const thisRequest = ticket || ++requestNumber;
+    // Some systems give no type for a file; then its bytes (or else the server) decide.
     if (file.type && !file.type.startsWith("image/")) {
       refuse(`“${file.name || "That file"}” is not an image (it is ${file.type}). Choose a photo or picture.`);
       return;
@@ -297,29 +373,25 @@
       refuse("That file is empty.");
       return;
     }
-    const thisRequest = ++requestNumber;
-    errorText.hidden = true;
-    const settings = await serverSettings;
-    if (thisRequest !== requestNumber) return; // a newer image arrived while the settings were asked for
-    const shrunk = await shrunkPhoto(file, settings.shrink);
-    if (thisRequest !== requestNumber) return;
-    const upload = shrunk ? { blob: shrunk.blob, name: `${baseName(file.name)}.jpg` }
-      : { blob: file, name: file.name || "pasted-image" };
-    const maxUploadBytes = Number(settings.max_upload_bytes) || 0;
-    if (maxUploadBytes && upload.blob.size > maxUploadBytes) {
-      refuse(`The image is too large: ${formatBytes(file.size)}; the limit is ${formatBytes(maxUploadBytes)}.`);
+    // Its first bytes, read before anything is sent: a folder, or a file moved, deleted or not on
+    // this device (a cloud placeholder) cannot be read, and must not look like a server that is down.
+    let type;
+    try {
+      type = sniffedType(await file.slice(0, 16).arrayBuffer());
+    } catch (_) {
+      if (thisRequest === requestNumber) {
+        refuse(`“${file.name || "That file"}” could not be read: is it a folder, or a file that was moved ` +
+          "or is not on this device? Choose the picture itself.");
+      }
       return;
     }
+    if (thisRequest !== requestNumber) return; // a newer image arrived meanwhile
 
-    // Say what travels: the preview keeps the original.
-    sentText.textContent = shrunk
-      ? `Sent a ${shrunk.width} × ${shrunk.height} copy (${formatBytes(shrunk.blob.size)}) of your ` +
-        `${formatBytes(file.size)} photo; the model looks at 32 × 32 pixels.`
-      : "";
-    sentText.hidden = !shrunk;
-    currentUpload = upload;
+    // The picture and "busy" at once: nothing above waits on the network.
+    currentUpload = null;
     currentAnswer = null;
     resetWhy();
+    sentText.hidden = true;
     if (previewUrl) URL.revokeObjectURL(previewUrl);
     previewUrl = URL.createObjectURL(file);
     preview.onload = () => {
@@ -330,23 +402,42 @@
     preview.alt = description || (file.name ? `Your image: ${file.name}` : "Your image");
     preview.hidden = false;
     dropZone.classList.add("has-image");
-
+    errorText.hidden = true;
+    hideAnswer();
     setBusy(true);
-    answerBox.hidden = true;
     say(statusLine, "Looking at your image…");
     document.body.dataset.state = "busy";
 
+    const settings = await serverSettings; // SETTINGS_DEADLINE_S at most
+    if (thisRequest !== requestNumber) return; // a newer image arrived while the settings were asked for
+    const shrunk = await shrunkPhoto(file, type, settings.shrink);
+    if (thisRequest !== requestNumber) return;
+    const upload = shrunk ? { blob: shrunk.blob, name: `${baseName(file.name)}.jpg` }
+      : { blob: file, name: file.name || "pasted-image" };
+    const maxUploadBytes = Number(settings.max_upload_bytes) || 0;
+    if (maxUploadBytes && upload.blob.size > maxUploadBytes) {
+      refuse(`The image is too large: ${formatBytes(file.size)}; the limit is ${formatBytes(maxUploadBytes)}.`);
+      return;
+    }
+
+    // Say what travels (the preview keeps the original), and what was left out.
+    sentText.textContent = [
+      shrunk ? `Sent a ${shrunk.width} × ${shrunk.height} copy (${formatBytes(shrunk.blob.size)}) of your ` +
+        `${formatBytes(file.size)} photo; the model looks at 32 × 32 pixels.` : "",
+      note || "",
+    ].filter(Boolean).join(" ");
+    sentText.hidden = !sentText.textContent;
+    currentUpload = upload;
+
     const form = new FormData();
     form.append("image", upload.blob, upload.name);
-    const url = `${apiBase()}/classify/`;
+    const url = `${apiBase}/classify/`;
     try {
       let response;
       try {
         response = await postForm(url, form, () => thisRequest === requestNumber);
-      } catch (_) {
-        if (thisRequest === requestNumber) {
-          showError(`Cannot reach the classifier at ${url}. The server may be down; please try again later.`);
-        }
+      } catch (err) {
+        if (thisRequest === requestNumber) showError(unreachable(err, url));
         return;
       }
       if (thisRequest !== requestNumber) return;
@@ -358,8 +449,10 @@
       let answer;
       try {
         answer = await response.json();
-      } catch (_) {
-        if (thisRequest === requestNumber) showError("The server sent an answer this page cannot read.");
+      } catch (err) {
+        if (thisRequest === requestNumber) {
+          showError(err.name === "TimeoutError" ? unreachable(err, url) : "The server sent an answer this page cannot read.");
+        }
         return;
       }
       if (thisRequest !== requestNumber) return; // a newer picture was chosen while this answer was read
@@ -419,54 +512,57 @@
     say(statusLine, whyCaption.textContent);
   }
 
-  let explaining = false;
+  let explainingFor = null; // the upload whose explanation is on its way (null: none)
 
   async function why() {
-    if (!currentUpload || explaining) return;
+    const upload = currentUpload; // the picture on show: a newer one makes this explanation stale
+    if (!upload || explainingFor === upload) return;
     if (whyButton.getAttribute("aria-pressed") === "true") { // a second press hides the overlay
       heatmapImage.hidden = true;
       whyButton.setAttribute("aria-pressed", "false");
       whyCaption.hidden = true;
       return;
     }
-    const thisRequest = requestNumber;
-    if (heatmapFor === thisRequest) {
+    if (heatmapFor === upload) {
       showWhy();
       return;
     }
+    const stillShown = () => currentUpload === upload;
     const form = new FormData();
-    form.append("image", currentUpload.blob, currentUpload.name); // what /classify/ got
-    const url = `${apiBase()}/explain/`;
+    form.append("image", upload.blob, upload.name); // what /classify/ got
+    const url = `${apiBase}/explain/`;
     // aria-disabled, not disabled: a disabled button would lose the keyboard focus.
-    explaining = true;
+    explainingFor = upload;
     whyButton.setAttribute("aria-disabled", "true");
     whyCaption.hidden = true;
     say(statusLine, "Looking for what the answer came from…");
     try {
       let response;
       try {
-        response = await postForm(url, form, () => thisRequest === requestNumber);
-      } catch (_) {
-        if (thisRequest === requestNumber) whyFailed(`cannot reach the classifier at ${url}. Please try again later.`);
+        response = await postForm(url, form, stillShown);
+      } catch (err) {
+        if (stillShown()) whyFailed(unreachable(err, url));
         return;
       }
-      if (thisRequest !== requestNumber) return;
+      if (!stillShown()) return;
       if (!response.ok) {
         const message = await errorMessage(response);
-        if (thisRequest === requestNumber) whyFailed(message);
+        if (stillShown()) whyFailed(message);
         return;
       }
       const answer = await response.json();
       const overlay = await colourHeatmap(answer.heatmap);
-      if (thisRequest !== requestNumber) return;
+      if (!stillShown()) return;
       heatmapImage.src = overlay;
-      heatmapFor = thisRequest;
+      heatmapFor = upload;
       showWhy();
     } catch (err) {
-      if (thisRequest === requestNumber) whyFailed(err.message);
+      if (stillShown()) whyFailed(err.name === "TimeoutError" ? unreachable(err, url) : err.message);
     } finally {
-      explaining = false;
-      whyButton.removeAttribute("aria-disabled");
+      if (explainingFor === upload) { // a newer picture's explanation, if one started, is not done
+        explainingFor = null;
+        whyButton.removeAttribute("aria-disabled");
+      }
     }
   }
 
@@ -476,7 +572,7 @@
   knownThings.addEventListener("toggle", async () => {
     if (!knownThings.open || classList.childElementCount) return;
     try {
-      const response = await fetch(`${apiBase()}/classes`);
+      const response = await fetch(`${apiBase}/classes`, { signal: AbortSignal.timeout(ANSWER_DEADLINE_S * 1000) });
       if (!response.ok) throw new Error(String(response.status));
       const classes = await response.json();
       classList.replaceChildren(...classes.map((item) => {
@@ -492,12 +588,13 @@
   });
 
   // A picture on this page's own server (an example, clicked or dragged onto the drop zone): fetched
-  // and classified like a chosen file. A file chosen meanwhile wins.
+  // and classified like a chosen file. Its ticket is taken now: whatever is picked after it (another
+  // example whose fetch ends sooner, a file) wins, and nothing picked before it does.
   async function classifyFrom(src, description) {
-    const asked = requestNumber;
+    const asked = ++requestNumber;
     let blob;
     try {
-      const response = await fetch(src);
+      const response = await fetch(src, { signal: AbortSignal.timeout(ANSWER_DEADLINE_S * 1000) });
       if (!response.ok) throw new Error(String(response.status));
       blob = await response.blob();
     } catch (_) {
@@ -506,7 +603,7 @@
     }
     if (asked !== requestNumber) return;
     const name = new URL(src, window.location.href).pathname.split("/").pop() || "picture";
-    classify(new File([blob], name, { type: blob.type || "image/png" }), description);
+    classify(new File([blob], name, { type: blob.type || "image/png" }), description, asked);
   }
 
   // Example pictures.
@@ -519,6 +616,14 @@
 
   function firstFile(list) {
     return list && list.length ? list[0] : null;
+  }
+
+  // The first of the files dropped or pasted; beside its answer the page says the others were left out.
+  function classifyFirst(files) {
+    const file = files[0];
+    const note = files.length > 1
+      ? `${files.length} files came at once; only the first, “${file.name || "pasted-image"}”, was classified.` : "";
+    classify(file, "", undefined, note);
   }
 
   // File picker and camera.
@@ -580,9 +685,16 @@
     event.preventDefault();
     dropZone.classList.remove("dragging");
     const data = event.dataTransfer;
-    const file = data && firstFile(data.files);
-    if (file) {
-      classify(file);
+    const files = data ? Array.from(data.files) : [];
+    if (files.length) {
+      // A folder comes as a File that cannot be read (classify says so too, on browsers without entries).
+      const item = Array.from(data.items || []).find((entry) => entry.kind === "file");
+      const entry = item && item.webkitGetAsEntry ? item.webkitGetAsEntry() : null;
+      if (entry && entry.isDirectory) {
+        notice(`“${entry.name}” is a folder: drop a picture from it, not the folder itself.`);
+        return;
+      }
+      classifyFirst(files);
       return;
     }
     const url = data && droppedUrl(data);
@@ -594,14 +706,18 @@
     notice("Nothing to classify was dropped: drop an image file or one of the example pictures.");
   });
 
-  // Paste: an image copied to the clipboard (a screenshot, "Copy image" in a browser).
+  // Paste: an image copied to the clipboard (a screenshot, "Copy image" in a browser). The page has
+  // no text fields, so pasted text is nothing to classify: said, as for a dropped text.
   document.addEventListener("paste", (event) => {
     const data = event.clipboardData;
     if (!data) return;
-    const file = firstFile(data.files) ||
-      Array.from(data.items || []).filter((item) => item.kind === "file").map((item) => item.getAsFile())[0];
-    if (!file) return; // pasted text: leave it alone
+    const files = data.files && data.files.length ? Array.from(data.files)
+      : Array.from(data.items || []).filter((item) => item.kind === "file").map((item) => item.getAsFile()).filter(Boolean);
     event.preventDefault();
-    classify(file);
+    if (files.length) {
+      classifyFirst(files);
+    } else {
+      notice("Nothing to classify was pasted: copy an image itself (not its address or a text), then paste it here.");
+    }
   });
 })();

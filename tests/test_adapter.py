@@ -189,6 +189,32 @@ def test_page_served_at_root(adapter):
     assert httpx.get(f"{adapter.base_url}/app.js", timeout=10).status_code == 200
 
 
+def test_page_files_are_revalidated_and_carry_security_headers(adapter):
+    """Every file of the page: Cache-Control no-cache (without it, an upgrade's app.js went unseen
+    for days, the browser guessing it fresh from its age), a CSP that keeps the page's fetches on
+    this server and forbids framing, nosniff. index.html is marked as the adapter's own page."""
+    from adapter.page import ADAPTER_PAGE_MARK
+
+    for path in ("/", "/index.html", "/app.js", "/styles.css", "/examples/test-00015.png"):
+        r = httpx.get(f"{adapter.base_url}{path}", timeout=10)
+        assert r.status_code == 200, path
+        assert r.headers["cache-control"] == "no-cache", path
+        csp = [part.strip() for part in r.headers["content-security-policy"].split(";")]
+        assert {"connect-src 'self'", "frame-ancestors 'none'", "script-src 'self'", "default-src 'none'"} <= set(csp)
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY", path
+    page = httpx.get(f"{adapter.base_url}/", timeout=10)
+    on_disk = (REPO / "frontend" / "index.html").read_bytes()
+    assert page.content == on_disk.replace(b"</head>", ADAPTER_PAGE_MARK + b"</head>", 1)
+    assert int(page.headers["content-length"]) == len(page.content)
+    # Revalidation: the same ETag answers 304 with no body, and the headers still there.
+    again = httpx.get(f"{adapter.base_url}/", headers={"If-None-Match": page.headers["etag"]}, timeout=10)
+    assert again.status_code == 304 and again.content == b"" and again.headers["cache-control"] == "no-cache"
+    head = httpx.head(f"{adapter.base_url}/", timeout=10)
+    assert head.status_code == 200 and head.headers["etag"] == page.headers["etag"] and head.content == b""
+    # The API's answers are not the page's: no page headers on them.
+    assert "content-security-policy" not in httpx.get(f"{adapter.base_url}/settings", timeout=10).headers
+
+
 # --- the upload limit acts while the body streams in ----------------------------------------------
 
 def _request_head(port: int, extra: str) -> bytes:

@@ -32,7 +32,7 @@ def article(name: str) -> str:
 def show_why(page) -> None:
     page.click("#why-button")
     page.wait_for_selector("#heatmap:not([hidden])", timeout=ANSWER_TIMEOUT_MS)
-    page.wait_for_function("document.getElementById('heatmap').complete && "
+    page.wait_for_function("() => document.getElementById('heatmap').complete && "
                            "document.getElementById('heatmap').naturalWidth > 0")
 
 
@@ -77,7 +77,7 @@ def test_a_failed_explanation_keeps_the_answer_and_the_focus(adapter, page, phot
     page.route("**/explain/", lambda route: route.fulfill(status=500, json={"error": "The model server failed (500)"}))
     page.focus("#why-button")
     page.keyboard.press("Enter")
-    page.wait_for_function("document.getElementById('why-caption').textContent.startsWith('Could not show why')",
+    page.wait_for_function("() => document.getElementById('why-caption').textContent.startsWith('Could not show why')",
                            timeout=ANSWER_TIMEOUT_MS)
     assert page.inner_text("#why-caption") == "Could not show why: The model server failed (500)"
     assert page.is_visible("#why-caption") and page.is_visible("#answer") and page.is_hidden("#error")
@@ -91,6 +91,31 @@ def test_a_failed_explanation_keeps_the_answer_and_the_focus(adapter, page, phot
     page.wait_for_selector("#heatmap:not([hidden])", timeout=ANSWER_TIMEOUT_MS)
     assert prediction in page.inner_text("#why-caption")
     assert page.evaluate("document.activeElement.id") == "why-button"
+
+
+def test_why_for_a_new_picture_works_while_the_old_ones_explanation_is_pending(adapter, page, photo):
+    """"Why?" for picture A, its explanation held; picture B chosen and answered: "Why?" for B sent
+    nothing until A's stale explanation came back. Now B's goes out and shows; A's, late, does not."""
+    held = []
+    page.route("**/explain/", lambda route: held.append(route) if not held else route.continue_())
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    page.click("#why-button")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Looking for what')")
+    lion = EXAMPLES / "test-00015.png"
+    lion_answer = expected_answer(adapter, lion)
+    page.set_input_files("#file-input", str(lion))
+    page.wait_for_function(f"() => document.getElementById('prediction').textContent === {lion_answer['prediction']!r}"
+                           " && document.body.dataset.state === 'answered'", timeout=ANSWER_TIMEOUT_MS)
+    assert page.get_attribute("#why-button", "aria-disabled") is None
+    with page.expect_response(lambda r: "/explain/" in r.url, timeout=ANSWER_TIMEOUT_MS):
+        show_why(page)
+    assert lion_answer["prediction"] in page.inner_text("#why-caption")
+    overlay = page.get_attribute("#heatmap", "src")
+    held[0].continue_()  # A's explanation, late
+    page.wait_for_timeout(1000)
+    assert page.get_attribute("#heatmap", "src") == overlay and lion_answer["prediction"] in page.inner_text("#why-caption")
 
 
 def test_unsure_answer_says_so(adapter, page, photo):
@@ -139,7 +164,7 @@ def test_clicking_an_example_classifies_it(adapter, page):
     examples.nth(5).focus()
     with page.expect_request(lambda r: "/classify/" in r.url):
         page.keyboard.press("Enter")
-    page.wait_for_function("document.body.dataset.state === 'answered'", timeout=ANSWER_TIMEOUT_MS)
+    page.wait_for_function("() => document.body.dataset.state === 'answered'", timeout=ANSWER_TIMEOUT_MS)
     assert page.inner_text("#prediction") == other_answer["prediction"]
     assert other_answer["prediction"] != answer["prediction"]  # so the check above tells them apart
     assert page.get_attribute("#preview", "alt") == examples.nth(5).locator("img").get_attribute("alt")
@@ -148,7 +173,7 @@ def test_clicking_an_example_classifies_it(adapter, page):
 def test_page_lists_the_hundred_things_it_knows(adapter, page):
     page.goto(f"{adapter.base_url}/")
     page.click("#known-things summary")
-    page.wait_for_function("document.querySelectorAll('#class-list li').length === 100")
+    page.wait_for_function("() => document.querySelectorAll('#class-list li').length === 100")
     names = page.eval_on_selector_all("#class-list li", "els => els.map(e => e.textContent)")
     expected = [c["name"] for c in httpx.get(f"{adapter.base_url}/classes").json()]
     assert names == expected and "Aquarium fish" in names
@@ -179,6 +204,26 @@ def test_dark_mode_follows_the_system(adapter, dark_page, photo):
     dark_page.screenshot(path=str(ARTIFACTS / "page-dark.png"), full_page=True)
 
 
+def test_bars_and_the_pressed_why_show_in_forced_colours(adapter, browser, photo):
+    """Windows high contrast: every background becomes the system's one; the top-5 bars vanished (fill
+    and track alike) and a pressed "Why?" looked like any button. Now they have colours of their own."""
+    context = browser.new_context(viewport=DESKTOP, forced_colors="active")
+    page = context.new_page()
+    try:
+        page.goto(f"{adapter.base_url}/")
+        assert page.evaluate("matchMedia('(forced-colors: active)').matches")
+        page.set_input_files("#file-input", str(photo))
+        wait_for_answer(page)
+        show_why(page)
+        background = "(selector) => getComputedStyle(document.querySelector(selector)).backgroundColor"
+        assert page.evaluate(background, ".bar-fill") != page.evaluate(background, ".bar")
+        assert page.evaluate(background, "#why-button") != page.evaluate(background, "label[for='camera-input']")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "page-forced-colours.png"), full_page=True)
+    finally:
+        context.close()
+
+
 def axe_violations(page, axe_script) -> list[dict]:
     """axe-core's serious and critical violations on the page as it stands."""
     page.add_script_tag(path=str(axe_script))
@@ -190,7 +235,8 @@ def axe_violations(page, axe_script) -> list[dict]:
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 def test_axe_finds_no_serious_violation(adapter, browser, photo, axe_script, scheme):
-    context = browser.new_context(viewport=DESKTOP, color_scheme=scheme)
+    # bypass_csp: axe-core goes in as an inline script, which the page's own policy refuses.
+    context = browser.new_context(viewport=DESKTOP, color_scheme=scheme, bypass_csp=True)
     page = context.new_page()
     try:
         page.goto(f"{adapter.base_url}/")
@@ -199,7 +245,7 @@ def test_axe_finds_no_serious_violation(adapter, browser, photo, axe_script, sch
         wait_for_answer(page)
         show_why(page)
         page.click("#known-things summary")
-        page.wait_for_function("document.querySelectorAll('#class-list li').length === 100")
+        page.wait_for_function("() => document.querySelectorAll('#class-list li').length === 100")
         assert axe_violations(page, axe_script) == []  # answered (unsure), heatmap shown, class list open
     finally:
         context.close()
@@ -249,7 +295,7 @@ def statuses_of(page, route: str) -> list:
 
 
 def wait_for_busy_notice(page) -> None:
-    page.wait_for_function("document.getElementById('status').textContent.includes('busy; trying again in 1 s')",
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('busy; trying again in 1 s')",
                            timeout=ANSWER_TIMEOUT_MS)
 
 
@@ -296,7 +342,7 @@ def test_a_server_that_stays_busy_is_asked_again_twice_at_most_5_s_apart(adapter
     page.on("request", lambda r: sent.append(time.monotonic()) if r.url.endswith("/classify/") else None)
     page.goto(f"{adapter.base_url}/")
     page.set_input_files("#file-input", str(photo))
-    page.wait_for_function("document.getElementById('status').textContent.includes('busy; trying again in')",
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('busy; trying again in')",
                            timeout=ANSWER_TIMEOUT_MS)
     assert "trying again in 5 s" in page.inner_text("#status")
     assert "The classifier is not available right now." in wait_for_error(page)
