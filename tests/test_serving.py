@@ -312,6 +312,21 @@ def test_logs_keep_one_access_line_per_request_and_no_per_request_debug_noise(to
     assert "[INFO ]" not in console and "[DEBUG]" not in console
 
 
+def test_a_refused_requests_id_reaches_the_model_log(torchserve_ready, client):
+    """The adapter sends its X-Request-ID on to TorchServe, but none of TorchServe's logs had it: a 400 or a
+    failure in model_log.log could not be tied to the adapter's access line. The handler logs it now."""
+    import uuid
+
+    ts = torchserve_ready
+    request_id = f"corr-{uuid.uuid4().hex[:12]}"
+    r = post(client, ts, b"GIF89a not really", headers={**ts.key_file.header("inference"), "X-Request-ID": request_id})
+    assert r.status_code == 400, r.text
+    deadline = time.monotonic() + 10
+    while f"request '{request_id}' refused: 400" not in torchserve_log(ts.log_dir, "model_log"):
+        assert time.monotonic() < deadline, torchserve_log(ts.log_dir, "model_log")[-2000:]
+        time.sleep(0.2)
+
+
 def test_logs_rolled_over_twice_in_a_day_keep_every_line(tmp_path):
     """serving/log4j2.xml's rollover with its roll_size made 10 KB: rolled files were named by the day only
     (NAME.dd-MMM.log.gz), so each size rollover on one day overwrote the one before (the review kept 398 of
