@@ -142,9 +142,11 @@ class CIFAR100Handler(BaseHandler):
         metrics = self.context.metrics
         if metrics is None:  # a Context made outside TorchServe
             return
-        metrics.add_counter(engines.IMAGES_METRIC, images, dimensions=[Dimension("Engine", self.engine.name)])
+        # ModelVersion: TorchServe's own series cannot tell the versions of a rollout apart (README, Metrics).
+        dimensions = [Dimension("Engine", self.engine.name), Dimension("ModelVersion", self.model_version)]
+        metrics.add_counter(engines.IMAGES_METRIC, images, dimensions=dimensions)
         if self.engine.name == engines.OPENVINO_INT8:
-            metrics.add_counter(engines.RECHECKED_METRIC, rechecked, dimensions=[Dimension("Engine", self.engine.name)])
+            metrics.add_counter(engines.RECHECKED_METRIC, rechecked, dimensions=dimensions)
 
     def postprocess(self, data):
         rows = iter(image_answers(data, self.calibration, self.topk, self.labels, self.model_version, self.engine.name))

@@ -207,6 +207,8 @@ def engine_images_counted(text: str, engine: str) -> float:
 
 def test_the_handler_counts_the_images_through_its_engine_in_prometheus(torchserve_ready, client,
                                                                        cifar100_test_split):
+    from handler.engine import IMAGES_METRIC
+
     metrics = f"{torchserve_ready.metrics_url}/metrics"
     first = post(client, torchserve_ready, encode(cifar_pil(cifar100_test_split[0], 0)))
     assert first.status_code == 200, first.text
@@ -221,6 +223,10 @@ def test_the_handler_counts_the_images_through_its_engine_in_prometheus(torchser
     while (after := engine_images_counted(client.get(metrics).text, engine)) < before + 3 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert after == before + 3, (before, after)
+    # Labelled with the version that answered: TorchServe's own series count every version's requests as "default".
+    version = first.json()["model_version"]
+    assert any(line.startswith(IMAGES_METRIC + "{") and f'ModelVersion="{version}"' in line
+               for line in client.get(metrics).text.splitlines())
 
 
 def test_requests_without_or_with_a_wrong_key_are_refused(torchserve_ready, client, cifar100_test_split):
