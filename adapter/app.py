@@ -94,7 +94,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if metrics is not None and settings.metrics_port:
             from prometheus_client import start_http_server
 
-            metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_host, metrics.registry)
+            try:
+                metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_host, metrics.registry)
+            except OSError as err:  # (adapter.run start checks first; serve alone, or a race, lands here)
+                raise RuntimeError(f"cannot serve the metrics on {settings.metrics_host}:{settings.metrics_port} "
+                                   f"(METRICS_PORT, METRICS_HOST): {err.strerror or err}") from None
             log.info("adapter: Prometheus metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
         app.state.shrinker = UploadShrinker(settings)  # large photos shrunk before they travel on
         log.info("adapter: model '%s' at %s (max upload %d bytes, %d requests / %d bytes in flight, "

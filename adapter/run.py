@@ -121,6 +121,19 @@ def running_adapter(settings_env: dict[str, str], log_file: Path, host: str = "1
         stop_popen(process, STOP_TIMEOUT_S)
 
 
+def _taken_metrics_address() -> tuple[str, int] | None:
+    """(METRICS_HOST, METRICS_PORT) when the metrics get a port of their own and something listens there."""
+    from .config import ConfigError, Settings
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError:  # serve says what is wrong
+        return None
+    if settings.metrics and settings.metrics_port and port_in_use(settings.metrics_port, settings.metrics_host):
+        return settings.metrics_host, settings.metrics_port
+    return None
+
+
 def _say_if_stranger() -> None:
     if (stranger := PID_FILE.stranger()) is not None:
         print(f"Note: {PID_FILE.path} names {stranger}, which is not this adapter (ours stopped without removing "
@@ -146,6 +159,11 @@ def start() -> int:
     if port_in_use(port, host):
         print(f"Port {port} on {host} is already in use by another process: stop it, or set ADAPTER_PORT "
               "to another port (and ADAPTER_HOST to listen elsewhere).", file=sys.stderr)
+        return 1
+    if (metrics_address := _taken_metrics_address()) is not None:
+        print(f"Port {metrics_address[1]} on {metrics_address[0]} is already in use by another process: stop it, "
+              "or set METRICS_PORT to another port (METRICS_HOST to listen elsewhere; unset: /metrics on the "
+              "adapter's own port).", file=sys.stderr)
         return 1
     process = spawn(host, port, LOG_FILE)
     PID_FILE.write(process.pid)

@@ -122,7 +122,7 @@ class CIFAR100Handler(BaseHandler):
                 # (hundreds of MB for a large one) until the next batch.
                 self._errors[idx], images = ImageRequestError(err.status, err.message), []
             except Exception as err:  # noqa: BLE001 - never let one request fail the whole batch
-                logger.exception("request %d of the batch failed in preprocessing", idx)
+                logger.exception("request %s (%d of the batch) failed in preprocessing", self._request_id(idx), idx)
                 self._errors[idx], images = ImageRequestError(400, f"could not read the image: {err}"), []
             self._requests.append((request, len(images)))
         if not tensors:
@@ -142,9 +142,11 @@ class CIFAR100Handler(BaseHandler):
         metrics = self.context.metrics
         if metrics is None:  # a Context made outside TorchServe
             return
-        metrics.add_counter(engines.IMAGES_METRIC, images, dimensions=[Dimension("Engine", self.engine.name)])
+        # ModelVersion: TorchServe's own series cannot tell the versions of a rollout apart (README, Metrics).
+        dimensions = [Dimension("Engine", self.engine.name), Dimension("ModelVersion", self.model_version)]
+        metrics.add_counter(engines.IMAGES_METRIC, images, dimensions=dimensions)
         if self.engine.name == engines.OPENVINO_INT8:
-            metrics.add_counter(engines.RECHECKED_METRIC, rechecked, dimensions=[Dimension("Engine", self.engine.name)])
+            metrics.add_counter(engines.RECHECKED_METRIC, rechecked, dimensions=dimensions)
 
     def postprocess(self, data):
         rows = iter(image_answers(data, self.calibration, self.topk, self.labels, self.model_version, self.engine.name))
@@ -164,6 +166,8 @@ class CIFAR100Handler(BaseHandler):
                 # printable ASCII line there), and the returned object as the body.
                 phrase = " ".join(err.message.split()).encode("ascii", "replace").decode()[:200]
                 self.context.set_response_status(err.status, phrase, idx)
+                if err.status < 500:
+                    logger.info("request %s refused: %d %s", self._request_id(idx), err.status, phrase)
                 answers.append({"error": err.message})
                 continue
             answers.append(encode_answer(request, images, self.context.model_name, self.model_version))

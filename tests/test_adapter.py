@@ -657,6 +657,32 @@ def test_an_answer_whose_probability_is_not_a_number_is_a_502_bad_answer_and_fai
     assert err.value.status_code == 503 and "not answering" in err.value.message and "not JSON" in err.value.message
 
 
+def test_a_taken_metrics_port_is_named_with_its_setting(tmp_path):
+    """METRICS_PORT already in use: `adapter.run start` said nothing clear (the adapter's log had a bare
+    OSError traceback naming neither the port nor the setting). Now start refuses at once, as for a taken
+    ADAPTER_PORT, and `serve` alone exits saying which setting."""
+    from serving.process import ServiceStartError, free_ports
+
+    dead, adapter_port = free_ports(2)
+    env = {**os.environ, "TS_INFERENCE_URL": f"http://127.0.0.1:{dead}", "TS_MANAGEMENT_URL": f"http://127.0.0.1:{dead}",
+           "ADAPTER_LOG_DIR": str(tmp_path / "logs"), "ADAPTER_PORT": str(adapter_port)}
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        env["METRICS_PORT"] = str(port)
+        done = subprocess.run([sys.executable, "-m", "adapter.run", "start"], env=env, capture_output=True, text=True,
+                              timeout=120, cwd=REPO)
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        assert f"Port {port} on 127.0.0.1 is already in use" in done.stderr and "METRICS_PORT" in done.stderr, done.stderr
+        assert not (tmp_path / "logs" / "adapter.pid").exists()
+        with pytest.raises(ServiceStartError) as err:
+            with running_adapter({key: env[key] for key in ("TS_INFERENCE_URL", "TS_MANAGEMENT_URL", "METRICS_PORT")},
+                                 tmp_path / "serve.log"):
+                pass
+    assert f"cannot serve the metrics on 127.0.0.1:{port} (METRICS_PORT, METRICS_HOST)" in str(err.value), str(err.value)
+
+
 def test_health_does_not_probe_after_a_recent_answer(tmp_path):
     async def predict(request, n):
         return json_answer(200, ANSWER)

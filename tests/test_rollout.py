@@ -206,6 +206,25 @@ def test_a_version_that_never_gets_ready_leaves_the_old_one_serving(served, tmp_
     assert r.status_code == 200 and r.json()["model_version"] == old
 
 
+def test_weights_that_diverged_to_nan_are_refused_before_anything_is_registered(served, tmp_path):
+    """The review's weights: the shipped ones with fc.weight NaN, as a diverged training run leaves them. They
+    passed the rollout (the warm-up only wanted a 200 from the version: TorchServe answered NaN literals),
+    then every adapter answer was a 500. Now the archive refuses them: nothing registered, the old version
+    serves."""
+    ts, adapter, _ = served
+    old = httpx.get(f"{adapter.base_url}/health", timeout=30).json()["archive_version"]
+    state = torch.load(weights_under_test(), map_location="cpu", weights_only=True)
+    state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))
+    diverged = tmp_path / "nan" / "CIFAR100_model.pth"
+    diverged.parent.mkdir()
+    torch.save(state, diverged)
+    with pytest.raises(RolloutError, match="NaN or infinite values in 'fc.weight'"):
+        Rollout(ts, ready_timeout_s=25, say=lambda line: None).run(diverged)
+    assert registered(ts) == [old]
+    r = httpx.post(f"{adapter.base_url}/classify/", files={"image": ("p.png", IMAGE, "image/png")}, timeout=60)
+    assert r.status_code == 200 and r.json()["model_version"] == old
+
+
 async def misrouted_to_default(ts, request: web.Request) -> web.Response:
     """A front on the inference address that sends every prediction to the model's default version,
     whatever version its path names (TorchServe itself answers /predictions/cifar100/<v> from <v>)."""

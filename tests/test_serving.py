@@ -207,6 +207,8 @@ def engine_images_counted(text: str, engine: str) -> float:
 
 def test_the_handler_counts_the_images_through_its_engine_in_prometheus(torchserve_ready, client,
                                                                        cifar100_test_split):
+    from handler.engine import IMAGES_METRIC
+
     metrics = f"{torchserve_ready.metrics_url}/metrics"
     first = post(client, torchserve_ready, encode(cifar_pil(cifar100_test_split[0], 0)))
     assert first.status_code == 200, first.text
@@ -221,6 +223,10 @@ def test_the_handler_counts_the_images_through_its_engine_in_prometheus(torchser
     while (after := engine_images_counted(client.get(metrics).text, engine)) < before + 3 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert after == before + 3, (before, after)
+    # Labelled with the version that answered: TorchServe's own series count every version's requests as "default".
+    version = first.json()["model_version"]
+    assert any(line.startswith(IMAGES_METRIC + "{") and f'ModelVersion="{version}"' in line
+               for line in client.get(metrics).text.splitlines())
 
 
 def test_requests_without_or_with_a_wrong_key_are_refused(torchserve_ready, client, cifar100_test_split):
@@ -288,9 +294,12 @@ def test_logs_keep_one_access_line_per_request_and_no_per_request_debug_noise(to
                                                                               cifar100_test_split):
     # serving/log4j2.xml: TorchServe's own file wrote ~7 lines per request to ts_log.log, each twice,
     # and again to the console; ours keeps the access log and INFO, and sends warnings to the console.
+    # ts_log.log still had ~713 B a request (the handler's metrics, "Backend response time", "Looping backend
+    # response at", review 26): it now has none.
     ts = torchserve_ready
     launcher_log = ts.log_dir / "torchserve_launcher.log"
     before = torchserve_log(ts.log_dir, "access_log").count("POST /predictions/")
+    server_log_before = torchserve_log(ts.log_dir, "ts_log")
     images = [encode(cifar_pil(cifar100_test_split[0], i)) for i in range(6)]
     assert all(r.status_code == 200 for r in post_many(client, ts, images, concurrency=3))
     deadline = time.monotonic() + 10
@@ -298,9 +307,74 @@ def test_logs_keep_one_access_line_per_request_and_no_per_request_debug_noise(to
         assert time.monotonic() < deadline, "the access log lacks lines for the requests just answered"
         time.sleep(0.2)
     server_log = torchserve_log(ts.log_dir, "ts_log")
-    assert "[INFO ]" in server_log and "Backend response time" in server_log
+    assert "[INFO ]" in server_log and "Connecting to" in server_log  # the workers' start is kept
+    new_lines = server_log[len(server_log_before):]
+    for per_batch in ("result=[METRICS]", "Backend response time", "Looping backend response"):
+        assert per_batch not in new_lines, new_lines[-2000:]
     assert "[DEBUG]" not in server_log
     assert "Sending response for jobId" not in server_log
     console = launcher_log.read_text()
     assert "StatusLogger" not in console, console[-2000:]  # log4j could not read serving/log4j2.xml
     assert "[INFO ]" not in console and "[DEBUG]" not in console
+
+
+def test_a_refused_requests_id_reaches_the_model_log(torchserve_ready, client):
+    """The adapter sends its X-Request-ID on to TorchServe, but none of TorchServe's logs had it: a 400 or a
+    failure in model_log.log could not be tied to the adapter's access line. The handler logs it now."""
+    import uuid
+
+    ts = torchserve_ready
+    request_id = f"corr-{uuid.uuid4().hex[:12]}"
+    r = post(client, ts, b"GIF89a not really", headers={**ts.key_file.header("inference"), "X-Request-ID": request_id})
+    assert r.status_code == 400, r.text
+    deadline = time.monotonic() + 10
+    while f"request '{request_id}' refused: 400" not in torchserve_log(ts.log_dir, "model_log"):
+        assert time.monotonic() < deadline, torchserve_log(ts.log_dir, "model_log")[-2000:]
+        time.sleep(0.2)
+
+
+def test_logs_rolled_over_twice_in_a_day_keep_every_line(tmp_path):
+    """serving/log4j2.xml's rollover with its roll_size made 10 KB: rolled files were named by the day only
+    (NAME.dd-MMM.log.gz), so each size rollover on one day overwrote the one before (the review kept 398 of
+    610 access lines this way: the server's start-up and error lines went too). Now NAME.yyyy-MM-dd.N.log.gz:
+    every line is kept."""
+    import re
+    import threading
+
+    from serving.archive import build_archive
+    from serving.torchserve import LOG_CONFIG, TorchServeInstance
+    from torchserve_fixture import READY_TIMEOUT_S
+
+    config = LOG_CONFIG.read_text()
+    small_config = config.replace('<Property name="roll_size">100 MB</Property>',
+                                  '<Property name="roll_size">10 KB</Property>').replace('size="100 MB"', 'size="10 KB"')
+    assert small_config != config
+    small = tmp_path / "log4j2.xml"
+    small.write_text(small_config)
+    store = tmp_path / "model_store"
+    build_archive(weights_under_test(), store, quiet=True)
+    ts = TorchServeInstance.on_free_ports(tmp_path / "ts", model_store=store, log_config=small)
+    ts.start()
+    try:
+        ts.wait_ready(READY_TIMEOUT_S)
+        image = (Path(__file__).resolve().parents[1] / "frontend" / "examples" / "test-00013.png").read_bytes()
+        statuses: list[int] = []
+
+        def send(count: int) -> None:
+            with httpx.Client(timeout=60) as client:
+                statuses.extend(post(client, ts, image).status_code for _ in range(count))
+        threads = [threading.Thread(target=send, args=(75,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(statuses) == 300
+        deadline = time.monotonic() + 10
+        while torchserve_log(ts.log_dir, "access_log").count("POST /predictions/") < 300:
+            assert time.monotonic() < deadline, torchserve_log(ts.log_dir, "access_log").count("POST /predictions/")
+            time.sleep(0.2)
+    finally:
+        ts.stop()
+    rolled = sorted(f.name for f in ts.log_dir.glob("access_log.*.log.gz"))
+    assert len(rolled) >= 2 and all(re.fullmatch(r"access_log\.\d{4}-\d\d-\d\d\.\d+\.log\.gz", n) for n in rolled), rolled
+    assert torchserve_log(ts.log_dir, "access_log").count("POST /predictions/") == 300

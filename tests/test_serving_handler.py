@@ -507,7 +507,8 @@ def test_an_answer_that_is_not_finite_is_a_500_naming_it_logged_once_with_its_re
                                                                                          cifar100_test_split, caplog):
     """Finite weights can still overflow: every logit is then infinite and every probability NaN, which no
     JSON can carry. Each such request gets a 500 that says why (said once in the worker's log, with the
-    request's X-Request-ID); a request the handler refuses gets its 4xx."""
+    request's X-Request-ID); a request the handler refuses gets its 4xx and a log line with its id (the
+    adapter sends its X-Request-ID on: model_log.log can now be tied to the adapter's access line)."""
     import base64
     import logging
 
@@ -535,3 +536,5 @@ def test_an_answer_that_is_not_finite_is_a_500_naming_it_logged_once_with_its_re
             json.dumps(answers, allow_nan=False)
     failed = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(failed) == 1 and "request 'corr-0' failed" in failed[0] and NOT_FINITE in failed[0], failed
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refused == ["request 'corr-1' refused: 400 empty request: no image data received"] * 2, refused
