@@ -548,7 +548,14 @@ def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loa
 
 
 def evaluate(run: Run, model, images, labels) -> dict:
-    """Top-1/top-5 on the test images: each process scores every world-th image, counts are summed."""
+    """Top-1/top-5 on the test images: each process scores every world-th image, counts are summed.
+    Every process scores rank 0's network: the one checkpoint.pt saves."""
+    if run.distributed:
+        # DDP keeps the parameters equal, but each rank updates BatchNorm's running statistics (and the
+        # EMA's copy of them) from its own batches: without this the figure mixes differently
+        # normalised networks. Training is unchanged: DDP sends rank 0's buffers before each forward.
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
     idx = torch.arange(run.rank, len(labels), run.world)
     # No flip-TTA here: it doubles the per-epoch cost; finish() measures it once at the end.
     logits = predict_logits(model, images[idx], labels[idx], run.args.eval_batch_size, run.device,
