@@ -167,6 +167,50 @@ def test_resume_with_fp16_after_a_run_without_a_loss_scale_starts_a_fresh_one(tm
     assert checkpoint["epoch"] == 2 and checkpoint["scaler"]["scale"] > 0  # the fresh scaler, saved this time
 
 
+DDP_EVALUATE_WORKER = """
+import json, sys, torch, torch.distributed as dist
+from model import load_network
+from training import train
+from training.evaluation import predict_logits
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.set_num_threads(1)
+args = train.build_parser().parse_args(["--eval-batch-size", "100", "--amp", "off"])
+run = train.Run(args, torch.device("cpu"), None, rank, world)
+images = torch.randint(0, 256, (200, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+reference = load_network(sys.argv[1])  # the shipped weights: the same on both ranks
+labels = torch.empty(200, dtype=torch.int64)  # its own answers, each rank's share scored as evaluate() scores it
+for r in range(world):
+    labels[r::world] = predict_logits(reference, images[r::world], labels[r::world], 100).argmax(1)
+model = load_network(sys.argv[1])
+if rank == 1:  # what a rank's own batches do to its BatchNorm statistics, exaggerated
+    for name, buffer in model.named_buffers():
+        if name.endswith("running_mean"):
+            buffer.add_(3.0)
+result = {"reference": train.evaluate(run, reference, images, labels), "model": train.evaluate(run, model, images, labels)}
+if rank == 0:
+    print(json.dumps(result))
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_evaluation_scores_rank_0s_batchnorm_statistics_on_every_rank(tmp_path):
+    """Under torchrun each rank scores every world-th image; its BatchNorm running statistics (and its
+    EMA's) come from its own batches, so the per-epoch figure mixed differently normalised networks,
+    not the one checkpoint.pt saves (2 gloo processes; the labels are the shipped network's own answers,
+    so rank 0's network scores 100%)."""
+    script = tmp_path / "ddp_evaluate.py"
+    script.write_text(DDP_EVALUATE_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(ROOT / "model" / "weights" / "CIFAR100_model.pth")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["reference"]["top1"] == 100.0
+    assert result["model"] == result["reference"]
+
+
 def test_code_version_is_taken_once_at_the_start_and_recorded(runs):
     # One call per run; the checkpoint written after epoch 1 already holds it.
     assert runs["straight_versions"] == ["test-version-1"]

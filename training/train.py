@@ -1,7 +1,7 @@
 """Train CIFAR100Model on CIFAR-100 (train split), evaluate on the test split every epoch.
 
     python -m training.train --data-dir ../shared/data --width 2 --epochs 8 --out runs/w2
-    torchrun --nproc-per-node 2 -m training.train ...      # DistributedDataParallel
+    torchrun --nproc-per-node 2 -m training.train ...      # DistributedDataParallel (--batch-size per process, --lr as given)
 
 The defaults are the seed's recipe (SGD momentum 0.9, weight decay 5e-4, lr 0.1, cosine
 decay, 100 epochs, batch 128, crop with 4-pixel padding, horizontal flip) plus tricks that
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of --epochs: train for this many minutes of wall time, the final evaluation "
                         "included; the schedules follow the time spent, as many epochs as the host allows")
     o.add_argument("--batch-size", type=cli.positive_int, default=128, help="images per step per process")
-    o.add_argument("--lr", type=cli.positive_float, default=0.1, help="peak learning rate")
+    o.add_argument("--lr", type=cli.positive_float, default=0.1,
+                   help="peak learning rate (as given whatever the number of torchrun processes)")
     o.add_argument("--momentum", type=cli.fraction, default=0.9)
     o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
     o.add_argument("--weight-decay", type=cli.non_negative_float, default=5e-4)
@@ -548,7 +549,14 @@ def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loa
 
 
 def evaluate(run: Run, model, images, labels) -> dict:
-    """Top-1/top-5 on the test images: each process scores every world-th image, counts are summed."""
+    """Top-1/top-5 on the test images: each process scores every world-th image, counts are summed.
+    Every process scores rank 0's network: the one checkpoint.pt saves."""
+    if run.distributed:
+        # DDP keeps the parameters equal, but each rank updates BatchNorm's running statistics (and the
+        # EMA's copy of them) from its own batches: without this the figure mixes differently
+        # normalised networks. Training is unchanged: DDP sends rank 0's buffers before each forward.
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
     idx = torch.arange(run.rank, len(labels), run.world)
     # No flip-TTA here: it doubles the per-epoch cost; finish() measures it once at the end.
     logits = predict_logits(model, images[idx], labels[idx], run.args.eval_batch_size, run.device,
