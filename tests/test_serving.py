@@ -184,7 +184,7 @@ def test_a_request_over_max_request_size_gets_413_and_the_server_keeps_serving(t
                                                                               cifar100_test_split):
     from serving.torchserve import BASE_CONFIG, read_properties
 
-    limit = int(read_properties(BASE_CONFIG)["max_request_size"])  # 16 MiB (config.properties)
+    limit = int(read_properties(BASE_CONFIG)["max_request_size"])  # 12 MiB (config.properties)
     headers = {**torchserve_ready.key_file.header("inference"), "Content-Type": "image/png"}
     r = client.post(torchserve_ready.predictions_url, content=b"\0" * (limit + 1), headers=headers)
     assert r.status_code == 413
