@@ -45,7 +45,7 @@ from serving.settings import TOP_K  # answers per image, as the handler's model-
 from .config import Settings
 from .edge import Edge, refused_before_app
 from .errors import ClassifyError
-from .limits import Explanations, InFlight, RequestLimits, client_address
+from .limits import Explanations, InFlight, RequestLimits, client_address, held_by_model_server
 from .metrics import Metrics
 from .oip import OIPClient
 from .page import PageFiles
@@ -167,7 +167,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # it streams in.
         upload = await read_image_upload(request, settings.max_upload_bytes, settings.max_form_parts)
         image = await request.app.state.shrinker.prepare(upload.data)
-        answer = await request.app.state.torchserve.predict(image)
+        with held_by_model_server(request.scope, len(image)):
+            answer = await request.app.state.torchserve.predict(image)
         return JSONResponse(classify_answer(answer, started))
 
     app.add_api_route("/classify/", classify, methods=["POST"], openapi_extra=upload_body,
@@ -180,8 +181,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async with explanations.share(client_address(request.scope)):
             upload = await read_image_upload(request, settings.max_upload_bytes, settings.max_form_parts)
             image = await request.app.state.shrinker.prepare(upload.data, explain=True)
-            async with explanations.turn():
-                answer = await request.app.state.torchserve.predict(image, explain=True)
+            async with explanations.turn():  # (kept after a 504 while TorchServe may still run it)
+                with held_by_model_server(request.scope, len(image)):
+                    answer = await request.app.state.torchserve.predict(image, explain=True)
         return JSONResponse({**classify_answer(answer, started), "heatmap": answer["heatmap"]})
 
     app.add_api_route("/explain/", explain, methods=["POST"], openapi_extra=upload_body,

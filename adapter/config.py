@@ -10,7 +10,9 @@ serving/settings.py).
     TS_PREDICT_TIMEOUT_S  one prediction, its one retry and waits for a pooled connection included
                           (-> 504; still waiting for a connection: 503 busy); must stay
                           below TorchServe's responseTimeout (checked at start-up)  10
-    TS_RESPONSE_TIMEOUT_S TorchServe's responseTimeout; unset: read from TS_MODEL_CONFIG
+    TS_RESPONSE_TIMEOUT_S TorchServe's responseTimeout; unset: read from TS_MODEL_CONFIG (else 120). A request
+                          the adapter answered 504 (or whose client left) keeps its bytes, its place in the
+                          request caps and an explanation's turn this long more: TorchServe may still run it
     TS_MODEL_CONFIG       the model-config.yaml packed into the archive  handler/model-config.yaml
     TS_HEALTH_TIMEOUT_S   waiting for the model status / a health probe  3
     TS_MAX_CONNECTIONS    pooled connections to TorchServe      64
@@ -134,6 +136,10 @@ def torchserve_response_timeout(model_config: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+# TorchServe's own responseTimeout (s) when the archive's model-config.yaml is not where the adapter looks.
+TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S = 120.0
+
+
 def _torchserve_url(api: str) -> str:
     """TorchServe's API where `make serve` starts it: its port moved by TS_<API>_PORT (serving/settings.py)."""
     try:
@@ -220,6 +226,13 @@ class Settings:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
                 raise ConfigError(f"TRUSTED_PROXIES: {proxy!r} is not an IP address or network") from None
+
+    def model_server_hold_s(self) -> float:
+        """How long the model server may still work on a request after the adapter stopped waiting for it
+        (504, or its client left): TorchServe keeps the request queued, and a batch runs until it answers or
+        responseTimeout passes. Until then the request keeps its place in the caps (adapter/limits.py)."""
+        return (self.response_timeout_s or torchserve_response_timeout(self.model_config)
+                or TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S)
 
     def trusted_networks(self) -> list[str]:
         """TRUSTED_PROXIES as networks ("10.0.0.1/8" -> "10.0.0.0/8"): uvicorn reads X-Forwarded-For only

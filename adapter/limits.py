@@ -22,6 +22,12 @@ at most MAX_CLIENT_EXPLANATIONS_IN_FLIGHT from one client (more -> 503 with Retr
 before the body is read), and at most MAX_EXPLANATIONS_IN_FLIGHT at the model server from everyone;
 an explanation past that waits its turn (first come, first served) up to EXPLANATION_WAIT_S, then
 503 with Retry-After. Classifications never wait behind more than that many explanations.
+Given up, not finished: a request the adapter answered 504 (the model server too slow), or whose client
+left, may still be queued or running at TorchServe, which cancels nothing. It keeps, for the model
+server's responseTimeout more (Settings.model_server_hold_s), the bytes it forwarded and its place among
+the requests in flight (`held_by_model_server`), and an explanation its turn: otherwise the caps would
+let in more while TorchServe still holds them (Java's heap filled with bodies of 504'd uploads; 7
+explanations ran at once under a cap of 4, 25-39 with TS_PREDICT_TIMEOUT_S=1).
 The client address is scope["client"]: the socket's peer, or, behind a proxy listed in
 TRUSTED_PROXIES, what its X-Forwarded-For says (uvicorn's ProxyHeadersMiddleware, adapter/run.py);
 an IPv6 client is counted by its /64 (client_key).
@@ -57,12 +63,23 @@ class _ClientShare:
         self.bytes = 0
 
 
+# Where RequestLimits leaves a request's Charge in its ASGI scope, for held_by_model_server.
+CHARGE_KEY = "adapter.charge"
+
+
+def given_up(err: BaseException) -> bool:
+    """Whether the model server may still be working on a request that ended with ``err``: the adapter
+    stopped waiting for its answer (504), or its client left (the request's task cancelled)."""
+    return isinstance(err, asyncio.CancelledError) or (isinstance(err, ClassifyError) and err.status_code == 504)
+
+
 class InFlight:
     """Requests with a body held right now and the bytes charged to them, in all and per client."""
 
     def __init__(self, max_requests: int, max_bytes: int):
         self.max_requests = max_requests
         self.max_bytes = max_bytes
+        self.hold_s = 0.0  # how long a request given up on keeps what the model server holds (Charge.keep)
         # Per client address; no shares (the global caps) until share_per_client() says otherwise.
         self.max_client_requests = max_requests
         self.max_client_bytes = max_bytes
@@ -102,7 +119,7 @@ class InFlight:
 class Charge:
     """What one admitted request holds: `charged` covers the body bytes received, and its promise."""
 
-    __slots__ = ("in_flight", "client", "share", "declared", "charged", "promised")
+    __slots__ = ("in_flight", "client", "share", "declared", "charged", "promised", "kept")
 
     def __init__(self, in_flight: InFlight, client: str, share: _ClientShare, declared: int):
         self.in_flight = in_flight
@@ -111,6 +128,7 @@ class Charge:
         self.declared = declared
         self.charged = 0
         self.promised = False
+        self.kept: int | None = None  # bytes the model server still holds after the answer (keep)
 
     def cover(self, received: int, healthy: bool) -> bool:
         """Charge for `received` body bytes (and promise the rest while `healthy`); False: no room."""
@@ -136,8 +154,18 @@ class Charge:
             self.in_flight.bytes -= n
             self.share.bytes -= n
 
+    def keep(self, forwarded: int) -> None:
+        """At its release, this request keeps ``forwarded`` bytes (what the model server holds of it) and its
+        place among the requests in flight, in all and in its client's share, for in_flight.hold_s more."""
+        self.kept = min(forwarded, self.charged)
+
     def release(self) -> None:
         in_flight = self.in_flight
+        if self.kept is not None:
+            self._give_back(self.charged - self.kept)
+            self.kept = None
+            asyncio.get_running_loop().call_later(in_flight.hold_s, self.release)
+            return
         self._give_back(self.charged)
         in_flight.requests -= 1
         self.share.requests -= 1
@@ -155,6 +183,7 @@ class Explanations:
         self.held.share_per_client(min(settings.max_client_explanations_in_flight,
                                        settings.max_explanations_in_flight), 0)
         self.wait_s = settings.explanation_wait_s
+        self.hold_s = settings.model_server_hold_s()  # a turn given up on (504, client gone) ends this late
         self.retry_after = {"Retry-After": str(settings.retry_after_s)}
         self._turns = asyncio.Semaphore(settings.max_explanations_in_flight)  # FIFO for its waiters
         self.waiting = self.at_server = 0  # read by adapter/metrics.py's gauges
@@ -186,11 +215,35 @@ class Explanations:
         finally:
             self.waiting -= 1
         self.at_server += 1
+        held = False
         try:
             yield
+        except BaseException as err:
+            held = given_up(err)
+            raise
         finally:
-            self.at_server -= 1
-            self._turns.release()
+            if held:  # TorchServe may still run it: the turn ends when it would have
+                asyncio.get_running_loop().call_later(self.hold_s, self._end_turn)
+            else:
+                self._end_turn()
+
+    def _end_turn(self) -> None:
+        self.at_server -= 1
+        self._turns.release()
+
+
+@contextlib.contextmanager
+def held_by_model_server(scope, forwarded: int):
+    """Around a request's call to the model server with ``forwarded`` bytes: given up on (504, its client
+    gone), the request keeps those bytes and its place in the caps for the model server's responseTimeout
+    (Charge.keep), as TorchServe still holds them."""
+    try:
+        yield
+    except BaseException as err:
+        charge = scope.get(CHARGE_KEY)
+        if charge is not None and given_up(err):
+            charge.keep(forwarded)
+        raise
 
 
 # An IPv6 client is its /64: one subscriber or host usually holds a whole /64 (2^64 addresses), so a
@@ -244,6 +297,7 @@ class RequestLimits:
         self.settings = settings
         self.in_flight = in_flight
         in_flight.share_per_client(settings.max_client_requests_in_flight, settings.max_client_bytes_in_flight)
+        in_flight.hold_s = settings.model_server_hold_s()
         self.full_upload = upload_body_limit(settings.max_upload_bytes)
         self.retry_after = str(settings.retry_after_s).encode()
         self.refusals = ThrottledLog(log)
@@ -262,6 +316,7 @@ class RequestLimits:
                                   scope["path"], client, self.in_flight.requests, self.in_flight.bytes)
             return await _send_json(send, 503, CLIENT_BUSY_MESSAGE if charge == "client" else BUSY_MESSAGE,
                                     [(b"retry-after", self.retry_after), (b"connection", b"close")])
+        scope[CHARGE_KEY] = charge  # (held_by_model_server: what a request given up on keeps)
         settings = self.settings
         loop = asyncio.get_running_loop()
         started = loop.time()

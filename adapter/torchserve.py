@@ -12,8 +12,9 @@ TorchServe failures become ClassifyError with the status the adapter's caller sh
     slower than TS_PREDICT_TIMEOUT_S .............. 504
     the image refused by the handler (4xx) ........ same 4xx, with the handler's message
     the handler or TorchServe broke (5xx) ......... 502
-A prediction whose batch died with its worker (TorchServe answers 507 "Worker died.") or whose
-connection broke is sent once more (classification is idempotent), within the same deadline.
+A prediction whose batch died with its worker (TorchServe answers 507, or 500 "Worker died.") or whose
+connection broke is sent once more (classification is idempotent), within the same deadline; a 503
+(TorchServe's queue full, or no worker up) is not.
 No internal address or path is put in a message a client sees; the log has them.
 Token keys expire and change when TorchServe restarts: on an auth refusal the key file is read
 again, and if it still holds the refused key the API key renews it; then the request is retried once.
@@ -44,10 +45,12 @@ MANAGEMENT_MAX_CONNECTIONS = 100
 
 
 def _worker_lost(response: Response) -> bool:
-    """TorchServe's answer when the batch's worker died or was restarted under it: 0.12 answers the
-    batch's requests 507 when its worker process is killed (seen in its access log), 500/503 for a
-    worker that failed or is restarting. The image itself was not refused, so it may be resent."""
-    return response.status_code in (500, 502, 503, 507)
+    """TorchServe's answer when the batch's worker died under it: 0.12 answers the batch's requests 507
+    when its worker process is killed (seen in its access log), 500 "Worker died." when it was restarted
+    mid-batch. The image itself was not refused, so it may be resent. Not a 503: TorchServe's queue is full
+    or no worker is up, and the same request sent again at once only doubles the load (88 such resends
+    in the review's run)."""
+    return response.status_code == 507 or (response.status_code >= 500 and error_message(response) == "Worker died.")
 
 
 class TorchServeClient:

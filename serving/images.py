@@ -13,7 +13,9 @@ Limits (each refused with a 4xx before any pixel is decoded, the server keeps se
   * a v1/v2 request's images together: MAX_REQUEST_PIXELS as decoded (check_request_pixels), 413 on
     their headers too;
   * formats: only ACCEPTED_FORMATS are opened (400 for the rest);
-  * a JPEG of more than MAX_JPEG_SCANS scans is refused (400), counted on its markers.
+  * a JPEG of more than MAX_JPEG_SCANS scans is refused (400), counted on its markers;
+  * EXIF metadata above MAX_EXIF_BYTES is refused (413), and a TIFF directory of more than
+    MAX_TIFF_TAGS entries (400): of EXIF only the Orientation tag is read, by image_orientation.
 Cheap decoding: the network sees 32x32, so an image is decoded no larger than it needs. A JPEG is
 decoded by libjpeg at a reduced scale (Pillow's draft mode: the DCT is cut to 1/2, 1/4 or 1/8), a
 large image of another format is box-reduced by an integer factor after decoding; both keep at least
@@ -34,9 +36,10 @@ from __future__ import annotations
 import io
 import math
 import re
+import struct
 import zlib
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 # 16 megapixels decoded at full size (~48 MB as RGB): above a 12 MP phone photo or a 5K screenshot
 # (14.7 MP); a small PNG bomb must not cost a worker seconds and memory (benchmarks/RESULTS.md).
@@ -84,6 +87,14 @@ JPEG_FORMATS = {"JPEG", "MPO"}
 # a decode 24 s of CPU (benchmarks/RESULTS.md, session 26). Encoders write 1-3 (baseline) or 6-18
 # (progressive: grey, colour, CMYK).
 MAX_JPEG_SCANS = 32
+# A photo's EXIF block (a phone's or camera's metadata), of which the server reads the Orientation tag
+# alone: larger blocks are refused. A JPEG's (its APP1 segment) cannot exceed 64 KB; PNG's eXIf and
+# WebP's and AVIF's EXIF have no cap, and Pillow's EXIF code (ImageOps.exif_transpose, AVIF's opener)
+# took ~100 us per entry: a 240 KB PNG cost a worker 2 s, 720 KB 7 s (benchmarks/RESULTS.md, session 26).
+MAX_EXIF_BYTES = 64 * 1024
+# Entries in one directory of a TIFF (its first image's, and the Exif, GPS and Interop directories that
+# Pillow reads whole while loading it): real files have 10-150; Pillow's reader takes ~9 us per entry.
+MAX_TIFF_TAGS = 512
 
 
 class ImageRequestError(ValueError):
@@ -240,6 +251,143 @@ def _refusal(err: Exception) -> ImageRequestError:
     return ImageRequestError(400, f"corrupt or truncated image: {err}")
 
 
+# --- EXIF: the Orientation tag and nothing else ------------------------------------------------------
+
+ORIENTATION_TAG = 0x0112
+# Orientation 2..8 -> how the stored pixels are turned upright (as ImageOps.exif_transpose does).
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+# A TIFF directory entry's integer types (BYTE, SHORT, LONG, SBYTE, SSHORT, SLONG) as struct formats.
+_TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
+# Tags whose values are the TIFF's EXIF directories (Exif, GPS; Interop inside Exif's).
+_EXIF_IFD, _GPS_IFD, _INTEROP_IFD = 0x8769, 0x8825, 0xA005
+# Bytes per value of each TIFF type (1 BYTE .. 18 IFD8); an unknown type is skipped by Pillow.
+_TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
+# Values Pillow keeps as one byte string (BYTE, ASCII, UNDEFINED), and the pixel data's layout (strip and
+# tile offsets and sizes): cheap to read, or as large as the pixels require.
+_TIFF_BYTE_STRINGS = {1, 2, 7}
+_TIFF_PIXEL_LAYOUT = {273, 279, 324, 325}
+_XMP_ORIENTATION = r'tiff:Orientation(="|>)([0-9])'  # Pillow's fallback when EXIF has no Orientation
+
+
+# TIFF headers as Pillow accepts them: byte order, 42 (or 43: BigTIFF), also with the bytes of 42 swapped.
+TIFF_PREFIXES = (b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")
+# An AVIF (ISO base media file): its "ftyp" box first, with one of the major brands Pillow's opener takes.
+AVIF_BRANDS = (b"avif", b"avis", b"mif1", b"msf1")
+
+
+class _TiffLayout:
+    """A TIFF header's byte order and offset size: classic TIFF or BigTIFF."""
+
+    def __init__(self, data: bytes | bytearray):
+        self.data = data
+        self.endian = "<" if data[:2] == b"II" else ">"
+        self.big = data[2:3] == b"+"  # as Pillow reads it (so "MM\0+" is not BigTIFF to Pillow either)
+        self.valid = bytes(data[:4]) in TIFF_PREFIXES and len(data) >= (16 if self.big else 8)
+        # entry: tag, type, count, value-or-offset
+        self.entry = struct.Struct(self.endian + ("HHQ8s" if self.big else "HHI4s"))
+
+    def first_directory(self) -> int:
+        return struct.unpack_from(self.endian + ("Q" if self.big else "I"), self.data, 8 if self.big else 4)[0]
+
+    def entries(self, offset: int, limit: int | None = None) -> list[tuple]:
+        """The entries of the directory at ``offset`` (those inside the data); 400 when it holds more
+        than ``limit``."""
+        count_size = 8 if self.big else 2
+        if offset + count_size > len(self.data):
+            return []
+        count = int.from_bytes(self.data[offset:offset + count_size], "little" if self.endian == "<" else "big")
+        if limit is not None and count > limit:
+            raise ImageRequestError(400, f"TIFF directory of {count} entries refused (at most {limit}; "
+                                         "cameras and scanners write under 200)")
+        start = offset + count_size
+        table = self.data[start:start + self.entry.size * count]
+        return list(self.entry.iter_unpack(table[:len(table) - len(table) % self.entry.size]))
+
+    def integer(self, entry: tuple) -> int | None:
+        """A one-value integer entry's value (Orientation, a directory's offset), else None."""
+        _, kind, count, value = entry
+        if count != 1 or kind not in (*_TIFF_INTEGERS, 13, 16):  # 13 IFD, 16 LONG8: offsets
+            return None
+        return struct.unpack_from(self.endian + _TIFF_INTEGERS.get(kind, "Q" if kind == 16 else "I"), value)[0]
+
+
+def exif_orientation(exif: bytes) -> int | None:
+    """An EXIF block's Orientation tag, or None when it has none: found among its first directory's
+    entries, with no other value decoded (Pillow's Exif parses every entry: ~10 us each)."""
+    while exif[:6] == b"Exif\x00\x00":  # the JPEG segment's prefix (some writers repeat it)
+        exif = exif[6:]
+    tiff = _TiffLayout(exif)
+    if not tiff.valid:
+        return None
+    entry = next((e for e in tiff.entries(tiff.first_directory()) if e[0] == ORIENTATION_TAG), None)
+    return tiff.integer(entry) if entry else None
+
+
+def _exif_block(img: Image.Image) -> bytes | None:
+    """An opened image's EXIF block as its format stores it (ImageMagick's PNGs: as hex text)."""
+    exif = img.info.get("exif")
+    if exif is None and "Raw profile type exif" in img.info:
+        exif = bytes.fromhex("".join(img.info["Raw profile type exif"].split("\n")[3:]))
+    return exif.encode("latin-1") if isinstance(exif, str) else exif
+
+
+def _check_exif_size(size: int, what: str = "EXIF metadata") -> None:
+    if size > MAX_EXIF_BYTES:
+        raise ImageRequestError(
+            413, f"{what} of {size // 1024} KB refused, above the {MAX_EXIF_BYTES // 1024} KB limit (a JPEG's "
+                 "EXIF cannot be larger): remove the image's metadata")
+
+
+def image_orientation(img: Image.Image) -> int:
+    """A loaded image's orientation (1..8: EXIF's Orientation tag, else XMP's, as Pillow reads them);
+    413 for an EXIF block above MAX_EXIF_BYTES. A TIFF is turned upright by Pillow while loading."""
+    if img.format == "TIFF":
+        return 1
+    exif = _exif_block(img)
+    _check_exif_size(len(exif or b""))
+    orientation = exif_orientation(exif) if exif else None
+    if orientation is None:
+        xmp = img.info.get("XML:com.adobe.xmp") or img.info.get("xmp")
+        found = re.search(_XMP_ORIENTATION if isinstance(xmp, str) else _XMP_ORIENTATION.encode(), xmp) if xmp else None
+        orientation = int(found[2]) if found else 1
+    return orientation
+
+
+def _check_tiff_metadata(data: bytes | bytearray) -> None:
+    """Refuse a TIFF whose directories would cost Pillow seconds (checked before Pillow opens it): more
+    than MAX_TIFF_TAGS entries in its first image's directory or in the Exif, GPS and Interop directories
+    Pillow reads whole while loading, or more than MAX_EXIF_BYTES of numbers in them (decoded one by one;
+    not counted: byte strings such as an ICC profile, and the offsets and sizes of the pixel data)."""
+    tiff = _TiffLayout(data)
+    if not tiff.valid:
+        return  # Pillow says what is wrong
+
+    def directory(entries: list[tuple], tag: int) -> list[tuple]:
+        offset = next((tiff.integer(e) for e in entries if e[0] == tag), None)
+        return tiff.entries(offset, MAX_TIFF_TAGS) if offset is not None else []
+
+    first = tiff.entries(tiff.first_directory(), MAX_TIFF_TAGS)
+    exif = directory(first, _EXIF_IFD)
+    directories = (first, exif, directory(first, _GPS_IFD), directory(exif, _INTEROP_IFD))
+    numbers = sum(count * _TIFF_TYPE_SIZES.get(kind, 0) for entries in directories
+                  for tag, kind, count, _ in entries if kind not in _TIFF_BYTE_STRINGS and tag not in _TIFF_PIXEL_LAYOUT)
+    _check_exif_size(numbers, "TIFF metadata")
+
+
+def _check_avif_exif(data: bytes | bytearray) -> None:
+    """Refuse an AVIF whose EXIF is above MAX_EXIF_BYTES before Pillow opens it (its opener parses the
+    EXIF, and rewrites it all when the container's rotation differs from the tag's): the container's
+    header read by Pillow's own libavif binding, which decodes no pixel."""
+    try:
+        from PIL import _avif  # Pillow's AVIF support (requirements.txt pins Pillow)
+    except ImportError:
+        return  # Pillow cannot open it either
+    exif = _avif.AvifDecoder(bytes(data), "auto", 1).get_info()[4]
+    _check_exif_size(len(exif or b""))
+
+
 def open_upload(data: bytes) -> Image.Image:
     """An upload's header, parsed and checked (PNG checksums, then the pixel limits); no pixel
     decoded yet. Refuses with the status and message the handler answers.
@@ -249,6 +397,10 @@ def open_upload(data: bytes) -> Image.Image:
     """
     check_png_checksums(data)
     try:
+        if data[:4] in TIFF_PREFIXES:
+            _check_tiff_metadata(data)
+        elif data[4:8] == b"ftyp" and data[8:12] in AVIF_BRANDS:
+            _check_avif_exif(data)
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         _check_pixel_limit(img)  # on the header, before decoding pixels
         if img.format in JPEG_FORMATS:
@@ -264,10 +416,14 @@ def decode_opened(img: Image.Image) -> Image.Image:
         if img.format in JPEG_FORMATS:
             # libjpeg decodes at 1/2..1/8 scale; the aspect ratio and the EXIF tag are kept.
             img.draft(None, (DECODE_MIN_SIDE, DECODE_MIN_SIDE))
-        # Phones store portrait photos sideways + an EXIF tag. In place: a copy would hold the
-        # decoded pixels twice (2x the memory of a large PNG).
-        ImageOps.exif_transpose(img, in_place=True)
         img.load()
+        # Phones store portrait photos sideways + an EXIF tag. In place, as ImageOps.exif_transpose
+        # does: a copy would hold the decoded pixels twice (2x the memory of a large PNG). Not with
+        # exif_transpose itself: it rewrites the whole EXIF block in Python, for nothing here.
+        turn = UPRIGHT.get(image_orientation(img))
+        if turn is not None:
+            img.im = img.im.transpose(turn)
+            img._size = img.im.size
         img = _reduced(img)
     except Exception as err:  # noqa: BLE001 - every failure becomes the client's 4xx
         raise _refusal(err) from err

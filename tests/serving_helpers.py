@@ -107,6 +107,58 @@ def exif_rotated_jpeg(img: Image.Image, orientation: int = 6) -> bytes:
     return encode(img, "JPEG", quality=95, exif=exif.tobytes())
 
 
+def exif_block(entries: int, orientation: int = 6) -> bytes:
+    """An EXIF block (little-endian TIFF) of ``entries`` one-byte entries, Orientation among them: an
+    EXIF bomb when large (Pillow's EXIF code took ~100 us per entry)."""
+    tags = [tag for tag in range(0x1000, 0x10000) if tag != 0x0112][:entries - 1]
+    table = sorted([struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0)]
+                   + [struct.pack("<HHII", tag, 1, 1, 0x41) for tag in tags])
+    return b"II*\x00" + struct.pack("<IH", 8, len(table)) + b"".join(table) + b"\0\0\0\0"
+
+
+def png_with_exif(img: Image.Image, exif: bytes) -> bytes:
+    """A PNG of img with an eXIf chunk (no size cap in the format), before its pixels."""
+    png = encode(img)
+    chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+    at = png.find(b"IDAT") - 4
+    return png[:at] + chunk + png[at:]
+
+
+def grey_tiff(width: int, height: int, extra: list[tuple[int, int, int, bytes]] = (),
+              directories: dict[int, list[tuple[int, int, int, bytes]]] | None = None) -> bytes:
+    """An 8-bit grey little-endian TIFF with ``extra`` entries (tag, type, count, value bytes) in its
+    directory, and ``directories``: tag -> the entries of a directory that tag points at (Exif, GPS)."""
+    pixels = bytes(range(256)) * (width * height // 256) + bytes(width * height % 256)
+    directories = directories or {}
+    layout = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+              (273, 4, 1, "pixels"), (277, 3, 1, 1), (278, 4, 1, height), (279, 4, 1, width * height)]
+    layout += [(tag, 4, 1, ("directory", tag)) for tag in directories]
+    out = bytearray()  # what follows the first directory: the other directories, values, pixels
+
+    def table(entries, start):
+        """A directory at ``start`` (values too long for an entry after it), its bytes."""
+        head, values = bytearray(struct.pack("<H", len(entries))), bytearray()
+        after = start + 2 + 12 * len(entries) + 4
+        for tag, kind, count, value in sorted(entries, key=lambda e: e[0]):
+            if isinstance(value, bytes) and len(value) > 4:
+                head += struct.pack("<HHII", tag, kind, count, after + len(values))
+                values += value
+            else:
+                head += struct.pack("<HHI", tag, kind, count) + (value if isinstance(value, bytes) else struct.pack("<I", value)).ljust(4, b"\0")
+        return head + b"\0\0\0\0" + values
+
+    first_size = 2 + 12 * (len(layout) + len(extra)) + 4 + sum(len(v) for *_, v in extra if isinstance(v, bytes) and len(v) > 4)
+    offsets, at = {}, 8 + first_size
+    for tag, entries in directories.items():
+        offsets[("directory", tag)] = at
+        block = table(entries, at)
+        out += block
+        at += len(block)
+    offsets["pixels"] = at
+    first = [(tag, kind, count, offsets.get(value, value)) for tag, kind, count, value in layout] + list(extra)
+    return b"II*\x00" + struct.pack("<I", 8) + bytes(table(first, 8)) + bytes(out) + pixels
+
+
 def engine_record(weights: Path) -> dict | None:
     """engines.json as the archive packs it for these weights (None when it measured others)."""
     from serving.archive import engine_record_for

@@ -15,12 +15,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
 import httpx
 import psutil
 import pytest
+from aiohttp import web
+from PIL import Image
 
 from adapter.config import ConfigError, Settings
 from adapter.errors import ClassifyError
@@ -28,6 +31,7 @@ from adapter.limits import Explanations, InFlight
 from adapter.run import running_adapter
 from serving.process import free_port
 from serving_helpers import cifar_pil, encode
+from test_adapter import ANSWER, READY
 from test_adapter_edge import samples
 from test_hostile import multipart_head, parse, raw_exchange, wait_for
 
@@ -103,6 +107,57 @@ def test_a_crawling_upload_holds_what_it_sent_and_a_healthy_one_its_promise():
     for charge in (crawler, healthy, slow):
         charge.release()
     assert in_flight.bytes == 0 and in_flight.requests == 0 and not in_flight.clients
+
+
+def test_a_request_given_up_on_keeps_what_the_model_server_holds_until_its_response_timeout():
+    """TorchServe cancels nothing: a request the adapter answered 504 (or whose client left) may still be
+    queued there. It keeps the bytes it forwarded and its place, in all and in its client's share, for
+    the model server's responseTimeout (in_flight.hold_s); a request answered keeps nothing."""
+    in_flight = InFlight(max_requests=2, max_bytes=100)
+    in_flight.share_per_client(max_requests=2, max_bytes=100)
+    in_flight.hold_s = 0.3
+
+    async def scenario():
+        answered, timed_out = in_flight.try_admit("a", 40), in_flight.try_admit("a", 40)
+        assert answered.cover(40, healthy=True) and timed_out.cover(40, healthy=True)
+        timed_out.keep(30)  # its upload was 40 bytes, 30 forwarded (a shrunk photo forwards less)
+        answered.release()
+        timed_out.release()
+        assert (in_flight.requests, in_flight.bytes) == (1, 30)
+        assert in_flight.try_admit("b", 71) == "busy"  # 30 still held: 71 more do not fit in 100
+        await asyncio.sleep(0.5)
+        assert (in_flight.requests, in_flight.bytes, in_flight.clients) == (0, 0, {})
+
+    asyncio.run(scenario())
+
+
+def test_an_explanation_given_up_on_keeps_its_turn_until_the_response_timeout():
+    """After a 504 (or its client leaving) TorchServe still runs the explanation: its turn is held for the
+    model server's responseTimeout (TS_RESPONSE_TIMEOUT_S), so no more than MAX_EXPLANATIONS_IN_FLIGHT run
+    there at once (7 did under a cap of 4). Any other error ends the turn at once."""
+    explanations = Explanations(Settings(max_explanations_in_flight=1, explanation_wait_s=5.0,
+                                         predict_timeout_s=0.1, response_timeout_s=0.6))
+
+    async def explain(outcome: BaseException | None) -> float:
+        async with explanations.turn():
+            started = time.monotonic()
+            if outcome is not None:
+                raise outcome
+        return started
+
+    async def scenario():
+        loop_started = time.monotonic()
+        for given_up in (ClassifyError(504, "too slow"), asyncio.CancelledError()):
+            with pytest.raises(type(given_up)):
+                await explain(given_up)
+            assert explanations.at_server == 1  # still at the model server as far as anyone can tell
+            assert await explain(None) - loop_started >= 0.55  # the next turn came at the response timeout
+            loop_started = time.monotonic()
+        with pytest.raises(ClassifyError):
+            await explain(ClassifyError(400, "not an image"))
+        assert await explain(None) - loop_started < 0.3 and explanations.at_server == 0
+
+    asyncio.run(scenario())
 
 
 def test_explanations_have_their_own_shares_and_wait_their_turn_in_order():
@@ -541,6 +596,106 @@ def test_explanations_past_a_clients_share_get_503_and_its_classifications_do_no
     assert classified[0] == 200 and "prediction" in json.loads(classified[2]), classified
     for status, _, payload in (other, *answers):
         assert status == 200 and json.loads(payload)["heatmap"].startswith("data:image/png;base64,"), payload[:200]
+
+
+# --- requests the adapter gave up on, against a model server slower than its deadline -------------
+
+class SlowTorchServe:
+    """A TorchServe stand-in on a real port, in its own thread: every prediction and explanation takes
+    ``work_s`` and, as TorchServe's, goes on when its client has left; ``runs`` records each one's
+    (kind, start, end)."""
+
+    def __init__(self, work_s: float):
+        import threading
+
+        self.work_s = work_s
+        self.runs: list[tuple[str, float, float]] = []
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+        threading.Thread(target=self._serve, args=(started,), daemon=True).start()
+        assert started.wait(30)
+
+    def _serve(self, started) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._route)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+        started.set()
+        self._loop.run_forever()
+
+    async def _route(self, request: web.Request) -> web.Response:
+        if not request.path.startswith(("/predictions/", "/explanations/")):
+            return web.json_response(READY)
+        await request.read()
+        start = time.monotonic()
+        self.runs.append((request.path.split("/")[1], start, start + self.work_s))
+        await asyncio.sleep(self.work_s)
+        return web.json_response({**ANSWER, "heatmap": "data:image/png;base64,"})
+
+    def most_at_once(self, kind: str) -> int:
+        """The most runs of ``kind`` under way at one time."""
+        runs = [(start, end) for k, start, end in self.runs if k == kind]
+        return max((sum(s <= start < e for s, e in runs) for start, _ in runs), default=0)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+@pytest.fixture(scope="module")
+def slow_model_server(tmp_path_factory):
+    """An adapter that gives up after 0.5 s on a model server whose answers take 1.2 s, whose
+    responseTimeout it is told is 1.5 s; 2 explanations at once, ~2 uploads of 290 KB in flight."""
+    server = SlowTorchServe(work_s=1.2)
+    env = {"TS_INFERENCE_URL": server.url, "TS_MANAGEMENT_URL": server.url,
+           "TS_PREDICT_TIMEOUT_S": "0.5", "TS_RESPONSE_TIMEOUT_S": "1.5",
+           "MAX_EXPLANATIONS_IN_FLIGHT": "2", "EXPLANATION_WAIT_S": "20",
+           "MAX_UPLOAD_BYTES": "300000", "MAX_BYTES_IN_FLIGHT": "700000", "MAX_CLIENT_BYTES_IN_FLIGHT": "700000"}
+    try:
+        with running_adapter(env, tmp_path_factory.mktemp("slow-model-server") / "adapter.log") as proc:
+            yield proc, server
+    finally:
+        server.close()
+
+
+def _post_image(base: str, path: str, source: str, data: bytes, name: str = "a.png") -> int:
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=60) as client:
+        return client.post(f"{base}{path}", files={"image": (name, data, "application/octet-stream")}).status_code
+
+
+def test_explanations_given_up_on_keep_their_turns_while_the_model_server_runs_them(slow_model_server, small_png):
+    """6 explanations from 3 addresses, 2 turns: each 504 at 0.5 s, while the model server runs it 1.2 s.
+    The turn is kept until the response timeout (1.5 s), so the model server never runs more than 2 at
+    once (when a 504 ended the turn, it ran 4-6: 7 under a cap of 4, 25-39 with TS_PREDICT_TIMEOUT_S=1)."""
+    adapter, server = slow_model_server
+    sources = ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3", "127.0.0.4", "127.0.0.4"]
+    with ThreadPoolExecutor(len(sources)) as pool:
+        statuses = Counter(pool.map(lambda source: _post_image(adapter.base_url, "/explain/", source, small_png),
+                                    sources))
+    assert statuses == Counter({504: 6}), statuses
+    assert len([run for run in server.runs if run[0] == "explanations"]) == 6
+    assert server.most_at_once("explanations") == 2, server.runs
+
+
+def test_uploads_given_up_on_keep_their_bytes_while_the_model_server_holds_them(slow_model_server):
+    """Two 290 KB uploads answered 504 keep the bytes they forwarded (the model server still holds them)
+    until its response timeout: a third that would pass the 700 KB in flight gets 503 busy meanwhile, and
+    is taken once that time is over. (When a 504 gave the bytes back, 504'd bodies piled up in TorchServe's
+    queue until its Java ran out of heap.)"""
+    adapter, _ = slow_model_server
+    bmp = encode(Image.new("RGB", (280, 345), (10, 120, 200)), "BMP")  # ~290 KB; BMP is forwarded as it is
+    assert 280_000 < len(bmp) < 300_000
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(lambda _: _post_image(adapter.base_url, "/classify/", "127.0.0.5", bmp, "a.bmp"),
+                             range(2))) == [504, 504]
+    assert _post_image(adapter.base_url, "/classify/", "127.0.0.6", bmp, "a.bmp") == 503
+    time.sleep(1.6)
+    assert _post_image(adapter.base_url, "/classify/", "127.0.0.6", bmp, "a.bmp") == 504  # admitted, then too slow
 
 
 # --- connection caps and bytes held, with no model server (nothing here reaches one) -------------

@@ -23,6 +23,8 @@ import aiohttp
 import httpx
 import psutil
 import pytest
+import yaml
+from PIL import Image
 
 from adapter.config import Settings
 from adapter.run import running_adapter
@@ -347,6 +349,67 @@ def test_stopped_workers_give_504_within_the_deadline_and_health_503(hostile_ada
     wait_for(lambda: httpx.get(f"{hostile_adapter.base_url}/health", timeout=10).status_code == 200, 60,
              "/health back to 200 after SIGCONT", interval_s=0.5)
     assert classify(hostile_adapter.base_url, pngs[1]).status_code == 200
+
+
+def _pending_requests(ts) -> int | None:
+    """Requests waiting in TorchServe's job queue (its management API), None when Java does not answer."""
+    try:
+        r = httpx.get(f"{ts.management_url}/models/{ts.model_name}", headers=ts.key_file.header("management"),
+                      timeout=5)
+        return r.json()[0]["jobQueueStatus"]["pendingRequests"]
+    except (httpx.HTTPError, ValueError, LookupError):
+        return None
+
+
+def test_a_flood_of_the_largest_requests_leaves_torchserves_java_serving(torchserve_ready):
+    """TorchServe's API is documented for direct clients: 48 requests just under max_request_size, a new one
+    every 0.1 s, while both workers are stopped. Java holds every body it queues: with -Xmx384m and 100
+    waiting requests it ran out of heap and exited (nothing restarts it). Now the queue and the workers'
+    batches fit the heap (config.properties): the requests past the queue get 503 at once, Java lives, and
+    once the workers run again every queued request is answered, and so is the next one."""
+    from serving.torchserve import read_properties
+
+    ts = torchserve_ready
+    _wait_for_ready_workers(ts)
+    java = ts.java_pid()
+    props = read_properties(ts.config_path)
+    queue_size = int(props.get("job_queue_size", 100))  # TorchServe's default, before config.properties named one
+    config = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
+    in_batches = config["maxWorkers"] * config["batchSize"]  # taken by the stopped workers
+    clients = 48
+    body = b"BM" + bytes(int(props["max_request_size"]) - 64 * 1024)  # not an image: 400 once a worker reads it
+    statuses: Counter = Counter()
+
+    def post() -> None:
+        try:
+            r = httpx.post(ts.predictions_url, content=body, headers=ts.key_file.header("inference"), timeout=120)
+            statuses[r.status_code] += 1
+        except httpx.HTTPError as err:
+            statuses[type(err).__name__] += 1
+
+    workers = _worker_processes(ts)
+    for worker in workers:
+        worker.send_signal(signal.SIGSTOP)
+    senders = [threading.Thread(target=post) for _ in range(clients)]
+    try:
+        for sender in senders:
+            sender.start()
+            time.sleep(0.1)
+        # Within responseTimeout (30 s) of the workers' first batch: the queue as full as these clients make it.
+        wait_for(lambda: (_pending_requests(ts) or 0) >= min(queue_size, clients - in_batches) or not ts.is_running(),
+                 20, "TorchServe's queue full")
+        time.sleep(1)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGCONT)
+        for sender in senders:
+            sender.join(timeout=180)
+        if ts.is_running():
+            _wait_for_ready_workers(ts)
+    assert ts.java_pid() == java, f"TorchServe's Java ended: {statuses}"
+    assert set(statuses) <= {400, 503, 507} and statuses[400] >= queue_size, statuses
+    assert httpx.post(ts.predictions_url, content=encode(Image.new("RGB", (32, 32), (200, 30, 40))),
+                      headers=ts.key_file.header("inference"), timeout=60).status_code == 200
 
 
 # --- one error format ----------------------------------------------------------------------------

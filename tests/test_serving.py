@@ -20,8 +20,8 @@ from PIL import Image
 from model.classes import display_name
 from serving.archive import weights_version
 from serving_helpers import (animated_gif, assert_same_answer, cifar_pil, decompression_bomb_png,
-                             encode, exif_rotated_jpeg, oversized_png, png_declaring_size, png_with_bad_crc,
-                             sixteen_bit_png, torchserve_log)
+                             encode, exif_block, exif_rotated_jpeg, oversized_png, png_declaring_size, png_with_bad_crc,
+                             png_with_exif, sixteen_bit_png, torchserve_log)
 from torchserve_fixture import weights_under_test
 
 N_MATCH = 200
@@ -120,6 +120,8 @@ BAD_INPUTS = {
     "decompression bomb": (lambda img: decompression_bomb_png(), "image/png", 413, "limit"),
     "header declaring 10^10 pixels": (lambda img: png_declaring_size(100_000, 100_000), "image/png", 413, "limit"),
     "over the pixel limit": (lambda img: oversized_png(), "image/png", 413, "16 MP limit"),
+    # 20,000 EXIF entries (240 KB): Pillow's exif_transpose spent 2 s of a worker's CPU rewriting them.
+    "EXIF bomb": (lambda img: png_with_exif(img, exif_block(20_000)), "image/png", 413, "EXIF metadata"),
 }
 
 
@@ -182,7 +184,7 @@ def test_a_request_over_max_request_size_gets_413_and_the_server_keeps_serving(t
                                                                               cifar100_test_split):
     from serving.torchserve import BASE_CONFIG, read_properties
 
-    limit = int(read_properties(BASE_CONFIG)["max_request_size"])  # 16 MiB (config.properties)
+    limit = int(read_properties(BASE_CONFIG)["max_request_size"])  # 12 MiB (config.properties)
     headers = {**torchserve_ready.key_file.header("inference"), "Content-Type": "image/png"}
     r = client.post(torchserve_ready.predictions_url, content=b"\0" * (limit + 1), headers=headers)
     assert r.status_code == 413

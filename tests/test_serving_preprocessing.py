@@ -13,9 +13,10 @@ from PIL import Image
 
 from handler.preprocessing import (INLINE_DECODE_MAX_BYTES, INPUT_SIZE, MAX_IMAGE_PIXELS, ImageRequestError,
                                    decode_image, decodes_inline, image_bytes, image_to_tensor)
-from serving.images import MAX_JPEG_SCANS, jpeg_scans, open_upload
-from serving_helpers import (animated_gif, decompression_bomb_png, encode, exif_rotated_jpeg, jpeg_with_repeated_scans,
-                             oversized_png, png_declaring_size, png_with_bad_crc, sixteen_bit_png)
+from serving.images import MAX_EXIF_BYTES, MAX_JPEG_SCANS, MAX_TIFF_TAGS, jpeg_scans, open_upload
+from serving_helpers import (animated_gif, decompression_bomb_png, encode, exif_block, exif_rotated_jpeg, grey_tiff,
+                             jpeg_with_repeated_scans, oversized_png, png_declaring_size, png_with_bad_crc, png_with_exif,
+                             sixteen_bit_png)
 
 
 def halves(size=(40, 20), left=(255, 0, 0), right=(0, 0, 255)) -> Image.Image:
@@ -38,6 +39,104 @@ def test_exif_orientation_is_applied():
     top, bottom = np.asarray(img)[5, 10], np.asarray(img)[35, 10]
     assert top[0] > 200 and top[2] < 60, top
     assert bottom[2] > 200 and bottom[0] < 60, bottom
+
+
+def _oriented(fmt: str, img: Image.Image, orientation: int) -> bytes:
+    """img stored with an orientation the way each format carries it."""
+    from PIL.PngImagePlugin import PngInfo
+    exif, text = Image.Exif(), PngInfo()
+    exif[0x0112] = orientation
+    if fmt == "PNG raw profile":  # ImageMagick's: the EXIF as hex in a text chunk
+        block = exif.tobytes()
+        text.add_text("Raw profile type exif", f"\nexif\n{len(block):8}\n{block.hex()}\n")
+        return encode(img, "PNG", pnginfo=text)
+    if fmt == "PNG XMP":  # no EXIF: XMP's tiff:Orientation
+        text.add_itxt("XML:com.adobe.xmp", f'<x:xmpmeta><rdf:Description tiff:Orientation="{orientation}"/></x:xmpmeta>')
+        return encode(img, "PNG", pnginfo=text)
+    options = {"TIFF": {"exif": exif}, "WEBP": {"exif": exif.tobytes(), "lossless": True}}.get(fmt, {"exif": exif.tobytes()})
+    return encode(img, fmt, **options)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF", "AVIF", "PNG raw profile", "PNG XMP"])
+def test_every_exif_orientation_is_applied_as_pillow_applies_it(fmt):
+    # Only the Orientation tag is read (not Pillow's exif_transpose, which rewrote the whole EXIF block);
+    # the pixels come out as exif_transpose turns them, for each of the 8 values.
+    from PIL import ImageOps, features
+    if fmt == "AVIF" and not features.check("avif"):
+        pytest.skip("Pillow built without AVIF")
+    stored = noisy((40, 24), seed=7)
+    shapes = set()
+    for orientation in range(1, 9):
+        data = _oriented(fmt, stored, orientation)
+        expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        out = decode_image(data)
+        assert out.size == expected.size == ((40, 24) if orientation < 5 else (24, 40)), (orientation, out.size)
+        assert np.array_equal(np.asarray(out), np.asarray(expected)), orientation
+        shapes.add(np.asarray(out).tobytes())
+    assert len(shapes) == 8  # each orientation turned the picture its own way
+
+
+def _cpu_seconds(fn, *args) -> float:
+    started = time.process_time()
+    try:
+        fn(*args)
+    except ImageRequestError:
+        pass
+    return time.process_time() - started
+
+
+def test_an_exif_bomb_is_refused_on_its_size_and_a_large_block_costs_no_more_than_a_small_one():
+    # A PNG's eXIf chunk (or WebP's EXIF) has no size cap: Pillow's exif_transpose parsed and rewrote
+    # 20,000 entries in ~0.4 s of CPU (2 s on a loaded host; 720 KB: 7 s), held a worker past its
+    # responseTimeout with 5 such images in one request.
+    picture = halves((64, 32))
+    decode_image(png_with_exif(picture, exif_block(10)))  # Pillow's plugins imported before timing
+    for bomb in (png_with_exif(picture, exif_block(20_000)), encode(picture, "WEBP", exif=exif_block(20_000))):
+        with pytest.raises(ImageRequestError) as info:
+            decode_image(bomb)
+        assert info.value.status == 413 and f"above the {MAX_EXIF_BYTES // 1024} KB limit" in info.value.message
+        assert _cpu_seconds(decode_image, bomb) < 0.02
+    # Just under the limit (5,000 entries, 60 KB): decoded upright, in about the time of a 10-entry block
+    # (was 70 ms: the whole block parsed and rewritten).
+    at_limit = png_with_exif(picture, exif_block(5_000))
+    assert len(exif_block(5_000)) <= MAX_EXIF_BYTES
+    out = np.asarray(decode_image(at_limit))
+    assert out.shape == (64, 32, 3) and out[8, 16, 0] > 200 and out[56, 16, 2] > 200  # red on top: turned
+    assert _cpu_seconds(decode_image, at_limit) < 0.02
+
+
+def test_an_avif_exif_bomb_is_refused_before_pillow_opens_it():
+    # Pillow's AVIF opener parses the EXIF and may rewrite it: 0.74 s of CPU for 20,000 entries.
+    from PIL import features
+    if not features.check("avif"):
+        pytest.skip("Pillow built without AVIF")
+    bomb = encode(halves((64, 32)), "AVIF", exif=exif_block(20_000))
+    with pytest.raises(ImageRequestError) as info:
+        open_upload(bomb)
+    assert info.value.status == 413 and "EXIF metadata" in info.value.message
+    assert _cpu_seconds(open_upload, bomb) < 0.02
+
+
+def test_tiff_directories_pillow_reads_whole_are_bounded():
+    # A TIFF's directories are parsed by Pillow entry by entry (~9 us each), its Exif and GPS directories
+    # decoded value by value while loading: 500,000 fractions in a 4 MB TIFF cost 1.7 s of CPU (7 s on a
+    # loaded host; 2 directories pointing at them, twice that).
+    junk = [(tag, 1, 1, b"A") for tag in range(0x1000, 0x1000 + MAX_TIFF_TAGS)]
+    with pytest.raises(ImageRequestError) as info:
+        decode_image(grey_tiff(64, 32, extra=junk))
+    assert info.value.status == 400 and f"at most {MAX_TIFF_TAGS}" in info.value.message
+    fractions = struct.pack("<II", 1, 3) * 500_000
+    for pointers in ({0x8769: [(0x829A, 5, 500_000, fractions)]},  # Exif: ExposureTime
+                     {0x8825: [(0x0002, 5, 500_000, fractions)]}):  # GPS: GPSLatitude
+        bomb = grey_tiff(64, 32, directories=pointers)
+        with pytest.raises(ImageRequestError) as info:
+            decode_image(bomb)
+        assert info.value.status == 413 and "TIFF metadata" in info.value.message
+        assert _cpu_seconds(decode_image, bomb) < 0.05
+    # A camera's worth of tags, and a large byte string (an ICC profile, a thumbnail) beside the pixels: decoded.
+    camera = grey_tiff(64, 32, extra=junk[:100] + [(0x8773, 7, 200_000, bytes(200_000))],
+                       directories={0x8769: [(0x829A, 5, 1, struct.pack("<II", 1, 250))]})
+    assert decode_image(camera).size == (64, 32)
 
 
 def test_animated_gif_gives_its_first_frame():

@@ -33,6 +33,27 @@ def test_adapter_defaults_come_from_the_settings_module():
     assert s.management_url.endswith(f":{settings.TORCHSERVE_PORTS['management']}")
 
 
+def _mib(size: str) -> float:
+    return float(size[:-1]) * {"m": 1, "g": 1024}[size[-1].lower()]
+
+
+def test_torchserves_heap_holds_every_body_it_may_hold_at_once():
+    """config.properties' arithmetic: Java exits when its heap runs out, so the largest requests waiting
+    (job_queue_size), in the workers' batches (with each batch's encoded copy) and being copied out of
+    Netty must fit in -Xmx with ~100 MiB for TorchServe itself; the adapter's uploads must fit in a request."""
+    from serving.torchserve import read_properties
+
+    props = read_properties(BASE_CONFIG)
+    config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+    request_mib = int(props["max_request_size"]) / 2**20
+    heap_mib = _mib(next(flag[len("-Xmx"):] for flag in props["vmargs"].split() if flag.startswith("-Xmx")))
+    netty_threads = 4  # Netty's default: twice the cores of this 2-core host
+    in_batches = config["maxWorkers"] * config["batchSize"] * 2  # each body, and the batch's encoded copy
+    held = (int(props["job_queue_size"]) + in_batches + netty_threads) * request_mib
+    assert held + 100 <= heap_mib, (held, heap_mib)
+    assert int(props["max_request_size"]) > settings.MAX_UPLOAD_BYTES
+
+
 def test_the_page_carries_no_copy_of_the_upload_limit():
     for name in ("index.html", "app.js"):
         text = (ROOT / "frontend" / name).read_text()
