@@ -552,6 +552,23 @@ def test_training_bench_plans_the_most_epochs_that_fit_a_budget(capsys):
     assert ramped and int(ramped[1]) >= 9 and float(ramped[2]) <= 5, out
 
 
+def test_training_bench_plans_the_final_evaluation_of_both_networks_with_ema(capsys, monkeypatch):
+    """training.train's finish() scores the raw and (--ema, its default) the EMA weights, each plain and
+    with flip TTA: the plan counted one network's (stand-in timings: 40 s an epoch, 2 s an evaluation,
+    10 s the final one of one network; 3 minutes)."""
+    from training import bench
+
+    monkeypatch.setattr(bench, "bench_fast", lambda *args, **kwargs: 1000.0)  # 40,000 images: 40 s an epoch
+    monkeypatch.setattr(bench, "evaluation_seconds", lambda *args, **kwargs: (2.0, 10.0))
+    plan = ["--data-dir", str(DATA_DIR), "--widths", "1", "--plan-minutes", "3", "--train-images", "40000"]
+    bench.main(plan + ["--no-ema"])
+    bench.main(plan)
+    out = capsys.readouterr().out
+    # 4 epochs: 4 x (40 + 2) + 10 = 178 s fit 180 s, but not with the EMA's 10 s more.
+    assert re.findall(r"the final one ([\d.]+) s", out) == ["10.0", "20.0"], out
+    assert re.findall(r"--epochs (\d+) ", out) == ["4", "3"], out
+
+
 def test_kd_loss_is_zero_on_the_teachers_own_answers_and_pulls_the_student_toward_them():
     from training.distillation import kd_loss
 

@@ -117,6 +117,9 @@ def main(argv=None):
     plan.add_argument("--res-ramp", type=int, nargs=2, metavar=("START", "END"), default=None,
                       help="training.train's --res-ramp (default: its own, half-way to 85%% of the epochs)")
     plan.add_argument("--eval-every", type=int, default=1)
+    plan.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                      help="as training.train's --ema (its default): the final evaluation then scores the raw "
+                           "and the EMA weights, twice the time")
     plan.add_argument("--train-images", type=int, default=50_000, help="45000 with --holdout 5000")
     plan.add_argument("--test-images", type=int, default=10_000, help="5000 with --holdout 5000")
     args = p.parse_args(argv)
@@ -187,6 +190,7 @@ def plan_budget(args, device, amp) -> None:
         rates = {res: bench_fast(width, args.data_dir, args.batch_size, args.warmup, args.steps, device, amp,
                                  args.channels_last, args.compile, res, split) for res in sizes}
         eval_s, final_s = evaluation_seconds(width, args.data_dir, device, amp, args.channels_last, args.test_images)
+        final_s *= 2 if args.ema else 1  # finish() scores the raw weights and, with --ema, the EMA's too
 
         def minutes(epochs: int) -> float:
             run = argparse.Namespace(min_res=args.min_res, res_ramp=args.res_ramp, epochs=epochs,
