@@ -335,6 +335,7 @@ def test_a_refused_requests_id_reaches_the_model_log(torchserve_ready, client):
         time.sleep(0.2)
 
 
+@pytest.mark.integration  # its own TorchServe (Java)
 def test_logs_rolled_over_twice_in_a_day_keep_every_line(tmp_path):
     """serving/log4j2.xml's rollover with its roll_size made 10 KB: rolled files were named by the day only
     (NAME.dd-MMM.log.gz), so each size rollover on one day overwrote the one before (the review kept 398 of
