@@ -74,6 +74,33 @@ def test_batch_with_bad_items_answers_each_request(model_dir, cifar100_test_spli
     assert all(context.get_response_headers(i)["X-Batch-Size"] == "5" for i in range(5))
 
 
+def test_a_describe_header_on_the_first_request_does_not_take_the_batchs_answers(model_dir, cifar100_test_split):
+    """TorchServe's BaseHandler.handle (the worker's entry point) answered a batch whose first request has
+    the header describe: True with one description for all: TorchServe then failed all of them (503
+    "number of batch response mismatched", 6 of 6 direct clients). Each request gets its own answer."""
+    from pathlib import Path
+
+    import ts
+    from ts.context import RequestProcessor
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    context = make_context(model_dir)
+    handler = CIFAR100Handler()
+    handler.initialize(context)
+    images = cifar100_test_split[0][:3]
+    rows = [{"body": bytearray(encode(cifar_pil(images, i)))} for i in range(3)]
+    context.request_processor = [RequestProcessor({"describe": "True"}), RequestProcessor({}), RequestProcessor({})]
+    context.metrics = MetricsCacheYamlImpl(config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    context.metrics.initialize_cache()
+    context.metrics.model_name = "cifar100"
+    context.metrics.set_request_ids({i: f"request-{i}" for i in range(len(rows))})
+    answers = handler.handle(rows, context)
+    assert len(answers) == 3
+    expected = ReferenceModel(weights_under_test(), "eager-fp32").probs_of_uint8(images)
+    for i in range(3):
+        assert_same_answer(answers[i], expected[i])
+
+
 def test_all_bad_batch_skips_the_model(model_dir):
     context = make_context(model_dir)
     handler = CIFAR100Handler()
