@@ -111,12 +111,14 @@ def test_all_bad_batch_skips_the_model(model_dir):
 
 
 def test_topk_comes_from_model_config(model_dir, cifar100_test_split):
-    for topk, served in ((3, 3), (0, 1), (1000, 100)):  # a setting out of range is held to 1..100 classes
+    for topk, served in ((3, 3), (1000, 100)):  # more than the classes: all 100
         context = make_context(model_dir, topk=topk)
         handler = CIFAR100Handler()
         handler.initialize(context)
         answer = run_batch(handler, context, [{"body": bytearray(encode(cifar_pil(cifar100_test_split[0], 0)))}])[0]
         assert len(answer["topk"]) == served, topk
+    with pytest.raises(ValueError, match="handler.topk"):  # 0 was served as 1: the worker does not start
+        CIFAR100Handler().initialize(make_context(model_dir, topk=0))
 
 
 def test_flip_tta_setting_serves_the_mean_of_each_image_and_its_mirror(model_dir, cifar100_test_split, caplog):
