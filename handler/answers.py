@@ -13,8 +13,13 @@ from serving.settings import TOP_K  # model-config.yaml's handler.topk overrides
 
 
 def served_topk(handler_config: dict, classes: int) -> int:
-    """Answers per image: model-config.yaml's ``handler.topk`` (default TOP_K), held to 1..classes."""
-    return max(1, min(int(handler_config.get("topk", TOP_K)), classes))
+    """Answers per image: model-config.yaml's ``handler.topk`` (default TOP_K), at most the classes.
+    ValueError (the worker does not start, and says why) for anything but a whole number of 1 or more:
+    0 and -3 were served as 1 and 2.7 as 2, without a word."""
+    topk = handler_config.get("topk", TOP_K)
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"handler.topk in model-config.yaml must be a whole number of 1 or more, not {topk!r}")
+    return min(topk, classes)
 
 
 # Why an image gets no answer when its logits or probabilities are NaN or infinite: weights that overflow

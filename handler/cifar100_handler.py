@@ -188,6 +188,12 @@ class CIFAR100Handler(BaseHandler):
                          "roll back to weights that answer numbers.", self._request_id(idx), NOT_FINITE)
         return ImageRequestError(500, NOT_FINITE)
 
+    def _is_describe(self):
+        # BaseHandler answers a whole batch with one describe_handle() when its first request has the
+        # header describe: True, and TorchServe then fails every request of the batch (503 "number of batch
+        # response mismatched"). The model's description is the management API's: every request is answered.
+        return False
+
     # --- /explanations/<model>: TorchServe marks those requests with the header explain=True ---
     def _wants_explanation(self, idx: int) -> bool:
         return self.context.get_request_header(idx, "explain") == "True"

@@ -210,7 +210,7 @@ def _parse_v2(body: dict, max_images: int) -> ParsedRequest:
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(400, "'id' must be a string")
     outputs = list(OUTPUTS)
-    if body.get("outputs") is not None:
+    if body.get("outputs") not in (None, []):  # none asked, or an empty list: every output
         asked = body["outputs"]
         names = [o.get("name") if isinstance(o, dict) else None for o in asked] if isinstance(asked, list) else [None]
         unknown = [name for name in names if name not in OUTPUTS]

@@ -39,7 +39,7 @@ import re
 import struct
 import zlib
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageMath, UnidentifiedImageError
 
 # 16 megapixels decoded at full size (~48 MB as RGB): above a 12 MP phone photo or a 5K screenshot
 # (14.7 MP); a small PNG bomb must not cost a worker seconds and memory (benchmarks/RESULTS.md).
@@ -136,13 +136,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     keyed = "transparency" in img.info  # a palette entry, or a PNG's one transparent grey or colour (tRNS)
     if img.mode == "RGB" and not keyed:
         return img
-    if img.mode in ("P", "L", "RGB"):
+    if img.mode in ("P", "L", "RGB", "1"):
         # A transparent colour: through RGBA, so it is composited like real alpha.
         img = img.convert("RGBA" if keyed else "RGB")
     elif img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit (PNG/TIFF) grey: scale the 0..65535 range down to 8 bits (rounded) rather than
         # clipping at 255. point() on an "I" image truncates; converting to "L" clips to 0..255.
-        img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+        wide = img.convert("I")
+        img = wide.point(lambda v: v / 257 + 0.5).convert("L")
+        if keyed:  # the transparent grey is a 16-bit value: alpha 0 where a pixel has it (Pillow's RGBA has none)
+            key = wide.info["transparency"]
+            alpha = ImageMath.lambda_eval(lambda args: (args["grey"] != key) * 255, grey=wide).convert("L")
+            img = Image.merge("LA", (img, alpha))
     elif img.mode == "F":
         _, high = img.getextrema()
         scale = 255.0 if high <= 1.0 else 1.0  # float images are usually 0..1

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -14,11 +16,14 @@ from serving.settings import CALIBRATION_FILE, TOP_K
 LABELS = [f"class_{i}" for i in range(10)]
 
 
-def test_topk_is_the_setting_held_to_one_and_the_number_of_classes():
+def test_topk_is_the_setting_held_to_the_number_of_classes_and_a_bad_one_is_refused():
     assert served_topk({}, 100) == TOP_K
     assert served_topk({"topk": 3}, 100) == 3
     assert served_topk({"topk": 500}, 100) == 100
-    assert served_topk({"topk": 0}, 100) == 1
+    # Served as 1, 1 and 2 without a word: the worker now refuses to start, naming the setting.
+    for bad in (0, -3, 2.7, "5", True, None):
+        with pytest.raises(ValueError, match=rf"handler.topk .* not {re.escape(repr(bad))}"):
+            served_topk({"topk": bad}, 100)
 
 
 def test_the_temperature_divides_the_logits_and_unsure_is_under_the_threshold():

@@ -72,3 +72,23 @@ def test_top1_on_the_cifar_test_split_is_unchanged(cifar100_test_split, referenc
     # JPEG's own noise moves ~2% of these answers (quality 90 vs 92): the same bound here.
     assert agree >= 0.96, agree
     assert abs(acc_cheap - acc_full) <= 0.01, (acc_cheap, acc_full)
+
+
+@pytest.mark.parametrize("size", [64, 1024])  # 1024: box-reduced before the 8-bit conversion
+def test_a_transparent_grey_in_one_and_sixteen_bit_pngs_shows_white(size):
+    """A PNG's tRNS names one transparent grey: 1-bit and 16-bit grey images showed it black (a browser
+    shows the page's white); only palette, 8-bit grey and RGB images were composited."""
+    import numpy as np
+
+    one = Image.new("1", (size, size), 0)
+    one.paste(1, (size // 2, 0, size, size))
+    wide = np.zeros((size, size), dtype=np.uint16)
+    wide[:, size // 2:] = 200 * 257
+    for stored, right in ((one, 255), (Image.fromarray(wide), 200)):
+        out = np.asarray(decode_image(encode(stored, transparency=0))).astype(int)
+        half = out.shape[1] // 2
+        assert out[:, :half - 1].min() == 255, stored.mode  # the transparent black, over white
+        assert (out[:, half + 1:] == right).all(), stored.mode
+    # Without tRNS, black stays black.
+    plain = np.asarray(decode_image(encode(Image.fromarray(wide))))
+    assert plain[:, :plain.shape[1] // 2 - 1].max() == 0

@@ -74,6 +74,33 @@ def test_batch_with_bad_items_answers_each_request(model_dir, cifar100_test_spli
     assert all(context.get_response_headers(i)["X-Batch-Size"] == "5" for i in range(5))
 
 
+def test_a_describe_header_on_the_first_request_does_not_take_the_batchs_answers(model_dir, cifar100_test_split):
+    """TorchServe's BaseHandler.handle (the worker's entry point) answered a batch whose first request has
+    the header describe: True with one description for all: TorchServe then failed all of them (503
+    "number of batch response mismatched", 6 of 6 direct clients). Each request gets its own answer."""
+    from pathlib import Path
+
+    import ts
+    from ts.context import RequestProcessor
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    context = make_context(model_dir)
+    handler = CIFAR100Handler()
+    handler.initialize(context)
+    images = cifar100_test_split[0][:3]
+    rows = [{"body": bytearray(encode(cifar_pil(images, i)))} for i in range(3)]
+    context.request_processor = [RequestProcessor({"describe": "True"}), RequestProcessor({}), RequestProcessor({})]
+    context.metrics = MetricsCacheYamlImpl(config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    context.metrics.initialize_cache()
+    context.metrics.model_name = "cifar100"
+    context.metrics.set_request_ids({i: f"request-{i}" for i in range(len(rows))})
+    answers = handler.handle(rows, context)
+    assert len(answers) == 3
+    expected = ReferenceModel(weights_under_test(), "eager-fp32").probs_of_uint8(images)
+    for i in range(3):
+        assert_same_answer(answers[i], expected[i])
+
+
 def test_all_bad_batch_skips_the_model(model_dir):
     context = make_context(model_dir)
     handler = CIFAR100Handler()
@@ -84,12 +111,14 @@ def test_all_bad_batch_skips_the_model(model_dir):
 
 
 def test_topk_comes_from_model_config(model_dir, cifar100_test_split):
-    for topk, served in ((3, 3), (0, 1), (1000, 100)):  # a setting out of range is held to 1..100 classes
+    for topk, served in ((3, 3), (1000, 100)):  # more than the classes: all 100
         context = make_context(model_dir, topk=topk)
         handler = CIFAR100Handler()
         handler.initialize(context)
         answer = run_batch(handler, context, [{"body": bytearray(encode(cifar_pil(cifar100_test_split[0], 0)))}])[0]
         assert len(answer["topk"]) == served, topk
+    with pytest.raises(ValueError, match="handler.topk"):  # 0 was served as 1: the worker does not start
+        CIFAR100Handler().initialize(make_context(model_dir, topk=0))
 
 
 def test_flip_tta_setting_serves_the_mean_of_each_image_and_its_mirror(model_dir, cifar100_test_split, caplog):
