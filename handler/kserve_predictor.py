@@ -22,7 +22,7 @@ anything is converted: a JSON body's commas before it is parsed, a gRPC request'
 conversion), or a body over ``max_request_size`` (config.properties, as TorchServe; gRPC's message limit
 too); 503, before
 the body is decoded, when ``--max_waiting_requests`` requests already wait for a forward pass (default:
-TorchServe's ``job_queue_size``, 100), or ``--max_waiting_explanations`` explanations are under way
+the bundle's ``job_queue_size``, 24 as shipped; TorchServe's default 100), or ``--max_waiting_explanations`` explanations are under way
 (default: the same bound). A client that leaves before its answer has its request cancelled. Over
 gRPC the 4xx are INVALID_ARGUMENT, the 503 UNAVAILABLE, with the same message; a model or version not
 served NOT_FOUND. KServe's own checks
