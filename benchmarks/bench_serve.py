@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.load import SERVER_WARMUP_S, HttpTarget, LoadResult, percentile, run_wrk, warm_up
+from benchmarks.load import (SERVER_WARMUP_S, HttpTarget, LoadResult, percentile, print_failures, ratio, run_wrk,
+                             warm_up)
 from handler.preprocessing import decode_image, image_to_tensor, normalize
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive
 from serving import cli
@@ -230,12 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     base, served = rows["in-process"], rows["torchserve"]
     hi, lo = max(args.concurrency), min(args.concurrency)
     print(f"torchserve / in-process images/s at concurrency {hi}: "
-          f"{served[hi].images_per_s / base[hi].images_per_s:.2f} (target >= 0.80)")
+          f"{ratio(served[hi].images_per_s, base[hi].images_per_s):.2f} (target >= 0.80)")
     print(f"torchserve p50 - in-process p50 at concurrency {lo}: "
           f"{served[lo].p50_ms - base[lo].p50_ms:+.2f} ms (target <= 5 ms)")
-    failed = sum(r.errors for r in served.values())
-    if failed:
-        print(f"{failed} requests failed during the run (counted in the errors column)")
+    print_failures({"torchserve": list(served.values())})
     return 0
 
 

@@ -1,17 +1,32 @@
 """The serving benchmarks' parts: the wrk load generator (benchmarks/load.py) against the session's
-real TorchServe, and `python -m benchmarks.bench_serve`, `bench_adapter` and `bench_photos` end to end on short runs.
+real TorchServe and against stub servers that misbehave (slow, refusing, dropping connections), and
+`python -m benchmarks.bench_serve`, `bench_adapter`, `bench_photos`, `bench_kserve`, `bench_served_engines`
+end to end on short runs, and stopped by a signal.
 
 What is tested is that the figures are measured and failures are counted, not any speed: speed
 is shown by `make bench`, never asserted by a test.
 """
 from __future__ import annotations
 
+import asyncio
+import json
+import math
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+import psutil
 import pytest
 
+from benchmarks import load
 from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies, run_wrk
 from serving_helpers import cifar_pil, encode
 
@@ -29,6 +44,86 @@ def png_target(ts, pngs, headers=None, expect='"prediction"') -> HttpTarget:
     return HttpTarget(ts.predictions_url, pngs, expect=expect,
                       headers=lambda: {**(ts.key_file.header("inference") if headers is None else headers),
                                        "Content-Type": "image/png"})
+
+
+@contextmanager
+def stub_server(mode: str, delay_s: float = 0.0) -> Iterator[str]:
+    """A real HTTP/1.1 server on a free loopback port, run in a thread; its base URL. "slow": 200 with a
+    prediction after delay_s (a slow or hung server); "503": refuses at once; "close": reads a request and
+    closes the connection without an answer (a server that crashed)."""
+    loop = asyncio.new_event_loop()
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                if mode == "close":
+                    break
+                if mode == "slow":
+                    await asyncio.sleep(delay_s)
+                    status, body = b"200 OK", b'{"prediction": "lion", "outputs": []}'
+                else:
+                    status, body = b"503 Service Unavailable", b'{"error": "busy"}'
+                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def stub_target(base: str) -> HttpTarget:
+    return HttpTarget(f"{base}/predictions/x", [b"a body"], expect='"prediction"')
+
+
+def test_a_hung_target_gives_no_clean_point(tmp_path):
+    # Answers after 3 s, measured for 1 s: wrk ends with every request still waiting (it does not count them).
+    with stub_server("slow", 3.0) as base:
+        hung = run_wrk(stub_target(base), concurrency=2, duration_s=1, workdir=tmp_path)
+    assert hung.images == 0 and math.isnan(hung.p50_ms) and math.isnan(hung.p99_ms), hung
+    assert hung.errors == hung.unanswered == 2, hung
+    # A target that answers: the requests in flight at the end of the point (the closed loop's normal
+    # state) are no errors.
+    with stub_server("slow", 0.01) as base:
+        fine = run_wrk(stub_target(base), concurrency=2, duration_s=1, workdir=tmp_path)
+    assert fine.images > 0 and fine.errors == fine.unanswered == 0 and 0 < fine.p50_ms <= fine.p99_ms, fine
+
+
+def test_answers_slower_than_the_request_timeout_are_errors_not_images(monkeypatch, tmp_path):
+    monkeypatch.setattr(load, "REQUEST_TIMEOUT_S", 1)  # stands for 30 s: the stub answers after 1.5 s
+    with stub_server("slow", 1.5) as base:
+        late = run_wrk(stub_target(base), concurrency=2, duration_s=3, workdir=tmp_path)
+    # wrk counts a late answer as a request and as a timeout, and leaves it out of its latencies.
+    assert late.images == 0 and late.errors >= 2 and math.isnan(late.p50_ms), late
+
+
+def test_target_lines_say_nan_for_a_target_that_answered_nothing(tmp_path, capsys):
+    from benchmarks.bench_adapter import target_lines
+
+    with stub_server("slow", 0.01) as fast, stub_server("slow", 3.0) as hung:
+        answered = run_wrk(stub_target(fast), concurrency=1, duration_s=1, workdir=tmp_path)
+        nothing = run_wrk(stub_target(hung), concurrency=1, duration_s=1, workdir=tmp_path)
+    rows = {"torchserve": {1: answered}, "adapter": {1: answered}, "seed-style": {1: nothing}}
+    lines = target_lines(rows, 1, 1)
+    assert lines[1].startswith("adapter / seed-style images/s at concurrency 1: nanx"), lines
+    assert lines[2].endswith(" / nan ms (target: no higher)"), lines  # was "18.71 / 0.00 ms": a target met
+    load.print_failures({name: list(by_c.values()) for name, by_c in rows.items()})
+    out = capsys.readouterr().out
+    assert "NO GOOD ANSWER from seed-style at concurrency 1" in out and "1 of them unanswered" in out, out
+    assert "from adapter" not in out and "from torchserve" not in out, out
 
 
 def test_wrk_measures_answered_requests(torchserve_ready, pngs, tmp_path):
