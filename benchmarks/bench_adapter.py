@@ -41,7 +41,8 @@ from benchmarks.bench_serve import (
     add_load_arguments, cifar_png_payloads, machine, print_table, served_engine_name, torchserve_from_arguments,
     torchserve_target)
 from benchmarks.bench_kserve import v2_bodies
-from benchmarks.load import HttpTarget, LoadResult, measure_targets, multipart_image_bodies, print_failures, ratio
+from benchmarks.load import (HttpTarget, LoadResult, exit_on_sigterm, measure_targets, multipart_image_bodies,
+                             print_failures, ratio)
 from serving.kserve import KServePredictor, build_bundle
 from serving.process import free_port, popen_exited, stop_popen, wait_until_ready
 from serving import cli
@@ -82,8 +83,8 @@ def kserve_path(weights: Path, payloads: list[bytes], root: Path) -> Iterator[di
     """KServe's own model server on the bundle of ``weights`` and an adapter in OIP mode in front of it
     (``make serve-kserve``'s path): their targets, "predictor" (v2 bodies) and "adapter-oip"."""
     predictor = KServePredictor(root / "predictor", build_bundle(weights, root / "dist-kserve", quiet=True))
-    predictor.start(600)  # the first start on a machine builds the engine
     try:
+        predictor.start(600)  # the first start on a machine builds the engine
         env = {"OIP_URL": predictor.url, "TS_KEY_FILE": str(root / "no-key-file.json")}
         with running_adapter(env, root / "adapter-oip.log") as adapter:
             yield {"predictor": HttpTarget(f"{predictor.url}/v2/models/{MODEL_NAME}/infer", v2_bodies(payloads),
@@ -238,4 +239,5 @@ def target_lines(rows: dict[str, dict[int, LoadResult]], lo: int, hi: int) -> li
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

@@ -26,7 +26,7 @@ import psutil
 from adapter.run import running_adapter
 from benchmarks.bench_decode import photo_like
 from benchmarks.bench_serve import add_load_arguments, machine, torchserve_from_arguments
-from benchmarks.load import HttpTarget, multipart_image_bodies, print_failures, run_wrk
+from benchmarks.load import HttpTarget, exit_on_sigterm, multipart_image_bodies, print_failures, run_wrk
 from serving import cli
 
 PHOTO_SIZE = (4032, 3024)
@@ -135,4 +135,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.load import (SERVER_WARMUP_S, HttpTarget, LoadResult, percentile, print_failures, ratio, run_wrk,
-                             warm_up)
+from benchmarks.load import (SERVER_WARMUP_S, HttpTarget, LoadResult, exit_on_sigterm, percentile, print_failures,
+                             ratio, run_wrk, warm_up)
 from handler.preprocessing import decode_image, image_to_tensor, normalize
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive
 from serving import cli
@@ -96,10 +96,10 @@ def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batc
     build_archive(weights, root / "model_store", quiet=True, model_config=config)
     ts = TorchServeInstance.on_free_ports(root, model_store=root / "model_store", extra_properties=properties or {})
     started = time.perf_counter()
-    ts.start()
     try:
+        ts.start()
         ts.wait_ready(600)  # the first start on a machine compiles the engine
-    except Exception:
+    except BaseException:  # Ctrl-C or SIGTERM (exit_on_sigterm) during the start too: Java is not left behind
         ts.stop()
         raise
     print(f"TorchServe READY {time.perf_counter() - started:.1f} s after its start (engine cache: {ENGINE_CACHE})")
@@ -239,4 +239,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -131,6 +132,18 @@ def load_result(concurrency: int, fields: dict[str, int]) -> LoadResult:
     return LoadResult(concurrency, images=images, seconds=fields["duration_us"] / 1e6,
                       p50_ms=fields["p50_us"] / 1000 if images else nan,
                       p99_ms=fields["p99_us"] / 1000 if images else nan, errors=errors, unanswered=unanswered)
+
+
+def exit_on_sigterm() -> None:
+    """For a benchmark's main: SIGTERM (`kill PID`, `timeout`) raises SystemExit, as Ctrl-C raises
+    KeyboardInterrupt, so that its finally blocks stop the servers it started (a signal to this process
+    alone reaches none of them) and remove its temporary folder. A second SIGTERM (GNU timeout signals
+    the process, then its group) is ignored, not let to cut that cleanup short."""
+    def leave(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
 
 
 # A freshly started server answers slowly while it warms up (the JVM compiles its hot paths, and

@@ -126,6 +126,86 @@ def test_target_lines_say_nan_for_a_target_that_answered_nothing(tmp_path, capsy
     assert "from adapter" not in out and "from torchserve" not in out, out
 
 
+def session_processes(sid: int) -> list[psutil.Process]:
+    out = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == sid:
+                out.append(process)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return out
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A TMPDIR for a benchmark: under /tmp, as TorchServe's worker sockets there need a short path (an
+    AF_UNIX path has at most 107 bytes; pytest's tmp_path leaves too few)."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-tmp-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def signal_benchmark(argv: list[str], when, signum: int, tmp: Path) -> tuple[int, str, list[str]]:
+    """Start ``python -m <argv>`` in a session of its own (TMPDIR=tmp), send ``signum`` to its python
+    alone once ``when(output_lines, session_processes)`` is true; (its exit code, its output, the
+    processes of its session still alive 30 s later). Those are killed: this test started them."""
+    proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 600
+        while not when(lines, session_processes(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signum)
+        code = proc.wait(120)
+        deadline = time.monotonic() + 30
+        while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(1)
+        return code, "".join(lines), [described(p) for p in left if p.is_running()]
+    finally:
+        for process in session_processes(proc.pid):
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        proc.kill()
+        reader.join(10)
+
+
+def described(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid}: {' '.join(process.cmdline())[:150]}"
+    except psutil.Error:
+        return f"{process.pid}: gone"
+
+
+def java_started(lines, processes) -> bool:
+    # Java up for a while: the start's `torchserve --start` launcher has returned and written its pid file.
+    def java_for_3_s(process):
+        try:
+            return "java" in process.name() and time.time() - process.create_time() > 3
+        except psutil.Error:
+            return False
+    return any(java_for_3_s(p) for p in processes)
+
+
+@pytest.mark.parametrize("signum, when", [
+    (signal.SIGTERM, lambda lines, _: any(line.startswith("engine: ") for line in lines)),  # `kill PID`, measuring
+    (signal.SIGINT, java_started),  # Ctrl-C to the python alone, while TorchServe starts
+], ids=["SIGTERM while measuring", "SIGINT while TorchServe starts"])
+def test_a_stopped_benchmark_leaves_no_server_and_no_temporary_folder(signum, when, short_tmp):
+    code, out, left = signal_benchmark(["benchmarks.bench_serve", "--duration", "3", "--warmup", "1",
+                                        "--concurrency", "1", "4"], when, signum, short_tmp)
+    assert code != 0, out
+    assert left == [], out  # were Java and its 2 workers (~1.9 GB), alive
+    assert list(short_tmp.glob("bench-serve-*")) == [], out
+
+
 def test_wrk_measures_answered_requests(torchserve_ready, pngs, tmp_path):
     result = run_wrk(png_target(torchserve_ready, pngs), concurrency=2, duration_s=1, workdir=tmp_path)
     assert result.errors == 0
