@@ -126,6 +126,54 @@ def test_target_lines_say_nan_for_a_target_that_answered_nothing(tmp_path, capsy
     assert "from adapter" not in out and "from torchserve" not in out, out
 
 
+def test_soak_counts_only_answers_with_a_prediction(capsys):
+    from benchmarks import soak
+
+    with stub_server("503") as base:
+        asyncio.run(soak.soak(base, [b"\x89PNG fake"], 300, 8, soak.RssSampler({})))
+    out = capsys.readouterr().out
+    assert "0 answered with a prediction (0 img/s)" in out, out  # was "(756 img/s)": refusals counted
+    assert "statuses: {503: 300}; errors 300" in out and "p50, p99: none" in out, out
+    with stub_server("slow", 0.01) as base:
+        asyncio.run(soak.soak(base, [b"\x89PNG fake"], 40, 4, soak.RssSampler({})))
+    out = capsys.readouterr().out
+    assert "40 answered with a prediction" in out and "statuses: {200: 40}; errors 0" in out, out
+
+
+def test_soak_measures_a_restarted_worker_and_names_the_restart(capsys):
+    # The "worker" is a process the test replaces mid-run, as TorchServe replaces a worker that died.
+    from benchmarks import soak
+
+    def worker(megabytes: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", f"import time; b = bytearray({megabytes} << 20); "
+                                 "b[::4096] = b'x' * len(b[::4096]); time.sleep(60)"])
+
+    workers = [worker(10)]
+    old = workers[0]
+
+    def restart():
+        workers[0].kill()
+        workers[0].wait()
+        workers[0] = worker(200)
+        time.sleep(1.5)  # its memory in place before the soak's last sample
+
+    try:
+        sampler = soak.RssSampler({"workers": lambda: [psutil.Process(p.pid) for p in workers if p.poll() is None]})
+        time.sleep(1.5)
+        threading.Timer(0.5, restart).start()
+        with stub_server("slow", 0.05) as base:
+            asyncio.run(soak.soak(base, [b"\x89PNG fake"], 80, 2, sampler))
+    finally:
+        for process in workers + [old]:
+            process.kill()
+            process.wait()
+    out = capsys.readouterr().out
+    before, after = (int(line.split("workers ")[1].split(" MB")[0]) for line in out.splitlines()
+                     if line.startswith(("  RSS before", "  RSS after")))
+    assert after > before + 100, out  # the new worker's memory, not the dead one's nothing
+    assert f"workers [{old.pid}] -> [{workers[0].pid}]; RESTARTED: workers" in out, out
+
+
 def session_processes(sid: int) -> list[psutil.Process]:
     out = []
     for process in psutil.process_iter():
