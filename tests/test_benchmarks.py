@@ -254,6 +254,32 @@ def test_a_stopped_benchmark_leaves_no_server_and_no_temporary_folder(signum, wh
     assert list(short_tmp.glob("bench-serve-*")) == [], out
 
 
+def test_bench_served_engines_keeps_what_it_measured_when_stopped(tmp_path, short_tmp):
+    # Stopped by SIGTERM (as gpu_check.sh's step limit stops it) after its first engine: that engine's
+    # figures are in --out, and its second server and temporary folder are gone.
+    out_file = tmp_path / "served.json"
+    code, out, left = signal_benchmark(
+        ["benchmarks.bench_served_engines", "--engines", "eager-fp32", "openvino-fp32", "--images", "20",
+         "--concurrency", "1", "--duration", "1", "--warmup", "0.5", "--out", str(out_file)],
+        lambda lines, _: any(line.startswith("eager-fp32 (served: ") for line in lines), signal.SIGTERM, short_tmp)
+    assert code != 0 and left == [], out
+    figures = json.loads(out_file.read_text())
+    assert figures["engines"]["eager-fp32"]["concurrency_1"]["images_per_s"] > 0, figures
+    assert list(short_tmp.glob("bench-served-engines-*")) == [], out
+
+
+def test_bench_served_engines_counts_dropped_connections_as_failed_requests():
+    # A predictor that dies mid-run drops its connections: failed requests, not the end of the run.
+    from benchmarks.bench_served_engines import drive, top1_answers
+
+    with stub_server("close") as base:
+        url = f"{base}/v2/models/cifar100/infer"
+        driven = asyncio.run(drive(url, [b"{}"], 2, 1.0))
+        answers, named = asyncio.run(top1_answers(url, [b"{}"] * 4, 2))
+    assert driven["failed"] > 0 and driven["images_per_s"] == 0 and driven["p50_ms"] is None, driven
+    assert answers == [None] * 4 and named == set()
+
+
 def test_wrk_measures_answered_requests(torchserve_ready, pngs, tmp_path):
     result = run_wrk(png_target(torchserve_ready, pngs), concurrency=2, duration_s=1, workdir=tmp_path)
     assert result.errors == 0
