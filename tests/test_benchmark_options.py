@@ -82,6 +82,18 @@ def test_bench_engines_prints_every_point_of_each_engine_it_ran(capsys):
                           r"network alone, not servable: [0-9,]+ img/s", out)) == len(bench_engines.POINTS), out
 
 
+def test_bench_engines_prints_no_ratio_without_eager_fp32_to_divide_by(capsys):
+    from benchmarks import bench_engines
+
+    assert bench_engines.main(["--widths", "3", "--engines", "openvino-int8", "--seconds", "0.05", "--rounds", "1",
+                               "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    points = [line for line in out.splitlines() if line.startswith("width 3, batch ")]
+    assert len(points) == len(bench_engines.POINTS) and all(re.search(r"openvino-int8 [0-9,]+ img/s$", line)
+                                                             for line in points), out  # was "(55.04x)": x/1.0
+    assert not re.search(r"not servable: [0-9,]+ img/s \(", out), out
+
+
 def test_bench_engines_caps_only_a_cpus_instruction_set(monkeypatch, capsys):
     # MOCK: CUDA's presence is patched (no GPU here): the option check runs before any GPU work.
     import pytest
