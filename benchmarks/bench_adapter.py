@@ -41,7 +41,8 @@ from benchmarks.bench_serve import (
     add_load_arguments, cifar_png_payloads, machine, print_table, served_engine_name, torchserve_from_arguments,
     torchserve_target)
 from benchmarks.bench_kserve import v2_bodies
-from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies
+from benchmarks.load import (HttpTarget, LoadResult, exit_on_sigterm, measure_targets, multipart_image_bodies,
+                             print_failures, ratio)
 from serving.kserve import KServePredictor, build_bundle
 from serving.process import free_port, popen_exited, stop_popen, wait_until_ready
 from serving import cli
@@ -82,8 +83,8 @@ def kserve_path(weights: Path, payloads: list[bytes], root: Path) -> Iterator[di
     """KServe's own model server on the bundle of ``weights`` and an adapter in OIP mode in front of it
     (``make serve-kserve``'s path): their targets, "predictor" (v2 bodies) and "adapter-oip"."""
     predictor = KServePredictor(root / "predictor", build_bundle(weights, root / "dist-kserve", quiet=True))
-    predictor.start(600)  # the first start on a machine builds the engine
     try:
+        predictor.start(600)  # the first start on a machine builds the engine
         env = {"OIP_URL": predictor.url, "TS_KEY_FILE": str(root / "no-key-file.json")}
         with running_adapter(env, root / "adapter-oip.log") as adapter:
             yield {"predictor": HttpTarget(f"{predictor.url}/v2/models/{MODEL_NAME}/infer", v2_bodies(payloads),
@@ -169,8 +170,9 @@ def compare_before_after(args) -> int:
     old, new = list(points)
     for c in args.concurrency:
         (ips0, p500, cpu0), (ips1, p501, cpu1) = medians[old, c], medians[new, c]
-        print(f"concurrency {c}: after/before images/s {ips1 / ips0:.3f}, p50 {p501 - p500:+.2f} ms, "
-              f"adapter CPU per request {cpu1 - cpu0:+.0f} us ({cpu1 / cpu0:.3f}x)")
+        print(f"concurrency {c}: after/before images/s {ratio(ips1, ips0):.3f}, p50 {p501 - p500:+.2f} ms, "
+              f"adapter CPU per request {cpu1 - cpu0:+.0f} us ({ratio(cpu1, cpu0):.3f}x)")
+    print_failures({name: [r for runs in by_c.values() for r, _ in runs] for name, by_c in points.items()})
     return 0
 
 
@@ -212,23 +214,30 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(payloads)} CIFAR-100 test PNGs")
     print(f"engine: {engine} (handler.engine); flip TTA: {args.flip_tta or 'as model-config.yaml says'}")
     print_table(rows, concurrencies)
-    lo, hi = min(concurrencies), max(concurrencies)
-    overhead = rows["adapter"][lo].p50_ms - rows["torchserve"][lo].p50_ms
-    ratio = rows["adapter"][hi].images_per_s / max(rows["seed-style"][hi].images_per_s, 1e-9)
-    print(f"adapter p50 - torchserve p50 at concurrency {lo}: {overhead:+.2f} ms (target < 3 ms)")
-    print(f"adapter / seed-style images/s at concurrency {hi}: {ratio:.2f}x (target >= 4x)")
-    print(f"adapter p50 / seed-style p50 at concurrency {lo}: "
-          f"{rows['adapter'][lo].p50_ms:.2f} / {rows['seed-style'][lo].p50_ms:.2f} ms (target: no higher)")
-    if "adapter-oip" in rows:
-        print(f"without TorchServe: adapter-oip / seed-style images/s at concurrency {hi}: "
-              f"{rows['adapter-oip'][hi].images_per_s / max(rows['seed-style'][hi].images_per_s, 1e-9):.2f}x; "
-              f"adapter-oip p50 / seed-style p50 at concurrency {lo}: "
-              f"{rows['adapter-oip'][lo].p50_ms:.2f} / {rows['seed-style'][lo].p50_ms:.2f} ms")
-    failed = sum(r.errors for by_c in rows.values() for r in by_c.values())
-    if failed:
-        print(f"{failed} requests failed during the run (counted in the errors column)")
+    for line in target_lines(rows, min(concurrencies), max(concurrencies)):
+        print(line)
+    print_failures({name: list(by_c.values()) for name, by_c in rows.items()})
     return 0
 
 
+def target_lines(rows: dict[str, dict[int, LoadResult]], lo: int, hi: int) -> list[str]:
+    """The targets' lines: nan where a point they compare got no good answer (load.print_failures names it)."""
+    seed, adapter = rows["seed-style"], rows["adapter"]
+    lines = [f"adapter p50 - torchserve p50 at concurrency {lo}: "
+             f"{adapter[lo].p50_ms - rows['torchserve'][lo].p50_ms:+.2f} ms (target < 3 ms)",
+             f"adapter / seed-style images/s at concurrency {hi}: "
+             f"{ratio(adapter[hi].images_per_s, seed[hi].images_per_s):.2f}x (target >= 4x)",
+             f"adapter p50 / seed-style p50 at concurrency {lo}: "
+             f"{adapter[lo].p50_ms:.2f} / {seed[lo].p50_ms:.2f} ms (target: no higher)"]
+    if "adapter-oip" in rows:
+        oip = rows["adapter-oip"]
+        lines.append(f"without TorchServe: adapter-oip / seed-style images/s at concurrency {hi}: "
+                     f"{ratio(oip[hi].images_per_s, seed[hi].images_per_s):.2f}x; "
+                     f"adapter-oip p50 / seed-style p50 at concurrency {lo}: "
+                     f"{oip[lo].p50_ms:.2f} / {seed[lo].p50_ms:.2f} ms")
+    return lines
+
+
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

@@ -23,6 +23,7 @@ from adapter.edge import Edge
 from adapter.metrics import Metrics
 from adapter.run import logging_config
 from benchmarks.bench_serve import machine
+from benchmarks.load import exit_on_sigterm
 from serving import cli
 
 SCOPE = {"type": "http", "method": "POST", "path": "/classify/",
@@ -90,4 +91,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # its temporary folder removed on `kill` too
     sys.exit(main())

@@ -150,12 +150,16 @@ def main(argv: list[str] | None = None) -> int:
                     best[name] = max(best[name], rate(engine, batches, args.seconds))
                 if alone:
                     best_alone = max(best_alone, rate(alone, batches, args.seconds))
-            base = best.get(engines.EAGER) or 1.0
+            base = best.get(engines.EAGER)  # the ratios' base: none without eager-fp32 among --engines
+
+            def versus_eager(value: float) -> str:
+                return f" ({value / base:.2f}x)" if base else ""
+
             print(f"width {width}, batch {batch}{f', {threads} thread(s)' if threads else ''}: " + ", ".join(
-                f"{name} {value:,.0f} img/s ({value / base:.2f}x)" for name, value in best.items()), flush=True)
+                f"{name} {value:,.0f} img/s{versus_eager(value)}" for name, value in best.items()), flush=True)
             if alone:
                 print(f"  {engines.OPENVINO_INT8}: {int8.forward.share:.1%} of the images rechecked by fp32 (close "
-                      f"calls); its int8 network alone, not servable: {best_alone:,.0f} img/s ({best_alone / base:.2f}x)")
+                      f"calls); its int8 network alone, not servable: {best_alone:,.0f} img/s{versus_eager(best_alone)}")
     return 0
 
 

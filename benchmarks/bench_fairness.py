@@ -29,6 +29,7 @@ import aiohttp
 from adapter.run import running_adapter
 from benchmarks.bench_photos import phone_photos
 from benchmarks.bench_serve import cifar_png_payloads, machine, start_benchmark_torchserve
+from benchmarks.load import exit_on_sigterm
 from benchmarks.soak import connector, post_image, user_address
 from serving import cli
 from serving.archive import DEFAULT_WEIGHTS
@@ -122,4 +123,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

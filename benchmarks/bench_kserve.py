@@ -10,6 +10,10 @@ concurrency and back to back:
   * v2: one-image v2 requests (BYTES input, base64) to /v2/models/cifar100/infer.
   * predictor: the same v2 requests to KServe's own Python model server on the same bundle
     (handler/kserve_predictor.py: no TorchServe; one process, its own batching), started beside it.
+The serving options of ``make bench-serve``'s BENCH_SERVE_ARGS (--engine, --workers, --batch-size,
+--max-batch-delay, --cpu-threads, --lone-image-threads: the bundle's model-config.yaml; --ts-property:
+its config.properties) apply to both servers, as to a bundle built with them (--workers to TorchServe
+only: KServe's model server is one process); the engine each served is printed.
 Target: v2 >= 90% of predictions' images/s at concurrency 16 (batching intact: the handler reads
 v2 bodies itself, where TorchServe's envelope would answer one request per batch). The two are
 measured in alternation ``--rounds`` times (the shared machine's speed drifts); the table shows
@@ -23,9 +27,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.bench_serve import add_load_arguments, cifar_png_payloads, machine, print_table
-from benchmarks.load import HttpTarget, LoadResult, run_wrk, warm_up
+import httpx
+
+from benchmarks.bench_serve import (add_load_arguments, cifar_png_payloads, machine, model_config_from_arguments,
+                                    print_table, ts_properties)
+from benchmarks.load import HttpTarget, LoadResult, exit_on_sigterm, print_failures, ratio, run_wrk, warm_up
 from serving.kserve import KServePredictor, KServeTorchServe, build_bundle
+from serving.torchserve import read_properties
 from serving import cli
 
 TARGET_RATIO = 0.90
@@ -34,6 +42,26 @@ TARGET_RATIO = 0.90
 def v2_bodies(payloads: list[bytes]) -> list[bytes]:
     return [json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                                     "data": [base64.b64encode(p).decode()]}]}).encode() for p in payloads]
+
+
+def bundle_from_arguments(root: Path, args) -> Path:
+    """The KServe bundle of --weights under ``root``, with the serving options of add_load_arguments in its
+    model-config.yaml and config.properties (what both of its servers read)."""
+    bundle = build_bundle(args.weights, root / "dist-kserve", quiet=True,
+                          model_config=model_config_from_arguments(root / "model-config", args))
+    if args.ts_property:
+        config = bundle / "config" / "config.properties"
+        properties = {**read_properties(config), **ts_properties(args.ts_property)}
+        config.write_text("".join(f"{k}={v}\n" for k, v in properties.items()))
+    return bundle
+
+
+def served_engine(url: str, body: bytes, content_type: str) -> str:
+    """The engine one answer names (TorchServe's protocol: "engine"; v2: its parameters')."""
+    r = httpx.post(url, content=body, headers={"Content-Type": content_type}, timeout=60)
+    r.raise_for_status()
+    answer = r.json()
+    return str(answer.get("engine") or (answer.get("parameters") or {}).get("engine"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,14 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     payloads = cifar_png_payloads()
     with tempfile.TemporaryDirectory(prefix="bench-kserve-") as tmp:
         tmp = Path(tmp)
-        bundle = build_bundle(args.weights, tmp / "dist-kserve", quiet=True)
+        bundle = bundle_from_arguments(tmp, args)
         ts = KServeTorchServe(tmp / "torchserve", bundle, "v2")
         predictor = KServePredictor(tmp / "predictor", bundle) if args.predictor else None
-        ts.start()
         try:
+            ts.start()
             ts.wait_ready(600)  # the first start on a machine compiles the engine
             if predictor is not None:
                 predictor.start(600)
+            engines = {"TorchServe": served_engine(ts.predictions_url, payloads[0], "image/png")}
             targets = {
                 "predictions": HttpTarget(ts.predictions_url, payloads, expect='"prediction"',
                                           headers=lambda: {"Content-Type": "image/png"}),
@@ -65,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             if predictor is not None:
                 targets["predictor"] = HttpTarget(f"{predictor.url}/v2/models/cifar100/infer", v2_bodies(payloads),
                                                   expect='"outputs"', headers=lambda: {"Content-Type": "application/json"})
+                engines["KServe's model server"] = served_engine(targets["predictor"].url, targets["predictor"].bodies[0],
+                                                                 "application/json")
             warm_up(targets, args.concurrency, tmp, args.warmup)
             rounds: dict[str, dict[int, list[LoadResult]]] = {name: {c: [] for c in args.concurrency} for name in targets}
             for c in args.concurrency:
@@ -72,28 +103,29 @@ def main(argv: list[str] | None = None) -> int:
                     # ABBA order: neither target always runs first after the other's load.
                     for name in (list(targets) if r % 2 == 0 else list(reversed(targets))):
                         rounds[name][c].append(run_wrk(targets[name], c, args.duration, tmp))
-        finally:
+        finally:  # also after Ctrl-C or SIGTERM during a start: neither server is left running
             ts.stop()
             if predictor is not None:
                 predictor.stop()
     print(f"KServe bundle benchmark on {machine()}: weights {args.weights}; {args.duration:g} s per point")
+    print("engine: " + ", ".join(f"{server} {engine}" for server, engine in engines.items())
+          + " (handler.engine in the bundle's model-config.yaml)")
     rows = {name: {c: sorted(results, key=lambda r: r.images_per_s)[len(results) // 2]
                    for c, results in by_c.items()} for name, by_c in rounds.items()}
     print_table(rows, args.concurrency)
     hi = max(args.concurrency)
-    each = [v2.images_per_s / max(raw.images_per_s, 1e-9) for v2, raw in zip(rounds["v2"][hi], rounds["predictions"][hi])]
+    each = [ratio(v2.images_per_s, raw.images_per_s) for v2, raw in zip(rounds["v2"][hi], rounds["predictions"][hi])]
     print(f"v2 / predictions per round at concurrency {hi}: {', '.join(f'{r:.2f}' for r in each)}")
-    ratio = rows["v2"][hi].images_per_s / max(rows["predictions"][hi].images_per_s, 1e-9)
-    print(f"v2 / predictions images/s at concurrency {hi}: {ratio:.2f} (target >= {TARGET_RATIO:.2f})")
+    print(f"v2 / predictions images/s at concurrency {hi}: "
+          f"{ratio(rows['v2'][hi].images_per_s, rows['predictions'][hi].images_per_s):.2f} (target >= {TARGET_RATIO:.2f})")
     if "predictor" in rows:
-        each = [p.images_per_s / max(v2.images_per_s, 1e-9) for p, v2 in zip(rounds["predictor"][hi], rounds["v2"][hi])]
+        each = [ratio(p.images_per_s, v2.images_per_s) for p, v2 in zip(rounds["predictor"][hi], rounds["v2"][hi])]
         print(f"KServe's model server / TorchServe, v2, per round at concurrency {hi}: "
               f"{', '.join(f'{r:.2f}' for r in each)}")
-    failed = sum(r.errors for by_c in rounds.values() for results in by_c.values() for r in results)
-    if failed:
-        print(f"{failed} requests failed during the run (counted in the errors column)")
+    print_failures({name: [r for results in by_c.values() for r in results] for name, by_c in rounds.items()})
     return 0
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

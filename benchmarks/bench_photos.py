@@ -26,7 +26,7 @@ import psutil
 from adapter.run import running_adapter
 from benchmarks.bench_decode import photo_like
 from benchmarks.bench_serve import add_load_arguments, machine, torchserve_from_arguments
-from benchmarks.load import HttpTarget, multipart_image_bodies, run_wrk
+from benchmarks.load import HttpTarget, exit_on_sigterm, multipart_image_bodies, print_failures, run_wrk
 from serving import cli
 
 PHOTO_SIZE = (4032, 3024)
@@ -130,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<30} {concurrency:>4} {r.images_per_s:>9.1f} {r.p50_ms:>8.1f} {r.p99_ms:>8.1f}   "
                   f"{'':>17}{cpu['adapter']:>7.1f} {cpu['java']:>6.1f} {cpu['workers']:>7.1f} {cpu['wrk']:>5.1f} "
                   f"{sum(cpu.values()):>6.1f}" + (f"  ({r.errors} errors)" if r.errors else ""))
+    print_failures({name: [row["result"] for row in by_concurrency.values()] for name, by_concurrency in rows.items()})
     return 0
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.load import SERVER_WARMUP_S, HttpTarget, LoadResult, percentile, run_wrk, warm_up
+from benchmarks.load import (SERVER_WARMUP_S, HttpTarget, LoadResult, exit_on_sigterm, percentile, print_failures,
+                             ratio, run_wrk, warm_up)
 from handler.preprocessing import decode_image, image_to_tensor, normalize
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive
 from serving import cli
@@ -63,6 +64,35 @@ def in_process_load(model, payloads: list[bytes], batch: int, duration_s: float)
 ENGINE_CACHE = os.environ.get(ENGINE_CACHE_ENV) or DEFAULT_ENGINE_CACHE
 
 
+def benchmark_model_config(root: Path, batch_size: int | None = None, max_batch_delay: int | None = None,
+                           cpu_threads: int | None = None, workers: int | None = None, engine: str | None = None,
+                           flip_tta: bool | None = None, lone_image_threads: int | None = None) -> Path:
+    """handler/model-config.yaml, or a copy under `root` with these settings in place of its own
+    (batching, workers, the worker's engine and torch threads)."""
+    if all(v is None for v in (batch_size, max_batch_delay, cpu_threads, workers, engine, flip_tta,
+                               lone_image_threads)):
+        return MODEL_CONFIG
+    import yaml
+
+    settings = yaml.safe_load(MODEL_CONFIG.read_text())
+    settings["batchSize"] = batch_size if batch_size is not None else settings["batchSize"]
+    settings["maxBatchDelay"] = max_batch_delay if max_batch_delay is not None else settings["maxBatchDelay"]
+    if cpu_threads is not None:
+        settings.setdefault("handler", {})["cpu_threads"] = cpu_threads
+    if workers is not None:
+        settings["minWorkers"] = settings["maxWorkers"] = workers
+    if engine is not None:
+        settings.setdefault("handler", {})["engine"] = engine
+    if flip_tta is not None:
+        settings.setdefault("handler", {})["flip_tta"] = flip_tta
+    if lone_image_threads is not None:
+        settings.setdefault("handler", {})["lone_image_threads"] = lone_image_threads
+    config = root / "model-config.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(settings))
+    return config
+
+
 def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batch_size: int | None = None,
                                max_batch_delay: int | None = None, cpu_threads: int | None = None,
                                properties: dict[str, str] | None = None,
@@ -70,39 +100,27 @@ def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batc
                                flip_tta: bool | None = None,
                                lone_image_threads: int | None = None) -> TorchServeInstance:
     """A TorchServe on free ports under `root`, optionally with other settings than the repo's:
-    batching and the worker's torch threads (model-config.yaml), config.properties keys."""
-    config = MODEL_CONFIG
-    if any(v is not None for v in (batch_size, max_batch_delay, cpu_threads, workers, engine, flip_tta,
-                                   lone_image_threads)):
-        import yaml
-
-        settings = yaml.safe_load(MODEL_CONFIG.read_text())
-        settings["batchSize"] = batch_size if batch_size is not None else settings["batchSize"]
-        settings["maxBatchDelay"] = max_batch_delay if max_batch_delay is not None else settings["maxBatchDelay"]
-        if cpu_threads is not None:
-            settings.setdefault("handler", {})["cpu_threads"] = cpu_threads
-        if workers is not None:
-            settings["minWorkers"] = settings["maxWorkers"] = workers
-        if engine is not None:
-            settings.setdefault("handler", {})["engine"] = engine
-        if flip_tta is not None:
-            settings.setdefault("handler", {})["flip_tta"] = flip_tta
-        if lone_image_threads is not None:
-            settings.setdefault("handler", {})["lone_image_threads"] = lone_image_threads
-        config = root / "model-config.yaml"
-        root.mkdir(parents=True, exist_ok=True)
-        config.write_text(yaml.safe_dump(settings))
+    model-config.yaml's (benchmark_model_config), config.properties keys."""
+    config = benchmark_model_config(root, batch_size, max_batch_delay, cpu_threads, workers, engine, flip_tta,
+                                    lone_image_threads)
     build_archive(weights, root / "model_store", quiet=True, model_config=config)
     ts = TorchServeInstance.on_free_ports(root, model_store=root / "model_store", extra_properties=properties or {})
     started = time.perf_counter()
-    ts.start()
     try:
+        ts.start()
         ts.wait_ready(600)  # the first start on a machine compiles the engine
-    except Exception:
+    except BaseException:  # Ctrl-C or SIGTERM (exit_on_sigterm) during the start too: Java is not left behind
         ts.stop()
         raise
     print(f"TorchServe READY {time.perf_counter() - started:.1f} s after its start (engine cache: {ENGINE_CACHE})")
     return ts
+
+
+def model_config_from_arguments(root: Path, args: argparse.Namespace) -> Path:
+    """benchmark_model_config with add_load_arguments' model-config.yaml settings (and bench_adapter's --flip-tta)."""
+    flip_tta = getattr(args, "flip_tta", None)
+    return benchmark_model_config(root, args.batch_size, args.max_batch_delay, args.cpu_threads, args.workers,
+                                  args.engine, None if flip_tta is None else flip_tta == "on", args.lone_image_threads)
 
 
 def torchserve_from_arguments(root: Path, args: argparse.Namespace) -> TorchServeInstance:
@@ -230,14 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     base, served = rows["in-process"], rows["torchserve"]
     hi, lo = max(args.concurrency), min(args.concurrency)
     print(f"torchserve / in-process images/s at concurrency {hi}: "
-          f"{served[hi].images_per_s / base[hi].images_per_s:.2f} (target >= 0.80)")
+          f"{ratio(served[hi].images_per_s, base[hi].images_per_s):.2f} (target >= 0.80)")
     print(f"torchserve p50 - in-process p50 at concurrency {lo}: "
           f"{served[lo].p50_ms - base[lo].p50_ms:+.2f} ms (target <= 5 ms)")
-    failed = sum(r.errors for r in served.values())
-    if failed:
-        print(f"{failed} requests failed during the run (counted in the errors column)")
+    print_failures({"torchserve": list(served.values())})
     return 0
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

@@ -23,6 +23,7 @@ import torch
 
 from benchmarks.bench_kserve import v2_bodies
 from benchmarks.bench_serve import cifar_png_payloads, machine
+from benchmarks.load import REQUEST_TIMEOUT_S, exit_on_sigterm, ratio
 from handler import engine as engines
 from serving import cli
 from serving.kserve import KServePredictor, build_bundle
@@ -32,9 +33,18 @@ from training.engines import DEFAULT_WEIGHTS, engine_logits
 ENGINES = ("eager-fp32", "compile-fp32", "compile-bf16")  # what a GPU worker can run (handler/engine.py)
 
 
-async def _post(session, url: str, body: bytes) -> tuple[int, dict | None]:
-    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
-        return response.status, (await response.json() if response.status == 200 else None)
+async def _post(session, url: str, body: bytes) -> tuple[int | str, dict | None]:
+    """(status, the answer of a 200); a failed connection or an answer later than REQUEST_TIMEOUT_S is
+    (the error's name, None): a failed request, as a 5xx is, and the run goes on (a predictor that died
+    mid-run costs its own figures, not the other engines')."""
+    import aiohttp
+
+    try:
+        async with session.post(url, data=body, headers={"Content-Type": "application/json"},
+                                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as response:
+            return response.status, (await response.json() if response.status == 200 else None)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+        return type(err).__name__, None
 
 
 async def top1_answers(url: str, bodies: list[bytes], concurrency: int = 16) -> tuple[list[int | None], set[str]]:
@@ -115,18 +125,25 @@ def main(argv: list[str] | None = None) -> int:
     bodies = v2_bodies(payloads)
     reference = in_process_top1(payloads, device)
     results = {"machine": machine(), "torch": torch.__version__, "images": len(payloads), "engines": {}}
+
+    def record(name: str, entry: dict) -> None:
+        """Kept at once (--out rewritten): a run cut short by its time limit keeps the engines measured."""
+        results["engines"][name] = entry
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="bench-served-engines-") as tmp:
         bundle = build_bundle(DEFAULT_WEIGHTS, Path(tmp) / "bundle", quiet=True)
         for name in args.engines:
             predictor = KServePredictor(Path(tmp) / name, bundle, extra_args=[f"--engine={name}"])
             started = time.perf_counter()
             try:
-                predictor.start(args.start_timeout)
-            except Exception as err:  # noqa: BLE001 - the next engine still gets its turn
-                print(f"{name}: did not start: {err}", flush=True)
-                predictor.stop()
-                continue
-            try:
+                try:
+                    predictor.start(args.start_timeout)
+                except Exception as err:  # noqa: BLE001 - the next engine still gets its turn
+                    print(f"{name}: did not start: {err}", flush=True)
+                    record(name, {"device": str(device), "did_not_start": str(err)[-2000:]})
+                    continue
                 url = f"{predictor.url}/v2/models/{MODEL_NAME}/infer"
                 entry = {"device": str(device), "start_s": round(time.perf_counter() - started, 1)}
                 answers, named = asyncio.run(top1_answers(url, bodies))
@@ -137,25 +154,28 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(drive(url, bodies, max(args.concurrency), args.warmup))
                 for concurrency in args.concurrency:
                     entry[f"concurrency_{concurrency}"] = asyncio.run(drive(url, bodies, concurrency, args.duration))
-            finally:
+            finally:  # also on Ctrl-C or SIGTERM (exit_on_sigterm), during its start too
                 predictor.stop()
-            results["engines"][name] = entry
+            record(name, entry)
             print(f"{name} (served: {served} on {device}, started in {entry['start_s']} s): "
                   f"{entry['answered']}/{len(payloads)} answered, agreement with eager fp32 in-process "
                   f"{entry['agreement_with_fp32_in_process']:.2%}; " + "; ".join(
                       f"concurrency {c}: {entry[f'concurrency_{c}']['images_per_s']:,.1f} img/s, "
-                      f"p50 {entry[f'concurrency_{c}']['p50_ms']} ms" for c in args.concurrency), flush=True)
+                      f"p50 {entry[f'concurrency_{c}']['p50_ms']} ms, {entry[f'concurrency_{c}']['failed']} failed"
+                      for c in args.concurrency), flush=True)
     base = results["engines"].get(engines.EAGER)
-    if base:
+    if base and "did_not_start" not in base:
         for name, entry in results["engines"].items():
-            ratios = {c: entry[f"concurrency_{c}"]["images_per_s"] / max(base[f"concurrency_{c}"]["images_per_s"], 1e-9)
+            if "did_not_start" in entry:
+                continue
+            ratios = {c: ratio(entry[f"concurrency_{c}"]["images_per_s"], base[f"concurrency_{c}"]["images_per_s"])
                       for c in args.concurrency}
-            print(f"  {name} vs eager-fp32: " + ", ".join(f"{ratio:.2f}x at {c}" for c, ratio in ratios.items()))
+            print(f"  {name} vs eager-fp32: " + ", ".join(f"{value:.2f}x at {c}" for c, value in ratios.items()))
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     raise SystemExit(main())

@@ -8,6 +8,7 @@
 #                                                   # torch-model-archiver ...; ~13 MB, cp312 manylinux)
 #   there:  run(command="bash benchmarks/gpu_check.sh", carry=[".gpu-check"], timeout_s=600)
 #   try it on a CPU first:  GPU_CHECK_DEVICE=cpu GPU_CHECK_WIDTHS=3 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
+#                           (GPU_CHECK_LIMITS="90 30 60": shorter step limits, to see each one cut short)
 #
 # 1. benchmarks.bench_served_engines: each engine a GPU worker can run (eager-fp32, compile-fp32, compile-bf16)
 #    served by KServe's own model server (the Open Inference Protocol path; TorchServe's Java and its 45 MB
@@ -17,6 +18,11 @@
 #    output folder, not to the CPUs' engines.json);
 # 3. benchmarks.bench_engines: in-process images/s at batch 6 and 1, the shipped width 3 and the seed's width 10.
 # Output: $OUT (the device tool's) or ./gpu-check-out/. Each step has a time limit; one failing does not stop the next.
+# The limits, 240 + 60 + 150 s (GPU_CHECK_LIMITS), with the wheels' install and the imports keep the call near 8 of
+# its 10 minutes (300 + 90 + 180 s reached the cap), leaving device minutes to rerun a step. Step 1 gives
+# a server half its limit to start, so a slow compile reads "did not start", and it and step 2 write their JSON after
+# each engine: a step cut short keeps what it measured. Temporary files (the wheels' install, the benchmarks'
+# folders) go to one folder, removed on exit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Packages the device image lacks (its list: /work/.library/device/KINDS.md), at this checkout's versions.
@@ -46,14 +52,18 @@ out="${OUT:-gpu-check-out}"
 python="${PYTHON:-python3}"
 device="${GPU_CHECK_DEVICE:-cuda}"
 read -r -a widths <<< "${GPU_CHECK_WIDTHS:-3 10}"
+read -r served_s record_s in_process_s <<< "${GPU_CHECK_LIMITS:-240 60 150}"
 engines=(eager-fp32 compile-fp32 compile-bf16)
 mkdir -p "$out"
-export CIFAR100_DATA="$PWD/.gpu-check/data" PYTHONUNBUFFERED=1
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export CIFAR100_DATA="$PWD/.gpu-check/data" PYTHONUNBUFFERED=1 TMPDIR="$work"
 
 step() {  # a step's failure or timeout is logged and the next step still runs
     local limit=$1; shift
     echo "== $* (at most ${limit} s)"
-    timeout "$limit" "$@"
+    # SIGTERM first (the benchmarks then stop their servers), SIGKILL 10 s later if it is still there.
+    timeout --kill-after=10 "$limit" "$@"
     local rc=$?
     [ "$rc" -eq 0 ] || echo "== exited $rc: $*"
 }
@@ -62,16 +72,17 @@ step() {  # a step's failure or timeout is logged and the next step still runs
     date -u
     nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
     if ! "$python" -c "import kserve, fastapi, model_archiver" 2>/dev/null; then
-        "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-check-site \
-            .gpu-check/wheels/*.whl && export PYTHONPATH="/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}" \
-            PATH="/tmp/gpu-check-site/bin:$PATH" || echo "== the wheels did not install: the served step will fail"
+        "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" \
+            .gpu-check/wheels/*.whl && export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}" \
+            PATH="$work/site/bin:$PATH" || echo "== the wheels did not install: the served step will fail"
     fi
     "$python" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
     if [ "$device" = cpu ]; then export CUDA_VISIBLE_DEVICES=; fi  # the served step's predictor: the CPU as asked
-    step 300 "$python" -m benchmarks.bench_served_engines --engines "${engines[@]}" --concurrency 1 16 --duration 8 \
-        --images 1000 --out "$out/served-$device.json"
-    step 90 "$python" -m training.engines --device "$device" --engines "${engines[@]:1}" --record "$out/engines-$device.json"
-    step 180 "$python" -m benchmarks.bench_engines --device "$device" --widths "${widths[@]}" --engines "${engines[@]}" \
-        --seconds 1 --rounds 2
+    step "$served_s" "$python" -m benchmarks.bench_served_engines --engines "${engines[@]}" --concurrency 1 16 \
+        --duration 8 --images 1000 --start-timeout $((served_s / 2)) --out "$out/served-$device.json"
+    step "$record_s" "$python" -m training.engines --device "$device" --engines "${engines[@]:1}" \
+        --record "$out/engines-$device.json"
+    step "$in_process_s" "$python" -m benchmarks.bench_engines --device "$device" --widths "${widths[@]}" \
+        --engines "${engines[@]}" --seconds 1 --rounds 2
     date -u
 } 2>&1 | tee "$out/gpu_check.log"

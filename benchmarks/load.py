@@ -6,13 +6,18 @@ previous aiohttp client did (benchmarks/RESULTS.md). wrk comes from Debian (`mak
 
 Each request is a POST of one of a fixed set of bodies, in rotation, keeping `concurrency`
 connections busy (a closed loop: a connection sends its next request when its answer came back).
-An answer counts as an error when its status is 400 or more, when the connection fails, or when
-its body lacks the target's `expect` string.
+An answer counts as an error when its status is 400 or more, when the connection fails, when it
+came after REQUEST_TIMEOUT_S, or when its body lacks the target's `expect` string. A point without
+a good answer also counts the requests still waiting at its end as errors (in a point with answers,
+the up to `concurrency` requests in flight at its end are the closed loop's normal state: wrk stops
+without waiting for them), and has no latency (NaN p50/p99).
 """
 from __future__ import annotations
 
+import math
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -41,13 +46,33 @@ class LoadResult:
     concurrency: int
     images: int        # answered well
     seconds: float
-    p50_ms: float
+    p50_ms: float      # NaN: no good answer
     p99_ms: float
     errors: int = 0
+    unanswered: int = 0  # of the errors: requests still waiting at the end of a point that got no answer
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator; NaN when the denominator is 0 or NaN (a point that answered nothing):
+    printed as "nan", never as a huge or zero figure that would read as a target met."""
+    return numerator / denominator if denominator and not math.isnan(denominator) else float("nan")
+
+
+def print_failures(results: dict[str, list[LoadResult]]) -> None:
+    """The run's failed requests (results: each target's points), and each point without a good answer
+    (its p50/p99 and the ratios with it are nan); silent when all went well."""
+    failed = sum(r.errors for points in results.values() for r in points)
+    if failed:
+        print(f"{failed} requests failed during the run (counted in the errors column)")
+    for name, points in results.items():
+        for r in points:
+            if r.images == 0:
+                print(f"NO GOOD ANSWER from {name} at concurrency {r.concurrency} in {r.seconds:.1f} s ({r.errors} "
+                      f"errors, {r.unanswered} of them unanswered at the end): its p50/p99 and ratios are nan")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -92,11 +117,33 @@ def run_wrk(target: HttpTarget, concurrency: int, duration_s: float, workdir: Pa
     if done.returncode != 0 or match is None:
         raise LoadGeneratorError(f"wrk failed ({done.returncode}) against {target.url}:\n"
                                  f"{done.stdout[-1500:]}\n{done.stderr[-1500:]}")
-    fields = {k: int(v) for k, v in (pair.split("=") for pair in match.group(1).split())}
-    errors = fields["status_errors"] + fields["socket_errors"] + fields["bad_bodies"]
-    return LoadResult(concurrency, images=max(0, fields["requests"] - fields["status_errors"] - fields["bad_bodies"]),
-                      seconds=fields["duration_us"] / 1e6, p50_ms=fields["p50_us"] / 1000,
-                      p99_ms=fields["p99_us"] / 1000, errors=errors)
+    return load_result(concurrency, {k: int(v) for k, v in (pair.split("=") for pair in match.group(1).split())})
+
+
+def load_result(concurrency: int, fields: dict[str, int]) -> LoadResult:
+    """wrk_post.lua's counts as a point. An answer after REQUEST_TIMEOUT_S (wrk counts it as a request
+    and as a timeout) is an error, not an image. A point without a good answer has no latency, and the
+    requests still waiting at its end are errors too (a hung target)."""
+    images = max(0, fields["requests"] - fields["status_errors"] - fields["bad_bodies"] - fields["timeouts"])
+    unanswered = 0 if images else max(0, fields["sent"] - fields["requests"] - fields["dropped"])
+    errors = (fields["status_errors"] + fields["connect_errors"] + fields["dropped"] + fields["timeouts"]
+              + fields["bad_bodies"] + unanswered)
+    nan = float("nan")
+    return LoadResult(concurrency, images=images, seconds=fields["duration_us"] / 1e6,
+                      p50_ms=fields["p50_us"] / 1000 if images else nan,
+                      p99_ms=fields["p99_us"] / 1000 if images else nan, errors=errors, unanswered=unanswered)
+
+
+def exit_on_sigterm() -> None:
+    """For a benchmark's main: SIGTERM (`kill PID`, `timeout`) raises SystemExit, as Ctrl-C raises
+    KeyboardInterrupt, so that its finally blocks stop the servers it started (a signal to this process
+    alone reaches none of them) and remove its temporary folder. A second SIGTERM (GNU timeout signals
+    the process, then its group) is ignored, not let to cut that cleanup short."""
+    def leave(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
 
 
 # A freshly started server answers slowly while it warms up (the JVM compiles its hot paths, and

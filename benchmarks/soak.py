@@ -8,8 +8,9 @@ so Java runs under its -Xmx) and the adapter in front of it (default settings), 
   1. big uploads: --big concurrent 9.9 MB uploads to /classify/ (a real JPEG padded after its end
      marker); prints each status count and the peak and idle RSS of the adapter, Java and the
      workers (sampled every 20 ms);
-  2. soak: --requests CIFAR-100 test PNGs at --concurrency; prints statuses, p50/p99, errors and
-     the RSS of each process before and after (a leak shows as growth);
+  2. soak: --requests CIFAR-100 test PNGs at --concurrency; prints statuses, errors, img/s and p50/p99
+     of the answers that hold a prediction, and the RSS of each process before and after (a leak shows
+     as growth) with their pids (a restarted worker, whose leak went with it, shows as a new pid);
   3. slow clients, for --slow-seconds: one client sends a 5 MB upload at 10 KB/s, --idle clients
      send their headers and the start of a body and then nothing, and a well-behaved client
      classifies one image a second; prints when the slow and idle ones were answered and with what,
@@ -30,12 +31,14 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import aiohttp
 import psutil
 
 from adapter.run import running_adapter
 from benchmarks.bench_serve import cifar_png_payloads, machine, start_benchmark_torchserve
+from benchmarks.load import exit_on_sigterm
 from serving.archive import DEFAULT_WEIGHTS
 from serving import cli
 
@@ -67,20 +70,31 @@ def padded_jpeg(size: int) -> bytes:
 
 
 class RssSampler:
-    """Peak RSS of named processes, sampled in a thread every `interval_s`."""
+    """Peak RSS of named groups of processes, sampled in a thread every `interval_s`. Each group is a
+    function listing its processes, called at each sample: a worker that restarted is measured, not
+    its dead predecessor (whose RSS would read as memory falling)."""
 
-    def __init__(self, processes: dict[str, list[psutil.Process]], interval_s: float = 0.02):
-        self.processes = processes
+    def __init__(self, groups: dict[str, Callable[[], list[psutil.Process]]], interval_s: float = 0.02):
+        self.groups = groups
         self.interval_s = interval_s
-        self.peak = {name: 0 for name in processes}
+        self.peak = {name: 0 for name in groups}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def processes(self, name: str) -> list[psutil.Process]:
+        try:
+            return self.groups[name]()
+        except psutil.Error:  # a parent gone: none of its children to list
+            return []
+
+    def pids(self) -> dict[str, list[int]]:
+        return {name: sorted(proc.pid for proc in self.processes(name)) for name in self.groups}
+
     def now(self) -> dict[str, int]:
         out = {}
-        for name, procs in self.processes.items():
+        for name in self.groups:
             total = 0
-            for proc in procs:
+            for proc in self.processes(name):
                 try:
                     total += proc.memory_info().rss
                 except psutil.Error:
@@ -107,6 +121,14 @@ def fmt_rss(rss: dict[str, int]) -> str:
     return ", ".join(f"{name} {value / MB:.0f} MB" for name, value in rss.items())
 
 
+def fmt_pids(before: dict[str, list[int]], after: dict[str, list[int]]) -> str:
+    """Each group's pids before and after; a changed pid is a restart, the RSS figures' caveat."""
+    changed = [name for name in before if before[name] != after[name]]
+    text = "; ".join(f"{name} {before[name]} -> {after[name]}" for name in before)
+    return text + (f"; RESTARTED: {', '.join(changed)} (a restart hides a leak: its memory went with the old process)"
+                   if changed else "")
+
+
 async def post_image(session: aiohttp.ClientSession, url: str, data: bytes, timeout_s: float = 60.0):
     form = aiohttp.FormData()
     form.add_field("image", data, filename="photo.jpg", content_type="image/jpeg")
@@ -120,7 +142,7 @@ async def post_image(session: aiohttp.ClientSession, url: str, data: bytes, time
 
 async def big_uploads(base: str, n: int, sampler: RssSampler) -> None:
     data = padded_jpeg(BIG_UPLOAD_BYTES)
-    idle = sampler.now()
+    idle, pids_before = sampler.now(), sampler.pids()
     # One connection each, as n separate clients would have, from 8 addresses.
     sessions = [aiohttp.ClientSession(connector=connector(user_address(i, 8), n, force_close=True)) for i in range(8)]
     try:
@@ -141,19 +163,21 @@ async def big_uploads(base: str, n: int, sampler: RssSampler) -> None:
     print(f"  idle before: {fmt_rss(idle)}")
     print(f"  peak:        {fmt_rss(sampler.peak)}")
     print(f"  3 s after:   {fmt_rss(after)}")
+    print(f"  pids: {fmt_pids(pids_before, sampler.pids())}")
 
 
 async def soak(base: str, payloads: list[bytes], n: int, concurrency: int, sampler: RssSampler) -> None:
-    before = sampler.now()
+    before, pids_before = sampler.now(), sampler.pids()
     statuses: Counter = Counter()
-    latencies: list[float] = []
+    answered: list[float] = []  # latencies of the 200s that hold a prediction: refusals are not images
     counter = iter(range(n))
 
     async def client(session):
         for i in counter:
             started = time.perf_counter()
             status, body, _ = await post_image(session, f"{base}/classify/", payloads[i % len(payloads)])
-            latencies.append(time.perf_counter() - started)
+            if status == 200 and b'"prediction"' in body:
+                answered.append(time.perf_counter() - started)
             statuses[status if status != 200 or b'"prediction"' in body else "200 without prediction"] += 1
 
     started = time.perf_counter()
@@ -165,15 +189,20 @@ async def soak(base: str, payloads: list[bytes], n: int, concurrency: int, sampl
             await session.close()
     took = time.perf_counter() - started
     await asyncio.sleep(2)
-    after = sampler.now()
-    latencies.sort()
-    errors = sum(count for status, count in statuses.items() if status != 200)
-    print(f"\n== soak: {n} requests at concurrency {concurrency} in {took:.0f} s ({n / took:.0f} img/s)")
+    after, pids_after = sampler.now(), sampler.pids()
+    answered.sort()
+    errors = n - len(answered)
+    print(f"\n== soak: {n} requests at concurrency {concurrency} in {took:.0f} s: {len(answered)} answered with a "
+          f"prediction ({len(answered) / took:.0f} img/s)")
     print(f"  statuses: {dict(statuses)}; errors {errors}")
-    print(f"  p50 {statistics.median(latencies) * 1000:.1f} ms, "
-          f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms")
+    if answered:
+        print(f"  p50 {statistics.median(answered) * 1000:.1f} ms, "
+              f"p99 {answered[int(len(answered) * 0.99)] * 1000:.1f} ms (of the answers with a prediction)")
+    else:
+        print("  p50, p99: none (no answer with a prediction)")
     print(f"  RSS before: {fmt_rss(before)}")
     print(f"  RSS after:  {fmt_rss(after)}")
+    print(f"  pids: {fmt_pids(pids_before, pids_after)}")
 
 
 async def _half_sent(host: str, port: int, total: int, first: bytes, rate_bps: float | None, results: list,
@@ -263,21 +292,21 @@ def main(argv: list[str] | None = None) -> int:
         try:
             env = ts.adapter_env()
             with running_adapter(env, tmp / "adapter.log") as adapter:
-                java = psutil.Process(ts.java_pid())
-                processes = {"adapter": [psutil.Process(adapter.process.pid)], "java": [java],
-                             "workers": java.children(recursive=True)}
+                adapter_process, java = psutil.Process(adapter.process.pid), psutil.Process(ts.java_pid())
+                groups = {"adapter": lambda: [adapter_process], "java": lambda: [java],
+                          "workers": lambda: java.children(recursive=True)}
                 if args.big:
-                    asyncio.run(big_uploads(adapter.base_url, args.big, RssSampler(processes)))
+                    asyncio.run(big_uploads(adapter.base_url, args.big, RssSampler(groups)))
                 if args.requests:
-                    asyncio.run(soak(adapter.base_url, payloads, args.requests, args.concurrency,
-                                     RssSampler(processes)))
+                    asyncio.run(soak(adapter.base_url, payloads, args.requests, args.concurrency, RssSampler(groups)))
                 if args.slow_seconds:
                     asyncio.run(slow_clients(adapter.base_url, args.slow_seconds, args.idle, payloads[0],
-                                             processes["adapter"][0]))
+                                             adapter_process))
         finally:
             ts.stop()
     return 0
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

@@ -74,7 +74,7 @@ def model_snapshot(version: str, model_config: Path = MODEL_CONFIG) -> dict:
             "models": {MODEL_NAME: {version: {"defaultVersion": True, "marName": MAR_FILE, **settings}}}}
 
 
-def bundle_properties(version: str) -> dict[str, str]:
+def bundle_properties(version: str, model_config: Path = MODEL_CONFIG) -> dict[str, str]:
     props = {k: v for k, v in read_properties(BASE_CONFIG).items() if k not in LOCAL_ONLY}
     props.update(POD_ADDRESSES)
     props.update({
@@ -89,17 +89,18 @@ def bundle_properties(version: str) -> dict[str, str]:
         "install_py_dep_per_model": "false",
         "metrics_mode": "prometheus",
         "enable_metrics_api": "true",
-        "model_snapshot": json.dumps(model_snapshot(version), separators=(",", ":")),
+        "model_snapshot": json.dumps(model_snapshot(version, model_config), separators=(",", ":")),
     })
     return props
 
 
 def build_bundle(weights: Path = DEFAULT_WEIGHTS, out: Path = DEFAULT_OUT, force: bool = False,
-                 quiet: bool = False) -> Path:
-    """Write ``out/config/config.properties`` and ``out/model-store/cifar100.mar``; return ``out``."""
+                 quiet: bool = False, model_config: Path = MODEL_CONFIG) -> Path:
+    """Write ``out/config/config.properties`` and ``out/model-store/cifar100.mar``; return ``out``.
+    ``model_config`` replaces handler/model-config.yaml (the benchmarks try other settings)."""
     out = Path(out).resolve()
-    build_archive(Path(weights), out / "model-store", force=force, quiet=quiet)
-    props = bundle_properties(weights_version(Path(weights).resolve()))
+    build_archive(Path(weights), out / "model-store", force=force, quiet=quiet, model_config=model_config)
+    props = bundle_properties(weights_version(Path(weights).resolve()), model_config)
     config = out / "config" / "config.properties"
     config.parent.mkdir(parents=True, exist_ok=True)
     header = ("# Written by `make kserve-bundle` (serving/kserve.py) for KServe's TorchServe runtime.\n"

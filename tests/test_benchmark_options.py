@@ -1,12 +1,16 @@
 """The serving benchmarks' shared options reach the TorchServe they start (benchmarks/bench_serve.py
-torchserve_from_arguments): an option a benchmark accepts and then ignores would measure the wrong thing."""
+torchserve_from_arguments) and the KServe bundle bench_kserve serves (bundle_from_arguments): an option a
+benchmark accepts and then ignores would measure the wrong thing."""
 from __future__ import annotations
 
 import argparse
 import re
 from pathlib import Path
 
+import yaml
+
 from benchmarks import bench_serve
+from serving.archive import MODEL_CONFIG
 
 
 def test_every_torchserve_option_reaches_the_benchmark_torchserve(monkeypatch, tmp_path):
@@ -30,6 +34,35 @@ def test_every_torchserve_option_reaches_the_benchmark_torchserve(monkeypatch, t
     assert a[2:] == (None, None, None, {}, None, None, None) and k == {"lone_image_threads": None}
 
 
+def test_every_serving_option_reaches_the_kserve_bundle_bench_kserve_serves(tmp_path):
+    # make bench-serve passes BENCH_SERVE_ARGS to bench_kserve too: they are in the bundle both of its servers read.
+    import json
+    import zipfile
+
+    from benchmarks import bench_kserve
+    from serving.torchserve import read_properties
+
+    args = bench_serve_args(["--batch-size", "1", "--max-batch-delay", "50", "--cpu-threads", "1", "--workers", "1",
+                             "--engine", "eager-fp32", "--lone-image-threads", "0", "--ts-property", "job_queue_size=9"])
+    bundle = bench_kserve.bundle_from_arguments(tmp_path, args)
+    with zipfile.ZipFile(bundle / "model-store" / "cifar100.mar") as mar:
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
+        config = yaml.safe_load(mar.read(manifest["configFile"]))
+    assert (config["batchSize"], config["maxBatchDelay"], config["minWorkers"], config["maxWorkers"]) == (1, 50, 1, 1)
+    assert {k: config["handler"][k] for k in ("engine", "cpu_threads", "lone_image_threads")} == {
+        "engine": "eager-fp32", "cpu_threads": 1, "lone_image_threads": 0}
+    properties = read_properties(bundle / "config" / "config.properties")
+    assert properties["job_queue_size"] == "9"
+    # The snapshot TorchServe loads replaces the archive's settings: it carries them too.
+    (snapshot,) = json.loads(properties["model_snapshot"])["models"]["cifar100"].values()
+    assert (snapshot["batchSize"], snapshot["maxBatchDelay"], snapshot["minWorkers"]) == (1, 50, 1)
+
+    # Without options: the repository's model-config.yaml as it is.
+    plain = bench_kserve.bundle_from_arguments(tmp_path / "plain", bench_serve_args([]))
+    with zipfile.ZipFile(plain / "model-store" / "cifar100.mar") as mar:
+        assert yaml.safe_load(mar.read("model-config.yaml")) == yaml.safe_load(MODEL_CONFIG.read_text())
+
+
 def bench_serve_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     bench_serve.add_load_arguments(parser)
@@ -47,6 +80,18 @@ def test_bench_engines_prints_every_point_of_each_engine_it_ran(capsys):
     # openvino-int8 with the price of its rechecks beside it (its network alone).
     assert len(re.findall(r"openvino-int8: [0-9.]+% of the images rechecked by fp32 \(close calls\); its int8 "
                           r"network alone, not servable: [0-9,]+ img/s", out)) == len(bench_engines.POINTS), out
+
+
+def test_bench_engines_prints_no_ratio_without_eager_fp32_to_divide_by(capsys):
+    from benchmarks import bench_engines
+
+    assert bench_engines.main(["--widths", "3", "--engines", "openvino-int8", "--seconds", "0.05", "--rounds", "1",
+                               "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    points = [line for line in out.splitlines() if line.startswith("width 3, batch ")]
+    assert len(points) == len(bench_engines.POINTS) and all(re.search(r"openvino-int8 [0-9,]+ img/s$", line)
+                                                             for line in points), out  # was "(55.04x)": x/1.0
+    assert not re.search(r"not servable: [0-9,]+ img/s \(", out), out
 
 
 def test_bench_engines_caps_only_a_cpus_instruction_set(monkeypatch, capsys):

@@ -1,17 +1,32 @@
 """The serving benchmarks' parts: the wrk load generator (benchmarks/load.py) against the session's
-real TorchServe, and `python -m benchmarks.bench_serve`, `bench_adapter` and `bench_photos` end to end on short runs.
+real TorchServe and against stub servers that misbehave (slow, refusing, dropping connections), and
+`python -m benchmarks.bench_serve`, `bench_adapter`, `bench_photos`, `bench_kserve`, `bench_served_engines`
+end to end on short runs, and stopped by a signal.
 
 What is tested is that the figures are measured and failures are counted, not any speed: speed
 is shown by `make bench`, never asserted by a test.
 """
 from __future__ import annotations
 
+import asyncio
+import json
+import math
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+import psutil
 import pytest
 
+from benchmarks import load
 from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies, run_wrk
 from serving_helpers import cifar_pil, encode
 
@@ -29,6 +44,240 @@ def png_target(ts, pngs, headers=None, expect='"prediction"') -> HttpTarget:
     return HttpTarget(ts.predictions_url, pngs, expect=expect,
                       headers=lambda: {**(ts.key_file.header("inference") if headers is None else headers),
                                        "Content-Type": "image/png"})
+
+
+@contextmanager
+def stub_server(mode: str, delay_s: float = 0.0) -> Iterator[str]:
+    """A real HTTP/1.1 server on a free loopback port, run in a thread; its base URL. "slow": 200 with a
+    prediction after delay_s (a slow or hung server); "503": refuses at once; "close": reads a request and
+    closes the connection without an answer (a server that crashed)."""
+    loop = asyncio.new_event_loop()
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                if mode == "close":
+                    break
+                if mode == "slow":
+                    await asyncio.sleep(delay_s)
+                    status, body = b"200 OK", b'{"prediction": "lion", "outputs": []}'
+                else:
+                    status, body = b"503 Service Unavailable", b'{"error": "busy"}'
+                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def stub_target(base: str) -> HttpTarget:
+    return HttpTarget(f"{base}/predictions/x", [b"a body"], expect='"prediction"')
+
+
+def test_a_hung_target_gives_no_clean_point(tmp_path):
+    # Answers after 3 s, measured for 1 s: wrk ends with every request still waiting (it does not count them).
+    with stub_server("slow", 3.0) as base:
+        hung = run_wrk(stub_target(base), concurrency=2, duration_s=1, workdir=tmp_path)
+    assert hung.images == 0 and math.isnan(hung.p50_ms) and math.isnan(hung.p99_ms), hung
+    assert hung.errors == hung.unanswered == 2, hung
+    # A target that answers: the requests in flight at the end of the point (the closed loop's normal
+    # state) are no errors.
+    with stub_server("slow", 0.01) as base:
+        fine = run_wrk(stub_target(base), concurrency=2, duration_s=1, workdir=tmp_path)
+    assert fine.images > 0 and fine.errors == fine.unanswered == 0 and 0 < fine.p50_ms <= fine.p99_ms, fine
+
+
+def test_answers_slower_than_the_request_timeout_are_errors_not_images(monkeypatch, tmp_path):
+    monkeypatch.setattr(load, "REQUEST_TIMEOUT_S", 1)  # stands for 30 s: the stub answers after 1.5 s
+    with stub_server("slow", 1.5) as base:
+        late = run_wrk(stub_target(base), concurrency=2, duration_s=3, workdir=tmp_path)
+    # wrk counts a late answer as a request and as a timeout, and leaves it out of its latencies.
+    assert late.images == 0 and late.errors >= 2 and math.isnan(late.p50_ms), late
+
+
+def test_target_lines_say_nan_for_a_target_that_answered_nothing(tmp_path, capsys):
+    from benchmarks.bench_adapter import target_lines
+
+    with stub_server("slow", 0.01) as fast, stub_server("slow", 3.0) as hung:
+        answered = run_wrk(stub_target(fast), concurrency=1, duration_s=1, workdir=tmp_path)
+        nothing = run_wrk(stub_target(hung), concurrency=1, duration_s=1, workdir=tmp_path)
+    rows = {"torchserve": {1: answered}, "adapter": {1: answered}, "seed-style": {1: nothing}}
+    lines = target_lines(rows, 1, 1)
+    assert lines[1].startswith("adapter / seed-style images/s at concurrency 1: nanx"), lines
+    assert lines[2].endswith(" / nan ms (target: no higher)"), lines  # was "18.71 / 0.00 ms": a target met
+    load.print_failures({name: list(by_c.values()) for name, by_c in rows.items()})
+    out = capsys.readouterr().out
+    assert "NO GOOD ANSWER from seed-style at concurrency 1" in out and "1 of them unanswered" in out, out
+    assert "from adapter" not in out and "from torchserve" not in out, out
+
+
+def test_soak_counts_only_answers_with_a_prediction(capsys):
+    from benchmarks import soak
+
+    with stub_server("503") as base:
+        asyncio.run(soak.soak(base, [b"\x89PNG fake"], 300, 8, soak.RssSampler({})))
+    out = capsys.readouterr().out
+    assert "0 answered with a prediction (0 img/s)" in out, out  # was "(756 img/s)": refusals counted
+    assert "statuses: {503: 300}; errors 300" in out and "p50, p99: none" in out, out
+    with stub_server("slow", 0.01) as base:
+        asyncio.run(soak.soak(base, [b"\x89PNG fake"], 40, 4, soak.RssSampler({})))
+    out = capsys.readouterr().out
+    assert "40 answered with a prediction" in out and "statuses: {200: 40}; errors 0" in out, out
+
+
+def test_soak_measures_a_restarted_worker_and_names_the_restart(capsys):
+    # The "worker" is a process the test replaces mid-run, as TorchServe replaces a worker that died.
+    from benchmarks import soak
+
+    def worker(megabytes: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", f"import time; b = bytearray({megabytes} << 20); "
+                                 "b[::4096] = b'x' * len(b[::4096]); time.sleep(60)"])
+
+    workers = [worker(10)]
+    old = workers[0]
+
+    def restart():
+        workers[0].kill()
+        workers[0].wait()
+        workers[0] = worker(200)
+        time.sleep(1.5)  # its memory in place before the soak's last sample
+
+    try:
+        sampler = soak.RssSampler({"workers": lambda: [psutil.Process(p.pid) for p in workers if p.poll() is None]})
+        time.sleep(1.5)
+        threading.Timer(0.5, restart).start()
+        with stub_server("slow", 0.05) as base:
+            asyncio.run(soak.soak(base, [b"\x89PNG fake"], 80, 2, sampler))
+    finally:
+        for process in workers + [old]:
+            process.kill()
+            process.wait()
+    out = capsys.readouterr().out
+    before, after = (int(line.split("workers ")[1].split(" MB")[0]) for line in out.splitlines()
+                     if line.startswith(("  RSS before", "  RSS after")))
+    assert after > before + 100, out  # the new worker's memory, not the dead one's nothing
+    assert f"workers [{old.pid}] -> [{workers[0].pid}]; RESTARTED: workers" in out, out
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    out = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == sid:
+                out.append(process)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return out
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A TMPDIR for a benchmark: under /tmp, as TorchServe's worker sockets there need a short path (an
+    AF_UNIX path has at most 107 bytes; pytest's tmp_path leaves too few)."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-tmp-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def signal_benchmark(argv: list[str], when, signum: int, tmp: Path) -> tuple[int, str, list[str]]:
+    """Start ``python -m <argv>`` in a session of its own (TMPDIR=tmp), send ``signum`` to its python
+    alone once ``when(output_lines, session_processes)`` is true; (its exit code, its output, the
+    processes of its session still alive 30 s later). Those are killed: this test started them."""
+    proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 600
+        while not when(lines, session_processes(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signum)
+        code = proc.wait(120)
+        deadline = time.monotonic() + 30
+        while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(1)
+        return code, "".join(lines), [described(p) for p in left if p.is_running()]
+    finally:
+        for process in session_processes(proc.pid):
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        proc.kill()
+        reader.join(10)
+
+
+def described(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid}: {' '.join(process.cmdline())[:150]}"
+    except psutil.Error:
+        return f"{process.pid}: gone"
+
+
+def java_started(lines, processes) -> bool:
+    # Java up for a while: the start's `torchserve --start` launcher has returned and written its pid file.
+    def java_for_3_s(process):
+        try:
+            return "java" in process.name() and time.time() - process.create_time() > 3
+        except psutil.Error:
+            return False
+    return any(java_for_3_s(p) for p in processes)
+
+
+@pytest.mark.parametrize("signum, when", [
+    (signal.SIGTERM, lambda lines, _: any(line.startswith("engine: ") for line in lines)),  # `kill PID`, measuring
+    (signal.SIGINT, java_started),  # Ctrl-C to the python alone, while TorchServe starts
+], ids=["SIGTERM while measuring", "SIGINT while TorchServe starts"])
+def test_a_stopped_benchmark_leaves_no_server_and_no_temporary_folder(signum, when, short_tmp):
+    code, out, left = signal_benchmark(["benchmarks.bench_serve", "--duration", "3", "--warmup", "1",
+                                        "--concurrency", "1", "4"], when, signum, short_tmp)
+    assert code != 0, out
+    assert left == [], out  # were Java and its 2 workers (~1.9 GB), alive
+    assert list(short_tmp.glob("bench-serve-*")) == [], out
+
+
+def test_bench_served_engines_keeps_what_it_measured_when_stopped(tmp_path, short_tmp):
+    # Stopped by SIGTERM (as gpu_check.sh's step limit stops it) after its first engine: that engine's
+    # figures are in --out, and its second server and temporary folder are gone.
+    out_file = tmp_path / "served.json"
+    code, out, left = signal_benchmark(
+        ["benchmarks.bench_served_engines", "--engines", "eager-fp32", "openvino-fp32", "--images", "20",
+         "--concurrency", "1", "--duration", "1", "--warmup", "0.5", "--out", str(out_file)],
+        lambda lines, _: any(line.startswith("eager-fp32 (served: ") for line in lines), signal.SIGTERM, short_tmp)
+    assert code != 0 and left == [], out
+    figures = json.loads(out_file.read_text())
+    assert figures["engines"]["eager-fp32"]["concurrency_1"]["images_per_s"] > 0, figures
+    assert list(short_tmp.glob("bench-served-engines-*")) == [], out
+
+
+def test_bench_served_engines_counts_dropped_connections_as_failed_requests():
+    # A predictor that dies mid-run drops its connections: failed requests, not the end of the run.
+    from benchmarks.bench_served_engines import drive, top1_answers
+
+    with stub_server("close") as base:
+        url = f"{base}/v2/models/cifar100/infer"
+        driven = asyncio.run(drive(url, [b"{}"], 2, 1.0))
+        answers, named = asyncio.run(top1_answers(url, [b"{}"] * 4, 2))
+    assert driven["failed"] > 0 and driven["images_per_s"] == 0 and driven["p50_ms"] is None, driven
+    assert answers == [None] * 4 and named == set()
 
 
 def test_wrk_measures_answered_requests(torchserve_ready, pngs, tmp_path):
@@ -124,6 +373,16 @@ def test_bench_fairness_prints_the_probe_beside_each_kind_of_load():
         assert probe.startswith("p50 ") and "{200: " in probe and "no answer" not in line, line
     # The loads were answered (a capped explanation may also have met a 503 and waited its Retry-After).
     assert all(" answered/s" in line and "theirs p50 " in line for line in lines[1:]), lines
+
+
+def test_bench_kserve_serves_the_engine_it_was_given_and_says_so():
+    # make bench-serve passes BENCH_SERVE_ARGS to bench_kserve: its two servers run what they ask (~90 s here).
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_kserve", "--engine", "eager-fp32", "--workers", "1",
+                           "--duration", "1", "--warmup", "0.5", "--rounds", "1", "--concurrency", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Was the shipped model-config's engine (openvino-int8 here), and no word of it.
+    assert "engine: TorchServe eager-fp32, KServe's model server eager-fp32 (" in done.stdout, done.stdout
 
 
 def test_bench_served_engines_serves_each_engine_and_compares_its_answers(tmp_path):

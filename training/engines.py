@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     record["probe_fp32_top1"] = engine_logits(engines.Engine(engines.EAGER, model), inputs["probe"],
                                               device=device).argmax(1).tolist()
     record["engines"][engines.EAGER] = measure(engines.EAGER, reference, reference, labels, shipped, measured_on)
+    # Written after each engine: a run cut short (a time limit, a crash compiling the next) keeps what it measured.
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
     max_batch = engines.images_per_forward(model_config())  # the workers' bound: their packages, cached
     from model.normalization import normalize
 
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
               f"agreement {entry['agreement']:.4f}, {'passed' if entry['passed'] else 'FAILED'}; "
               f"temperature {entry['calibration']['temperature']:.4f}"
               f"{' (moved: refit kept)' if entry['calibration']['moved'] else ''}; built in {built:.0f} s", flush=True)
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {record_path}")
     return 0
 
