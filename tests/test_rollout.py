@@ -83,7 +83,9 @@ class BacklogAtSwitch:
     version without waiting for its queue leaves those requests unanswered (TorchServe drops a
     removed version's queue: its clients wait until they time out) or failed ("Worker died.")."""
 
-    def __init__(self, ts, retiring: str, say, count: int = 30, resume_s: float = 3.0):
+    # count stays under config.properties' job_queue_size (24): past it TorchServe answers 503 at once
+    # (the paused workers' batches may hold only one request each).
+    def __init__(self, ts, retiring: str, say, count: int = 20, resume_s: float = 3.0):
         self.ts, self.retiring, self.say, self.count, self.resume_s = ts, retiring, say, count, resume_s
         self.results: list[tuple[int | None, str | None, str]] = []
         self.threads: list[threading.Thread] = []
