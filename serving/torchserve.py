@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 from serving import settings
 from serving.java import java_problem
@@ -241,10 +242,23 @@ class TorchServeInstance:
         except ServiceStartError as err:
             raise TorchServeError(f"{err} (last seen: {last})") from None
 
+    def _java_by_command_line(self) -> int | None:
+        """This instance's server found among the processes by its command line (its main class with this
+        instance's config): `torchserve --start` writes the pid file only after Java is up, and a stop in
+        between (Ctrl-C while it starts) left Java and its workers running."""
+        is_ours = command_line_with([JAVA_MAIN_CLASS], ["-f", str(self.config_path)])
+        for process in psutil.process_iter():
+            try:
+                if is_ours(process):
+                    return process.pid
+            except psutil.Error:
+                continue
+        return None
+
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the server and its workers (Java's shutdown hook stops them; a wedged one is killed);
         True if one was running. Idempotent."""
-        pid = self.java_pid()
+        pid = self.java_pid() or self._java_by_command_line()
         stopped = pid is not None and stop_process(pid, timeout, children=True)
         self.pid_file.unlink(missing_ok=True)
         if stopped:
