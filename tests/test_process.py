@@ -70,7 +70,7 @@ def test_a_stale_torchserve_pid_file_naming_another_java_program_leaves_it_alone
     ts.tmp_dir.mkdir(parents=True)
     stranger = sleeper("-jar", "stranger.jar", named="java", tmp_path=tmp_path, child=True)
     other_instance = sleeper(main_class, "-f", str(tmp_path / "other" / "logs" / "config.properties"))
-    ours = sleeper("-Dmodel_server_home=x", "-cp", "y", main_class, "--python", "z", "-f", str(ts.config_path))
+    started = [stranger, other_instance]
     try:
         helper = psutil.Process(stranger.pid).children()[0]
         for process in (stranger, other_instance):
@@ -80,11 +80,20 @@ def test_a_stale_torchserve_pid_file_naming_another_java_program_leaves_it_alone
             assert ts.stop() is False
             assert process.poll() is None
         assert helper.is_running()
+        # This instance's server (stop also finds it by its command line when no pid file names it yet).
+        ours = sleeper("-Dmodel_server_home=x", "-cp", "y", main_class, "--python", "z", "-f", str(ts.config_path))
+        started.append(ours)
         ts.pid_file.write_text(f"{ours.pid}")
         assert ts.java_pid() == ours.pid and ts.pid_record.stranger() is None
         assert ts.stop(timeout=5) is True and ours.wait(5) is not None  # (reaped by stop: no status to see)
+        # Stopped before `torchserve --start` wrote the pid file: found by its command line.
+        launching = sleeper(main_class, "-f", str(ts.config_path))
+        started.append(launching)
+        assert not ts.pid_file.exists()
+        assert ts.stop(timeout=5) is True and launching.wait(5) is not None
+        assert stranger.poll() is None and other_instance.poll() is None
     finally:
-        for process in (stranger, other_instance, ours):
+        for process in started:
             stop_popen(process, timeout=5)
         helper.kill()
 
