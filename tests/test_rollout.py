@@ -208,20 +208,27 @@ def test_a_version_that_never_gets_ready_leaves_the_old_one_serving(served, tmp_
     assert r.status_code == 200 and r.json()["model_version"] == old
 
 
-def test_weights_that_diverged_to_nan_are_refused_before_anything_is_registered(served, tmp_path):
+@pytest.mark.parametrize("fc_weight, refused", [
+    (lambda w: torch.full_like(w, float("nan")), "NaN or infinite values in 'fc.weight'"),
+    (lambda w: w * 1e38, "give NaN or infinite logits for a blank image although every value is finite")])
+def test_weights_that_diverged_to_nan_or_overflow_are_refused_before_anything_is_registered(served, tmp_path,
+                                                                                          fc_weight, refused):
     """The review's weights: the shipped ones with fc.weight NaN, as a diverged training run leaves them. They
     passed the rollout (the warm-up only wanted a 200 from the version: TorchServe answered NaN literals),
     then every adapter answer was a 500. Now the archive refuses them: nothing registered, the old version
-    serves."""
+    serves. So are finite weights that overflow (fc.weight x 1e38: every logit infinite; the warm-up refused
+    them only after registering them and starting their workers)."""
     ts, adapter, _ = served
     old = httpx.get(f"{adapter.base_url}/health", timeout=30).json()["archive_version"]
     state = torch.load(weights_under_test(), map_location="cpu", weights_only=True)
-    state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))
-    diverged = tmp_path / "nan" / "CIFAR100_model.pth"
+    state["fc.weight"] = fc_weight(state["fc.weight"])
+    diverged = tmp_path / "broken" / "CIFAR100_model.pth"
     diverged.parent.mkdir()
     torch.save(state, diverged)
-    with pytest.raises(RolloutError, match="NaN or infinite values in 'fc.weight'"):
-        Rollout(ts, ready_timeout_s=25, say=lambda line: None).run(diverged)
+    said: list[str] = []
+    with pytest.raises(RolloutError, match=refused):
+        Rollout(ts, ready_timeout_s=25, say=said.append).run(diverged)
+    assert not any("registered" in line for line in said), said
     assert registered(ts) == [old]
     r = httpx.post(f"{adapter.base_url}/classify/", files={"image": ("p.png", IMAGE, "image/png")}, timeout=60)
     assert r.status_code == 200 and r.json()["model_version"] == old
