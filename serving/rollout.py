@@ -17,6 +17,8 @@ unregisters the other versions still registered (left by an interrupted rollout)
 TorchServe must allow registration (``enable_model_api=true`` in config.properties; it listens on
 loopback only, and every management call needs the management key), and ``allowed_urls=^$``
 refuses archives from URLs: only files already in the model store can be registered.
+One rollout at a time per TorchServe: a second one, while the first runs, is refused at once (exit 1)
+naming the first (``logs/rollout.lock``, an flock the system releases when its process ends, however).
 Keys expire (``token_expiration_min``): a refused key is read again from key_file.json and, if the
 file still holds it, renewed with the API key (serving/keys.py), then the call is retried once; a key
 still refused stops the rollout with that reason.
@@ -25,14 +27,18 @@ restart with ``make serve WEIGHTS=...`` to keep the new weights across restarts.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -52,6 +58,37 @@ WARMUP_ROUNDS = 2  # warm-up predictions per worker of the new version
 
 class RolloutError(RuntimeError):
     """The rollout stopped; the message says why (and what still serves)."""
+
+
+def lock_path(ts: TorchServeInstance) -> Path:
+    """The file whose flock one rollout at a time holds: in the instance's own folder (its logs)."""
+    return ts.log_dir / "rollout.lock"
+
+
+@contextmanager
+def rollout_lock(path: Path, weights: Path):
+    """Hold ``path``'s lock for one rollout; RolloutError at once, naming the holder, while another holds it.
+    Two at once interleaved their steps: each registered its version, made it the default and unregistered
+    the other's. An flock, not a pid file: the system releases it when its process ends, even by kill -9."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as held:  # not truncated before it is ours: it names the holder
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.seek(0)
+            holder = " ".join(held.read().split()) or "a process that has not written its name yet"
+            raise RolloutError(f"another rollout is under way on this TorchServe ({holder}; lock {path}): "
+                               "let it finish, then run this one again if it is still wanted") from None
+        held.seek(0)
+        held.truncate()
+        since = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        held.write(f"pid {os.getpid()}, since {since}, --weights {weights}\n")
+        held.flush()
+        try:
+            yield
+        finally:
+            held.seek(0)
+            held.truncate()  # unlocked when the file closes
 
 
 def _warmup_png() -> bytes:
@@ -246,7 +283,12 @@ class Rollout:
 
     # ---- the whole move ----------------------------------------------------------------------
     def run(self, weights: Path) -> str:
-        """Serve ``weights``; returns the new version. RolloutError: the old version still serves."""
+        """Serve ``weights``; returns the new version. RolloutError: the old version still serves. One rollout
+        at a time per TorchServe (rollout_lock)."""
+        with rollout_lock(lock_path(self.ts), weights):
+            return self._run(weights)
+
+    def _run(self, weights: Path) -> str:
         try:
             version = weights_version(Path(weights))
         except ArchiveError as err:
