@@ -3,8 +3,12 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Where CIFAR-100 lives (the folder holding cifar-100-python/): env CIFAR100_DATA, else the
-# shared copy beside the checkout, else ./data (where `make data` puts it).
-export CIFAR100_DATA ?= $(abspath $(firstword $(patsubst %/cifar-100-python,%,$(wildcard ../shared/data/cifar-100-python)) data))
+# shared copy beside the checkout, else ./data (where `make data` puts it). Set but empty counts as unset
+# (`?=` kept it: --data-dir ""); override: `make train CIFAR100_DATA=` too.
+ifeq ($(strip $(CIFAR100_DATA)),)
+override CIFAR100_DATA := $(abspath $(firstword $(patsubst %/cifar-100-python,%,$(wildcard ../shared/data/cifar-100-python)) data))
+endif
+export CIFAR100_DATA
 # The shipped default weights; `make archive WEIGHTS=path/to/other.pth` packages others.
 WEIGHTS ?= model/weights/CIFAR100_model.pth
 TRAIN_ARGS ?=

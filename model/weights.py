@@ -44,7 +44,8 @@ def read_state_dict(path: str | Path, checkpoint: bool = True) -> dict:
 def network_from_state_dict(state_dict: dict, source: str = "weights") -> CIFAR100Model:
     """A CIFAR100Model of the width and class count the state dict was trained with, loaded strictly
     (float16, bfloat16 and float64 values are cast into the float32 network; integer ones are refused, and so
-    are NaN or infinite values: a diverged training run's, whose every answer would be NaN)."""
+    are NaN or infinite values: a diverged training run's, whose every answer would be NaN; and finite ones
+    that overflow: check_finite_output)."""
     fc = state_dict.get("fc.weight")
     if fc is None or fc.dim() != 2 or fc.shape[1] % 64:
         raise WeightsError(f"{source} are not CIFAR100Model weights: no 'fc.weight' of shape "
@@ -66,7 +67,27 @@ def network_from_state_dict(state_dict: dict, source: str = "weights") -> CIFAR1
         first = str(err).splitlines()[0:3]
         raise WeightsError(f"{source} do not fit CIFAR100Model(width={width}, num_classes={num_classes}): "
                            + " ".join(line.strip() for line in first)) from err
+    check_finite_output(model, source)
     return model
+
+
+PROBE_SIDE = 32  # the probe's blank image: CIFAR's size, what the servers feed the network
+
+
+def check_finite_output(model: CIFAR100Model, source: str = "weights") -> None:
+    """Refuse weights whose every value is finite but whose forward pass is not (a weight scaled to 1e38: every
+    logit infinite): they start, then every answer fails while /health says ok. One blank image through the
+    network in eval mode must give finite logits (a few ms). Every value 1 (a light grey once normalized), not
+    0: zeros stay zeros through a network whose BatchNorm biases are still 0, and would probe nothing."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            logits = model.eval()(torch.ones(1, model.input_shape, PROBE_SIDE, PROBE_SIDE))
+    finally:
+        model.train(was_training)
+    if not torch.isfinite(logits).all():
+        raise WeightsError(f"{source} give NaN or infinite logits for a blank image although every value is finite "
+                           "(weights that overflow: scaled far out of range?): every answer would be NaN")
 
 
 def check_class_count(num_classes: int, labels: list[str], source: str = "weights") -> None:

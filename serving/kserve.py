@@ -33,7 +33,7 @@ import httpx
 import yaml
 
 from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, MODEL_NAME, ArchiveError, build_archive, weights_version
-from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, changed_since_started, command_line_has,
+from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, changed_since_started, command_line_with,
                              free_ports, popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
 from serving.settings import ENGINE_CACHE_ENV, PREDICTOR_PORT_ENV, PREDICTOR_PORTS, ports_from_env
 from serving.torchserve import (BASE_CONFIG, DEFAULT_ENGINE_CACHE, MAR_FILE, TorchServeError, TorchServeInstance,
@@ -45,9 +45,9 @@ DEFAULT_OUT = REPO / "dist" / "kserve"
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts storageUri's contents
 MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice.yaml"
 LOG_DIR = REPO / "logs"
-PREDICTOR_PID = PidFile(LOG_DIR / "kserve-predictor.pid", command_line_has("handler.kserve_predictor"))
 PREDICTOR_START_TIMEOUT_S = 300.0  # the first start on a machine compiles the engine
 PREDICTOR_STOP_TIMEOUT_S = 30.0    # SIGTERM: KServe finishes the requests in flight (its grace period), then exits
+PREDICTOR_MODULE = "handler.kserve_predictor"
 # KServe's wrapper (port 8080, the pod's only served port) calls TorchServe on 8085 for inference
 # and management alike; only the wrapper calls it, so it listens on the pod's loopback. Prometheus
 # scrapes the metrics port from outside the container.
@@ -187,8 +187,18 @@ class KServePredictor:
         self.detached = detached  # a service of its own (predictor start): outlives this process and its shell
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "handler.kserve_predictor", f"--model_dir={self.bundle}",
+        return [sys.executable, "-m", PREDICTOR_MODULE, f"--model_dir={self.bundle}",
                 f"--http_port={self.port}", f"--grpc_port={self.grpc_port}", *self.extra_args]
+
+    @property
+    def pid_record(self) -> PidFile:
+        """logs/kserve-predictor.pid (``predictor start``'s), counting only this server: KServe's model server run
+        on this bundle and this REST port. Any command line with handler.kserve_predictor counted: a predictor
+        killed outright left the file, its pid went to another checkout's or another port's predictor, and
+        `make stop-kserve` killed that one."""
+        return PidFile(LOG_DIR / "kserve-predictor.pid",
+                       command_line_with(["-m", PREDICTOR_MODULE], [f"--model_dir={self.bundle}"],
+                                         [f"--http_port={self.port}"]))
 
     def start(self, timeout: float = 300.0) -> "KServePredictor":
         self.spawn()
@@ -239,7 +249,15 @@ def predictor_command(argv: list[str]) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    pid = PREDICTOR_PID.pid()
+    predictor = KServePredictor(LOG_DIR, args.bundle, port=http, grpc_port=grpc, detached=True,
+                                env={"TMPDIR": os.environ.get("TMPDIR", "/tmp")})
+    pid_record = predictor.pid_record
+    pid = pid_record.pid()
+    if (stranger := pid_record.stranger()) is not None:
+        print(f"note: {pid_record.path} names {stranger}, which is not this checkout's KServe model server on "
+              f"{args.bundle} and port {http} (ours stopped without removing the file; the pid was reused, or it "
+              f"was started with another {PREDICTOR_PORT_ENV['http']} or --bundle): that process is left alone",
+              file=sys.stderr)
     if args.command == "status":
         print(f"KServe's model server running (pid {pid}): http://127.0.0.1:{http}, gRPC 127.0.0.1:{grpc}"
               if pid else "KServe's model server not running.")
@@ -247,7 +265,7 @@ def predictor_command(argv: list[str]) -> int:
     if args.command == "stop":
         if pid:
             stop_process(pid, PREDICTOR_STOP_TIMEOUT_S)
-        PREDICTOR_PID.remove()
+        pid_record.remove()
         print(f"KServe's model server stopped (pid {pid})." if pid else "KServe's model server not running.")
         return 0
     if pid:
@@ -265,16 +283,14 @@ def predictor_command(argv: list[str]) -> int:
             print(f"error: port {port} is already in use by another process: stop it, or set "
                   f"{PREDICTOR_PORT_ENV[kind]} to another port", file=sys.stderr)
             return 1
-    predictor = KServePredictor(LOG_DIR, args.bundle, port=http, grpc_port=grpc, detached=True,
-                                env={"TMPDIR": os.environ.get("TMPDIR", "/tmp")})
     # Its pid is written at once: a start interrupted in any way leaves no server that status and stop
     # cannot see; one interrupted here (Ctrl-C, a failed start) stops it again.
-    PREDICTOR_PID.write(predictor.spawn().pid)
+    pid_record.write(predictor.spawn().pid)
     try:
         predictor.wait_ready(PREDICTOR_START_TIMEOUT_S)
     except BaseException as err:
         predictor.stop()
-        PREDICTOR_PID.remove()
+        pid_record.remove()
         if not isinstance(err, ServiceStartError):
             raise
         print(f"error: {err}", file=sys.stderr)

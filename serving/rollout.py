@@ -10,13 +10,16 @@
   4. drain each old version (its queue empty, then ``--drain-s`` for the batches its workers hold)
      and unregister it; its rollout archive is deleted (``cifar100.mar``, make serve's, is kept).
 If the new version is not READY and warm within ``--ready-timeout``, it is unregistered again, the
-old one keeps serving, and the command exits 1 with the reason. Rolling back is the same command
-with the previous weights. Serving the version that is already the default only drains and
-unregisters the other versions still registered (left by an interrupted rollout), if any (exit 0).
+old one keeps serving, and the command exits 1 with the reason; Ctrl-C (SIGINT) or SIGTERM before the
+switch does the same (exit 130 / 143). Rolling back is the same command with the previous weights.
+Serving the version that is already the default only drains and unregisters the other versions still
+registered (left by a rollout interrupted after its switch), if any (exit 0).
 
 TorchServe must allow registration (``enable_model_api=true`` in config.properties; it listens on
 loopback only, and every management call needs the management key), and ``allowed_urls=^$``
 refuses archives from URLs: only files already in the model store can be registered.
+One rollout at a time per TorchServe: a second one, while the first runs, is refused at once (exit 1)
+naming the first (``logs/rollout.lock``, an flock the system releases when its process ends, however).
 Keys expire (``token_expiration_min``): a refused key is read again from key_file.json and, if the
 file still holds it, renewed with the API key (serving/keys.py), then the call is retried once; a key
 still refused stops the rollout with that reason.
@@ -25,14 +28,19 @@ restart with ``make serve WEIGHTS=...`` to keep the new weights across restarts.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -52,6 +60,46 @@ WARMUP_ROUNDS = 2  # warm-up predictions per worker of the new version
 
 class RolloutError(RuntimeError):
     """The rollout stopped; the message says why (and what still serves)."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM while the command runs (main), raised where the main thread is, as Ctrl-C raises KeyboardInterrupt:
+    the same withdrawal runs for both."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def lock_path(ts: TorchServeInstance) -> Path:
+    """The file whose flock one rollout at a time holds: in the instance's own folder (its logs)."""
+    return ts.log_dir / "rollout.lock"
+
+
+@contextmanager
+def rollout_lock(path: Path, weights: Path):
+    """Hold ``path``'s lock for one rollout; RolloutError at once, naming the holder, while another holds it.
+    Two at once interleaved their steps: each registered its version, made it the default and unregistered
+    the other's. An flock, not a pid file: the system releases it when its process ends, even by kill -9."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as held:  # not truncated before it is ours: it names the holder
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.seek(0)
+            holder = " ".join(held.read().split()) or "a process that has not written its name yet"
+            raise RolloutError(f"another rollout is under way on this TorchServe ({holder}; lock {path}): "
+                               "let it finish, then run this one again if it is still wanted") from None
+        held.seek(0)
+        held.truncate()
+        since = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        held.write(f"pid {os.getpid()}, since {since}, --weights {weights}\n")
+        held.flush()
+        try:
+            yield
+        finally:
+            held.seek(0)
+            held.truncate()  # unlocked when the file closes
 
 
 def _warmup_png() -> bytes:
@@ -244,9 +292,25 @@ class Rollout:
             return str(err)
         return None if r.status_code in (200, 404) else f"{r.status_code} {r.text.strip()[:200]}"
 
+    def withdraw(self, version: str, old: str) -> None:
+        """After an interruption (Ctrl-C, SIGTERM) before the switch: ``version`` unregistered, its archive gone;
+        ``old`` never stopped serving. Said, as the exception goes on to the caller."""
+        self.say(f"interrupted: unregistering {version} ({old} still serves)")
+        left = self.unregister_quietly(version)
+        if left is not None:
+            self.say(f"unregistering {version} failed ({left}): the same command with {old}'s weights unregisters it")
+            return
+        (self.ts.model_store / f"{MODEL_NAME}-{version}.mar").unlink(missing_ok=True)
+        self.say(f"{version} was unregistered; {old} still serves")
+
     # ---- the whole move ----------------------------------------------------------------------
     def run(self, weights: Path) -> str:
-        """Serve ``weights``; returns the new version. RolloutError: the old version still serves."""
+        """Serve ``weights``; returns the new version. RolloutError: the old version still serves. One rollout
+        at a time per TorchServe (rollout_lock)."""
+        with rollout_lock(lock_path(self.ts), weights):
+            return self._run(weights)
+
+    def _run(self, weights: Path) -> str:
         try:
             version = weights_version(Path(weights))
         except ArchiveError as err:
@@ -266,32 +330,61 @@ class Rollout:
             self.say(f"done: {MODEL_NAME} serves {version}")
             return version
         before_workers, before_mb = self.workers_rss_mb()
-        if version not in registered:  # (else: left by a failed run; wait for it again)
-            try:
-                mar = self.archive(Path(weights), version)
-            except ArchiveError as err:
-                raise RolloutError(str(err)) from None
-            self.register(mar)
-            self.say(f"registered {version} beside {old}; waiting for its workers")
         try:
-            self.wait_ready_and_warm(version)
-        except RolloutError as err:
-            left = self.unregister_quietly(version)
-            if left is not None:
-                raise RolloutError(f"{err}\n{old} still serves; unregistering {version} failed too ({left}): "
-                                   f"the same command with {old}'s weights unregisters it") from None
-            (self.ts.model_store / f"{MODEL_NAME}-{version}.mar").unlink(missing_ok=True)
-            raise RolloutError(f"{err}\n{old} still serves; {version} was unregistered") from None
+            if version not in registered:  # (else: left by a failed run; wait for it again)
+                try:
+                    mar = self.archive(Path(weights), version)
+                except ArchiveError as err:
+                    raise RolloutError(str(err)) from None
+                self.register(mar)
+                self.say(f"registered {version} beside {old}; waiting for its workers")
+            try:
+                self.wait_ready_and_warm(version)
+            except RolloutError as err:
+                left = self.unregister_quietly(version)
+                if left is not None:
+                    raise RolloutError(f"{err}\n{old} still serves; unregistering {version} failed too ({left}): "
+                                       f"the same command with {old}'s weights unregisters it") from None
+                (self.ts.model_store / f"{MODEL_NAME}-{version}.mar").unlink(missing_ok=True)
+                raise RolloutError(f"{err}\n{old} still serves; {version} was unregistered") from None
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Stopped) before the switch: its workers ran beside the old
+            self.withdraw(version, old)
+            raise
         during_workers, during_mb = self.workers_rss_mb()
         self.say(f"{version} is READY and warm; workers {before_workers} -> {during_workers}, their memory "
                  f"{before_mb:.0f} MB -> {during_mb:.0f} MB RSS during the overlap")
         self.set_default(version)
         self.say(f"{version} is the default: {MODEL_NAME}'s requests go to it")
-        for other, url in registered.items():
-            if other != version:
-                self.drain_and_unregister(other, url)
+        try:
+            for other, url in registered.items():
+                if other != version:
+                    self.drain_and_unregister(other, url)
+        except KeyboardInterrupt:
+            self.say(f"interrupted after the switch: {version} serves; the same command again unregisters the "
+                     "versions still registered beside it")
+            raise
         self.say(f"done: {MODEL_NAME} serves {version}")
         return version
+
+
+def roll_out(ts: TorchServeInstance, weights: Path, ready_timeout_s: float, drain_s: float) -> int:
+    """The command on ``ts``: its exit status. SIGTERM is raised as Stopped while it runs, so a stopped
+    rollout withdraws its new version as Ctrl-C's does (the default action would end it on the spot)."""
+    def stopped(signum, frame):
+        raise Stopped(signum)
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        Rollout(ts, ready_timeout_s, drain_s).run(weights)
+    except RolloutError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
+        print(f"error: rollout interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,12 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ts.is_running():
         print("error: TorchServe is not running (make serve-torchserve)", file=sys.stderr)
         return 1
-    try:
-        Rollout(ts, args.ready_timeout, args.drain_s).run(args.weights)
-    except RolloutError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return roll_out(ts, args.weights, args.ready_timeout, args.drain_s)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ images; the reference answers come from the same network called in-process.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -17,17 +18,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 
 from handler.protocols import OUTPUTS, ProtocolError, parse_request, plain_v2_body
 from serving.archive import MODEL_CONFIG, weights_version
 from serving.kserve import ENVELOPES, KServeTorchServe, build_bundle
-from serving.process import free_ports
+from serving.process import free_ports, stop_process
 from serving.settings import PREDICTOR_PORT_ENV
 from serving.torchserve import read_properties
 from serving_helpers import (assert_same_answer, b64, cifar_pil, decompression_bomb_png, encode, v1_body, v2_answers,
                              v2_body)
+from checkout import user_in_a_copy
 from torchserve_fixture import READY_TIMEOUT_S, weights_under_test
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,20 +105,73 @@ def test_make_kserve_bundle_command_writes_the_layout_and_reports_bad_weights(tm
     assert done.returncode == 1 and done.stderr.startswith("error:") and "missing.pth" in done.stderr
 
 
+def stand_in_command(command):
+    """KServePredictor.command for a stand-in: a sleeping Python with KServe's model server's arguments on its
+    command line (what the pid file's check reads), no server."""
+    return lambda self: [sys.executable, "-c", "import time; time.sleep(120)", *command(self)[1:]]
+
+
+def stand_in_predictor(*args: str) -> psutil.Process:
+    """A sleeping Python with these model server's arguments, orphaned as `predictor start` leaves its server (a
+    child of this process would stay a zombie once stopped, and stop would wait its whole timeout)."""
+    command = " ".join(shlex.quote(word) for word in [sys.executable, "-c", "import time; time.sleep(120)", "-m",
+                                                      "handler.kserve_predictor", *args])
+    launched = subprocess.run(["sh", "-c", f"{command} >/dev/null 2>&1 & echo $!"], capture_output=True, text=True,
+                              check=True, timeout=30)
+    return psutil.Process(int(launched.stdout))
+
+
+def alive(process: psutil.Process) -> bool:
+    return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+
+
+def test_predictor_stop_leaves_another_instances_predictor_alone(tmp_path):
+    """logs/kserve-predictor.pid outlives a predictor killed outright (kill -9, the OOM killer), and its pid goes
+    to another predictor: another checkout's, or this bundle's on another port (a test's, a benchmark's). Any
+    command line with handler.kserve_predictor counted: `make stop-kserve` (`predictor stop`, run here in a
+    copy of the checkout as make runs it) killed that one. Only KServe's model server on this checkout's bundle
+    and port counts now; the others are named and left alone. Stand-in processes, no server."""
+    user = user_in_a_copy(tmp_path / "checkout", list(PREDICTOR_PORT_ENV.values()), 60)
+    http, grpc = (user.env[PREDICTOR_PORT_ENV[kind]] for kind in ("http", "grpc"))
+    bundle = (user.root / "dist" / "kserve").resolve()
+    pid_file = user.root / "logs" / "kserve-predictor.pid"
+    pid_file.parent.mkdir()
+    started = [stand_in_predictor(f"--model_dir={tmp_path / 'other' / 'dist' / 'kserve'}", f"--http_port={http}",
+                                  f"--grpc_port={grpc}"),  # another checkout's
+               stand_in_predictor(f"--model_dir={bundle}", f"--http_port={free_ports(1)[0]}")]  # another port's
+    try:
+        for other in started:
+            pid_file.write_text(f"{other.pid}\n")
+            assert user.python("serving.kserve", "predictor", "status").returncode == 3
+            done = user.python("serving.kserve", "predictor", "stop")
+            assert done.returncode == 0 and "not running" in done.stdout, done.stdout + done.stderr
+            assert f"names pid {other.pid}" in done.stderr and "left alone" in done.stderr, done.stderr
+            assert alive(other), "stop killed another instance's predictor"
+        ours = stand_in_predictor(f"--model_dir={bundle}", f"--http_port={http}", f"--grpc_port={grpc}")
+        started.append(ours)
+        pid_file.write_text(f"{ours.pid}\n")
+        assert user.python("serving.kserve", "predictor", "status").returncode == 0
+        done = user.python("serving.kserve", "predictor", "stop")
+        assert done.returncode == 0 and f"stopped (pid {ours.pid})" in done.stdout, done.stdout + done.stderr
+        assert not alive(ours) and not pid_file.exists()
+        assert all(alive(other) for other in started[:2])
+    finally:
+        for process in started:
+            stop_process(process.pid, timeout=5)
+
+
 def test_an_interrupted_predictor_start_leaves_no_server_behind(tmp_path, monkeypatch):
     """Ctrl-C while `predictor start` (make serve-kserve) waits for the server to be ready: the server
     has a session of its own (the terminal's SIGINT misses it), so the command stops it; and its pid
     file named it from its start on (a start killed outright leaves a server that stop can find).
     A stand-in process instead of KServe's server; the interruption is raised in its readiness wait."""
     import serving.kserve as kserve
-    from serving.process import PidFile, command_line_has, stop_popen
+    from serving.process import stop_popen
 
     logs = tmp_path / "logs"
+    pid_file = logs / "kserve-predictor.pid"
     monkeypatch.setattr(kserve, "LOG_DIR", logs)
-    monkeypatch.setattr(kserve, "PREDICTOR_PID", PidFile(logs / "kserve-predictor.pid",
-                                                         command_line_has("handler.kserve_predictor")))
-    monkeypatch.setattr(kserve.KServePredictor, "command", lambda self: [
-        sys.executable, "-c", "import time; time.sleep(120)", "handler.kserve_predictor"])
+    monkeypatch.setattr(kserve.KServePredictor, "command", stand_in_command(kserve.KServePredictor.command))
     for variable, port in zip(PREDICTOR_PORT_ENV.values(), free_ports(2)):
         monkeypatch.setenv(variable, str(port))
     (tmp_path / "bundle" / "model-store").mkdir(parents=True)
@@ -124,7 +180,7 @@ def test_an_interrupted_predictor_start_leaves_no_server_behind(tmp_path, monkey
 
     def interrupted(is_ready, *args, **kwargs):
         seen["process"] = is_ready.__self__.process
-        seen["pid file"] = kserve.PREDICTOR_PID.path.read_text() if kserve.PREDICTOR_PID.path.exists() else None
+        seen["pid file"] = pid_file.read_text() if pid_file.exists() else None
         raise KeyboardInterrupt
     monkeypatch.setattr(kserve, "wait_until_ready", interrupted)
     try:
@@ -132,7 +188,7 @@ def test_an_interrupted_predictor_start_leaves_no_server_behind(tmp_path, monkey
             kserve.main(["predictor", "start", "--bundle", str(tmp_path / "bundle")])
         assert seen["pid file"] == f"{seen['process'].pid}\n"
         assert seen["process"].poll() is not None, "the server outlived its interrupted start"
-        assert not kserve.PREDICTOR_PID.path.exists()
+        assert not pid_file.exists()
     finally:
         if "process" in seen:
             stop_popen(seen["process"])
@@ -144,19 +200,22 @@ def test_start_warns_when_the_running_server_loaded_an_older_bundle(tmp_path, mo
     import os
 
     import serving.kserve as kserve
-    from serving.process import PidFile, command_line_has, stop_popen
+    from serving.process import stop_popen
 
     logs = tmp_path / "logs"
     monkeypatch.setattr(kserve, "LOG_DIR", logs)
-    monkeypatch.setattr(kserve, "PREDICTOR_PID", PidFile(logs / "kserve-predictor.pid",
-                                                         command_line_has("handler.kserve_predictor")))
+    http, grpc = free_ports(2)
+    monkeypatch.setenv(PREDICTOR_PORT_ENV["http"], str(http))
+    monkeypatch.setenv(PREDICTOR_PORT_ENV["grpc"], str(grpc))
     mar = tmp_path / "bundle" / "model-store" / "cifar100.mar"
     mar.parent.mkdir(parents=True)
     mar.touch()
     os.utime(mar, (time.time() - 3600,) * 2)  # built before the server started
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "handler.kserve_predictor"])
+    server = subprocess.Popen(stand_in_command(kserve.KServePredictor.command)(
+        kserve.KServePredictor(logs, tmp_path / "bundle", port=http, grpc_port=grpc)))
     try:
-        kserve.PREDICTOR_PID.write(server.pid)
+        (logs / "kserve-predictor.pid").parent.mkdir(parents=True)
+        (logs / "kserve-predictor.pid").write_text(f"{server.pid}\n")
         argv = ["predictor", "start", "--bundle", str(tmp_path / "bundle")]
         assert kserve.main(argv) == 0
         assert "warning" not in capsys.readouterr().err

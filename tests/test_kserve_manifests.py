@@ -12,6 +12,7 @@ import yaml
 
 import kserve_types
 from kserve_types import ManifestError, build, errors_of
+from manifest_probes import REST_PORT, liveness_probe, run_exec_probe
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = {"cpu": REPO / "deploy" / "kserve" / "inferenceservice.yaml",
@@ -246,3 +247,85 @@ def test_the_gpu_predictor_manifest_is_the_same_server_with_a_gpu_and_the_cuda_i
     assert default and default.group(1).endswith("/whl/cpu")  # the CPU image stays the default build
     assert '--extra-index-url "$TORCH_INDEX"' in text
     assert "--build-arg TORCH_INDEX=" in PREDICTOR_GPU_MANIFEST.read_text()
+
+
+def rest_port(container) -> int:
+    return int(next(arg for arg in container.args if arg.startswith("--http_port=")).split("=", 1)[1])
+
+
+def readiness_window_s(probe) -> int:
+    """How long the readiness probe lets a start take before it gives up: the start's worst case."""
+    return probe.initial_delay_seconds + probe.period_seconds * probe.failure_threshold
+
+
+@pytest.mark.parametrize("path", [PREDICTOR_MANIFEST, PREDICTOR_GPU_MANIFEST, PREDICTOR_GRPC_MANIFEST],
+                         ids=lambda path: path.name)
+def test_every_predictor_manifest_has_a_liveness_probe_that_asks_the_model_server(path):
+    """Without one, a model server that stopped answering (a wedged event loop) kept its pod: not ready, never
+    restarted. Each predictor manifest now asks KServe's v2 liveness route on the container's REST port (an
+    exec probe for the gRPC one: Knative points HTTP and TCP probes at its routed port, gRPC's), only after the
+    readiness probe's window for a start (a first start compiles engines), with a timeout under its period."""
+    [container] = build(yaml.safe_load(path.read_text())).spec.predictor.containers
+    probe = container.liveness_probe
+    assert probe is not None, f"{path.name} has no livenessProbe"
+    assert probe.initial_delay_seconds >= readiness_window_s(container.readiness_probe)
+    assert probe.timeout_seconds < probe.period_seconds and probe.failure_threshold >= 2
+    if path == PREDICTOR_GRPC_MANIFEST:
+        assert probe.http_get is None and probe.tcp_socket is None
+        command = probe._exec.command
+        assert command[:2] == ["python", "-S"]  # the image's Python, its standard library only
+        assert rest_port(container) == REST_PORT and f"'127.0.0.1', {REST_PORT}," in command[-1] and "'/v2/health/live'" in command[-1]
+        timeout = float(re.search(r"timeout=([0-9.]+)", command[-1]).group(1))
+        assert timeout < probe.timeout_seconds  # it answers (fails) before the kubelet gives up on it
+    else:
+        assert (probe.http_get.path, probe.http_get.port) == ("/v2/health/live", rest_port(container))
+
+
+class _LiveRoute:
+    """A stand-in model server's REST port: /v2/health/live answers ``status`` (or nothing, ``hang``)."""
+
+    def __init__(self, status: int = 200, hang: bool = False):
+        import http.server
+        import threading
+
+        route = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if route.hang:
+                    route.release.wait(30)
+                self.send_response(route.status if self.path == "/v2/health/live" else 404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.status, self.hang, self.release = status, hang, threading.Event()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_grpc_manifests_exec_liveness_probe_passes_only_while_the_server_answers_live():
+    """The exec probe's own command, run: exit 0 for a 200 from /v2/health/live; non-zero for another status,
+    no server on the port, or a server that takes the connection but never answers (within its timeout)."""
+    from serving.process import free_port
+
+    command = liveness_probe(PREDICTOR_GRPC_MANIFEST)["exec"]["command"]
+    live = _LiveRoute()
+    try:
+        assert run_exec_probe(command, live.port)[0] == 0
+        live.status = 503
+        assert run_exec_probe(command, live.port)[0] != 0
+        live.hang = True
+        code, seconds = run_exec_probe(command, live.port)
+        assert code != 0 and seconds < 5 + 1, seconds  # its own timeout (4 s), under the kubelet's (5 s)
+    finally:
+        live.close()
+    assert run_exec_probe(command, free_port())[0] != 0

@@ -284,6 +284,35 @@ def test_the_adapter_in_oip_mode_serves_classify_from_kserves_model_server(kserv
 
 
 @pytest.mark.integration  # starts the server's process
+def test_the_manifests_liveness_probes_pass_on_the_server_and_fail_while_it_is_wedged(kserve_predictor):
+    """deploy/kserve's predictor manifests' liveness probes (test_kserve_manifests checks their form), run against
+    the real server on its own ports: KServe's v2 liveness route answers 200 and the gRPC manifest's exec command
+    exits 0; with the server stopped (SIGSTOP: a wedged event loop, its ports still open) both fail within the
+    probe's timeout, where the TCP probe the gRPC manifest had (readiness) still passes."""
+    import socket
+
+    import psutil
+
+    from manifest_probes import KSERVE_DEPLOY, liveness_probe, run_exec_probe
+
+    http_probe = liveness_probe(KSERVE_DEPLOY / "inferenceservice-predictor.yaml")
+    live_url = f"{kserve_predictor.url}{http_probe['httpGet']['path']}"
+    command = liveness_probe(KSERVE_DEPLOY / "inferenceservice-predictor-grpc.yaml")["exec"]["command"]
+    assert httpx.get(live_url, timeout=http_probe["timeoutSeconds"]).status_code == 200
+    assert run_exec_probe(command, kserve_predictor.port)[0] == 0
+    server = psutil.Process(kserve_predictor.process.pid)
+    server.suspend()
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.get(live_url, timeout=http_probe["timeoutSeconds"])
+        code, seconds = run_exec_probe(command, kserve_predictor.port)
+        assert code != 0 and seconds < http_probe["timeoutSeconds"] + 1, (code, seconds)
+        socket.create_connection(("127.0.0.1", kserve_predictor.grpc_port), timeout=3).close()  # an open port
+    finally:
+        server.resume()
+    assert httpx.get(live_url, timeout=30).status_code == 200
+
+
 def test_a_model_dir_without_the_archive_stops_the_start_with_the_reason(tmp_path):
     from serving.process import ServiceStartError
 

@@ -214,6 +214,30 @@ def test_weights_of_integer_or_bool_values_are_refused_and_other_float_types_loa
         check_class_count(101, [str(i) for i in range(100)])
 
 
+def test_finite_weights_that_overflow_are_refused_by_a_probe_forward_pass():
+    """Every value finite, but fc.weight scaled to 1e38: every logit is infinite, so the servers started and then
+    answered each request 500 while /health said ok. The one home of the weights checks now runs a blank image
+    through the network (eval mode, the caller's mode kept) and refuses non-finite logits; weights large but in
+    range still load."""
+    from model import WeightsError, network_from_state_dict
+    from serving.archive import DEFAULT_WEIGHTS
+
+    shipped = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+    torch.manual_seed(0)
+    untrained = CIFAR100Model(width=1, num_classes=100).state_dict()  # BatchNorm biases 0
+    assert network_from_state_dict(shipped).training  # returned in train mode, as built
+    for state, name, value in ((shipped, "fc.weight", shipped["fc.weight"] * 1e38),
+                               (shipped, "stage3.1.conv2.weight", shipped["stage3.1.conv2.weight"] * 1e38),
+                               (untrained, "fc.weight", torch.full_like(untrained["fc.weight"], 3e38))):
+        overflowing = dict(state, **{name: value})
+        assert all(torch.isfinite(v).all() for v in overflowing.values() if v.is_floating_point())
+        with pytest.raises(WeightsError, match="'w.pth' give NaN or infinite logits for a blank image although "
+                                               "every value is finite"):
+            network_from_state_dict(overflowing, "'w.pth'")
+    network_from_state_dict(dict(shipped, **{"fc.weight": shipped["fc.weight"] * 1e3}))
+    network_from_state_dict(untrained)
+
+
 class _RunsCodeWhenUnpickled:
     """A .pth from elsewhere that would create a file when unpickled by plain torch.load."""
 

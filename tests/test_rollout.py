@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -208,23 +211,108 @@ def test_a_version_that_never_gets_ready_leaves_the_old_one_serving(served, tmp_
     assert r.status_code == 200 and r.json()["model_version"] == old
 
 
-def test_weights_that_diverged_to_nan_are_refused_before_anything_is_registered(served, tmp_path):
+@pytest.mark.parametrize("fc_weight, refused", [
+    (lambda w: torch.full_like(w, float("nan")), "NaN or infinite values in 'fc.weight'"),
+    (lambda w: w * 1e38, "give NaN or infinite logits for a blank image although every value is finite")],
+    ids=["nan", "overflowing"])
+def test_weights_that_diverged_to_nan_or_overflow_are_refused_before_anything_is_registered(served, tmp_path,
+                                                                                          fc_weight, refused):
     """The review's weights: the shipped ones with fc.weight NaN, as a diverged training run leaves them. They
     passed the rollout (the warm-up only wanted a 200 from the version: TorchServe answered NaN literals),
     then every adapter answer was a 500. Now the archive refuses them: nothing registered, the old version
-    serves."""
+    serves. So are finite weights that overflow (fc.weight x 1e38: every logit infinite; the warm-up refused
+    them only after registering them and starting their workers)."""
     ts, adapter, _ = served
     old = httpx.get(f"{adapter.base_url}/health", timeout=30).json()["archive_version"]
     state = torch.load(weights_under_test(), map_location="cpu", weights_only=True)
-    state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))
-    diverged = tmp_path / "nan" / "CIFAR100_model.pth"
+    state["fc.weight"] = fc_weight(state["fc.weight"])
+    diverged = tmp_path / "broken" / "CIFAR100_model.pth"
     diverged.parent.mkdir()
     torch.save(state, diverged)
-    with pytest.raises(RolloutError, match="NaN or infinite values in 'fc.weight'"):
-        Rollout(ts, ready_timeout_s=25, say=lambda line: None).run(diverged)
+    said: list[str] = []
+    with pytest.raises(RolloutError, match=refused):
+        Rollout(ts, ready_timeout_s=25, say=said.append).run(diverged)
+    assert not any("registered" in line for line in said), said
     assert registered(ts) == [old]
     r = httpx.post(f"{adapter.base_url}/classify/", files={"image": ("p.png", IMAGE, "image/png")}, timeout=60)
     assert r.status_code == 200 and r.json()["model_version"] == old
+
+
+INTERRUPTED_ROLLOUT = """
+import json, sys
+from pathlib import Path
+from serving.rollout import roll_out
+from serving.torchserve import TorchServeInstance
+spec = json.loads(sys.argv[1])
+ts = TorchServeInstance(Path(spec["workdir"]), spec["ports"], model_store=Path(spec["model_store"]),
+                        log_dir=Path(spec["log_dir"]))
+sys.exit(roll_out(ts, Path(spec["weights"]), ready_timeout_s=240, drain_s=1))
+"""
+
+
+class Lines:
+    """A child's output read as it comes (a thread per stream): wait for a line, then all of it."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(stream.readline, "")), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, words: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(words in line for line in self.lines):
+            assert time.monotonic() < deadline, (words, self.lines)
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        self.thread.join(30)
+        return "".join(self.lines)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_rollout_unregisters_its_version_and_the_old_one_serves(served, tmp_path, signum):
+    """Ctrl-C (or SIGTERM: a CI job cancelled, systemd) while `make rollout` waited for the new version's readiness
+    left it registered, its workers running beside the old version's for good (and its archive in the store).
+    Now the command unregisters it and exits 130 / 143; the old version never stopped serving. Meanwhile a second
+    rollout is refused at once, naming this one. The command runs as make runs it, in a child whose SIGINT has its
+    default disposition (CI starts the tests in the background, where SIGINT is inherited ignored)."""
+    ts, adapter, _ = served
+    old = httpx.get(f"{adapter.base_url}/health", timeout=30).json()["archive_version"]
+    candidate = other_weights(tmp_path / "interrupted" / "CIFAR100_model.pth", 5e-3 + int(signum) * 1e-4)
+    version = weights_version(candidate)
+    workers_before = Rollout(ts).workers_rss_mb()[0]
+    spec = {"workdir": str(ts.workdir), "ports": ts.ports, "model_store": str(ts.model_store),
+            "log_dir": str(ts.log_dir), "weights": str(candidate)}
+    child = subprocess.Popen([sys.executable, "-u", "-c", INTERRUPTED_ROLLOUT, json.dumps(spec)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    out, err = Lines(child.stdout), Lines(child.stderr)
+    try:
+        out.wait_for(f"registered {version} beside {old}; waiting for its workers", 120)
+        with pytest.raises(RolloutError, match=rf"^another rollout is under way on this TorchServe \(pid {child.pid}, "):
+            Rollout(ts, say=lambda line: None).run(weights_under_test())
+        assert set(registered(ts)) == {old, version}
+        child.send_signal(signum)
+        child.wait(120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    said, errors = out.text(), err.text()
+    assert child.returncode == 128 + signum, (child.returncode, said, errors)
+    assert f"interrupted: unregistering {version} ({old} still serves)" in said, said
+    assert f"{version} was unregistered; {old} still serves" in said, said
+    assert errors.strip().endswith(f"error: rollout interrupted ({signal.Signals(signum).name})"), errors
+    assert registered(ts) == [old]
+    assert not (ts.model_store / f"cifar100-{version}.mar").exists()
+    deadline = time.monotonic() + 60  # its workers stopped
+    while Rollout(ts).workers_rss_mb()[0] != workers_before:
+        assert time.monotonic() < deadline, (Rollout(ts).workers_rss_mb(), workers_before)
+        time.sleep(0.5)
+    r = httpx.post(f"{adapter.base_url}/classify/", files={"image": ("p.png", IMAGE, "image/png")}, timeout=60)
+    assert r.status_code == 200 and r.json()["model_version"] == old
+    # The lock went with the command: the next rollout runs.
+    assert Rollout(ts, say=lambda line: None).run(weights_under_test()) == old
 
 
 async def misrouted_to_default(ts, request: web.Request) -> web.Response:

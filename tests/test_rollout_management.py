@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,41 @@ def test_the_default_already_serving_still_unregisters_the_versions_left_beside_
     assert not any(method == "DELETE" and path.endswith(NEW) for method, path in api.calls)
     assert any(f"unregistering the versions left registered beside it: {OLD}" in line for line in said), said
     assert f"drained and unregistered {OLD}" in said
+
+
+def test_a_second_rollout_while_one_runs_is_refused_at_once_naming_the_first(tmp_path):
+    """Two rollouts at once (two operators, a CI job retried) had no lock: each registered its version, made it
+    the default and unregistered the other's. The second is now refused at once, before any call to TorchServe,
+    naming the first (its pid, start, weights); once the first ends, whether it succeeded or not, the next one
+    runs. Here the first is held in its first step (a thread of this process: a lock of another open file)."""
+    import os
+    import threading
+
+    api = StandInManagement(tmp_path, [NEW, OLD])
+    first_started, first_may_go = threading.Event(), threading.Event()
+
+    def held_first(line: str) -> None:
+        first_started.set()
+        first_may_go.wait(30)
+
+    def go(rollout):
+        first = Rollout(rollout.ts, ready_timeout_s=5, drain_s=0, say=held_first)
+        thread = threading.Thread(target=first.run, args=(DEFAULT_WEIGHTS,))
+        thread.start()
+        try:
+            assert first_started.wait(30)
+            calls_before = len(api.calls)
+            started = time.monotonic()
+            with pytest.raises(RolloutError) as err:
+                rollout.run(DEFAULT_WEIGHTS)
+            assert time.monotonic() - started < 1 and len(api.calls) == calls_before  # at once, nothing asked
+        finally:
+            first_may_go.set()
+            thread.join(30)
+        message = str(err.value)
+        assert message.startswith(f"another rollout is under way on this TorchServe (pid {os.getpid()}, since ")
+        assert f"--weights {DEFAULT_WEIGHTS}; lock {rollout.ts.log_dir / 'rollout.lock'})" in message, message
+        assert api.registered == [NEW]  # the first one finished its work
+        return rollout.run(DEFAULT_WEIGHTS)  # the lock is free again
+    version, said = with_stand_in(api, go)
+    assert version == NEW and "nothing to do" in said[-1]

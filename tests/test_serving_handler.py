@@ -515,34 +515,53 @@ def weights_copy(model_dir: Path, into: Path, change) -> Path:
     return into
 
 
-def test_weights_holding_nan_are_refused_at_start_and_by_the_archive(model_dir, tmp_path):
+def _diverged(state):
+    state["fc.weight"][3, 5] = float("nan")
+
+
+def _overflowing(state):
+    state["fc.weight"] *= 1e38  # every value finite, every logit infinite
+
+
+@pytest.mark.parametrize("change, refused", [(_diverged, "NaN or infinite values in 'fc.weight'"),
+                                             (_overflowing, "give NaN or infinite logits for a blank image")])
+def test_weights_holding_nan_or_overflowing_are_refused_at_start_and_by_the_archive(model_dir, tmp_path, change,
+                                                                                  refused):
     """A diverged training run leaves NaN weights: served, every answer was NaN (TorchServe sent the
-    non-JSON literal, the adapter a 500 for each); the worker and the archive build refuse them instead."""
+    non-JSON literal, the adapter a 500 for each); the worker and the archive build refuse them instead.
+    Finite weights that overflow started, then answered every request 500 while /health said ok: refused
+    the same way now (one check, model/weights.py, which KServe's predictor's serving_model runs too)."""
+    from handler.engine import serving_model
     from model import WeightsError
     from serving.archive import ArchiveError
 
-    def diverged(state):
-        state["fc.weight"][3, 5] = float("nan")
-    broken = weights_copy(model_dir, tmp_path / "model", diverged)
-    refused = "NaN or infinite values in 'fc.weight'"
+    broken = weights_copy(model_dir, tmp_path / "model", change)
     with pytest.raises(WeightsError, match=refused):
         CIFAR100Handler().initialize(make_context(broken))
     serialized = next(broken.glob("*.pth"))
     with pytest.raises(ArchiveError, match=refused):
         weights_version(serialized)
+    with pytest.raises(WeightsError, match=refused):
+        serving_model(torch.load(serialized, map_location="cpu", weights_only=True))
 
 
 def test_an_answer_that_is_not_finite_is_a_500_naming_it_logged_once_with_its_request_id(model_dir, tmp_path,
-                                                                                         cifar100_test_split, caplog):
+                                                                                         cifar100_test_split, caplog,
+                                                                                         monkeypatch):
     """Finite weights can still overflow: every logit is then infinite and every probability NaN, which no
     JSON can carry. Each such request gets a 500 that says why (said once in the worker's log, with the
     request's X-Request-ID); a request the handler refuses gets its 4xx and a log line with its id (the
-    adapter sends its X-Request-ID on: model_log.log can now be tied to the adapter's access line)."""
+    adapter sends its X-Request-ID on: model_log.log can now be tied to the adapter's access line).
+    The start's probe (one blank image) refuses these weights; weights that overflow only on some images
+    would pass it, so here the probe is left out to reach the per-request rule."""
     import base64
     import logging
 
+    import model.weights
     from handler.answers import NOT_FINITE
     from ts.context import RequestProcessor
+
+    monkeypatch.setattr(model.weights, "check_finite_output", lambda network, source="weights": None)
 
     def overflowing(state):
         state["fc.weight"] = torch.full_like(state["fc.weight"], 3e38)  # finite, but each logit sums to infinity

@@ -4,7 +4,9 @@ the one test that resumes a real run (an integration test through its fixture)."
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 from model import CIFAR100Model
 from training import train as train_module
 
+REPO = Path(__file__).resolve().parents[1]
 NO_DATA = ["--data-dir", "/nonexistent/cifar"]  # a check that reads data first would fail on this instead
 
 
@@ -170,6 +173,31 @@ def _makefile_train_argv(train_args: list[str], data_dir: Path) -> list[str]:
     words = recipe.removeprefix("$(PY) -m training.train ").split()
     filled = {"$(CIFAR100_DATA)": [str(data_dir)], "$(TRAIN_ARGS)": train_args}
     return [a for word in words for a in filled.get(word, [word])]
+
+
+def _makefile_data_dir(cwd: Path, environment: dict[str, str], *make_args: str) -> str:
+    """CIFAR100_DATA as the Makefile's recipes see it (make's variable and the exported one), run from ``cwd``
+    with only a target of the test's own (--eval): nothing installs or runs."""
+    show = 'show-cifar100-data: ; @echo "$(CIFAR100_DATA)|$$CIFAR100_DATA"'
+    done = subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), "--eval", show, "show-cifar100-data",
+                           *make_args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    variable, exported = done.stdout.strip().split("|")
+    assert variable == exported
+    return variable
+
+
+def test_makefile_treats_an_empty_cifar100_data_as_unset(tmp_path):
+    """`CIFAR100_DATA= make train` (an empty export in a script, or on make's command line) passed
+    --data-dir "" (`?=` keeps a set but empty value); it now gets the default, as training.data does."""
+    environment = {k: v for k, v in os.environ.items() if k != "CIFAR100_DATA"}
+    default = str(tmp_path / "data")  # no ../shared/data beside tmp_path
+    assert _makefile_data_dir(tmp_path, environment) == default
+    for empty in ("", "  "):
+        assert _makefile_data_dir(tmp_path, {**environment, "CIFAR100_DATA": empty}) == default
+    assert _makefile_data_dir(tmp_path, environment, "CIFAR100_DATA=") == default
+    assert _makefile_data_dir(tmp_path, {**environment, "CIFAR100_DATA": "/given"}) == "/given"
+    assert _makefile_data_dir(tmp_path, environment, "CIFAR100_DATA=/given") == "/given"
 
 
 def test_resume_from_a_path_continues_there_not_in_runs_latest(tmp_path, monkeypatch, cifar100_data_dir):
