@@ -75,7 +75,7 @@ class CIFAR100Handler(BaseHandler):
         self._sizes: list[tuple[int, int]] = []  # per batch: (width, height) of each good image
         self._said_not_finite = False  # NOT_FINITE logged already (once per worker)
         # Flip test-time augmentation: each image and its mirror in one forward pass, logits averaged
-        # (model/tta.py): +1 point top-1 for ~1.5-1.8x the forward pass (model card).
+        # (model/tta.py): about a point of top-1 for a costlier forward pass (figures: model/README.md).
         self.flip_tta = engines.flip_tta(model_cfg)
         self.calibration = load_calibration(model_dir, self.flip_tta)
         self.engine = self._start_engine(handler_cfg.get("engine", engines.AUTO), engines.images_per_forward(model_cfg),
