@@ -7,7 +7,8 @@ Limits (each refused with a 4xx before any pixel is decoded, the server keeps se
   * images above their format's pixel limit are refused with 413 on their header alone, which also
     stops decompression bombs (a tiny file that declares a huge canvas): MAX_IMAGE_PIXELS for formats
     decoded at full size (PNG, GIF, WebP, ...), MAX_JPEG_PIXELS for JPEG, which is decoded at 1/2..1/8
-    scale (below). 413 rather than 400: the request is well-formed, just too big to process, and a
+    scale (below); so is an image of another format than JPEG with a side above MAX_IMAGE_SIDE (a thin
+    one costs more per pixel). 413 rather than 400: the request is well-formed, just too big to process, and a
     client should not retry it as is. (The upload's byte size is capped before: by the adapter, and
     by TorchServe's max_request_size.)
   * a v1/v2 request's images together: MAX_REQUEST_PIXELS as decoded (check_request_pixels), 413 on
@@ -44,6 +45,12 @@ from PIL import Image, ImageMath, UnidentifiedImageError
 # 16 megapixels decoded at full size (~48 MB as RGB): above a 12 MP phone photo or a 5K screenshot
 # (14.7 MP); a small PNG bomb must not cost a worker seconds and memory (benchmarks/RESULTS.md).
 MAX_IMAGE_PIXELS = 16_000_000
+# The longest side of an image decoded at full size (not JPEG: libjpeg's draft scale and the format's
+# own 65,535 keep its cost to its pixels). A PNG pays per row as well as per pixel, and the resize to
+# 32x32 widens a thin image 32 times first: a 60 KB PNG of 1x16,000,000 cost the adapter 1.2 s of CPU,
+# 7x a 4000x4000 one; at most 32,768 (a 1080 px wide scrolling screenshot of 16 MP is 14,800 long),
+# 488x32,768 costs 1.3x (benchmarks/RESULTS.md, session 27).
+MAX_IMAGE_SIDE = 32_768
 # JPEGs are decoded at up to 1/8 scale, so a 64 MP JPEG (a 48-50 MP sensor's full-resolution photo)
 # costs about what a 1 MP one does at full scale.
 MAX_JPEG_PIXELS = 64_000_000
@@ -199,6 +206,10 @@ def _check_pixel_limit(img: Image.Image) -> None:
     """413 naming the limit that applies to this image's format, on its header alone."""
     width, height = img.size
     jpeg = img.format in JPEG_FORMATS
+    if not jpeg and max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageRequestError(
+            413, f"image is {width}x{height} pixels, a side above the {MAX_IMAGE_SIDE:,}-pixel limit for "
+                 f"{img.format or 'these'} images: crop or shrink it")
     limit = MAX_JPEG_PIXELS if jpeg else MAX_IMAGE_PIXELS
     if width * height > limit:
         kind = "JPEG images" if jpeg else f"{img.format or 'these'} images (JPEG: {MAX_JPEG_PIXELS / 1e6:.0f} MP)"

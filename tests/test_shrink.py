@@ -184,6 +184,31 @@ def test_settings_tell_the_page_what_the_operator_chose(tmp_path):
         assert httpx.get(f"{a.base_url}/settings", timeout=30).json()["shrink"] is None
 
 
+def test_a_thin_png_is_413_on_its_header(monkeypatch):
+    # A 60 KB PNG of 1x16,000,000 (16 MP, under MAX_IMAGE_PIXELS) cost the adapter's shrinking thread 1.2 s of
+    # CPU (a 4000x4000 one: 0.17 s): a PNG pays per row, and the resize widens a thin picture 32 times first.
+    from serving.images import MAX_IMAGE_SIDE
+
+    thin = encode(Image.new("RGB", (1, 16_000_000), (10, 200, 30)))
+    assert len(thin) < 100_000
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or real_load(self))
+    for size in [(1, 16_000_000), (MAX_IMAGE_SIDE + 1, 2)]:
+        data = thin if size[1] == 16_000_000 else encode(Image.new("RGB", size))
+        with pytest.raises(ImageRequestError) as handler:
+            decode_image(data)
+        with pytest.raises(ClassifyError) as info:
+            prepare(data, explain=True)
+        assert info.value.status_code == handler.value.status == 413
+        assert info.value.message == handler.value.message
+        assert f"{size[0]}x{size[1]} pixels, a side above the 32,768-pixel limit" in handler.value.message
+    assert decoded == []
+    # At the limit: decoded; a JPEG (draft-scaled, 65,535 a side at most) has no such limit.
+    assert decode_image(encode(Image.new("RGB", (1, MAX_IMAGE_SIDE)))).size == (1, MAX_IMAGE_SIDE)
+    assert decode_image(encode(Image.new("RGB", (40_000, 8)), "JPEG")).size == (40_000, 8)
+
+
 @pytest.mark.parametrize("padding", [0, 2 * SHRINK_MIN_BYTES], ids=["small", "large"])
 def test_a_jpeg_bomb_is_413_before_any_pixel_is_decoded(monkeypatch, padding):
     bomb = jpeg_declaring_size(10_000, 8_000) + b"\0" * padding  # 80 MP declared
