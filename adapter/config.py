@@ -11,7 +11,7 @@ serving/settings.py).
                           (-> 504; still waiting for a connection: 503 busy); must stay
                           below TorchServe's responseTimeout (checked at start-up)  10
     TS_RESPONSE_TIMEOUT_S TorchServe's responseTimeout; unset: read from TS_MODEL_CONFIG (else 120). A request
-                          the adapter answered 504 (or whose client left) keeps its bytes, its place in the
+                          the adapter answered 504 (or whose task was cancelled) keeps its bytes, its place in the
                           request caps and an explanation's turn this long more: TorchServe may still run it
     TS_MODEL_CONFIG       the model-config.yaml packed into the archive  handler/model-config.yaml
     TS_HEALTH_TIMEOUT_S   waiting for the model status / a health probe  3
@@ -229,7 +229,7 @@ class Settings:
 
     def model_server_hold_s(self) -> float:
         """How long the model server may still work on a request after the adapter stopped waiting for it
-        (504, or its client left): TorchServe keeps the request queued, and a batch runs until it answers or
+        (504, or its task cancelled): TorchServe keeps the request queued, and a batch runs until it answers or
         responseTimeout passes. Until then the request keeps its place in the caps (adapter/limits.py)."""
         return (self.response_timeout_s or torchserve_response_timeout(self.model_config)
                 or TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S)

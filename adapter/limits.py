@@ -22,12 +22,13 @@ at most MAX_CLIENT_EXPLANATIONS_IN_FLIGHT from one client (more -> 503 with Retr
 before the body is read), and at most MAX_EXPLANATIONS_IN_FLIGHT at the model server from everyone;
 an explanation past that waits its turn (first come, first served) up to EXPLANATION_WAIT_S, then
 503 with Retry-After. Classifications never wait behind more than that many explanations.
-Given up, not finished: a request the adapter answered 504 (the model server too slow), or whose client
-left, may still be queued or running at TorchServe, which cancels nothing. It keeps, for the model
+Given up, not finished: a request the adapter answered 504 (the model server too slow), or whose task
+was cancelled, may still be queued or running at TorchServe, which cancels nothing. It keeps, for the model
 server's responseTimeout more (Settings.model_server_hold_s), the bytes it forwarded and its place among
 the requests in flight (`held_by_model_server`), and an explanation its turn: otherwise the caps would
 let in more while TorchServe still holds them (Java's heap filled with bodies of 504'd uploads; 7
-explanations ran at once under a cap of 4, 25-39 with TS_PREDICT_TIMEOUT_S=1).
+explanations ran at once under a cap of 4, 25-39 with TS_PREDICT_TIMEOUT_S=1). A client that leaves
+cancels nothing: uvicorn lets its request run to TorchServe's answer, which frees what it held.
 The client address is scope["client"]: the socket's peer, or, behind a proxy listed in
 TRUSTED_PROXIES, what its X-Forwarded-For says (uvicorn's ProxyHeadersMiddleware, adapter/run.py);
 an IPv6 client is counted by its /64 (client_key).
@@ -69,7 +70,8 @@ CHARGE_KEY = "adapter.charge"
 
 def given_up(err: BaseException) -> bool:
     """Whether the model server may still be working on a request that ended with ``err``: the adapter
-    stopped waiting for its answer (504), or its client left (the request's task cancelled)."""
+    stopped waiting for its answer (504), or its task was cancelled (a client that leaves cancels nothing:
+    uvicorn lets its request run on)."""
     return isinstance(err, asyncio.CancelledError) or (isinstance(err, ClassifyError) and err.status_code == 504)
 
 

@@ -19,7 +19,7 @@ from model.normalization import normalize  # noqa: F401 - the handler normalizes
 # The decoding rules, re-exported for the handler, the tests and the benchmarks.
 from serving.images import (  # noqa: F401
     DECODE_MIN_SIDE, INPUT_SIZE, MAX_IMAGE_PIXELS, MAX_JPEG_PIXELS, ImageRequestError, check_png_checksums,
-    check_request_pixels, decode_image, decode_opened, network_input, open_upload)
+    check_request_pixels, decode_image, decode_opened, network_input, open_upload, picture_size)
 
 # Where an image may sit in a request: multipart field names, keys of a JSON object, and "body"
 # (TorchServe's name for a raw request body, or the parsed object of an application/json body).
@@ -88,14 +88,14 @@ def opened_images(request, payloads: list) -> list[Image.Image]:
 
 
 def decoded_tensors(request, opened: list) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
-    """Opened images -> their [3, 32, 32] uint8 tensors and (width, height), one image decoded at a time,
-    each let go before the next (``opened`` is emptied): a request of many large images holds one
-    image's pixels at a time, not all of them."""
+    """Opened images -> their [3, 32, 32] uint8 tensors and their pictures' (width, height) (picture_size),
+    one image decoded at a time, each let go before the next (``opened`` is emptied): a request of many
+    large images holds one image's pixels at a time, not all of them."""
     tensors, sizes = [], []
     for n in range(len(opened)):
         image, opened[n] = located(request, n, decode_opened, opened[n]), None
         tensors.append(image_to_tensor(image))
-        sizes.append(image.size)
+        sizes.append(picture_size(image))  # the adapter's 32x32 explanation input names its picture's
     return tensors, sizes
 
 

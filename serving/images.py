@@ -7,7 +7,8 @@ Limits (each refused with a 4xx before any pixel is decoded, the server keeps se
   * images above their format's pixel limit are refused with 413 on their header alone, which also
     stops decompression bombs (a tiny file that declares a huge canvas): MAX_IMAGE_PIXELS for formats
     decoded at full size (PNG, GIF, WebP, ...), MAX_JPEG_PIXELS for JPEG, which is decoded at 1/2..1/8
-    scale (below). 413 rather than 400: the request is well-formed, just too big to process, and a
+    scale (below); so is an image of another format than JPEG with a side above MAX_IMAGE_SIDE (a thin
+    one costs more per pixel). 413 rather than 400: the request is well-formed, just too big to process, and a
     client should not retry it as is. (The upload's byte size is capped before: by the adapter, and
     by TorchServe's max_request_size.)
   * a v1/v2 request's images together: MAX_REQUEST_PIXELS as decoded (check_request_pixels), 413 on
@@ -24,9 +25,10 @@ source pixels (benchmarks/bench_decode.py measures the CPU and the agreement wit
 
 Shrinking where the photo enters (the adapter, the page): an upload of a SHRINK_FORMATS format above
 SHRINK_MIN_BYTES or SHRINK_MIN_PIXELS is decoded by the adapter with these same rules and forwarded
-as the network's own 32x32 input (a lossless PNG of a few KB; for an explanation, the decoded image
-itself, whose size the heatmap follows). The handler's decode of that PNG is the identity, so the
-answer is bit for bit the one the whole file gets (tests/test_shrink.py). The page cannot reproduce
+as the network's own 32x32 input (a lossless PNG of a few KB; for an explanation, the same pixels
+with the decoded picture's size named in the PNG, which the heatmap follows: picture_size). The
+handler's decode of that PNG is the identity, so the answer, /classify/'s and /explain/'s alike, is
+bit for bit the one the whole file gets (tests/test_shrink.py). The page cannot reproduce
 Pillow's pixels; it sends the photo with its shorter side at DECODE_MIN_SIDE, the most the handler
 would decode anyway, as a JPEG (PAGE_JPEG_QUALITY): agreement with the full path measured in
 benchmarks/RESULTS.md.
@@ -34,16 +36,22 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import io
-import math
 import re
 import struct
 import zlib
 
 from PIL import Image, ImageMath, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 # 16 megapixels decoded at full size (~48 MB as RGB): above a 12 MP phone photo or a 5K screenshot
 # (14.7 MP); a small PNG bomb must not cost a worker seconds and memory (benchmarks/RESULTS.md).
 MAX_IMAGE_PIXELS = 16_000_000
+# The longest side of an image decoded at full size (not JPEG: libjpeg's draft scale and the format's
+# own 65,535 keep its cost to its pixels). A PNG pays per row as well as per pixel, and the resize to
+# 32x32 widens a thin image 32 times first: a 60 KB PNG of 1x16,000,000 cost the adapter 1.2 s of CPU,
+# 7x a 4000x4000 one; at most 32,768 (a 1080 px wide scrolling screenshot of 16 MP is 14,800 long),
+# 488x32,768 costs 1.3x (benchmarks/RESULTS.md, session 27).
+MAX_IMAGE_SIDE = 32_768
 # JPEGs are decoded at up to 1/8 scale, so a 64 MP JPEG (a 48-50 MP sensor's full-resolution photo)
 # costs about what a 1 MP one does at full scale.
 MAX_JPEG_PIXELS = 64_000_000
@@ -69,9 +77,9 @@ SHRINK_MIN_PIXELS = 1_000_000
 # agreement with the full path is the same as with a lossless PNG, benchmarks/RESULTS.md).
 PAGE_SHRINK_TYPE = "image/jpeg"
 PAGE_JPEG_QUALITY = 0.92
-# The most pixels of the picture forwarded for an explanation (its size the heatmap follows): a photo
-# decoded as above has ~0.1-0.5 MP; only long thin ones have more, reduced to this.
-EXPLAIN_MAX_PIXELS = 1_000_000
+# The key of the text chunk in which an explanation's 32x32 PNG names the size of the picture it was made
+# from (what the heatmap's aspect follows: picture_size), as "<width>x<height>".
+PICTURE_SIZE_KEY = "picture-size"
 PNG_FAST = 1  # zlib level of the adapter's lossless PNGs: a few KB either way, level 1 is fastest
 
 # The formats opened at all, as Pillow's openers name them: what browsers, phones and cameras write,
@@ -199,6 +207,10 @@ def _check_pixel_limit(img: Image.Image) -> None:
     """413 naming the limit that applies to this image's format, on its header alone."""
     width, height = img.size
     jpeg = img.format in JPEG_FORMATS
+    if not jpeg and max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageRequestError(
+            413, f"image is {width}x{height} pixels, a side above the {MAX_IMAGE_SIDE:,}-pixel limit for "
+                 f"{img.format or 'these'} images: crop or shrink it")
     limit = MAX_JPEG_PIXELS if jpeg else MAX_IMAGE_PIXELS
     if width * height > limit:
         kind = "JPEG images" if jpeg else f"{img.format or 'these'} images (JPEG: {MAX_JPEG_PIXELS / 1e6:.0f} MP)"
@@ -465,21 +477,34 @@ def worth_shrinking(img: Image.Image, size_bytes: int, min_bytes: int = SHRINK_M
     return img.format in SHRINK_FORMATS and (size_bytes > min_bytes or width * height > SHRINK_MIN_PIXELS)
 
 
-def shrunk_png(img: Image.Image, keep_size: bool = False) -> bytes:
-    """An opened upload (open_upload) decoded with the handler's rules, as a lossless PNG: the
-    network's 32x32 input, whose decode by the handler is the identity, or with ``keep_size`` the
-    picture at its decoded size (an explanation's heatmap follows the picture's size). Raises
-    ImageRequestError with the handler's own status and message for an image it would refuse."""
+def shrunk_png(img: Image.Image, explain: bool = False) -> bytes:
+    """An opened upload (open_upload) decoded with the handler's rules, as a lossless PNG of the
+    network's 32x32 input, whose decode by the handler is the identity; for an explanation (``explain``)
+    the same pixels, with the decoded picture's size named in it (PICTURE_SIZE_KEY), which the heatmap
+    follows. Raises ImageRequestError with the handler's own status and message for an image it would refuse."""
     decoded = decode_opened(img)
-    if not keep_size:
-        decoded = network_input(decoded)
-    elif decoded.width * decoded.height > EXPLAIN_MAX_PIXELS:
-        # A long thin picture (a panorama JPEG under 512 px high is decoded whole): its size, not all its
-        # pixels, is what the heatmap needs; a lossless PNG of all of them ran to 50 MB.
-        decoded = decoded.reduce(math.ceil(math.sqrt(decoded.width * decoded.height / EXPLAIN_MAX_PIXELS)))
+    named = None
+    if explain:
+        # Not the picture itself: the handler would resize that (or a reduced copy) to other 32x32 pixels
+        # than /classify/'s (p 0.729 vs 0.713 for a 12000x2000 JPEG); the heatmap needs only its size.
+        named = PngInfo()
+        named.add_text(PICTURE_SIZE_KEY, f"{decoded.width}x{decoded.height}")
     out = io.BytesIO()
-    decoded.save(out, format="PNG", compress_level=PNG_FAST)
+    network_input(decoded).save(out, format="PNG", compress_level=PNG_FAST, pnginfo=named)
     return out.getvalue()
+
+
+_PICTURE_SIZE = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")
+
+
+def picture_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of the picture a decoded upload shows, which its heatmap follows: its own size, or
+    for a 32x32 input that names the picture it was made from (shrunk_png, explain), that picture's."""
+    if img.size == (INPUT_SIZE, INPUT_SIZE):
+        named = _PICTURE_SIZE.fullmatch(str(img.info.get(PICTURE_SIZE_KEY, "")))
+        if named:
+            return int(named[1]), int(named[2])
+    return img.size
 
 
 def page_shrink_rules(min_bytes: int = SHRINK_MIN_BYTES) -> dict:
