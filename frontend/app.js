@@ -2,8 +2,9 @@
 // it, send it to POST {apiBase}/classify/ as multipart field `image`, and show the answer with its
 // top-5 bars, saying so plainly when the model is unsure. "Why?" asks POST {apiBase}/explain/ for
 // the answer's Grad-CAM heatmap and lays it over the preview; GET {apiBase}/classes lists the 100
-// things the model knows; GET {apiBase}/settings gives the upload limit checked before sending and
-// the rules for shrinking a large photo here, before it is uploaded (the preview stays full-size).
+// things the model knows; GET {apiBase}/settings gives the upload and pixel limits checked before
+// sending (the pixels before showing) and the rules for shrinking a large photo here, before it is
+// uploaded (the preview stays full-size).
 "use strict";
 
 (function () {
@@ -60,8 +61,9 @@
   const SETTINGS_DEADLINE_S = 3;
   const ANSWER_DEADLINE_S = 60;
 
-  // The adapter's limits (GET {apiBase}/settings: max_upload_bytes, top_k, shrink), asked once at
-  // start so that a too-large file is refused before it is sent and a large photo is shrunk first.
+  // The adapter's limits (GET {apiBase}/settings: max_upload_bytes, top_k, images, shrink), asked once
+  // at start so that a too-large file is refused before it is sent (or shown) and a large photo is
+  // shrunk first.
   // Unreachable or slow: no check and no shrinking here, the adapter's own 413 still answers.
   const serverSettings = fetch(`${apiBase}/settings`, { signal: AbortSignal.timeout(SETTINGS_DEADLINE_S * 1000) })
     .then((response) => (response.ok ? response.json() : {}))
@@ -317,6 +319,32 @@
     return format && `image/${format}`;
   }
 
+  // An image's width and height (upright) as its header gives them, or null when this browser cannot
+  // read it. An <img> that is never shown reads the header only: its pixels are decoded when painted.
+  function imageSize(url) {
+    return new Promise((resolve) => {
+      const probe = new Image();
+      probe.onload = () => resolve({ width: probe.naturalWidth, height: probe.naturalHeight });
+      probe.onerror = () => resolve(null);
+      probe.src = url;
+    });
+  }
+
+  // The server's refusal of an image above its pixel limit (GET /settings `images`: JPEGs are decoded
+  // at 1/2-1/8 scale there, so their limit is higher), said before this browser decodes it: a small
+  // file can declare a huge canvas (a 20000 x 20000 PNG of 389 KB is 1.6 GB decoded). "" when it fits.
+  function tooManyPixels(size, type, rules) {
+    if (!size || !rules) return "";
+    const pixels = size.width * size.height;
+    const jpeg = type === "image/jpeg";
+    const limit = Number(jpeg ? rules.max_jpeg_pixels : rules.max_pixels);
+    if (!(limit > 0) || pixels <= limit) return "";
+    const megapixels = (n) => `${Math.round(n / 1e5) / 10} MP`;
+    return `The image is too large: ${size.width} × ${size.height} pixels (${megapixels(pixels)}); the limit is ` +
+      `${megapixels(limit)}${jpeg ? "" : ` (for a JPEG photo: ${megapixels(rules.max_jpeg_pixels)})`}. ` +
+      "Try a smaller picture.";
+  }
+
   // A large photo shrunk before upload, following the adapter's rules (GET /settings `shrink`):
   // its type (`type`, from its bytes) is one of `types`, it is larger than `min_bytes` or
   // `min_pixels`, and its shorter side (upright, after its EXIF orientation) is brought down to
@@ -387,13 +415,25 @@
     }
     if (thisRequest !== requestNumber) return; // a newer image arrived meanwhile
 
-    // The picture and "busy" at once: nothing above waits on the network.
-    currentUpload = null;
-    currentAnswer = null;
-    resetWhy();
-    sentText.hidden = true;
-    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    // "Busy" at once: nothing above waits on the network. The earlier picture goes; this one is shown
+    // once its size is known to be within the server's limit (showing it decodes it).
+    clearPicture();
+    errorText.hidden = true;
+    hideAnswer();
+    setBusy(true);
+    say(statusLine, "Looking at your image…");
+    document.body.dataset.state = "busy";
     previewUrl = URL.createObjectURL(file);
+
+    const settings = await serverSettings; // SETTINGS_DEADLINE_S at most (normally asked for at start)
+    if (thisRequest !== requestNumber) return; // a newer image arrived while the settings were asked for
+    const size = await imageSize(previewUrl);
+    if (thisRequest !== requestNumber) return;
+    const tooLarge = tooManyPixels(size, type, settings.images);
+    if (tooLarge) {
+      refuse(tooLarge);
+      return;
+    }
     preview.onload = () => {
       // CIFAR-size pictures (32x32) would blur when enlarged: show their pixels.
       preview.classList.toggle("pixelated", preview.naturalWidth < 96);
@@ -402,14 +442,7 @@
     preview.alt = description || (file.name ? `Your image: ${file.name}` : "Your image");
     preview.hidden = false;
     dropZone.classList.add("has-image");
-    errorText.hidden = true;
-    hideAnswer();
-    setBusy(true);
-    say(statusLine, "Looking at your image…");
-    document.body.dataset.state = "busy";
 
-    const settings = await serverSettings; // SETTINGS_DEADLINE_S at most
-    if (thisRequest !== requestNumber) return; // a newer image arrived while the settings were asked for
     const shrunk = await shrunkPhoto(file, type, settings.shrink);
     if (thisRequest !== requestNumber) return;
     const upload = shrunk ? { blob: shrunk.blob, name: `${baseName(file.name)}.jpg` }

@@ -482,6 +482,13 @@ def shrunk_png(img: Image.Image, keep_size: bool = False) -> bytes:
     return out.getvalue()
 
 
+def page_image_rules() -> dict:
+    """What the page checks before it shows or uploads a file (GET /settings "images"): the pixel
+    limits, which also keep the browser from decoding a huge image (a few hundred KB of PNG can
+    declare 20000x20000 pixels: 1.6 GB decoded)."""
+    return {"max_pixels": MAX_IMAGE_PIXELS, "max_jpeg_pixels": MAX_JPEG_PIXELS}
+
+
 def page_shrink_rules(min_bytes: int = SHRINK_MIN_BYTES) -> dict:
     """The page's part of the rules (GET /settings): which files it shrinks, to what, sent how."""
     return {"types": sorted(SHRINK_FORMATS.values()), "min_bytes": min_bytes, "min_pixels": SHRINK_MIN_PIXELS,

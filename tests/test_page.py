@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import httpx
@@ -292,6 +294,61 @@ def test_too_large_is_refused_before_uploading(adapter, page):
     page.set_input_files("#file-input", files=[{"name": "huge.png", "mimeType": "image/png", "buffer": big}])
     assert "too large" in wait_for_error(page) and "98 KB" in page.inner_text("#error")
     assert requests == []
+
+
+def png_of_black(width: int, height: int) -> bytes:
+    """A valid greyscale PNG of width x height black pixels, written row by row (never held decoded):
+    20000 x 20000 is 389 KB of file and 400 MP."""
+    deflate = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # each row: filter type 0, then its pixels
+    idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A small JPEG whose header says width x height (its frame header's sizes rewritten)."""
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(out, format="JPEG")
+    data = bytearray(out.getvalue())
+    frame = data.index(b"\xff\xc0")  # SOF0: marker, length, precision, then height and width
+    data[frame + 5:frame + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def huge_images() -> dict:
+    return {"png": ("huge.png", "image/png", png_of_black(20_000, 20_000), "20000 × 20000 pixels (400 MP); "
+                    "the limit is 16 MP (for a JPEG photo: 64 MP)"),
+            "jpeg": ("huge.jpg", "image/jpeg", jpeg_declaring(20_000, 20_000), "20000 × 20000 pixels (400 MP); "
+                     "the limit is 64 MP")}
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_an_image_over_the_pixel_limit_is_refused_before_it_is_shown_or_decoded(adapter, page, huge_images, kind):
+    """A file of a few hundred KB (the PNG) or 1 KB (the JPEG) that declares a huge canvas: the page
+    showed it and decoded it to shrink it (Chromium peaked at 5-6 GB for 16-37 s), then sent it to be
+    refused by the server.
+    Now its header is read, and it is refused in words naming the server's limit (GET /settings
+    "images": serving/images.py MAX_IMAGE_PIXELS, MAX_JPEG_PIXELS), before it is shown or sent."""
+    name, mime, data, said = huge_images[kind]
+    shipped = httpx.get(f"{adapter.base_url}/settings").json()
+    assert shipped["images"]["max_pixels"] == 16_000_000 and shipped["images"]["max_jpeg_pixels"] == 64_000_000
+    page.goto(f"{adapter.base_url}/")
+    page.evaluate("""() => { const preview = document.getElementById('preview'); window.previewShown = false;
+        new MutationObserver(() => { if (!preview.hidden) window.previewShown = true; })
+            .observe(preview, {attributes: true}); }""")
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if "/classify/" in r.url else None)
+    page.set_input_files("#file-input", files=[{"name": name, "mimeType": mime, "buffer": data}])
+    assert wait_for_error(page) == f"The image is too large: {said}. Try a smaller picture."
+    state = page_state(page)
+    assert state["previewHidden"] and state["previewSrc"] is None and state["busy"] == "false", state
+    assert page.evaluate("window.previewShown") is False
+    assert sent == []
 
 
 def hold(page, pattern: str) -> list:
@@ -682,18 +739,20 @@ def test_a_file_that_cannot_be_read_is_said_so_before_anything_is_sent(adapter, 
 
 
 def test_a_hung_settings_answer_holds_nothing_up(adapter, page, photo):
-    """GET /settings never answered (a hung proxy): the picture and "busy" show at once, with the
-    page's clock stopped (so not after any deadline); its deadline passed, the picture is classified."""
+    """GET /settings never answered (a hung proxy): "busy" shows at once, with the page's clock
+    stopped (so not after any deadline); the picture waits for the server's pixel limit (showing it
+    decodes it); the settings' deadline passed, the picture is shown and classified."""
     held = hold(page, "**/settings")
     page.clock.install()
     page.goto(f"{adapter.base_url}/")
     page.clock.pause_at(page.evaluate("Date.now()") / 1000 + 1)  # seconds since 1970
     page.set_input_files("#file-input", str(photo))
-    page.wait_for_selector("#preview:not([hidden])")
+    page.wait_for_function("() => document.body.dataset.state === 'busy'")
     state = page_state(page)
     assert (state["busy"], state["state"], state["status"]) == ("true", "busy", "Looking at your image…"), state
     assert len(held) == 1
     page.clock.resume()
+    page.wait_for_selector("#preview:not([hidden])", timeout=ANSWER_TIMEOUT_MS)
     wait_for_answer(page)
     assert page.inner_text("#prediction") == expected_answer(adapter, photo)["prediction"]
 
