@@ -306,17 +306,45 @@
     return false;
   }
 
-  // What a file's first bytes say it is ("image/<format>", the names GET /settings uses): its type as
-  // given may be missing ("", some systems) or not the usual name ("image/jpg"). "" for the rest.
-  // (Which formats are shrunk is the server's to say: tests/test_shrink.py.)
+  // What a file's first bytes say it is, as a MIME type (Pillow's names, which GET /settings uses): its
+  // type as given may be missing ("", some systems) or not the usual name ("image/jpg"). Each format
+  // the server reads, by the bytes the server's Pillow knows it by, and HEIC/HEIF (phones' photos,
+  // which it does not read); "" for the rest. (Which formats are read and shrunk is the server's to
+  // say: GET /settings.)
+  const SNIFF_BYTES = 64; // an ISO media file's brands (AVIF, HEIC) follow its first 16 bytes
   function sniffedType(head) {
     const bytes = new Uint8Array(head);
     const text = (from, to) => String.fromCharCode(...bytes.subarray(from, to));
-    const format = bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff ? "jpeg"
-      : text(0, 8) === "\x89PNG\r\n\x1a\n" ? "png"
-      : text(0, 4) === "RIFF" && text(8, 12) === "WEBP" ? "webp"
-      : text(0, 6) === "GIF87a" || text(0, 6) === "GIF89a" ? "gif" : "";
+    const format = (() => {
+      if (bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff) return "jpeg";
+      if (text(0, 8) === "\x89PNG\r\n\x1a\n") return "png";
+      if (text(0, 4) === "RIFF" && text(8, 12) === "WEBP") return "webp";
+      if (text(0, 6) === "GIF87a" || text(0, 6) === "GIF89a") return "gif";
+      if (text(0, 2) === "BM") return "bmp";
+      if (["MM\0*", "II*\0", "MM*\0", "II\0*", "MM\0+", "II+\0"].includes(text(0, 4))) return "tiff";
+      if (/^P[0-6fy]/.test(text(0, 2))) return "x-portable-anymap";
+      if (bytes.length >= 12 && text(4, 8) === "ftyp") {
+        // An ISO media file: its brands (the major one, then the compatible ones) tell AVIF from HEIC.
+        const end = Math.min(bytes.length, new DataView(head).getUint32(0));
+        const brands = [text(8, 12)];
+        for (let at = 16; at + 4 <= end; at += 4) brands.push(text(at, at + 4));
+        if (brands.some((brand) => brand === "avif" || brand === "avis")) return "avif";
+        if (brands.some((brand) => /^he(ic|ix|im|is|vc|vx|vm|vs)$/.test(brand))) return "heic";
+        if (brands.includes("mif1") || brands.includes("msf1")) return "heif";
+      }
+      return "";
+    })();
     return format && `image/${format}`;
+  }
+
+  // A format the server does not read, refused before anything is sent, in the server's own words
+  // (GET /settings `images`: its formats and its refusal): an iPhone's HEIC photo was uploaded whole
+  // and only then refused. `type`: from the file's bytes, else as given. "" when it may be read.
+  function unreadFormat(file, type, rules) {
+    if (!type || !rules || !Array.isArray(rules.types) || !rules.refusal || rules.types.includes(type)) return "";
+    const format = type.replace(/^image\/(x-)?/, "").replace(/\+.*$/, "").toUpperCase();
+    return `“${file.name || "That file"}” (${format}) cannot be classified: ${rules.refusal}. ` +
+      "Convert it to JPEG or PNG (photo apps can export it so) and choose that copy.";
   }
 
   // An image's width and height (upright) as its header gives them, or null when this browser cannot
@@ -405,7 +433,7 @@
     // this device (a cloud placeholder) cannot be read, and must not look like a server that is down.
     let type;
     try {
-      type = sniffedType(await file.slice(0, 16).arrayBuffer());
+      type = sniffedType(await file.slice(0, SNIFF_BYTES).arrayBuffer());
     } catch (_) {
       if (thisRequest === requestNumber) {
         refuse(`“${file.name || "That file"}” could not be read: is it a folder, or a file that was moved ` +
@@ -427,6 +455,11 @@
 
     const settings = await serverSettings; // SETTINGS_DEADLINE_S at most (normally asked for at start)
     if (thisRequest !== requestNumber) return; // a newer image arrived while the settings were asked for
+    const unread = unreadFormat(file, type || file.type, settings.images);
+    if (unread) {
+      refuse(unread);
+      return;
+    }
     const size = await imageSize(previewUrl);
     if (thisRequest !== requestNumber) return;
     const tooLarge = tooManyPixels(size, type, settings.images);

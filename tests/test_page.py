@@ -351,6 +351,46 @@ def test_an_image_over_the_pixel_limit_is_refused_before_it_is_shown_or_decoded(
     assert sent == []
 
 
+def heic_start(size: int = 4000) -> bytes:
+    """An iPhone photo's first bytes: an ISO media file whose 'ftyp' box names HEIC, then its boxes."""
+    ftyp = b"ftyp" + b"heic" + b"\0\0\0\0" + b"mif1" + b"heic"
+    return struct.pack(">I", 4 + len(ftyp)) + ftyp + struct.pack(">I", size) + b"meta" + bytes(size - 8)
+
+
+@pytest.mark.parametrize("mime, data", [("image/heic", heic_start()), ("", heic_start()), ("image/heic", bytes(4000))],
+                         ids=["heic", "heic-untyped", "typed-heic-only"])
+def test_a_format_the_server_does_not_read_is_refused_before_upload(adapter, page, mime, data):
+    """A HEIC photo (an iPhone's; a Mac's or Android's picker gives it as it is) was uploaded whole
+    and only then refused. Now its bytes (or, unknown bytes, its type) name it, and the page refuses
+    it at once, in the server's own words (GET /settings "images": serving/images.py FORMAT_REFUSAL)."""
+    refusal = httpx.get(f"{adapter.base_url}/settings").json()["images"]["refusal"]
+    server = httpx.post(f"{adapter.base_url}/classify/", files={"image": ("IMG_0042.HEIC", data, "image/heic")},
+                        timeout=60)
+    assert (server.status_code, server.json()["error"]) == (400, refusal)
+    page.goto(f"{adapter.base_url}/")
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if "/classify/" in r.url else None)
+    page.set_input_files("#file-input", files=[{"name": "IMG_0042.HEIC", "mimeType": mime, "buffer": data}])
+    assert wait_for_error(page) == (f"“IMG_0042.HEIC” (HEIC) cannot be classified: {refusal}. Convert it to JPEG "
+                                    "or PNG (photo apps can export it so) and choose that copy.")
+    assert page_state(page)["previewHidden"] and sent == []
+
+
+@pytest.mark.parametrize("pillow_format, mime", [("AVIF", ""), ("BMP", "image/x-ms-bmp"), ("TIFF", ""),
+                                                 ("PPM", "image/x-portable-pixmap"), ("GIF", ""), ("WEBP", "")])
+def test_every_format_the_server_reads_is_sent(adapter, page, photo, pillow_format, mime):
+    """Told by their bytes, whatever type the system gives them: none of the server's formats is
+    refused by the page (as the page's names for types may differ from the system's)."""
+    data = io.BytesIO()
+    Image.open(photo).save(data, format=pillow_format, **({"quality": 100} if pillow_format in ("AVIF", "WEBP") else {}))
+    page.goto(f"{adapter.base_url}/")
+    with page.expect_response(lambda r: "/classify/" in r.url, timeout=ANSWER_TIMEOUT_MS) as response:
+        page.set_input_files("#file-input", files=[{"name": f"photo.{pillow_format.lower()}", "mimeType": mime,
+                                                    "buffer": data.getvalue()}])
+    assert response.value.status == 200
+    wait_for_answer(page)
+
+
 def hold(page, pattern: str) -> list:
     """Requests to `pattern` held unanswered (their routes, in order) until the test lets them go on."""
     held = []
