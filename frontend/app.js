@@ -692,6 +692,91 @@
     classify(file, "", undefined, note);
   }
 
+  // "Take photo". A phone's browser opens its camera for the `capture` input; a desktop's ignores
+  // `capture` (it has no such property) and opened the file picker, as "Choose photo" does. There the
+  // page takes the photo itself from a camera the browser reports (getUserMedia, in a dialog), and
+  // offers no "Take photo" while it reports none (none plugged in, or a page not on https).
+  const cameraLabel = $("camera-label");
+  const cameraDialog = $("camera");
+  const cameraView = $("camera-view");
+  const cameraStatus = $("camera-status");
+  const shootButton = $("camera-shoot");
+  let cameraStream = null;
+
+  function offerCamera(offered) {
+    cameraLabel.hidden = !offered;
+    cameraInput.hidden = !offered; // out of the tab order too (and no input without a label shown)
+  }
+
+  async function cameraPresent() {
+    const media = navigator.mediaDevices;
+    if (!media || !media.getUserMedia || !media.enumerateDevices) return false;
+    try {
+      return (await media.enumerateDevices()).some((device) => device.kind === "videoinput");
+    } catch (_) {
+      return false;
+    }
+  }
+
+  function stopCamera() {
+    if (cameraStream) cameraStream.getTracks().forEach((track) => track.stop());
+    cameraStream = null;
+    cameraView.srcObject = null;
+  }
+
+  async function openCamera() {
+    if (cameraDialog.open) return;
+    shootButton.disabled = true;
+    cameraStatus.textContent = "Starting the camera…";
+    cameraDialog.showModal();
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ video: { facingMode: "environment" }, audio: false });
+    } catch (err) {
+      cameraStatus.textContent = err && err.name === "NotAllowedError"
+        ? "The camera may not be used here: allow it in the browser's settings for this site, or choose a photo."
+        : "The camera could not be started (another program may be using it). Choose a photo instead.";
+      return;
+    }
+    if (!cameraDialog.open) { // cancelled while the browser asked for the camera
+      stream.getTracks().forEach((track) => track.stop());
+      return;
+    }
+    cameraStream = stream;
+    cameraView.srcObject = stream;
+    await cameraView.play().catch(() => {});
+    cameraStatus.textContent = "";
+    shootButton.disabled = false;
+    shootButton.focus();
+  }
+
+  if (!("capture" in cameraInput)) {
+    offerCamera(false);
+    const check = async () => offerCamera(await cameraPresent());
+    check();
+    if (navigator.mediaDevices) navigator.mediaDevices.addEventListener("devicechange", check);
+    // The label (a click) and the input (the keyboard) both click the input: the camera, not the picker.
+    cameraInput.addEventListener("click", (event) => {
+      event.preventDefault();
+      openCamera();
+    });
+  }
+  cameraDialog.addEventListener("close", stopCamera); // Cancel, Escape, or a photo taken
+  $("camera-cancel").addEventListener("click", () => cameraDialog.close());
+  shootButton.addEventListener("click", () => {
+    const width = cameraView.videoWidth;
+    const height = cameraView.videoHeight;
+    if (!cameraStream || !width || !height) return;
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    canvas.getContext("2d").drawImage(cameraView, 0, 0, width, height);
+    canvas.toBlob((blob) => {
+      cameraDialog.close();
+      if (blob) classify(new File([blob], "camera-photo.jpg", { type: "image/jpeg" }), "Your photo from the camera");
+    }, "image/jpeg");
+  });
+
   // File picker and camera.
   for (const input of [fileInput, cameraInput]) {
     input.addEventListener("change", () => {
