@@ -5,8 +5,9 @@
                       "unsure": ..., "model_version": ..., "time_ms": ...}
     POST /explain/    the same, plus "heatmap": "data:image/png;base64,..." (Grad-CAM of the answer)
     GET  /classes     the 100 things the model knows: [{"index", "label", "name"}]
-    GET  /settings    what the page checks before uploading: {"max_upload_bytes", "top_k", "shrink"
-                      (which photos it shrinks before uploading, and how; null: none)}
+    GET  /settings    what the page checks before uploading: {"max_upload_bytes", "top_k", "images"
+                      (the formats read and the pixel limits, serving/images.py), "shrink" (which
+                      photos it shrinks before uploading, and how; null: none)}
                       `prediction` is the seed's key and display rule (label, `_` as spaces, first
                       letter capital); the other keys are additions.
     GET  /health      200 {"status": "ok", ...} when the model can answer now, else
@@ -40,6 +41,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.classes import CLASS_NAMES, display_name  # the seed's display rule, one copy (no torch)
+from serving.images import page_image_rules
 from serving.settings import TOP_K  # answers per image, as the handler's model-config.yaml says (tested)
 
 from .config import Settings
@@ -198,11 +200,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def classes() -> Response:
         return Response(classes_body, media_type="application/json")
 
+    image_rules = page_image_rules()  # the handler's formats and pixel limits, one copy
+
     @app.api_route("/settings", methods=["GET", "HEAD"])
     async def page_settings(request: Request) -> JSONResponse:
         # The page asks instead of carrying its own copy of the limits.
         return JSONResponse({"max_upload_bytes": settings.max_upload_bytes, "top_k": TOP_K,
-                             "shrink": request.app.state.shrinker.page_rules()})
+                             "images": image_rules, "shrink": request.app.state.shrinker.page_rules()})
     # The page is mounted at "/" and would swallow what the routes do not match: the slash
     # redirect (answer "/classify" and "/explain" too) and the 405 for other methods (say it here).
     app.add_api_route("/classify", classify, methods=["POST"], include_in_schema=False)

@@ -2,8 +2,9 @@
 // it, send it to POST {apiBase}/classify/ as multipart field `image`, and show the answer with its
 // top-5 bars, saying so plainly when the model is unsure. "Why?" asks POST {apiBase}/explain/ for
 // the answer's Grad-CAM heatmap and lays it over the preview; GET {apiBase}/classes lists the 100
-// things the model knows; GET {apiBase}/settings gives the upload limit checked before sending and
-// the rules for shrinking a large photo here, before it is uploaded (the preview stays full-size).
+// things the model knows; GET {apiBase}/settings gives the upload and pixel limits checked before
+// sending (the pixels before showing) and the rules for shrinking a large photo here, before it is
+// uploaded (the preview stays full-size).
 "use strict";
 
 (function () {
@@ -60,8 +61,9 @@
   const SETTINGS_DEADLINE_S = 3;
   const ANSWER_DEADLINE_S = 60;
 
-  // The adapter's limits (GET {apiBase}/settings: max_upload_bytes, top_k, shrink), asked once at
-  // start so that a too-large file is refused before it is sent and a large photo is shrunk first.
+  // The adapter's limits (GET {apiBase}/settings: max_upload_bytes, top_k, images, shrink), asked once
+  // at start so that a too-large file is refused before it is sent (or shown) and a large photo is
+  // shrunk first.
   // Unreachable or slow: no check and no shrinking here, the adapter's own 413 still answers.
   const serverSettings = fetch(`${apiBase}/settings`, { signal: AbortSignal.timeout(SETTINGS_DEADLINE_S * 1000) })
     .then((response) => (response.ok ? response.json() : {}))
@@ -304,17 +306,71 @@
     return false;
   }
 
-  // What a file's first bytes say it is ("image/<format>", the names GET /settings uses): its type as
-  // given may be missing ("", some systems) or not the usual name ("image/jpg"). "" for the rest.
-  // (Which formats are shrunk is the server's to say: tests/test_shrink.py.)
+  // What a file's first bytes say it is, as a MIME type (Pillow's names, which GET /settings uses): its
+  // type as given may be missing ("", some systems) or not the usual name ("image/jpg"). Each format
+  // the server reads, by the bytes the server's Pillow knows it by, and HEIC/HEIF (phones' photos,
+  // which it does not read); "" for the rest. (Which formats are read and shrunk is the server's to
+  // say: GET /settings.)
+  const SNIFF_BYTES = 64; // an ISO media file's brands (AVIF, HEIC) follow its first 16 bytes
   function sniffedType(head) {
     const bytes = new Uint8Array(head);
     const text = (from, to) => String.fromCharCode(...bytes.subarray(from, to));
-    const format = bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff ? "jpeg"
-      : text(0, 8) === "\x89PNG\r\n\x1a\n" ? "png"
-      : text(0, 4) === "RIFF" && text(8, 12) === "WEBP" ? "webp"
-      : text(0, 6) === "GIF87a" || text(0, 6) === "GIF89a" ? "gif" : "";
+    const format = (() => {
+      if (bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff) return "jpeg";
+      if (text(0, 8) === "\x89PNG\r\n\x1a\n") return "png";
+      if (text(0, 4) === "RIFF" && text(8, 12) === "WEBP") return "webp";
+      if (text(0, 6) === "GIF87a" || text(0, 6) === "GIF89a") return "gif";
+      if (text(0, 2) === "BM") return "bmp";
+      if (["MM\0*", "II*\0", "MM*\0", "II\0*", "MM\0+", "II+\0"].includes(text(0, 4))) return "tiff";
+      if (/^P[0-6fy]/.test(text(0, 2))) return "x-portable-anymap";
+      if (bytes.length >= 12 && text(4, 8) === "ftyp") {
+        // An ISO media file: its brands (the major one, then the compatible ones) tell AVIF from HEIC.
+        const end = Math.min(bytes.length, new DataView(head).getUint32(0));
+        const brands = [text(8, 12)];
+        for (let at = 16; at + 4 <= end; at += 4) brands.push(text(at, at + 4));
+        if (brands.some((brand) => brand === "avif" || brand === "avis")) return "avif";
+        if (brands.some((brand) => /^he(ic|ix|im|is|vc|vx|vm|vs)$/.test(brand))) return "heic";
+        if (brands.includes("mif1") || brands.includes("msf1")) return "heif";
+      }
+      return "";
+    })();
     return format && `image/${format}`;
+  }
+
+  // A format the server does not read, refused before anything is sent, in the server's own words
+  // (GET /settings `images`: its formats and its refusal): an iPhone's HEIC photo was uploaded whole
+  // and only then refused. `type`: from the file's bytes, else as given. "" when it may be read.
+  function unreadFormat(file, type, rules) {
+    if (!type || !rules || !Array.isArray(rules.types) || !rules.refusal || rules.types.includes(type)) return "";
+    const format = type.replace(/^image\/(x-)?/, "").replace(/\+.*$/, "").toUpperCase();
+    return `“${file.name || "That file"}” (${format}) cannot be classified: ${rules.refusal}. ` +
+      "Convert it to JPEG or PNG (photo apps can export it so) and choose that copy.";
+  }
+
+  // An image's width and height (upright) as its header gives them, or null when this browser cannot
+  // read it. An <img> that is never shown reads the header only: its pixels are decoded when painted.
+  function imageSize(url) {
+    return new Promise((resolve) => {
+      const probe = new Image();
+      probe.onload = () => resolve({ width: probe.naturalWidth, height: probe.naturalHeight });
+      probe.onerror = () => resolve(null);
+      probe.src = url;
+    });
+  }
+
+  // The server's refusal of an image above its pixel limit (GET /settings `images`: JPEGs are decoded
+  // at 1/2-1/8 scale there, so their limit is higher), said before this browser decodes it: a small
+  // file can declare a huge canvas (a 20000 x 20000 PNG of 389 KB is 1.6 GB decoded). "" when it fits.
+  function tooManyPixels(size, type, rules) {
+    if (!size || !rules) return "";
+    const pixels = size.width * size.height;
+    const jpeg = type === "image/jpeg";
+    const limit = Number(jpeg ? rules.max_jpeg_pixels : rules.max_pixels);
+    if (!(limit > 0) || pixels <= limit) return "";
+    const megapixels = (n) => `${Math.round(n / 1e5) / 10} MP`;
+    return `The image is too large: ${size.width} × ${size.height} pixels (${megapixels(pixels)}); the limit is ` +
+      `${megapixels(limit)}${jpeg ? "" : ` (for a JPEG photo: ${megapixels(rules.max_jpeg_pixels)})`}. ` +
+      "Try a smaller picture.";
   }
 
   // A large photo shrunk before upload, following the adapter's rules (GET /settings `shrink`):
@@ -377,7 +433,7 @@
     // this device (a cloud placeholder) cannot be read, and must not look like a server that is down.
     let type;
     try {
-      type = sniffedType(await file.slice(0, 16).arrayBuffer());
+      type = sniffedType(await file.slice(0, SNIFF_BYTES).arrayBuffer());
     } catch (_) {
       if (thisRequest === requestNumber) {
         refuse(`“${file.name || "That file"}” could not be read: is it a folder, or a file that was moved ` +
@@ -387,13 +443,30 @@
     }
     if (thisRequest !== requestNumber) return; // a newer image arrived meanwhile
 
-    // The picture and "busy" at once: nothing above waits on the network.
-    currentUpload = null;
-    currentAnswer = null;
-    resetWhy();
-    sentText.hidden = true;
-    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    // "Busy" at once: nothing above waits on the network. The earlier picture goes; this one is shown
+    // once its size is known to be within the server's limit (showing it decodes it).
+    clearPicture();
+    errorText.hidden = true;
+    hideAnswer();
+    setBusy(true);
+    say(statusLine, "Looking at your image…");
+    document.body.dataset.state = "busy";
     previewUrl = URL.createObjectURL(file);
+
+    const settings = await serverSettings; // SETTINGS_DEADLINE_S at most (normally asked for at start)
+    if (thisRequest !== requestNumber) return; // a newer image arrived while the settings were asked for
+    const unread = unreadFormat(file, type || file.type, settings.images);
+    if (unread) {
+      refuse(unread);
+      return;
+    }
+    const size = await imageSize(previewUrl);
+    if (thisRequest !== requestNumber) return;
+    const tooLarge = tooManyPixels(size, type, settings.images);
+    if (tooLarge) {
+      refuse(tooLarge);
+      return;
+    }
     preview.onload = () => {
       // CIFAR-size pictures (32x32) would blur when enlarged: show their pixels.
       preview.classList.toggle("pixelated", preview.naturalWidth < 96);
@@ -402,14 +475,7 @@
     preview.alt = description || (file.name ? `Your image: ${file.name}` : "Your image");
     preview.hidden = false;
     dropZone.classList.add("has-image");
-    errorText.hidden = true;
-    hideAnswer();
-    setBusy(true);
-    say(statusLine, "Looking at your image…");
-    document.body.dataset.state = "busy";
 
-    const settings = await serverSettings; // SETTINGS_DEADLINE_S at most
-    if (thisRequest !== requestNumber) return; // a newer image arrived while the settings were asked for
     const shrunk = await shrunkPhoto(file, type, settings.shrink);
     if (thisRequest !== requestNumber) return;
     const upload = shrunk ? { blob: shrunk.blob, name: `${baseName(file.name)}.jpg` }
@@ -625,6 +691,91 @@
       ? `${files.length} files came at once; only the first, “${file.name || "pasted-image"}”, was classified.` : "";
     classify(file, "", undefined, note);
   }
+
+  // "Take photo". A phone's browser opens its camera for the `capture` input; a desktop's ignores
+  // `capture` (it has no such property) and opened the file picker, as "Choose photo" does. There the
+  // page takes the photo itself from a camera the browser reports (getUserMedia, in a dialog), and
+  // offers no "Take photo" while it reports none (none plugged in, or a page not on https).
+  const cameraLabel = $("camera-label");
+  const cameraDialog = $("camera");
+  const cameraView = $("camera-view");
+  const cameraStatus = $("camera-status");
+  const shootButton = $("camera-shoot");
+  let cameraStream = null;
+
+  function offerCamera(offered) {
+    cameraLabel.hidden = !offered;
+    cameraInput.hidden = !offered; // out of the tab order too (and no input without a label shown)
+  }
+
+  async function cameraPresent() {
+    const media = navigator.mediaDevices;
+    if (!media || !media.getUserMedia || !media.enumerateDevices) return false;
+    try {
+      return (await media.enumerateDevices()).some((device) => device.kind === "videoinput");
+    } catch (_) {
+      return false;
+    }
+  }
+
+  function stopCamera() {
+    if (cameraStream) cameraStream.getTracks().forEach((track) => track.stop());
+    cameraStream = null;
+    cameraView.srcObject = null;
+  }
+
+  async function openCamera() {
+    if (cameraDialog.open) return;
+    shootButton.disabled = true;
+    cameraStatus.textContent = "Starting the camera…";
+    cameraDialog.showModal();
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ video: { facingMode: "environment" }, audio: false });
+    } catch (err) {
+      cameraStatus.textContent = err && err.name === "NotAllowedError"
+        ? "The camera may not be used here: allow it in the browser's settings for this site, or choose a photo."
+        : "The camera could not be started (another program may be using it). Choose a photo instead.";
+      return;
+    }
+    if (!cameraDialog.open) { // cancelled while the browser asked for the camera
+      stream.getTracks().forEach((track) => track.stop());
+      return;
+    }
+    cameraStream = stream;
+    cameraView.srcObject = stream;
+    await cameraView.play().catch(() => {});
+    cameraStatus.textContent = "";
+    shootButton.disabled = false;
+    shootButton.focus();
+  }
+
+  if (!("capture" in cameraInput)) {
+    offerCamera(false);
+    const check = async () => offerCamera(await cameraPresent());
+    check();
+    if (navigator.mediaDevices) navigator.mediaDevices.addEventListener("devicechange", check);
+    // The label (a click) and the input (the keyboard) both click the input: the camera, not the picker.
+    cameraInput.addEventListener("click", (event) => {
+      event.preventDefault();
+      openCamera();
+    });
+  }
+  cameraDialog.addEventListener("close", stopCamera); // Cancel, Escape, or a photo taken
+  $("camera-cancel").addEventListener("click", () => cameraDialog.close());
+  shootButton.addEventListener("click", () => {
+    const width = cameraView.videoWidth;
+    const height = cameraView.videoHeight;
+    if (!cameraStream || !width || !height) return;
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    canvas.getContext("2d").drawImage(cameraView, 0, 0, width, height);
+    canvas.toBlob((blob) => {
+      cameraDialog.close();
+      if (blob) classify(new File([blob], "camera-photo.jpg", { type: "image/jpeg" }), "Your photo from the camera");
+    }, "image/jpeg");
+  });
 
   // File picker and camera.
   for (const input of [fileInput, cameraInput]) {

@@ -87,6 +87,9 @@ PNG_FAST = 1  # zlib level of the adapter's lossless PNGs: a few KB either way, 
 # can refuse them (an ICO or ICNS holding a huge PNG, tests/test_serving_preprocessing.py); the rest
 # are niche.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "PPM")
+# The server's words for a file of another format (400), which the page says too before uploading one.
+FORMAT_REFUSAL = ("not an image in a format the server reads ("
+                  + ", ".join("WebP" if name == "WEBP" else name for name in ACCEPTED_FORMATS) + ")")
 # Decoded by libjpeg (draft mode), under MAX_JPEG_PIXELS. MPO: the JPEG opener's name for a JPEG with
 # multi-picture data, as many cameras and phones write.
 JPEG_FORMATS = {"JPEG", "MPO"}
@@ -260,8 +263,7 @@ def _refusal(err: Exception) -> ImageRequestError:
         return ImageRequestError(413, f"image refused (possible decompression bomb), above the "
                                       f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP limit: {err}")
     if isinstance(err, UnidentifiedImageError):
-        names = ", ".join("WebP" if name == "WEBP" else name for name in ACCEPTED_FORMATS)
-        return ImageRequestError(400, f"not an image in a format the server reads ({names})")
+        return ImageRequestError(400, FORMAT_REFUSAL)
     if isinstance(err, MemoryError):
         return ImageRequestError(413, "image too large to decode")
     # Pillow raises many types (OSError, SyntaxError, ...) for bad files.
@@ -505,6 +507,16 @@ def picture_size(img: Image.Image) -> tuple[int, int]:
         if named:
             return int(named[1]), int(named[2])
     return img.size
+
+
+def page_image_rules() -> dict:
+    """What the page checks before it shows or uploads a file (GET /settings "images"): the formats
+    read here, as the MIME types the page names a file's first bytes by (Pillow's names), and the
+    server's words for the rest; the pixel limits, which also keep the browser from decoding a huge
+    image (a few hundred KB of PNG can declare 20000x20000 pixels: 1.6 GB decoded)."""
+    Image.init()  # Pillow's MIME names, registered as its format plugins load
+    return {"types": sorted({Image.MIME[name] for name in ACCEPTED_FORMATS if name in Image.MIME}),
+            "refusal": FORMAT_REFUSAL, "max_pixels": MAX_IMAGE_PIXELS, "max_jpeg_pixels": MAX_JPEG_PIXELS}
 
 
 def page_shrink_rules(min_bytes: int = SHRINK_MIN_BYTES) -> dict:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import httpx
@@ -294,6 +296,101 @@ def test_too_large_is_refused_before_uploading(adapter, page):
     assert requests == []
 
 
+def png_of_black(width: int, height: int) -> bytes:
+    """A valid greyscale PNG of width x height black pixels, written row by row (never held decoded):
+    20000 x 20000 is 389 KB of file and 400 MP."""
+    deflate = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # each row: filter type 0, then its pixels
+    idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A small JPEG whose header says width x height (its frame header's sizes rewritten)."""
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(out, format="JPEG")
+    data = bytearray(out.getvalue())
+    frame = data.index(b"\xff\xc0")  # SOF0: marker, length, precision, then height and width
+    data[frame + 5:frame + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def huge_images() -> dict:
+    return {"png": ("huge.png", "image/png", png_of_black(20_000, 20_000), "20000 × 20000 pixels (400 MP); "
+                    "the limit is 16 MP (for a JPEG photo: 64 MP)"),
+            "jpeg": ("huge.jpg", "image/jpeg", jpeg_declaring(20_000, 20_000), "20000 × 20000 pixels (400 MP); "
+                     "the limit is 64 MP")}
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_an_image_over_the_pixel_limit_is_refused_before_it_is_shown_or_decoded(adapter, page, huge_images, kind):
+    """A file of a few hundred KB (the PNG) or 1 KB (the JPEG) that declares a huge canvas: the page
+    showed it and decoded it to shrink it (Chromium peaked at 5-6 GB for 16-37 s), then sent it to be
+    refused by the server.
+    Now its header is read, and it is refused in words naming the server's limit (GET /settings
+    "images": serving/images.py MAX_IMAGE_PIXELS, MAX_JPEG_PIXELS), before it is shown or sent."""
+    name, mime, data, said = huge_images[kind]
+    shipped = httpx.get(f"{adapter.base_url}/settings").json()
+    assert shipped["images"]["max_pixels"] == 16_000_000 and shipped["images"]["max_jpeg_pixels"] == 64_000_000
+    page.goto(f"{adapter.base_url}/")
+    page.evaluate("""() => { const preview = document.getElementById('preview'); window.previewShown = false;
+        new MutationObserver(() => { if (!preview.hidden) window.previewShown = true; })
+            .observe(preview, {attributes: true}); }""")
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if "/classify/" in r.url else None)
+    page.set_input_files("#file-input", files=[{"name": name, "mimeType": mime, "buffer": data}])
+    assert wait_for_error(page) == f"The image is too large: {said}. Try a smaller picture."
+    state = page_state(page)
+    assert state["previewHidden"] and state["previewSrc"] is None and state["busy"] == "false", state
+    assert page.evaluate("window.previewShown") is False
+    assert sent == []
+
+
+def heic_start(size: int = 4000) -> bytes:
+    """An iPhone photo's first bytes: an ISO media file whose 'ftyp' box names HEIC, then its boxes."""
+    ftyp = b"ftyp" + b"heic" + b"\0\0\0\0" + b"mif1" + b"heic"
+    return struct.pack(">I", 4 + len(ftyp)) + ftyp + struct.pack(">I", size) + b"meta" + bytes(size - 8)
+
+
+@pytest.mark.parametrize("mime, data", [("image/heic", heic_start()), ("", heic_start()), ("image/heic", bytes(4000))],
+                         ids=["heic", "heic-untyped", "typed-heic-only"])
+def test_a_format_the_server_does_not_read_is_refused_before_upload(adapter, page, mime, data):
+    """A HEIC photo (an iPhone's; a Mac's or Android's picker gives it as it is) was uploaded whole
+    and only then refused. Now its bytes (or, unknown bytes, its type) name it, and the page refuses
+    it at once, in the server's own words (GET /settings "images": serving/images.py FORMAT_REFUSAL)."""
+    refusal = httpx.get(f"{adapter.base_url}/settings").json()["images"]["refusal"]
+    server = httpx.post(f"{adapter.base_url}/classify/", files={"image": ("IMG_0042.HEIC", data, "image/heic")},
+                        timeout=60)
+    assert (server.status_code, server.json()["error"]) == (400, refusal)
+    page.goto(f"{adapter.base_url}/")
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if "/classify/" in r.url else None)
+    page.set_input_files("#file-input", files=[{"name": "IMG_0042.HEIC", "mimeType": mime, "buffer": data}])
+    assert wait_for_error(page) == (f"“IMG_0042.HEIC” (HEIC) cannot be classified: {refusal}. Convert it to JPEG "
+                                    "or PNG (photo apps can export it so) and choose that copy.")
+    assert page_state(page)["previewHidden"] and sent == []
+
+
+@pytest.mark.parametrize("pillow_format, mime", [("AVIF", ""), ("BMP", "image/x-ms-bmp"), ("TIFF", ""),
+                                                 ("PPM", "image/x-portable-pixmap"), ("GIF", ""), ("WEBP", "")])
+def test_every_format_the_server_reads_is_sent(adapter, page, photo, pillow_format, mime):
+    """Told by their bytes, whatever type the system gives them: none of the server's formats is
+    refused by the page (as the page's names for types may differ from the system's)."""
+    data = io.BytesIO()
+    Image.open(photo).save(data, format=pillow_format, **({"quality": 100} if pillow_format in ("AVIF", "WEBP") else {}))
+    page.goto(f"{adapter.base_url}/")
+    with page.expect_response(lambda r: "/classify/" in r.url, timeout=ANSWER_TIMEOUT_MS) as response:
+        page.set_input_files("#file-input", files=[{"name": f"photo.{pillow_format.lower()}", "mimeType": mime,
+                                                    "buffer": data.getvalue()}])
+    assert response.value.status == 200
+    wait_for_answer(page)
+
+
 def hold(page, pattern: str) -> list:
     """Requests to `pattern` held unanswered (their routes, in order) until the test lets them go on."""
     held = []
@@ -451,6 +548,92 @@ def test_camera_input_offered_separately(adapter, page):
     assert page.get_attribute("#camera-input", "capture") == "environment"
     assert page.get_attribute("#file-input", "capture") is None
     assert page.get_attribute("#file-input", "accept") == "image/*"
+
+
+# "Take photo" on a desktop (where Chromium has no `capture` property on inputs and ignores the
+# attribute) opened the ordinary file picker, as "Choose photo" does.
+
+TAKE_PHOTO = "label[for='camera-input']"
+
+
+def test_take_photo_is_not_offered_on_a_desktop_without_a_camera(adapter, page):
+    page.goto(f"{adapter.base_url}/")
+    page.wait_for_selector(TAKE_PHOTO, state="hidden", timeout=10_000)  # once the browser has listed its devices
+    assert page.is_visible("label[for='file-input']")
+    # Out of the tab order too: after "Choose photo" comes the class list.
+    page.focus("#file-input")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.closest('summary') !== null")
+
+
+@pytest.fixture(scope="module")
+def camera_browser(browser):
+    """Chromium with a camera: its fake one (a moving test pattern), allowed without asking (launched
+    by the same Playwright: one process holds one)."""
+    with_camera = browser.browser_type.launch(executable_path=CHROMIUM, timeout=120_000, args=CHROMIUM_ARGS + [
+        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+    yield with_camera
+    with_camera.close()
+
+
+def test_take_photo_on_a_desktop_with_a_camera_takes_one(adapter, camera_browser, axe_script):
+    """A desktop with a camera: "Take photo" (a click, or Enter) opens the page's camera view (no file
+    picker), its "Take photo" sends the frame as a JPEG and the answer shows; Escape closes it; either
+    way the camera is let go. axe-core finds nothing serious in the open view."""
+    from test_page_explain import axe_violations  # the page's audit, kept beside its other uses
+    # bypass_csp only for the audit's inline script (a second context); the photo is taken under the CSP.
+    for audit in (False, True):
+        context = camera_browser.new_context(viewport=DESKTOP, bypass_csp=audit)
+        page = context.new_page()
+        try:
+            page.goto(f"{adapter.base_url}/")
+            page.wait_for_selector(TAKE_PHOTO)
+            pickers = []
+            page.on("filechooser", lambda chooser: pickers.append(chooser))
+            if audit:  # by the keyboard: the input behind the label has the focus
+                page.focus("#camera-input")
+                page.keyboard.press("Enter")
+            else:
+                page.click(TAKE_PHOTO)
+            page.wait_for_function("() => { const view = document.querySelector('dialog[open] video');"
+                                   " return view !== null && view.videoWidth > 0; }", timeout=10_000)
+            page.wait_for_selector("#camera-shoot:not([disabled])")
+            assert page.evaluate("document.activeElement.id") == "camera-shoot"
+            if audit:
+                assert axe_violations(page, axe_script) == []
+                page.keyboard.press("Escape")  # closes the view, and lets the camera go
+                page.wait_for_function("() => !document.getElementById('camera').open")
+                assert page.evaluate("document.activeElement.id") == "camera-input"  # back where it was
+            else:
+                bodies = uploads(page)
+                page.keyboard.press("Enter")
+                wait_for_answer(page)
+                assert len(bodies) == 1 and b'filename="camera-photo.jpg"' in bodies[0]
+                assert sent_image(bodies[0]).format == "JPEG"
+                assert page.get_attribute("#preview", "alt") == "Your photo from the camera"
+            assert page.evaluate("document.getElementById('camera-view').srcObject") is None
+            assert pickers == []
+        finally:
+            context.close()
+
+
+def test_take_photo_on_a_phone_opens_its_camera_input(adapter, browser):
+    """A browser with camera inputs (a phone's: Chromium on Android, Safari on iOS, which have the
+    `capture` property) keeps the input: its own camera opens, not the page's."""
+    context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
+    context.add_init_script("Object.defineProperty(HTMLInputElement.prototype, 'capture', {configurable: true, "
+                            "get() { return this.getAttribute('capture') || ''; }})")
+    page = context.new_page()
+    try:
+        page.goto(f"{adapter.base_url}/")
+        page.wait_for_load_state("networkidle")
+        assert page.is_visible(TAKE_PHOTO)
+        with page.expect_file_chooser() as chooser:
+            page.tap(TAKE_PHOTO)
+        assert chooser.value.element.get_attribute("capture") == "environment"
+        assert page.locator("dialog[open]").count() == 0
+    finally:
+        context.close()
 
 
 @pytest.fixture(scope="module")
@@ -682,18 +865,20 @@ def test_a_file_that_cannot_be_read_is_said_so_before_anything_is_sent(adapter, 
 
 
 def test_a_hung_settings_answer_holds_nothing_up(adapter, page, photo):
-    """GET /settings never answered (a hung proxy): the picture and "busy" show at once, with the
-    page's clock stopped (so not after any deadline); its deadline passed, the picture is classified."""
+    """GET /settings never answered (a hung proxy): "busy" shows at once, with the page's clock
+    stopped (so not after any deadline); the picture waits for the server's pixel limit (showing it
+    decodes it); the settings' deadline passed, the picture is shown and classified."""
     held = hold(page, "**/settings")
     page.clock.install()
     page.goto(f"{adapter.base_url}/")
     page.clock.pause_at(page.evaluate("Date.now()") / 1000 + 1)  # seconds since 1970
     page.set_input_files("#file-input", str(photo))
-    page.wait_for_selector("#preview:not([hidden])")
+    page.wait_for_function("() => document.body.dataset.state === 'busy'")
     state = page_state(page)
     assert (state["busy"], state["state"], state["status"]) == ("true", "busy", "Looking at your image…"), state
     assert len(held) == 1
     page.clock.resume()
+    page.wait_for_selector("#preview:not([hidden])", timeout=ANSWER_TIMEOUT_MS)
     wait_for_answer(page)
     assert page.inner_text("#prediction") == expected_answer(adapter, photo)["prediction"]
 
