@@ -559,11 +559,14 @@
     });
   }
 
-  function showWhy() {
+  // updated: the model answered otherwise when asked why (a new version rolled out, a canary's share),
+  // so the answer on show was replaced by the one the heatmap belongs to.
+  function showWhy(updated = false) {
     heatmapImage.hidden = false;
     whyButton.setAttribute("aria-pressed", "true");
     whyCaption.classList.remove("why-failed");
-    whyCaption.textContent = `Red and yellow mark the parts of the picture that made the model answer ` +
+    whyCaption.textContent = (updated ? "The model has been updated since your picture was answered: the answer " +
+      "above is its new one. " : "") + `Red and yellow mark the parts of the picture that made the model answer ` +
       `“${currentAnswer ? currentAnswer.prediction : "this"}” (Grad-CAM); the redder, the more they counted.`;
     whyCaption.hidden = false;
     say(statusLine, whyCaption.textContent);
@@ -619,9 +622,14 @@
       const answer = await response.json();
       const overlay = await colourHeatmap(answer.heatmap);
       if (!stillShown()) return;
+      // The heatmap is of the explanation's own answer: shown beside an older, different one, it would
+      // explain an answer the page does not name.
+      const updated = !currentAnswer || answer.prediction !== currentAnswer.prediction ||
+        answer.model_version !== currentAnswer.model_version;
+      if (updated) showAnswer(answer);
       heatmapImage.src = overlay;
       heatmapFor = upload;
-      showWhy();
+      showWhy(updated);
     } catch (err) {
       if (stillShown()) whyFailed(err.name === "TimeoutError" ? unreachable(err, url) : err.message);
     } finally {

@@ -93,6 +93,35 @@ def test_a_failed_explanation_keeps_the_answer_and_the_focus(adapter, page, phot
     assert page.evaluate("document.activeElement.id") == "why-button"
 
 
+def test_why_from_an_updated_model_shows_the_answer_its_heatmap_belongs_to(adapter, page, photo):
+    """The model changed between the answer and "Why?" (a rollout, a canary's share): the explanation
+    answers otherwise. Its heatmap was shown under the old answer, the caption naming the old label;
+    now the page shows the explanation's answer and version, and says the model was updated."""
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    old = page.inner_text("#prediction")
+    new = "Cloud" if old != "Cloud" else "Rocket"
+    # The real explanation of this photo (its heatmap), answered as an updated model would. (Playwright's
+    # route.fetch() loses a multipart body's file, so it is asked here and the page is given it.)
+    r = httpx.post(f"{adapter.base_url}/explain/", files={"image": (photo.name, photo.read_bytes(), "image/png")},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    answer.update(prediction=new, model_version="w3-rolled-out",
+                  top5=[{**answer["top5"][0], "name": new, "probability": 0.9}, *answer["top5"][1:]])
+
+    def other_answer(route):
+        route.fulfill(json=answer)
+    page.route("**/explain/", other_answer)
+    show_why(page)
+    caption = page.inner_text("#why-caption")
+    assert page.inner_text("#prediction") == new and f"“{new}”" in caption and f"“{old}”" not in caption, caption
+    assert "updated" in caption and "w3-rolled-out" in page.inner_text("#meta")
+    assert page.inner_text("#top5 .guess-name >> nth=0") == new
+    page.unroute("**/explain/")
+
+
 def test_why_for_a_new_picture_works_while_the_old_ones_explanation_is_pending(adapter, page, photo):
     """"Why?" for picture A, its explanation held; picture B chosen and answered: "Why?" for B sent
     nothing until A's stale explanation came back. Now B's goes out and shows; A's, late, does not."""
