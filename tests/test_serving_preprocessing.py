@@ -161,6 +161,31 @@ def test_a_tiff_directory_of_exactly_the_tag_limit_is_read_and_one_more_is_400()
     assert info.value.status == 400 and f"TIFF directory of {MAX_TIFF_TAGS + 1} entries" in info.value.message
 
 
+def test_a_request_of_exactly_the_pixel_limit_passes_and_one_pixel_more_is_413():
+    from serving.images import MAX_REQUEST_PIXELS, check_request_pixels
+    side = 4000  # 16 MP each: headers only, nothing decoded
+    count = MAX_REQUEST_PIXELS // (side * side)
+    assert count * side * side == MAX_REQUEST_PIXELS
+    opened = [open_upload(png_declaring_size(side, side)) for _ in range(count)]
+    check_request_pixels(opened)
+    with pytest.raises(ImageRequestError) as info:
+        check_request_pixels(opened + [open_upload(png_declaring_size(1, 1))])
+    assert info.value.status == 413 and "limit per request" in info.value.message
+
+
+@pytest.mark.parametrize("size", [(4000, 3000), (2000, 1500), (1000, 700), (600, 257), (300, 200)])
+def test_a_jpeg_is_counted_at_the_pixels_pillow_decodes_it_to(size):
+    # check_request_pixels counts a JPEG at its draft scale on its header alone: a wrong scale lets
+    # through JPEGs the 64 MP rule was meant to stop, or refuses valid ones.
+    from serving.images import DECODE_MIN_SIDE, decoded_pixels
+    data = encode(Image.new("RGB", size, (200, 30, 40)), "JPEG")
+    counted = decoded_pixels(open_upload(data))
+    img = Image.open(io.BytesIO(data))
+    img.draft(None, (DECODE_MIN_SIDE, DECODE_MIN_SIDE))
+    img.load()
+    assert counted == img.width * img.height
+
+
 def test_animated_gif_gives_its_first_frame():
     img = decode_image(animated_gif([Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 255))]))
     assert np.asarray(img)[16, 16].tolist() == [255, 0, 0]
