@@ -141,6 +141,10 @@ def test_a_long_thin_picture_is_forwarded_for_an_explanation_at_a_bounded_size()
     explained = decode_image(prepare(panorama, explain=True))
     assert explained.width * explained.height <= EXPLAIN_MAX_PIXELS < 40_000 * 300
     assert abs(explained.width / explained.height - 40_000 / 300) < 3
+    # Between 1x and 4x the bound (1.8 MP as decoded): reduced too, not only far above it.
+    shorter = encode(photo_like(6_000, 300), "JPEG", quality=80)
+    explained = decode_image(prepare(shorter, explain=True))
+    assert explained.width * explained.height <= EXPLAIN_MAX_PIXELS < 6_000 * 300 < 4 * EXPLAIN_MAX_PIXELS
 
 
 def test_small_files_other_formats_and_the_switch_keep_todays_path():
