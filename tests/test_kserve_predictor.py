@@ -348,6 +348,34 @@ def in_child(script: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def test_a_grpc_parameters_map_of_more_than_the_limit_is_refused_on_its_count():
+    """MAX_GRPC_PARAMETERS on the request's, an input's and an output's parameters map: 65 entries
+    refused before KServe converts anything, exactly 64 passed on (no test built such a map)."""
+    result = in_child("""
+import json
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from handler.kserve_predictor import MAX_GRPC_PARAMETERS, grpc_count_refusal
+
+def request(where, entries):
+    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(b"an image")
+    out = pb.ModelInferRequest(model_name="cifar100", inputs=[tensor],
+                               outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="label")])
+    parameters = {"request": out.parameters, "input": out.inputs[0].parameters, "output": out.outputs[0].parameters}[where]
+    for n in range(entries):
+        parameters[f"p{n}"].string_param = "x"
+    return out
+
+print(json.dumps({"limit": MAX_GRPC_PARAMETERS, **{
+    f"{where} {entries}": grpc_count_refusal(request(where, entries), 64)
+    for where in ("request", "input", "output") for entries in (MAX_GRPC_PARAMETERS, MAX_GRPC_PARAMETERS + 1)}}))
+""")
+    limit = result.pop("limit")
+    for where in ("request", "input", "output"):
+        assert result[f"{where} {limit}"] is None, where
+        assert result[f"{where} {limit + 1}"] == f"a parameters map of more than {limit} entries (this model reads none)"
+
+
 def test_a_client_that_leaves_cancels_its_request_until_the_answer_has_started():
     """RequestChecks reads the connection while the app answers: a disconnect before the answer starts
     cancels the app (nothing sent); after, the app finishes, and an app that asks for the disconnect
@@ -573,6 +601,10 @@ def test_grpc_refusals_carry_the_handlers_message_and_the_server_goes_on(kserve_
         (grpc_request([good] * 65), grpc.StatusCode.INVALID_ARGUMENT, "above the limit"),
         (grpc_request([good], datatype="FP32"), grpc.StatusCode.INVALID_ARGUMENT, "the bytes themselves over gRPC"),
     ]
+    many_parameters = grpc_request([good])
+    for n in range(65):  # MAX_GRPC_PARAMETERS + 1
+        many_parameters.parameters[f"p{n}"].string_param = "x"
+    refusals.append((many_parameters, grpc.StatusCode.INVALID_ARGUMENT, "parameters map of more than 64"))
     raw_short = grpc_request([good], raw=True)
     raw_short.raw_input_contents[0] = raw_short.raw_input_contents[0][:-10] + (10 ** 6).to_bytes(4, "little")
     refusals.append((raw_short, grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents"))
