@@ -376,6 +376,53 @@ print(json.dumps({"limit": MAX_GRPC_PARAMETERS, **{
         assert result[f"{where} {limit + 1}"] == f"a parameters map of more than {limit} entries (this model reads none)"
 
 
+def test_a_body_over_max_bytes_is_refused_on_its_declared_length_at_once_or_as_it_streams_past():
+    """RequestChecks, in-process: a head declaring max_bytes + 1 gets 413 before any body byte (a client
+    that then sends nothing is not waited for: the streaming check alone answered 408 after the body's
+    deadline), a body streaming one byte past max_bytes gets 413 at that chunk, and one of exactly
+    max_bytes reaches the app."""
+    script = """
+import asyncio, json, time
+from handler.kserve_predictor import RequestChecks
+
+LIMIT = 100
+
+def scope(length=None):
+    headers = [] if length is None else [(b"content-length", str(length).encode())]
+    return {"type": "http", "method": "POST", "path": "/x", "headers": headers}
+
+async def exchange(head, *chunks):
+    reached, sent, client = [], [], asyncio.Queue()
+    for n, chunk in enumerate(chunks):
+        client.put_nowait({"type": "http.request", "body": chunk, "more_body": n < len(chunks) - 1})
+
+    async def app(scope, receive, send):
+        reached.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def send(message):
+        sent.append(message.get("status", "body"))
+
+    started = time.monotonic()
+    await asyncio.wait_for(RequestChecks(app, max_bytes=LIMIT)(head, client.get, send), 10)
+    return {"status": sent[0], "app": [len(b) for b in reached], "s": time.monotonic() - started, "unread": client.qsize()}
+
+async def main():
+    print(json.dumps({
+        "declared": await exchange(scope(LIMIT + 1)),  # the head alone: no body byte ever comes
+        "streamed": await exchange(scope(), b"a" * 60, b"b" * 41, b"c" * 10),
+        "exact": await exchange(scope(), b"a" * 60, b"b" * 40),
+    }))
+
+asyncio.run(main())
+"""
+    out = in_child(script)
+    assert out["declared"]["status"] == 413 and out["declared"]["app"] == [] and out["declared"]["s"] < 1, out
+    assert (out["streamed"]["status"], out["streamed"]["app"], out["streamed"]["unread"]) == (413, [], 1), out
+    assert (out["exact"]["status"], out["exact"]["app"]) == (200, [100]), out
+
+
 def test_a_client_that_leaves_cancels_its_request_until_the_answer_has_started():
     """RequestChecks reads the connection while the app answers: a disconnect before the answer starts
     cancels the app (nothing sent); after, the app finishes, and an app that asks for the disconnect
