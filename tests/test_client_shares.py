@@ -867,3 +867,19 @@ def test_trusted_proxies_are_handed_on_as_networks():
     # matched nothing there, while the connection caps exempted the network (the adapter did not start).
     settings = Settings(trusted_proxies=["127.0.1.1/24", "10.0.0.7", "fd00::1/64"])
     assert settings.trusted_networks() == ["127.0.1.0/24", "10.0.0.7/32", "fd00::/64"]
+
+
+def test_one_clients_explanation_share_is_held_to_everyones_turns():
+    # A client share above the turns would have its extra explanations wait EXPLANATION_WAIT_S for a
+    # turn it cannot get: held to the turns, the third is refused at once.
+    explanations = Explanations(Settings(max_explanations_in_flight=2, max_client_explanations_in_flight=8,
+                                         retry_after_s=3))
+
+    async def scenario():
+        async with explanations.share("a"), explanations.share("a"):
+            with pytest.raises(ClassifyError) as refused:
+                async with explanations.share("a"):
+                    pass
+            assert (refused.value.status_code, refused.value.headers) == (503, {"Retry-After": "3"})
+
+    asyncio.run(scenario())
