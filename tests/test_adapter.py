@@ -783,3 +783,18 @@ def test_no_pooled_connection_free_within_the_deadline_is_503_busy(tmp_path):
     kinds = {s.labels["kind"]: s.value for s in metrics.model_server_errors.collect()[0].samples
              if s.name.endswith("_total")}
     assert kinds == {"timeout": 1, "busy": 1}
+
+
+def test_the_adapters_answer_keeps_unsure_and_the_first_top_k_in_order():
+    # classify_answer's own test (only a browser and a real TorchServe reached it): the handler's
+    # "unsure" is passed on, and of a longer top-k the first TOP_K, in the handler's order.
+    from adapter.app import TOP_K, classify_answer
+
+    topk = [{"label": f"class_{i}", "name": f"Class {i}", "index": i, "probability": round(0.5 / (i + 1), 6)}
+            for i in range(TOP_K + 2)]
+    answer = {"prediction": "Class 0", "label": "class_0", "index": 0, "probability": 0.5, "topk": topk,
+              "unsure": True, "model_version": "w3-test"}
+    shaped = classify_answer(answer, time.perf_counter())
+    assert list(shaped)[0] == "prediction" and shaped["unsure"] is True
+    assert shaped["top5"] == topk[:TOP_K]
+    assert classify_answer({**answer, "unsure": False}, time.perf_counter())["unsure"] is False

@@ -24,6 +24,7 @@ import time
 import pytest
 from PIL import Image
 
+from adapter.protocol import HEAD_SLACK_BYTES
 from adapter.run import running_adapter
 from serving.process import free_port
 
@@ -212,6 +213,13 @@ def test_a_header_line_that_never_ends_gets_431_once_the_head_passes_the_limit(e
     response = exchange(edge.port, b"GET /settings HTTP/1.1\r\nHost: x\r\n\r\n" + near + b"Connection: close\r\n\r\n")
     assert response.count(b"HTTP/1.1 200 OK") == 2, response[:300]
     assert exchange(edge.port, near + b"Connection: close\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+    # A complete head 200 bytes over the limit as counted (URL + each header's name and value + 4), its raw
+    # bytes still under the raw check's slack (HEAD_SLACK_BYTES): the counted limit refuses it.
+    over = b"X-Over: " + b"a" * (MAX_HEADER_BYTES + 200 - len("/settings") - len("Host" "x") - 8 - len("X-Over"))
+    head = b"GET /settings HTTP/1.1\r\nHost: x\r\n" + over + b"\r\n\r\n"
+    assert len(head) < MAX_HEADER_BYTES + HEAD_SLACK_BYTES
+    status, _, answer = status_and_json(exchange(edge.port, head))
+    assert status == 431 and "headers are too large" in answer["error"], answer
 
 
 @pytest.mark.parametrize("after_a_request", [False, True], ids=["fresh", "kept-alive"])

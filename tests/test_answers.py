@@ -49,3 +49,29 @@ def test_flip_tta_is_served_with_its_own_fit_else_the_plain_one(tmp_path):
     (tmp_path / CALIBRATION_FILE).write_text(json.dumps(record))
     assert load_calibration(str(tmp_path), flip_tta=True) == Calibration(1.5, 0.4)
     assert load_calibration(str(tmp_path / "none")) == Calibration()
+
+
+def test_unsure_is_strictly_under_the_threshold():
+    # README: unsure "under" the threshold; a top-1 of exactly the threshold is sure, one ulp under it not.
+    import math
+
+    logits = torch.tensor([[2.0, 1.0] + [0.0] * 8])
+    top1 = float(F.softmax(logits / 1.5, dim=1)[0].max())
+    at, above = (image_answers(logits, Calibration(1.5, threshold), 3, LABELS, "w3-test", "eager-fp32")[0]
+                 for threshold in (top1, math.nextafter(top1, 1)))
+    assert at["unsure"] is False and above["unsure"] is True
+
+
+def test_a_row_of_nan_or_infinite_logits_gets_no_answer_and_the_others_theirs():
+    logits = torch.tensor([[2.0, 1.0] + [0.0] * 8, [float("nan")] + [0.0] * 9,
+                           [float("inf")] + [0.0] * 9, [-float("inf")] + [0.0] * 9])
+    answers = image_answers(logits, Calibration(1.5, 0.5), 3, LABELS, "w3-test", "eager-fp32")
+    assert answers[0]["label"] == "class_0" and answers[1:] == [None, None, None]
+
+
+@pytest.mark.parametrize("temperature", [0, -1, float("nan")])
+def test_a_temperature_that_is_not_positive_is_refused(tmp_path, temperature):
+    # 0 gives NaN or infinite probabilities for every answer, a negative one turns the ranking upside down.
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"temperature": temperature, "unsure": {"threshold": 0.5}}))
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        load_calibration(str(tmp_path))

@@ -845,3 +845,41 @@ def test_a_crawler_holds_the_bytes_it_sent_and_a_chunk_past_the_budget_gets_503(
     assert status == 503 and headers.get("retry-after") == "1" and headers.get("connection") == "close", refused
     assert "busy with other uploads" in json.loads(payload)["error"], payload
     assert kept[0] == 400, kept  # read to its end (no image in it), not refused
+
+
+def test_a_declared_size_counts_at_most_a_full_upload():
+    # What a request holds in the byte budgets before its body comes: a larger declaration is refused 413
+    # before any of it is read, so it must not count as 1 GB (the budgets' 503 would come first).
+    from adapter.limits import _declared_size
+
+    full = 10_551_296
+    head = lambda *headers: {"headers": list(headers)}  # noqa: E731
+    assert _declared_size(head((b"content-length", b"1000000000")), full) == full
+    assert _declared_size(head((b"content-length", b"5000")), full) == 5000
+    assert _declared_size(head((b"content-length", b"0")), full) is None
+    assert _declared_size(head((b"transfer-encoding", b"Chunked")), full) == full
+    assert _declared_size(head((b"content-length", b"12x")), full) == full
+    assert _declared_size(head(), full) is None
+
+
+def test_trusted_proxies_are_handed_on_as_networks():
+    # uvicorn reads X-Forwarded-For only from entries it parses strictly: "127.0.1.1/24" (host bits set)
+    # matched nothing there, while the connection caps exempted the network (the adapter did not start).
+    settings = Settings(trusted_proxies=["127.0.1.1/24", "10.0.0.7", "fd00::1/64"])
+    assert settings.trusted_networks() == ["127.0.1.0/24", "10.0.0.7/32", "fd00::/64"]
+
+
+def test_one_clients_explanation_share_is_held_to_everyones_turns():
+    # A client share above the turns would have its extra explanations wait EXPLANATION_WAIT_S for a
+    # turn it cannot get: held to the turns, the third is refused at once.
+    explanations = Explanations(Settings(max_explanations_in_flight=2, max_client_explanations_in_flight=8,
+                                         retry_after_s=3))
+
+    async def scenario():
+        async with explanations.share("a"), explanations.share("a"):
+            with pytest.raises(ClassifyError) as refused:
+                async with explanations.share("a"):
+                    pass
+            assert (refused.value.status_code, refused.value.headers) == (503, {"Retry-After": "3"})
+
+    asyncio.run(scenario())

@@ -377,6 +377,81 @@ def in_child(script: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def test_a_grpc_parameters_map_of_more_than_the_limit_is_refused_on_its_count():
+    """MAX_GRPC_PARAMETERS on the request's, an input's and an output's parameters map: 65 entries
+    refused before KServe converts anything, exactly 64 passed on (no test built such a map)."""
+    result = in_child("""
+import json
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from handler.kserve_predictor import MAX_GRPC_PARAMETERS, grpc_count_refusal
+
+def request(where, entries):
+    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(b"an image")
+    out = pb.ModelInferRequest(model_name="cifar100", inputs=[tensor],
+                               outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="label")])
+    parameters = {"request": out.parameters, "input": out.inputs[0].parameters, "output": out.outputs[0].parameters}[where]
+    for n in range(entries):
+        parameters[f"p{n}"].string_param = "x"
+    return out
+
+print(json.dumps({"limit": MAX_GRPC_PARAMETERS, **{
+    f"{where} {entries}": grpc_count_refusal(request(where, entries), 64)
+    for where in ("request", "input", "output") for entries in (MAX_GRPC_PARAMETERS, MAX_GRPC_PARAMETERS + 1)}}))
+""")
+    limit = result.pop("limit")
+    for where in ("request", "input", "output"):
+        assert result[f"{where} {limit}"] is None, where
+        assert result[f"{where} {limit + 1}"] == f"a parameters map of more than {limit} entries (this model reads none)"
+
+
+def test_a_body_over_max_bytes_is_refused_on_its_declared_length_at_once_or_as_it_streams_past():
+    """RequestChecks, in-process: a head declaring max_bytes + 1 gets 413 before any body byte (a client
+    that then sends nothing is not waited for: the streaming check alone answered 408 after the body's
+    deadline), a body streaming one byte past max_bytes gets 413 at that chunk, and one of exactly
+    max_bytes reaches the app."""
+    script = """
+import asyncio, json, time
+from handler.kserve_predictor import RequestChecks
+
+LIMIT = 100
+
+def scope(length=None):
+    headers = [] if length is None else [(b"content-length", str(length).encode())]
+    return {"type": "http", "method": "POST", "path": "/x", "headers": headers}
+
+async def exchange(head, *chunks):
+    reached, sent, client = [], [], asyncio.Queue()
+    for n, chunk in enumerate(chunks):
+        client.put_nowait({"type": "http.request", "body": chunk, "more_body": n < len(chunks) - 1})
+
+    async def app(scope, receive, send):
+        reached.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def send(message):
+        sent.append(message.get("status", "body"))
+
+    started = time.monotonic()
+    await asyncio.wait_for(RequestChecks(app, max_bytes=LIMIT)(head, client.get, send), 10)
+    return {"status": sent[0], "app": [len(b) for b in reached], "s": time.monotonic() - started, "unread": client.qsize()}
+
+async def main():
+    print(json.dumps({
+        "declared": await exchange(scope(LIMIT + 1)),  # the head alone: no body byte ever comes
+        "streamed": await exchange(scope(), b"a" * 60, b"b" * 41, b"c" * 10),
+        "exact": await exchange(scope(), b"a" * 60, b"b" * 40),
+    }))
+
+asyncio.run(main())
+"""
+    out = in_child(script)
+    assert out["declared"]["status"] == 413 and out["declared"]["app"] == [] and out["declared"]["s"] < 1, out
+    assert (out["streamed"]["status"], out["streamed"]["app"], out["streamed"]["unread"]) == (413, [], 1), out
+    assert (out["exact"]["status"], out["exact"]["app"]) == (200, [100]), out
+
+
 def test_a_client_that_leaves_cancels_its_request_until_the_answer_has_started():
     """RequestChecks reads the connection while the app answers: a disconnect before the answer starts
     cancels the app (nothing sent); after, the app finishes, and an app that asks for the disconnect
@@ -602,6 +677,10 @@ def test_grpc_refusals_carry_the_handlers_message_and_the_server_goes_on(kserve_
         (grpc_request([good] * 65), grpc.StatusCode.INVALID_ARGUMENT, "above the limit"),
         (grpc_request([good], datatype="FP32"), grpc.StatusCode.INVALID_ARGUMENT, "the bytes themselves over gRPC"),
     ]
+    many_parameters = grpc_request([good])
+    for n in range(65):  # MAX_GRPC_PARAMETERS + 1
+        many_parameters.parameters[f"p{n}"].string_param = "x"
+    refusals.append((many_parameters, grpc.StatusCode.INVALID_ARGUMENT, "parameters map of more than 64"))
     raw_short = grpc_request([good], raw=True)
     raw_short.raw_input_contents[0] = raw_short.raw_input_contents[0][:-10] + (10 ** 6).to_bytes(4, "little")
     refusals.append((raw_short, grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents"))

@@ -287,6 +287,17 @@ def test_the_normalization_statistics_are_the_training_splits(cifar100_data_dir)
     assert torch.allclose(std, torch.tensor(CIFAR100_STD), atol=1.5e-4), std
 
 
+@pytest.mark.integration  # the data set's own meta file
+def test_the_class_names_are_cifar100s_in_its_label_order(cifar100_data_dir):
+    # Every other test that names classes reads index_to_name.json on both sides: two names swapped passed them all.
+    import pickle
+
+    from model.classes import load_class_names
+
+    with open(cifar100_data_dir / "cifar-100-python" / "meta", "rb") as f:
+        meta = pickle.load(f, encoding="latin1")
+    assert load_class_names() == meta["fine_label_names"]
+
 def test_flip_tta_is_the_mean_over_the_mirror_and_the_same_for_a_mirrored_image():
     from model.tta import flip_tta_logits
 

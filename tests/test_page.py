@@ -214,6 +214,21 @@ def test_a_12_mp_photo_is_shrunk_before_upload(adapter, page, large_photo, mime)
     assert page.evaluate("document.getElementById('preview').naturalWidth") == 4032  # the preview: the original
 
 
+def test_a_photo_under_1_mp_but_over_the_bytes_rule_is_shrunk_before_upload(adapter, page, tmp_path):
+    # The other half of the page's rule ("over 256 KB or 1 MP"): the 12 MP photo above is shrunk by its pixels alone.
+    path = tmp_path / "noisy.jpg"
+    noise = np.random.default_rng(0).integers(0, 256, (900, 1000, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, quality=98)
+    rules = httpx.get(f"{adapter.base_url}/settings").json()["shrink"]
+    assert 1000 * 900 <= rules["min_pixels"] and path.stat().st_size > rules["min_bytes"]
+    page.goto(f"{adapter.base_url}/")
+    bodies = uploads(page)
+    drop(page, path, "image/jpeg")
+    wait_for_answer(page)
+    sent = sent_image(bodies[0])
+    assert sent.format == "JPEG" and min(sent.size) == rules["min_side"], sent.size
+    assert page.is_visible("#sent")
+
 def halves(size, top=(255, 0, 0), bottom=(0, 0, 255)) -> Image.Image:
     img = Image.new("RGB", size, bottom)
     img.paste(top, (0, 0, size[0], size[1] // 2))

@@ -139,6 +139,53 @@ def test_tiff_directories_pillow_reads_whole_are_bounded():
     assert decode_image(camera).size == (64, 32)
 
 
+def test_an_exif_block_of_exactly_the_limit_is_read_and_one_byte_more_is_413():
+    picture = halves((64, 32))
+    block = exif_block(5_000)
+    # Pillow's PNG reader puts JPEG's "Exif\0\0" before the chunk: the block as read is MAX_EXIF_BYTES.
+    prefix = len(Image.open(io.BytesIO(png_with_exif(picture, block))).info["exif"]) - len(block)
+    exact = block + bytes(MAX_EXIF_BYTES - prefix - len(block))  # padding after the block's directory
+    out = np.asarray(decode_image(png_with_exif(picture, exact)))
+    assert out.shape == (64, 32, 3) and out[8, 16, 0] > 200  # its Orientation applied: read, not refused
+    with pytest.raises(ImageRequestError) as info:
+        decode_image(png_with_exif(picture, exact + b"\0"))
+    assert info.value.status == 413 and f"above the {MAX_EXIF_BYTES // 1024} KB limit" in info.value.message
+
+
+def test_a_tiff_directory_of_exactly_the_tag_limit_is_read_and_one_more_is_400():
+    own = len(Image.open(io.BytesIO(grey_tiff(64, 32))).tag_v2)  # grey_tiff's own entries
+    junk = [(tag, 1, 1, b"A") for tag in range(0x1000, 0x1000 + MAX_TIFF_TAGS - own + 1)]
+    assert decode_image(grey_tiff(64, 32, extra=junk[:-1])).size == (64, 32)
+    with pytest.raises(ImageRequestError) as info:
+        decode_image(grey_tiff(64, 32, extra=junk))
+    assert info.value.status == 400 and f"TIFF directory of {MAX_TIFF_TAGS + 1} entries" in info.value.message
+
+
+def test_a_request_of_exactly_the_pixel_limit_passes_and_one_pixel_more_is_413():
+    from serving.images import MAX_REQUEST_PIXELS, check_request_pixels
+    side = 4000  # 16 MP each: headers only, nothing decoded
+    count = MAX_REQUEST_PIXELS // (side * side)
+    assert count * side * side == MAX_REQUEST_PIXELS
+    opened = [open_upload(png_declaring_size(side, side)) for _ in range(count)]
+    check_request_pixels(opened)
+    with pytest.raises(ImageRequestError) as info:
+        check_request_pixels(opened + [open_upload(png_declaring_size(1, 1))])
+    assert info.value.status == 413 and "limit per request" in info.value.message
+
+
+@pytest.mark.parametrize("size", [(4000, 3000), (2000, 1500), (1000, 700), (600, 257), (300, 200)])
+def test_a_jpeg_is_counted_at_the_pixels_pillow_decodes_it_to(size):
+    # check_request_pixels counts a JPEG at its draft scale on its header alone: a wrong scale lets
+    # through JPEGs the 64 MP rule was meant to stop, or refuses valid ones.
+    from serving.images import DECODE_MIN_SIDE, decoded_pixels
+    data = encode(Image.new("RGB", size, (200, 30, 40)), "JPEG")
+    counted = decoded_pixels(open_upload(data))
+    img = Image.open(io.BytesIO(data))
+    img.draft(None, (DECODE_MIN_SIDE, DECODE_MIN_SIDE))
+    img.load()
+    assert counted == img.width * img.height
+
+
 def test_animated_gif_gives_its_first_frame():
     img = decode_image(animated_gif([Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 255))]))
     assert np.asarray(img)[16, 16].tolist() == [255, 0, 0]

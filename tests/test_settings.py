@@ -82,3 +82,105 @@ def test_ts_port_variables_move_their_own_port_and_refuse_what_is_not_a_port():
             assert "TS_MANAGEMENT_PORT" in str(err) and "1-65535" in str(err), err
         else:
             raise AssertionError(f"TS_MANAGEMENT_PORT={bad!r} was accepted")
+
+
+# --- the documented defaults are the code's (a default changed in one place only passed every test) ---
+
+def _setting_fields() -> dict[str, str]:
+    """Environment variable -> Settings field, as Settings.from_env reads them."""
+    import inspect
+    import re
+
+    source = inspect.getsource(Settings.from_env)
+    return dict((env, name) for name, env in re.findall(r'(\w+)=(?:_env_\w+|os\.environ\.get)\(\s*"([A-Z_]+)"', source))
+
+
+def _documented_value(text: str):
+    """A default as README or adapter/config.py's docstring writes it -> a value, or ... when not a number."""
+    import re
+
+    text = re.sub(r"\s*\(\d+ [KM]B\)$", "", text.strip())  # "10485760 (10 MB)": the bytes count
+    if text in ("none", "(none)"):
+        return []
+    if text in ("unset", "(unset)"):
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)( MB| KB| bytes/s)?", text)
+    if not match:
+        return ...
+    return float(match[1]) * {None: 1, " bytes/s": 1, " KB": 1024, " MB": 1024 * 1024}[match[2]]
+
+
+def _same(documented, value) -> bool:
+    if isinstance(documented, float) and isinstance(value, (bool, int, float)):
+        return documented == float(value)
+    return documented == (value or ([] if documented == [] else None))
+
+
+def _compare_table(rows: list[tuple[str, str]]) -> int:
+    """Each (names, defaults) row checked against Settings(); how many values were compared."""
+    fields, defaults, compared = _setting_fields(), Settings(), 0
+    for names, values in rows:
+        names, values = [n.strip(" `") for n in names.split(" / ")], values.split(" / ")
+        assert len(names) == len(values), (names, values)
+        for name, text in zip(names, values):
+            documented = _documented_value(text)
+            if name not in fields or documented is ...:
+                continue
+            value = getattr(defaults, fields[name])
+            assert _same(documented, value), f"{name}: documented {text!r}, Settings() has {value!r}"
+            compared += 1
+    return compared
+
+
+def test_readmes_settings_table_states_the_adapters_defaults():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| setting | default | limit |"):]
+    table = table[:table.index("\n\n")]
+    rows = re.findall(r"^\| (`[A-Z_]+`(?: / `[A-Z_]+`)*) \| ([^|]+) \|", table, re.M)
+    assert len(rows) >= 20, rows
+    assert _compare_table([(names, values.strip()) for names, values in rows]) >= 30
+
+
+def test_the_config_modules_table_states_the_adapters_defaults():
+    import re
+
+    import adapter.config
+
+    entries, current = [], None  # (names, the entry's last line)
+    for line in adapter.config.__doc__.splitlines():
+        start = re.match(r"    ([A-Z][A-Z_]+(?: / [A-Z][A-Z_]+)*)\s", line)
+        if start:
+            current = [start[1], line]
+            entries.append(current)
+        elif current and line.startswith("      "):
+            current[1] = line
+    rows = [(names, re.split(r"\s{2,}", last.strip())[-1]) for names, last in entries]
+    assert len(rows) >= 40, rows
+    assert _compare_table(rows) >= 35
+
+
+def test_readme_states_the_image_and_grpc_limits_the_code_has():
+    import re
+
+    from handler.protocols import MAX_DATA_DEPTH
+    from serving import images
+
+    # read, not imported: handler.kserve_predictor imports kserve, which tests/kserve_types.py may have stood in for
+    predictor = (ROOT / "handler" / "kserve_predictor.py").read_text()
+    MAX_GRPC_PARAMETERS = int(re.search(r"^MAX_GRPC_PARAMETERS = (\d+)$", predictor, re.M)[1])
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    documented = {  # the constant, and how README states its number
+        "MAX_JPEG_SCANS": (images.MAX_JPEG_SCANS, r"more than (\d+) scans, `MAX_JPEG_SCANS`", 1),
+        "MAX_TIFF_TAGS": (images.MAX_TIFF_TAGS, r"more than (\d+) entries, `MAX_TIFF_TAGS`", 1),
+        "MAX_EXIF_BYTES": (images.MAX_EXIF_BYTES, r"over (\d+) KB, `MAX_EXIF_BYTES`", 1024),
+        "MAX_REQUEST_PIXELS": (images.MAX_REQUEST_PIXELS, r"(\d+) MP to decode in all \(`MAX_REQUEST_PIXELS`", 10**6),
+        "MAX_GRPC_PARAMETERS": (MAX_GRPC_PARAMETERS, r"`MAX_GRPC_PARAMETERS` \((\d+)\)", 1),
+        "MAX_DATA_DEPTH": (MAX_DATA_DEPTH, r"`MAX_DATA_DEPTH` \((\d+)\)", 1),
+    }
+    for name, (value, pattern, unit) in documented.items():
+        match = re.search(pattern, readme)
+        assert match, f"README no longer states {name} as {pattern!r}"
+        assert int(match[1]) * unit == value, f"{name}: README says {match[1]}, the code has {value}"

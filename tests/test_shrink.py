@@ -185,6 +185,9 @@ def test_shrink_min_bytes_is_the_setting_not_the_default():
     assert 20_000 < len(photo) < SHRINK_MIN_BYTES
     assert prepare(photo) == photo
     assert decode_image(prepare(photo, shrink_min_bytes=20_000)).size == (32, 32)
+    # "Over" the setting: an upload of exactly shrink_min_bytes goes as it is, one byte more is shrunk.
+    assert prepare(photo, shrink_min_bytes=len(photo)) == photo
+    assert decode_image(prepare(photo, shrink_min_bytes=len(photo) - 1)).size == (32, 32)
 
 
 def test_settings_tell_the_page_what_the_operator_chose(tmp_path):
