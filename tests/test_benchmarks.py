@@ -379,16 +379,6 @@ def test_bench_fairness_prints_the_probe_beside_each_kind_of_load():
     assert all(" answered/s" in line and "theirs p50 " in line for line in lines[1:]), lines
 
 
-def test_bench_kserve_serves_the_engine_it_was_given_and_says_so():
-    # make bench-serve passes BENCH_SERVE_ARGS to bench_kserve: its two servers run what they ask (~90 s here).
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_kserve", "--engine", "eager-fp32", "--workers", "1",
-                           "--duration", "1", "--warmup", "0.5", "--rounds", "1", "--concurrency", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    # Was the shipped model-config's engine (openvino-int8 here), and no word of it.
-    assert "engine: TorchServe eager-fp32, KServe's model server eager-fp32 (" in done.stdout, done.stdout
-
-
 def test_bench_served_engines_serves_each_engine_and_compares_its_answers(tmp_path):
     # Starts KServe's own model server once per engine (no TorchServe, no wrk: aiohttp clients), ~30 s here.
     out = tmp_path / "served.json"
