@@ -120,14 +120,6 @@ def changed_since_started(path: Path, pid: int | None) -> bool:
         return False
 
 
-def command_line_has(*needles: str) -> Callable[[psutil.Process], bool]:
-    """An `is_ours` test: the process's command line contains one of these strings."""
-    def is_ours(process: psutil.Process) -> bool:
-        command = " ".join(process.cmdline())
-        return any(needle in command for needle in needles)
-    return is_ours
-
-
 def command_line_with(*runs: Sequence[str]) -> Callable[[psutil.Process], bool]:
     """An `is_ours` test: each run of arguments (e.g. ``("--log-file", "/abs/logs/adapter.log")``) appears whole
     and in order in the process's command line. A run naming a path of the instance's own tells it from

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from serving.process import (PidFile, ServiceStartError, command_line_has, free_ports, popen_exited, stop_popen,
+from serving.process import (PidFile, ServiceStartError, command_line_with, free_ports, popen_exited, stop_popen,
                              stop_process, wait_until_ready)
 
 IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
@@ -26,7 +26,7 @@ def test_free_ports_are_distinct_and_bindable():
 
 
 def test_pid_file_counts_only_a_live_process_that_is_ours(tmp_path):
-    pid_file = PidFile(tmp_path / "x.pid", command_line_has("sleep-marker-42"))
+    pid_file = PidFile(tmp_path / "x.pid", command_line_with(["sleep-marker-42"]))
     assert pid_file.pid() is None  # no file
     ours = subprocess.Popen([sys.executable, "-c", "import time, sys; time.sleep(60)", "sleep-marker-42"])
     try:
