@@ -45,6 +45,22 @@ def pytest_collection_finish(session):
         pytest.exit("\n".join(problems), returncode=pytest.ExitCode.USAGE_ERROR)
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_given_back():
+    """A test that sets torch's thread count (a benchmark's rounds, an engine at a worker's one thread)
+    gives it back: it leaked, and the test-split pass run after it took 110 s on one core, not 57 s."""
+    import os
+    import sys
+
+    torch = sys.modules.get("torch")  # torch only where a test brought it in (the adapter's need none)
+    before = torch.get_num_threads() if torch else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != before:
+        # Imported by this test: torch's default, one thread per core (as here, where each core runs one).
+        torch.set_num_threads(before or int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))))
+
+
 @pytest.fixture(scope="session")
 def torchserve(tmp_path_factory):
     ts = start_test_torchserve(tmp_path_factory.mktemp("torchserve"))
