@@ -39,9 +39,10 @@ def test_auto_prefers_bf16_with_amx_and_rechecked_int8_elsewhere(monkeypatch):
     monkeypatch.setattr(engines, "native_bf16", lambda device: True)
     monkeypatch.setattr(engines, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
     assert engines.machine_kind(CPU) == "amx-bf16"
-    assert engines.candidates("auto", CPU, both) == ["openvino-bf16", "compile-bf16", "compile-fp32", engines.EAGER]
+    assert engines.candidates("auto", CPU, both) == ["openvino-bf16", "compile-bf16", "openvino-fp32", "compile-fp32",
+                                                     engines.EAGER]
     # bf16 in AVX-512 without AMX's tiles (AMD Zen 4; or oneDNN capped below AMX): int8 with VNNI was faster.
-    without_amx = ["openvino-int8", "openvino-bf16", "compile-bf16", "compile-fp32", engines.EAGER]
+    without_amx = ["openvino-int8", "openvino-bf16", "compile-bf16", "openvino-fp32", "compile-fp32", engines.EAGER]
     monkeypatch.setenv(engines.ONEDNN_ISA_ENV, "avx512_core_bf16")
     assert engines.machine_kind(CPU) == "avx512-bf16" and engines.candidates("auto", CPU, both) == without_amx
     monkeypatch.delenv(engines.ONEDNN_ISA_ENV)
@@ -84,10 +85,11 @@ def test_kserves_predictor_runs_on_the_gpu_it_sees_and_auto_skips_openvino_there
 def test_an_engine_that_failed_the_test_split_or_was_never_measured_is_not_served(monkeypatch, caplog):
     monkeypatch.setattr(engines, "native_bf16", lambda device: True)
     with caplog.at_level(logging.WARNING, logger=engines.__name__):
-        assert engines.candidates("auto", CPU, record(**{"compile-bf16": FAILED})) == ["compile-fp32", engines.EAGER]
+        assert engines.candidates("auto", CPU, record(**{"compile-bf16": FAILED})) == ["openvino-fp32", "compile-fp32",
+                                                                                        engines.EAGER]
     assert "failed the accuracy guard" in caplog.text and "agreement 0.9300" in caplog.text
-    # Lossless engines need no record; lossy ones do.
-    assert engines.candidates("auto", CPU, None) == ["compile-fp32", engines.EAGER]
+    # Lossless engines need no record; lossy ones do. OpenVINO's first: as fast, built in seconds, not ~50.
+    assert engines.candidates("auto", CPU, None) == ["openvino-fp32", "compile-fp32", engines.EAGER]
     assert "no accuracy record" in engines.refusal("int8", CPU, None)
     assert engines.candidates("int8", CPU, record(**{"int8": FAILED})) == [engines.EAGER]
     assert "unknown engine" in engines.refusal("tensorrt", CPU, None)
