@@ -337,13 +337,17 @@
     return format && `image/${format}`;
   }
 
+  // A MIME type as a format's name ("image/png" -> "PNG"), as the page and the server's refusals say it.
+  function formatName(type) {
+    return type.replace(/^image\/(x-)?/, "").replace(/\+.*$/, "").toUpperCase();
+  }
+
   // A format the server does not read, refused before anything is sent, in the server's own words
   // (GET /settings `images`: its formats and its refusal): an iPhone's HEIC photo was uploaded whole
   // and only then refused. `type`: from the file's bytes, else as given. "" when it may be read.
   function unreadFormat(file, type, rules) {
     if (!type || !rules || !Array.isArray(rules.types) || !rules.refusal || rules.types.includes(type)) return "";
-    const format = type.replace(/^image\/(x-)?/, "").replace(/\+.*$/, "").toUpperCase();
-    return `“${file.name || "That file"}” (${format}) cannot be classified: ${rules.refusal}. ` +
+    return `“${file.name || "That file"}” (${formatName(type)}) cannot be classified: ${rules.refusal}. ` +
       "Convert it to JPEG or PNG (photo apps can export it so) and choose that copy.";
   }
 
@@ -356,6 +360,26 @@
       probe.onerror = () => resolve(null);
       probe.src = url;
     });
+  }
+
+  // A PNG's width and height as its header (IHDR, within the first bytes read) gives them, or null: for
+  // a PNG this browser cannot read, as libpng refuses a side above 1,000,000 (a 31 KB 1 x 16,000,000).
+  function pngSize(head) {
+    if (!head || head.byteLength < 24 || sniffedType(head) !== "image/png") return null;
+    const view = new DataView(head);
+    return { width: view.getUint32(16), height: view.getUint32(20) };
+  }
+
+  // The server's refusal of an image (not a JPEG) with a side above its limit (GET /settings `images`
+  // max_side: a thin PNG costs a decode far more than its pixels), in its words, before this browser
+  // decodes it or anything is sent. "" when it fits.
+  function sideTooLong(size, type, rules) {
+    if (!size || !rules || type === "image/jpeg") return "";
+    const limit = Number(rules.max_side);
+    if (!(limit > 0) || Math.max(size.width, size.height) <= limit) return "";
+    return `The image is too large: ${size.width} × ${size.height} pixels, a side above the ` +
+      `${limit.toLocaleString("en-US")}-pixel limit for ${type ? formatName(type) : "these"} images. ` +
+      "Crop or shrink it.";
   }
 
   // The server's refusal of an image above its pixel limit (GET /settings `images`: JPEGs are decoded
@@ -431,9 +455,10 @@
     }
     // Its first bytes, read before anything is sent: a folder, or a file moved, deleted or not on
     // this device (a cloud placeholder) cannot be read, and must not look like a server that is down.
-    let type;
+    let head, type;
     try {
-      type = sniffedType(await file.slice(0, SNIFF_BYTES).arrayBuffer());
+      head = await file.slice(0, SNIFF_BYTES).arrayBuffer();
+      type = sniffedType(head);
     } catch (_) {
       if (thisRequest === requestNumber) {
         refuse(`“${file.name || "That file"}” could not be read: is it a folder, or a file that was moved ` +
@@ -460,9 +485,9 @@
       refuse(unread);
       return;
     }
-    const size = await imageSize(previewUrl);
+    const size = await imageSize(previewUrl) || pngSize(head);
     if (thisRequest !== requestNumber) return;
-    const tooLarge = tooManyPixels(size, type, settings.images);
+    const tooLarge = sideTooLong(size, type, settings.images) || tooManyPixels(size, type, settings.images);
     if (tooLarge) {
       refuse(tooLarge);
       return;

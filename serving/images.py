@@ -512,11 +512,13 @@ def picture_size(img: Image.Image) -> tuple[int, int]:
 def page_image_rules() -> dict:
     """What the page checks before it shows or uploads a file (GET /settings "images"): the formats
     read here, as the MIME types the page names a file's first bytes by (Pillow's names), and the
-    server's words for the rest; the pixel limits, which also keep the browser from decoding a huge
-    image (a few hundred KB of PNG can declare 20000x20000 pixels: 1.6 GB decoded)."""
+    server's words for the rest; the pixel limits and the side limit (not for JPEG), which also keep
+    the browser from decoding a huge image (a few hundred KB of PNG can declare 20000x20000 pixels:
+    1.6 GB decoded) and a thin one from being uploaded only to be refused."""
     Image.init()  # Pillow's MIME names, registered as its format plugins load
     return {"types": sorted({Image.MIME[name] for name in ACCEPTED_FORMATS if name in Image.MIME}),
-            "refusal": FORMAT_REFUSAL, "max_pixels": MAX_IMAGE_PIXELS, "max_jpeg_pixels": MAX_JPEG_PIXELS}
+            "refusal": FORMAT_REFUSAL, "max_pixels": MAX_IMAGE_PIXELS, "max_jpeg_pixels": MAX_JPEG_PIXELS,
+            "max_side": MAX_IMAGE_SIDE}
 
 
 def page_shrink_rules(min_bytes: int = SHRINK_MIN_BYTES) -> dict:

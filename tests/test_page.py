@@ -313,10 +313,12 @@ def test_too_large_is_refused_before_uploading(adapter, page):
 
 def png_of_black(width: int, height: int) -> bytes:
     """A valid greyscale PNG of width x height black pixels, written row by row (never held decoded):
-    20000 x 20000 is 389 KB of file and 400 MP."""
+    20000 x 20000 is 389 KB of file and 400 MP; 1 x 16,000,000 is 31 KB."""
     deflate = zlib.compressobj(9)
     row = b"\0" * (width + 1)  # each row: filter type 0, then its pixels
-    idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    rows = max(1, 2**20 // len(row))  # rows compressed at once: ~1 MB (a thin image has millions)
+    idat = b"".join(deflate.compress(row * min(rows, height - done)) for done in range(0, height, rows))
+    idat += deflate.flush()
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -360,6 +362,33 @@ def test_an_image_over_the_pixel_limit_is_refused_before_it_is_shown_or_decoded(
     page.on("request", lambda r: sent.append(r.url) if "/classify/" in r.url else None)
     page.set_input_files("#file-input", files=[{"name": name, "mimeType": mime, "buffer": data}])
     assert wait_for_error(page) == f"The image is too large: {said}. Try a smaller picture."
+    state = page_state(page)
+    assert state["previewHidden"] and state["previewSrc"] is None and state["busy"] == "false", state
+    assert page.evaluate("window.previewShown") is False
+    assert sent == []
+
+
+@pytest.mark.parametrize("width, height", [(1, 16_000_000), (40_000, 1)], ids=["unread-by-chromium", "wide"])
+def test_a_png_with_a_side_over_the_limit_is_refused_before_it_is_shown_or_sent(adapter, page, width, height):
+    """A thin PNG (31 KB of 1 x 16,000,000: 16 MP, within the pixel limit) was uploaded and only then
+    refused by the server (a side above serving/images.py MAX_IMAGE_SIDE, 413); Chromium cannot even
+    read its header (libpng refuses a side above 1,000,000), so the page knew no size to check.
+    Now the page reads a PNG's size from its first bytes when the browser cannot, and refuses a side
+    above GET /settings "images" max_side in the server's words, before it is shown or sent."""
+    data = png_of_black(width, height)
+    server = httpx.post(f"{adapter.base_url}/classify/", files={"image": ("thin.png", data, "image/png")}, timeout=60)
+    assert server.status_code == 413
+    assert server.json()["error"] == (f"image is {width}x{height} pixels, a side above the 32,768-pixel limit for "
+                                      "PNG images: crop or shrink it")
+    page.goto(f"{adapter.base_url}/")
+    page.evaluate("""() => { const preview = document.getElementById('preview'); window.previewShown = false;
+        new MutationObserver(() => { if (!preview.hidden) window.previewShown = true; })
+            .observe(preview, {attributes: true}); }""")
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if "/classify/" in r.url else None)
+    page.set_input_files("#file-input", files=[{"name": "thin.png", "mimeType": "image/png", "buffer": data}])
+    assert wait_for_error(page) == (f"The image is too large: {width} × {height} pixels, a side above the "
+                                    "32,768-pixel limit for PNG images. Crop or shrink it.")
     state = page_state(page)
     assert state["previewHidden"] and state["previewSrc"] is None and state["busy"] == "false", state
     assert page.evaluate("window.previewShown") is False

@@ -28,8 +28,9 @@ from adapter.run import running_adapter
 from adapter.shrink import UploadShrinker
 from benchmarks.bench_decode import photo_like
 from serving.images import (
-    PICTURE_SIZE_KEY, SHRINK_MIN_BYTES, ImageRequestError, decode_image, network_input, open_upload, page_shrink_rules,
-    picture_size, shrunk_png, worth_shrinking)
+    MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, MAX_JPEG_PIXELS, PICTURE_SIZE_KEY, SHRINK_MIN_BYTES, ImageRequestError,
+    decode_image, network_input, open_upload, page_image_rules, page_shrink_rules, picture_size, shrunk_png,
+    worth_shrinking)
 from serving.process import free_port
 from serving_helpers import encode, exif_rotated_jpeg, jpeg_declaring_size
 
@@ -224,6 +225,15 @@ def test_a_thin_png_is_413_on_its_header(monkeypatch):
     # At the limit: decoded; a JPEG (draft-scaled, 65,535 a side at most) has no such limit.
     assert decode_image(encode(Image.new("RGB", (1, MAX_IMAGE_SIDE)))).size == (1, MAX_IMAGE_SIDE)
     assert decode_image(encode(Image.new("RGB", (40_000, 8)), "JPEG")).size == (40_000, 8)
+
+
+def test_the_page_is_told_the_servers_pixel_and_side_limits():
+    """GET /settings "images": the page refuses what the server would, from these constants alone."""
+    rules = page_image_rules()
+    assert (rules["max_pixels"], rules["max_jpeg_pixels"], rules["max_side"]) == (
+        MAX_IMAGE_PIXELS, MAX_JPEG_PIXELS, MAX_IMAGE_SIDE)
+    page = (REPO / "frontend" / "app.js").read_text()
+    assert str(MAX_IMAGE_SIDE) not in page and f"{MAX_IMAGE_SIDE:,}" not in page  # no copy of its own
 
 
 @pytest.mark.parametrize("padding", [0, 2 * SHRINK_MIN_BYTES], ids=["small", "large"])
