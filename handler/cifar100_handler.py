@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from itertools import islice
 
 import torch
@@ -48,6 +49,9 @@ logger = logging.getLogger(__name__)
 # (ts/protocol/otf_message_handler.py): one model_log.log line per batch for the frontend to parse and
 # write, with nothing in it an operator reads (the access log and the metrics say when requests came).
 PER_BATCH_LOG_LINE = "Backend received inference at: %d"
+# Logged by a worker once it can explain (its first explanation: Captum imported, the explanation model built);
+# a rollout's warm-up sends each new worker one (serving/rollout.py), so no client's explanation pays it.
+EXPLAINER_READY_LOG_LINE = "explanation model ready in %.2f s"
 REQUEST_ID_LOGGED = 128  # characters of a request's X-Request-ID put in a log line (the adapter's ids are shorter)
 
 
@@ -218,10 +222,13 @@ class CIFAR100Handler(BaseHandler):
                 rows.append(start)
             start += count
         if rows:
-            if self._explanation_model is None:
+            first, started = self._explanation_model is None, time.perf_counter()
+            if first:
                 self._explanation_model = explanation_model(network_from_state_dict(self._state_dict)).to(self.device)
             maps = heatmaps(self._explanation_model, data_preprocess[rows], logits[rows].argmax(dim=1),
                             [self._sizes[r] for r in rows], self.heatmap_max_side)
+            if first:  # Captum is imported by the first heatmaps() call
+                logger.info(EXPLAINER_READY_LOG_LINE, time.perf_counter() - started)
             for idx, heatmap in zip(requests, maps):
                 answers[idx]["heatmap"] = heatmap
         return answers

@@ -175,6 +175,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 _NEXT_MARKER = re.compile(rb"\xff+([^\x00\xff\xd0-\xd7])")
 _STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
 _SOS, _EOI = 0xDA, 0xD9
+_JPEG_SIGNATURE = b"\xff\xd8\xff"  # SOI and the next marker's 0xFF: how Pillow's JPEG opener knows one
 
 
 def jpeg_scans(data: bytes | bytearray) -> int:
@@ -206,6 +207,13 @@ def _check_jpeg_scans(data: bytes | bytearray) -> None:
                  "scan is decoded over the whole picture)")
 
 
+def _pixel_limit(image_format: str | None) -> tuple[int, str]:
+    """The pixel limit for an image of this format (None: unknown, not JPEG), and the words naming it."""
+    if image_format in JPEG_FORMATS:
+        return MAX_JPEG_PIXELS, "JPEG images"
+    return MAX_IMAGE_PIXELS, f"{image_format or 'these'} images (JPEG: {MAX_JPEG_PIXELS / 1e6:.0f} MP)"
+
+
 def _check_pixel_limit(img: Image.Image) -> None:
     """413 naming the limit that applies to this image's format, on its header alone."""
     width, height = img.size
@@ -214,9 +222,8 @@ def _check_pixel_limit(img: Image.Image) -> None:
         raise ImageRequestError(
             413, f"image is {width}x{height} pixels, a side above the {MAX_IMAGE_SIDE:,}-pixel limit for "
                  f"{img.format or 'these'} images: crop or shrink it")
-    limit = MAX_JPEG_PIXELS if jpeg else MAX_IMAGE_PIXELS
+    limit, kind = _pixel_limit(img.format)
     if width * height > limit:
-        kind = "JPEG images" if jpeg else f"{img.format or 'these'} images (JPEG: {MAX_JPEG_PIXELS / 1e6:.0f} MP)"
         raise ImageRequestError(
             413, f"image is {width}x{height} pixels ({width * height / 1e6:.1f} MP), above the "
                  f"{limit / 1e6:.0f} MP limit for {kind}")
@@ -255,13 +262,14 @@ def _reduced(img: Image.Image) -> Image.Image:
     return img.reduce(factor)
 
 
-def _refusal(err: Exception) -> ImageRequestError:
-    """What a Pillow failure while opening or decoding tells the client."""
+def _refusal(err: Exception, image_format: str | None = None) -> ImageRequestError:
+    """What a Pillow failure while opening or decoding an image of ``image_format`` tells the client."""
     if isinstance(err, ImageRequestError):
         return err
-    if isinstance(err, Image.DecompressionBombError):
+    if isinstance(err, Image.DecompressionBombError):  # Pillow's own check, above ~179 MP: before ours
+        limit, kind = _pixel_limit(image_format)
         return ImageRequestError(413, f"image refused (possible decompression bomb), above the "
-                                      f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP limit: {err}")
+                                      f"{limit / 1e6:.0f} MP limit for {kind}: {err}")
     if isinstance(err, UnidentifiedImageError):
         return ImageRequestError(400, FORMAT_REFUSAL)
     if isinstance(err, MemoryError):
@@ -425,7 +433,8 @@ def open_upload(data: bytes) -> Image.Image:
         if img.format in JPEG_FORMATS:
             _check_jpeg_scans(data)
     except Exception as err:  # noqa: BLE001 - every failure becomes the client's 4xx
-        raise _refusal(err) from err
+        # Pillow refuses a canvas above ~179 MP while opening it, with no image to name the format by.
+        raise _refusal(err, "JPEG" if data[:3] == _JPEG_SIGNATURE else None) from err
     return img
 
 
@@ -445,7 +454,7 @@ def decode_opened(img: Image.Image) -> Image.Image:
             img._size = img.im.size
         img = _reduced(img)
     except Exception as err:  # noqa: BLE001 - every failure becomes the client's 4xx
-        raise _refusal(err) from err
+        raise _refusal(err, img.format) from err
     return _to_rgb(img)
 
 

@@ -5,7 +5,9 @@
   1. build the archive of PATH (serving/archive.py) as ``model_store/cifar100-<version>.mar``;
   2. register it beside the serving version (management API, management key), its workers as
      model-config.yaml says; wait until they are READY, then send it warm-up predictions on its own
-     route (``/predictions/cifar100/<version>``): every one must answer 200 from that version;
+     route (``/predictions/cifar100/<version>``), then one explanation per worker
+     (``/explanations/cifar100/<version>``: a worker's first one builds its Grad-CAM model, ~1 s):
+     every one must answer 200 from that version (an explanation with its heatmap);
   3. make it the default: from then on ``/predictions/cifar100`` (the adapter's route) reaches it;
   4. drain each old version (its queue empty, then ``--drain-s`` for the batches its workers hold)
      and unregister it; its rollout archive is deleted (``cifar100.mar``, make serve's, is kept).
@@ -56,6 +58,9 @@ from serving.torchserve import TorchServeInstance, default_instance
 MODEL_NAME = settings.MODEL_NAME
 HTTP_TIMEOUT_S = 30.0
 WARMUP_ROUNDS = 2  # warm-up predictions per worker of the new version
+# Between two warm-up explanations, beyond the version's maxBatchDelay: TorchServe gives a batch to one worker
+# and closes it maxBatchDelay after its first request, so each explanation sent later lands on another idle worker.
+EXPLANATION_STAGGER_S = 0.05
 
 
 class RolloutError(RuntimeError):
@@ -127,6 +132,15 @@ def _answered_by(answer: httpx.Response) -> str | None:
     if not isinstance(body, dict) or not _is_probability(body.get("probability")):
         return None
     return body.get("model_version")
+
+
+def _has_heatmap(answer: httpx.Response) -> bool:
+    """An explanation's answer carries its Grad-CAM heatmap (a PNG data URL, handler/explain.py)."""
+    try:
+        heatmap = answer.json().get("heatmap")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(heatmap, str) and bool(heatmap)
 
 
 def _is_probability(value) -> bool:
@@ -241,7 +255,8 @@ class Rollout:
         while True:
             r = self._call("GET", f"/models/{MODEL_NAME}/{version}")
             if r.status_code == 200:
-                workers = r.json()[0].get("workers", [])
+                described = r.json()[0]
+                workers = described.get("workers", [])
                 last = f"workers {[w.get('status') for w in workers]}"
                 if workers and all(w.get("status") == "READY" for w in workers):
                     break
@@ -261,6 +276,20 @@ class Rollout:
                if a.status_code != 200 or _answered_by(a) != version]
         if bad:
             raise RolloutError(f"version {version} is READY but its warm-up predictions failed: {bad[0]}")
+        # And an explanation per worker: a worker's first one imports Captum and builds its explanation model
+        # (~1 s, 9.6 s seen on a loaded host), which the adapter's /explain/ would otherwise pay after the switch.
+        path = f"/explanations/{MODEL_NAME}/{version}"
+        stagger = float(described.get("maxBatchDelay", 0)) / 1000 + EXPLANATION_STAGGER_S
+
+        def explain(i: int) -> httpx.Response:
+            time.sleep(i * stagger)
+            return self._call("POST", path, "inference", self.ts.inference_url, content=image)
+        with ThreadPoolExecutor(len(workers)) as pool:
+            answers = list(pool.map(explain, range(len(workers))))
+        bad = [_described(a) for a in answers
+               if a.status_code != 200 or _answered_by(a) != version or not _has_heatmap(a)]
+        if bad:
+            raise RolloutError(f"version {version} is READY but its warm-up explanations failed: {bad[0]}")
 
     def set_default(self, version: str) -> None:
         r = self._call("PUT", f"/models/{MODEL_NAME}/{version}/set-default")

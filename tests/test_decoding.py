@@ -10,8 +10,8 @@ from PIL import Image
 
 from benchmarks.bench_decode import full_decode, photo_like
 from handler.preprocessing import DECODE_MIN_SIDE, MAX_JPEG_PIXELS, ImageRequestError, decode_image, image_to_tensor
-from serving.images import open_upload
-from serving_helpers import cifar_pil, encode, exif_rotated_jpeg, jpeg_declaring_size
+from serving.images import MAX_IMAGE_PIXELS, open_upload
+from serving_helpers import cifar_pil, encode, exif_rotated_jpeg, jpeg_declaring_size, png_declaring_size
 
 
 def test_a_12_megapixel_jpeg_is_decoded_at_reduced_scale_with_the_same_input():
@@ -49,6 +49,22 @@ def test_jpeg_pixel_limit_names_the_real_limit():
         decode_image(jpeg_declaring_size(side, side))
     assert info.value.status == 413
     assert f"{MAX_JPEG_PIXELS / 1e6:.0f} MP limit for JPEG images" in info.value.message
+
+
+def test_a_jpeg_above_pillows_own_bomb_limit_names_the_jpeg_limit():
+    """Above twice Image.MAX_IMAGE_PIXELS (~179 MP) Pillow refuses a canvas while opening it, before the JPEG
+    limit is checked: such a JPEG was refused naming the 16 MP limit of the other formats."""
+    width, height = 20_000, 10_000  # 200 MP, declared in the frame header of a tiny file
+    assert width * height > 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageRequestError) as info:
+        decode_image(jpeg_declaring_size(width, height))
+    assert info.value.status == 413
+    assert f"above the {MAX_JPEG_PIXELS / 1e6:.0f} MP limit for JPEG images" in info.value.message, info.value.message
+    # The other formats' bombs still name theirs.
+    with pytest.raises(ImageRequestError) as info:
+        decode_image(png_declaring_size(width, height))
+    assert info.value.status == 413
+    assert f"above the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit for" in info.value.message, info.value.message
 
 
 def test_top1_on_the_cifar_test_split_is_unchanged(cifar100_test_split, reference):

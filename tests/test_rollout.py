@@ -22,6 +22,7 @@ import torch
 from aiohttp import web
 
 from adapter.run import running_adapter
+from handler.cifar100_handler import EXPLAINER_READY_LOG_LINE
 from serving.archive import sha256_of, weights_version
 from serving.rollout import Rollout, RolloutError
 from serving.settings import CALIBRATION_FILE
@@ -193,6 +194,37 @@ def test_rollout_under_load_fails_no_request_and_switches_once(served, tmp_path)
     # Same weights again: nothing to do.
     Rollout(ts, say=said.append).run(weights_under_test())
     assert "nothing to do" in said[-1]
+
+
+def explainer_ready(ts, version: str, timeout: float = 15) -> dict[str, bool]:
+    """Whether each worker of ``version`` logged that it can explain (model_log.log names the worker and version)."""
+    said = EXPLAINER_READY_LOG_LINE.split("%")[0]
+    ids = [w["id"] for w in describe(ts, version)["workers"]]
+    deadline = time.monotonic() + timeout  # the frontend writes a worker's lines from its own thread
+    while True:
+        log = (ts.log_dir / "model_log.log").read_text(errors="replace")
+        ready = {i: f"W-{i}-{ts.model_name}_{version}-stdout MODEL_LOG - {said}" in log for i in ids}
+        if all(ready.values()) or time.monotonic() > deadline:
+            return ready
+        time.sleep(0.2)
+
+
+def test_a_rollout_warms_each_new_worker_for_explanations_too(served, tmp_path):
+    """The warm-up sent predictions only: the first explanation on each new worker (the adapter's /explain/)
+    imported Captum and built the explanation model (~1 s here, 9.6 s of its 10 s seen on a loaded host). Now
+    each new worker has explained once before the switch, and says so in its log."""
+    ts, adapter, _ = served
+    old = httpx.get(f"{adapter.base_url}/health", timeout=30).json()["archive_version"]
+    assert old == weights_version(weights_under_test())
+    candidate = other_weights(tmp_path / "explained" / "CIFAR100_model.pth", 6e-3)
+    version = weights_version(candidate)
+    try:
+        assert Rollout(ts, ready_timeout_s=240, drain_s=0, say=lambda line: None).run(candidate) == version
+        ready = explainer_ready(ts, version)
+        assert len(ready) == 2 and all(ready.values()), ready
+    finally:  # the other tests want the shipped weights serving
+        Rollout(ts, ready_timeout_s=240, drain_s=0, say=lambda line: None).run(weights_under_test())
+    assert registered(ts) == [old]
 
 
 def test_a_version_that_never_gets_ready_leaves_the_old_one_serving(served, tmp_path):
@@ -377,6 +409,23 @@ def test_a_warm_up_answer_that_is_not_the_handlers_is_a_failed_warm_up(served, b
     with pytest.raises(RolloutError) as err:
         through_front(ts, page, lambda front: Rollout(front, say=lambda line: None).wait_ready_and_warm(version))
     assert f"warm-up predictions failed: 200 {body}" in str(err.value)
+
+
+def test_a_warm_up_explanation_without_its_heatmap_is_a_failed_warm_up(served):
+    """The warm-up's explanations are answered by the version, with the heatmap that makes them explanations: here
+    a front answers /explanations/ with the version's own prediction (no heatmap), and the warm-up fails."""
+    ts, _, _ = served
+    version = registered(ts)[0]
+
+    async def predictions_only(request):
+        async with httpx.AsyncClient(timeout=60) as client:
+            r = await client.post(f"{ts.inference_url}/predictions/{ts.model_name}/{version}", content=await request.read(),
+                                  headers={"Authorization": request.headers["Authorization"]})
+        return web.Response(status=r.status_code, body=r.content, content_type="application/json")
+    with pytest.raises(RolloutError) as err:
+        through_front(ts, predictions_only,
+                      lambda front: Rollout(front, say=lambda line: None).wait_ready_and_warm(version))
+    assert f"warm-up explanations failed: 200 from version {version}:" in str(err.value), str(err.value)
 
 
 def test_archives_come_from_the_model_store_only(served):
