@@ -17,11 +17,21 @@ skip) and says how to get it (tests/system_parts.py).
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from cifar100_data import data_dir, missing_data_message
 from system_parts import AXE, missing_parts, wrk_problem
 from torchserve_fixture import HTTP_TIMEOUT_S, READY_TIMEOUT_S, start_test_torchserve, weights_under_test
+from serving.settings import PREDICTOR_PORT_ENV, TORCHSERVE_PORT_ENV
+
+# The variables README has a user export to move `make serve` (TorchServe's, the predictor's, the adapter's
+# ports): the tests start every server on free ports of their own, and expect the shipped defaults elsewhere.
+MOVED_BY_THE_USER = (*TORCHSERVE_PORT_ENV.values(), *PREDICTOR_PORT_ENV.values(), "ADAPTER_HOST", "ADAPTER_PORT",
+                     "METRICS_PORT", "OIP_URL")
+for _variable in MOVED_BY_THE_USER:
+    os.environ.pop(_variable, None)
 
 # Fixtures that make a test an integration test (a test using any fixture built on them is one too).
 INTEGRATION_FIXTURES = {"torchserve", "kserve_ts", "kserve_predictor", "browser", "cifar100_data_dir", "wrk"}

@@ -56,3 +56,16 @@ def test_training_without_data_names_make_data(tmp_path, capsys):
     assert train_module.main(["--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "CIFAR-100 not found" in err and "`make data`" in err and "CIFAR100_DATA" in err
+
+
+def test_a_shell_that_moved_the_services_ports_runs_the_tests_unchanged(tmp_path):
+    """README has a user export TS_INFERENCE_PORT (and the others) to move `make serve`; the tests that
+    compare config.properties with the shipped ports then failed in that shell (18380 != 8080)."""
+    from conftest import MOVED_BY_THE_USER
+
+    moved = {variable: str(18300 + number) for number, variable in enumerate(MOVED_BY_THE_USER)}
+    moved["OIP_URL"], moved["ADAPTER_HOST"] = "http://127.0.0.1:18399", "0.0.0.0"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+                           "tests/test_settings.py::test_config_properties_ports_are_the_settings_ports"],
+                          cwd=ROOT, env={**os.environ, **moved}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
