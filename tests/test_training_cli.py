@@ -383,8 +383,21 @@ def test_plain_cuda_under_torchrun_is_this_processs_gpu(monkeypatch):
     assert pick_device("auto") == torch.device("cpu")
 
 
-def test_nesterov_without_momentum_is_refused_before_reading_data(capsys):
-    # torch.optim.SGD refuses it only once the data is loaded and the optimiser built.
-    assert train_module.main(NO_DATA + ["--momentum", "0"]) == 2
+def test_nesterov_without_momentum_is_refused_before_reading_data(tmp_path, capsys):
+    # torch.optim.SGD refuses it only once the data is loaded and the optimiser built. --out: not the
+    # default runs/latest, where a user's own `make train` may have left a checkpoint.
+    assert train_module.main(NO_DATA + ["--momentum", "0", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "--momentum 0 with Nesterov" in err and "--no-nesterov" in err and "Traceback" not in err
+
+
+def test_a_fresh_run_names_an_impossible_option_before_the_earlier_run_in_its_folder(tmp_path, weights, capsys):
+    """It said "holds an earlier run": the user's --overwrite then met the option's refusal."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(weights["checkpoint"].read_bytes())
+    for options, message in ((["--momentum", "0"], "--momentum 0 with Nesterov"),
+                             (["--time-budget", "5", "--epochs", "3"], "--epochs and --time-budget both")):
+        assert train_module.main(NO_DATA + ["--out", str(out)] + options) == 2
+        err = capsys.readouterr().err
+        assert message in err and "earlier run" not in err, err

@@ -219,6 +219,15 @@ def check_options(args) -> None:
             raise ConfigError(f"--res-ramp {start} {end}: needs 1 <= START <= END <= --epochs ({args.epochs})")
 
 
+def settle_options(args, given: set[str] | None) -> None:
+    """The run's length (a --time-budget run has no --epochs) and check_options."""
+    if args.time_budget is not None and given is not None and "epochs" in given:
+        raise ConfigError("--epochs and --time-budget both set the run's length: pass one")
+    if args.time_budget is not None:
+        args.epochs = None  # the budget decides how many; metrics.json's history says how many it made
+    check_options(args)
+
+
 def save_curves(history: list[dict], path: Path, scored_on: str = "test split") -> None:
     """The loss and accuracy curves; `scored_on` (evaluated_on(args)) names what the per-epoch figures
     are measured on: a --holdout run's are not the test split's."""
@@ -603,6 +612,10 @@ def save_checkpoint(run: Run, epoch: int, model, ema, optimizer, scaler) -> None
 def train(args, given: set[str] | None = None) -> dict:
     """One run. With --resume, options not in `given` (the command line's own; None: all of them)
     are the checkpoint's."""
+    if args.resume is None:
+        # Before the run folder: an impossible option is what a fresh run's user is told first, not that
+        # OUT holds an earlier run (which --overwrite would get past only to be refused for the option).
+        settle_options(args, given)
     ckpt_path = run_folder(args, given)
     checkpoint = None
     if args.resume is not None:
@@ -611,11 +624,7 @@ def train(args, given: set[str] | None = None) -> dict:
         if given is not None:
             args = resumed_args(checkpoint, args, given)
         check_compatible(checkpoint, args)
-    if args.time_budget is not None and given is not None and "epochs" in given:
-        raise ConfigError("--epochs and --time-budget both set the run's length: pass one")
-    if args.time_budget is not None:
-        args.epochs = None  # the budget decides how many; metrics.json's history says how many it made
-    check_options(args)
+        settle_options(args, given)  # a resumed run's options are the checkpoint's, merged above
     device, rank, world = init_distributed(args)
     if args.threads:
         torch.set_num_threads(args.threads)
