@@ -16,7 +16,8 @@ TRAIN_ARGS ?=
 .PHONY: help install install-system data train evaluate archive kserve-bundle serve serve-kserve serve-torchserve \
         serve-adapter rollout stop stop-torchserve stop-adapter stop-kserve test test-unit bench bench-train bench-serve soak clean
 
-# This list: each target with the first line of the comment above it.
+# This list: each target with the first line of its comment in the Makefile.
+# That line is shown alone: a whole sentence, meaningful outside this file (tests/test_cli.py checks).
 help:
 	@awk '/^# / && !c {c = substr($$0, 3)} /^[a-z-]+:/ {split($$0, t, ":"); printf "  make %-16s %s\n", t[1], c} !/^# / {c = ""}' $(firstword $(MAKEFILE_LIST))
 
@@ -55,8 +56,8 @@ install-system:
 data: install
 	$(PY) -m training.data --data-dir data
 
-# A training run into runs/latest (TRAIN_ARGS="--epochs 30 ..."; python -m training.train --help); a run
-# already there is continued with TRAIN_ARGS=--resume or started over with TRAIN_ARGS="--overwrite ...".
+# A training run into runs/latest (TRAIN_ARGS="--epochs 30 ..."; every option: python -m training.train --help).
+# A run already there is continued with TRAIN_ARGS=--resume or started over with TRAIN_ARGS="--overwrite ...".
 # No --out here: runs/latest is training.train's own default, so TRAIN_ARGS="--resume runs/w2/checkpoint.pt"
 # continues that run in runs/w2 (an --out in TRAIN_ARGS still wins).
 train: install
@@ -117,7 +118,7 @@ serve-torchserve: install archive
 stop-torchserve:
 	$(PY) -m serving.torchserve stop
 
-# WEIGHTS into the running TorchServe without a failed request (ROLLOUT_ARGS, below).
+# WEIGHTS into the running TorchServe without a failed request (ROLLOUT_ARGS="--drain-s 2 ...").
 # serving/rollout.py registers WEIGHTS as a new version, waits until it is READY and warm, makes it
 # the default, drains and unregisters the old one. Rolling back: the same with the previous weights. (Not `make deploy`:
 # deploy/ is a folder.) ROLLOUT_ARGS="--ready-timeout 600 --drain-s 2" (default: model-config.yaml's startupTimeout).
@@ -151,7 +152,7 @@ test: install node_modules/.installed
 test-unit: install
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-# Both benchmarks below, training's then serving's.
+# Both benchmarks: make bench-train, then make bench-serve.
 bench: bench-train bench-serve
 
 # Training images/s per precision and layout (BENCH_TRAIN_ARGS="--widths 3 --only fast").

@@ -41,6 +41,19 @@ def _decode_base64(text: str) -> bytes:
                  "multipart field 'image', or as JSON {\"image\": \"<base64>\"}") from err
 
 
+# The refusal names a few of the fields found, each cut short: a JSON body sent as a form (curl -d without
+# Content-Type: application/json) reaches the handler as one field named by the whole body (megabytes).
+ERROR_FIELDS_SHOWN, ERROR_FIELD_CHARS = 3, 40
+
+
+def _field_names(row: dict) -> str:
+    names = sorted(map(str, row))
+    shown = [name if len(name) <= ERROR_FIELD_CHARS else name[:ERROR_FIELD_CHARS] + "..."
+             for name in names[:ERROR_FIELDS_SHOWN]]
+    more = len(names) - len(shown)
+    return ", ".join(shown + ([f"{more} more"] if more else [])) or "none"
+
+
 def image_bytes(row: dict) -> bytes:
     """The encoded image of one request (TorchServe gives one dict per request)."""
     for field in IMAGE_FIELDS:
@@ -48,9 +61,9 @@ def image_bytes(row: dict) -> bytes:
             value = row[field]
             break
     else:
-        fields = ", ".join(sorted(map(str, row))) or "none"
-        raise ImageRequestError(400, f"no image in the request (fields: {fields}); send the image as the "
-                                     "request body or as multipart field 'image'")
+        raise ImageRequestError(400, f"no image in the request (fields: {_field_names(row)}); send the image as "
+                                     "the request body or as multipart field 'image'; a JSON body needs "
+                                     "Content-Type: application/json")
     if isinstance(value, dict):  # an application/json body, parsed by TorchServe
         for key in ("image", "data", "file"):
             if isinstance(value.get(key), str):

@@ -1,6 +1,7 @@
 """The command lines' --help: `python -m <module>` as the program name and every default shown."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,16 @@ def test_options_a_command_would_ignore_are_refused():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--port and --log-file are for serve" in done.stderr, done.stderr
     assert "ADAPTER_PORT" in done.stderr
+
+
+def test_make_help_gives_each_target_a_whole_self_contained_line():
+    """`make help` shows the first line of each target's comment: `make train`'s stopped mid-sentence
+    ("...; a run") and two said "below", which means something only inside the Makefile."""
+    done = subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), "help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = [line.split(None, 2) for line in done.stdout.splitlines()]
+    assert len(lines) > 10 and all(len(words) == 3 and words[0] == "make" for words in lines), done.stdout
+    for _, target, text in lines:
+        assert text.endswith("."), f"make {target}: {text}"
+        assert not {"below", "above"} & set(re.findall(r"[a-z]+", text)), f"make {target}: {text}"

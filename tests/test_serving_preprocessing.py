@@ -378,6 +378,18 @@ def test_where_the_image_may_be_in_a_request():
         image_bytes({"photo": bytearray(png)})
     with pytest.raises(ImageRequestError, match="JSON body"):
         image_bytes({"body": {"picture": b64}})
+
+
+def test_a_json_body_sent_as_a_form_is_refused_in_a_short_line_that_names_the_content_type():
+    """curl -d '{"instances": ...}' without Content-Type: TorchServe hands the whole body over as a form
+    field's name, and the refusal echoed it (a 2.6 MB body, a 2 MB error)."""
+    body = '{"instances": [{"image": {"b64": "' + "A" * 100_000 + '"}}]}'
+    for row in ({body: bytearray()}, {body: bytearray(), **{f"field{n}": bytearray() for n in range(10)}}):
+        with pytest.raises(ImageRequestError) as refused:
+            image_bytes(row)
+        message = refused.value.message
+        assert len(message) < 1024 and "Content-Type: application/json" in message, message[:2000]
+        assert ('{"instances": [{"image"' in message) == (len(row) == 1)  # recognisable; a few names of many
     with pytest.raises(ImageRequestError, match="not base64"):
         image_bytes({"body": {"image": "%%% not base64 %%%"}})
 

@@ -5,10 +5,13 @@ cost more than the training); the Ctrl-C test needs its own process to send SIGI
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -65,10 +68,12 @@ def runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_module, "code_version", fake_code_version)
         straight = base / "straight"
-        assert train_module.main(SMALL_RUN + ["--epochs", "2", "--out", str(straight)]) == 0
+        with contextlib.redirect_stdout(io.StringIO()) as straight_said:
+            assert train_module.main(SMALL_RUN + ["--epochs", "2", "--out", str(straight)]) == 0
         straight_versions = list(versions)
         split = base / "split"
-        assert train_module.main(SMALL_RUN + ["--epochs", "2", "--max-epochs-this-run", "1", "--out", str(split)]) == 0
+        with contextlib.redirect_stdout(io.StringIO()) as first_half_said:
+            assert train_module.main(SMALL_RUN + ["--epochs", "2", "--max-epochs-this-run", "1", "--out", str(split)]) == 0
         first_half = torch.load(split / "checkpoint.pt", map_location="cpu", weights_only=False)
         # Only this session's options: the run's own (width 1, 512 images, seed 3, 2 epochs, ...)
         # come from the checkpoint, as the bit-for-bit test below shows.
@@ -76,7 +81,24 @@ def runs(tmp_path_factory):
                                   "--no-progress"]) == 0
     torch.set_num_threads(threads)
     return {"straight": straight, "split": split, "first_half": first_half,
-            "straight_versions": straight_versions, "versions": versions}
+            "straight_versions": straight_versions, "versions": versions,
+            "straight_said": straight_said.getvalue(), "first_half_said": first_half_said.getvalue()}
+
+
+def test_a_session_stopped_by_max_epochs_this_run_says_how_to_continue(runs):
+    """It ended with exit status 0 and nothing said after the last epoch's figures."""
+    last = runs["first_half_said"].strip().splitlines()[-1]
+    command = shlex.join([train_module.python_command(), "-m", "training.train", "--resume", "--out", str(runs["split"])])
+    assert last.startswith(f"stopped after epoch 1 of 2; continue with: {command}"), last
+    assert "done:" not in runs["first_half_said"]
+
+
+def test_a_test_subset_run_names_its_subset_not_the_test_split(runs):
+    """SMALL_RUN scores 200 test images: the done: line, metrics.json said "test split"."""
+    done = [line for line in runs["straight_said"].splitlines() if line.startswith("done:")]
+    assert len(done) == 1 and "(ema+flip_tta, test subset of 200 images)" in done[0], done
+    metrics = json.loads((runs["straight"] / "metrics.json").read_text())
+    assert metrics["evaluated_on"] == "test subset of 200 images" and metrics["test_images"] == 200
 
 
 def test_resume_refuses_only_a_real_conflict(runs, capsys):
@@ -309,7 +331,8 @@ def test_ctrl_c_mid_epoch_keeps_the_last_finished_epochs_checkpoint(tmp_path):
     text = "".join(stderr)
     assert rc == 130, text[-2000:]
     assert "interrupted: the last finished epoch's checkpoint is intact" in text
-    assert f"continue with: python -m training.train --resume --out {out}" in text  # not runs/latest's
+    python = train_module.python_command(ROOT)  # the child's working folder
+    assert f"continue with: {shlex.quote(python)} -m training.train --resume --out {out}" in text  # not runs/latest's
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 1
     CIFAR100Model(width=1).load_state_dict(checkpoint["model"], strict=True)

@@ -105,20 +105,37 @@ def test_resume_path_without_out_continues_in_the_checkpoints_folder():
     assert folder(["--out", "runs/new"]) == "runs/new"
 
 
-def test_the_interrupted_message_names_the_folder_to_continue():
+def test_the_interrupted_message_names_the_folder_to_continue(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/opt/env/bin/python")
     command = lambda out: train_module.resume_command(argparse.Namespace(out=out))
-    assert command(train_module.DEFAULT_OUT) == "python -m training.train --resume"
-    assert command("runs/w2") == "python -m training.train --resume --out runs/w2"
-    assert command("my runs/a") == "python -m training.train --resume --out 'my runs/a'"
+    assert command(train_module.DEFAULT_OUT) == "/opt/env/bin/python -m training.train --resume"
+    assert command("runs/w2") == "/opt/env/bin/python -m training.train --resume --out runs/w2"
+    assert command("my runs/a") == "/opt/env/bin/python -m training.train --resume --out 'my runs/a'"
 
 
-def test_the_interrupted_message_repeats_the_sessions_own_options():
+def test_the_interrupted_message_repeats_the_sessions_own_options(monkeypatch):
     """--data-dir, --threads, --device, --compile are this session's, not the checkpoint's: the printed
     command gives them again (without --data-dir it failed where the default folder has no data)."""
+    monkeypatch.setattr(sys, "executable", "/opt/env/bin/python")
     argv = ["--data-dir", "/data/cifar", "--threads", "1", "--device", "cpu", "--compile", "--width", "1",
             "--out", "runs/w2"]
     assert train_module.resume_command(train_module.build_parser().parse_args(argv)) == (
-        "python -m training.train --resume --out runs/w2 --data-dir /data/cifar --threads 1 --device cpu --compile")
+        "/opt/env/bin/python -m training.train --resume --out runs/w2 --data-dir /data/cifar --threads 1 --device cpu "
+        "--compile")
+
+
+def test_the_continue_command_runs_this_interpreter_as_readme_writes_it(tmp_path, monkeypatch):
+    """It said `python -m training.train ...`: outside an activated .venv that is the system's Python,
+    without the packages (README: run them as .venv/bin/python -m ...)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / ".venv" / "bin" / "python"))
+    assert train_module.resume_command(argparse.Namespace(out=train_module.DEFAULT_OUT)) == (
+        ".venv/bin/python -m training.train --resume")
+    elsewhere = tmp_path.parent / "other env" / "bin" / "python"  # not under the working folder: its full path
+    monkeypatch.setattr(sys, "executable", str(elsewhere))
+    assert train_module.python_command() == str(elsewhere)
+    assert train_module.resume_command(argparse.Namespace(out="runs/w2")).startswith(f"'{elsewhere}' -m ")
+    assert train_module.python_command(elsewhere.parent) == "./python"
 
 
 def test_resume_without_data_dir_falls_back_to_the_runs_own_data_folder(tmp_path, monkeypatch):
@@ -383,8 +400,21 @@ def test_plain_cuda_under_torchrun_is_this_processs_gpu(monkeypatch):
     assert pick_device("auto") == torch.device("cpu")
 
 
-def test_nesterov_without_momentum_is_refused_before_reading_data(capsys):
-    # torch.optim.SGD refuses it only once the data is loaded and the optimiser built.
-    assert train_module.main(NO_DATA + ["--momentum", "0"]) == 2
+def test_nesterov_without_momentum_is_refused_before_reading_data(tmp_path, capsys):
+    # torch.optim.SGD refuses it only once the data is loaded and the optimiser built. --out: not the
+    # default runs/latest, where a user's own `make train` may have left a checkpoint.
+    assert train_module.main(NO_DATA + ["--momentum", "0", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "--momentum 0 with Nesterov" in err and "--no-nesterov" in err and "Traceback" not in err
+
+
+def test_a_fresh_run_names_an_impossible_option_before_the_earlier_run_in_its_folder(tmp_path, weights, capsys):
+    """It said "holds an earlier run": the user's --overwrite then met the option's refusal."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(weights["checkpoint"].read_bytes())
+    for options, message in ((["--momentum", "0"], "--momentum 0 with Nesterov"),
+                             (["--time-budget", "5", "--epochs", "3"], "--epochs and --time-budget both")):
+        assert train_module.main(NO_DATA + ["--out", str(out)] + options) == 2
+        err = capsys.readouterr().err
+        assert message in err and "earlier run" not in err, err

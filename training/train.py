@@ -219,8 +219,17 @@ def check_options(args) -> None:
             raise ConfigError(f"--res-ramp {start} {end}: needs 1 <= START <= END <= --epochs ({args.epochs})")
 
 
+def settle_options(args, given: set[str] | None) -> None:
+    """The run's length (a --time-budget run has no --epochs) and check_options."""
+    if args.time_budget is not None and given is not None and "epochs" in given:
+        raise ConfigError("--epochs and --time-budget both set the run's length: pass one")
+    if args.time_budget is not None:
+        args.epochs = None  # the budget decides how many; metrics.json's history says how many it made
+    check_options(args)
+
+
 def save_curves(history: list[dict], path: Path, scored_on: str = "test split") -> None:
-    """The loss and accuracy curves; `scored_on` (evaluated_on(args)) names what the per-epoch figures
+    """The loss and accuracy curves; `scored_on` (evaluated_on) names what the per-epoch figures
     are measured on: a --holdout run's are not the test split's."""
     import matplotlib
     matplotlib.use("Agg")
@@ -306,10 +315,23 @@ def run_folder(args, given: set[str] | None) -> Path:
 _RESUMED_SESSION_OPTIONS = ("data_dir", "threads", "device", "compile", "eval_batch_size")
 
 
+def python_command(cwd: str | os.PathLike | None = None) -> str:
+    """This interpreter as a user in ``cwd`` (default: this process's) types it: relative when it lies inside
+    (.venv/bin/python, README's way), else its full path; plain `python` is the system's, without the packages."""
+    if not sys.executable:
+        return "python"
+    exe = Path(sys.executable)
+    try:
+        relative = exe.relative_to(Path(cwd) if cwd is not None else Path.cwd())
+    except ValueError:
+        return str(exe)
+    return str(relative) if len(relative.parts) > 1 else f"./{relative}"
+
+
 def resume_command(args) -> str:
-    """The command line that continues this run: --out when it is not the default, and the session
-    options (data folder, threads, device ...) that differ from their defaults."""
-    words = ["python", "-m", "training.train", "--resume"]
+    """The command line that continues this run: this interpreter (python_command), --out when it is not
+    the default, and the session options (data folder, threads, device ...) that differ from their defaults."""
+    words = [python_command(), "-m", "training.train", "--resume"]
     if os.path.normpath(args.out) != os.path.normpath(DEFAULT_OUT):
         words += ["--out", str(args.out)]
     defaults = build_parser().parse_args([])
@@ -603,6 +625,10 @@ def save_checkpoint(run: Run, epoch: int, model, ema, optimizer, scaler) -> None
 def train(args, given: set[str] | None = None) -> dict:
     """One run. With --resume, options not in `given` (the command line's own; None: all of them)
     are the checkpoint's."""
+    if args.resume is None:
+        # Before the run folder: an impossible option is what a fresh run's user is told first, not that
+        # OUT holds an earlier run (which --overwrite would get past only to be refused for the option).
+        settle_options(args, given)
     ckpt_path = run_folder(args, given)
     checkpoint = None
     if args.resume is not None:
@@ -611,11 +637,7 @@ def train(args, given: set[str] | None = None) -> dict:
         if given is not None:
             args = resumed_args(checkpoint, args, given)
         check_compatible(checkpoint, args)
-    if args.time_budget is not None and given is not None and "epochs" in given:
-        raise ConfigError("--epochs and --time-budget both set the run's length: pass one")
-    if args.time_budget is not None:
-        args.epochs = None  # the budget decides how many; metrics.json's history says how many it made
-    check_options(args)
+        settle_options(args, given)  # a resumed run's options are the checkpoint's, merged above
     device, rank, world = init_distributed(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -670,7 +692,8 @@ def train(args, given: set[str] | None = None) -> dict:
     if run.main_process:
         out.mkdir(parents=True, exist_ok=True)
         print(f"device={device} amp={run.amp_dtype} world={world} width={args.width} "
-              f"train={len(train_y)} {evaluated_on(args)}={len(test_y)} steps/epoch={run.steps_per_epoch}", flush=True)
+              f"train={len(train_y)} test={len(test_y)} ({evaluated_on(args, len(test_y))}) "
+              f"steps/epoch={run.steps_per_epoch}", flush=True)
 
     run.clock_origin = time.perf_counter() - elapsed_before
     # A --time-budget run has no last epoch: the budget ends it (range's end is only a bound).
@@ -706,13 +729,16 @@ def train(args, given: set[str] | None = None) -> dict:
         if run.main_process:
             print(json.dumps(record), flush=True)
             save_checkpoint(run, epoch + 1, model, ema, optimizer, scaler)
-            save_curves(run.history, out / "training_curves.png", evaluated_on(args))
+            save_curves(run.history, out / "training_curves.png", evaluated_on(args, len(test_y)))
 
     result = {}
     done = run.budget_spent if args.time_budget is not None else stop_at == args.epochs
     if done and run.main_process:
         run.wall_time_s = run.elapsed()
         result = finish(run, model, ema, test_x, test_y)
+    elif run.main_process:  # --max-epochs-this-run ended this session, not the run
+        of = f"{args.epochs}" if args.time_budget is None else f"a {args.time_budget:g} min budget"
+        print(f"stopped after epoch {stop_at} of {of}; continue with: {resume_command(args)}", flush=True)
     if run.distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -739,7 +765,7 @@ def finish(run: Run, model, ema, test_x, test_y) -> dict:
     final_key = ("ema" if ema is not None else "raw") + ("+flip_tta" if args.tta else "")
     metrics = {
         "top1": ablation[final_key]["top1"], "top5": ablation[final_key]["top5"],
-        "evaluated_as": final_key, "evaluated_on": evaluated_on(args), "test_images": len(test_y),
+        "evaluated_as": final_key, "evaluated_on": evaluated_on(args, len(test_y)), "test_images": len(test_y),
         "weights": "CIFAR100_model.pth", "weights_are": "ema" if ema is not None else "raw",
         "final_evaluation": ablation, "history": run.history, "wall_time_s": run.wall_time_s,
         "hardware": hardware(run.device, run.world), "args": vars(args), "code_version": run.code_version,
@@ -755,17 +781,20 @@ def finish(run: Run, model, ema, test_x, test_y) -> dict:
     if run.resumed_from_code_version is not None and run.resumed_from_code_version != run.code_version:
         metrics["resumed_from_code_version"] = run.resumed_from_code_version
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    save_curves(run.history, out / "training_curves.png", evaluated_on(args))
+    save_curves(run.history, out / "training_curves.png", evaluated_on(args, len(test_y)))
     budget = (f" (budget {args.time_budget:g} min: {len(run.history)} epochs)" if args.time_budget is not None else "")
-    print(f"done: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% ({final_key}, {evaluated_on(args)}), wall time "
+    print(f"done: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% ({final_key}, {metrics['evaluated_on']}), wall time "
           f"{run.wall_time_s / 60:.1f} min + final evaluation {metrics['final_evaluation_s']:.0f} s{budget} -> {out}",
           flush=True)
     return metrics
 
 
-def evaluated_on(args) -> str:
-    """What the per-epoch and final figures are measured on (``test_*`` keys either way)."""
-    return f"holdout of {args.holdout} training images" if args.holdout else "test split"
+def evaluated_on(args, images: int) -> str:
+    """What the per-epoch and final figures are measured on (``test_*`` keys either way), ``images`` of them:
+    a --test-subset run's are not the whole test split's (a --test-subset at least the split's size is the split)."""
+    if args.holdout:
+        return f"holdout of {args.holdout} training images"
+    return f"test subset of {images} images" if args.test_subset == images else "test split"
 
 
 def main(argv=None) -> int:
