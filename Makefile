@@ -148,7 +148,7 @@ soak: install
 test: install node_modules/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The fast tier: no server, no browser, no data set (under a minute; runs without Java or Chromium).
+# The fast tier: no TorchServe, no browser, no data set (~5 min on 2 cores; runs without Java or Chromium).
 test-unit: install
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 

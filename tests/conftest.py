@@ -10,7 +10,7 @@ before each test that asks for it, restarting the server if an earlier test left
 Test tiers: a test is marked ``integration`` when it needs more than Python and this checkout,
 that is when it uses (directly or through another fixture) TorchServe (Java), the headless browser
 or the CIFAR-100 data (``cifar100_data_dir``), or when its module says ``pytestmark =
-pytest.mark.integration``. ``make test-unit`` runs the others (``-m "not integration"``: under a minute,
+pytest.mark.integration``. ``make test-unit`` runs the others (``-m "not integration"``: ~5 min on 2 cores,
 no Java, no Chromium, no data); ``make test`` runs both. When selected tests need the data, Java,
 Chromium, wrk or npm's axe-core and one is missing, the run stops at once (a failure, never a
 skip) and says how to get it (tests/system_parts.py).
