@@ -91,6 +91,23 @@ def page_state(page) -> dict:
                 previewAlt: $('preview').alt}; }""")
 
 
+def refusal_before_it_is_shown_or_sent(page, base_url: str, name: str, mime: str, data: bytes) -> str:
+    """The page's refusal of a chosen file, checked to come before the file was previewed or uploaded."""
+    page.goto(f"{base_url}/")
+    page.evaluate("""() => { const preview = document.getElementById('preview'); window.previewShown = false;
+        new MutationObserver(() => { if (!preview.hidden) window.previewShown = true; })
+            .observe(preview, {attributes: true}); }""")
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if "/classify/" in r.url else None)
+    page.set_input_files("#file-input", files=[{"name": name, "mimeType": mime, "buffer": data}])
+    said = wait_for_error(page)
+    state = page_state(page)
+    assert state["previewHidden"] and state["previewSrc"] is None and state["busy"] == "false", state
+    assert page.evaluate("window.previewShown") is False
+    assert sent == []
+    return said
+
+
 def assert_shows(page, answer: dict) -> None:
     assert page.inner_text("#prediction") == answer["prediction"]
     guesses = page.locator(".guess")
@@ -354,18 +371,8 @@ def test_an_image_over_the_pixel_limit_is_refused_before_it_is_shown_or_decoded(
     name, mime, data, said = huge_images[kind]
     shipped = httpx.get(f"{adapter.base_url}/settings").json()
     assert shipped["images"]["max_pixels"] == 16_000_000 and shipped["images"]["max_jpeg_pixels"] == 64_000_000
-    page.goto(f"{adapter.base_url}/")
-    page.evaluate("""() => { const preview = document.getElementById('preview'); window.previewShown = false;
-        new MutationObserver(() => { if (!preview.hidden) window.previewShown = true; })
-            .observe(preview, {attributes: true}); }""")
-    sent = []
-    page.on("request", lambda r: sent.append(r.url) if "/classify/" in r.url else None)
-    page.set_input_files("#file-input", files=[{"name": name, "mimeType": mime, "buffer": data}])
-    assert wait_for_error(page) == f"The image is too large: {said}. Try a smaller picture."
-    state = page_state(page)
-    assert state["previewHidden"] and state["previewSrc"] is None and state["busy"] == "false", state
-    assert page.evaluate("window.previewShown") is False
-    assert sent == []
+    assert refusal_before_it_is_shown_or_sent(page, adapter.base_url, name, mime, data) == (
+        f"The image is too large: {said}. Try a smaller picture.")
 
 
 @pytest.mark.parametrize("width, height", [(1, 16_000_000), (40_000, 1)], ids=["unread-by-chromium", "wide"])
@@ -380,19 +387,9 @@ def test_a_png_with_a_side_over_the_limit_is_refused_before_it_is_shown_or_sent(
     assert server.status_code == 413
     assert server.json()["error"] == (f"image is {width}x{height} pixels, a side above the 32,768-pixel limit for "
                                       "PNG images: crop or shrink it")
-    page.goto(f"{adapter.base_url}/")
-    page.evaluate("""() => { const preview = document.getElementById('preview'); window.previewShown = false;
-        new MutationObserver(() => { if (!preview.hidden) window.previewShown = true; })
-            .observe(preview, {attributes: true}); }""")
-    sent = []
-    page.on("request", lambda r: sent.append(r.url) if "/classify/" in r.url else None)
-    page.set_input_files("#file-input", files=[{"name": "thin.png", "mimeType": "image/png", "buffer": data}])
-    assert wait_for_error(page) == (f"The image is too large: {width} × {height} pixels, a side above the "
-                                    "32,768-pixel limit for PNG images. Crop or shrink it.")
-    state = page_state(page)
-    assert state["previewHidden"] and state["previewSrc"] is None and state["busy"] == "false", state
-    assert page.evaluate("window.previewShown") is False
-    assert sent == []
+    assert refusal_before_it_is_shown_or_sent(page, adapter.base_url, "thin.png", "image/png", data) == (
+        f"The image is too large: {width} × {height} pixels, a side above the 32,768-pixel limit for PNG images. "
+        "Crop or shrink it.")
 
 
 def heic_start(size: int = 4000) -> bytes:
