@@ -367,6 +367,7 @@
   function pngSize(head) {
     if (!head || head.byteLength < 24 || sniffedType(head) !== "image/png") return null;
     const view = new DataView(head);
+    if (view.getUint32(12) !== 0x49484452) return null; // "IHDR": else a damaged file, the server's to refuse
     return { width: view.getUint32(16), height: view.getUint32(20) };
   }
 

@@ -42,6 +42,7 @@ from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decoded_tensors, image_bytes, normalize, opened_images
 from handler.engine import serving_model
 from handler.protocols import DEFAULT_MAX_IMAGES_PER_REQUEST, ProtocolError, encode_answer, parse_request
+from serving.settings import EXPLAINER_READY_LOG_LINE
 from model import check_class_count, load_class_names, network_from_state_dict
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,6 @@ logger = logging.getLogger(__name__)
 # (ts/protocol/otf_message_handler.py): one model_log.log line per batch for the frontend to parse and
 # write, with nothing in it an operator reads (the access log and the metrics say when requests came).
 PER_BATCH_LOG_LINE = "Backend received inference at: %d"
-# Logged by a worker once it can explain (its first explanation: Captum imported, the explanation model built);
-# a rollout's warm-up sends each new worker one (serving/rollout.py), so no client's explanation pays it.
-EXPLAINER_READY_LOG_LINE = "explanation model ready in %.2f s"
 REQUEST_ID_LOGGED = 128  # characters of a request's X-Request-ID put in a log line (the adapter's ids are shorter)
 
 

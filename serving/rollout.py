@@ -61,6 +61,7 @@ WARMUP_ROUNDS = 2  # warm-up predictions per worker of the new version
 # Between two warm-up explanations, beyond the version's maxBatchDelay: TorchServe gives a batch to one worker
 # and closes it maxBatchDelay after its first request, so each explanation sent later lands on another idle worker.
 EXPLANATION_STAGGER_S = 0.05
+EXPLANATION_ROUNDS = 3  # warm-up rounds for the workers still cold after the first
 
 
 class RolloutError(RuntimeError):
@@ -284,12 +285,37 @@ class Rollout:
         def explain(i: int) -> httpx.Response:
             time.sleep(i * stagger)
             return self._call("POST", path, "inference", self.ts.inference_url, content=image)
-        with ThreadPoolExecutor(len(workers)) as pool:
-            answers = list(pool.map(explain, range(len(workers))))
-        bad = [_described(a) for a in answers
-               if a.status_code != 200 or _answered_by(a) != version or not _has_heatmap(a)]
-        if bad:
-            raise RolloutError(f"version {version} is READY but its warm-up explanations failed: {bad[0]}")
+        cold = [str(w.get("id")) for w in workers]
+        for _ in range(EXPLANATION_ROUNDS):
+            # A round for every worker, not just the cold ones: which idle worker takes a request is TorchServe's.
+            with ThreadPoolExecutor(len(workers)) as pool:
+                answers = list(pool.map(explain, range(len(workers))))
+            bad = [_described(a) for a in answers
+                   if a.status_code != 200 or _answered_by(a) != version or not _has_heatmap(a)]
+            if bad:
+                raise RolloutError(f"version {version} is READY but its warm-up explanations failed: {bad[0]}")
+            # Two sent close together (a loaded host's jitter) can share one worker's batch, leaving another cold.
+            cold = self.cold_for_explanations(version, cold)
+            if not cold:
+                return
+        self.say(f"warning: worker(s) {', '.join(cold)} of {version} did not log their explanation model ready "
+                 "after the warm-up; their first /explain/ builds it")
+
+    def cold_for_explanations(self, version: str, worker_ids: list[str], wait_s: float = 2.0) -> list[str]:
+        """Those of ``worker_ids`` whose "explanation model ready" line is not in model_log.log (the frontend
+        writes a worker's lines from its own thread: looked for up to ``wait_s``). None cold without a log."""
+        log_file = Path(self.ts.log_dir or "") / "model_log.log"
+        said = settings.EXPLAINER_READY_LOG_LINE.split("%")[0]
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                log = log_file.read_text(errors="replace")
+            except OSError:
+                return []
+            cold = [i for i in worker_ids if f"W-{i}-{MODEL_NAME}_{version}-stdout MODEL_LOG - {said}" not in log]
+            if not cold or time.monotonic() > deadline:
+                return cold
+            time.sleep(0.2)
 
     def set_default(self, version: str) -> None:
         r = self._call("PUT", f"/models/{MODEL_NAME}/{version}/set-default")

@@ -79,3 +79,7 @@ V2_OUTPUTS = {
     "topk_index": "INT64",         # [n, k] their indices
     "topk_probability": "FP32",    # [n, k] their probabilities
 }
+
+# Logged by a TorchServe worker once it can explain (its first explanation: Captum imported, the explanation model
+# built); a rollout's warm-up sends each new worker one and looks for this line (serving/rollout.py).
+EXPLAINER_READY_LOG_LINE = "explanation model ready in %.2f s"

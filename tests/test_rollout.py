@@ -22,10 +22,9 @@ import torch
 from aiohttp import web
 
 from adapter.run import running_adapter
-from handler.cifar100_handler import EXPLAINER_READY_LOG_LINE
 from serving.archive import sha256_of, weights_version
 from serving.rollout import Rollout, RolloutError
-from serving.settings import CALIBRATION_FILE
+from serving.settings import CALIBRATION_FILE, EXPLAINER_READY_LOG_LINE
 from test_adapter_oip import stand_in_server
 from torchserve_fixture import start_test_torchserve, weights_under_test
 

@@ -791,7 +791,7 @@ def finish(run: Run, model, ema, test_x, test_y) -> dict:
 
 def evaluated_on(args, images: int) -> str:
     """What the per-epoch and final figures are measured on (``test_*`` keys either way), ``images`` of them:
-    a --test-subset run's are not the whole test split's (a --test-subset at least the split's size is the split)."""
+    a --test-subset run's are not the whole test split's (a --test-subset larger than the split is the split)."""
     if args.holdout:
         return f"holdout of {args.holdout} training images"
     return f"test subset of {images} images" if args.test_subset == images else "test split"
