@@ -58,8 +58,7 @@ def pytest_collection_finish(session):
 @pytest.fixture(autouse=True)
 def torch_threads_given_back():
     """A test that sets torch's thread count (a benchmark's rounds, an engine at a worker's one thread)
-    gives it back: it leaked, and the test-split pass run after it took 110 s on one core, not 57 s."""
-    import os
+    gives it back: it leaked, and the test-split pass run after it took 103 s on one core, not 58 s."""
     import sys
 
     torch = sys.modules.get("torch")  # torch only where a test brought it in (the adapter's need none)
