@@ -31,7 +31,7 @@ def read_state_dict(path: str | Path, checkpoint: bool = True) -> dict:
     if isinstance(obj, dict) and "model" in obj and "epoch" in obj:  # a training checkpoint
         if not checkpoint:
             raise WeightsError(f"'{path}' is a training checkpoint, not a weights file: pass the CIFAR100_model.pth "
-                               f"its run wrote beside it (or make one: python -m training.export {path} OUT.pth)")
+                               f"its run wrote beside it (or make one: {_export_command(path)})")
         obj = obj.get("ema") or obj["model"]
         # AveragedModel's state dict prefixes the network's keys with "module." and adds a counter.
         if "n_averaged" in obj:
@@ -39,6 +39,16 @@ def read_state_dict(path: str | Path, checkpoint: bool = True) -> dict:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"'{path}' holds a {type(obj).__name__}, not a state dict of tensors")
     return obj
+
+
+def _export_command(path: Path) -> str:
+    """training.export's command line for a checkpoint. serving.cli is imported here, not at module level:
+    model/ is packed into the TorchServe archive without it (serving/archive.py)."""
+    try:
+        from serving.cli import module_command
+    except ImportError:
+        return f"python -m training.export {path} OUT.pth"
+    return module_command("training.export", path, "OUT.pth")
 
 
 def network_from_state_dict(state_dict: dict, source: str = "weights") -> CIFAR100Model:

@@ -110,8 +110,9 @@ def calibration_warning(weights: Path) -> str | None:
         return None
     path = Path(weights).resolve().parent / CALIBRATION_FILE
     why = "was fitted on other weights" if path.is_file() else "is missing"
+    fit = cli.module_command("training.calibrate", weights)
     return (f"warning: {path} {why}: serving uncalibrated probabilities, and no answer is marked unsure. "
-            f"`python -m training.calibrate {weights}` fits one for these weights on the CIFAR-100 test split.")
+            f"`{fit}` fits one for these weights on the CIFAR-100 test split.")
 
 
 def calibration_for(weights: Path) -> Path | None:
@@ -152,8 +153,9 @@ def int8_record_warning(weights: Path) -> str | None:
     measured = json.loads(record.read_text()).get("engines", {}).get(OPENVINO_INT8) if record and int8 else None
     if measured is None or measured.get("network_sha256") == int8_network_sha256(int8):
         return None
+    measure = cli.module_command("training.engines", weights)
     return (f"warning: {record} measured another {ENGINE_INT8_FILE} than the one beside the weights (made anew "
-            f"since?): openvino-int8 will not be served. `python -m training.engines {weights}` measures it.")
+            f"since?): openvino-int8 will not be served. `{measure}` measures it.")
 
 
 def package_files(weights: Path = DEFAULT_WEIGHTS) -> list[tuple[Path, str]]:

@@ -1,10 +1,15 @@
 """The project's command lines, one way: `python -m <module>` as the program name in usage lines
-and every option's default in --help, and the argparse types for numbers with a valid range.
+and every option's default in --help, the argparse types for numbers with a valid range, and the
+command lines a message tells the user to run (this interpreter, as they type it).
 Standard library only (the adapter uses it too)."""
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import shlex
+import sys
+from pathlib import Path
 
 # A help text that names its own default ("(default: torch's choice)") keeps it instead of the formatter's.
 _OWN_DEFAULT = "(default:"
@@ -65,3 +70,25 @@ non_negative_float = _ranged(float, lambda v: v >= 0, "0 or more", "non_negative
 fraction = _ranged(float, lambda v: 0 <= v < 1, "0 <= x < 1", "fraction",
                    "A share in [0, 1): 1 would leave nothing (a dropout of 1 zeroes every activation).")
 probability = _ranged(float, lambda v: 0 <= v <= 1, "0 <= p <= 1", "probability", "A probability in [0, 1].")
+
+
+# ----------------------------------------------------------------------------- commands a message gives
+def typed_path(program: str | os.PathLike, cwd: str | os.PathLike | None = None) -> str:
+    """A program as a user in ``cwd`` (default: this process's) types it: relative when it lies inside
+    (.venv/bin/python, README's way), else its full path."""
+    path = Path(program)
+    try:
+        relative = path.relative_to(Path(cwd) if cwd is not None else Path.cwd())
+    except ValueError:
+        return str(path)
+    return str(relative) if len(relative.parts) > 1 else f"./{relative}"
+
+
+def python_command(cwd: str | os.PathLike | None = None) -> str:
+    """This interpreter as typed (typed_path): plain `python` is the system's, without the packages."""
+    return typed_path(sys.executable, cwd) if sys.executable else "python"
+
+
+def module_command(module: str, *args: str | os.PathLike) -> str:
+    """`<this interpreter> -m module args`, quoted for a shell: the command line a message tells the user to run."""
+    return shlex.join([python_command(), "-m", module, *map(str, args)])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,17 +16,31 @@ from pathlib import Path
 import torch
 
 from model import CIFAR100Model
+from serving import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_torchrun_two_processes_gloo(tmp_path, cifar100_data_dir):
+    """Two sessions: --max-epochs-this-run 1 stops the first, whose continue line (torchrun's, not one
+    process's) runs the second to the end."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "training.train", "--data-dir", str(cifar100_data_dir), "--train-subset", "512", "--test-subset", "200",
-           "--width", "1", "--epochs", "1", "--threads", "1", "--no-progress", "--out", str(out)]
+           "--width", "1", "--epochs", "2", "--max-epochs-this-run", "1", "--threads", "1", "--no-progress",
+           "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    stopped = [line for line in first.stdout.splitlines() if line.startswith("stopped after epoch 1 of 2")]
+    assert len(stopped) == 1, first.stdout[-3000:]  # rank 0's alone
+    continue_with = stopped[0].split("continue with: ", 1)[1]
+    launcher = cli.typed_path(Path(sys.executable).with_name("torchrun"), ROOT)
+    assert continue_with.startswith(f"{launcher} --nproc-per-node 2 -m training.train --resume --out {out}"), stopped
+
+    # PET_STANDALONE: --standalone (a free port) for the printed command, as the first session had.
+    proc = subprocess.run(shlex.split(continue_with), cwd=ROOT, env={**env, "PET_STANDALONE": "1"},
+                          capture_output=True, text=True, timeout=480)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
 
@@ -40,17 +55,18 @@ def test_torchrun_two_processes_gloo(tmp_path, cifar100_data_dir):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["hardware"]["processes"] == 2
     assert metrics["test_images"] == 200
-    (epoch,) = metrics["history"]
-    assert 3.0 < epoch["train_loss"] < 6.0  # about ln(100) = 4.6 after two steps, and finite
-    assert 0.0 <= epoch["test_top1"] <= epoch["test_top5"] <= 100.0
+    assert len(metrics["history"]) == 2
+    for epoch in metrics["history"]:
+        assert 3.0 < epoch["train_loss"] < 6.0  # about ln(100) = 4.6 after a few steps, and finite
+        assert 0.0 <= epoch["test_top1"] <= epoch["test_top5"] <= 100.0
+        assert epoch["train_img_per_s"] > 0
     assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 100.0
-    assert epoch["train_img_per_s"] > 0
 
     state = torch.load(out / "CIFAR100_model.pth", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # the network's names, not DDP's wrapper's
     CIFAR100Model(width=1).load_state_dict(state, strict=True)
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert checkpoint["epoch"] == 1
+    assert checkpoint["epoch"] == 2
 
 
 def test_torchrun_time_budget_stops_every_process_at_the_same_step(tmp_path, cifar100_data_dir):

@@ -532,6 +532,7 @@ def test_openvino_int8_is_refused_when_its_network_is_not_the_one_the_record_mea
     import json
 
     from serving.archive import int8_record_warning
+    from serving.cli import module_command
 
     weights = tmp_path / "CIFAR100_model.pth"
     weights.write_bytes(WEIGHTS.read_bytes())
@@ -543,6 +544,7 @@ def test_openvino_int8_is_refused_when_its_network_is_not_the_one_the_record_mea
             {"weights_sha256": sha, **record(**{"openvino-int8": {**INT8_PASSED, "network_sha256": digest}})}))
         assert (int8_record_warning(weights) is not None) == warned
     assert "openvino-int8 will not be served" in int8_record_warning(weights)
+    assert f"`{module_command('training.engines', weights)}` measures it" in int8_record_warning(weights)  # not python's
 
 
 def test_gpu_packages_are_shared_by_every_thread_count(monkeypatch):

@@ -24,6 +24,7 @@ import torch
 
 from cifar100_data import data_dir
 from model import CIFAR100Model
+from serving import cli
 from training import train as train_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def runs(tmp_path_factory):
 def test_a_session_stopped_by_max_epochs_this_run_says_how_to_continue(runs):
     """It ended with exit status 0 and nothing said after the last epoch's figures."""
     last = runs["first_half_said"].strip().splitlines()[-1]
-    command = shlex.join([train_module.python_command(), "-m", "training.train", "--resume", "--out", str(runs["split"])])
+    command = shlex.join([cli.python_command(), "-m", "training.train", "--resume", "--out", str(runs["split"])])
     assert last.startswith(f"stopped after epoch 1 of 2; continue with: {command}"), last
     assert "done:" not in runs["first_half_said"]
 
@@ -331,7 +332,7 @@ def test_ctrl_c_mid_epoch_keeps_the_last_finished_epochs_checkpoint(tmp_path):
     text = "".join(stderr)
     assert rc == 130, text[-2000:]
     assert "interrupted: the last finished epoch's checkpoint is intact" in text
-    python = train_module.python_command(ROOT)  # the child's working folder
+    python = cli.python_command(ROOT)  # the child's working folder
     assert f"continue with: {shlex.quote(python)} -m training.train --resume --out {out}" in text  # not runs/latest's
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 1
@@ -406,9 +407,9 @@ def test_mixup_cutmix_run_on_a_holdout_says_what_it_was_evaluated_on(tmp_path, c
     assert train_module.main(small_run(holdout=300, test_subset=150, mixup=0.2, cutmix=1.0, mix_prob=0.8)
                              + ["--epochs", "1", "--no-ema", "--no-tta", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["evaluated_on"] == "holdout of 300 training images" and metrics["test_images"] == 150
-    assert "(raw, holdout of 300 training images)" in capsys.readouterr().out
-    assert legends and all("top-1, holdout of 300 training images" in texts for texts in legends), legends
+    assert metrics["evaluated_on"] == "150 of a holdout of 300 training images" and metrics["test_images"] == 150
+    assert "(raw, 150 of a holdout of 300 training images)" in capsys.readouterr().out
+    assert legends and all("top-1, 150 of a holdout of 300 training images" in texts for texts in legends), legends
     assert not any("test" in text for texts in legends for text in texts)
     assert metrics["args"]["mixup"] == 0.2 and metrics["args"]["cutmix"] == 1.0
     assert 0.0 < metrics["history"][0]["train_loss"] < 10  # soft targets: a finite cross-entropy

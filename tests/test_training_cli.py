@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from model import CIFAR100Model
+from serving import cli
 from training import train as train_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,9 +134,9 @@ def test_the_continue_command_runs_this_interpreter_as_readme_writes_it(tmp_path
         ".venv/bin/python -m training.train --resume")
     elsewhere = tmp_path.parent / "other env" / "bin" / "python"  # not under the working folder: its full path
     monkeypatch.setattr(sys, "executable", str(elsewhere))
-    assert train_module.python_command() == str(elsewhere)
+    assert cli.python_command() == str(elsewhere)
     assert train_module.resume_command(argparse.Namespace(out="runs/w2")).startswith(f"'{elsewhere}' -m ")
-    assert train_module.python_command(elsewhere.parent) == "./python"
+    assert cli.python_command(elsewhere.parent) == "./python"
 
 
 def test_resume_without_data_dir_falls_back_to_the_runs_own_data_folder(tmp_path, monkeypatch):
@@ -383,6 +384,71 @@ def test_distillation_shows_progress_and_computes_the_same_logits(weights, capsy
     assert "teachers' logits" in err and "100/100" in err
     expected = predict_logits(load_network(weights["good"]), images, labels, 16, "cpu", None, True, True)
     assert torch.equal(logits, expected)
+
+
+def test_a_torchrun_run_says_to_continue_under_torchrun_on_as_many_processes(tmp_path, monkeypatch):
+    """It said `.venv/bin/python -m training.train --resume`: one process, where --batch-size is per process
+    (another recipe). torchrun beside the interpreter, else this interpreter's torch.distributed.run."""
+    monkeypatch.chdir(tmp_path)
+    bin_folder = tmp_path / ".venv" / "bin"
+    bin_folder.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(bin_folder / "python"))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun sets in each process it starts
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    args = argparse.Namespace(out="runs/w2")
+    assert train_module.resume_command(args) == (
+        ".venv/bin/python -m torch.distributed.run --nproc-per-node 4 -m training.train --resume --out runs/w2")
+    (bin_folder / "torchrun").write_text("#!/bin/sh\n")
+    assert train_module.resume_command(args) == (
+        ".venv/bin/torchrun --nproc-per-node 4 -m training.train --resume --out runs/w2")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # a plain run: one process, as before
+    assert train_module.resume_command(args) == ".venv/bin/python -m training.train --resume --out runs/w2"
+
+
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_ctrl_c_under_torchrun_is_reported_by_rank_0_alone(tmp_path, monkeypatch, capsys, rank, said):
+    """MOCK: the interrupt is raised by a patched train() (a real Ctrl-C of a torchrun run is test_ddp's
+    cost twice over); every process gets a terminal's SIGINT, and each printed the same lines."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"")
+
+    def interrupted(args, given):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    monkeypatch.setenv("RANK", rank)
+    assert train_module.main(["--out", str(out)]) == 130
+    assert ("continue with:" in capsys.readouterr().err) == said
+
+
+def test_a_holdout_run_scoring_part_of_it_says_how_much(tmp_path):
+    """--holdout 300 --test-subset 150 scores 150 of the 300 held-out images: it said "holdout of 300"."""
+    parse = train_module.build_parser().parse_args
+    assert train_module.evaluated_on(parse(["--holdout", "300", "--test-subset", "150"]), 150) == (
+        "150 of a holdout of 300 training images")
+    assert train_module.evaluated_on(parse(["--holdout", "300", "--test-subset", "300"]), 300) == (
+        "holdout of 300 training images")
+    assert train_module.evaluated_on(parse(["--holdout", "300", "--test-subset", "500"]), 300) == (
+        "holdout of 300 training images")
+    assert train_module.evaluated_on(parse(["--holdout", "300"]), 300) == "holdout of 300 training images"
+
+
+def test_the_tools_hints_name_this_interpreter_not_the_systems_python(weights, tmp_path, monkeypatch):
+    """They said `python -m training.X`: outside an activated .venv, the system's Python without the packages."""
+    from model import WeightsError, read_state_dict
+    from serving.archive import calibration_warning
+    from training.data import DataError, load_split
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / ".venv" / "bin" / "python"))
+    with pytest.raises(DataError) as missing:
+        load_split(tmp_path / "no data", train=False)
+    assert f"`.venv/bin/python -m training.data --data-dir '{tmp_path / 'no data'}'`" in str(missing.value)
+    with pytest.raises(WeightsError) as checkpoint:
+        read_state_dict(weights["checkpoint"], checkpoint=False)
+    assert f".venv/bin/python -m training.export {weights['checkpoint']} OUT.pth" in str(checkpoint.value)
+    assert f"`.venv/bin/python -m training.calibrate {weights['good']}`" in calibration_warning(weights["good"])
 
 
 # ----------------------------------------------------------------------------- torchrun's devices

@@ -75,7 +75,7 @@ def data_error(root: str | os.PathLike, train: bool, err: Exception, offer_downl
     the wrong folder, or corrupted. --download is suggested only by a command that has it
     (``offer_download``); ``python -m training.data`` works for every one."""
     root = Path(root)
-    fetch = f"`python -m training.data --data-dir {root}`" + (" or --download" if offer_download else "")
+    fetch = f"`{cli.module_command('training.data', '--data-dir', root)}`" + (" or --download" if offer_download else "")
     present = [f for f in _FILES[train] if (root / f).exists()]
     if not present:
         # A common slip: pointing at cifar-100-python/ itself rather than the folder above it.

@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.weights.resolve().parent / ENGINE_INT8_FILE
     quantize(state_dict, hashlib.sha256(args.weights.read_bytes()).hexdigest(), normalize(calibration, channels_last=False),
              normalize(control, channels_last=False), images, out, steps=args.steps, progress=show_progress(args.progress))
-    print(f"wrote {out} (+ .bin); now `python -m training.engines {args.weights}` measures it on the test split")
+    measure = cli.module_command("training.engines", args.weights)
+    print(f"wrote {out} (+ .bin); now `{measure}` measures it on the test split")
     return 0
 
 

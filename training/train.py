@@ -315,23 +315,23 @@ def run_folder(args, given: set[str] | None) -> Path:
 _RESUMED_SESSION_OPTIONS = ("data_dir", "threads", "device", "compile", "eval_batch_size")
 
 
-def python_command(cwd: str | os.PathLike | None = None) -> str:
-    """This interpreter as a user in ``cwd`` (default: this process's) types it: relative when it lies inside
-    (.venv/bin/python, README's way), else its full path; plain `python` is the system's, without the packages."""
-    if not sys.executable:
-        return "python"
-    exe = Path(sys.executable)
-    try:
-        relative = exe.relative_to(Path(cwd) if cwd is not None else Path.cwd())
-    except ValueError:
-        return str(exe)
-    return str(relative) if len(relative.parts) > 1 else f"./{relative}"
+def launcher() -> list[str]:
+    """The words before `-m training.train` that start a run as this one was started: torchrun's, with as
+    many processes per node, when torchrun started it (one process would be another recipe: --batch-size
+    is per process); torchrun beside this interpreter, else this interpreter's torch.distributed.run."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # set by torchrun in every process it starts
+        return [cli.python_command()]
+    per_node = ["--nproc-per-node", os.environ.get("LOCAL_WORLD_SIZE", "1")]
+    torchrun = Path(sys.executable).with_name("torchrun") if sys.executable else None
+    if torchrun is not None and torchrun.is_file():
+        return [cli.typed_path(torchrun)] + per_node
+    return [cli.python_command(), "-m", "torch.distributed.run"] + per_node
 
 
 def resume_command(args) -> str:
-    """The command line that continues this run: this interpreter (python_command), --out when it is not
-    the default, and the session options (data folder, threads, device ...) that differ from their defaults."""
-    words = [python_command(), "-m", "training.train", "--resume"]
+    """The command line that continues this run: its launcher (this interpreter, or torchrun), --out when it is
+    not the default, and the session options (data folder, threads, device ...) that differ from their defaults."""
+    words = launcher() + ["-m", "training.train", "--resume"]
     if os.path.normpath(args.out) != os.path.normpath(DEFAULT_OUT):
         words += ["--out", str(args.out)]
     defaults = build_parser().parse_args([])
@@ -791,9 +791,11 @@ def finish(run: Run, model, ema, test_x, test_y) -> dict:
 
 def evaluated_on(args, images: int) -> str:
     """What the per-epoch and final figures are measured on (``test_*`` keys either way), ``images`` of them:
-    a --test-subset run's are not the whole test split's (a --test-subset larger than the split is the split)."""
-    if args.holdout:
-        return f"holdout of {args.holdout} training images"
+    a --test-subset run's are not the whole test split's, nor the whole holdout's (a --test-subset larger than
+    either is all of it)."""
+    if args.holdout:  # --test-subset draws from the held-out images
+        of = f"{images} of a " if images < args.holdout else ""
+        return f"{of}holdout of {args.holdout} training images"
     return f"test subset of {images} images" if args.test_subset == images else "test split"
 
 
@@ -805,6 +807,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # A terminal's Ctrl-C reaches every process torchrun started: rank 0 alone speaks for the run.
+        if os.environ.get("RANK", "0") != "0":
+            return 130
         if (Path(args.out) / "checkpoint.pt").exists():
             print(f"\ninterrupted: the last finished epoch's checkpoint is intact; continue with: {resume_command(args)}",
                   file=sys.stderr)
