@@ -490,6 +490,36 @@ def test_the_bundles_workers_run_as_model_config_says(kserve_ts, client):
         assert described[key] == config[key], (key, described)
 
 
+@pytest.mark.parametrize("kserve_ts", ["v2"], indirect=True)
+def test_the_runtime_manifests_liveness_probe_fails_when_torchserve_stops_answering(kserve_ts):
+    """The TorchServe runtime manifests' exec liveness probe, its own command run against this TorchServe (started
+    as the runtime starts it): exit 0 while TorchServe's /ping and the wrapper's /v2/health/live answer; non-zero
+    within the kubelet's timeout when Java is wedged (SIGSTOP: its port still open), or the wrapper says 503.
+    KServe's wrapper cannot run here (it is the torchserve-kfs image's): a stand-in answers its liveness route."""
+    from manifest_probes import KSERVE_DEPLOY, REST_PORT, LiveRoute, liveness_probe, run_exec_probe
+    from serving.kserve import POD_ADDRESSES
+
+    probe = liveness_probe(KSERVE_DEPLOY / "inferenceservice.yaml")
+    pod_port = int(POD_ADDRESSES["inference_address"].rsplit(":", 1)[1])
+    wrapper = LiveRoute()
+    ports = {pod_port: kserve_ts.ports["inference"], REST_PORT: wrapper.port}
+    try:
+        assert run_exec_probe(probe["exec"]["command"], ports)[0] == 0
+        java = psutil.Process(kserve_ts.java_pid())
+        java.suspend()
+        try:
+            code, seconds = run_exec_probe(probe["exec"]["command"], ports)
+        finally:
+            java.resume()
+        assert code != 0 and seconds < probe["timeoutSeconds"] + 1, (code, seconds)
+        wrapper.status = 503
+        assert run_exec_probe(probe["exec"]["command"], ports)[0] != 0
+        wrapper.status = 200
+        assert run_exec_probe(probe["exec"]["command"], ports)[0] == 0  # Java answers again after its pause
+    finally:
+        wrapper.close()
+
+
 # ---- the /classify/ adapter in front of the bundle's v2 server (OIP_URL) -----------------------
 @pytest.mark.parametrize("kserve_ts", ["v2"], indirect=True)  # the adapter speaks v2 to an OIP server
 def test_adapter_in_front_of_the_v2_server_answers_classify_as_today(kserve_ts, reference, client,

@@ -12,7 +12,7 @@ import yaml
 
 import kserve_types
 from kserve_types import ManifestError, build, errors_of
-from manifest_probes import REST_PORT, liveness_probe, run_exec_probe
+from manifest_probes import REST_PORT, LiveRoute, liveness_probe, run_exec_probe
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = {"cpu": REPO / "deploy" / "kserve" / "inferenceservice.yaml",
@@ -281,35 +281,30 @@ def test_every_predictor_manifest_has_a_liveness_probe_that_asks_the_model_serve
         assert (probe.http_get.path, probe.http_get.port) == ("/v2/health/live", rest_port(container))
 
 
-class _LiveRoute:
-    """A stand-in model server's REST port: /v2/health/live answers ``status`` (or nothing, ``hang``)."""
+@pytest.mark.parametrize("kind", list(MANIFESTS))
+def test_every_torchserve_runtime_manifest_has_a_liveness_probe_on_torchserve_and_the_wrapper(kind):
+    """Without one, a pod whose TorchServe (Java) or KServe wrapper died was never restarted: the wrapper's
+    model-ready flag is set once at load, and the image's entrypoint ends in `tail -f /dev/null`. Each runtime
+    manifest asks, from inside the container (TorchServe listens on the pod's loopback), TorchServe's /ping on
+    the bundle's inference port and the wrapper's v2 liveness route, after the readiness window for a start,
+    both within the kubelet's timeout; the three manifests carry the same probe."""
+    from serving.kserve import POD_ADDRESSES
 
-    def __init__(self, status: int = 200, hang: bool = False):
-        import http.server
-        import threading
-
-        route = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                if route.hang:
-                    route.release.wait(30)
-                self.send_response(route.status if self.path == "/v2/health/live" else 404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.status, self.hang, self.release = status, hang, threading.Event()
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+    model = build(load(kind)).spec.predictor.model
+    probe = model.liveness_probe
+    assert probe is not None, f"{kind} has no livenessProbe"
+    assert probe.http_get is None and probe.tcp_socket is None  # neither could reach TorchServe's loopback port
+    assert probe.initial_delay_seconds >= readiness_window_s(model.readiness_probe)
+    assert probe.timeout_seconds < probe.period_seconds and probe.failure_threshold >= 2
+    command = probe._exec.command
+    assert command[:3] == ["python", "-S", "-c"]  # the image's Python, its standard library only
+    torchserve_port = int(POD_ADDRESSES["inference_address"].rsplit(":", 1)[1])
+    script = command[-1]
+    assert f'({torchserve_port}, "/ping")' in script and f'({REST_PORT}, "/v2/health/live")' in script
+    asks = len(re.findall(r"\((\d+), \"/", script))
+    timeout = float(re.search(r"timeout=([0-9.]+)", script).group(1))
+    assert asks * timeout < probe.timeout_seconds  # it answers (fails) before the kubelet gives up on it
+    assert liveness_probe(MANIFESTS[kind]) == liveness_probe(MANIFESTS["cpu"])
 
 
 def test_the_grpc_manifests_exec_liveness_probe_passes_only_while_the_server_answers_live():
@@ -318,7 +313,7 @@ def test_the_grpc_manifests_exec_liveness_probe_passes_only_while_the_server_ans
     from serving.process import free_port
 
     command = liveness_probe(PREDICTOR_GRPC_MANIFEST)["exec"]["command"]
-    live = _LiveRoute()
+    live = LiveRoute()
     try:
         assert run_exec_probe(command, live.port)[0] == 0
         live.status = 503
