@@ -1,6 +1,6 @@
 """Put new weights into service on the running TorchServe without failing a request (``make rollout``).
 
-    python -m serving.rollout --weights PATH [--ready-timeout S] [--drain-s 2]
+    python -m serving.rollout --weights PATH [--ready-timeout S] [--drain-s 2] [--http-timeout 30]
 
   1. build the archive of PATH (serving/archive.py) as ``model_store/cifar100-<version>.mar``;
   2. register it beside the serving version (management API, management key), its workers as
@@ -56,7 +56,7 @@ from serving.process import log_tail
 from serving.torchserve import TorchServeInstance, default_instance
 
 MODEL_NAME = settings.MODEL_NAME
-HTTP_TIMEOUT_S = 30.0
+HTTP_TIMEOUT_S = 30.0  # one call's answer (--http-timeout): a loaded host's first explanation takes seconds
 WARMUP_ROUNDS = 2  # warm-up predictions per worker of the new version
 # Between two warm-up explanations, beyond the version's maxBatchDelay: TorchServe gives a batch to one worker
 # and closes it maxBatchDelay after its first request, so each explanation sent later lands on another idle worker.
@@ -160,10 +160,11 @@ class Rollout:
     ready_timeout_s: float = field(default_factory=startup_timeout_s)  # a first start compiles its engine
     drain_s: float = 2.0             # after an old version's queue is empty: its workers' last batches
     say: callable = print
+    http_timeout_s: float = HTTP_TIMEOUT_S
 
     def __post_init__(self):
         self.keys = KeyFile(self.ts.key_file.path)
-        self.http = httpx.Client(timeout=HTTP_TIMEOUT_S)
+        self.http = httpx.Client(timeout=self.http_timeout_s)
         self._renew_lock = threading.Lock()  # the warm-up's threads refused at once renew once
 
     # ---- the management API ----------------------------------------------------------------
@@ -180,7 +181,7 @@ class Rollout:
             if header != refused:  # renewed meanwhile (another thread, TorchServe restarted)
                 return header
             try:
-                self.keys.renew(self.ts.management_url, kind, HTTP_TIMEOUT_S)
+                self.keys.renew(self.ts.management_url, kind, self.http_timeout_s)
             except (KeyFileError, httpx.HTTPError) as err:
                 raise RolloutError(f"TorchServe refused the {kind} key of {self.keys.path} (expired?) and renewing "
                                    f"it with the API key failed ({type(err).__name__}: {err}); is that the "
@@ -191,20 +192,27 @@ class Rollout:
         """One call with the ``kind`` key; a refused key is renewed and the call sent once more."""
         url = (base or self.ts.management_url) + path
         headers = self._header(kind)
-        r = self._send(method, url, headers, **kwargs)
+        r = self._send(method, url, headers, kind, **kwargs)
         if not is_auth_refusal(r.status_code, r.text):
             return r
-        r = self._send(method, url, self._fresh_header(kind, refused=headers), **kwargs)
+        r = self._send(method, url, self._fresh_header(kind, refused=headers), kind, **kwargs)
         if is_auth_refusal(r.status_code, r.text):
             raise RolloutError(f"TorchServe refused the {kind} key of {self.keys.path}, even renewed: "
                                f"{r.status_code} {r.text.strip()[:200]}")
         return r
 
-    def _send(self, method: str, url: str, headers: dict[str, str], **kwargs) -> httpx.Response:
+    def _send(self, method: str, url: str, headers: dict[str, str], kind: str, **kwargs) -> httpx.Response:
+        """One HTTP call to TorchServe's ``kind`` API (management, or inference: the warm-up); its failure is said
+        naming that API and, for a timeout, the setting that holds it (it was said as the management API's)."""
         try:
             return self.http.request(method, url, headers=headers, **kwargs)
+        except httpx.TimeoutException as err:
+            timeout = kwargs.get("timeout", self.http_timeout_s)
+            raise RolloutError(f"TorchServe's {kind} API did not answer {method} {url} within {timeout:g} s "
+                               f"({type(err).__name__}); a loaded host may need more: --http-timeout "
+                               f"(ROLLOUT_ARGS)") from None
         except httpx.HTTPError as err:
-            raise RolloutError(f"TorchServe's management API at {self.ts.management_url} did not answer "
+            raise RolloutError(f"TorchServe's {kind} API did not answer {method} {url} "
                                f"({type(err).__name__}: {err}); is TorchServe running?") from None
 
     def versions(self) -> list[dict]:
@@ -422,14 +430,15 @@ class Rollout:
         return version
 
 
-def roll_out(ts: TorchServeInstance, weights: Path, ready_timeout_s: float, drain_s: float) -> int:
+def roll_out(ts: TorchServeInstance, weights: Path, ready_timeout_s: float, drain_s: float,
+             http_timeout_s: float = HTTP_TIMEOUT_S) -> int:
     """The command on ``ts``: its exit status. SIGTERM is raised as Stopped while it runs, so a stopped
     rollout withdraws its new version as Ctrl-C's does (the default action would end it on the spot)."""
     def stopped(signum, frame):
         raise Stopped(signum)
     previous = signal.signal(signal.SIGTERM, stopped)
     try:
-        Rollout(ts, ready_timeout_s, drain_s).run(weights)
+        Rollout(ts, ready_timeout_s, drain_s, http_timeout_s=http_timeout_s).run(weights)
     except RolloutError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -450,12 +459,15 @@ def main(argv: list[str] | None = None) -> int:
                              "model-config.yaml's startupTimeout)")
     parser.add_argument("--drain-s", type=non_negative_float, default=2.0,
                         help="seconds an old version keeps its workers after its queue is empty")
+    parser.add_argument("--http-timeout", type=positive_float, default=HTTP_TIMEOUT_S,
+                        help="seconds one call to TorchServe (a management call, a warm-up prediction or "
+                             "explanation) may take to answer; then the rollout stops, the old version kept")
     args = parser.parse_args(argv)
     ts = default_instance()
     if not ts.is_running():
         print("error: TorchServe is not running (make serve-torchserve)", file=sys.stderr)
         return 1
-    return roll_out(ts, args.weights, args.ready_timeout, args.drain_s)
+    return roll_out(ts, args.weights, args.ready_timeout, args.drain_s, args.http_timeout)
 
 
 if __name__ == "__main__":

@@ -172,3 +172,39 @@ def test_a_second_rollout_while_one_runs_is_refused_at_once_naming_the_first(tmp
         return rollout.run(DEFAULT_WEIGHTS)  # the lock is free again
     version, said = with_stand_in(api, go)
     assert version == NEW and "nothing to do" in said[-1]
+
+
+def test_a_warm_up_call_that_times_out_names_the_inference_api_and_its_setting(tmp_path):
+    """A warm-up prediction past the rollout's HTTP timeout (a loaded host) withdrew the version saying TorchServe's
+    *management* API at its management URL did not answer "is TorchServe running?": the operator looked at the
+    wrong port. The error names the API called, the call, its timeout and the option that holds it."""
+    api = StandInManagement(tmp_path, [OLD, NEW])
+
+    async def route(request):
+        if request.path.startswith("/predictions/"):
+            await asyncio.sleep(2)  # past the rollout's timeout below
+            return web.json_response({"label": "ray"})
+        return await api(request)
+
+    async def go():
+        async with stand_in_server(route) as url:
+            port = int(url.rsplit(":", 1)[1])
+            ts = TorchServeInstance(tmp_path, {"inference": port, "management": port, "metrics": port,
+                                               "grpc_inference": 1, "grpc_management": 2}, model_store=tmp_path)
+            rollout = Rollout(ts, ready_timeout_s=5, drain_s=0, say=print, http_timeout_s=0.5)
+            with pytest.raises(RolloutError) as raised:
+                await asyncio.to_thread(rollout.wait_ready_and_warm, NEW)
+            return str(raised.value), url
+    message, url = asyncio.run(go())
+    assert message.startswith(f"TorchServe's inference API did not answer POST {url}/predictions/cifar100/{NEW} "
+                              "within 0.5 s"), message
+    assert "--http-timeout" in message and "management" not in message, message
+
+
+def test_the_rollouts_http_timeout_is_an_option():
+    from serving.rollout import HTTP_TIMEOUT_S, main
+
+    with pytest.raises(SystemExit) as raised:
+        main(["--http-timeout", "0"])  # refused by its type, as every positive setting
+    assert raised.value.code == 2
+    assert Rollout.__dataclass_fields__["http_timeout_s"].default == HTTP_TIMEOUT_S
