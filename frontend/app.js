@@ -339,6 +339,7 @@
 
   // A MIME type as a format's name ("image/png" -> "PNG"), as the page and the server's refusals say it.
   function formatName(type) {
+    if (type === "image/x-portable-anymap") return "PPM"; // netpbm, by the server's (Pillow's) name
     return type.replace(/^image\/(x-)?/, "").replace(/\+.*$/, "").toUpperCase();
   }
 
@@ -362,13 +363,61 @@
     });
   }
 
-  // A PNG's width and height as its header (IHDR, within the first bytes read) gives them, or null: for
-  // a PNG this browser cannot read, as libpng refuses a side above 1,000,000 (a 31 KB 1 x 16,000,000).
-  function pngSize(head) {
-    if (!head || head.byteLength < 24 || sniffedType(head) !== "image/png") return null;
+  // An image's width and height as its header gives them, for the files this browser cannot size: a PNG or BMP
+  // with a side above what its decoder reads (libpng refuses a side above 1,000,000: a 31 KB 1 x 16,000,000),
+  // and TIFF and netpbm files, which it does not read at all (else they were uploaded whole, then refused).
+  // `head`: the file's first bytes; a TIFF's first directory is read on its own (bounded: it may follow the
+  // pixels). null when the header cannot be read: a damaged file is the server's to refuse.
+  async function headerSize(file, head, type) {
+    if (!head || head.byteLength < 8) return null;
     const view = new DataView(head);
-    if (view.getUint32(12) !== 0x49484452) return null; // "IHDR": else a damaged file, the server's to refuse
-    return { width: view.getUint32(16), height: view.getUint32(20) };
+    if (type === "image/png") {
+      if (head.byteLength < 24 || view.getUint32(12) !== 0x49484452) return null; // "IHDR" first, else damaged
+      return { width: view.getUint32(16), height: view.getUint32(20) };
+    }
+    if (type === "image/bmp" && head.byteLength >= 26) {
+      if (view.getUint32(14, true) === 12) { // the OS/2 header: 16-bit sides
+        return { width: view.getUint16(18, true), height: view.getUint16(20, true) };
+      }
+      return { width: Math.abs(view.getInt32(18, true)), height: Math.abs(view.getInt32(22, true)) }; // < 0: top-down
+    }
+    if (type === "image/x-portable-anymap") return netpbmSize(await file.slice(0, NETPBM_HEADER_BYTES).arrayBuffer());
+    if (type === "image/tiff") return tiffSize(file, view);
+    return null;
+  }
+
+  // A netpbm file's sides: its magic (P1-P6), then width and height as ASCII numbers between whitespace
+  // and # comments (a comment may take the header past the first bytes read).
+  const NETPBM_HEADER_BYTES = 4096;
+  function netpbmSize(bytes) {
+    const text = String.fromCharCode(...new Uint8Array(bytes));
+    const fields = text.replace(/#[^\n\r]*/g, " ").split(/\s+/).filter(Boolean);
+    if (!/^P[1-6]$/.test(fields[0] || "") || !/^\d+$/.test(fields[1] || "") || !/^\d+$/.test(fields[2] || "")) {
+      return null;
+    }
+    return { width: Number(fields[1]), height: Number(fields[2]) };
+  }
+
+  // A (classic) TIFF's first image's sides: tags ImageWidth (256) and ImageLength (257) of its first directory,
+  // SHORT or LONG, in the file's byte order. BigTIFF and a directory past the file's end give null.
+  const TIFF_MAX_ENTRIES = 512; // the server refuses a directory of more (serving/images.py MAX_TIFF_TAGS)
+  async function tiffSize(file, view) {
+    const little = view.getUint8(0) === 0x49; // "II"; "MM": big-endian
+    if (view.getUint16(2, little) !== 42) return null;
+    const at = view.getUint32(4, little);
+    const ifd = new DataView(await file.slice(at, at + 2 + 12 * TIFF_MAX_ENTRIES).arrayBuffer());
+    if (ifd.byteLength < 2) return null;
+    const entries = Math.min(ifd.getUint16(0, little), Math.floor((ifd.byteLength - 2) / 12));
+    const sides = {};
+    for (let i = 0; i < entries; i += 1) {
+      const entry = 2 + 12 * i;
+      const tag = ifd.getUint16(entry, little);
+      const kind = ifd.getUint16(entry + 2, little);
+      if (tag !== 256 && tag !== 257) continue;
+      if (kind === 3) sides[tag] = ifd.getUint16(entry + 8, little); // SHORT
+      else if (kind === 4) sides[tag] = ifd.getUint32(entry + 8, little); // LONG
+    }
+    return sides[256] !== undefined && sides[257] !== undefined ? { width: sides[256], height: sides[257] } : null;
   }
 
   // The server's refusal of an image (not a JPEG) with a side above its limit (GET /settings `images`
@@ -486,7 +535,7 @@
       refuse(unread);
       return;
     }
-    const size = await imageSize(previewUrl) || pngSize(head);
+    const size = await imageSize(previewUrl) || await headerSize(file, head, type);
     if (thisRequest !== requestNumber) return;
     const tooLarge = sideTooLong(size, type, settings.images) || tooManyPixels(size, type, settings.images);
     if (tooLarge) {

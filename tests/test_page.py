@@ -392,6 +392,36 @@ def test_a_png_with_a_side_over_the_limit_is_refused_before_it_is_shown_or_sent(
         "Crop or shrink it.")
 
 
+def image_file(pillow_format: str, width: int, height: int, **options) -> bytes:
+    """A black image of ``pillow_format``, 1 bit per pixel where the format has it (a thin one stays small)."""
+    out = io.BytesIO()
+    Image.new("1", (width, height)).save(out, format=pillow_format, **options)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("pillow_format, name, width, height", [
+    ("BMP", "thin.bmp", 1_100_000, 1),   # its side above what Chromium's BMP decoder reads
+    ("TIFF", "wide.tif", 40_000, 1),     # Chromium reads no TIFF, nor netpbm
+    ("TIFF", "tall.tif", 1, 40_000),
+    ("PPM", "wide.pbm", 40_000, 1),
+], ids=["bmp", "tiff-little-endian", "tiff-tall", "netpbm"])
+def test_a_bmp_tiff_or_netpbm_with_a_side_over_the_limit_is_refused_before_it_is_sent(adapter, page, pillow_format,
+                                                                                    name, width, height):
+    """Files this browser cannot size were uploaded whole, then refused by the server (413): a BMP wider than
+    Chromium's decoder reads, and every TIFF and netpbm file (Chromium reads neither). Their headers are read now
+    (a TIFF's first directory wherever it lies, a netpbm header past its comments), and a side above GET /settings
+    "images" max_side is refused in the server's words before the file is shown or sent."""
+    options = {"compression": "group4"} if pillow_format == "TIFF" else {}
+    data = image_file(pillow_format, width, height, **options)
+    if pillow_format == "PPM":  # a comment before the sides, as GIMP writes
+        data = data.replace(b"\n", b"\n# Created by an image editor\n", 1)
+    server = httpx.post(f"{adapter.base_url}/classify/", files={"image": (name, data, "")}, timeout=60)
+    assert server.status_code == 413, server.text
+    assert refusal_before_it_is_shown_or_sent(page, adapter.base_url, name, "", data) == (
+        f"The image is too large: {width} × {height} pixels, a side above the 32,768-pixel limit for "
+        f"{pillow_format} images. Crop or shrink it.")  # the format as the server names it
+
+
 def heic_start(size: int = 4000) -> bytes:
     """An iPhone photo's first bytes: an ISO media file whose 'ftyp' box names HEIC, then its boxes."""
     ftyp = b"ftyp" + b"heic" + b"\0\0\0\0" + b"mif1" + b"heic"
