@@ -381,8 +381,12 @@
       }
       return { width: Math.abs(view.getInt32(18, true)), height: Math.abs(view.getInt32(22, true)) }; // < 0: top-down
     }
-    if (type === "image/x-portable-anymap") return netpbmSize(await file.slice(0, NETPBM_HEADER_BYTES).arrayBuffer());
-    if (type === "image/tiff") return tiffSize(file, view);
+    try { // (a file moved away meanwhile: the upload will say so)
+      if (type === "image/x-portable-anymap") return netpbmSize(await file.slice(0, NETPBM_HEADER_BYTES).arrayBuffer());
+      if (type === "image/tiff") return await tiffSize(file, view);
+    } catch (_) {
+      return null;
+    }
     return null;
   }
 
