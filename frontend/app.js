@@ -539,21 +539,28 @@
       refuse(unread);
       return;
     }
-    const size = await imageSize(previewUrl) || await headerSize(file, head, type);
+    const shownSize = await imageSize(previewUrl); // null: this browser cannot show it (a TIFF, netpbm)
+    const size = shownSize || await headerSize(file, head, type);
     if (thisRequest !== requestNumber) return;
     const tooLarge = sideTooLong(size, type, settings.images) || tooManyPixels(size, type, settings.images);
     if (tooLarge) {
       refuse(tooLarge);
       return;
     }
-    preview.onload = () => {
-      // CIFAR-size pictures (32x32) would blur when enlarged: show their pixels.
-      preview.classList.toggle("pixelated", preview.naturalWidth < 96);
-    };
-    preview.src = previewUrl;
-    preview.alt = description || (file.name ? `Your image: ${file.name}` : "Your image");
-    preview.hidden = false;
-    dropZone.classList.add("has-image");
+    // A picture this browser cannot show is not shown (it was a broken-image icon over the drop hint); the
+    // answer says so. The server reads it all the same.
+    const unshown = shownSize ? "" : `This browser cannot show ${type ? formatName(type) : "this kind of"} ` +
+      `images: the answer is for “${file.name || "your image"}” as the server read it.`;
+    if (shownSize) {
+      preview.onload = () => {
+        // CIFAR-size pictures (32x32) would blur when enlarged: show their pixels.
+        preview.classList.toggle("pixelated", preview.naturalWidth < 96);
+      };
+      preview.src = previewUrl;
+      preview.alt = description || (file.name ? `Your image: ${file.name}` : "Your image");
+      preview.hidden = false;
+      dropZone.classList.add("has-image");
+    }
 
     const shrunk = await shrunkPhoto(file, type, settings.shrink);
     if (thisRequest !== requestNumber) return;
@@ -569,6 +576,7 @@
     sentText.textContent = [
       shrunk ? `Sent a ${shrunk.width} × ${shrunk.height} copy (${formatBytes(shrunk.blob.size)}) of your ` +
         `${formatBytes(file.size)} photo; the model looks at 32 × 32 pixels.` : "",
+      unshown,
       note || "",
     ].filter(Boolean).join(" ");
     sentText.hidden = !sentText.textContent;
