@@ -121,7 +121,8 @@ stop-torchserve:
 # WEIGHTS into the running TorchServe without a failed request (ROLLOUT_ARGS="--drain-s 2 ...").
 # serving/rollout.py registers WEIGHTS as a new version, waits until it is READY and warm, makes it
 # the default, drains and unregisters the old one. Rolling back: the same with the previous weights. (Not `make deploy`:
-# deploy/ is a folder.) ROLLOUT_ARGS="--ready-timeout 600 --drain-s 2" (default: model-config.yaml's startupTimeout).
+# deploy/ is a folder.) ROLLOUT_ARGS="--ready-timeout 600 --drain-s 2 --http-timeout 30" (default ready timeout:
+# model-config.yaml's startupTimeout).
 rollout: install
 	$(PY) -m serving.rollout --weights $(WEIGHTS) $(ROLLOUT_ARGS)
 

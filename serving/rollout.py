@@ -7,7 +7,8 @@
      model-config.yaml says; wait until they are READY, then send it warm-up predictions on its own
      route (``/predictions/cifar100/<version>``), then one explanation per worker
      (``/explanations/cifar100/<version>``: a worker's first one builds its Grad-CAM model, ~1 s):
-     every one must answer 200 from that version (an explanation with its heatmap);
+     every one must answer 200 from that version (an explanation with its heatmap); one not answered within
+     ``--http-timeout`` is sent once more (a loaded host's first explanation on a worker), a second time withdraws it;
   3. make it the default: from then on ``/predictions/cifar100`` (the adapter's route) reaches it;
   4. drain each old version (its queue empty, then ``--drain-s`` for the batches its workers hold)
      and unregister it; its rollout archive is deleted (``cifar100.mar``, make serve's, is kept).
@@ -57,6 +58,7 @@ from serving.torchserve import TorchServeInstance, default_instance
 
 MODEL_NAME = settings.MODEL_NAME
 HTTP_TIMEOUT_S = 30.0  # one call's answer (--http-timeout): a loaded host's first explanation takes seconds
+DRAIN_S = 2.0  # after an old version's queue is empty, for the batches its workers hold (--drain-s)
 WARMUP_ROUNDS = 2  # warm-up predictions per worker of the new version
 # Between two warm-up explanations, beyond the version's maxBatchDelay: TorchServe gives a batch to one worker
 # and closes it maxBatchDelay after its first request, so each explanation sent later lands on another idle worker.
@@ -66,6 +68,22 @@ EXPLANATION_ROUNDS = 3  # warm-up rounds for the workers still cold after the fi
 
 class RolloutError(RuntimeError):
     """The rollout stopped; the message says why (and what still serves)."""
+
+
+class CallTimedOut(RolloutError):
+    """A call to TorchServe not answered within its timeout; the message names the API, the call and the option
+    that holds the timeout (the operator's lever), and ``tries`` when it was sent more than once."""
+
+    def __init__(self, kind: str, method: str, url: str, timeout_s: float, option: str, error: str, tries: int = 1):
+        self.kind, self.method, self.url = kind, method, url
+        self.timeout_s, self.option, self.error = timeout_s, option, error
+        times = {1: "", 2: ", twice"}.get(tries, f", {tries} times")
+        super().__init__(f"TorchServe's {kind} API did not answer {method} {url} within {timeout_s:g} s{times} "
+                         f"({error}); a loaded host may need more: {option} (ROLLOUT_ARGS)")
+
+    def again(self) -> "CallTimedOut":
+        """The same call timed out a second time."""
+        return CallTimedOut(self.kind, self.method, self.url, self.timeout_s, self.option, self.error, tries=2)
 
 
 class Stopped(KeyboardInterrupt):
@@ -158,7 +176,7 @@ def _described(answer: httpx.Response) -> str:
 class Rollout:
     ts: TorchServeInstance
     ready_timeout_s: float = field(default_factory=startup_timeout_s)  # a first start compiles its engine
-    drain_s: float = 2.0             # after an old version's queue is empty: its workers' last batches
+    drain_s: float = DRAIN_S
     say: callable = print
     http_timeout_s: float = HTTP_TIMEOUT_S
 
@@ -188,29 +206,35 @@ class Rollout:
                                    f"running TorchServe's key file?") from None
             return self._header(kind)
 
-    def _call(self, method: str, path: str, kind: str = "management", base: str | None = None, **kwargs):
-        """One call with the ``kind`` key; a refused key is renewed and the call sent once more."""
+    def _timeout_s(self, option: str) -> float:
+        """The value of the option that limits a call: --http-timeout for one answer, --ready-timeout for an
+        unregister (TorchServe answers it once the version's workers have stopped)."""
+        return {"--http-timeout": self.http_timeout_s, "--ready-timeout": self.ready_timeout_s}[option]
+
+    def _call(self, method: str, path: str, kind: str = "management", base: str | None = None,
+              limit: str = "--http-timeout", **kwargs):
+        """One call with the ``kind`` key, within the ``limit`` option's seconds; a refused key is renewed and the
+        call sent once more."""
         url = (base or self.ts.management_url) + path
         headers = self._header(kind)
-        r = self._send(method, url, headers, kind, **kwargs)
+        r = self._send(method, url, headers, kind, limit, **kwargs)
         if not is_auth_refusal(r.status_code, r.text):
             return r
-        r = self._send(method, url, self._fresh_header(kind, refused=headers), kind, **kwargs)
+        r = self._send(method, url, self._fresh_header(kind, refused=headers), kind, limit, **kwargs)
         if is_auth_refusal(r.status_code, r.text):
             raise RolloutError(f"TorchServe refused the {kind} key of {self.keys.path}, even renewed: "
                                f"{r.status_code} {r.text.strip()[:200]}")
         return r
 
-    def _send(self, method: str, url: str, headers: dict[str, str], kind: str, **kwargs) -> httpx.Response:
+    def _send(self, method: str, url: str, headers: dict[str, str], kind: str, limit: str,
+              **kwargs) -> httpx.Response:
         """One HTTP call to TorchServe's ``kind`` API (management, or inference: the warm-up); its failure is said
-        naming that API and, for a timeout, the setting that holds it (it was said as the management API's)."""
+        naming that API and, for a timeout, the option that holds it (it was said as the management API's)."""
+        timeout_s = self._timeout_s(limit)
         try:
-            return self.http.request(method, url, headers=headers, **kwargs)
+            return self.http.request(method, url, headers=headers, timeout=timeout_s, **kwargs)
         except httpx.TimeoutException as err:
-            timeout = kwargs.get("timeout", self.http_timeout_s)
-            raise RolloutError(f"TorchServe's {kind} API did not answer {method} {url} within {timeout:g} s "
-                               f"({type(err).__name__}); a loaded host may need more: --http-timeout "
-                               f"(ROLLOUT_ARGS)") from None
+            raise CallTimedOut(kind, method, url, timeout_s, limit, type(err).__name__) from None
         except httpx.HTTPError as err:
             raise RolloutError(f"TorchServe's {kind} API did not answer {method} {url} "
                                f"({type(err).__name__}: {err}); is TorchServe running?") from None
@@ -279,8 +303,7 @@ class Rollout:
         image, path = _warmup_png(), f"/predictions/{MODEL_NAME}/{version}"
         count = WARMUP_ROUNDS * len(workers)
         with ThreadPoolExecutor(len(workers)) as pool:
-            answers = list(pool.map(lambda _: self._call("POST", path, "inference", self.ts.inference_url,
-                                                         content=image), range(count)))
+            answers = list(pool.map(lambda _: self._warm_up(path, image), range(count)))
         bad = [_described(a) for a in answers
                if a.status_code != 200 or _answered_by(a) != version]
         if bad:
@@ -292,7 +315,7 @@ class Rollout:
 
         def explain(i: int) -> httpx.Response:
             time.sleep(i * stagger)
-            return self._call("POST", path, "inference", self.ts.inference_url, content=image)
+            return self._warm_up(path, image)
         cold = [str(w.get("id")) for w in workers]
         for _ in range(EXPLANATION_ROUNDS):
             # A round for every worker, not just the cold ones: which idle worker takes a request is TorchServe's.
@@ -308,6 +331,20 @@ class Rollout:
                 return
         self.say(f"warning: worker(s) {', '.join(cold)} of {version} did not log their explanation model ready "
                  "after the warm-up; their first /explain/ builds it")
+
+    def _warm_up(self, path: str, image: bytes) -> httpx.Response:
+        """One warm-up call on the new version's own route, sent once more after a timeout: a loaded host's first
+        explanation on a worker (Captum's import, the explanation model's build) can pass --http-timeout once, and
+        the abandoned call still warms that worker. A second timeout withdraws the version. (Safe to repeat: an
+        answer changes nothing.)"""
+        try:
+            return self._call("POST", path, "inference", self.ts.inference_url, content=image)
+        except CallTimedOut as first:
+            self.say(f"warning: {first}; sending it once more")
+            try:
+                return self._call("POST", path, "inference", self.ts.inference_url, content=image)
+            except CallTimedOut:
+                raise first.again() from None
 
     def cold_for_explanations(self, version: str, worker_ids: list[str], wait_s: float = 2.0) -> list[str]:
         """Those of ``worker_ids`` whose "explanation model ready" line is not in model_log.log (the frontend
@@ -339,7 +376,7 @@ class Rollout:
                 break
             time.sleep(0.2)
         time.sleep(self.drain_s)  # the batches its workers hold
-        r = self._call("DELETE", f"/models/{MODEL_NAME}/{version}", timeout=self.ready_timeout_s)
+        r = self._call("DELETE", f"/models/{MODEL_NAME}/{version}", limit="--ready-timeout")
         if r.status_code != 200:
             raise RolloutError(f"the new version serves, but unregistering {version} failed: "
                                f"{r.status_code} {r.text.strip()[:200]}")
@@ -350,7 +387,7 @@ class Rollout:
     def unregister_quietly(self, version: str) -> str | None:
         """Unregister ``version`` after a failed step; None when done, else why it is still registered."""
         try:
-            r = self._call("DELETE", f"/models/{MODEL_NAME}/{version}", timeout=self.ready_timeout_s)
+            r = self._call("DELETE", f"/models/{MODEL_NAME}/{version}", limit="--ready-timeout")
         except RolloutError as err:
             return str(err)
         return None if r.status_code in (200, 404) else f"{r.status_code} {r.text.strip()[:200]}"
@@ -457,11 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-timeout", type=positive_float, default=startup_timeout_s(),
                         help="seconds the new version may take to be READY and warm (then: exit 1, old kept; "
                              "model-config.yaml's startupTimeout)")
-    parser.add_argument("--drain-s", type=non_negative_float, default=2.0,
+    parser.add_argument("--drain-s", type=non_negative_float, default=DRAIN_S,
                         help="seconds an old version keeps its workers after its queue is empty")
     parser.add_argument("--http-timeout", type=positive_float, default=HTTP_TIMEOUT_S,
                         help="seconds one call to TorchServe (a management call, a warm-up prediction or "
-                             "explanation) may take to answer; then the rollout stops, the old version kept")
+                             "explanation) may take to answer; then the rollout stops, the old version kept (a "
+                             "warm-up call is sent once more first)")
     args = parser.parse_args(argv)
     ts = default_instance()
     if not ts.is_running():
