@@ -402,24 +402,29 @@
     return { width: Number(fields[1]), height: Number(fields[2]) };
   }
 
-  // A (classic) TIFF's first image's sides: tags ImageWidth (256) and ImageLength (257) of its first directory,
-  // SHORT or LONG, in the file's byte order. BigTIFF and a directory past the file's end give null.
+  // A TIFF's first image's sides: tags ImageWidth (256) and ImageLength (257) of its first directory, SHORT or
+  // LONG (LONG8 too in a BigTIFF), in the file's byte order. As the server's Pillow reads the header: its first
+  // byte gives the order ("II": little-endian), its third "+" a BigTIFF (8-byte offsets), whatever the 42 says
+  // (sniffedType lets in only the headers Pillow accepts). A directory past the file's end gives null.
   const TIFF_MAX_ENTRIES = 512; // the server refuses a directory of more (serving/images.py MAX_TIFF_TAGS)
+  const TIFF_SIDE_BYTES = { 3: 2, 4: 4, 16: 8 }; // SHORT, LONG, LONG8: the types a side's value may have
   async function tiffSize(file, view) {
-    const little = view.getUint8(0) === 0x49; // "II"; "MM": big-endian
-    if (view.getUint16(2, little) !== 42) return null;
-    const at = view.getUint32(4, little);
-    const ifd = new DataView(await file.slice(at, at + 2 + 12 * TIFF_MAX_ENTRIES).arrayBuffer());
-    if (ifd.byteLength < 2) return null;
-    const entries = Math.min(ifd.getUint16(0, little), Math.floor((ifd.byteLength - 2) / 12));
+    const little = view.getUint8(0) === 0x49;
+    const offsetBytes = view.getUint8(2) === 0x2b ? 8 : 4; // BigTIFF: 8
+    const read = (data, at, bytes) => (bytes === 2 ? data.getUint16(at, little)
+      : bytes === 4 ? data.getUint32(at, little) : Number(data.getBigUint64(at, little)));
+    const countBytes = offsetBytes === 8 ? 8 : 2;
+    const entryBytes = 4 + 2 * offsetBytes; // tag, type, count, value (or its offset)
+    const at = read(view, offsetBytes, offsetBytes);
+    const ifd = new DataView(await file.slice(at, at + countBytes + entryBytes * TIFF_MAX_ENTRIES).arrayBuffer());
+    if (ifd.byteLength < countBytes) return null;
+    const entries = Math.min(read(ifd, 0, countBytes), Math.floor((ifd.byteLength - countBytes) / entryBytes));
     const sides = {};
     for (let i = 0; i < entries; i += 1) {
-      const entry = 2 + 12 * i;
+      const entry = countBytes + entryBytes * i;
       const tag = ifd.getUint16(entry, little);
-      const kind = ifd.getUint16(entry + 2, little);
-      if (tag !== 256 && tag !== 257) continue;
-      if (kind === 3) sides[tag] = ifd.getUint16(entry + 8, little); // SHORT
-      else if (kind === 4) sides[tag] = ifd.getUint32(entry + 8, little); // LONG
+      const bytes = TIFF_SIDE_BYTES[ifd.getUint16(entry + 2, little)];
+      if ((tag === 256 || tag === 257) && bytes <= offsetBytes) sides[tag] = read(ifd, entry + 4 + offsetBytes, bytes);
     }
     return sides[256] !== undefined && sides[257] !== undefined ? { width: sides[256], height: sides[257] } : null;
   }

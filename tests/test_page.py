@@ -91,21 +91,31 @@ def page_state(page) -> dict:
                 previewAlt: $('preview').alt}; }""")
 
 
-def refusal_before_it_is_shown_or_sent(page, base_url: str, name: str, mime: str, data: bytes) -> str:
-    """The page's refusal of a chosen file, checked to come before the file was previewed or uploaded."""
+def refusals_before_any_is_shown_or_sent(page, base_url: str, files: list[tuple[str, str, bytes]]) -> list[str]:
+    """The page's refusals of files (name, type, bytes) chosen one after another on one page load, checked to
+    come before any of them was previewed or uploaded."""
     page.goto(f"{base_url}/")
     page.evaluate("""() => { const preview = document.getElementById('preview'); window.previewShown = false;
         new MutationObserver(() => { if (!preview.hidden) window.previewShown = true; })
             .observe(preview, {attributes: true}); }""")
     sent = []
     page.on("request", lambda r: sent.append(r.url) if "/classify/" in r.url else None)
-    page.set_input_files("#file-input", files=[{"name": name, "mimeType": mime, "buffer": data}])
-    said = wait_for_error(page)
-    state = page_state(page)
-    assert state["previewHidden"] and state["previewSrc"] is None and state["busy"] == "false", state
+    said = []
+    for name, mime, data in files:
+        page.evaluate("() => { const error = document.getElementById('error'); error.hidden = true; "
+                      "error.textContent = ''; }")  # so that the wait is for this file's refusal
+        page.set_input_files("#file-input", files=[{"name": name, "mimeType": mime, "buffer": data}])
+        said.append(wait_for_error(page))
+        state = page_state(page)
+        assert state["previewHidden"] and state["previewSrc"] is None and state["busy"] == "false", (name, state)
+        assert sent == [], name  # an upload's refusal (the server's) comes after the upload
     assert page.evaluate("window.previewShown") is False
-    assert sent == []
     return said
+
+
+def refusal_before_it_is_shown_or_sent(page, base_url: str, name: str, mime: str, data: bytes) -> str:
+    """The page's refusal of a chosen file, checked to come before the file was previewed or uploaded."""
+    return refusals_before_any_is_shown_or_sent(page, base_url, [(name, mime, data)])[0]
 
 
 def assert_shows(page, answer: dict) -> None:
@@ -399,27 +409,60 @@ def image_file(pillow_format: str, width: int, height: int, **options) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("pillow_format, name, width, height", [
-    ("BMP", "thin.bmp", 1_100_000, 1),   # its side above what Chromium's BMP decoder reads
-    ("TIFF", "wide.tif", 40_000, 1),     # Chromium reads no TIFF, nor netpbm
-    ("TIFF", "tall.tif", 1, 40_000),
-    ("PPM", "wide.pbm", 40_000, 1),
-], ids=["bmp", "tiff-little-endian", "tiff-tall", "netpbm"])
-def test_a_bmp_tiff_or_netpbm_with_a_side_over_the_limit_is_refused_before_it_is_sent(adapter, page, pillow_format,
-                                                                                    name, width, height):
+def tiff_by_hand(width: int, height: int, prefix: bytes) -> bytes:
+    """A black bilevel TIFF of the byte order `prefix` names ("MM": big-endian, which Pillow does not write), its
+    width a LONG and its height a SHORT, its directory after its pixels (far past the page's first bytes)."""
+    order = ">" if prefix[:2] == b"MM" else "<"
+    pixels = bytes((width + 7) // 8 * height)
+    tags = [(256, 4, width), (257, 3, height), (258, 3, 1), (259, 3, 1), (262, 3, 1), (273, 4, 8),
+            (278, 3, height), (279, 4, len(pixels))]
+    entries = b"".join(struct.pack(order + "HHI", tag, kind, 1)
+                       + struct.pack(order + ("HH" if kind == 3 else "I"), *((value, 0) if kind == 3 else (value,)))
+                       for tag, kind, value in tags)
+    return (prefix + struct.pack(order + "I", 8 + len(pixels)) + pixels
+            + struct.pack(order + "H", len(tags)) + entries + b"\0\0\0\0")
+
+
+def test_a_bmp_tiff_or_netpbm_with_a_side_over_the_limit_is_refused_before_it_is_sent(adapter, page):
     """Files this browser cannot size were uploaded whole, then refused by the server (413): a BMP wider than
     Chromium's decoder reads, and every TIFF and netpbm file (Chromium reads neither). Their headers are read now
-    (a TIFF's first directory wherever it lies, a netpbm header past its comments), and a side above GET /settings
-    "images" max_side is refused in the server's words before the file is shown or sent."""
-    options = {"compression": "group4"} if pillow_format == "TIFF" else {}
-    data = image_file(pillow_format, width, height, **options)
-    if pillow_format == "PPM":  # a comment before the sides, as GIMP writes
-        data = data.replace(b"\n", b"\n# Created by an image editor\n", 1)
-    server = httpx.post(f"{adapter.base_url}/classify/", files={"image": (name, data, "")}, timeout=60)
-    assert server.status_code == 413, server.text
-    assert refusal_before_it_is_shown_or_sent(page, adapter.base_url, name, "", data) == (
-        f"The image is too large: {width} × {height} pixels, a side above the 32,768-pixel limit for "
-        f"{pillow_format} images. Crop or shrink it.")  # the format as the server names it
+    (a TIFF's first directory wherever it lies, in either byte order, a BigTIFF's and a header Pillow accepts with
+    its 42 byte-swapped too; a netpbm header past its comments), and a side above GET /settings "images" max_side
+    is refused in the server's words before the file is shown or sent. One page load for all."""
+    gimp_pbm = image_file("PPM", 40_000, 1).replace(b"\n", b"\n# Created by an image editor\n", 1)  # as GIMP writes
+    cases = [  # (format as the server names it, file name, width, height, bytes)
+        ("BMP", "thin.bmp", 1_100_000, 1, image_file("BMP", 1_100_000, 1)),  # a side Chromium's decoder refuses
+        ("TIFF", "wide.tif", 40_000, 1, image_file("TIFF", 40_000, 1, compression="group4")),
+        ("TIFF", "tall.tif", 1, 40_000, image_file("TIFF", 1, 40_000, compression="group4")),
+        ("TIFF", "big-endian.tif", 40_000, 1, tiff_by_hand(40_000, 1, b"MM\0*")),
+        ("TIFF", "swapped-42.tif", 1, 40_000, tiff_by_hand(1, 40_000, b"II\0*")),
+        ("TIFF", "bigtiff.tif", 40_000, 1, image_file("TIFF", 40_000, 1, big_tiff=True)),
+        ("PPM", "wide.pbm", 40_000, 1, gimp_pbm),
+    ]
+    for _, name, _, _, data in cases:
+        server = httpx.post(f"{adapter.base_url}/classify/", files={"image": (name, data, "")}, timeout=60)
+        assert server.status_code == 413, (name, server.text)
+    said = refusals_before_any_is_shown_or_sent(page, adapter.base_url, [(name, "", data) for _, name, _, _, data in cases])
+    assert said == [f"The image is too large: {width} × {height} pixels, a side above the 32,768-pixel limit for "
+                    f"{server_format} images. Crop or shrink it."  # the format as the server names it
+                    for server_format, _, width, height, _ in cases]
+
+
+def test_a_damaged_header_is_left_to_the_server(adapter, page):
+    """A header the page cannot read (cut short, or a TIFF directory past the file's end) gives it no size: the
+    file goes to the server, whose refusal is said (no error thrown in the page, nothing left busy)."""
+    cases = [("cut.png", png_of_black(40_000, 1)[:20]), ("cut.bmp", image_file("BMP", 8, 8)[:20]),
+             ("lost-directory.tif", b"II*\0" + struct.pack("<I", 2**32 - 16) + bytes(64)),
+             ("cut-bigtiff.tif", image_file("TIFF", 40_000, 1, big_tiff=True)[:12]), ("no-sides.pbm", b"P4\n# 1 2\n")]
+    page.goto(f"{adapter.base_url}/")
+    for name, data in cases:
+        page.evaluate("() => { const error = document.getElementById('error'); error.hidden = true; "
+                      "error.textContent = ''; }")
+        with page.expect_response(lambda r: "/classify/" in r.url, timeout=ANSWER_TIMEOUT_MS) as response:
+            page.set_input_files("#file-input", files=[{"name": name, "mimeType": "", "buffer": data}])
+        assert response.value.status == 400, name
+        assert wait_for_error(page).startswith("That file could not be read as an image. (Server: "), name
+        assert page_state(page)["busy"] == "false", name
 
 
 def heic_start(size: int = 4000) -> bytes:
