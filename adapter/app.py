@@ -48,7 +48,7 @@ from .config import Settings
 from .edge import Edge, refused_before_app
 from .errors import ClassifyError
 from .limits import Explanations, InFlight, RequestLimits, client_address, held_by_model_server
-from .metrics import Metrics
+from .metrics import Metrics, start_metrics_server
 from .oip import OIPClient
 from .page import PageFiles
 from .shrink import UploadShrinker
@@ -94,10 +94,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.torchserve = (OIPClient if settings.oip_url else TorchServeClient)(settings, metrics)
         metrics_server = None
         if metrics is not None and settings.metrics_port:
-            from prometheus_client import start_http_server
-
-            try:
-                metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_host, metrics.registry)
+            try:  # a client's share of connections, and the head's deadline, as on the users' port
+                metrics_server = start_metrics_server(metrics.registry, settings.metrics_host, settings.metrics_port,
+                                                      settings.max_client_connections, settings.header_timeout_s)
             except OSError as err:  # (adapter.run start checks first; serve alone, or a race, lands here)
                 raise RuntimeError(f"cannot serve the metrics on {settings.metrics_host}:{settings.metrics_port} "
                                    f"(METRICS_PORT, METRICS_HOST): {err.strerror or err}") from None

@@ -91,3 +91,51 @@ class Metrics:
         """A refusal at the HTTP parser (adapter/protocol.py): no route, no app."""
         self.requests.labels("other", str(status)).inc()
         self.refusals.labels(REFUSAL_REASONS.get(status, PARSER_REFUSAL)).inc()
+
+
+def start_metrics_server(registry: CollectorRegistry, host: str, port: int, max_connections: int,
+                         timeout_s: float):
+    """GET /metrics on its own port (METRICS_PORT), served from threads: at most ``max_connections`` at once (more
+    are closed at once) and each read or write must go on within ``timeout_s``. prometheus_client's own server held a
+    thread and a file descriptor per connection for ever: 788 half-sent requests on it took the adapter's last
+    descriptors and /classify/ stopped answering (review 30). Returns the server (``shutdown``, ``server_close``)."""
+    import socket
+    import threading
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import make_wsgi_app
+
+    class Handler(WSGIRequestHandler):
+        timeout = timeout_s  # socketserver sets it on the connection: a stalled client is dropped
+
+        def log_message(self, format, *args):  # no line per scrape
+            pass
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        slots = threading.BoundedSemaphore(max_connections)
+
+        def process_request(self, request, client_address):
+            if not self.slots.acquire(blocking=False):  # over the cap: closed at once, nothing held
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+        def handle_error(self, request, client_address):  # a timed-out or reset client: not worth a traceback
+            pass
+
+    server = make_server(host, port, make_wsgi_app(registry), Server, handler_class=Handler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

@@ -392,3 +392,44 @@ def test_metrics_host_and_frontend_dir_are_the_settings_readme_says(tmp_path):
         assert httpx.get(f"{a.base_url}/", timeout=30).status_code == 404
         assert httpx.get(f"{a.base_url}/classes", timeout=30).status_code == 200
         assert "no page: FRONTEND_DIR" in a.log_file.read_text()
+
+
+def _closed_at_once(sock: socket.socket, wait_s: float) -> bool:
+    """Whether the server has closed this connection (within ``wait_s``)."""
+    sock.settimeout(wait_s)
+    try:
+        return sock.recv(16) == b""
+    except socket.timeout:
+        return False
+    except OSError:  # reset
+        return True
+
+
+def test_the_metrics_port_holds_a_clients_share_of_connections_until_the_heads_deadline(tmp_path):
+    """prometheus_client's own server held a thread and a file descriptor per connection for ever: 788 half-sent
+    requests on METRICS_PORT (METRICS_HOST=0.0.0.0 in a pod) took the adapter's last descriptors and /classify/
+    stopped answering (review 30). The metrics port now holds at most MAX_CLIENT_CONNECTIONS at once (more are
+    closed at once) and drops a connection that sends nothing more for HEADER_TIMEOUT_S; then it scrapes again."""
+    import psutil
+
+    port, dead = free_port(), f"http://127.0.0.1:{free_port()}"
+    env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "METRICS_PORT": str(port),
+           "MAX_CLIENT_CONNECTIONS": "4", "HEADER_TIMEOUT_S": "2"}
+    with running_adapter(env, tmp_path / "a.log") as a:
+        adapter = psutil.Process(a.process.pid)
+        threads = adapter.num_threads()
+        held = []
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+            held.append(sock)
+        try:
+            time.sleep(0.3)
+            still_open = [sock for sock in held if not _closed_at_once(sock, 0.05)]
+            assert len(still_open) <= 4, len(still_open)
+            assert adapter.num_threads() <= threads + 4
+            assert all(_closed_at_once(sock, 3) for sock in still_open)  # the head's deadline, 2 s
+        finally:
+            for sock in held:
+                sock.close()
+        assert "adapter_requests_total" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
