@@ -96,7 +96,8 @@ class Metrics:
 def start_metrics_server(registry: CollectorRegistry, host: str, port: int, max_connections: int,
                          timeout_s: float):
     """GET /metrics on its own port (METRICS_PORT), served from threads: at most ``max_connections`` at once (more
-    are closed at once) and each read or write must go on within ``timeout_s``. prometheus_client's own server held a
+    are closed at once), each closed ``timeout_s`` after it was accepted (a client dripping a byte at a time
+    included: review 30's second look). prometheus_client's own server held a
     thread and a file descriptor per connection for ever: 788 half-sent requests on it took the adapter's last
     descriptors and /classify/ stopped answering (review 30). Returns the server (``shutdown``, ``server_close``)."""
     import socket
@@ -105,6 +106,12 @@ def start_metrics_server(registry: CollectorRegistry, host: str, port: int, max_
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     from prometheus_client import make_wsgi_app
+
+    def _hang_up(connection) -> None:  # its handler's read or write then ends
+        try:
+            connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     class Handler(WSGIRequestHandler):
         timeout = timeout_s  # socketserver sets it on the connection: a stalled client is dropped
@@ -128,9 +135,13 @@ def start_metrics_server(registry: CollectorRegistry, host: str, port: int, max_
                 raise
 
         def process_request_thread(self, request, client_address):
+            deadline = threading.Timer(timeout_s, _hang_up, (request,))
+            deadline.daemon = True
+            deadline.start()
             try:
                 super().process_request_thread(request, client_address)
             finally:
+                deadline.cancel()
                 self.slots.release()
 
         def handle_error(self, request, client_address):  # a timed-out or reset client: not worth a traceback

@@ -409,7 +409,8 @@ def test_the_metrics_port_holds_a_clients_share_of_connections_until_the_heads_d
     """prometheus_client's own server held a thread and a file descriptor per connection for ever: 788 half-sent
     requests on METRICS_PORT (METRICS_HOST=0.0.0.0 in a pod) took the adapter's last descriptors and /classify/
     stopped answering (review 30). The metrics port now holds at most MAX_CLIENT_CONNECTIONS at once (more are
-    closed at once) and drops a connection that sends nothing more for HEADER_TIMEOUT_S; then it scrapes again."""
+    closed at once) and closes each HEADER_TIMEOUT_S after it opened, a client dripping bytes included; then it
+    scrapes again."""
     import psutil
 
     port, dead = free_port(), f"http://127.0.0.1:{free_port()}"
@@ -427,9 +428,27 @@ def test_the_metrics_port_holds_a_clients_share_of_connections_until_the_heads_d
             time.sleep(0.3)
             still_open = [sock for sock in held if not _closed_at_once(sock, 0.05)]
             assert len(still_open) <= 4, len(still_open)
-            assert adapter.num_threads() <= threads + 4
+            assert adapter.num_threads() <= threads + 2 * 4  # each held one: its thread, its deadline's
             assert all(_closed_at_once(sock, 3) for sock in still_open)  # the head's deadline, 2 s
         finally:
             for sock in held:
                 sock.close()
+        # A byte every 0.5 s never leaves a read waiting 2 s: the deadline counts from the connection's start.
+        dripping = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+        started, closed_after = time.monotonic(), {}
+        try:
+            while len(closed_after) < len(dripping) and time.monotonic() - started < 6:
+                for number, sock in enumerate(dripping):
+                    if number not in closed_after:
+                        try:
+                            sock.sendall(b"G")
+                            if _closed_at_once(sock, 0.01):
+                                closed_after[number] = time.monotonic() - started
+                        except OSError:
+                            closed_after[number] = time.monotonic() - started
+                time.sleep(0.5)
+        finally:
+            for sock in dripping:
+                sock.close()
+        assert len(closed_after) == 4 and max(closed_after.values()) < 4, closed_after
         assert "adapter_requests_total" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
