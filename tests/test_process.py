@@ -52,6 +52,10 @@ def sleeper(*args: str, named: str | None = None, tmp_path=None, child: bool = F
         program = str(tmp_path / named)
         os.symlink(sys.executable, program)
     process = subprocess.Popen([program, "-c", code, *args])
+    # Linux wakes the parent as the child's exec swaps its memory, before the new program's arguments are set up:
+    # its command line can read empty for a moment (a loaded CI host saw a sleeper not yet "ours").
+    wait_until_ready(lambda: psutil.Process(process.pid).cmdline()[3:] == list(args), 30, "the command line",
+                     interval=0.01)
     if child:
         wait_until_ready(lambda: psutil.Process(process.pid).children(), 30, "the child", interval=0.05)
     return process
