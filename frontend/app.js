@@ -368,7 +368,7 @@
   // and TIFF and netpbm files, which it does not read at all (else they were uploaded whole, then refused).
   // `head`: the file's first bytes; a TIFF's first directory is read on its own (bounded: it may follow the
   // pixels). null when the header cannot be read: a damaged file is the server's to refuse.
-  async function headerSize(file, head, type) {
+  async function headerSize(file, head, type, rules) {
     if (!head || head.byteLength < 8) return null;
     const view = new DataView(head);
     if (type === "image/png") {
@@ -383,7 +383,7 @@
     }
     try { // (a file moved away meanwhile: the upload will say so)
       if (type === "image/x-portable-anymap") return netpbmSize(await file.slice(0, NETPBM_HEADER_BYTES).arrayBuffer());
-      if (type === "image/tiff") return await tiffSize(file, view);
+      if (type === "image/tiff") return await tiffSize(file, view, Number(rules && rules.max_tiff_tags) || 0);
     } catch (_) {
       return null;
     }
@@ -405,10 +405,10 @@
   // A TIFF's first image's sides: tags ImageWidth (256) and ImageLength (257) of its first directory, SHORT or
   // LONG (LONG8 too in a BigTIFF), in the file's byte order. As the server's Pillow reads the header: its first
   // byte gives the order ("II": little-endian), its third "+" a BigTIFF (8-byte offsets), whatever the 42 says
-  // (sniffedType lets in only the headers Pillow accepts). A directory past the file's end gives null.
-  const TIFF_MAX_ENTRIES = 512; // the server refuses a directory of more (serving/images.py MAX_TIFF_TAGS)
+  // (sniffedType lets in only the headers Pillow accepts). A directory past the file's end gives null. Reads at most
+  // maxEntries entries (GET /settings "images" max_tiff_tags: the server refuses a directory of more).
   const TIFF_SIDE_BYTES = { 3: 2, 4: 4, 16: 8 }; // SHORT, LONG, LONG8: the types a side's value may have
-  async function tiffSize(file, view) {
+  async function tiffSize(file, view, maxEntries) {
     const little = view.getUint8(0) === 0x49;
     const offsetBytes = view.getUint8(2) === 0x2b ? 8 : 4; // BigTIFF: 8
     const read = (data, at, bytes) => (bytes === 2 ? data.getUint16(at, little)
@@ -416,7 +416,7 @@
     const countBytes = offsetBytes === 8 ? 8 : 2;
     const entryBytes = 4 + 2 * offsetBytes; // tag, type, count, value (or its offset)
     const at = read(view, offsetBytes, offsetBytes);
-    const ifd = new DataView(await file.slice(at, at + countBytes + entryBytes * TIFF_MAX_ENTRIES).arrayBuffer());
+    const ifd = new DataView(await file.slice(at, at + countBytes + entryBytes * maxEntries).arrayBuffer());
     if (ifd.byteLength < countBytes) return null;
     const entries = Math.min(read(ifd, 0, countBytes), Math.floor((ifd.byteLength - countBytes) / entryBytes));
     const sides = {};
@@ -545,7 +545,7 @@
       return;
     }
     const shownSize = await imageSize(previewUrl); // null: this browser cannot show it (a TIFF, netpbm)
-    const size = shownSize || await headerSize(file, head, type);
+    const size = shownSize || await headerSize(file, head, type, settings.images);
     if (thisRequest !== requestNumber) return;
     const tooLarge = sideTooLong(size, type, settings.images) || tooManyPixels(size, type, settings.images);
     if (tooLarge) {

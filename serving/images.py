@@ -527,7 +527,7 @@ def page_image_rules() -> dict:
     Image.init()  # Pillow's MIME names, registered as its format plugins load
     return {"types": sorted({Image.MIME[name] for name in ACCEPTED_FORMATS if name in Image.MIME}),
             "refusal": FORMAT_REFUSAL, "max_pixels": MAX_IMAGE_PIXELS, "max_jpeg_pixels": MAX_JPEG_PIXELS,
-            "max_side": MAX_IMAGE_SIDE}
+            "max_side": MAX_IMAGE_SIDE, "max_tiff_tags": MAX_TIFF_TAGS}
 
 
 def page_shrink_rules(min_bytes: int = SHRINK_MIN_BYTES) -> dict:

@@ -28,9 +28,9 @@ from adapter.run import running_adapter
 from adapter.shrink import UploadShrinker
 from benchmarks.bench_decode import photo_like
 from serving.images import (
-    MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, MAX_JPEG_PIXELS, PICTURE_SIZE_KEY, SHRINK_MIN_BYTES, ImageRequestError,
-    decode_image, network_input, open_upload, page_image_rules, page_shrink_rules, picture_size, shrunk_png,
-    worth_shrinking)
+    MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, MAX_JPEG_PIXELS, MAX_TIFF_TAGS, PICTURE_SIZE_KEY, SHRINK_MIN_BYTES,
+    ImageRequestError, decode_image, network_input, open_upload, page_image_rules, page_shrink_rules, picture_size,
+    shrunk_png, worth_shrinking)
 from serving.process import free_port
 from serving_helpers import encode, exif_rotated_jpeg, jpeg_declaring_size
 
@@ -230,10 +230,11 @@ def test_a_thin_png_is_413_on_its_header(monkeypatch):
 def test_the_page_is_told_the_servers_pixel_and_side_limits():
     """GET /settings "images": the page refuses what the server would, from these constants alone."""
     rules = page_image_rules()
-    assert (rules["max_pixels"], rules["max_jpeg_pixels"], rules["max_side"]) == (
-        MAX_IMAGE_PIXELS, MAX_JPEG_PIXELS, MAX_IMAGE_SIDE)
+    assert (rules["max_pixels"], rules["max_jpeg_pixels"], rules["max_side"], rules["max_tiff_tags"]) == (
+        MAX_IMAGE_PIXELS, MAX_JPEG_PIXELS, MAX_IMAGE_SIDE, MAX_TIFF_TAGS)
     page = (REPO / "frontend" / "app.js").read_text()
     assert str(MAX_IMAGE_SIDE) not in page and f"{MAX_IMAGE_SIDE:,}" not in page  # no copy of its own
+    assert str(MAX_TIFF_TAGS) not in page
 
 
 @pytest.mark.parametrize("padding", [0, 2 * SHRINK_MIN_BYTES], ids=["small", "large"])
