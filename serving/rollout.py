@@ -9,6 +9,7 @@
      (``/explanations/cifar100/<version>``: a worker's first one builds its Grad-CAM model, ~1 s):
      every one must answer 200 from that version (an explanation with its heatmap); one not answered within
      ``--http-timeout`` is sent once more (a loaded host's first explanation on a worker), a second time withdraws it;
+     each call waits at most what is left of ``--ready-timeout`` (the whole step is held to it);
   3. make it the default: from then on ``/predictions/cifar100`` (the adapter's route) reaches it;
   4. drain each old version (its queue empty, then ``--drain-s`` for the batches its workers hold)
      and unregister it; its rollout archive is deleted (``cifar100.mar``, make serve's, is kept).
@@ -70,6 +71,11 @@ class RolloutError(RuntimeError):
     """The rollout stopped; the message says why (and what still serves)."""
 
 
+def _more_time(option: str) -> str:
+    """How a timeout's message ends: the option that holds the limit (the operator's lever)."""
+    return f"a loaded host may need more: {option} (ROLLOUT_ARGS)"
+
+
 class CallTimedOut(RolloutError):
     """A call to TorchServe not answered within its timeout; the message names the API, the call and the option
     that holds the timeout (the operator's lever), and ``tries`` when it was sent more than once."""
@@ -79,11 +85,31 @@ class CallTimedOut(RolloutError):
         self.timeout_s, self.option, self.error = timeout_s, option, error
         times = {1: "", 2: ", twice"}.get(tries, f", {tries} times")
         super().__init__(f"TorchServe's {kind} API did not answer {method} {url} within {timeout_s:g} s{times} "
-                         f"({error}); a loaded host may need more: {option} (ROLLOUT_ARGS)")
+                         f"({error}); {_more_time(option)}")
 
     def again(self) -> "CallTimedOut":
         """The same call timed out a second time."""
         return CallTimedOut(self.kind, self.method, self.url, self.timeout_s, self.option, self.error, tries=2)
+
+
+class ReadyTimeUp(RolloutError):
+    """--ready-timeout passed while the new version was getting READY and warm (ReadyDeadline.passed)."""
+
+
+class ReadyDeadline:
+    """--ready-timeout for the new version to be READY and warm: every call of that step waits at most what is
+    left of it (each had a whole --http-timeout, a warm-up call twice: minutes past it on a slow host)."""
+
+    def __init__(self, version: str, timeout_s: float):
+        self.version, self.timeout_s, self.started = version, timeout_s, time.monotonic()
+
+    def left_s(self) -> float:
+        return self.timeout_s - (time.monotonic() - self.started)
+
+    def passed(self, what: str) -> ReadyTimeUp:
+        """The error when the time is out, ``what`` saying what was still awaited."""
+        return ReadyTimeUp(f"version {self.version} was not READY and warm within {self.timeout_s:g} s: waited "
+                            f"{time.monotonic() - self.started:.1f} s, {what}; {_more_time('--ready-timeout')}")
 
 
 class Stopped(KeyboardInterrupt):
@@ -192,14 +218,18 @@ class Rollout:
         except KeyFileError as err:
             raise RolloutError(f"no {kind} key for the running TorchServe: {err}") from None
 
-    def _fresh_header(self, kind: str, refused: dict[str, str]) -> dict[str, str]:
-        """A key other than the refused one: the file read again, else a key renewed with the API key."""
+    def _fresh_header(self, kind: str, refused: dict[str, str], timeout_s: float) -> dict[str, str]:
+        """A key other than the refused one: the file read again, else a key renewed with the API key (PUT /token,
+        within ``timeout_s``: --http-timeout's, or less)."""
         with self._renew_lock:
             header = self._header(kind)
             if header != refused:  # renewed meanwhile (another thread, TorchServe restarted)
                 return header
             try:
-                self.keys.renew(self.ts.management_url, kind, self.http_timeout_s)
+                self.keys.renew(self.ts.management_url, kind, timeout_s)
+            except httpx.TimeoutException as err:  # a slow answer, not a wrong key file
+                raise CallTimedOut("management", err.request.method, str(err.request.url), timeout_s,
+                                   "--http-timeout", type(err).__name__) from None
             except (KeyFileError, httpx.HTTPError) as err:
                 raise RolloutError(f"TorchServe refused the {kind} key of {self.keys.path} (expired?) and renewing "
                                    f"it with the API key failed ({type(err).__name__}: {err}); is that the "
@@ -212,25 +242,25 @@ class Rollout:
         return {"--http-timeout": self.http_timeout_s, "--ready-timeout": self.ready_timeout_s}[option]
 
     def _call(self, method: str, path: str, kind: str = "management", base: str | None = None,
-              limit: str = "--http-timeout", **kwargs):
-        """One call with the ``kind`` key, within the ``limit`` option's seconds; a refused key is renewed and the
-        call sent once more."""
+              limit: str = "--http-timeout", timeout_s: float | None = None, **kwargs):
+        """One call with the ``kind`` key, within the ``limit`` option's seconds (``timeout_s`` when given: less);
+        a refused key is renewed and the call sent once more."""
         url = (base or self.ts.management_url) + path
+        timeout_s = self._timeout_s(limit) if timeout_s is None else timeout_s
         headers = self._header(kind)
-        r = self._send(method, url, headers, kind, limit, **kwargs)
+        r = self._send(method, url, headers, kind, limit, timeout_s, **kwargs)
         if not is_auth_refusal(r.status_code, r.text):
             return r
-        r = self._send(method, url, self._fresh_header(kind, refused=headers), kind, limit, **kwargs)
+        r = self._send(method, url, self._fresh_header(kind, headers, timeout_s), kind, limit, timeout_s, **kwargs)
         if is_auth_refusal(r.status_code, r.text):
             raise RolloutError(f"TorchServe refused the {kind} key of {self.keys.path}, even renewed: "
                                f"{r.status_code} {r.text.strip()[:200]}")
         return r
 
-    def _send(self, method: str, url: str, headers: dict[str, str], kind: str, limit: str,
+    def _send(self, method: str, url: str, headers: dict[str, str], kind: str, limit: str, timeout_s: float,
               **kwargs) -> httpx.Response:
         """One HTTP call to TorchServe's ``kind`` API (management, or inference: the warm-up); its failure is said
         naming that API and, for a timeout, the option that holds it (it was said as the management API's)."""
-        timeout_s = self._timeout_s(limit)
         try:
             return self.http.request(method, url, headers=headers, timeout=timeout_s, **kwargs)
         except httpx.TimeoutException as err:
@@ -282,11 +312,34 @@ class Rollout:
         if r.status_code not in (200, 202):
             raise RolloutError(f"TorchServe refused to register {mar.name}: {r.status_code} {r.text.strip()[:300]}")
 
+    def _call_by(self, deadline: ReadyDeadline, method: str, path: str, kind: str = "management",
+                 base: str | None = None, **kwargs) -> httpx.Response:
+        """``_call`` within what is left of ``deadline`` (--ready-timeout) as well as --http-timeout; a call cut
+        short by the deadline, or not sent for want of time, is ``deadline.passed``."""
+        left_s = deadline.left_s()
+        if left_s <= 0:
+            raise deadline.passed(f"{method} {(base or self.ts.management_url) + path} not sent")
+        timeout_s = min(self.http_timeout_s, left_s)
+        try:
+            return self._call(method, path, kind, base, timeout_s=timeout_s, **kwargs)
+        except CallTimedOut as err:
+            if timeout_s >= self.http_timeout_s:  # --http-timeout's own limit: said as such
+                raise
+            raise deadline.passed(f"TorchServe's {err.kind} API had not answered {err.method} {err.url} "
+                                  f"({err.error})") from None
+
     def wait_ready_and_warm(self, version: str) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
+        deadline = ReadyDeadline(version, self.ready_timeout_s)
         last = "not registered yet"
+
+        def not_ready() -> RolloutError:
+            return RolloutError(f"version {version} was not READY within {self.ready_timeout_s:g} s ({last});"
+                                f" model log:\n{log_tail(self.ts.log_dir / 'model_log.log')}")
         while True:
-            r = self._call("GET", f"/models/{MODEL_NAME}/{version}")
+            try:
+                r = self._call_by(deadline, "GET", f"/models/{MODEL_NAME}/{version}")
+            except ReadyTimeUp:  # this look cut short, or too late to send: the workers' last state says more
+                raise not_ready() from None
             if r.status_code == 200:
                 described = r.json()[0]
                 workers = described.get("workers", [])
@@ -295,15 +348,14 @@ class Rollout:
                     break
             else:
                 last = f"{r.status_code} {r.text.strip()[:200]}"
-            if time.monotonic() > deadline:
-                raise RolloutError(f"version {version} was not READY within {self.ready_timeout_s:g} s ({last});"
-                                   f" model log:\n{log_tail(self.ts.log_dir / 'model_log.log')}")
-            time.sleep(0.5)
+            if deadline.left_s() <= 0:
+                raise not_ready()
+            time.sleep(max(0.0, min(0.5, deadline.left_s())))  # a last look at the deadline, none after it
         # Warm: a first batch per worker on the new version's own route; each answer must be its own.
         image, path = _warmup_png(), f"/predictions/{MODEL_NAME}/{version}"
         count = WARMUP_ROUNDS * len(workers)
         with ThreadPoolExecutor(len(workers)) as pool:
-            answers = list(pool.map(lambda _: self._warm_up(path, image), range(count)))
+            answers = list(pool.map(lambda _: self._warm_up(path, image, deadline), range(count)))
         bad = [_described(a) for a in answers
                if a.status_code != 200 or _answered_by(a) != version]
         if bad:
@@ -315,7 +367,7 @@ class Rollout:
 
         def explain(i: int) -> httpx.Response:
             time.sleep(i * stagger)
-            return self._warm_up(path, image)
+            return self._warm_up(path, image, deadline)
         cold = [str(w.get("id")) for w in workers]
         for _ in range(EXPLANATION_ROUNDS):
             # A round for every worker, not just the cold ones: which idle worker takes a request is TorchServe's.
@@ -326,25 +378,29 @@ class Rollout:
             if bad:
                 raise RolloutError(f"version {version} is READY but its warm-up explanations failed: {bad[0]}")
             # Two sent close together (a loaded host's jitter) can share one worker's batch, leaving another cold.
-            cold = self.cold_for_explanations(version, cold)
+            cold = self.cold_for_explanations(version, cold, wait_s=max(0.0, min(2.0, deadline.left_s())))
             if not cold:
                 return
         self.say(f"warning: worker(s) {', '.join(cold)} of {version} did not log their explanation model ready "
                  "after the warm-up; their first /explain/ builds it")
 
-    def _warm_up(self, path: str, image: bytes) -> httpx.Response:
+    def _warm_up(self, path: str, image: bytes, deadline: ReadyDeadline) -> httpx.Response:
         """One warm-up call on the new version's own route, sent once more after a timeout: a loaded host's first
         explanation on a worker (Captum's import, the explanation model's build) can pass --http-timeout once, and
-        the abandoned call still warms that worker. A second timeout withdraws the version. (Safe to repeat: an
-        answer changes nothing.)"""
+        the abandoned call still warms that worker. A second timeout withdraws the version, as does the end of
+        ``deadline`` (--ready-timeout). (Safe to repeat: an answer changes nothing.)"""
+        def send() -> httpx.Response:
+            return self._call_by(deadline, "POST", path, "inference", self.ts.inference_url, content=image)
         try:
-            return self._call("POST", path, "inference", self.ts.inference_url, content=image)
+            return send()
         except CallTimedOut as first:
+            if first.kind != "inference":  # a key's renewal (PUT /token), not the warm-up call itself
+                raise
             self.say(f"warning: {first}; sending it once more")
             try:
-                return self._call("POST", path, "inference", self.ts.inference_url, content=image)
-            except CallTimedOut:
-                raise first.again() from None
+                return send()
+            except CallTimedOut as second:
+                raise (first.again() if second.kind == "inference" else second) from None
 
     def cold_for_explanations(self, version: str, worker_ids: list[str], wait_s: float = 2.0) -> list[str]:
         """Those of ``worker_ids`` whose "explanation model ready" line is not in model_log.log (the frontend
@@ -499,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-timeout", type=positive_float, default=HTTP_TIMEOUT_S,
                         help="seconds one call to TorchServe (a management call, a warm-up prediction or "
                              "explanation) may take to answer; then the rollout stops, the old version kept (a "
-                             "warm-up call is sent once more first)")
+                             "warm-up call is sent once more first); until the new version is READY and warm, "
+                             "at most what is left of --ready-timeout")
     args = parser.parse_args(argv)
     ts = default_instance()
     if not ts.is_running():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from serving.archive import DEFAULT_WEIGHTS, weights_version
-from serving.rollout import Rollout, RolloutError
+from serving.rollout import HTTP_TIMEOUT_S, Rollout, RolloutError
 from serving.torchserve import TorchServeInstance
 from test_adapter_oip import stand_in_server
 
@@ -31,8 +32,9 @@ class StandInManagement:
     """TorchServe's management API for ``cifar100`` with ``registered`` versions (the first the default)."""
 
     def __init__(self, workdir: Path, registered: list[str], expired: set[str] = frozenset(),
-                 renewable: bool = True):
+                 renewable: bool = True, token_delay_s: float = 0):
         self.workdir, self.registered, self.renewable = workdir, list(registered), renewable
+        self.token_delay_s = token_delay_s  # PUT /token answered after that long (a loaded host)
         self.keys = {"management": "m0", "inference": "i0", "API": "a0"}
         self.issued = 0
         self.calls: list[tuple[str, str]] = []  # (method, path) of every call whose key was accepted
@@ -51,6 +53,7 @@ class StandInManagement:
     async def __call__(self, request: web.Request) -> web.Response:
         path = request.path
         if path == "/token":
+            await asyncio.sleep(self.token_delay_s)
             if self.key_of(request) != self.keys["API"] or not self.renewable:
                 return web.json_response(INVALID_KEY, status=400)
             self.issued += 1
@@ -76,7 +79,7 @@ class StandInManagement:
                                    "jobQueueStatus": {"pendingRequests": 0}}])
 
 
-def with_stand_in(api: StandInManagement, action):
+def with_stand_in(api: StandInManagement, action, http_timeout_s: float = HTTP_TIMEOUT_S):
     """Run ``action(rollout)`` in a thread, its TorchServe's every API on ``api``."""
     async def route(request):
         return await api(request)
@@ -86,10 +89,10 @@ def with_stand_in(api: StandInManagement, action):
             port = int(url.rsplit(":", 1)[1])
             ts = TorchServeInstance(api.workdir, {"inference": port, "management": port, "metrics": port,
                                                   "grpc_inference": 1, "grpc_management": 2}, model_store=api.workdir)
-            return await asyncio.to_thread(action, Rollout(ts, ready_timeout_s=5, drain_s=0, say=said.append))
+            return await asyncio.to_thread(action, Rollout(ts, ready_timeout_s=5, drain_s=0, say=said.append,
+                                                           http_timeout_s=http_timeout_s))
     said: list[str] = []
     return asyncio.run(go()), said
-
 
 def test_an_expired_management_key_is_renewed_and_the_call_sent_again(tmp_path):
     """TorchServe's management key expires after token_expiration_min (60): the rollout asks for a new
@@ -122,6 +125,21 @@ def test_a_key_that_cannot_be_renewed_is_reported_as_such(tmp_path):
     message = str(err.value)
     assert "refused the management key" in message and "renewing it with the API key failed" in message
     assert "does not serve" not in message
+
+
+def test_a_key_renewal_that_times_out_names_the_call_and_its_setting(tmp_path):
+    """A PUT /token (renewing a refused key) past --http-timeout was reported as a key it could not renew, asking
+    "is that the running TorchServe's key file?": the wrong lead. It is said as every other timeout is: the API,
+    the call, its timeout and the option that holds it."""
+    api = StandInManagement(tmp_path, [NEW], expired={"management"}, token_delay_s=2)
+
+    def go(rollout):
+        with pytest.raises(RolloutError) as err:
+            rollout.default_version()
+        return str(err.value), rollout.ts.management_url
+    (message, url), _ = with_stand_in(api, go, http_timeout_s=0.5)
+    assert message == (f"TorchServe's management API did not answer PUT {url}/token?type=management within 0.5 s "
+                       "(ReadTimeout); a loaded host may need more: --http-timeout (ROLLOUT_ARGS)"), message
 
 
 def test_the_default_already_serving_still_unregisters_the_versions_left_beside_it(tmp_path):
@@ -174,10 +192,12 @@ def test_a_second_rollout_while_one_runs_is_refused_at_once_naming_the_first(tmp
     assert version == NEW and "nothing to do" in said[-1]
 
 
-def warm_up_against(tmp_path, slow_path: str, slow_calls: int, http_timeout_s: float = 0.5):
+def warm_up_against(tmp_path, slow_path: str, slow_calls: int, http_timeout_s: float = 0.5,
+                    ready_timeout_s: float = 5, slow_s: float = 2):
     """Run ``wait_ready_and_warm(NEW)`` on a stand-in TorchServe whose first ``slow_calls`` calls to ``slow_path``
-    answer after 2 s (past ``http_timeout_s``: a loaded host), the others at once as the new version's handler
-    does. Returns (the RolloutError's message or None, what the rollout said, the stand-in's URL, the calls)."""
+    answer after ``slow_s`` (past ``http_timeout_s``: a loaded host), the others at once as the new version's
+    handler does. Returns (the RolloutError's message or None, what the rollout said, the stand-in's URL, the
+    calls, the seconds wait_ready_and_warm took)."""
     api = StandInManagement(tmp_path, [OLD, NEW])
     calls: list[str] = []
 
@@ -186,7 +206,7 @@ def warm_up_against(tmp_path, slow_path: str, slow_calls: int, http_timeout_s: f
             return await api(request)
         calls.append(request.path)
         if request.path.startswith(slow_path) and calls.count(request.path) <= slow_calls:
-            await asyncio.sleep(2)
+            await asyncio.sleep(slow_s)
         answer = {"label": "ray", "probability": 0.5, "model_version": NEW}
         if request.path.startswith("/explanations/"):
             answer["heatmap"] = "data:image/png;base64,iVBORw0KGgo="
@@ -199,21 +219,23 @@ def warm_up_against(tmp_path, slow_path: str, slow_calls: int, http_timeout_s: f
             port = int(url.rsplit(":", 1)[1])
             ts = TorchServeInstance(tmp_path, {"inference": port, "management": port, "metrics": port,
                                                "grpc_inference": 1, "grpc_management": 2}, model_store=tmp_path)
-            rollout = Rollout(ts, ready_timeout_s=5, drain_s=0, say=said.append, http_timeout_s=http_timeout_s)
+            rollout = Rollout(ts, ready_timeout_s=ready_timeout_s, drain_s=0, say=said.append,
+                              http_timeout_s=http_timeout_s)
+            started = time.monotonic()
             try:
                 await asyncio.to_thread(rollout.wait_ready_and_warm, NEW)
             except RolloutError as err:
-                return str(err), url
-            return None, url
-    message, url = asyncio.run(go())
-    return message, said, url, calls
+                return str(err), url, time.monotonic() - started
+            return None, url, time.monotonic() - started
+    message, url, took_s = asyncio.run(go())
+    return message, said, url, calls, took_s
 
 
 def test_a_warm_up_call_that_times_out_names_the_inference_api_and_its_setting(tmp_path):
     """A warm-up prediction past the rollout's HTTP timeout (a loaded host) withdrew the version saying TorchServe's
     *management* API at its management URL did not answer "is TorchServe running?": the operator looked at the
     wrong port. The error names the API called, the call, its timeout (twice: sent once more) and the option."""
-    message, said, url, calls = warm_up_against(tmp_path, "/predictions/", slow_calls=99)
+    message, said, url, calls, _ = warm_up_against(tmp_path, "/predictions/", slow_calls=99)
     assert message is not None
     assert message.startswith(f"TorchServe's inference API did not answer POST {url}/predictions/cifar100/{NEW} "
                               "within 0.5 s, twice (ReadTimeout)"), message
@@ -224,13 +246,29 @@ def test_a_warm_up_explanation_that_times_out_once_is_sent_again_not_the_version
     """A loaded host's first explanation on a new worker (Captum's import, the explanation model's build) can pass
     --http-timeout once; that withdrew a good version. The abandoned call still warms the worker: the warm-up
     sends it once more, says so, and the version is kept."""
-    message, said, url, calls = warm_up_against(tmp_path, "/explanations/", slow_calls=1)
+    message, said, url, calls, _ = warm_up_against(tmp_path, "/explanations/", slow_calls=1)
     assert message is None, message
     assert calls.count(f"/explanations/cifar100/{NEW}") == 2, calls
     warning = (f"warning: TorchServe's inference API did not answer POST {url}/explanations/cifar100/{NEW} "
                "within 0.5 s (ReadTimeout); a loaded host may need more: --http-timeout (ROLLOUT_ARGS); "
                "sending it once more")
     assert warning in said, said
+
+
+def test_the_warm_up_ends_within_what_is_left_of_the_ready_timeout(tmp_path):
+    """--ready-timeout promises the version READY and warm within it, but each warm-up call had a whole
+    --http-timeout, sent twice: on a slow host the rollout ran minutes past it. Each call now waits at most what is
+    left of --ready-timeout; the single retry is still sent while time is left, and when the time is out the
+    version is withdrawn naming --ready-timeout and how long it waited. (Here: the explanation never answers in
+    time; 1 s, then the 0.5 s left, not 2 x 1 s.)"""
+    message, said, url, calls, took_s = warm_up_against(tmp_path, "/explanations/", slow_calls=99,
+                                                        http_timeout_s=1, ready_timeout_s=1.5, slow_s=2.5)
+    assert message is not None and took_s < 1.9, (took_s, message)
+    assert calls.count(f"/explanations/cifar100/{NEW}") == 2, calls  # the retry, within the time left
+    assert any(line.endswith("sending it once more") for line in said), said
+    assert re.fullmatch(rf"version {NEW} was not READY and warm within 1.5 s: waited \d+\.\d s, TorchServe's inference "
+                        rf"API had not answered POST {url}/explanations/cifar100/{NEW} \(ReadTimeout\); a loaded "
+                        r"host may need more: --ready-timeout \(ROLLOUT_ARGS\)", message), message
 
 
 def test_an_unregister_that_times_out_names_the_ready_timeout_that_holds_it(tmp_path):
@@ -256,7 +294,7 @@ def test_an_unregister_that_times_out_names_the_ready_timeout_that_holds_it(tmp_
 
 
 def test_the_rollouts_http_timeout_is_an_option():
-    from serving.rollout import HTTP_TIMEOUT_S, main
+    from serving.rollout import main
 
     with pytest.raises(SystemExit) as raised:
         main(["--http-timeout", "0"])  # refused by its type, as every positive setting
