@@ -41,7 +41,8 @@ from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decoded_tensors, image_bytes, normalize, opened_images
 from handler.engine import serving_model
-from handler.protocols import DEFAULT_MAX_IMAGES_PER_REQUEST, ProtocolError, encode_answer, parse_request
+from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, ProtocolError, encode_answer, logged_request_id,
+                               parse_request)
 from serving.settings import EXPLAINER_READY_LOG_LINE
 from model import check_class_count, load_class_names, network_from_state_dict
 
@@ -50,7 +51,6 @@ logger = logging.getLogger(__name__)
 # (ts/protocol/otf_message_handler.py): one model_log.log line per batch for the frontend to parse and
 # write, with nothing in it an operator reads (the access log and the metrics say when requests came).
 PER_BATCH_LOG_LINE = "Backend received inference at: %d"
-REQUEST_ID_LOGGED = 128  # characters of a request's X-Request-ID put in a log line (the adapter's ids are shorter)
 
 
 def not_per_batch_line(record: logging.LogRecord) -> bool:
@@ -124,7 +124,7 @@ class CIFAR100Handler(BaseHandler):
                 # (hundreds of MB for a large one) until the next batch.
                 self._errors[idx], images = ImageRequestError(err.status, err.message), []
             except Exception as err:  # noqa: BLE001 - never let one request fail the whole batch
-                logger.exception("request %s (%d of the batch) failed in preprocessing", self._request_id(idx), idx)
+                logger.exception("%s (%d of the batch) failed in preprocessing", self._request_id(idx), idx)
                 self._errors[idx], images = ImageRequestError(400, f"could not read the image: {err}"), []
             self._requests.append((request, len(images)))
         if not tensors:
@@ -169,7 +169,7 @@ class CIFAR100Handler(BaseHandler):
                 phrase = " ".join(err.message.split()).encode("ascii", "replace").decode()[:200]
                 self.context.set_response_status(err.status, phrase, idx)
                 if err.status < 500:
-                    logger.info("request %s refused: %d %s", self._request_id(idx), err.status, phrase)
+                    logger.info("%s refused: %d %s", self._request_id(idx), err.status, phrase)
                 answers.append({"error": err.message})
                 continue
             answers.append(encode_answer(request, images, self.context.model_name, self.model_version))
@@ -177,16 +177,14 @@ class CIFAR100Handler(BaseHandler):
 
     def _request_id(self, idx: int) -> str:
         """The request's X-Request-ID (the adapter's, which its log line has too), for this worker's log lines."""
-        headers = self.context.get_all_request_header(idx) or {}
-        given = next((str(v) for k, v in headers.items() if str(k).lower() == "x-request-id"), None)
-        return "without X-Request-ID" if given is None else ascii(given[:REQUEST_ID_LOGGED])
+        return logged_request_id(self.context.get_all_request_header(idx))
 
     def _not_finite(self, idx: int) -> ImageRequestError:
         """A 500 for a request whose answer is NaN or infinite; said in the log once per worker (then every
         request would add a line)."""
         if not self._said_not_finite:
             self._said_not_finite = True
-            logger.error("request %s failed: %s Every such request is answered 500 (this line is not repeated); "
+            logger.error("%s failed: %s Every such request is answered 500 (this line is not repeated); "
                          "roll back to weights that answer numbers.", self._request_id(idx), NOT_FINITE)
         return ImageRequestError(500, NOT_FINITE)
 

@@ -62,8 +62,8 @@ from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, OUTPUTS, V2, ProtocolError,
-                               encode_answer, json_body, parse_request, plain_v2_body, refuse_binary_extension,
-                               refuse_json_flood, too_many_images, unsupported_datatype)
+                               encode_answer, json_body, logged_request_id, parse_request, plain_v2_body,
+                               refuse_binary_extension, refuse_json_flood, too_many_images, unsupported_datatype)
 from model import check_class_count, load_class_names, network_from_state_dict
 from serving.cli import positive_int
 from serving.pace import paced_deadline
@@ -138,8 +138,9 @@ class RequestChecks:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
-                self.refusals.warning("408: the body of %s %s did not arrive in time (%d bytes in %.1f s)",
-                                      scope["method"], scope["path"], seen, loop.time() - started)
+                self.refusals.warning("408: the body of %s %s (%s) did not arrive in time (%d bytes in %.1f s)",
+                                      scope["method"], scope["path"], logged_request_id(headers), seen,
+                                      loop.time() - started)
                 return await _answer(send, 408, (
                     f"the request body did not arrive within {self.pace['limit_s']:g} s"
                     if deadline >= started + self.pace["limit_s"] else
@@ -472,7 +473,7 @@ class CIFAR100Predictor(Model):
         thread's hand-off costs more than decoding a CIFAR-size image), any other in a thread (Pillow lets
         go of the GIL while it decodes), so a large photo never holds up the loop."""
         if self.batcher.full():  # refused before its images are decoded (up to 64 of them), not after
-            raise self._busy(str(BatcherFull(self.batcher.max_waiting)), "--max_waiting_requests")
+            raise self._busy(str(BatcherFull(self.batcher.max_waiting)), "--max_waiting_requests", headers)
         loop = asyncio.get_running_loop()
         size = _request_bytes(payload, headers)
         if decodes_inline(size):
@@ -486,11 +487,11 @@ class CIFAR100Predictor(Model):
         try:
             return request, images, sizes, await self.batcher(images)
         except BatcherFull as err:  # filled up while this one was read
-            raise self._busy(str(err), "--max_waiting_requests") from None
+            raise self._busy(str(err), "--max_waiting_requests", headers) from None
 
-    def _busy(self, why: str, option: str) -> RequestRefused:
-        """The 503 of a full bound (``option`` names it in the log line)."""
-        self.refusals.warning("503: %s (%s)", why, option)
+    def _busy(self, why: str, option: str, headers: dict | None) -> RequestRefused:
+        """The 503 of a full bound (``option`` names it in the log line, with the request's id)."""
+        self.refusals.warning("503 to %s: %s (%s)", logged_request_id(headers), why, option)
         return RequestRefused(503, f"The model is busy: {why}; try again shortly.")
 
     async def predict(self, payload, headers: dict | None = None) -> dict | InferResponse:
@@ -528,7 +529,7 @@ class CIFAR100Predictor(Model):
         once, rather than a queue without end on the thread."""
         if self.max_explanations is not None and self._explanations >= self.max_explanations:
             raise self._busy(f"{self.max_explanations} explanations already wait for the explainer",
-                             "--max_waiting_explanations")
+                             "--max_waiting_explanations", headers)
         self._explanations += 1
         try:
             request, images, sizes, answers = await self._answers(payload, headers)

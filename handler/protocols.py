@@ -44,6 +44,20 @@ JSON_COMMAS_PER_IMAGE = 64
 JSON_COMMAS_SPARE = 1024
 
 
+REQUEST_ID_LOGGED = 128  # characters of a request's X-Request-ID put in a log line (the adapter's ids are shorter)
+
+
+def logged_request_id(headers) -> str:
+    """A request's X-Request-ID as a log line names it (TorchServe's worker, KServe's predictor; the adapter
+    and KServe's ingress set one on every request): ``headers`` a mapping of str or bytes, any case."""
+    for name, value in (headers or {}).items():
+        name = name.decode("latin-1") if isinstance(name, bytes) else str(name)
+        if name.lower() == "x-request-id":
+            value = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+            return "request " + ascii(value[:REQUEST_ID_LOGGED])
+    return "a request without X-Request-ID"
+
+
 class ProtocolError(ValueError):
     """The request's body is not a usable v1/v2 request; ``status`` is the HTTP code its client gets."""
 

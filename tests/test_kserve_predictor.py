@@ -727,7 +727,7 @@ def test_a_crawling_body_gets_408_after_the_grace_and_others_are_answered_meanwh
     host, port = kserve_predictor.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as slow:
         slow.sendall(b"POST /v2/models/cifar100/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100000\r\n\r\n" + b"{" * 100)
+                     b"X-Request-ID: crawl-1\r\nContent-Length: 100000\r\n\r\n" + b"{" * 100)
         started = time.monotonic()
         answered = client.post(infer_url(kserve_predictor),
                                json=v2_body([encode(cifar_pil(cifar100_test_split[0], 3))]))
@@ -741,6 +741,15 @@ def test_a_crawling_body_gets_408_after_the_grace_and_others_are_answered_meanwh
     assert head.startswith(b"HTTP/1.1 408"), reply[:200]
     assert "too slowly" in json.loads(body)["error"]
     assert MIN_RATE_GRACE_S - 0.5 <= waited < MIN_RATE_GRACE_S + 5, waited
+    # The refusal's log line names the request (KServe's ingress gives each one an X-Request-ID).
+    wait_for_log(kserve_predictor, "408: the body of POST /v2/models/cifar100/infer (request 'crawl-1')")
+
+
+def wait_for_log(predictor, words: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while words not in predictor.log.read_text():
+        assert time.monotonic() < deadline, (words, predictor.log.read_text()[-3000:])
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -770,8 +779,8 @@ def test_a_flood_beyond_the_waiting_bound_gets_503_at_once_and_the_rest_are_answ
     channel = grpc.insecure_channel(predictor.grpc_target)
     stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
 
-    def rest(_):
-        r = client.post(url, json=v2_body(six))
+    def rest(i):
+        r = client.post(url, json=v2_body(six), headers={"X-Request-ID": f"flood-{i}"})
         return r.status_code, r.json().get("error", "")
 
     def over_grpc(_):
@@ -791,6 +800,7 @@ def test_a_flood_beyond_the_waiting_bound_gets_503_at_once_and_the_rest_are_answ
     assert sum(a[0] == 200 for a in answers) >= 2, answers
     r = client.post(url, json=v2_body(six[:1]))
     assert r.status_code == 200 and predictor.process.poll() is None, r.text
+    wait_for_log(predictor, "503 to request 'flood-")  # the refusal's log line names a refused request
 
 
 @pytest.mark.integration  # starts its own server process
