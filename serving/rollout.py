@@ -369,10 +369,15 @@ class Rollout:
             time.sleep(i * stagger)
             return self._warm_up(path, image, deadline)
         cold = [str(w.get("id")) for w in workers]
-        for _ in range(EXPLANATION_ROUNDS):
+        for round_ in range(EXPLANATION_ROUNDS):
             # A round for every worker, not just the cold ones: which idle worker takes a request is TorchServe's.
-            with ThreadPoolExecutor(len(workers)) as pool:
-                answers = list(pool.map(explain, range(len(workers))))
+            try:
+                with ThreadPoolExecutor(len(workers)) as pool:
+                    answers = list(pool.map(explain, range(len(workers))))
+            except ReadyTimeUp:
+                if round_ == 0:  # no explanation answered yet: not warm
+                    raise
+                break  # the version explains; only a worker left cold, as after the last round
             bad = [_described(a) for a in answers
                    if a.status_code != 200 or _answered_by(a) != version or not _has_heatmap(a)]
             if bad:
@@ -382,7 +387,8 @@ class Rollout:
             if not cold:
                 return
         self.say(f"warning: worker(s) {', '.join(cold)} of {version} did not log their explanation model ready "
-                 "after the warm-up; their first /explain/ builds it")
+                 f"after the warm-up{' (--ready-timeout passed)' if deadline.left_s() <= 0 else ''}; their first "
+                 "/explain/ builds it")
 
     def _warm_up(self, path: str, image: bytes, deadline: ReadyDeadline) -> httpx.Response:
         """One warm-up call on the new version's own route, sent once more after a timeout: a loaded host's first
