@@ -6,7 +6,8 @@ An ASGI middleware around the whole app (outermost, so the in-flight caps' 503s 
     sent on to the model server (adapter/request_context.py);
   * one line per request on the logger ``adapter.access``, a JSON object: time (UTC), method,
     route, status, bytes_in, latency_ms, request_id, model_version (of the answer, when a model
-    answered); adapter/run.py writes those lines bare, as JSON;
+    answered); adapter/run.py writes those lines bare, as JSON; status 499 (CLIENT_GONE): the client
+    went away before its answer (mid-upload), and got none;
   * adapter/metrics.py's counters and histograms, when metrics are on.
 Refusals at the HTTP parser (adapter/protocol.py: 400, 408 head, 414, 431) never reach the app:
 ``refused_before_app`` gives them a request id (the client's when sane: from the headers parsed so far),
@@ -35,6 +36,8 @@ log = logging.getLogger("adapter.edge")
 EDGE_RECORD = "adapter.edge"
 
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]+")
+# nginx's "client closed request": the client went away before its answer (mid-upload), so none was sent.
+CLIENT_GONE = 499
 
 
 def request_id_from(headers, max_length: int) -> str:
@@ -123,10 +126,12 @@ class Edge:
                 if context["parser_refused"] is None:  # (else the parser closed it, and logged why)
                     log.info("client gone during %s %s (request %s): %s", scope["method"], scope["path"],
                              request_id, type(err).__name__)
+                    if not response_started:  # nobody to answer: counted and logged apart from bad requests
+                        status = CLIENT_GONE
             else:
                 log.exception("unexpected error on %s %s (request %s)", scope["method"], scope["path"], request_id)
             # Starlette's last-resort 500 is sent outside this middleware: without an id. Send it here.
-            if not response_started:
+            if not response_started and status != CLIENT_GONE:
                 body = json.dumps({"error": "Internal error in the adapter; see its log."}).encode()
                 await tagging_send({"type": "http.response.start", "status": 500, "headers": [
                     (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})

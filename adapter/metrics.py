@@ -1,7 +1,7 @@
 """What the adapter counts for Prometheus (prometheus_client; served at GET /metrics, or on its own
 port: METRICS_ENABLED, METRICS_PORT in config.py).
 
-    adapter_requests_total{route, status}            answers sent
+    adapter_requests_total{route, status}            answers sent; 499: none, the client went away mid-upload
     adapter_request_duration_seconds{route}          end to end, first byte in -> last byte out
     adapter_model_server_duration_seconds            one call to the model server (a retry is a second one)
     adapter_requests_in_flight, adapter_bytes_in_flight   requests being answered now, their declared bodies

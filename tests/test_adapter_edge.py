@@ -90,6 +90,39 @@ def test_request_ids_log_lines_and_metrics(adapter, client):
     assert refused and refused[0]["model_version"] is None
 
 
+def access_record(log_file: Path, request_id: str, wait_s: float = 5.0) -> dict:
+    """The access line of the request with this id, once the adapter has written it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for line in log_file.read_text().splitlines():
+            if line.startswith("{") and (record := json.loads(line))["request_id"] == request_id:
+                return record
+        assert time.monotonic() < deadline, f"no access line for {request_id}"
+        time.sleep(0.05)
+
+
+def test_a_client_gone_mid_upload_is_counted_as_499_not_as_a_bad_request(adapter, client):
+    """A client that hung up half-way through its upload was counted and logged as a 400 (a bad request of
+    its own). Now nginx's 499 (client closed request): counted apart, and nothing went to the model server."""
+    base = adapter.base_url
+    before = samples(client.get(f"{base}/metrics").text)
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /classify/ HTTP/1.1\r\nHost: x\r\nX-Request-ID: gone-mid-upload\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5000\r\n\r\n--b\r\n")
+        time.sleep(0.3)  # the app is reading the body
+    record = access_record(adapter.log_file, "gone-mid-upload")
+    after = samples(client.get(f"{base}/metrics").text)
+    assert (record["route"], record["status"]) == ("/classify/", 499), record
+
+    def grown(name, labels=()):
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+    assert grown("adapter_requests_total", (("route", "/classify/"), ("status", "499"))) == 1
+    assert grown("adapter_requests_total", (("route", "/classify/"), ("status", "400"))) == 0
+    assert grown("adapter_model_server_duration_seconds_count") == 0
+    assert not any(name == "adapter_refusals_total" and grown(name, labels) for name, labels in after)
+
+
 @pytest.mark.parametrize("env, on_main, on_own_port", [
     ({"METRICS_ENABLED": "0"}, 404, None),
     ({"METRICS_PORT": "{port}"}, 404, 200),
