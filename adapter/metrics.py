@@ -12,7 +12,7 @@ port: METRICS_ENABLED, METRICS_PORT in config.py).
                                                      unsupported (501: WebSocket, CONNECT, upgrades),
                                                      busy (503 + Retry-After: in-flight caps)
     adapter_model_server_retries_total               predictions sent again after their worker died
-    adapter_model_server_errors_total{kind}          unreachable, timeout, busy, error_answer (5xx), bad_answer
+    adapter_model_server_errors_total{kind}          failed predictions: MODEL_SERVER_ERROR_KINDS below
 
 Each app has its own registry (tests build several apps in one process). Routes are a fixed set
 (ROUTES, else "other"), so the series stay few whatever paths clients try.
@@ -28,6 +28,16 @@ ROUTES = frozenset({"/classify/", "/classify", "/explain/", "/explain", "/classe
 # handler refuses) are answers about a request's content, counted in adapter_requests_total alone.
 REFUSAL_REASONS = {408: "timeout", 413: "too_large", 414: "url_too_long", 431: "headers_too_large", 501: "unsupported"}
 PARSER_REFUSAL = "bad_http"  # the parser's 400, and any status the parser refuses with that has no reason above
+# adapter_model_server_errors_total's kinds (adapter/model_server.py's count_failure picks one; README lists them).
+MODEL_SERVER_ERROR_KINDS = {
+    "unreachable": "nobody answers at its address (refused, reset, connect timeout)",
+    "timeout": "no answer within TS_PREDICT_TIMEOUT_S (504)",
+    "busy": "every pooled connection to it stayed in use (the adapter's 503 busy)",
+    "unavailable": "its own 503: its queue full, or no worker up",
+    "no_model": "its 404: the model is not registered there (or was unloaded)",
+    "error_answer": "a 5xx of its own (502)",
+    "bad_answer": "a 200 that is not a usable answer (502)",
+}
 # Seconds: a CPU prediction takes milliseconds, a queue under load tenths, the deadline is 10 s.
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
