@@ -60,16 +60,6 @@ def edge_record(scope: dict, max_length: int) -> dict:
     return record
 
 
-def _declared_length(headers) -> int:
-    for name, value in headers:
-        if name == b"content-length":
-            try:
-                return max(0, int(value))
-            except ValueError:
-                return 0
-    return 0
-
-
 def _log_line(method: str, route: str, status: int, bytes_in: int, seconds: float, request_id: str,
               model_version: str | None) -> None:
     if access_log.isEnabledFor(logging.INFO):
@@ -89,7 +79,6 @@ class Edge:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        headers = scope["headers"]
         context = edge_record(scope, self.max_length)
         request_id = context["request_id"]
         token = CURRENT.set(context)
@@ -114,10 +103,6 @@ class Edge:
             await send(message)
 
         metrics = self.metrics
-        declared = _declared_length(headers) if metrics else 0
-        if metrics:
-            metrics.in_flight[0] += 1
-            metrics.in_flight[1] += declared
         try:
             await self.app(scope, counting_receive, tagging_send)
         except Exception as err:
@@ -144,8 +129,6 @@ class Edge:
             if parser_refused is not None:  # the answer the client got
                 status = parser_refused
             if metrics:
-                metrics.in_flight[0] -= 1
-                metrics.in_flight[1] -= declared
                 metrics.answered(route, status, seconds, busy, parser_refused is not None)
             _log_line(scope["method"], route, status, bytes_in, seconds, request_id, context["model_version"])
 

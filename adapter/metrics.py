@@ -4,7 +4,9 @@ port: METRICS_ENABLED, METRICS_PORT in config.py).
     adapter_requests_total{route, status}            answers sent; 499: none, the client went away mid-upload
     adapter_request_duration_seconds{route}          end to end, first byte in -> last byte out
     adapter_model_server_duration_seconds            one call to the model server (a retry is a second one)
-    adapter_requests_in_flight, adapter_bytes_in_flight   requests being answered now, their declared bodies
+    adapter_requests_in_flight, adapter_bytes_in_flight   what the in-flight caps hold now (adapter/limits.py's
+                                                     InFlight: requests with a body, the bytes charged to them,
+                                                     those still held by the model server after a 504 included)
     adapter_explanations_at_model_server, adapter_explanations_waiting   explanations there now, and
                                                      those waiting their turn (adapter/limits.py)
     adapter_refusals_total{reason}                   timeout (408), too_large (413), url_too_long (414),
@@ -57,12 +59,6 @@ class Metrics:
         self.model_server_latency = Histogram("adapter_model_server_duration_seconds",
                                               "One call to the model server's inference API",
                                               buckets=LATENCY_BUCKETS, registry=r)
-        # Plain integers, read when Prometheus scrapes (a gauge's inc/dec takes a lock, per request).
-        self.in_flight = [0, 0]  # [requests being answered now, the bodies they declared (Content-Length)]
-        Gauge("adapter_requests_in_flight", "Requests being answered now",
-              registry=r).set_function(lambda: self.in_flight[0])
-        Gauge("adapter_bytes_in_flight", "Bodies those requests declared (Content-Length)",
-              registry=r).set_function(lambda: self.in_flight[1])
         self.refusals = Counter("adapter_refusals", "Requests the adapter refused itself, by reason", ["reason"],
                                 registry=r)
         self.retries = Counter("adapter_model_server_retries", "Predictions sent again after their worker died",
@@ -71,6 +67,13 @@ class Metrics:
                                            ["kind"], registry=r)
         # (route, status) -> child, route -> child: labels() costs more than the increment itself
         self._requests, self._latency = {}, {}
+
+    def watch_in_flight(self, in_flight) -> None:
+        """Gauges of adapter/limits.py's InFlight, read when Prometheus scrapes: the counts its caps decide on."""
+        Gauge("adapter_requests_in_flight", "Requests with a body held now (MAX_REQUESTS_IN_FLIGHT's count)",
+              registry=self.registry).set_function(lambda: in_flight.requests)
+        Gauge("adapter_bytes_in_flight", "Body bytes charged to them now (MAX_BYTES_IN_FLIGHT's count)",
+              registry=self.registry).set_function(lambda: in_flight.bytes)
 
     def watch_explanations(self, explanations) -> None:
         """Gauges of adapter/limits.py's Explanations, read when Prometheus scrapes."""

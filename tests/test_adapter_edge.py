@@ -76,7 +76,7 @@ def test_request_ids_log_lines_and_metrics(adapter, client):
     # (/health's own probe prediction, at the adapter's start, counts too)
     assert values[("adapter_model_server_duration_seconds_count", ())] >= 4
     assert values[("adapter_request_duration_seconds_count", (("route", "/classify/"),))] == 6
-    assert values[("adapter_requests_in_flight", ())] == 1  # this /metrics request itself
+    assert values[("adapter_requests_in_flight", ())] == 0  # (not this /metrics request: it holds no body)
     assert values[("adapter_explanations_at_model_server", ())] == 0 == values[("adapter_explanations_waiting", ())]
     assert ("adapter_model_server_retries_total", ()) in values
 
@@ -207,6 +207,10 @@ def test_refusals_before_and_in_the_app_are_counted_by_reason(tmp_path):
             time.sleep(0.5)
             busy = raw_request(a.base_url, post)
             assert busy.startswith(b"HTTP/1.1 503") and b"retry-after" in busy.lower(), busy[:300]
+            # The gauges are the caps' own counts, those the 503 was decided on: one request holding the
+            # 9 bytes it sent (not the 1000 it declared), and not the scrape itself.
+            held = samples(httpx.get(f"{a.base_url}/metrics", timeout=30).text)
+            assert (held[("adapter_requests_in_flight", ())], held[("adapter_bytes_in_flight", ())]) == (1, 9)
             with socket.create_connection((host, int(port)), timeout=30) as slow_head:
                 slow_head.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and nothing more
                 assert slow_head.recv(65536).startswith(b"HTTP/1.1 408")
