@@ -109,12 +109,11 @@ class Edge:
             if isinstance(err, (ClientDisconnect, ConnectionError)):
                 # The client went away mid-request: its business, not an error of the adapter's.
                 if context["parser_refused"] is None:  # (else the parser closed it, and logged why)
-                    log.info("client gone during %s %s (request %s): %s", scope["method"], scope["path"],
-                             request_id, type(err).__name__)
+                    log.info("client gone during %s %s: %s", scope["method"], scope["path"], type(err).__name__)
                     if not response_started:  # nobody to answer: counted and logged apart from bad requests
                         status = CLIENT_GONE
             else:
-                log.exception("unexpected error on %s %s (request %s)", scope["method"], scope["path"], request_id)
+                log.exception("unexpected error on %s %s", scope["method"], scope["path"])
             # Starlette's last-resort 500 is sent outside this middleware: without an id. Send it here.
             if not response_started and status != CLIENT_GONE:
                 body = json.dumps({"error": "Internal error in the adapter; see its log."}).encode()
@@ -161,7 +160,8 @@ class AccessLogFormatter(logging.Formatter):
     """The access lines as they are (one JSON object each); every other record in the plain format, on a line
     of its own: client text in it (a path, a header) has its line breaks and control characters escaped
     (\\n, \\x1b), and a traceback's lines are indented. A path of ``/x%0A{...}`` wrote a line of its own that
-    ``grep '^{'`` read as an access record: only access records start a line with ``{``."""
+    ``grep '^{'`` read as an access record: only access records start a line with ``{``. A record logged while
+    a request is answered (a retry, a model server not reachable, a refusal) ends with ``(request ID)``."""
 
     def format(self, record: logging.LogRecord) -> str:
         if record.name == access_log.name:
@@ -169,4 +169,8 @@ class AccessLogFormatter(logging.Formatter):
         return super().format(record).replace("\n", "\n  ")  # (the message's own were escaped: a traceback's)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        return _escaped(super().formatMessage(record))
+        text = super().formatMessage(record)
+        # Logged while answering a request (the same task, so its context): named, to follow one request.
+        if (current := CURRENT.get()) is not None:
+            text += f" (request {current['request_id']})"
+        return _escaped(text)

@@ -164,6 +164,9 @@ def test_a_client_id_is_kept_up_to_its_length_limit_and_only_with_sane_character
                 assert r.headers["x-request-id"] == request_id
             else:
                 assert NEW_ID.fullmatch(r.headers["x-request-id"]), (request_id, r.headers["x-request-id"])
+    # Its warnings name the request (they named none: an operator could not follow one request).
+    warnings = [line for line in a.log_file.read_text().splitlines() if "TorchServe not reachable" in line]
+    assert all(any(line.endswith(f" (request {k})") for line in warnings) for k in kept), warnings
 
 
 def test_the_log_rotates_at_its_size_and_keeps_every_line(tmp_path):
