@@ -4,7 +4,8 @@ An ASGI middleware around the whole app (outermost, so the in-flight caps' 503s 
   * X-Request-ID: the client's, when it is sane (1..REQUEST_ID_MAX_LENGTH characters of
     letters, digits and ``._:-``), else a new one; returned on every answer, errors included, and
     sent on to the model server (adapter/request_context.py);
-  * one line per request on the logger ``adapter.access``, a JSON object: time (UTC), method,
+  * one line per request on the logger ``adapter.access``, a JSON object: time (UTC), client (the
+    address the per-client shares count: adapter/limits.py's client_host), method,
     route, status, bytes_in, latency_ms, request_id, model_version (of the answer, when a model
     answered); adapter/run.py writes those lines bare, as JSON; status 499 (CLIENT_GONE): the client
     went away before its answer (mid-upload), and got none;
@@ -26,6 +27,7 @@ from datetime import datetime, timezone
 
 from starlette.requests import ClientDisconnect
 
+from .limits import client_host
 from .metrics import Metrics, route_label
 from .request_context import CURRENT
 
@@ -60,11 +62,11 @@ def edge_record(scope: dict, max_length: int) -> dict:
     return record
 
 
-def _log_line(method: str, route: str, status: int, bytes_in: int, seconds: float, request_id: str,
-              model_version: str | None) -> None:
+def _log_line(client: str | None, method: str, route: str, status: int, bytes_in: int, seconds: float,
+              request_id: str, model_version: str | None) -> None:
     if access_log.isEnabledFor(logging.INFO):
         access_log.info(json.dumps({
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "method": method,
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "client": client, "method": method,
             "route": route, "status": status, "bytes_in": bytes_in, "latency_ms": round(seconds * 1000, 2),
             "request_id": request_id, "model_version": model_version}))
 
@@ -129,14 +131,16 @@ class Edge:
                 status = parser_refused
             if metrics:
                 metrics.answered(route, status, seconds, busy, parser_refused is not None)
-            _log_line(scope["method"], route, status, bytes_in, seconds, request_id, context["model_version"])
+            _log_line(client_host(scope), scope["method"], route, status, bytes_in, seconds, request_id,
+                      context["model_version"])
 
 
 def refused_before_app(metrics: Metrics | None, request_id_max_length: int, status: int, headers=(),
-                       scope: dict | None = None) -> list[tuple[bytes, bytes]]:
+                       scope: dict | None = None, peer: str | None = None) -> list[tuple[bytes, bytes]]:
     """adapter/protocol.py refused a request at the parser: count and log it; its answer's headers.
     ``headers``: the request's, as far as parsed (its X-Request-ID); ``scope``: the request's, when the app
-    has it (its body broke mid-stream): the Edge records it then, with this status and its own id."""
+    has it (its body broke mid-stream): the Edge records it then, with this status and its own id;
+    ``peer``: the socket's peer (no X-Forwarded-For is read before the app)."""
     if scope is not None:
         record = edge_record(scope, request_id_max_length)
         record["parser_refused"] = status
@@ -144,7 +148,7 @@ def refused_before_app(metrics: Metrics | None, request_id_max_length: int, stat
     request_id = request_id_from(headers, request_id_max_length)
     if metrics:
         metrics.refused_before_app(status)
-    _log_line("-", "other", status, 0, 0.0, request_id, None)
+    _log_line(peer, "-", "other", status, 0, 0.0, request_id, None)
     return [(b"x-request-id", request_id.encode())]
 
 

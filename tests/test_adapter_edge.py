@@ -84,6 +84,7 @@ def test_request_ids_log_lines_and_metrics(adapter, client):
     [mine] = [line for line in lines if line["request_id"] == "req-42.a:b_c"]
     assert mine["route"] == "/classify/" and mine["status"] == 200 and mine["method"] == "POST"
     assert mine["model_version"] == version and mine["bytes_in"] > len(PNG_1PX) and mine["latency_ms"] > 0
+    assert {line["client"] for line in lines} == {"127.0.0.1"}  # the 431 at the parser included
     assert datetime.fromisoformat(mine["time"]).tzinfo is not None
     assert {line["status"] for line in lines} >= {200, 400, 413, 431}
     refused = [line for line in lines if line["request_id"] == no_field.headers["x-request-id"]]
