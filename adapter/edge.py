@@ -2,8 +2,8 @@
 
 An ASGI middleware around the whole app (outermost, so the in-flight caps' 503s pass through it):
   * X-Request-ID: the client's, when it is sane (1..REQUEST_ID_MAX_LENGTH characters of
-    letters, digits and ``._:-``), else a new one; returned on every answer, errors included, and
-    sent on to the model server (adapter/request_context.py);
+    letters, digits and ``._:-``, once spaces and tabs around it are dropped), else a new one;
+    returned on every answer, errors included, and sent on to the model server (adapter/request_context.py);
   * one line per request on the logger ``adapter.access``, a JSON object: time (UTC), client (the
     address the per-client shares count: adapter/limits.py's client_host), method,
     route, status, bytes_in, latency_ms, request_id, model_version (of the answer, when a model
@@ -43,9 +43,11 @@ CLIENT_GONE = 499
 
 
 def request_id_from(headers, max_length: int) -> str:
-    """The client's X-Request-ID when sane, else a new random one (32 hex digits)."""
+    """The client's X-Request-ID when sane, else a new random one (32 hex digits). Spaces and tabs around the
+    value are not part of it (RFC 9110's optional whitespace, which the parser may leave on)."""
     for name, value in headers:
         if name == b"x-request-id":
+            value = value.strip(b" \t")
             if 0 < len(value) <= max_length and _SANE_ID.fullmatch(value):
                 return value.decode("ascii")
             break

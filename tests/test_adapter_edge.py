@@ -165,6 +165,14 @@ def test_a_client_id_is_kept_up_to_its_length_limit_and_only_with_sane_character
                 assert r.headers["x-request-id"] == request_id
             else:
                 assert NEW_ID.fullmatch(r.headers["x-request-id"]), (request_id, r.headers["x-request-id"])
+        # Whitespace around a sane id (before and after the value) is dropped and the id kept, not replaced;
+        # on a refusal at the parser too (431: too many headers).
+        for request in (b"GET /classes HTTP/1.1\r\nHost: x\r\nX-Request-ID: \t padded-7 \t\r\n"
+                        b"Connection: close\r\n\r\n",
+                        b"GET /classes HTTP/1.1\r\nHost: x\r\nX-Request-ID:  padded-8\t\r\n"
+                        + b"".join(b"X-H%d: v\r\n" % i for i in range(120)) + b"\r\n"):
+            answer = raw_request(a.base_url, request)
+            assert re.search(rb"x-request-id: padded-[78]\r\n", answer), answer[:400]
     # Its warnings name the request (they named none: an operator could not follow one request).
     warnings = [line for line in a.log_file.read_text().splitlines() if "TorchServe not reachable" in line]
     assert all(any(line.endswith(f" (request {k})") for line in warnings) for k in kept), warnings
