@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.explanations = Explanations(settings)
     app.state.metrics = metrics
     if metrics is not None:
+        metrics.watch_in_flight(app.state.in_flight)
         metrics.watch_explanations(app.state.explanations)
     # adapter/protocol.py's refusals at the HTTP parser, which never reach the app (adapter/run.py).
     app.state.refused_before_app = partial(refused_before_app, metrics, settings.request_id_max_length)

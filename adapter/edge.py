@@ -2,11 +2,13 @@
 
 An ASGI middleware around the whole app (outermost, so the in-flight caps' 503s pass through it):
   * X-Request-ID: the client's, when it is sane (1..REQUEST_ID_MAX_LENGTH characters of
-    letters, digits and ``._:-``), else a new one; returned on every answer, errors included, and
-    sent on to the model server (adapter/request_context.py);
-  * one line per request on the logger ``adapter.access``, a JSON object: time (UTC), method,
+    letters, digits and ``._:-``, once spaces and tabs around it are dropped), else a new one;
+    returned on every answer, errors included, and sent on to the model server (adapter/request_context.py);
+  * one line per request on the logger ``adapter.access``, a JSON object: time (UTC), client (the
+    address the per-client shares count: adapter/limits.py's client_host), method,
     route, status, bytes_in, latency_ms, request_id, model_version (of the answer, when a model
-    answered); adapter/run.py writes those lines bare, as JSON;
+    answered); adapter/run.py writes those lines bare, as JSON; status 499 (CLIENT_GONE): the client
+    went away before its answer (mid-upload), and got none;
   * adapter/metrics.py's counters and histograms, when metrics are on.
 Refusals at the HTTP parser (adapter/protocol.py: 400, 408 head, 414, 431) never reach the app:
 ``refused_before_app`` gives them a request id (the client's when sane: from the headers parsed so far),
@@ -25,6 +27,7 @@ from datetime import datetime, timezone
 
 from starlette.requests import ClientDisconnect
 
+from .limits import client_host
 from .metrics import Metrics, route_label
 from .request_context import CURRENT
 
@@ -35,12 +38,16 @@ log = logging.getLogger("adapter.edge")
 EDGE_RECORD = "adapter.edge"
 
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]+")
+# nginx's "client closed request": the client went away before its answer (mid-upload), so none was sent.
+CLIENT_GONE = 499
 
 
 def request_id_from(headers, max_length: int) -> str:
-    """The client's X-Request-ID when sane, else a new random one (32 hex digits)."""
+    """The client's X-Request-ID when sane, else a new random one (32 hex digits). Spaces and tabs around the
+    value are not part of it (RFC 9110's optional whitespace, which the parser may leave on)."""
     for name, value in headers:
         if name == b"x-request-id":
+            value = value.strip(b" \t")
             if 0 < len(value) <= max_length and _SANE_ID.fullmatch(value):
                 return value.decode("ascii")
             break
@@ -57,21 +64,11 @@ def edge_record(scope: dict, max_length: int) -> dict:
     return record
 
 
-def _declared_length(headers) -> int:
-    for name, value in headers:
-        if name == b"content-length":
-            try:
-                return max(0, int(value))
-            except ValueError:
-                return 0
-    return 0
-
-
-def _log_line(method: str, route: str, status: int, bytes_in: int, seconds: float, request_id: str,
-              model_version: str | None) -> None:
+def _log_line(client: str | None, method: str, route: str, status: int, bytes_in: int, seconds: float,
+              request_id: str, model_version: str | None) -> None:
     if access_log.isEnabledFor(logging.INFO):
         access_log.info(json.dumps({
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "method": method,
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "client": client, "method": method,
             "route": route, "status": status, "bytes_in": bytes_in, "latency_ms": round(seconds * 1000, 2),
             "request_id": request_id, "model_version": model_version}))
 
@@ -86,7 +83,6 @@ class Edge:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        headers = scope["headers"]
         context = edge_record(scope, self.max_length)
         request_id = context["request_id"]
         token = CURRENT.set(context)
@@ -111,22 +107,19 @@ class Edge:
             await send(message)
 
         metrics = self.metrics
-        declared = _declared_length(headers) if metrics else 0
-        if metrics:
-            metrics.in_flight[0] += 1
-            metrics.in_flight[1] += declared
         try:
             await self.app(scope, counting_receive, tagging_send)
         except Exception as err:
             if isinstance(err, (ClientDisconnect, ConnectionError)):
                 # The client went away mid-request: its business, not an error of the adapter's.
                 if context["parser_refused"] is None:  # (else the parser closed it, and logged why)
-                    log.info("client gone during %s %s (request %s): %s", scope["method"], scope["path"],
-                             request_id, type(err).__name__)
+                    log.info("client gone during %s %s: %s", scope["method"], scope["path"], type(err).__name__)
+                    if not response_started:  # nobody to answer: counted and logged apart from bad requests
+                        status = CLIENT_GONE
             else:
-                log.exception("unexpected error on %s %s (request %s)", scope["method"], scope["path"], request_id)
+                log.exception("unexpected error on %s %s", scope["method"], scope["path"])
             # Starlette's last-resort 500 is sent outside this middleware: without an id. Send it here.
-            if not response_started:
+            if not response_started and status != CLIENT_GONE:
                 body = json.dumps({"error": "Internal error in the adapter; see its log."}).encode()
                 await tagging_send({"type": "http.response.start", "status": 500, "headers": [
                     (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -139,17 +132,17 @@ class Edge:
             if parser_refused is not None:  # the answer the client got
                 status = parser_refused
             if metrics:
-                metrics.in_flight[0] -= 1
-                metrics.in_flight[1] -= declared
                 metrics.answered(route, status, seconds, busy, parser_refused is not None)
-            _log_line(scope["method"], route, status, bytes_in, seconds, request_id, context["model_version"])
+            _log_line(client_host(scope), scope["method"], route, status, bytes_in, seconds, request_id,
+                      context["model_version"])
 
 
 def refused_before_app(metrics: Metrics | None, request_id_max_length: int, status: int, headers=(),
-                       scope: dict | None = None) -> list[tuple[bytes, bytes]]:
+                       scope: dict | None = None, peer: str | None = None) -> list[tuple[bytes, bytes]]:
     """adapter/protocol.py refused a request at the parser: count and log it; its answer's headers.
     ``headers``: the request's, as far as parsed (its X-Request-ID); ``scope``: the request's, when the app
-    has it (its body broke mid-stream): the Edge records it then, with this status and its own id."""
+    has it (its body broke mid-stream): the Edge records it then, with this status and its own id;
+    ``peer``: the socket's peer (no X-Forwarded-For is read before the app)."""
     if scope is not None:
         record = edge_record(scope, request_id_max_length)
         record["parser_refused"] = status
@@ -157,7 +150,7 @@ def refused_before_app(metrics: Metrics | None, request_id_max_length: int, stat
     request_id = request_id_from(headers, request_id_max_length)
     if metrics:
         metrics.refused_before_app(status)
-    _log_line("-", "other", status, 0, 0.0, request_id, None)
+    _log_line(peer, "-", "other", status, 0, 0.0, request_id, None)
     return [(b"x-request-id", request_id.encode())]
 
 
@@ -173,7 +166,8 @@ class AccessLogFormatter(logging.Formatter):
     """The access lines as they are (one JSON object each); every other record in the plain format, on a line
     of its own: client text in it (a path, a header) has its line breaks and control characters escaped
     (\\n, \\x1b), and a traceback's lines are indented. A path of ``/x%0A{...}`` wrote a line of its own that
-    ``grep '^{'`` read as an access record: only access records start a line with ``{``."""
+    ``grep '^{'`` read as an access record: only access records start a line with ``{``. A record logged while
+    a request is answered (a retry, a model server not reachable, a refusal) ends with ``(request ID)``."""
 
     def format(self, record: logging.LogRecord) -> str:
         if record.name == access_log.name:
@@ -181,4 +175,8 @@ class AccessLogFormatter(logging.Formatter):
         return super().format(record).replace("\n", "\n  ")  # (the message's own were escaped: a traceback's)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        return _escaped(super().formatMessage(record))
+        text = super().formatMessage(record)
+        # Logged while answering a request (the same task, so its context): named, to follow one request.
+        if (current := CURRENT.get()) is not None:
+            text += f" (request {current['request_id']})"
+        return _escaped(text)

@@ -267,10 +267,15 @@ def client_key(host: str) -> str:
     return str(address)
 
 
+def client_host(scope) -> str:
+    """The request's client: the socket's peer, or what a trusted proxy says (module docstring); the
+    access line names it."""
+    return scope["client"][0] if scope.get("client") else "unknown"
+
+
 def client_address(scope) -> str:
-    """Whose share a request counts in: the socket's peer, or what a trusted proxy says (module docstring),
-    as client_key groups it."""
-    return client_key(scope["client"][0]) if scope.get("client") else "unknown"
+    """Whose share a request counts in: its client_host, as client_key groups it."""
+    return client_key(client_host(scope))
 
 
 def _declared_size(scope, fallback: int) -> int | None:

@@ -1,10 +1,12 @@
 """What the adapter counts for Prometheus (prometheus_client; served at GET /metrics, or on its own
 port: METRICS_ENABLED, METRICS_PORT in config.py).
 
-    adapter_requests_total{route, status}            answers sent
+    adapter_requests_total{route, status}            answers sent; 499: none, the client went away mid-upload
     adapter_request_duration_seconds{route}          end to end, first byte in -> last byte out
     adapter_model_server_duration_seconds            one call to the model server (a retry is a second one)
-    adapter_requests_in_flight, adapter_bytes_in_flight   requests being answered now, their declared bodies
+    adapter_requests_in_flight, adapter_bytes_in_flight   what the in-flight caps hold now (adapter/limits.py's
+                                                     InFlight: requests with a body, the bytes charged to them,
+                                                     those still held by the model server after a 504 included)
     adapter_explanations_at_model_server, adapter_explanations_waiting   explanations there now, and
                                                      those waiting their turn (adapter/limits.py)
     adapter_refusals_total{reason}                   timeout (408), too_large (413), url_too_long (414),
@@ -12,7 +14,7 @@ port: METRICS_ENABLED, METRICS_PORT in config.py).
                                                      unsupported (501: WebSocket, CONNECT, upgrades),
                                                      busy (503 + Retry-After: in-flight caps)
     adapter_model_server_retries_total               predictions sent again after their worker died
-    adapter_model_server_errors_total{kind}          unreachable, timeout, busy, error_answer (5xx), bad_answer
+    adapter_model_server_errors_total{kind}          failed predictions: MODEL_SERVER_ERROR_KINDS below
 
 Each app has its own registry (tests build several apps in one process). Routes are a fixed set
 (ROUTES, else "other"), so the series stay few whatever paths clients try.
@@ -28,6 +30,16 @@ ROUTES = frozenset({"/classify/", "/classify", "/explain/", "/explain", "/classe
 # handler refuses) are answers about a request's content, counted in adapter_requests_total alone.
 REFUSAL_REASONS = {408: "timeout", 413: "too_large", 414: "url_too_long", 431: "headers_too_large", 501: "unsupported"}
 PARSER_REFUSAL = "bad_http"  # the parser's 400, and any status the parser refuses with that has no reason above
+# adapter_model_server_errors_total's kinds (adapter/model_server.py's count_failure picks one; README lists them).
+MODEL_SERVER_ERROR_KINDS = {
+    "unreachable": "nobody answers at its address (refused, reset, connect timeout)",
+    "timeout": "no answer within TS_PREDICT_TIMEOUT_S (504)",
+    "busy": "every pooled connection to it stayed in use (the adapter's 503 busy)",
+    "unavailable": "its own 503: its queue full, or no worker up",
+    "no_model": "its 404: the model is not registered there (or was unloaded)",
+    "error_answer": "a 5xx of its own (502)",
+    "bad_answer": "a 200 that is not a usable answer (502)",
+}
 # Seconds: a CPU prediction takes milliseconds, a queue under load tenths, the deadline is 10 s.
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -47,12 +59,6 @@ class Metrics:
         self.model_server_latency = Histogram("adapter_model_server_duration_seconds",
                                               "One call to the model server's inference API",
                                               buckets=LATENCY_BUCKETS, registry=r)
-        # Plain integers, read when Prometheus scrapes (a gauge's inc/dec takes a lock, per request).
-        self.in_flight = [0, 0]  # [requests being answered now, the bodies they declared (Content-Length)]
-        Gauge("adapter_requests_in_flight", "Requests being answered now",
-              registry=r).set_function(lambda: self.in_flight[0])
-        Gauge("adapter_bytes_in_flight", "Bodies those requests declared (Content-Length)",
-              registry=r).set_function(lambda: self.in_flight[1])
         self.refusals = Counter("adapter_refusals", "Requests the adapter refused itself, by reason", ["reason"],
                                 registry=r)
         self.retries = Counter("adapter_model_server_retries", "Predictions sent again after their worker died",
@@ -61,6 +67,13 @@ class Metrics:
                                            ["kind"], registry=r)
         # (route, status) -> child, route -> child: labels() costs more than the increment itself
         self._requests, self._latency = {}, {}
+
+    def watch_in_flight(self, in_flight) -> None:
+        """Gauges of adapter/limits.py's InFlight, read when Prometheus scrapes: the counts its caps decide on."""
+        Gauge("adapter_requests_in_flight", "Requests with a body held now (MAX_REQUESTS_IN_FLIGHT's count)",
+              registry=self.registry).set_function(lambda: in_flight.requests)
+        Gauge("adapter_bytes_in_flight", "Body bytes charged to them now (MAX_BYTES_IN_FLIGHT's count)",
+              registry=self.registry).set_function(lambda: in_flight.bytes)
 
     def watch_explanations(self, explanations) -> None:
         """Gauges of adapter/limits.py's Explanations, read when Prometheus scrapes."""

@@ -190,10 +190,7 @@ def answer_error(response: Response, model_name: str) -> ClassifyError:
     """A model server's non-200 answer to a prediction -> what the adapter's client gets (TorchServe
     and an Open Inference Protocol server alike). A 5xx that wraps a client error (KServe's wrapper)
     becomes that 4xx; no internal URL or exception name reaches the client (the log has them)."""
-    status, message = response.status_code, error_message(response)
-    wrapped = _wrapped_client_error(status, message, response)
-    if wrapped is not None:
-        status, message = wrapped
+    status, message = _unwrapped(response)
     message = _URL.sub("(internal address)", message)
     if status == 404:
         return ClassifyError(503, f"The model '{model_name}' is not loaded on the model server.")
@@ -216,6 +213,12 @@ def answer_error(response: Response, model_name: str) -> ClassifyError:
 _WRAPPED_4XX = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\s*:\s*)?(?P<inner>.*?),?\s*'(?P<code>4\d\d) [^']*' for url '[^']*'",
                           re.DOTALL)
 _URL = re.compile(r"\b\w+://\S+")
+
+
+def _unwrapped(response: Response) -> tuple[int, str]:
+    """(status, message) of a model server's answer: a client error wrapped in a 5xx (KServe's) as that 4xx."""
+    status, message = response.status_code, error_message(response)
+    return _wrapped_client_error(status, message, response) or (status, message)
 
 
 def _wrapped_client_error(status: int, message: str, response: Response) -> tuple[int, str] | None:
@@ -264,9 +267,12 @@ def count_failure(metrics: Metrics | None, error: ClassifyError, cause: Exceptio
     if metrics is None:
         return
     if isinstance(cause, Response):
-        if error.status_code != 502:
-            return  # a 4xx is the image's fault; a 503 "not ready" is /health's to report
-        kind = "bad_answer" if cause.status_code == 200 else "error_answer"
+        if error.status_code == 502:
+            kind = "bad_answer" if cause.status_code == 200 else "error_answer"
+        elif error.status_code == 503 and (status := _unwrapped(cause)[0]) in (503, 404):
+            kind = "unavailable" if status == 503 else "no_model"  # (answer_error's two 503s)
+        else:
+            return  # a 4xx is the image's fault (an OIP server without explanations: 501, its setup)
     elif isinstance(cause, PoolBusy):
         kind = "busy"
     elif isinstance(cause, asyncio.TimeoutError) and not isinstance(cause, aiohttp.ConnectionTimeoutError):

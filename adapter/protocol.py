@@ -180,7 +180,7 @@ class OpenConnections:
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     settings: Settings = Settings()  # replaced by protocol_class()
     open_connections: OpenConnections = OpenConnections(Settings())  # one per protocol_class()
-    # adapter/edge.py refused_before_app(status, headers, scope): counts and logs a refusal; returns the extra
+    # adapter/edge.py refused_before_app(status, headers, scope, peer=): counts and logs a refusal; returns the extra
     # headers of its answer (X-Request-ID)
     on_refusal = None
 
@@ -231,7 +231,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._deferred_refusal is not None:
             return  # a refusal is already waiting to be sent; what follows is dropped
-        extra = self.on_refusal(status, *self._refused_request()) if self.on_refusal else []
+        extra = (self.on_refusal(status, *self._refused_request(), peer=self.client[0] if self.client else None)
+                 if self.on_refusal else [])
         response = json_error_bytes(status, message, [*self.server_state.default_headers, *extra])
         if self._earlier_answer_pending():
             # A later request was refused while an earlier one on this connection is still being answered:

@@ -497,6 +497,32 @@ def test_a_prediction_is_sent_at_most_twice_and_a_refusal_only_once(tmp_path, st
         assert "no worker to serve" in err.value.message
 
 
+MODEL_NOT_FOUND = {"code": 404, "type": "ModelNotFoundException", "message": "Model not found: cifar100"}
+
+
+@pytest.mark.parametrize("status, body, kind", [(503, QUEUE_FULL, "unavailable"), (404, MODEL_NOT_FOUND, "no_model")])
+def test_the_model_servers_own_503_and_404_are_counted_by_kind(tmp_path, status, body, kind):
+    """TorchServe's 503 (its queue full, no worker) and 404 (the model not registered, or unloaded) were in no
+    adapter_model_server_errors_total kind: an outage of the model there showed on no alert. Each has its own
+    kind now, among those README lists (adapter/metrics.py's MODEL_SERVER_ERROR_KINDS)."""
+    async def predict(request, n):
+        return json_answer(status, body)
+
+    metrics = Metrics()
+    with pytest.raises(ClassifyError) as err:
+        run_client(StandIn(predict), tmp_path, lambda client: client.predict(b"PNG"), metrics)
+    assert err.value.status_code == 503
+    kinds = {s.labels["kind"]: s.value for s in metrics.model_server_errors.collect()[0].samples
+             if s.name.endswith("_total")}
+    assert kinds == {kind: 1}
+    from adapter.metrics import MODEL_SERVER_ERROR_KINDS
+
+    assert kind in MODEL_SERVER_ERROR_KINDS
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = readme.split("`adapter_model_server_errors_total{kind}`", 1)[1].split(")", 1)[0]
+    assert all(f"`{name}`" in listed for name in MODEL_SERVER_ERROR_KINDS), listed
+
+
 def test_the_retry_shares_the_predictions_deadline(tmp_path):
     """TS_PREDICT_TIMEOUT_S bounds a prediction and its one retry together (adapter/config.py)."""
     async def predict(request, n):

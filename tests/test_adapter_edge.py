@@ -76,7 +76,7 @@ def test_request_ids_log_lines_and_metrics(adapter, client):
     # (/health's own probe prediction, at the adapter's start, counts too)
     assert values[("adapter_model_server_duration_seconds_count", ())] >= 4
     assert values[("adapter_request_duration_seconds_count", (("route", "/classify/"),))] == 6
-    assert values[("adapter_requests_in_flight", ())] == 1  # this /metrics request itself
+    assert values[("adapter_requests_in_flight", ())] == 0  # (not this /metrics request: it holds no body)
     assert values[("adapter_explanations_at_model_server", ())] == 0 == values[("adapter_explanations_waiting", ())]
     assert ("adapter_model_server_retries_total", ()) in values
 
@@ -84,10 +84,44 @@ def test_request_ids_log_lines_and_metrics(adapter, client):
     [mine] = [line for line in lines if line["request_id"] == "req-42.a:b_c"]
     assert mine["route"] == "/classify/" and mine["status"] == 200 and mine["method"] == "POST"
     assert mine["model_version"] == version and mine["bytes_in"] > len(PNG_1PX) and mine["latency_ms"] > 0
+    assert {line["client"] for line in lines} == {"127.0.0.1"}  # the 431 at the parser included
     assert datetime.fromisoformat(mine["time"]).tzinfo is not None
     assert {line["status"] for line in lines} >= {200, 400, 413, 431}
     refused = [line for line in lines if line["request_id"] == no_field.headers["x-request-id"]]
     assert refused and refused[0]["model_version"] is None
+
+
+def access_record(log_file: Path, request_id: str, wait_s: float = 5.0) -> dict:
+    """The access line of the request with this id, once the adapter has written it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for line in log_file.read_text().splitlines():
+            if line.startswith("{") and (record := json.loads(line))["request_id"] == request_id:
+                return record
+        assert time.monotonic() < deadline, f"no access line for {request_id}"
+        time.sleep(0.05)
+
+
+def test_a_client_gone_mid_upload_is_counted_as_499_not_as_a_bad_request(adapter, client):
+    """A client that hung up half-way through its upload was counted and logged as a 400 (a bad request of
+    its own). Now nginx's 499 (client closed request): counted apart, and nothing went to the model server."""
+    base = adapter.base_url
+    before = samples(client.get(f"{base}/metrics").text)
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /classify/ HTTP/1.1\r\nHost: x\r\nX-Request-ID: gone-mid-upload\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5000\r\n\r\n--b\r\n")
+        time.sleep(0.3)  # the app is reading the body
+    record = access_record(adapter.log_file, "gone-mid-upload")
+    after = samples(client.get(f"{base}/metrics").text)
+    assert (record["route"], record["status"]) == ("/classify/", 499), record
+
+    def grown(name, labels=()):
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+    assert grown("adapter_requests_total", (("route", "/classify/"), ("status", "499"))) == 1
+    assert grown("adapter_requests_total", (("route", "/classify/"), ("status", "400"))) == 0
+    assert grown("adapter_model_server_duration_seconds_count") == 0
+    assert not any(name == "adapter_refusals_total" and grown(name, labels) for name, labels in after)
 
 
 @pytest.mark.parametrize("env, on_main, on_own_port", [
@@ -131,6 +165,17 @@ def test_a_client_id_is_kept_up_to_its_length_limit_and_only_with_sane_character
                 assert r.headers["x-request-id"] == request_id
             else:
                 assert NEW_ID.fullmatch(r.headers["x-request-id"]), (request_id, r.headers["x-request-id"])
+        # Whitespace around a sane id (before and after the value) is dropped and the id kept, not replaced;
+        # on a refusal at the parser too (431: too many headers).
+        for request in (b"GET /classes HTTP/1.1\r\nHost: x\r\nX-Request-ID: \t padded-7 \t\r\n"
+                        b"Connection: close\r\n\r\n",
+                        b"GET /classes HTTP/1.1\r\nHost: x\r\nX-Request-ID:  padded-8\t\r\n"
+                        + b"".join(b"X-H%d: v\r\n" % i for i in range(120)) + b"\r\n"):
+            answer = raw_request(a.base_url, request)
+            assert re.search(rb"x-request-id: padded-[78]\r\n", answer), answer[:400]
+    # Its warnings name the request (they named none: an operator could not follow one request).
+    warnings = [line for line in a.log_file.read_text().splitlines() if "TorchServe not reachable" in line]
+    assert all(any(line.endswith(f" (request {k})") for line in warnings) for k in kept), warnings
 
 
 def test_the_log_rotates_at_its_size_and_keeps_every_line(tmp_path):
@@ -174,6 +219,10 @@ def test_refusals_before_and_in_the_app_are_counted_by_reason(tmp_path):
             time.sleep(0.5)
             busy = raw_request(a.base_url, post)
             assert busy.startswith(b"HTTP/1.1 503") and b"retry-after" in busy.lower(), busy[:300]
+            # The gauges are the caps' own counts, those the 503 was decided on: one request holding the
+            # 9 bytes it sent (not the 1000 it declared), and not the scrape itself.
+            held = samples(httpx.get(f"{a.base_url}/metrics", timeout=30).text)
+            assert (held[("adapter_requests_in_flight", ())], held[("adapter_bytes_in_flight", ())]) == (1, 9)
             with socket.create_connection((host, int(port)), timeout=30) as slow_head:
                 slow_head.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and nothing more
                 assert slow_head.recv(65536).startswith(b"HTTP/1.1 408")

@@ -231,17 +231,18 @@ def test_model_server_failures_are_counted_by_kind():
     cases = [(json_reply(500, {"error": "boom"}), {}), (json_reply(200, {"predictions": []}), {}),
              (slow, {"predict_timeout_s": 0.5}),
              (json_reply(400, {"error": "not an image"}), {}),  # the image's fault: not counted
-             (json_reply(503, {"error": "no worker"}), {})]  # not ready: /health's to report, not counted
+             (json_reply(503, {"error": "no worker"}), {}),  # the model server's own 503: unavailable
+             (json_reply(404, {"error": "Model with name cifar100 does not exist."}), {})]  # no_model
     for reply, settings_kwargs in cases:
         with pytest.raises(ClassifyError):
             asyncio.run(call_server(reply, settings_kwargs, metrics=metrics))
     asyncio.run(call_server(json_reply(200, GOOD), metrics=metrics))
     kinds = {s.labels["kind"]: s.value for s in metrics.model_server_errors.collect()[0].samples
              if s.name.endswith("_total")}
-    assert kinds == {"error_answer": 1, "bad_answer": 1, "timeout": 1}
+    assert kinds == {"error_answer": 1, "bad_answer": 1, "timeout": 1, "unavailable": 1, "no_model": 1}
     assert metrics.model_server_latency.collect()[0].samples  # every call timed
     count = next(s.value for s in metrics.model_server_latency.collect()[0].samples if s.name.endswith("_count"))
-    assert count == 6
+    assert count == 7
 
 
 def test_a_connection_that_breaks_mid_request_is_sent_once_more_as_in_front_of_torchserve():

@@ -717,6 +717,30 @@ def connection_caps_adapter(tmp_path_factory):
         yield proc
 
 
+def test_the_access_line_names_the_client_the_shares_count(connection_caps_adapter):
+    """The access line named no client. Now it names the address the per-client shares count: the socket's
+    peer, or, from a trusted proxy (127.0.0.9), the client its X-Forwarded-For names (ignored from others)."""
+    import socket
+
+    from test_adapter_edge import access_record
+
+    def get(source: str, request_id: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", connection_caps_adapter.port), timeout=10,
+                                      source_address=(source, 0)) as sock:
+            sock.sendall(f"GET /classes HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Request-ID: {request_id}\r\n"
+                         "X-Forwarded-For: 203.0.113.7\r\n\r\n".encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            return answer
+
+    assert get("127.0.0.9", "via-proxy").startswith(b"HTTP/1.1 200")
+    assert get("127.0.0.3", "direct").startswith(b"HTTP/1.1 200")
+    log = connection_caps_adapter.log_file
+    assert access_record(log, "via-proxy")["client"] == "203.0.113.7"
+    assert access_record(log, "direct")["client"] == "127.0.0.3"
+
+
 def test_a_request_head_slower_than_the_minimum_rate_gets_408_after_the_grace(connection_caps_adapter):
     """A head's first 30 bytes, then nothing: cut at the 1 s grace (+ 30 bytes / MIN_UPLOAD_RATE), not
     after HEADER_TIMEOUT_S (30 s)."""
@@ -807,9 +831,9 @@ def test_a_crawler_holds_the_bytes_it_sent_and_a_chunk_past_the_budget_gets_503(
     body = PART_HEAD + b"\0" * (size - len(PART_HEAD))  # no closing boundary: 400 once read in full
     close = "Connection: close\r\n"
 
-    def wait_held(count: int) -> None:  # requests being answered, the /metrics that asks included
+    def wait_held(count: int) -> None:  # uploads the caps hold (the /metrics that asks has no body)
         wait_for(lambda: samples(httpx.get(f"{bytes_adapter.base_url}/metrics", timeout=10).text)[
-            ("adapter_requests_in_flight", ())] == count + 1, 10, f"{count} uploads held")
+            ("adapter_requests_in_flight", ())] == count, 10, f"{count} uploads held")
 
     async def finish(reader, writer, rest: bytes) -> tuple[int, dict, bytes]:
         writer.write(rest)
