@@ -30,6 +30,7 @@ ROUTES = frozenset({"/classify/", "/classify", "/explain/", "/explain", "/classe
 # handler refuses) are answers about a request's content, counted in adapter_requests_total alone.
 REFUSAL_REASONS = {408: "timeout", 413: "too_large", 414: "url_too_long", 431: "headers_too_large", 501: "unsupported"}
 PARSER_REFUSAL = "bad_http"  # the parser's 400, and any status the parser refuses with that has no reason above
+BUSY_REFUSAL = "busy"  # a 503 of the in-flight caps (with Retry-After)
 # adapter_model_server_errors_total's kinds (adapter/model_server.py's count_failure picks one; README lists them).
 MODEL_SERVER_ERROR_KINDS = {
     "unreachable": "nobody answers at its address (refused, reset, connect timeout)",
@@ -65,6 +66,12 @@ class Metrics:
                                registry=r)
         self.model_server_errors = Counter("adapter_model_server_errors", "Failed calls to the model server, by kind",
                                            ["kind"], registry=r)
+        # Every reason and kind from the start, at 0: rate() and increase() see the first one (a series that
+        # appears at 1 is no increase to Prometheus), and a dashboard lists them all.
+        for reason in (*REFUSAL_REASONS.values(), PARSER_REFUSAL, BUSY_REFUSAL):
+            self.refusals.labels(reason)
+        for kind in MODEL_SERVER_ERROR_KINDS:
+            self.model_server_errors.labels(kind)
         # (route, status) -> child, route -> child: labels() costs more than the increment itself
         self._requests, self._latency = {}, {}
 
@@ -96,7 +103,7 @@ class Metrics:
         if parser_refused:
             reason = REFUSAL_REASONS.get(status, PARSER_REFUSAL)
         else:
-            reason = "busy" if status == 503 and busy else REFUSAL_REASONS.get(status)
+            reason = BUSY_REFUSAL if status == 503 and busy else REFUSAL_REASONS.get(status)
         if reason is not None:
             self.refusals.labels(reason).inc()
 

@@ -31,7 +31,7 @@ from adapter.request_context import CURRENT
 from adapter.run import running_adapter
 from adapter.torchserve import TorchServeClient
 from model.classes import display_name
-from test_adapter_oip import stand_in_server
+from test_adapter_oip import errors_by_kind, stand_in_server
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LIMIT = 10 * 1024 * 1024  # the adapter's default MAX_UPLOAD_BYTES
@@ -512,8 +512,7 @@ def test_the_model_servers_own_503_and_404_are_counted_by_kind(tmp_path, status,
     with pytest.raises(ClassifyError) as err:
         run_client(StandIn(predict), tmp_path, lambda client: client.predict(b"PNG"), metrics)
     assert err.value.status_code == 503
-    kinds = {s.labels["kind"]: s.value for s in metrics.model_server_errors.collect()[0].samples
-             if s.name.endswith("_total")}
+    kinds = errors_by_kind(metrics)
     assert kinds == {kind: 1}
     from adapter.metrics import MODEL_SERVER_ERROR_KINDS
 
@@ -683,8 +682,7 @@ def test_an_answer_whose_probability_is_not_a_number_is_a_502_bad_answer_and_fai
     with pytest.raises(ClassifyError) as err:
         run_client(StandIn(predict), tmp_path, lambda client: client.predict(b"PNG"), metrics)
     assert err.value.status_code == 502 and "not JSON" in err.value.message
-    kinds = {s.labels["kind"]: s.value for s in metrics.model_server_errors.collect()[0].samples
-             if s.name.endswith("_total")}
+    kinds = errors_by_kind(metrics)
     assert kinds == {"bad_answer": 1}
     with pytest.raises(ClassifyError) as err:
         run_client(StandIn(predict), tmp_path, lambda client: client.health(), health_max_silence_s=0.0)
@@ -767,8 +765,7 @@ def test_an_address_where_nobody_answers_the_connect_is_503_not_reachable_and_no
     assert err.status_code == 503 and "not reachable" in err.message and f"{port}" not in err.message
     assert took < 3.0, took
     assert metrics.retries.collect()[0].samples[0].value == 0
-    kinds = {s.labels["kind"]: s.value for s in metrics.model_server_errors.collect()[0].samples
-             if s.name.endswith("_total")}
+    kinds = errors_by_kind(metrics)
     assert kinds == {"unreachable": 1}
 
 
@@ -806,8 +803,7 @@ def test_no_pooled_connection_free_within_the_deadline_is_503_busy(tmp_path):
     results = run_client(StandIn(predict), tmp_path, three, metrics, max_connections=1, predict_timeout_s=1.0)
     assert isinstance(results[0], dict), results
     assert [(r.status_code, "busy" in r.message) for r in results[1:]] == [(504, False), (503, True)], results
-    kinds = {s.labels["kind"]: s.value for s in metrics.model_server_errors.collect()[0].samples
-             if s.name.endswith("_total")}
+    kinds = errors_by_kind(metrics)
     assert kinds == {"timeout": 1, "busy": 1}
 
 

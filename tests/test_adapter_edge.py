@@ -46,6 +46,20 @@ def adapter(torchserve, tmp_path_factory):
         yield proc
 
 
+def test_every_refusal_reason_and_model_server_error_kind_is_there_at_0_from_the_start():
+    """A series that appears at its first count (1) is no increase to Prometheus' rate()/increase(): an alert on
+    the first model-server outage or the first refusal of a kind never fired. Each is exported at 0 from the start."""
+    from prometheus_client import generate_latest
+
+    from adapter.metrics import MODEL_SERVER_ERROR_KINDS, PARSER_REFUSAL, REFUSAL_REASONS, Metrics
+
+    values = samples(generate_latest(Metrics().registry).decode())
+    for reason in (*REFUSAL_REASONS.values(), PARSER_REFUSAL, "busy"):
+        assert values[("adapter_refusals_total", (("reason", reason),))] == 0
+    for kind in MODEL_SERVER_ERROR_KINDS:
+        assert values[("adapter_model_server_errors_total", (("kind", kind),))] == 0
+
+
 def test_request_ids_log_lines_and_metrics(adapter, client):
     base = adapter.base_url
     ok = client.post(f"{base}/classify/", files={"image": ("p.png", PNG_1PX, "image/png")},
@@ -146,7 +160,7 @@ def test_metrics_can_be_turned_off_or_moved(tmp_path, env, on_main, on_own_port)
             assert own[("adapter_model_server_errors_total", (("kind", "unreachable"),))] == 1
             # A 503 for a model server that is down is not a refusal of the adapter's ("busy" is
             # 503 + Retry-After, its in-flight caps): alerts on refusals must not fire for it.
-            assert not any(name == "adapter_refusals_total" for name, _ in own), own
+            assert not any(name == "adapter_refusals_total" and value for (name, _), value in own.items()), own
 
 
 def test_a_client_id_is_kept_up_to_its_length_limit_and_only_with_sane_characters(tmp_path):
