@@ -111,10 +111,10 @@ class Edge:
             await send(message)
 
         metrics = self.metrics
+        route = route_label(scope["path"])
         declared = _declared_length(headers) if metrics else 0
         if metrics:
-            metrics.in_flight[0] += 1
-            metrics.in_flight[1] += declared
+            metrics.began(route, declared)
         try:
             await self.app(scope, counting_receive, tagging_send)
         except Exception as err:
@@ -134,14 +134,11 @@ class Edge:
         finally:
             CURRENT.reset(token)
             seconds = time.perf_counter() - started
-            route = route_label(scope["path"])
             parser_refused = context["parser_refused"]
             if parser_refused is not None:  # the answer the client got
                 status = parser_refused
             if metrics:
-                metrics.in_flight[0] -= 1
-                metrics.in_flight[1] -= declared
-                metrics.answered(route, status, seconds, busy, parser_refused is not None)
+                metrics.answered(route, status, seconds, busy, parser_refused is not None, declared)
             _log_line(scope["method"], route, status, bytes_in, seconds, request_id, context["model_version"])
 
 

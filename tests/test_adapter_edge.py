@@ -90,6 +90,21 @@ def test_request_ids_log_lines_and_metrics(adapter, client):
     assert refused and refused[0]["model_version"] is None
 
 
+def test_a_scrape_shows_the_request_before_it_and_scrapes_with_nothing_between_reuse_the_page(adapter, client):
+    """GET /metrics rendered the whole registry each time (~3 ms of the event loop): 6 connections scraping
+    nonstop took a lone /classify/'s median from 19 to 65 ms (review). Now a scrape with nothing recorded since
+    the last render gets the same page (the scrapes' own count waits for the next render), and one after a
+    request renders anew, with that request counted."""
+    url = f"{adapter.base_url}/metrics"
+    pairs = [(client.get(url).text, client.get(url).text) for _ in range(3)]  # (a loaded host: 1 s between, once)
+    assert any(first == again for first, again in pairs), "two scrapes with nothing between rendered twice"
+    key = ("adapter_requests_total", (("route", "/classes"), ("status", "200")))
+    for _ in range(3):
+        before = samples(client.get(url).text).get(key, 0)
+        assert client.get(f"{adapter.base_url}/classes").status_code == 200
+        assert samples(client.get(url).text)[key] == before + 1
+
+
 @pytest.mark.parametrize("env, on_main, on_own_port", [
     ({"METRICS_ENABLED": "0"}, 404, None),
     ({"METRICS_PORT": "{port}"}, 404, 200),
