@@ -11,8 +11,10 @@
                       `prediction` is the seed's key and display rule (label, `_` as spaces, first
                       letter capital); the other keys are additions.
     GET  /health      200 {"status": "ok", ...} when the model can answer now, else
-                      503 {"status": "unavailable", "error": ...}
-    GET  /metrics     Prometheus text (adapter/metrics.py; METRICS_ENABLED, METRICS_PORT move or drop it)
+                      503 {"status": "unavailable", "error": ...} (one check shared, reused for
+                      HEALTH_CACHE_S: adapter/health.py)
+    GET  /metrics     Prometheus text (adapter/metrics.py; METRICS_ENABLED, METRICS_PORT move or drop it;
+                      rendered again only once something was recorded, or after RENDER_REUSE_S)
     GET  /            the drag-and-drop page (frontend/; adapter/page.py: its headers, no-cache and CSP)
 
 Every error is {"error": "..."} with its status: 400 no `image` field / empty / not an image /
@@ -47,8 +49,9 @@ from serving.settings import TOP_K  # answers per image, as the handler's model-
 from .config import Settings
 from .edge import Edge, refused_before_app
 from .errors import ClassifyError
+from .health import SharedCheck
 from .limits import Explanations, InFlight, RequestLimits, client_address, held_by_model_server
-from .metrics import Metrics, start_metrics_server
+from .metrics import SCRAPE_ROUTE, Metrics, start_metrics_server
 from .oip import OIPClient
 from .page import PageFiles
 from .shrink import UploadShrinker
@@ -92,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         # OIP_URL set: an Open Inference Protocol server (KServe) instead of the local TorchServe.
         app.state.torchserve = (OIPClient if settings.oip_url else TorchServeClient)(settings, metrics)
+        app.state.health = SharedCheck(app.state.torchserve.health, settings.health_cache_s)
         metrics_server = None
         if metrics is not None and settings.metrics_port:
             try:  # a client's share of connections, and the head's deadline, as on the users' port
@@ -223,7 +227,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def health(request: Request) -> JSONResponse:
         try:
-            status = await request.app.state.torchserve.health()
+            status = await request.app.state.health()
         except ClassifyError as err:
             return JSONResponse({"status": "unavailable", "error": err.message}, status_code=503)
         return JSONResponse({"status": "ok", **status})
@@ -237,11 +241,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     if metrics is not None and not settings.metrics_port:
         async def prometheus_metrics(request: Request) -> Response:
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+            from prometheus_client import CONTENT_TYPE_LATEST
 
-            return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+            return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-        app.add_api_route("/metrics", prometheus_metrics, methods=["GET", "HEAD"], include_in_schema=False)
+        app.add_api_route(SCRAPE_ROUTE, prometheus_metrics, methods=["GET", "HEAD"], include_in_schema=False)
 
     if settings.cors_allow_origins:  # none by default: the page is served from this same origin
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins,

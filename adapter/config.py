@@ -21,6 +21,8 @@ serving/settings.py).
     OIP_HOST_HEADER       Host header for it (KServe's ingress routes by host name)   (unset)
     HEALTH_MAX_SILENCE_S  /health probes with a real tiny prediction when no prediction has
                           succeeded for this long; a failed probe -> 503  10
+    HEALTH_CACHE_S        /health's check (ok or 503) is reused this long after it ends, and callers meanwhile
+                          share the one in flight (adapter/health.py); 0: every call checks  1
     MAX_UPLOAD_BYTES      largest accepted image file (-> 413)  10485760 (10 MB)
     MAX_REQUESTS_IN_FLIGHT  requests with a body held at once; more -> 503 + Retry-After  64
     MAX_BYTES_IN_FLIGHT   bytes those requests may declare together (a chunked upload counts
@@ -86,8 +88,9 @@ class ConfigError(ValueError):
     """An environment variable holds a value the adapter cannot use."""
 
 
-def _env_positive(name: str, default, kind: type, what: str):
-    """A positive number of `kind` (int or float) from the environment, or the default when unset."""
+def _env_positive(name: str, default, kind: type, what: str, zero_ok: bool = False):
+    """A positive number of `kind` (int or float) from the environment (or 0, when ``zero_ok``), or the
+    default when unset."""
     text = os.environ.get(name)
     if text is None or text == "":
         return default
@@ -95,13 +98,13 @@ def _env_positive(name: str, default, kind: type, what: str):
         value = kind(text)
     except ValueError as err:
         raise ConfigError(f"{name}={text!r} is not {what}") from err
-    if value <= 0:
-        raise ConfigError(f"{name}={text!r} must be positive")
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{name}={text!r} must be {'0 or more' if zero_ok else 'positive'}")
     return value
 
 
-def _env_float(name: str, default: float) -> float:
-    return _env_positive(name, default, float, "a number")
+def _env_float(name: str, default: float, zero_ok: bool = False) -> float:
+    return _env_positive(name, default, float, "a number", zero_ok)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -164,6 +167,7 @@ class Settings:
     oip_url: str = ""
     oip_host_header: str = ""
     health_max_silence_s: float = 10.0
+    health_cache_s: float = 1.0
     max_upload_bytes: int = shared.MAX_UPLOAD_BYTES
     max_requests_in_flight: int = 64
     max_bytes_in_flight: int = 100 * 1024 * 1024
@@ -256,6 +260,7 @@ class Settings:
             oip_url=os.environ.get("OIP_URL", cls.oip_url).rstrip("/"),
             oip_host_header=os.environ.get("OIP_HOST_HEADER", cls.oip_host_header),
             health_max_silence_s=_env_float("HEALTH_MAX_SILENCE_S", cls.health_max_silence_s),
+            health_cache_s=_env_float("HEALTH_CACHE_S", cls.health_cache_s, zero_ok=True),
             max_upload_bytes=_env_int("MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             max_requests_in_flight=_env_int("MAX_REQUESTS_IN_FLIGHT", cls.max_requests_in_flight),
             max_bytes_in_flight=_env_int("MAX_BYTES_IN_FLIGHT", cls.max_bytes_in_flight),

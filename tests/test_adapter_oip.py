@@ -350,7 +350,7 @@ class ReadinessServer:
 
 def test_adapter_process_in_oip_mode_health_follows_readiness_and_sends_the_host_header(tmp_path):
     """The settings end to end (environment -> running adapter -> HTTP): OIP_URL, OIP_HOST_HEADER,
-    /health from the v2 readiness route, and /explain/ 501 from a server without KServe's explain route.
+    HEALTH_CACHE_S=0, /health from the v2 readiness route, and /explain/ 501 from a server without KServe's explain route.
     (KServe's own model server in front of a real model: tests/test_kserve_predictor.py.)"""
     import httpx
 
@@ -360,7 +360,9 @@ def test_adapter_process_in_oip_mode_health_follows_readiness_and_sends_the_host
     env = {"OIP_URL": f"http://127.0.0.1:{server.port}", "OIP_HOST_HEADER": "cifar100.default.example.com",
            "TS_KEY_FILE": str(tmp_path / "none.json")}
     try:
-        with running_adapter({**env, "HEALTH_MAX_SILENCE_S": "0.5"}, tmp_path / "adapter.log") as adapter:
+        # HEALTH_CACHE_S=0: each change below is read at once, not up to a second later.
+        with running_adapter({**env, "HEALTH_MAX_SILENCE_S": "0.5", "HEALTH_CACHE_S": "0"},
+                             tmp_path / "adapter.log") as adapter:
             health = httpx.get(f"{adapter.base_url}/health", timeout=30)
             assert health.status_code == 200, health.text
             assert server.hosts and set(server.hosts) == {"cifar100.default.example.com"}

@@ -164,6 +164,7 @@ def test_the_config_modules_table_states_the_adapters_defaults():
 def test_readme_states_the_image_and_grpc_limits_the_code_has():
     import re
 
+    from adapter.metrics import RENDER_REUSE_S
     from handler.protocols import MAX_DATA_DEPTH
     from serving import images
 
@@ -179,6 +180,7 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
         "MAX_REQUEST_PIXELS": (images.MAX_REQUEST_PIXELS, r"(\d+) MP to decode in all \(`MAX_REQUEST_PIXELS`", 10**6),
         "MAX_GRPC_PARAMETERS": (MAX_GRPC_PARAMETERS, r"`MAX_GRPC_PARAMETERS` \((\d+)\)", 1),
         "MAX_DATA_DEPTH": (MAX_DATA_DEPTH, r"`MAX_DATA_DEPTH` \((\d+)\)", 1),
+        "RENDER_REUSE_S": (RENDER_REUSE_S, r"for up to (\d+) s \(`RENDER_REUSE_S`", 1),
     }
     for name, (value, pattern, unit) in documented.items():
         match = re.search(pattern, readme)
