@@ -72,6 +72,7 @@ serving/settings.py).
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,8 @@ def _env_positive(name: str, default, kind: type, what: str, zero_ok: bool = Fal
         value = kind(text)
     except ValueError as err:
         raise ConfigError(f"{name}={text!r} is not {what}") from err
+    if not math.isfinite(value):  # nan passed every comparison below; inf would be a deadline never reached
+        raise ConfigError(f"{name}={text!r} is not a finite number")
     if value < 0 or (value == 0 and not zero_ok):
         raise ConfigError(f"{name}={text!r} must be {'0 or more' if zero_ok else 'positive'}")
     return value

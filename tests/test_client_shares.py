@@ -216,6 +216,8 @@ def test_explanations_have_their_own_shares_and_wait_their_turn_in_order():
     ({"MAX_UPLOAD_BYTES": "100000", "MAX_CLIENT_BYTES_IN_FLIGHT": "100000"}, "no client could send"),
     ({"MAX_UPLOAD_BYTES": "100000", "MAX_BYTES_IN_FLIGHT": "100000"}, "no full-size upload could ever"),
     ({"MIN_UPLOAD_RATE": "0"}, "must be positive"),  # (a rate of 0 would divide by zero)
+    ({"HEALTH_CACHE_S": "nan"}, "is not a finite number"),  # (nan passed 'must be 0 or more')
+    ({"BODY_TIMEOUT_S": "inf"}, "is not a finite number"),
     ({"MAX_REQUESTS_IN_FLIGHT": "0"}, "must be positive"),
     ({"SHRINK_UPLOADS": "maybe"}, "is not 1/0"),  # a flag that is neither on nor off is not read as off
     # The adapter's deadline must be below TorchServe's responseTimeout, not equal to it.
