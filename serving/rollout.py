@@ -242,16 +242,27 @@ class Rollout:
         return {"--http-timeout": self.http_timeout_s, "--ready-timeout": self.ready_timeout_s}[option]
 
     def _call(self, method: str, path: str, kind: str = "management", base: str | None = None,
-              limit: str = "--http-timeout", timeout_s: float | None = None, **kwargs):
-        """One call with the ``kind`` key, within the ``limit`` option's seconds (``timeout_s`` when given: less);
-        a refused key is renewed and the call sent once more."""
+              limit: str = "--http-timeout", deadline: ReadyDeadline | None = None, **kwargs):
+        """One call with the ``kind`` key, within the ``limit`` option's seconds; a refused key is renewed (within
+        --http-timeout) and the call sent once more. With ``deadline``, each of those waits at most what is left of
+        it (a renewal and a resend each had the whole time left: the step ran past --ready-timeout)."""
         url = (base or self.ts.management_url) + path
-        timeout_s = self._timeout_s(limit) if timeout_s is None else timeout_s
+
+        def within(seconds: float, what: str) -> float:
+            if deadline is None:
+                return seconds
+            left_s = deadline.left_s()
+            if left_s <= 0:
+                raise deadline.passed(f"{what} not sent")
+            return min(seconds, left_s)
         headers = self._header(kind)
-        r = self._send(method, url, headers, kind, limit, timeout_s, **kwargs)
+        r = self._send(method, url, headers, kind, limit, within(self._timeout_s(limit), f"{method} {url}"), **kwargs)
         if not is_auth_refusal(r.status_code, r.text):
             return r
-        r = self._send(method, url, self._fresh_header(kind, headers, timeout_s), kind, limit, timeout_s, **kwargs)
+        # A key's renewal is one answer: --http-timeout's, whatever holds the call itself (an unregister's is
+        # --ready-timeout: a slow PUT /token held it that long and named --http-timeout).
+        fresh = self._fresh_header(kind, headers, within(self.http_timeout_s, f"PUT {self.ts.management_url}/token"))
+        r = self._send(method, url, fresh, kind, limit, within(self._timeout_s(limit), f"{method} {url}"), **kwargs)
         if is_auth_refusal(r.status_code, r.text):
             raise RolloutError(f"TorchServe refused the {kind} key of {self.keys.path}, even renewed: "
                                f"{r.status_code} {r.text.strip()[:200]}")
@@ -314,16 +325,12 @@ class Rollout:
 
     def _call_by(self, deadline: ReadyDeadline, method: str, path: str, kind: str = "management",
                  base: str | None = None, **kwargs) -> httpx.Response:
-        """``_call`` within what is left of ``deadline`` (--ready-timeout) as well as --http-timeout; a call cut
-        short by the deadline, or not sent for want of time, is ``deadline.passed``."""
-        left_s = deadline.left_s()
-        if left_s <= 0:
-            raise deadline.passed(f"{method} {(base or self.ts.management_url) + path} not sent")
-        timeout_s = min(self.http_timeout_s, left_s)
+        """``_call`` within what is left of ``deadline`` (--ready-timeout) as well as --http-timeout; a call (or a
+        key's renewal) cut short by the deadline, or not sent for want of time, is ``deadline.passed``."""
         try:
-            return self._call(method, path, kind, base, timeout_s=timeout_s, **kwargs)
+            return self._call(method, path, kind, base, deadline=deadline, **kwargs)
         except CallTimedOut as err:
-            if timeout_s >= self.http_timeout_s:  # --http-timeout's own limit: said as such
+            if err.timeout_s >= self.http_timeout_s:  # --http-timeout's own limit: said as such
                 raise
             raise deadline.passed(f"TorchServe's {err.kind} API had not answered {err.method} {err.url} "
                                   f"({err.error})") from None
@@ -365,23 +372,26 @@ class Rollout:
         path = f"/explanations/{MODEL_NAME}/{version}"
         stagger = float(described.get("maxBatchDelay", 0)) / 1000 + EXPLANATION_STAGGER_S
 
-        def explain(i: int) -> httpx.Response:
+        def explain(i: int) -> httpx.Response | ReadyTimeUp:
             time.sleep(i * stagger)
-            return self._warm_up(path, image, deadline)
+            try:
+                return self._warm_up(path, image, deadline)
+            except ReadyTimeUp as err:  # kept beside the round's answers: a failed one among them still counts
+                return err
         cold = [str(w.get("id")) for w in workers]
         for round_ in range(EXPLANATION_ROUNDS):
             # A round for every worker, not just the cold ones: which idle worker takes a request is TorchServe's.
-            try:
-                with ThreadPoolExecutor(len(workers)) as pool:
-                    answers = list(pool.map(explain, range(len(workers))))
-            except ReadyTimeUp:
-                if round_ == 0:  # no explanation answered yet: not warm
-                    raise
-                break  # the version explains; only a worker left cold, as after the last round
-            bad = [_described(a) for a in answers
-                   if a.status_code != 200 or _answered_by(a) != version or not _has_heatmap(a)]
+            with ThreadPoolExecutor(len(workers)) as pool:
+                outcomes = list(pool.map(explain, range(len(workers))))
+            bad = [_described(a) for a in outcomes if isinstance(a, httpx.Response)
+                   and (a.status_code != 200 or _answered_by(a) != version or not _has_heatmap(a))]
             if bad:
                 raise RolloutError(f"version {version} is READY but its warm-up explanations failed: {bad[0]}")
+            time_up = [a for a in outcomes if isinstance(a, ReadyTimeUp)]
+            if time_up:
+                if round_ == 0:  # not every worker has answered an explanation yet: not warm
+                    raise time_up[0]
+                break  # the version explains; only a worker left cold, as after the last round
             # Two sent close together (a loaded host's jitter) can share one worker's batch, leaving another cold.
             cold = self.cold_for_explanations(version, cold, wait_s=max(0.0, min(2.0, deadline.left_s())))
             if not cold:

@@ -32,8 +32,9 @@ class StandInManagement:
     """TorchServe's management API for ``cifar100`` with ``registered`` versions (the first the default)."""
 
     def __init__(self, workdir: Path, registered: list[str], expired: set[str] = frozenset(),
-                 renewable: bool = True, token_delay_s: float = 0):
+                 renewable: bool = True, token_delay_s: float = 0, workers: int = 1):
         self.workdir, self.registered, self.renewable = workdir, list(registered), renewable
+        self.workers = workers  # each version's, all READY
         self.token_delay_s = token_delay_s  # PUT /token answered after that long (a loaded host)
         self.keys = {"management": "m0", "inference": "i0", "API": "a0"}
         self.issued = 0
@@ -75,7 +76,7 @@ class StandInManagement:
         if request.method == "DELETE":
             self.registered.remove(version)
             return web.json_response({"status": f"Model cifar100 version {version} unregistered"})
-        return web.json_response([{"modelVersion": version, "workers": [{"status": "READY"}],
+        return web.json_response([{"modelVersion": version, "workers": [{"status": "READY"}] * self.workers,
                                    "jobQueueStatus": {"pendingRequests": 0}}])
 
 
@@ -193,20 +194,24 @@ def test_a_second_rollout_while_one_runs_is_refused_at_once_naming_the_first(tmp
 
 
 def warm_up_against(tmp_path, slow_path: str, slow_calls: int, http_timeout_s: float = 0.5,
-                    ready_timeout_s: float = 5, slow_s: float = 2, fast_calls: int = 0, worker_log: bool = False):
+                    ready_timeout_s: float = 5, slow_s: float = 2, fast_calls: int = 0, worker_log: bool = False,
+                    workers: int = 1, failing_calls: tuple[int, ...] = ()):
     """Run ``wait_ready_and_warm(NEW)`` on a stand-in TorchServe whose ``slow_calls`` calls to ``slow_path`` after
     its first ``fast_calls`` answer after ``slow_s`` (past ``http_timeout_s``: a loaded host), the others at once as
     the new version's
     handler does; with ``worker_log``, a model_log.log where no worker logs its explanation model ready (each
-    round finds them cold). Returns (the RolloutError's message or None, what the rollout said, the stand-in's URL, the
-    calls, the seconds wait_ready_and_warm took)."""
-    api = StandInManagement(tmp_path, [OLD, NEW])
+    round finds them cold); the calls to ``slow_path`` numbered in ``failing_calls`` (from 1) answer 500 at once, as a
+    worker whose handler fails. Returns (the RolloutError's message or None, what the rollout said, the stand-in's
+    URL, the calls, the seconds wait_ready_and_warm took)."""
+    api = StandInManagement(tmp_path, [OLD, NEW], workers=workers)
     calls: list[str] = []
 
     async def route(request):
         if not request.path.startswith(("/predictions/", "/explanations/")):
             return await api(request)
         calls.append(request.path)
+        if request.path.startswith(slow_path) and calls.count(request.path) in failing_calls:
+            return web.json_response({"code": 500, "message": "the worker failed"}, status=500)
         if request.path.startswith(slow_path) and fast_calls < calls.count(request.path) <= fast_calls + slow_calls:
             await asyncio.sleep(slow_s)
         answer = {"label": "ray", "probability": 0.5, "model_version": NEW}
@@ -287,6 +292,59 @@ def test_a_ready_timeout_passed_after_the_first_explanations_only_leaves_a_worke
     assert message is None, message
     assert calls.count(f"/explanations/cifar100/{NEW}") == 2 and took_s < 3.2, (calls, took_s)
     assert said[-1].startswith("warning: worker(s) None of") and "(--ready-timeout passed)" in said[-1], said
+
+
+def test_a_failed_explanation_in_a_round_cut_short_by_the_ready_timeout_still_withdraws_the_version(tmp_path):
+    """A later explanation round stopped at the first call that ran out of --ready-timeout and only warned, so a
+    worker whose explanation answered 500 in that round went into service unseen. Every answer of a round is
+    looked at first. (Two workers, both cold by their log: round 1's first explanation answers 500, its second
+    never in time.)"""
+    message, said, url, calls, took_s = warm_up_against(tmp_path, "/explanations/", slow_calls=99, fast_calls=2,
+                                                        http_timeout_s=1, ready_timeout_s=3, slow_s=3,
+                                                        worker_log=True, workers=2, failing_calls=(3,))
+    assert calls.count(f"/explanations/cifar100/{NEW}") == 4, calls
+    assert message is not None and message.startswith(f"version {NEW} is READY but its warm-up explanations "
+                                                       "failed: 500 "), (message, said)
+
+
+def test_a_key_renewal_during_an_unregister_waits_the_http_timeout_not_the_ready_timeout(tmp_path):
+    """An unregister may wait --ready-timeout (the workers stop first), but the PUT /token that renews a refused
+    key is one answer: it waited --ready-timeout too, and its timeout then named --http-timeout with the other's
+    seconds."""
+    api = StandInManagement(tmp_path, [OLD, NEW], expired={"management"}, token_delay_s=3)
+
+    def go(rollout):
+        started = time.monotonic()
+        return rollout.unregister_quietly(NEW), rollout.ts.management_url, time.monotonic() - started
+    (left, url, took_s), _ = with_stand_in(api, go, http_timeout_s=0.5)  # --ready-timeout 5 s
+    assert took_s < 2, took_s
+    assert left == (f"TorchServe's management API did not answer PUT {url}/token?type=management within 0.5 s "
+                    "(ReadTimeout); a loaded host may need more: --http-timeout (ROLLOUT_ARGS)"), left
+
+
+def test_a_key_renewal_while_the_version_gets_ready_stays_within_the_ready_timeout(tmp_path):
+    """A refused key while waiting for READY: the renewal and the call sent again each had the whole time that was
+    left, so the step ran up to one more --http-timeout past --ready-timeout. Each waits what is left now."""
+    api = StandInManagement(tmp_path, [OLD, NEW], expired={"management"}, token_delay_s=1.2)
+
+    async def route(request):
+        if request.path.startswith("/models/") and api.issued:  # after the renewal: a slow host
+            await asyncio.sleep(1.2)
+        return await api(request)
+
+    async def go():
+        async with stand_in_server(route) as url:
+            port = int(url.rsplit(":", 1)[1])
+            ts = TorchServeInstance(tmp_path, {"inference": port, "management": port, "metrics": port,
+                                               "grpc_inference": 1, "grpc_management": 2}, model_store=tmp_path)
+            rollout = Rollout(ts, ready_timeout_s=1.5, drain_s=0, say=print, http_timeout_s=30)
+            started = time.monotonic()
+            with pytest.raises(RolloutError) as err:
+                await asyncio.to_thread(rollout.wait_ready_and_warm, NEW)
+            return str(err.value), time.monotonic() - started
+    message, took_s = asyncio.run(go())
+    assert took_s < 1.9, (took_s, message)
+    assert message.startswith(f"version {NEW} was not READY within 1.5 s"), message
 
 
 def test_an_unregister_that_times_out_names_the_ready_timeout_that_holds_it(tmp_path):
