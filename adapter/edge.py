@@ -4,8 +4,8 @@ An ASGI middleware around the whole app (outermost, so the in-flight caps' 503s 
   * X-Request-ID: the client's, when it is sane (1..REQUEST_ID_MAX_LENGTH characters of
     letters, digits and ``._:-``, once spaces and tabs around it are dropped), else a new one;
     returned on every answer, errors included, and sent on to the model server (adapter/request_context.py);
-  * one line per request on the logger ``adapter.access``, a JSON object: time (UTC), client (the
-    address the per-client shares count: adapter/limits.py's client_host), method,
+  * one line per request on the logger ``adapter.access``, a JSON object: time (UTC), client (whole:
+    adapter/limits.py's client_host; the shares count an IPv6 address by its /64), method,
     route, status, bytes_in, latency_ms, request_id, model_version (of the answer, when a model
     answered); adapter/run.py writes those lines bare, as JSON; status 499 (CLIENT_GONE): the client
     went away before its answer (mid-upload), and got none;

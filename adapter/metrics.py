@@ -22,8 +22,8 @@ Each app has its own registry (tests build several apps in one process). Routes 
 GET /metrics on the users' port (render()) reuses its last page while nothing was recorded since and it is
 younger than RENDER_REUSE_S: a render costs ~3 ms of the event loop, and 6 connections scraping nonstop took a
 lone /classify/'s median from 19 to 65 ms on 2 cores. An answer recorded, or a watched gauge (in flight,
-explanations) that moved, renders anew, so counts and gauges read after a change are exact; the process's own
-series and a scrape's own count lag by at most RENDER_REUSE_S.
+explanations) that moved, renders anew, so counts and gauges read after a change are exact; the scrapes' own
+count and latency lag by at most RENDER_REUSE_S.
 """
 from __future__ import annotations
 
