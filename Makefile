@@ -137,8 +137,9 @@ bench-serve: install
 	$(PY) -m benchmarks.bench_photos --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 	$(PY) -m benchmarks.bench_engines
 
-# Hostile and heavy clients, the long runs (~17 min; SOAK_ARGS="--requests 2000").
-# First what explanations and 12 MP photos from other addresses cost one user's /classify/
+# Hostile and heavy clients, the long runs (~18 min; SOAK_ARGS="--requests 2000").
+# First what explanations, 12 MP photos and floods of GET /classes, /metrics, /health from other addresses
+# cost one user's /classify/
 # (FAIRNESS_ARGS="--duration 5"); then 64 concurrent 9.9 MB uploads with each process's peak memory,
 # a 20,000-request soak, 150 s of slow and stalled uploads.
 soak: install

@@ -361,22 +361,28 @@ def test_bench_photos_prints_the_three_paths_with_their_cpu_per_photo():
 
 
 def test_bench_fairness_prints_the_probe_beside_each_kind_of_load():
-    # Starts its own TorchServe and an adapter per phase: 3 s phases, small loads (~45 s here).
+    # Starts its own TorchServe and an adapter per phase: 3 s phases, small loads (~50 s here).
     done = subprocess.run([sys.executable, "-m", "benchmarks.bench_fairness", "--duration", "3", "--rounds", "1",
                            "--addresses", "2", "--per-address", "1", "--explanation-caps", "64", "1",
-                           "--photo-addresses", "1", "--photos-per-address", "1"],
+                           "--photo-addresses", "1", "--photos-per-address", "1",
+                           "--floods", "/metrics", "--flood-connections", "2"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("round 1, ")]
     assert " cores" in done.stdout.splitlines()[0], done.stdout
     assert [line.split(":")[0] for line in lines] == [
         "round 1, quiet", "round 1, explanations from 2 x 1, MAX_EXPLANATIONS_IN_FLIGHT=64",
-        "round 1, explanations from 2 x 1, MAX_EXPLANATIONS_IN_FLIGHT=1", "round 1, 12 MP photos from 1 x 1"], lines
+        "round 1, explanations from 2 x 1, MAX_EXPLANATIONS_IN_FLIGHT=1", "round 1, 12 MP photos from 1 x 1",
+        "round 1, GET /metrics from 1 x 2"], lines
     for line in lines:
         probe = line.split("the probe's /classify/ ")[1]
         assert probe.startswith("p50 ") and "{200: " in probe and "no answer" not in line, line
     # The loads were answered (a capped explanation may also have met a 503 and waited its Retry-After).
     assert all(" answered/s" in line and "theirs p50 " in line for line in lines[1:]), lines
+    # The flood of GET /metrics on the users' port was answered, beside the probe's answers above.
+    flood = lines[-1].split("; theirs ")[1]
+    assert flood.startswith("p50 ") and "{200: " in flood, flood
+    assert float(flood.rsplit(", ", 1)[1].removesuffix(" answered/s")) > 0, flood
 
 
 def test_bench_served_engines_serves_each_engine_and_compares_its_answers(tmp_path):
