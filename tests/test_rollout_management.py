@@ -80,6 +80,14 @@ class StandInManagement:
                                    "jobQueueStatus": {"pendingRequests": 0}}])
 
 
+def stand_in_rollout(workdir: Path, url: str, **options) -> Rollout:
+    """A Rollout whose TorchServe's every API is the stand-in at ``url``, its folders ``workdir``."""
+    port = int(url.rsplit(":", 1)[1])
+    ts = TorchServeInstance(workdir, {"inference": port, "management": port, "metrics": port,
+                                      "grpc_inference": 1, "grpc_management": 2}, model_store=workdir)
+    return Rollout(ts, **options)
+
+
 def with_stand_in(api: StandInManagement, action, http_timeout_s: float = HTTP_TIMEOUT_S):
     """Run ``action(rollout)`` in a thread, its TorchServe's every API on ``api``."""
     async def route(request):
@@ -87,11 +95,8 @@ def with_stand_in(api: StandInManagement, action, http_timeout_s: float = HTTP_T
 
     async def go():
         async with stand_in_server(route) as url:
-            port = int(url.rsplit(":", 1)[1])
-            ts = TorchServeInstance(api.workdir, {"inference": port, "management": port, "metrics": port,
-                                                  "grpc_inference": 1, "grpc_management": 2}, model_store=api.workdir)
-            return await asyncio.to_thread(action, Rollout(ts, ready_timeout_s=5, drain_s=0, say=said.append,
-                                                           http_timeout_s=http_timeout_s))
+            return await asyncio.to_thread(action, stand_in_rollout(api.workdir, url, ready_timeout_s=5, drain_s=0,
+                                                                    say=said.append, http_timeout_s=http_timeout_s))
     said: list[str] = []
     return asyncio.run(go()), said
 
@@ -223,14 +228,11 @@ def warm_up_against(tmp_path, slow_path: str, slow_calls: int, http_timeout_s: f
 
     async def go():
         async with stand_in_server(route) as url:
-            port = int(url.rsplit(":", 1)[1])
-            ts = TorchServeInstance(tmp_path, {"inference": port, "management": port, "metrics": port,
-                                               "grpc_inference": 1, "grpc_management": 2}, model_store=tmp_path)
+            rollout = stand_in_rollout(tmp_path, url, ready_timeout_s=ready_timeout_s, drain_s=0, say=said.append,
+                                       http_timeout_s=http_timeout_s)
             if worker_log:
-                ts.log_dir.mkdir(parents=True, exist_ok=True)
-                (ts.log_dir / "model_log.log").write_text("")
-            rollout = Rollout(ts, ready_timeout_s=ready_timeout_s, drain_s=0, say=said.append,
-                              http_timeout_s=http_timeout_s)
+                rollout.ts.log_dir.mkdir(parents=True, exist_ok=True)
+                (rollout.ts.log_dir / "model_log.log").write_text("")
             started = time.monotonic()
             try:
                 await asyncio.to_thread(rollout.wait_ready_and_warm, NEW)
@@ -334,10 +336,7 @@ def test_a_key_renewal_while_the_version_gets_ready_stays_within_the_ready_timeo
 
     async def go():
         async with stand_in_server(route) as url:
-            port = int(url.rsplit(":", 1)[1])
-            ts = TorchServeInstance(tmp_path, {"inference": port, "management": port, "metrics": port,
-                                               "grpc_inference": 1, "grpc_management": 2}, model_store=tmp_path)
-            rollout = Rollout(ts, ready_timeout_s=1.5, drain_s=0, say=print, http_timeout_s=30)
+            rollout = stand_in_rollout(tmp_path, url, ready_timeout_s=1.5, drain_s=0, say=print, http_timeout_s=30)
             started = time.monotonic()
             with pytest.raises(RolloutError) as err:
                 await asyncio.to_thread(rollout.wait_ready_and_warm, NEW)
@@ -359,10 +358,7 @@ def test_an_unregister_that_times_out_names_the_ready_timeout_that_holds_it(tmp_
 
     async def go():
         async with stand_in_server(route) as url:
-            port = int(url.rsplit(":", 1)[1])
-            ts = TorchServeInstance(tmp_path, {"inference": port, "management": port, "metrics": port,
-                                               "grpc_inference": 1, "grpc_management": 2}, model_store=tmp_path)
-            rollout = Rollout(ts, ready_timeout_s=0.5, drain_s=0, say=print, http_timeout_s=30)
+            rollout = stand_in_rollout(tmp_path, url, ready_timeout_s=0.5, drain_s=0, say=print, http_timeout_s=30)
             return await asyncio.to_thread(rollout.unregister_quietly, NEW), url
     left, url = asyncio.run(go())
     assert left == (f"TorchServe's management API did not answer DELETE {url}/models/cifar100/{NEW} within 0.5 s "
