@@ -114,6 +114,15 @@ def _env_int(name: str, default: int) -> int:
     return _env_positive(name, default, int, "a whole number")
 
 
+def _env_port(name: str) -> int | None:
+    """A port number (1-65535) from the environment, or None when unset: 70000 passed as a positive whole
+    number and failed only when the port was bound, without the variable's name."""
+    try:
+        return shared.ports_from_env(os.environ, {}, {name: name}).get(name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _env_origins(name: str) -> list[str]:
     text = os.environ.get(name, "")
     return [origin.strip() for origin in text.split(",") if origin.strip()]
@@ -292,7 +301,7 @@ class Settings:
             log_max_bytes=_env_int("ADAPTER_LOG_MAX_BYTES", cls.log_max_bytes),
             log_backups=_env_int("ADAPTER_LOG_BACKUPS", cls.log_backups),
             metrics=_env_flag("METRICS_ENABLED", cls.metrics),
-            metrics_port=_env_int("METRICS_PORT", None),
+            metrics_port=_env_port("METRICS_PORT"),
             metrics_host=os.environ.get("METRICS_HOST", cls.metrics_host),
             request_id_max_length=_env_int("REQUEST_ID_MAX_LENGTH", cls.request_id_max_length),
             frontend_dir=os.environ.get("FRONTEND_DIR", str(DEFAULT_FRONTEND_DIR)),

@@ -47,8 +47,9 @@ STOP_TIMEOUT_S = 10.0  # SIGTERM: uvicorn finishes the requests in flight, then 
 
 
 def _address() -> tuple[str, int]:
-    return (os.environ.get("ADAPTER_HOST", shared.ADAPTER_HOST),
-            int(os.environ.get("ADAPTER_PORT", str(shared.ADAPTER_PORT))))
+    """(ADAPTER_HOST, ADAPTER_PORT); ValueError naming the variable for a port that is no port number."""
+    port = shared.ports_from_env(os.environ, {"adapter": shared.ADAPTER_PORT}, {"adapter": "ADAPTER_PORT"})["adapter"]
+    return os.environ.get("ADAPTER_HOST", shared.ADAPTER_HOST), port
 
 
 def _answers(url: str, statuses: tuple[int, ...] = (200,)) -> bool:
@@ -323,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         # start/stop/status find the adapter by its settings: an address given here would be ignored.
         parser.error(f"--host, --port and --log-file are for serve; {args.command} reads ADAPTER_HOST and "
                      "ADAPTER_PORT (e.g. ADAPTER_PORT=8001 python -m adapter.run start)")
+    try:
+        _address()
+    except ValueError as err:  # a bare int() gave a traceback without the name, and took 0 or 70000
+        print(f"adapter: bad setting: {err}", file=sys.stderr)
+        return 2
     if args.command == "serve":
         host, port = _address()
         return serve(args.host or host, args.port or port, args.log_file)

@@ -27,3 +27,16 @@ def test_the_environment_and_caches_are_ignored_as_folders_and_as_links(tmp_path
         listed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=checkout,
                                 capture_output=True, text=True, check=True, timeout=60).stdout.split("\n")
         assert [line for line in listed if line and not line.endswith(".gitignore")] == [], (kind, listed)
+
+
+def test_the_width_10_weights_file_can_be_committed(tmp_path):
+    """README: the width-10 float16 file (35 MB) fits the repository's 40 MB limit, so the next GPU run commits
+    it; .gitignore still left out /model/weights/width10/*.pth (from the 30 MB limit), so `git add` skipped it."""
+    checkout = tmp_path / "checkout"
+    (checkout / "model" / "weights" / "width10").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(checkout)], check=True, timeout=60)
+    shutil.copy(REPO / ".gitignore", checkout / ".gitignore")
+    (checkout / "model" / "weights" / "width10" / "CIFAR100_model.pth").write_bytes(b"weights")
+    listed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=checkout,
+                            capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "?? model/weights/width10/CIFAR100_model.pth" in listed, listed

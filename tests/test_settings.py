@@ -2,6 +2,7 @@
 (TorchServe's config.properties, the archive's model-config.yaml), and nothing else keeps a copy."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,32 @@ def test_ts_port_variables_move_their_own_port_and_refuse_what_is_not_a_port():
         else:
             raise AssertionError(f"TS_MANAGEMENT_PORT={bad!r} was accepted")
 
+
+
+def test_adapter_and_metrics_ports_refuse_what_is_not_a_port_naming_the_variable(tmp_path, monkeypatch):
+    """ADAPTER_PORT was read by a bare int(): `abc` ended `adapter.run start` with a traceback that named no
+    setting, and 0 or 70000 were taken; METRICS_PORT=70000 passed as a positive number. README: an unusable
+    setting stops the start with the variable's name."""
+    from adapter.config import ConfigError
+
+    for bad in ("abc", "0", "70000", "80.5"):
+        env = {**os.environ, "ADAPTER_PORT": bad, "ADAPTER_LOG_DIR": str(tmp_path / "logs")}
+        for command in ("start", "status", "serve"):
+            done = subprocess.run([sys.executable, "-m", "adapter.run", command], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 2 and "Traceback" not in done.stderr, (bad, command, done.stderr)
+            assert f"ADAPTER_PORT={bad!r} is not a port number (1-65535)" in done.stderr, (bad, command, done.stderr)
+        assert not (tmp_path / "logs" / "adapter.pid").exists()
+    monkeypatch.setenv("METRICS_PORT", "9100")
+    assert Settings.from_env().metrics_port == 9100
+    for bad in ("0", "70000", "abc"):
+        monkeypatch.setenv("METRICS_PORT", bad)
+        try:
+            Settings.from_env()
+        except ConfigError as err:
+            assert f"METRICS_PORT={bad!r} is not a port number" in str(err), err
+        else:
+            raise AssertionError(f"METRICS_PORT={bad!r} was accepted")
 
 # --- the documented defaults are the code's (a default changed in one place only passed every test) ---
 
@@ -186,3 +213,17 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
         match = re.search(pattern, readme)
         assert match, f"README no longer states {name} as {pattern!r}"
         assert int(match[1]) * unit == value, f"{name}: README says {match[1]}, the code has {value}"
+
+
+def test_readme_says_which_torchserve_logs_roll_over_as_log4j2_xml_does():
+    """README said every TorchServe log, torchserve_launcher.log too, rolled over at roll_size and at midnight;
+    the launcher log is Java's console in a file serving/torchserve.py empties at each start (no appender rolls
+    it), and the two metrics logs that do roll over went unnamed."""
+    import re
+
+    rolled = {Path(name).name for name in re.findall(r'<RollingFile [^>]*fileName="([^"]+)"',
+                                                       (ROOT / "serving" / "log4j2.xml").read_text())}
+    paragraph = (ROOT / "README.md").read_text().split("**TorchServe's logs**", 1)[1].split("\n\n", 1)[0]
+    before, after = paragraph.split("roll over at `roll_size`", 1)
+    assert set(re.findall(r"`(\w+\.log)`", before)) == rolled, (sorted(rolled), before)
+    assert "`torchserve_launcher.log`" in after and "never rolls over" in after, after
