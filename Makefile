@@ -138,7 +138,7 @@ bench-serve: install
 	$(PY) -m benchmarks.bench_engines
 
 # Hostile and heavy clients, the long runs (~18 min; SOAK_ARGS="--requests 2000").
-# First what explanations, 12 MP photos and floods of GET /classes, /metrics, /health from other addresses
+# First what explanations, 12 MP photos and floods of GET /classes, /metrics, /health (each from one address not the user's)
 # cost one user's /classify/
 # (FAIRNESS_ARGS="--duration 5"); then 64 concurrent 9.9 MB uploads with each process's peak memory,
 # a 20,000-request soak, 150 s of slow and stalled uploads.

@@ -484,3 +484,14 @@ def test_a_fresh_run_names_an_impossible_option_before_the_earlier_run_in_its_fo
         assert train_module.main(NO_DATA + ["--out", str(out)] + options) == 2
         err = capsys.readouterr().err
         assert message in err and "earlier run" not in err, err
+
+
+def test_readme_names_exactly_the_options_resume_does_not_take_from_the_checkpoint():
+    """README said the session's options are "not in the checkpoint" (they are: its `args` hold every option,
+    and the `--data-dir` fallback reads them) and named five of the eight that `--resume` takes from the
+    command line alone (_SESSION_KEYS, less --resume, --out and --overwrite, which name the run)."""
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    sentence = readme.split("The session's own options are not the run's", 1)[1].split("(the `continue with:`", 1)[0]
+    assert "not in the checkpoint" not in sentence and "the checkpoint records them" in sentence, sentence
+    named = {option[2:].replace("-", "_") for option in re.findall(r"`(--[a-z-]+)`", sentence)}
+    assert named == train_module._SESSION_KEYS - {"resume", "out", "overwrite"}, sorted(named)

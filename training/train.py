@@ -310,8 +310,8 @@ def run_folder(args, given: set[str] | None) -> Path:
     return path
 
 
-# Session options the printed resume command repeats when this session set them (a checkpoint does
-# not carry them: see _SESSION_KEYS).
+# Session options the printed resume command repeats when this session set them (the checkpoint records
+# them, but --resume does not take them from it: see _SESSION_KEYS).
 _RESUMED_SESSION_OPTIONS = ("data_dir", "threads", "device", "compile", "eval_batch_size")
 
 
