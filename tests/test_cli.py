@@ -47,3 +47,24 @@ def test_make_help_gives_each_target_a_whole_self_contained_line():
     for _, target, text in lines:
         assert text.endswith("."), f"make {target}: {text}"
         assert not {"below", "above"} & set(re.findall(r"[a-z]+", text)), f"make {target}: {text}"
+
+
+def test_rollout_failures_exit_with_the_modules_codes_and_make_says_2():
+    """README gave `make rollout`'s failures exit codes 1 / 130 / 143; they are serving.rollout's, and make exits 2
+    for any failed recipe. TorchServe not running: the module exits 1, the make target 2, as README now says."""
+    import pytest
+
+    from serving.torchserve import default_instance
+
+    if default_instance().is_running():
+        pytest.skip("this checkout's TorchServe runs (make serve): a rollout would go ahead")
+    weights = str(REPO / "model" / "weights" / "CIFAR100_model.pth")
+    module = subprocess.run([sys.executable, "-m", "serving.rollout", "--weights", weights], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert module.returncode == 1 and "TorchServe is not running" in module.stderr, module.stderr
+    make = subprocess.run(["make", "-s", "--no-print-directory", "rollout", f"WEIGHTS={weights}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert make.returncode == 2 and "TorchServe is not running" in make.stderr, make.stderr
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "are those of `python -m serving.rollout --weights W`" in readme
+    assert "`make rollout` itself exits 2 whenever the command fails" in readme

@@ -192,6 +192,14 @@ def test_a_second_rollout_while_one_runs_is_refused_at_once_naming_the_first(tmp
         message = str(err.value)
         assert message.startswith(f"another rollout is under way on this TorchServe (pid {os.getpid()}, since ")
         assert f"--weights {DEFAULT_WEIGHTS}; lock {rollout.ts.log_dir / 'rollout.lock'})" in message, message
+        # README quotes it whole (it had a relative lock path and stopped before the advice): the same words.
+        readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+        quoted = re.search(r"`error: (another rollout is under way on this TorchServe \(pid [^`]*)`", readme)[1]
+
+        def shape(text: str) -> str:
+            text = re.sub(r"pid \d+, since [^,]+, --weights \S+; lock \S+rollout\.lock\)", "pid P, since S, --weights W; lock L)", text)
+            return " ".join(text.split())
+        assert shape(quoted) == shape(message), (quoted, message)
         assert api.registered == [NEW]  # the first one finished its work
         return rollout.run(DEFAULT_WEIGHTS)  # the lock is free again
     version, said = with_stand_in(api, go)
