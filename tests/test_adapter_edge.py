@@ -454,14 +454,23 @@ def test_the_edge_gives_the_model_server_the_id_it_returns_and_keeps_it_on_a_las
 def test_metrics_host_and_frontend_dir_are_the_settings_readme_says(tmp_path):
     """METRICS_HOST: the metrics port listens there only (127.0.0.2: another loopback address);
     FRONTEND_DIR: the folder served at /; a folder that is not there: no page, said in the log."""
-    port = free_port("127.0.0.2")
     dead = f"http://127.0.0.1:{free_port()}"
     page = tmp_path / "page"
     page.mkdir()
     (page / "index.html").write_text("<!doctype html><title>mine</title>")
+    # The same port number on 127.0.0.1 held (bound, not listening: connections refused) for the test: a port free
+    # on 127.0.0.2 alone was once taken on 127.0.0.1 by another server, which answered (CI, session 34).
+    guard = socket.socket()
+    while True:
+        port = free_port("127.0.0.2")
+        try:
+            guard.bind(("127.0.0.1", port))
+            break
+        except OSError:
+            continue
     env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "METRICS_PORT": str(port),
            "METRICS_HOST": "127.0.0.2", "FRONTEND_DIR": str(page)}
-    with running_adapter(env, tmp_path / "a.log") as a:
+    with guard, running_adapter(env, tmp_path / "a.log") as a:
         assert "adapter_requests_total" in httpx.get(f"http://127.0.0.2:{port}/metrics", timeout=30).text
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30)
