@@ -325,12 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--host, --port and --log-file are for serve; {args.command} reads ADAPTER_HOST and "
                      "ADAPTER_PORT (e.g. ADAPTER_PORT=8001 python -m adapter.run start)")
     try:
-        _address()
+        host, port = _address()
     except ValueError as err:  # a bare int() gave a traceback without the name, and took 0 or 70000
         print(f"adapter: bad setting: {err}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        host, port = _address()
         return serve(args.host or host, args.port or port, args.log_file)
     return {"start": start, "stop": stop, "status": status}[args.command]()
 

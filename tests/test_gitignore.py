@@ -10,6 +10,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _untracked(checkout: Path) -> str:
+    """`git status --porcelain` of a checkout, every untracked file listed (not only their folders)."""
+    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=checkout,
+                          capture_output=True, text=True, check=True, timeout=60).stdout
+
+
 def test_the_environment_and_caches_are_ignored_as_folders_and_as_links(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -24,8 +30,7 @@ def test_the_environment_and_caches_are_ignored_as_folders_and_as_links(tmp_path
                 (checkout / name / "file").write_text("x")
             else:
                 os.symlink(shared, checkout / name)  # `/.venv/` matched the folder alone: the link showed as new
-        listed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=checkout,
-                                capture_output=True, text=True, check=True, timeout=60).stdout.split("\n")
+        listed = _untracked(checkout).split("\n")
         assert [line for line in listed if line and not line.endswith(".gitignore")] == [], (kind, listed)
 
 
@@ -37,6 +42,5 @@ def test_the_width_10_weights_file_can_be_committed(tmp_path):
     subprocess.run(["git", "init", "-q", str(checkout)], check=True, timeout=60)
     shutil.copy(REPO / ".gitignore", checkout / ".gitignore")
     (checkout / "model" / "weights" / "width10" / "CIFAR100_model.pth").write_bytes(b"weights")
-    listed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=checkout,
-                            capture_output=True, text=True, check=True, timeout=60).stdout
+    listed = _untracked(checkout)
     assert "?? model/weights/width10/CIFAR100_model.pth" in listed, listed

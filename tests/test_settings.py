@@ -85,7 +85,6 @@ def test_ts_port_variables_move_their_own_port_and_refuse_what_is_not_a_port():
             raise AssertionError(f"TS_MANAGEMENT_PORT={bad!r} was accepted")
 
 
-
 def test_adapter_and_metrics_ports_refuse_what_is_not_a_port_naming_the_variable(tmp_path, monkeypatch):
     """ADAPTER_PORT was read by a bare int(): `abc` ended `adapter.run start` with a traceback that named no
     setting, and 0 or 70000 were taken; METRICS_PORT=70000 passed as a positive number. README: an unusable
@@ -110,6 +109,7 @@ def test_adapter_and_metrics_ports_refuse_what_is_not_a_port_naming_the_variable
             assert f"METRICS_PORT={bad!r} is not a port number" in str(err), err
         else:
             raise AssertionError(f"METRICS_PORT={bad!r} was accepted")
+
 
 # --- the documented defaults are the code's (a default changed in one place only passed every test) ---
 
