@@ -8,12 +8,13 @@ serving/settings.py).
     TS_KEY_FILE           TorchServe's key_file.json (token auth) key_file.json
     TS_CONNECT_TIMEOUT_S  connecting to TorchServe              2
     TS_PREDICT_TIMEOUT_S  one prediction, its one retry and waits for a pooled connection included
-                          (-> 504; still waiting for a connection: 503 busy); must stay
+                          (-> 504; still waiting for a connection: 503 busy + Retry-After); must stay
                           below TorchServe's responseTimeout (checked at start-up)  10
     TS_RESPONSE_TIMEOUT_S TorchServe's responseTimeout; unset: read from TS_MODEL_CONFIG (else 120). A request
                           the adapter answered 504 (or whose task was cancelled) keeps its bytes, its place in the
                           request caps and an explanation's turn this long more: TorchServe may still run it
-    TS_MODEL_CONFIG       the model-config.yaml packed into the archive  handler/model-config.yaml
+    TS_MODEL_CONFIG       the model-config.yaml packed into the archive; one named here must be readable
+                          (the default may be absent)  handler/model-config.yaml
     TS_HEALTH_TIMEOUT_S   waiting for the model status / a health probe  3
     TS_MAX_CONNECTIONS    pooled connections to TorchServe      64
     OIP_URL               an Open Inference Protocol (v2) server to use instead of TorchServe, e.g. a
@@ -25,8 +26,9 @@ serving/settings.py).
                           share the one in flight (adapter/health.py); 0: every call checks  1
     MAX_UPLOAD_BYTES      largest accepted image file (-> 413)  10485760 (10 MB)
     MAX_REQUESTS_IN_FLIGHT  requests with a body held at once; more -> 503 + Retry-After  64
-    MAX_BYTES_IN_FLIGHT   bytes those requests may declare together (a chunked upload counts
-                          as MAX_UPLOAD_BYTES); more -> 503 + Retry-After  104857600 (100 MB)
+    MAX_BYTES_IN_FLIGHT   bytes those requests may hold together: received, plus the rest of their declared
+                          size while they arrive at MIN_UPLOAD_RATE (a chunked upload declares MAX_UPLOAD_BYTES
+                          + 64 KB, the form); more -> 503 + Retry-After  104857600 (100 MB)
     MAX_CLIENT_REQUESTS_IN_FLIGHT  of those, what one client address may hold; more -> 503 for that
                           client alone  16
     MAX_CLIENT_BYTES_IN_FLIGHT  bytes one client address may hold (buffered, or promised to its
@@ -139,13 +141,17 @@ def _env_flag(name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={text!r} is not 1/0 (true/false)")
 
 
-def torchserve_response_timeout(model_config: str) -> float | None:
-    """TorchServe's per-batch `responseTimeout` (s) from the archive's model-config.yaml; None if absent."""
+def torchserve_response_timeout(model_config: str, must_read: bool = False) -> float | None:
+    """TorchServe's per-batch `responseTimeout` (s) from the archive's model-config.yaml; None if absent
+    (or the file unreadable, unless ``must_read``: a TS_MODEL_CONFIG given by name must be there)."""
     import yaml  # only at start-up
 
     try:
         config = yaml.safe_load(Path(model_config).read_text()) or {}
-    except (OSError, yaml.YAMLError):
+    except (OSError, yaml.YAMLError) as err:
+        if must_read:
+            raise ConfigError(f"TS_MODEL_CONFIG={model_config!r} cannot be read: "
+                              f"{err.strerror if isinstance(err, OSError) else 'not YAML'}") from None
         return None
     value = config.get("responseTimeout") if isinstance(config, dict) else None
     return float(value) if isinstance(value, (int, float)) else None
@@ -217,7 +223,9 @@ class Settings:
 
     def check(self) -> None:
         """Refuse settings that contradict each other (called at start-up)."""
-        response_timeout = self.response_timeout_s or torchserve_response_timeout(self.model_config)
+        # Not read when TS_RESPONSE_TIMEOUT_S says it; the default file may be absent (an adapter deployed alone).
+        response_timeout = self.response_timeout_s or torchserve_response_timeout(
+            self.model_config, must_read=self.model_config != str(DEFAULT_MODEL_CONFIG))
         # A wedged worker is restarted by TorchServe only after responseTimeout; the client must
         # hear 504 from the adapter before that, not wait for TorchServe's own verdict.
         if response_timeout is not None and self.predict_timeout_s >= response_timeout:

@@ -3,7 +3,8 @@ port: METRICS_ENABLED, METRICS_PORT in config.py).
 
     adapter_requests_total{route, status}            answers sent; 499: none, the client went away mid-upload
     adapter_request_duration_seconds{route}          end to end, first byte in -> last byte out
-    adapter_model_server_duration_seconds            one call to the model server (a retry is a second one)
+    adapter_model_server_duration_seconds            one prediction or explanation call to the model server (a
+                                                     retry is a second one; status checks are not timed)
     adapter_requests_in_flight, adapter_bytes_in_flight   what the in-flight caps hold now (adapter/limits.py's
                                                      InFlight: requests with a body, the bytes charged to them,
                                                      those still held by the model server after a 504 included)
@@ -12,8 +13,10 @@ port: METRICS_ENABLED, METRICS_PORT in config.py).
     adapter_refusals_total{reason}                   timeout (408), too_large (413), url_too_long (414),
                                                      headers_too_large (431), bad_http (400 at the parser),
                                                      unsupported (501: WebSocket, CONNECT, upgrades),
-                                                     busy (503 + Retry-After: in-flight caps)
-    adapter_model_server_retries_total               predictions sent again after their worker died
+                                                     busy (503 + Retry-After: in-flight caps, or no pooled
+                                                     connection to the model server in time)
+    adapter_model_server_retries_total               predictions sent again after their worker died or their
+                                                     connection dropped mid-answer
     adapter_model_server_errors_total{kind}          failed predictions: MODEL_SERVER_ERROR_KINDS below
 
 Each app has its own registry (tests build several apps in one process). Routes are a fixed set
@@ -34,13 +37,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 SCRAPE_ROUTE = "/metrics"  # a scrape's own begin and answer change nothing a reused page must show
 ROUTES = frozenset({"/classify/", "/classify", "/explain/", "/explain", "/classes", "/settings", "/health", SCRAPE_ROUTE,
                     "/"})
-# Refusals the adapter makes itself, by status; 503 counts only with Retry-After (the in-flight caps:
+# Refusals the adapter makes itself, by status; 503 counts only with Retry-After (the in-flight caps, a full pool:
 # a 503 for a model server that is down or not ready is the model server's, not a refusal). A 400 is
 # one only at the HTTP parser (refused_before_app: bad_http); the app's 400s (no image, a picture the
 # handler refuses) are answers about a request's content, counted in adapter_requests_total alone.
 REFUSAL_REASONS = {408: "timeout", 413: "too_large", 414: "url_too_long", 431: "headers_too_large", 501: "unsupported"}
 PARSER_REFUSAL = "bad_http"  # the parser's 400, and any status the parser refuses with that has no reason above
-BUSY_REFUSAL = "busy"  # a 503 of the in-flight caps (with Retry-After)
+BUSY_REFUSAL = "busy"  # a 503 with Retry-After: the in-flight caps, or the pool to the model server
 # adapter_model_server_errors_total's kinds (adapter/model_server.py's count_failure picks one; README lists them).
 MODEL_SERVER_ERROR_KINDS = {
     "unreachable": "nobody answers at its address (refused, reset, connect timeout)",

@@ -119,6 +119,12 @@ class PoolBusy(Exception):
     """Every pooled connection stayed in use for longer than the wait allowed."""
 
 
+def pool_busy_error(settings: Settings) -> ClassifyError:
+    """PoolBusy's answer: the model server is slow, not down: a later try may pass (Retry-After)."""
+    return ClassifyError(503, "The model server is busy: too many requests are waiting. Try again shortly.",
+                         {"Retry-After": str(settings.retry_after_s)})
+
+
 # True while the current task waits for a pooled connection: a deadline around the whole call (a
 # prediction's, its retry included) that runs out then means "busy" (503), not "too slow" (504).
 _WAITING_FOR_SLOT: contextvars.ContextVar[bool] = contextvars.ContextVar("waiting_for_slot", default=False)

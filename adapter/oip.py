@@ -33,7 +33,7 @@ from .config import Settings
 from .errors import ClassifyError
 from .metrics import Metrics
 from .model_server import (PROBE_IMAGE, TRANSPORT_ERRORS, Pool, PoolBusy, Response, SilenceProbe, answer_error,
-                           count_failure, error_message, named_engine, prediction_deadline)
+                           count_failure, error_message, named_engine, pool_busy_error, prediction_deadline)
 from .request_context import note_model_version, request_id_header
 
 log = logging.getLogger("adapter.oip")
@@ -98,7 +98,7 @@ class OIPClient:
 
     def _unreachable(self, err: Exception) -> ClassifyError:
         if isinstance(err, PoolBusy):
-            return ClassifyError(503, "The model server is busy: too many requests are waiting. Try again shortly.")
+            return pool_busy_error(self.settings)
         if isinstance(err, TimeoutError) and not isinstance(err, aiohttp.ConnectionTimeoutError):
             return ClassifyError(504, f"The model server took longer than {self.settings.predict_timeout_s:g} s to answer.")
         log.warning("model server not reachable at %s: %s", self.settings.oip_url, err)  # the URL stays internal

@@ -79,6 +79,7 @@ class _LingeringTransport:
         self._protocol = protocol
         self._lingering = False
         self._drained = 0  # bytes dropped while lingering, since the last rate check
+        self._timers: list = []  # the lingering close's deadline and rate check
 
     def __getattr__(self, name):
         return getattr(self._transport, name)
@@ -101,8 +102,8 @@ class _LingeringTransport:
         settings = self._protocol.settings
         linger_s = min(settings.body_timeout_s, LINGER_MAX_S)
         loop = self._protocol.loop
-        loop.call_later(linger_s, self._transport.close)
-        loop.call_later(LINGER_CHECK_S, self._check_drain_rate)
+        self._timers = [loop.call_later(linger_s, self._transport.close),
+                        loop.call_later(LINGER_CHECK_S, self._check_drain_rate)]
 
     def _check_drain_rate(self) -> None:
         if self._transport.is_closing():
@@ -111,7 +112,14 @@ class _LingeringTransport:
             self._transport.close()  # a crawler: nothing to wait for
             return
         self._drained = 0
-        self._protocol.loop.call_later(LINGER_CHECK_S, self._check_drain_rate)
+        self._timers[1] = self._protocol.loop.call_later(LINGER_CHECK_S, self._check_drain_rate)
+
+    def cancel_timers(self) -> None:
+        """The connection is gone: a pending timer would keep it (protocol, transport, request) in memory
+        until it fires, LINGER_MAX_S later; at thousands of refusals a second, ~100 MB."""
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
 
 
 class _HeadRefused(Exception):
@@ -216,7 +224,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._connection_key = None
         self._cancel_head_timer()
         self._cancel_send_timer()
+        self.transport.cancel_timers()
         super().connection_lost(exc)
+        # uvicorn stops the keep-alive timer only on a clean close: after a reset it would keep the
+        # connection for KEEPALIVE_TIMEOUT_S.
+        self._unset_keepalive_if_required()
 
     def _cancel_head_timer(self) -> None:
         if getattr(self, "_head_timer", None) is not None:

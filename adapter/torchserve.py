@@ -35,7 +35,7 @@ from .config import Settings
 from .errors import ClassifyError
 from .metrics import Metrics
 from .model_server import (PROBE_IMAGE, TRANSPORT_ERRORS, Pool, PoolBusy, Response, SilenceProbe, answer_error,
-                           count_failure, error_message, named_engine, prediction_deadline)
+                           count_failure, error_message, named_engine, pool_busy_error, prediction_deadline)
 from .request_context import note_model_version, request_id_header
 
 log = logging.getLogger("adapter.torchserve")
@@ -117,7 +117,7 @@ class TorchServeClient:
 
     def _unreachable(self, err: Exception, url: str) -> ClassifyError:
         if isinstance(err, PoolBusy):
-            return ClassifyError(503, "The model server is busy: too many requests are waiting. Try again shortly.")
+            return pool_busy_error(self.settings)
         # ConnectionTimeoutError (a TimeoutError too): the TCP connect took longer than
         # TS_CONNECT_TIMEOUT_S, i.e. nobody answers at that address: "not reachable", below.
         # Any other timeout is the `total` one (or a socket read): TorchServe too slow.

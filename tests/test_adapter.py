@@ -876,6 +876,7 @@ def test_no_pooled_connection_free_within_the_deadline_is_503_busy(tmp_path):
     results = run_client(StandIn(predict), tmp_path, three, metrics, max_connections=1, predict_timeout_s=1.0)
     assert isinstance(results[0], dict), results
     assert [(r.status_code, "busy" in r.message) for r in results[1:]] == [(504, False), (503, True)], results
+    assert results[2].headers == {"Retry-After": "1"}  # slow, not down: a later try may pass
     kinds = errors_by_kind(metrics)
     assert kinds == {"timeout": 1, "busy": 1}
 

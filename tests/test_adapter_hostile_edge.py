@@ -12,21 +12,30 @@ TorchServe at all) over real sockets, with short deadlines through its settings.
     a trailer line that never ends, a huge chunk extension -> 431
     a client that half-closes after its request -> still gets its answer
     HEAD on every GET route    -> 200
+    refused uploads whose clients reset -> nothing of them kept (in-process, to count the connections)
 """
 from __future__ import annotations
 
+import gc
 import io
 import json
 import socket
+import struct
 import threading
 import time
+import weakref
 
 import pytest
+import uvicorn
 from PIL import Image
 
+from adapter import protocol
+from adapter.app import create_app
+from adapter.config import Settings
 from adapter.protocol import HEAD_SLACK_BYTES
 from adapter.run import running_adapter
 from serving.process import free_port
+from test_hostile import multipart_head
 
 KEEPALIVE_TIMEOUT_S = 1.0
 HEADER_TIMEOUT_S = 6.0
@@ -326,3 +335,61 @@ def test_uploads_waiting_to_be_shrunk_get_503_busy_after_shrink_wait(edge):
     busy = [(status, headers, answer) for status, headers, answer in results if "busy shrinking" in answer["error"]]
     assert len(results) == 6 and busy, results
     assert all(status == 503 and headers.get("retry-after") == "1" for status, headers, _ in busy), busy
+
+
+def test_a_refused_upload_whose_client_resets_leaves_nothing_behind(monkeypatch):
+    """After an answer sent before the body (here 503: past its address's share of requests), the lingering
+    close's timers and uvicorn's keep-alive timer held the whole connection (protocol, transport, request)
+    until they fired, up to LINGER_MAX_S after its client reset it: ~100 MB while one address drew thousands
+    of refusals a second. In-process (a real uvicorn on a real socket) to count what is left; the timers are
+    set past the test's wait, so that only cancelling them frees the connections in time."""
+    monkeypatch.setattr(protocol, "LINGER_CHECK_S", 60.0)
+    monkeypatch.setattr(protocol, "LINGER_MAX_S", 60.0)
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = Settings(inference_url=dead, management_url=dead, max_client_requests_in_flight=1, min_rate_grace_s=60,
+                        body_timeout_s=60, keepalive_timeout_s=60)
+    app = create_app(settings)
+    connections = weakref.WeakSet()
+
+    class CountedProtocol(protocol.protocol_class(settings, app.state.refused_before_app)):
+        def connection_made(self, transport) -> None:
+            connections.add(self)
+            super().connection_made(transport)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                                           timeout_keep_alive=settings.keepalive_timeout_s, http=CountedProtocol,
+                                           ws="none"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the in-process adapter did not start"
+            time.sleep(0.05)
+
+        def connections_alive() -> int:
+            gc.collect()
+            return len(connections)
+
+        def reset(sock: socket.socket) -> None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+
+        holder = connect(port)  # the address's one request: its body never comes
+        holder.sendall(multipart_head(port, 100_000) + b"--xx\r\n")
+        time.sleep(0.5)
+        for _ in range(20):
+            sock = connect(port)
+            sock.sendall(multipart_head(port, 100_000) + b"--xx\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 503"), "expected the early 503"
+            reset(sock)
+        reset(holder)
+        started = time.monotonic()
+        while connections_alive() and time.monotonic() - started < 10:
+            time.sleep(0.1)
+        assert connections_alive() == 0, f"connections' objects still held {time.monotonic() - started:.1f} s on"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -296,6 +296,7 @@ def test_no_pooled_connection_free_in_time_is_503_busy_not_a_timeout():
                                          three_at_once, metrics))
     assert isinstance(results[0], dict), results
     assert [(r.status_code, "busy" in r.message) for r in results[1:]] == [(504, False), (503, True)], results
+    assert results[2].headers == {"Retry-After": "1"}  # slow, not down: a later try may pass
     kinds = errors_by_kind(metrics)
     assert kinds == {"timeout": 1, "busy": 1}
 

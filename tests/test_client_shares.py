@@ -38,10 +38,10 @@ from test_hostile import multipart_head, parse, raw_exchange, wait_for
 FULL_SIZE = 10 * 1024 * 1024  # what the attacker's heads declare
 ATTACKER, WELL_BEHAVED, CRAWLERS = "127.0.0.2", "127.0.0.3", ("127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7")
 # The adapter's memory while one address attacks (one adapter for the module: its high-water mark carries over).
-# Measured 2026-12-04 on a 2-core Xeon with AMX: 72 MB idle, 168-174 MB after 64 trickling connections, 207-220 MB
-# after 300 (20,000 refusals in 5 s; a plateau: the next phases add nothing); under 200 MB in other runs the same
-# day. What it guards against: memory that grows with the attack, 300 full-size uploads being 3 GB.
-ADAPTER_PEAK_RSS = 256 * 1024 * 1024
+# Measured 2026-12-04 on a 2-core Xeon with AMX: 71 MB idle, 79 MB at most through every phase (20,000 refusals in
+# 5 s). Before the lingering close's timers were cancelled with their connection, each refused connection was kept
+# up to LINGER_MAX_S after its client left: 166-220 MB. What it guards against: memory that grows with the attack.
+ADAPTER_PEAK_RSS = 140 * 1024 * 1024
 ATTACK_S = 5.0  # each attack phase; the well-behaved client posts every 0.25 s during it, from 0.5 s on
 HEAD_START_S = 0.5  # the attacker holds what it can first
 DEFAULTS = Settings()
@@ -232,6 +232,21 @@ def test_settings_that_cannot_work_are_refused(monkeypatch, env, words):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=words):
+        Settings.from_env().check()
+
+
+def test_ts_model_config_is_read_for_torchserves_response_timeout_and_must_exist_when_named(monkeypatch, tmp_path):
+    """The check above, with responseTimeout from the model-config.yaml TS_MODEL_CONFIG names; a file named
+    there that cannot be read stops the start (the check was skipped, and 504s came after TorchServe's own)."""
+    config = tmp_path / "model-config.yaml"
+    config.write_text("responseTimeout: 8\n")
+    monkeypatch.setenv("TS_MODEL_CONFIG", str(config))
+    with pytest.raises(ConfigError, match=r"TS_PREDICT_TIMEOUT_S=10 must be below TorchServe's responseTimeout \(8 s"):
+        Settings.from_env().check()
+    monkeypatch.setenv("TS_PREDICT_TIMEOUT_S", "7")
+    Settings.from_env().check()
+    monkeypatch.setenv("TS_MODEL_CONFIG", str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="TS_MODEL_CONFIG=.*missing.yaml' cannot be read: No such file"):
         Settings.from_env().check()
 
 
