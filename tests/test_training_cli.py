@@ -123,6 +123,12 @@ def test_the_interrupted_message_repeats_the_sessions_own_options(monkeypatch):
     assert train_module.resume_command(train_module.build_parser().parse_args(argv)) == (
         "/opt/env/bin/python -m training.train --resume --out runs/w2 --data-dir /data/cifar --threads 1 --device cpu "
         "--compile")
+    # Bars forced into a log, or off on a terminal, and a session's epoch limit: given again (README says so).
+    chunked = ["--progress", "--max-epochs-this-run", "5", "--download", "--out", "runs/w2"]
+    assert train_module.resume_command(train_module.build_parser().parse_args(chunked)) == (
+        "/opt/env/bin/python -m training.train --resume --out runs/w2 --progress --max-epochs-this-run 5")
+    assert train_module.resume_command(train_module.build_parser().parse_args(["--no-progress"])).endswith(
+        " --resume --no-progress")
 
 
 def test_the_continue_command_runs_this_interpreter_as_readme_writes_it(tmp_path, monkeypatch):

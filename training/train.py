@@ -311,8 +311,9 @@ def run_folder(args, given: set[str] | None) -> Path:
 
 
 # Session options the printed resume command repeats when this session set them (the checkpoint records
-# them, but --resume does not take them from it: see _SESSION_KEYS).
-_RESUMED_SESSION_OPTIONS = ("data_dir", "threads", "device", "compile", "eval_batch_size")
+# them, but --resume does not take them from it: see _SESSION_KEYS). Not --download: the data is there by then.
+_RESUMED_SESSION_OPTIONS = ("data_dir", "threads", "device", "compile", "eval_batch_size", "progress",
+                            "max_epochs_this_run")
 
 
 def launcher() -> list[str]:
@@ -339,7 +340,7 @@ def resume_command(args) -> str:
         value = getattr(args, key, getattr(defaults, key))
         if value != getattr(defaults, key):
             option = "--" + key.replace("_", "-")
-            words += [option] if value is True else [option, str(value)]
+            words += [option] if value is True else ["--no-" + option[2:]] if value is False else [option, str(value)]
     return shlex.join(words)
 
 
