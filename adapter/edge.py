@@ -8,7 +8,9 @@ An ASGI middleware around the whole app (outermost, so the in-flight caps' 503s 
     adapter/limits.py's client_host; the shares count an IPv6 address by its /64), method,
     route, status, bytes_in, latency_ms, request_id, model_version (of the answer, when a model
     answered); adapter/run.py writes those lines bare, as JSON; status 499 (CLIENT_GONE): the client
-    went away before its answer (mid-upload), and got none;
+    went away before its answer began (mid-upload, or while the model worked: adapter/protocol.py notes
+    it in the request's record, as uvicorn drops an answer to a closed connection without a word), and
+    got none;
   * adapter/metrics.py's counters and histograms, when metrics are on.
 Refusals at the HTTP parser (adapter/protocol.py: 400, 408 head, 414, 431) never reach the app:
 ``refused_before_app`` gives them a request id (the client's when sane: from the headers parsed so far),
@@ -34,7 +36,8 @@ from .request_context import CURRENT
 access_log = logging.getLogger("adapter.access")
 log = logging.getLogger("adapter.edge")
 # The request's record in its ASGI scope (the dict the app and adapter/protocol.py share): request_id,
-# model_version, and parser_refused (the status the parser answered its body with, else None).
+# model_version, parser_refused (the status the parser answered its body with, else None), and client_gone
+# (the connection closed before the answer began).
 EDGE_RECORD = "adapter.edge"
 
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]+")
@@ -60,7 +63,7 @@ def edge_record(scope: dict, max_length: int) -> dict:
     record = scope.get(EDGE_RECORD)
     if record is None:
         record = scope[EDGE_RECORD] = {"request_id": request_id_from(scope["headers"], max_length),
-                                       "model_version": None, "parser_refused": None}
+                                       "model_version": None, "parser_refused": None, "client_gone": False}
     return record
 
 
@@ -131,6 +134,8 @@ class Edge:
             parser_refused = context["parser_refused"]
             if parser_refused is not None:  # the answer the client got
                 status = parser_refused
+            elif context["client_gone"]:  # the app answered, to nobody
+                status = CLIENT_GONE
             if metrics:
                 metrics.answered(route, status, seconds, busy, parser_refused is not None)
             _log_line(client_host(scope), scope["method"], route, status, bytes_in, seconds, request_id,

@@ -1,7 +1,8 @@
 """What the adapter counts for Prometheus (prometheus_client; served at GET /metrics, or on its own
 port: METRICS_ENABLED, METRICS_PORT in config.py).
 
-    adapter_requests_total{route, status}            answers sent; 499: none, the client went away mid-upload
+    adapter_requests_total{route, status}            answers sent; 499: none, the client went away before its
+                                                     answer began (mid-upload, or while the model worked)
     adapter_request_duration_seconds{route}          end to end, first byte in -> last byte out
     adapter_model_server_duration_seconds            one prediction or explanation call to the model server (a
                                                      retry is a second one; status checks are not timed)

@@ -53,6 +53,7 @@ from serving.pace import paced_deadline
 from serving.throttled_log import ThrottledLog
 
 from .config import Settings
+from .edge import edge_record
 from .limits import client_key
 
 log = logging.getLogger("adapter.protocol")
@@ -225,6 +226,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         self._cancel_send_timer()
         self.transport.cancel_timers()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:  # its answer, if any comes, goes to nobody (499)
+            edge_record(cycle.scope, self.settings.request_id_max_length)["client_gone"] = True
         super().connection_lost(exc)
         # uvicorn stops the keep-alive timer only on a clean close: after a reset it would keep the
         # connection for KEEPALIVE_TIMEOUT_S.

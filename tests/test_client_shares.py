@@ -10,7 +10,9 @@ import asyncio
 import json
 import os
 import resource
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -32,7 +34,7 @@ from adapter.run import running_adapter
 from serving.process import free_port
 from serving_helpers import cifar_pil, encode
 from test_adapter import ANSWER, READY
-from test_adapter_edge import samples
+from test_adapter_edge import access_record, samples
 from test_hostile import multipart_head, parse, raw_exchange, wait_for
 
 FULL_SIZE = 10 * 1024 * 1024  # what the attacker's heads declare
@@ -718,6 +720,32 @@ def test_uploads_given_up_on_keep_their_bytes_while_the_model_server_holds_them(
     assert _post_image(adapter.base_url, "/classify/", "127.0.0.6", bmp, "a.bmp") == 503
     time.sleep(1.6)
     assert _post_image(adapter.base_url, "/classify/", "127.0.0.6", bmp, "a.bmp") == 504  # admitted, then too slow
+
+
+def test_a_client_gone_while_the_model_works_is_499_not_the_answer_it_never_got(slow_model_server, small_png):
+    """Its whole upload sent, the connection reset while the model server works (1.2 s; the adapter gives up at
+    0.5 s): the adapter's 504 goes to nobody (uvicorn drops it without a word) and was logged and counted as a
+    504. Now 499 (client closed request), as for a client gone mid-upload."""
+    adapter, server = slow_model_server
+    body = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + small_png + b"\r\n--b--\r\n")
+    metric = lambda text, status: samples(text).get(
+        ("adapter_requests_total", (("route", "/classify/"), ("status", status))), 0)
+    before = httpx.get(f"{adapter.base_url}/metrics", timeout=10).text
+    with socket.socket() as sock:
+        sock.settimeout(30)
+        sock.bind(("127.0.0.7", 0))
+        sock.connect(("127.0.0.1", int(adapter.base_url.rsplit(":", 1)[1])))
+        runs = len(server.runs)
+        sock.sendall(b"POST /classify/ HTTP/1.1\r\nHost: x\r\nX-Request-ID: gone-while-the-model-works\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        wait_for(lambda: len(server.runs) > runs, 10, "the prediction at the model server", 0.02)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() resets
+    record = access_record(adapter.log_file, "gone-while-the-model-works", wait_s=30)
+    after = httpx.get(f"{adapter.base_url}/metrics", timeout=10).text
+    assert (record["status"], record["bytes_in"]) == (499, len(body)), record
+    assert (metric(after, "499") - metric(before, "499"), metric(after, "504") - metric(before, "504")) == (1, 0)
 
 
 # --- connection caps and bytes held, with no model server (nothing here reaches one) -------------
