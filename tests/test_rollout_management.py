@@ -61,9 +61,12 @@ class StandInManagement:
             self.keys[request.query["type"]] = f"{request.query['type'][0]}{self.issued}"
             self.write_key_file()
             return web.json_response({"status": "renewed"})
-        if self.key_of(request) != self.keys["management"]:
+        if self.key_of(request) != self.keys["inference" if path.startswith("/predictions/") else "management"]:
             self.refused.append((request.method, path))
             return web.json_response(INVALID_KEY, status=400)
+        if path.startswith("/predictions/"):  # the warm-up's route: an answer of the version asked
+            self.calls.append((request.method, path))
+            return web.json_response({"prediction": "Apple"}, headers={"X-Model-Version": path.rsplit("/", 1)[1]})
         self.calls.append((request.method, path))
         if request.method == "GET" and path == "/models/cifar100":
             return web.json_response([{"modelVersion": self.registered[0]}])
@@ -108,6 +111,18 @@ def test_an_expired_management_key_is_renewed_and_the_call_sent_again(tmp_path):
     assert version == NEW and "nothing to do" in said[-1]
     assert api.refused == [("GET", "/models/cifar100")] and api.issued == 1
     assert json.loads((tmp_path / "key_file.json").read_text())["management"]["key"] == "m1"
+
+
+def test_an_expired_inference_key_is_renewed_for_the_warm_up_too(tmp_path):
+    """The warm-up predictions go to the inference API with its own key (README: both keys are renewed): an
+    expired one is renewed with the API key and the prediction sent again, within the ready deadline."""
+    from serving.rollout import ReadyDeadline
+
+    api = StandInManagement(tmp_path, [NEW], expired={"inference"})
+    path = f"/predictions/cifar100/{NEW}"
+    answer, _ = with_stand_in(api, lambda rollout: rollout._warm_up(path, b"PNG", ReadyDeadline(NEW, 5)))
+    assert answer.status_code == 200 and api.refused == [("POST", path)] and api.calls == [("POST", path)]
+    assert api.issued == 1 and json.loads((tmp_path / "key_file.json").read_text())["inference"]["key"] == "i1"
 
 
 def test_a_key_renewed_elsewhere_is_read_again_not_renewed(tmp_path):
