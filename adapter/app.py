@@ -248,8 +248,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_api_route(SCRAPE_ROUTE, prometheus_metrics, methods=["GET", "HEAD"], include_in_schema=False)
 
     if settings.cors_allow_origins:  # none by default: the page is served from this same origin
+        # A page on another origin reads only the headers exposed to it: Retry-After (its busy retries) too.
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins,
-                           allow_methods=["GET", "POST"], allow_headers=["*"])
+                           allow_methods=["GET", "POST"], allow_headers=["*"],
+                           expose_headers=["Retry-After", "X-Request-ID"])
     # Outermost: refuses or times out bodies before anything else holds them.
     app.add_middleware(RequestLimits, settings=settings, in_flight=app.state.in_flight)
     # Outside even that: its refusals get a request id, a log line and their count too.

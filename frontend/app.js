@@ -13,7 +13,6 @@
   const fileInput = $("file-input");
   const cameraInput = $("camera-input");
   const preview = $("preview");
-  const resultBox = $("result");
   const statusLine = $("status");
   const answerBox = $("answer");
   const predictionText = $("prediction");
@@ -62,8 +61,8 @@
   const ANSWER_DEADLINE_S = 60;
 
   // The adapter's limits (GET {apiBase}/settings: max_upload_bytes, top_k, images, shrink), asked once
-  // at start so that a too-large file is refused before it is sent (or shown) and a large photo is
-  // shrunk first.
+  // at start so that a too-large file is refused before it is sent (after its preview and an attempt to
+  // shrink it) and a large photo is shrunk first.
   // Unreachable or slow: no check and no shrinking here, the adapter's own 413 still answers.
   const serverSettings = fetch(`${apiBase}/settings`, { signal: AbortSignal.timeout(SETTINGS_DEADLINE_S * 1000) })
     .then((response) => (response.ok ? response.json() : {}))
@@ -116,7 +115,9 @@
   }
 
   function setBusy(busy) {
-    resultBox.setAttribute("aria-busy", String(busy));
+    // On the answer, not on #result: a screen reader may hold back what a live region inside a busy
+    // element says (#status: "Looking at your image…", "The server is busy; trying again…").
+    answerBox.setAttribute("aria-busy", String(busy));
     dropZone.classList.toggle("busy", busy);
     document.body.classList.toggle("busy", busy);
   }
@@ -294,7 +295,7 @@
     if (response.status === 400 || response.status === 415) {
       return `That file could not be read as an image.${message ? ` (Server: ${message})` : ""}`;
     }
-    return message || `The server answered ${response.status} ${response.statusText}.`;
+    return message || `The server answered ${[response.status, response.statusText].filter(Boolean).join(" ")}.`;
   }
 
   // True when any pixel of the canvas is not fully opaque.
@@ -711,7 +712,20 @@
         if (stillShown()) whyFailed(message);
         return;
       }
-      const answer = await response.json();
+      let answer;
+      try {
+        answer = await response.json();
+      } catch (err) {
+        if (stillShown()) {
+          whyFailed(err.name === "TimeoutError" ? unreachable(err, url) : "The server sent an answer this page cannot read.");
+        }
+        return;
+      }
+      if (!stillShown()) return;
+      if (!answer || typeof answer.prediction !== "string" || typeof answer.heatmap !== "string") {
+        whyFailed(answer && answer.error ? answer.error : "The server's answer has no explanation.");
+        return;
+      }
       const overlay = await colourHeatmap(answer.heatmap);
       if (!stillShown()) return;
       // The heatmap is of the explanation's own answer: shown beside an older, different one, it would
@@ -723,7 +737,9 @@
       heatmapFor = upload;
       showWhy(updated);
     } catch (err) {
-      if (stillShown()) whyFailed(err.name === "TimeoutError" ? unreachable(err, url) : err.message);
+      if (stillShown()) {
+        whyFailed(err.name === "TimeoutError" ? unreachable(err, url) : "The explanation could not be shown.");
+      }
     } finally {
       if (explainingFor === upload) { // a newer picture's explanation, if one started, is not done
         explainingFor = null;
@@ -734,9 +750,12 @@
 
   whyButton.addEventListener("click", why);
 
-  // The 100 things it knows, fetched the first time the list is opened.
+  // The 100 things it knows, fetched the first time the list is opened (again on the next opening when
+  // that failed; once while a fetch is under way).
+  let classesState = "none"; // "loading", "loaded"
   knownThings.addEventListener("toggle", async () => {
-    if (!knownThings.open || classList.childElementCount) return;
+    if (!knownThings.open || classesState !== "none") return;
+    classesState = "loading";
     try {
       const response = await fetch(`${apiBase}/classes`, { signal: AbortSignal.timeout(ANSWER_DEADLINE_S * 1000) });
       if (!response.ok) throw new Error(String(response.status));
@@ -746,10 +765,12 @@
         li.textContent = item.name;
         return li;
       }));
+      classesState = "loaded";
     } catch (_) {
       const li = document.createElement("li");
-      li.textContent = "The list could not be loaded from the server.";
+      li.textContent = "The list could not be loaded from the server. Close and open it to try again.";
       classList.replaceChildren(li);
+      classesState = "none";
     }
   });
 
@@ -824,8 +845,10 @@
     cameraView.srcObject = null;
   }
 
+  let cameraAsk = 0; // the latest opening's number: an earlier one's late stream is stopped, not kept
   async function openCamera() {
     if (cameraDialog.open) return;
+    const ask = ++cameraAsk;
     shootButton.disabled = true;
     cameraStatus.textContent = "Starting the camera…";
     cameraDialog.showModal();
@@ -833,12 +856,13 @@
     try {
       stream = await navigator.mediaDevices.getUserMedia({ video: { facingMode: "environment" }, audio: false });
     } catch (err) {
+      if (ask !== cameraAsk) return;
       cameraStatus.textContent = err && err.name === "NotAllowedError"
         ? "The camera may not be used here: allow it in the browser's settings for this site, or choose a photo."
         : "The camera could not be started (another program may be using it). Choose a photo instead.";
       return;
     }
-    if (!cameraDialog.open) { // cancelled while the browser asked for the camera
+    if (!cameraDialog.open || ask !== cameraAsk) { // cancelled (and maybe opened again) while the browser asked
       stream.getTracks().forEach((track) => track.stop());
       return;
     }

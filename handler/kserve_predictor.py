@@ -617,7 +617,8 @@ def main() -> None:
     parser.add_argument("--min_rate_grace_s", type=float, default=MIN_RATE_GRACE_S)
     parser.add_argument("--max_waiting_requests", type=positive_int, default=None,
                         help="requests that may wait for a forward pass; one more gets 503 (default: TorchServe's "
-                             f"job_queue_size of the bundle's config.properties, else {TORCHSERVE_JOB_QUEUE_SIZE})")
+                             "job_queue_size of the bundle's config.properties, else the repository's (the image's), "
+                             f"else {TORCHSERVE_JOB_QUEUE_SIZE})")
     parser.add_argument("--max_waiting_explanations", type=positive_int, default=None,
                         help="explanations (:explain) that may be under way at once, one Grad-CAM batch running "
                              "and the rest waiting; one more gets 503 (default: the --max_waiting_requests bound)")

@@ -208,6 +208,63 @@ def test_the_predictor_image_copies_what_exists_and_installs_pinned_versions():
     assert install and all(name.lower() in pinned for name in install), install
 
 
+def _requirement_names(path: Path) -> list[str]:
+    """The distributions a requirements file names, its nested -r files' included."""
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            names += _requirement_names(path.parent / line[3:].strip())
+        elif line and not line.startswith("-"):
+            names.append(re.split(r"[=<>!~\[; ]", line)[0])
+    return names
+
+
+# Imported in a try block when installed (this environment has them for other tools), not needed by the image.
+IMPORTED_WHEN_PRESENT = {"pydot",  # torch.fx's graph drawer
+                         "rich", "pygments"}  # httpx's command line (httpx[cli])
+
+
+def test_the_predictor_image_installs_everything_the_predictor_imports():
+    """No Docker here: the image's two pip lines, read as pip reads them (a -r inside the -c constraints file is a
+    requirements file to pip: adapter/requirements.txt's fastapi, uvicorn, aiohttp, prometheus_client ... are
+    installed; requirements-kserve.txt without its dependencies), against the distributions that importing
+    handler.kserve_predictor loads in this environment. (Checked for real on 2026-12-04: an empty virtualenv and
+    the two lines import it.)"""
+    import importlib.metadata as metadata
+    import subprocess
+    import sys
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    text = PREDICTOR_DOCKERFILE.read_text()
+    named = re.search(r"-c requirements.txt \\\n\s+(.+?) \\\n", text).group(1).split()
+    # requirements.txt as constraints: only its nested -r lines install anything.
+    nested = [line.split()[1] for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("-r ")]
+    wanted = [*named, *(name for path in nested for name in _requirement_names(REPO / path))]
+    installed, environment = set(), {**default_environment(), "extra": ""}
+    while wanted:
+        name = canonical(wanted.pop())
+        if name in installed:
+            continue
+        installed.add(name)
+        for line in metadata.requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate(environment):
+                wanted.append(requirement.name)
+    installed |= {canonical(name) for name in _requirement_names(REPO / "requirements-kserve.txt")}  # --no-deps
+
+    loaded = subprocess.run([sys.executable, "-c", "import sys, handler.kserve_predictor; print(*sys.modules)"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, check=True).stdout.split()
+    owners = metadata.packages_distributions()
+    imported = {canonical(dist) for module in loaded for dist in owners.get(module.split(".")[0], ())}
+    assert imported and not imported - installed - IMPORTED_WHEN_PRESENT, sorted(imported - installed)
+
+
 def test_the_grpc_manifest_is_the_same_predictor_routed_on_its_h2c_port():
     """Knative routes one port per container: the gRPC manifest is the REST one's container (image,
     arguments, bundle, threads, resources, concurrency) with the gRPC port, named h2c, and its probe there."""

@@ -83,7 +83,7 @@ def wait_for_error(page) -> str:
 def page_state(page) -> dict:
     """What the page shows and says, for the checks of what an error leaves behind."""
     return page.evaluate("""() => { const $ = (id) => document.getElementById(id);
-        return {busy: $('result').getAttribute('aria-busy'), spinner: $('drop-zone').classList.contains('busy'),
+        return {busy: $('answer').getAttribute('aria-busy'), spinner: $('drop-zone').classList.contains('busy'),
                 bodyBusy: document.body.classList.contains('busy'), state: document.body.dataset.state,
                 status: $('status').textContent, error: $('error').hidden ? null : $('error').textContent,
                 answerHidden: $('answer').hidden, prediction: $('prediction').textContent,
@@ -535,8 +535,10 @@ def test_a_file_refused_while_a_photo_uploads_leaves_the_page_idle(adapter, page
     page.goto(f"{adapter.base_url}/")
     held = hold(page, "**/classify/")
     page.set_input_files("#file-input", str(photo))
-    page.wait_for_function("() => document.getElementById('result').getAttribute('aria-busy') === 'true'")
+    page.wait_for_function("() => document.getElementById('answer').getAttribute('aria-busy') === 'true'")
     assert page.is_visible("#preview")
+    # What the page says meanwhile is not inside a busy element (a screen reader may hold it back there).
+    assert page.evaluate("document.getElementById('status').closest('[aria-busy=\"true\"]') === null")
     page.set_input_files("#file-input", files=[refused])
     message = wait_for_error(page)
     state = page_state(page)
@@ -747,6 +749,42 @@ def test_take_photo_on_a_desktop_with_a_camera_takes_one(adapter, camera_browser
             context.close()
 
 
+def test_a_camera_cancelled_and_opened_again_while_the_browser_asks_keeps_one_stream(adapter, camera_browser):
+    """Cancel while the browser still asks for the camera, then open it again: the first request's stream,
+    arriving late, was kept in place of the second's, which ran on unstopped. Now it is stopped at once, and
+    Cancel lets the one camera go. (The browser's asking is made slow by wrapping getUserMedia: headless
+    Chromium's fake camera answers at once.)"""
+    context = camera_browser.new_context(viewport=DESKTOP)
+    context.add_init_script("""(() => {
+        const media = navigator.mediaDevices, real = media.getUserMedia.bind(media);
+        window.streams = [];
+        let asked = 0;
+        media.getUserMedia = async (constraints) => {
+            const first = asked++ === 0;
+            const stream = await real(constraints);
+            window.streams.push(stream);
+            if (first) await new Promise((resolve) => setTimeout(resolve, 1500));
+            return stream;
+        };
+    })()""")
+    page = context.new_page()
+    try:
+        page.goto(f"{adapter.base_url}/")
+        page.wait_for_selector(TAKE_PHOTO)
+        page.click(TAKE_PHOTO)
+        page.click("#camera-cancel")
+        page.click(TAKE_PHOTO)
+        page.wait_for_selector("#camera-shoot:not([disabled])", timeout=10_000)
+        live = "() => window.streams.flatMap((s) => s.getTracks()).filter((t) => t.readyState === 'live').length"
+        page.wait_for_function("() => window.streams.length === 2")
+        page.wait_for_timeout(2000)  # the first answer has come by now
+        assert page.evaluate(live) == 1
+        page.click("#camera-cancel")
+        page.wait_for_function(f"() => ({live})() === 0", timeout=5_000)
+    finally:
+        context.close()
+
+
 def test_take_photo_on_a_phone_opens_its_camera_input(adapter, browser):
     """A browser with camera inputs (a phone's: Chromium on Android, Safari on iOS, which have the
     `capture` property) keeps the input: its own camera opens, not the page's."""
@@ -802,6 +840,11 @@ def test_page_on_another_origin_classifies_through_api_and_cors(torchserve, adap
         page.set_input_files("#file-input", str(photo))
         page.wait_for_function("() => document.body.dataset.state === 'answered'", timeout=ANSWER_TIMEOUT_MS)
         assert_shows(page, answer)
+        # The headers it reads are exposed to it: Retry-After (its busy retries) and X-Request-ID.
+        assert page.evaluate("url => fetch(url).then(r => r.headers.get('X-Request-ID'))", f"{allowing.base_url}/classes")
+        exposed = httpx.get(f"{allowing.base_url}/classes", headers={"Origin": other_origin}).headers
+        assert {h.strip().lower() for h in exposed["access-control-expose-headers"].split(",")} >= {"retry-after",
+                                                                                                    "x-request-id"}
 
 
 # --- where the page sends pictures, and what the adapter serves it with ---------------------------

@@ -93,6 +93,26 @@ def test_a_failed_explanation_keeps_the_answer_and_the_focus(adapter, page, phot
     assert page.evaluate("document.activeElement.id") == "why-button"
 
 
+@pytest.mark.parametrize("reply, words", [
+    ({"body": "<html>proxy page</html>", "content_type": "text/html"}, "The server sent an answer this page cannot read."),
+    ({"json": {"prediction": "Mountain"}}, "The server's answer has no explanation."),
+], ids=["not-json", "no-heatmap"])
+def test_an_unreadable_explanation_says_so_in_the_pages_words(adapter, page, photo, reply, words):
+    """A 200 from /explain/ that is not JSON (a proxy's page), or JSON without a heatmap: the page said the
+    browser's parser error ("Unexpected token '<' ...") or a failed image load; now its own words, as for
+    /classify/, and the answer on show stays."""
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    prediction = page.inner_text("#prediction")
+    page.route("**/explain/", lambda route: route.fulfill(status=200, **reply))
+    page.click("#why-button")
+    page.wait_for_function("() => document.getElementById('why-caption').textContent.startsWith('Could not show why')",
+                           timeout=ANSWER_TIMEOUT_MS)
+    assert page.inner_text("#why-caption") == f"Could not show why: {words}"
+    assert page.inner_text("#prediction") == prediction and page.is_hidden("#heatmap")
+
+
 def test_why_from_an_updated_model_shows_the_answer_its_heatmap_belongs_to(adapter, page, photo):
     """The model changed between the answer and "Why?" (a rollout, a canary's share): the explanation
     answers otherwise. Its heatmap was shown under the old answer, the caption naming the old label;
@@ -206,6 +226,28 @@ def test_page_lists_the_hundred_things_it_knows(adapter, page):
     names = page.eval_on_selector_all("#class-list li", "els => els.map(e => e.textContent)")
     expected = [c["name"] for c in httpx.get(f"{adapter.base_url}/classes").json()]
     assert names == expected and "Aquarium fish" in names
+
+
+def test_the_list_of_things_is_asked_again_after_it_failed_and_once_at_a_time(adapter, page):
+    """/classes failed once (the server down a moment): the list said so and stayed so until the page was
+    reloaded; and opening it twice while the first fetch ran sent two. Now one fetch at a time, and the next
+    opening after a failure asks again."""
+    asked = []
+    page.route("**/classes", lambda route: (asked.append(route), route.fulfill(status=500, json={"error": "down"})))
+    page.goto(f"{adapter.base_url}/")
+    page.click("#known-things summary")
+    page.wait_for_function("() => document.querySelector('#class-list li')?.textContent.includes('could not be loaded')")
+    page.unroute("**/classes")
+    held = []
+    page.route("**/classes", lambda route: held.append(route))
+    for _ in range(2):  # closed and opened again while its fetch is held
+        page.click("#known-things summary")
+        page.click("#known-things summary")
+    page.wait_for_function("() => document.getElementById('known-things').open")
+    page.wait_for_timeout(300)
+    assert len(asked) == 1 and len(held) == 1, (len(asked), len(held))
+    held[0].continue_()
+    page.wait_for_function("() => document.querySelectorAll('#class-list li').length === 100")
 
 
 @pytest.fixture

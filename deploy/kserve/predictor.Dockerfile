@@ -4,7 +4,9 @@
 # deploy/kserve/inferenceservice-predictor.yaml). Build from the repository root:
 #   docker build -f deploy/kserve/predictor.Dockerfile -t REGISTRY/cifar100-predictor:TAG .
 # (with a GPU: --build-arg TORCH_INDEX below).
-# Versions: requirements.txt's pins (-c), kserve's with --no-deps (requirements-kserve.txt).
+# Versions: requirements.txt's pins (-c), kserve's with --no-deps (requirements-kserve.txt). The -c file's own
+# `-r adapter/requirements.txt` installs those (pip reads a -r inside a constraints file as requirements): fastapi,
+# uvicorn, aiohttp, prometheus_client ..., which kserve imports (tests/test_kserve_manifests.py checks the whole set).
 FROM python:3.11-slim
 WORKDIR /app
 # A C/C++ compiler for torch.compile's engines (inductor's C++ on a CPU, Triton's launcher on a GPU): without
