@@ -148,10 +148,10 @@ def torchserve_response_timeout(model_config: str, must_read: bool = False) -> f
 
     try:
         config = yaml.safe_load(Path(model_config).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:  # (not text: the .mar, say)
         if must_read:
             raise ConfigError(f"TS_MODEL_CONFIG={model_config!r} cannot be read: "
-                              f"{err.strerror if isinstance(err, OSError) else 'not YAML'}") from None
+                              f"{err.strerror if isinstance(err, OSError) else 'not a YAML file'}") from None
         return None
     value = config.get("responseTimeout") if isinstance(config, dict) else None
     return float(value) if isinstance(value, (int, float)) else None

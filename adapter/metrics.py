@@ -14,8 +14,9 @@ port: METRICS_ENABLED, METRICS_PORT in config.py).
     adapter_refusals_total{reason}                   timeout (408), too_large (413), url_too_long (414),
                                                      headers_too_large (431), bad_http (400 at the parser),
                                                      unsupported (501: WebSocket, CONNECT, upgrades),
-                                                     busy (503 + Retry-After: in-flight caps, or no pooled
-                                                     connection to the model server in time)
+                                                     busy (any 503 + Retry-After: in-flight caps and shares,
+                                                     explanations' turns, the shrink wait, no pooled connection
+                                                     to the model server in time)
     adapter_model_server_retries_total               predictions sent again after their worker died or their
                                                      connection dropped mid-answer
     adapter_model_server_errors_total{kind}          failed predictions: MODEL_SERVER_ERROR_KINDS below
@@ -38,13 +39,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 SCRAPE_ROUTE = "/metrics"  # a scrape's own begin and answer change nothing a reused page must show
 ROUTES = frozenset({"/classify/", "/classify", "/explain/", "/explain", "/classes", "/settings", "/health", SCRAPE_ROUTE,
                     "/"})
-# Refusals the adapter makes itself, by status; 503 counts only with Retry-After (the in-flight caps, a full pool:
+# Refusals the adapter makes itself, by status; 503 counts only with Retry-After (caps, turns, waits, a full pool:
 # a 503 for a model server that is down or not ready is the model server's, not a refusal). A 400 is
 # one only at the HTTP parser (refused_before_app: bad_http); the app's 400s (no image, a picture the
 # handler refuses) are answers about a request's content, counted in adapter_requests_total alone.
 REFUSAL_REASONS = {408: "timeout", 413: "too_large", 414: "url_too_long", 431: "headers_too_large", 501: "unsupported"}
 PARSER_REFUSAL = "bad_http"  # the parser's 400, and any status the parser refuses with that has no reason above
-BUSY_REFUSAL = "busy"  # a 503 with Retry-After: the in-flight caps, or the pool to the model server
+BUSY_REFUSAL = "busy"  # any 503 with Retry-After (its caps, shares, turns and waits; the pool to the model server)
 # adapter_model_server_errors_total's kinds (adapter/model_server.py's count_failure picks one; README lists them).
 MODEL_SERVER_ERROR_KINDS = {
     "unreachable": "nobody answers at its address (refused, reset, connect timeout)",

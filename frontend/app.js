@@ -869,6 +869,7 @@
     cameraStream = stream;
     cameraView.srcObject = stream;
     await cameraView.play().catch(() => {});
+    if (ask !== cameraAsk) return; // cancelled meanwhile: that closing let this stream go
     cameraStatus.textContent = "";
     shootButton.disabled = false;
     shootButton.focus();

@@ -250,6 +250,10 @@ def test_ts_model_config_is_read_for_torchserves_response_timeout_and_must_exist
     monkeypatch.setenv("TS_MODEL_CONFIG", str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="TS_MODEL_CONFIG=.*missing.yaml' cannot be read: No such file"):
         Settings.from_env().check()
+    (tmp_path / "cifar100.mar").write_bytes(b"PK\x03\x04\xff\xfe\x00binary")  # the archive named by mistake
+    monkeypatch.setenv("TS_MODEL_CONFIG", str(tmp_path / "cifar100.mar"))
+    with pytest.raises(ConfigError, match="cifar100.mar' cannot be read: not a YAML file"):
+        Settings.from_env().check()
 
 
 def test_the_adapter_refuses_to_start_without_the_open_files_its_connection_cap_needs():
