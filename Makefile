@@ -69,8 +69,7 @@ evaluate: install
 
 # One command for the whole service: TorchServe (on the shipped weights) + adapter + page.
 serve: install
-	$(MAKE) --no-print-directory archive
-	$(MAKE) --no-print-directory serve-torchserve
+	$(MAKE) --no-print-directory serve-torchserve  # (which builds the archive first)
 	$(MAKE) --no-print-directory serve-adapter
 	@echo "Open the page: http://127.0.0.1:$${ADAPTER_PORT:-8000}/   (stop everything with: make stop)"
 
