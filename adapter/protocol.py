@@ -214,6 +214,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deferred_refusal: bytes | None = None  # sent once the earlier answers are (send_error)
         self._send_timer = None
         self._refusal: tuple[int, str] | None = None
+        self._unanswered: list = []  # request cycles whose answers may not have begun (pipelined: several)
         # A connection that never sends a byte would otherwise stay open for ever.
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                             self.timeout_keep_alive_handler)
@@ -226,9 +227,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         self._cancel_send_timer()
         self.transport.cancel_timers()
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_started:  # its answer, if any comes, goes to nobody (499)
-            edge_record(cycle.scope, self.settings.request_id_max_length)["client_gone"] = True
+        for cycle in self._unanswered:  # their answers, if any come, go to nobody (499)
+            if not cycle.response_started:
+                edge_record(cycle.scope, self.settings.request_id_max_length)["client_gone"] = True
         super().connection_lost(exc)
         # uvicorn stops the keep-alive timer only on a clean close: after a reset it would keep the
         # connection for KEEPALIVE_TIMEOUT_S.
@@ -430,6 +431,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse_upgrade()
         super().on_headers_complete()
         self._head_done = True
+        # self.cycle is the newest request only: an earlier pipelined one may still be answered.
+        self._unanswered = [cycle for cycle in self._unanswered if not cycle.response_complete]
+        if self.cycle is not None and self.cycle not in self._unanswered:
+            self._unanswered.append(self.cycle)
 
     def _should_upgrade(self) -> bool:  # uvicorn's: hand the connection to a WebSocket protocol
         return False  # never: no WebSocket routes here (on_headers_complete answers those requests)

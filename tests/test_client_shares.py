@@ -726,30 +726,49 @@ def test_uploads_given_up_on_keep_their_bytes_while_the_model_server_holds_them(
     assert _post_image(adapter.base_url, "/classify/", "127.0.0.6", bmp, "a.bmp") == 504  # admitted, then too slow
 
 
-def test_a_client_gone_while_the_model_works_is_499_not_the_answer_it_never_got(slow_model_server, small_png):
-    """Its whole upload sent, the connection reset while the model server works (1.2 s; the adapter gives up at
-    0.5 s): the adapter's 504 goes to nobody (uvicorn drops it without a word) and was logged and counted as a
-    504. Now 499 (client closed request), as for a client gone mid-upload."""
-    adapter, server = slow_model_server
+def _classify_request(request_id: str, png: bytes) -> bytes:
     body = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
-            b"Content-Type: image/png\r\n\r\n" + small_png + b"\r\n--b--\r\n")
-    metric = lambda text, status: samples(text).get(
-        ("adapter_requests_total", (("route", "/classify/"), ("status", status))), 0)
-    before = httpx.get(f"{adapter.base_url}/metrics", timeout=10).text
+            b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--b--\r\n")
+    return (f"POST /classify/ HTTP/1.1\r\nHost: x\r\nX-Request-ID: {request_id}\r\n"
+            f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _reset_while_the_model_works(adapter, server, requests: bytes) -> None:
+    """``requests`` sent on one connection from 127.0.0.7, reset once the model server has the first."""
     with socket.socket() as sock:
         sock.settimeout(30)
         sock.bind(("127.0.0.7", 0))
         sock.connect(("127.0.0.1", int(adapter.base_url.rsplit(":", 1)[1])))
         runs = len(server.runs)
-        sock.sendall(b"POST /classify/ HTTP/1.1\r\nHost: x\r\nX-Request-ID: gone-while-the-model-works\r\n"
-                     b"Content-Type: multipart/form-data; boundary=b\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sock.sendall(requests)
         wait_for(lambda: len(server.runs) > runs, 10, "the prediction at the model server", 0.02)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() resets
+
+
+def test_a_client_gone_while_the_model_works_is_499_not_the_answer_it_never_got(slow_model_server, small_png):
+    """Its whole upload sent, the connection reset while the model server works (1.2 s; the adapter gives up at
+    0.5 s): the adapter's 504 goes to nobody (uvicorn drops it without a word) and was logged and counted as a
+    504. Now 499 (client closed request), as for a client gone mid-upload."""
+    adapter, server = slow_model_server
+    request = _classify_request("gone-while-the-model-works", small_png)
+    metric = lambda text, status: samples(text).get(
+        ("adapter_requests_total", (("route", "/classify/"), ("status", status))), 0)
+    before = httpx.get(f"{adapter.base_url}/metrics", timeout=10).text
+    _reset_while_the_model_works(adapter, server, request)
     record = access_record(adapter.log_file, "gone-while-the-model-works", wait_s=30)
     after = httpx.get(f"{adapter.base_url}/metrics", timeout=10).text
-    assert (record["status"], record["bytes_in"]) == (499, len(body)), record
+    assert (record["status"], record["bytes_in"]) == (499, len(request.partition(b"\r\n\r\n")[2])), record
     assert (metric(after, "499") - metric(before, "499"), metric(after, "504") - metric(before, "504")) == (1, 0)
+
+
+def test_a_pipelining_client_gone_while_its_first_request_is_answered_gets_499_for_it(slow_model_server,
+                                                                                        small_png):
+    """Two requests pipelined on one connection, reset while the model server works on the first: the first's
+    answer goes to nobody (499), though the connection's newest request is the second (never run)."""
+    adapter, server = slow_model_server
+    _reset_while_the_model_works(adapter, server, _classify_request("pipelined-first", small_png)
+                                 + _classify_request("pipelined-second", small_png))
+    assert access_record(adapter.log_file, "pipelined-first", wait_s=30)["status"] == 499
 
 
 # --- connection caps and bytes held, with no model server (nothing here reaches one) -------------
