@@ -269,6 +269,16 @@
       : `Cannot reach the classifier at ${url}. The server may be down; please try again later.`;
   }
 
+  // A 200's JSON as {answer}, or {unreadable: why not}: its reading ran past the deadline, or it is not JSON
+  // (a proxy's page).
+  async function readAnswer(response, url) {
+    try {
+      return { answer: await response.json() };
+    } catch (err) {
+      return { unreadable: err.name === "TimeoutError" ? unreachable(err, url) : "The server sent an answer this page cannot read." };
+    }
+  }
+
   // The adapter's errors are {"error": "..."}; anything else (a proxy's HTML page) gets a plain line.
   async function errorMessage(response) {
     let message = "";
@@ -605,16 +615,12 @@
         if (thisRequest === requestNumber) showError(message);
         return;
       }
-      let answer;
-      try {
-        answer = await response.json();
-      } catch (err) {
-        if (thisRequest === requestNumber) {
-          showError(err.name === "TimeoutError" ? unreachable(err, url) : "The server sent an answer this page cannot read.");
-        }
+      const { answer, unreadable } = await readAnswer(response, url);
+      if (thisRequest !== requestNumber) return; // a newer picture was chosen while this answer was read
+      if (unreadable) {
+        showError(unreadable);
         return;
       }
-      if (thisRequest !== requestNumber) return; // a newer picture was chosen while this answer was read
       if (!answer || typeof answer.prediction !== "string") {
         showError(answer && answer.error ? answer.error : "The server's answer has no prediction.");
         return;
@@ -712,16 +718,12 @@
         if (stillShown()) whyFailed(message);
         return;
       }
-      let answer;
-      try {
-        answer = await response.json();
-      } catch (err) {
-        if (stillShown()) {
-          whyFailed(err.name === "TimeoutError" ? unreachable(err, url) : "The server sent an answer this page cannot read.");
-        }
+      const { answer, unreadable } = await readAnswer(response, url);
+      if (!stillShown()) return;
+      if (unreadable) {
+        whyFailed(unreadable);
         return;
       }
-      if (!stillShown()) return;
       if (!answer || typeof answer.prediction !== "string" || typeof answer.heatmap !== "string") {
         whyFailed(answer && answer.error ? answer.error : "The server's answer has no explanation.");
         return;

@@ -191,6 +191,11 @@ def test_the_predictor_manifest_runs_the_dockerfiles_image_on_the_same_bundle():
     assert isvc.spec.predictor.container_concurrency == 64  # its own server has no cap on requests in flight
 
 
+def _image_pip_names() -> list[str]:
+    """The packages the predictor image installs by name (its pip line under -c requirements.txt)."""
+    return re.search(r"-c requirements.txt \\\n\s+(.+?) \\\n", PREDICTOR_DOCKERFILE.read_text()).group(1).split()
+
+
 def test_the_predictor_image_copies_what_exists_and_installs_pinned_versions():
     copied = [line.split()[1:-1] for line in PREDICTOR_DOCKERFILE.read_text().splitlines() if line.startswith("COPY ")]
     sources = [source for sources in copied for source in sources]
@@ -201,7 +206,7 @@ def test_the_predictor_image_copies_what_exists_and_installs_pinned_versions():
     assert "-c requirements.txt" in text and "--no-deps -r requirements-kserve.txt" in text
     # Every package the image installs by name is pinned in requirements.txt or the adapter's, which it
     # includes (the -c constraint).
-    install = re.search(r"-c requirements.txt \\\n\s+(.+?) \\\n", text).group(1).split()
+    install = _image_pip_names()
     lines = [line for path in (REPO / "requirements.txt", REPO / "adapter" / "requirements.txt")
              for line in path.read_text().splitlines()]
     pinned = {line.split("==")[0].lower() for line in lines if "==" in line}
@@ -241,8 +246,7 @@ def test_the_predictor_image_installs_everything_the_predictor_imports():
     def canonical(name: str) -> str:
         return re.sub(r"[-_.]+", "-", name).lower()
 
-    text = PREDICTOR_DOCKERFILE.read_text()
-    named = re.search(r"-c requirements.txt \\\n\s+(.+?) \\\n", text).group(1).split()
+    named = _image_pip_names()
     # requirements.txt as constraints: only its nested -r lines install anything.
     nested = [line.split()[1] for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("-r ")]
     wanted = [*named, *(name for path in nested for name in _requirement_names(REPO / path))]

@@ -339,8 +339,13 @@ def resume_command(args) -> str:
     for key in _RESUMED_SESSION_OPTIONS:
         value = getattr(args, key, getattr(defaults, key))
         if value != getattr(defaults, key):
-            option = "--" + key.replace("_", "-")
-            words += [option] if value is True else ["--no-" + option[2:]] if value is False else [option, str(value)]
+            option = key.replace("_", "-")
+            if value is True:
+                words.append(f"--{option}")
+            elif value is False:  # a --no-X flag (BooleanOptionalAction) given
+                words.append(f"--no-{option}")
+            else:
+                words += [f"--{option}", str(value)]
     return shlex.join(words)
 
 
