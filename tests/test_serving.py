@@ -273,13 +273,19 @@ def test_killed_worker_is_replaced_and_no_request_hangs(torchserve_ready, client
             break
         assert time.monotonic() < deadline, f"no successful answer within 90 s of the kill (last {r.status_code})"
         time.sleep(0.5)
-    # Replaced: the model is back to its configured number of READY workers, the killed one gone.
+    # Replaced: the model is back to its configured number of READY workers, the killed one gone. All the
+    # while /ping answers 200 (the README's claim, on which the KServe liveness probe rests: a worker
+    # restart must not count as a dead server).
+    pings = []
     while True:
+        pings.append(client.get(f"{ts.inference_url}/ping", headers=ts.key_file.header("inference")).status_code)
         pids = [w["pid"] for w in ts.worker_statuses() if w["status"] == "READY"]
         if len(pids) == CONFIGURED_WORKERS and old_pid not in pids:
             break
         assert time.monotonic() < deadline, f"workers not replaced within 90 s of the kill: {ts.worker_statuses()}"
-        time.sleep(0.5)
+        time.sleep(0.1)
+    assert len(pings) > 1, "the worker was back before /ping was asked: the check saw no restart"
+    assert set(pings) == {200}, pings
 
 
 def test_renewed_inference_key_works_and_the_old_one_is_refused(torchserve_ready, client, cifar100_test_split):
