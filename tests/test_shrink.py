@@ -338,11 +338,12 @@ def test_an_exif_rotated_photo_through_the_adapter_is_explained_upright(adapter,
     assert heatmap.size == (168, 224)  # portrait, as the photo is shown
 
 
-def test_a_jpeg_bomb_is_refused_by_the_adapter_as_the_handler_would(adapter, torchserve_ready):
+@pytest.mark.parametrize("route", ["/classify/", "/explain/"])
+def test_a_jpeg_bomb_is_refused_by_the_adapter_as_the_handler_would(adapter, torchserve_ready, route):
     bomb = jpeg_declaring_size(10_000, 8_000)
     handler = direct(torchserve_ready, bomb)
     before = requests_served(torchserve_ready)
-    refused = post(f"{adapter.base_url}/classify/", bomb)
+    refused = post(f"{adapter.base_url}{route}", bomb)
     assert refused.status_code == handler.status_code == 413
     assert refused.json() == {"error": handler.json()["error"]}
     assert requests_served(torchserve_ready) == before  # TorchServe never saw it
