@@ -16,6 +16,7 @@ TorchServe at all) over real sockets, with short deadlines through its settings.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import json
@@ -351,26 +352,16 @@ def test_a_refused_upload_whose_client_resets_leaves_nothing_behind(monkeypatch)
     dead = f"http://127.0.0.1:{free_port()}"
     settings = Settings(inference_url=dead, management_url=dead, max_client_requests_in_flight=1, min_rate_grace_s=60,
                         body_timeout_s=60, keepalive_timeout_s=60)
-    app = create_app(settings)
     connections = weakref.WeakSet()
 
-    class CountedProtocol(protocol.protocol_class(settings, app.state.refused_before_app)):
-        def connection_made(self, transport) -> None:
-            connections.add(self)
-            super().connection_made(transport)
+    def counted(protocol_class):
+        class CountedProtocol(protocol_class):
+            def connection_made(self, transport) -> None:
+                connections.add(self)
+                super().connection_made(transport)
+        return CountedProtocol
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                                           timeout_keep_alive=settings.keepalive_timeout_s, http=CountedProtocol,
-                                           ws="none"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "the in-process adapter did not start"
-            time.sleep(0.05)
-
+    with in_process_adapter(settings, counted) as port:
         def connections_alive() -> int:
             gc.collect()
             return len(connections)
@@ -392,6 +383,49 @@ def test_a_refused_upload_whose_client_resets_leaves_nothing_behind(monkeypatch)
         while connections_alive() and time.monotonic() - started < 10:
             time.sleep(0.1)
         assert connections_alive() == 0, f"connections' objects still held {time.monotonic() - started:.1f} s on"
+
+
+def test_a_refused_body_still_arriving_is_dropped_for_at_most_linger_max_s(monkeypatch):
+    """A body refused on its declared length (413) is read and dropped until it ends, for at most
+    BODY_TIMEOUT_S and LINGER_MAX_S: a client pushing it at a good rate is cut at the shorter of the two."""
+    monkeypatch.setattr(protocol, "LINGER_MAX_S", 2.0)
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = Settings(inference_url=dead, management_url=dead, body_timeout_s=60)
+    with in_process_adapter(settings) as port, connect(port, timeout=LATE_S) as sock:
+        sock.sendall(multipart_head(port, 100 * 1024 * 1024))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 413"), "expected the 413 on the declared length"
+        # The answer is followed by a FIN (the server's half of the connection), the body still read: the
+        # end of the linger is the reset that meets the next send.
+        started, chunk = time.monotonic(), b"x" * (64 * 1024)  # 640 KB/s: far above MIN_UPLOAD_RATE
+        closed = False
+        while not closed and time.monotonic() - started < protocol.LINGER_MAX_S + LATE_S:
+            try:
+                sock.sendall(chunk)
+                time.sleep(0.1)
+            except OSError:  # reset
+                closed = True
+        took = time.monotonic() - started
+    assert closed, f"a refused body was still taken {took:.1f} s on (LINGER_MAX_S {protocol.LINGER_MAX_S} s)"
+    assert took >= protocol.LINGER_MAX_S - 0.5, f"cut after {took:.1f} s although it arrived at a good rate"
+
+
+@contextlib.contextmanager
+def in_process_adapter(settings: Settings, wrap_protocol=lambda protocol_class: protocol_class):
+    """The app and its protocol in a real uvicorn on a real loopback socket, in this process (to patch the
+    protocol's constants or look at its objects); yields the port."""
+    app = create_app(settings)
+    http = wrap_protocol(protocol.protocol_class(settings, app.state.refused_before_app))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                                           timeout_keep_alive=settings.keepalive_timeout_s, http=http, ws="none"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the in-process adapter did not start"
+            time.sleep(0.05)
+        yield port
     finally:
         server.should_exit = True
         thread.join(30)
