@@ -379,11 +379,14 @@ def test_a_flood_of_the_largest_requests_leaves_torchserves_java_serving(torchse
     clients = 48
     body = b"BM" + bytes(int(props["max_request_size"]) - 64 * 1024)  # not an image: 400 once a worker reads it
     statuses: Counter = Counter()
+    refused_at: list[float] = []  # when each 503 came
 
     def post() -> None:
         try:
             r = httpx.post(ts.predictions_url, content=body, headers=ts.key_file.header("inference"), timeout=120)
             statuses[r.status_code] += 1
+            if r.status_code == 503:
+                refused_at.append(time.monotonic())
         except httpx.HTTPError as err:
             statuses[type(err).__name__] += 1
 
@@ -400,6 +403,7 @@ def test_a_flood_of_the_largest_requests_leaves_torchserves_java_serving(torchse
                  20, "TorchServe's queue full")
         time.sleep(1)
     finally:
+        resumed_at = time.monotonic()
         for worker in workers:
             worker.send_signal(signal.SIGCONT)
         for sender in senders:
@@ -408,6 +412,9 @@ def test_a_flood_of_the_largest_requests_leaves_torchserves_java_serving(torchse
             _wait_for_ready_workers(ts)
     assert ts.java_pid() == java, f"TorchServe's Java ended: {statuses}"
     assert set(statuses) <= {400, 503, 507} and statuses[400] >= queue_size, statuses
+    # Those past the queue were refused at once: while the workers were still stopped, not once they ran again.
+    assert statuses[503] >= clients - queue_size - in_batches, statuses
+    assert all(at < resumed_at for at in refused_at), f"503s came {max(refused_at) - resumed_at:.1f} s after the workers ran"
     assert httpx.post(ts.predictions_url, content=encode(Image.new("RGB", (32, 32), (200, 30, 40))),
                       headers=ts.key_file.header("inference"), timeout=60).status_code == 200
 
