@@ -170,9 +170,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, ...
 
 
-# A marker after entropy-coded data: 0xFF (fill bytes allowed) then neither 0x00 (a stuffed 0xFF
-# byte) nor a restart marker (inside a scan).
-_NEXT_MARKER = re.compile(rb"\xff+([^\x00\xff\xd0-\xd7])")
+# A marker after entropy-coded data: 0xFF then neither 0x00 (a stuffed 0xFF byte) nor a restart marker
+# (inside a scan). Fill bytes (0xFF runs) need no pattern of their own: the run's last 0xFF is the match, found
+# in linear time (as `\xff+` the search backtracked from every start in a run: quadratic).
+_NEXT_MARKER = re.compile(rb"\xff([^\x00\xff\xd0-\xd7])")
 _STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
 _SOS, _EOI = 0xDA, 0xD9
 _JPEG_SIGNATURE = b"\xff\xd8\xff"  # SOI and the next marker's 0xFF: how Pillow's JPEG opener knows one

@@ -333,6 +333,18 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
     assert out[16, 8, 0] > 180 and out[16, 56, 2] > 180
 
 
+def test_a_long_run_of_fill_bytes_in_a_jpeg_costs_the_scan_count_no_more_than_its_length():
+    # 0xFF fill bytes may precede a marker. The marker search matched them as a run and backtracked from every
+    # start in it: 64 KB of them cost ~18 s of CPU (a worker past responseTimeout, KServe's loop held).
+    data = encode(halves((64, 32)), "JPEG")
+    sos = data.index(b"\xff\xda")
+    after_header = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    hostile = data[:after_header] + b"\xff" * 65536 + b"\x00" + data[after_header:]  # \xff\x00: a stuffed 0xFF
+    started = time.perf_counter()
+    assert jpeg_scans(hostile) == jpeg_scans(data) == 1
+    assert time.perf_counter() - started < 0.5
+
+
 @pytest.mark.parametrize("mode,scans", [("RGB", 10), ("L", 6), ("CMYK", 18)])
 def test_progressive_jpegs_as_encoders_write_them_decode(mode, scans):
     data = encode(halves((64, 32)).convert(mode), "JPEG", progressive=True)
