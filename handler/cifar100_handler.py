@@ -42,7 +42,7 @@ from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decoded_tensors, image_bytes, normalize, opened_images
 from handler.engine import serving_model
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, ProtocolError, encode_answer, logged_request_id,
-                               parse_request)
+                               parse_request, with_heatmaps)
 from serving.settings import EXPLAINER_READY_LOG_LINE
 from model import check_class_count, load_class_names, network_from_state_dict
 
@@ -209,13 +209,12 @@ class CIFAR100Handler(BaseHandler):
 
         logits = self.inference(data_preprocess)
         answers = self.postprocess(logits)
-        # Rows of the batch tensor per request (a v1/v2 request may carry several images).
+        # Rows of the batch tensor per request (a v1/v2 request may carry several images: each gets its heatmap).
         requests, rows, start = [], [], 0
         for idx, (request, count) in enumerate(self._requests):
-            # Heatmaps go to plain (one-image) requests: the adapter's /explain/ sends those.
-            if count and request is None and self._wants_explanation(idx) and "error" not in answers[idx]:
-                requests.append(idx)
-                rows.append(start)
+            if count and self._wants_explanation(idx) and "error" not in answers[idx]:
+                requests.append((idx, request, count))
+                rows.extend(range(start, start + count))
             start += count
         if rows:
             first, started = self._explanation_model is None, time.perf_counter()
@@ -225,6 +224,7 @@ class CIFAR100Handler(BaseHandler):
                             [self._sizes[r] for r in rows], self.heatmap_max_side)
             if first:  # Captum is imported by the first heatmaps() call
                 logger.info(EXPLAINER_READY_LOG_LINE, time.perf_counter() - started)
-            for idx, heatmap in zip(requests, maps):
-                answers[idx]["heatmap"] = heatmap
+            maps = iter(maps)
+            for idx, request, count in requests:
+                with_heatmaps(answers[idx], request, list(islice(maps, count)))
         return answers

@@ -286,6 +286,18 @@ def plain_v2_body(content_type: str, body: bytes) -> dict | None:
     return payload if inputs_plain and outputs_plain else None
 
 
+def with_heatmaps(answer: dict, request: ParsedRequest | None, maps: list[str]) -> None:
+    """An explanation's heatmaps (one per image) put into its answer as encoded by encode_answer: the plain
+    answer's ``heatmap``, each v1 prediction's, or a v2 output ``heatmap`` (BYTES, one per image)."""
+    if request is None:
+        answer["heatmap"] = maps[0]
+    elif request.protocol == V1:
+        for prediction, heatmap in zip(answer["predictions"], maps):
+            prediction["heatmap"] = heatmap
+    else:
+        answer["outputs"].append({"name": "heatmap", "datatype": "BYTES", "shape": [len(maps)], "data": maps})
+
+
 def encode_answer(request: ParsedRequest | None, answers: list[dict], model_name: str, model_version: str):
     """The per-image answers (handler's dicts) in the request's protocol."""
     if request is None:

@@ -101,3 +101,29 @@ def test_heatmap_max_side_comes_from_model_config(model_dir, cifar100_test_split
     answer = handler.handle(rows, context)[0]
     png = Image.open(io.BytesIO(base64.b64decode(answer["heatmap"].split(",", 1)[1])))
     assert png.size == (48, 16)
+
+
+def test_v1_and_v2_explanations_get_a_heatmap_for_every_image(model_dir, cifar100_test_split):  # noqa: F811
+    """/explanations answers a v1/v2 body (several images) with each image's heatmap, as KServe's :explain
+    does: in each v1 prediction, and as a v2 output `heatmap` (BYTES, one per image). They had none."""
+    import numpy as np
+
+    from serving_helpers import v1_body, v2_body
+
+    handler, context = handler_and_context(model_dir)
+    pictures = [encode(cifar_pil(cifar100_test_split[0], i)) for i in range(3)]
+    rows = [{"body": v1_body(pictures[:2])}, {"body": v2_body([pictures[2], pictures[1]])},
+            {"body": bytearray(pictures[0])}]
+    context.request_processor = [RequestProcessor({"explain": "True"}) for _ in rows]
+    v1, v2, plain = handler.handle(rows, context)
+
+    def pixels(data_url: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))), dtype=int)
+
+    v1_maps = [prediction["heatmap"] for prediction in v1["predictions"]]
+    v2_maps = next(output for output in v2["outputs"] if output["name"] == "heatmap")
+    assert v2_maps["datatype"] == "BYTES" and v2_maps["shape"] == [2] and len(v1_maps) == 2
+    # The same image's heatmap whichever request carried it (within rounding: other batch companions).
+    assert np.abs(pixels(v1_maps[0]) - pixels(plain["heatmap"])).max() <= 2
+    assert np.abs(pixels(v1_maps[1]) - pixels(v2_maps["data"][1])).max() <= 2
+    assert np.abs(pixels(v1_maps[0]) - pixels(v1_maps[1])).max() > 10  # two pictures, two maps
