@@ -569,7 +569,8 @@ def train_one_epoch(run: Run, net, model, ema, criterion, optimizer, scaler, loa
                             **({"spent": f"{spent:.0%}"} if spent is not None else {}))
     bar.close()
     train_time = time.perf_counter() - t0
-    stats = torch.tensor([loss_sum.item(), correct.item(), seen], dtype=torch.float64)
+    # On run.device: nccl (torchrun on GPUs) all-reduces CUDA tensors only.
+    stats = torch.tensor([loss_sum.item(), correct.item(), seen], dtype=torch.float64, device=device)
     if run.distributed:
         dist.all_reduce(stats)
     return {"train_loss": stats[0].item() / stats[2].item(), "train_top1": 100 * stats[1].item() / stats[2].item(),
@@ -590,7 +591,7 @@ def evaluate(run: Run, model, images, labels) -> dict:
     logits = predict_logits(model, images[idx], labels[idx], run.args.eval_batch_size, run.device,
                             run.amp_dtype, False, run.args.channels_last)
     c = topk_correct(logits, labels[idx])
-    counts = torch.tensor([c[1], c[5], len(idx)], dtype=torch.float64)
+    counts = torch.tensor([c[1], c[5], len(idx)], dtype=torch.float64, device=run.device)  # nccl: CUDA tensors only
     if run.distributed:
         dist.all_reduce(counts)
     return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item()}
