@@ -528,13 +528,23 @@ def test_a_budget_spent_between_epochs_still_ends_on_a_scored_step(tmp_path, mon
 
 @pytest.mark.parametrize("options, message", [
     (["--time-budget", "1", "--epochs", "3"], "--epochs and --time-budget both"),
-    (["--time-budget", "0"], "--time-budget 0"),
     (["--time-budget", "1", "--min-res", "16", "--res-ramp", "1", "2"], "--res-ramp counts epochs"),
 ])
 def test_impossible_time_budget_options_are_refused(tmp_path, capsys, options, message):
     assert train_module.main(SMALL_RUN + ["--out", str(tmp_path / "r")] + options) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_a_time_budget_shorter_than_the_final_evaluation_is_refused_before_training(tmp_path, capsys):
+    """0.001 min (0.06 s) is less than the saving alone (SAVING_S): the run would never spend its budget.
+    --max-epochs-this-run 1 ends such a run that is not refused."""
+    out = tmp_path / "short"
+    assert train_module.main(SMALL_RUN + ["--time-budget", "0.001", "--max-epochs-this-run", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "error: --time-budget 0.001: 0.1 s leaves no time to train after the" in err, err
+    assert "s the final evaluation takes on this host: give more minutes" in err
+    assert not (out / "checkpoint.pt").exists()
 
 
 def test_training_bench_prints_the_cost_of_each_resolution(capsys):

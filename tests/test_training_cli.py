@@ -61,6 +61,9 @@ def usage_error(main, argv, capsys) -> str:
     ("--mix-prob", "2", "needs 0 <= p <= 1, not 2"),
     ("--lr", "0", "needs a number above 0, not 0"),
     ("--lr", "nan", "'nan' is not a finite number"),
+    ("--time-budget", "0", "needs a number above 0, not 0"),
+    ("--time-budget", "inf", "'inf' is not a finite number"),
+    ("--time-budget", "nan", "'nan' is not a finite number"),
     ("--threads", "two", "'two' is not a whole number"),
 ])
 def test_train_refuses_an_out_of_range_number_before_reading_data(capsys, option, value, message):

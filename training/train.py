@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dropout", type=cli.fraction, default=0.3)
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=cli.positive_int, default=100)
-    o.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+    o.add_argument("--time-budget", type=cli.positive_float, default=None, metavar="MINUTES",
                    help="instead of --epochs: train for this many minutes of wall time, the final evaluation "
                         "included; the schedules follow the time spent, as many epochs as the host allows")
     o.add_argument("--batch-size", type=cli.positive_int, default=128, help="images per step per process")
@@ -685,7 +685,15 @@ def train(args, given: set[str] | None = None) -> dict:
 
     if args.time_budget is not None:
         run.final_evaluation_estimate_s = final_evaluation_estimate(run, model, ema, test_x, test_y)
+        if run.distributed:  # rank 0's figure for all: every process must refuse, or none
+            shared = torch.tensor([run.final_evaluation_estimate_s], dtype=torch.float64, device=device)
+            dist.broadcast(shared, src=0)
+            run.final_evaluation_estimate_s = shared.item()
         run.train_budget_s = 60 * args.time_budget - run.final_evaluation_estimate_s
+        if run.train_budget_s <= 0:  # no time to train: the share spent would never reach 1
+            raise ConfigError(f"--time-budget {args.time_budget:g}: {60 * args.time_budget:.1f} s leaves no time to "
+                              f"train after the {run.final_evaluation_estimate_s:.1f} s the final evaluation takes "
+                              "on this host: give more minutes")
         if run.main_process:
             print(f"time budget {args.time_budget:g} min: {run.train_budget_s / 60:.1f} min of training, "
                   f"{run.final_evaluation_estimate_s:.0f} s kept for the final evaluation", flush=True)
