@@ -340,6 +340,34 @@ def test_ctrl_c_mid_epoch_keeps_the_last_finished_epochs_checkpoint(tmp_path):
     assert not list(out.glob("*.tmp")) and not (out / "metrics.json").exists()
 
 
+def test_ctrl_c_before_this_runs_first_epoch_never_offers_the_replaced_runs_checkpoint(tmp_path, monkeypatch, capsys):
+    """MOCK: Ctrl-C is raised by a patched train_one_epoch (after the checkpoint is read, before any save).
+    An --overwrite run into OUT, or --resume A --out B --overwrite: OUT's checkpoint is the earlier run's, and
+    `continue with` would resume that one. Resumed from OUT's own checkpoint, it is this run's."""
+    earlier, other = tmp_path / "earlier", tmp_path / "other"
+    assert train_module.main(SMALL_RUN + ["--epochs", "2", "--max-epochs-this-run", "1", "--out", str(earlier)]) == 0
+    other.mkdir()
+    shutil.copy(earlier / "checkpoint.pt", other / "checkpoint.pt")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    capsys.readouterr()
+    assert train_module.main(SMALL_RUN + ["--epochs", "2", "--overwrite", "--out", str(earlier)]) == 130
+    err = capsys.readouterr().err
+    assert "continue with" not in err and "no checkpoint of this run yet" in err, err
+    session = ["--data-dir", str(DATA_DIR), "--threads", "1", "--no-progress"]
+    resume_a = ["--resume", str(earlier / "checkpoint.pt"), "--out", str(other), "--overwrite"] + session
+    assert train_module.main(resume_a) == 130
+    err = capsys.readouterr().err
+    assert "continue with" not in err and "by running the same command again" in err, err
+    assert train_module.main(["--resume", "--out", str(earlier)] + session) == 130
+    err = capsys.readouterr().err
+    assert f"checkpoint is intact; continue with: {shlex.quote(cli.python_command())} -m training.train --resume " \
+           f"--out {earlier}" in err, err
+
+
 def test_holdout_is_one_fixed_draw_disjoint_from_the_training_images():
     images = torch.arange(1000).view(1000, 1, 1, 1).expand(1000, 3, 2, 2).to(torch.uint8)
     labels = torch.arange(1000)

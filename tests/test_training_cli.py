@@ -422,7 +422,8 @@ def test_ctrl_c_under_torchrun_is_reported_by_rank_0_alone(tmp_path, monkeypatch
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"")
 
-    def interrupted(args, given):
+    def interrupted(args, given, session):
+        session.owns_checkpoint = True  # as after this run's first epoch
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "train", interrupted)

@@ -629,14 +629,24 @@ def save_checkpoint(run: Run, epoch: int, model, ema, optimizer, scaler) -> None
                 run.out / "checkpoint.pt")
 
 
-def train(args, given: set[str] | None = None) -> dict:
+@dataclass
+class Session:
+    """What main() says after Ctrl-C needs: whether OUT/checkpoint.pt is this run's (this session saved it or
+    resumed from it), or still the one an --overwrite run replaces."""
+    owns_checkpoint: bool = False
+
+
+def train(args, given: set[str] | None = None, session: Session | None = None) -> dict:
     """One run. With --resume, options not in `given` (the command line's own; None: all of them)
-    are the checkpoint's."""
+    are the checkpoint's. `session` (main's) is told when OUT/checkpoint.pt becomes this run's."""
+    session = session if session is not None else Session()
     if args.resume is None:
         # Before the run folder: an impossible option is what a fresh run's user is told first, not that
         # OUT holds an earlier run (which --overwrite would get past only to be refused for the option).
         settle_options(args, given)
     ckpt_path = run_folder(args, given)
+    own = Path(args.out) / "checkpoint.pt"
+    session.owns_checkpoint = args.resume is not None and own.exists() and ckpt_path.exists() and own.samefile(ckpt_path)
     checkpoint = None
     if args.resume is not None:
         # Before the data load: a wrong checkpoint is reported at once, not minutes later.
@@ -744,6 +754,7 @@ def train(args, given: set[str] | None = None) -> dict:
         if run.main_process:
             print(json.dumps(record), flush=True)
             save_checkpoint(run, epoch + 1, model, ema, optimizer, scaler)
+            session.owns_checkpoint = True
             save_curves(run.history, out / "training_curves.png", evaluated_on(args, len(test_y)))
 
     result = {}
@@ -816,8 +827,9 @@ def evaluated_on(args, images: int) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    session = Session()
     try:
-        train(args, given_options(argv))  # sets args.out when --resume PATH names the folder
+        train(args, given_options(argv), session)  # sets args.out when --resume PATH names the folder
     except (DataError, ConfigError, SoftLabelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -825,9 +837,16 @@ def main(argv=None) -> int:
         # A terminal's Ctrl-C reaches every process torchrun started: rank 0 alone speaks for the run.
         if os.environ.get("RANK", "0") != "0":
             return 130
-        if (Path(args.out) / "checkpoint.pt").exists():
+        own = Path(args.out) / "checkpoint.pt"
+        if session.owns_checkpoint:
             print(f"\ninterrupted: the last finished epoch's checkpoint is intact; continue with: {resume_command(args)}",
                   file=sys.stderr)
+        elif own.exists() and args.resume is not None:  # --resume A --out B --overwrite: B's is the replaced run's
+            print(f"\ninterrupted before this run saved an epoch: {own} is still the run it replaces; continue from "
+                  f"{args.resume} by running the same command again", file=sys.stderr)
+        elif own.exists():  # --overwrite: OUT's is the earlier run's, which this one was replacing
+            print(f"\ninterrupted before the first epoch ended: no checkpoint of this run yet ({own} is the earlier "
+                  "run's): start afresh with the same command", file=sys.stderr)
         else:
             print("\ninterrupted before the first epoch ended: no checkpoint to continue from", file=sys.stderr)
         return 130
