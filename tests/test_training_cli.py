@@ -15,7 +15,7 @@ import torch
 
 from model import CIFAR100Model
 from serving import cli
-from training import train as train_module
+from training import runtime, train as train_module
 
 REPO = Path(__file__).resolve().parents[1]
 NO_DATA = ["--data-dir", "/nonexistent/cifar"]  # a check that reads data first would fail on this instead
@@ -462,6 +462,26 @@ def test_the_tools_hints_name_this_interpreter_not_the_systems_python(weights, t
 
 
 # ----------------------------------------------------------------------------- torchrun's devices
+def test_amp_auto_picks_bf16_only_where_it_is_native(monkeypatch):
+    """mkldnn's own check (what auto read) says bf16 on any AVX-512 CPU, where it is emulated and slower
+    than float32; a pre-Ampere GPU reports bf16 unless emulation is left out."""
+    from handler import engine
+
+    cpu = torch.device("cpu")
+    skylake = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+    monkeypatch.setattr(engine, "cpu_flags", lambda: skylake)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert runtime.pick_amp("auto", cpu) is None
+    assert runtime.pick_amp("bf16", cpu) is torch.bfloat16  # asked for: given
+    monkeypatch.setattr(engine, "cpu_flags", lambda: skylake | {"avx512_bf16", "amx_bf16"})
+    assert runtime.pick_amp("auto", cpu) is torch.bfloat16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN told to stay below bf16
+    assert runtime.pick_amp("auto", cpu) is None
+    # MOCK: a V100 (bf16 by emulation only); no GPU in the tests.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert runtime.pick_amp("auto", torch.device("cuda:0")) is torch.float16
+
+
 def test_plain_cuda_under_torchrun_is_this_processs_gpu(monkeypatch):
     """MOCK: CUDA's presence is patched (no GPU here); the mapping of names to devices is what is tested."""
     from training.runtime import pick_device

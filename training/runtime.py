@@ -75,10 +75,14 @@ def pick_amp(name: str, device: torch.device):
     if name == "fp16":
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Not emulated bf16 (pre-Ampere GPUs report it by default): fp16 runs in their hardware.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     # Without native bf16 (no AVX512-BF16/AMX) autocast bf16 is emulated and much slower than
-    # fp32 (benchmarks/RESULTS.md), so fp32 is the fast path there.
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    # fp32 (benchmarks/RESULTS.md), so fp32 is the fast path there. Not mkldnn's own check: it
+    # says yes on any AVX-512 CPU, emulation included. Imported here: the serving side's module.
+    from handler.engine import native_bf16
+
+    return torch.bfloat16 if native_bf16(device) else None
 
 
 def code_version() -> str:
