@@ -532,6 +532,30 @@ def test_time_budget_run_fits_its_budget_across_a_resume_and_ends_annealed(tmp_p
     assert json.loads((out / "metrics.json").read_text())["history"] == history
 
 
+def test_a_larger_time_budget_given_on_resume_continues_a_finished_run(tmp_path, capsys):
+    """A spent 6 s budget resumed with --time-budget 0.3 (18 s) trains on to it (it trained nothing and
+    recorded 0.3); resumed then with a smaller one, the run is done and keeps the budget it was trained to."""
+    out = tmp_path / "longer"
+    run = SMALL_RUN + ["--time-budget", "0.1", "--no-ema", "--no-tta", "--out", str(out)]
+    assert train_module.main(run) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    resume = ["--resume", "--out", str(out), "--data-dir", str(DATA_DIR), "--threads", "1", "--no-progress"]
+    capsys.readouterr()
+    assert train_module.main(resume + ["--time-budget", "0.3"]) == 0
+    longer = json.loads((out / "metrics.json").read_text())
+    assert longer["history"][:len(first["history"])] == first["history"]
+    assert len(longer["history"]) > len(first["history"]) and longer["time_budget"]["minutes"] == 0.3
+    said = capsys.readouterr().out
+    assert "note: the run's 0.1 min budget was spent; continuing to 0.3 min" in said, said
+    assert longer["wall_time_s"] > first["wall_time_s"] + 3
+    assert longer["wall_time_s"] + longer["final_evaluation_s"] <= 18 + 1
+    assert train_module.main(resume + ["--time-budget", "0.2"]) == 0
+    said = capsys.readouterr().out
+    assert "note: the run is done: its 0.3 min budget was spent" in said, said
+    done = json.loads((out / "metrics.json").read_text())
+    assert done["history"] == longer["history"] and done["time_budget"]["minutes"] == 0.3
+
+
 def test_a_budget_spent_between_epochs_still_ends_on_a_scored_step(tmp_path, monkeypatch):
     """The budget runs out while an epoch is saved (a stand-in clock: 9 readings an epoch, one
     for its size and one per step, the 19th reads 100%): the next epoch takes one step and is

@@ -692,6 +692,18 @@ def train(args, given: set[str] | None = None, session: Session | None = None) -
         start_epoch, elapsed_before = restore(checkpoint, run, model, ema, optimizer, scaler)
         if run.main_process:
             print(f"resumed from {ckpt_path} after epoch {start_epoch}", flush=True)
+        saved_budget = checkpoint["args"].get("time_budget")
+        if run.budget_spent and args.time_budget is not None and saved_budget is not None:
+            if args.time_budget > saved_budget:
+                run.budget_spent = False  # an option given again wins: the larger budget continues the run
+                said = (f"note: the run's {saved_budget:g} min budget was spent; continuing to {args.time_budget:g} min "
+                        "(the lr and the resolution follow the share of the new budget spent: the lr rises again)")
+            else:
+                args.time_budget = saved_budget  # metrics.json keeps the budget the run was trained to
+                said = (f"note: the run is done: its {saved_budget:g} min budget was spent ({start_epoch} epochs); "
+                        "nothing to train (a larger --time-budget continues it), its final evaluation is written again")
+            if run.main_process:
+                print(said, flush=True)
 
     if args.time_budget is not None:
         run.final_evaluation_estimate_s = final_evaluation_estimate(run, model, ema, test_x, test_y)
