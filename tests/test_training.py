@@ -5,6 +5,7 @@ cost more than the training); the Ctrl-C test needs its own process to send SIGI
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -174,6 +175,25 @@ def test_resume_repeats_an_uninterrupted_run_bit_for_bit(runs):
     h_straight = json.loads((runs["straight"] / "metrics.json").read_text())["history"]
     h_resumed = json.loads((runs["split"] / "metrics.json").read_text())["history"]
     assert [h["train_loss"] for h in h_straight] == [h["train_loss"] for h in h_resumed]
+
+
+def test_resuming_with_another_number_of_processes_says_so(runs, tmp_path, capsys):
+    """The checkpoint did not record how many processes trained it: resuming with another count was silent.
+    (A checkpoint of a 2-process run stands in for a torchrun one; one without the key: unknown, nothing said.)"""
+    assert runs["first_half"]["world"] == 1
+    two = tmp_path / "two"
+    two.mkdir()
+    torch.save(runs["first_half"] | {"world": 2}, two / "checkpoint.pt")
+    resume = ["--resume", "--out", str(two), "--data-dir", str(DATA_DIR), "--threads", "1", "--no-progress"]
+    capsys.readouterr()
+    assert train_module.main(resume) == 0
+    said = capsys.readouterr().out
+    assert "note: resuming with changed options: processes 2 -> 1 (1 x --batch-size images a step" in said, said
+    unknown = {k: v for k, v in runs["first_half"].items() if k != "world"}
+    assert train_module.changed_options(unknown, argparse.Namespace(**unknown["args"]), 2) == []
+    # What the note says of the lr: its position is the epochs done, whatever the steps an epoch.
+    lr = train_module.lr_factor
+    assert lr(1 * 8, 3 * 8, 8 // 4, "cosine") == pytest.approx(lr(1 * 4, 3 * 4, 4 // 4, "cosine"))
 
 
 def test_resume_with_fp16_after_a_run_without_a_loss_scale_starts_a_fresh_one(tmp_path, capsys):

@@ -282,11 +282,17 @@ _SESSION_KEYS = {"resume", "max_epochs_this_run", "progress", "out", "overwrite"
                  "threads", "device", "compile", "eval_batch_size"}
 
 
-def changed_options(checkpoint: dict, args) -> list[str]:
-    """Options that differ from the checkpoint's run (allowed, but the run no longer repeats it exactly)."""
+def changed_options(checkpoint: dict, args, world: int = 1) -> list[str]:
+    """Options that differ from the checkpoint's run (allowed, but the run no longer repeats it exactly), and
+    the number of processes (`world`; unknown in checkpoints written before it was recorded)."""
     saved = checkpoint["args"]
-    return [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in vars(args).items()
-            if k not in _SESSION_KEYS and k in saved and saved[k] != v]
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in vars(args).items()
+               if k not in _SESSION_KEYS and k in saved and saved[k] != v]
+    if checkpoint.get("world", world) != world:
+        # The step index is epoch * steps_per_epoch + i: the lr goes on where the epochs put it, no jump.
+        changed.append(f"processes {checkpoint['world']} -> {world} ({world} x --batch-size images a step, "
+                       "the lr as given; the lr schedule follows the epochs, so it carries on without a jump)")
+    return changed
 
 
 def run_folder(args, given: set[str] | None) -> Path:
@@ -625,7 +631,8 @@ def save_checkpoint(run: Run, epoch: int, model, ema, optimizer, scaler) -> None
                  "model": model.state_dict(),
                  "ema": ema.state_dict() if ema is not None else None,
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "history": run.history, "wall_time_s": run.wall_time_s, "budget_spent": run.budget_spent},
+                 "history": run.history, "wall_time_s": run.wall_time_s, "budget_spent": run.budget_spent,
+                 "world": run.world},
                 run.out / "checkpoint.pt")
 
 
@@ -667,7 +674,7 @@ def train(args, given: set[str] | None = None, session: Session | None = None) -
     run = Run(args, device, pick_amp(args.amp, device), rank, world, code_version())
     run.mix = batch_mixer(args)
     out = run.out
-    if checkpoint is not None and run.main_process and (changed := changed_options(checkpoint, args)):
+    if checkpoint is not None and run.main_process and (changed := changed_options(checkpoint, args, world)):
         print("note: resuming with changed options: " + ", ".join(changed), flush=True)
 
     train_x, train_y, test_x, test_y, teacher = load_data(run)
