@@ -80,6 +80,15 @@ def test_evaluate_refuses_zero_images(weights, capsys, option):
 
 
 # ----------------------------------------------------------------------------- where a run writes
+@pytest.mark.parametrize("value", ["-3", "0"])
+def test_evaluate_refuses_a_count_of_pairs_below_one(weights, capsys, value):
+    """--pairs -3 was taken: a slice [:-3] listed nearly every confused pair."""
+    from training import evaluate
+
+    err = usage_error(evaluate.main, [str(weights["good"]), *NO_DATA, "--pairs", value], capsys)
+    assert f"argument --pairs: needs 1 or more, not {value}" in err
+
+
 def test_a_fresh_run_refuses_to_replace_a_checkpoint(tmp_path, weights, capsys):
     out = tmp_path / "run"
     out.mkdir()

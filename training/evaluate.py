@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
     p.add_argument("--test-subset", type=cli.positive_int, default=None,
                    help="score a fixed random subset of N test images (quick checks; not for model cards)")
-    p.add_argument("--pairs", type=int, default=10, help="how many confused pairs to list")
+    p.add_argument("--pairs", type=cli.positive_int, default=10, help="how many confused pairs to list")
     return p
 
 
