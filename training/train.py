@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding cifar-100-python/ (env CIFAR100_DATA; default: %(default)s)")
     d.add_argument("--download", action="store_true", help="download CIFAR-100 if missing (needs internet)")
     d.add_argument("--train-subset", type=cli.positive_int, default=None, help="train on a fixed random subset of N images")
-    d.add_argument("--test-subset", type=cli.positive_int, default=None, help="evaluate on a fixed random subset of N images")
+    d.add_argument("--test-subset", type=cli.positive_int, default=None, help="evaluate on a fixed random subset of N images (the same draw whatever --seed)")
     d.add_argument("--holdout", type=int, default=0,
                    help="set aside N training images (the same draw for every run) and evaluate on them instead "
                         "of the test split: for choosing a recipe without looking at the test split")
@@ -464,7 +464,8 @@ def load_data(run: Run):
     train_x, train_y = subset(train_x, train_y, args.train_subset, args.seed)
     ids = subset(ids, ids, args.train_subset, args.seed)[0]
     teacher = teacher[ids] if teacher is not None else None
-    test_x, test_y = subset(test_x, test_y, args.test_subset, args.seed + 1)
+    # One draw whatever --seed (seed 1: what seed-0 runs drew, and training.evaluate's), so arms compare alike.
+    test_x, test_y = subset(test_x, test_y, args.test_subset, 1)
     if args.download and run.distributed and run.main_process:
         dist.barrier()
     if int(train_y.max()) >= args.num_classes:
