@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import yaml
@@ -205,12 +206,17 @@ def build_archive(weights: Path = DEFAULT_WEIGHTS, export_path: Path = DEFAULT_E
     for warning in () if quiet else (calibration_warning(weights), int8_record_warning(weights)):
         if warning is not None:
             print(warning, file=sys.stderr)
-    if not force and mar.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+    # Not a zip: a write cut short (disk full, a kill) that the stamp must not call up to date.
+    if not force and zipfile.is_zipfile(mar) and stamp.is_file() and stamp.read_text().strip() == digest:
         if not quiet:
             print(f"{mar.relative_to(REPO) if mar.is_relative_to(REPO) else mar} is up to date (version {version})")
         return mar
     export_path.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="cifar100-archive-") as tmp:
+    # The stamp goes first and comes back last: a build interrupted in between leaves no stamp, so the next
+    # build is never "up to date" with a half-written or other weights' archive.
+    stamp.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cifar100-archive-") as tmp, \
+            tempfile.TemporaryDirectory(prefix=f".{MODEL_NAME}-build-", dir=export_path) as out:
         extra = Path(tmp, "extra")
         for src, dest in package_files(weights):
             Path(extra, dest).parent.mkdir(parents=True, exist_ok=True)
@@ -222,14 +228,18 @@ def build_archive(weights: Path = DEFAULT_WEIGHTS, export_path: Path = DEFAULT_E
                "--handler", str(HANDLER_FILE), "--config-file", str(model_config),
                # a directory's *contents* are copied into the archive root: model/, handler/, index_to_name.json
                "--extra-files", str(extra),
-               "--export-path", str(export_path), "--force"]
+               # beside the archive (one file system, for os.replace), never over it: a server may be reading it
+               "--export-path", out, "--force"]
         # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps two builds
         # (a test session and `make archive`) from mixing their files.
         env = dict(os.environ, TMPDIR=tmp, TEMP=tmp)
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    stamp.write_text(digest + "\n")
+        os.replace(Path(out, mar.name), mar)  # whole or not at all
+    written = stamp.with_name(stamp.name + ".tmp")
+    written.write_text(digest + "\n")
+    os.replace(written, stamp)
     if not quiet:
         print(f"built {mar} (version {version}, {mar.stat().st_size / 1e6:.1f} MB) from {weights}")
     return mar

@@ -435,6 +435,40 @@ def test_the_archive_is_rebuilt_when_weights_handler_or_config_change_and_kept_o
     assert (store / "cifar100.mar.inputs").read_text().strip() == archive.inputs_digest(weights, version, config)
 
 
+def test_an_archive_build_cut_short_or_a_truncated_archive_is_never_up_to_date(tmp_path, monkeypatch):
+    """torch-model-archiver --force rewrote cifar100.mar in place while the stamp still held the previous inputs'
+    digest: a build of other weights interrupted mid-write, then `make archive` of the first ones again, called the
+    truncated file "up to date". A build cut short now leaves the archive whole (or absent) and no stamp, and a
+    .mar that is not a zip is rebuilt whatever the stamp says."""
+    from serving import archive
+
+    weights, store = weights_under_test(), tmp_path / "store"
+    other = tmp_path / "other" / weights.name
+    other.parent.mkdir()
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state[next(k for k, v in state.items() if v.is_floating_point())].add_(1e-3)
+    torch.save(state, other)
+    mar = build_archive(weights, store, quiet=True)
+    whole = mar.read_bytes()
+    real_run = archive.subprocess.run
+
+    def killed_mid_write(cmd, **kwargs):  # the archiver's output half written, then Ctrl-C
+        out = Path(cmd[cmd.index("--export-path") + 1]) / mar.name
+        out.write_bytes(whole[:len(whole) // 2])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(archive.subprocess, "run", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        build_archive(other, store, quiet=True)
+    monkeypatch.setattr(archive.subprocess, "run", real_run)
+    assert zipfile.is_zipfile(mar)
+    assert build_archive(weights, store, quiet=True) == mar and zipfile.ZipFile(mar).testzip() is None
+
+    mar.write_bytes(whole[:len(whole) // 2])  # cut short by a full disk: the stamp still matches
+    build_archive(weights, store, quiet=True)
+    assert zipfile.is_zipfile(mar) and zipfile.ZipFile(mar).testzip() is None
+    assert sorted(p.name for p in store.iterdir()) == [mar.name, mar.name + ".inputs"]  # no build folder left
+
+
 def test_the_archive_version_names_the_width_and_the_weights_first_eight_hex_digits():
     import re
 
