@@ -210,6 +210,7 @@ class Rollout:
         self.keys = KeyFile(self.ts.key_file.path)
         self.http = httpx.Client(timeout=self.http_timeout_s)
         self._renew_lock = threading.Lock()  # the warm-up's threads refused at once renew once
+        self._ts_log_offset: int | None = None  # ts_log.log's size before the new version was registered
 
     # ---- the management API ----------------------------------------------------------------
     def _header(self, kind: str) -> dict[str, str]:
@@ -338,6 +339,8 @@ class Rollout:
     def wait_ready_and_warm(self, version: str) -> None:
         deadline = ReadyDeadline(version, self.ready_timeout_s)
         last = "not registered yet"
+        # TorchServe retries a worker that dies loading the version until --ready-timeout: a few such deaths fail now.
+        since = self._ts_log_offset if self._ts_log_offset is not None else self.ts.ts_log_size()
 
         def not_ready() -> RolloutError:
             return RolloutError(f"version {version} was not READY within {self.ready_timeout_s:g} s ({last});"
@@ -355,6 +358,9 @@ class Rollout:
                     break
             else:
                 last = f"{r.status_code} {r.text.strip()[:200]}"
+            if (failed := self.ts.load_failed(since, version, "it was registered")) is not None:
+                raise RolloutError(f"version {version} will not get READY: {failed}; model log:\n"
+                                   f"{log_tail(self.ts.log_dir / 'model_log.log')}")
             if deadline.left_s() <= 0:
                 raise not_ready()
             time.sleep(max(0.0, min(0.5, deadline.left_s())))  # a last look at the deadline, none after it
@@ -503,6 +509,7 @@ class Rollout:
             return version
         before_workers, before_mb = self.workers_rss_mb()
         try:
+            self._ts_log_offset = self.ts.ts_log_size()
             if version not in registered:  # (else: left by a failed run; wait for it again)
                 try:
                     mar = self.archive(Path(weights), version)

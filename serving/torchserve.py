@@ -47,6 +47,10 @@ DEFAULT_PORTS = settings.TORCHSERVE_PORTS
 # checkout, shared by every instance started from it (the tests' too: only the first one compiles).
 DEFAULT_ENGINE_CACHE = REPO / ".cache" / "engines"
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"  # on the command line of TorchServe's Java process
+# What TorchServe 0.12 writes to ts_log.log each time a worker dies loading the model (corrupt archive, handler
+# that fails to import or initialize); it then retries forever, so this many since a start is a failed start.
+LOAD_FAILED_LINE = "Load model failed: "
+LOAD_FAILURES_TO_GIVE_UP = 3
 
 
 class TorchServeError(ServiceStartError):
@@ -82,6 +86,7 @@ class TorchServeInstance:
         self.log_dir = Path(self.log_dir or self.workdir / "logs").resolve()
         self.tmp_dir = self.log_dir / "tmp"  # pid file, worker sockets, unpacked model
         self.key_file = KeyFile(self.workdir / "key_file.json")
+        self.ts_log_offset: int | None = None  # ts_log.log's size when this object last started the server
 
     @classmethod
     def on_free_ports(cls, workdir: Path, **kwargs) -> "TorchServeInstance":
@@ -202,6 +207,7 @@ class TorchServeInstance:
         self.pid_file.unlink(missing_ok=True)
         (self.workdir / "key_file.json").unlink(missing_ok=True)  # a stale one would look like a live server
         cmd = self.command()
+        self.ts_log_offset = self.ts_log_size()  # ts_log.log is appended to: only this start's lines count
         launcher_log = self.log_dir / "torchserve_launcher.log"
         with open(launcher_log, "wb") as out:  # this start's lines only
             # `torchserve --start` returns once Java is launched; Java writes key_file.json into its cwd.
@@ -218,9 +224,41 @@ class TorchServeInstance:
         r.raise_for_status()
         return r.json()[0].get("workers", [])
 
+    def ts_log_size(self) -> int:
+        try:
+            return self.ts_log.stat().st_size
+        except OSError:
+            return 0
+
+    def load_failures(self, since: int, version: str | None = None) -> int:
+        """How many times a worker of this model (of ``version`` only, if given) failed to load it, by ts_log.log's
+        lines after byte ``since`` (from the start when the log was rolled over since)."""
+        try:
+            with open(self.ts_log, "rb") as log:
+                log.seek(since if self.ts_log_size() >= since else 0)
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return 0
+        worker = f"-{self.model_name}_{version} " if version is not None else f"-{self.model_name}_"
+        return sum(1 for line in text.splitlines()
+                   if f"{LOAD_FAILED_LINE}{self.model_name}," in line and worker in line)
+
+    def load_failed(self, since: int, version: str | None = None, when: str = "this start") -> str | None:
+        """Why the model will not load (for a start's error), once it failed LOAD_FAILURES_TO_GIVE_UP times since
+        byte ``since`` of ts_log.log; None before."""
+        failures = self.load_failures(since, version)
+        if failures < LOAD_FAILURES_TO_GIVE_UP:
+            return None
+        return (f"the model failed to load {failures} times since {when} "
+                f"(\"{LOAD_FAILED_LINE.strip()}\" in {self.ts_log}; a corrupt archive, or a handler that fails "
+                f"to import or start: {self.log_dir / 'model_log.log'} "
+                f"has the worker's traceback)")
+
     def wait_ready(self, timeout: float = 180.0) -> None:
-        """Block until a worker is READY; on failure raise with the tail of the server's logs."""
+        """Block until a worker is READY; on failure raise with the tail of the server's logs. Fails early when the
+        model fails to load repeatedly (TorchServe retries a crashing worker until the timeout)."""
         last = "not started"
+        since = self.ts_log_offset if self.ts_log_offset is not None else self.ts_log_size()
 
         def ready() -> bool:
             nonlocal last
@@ -233,7 +271,9 @@ class TorchServeInstance:
             return any(w.get("status") == "READY" for w in workers)
 
         def exited() -> str | None:
-            return "its pid file names no live server" if self.pid_file.exists() and not self.is_running() else None
+            if self.pid_file.exists() and not self.is_running():
+                return "its pid file names no live server"
+            return self.load_failed(since)
 
         try:
             wait_until_ready(ready, timeout, f"TorchServe's {self.model_name} worker", interval=0.5,
@@ -241,6 +281,7 @@ class TorchServeInstance:
                                    self.log_dir / "torchserve_launcher.log"], exited=exited)
         except ServiceStartError as err:
             raise TorchServeError(f"{err} (last seen: {last})") from None
+        self.ts_log_offset = None  # ready: a later wait counts the failures from its own call on
 
     def _java_by_command_line(self) -> int | None:
         """This instance's server found among the processes by its command line (its main class with this
@@ -306,8 +347,17 @@ def main(argv: list[str] | None = None) -> int:
                   "removing the file; the pid was reused): that process is left alone", file=sys.stderr)
         if args.command == "start":
             already = ts.is_running()
-            ts.start()
-            ts.wait_ready(args.timeout)
+            try:
+                ts.start()
+                ts.wait_ready(args.timeout)
+            except (TorchServeError, KeyboardInterrupt) as err:
+                # A server this command started and that is not ready would hold the ports (the next start
+                # says "already running"); one that was already running is the operator's: left alone.
+                stopped = not already and ts.stop()
+                why = str(err) if isinstance(err, TorchServeError) else "interrupted while TorchServe started"
+                note = "\nthe TorchServe this command started was stopped (it held the ports)." if stopped else ""
+                print(f"error: {why}{note}", file=sys.stderr)
+                return 130 if isinstance(err, KeyboardInterrupt) else 1
             if already and ts.archive_newer_than_server():
                 print(f"warning: TorchServe was already running and keeps serving the model it loaded at its start; "
                       f"{ts.model_store / MAR_FILE} was rebuilt since (other weights?). `make rollout WEIGHTS=...` "

@@ -10,8 +10,13 @@ A busy port is refused at once, naming the port and the variable that moves it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -108,3 +113,49 @@ def test_a_busy_port_is_named_with_its_cause(user, module, variable):
         done = user.python(module, "start", timeout=120, **{variable: str(port)})
     assert done.returncode == 1
     assert f"{port}" in done.stderr and "already in use" in done.stderr and variable in done.stderr, done.stderr
+
+
+@pytest.fixture
+def user_with_a_corrupt_archive(tmp_path) -> Commands:
+    """A copy of the checkout whose model_store/cifar100.mar is random bytes (the review's: its worker crash-loops)."""
+    user = user_in_a_copy(tmp_path, list(TORCHSERVE_PORT_ENV.values()), MAKE_TIMEOUT_S)
+    (user.root / "model_store").mkdir(exist_ok=True)
+    (user.root / "model_store" / "cifar100.mar").write_bytes(os.urandom(5000))
+    try:
+        yield user
+    finally:
+        user.python("serving.torchserve", "stop")
+
+
+def test_a_model_that_cannot_load_fails_the_start_early_and_leaves_nothing_running(user_with_a_corrupt_archive):
+    """It waited the whole startupTimeout (600 s) while the worker crash-looped, and left Java holding the ports."""
+    user = user_with_a_corrupt_archive
+    started = time.monotonic()
+    done = user.python("serving.torchserve", "start", timeout=180)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert time.monotonic() - started < 120
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert "Load model failed" in done.stderr and str(user.root / "logs" / "ts_log.log") in done.stderr
+    assert "was stopped" in done.stderr
+    assert user.status("serving.torchserve") == 3
+    assert not any(port_in_use(int(user.env[variable])) for variable in TORCHSERVE_PORT_ENV.values())
+
+
+def test_ctrl_c_while_torchserve_starts_stops_it_without_a_traceback(user_with_a_corrupt_archive):
+    user = user_with_a_corrupt_archive
+    start = subprocess.Popen([sys.executable, "-m", "serving.torchserve", "start"], cwd=user.root, env=user.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not port_in_use(int(user.env["TS_MANAGEMENT_PORT"])):  # Java is up: the READY wait runs
+            assert time.monotonic() < deadline and start.poll() is None, start.communicate()
+            time.sleep(0.2)
+        start.send_signal(signal.SIGINT)
+        _, err = start.communicate(timeout=60)
+    finally:
+        if start.poll() is None:
+            start.kill()
+    assert start.returncode == 130 and err.startswith("error: interrupted") and "Traceback" not in err, err
+    assert "was stopped" in err
+    assert user.status("serving.torchserve") == 3
+    assert not any(port_in_use(int(user.env[variable])) for variable in TORCHSERVE_PORT_ENV.values())

@@ -220,9 +220,13 @@ def test_a_version_that_never_gets_ready_leaves_the_old_one_serving(served, tmp_
     broken = other_weights(tmp_path / "broken" / "CIFAR100_model.pth", 2e-3)
     (broken.parent / CALIBRATION_FILE).write_text(json.dumps(
         {"weights_sha256": sha256_of(broken), "temperature": -1.0, "unsure": {"threshold": 0.5}}))
+    started = time.monotonic()
     with pytest.raises(RolloutError) as err:
-        Rollout(ts, ready_timeout_s=10, say=lambda line: None).run(broken)
-    assert "was not READY within 10 s" in str(err.value) and f"{old} still serves" in str(err.value)
+        Rollout(ts, ready_timeout_s=90, say=lambda line: None).run(broken)
+    # Its workers crash-loop: it fails on their repeated load failures, not after the whole --ready-timeout.
+    assert time.monotonic() - started < 60
+    assert "will not get READY" in str(err.value) and "Load model failed" in str(err.value), str(err.value)[:600]
+    assert f"{old} still serves" in str(err.value)
     assert registered(ts) == [old]
     assert not (ts.model_store / f"cifar100-{weights_version(broken)}.mar").exists()  # its archive is gone too
     r = httpx.post(f"{adapter.base_url}/classify/", files={"image": ("p.png", IMAGE, "image/png")}, timeout=60)
