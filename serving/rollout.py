@@ -51,7 +51,8 @@ import httpx
 import psutil
 
 from serving import settings
-from serving.archive import DEFAULT_WEIGHTS, ArchiveError, build_archive, startup_timeout_s, weights_version
+from serving.archive import (DEFAULT_WEIGHTS, ArchiveError, build_archive, calibration_warning, int8_record_warning,
+                             startup_timeout_s, weights_version)
 from serving.cli import Parser, non_negative_float, positive_float
 from serving.keys import KeyFile, KeyFileError, is_auth_refusal
 from serving.process import log_tail
@@ -314,6 +315,10 @@ class Rollout:
             built = build_archive(weights, Path(tmp), quiet=True)
             shutil.move(built, mar)
         self.say(f"built {mar.name} from {weights}")
+        # make archive's warnings (quiet=True drops them with its other lines): e.g. no "unsure" ever, uncalibrated
+        for warning in (calibration_warning(weights), int8_record_warning(weights)):
+            if warning is not None:
+                self.say(warning)
         return mar
 
     def register(self, mar: Path) -> None:

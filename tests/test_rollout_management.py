@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -395,3 +396,18 @@ def test_the_rollouts_http_timeout_is_an_option():
         main(["--http-timeout", "0"])  # refused by its type, as every positive setting
     assert raised.value.code == 2
     assert Rollout.__dataclass_fields__["http_timeout_s"].default == HTTP_TIMEOUT_S
+
+
+def test_the_rollout_passes_on_make_archives_warnings(tmp_path):
+    """The rollout built its archive quietly, so weights with no calibration.json beside them went into service
+    uncalibrated (nothing ever "unsure") without the warning `make archive` prints for them."""
+    weights = tmp_path / "weights" / DEFAULT_WEIGHTS.name
+    weights.parent.mkdir()
+    shutil.copyfile(DEFAULT_WEIGHTS, weights)
+    said: list[str] = []
+    ts = TorchServeInstance(tmp_path, model_store=tmp_path / "store")
+    ts.model_store.mkdir()
+    mar = Rollout(ts, say=said.append).archive(weights, NEW)
+    assert mar.is_file()
+    assert any(line.startswith(f"warning: {weights.parent / 'calibration.json'} is missing: serving uncalibrated "
+                               "probabilities") for line in said), said
