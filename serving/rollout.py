@@ -56,7 +56,7 @@ from serving.archive import (DEFAULT_WEIGHTS, ArchiveError, build_archive, calib
 from serving.cli import Parser, non_negative_float, positive_float
 from serving.keys import KeyFile, KeyFileError, is_auth_refusal
 from serving.process import log_tail
-from serving.torchserve import TorchServeInstance, default_instance
+from serving.torchserve import TorchServeError, TorchServeInstance, default_instance
 
 MODEL_NAME = settings.MODEL_NAME
 HTTP_TIMEOUT_S = 30.0  # one call's answer (--http-timeout): a loaded host's first explanation takes seconds
@@ -586,7 +586,11 @@ def main(argv: list[str] | None = None) -> int:
                              "warm-up call is sent once more first); until the new version is READY and warm, "
                              "at most what is left of --ready-timeout")
     args = parser.parse_args(argv)
-    ts = default_instance()
+    try:
+        ts = default_instance()
+    except TorchServeError as err:  # a bad setting (TS_MANAGEMENT_PORT=abc): said, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not ts.is_running():
         print("error: TorchServe is not running (make serve-torchserve)", file=sys.stderr)
         return 1

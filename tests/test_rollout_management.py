@@ -411,3 +411,14 @@ def test_the_rollout_passes_on_make_archives_warnings(tmp_path):
     assert mar.is_file()
     assert any(line.startswith(f"warning: {weights.parent / 'calibration.json'} is missing: serving uncalibrated "
                                "probabilities") for line in said), said
+
+
+def test_a_bad_port_setting_is_an_error_line_not_a_traceback():
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "serving.rollout"], cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "TS_MANAGEMENT_PORT": "abc"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done.stderr
+    assert "TS_MANAGEMENT_PORT" in done.stderr and len(done.stderr.strip().splitlines()) == 1
