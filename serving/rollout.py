@@ -51,11 +51,11 @@ import httpx
 import psutil
 
 from serving import settings
-from serving.archive import (DEFAULT_WEIGHTS, ArchiveError, build_archive, calibration_warning, int8_record_warning,
-                             startup_timeout_s, weights_version)
+from serving.archive import (DEFAULT_WEIGHTS, ArchiveError, build_archive, calibration_warning, inputs_digest,
+                             int8_record_warning, startup_timeout_s, weights_version)
 from serving.cli import Parser, non_negative_float, positive_float
 from serving.keys import KeyFile, KeyFileError, is_auth_refusal
-from serving.process import log_tail
+from serving.process import changed_since_started, log_tail
 from serving.torchserve import TorchServeError, TorchServeInstance, default_instance
 
 MODEL_NAME = settings.MODEL_NAME
@@ -151,6 +151,11 @@ def rollout_lock(path: Path, weights: Path):
         finally:
             held.seek(0)
             held.truncate()  # unlocked when the file closes
+
+
+def stamp_of(mar: Path) -> Path:
+    """The digest of an archive's inputs, beside it (serving/archive.py writes it)."""
+    return mar.with_name(mar.name + ".inputs")
 
 
 def _warmup_png() -> bytes:
@@ -314,6 +319,8 @@ class Rollout:
         with tempfile.TemporaryDirectory(prefix="cifar100-rollout-") as tmp:
             built = build_archive(weights, Path(tmp), quiet=True)
             shutil.move(built, mar)
+            # its inputs' digest beside it: a later rollout of the same weights tells a changed handler by it
+            shutil.move(built.with_name(built.name + ".inputs"), stamp_of(mar))
         self.say(f"built {mar.name} from {weights}")
         # make archive's warnings (quiet=True drops them with its other lines): e.g. no "unsure" ever, uncalibrated
         for warning in (calibration_warning(weights), int8_record_warning(weights)):
@@ -465,6 +472,7 @@ class Rollout:
                                f"{r.status_code} {r.text.strip()[:200]}")
         if url.startswith(f"{MODEL_NAME}-") and url.endswith(".mar"):  # a rollout's archive, not make serve's
             (self.ts.model_store / url).unlink(missing_ok=True)
+            stamp_of(self.ts.model_store / url).unlink(missing_ok=True)
         self.say(f"drained and unregistered {version}")
 
     def unregister_quietly(self, version: str) -> str | None:
@@ -483,8 +491,27 @@ class Rollout:
         if left is not None:
             self.say(f"unregistering {version} failed ({left}): the same command with {old}'s weights unregisters it")
             return
-        (self.ts.model_store / f"{MODEL_NAME}-{version}.mar").unlink(missing_ok=True)
+        self.remove_archive(version)
         self.say(f"{version} was unregistered; {old} still serves")
+
+    def remove_archive(self, version: str) -> None:
+        mar = self.ts.model_store / f"{MODEL_NAME}-{version}.mar"
+        mar.unlink(missing_ok=True)
+        stamp_of(mar).unlink(missing_ok=True)
+
+    def served_inputs_differ(self, weights: Path, version: str, url: str) -> str | None:
+        """Why the archive ``version`` was served from is not what ``weights`` would be packed with now (a changed
+        handler, model-config.yaml or packaged file: the version names the weights only); None if it is, or if
+        that cannot be told (no digest beside it)."""
+        mar = self.ts.model_store / url
+        stamp = stamp_of(mar)
+        if not url or not stamp.is_file():
+            return None
+        if url == f"{MODEL_NAME}.mar" and changed_since_started(stamp, self.ts.java_pid()):
+            return f"{mar} was rebuilt since TorchServe loaded it"
+        if stamp.read_text().strip() != inputs_digest(weights, version):
+            return f"{mar} was built from other inputs ({stamp})"
+        return None
 
     # ---- the whole move ----------------------------------------------------------------------
     def run(self, weights: Path) -> str:
@@ -503,6 +530,11 @@ class Rollout:
         if old == version:
             # Other versions still registered: a rollout interrupted after its switch left them.
             leftovers = {other: url for other, url in registered.items() if other != version}
+            if (differ := self.served_inputs_differ(Path(weights), version, registered.get(version, ""))):
+                raise RolloutError(
+                    f"version {version} already serves {MODEL_NAME}, but {differ}: a changed handler/, "
+                    "model-config.yaml or packaged file with the same weights keeps the version, which a rollout "
+                    f"cannot swap for itself; `make stop && make serve WEIGHTS={weights}` serves the change")
             if not leftovers:
                 self.say(f"version {version} already serves {MODEL_NAME}; nothing to do")
                 return version
@@ -529,7 +561,7 @@ class Rollout:
                 if left is not None:
                     raise RolloutError(f"{err}\n{old} still serves; unregistering {version} failed too ({left}): "
                                        f"the same command with {old}'s weights unregisters it") from None
-                (self.ts.model_store / f"{MODEL_NAME}-{version}.mar").unlink(missing_ok=True)
+                self.remove_archive(version)
                 raise RolloutError(f"{err}\n{old} still serves; {version} was unregistered") from None
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Stopped) before the switch: its workers ran beside the old
             self.withdraw(version, old)

@@ -360,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 130 if isinstance(err, KeyboardInterrupt) else 1
             if already and ts.archive_newer_than_server():
                 print(f"warning: TorchServe was already running and keeps serving the model it loaded at its start; "
-                      f"{ts.model_store / MAR_FILE} was rebuilt since (other weights?). `make rollout WEIGHTS=...` "
-                      "swaps the served model; or `make stop && make serve WEIGHTS=...`.", file=sys.stderr)
+                      f"{ts.model_store / MAR_FILE} was rebuilt since. Other weights: `make rollout WEIGHTS=...` "
+                      "swaps them in; the same weights with a changed handler or model-config.yaml (same version, "
+                      "nothing for a rollout to swap): `make stop && make serve WEIGHTS=...`.", file=sys.stderr)
             print(f"TorchServe {'was already running' if already else 'is ready'}: model {ts.model_name} at "
                   f"{ts.predictions_url}\n  management {ts.management_url}, Prometheus metrics "
                   f"{ts.metrics_url}/metrics, logs in {ts.log_dir}\n  keys in {ts.key_file.path}. Try:\n"

@@ -88,6 +88,7 @@ def test_make_serve_again_is_idempotent_and_status_says_running(served, user):
     assert "TorchServe was already running" in again.stdout and "Adapter already running" in again.stdout
     # Other weights than those served: the archive was rebuilt, the running server keeps the old one.
     assert "keeps serving the model it loaded" in again.stderr and "make rollout" in again.stderr
+    assert "changed handler or model-config.yaml" in again.stderr and "make stop && make serve" in again.stderr
     assert user.status("adapter.run") == 0 and user.status("serving.torchserve") == 0
 
 

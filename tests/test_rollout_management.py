@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from serving.archive import DEFAULT_WEIGHTS, weights_version
+from serving.archive import DEFAULT_WEIGHTS, inputs_digest, weights_version
 from serving.rollout import HTTP_TIMEOUT_S, Rollout, RolloutError
 from serving.torchserve import TorchServeInstance
 from test_adapter_oip import stand_in_server
@@ -422,3 +422,19 @@ def test_a_bad_port_setting_is_an_error_line_not_a_traceback():
                           env={**os.environ, "TS_MANAGEMENT_PORT": "abc"}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done.stderr
     assert "TS_MANAGEMENT_PORT" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_same_weights_built_from_a_changed_handler_are_not_nothing_to_do(tmp_path):
+    """The version names the weights only: with a changed handler or model-config.yaml the rollout said "already
+    serves cifar100; nothing to do" and the change was never served. The served archive's inputs digest (beside
+    it) differs from the one these weights would be packed with now: said, with what serves the change."""
+    api = StandInManagement(tmp_path, [NEW])
+    (tmp_path / f"cifar100-{NEW}.mar.inputs").write_text("0" * 64 + "\n")  # built from another handler
+    with pytest.raises(RolloutError) as err:
+        with_stand_in(api, lambda rollout: rollout.run(DEFAULT_WEIGHTS))
+    assert f"version {NEW} already serves cifar100, but" in str(err.value) and "other inputs" in str(err.value)
+    assert f"make stop && make serve WEIGHTS={DEFAULT_WEIGHTS}" in str(err.value)
+    assert not any(method in ("POST", "PUT", "DELETE") for method, _ in api.calls)  # nothing registered or changed
+    (tmp_path / f"cifar100-{NEW}.mar.inputs").write_text(inputs_digest(DEFAULT_WEIGHTS, NEW) + "\n")  # the same
+    version, said = with_stand_in(api, lambda rollout: rollout.run(DEFAULT_WEIGHTS))
+    assert version == NEW and "nothing to do" in said[-1]
