@@ -217,6 +217,7 @@ class Rollout:
         self.http = httpx.Client(timeout=self.http_timeout_s)
         self._renew_lock = threading.Lock()  # the warm-up's threads refused at once renew once
         self._ts_log_offset: int | None = None  # ts_log.log's size before the new version was registered
+        self._stopping = threading.Event()  # interrupted: the warm-up's threads send nothing more
 
     # ---- the management API ----------------------------------------------------------------
     def _header(self, kind: str) -> dict[str, str]:
@@ -304,14 +305,32 @@ class Rollout:
         pid = self.ts.java_pid()
         if pid is None:
             return 0, 0.0
-        workers = [p for p in psutil.Process(pid).children(recursive=True) if "python" in p.name().lower()]
-        rss = 0
-        for p in workers:
-            try:
-                rss += p.memory_info().rss
+        workers, rss = 0, 0
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:  # Java gone meanwhile
+            return 0, 0.0
+        for p in children:
+            try:  # a worker may exit between the listing and these reads
+                if "python" in p.name().lower():
+                    rss += p.memory_info().rss
+                    workers += 1
             except psutil.Error:
                 pass
-        return len(workers), rss / 1e6
+        return workers, rss / 1e6
+
+    def _map(self, call, items: list, threads: int) -> list:
+        """``call`` on each item from ``threads`` threads. Interrupted (Ctrl-C, SIGTERM), it does not wait for the
+        calls under way (each up to --http-timeout, sent twice): the withdraw starts at once, and none is sent again."""
+        pool = ThreadPoolExecutor(threads)
+        try:
+            results = list(pool.map(call, items))
+        except BaseException:
+            self._stopping.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        return results
 
     # ---- the steps ---------------------------------------------------------------------------
     def archive(self, weights: Path, version: str) -> Path:
@@ -379,8 +398,7 @@ class Rollout:
         # Warm: a first batch per worker on the new version's own route; each answer must be its own.
         image, path = _warmup_png(), f"/predictions/{MODEL_NAME}/{version}"
         count = WARMUP_ROUNDS * len(workers)
-        with ThreadPoolExecutor(len(workers)) as pool:
-            answers = list(pool.map(lambda _: self._warm_up(path, image, deadline), range(count)))
+        answers = self._map(lambda _: self._warm_up(path, image, deadline), list(range(count)), len(workers))
         bad = [_described(a) for a in answers
                if a.status_code != 200 or _answered_by(a) != version]
         if bad:
@@ -391,7 +409,8 @@ class Rollout:
         stagger = float(described.get("maxBatchDelay", 0)) / 1000 + EXPLANATION_STAGGER_S
 
         def explain(i: int) -> httpx.Response | ReadyTimeUp:
-            time.sleep(i * stagger)
+            if self._stopping.wait(i * stagger):  # interrupted while staggered: not sent
+                return ReadyTimeUp("interrupted")
             try:
                 return self._warm_up(path, image, deadline)
             except ReadyTimeUp as err:  # kept beside the round's answers: a failed one among them still counts
@@ -399,8 +418,7 @@ class Rollout:
         cold = [str(w.get("id")) for w in workers]
         for round_ in range(EXPLANATION_ROUNDS):
             # A round for every worker, not just the cold ones: which idle worker takes a request is TorchServe's.
-            with ThreadPoolExecutor(len(workers)) as pool:
-                outcomes = list(pool.map(explain, range(len(workers))))
+            outcomes = self._map(explain, list(range(len(workers))), len(workers))
             bad = [_described(a) for a in outcomes if isinstance(a, httpx.Response)
                    and (a.status_code != 200 or _answered_by(a) != version or not _has_heatmap(a))]
             if bad:
@@ -428,7 +446,7 @@ class Rollout:
         try:
             return send()
         except CallTimedOut as first:
-            if first.kind != "inference":  # a key's renewal (PUT /token), not the warm-up call itself
+            if first.kind != "inference" or self._stopping.is_set():  # a key's renewal; or the rollout interrupted
                 raise
             self.say(f"warning: {first}; sending it once more")
             try:
@@ -451,6 +469,14 @@ class Rollout:
             if not cold or time.monotonic() > deadline:
                 return cold
             time.sleep(0.2)
+
+    def switched_to(self, version: str) -> bool:
+        """Whether ``version`` is the default after a switch interrupted or refused (unknown counts as not: the
+        new version is withdrawn, and the old one, if it was not, is what the same command's next run finds)."""
+        try:
+            return self.default_version() == version
+        except (RolloutError, KeyboardInterrupt):
+            return False
 
     def set_default(self, version: str) -> None:
         r = self._call("PUT", f"/models/{MODEL_NAME}/{version}/set-default")
@@ -482,6 +508,15 @@ class Rollout:
         except RolloutError as err:
             return str(err)
         return None if r.status_code in (200, 404) else f"{r.status_code} {r.text.strip()[:200]}"
+
+    def given_up(self, version: str, old: str, err: RolloutError) -> RolloutError:
+        """``version`` failed before the switch: unregistered (its archive gone); the error to raise says so."""
+        left = self.unregister_quietly(version)
+        if left is not None:
+            return RolloutError(f"{err}\n{old} still serves; unregistering {version} failed too ({left}): "
+                                f"the same command with {old}'s weights unregisters it")
+        self.remove_archive(version)
+        return RolloutError(f"{err}\n{old} still serves; {version} was unregistered")
 
     def withdraw(self, version: str, old: str) -> None:
         """After an interruption (Ctrl-C, SIGTERM) before the switch: ``version`` unregistered, its archive gone;
@@ -557,19 +592,24 @@ class Rollout:
             try:
                 self.wait_ready_and_warm(version)
             except RolloutError as err:
-                left = self.unregister_quietly(version)
-                if left is not None:
-                    raise RolloutError(f"{err}\n{old} still serves; unregistering {version} failed too ({left}): "
-                                       f"the same command with {old}'s weights unregisters it") from None
-                self.remove_archive(version)
-                raise RolloutError(f"{err}\n{old} still serves; {version} was unregistered") from None
+                raise self.given_up(version, old, err) from None
+            during_workers, during_mb = self.workers_rss_mb()
+            self.say(f"{version} is READY and warm; workers {before_workers} -> {during_workers}, their memory "
+                     f"{before_mb:.0f} MB -> {during_mb:.0f} MB RSS during the overlap")
+            try:
+                self.set_default(version)
+            except RolloutError as err:  # the switch refused or not answered: which version serves is asked
+                if self.switched_to(version):
+                    raise RolloutError(f"{err}; yet {version} is the default: the same command again unregisters "
+                                       f"{old}") from None
+                raise self.given_up(version, old, err) from None
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Stopped) before the switch: its workers ran beside the old
-            self.withdraw(version, old)
+            if self.switched_to(version):  # the switch was answered as the interrupt came
+                self.say(f"interrupted after the switch: {version} serves; the same command again unregisters "
+                         "the versions still registered beside it")
+            else:
+                self.withdraw(version, old)
             raise
-        during_workers, during_mb = self.workers_rss_mb()
-        self.say(f"{version} is READY and warm; workers {before_workers} -> {during_workers}, their memory "
-                 f"{before_mb:.0f} MB -> {during_mb:.0f} MB RSS during the overlap")
-        self.set_default(version)
         self.say(f"{version} is the default: {MODEL_NAME}'s requests go to it")
         try:
             for other, url in registered.items():
