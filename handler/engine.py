@@ -249,6 +249,11 @@ def refusal(engine: str, device: torch.device, record: dict | None, shipped_dir:
     measured = (record or {}).get("engines", {}).get(engine)
     if measured is None:
         return f"no accuracy record for it ({RECORD_FILE}: run python -m training.engines)"
+    # A lossy engine's rounding is its hardware's: a CPU's figures do not vouch for a GPU's bf16, nor the reverse.
+    measured_on = ((measured.get("measured_on") or {}).get("machine") or (record or {}).get("machine") or {}).get("device")
+    if measured_on is not None and (measured_on == "cpu") != (device.type == "cpu"):
+        return (f"its accuracy record ({RECORD_FILE}) was measured on {'a CPU' if measured_on == 'cpu' else measured_on}, "
+                f"not on this {'CPU' if device.type == 'cpu' else 'GPU'}")
     if not measured.get("passed"):
         return (f"it failed the accuracy guard on the test split ({RECORD_FILE}: top-1 "
                 f"{measured['top1']:.4f} vs fp32 {record['engines'][EAGER]['top1']:.4f}, agreement "

@@ -561,3 +561,22 @@ def test_gpu_packages_are_shared_by_every_thread_count(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert one != engines.cache_key("compile-bf16", "ab" * 32, 6, CPU, None)
+
+
+def test_a_gpu_worker_serves_no_lossy_engine_on_the_cpus_record_and_the_reverse(monkeypatch, caplog):
+    """The archive's engines.json is the CPUs' record: a GPU worker took compile-bf16 (and its calibration refit) on
+    figures a CPU's oneDNN rounding made. A lossy engine needs figures from its own kind of machine; lossless ones
+    need none. (Only the engine's choice is checked: no GPU runs here.)"""
+    gpu = torch.device("cuda", 0)
+    shipped = engines.load_record(REPO / "model" / "weights")
+    assert shipped["engines"]["compile-bf16"]["measured_on"]["machine"]["device"] == "cpu"
+    with caplog.at_level(logging.WARNING, logger=engines.__name__):
+        assert engines.candidates("auto", gpu, shipped) == ["compile-fp32", engines.EAGER]
+    assert "engine compile-bf16 not served: its accuracy record (engines.json) was measured on a CPU, not on this GPU" \
+        in caplog.text
+    on_a_gpu = {**PASSED, "measured_on": {"machine": {"device": "NVIDIA H200"}}}
+    assert engines.candidates("auto", gpu, record(**{"compile-bf16": on_a_gpu}))[0] == "compile-bf16"
+    monkeypatch.setattr(engines, "native_bf16", lambda device: True)  # a CPU that could run it
+    assert engines.refusal("compile-bf16", CPU, record(**{"compile-bf16": on_a_gpu})) == \
+        "its accuracy record (engines.json) was measured on NVIDIA H200, not on this CPU"
+    assert engines.refusal("compile-bf16", CPU, record(**{"compile-bf16": PASSED})) is None  # no machine named
