@@ -10,8 +10,8 @@
 #   try it on a CPU first:  GPU_CHECK_DEVICE=cpu GPU_CHECK_WIDTHS=3 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
 #                           (GPU_CHECK_LIMITS="90 30 60": shorter step limits, to see each one cut short)
 #
-# 1. benchmarks.bench_served_engines: each engine a GPU worker can run (eager-fp32, compile-fp32, compile-bf16)
-#    served by KServe's own model server (the Open Inference Protocol path; TorchServe's Java and its 45 MB
+# 1. benchmarks.bench_served_engines: each engine a GPU worker serves (eager-fp32, compile-fp32: compile-bf16 is
+#    refused there, the archive's engines.json being the CPUs' figures; steps 2 and 3 measure it) served by KServe's own model server (the Open Inference Protocol path; TorchServe's Java and its 45 MB
 #    model-server.jar do not fit the carry beside the data): images/s and p50 at concurrency 1 and 16, and the
 #    answers on 1,000 test images against eager fp32 in-process;
 # 2. training.engines: their top-1 and agreement with fp32 on the full test split (the record goes to the
@@ -54,6 +54,7 @@ device="${GPU_CHECK_DEVICE:-cuda}"
 read -r -a widths <<< "${GPU_CHECK_WIDTHS:-3 10}"
 read -r served_s record_s in_process_s <<< "${GPU_CHECK_LIMITS:-240 60 150}"
 engines=(eager-fp32 compile-fp32 compile-bf16)
+served=(eager-fp32 compile-fp32)  # what a GPU worker serves on the archive's (the CPUs') record
 mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -78,7 +79,7 @@ step() {  # a step's failure or timeout is logged and the next step still runs
     fi
     "$python" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
     if [ "$device" = cpu ]; then export CUDA_VISIBLE_DEVICES=; fi  # the served step's predictor: the CPU as asked
-    step "$served_s" "$python" -m benchmarks.bench_served_engines --engines "${engines[@]}" --concurrency 1 16 \
+    step "$served_s" "$python" -m benchmarks.bench_served_engines --engines "${served[@]}" --concurrency 1 16 \
         --duration 8 --images 1000 --start-timeout $((served_s / 2)) --out "$out/served-$device.json"
     step "$record_s" "$python" -m training.engines --device "$device" --engines "${engines[@]:1}" \
         --record "$out/engines-$device.json"
