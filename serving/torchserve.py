@@ -50,7 +50,7 @@ JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"  # on the command line of Torc
 # What TorchServe 0.12 writes to ts_log.log each time a worker dies loading the model (corrupt archive, handler
 # that fails to import or initialize); it then retries forever, so this many since a start is a failed start.
 LOAD_FAILED_LINE = "Load model failed: "
-LOAD_FAILURES_TO_GIVE_UP = 3
+LOAD_FAILURES_ENV, LOAD_FAILURES_DEFAULT = "TS_START_LOAD_FAILURES", 3
 
 
 class TorchServeError(ServiceStartError):
@@ -79,6 +79,8 @@ class TorchServeInstance:
     extra_properties: dict[str, str] = field(default_factory=dict)
     # log4j2 configuration for Java's logs; None: TorchServe's built-in one (see serving/log4j2.xml)
     log_config: Path | None = LOG_CONFIG
+    # A start (or a rollout's READY wait) fails after this many failed loads of the model (TS_START_LOAD_FAILURES).
+    load_failures_to_give_up: int = LOAD_FAILURES_DEFAULT
 
     def __post_init__(self):
         self.workdir = Path(self.workdir).resolve()
@@ -244,10 +246,10 @@ class TorchServeInstance:
                    if f"{LOAD_FAILED_LINE}{self.model_name}," in line and worker in line)
 
     def load_failed(self, since: int, version: str | None = None, when: str = "this start") -> str | None:
-        """Why the model will not load (for a start's error), once it failed LOAD_FAILURES_TO_GIVE_UP times since
+        """Why the model will not load (for a start's error), once it failed load_failures_to_give_up times since
         byte ``since`` of ts_log.log; None before."""
         failures = self.load_failures(since, version)
-        if failures < LOAD_FAILURES_TO_GIVE_UP:
+        if failures < self.load_failures_to_give_up:
             return None
         return (f"the model failed to load {failures} times since {when} "
                 f"(\"{LOAD_FAILED_LINE.strip()}\" in {self.ts_log}; a corrupt archive, or a handler that fails "
@@ -329,9 +331,12 @@ def default_instance() -> TorchServeInstance:
         ports = settings.torchserve_ports(os.environ, ports)  # TS_INFERENCE_PORT=... moves one
     except ValueError as err:
         raise TorchServeError(str(err)) from None
+    failures = os.environ.get(LOAD_FAILURES_ENV, "").strip() or str(LOAD_FAILURES_DEFAULT)
+    if not failures.isdigit() or int(failures) < 1:
+        raise TorchServeError(f"{LOAD_FAILURES_ENV}={failures!r}: needs a whole number of 1 or more")
     store = Path(props.get("model_store", "model_store"))
     return TorchServeInstance(REPO, ports, model_store=store if store.is_absolute() else REPO / store,
-                              log_dir=REPO / "logs")
+                              log_dir=REPO / "logs", load_failures_to_give_up=int(failures))
 
 
 def main(argv: list[str] | None = None) -> int:

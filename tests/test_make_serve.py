@@ -144,7 +144,9 @@ def test_a_model_that_cannot_load_fails_the_start_early_and_leaves_nothing_runni
 
 def test_ctrl_c_while_torchserve_starts_stops_it_without_a_traceback(user_with_a_corrupt_archive):
     user = user_with_a_corrupt_archive
-    start = subprocess.Popen([sys.executable, "-m", "serving.torchserve", "start"], cwd=user.root, env=user.env,
+    # Only the interrupt may end the wait (the failed loads would, 3 of them within ~4 s: before the signal, once).
+    env = {**user.env, "TS_START_LOAD_FAILURES": "1000"}
+    start = subprocess.Popen([sys.executable, "-m", "serving.torchserve", "start"], cwd=user.root, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from adapter.config import Settings
@@ -227,3 +228,18 @@ def test_readme_says_which_torchserve_logs_roll_over_as_log4j2_xml_does():
     before, after = paragraph.split("roll over at `roll_size`", 1)
     assert set(re.findall(r"`(\w+\.log)`", before)) == rolled, (sorted(rolled), before)
     assert "`torchserve_launcher.log`" in after and "never rolls over" in after, after
+
+
+def test_the_failed_loads_that_end_a_start_are_a_setting(monkeypatch):
+    """TS_START_LOAD_FAILURES: how many failed loads of the model end make serve's (and a rollout's) wait."""
+    from serving.torchserve import LOAD_FAILURES_DEFAULT, TorchServeError, default_instance
+
+    monkeypatch.delenv("TS_START_LOAD_FAILURES", raising=False)
+    assert default_instance().load_failures_to_give_up == LOAD_FAILURES_DEFAULT
+    assert f"(`TS_START_LOAD_FAILURES`, {LOAD_FAILURES_DEFAULT};" in (ROOT / "README.md").read_text()
+    monkeypatch.setenv("TS_START_LOAD_FAILURES", " 7 ")
+    assert default_instance().load_failures_to_give_up == 7
+    for bad in ("0", "-1", "x", "2.5"):
+        monkeypatch.setenv("TS_START_LOAD_FAILURES", bad)
+        with pytest.raises(TorchServeError, match="TS_START_LOAD_FAILURES="):
+            default_instance()
