@@ -188,7 +188,15 @@ def test_the_predictor_manifest_runs_the_dockerfiles_image_on_the_same_bundle():
     probe = container.readiness_probe.http_get
     assert (probe.path, probe.port) == ("/v2/models/cifar100/ready", 8080)
     assert [p.container_port for p in container.ports] == [8080]
-    assert isvc.spec.predictor.container_concurrency == 64  # its own server has no cap on requests in flight
+    # As many as its server lets wait (--max_waiting_requests' default): more got 503s no autoscaler counted.
+    assert isvc.spec.predictor.container_concurrency == waiting_bound()
+
+
+def waiting_bound() -> int:
+    """The predictor's default --max_waiting_requests: job_queue_size in the config.properties the bundle copies."""
+    from serving.torchserve import BASE_CONFIG, read_properties
+
+    return int(read_properties(BASE_CONFIG)["job_queue_size"])
 
 
 def _image_pip_names() -> list[str]:
@@ -294,6 +302,7 @@ def test_the_gpu_predictor_manifest_is_the_same_server_with_a_gpu_and_the_cuda_i
     gpu_isvc, cpu_isvc = build(manifest), build(yaml.safe_load(PREDICTOR_MANIFEST.read_text()))
     [gpu], [cpu] = gpu_isvc.spec.predictor.containers, cpu_isvc.spec.predictor.containers
     assert gpu_isvc.spec.predictor.model is None
+    assert gpu_isvc.spec.predictor.container_concurrency == waiting_bound()  # the same server's bound
     for field in ("args", "ports"):
         assert getattr(gpu, field) == getattr(cpu, field), field
     assert gpu.readiness_probe.http_get == cpu.readiness_probe.http_get
