@@ -52,6 +52,8 @@ serving/settings.py).
     MAX_HEADER_BYTES      request line + headers, in bytes (URL too long -> 414, else 431)  16384
     MAX_HEADER_COUNT      headers per request (-> 431)          100
     MAX_FORM_PARTS        parts in one upload's multipart form (-> 400; the page sends 1)  16
+    MAX_PIPELINED_REQUESTS  requests one connection may have waiting behind its answer in progress
+                          (HTTP/1.1 pipelining; one more -> 429 after the earlier answers, closed)  16
     SEND_TIMEOUT_S        an answer the client does not read: the connection is reset when its
                           send buffer stays full this long (writing paused)  30
     CORS_ALLOW_ORIGINS    comma-separated origins, or *; empty: none (the page is same-origin)  (none)
@@ -206,6 +208,7 @@ class Settings:
     max_header_bytes: int = 16 * 1024
     max_header_count: int = 100
     max_form_parts: int = 16
+    max_pipelined_requests: int = 16
     send_timeout_s: float = 30.0
     cors_allow_origins: list[str] = field(default_factory=list)
     docs: bool = False
@@ -303,6 +306,7 @@ class Settings:
             max_header_bytes=_env_int("MAX_HEADER_BYTES", cls.max_header_bytes),
             max_header_count=_env_int("MAX_HEADER_COUNT", cls.max_header_count),
             max_form_parts=_env_int("MAX_FORM_PARTS", cls.max_form_parts),
+            max_pipelined_requests=_env_int("MAX_PIPELINED_REQUESTS", cls.max_pipelined_requests),
             send_timeout_s=_env_float("SEND_TIMEOUT_S", cls.send_timeout_s),
             cors_allow_origins=_env_origins("CORS_ALLOW_ORIGINS"),
             docs=_env_flag("ADAPTER_DOCS", cls.docs),

@@ -43,7 +43,8 @@ ROUTES = frozenset({"/classify/", "/classify", "/explain/", "/explain", "/classe
 # a 503 for a model server that is down or not ready is the model server's, not a refusal). A 400 is
 # one only at the HTTP parser (refused_before_app: bad_http); the app's 400s (no image, a picture the
 # handler refuses) are answers about a request's content, counted in adapter_requests_total alone.
-REFUSAL_REASONS = {408: "timeout", 413: "too_large", 414: "url_too_long", 431: "headers_too_large", 501: "unsupported"}
+REFUSAL_REASONS = {408: "timeout", 413: "too_large", 414: "url_too_long", 429: "pipelined", 431: "headers_too_large",
+                   501: "unsupported"}
 PARSER_REFUSAL = "bad_http"  # the parser's 400, and any status the parser refuses with that has no reason above
 BUSY_REFUSAL = "busy"  # any 503 with Retry-After (its caps, shares, turns and waits; the pool to the model server)
 # adapter_model_server_errors_total's kinds (adapter/model_server.py's count_failure picks one; README lists them).

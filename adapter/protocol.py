@@ -45,6 +45,7 @@ import json
 import logging
 import socket
 import struct
+from collections import deque
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -215,7 +216,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deferred_refusal: bytes | None = None  # sent once the earlier answers are (send_error)
         self._send_timer = None
         self._refusal: tuple[int, str] | None = None
-        self._unanswered: list = []  # request cycles whose answers may not have begun (pipelined: several)
+        # Request cycles whose answers may not have begun (pipelined: several), oldest first; they end in order.
+        self._unanswered: deque = deque()
         # A connection that never sends a byte would otherwise stay open for ever.
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                             self.timeout_keep_alive_handler)
@@ -374,6 +376,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_begin(self) -> None:
+        if len(self.pipeline) >= self.settings.max_pipelined_requests:
+            # Each queued request holds its cycle and scope (~2.4 KB) until answered, and an answer lets the next
+            # 256 KB in: without a bound one connection's pipelined GETs took the adapter from 71 to 431 MB.
+            self._refuse(429, f"Too many pipelined requests: at most {self.settings.max_pipelined_requests} may wait "
+                              "behind the one being answered; send the rest after their answers.")
         super().on_message_begin()
         self._unset_keepalive_if_required()  # a request has begun: its head's deadline applies now
         self._in_head = self._in_message = True
@@ -432,9 +439,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse_upgrade()
         super().on_headers_complete()
         self._head_done = True
-        # self.cycle is the newest request only: an earlier pipelined one may still be answered.
-        self._unanswered = [cycle for cycle in self._unanswered if not cycle.response_complete]
-        if self.cycle is not None and self.cycle not in self._unanswered:
+        # self.cycle is the newest request only: an earlier pipelined one may still be answered. (Constant work a
+        # request: rebuilding the list and a membership test made a pipelining client's requests cost the loop
+        # quadratic time, benchmarks/RESULTS.md "Session 36".)
+        while self._unanswered and self._unanswered[0].response_complete:
+            self._unanswered.popleft()
+        if self.cycle is not None:
             self._unanswered.append(self.cycle)
 
     def _should_upgrade(self) -> bool:  # uvicorn's: hand the connection to a WebSocket protocol
