@@ -54,7 +54,8 @@ def edge(tmp_path_factory):
     dead = f"http://127.0.0.1:{free_port()}"  # no model server: every path here is refused before it
     env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "KEEPALIVE_TIMEOUT_S": str(KEEPALIVE_TIMEOUT_S),
            "HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "SEND_TIMEOUT_S": str(SEND_TIMEOUT_S),
-           "SHRINK_WORKERS": "1", "SHRINK_WAIT_S": str(SHRINK_WAIT_S)}
+           "SHRINK_WORKERS": "1", "SHRINK_WAIT_S": str(SHRINK_WAIT_S),
+           "MAX_PIPELINED_REQUESTS": "2000"}  # the send-timeout test pipelines 1,500 (the bound's own test: its default)
     with running_adapter(env, tmp_path_factory.mktemp("hostile-edge") / "adapter.log") as proc:
         proc.port = int(proc.base_url.rsplit(":", 1)[1])
         yield proc
@@ -432,16 +433,19 @@ def in_process_adapter(settings: Settings, wrap_protocol=lambda protocol_class: 
         thread.join(30)
 
 
-def test_a_connection_pipelining_more_than_the_bound_gets_429_after_the_earlier_answers(edge):
+def test_a_connection_pipelining_more_than_the_bound_gets_429_after_the_earlier_answers():
     """uvicorn queued every pipelined request a connection sent (each holding its cycle and scope until answered,
     each answer letting the next 256 KB of heads in): 150,000 tiny GETs took the adapter from 71 to 431 MB. At most
     MAX_PIPELINED_REQUESTS wait behind the one being answered; the next is answered 429 after them, and the
     connection closed."""
-    bound = 16  # MAX_PIPELINED_REQUESTS' default
-    response = exchange(edge.port, b"GET /settings HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
-    answers = response.split(b"HTTP/1.1 ")[1:]
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = Settings(inference_url=dead, management_url=dead)
+    bound = settings.max_pipelined_requests
+    assert bound == 16  # the default README states
+    with in_process_adapter(settings) as port:
+        answers = exchange(port, b"GET /settings HTTP/1.1\r\nHost: x\r\n\r\n" * 100).split(b"HTTP/1.1 ")[1:]
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert [a[:3] for a in answers] == [b"200"] * (1 + bound) + [b"429"], [a[:3] for a in answers]
     status, headers, answer = status_and_json(b"HTTP/1.1 " + answers[-1])
     assert "Too many pipelined requests: at most 16" in answer["error"] and headers["connection"] == "close", answer
-    metrics = httpx.get(f"{edge.base_url}/metrics", timeout=10).text
     assert 'adapter_refusals_total{reason="pipelined"} 1.0' in metrics
