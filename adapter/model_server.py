@@ -265,6 +265,9 @@ def error_message(response: Response) -> str:
 # What talking to a model server can raise besides an HTTP answer. asyncio.TimeoutError: aiohttp's
 # `total` timeout surfaces as a bare one.
 TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, PoolBusy)
+# Connection errors of a request that never reached the model server (its connect refused or unanswered): not
+# sent again, as one reset or dropped mid-answer is (a worker died under it; a pooled connection it had closed).
+NEVER_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 def count_failure(metrics: Metrics | None, error: ClassifyError, cause: Exception | Response) -> None:

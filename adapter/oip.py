@@ -32,8 +32,9 @@ from serving.settings import V2_OUTPUTS  # the handler's v2 output names, one ho
 from .config import Settings
 from .errors import ClassifyError
 from .metrics import Metrics
-from .model_server import (PROBE_IMAGE, TRANSPORT_ERRORS, Pool, PoolBusy, Response, SilenceProbe, answer_error,
-                           count_failure, error_message, named_engine, pool_busy_error, prediction_deadline)
+from .model_server import (NEVER_CONNECTED, PROBE_IMAGE, TRANSPORT_ERRORS, Pool, PoolBusy, Response, SilenceProbe,
+                           answer_error, count_failure, error_message, named_engine, pool_busy_error,
+                           prediction_deadline)
 from .request_context import note_model_version, request_id_header
 
 log = logging.getLogger("adapter.oip")
@@ -121,7 +122,7 @@ class OIPClient:
                 except aiohttp.ClientConnectionError as err:
                     # Reset or closed mid-answer (a pooled connection the server had closed, a pod going
                     # away): sent once more within the same deadline, as in front of TorchServe.
-                    if isinstance(err, aiohttp.ConnectionTimeoutError):
+                    if isinstance(err, NEVER_CONNECTED):
                         raise
                     log.warning("retrying a prediction once: %s", err)
                     if self.metrics is not None:

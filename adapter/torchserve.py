@@ -34,8 +34,9 @@ from serving.keys import KeyFile, KeyFileError, is_auth_refusal
 from .config import Settings
 from .errors import ClassifyError
 from .metrics import Metrics
-from .model_server import (PROBE_IMAGE, TRANSPORT_ERRORS, Pool, PoolBusy, Response, SilenceProbe, answer_error,
-                           count_failure, error_message, named_engine, pool_busy_error, prediction_deadline)
+from .model_server import (NEVER_CONNECTED, PROBE_IMAGE, TRANSPORT_ERRORS, Pool, PoolBusy, Response, SilenceProbe,
+                           answer_error, count_failure, error_message, named_engine, pool_busy_error,
+                           prediction_deadline)
 from .request_context import note_model_version, request_id_header
 
 log = logging.getLogger("adapter.torchserve")
@@ -139,7 +140,7 @@ class TorchServeClient:
                 log.warning("retrying a prediction once: TorchServe answered %d %s", response.status_code,
                             error_message(response))
             except aiohttp.ClientConnectionError as err:  # reset or disconnected mid-answer
-                if isinstance(err, aiohttp.ConnectionTimeoutError):
+                if isinstance(err, NEVER_CONNECTED):
                     raise
                 log.warning("retrying a prediction once: %s", err)
             if self.metrics is not None:

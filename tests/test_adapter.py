@@ -894,3 +894,31 @@ def test_the_adapters_answer_keeps_unsure_and_the_first_top_k_in_order():
     assert list(shaped)[0] == "prediction" and shaped["unsure"] is True
     assert shaped["top5"] == topk[:TOP_K]
     assert classify_answer({**answer, "unsure": False}, time.perf_counter())["unsure"] is False
+
+
+@pytest.mark.parametrize("server", ["torchserve", "oip"])
+def test_a_refused_connect_is_503_not_reachable_and_not_resent(tmp_path, server):
+    """A connect refused (nothing listens: the model server stopped or restarting) was sent once more, with a
+    "retrying a prediction once" warning and adapter_model_server_retries_total counting it as if a worker had
+    died or a connection dropped mid-answer: a refusal is answered 503 at once, and nothing is counted."""
+    from adapter.oip import OIPClient
+    from serving.process import free_port
+
+    port = free_port()  # nothing listens there
+    metrics = Metrics()
+    url = f"http://127.0.0.1:{port}"
+
+    async def predict():
+        settings = Settings(inference_url=url, management_url=url, oip_url=url if server == "oip" else None,
+                            key_file=str(tmp_path / "none.json"))
+        client = (OIPClient if server == "oip" else TorchServeClient)(settings, metrics)
+        try:
+            await client.predict(b"PNG")
+        except ClassifyError as err:
+            return err
+        finally:
+            await client.aclose()
+
+    err = asyncio.run(predict())
+    assert err.status_code == 503 and "not reachable" in err.message
+    assert metrics.retries.collect()[0].samples[0].value == 0
