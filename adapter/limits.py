@@ -378,8 +378,9 @@ class RequestLimits:
                 charge.release()
 
         async def closing_send(message):
-            if message["type"] == "http.response.start" and not body_done:
-                extra = [(b"connection", b"close")]
+            if message["type"] == "http.response.start" and (refused_busy or not body_done):
+                # A body refused on its last piece is read whole: the connection may stay, the 503 is busy still.
+                extra = [] if body_done else [(b"connection", b"close")]
                 if refused_busy:
                     extra.append((b"retry-after", self.retry_after))
                 message = {**message, "headers": [*message.get("headers", []), *extra]}

@@ -20,6 +20,7 @@ import contextlib
 import gc
 import io
 import json
+import re
 import socket
 import struct
 import threading
@@ -449,3 +450,49 @@ def test_a_connection_pipelining_more_than_the_bound_gets_429_after_the_earlier_
     status, headers, answer = status_and_json(b"HTTP/1.1 " + answers[-1])
     assert "Too many pipelined requests: at most 16" in answer["error"] and headers["connection"] == "close", answer
     assert 'adapter_refusals_total{reason="pipelined"} 1.0' in metrics
+
+
+def test_no_room_for_a_body_that_arrives_in_one_piece_is_503_with_retry_after():
+    """A body refused for room when its last (here: only) piece arrives was answered 503 without Retry-After, so
+    the page did not retry and adapter_refusals_total{reason="busy"} did not count it. X is admitted on its head;
+    Y's healthy upload then takes the room X's 40 KB would need; X's body, one piece, finds none."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = Settings(inference_url=dead, management_url=dead, max_upload_bytes=100_000,
+                        max_bytes_in_flight=200_000, max_client_bytes_in_flight=200_000)
+
+    def upload(port: int, source: str, size: int) -> tuple[socket.socket, bytes]:
+        sock = socket.socket()
+        sock.bind((source, 0))  # two addresses: two clients' shares
+        sock.settimeout(LATE_S)
+        sock.connect(("127.0.0.1", port))
+        body = image_part(b"\x89PNG" + b"x" * size) + b"--xx--\r\n"
+        return sock, form_request(port, body)
+
+    with in_process_adapter(settings) as port:
+        x, x_request = upload(port, "127.0.0.2", 40_000)
+        head, _, x_body = x_request.partition(b"\r\n\r\n")
+        x.sendall(head + b"\r\n\r\n")
+        time.sleep(0.3)
+        y, y_request = upload(port, "127.0.0.3", 160_000)
+        y_head, _, y_body = y_request.partition(b"\r\n\r\n")
+        y.sendall(y_head + b"\r\n\r\n" + y_body[:65536])
+        time.sleep(0.3)
+        x.sendall(x_body)
+        status, headers, answer = status_and_json(read_until_closed_or_answered(x))
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        x.close(), y.close()
+    assert status == 503 and "busy" in answer["error"], (status, answer)
+    assert headers.get("retry-after") == "1", headers
+    assert 'adapter_refusals_total{reason="busy"} 1.0' in metrics
+
+
+def read_until_closed_or_answered(sock: socket.socket) -> bytes:
+    """The bytes of one answer with a Content-Length (the connection may stay open after it)."""
+    out = b""
+    while b"\r\n\r\n" not in out:
+        out += sock.recv(65536)
+    head, _, body = out.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.I)[1])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
