@@ -340,13 +340,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         limit = self.settings.max_header_bytes
         if self._framing_raw <= limit + HEAD_SLACK_BYTES:
             return
-        self._in_message = False
         if self.transport._lingering:  # already answered: what it still sends is not worth parsing
+            self._in_message = False
             self.transport._transport.close()
             return
         message = f"The request's chunk lines or trailers are too large: the limit is {limit} bytes."
         log.warning("refused a request at the HTTP parser (431): %s", message)
-        self.send_error(431, message)
+        self.send_error(431, message)  # while still in its message: the refusal is the request's (route, id)
+        self._in_message = False
 
     def eof_received(self) -> bool | None:
         """The client half-closed (sent FIN). Its answers still go out (True keeps the transport open),

@@ -145,6 +145,12 @@ def test_near_matches_of_the_boundary_and_overlong_boundaries_are_refused_at_onc
             assert f"boundary is {length} characters long" in answer["error"]
 
 
+def access_lines(edge, request_id: str) -> list[dict]:
+    """The adapter's access log lines (JSON) of one request id."""
+    return [line for line in map(json.loads, (text for text in edge.log_file.read_text().splitlines()
+                                              if text.startswith("{"))) if line.get("request_id") == request_id]
+
+
 def test_trailers_and_chunk_lines_past_the_head_limit_get_431(edge):
     head = (b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
@@ -152,17 +158,25 @@ def test_trailers_and_chunk_lines_past_the_head_limit_get_431(edge):
     chunk = f"{len(part):x}\r\n".encode() + part + b"\r\n"
     # A trailer line that never ends, sent in pieces (httptools appended each piece to the value:
     # quadratic CPU on the event loop, every client's answers frozen until the body deadline).
-    for ending in (b"0\r\nX-Trailer: ", b"5;ext="):
+    for i, ending in enumerate((b"0\r\nX-Trailer: ", b"5;ext=")):
+        request_id = f"framing-{i}"
         with connect(edge.port, timeout=10) as sock:
-            sock.sendall(head + chunk + ending)
+            sock.sendall(head.replace(b"Host: x", f"Host: x\r\nX-Request-ID: {request_id}".encode()) + chunk + ending)
             try:
                 for _ in range(MAX_HEADER_BYTES // 2048 + 2):
                     sock.sendall(b"a" * 2048)
                     time.sleep(0.02)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # refused while still sending
-            status, _, answer = status_and_json(read_until_closed(sock))
+            status, headers, answer = status_and_json(read_until_closed(sock))
         assert status == 431 and "chunk lines or trailers are too large" in answer["error"], (ending, answer)
+        # One record, the request's: its route and id (it was counted twice: "other" 431 under a new id, and 499).
+        assert headers["x-request-id"] == request_id, headers
+        deadline = time.monotonic() + LATE_S
+        while not (mine := access_lines(edge, request_id)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)
+        assert [(line["route"], line["status"]) for line in access_lines(edge, request_id)] == [("/classify/", 431)]
     # Small trailers are read as before: the upload reaches the model server (absent: 503).
     status, _, _ = status_and_json(exchange(edge.port, head + chunk + b"0\r\nX-Trailer: ok\r\n\r\n"))
     assert status == 503
