@@ -186,6 +186,7 @@ class Explanations:
                                        settings.max_explanations_in_flight), 0)
         self.wait_s = settings.explanation_wait_s
         self.hold_s = settings.model_server_hold_s()  # a turn given up on (504, client gone) ends this late
+        self.held.hold_s = self.hold_s  # ... and so does its client's share of explanations (Charge.keep)
         self.retry_after = {"Retry-After": str(settings.retry_after_s)}
         self._turns = asyncio.Semaphore(settings.max_explanations_in_flight)  # FIFO for its waiters
         self.waiting = self.at_server = 0  # read by adapter/metrics.py's gauges
@@ -200,13 +201,15 @@ class Explanations:
                                   client, self.held.max_client_requests)
             raise ClassifyError(503, CLIENT_EXPLANATIONS_MESSAGE, self.retry_after)
         try:
-            yield
+            yield charge
         finally:
             charge.release()
 
     @contextlib.asynccontextmanager
-    async def turn(self):
-        """A turn at the model server; 503 when none came within ``wait_s``."""
+    async def turn(self, share: "Charge | None" = None):
+        """A turn at the model server; 503 when none came within ``wait_s``. Given up on while the model server
+        may still run it, the turn and ``share`` (its client's, from share()) end when it would have: else one
+        client could hold every turn through 504s while its share read empty."""
         self.waiting += 1
         try:
             async with asyncio.timeout(self.wait_s):
@@ -226,6 +229,8 @@ class Explanations:
         finally:
             if held:  # TorchServe may still run it: the turn ends when it would have
                 asyncio.get_running_loop().call_later(self.hold_s, self._end_turn)
+                if share is not None:
+                    share.keep(0)
             else:
                 self._end_turn()
 

@@ -167,6 +167,36 @@ def test_an_explanation_given_up_on_keeps_its_turn_until_the_response_timeout():
     asyncio.run(scenario())
 
 
+def test_an_explanation_given_up_on_keeps_its_clients_share_as_long_as_its_turn():
+    """After a 504 the turn was held for the response timeout but the client's share was given back at once: one
+    address could hold every turn (4 of 4 after two rounds of 504s, its share reading empty) and others waited.
+    The share now ends with the turn; an explanation that failed otherwise gives both back at once."""
+    explanations = Explanations(Settings(max_explanations_in_flight=4, max_client_explanations_in_flight=2,
+                                         explanation_wait_s=0.2, predict_timeout_s=0.1, response_timeout_s=0.6))
+
+    async def explain(client: str, outcome: BaseException) -> None:
+        async with explanations.share(client) as share:
+            async with explanations.turn(share):
+                raise outcome
+
+    async def scenario():
+        for _ in range(2):
+            with pytest.raises(ClassifyError):
+                await explain("a", ClassifyError(504, "too slow"))
+        assert explanations.at_server == 2
+        with pytest.raises(ClassifyError) as refused:  # its two turns still run: its share is full
+            await explain("a", ClassifyError(504, "too slow"))
+        assert refused.value.status_code == 503 and "your address" in refused.value.message
+        assert explanations.at_server == 2
+        await asyncio.sleep(0.8)  # past the response timeout: both given back
+        assert explanations.at_server == 0 and not explanations.held.clients
+        with pytest.raises(ClassifyError):
+            await explain("a", ClassifyError(400, "not an image"))
+        assert explanations.at_server == 0 and not explanations.held.clients  # at once
+
+    asyncio.run(scenario())
+
+
 def test_explanations_have_their_own_shares_and_wait_their_turn_in_order():
     """One explanation costs several classifications: one client's share, then turns at the model server."""
     explanations = Explanations(Settings(max_explanations_in_flight=2, max_client_explanations_in_flight=1,
