@@ -251,10 +251,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._deferred_refusal is not None:
             return  # a refusal is already waiting to be sent; what follows is dropped
+        pending = self._earlier_answer_pending()  # (before _refused_request drops a queued request)
         extra = (self.on_refusal(status, *self._refused_request(), peer=self.client[0] if self.client else None)
                  if self.on_refusal else [])
         response = json_error_bytes(status, message, [*self.server_state.default_headers, *extra])
-        if self._earlier_answer_pending():
+        if pending:
             # A later request was refused while an earlier one on this connection is still being answered:
             # written now, the refusal and its close would destroy that answer. Sent after it instead.
             self._deferred_refusal = response
@@ -266,9 +267,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _earlier_answer_pending(self) -> bool:
         """An earlier, complete request on this connection still being answered (or queued behind one)."""
         cycle = self.cycle
-        if cycle is None or cycle.more_body:  # none, or the refusal is the running request's own (its body)
+        if cycle is None or (cycle.more_body and not self._queued(cycle)):  # none, or the running request's body
             return False
         return not cycle.response_complete or bool(self.pipeline)
+
+    def _queued(self, cycle) -> bool:
+        """Whether ``cycle`` waits in uvicorn's pipeline (its app not started: an earlier request is answered)."""
+        return any(queued is cycle for queued, _ in self.pipeline)
+
+    def _drop_queued(self, cycle) -> None:
+        """A queued request refused at the parser (its body broke): never run; its refusal is sent in its turn."""
+        for entry in list(self.pipeline):
+            if entry[0] is cycle:
+                self.pipeline.remove(entry)
+        cycle.response_complete = True  # nothing else will be sent for it: on_response_complete sends the refusal
 
     def _refused_request(self) -> tuple[list, dict | None]:
         """For on_refusal: the refused request's headers as far as parsed (its X-Request-ID), and its scope when
@@ -276,6 +288,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not self._in_message:  # bytes that begin no request: nothing of one is known
             return [], None
         cycle = self.cycle
+        if cycle is not None and self._head_done and self._queued(cycle):  # its app never ran: recorded here
+            self._drop_queued(cycle)
+            return self.headers, None
         in_app = self._head_done and cycle is not None and not cycle.response_started
         return self.headers, cycle.scope if in_app else None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import resource
 import socket
 import statistics
@@ -1010,3 +1011,25 @@ def test_one_clients_explanation_share_is_held_to_everyones_turns():
             assert (refused.value.status_code, refused.value.headers) == (503, {"Retry-After": "3"})
 
     asyncio.run(scenario())
+
+
+def test_a_broken_body_behind_a_pipelined_request_is_refused_after_its_answer(slow_model_server, small_png):
+    """A (classify, at the model server) then B (chunked, a chunk size that is no number) in one write: B's 400 was
+    written at once, as the connection's first answer (the client read it as A's), the connection closed under A
+    (logged 499), and B's refusal was never logged. Now A is answered first, B's 400 after it, each logged once."""
+    adapter, _ = slow_model_server
+    broken = (b"POST /classify/ HTTP/1.1\r\nHost: x\r\nX-Request-ID: pipe-B\r\n"
+              b"Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
+    with socket.socket() as sock:
+        sock.settimeout(30)
+        sock.bind(("127.0.0.8", 0))
+        sock.connect(("127.0.0.1", int(adapter.base_url.rsplit(":", 1)[1])))
+        sock.sendall(_classify_request("pipe-A", small_png) + broken)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    answers = [b"HTTP/1.1 " + a for a in received.split(b"HTTP/1.1 ")[1:]]
+    ids = [re.search(rb"x-request-id: (\S+)", a, re.I)[1] for a in answers]
+    assert [(a[9:12], i) for a, i in zip(answers, ids)] == [(b"504", b"pipe-A"), (b"400", b"pipe-B")], answers
+    assert access_record(adapter.log_file, "pipe-A", wait_s=30)["status"] == 504
+    assert access_record(adapter.log_file, "pipe-B", wait_s=30)["status"] == 400
