@@ -431,18 +431,16 @@ class CIFAR100Predictor(Model):
         self.ready = True
         return self.ready
 
-    def _forward(self, images: torch.Tensor) -> list[dict]:
-        """One batch's answers, on the batcher's thread (the event loop only encodes them), counted as the
-        TorchServe handler counts its own."""
+    def _forward(self, images: torch.Tensor) -> list[dict | None]:
+        """One batch's answers (None for an image whose output is not finite), on the batcher's thread (the
+        event loop only encodes them), counted as the TorchServe handler counts its own."""
         logits, run, rechecked = self.network_engine.answer(images.to(self.device, non_blocking=True), self.flip_tta)
         IMAGES.labels(self.network_engine.name).inc(run)
         RECHECKED.labels(self.network_engine.name).inc(rechecked)
         BATCHES.labels(self.network_engine.name).inc()
-        answers = image_answers(logits, self.calibration, self.topk, self.labels, self.model_version,
-                                self.network_engine.name)
-        if None in answers:  # every request of the batch hears of it (handler/batching.py): a 500 naming it
-            raise ValueError(NOT_FINITE)
-        return answers
+        # None for a row that is not finite: only the request holding it fails (_answers), not the batch.
+        return image_answers(logits, self.calibration, self.topk, self.labels, self.model_version,
+                             self.network_engine.name)
 
     def _request(self, payload) -> tuple:
         """The request and its images' opened headers (pixel limits checked, nothing decoded yet). A
@@ -485,9 +483,12 @@ class CIFAR100Predictor(Model):
         else:  # a large body, or one without a length (chunked): parsed in a thread too
             request, images, sizes = await loop.run_in_executor(None, self._images, payload)
         try:
-            return request, images, sizes, await self.batcher(images)
+            answers = await self.batcher(images)
         except BatcherFull as err:  # filled up while this one was read
             raise self._busy(str(err), "--max_waiting_requests", headers) from None
+        if None in answers:  # a plain exception, as before: REST 500 "ValueError : ...", gRPC INTERNAL
+            raise ValueError(NOT_FINITE)
+        return request, images, sizes, answers
 
     def _busy(self, why: str, option: str, headers: dict | None) -> RequestRefused:
         """The 503 of a full bound (``option`` names it in the log line, with the request's id)."""

@@ -587,6 +587,59 @@ asyncio.run(main())
     assert out["later"] == "map" and out["under_way"] == 0, out
 
 
+
+def test_a_not_finite_answer_fails_only_the_request_it_belongs_to():
+    """In-process, the real _forward on a stand-in engine whose second row of a batch is NaN: of two
+    one-image requests sharing that forward pass, the first is answered and the second fails as before
+    (a plain ValueError naming NOT_FINITE: KServe's 500 "ValueError : ...", gRPC INTERNAL); every request
+    of the batch failed."""
+    script = """
+import asyncio, base64, io, json, tempfile
+import torch
+from PIL import Image
+import handler.kserve_predictor as kp
+from handler.answers import NOT_FINITE
+from handler.batching import Batcher
+from handler.calibration import Calibration
+
+def png(seed):
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (seed, 0, 0)).save(out, "PNG")
+    return {"instances": [{"data": base64.b64encode(out.getvalue()).decode()}]}
+
+class Engine:
+    name, batches = "stand-in", []
+
+    def answer(self, images, flip_tta):
+        self.batches.append(len(images))
+        logits = torch.arange(5.0).repeat(len(images), 1)
+        logits[1:] = float("nan")
+        return logits, len(images), 0
+
+model = kp.CIFAR100Predictor("cifar100", tempfile.mkdtemp())
+model.max_images, model.model_version, model.topk, model.flip_tta = 64, "t", 3, False
+model.labels, model.calibration, model.device = [f"c{i}" for i in range(5)], Calibration(), torch.device("cpu")
+model.network_engine = Engine()
+model.batcher = Batcher(model._forward, 6, 0.3)
+
+async def one(n):
+    await asyncio.sleep(0.05 * n)  # in this order, within the batch's delay
+    try:
+        return (await model.predict(png(n)))["predictions"][0]["label"]
+    except Exception as err:
+        return [type(err).__name__, str(err)]
+
+async def main():
+    print(json.dumps({"answers": await asyncio.gather(one(0), one(1)), "batches": Engine.batches,
+                      "not_finite": NOT_FINITE}))
+
+asyncio.run(main())
+"""
+    out = in_child(script)
+    assert out["batches"] == [2], out  # one shared forward pass
+    assert out["answers"] == ["c4", ["ValueError", out["not_finite"]]], out
+
+
 # ---- the Open Inference Protocol over gRPC (KServe's generated stubs; a real channel) ----
 @pytest.fixture(scope="module")
 def grpc_stub(kserve_predictor):
