@@ -273,10 +273,14 @@ def grpc_count_refusal(request, max_images: int) -> str | None:
     """Why a gRPC ModelInferRequest holds more than a request to this model may, from plain counts
     (protobuf's len, no element converted), or None: more than ``max_images`` inputs or elements, more
     outputs than the model has, a shape longer than MAX_DATA_DEPTH, more than MAX_GRPC_PARAMETERS entries
-    in a parameters map; and a datatype other than BYTES (KServe's conversion of it would fail first, with
-    a traceback in the log)."""
+    in a parameters map, raw_input_contents not one per input; and a datatype other than BYTES (KServe's
+    conversion of it would fail first, with a traceback in the log)."""
     if len(request.inputs) > max_images:
         return too_many_images(len(request.inputs), max_images, "inputs").message
+    # Before the walk below: KServe refuses any other count anyway, and millions of empty entries pass the walk.
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        return (f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs: "
+                f"one per input, or none")
     if len(request.outputs) > len(OUTPUTS):
         return f"{len(request.outputs)} outputs asked; this model has {len(OUTPUTS)}, each may be asked once"
     maps = [request.parameters, *(t.parameters for t in request.inputs), *(o.parameters for o in request.outputs)]
