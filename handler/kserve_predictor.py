@@ -367,6 +367,26 @@ def _without_repository_extension(server: ModelServer) -> None:
     server.dataplane.metadata = lambda: {**metadata(), "extensions": []}
 
 
+# What KServe's encode reads of a request's headers to answer a CloudEvent as one (its own headers then replace these).
+CLOUDEVENT_HEADERS = ("ce-specversion", "ce-source", "ce-type", "ce-id")
+CLOUDEVENT_TYPE = "application/cloudevents+json"
+
+
+def _explain_without_echo(server: ModelServer) -> None:
+    """KServe's :explain answers with the headers its dataplane returns, which are the request's own
+    (dataplane.explain: ``response_headers = headers``): a client's Authorization and Cookie came back, curl -d's
+    form Content-Type labelled the JSON answer, and a chunked request's answer had Transfer-Encoding beside
+    Content-Length (aiohttp refuses it). The answer now has headers of its own, as :predict's."""
+    explain = server.dataplane.explain
+
+    async def explained(model_name, request, headers=None):
+        response, _ = await explain(model_name, request, dict(headers or {}))
+        return response, {name: value for name, value in (headers or {}).items()
+                          if name in CLOUDEVENT_HEADERS or (name == "content-type" and value == CLOUDEVENT_TYPE)}
+
+    server.dataplane.explain = explained
+
+
 def archive_folder(model_dir: Path, into: Path) -> Path:
     """The folder holding the archive's files: ``model_dir`` itself, or a .mar (zip) unpacked into ``into``."""
     mar = model_dir if model_dir.suffix == ".mar" else model_dir / ARCHIVE_IN_BUNDLE
@@ -656,6 +676,7 @@ def main() -> None:
     model_server.app.add_middleware(RequestChecks, max_bytes=limit, max_images=model.max_images, pace={
         "limit_s": args.body_timeout_s, "grace_s": args.min_rate_grace_s, "min_rate": args.min_upload_rate})
     _without_repository_extension(server)
+    _explain_without_echo(server)
     grpc_server.InferenceServicer = CIFAR100Servicer  # the servicer KServe's gRPC server builds at start
     server.start([model])
 

@@ -132,6 +132,30 @@ def test_an_explanation_is_the_answer_plus_a_heatmap_with_the_pictures_aspect(ks
     assert sizes == [(32, 32), (96, 48)]
 
 
+def test_an_explanation_is_answered_with_its_own_headers_not_the_requests(kserve_predictor, client,
+                                                                         cifar100_test_split):
+    """KServe's :explain route answered with a copy of the request's headers: a client's Authorization and
+    Cookie came back, curl -d's form Content-Type labelled the JSON answer, and a chunked request's answer
+    had Transfer-Encoding beside Content-Length. Now: none of them, application/json, and a chunked request
+    is answered readably; a binary CloudEvent is still answered as one (KServe reads the request's ce-
+    headers for that), with its own ce-id."""
+    url = f"{kserve_predictor.url}/v1/models/cifar100:explain"
+    body = json.dumps(v1_body([encode(cifar_pil(cifar100_test_split[0], 0))])).encode()
+    sent = {"Authorization": "Bearer secret", "Cookie": "session=secret", "X-Echo": "me",
+            "Content-Type": "application/x-www-form-urlencoded"}
+    r = client.post(url, content=body, headers=sent)
+    assert r.status_code == 200 and r.json()["predictions"][0]["heatmap"], r.text
+    assert r.headers["content-type"] == "application/json", r.headers
+    assert not {"authorization", "cookie", "x-echo"} & set(r.headers), r.headers
+    chunked = client.post(url, content=iter([body[:100], body[100:]]), headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 200 and chunked.json()["predictions"][0]["heatmap"], chunked.text
+    assert "transfer-encoding" not in chunked.headers, chunked.headers
+    event = client.post(url, content=body, headers={"Content-Type": "application/json", "ce-specversion": "1.0",
+                                                    "ce-source": "test", "ce-type": "explain", "ce-id": "asked-1"})
+    assert event.status_code == 200 and event.json()["predictions"][0]["heatmap"], event.text
+    assert event.headers["ce-type"] == "io.kserve.inference.response" and event.headers["ce-id"] != "asked-1"
+
+
 def test_refused_requests_get_their_4xx_and_error_and_the_server_goes_on(kserve_predictor, client, bundle,
                                                                         cifar100_test_split):
     good = encode(cifar_pil(cifar100_test_split[0], 0))
