@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             except (TorchServeError, KeyboardInterrupt) as err:
                 # A server this command started and that is not ready would hold the ports (the next start
                 # says "already running"); one that was already running is the operator's: left alone.
-                stopped = not already and ts.stop()
+                stopped = not already and ts.stop(timeout=10)  # no model loaded: nothing to finish
                 why = str(err) if isinstance(err, TorchServeError) else "interrupted while TorchServe started"
                 note = "\nthe TorchServe this command started was stopped (it held the ports)." if stopped else ""
                 print(f"error: {why}{note}", file=sys.stderr)

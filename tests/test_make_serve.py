@@ -150,11 +150,20 @@ def test_ctrl_c_while_torchserve_starts_stops_it_without_a_traceback(user_with_a
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not port_in_use(int(user.env["TS_MANAGEMENT_PORT"])):  # Java is up: the READY wait runs
+        ts_log = user.root / "logs" / "ts_log.log"
+
+        def loading_fails() -> bool:  # Java is up and past its start, and the READY wait polls
+            return port_in_use(int(user.env["TS_MANAGEMENT_PORT"])) and ts_log.is_file() \
+                and "Load model failed" in ts_log.read_text(errors="replace")
+        while not loading_fails():
             assert time.monotonic() < deadline and start.poll() is None, start.communicate()
             time.sleep(0.2)
         start.send_signal(signal.SIGINT)
-        _, err = start.communicate(timeout=60)
+        try:
+            _, err = start.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            start.kill()
+            pytest.fail(f"still running 120 s after Ctrl-C: {start.communicate()}")
     finally:
         if start.poll() is None:
             start.kill()
