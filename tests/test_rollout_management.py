@@ -13,10 +13,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -448,30 +446,6 @@ def test_the_same_weights_built_from_a_changed_handler_are_not_nothing_to_do(tmp
     assert version == NEW and "nothing to do" in said[-1]
 
 
-@contextmanager
-def stand_in_in_a_thread(route):
-    """The stand-in server on its own thread and loop, so that the rollout runs in this (the main) thread, where a
-    signal raises; yields its URL."""
-    started, stop, box = threading.Event(), None, {}
-
-    async def serve():
-        nonlocal stop
-        stop = asyncio.Event()
-        async with stand_in_server(route) as url:
-            box["url"] = url
-            started.set()
-            await stop.wait()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert started.wait(10), "the stand-in did not start"
-    try:
-        yield box["url"]
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
-
-
 def warm_version_route(api: StandInManagement, explanation_s: float = 0, set_default=None):
     """The stand-in's routes, its predictions answered by NEW, its explanations after ``explanation_s``; ``set_default(version)``
     (async, a web.Response) answers PUT .../set-default."""
@@ -492,37 +466,6 @@ def warm_version_route(api: StandInManagement, explanation_s: float = 0, set_def
     return route, explanations
 
 
-def roll_out_interrupted(tmp_path, route, after_s: float, http_timeout_s: float = 5) -> tuple[int, float]:
-    """roll_out NEW on the stand-in from the main thread, SIGTERM'd ``after_s`` in: (its exit status, seconds taken)."""
-    from serving.rollout import roll_out
-
-    with stand_in_in_a_thread(route) as url:
-        ts = stand_in_rollout(tmp_path, url).ts
-        timer = threading.Timer(after_s, os.kill, (os.getpid(), signal.SIGTERM))
-        started = time.monotonic()
-        timer.start()
-        try:
-            rc = roll_out(ts, DEFAULT_WEIGHTS, ready_timeout_s=60, drain_s=0, http_timeout_s=http_timeout_s)
-        finally:
-            timer.cancel()
-        return rc, time.monotonic() - started
-
-
-def test_sigterm_during_the_warm_up_withdraws_the_version_at_once_and_sends_nothing_again(tmp_path, capsys):
-    """SIGTERM (a CI cancel, a pod's stop) while a warm-up explanation hangs: the withdraw waited for the warm-up's
-    threads, which sent the call once more after --http-timeout, so it began ~2 x --http-timeout later (the kill that
-    follows SIGTERM could come first, leaving the new version's workers beside the old). Now it begins at once."""
-    api = StandInManagement(tmp_path, [OLD, NEW])
-    route, explanations = warm_version_route(api, explanation_s=3.5)  # past --http-timeout
-    rc, took = roll_out_interrupted(tmp_path, route, after_s=0.8, http_timeout_s=3)
-    assert rc == 128 + signal.SIGTERM, capsys.readouterr()
-    assert ("DELETE", f"/models/cifar100/{NEW}") in api.calls and api.registered == [OLD]
-    assert took < 3, f"the withdraw came {took:.1f} s after the start: it waited for the hanging call"
-    time.sleep(3)  # past the abandoned call's timeout: a resend would come now
-    assert len(explanations) == 1, "the interrupted warm-up sent its explanation again"
-    assert f"interrupted: unregistering {NEW}" in capsys.readouterr().out
-
-
 def test_a_switch_refused_withdraws_the_new_version_and_says_the_old_one_serves(tmp_path):
     """PUT set-default answered 500: the new version stayed registered beside the old, its workers running, and the
     error did not say so. Now it is unregistered (the old one never stopped serving) and the error says that."""
@@ -540,20 +483,3 @@ def test_a_switch_refused_withdraws_the_new_version_and_says_the_old_one_serves(
     assert message.startswith(f"could not make {NEW} the default: 500"), message
     assert f"{OLD} still serves; {NEW} was unregistered" in message, message
     assert ("DELETE", f"/models/cifar100/{NEW}") in api.calls and api.registered == [OLD]
-
-
-def test_sigterm_during_a_switch_that_happened_keeps_the_new_version_and_says_so(tmp_path, capsys):
-    """SIGTERM while TorchServe answers the switch late (it has switched): the version is asked, not guessed, and
-    the new one, now serving, is not withdrawn."""
-    api = StandInManagement(tmp_path, [OLD, NEW])
-
-    async def slow_switch(version):
-        api.registered.remove(version)
-        api.registered.insert(0, version)  # the stand-in's default is its first version
-        await asyncio.sleep(3)
-        return web.json_response({"status": "Default version succesfully updated"})
-    route, _ = warm_version_route(api, set_default=slow_switch)
-    rc, _ = roll_out_interrupted(tmp_path, route, after_s=1.0)
-    assert rc == 128 + signal.SIGTERM
-    assert ("DELETE", f"/models/cifar100/{NEW}") not in api.calls and api.registered[0] == NEW
-    assert f"interrupted after the switch: {NEW} serves" in capsys.readouterr().out
