@@ -190,6 +190,11 @@ def inputs_digest(weights: Path, version: str, model_config: Path = MODEL_CONFIG
     return digest.hexdigest()
 
 
+def stamp_of(mar: Path) -> Path:
+    """Where the digest of an archive's inputs is kept: beside it."""
+    return mar.with_name(mar.name + ".inputs")
+
+
 def build_archive(weights: Path = DEFAULT_WEIGHTS, export_path: Path = DEFAULT_EXPORT,
                   force: bool = False, quiet: bool = False, model_config: Path = MODEL_CONFIG) -> Path:
     """Build (or keep, when its inputs are unchanged) ``<export_path>/cifar100.mar``; return its path.
@@ -201,7 +206,7 @@ def build_archive(weights: Path = DEFAULT_WEIGHTS, export_path: Path = DEFAULT_E
         raise ArchiveError(f"weights file {weights} not found (train one, or pass --weights)")
     version = weights_version(weights)
     mar = export_path / f"{MODEL_NAME}.mar"
-    stamp = export_path / f"{MODEL_NAME}.mar.inputs"
+    stamp = stamp_of(mar)
     digest = inputs_digest(weights, version, Path(model_config))
     for warning in () if quiet else (calibration_warning(weights), int8_record_warning(weights)):
         if warning is not None:

@@ -52,7 +52,7 @@ import psutil
 
 from serving import settings
 from serving.archive import (DEFAULT_WEIGHTS, ArchiveError, build_archive, calibration_warning, inputs_digest,
-                             int8_record_warning, startup_timeout_s, weights_version)
+                             int8_record_warning, stamp_of, startup_timeout_s, weights_version)
 from serving.cli import Parser, non_negative_float, positive_float
 from serving.keys import KeyFile, KeyFileError, is_auth_refusal
 from serving.process import changed_since_started, log_tail
@@ -151,11 +151,6 @@ def rollout_lock(path: Path, weights: Path):
         finally:
             held.seek(0)
             held.truncate()  # unlocked when the file closes
-
-
-def stamp_of(mar: Path) -> Path:
-    """The digest of an archive's inputs, beside it (serving/archive.py writes it)."""
-    return mar.with_name(mar.name + ".inputs")
 
 
 def _warmup_png() -> bytes:
@@ -339,7 +334,7 @@ class Rollout:
             built = build_archive(weights, Path(tmp), quiet=True)
             shutil.move(built, mar)
             # its inputs' digest beside it: a later rollout of the same weights tells a changed handler by it
-            shutil.move(built.with_name(built.name + ".inputs"), stamp_of(mar))
+            shutil.move(stamp_of(built), stamp_of(mar))
         self.say(f"built {mar.name} from {weights}")
         # make archive's warnings (quiet=True drops them with its other lines): e.g. no "unsure" ever, uncalibrated
         for warning in (calibration_warning(weights), int8_record_warning(weights)):
