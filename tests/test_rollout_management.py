@@ -13,6 +13,9 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -483,3 +486,94 @@ def test_a_switch_refused_withdraws_the_new_version_and_says_the_old_one_serves(
     assert message.startswith(f"could not make {NEW} the default: 500"), message
     assert f"{OLD} still serves; {NEW} was unregistered" in message, message
     assert ("DELETE", f"/models/cifar100/{NEW}") in api.calls and api.registered == [OLD]
+
+
+# The rollout SIGTERM'd runs in a child process: a signal sent to the test process itself (the rollout in-process) once
+# crashed pytest. The child's SIGTERM and SIGINT get their default dispositions back (CI starts the tests in the
+# background, where SIGINT is inherited ignored); the stand-in serves from this process.
+ROLLOUT_IN_A_CHILD = """
+import sys
+from pathlib import Path
+from serving.archive import DEFAULT_WEIGHTS
+from serving.rollout import roll_out
+from serving.torchserve import TorchServeInstance
+workdir, port, http_timeout_s = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+ts = TorchServeInstance(workdir, {"inference": port, "management": port, "metrics": port, "grpc_inference": 1,
+                                  "grpc_management": 2}, model_store=workdir)
+sys.exit(roll_out(ts, DEFAULT_WEIGHTS, ready_timeout_s=60, drain_s=0, http_timeout_s=http_timeout_s))
+"""
+
+
+def default_signals():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def roll_out_sigtermed(api: StandInManagement, route, when: threading.Event, http_timeout_s: float = 5):
+    """roll_out NEW in a child process on the stand-in answering with ``route``, SIGTERM'd as soon as ``when`` is set
+    (by the route, at the call it waits for): (exit status, its output, monotonic time of the signal)."""
+    box = {}
+
+    def child(url: str):
+        port = url.rsplit(":", 1)[1]
+        proc = subprocess.Popen([sys.executable, "-c", ROLLOUT_IN_A_CHILD, str(api.workdir), port, str(http_timeout_s)],
+                                cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, preexec_fn=default_signals)
+        try:
+            assert when.wait(120), "the rollout never reached the call to interrupt"
+            box["signalled"] = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return proc.returncode, out
+
+    async def go():
+        async with stand_in_server(route) as url:
+            return await asyncio.to_thread(child, url)
+    rc, out = asyncio.run(go())
+    return rc, out, box["signalled"]
+
+
+def test_sigterm_during_the_warm_up_withdraws_the_version_at_once_and_sends_nothing_again(tmp_path):
+    """SIGTERM (a CI cancel, a pod's stop) while a warm-up explanation hangs: the withdraw waited for the warm-up's
+    threads, which sent the call once more after --http-timeout, so it began ~2 x --http-timeout later (the kill that
+    follows SIGTERM could come first, leaving the new version's workers beside the old). Now it begins at once."""
+    api = StandInManagement(tmp_path, [OLD, NEW])
+    route, explanations = warm_version_route(api, explanation_s=3.5)  # past --http-timeout
+    hanging, withdrawn = threading.Event(), []
+
+    async def watched(request):
+        if request.path.startswith("/explanations/"):
+            hanging.set()
+        if request.method == "DELETE":
+            withdrawn.append(time.monotonic())
+        return await route(request)
+    rc, out, signalled = roll_out_sigtermed(api, watched, hanging, http_timeout_s=3)
+    assert rc == 128 + signal.SIGTERM, out
+    assert ("DELETE", f"/models/cifar100/{NEW}") in api.calls and api.registered == [OLD], out
+    assert withdrawn[0] - signalled < 2.5, f"the withdraw came {withdrawn[0] - signalled:.1f} s after SIGTERM"
+    time.sleep(max(0.0, explanations[0] + 3.5 - time.monotonic()))  # past the abandoned call's timeout
+    assert len(explanations) == 1, "the interrupted warm-up sent its explanation again"
+    assert f"interrupted: unregistering {NEW}" in out, out
+
+
+def test_sigterm_during_a_switch_that_happened_keeps_the_new_version_and_says_so(tmp_path):
+    """SIGTERM while TorchServe answers the switch late (it has switched): the version is asked, not guessed, and
+    the new one, now serving, is not withdrawn."""
+    api = StandInManagement(tmp_path, [OLD, NEW])
+    switching = threading.Event()
+
+    async def slow_switch(version):
+        api.registered.remove(version)
+        api.registered.insert(0, version)  # the stand-in's default is its first version
+        switching.set()
+        await asyncio.sleep(3)
+        return web.json_response({"status": "Default version succesfully updated"})
+    route, _ = warm_version_route(api, set_default=slow_switch)
+    rc, out, _ = roll_out_sigtermed(api, route, switching)
+    assert rc == 128 + signal.SIGTERM, out
+    assert ("DELETE", f"/models/cifar100/{NEW}") not in api.calls and api.registered[0] == NEW, out
+    assert f"interrupted after the switch: {NEW} serves" in out, out
