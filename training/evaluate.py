@@ -11,6 +11,7 @@ final export would be. Exit status 2 with one clear line for a missing or incomp
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
     images, labels = subset(*load_split(args.data_dir, train=False), args.test_subset, seed=1)
     report = evaluate(model, images, labels, load_class_names(), args.batch_size, device, args.tta, args.pairs)
     report["weights"] = str(args.weights)
+    report["weights_sha256"] = hashlib.sha256(Path(args.weights).read_bytes()).hexdigest()  # which file the figures are of
     print(format_report(report, args.weights))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
