@@ -16,8 +16,10 @@
 #              time (training.train --time-budget: evaluation included), writes the float16 weights (in parts
 #              under the tool's 16 MiB a file), metrics.json, the curves and the soft labels of the training split.
 #   here:    cat OUT/width10.pth.part* > CIFAR100_model.pth
+# The second call must come within the machine's warm window (30 s) or the first call's data is gone. Session 37 on
+# an H200: ~1.5 min to start the machine, 108 s for the first call (with a 100 s engine check), 515 s for the second.
 #
-# The float16 weights are re-exported from the last epoch's checkpoint every WATCH_S seconds while it trains,
+# The float16 weights are re-exported from the last epoch's checkpoint every WATCH_S (60) seconds while it trains,
 # so a call cut short still brings back the last finished epoch's network.
 # Try it on a CPU first (a tiny run): GPU_TRAIN_DEVICE=cpu TRAIN_MINUTES=0.5 TRAIN_WIDTH=1 PYTHON=.venv/bin/python ...
 set -uo pipefail
