@@ -14,10 +14,9 @@ import yaml
 
 from model import infer_width_and_classes
 from model.network import CIFAR100Model
-from serving.archive import MODEL_CONFIG, build_archive, weights_version
-from serving.torchserve import TorchServeInstance
+from serving.archive import MODEL_CONFIG, weights_version
 from serving_helpers import ReferenceModel, assert_same_answer, cifar_pil, encode, torchserve_log
-from torchserve_fixture import HTTP_TIMEOUT_S, READY_TIMEOUT_S
+from torchserve_fixture import HTTP_TIMEOUT_S, start_test_torchserve
 
 WIDTH10 = Path(__file__).resolve().parents[1] / "model" / "weights" / "width10"
 WEIGHTS = WIDTH10 / "CIFAR100_model.pth"
@@ -56,15 +55,9 @@ def width10_torchserve(tmp_path_factory):
     config["handler"]["flip_tta"] = True
     model_config = root / "model-config.yaml"
     model_config.write_text(yaml.safe_dump(config))
-    store = root / "model_store"
-    build_archive(WEIGHTS, store, quiet=True, model_config=model_config)
-    ts = TorchServeInstance.on_free_ports(root, model_store=store)
-    ts.start()
-    try:
-        ts.wait_ready(READY_TIMEOUT_S)
-        yield ts
-    finally:
-        ts.stop()
+    ts = start_test_torchserve(root, WEIGHTS, model_config)
+    yield ts
+    ts.stop()
 
 
 def test_width10_served_on_the_cpu_answers_as_in_process(width10_torchserve, cifar100_test_split):

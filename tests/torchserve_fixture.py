@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from serving.archive import DEFAULT_WEIGHTS, build_archive
+from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive
 from serving.torchserve import TorchServeInstance
 
 WEIGHTS_ENV = "CIFAR100_TEST_WEIGHTS"
@@ -30,12 +30,13 @@ def weights_under_test() -> Path:
     return Path(os.environ.get(WEIGHTS_ENV, DEFAULT_WEIGHTS))
 
 
-def start_test_torchserve(root: Path) -> TorchServeInstance:
+def start_test_torchserve(root: Path, weights: Path | None = None, model_config: Path = MODEL_CONFIG) -> TorchServeInstance:
+    """A started, READY TorchServe serving ``weights`` (default: the weights under test) packaged with ``model_config``."""
     if shutil.which("java") is None:
         raise RuntimeError("TorchServe needs Java on PATH: run `make install-system` (openjdk-17-jre-headless)")
     root = Path(root)
     store = root / "model_store"
-    build_archive(weights_under_test(), store, quiet=True)
+    build_archive(weights or weights_under_test(), store, quiet=True, model_config=model_config)
     ts = TorchServeInstance.on_free_ports(root, model_store=store)
     ts.start()
     try:
