@@ -251,6 +251,25 @@ def check_request_pixels(opened: list[Image.Image]) -> None:
                  "decoded at): send fewer or smaller images in one request")
 
 
+_TIFF_BITS_PER_SAMPLE, _TIFF_SAMPLE_FORMAT, _TIFF_SIGNED = 258, 339, 2
+
+
+def _thirty_two_bit_grey_to_sixteen(img: Image.Image) -> Image.Image:
+    """A 32-bit integer grey TIFF ("I", as Pillow reads it) -> the 16-bit range every other "I" image has.
+
+    Pillow reads an unsigned 32-bit sample into a signed one: above 2**31 it wraps negative and showed
+    black; the rest of the range showed white (clipped). Kept: the top 16 bits of the unsigned value,
+    or of the signed one's positive half (negatives are below black).
+    """
+    tags = getattr(img, "tag_v2", None)
+    if img.mode != "I" or tags is None or tags.get(_TIFF_BITS_PER_SAMPLE) not in (32, (32,)):
+        return img
+    signed = tags.get(_TIFF_SAMPLE_FORMAT) in (_TIFF_SIGNED, (_TIFF_SIGNED,))
+    if signed:
+        return ImageMath.lambda_eval(lambda args: args["max"](args["grey"], 0) >> 15, grey=img)
+    return ImageMath.lambda_eval(lambda args: (args["grey"] >> 16) & 0xFFFF, grey=img)  # >> keeps the sign: masked
+
+
 def _reduced(img: Image.Image) -> Image.Image:
     """A decoded image box-reduced by the largest integer factor that keeps DECODE_MIN_SIDE."""
     factor = min(img.size) // DECODE_MIN_SIDE
@@ -453,7 +472,7 @@ def decode_opened(img: Image.Image) -> Image.Image:
         if turn is not None:
             img.im = img.im.transpose(turn)
             img._size = img.im.size
-        img = _reduced(img)
+        img = _reduced(_thirty_two_bit_grey_to_sixteen(img))
     except Exception as err:  # noqa: BLE001 - every failure becomes the client's 4xx
         raise _refusal(err, img.format) from err
     return _to_rgb(img)

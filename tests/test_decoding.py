@@ -108,3 +108,37 @@ def test_a_transparent_grey_in_one_and_sixteen_bit_pngs_shows_white(size):
     # Without tRNS, black stays black.
     plain = np.asarray(decode_image(encode(Image.fromarray(wide))))
     assert plain[:, :plain.shape[1] // 2 - 1].max() == 0
+
+
+def _grey_tiff(values, sample_format: int) -> bytes:
+    """An uncompressed 32-bit grey TIFF (Pillow writes none): 1 unsigned, 2 signed samples."""
+    import struct
+
+    import numpy as np
+
+    pixels = np.asarray(values).astype("<u4" if sample_format == 1 else "<i4").tobytes()
+    height, width = np.shape(values)
+    entries = [(256, 4, width), (257, 4, height), (258, 3, 32), (259, 3, 1), (262, 3, 1), (273, 4, 8),
+               (277, 3, 1), (278, 4, height), (279, 4, len(pixels)), (339, 3, sample_format)]
+    out = b"II*\x00" + struct.pack("<I", 8 + len(pixels)) + pixels + struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        out += struct.pack("<HHI", tag, kind, 1) + struct.pack("<HH" if kind == 3 else "<I", *((value, 0) if kind == 3 else (value,)))
+    return out + struct.pack("<I", 0)
+
+
+@pytest.mark.parametrize("size", [64, 1024])  # 1024: box-reduced before the 8-bit conversion
+def test_thirty_two_bit_grey_tiffs_keep_their_greys(size):
+    """Pillow reads a 32-bit unsigned grey sample as a signed one: above 2**31 it showed black, and every
+    value above 65,535 (16 bits' range, which the 8-bit conversion assumed) white."""
+    import numpy as np
+
+    for sample_format, value, grey in ((1, 3_000_000_000, round(3e9 / 2**32 * 255)),
+                                       (1, 2**32 - 1, 255),
+                                       (2, 1_000_000_000, round(1e9 / 2**31 * 255)),
+                                       (2, -5, 0)):
+        values = np.zeros((size, size), dtype=np.int64)
+        values[:, size // 2:] = value
+        out = np.asarray(decode_image(_grey_tiff(values, sample_format))).astype(int)
+        half = out.shape[1] // 2
+        assert (out[:, :half - 1] == 0).all(), (sample_format, value)
+        assert (abs(out[:, half + 1:] - grey) <= 1).all(), (sample_format, value, out[0, -1], grey)
