@@ -10,6 +10,8 @@ override CIFAR100_DATA := $(abspath $(firstword $(patsubst %/cifar-100-python,%,
 endif
 export CIFAR100_DATA
 # The shipped default weights; `make archive WEIGHTS=path/to/other.pth` packages others.
+# TS_MODEL_CONFIG=other.yaml (environment or make's command line): the model config the archive packs
+# instead of handler/model-config.yaml (flip TTA on, other batching); the adapter reads it too.
 WEIGHTS ?= model/weights/CIFAR100_model.pth
 TRAIN_ARGS ?=
 

@@ -19,7 +19,11 @@ The version says which weights it holds: ``w<width>-<first 8 hex of the weights'
 archive is rebuilt only when an input changed (a digest of all inputs sits beside it), so
 ``make archive`` is cheap to run before every start.
 
-    python -m serving.archive [--weights PATH] [--export-path model_store] [--force]
+    python -m serving.archive [--weights PATH] [--model-config YAML] [--export-path model_store] [--force]
+
+Another model-config.yaml (flip TTA on, other batching): ``--model-config``, or ``TS_MODEL_CONFIG`` for
+every command that builds or starts an archive (``make serve TS_MODEL_CONFIG=...``): the adapter reads
+the same variable for TorchServe's response timeout.
 """
 from __future__ import annotations
 
@@ -57,10 +61,23 @@ class ArchiveError(RuntimeError):
     pass
 
 
-def startup_timeout_s(model_config: Path = MODEL_CONFIG) -> float:
+def model_config_path() -> Path:
+    """The model-config.yaml an archive packs: ``TS_MODEL_CONFIG`` (set and not empty), else handler's."""
+    return Path(os.environ.get("TS_MODEL_CONFIG") or MODEL_CONFIG)
+
+
+def startup_timeout_s(model_config: Path | None = None) -> float:
     """model-config.yaml's ``startupTimeout``: how long TorchServe lets a worker start (a first start on a
-    machine compiles its engine), and so how long a caller waits for a READY worker."""
-    return float(yaml.safe_load(Path(model_config).read_text())["startupTimeout"])
+    machine compiles its engine), and so how long a caller waits for a READY worker. ``None``: the
+    model_config_path() file. ArchiveError when the file is not a model config."""
+    path = Path(model_config) if model_config is not None else model_config_path()
+    try:
+        config = yaml.safe_load(path.read_text())
+        return float(config["startupTimeout"])
+    except OSError as err:
+        raise ArchiveError(f"model config {path}: {err.strerror}") from None
+    except (UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError, ValueError):
+        raise ArchiveError(f"model config {path}: not a model-config.yaml with a numeric startupTimeout") from None
 
 
 def sha256_of(path: Path) -> str:
@@ -254,10 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser("serving.archive", __doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument("--export-path", type=Path, default=DEFAULT_EXPORT)
+    parser.add_argument("--model-config", type=Path, default=None,
+                        help="the model-config.yaml to pack (default: TS_MODEL_CONFIG, else handler/model-config.yaml)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")
     args = parser.parse_args(argv)
     try:
-        build_archive(args.weights, args.export_path, args.force)
+        model_config = args.model_config or model_config_path()
+        startup_timeout_s(model_config)  # a clear error for a missing or foreign file, before the archiver runs
+        build_archive(args.weights, args.export_path, args.force, model_config=model_config)
     except ArchiveError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

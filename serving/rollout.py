@@ -52,7 +52,8 @@ import psutil
 
 from serving import settings
 from serving.archive import (DEFAULT_WEIGHTS, ArchiveError, build_archive, calibration_warning, inputs_digest,
-                             int8_record_warning, stamp_of, startup_timeout_s, weights_version)
+                             int8_record_warning, model_config_path, stamp_of, startup_timeout_s,
+                             weights_version)
 from serving.cli import Parser, non_negative_float, positive_float
 from serving.keys import KeyFile, KeyFileError, is_auth_refusal
 from serving.process import changed_since_started, log_tail
@@ -206,6 +207,7 @@ class Rollout:
     drain_s: float = DRAIN_S
     say: callable = print
     http_timeout_s: float = HTTP_TIMEOUT_S
+    model_config: Path = field(default_factory=model_config_path)  # the one the new version's archive packs
 
     def __post_init__(self):
         self.keys = KeyFile(self.ts.key_file.path)
@@ -331,7 +333,7 @@ class Rollout:
     def archive(self, weights: Path, version: str) -> Path:
         mar = self.ts.model_store / f"{MODEL_NAME}-{version}.mar"
         with tempfile.TemporaryDirectory(prefix="cifar100-rollout-") as tmp:
-            built = build_archive(weights, Path(tmp), quiet=True)
+            built = build_archive(weights, Path(tmp), quiet=True, model_config=self.model_config)
             shutil.move(built, mar)
             # its inputs' digest beside it: a later rollout of the same weights tells a changed handler by it
             shutil.move(stamp_of(built), stamp_of(mar))
@@ -539,7 +541,7 @@ class Rollout:
             return None
         if url == f"{MODEL_NAME}.mar" and changed_since_started(stamp, self.ts.java_pid()):
             return f"{mar} was rebuilt since TorchServe loaded it"
-        if stamp.read_text().strip() != inputs_digest(weights, version):
+        if stamp.read_text().strip() != inputs_digest(weights, version, self.model_config):
             return f"{mar} was built from other inputs ({stamp})"
         return None
 
@@ -619,14 +621,15 @@ class Rollout:
 
 
 def roll_out(ts: TorchServeInstance, weights: Path, ready_timeout_s: float, drain_s: float,
-             http_timeout_s: float = HTTP_TIMEOUT_S) -> int:
+             http_timeout_s: float = HTTP_TIMEOUT_S, model_config: Path | None = None) -> int:
     """The command on ``ts``: its exit status. SIGTERM is raised as Stopped while it runs, so a stopped
     rollout withdraws its new version as Ctrl-C's does (the default action would end it on the spot)."""
     def stopped(signum, frame):
         raise Stopped(signum)
     previous = signal.signal(signal.SIGTERM, stopped)
     try:
-        Rollout(ts, ready_timeout_s, drain_s, http_timeout_s=http_timeout_s).run(weights)
+        Rollout(ts, ready_timeout_s, drain_s, http_timeout_s=http_timeout_s,
+                model_config=model_config or model_config_path()).run(weights)
     except RolloutError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -642,9 +645,12 @@ def roll_out(ts: TorchServeInstance, weights: Path, ready_timeout_s: float, drai
 def main(argv: list[str] | None = None) -> int:
     parser = Parser("serving.rollout", __doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="the weights to serve")
-    parser.add_argument("--ready-timeout", type=positive_float, default=startup_timeout_s(),
+    parser.add_argument("--ready-timeout", type=positive_float, default=None,
                         help="seconds the new version may take to be READY and warm (then: exit 1, old kept; "
-                             "model-config.yaml's startupTimeout)")
+                             "default: the model config's startupTimeout)")
+    parser.add_argument("--model-config", type=Path, default=None,
+                        help="the model-config.yaml the new version's archive packs (default: TS_MODEL_CONFIG, "
+                             "else handler/model-config.yaml)")
     parser.add_argument("--drain-s", type=non_negative_float, default=DRAIN_S,
                         help="seconds an old version keeps its workers after its queue is empty")
     parser.add_argument("--http-timeout", type=positive_float, default=HTTP_TIMEOUT_S,
@@ -654,14 +660,16 @@ def main(argv: list[str] | None = None) -> int:
                              "at most what is left of --ready-timeout")
     args = parser.parse_args(argv)
     try:
+        model_config = args.model_config or model_config_path()
+        ready_timeout = args.ready_timeout if args.ready_timeout is not None else startup_timeout_s(model_config)
         ts = default_instance()
-    except TorchServeError as err:  # a bad setting (TS_MANAGEMENT_PORT=abc): said, not a traceback
+    except (TorchServeError, ArchiveError) as err:  # a bad setting (TS_MANAGEMENT_PORT=abc): said, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not ts.is_running():
         print("error: TorchServe is not running (make serve-torchserve)", file=sys.stderr)
         return 1
-    return roll_out(ts, args.weights, args.ready_timeout, args.drain_s, args.http_timeout)
+    return roll_out(ts, args.weights, ready_timeout, args.drain_s, args.http_timeout, model_config)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from serving.keys import KeyFile, KeyFileError
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, changed_since_started,
                              command_line_with, free_ports, log_tail, port_in_use, stop_process, wait_until_ready)
 from serving import cli
-from serving.archive import startup_timeout_s
+from serving.archive import ArchiveError, startup_timeout_s
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = settings.MODEL_NAME
@@ -342,9 +342,15 @@ def default_instance() -> TorchServeInstance:
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser("serving.torchserve", "Run TorchServe for the CIFAR-100 model.")
     parser.add_argument("command", choices=["start", "stop", "status"])
-    parser.add_argument("--timeout", type=float, default=startup_timeout_s(),
-                        help="seconds to wait for a READY worker (model-config.yaml's startupTimeout)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds to wait for a READY worker (default: the startupTimeout of TS_MODEL_CONFIG, "
+                             "else of handler/model-config.yaml)")
     args = parser.parse_args(argv)
+    try:
+        timeout = args.timeout if args.timeout is not None else startup_timeout_s()
+    except ArchiveError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         ts = default_instance()
         if (stranger := ts.pid_record.stranger()) is not None:
@@ -354,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             already = ts.is_running()
             try:
                 ts.start()
-                ts.wait_ready(args.timeout)
+                ts.wait_ready(timeout)
             except (TorchServeError, KeyboardInterrupt) as err:
                 # A server this command started and that is not ready would hold the ports (the next start
                 # says "already running"); one that was already running is the operator's: left alone.

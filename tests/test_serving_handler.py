@@ -435,6 +435,47 @@ def test_the_archive_is_rebuilt_when_weights_handler_or_config_change_and_kept_o
     assert (store / "cifar100.mar.inputs").read_text().strip() == archive.inputs_digest(weights, version, config)
 
 
+def test_another_model_config_is_packed_from_the_command_line_or_ts_model_config(tmp_path):
+    """Serving other settings (flip TTA on, say) meant editing handler/model-config.yaml: the archive's CLI took
+    no config. `--model-config` or TS_MODEL_CONFIG (which the adapter reads too) now name one; a file that is
+    not a model config is refused by name, before torch-model-archiver runs, and no archive is written."""
+    import os
+
+    from serving import archive
+
+    repo = Path(__file__).resolve().parents[1]
+    flip = tmp_path / "flip.yaml"
+    flip.write_text(archive.MODEL_CONFIG.read_text().replace("flip_tta: false", "flip_tta: true"))
+    assert flip.read_text() != archive.MODEL_CONFIG.read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batchSize: 6\n")
+
+    def build(store: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "serving.archive", "--weights", str(weights_under_test()),
+                               "--export-path", str(tmp_path / store), *args], cwd=repo, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, **(env or {})})
+
+    def packed(store: str) -> str:
+        with zipfile.ZipFile(tmp_path / store / "cifar100.mar") as mar:  # under its own name, which the manifest gives
+            return mar.read(json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]["configFile"]).decode()
+
+    assert build("by-option", "--model-config", str(flip)).returncode == 0
+    assert packed("by-option") == flip.read_text()
+    assert build("by-env", env={"TS_MODEL_CONFIG": str(flip)}).returncode == 0
+    assert packed("by-env") == flip.read_text()
+    assert build("default", env={"TS_MODEL_CONFIG": ""}).returncode == 0  # set but empty: the shipped one
+    assert packed("default") == archive.MODEL_CONFIG.read_text()
+
+    for args, env, named in ((["--model-config", str(bad)], None, bad), ([], {"TS_MODEL_CONFIG": str(tmp_path / "gone.yaml")},
+                                                                        tmp_path / "gone.yaml")):
+        refused = build("refused", *args, env=env)
+        assert refused.returncode == 1 and f"error: model config {named}" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr and not (tmp_path / "refused" / "cifar100.mar").exists()
+    started = subprocess.run([sys.executable, "-m", "serving.torchserve", "start"], cwd=repo, capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "TS_MODEL_CONFIG": str(bad)})
+    assert started.returncode == 2 and f"error: model config {bad}" in started.stderr, started.stderr
+
+
 def test_an_archive_build_cut_short_or_a_truncated_archive_is_never_up_to_date(tmp_path, monkeypatch):
     """torch-model-archiver --force rewrote cifar100.mar in place while the stamp still held the previous inputs'
     digest: a build of other weights interrupted mid-write, then `make archive` of the first ones again, called the
