@@ -23,7 +23,8 @@ conversion), or a body over ``max_request_size`` (config.properties, as TorchSer
 too); 503, before
 the body is decoded, when ``--max_waiting_requests`` requests already wait for a forward pass (default:
 the bundle's ``job_queue_size``, 24 as shipped; TorchServe's default 100), or ``--max_waiting_explanations`` explanations are under way
-(default: the same bound). A client that leaves before its answer has its request cancelled. Over
+(default: the same bound), or a REST body would take the bytes of all bodies held past ``--max_body_bytes_held``
+(96 MiB; before it is read when it declares its length); each busy 503 has ``Retry-After``. A client that leaves before its answer has its request cancelled. Over
 gRPC the 4xx are INVALID_ARGUMENT, the 503 UNAVAILABLE, with the same message; a model or version not
 served NOT_FOUND. KServe's own checks
 answer first where they apply (JSON that is not an inference request: 422 ``{"detail": [...]}``),
@@ -81,6 +82,9 @@ TORCHSERVE_JOB_QUEUE_SIZE = 100  # TorchServe's default job_queue_size (requests
 # Entries in one v2 parameters map over gRPC (the request's, a tensor's, an output's): this model reads none, and
 # KServe converts every entry on the event loop before the model sees the request (500,000 of them: 2 s).
 MAX_GRPC_PARAMETERS = 64
+# Request bodies held at once over REST, from their first byte to their answer's end (--max_body_bytes_held): in
+# RawDeployment no queue-proxy bounds the connections, and 64 bodies of 11 MiB held the server at 2.35 GB.
+MAX_BODY_BYTES_HELD = 96 * 1024 * 1024
 
 
 # At /metrics beside KServe's own (the names of the TorchServe handler's counters, handler/engine.py).
@@ -97,8 +101,13 @@ class RequestRefused(Exception):
         self.status, self.message = status, message
 
 
+# A busy 503's Retry-After (s): as the adapter's own (RETRY_AFTER_S), a client told when to try again.
+BUSY_RETRY_AFTER_S = 1
+
+
 async def _refused(_, err: RequestRefused) -> JSONResponse:
-    return JSONResponse(status_code=err.status, content={"error": err.message})
+    return JSONResponse(status_code=err.status, content={"error": err.message},
+                        headers={"Retry-After": str(BUSY_RETRY_AFTER_S)} if err.status == 503 else None)
 
 
 class RequestChecks:
@@ -107,14 +116,17 @@ class RequestChecks:
     too), a body over ``max_bytes`` (declared, or as it streams in) -> 413 (uvicorn itself reads a
     body of any length), a body slower than ``pace`` allows -> 408 (serving/pace.py, as the
     adapter: a slow client would otherwise hold a slot of the pod's containerConcurrency for as long
-    as it likes), and a JSON body of more values than a request of ``max_images`` images holds -> 413
-    (handler/protocols.py refuse_json_flood: parsing it would hold the event loop for seconds). The body
-    is held here, then handed on; a refusal closes the connection. A client that leaves before its answer
+    as it likes), a JSON body of more values than a request of ``max_images`` images holds -> 413
+    (handler/protocols.py refuse_json_flood: parsing it would hold the event loop for seconds), and a body
+    that would take the bytes every request's body holds past ``max_held`` -> 503 busy (its declared
+    length before any byte is read, else as it streams). The body is held here, then handed on, and
+    counted until the answer ends; a refusal closes the connection. A client that leaves before its answer
     has started has its request cancelled (``_answered``)."""
 
     def __init__(self, app, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES_PER_REQUEST,
-                 pace: dict | None = None):
+                 pace: dict | None = None, max_held: int = MAX_BODY_BYTES_HELD):
         self.app, self.max_bytes, self.max_images = app, max_bytes, max_images
+        self.max_held, self.held = max_held, 0  # body bytes held by the requests under way (one event loop)
         self.refusals = ThrottledLog(logger)  # a flood of slow clients: one line a second
         self.pace = {"limit_s": BODY_TIMEOUT_S, "grace_s": MIN_RATE_GRACE_S, "min_rate": MIN_UPLOAD_RATE, **(pace or {})}
 
@@ -129,6 +141,15 @@ class RequestChecks:
         declared = headers.get("content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(send)
+        if declared.isdigit() and self.held + int(declared) > self.max_held:
+            return await self._busy(send, scope, headers, int(declared))
+        charged = [0]  # what this request adds to self.held, given back when it ends however it ends
+        try:
+            await self._read_and_answer(scope, receive, send, headers, charged)
+        finally:
+            self.held -= charged[0]
+
+    async def _read_and_answer(self, scope, receive, send, headers: dict, charged: list[int]) -> None:
         chunks, seen, message = [], 0, {"more_body": True}
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -151,6 +172,10 @@ class RequestChecks:
             seen += len(chunks[-1])
             if seen > self.max_bytes:
                 return await self._refuse(send)
+            if self.held + len(chunks[-1]) > self.max_held:
+                return await self._busy(send, scope, headers, seen)
+            self.held += len(chunks[-1])
+            charged[0] += len(chunks[-1])
         whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         del chunks
         try:
@@ -158,6 +183,12 @@ class RequestChecks:
         except ProtocolError as err:
             return await _answer(send, err.status, err.message)
         await _answered(self.app, scope, whole, receive, send)
+
+    async def _busy(self, send, scope, headers: dict, size: int) -> None:
+        self.refusals.warning("503 to %s %s (%s): its body of %d bytes beside the %d held (--max_body_bytes_held %d)",
+                              scope["method"], scope["path"], logged_request_id(headers), size, self.held, self.max_held)
+        await _answer(send, 503, f"The model is busy: request bodies of {self.held} bytes are held, and this one "
+                                 f"would take them past {self.max_held} (--max_body_bytes_held); try again shortly.")
 
     async def _refuse(self, send) -> None:
         await _answer(send, 413, f"request body over {self.max_bytes} bytes (max_request_size)")
@@ -171,6 +202,8 @@ async def _answer(send, status: int, message: str) -> None:
 async def _send_json(send, status: int, body: bytes, close: bool = False) -> None:
     """A JSON answer sent from an ASGI middleware (``close``: the connection closes after it)."""
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 503:
+        headers.append((b"retry-after", str(BUSY_RETRY_AFTER_S).encode()))
     await send({"type": "http.response.start", "status": status,
                 "headers": headers + [(b"connection", b"close")] if close else headers})
     await send({"type": "http.response.body", "body": body})
@@ -644,6 +677,9 @@ def main() -> None:
                         help="requests that may wait for a forward pass; one more gets 503 (default: TorchServe's "
                              "job_queue_size of the bundle's config.properties, else the repository's (the image's), "
                              f"else {TORCHSERVE_JOB_QUEUE_SIZE})")
+    parser.add_argument("--max_body_bytes_held", type=positive_int, default=MAX_BODY_BYTES_HELD,
+                        help="bytes of REST request bodies held at once, from their first byte to their answer's end; "
+                             "a body that would pass it gets 503 (at least max_request_size)")
     parser.add_argument("--max_waiting_explanations", type=positive_int, default=None,
                         help="explanations (:explain) that may be under way at once, one Grad-CAM batch running "
                              "and the rest waiting; one more gets 503 (default: the --max_waiting_requests bound)")
@@ -658,6 +694,8 @@ def main() -> None:
         args.model_dir, "job_queue_size", TORCHSERVE_JOB_QUEUE_SIZE)
     if max_waiting < 1:  # a bound of 0 would refuse every request
         parser.error(f"job_queue_size in the bundle's config.properties needs 1 or more, not {max_waiting}")
+    if args.max_body_bytes_held < limit:  # a full-size body could never be read
+        parser.error(f"--max_body_bytes_held {args.max_body_bytes_held} is below max_request_size {limit}")
     model = CIFAR100Predictor(args.model_name if args.model_name != "model" else MODEL_NAME, args.model_dir,
                               args.engine, max_waiting, args.max_waiting_explanations)
     server = ModelServer()  # configures KServe's logging; the handler's lines (engine choice, refusals) join it
@@ -674,7 +712,8 @@ def main() -> None:
     model_server.app.add_exception_handler(RequestRefused, _refused)
     model_server.app.add_middleware(PlainV2Route, path=f"/v2/models/{model.name}/infer", model=model)
     model_server.app.add_middleware(RequestChecks, max_bytes=limit, max_images=model.max_images, pace={
-        "limit_s": args.body_timeout_s, "grace_s": args.min_rate_grace_s, "min_rate": args.min_upload_rate})
+        "limit_s": args.body_timeout_s, "grace_s": args.min_rate_grace_s, "min_rate": args.min_upload_rate},
+        max_held=args.max_body_bytes_held)
     _without_repository_extension(server)
     _explain_without_echo(server)
     grpc_server.InferenceServicer = CIFAR100Servicer  # the servicer KServe's gRPC server builds at start
