@@ -41,7 +41,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -317,16 +316,42 @@ class Rollout:
         return workers, rss / 1e6
 
     def _map(self, call, items: list, threads: int) -> list:
-        """``call`` on each item from ``threads`` threads. Interrupted (Ctrl-C, SIGTERM), it does not wait for the
-        calls under way (each up to --http-timeout, sent twice): the withdraw starts at once, and none is sent again."""
-        pool = ThreadPoolExecutor(threads)
+        """``call`` on each item from ``threads`` threads, the results in order; the first call to fail is raised at
+        once and no call starts after it. Interrupted (Ctrl-C, SIGTERM), it does not wait for the calls under way
+        (each up to --http-timeout, sent twice): the withdraw starts at once and none is sent again. Daemon threads:
+        a ThreadPoolExecutor's are joined when the interpreter exits, so the withdrawn rollout's process lived on
+        until its abandoned call ended, up to --http-timeout later."""
+        results, failed, lock, finished = [None] * len(items), [], threading.Lock(), threading.Event()
+        pending, running = iter(enumerate(items)), [min(threads, len(items))]
+
+        def work():
+            try:
+                while not self._stopping.is_set() and not failed:
+                    with lock:
+                        index, item = next(pending, (None, None))
+                    if index is None:
+                        return
+                    results[index] = call(item)
+            except BaseException as err:  # noqa: BLE001 - raised in the caller's thread
+                failed.append(err)
+                finished.set()
+            finally:
+                with lock:
+                    running[0] -= 1
+                    if running[0] == 0:
+                        finished.set()
+        if not items:
+            return []
+        for _ in range(running[0]):
+            threading.Thread(target=work, daemon=True, name="rollout-call").start()
         try:
-            results = list(pool.map(call, items))
+            finished.wait()
         except BaseException:
             self._stopping.set()
-            pool.shutdown(wait=False, cancel_futures=True)
             raise
-        pool.shutdown()
+        if failed:
+            self._stopping.set()
+            raise failed[0]
         return results
 
     # ---- the steps ---------------------------------------------------------------------------

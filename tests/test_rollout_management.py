@@ -509,10 +509,12 @@ def default_signals():
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def roll_out_sigtermed(api: StandInManagement, route, when: threading.Event, http_timeout_s: float = 5):
+def roll_out_sigtermed(api: StandInManagement, route, when: threading.Event, http_timeout_s: float = 5,
+                       box: dict | None = None):
     """roll_out NEW in a child process on the stand-in answering with ``route``, SIGTERM'd as soon as ``when`` is set
-    (by the route, at the call it waits for): (exit status, its output, monotonic time of the signal)."""
-    box = {}
+    (by the route, at the call it waits for): (exit status, its output, monotonic time of the signal); the time its
+    process ended is box["exited"] when ``box`` is given."""
+    box = {} if box is None else box
 
     def child(url: str):
         port = url.rsplit(":", 1)[1]
@@ -524,6 +526,7 @@ def roll_out_sigtermed(api: StandInManagement, route, when: threading.Event, htt
             box["signalled"] = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=60)
+            box["exited"] = time.monotonic()
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -540,9 +543,10 @@ def roll_out_sigtermed(api: StandInManagement, route, when: threading.Event, htt
 def test_sigterm_during_the_warm_up_withdraws_the_version_at_once_and_sends_nothing_again(tmp_path):
     """SIGTERM (a CI cancel, a pod's stop) while a warm-up explanation hangs: the withdraw waited for the warm-up's
     threads, which sent the call once more after --http-timeout, so it began ~2 x --http-timeout later (the kill that
-    follows SIGTERM could come first, leaving the new version's workers beside the old). Now it begins at once."""
+    follows SIGTERM could come first, leaving the new version's workers beside the old). Now it begins at once, and
+    the process ends with it: it lived on until the abandoned call timed out (its pool's threads joined at exit)."""
     api = StandInManagement(tmp_path, [OLD, NEW])
-    route, explanations = warm_version_route(api, explanation_s=3.5)  # past --http-timeout
+    route, explanations = warm_version_route(api, explanation_s=6)  # past --http-timeout
     hanging, withdrawn = threading.Event(), []
 
     async def watched(request):
@@ -551,11 +555,13 @@ def test_sigterm_during_the_warm_up_withdraws_the_version_at_once_and_sends_noth
         if request.method == "DELETE":
             withdrawn.append(time.monotonic())
         return await route(request)
-    rc, out, signalled = roll_out_sigtermed(api, watched, hanging, http_timeout_s=3)
+    ended = {}
+    rc, out, signalled = roll_out_sigtermed(api, watched, hanging, http_timeout_s=5, box=ended)
     assert rc == 128 + signal.SIGTERM, out
     assert ("DELETE", f"/models/cifar100/{NEW}") in api.calls and api.registered == [OLD], out
     assert withdrawn[0] - signalled < 2.5, f"the withdraw came {withdrawn[0] - signalled:.1f} s after SIGTERM"
-    time.sleep(max(0.0, explanations[0] + 3.5 - time.monotonic()))  # past the abandoned call's timeout
+    assert ended["exited"] - signalled < 3.5, f"the process ended {ended['exited'] - signalled:.1f} s after SIGTERM"
+    time.sleep(max(0.0, explanations[0] + 5.5 - time.monotonic()))  # past the abandoned call's timeout
     assert len(explanations) == 1, "the interrupted warm-up sent its explanation again"
     assert f"interrupted: unregistering {NEW}" in out, out
 
