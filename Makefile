@@ -142,10 +142,12 @@ bench-serve: install
 # First what explanations, 12 MP photos and floods of GET /classes, /metrics, /health (each from one address not the user's)
 # cost one user's /classify/
 # (FAIRNESS_ARGS="--duration 5"); then 64 concurrent 9.9 MB uploads with each process's peak memory,
-# a 20,000-request soak, 150 s of slow and stalled uploads.
+# a 20,000-request soak, 150 s of slow and stalled uploads; last, KServe's model server's peak memory under
+# 64 concurrent 11 MiB bodies, with and without its bound on the bodies it holds.
 soak: install
 	$(PY) -m benchmarks.bench_fairness --weights $(WEIGHTS) $(FAIRNESS_ARGS)
 	$(PY) -m benchmarks.soak $(SOAK_ARGS)
+	$(PY) -m benchmarks.bench_predictor_memory --weights $(WEIGHTS)
 
 # Every test: unit + integration (real TorchServe, headless Chromium, CIFAR-100; see tests/conftest.py).
 test: install node_modules/.installed

@@ -258,16 +258,25 @@ def _thirty_two_bit_grey_to_sixteen(img: Image.Image) -> Image.Image:
     """A 32-bit integer grey TIFF ("I", as Pillow reads it) -> the 16-bit range every other "I" image has.
 
     Pillow reads an unsigned 32-bit sample into a signed one: above 2**31 it wraps negative and showed
-    black; the rest of the range showed white (clipped). Kept: the top 16 bits of the unsigned value,
-    or of the signed one's positive half (negatives are below black).
+    black, and every value above 65,535 white (clipped). Such files hold values of several ranges (the
+    full 32 bits, or 16 or 8 bits' values written wide, e.g. by numpy): as with float images, the range is
+    told by the largest value: up to 255 an 8-bit grey, up to 65,535 a 16-bit one, else the full range
+    (the top 16 bits kept). Negative signed values are below black.
     """
     tags = getattr(img, "tag_v2", None)
     if img.mode != "I" or tags is None or tags.get(_TIFF_BITS_PER_SAMPLE) not in (32, (32,)):
         return img
     signed = tags.get(_TIFF_SAMPLE_FORMAT) in (_TIFF_SIGNED, (_TIFF_SIGNED,))
-    if signed:
-        return ImageMath.lambda_eval(lambda args: args["max"](args["grey"], 0) >> 15, grey=img)
-    return ImageMath.lambda_eval(lambda args: (args["grey"] >> 16) & 0xFFFF, grey=img)  # >> keeps the sign: masked
+    low, high = img.getextrema()
+    if not signed and low < 0:  # wrapped: values above 2**31, so the full range
+        return ImageMath.lambda_eval(lambda args: (args["grey"] >> 16) & 0xFFFF, grey=img)  # >> keeps the sign: masked
+    if signed and low < 0:
+        img = ImageMath.lambda_eval(lambda args: args["max"](args["grey"], 0), grey=img)
+    if high <= 255:
+        return img.point(lambda v: v * 257)
+    if high <= 65535:
+        return img
+    return ImageMath.lambda_eval(lambda args: args["grey"] >> (15 if signed else 16), grey=img)
 
 
 def _reduced(img: Image.Image) -> Image.Image:

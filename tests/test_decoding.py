@@ -128,14 +128,16 @@ def _grey_tiff(values, sample_format: int) -> bytes:
 
 @pytest.mark.parametrize("size", [64, 1024])  # 1024: box-reduced before the 8-bit conversion
 def test_thirty_two_bit_grey_tiffs_keep_their_greys(size):
-    """Pillow reads a 32-bit unsigned grey sample as a signed one: above 2**31 it showed black, and every
-    value above 65,535 (16 bits' range, which the 8-bit conversion assumed) white."""
+    """Pillow reads a 32-bit unsigned grey sample as a signed one: above 2**31 it showed black, every value above
+    65,535 (16 bits' range, which the 8-bit conversion assumed) white, and 8-bit values written wide black."""
     import numpy as np
 
     for sample_format, value, grey in ((1, 3_000_000_000, round(3e9 / 2**32 * 255)),
                                        (1, 2**32 - 1, 255),
                                        (2, 1_000_000_000, round(1e9 / 2**31 * 255)),
-                                       (2, -5, 0)):
+                                       (2, -5, 0),
+                                       (1, 200, 200),  # 8-bit values in a 32-bit file
+                                       (2, 200 * 257, 200)):  # 16-bit ones
         values = np.zeros((size, size), dtype=np.int64)
         values[:, size // 2:] = value
         out = np.asarray(decode_image(_grey_tiff(values, sample_format))).astype(int)
