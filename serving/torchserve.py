@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                              "else of handler/model-config.yaml)")
     args = parser.parse_args(argv)
     try:
-        timeout = args.timeout if args.timeout is not None else startup_timeout_s()
+        # (read for a start only: stop and status work whatever TS_MODEL_CONFIG names)
+        timeout = args.timeout if args.timeout is not None or args.command != "start" else startup_timeout_s()
     except ArchiveError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

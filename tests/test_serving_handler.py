@@ -474,6 +474,9 @@ def test_another_model_config_is_packed_from_the_command_line_or_ts_model_config
     started = subprocess.run([sys.executable, "-m", "serving.torchserve", "start"], cwd=repo, capture_output=True,
                              text=True, timeout=60, env={**os.environ, "TS_MODEL_CONFIG": str(bad)})
     assert started.returncode == 2 and f"error: model config {bad}" in started.stderr, started.stderr
+    status = subprocess.run([sys.executable, "-m", "serving.torchserve", "status"], cwd=repo, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "TS_MODEL_CONFIG": str(bad)})
+    assert "model config" not in status.stderr and "TorchServe" in status.stdout, status  # stop/status need none
 
 
 def test_an_archive_build_cut_short_or_a_truncated_archive_is_never_up_to_date(tmp_path, monkeypatch):
