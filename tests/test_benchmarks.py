@@ -345,6 +345,18 @@ def test_bench_adapter_prints_both_paths_and_its_targets():
                for line in lines), lines
 
 
+def test_bench_predictor_memory_prints_the_peak_with_and_without_the_bound():
+    # KServe's model server started twice on one bundle; a small flood (~30 s here).
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_predictor_memory", "--clients", "4", "--body-mib",
+                           "1", "--rounds", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ") and "MB" not in line and "---" not in line]
+    assert [row[0].strip() for row in rows] == ["96 MiB", "unbounded"], done.stdout
+    for row in rows:
+        before, peak = float(row[1]), float(row[2])
+        assert 0 < before <= peak and "400: 4" in row[3], row  # each large body read and refused as no image
+
+
 def test_bench_photos_prints_the_three_paths_with_their_cpu_per_photo():
     # Starts its own TorchServe and two adapters, 12 MP JPEGs at concurrency 1 only (~60 s here).
     done = subprocess.run([sys.executable, "-m", "benchmarks.bench_photos", "--duration", "1", "--warmup", "1",
