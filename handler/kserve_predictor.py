@@ -143,46 +143,43 @@ class RequestChecks:
             return await self._refuse(send)
         if declared.isdigit() and self.held + int(declared) > self.max_held:
             return await self._busy(send, scope, headers, int(declared))
-        charged = [0]  # what this request adds to self.held, given back when it ends however it ends
-        try:
-            await self._read_and_answer(scope, receive, send, headers, charged)
-        finally:
-            self.held -= charged[0]
-
-    async def _read_and_answer(self, scope, receive, send, headers: dict, charged: list[int]) -> None:
         chunks, seen, message = [], 0, {"more_body": True}
+        charged = 0  # what this request adds to self.held, given back when it ends however it ends
         loop = asyncio.get_running_loop()
         started = loop.time()
-        while message.get("more_body"):
-            deadline = paced_deadline(started, seen, **self.pace)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                self.refusals.warning("408: the body of %s %s (%s) did not arrive in time (%d bytes in %.1f s)",
-                                      scope["method"], scope["path"], logged_request_id(headers), seen,
-                                      loop.time() - started)
-                return await _answer(send, 408, (
-                    f"the request body did not arrive within {self.pace['limit_s']:g} s"
-                    if deadline >= started + self.pace["limit_s"] else
-                    f"the request body arrived too slowly (under {self.pace['min_rate']:g} bytes/s)"))
-            if message["type"] != "http.request":  # the client left
-                return
-            chunks.append(message.get("body", b""))
-            seen += len(chunks[-1])
-            if seen > self.max_bytes:
-                return await self._refuse(send)
-            if self.held + len(chunks[-1]) > self.max_held:
-                return await self._busy(send, scope, headers, seen)
-            self.held += len(chunks[-1])
-            charged[0] += len(chunks[-1])
-        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        del chunks
         try:
-            refuse_json_flood(whole["body"], self.max_images)
-        except ProtocolError as err:
-            return await _answer(send, err.status, err.message)
-        await _answered(self.app, scope, whole, receive, send)
+            while message.get("more_body"):
+                deadline = paced_deadline(started, seen, **self.pace)
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    self.refusals.warning("408: the body of %s %s (%s) did not arrive in time (%d bytes in %.1f s)",
+                                          scope["method"], scope["path"], logged_request_id(headers), seen,
+                                          loop.time() - started)
+                    return await _answer(send, 408, (
+                        f"the request body did not arrive within {self.pace['limit_s']:g} s"
+                        if deadline >= started + self.pace["limit_s"] else
+                        f"the request body arrived too slowly (under {self.pace['min_rate']:g} bytes/s)"))
+                if message["type"] != "http.request":  # the client left
+                    return
+                chunks.append(message.get("body", b""))
+                seen += len(chunks[-1])
+                if seen > self.max_bytes:
+                    return await self._refuse(send)
+                if self.held + len(chunks[-1]) > self.max_held:
+                    return await self._busy(send, scope, headers, seen)
+                self.held += len(chunks[-1])
+                charged += len(chunks[-1])
+            whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            del chunks
+            try:
+                refuse_json_flood(whole["body"], self.max_images)
+            except ProtocolError as err:
+                return await _answer(send, err.status, err.message)
+            await _answered(self.app, scope, whole, receive, send)
+        finally:
+            self.held -= charged
 
     async def _busy(self, send, scope, headers: dict, size: int) -> None:
         self.refusals.warning("503 to %s %s (%s): its body of %d bytes beside the %d held (--max_body_bytes_held %d)",

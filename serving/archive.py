@@ -61,16 +61,17 @@ class ArchiveError(RuntimeError):
     pass
 
 
-def model_config_path() -> Path:
-    """The model-config.yaml an archive packs: ``TS_MODEL_CONFIG`` (set and not empty), else handler's."""
-    return Path(os.environ.get("TS_MODEL_CONFIG") or MODEL_CONFIG)
+def model_config_path(given: Path | None = None) -> Path:
+    """The model-config.yaml an archive packs: ``given`` (a --model-config), else ``TS_MODEL_CONFIG`` (set and not
+    empty), else handler's."""
+    return Path(given or os.environ.get("TS_MODEL_CONFIG") or MODEL_CONFIG)
 
 
 def startup_timeout_s(model_config: Path | None = None) -> float:
     """model-config.yaml's ``startupTimeout``: how long TorchServe lets a worker start (a first start on a
     machine compiles its engine), and so how long a caller waits for a READY worker. ``None``: the
     model_config_path() file. ArchiveError when the file is not a model config."""
-    path = Path(model_config) if model_config is not None else model_config_path()
+    path = model_config_path(model_config)
     try:
         config = yaml.safe_load(path.read_text())
         return float(config["startupTimeout"])
@@ -222,6 +223,7 @@ def build_archive(weights: Path = DEFAULT_WEIGHTS, export_path: Path = DEFAULT_E
     if not weights.is_file():
         raise ArchiveError(f"weights file {weights} not found (train one, or pass --weights)")
     version = weights_version(weights)
+    startup_timeout_s(model_config)  # a missing or foreign model config refused by name, before the archiver runs
     mar = export_path / f"{MODEL_NAME}.mar"
     stamp = stamp_of(mar)
     digest = inputs_digest(weights, version, Path(model_config))
@@ -276,9 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")
     args = parser.parse_args(argv)
     try:
-        model_config = args.model_config or model_config_path()
-        startup_timeout_s(model_config)  # a clear error for a missing or foreign file, before the archiver runs
-        build_archive(args.weights, args.export_path, args.force, model_config=model_config)
+        build_archive(args.weights, args.export_path, args.force, model_config=model_config_path(args.model_config))
     except ArchiveError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

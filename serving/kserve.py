@@ -33,7 +33,7 @@ import httpx
 import yaml
 
 from serving.archive import (DEFAULT_WEIGHTS, MODEL_CONFIG, MODEL_NAME, ArchiveError, build_archive, model_config_path,
-                             startup_timeout_s, weights_version)
+                             weights_version)
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, changed_since_started, command_line_with,
                              free_ports, popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
 from serving.settings import ENGINE_CACHE_ENV, PREDICTOR_PORT_ENV, PREDICTOR_PORTS, ports_from_env
@@ -313,9 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild the archive even when its inputs are unchanged")
     args = parser.parse_args(argv)
     try:
-        model_config = args.model_config or model_config_path()
-        startup_timeout_s(model_config)  # a clear error for a missing or foreign file, before the archiver runs
-        build_bundle(args.weights, args.out, args.force, model_config=model_config)
+        build_bundle(args.weights, args.out, args.force, model_config=model_config_path(args.model_config))
     except ArchiveError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

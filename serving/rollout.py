@@ -654,7 +654,7 @@ def roll_out(ts: TorchServeInstance, weights: Path, ready_timeout_s: float, drai
     previous = signal.signal(signal.SIGTERM, stopped)
     try:
         Rollout(ts, ready_timeout_s, drain_s, http_timeout_s=http_timeout_s,
-                model_config=model_config or model_config_path()).run(weights)
+                model_config=model_config_path(model_config)).run(weights)
     except RolloutError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -685,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                              "at most what is left of --ready-timeout")
     args = parser.parse_args(argv)
     try:
-        model_config = args.model_config or model_config_path()
+        model_config = model_config_path(args.model_config)
         ready_timeout = args.ready_timeout if args.ready_timeout is not None else startup_timeout_s(model_config)
         ts = default_instance()
     except (TorchServeError, ArchiveError) as err:  # a bad setting (TS_MANAGEMENT_PORT=abc): said, not a traceback
