@@ -24,7 +24,10 @@ too); 503, before
 the body is decoded, when ``--max_waiting_requests`` requests already wait for a forward pass (default:
 the bundle's ``job_queue_size``, 24 as shipped; TorchServe's default 100), or ``--max_waiting_explanations`` explanations are under way
 (default: the same bound), or a REST body would take the bytes of all bodies held past ``--max_body_bytes_held``
-(96 MiB; before it is read when it declares its length); each busy 503 has ``Retry-After``. A client that leaves before its answer has its request cancelled. Over
+(96 MiB; before it is read when it declares its length); each busy 503 has ``Retry-After``. A gRPC call waits
+for its share of that bound before its message is read (handler/held_bodies.py): UNAVAILABLE when
+``--max_waiting_requests`` calls already wait or its turn has not come in ``--body_timeout_s``,
+DEADLINE_EXCEEDED when its message has not arrived by then. A client that leaves before its answer has its request cancelled. Over
 gRPC the 4xx are INVALID_ARGUMENT, the 503 UNAVAILABLE, with the same message; a model or version not
 served NOT_FOUND. KServe's own checks
 answer first where they apply (JSON that is not an inference request: 422 ``{"detail": [...]}``),
@@ -49,6 +52,7 @@ from pathlib import Path
 import torch
 import yaml
 from fastapi.responses import JSONResponse
+from grpc import aio
 from grpc_interceptor.exceptions import InvalidArgument, NotFound, Unavailable, Unimplemented
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer, model_server
 from kserve.model import InferenceVerb
@@ -61,6 +65,7 @@ from handler.answers import NOT_FINITE, image_answers, served_topk
 from handler.batching import Batcher, BatcherFull
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
+from handler.held_bodies import GrpcMessageBound, HeldBytes
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, OUTPUTS, V2, ProtocolError,
                                encode_answer, json_body, logged_request_id, parse_request, plain_v2_body,
@@ -126,7 +131,7 @@ class RequestChecks:
     def __init__(self, app, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES_PER_REQUEST,
                  pace: dict | None = None, max_held: int = MAX_BODY_BYTES_HELD):
         self.app, self.max_bytes, self.max_images = app, max_bytes, max_images
-        self.max_held, self.held = max_held, 0  # body bytes held by the requests under way (one event loop)
+        self.bodies = HeldBytes(max_held)  # body bytes held by the requests under way (one event loop)
         self.refusals = ThrottledLog(logger)  # a flood of slow clients: one line a second
         self.pace = {"limit_s": BODY_TIMEOUT_S, "grace_s": MIN_RATE_GRACE_S, "min_rate": MIN_UPLOAD_RATE, **(pace or {})}
 
@@ -141,10 +146,10 @@ class RequestChecks:
         declared = headers.get("content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(send)
-        if declared.isdigit() and self.held + int(declared) > self.max_held:
+        if declared.isdigit() and self.bodies.held + int(declared) > self.bodies.limit:
             return await self._busy(send, scope, headers, int(declared))
         chunks, seen, message = [], 0, {"more_body": True}
-        charged = 0  # what this request adds to self.held, given back when it ends however it ends
+        charged = 0  # what this request adds to self.bodies, given back when it ends however it ends
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -167,9 +172,8 @@ class RequestChecks:
                 seen += len(chunks[-1])
                 if seen > self.max_bytes:
                     return await self._refuse(send)
-                if self.held + len(chunks[-1]) > self.max_held:
+                if not self.bodies.take(len(chunks[-1])):
                     return await self._busy(send, scope, headers, seen)
-                self.held += len(chunks[-1])
                 charged += len(chunks[-1])
             whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
             del chunks
@@ -179,13 +183,14 @@ class RequestChecks:
                 return await _answer(send, err.status, err.message)
             await _answered(self.app, scope, whole, receive, send)
         finally:
-            self.held -= charged
+            self.bodies.give(charged)
 
     async def _busy(self, send, scope, headers: dict, size: int) -> None:
+        held, limit = self.bodies.held, self.bodies.limit
         self.refusals.warning("503 to %s %s (%s): its body of %d bytes beside the %d held (--max_body_bytes_held %d)",
-                              scope["method"], scope["path"], logged_request_id(headers), size, self.held, self.max_held)
-        await _answer(send, 503, f"The model is busy: request bodies of {self.held} bytes are held, and this one "
-                                 f"would take them past {self.max_held} (--max_body_bytes_held); try again shortly.")
+                              scope["method"], scope["path"], logged_request_id(headers), size, held, limit)
+        await _answer(send, 503, f"The model is busy: request bodies of {held} bytes are held, and this one "
+                                 f"would take them past {limit} (--max_body_bytes_held); try again shortly.")
 
     async def _refuse(self, send) -> None:
         await _answer(send, 413, f"request body over {self.max_bytes} bytes (max_request_size)")
@@ -660,6 +665,20 @@ def _without_timing(app) -> None:
     app.build_middleware_stack = build_without_timing
 
 
+class _AioBounded:
+    """grpc.aio as KServe's gRPC server module sees it (it builds its server with ``aio.server`` at start, its
+    interceptors fixed): the server built with ``bound`` first among them (handler/held_bodies.py)."""
+
+    def __init__(self, bound: GrpcMessageBound):
+        self.bound = bound
+
+    def __getattr__(self, name: str):
+        return getattr(aio, name)
+
+    def server(self, *args, interceptors=(), **kwargs):
+        return aio.server(*args, interceptors=(self.bound, *(interceptors or ())), **kwargs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(parents=[model_server.parser], description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_dir", type=Path, default=Path("/mnt/models"),
@@ -675,8 +694,10 @@ def main() -> None:
                              "job_queue_size of the bundle's config.properties, else the repository's (the image's), "
                              f"else {TORCHSERVE_JOB_QUEUE_SIZE})")
     parser.add_argument("--max_body_bytes_held", type=positive_int, default=MAX_BODY_BYTES_HELD,
-                        help="bytes of REST request bodies held at once, from their first byte to their answer's end; "
-                             "a body that would pass it gets 503 (at least max_request_size)")
+                        help="bytes of request bodies held at once, from their first byte to their answer's end, REST "
+                             "and gRPC a bound each: a REST body that would pass it gets 503; a gRPC call reserves "
+                             "the largest message before its message is read, waiting its turn (handler/held_bodies.py;"
+                             " at least max_request_size)")
     parser.add_argument("--max_waiting_explanations", type=positive_int, default=None,
                         help="explanations (:explain) that may be under way at once, one Grad-CAM batch running "
                              "and the rest waiting; one more gets 503 (default: the --max_waiting_requests bound)")
@@ -693,6 +714,10 @@ def main() -> None:
         parser.error(f"job_queue_size in the bundle's config.properties needs 1 or more, not {max_waiting}")
     if args.max_body_bytes_held < limit:  # a full-size body could never be read
         parser.error(f"--max_body_bytes_held {args.max_body_bytes_held} is below max_request_size {limit}")
+    max_message = model_server.args.grpc_max_receive_message_length
+    if model_server.args.enable_grpc and args.max_body_bytes_held < max_message:  # no gRPC call could ever be read
+        parser.error(f"--max_body_bytes_held {args.max_body_bytes_held} is below "
+                     f"--grpc_max_receive_message_length {max_message}")
     model = CIFAR100Predictor(args.model_name if args.model_name != "model" else MODEL_NAME, args.model_dir,
                               args.engine, max_waiting, args.max_waiting_explanations)
     server = ModelServer()  # configures KServe's logging; the handler's lines (engine choice, refusals) join it
@@ -714,6 +739,8 @@ def main() -> None:
     _without_repository_extension(server)
     _explain_without_echo(server)
     grpc_server.InferenceServicer = CIFAR100Servicer  # the servicer KServe's gRPC server builds at start
+    grpc_server.aio = _AioBounded(GrpcMessageBound(HeldBytes(args.max_body_bytes_held), max_message, max_waiting,
+                                                   args.body_timeout_s))
     server.start([model])
 
 
