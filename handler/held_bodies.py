@@ -81,9 +81,9 @@ class GrpcMessageBound(aio.ServerInterceptor):
     client-streaming to get its context before its message: a unary client sends the same frames."""
 
     def __init__(self, held: HeldBytes, max_message: int, max_waiting: int, deadline_s: float,
-                 option: str = "--max_body_bytes_held"):
+                 refused=lambda bound: None):
         self.held, self.max_message, self.max_waiting, self.deadline_s = held, max_message, max_waiting, deadline_s
-        self.option = option
+        self.refused = refused  # called with the bound's setting (max_body_bytes_held, body_timeout_s) per refusal
         self.refusals = ThrottledLog(logger)  # a flood: one line a second
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -96,13 +96,13 @@ class GrpcMessageBound(aio.ServerInterceptor):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.deadline_s
             if self.held.waiting >= self.max_waiting:
-                await self._refuse(context, method, grpc.StatusCode.UNAVAILABLE,
+                await self._refuse(context, method, "max_body_bytes_held", grpc.StatusCode.UNAVAILABLE,
                                    self._busy(f"{self.held.waiting} calls wait"))
             try:
                 async with asyncio.timeout_at(deadline):
                     await self.held.reserve(self.max_message)
             except TimeoutError:
-                await self._refuse(context, method, grpc.StatusCode.UNAVAILABLE,
+                await self._refuse(context, method, "max_body_bytes_held", grpc.StatusCode.UNAVAILABLE,
                                    self._busy(f"no turn came in {self.deadline_s:g} s"))
             charged = self.max_message
             try:
@@ -110,7 +110,7 @@ class GrpcMessageBound(aio.ServerInterceptor):
                     async with asyncio.timeout_at(deadline):
                         request = await context.read()
                 except TimeoutError:
-                    await self._refuse(context, method, grpc.StatusCode.DEADLINE_EXCEEDED,
+                    await self._refuse(context, method, "body_timeout_s", grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"the request message did not arrive within {self.deadline_s:g} s")
                 if request is aio.EOF:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
@@ -133,12 +133,13 @@ class GrpcMessageBound(aio.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(bounded, request_deserializer=handler.request_deserializer,
                                                     response_serializer=handler.response_serializer)
 
-    async def _refuse(self, context, method: str, code: grpc.StatusCode, message: str) -> None:
+    async def _refuse(self, context, method: str, bound: str, code: grpc.StatusCode, message: str) -> None:
+        self.refused(bound)
         self.refusals.warning("%s to %s (%s): %s", code.name, method,
                               logged_request_id(dict(context.invocation_metadata() or ())), message)
         await context.abort(code, message)
 
     def _busy(self, why: str) -> str:
         return (f"The model is busy: gRPC messages of up to {self.max_message} bytes each are held or reserved "
-                f"({self.held.held} of {self.held.limit} bytes, {self.option}) and {why}; try again shortly.")
+                f"({self.held.held} of {self.held.limit} bytes, --max_body_bytes_held) and {why}; try again shortly.")
 

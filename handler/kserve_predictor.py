@@ -58,7 +58,7 @@ from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer,
 from kserve.model import InferenceVerb
 from kserve.protocol.grpc import server as grpc_server
 from kserve.protocol.grpc.servicer import InferenceServicer
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from handler import engine as engines
 from handler.answers import NOT_FINITE, image_answers, served_topk
@@ -96,6 +96,11 @@ MAX_BODY_BYTES_HELD = 96 * 1024 * 1024
 IMAGES = Counter(engines.IMAGES_METRIC, "Images through the forward pass", ["Engine"])
 RECHECKED = Counter(engines.RECHECKED_METRIC, "Images openvino-int8 had fp32 answer again", ["Engine"])
 BATCHES = Counter("ForwardBatches", "Forward passes (batches of concurrent requests' images)", ["Engine"])
+# What the bounds turn away, by the setting that bounds it (its option's name), and what they hold now.
+REFUSED = Counter("RequestsRefused", "Requests refused by a bound, by the setting that refused them", ["Bound"])
+BODY_BYTES_HELD = Gauge("RequestBodyBytesHeld", "Request body bytes held or reserved now (--max_body_bytes_held), "
+                        "by protocol", ["Protocol"])
+GRPC_CALLS_WAITING = Gauge("GrpcCallsWaiting", "gRPC calls waiting for their turn to have their message read")
 
 
 class RequestRefused(Exception):
@@ -129,9 +134,10 @@ class RequestChecks:
     has started has its request cancelled (``_answered``)."""
 
     def __init__(self, app, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES_PER_REQUEST,
-                 pace: dict | None = None, max_held: int = MAX_BODY_BYTES_HELD):
+                 pace: dict | None = None, max_held: int = MAX_BODY_BYTES_HELD, bodies: HeldBytes | None = None):
         self.app, self.max_bytes, self.max_images = app, max_bytes, max_images
-        self.bodies = HeldBytes(max_held)  # body bytes held by the requests under way (one event loop)
+        # Body bytes held by the requests under way (one event loop): ``bodies`` when given (main's, at /metrics).
+        self.bodies = bodies if bodies is not None else HeldBytes(max_held)
         self.refusals = ThrottledLog(logger)  # a flood of slow clients: one line a second
         self.pace = {"limit_s": BODY_TIMEOUT_S, "grace_s": MIN_RATE_GRACE_S, "min_rate": MIN_UPLOAD_RATE, **(pace or {})}
 
@@ -159,6 +165,8 @@ class RequestChecks:
                     async with asyncio.timeout_at(deadline):
                         message = await receive()
                 except TimeoutError:
+                    REFUSED.labels("body_timeout_s" if deadline >= started + self.pace["limit_s"] else
+                                   "min_upload_rate").inc()
                     self.refusals.warning("408: the body of %s %s (%s) did not arrive in time (%d bytes in %.1f s)",
                                           scope["method"], scope["path"], logged_request_id(headers), seen,
                                           loop.time() - started)
@@ -186,6 +194,7 @@ class RequestChecks:
             self.bodies.give(charged)
 
     async def _busy(self, send, scope, headers: dict, size: int) -> None:
+        REFUSED.labels("max_body_bytes_held").inc()
         held, limit = self.bodies.held, self.bodies.limit
         self.refusals.warning("503 to %s %s (%s): its body of %d bytes beside the %d held (--max_body_bytes_held %d)",
                               scope["method"], scope["path"], logged_request_id(headers), size, held, limit)
@@ -193,6 +202,7 @@ class RequestChecks:
                                  f"would take them past {limit} (--max_body_bytes_held); try again shortly.")
 
     async def _refuse(self, send) -> None:
+        REFUSED.labels("max_request_size").inc()
         await _answer(send, 413, f"request body over {self.max_bytes} bytes (max_request_size)")
 
 
@@ -551,6 +561,7 @@ class CIFAR100Predictor(Model):
 
     def _busy(self, why: str, option: str, headers: dict | None) -> RequestRefused:
         """The 503 of a full bound (``option`` names it in the log line, with the request's id)."""
+        REFUSED.labels(option.lstrip("-")).inc()
         self.refusals.warning("503 to %s: %s (%s)", logged_request_id(headers), why, option)
         return RequestRefused(503, f"The model is busy: {why}; try again shortly.")
 
@@ -733,14 +744,18 @@ def main() -> None:
     model.load()
     model_server.app.add_exception_handler(RequestRefused, _refused)
     model_server.app.add_middleware(PlainV2Route, path=f"/v2/models/{model.name}/infer", model=model)
+    rest_bodies, grpc_messages = HeldBytes(args.max_body_bytes_held), HeldBytes(args.max_body_bytes_held)
+    BODY_BYTES_HELD.labels("rest").set_function(lambda: rest_bodies.held)
+    BODY_BYTES_HELD.labels("grpc").set_function(lambda: grpc_messages.held)
+    GRPC_CALLS_WAITING.set_function(lambda: grpc_messages.waiting)
     model_server.app.add_middleware(RequestChecks, max_bytes=limit, max_images=model.max_images, pace={
         "limit_s": args.body_timeout_s, "grace_s": args.min_rate_grace_s, "min_rate": args.min_upload_rate},
-        max_held=args.max_body_bytes_held)
+        bodies=rest_bodies)
     _without_repository_extension(server)
     _explain_without_echo(server)
     grpc_server.InferenceServicer = CIFAR100Servicer  # the servicer KServe's gRPC server builds at start
-    grpc_server.aio = _AioBounded(GrpcMessageBound(HeldBytes(args.max_body_bytes_held), max_message, max_waiting,
-                                                   args.body_timeout_s))
+    grpc_server.aio = _AioBounded(GrpcMessageBound(grpc_messages, max_message, max_waiting, args.body_timeout_s,
+                                                   refused=lambda bound: REFUSED.labels(bound).inc()))
     server.start([model])
 
 

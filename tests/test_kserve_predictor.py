@@ -1050,9 +1050,22 @@ def test_a_flood_beyond_the_waiting_bound_gets_503_at_once_and_the_rest_are_answ
     assert refused and all("busy" in why and "1 requests already wait" in why for _, why in refused), answers
     assert all(a[0] in (200, 503, "UNAVAILABLE") for a in answers), answers
     assert sum(a[0] == 200 for a in answers) >= 2, answers
+    assert bound_metrics(predictor).get("max_waiting_requests") == len(refused)  # counted at /metrics, by setting
     r = client.post(url, json=v2_body(six[:1]))
     assert r.status_code == 200 and predictor.process.poll() is None, r.text
     wait_for_log(predictor, "503 to request 'flood-")  # the refusal's log line names a refused request
+
+
+def bound_metrics(predictor: KServePredictor) -> dict[str, int]:
+    """The body bound's figures at the predictor's /metrics: bytes held by protocol, gRPC calls waiting, and
+    the requests refused by each bound's setting."""
+    text = httpx.get(f"{predictor.url}/metrics", timeout=10).text
+    figures = {f"held {protocol}": int(float(value))
+               for protocol, value in re.findall(r'^RequestBodyBytesHeld\{Protocol="(\w+)"\} (\S+)$', text, re.M)}
+    figures["waiting"] = int(float(re.search(r"^GrpcCallsWaiting (\S+)$", text, re.M).group(1)))
+    figures.update({bound: int(float(value))
+                    for bound, value in re.findall(r'^RequestsRefused_total\{Bound="(\w+)"\} (\S+)$', text, re.M)})
+    return figures
 
 
 @pytest.mark.integration  # starts its own server process
@@ -1094,6 +1107,7 @@ def test_grpc_calls_wait_their_turn_for_the_message_bound_and_a_stalled_sender_l
             time.sleep(0.5)
             refused = over_grpc("one-more")
             rest = client.post(infer_url(predictor), json=v2_body([good]))
+            during = bound_metrics(predictor)
             ended = seconds_until_stream_ends(stalled, timeout=10)
             waited = waiting.result(timeout=30)
         stalled.close()
@@ -1103,6 +1117,10 @@ def test_grpc_calls_wait_their_turn_for_the_message_bound_and_a_stalled_sender_l
         assert ended is not None and ended < 4, ended  # its 4 s from its start: 1.5 + 0.5 + the REST call before
         assert waited[0] == "OK" and waited[2] > 1, waited  # answered once the stalled call let go of the bound
         assert over_grpc("after")[0] == "OK" and predictor.process.poll() is None
+        # At /metrics: what the bound held while the stalled call had it, and what it refused, by setting.
+        assert during["held grpc"] == largest and during["held rest"] == 0 and during["waiting"] == 1, during
+        assert bound_metrics(predictor) == {"held grpc": 0, "held rest": 0, "waiting": 0, "max_body_bytes_held": 1,
+                                            "body_timeout_s": 1}
         wait_for_log(predictor, "DEADLINE_EXCEEDED to /inference.GRPCInferenceService/ModelInfer")
         wait_for_log(predictor, "UNAVAILABLE to /inference.GRPCInferenceService/ModelInfer (request 'one-more')")
     finally:
