@@ -90,7 +90,7 @@ class GrpcMessageBound(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.response_streaming:
             return handler
-        answer, method = handler.unary_unary, handler_call_details.method
+        answer, parse, method = handler.unary_unary, handler.request_deserializer, handler_call_details.method
 
         async def bounded(_requests, context):
             loop = asyncio.get_running_loop()
@@ -108,15 +108,21 @@ class GrpcMessageBound(aio.ServerInterceptor):
             try:
                 try:
                     async with asyncio.timeout_at(deadline):
-                        request = await context.read()
+                        message = await context.read()  # its bytes: parsed below, where a bad one is named
                 except TimeoutError:
                     await self._refuse(context, method, "body_timeout_s", grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"the request message did not arrive within {self.deadline_s:g} s")
-                if request is aio.EOF:
+                if message is aio.EOF:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
-                size = request.ByteSize() if hasattr(request, "ByteSize") else len(request)
-                self.held.give(charged - size)
-                charged = size
+                self.held.give(charged - len(message))
+                charged = len(message)
+                try:
+                    request, refusal = (parse(message) if parse is not None else message), None
+                except Exception as err:  # noqa: BLE001 - the client's bytes (grpc answered UNKNOWN "Unexpected ...")
+                    request, refusal = None, f"the request message is not a {method.rsplit('/', 1)[-1]} request ({err})"
+                message = None  # the parsed request holds what is needed; nothing keeps the bytes past an abort
+                if refusal is not None:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
                 try:
                     return await answer(request, context)
                 except aio.AbortError as err:
@@ -130,8 +136,7 @@ class GrpcMessageBound(aio.ServerInterceptor):
             finally:
                 self.held.give(charged)
 
-        return grpc.stream_unary_rpc_method_handler(bounded, request_deserializer=handler.request_deserializer,
-                                                    response_serializer=handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(bounded, response_serializer=handler.response_serializer)
 
     async def _refuse(self, context, method: str, bound: str, code: grpc.StatusCode, message: str) -> None:
         self.refused(bound)

@@ -945,6 +945,13 @@ def test_grpc_refusals_carry_the_handlers_message_and_the_server_goes_on(kserve_
             grpc_stub.ModelInfer(request, timeout=60)
         assert refused.value.code() == code, (words, refused.value.code(), refused.value.details())
         assert words.lower() in refused.value.details().lower(), (words, refused.value.details())
+    # Bytes that are no ModelInferRequest: grpc's own parse answered UNKNOWN "Unexpected <class ...DecodeError>".
+    garbage = grpc.insecure_channel(kserve_predictor.grpc_target)
+    with pytest.raises(grpc.RpcError) as refused:
+        garbage.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\xff\xff\xff not protobuf", timeout=60)
+    garbage.close()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+    assert refused.value.details().startswith("the request message is not a ModelInfer request"), refused.value.details()
     answer = grpc_stub.ModelInfer(grpc_request([good]), timeout=60)
     assert [o.name for o in answer.outputs][:1] == ["label"]
     assert len(answer.id) == 32  # none sent (gRPC's ""): a new one, as for a REST request without an id
