@@ -9,7 +9,9 @@ concurrency and back to back:
   * predictions: raw PNG bodies to /predictions/cifar100 (TorchServe's own protocol);
   * v2: one-image v2 requests (BYTES input, base64) to /v2/models/cifar100/infer.
   * predictor: the same v2 requests to KServe's own Python model server on the same bundle
-    (handler/kserve_predictor.py: no TorchServe; one process, its own batching), started beside it.
+    (handler/kserve_predictor.py: no TorchServe; one process, its own batching), started beside it;
+  * predictor-grpc: the same images to it over gRPC (ModelInfer, the file's bytes in one BYTES element),
+    from benchmarks/grpc_load.py (grpc's asyncio client in a process of its own: wrk speaks no HTTP/2).
 The serving options of ``make bench-serve``'s BENCH_SERVE_ARGS (--engine, --workers, --batch-size,
 --max-batch-delay, --cpu-threads, --lone-image-threads: the bundle's model-config.yaml; --ts-property:
 its config.properties) apply to both servers, as to a bundle built with them (--workers to TorchServe
@@ -31,7 +33,7 @@ import httpx
 
 from benchmarks.bench_serve import (add_load_arguments, cifar_png_payloads, machine, model_config_from_arguments,
                                     print_table, ts_properties)
-from benchmarks.load import HttpTarget, LoadResult, exit_on_sigterm, print_failures, ratio, run_wrk, warm_up
+from benchmarks.load import GrpcTarget, HttpTarget, LoadResult, exit_on_sigterm, print_failures, ratio, run_load, warm_up
 from serving.kserve import KServePredictor, KServeTorchServe, build_bundle
 from serving.torchserve import read_properties
 from serving import cli
@@ -42,6 +44,18 @@ TARGET_RATIO = 0.90
 def v2_bodies(payloads: list[bytes]) -> list[bytes]:
     return [json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                                     "data": [base64.b64encode(p).decode()]}]}).encode() for p in payloads]
+
+
+def model_infer_messages(payloads: list[bytes]) -> list[bytes]:
+    """Each image as a serialized gRPC ModelInferRequest of one BYTES element (the file's bytes, no base64)."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    messages = []
+    for payload in payloads:
+        tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+        tensor.contents.bytes_contents.append(payload)
+        messages.append(pb.ModelInferRequest(model_name="cifar100", inputs=[tensor]).SerializeToString())
+    return messages
 
 
 def bundle_from_arguments(root: Path, args) -> Path:
@@ -96,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
                                                   expect='"outputs"', headers=lambda: {"Content-Type": "application/json"})
                 engines["KServe's model server"] = served_engine(targets["predictor"].url, targets["predictor"].bodies[0],
                                                                  "application/json")
+                targets["predictor-grpc"] = GrpcTarget(predictor.grpc_target, model_infer_messages(payloads))
             warm_up(targets, args.concurrency, tmp, args.warmup)
             rounds: dict[str, dict[int, list[LoadResult]]] = {name: {c: [] for c in args.concurrency} for name in targets}
             for c in args.concurrency:
                 for r in range(args.rounds):
                     # ABBA order: neither target always runs first after the other's load.
                     for name in (list(targets) if r % 2 == 0 else list(reversed(targets))):
-                        rounds[name][c].append(run_wrk(targets[name], c, args.duration, tmp))
+                        rounds[name][c].append(run_load(targets[name], c, args.duration, tmp))
         finally:  # also after Ctrl-C or SIGTERM during a start: neither server is left running
             ts.stop()
             if predictor is not None:
@@ -121,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     if "predictor" in rows:
         each = [ratio(p.images_per_s, v2.images_per_s) for p, v2 in zip(rounds["predictor"][hi], rounds["v2"][hi])]
         print(f"KServe's model server / TorchServe, v2, per round at concurrency {hi}: "
+              f"{', '.join(f'{r:.2f}' for r in each)}")
+        each = [ratio(g.images_per_s, p.images_per_s) for g, p in zip(rounds["predictor-grpc"][hi], rounds["predictor"][hi])]
+        print(f"KServe's model server, gRPC / REST v2, per round at concurrency {hi}: "
               f"{', '.join(f'{r:.2f}' for r in each)}")
     print_failures({name: [r for results in by_c.values() for r in results] for name, by_c in rounds.items()})
     return 0

@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,13 +97,55 @@ class HttpTarget:
 
     def body_dir(self, parent: Path) -> Path:
         if self._body_dir is None:
-            self._body_dir = Path(tempfile.mkdtemp(prefix="bodies-", dir=parent))
-            for i, body in enumerate(self.bodies):
-                (self._body_dir / f"{i:04d}.body").write_bytes(body)
+            self._body_dir = written_bodies(self.bodies, parent)
         return self._body_dir
 
 
-_RESULT = re.compile(r"^WRK_RESULT (.*)$", re.MULTILINE)
+@dataclass
+class GrpcTarget:
+    """A gRPC server (``host:port``) and the serialized request messages to call ``method`` with, in rotation
+    (benchmarks/grpc_load.py sends them: wrk speaks no HTTP/2)."""
+
+    target: str
+    bodies: list[bytes]
+    method: str = "/inference.GRPCInferenceService/ModelInfer"
+    _body_dir: Path | None = field(default=None, repr=False)
+
+    def body_dir(self, parent: Path) -> Path:
+        if self._body_dir is None:
+            self._body_dir = written_bodies(self.bodies, parent)
+        return self._body_dir
+
+
+def written_bodies(bodies: list[bytes], parent: Path) -> Path:
+    """A new folder under ``parent`` holding ``bodies`` as 0000.body, 0001.body, ... (what the load generators read)."""
+    folder = Path(tempfile.mkdtemp(prefix="bodies-", dir=parent))
+    for i, body in enumerate(bodies):
+        (folder / f"{i:04d}.body").write_bytes(body)
+    return folder
+
+
+_RESULT = re.compile(r"^(?:WRK|GRPC)_RESULT (.*)$", re.MULTILINE)
+
+
+def run_load(target: HttpTarget | GrpcTarget, concurrency: int, duration_s: float, workdir: Path) -> LoadResult:
+    """A point of load on ``target``: wrk for HTTP, benchmarks/grpc_load.py for gRPC."""
+    if isinstance(target, GrpcTarget):
+        return run_grpc(target, concurrency, duration_s, workdir)
+    return run_wrk(target, concurrency, duration_s, workdir)
+
+
+def run_grpc(target: GrpcTarget, concurrency: int, duration_s: float, workdir: Path) -> LoadResult:
+    """Keep ``concurrency`` calls in flight against target for duration_s, from a process of its own as wrk."""
+    cmd = [sys.executable, "-m", "benchmarks.grpc_load", "--target", target.target, "--method", target.method,
+           "--bodies", str(target.body_dir(workdir)), "--concurrency", str(concurrency), "--duration", str(duration_s)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + REQUEST_TIMEOUT_S + 60,
+                          cwd=Path(__file__).resolve().parents[1])
+    match = _RESULT.search(done.stdout)
+    if done.returncode != 0 or match is None:
+        raise LoadGeneratorError(f"the gRPC load generator failed ({done.returncode}) against {target.target}:\n"
+                                 f"{done.stdout[-1500:]}\n{done.stderr[-1500:]}")
+    return load_result(concurrency, {k: int(v) for k, v in (pair.split("=") for pair in match.group(1).split())})
 
 
 def run_wrk(target: HttpTarget, concurrency: int, duration_s: float, workdir: Path) -> LoadResult:
@@ -152,15 +195,15 @@ def exit_on_sigterm() -> None:
 SERVER_WARMUP_S = 4.0
 
 
-def warm_up(targets: dict[str, HttpTarget], concurrencies: list[int], workdir: Path,
+def warm_up(targets: dict[str, HttpTarget | GrpcTarget], concurrencies: list[int], workdir: Path,
             seconds: float = SERVER_WARMUP_S) -> None:
     """Unmeasured load on every target at each concurrency."""
     for target in targets.values():
         for concurrency in concurrencies:
-            run_wrk(target, concurrency, seconds, workdir)
+            run_load(target, concurrency, seconds, workdir)
 
 
-def measure_targets(targets: dict[str, HttpTarget], concurrencies: list[int], duration_s: float,
+def measure_targets(targets: dict[str, HttpTarget | GrpcTarget], concurrencies: list[int], duration_s: float,
                     workdir: Path, warmup_s: float = SERVER_WARMUP_S) -> dict[str, dict[int, LoadResult]]:
     """Warm every target up, then measure each at each concurrency, the targets interleaved at each
     concurrency so that slow drift (other work on the machine) touches them alike."""
@@ -168,7 +211,7 @@ def measure_targets(targets: dict[str, HttpTarget], concurrencies: list[int], du
     rows: dict[str, dict[int, LoadResult]] = {name: {} for name in targets}
     for concurrency in concurrencies:
         for name, target in targets.items():
-            rows[name][concurrency] = run_wrk(target, concurrency, duration_s, workdir)
+            rows[name][concurrency] = run_load(target, concurrency, duration_s, workdir)
     return rows
 
 

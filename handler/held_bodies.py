@@ -42,10 +42,14 @@ class HeldBytes:
         self.held += size
         return True
 
+    def take_turn(self, size: int) -> bool:
+        """``size`` taken at once if no turn waits before it and it fits (False: nothing taken)."""
+        return not self._turns and self.take(size)
+
     async def reserve(self, size: int) -> None:
         """``size`` taken when the bytes held and the turns before this one allow it; a caller that stops waiting
         (cancelled, timed out) leaves nothing taken."""
-        if not self._turns and self.take(size):
+        if self.take_turn(size):
             return
         turn = asyncio.get_running_loop().create_future()
         self._turns.append((size, turn))
@@ -99,8 +103,9 @@ class GrpcMessageBound(aio.ServerInterceptor):
                 await self._refuse(context, method, "max_body_bytes_held", grpc.StatusCode.UNAVAILABLE,
                                    self._busy(f"{self.held.waiting} calls wait"))
             try:
-                async with asyncio.timeout_at(deadline):
-                    await self.held.reserve(self.max_message)
+                if not self.held.take_turn(self.max_message):  # its turn now, without a timer; else it waits
+                    async with asyncio.timeout_at(deadline):
+                        await self.held.reserve(self.max_message)
             except TimeoutError:
                 await self._refuse(context, method, "max_body_bytes_held", grpc.StatusCode.UNAVAILABLE,
                                    self._busy(f"no turn came in {self.deadline_s:g} s"))

@@ -571,7 +571,8 @@ def test_bench_kserve_prints_each_target_and_the_ratios():
     # Was the shipped model-config's engine (openvino-int8 here), and no word of it.
     assert "engine: TorchServe eager-fp32, KServe's model server eager-fp32 (" in done.stdout, done.stdout
     rows = [row for row in map(str.split, done.stdout.splitlines()) if len(row) == 6 and row[1] == "2"]
-    assert sorted(row[0] for row in rows) == ["predictions", "predictor", "v2"], done.stdout
+    assert sorted(row[0] for row in rows) == ["predictions", "predictor", "predictor-grpc", "v2"], done.stdout
     assert all(float(row[2]) > 0 and row[5] == "0" for row in rows), done.stdout
     assert "v2 / predictions images/s at concurrency 2:" in done.stdout and "failed" not in done.stdout
     assert "KServe's model server / TorchServe, v2, per round at concurrency 2:" in done.stdout
+    assert "KServe's model server, gRPC / REST v2, per round at concurrency 2:" in done.stdout
