@@ -138,12 +138,12 @@ bench-serve: install
 	$(PY) -m benchmarks.bench_photos --weights $(WEIGHTS) $(BENCH_SERVE_ARGS)
 	$(PY) -m benchmarks.bench_engines
 
-# Hostile and heavy clients, the long runs (~18 min; SOAK_ARGS="--requests 2000").
+# Hostile and heavy clients, the long runs (~20 min; SOAK_ARGS="--requests 2000").
 # First what explanations, 12 MP photos and floods of GET /classes, /metrics, /health (each from one address not the user's)
 # cost one user's /classify/
 # (FAIRNESS_ARGS="--duration 5"); then 64 concurrent 9.9 MB uploads with each process's peak memory,
 # a 20,000-request soak, 150 s of slow and stalled uploads; last, KServe's model server's peak memory under
-# 64 concurrent 11 MiB bodies, with and without its bound on the bodies it holds.
+# 64 concurrent 11 MiB bodies over REST and over gRPC, with and without its bound on the bodies it holds.
 soak: install
 	$(PY) -m benchmarks.bench_fairness --weights $(WEIGHTS) $(FAIRNESS_ARGS)
 	$(PY) -m benchmarks.soak $(SOAK_ARGS)
