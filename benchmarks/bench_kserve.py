@@ -33,7 +33,8 @@ import httpx
 
 from benchmarks.bench_serve import (add_load_arguments, cifar_png_payloads, machine, model_config_from_arguments,
                                     print_table, ts_properties)
-from benchmarks.load import GrpcTarget, HttpTarget, LoadResult, exit_on_sigterm, print_failures, ratio, run_load, warm_up
+from benchmarks.load import (GrpcTarget, HttpTarget, LoadResult, exit_on_sigterm, model_infer_messages, print_failures,
+                             ratio, run_load, warm_up)
 from serving.kserve import KServePredictor, KServeTorchServe, build_bundle
 from serving.torchserve import read_properties
 from serving import cli
@@ -44,18 +45,6 @@ TARGET_RATIO = 0.90
 def v2_bodies(payloads: list[bytes]) -> list[bytes]:
     return [json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                                     "data": [base64.b64encode(p).decode()]}]}).encode() for p in payloads]
-
-
-def model_infer_messages(payloads: list[bytes]) -> list[bytes]:
-    """Each image as a serialized gRPC ModelInferRequest of one BYTES element (the file's bytes, no base64)."""
-    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
-
-    messages = []
-    for payload in payloads:
-        tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
-        tensor.contents.bytes_contents.append(payload)
-        messages.append(pb.ModelInferRequest(model_name="cifar100", inputs=[tensor]).SerializeToString())
-    return messages
 
 
 def bundle_from_arguments(root: Path, args) -> Path:

@@ -27,6 +27,7 @@ import httpx
 import psutil
 
 from benchmarks.bench_serve import cifar_png_payloads, machine
+from benchmarks.load import MODEL_INFER, model_infer_messages
 from handler.kserve_predictor import MAX_BODY_BYTES_HELD
 from serving import cli
 from serving.archive import DEFAULT_WEIGHTS
@@ -51,19 +52,15 @@ def rest_sender(url: str, body: bytes):
 def grpc_sender(target: str, image: bytes):
     """One client's sender of ``image`` as a ModelInferRequest on a connection of its own: its status code."""
     import grpc
-    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
-    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
     channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20),
                                                      ("grpc.use_local_subchannel_pool", 1)])
-    stub = pb_grpc.GRPCInferenceServiceStub(channel)
-    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
-    tensor.contents.bytes_contents.append(image)
-    request = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[tensor])
+    model_infer = channel.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None)
+    [message] = model_infer_messages([image])
 
     def send():
         try:
-            stub.ModelInfer(request, timeout=120)
+            model_infer(message, timeout=120)
             return "OK"
         except grpc.RpcError as err:
             return err.code().name

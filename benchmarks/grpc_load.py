@@ -17,9 +17,7 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
-from benchmarks.load import REQUEST_TIMEOUT_S, percentile
-
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+from benchmarks.load import MODEL_INFER, REQUEST_TIMEOUT_S, percentile
 
 
 async def closed_loop(target: str, method: str, bodies: list[bytes], concurrency: int, duration_s: float,

@@ -84,8 +84,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+# The Open Inference Protocol's gRPC inference call (what GrpcTarget calls unless told otherwise).
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+class _BodyFiles:
+    """A target's ``bodies`` written once as files (0000.body, 0001.body, ...) for its load generator to read."""
+
+    def body_dir(self, parent: Path) -> Path:
+        if self._body_dir is None:
+            self._body_dir = Path(tempfile.mkdtemp(prefix="bodies-", dir=parent))
+            for i, body in enumerate(self.bodies):
+                (self._body_dir / f"{i:04d}.body").write_bytes(body)
+        return self._body_dir
+
+
 @dataclass
-class HttpTarget:
+class HttpTarget(_BodyFiles):
     """Where to POST and what: `bodies` in rotation, with `headers` (a function, called before each
     run, so a key read from a key file that was renewed meanwhile is the current one)."""
 
@@ -95,34 +110,30 @@ class HttpTarget:
     expect: str = ""
     _body_dir: Path | None = field(default=None, repr=False)
 
-    def body_dir(self, parent: Path) -> Path:
-        if self._body_dir is None:
-            self._body_dir = written_bodies(self.bodies, parent)
-        return self._body_dir
-
 
 @dataclass
-class GrpcTarget:
+class GrpcTarget(_BodyFiles):
     """A gRPC server (``host:port``) and the serialized request messages to call ``method`` with, in rotation
     (benchmarks/grpc_load.py sends them: wrk speaks no HTTP/2)."""
 
     target: str
     bodies: list[bytes]
-    method: str = "/inference.GRPCInferenceService/ModelInfer"
+    method: str = MODEL_INFER
     _body_dir: Path | None = field(default=None, repr=False)
 
-    def body_dir(self, parent: Path) -> Path:
-        if self._body_dir is None:
-            self._body_dir = written_bodies(self.bodies, parent)
-        return self._body_dir
 
+def model_infer_messages(payloads: list[bytes]) -> list[bytes]:
+    """Each image as a serialized gRPC ModelInferRequest of one BYTES element (the file's bytes, no base64)."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 
-def written_bodies(bodies: list[bytes], parent: Path) -> Path:
-    """A new folder under ``parent`` holding ``bodies`` as 0000.body, 0001.body, ... (what the load generators read)."""
-    folder = Path(tempfile.mkdtemp(prefix="bodies-", dir=parent))
-    for i, body in enumerate(bodies):
-        (folder / f"{i:04d}.body").write_bytes(body)
-    return folder
+    from serving.settings import MODEL_NAME
+
+    messages = []
+    for payload in payloads:
+        tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+        tensor.contents.bytes_contents.append(payload)
+        messages.append(pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[tensor]).SerializeToString())
+    return messages
 
 
 _RESULT = re.compile(r"^(?:WRK|GRPC)_RESULT (.*)$", re.MULTILINE)

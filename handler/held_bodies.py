@@ -36,8 +36,11 @@ class HeldBytes:
     def waiting(self) -> int:
         return len(self._turns)
 
+    def fits(self, size: int) -> bool:
+        return self.held + size <= self.limit
+
     def take(self, size: int) -> bool:
-        if self.held + size > self.limit:
+        if not self.fits(size):
             return False
         self.held += size
         return True
@@ -68,7 +71,7 @@ class HeldBytes:
         self._grant()
 
     def _grant(self) -> None:
-        while self._turns and (self._turns[0][1].done() or self.held + self._turns[0][0] <= self.limit):
+        while self._turns and (self._turns[0][1].done() or self.fits(self._turns[0][0])):
             size, turn = self._turns.popleft()
             if not turn.done():  # a cancelled turn is left to its owner
                 self.held += size

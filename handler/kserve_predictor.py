@@ -152,7 +152,7 @@ class RequestChecks:
         declared = headers.get("content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(send)
-        if declared.isdigit() and self.bodies.held + int(declared) > self.bodies.limit:
+        if declared.isdigit() and not self.bodies.fits(int(declared)):
             return await self._busy(send, scope, headers, int(declared))
         chunks, seen, message = [], 0, {"more_body": True}
         charged = 0  # what this request adds to self.bodies, given back when it ends however it ends
@@ -165,14 +165,14 @@ class RequestChecks:
                     async with asyncio.timeout_at(deadline):
                         message = await receive()
                 except TimeoutError:
-                    REFUSED.labels("body_timeout_s" if deadline >= started + self.pace["limit_s"] else
-                                   "min_upload_rate").inc()
+                    whole_time = deadline >= started + self.pace["limit_s"]  # else its rate fell short first
+                    REFUSED.labels("body_timeout_s" if whole_time else "min_upload_rate").inc()
                     self.refusals.warning("408: the body of %s %s (%s) did not arrive in time (%d bytes in %.1f s)",
                                           scope["method"], scope["path"], logged_request_id(headers), seen,
                                           loop.time() - started)
                     return await _answer(send, 408, (
                         f"the request body did not arrive within {self.pace['limit_s']:g} s"
-                        if deadline >= started + self.pace["limit_s"] else
+                        if whole_time else
                         f"the request body arrived too slowly (under {self.pace['min_rate']:g} bytes/s)"))
                 if message["type"] != "http.request":  # the client left
                     return
