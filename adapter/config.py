@@ -75,13 +75,13 @@ serving/settings.py).
 """
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving import images
+from serving.clients import proxy_networks
 from serving import settings as shared  # the defaults every part shares (model name, ports, upload limit)
 
 DEFAULT_FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
@@ -248,11 +248,10 @@ class Settings:
             raise ConfigError(f"MAX_CLIENT_BYTES_IN_FLIGHT={self.max_client_bytes_in_flight} is below "
                               f"MAX_UPLOAD_BYTES={self.max_upload_bytes} + {FORM_OVERHEAD_BYTES} (the form around "
                               "the image): no client could send a full-size upload")
-        for proxy in self.trusted_proxies:
-            try:
-                ipaddress.ip_network(proxy, strict=False)
-            except ValueError:
-                raise ConfigError(f"TRUSTED_PROXIES: {proxy!r} is not an IP address or network") from None
+        try:
+            proxy_networks(self.trusted_proxies)
+        except ValueError as err:
+            raise ConfigError(f"TRUSTED_PROXIES: {err}") from None
 
     def model_server_hold_s(self) -> float:
         """How long the model server may still work on a request after the adapter stopped waiting for it
@@ -262,10 +261,9 @@ class Settings:
                 or TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S)
 
     def trusted_networks(self) -> list[str]:
-        """TRUSTED_PROXIES as networks ("10.0.0.1/8" -> "10.0.0.0/8"): uvicorn reads X-Forwarded-For only
-        from entries it can parse strictly, and took one with host bits set for a literal that matched
-        nothing, while the connection caps (adapter/protocol.py) exempted the network."""
-        return [str(ipaddress.ip_network(proxy, strict=False)) for proxy in self.trusted_proxies]
+        """TRUSTED_PROXIES as networks (serving/clients.py proxy_networks), for uvicorn and the connection caps
+        (adapter/protocol.py) alike."""
+        return proxy_networks(self.trusted_proxies)
 
     @classmethod
     def from_env(cls) -> "Settings":

@@ -31,16 +31,16 @@ explanations ran at once under a cap of 4, 25-39 with TS_PREDICT_TIMEOUT_S=1). A
 cancels nothing: uvicorn lets its request run to TorchServe's answer, which frees what it held.
 The client address is scope["client"]: the socket's peer, or, behind a proxy listed in
 TRUSTED_PROXIES, what its X-Forwarded-For says (uvicorn's ProxyHeadersMiddleware, adapter/run.py);
-an IPv6 client is counted by its /64 (client_key).
+an IPv6 client is counted by its /64 (serving/clients.py client_key).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 
+from serving.clients import client_key
 from serving.pace import paced_deadline
 from serving.throttled_log import ThrottledLog
 
@@ -251,25 +251,6 @@ def held_by_model_server(scope, forwarded: int):
         if charge is not None and given_up(err):
             charge.keep(forwarded)
         raise
-
-
-# An IPv6 client is its /64: one subscriber or host usually holds a whole /64 (2^64 addresses), so a
-# share per address would be a share per source address it cares to pick.
-IPV6_CLIENT_PREFIX = 64
-
-
-def client_key(host: str) -> str:
-    """The client a peer address counts as: an IPv4 address (also written IPv4-mapped, ::ffff:a.b.c.d)
-    itself, an IPv6 address its /64; anything else (a Unix socket's name) as it is."""
-    try:
-        address = ipaddress.ip_address(host.split("%")[0])  # fe80::1%eth0: the zone is not the client
-    except ValueError:
-        return host
-    if address.version == 6 and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    if address.version == 6:
-        return str(ipaddress.ip_network(f"{address}/{IPV6_CLIENT_PREFIX}", strict=False))
-    return str(address)
 
 
 def client_host(scope) -> str:

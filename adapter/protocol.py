@@ -50,12 +50,12 @@ from collections import deque
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from serving.clients import client_key
 from serving.pace import paced_deadline
 from serving.throttled_log import ThrottledLog
 
 from .config import Settings
 from .edge import edge_record
-from .limits import client_key
 
 log = logging.getLogger("adapter.protocol")
 

@@ -7,34 +7,56 @@ body shows its progress. A gRPC message does not: grpc hands it over whole, so e
 largest message it may carry (``grpc_max_receive_message_length``) before its message is read, waiting its
 turn, and keeps only its message's size once read. REST and gRPC have a bound each, so that gRPC calls
 waiting for their turn never refuse a REST body.
+
+A reservation whose message never comes is held until the call's deadline (30 s): with nothing else, a client
+stalling eight calls held the whole gRPC bound and every other client waited. So one client (the peer's address,
+or the one a trusted proxy's X-Forwarded-For names: serving/clients.py) holds at most its share of the
+reservations (``--max_client_share``, half by default): its calls past that wait, passed over by other clients'
+turns. The waiting places are everyone's while there is room; when they are full, another client's call takes the
+place of the newest waiting call of a client past its share of them, which is refused. One client alone (all calls
+through one proxy) keeps every waiting place, as before.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import Counter, deque
 
 import grpc
 from grpc import aio
 
 from handler.protocols import logged_request_id
+from serving.clients import ForwardedClient, client_key, grpc_peer_host
 from serving.throttled_log import ThrottledLog
 
 logger = logging.getLogger("handler.held_bodies")
 
 
+class TurnGivenUp(Exception):
+    """A waiting turn given to another owner's newcomer (HeldBytes.make_room): its owner had more than its share."""
+
+
 class HeldBytes:
     """Bytes held at once by the requests under way in one event loop, against ``limit``: ``take`` what has
     arrived or is declared (False, nothing taken, when it would pass the limit), ``reserve`` waiting for a
-    turn in order of arrival, ``give`` back."""
+    turn in order of arrival, ``give`` back. A reservation may name its owner (a client): an owner holds at
+    most ``turns_per_owner`` turns at once (from its grant to ``end_turn``), and the turns of an owner at that
+    share are passed over, not waited behind, so that one client's stalled calls cannot hold everyone's."""
 
-    def __init__(self, limit: int):
-        self.limit, self.held = limit, 0
-        self._turns: deque[tuple[int, asyncio.Future]] = deque()
+    def __init__(self, limit: int, turns_per_owner: int | None = None):
+        self.limit, self.held, self.turns_per_owner = limit, 0, turns_per_owner
+        self._turns: deque[tuple[int, str | None, asyncio.Future]] = deque()
+        self._owned: Counter[str] = Counter()  # turns held, by owner
 
     @property
     def waiting(self) -> int:
         return len(self._turns)
+
+    def waiting_of(self, owner: str) -> int:
+        return sum(1 for _, waiter, _ in self._turns if waiter == owner)  # a few dozen at most: --max_waiting_requests
+
+    def turns_of(self, owner: str) -> int:
+        return self._owned[owner]
 
     def fits(self, size: int) -> bool:
         return self.held + size <= self.limit
@@ -45,36 +67,77 @@ class HeldBytes:
         self.held += size
         return True
 
-    def take_turn(self, size: int) -> bool:
-        """``size`` taken at once if no turn waits before it and it fits (False: nothing taken)."""
-        return not self._turns and self.take(size)
+    def take_turn(self, size: int, owner: str | None = None) -> bool:
+        """``size`` taken at once, a turn of ``owner``'s, if no turn that may go waits before it, the owner is under
+        its share and it fits (False: nothing taken)."""
+        if (self._turns and any(self._may_go(waiter) for _, waiter, _ in self._turns)) or not self._may_go(owner) \
+                or not self.take(size):
+            return False
+        self._own(owner)
+        return True
 
-    async def reserve(self, size: int) -> None:
-        """``size`` taken when the bytes held and the turns before this one allow it; a caller that stops waiting
-        (cancelled, timed out) leaves nothing taken."""
-        if self.take_turn(size):
+    async def reserve(self, size: int, owner: str | None = None) -> None:
+        """``size`` taken when the bytes held, the turns before this one and ``owner``'s share allow it; a caller
+        that stops waiting (cancelled, timed out) leaves nothing taken."""
+        if self.take_turn(size, owner):
             return
         turn = asyncio.get_running_loop().create_future()
-        self._turns.append((size, turn))
+        self._turns.append((size, owner, turn))
         try:
             await turn
         except BaseException:
-            if turn.done() and not turn.cancelled():  # granted just as it stopped waiting
+            if turn.done() and not turn.cancelled() and turn.exception() is None:  # granted as it stopped waiting
+                self.end_turn(owner)
                 self.give(size)
-            elif (size, turn) in self._turns:
-                self._turns.remove((size, turn))
+            elif (size, owner, turn) in self._turns:
+                self._turns.remove((size, owner, turn))
                 self._grant()  # the turns behind it may fit now
             raise
+
+    def make_room(self, share: int) -> bool:
+        """Frees a waiting place for a newcomer: the newest waiting turn of the owner with the most waiting, if that
+        is more than ``share``, stops waiting with TurnGivenUp (True); else nothing changes (False)."""
+        counts = Counter(owner for _, owner, turn in self._turns if owner is not None and not turn.done())
+        crowding, count = (counts.most_common(1) or [(None, 0)])[0]
+        if count <= share:
+            return False
+        entry = next(entry for entry in reversed(self._turns) if entry[1] == crowding and not entry[2].done())
+        self._turns.remove(entry)
+        entry[2].set_exception(TurnGivenUp(crowding))
+        return True
+
+    def end_turn(self, owner: str | None) -> None:
+        """``owner``'s turn is over (its bytes stay held until ``give``): its next reservation may go."""
+        if owner is not None:
+            self._owned[owner] -= 1
+            if not self._owned[owner]:
+                del self._owned[owner]
+            if self._turns:
+                self._grant()
 
     def give(self, size: int) -> None:
         self.held -= size
         self._grant()
 
+    def _may_go(self, owner: str | None) -> bool:
+        return owner is None or self.turns_per_owner is None or self._owned[owner] < self.turns_per_owner
+
+    def _own(self, owner: str | None) -> None:
+        if owner is not None:
+            self._owned[owner] += 1
+
     def _grant(self) -> None:
-        while self._turns and (self._turns[0][1].done() or self.fits(self._turns[0][0])):
-            size, turn = self._turns.popleft()
-            if not turn.done():  # a cancelled turn is left to its owner
-                self.held += size
+        """Turns in order of arrival, passing over owners at their share; the first other that does not fit stops
+        the rest (a small one behind a large one waits too: no call passes the others for ever)."""
+        for entry in list(self._turns):
+            size, owner, turn = entry
+            if turn.done():  # a cancelled turn is left to its owner
+                self._turns.remove(entry)
+            elif self._may_go(owner):
+                if not self.take(size):
+                    return
+                self._turns.remove(entry)
+                self._own(owner)
                 turn.set_result(None)
 
 
@@ -85,13 +148,20 @@ class GrpcMessageBound(aio.ServerInterceptor):
     when its turn has not come within ``deadline_s``; DEADLINE_EXCEEDED when its message has not arrived
     within ``deadline_s`` of the call's start (a slow sender holds a reservation no longer; gRPC shows no
     progress within a message, so there is no rate to require as over REST). The call is read as
-    client-streaming to get its context before its message: a unary client sends the same frames."""
+    client-streaming to get its context before its message: a unary client sends the same frames. With ``clients``,
+    a call counts in its client's share: at most ``held.turns_per_owner`` turns held at once (its other calls wait,
+    passed over by other clients' turns), and when all ``max_waiting`` places are taken, a call of a client under
+    ``client_waiting`` of them takes the place of the newest call of the client that waits in the most, past its
+    share (that call: UNAVAILABLE at once)."""
 
     def __init__(self, held: HeldBytes, max_message: int, max_waiting: int, deadline_s: float,
-                 refused=lambda bound: None):
+                 refused=lambda bound: None, clients: ForwardedClient | None = None, client_waiting: int | None = None):
         self.held, self.max_message, self.max_waiting, self.deadline_s = held, max_message, max_waiting, deadline_s
-        self.refused = refused  # called with the bound's setting (max_body_bytes_held, body_timeout_s) per refusal
+        self.refused = refused  # called with the bound's setting (max_body_bytes_held, ...) per refusal
         self.refusals = ThrottledLog(logger)  # a flood: one line a second
+        # Per-client shares (None: none): who a call's client is, and how many waiting places it keeps when the
+        # places are full and another client's call comes; the turns one client may hold are held.turns_per_owner.
+        self.clients, self.client_waiting = clients, client_waiting
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -102,17 +172,23 @@ class GrpcMessageBound(aio.ServerInterceptor):
         async def bounded(_requests, context):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.deadline_s
-            if self.held.waiting >= self.max_waiting:
-                await self._refuse(context, method, "max_body_bytes_held", grpc.StatusCode.UNAVAILABLE,
-                                   self._busy(f"{self.held.waiting} calls wait"))
-            try:
-                if not self.held.take_turn(self.max_message):  # its turn now, without a timer; else it waits
+            client = await self._client(context)
+            if not self.held.take_turn(self.max_message, client):  # its turn now, without a timer; else it waits
+                if self.held.waiting >= self.max_waiting and not (  # full: a place of a client past its share?
+                        client is not None and self.held.waiting_of(client) < self.client_waiting
+                        and self.held.make_room(self.client_waiting)):
+                    await self._refuse(context, method, "max_body_bytes_held", grpc.StatusCode.UNAVAILABLE,
+                                       self._busy(f"{self.held.waiting} calls wait"))
+                try:
                     async with asyncio.timeout_at(deadline):
-                        await self.held.reserve(self.max_message)
-            except TimeoutError:
-                await self._refuse(context, method, "max_body_bytes_held", grpc.StatusCode.UNAVAILABLE,
-                                   self._busy(f"no turn came in {self.deadline_s:g} s"))
-            charged = self.max_message
+                        await self.held.reserve(self.max_message, client)
+                except TimeoutError:
+                    await self._refuse(context, method, "max_body_bytes_held", grpc.StatusCode.UNAVAILABLE,
+                                       self._busy(f"no turn came in {self.deadline_s:g} s"))
+                except TurnGivenUp:
+                    await self._refuse(context, method, "max_client_share", grpc.StatusCode.UNAVAILABLE,
+                                       self._client_busy(client))
+            charged, in_turn = self.max_message, True
             try:
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -120,6 +196,8 @@ class GrpcMessageBound(aio.ServerInterceptor):
                 except TimeoutError:
                     await self._refuse(context, method, "body_timeout_s", grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"the request message did not arrive within {self.deadline_s:g} s")
+                in_turn = False
+                self.held.end_turn(client)
                 if message is aio.EOF:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
                 self.held.give(charged - len(message))
@@ -142,6 +220,8 @@ class GrpcMessageBound(aio.ServerInterceptor):
                     err.__context__ = err.__cause__ = None
                     raise err.with_traceback(None)
             finally:
+                if in_turn:
+                    self.held.end_turn(client)
                 self.held.give(charged)
 
         return grpc.stream_unary_rpc_method_handler(bounded, response_serializer=handler.response_serializer)
@@ -152,7 +232,25 @@ class GrpcMessageBound(aio.ServerInterceptor):
                               logged_request_id(dict(context.invocation_metadata() or ())), message)
         await context.abort(code, message)
 
+    async def _client(self, context) -> str | None:
+        if self.clients is None:
+            return None
+        host = grpc_peer_host(context.peer())
+        if not self.clients.reads_headers:  # the common case, every call: no metadata to walk
+            return client_key(host)
+        forwarded = [value for name, value in context.invocation_metadata() or () if name == "x-forwarded-for"]
+        return await self.clients.key(host, forwarded)
+
+    def _client_busy(self, client: str) -> str:
+        return (f"The model is busy with gRPC calls from your address ({client}): {self.held.turns_of(client)} are "
+                f"sending their messages and {self.held.waiting_of(client)} more wait for their turn, past its share "
+                "(--max_client_share) while other clients wait; try again shortly.")
+
     def _busy(self, why: str) -> str:
         return (f"The model is busy: gRPC messages of up to {self.max_message} bytes each are held or reserved "
                 f"({self.held.held} of {self.held.limit} bytes, --max_body_bytes_held) and {why}; try again shortly.")
 
+
+def client_share(places: int, share: float) -> int:
+    """A client's share of ``places`` (reservations, waiting places): ``share`` of them, one at least."""
+    return max(1, int(places * share))

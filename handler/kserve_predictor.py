@@ -27,7 +27,9 @@ the bundle's ``job_queue_size``, 24 as shipped; TorchServe's default 100), or ``
 (96 MiB; before it is read when it declares its length); each busy 503 has ``Retry-After``. A gRPC call waits
 for its share of that bound before its message is read (handler/held_bodies.py): UNAVAILABLE when
 ``--max_waiting_requests`` calls already wait or its turn has not come in ``--body_timeout_s``,
-DEADLINE_EXCEEDED when its message has not arrived by then. A client that leaves before its answer has its request cancelled. Over
+DEADLINE_EXCEEDED when its message has not arrived by then; one client (its address, or what a proxy in
+``--trusted_proxies`` forwards for) takes at most ``--max_client_share`` of the reservations, and of the
+waiting places once they are full. A client that leaves before its answer has its request cancelled. Over
 gRPC the 4xx are INVALID_ARGUMENT, the 503 UNAVAILABLE, with the same message; a model or version not
 served NOT_FOUND. KServe's own checks
 answer first where they apply (JSON that is not an inference request: 422 ``{"detail": [...]}``),
@@ -65,13 +67,14 @@ from handler.answers import NOT_FINITE, image_answers, served_topk
 from handler.batching import Batcher, BatcherFull
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
-from handler.held_bodies import GrpcMessageBound, HeldBytes
+from handler.held_bodies import GrpcMessageBound, HeldBytes, client_share
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, OUTPUTS, V2, ProtocolError,
                                encode_answer, json_body, logged_request_id, parse_request, plain_v2_body,
                                refuse_binary_extension, refuse_json_flood, too_many_images, unsupported_datatype)
 from model import check_class_count, load_class_names, network_from_state_dict
-from serving.cli import positive_int
+from serving.cli import positive_int, share
+from serving.clients import ForwardedClient, proxy_networks
 from serving.pace import paced_deadline
 from serving.settings import BODY_TIMEOUT_S, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME
 from serving.throttled_log import ThrottledLog
@@ -90,6 +93,9 @@ MAX_GRPC_PARAMETERS = 64
 # Request bodies held at once over REST, from their first byte to their answer's end (--max_body_bytes_held): in
 # RawDeployment no queue-proxy bounds the connections, and 64 bodies of 11 MiB held the server at 2.35 GB.
 MAX_BODY_BYTES_HELD = 96 * 1024 * 1024
+# One client's part of the gRPC message bound (--max_client_share): half, so that one client's stalled calls leave
+# the other half of the reservations and waiting places to everyone else.
+MAX_CLIENT_SHARE = 0.5
 
 
 # At /metrics beside KServe's own (the names of the TorchServe handler's counters, handler/engine.py).
@@ -712,6 +718,14 @@ def main() -> None:
     parser.add_argument("--max_waiting_explanations", type=positive_int, default=None,
                         help="explanations (:explain) that may be under way at once, one Grad-CAM batch running "
                              "and the rest waiting; one more gets 503 (default: the --max_waiting_requests bound)")
+    parser.add_argument("--max_client_share", type=share, default=MAX_CLIENT_SHARE,
+                        help="the part of the gRPC message bound one client may take: of the reservations "
+                             "(--max_body_bytes_held / the largest message) held at once and of the "
+                             "--max_waiting_requests places to wait for one (one of each at least); past it, "
+                             "UNAVAILABLE at once. 1: no per-client share")
+    parser.add_argument("--trusted_proxies", default="",
+                        help="comma-separated addresses or networks of proxies whose X-Forwarded-For names the "
+                             "client of a gRPC call (its share); off: the client is the connection's peer")
     # Every option known (KServe's and ours): a misspelt one (--enable-grpc for --enable_grpc) was dropped
     # without a word, leaving gRPC open on every interface.
     args = parser.parse_args()
@@ -726,6 +740,10 @@ def main() -> None:
     if args.max_body_bytes_held < limit:  # a full-size body could never be read
         parser.error(f"--max_body_bytes_held {args.max_body_bytes_held} is below max_request_size {limit}")
     max_message = model_server.args.grpc_max_receive_message_length
+    try:
+        trusted = proxy_networks(proxy for proxy in args.trusted_proxies.split(",") if proxy.strip())
+    except ValueError as err:
+        parser.error(f"--trusted_proxies: {err}")
     if model_server.args.enable_grpc and args.max_body_bytes_held < max_message:  # no gRPC call could ever be read
         parser.error(f"--max_body_bytes_held {args.max_body_bytes_held} is below "
                      f"--grpc_max_receive_message_length {max_message}")
@@ -744,7 +762,9 @@ def main() -> None:
     model.load()
     model_server.app.add_exception_handler(RequestRefused, _refused)
     model_server.app.add_middleware(PlainV2Route, path=f"/v2/models/{model.name}/infer", model=model)
-    rest_bodies, grpc_messages = HeldBytes(args.max_body_bytes_held), HeldBytes(args.max_body_bytes_held)
+    rest_bodies = HeldBytes(args.max_body_bytes_held)
+    grpc_messages = HeldBytes(args.max_body_bytes_held,
+                              client_share(args.max_body_bytes_held // max_message, args.max_client_share))
     BODY_BYTES_HELD.labels("rest").set_function(lambda: rest_bodies.held)
     BODY_BYTES_HELD.labels("grpc").set_function(lambda: grpc_messages.held)
     GRPC_CALLS_WAITING.set_function(lambda: grpc_messages.waiting)
@@ -754,8 +774,9 @@ def main() -> None:
     _without_repository_extension(server)
     _explain_without_echo(server)
     grpc_server.InferenceServicer = CIFAR100Servicer  # the servicer KServe's gRPC server builds at start
-    grpc_server.aio = _AioBounded(GrpcMessageBound(grpc_messages, max_message, max_waiting, args.body_timeout_s,
-                                                   refused=lambda bound: REFUSED.labels(bound).inc()))
+    grpc_server.aio = _AioBounded(GrpcMessageBound(
+        grpc_messages, max_message, max_waiting, args.body_timeout_s, refused=lambda bound: REFUSED.labels(bound).inc(),
+        clients=ForwardedClient(trusted), client_waiting=client_share(max_waiting, args.max_client_share)))
     server.start([model])
 
 

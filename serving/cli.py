@@ -70,6 +70,8 @@ non_negative_float = _ranged(float, lambda v: v >= 0, "0 or more", "non_negative
 fraction = _ranged(float, lambda v: 0 <= v < 1, "0 <= x < 1", "fraction",
                    "A share in [0, 1): 1 would leave nothing (a dropout of 1 zeroes every activation).")
 probability = _ranged(float, lambda v: 0 <= v <= 1, "0 <= p <= 1", "probability", "A probability in [0, 1].")
+share = _ranged(float, lambda v: 0 < v <= 1, "0 < x <= 1", "share",
+               "A part of a whole in (0, 1]: 1 is all of it (a client's share of a bound).")
 
 
 # ----------------------------------------------------------------------------- commands a message gives

@@ -20,17 +20,25 @@ def literal(name: str, value: str) -> bytes:
     return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
 
 
-def stalled_call(host: str, port: int, method: str, message_bytes: int, sent_bytes: int) -> socket.socket:
+def stalled_call(host: str, port: int, method: str, message_bytes: int, sent_bytes: int, source: str | None = None,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> socket.socket:
     """A unary call to ``method`` (``/package.Service/Method``) whose message says it has ``message_bytes`` bytes,
-    of which ``sent_bytes`` are sent; the rest never comes. The open socket (stream 1)."""
-    sock = socket.create_connection((host, port), timeout=10)
+    of which ``sent_bytes`` are sent; the rest never comes. From the address ``source`` (a loopback one: another
+    client), with ``metadata`` as headers. The open socket (stream 1)."""
+    sock = socket.create_connection((host, port), timeout=10, source_address=(source, 0) if source else None)
     fields = ((":method", "POST"), (":scheme", "http"), (":path", method), (":authority", f"{host}:{port}"),
-              ("content-type", "application/grpc"), ("te", "trailers"))
+              ("content-type", "application/grpc"), ("te", "trailers"), *metadata)
     message_start = b"\x00" + struct.pack(">I", message_bytes) + b"\x00" * sent_bytes
     sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0, b"")
                  + frame(HEADERS, END_HEADERS, 1, b"".join(literal(n, v) for n, v in fields))
                  + frame(DATA, 0, 1, message_start))
     return sock
+
+
+def send_rest(sock: socket.socket, rest: bytes) -> None:
+    """The rest of stalled_call's message (what its length prefix said, less what was sent), ending the call's
+    side of the stream; under 16 KiB (one frame, within the stream's first flow-control window)."""
+    sock.sendall(frame(DATA, END_STREAM, 1, rest))
 
 
 def seconds_until_stream_ends(sock: socket.socket, timeout: float, stream: int = 1) -> float | None:

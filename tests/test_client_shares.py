@@ -997,6 +997,22 @@ def test_trusted_proxies_are_handed_on_as_networks():
     assert settings.trusted_networks() == ["127.0.1.0/24", "10.0.0.7/32", "fd00::/64"]
 
 
+def test_a_grpc_peer_is_the_client_its_address_is_and_a_trusted_proxy_forwards_for_another():
+    # serving/clients.py, shared by the adapter and KServe's model server's gRPC bound. KServe listens on [::], so an
+    # IPv4 client arrives IPv4-mapped and must still match an IPv4 proxy; an IPv6 client counts by its /64.
+    from serving.clients import ForwardedClient, grpc_peer_host
+    assert grpc_peer_host("ipv4:10.0.0.7:51234") == "10.0.0.7"
+    assert grpc_peer_host("ipv6:[::ffff:10.0.0.7]:51234") == "10.0.0.7"
+    assert grpc_peer_host("ipv6:[fe80::1%25eth0]:51234") == "fe80::1%eth0"
+    assert grpc_peer_host("unix:/run/grpc.sock") == "unix:/run/grpc.sock"
+    behind = ForwardedClient(["10.0.0.7/32", "fd00::/64"])
+    assert asyncio.run(behind.key("10.0.0.7", ["203.0.113.5, 10.0.0.7"])) == "203.0.113.5"  # the proxy's own skipped
+    assert asyncio.run(behind.key("10.0.0.7", [])) == "10.0.0.7"  # the proxy's own call
+    assert asyncio.run(behind.key("10.0.0.8", ["203.0.113.5"])) == "10.0.0.8"  # not a trusted proxy: ignored
+    assert asyncio.run(behind.key("fd00::9", ["2001:db8:1:2::5"])) == "2001:db8:1:2::/64"
+    assert asyncio.run(ForwardedClient([]).key("10.0.0.7", ["203.0.113.5"])) == "10.0.0.7"  # none trusted
+
+
 def test_one_clients_explanation_share_is_held_to_everyones_turns():
     # A client share above the turns would have its extra explanations wait EXPLANATION_WAIT_S for a
     # turn it cannot get: held to the turns, the third is refused at once.

@@ -387,12 +387,15 @@ print(" ".join(layers))
 
 def test_a_waiting_bound_under_one_is_refused_at_start(tmp_path):
     """--max_waiting_requests 0 once became the default 100 and a negative one refused every request; a body bound
-    below max_request_size could never read a full-size body."""
+    below max_request_size could never read a full-size body; a client share of nothing, or a proxy that is no
+    address, would refuse every gRPC call or trust nobody."""
     for options, said in (
             (["--max_waiting_requests=0"], "needs 1 or more"), (["--max_waiting_explanations=-1"], "needs 1 or more"),
             (["--max_body_bytes_held=1000"], "--max_body_bytes_held 1000 is below max_request_size"),
             (["--max_body_bytes_held=20000000", "--grpc_max_receive_message_length=30000000"],
-             "--max_body_bytes_held 20000000 is below --grpc_max_receive_message_length 30000000")):
+             "--max_body_bytes_held 20000000 is below --grpc_max_receive_message_length 30000000"),
+            (["--max_client_share=0"], "needs 0 < x <= 1, not 0"),
+            (["--trusted_proxies=10.0.0.1, proxy.local"], "--trusted_proxies: 'proxy.local' is not an IP address")):
         done = subprocess.run([sys.executable, "-m", "handler.kserve_predictor", f"--model_dir={tmp_path}", *options],
                               capture_output=True, text=True, timeout=120, cwd=REPO)
         assert done.returncode == 2 and said in done.stderr, (options, done.stderr[-1000:])
@@ -600,6 +603,48 @@ asyncio.run(main())
     assert out["after the impatient one"] == [["impatient gave up"], 60, 2], out
     assert out["after 60 given back"] == [["impatient gave up", "large", "small"], 80, 0], out
     assert out["take past the limit"] == [False, 80], out
+
+
+def test_held_bytes_passes_over_an_owner_at_its_share_and_lets_it_go_when_its_turn_ends():
+    """HeldBytes with turns_per_owner, in-process: an owner holds at most that many turns at once; its next waits and
+    is passed over, so another owner's reservation goes first, at once, even behind it in the queue; the owner's
+    turn ending (its bytes still held) lets its waiter through when the bytes fit; an owner-less take is not
+    counted. Without the share the second owner would wait behind the first's waiter (the test's control)."""
+    script = """
+import asyncio, json
+from handler.held_bodies import HeldBytes
+
+async def run(share):
+    held, granted = HeldBytes(100, turns_per_owner=share), []
+    log = {"a's first two at once": [held.take_turn(25, "a"), held.take_turn(25, "a")]}
+    async def turn(name, owner):
+        try:
+            async with asyncio.timeout(0.3):
+                await held.reserve(25, owner)
+            granted.append(name)
+        except TimeoutError:
+            granted.append(name + " gave up")
+    stalled = asyncio.ensure_future(turn("a3", "a"))
+    await asyncio.sleep(0.05)
+    log["b at once, a3 waiting"] = [held.take_turn(25, "b"), held.waiting_of("a"), held.turns_of("a"), held.held]
+    log["owner-less take"] = [held.take(25), held.turns_of("a"), held.turns_of("b")]
+    held.give(25)
+    held.end_turn("a")  # a's first has its message: its bytes stay, its turn is over
+    await asyncio.sleep(0.05)
+    log["a3 after a's turn ended"] = [list(granted), held.held, held.turns_of("a")]
+    await stalled
+    return log
+
+print(json.dumps({"share 2": asyncio.run(run(2)), "no share": asyncio.run(run(None))}))
+"""
+    out = in_child(script)
+    shared = out["share 2"]
+    assert shared["a's first two at once"] == [True, True], out
+    assert shared["b at once, a3 waiting"] == [True, 1, 2, 75], out
+    assert shared["owner-less take"] == [True, 2, 1], out
+    assert shared["a3 after a's turn ended"] == [["a3"], 100, 2], out
+    # The control: without a share a3 takes the third turn at once, and b the fourth.
+    assert out["no share"]["b at once, a3 waiting"] == [True, 0, 3, 100], out
 
 
 def test_a_refused_grpc_call_lets_go_of_its_request_without_the_garbage_collector():
@@ -1130,6 +1175,83 @@ def test_grpc_calls_wait_their_turn_for_the_message_bound_and_a_stalled_sender_l
                                             "body_timeout_s": 1}
         wait_for_log(predictor, "DEADLINE_EXCEEDED to /inference.GRPCInferenceService/ModelInfer")
         wait_for_log(predictor, "UNAVAILABLE to /inference.GRPCInferenceService/ModelInfer (request 'one-more')")
+    finally:
+        channel.close()
+        predictor.stop()
+
+
+@pytest.mark.integration  # starts its own server process
+def test_one_clients_stalled_grpc_calls_take_only_its_share_of_the_bound_and_other_clients_are_answered(
+        bundle, tmp_path, cifar100_test_split):
+    """A stalled gRPC sender holds its reservation until --body_timeout_s: eight of them from one client held the
+    whole default bound, and every other client waited, then got UNAVAILABLE. Now one client holds at most its
+    --max_client_share (half) of the reservations, and when the waiting places are full another client's call
+    takes the place of the newest call of a client past its share of them. Here: two reservations, two waiting
+    places, 127.0.0.1 a trusted proxy. A client at 127.0.0.2 stalls three calls (one holds a turn, two wait,
+    passed over); a call forwarded for another client takes the other reservation at once. A slow client at
+    127.0.0.3 then holds that one; a call from 127.0.0.2 naming another client (not a trusted proxy: ignored) finds
+    the places full and is refused, a call forwarded for a new client takes the staller's newest place instead, and
+    gets the turn 127.0.0.3 frees, before the staller's older waiting call."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+
+    import kserve_types  # noqa: F401 - registers KServe's gRPC types
+    from grpc_raw import seconds_until_stream_ends, send_rest, stalled_call
+
+    largest = int(read_properties(bundle / "config" / "config.properties")["max_request_size"])
+    predictor = KServePredictor(tmp_path, bundle, extra_args=[
+        f"--max_body_bytes_held={2 * largest}", "--body_timeout_s=6", "--max_waiting_requests=2",
+        "--trusted_proxies=127.0.0.1"]).start()
+    good = encode(cifar_pil(cifar100_test_split[0], 0))
+    channel = grpc.insecure_channel(predictor.grpc_target)
+    stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+    method, staller, slow = "/inference.GRPCInferenceService/ModelInfer", "127.0.0.2", "127.0.0.3"
+
+    def over_grpc(request_id, forwarded_for=None):
+        metadata = [("x-request-id", request_id)] + ([("x-forwarded-for", forwarded_for)] if forwarded_for else [])
+        started = time.monotonic()
+        try:
+            stub.ModelInfer(grpc_request([good]), metadata=metadata, timeout=30)
+            return "OK", "", time.monotonic() - started
+        except grpc.RpcError as err:
+            return err.code().name, err.details(), time.monotonic() - started
+
+    def stall(source, message_bytes=100_000, metadata=()):
+        sock = stalled_call("127.0.0.1", predictor.grpc_port, method, message_bytes=message_bytes, sent_bytes=1_000,
+                            source=source, metadata=metadata)
+        time.sleep(0.3)  # in the order of their starts
+        return sock
+    try:
+        stalled = [stall(staller), stall(staller)]
+        held_one = bound_metrics(predictor)
+        other = over_grpc("another client", forwarded_for="203.0.113.7, 127.0.0.1")  # the proxy's own entry skipped
+        slow_call = stall(slow, message_bytes=2_000)  # the other reservation, for a while
+        with ThreadPoolExecutor(2) as pool:
+            newest = pool.submit(over_grpc, "the staller's newest", staller)  # forwarded for it: its share
+            time.sleep(0.5)  # the waiting places are full now
+            spoofed = stall(staller, metadata=(("x-forwarded-for", "198.51.100.1"),))
+            spoofed_ended = seconds_until_stream_ends(spoofed, timeout=3)
+            newcomer = pool.submit(over_grpc, "a new client", "192.0.2.9")
+            given_up = newest.result(timeout=5)
+            full = bound_metrics(predictor)
+            send_rest(slow_call, b"\0" * 1_000)  # its message whole (no ModelInfer request): its turn ends
+            came = newcomer.result(timeout=30)
+        ended = [seconds_until_stream_ends(sock, timeout=10) for sock in stalled]
+        for sock in (*stalled, slow_call, spoofed):
+            sock.close()
+        assert held_one["held grpc"] == largest and held_one["waiting"] == 1, held_one  # the second one, passed over
+        assert other[0] == "OK" and other[2] < 2, other  # the other reservation at once, not behind the staller's
+        assert spoofed_ended is not None and spoofed_ended < 2, spoofed_ended  # full: refused, its header ignored
+        # Its place went to the newcomer, with the reason.
+        assert given_up[0] == "UNAVAILABLE" and f"from your address ({staller})" in given_up[1], given_up
+        assert "--max_client_share" in given_up[1] and given_up[2] < 3, given_up
+        assert full["held grpc"] == 2 * largest and full["waiting"] == 2, full
+        assert full.get("max_client_share") == 1 and full.get("max_body_bytes_held") == 1, full
+        assert came[0] == "OK" and came[2] < 4, came  # the freed turn was its, before the staller's waiting call
+        assert all(end is not None for end in ended), ended  # at their deadline
+        assert over_grpc("its share free again", forwarded_for=staller)[0] == "OK"
+        figures = bound_metrics(predictor)
+        assert (figures["held grpc"], figures["waiting"]) == (0, 0), figures
     finally:
         channel.close()
         predictor.stop()

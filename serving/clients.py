@@ -1,0 +1,87 @@
+"""Whose share a request counts in: the client behind a peer address, for the per-client shares of the
+adapter (adapter/limits.py, adapter/protocol.py) and of KServe's model server's gRPC bound
+(handler/held_bodies.py). A trusted proxy's X-Forwarded-For names the client by uvicorn's rule (the
+nearest address in it that is not itself a trusted proxy), the adapter's through uvicorn's middleware."""
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Iterable
+
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+# An IPv6 client is its /64: one subscriber or host usually holds a whole /64 (2^64 addresses), so a
+# share per address would be a share per source address it cares to pick.
+IPV6_CLIENT_PREFIX = 64
+
+
+@functools.lru_cache(maxsize=4096)  # per request: a few microseconds each, the same few hosts again and again
+def client_key(host: str) -> str:
+    """The client a peer address counts as: an IPv4 address (also written IPv4-mapped, ::ffff:a.b.c.d)
+    itself, an IPv6 address its /64; anything else (a Unix socket's name) as it is."""
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])  # fe80::1%eth0: the zone is not the client
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/{IPV6_CLIENT_PREFIX}", strict=False))
+    return str(address)
+
+
+def proxy_networks(proxies: Iterable[str]) -> list[str]:
+    """Trusted proxies as networks ("10.0.0.1/8" -> "10.0.0.0/8", "10.0.0.1" -> "10.0.0.1/32"): uvicorn reads
+    X-Forwarded-For only from entries it can parse strictly, and took one with host bits set for a literal that
+    matched nothing. ValueError naming an entry that is no address or network."""
+    networks = []
+    for proxy in (proxy.strip() for proxy in proxies):
+        try:
+            networks.append(str(ipaddress.ip_network(proxy, strict=False)))
+        except ValueError:
+            raise ValueError(f"{proxy!r} is not an IP address or network") from None
+    return networks
+
+
+@functools.lru_cache(maxsize=4096)  # per call: a connection's peer, for its every call
+def grpc_peer_host(peer: str) -> str:
+    """The host of grpc's peer string: "ipv4:10.0.0.7:51234" -> "10.0.0.7", "ipv6:[::1]:51234" -> "::1", and an
+    IPv4 client of a dual-stack listener ("ipv6:[::ffff:10.0.0.7]:51234") as its IPv4 address, so that it matches
+    IPv4 proxies; another kind ("unix:/run/sock") as it is."""
+    kind, _, address = peer.partition(":")
+    if kind == "ipv4":
+        return address.rpartition(":")[0]
+    if kind != "ipv6":
+        return peer
+    host = address.rpartition(":")[0].strip("[]").replace("%25", "%")
+    try:
+        mapped = ipaddress.IPv6Address(host.split("%")[0]).ipv4_mapped
+    except ValueError:
+        return host
+    return str(mapped) if mapped is not None else host
+
+
+class ForwardedClient:
+    """The client key of a request from ``host`` that carries ``X-Forwarded-For`` values: ``host`` itself unless
+    it is among ``trusted_networks`` (proxy_networks), then the client the header names (client_key of either).
+    Without trusted proxies the header is ignored: any client could name a new address each time."""
+
+    def __init__(self, trusted_networks: list[str]):
+        self._proxies = ProxyHeadersMiddleware(_forwarded_to, trusted_networks) if trusted_networks else None
+
+    @property
+    def reads_headers(self) -> bool:
+        """Whether ``key`` needs the request's X-Forwarded-For (a trusted proxy may send it)."""
+        return self._proxies is not None
+
+    async def key(self, host: str, forwarded_for: list[str]) -> str:
+        if self._proxies is not None and forwarded_for:
+            scope = {"type": "http", "client": (host, 0),
+                     "headers": [(b"x-forwarded-for", value.encode("latin-1", "replace")) for value in forwarded_for]}
+            await self._proxies(scope, None, None)
+            host = scope["client"][0]
+        return client_key(host)
+
+
+async def _forwarded_to(scope, receive, send) -> None:
+    """ProxyHeadersMiddleware's application: the client it found is left in the scope."""
