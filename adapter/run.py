@@ -262,17 +262,14 @@ def _return_freed_memory_to_the_os() -> None:
 def _enough_open_files(settings) -> None:
     """Raise the soft limit on open files to what MAX_OPEN_CONNECTIONS needs (client connections, the
     pool to TorchServe, logs and a margin), or refuse to start when the hard limit is below it."""
-    import resource
+    from serving.process import ensure_open_files
 
     from .config import ConfigError
 
-    needed = settings.max_open_connections + settings.max_connections + 128
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        if hard != resource.RLIM_INFINITY and hard < needed:
-            raise ConfigError(f"MAX_OPEN_CONNECTIONS={settings.max_open_connections} needs {needed} open files; "
-                              f"the limit is {hard} (ulimit -n)")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    try:
+        ensure_open_files(settings.max_open_connections + settings.max_connections + 128)
+    except ValueError as err:
+        raise ConfigError(f"MAX_OPEN_CONNECTIONS={settings.max_open_connections} {err}") from None
 
 
 def serve(host: str, port: int, log_file: Path | None) -> int:

@@ -29,7 +29,9 @@ for its share of that bound before its message is read (handler/held_bodies.py):
 ``--max_waiting_requests`` calls already wait or its turn has not come in ``--body_timeout_s``,
 DEADLINE_EXCEEDED when its message has not arrived by then; one client (its address, or what a proxy in
 ``--trusted_proxies`` forwards for) takes at most ``--max_client_share`` of the reservations, and of the
-waiting places once they are full. A client that leaves before its answer has its request cancelled. Over
+waiting places once they are full. Connections are bounded on both ports: REST's by the adapter's HTTP/1.1
+protocol (adapter/protocol.py: ``--max_open_connections``, ``--max_client_connections``, ``--header_timeout_s``,
+...), gRPC's by grpc core's (grpc_connection_options). A client that leaves before its answer has its request cancelled. Over
 gRPC the 4xx are INVALID_ARGUMENT, the 503 UNAVAILABLE, with the same message; a model or version not
 served NOT_FOUND. KServe's own checks
 answer first where they apply (JSON that is not an inference request: 422 ``{"detail": [...]}``),
@@ -52,6 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import uvicorn
 import yaml
 from fastapi.responses import JSONResponse
 from grpc import aio
@@ -60,8 +63,12 @@ from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer,
 from kserve.model import InferenceVerb
 from kserve.protocol.grpc import server as grpc_server
 from kserve.protocol.grpc.servicer import InferenceServicer
+from kserve.protocol.rest import server as rest_server
 from prometheus_client import Counter, Gauge
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from adapter.config import Settings as EdgeSettings
+from adapter.protocol import protocol_class
 from handler import engine as engines
 from handler.answers import NOT_FINITE, image_answers, served_topk
 from handler.batching import Batcher, BatcherFull
@@ -73,9 +80,10 @@ from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, O
                                encode_answer, json_body, logged_request_id, parse_request, plain_v2_body,
                                refuse_binary_extension, refuse_json_flood, too_many_images, unsupported_datatype)
 from model import check_class_count, load_class_names, network_from_state_dict
-from serving.cli import positive_int, share
+from serving.cli import positive_float, positive_int, share
 from serving.clients import ForwardedClient, proxy_networks
 from serving.pace import paced_deadline
+from serving.process import ensure_open_files
 from serving.settings import BODY_TIMEOUT_S, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME
 from serving.throttled_log import ThrottledLog
 from serving.torchserve import BASE_CONFIG, read_properties
@@ -96,6 +104,11 @@ MAX_BODY_BYTES_HELD = 96 * 1024 * 1024
 # One client's part of the gRPC message bound (--max_client_share): half, so that one client's stalled calls leave
 # the other half of the reservations and waiting places to everyone else.
 MAX_CLIENT_SHARE = 0.5
+# REST connections from one client (--max_client_connections): this server's clients are services, not browsers (the
+# adapter's 64): an adapter in front holds up to its pool's 64 (TS_MAX_CONNECTIONS) + 8 for health checks at once.
+MAX_CLIENT_CONNECTIONS = 128
+# Open files beyond the connection caps: the model's and the archive's files, logs, sockets of threads and probes.
+OPEN_FILES_MARGIN = 256
 
 
 # At /metrics beside KServe's own (the names of the TorchServe handler's counters, handler/engine.py).
@@ -684,16 +697,50 @@ def _without_timing(app) -> None:
 
 class _AioBounded:
     """grpc.aio as KServe's gRPC server module sees it (it builds its server with ``aio.server`` at start, its
-    interceptors fixed): the server built with ``bound`` first among them (handler/held_bodies.py)."""
+    interceptors and options fixed): the server built with ``bound`` first among them (handler/held_bodies.py)
+    and the connection ``options`` added to KServe's (grpc core's channel arguments)."""
 
-    def __init__(self, bound: GrpcMessageBound):
-        self.bound = bound
+    def __init__(self, bound: GrpcMessageBound, options: list[tuple[str, int]]):
+        self.bound, self.options = bound, options
 
     def __getattr__(self, name: str):
         return getattr(aio, name)
 
-    def server(self, *args, interceptors=(), **kwargs):
-        return aio.server(*args, interceptors=(self.bound, *(interceptors or ())), **kwargs)
+    def server(self, *args, interceptors=(), options=(), **kwargs):
+        return aio.server(*args, interceptors=(self.bound, *(interceptors or ())),
+                          options=[*(options or ()), *self.options], **kwargs)
+
+
+class _UvicornGuarded:
+    """uvicorn as KServe's REST server module sees it (it builds its ``uvicorn.Config`` at start): the config
+    built with ``protocol`` for every connection, the adapter's guarded HTTP/1.1 protocol (adapter/protocol.py)."""
+
+    def __init__(self, protocol):
+        self.protocol = protocol
+
+    def __getattr__(self, name: str):
+        return getattr(uvicorn, name)
+
+    def Config(self, *args, **kwargs):  # noqa: N802 - uvicorn's name
+        return uvicorn.Config(*args, http=self.protocol, **kwargs)
+
+
+def edge_protocol(settings: EdgeSettings) -> type:
+    """The adapter's guarded HTTP/1.1 protocol for KServe's REST port, but a client that half-closes (FIN) after its
+    request is taken as gone and its request cancelled (RequestChecks), as under KServe's own uvicorn: the adapter
+    answers such a client instead, but a client that closed its socket sends the same FIN, and twelve that sent 64
+    images each and left had 193 images run for nobody."""
+    # uvicorn's own: the transport closes, and uvicorn tells the request its client disconnected.
+    return type("PredictorHttpProtocol", (protocol_class(settings),), {"eof_received": HttpToolsProtocol.eof_received})
+
+
+def grpc_connection_options(max_open: int, handshake_timeout_s: float, idle_s: float) -> list[tuple[str, int]]:
+    """grpc core's bounds on connections: at most ``max_open`` open (one more is closed at once), its HTTP/2
+    preface and settings within ``handshake_timeout_s`` (else closed), and closed (GOAWAY) after ``idle_s`` with
+    no call: a connection that sends nothing otherwise stays open for ever, each holding a file descriptor."""
+    return [("grpc.max_allowed_incoming_connections", max_open),
+            ("grpc.server_handshake_timeout_ms", max(1, round(handshake_timeout_s * 1000))),
+            ("grpc.max_connection_idle_ms", max(1, round(idle_s * 1000)))]
 
 
 def main() -> None:
@@ -718,6 +765,26 @@ def main() -> None:
     parser.add_argument("--max_waiting_explanations", type=positive_int, default=None,
                         help="explanations (:explain) that may be under way at once, one Grad-CAM batch running "
                              "and the rest waiting; one more gets 503 (default: the --max_waiting_requests bound)")
+    # The connection limits of the adapter's edge (adapter/protocol.py, its defaults: adapter/config.py), here on
+    # KServe's REST server, which otherwise kept a connection that sends nothing for ever (20,000 of them took every
+    # file descriptor: no client was answered), and their gRPC counterparts.
+    edge = EdgeSettings()
+    parser.add_argument("--max_open_connections", type=positive_int, default=edge.max_open_connections,
+                        help="connections open at once over REST, and over gRPC (each a count of its own); one more "
+                             "is closed at once, before it is read")
+    parser.add_argument("--max_client_connections", type=positive_int, default=MAX_CLIENT_CONNECTIONS,
+                        help="REST connections open at once from one client (--trusted_proxies exempt)")
+    parser.add_argument("--header_timeout_s", type=positive_float, default=edge.header_timeout_s,
+                        help="a REST request's line and headers must arrive within this (408), at --min_upload_rate "
+                             "after --min_rate_grace_s; a gRPC connection's HTTP/2 preface and settings too (closed)")
+    parser.add_argument("--max_header_bytes", type=positive_int, default=edge.max_header_bytes,
+                        help="a REST request's URL (414) and its line and headers together (431)")
+    parser.add_argument("--max_header_count", type=positive_int, default=edge.max_header_count,
+                        help="headers in a REST request (431)")
+    parser.add_argument("--max_pipelined_requests", type=positive_int, default=edge.max_pipelined_requests,
+                        help="REST requests one connection may queue behind the one being answered (429)")
+    parser.add_argument("--send_timeout_s", type=positive_float, default=edge.send_timeout_s,
+                        help="how long an answer may wait for a client that reads none of it (then reset)")
     parser.add_argument("--max_client_share", type=share, default=MAX_CLIENT_SHARE,
                         help="the part of the gRPC message bound one client may take: of the reservations "
                              "(--max_body_bytes_held / the largest message) held at once and of the "
@@ -725,7 +792,8 @@ def main() -> None:
                              "UNAVAILABLE at once. 1: no per-client share")
     parser.add_argument("--trusted_proxies", default="",
                         help="comma-separated addresses or networks of proxies whose X-Forwarded-For names the "
-                             "client of a gRPC call (its share); off: the client is the connection's peer")
+                             "client of a gRPC call (its share), and whose REST connections count in no client's "
+                             "--max_client_connections; off: the client is the connection's peer")
     # Every option known (KServe's and ours): a misspelt one (--enable-grpc for --enable_grpc) was dropped
     # without a word, leaving gRPC open on every interface.
     args = parser.parse_args()
@@ -744,13 +812,23 @@ def main() -> None:
         trusted = proxy_networks(proxy for proxy in args.trusted_proxies.split(",") if proxy.strip())
     except ValueError as err:
         parser.error(f"--trusted_proxies: {err}")
+    try:  # REST's and gRPC's connections, and the model's files, logs and threads
+        ensure_open_files(2 * args.max_open_connections + OPEN_FILES_MARGIN)
+    except ValueError as err:
+        parser.error(f"--max_open_connections {args.max_open_connections} {err}")
+    edge = EdgeSettings(
+        max_open_connections=args.max_open_connections, max_client_connections=args.max_client_connections,
+        trusted_proxies=trusted, header_timeout_s=args.header_timeout_s, max_header_bytes=args.max_header_bytes,
+        max_header_count=args.max_header_count, max_pipelined_requests=args.max_pipelined_requests,
+        send_timeout_s=args.send_timeout_s, body_timeout_s=args.body_timeout_s, min_upload_rate=args.min_upload_rate,
+        min_rate_grace_s=args.min_rate_grace_s)
     if model_server.args.enable_grpc and args.max_body_bytes_held < max_message:  # no gRPC call could ever be read
         parser.error(f"--max_body_bytes_held {args.max_body_bytes_held} is below "
                      f"--grpc_max_receive_message_length {max_message}")
     model = CIFAR100Predictor(args.model_name if args.model_name != "model" else MODEL_NAME, args.model_dir,
                               args.engine, max_waiting, args.max_waiting_explanations)
     server = ModelServer()  # configures KServe's logging; the handler's lines (engine choice, refusals) join it
-    for name in ("handler", "model", "serving"):
+    for name in ("handler", "model", "serving", "adapter"):
         logging.getLogger(name).handlers[:] = logging.getLogger("kserve").handlers
         logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger(name).propagate = False
@@ -776,7 +854,9 @@ def main() -> None:
     grpc_server.InferenceServicer = CIFAR100Servicer  # the servicer KServe's gRPC server builds at start
     grpc_server.aio = _AioBounded(GrpcMessageBound(
         grpc_messages, max_message, max_waiting, args.body_timeout_s, refused=lambda bound: REFUSED.labels(bound).inc(),
-        clients=ForwardedClient(trusted), client_waiting=client_share(max_waiting, args.max_client_share)))
+        clients=ForwardedClient(trusted), client_waiting=client_share(max_waiting, args.max_client_share)),
+        grpc_connection_options(args.max_open_connections, args.header_timeout_s, model_server.args.timeout_keep_alive))
+    rest_server.uvicorn = _UvicornGuarded(edge_protocol(edge))
     server.start([model])
 
 

@@ -180,3 +180,15 @@ def stop_popen(process: subprocess.Popen, timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
     process.wait()
+
+
+def ensure_open_files(needed: int) -> None:
+    """Raise this process's soft limit on open files to ``needed`` (its connection caps and a margin), or
+    ValueError saying so when the hard limit is below it (ulimit -n)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise ValueError(f"needs {needed} open files; the limit is {hard} (ulimit -n)")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))

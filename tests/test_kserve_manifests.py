@@ -207,7 +207,7 @@ def _image_pip_names() -> list[str]:
 def test_the_predictor_image_copies_what_exists_and_installs_pinned_versions():
     copied = [line.split()[1:-1] for line in PREDICTOR_DOCKERFILE.read_text().splitlines() if line.startswith("COPY ")]
     sources = [source for sources in copied for source in sources]
-    assert {"handler/", "model/", "serving/", "requirements-kserve.txt"} <= set(sources)
+    assert {"handler/", "model/", "serving/", "adapter/", "requirements-kserve.txt"} <= set(sources)
     for source in sources:
         assert (REPO / source).exists(), source
     text = PREDICTOR_DOCKERFILE.read_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -1254,6 +1255,83 @@ def test_one_clients_stalled_grpc_calls_take_only_its_share_of_the_bound_and_oth
         assert (figures["held grpc"], figures["waiting"]) == (0, 0), figures
     finally:
         channel.close()
+        predictor.stop()
+
+
+def connection_state(sock: socket.socket) -> str:
+    """"open" (nothing to read, or bytes the server sent), "closed" (FIN) or "reset", without waiting."""
+    sock.setblocking(False)
+    try:
+        while True:
+            if sock.recv(65536) == b"":
+                return "closed"
+    except BlockingIOError:
+        return "open"
+    except OSError:
+        return "reset"
+
+
+def seconds_until_closed(sock: socket.socket, timeout: float) -> float | None:
+    started = time.monotonic()
+    while time.monotonic() < started + timeout:
+        if connection_state(sock) != "open":
+            return time.monotonic() - started
+        time.sleep(0.05)
+    return None
+
+
+@pytest.mark.integration  # starts its own server process
+def test_connections_that_send_nothing_are_capped_and_closed_on_both_ports(bundle, tmp_path, client,
+                                                                          cifar100_test_split):
+    """KServe's REST server kept a connection that sends nothing for ever: 19,990 of them from one client took all
+    20,000 file descriptors, and no client was answered while they stayed. Now REST has the adapter's edge
+    (adapter/protocol.py): --max_client_connections from one address (one more reset at once, another address
+    answered), --max_open_connections in all, a silent connection closed after the keep-alive time, a head that
+    trickles 408 at --header_timeout_s. gRPC has grpc core's: --max_open_connections (one more closed at once), the
+    HTTP/2 preface within --header_timeout_s, a connection with no call closed (GOAWAY) after the keep-alive time."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+
+    import kserve_types  # noqa: F401 - registers KServe's gRPC types
+
+    predictor = KServePredictor(tmp_path, bundle, extra_args=[
+        "--max_open_connections=6", "--max_client_connections=3", "--header_timeout_s=2",
+        "--timeout-keep-alive=4"]).start()
+    good = encode(cifar_pil(cifar100_test_split[0], 0))
+
+    def connect(port, source="127.0.0.2"):
+        return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    try:
+        silent, opened = [connect(predictor.port) for _ in range(4)], time.monotonic()
+        time.sleep(0.5)
+        rest_states = [connection_state(sock) for sock in silent]
+        answered = client.post(infer_url(predictor), json=v2_body([good]))  # from 127.0.0.1: another client
+        trickling = connect(predictor.port, "127.0.0.3")
+        trickling.sendall(b"POST /v2/models/cifar100/infer HTTP/1.1\r\nHost: x\r\n")  # and no more
+        trickled = trickling.recv(65536).decode("latin-1")  # its 408, at the head's deadline
+        silent_closed = [time.monotonic() + seconds_until_closed(sock, 10) - opened for sock in silent[:3]]
+        # gRPC: six silent connections fill its count, a seventh is closed at once; unfinished handshakes go.
+        grpc_silent = [connect(predictor.grpc_port, f"127.0.0.{4 + n}") for n in range(7)]
+        time.sleep(0.5)
+        grpc_states = [connection_state(sock) for sock in grpc_silent]
+        grpc_closed = [seconds_until_closed(sock, 10) for sock in grpc_silent[:6]]
+        idle = connect(predictor.grpc_port)
+        idle.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # no call
+        idle_closed = seconds_until_closed(idle, 10)
+        with grpc.insecure_channel(predictor.grpc_target) as channel:
+            grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(grpc_request([good]), timeout=30)
+        for sock in (*silent, trickling, *grpc_silent, idle):
+            sock.close()
+        assert rest_states == ["open", "open", "open", "reset"], rest_states
+        assert answered.status_code == 200, answered.text
+        assert trickled.startswith("HTTP/1.1 408") and "did not arrive within 2 s" in trickled, trickled
+        assert all(3.5 < closed < 6 for closed in silent_closed), silent_closed  # the keep-alive time, 4 s
+        assert grpc_states[:6] == ["open"] * 6 and grpc_states[6] != "open", grpc_states
+        assert all(closed is not None and closed < 3 for closed in grpc_closed), grpc_closed
+        assert idle_closed is not None and 3 < idle_closed < 7, idle_closed
+        assert predictor.process.poll() is None
+        wait_for_log(predictor, "reset a connection from 127.0.0.2: it has 3 open (MAX_CLIENT_CONNECTIONS)")
+    finally:
         predictor.stop()
 
 

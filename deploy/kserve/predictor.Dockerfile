@@ -23,6 +23,8 @@ RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" -c requirements.
 COPY model/ model/
 COPY handler/ handler/
 COPY serving/ serving/
+# The adapter's HTTP/1.1 protocol guards KServe's REST port too (connection caps, head deadline: adapter/protocol.py).
+COPY adapter/ adapter/
 # max_request_size when the bundle has no config.properties of its own (handler/kserve_predictor.py).
 COPY config.properties .
 # Compiled engines are cached per container (the first start builds them; OpenVINO's take ~2 s).
