@@ -700,29 +700,40 @@ class _AioBounded:
     interceptors and options fixed): the server built with ``bound`` first among them (handler/held_bodies.py)
     and the connection ``options`` added to KServe's (grpc core's channel arguments)."""
 
-    def __init__(self, bound: GrpcMessageBound, options: list[tuple[str, int]]):
-        self.bound, self.options = bound, options
+    def __init__(self, bound: GrpcMessageBound, options: list[tuple[str, int]], host: str):
+        self.bound, self.options, self.host = bound, options, host
 
     def __getattr__(self, name: str):
         return getattr(aio, name)
 
     def server(self, *args, interceptors=(), options=(), **kwargs):
-        return aio.server(*args, interceptors=(self.bound, *(interceptors or ())),
-                          options=[*(options or ()), *self.options], **kwargs)
+        server = aio.server(*args, interceptors=(self.bound, *(interceptors or ())),
+                            options=[*(options or ()), *self.options], **kwargs)
+        listen = server.add_insecure_port  # KServe listens on "[::]:port": on --host instead
+        server.add_insecure_port = lambda address: listen(f"{grpc_host(self.host)}:{address.rpartition(':')[2]}")
+        return server
 
 
 class _UvicornGuarded:
     """uvicorn as KServe's REST server module sees it (it builds its ``uvicorn.Config`` at start): the config
     built with ``protocol`` for every connection, the adapter's guarded HTTP/1.1 protocol (adapter/protocol.py)."""
 
-    def __init__(self, protocol):
-        self.protocol = protocol
+    def __init__(self, protocol, host: str):
+        self.protocol, self.host = protocol, host
 
     def __getattr__(self, name: str):
         return getattr(uvicorn, name)
 
     def Config(self, *args, **kwargs):  # noqa: N802 - uvicorn's name
-        return uvicorn.Config(*args, http=self.protocol, **kwargs)
+        return uvicorn.Config(*args, **{**kwargs, "host": self.host, "http": self.protocol})
+
+
+def grpc_host(host: str) -> str:
+    """``--host`` as grpc writes an address's host: all interfaces ("0.0.0.0" or "::") as "[::]", as KServe listens
+    (IPv4 too); another IPv6 address in brackets."""
+    if host in ("0.0.0.0", "::"):
+        return "[::]"
+    return f"[{host}]" if ":" in host else host
 
 
 def edge_protocol(settings: EdgeSettings) -> type:
@@ -747,6 +758,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(parents=[model_server.parser], description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_dir", type=Path, default=Path("/mnt/models"),
                         help="the KServe bundle (make kserve-bundle), a .mar, or an unpacked archive")
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="the address both ports listen on: all interfaces, as KServe (in a pod, its one "
+                             "interface); 127.0.0.1 keeps them on this machine (make serve-kserve, the tests)")
     parser.add_argument("--engine", default=None, help="override model-config.yaml's handler.engine")
     parser.add_argument("--body_timeout_s", type=float, default=BODY_TIMEOUT_S,
                         help="a request's whole body must arrive within this (408)")
@@ -855,8 +869,9 @@ def main() -> None:
     grpc_server.aio = _AioBounded(GrpcMessageBound(
         grpc_messages, max_message, max_waiting, args.body_timeout_s, refused=lambda bound: REFUSED.labels(bound).inc(),
         clients=ForwardedClient(trusted), client_waiting=client_share(max_waiting, args.max_client_share)),
-        grpc_connection_options(args.max_open_connections, args.header_timeout_s, model_server.args.timeout_keep_alive))
-    rest_server.uvicorn = _UvicornGuarded(edge_protocol(edge))
+        grpc_connection_options(args.max_open_connections, args.header_timeout_s, model_server.args.timeout_keep_alive),
+        args.host)
+    rest_server.uvicorn = _UvicornGuarded(edge_protocol(edge), args.host)
     server.start([model])
 
 

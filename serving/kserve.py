@@ -188,7 +188,7 @@ class KServePredictor:
         self.detached = detached  # a service of its own (predictor start): outlives this process and its shell
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", PREDICTOR_MODULE, f"--model_dir={self.bundle}",
+        return [sys.executable, "-m", PREDICTOR_MODULE, f"--model_dir={self.bundle}", "--host=127.0.0.1",
                 f"--http_port={self.port}", f"--grpc_port={self.grpc_port}", *self.extra_args]
 
     @property

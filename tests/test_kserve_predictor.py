@@ -338,6 +338,17 @@ def test_the_manifests_liveness_probes_pass_on_the_server_and_fail_while_it_is_w
     assert httpx.get(live_url, timeout=30).status_code == 200
 
 
+def test_both_ports_listen_on_the_host_asked_for_not_every_interface(kserve_predictor):
+    """KServe listens on every interface (0.0.0.0 and [::]), as a pod must; started here (serving/kserve.py: make
+    serve-kserve, the tests, the benchmarks) it is asked for --host=127.0.0.1, as TorchServe and the adapter listen."""
+    import psutil
+
+    listening = {(conn.laddr.ip.removeprefix("::ffff:"), conn.laddr.port)  # grpc's IPv4 on an IPv6 socket
+                 for conn in psutil.Process(kserve_predictor.process.pid).net_connections(kind="inet")
+                 if conn.status == psutil.CONN_LISTEN}
+    assert listening == {("127.0.0.1", kserve_predictor.port), ("127.0.0.1", kserve_predictor.grpc_port)}, listening
+
+
 def test_a_model_dir_without_the_archive_stops_the_start_with_the_reason(tmp_path):
     from serving.process import ServiceStartError
 
