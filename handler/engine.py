@@ -45,6 +45,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,17 @@ def native_bf16(device: torch.device) -> bool:
     if onednn_isa_cap() in ONEDNN_ISAS_WITHOUT_BF16:
         return False
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def without_openvino_telemetry() -> None:
+    """OpenVINO's converter (ov.convert_model) and NNCF send usage events to Google Analytics unless a consent file in
+    the home folder says no, each event from a process forked off the caller (a TorchServe worker of ~700 MB; with
+    grpc loaded, in KServe's model server, a forked child crashed). A model server sends nothing: with the
+    telemetry package unimportable, both use their own stubs. Called at import, before either is loaded."""
+    sys.modules.setdefault("openvino_telemetry", None)  # None: `import openvino_telemetry` raises ImportError
+
+
+without_openvino_telemetry()
 
 
 def openvino_installed() -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -235,6 +237,34 @@ def test_openvino_engines_build_once_load_from_the_cache_and_agree_with_fp32(tmp
     # prune_cache removes an IR's .xml and .bin with its record.
     assert len(engines.prune_cache(tmp_path, keep=1)) == len(names) - 1
     assert len(list(tmp_path.glob("*.xml"))) == len(list(tmp_path.glob("*.bin"))) == len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_building_an_openvino_engine_sends_no_telemetry_and_forks_nothing(tmp_path):
+    """ov.convert_model sent usage events to Google Analytics, each from a process forked off the worker (23 seen
+    during one conversion here; in KServe's model server, with grpc loaded, a forked child crashed): handler/engine.py
+    makes the telemetry package unimportable, so OpenVINO's converter and NNCF use their stubs. In a fresh process."""
+    pytest.importorskip("openvino")
+    script = f"""
+import threading, time, psutil, torch
+from handler import engine as engines
+seen, stop = set(), []
+def watch():
+    while not stop:
+        seen.update(child.pid for child in psutil.Process().children(recursive=True))
+        time.sleep(0.005)
+watcher = threading.Thread(target=watch)
+watcher.start()
+model = engines.serving_model(torch.load({str(WEIGHTS)!r}, map_location="cpu", weights_only=True))
+engines.build_engine("openvino-fp32", model, "test", 6, torch.device("cpu"), None, __import__("pathlib").Path({str(tmp_path)!r}))
+time.sleep(0.5)
+stop.append(True)
+watcher.join()
+from openvino.tools.ovc import telemetry_utils
+print(len(seen), telemetry_utils.tm.__name__)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["0", "openvino.tools.ovc.telemetry_stub"], done.stdout
 
 
 def test_the_engine_bound_is_the_batch_doubled_with_flip_tta():
