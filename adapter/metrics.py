@@ -47,6 +47,8 @@ REFUSAL_REASONS = {408: "timeout", 413: "too_large", 414: "url_too_long", 429: "
                    501: "unsupported"}
 PARSER_REFUSAL = "bad_http"  # the parser's 400, and any status the parser refuses with that has no reason above
 BUSY_REFUSAL = "busy"  # any 503 with Retry-After (its caps, shares, turns and waits; the pool to the model server)
+# Connections reset before a byte was read (adapter/protocol.py OpenConnections), by the cap that refused them.
+CONNECTION_REFUSALS = {"max_open_connections": "connections", "max_client_connections": "client_connections"}
 # adapter_model_server_errors_total's kinds (adapter/model_server.py's count_failure picks one; README lists them).
 MODEL_SERVER_ERROR_KINDS = {
     "unreachable": "nobody answers at its address (refused, reset, connect timeout)",
@@ -85,7 +87,7 @@ class Metrics:
                                            ["kind"], registry=r)
         # Every reason and kind from the start, at 0: rate() and increase() see the first one (a series that
         # appears at 1 is no increase to Prometheus), and a dashboard lists them all.
-        for reason in (*REFUSAL_REASONS.values(), PARSER_REFUSAL, BUSY_REFUSAL):
+        for reason in (*REFUSAL_REASONS.values(), PARSER_REFUSAL, BUSY_REFUSAL, *CONNECTION_REFUSALS.values()):
             self.refusals.labels(reason)
         for kind in MODEL_SERVER_ERROR_KINDS:
             self.model_server_errors.labels(kind)
@@ -139,6 +141,11 @@ class Metrics:
         self.recorded += 1
         self.requests.labels("other", str(status)).inc()
         self.refusals.labels(REFUSAL_REASONS.get(status, PARSER_REFUSAL)).inc()
+
+    def connection_reset(self, cap: str) -> None:
+        """A connection reset before it was read, by ``cap`` (max_open_connections, max_client_connections)."""
+        self.recorded += 1
+        self.refusals.labels(CONNECTION_REFUSALS[cap]).inc()
 
     def render(self) -> bytes:
         """The registry in Prometheus' text format: the last page again while nothing was recorded since it was

@@ -144,7 +144,8 @@ def json_error_bytes(status: int, message: str, default_headers=()) -> bytes:
 class OpenConnections:
     """Client connections open now, in all and per peer address (one instance per server)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, on_reset=None):
+        self.on_reset = on_reset  # called with the cap's setting (max_open_connections, ...) per reset
         self.max_open = settings.max_open_connections
         self.max_per_client = settings.max_client_connections
         self.trusted = [ipaddress.ip_network(network) for network in settings.trusted_networks()]
@@ -166,17 +167,21 @@ class OpenConnections:
         if self.total >= self.max_open:
             self.refusals.warning("reset a connection from %s: %d connections open (MAX_OPEN_CONNECTIONS)",
                                   host, self.total)
-            return None
+            return self._reset("max_open_connections")
         key = "" if host is None or self._is_trusted_proxy(host) else client_key(host)
         if key:
             count = self.per_client.get(key, 0)
             if count >= self.max_per_client:
                 self.refusals.warning("reset a connection from %s: it has %d open (MAX_CLIENT_CONNECTIONS)",
                                       host, count)
-                return None
+                return self._reset("max_client_connections")
             self.per_client[key] = count + 1
         self.total += 1
         return key
+
+    def _reset(self, cap: str) -> None:
+        if self.on_reset is not None:
+            self.on_reset(cap)
 
     def closed(self, key: str) -> None:
         self.total -= 1
@@ -528,9 +533,9 @@ def _reset(transport) -> None:
     transport.abort()
 
 
-def protocol_class(settings: Settings, on_refusal=None) -> type[GuardedHttpToolsProtocol]:
+def protocol_class(settings: Settings, on_refusal=None, on_reset=None) -> type[GuardedHttpToolsProtocol]:
     """The protocol uvicorn builds per connection, bound to these settings, one connection count and
-    the refusal hook."""
+    the hooks: ``on_refusal`` for a request refused at the parser, ``on_reset`` for a connection reset by a cap."""
     return type("AdapterHttpProtocol", (GuardedHttpToolsProtocol,),
-                {"settings": settings, "open_connections": OpenConnections(settings),
+                {"settings": settings, "open_connections": OpenConnections(settings, on_reset),
                  "on_refusal": staticmethod(on_refusal) if on_refusal else None})

@@ -300,7 +300,8 @@ def serve(host: str, port: int, log_file: Path | None) -> int:
     # trusts 127.0.0.1: any local program could then pick its own address and share).
     # uvicorn's access log is off: adapter/edge.py writes one JSON line per request instead.
     config = uvicorn.Config(app, host=host, port=port,
-                            http=protocol_class(settings, app.state.refused_before_app),
+                            http=protocol_class(settings, app.state.refused_before_app,
+                                                app.state.metrics.connection_reset if app.state.metrics else None),
                             timeout_keep_alive=settings.keepalive_timeout_s, access_log=False,
                             ws="none",  # no WebSocket routes: upgrades are answered 501 (adapter/protocol.py)
                             proxy_headers=bool(settings.trusted_proxies),

@@ -68,6 +68,7 @@ from prometheus_client import Counter, Gauge
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from adapter.config import Settings as EdgeSettings
+from adapter.metrics import CONNECTION_REFUSALS, PARSER_REFUSAL, REFUSAL_REASONS
 from adapter.protocol import protocol_class
 from handler import engine as engines
 from handler.answers import NOT_FINITE, image_answers, served_topk
@@ -119,6 +120,11 @@ BATCHES = Counter("ForwardBatches", "Forward passes (batches of concurrent reque
 REFUSED = Counter("RequestsRefused", "Requests refused by a bound, by the setting that refused them", ["Bound"])
 BODY_BYTES_HELD = Gauge("RequestBodyBytesHeld", "Request body bytes held or reserved now (--max_body_bytes_held), "
                         "by protocol", ["Protocol"])
+# The REST port's own refusals (adapter/protocol.py), by the adapter's reasons (adapter/metrics.py, README).
+HTTP_REFUSED = Counter("HttpRefused", "REST requests refused at the HTTP parser and connections reset by a cap, by "
+                       "reason", ["Reason"])
+for _reason in (*REFUSAL_REASONS.values(), PARSER_REFUSAL, *CONNECTION_REFUSALS.values()):
+    HTTP_REFUSED.labels(_reason)  # at 0 from the start: rate() sees the first one
 GRPC_CALLS_WAITING = Gauge("GrpcCallsWaiting", "gRPC calls waiting for their turn to have their message read")
 
 
@@ -742,7 +748,18 @@ def edge_protocol(settings: EdgeSettings) -> type:
     answers such a client instead, but a client that closed its socket sends the same FIN, and twelve that sent 64
     images each and left had 193 images run for nobody."""
     # uvicorn's own: the transport closes, and uvicorn tells the request its client disconnected.
-    return type("PredictorHttpProtocol", (protocol_class(settings),), {"eof_received": HttpToolsProtocol.eof_received})
+    return type("PredictorHttpProtocol", (protocol_class(settings, _http_refused, _connection_reset),),
+                {"eof_received": HttpToolsProtocol.eof_received})
+
+
+def _http_refused(status: int, headers=(), scope=None, peer=None) -> list:
+    """adapter/protocol.py refused a request at the parser: counted at /metrics; no headers of ours on its answer."""
+    HTTP_REFUSED.labels(REFUSAL_REASONS.get(status, PARSER_REFUSAL)).inc()
+    return []
+
+
+def _connection_reset(cap: str) -> None:
+    HTTP_REFUSED.labels(CONNECTION_REFUSALS[cap]).inc()
 
 
 def grpc_connection_options(max_open: int, handshake_timeout_s: float, idle_s: float) -> list[tuple[str, int]]:

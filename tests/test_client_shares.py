@@ -881,8 +881,18 @@ def test_a_request_may_carry_max_header_count_headers_and_no_more(connection_cap
 
 def test_connections_past_an_address_share_or_the_open_cap_are_reset(connection_caps_adapter):
     """One more connection than an address's share (or than everyone's cap) is reset at once, another
-    address and a trusted proxy's are not; a closed connection gives its place back."""
+    address and a trusted proxy's are not; a closed connection gives its place back. Each reset is counted at
+    /metrics by the cap that refused it (adapter_refusals_total{reason="client_connections"|"connections"})."""
+    import httpx
+
+    from test_adapter_edge import samples
+
     port = connection_caps_adapter.port
+
+    def resets() -> tuple[float, float]:
+        values = samples(httpx.get(f"{connection_caps_adapter.base_url}/metrics", timeout=10).text)
+        return tuple(values[("adapter_refusals_total", (("reason", reason),))]
+                     for reason in ("client_connections", "connections"))
 
     async def connect(source: str) -> tuple[str, asyncio.StreamReader | None, asyncio.StreamWriter | None]:
         """A connection that asks GET /classes: ("200", ...) and kept open, or ("reset"/"closed", ...)."""
@@ -909,10 +919,13 @@ def test_connections_past_an_address_share_or_the_open_cap_are_reset(connection_
                 w.transport.abort()
         return [status for status, _, _ in held], over_share[0], over_all[0], again[0]
 
+    before = resets()
     held, over_share, over_all, again = asyncio.run(scenario())
+    after = resets()
     assert held == ["200"] * 5, held
     assert over_share in ("reset", "closed") and over_all in ("reset", "closed"), (over_share, over_all)
     assert again == "200", again
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1), (before, after)
 
 
 @pytest.fixture(scope="module")

@@ -1341,6 +1341,11 @@ def test_connections_that_send_nothing_are_capped_and_closed_on_both_ports(bundl
         assert all(closed is not None and closed < 3 for closed in grpc_closed), grpc_closed
         assert idle_closed is not None and 3 < idle_closed < 7, idle_closed
         assert predictor.process.poll() is None
+        text = httpx.get(f"{predictor.url}/metrics", timeout=10).text
+        refused = {reason: int(float(value)) for reason, value in
+                   re.findall(r'^HttpRefused_total\{Reason="(\w+)"\} (\S+)$', text, re.M)}
+        assert refused["client_connections"] == 1 and refused["timeout"] == 1, refused  # the reset, the 408
+        assert refused["connections"] == 0 and refused["bad_http"] == 0, refused
         wait_for_log(predictor, "reset a connection from 127.0.0.2: it has 3 open (MAX_CLIENT_CONNECTIONS)")
     finally:
         predictor.stop()
