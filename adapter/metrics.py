@@ -49,6 +49,9 @@ PARSER_REFUSAL = "bad_http"  # the parser's 400, and any status the parser refus
 BUSY_REFUSAL = "busy"  # any 503 with Retry-After (its caps, shares, turns and waits; the pool to the model server)
 # Connections reset before a byte was read (adapter/protocol.py OpenConnections), by the cap that refused them.
 CONNECTION_REFUSALS = {"max_open_connections": "connections", "max_client_connections": "client_connections"}
+# The HTTP edge's own reasons (adapter/protocol.py: requests refused at the parser, connections reset), which KServe's
+# model server counts too under the same names (handler/kserve_predictor.py HttpRefused).
+EDGE_REFUSALS = (*REFUSAL_REASONS.values(), PARSER_REFUSAL, *CONNECTION_REFUSALS.values())
 # adapter_model_server_errors_total's kinds (adapter/model_server.py's count_failure picks one; README lists them).
 MODEL_SERVER_ERROR_KINDS = {
     "unreachable": "nobody answers at its address (refused, reset, connect timeout)",
@@ -62,6 +65,11 @@ MODEL_SERVER_ERROR_KINDS = {
 # Seconds: a CPU prediction takes milliseconds, a queue under load tenths, the deadline is 10 s.
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 RENDER_REUSE_S = 1.0  # the oldest page render() gives again (Prometheus scrapes every 15 s or more)
+
+
+def parser_refusal_reason(status: int) -> str:
+    """The reason a request refused at the HTTP parser with ``status`` is counted under."""
+    return REFUSAL_REASONS.get(status, PARSER_REFUSAL)
 
 
 def route_label(path: str) -> str:
@@ -87,7 +95,7 @@ class Metrics:
                                            ["kind"], registry=r)
         # Every reason and kind from the start, at 0: rate() and increase() see the first one (a series that
         # appears at 1 is no increase to Prometheus), and a dashboard lists them all.
-        for reason in (*REFUSAL_REASONS.values(), PARSER_REFUSAL, BUSY_REFUSAL, *CONNECTION_REFUSALS.values()):
+        for reason in (*EDGE_REFUSALS, BUSY_REFUSAL):
             self.refusals.labels(reason)
         for kind in MODEL_SERVER_ERROR_KINDS:
             self.model_server_errors.labels(kind)
@@ -140,7 +148,7 @@ class Metrics:
         """A refusal at the HTTP parser (adapter/protocol.py): no route, no app."""
         self.recorded += 1
         self.requests.labels("other", str(status)).inc()
-        self.refusals.labels(REFUSAL_REASONS.get(status, PARSER_REFUSAL)).inc()
+        self.refusals.labels(parser_refusal_reason(status)).inc()
 
     def connection_reset(self, cap: str) -> None:
         """A connection reset before it was read, by ``cap`` (max_open_connections, max_client_connections)."""

@@ -68,7 +68,7 @@ from prometheus_client import Counter, Gauge
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from adapter.config import Settings as EdgeSettings
-from adapter.metrics import CONNECTION_REFUSALS, PARSER_REFUSAL, REFUSAL_REASONS
+from adapter.metrics import CONNECTION_REFUSALS, EDGE_REFUSALS, parser_refusal_reason
 from adapter.protocol import protocol_class
 from handler import engine as engines
 from handler.answers import NOT_FINITE, image_answers, served_topk
@@ -123,7 +123,7 @@ BODY_BYTES_HELD = Gauge("RequestBodyBytesHeld", "Request body bytes held or rese
 # The REST port's own refusals (adapter/protocol.py), by the adapter's reasons (adapter/metrics.py, README).
 HTTP_REFUSED = Counter("HttpRefused", "REST requests refused at the HTTP parser and connections reset by a cap, by "
                        "reason", ["Reason"])
-for _reason in (*REFUSAL_REASONS.values(), PARSER_REFUSAL, *CONNECTION_REFUSALS.values()):
+for _reason in EDGE_REFUSALS:
     HTTP_REFUSED.labels(_reason)  # at 0 from the start: rate() sees the first one
 GRPC_CALLS_WAITING = Gauge("GrpcCallsWaiting", "gRPC calls waiting for their turn to have their message read")
 
@@ -754,7 +754,7 @@ def edge_protocol(settings: EdgeSettings) -> type:
 
 def _http_refused(status: int, headers=(), scope=None, peer=None) -> list:
     """adapter/protocol.py refused a request at the parser: counted at /metrics; no headers of ours on its answer."""
-    HTTP_REFUSED.labels(REFUSAL_REASONS.get(status, PARSER_REFUSAL)).inc()
+    HTTP_REFUSED.labels(parser_refusal_reason(status)).inc()
     return []
 
 
