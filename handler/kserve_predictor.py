@@ -799,22 +799,22 @@ def main() -> None:
     # The connection limits of the adapter's edge (adapter/protocol.py, its defaults: adapter/config.py), here on
     # KServe's REST server, which otherwise kept a connection that sends nothing for ever (20,000 of them took every
     # file descriptor: no client was answered), and their gRPC counterparts.
-    edge = EdgeSettings()
-    parser.add_argument("--max_open_connections", type=positive_int, default=edge.max_open_connections,
+    edge_defaults = EdgeSettings()
+    parser.add_argument("--max_open_connections", type=positive_int, default=edge_defaults.max_open_connections,
                         help="connections open at once over REST, and over gRPC (each a count of its own); one more "
                              "is closed at once, before it is read")
     parser.add_argument("--max_client_connections", type=positive_int, default=MAX_CLIENT_CONNECTIONS,
                         help="REST connections open at once from one client (--trusted_proxies exempt)")
-    parser.add_argument("--header_timeout_s", type=positive_float, default=edge.header_timeout_s,
+    parser.add_argument("--header_timeout_s", type=positive_float, default=edge_defaults.header_timeout_s,
                         help="a REST request's line and headers must arrive within this (408), at --min_upload_rate "
                              "after --min_rate_grace_s; a gRPC connection's HTTP/2 preface and settings too (closed)")
-    parser.add_argument("--max_header_bytes", type=positive_int, default=edge.max_header_bytes,
+    parser.add_argument("--max_header_bytes", type=positive_int, default=edge_defaults.max_header_bytes,
                         help="a REST request's URL (414) and its line and headers together (431)")
-    parser.add_argument("--max_header_count", type=positive_int, default=edge.max_header_count,
+    parser.add_argument("--max_header_count", type=positive_int, default=edge_defaults.max_header_count,
                         help="headers in a REST request (431)")
-    parser.add_argument("--max_pipelined_requests", type=positive_int, default=edge.max_pipelined_requests,
+    parser.add_argument("--max_pipelined_requests", type=positive_int, default=edge_defaults.max_pipelined_requests,
                         help="REST requests one connection may queue behind the one being answered (429)")
-    parser.add_argument("--send_timeout_s", type=positive_float, default=edge.send_timeout_s,
+    parser.add_argument("--send_timeout_s", type=positive_float, default=edge_defaults.send_timeout_s,
                         help="how long an answer may wait for a client that reads none of it (then reset)")
     parser.add_argument("--max_client_share", type=share, default=MAX_CLIENT_SHARE,
                         help="the part of the gRPC message bound one client may take: of the reservations "
