@@ -297,7 +297,7 @@ def predictor_command(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"KServe's model server running (pid {predictor.process.pid}, log {predictor.log}): "
-          f"http://127.0.0.1:{http} (Open Inference Protocol; gRPC on {grpc}); it listens on every interface")
+          f"http://127.0.0.1:{http} (Open Inference Protocol; gRPC on {grpc}), on this machine only (--host 127.0.0.1)")
     return 0
 
 
