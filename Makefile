@@ -54,9 +54,9 @@ install-system:
 	command -v g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq g++)
 	python3 -c 'import ensurepip' 2>/dev/null || (apt-get update -qq && apt-get install -y -qq python3-venv)
 
-# CIFAR-100 into ./data with torchvision (official files, md5 checked); needs internet, ~170 MB.
+# CIFAR-100 into $CIFAR100_DATA (./data unless set or ../shared/data has it) with torchvision (official files, md5 checked); ~170 MB.
 data: install
-	$(PY) -m training.data --data-dir data
+	$(PY) -m training.data --data-dir $(CIFAR100_DATA)
 
 # A training run into runs/latest (TRAIN_ARGS="--epochs 30 ..."; every option: python -m training.train --help).
 # A run already there is continued with TRAIN_ARGS=--resume or started over with TRAIN_ARGS="--overwrite ...".

@@ -68,7 +68,8 @@ serving/settings.py).
     FRONTEND_DIR          folder served at /                    frontend/ beside this package
     ADAPTER_HOST / ADAPTER_PORT  where `python -m adapter.run start` listens  127.0.0.1 / 8000
     SHRINK_UPLOADS        1: large photos are shrunk here before they go on, and the page shrinks
-                          them before uploading (adapter/shrink.py); 0: every file goes as it is  1
+                          them before uploading (adapter/shrink.py); 0: every file goes as it is
+                          (its header still read here)  1
     SHRINK_MIN_BYTES      uploads above this (or above 1 MP) are shrunk  262144 (256 KB)
     SHRINK_WORKERS        threads that decode uploads to shrink them    2
     SHRINK_WAIT_S         the longest an upload waits for a free one; then 503 + Retry-After  5

@@ -6,7 +6,8 @@ RGB, the 32x32 resize) and forwarded as the network's 32x32 input, a lossless PN
 explanation's PNG also names the decoded picture's size (its heatmap follows that size). Both give
 the handler exactly the pixels the whole file would have given it. A large upload the handler would refuse
 is refused here with the handler's status and message; a decompression bomb of any size gets the
-handler's 413 on its header, before any pixel is decoded. Other formats, small files and SHRINK_UPLOADS=0 keep today's path.
+handler's 413 on its header, before any pixel is decoded. Other formats, small files and SHRINK_UPLOADS=0 go on
+as they are, once their header was read here too (an upload that is no image is refused here, whatever its size).
 
 Decoding runs in a pool of SHRINK_WORKERS threads, never on the event loop (Pillow releases the GIL
 while it decodes, resizes and encodes). What waits for the pool is bounded by the in-flight caps
@@ -37,8 +38,8 @@ class UploadShrinker:
     def __init__(self, settings: Settings):
         self.enabled = settings.shrink_uploads
         self.min_bytes = settings.shrink_min_bytes
-        self._pool = (ThreadPoolExecutor(settings.shrink_workers, thread_name_prefix="shrink")
-                      if self.enabled else None)
+        # Shrinking or not: a large upload's header is read in the pool (a 10 MB PNG's checksums take milliseconds).
+        self._pool = ThreadPoolExecutor(settings.shrink_workers, thread_name_prefix="shrink")
         self._threads = asyncio.Semaphore(settings.shrink_workers)  # FIFO for its waiters
         self.wait_s = settings.shrink_wait_s
         self.retry_after = {"Retry-After": str(settings.retry_after_s)}
@@ -51,15 +52,13 @@ class UploadShrinker:
     async def prepare(self, data: bytes | bytearray, explain: bool = False) -> bytes | bytearray:
         """The body to forward for this upload: itself, or its shrunk PNG; ClassifyError for an
         image the handler would refuse."""
-        if not self.enabled:
-            return data
         try:
             if len(data) <= self.min_bytes:
                 # The header (and a small PNG's checksums) only. Not an image: refused here with the
                 # handler's words, not forwarded (a JSON "image" would reach the handler as a v1/v2
                 # request of up to 64 images); a bomb: before any pixel is decoded.
                 img = open_upload(data)
-                if not worth_shrinking(img, len(data), self.min_bytes):
+                if not self._worth_shrinking(img, len(data)):
                     return data
                 return await self._in_pool(shrunk_png, img, explain)
             return await self._in_pool(self._shrink_large, data, explain)
@@ -79,10 +78,12 @@ class UploadShrinker:
         finally:
             self._threads.release()
 
+    def _worth_shrinking(self, img, size: int) -> bool:
+        return self.enabled and worth_shrinking(img, size, self.min_bytes)
+
     def _shrink_large(self, data: bytes | bytearray, explain: bool) -> bytes | bytearray:
-        img = open_upload(data)  # in the pool: a 10 MB PNG's checksums take milliseconds
-        return shrunk_png(img, explain) if worth_shrinking(img, len(data), self.min_bytes) else data
+        img = open_upload(data)
+        return shrunk_png(img, explain) if self._worth_shrinking(img, len(data)) else data
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -18,7 +18,7 @@ from PIL import Image
 from model.normalization import normalize  # noqa: F401 - the handler normalizes through here
 # The decoding rules, re-exported for the handler, the tests and the benchmarks.
 from serving.images import (  # noqa: F401
-    DECODE_MIN_SIDE, INPUT_SIZE, MAX_IMAGE_PIXELS, MAX_JPEG_PIXELS, ImageRequestError, check_png_checksums,
+    DECODE_MIN_SIDE, INPUT_SIZE, MAX_IMAGE_PIXELS, MAX_JPEG_PIXELS, ImageRequestError, check_png_chunks,
     check_request_pixels, decode_image, decode_opened, network_input, open_upload, picture_size)
 
 # Where an image may sit in a request: multipart field names, keys of a JSON object, and "body"

@@ -15,6 +15,9 @@ Limits (each refused with a 4xx before any pixel is decoded, the server keeps se
     their headers too;
   * formats: only ACCEPTED_FORMATS are opened (400 for the rest);
   * a JPEG of more than MAX_JPEG_SCANS scans is refused (400), counted on its markers;
+  * metadata read block by block (a JPEG's marker segments, a PNG's chunks, what precedes a GIF's first
+    picture, a PPM's header) is bounded before Pillow opens the file: a file of empty blocks would cost
+    by their count, not by its pixels (block_limit, MAX_PPM_HEADER_BYTES: 400);
   * EXIF metadata above MAX_EXIF_BYTES is refused (413), and a TIFF directory of more than
     MAX_TIFF_TAGS entries (400): of EXIF only the Orientation tag is read, by image_orientation.
 Cheap decoding: the network sees 32x32, so an image is decoded no larger than it needs. A JPEG is
@@ -67,8 +70,9 @@ DECODE_MIN_SIDE = 256
 INPUT_SIZE = 32  # the network was trained on 32x32 CIFAR images
 
 # --- shrinking uploads where they enter (the adapter; the page through GET /settings) -------------
-# Photo and screenshot formats, as Pillow names them, with the MIME types the page sees.
-SHRINK_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+# Photo and screenshot formats, as Pillow names them (MPO: a JPEG with multi-picture data, as phones write),
+# with the MIME types the page sees.
+SHRINK_FORMATS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 # Uploads larger than this, or with more pixels than SHRINK_MIN_PIXELS, are shrunk; smaller ones
 # cost less to carry than to shrink (a CIFAR-size PNG is ~3 KB).
 SHRINK_MIN_BYTES = 256 * 1024
@@ -103,6 +107,17 @@ MAX_JPEG_SCANS = 32
 # WebP's and AVIF's EXIF have no cap, and Pillow's EXIF code (ImageOps.exif_transpose, AVIF's opener)
 # took ~100 us per entry: a 240 KB PNG cost a worker 2 s, 720 KB 7 s (benchmarks/RESULTS.md, session 26).
 MAX_EXIF_BYTES = 64 * 1024
+# Metadata blocks read one by one in Python, by Pillow's openers and the walks here: a JPEG's marker segments
+# (~2 us each), a PNG's chunks (~3.5 us), a GIF's extension sub-blocks and stray bytes before its first picture
+# (~0.3 us). Padded with empty ones, 256 KB cost 76-130 ms against 1.2 ms for a PNG of real pixels, and a 10 MB
+# JPEG 4.5 s and +342 MB (benchmarks/RESULTS.md, session 41). A file may hold MAX_BLOCKS, or one per
+# BLOCK_BYTES of its size if more: real files hold tens (a PNG's image data comes in chunks of 8 KB or more, a
+# JPEG's large metadata in segments of up to 64 KB); then 10 MB of blocks cost ~45 ms at most.
+MAX_BLOCKS = 1024
+BLOCK_BYTES = 1024
+# A PPM's header (magic, sizes, maximum value, comments) is read a byte at a time (~0.3 us each): it must end
+# within this many bytes (netpbm writes ~15, GIMP ~60 with its comment).
+MAX_PPM_HEADER_BYTES = 4096
 # Entries in one directory of a TIFF (its first image's, and the Exif, GPS and Interop directories that
 # Pillow reads whole while loading it): real files have 10-150; Pillow's reader takes ~9 us per entry.
 MAX_TIFF_TAGS = 512
@@ -120,16 +135,30 @@ class ImageRequestError(ValueError):
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def check_png_checksums(data: bytes) -> None:
-    """Refuse a PNG whose chunk checksums are wrong (a corrupted upload or download).
+def block_limit(size: int) -> int:
+    """The metadata blocks a file of ``size`` bytes may hold (MAX_BLOCKS, BLOCK_BYTES)."""
+    return max(MAX_BLOCKS, size // BLOCK_BYTES)
 
-    Pillow checks them only for some chunks (and then says "cannot identify image file"); a bad
+
+def _too_many_blocks(what: str, size: int) -> ImageRequestError:
+    return ImageRequestError(400, f"{what} refused: more than {block_limit(size):,} in a file of {size:,} bytes "
+                                  f"(at most {MAX_BLOCKS:,}, or one per {BLOCK_BYTES} bytes; real files hold tens)")
+
+
+def check_png_chunks(data: bytes) -> None:
+    """Refuse a PNG whose chunk checksums are wrong (a corrupted upload or download), or of more chunks
+    than block_limit.
+
+    Pillow checks the checksums only for some chunks (and then says "cannot identify image file"); a bad
     image-data (IDAT) chunk would otherwise decode into wrong pixels and a confident wrong answer.
     """
     if not data.startswith(PNG_SIGNATURE):
         return
-    pos = len(PNG_SIGNATURE)
+    pos, chunks, limit = len(PNG_SIGNATURE), 0, block_limit(len(data))
     while pos + 12 <= len(data):
+        chunks += 1
+        if chunks > limit:
+            raise _too_many_blocks("PNG of this many chunks", len(data))
         length = int.from_bytes(data[pos:pos + 4], "big")
         end = pos + 12 + length  # length, type, payload, crc
         if end > len(data):
@@ -179,33 +208,83 @@ _SOS, _EOI = 0xDA, 0xD9
 _JPEG_SIGNATURE = b"\xff\xd8\xff"  # SOI and the next marker's 0xFF: how Pillow's JPEG opener knows one
 
 
-def jpeg_scans(data: bytes | bytearray) -> int:
-    """How many scans (SOS segments) a JPEG's first picture holds, counted on its markers: segments
-    skipped by their length, scans' entropy-coded data searched for the next marker. Stops at the
-    first picture's end (an MPO's other pictures, never decoded, come after it) or one scan past
-    MAX_JPEG_SCANS."""
-    scans, pos = 0, 2  # after SOI
-    while scans <= MAX_JPEG_SCANS:
+def jpeg_markers(data: bytes | bytearray) -> tuple[int, int]:
+    """(markers, scans): how many markers and scans (SOS segments) a JPEG's first picture holds, counted
+    on its markers: segments skipped by their length, scans' entropy-coded data searched for the next
+    marker. Stops at the first picture's end (an MPO's other pictures, never decoded, come after it), one
+    scan past MAX_JPEG_SCANS, or one marker past block_limit."""
+    markers, scans, pos, limit = 0, 0, 2, block_limit(len(data))  # after SOI
+    while scans <= MAX_JPEG_SCANS and markers <= limit:
         found = _NEXT_MARKER.search(data, pos)
         if found is None:
-            return scans
+            break
         marker, pos = found.group(1)[0], found.end()
         if marker == _EOI:
-            return scans
+            break
+        markers += 1
         if marker in _STANDALONE_MARKERS:
             continue
         if marker == _SOS:
             scans += 1
         pos += int.from_bytes(data[pos:pos + 2], "big")  # the segment's length counts its own 2 bytes
-    return scans
+    return markers, scans
 
 
-def _check_jpeg_scans(data: bytes | bytearray) -> None:
-    scans = jpeg_scans(data)
+def jpeg_scans(data: bytes | bytearray) -> int:
+    """How many scans a JPEG's first picture holds (jpeg_markers)."""
+    return jpeg_markers(data)[1]
+
+
+def _check_jpeg_markers(data: bytes | bytearray) -> None:
+    markers, scans = jpeg_markers(data)
     if scans > MAX_JPEG_SCANS:
         raise ImageRequestError(
             400, f"JPEG of more than {MAX_JPEG_SCANS} scans refused (encoders write at most 18; each "
                  "scan is decoded over the whole picture)")
+    if markers > block_limit(len(data)):
+        raise _too_many_blocks("JPEG of this many marker segments", len(data))
+
+
+_GIF_EXTENSION, _GIF_PICTURE, _GIF_TRAILER = 0x21, 0x2C, 0x3B
+
+
+def _check_gif_blocks(data: bytes | bytearray) -> None:
+    """Refuse a GIF with more than block_limit blocks before its first picture, as Pillow's opener reads
+    them: each extension's sub-blocks, and every stray byte (which it skips one at a time)."""
+    if len(data) < 13:
+        return  # Pillow says what is wrong
+    pos, blocks, limit = 13, 0, block_limit(len(data))
+    if data[10] & 0x80:  # a global colour table of 3 * 2**(n+1) bytes
+        pos += 3 << ((data[10] & 7) + 1)
+    while pos < len(data) and data[pos] not in (_GIF_PICTURE, _GIF_TRAILER):
+        if data[pos] == _GIF_EXTENSION:
+            pos += 2  # introducer, label
+            while pos < len(data) and blocks <= limit:
+                size = data[pos]
+                pos += 1 + size
+                blocks += 1
+                if size == 0:
+                    break
+        else:
+            pos += 1
+            blocks += 1
+        if blocks > limit:
+            raise _too_many_blocks("GIF of this many blocks before its first picture", len(data))
+
+
+_PPM_MAGIC = re.compile(rb"P[0-6fy]")  # Pillow's PPM opener's first bytes (its _accept)
+
+
+def _check_ppm_header(data: bytes | bytearray) -> None:
+    """Refuse a PPM whose header does not end within MAX_PPM_HEADER_BYTES: Pillow's own header reader run on
+    that many bytes must find it there."""
+    if len(data) <= MAX_PPM_HEADER_BYTES:
+        return  # its cost is bounded; Pillow says what is wrong
+    try:
+        Image.open(io.BytesIO(bytes(data[:MAX_PPM_HEADER_BYTES])), formats=("PPM",))
+    except Exception:  # noqa: BLE001 - Pillow's many error types: a header that does not end here
+        raise ImageRequestError(400, f"PPM header refused: it does not end within its first {MAX_PPM_HEADER_BYTES:,} "
+                                     "bytes (or is corrupt)") from None
 
 
 def _pixel_limit(image_format: str | None) -> tuple[int, str]:
@@ -445,22 +524,27 @@ def _check_avif_exif(data: bytes | bytearray) -> None:
 
 
 def open_upload(data: bytes) -> Image.Image:
-    """An upload's header, parsed and checked (PNG checksums, then the pixel limits); no pixel
+    """An upload's header, parsed and checked (its metadata blocks, PNG checksums, then the pixel limits); no pixel
     decoded yet. Refuses with the status and message the handler answers.
 
     (No warnings filter: Pillow only warns between 89 and 179 MP, far above these limits, which
     refuse such an image right after; a process-wide filter would not be thread-safe in the adapter.)
     """
-    check_png_checksums(data)
+    check_png_chunks(data)
     try:
-        if data[:4] in TIFF_PREFIXES:
+        # What Pillow's openers would read block by block, or parse at length, bounded before they do.
+        if data[:3] == _JPEG_SIGNATURE:
+            _check_jpeg_markers(data)
+        elif data[:3] == b"GIF":
+            _check_gif_blocks(data)
+        elif _PPM_MAGIC.match(data):
+            _check_ppm_header(data)
+        elif data[:4] in TIFF_PREFIXES:
             _check_tiff_metadata(data)
         elif data[4:8] == b"ftyp" and data[8:12] in AVIF_BRANDS:
             _check_avif_exif(data)
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         _check_pixel_limit(img)  # on the header, before decoding pixels
-        if img.format in JPEG_FORMATS:
-            _check_jpeg_scans(data)
     except Exception as err:  # noqa: BLE001 - every failure becomes the client's 4xx
         # Pillow refuses a canvas above ~179 MP while opening it, with no image to name the format by.
         raise _refusal(err, "JPEG" if data[:3] == _JPEG_SIGNATURE else None) from err
@@ -561,5 +645,5 @@ def page_image_rules() -> dict:
 
 def page_shrink_rules(min_bytes: int = SHRINK_MIN_BYTES) -> dict:
     """The page's part of the rules (GET /settings): which files it shrinks, to what, sent how."""
-    return {"types": sorted(SHRINK_FORMATS.values()), "min_bytes": min_bytes, "min_pixels": SHRINK_MIN_PIXELS,
+    return {"types": sorted(set(SHRINK_FORMATS.values())), "min_bytes": min_bytes, "min_pixels": SHRINK_MIN_PIXELS,
             "min_side": DECODE_MIN_SIDE, "type": PAGE_SHRINK_TYPE, "quality": PAGE_JPEG_QUALITY}

@@ -77,6 +77,20 @@ def jpeg_with_repeated_scans(img: Image.Image, repeats: int, **kwargs) -> bytes:
     return data[:end] + data[last_scan:end] * repeats + data[end:]
 
 
+def padded_with_empty_blocks(img: Image.Image, fmt: str, blocks: int) -> bytes:
+    """img as a PNG, JPEG or GIF with ``blocks`` empty metadata blocks before its pixels, each read one by one
+    by Pillow's opener: unknown PNG chunks, JPEG comment segments, or a GIF comment of 1-byte sub-blocks."""
+    data = encode(img, fmt)
+    if fmt == "PNG":
+        at = data.index(b"IDAT") - 4
+        empty = struct.pack(">I", 0) + b"abCd" + struct.pack(">I", zlib.crc32(b"abCd"))
+        return data[:at] + empty * blocks + data[at:]
+    if fmt == "JPEG":
+        return data[:2] + b"\xff\xfe\x00\x02" * blocks + data[2:]
+    at = 13 + ((3 << ((data[10] & 7) + 1)) if data[10] & 0x80 else 0)  # after the global colour table
+    return data[:at] + b"\x21\xfe" + b"\x01-" * (blocks - 1) + b"\x00" + data[at:]
+
+
 def decompression_bomb_png() -> bytes:
     """A real bomb: a ~40 KB PNG that decodes to 256 megapixels (16000 x 16000, one bit each)."""
     return encode(Image.new("1", (16000, 16000)), optimize=False)

@@ -9,14 +9,15 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from handler.preprocessing import (INLINE_DECODE_MAX_BYTES, INPUT_SIZE, MAX_IMAGE_PIXELS, ImageRequestError,
                                    decode_image, decodes_inline, image_bytes, image_to_tensor)
-from serving.images import MAX_EXIF_BYTES, MAX_JPEG_SCANS, MAX_TIFF_TAGS, jpeg_scans, open_upload
+from serving.images import (BLOCK_BYTES, MAX_BLOCKS, MAX_EXIF_BYTES, MAX_JPEG_SCANS, MAX_PPM_HEADER_BYTES,
+                            MAX_TIFF_TAGS, jpeg_markers, jpeg_scans, open_upload)
 from serving_helpers import (animated_gif, decompression_bomb_png, encode, exif_block, exif_rotated_jpeg, grey_tiff,
-                             jpeg_with_repeated_scans, oversized_png, png_declaring_size, png_with_bad_crc, png_with_exif,
-                             sixteen_bit_png)
+                             jpeg_with_repeated_scans, oversized_png, padded_with_empty_blocks, png_declaring_size,
+                             png_with_bad_crc, png_with_exif, sixteen_bit_png)
 
 
 def halves(size=(40, 20), left=(255, 0, 0), right=(0, 0, 255)) -> Image.Image:
@@ -343,6 +344,52 @@ def test_a_long_run_of_fill_bytes_in_a_jpeg_costs_the_scan_count_no_more_than_it
     started = time.perf_counter()
     assert jpeg_scans(hostile) == jpeg_scans(data) == 1
     assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF"])
+def test_a_file_of_empty_metadata_blocks_is_refused_before_pillow_reads_them(fmt):
+    # Pillow's openers read metadata block by block in Python: 256 KB of empty ones cost 76-130 ms, a 10 MB JPEG
+    # of them 4.5 s and +342 MB, on the adapter's loop or in a worker. At most MAX_BLOCKS (or one per BLOCK_BYTES).
+    own = {"PNG": 3, "JPEG": 9, "GIF": 0}[fmt]  # the image's own blocks: IHDR IDAT IEND; APP0 DQT x2 SOF DHT x4 SOS
+    picture = halves((64, 32))
+    hostile = padded_with_empty_blocks(picture, fmt, {"PNG": 200_000, "JPEG": 400_000, "GIF": 800_000}[fmt])
+    assert len(hostile) // BLOCK_BYTES > MAX_BLOCKS  # over 1 MB: its own size's allowance is the limit
+    with pytest.raises(ImageRequestError) as info:
+        decode_image(hostile)
+    assert info.value.status == 400 and "refused: more than" in info.value.message, info.value.message
+    assert f"more than {len(hostile) // BLOCK_BYTES:,} in a file of {len(hostile):,} bytes" in info.value.message
+    too_many = padded_with_empty_blocks(picture, fmt, MAX_BLOCKS - own + 1)
+    assert len(too_many) // BLOCK_BYTES < MAX_BLOCKS
+    with pytest.raises(ImageRequestError, match=f"more than {MAX_BLOCKS:,} in a file"):
+        open_upload(too_many)
+    at_limit = decode_image(padded_with_empty_blocks(picture, fmt, MAX_BLOCKS - own))
+    assert np.array_equal(np.asarray(at_limit), np.asarray(decode_image(encode(picture, fmt))))
+    if fmt == "JPEG":
+        assert jpeg_markers(padded_with_empty_blocks(picture, fmt, 10)) == (10 + own, 1)
+
+
+def test_a_large_png_may_hold_one_chunk_per_block_bytes(monkeypatch):
+    # Past MAX_BLOCKS, a file may hold a block per BLOCK_BYTES: a PNG's pixels in libpng's 8 KB chunks.
+    monkeypatch.setattr(ImageFile, "MAXBLOCK", 8192)
+    data = encode(noisy((1000, 3000)), compress_level=0)
+    chunks = data.count(b"IDAT")
+    assert MAX_BLOCKS < chunks < len(data) // BLOCK_BYTES, (chunks, len(data))
+    assert open_upload(data).size == (1000, 3000) and decode_image(data).size == (334, 1000)  # box-reduced by 3
+
+
+def test_a_ppm_header_must_end_within_its_first_bytes():
+    # Pillow reads a PPM's header a byte at a time: 256 KB of blanks in it cost 80 ms (10 MB: ~3 s).
+    pixels = b"\x10\x20\x30" * 4
+    for filler in (b" ", b"\n# a comment\n"):
+        long_header = b"P6" + filler * (2 * MAX_PPM_HEADER_BYTES // len(filler)) + b" 2 2 255\n" + pixels
+        with pytest.raises(ImageRequestError) as info:
+            decode_image(long_header + b"\x00" * MAX_PPM_HEADER_BYTES)
+        assert info.value.status == 400 and "PPM header refused" in info.value.message
+    # GIMP's header, and a short file whose long header costs little: decoded.
+    gimp = b"P6\n# Created by GIMP version 2.10.38 PNM plug-in\n2 2\n255\n" + pixels
+    assert decode_image(gimp + b"\x00" * MAX_PPM_HEADER_BYTES).getpixel((0, 0)) == (16, 32, 48)
+    short = b"P6" + b" " * (MAX_PPM_HEADER_BYTES - 30) + b" 2 2 255\n" + pixels
+    assert len(short) <= MAX_PPM_HEADER_BYTES and decode_image(short).getpixel((1, 1)) == (16, 32, 48)
 
 
 @pytest.mark.parametrize("mode,scans", [("RGB", 10), ("L", 6), ("CMYK", 18)])

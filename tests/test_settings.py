@@ -204,6 +204,9 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
     documented = {  # the constant, and how README states its number
         "MAX_JPEG_SCANS": (images.MAX_JPEG_SCANS, r"more than (\d+) scans, `MAX_JPEG_SCANS`", 1),
         "MAX_TIFF_TAGS": (images.MAX_TIFF_TAGS, r"more than (\d+) entries, `MAX_TIFF_TAGS`", 1),
+        "MAX_BLOCKS": (images.MAX_BLOCKS, r"more than (\d+) blocks, `MAX_BLOCKS`", 1),
+        "BLOCK_BYTES": (images.BLOCK_BYTES, r"one per (\d+) bytes of the file if that is more, `BLOCK_BYTES`", 1),
+        "MAX_PPM_HEADER_BYTES": (images.MAX_PPM_HEADER_BYTES, r"longer than (\d+) bytes, `MAX_PPM_HEADER_BYTES`", 1),
         "MAX_EXIF_BYTES": (images.MAX_EXIF_BYTES, r"over (\d+) KB, `MAX_EXIF_BYTES`", 1024),
         "MAX_REQUEST_PIXELS": (images.MAX_REQUEST_PIXELS, r"(\d+) MP to decode in all \(`MAX_REQUEST_PIXELS`", 10**6),
         "MAX_GRPC_PARAMETERS": (MAX_GRPC_PARAMETERS, r"`MAX_GRPC_PARAMETERS` \((\d+)\)", 1),

@@ -179,6 +179,26 @@ def test_small_files_other_formats_and_the_switch_keep_todays_path():
         decode_image(b"\x89PNG not really" * 40_000)
     assert (info.value.status_code, info.value.message) == (handler.value.status, handler.value.message) == (
         400, "not an image in a format the server reads (JPEG, PNG, GIF, WebP, AVIF, BMP, TIFF, PPM)")
+    # The same with SHRINK_UPLOADS=0: nothing is shrunk, but every upload's header is read (a JSON "image" went on,
+    # ran as up to 64 images, and came back as a 502 "no prediction").
+    for not_an_image in (json.dumps({"instances": ["aGVsbG8="] * 3}).encode(), b"{" + b" " * 2 * SHRINK_MIN_BYTES + b"}"):
+        with pytest.raises(ClassifyError) as off:
+            prepare(not_an_image, shrink_uploads=False)
+        assert (off.value.status_code, off.value.message) == (handler.value.status, handler.value.message)
+
+
+def test_a_phones_multi_picture_jpeg_is_shrunk_as_a_jpeg_is():
+    # MPO: a JPEG with multi-picture data (a second picture or a depth map after the first), as phones and
+    # cameras write; it went on whole (megabytes to TorchServe) while the same photo as a JPEG was shrunk.
+    photo = photo_like(3000, 2000)
+    out = io.BytesIO()
+    photo.save(out, "MPO", save_all=True, append_images=[photo.resize((300, 200))], quality=90)
+    mpo = out.getvalue()
+    assert open_upload(mpo).format == "MPO" and len(mpo) > SHRINK_MIN_BYTES
+    shrunk = prepare(mpo)
+    assert len(shrunk) < 4096
+    assert np.array_equal(np.asarray(decode_image(shrunk)), np.asarray(network_input(decode_image(mpo))))
+    assert page_shrink_rules()["types"] == ["image/jpeg", "image/png", "image/webp"]  # the page's: by MIME type
 
 
 def test_shrink_min_bytes_is_the_setting_not_the_default():
