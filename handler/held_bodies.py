@@ -29,6 +29,9 @@ from handler.protocols import logged_request_id
 from serving.clients import ForwardedClient, client_key, grpc_peer_host
 from serving.throttled_log import ThrottledLog
 
+# The one gRPC method that carries images: the message bound proper; every other call has a small bound of its own.
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
 logger = logging.getLogger("handler.held_bodies")
 
 
@@ -142,9 +145,10 @@ class HeldBytes:
 
 
 class GrpcMessageBound(aio.ServerInterceptor):
-    """gRPC's share of the bound, first among the server's interceptors: every unary call reserves
+    """gRPC's share of the bound, first among the server's interceptors: every ModelInfer call reserves
     ``max_message`` bytes of ``held`` before its message is read, then keeps the message's size until its
-    answer is sent. A call finds UNAVAILABLE (busy) when ``max_waiting`` calls already wait for their turn, or
+    answer is sent; every other unary call (health, metadata) does the same in ``others``, a bound of its own, so
+    that a probe never waits behind inference calls, stalled or under way, and they never wait behind probes. A call finds UNAVAILABLE (busy) when ``max_waiting`` calls already wait for their turn, or
     when its turn has not come within ``deadline_s``; DEADLINE_EXCEEDED when its message has not arrived
     within ``deadline_s`` of the call's start (a slow sender holds a reservation no longer; gRPC shows no
     progress within a message, so there is no rate to require as over REST). The call is read as
@@ -155,8 +159,10 @@ class GrpcMessageBound(aio.ServerInterceptor):
     share (that call: UNAVAILABLE at once)."""
 
     def __init__(self, held: HeldBytes, max_message: int, max_waiting: int, deadline_s: float,
-                 refused=lambda bound: None, clients: ForwardedClient | None = None, client_waiting: int | None = None):
+                 refused=lambda bound: None, clients: ForwardedClient | None = None, client_waiting: int | None = None,
+                 others: HeldBytes | None = None):
         self.held, self.max_message, self.max_waiting, self.deadline_s = held, max_message, max_waiting, deadline_s
+        self.others = others if others is not None else HeldBytes(held.limit, held.turns_per_owner)
         self.refused = refused  # called with the bound's setting (max_body_bytes_held, ...) per refusal
         self.refusals = ThrottledLog(logger)  # a flood: one line a second
         # Per-client shares (None: none): who a call's client is, and how many waiting places it keeps when the
@@ -168,26 +174,28 @@ class GrpcMessageBound(aio.ServerInterceptor):
         if handler is None or handler.request_streaming or handler.response_streaming:
             return handler
         answer, parse, method = handler.unary_unary, handler.request_deserializer, handler_call_details.method
+        bound, setting = (self.held, "max_body_bytes_held") if method == MODEL_INFER else (
+            self.others, "max_grpc_health_calls")
 
         async def bounded(_requests, context):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.deadline_s
             client = await self._client(context)
-            if not self.held.take_turn(self.max_message, client):  # its turn now, without a timer; else it waits
-                if self.held.waiting >= self.max_waiting and not (  # full: a place of a client past its share?
-                        client is not None and self.held.waiting_of(client) < self.client_waiting
-                        and self.held.make_room(self.client_waiting)):
-                    await self._refuse(context, method, "max_body_bytes_held", grpc.StatusCode.UNAVAILABLE,
-                                       self._busy(f"{self.held.waiting} calls wait"))
+            if not bound.take_turn(self.max_message, client):  # its turn now, without a timer; else it waits
+                if bound.waiting >= self.max_waiting and not (  # full: a place of a client past its share?
+                        client is not None and bound.waiting_of(client) < self.client_waiting
+                        and bound.make_room(self.client_waiting)):
+                    await self._refuse(context, method, setting, grpc.StatusCode.UNAVAILABLE,
+                                       self._busy(bound, f"{bound.waiting} calls wait"))
                 try:
                     async with asyncio.timeout_at(deadline):
-                        await self.held.reserve(self.max_message, client)
+                        await bound.reserve(self.max_message, client)
                 except TimeoutError:
-                    await self._refuse(context, method, "max_body_bytes_held", grpc.StatusCode.UNAVAILABLE,
-                                       self._busy(f"no turn came in {self.deadline_s:g} s"))
+                    await self._refuse(context, method, setting, grpc.StatusCode.UNAVAILABLE,
+                                       self._busy(bound, f"no turn came in {self.deadline_s:g} s"))
                 except TurnGivenUp:
                     await self._refuse(context, method, "max_client_share", grpc.StatusCode.UNAVAILABLE,
-                                       self._client_busy(client))
+                                       self._client_busy(bound, client))
             charged, in_turn = self.max_message, True
             try:
                 try:
@@ -197,10 +205,10 @@ class GrpcMessageBound(aio.ServerInterceptor):
                     await self._refuse(context, method, "body_timeout_s", grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"the request message did not arrive within {self.deadline_s:g} s")
                 in_turn = False
-                self.held.end_turn(client)
+                bound.end_turn(client)
                 if message is aio.EOF:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
-                self.held.give(charged - len(message))
+                bound.give(charged - len(message))
                 charged = len(message)
                 try:
                     request, refusal = (parse(message) if parse is not None else message), None
@@ -221,8 +229,8 @@ class GrpcMessageBound(aio.ServerInterceptor):
                     raise err.with_traceback(None)
             finally:
                 if in_turn:
-                    self.held.end_turn(client)
-                self.held.give(charged)
+                    bound.end_turn(client)
+                bound.give(charged)
 
         return grpc.stream_unary_rpc_method_handler(bounded, response_serializer=handler.response_serializer)
 
@@ -241,14 +249,15 @@ class GrpcMessageBound(aio.ServerInterceptor):
         forwarded = [value for name, value in context.invocation_metadata() or () if name == "x-forwarded-for"]
         return await self.clients.key(host, forwarded)
 
-    def _client_busy(self, client: str) -> str:
-        return (f"The model is busy with gRPC calls from your address ({client}): {self.held.turns_of(client)} are "
-                f"sending their messages and {self.held.waiting_of(client)} more wait for their turn, past its share "
+    def _client_busy(self, bound: HeldBytes, client: str) -> str:
+        return (f"The model is busy with gRPC calls from your address ({client}): {bound.turns_of(client)} are "
+                f"sending their messages and {bound.waiting_of(client)} more wait for their turn, past its share "
                 "(--max_client_share) while other clients wait; try again shortly.")
 
-    def _busy(self, why: str) -> str:
+    def _busy(self, bound: HeldBytes, why: str) -> str:
+        setting = "--max_body_bytes_held" if bound is self.held else "--max_grpc_health_calls"
         return (f"The model is busy: gRPC messages of up to {self.max_message} bytes each are held or reserved "
-                f"({self.held.held} of {self.held.limit} bytes, --max_body_bytes_held) and {why}; try again shortly.")
+                f"({bound.held} of {bound.limit} bytes, {setting}) and {why}; try again shortly.")
 
 
 def client_share(places: int, share: float) -> int:

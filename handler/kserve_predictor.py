@@ -102,6 +102,9 @@ MAX_GRPC_PARAMETERS = 64
 # Request bodies held at once over REST, from their first byte to their answer's end (--max_body_bytes_held): in
 # RawDeployment no queue-proxy bounds the connections, and 64 bodies of 11 MiB held the server at 2.35 GB.
 MAX_BODY_BYTES_HELD = 96 * 1024 * 1024
+# gRPC health and metadata calls read at once (--max_grpc_health_calls), beside the message bound: their messages
+# are empty or a name, yet gRPC could carry max_request_size in each; four cover a probe per kind and a metadata call.
+MAX_GRPC_HEALTH_CALLS = 4
 # One client's part of the gRPC message bound (--max_client_share): half, so that one client's stalled calls leave
 # the other half of the reservations and waiting places to everyone else.
 MAX_CLIENT_SHARE = 0.5
@@ -303,7 +306,8 @@ class PlainV2Route:
     KServe's pydantic request and answer models and ``jsonable_encoder`` (half the event loop's time
     per image at concurrency 16: benchmarks/RESULTS.md, session 22), still through ``Model.__call__``
     (KServe's latency histograms). Any other request, or a body that is not plain, goes on to
-    KServe's route, which answers it as before (its 422s)."""
+    KServe's route, which answers it as before (its 422s). A body sent without a Content-Type is taken
+    as JSON, on either way (KServe's route alone would take it for the binary extension's: a 400)."""
 
     def __init__(self, app, path: str, model: Model):
         self.app, self.path, self.model = app, path, model
@@ -313,6 +317,11 @@ class PlainV2Route:
             return await self.app(scope, receive, send)
         message = await receive()  # RequestChecks holds the whole body: one message
         content_type = next((value for name, value in scope["headers"] if name == b"content-type"), b"").decode("latin-1")
+        if not content_type.strip():
+            # A v2 body is JSON; KServe's route would read one sent without a type as the binary extension's.
+            content_type = "application/json"
+            scope = {**scope, "headers": [*(h for h in scope["headers"] if h[0] != b"content-type"),
+                                          (b"content-type", content_type.encode())]}
         try:
             if not is_json_type(content_type):
                 # KServe's route would read it as the binary extension's and say its header is missing.
@@ -333,8 +342,8 @@ class PlainV2Route:
 
 
 def is_json_type(content_type: str) -> bool:
-    """Whether FastAPI (KServe's v2 route) reads a body of this Content-Type as JSON: none given,
-    application/json, or application/*+json."""
+    """Whether a v2 body of this Content-Type is read as JSON: none given (PlainV2Route labels it JSON),
+    application/json, or application/*+json (FastAPI, KServe's v2 route)."""
     kind = content_type.split(";")[0].strip().lower()
     return not kind or kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
@@ -821,6 +830,10 @@ def main() -> None:
                              "(--max_body_bytes_held / the largest message) held at once and of the "
                              "--max_waiting_requests places to wait for one (one of each at least); past it, "
                              "UNAVAILABLE at once. 1: no per-client share")
+    parser.add_argument("--max_grpc_health_calls", type=positive_int, default=MAX_GRPC_HEALTH_CALLS,
+                        help="gRPC calls other than ModelInfer (health, metadata) whose messages may be read at "
+                             "once, each reserving the largest message as ModelInfer's do: a bound of their own, "
+                             "so that probes never wait behind inference calls")
     parser.add_argument("--trusted_proxies", default="",
                         help="comma-separated addresses or networks of proxies whose X-Forwarded-For names the "
                              "client of a gRPC call (its share), and whose REST connections count in no client's "
@@ -874,9 +887,11 @@ def main() -> None:
     rest_bodies = HeldBytes(args.max_body_bytes_held)
     grpc_messages = HeldBytes(args.max_body_bytes_held,
                               client_share(args.max_body_bytes_held // max_message, args.max_client_share))
+    grpc_health = HeldBytes(args.max_grpc_health_calls * max_message,
+                            client_share(args.max_grpc_health_calls, args.max_client_share))
     BODY_BYTES_HELD.labels("rest").set_function(lambda: rest_bodies.held)
-    BODY_BYTES_HELD.labels("grpc").set_function(lambda: grpc_messages.held)
-    GRPC_CALLS_WAITING.set_function(lambda: grpc_messages.waiting)
+    BODY_BYTES_HELD.labels("grpc").set_function(lambda: grpc_messages.held + grpc_health.held)
+    GRPC_CALLS_WAITING.set_function(lambda: grpc_messages.waiting + grpc_health.waiting)
     model_server.app.add_middleware(RequestChecks, max_bytes=limit, max_images=model.max_images, pace={
         "limit_s": args.body_timeout_s, "grace_s": args.min_rate_grace_s, "min_rate": args.min_upload_rate},
         bodies=rest_bodies)
@@ -885,7 +900,8 @@ def main() -> None:
     grpc_server.InferenceServicer = CIFAR100Servicer  # the servicer KServe's gRPC server builds at start
     grpc_server.aio = _AioBounded(GrpcMessageBound(
         grpc_messages, max_message, max_waiting, args.body_timeout_s, refused=lambda bound: REFUSED.labels(bound).inc(),
-        clients=ForwardedClient(trusted), client_waiting=client_share(max_waiting, args.max_client_share)),
+        clients=ForwardedClient(trusted), client_waiting=client_share(max_waiting, args.max_client_share),
+        others=grpc_health),
         grpc_connection_options(args.max_open_connections, args.header_timeout_s, model_server.args.timeout_keep_alive),
         args.host)
     rest_server.uvicorn = _UvicornGuarded(edge_protocol(edge), args.host)

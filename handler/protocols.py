@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import json
 import math
 import re
@@ -249,14 +250,28 @@ def parse_request(row: dict, max_images: int, headers: dict | None = None) -> Pa
 
 
 _STARTS_AS_JSON = re.compile(rb"[ \t\r\n]*[\[{]")
+_STARTS_AS_JSON_TEXT = re.compile(r"[ \t\r\n]*[\[{]")
+
+
+def _starts_as_json(body: bytes) -> bool:
+    """Whether json.loads could read ``body`` as an array or object: it takes UTF-8 with or without a
+    byte order mark, and UTF-16/32 (told by a BOM or by the nulls in the first bytes)."""
+    encoding = json.detect_encoding(body[:4])
+    if encoding == "utf-8":
+        return bool(_STARTS_AS_JSON.match(body))
+    if encoding == "utf-8-sig":
+        return bool(_STARTS_AS_JSON.match(body, len(codecs.BOM_UTF8)))
+    # UTF-16/32, rare: decoded whole (as json.loads would), whitespace before the first value has no bound.
+    return bool(_STARTS_AS_JSON_TEXT.match(body.decode(encoding, errors="ignore")))
 
 
 def refuse_json_flood(body: bytes, max_images: int) -> None:
     """ProtocolError(413) for a JSON body of more values than a request of ``max_images`` images holds,
     counted by its commas (C speed, no parsing): within max_request_size, a million tiny values cost
     json.loads seconds holding the GIL and the per-value checks after it far more (benchmarks/RESULTS.md,
-    session 26). A comma inside a string counts too: base64 has none, a data: URL one."""
-    if not _STARTS_AS_JSON.match(body):
+    session 26). A comma inside a string counts too: base64 has none, a data: URL one. A body in UTF-16/32
+    counts each comma once (its byte 0x2C)."""
+    if not _starts_as_json(body):
         return
     limit = max_images * JSON_COMMAS_PER_IMAGE + JSON_COMMAS_SPARE
     if (commas := body.count(b",")) > limit:

@@ -230,11 +230,6 @@ def jpeg_markers(data: bytes | bytearray) -> tuple[int, int]:
     return markers, scans
 
 
-def jpeg_scans(data: bytes | bytearray) -> int:
-    """How many scans a JPEG's first picture holds (jpeg_markers)."""
-    return jpeg_markers(data)[1]
-
-
 def _check_jpeg_markers(data: bytes | bytearray) -> None:
     markers, scans = jpeg_markers(data)
     if scans > MAX_JPEG_SCANS:

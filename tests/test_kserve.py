@@ -9,6 +9,7 @@ images; the reference answers come from the same network called in-process.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import shlex
 import subprocess
@@ -292,7 +293,12 @@ def test_a_json_body_of_more_values_than_its_images_need_is_refused_by_counting_
     refuse_json_flood(b"{" + b"," * limit + b"}", 64)
     refuse_json_flood(b"\x89PNG" + b"," * (limit + 1), 64)
     flood = json.dumps({"inputs": [{"name": "", "shape": [1], "datatype": "BYTES", "data": [""]}] * 2000}).encode()
-    for body in (b"{" + b"," * (limit + 1) + b"}", b" \r\n\t" + flood, flood):
+    refuse_json_flood(b"\x00\x00\x01\x00" + b"," * (limit + 1), 64)  # an icon's nulls: not UTF-32 JSON
+    # json.loads reads UTF-8 after a byte order mark, and UTF-16/32 with or without one: counted too.
+    text = flood.decode()
+    for body in (b"{" + b"," * (limit + 1) + b"}", b" \r\n\t" + flood, flood, codecs.BOM_UTF8 + flood,
+                 text.encode("utf-16"), text.encode("utf-16-be"), text.encode("utf-32"), text.encode("utf-32-le")):
+        assert body[:1] == b"{" or json.loads(body)
         with pytest.raises(ProtocolError) as err:
             refuse_json_flood(body, 64)
         assert err.value.status == 413 and f"above the limit of {limit}" in err.value.message

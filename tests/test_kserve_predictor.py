@@ -8,6 +8,7 @@ reference answers come from the same network and engine in-process.
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 import re
 import socket
@@ -219,6 +220,12 @@ def test_bodies_that_no_route_could_parse_get_a_400_that_says_why(kserve_predict
     v1 = client.post(f"{kserve_predictor.url}/v1/models/cifar100:predict", content=json.dumps({"instances": [good]}),
                      headers={"Content-Type": "application/x-www-form-urlencoded"})  # curl -d's type
     assert v1.status_code == 200 and v1.json()["predictions"][0]["label"], v1.text[:200]
+    # No Content-Type at all: read as JSON, on the plain route and KServe's (which took it for the binary
+    # extension's and answered 400 "'inference-header-content-length' header is missing").
+    for extra in ({}, {"parameters": {}}):
+        r = client.post(url, content=json.dumps({**v2_body([base64.b64decode(good)]), **extra}).encode())
+        assert "content-type" not in r.request.headers
+        assert r.status_code == 200 and r.json()["outputs"][0]["data"], (extra, r.text[:200])
     assert client.post(url, json=v2_body([base64.b64decode(good)])).status_code == 200
     assert kserve_predictor.process.poll() is None
 
@@ -1140,7 +1147,10 @@ def test_grpc_calls_wait_their_turn_for_the_message_bound_and_a_stalled_sender_l
     under 64 clients x 2 messages of 11 MiB the server peaked at 3.1 GB before. Here the bound is one largest
     message: a sender that stalls holds it, the next call waits its turn, one more than --max_waiting_requests
     is refused at once (UNAVAILABLE), REST has a bound of its own and is answered meanwhile, and the stalled
-    call gets DEADLINE_EXCEEDED at --body_timeout_s, when the waiting call is read and answered."""
+    call gets DEADLINE_EXCEEDED at --body_timeout_s, when the waiting call is read and answered. Health and
+    metadata calls have a bound of their own (--max_grpc_health_calls, here one call): answered at once while
+    ModelInfer's is full (they queued behind its stalled calls, then were refused), and a stalled probe makes
+    the next probe wait, not ModelInfer."""
     import grpc
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 
@@ -1149,7 +1159,8 @@ def test_grpc_calls_wait_their_turn_for_the_message_bound_and_a_stalled_sender_l
 
     largest = int(read_properties(bundle / "config" / "config.properties")["max_request_size"])
     predictor = KServePredictor(tmp_path, bundle, extra_args=[
-        f"--max_body_bytes_held={largest}", "--body_timeout_s=4", "--max_waiting_requests=1"]).start()
+        f"--max_body_bytes_held={largest}", "--body_timeout_s=4", "--max_waiting_requests=1",
+        "--max_grpc_health_calls=1"]).start()
     good = encode(cifar_pil(cifar100_test_split[0], 0))
     channel = grpc.insecure_channel(predictor.grpc_target)
     stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -1171,6 +1182,12 @@ def test_grpc_calls_wait_their_turn_for_the_message_bound_and_a_stalled_sender_l
             time.sleep(0.5)
             refused = over_grpc("one-more")
             rest = client.post(infer_url(predictor), json=v2_body([good]))
+            probes_started = time.monotonic()
+            probes = [stub.ServerLive(pb().ServerLiveRequest(), timeout=3).live,
+                      stub.ServerReady(pb().ServerReadyRequest(), timeout=3).ready,
+                      stub.ModelReady(pb().ModelReadyRequest(name="cifar100"), timeout=3).ready,
+                      stub.ModelMetadata(pb().ModelMetadataRequest(name="cifar100"), timeout=3).name == "cifar100"]
+            probes_took = time.monotonic() - probes_started
             during = bound_metrics(predictor)
             ended = seconds_until_stream_ends(stalled, timeout=10)
             waited = waiting.result(timeout=30)
@@ -1178,7 +1195,8 @@ def test_grpc_calls_wait_their_turn_for_the_message_bound_and_a_stalled_sender_l
         assert refused[0] == "UNAVAILABLE" and "busy" in refused[1] and "--max_body_bytes_held" in refused[1], refused
         assert refused[2] < 2, refused  # at once, not after a wait
         assert rest.status_code == 200, rest.text
-        assert ended is not None and ended < 4, ended  # its 4 s from its start: 1.5 + 0.5 + the REST call before
+        assert all(probes) and probes_took < 2, (probes, probes_took)
+        assert ended is not None and ended < 4, ended  # its 4 s from its start: 1.5 + 0.5 + the REST calls before
         assert waited[0] == "OK" and waited[2] > 1, waited  # answered once the stalled call let go of the bound
         assert over_grpc("after")[0] == "OK" and predictor.process.poll() is None
         # At /metrics: what the bound held while the stalled call had it, and what it refused, by setting.
@@ -1187,6 +1205,19 @@ def test_grpc_calls_wait_their_turn_for_the_message_bound_and_a_stalled_sender_l
                                             "body_timeout_s": 1}
         wait_for_log(predictor, "DEADLINE_EXCEEDED to /inference.GRPCInferenceService/ModelInfer")
         wait_for_log(predictor, "UNAVAILABLE to /inference.GRPCInferenceService/ModelInfer (request 'one-more')")
+        # A probe that stalls holds the health calls' one reservation: the next probe waits its turn, ModelInfer not.
+        stalled_probe = stalled_call("127.0.0.1", predictor.grpc_port, "/inference.GRPCInferenceService/ServerLive",
+                                     message_bytes=100_000, sent_bytes=1_000)
+        time.sleep(0.5)
+        with ThreadPoolExecutor(1) as pool:
+            probe_started = time.monotonic()
+            probe = pool.submit(lambda: stub.ServerLive(pb().ServerLiveRequest(), timeout=30).live)
+            inferred = over_grpc("beside a stalled probe")
+            probe_waited = (probe.result(timeout=30), time.monotonic() - probe_started)
+        stalled_probe.close()
+        assert inferred[0] == "OK" and inferred[2] < 2, inferred
+        assert probe_waited[0] and 2 < probe_waited[1] < 10, probe_waited  # the stalled one's 4 s deadline
+        wait_for_log(predictor, "DEADLINE_EXCEEDED to /inference.GRPCInferenceService/ServerLive")
     finally:
         channel.close()
         predictor.stop()
@@ -1478,9 +1509,12 @@ def test_a_request_of_many_tiny_parts_is_refused_on_counts_without_holding_up_th
         assert grpc_stub.ServerLive(pb().ServerLiveRequest(), timeout=120).live
 
     tiny = {"inputs": [{"name": "", "shape": [1], "datatype": "BYTES", "data": ["eA=="]}] * 100_000}
-    for body in (tiny, {**tiny, "parameters": {}},  # the plain route and KServe's
-                 {"inputs": [{"name": "image", "shape": [1_000_000], "datatype": "BYTES", "data": [""] * 1_000_000}]}):
-        data = json.dumps(body).encode()
+    bodies = [json.dumps(body) for body in (
+        tiny, {**tiny, "parameters": {}},  # the plain route and KServe's
+        {"inputs": [{"name": "image", "shape": [1_000_000], "datatype": "BYTES", "data": [""] * 1_000_000}]})]
+    # Python's JSON parser reads UTF-8 after a byte order mark and UTF-16/32 too: counted as well.
+    for data in (*(body.encode() for body in bodies), codecs.BOM_UTF8 + bodies[0].encode(),
+                 json.dumps({"inputs": tiny["inputs"][:20_000], "parameters": {}}).encode("utf-16")):
         r, delay = probe_delay_during(grpc_probe, lambda: client.post(
             infer_url(kserve_predictor), content=data, headers={"Content-Type": "application/json"}))
         assert delay < PROBE_DELAY_LIMIT_S, (delay, r.text[:300])

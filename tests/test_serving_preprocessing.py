@@ -14,7 +14,7 @@ from PIL import Image, ImageFile
 from handler.preprocessing import (INLINE_DECODE_MAX_BYTES, INPUT_SIZE, MAX_IMAGE_PIXELS, ImageRequestError,
                                    decode_image, decodes_inline, image_bytes, image_to_tensor)
 from serving.images import (BLOCK_BYTES, MAX_BLOCKS, MAX_EXIF_BYTES, MAX_JPEG_SCANS, MAX_PPM_HEADER_BYTES,
-                            MAX_TIFF_TAGS, jpeg_markers, jpeg_scans, open_upload)
+                            MAX_TIFF_TAGS, jpeg_markers, open_upload)
 from serving_helpers import (animated_gif, decompression_bomb_png, encode, exif_block, exif_rotated_jpeg, grey_tiff,
                              jpeg_with_repeated_scans, oversized_png, padded_with_empty_blocks, png_declaring_size,
                              png_with_bad_crc, png_with_exif, sixteen_bit_png)
@@ -329,7 +329,7 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
     assert time.perf_counter() - started < 0.5
     # At the limit it decodes (libjpeg warns of the repeated scans, the picture is right).
     at_limit = jpeg_with_repeated_scans(halves((64, 32)), MAX_JPEG_SCANS - 10)
-    assert jpeg_scans(at_limit) == MAX_JPEG_SCANS
+    assert jpeg_markers(at_limit)[1] == MAX_JPEG_SCANS
     out = np.asarray(decode_image(at_limit))
     assert out[16, 8, 0] > 180 and out[16, 56, 2] > 180
 
@@ -342,7 +342,7 @@ def test_a_long_run_of_fill_bytes_in_a_jpeg_costs_the_scan_count_no_more_than_it
     after_header = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
     hostile = data[:after_header] + b"\xff" * 65536 + b"\x00" + data[after_header:]  # \xff\x00: a stuffed 0xFF
     started = time.perf_counter()
-    assert jpeg_scans(hostile) == jpeg_scans(data) == 1
+    assert jpeg_markers(hostile)[1] == jpeg_markers(data)[1] == 1
     assert time.perf_counter() - started < 0.5
 
 
@@ -395,13 +395,13 @@ def test_a_ppm_header_must_end_within_its_first_bytes():
 @pytest.mark.parametrize("mode,scans", [("RGB", 10), ("L", 6), ("CMYK", 18)])
 def test_progressive_jpegs_as_encoders_write_them_decode(mode, scans):
     data = encode(halves((64, 32)).convert(mode), "JPEG", progressive=True)
-    assert jpeg_scans(data) == scans
+    assert jpeg_markers(data)[1] == scans
     assert decode_image(data).size == (64, 32)
     # Scans are counted on the markers: a scan marker's bytes inside a segment (an EXIF thumbnail, a
     # comment) are skipped with it; a baseline JPEG is one scan.
     exif = Image.Exif()
     exif[0x010E] = b"\xff\xda" * 100  # ImageDescription
-    assert jpeg_scans(encode(halves((64, 32)), "JPEG", exif=exif.tobytes())) == 1
+    assert jpeg_markers(encode(halves((64, 32)), "JPEG", exif=exif.tobytes()))[1] == 1
 
 
 def test_a_large_sixteen_bit_grey_image_is_reduced_not_refused():
