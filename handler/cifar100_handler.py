@@ -41,8 +41,8 @@ from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
 from handler.preprocessing import INPUT_SIZE, ImageRequestError, decoded_tensors, image_bytes, normalize, opened_images
 from handler.engine import serving_model
-from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, ProtocolError, encode_answer, logged_request_id,
-                               parse_request, with_heatmaps)
+from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, TORCHSERVE_DECODE_SETTING, ProtocolError,
+                               decoded_fields, encode_answer, logged_request_id, parse_request, with_heatmaps)
 from serving.settings import EXPLAINER_READY_LOG_LINE
 from model import check_class_count, load_class_names, network_from_state_dict
 
@@ -60,6 +60,8 @@ def not_per_batch_line(record: logging.LogRecord) -> bool:
 
 class CIFAR100Handler(BaseHandler):
     def initialize(self, context):
+        # This worker hands preprocess its requests' bytes; JSON is parsed there, after its values are counted.
+        os.environ[TORCHSERVE_DECODE_SETTING] = "false"
         model_cfg = getattr(context, "model_yaml_config", None) or {}  # model-config.yaml
         handler_cfg = model_cfg.get("handler") or {}
         if not (torch.cuda.is_available() and context.system_properties.get("gpu_id") is not None):
@@ -114,7 +116,9 @@ class CIFAR100Handler(BaseHandler):
         for idx, row in enumerate(data):
             request, images = None, []
             try:
-                request = parse_request(row, self.max_images, self.context.get_all_request_header(idx))
+                headers = self.context.get_all_request_header(idx)
+                row = decoded_fields(row, headers, self.max_images)
+                request = parse_request(row, self.max_images, headers)
                 opened = opened_images(request, request.images if request else [image_bytes(row)])
                 images, sizes = decoded_tensors(request, opened)
                 tensors.extend(images)

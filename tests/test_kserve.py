@@ -279,6 +279,27 @@ def test_a_request_of_exactly_the_image_limit_is_read_one_more_is_413():
     assert err.value.status == 413 and "65 images in one request, above the limit of 64" in err.value.message
 
 
+def test_torchserve_fields_are_decoded_as_its_worker_would_after_the_json_count():
+    """decoded_fields, for a TorchServe worker whose own decoding is off (TS_DECODE_INPUT_REQUEST=false): JSON
+    parsed by the field's content type (any charset), text decoded, an image and JSON that does not parse kept
+    as bytes, and a JSON field of more values than its images need refused before it is parsed."""
+    from handler.protocols import decoded_fields
+
+    body = {"instances": [b64(PNG)]}
+    headers = {"body": {"content-type": "application/json; charset=utf-8"}, "text": {"content-type": "text/plain"},
+               "image": {"content-type": "image/png"}, "broken": {"content-type": "application/json"},
+               "X-Request-ID": "7"}
+    row = {"body": bytearray(json.dumps(body).encode()), "text": b"aGk=", "image": bytearray(PNG),
+           "broken": b'{"instances": ['}
+    assert decoded_fields(row, headers, 64) == {"body": body, "text": "aGk=", "image": PNG, "broken": b'{"instances": ['}
+    assert decoded_fields(row, None, 64) == row  # no content types known: nothing decoded
+    flood = {"body": json.dumps({"instances": [[]] * 6000}).encode()}
+    with pytest.raises(ProtocolError) as err:
+        decoded_fields(flood, headers, 64)
+    assert err.value.status == 413 and "commas (values)" in err.value.message
+    assert decoded_fields(flood, headers, 6000)["body"]["instances"][0] == []
+
+
 def test_a_json_body_of_more_values_than_its_images_need_is_refused_by_counting_commas():
     """refuse_json_flood, before any parsing: within 16 MiB, 300,000 one-element inputs cost json.loads and the
     checks after it seconds of the event loop. A request of 64 images in tensors of their own is far below the
