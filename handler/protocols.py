@@ -4,7 +4,8 @@ answer in the request's own protocol. No torch here.
 Why the handler speaks them itself: TorchServe's envelopes (TS_SERVICE_ENVELOPE=kserve/kservev2)
 read only the first request of a batch, so an archive that batches breaks behind them. The KServe
 bundle turns the envelopes off (serving/kserve.py), and every request of a batch reaches the
-handler as ``{"body": <parsed JSON>}``, on /predictions/<name> as on /v1 and /v2 paths.
+handler as ``{"body": <JSON>}`` (parsed by ``decoded_fields`` once its values are counted), on
+/predictions/<name> as on /v1 and /v2 paths.
 
     v1  {"instances": [{"data": "<base64>"} | {"b64": "<base64>"} | "<base64>", ...]}
         -> {"predictions": [<the per-image answer>, ...]}
