@@ -419,6 +419,62 @@ def test_a_flood_of_the_largest_requests_leaves_torchserves_java_serving(torchse
                       headers=ts.key_file.header("inference"), timeout=60).status_code == 200
 
 
+def test_a_burst_of_the_largest_uploads_leaves_torchserve_able_to_take_them_again(torchserve_ready):
+    """Bodies arriving at TorchServe sit in Java's direct memory (-XX:MaxDirectMemorySize) until whole, and
+    a batch sent to a worker needs a direct copy of all its bodies. 64 of the largest uploads at once, the
+    workers stopped: more than TorchServe holds (503 past its queue, 507 past direct memory). With Netty's
+    pooled allocator the pool kept what the uploads had taken: later batches of large bodies could not be
+    copied to their worker, every request in them got 500 "Worker died." after responseTimeout (30 s) and
+    the workers were killed and restarted, batch after batch; a second burst got 507 on 60 of 64. With the
+    unpooled allocator (config.properties) the memory goes back as each upload ends: no 500, and large
+    uploads are taken as before."""
+    from serving.torchserve import read_properties
+
+    ts = torchserve_ready
+    _wait_for_ready_workers(ts)
+    java = ts.java_pid()
+    body = b"BM" + bytes(int(read_properties(ts.config_path)["max_request_size"]) - 64 * 1024 - 2)
+
+    def post_all(count: int) -> list:
+        answers: list = []
+
+        def post() -> None:
+            try:
+                r = httpx.post(ts.predictions_url, content=body, headers=ts.key_file.header("inference"), timeout=120)
+                answers.append(r.status_code)
+            except httpx.HTTPError as err:
+                answers.append(type(err).__name__)
+
+        senders = [threading.Thread(target=post) for _ in range(count)]
+        for sender in senders:
+            sender.start()
+        return senders, answers
+
+    workers = _worker_processes(ts)
+    for worker in workers:
+        worker.send_signal(signal.SIGSTOP)
+    try:
+        senders, burst = post_all(64)
+        wait_for(lambda: (_pending_requests(ts) or 0) >= 8, 30, "the requests queued")
+        time.sleep(2)
+    finally:
+        resumed_at = time.monotonic()
+        for worker in workers:
+            worker.send_signal(signal.SIGCONT)
+        for sender in senders:
+            sender.join(timeout=180)
+    took = time.monotonic() - resumed_at
+    _wait_for_ready_workers(ts)
+    assert ts.java_pid() == java, f"TorchServe's Java ended: {Counter(burst)}"
+    assert {503, 507} & set(burst), f"the burst fitted: the test's premise is gone: {Counter(burst)}"
+    assert set(burst) <= {400, 503, 507}, (Counter(burst), torchserve_log(ts.log_dir, "ts_log")[-2000:])
+    assert took < 20, f"the queued batches took {took:.0f} s after the workers ran (responseTimeout is 30 s)"
+    for _ in range(2):  # large uploads afterwards, in batches of up to 6: taken and answered as before
+        senders, after = post_all(6)
+        for sender in senders:
+            sender.join(timeout=120)
+        assert after == [400] * 6, Counter(after)
+
 # --- one error format ----------------------------------------------------------------------------
 
 MALFORMED = {
