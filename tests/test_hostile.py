@@ -17,7 +17,9 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import httpx
@@ -253,6 +255,22 @@ def _wait_for_ready_workers(ts, count: int = 2, timeout: float = 240) -> None:
     raise AssertionError(f"fewer than {count} workers READY after {timeout} s")
 
 
+@contextmanager
+def _workers_stopped(ts):
+    """TorchServe's workers stopped (SIGSTOP) for the block and run again (SIGCONT) however it ends; the value's
+    ``resumed_at`` is the moment just before they ran again."""
+    stopped = SimpleNamespace(resumed_at=None)
+    workers = _worker_processes(ts)
+    for worker in workers:
+        worker.send_signal(signal.SIGSTOP)
+    try:
+        yield stopped
+    finally:
+        stopped.resumed_at = time.monotonic()
+        for worker in workers:
+            worker.send_signal(signal.SIGCONT)
+
+
 @pytest.fixture
 def retry_adapter(torchserve, tmp_path):
     """Default deadlines and a log that is not rotated away under 400 requests: the retry's line stays."""
@@ -326,11 +344,8 @@ def test_worker_killed_with_a_batch_in_flight_loses_no_answer(retry_adapter, tor
 
 def test_stopped_workers_give_504_within_the_deadline_and_health_503(hostile_adapter, torchserve_ready, pngs):
     _wait_for_ready_workers(torchserve_ready)
-    workers = _worker_processes(torchserve_ready)
     assert httpx.get(f"{hostile_adapter.base_url}/health", timeout=10).status_code == 200
-    for worker in workers:
-        worker.send_signal(signal.SIGSTOP)
-    try:
+    with _workers_stopped(torchserve_ready):
         started = time.monotonic()
         r = classify(hostile_adapter.base_url, pngs[0])
         took = time.monotonic() - started
@@ -343,9 +358,6 @@ def test_stopped_workers_give_504_within_the_deadline_and_health_503(hostile_ada
         assert health.status_code == 503 and health.json()["status"] == "unavailable", health.text
         assert "not answering" in health.json()["error"]
         assert time.monotonic() - started < HEALTH_TIMEOUT_S + LATE_S
-    finally:
-        for worker in workers:
-            worker.send_signal(signal.SIGCONT)
     wait_for(lambda: httpx.get(f"{hostile_adapter.base_url}/health", timeout=10).status_code == 200, 60,
              "/health back to 200 after SIGCONT", interval_s=0.5)
     assert classify(hostile_adapter.base_url, pngs[1]).status_code == 200
@@ -390,26 +402,22 @@ def test_a_flood_of_the_largest_requests_leaves_torchserves_java_serving(torchse
         except httpx.HTTPError as err:
             statuses[type(err).__name__] += 1
 
-    workers = _worker_processes(ts)
-    for worker in workers:
-        worker.send_signal(signal.SIGSTOP)
     senders = [threading.Thread(target=post) for _ in range(clients)]
     try:
-        for sender in senders:
-            sender.start()
-            time.sleep(0.1)
-        # Within responseTimeout (30 s) of the workers' first batch: the queue as full as these clients make it.
-        wait_for(lambda: (_pending_requests(ts) or 0) >= min(queue_size, clients - in_batches) or not ts.is_running(),
-                 20, "TorchServe's queue full")
-        time.sleep(1)
+        with _workers_stopped(ts) as stopped:
+            for sender in senders:
+                sender.start()
+                time.sleep(0.1)
+            # Within responseTimeout (30 s) of the workers' first batch: the queue as full as these clients make it.
+            wait_for(lambda: (_pending_requests(ts) or 0) >= min(queue_size, clients - in_batches)
+                     or not ts.is_running(), 20, "TorchServe's queue full")
+            time.sleep(1)
     finally:
-        resumed_at = time.monotonic()
-        for worker in workers:
-            worker.send_signal(signal.SIGCONT)
         for sender in senders:
             sender.join(timeout=180)
         if ts.is_running():
             _wait_for_ready_workers(ts)
+    resumed_at = stopped.resumed_at
     assert ts.java_pid() == java, f"TorchServe's Java ended: {statuses}"
     assert set(statuses) <= {400, 503, 507} and statuses[400] >= queue_size, statuses
     # Those past the queue were refused at once: while the workers were still stopped, not once they ran again.
@@ -435,7 +443,8 @@ def test_a_burst_of_the_largest_uploads_leaves_torchserve_able_to_take_them_agai
     java = ts.java_pid()
     body = b"BM" + bytes(int(read_properties(ts.config_path)["max_request_size"]) - 64 * 1024 - 2)
 
-    def post_all(count: int) -> list:
+    def post_all(count: int) -> tuple[list[threading.Thread], list]:
+        """``count`` uploads of ``body`` at once: their threads (started) and their answers (as they come)."""
         answers: list = []
 
         def post() -> None:
@@ -450,20 +459,16 @@ def test_a_burst_of_the_largest_uploads_leaves_torchserve_able_to_take_them_agai
             sender.start()
         return senders, answers
 
-    workers = _worker_processes(ts)
-    for worker in workers:
-        worker.send_signal(signal.SIGSTOP)
+    senders: list[threading.Thread] = []
     try:
-        senders, burst = post_all(64)
-        wait_for(lambda: (_pending_requests(ts) or 0) >= 8, 30, "the requests queued")
-        time.sleep(2)
+        with _workers_stopped(ts) as stopped:
+            senders, burst = post_all(64)
+            wait_for(lambda: (_pending_requests(ts) or 0) >= 8, 30, "the requests queued")
+            time.sleep(2)
     finally:
-        resumed_at = time.monotonic()
-        for worker in workers:
-            worker.send_signal(signal.SIGCONT)
         for sender in senders:
             sender.join(timeout=180)
-    took = time.monotonic() - resumed_at
+    took = time.monotonic() - stopped.resumed_at
     _wait_for_ready_workers(ts)
     assert ts.java_pid() == java, f"TorchServe's Java ended: {Counter(burst)}"
     assert {503, 507} & set(burst), f"the burst fitted: the test's premise is gone: {Counter(burst)}"
