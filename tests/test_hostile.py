@@ -429,13 +429,14 @@ def test_a_flood_of_the_largest_requests_leaves_torchserves_java_serving(torchse
 
 def test_a_burst_of_the_largest_uploads_leaves_torchserve_able_to_take_them_again(torchserve_ready):
     """Bodies arriving at TorchServe sit in Java's direct memory (-XX:MaxDirectMemorySize) until whole, and
-    a batch sent to a worker needs a direct copy of all its bodies. 64 of the largest uploads at once, the
-    workers stopped: more than TorchServe holds (503 past its queue, 507 past direct memory). With Netty's
-    pooled allocator the pool kept what the uploads had taken: later batches of large bodies could not be
-    copied to their worker, every request in them got 500 "Worker died." after responseTimeout (30 s) and
-    the workers were killed and restarted, batch after batch; a second burst got 507 on 60 of 64. With the
-    unpooled allocator (config.properties) the memory goes back as each upload ends: no 500, and large
-    uploads are taken as before."""
+    a batch sent to a worker needs a direct copy of all its bodies. 96 of the largest uploads at once, the
+    workers stopped: more than TorchServe holds (503 past its queue; past direct memory 507, or the upload's
+    connection closed when the memory ran out while it was read). With Netty's pooled allocator the pool
+    kept what the uploads had taken: later batches of large bodies could not be copied to their worker,
+    every request in them got 500 "Worker died." after responseTimeout (30 s) and the workers were killed
+    and restarted, batch after batch; a second burst got 507 on 60 of 64. With the unpooled allocator
+    (config.properties) the memory goes back as each upload ends: at most the batch sent while the burst
+    still fills it fails, and large uploads are taken as before."""
     from serving.torchserve import read_properties
 
     ts = torchserve_ready
@@ -451,6 +452,10 @@ def test_a_burst_of_the_largest_uploads_leaves_torchserve_able_to_take_them_agai
             try:
                 r = httpx.post(ts.predictions_url, content=body, headers=ts.key_file.header("inference"), timeout=120)
                 answers.append(r.status_code)
+            except httpx.TimeoutException as err:
+                answers.append(type(err).__name__)
+            except httpx.TransportError:  # past direct memory TorchServe may close an upload's connection, not 507
+                answers.append("closed")
             except httpx.HTTPError as err:
                 answers.append(type(err).__name__)
 
@@ -462,7 +467,7 @@ def test_a_burst_of_the_largest_uploads_leaves_torchserve_able_to_take_them_agai
     senders: list[threading.Thread] = []
     try:
         with _workers_stopped(ts) as stopped:
-            senders, burst = post_all(64)
+            senders, burst = post_all(96)
             wait_for(lambda: (_pending_requests(ts) or 0) >= 8, 30, "the requests queued")
             time.sleep(2)
     finally:
@@ -471,9 +476,14 @@ def test_a_burst_of_the_largest_uploads_leaves_torchserve_able_to_take_them_agai
     took = time.monotonic() - stopped.resumed_at
     _wait_for_ready_workers(ts)
     assert ts.java_pid() == java, f"TorchServe's Java ended: {Counter(burst)}"
-    assert {503, 507} & set(burst), f"the burst fitted: the test's premise is gone: {Counter(burst)}"
-    assert set(burst) <= {400, 503, 507}, (Counter(burst), torchserve_log(ts.log_dir, "ts_log")[-2000:])
-    assert took < 20, f"the queued batches took {took:.0f} s after the workers ran (responseTimeout is 30 s)"
+    assert {507, "closed"} & set(burst), f"direct memory never filled: the test's premise is gone: {Counter(burst)}"
+    assert set(burst) <= {400, 500, 503, 507, "closed"}, Counter(burst)
+    # A batch sent while the burst still filled direct memory may fail once (500 after responseTimeout: 1 run
+    # in 9 of 64 uploads); batch after batch, as with the pooled allocator (20 of 96, 65 s), it may not.
+    config = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
+    in_batches = config["maxWorkers"] * config["batchSize"]
+    assert Counter(burst)[500] <= in_batches, (Counter(burst), torchserve_log(ts.log_dir, "ts_log")[-2000:])
+    assert took < config["responseTimeout"] + 20, f"the queued batches took {took:.0f} s after the workers ran"
     for _ in range(2):  # large uploads afterwards, in batches of up to 6: taken and answered as before
         senders, after = post_all(6)
         for sender in senders:
