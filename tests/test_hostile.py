@@ -490,6 +490,39 @@ def test_a_burst_of_the_largest_uploads_leaves_torchserve_able_to_take_them_agai
             sender.join(timeout=120)
         assert after == [400] * 6, Counter(after)
 
+def test_as_many_of_the_largest_uploads_as_kserve_lets_into_a_pod_are_all_answered(torchserve_ready):
+    """KServe's queue-proxy lets containerConcurrency requests into a TorchServe pod at once
+    (deploy/kserve/inferenceservice.yaml, sized against direct memory: tests/test_kserve_manifests.py). That
+    many of the largest uploads at once, three times, the workers stopped while they arrive: each is queued and
+    answered by the handler (400, not an image), none refused (503, 507), closed or lost with its batch (500)."""
+    from serving.torchserve import read_properties
+
+    ts = torchserve_ready
+    _wait_for_ready_workers(ts)
+    manifest = yaml.safe_load((REPO / "deploy" / "kserve" / "inferenceservice.yaml").read_text())
+    concurrency = manifest["spec"]["predictor"]["containerConcurrency"]
+    body = b"BM" + bytes(int(read_properties(ts.config_path)["max_request_size"]) - 64 * 1024 - 2)
+    for _ in range(3):
+        answers: Counter = Counter()
+
+        def post() -> None:
+            try:
+                r = httpx.post(ts.predictions_url, content=body, headers=ts.key_file.header("inference"), timeout=120)
+                answers[r.status_code] += 1
+            except httpx.HTTPError as err:
+                answers[type(err).__name__] += 1
+
+        senders = [threading.Thread(target=post) for _ in range(concurrency)]
+        try:
+            with _workers_stopped(ts):
+                for sender in senders:
+                    sender.start()
+                wait_for(lambda: (_pending_requests(ts) or 0) >= concurrency - 2, 30, "the uploads queued")
+        finally:
+            for sender in senders:
+                sender.join(timeout=120)
+        assert answers == {400: concurrency}, answers
+
 # --- one error format ----------------------------------------------------------------------------
 
 MALFORMED = {

@@ -4,6 +4,7 @@ than at `kubectl apply` time, and the settings the README promises are in them."
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import yaml
 import kserve_types
 from kserve_types import ManifestError, build, errors_of
 from manifest_probes import REST_PORT, LiveRoute, liveness_probe, run_exec_probe
+from torchserve_memory import room_for_arrivals_mib
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = {"cpu": REPO / "deploy" / "kserve" / "inferenceservice.yaml",
@@ -91,6 +93,24 @@ def test_canary_sends_a_share_to_the_new_bundle_and_keeps_the_rest_on_the_old():
     del same["spec"]["predictor"]["canaryTrafficPercent"]
     model_of(same)["storageUri"] = model_of(load("cpu"))["storageUri"]
     assert same == load("cpu")
+
+
+@pytest.mark.parametrize("kind", list(MANIFESTS))
+def test_the_requests_let_into_a_torchserve_pod_fit_its_direct_memory_beside_the_batches(kind):
+    """KServe's wrapper forwards every request it is given to TorchServe, which holds each body in Java's direct
+    memory while it arrives, beside each worker's batch being copied to it: 96 of the largest at once lost
+    batches (500 after responseTimeout; tests/test_hostile.py). Knative's queue-proxy lets containerConcurrency
+    requests into the pod at once; that many of the bundle's largest requests fit, and TorchServe's queue
+    takes them all (none answered 503 that the autoscaler would not count)."""
+    from serving.kserve import bundle_properties
+
+    props = bundle_properties("test")
+    snapshot = json.loads(props["model_snapshot"])["models"]["cifar100"]["test"]
+    concurrency = build(load(kind)).spec.predictor.container_concurrency
+    assert concurrency, f"{kind} lets any number of requests into a pod"
+    room = room_for_arrivals_mib(props, snapshot["maxWorkers"], snapshot["batchSize"])
+    assert concurrency * int(props["max_request_size"]) / 2**20 <= room, (concurrency, room)
+    assert concurrency <= int(props["job_queue_size"]) + snapshot["maxWorkers"] * snapshot["batchSize"]
 
 
 @pytest.mark.parametrize("path, port", [*((path, "8082") for path in MANIFESTS.values()),  # the bundle's metrics_address

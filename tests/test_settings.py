@@ -13,6 +13,7 @@ import yaml
 from adapter.config import Settings
 from serving import settings
 from serving.torchserve import BASE_CONFIG, default_instance
+from torchserve_memory import jvm_flag_mib, room_for_arrivals_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,10 +36,6 @@ def test_adapter_defaults_come_from_the_settings_module():
     assert s.management_url.endswith(f":{settings.TORCHSERVE_PORTS['management']}")
 
 
-def _mib(size: str) -> float:
-    return float(size[:-1]) * {"m": 1, "g": 1024}[size[-1].lower()]
-
-
 def test_torchserves_heap_holds_every_body_it_may_hold_at_once():
     """config.properties' arithmetic: Java exits when its heap runs out, so the largest requests waiting
     (job_queue_size), in the workers' batches (with each batch's encoded copy) and being copied out of
@@ -49,7 +46,7 @@ def test_torchserves_heap_holds_every_body_it_may_hold_at_once():
     props = read_properties(BASE_CONFIG)
     config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
     request_mib = int(props["max_request_size"]) / 2**20
-    heap_mib = _mib(next(flag[len("-Xmx"):] for flag in props["vmargs"].split() if flag.startswith("-Xmx")))
+    heap_mib = jvm_flag_mib(props["vmargs"], "-Xmx")
     netty_threads = 4  # Netty's default: twice the cores of this 2-core host
     in_batches = config["maxWorkers"] * config["batchSize"] * 2  # each body, and the batch's encoded copy
     held = (int(props["job_queue_size"]) + in_batches + netty_threads) * request_mib
@@ -59,6 +56,18 @@ def test_torchserves_heap_holds_every_body_it_may_hold_at_once():
     usable_mib = heap_mib * (1 - 2 / 30)
     assert held + 100 <= usable_mib, (held, usable_mib)
     assert int(props["max_request_size"]) > settings.MAX_UPLOAD_BYTES
+
+
+def test_what_the_adapter_forwards_at_once_fits_torchserves_direct_memory_beside_the_batches():
+    """Bodies arriving at TorchServe and each worker's batch copied to it share Java's direct memory; 96 of the
+    largest uploads at once straight to TorchServe lost batches (tests/test_hostile.py). The adapter forwards
+    at most MAX_BYTES_IN_FLIGHT of bodies at once (a 504's stay counted until TorchServe's responseTimeout), so
+    through it they always fit."""
+    from serving.torchserve import read_properties
+
+    config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+    room = room_for_arrivals_mib(read_properties(BASE_CONFIG), config["maxWorkers"], config["batchSize"])
+    assert Settings().max_bytes_in_flight / 2**20 <= room, room
 
 
 def test_the_page_carries_no_copy_of_the_upload_limit():
