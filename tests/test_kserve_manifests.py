@@ -103,9 +103,10 @@ def test_the_requests_let_into_a_torchserve_pod_fit_its_direct_memory_beside_the
     requests into the pod at once; that many of the bundle's largest requests fit, and TorchServe's queue
     takes them all (none answered 503 that the autoscaler would not count)."""
     from serving.kserve import bundle_properties
+    from serving.settings import MODEL_NAME
 
     props = bundle_properties("test")
-    snapshot = json.loads(props["model_snapshot"])["models"]["cifar100"]["test"]
+    snapshot = json.loads(props["model_snapshot"])["models"][MODEL_NAME]["test"]
     concurrency = build(load(kind)).spec.predictor.container_concurrency
     assert concurrency, f"{kind} lets any number of requests into a pod"
     room = room_for_arrivals_mib(props, snapshot["maxWorkers"], snapshot["batchSize"])
