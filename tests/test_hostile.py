@@ -390,7 +390,7 @@ def test_a_flood_of_the_largest_requests_leaves_torchserves_java_serving(torchse
     config = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
     in_batches = config["maxWorkers"] * config["batchSize"]  # taken by the stopped workers
     clients = 48
-    body = b"BM" + bytes(int(props["max_request_size"]) - 64 * 1024)  # not an image: 400 once a worker reads it
+    body = _largest_body(ts)
     statuses: Counter = Counter()
     refused_at: list[float] = []  # when each 503 came
 
