@@ -17,7 +17,7 @@
                       rendered again only once something was recorded, or after RENDER_REUSE_S)
     GET  /            the drag-and-drop page (frontend/; adapter/page.py: its headers, no-cache and CSP)
 
-Every error is {"error": "..."} with its status: 400 no `image` field / empty / not an image /
+Every error is {"error": "..."} with its status: 400 no `image` field or two / empty / not an image /
 not valid HTTP, 408 body (or head) slower than its deadline, 413 larger than MAX_UPLOAD_BYTES
 (refused while reading, see upload.py), 414/431 URL or headers too large, 404/405 unknown route or
 method (405 with the right Allow), 503 busy (with Retry-After: too many uploads in flight, or

@@ -14,7 +14,8 @@ body is fed chunk by chunk to python-multipart's streaming parser and counted as
     of the boundary (`\r\n--aX` repeated, boundary `a`) start no part but cost the parser 0.8 s of
     CPU per MB; in a valid form each delimiter starts or ends a part;
   * the boundary has 1-70 characters (RFC 2046): python-multipart fails on one over 256.
-Only the `image` part is kept (in memory: at most `max_upload_bytes`); other parts are skipped.
+Only the `image` part is kept (in memory: at most `max_upload_bytes`); other parts are skipped. A second
+`image` part is refused (400): the seed answered for the last one silently, the caller meant one of them.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class _DelimiterCount:
 
 
 class _ImageCollector:
-    """python-multipart callbacks that keep the first `image` part, count its bytes and the parts."""
+    """python-multipart callbacks that keep the `image` part, count its bytes and the parts."""
 
     def __init__(self, max_bytes: int, max_parts: int):
         self.max_bytes = max_bytes
@@ -114,7 +115,10 @@ class _ImageCollector:
 
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
-        if options.get(b"name") == IMAGE_FIELD.encode() and self.image is None:
+        if options.get(b"name") == IMAGE_FIELD.encode():
+            if self.image is not None:
+                raise ClassifyError(400, f"The form has more than one field named '{IMAGE_FIELD}': "
+                                         "send one image per request.")
             self._buffer = bytearray()
 
     @property

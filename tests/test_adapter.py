@@ -116,10 +116,13 @@ def test_jpeg_and_no_trailing_slash(adapter, torchserve_ready, cifar100_test_spl
 @pytest.mark.parametrize("request_kwargs, words", [
     ({"files": {"photo": ("a.png", b"x", "image/png")}}, "field named 'image'"),  # wrong field name
     ({"files": {"image": ("a.png", b"", "image/png")}}, "empty"),
+    # The seed answered for the last of them silently; which one the caller meant is theirs to say.
+    ({"files": [("image", ("a.png", b"x", "image/png")), ("image", ("b.png", b"y", "image/png"))]},
+     "more than one field named 'image'"),
     ({"content": b'{"image": "x"}', "headers": {"content-type": "application/json"}}, "multipart/form-data"),
     ({"data": {"image": "just text"}}, "multipart/form-data"),  # a urlencoded form
     ({"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=x"}}, ""),
-], ids=["no-image-field", "empty-file", "json-body", "urlencoded", "malformed-multipart"])
+], ids=["no-image-field", "empty-file", "two-image-fields", "json-body", "urlencoded", "malformed-multipart"])
 def test_bad_requests_are_400_in_seed_shape(adapter, request_kwargs, words):
     r = httpx.post(f"{adapter.base_url}/classify/", timeout=30, **request_kwargs)
     assert r.status_code == 400, r.text
