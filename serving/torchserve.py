@@ -258,7 +258,7 @@ class TorchServeInstance:
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         """Block until a worker is READY; on failure raise with the tail of the server's logs. Fails early when the
-        model fails to load repeatedly (TorchServe retries a crashing worker until the timeout)."""
+        model fails to load repeatedly (TorchServe retries a crashing worker without end)."""
         last = "not started"
         since = self.ts_log_offset if self.ts_log_offset is not None else self.ts_log_size()
 
