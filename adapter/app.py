@@ -7,7 +7,9 @@
     GET  /classes     the 100 things the model knows: [{"index", "label", "name"}]
     GET  /settings    what the page checks before uploading: {"max_upload_bytes", "top_k", "images"
                       (the formats read and the pixel limits, serving/images.py), "shrink" (which
-                      photos it shrinks before uploading, and how; null: none)}
+                      photos it shrinks before uploading, and how; null: none), "explain" (false once
+                      the model server has answered that it gives no explanations: an OIP server
+                      without KServe's explainer, 501; the page then offers no "Why?")}
                       `prediction` is the seed's key and display rule (label, `_` as spaces, first
                       letter capital); the other keys are additions.
     GET  /health      200 {"status": "ok", ...} when the model can answer now, else
@@ -128,6 +130,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.in_flight = InFlight(settings.max_requests_in_flight, settings.max_bytes_in_flight)
     app.state.explanations = Explanations(settings)
+    # Whether "Why?" may be offered: TorchServe and KServe's own model server explain, a bare OIP server
+    # cannot (501, adapter/oip.py); which one answers is known only once it was asked.
+    app.state.explains = True
     app.state.metrics = metrics
     if metrics is not None:
         metrics.watch_in_flight(app.state.in_flight)
@@ -189,7 +194,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             image = await request.app.state.shrinker.prepare(upload.data, explain=True)
             async with explanations.turn(share):  # (kept, with the share, after a 504 while TorchServe may run it)
                 with held_by_model_server(request.scope, len(image)):
-                    answer = await request.app.state.torchserve.predict(image, explain=True)
+                    try:
+                        answer = await request.app.state.torchserve.predict(image, explain=True)
+                    except ClassifyError as err:
+                        if err.status_code == 501:  # it never will: GET /settings tells the page
+                            request.app.state.explains = False
+                        raise
         return JSONResponse({**classify_answer(answer, started), "heatmap": answer["heatmap"]})
 
     app.add_api_route("/explain/", explain, methods=["POST"], openapi_extra=upload_body,
@@ -210,7 +220,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def page_settings(request: Request) -> JSONResponse:
         # The page asks instead of carrying its own copy of the limits.
         return JSONResponse({"max_upload_bytes": settings.max_upload_bytes, "top_k": TOP_K,
-                             "images": image_rules, "shrink": request.app.state.shrinker.page_rules()})
+                             "images": image_rules, "shrink": request.app.state.shrinker.page_rules(),
+                             "explain": request.app.state.explains})
     # The page is mounted at "/" and would swallow what the routes do not match: the slash
     # redirect (answer "/classify" and "/explain" too) and the 405 for other methods (say it here).
     app.add_api_route("/classify", classify, methods=["POST"], include_in_schema=False)

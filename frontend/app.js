@@ -3,8 +3,8 @@
 // top-5 bars, saying so plainly when the model is unsure. "Why?" asks POST {apiBase}/explain/ for
 // the answer's Grad-CAM heatmap and lays it over the preview; GET {apiBase}/classes lists the 100
 // things the model knows; GET {apiBase}/settings gives the upload and pixel limits checked before
-// sending (the pixels before showing) and the rules for shrinking a large photo here, before it is
-// uploaded (the preview stays full-size).
+// sending (the pixels before showing), the rules for shrinking a large photo here, before it is
+// uploaded (the preview stays full-size), and whether the server explains ("Why?" offered).
 "use strict";
 
 (function () {
@@ -42,7 +42,8 @@
   }
 
   // Where the API lives: window.CIFAR100_CONFIG.apiBase beats <meta name="api-base"> beats ?api=...;
-  // none: this page's own server. ?api= is for a copy of the page hosted elsewhere: the adapter's
+  // none: this page's own server, under the page's own path (an adapter published at https://host/cifar/
+  // is asked at /cifar/classify/, not at the host's /classify/). ?api= is for a copy of the page hosted elsewhere: the adapter's
   // own page (which the adapter marks <meta name="page-server" content="adapter">, adapter/page.py)
   // ignores it, as does a copy that names its API itself, or a crafted link would send users'
   // photos to another server and show its answers here.
@@ -50,7 +51,7 @@
     const configured = (window.CIFAR100_CONFIG && window.CIFAR100_CONFIG.apiBase) || metaContent("api-base");
     const fromQuery = metaContent("page-server") === "adapter" ? ""
       : httpAddress(new URLSearchParams(window.location.search).get("api") || "");
-    return (configured || fromQuery || "").replace(/\/+$/, "");
+    return (configured || fromQuery || new URL(".", window.location.href).pathname).replace(/\/+$/, "");
   })();
 
   // How long the page waits for GET /settings before it goes on without them, and for every other
@@ -60,13 +61,32 @@
   const SETTINGS_DEADLINE_S = 3;
   const ANSWER_DEADLINE_S = 60;
 
-  // The adapter's limits (GET {apiBase}/settings: max_upload_bytes, top_k, images, shrink), asked once
+  // The adapter's limits (GET {apiBase}/settings: max_upload_bytes, top_k, images, shrink, explain), asked
   // at start so that a too-large file is refused before it is sent (after its preview and an attempt to
-  // shrink it) and a large photo is shrunk first.
-  // Unreachable or slow: no check and no shrinking here, the adapter's own 413 still answers.
-  const serverSettings = fetch(`${apiBase}/settings`, { signal: AbortSignal.timeout(SETTINGS_DEADLINE_S * 1000) })
-    .then((response) => (response.ok ? response.json() : {}))
-    .catch(() => ({}));
+  // shrink it) and a large photo is shrunk first. Unreachable or slow: this picture goes without them (the
+  // adapter's own 413 still answers), and the next one asks again: a failure is not kept for the visit.
+  let settingsAsked = null; // the answer's promise (of null when it failed); null: ask at the next picture
+  let explainOffered = true; // false once the server said it gives no explanations ("Why?" hidden)
+
+  function askSettings() {
+    const asked = fetch(`${apiBase}/settings`, { signal: AbortSignal.timeout(SETTINGS_DEADLINE_S * 1000) })
+      .then((response) => (response.ok ? response.json() : null))
+      .then((settings) => (settings && typeof settings === "object" ? settings : null))
+      .catch(() => null);
+    asked.then((settings) => {
+      if (!settings && settingsAsked === asked) settingsAsked = null;
+      if (settings && settings.explain === false) explainOffered = false;
+    });
+    return asked;
+  }
+
+  // The settings, or {} when they could not be had within SETTINGS_DEADLINE_S (an answer on its way is
+  // waited for, not asked again).
+  async function serverSettings() {
+    settingsAsked = settingsAsked || askSettings();
+    return (await settingsAsked) || {};
+  }
+  settingsAsked = askSettings();
 
   function formatBytes(n) {
     return n >= 1024 * 1024 ? `${(n / (1024 * 1024)).toFixed(1)} MB` : `${Math.ceil(n / 1024)} KB`;
@@ -86,7 +106,29 @@
 
   let previewUrl = null;
   let requestNumber = 0; // a newer image makes an older answer stale
-  let currentUpload = null; // what was sent for the picture on show ({blob, name}), for "Why?"
+  let pickAbort = new AbortController(); // the latest pick's requests (its "Why?" too)
+
+  // A new pick: an older one's answers are stale, and its requests still on their way are cancelled,
+  // or their uploads keep counting against this address's share at the adapter (a busy 503 for this one).
+  function nextPick() {
+    pickAbort.abort();
+    pickAbort = new AbortController();
+    return ++requestNumber;
+  }
+
+  // The request's signal: aborted when its pick is superseded, or after `seconds` (a TimeoutError).
+  function withDeadline(signal, seconds) {
+    const deadline = AbortSignal.timeout(seconds * 1000);
+    if (AbortSignal.any) return AbortSignal.any([signal, deadline]);
+    const both = new AbortController(); // browsers without AbortSignal.any (Safari < 17.4)
+    for (const one of [signal, deadline]) {
+      if (one.aborted) both.abort(one.reason);
+      else one.addEventListener("abort", () => both.abort(one.reason), { once: true });
+    }
+    return both.signal;
+  }
+
+  let currentUpload = null; // what was sent for the picture on show ({blob, name, signal: its pick's}), for "Why?"
   let currentAnswer = null;
   let heatmapFor = null; // the upload the overlay belongs to (null: none yet)
 
@@ -171,7 +213,7 @@
   // A newly chosen picture refused before it is sent (not an image, empty, too large, not loaded):
   // an earlier picture's preview must not stand beside the error as if it were the one that failed.
   function refuse(message) {
-    requestNumber++; // an answer still on its way is for an earlier picture
+    nextPick(); // an answer still on its way is for an earlier picture
     clearPicture();
     showError(message);
   }
@@ -182,8 +224,16 @@
     errorText.hidden = false;
   }
 
+  // "Why?" offered unless the server said it gives no explanations (GET /settings `explain`, or a 501).
+  // Its keyboard focus, when it goes, goes to the drop zone (not to the page's start).
+  function offerWhy() {
+    if (!explainOffered && document.activeElement === whyButton) dropZone.focus();
+    whyButton.hidden = !explainOffered;
+  }
+
   function showAnswer(answer) {
     errorText.hidden = true;
+    offerWhy();
     currentAnswer = answer;
     predictionText.textContent = answer.prediction;
     top5List.replaceChildren();
@@ -248,9 +298,10 @@
   const BUSY_WAIT_MAX_S = 5;
   const BUSY_STATUSES = [429, 503];
 
-  async function postForm(url, form, wanted) {
+  // `signal`: the pick's, aborted when a newer pick makes the answer unwanted.
+  async function postForm(url, form, wanted, signal) {
     for (let retry = 0; ; retry++) {
-      const response = await fetch(url, { method: "POST", body: form, signal: AbortSignal.timeout(ANSWER_DEADLINE_S * 1000) });
+      const response = await fetch(url, { method: "POST", body: form, signal: withDeadline(signal, ANSWER_DEADLINE_S) });
       const seconds = retryAfterSeconds(response);
       if (!BUSY_STATUSES.includes(response.status) || !(seconds >= 0) || retry >= BUSY_RETRIES || !wanted()) {
         return response;
@@ -259,6 +310,7 @@
       say(statusLine, `The server is busy; trying again in ${wait} s…`);
       await new Promise((resolve) => setTimeout(resolve, wait * 1000));
       if (!wanted()) return response;
+      say(statusLine, "The server was busy; trying again…"); // the wait is over: not "in N s" any more
     }
   }
 
@@ -492,6 +544,7 @@
       canvas.width = Math.max(1, Math.round(width * scale));
       canvas.height = Math.max(1, Math.round(height * scale));
       const context = canvas.getContext("2d", { willReadFrequently: true });
+      if (!context) return null; // no canvas to be had (out of memory, a privacy setting): sent as it is
       context.imageSmoothingEnabled = true;
       context.imageSmoothingQuality = "high";
       context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
@@ -513,12 +566,24 @@
   // answer (several files were dropped).
   async function classify(file, description, ticket, note) {
     if (!file) return;
-    const thisRequest = ticket || ++requestNumber;
-    // Some systems give no type for a file; then its bytes (or else the server) decide.
-    if (file.type && !file.type.startsWith("image/")) {
-      refuse(`“${file.name || "That file"}” is not an image (it is ${file.type}). Choose a photo or picture.`);
-      return;
+    const thisRequest = ticket || nextPick();
+    try {
+      await classifyPick(file, description, thisRequest, note);
+    } catch (err) {
+      // A step before the upload threw (a canvas or memory this browser would not give): said, not left busy.
+      if (thisRequest === requestNumber) {
+        const why = String((err && err.message) || err).replace(/\.$/, "");
+        showError(`The picture could not be prepared: ${why}. Try another picture.`);
+      }
     }
+  }
+
+  // Formats told by two bytes a text may start with ("BM", "Py"): not enough to overrule a stated type.
+  const WEAK_SIGNATURES = ["image/bmp", "image/x-portable-anymap"];
+
+  // classify's steps for the pick `thisRequest`: checked, shown, shrunk, sent, answered.
+  async function classifyPick(file, description, thisRequest, note) {
+    const signal = pickAbort.signal; // this pick's: aborted when a newer one starts
     if (file.size === 0) {
       refuse("That file is empty.");
       return;
@@ -537,6 +602,12 @@
       return;
     }
     if (thisRequest !== requestNumber) return; // a newer image arrived meanwhile
+    // The bytes decide (some systems give no type, or application/octet-stream for a photo); the stated
+    // type refuses only what they do not show to be an image.
+    if ((!type || WEAK_SIGNATURES.includes(type)) && file.type && !file.type.startsWith("image/")) {
+      refuse(`“${file.name || "That file"}” is not an image (it is ${file.type}). Choose a photo or picture.`);
+      return;
+    }
 
     // "Busy" at once: nothing above waits on the network. The earlier picture goes; this one is shown
     // once its size is known to be within the server's limit (showing it decodes it).
@@ -548,7 +619,7 @@
     document.body.dataset.state = "busy";
     previewUrl = URL.createObjectURL(file);
 
-    const settings = await serverSettings; // SETTINGS_DEADLINE_S at most (normally asked for at start)
+    const settings = await serverSettings(); // SETTINGS_DEADLINE_S at most (normally asked for at start)
     if (thisRequest !== requestNumber) return; // a newer image arrived while the settings were asked for
     const unread = unreadFormat(file, type || file.type, settings.images);
     if (unread) {
@@ -580,8 +651,8 @@
 
     const shrunk = await shrunkPhoto(file, type, settings.shrink);
     if (thisRequest !== requestNumber) return;
-    const upload = shrunk ? { blob: shrunk.blob, name: `${baseName(file.name)}.jpg` }
-      : { blob: file, name: file.name || "pasted-image" };
+    const upload = shrunk ? { blob: shrunk.blob, name: `${baseName(file.name)}.jpg`, signal }
+      : { blob: file, name: file.name || "pasted-image", signal };
     const maxUploadBytes = Number(settings.max_upload_bytes) || 0;
     if (maxUploadBytes && upload.blob.size > maxUploadBytes) {
       refuse(`The image is too large: ${formatBytes(file.size)}; the limit is ${formatBytes(maxUploadBytes)}.`);
@@ -604,9 +675,9 @@
     try {
       let response;
       try {
-        response = await postForm(url, form, () => thisRequest === requestNumber);
+        response = await postForm(url, form, () => thisRequest === requestNumber, signal);
       } catch (err) {
-        if (thisRequest === requestNumber) showError(unreachable(err, url));
+        if (thisRequest === requestNumber) showError(unreachable(err, url)); // (an aborted one is superseded)
         return;
       }
       if (thisRequest !== requestNumber) return;
@@ -707,7 +778,7 @@
     try {
       let response;
       try {
-        response = await postForm(url, form, stillShown);
+        response = await postForm(url, form, stillShown, upload.signal); // cancelled by a newer pick
       } catch (err) {
         if (stillShown()) whyFailed(unreachable(err, url));
         return;
@@ -715,7 +786,11 @@
       if (!stillShown()) return;
       if (!response.ok) {
         const message = await errorMessage(response);
-        if (stillShown()) whyFailed(message);
+        if (response.status === 501) explainOffered = false; // this server never explains: not offered again
+        if (stillShown()) {
+          whyFailed(message);
+          offerWhy();
+        }
         return;
       }
       const { answer, unreadable } = await readAnswer(response, url);
@@ -780,10 +855,10 @@
   // and classified like a chosen file. Its ticket is taken now: whatever is picked after it (another
   // example whose fetch ends sooner, a file) wins, and nothing picked before it does.
   async function classifyFrom(src, description) {
-    const asked = ++requestNumber;
+    const asked = nextPick();
     let blob;
     try {
-      const response = await fetch(src, { signal: AbortSignal.timeout(ANSWER_DEADLINE_S * 1000) });
+      const response = await fetch(src, { signal: withDeadline(pickAbort.signal, ANSWER_DEADLINE_S) });
       if (!response.ok) throw new Error(String(response.status));
       blob = await response.blob();
     } catch (_) {

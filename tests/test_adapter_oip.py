@@ -378,8 +378,11 @@ def test_adapter_process_in_oip_mode_health_follows_readiness_and_sends_the_host
             server.ready = False
             health = httpx.get(f"{adapter.base_url}/health", timeout=30)
             assert health.status_code == 503 and "not ready" in health.json()["error"], health.text
+            assert httpx.get(f"{adapter.base_url}/settings", timeout=30).json()["explain"] is True  # not yet asked
             explain = httpx.post(f"{adapter.base_url}/explain/", files={"image": ("a.png", PROBE_IMAGE, "image/png")},
                                  timeout=30)
             assert explain.status_code == 501 and "TorchServe" in explain.json()["error"], explain.text
+            # The page reads it there and offers no "Why?" any more (tests/test_page_explain.py).
+            assert httpx.get(f"{adapter.base_url}/settings", timeout=30).json()["explain"] is False
     finally:
         server.close()

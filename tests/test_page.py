@@ -303,12 +303,32 @@ def test_paste_an_image(adapter, page, photo):
     assert_shows(page, answer)
 
 
-def test_text_file_shows_not_an_image(adapter, page):
-    page.goto(f"{adapter.base_url}/")
-    page.set_input_files("#file-input", files=[{"name": "notes.txt", "mimeType": "text/plain",
-                                                "buffer": b"shopping list: eggs, milk\n"}])
-    assert "not an image" in wait_for_error(page)
+# A text that starts as a BMP ("BM") or netpbm ("Py") file would: two bytes do not overrule its stated type.
+@pytest.mark.parametrize("text", [b"shopping list: eggs, milk\n", b"BMX parts\n", b"Python notes\n"],
+                         ids=["plain", "bm", "py"])
+def test_text_file_shows_not_an_image(adapter, page, text):
+    said = refusal_before_it_is_shown_or_sent(page, adapter.base_url, "notes.txt", "text/plain", text)
+    assert said == "“notes.txt” is not an image (it is text/plain). Choose a photo or picture."
     assert page.is_hidden("#answer")
+
+
+# Some Android apps (file providers, messengers) give a photo the type application/octet-stream: its
+# bytes decide, as for a file with no type. It was refused as "not an image".
+@pytest.mark.parametrize("how", ["chosen", "dropped"])
+def test_a_picture_typed_octet_stream_is_classified_by_its_bytes(adapter, page, photo, large_photo, how):
+    picture = photo if how == "chosen" else large_photo
+    answer = expected_answer(adapter, picture)
+    page.goto(f"{adapter.base_url}/")
+    bodies = uploads(page)
+    if how == "chosen":
+        page.set_input_files("#file-input", files=[{"name": "IMG-20260101-WA0001", "buffer": picture.read_bytes(),
+                                                    "mimeType": "application/octet-stream"}])
+    else:
+        drop(page, picture, "application/octet-stream")
+    wait_for_answer(page)
+    assert page.inner_text("#prediction") == answer["prediction"]
+    if how == "dropped":  # a large JPEG: shrunk as well
+        assert len(bodies) == 1 and sent_image(bodies[0]).size == (341, 256)
 
 
 def test_text_file_named_png_is_refused_by_the_server(adapter, page):
@@ -518,6 +538,22 @@ def test_every_format_the_server_reads_is_sent(adapter, page, photo, pillow_form
         assert box["width"] > 100 and box["height"] > 100, box
 
 
+def requests_failed(page, route: str) -> list:
+    """The URLs of the requests to `route` that fail from now on (cancelled by the page, or unanswered)."""
+    failed = []
+    page.on("requestfailed", lambda r: failed.append(r.url) if r.url.endswith(route) else None)
+    return failed
+
+
+def wait_until(page, condition, timeout_ms: int = 10_000) -> None:
+    """Until condition() (on this side: Playwright's events) holds; they are dispatched while the page waits."""
+    for _ in range(timeout_ms // 50):
+        if condition():
+            return
+        page.wait_for_timeout(50)
+    assert condition()
+
+
 def hold(page, pattern: str) -> list:
     """Requests to `pattern` held unanswered (their routes, in order) until the test lets them go on."""
     held = []
@@ -539,6 +575,7 @@ def test_a_file_refused_while_a_photo_uploads_leaves_the_page_idle(adapter, page
     assert page.is_visible("#preview")
     # What the page says meanwhile is not inside a busy element (a screen reader may hold it back there).
     assert page.evaluate("document.getElementById('status').closest('[aria-busy=\"true\"]') === null")
+    failed = requests_failed(page, "/classify/")
     page.set_input_files("#file-input", files=[refused])
     message = wait_for_error(page)
     state = page_state(page)
@@ -547,20 +584,23 @@ def test_a_file_refused_while_a_photo_uploads_leaves_the_page_idle(adapter, page
     # The photo's preview is gone: it is not the picture that failed.
     assert state["previewHidden"] and state["previewSrc"] is None and state["previewAlt"] == "", state
     assert len(held) == 1
-    with page.expect_response(lambda r: "/classify/" in r.url) as response:
-        held[0].continue_()
-    assert response.value.status == 200
+    # The photo's upload is cancelled: it no longer counts against this address's share at the adapter.
+    wait_until(page, lambda: failed)
+    assert failed == [held[0].request.url]
+    held[0].continue_()  # (nothing goes out: the browser has dropped it)
     page.wait_for_timeout(500)
-    assert page_state(page) == state  # the stale answer is not shown
+    assert page_state(page) == state
     assert page.inner_text("#error") == message
 
 
-def test_a_refused_file_takes_the_answered_picture_away(adapter, page, photo):
+def test_a_refused_file_takes_the_answered_picture_away(adapter, page, photo, tmp_path):
     page.goto(f"{adapter.base_url}/")
     page.set_input_files("#file-input", str(photo))
     wait_for_answer(page)
     assert page.get_attribute("#preview", "alt") == f"Your image: {photo.name}"
-    drop(page, photo, "text/plain")  # a file that says it is text
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shopping list: eggs, milk\n")
+    drop(page, notes, "text/plain")  # a file that says it is text, and is
     assert "not an image" in wait_for_error(page)
     state = page_state(page)
     assert state["answerHidden"] and state["previewHidden"] and state["previewAlt"] == "", state
@@ -826,6 +866,25 @@ def other_origin():
         server.server_close()
 
 
+def test_an_adapter_published_under_a_path_prefix_is_asked_there(adapter, page, photo):
+    """A proxy publishing the adapter at https://host/cifar/ (passing its paths on without the prefix): the page
+    asks /cifar/settings and /cifar/classify/ (it asked the host's /settings and /classify/: not the adapter there)."""
+    from urllib.parse import urlsplit
+
+    asked = []
+
+    def proxy(route):
+        asked.append(urlsplit(route.request.url).path)
+        route.continue_(url=route.request.url.replace("/cifar/", "/", 1))
+
+    page.route("**/cifar/**", proxy)
+    page.goto(f"{adapter.base_url}/cifar/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    assert {"/cifar/", "/cifar/app.js", "/cifar/settings", "/cifar/classify/"} <= set(asked), asked
+    assert page.inner_text("#prediction") == expected_answer(adapter, photo)["prediction"]
+
+
 def test_page_on_another_origin_classifies_through_api_and_cors(torchserve, adapter, other_origin, page, photo,
                                                                 tmp_path):
     answer = expected_answer(adapter, photo)
@@ -1056,6 +1115,76 @@ def test_a_hung_settings_answer_holds_nothing_up(adapter, page, photo):
     assert page.inner_text("#prediction") == expected_answer(adapter, photo)["prediction"]
 
 
+def test_settings_that_failed_at_start_are_asked_again_for_the_next_picture(adapter, page, large_photo):
+    """GET /settings failed when the page opened (a 503 on the way): the page went without its rules for
+    the whole visit, a 12 MP photo uploaded whole. Now the next picture asks again, and it is shrunk."""
+    asked = []
+
+    def settings(route):
+        asked.append(route.request.url)
+        if len(asked) == 1:
+            route.fulfill(status=503, json={"error": "busy"})
+        else:
+            route.continue_()
+    page.route("**/settings", settings)
+    with page.expect_response(lambda r: r.url.endswith("/settings")):
+        page.goto(f"{adapter.base_url}/")
+    page.wait_for_timeout(200)  # the failure taken in
+    bodies = uploads(page)
+    drop(page, large_photo, "image/jpeg")
+    wait_for_answer(page)
+    assert len(asked) == 2
+    assert len(bodies) == 1 and len(bodies[0]) <= 100_000, [len(b) for b in bodies]
+    assert sent_image(bodies[0]).size == (341, 256)
+    assert "341 × 256" in page.inner_text("#sent")
+
+
+def test_an_older_picks_upload_is_cancelled_when_a_newer_one_is_chosen(adapter, page, photo):
+    """A photo's upload is held on its way, then another picture is chosen: the first upload is cancelled
+    (else it keeps counting against this address's share at the adapter, and several large photos picked
+    quickly could make the last one "busy"), said nowhere, and the second is answered."""
+    page.goto(f"{adapter.base_url}/")
+    held = []
+    page.route("**/classify/", lambda route: held.append(route) if not held else route.continue_())
+    failed = requests_failed(page, "/classify/")
+    page.set_input_files("#file-input", str(photo))
+    wait_until(page, lambda: held)
+    lion = REPO / "frontend" / "examples" / "test-00015.png"
+    lion_answer = expected_answer(adapter, lion)
+    page.set_input_files("#file-input", str(lion))
+    page.wait_for_function(f"() => document.getElementById('prediction').textContent === {lion_answer['prediction']!r}"
+                           " && document.body.dataset.state === 'answered'", timeout=ANSWER_TIMEOUT_MS)
+    wait_until(page, lambda: failed)
+    assert failed == [held[0].request.url]
+    page.wait_for_timeout(300)
+    assert page.is_hidden("#error") and page.get_attribute("#preview", "alt") == "Your image: test-00015.png"
+
+
+def test_a_photo_without_a_canvas_to_shrink_it_on_is_sent_as_it_is(adapter, page, large_photo):
+    """No 2D canvas to be had (getContext answers null: out of memory, a privacy setting): shrinking threw,
+    and the page stayed "Looking at your image…" for ever. Now the photo goes as it is."""
+    page.add_init_script("HTMLCanvasElement.prototype.getContext = function () { return null; };")
+    page.goto(f"{adapter.base_url}/")
+    bodies = uploads(page)
+    drop(page, large_photo, "image/jpeg")
+    wait_for_answer(page)
+    assert len(bodies) == 1 and large_photo.read_bytes() in bodies[0]
+    assert page.is_hidden("#sent") and page_state(page)["busy"] == "false"
+
+
+def test_a_picture_that_cannot_be_prepared_says_so_instead_of_staying_busy(adapter, page, photo):
+    """A step before the upload throws (here: the preview's object URL refused): an error, nothing left busy."""
+    page.add_init_script("URL.createObjectURL = () => { throw new Error('out of memory'); };")
+    page.goto(f"{adapter.base_url}/")
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if "/classify/" in r.url else None)
+    page.set_input_files("#file-input", str(photo))
+    assert wait_for_error(page) == "The picture could not be prepared: out of memory. Try another picture."
+    state = page_state(page)
+    assert (state["busy"], state["spinner"], state["state"]) == ("false", False, "error"), state
+    assert sent == []
+
+
 def test_a_hung_classification_ends_in_words_after_its_deadline(adapter, page, photo):
     held = hold(page, "**/classify/")
     page.clock.install()
@@ -1089,6 +1218,28 @@ def test_a_proxys_busy_answer_is_retried_and_names_the_wait(adapter, page, photo
     page.set_input_files("#file-input", str(photo))
     assert wait_for_error(page) == said
     assert len(sent) == 3
+
+
+def test_after_a_busy_wait_the_page_no_longer_says_it_waits(adapter, page, photo):
+    """The wait over, the retry goes out: "trying again in 1 s" stayed on show while it ran."""
+    answers = []
+
+    def busy_once(route):
+        answers.append(route)
+        if len(answers) == 1:
+            route.fulfill(status=503, headers={"Retry-After": "1"}, json={"error": "busy"})
+    page.route("**/classify/", busy_once)  # the retry held
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('trying again in 1 s')",
+                           timeout=ANSWER_TIMEOUT_MS)
+    wait_until(page, lambda: len(answers) == 2)
+    page.wait_for_function("() => document.getElementById('status').textContent === "
+                           "'The server was busy; trying again…'")
+    assert page_state(page)["busy"] == "true"
+    answers[1].continue_()
+    wait_for_answer(page)
+    assert page.inner_text("#prediction") == expected_answer(adapter, photo)["prediction"]
 
 
 # --- small things said and shown -------------------------------------------------------------------

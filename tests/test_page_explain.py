@@ -147,6 +147,8 @@ def test_why_for_a_new_picture_works_while_the_old_ones_explanation_is_pending(a
     nothing until A's stale explanation came back. Now B's goes out and shows; A's, late, does not."""
     held = []
     page.route("**/explain/", lambda route: held.append(route) if not held else route.continue_())
+    failed = []
+    page.on("requestfailed", lambda r: failed.append(r.url) if r.url.endswith("/explain/") else None)
     page.goto(f"{adapter.base_url}/")
     page.set_input_files("#file-input", str(photo))
     wait_for_answer(page)
@@ -161,10 +163,44 @@ def test_why_for_a_new_picture_works_while_the_old_ones_explanation_is_pending(a
     with page.expect_response(lambda r: "/explain/" in r.url, timeout=ANSWER_TIMEOUT_MS):
         show_why(page)
     assert lion_answer["prediction"] in page.inner_text("#why-caption")
+    assert failed == [held[0].request.url]  # A's was cancelled when B was chosen: it holds no share at the adapter
     overlay = page.get_attribute("#heatmap", "src")
-    held[0].continue_()  # A's explanation, late
+    held[0].continue_()  # A's explanation, late (the browser dropped it)
     page.wait_for_timeout(1000)
     assert page.get_attribute("#heatmap", "src") == overlay and lion_answer["prediction"] in page.inner_text("#why-caption")
+
+
+def test_why_is_not_offered_when_the_settings_say_the_server_gives_no_explanations(adapter, page, photo):
+    """An OIP model server without KServe's explainer answers every /explain/ with 501: GET /settings says
+    so ("explain": false), and the page offers no "Why?"."""
+    shipped = httpx.get(f"{adapter.base_url}/settings").json()
+    assert shipped["explain"] is True  # TorchServe explains
+    page.route("**/settings", lambda route: route.fulfill(json={**shipped, "explain": False}))
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    assert page.is_visible("#prediction") and page.is_hidden("#why-button")
+
+
+def test_a_501_from_explain_stops_offering_why(adapter, page, photo):
+    """The settings said nothing (an older adapter, or asked before the model server had said so), and
+    "Why?" answered 501: the reason is said, and "Why?" is not offered again in this visit."""
+    reason = "This model server gives no explanations."
+    page.route("**/explain/", lambda route: route.fulfill(status=501, json={"error": reason}))
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    page.focus("#why-button")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.getElementById('why-caption').textContent.startsWith('Could not show why')",
+                           timeout=ANSWER_TIMEOUT_MS)
+    assert page.inner_text("#why-caption") == f"Could not show why: {reason}"
+    assert page.is_hidden("#why-button") and page.evaluate("document.activeElement.id") == "drop-zone"
+    page.set_input_files("#file-input", str(EXAMPLES / "test-00015.png"))
+    page.wait_for_function("() => document.body.dataset.state === 'answered' && "
+                           "document.getElementById('preview').alt === 'Your image: test-00015.png'",
+                           timeout=ANSWER_TIMEOUT_MS)
+    assert page.is_hidden("#why-button")
 
 
 def test_unsure_answer_says_so(adapter, page, photo):
