@@ -1028,7 +1028,7 @@
     if (!lines.length) return null;
     try {
       const url = new URL(lines[0], window.location.href);
-      return url.origin === window.location.origin ? url : null;
+      return url.protocol === "http:" || url.protocol === "https:" ? url : null;
     } catch (_) {
       return null;
     }
@@ -1051,9 +1051,13 @@
       return;
     }
     const url = data && droppedUrl(data);
-    if (url) {
+    if (url && url.origin === window.location.origin) {
       const example = Array.from(document.querySelectorAll(".example img")).find((img) => img.src === url.href);
       classifyFrom(url.href, example ? example.alt : "");
+      return;
+    }
+    if (url) { // another site's picture: its server would not let this page read it (and fetching it is not ours to do)
+      notice("A picture from another website cannot be taken from here: save it, then drop or choose the file.");
       return;
     }
     notice("Nothing to classify was dropped: drop an image file or one of the example pictures.");

@@ -623,19 +623,23 @@ def test_dragging_an_example_onto_the_drop_zone_classifies_it(adapter, page, pho
     assert page.get_attribute("#preview", "alt") == lion.locator("img").get_attribute("alt")
 
 
-def test_a_drop_with_no_file_keeps_the_answer(adapter, page, photo):
-    """Dragged text (or another site's link) is nothing to classify: the page says so, and the answer
-    and picture on show stay."""
+@pytest.mark.parametrize("uri_list, said", [
+    ("", "Nothing to classify was dropped: drop an image file"),
+    ("https://example.com/lion.png", "A picture from another website cannot be taken from here: save it"),
+], ids=["text", "another-sites-picture"])
+def test_a_drop_with_no_file_keeps_the_answer(adapter, page, photo, uri_list, said):
+    """Dragged text is nothing to classify, another site's picture (its address only) cannot be read from
+    here: the page says which, and the answer and picture on show stay."""
     page.goto(f"{adapter.base_url}/")
     page.set_input_files("#file-input", str(photo))
     wait_for_answer(page)
     before = page_state(page)
-    page.evaluate("""() => { const dt = new DataTransfer();
-        dt.setData('text/plain', 'a lion'); dt.setData('text/uri-list', 'https://example.com/lion.png');
+    page.evaluate("""(uriList) => { const dt = new DataTransfer();
+        dt.setData('text/plain', 'a lion'); if (uriList) dt.setData('text/uri-list', uriList);
         const zone = document.getElementById('drop-zone');
         for (const type of ['dragenter', 'dragover', 'drop'])
-            zone.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: dt})); }""")
-    assert "Nothing to classify was dropped" in wait_for_error(page)
+            zone.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: dt})); }""", uri_list)
+    assert wait_for_error(page).startswith(said)
     after = page_state(page)
     assert not after["answerHidden"] and not after["previewHidden"], after
     assert {k: after[k] for k in ("prediction", "status", "state", "previewSrc", "previewAlt")} == \
