@@ -1224,6 +1224,43 @@ def test_a_proxys_busy_answer_is_retried_and_names_the_wait(adapter, page, photo
     assert len(sent) == 3
 
 
+def test_the_adapters_own_too_large_answer_is_shown_in_its_words(torchserve, adapter, page, tmp_path):
+    """The page checks the size itself when it has the limit; when it has not (settings from another adapter, or
+    none), the adapter's own 413, refused while reading, is what the user reads. A BMP: not shrunk by the page."""
+    shipped = httpx.get(f"{adapter.base_url}/settings").json()
+    bmp = io.BytesIO()
+    Image.new("RGB", (230, 230), (200, 120, 40)).save(bmp, "BMP")  # 155 KB
+    env = {**torchserve.adapter_env(), "MAX_UPLOAD_BYTES": "100000"}
+    with running_adapter(env, tmp_path / "adapter.log") as small:
+        page.route("**/settings", lambda route: route.fulfill(json=shipped))  # the page thinks 10 MB may go
+        page.goto(f"{small.base_url}/")
+        statuses = []
+        page.on("response", lambda r: statuses.append(r.status) if r.url.endswith("/classify/") else None)
+        page.set_input_files("#file-input", files=[{"name": "big.bmp", "mimeType": "image/bmp",
+                                                    "buffer": bmp.getvalue()}])
+        assert wait_for_error(page) == "The image is too large: the limit is 98 KB."
+        assert statuses == [413] and page_state(page)["busy"] == "false"
+
+
+@pytest.mark.parametrize("status, error, said", [
+    (502, "The model server failed (500); the adapter's log has the details.",
+     "The classifier is not available right now. The model server failed (500); the adapter's log has the details."),
+    (504, "The model server took longer than 10 s to answer.", "The classifier took too long to answer. Please try again."),
+    (500, None, "The server answered 500"),  # a proxy's own page, not JSON
+], ids=["502", "504", "500-html"])
+def test_the_model_servers_failures_are_said_in_words(adapter, page, photo, status, error, said):
+    """The adapter's answers when the model server breaks or is too slow (adapter/model_server.py,
+    torchserve.py: their words), answered here in their place; the page shows words, not busy, and no retry."""
+    body = {"json": {"error": error}} if error else {"content_type": "text/html", "body": "<html>Server Error</html>"}
+    page.route("**/classify/", lambda route: route.fulfill(status=status, **body))
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if r.url.endswith("/classify/") else None)
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    assert wait_for_error(page).startswith(said)
+    assert len(sent) == 1 and page_state(page)["busy"] == "false"
+
+
 def test_after_a_busy_wait_the_page_no_longer_says_it_waits(adapter, page, photo):
     """The wait over, the retry goes out: "trying again in 1 s" stayed on show while it ran."""
     answers = []
