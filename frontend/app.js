@@ -61,6 +61,15 @@
   const SETTINGS_DEADLINE_S = 3;
   const ANSWER_DEADLINE_S = 60;
 
+  // A signal aborted after `seconds` with a TimeoutError. AbortSignal.timeout where the browser has it; Safari
+  // before 16 has not, and the script stopped at its first use (at start: nothing on the page answered).
+  function timeoutSignal(seconds) {
+    if (AbortSignal.timeout) return AbortSignal.timeout(seconds * 1000);
+    const controller = new AbortController();
+    setTimeout(() => controller.abort(new DOMException("The operation timed out.", "TimeoutError")), seconds * 1000);
+    return controller.signal;
+  }
+
   // The adapter's limits (GET {apiBase}/settings: max_upload_bytes, top_k, images, shrink, explain), asked
   // at start so that a too-large file is refused before it is sent (after its preview and an attempt to
   // shrink it) and a large photo is shrunk first. Unreachable or slow: this picture goes without them (the
@@ -69,7 +78,7 @@
   let explainOffered = true; // false once the server said it gives no explanations ("Why?" hidden)
 
   function askSettings() {
-    const asked = fetch(`${apiBase}/settings`, { signal: AbortSignal.timeout(SETTINGS_DEADLINE_S * 1000) })
+    const asked = fetch(`${apiBase}/settings`, { signal: timeoutSignal(SETTINGS_DEADLINE_S) })
       .then((response) => (response.ok ? response.json() : null))
       .then((settings) => (settings && typeof settings === "object" ? settings : null))
       .catch(() => null);
@@ -118,7 +127,7 @@
 
   // The request's signal: aborted when its pick is superseded, or after `seconds` (a TimeoutError).
   function withDeadline(signal, seconds) {
-    const deadline = AbortSignal.timeout(seconds * 1000);
+    const deadline = timeoutSignal(seconds);
     if (AbortSignal.any) return AbortSignal.any([signal, deadline]);
     const both = new AbortController(); // browsers without AbortSignal.any (Safari < 17.4)
     for (const one of [signal, deadline]) {
@@ -834,7 +843,7 @@
     if (!knownThings.open || classesState !== "none") return;
     classesState = "loading";
     try {
-      const response = await fetch(`${apiBase}/classes`, { signal: AbortSignal.timeout(ANSWER_DEADLINE_S * 1000) });
+      const response = await fetch(`${apiBase}/classes`, { signal: timeoutSignal(ANSWER_DEADLINE_S) });
       if (!response.ok) throw new Error(String(response.status));
       const classes = await response.json();
       classList.replaceChildren(...classes.map((item) => {
