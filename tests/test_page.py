@@ -1038,11 +1038,9 @@ def test_two_quick_example_clicks_end_on_the_second(adapter, page):
     held = hold(page, "**/examples/*.png")
     rocket.click()
     lion.click()
-    for _ in range(100):  # the held routes arrive as Playwright's events are dispatched
-        if len(held) == 2:
-            break
-        page.wait_for_timeout(50)
-    assert len(held) == 2 and held[0].request.url.endswith(rocket.get_attribute("data-src"))
+    # The held routes arrive as Playwright's events are dispatched.
+    wait_until(page, lambda: len(held) == 2, timeout_ms=5000)
+    assert held[0].request.url.endswith(rocket.get_attribute("data-src"))
     sent = []
     page.on("request", lambda r: sent.append(r) if "/classify/" in r.url else None)
     held[0].continue_()
@@ -1199,10 +1197,7 @@ def test_a_hung_classification_ends_in_words_after_its_deadline(adapter, page, p
     page.goto(f"{adapter.base_url}/")
     page.set_input_files("#file-input", str(photo))
     page.wait_for_function("() => document.body.dataset.state === 'busy'")
-    for _ in range(100):
-        if held:
-            break
-        page.wait_for_timeout(50)
+    wait_until(page, lambda: held, timeout_ms=5000)
     assert len(held) == 1
     page.clock.fast_forward("01:01")  # past the page's 60 s
     message = wait_for_error(page)

@@ -19,7 +19,7 @@ from test_hostile import PART_HEAD, multipart_head
 # The page fixtures (a real adapter before the session's TorchServe, Chromium, a fresh page, the
 # mountain of CIFAR-100 test image 42) and helpers, shared with the page's other tests.
 from test_page import (ANSWER_TIMEOUT_MS, ARTIFACTS, DESKTOP, PHONE, REPO, adapter, browser,  # noqa: F401
-                       expected_answer, page, photo, wait_for_answer, wait_for_error)
+                       expected_answer, page, photo, wait_for_answer, wait_for_error, wait_until)
 
 EXAMPLES = REPO / "frontend" / "examples"
 
@@ -280,9 +280,7 @@ def test_the_list_of_things_is_asked_again_after_it_failed_and_once_at_a_time(ad
         page.click("#known-things summary")
         page.click("#known-things summary")
     page.wait_for_function("() => document.getElementById('known-things').open")
-    deadline = time.monotonic() + 10
-    while not held and time.monotonic() < deadline:  # (a loaded machine: the held fetch reaches Python late)
-        page.wait_for_timeout(50)
+    wait_until(page, lambda: held)  # (a loaded machine: the held fetch reaches Python late)
     page.wait_for_timeout(300)  # a second fetch, if any, would be held by now too
     assert len(asked) == 1 and len(held) == 1, (len(asked), len(held))
     held[0].continue_()
