@@ -95,6 +95,15 @@ def test_canary_sends_a_share_to_the_new_bundle_and_keeps_the_rest_on_the_old():
     assert same == load("cpu")
 
 
+def bundle_settings() -> tuple[dict[str, str], dict]:
+    """The KServe bundle's TorchServe properties and its model's snapshot (workers, batch size) in them."""
+    from serving.kserve import bundle_properties
+    from serving.settings import MODEL_NAME
+
+    props = bundle_properties("test")
+    return props, json.loads(props["model_snapshot"])["models"][MODEL_NAME]["test"]
+
+
 @pytest.mark.parametrize("kind", list(MANIFESTS))
 def test_the_requests_let_into_a_torchserve_pod_fit_its_direct_memory_beside_the_batches(kind):
     """KServe's wrapper forwards every request it is given to TorchServe, which holds each body in Java's direct
@@ -102,11 +111,7 @@ def test_the_requests_let_into_a_torchserve_pod_fit_its_direct_memory_beside_the
     batches (500 after responseTimeout; tests/test_hostile.py). Knative's queue-proxy lets containerConcurrency
     requests into the pod at once; that many of the bundle's largest requests fit, and TorchServe's queue
     takes them all (none answered 503 that the autoscaler would not count)."""
-    from serving.kserve import bundle_properties
-    from serving.settings import MODEL_NAME
-
-    props = bundle_properties("test")
-    snapshot = json.loads(props["model_snapshot"])["models"][MODEL_NAME]["test"]
+    props, snapshot = bundle_settings()
     concurrency = build(load(kind)).spec.predictor.container_concurrency
     assert concurrency, f"{kind} lets any number of requests into a pod"
     room = room_for_arrivals_mib(props, snapshot["maxWorkers"], snapshot["batchSize"])
@@ -123,11 +128,8 @@ def test_a_torchserve_pods_memory_limit_holds_java_at_its_ceiling_beside_its_wor
     CUDA context): not measured on this CPU."""
     import psutil
 
-    from serving.kserve import bundle_properties
-    from serving.settings import MODEL_NAME
-
-    props = bundle_properties("test")
-    workers = json.loads(props["model_snapshot"])["models"][MODEL_NAME]["test"]["maxWorkers"]
+    props, snapshot = bundle_settings()
+    workers = snapshot["maxWorkers"]
     # The first worker whole (its libraries' pages too), each other one's own pages: the pages the pod's cgroup is
     # charged for. (PSS would share the libraries' pages with every process outside the pod that maps them too.)
     memory = [process.memory_full_info()
