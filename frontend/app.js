@@ -307,8 +307,9 @@
   const BUSY_WAIT_MAX_S = 5;
   const BUSY_STATUSES = [429, 503];
 
-  // `signal`: the pick's, aborted when a newer pick makes the answer unwanted.
-  async function postForm(url, form, wanted, signal) {
+  // `signal`: the pick's, aborted when a newer pick makes the answer unwanted. `notify` shows the
+  // busy notices (the status line by default; "Why?" puts them beside its button too).
+  async function postForm(url, form, wanted, signal, notify = (text) => say(statusLine, text)) {
     for (let retry = 0; ; retry++) {
       const response = await fetch(url, { method: "POST", body: form, signal: withDeadline(signal, ANSWER_DEADLINE_S) });
       const seconds = retryAfterSeconds(response);
@@ -316,10 +317,10 @@
         return response;
       }
       const wait = Math.ceil(Math.min(seconds, BUSY_WAIT_MAX_S));
-      say(statusLine, `The server is busy; trying again in ${wait} s…`);
+      notify(`The server is busy; trying again in ${wait} s…`);
       await new Promise((resolve) => setTimeout(resolve, wait * 1000));
       if (!wanted()) return response;
-      say(statusLine, "The server was busy; trying again…"); // the wait is over: not "in N s" any more
+      notify("The server was busy; trying again…"); // the wait is over: not "in N s" any more
     }
   }
 
@@ -738,26 +739,29 @@
     });
   }
 
+  // The words beside "Why?" (where sighted users look: the status line is hidden once answered), also
+  // said to screen readers: its progress, what the heatmap shows, or why it failed (`failed`).
+  function sayBesideWhy(text, failed = false) {
+    whyCaption.textContent = text;
+    whyCaption.classList.toggle("why-failed", failed);
+    whyCaption.hidden = false;
+    say(statusLine, text);
+  }
+
   // updated: the model answered otherwise when asked why (a new version rolled out, a canary's share),
   // so the answer on show was replaced by the one the heatmap belongs to.
   function showWhy(updated = false) {
     heatmapImage.hidden = false;
     whyButton.setAttribute("aria-pressed", "true");
-    whyCaption.classList.remove("why-failed");
-    whyCaption.textContent = (updated ? "The model has been updated since your picture was answered: the answer " +
+    sayBesideWhy((updated ? "The model has been updated since your picture was answered: the answer " +
       "above is its new one. " : "") + `Red and yellow mark the parts of the picture that made the model answer ` +
-      `“${currentAnswer ? currentAnswer.prediction : "this"}” (Grad-CAM); the redder, the more they counted.`;
-    whyCaption.hidden = false;
-    say(statusLine, whyCaption.textContent);
+      `“${currentAnswer ? currentAnswer.prediction : "this"}” (Grad-CAM); the redder, the more they counted.`);
   }
 
   // The explanation failed, not the answer: the answer stays, the reason goes beside the button
   // (and to screen readers), and the button keeps the keyboard focus for another try.
   function whyFailed(message) {
-    whyCaption.textContent = `Could not show why: ${message}`;
-    whyCaption.classList.add("why-failed");
-    whyCaption.hidden = false;
-    say(statusLine, whyCaption.textContent);
+    sayBesideWhy(`Could not show why: ${message}`, true);
   }
 
   let explainingFor = null; // the upload whose explanation is on its way (null: none)
@@ -782,12 +786,11 @@
     // aria-disabled, not disabled: a disabled button would lose the keyboard focus.
     explainingFor = upload;
     whyButton.setAttribute("aria-disabled", "true");
-    whyCaption.hidden = true;
-    say(statusLine, "Looking for what the answer came from…");
+    sayBesideWhy("Looking for what the answer came from…");
     try {
       let response;
       try {
-        response = await postForm(url, form, stillShown, upload.signal); // cancelled by a newer pick
+        response = await postForm(url, form, stillShown, upload.signal, sayBesideWhy); // cancelled by a newer pick
       } catch (err) {
         if (stillShown()) whyFailed(unreachable(err, url));
         return;

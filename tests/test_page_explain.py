@@ -154,6 +154,8 @@ def test_why_for_a_new_picture_works_while_the_old_ones_explanation_is_pending(a
     wait_for_answer(page)
     page.click("#why-button")
     page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Looking for what')")
+    # Sighted users see it beside the button too (the status line is hidden once answered).
+    assert page.is_visible("#why-caption") and page.inner_text("#why-caption").startswith("Looking for what")
     lion = EXAMPLES / "test-00015.png"
     lion_answer = expected_answer(adapter, lion)
     page.set_input_files("#file-input", str(lion))
@@ -419,6 +421,9 @@ def test_a_busy_explanation_is_asked_again_after_its_retry_after(one_explanation
     page.wait_for_timeout(300)
     page.click("#why-button")
     wait_for_busy_notice(page)
+    assert page.is_visible("#why-caption")  # seen, not only heard
+    assert "busy; trying again in 1 s" in page.inner_text("#why-caption")
+    assert "why-failed" not in page.get_attribute("#why-caption", "class")
     assert held.finish().startswith(b"HTTP/1.1 200")
     page.wait_for_selector("#heatmap:not([hidden])", timeout=ANSWER_TIMEOUT_MS)
     assert statuses[0] == 503 and statuses[-1] == 200 and len(statuses) <= 3, statuses
