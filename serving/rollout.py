@@ -77,6 +77,10 @@ def _more_time(option: str) -> str:
     return f"a loaded host may need more: {option} (ROLLOUT_ARGS)"
 
 
+class RegistrationRefused(RolloutError):
+    """TorchServe answered the registration of a new version with a refusal: nothing was registered."""
+
+
 class CallTimedOut(RolloutError):
     """A call to TorchServe not answered within its timeout; the message names the API, the call and the option
     that holds the timeout (the operator's lever), and ``tries`` when it was sent more than once."""
@@ -372,10 +376,10 @@ class Rollout:
     def register(self, mar: Path) -> None:
         r = self._call("POST", "/models", params={"url": mar.name, "model_name": MODEL_NAME, "synchronous": "false"})
         if r.status_code == 405:
-            raise RolloutError("TorchServe refuses to register models (enable_model_api=false in its "
+            raise RegistrationRefused("TorchServe refuses to register models (enable_model_api=false in its "
                                "config.properties): set enable_model_api=true and restart it (README, Operating)")
         if r.status_code not in (200, 202):
-            raise RolloutError(f"TorchServe refused to register {mar.name}: {r.status_code} {r.text.strip()[:300]}")
+            raise RegistrationRefused(f"TorchServe refused to register {mar.name}: {r.status_code} {r.text.strip()[:300]}")
 
     def _call_by(self, deadline: ReadyDeadline, method: str, path: str, kind: str = "management",
                  base: str | None = None, **kwargs) -> httpx.Response:
@@ -609,7 +613,13 @@ class Rollout:
                     mar = self.archive(Path(weights), version)
                 except ArchiveError as err:
                     raise RolloutError(str(err)) from None
-                self.register(mar)
+                try:
+                    self.register(mar)
+                except RegistrationRefused as err:  # nothing registered: its archive goes
+                    self.remove_archive(version)
+                    raise RolloutError(f"{err}\n{old} still serves") from None
+                except RolloutError as err:  # not answered, yet perhaps registered all the same
+                    raise self.given_up(version, old, err) from None
                 self.say(f"registered {version} beside {old}; waiting for its workers")
             try:
                 self.wait_ready_and_warm(version)

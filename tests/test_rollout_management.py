@@ -488,6 +488,39 @@ def test_a_switch_refused_withdraws_the_new_version_and_says_the_old_one_serves(
     assert ("DELETE", f"/models/cifar100/{NEW}") in api.calls and api.registered == [OLD]
 
 
+@pytest.mark.parametrize("answer", ["refused", "late"])
+def test_a_failed_registration_leaves_nothing_of_the_new_version(tmp_path, answer):
+    """POST /models refused: the new version's archive stayed in the model store. Not answered within
+    --http-timeout, though TorchServe registered it: the new version's workers ran beside the old after the
+    rollout had failed. Now the archive goes, and a version registered all the same is unregistered."""
+    api = StandInManagement(tmp_path, [OLD])
+
+    async def route(request):
+        if request.method == "POST" and request.path == "/models":
+            api.calls.append(("POST", "/models"))
+            if answer == "refused":
+                return web.json_response({"code": 500, "message": "no room"}, status=500)
+            api.registered.append(NEW)  # registered, but its answer comes after the rollout stopped waiting
+            await asyncio.sleep(2)
+            return web.json_response({"status": "registered"}, status=202)
+        return await api(request)
+
+    def run(rollout):
+        with pytest.raises(RolloutError) as info:
+            rollout.run(DEFAULT_WEIGHTS)
+        return str(info.value)
+    message, _ = with_stand_in_route(api, route, run, http_timeout_s=0.5)
+    assert ("POST", "/models") in api.calls and api.registered == [OLD], (api.calls, api.registered)
+    assert not list(tmp_path.glob(f"cifar100-{NEW}.mar*")), list(tmp_path.iterdir())
+    if answer == "refused":
+        assert message == f"TorchServe refused to register cifar100-{NEW}.mar: 500 " + \
+            '{"code": 500, "message": "no room"}' + f"\n{OLD} still serves", message
+    else:
+        assert message.startswith("TorchServe's management API did not answer POST") and "--http-timeout" in message
+        assert message.endswith(f"{OLD} still serves; {NEW} was unregistered"), message
+        assert ("DELETE", f"/models/cifar100/{NEW}") in api.calls, api.calls
+
+
 # The rollout SIGTERM'd runs in a child process: a signal sent to the test process itself (the rollout in-process) once
 # crashed pytest. The child's SIGTERM and SIGINT get their default dispositions back (CI starts the tests in the
 # background, where SIGINT is inherited ignored); the stand-in serves from this process.
