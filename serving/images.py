@@ -118,6 +118,11 @@ BLOCK_BYTES = 1024
 # A PPM's header (magic, sizes, maximum value, comments) is read a byte at a time (~0.3 us each): it must end
 # within this many bytes (netpbm writes ~15, GIMP ~60 with its comment).
 MAX_PPM_HEADER_BYTES = 4096
+# Formats Pillow decodes in Python, by their pixels or their bytes: a BMP compressed with RLE (RLE8, RLE4: ~0.12 us
+# a pixel; 3 KB of 16 MP cost a worker 2 s) and plain (text) PNM, P1-P3 (~0.3 us a number; 10 MB cost 1.5 s)
+# (session 46). Real ones are small (icons, teaching files): 1 MP costs ~70 ms, 1 MB ~160 ms.
+MAX_BMP_RLE_PIXELS = 1_000_000
+MAX_PLAIN_PNM_BYTES = 1024 * 1024
 # Entries in one directory of a TIFF (its first image's, and the Exif, GPS and Interop directories that
 # Pillow reads whole while loading it): real files have 10-150; Pillow's reader takes ~9 us per entry.
 MAX_TIFF_TAGS = 512
@@ -268,6 +273,25 @@ def _check_gif_blocks(data: bytes | bytearray) -> None:
 
 
 _PPM_MAGIC = re.compile(rb"P[0-6fy]")  # Pillow's PPM opener's first bytes (its _accept)
+
+
+def _check_bmp_rle(data: bytes | bytearray) -> None:
+    """Refuse a BMP compressed with RLE (its info header's compression 1 or 2) of more than MAX_BMP_RLE_PIXELS."""
+    if len(data) < 34 or int.from_bytes(data[14:18], "little") < 40:
+        return  # an OS/2 header has no compression field; Pillow says what is wrong
+    width, height, _, _, compression = struct.unpack_from("<iiHHI", data, 18)
+    if compression in (1, 2) and abs(width) * abs(height) > MAX_BMP_RLE_PIXELS:
+        raise ImageRequestError(
+            413, f"BMP compressed with RLE of {abs(width)}x{abs(height)} pixels refused: above the "
+                 f"{MAX_BMP_RLE_PIXELS / 1e6:g} MP limit for RLE, decoded slowly: save it as PNG")
+
+
+def _check_plain_pnm(data: bytes | bytearray) -> None:
+    """Refuse a plain (text) PNM, P1-P3, of more than MAX_PLAIN_PNM_BYTES."""
+    if data[:2] in (b"P1", b"P2", b"P3") and len(data) > MAX_PLAIN_PNM_BYTES:
+        raise ImageRequestError(
+            413, f"plain (text) PNM of {len(data) / 2**20:.1f} MB refused: above the {MAX_PLAIN_PNM_BYTES // 2**20} MB "
+                 "limit for P1-P3, read a number at a time: save it as binary PNM (P4-P6) or PNG")
 
 
 def _check_ppm_header(data: bytes | bytearray) -> None:
@@ -499,11 +523,36 @@ def _check_tiff_metadata(data: bytes | bytearray) -> None:
         return tiff.entries(offset, MAX_TIFF_TAGS) if offset is not None else []
 
     first = tiff.entries(tiff.first_directory(), MAX_TIFF_TAGS)
+    _check_tiff_chunks(tiff, first)
     exif = directory(first, _EXIF_IFD)
     directories = (first, exif, directory(first, _GPS_IFD), directory(exif, _INTEROP_IFD))
     numbers = sum(count * _TIFF_TYPE_SIZES.get(kind, 0) for entries in directories
                   for tag, kind, count, _ in entries if kind not in _TIFF_BYTE_STRINGS and tag not in _TIFF_PIXEL_LAYOUT)
     _check_exif_size(numbers, "TIFF metadata")
+
+
+_WIDTH, _LENGTH, _SAMPLES, _ROWS_PER_STRIP, _PLANAR, _TILE_WIDTH, _TILE_LENGTH = 256, 257, 277, 278, 284, 322, 323
+
+
+def _check_tiff_chunks(tiff: _TiffLayout, entries: list[tuple]) -> None:
+    """Refuse a first image listing more strip or tile offsets (or byte counts) than its size and layout need:
+    Pillow reads each into a Python list while opening it (~1.6 us each), before the pixel limit is checked; a
+    1x2 picture with 125,000 offsets to the same two bytes (250 KB) cost 190 ms, 2 MB 1.6 s (session 46). Its
+    sides are counted up to MAX_IMAGE_SIDE (beyond, it is refused once opened), a tile as 16 px at least (the
+    TIFF standard's smallest)."""
+    layout = {tag: tiff.integer(e) or 0 for e in entries if (tag := e[0]) in
+              (_WIDTH, _LENGTH, _SAMPLES, _ROWS_PER_STRIP, _PLANAR, _TILE_WIDTH, _TILE_LENGTH)}
+    width, length = (min(max(layout.get(tag, 0), 1), MAX_IMAGE_SIDE) for tag in (_WIDTH, _LENGTH))
+    planes = min(max(layout.get(_SAMPLES, 1), 1), 8) if layout.get(_PLANAR) == 2 else 1
+    if _TILE_WIDTH in layout or _TILE_LENGTH in layout:
+        tile_width, tile_length = (max(layout.get(tag, 0), 16) for tag in (_TILE_WIDTH, _TILE_LENGTH))
+        needed = -(-width // tile_width) * -(-length // tile_length)
+    else:
+        needed = -(-length // max(layout.get(_ROWS_PER_STRIP, length), 1))
+    listed = max((count for tag, _, count, _ in entries if tag in _TIFF_PIXEL_LAYOUT), default=0)
+    if listed > planes * needed:
+        raise ImageRequestError(400, f"TIFF refused: it lists {listed:,} strip or tile offsets where its size and "
+                                     f"layout need {planes * needed:,}")
 
 
 def _check_avif_exif(data: bytes | bytearray) -> None:
@@ -533,7 +582,10 @@ def open_upload(data: bytes) -> Image.Image:
         elif data[:3] == b"GIF":
             _check_gif_blocks(data)
         elif _PPM_MAGIC.match(data):
+            _check_plain_pnm(data)
             _check_ppm_header(data)
+        elif data[:2] == b"BM":
+            _check_bmp_rle(data)
         elif data[:4] in TIFF_PREFIXES:
             _check_tiff_metadata(data)
         elif data[4:8] == b"ftyp" and data[8:12] in AVIF_BRANDS:

@@ -140,6 +140,89 @@ def test_tiff_directories_pillow_reads_whole_are_bounded():
     assert decode_image(camera).size == (64, 32)
 
 
+def strips_to_the_same_bytes(count: int) -> bytes:
+    """A 1x2 grey TIFF of one row per strip whose StripOffsets lists ``count`` offsets, all to its two pixels."""
+    tags = [(256, 1), (257, 2), (258, 8), (259, 1), (262, 1), (277, 1), (278, 1)]
+    ifd = struct.pack("<H", len(tags) + 1) + b"".join(struct.pack("<HHIHH", t, 3, 1, v, 0) for t, v in tags[:5])
+    ifd += struct.pack("<HHII", 273, 3, count, 16 + 2 + 12 * 8 + 4)
+    ifd += b"".join(struct.pack("<HHIHH", t, 3, 1, v, 0) for t, v in tags[5:]) + b"\0\0\0\0"
+    return b"II*\x00" + struct.pack("<I", 16) + b"\x80\x80" + b"\0" * 6 + ifd + struct.pack("<H", 8) * count
+
+
+def tiled_grey_tiff(width: int, height: int, tile: int, listed: int | None = None) -> bytes:
+    """An uncompressed grey TIFF in square tiles; ``listed``: the TileOffsets and TileByteCounts it lists (the
+    extra ones point at its last tile)."""
+    across, down = -(-width // tile), -(-height // tile)
+    count, size = across * down if listed is None else listed, tile * tile
+    entries = [(256, width), (257, height), (258, 8), (259, 1), (262, 1), (277, 1), (322, tile), (323, tile)]
+    offsets_at = 8 + 2 + 12 * (len(entries) + 2) + 4
+    pixels_at = offsets_at + 8 * count
+    head = struct.pack("<H", len(entries) + 2) + b"".join(struct.pack("<HHIHH", t, 3, 1, v, 0) for t, v in entries)
+    head += struct.pack("<HHII", 324, 4, count, offsets_at) + struct.pack("<HHII", 325, 4, count, offsets_at + 4 * count)
+    offsets = b"".join(struct.pack("<I", pixels_at + min(i, across * down - 1) * size) for i in range(count))
+    return (b"II*\x00" + struct.pack("<I", 8) + head + b"\0\0\0\0" + offsets + struct.pack("<I", size) * count
+            + bytes(i % 251 for i in range(size * across * down)))
+
+
+def test_a_tiff_listing_more_strips_or_tiles_than_its_size_needs_is_refused_before_pillow_opens_it():
+    # Pillow reads every strip or tile offset into a Python list while opening (~1.6 us each), before the pixel
+    # limit: 125,000 offsets of a 1x2 picture (250 KB) cost 190 ms on the adapter's event loop, 2 MB 1.6 s.
+    for bomb in (strips_to_the_same_bytes(125_000), tiled_grey_tiff(40, 20, 16, listed=100_000)):
+        with pytest.raises(ImageRequestError) as info:
+            open_upload(bomb)
+        assert info.value.status == 400 and "strip or tile offsets where its size and layout need" in info.value.message
+        assert _cpu_seconds(open_upload, bomb) < 0.01
+    with pytest.raises(ImageRequestError) as info:
+        open_upload(strips_to_the_same_bytes(3))  # one more than its two rows need
+    assert "lists 3 strip or tile offsets where its size and layout need 2" in info.value.message
+    with pytest.raises(ImageRequestError) as info:
+        open_upload(tiled_grey_tiff(40, 20, 16, listed=7))  # 3 x 2 tiles
+    assert "lists 7 strip or tile offsets where its size and layout need 6" in info.value.message
+    # What they need is read: two strips of one row, six tiles, a strip per row, a strip per plane of each band.
+    assert decode_image(strips_to_the_same_bytes(2)).size == (1, 2)
+    assert decode_image(tiled_grey_tiff(40, 20, 16)).size == (40, 20)
+    picture = noisy((57, 31))
+    for info in ({278: 1}, {278: 7}):
+        assert decode_image(encode(picture, "TIFF", tiffinfo=info)).size == (57, 31)
+    planar = encode(picture, "TIFF", compression="tiff_adobe_deflate", tiffinfo={284: 2, 278: 8})  # 3 planes x 4 strips
+    assert len(Image.open(io.BytesIO(planar)).tag_v2[273]) == 12 and open_upload(planar).size == (57, 31)
+
+
+def rle8_bmp(width: int, height: int) -> bytes:
+    """A grey BMP compressed with RLE8: one pixel, then end of line, on every row (Pillow fills the rest of
+    each row a byte at a time, in Python)."""
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    body = b"\x01\x05\x00\x00" * height + b"\x00\x01"
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(body), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body
+
+
+def test_formats_pillow_decodes_in_python_are_bounded_by_their_pixels_or_bytes():
+    # A 3 KB RLE8 BMP of 16 MP cost a worker 2 s of CPU, 10 MB of a plain PGM 1.5 s (pure-Python decoders).
+    from serving.images import MAX_BMP_RLE_PIXELS, MAX_PLAIN_PNM_BYTES
+    side = int(MAX_BMP_RLE_PIXELS ** 0.5)
+    assert side * side == MAX_BMP_RLE_PIXELS
+    assert open_upload(rle8_bmp(side, side)).size == (side, side) and decode_image(rle8_bmp(side, side)).mode == "RGB"
+    for bomb in (rle8_bmp(side + 1, side), rle8_bmp(32768, 488)):
+        with pytest.raises(ImageRequestError) as info:
+            open_upload(bomb)
+        assert info.value.status == 413 and "MP limit for RLE" in info.value.message, info.value.message
+        assert _cpu_seconds(open_upload, bomb) < 0.01
+    head = b"P2\n1000 %d\n255\n"
+    rows = (MAX_PLAIN_PNM_BYTES - len(head % 9999)) // 2000
+    at_limit = (head % rows) + b"7 " * 1000 * rows
+    assert len(at_limit) <= MAX_PLAIN_PNM_BYTES
+    assert open_upload(at_limit).size == (1000, rows) and decode_image(at_limit).mode == "RGB"
+    over = at_limit + b" " * (MAX_PLAIN_PNM_BYTES + 1 - len(at_limit))
+    with pytest.raises(ImageRequestError) as info:
+        open_upload(over)
+    assert info.value.status == 413 and "limit for P1-P3" in info.value.message, info.value.message
+    assert _cpu_seconds(open_upload, over) < 0.01
+    binary = b"P5\n2000 1000\n255\n" + bytes(2_000_000)  # the same limit does not apply to binary PNM
+    assert decode_image(binary).mode == "RGB"
+
+
 def test_an_exif_block_of_exactly_the_limit_is_read_and_one_byte_more_is_413():
     picture = halves((64, 32))
     block = exif_block(5_000)
