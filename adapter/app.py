@@ -177,7 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The body is read here (not by a FastAPI File() parameter) so the size limit acts while
         # it streams in.
         upload = await read_image_upload(request, settings.max_upload_bytes, settings.max_form_parts)
-        image = await request.app.state.shrinker.prepare(upload.data)
+        image = await request.app.state.shrinker.prepare(upload.data, client=client_address(request.scope))
         with held_by_model_server(request.scope, len(image)):
             answer = await request.app.state.torchserve.predict(image)
         return JSONResponse(classify_answer(answer, started))
@@ -189,9 +189,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         started = time.perf_counter()
         explanations = request.app.state.explanations
         # Its client's share first, before the body is read; the model server's turn once it is.
-        async with explanations.share(client_address(request.scope)) as share:
+        client = client_address(request.scope)
+        async with explanations.share(client) as share:
             upload = await read_image_upload(request, settings.max_upload_bytes, settings.max_form_parts)
-            image = await request.app.state.shrinker.prepare(upload.data, explain=True)
+            image = await request.app.state.shrinker.prepare(upload.data, explain=True, client=client)
             async with explanations.turn(share):  # (kept, with the share, after a 504 while TorchServe may run it)
                 with held_by_model_server(request.scope, len(image)):
                     try:

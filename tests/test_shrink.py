@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -298,6 +299,37 @@ def test_the_event_loop_keeps_answering_while_a_photo_is_decoded():
     # Decoding off the loop: it kept turning every few ms (a loaded 2-core machine: up to 0.25 s
     # late once) instead of stalling for each decode.
     assert len(lags) >= 10 and max(lags) < min(0.25, took / 2), (len(lags), max(lags), took)
+
+
+def test_one_clients_uploads_take_one_shrinking_thread_at_a_time():
+    """Four slow uploads of one client, then one of another: the pool's two threads went to the first client's
+    first two, its next two waited ahead of the other's (first come, first served), which came last. Now a client
+    has one thread at a time: the other's goes at once on the second, and the first client's wait their turn."""
+    running, most, finished, lock = Counter(), Counter(), [], threading.Lock()
+
+    def work(client: str) -> str:
+        with lock:
+            running[client] += 1
+            most[client] = max(most[client], running[client])
+        time.sleep(0.2)
+        with lock:
+            running[client] -= 1
+        return client
+
+    async def run():
+        shrinker = UploadShrinker(Settings(shrink_workers=2, shrink_wait_s=10))
+        try:
+            async def upload(client: str, after_s: float):
+                await asyncio.sleep(after_s)
+                finished.append(await shrinker._in_pool(client, work, client))
+            await asyncio.gather(*(upload("203.0.113.7", 0) for _ in range(4)), upload("198.51.100.2", 0.05))
+            return shrinker._clients
+        finally:
+            shrinker.close()
+
+    left = asyncio.run(run())
+    assert most == {"203.0.113.7": 1, "198.51.100.2": 1} and finished.index("198.51.100.2") <= 1, (most, finished)
+    assert left == {}  # nothing kept for clients with nothing in the pool
 
 
 def test_the_page_carries_no_copy_of_the_shrink_rules():
