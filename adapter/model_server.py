@@ -47,10 +47,11 @@ class SilenceProbe:
     """/health's proof that the model answers, for either client (TorchServe's, adapter/oip.py's): when no
     prediction has succeeded for HEALTH_MAX_SILENCE_S, one prediction of PROBE_IMAGE (``send_probe``:
     an awaitable giving the response), shared by the /health callers meanwhile. Ready workers that are
-    stopped or wedged answer nothing: 503."""
+    stopped or wedged answer nothing: 503. ``read_answer`` (the client's reading of a 200: ClassifyError
+    when a request would get a 502 for it) judges the probe's answer as every prediction's is judged."""
 
-    def __init__(self, settings: Settings, send_probe):
-        self.settings, self.send_probe = settings, send_probe
+    def __init__(self, settings: Settings, send_probe, read_answer):
+        self.settings, self.send_probe, self.read_answer = settings, send_probe, read_answer
         self.last_answer_at = 0.0  # time.monotonic() of the last answer (a prediction's or the probe's)
         self._probe: asyncio.Future | None = None
 
@@ -80,11 +81,9 @@ class SilenceProbe:
             raise ClassifyError(503, f"The model is not answering: {silent} failed "
                                      f"({response.status_code}).")
         try:
-            response.json()
-        except ValueError:  # NaN probabilities: every prediction would be a 502
-            raise ClassifyError(503, f"The model is not answering: {silent} got an answer that is not JSON "
-                                     "(NaN or infinity?).") from None
-        self.answered()
+            self.read_answer(response)  # (answered() when it is an answer)
+        except ClassifyError as err:  # NaN probabilities, no prediction: every prediction would be a 502
+            raise ClassifyError(503, f"The model is not answering: {silent} got a bad answer: {err.message}") from None
 
 
 @dataclass(frozen=True, slots=True)

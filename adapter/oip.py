@@ -80,7 +80,7 @@ class OIPClient:
         self.settings = settings
         self.metrics = metrics
         self.engine: str | None = None  # the forward pass the last answer named (/health)
-        self.silence = SilenceProbe(settings, self._send_probe)  # /health: does the model answer?
+        self.silence = SilenceProbe(settings, self._send_probe, self._answer)  # /health: does the model answer?
         s = settings
         self.headers = {"Host": s.oip_host_header} if s.oip_host_header else {}
         self._infer_path = f"/v2/models/{s.model_name}/infer"

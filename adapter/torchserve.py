@@ -22,7 +22,6 @@ again, and if it still holds the refused key the API key renews it; then the req
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import aiohttp
@@ -61,7 +60,7 @@ class TorchServeClient:
         self.keys = KeyFile(settings.key_file)
         self._renew_lock = asyncio.Lock()
         self.engine: str | None = None  # the forward pass the last answer came from (handler/engine.py)
-        self.silence = SilenceProbe(settings, self._send_probe)  # /health: does the model answer?
+        self.silence = SilenceProbe(settings, self._send_probe, lambda response: self._answer(response, False))
         s = settings
         # Timeouts: `total` bounds a whole prediction (-> 504), `connect` the DNS + TCP connect (-> 503
         # not reachable); the wait for a free pooled connection is Pool's (-> 503 busy), bounded like
@@ -174,11 +173,11 @@ class TorchServeClient:
             except ValueError as err:  # NaN or infinity included (weights that overflow)
                 log.warning("the model server answered 200 with no valid JSON (%s): %s", err, ascii(response.text[:200]))
                 raise ClassifyError(502, "The model server sent an answer that is not JSON.") from None
-            self.silence.answered()
             if not isinstance(answer, dict) or not isinstance(answer.get("label") or answer.get("prediction"), str):
                 raise ClassifyError(502, "The model server's answer has no prediction.")
             if explain and not isinstance(answer.get("heatmap"), str):
                 raise ClassifyError(502, "The model server's answer has no heatmap.")
+            self.silence.answered()  # an answer a client could use: a 502 is no proof for /health
             self.engine = named_engine(answer, self.engine)
             return answer
         raise answer_error(response, self.settings.model_name)
@@ -192,12 +191,8 @@ class TorchServeClient:
         return status
 
     async def _send_probe(self) -> Response:
-        response = await self._send(self._inference, "inference", "POST", f"/predictions/{self.settings.model_name}",
-                                    data=PROBE_IMAGE)
-        if response.status_code == 200:
-            with contextlib.suppress(ValueError, AttributeError):
-                self.engine = named_engine(response.json(), self.engine)
-        return response
+        return await self._send(self._inference, "inference", "POST", f"/predictions/{self.settings.model_name}",
+                                data=PROBE_IMAGE)
 
     async def model_status(self) -> dict:
         """{"model", "archive_version", "workers_ready", "workers"} or ClassifyError(503) when not ready."""

@@ -692,6 +692,27 @@ def test_an_answer_whose_probability_is_not_a_number_is_a_502_bad_answer_and_fai
     assert err.value.status_code == 503 and "not answering" in err.value.message and "not JSON" in err.value.message
 
 
+def test_answers_without_a_prediction_are_no_proof_for_health(tmp_path):
+    """Every answer 200 JSON with no prediction (a changed handler): each /classify/ was a 502, yet each counted as
+    the model answering, so /health stayed 200 for as long as they came. Now only a usable answer counts, and
+    /health's probe judges its own answer by the same rule."""
+    async def predict(request, n):
+        return json_answer(200, {key: value for key, value in ANSWER.items() if key not in ("label", "prediction")})
+
+    async def classify_then_health(client):
+        with pytest.raises(ClassifyError) as bad:
+            await client.predict(b"PNG")
+        assert bad.value.status_code == 502 and "no prediction" in bad.value.message
+        return await client.health()
+
+    stand_in = StandIn(predict)
+    with pytest.raises(ClassifyError) as err:
+        run_client(stand_in, tmp_path, classify_then_health, health_max_silence_s=30.0)
+    assert err.value.status_code == 503 and "not answering" in err.value.message, err.value.message
+    assert "bad answer: The model server's answer has no prediction" in err.value.message, err.value.message
+    assert len(stand_in.predictions()) == 2  # the request's, then the probe's
+
+
 def test_a_taken_metrics_port_is_named_with_its_setting(tmp_path):
     """METRICS_PORT already in use: `adapter.run start` said nothing clear (the adapter's log had a bare
     OSError traceback naming neither the port nor the setting). Now start refuses at once, as for a taken
