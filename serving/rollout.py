@@ -174,12 +174,15 @@ def _not_a_number(word: str):
 
 def _answered_by(answer: httpx.Response) -> str | None:
     """The version a prediction's answer names; None for an answer that is not the handler's JSON, strictly
-    read (NaN or infinity: weights that overflow; no client can parse it) or whose probabilities are not numbers."""
+    read (NaN or infinity: weights that overflow; no client can parse it), whose probabilities are not numbers,
+    or that names no class (the adapter answers 502 to such as it does, adapter/torchserve.py)."""
     try:
         body = json.loads(answer.content, parse_constant=_not_a_number)
     except ValueError:
         return None
     if not isinstance(body, dict) or not _is_probability(body.get("probability")):
+        return None
+    if not isinstance(body.get("label") or body.get("prediction"), str):
         return None
     return body.get("model_version")
 

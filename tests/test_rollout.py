@@ -391,7 +391,9 @@ def test_a_warm_up_not_answered_by_the_new_version_leaves_the_old_one_serving(se
                                   # the new version's own answers, but NaN (weights that overflow) or no number
                                   '{"model_version": "VERSION", "probability": NaN}',
                                   '{"model_version": "VERSION", "probability": 1e999}',
-                                  '{"model_version": "VERSION", "probability": null}'])
+                                  '{"model_version": "VERSION", "probability": null}',
+                                  # numbers, but no class named: every /classify/ of that version a 502
+                                  '{"model_version": "VERSION", "probability": 0.5}'])
 def test_a_warm_up_answer_that_is_not_the_handlers_is_a_failed_warm_up(served, body):
     """A 200 whose body is no answer of the handler (a front's page, another JSON, probabilities that are
     not numbers) fails the warm-up with the rollout's own error (which unregisters the new version), not a
