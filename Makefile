@@ -83,11 +83,13 @@ serve-kserve: install
 	OIP_URL=http://127.0.0.1:$${PREDICTOR_HTTP_PORT:-8085} $(MAKE) --no-print-directory serve-adapter
 	@echo "Open the page: http://127.0.0.1:$${ADAPTER_PORT:-8000}/   (stop everything with: make stop)"
 
-# Stops the adapter, TorchServe and KServe's model server that make serve / make serve-kserve started.
+# Stops the adapter, TorchServe and KServe's model server that make serve / make serve-kserve started (all three tried; non-zero when one failed).
 stop:
-	-$(MAKE) --no-print-directory stop-adapter
-	-$(MAKE) --no-print-directory stop-torchserve
-	-$(MAKE) --no-print-directory stop-kserve
+	@status=0; \
+	$(MAKE) --no-print-directory stop-adapter || status=1; \
+	$(MAKE) --no-print-directory stop-torchserve || status=1; \
+	$(MAKE) --no-print-directory stop-kserve || status=1; \
+	exit $$status
 
 # Stops KServe's model server alone.
 stop-kserve:

@@ -102,6 +102,12 @@ def test_make_stop_stops_both_and_says_so(served, user):
     again = user.make("stop")
     assert again.returncode == 0 and "Adapter not running." in again.stdout
     assert "TorchServe was not running." in again.stdout
+    # One stop that fails (here a bad setting) fails `make stop` (it exited 0: `make stop && make serve` went on),
+    # after the others were tried.
+    failed = subprocess.run(["make", "--no-print-directory", "stop"], cwd=user.root, capture_output=True, text=True,
+                            env={**user.env, "TS_INFERENCE_PORT": "abc"}, timeout=user.make_timeout_s)
+    assert failed.returncode != 0 and "TS_INFERENCE_PORT='abc'" in failed.stderr, failed.stderr
+    assert "Adapter not running." in failed.stdout and "KServe's model server not running." in failed.stdout
 
 
 @pytest.mark.parametrize("module, variable", [("serving.torchserve", "TS_MANAGEMENT_PORT"),
