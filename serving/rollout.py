@@ -206,12 +206,16 @@ def _described(answer: httpx.Response) -> str:
     return f"{answer.status_code} from version {by}: {text}" if by else f"{answer.status_code} {text}"
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # at once: under make or CI stdout is a pipe, and the error line that ends it goes to stderr
+
+
 @dataclass
 class Rollout:
     ts: TorchServeInstance
     ready_timeout_s: float = field(default_factory=startup_timeout_s)  # a first start compiles its engine
     drain_s: float = DRAIN_S
-    say: callable = print
+    say: callable = _say
     http_timeout_s: float = HTTP_TIMEOUT_S
     model_config: Path = field(default_factory=model_config_path)  # the one the new version's archive packs
 
@@ -514,10 +518,14 @@ class Rollout:
 
     def drain_and_unregister(self, version: str, url: str) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:  # requests queued for it before the switch
+        while True:  # requests queued for it before the switch
             r = self._call("GET", f"/models/{MODEL_NAME}/{version}")
             pending = (r.json()[0].get("jobQueueStatus") or {}).get("pendingRequests", 0) if r.status_code == 200 else 0
             if not pending:
+                break
+            if time.monotonic() >= deadline:
+                self.say(f"warning: {version} still has {pending} request(s) queued after --ready-timeout "
+                         f"({self.ready_timeout_s:g} s): unregistered all the same, TorchServe never answers them")
                 break
             time.sleep(0.2)
         time.sleep(self.drain_s)  # the batches its workers hold

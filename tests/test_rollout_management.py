@@ -521,6 +521,25 @@ def test_a_failed_registration_leaves_nothing_of_the_new_version(tmp_path, answe
         assert ("DELETE", f"/models/cifar100/{NEW}") in api.calls, api.calls
 
 
+def test_an_old_version_whose_queue_never_empties_is_unregistered_with_a_warning(tmp_path):
+    """The drain waited up to --ready-timeout for the old version's queue, then unregistered it without a word,
+    though TorchServe never answers the requests still queued there. Now the operator is told how many."""
+    api = StandInManagement(tmp_path, [NEW, OLD])
+
+    async def route(request):
+        if request.method == "GET" and request.path == f"/models/cifar100/{OLD}":
+            return web.json_response([{"modelVersion": OLD, "jobQueueStatus": {"pendingRequests": 3}}])
+        return await api(request)
+
+    def drain(rollout):
+        rollout.ready_timeout_s = 0.3
+        rollout.drain_and_unregister(OLD, "cifar100.mar")
+    _, said = with_stand_in_route(api, route, drain)
+    assert said[0] == (f"warning: {OLD} still has 3 request(s) queued after --ready-timeout (0.3 s): unregistered "
+                       "all the same, TorchServe never answers them"), said
+    assert said[1] == f"drained and unregistered {OLD}" and api.registered == [NEW]
+
+
 # The rollout SIGTERM'd runs in a child process: a signal sent to the test process itself (the rollout in-process) once
 # crashed pytest. The child's SIGTERM and SIGINT get their default dispositions back (CI starts the tests in the
 # background, where SIGINT is inherited ignored); the stand-in serves from this process.
