@@ -61,6 +61,7 @@ MODEL_SERVER_ERROR_KINDS = {
     "no_model": "its 404: the model is not registered there (or was unloaded)",
     "error_answer": "a 5xx of its own (502)",
     "bad_answer": "a 200 that is not a usable answer (502)",
+    "key_refused": "TorchServe refused the adapter's key, a renewed one too (503)",
 }
 # Seconds: a CPU prediction takes milliseconds, a queue under load tenths, the deadline is 10 s.
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)

@@ -40,6 +40,11 @@ from .request_context import note_model_version, request_id_header
 
 log = logging.getLogger("adapter.torchserve")
 
+
+class KeyRefused(ClassifyError):
+    """TorchServe refused the adapter's key, a renewed one too (TS_KEY_FILE is not the running TorchServe's)."""
+
+
 # httpx's default pool size, which the management API had before: it only serves /health checks.
 MANAGEMENT_MAX_CONNECTIONS = 100
 
@@ -112,7 +117,7 @@ class TorchServeClient:
         if is_auth_refusal(response.status_code, response.text):
             log.error("TorchServe refused the %s key: is TS_KEY_FILE (%s) the running TorchServe's?",
                       kind, self.keys.path)
-            raise ClassifyError(503, f"The model server refused the adapter's {kind} key; see the adapter's log.")
+            raise KeyRefused(503, f"The model server refused the adapter's {kind} key; see the adapter's log.")
         return response
 
     def _unreachable(self, err: Exception, url: str) -> ClassifyError:
@@ -158,6 +163,10 @@ class TorchServeClient:
             error = self._unreachable(err, self.settings.inference_url)
             count_failure(self.metrics, error, err)
             raise error from None
+        except KeyRefused:
+            if self.metrics is not None:
+                self.metrics.model_server_errors.labels("key_refused").inc()
+            raise
         try:
             answer = self._answer(response, explain)
         except ClassifyError as error:

@@ -617,11 +617,13 @@ def test_a_key_still_refused_after_renewal_is_503_naming_no_key(tmp_path):
         return json_answer(200, {"message": "Token renewed"})
 
     stand_in = StandIn(predict, manage)
+    metrics = Metrics()
     with pytest.raises(ClassifyError) as err:
-        run_client(stand_in, tmp_path, lambda client: client.predict(b"PNG"), key_file=str(key_file))
+        run_client(stand_in, tmp_path, lambda client: client.predict(b"PNG"), metrics, key_file=str(key_file))
     assert err.value.status_code == 503 and "key" in err.value.message
     assert "expired" not in err.value.message and "other-" not in err.value.message
     assert len(stand_in.predictions()) == 2  # the refused key, then the renewed one; no more
+    assert errors_by_kind(metrics) == {"key_refused": 1}  # (was in no kind: an alert on the errors saw nothing)
 
 
 def test_health_callers_share_one_probe_and_one_leaving_does_not_cancel_it(tmp_path):
