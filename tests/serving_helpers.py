@@ -59,11 +59,11 @@ def png_declaring_size(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
-def jpeg_declaring_size(width: int, height: int) -> bytes:
-    """A small real JPEG whose frame header (SOF0) is rewritten to declare width x height (a JPEG
-    decompression bomb's header)."""
-    data = bytearray(encode(Image.new("RGB", (64, 64), (90, 120, 200)), "JPEG"))
-    sof = data.find(b"\xff\xc0")
+def jpeg_declaring_size(width: int, height: int, progressive: bool = False) -> bytes:
+    """A small real JPEG (baseline or progressive) whose frame header (SOF0, SOF2) is rewritten to declare
+    width x height (a JPEG decompression bomb's header)."""
+    data = bytearray(encode(Image.new("RGB", (64, 64), (90, 120, 200)), "JPEG", progressive=progressive))
+    sof = data.find(b"\xff\xc2" if progressive else b"\xff\xc0")
     data[sof + 5:sof + 7] = height.to_bytes(2, "big")
     data[sof + 7:sof + 9] = width.to_bytes(2, "big")
     return bytes(data)
