@@ -77,6 +77,11 @@ def _more_time(option: str) -> str:
     return f"a loaded host may need more: {option} (ROLLOUT_ARGS)"
 
 
+class ServesWithLeftovers(RolloutError):
+    """The new version serves (the default), but a step after the switch failed: an old version is still
+    registered beside it. Exit status 3, so a CI job tells it from a rollout that left the old version serving."""
+
+
 class RegistrationRefused(RolloutError):
     """TorchServe answered the registration of a new version with a refusal: nothing was registered."""
 
@@ -531,7 +536,7 @@ class Rollout:
         time.sleep(self.drain_s)  # the batches its workers hold
         r = self._call("DELETE", f"/models/{MODEL_NAME}/{version}", limit="--ready-timeout")
         if r.status_code != 200:
-            raise RolloutError(f"the new version serves, but unregistering {version} failed: "
+            raise ServesWithLeftovers(f"the new version serves, but unregistering {version} failed: "
                                f"{r.status_code} {r.text.strip()[:200]}")
         if url.startswith(f"{MODEL_NAME}-") and url.endswith(".mar"):  # a rollout's archive, not make serve's
             (self.ts.model_store / url).unlink(missing_ok=True)
@@ -643,7 +648,7 @@ class Rollout:
                 self.set_default(version)
             except RolloutError as err:  # the switch refused or not answered: which version serves is asked
                 if self.switched_to(version):
-                    raise RolloutError(f"{err}; yet {version} is the default: the same command again unregisters "
+                    raise ServesWithLeftovers(f"{err}; yet {version} is the default: the same command again unregisters "
                                        f"{old}") from None
                 raise self.given_up(version, old, err) from None
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Stopped) before the switch: its workers ran beside the old
@@ -678,7 +683,7 @@ def roll_out(ts: TorchServeInstance, weights: Path, ready_timeout_s: float, drai
                 model_config=model_config_path(model_config)).run(weights)
     except RolloutError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 3 if isinstance(err, ServesWithLeftovers) else 1
     except KeyboardInterrupt as err:
         signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
         print(f"error: rollout interrupted ({signal.Signals(signum).name})", file=sys.stderr)

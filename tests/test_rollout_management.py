@@ -592,6 +592,32 @@ def roll_out_sigtermed(api: StandInManagement, route, when: threading.Event, htt
     return rc, out, box["signalled"]
 
 
+def test_a_new_version_serving_beside_an_old_one_it_could_not_unregister_exits_3(tmp_path):
+    """The switch done, the old version's unregistering refused: the command exited 1, as for a rollout that left
+    the old version serving, so a CI job could not tell whether the new weights serve. Now 3, saying so."""
+    api = StandInManagement(tmp_path, [OLD, NEW])
+
+    async def switch(version):
+        api.registered.sort(key=lambda v: v != version)  # the default comes first
+        return web.json_response({"status": "Default version succsesfully updated"})
+    warm, _ = warm_version_route(api, set_default=switch)
+
+    async def route(request):
+        if request.method == "DELETE" and request.path == f"/models/cifar100/{OLD}":
+            return web.json_response({"code": 500, "message": "no"}, status=500)
+        return await warm(request)
+
+    async def go():
+        async with stand_in_server(route) as url:
+            return await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-c", ROLLOUT_IN_A_CHILD, str(tmp_path), url.rsplit(":", 1)[1], "5"],
+                cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    done = asyncio.run(go())
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert f"error: the new version serves, but unregistering {OLD} failed: 500" in done.stderr, done.stderr
+    assert api.registered == [NEW, OLD] and f"{NEW} is the default" in done.stdout, done.stdout
+
+
 def test_sigterm_during_the_warm_up_withdraws_the_version_at_once_and_sends_nothing_again(tmp_path):
     """SIGTERM (a CI cancel, a pod's stop) while a warm-up explanation hangs: the withdraw waited for the warm-up's
     threads, which sent the call once more after --http-timeout, so it began ~2 x --http-timeout later (the kill that
