@@ -179,6 +179,10 @@ class AccessLogFormatter(logging.Formatter):
             return record.getMessage()
         return super().format(record).replace("\n", "\n  ")  # (the message's own were escaped: a traceback's)
 
+    def formatException(self, ei) -> str:  # noqa: N802 - logging's name
+        # An exception's message may hold a client's text too (\r, \x1b): escaped line by line, breaks kept.
+        return "\n".join(_escaped(line) for line in super().formatException(ei).split("\n"))
+
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         text = super().formatMessage(record)
         # Logged while answering a request (the same task, so its context): named, to follow one request.

@@ -291,6 +291,23 @@ def test_a_path_cannot_forge_a_line_of_the_log(tmp_path):
     assert '/x\\n{"time": "2026' in refusal and '\\r\\n\\x1b[2J\\u2028 from 127.0.0.1' in refusal, refusal
 
 
+def test_a_tracebacks_client_text_cannot_forge_a_line_of_the_log():
+    """A traceback's lines were indented but not escaped: an exception whose message held a client's text (\r, a
+    terminal escape, U+2028, which Python's splitlines breaks at) went into the log as it was."""
+    import logging
+    import sys
+
+    from adapter.edge import AccessLogFormatter
+
+    try:
+        raise ValueError('bad \r\x1b[2J\u2028{"request_id": "forged"}')
+    except ValueError:
+        record = logging.LogRecord("adapter", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    text = AccessLogFormatter("%(message)s").format(record)
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]", text), ascii(text)
+    assert "\\r\\x1b[2J\\u2028{" in text and all(line.startswith("  ") for line in text.splitlines()[1:]), text
+
+
 def test_bad_http_counts_the_parsers_400s_not_the_apps(tmp_path):
     """adapter_refusals_total{reason="bad_http"} is what its name and the README say: requests that are
     not valid HTTP, refused at the parser. A 400 of the app (no image in the upload) is an answer about
