@@ -79,7 +79,8 @@ from handler.held_bodies import GrpcMessageBound, HeldBytes, client_share
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, OUTPUTS, V2, ProtocolError,
                                encode_answer, json_body, logged_request_id, parse_request, plain_v2_body,
-                               refuse_binary_extension, refuse_json_flood, too_many_images, unsupported_datatype)
+                               refuse_binary_extension, refuse_json_flood, shown_name, tensor_at, too_many_images,
+                               unsupported_datatype)
 from model import check_class_count, load_class_names, network_from_state_dict
 from serving.cli import positive_float, positive_int, share
 from serving.clients import ForwardedClient, proxy_networks
@@ -367,7 +368,7 @@ def grpc_count_refusal(request, max_images: int) -> str | None:
         return f"a parameters map of more than {MAX_GRPC_PARAMETERS} entries (this model reads none)"
     images = 0
     for n, tensor in enumerate(request.inputs):
-        at = f"inputs[{n}] ({tensor.name!r})"
+        at = tensor_at(n, tensor.name)
         if tensor.datatype != "BYTES":
             return unsupported_datatype(at, tensor.datatype).message
         if len(tensor.shape) > MAX_DATA_DEPTH:
@@ -655,11 +656,11 @@ class CIFAR100Predictor(Model):
 
 
 def _request_bytes(payload, headers: dict | None) -> int | None:
-    """A request's size for decodes_inline: its Content-Length, or over gRPC its tensors' bytes (the
+    """A request's size for decodes_inline: its Content-Length, or over gRPC its tensors' names and bytes (the
     message is whole by then); None when unknown (a chunked body)."""
     if isinstance(payload, InferRequest) and payload.from_grpc:
-        return sum(len(raw) if (raw := getattr(tensor, "_raw_data", None)) is not None
-                   else sum(len(item) for item in tensor.data or () if isinstance(item, (bytes, bytearray)))
+        return sum(len(tensor.name or "") + (len(raw) if (raw := getattr(tensor, "_raw_data", None)) is not None
+                   else sum(len(item) for item in tensor.data or () if isinstance(item, (bytes, bytearray))))
                    for tensor in payload.inputs)
     declared = str((headers or {}).get("content-length", ""))
     return int(declared) if declared.isdigit() else None
@@ -691,7 +692,7 @@ def _tensor_data(tensor) -> list:
     try:
         return tensor.as_numpy().reshape(-1).tolist()
     except Exception as err:  # noqa: BLE001 - a malformed raw tensor is the client's
-        raise ProtocolError(400, f"input {tensor.name!r}: raw_input_contents do not hold its shape's BYTES elements "
+        raise ProtocolError(400, f"input {shown_name(tensor.name)}: raw_input_contents do not hold its shape's BYTES elements "
                                  f"({err})") from None
 
 

@@ -326,6 +326,37 @@ def test_a_json_body_of_more_values_than_its_images_need_is_refused_by_counting_
     refuse_json_flood(flood, 2000)  # the limit follows handler.max_images_per_request
 
 
+def test_arrays_nested_without_commas_are_counted_too():
+    """5,101 lists nested 900 deep (9 MB, no comma between them) passed the comma count: json.loads spent 2.8 s on
+    them holding the event loop (v1: accepted). Arrays and objects count against the same limit now."""
+    from handler.protocols import JSON_COMMAS_PER_IMAGE, JSON_COMMAS_SPARE, refuse_json_flood
+
+    limit = 64 * JSON_COMMAS_PER_IMAGE + JSON_COMMAS_SPARE
+    deep = b'{"instances": [{"data": "' + b64(PNG).encode() + b'"}], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(ProtocolError) as err:
+        refuse_json_flood(deep, 64)
+    assert err.value.status == 413 and f"arrays and objects, above the limit of {limit}" in err.value.message
+    refuse_json_flood(b"[" * (limit - 1) + b"{}" + b"]" * (limit - 1), 64)  # exactly the limit: passed on
+
+
+def test_a_tensors_name_is_shown_cut_short_in_every_message():
+    """A 4 MB name of control bytes, repeated in each of its 64 images' labels four characters a byte, cost a
+    request 1 GB and seconds (12 MB: 3 GB, more than the pod's memory). Messages show 64 characters of it."""
+    from handler.protocols import NAME_SHOWN
+
+    name = "\x7f" * 4_000_000
+    request = parse_request({"body": {"inputs": [{"name": name, "shape": [64], "datatype": "BYTES",
+                                                  "data": [b64(PNG)] * 64}]}}, 64)
+    assert len(request.images) == 64 and max(map(len, request.where)) < 4 * NAME_SHOWN + 40, request.where[0][:300]
+    assert request.where[0] == f"inputs[0] ({ascii(name[:NAME_SHOWN])}...) data[0]"
+    with pytest.raises(ProtocolError) as err:
+        parse_request({"body": {"inputs": [{"name": name, "shape": [1], "datatype": "FP32", "data": [1.0]}]}}, 64)
+    assert len(err.value.message) < 500, len(err.value.message)  # (was 16 MB)
+    short = parse_request({"body": {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                                "data": [b64(PNG)]}]}}, 64)
+    assert short.where == ["inputs[0] ('image') data[0]"]  # a name of up to NAME_SHOWN characters, whole
+
+
 def test_an_empty_list_of_outputs_asks_for_every_output():
     """The protocol's "outputs" picks some; an empty list got 400 "unknown output(s) []"."""
     body = {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [b64(PNG)]}]}
