@@ -1,12 +1,12 @@
 """Large uploads shrunk where they enter, so TorchServe never moves megabytes.
 
-An upload of a photo format above SHRINK_MIN_BYTES (or SHRINK_MIN_PIXELS) is decoded here with the
+An upload of any format above SHRINK_MIN_BYTES (or SHRINK_MIN_PIXELS) is decoded here with the
 handler's own rules (serving/images.py: the pixel limits, JPEG draft mode, integer reduction, EXIF,
 RGB, the 32x32 resize) and forwarded as the network's 32x32 input, a lossless PNG of a few KB; an
 explanation's PNG also names the decoded picture's size (its heatmap follows that size). Both give
 the handler exactly the pixels the whole file would have given it. A large upload the handler would refuse
 is refused here with the handler's status and message; a decompression bomb of any size gets the
-handler's 413 on its header, before any pixel is decoded. Other formats, small files and SHRINK_UPLOADS=0 go on
+handler's 413 on its header, before any pixel is decoded. Small files and SHRINK_UPLOADS=0 go on
 as they are, once their header was read here too (an upload that is no image is refused here, whatever its size).
 
 Decoding runs in a pool of SHRINK_WORKERS threads, never on the event loop (Pillow releases the GIL

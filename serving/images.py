@@ -26,8 +26,8 @@ large image of another format is box-reduced by an integer factor after decoding
 DECODE_MIN_SIDE pixels on each side, so the final antialiased resize to 32x32 still averages many
 source pixels (benchmarks/bench_decode.py measures the CPU and the agreement with a full decode).
 
-Shrinking where the photo enters (the adapter, the page): an upload of a SHRINK_FORMATS format above
-SHRINK_MIN_BYTES or SHRINK_MIN_PIXELS is decoded by the adapter with these same rules and forwarded
+Shrinking where the photo enters (the adapter, the page): an upload above SHRINK_MIN_BYTES or
+SHRINK_MIN_PIXELS, of any format, is decoded by the adapter with these same rules and forwarded
 as the network's own 32x32 input (a lossless PNG of a few KB; for an explanation, the same pixels
 with the decoded picture's size named in the PNG, which the heatmap follows: picture_size). The
 handler's decode of that PNG is the identity, so the answer, /classify/'s and /explain/'s alike, is
@@ -70,8 +70,8 @@ DECODE_MIN_SIDE = 256
 INPUT_SIZE = 32  # the network was trained on 32x32 CIFAR images
 
 # --- shrinking uploads where they enter (the adapter; the page through GET /settings) -------------
-# Photo and screenshot formats, as Pillow names them (MPO: a JPEG with multi-picture data, as phones write),
-# with the MIME types the page sees.
+# The formats the page shrinks (a browser's canvas decodes them), as Pillow names them (MPO: a JPEG with
+# multi-picture data, as phones write), with the MIME types the page sees. The adapter shrinks every format.
 SHRINK_FORMATS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 # Uploads larger than this, or with more pixels than SHRINK_MIN_PIXELS, are shrunk; smaller ones
 # cost less to carry than to shrink (a CIFAR-size PNG is ~3 KB).
@@ -648,9 +648,10 @@ def network_input(img: Image.Image) -> Image.Image:
 # --- shrinking ------------------------------------------------------------------------------------
 
 def worth_shrinking(img: Image.Image, size_bytes: int, min_bytes: int = SHRINK_MIN_BYTES) -> bool:
-    """Whether an upload (its opened header and byte size) is shrunk before it travels on."""
+    """Whether an upload (its opened header and byte size) is shrunk before it travels on: any format (a 14 KB
+    GIF of 16 MP cost a worker 0.29 s, unshrunk, and the workers have no per-client share; the adapter's pool has)."""
     width, height = img.size
-    return img.format in SHRINK_FORMATS and (size_bytes > min_bytes or width * height > SHRINK_MIN_PIXELS)
+    return size_bytes > min_bytes or width * height > SHRINK_MIN_PIXELS
 
 
 def shrunk_png(img: Image.Image, explain: bool = False) -> bytes:

@@ -32,6 +32,7 @@ from adapter.config import ConfigError, Settings
 from adapter.errors import ClassifyError
 from adapter.limits import Explanations, InFlight
 from adapter.run import running_adapter
+from serving.images import SHRINK_MIN_BYTES
 from serving.process import free_port
 from serving_helpers import cifar_pil, encode
 from test_adapter import ANSWER, READY
@@ -741,13 +742,13 @@ def test_explanations_given_up_on_keep_their_turns_while_the_model_server_runs_t
 
 
 def test_uploads_given_up_on_keep_their_bytes_while_the_model_server_holds_them(slow_model_server):
-    """Two 290 KB uploads answered 504 keep the bytes they forwarded (the model server still holds them)
+    """Two 240 KB uploads answered 504 keep the bytes they forwarded (the model server still holds them)
     until its response timeout: a third that would pass the 700 KB in flight gets 503 busy meanwhile, and
     is taken once that time is over. (When a 504 gave the bytes back, 504'd bodies piled up in TorchServe's
     queue until its Java ran out of heap.)"""
     adapter, _ = slow_model_server
-    bmp = encode(Image.new("RGB", (280, 345), (10, 120, 200)), "BMP")  # ~290 KB; BMP is forwarded as it is
-    assert 280_000 < len(bmp) < 300_000
+    bmp = encode(Image.new("RGB", (280, 285), (10, 120, 200)), "BMP")  # under SHRINK_MIN_BYTES: forwarded as it is
+    assert 235_000 < len(bmp) < SHRINK_MIN_BYTES
 
     with ThreadPoolExecutor(2) as pool:
         assert list(pool.map(lambda _: _post_image(adapter.base_url, "/classify/", "127.0.0.5", bmp, "a.bmp"),
