@@ -177,12 +177,15 @@ def _number(convert):
     return parse
 
 
+_PARSE_INT, _PARSE_FLOAT = _number(int), _number(float)
+
+
 def json_object(body: bytes):
     """``body`` parsed as JSON, or None when it is not JSON. ProtocolError(400) for what Python's parser
     takes but a server must not: NaN and Infinity (KServe's route fails on them with a 500), numbers of more
     than MAX_NUMBER_CHARACTERS, and nesting deeper than Python's recursion limit (a RecursionError: a 500 too)."""
     try:
-        return json.loads(body, parse_constant=_not_json, parse_int=_number(int), parse_float=_number(float))
+        return json.loads(body, parse_constant=_not_json, parse_int=_PARSE_INT, parse_float=_PARSE_FLOAT)
     except ProtocolError:  # a ValueError too
         raise
     except RecursionError:
