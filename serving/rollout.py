@@ -389,7 +389,7 @@ class Rollout:
         r = self._call("POST", "/models", params={"url": mar.name, "model_name": MODEL_NAME, "synchronous": "false"})
         if r.status_code == 405:
             raise RegistrationRefused("TorchServe refuses to register models (enable_model_api=false in its "
-                               "config.properties): set enable_model_api=true and restart it (README, Operating)")
+                                      "config.properties): set enable_model_api=true and restart it (README, Operating)")
         if r.status_code not in (200, 202):
             raise RegistrationRefused(f"TorchServe refused to register {mar.name}: {r.status_code} {r.text.strip()[:300]}")
 
@@ -537,7 +537,7 @@ class Rollout:
         r = self._call("DELETE", f"/models/{MODEL_NAME}/{version}", limit="--ready-timeout")
         if r.status_code != 200:
             raise ServesWithLeftovers(f"the new version serves, but unregistering {version} failed: "
-                               f"{r.status_code} {r.text.strip()[:200]}")
+                                      f"{r.status_code} {r.text.strip()[:200]}")
         if url.startswith(f"{MODEL_NAME}-") and url.endswith(".mar"):  # a rollout's archive, not make serve's
             (self.ts.model_store / url).unlink(missing_ok=True)
             stamp_of(self.ts.model_store / url).unlink(missing_ok=True)
@@ -648,8 +648,8 @@ class Rollout:
                 self.set_default(version)
             except RolloutError as err:  # the switch refused or not answered: which version serves is asked
                 if self.switched_to(version):
-                    raise ServesWithLeftovers(f"{err}; yet {version} is the default: the same command again unregisters "
-                                       f"{old}") from None
+                    raise ServesWithLeftovers(f"{err}; yet {version} is the default: the same command again "
+                                              f"unregisters {old}") from None
                 raise self.given_up(version, old, err) from None
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Stopped) before the switch: its workers ran beside the old
             if self.switched_to(version):  # the switch was answered as the interrupt came
