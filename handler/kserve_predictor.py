@@ -509,6 +509,9 @@ class CIFAR100Predictor(Model):
         config = yaml.safe_load((folder / manifest["configFile"]).read_text()) if manifest.get("configFile") else {}
         handler_cfg = config.get("handler") or {}
         torch.set_num_threads(int(engines.pinned_threads(config) or len(os.sched_getaffinity(0))))
+        # Large images decoded at once: one per CPU. asyncio's default pool (CPUs + 4) held 6 x 16 MP
+        # decodes on 2 CPUs: 1.5 GB over the pod's 2 GiB (benchmarks/RESULTS.md session 47).
+        self._decoder = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="decode")
         weights = folder / manifest["serializedFile"]
         self.model_version = str(manifest.get("modelVersion", "unknown"))
         self.labels = load_class_names(folder / "index_to_name.json")
@@ -583,9 +586,9 @@ class CIFAR100Predictor(Model):
             if decodes_inline(size, opened):
                 images, sizes = self._decoded(request, opened)
             else:
-                images, sizes = await loop.run_in_executor(None, self._decoded, request, opened)
+                images, sizes = await loop.run_in_executor(self._decoder, self._decoded, request, opened)
         else:  # a large body, or one without a length (chunked): parsed in a thread too
-            request, images, sizes = await loop.run_in_executor(None, self._images, payload)
+            request, images, sizes = await loop.run_in_executor(self._decoder, self._images, payload)
         try:
             answers = await self.batcher(images)
         except BatcherFull as err:  # filled up while this one was read

@@ -854,6 +854,49 @@ asyncio.run(main())
 
 
 
+def test_large_images_are_decoded_one_per_cpu_at_most(bundle):
+    """In-process on the real bundle (loaded as the server loads it, eager engine): 8 requests at once, each
+    a 1 MP PNG (decoded in a thread, not on the loop), with the decode slowed by 0.2 s to overlap them. At
+    most one decode per CPU the predictor uses (torch's threads) runs at once: asyncio's default pool ran 6
+    on 2 CPUs, and 6 x 16 MP decodes took a 2 GiB pod past its limit (benchmarks/RESULTS.md session 47)."""
+    script = """
+import asyncio, base64, io, json, threading, time
+import torch
+from PIL import Image
+import handler.kserve_predictor as kp
+
+out = io.BytesIO()
+Image.radial_gradient("L").resize((1000, 1000)).convert("RGB").save(out, "PNG")
+body = {"instances": [{"data": base64.b64encode(out.getvalue()).decode()}]}
+now, most, lock, decode = [0], [0], threading.Lock(), kp.decoded_tensors
+
+def slowed(request, opened):
+    with lock:
+        now[0] += 1
+        most[0] = max(most[0], now[0])
+    try:
+        time.sleep(0.2)
+        return decode(request, opened)
+    finally:
+        with lock:
+            now[0] -= 1
+
+kp.decoded_tensors = slowed
+model = kp.CIFAR100Predictor("cifar100", %r, engine_setting="eager-fp32")
+model.load()
+
+async def main():
+    answers = await asyncio.gather(*(model.predict(body) for _ in range(8)))
+    print(json.dumps({"most": most[0], "threads": torch.get_num_threads(),
+                      "answered": sum(len(a["predictions"]) for a in answers)}))
+
+asyncio.run(main())
+""" % str(bundle)
+    out = in_child(script)
+    assert out["answered"] == 8, out
+    assert out["most"] == out["threads"], out
+
+
 def test_a_not_finite_answer_fails_only_the_request_it_belongs_to():
     """In-process, the real _forward on a stand-in engine whose second row of a batch is NaN: of two
     one-image requests sharing that forward pass, the first is answered and the second fails as before
