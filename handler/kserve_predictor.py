@@ -91,6 +91,7 @@ from serving.throttled_log import ThrottledLog
 from serving.torchserve import BASE_CONFIG, read_properties
 
 logger = logging.getLogger("handler.kserve_predictor")
+PATH_LOGGED = 200  # characters of a request's path put in a log line
 
 ARCHIVE_IN_BUNDLE = Path("model-store") / f"{MODEL_NAME}.mar"  # serving/kserve.py's layout
 # Where max_request_size and job_queue_size are read: the bundle's TorchServe settings, else the repository's
@@ -197,7 +198,7 @@ class RequestChecks:
                     whole_time = deadline >= started + self.pace["limit_s"]  # else its rate fell short first
                     REFUSED.labels("body_timeout_s" if whole_time else "min_upload_rate").inc()
                     self.refusals.warning("408: the body of %s %s (%s) did not arrive in time (%d bytes in %.1f s)",
-                                          scope["method"], scope["path"], logged_request_id(headers), seen,
+                                          scope["method"], logged_path(scope), logged_request_id(headers), seen,
                                           loop.time() - started)
                     return await _answer(send, 408, (
                         f"the request body did not arrive within {self.pace['limit_s']:g} s"
@@ -226,13 +227,19 @@ class RequestChecks:
         REFUSED.labels("max_body_bytes_held").inc()
         held, limit = self.bodies.held, self.bodies.limit
         self.refusals.warning("503 to %s %s (%s): its body of %d bytes beside the %d held (--max_body_bytes_held %d)",
-                              scope["method"], scope["path"], logged_request_id(headers), size, held, limit)
+                              scope["method"], logged_path(scope), logged_request_id(headers), size, held, limit)
         await _answer(send, 503, f"The model is busy: request bodies of {held} bytes are held, and this one "
                                  f"would take them past {limit} (--max_body_bytes_held); try again shortly.")
 
     async def _refuse(self, send) -> None:
         REFUSED.labels("max_request_size").inc()
         await _answer(send, 413, f"request body over {self.max_bytes} bytes (max_request_size)")
+
+
+def logged_path(scope) -> str:
+    """A request's path as a log line names it: escaped (uvicorn decodes %0A into the path: a line of the
+    client's making in KServe's plain log) and cut to PATH_LOGGED characters."""
+    return ascii(scope["path"][:PATH_LOGGED])
 
 
 async def _answer(send, status: int, message: str) -> None:

@@ -587,6 +587,39 @@ asyncio.run(main())
     assert out["reached"] == [80, 80], out
 
 
+def test_a_refused_requests_log_line_shows_its_path_escaped_not_a_line_of_the_clients_making():
+    """RequestChecks, in-process: uvicorn decodes %0A into the path, and KServe's log is plain text. A busy
+    503's warning names the path escaped and cut, on one line: a path holding a newline and a forged
+    log line starts no line of its own."""
+    script = """
+import asyncio, json, logging
+from handler.kserve_predictor import PATH_LOGGED, RequestChecks
+
+lines = []
+handler = logging.Handler()
+handler.emit = lambda record: lines.append(record.getMessage())
+logging.getLogger("handler.kserve_predictor").addHandler(handler)
+forged = "/v1/models/cifar100:predict\\n2026-12-05 23:59:59,000 INFO [kserve] FORGED" + "x" * 500
+head = {"type": "http", "method": "POST", "path": forged, "headers": [(b"content-length", b"80")]}
+sent = []
+
+async def send(message):
+    if message["type"] == "http.response.start":
+        sent.append(message["status"])
+
+async def main():
+    await RequestChecks(None, max_bytes=100, max_held=10)(head, None, send)
+
+asyncio.run(main())
+print(json.dumps({"status": sent, "lines": lines, "cut": PATH_LOGGED}))
+"""
+    out = in_child(script)
+    assert out["status"] == [503] and len(out["lines"]) == 1, out
+    [line] = out["lines"]
+    assert "\n" not in line and "\\n2026-12-05 23:59:59,000 INFO [kserve] FORGED" in line, out
+    assert "x" * 500 not in line and "x" * (out["cut"] - 80) in line, out
+
+
 def test_held_bytes_grants_turns_in_order_and_a_turn_given_up_leaves_nothing_taken():
     """handler/held_bodies.py HeldBytes, in-process: a reservation that does not fit waits, turns are granted in
     order of arrival (a small one behind a large one waits too: no call passes the others for ever), a waiter
