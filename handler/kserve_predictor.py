@@ -852,6 +852,10 @@ def main() -> None:
     # Every option known (KServe's and ours): a misspelt one (--enable-grpc for --enable_grpc) was dropped
     # without a word, leaving gRPC open on every interface.
     args = parser.parse_args()
+    if model_server.args.workers != 1:
+        # KServe's extra REST processes import its bare app: none of the bounds, checks and routes set up below.
+        parser.error(f"--workers {model_server.args.workers}: this server runs one process (its guards are set "
+                     "up in it); serve more with more replicas")
     limit = torchserve_setting(args.model_dir, "max_request_size")
     if not any(arg.startswith("--grpc_max_receive_message_length") for arg in sys.argv[1:]):
         # One limit for both routes: gRPC refuses a larger message itself (RESOURCE_EXHAUSTED).

@@ -1661,3 +1661,11 @@ def test_a_misspelt_option_is_refused_not_dropped():
     done = subprocess.run([sys.executable, "-m", "handler.kserve_predictor", "--model_dir", "/nonexistent",
                            "--enable-grpc", "false"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "unrecognized arguments: --enable-grpc false" in done.stderr, done.stderr[-2000:]
+
+
+def test_more_than_one_rest_process_is_refused_at_start():
+    # KServe's --workers N starts N processes that import its bare FastAPI app: every bound, check and route
+    # this server sets up in its one process would be missing from them.
+    done = subprocess.run([sys.executable, "-m", "handler.kserve_predictor", "--model_dir", "/nonexistent",
+                           "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--workers 2: this server runs one process" in done.stderr, done.stderr[-2000:]
