@@ -266,7 +266,7 @@ def test_code_version_is_taken_once_at_the_start_and_recorded(runs):
     assert resumed["resumed_from_code_version"] == "test-version-2"
 
 
-@pytest.mark.parametrize("option, value", [("--width", "2"), ("--num-classes", "10")])
+@pytest.mark.parametrize("option, value", [("--width", "2"), ("--num-classes", "10"), ("--holdout", "100")])
 def test_checkpoint_of_another_shape_is_refused_before_training(runs, tmp_path, capsys, option, value):
     shutil.copy(runs["straight"] / "checkpoint.pt", tmp_path / "checkpoint.pt")
     # A data folder that does not exist: the refusal must come before any data is read.
@@ -277,6 +277,13 @@ def test_checkpoint_of_another_shape_is_refused_before_training(runs, tmp_path, 
     assert f"{option} " in err and value in err and "checkpoint was trained with" in err, err
     assert "CIFAR-100 not found" not in err
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 2  # untouched
+
+
+def test_a_diverged_run_is_one_error_line_not_a_traceback(tmp_path, capsys):
+    rc = train_module.main(small_run(lr=1e8, warmup_epochs=0, amp="off") + ["--epochs", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: loss became nan at epoch 1") and "lower --lr" in err, err
+    assert "Traceback" not in err and not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_resume_from_a_weights_file_says_what_to_pass(runs, tmp_path, capsys):

@@ -106,6 +106,14 @@ def test_a_fresh_run_refuses_to_replace_a_checkpoint(tmp_path, weights, capsys):
     assert "--overwrite" in train_module.build_parser().format_help()
 
 
+def test_an_out_that_cannot_be_a_folder_is_one_line_before_reading_data(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "run"
+    assert train_module.main(NO_DATA + ["--width", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {out}: cannot make the run's folder (Not a directory)\n", err
+
+
 def test_resume_path_without_out_continues_in_the_checkpoints_folder():
     def folder(argv):
         args = train_module.build_parser().parse_args(argv)

@@ -50,8 +50,9 @@ from serving import cli
 
 FULL_RES = 32  # CIFAR's own size: what the network is evaluated and served at
 DEFAULT_OUT = "runs/latest"
-# Settings a checkpoint must share with the run that resumes it.
-_SHAPE_KEYS = ("width", "num_classes")
+# Settings a checkpoint must share with the run that resumes it: the network's shape, and which training
+# images are held out (a changed --holdout would train on images its curve was scored on, or the reverse).
+_SHAPE_KEYS = ("width", "num_classes", "holdout")
 
 
 class ConfigError(RuntimeError):
@@ -675,6 +676,11 @@ def train(args, given: set[str] | None = None, session: Session | None = None) -
     run = Run(args, device, pick_amp(args.amp, device), rank, world, code_version())
     run.mix = batch_mixer(args)
     out = run.out
+    if run.main_process:
+        try:  # before the data load: an OUT that cannot be a folder is reported at once
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--out {out}: cannot make the run's folder ({err.strerror})") from None
     if checkpoint is not None and run.main_process and (changed := changed_options(checkpoint, args, world)):
         print("note: resuming with changed options: " + ", ".join(changed), flush=True)
 
@@ -735,7 +741,6 @@ def train(args, given: set[str] | None = None, session: Session | None = None) -
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     if run.main_process:
-        out.mkdir(parents=True, exist_ok=True)
         print(f"device={device} amp={run.amp_dtype} world={world} width={args.width} "
               f"train={len(train_y)} test={len(test_y)} ({evaluated_on(args, len(test_y))}) "
               f"steps/epoch={run.steps_per_epoch}", flush=True)
@@ -853,6 +858,9 @@ def main(argv=None) -> int:
     except (DataError, ConfigError, SoftLabelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # the run diverged: not a usage error, the last epoch's checkpoint is intact
+        print(f"error: {err}; the last finished epoch's checkpoint is left as it was", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # A terminal's Ctrl-C reaches every process torchrun started: rank 0 alone speaks for the run.
         if os.environ.get("RANK", "0") != "0":
