@@ -350,8 +350,8 @@ def check_request_pixels(opened: list[Image.Image]) -> None:
     if total > MAX_REQUEST_PIXELS:
         raise ImageRequestError(
             413, f"the request's {len(opened)} images hold {total / 1e6:.0f} MP to decode in all, above the "
-                 f"{MAX_REQUEST_PIXELS / 1e6:.0f} MP limit per request (a JPEG counts at the 1/2-1/8 scale it is "
-                 "decoded at): send fewer or smaller images in one request")
+                 f"{MAX_REQUEST_PIXELS / 1e6:.0f} MP limit per request (a baseline JPEG counts at the 1/2-1/8 "
+                 "scale it is decoded at, a progressive one in full): send fewer or smaller images in one request")
 
 
 _TIFF_BITS_PER_SAMPLE, _TIFF_SAMPLE_FORMAT, _TIFF_SIGNED = 258, 339, 2
