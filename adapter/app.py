@@ -55,6 +55,7 @@ from .health import SharedCheck
 from .limits import Explanations, InFlight, RequestLimits, client_address, held_by_model_server
 from .metrics import SCRAPE_ROUTE, Metrics, start_metrics_server
 from .oip import OIPClient
+from .request_context import note_relayed
 from .page import PageFiles
 from .shrink import UploadShrinker
 from .torchserve import TorchServeClient
@@ -143,6 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(ClassifyError)
     async def classify_error(request: Request, err: ClassifyError) -> JSONResponse:
         # (A refusal sent before the body was read closes the connection: limits.py adds that.)
+        if err.relayed:
+            note_relayed()
         return _error(err.status_code, err.message, err.headers)
 
     @app.exception_handler(StarletteHTTPException)

@@ -4,15 +4,16 @@ port: METRICS_ENABLED, METRICS_PORT in config.py).
     adapter_requests_total{route, status}            answers sent; 499: none, the client went away before its
                                                      answer began (mid-upload, or while the model worked)
     adapter_request_duration_seconds{route}          end to end, first byte in -> last byte out
-    adapter_model_server_duration_seconds            one prediction or explanation call to the model server (a
-                                                     retry is a second one; status checks are not timed)
+    adapter_model_server_duration_seconds{call}      one call to the model server's inference API: MODEL_SERVER_CALLS
+                                                     (a retry is a second one; status checks are not timed)
     adapter_requests_in_flight, adapter_bytes_in_flight   what the in-flight caps hold now (adapter/limits.py's
                                                      InFlight: requests with a body, the bytes charged to them,
                                                      those still held by the model server after a 504 included)
     adapter_explanations_at_model_server, adapter_explanations_waiting   explanations there now, and
                                                      those waiting their turn (adapter/limits.py)
-    adapter_refusals_total{reason}                   timeout (408), too_large (413), url_too_long (414),
-                                                     headers_too_large (431), bad_http (400 at the parser),
+    adapter_refusals_total{reason}                   the adapter's own (a model server's passed on: not here):
+                                                     timeout (408), too_large (413), url_too_long (414),
+                                                     pipelined (429), headers_too_large (431), bad_http (400 at the parser),
                                                      unsupported (501: WebSocket, CONNECT, upgrades),
                                                      busy (any 503 + Retry-After: in-flight caps and shares,
                                                      explanations' turns, the shrink wait, no pooled connection
@@ -63,6 +64,12 @@ MODEL_SERVER_ERROR_KINDS = {
     "bad_answer": "a 200 that is not a usable answer (502)",
     "key_refused": "TorchServe refused the adapter's key, a renewed one too (503)",
 }
+# adapter_model_server_duration_seconds' calls: apart, as an explanation takes 10-50 times a prediction's time.
+MODEL_SERVER_CALLS = {
+    "prediction": "a client's /classify/",
+    "explanation": "a client's /explain/",
+    "probe": "/health's own prediction of a 1-pixel image, when none succeeded for HEALTH_MAX_SILENCE_S",
+}
 # Seconds: a CPU prediction takes milliseconds, a queue under load tenths, the deadline is 10 s.
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 RENDER_REUSE_S = 1.0  # the oldest page render() gives again (Prometheus scrapes every 15 s or more)
@@ -86,8 +93,8 @@ class Metrics:
         self.latency = Histogram("adapter_request_duration_seconds", "A request end to end, in the adapter",
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.model_server_latency = Histogram("adapter_model_server_duration_seconds",
-                                              "One call to the model server's inference API",
-                                              buckets=LATENCY_BUCKETS, registry=r)
+                                              "One call to the model server's inference API, by call",
+                                              ["call"], buckets=LATENCY_BUCKETS, registry=r)
         self.refusals = Counter("adapter_refusals", "Requests the adapter refused itself, by reason", ["reason"],
                                 registry=r)
         self.retries = Counter("adapter_model_server_retries", "Predictions sent again after their worker died",
@@ -100,6 +107,8 @@ class Metrics:
             self.refusals.labels(reason)
         for kind in MODEL_SERVER_ERROR_KINDS:
             self.model_server_errors.labels(kind)
+        for call in MODEL_SERVER_CALLS:
+            self.model_server_latency.labels(call)
         # (route, status) -> child, route -> child: labels() costs more than the increment itself
         self._requests, self._latency = {}, {}
         # Bumped by each answer (a scrape's own excepted) and each parser refusal. The other records (retries,
@@ -125,8 +134,10 @@ class Metrics:
         Gauge("adapter_explanations_waiting", "Explanations waiting for their turn at the model server",
               registry=self.registry).set_function(lambda: explanations.waiting)
 
-    def answered(self, route: str, status: int, seconds: float, busy: bool, parser_refused: bool = False) -> None:
-        """One answer of the app's; ``parser_refused``: the HTTP parser answered it instead (its body broke)."""
+    def answered(self, route: str, status: int, seconds: float, busy: bool, parser_refused: bool = False,
+                 relayed: bool = False) -> None:
+        """One answer of the app's; ``parser_refused``: the HTTP parser answered it instead (its body broke);
+        ``relayed``: it passes on the model server's own refusal (no refusal of the adapter's)."""
         if route != SCRAPE_ROUTE:
             self.recorded += 1
         key = (route, status)
@@ -140,6 +151,8 @@ class Metrics:
         latency.observe(seconds)
         if parser_refused:
             reason = REFUSAL_REASONS.get(status, PARSER_REFUSAL)
+        elif relayed:
+            reason = None
         else:
             reason = BUSY_REFUSAL if status == 503 and busy else REFUSAL_REASONS.get(status)
         if reason is not None:

@@ -144,7 +144,7 @@ class Pool:
                  latency=None):
         self.base_url = base_url.rstrip("/")
         self.wait_s = wait_s
-        self.latency = latency  # a Prometheus histogram of each call's seconds, or None
+        self.latency = latency  # a Prometheus histogram of each call's seconds by call (MODEL_SERVER_CALLS), or None
         self._slots = asyncio.Semaphore(limit)
         # Needs the running event loop: the adapter builds its client in the app's lifespan.
         self.session = aiohttp.ClientSession(
@@ -154,7 +154,8 @@ class Pool:
             skip_auto_headers=("Content-Type",))
 
     async def request(self, method: str, path: str, headers: dict[str, str],
-                      data: bytes | None = None) -> Response:
+                      data: bytes | None = None, call: str = "prediction") -> Response:
+        """One call; ``call`` (MODEL_SERVER_CALLS) names it in the latency histogram."""
         _WAITING_FOR_SLOT.set(True)
         try:
             async with asyncio.timeout(self.wait_s):
@@ -170,7 +171,7 @@ class Pool:
         finally:
             self._slots.release()
             if self.latency is not None:
-                self.latency.observe(time.perf_counter() - started)
+                self.latency.labels(call).observe(time.perf_counter() - started)
 
     async def close(self) -> None:
         await self.session.close()
@@ -202,13 +203,13 @@ def answer_error(response: Response, model_name: str) -> ClassifyError:
     if status == 413:
         # The handler says why (too many pixels); TorchServe's own size refusal has no body.
         return ClassifyError(413, message if message and response.content.strip() else
-                             "The image is larger than the model server accepts.")
+                             "The image is larger than the model server accepts.", relayed=True)
     if status == 503:
         # Busy (a full queue) or not ready (starting, no worker): the model server's own words say which.
         return ClassifyError(503, f"The model server is unavailable: {message}")
     if 400 <= status < 500:
         # The handler refused this image (not an image, empty, ...): pass its verdict on.
-        return ClassifyError(status, message or f"The model server refused the request ({status}).")
+        return ClassifyError(status, message or f"The model server refused the request ({status}).", relayed=True)
     log.warning("the model server answered %d: %s", status, message)
     return ClassifyError(502, f"The model server failed ({status}); the adapter's log has the details.")
 
@@ -245,8 +246,14 @@ def _wrapped_client_error(status: int, message: str, response: Response) -> tupl
     return int(match["code"]), inner
 
 
+# Characters of a model server's error message kept (passed on, logged): the handler's own are under 300; a
+# server that sends megabytes of it must not make log lines and answers of that size.
+MESSAGE_KEPT = 1000
+
+
 def error_message(response: Response) -> str:
-    """TorchServe's own errors are {"code", "type", "message"}; the handler's are {"error": ...}."""
+    """TorchServe's own errors are {"code", "type", "message"}; the handler's are {"error": ...}; cut to
+    MESSAGE_KEPT characters."""
     text = response.text.strip()
     try:
         body = json.loads(text) if text else None
@@ -255,9 +262,9 @@ def error_message(response: Response) -> str:
     if isinstance(body, dict):
         for key in ("error", "message"):
             if isinstance(body.get(key), str) and body[key]:
-                return body[key]
+                return body[key][:MESSAGE_KEPT]
     if text:
-        return text[:300]
+        return text[:MESSAGE_KEPT]
     return response.reason_phrase or f"HTTP {response.status_code}"
 
 

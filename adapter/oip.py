@@ -113,12 +113,13 @@ class OIPClient:
         else:
             path, body = self._infer_path, infer_body(image)
         headers = {**self.headers, "Content-Type": "application/json", **request_id_header()}
+        call = "explanation" if explain else "prediction"
         try:
             # The wait for a pooled connection and the answer share one deadline, as TorchServe's do.
             async with prediction_deadline(self.settings.predict_timeout_s):
                 data = json.dumps(body).encode()
                 try:
-                    response: Response = await self._pool.request("POST", path, headers, data)
+                    response: Response = await self._pool.request("POST", path, headers, data, call)
                 except aiohttp.ClientConnectionError as err:
                     # Reset or closed mid-answer (a pooled connection the server had closed, a pod going
                     # away): sent once more within the same deadline, as in front of TorchServe.
@@ -127,7 +128,7 @@ class OIPClient:
                     log.warning("retrying a prediction once: %s", err)
                     if self.metrics is not None:
                         self.metrics.retries.inc()
-                    response = await self._pool.request("POST", path, headers, data)
+                    response = await self._pool.request("POST", path, headers, data, call)
         except TRANSPORT_ERRORS as err:
             error = self._unreachable(err)
             count_failure(self.metrics, error, err)
@@ -166,7 +167,8 @@ class OIPClient:
         if response.status_code in (405, 501) or (response.status_code == 404 and not _model_missing(response)):
             # no explain route (a 404 that is not KServe's "model ... does not exist"), or a model without them
             raise ClassifyError(501, "This model server gives no explanations: they need TorchServe's backend or "
-                                     "KServe's own model server on the bundle (handler/kserve_predictor.py).")
+                                     "KServe's own model server on the bundle (handler/kserve_predictor.py).",
+                                 relayed=True)
         raise answer_error(response, self.settings.model_name)
 
     async def model_status(self) -> dict:
@@ -190,8 +192,9 @@ class OIPClient:
         return status
 
     async def _send_probe(self) -> Response:
-        response = await self._pool.request("POST", self._infer_path, {**self.headers, "Content-Type": "application/json"},
-                                            json.dumps(infer_body(PROBE_IMAGE)).encode())
+        response = await self._pool.request("POST", self._infer_path, {
+            **self.headers, "Content-Type": "application/json", **request_id_header()},
+            json.dumps(infer_body(PROBE_IMAGE)).encode(), "probe")
         if response.status_code == 200:
             with contextlib.suppress(ValueError, ClassifyError):
                 self.engine = named_engine(answer_from_outputs(response.json()), self.engine)

@@ -14,6 +14,13 @@ def request_id_header() -> dict[str, str]:
     return {"X-Request-ID": current["request_id"]} if current else {}
 
 
+def note_relayed() -> None:
+    """The answer passes on the model server's own refusal (ClassifyError.relayed)."""
+    current = CURRENT.get()
+    if current is not None:
+        current["relayed"] = True
+
+
 def note_model_version(version) -> None:
     current = CURRENT.get()
     if current is not None and version is not None:

@@ -106,14 +106,14 @@ class TorchServeClient:
             return self._auth_header(kind)
 
     async def _send(self, pool: Pool, kind: str, method: str, path: str,
-                    data: bytes | None = None) -> Response:
+                    data: bytes | None = None, call: str = "prediction") -> Response:
         refused = self._auth_header(kind)
-        response = await pool.request(method, path, {**refused, **request_id_header()}, data)
+        response = await pool.request(method, path, {**refused, **request_id_header()}, data, call)
         if not is_auth_refusal(response.status_code, response.text):
             return response
         fresh = await self._fresh_auth_header(kind, refused=refused)
         if fresh and fresh != refused:
-            response = await pool.request(method, path, {**fresh, **request_id_header()}, data)
+            response = await pool.request(method, path, {**fresh, **request_id_header()}, data, call)
         if is_auth_refusal(response.status_code, response.text):
             log.error("TorchServe refused the %s key: is TS_KEY_FILE (%s) the running TorchServe's?",
                       kind, self.keys.path)
@@ -133,12 +133,12 @@ class TorchServeClient:
         return ClassifyError(503, "The model server is not reachable (is TorchServe running?).")
 
     # --- API --------------------------------------------------------------------------------
-    async def _predict_response(self, image: bytes, path: str) -> Response:
+    async def _predict_response(self, image: bytes, path: str, call: str) -> Response:
         """One image's answer, sent again once if its worker died under it; within TS_PREDICT_TIMEOUT_S."""
         # A raw body (not multipart): the handler reads it as the request's `body`.
         async with prediction_deadline(self.settings.predict_timeout_s):
             try:
-                response = await self._send(self._inference, "inference", "POST", path, data=image)
+                response = await self._send(self._inference, "inference", "POST", path, image, call)
                 if not _worker_lost(response):
                     return response
                 log.warning("retrying a prediction once: TorchServe answered %d %s", response.status_code,
@@ -149,7 +149,7 @@ class TorchServeClient:
                 log.warning("retrying a prediction once: %s", err)
             if self.metrics is not None:
                 self.metrics.retries.inc()
-            return await self._send(self._inference, "inference", "POST", path, data=image)
+            return await self._send(self._inference, "inference", "POST", path, image, call)
 
     async def predict(self, image: bytes, explain: bool = False) -> dict:
         """TorchServe's answer for one image: {"prediction", "label", "index", "probability", "topk", ...}.
@@ -158,7 +158,7 @@ class TorchServeClient:
         """
         path = f"/{'explanations' if explain else 'predictions'}/{self.settings.model_name}"
         try:
-            response = await self._predict_response(image, path)
+            response = await self._predict_response(image, path, "explanation" if explain else "prediction")
         except TRANSPORT_ERRORS as err:
             error = self._unreachable(err, self.settings.inference_url)
             count_failure(self.metrics, error, err)
@@ -201,7 +201,7 @@ class TorchServeClient:
 
     async def _send_probe(self) -> Response:
         return await self._send(self._inference, "inference", "POST", f"/predictions/{self.settings.model_name}",
-                                data=PROBE_IMAGE)
+                                PROBE_IMAGE, "probe")
 
     async def model_status(self) -> dict:
         """{"model", "archive_version", "workers_ready", "workers"} or ClassifyError(503) when not ready."""

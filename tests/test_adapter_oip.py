@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 import time
 
 import pytest
@@ -14,9 +15,10 @@ from aiohttp import web
 
 from adapter.config import Settings
 from adapter.errors import ClassifyError
-from adapter.model_server import PROBE_IMAGE
+from adapter.model_server import MESSAGE_KEPT, PROBE_IMAGE
 from adapter.oip import OIPClient
 from serving.process import free_port
+from test_adapter_edge import samples
 
 GOOD = {"id": "x", "model_name": "cifar100", "model_version": "w3-test", "outputs": [
     {"name": "label", "datatype": "BYTES", "shape": [1], "data": ["aquarium_fish"]},
@@ -112,6 +114,16 @@ def test_failures_get_the_same_statuses_as_in_front_of_torchserve(status, body, 
     with pytest.raises(ClassifyError) as err:
         asyncio.run(call_server(json_reply(status, body)))
     assert err.value.status_code == expected_status and words in err.value.message
+
+
+@pytest.mark.parametrize("body", [{"error": "x" * 200_000}, "x" * 200_000])
+def test_a_model_servers_huge_error_message_is_cut_before_it_is_passed_on_or_logged(body, caplog):
+    """A 200 KB {"error": ...} made a 200 KB answer and log line (plain text was cut to 300 characters)."""
+    for status in (400, 500):
+        with pytest.raises(ClassifyError) as err:
+            asyncio.run(call_server(json_reply(status, body)))
+        assert len(err.value.message) <= MESSAGE_KEPT + 100, (status, len(err.value.message))
+    assert caplog.records and all(len(r.getMessage()) <= MESSAGE_KEPT + 100 for r in caplog.records)
 
 
 EXPLAINED = {"prediction": "Aquarium fish", "label": "aquarium_fish", "index": 1, "probability": 0.9, "unsure": False,
@@ -310,7 +322,9 @@ class ReadinessServer:
 
         self.ready = True
         self.answering = True  # its inference route: a good answer, else a 500 (ready but wedged)
+        self.refusing: int | None = None  # else its inference route refuses every image with this 4xx
         self.infers = 0
+        self.request_ids: list[str | None] = []  # each inference call's X-Request-ID
         self.hosts: list[str] = []
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
@@ -328,6 +342,9 @@ class ReadinessServer:
     async def _infer(self, request: web.Request) -> web.Response:
         self.hosts.append(request.headers.get("Host", ""))
         self.infers += 1
+        self.request_ids.append(request.headers.get("X-Request-ID"))
+        if self.refusing is not None:
+            return web.json_response({"error": "the image holds too many pixels"}, status=self.refusing)
         if self.answering:
             return web.json_response({**GOOD, "parameters": {"engine": "openvino-int8"}})
         return web.json_response({"error": "boom"}, status=500)
@@ -352,6 +369,8 @@ class ReadinessServer:
 def test_adapter_process_in_oip_mode_health_follows_readiness_and_sends_the_host_header(tmp_path):
     """The settings end to end (environment -> running adapter -> HTTP): OIP_URL, OIP_HOST_HEADER,
     HEALTH_CACHE_S=0, /health from the v2 readiness route, and /explain/ 501 from a server without KServe's explain route.
+    The model server's refusals passed on (its 413, that 501) are no refusals of the adapter's in its metrics, and
+    its call latencies are apart by call (/health's probe with the id of the /health request that sent it).
     (KServe's own model server in front of a real model: tests/test_kserve_predictor.py.)"""
     import httpx
 
@@ -366,6 +385,8 @@ def test_adapter_process_in_oip_mode_health_follows_readiness_and_sends_the_host
                              tmp_path / "adapter.log") as adapter:
             health = httpx.get(f"{adapter.base_url}/health", timeout=30)
             assert health.status_code == 200, health.text
+            # (the probe's id is that of the /health request that sent it: running_adapter's own, here)
+            assert server.request_ids and all(re.fullmatch("[0-9a-f]{32}", id or "") for id in server.request_ids)
             assert server.hosts and set(server.hosts) == {"cifar100.default.example.com"}
             # Silent for too long: /health classifies a tiny image itself, and names the engine that answered.
             assert server.infers >= 1 and health.json()["engine"] == "openvino-int8", health.text
@@ -384,5 +405,17 @@ def test_adapter_process_in_oip_mode_health_follows_readiness_and_sends_the_host
             assert explain.status_code == 501 and "TorchServe" in explain.json()["error"], explain.text
             # The page reads it there and offers no "Why?" any more (tests/test_page_explain.py).
             assert httpx.get(f"{adapter.base_url}/settings", timeout=30).json()["explain"] is False
+            server.refusing = 413
+            refused = httpx.post(f"{adapter.base_url}/classify/", files={"image": ("a.png", PROBE_IMAGE, "image/png")},
+                                 timeout=30)
+            assert refused.status_code == 413 and "too many pixels" in refused.json()["error"], refused.text
+            values = samples(httpx.get(f"{adapter.base_url}/metrics", timeout=30).text)
+            assert values[("adapter_requests_total", (("route", "/classify/"), ("status", "413")))] == 1
+            assert values[("adapter_requests_total", (("route", "/explain/"), ("status", "501")))] == 1
+            assert values[("adapter_refusals_total", (("reason", "too_large"),))] == 0
+            assert values[("adapter_refusals_total", (("reason", "unsupported"),))] == 0
+            calls = {call: values[("adapter_model_server_duration_seconds_count", (("call", call),))]
+                     for call in ("prediction", "explanation", "probe")}
+            assert calls == {"prediction": 1, "explanation": 1, "probe": server.infers - 1}, (calls, server.infers)
     finally:
         server.close()
