@@ -12,19 +12,18 @@ as they are, once their header was read here too (an upload that is no image is 
 Decoding runs in a pool of SHRINK_WORKERS threads, never on the event loop (Pillow releases the GIL
 while it decodes, resizes and encodes). What waits for the pool is bounded by the in-flight caps
 (limits.py): the uploads are already held; a thread holds at most one decoded picture (a JPEG at
-1/8 scale, or up to 16 MP of another format). An upload waits for a free thread (first come, first
-served, one thread at a time per client: else one client's uploads, 16 MP PNGs of a few KB each, held every
-thread and the others' photos waited their whole wait) at most SHRINK_WAIT_S, then gets 503 + Retry-After:
-dozens of 16 MP uploads queued ahead must not hold everyone else's answers for many seconds. A small upload's header is read on the loop (tens of
+1/8 scale, or up to 16 MP of another format). An upload waits for a thread in its client's line
+(serving/fair_pool.py: a free thread goes to the waiting client with the fewest there; first come, first
+served let one client's uploads, 16 MP PNGs of a few KB each, hold every thread while the others' photos
+waited their whole wait) at most SHRINK_WAIT_S, then gets 503 + Retry-After: dozens of 16 MP uploads queued
+ahead must not hold everyone else's answers for many seconds. A small upload's header is read on the loop (tens of
 microseconds): only one that declares many pixels goes to the pool.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
+from serving.fair_pool import FairPool, NoThreadInTime
 from serving.images import ImageRequestError, open_upload, page_shrink_rules, shrunk_png, worth_shrinking
 from serving.throttled_log import ThrottledLog
 
@@ -36,21 +35,12 @@ log = logging.getLogger("adapter.shrink")
 SHRINK_BUSY_MESSAGE = "The server is busy shrinking other photos; try again shortly."
 
 
-@dataclass
-class _ClientTurn:
-    """A client's place in the pool: one upload of it there at a time (``lock``), ``uploads`` waiting or there."""
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    uploads: int = 0
-
-
 class UploadShrinker:
     def __init__(self, settings: Settings):
         self.enabled = settings.shrink_uploads
         self.min_bytes = settings.shrink_min_bytes
         # Shrinking or not: a large upload's header is read in the pool (a 10 MB PNG's checksums take milliseconds).
-        self._pool = ThreadPoolExecutor(settings.shrink_workers, thread_name_prefix="shrink")
-        self._threads = asyncio.Semaphore(settings.shrink_workers)  # FIFO for its waiters
-        self._clients: dict[str, _ClientTurn] = {}  # those with an upload waiting or in the pool
+        self._pool = FairPool(settings.shrink_workers, "shrink")
         self.wait_s = settings.shrink_wait_s
         self.retry_after = {"Retry-After": str(settings.retry_after_s)}
         self.refusals = ThrottledLog(log)
@@ -76,31 +66,13 @@ class UploadShrinker:
             raise ClassifyError(err.status, err.message) from None
 
     async def _in_pool(self, client: str, work, *args):
-        """work(*args) on a pool thread, once ``client`` has none there and one is free, within wait_s; else 503 busy."""
-        turn = self._clients.setdefault(client, _ClientTurn())
-        turn.uploads += 1
+        """work(*args) on a pool thread in ``client``'s turn, within wait_s; else 503 busy."""
         try:
-            try:
-                async with asyncio.timeout(self.wait_s):
-                    await turn.lock.acquire()
-                    try:
-                        await self._threads.acquire()
-                    except BaseException:
-                        turn.lock.release()
-                        raise
-            except TimeoutError:
-                self.refusals.warning("503 (shrink busy): no thread free to shrink an upload of %s within %g s",
-                                      client, self.wait_s)
-                raise ClassifyError(503, SHRINK_BUSY_MESSAGE, self.retry_after) from None
-            try:
-                return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
-            finally:
-                self._threads.release()
-                turn.lock.release()
-        finally:
-            turn.uploads -= 1
-            if not turn.uploads:
-                del self._clients[client]
+            return await self._pool.run(client, work, *args, wait_s=self.wait_s)
+        except NoThreadInTime:
+            self.refusals.warning("503 (shrink busy): no thread free to shrink an upload of %s within %g s",
+                                  client, self.wait_s)
+            raise ClassifyError(503, SHRINK_BUSY_MESSAGE, self.retry_after) from None
 
     def _worth_shrinking(self, img, size: int) -> bool:
         return self.enabled and worth_shrinking(img, size, self.min_bytes)
@@ -110,4 +82,4 @@ class UploadShrinker:
         return shrunk_png(img, explain) if self._worth_shrinking(img, len(data)) else data
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()

@@ -26,7 +26,7 @@ import grpc
 from grpc import aio
 
 from handler.protocols import logged_request_id
-from serving.clients import ForwardedClient, client_key, grpc_peer_host
+from serving.clients import CALLER, ForwardedClient, client_key, grpc_peer_host
 from serving.throttled_log import ThrottledLog
 
 # The one gRPC method that carries images: the message bound proper; every other call has a small bound of its own.
@@ -181,6 +181,8 @@ class GrpcMessageBound(aio.ServerInterceptor):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.deadline_s
             client = await self._client(context)
+            if client is not None:
+                CALLER.set(client)  # (this call's own task)
             if not bound.take_turn(self.max_message, client):  # its turn now, without a timer; else it waits
                 if bound.waiting >= self.max_waiting and not (  # full: a place of a client past its share?
                         client is not None and bound.waiting_of(client) < self.client_waiting

@@ -83,10 +83,11 @@ from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, O
                                unsupported_datatype)
 from model import check_class_count, load_class_names, network_from_state_dict
 from serving.cli import positive_float, positive_int, share
-from serving.clients import ForwardedClient, proxy_networks
+from serving.clients import CALLER, ForwardedClient, client_key, proxy_networks
 from serving.pace import paced_deadline
 from serving.process import ensure_open_files
 from serving.settings import BODY_TIMEOUT_S, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME
+from serving.fair_pool import FairPool
 from serving.throttled_log import ThrottledLog
 from serving.torchserve import BASE_CONFIG, read_properties
 
@@ -164,8 +165,10 @@ class RequestChecks:
     has started has its request cancelled (``_answered``)."""
 
     def __init__(self, app, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES_PER_REQUEST,
-                 pace: dict | None = None, max_held: int = MAX_BODY_BYTES_HELD, bodies: HeldBytes | None = None):
+                 pace: dict | None = None, max_held: int = MAX_BODY_BYTES_HELD, bodies: HeldBytes | None = None,
+                 clients: ForwardedClient | None = None):
         self.app, self.max_bytes, self.max_images = app, max_bytes, max_images
+        self.clients = clients if clients is not None else ForwardedClient([])  # who a request's client is (CALLER)
         # Body bytes held by the requests under way (one event loop): ``bodies`` when given (main's, at /metrics).
         self.bodies = bodies if bodies is not None else HeldBytes(max_held)
         self.refusals = ThrottledLog(logger)  # a flood of slow clients: one line a second
@@ -219,9 +222,17 @@ class RequestChecks:
                 refuse_json_flood(whole["body"], self.max_images)
             except ProtocolError as err:
                 return await _answer(send, err.status, err.message)
+            CALLER.set(await self._client(scope))  # (this request's own task, and the answer's copied from it)
             await _answered(self.app, scope, whole, receive, send)
         finally:
             self.bodies.give(charged)
+
+    async def _client(self, scope) -> str:
+        host = scope["client"][0] if scope.get("client") else "unknown"
+        if not self.clients.reads_headers:
+            return client_key(host)
+        forwarded = [value.decode("latin-1") for name, value in scope["headers"] if name == b"x-forwarded-for"]
+        return await self.clients.key(host, forwarded)
 
     async def _busy(self, send, scope, headers: dict, size: int) -> None:
         REFUSED.labels("max_body_bytes_held").inc()
@@ -508,6 +519,10 @@ class CIFAR100Predictor(Model):
         self._explanations = 0
         self._unpacked = tempfile.TemporaryDirectory(prefix="cifar100-kserve-")
         self._explainer = ThreadPoolExecutor(1, thread_name_prefix="explain")
+        # Large images decoded at once: one per CPU (load() sizes it anew for the threads it sets), shared out by
+        # client (CALLER). asyncio's default pool (CPUs + 4) held 6 x 16 MP decodes on 2 CPUs: 1.5 GB over the
+        # pod's 2 GiB (benchmarks/RESULTS.md session 47).
+        self._decoder = FairPool(torch.get_num_threads(), "decode")
         self.refusals = ThrottledLog(logger)  # a flood refused: one line a second
 
     def load(self) -> bool:
@@ -516,9 +531,8 @@ class CIFAR100Predictor(Model):
         config = yaml.safe_load((folder / manifest["configFile"]).read_text()) if manifest.get("configFile") else {}
         handler_cfg = config.get("handler") or {}
         torch.set_num_threads(int(engines.pinned_threads(config) or len(os.sched_getaffinity(0))))
-        # Large images decoded at once: one per CPU. asyncio's default pool (CPUs + 4) held 6 x 16 MP
-        # decodes on 2 CPUs: 1.5 GB over the pod's 2 GiB (benchmarks/RESULTS.md session 47).
-        self._decoder = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="decode")
+        self._decoder.close()  # (its threads start on first use: none yet)
+        self._decoder = FairPool(torch.get_num_threads(), "decode")
         weights = folder / manifest["serializedFile"]
         self.model_version = str(manifest.get("modelVersion", "unknown"))
         self.labels = load_class_names(folder / "index_to_name.json")
@@ -583,19 +597,19 @@ class CIFAR100Predictor(Model):
         """The request, its images, their sizes, and each image's answer (its forward pass shared with
         others'). A small request is read on the event loop (handler/preprocessing.py decodes_inline: a
         thread's hand-off costs more than decoding a CIFAR-size image), any other in a thread (Pillow lets
-        go of the GIL while it decodes), so a large photo never holds up the loop."""
+        go of the GIL while it decodes; one thread per CPU, shared out by client), so a large photo never holds
+        up the loop."""
         if self.batcher.full():  # refused before its images are decoded (up to 64 of them), not after
             raise self._busy(str(BatcherFull(self.batcher.max_waiting)), "--max_waiting_requests", headers)
-        loop = asyncio.get_running_loop()
         size = _request_bytes(payload, headers)
         if decodes_inline(size):
             request, opened = self._request(payload)
             if decodes_inline(size, opened):
                 images, sizes = self._decoded(request, opened)
             else:
-                images, sizes = await loop.run_in_executor(self._decoder, self._decoded, request, opened)
+                images, sizes = await self._decoder.run(CALLER.get(), self._decoded, request, opened)
         else:  # a large body, or one without a length (chunked): parsed in a thread too
-            request, images, sizes = await loop.run_in_executor(self._decoder, self._images, payload)
+            request, images, sizes = await self._decoder.run(CALLER.get(), self._images, payload)
         try:
             answers = await self.batcher(images)
         except BatcherFull as err:  # filled up while this one was read
@@ -847,8 +861,9 @@ def main() -> None:
                              "so that probes never wait behind inference calls")
     parser.add_argument("--trusted_proxies", default="",
                         help="comma-separated addresses or networks of proxies whose X-Forwarded-For names the "
-                             "client of a gRPC call (its share), and whose REST connections count in no client's "
-                             "--max_client_connections; off: the client is the connection's peer")
+                             "client of a gRPC call (its share) and of a request's decoding (its line), and whose REST "
+                             "connections count in no client's --max_client_connections; off: the client is the "
+                             "connection's peer")
     # Every option known (KServe's and ours): a misspelt one (--enable-grpc for --enable_grpc) was dropped
     # without a word, leaving gRPC open on every interface.
     args = parser.parse_args()
@@ -909,7 +924,7 @@ def main() -> None:
     GRPC_CALLS_WAITING.set_function(lambda: grpc_messages.waiting + grpc_health.waiting)
     model_server.app.add_middleware(RequestChecks, max_bytes=limit, max_images=model.max_images, pace={
         "limit_s": args.body_timeout_s, "grace_s": args.min_rate_grace_s, "min_rate": args.min_upload_rate},
-        bodies=rest_bodies)
+        bodies=rest_bodies, clients=ForwardedClient(trusted))
     _without_repository_extension(server)
     _explain_without_echo(server)
     grpc_server.InferenceServicer = CIFAR100Servicer  # the servicer KServe's gRPC server builds at start

@@ -7,8 +7,13 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Iterable
+from contextvars import ContextVar
 
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+# The client key of the request this task answers, on KServe's model server (set by its REST checks and its gRPC
+# bound): whose line its work waits in further down (serving/fair_pool.py). "" where nobody set it.
+CALLER: ContextVar[str] = ContextVar("caller", default="")
 
 # An IPv6 client is its /64: one subscriber or host usually holds a whole /64 (2^64 addresses), so a
 # share per address would be a share per source address it cares to pick.

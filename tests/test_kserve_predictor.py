@@ -887,26 +887,32 @@ asyncio.run(main())
 
 
 
-def test_large_images_are_decoded_one_per_cpu_at_most(bundle):
-    """In-process on the real bundle (loaded as the server loads it, eager engine): 8 requests at once, each
-    a 1 MP PNG (decoded in a thread, not on the loop), with the decode slowed by 0.2 s to overlap them. At
-    most one decode per CPU the predictor uses (torch's threads) runs at once: asyncio's default pool ran 6
-    on 2 CPUs, and 6 x 16 MP decodes took a 2 GiB pod past its limit (benchmarks/RESULTS.md session 47)."""
+def test_large_images_are_decoded_one_per_cpu_at_most_shared_out_by_client(bundle):
+    """In-process on the real bundle (loaded as the server loads it, eager engine): 8 requests of one client at
+    once, each a 1 MP PNG (decoded in a thread, not on the loop), with the decode slowed by 0.2 s to overlap them,
+    and one of another client 50 ms later. At most one decode per CPU the predictor uses (torch's threads) runs at
+    once: asyncio's default pool ran 6 on 2 CPUs, and 6 x 16 MP decodes took a 2 GiB pod past its limit
+    (benchmarks/RESULTS.md session 47). The other client's decode starts on the first thread freed, not after
+    the first client's queue (serving/fair_pool.py; its client as the REST checks or the gRPC bound set it)."""
     script = """
 import asyncio, base64, io, json, threading, time
 import torch
 from PIL import Image
 import handler.kserve_predictor as kp
+from serving.clients import CALLER
 
-out = io.BytesIO()
-Image.radial_gradient("L").resize((1000, 1000)).convert("RGB").save(out, "PNG")
-body = {"instances": [{"data": base64.b64encode(out.getvalue()).decode()}]}
-now, most, lock, decode = [0], [0], threading.Lock(), kp.decoded_tensors
+def body(width):
+    out = io.BytesIO()
+    Image.radial_gradient("L").resize((width, 1000)).convert("RGB").save(out, "PNG")
+    return {"instances": [{"data": base64.b64encode(out.getvalue()).decode()}]}
+
+now, most, started, lock, decode = [0], [0], [], threading.Lock(), kp.decoded_tensors
 
 def slowed(request, opened):
     with lock:
         now[0] += 1
         most[0] = max(most[0], now[0])
+        started.append("other" if opened[0].width == 1001 else "first")
     try:
         time.sleep(0.2)
         return decode(request, opened)
@@ -918,16 +924,66 @@ kp.decoded_tensors = slowed
 model = kp.CIFAR100Predictor("cifar100", %r, engine_setting="eager-fp32")
 model.load()
 
+bodies = {1000: body(1000), 1001: body(1001)}
+
+async def client(name, width, after_s):
+    CALLER.set(name)  # (this task's own)
+    await asyncio.sleep(after_s)
+    return len((await model.predict(bodies[width]))["predictions"])
+
 async def main():
-    answers = await asyncio.gather(*(model.predict(body) for _ in range(8)))
-    print(json.dumps({"most": most[0], "threads": torch.get_num_threads(),
-                      "answered": sum(len(a["predictions"]) for a in answers)}))
+    answered = await asyncio.gather(*(client("203.0.113.7", 1000, 0) for _ in range(8)),
+                                    client("198.51.100.2", 1001, 0.05))
+    print(json.dumps({"most": most[0], "threads": torch.get_num_threads(), "answered": sum(answered),
+                      "started": started, "clients_left": model._decoder.clients}))
 
 asyncio.run(main())
 """ % str(bundle)
     out = in_child(script)
-    assert out["answered"] == 8, out
+    assert out["answered"] == 9 and out["clients_left"] == 0, out
     assert out["most"] == out["threads"], out
+    assert out["started"].index("other") == out["threads"], out  # next after those already running
+
+
+def test_the_rest_checks_name_the_requests_client_for_the_work_behind_them():
+    """RequestChecks, in-process: the app behind it sees CALLER as the socket's peer (its client key: an IPv6
+    address's /64), or, from a trusted proxy, the client its X-Forwarded-For names; an untrusted peer's header
+    is ignored."""
+    script = """
+import asyncio, json
+from handler.kserve_predictor import RequestChecks
+from serving.clients import CALLER, ForwardedClient, proxy_networks
+
+seen = []
+
+async def app(scope, receive, send):
+    seen.append(CALLER.get())
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+async def send(message):
+    pass
+
+async def ask(checks, peer, forwarded=None):
+    headers = [(b"content-length", b"2")] + ([(b"x-forwarded-for", forwarded.encode())] if forwarded else [])
+    queue = asyncio.Queue()
+    queue.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
+    await checks({"type": "http", "method": "POST", "path": "/x", "client": (peer, 1), "headers": headers},
+                 queue.get, send)
+
+async def main():
+    plain = RequestChecks(app, max_bytes=100)
+    behind = RequestChecks(app, max_bytes=100, clients=ForwardedClient(proxy_networks(["10.0.0.0/8"])))
+    await ask(plain, "203.0.113.7")
+    await ask(plain, "2001:db8::1")
+    await ask(plain, "203.0.113.7", "198.51.100.2")
+    await ask(behind, "10.1.2.3", "198.51.100.2")
+    await ask(behind, "203.0.113.7", "198.51.100.2")
+
+asyncio.run(main())
+print(json.dumps(seen))
+"""
+    assert in_child(script) == ["203.0.113.7", "2001:db8::/64", "203.0.113.7", "198.51.100.2", "203.0.113.7"]
 
 
 def test_a_not_finite_answer_fails_only_the_request_it_belongs_to():
@@ -1144,7 +1200,7 @@ def test_a_crawling_body_gets_408_after_the_grace_and_others_are_answered_meanwh
     assert "too slowly" in json.loads(body)["error"]
     assert MIN_RATE_GRACE_S - 0.5 <= waited < MIN_RATE_GRACE_S + 5, waited
     # The refusal's log line names the request (KServe's ingress gives each one an X-Request-ID).
-    wait_for_log(kserve_predictor, "408: the body of POST /v2/models/cifar100/infer (request 'crawl-1')")
+    wait_for_log(kserve_predictor, "408: the body of POST '/v2/models/cifar100/infer' (request 'crawl-1')")
 
 
 def wait_for_log(predictor, words: str, timeout_s: float = 10) -> None:
