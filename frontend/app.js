@@ -768,7 +768,8 @@
 
   async function why() {
     const upload = currentUpload; // the picture on show: a newer one makes this explanation stale
-    if (!upload || explainingFor === upload) return;
+    // (aborted: a newer pick began, and this picture is about to go; its "Why?" would fail as unreachable)
+    if (!upload || explainingFor === upload || upload.signal.aborted) return;
     if (whyButton.getAttribute("aria-pressed") === "true") { // a second press hides the overlay
       heatmapImage.hidden = true;
       whyButton.setAttribute("aria-pressed", "false");
@@ -779,7 +780,9 @@
       showWhy();
       return;
     }
-    const stillShown = () => currentUpload === upload;
+    // A newer pick aborts this one's signal before it takes the picture away (after reading the new file's
+    // first bytes, or fetching an example): its cancelled request is no failure to tell.
+    const stillShown = () => currentUpload === upload && !upload.signal.aborted;
     const form = new FormData();
     form.append("image", upload.blob, upload.name); // what /classify/ got
     const url = `${apiBase}/explain/`;

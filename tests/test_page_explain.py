@@ -19,7 +19,7 @@ from test_hostile import PART_HEAD, multipart_head
 # The page fixtures (a real adapter before the session's TorchServe, Chromium, a fresh page, the
 # mountain of CIFAR-100 test image 42) and helpers, shared with the page's other tests.
 from test_page import (ANSWER_TIMEOUT_MS, ARTIFACTS, DESKTOP, PHONE, REPO, adapter, browser,  # noqa: F401
-                       expected_answer, page, photo, wait_for_answer, wait_for_error, wait_until)
+                       expected_answer, hold, page, photo, wait_for_answer, wait_for_error, wait_until)
 
 EXAMPLES = REPO / "frontend" / "examples"
 
@@ -170,6 +170,36 @@ def test_why_for_a_new_picture_works_while_the_old_ones_explanation_is_pending(a
     held[0].continue_()  # A's explanation, late (the browser dropped it)
     page.wait_for_timeout(1000)
     assert page.get_attribute("#heatmap", "src") == overlay and lion_answer["prediction"] in page.inner_text("#why-caption")
+
+
+def test_a_why_cancelled_by_a_newer_pick_says_no_failure_while_that_pick_loads(adapter, page, photo):
+    """"Why?" for picture A, its explanation held; then an example clicked, its file held too: A's explanation
+    was cancelled at once, but A stayed on show until the example arrived, and the page said "Could not show
+    why: Cannot reach the classifier" (to screen readers too) for a server that was fine. Now nothing is said
+    about the cancelled one, "Why?" for A is not sent again meanwhile, and the example is answered."""
+    held_explain = hold(page, "**/explain/")
+    failed = []
+    page.on("requestfailed", lambda r: failed.append(r.url) if r.url.endswith("/explain/") else None)
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    page.click("#why-button")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Looking for what')")
+    example = page.locator(".example").nth(1)
+    src = example.get_attribute("data-src")
+    held_example = hold(page, f"**/{src}")
+    example.click()
+    wait_until(page, lambda: failed and held_example)  # A's explanation cancelled, the example's file asked for
+    page.click("#why-button")  # A is still on show: a press now must not ask again
+    page.wait_for_timeout(500)
+    said = page.inner_text("#why-caption") + " " + page.evaluate("document.getElementById('status').textContent")
+    assert "Could not show why" not in said and "Cannot reach" not in said, said
+    assert len(held_explain) == 1, len(held_explain)
+    held_example[0].continue_()
+    answer = expected_answer(adapter, REPO / "frontend" / src)
+    page.wait_for_function(f"() => document.getElementById('prediction').textContent === {answer['prediction']!r}"
+                           " && document.body.dataset.state === 'answered'", timeout=ANSWER_TIMEOUT_MS)
+    assert "Could not show why" not in page.inner_text("body")
 
 
 def test_why_is_not_offered_when_the_settings_say_the_server_gives_no_explanations(adapter, page, photo):
