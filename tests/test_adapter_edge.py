@@ -532,7 +532,7 @@ def test_the_metrics_port_holds_a_clients_share_of_connections_until_the_heads_d
         try:
             time.sleep(0.3)
             still_open = [sock for sock in held if not _closed_at_once(sock, 0.05)]
-            assert len(still_open) <= 4, len(still_open)
+            assert len(still_open) == 4, len(still_open)  # its share held (the rest closed at once)
             assert adapter.num_threads() <= threads + 2 * 4  # each held one: its thread, its deadline's
             assert all(_closed_at_once(sock, 3) for sock in still_open)  # the head's deadline, 2 s
         finally:
@@ -555,5 +555,6 @@ def test_the_metrics_port_holds_a_clients_share_of_connections_until_the_heads_d
         finally:
             for sock in dripping:
                 sock.close()
-        assert len(closed_after) == 4 and max(closed_after.values()) < 4, closed_after
+        assert len(closed_after) == 4 and 1.5 <= min(closed_after.values()) <= max(closed_after.values()) < 4, \
+            closed_after
         assert "adapter_requests_total" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text

@@ -341,6 +341,8 @@ def test_worker_killed_with_a_batch_in_flight_loses_no_answer(retry_adapter, tor
         assert "'cached': True" in started[-1], started[-1]
         compile_s = float(started[-1].split("'compile_seconds': ")[1].split(",")[0])
         assert back_after_s < max(30.0, compile_s / 2), (back_after_s, compile_s)
+    else:  # nothing compiled, nothing cached: a plain start
+        assert back_after_s < 30.0, back_after_s
 
 
 def test_stopped_workers_give_504_within_the_deadline_and_health_503(hostile_adapter, torchserve_ready, pngs):

@@ -398,13 +398,24 @@ def test_an_unregister_that_times_out_names_the_ready_timeout_that_holds_it(tmp_
                     "(ReadTimeout); a loaded host may need more: --ready-timeout (ROLLOUT_ARGS)"), left
 
 
-def test_the_rollouts_http_timeout_is_an_option():
-    from serving.rollout import main
+def test_the_rollouts_http_timeout_is_an_option(monkeypatch, capsys):
+    import serving.rollout as rollout_module
 
     with pytest.raises(SystemExit) as raised:
-        main(["--http-timeout", "0"])  # refused by its type, as every positive setting
+        rollout_module.main(["--http-timeout", "0"])  # refused by its type, as every positive setting
     assert raised.value.code == 2
-    assert Rollout.__dataclass_fields__["http_timeout_s"].default == HTTP_TIMEOUT_S
+    assert "argument --http-timeout: needs a number above 0, not 0" in capsys.readouterr().err
+    # A value given reaches the rollout; none given, the default.
+    given = []
+
+    class Running:
+        def is_running(self):
+            return True
+    monkeypatch.setattr(rollout_module, "default_instance", Running)
+    monkeypatch.setattr(rollout_module, "roll_out", lambda ts, weights, ready, drain, http_timeout, config:
+                        given.append(http_timeout) or 0)
+    assert rollout_module.main(["--http-timeout", "7.5"]) == 0 and rollout_module.main([]) == 0
+    assert given == [7.5, HTTP_TIMEOUT_S]
 
 
 def test_the_rollout_passes_on_make_archives_warnings(tmp_path):
