@@ -27,24 +27,31 @@ def recorder():
     return work, started, most
 
 
+def with_pool(threads: int, scenario):
+    """asyncio.run(scenario(pool)) with a FairPool of ``threads``, closed after."""
+    async def run():
+        pool = FairPool(threads, "t")
+        try:
+            return await scenario(pool)
+        finally:
+            pool.close()
+    return asyncio.run(run())
+
+
 def test_a_free_thread_goes_to_the_waiting_client_with_the_fewest_there():
     """Two threads; client a sends 5, b 2 (50 ms later), c 1 (60 ms later): a's first two start at once (a lone
     client has every thread), then the freed threads go to b and c before a's third, then a and b alternate."""
     work, started, most = recorder()
 
-    async def run():
-        pool = FairPool(2, "t")
-        try:
-            async def send(client, after_s):
-                await asyncio.sleep(after_s)
-                return await pool.run(client, work, client)
-            answers = await asyncio.gather(*(send("a", 0) for _ in range(5)), *(send("b", 0.05) for _ in range(2)),
-                                           send("c", 0.06))
-            return answers, pool.clients
-        finally:
-            pool.close()
+    async def scenario(pool):
+        async def send(client, after_s):
+            await asyncio.sleep(after_s)
+            return await pool.run(client, work, client)
+        answers = await asyncio.gather(*(send("a", 0) for _ in range(5)), *(send("b", 0.05) for _ in range(2)),
+                                       send("c", 0.06))
+        return answers, pool.clients
 
-    answers, left = asyncio.run(run())
+    answers, left = with_pool(2, scenario)
     assert answers == ["a"] * 5 + ["b"] * 2 + ["c"] and left == 0
     assert most[0] == 2
     assert started[:2] == ["a", "a"] and sorted(started[2:4]) == ["b", "c"], started
@@ -54,19 +61,15 @@ def test_a_free_thread_goes_to_the_waiting_client_with_the_fewest_there():
 def test_a_turn_not_given_in_time_is_refused_and_leaves_nothing_behind():
     work, started, _ = recorder()
 
-    async def run():
-        pool = FairPool(1, "t")
-        try:
-            busy = asyncio.ensure_future(pool.run("a", work, "a", 0.3))
-            await asyncio.sleep(0.02)
-            with pytest.raises(NoThreadInTime):
-                await pool.run("b", work, "b", wait_s=0.05)
-            await busy
-            return await pool.run("b", work, "b", 0.0), pool.clients
-        finally:
-            pool.close()
+    async def scenario(pool):
+        busy = asyncio.ensure_future(pool.run("a", work, "a", 0.3))
+        await asyncio.sleep(0.02)
+        with pytest.raises(NoThreadInTime):
+            await pool.run("b", work, "b", wait_s=0.05)
+        await busy
+        return await pool.run("b", work, "b", 0.0), pool.clients
 
-    assert asyncio.run(run()) == ("b", 0)
+    assert with_pool(1, scenario) == ("b", 0)
     assert started == ["a", "b"]  # the refused one never ran
 
 
@@ -75,19 +78,15 @@ def test_a_caller_that_stops_waiting_keeps_its_thread_taken_until_the_work_ends(
     work is started beside it on a thread the pool would count as free."""
     work, started, most = recorder()
 
-    async def run():
-        pool = FairPool(1, "t")
-        try:
-            gone = asyncio.ensure_future(pool.run("a", work, "a", 0.3))
-            await asyncio.sleep(0.05)
-            gone.cancel()
-            t0 = time.perf_counter()
-            await pool.run("b", work, "b", 0.0)
-            return time.perf_counter() - t0, pool.clients
-        finally:
-            pool.close()
+    async def scenario(pool):
+        gone = asyncio.ensure_future(pool.run("a", work, "a", 0.3))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        t0 = time.perf_counter()
+        await pool.run("b", work, "b", 0.0)
+        return time.perf_counter() - t0, pool.clients
 
-    waited_s, left = asyncio.run(run())
+    waited_s, left = with_pool(1, scenario)
     assert most[0] == 1 and started == ["a", "b"] and left == 0
     assert waited_s > 0.2, waited_s  # b waited for a's work to end
 
@@ -95,19 +94,15 @@ def test_a_caller_that_stops_waiting_keeps_its_thread_taken_until_the_work_ends(
 def test_a_waiter_cancelled_before_its_turn_gives_its_place_up():
     work, started, _ = recorder()
 
-    async def run():
-        pool = FairPool(1, "t")
-        try:
-            busy = asyncio.ensure_future(pool.run("a", work, "a", 0.2))
-            await asyncio.sleep(0.02)
-            leaving = asyncio.ensure_future(pool.run("b", work, "b"))
-            staying = asyncio.ensure_future(pool.run("c", work, "c", 0.0))
-            await asyncio.sleep(0.02)
-            leaving.cancel()
-            await asyncio.gather(busy, staying)
-            return pool.clients
-        finally:
-            pool.close()
+    async def scenario(pool):
+        busy = asyncio.ensure_future(pool.run("a", work, "a", 0.2))
+        await asyncio.sleep(0.02)
+        leaving = asyncio.ensure_future(pool.run("b", work, "b"))
+        staying = asyncio.ensure_future(pool.run("c", work, "c", 0.0))
+        await asyncio.sleep(0.02)
+        leaving.cancel()
+        await asyncio.gather(busy, staying)
+        return pool.clients
 
-    assert asyncio.run(run()) == 0
+    assert with_pool(1, scenario) == 0
     assert started == ["a", "c"]

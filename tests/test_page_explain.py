@@ -142,11 +142,9 @@ def test_why_from_an_updated_model_shows_the_answer_its_heatmap_belongs_to(adapt
     page.unroute("**/explain/")
 
 
-def test_why_for_a_new_picture_works_while_the_old_ones_explanation_is_pending(adapter, page, photo):
-    """"Why?" for picture A, its explanation held; picture B chosen and answered: "Why?" for B sent
-    nothing until A's stale explanation came back. Now B's goes out and shows; A's, late, does not."""
-    held = []
-    page.route("**/explain/", lambda route: held.append(route) if not held else route.continue_())
+def why_pressed_for(adapter, page, photo) -> list[str]:
+    """``photo`` answered and its "Why?" pressed, its explanation on its way (held by the caller's route): the
+    explanations that failed (were cancelled) from here on, as they do."""
     failed = []
     page.on("requestfailed", lambda r: failed.append(r.url) if r.url.endswith("/explain/") else None)
     page.goto(f"{adapter.base_url}/")
@@ -154,6 +152,15 @@ def test_why_for_a_new_picture_works_while_the_old_ones_explanation_is_pending(a
     wait_for_answer(page)
     page.click("#why-button")
     page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Looking for what')")
+    return failed
+
+
+def test_why_for_a_new_picture_works_while_the_old_ones_explanation_is_pending(adapter, page, photo):
+    """"Why?" for picture A, its explanation held; picture B chosen and answered: "Why?" for B sent
+    nothing until A's stale explanation came back. Now B's goes out and shows; A's, late, does not."""
+    held = []
+    page.route("**/explain/", lambda route: held.append(route) if not held else route.continue_())
+    failed = why_pressed_for(adapter, page, photo)
     # Sighted users see it beside the button too (the status line is hidden once answered).
     assert page.is_visible("#why-caption") and page.inner_text("#why-caption").startswith("Looking for what")
     lion = EXAMPLES / "test-00015.png"
@@ -178,13 +185,7 @@ def test_a_why_cancelled_by_a_newer_pick_says_no_failure_while_that_pick_loads(a
     why: Cannot reach the classifier" (to screen readers too) for a server that was fine. Now nothing is said
     about the cancelled one, "Why?" for A is not sent again meanwhile, and the example is answered."""
     held_explain = hold(page, "**/explain/")
-    failed = []
-    page.on("requestfailed", lambda r: failed.append(r.url) if r.url.endswith("/explain/") else None)
-    page.goto(f"{adapter.base_url}/")
-    page.set_input_files("#file-input", str(photo))
-    wait_for_answer(page)
-    page.click("#why-button")
-    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Looking for what')")
+    failed = why_pressed_for(adapter, page, photo)
     example = page.locator(".example").nth(1)
     src = example.get_attribute("data-src")
     held_example = hold(page, f"**/{src}")
