@@ -11,6 +11,9 @@ port: METRICS_ENABLED, METRICS_PORT in config.py).
                                                      those still held by the model server after a 504 included)
     adapter_explanations_at_model_server, adapter_explanations_waiting   explanations there now, and
                                                      those waiting their turn (adapter/limits.py)
+    adapter_connections_open, adapter_clients_connected   client connections open now, and the clients
+                                                     (addresses; an IPv6 /64) holding them: what
+                                                     MAX_OPEN_CONNECTIONS, MAX_CLIENT_CONNECTIONS count
     adapter_refusals_total{reason}                   the adapter's own (a model server's passed on: not here):
                                                      timeout (408), too_large (413), url_too_long (414),
                                                      pipelined (429), headers_too_large (431), bad_http (400 at the parser),
@@ -125,6 +128,15 @@ class Metrics:
               registry=self.registry).set_function(lambda: in_flight.requests)
         Gauge("adapter_bytes_in_flight", "Body bytes charged to them now (MAX_BYTES_IN_FLIGHT's count)",
               registry=self.registry).set_function(lambda: in_flight.bytes)
+
+    def watch_connections(self, connections) -> None:
+        """Gauges of adapter/protocol.py's OpenConnections, read when Prometheus scrapes."""
+        self._gauged.append(lambda: (connections.total, len(connections.per_client)))
+        Gauge("adapter_connections_open", "Client connections open now (MAX_OPEN_CONNECTIONS' count)",
+              registry=self.registry).set_function(lambda: connections.total)
+        Gauge("adapter_clients_connected", "Clients with a connection open now (MAX_CLIENT_CONNECTIONS counts "
+              "each one's; trusted proxies not among them)", registry=self.registry).set_function(
+            lambda: len(connections.per_client))
 
     def watch_explanations(self, explanations) -> None:
         """Gauges of adapter/limits.py's Explanations, read when Prometheus scrapes."""

@@ -299,9 +299,11 @@ def serve(host: str, port: int, log_file: Path | None) -> int:
     # X-Forwarded-For names the client only when it comes from a trusted proxy (uvicorn's default
     # trusts 127.0.0.1: any local program could then pick its own address and share).
     # uvicorn's access log is off: adapter/edge.py writes one JSON line per request instead.
-    config = uvicorn.Config(app, host=host, port=port,
-                            http=protocol_class(settings, app.state.refused_before_app,
-                                                app.state.metrics.connection_reset if app.state.metrics else None),
+    protocol = protocol_class(settings, app.state.refused_before_app,
+                              app.state.metrics.connection_reset if app.state.metrics else None)
+    if app.state.metrics:
+        app.state.metrics.watch_connections(protocol.open_connections)
+    config = uvicorn.Config(app, host=host, port=port, http=protocol,
                             timeout_keep_alive=settings.keepalive_timeout_s, access_log=False,
                             ws="none",  # no WebSocket routes: upgrades are answered 501 (adapter/protocol.py)
                             proxy_headers=bool(settings.trusted_proxies),

@@ -558,3 +558,27 @@ def test_the_metrics_port_holds_a_clients_share_of_connections_until_the_heads_d
         assert len(closed_after) == 4 and 1.5 <= min(closed_after.values()) <= max(closed_after.values()) < 4, \
             closed_after
         assert "adapter_requests_total" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+
+
+def test_open_connections_and_the_clients_holding_them_are_gauged(tmp_path):
+    """adapter_connections_open and adapter_clients_connected: what MAX_OPEN_CONNECTIONS and
+    MAX_CLIENT_CONNECTIONS count, read at each scrape (5 idle connections held, then let go)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    with running_adapter({"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead}, tmp_path / "a.log") as adapter:
+        host, port = adapter.base_url.removeprefix("http://").split(":")
+
+        def gauges() -> tuple[float, float]:
+            with httpx.Client(timeout=30) as client:  # a connection of its own: counted too
+                values = samples(client.get(f"{adapter.base_url}/metrics").text)
+            return values[("adapter_connections_open", ())], values[("adapter_clients_connected", ())]
+        held = [socket.create_connection((host, int(port)), timeout=5) for _ in range(5)]
+        try:
+            time.sleep(0.3)  # accepted
+            assert gauges() == (6, 1)
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while gauges() != (1, 1):
+            assert time.monotonic() < deadline, gauges()
+            time.sleep(0.1)
