@@ -37,7 +37,8 @@ access_log = logging.getLogger("adapter.access")
 log = logging.getLogger("adapter.edge")
 # The request's record in its ASGI scope (the dict the app and adapter/protocol.py share): request_id,
 # model_version, parser_refused (the status the parser answered its body with, else None), client_gone
-# (the connection closed before the answer began), and relayed (the answer passes on the model server's refusal).
+# (the connection closed before the answer began), relayed (the answer passes on the model server's refusal), and
+# busy_cap (what refused it busy: adapter/metrics.py BUSY_CAPS).
 EDGE_RECORD = "adapter.edge"
 
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]+")
@@ -64,7 +65,7 @@ def edge_record(scope: dict, max_length: int) -> dict:
     if record is None:
         record = scope[EDGE_RECORD] = {"request_id": request_id_from(scope["headers"], max_length),
                                        "model_version": None, "parser_refused": None, "client_gone": False,
-                                       "relayed": False}
+                                       "relayed": False, "busy_cap": None}
     return record
 
 
@@ -138,7 +139,8 @@ class Edge:
             elif context["client_gone"]:  # the app answered, to nobody
                 status = CLIENT_GONE
             if metrics:
-                metrics.answered(route, status, seconds, busy, parser_refused is not None, context["relayed"])
+                metrics.answered(route, status, seconds, busy, parser_refused is not None, context["relayed"],
+                                 context["busy_cap"])
             _log_line(client_host(scope), scope["method"], route, status, bytes_in, seconds, request_id,
                       context["model_version"])
 

@@ -46,6 +46,7 @@ from serving.throttled_log import ThrottledLog
 
 from .config import Settings
 from .errors import ClassifyError
+from .request_context import note_busy
 from .upload import upload_body_limit
 
 log = logging.getLogger("adapter.limits")
@@ -199,6 +200,7 @@ class Explanations:
         if not isinstance(charge, Charge):
             self.refusals.warning("503 (client's explanations): refused POST /explain/ from %s (%d held)",
                                   client, self.held.max_client_requests)
+            note_busy("client_explanations")
             raise ClassifyError(503, CLIENT_EXPLANATIONS_MESSAGE, self.retry_after)
         try:
             yield charge
@@ -216,6 +218,7 @@ class Explanations:
                 await self._turns.acquire()
         except TimeoutError:
             self.refusals.warning("503 (explanations busy): no turn at the model server within %g s", self.wait_s)
+            note_busy("explanation_wait")
             raise ClassifyError(503, EXPLANATIONS_BUSY_MESSAGE, self.retry_after) from None
         finally:
             self.waiting -= 1
@@ -307,6 +310,7 @@ class RequestLimits:
             self.refusals.warning("503 (%s): refused %s %s from %s (%d requests, %d bytes in flight)",
                                   "client's share" if charge == "client" else "busy", scope["method"],
                                   scope["path"], client, self.in_flight.requests, self.in_flight.bytes)
+            note_busy("client_in_flight" if charge == "client" else "in_flight")
             return await _send_json(send, 503, CLIENT_BUSY_MESSAGE if charge == "client" else BUSY_MESSAGE,
                                     [(b"retry-after", self.retry_after), (b"connection", b"close")])
         scope[CHARGE_KEY] = charge  # (held_by_model_server: what a request given up on keeps)
@@ -353,8 +357,9 @@ class RequestLimits:
                     refused_busy = True
                     self.refusals.warning("503: no room for the body of %s %s from %s (%d bytes in flight)",
                                           scope["method"], scope["path"], client, self.in_flight.bytes)
-                    raise ClassifyError(503, CLIENT_BUSY_MESSAGE if charge.share.bytes + chunk
-                                        > self.in_flight.max_client_bytes else BUSY_MESSAGE)
+                    own_share = charge.share.bytes + chunk > self.in_flight.max_client_bytes
+                    note_busy("client_in_flight" if own_share else "in_flight")
+                    raise ClassifyError(503, CLIENT_BUSY_MESSAGE if own_share else BUSY_MESSAGE)
             return message
 
         def release():

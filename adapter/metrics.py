@@ -21,6 +21,7 @@ port: METRICS_ENABLED, METRICS_PORT in config.py).
                                                      busy (any 503 + Retry-After: in-flight caps and shares,
                                                      explanations' turns, the shrink wait, no pooled connection
                                                      to the model server in time)
+    adapter_busy_refusals_total{cap}                 the busy refusals by what refused them: BUSY_CAPS below
     adapter_model_server_retries_total               predictions sent again after their worker died or their
                                                      connection dropped mid-answer
     adapter_model_server_errors_total{kind}          failed predictions: MODEL_SERVER_ERROR_KINDS below
@@ -67,6 +68,15 @@ MODEL_SERVER_ERROR_KINDS = {
     "bad_answer": "a 200 that is not a usable answer (502)",
     "key_refused": "TorchServe refused the adapter's key, a renewed one too (503)",
 }
+# adapter_busy_refusals_total's caps (each busy 503 names one: adapter/request_context.py note_busy; README lists them).
+BUSY_CAPS = {
+    "in_flight": "MAX_REQUESTS_IN_FLIGHT / MAX_BYTES_IN_FLIGHT: everyone's requests and bytes held",
+    "client_in_flight": "MAX_CLIENT_REQUESTS_IN_FLIGHT / MAX_CLIENT_BYTES_IN_FLIGHT: one client's share of them",
+    "client_explanations": "MAX_CLIENT_EXPLANATIONS_IN_FLIGHT: one client's explanations",
+    "explanation_wait": "EXPLANATION_WAIT_S: no turn at the model server for an explanation in time",
+    "shrink_wait": "SHRINK_WAIT_S: no shrinking thread in time",
+    "model_server_connections": "TS_MAX_CONNECTIONS: no pooled connection to the model server in time",
+}
 # adapter_model_server_duration_seconds' calls: apart, as an explanation takes 10-50 times a prediction's time.
 MODEL_SERVER_CALLS = {
     "prediction": "a client's /classify/",
@@ -100,6 +110,8 @@ class Metrics:
                                               ["call"], buckets=LATENCY_BUCKETS, registry=r)
         self.refusals = Counter("adapter_refusals", "Requests the adapter refused itself, by reason", ["reason"],
                                 registry=r)
+        self.busy = Counter("adapter_busy_refusals", "Busy refusals (503 + Retry-After), by the cap that refused",
+                            ["cap"], registry=r)
         self.retries = Counter("adapter_model_server_retries", "Predictions sent again after their worker died",
                                registry=r)
         self.model_server_errors = Counter("adapter_model_server_errors", "Failed calls to the model server, by kind",
@@ -112,6 +124,8 @@ class Metrics:
             self.model_server_errors.labels(kind)
         for call in MODEL_SERVER_CALLS:
             self.model_server_latency.labels(call)
+        for cap in BUSY_CAPS:
+            self.busy.labels(cap)
         # (route, status) -> child, route -> child: labels() costs more than the increment itself
         self._requests, self._latency = {}, {}
         # Bumped by each answer (a scrape's own excepted) and each parser refusal. The other records (retries,
@@ -147,9 +161,10 @@ class Metrics:
               registry=self.registry).set_function(lambda: explanations.waiting)
 
     def answered(self, route: str, status: int, seconds: float, busy: bool, parser_refused: bool = False,
-                 relayed: bool = False) -> None:
+                 relayed: bool = False, busy_cap: str | None = None) -> None:
         """One answer of the app's; ``parser_refused``: the HTTP parser answered it instead (its body broke);
-        ``relayed``: it passes on the model server's own refusal (no refusal of the adapter's)."""
+        ``relayed``: it passes on the model server's own refusal (no refusal of the adapter's); ``busy_cap``: what
+        refused it busy (BUSY_CAPS)."""
         if route != SCRAPE_ROUTE:
             self.recorded += 1
         key = (route, status)
@@ -169,6 +184,8 @@ class Metrics:
             reason = BUSY_REFUSAL if status == 503 and busy else REFUSAL_REASONS.get(status)
         if reason is not None:
             self.refusals.labels(reason).inc()
+        if reason == BUSY_REFUSAL and busy_cap in BUSY_CAPS:
+            self.busy.labels(busy_cap).inc()
 
     def refused_before_app(self, status: int) -> None:
         """A refusal at the HTTP parser (adapter/protocol.py): no route, no app."""

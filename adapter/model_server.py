@@ -22,6 +22,7 @@ import aiohttp
 from .config import Settings
 from .errors import ClassifyError
 from .metrics import Metrics
+from .request_context import note_busy
 
 log = logging.getLogger("adapter.model_server")
 
@@ -120,6 +121,7 @@ class PoolBusy(Exception):
 
 def pool_busy_error(settings: Settings) -> ClassifyError:
     """PoolBusy's answer: the model server is slow, not down: a later try may pass (Retry-After)."""
+    note_busy("model_server_connections")
     return ClassifyError(503, "The model server is busy: too many requests are waiting. Try again shortly.",
                          {"Retry-After": str(settings.retry_after_s)})
 

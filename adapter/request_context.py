@@ -14,6 +14,13 @@ def request_id_header() -> dict[str, str]:
     return {"X-Request-ID": current["request_id"]} if current else {}
 
 
+def note_busy(cap: str) -> None:
+    """The request is refused busy (503 + Retry-After) by ``cap`` (adapter/metrics.py BUSY_CAPS)."""
+    current = CURRENT.get()
+    if current is not None:
+        current["busy_cap"] = cap
+
+
 def note_relayed() -> None:
     """The answer passes on the model server's own refusal (ClassifyError.relayed)."""
     current = CURRENT.get()

@@ -29,6 +29,7 @@ from serving.throttled_log import ThrottledLog
 
 from .config import Settings
 from .errors import ClassifyError
+from .request_context import note_busy
 
 log = logging.getLogger("adapter.shrink")
 
@@ -72,6 +73,7 @@ class UploadShrinker:
         except NoThreadInTime:
             self.refusals.warning("503 (shrink busy): no thread free to shrink an upload of %s within %g s",
                                   client, self.wait_s)
+            note_busy("shrink_wait")
             raise ClassifyError(503, SHRINK_BUSY_MESSAGE, self.retry_after) from None
 
     def _worth_shrinking(self, img, size: int) -> bool:

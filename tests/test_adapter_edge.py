@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapter.metrics import BUSY_CAPS
 from adapter.run import running_adapter
 from adapter.model_server import PROBE_IMAGE
 from serving.process import free_port
@@ -51,13 +52,18 @@ def test_every_refusal_reason_and_model_server_error_kind_is_there_at_0_from_the
     the first model-server outage or the first refusal of a kind never fired. Each is exported at 0 from the start."""
     from prometheus_client import generate_latest
 
-    from adapter.metrics import CONNECTION_REFUSALS, MODEL_SERVER_ERROR_KINDS, PARSER_REFUSAL, REFUSAL_REASONS, Metrics
+    from adapter.metrics import (CONNECTION_REFUSALS, MODEL_SERVER_CALLS, MODEL_SERVER_ERROR_KINDS, PARSER_REFUSAL,
+                                 REFUSAL_REASONS, Metrics)
 
     values = samples(generate_latest(Metrics().registry).decode())
     for reason in (*REFUSAL_REASONS.values(), PARSER_REFUSAL, "busy", *CONNECTION_REFUSALS.values()):
         assert values[("adapter_refusals_total", (("reason", reason),))] == 0
     for kind in MODEL_SERVER_ERROR_KINDS:
         assert values[("adapter_model_server_errors_total", (("kind", kind),))] == 0
+    for cap in BUSY_CAPS:
+        assert values[("adapter_busy_refusals_total", (("cap", cap),))] == 0
+    for call in MODEL_SERVER_CALLS:
+        assert values[("adapter_model_server_duration_seconds_count", (("call", call),))] == 0
 
 
 def test_request_ids_log_lines_and_metrics(adapter, client):
@@ -259,6 +265,9 @@ def test_refusals_before_and_in_the_app_are_counted_by_reason(tmp_path):
             assert holder.recv(65536).startswith(b"HTTP/1.1 408")  # BODY_TIMEOUT_S
         values = samples(httpx.get(f"{a.base_url}/metrics", timeout=30).text)
         assert values[("adapter_refusals_total", (("reason", "busy"),))] == 1
+        # ... and which cap refused it: the client's share of the requests in flight (one, as the cap is one)
+        assert {cap: values[("adapter_busy_refusals_total", (("cap", cap),))] for cap in BUSY_CAPS} == {
+            cap: int(cap == "client_in_flight") for cap in BUSY_CAPS}
         assert values[("adapter_refusals_total", (("reason", "timeout"),))] == 2
         assert values[("adapter_requests_total", (("route", "/classify/"), ("status", "503")))] == 1
 

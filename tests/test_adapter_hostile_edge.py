@@ -38,6 +38,7 @@ from adapter.config import Settings
 from adapter.protocol import HEAD_SLACK_BYTES
 from adapter.run import running_adapter
 from serving.process import free_port
+from test_adapter_edge import samples
 from test_hostile import multipart_head
 
 KEEPALIVE_TIMEOUT_S = 1.0
@@ -355,6 +356,8 @@ def test_uploads_waiting_to_be_shrunk_get_503_busy_after_shrink_wait(edge):
     busy = [(status, headers, answer) for status, headers, answer in results if "busy shrinking" in answer["error"]]
     assert len(results) == 6 and busy, results
     assert all(status == 503 and headers.get("retry-after") == "1" for status, headers, _ in busy), busy
+    counted = samples(httpx.get(f"{edge.base_url}/metrics", timeout=10).text)
+    assert counted[("adapter_busy_refusals_total", (("cap", "shrink_wait"),))] == len(busy)  # by its cap
 
 
 def test_a_refused_upload_whose_client_resets_leaves_nothing_behind(monkeypatch):

@@ -622,6 +622,13 @@ def patient_adapter(torchserve, tmp_path_factory):
         yield proc
 
 
+def busy_refusals(adapter) -> Counter:
+    """adapter_busy_refusals_total by cap, now."""
+    values = samples(httpx.get(f"{adapter.base_url}/metrics", timeout=10).text)
+    return Counter({labels[0][1]: value for (name, labels), value in values.items()
+                    if name == "adapter_busy_refusals_total"})
+
+
 def test_explanations_past_a_clients_share_get_503_and_its_classifications_do_not(patient_adapter, torchserve_ready,
                                                                                   small_png):
     """Explanations held by one address (bodies half sent) refuse its next one at once; its
@@ -649,10 +656,12 @@ def test_explanations_past_a_clients_share_get_503_and_its_classifications_do_no
         answers = [await finish(reader, writer) for reader, writer in held]
         return refused, classified, other, answers
 
+    busy = busy_refusals(patient_adapter)
     refused, classified, other, answers = asyncio.run(scenario())
     status, headers, payload = refused
     assert status == 503 and headers.get("retry-after") == str(DEFAULTS.retry_after_s), refused
     assert "explanations asked from your address" in json.loads(payload)["error"]
+    assert busy_refusals(patient_adapter) - busy == Counter({"client_explanations": 1})  # by its cap in /metrics
     assert classified[0] == 200 and "prediction" in json.loads(classified[2]), classified
     for status, _, payload in (other, *answers):
         assert status == 200 and json.loads(payload)["heatmap"].startswith("data:image/png;base64,"), payload[:200]
