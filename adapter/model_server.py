@@ -224,9 +224,11 @@ _URL = re.compile(r"\b\w+://\S+")
 
 
 def _unwrapped(response: Response) -> tuple[int, str]:
-    """(status, message) of a model server's answer: a client error wrapped in a 5xx (KServe's) as that 4xx."""
-    status, message = response.status_code, error_message(response)
-    return _wrapped_client_error(status, message, response) or (status, message)
+    """(status, message) of a model server's answer: a client error wrapped in a 5xx (KServe's) as that 4xx; the
+    message cut to MESSAGE_KEPT characters once the wrapper's tail was read."""
+    status, message = response.status_code, error_message(response, kept=None)
+    status, message = _wrapped_client_error(status, message, response) or (status, message)
+    return status, message[:MESSAGE_KEPT]
 
 
 def _wrapped_client_error(status: int, message: str, response: Response) -> tuple[int, str] | None:
@@ -253,9 +255,9 @@ def _wrapped_client_error(status: int, message: str, response: Response) -> tupl
 MESSAGE_KEPT = 1000
 
 
-def error_message(response: Response) -> str:
-    """TorchServe's own errors are {"code", "type", "message"}; the handler's are {"error": ...}; cut to
-    MESSAGE_KEPT characters."""
+def error_message(response: Response, kept: int | None = MESSAGE_KEPT) -> str:
+    """TorchServe's own errors are {"code", "type", "message"}; the handler's are {"error": ...}; cut to ``kept``
+    characters (None: whole)."""
     text = response.text.strip()
     try:
         body = json.loads(text) if text else None
@@ -264,9 +266,9 @@ def error_message(response: Response) -> str:
     if isinstance(body, dict):
         for key in ("error", "message"):
             if isinstance(body.get(key), str) and body[key]:
-                return body[key][:MESSAGE_KEPT]
+                return body[key][:kept]
     if text:
-        return text[:MESSAGE_KEPT]
+        return text[:kept]
     return response.reason_phrase or f"HTTP {response.status_code}"
 
 

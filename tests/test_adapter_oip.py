@@ -207,6 +207,8 @@ def wrapper_500(inner: str, code: str) -> dict:
     (400, {"error": "could not fetch https://10.0.0.7:8443/v2/models/cifar100/infer?x=1 for this image"},
      400, "could not fetch (internal address) for this image"),
     (500, {"error": "KeyError : 'outputs'"}, 502, "The model server failed (500); the adapter's log has the details."),
+    # A long wrapped message: the wrapper's tail is read whole, the message passed on cut (MESSAGE_KEPT)
+    (500, wrapper_500("y" * 5000, "400 Bad Request"), 400, "y" * MESSAGE_KEPT),
     (500, {"error": f"HTTPStatusError : Server error '500 Internal Server Error' for url '{INTERNAL_URL}'"},
      502, "The model server failed (500); the adapter's log has the details."),
 ])

@@ -114,6 +114,15 @@ def test_an_out_that_cannot_be_a_folder_is_one_line_before_reading_data(tmp_path
     assert err == f"error: --out {out}: cannot make the run's folder (Not a directory)\n", err
 
 
+def test_a_checkpoint_written_before_holdout_was_recorded_resumes_as_holding_none_out():
+    args = train_module.build_parser().parse_args([])
+    older = {"args": {"width": args.width, "num_classes": args.num_classes}}  # no "holdout" in it
+    train_module.check_compatible(older, args)
+    args.holdout = 100
+    with pytest.raises(train_module.ConfigError, match="trained with --holdout 0, this run asks for 100"):
+        train_module.check_compatible(older, args)
+
+
 def test_resume_path_without_out_continues_in_the_checkpoints_folder():
     def folder(argv):
         args = train_module.build_parser().parse_args(argv)

@@ -53,6 +53,7 @@ DEFAULT_OUT = "runs/latest"
 # Settings a checkpoint must share with the run that resumes it: the network's shape, and which training
 # images are held out (a changed --holdout would train on images its curve was scored on, or the reverse).
 _SHAPE_KEYS = ("width", "num_classes", "holdout")
+_UNRECORDED = {"holdout": 0}  # what a checkpoint written before --holdout existed ran with
 
 
 class ConfigError(RuntimeError):
@@ -272,9 +273,9 @@ def load_checkpoint(path: Path) -> dict:
 def check_compatible(checkpoint: dict, args) -> None:
     saved = checkpoint["args"]
     for key in _SHAPE_KEYS:
-        if saved.get(key) != getattr(args, key):
+        if (trained := saved.get(key, _UNRECORDED.get(key))) != getattr(args, key):
             raise ConfigError(
-                f"checkpoint was trained with --{key.replace('_', '-')} {saved.get(key)}, this run asks for "
+                f"checkpoint was trained with --{key.replace('_', '-')} {trained}, this run asks for "
                 f"{getattr(args, key)}: pass the same value, or a different --out to start afresh")
 
 
