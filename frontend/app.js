@@ -871,13 +871,21 @@
   // example whose fetch ends sooner, a file) wins, and nothing picked before it does.
   async function classifyFrom(src, description) {
     const asked = nextPick();
+    // Busy at once: the earlier answer is not the one asked for any more, though its file is still on its way.
+    setBusy(true);
+    say(statusLine, "Looking at your image…");
+    document.body.dataset.state = "busy";
     let blob;
     try {
       const response = await fetch(src, { signal: withDeadline(pickAbort.signal, ANSWER_DEADLINE_S) });
-      if (!response.ok) throw new Error(String(response.status));
+      if (!response.ok) throw new Error(`the server answered ${response.status}`);
       blob = await response.blob();
-    } catch (_) {
-      if (asked === requestNumber) refuse(`The picture ${src} could not be loaded.`);
+    } catch (err) {
+      if (asked === requestNumber) {
+        const why = err.name === "TimeoutError" ? `no answer within ${ANSWER_DEADLINE_S} s`
+          : err.message.startsWith("the server answered") ? err.message : "the server could not be reached";
+        refuse(`The picture ${src} could not be loaded: ${why}.`);
+      }
       return;
     }
     if (asked !== requestNumber) return;

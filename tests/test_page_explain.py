@@ -288,6 +288,25 @@ def test_clicking_an_example_classifies_it(adapter, page):
     assert page.get_attribute("#preview", "alt") == examples.nth(5).locator("img").get_attribute("alt")
 
 
+def test_an_example_is_busy_while_its_file_comes_and_says_why_it_could_not(adapter, page, photo):
+    """An example clicked while an answer is shown: the page said nothing until the example's file came (a slow
+    link: seconds, the old answer standing as if current), and a file that did not come was "could not be loaded"
+    with no reason. Now busy at once, and the reason said (its status here)."""
+    page.goto(f"{adapter.base_url}/")
+    page.set_input_files("#file-input", str(photo))
+    wait_for_answer(page)
+    example = page.locator(".example").nth(3)
+    src = example.get_attribute("data-src")
+    held = hold(page, f"**/{src}")
+    example.click()
+    wait_until(page, lambda: held)
+    assert page.evaluate("document.body.dataset.state") == "busy"
+    assert page.evaluate("document.getElementById('status').textContent") == "Looking at your image…"
+    held[0].fulfill(status=404, body="gone")
+    assert wait_for_error(page) == f"The picture {src} could not be loaded: the server answered 404."
+    assert page.evaluate("document.body.dataset.state") == "error"
+
+
 def test_page_lists_the_hundred_things_it_knows(adapter, page):
     page.goto(f"{adapter.base_url}/")
     page.click("#known-things summary")
