@@ -988,17 +988,22 @@
   }
   cameraDialog.addEventListener("close", stopCamera); // Cancel, Escape, or a photo taken
   $("camera-cancel").addEventListener("click", () => cameraDialog.close());
+  let shooting = false; // a photo on its way from the canvas: another press takes none
   shootButton.addEventListener("click", () => {
     const width = cameraView.videoWidth;
     const height = cameraView.videoHeight;
-    if (!cameraStream || !width || !height) return;
+    if (!cameraStream || !width || !height || shooting) return;
+    shooting = true;
     const canvas = document.createElement("canvas");
     canvas.width = width;
     canvas.height = height;
     canvas.getContext("2d").drawImage(cameraView, 0, 0, width, height);
     canvas.toBlob((blob) => {
+      shooting = false;
+      if (!cameraDialog.open) return; // cancelled (Cancel, Escape) while the photo was being made
       cameraDialog.close();
       if (blob) classify(new File([blob], "camera-photo.jpg", { type: "image/jpeg" }), "Your photo from the camera");
+      else refuse("The camera gave no picture; try again.");
     }, "image/jpeg");
   });
 

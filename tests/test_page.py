@@ -793,6 +793,35 @@ def test_take_photo_on_a_desktop_with_a_camera_takes_one(adapter, camera_browser
             context.close()
 
 
+def test_a_photo_cancelled_while_it_is_made_is_not_sent_and_a_second_press_takes_none(adapter, camera_browser):
+    """The canvas's JPEG made slow (toBlob wrapped, 0.5 s): "Take photo" then Escape still sent the photo once it
+    was made, and two presses sent two. Now a press while one is being made takes none, and a cancelled one is
+    not sent."""
+    context = camera_browser.new_context(viewport=DESKTOP)
+    context.add_init_script("""{ const made = HTMLCanvasElement.prototype.toBlob;
+        HTMLCanvasElement.prototype.toBlob = function (...args) { setTimeout(() => made.apply(this, args), 500); }; }""")
+    page = context.new_page()
+    try:
+        page.goto(f"{adapter.base_url}/")
+        bodies = uploads(page)
+        for cancelled in (True, False):
+            page.click(TAKE_PHOTO)
+            page.wait_for_selector("#camera-shoot:not([disabled])")
+            page.wait_for_function("() => document.querySelector('dialog[open] video')?.videoWidth > 0")
+            page.click("#camera-shoot")
+            if cancelled:
+                page.keyboard.press("Escape")
+                page.wait_for_timeout(1500)  # the photo made meanwhile (and sent, before)
+                assert bodies == [] and page.is_hidden("#preview"), len(bodies)
+            else:
+                page.click("#camera-shoot")  # again, while the first is being made
+                wait_for_answer(page)
+                page.wait_for_timeout(700)
+                assert len(bodies) == 1, len(bodies)
+    finally:
+        context.close()
+
+
 def test_a_camera_cancelled_and_opened_again_while_the_browser_asks_keeps_one_stream(adapter, camera_browser):
     """Cancel while the browser still asks for the camera, then open it again: the first request's stream,
     arriving late, was kept in place of the second's, which ran on unstopped. Now it is stopped at once, and
