@@ -717,26 +717,35 @@
     return new Promise((resolve, reject) => {
       const grey = new Image();
       grey.onload = () => {
-        const canvas = document.createElement("canvas");
-        canvas.width = grey.naturalWidth;
-        canvas.height = grey.naturalHeight;
-        const ctx = canvas.getContext("2d");
-        ctx.drawImage(grey, 0, 0);
-        const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
-        const d = pixels.data;
-        for (let i = 0; i < d.length; i += 4) {
-          const v = d[i] / 255;
-          d[i] = 255;
-          d[i + 1] = Math.round(230 * (1 - v));
-          d[i + 2] = 0;
-          d[i + 3] = Math.round(210 * v);
+        try { // (an image of no size, a canvas refused: else the promise never settled, "Why?" stuck busy)
+          resolve(coloured(grey));
+        } catch (err) {
+          reject(err);
         }
-        ctx.putImageData(pixels, 0, 0);
-        resolve(canvas.toDataURL("image/png"));
       };
       grey.onerror = () => reject(new Error("the heatmap is not a readable image"));
       grey.src = dataUrl;
     });
+  }
+
+  // The grey heatmap as a see-through red-to-yellow overlay's PNG data URL.
+  function coloured(grey) {
+    const canvas = document.createElement("canvas");
+    canvas.width = grey.naturalWidth;
+    canvas.height = grey.naturalHeight;
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(grey, 0, 0);
+    const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
+    const d = pixels.data;
+    for (let i = 0; i < d.length; i += 4) {
+      const v = d[i] / 255;
+      d[i] = 255;
+      d[i + 1] = Math.round(230 * (1 - v));
+      d[i + 2] = 0;
+      d[i + 3] = Math.round(210 * v);
+    }
+    ctx.putImageData(pixels, 0, 0);
+    return canvas.toDataURL("image/png");
   }
 
   // The words beside "Why?" (where sighted users look: the status line is hidden once answered), also

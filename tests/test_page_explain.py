@@ -96,7 +96,10 @@ def test_a_failed_explanation_keeps_the_answer_and_the_focus(adapter, page, phot
 @pytest.mark.parametrize("reply, words", [
     ({"body": "<html>proxy page</html>", "content_type": "text/html"}, "The server sent an answer this page cannot read."),
     ({"json": {"prediction": "Mountain"}}, "The server's answer has no explanation."),
-], ids=["not-json", "no-heatmap"])
+    # An image of no size: the canvas cannot read it (the page's "Why?" stayed busy for that picture)
+    ({"json": {"prediction": "Mountain", "heatmap": "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' width='0' height='0'/%3E"}},
+     "The explanation could not be shown."),
+], ids=["not-json", "no-heatmap", "heatmap-of-no-size"])
 def test_an_unreadable_explanation_says_so_in_the_pages_words(adapter, page, photo, reply, words):
     """A 200 from /explain/ that is not JSON (a proxy's page), or JSON without a heatmap: the page said the
     browser's parser error ("Unexpected token '<' ...") or a failed image load; now its own words, as for
@@ -111,6 +114,7 @@ def test_an_unreadable_explanation_says_so_in_the_pages_words(adapter, page, pho
                            timeout=ANSWER_TIMEOUT_MS)
     assert page.inner_text("#why-caption") == f"Could not show why: {words}"
     assert page.inner_text("#prediction") == prediction and page.is_hidden("#heatmap")
+    assert page.get_attribute("#why-button", "aria-disabled") is None  # free for another try
 
 
 def test_why_from_an_updated_model_shows_the_answer_its_heatmap_belongs_to(adapter, page, photo):
