@@ -548,6 +548,7 @@ def test_the_metrics_port_holds_a_clients_share_of_connections_until_the_heads_d
             for sock in held:
                 sock.close()
         # A byte every 0.5 s never leaves a read waiting 2 s: the deadline counts from the connection's start.
+        time.sleep(0.5)  # the held ones' threads gone (else the last of these may be one past the share)
         dripping = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
         started, closed_after = time.monotonic(), {}
         try:
