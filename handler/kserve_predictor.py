@@ -84,10 +84,10 @@ from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, O
 from model import check_class_count, load_class_names, network_from_state_dict
 from serving.cli import positive_float, positive_int, share
 from serving.clients import CALLER, ForwardedClient, client_key, proxy_networks
+from serving.fair_pool import FairPool
 from serving.pace import paced_deadline
 from serving.process import ensure_open_files
 from serving.settings import BODY_TIMEOUT_S, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME
-from serving.fair_pool import FairPool
 from serving.throttled_log import ThrottledLog
 from serving.torchserve import BASE_CONFIG, read_properties
 
