@@ -890,7 +890,7 @@ asyncio.run(main())
 def test_large_images_are_decoded_one_per_cpu_at_most_shared_out_by_client(bundle):
     """In-process on the real bundle (loaded as the server loads it, eager engine): 8 requests of one client at
     once, each a 1 MP PNG (decoded in a thread, not on the loop), with the decode slowed by 0.2 s to overlap them,
-    and one of another client 50 ms later. At most one decode per CPU the predictor uses (torch's threads) runs at
+    and one of another client once every thread decodes the first's. At most one decode per CPU the predictor uses (torch's threads) runs at
     once: asyncio's default pool ran 6 on 2 CPUs, and 6 x 16 MP decodes took a 2 GiB pod past its limit
     (benchmarks/RESULTS.md session 47). The other client's decode starts on the first thread freed, not after
     the first client's queue (serving/fair_pool.py; its client as the REST checks or the gRPC bound set it)."""
@@ -926,14 +926,15 @@ model.load()
 
 bodies = {1000: body(1000), 1001: body(1001)}
 
-async def client(name, width, after_s):
+async def client(name, width, once_all_busy=False):
     CALLER.set(name)  # (this task's own)
-    await asyncio.sleep(after_s)
+    while once_all_busy and now[0] < torch.get_num_threads():  # sent while every thread decodes the first's
+        await asyncio.sleep(0.005)
     return len((await model.predict(bodies[width]))["predictions"])
 
 async def main():
-    answered = await asyncio.gather(*(client("203.0.113.7", 1000, 0) for _ in range(8)),
-                                    client("198.51.100.2", 1001, 0.05))
+    answered = await asyncio.gather(*(client("203.0.113.7", 1000) for _ in range(8)),
+                                    client("198.51.100.2", 1001, once_all_busy=True))
     print(json.dumps({"most": most[0], "threads": torch.get_num_threads(), "answered": sum(answered),
                       "started": started, "clients_left": model._decoder.clients}))
 
@@ -942,7 +943,9 @@ asyncio.run(main())
     out = in_child(script)
     assert out["answered"] == 9 and out["clients_left"] == 0, out
     assert out["most"] == out["threads"], out
-    assert out["started"].index("other") == out["threads"], out  # next after those already running
+    # Next after those already running (one more on a loaded machine, where a thread may free before it is
+    # queued); first come, first served started it after all 8 of the first client's.
+    assert out["started"].index("other") <= out["threads"] + 1, out
 
 
 def test_the_rest_checks_name_the_requests_client_for_the_work_behind_them():
