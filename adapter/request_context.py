@@ -1,11 +1,13 @@
 """The request being answered, as the code under it sees it: its X-Request-ID (sent on to the model
-server) and the model version that answered (for the request's log line). Set by adapter/edge.py
+server), the model version that answered (for the request's log line), and for its count in the metrics
+whether it passes on the model server's refusal and which cap refused it busy. Set by adapter/edge.py
 for each request; a ContextVar, so concurrent requests each see their own."""
 from __future__ import annotations
 
 from contextvars import ContextVar
 
-# {"request_id": str, "model_version": str | None}; None outside a request (the /health probe's task).
+# adapter/edge.py's record of the request (request_id, model_version, relayed, busy_cap, ...); None outside a
+# request (the /health probe's task).
 CURRENT: ContextVar[dict | None] = ContextVar("adapter_request", default=None)
 
 
@@ -14,21 +16,22 @@ def request_id_header() -> dict[str, str]:
     return {"X-Request-ID": current["request_id"]} if current else {}
 
 
-def note_busy(cap: str) -> None:
-    """The request is refused busy (503 + Retry-After) by ``cap`` (adapter/metrics.py BUSY_CAPS)."""
+def _note(key: str, value) -> None:
     current = CURRENT.get()
     if current is not None:
-        current["busy_cap"] = cap
+        current[key] = value
+
+
+def note_busy(cap: str) -> None:
+    """The request is refused busy (503 + Retry-After) by ``cap`` (adapter/metrics.py BUSY_CAPS)."""
+    _note("busy_cap", cap)
 
 
 def note_relayed() -> None:
     """The answer passes on the model server's own refusal (ClassifyError.relayed)."""
-    current = CURRENT.get()
-    if current is not None:
-        current["relayed"] = True
+    _note("relayed", True)
 
 
 def note_model_version(version) -> None:
-    current = CURRENT.get()
-    if current is not None and version is not None:
-        current["model_version"] = str(version)
+    if version is not None:
+        _note("model_version", str(version))
