@@ -115,15 +115,20 @@ def hardware(device: torch.device, world: int) -> dict:
     return info
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: an interrupted save never replaces a good file."""
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file, then rename: an interrupted write never replaces a good file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:  # Ctrl-C, a full disk, a folder in the way: no half-written file is left behind
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save, whole or not at all (atomic_write)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def served_weights(path: str | Path) -> dict:

@@ -44,8 +44,8 @@ from model import CIFAR100Model
 from training.data import DataError, batches, default_data_dir, downscale, load_split, normalize, subset
 from training.distillation import SoftLabelError, kd_loss, load_soft_labels
 from training.evaluation import accuracy, predict_logits, topk_correct
-from training.runtime import (DEVICE_HELP, atomic_save, code_version, device_argument, hardware, pick_amp, pick_device,
-                              progress_argument, show_progress)
+from training.runtime import (DEVICE_HELP, atomic_save, atomic_write, code_version, device_argument, hardware, pick_amp,
+                              pick_device, progress_argument, show_progress)
 from serving import cli
 
 FULL_RES = 32  # CIFAR's own size: what the network is evaluated and served at
@@ -832,7 +832,7 @@ def finish(run: Run, model, ema, test_x, test_y) -> dict:
                                   "final_evaluation_estimate_s": run.final_evaluation_estimate_s}
     if run.resumed_from_code_version is not None and run.resumed_from_code_version != run.code_version:
         metrics["resumed_from_code_version"] = run.resumed_from_code_version
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     save_curves(run.history, out / "training_curves.png", evaluated_on(args, len(test_y)))
     budget = (f" (budget {args.time_budget:g} min: {len(run.history)} epochs)" if args.time_budget is not None else "")
     print(f"done: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% ({final_key}, {metrics['evaluated_on']}), wall time "
