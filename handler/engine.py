@@ -21,20 +21,23 @@ A compiled engine is an AOTInductor package (``torch.export`` with a dynamic bat
 1..batchSize, one compile covers every batch a worker receives; larger batches, a v1/v2 request
 with many images, run in chunks), or for OpenVINO its IR (.xml + .bin, the same batch bound). Packages live in a cache folder (``CIFAR100_ENGINE_CACHE``, set
 by serving/torchserve.py; else ``~/.cache/cifar100-engines``) under a key naming everything that
-shapes the code (engine, weights, torch, OpenVINO or torchao, device, CPU flags, batch bound): a restarted
-worker loads one in well under a second; one that no longer loads is compiled again. A file lock lets one
+shapes the code (engine, weights, the network's code, torch, OpenVINO or torchao, device, CPU flags, batch
+bound): a restarted worker loads one in well under a second; one that no longer loads is compiled again. A file lock lets one
 worker compile while the others wait for it. The folder keeps the ``CIFAR100_ENGINE_CACHE_KEEP`` most
 recently used packages (serving/settings.py).
 
 Accuracy guard, in two parts (why: the worker cannot read the test split, the data may be absent):
   * ``python -m training.engines`` measures every engine on the full test split and writes
-    ``engines.json`` (top-1, agreement with eager fp32, pass/fail against the limits below, the
-    calibration refit for that engine when it moved; the int8 network it measured), packed into the archive
-    beside the weights. ``auto`` serves only engines that passed there; an explicit choice that failed is refused.
+    ``engines.json`` (top-1, agreement with eager fp32, pass/fail against the limits below, the same with
+    flip TTA for the lossy engines, the calibration refit for that engine when it moved; the int8 network it
+    measured), packed into the archive beside the weights. ``auto`` serves only engines that passed there (with
+    flip TTA too when the handler uses it); an explicit choice that failed is refused.
   * at start, the built engine answers a probe of training images shipped in the archive
-    (``engine_inputs.pt``) next to eager fp32; below ``PROBE_MIN_AGREEMENT`` the engine is broken
-    on THIS machine (a compiler bug, bad calibration) and the worker serves eager fp32 instead,
-    saying why in the log.
+    (``engine_inputs.pt``): fp32's closest calls among them (training/engines.py picks them for the weights
+    it measures), where a rounding or a broken compiler changes answers first. Agreeing with eager fp32 on
+    fewer than ``PROBE_MIN_AGREEMENT`` of them, or for an engine that should equal fp32 (``LOSSLESS``) logits
+    further than ``LOSSLESS_MAX_LOGIT_CHANGE`` from fp32's, the engine is broken on THIS machine (a compiler
+    bug, bad calibration, a missing recheck) and the worker serves eager fp32 instead, saying why in the log.
 """
 from __future__ import annotations
 
@@ -92,10 +95,20 @@ LOSSLESS = {EAGER, "compile-fp32", "openvino-fp32"}
 # The guard's limits on the full test split (training/engines.py applies them, the record keeps them).
 MAX_TOP1_DROP = 0.002      # top-1 at most 0.2 points under eager fp32
 MIN_AGREEMENT = 0.99       # same top-1 as eager fp32 on at least 99% of test images
-# Start-up probe: a working engine agrees with fp32 on ~99.5%; a broken one on far fewer. The
-# margin below 99% keeps a 256-image probe from refusing a good engine by chance.
-PROBE_MIN_AGREEMENT = 0.97
+# Start-up probe: fp32's 256 closest calls among training images (random training images almost never
+# change: openvino-int8 without its rechecks agreed on 100% of them, on 98.59% of the test split). On them the
+# engines that pass the test-split guard agreed 92-93%, those that fail it 71-75% (benchmarks/RESULTS.md,
+# session 48): the line sits between, 4 standard deviations of a 256-image draw from the good ones.
+PROBE_MIN_AGREEMENT = 0.85
+# A probe picked for other weights (the shipped one, beside weights training/engines.py never measured) is mostly
+# far from these weights' decisions: there the line is the one random training images had.
+OTHER_PROBE_MIN_AGREEMENT = 0.97
 PROBE_IMAGES = 256  # of the shipped probe: a few seconds at most on a busy core
+# A lossless engine's logits are fp32's up to float rounding (~1e-5 on a CPU): checked on the first few probe images
+# against eager fp32 run at start, so new weights without a record are checked as closely. A GPU's convolutions
+# round to TF32 by default (cuDNN), ~1e-3 of a value: its bound is looser (not measured: no GPU lent so far).
+LOSSLESS_MAX_LOGIT_CHANGE = {"cpu": 1e-2, "cuda": 5e-2}
+LOSSLESS_PROBE_IMAGES = 32
 
 ONEDNN_ISA_ENV = "ONEDNN_MAX_CPU_ISA"
 # oneDNN's instruction-set caps below AVX512_CORE_BF16: bf16 would be emulated, not native.
@@ -253,8 +266,10 @@ def int8_network_sha256(xml: Path) -> str | None:
     return digest.hexdigest()
 
 
-def refusal(engine: str, device: torch.device, record: dict | None, shipped_dir: Path | None = None) -> str | None:
-    """Why ``engine`` may not be served here (None: it may); ``shipped_dir``: where openvino-int8's network is."""
+def refusal(engine: str, device: torch.device, record: dict | None, shipped_dir: Path | None = None,
+            flip_tta: bool = False) -> str | None:
+    """Why ``engine`` may not be served here (None: it may); ``shipped_dir``: where openvino-int8's network is;
+    ``flip_tta``: the handler answers with flip TTA (a lossy engine must have passed the guard with it too)."""
     why = machine_refusal(engine, device)
     if why is not None or engine in LOSSLESS:
         return why
@@ -270,6 +285,15 @@ def refusal(engine: str, device: torch.device, record: dict | None, shipped_dir:
         return (f"it failed the accuracy guard on the test split ({RECORD_FILE}: top-1 "
                 f"{measured['top1']:.4f} vs fp32 {record['engines'][EAGER]['top1']:.4f}, agreement "
                 f"{measured['agreement']:.4f}; limits: {MAX_TOP1_DROP * 100:.1f} points, {MIN_AGREEMENT:.0%})")
+    if flip_tta:
+        # openvino-int8 with flip TTA agreed on 98.90% (rechecks decided per view; benchmarks/RESULTS.md, session 48).
+        tta = measured.get("flip_tta")
+        if tta is None:
+            return f"no accuracy record for it with flip TTA ({RECORD_FILE}: run python -m training.engines)"
+        if not tta.get("passed"):
+            return (f"it failed the accuracy guard with flip TTA on ({RECORD_FILE}: top-1 {tta['top1']:.4f}, agreement "
+                    f"with fp32's flip TTA {tta['agreement']:.4f}; limits: {MAX_TOP1_DROP * 100:.1f} points, "
+                    f"{MIN_AGREEMENT:.0%})")
     if engine == OPENVINO_INT8 and measured.get("recheck_logit_gap") != RECHECK_LOGIT_GAP:
         return (f"its record was not measured with the handler's recheck rule (close calls: logit gap < "
                 f"{RECHECK_LOGIT_GAP}; run python -m training.engines)")
@@ -283,7 +307,8 @@ def refusal(engine: str, device: torch.device, record: dict | None, shipped_dir:
     return None
 
 
-def candidates(setting: str, device: torch.device, record: dict | None, shipped_dir: Path | None = None) -> list[str]:
+def candidates(setting: str, device: torch.device, record: dict | None, shipped_dir: Path | None = None,
+               flip_tta: bool = False) -> list[str]:
     """Engines to try, in order; eager fp32 always closes the list."""
     if setting == AUTO:
         wanted = list(AUTO_ORDER[machine_kind(device)])
@@ -291,7 +316,7 @@ def candidates(setting: str, device: torch.device, record: dict | None, shipped_
         wanted = [setting]
     chosen = []
     for engine in wanted:
-        why = refusal(engine, device, record, shipped_dir)
+        why = refusal(engine, device, record, shipped_dir, flip_tta)
         if why is None:
             chosen.append(engine)
         elif engine != EAGER:
@@ -478,10 +503,18 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+def network_code_sha256() -> str:
+    """sha256 of model/network.py: the same weights through changed layers or BatchNorm folding are another
+    package (how this file builds packages is PACKAGE_FORMAT's to say)."""
+    import model.network
+
+    return hashlib.sha256(Path(model.network.__file__).read_bytes()).hexdigest()
+
+
 def cache_key(engine: str, weights_sha256: str, max_batch: int, device: torch.device,
               calibration_images: torch.Tensor | None) -> str:
     parts = {"engine": engine, "weights": weights_sha256, "torch": torch.__version__, "max_batch": max_batch,
-             "machine": machine_description(device), "format": PACKAGE_FORMAT}
+             "machine": machine_description(device), "format": PACKAGE_FORMAT, "network_code": network_code_sha256()}
     if engine not in OPENVINO and device.type == "cpu":
         # inductor writes the thread count of the compiling process into its CPU kernels (`omp parallel
         # num_threads(N)`): a 2-thread package in a 1-thread worker oversubscribes the cores. OpenVINO's IR
@@ -668,6 +701,34 @@ def probe_agreement(engine: Engine, reference: Engine | torch.Tensor, probe: tor
     return float((engine(probe).argmax(1).cpu() == expected.cpu()).float().mean())
 
 
+def probe_refusal(engine: Engine, reference: Engine, expected_top1: torch.Tensor | None, probe: torch.Tensor,
+                  min_agreement: float = PROBE_MIN_AGREEMENT) -> str | None:
+    """Why ``engine`` fails the start-up probe (None: it passes); records what it measured in ``engine.info``.
+    ``expected_top1``: fp32's answers on ``probe`` as the record keeps them (None: ``reference`` runs)."""
+    logits = engine(probe).float().cpu()
+    if not bool(torch.isfinite(logits).all()):
+        return f"it gives logits that are not finite (NaN or infinity) on {len(probe)} probe images"
+    expected = (reference(probe).argmax(1) if expected_top1 is None else expected_top1).cpu()
+    agreeing = int((logits.argmax(1) == expected).sum())
+    engine.info["probe_agreement"] = round(agreeing / len(probe), 4)
+    if agreeing < min_agreement * len(probe) - 1e-9:  # in counts: exactly at the line passes
+        return (f"it agrees with fp32 on {100 * agreeing / len(probe):.1f}% of the {len(probe)} probe images "
+                f"(needs {100 * min_agreement:.0f}%)")
+    if engine.name in LOSSLESS:
+        few, limit = probe[:LOSSLESS_PROBE_IMAGES], LOSSLESS_MAX_LOGIT_CHANGE.get(probe.device.type, 5e-2)
+        change = float((logits[:len(few)] - reference(few).float().cpu()).abs().max())
+        engine.info["probe_max_logit_change"] = float(f"{change:.2g}")
+        if not change <= limit:
+            return (f"its logits differ from fp32's by up to {change:.3g} on {len(few)} probe images (a lossless "
+                    f"engine's by float rounding: at most {limit})")
+    return None
+
+
+def probe_sha256(images: torch.Tensor) -> str:
+    """sha256 of the shipped probe's uint8 images: which probe a record's fp32 answers are of."""
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+
+
 def load_inputs(model_dir: str | os.PathLike) -> dict | None:
     """The shipped training images ({"calibration", "probe": uint8 [n, 3, 32, 32]}), or None."""
     path = Path(model_dir) / INPUTS_FILE
@@ -682,34 +743,36 @@ def load_record(model_dir: str | os.PathLike) -> dict | None:
 def select_engine(setting: str, model: torch.nn.Module, weights_sha256: str, max_batch: int,
                   device: torch.device, record: dict | None, inputs: dict | None,
                   normalize, folder: Path | None = None, build=build_engine,
-                  shipped_dir: Path | None = None) -> Engine:
+                  shipped_dir: Path | None = None, flip_tta: bool = False) -> Engine:
     """The first candidate that builds and passes the probe; eager fp32 when none does (logged).
 
     ``build(name, model, weights_sha256, max_batch, device, calibration_images, folder, shipped_dir=)`` makes
     one engine.
     """
     reference = Engine(EAGER, model)
-    for name in candidates(setting, device, record, shipped_dir):
+    for name in candidates(setting, device, record, shipped_dir, flip_tta):
         if name == EAGER:
             return reference
         probe = normalize(inputs["probe"][:PROBE_IMAGES], device) if inputs else None
         calibration = normalize(inputs["calibration"]) if inputs else None
-        # fp32's answers on the probe, from the record (training/engines.py) when it has them: saves
-        # an eager pass at every start.
-        recorded = (record or {}).get("probe_fp32_top1") or []
-        expected = torch.tensor(recorded[:PROBE_IMAGES]) if probe is not None and len(recorded) >= len(probe) else reference
+        # fp32's answers on the probe, from the record (training/engines.py) when it measured these very images
+        # with these weights on a CPU (the record is the CPUs'): saves an eager pass over them at every start.
+        measured = record or {}
+        recorded = measured.get("probe_fp32_top1") or []
+        same_probe = (inputs is not None and device.type == "cpu" and measured.get("weights_sha256") == weights_sha256
+                      and measured.get("probe_sha256") == probe_sha256(inputs["probe"]))
+        expected = torch.tensor(recorded[:len(probe)]) if same_probe and len(recorded) >= len(probe) else None
+        close_calls = inputs is not None and inputs.get("probe_weights_sha256") == weights_sha256
         started = time.perf_counter()
         try:
             engine = build(name, model, weights_sha256, max_batch, device, calibration, folder, shipped_dir=shipped_dir)
             if probe is None:
                 logger.warning("engine %s: no probe images (%s) in the archive; served unchecked", name, INPUTS_FILE)
             else:
-                agreement = probe_agreement(engine, expected, probe)
-                engine.info["probe_agreement"] = round(agreement, 4)
-                if agreement < PROBE_MIN_AGREEMENT:
-                    logger.error("engine %s refused: it agrees with fp32 on %.1f%% of the %d probe images "
-                                 "(needs %.0f%%); broken on this machine? falling back",
-                                 name, 100 * agreement, len(probe), 100 * PROBE_MIN_AGREEMENT)
+                why = probe_refusal(engine, reference, expected, probe,
+                                    PROBE_MIN_AGREEMENT if close_calls else OTHER_PROBE_MIN_AGREEMENT)
+                if why is not None:
+                    logger.error("engine %s refused: %s; broken on this machine? falling back", name, why)
                     continue
         except EngineError as err:  # a missing or mismatched part: said in a line, no traceback
             logger.warning("engine %s not served: %s", name, err)
@@ -738,7 +801,7 @@ def start(setting: str, model: torch.nn.Module, weights_sha256: str, max_batch: 
     the calibration to serve with it: the engine's own refit when training/engines.py found it moved."""
     record = load_record(model_dir)
     engine = select_engine(setting, model, weights_sha256, max_batch, device, record, load_inputs(model_dir),
-                           normalize, shipped_dir=Path(model_dir))
+                           normalize, shipped_dir=Path(model_dir), flip_tta=flip_tta)
     refit = ((record or {}).get("engines", {}).get(engine.name) or {}).get("calibration") or {}
     # The refit is of the engine's plain logits (training/engines.py); flip TTA keeps its own fit.
     if refit.get("moved") and calibration.unsure_below is not None and not flip_tta:

@@ -189,7 +189,8 @@ def package_files(weights: Path = DEFAULT_WEIGHTS) -> list[tuple[Path, str]]:
     int8 = int8_network_for(weights)
     if int8 is not None:
         files += [(int8, ENGINE_INT8_FILE), (int8.with_suffix(".bin"), Path(ENGINE_INT8_FILE).with_suffix(".bin").name)]
-    # Training images, not tied to the weights: the ones beside them, else the shipped ones.
+    # Training images: the ones beside the weights (their probe picked for them by training/engines.py), else the
+    # shipped ones (int8's calibration fits any weights; the handler holds a probe of others to a stricter line).
     inputs = Path(weights).resolve().parent / ENGINE_INPUTS_FILE
     inputs = inputs if inputs.is_file() else REPO / "model" / "weights" / ENGINE_INPUTS_FILE
     if inputs.is_file():

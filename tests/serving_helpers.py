@@ -194,9 +194,9 @@ class ReferenceModel:
         from serving.archive import MODEL_CONFIG, calibration_for
 
         self.model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
-        self.engine = in_process_engine(Path(weights), engine, self.model)
         # As served: model-config.yaml's handler.flip_tta unless the test says otherwise.
         self.flip_tta = engines.flip_tta(yaml.safe_load(MODEL_CONFIG.read_text())) if flip_tta is None else flip_tta
+        self.engine = in_process_engine(Path(weights), engine, self.model, self.flip_tta)
         # The temperature the archive ships with these weights (none: 1, the plain softmax), or the
         # one refit for the engine when it moved (training/engines.py; of plain logits only, as in
         # the handler).

@@ -5,10 +5,12 @@
 
 Writes, beside the weights (serving/archive.py packs both into the archive):
   engines.json       per engine: top-1, top-1 agreement with eager fp32, passed (the guard's limits in
-                     handler/engine.py), the calibration refit for that engine when its fitted
-                     temperature or unsure threshold moved; the machine it was measured on
-  engine_inputs.pt   (once) CIFAR-100 *training* images: ``calibration`` for int8, ``probe`` for the
-                     worker's start-up self-check; never test images
+                     handler/engine.py), the same with flip TTA for the lossy engines, its agreement on the
+                     start-up probe, the calibration refit for that engine when its fitted temperature or
+                     unsure threshold moved; the machine it was measured on
+  engine_inputs.pt   CIFAR-100 *training* images, never test images: ``calibration`` for int8 (drawn once),
+                     ``probe`` for the worker's start-up self-check: fp32's closest calls (smallest gap between
+                     its two largest logits), picked again whenever the weights measured are others
 
 openvino-int8 is measured from the engine_int8.xml beside the weights (``python -m training.quantize``
 makes it), as served: with its rechecks (the record keeps their share, the logit gap that makes a close call and
@@ -35,11 +37,15 @@ import torch
 from handler import engine as engines
 from serving.settings import CALIBRATION_FILE
 from serving import cli
-from training.runtime import DEVICE_HELP, device_argument, pick_device, served_weights, user_errors
+from training.runtime import (DEVICE_HELP, atomic_save, atomic_write, device_argument, pick_device, served_weights,
+                              user_errors)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
-CALIBRATION_IMAGES, PROBE_IMAGES = 256, 512
+CALIBRATION_IMAGES = 256
+# Closer calls than this flip under any engine's rounding, good or broken: they would only add chance to the
+# probe (on 256 images from 0.02 the engines that pass the guard agreed 92-93%; from 0.001, 87-90%).
+PROBE_MIN_LOGIT_GAP = 0.02
 # A refit calibration is kept for an engine when its temperature moved by more than this share,
 # or its unsure threshold changed (the grid is 0.01).
 TEMPERATURE_TOLERANCE = 0.01
@@ -54,9 +60,11 @@ def model_config(path: Path = MODEL_CONFIG) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.nn.Module | None = None):
+def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.nn.Module | None = None,
+                      flip_tta: bool | None = None):
     """The engine a TorchServe worker started from this checkout builds for ``weights``, built the same
-    way in this process (same record, probe, batch bound and engine cache: the served compiled code)."""
+    way in this process (same record, probe, batch bound and engine cache: the served compiled code);
+    ``flip_tta``: the handler's setting (None: model-config.yaml's)."""
     from handler.engine import serving_model
     from model.normalization import normalize
     from serving.archive import engine_record_for
@@ -72,7 +80,8 @@ def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.n
                                      engines.images_per_forward(model_config()), torch.device("cpu"),
                                      json.loads(record_path.read_text()) if record_path else None,
                                      engines.load_inputs(inputs.parent), normalize, folder=served_cache(),
-                                     shipped_dir=weights.resolve().parent)
+                                     shipped_dir=weights.resolve().parent,
+                                     flip_tta=engines.flip_tta(model_config()) if flip_tta is None else flip_tta)
 
 
 def served_cache() -> Path:
@@ -95,22 +104,69 @@ def workers_thread_count():
         torch.set_num_threads(threads)
 
 
-def training_inputs(data_dir: str, seed: int = 0) -> dict:
-    """Disjoint random training images: calibration (int8 observers) and probe (start-up check)."""
+def training_inputs(images: torch.Tensor, fp32_logits: torch.Tensor, weights_sha256: str,
+                    calibration: torch.Tensor | None = None, seed: int = 0) -> dict:
+    """engine_inputs.pt from the training ``images`` and fp32's logits on them: ``calibration`` (int8's observers;
+    random, or the given ones kept) and ``probe`` (the start-up check: the ``engines.PROBE_IMAGES`` closest calls
+    outside the calibration images, closest first), with the weights the probe was picked for."""
+    if calibration is None:
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+        calibration = images[order[:CALIBRATION_IMAGES]].clone()
+    top2 = fp32_logits.topk(2, dim=1).values
+    gap = top2[:, 0] - top2[:, 1]
+    calibration_rows = {image.numpy().tobytes() for image in calibration}
+    calibrated = torch.tensor([image.numpy().tobytes() in calibration_rows for image in images], dtype=torch.bool)
+    gap[calibrated | (gap < PROBE_MIN_LOGIT_GAP)] = float("inf")
+    closest = gap.argsort()[:engines.PROBE_IMAGES]
+    return {"calibration": calibration, "probe": images[closest].clone(), "probe_weights_sha256": weights_sha256}
+
+
+def probe_inputs(path: Path, model: torch.nn.Module, weights_sha256: str, data_dir: str,
+                 device: torch.device) -> dict:
+    """engine_inputs.pt at ``path``, its probe picked for these weights: written when missing, or when its probe
+    was picked for other weights (its calibration images kept: int8's observers see the same images)."""
     from training.data import load_split
 
+    old = torch.load(path, weights_only=True) if path.is_file() else None
+    if old is not None and old.get("probe_weights_sha256") == weights_sha256:
+        return old
     images, _ = load_split(data_dir, train=True)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    return {"calibration": images[order[:CALIBRATION_IMAGES]].clone(),
-            "probe": images[order[CALIBRATION_IMAGES:CALIBRATION_IMAGES + PROBE_IMAGES]].clone()}
+    print(f"picking the start-up probe: fp32's closest calls among the {len(images):,} training images", flush=True)
+    logits = engine_logits(engines.Engine(engines.EAGER, model), images, device=device)
+    inputs = training_inputs(images, logits, weights_sha256, None if old is None else old["calibration"])
+    atomic_save(inputs, path)  # whole or not at all: the archive packs whatever is there
+    print(f"wrote {path}")
+    return inputs
+
+
+def write_record(record: dict, path: Path) -> None:
+    """engines.json, whole or not at all: a run cut short keeps the last full record."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
 
 def engine_logits(engine: engines.Engine, images: torch.Tensor, chunk: int = 500,
-                  device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """``engine``'s float32 logits for uint8 ``images``, normalized on ``device`` (where the engine runs), on the CPU."""
+                  device: torch.device = torch.device("cpu"), flip_tta: bool = False):
+    """``engine``'s float32 logits for uint8 ``images``, normalized on ``device`` (where the engine runs), on the CPU;
+    with ``flip_tta``, (plain logits, flip-TTA logits) from the one pass the handler makes (model/tta.py)."""
     from model.normalization import normalize
+    from model.tta import plain_and_flip_tta_logits
 
-    return torch.cat([engine(normalize(part, device)).float().cpu() for part in images.split(chunk)])
+    if not flip_tta:
+        return torch.cat([engine(normalize(part, device)).float().cpu() for part in images.split(chunk)])
+    parts = [plain_and_flip_tta_logits(engine, normalize(part, device)) for part in images.split(chunk // 2)]
+    return torch.cat([plain.cpu() for plain, _ in parts]), torch.cat([tta.cpu() for _, tta in parts])
+
+
+def guard(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict:
+    """top-1, agreement with fp32's ``reference`` and pass/fail against the guard's limits (handler/engine.py)."""
+    # From counts in Python floats, compared after rounding off float noise: an engine exactly at a limit
+    # (0.2 points under, 99.0% agreement) passes, as the limits say.
+    n = max(len(labels), 1)
+    top1 = int((logits.argmax(1) == labels).sum()) / n
+    ref_top1 = int((reference.argmax(1) == labels).sum()) / n
+    agreement = int((logits.argmax(1) == reference.argmax(1)).sum()) / n
+    passed = round(ref_top1 - top1, 9) <= engines.MAX_TOP1_DROP and round(agreement, 9) >= engines.MIN_AGREEMENT
+    return {"top1": round(top1, 4), "agreement": round(agreement, 4), "images": len(labels), "passed": passed}
 
 
 def measure(name: str, logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor,
@@ -119,14 +175,7 @@ def measure(name: str, logits: torch.Tensor, reference: torch.Tensor, labels: to
     the CPU's kernels."""
     from training.calibrate import calibrate
 
-    # From counts in Python floats, compared after rounding off float noise: an engine exactly at a limit
-    # (0.2 points under, 99.0% agreement) passes, as the limits say.
-    n = max(len(labels), 1)
-    top1 = int((logits.argmax(1) == labels).sum()) / n
-    ref_top1 = int((reference.argmax(1) == labels).sum()) / n
-    agreement = int((logits.argmax(1) == reference.argmax(1)).sum()) / n
-    passed = round(ref_top1 - top1, 9) <= engines.MAX_TOP1_DROP and round(agreement, 9) >= engines.MIN_AGREEMENT
-    entry = {"top1": round(top1, 4), "agreement": round(agreement, 4), "images": len(labels), "passed": passed}
+    entry = guard(logits, reference, labels)
     fitted = calibrate(logits, labels)
     moved = shipped is not None and (
         abs(fitted["temperature"] - shipped["temperature"]) > TEMPERATURE_TOLERANCE * shipped["temperature"]
@@ -168,11 +217,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device {args.device}: give --record FILE ({engines.RECORD_FILE} beside the weights is the "
                      "CPUs' record, which CPU workers read)")
     state_dict = served_weights(args.weights)  # before the data load: a wrong file is named at once
-    inputs_path = folder / engines.INPUTS_FILE
-    if not inputs_path.is_file():
-        torch.save(training_inputs(args.data_dir), inputs_path)
-        print(f"wrote {inputs_path}")
-    inputs = torch.load(inputs_path, weights_only=True)
     record_path = args.record or folder / engines.RECORD_FILE
     weights_sha = hashlib.sha256(args.weights.read_bytes()).hexdigest()
     old = json.loads(record_path.read_text()) if record_path.is_file() else {}
@@ -186,13 +230,17 @@ def main(argv: list[str] | None = None) -> int:
 
     images, labels = load_split(args.data_dir, train=False)
     model = serving_model(state_dict).to(device)
-    reference = engine_logits(engines.Engine(engines.EAGER, model), images, device=device)
+    inputs = probe_inputs(folder / engines.INPUTS_FILE, model, weights_sha, args.data_dir, device)
+    # Lossy engines are measured with flip TTA too (model-config.yaml's handler.flip_tta): int8's rechecks are decided
+    # per view, so the average of two views can move where neither view's answer did.
+    reference, reference_tta = engine_logits(engines.Engine(engines.EAGER, model), images, device=device, flip_tta=True)
     # fp32's top-1 on the probe: the worker's start-up check compares against it (handler/engine.py).
+    record["probe_sha256"] = engines.probe_sha256(inputs["probe"])
     record["probe_fp32_top1"] = engine_logits(engines.Engine(engines.EAGER, model), inputs["probe"],
                                               device=device).argmax(1).tolist()
     record["engines"][engines.EAGER] = measure(engines.EAGER, reference, reference, labels, shipped, measured_on)
     # Written after each engine: a run cut short (a time limit, a crash compiling the next) keeps what it measured.
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(record, record_path)
     max_batch = engines.images_per_forward(model_config())  # the workers' bound: their packages, cached
     from model.normalization import normalize
 
@@ -212,18 +260,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: skipped ({err})")
             continue
         built = time.perf_counter() - started
-        entry = measure(name, engine_logits(engine, images, device=device), reference, labels, shipped, measured_on)
+        if name in engines.LOSSLESS:
+            entry = measure(name, engine_logits(engine, images, device=device), reference, labels, shipped, measured_on)
+        else:
+            plain, tta = engine_logits(engine, images, device=device, flip_tta=True)
+            entry = measure(name, plain, reference, labels, shipped, measured_on)
+            entry["flip_tta"] = guard(tta, reference_tta, labels)
         entry["compile_seconds"] = engine.info.get("compile_seconds")
-        if name == engines.OPENVINO_INT8:  # the share of test images fp32 answered again (close calls)
+        if name == engines.OPENVINO_INT8:  # the share of test images and their mirrors fp32 answered again
             entry["recheck_logit_gap"] = engines.RECHECK_LOGIT_GAP
             entry["rechecked"] = round(engine.forward.share, 4)
             entry["network_sha256"] = network
+        # The start-up probe's figure here: an engine the guard passes but the probe would refuse is said now.
+        probe_top1 = engine_logits(engine, inputs["probe"], device=device).argmax(1)
+        entry["probe_agreement"] = round(float((probe_top1 == torch.tensor(record["probe_fp32_top1"])).float().mean()), 4)
         record["engines"][name] = entry
+        tta = entry.get("flip_tta")
         print(f"{name}: top-1 {entry['top1']:.4f} (fp32 {record['engines'][engines.EAGER]['top1']:.4f}), "
-              f"agreement {entry['agreement']:.4f}, {'passed' if entry['passed'] else 'FAILED'}; "
-              f"temperature {entry['calibration']['temperature']:.4f}"
+              f"agreement {entry['agreement']:.4f}, {'passed' if entry['passed'] else 'FAILED'}"
+              + (f"; flip TTA: top-1 {tta['top1']:.4f}, agreement {tta['agreement']:.4f}, "
+                 f"{'passed' if tta['passed'] else 'FAILED'}" if tta else "")
+              + f"; start-up probe agreement {entry['probe_agreement']:.4f}"
+              f"{' (under its line: workers will refuse it)' if entry['probe_agreement'] < engines.PROBE_MIN_AGREEMENT else ''}"
+              f"; temperature {entry['calibration']['temperature']:.4f}"
               f"{' (moved: refit kept)' if entry['calibration']['moved'] else ''}; built in {built:.0f} s", flush=True)
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(record, record_path)
     print(f"wrote {record_path}")
     return 0
 
