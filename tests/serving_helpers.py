@@ -16,7 +16,6 @@ from PIL import Image
 from handler.engine import serving_model
 from handler.protocols import OUTPUTS
 from handler.preprocessing import decode_image, image_to_tensor, normalize
-from model.tta import flip_tta_logits
 from training.engines import in_process_engine
 
 
@@ -209,7 +208,7 @@ class ReferenceModel:
     @torch.inference_mode()
     def probs_of_uint8(self, batch: torch.Tensor) -> torch.Tensor:
         images = normalize(batch)
-        logits = flip_tta_logits(self.engine, images) if self.flip_tta else self.engine(images)
+        logits = self.engine.answer(images, self.flip_tta)[0]  # as the handler computes them
         return torch.softmax(logits / self.temperature, dim=1)
 
     def probs_of_bytes(self, data: bytes) -> torch.Tensor:

@@ -736,9 +736,10 @@ def test_the_shipped_probe_record_and_weights_belong_together():
 
 
 def test_with_flip_tta_a_lossy_engine_needs_the_guard_passed_with_flip_tta_too(caplog):
-    """openvino-int8's rechecks are decided per view: with flip TTA it agreed with fp32's flip TTA on 98.90% of the
-    test split (under the guard's 99%). With handler.flip_tta on, a lossy engine whose record has no flip-TTA figures
-    or failed them is not served (and says why); the lossless ones need none; with flip TTA off nothing changes."""
+    """The average of two views can move where neither view did: with openvino-int8's rechecks decided per view it
+    agreed with fp32's flip TTA on 98.90% of the test split (under the guard's 99%). With handler.flip_tta on, a lossy
+    engine whose record has no flip-TTA figures or failed them is not served (and says why); the lossless ones need
+    none; with flip TTA off nothing changes."""
     tta_failed = {**INT8_PASSED, "flip_tta": {"top1": 0.7615, "agreement": 0.989, "images": 10000, "passed": False}}
     tta_passed = {**INT8_PASSED, "flip_tta": {"top1": 0.7615, "agreement": 0.995, "images": 10000, "passed": True}}
     bf16_record = record(**{"openvino-bf16": PASSED})
@@ -755,19 +756,48 @@ def test_with_flip_tta_a_lossy_engine_needs_the_guard_passed_with_flip_tta_too(c
     assert "engine openvino-int8 not served: it failed the accuracy guard with flip TTA on" in caplog.text
 
 
-def test_training_engines_measures_flip_tta_from_the_pass_the_handler_makes():
-    """engine_logits(flip_tta=True): the plain logits and the mean of each image's and its mirror's, as the handler's
-    Engine.answer computes them, for images split across chunks."""
+def test_training_engines_measures_flip_tta_as_the_handler_answers():
+    """engine_logits(flip_tta=True): Engine.answer's logits with flip TTA (the mean of each image's and its mirror's
+    for eager fp32), for images split across chunks."""
     from model.tta import flip_tta_logits
     from training.engines import engine_logits
 
     model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
     eager = engines.Engine(engines.EAGER, model)
     images = engines.load_inputs(WEIGHTS.parent)["calibration"][:10]
-    plain, tta = engine_logits(eager, images, chunk=6, flip_tta=True)
-    torch.testing.assert_close(plain, eager(normalize(images)), rtol=1e-4, atol=1e-4)
+    tta = engine_logits(eager, images, chunk=6, flip_tta=True)
     torch.testing.assert_close(tta, flip_tta_logits(eager, normalize(images)), rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(tta, plain, atol=1e-3)  # the mirrors changed something
+    assert not torch.allclose(tta, engine_logits(eager, images), atol=1e-3)  # the mirrors changed something
+
+
+def test_with_flip_tta_openvino_int8_rechecks_the_close_calls_of_the_averaged_logits():
+    """Engine.answer with flip TTA on a rechecked forward: an image whose two views are each clear (gaps 1.0 and
+    0.95, opposite classes) but whose average is a close call (0.025) is answered by fp32 (both views); a clear
+    image is not; the counts are of views. Per view, nobody would have rechecked it."""
+    def fast(images, lone=False):  # class 0 when the image's left column is dark, class 1 when it is bright
+        logits = torch.zeros(len(images), 100)
+        bright = images[:, 0, 0, 0] > 0.5
+        logits[~bright, 0], logits[bright, 1] = 1.0, 0.95
+        logits[:, 2] = torch.where(images[:, 0, 0, -1] == images[:, 0, 0, 0], 3.0, 0.0)  # a flat image: class 2
+        return logits
+
+    asked = []
+
+    def exact(images, lone=False):
+        asked.append(len(images))
+        return torch.full((len(images), 100), -1.0)
+
+    forward = engines._RecheckedForward(fast, exact)
+    engine = engines.Engine(engines.OPENVINO_INT8, forward, 6, {}, torch.contiguous_format)
+    half = torch.zeros(1, 3, 32, 32)
+    half[..., 16:] = 1.0  # dark left, bright right: its mirror is the other way round
+    flat = torch.ones(1, 3, 32, 32)
+    logits, views, rechecked = engine.answer(torch.cat([half, flat]), flip_tta=True)
+    assert asked == [2] and (logits[0] == -1.0).all()  # both views of the close call, in one call
+    assert int(logits[1].argmax()) == 2 and (views, rechecked) == (4, 2)
+    assert (forward.answered, forward.rechecked) == (4, 2)
+    plain = engine(torch.cat([half, half.flip(3)]))  # each view alone is clear: no recheck
+    assert asked == [2] and plain.argmax(1).tolist() == [0, 1]
 
 
 def test_the_engine_probe_benchmark_prints_each_engine_beside_the_broken_ones(cifar100_data_dir, capsys):

@@ -145,16 +145,14 @@ def write_record(record: dict, path: Path) -> None:
 
 
 def engine_logits(engine: engines.Engine, images: torch.Tensor, chunk: int = 500,
-                  device: torch.device = torch.device("cpu"), flip_tta: bool = False):
+                  device: torch.device = torch.device("cpu"), flip_tta: bool = False) -> torch.Tensor:
     """``engine``'s float32 logits for uint8 ``images``, normalized on ``device`` (where the engine runs), on the CPU;
-    with ``flip_tta``, (plain logits, flip-TTA logits) from the one pass the handler makes (model/tta.py)."""
+    with ``flip_tta``, as the handler answers with flip TTA (Engine.answer: openvino-int8's close calls decided on
+    the averaged logits)."""
     from model.normalization import normalize
-    from model.tta import plain_and_flip_tta_logits
 
-    if not flip_tta:
-        return torch.cat([engine(normalize(part, device)).float().cpu() for part in images.split(chunk)])
-    parts = [plain_and_flip_tta_logits(engine, normalize(part, device)) for part in images.split(chunk // 2)]
-    return torch.cat([plain.cpu() for plain, _ in parts]), torch.cat([tta.cpu() for _, tta in parts])
+    return torch.cat([(engine.answer(normalize(part, device), True)[0] if flip_tta else engine(normalize(part, device)))
+                      .float().cpu() for part in images.split(chunk // 2 if flip_tta else chunk)])
 
 
 def guard(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -231,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = load_split(args.data_dir, train=False)
     model = serving_model(state_dict).to(device)
     inputs = probe_inputs(folder / engines.INPUTS_FILE, model, weights_sha, args.data_dir, device)
-    # Lossy engines are measured with flip TTA too (model-config.yaml's handler.flip_tta): int8's rechecks are decided
-    # per view, so the average of two views can move where neither view's answer did.
-    reference, reference_tta = engine_logits(engines.Engine(engines.EAGER, model), images, device=device, flip_tta=True)
+    # Lossy engines are measured with flip TTA too (model-config.yaml's handler.flip_tta): the average of two views
+    # can move where neither view's answer did.
+    reference = engine_logits(engines.Engine(engines.EAGER, model), images, device=device)
+    reference_tta = engine_logits(engines.Engine(engines.EAGER, model), images, device=device, flip_tta=True)
     # fp32's top-1 on the probe: the worker's start-up check compares against it (handler/engine.py).
     record["probe_sha256"] = engines.probe_sha256(inputs["probe"])
     record["probe_fp32_top1"] = engine_logits(engines.Engine(engines.EAGER, model), inputs["probe"],
@@ -260,17 +259,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: skipped ({err})")
             continue
         built = time.perf_counter() - started
-        if name in engines.LOSSLESS:
-            entry = measure(name, engine_logits(engine, images, device=device), reference, labels, shipped, measured_on)
-        else:
-            plain, tta = engine_logits(engine, images, device=device, flip_tta=True)
-            entry = measure(name, plain, reference, labels, shipped, measured_on)
-            entry["flip_tta"] = guard(tta, reference_tta, labels)
+        entry = measure(name, engine_logits(engine, images, device=device), reference, labels, shipped, measured_on)
         entry["compile_seconds"] = engine.info.get("compile_seconds")
-        if name == engines.OPENVINO_INT8:  # the share of test images and their mirrors fp32 answered again
+        if name == engines.OPENVINO_INT8:  # the share of test images fp32 answered again (close calls)
             entry["recheck_logit_gap"] = engines.RECHECK_LOGIT_GAP
             entry["rechecked"] = round(engine.forward.share, 4)
             entry["network_sha256"] = network
+        if name not in engines.LOSSLESS:
+            entry["flip_tta"] = guard(engine_logits(engine, images, device=device, flip_tta=True), reference_tta, labels)
         # The start-up probe's figure here: an engine the guard passes but the probe would refuse is said now.
         probe_top1 = engine_logits(engine, inputs["probe"], device=device).argmax(1)
         entry["probe_agreement"] = round(float((probe_top1 == torch.tensor(record["probe_fp32_top1"])).float().mean()), 4)
