@@ -740,15 +740,18 @@ def probe_refusal(engine: Engine, reference: Engine, expected_top1: torch.Tensor
     logits = engine(probe).float().cpu()
     if not bool(torch.isfinite(logits).all()):
         return f"it gives logits that are not finite (NaN or infinity) on {len(probe)} probe images"
-    expected = (reference(probe).argmax(1) if expected_top1 is None else expected_top1).cpu()
+    fp32 = reference(probe).float().cpu() if expected_top1 is None else None
+    expected = fp32.argmax(1) if fp32 is not None else expected_top1.cpu()
     agreeing = int((logits.argmax(1) == expected).sum())
     engine.info["probe_agreement"] = round(agreeing / len(probe), 4)
     if agreeing < min_agreement * len(probe) - 1e-9:  # in counts: exactly at the line passes
         return (f"it agrees with fp32 on {100 * agreeing / len(probe):.1f}% of the {len(probe)} probe images "
                 f"(needs {100 * min_agreement:.0f}%)")
     if engine.name in LOSSLESS:
-        few, limit = probe[:LOSSLESS_PROBE_IMAGES], LOSSLESS_MAX_LOGIT_CHANGE.get(probe.device.type, 5e-2)
-        change = float((logits[:len(few)] - reference(few).float().cpu()).abs().max())
+        few = probe[:LOSSLESS_PROBE_IMAGES]
+        limit = LOSSLESS_MAX_LOGIT_CHANGE["cpu" if probe.device.type == "cpu" else "cuda"]
+        fp32_few = fp32[:len(few)] if fp32 is not None else reference(few).float().cpu()  # eager once, not twice
+        change = float((logits[:len(few)] - fp32_few).abs().max())
         engine.info["probe_max_logit_change"] = float(f"{change:.2g}")
         if not change <= limit:
             return (f"its logits differ from fp32's by up to {change:.3g} on {len(few)} probe images (a lossless "
@@ -782,9 +785,8 @@ def select_engine(setting: str, model: torch.nn.Module, weights_sha256: str, max
     one engine.
     """
     reference = Engine(EAGER, model)
-    for name in candidates(setting, device, record, shipped_dir, flip_tta):
-        if name == EAGER:
-            return reference
+    tried = candidates(setting, device, record, shipped_dir, flip_tta)[:-1]  # the last is eager fp32: reference
+    if tried:
         probe = normalize(inputs["probe"][:PROBE_IMAGES], device) if inputs else None
         calibration = normalize(inputs["calibration"]) if inputs else None
         # fp32's answers on the probe, from the record (training/engines.py) when it measured these very images
@@ -795,6 +797,7 @@ def select_engine(setting: str, model: torch.nn.Module, weights_sha256: str, max
                       and measured.get("probe_sha256") == probe_sha256(inputs["probe"]))
         expected = torch.tensor(recorded[:len(probe)]) if same_probe and len(recorded) >= len(probe) else None
         close_calls = inputs is not None and inputs.get("probe_weights_sha256") == weights_sha256
+    for name in tried:
         started = time.perf_counter()
         try:
             engine = build(name, model, weights_sha256, max_batch, device, calibration, folder, shipped_dir=shipped_dir)

@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         if name not in engines.LOSSLESS:
             entry["flip_tta"] = guard(engine_logits(engine, images, device=device, flip_tta=True), reference_tta, labels)
         # The start-up probe's figure here: an engine the guard passes but the probe would refuse is said now.
-        probe_top1 = engine_logits(engine, inputs["probe"], device=device).argmax(1)
-        entry["probe_agreement"] = round(float((probe_top1 == torch.tensor(record["probe_fp32_top1"])).float().mean()), 4)
+        entry["probe_agreement"] = round(engines.probe_agreement(engine, torch.tensor(record["probe_fp32_top1"]),
+                                                                 normalize(inputs["probe"], device)), 4)
         record["engines"][name] = entry
         tta = entry.get("flip_tta")
         print(f"{name}: top-1 {entry['top1']:.4f} (fp32 {record['engines'][engines.EAGER]['top1']:.4f}), "
