@@ -21,6 +21,7 @@ import os
 
 import pytest
 
+import background
 from cifar100_data import data_dir, missing_data_message
 from system_parts import AXE, missing_parts, wrk_problem
 from torchserve_fixture import HTTP_TIMEOUT_S, READY_TIMEOUT_S, start_test_torchserve, weights_under_test
@@ -53,6 +54,12 @@ def pytest_collection_finish(session):
         problems.append(message)
     if problems:
         pytest.exit("\n".join(problems), returncode=pytest.ExitCode.USAGE_ERROR)
+    if not session.config.option.collectonly:  # on the core the tests leave idle, until a test asks
+        background.start(needed & background.COMPUTATIONS.keys(), str(data_dir()))
+
+
+def pytest_unconfigure(config):
+    background.stop_all()
 
 
 @pytest.fixture(autouse=True)
@@ -133,8 +140,12 @@ def cifar100_test_split(cifar100_data_dir):
 @pytest.fixture(scope="session")
 def shipped_test_split_logits(cifar100_data_dir):
     """(plain logits, flip-TTA logits, labels) of the shipped weights' served network on the whole test
-    split, computed once for every test that needs them (one pass over 20,000 images: ~1 min on 2 cores)."""
-    from serving.archive import DEFAULT_WEIGHTS
-    from training.calibrate import logits_on_test_split
+    split, computed once for every test that needs them (one pass over 20,000 images: ~1 min on 2 cores), in the
+    background from the session's start (tests/background.py)."""
+    return background.result("shipped_test_split_logits", str(cifar100_data_dir))
 
-    return logits_on_test_split(DEFAULT_WEIGHTS, cifar100_data_dir)
+
+@pytest.fixture(scope="session")
+def nncf_cpu_extension():
+    """NNCF's quantization functions compiled (training.quantize's first use builds them), in the background."""
+    return background.result("nncf_cpu_extension", str(data_dir()))

@@ -406,7 +406,7 @@ def test_openvino_int8_serves_the_shipped_network_and_refuses_one_made_for_other
     assert "engine openvino-int8 not served: no int8 network" in caplog.text and "training.quantize" in caplog.text
 
 
-def test_quantize_writes_an_int8_network_named_for_its_weights_that_the_archive_packs(tmp_path):
+def test_quantize_writes_an_int8_network_named_for_its_weights_that_the_archive_packs(tmp_path, nncf_cpu_extension):
     pytest.importorskip("nncf")
     from serving.archive import int8_network_for, package_files
     from serving.settings import ENGINE_INT8_FILE
