@@ -36,13 +36,13 @@ def nncf_cpu_extension(data_dir: str) -> bool:
 
 def width10_reference_probs(data_dir: str):
     """The width-10 network's in-process answers (flip TTA, as its card serves it) to test_width10_model's images:
-    its engine is built here (~25 s on 2 cores), not in the test."""
+    its engine is built here (~25 s on 2 cores) for the served worker, not in the test nor in the worker."""
     from serving_helpers import ReferenceModel
-    from test_width10_model import N_IMAGES, WEIGHTS
+    from test_width10_model import N_IMAGES, WEIGHTS, served_model_config
     from training.data import load_split
 
     images, _ = load_split(data_dir, train=False)
-    return ReferenceModel(WEIGHTS, flip_tta=True).probs_of_uint8(images[:N_IMAGES])
+    return ReferenceModel(WEIGHTS, config=served_model_config()).probs_of_uint8(images[:N_IMAGES])
 
 
 COMPUTATIONS = {"shipped_test_split_logits": shipped_test_split_logits, "nncf_cpu_extension": nncf_cpu_extension,

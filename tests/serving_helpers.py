@@ -185,7 +185,7 @@ class ReferenceModel:
     the same engine (handler/engine.py; ``auto``: the one TorchServe picks on this machine, loaded
     from the engine cache the tests' TorchServe fills, so the compiled code is the served one)."""
 
-    def __init__(self, weights: Path, engine: str = "auto", flip_tta: bool | None = None):
+    def __init__(self, weights: Path, engine: str = "auto", flip_tta: bool | None = None, config: dict | None = None):
         import yaml
 
         from handler import engine as engines
@@ -193,9 +193,11 @@ class ReferenceModel:
         from serving.archive import MODEL_CONFIG, calibration_for
 
         self.model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
-        # As served: model-config.yaml's handler.flip_tta unless the test says otherwise.
-        self.flip_tta = engines.flip_tta(yaml.safe_load(MODEL_CONFIG.read_text())) if flip_tta is None else flip_tta
-        self.engine = in_process_engine(Path(weights), engine, self.model, self.flip_tta)
+        # As served: the model-config's handler.flip_tta (``config``, else model-config.yaml's) unless the test
+        # says otherwise.
+        config = config or yaml.safe_load(MODEL_CONFIG.read_text())
+        self.flip_tta = engines.flip_tta(config) if flip_tta is None else flip_tta
+        self.engine = in_process_engine(Path(weights), engine, self.model, self.flip_tta, config)
         # The temperature the archive ships with these weights (none: 1, the plain softmax), or the
         # one refit for the engine when it moved (training/engines.py; of plain logits only, as in
         # the handler).

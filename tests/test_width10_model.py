@@ -48,14 +48,19 @@ def test_the_shipped_width10_file_is_the_evaluated_one():
     assert flipped["top1"] >= 82.0 and flipped["top1"] > plain["top1"]
 
 
-@pytest.fixture(scope="module")
-def width10_torchserve(tmp_path_factory):
-    root = tmp_path_factory.mktemp("width10")
+def served_model_config() -> dict:
+    """The model-config the width-10 network is served with here."""
     config = yaml.safe_load(MODEL_CONFIG.read_text())
     config.update(minWorkers=1, maxWorkers=1)  # one worker: the 2 cores for one width-10 forward pass at a time
     config["handler"]["flip_tta"] = True
+    return config
+
+
+@pytest.fixture(scope="module")
+def width10_torchserve(tmp_path_factory):
+    root = tmp_path_factory.mktemp("width10")
     model_config = root / "model-config.yaml"
-    model_config.write_text(yaml.safe_dump(config))
+    model_config.write_text(yaml.safe_dump(served_model_config()))
     ts = start_test_torchserve(root, WEIGHTS, model_config)
     yield ts
     ts.stop()
@@ -63,8 +68,9 @@ def width10_torchserve(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def width10_reference_probs(cifar100_data_dir):
-    """ReferenceModel(WEIGHTS, flip_tta=True)'s probabilities for the first N_IMAGES test images, worked out in the
-    background from the session's start (tests/background.py)."""
+    """ReferenceModel(WEIGHTS, config=served_model_config())'s probabilities for the first N_IMAGES test images,
+    worked out in the background from the session's start (tests/background.py): its engine, built there for the
+    served worker's threads, is in the engine cache when TorchServe starts."""
     return background.result("width10_reference_probs", str(cifar100_data_dir))
 
 

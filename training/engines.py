@@ -61,10 +61,11 @@ def model_config(path: Path = MODEL_CONFIG) -> dict:
 
 
 def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.nn.Module | None = None,
-                      flip_tta: bool | None = None):
+                      flip_tta: bool | None = None, config: dict | None = None):
     """The engine a TorchServe worker started from this checkout builds for ``weights``, built the same
-    way in this process (same record, probe, batch bound and engine cache: the served compiled code);
-    ``flip_tta``: the handler's setting (None: model-config.yaml's)."""
+    way in this process (same record, probe, batch bound, threads and engine cache: the served compiled code);
+    ``config``: the model-config the archive packs (None: model-config.yaml); ``flip_tta``: the handler's
+    setting (None: the config's)."""
     from handler.engine import serving_model
     from model.normalization import normalize
     from serving.archive import engine_record_for
@@ -75,13 +76,14 @@ def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.n
     inputs = inputs if inputs.is_file() else DEFAULT_WEIGHTS.parent / engines.INPUTS_FILE
     if model is None:
         model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
-    with workers_thread_count():
+    config = config or model_config()
+    with workers_thread_count(config):
         return engines.select_engine(setting, model, hashlib.sha256(weights.read_bytes()).hexdigest(),
-                                     engines.images_per_forward(model_config()), torch.device("cpu"),
+                                     engines.images_per_forward(config), torch.device("cpu"),
                                      json.loads(record_path.read_text()) if record_path else None,
                                      engines.load_inputs(inputs.parent), normalize, folder=served_cache(),
                                      shipped_dir=weights.resolve().parent,
-                                     flip_tta=engines.flip_tta(model_config()) if flip_tta is None else flip_tta)
+                                     flip_tta=engines.flip_tta(config) if flip_tta is None else flip_tta)
 
 
 def served_cache() -> Path:
@@ -92,12 +94,12 @@ def served_cache() -> Path:
 
 
 @contextlib.contextmanager
-def workers_thread_count():
+def workers_thread_count(config: dict | None = None):
     """Compile for a TorchServe worker's thread count (part of the cache key: inductor writes it into its
-    kernels), so this process builds or loads the package the workers serve. Called with more threads
-    afterwards, only oneDNN's convolutions use the extra ones."""
+    kernels), so this process builds or loads the package the workers serve (``config``: their model-config,
+    None: model-config.yaml). Called with more threads afterwards, only oneDNN's convolutions use the extra ones."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(engines.worker_threads(model_config()))
+    torch.set_num_threads(engines.worker_threads(config or model_config()))
     try:
         yield
     finally:
