@@ -8,6 +8,7 @@ calls ``result``) and stops any left at the end. Each runs as ``python tests/bac
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,9 +79,7 @@ class Background:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        for path in self.folder.iterdir():
-            path.unlink()
-        self.folder.rmdir()
+        shutil.rmtree(self.folder)
 
 
 RUNNING: dict[str, Background] = {}

@@ -16,7 +16,7 @@ from PIL import Image
 from handler.engine import serving_model
 from handler.protocols import OUTPUTS
 from handler.preprocessing import decode_image, image_to_tensor, normalize
-from training.engines import in_process_engine
+from training.engines import in_process_engine, model_config
 
 
 def torchserve_log(log_dir: Path, name: str) -> str:
@@ -186,16 +186,14 @@ class ReferenceModel:
     from the engine cache the tests' TorchServe fills, so the compiled code is the served one)."""
 
     def __init__(self, weights: Path, engine: str = "auto", flip_tta: bool | None = None, config: dict | None = None):
-        import yaml
-
         from handler import engine as engines
         from handler.calibration import load_calibration
-        from serving.archive import MODEL_CONFIG, calibration_for
+        from serving.archive import calibration_for
 
         self.model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
         # As served: the model-config's handler.flip_tta (``config``, else model-config.yaml's) unless the test
         # says otherwise.
-        config = config or yaml.safe_load(MODEL_CONFIG.read_text())
+        config = config or model_config()
         self.flip_tta = engines.flip_tta(config) if flip_tta is None else flip_tta
         self.engine = in_process_engine(Path(weights), engine, self.model, self.flip_tta, config)
         # The temperature the archive ships with these weights (none: 1, the plain softmax), or the

@@ -14,7 +14,8 @@ import yaml
 
 from model import infer_width_and_classes
 from model.network import CIFAR100Model
-from serving.archive import MODEL_CONFIG, weights_version
+from serving.archive import weights_version
+from training.engines import model_config
 import background
 from serving_helpers import assert_same_answer, cifar_pil, encode, torchserve_log
 from torchserve_fixture import HTTP_TIMEOUT_S, start_test_torchserve
@@ -50,7 +51,7 @@ def test_the_shipped_width10_file_is_the_evaluated_one():
 
 def served_model_config() -> dict:
     """The model-config the width-10 network is served with here."""
-    config = yaml.safe_load(MODEL_CONFIG.read_text())
+    config = model_config()  # model-config.yaml's
     config.update(minWorkers=1, maxWorkers=1)  # one worker: the 2 cores for one width-10 forward pass at a time
     config["handler"]["flip_tta"] = True
     return config
@@ -59,9 +60,9 @@ def served_model_config() -> dict:
 @pytest.fixture(scope="module")
 def width10_torchserve(tmp_path_factory):
     root = tmp_path_factory.mktemp("width10")
-    model_config = root / "model-config.yaml"
-    model_config.write_text(yaml.safe_dump(served_model_config()))
-    ts = start_test_torchserve(root, WEIGHTS, model_config)
+    config_file = root / "model-config.yaml"
+    config_file.write_text(yaml.safe_dump(served_model_config()))
+    ts = start_test_torchserve(root, WEIGHTS, config_file)
     yield ts
     ts.stop()
 
