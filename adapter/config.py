@@ -86,8 +86,6 @@ from serving.clients import proxy_networks
 from serving import settings as shared  # the defaults every part shares (model name, ports, upload limit)
 
 DEFAULT_FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
-# TorchServe's responseTimeout lives here (packed into the archive); the adapter's deadline must be shorter.
-DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "handler" / "model-config.yaml"
 
 
 class ConfigError(ValueError):
@@ -182,7 +180,7 @@ class Settings:
     connect_timeout_s: float = 2.0
     predict_timeout_s: float = 10.0
     response_timeout_s: float | None = None  # TorchServe's; None: read from model_config
-    model_config: str = str(DEFAULT_MODEL_CONFIG)
+    model_config: str = str(shared.MODEL_CONFIG)
     health_timeout_s: float = 3.0
     max_connections: int = 64
     oip_url: str = ""
@@ -229,7 +227,7 @@ class Settings:
         """Refuse settings that contradict each other (called at start-up)."""
         # Not read when TS_RESPONSE_TIMEOUT_S says it; the default file may be absent (an adapter deployed alone).
         response_timeout = self.response_timeout_s or torchserve_response_timeout(
-            self.model_config, must_read=self.model_config != str(DEFAULT_MODEL_CONFIG))
+            self.model_config, must_read=self.model_config != str(shared.MODEL_CONFIG))
         # A wedged worker is restarted by TorchServe only after responseTimeout; the client must
         # hear 504 from the adapter before that, not wait for TorchServe's own verdict.
         if response_timeout is not None and self.predict_timeout_s >= response_timeout:

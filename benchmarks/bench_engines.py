@@ -27,20 +27,19 @@ import io
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from handler import engine as engines
 from handler.engine import serving_model
 from model.network import CIFAR100Model
+from model.shipped import SHIPPED_WEIGHTS, SHIPPED_WEIGHTS_DIR
 from model.normalization import normalize
 from serving.torchserve import DEFAULT_ENGINE_CACHE
 from serving import cli
 from training.runtime import DEVICE_HELP, device_argument, pick_device
 
-REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
+WEIGHTS = SHIPPED_WEIGHTS
 POINTS = ((6, 2), (6, 1), (1, 1))  # (batch, threads)
 GPU_POINTS = ((6, None), (1, None))  # a GPU worker's batches: threads do not apply
 MAX_BATCH = 6
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench_engines", *(argv or sys.argv[1:])],
                       {**os.environ, engines.ONEDNN_ISA_ENV: onednn, "ATEN_CPU_CAPABILITY": aten})
         print(f"PROXY: oneDNN capped to {onednn}, ATen to {aten}, on the CPU below (not such a CPU itself)")
-    inputs = engines.load_inputs(REPO / "model" / "weights")
+    inputs = engines.load_inputs(SHIPPED_WEIGHTS_DIR)
     calibration = normalize(inputs["calibration"])
     images = normalize(test_images(), device)
     points = POINTS if device.type == "cpu" else GPU_POINTS

@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     from handler.engine import serving_model
     from handler.explain import explanation_model, heatmaps
     from model import network_from_state_dict
-    from serving.archive import DEFAULT_WEIGHTS
+    from model.shipped import SHIPPED_WEIGHTS
     from training.data import default_data_dir, load_split, normalize
 
     parser = cli.Parser("benchmarks.bench_explain", __doc__.split("\n\n")[0])
-    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    parser.add_argument("--weights", default=str(SHIPPED_WEIGHTS))
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--images", type=int, default=500, help="first N test images")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a serving worker has 1)")

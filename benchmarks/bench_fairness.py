@@ -38,7 +38,7 @@ from benchmarks.bench_serve import cifar_png_payloads, machine, start_benchmark_
 from benchmarks.load import exit_on_sigterm
 from benchmarks.soak import connector, post_image, user_address
 from serving import cli
-from serving.archive import DEFAULT_WEIGHTS
+from model.shipped import SHIPPED_WEIGHTS
 
 PROBE_ADDRESS = "127.0.0.2"
 FLOOD_ADDRESS = "127.0.0.3"  # the others are user_address()'s, 127.0.0.10 on
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="routes to GET nonstop beside the probe, one phase each (none: no floods)")
     parser.add_argument("--flood-connections", type=cli.positive_int, default=6,
                         help="keep-alive connections, from one address, flooding each route")
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
     args = parser.parse_args(argv)
     if args.duration <= PROBE_START_S:
         parser.error(f"--duration must be above {PROBE_START_S:g} s (the probe starts then)")

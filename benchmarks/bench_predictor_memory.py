@@ -30,7 +30,7 @@ from benchmarks.bench_serve import cifar_png_payloads, machine
 from benchmarks.load import MODEL_INFER, model_infer_messages
 from handler.kserve_predictor import MAX_BODY_BYTES_HELD
 from serving import cli
-from serving.archive import DEFAULT_WEIGHTS
+from model.shipped import SHIPPED_WEIGHTS
 from serving.kserve import KServePredictor, build_bundle
 from serving.settings import MODEL_NAME
 
@@ -123,7 +123,7 @@ def peak_rss_during(pid: int, work) -> tuple[float, float, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser("benchmarks.bench_predictor_memory", __doc__.split("\n\n")[0])
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--body-mib", type=float, default=11.0)
     parser.add_argument("--rounds", type=int, default=2)

@@ -30,9 +30,10 @@ import torch
 from benchmarks.load import (SERVER_WARMUP_S, HttpTarget, LoadResult, exit_on_sigterm, percentile, print_failures,
                              ratio, run_wrk, warm_up)
 from handler.preprocessing import decode_image, image_to_tensor, normalize
-from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive
+from model.shipped import SHIPPED_WEIGHTS
+from serving.archive import build_archive
 from serving import cli
-from serving.settings import ENGINE_CACHE_ENV
+from serving.settings import ENGINE_CACHE_ENV, MODEL_CONFIG
 from serving.torchserve import DEFAULT_ENGINE_CACHE, TorchServeInstance
 from training.engines import in_process_engine
 
@@ -93,7 +94,7 @@ def benchmark_model_config(root: Path, batch_size: int | None = None, max_batch_
     return config
 
 
-def start_benchmark_torchserve(root: Path, weights: Path = DEFAULT_WEIGHTS, batch_size: int | None = None,
+def start_benchmark_torchserve(root: Path, weights: Path = SHIPPED_WEIGHTS, batch_size: int | None = None,
                                max_batch_delay: int | None = None, cpu_threads: int | None = None,
                                properties: dict[str, str] | None = None,
                                workers: int | None = None, engine: str | None = None,
@@ -196,7 +197,7 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=SERVER_WARMUP_S,
                         help="seconds of unmeasured load per target and concurrency before the measured points")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
     parser.add_argument("--batch-size", type=int, help="override model-config.yaml's batchSize")
     parser.add_argument("--max-batch-delay", type=int, help="override model-config.yaml's maxBatchDelay (ms)")
     parser.add_argument("--cpu-threads", type=int, help="override the worker's torch threads (handler.cpu_threads)")

@@ -28,7 +28,8 @@ from handler import engine as engines
 from serving import cli
 from serving.kserve import KServePredictor, build_bundle
 from serving.settings import MODEL_NAME
-from training.engines import DEFAULT_WEIGHTS, engine_logits
+from model.shipped import SHIPPED_WEIGHTS
+from training.engines import engine_logits
 
 ENGINES = ("eager-fp32", "compile-fp32", "compile-bf16")  # what a GPU worker can run (handler/engine.py)
 
@@ -102,7 +103,7 @@ def in_process_top1(payloads: list[bytes], device: torch.device) -> list[int]:
     """Eager fp32's top-1 for each payload, decoded as the servers decode it, on ``device``."""
     from handler.preprocessing import decode_image, image_to_tensor
 
-    model = engines.serving_model(torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)).to(device)
+    model = engines.serving_model(torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)).to(device)
     images = torch.stack([image_to_tensor(decode_image(p)) for p in payloads])
     return engine_logits(engines.Engine(engines.EAGER, model), images, device=device).argmax(1).tolist()
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(results, indent=2) + "\n")
 
     with tempfile.TemporaryDirectory(prefix="bench-served-engines-") as tmp:
-        bundle = build_bundle(DEFAULT_WEIGHTS, Path(tmp) / "bundle", quiet=True)
+        bundle = build_bundle(SHIPPED_WEIGHTS, Path(tmp) / "bundle", quiet=True)
         for name in args.engines:
             predictor = KServePredictor(Path(tmp) / name, bundle, extra_args=[f"--engine={name}"])
             started = time.perf_counter()

@@ -15,14 +15,15 @@ import torch
 from benchmarks.bench_serve import machine
 from handler import engine as engines
 from serving import cli
-from training.engines import DEFAULT_WEIGHTS, engine_logits, served_cache
+from model.shipped import SHIPPED_WEIGHTS
+from training.engines import engine_logits, served_cache
 
 
 def main(argv: list[str] | None = None) -> int:
     from training.data import default_data_dir, load_split
 
     parser = cli.Parser("benchmarks.engine_probe", __doc__.split("\n\n")[0])
-    parser.add_argument("weights", type=Path, nargs="?", default=DEFAULT_WEIGHTS)
+    parser.add_argument("weights", type=Path, nargs="?", default=SHIPPED_WEIGHTS)
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--images", type=cli.positive_int, default=10000, help="test images (the first N)")
     parser.add_argument("--noise", type=float, nargs="*", default=[0.05, 0.1, 0.2])
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.weights.resolve().parent
     sha = hashlib.sha256(args.weights.read_bytes()).hexdigest()
     model = engines.serving_model(torch.load(args.weights, map_location="cpu", weights_only=True))
-    inputs = engines.load_inputs(folder) or engines.load_inputs(DEFAULT_WEIGHTS.parent)
+    inputs = engines.load_inputs(folder) or engines.load_inputs(SHIPPED_WEIGHTS.parent)
     test_images = load_split(args.data_dir, train=False)[0][:args.images]
     sets = {"test": test_images, "random": inputs["calibration"], "probe": inputs["probe"]}
     eager = engines.Engine(engines.EAGER, model)

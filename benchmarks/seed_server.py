@@ -22,9 +22,9 @@ from PIL import Image
 
 from model import CIFAR100_MEAN, CIFAR100_STD, load_network
 from model.classes import CLASS_NAMES, display_name
+from model.shipped import SHIPPED_WEIGHTS
 
-REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = Path(os.environ.get("SEED_WEIGHTS", REPO / "model" / "weights" / "CIFAR100_model.pth"))
+WEIGHTS = Path(os.environ.get("SEED_WEIGHTS", SHIPPED_WEIGHTS))
 
 model = load_network(WEIGHTS).eval()
 

@@ -39,7 +39,7 @@ import psutil
 from adapter.run import running_adapter
 from benchmarks.bench_serve import cifar_png_payloads, machine, start_benchmark_torchserve
 from benchmarks.load import exit_on_sigterm
-from serving.archive import DEFAULT_WEIGHTS
+from model.shipped import SHIPPED_WEIGHTS
 from serving import cli
 
 BIG_UPLOAD_BYTES = 9_900_000
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow-seconds", type=float, default=150)
     parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--big", type=int, default=64)
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # --idle connections need their files

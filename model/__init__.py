@@ -1,4 +1,5 @@
-"""The network, its weights files, the class names, the CIFAR-100 normalization and flip TTA.
+"""The network, its weights files (and where the shipped ones lie), the class names, the CIFAR-100
+normalization and flip TTA.
 
 ``model.classes`` (names, the display rule) and the normalization statistics need no torch, so the
 adapter imports them without pulling torch in; the network and the weights loaders are imported on
@@ -6,6 +7,7 @@ first use of one of their names (PEP 562).
 """
 from .classes import CLASS_NAMES, INDEX_TO_NAME_PATH, display_name, load_class_names
 from .normalization import CIFAR100_MEAN, CIFAR100_STD, normalize
+from .shipped import SHIPPED_WEIGHTS, SHIPPED_WEIGHTS_DIR
 
 # name -> submodule that defines it (each imports torch)
 _LAZY = {
@@ -19,6 +21,7 @@ __all__ = [
     *_LAZY,
     "CLASS_NAMES", "INDEX_TO_NAME_PATH", "display_name", "load_class_names",
     "CIFAR100_MEAN", "CIFAR100_STD", "normalize",
+    "SHIPPED_WEIGHTS", "SHIPPED_WEIGHTS_DIR",
 ]
 
 

@@ -39,13 +39,13 @@ from pathlib import Path
 import yaml
 
 from serving import cli
-from serving.settings import CALIBRATION_FILE, ENGINE_INPUTS_FILE, ENGINE_INT8_FILE, ENGINE_RECORD_FILE, MODEL_NAME
+from model.shipped import SHIPPED_WEIGHTS, SHIPPED_WEIGHTS_DIR
+from serving.settings import (CALIBRATION_FILE, ENGINE_INPUTS_FILE, ENGINE_INT8_FILE, ENGINE_RECORD_FILE, MODEL_CONFIG,
+                              MODEL_NAME)
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
 DEFAULT_EXPORT = REPO / "model_store"
 HANDLER_FILE = REPO / "handler" / "cifar100_handler.py"
-MODEL_CONFIG = REPO / "handler" / "model-config.yaml"
 NETWORK_FILE = REPO / "model" / "network.py"
 CLASS_NAMES_FILE = REPO / "model" / "index_to_name.json"
 # Packages the handler imports inside the worker, copied as they are (no caches, no weights).
@@ -177,7 +177,7 @@ def int8_record_warning(weights: Path) -> str | None:
             f"since?): openvino-int8 will not be served. `{measure}` measures it.")
 
 
-def package_files(weights: Path = DEFAULT_WEIGHTS) -> list[tuple[Path, str]]:
+def package_files(weights: Path = SHIPPED_WEIGHTS) -> list[tuple[Path, str]]:
     """(source, path inside the archive) of every packaged support file."""
     files = [(CLASS_NAMES_FILE, "index_to_name.json")]
     calibration = calibration_for(weights)
@@ -192,7 +192,7 @@ def package_files(weights: Path = DEFAULT_WEIGHTS) -> list[tuple[Path, str]]:
     # Training images: the ones beside the weights (their probe picked for them by training/engines.py), else the
     # shipped ones (int8's calibration fits any weights; the handler holds a probe of others to a stricter line).
     inputs = Path(weights).resolve().parent / ENGINE_INPUTS_FILE
-    inputs = inputs if inputs.is_file() else REPO / "model" / "weights" / ENGINE_INPUTS_FILE
+    inputs = inputs if inputs.is_file() else SHIPPED_WEIGHTS_DIR / ENGINE_INPUTS_FILE
     if inputs.is_file():
         files.append((inputs, ENGINE_INPUTS_FILE))
     for package, patterns in PACKAGES.items():
@@ -214,7 +214,7 @@ def stamp_of(mar: Path) -> Path:
     return mar.with_name(mar.name + ".inputs")
 
 
-def build_archive(weights: Path = DEFAULT_WEIGHTS, export_path: Path = DEFAULT_EXPORT,
+def build_archive(weights: Path = SHIPPED_WEIGHTS, export_path: Path = DEFAULT_EXPORT,
                   force: bool = False, quiet: bool = False, model_config: Path = MODEL_CONFIG) -> Path:
     """Build (or keep, when its inputs are unchanged) ``<export_path>/cifar100.mar``; return its path.
 
@@ -272,7 +272,7 @@ def build_archive(weights: Path = DEFAULT_WEIGHTS, export_path: Path = DEFAULT_E
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser("serving.archive", __doc__.split("\n\n")[0])
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
     parser.add_argument("--export-path", type=Path, default=DEFAULT_EXPORT)
     parser.add_argument("--model-config", type=Path, default=None,
                         help="the model-config.yaml to pack (default: TS_MODEL_CONFIG, else handler/model-config.yaml)")

@@ -32,11 +32,11 @@ from pathlib import Path
 import httpx
 import yaml
 
-from serving.archive import (DEFAULT_WEIGHTS, MODEL_CONFIG, MODEL_NAME, ArchiveError, build_archive, model_config_path,
-                             weights_version)
+from model.shipped import SHIPPED_WEIGHTS
+from serving.archive import MODEL_NAME, ArchiveError, build_archive, model_config_path, weights_version
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, changed_since_started, command_line_with,
                              free_ports, popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
-from serving.settings import ENGINE_CACHE_ENV, PREDICTOR_PORT_ENV, PREDICTOR_PORTS, ports_from_env
+from serving.settings import ENGINE_CACHE_ENV, MODEL_CONFIG, PREDICTOR_PORT_ENV, PREDICTOR_PORTS, ports_from_env
 from serving.torchserve import (BASE_CONFIG, DEFAULT_ENGINE_CACHE, MAR_FILE, TorchServeError, TorchServeInstance,
                                read_properties)
 from serving import cli
@@ -95,7 +95,7 @@ def bundle_properties(version: str, model_config: Path = MODEL_CONFIG) -> dict[s
     return props
 
 
-def build_bundle(weights: Path = DEFAULT_WEIGHTS, out: Path = DEFAULT_OUT, force: bool = False,
+def build_bundle(weights: Path = SHIPPED_WEIGHTS, out: Path = DEFAULT_OUT, force: bool = False,
                  quiet: bool = False, model_config: Path = MODEL_CONFIG) -> Path:
     """Write ``out/config/config.properties`` and ``out/model-store/cifar100.mar``; return ``out``.
     ``model_config`` replaces handler/model-config.yaml (the benchmarks try other settings)."""
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["predictor"]:
         return predictor_command(argv[1:])
     parser = cli.Parser("serving.kserve", "Write KServe's storage layout for the CIFAR-100 model.")
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--model-config", type=Path, default=None,
                         help="the model-config.yaml to pack (default: TS_MODEL_CONFIG, else handler/model-config.yaml)")

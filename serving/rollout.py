@@ -50,9 +50,9 @@ import httpx
 import psutil
 
 from serving import settings
-from serving.archive import (DEFAULT_WEIGHTS, ArchiveError, build_archive, calibration_warning, inputs_digest,
-                             int8_record_warning, model_config_path, stamp_of, startup_timeout_s,
-                             weights_version)
+from model.shipped import SHIPPED_WEIGHTS
+from serving.archive import (ArchiveError, build_archive, calibration_warning, inputs_digest, int8_record_warning,
+                             model_config_path, stamp_of, startup_timeout_s, weights_version)
 from serving.cli import Parser, non_negative_float, positive_float
 from serving.keys import KeyFile, KeyFileError, is_auth_refusal
 from serving.process import changed_since_started, log_tail
@@ -695,7 +695,7 @@ def roll_out(ts: TorchServeInstance, weights: Path, ready_timeout_s: float, drai
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser("serving.rollout", __doc__.split("\n\n")[0])
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="the weights to serve")
+    parser.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS, help="the weights to serve")
     parser.add_argument("--ready-timeout", type=positive_float, default=None,
                         help="seconds the new version may take to be READY and warm (then: exit 1, old kept; "
                              "default: the model config's startupTimeout)")

@@ -6,9 +6,13 @@ from config.properties; tests/test_settings.py checks that file agrees with the 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping
 
 MODEL_NAME = "cifar100"          # the model's name in TorchServe / KServe, and the archive's (cifar100.mar)
+# The model-config.yaml an archive packs unless told another (TS_MODEL_CONFIG): batching, workers, the handler's
+# settings, and TorchServe's responseTimeout (the adapter's deadline must be shorter).
+MODEL_CONFIG = Path(__file__).resolve().parents[1] / "handler" / "model-config.yaml"
 
 # TorchServe on loopback (config.properties says the same to TorchServe itself).
 TORCHSERVE_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070,

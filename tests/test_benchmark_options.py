@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks import bench_serve
-from serving.archive import MODEL_CONFIG
+from serving.settings import MODEL_CONFIG
 
 
 def test_every_torchserve_option_reaches_the_benchmark_torchserve(monkeypatch, tmp_path):

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from handler.calibration import load_calibration
-from serving.archive import DEFAULT_WEIGHTS, package_files
+from model.shipped import SHIPPED_WEIGHTS
+from serving.archive import package_files
 from serving.settings import CALIBRATION_FILE
 from training.calibrate import (calibrate, choose_unsure_threshold, expected_calibration_error,
                                 split_halves)
 
-RECORD = DEFAULT_WEIGHTS.parent / CALIBRATION_FILE
+RECORD = SHIPPED_WEIGHTS.parent / CALIBRATION_FILE
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,8 @@ def test_logits(shipped_test_split_logits):
 
 
 def test_record_is_for_the_shipped_weights(record):
-    assert record["weights_sha256"] == hashlib.sha256(DEFAULT_WEIGHTS.read_bytes()).hexdigest()
-    assert (RECORD, CALIBRATION_FILE) in package_files(DEFAULT_WEIGHTS)  # goes into the archive
+    assert record["weights_sha256"] == hashlib.sha256(SHIPPED_WEIGHTS.read_bytes()).hexdigest()
+    assert (RECORD, CALIBRATION_FILE) in package_files(SHIPPED_WEIGHTS)  # goes into the archive
 
 
 def test_stored_temperature_reproduces_the_held_out_figures(record, test_logits):
@@ -57,7 +58,7 @@ def test_model_card_says_the_unsure_figures_are_in_sample_and_gives_the_held_out
     what the stored T gives (0.2 points: the served network's logits differ a little between CPUs)."""
     import re
 
-    from serving.archive import DEFAULT_WEIGHTS
+    from model.shipped import SHIPPED_WEIGHTS
 
     logits, labels = test_logits
     fit, held = split_halves(len(labels))
@@ -65,7 +66,7 @@ def test_model_card_says_the_unsure_figures_are_in_sample_and_gives_the_held_out
     threshold = choose_unsure_threshold(F.softmax(logits[fit] / t, dim=1), labels[fit])["threshold"]
     confidence, predicted = F.softmax(logits[held] / t, dim=1).max(dim=1)
     correct, unsure = (predicted == labels[held]).float(), confidence < threshold
-    card = " ".join((DEFAULT_WEIGHTS.parent.parent / "README.md").read_text().split())
+    card = " ".join((SHIPPED_WEIGHTS.parent.parent / "README.md").read_text().split())
     assert "These three figures are *in-sample*" in card
     stated = re.search(r"Chosen on the even half instead, the threshold is ([\d.]+), and on the odd half ([\d.]+)% of "
                        r"answers are then unsure, right ([\d.]+)% of the time; the others ([\d.]+)%", card)
@@ -90,7 +91,7 @@ def test_served_answers_carry_the_calibrated_probability_and_unsure_below_the_st
     from serving_helpers import ReferenceModel, cifar_pil, encode, engine_record
     from torchserve_fixture import weights_under_test
 
-    if weights_under_test() != DEFAULT_WEIGHTS:
+    if weights_under_test() != SHIPPED_WEIGHTS:
         pytest.fail("this test checks the shipped weights' calibration record; unset CIFAR100_TEST_WEIGHTS")
     logits, _ = test_logits
     images = cifar100_test_split[0]

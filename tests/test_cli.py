@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from model import SHIPPED_WEIGHTS
 from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def test_rollout_failures_exit_with_the_modules_codes_and_make_says_2():
 
     if default_instance().is_running():
         pytest.skip("this checkout's TorchServe runs (make serve): a rollout would go ahead")
-    weights = str(REPO / "model" / "weights" / "CIFAR100_model.pth")
+    weights = str(SHIPPED_WEIGHTS)
     module = subprocess.run([sys.executable, "-m", "serving.rollout", "--weights", weights], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert module.returncode == 1 and "TorchServe is not running" in module.stderr, module.stderr

@@ -18,9 +18,10 @@ import torch
 from handler import engine as engines
 from handler.engine import serving_model
 from model.normalization import normalize
+from model.shipped import SHIPPED_WEIGHTS, SHIPPED_WEIGHTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
+WEIGHTS = SHIPPED_WEIGHTS
 CPU = torch.device("cpu")
 
 
@@ -149,7 +150,7 @@ def test_guard_refuses_int8_with_a_damaged_calibration_and_falls_back_to_fp32(ca
     pytest.importorskip("torchao")
     torch.manual_seed(0)
     model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
-    inputs = engines.load_inputs(REPO / "model" / "weights")
+    inputs = engines.load_inputs(SHIPPED_WEIGHTS_DIR)
     # One flat grey picture to calibrate on; a 128-image probe is plenty to see the damage.
     damaged = {"calibration": torch.zeros_like(inputs["calibration"][:16]), "probe": inputs["probe"][:128]}
 
@@ -202,7 +203,7 @@ def test_a_damaged_cache_entry_is_compiled_again_and_served(tmp_path, caplog):
     compiled again under its lock: the engine is served, not eager fp32 for good."""
     pytest.importorskip("openvino")
     model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
-    inputs = engines.load_inputs(REPO / "model" / "weights")
+    inputs = engines.load_inputs(SHIPPED_WEIGHTS_DIR)
     built = engines.build_engine("openvino-fp32", model, "test", 6, CPU, None, tmp_path)
     xml = Path(built.info["path"])
     for damaged, content in ((xml, xml.read_bytes()[:len(xml.read_bytes()) // 2]), (xml.with_suffix(".json"), b"")):
@@ -222,7 +223,7 @@ def test_a_damaged_cache_entry_is_compiled_again_and_served(tmp_path, caplog):
 def test_openvino_engines_build_once_load_from_the_cache_and_agree_with_fp32(tmp_path):
     pytest.importorskip("openvino")
     model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
-    probe = normalize(engines.load_inputs(REPO / "model" / "weights")["probe"])
+    probe = normalize(engines.load_inputs(SHIPPED_WEIGHTS_DIR)["probe"])
     reference = engines.Engine(engines.EAGER, model)
     expected = reference(probe)
     names = ["openvino-fp32"] + (["openvino-bf16"] if engines.native_bf16(CPU) else [])
@@ -298,7 +299,7 @@ def test_openvino_runs_a_lone_image_on_the_lent_threads_and_batches_on_its_own(t
     pytest.importorskip("openvino")
     sha = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
     model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
-    probe = normalize(engines.load_inputs(REPO / "model" / "weights")["probe"][:12])
+    probe = normalize(engines.load_inputs(SHIPPED_WEIGHTS_DIR)["probe"][:12])
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # a 1-thread worker, as served on 2 cores
     engine = engines.build_engine("openvino-int8", model, sha, 6, CPU, None, tmp_path, shipped_dir=WEIGHTS.parent)
     parts = engine.forward.fast, engine.forward.exact  # int8 and its fp32 rechecks
@@ -385,7 +386,7 @@ def test_openvino_int8_serves_the_shipped_network_and_refuses_one_made_for_other
     sha = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
     model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
     # Random training images (the shipped probe is all close calls: most of it is rechecked).
-    probe = normalize(engines.load_inputs(REPO / "model" / "weights")["calibration"])
+    probe = normalize(engines.load_inputs(SHIPPED_WEIGHTS_DIR)["calibration"])
     expected = engines.Engine(engines.EAGER, model)(probe)
     engine = engines.build_engine("openvino-int8", model, sha, 6, CPU, None, tmp_path, shipped_dir=WEIGHTS.parent)
     logits = engine(probe)
@@ -417,7 +418,7 @@ def test_quantize_writes_an_int8_network_named_for_its_weights_that_the_archive_
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     state_dict = torch.load(weights, map_location="cpu", weights_only=True)
     model = serving_model(state_dict)
-    images = engines.load_inputs(REPO / "model" / "weights")["probe"]
+    images = engines.load_inputs(SHIPPED_WEIGHTS_DIR)["probe"]
     probe = normalize(images, channels_last=False)
     # Few images and steps: this checks the tool and its file, not the quality (the shipped network's is in
     # engines.json).
@@ -449,7 +450,7 @@ def test_the_network_quantize_trains_computes_what_the_handler_serves():
     from training.quantize import folded_network
 
     state_dict = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
-    images = normalize(engines.load_inputs(REPO / "model" / "weights")["probe"][:32], channels_last=False)
+    images = normalize(engines.load_inputs(SHIPPED_WEIGHTS_DIR)["probe"][:32], channels_last=False)
     folded = folded_network(state_dict)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert next(folded.parameters()).is_contiguous()  # NCHW, as NNCF and OpenVINO's trace take it
@@ -476,7 +477,7 @@ def test_the_start_probe_serves_an_engine_at_its_agreement_line_and_refuses_one_
     eager fp32. The damaged engine is the real network whose first rows' logits are shifted by one class. For
     other weights the probe is no close calls of theirs: the line is OTHER_PROBE_MIN_AGREEMENT."""
     model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
-    inputs = engines.load_inputs(REPO / "model" / "weights")
+    inputs = engines.load_inputs(SHIPPED_WEIGHTS_DIR)
     shipped = {"calibration": inputs["calibration"][:8], "probe": inputs["probe"][:200],
                "probe_weights_sha256": inputs["probe_weights_sha256"]}
     sha = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
@@ -514,7 +515,7 @@ def test_a_lossless_engine_whose_logits_moved_is_refused_though_its_answers_stan
     one that adds 0.05 to every logit (top-1 unchanged on every image: a wrong constant, a bad fusion) is
     refused; 1e-4, served. New weights without a record get these engines, checked against eager at start."""
     model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
-    inputs = engines.load_inputs(REPO / "model" / "weights")
+    inputs = engines.load_inputs(SHIPPED_WEIGHTS_DIR)
     shipped = {"calibration": inputs["calibration"][:8], "probe": inputs["probe"][:64]}
 
     def shifted(by: float):
@@ -542,8 +543,8 @@ def test_the_shipped_probe_refuses_openvino_int8_without_its_rechecks_which_rand
     pytest.importorskip("openvino")
     sha = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
     model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
-    inputs = engines.load_inputs(REPO / "model" / "weights")
-    shipped_record = engines.load_record(REPO / "model" / "weights")
+    inputs = engines.load_inputs(SHIPPED_WEIGHTS_DIR)
+    shipped_record = engines.load_record(SHIPPED_WEIGHTS_DIR)
     with caplog.at_level(logging.INFO, logger=engines.__name__):
         served = engines.select_engine(engines.OPENVINO_INT8, model, sha, 6, CPU, shipped_record, inputs, normalize,
                                        folder=tmp_path, shipped_dir=WEIGHTS.parent)
@@ -600,7 +601,7 @@ def test_the_shipped_record_lets_the_handler_serve_openvino_int8_on_a_cpu_withou
     choice is openvino-int8, as the README says (a RECHECK_LOGIT_GAP changed without re-running
     python -m training.engines would quietly serve openvino-fp32 instead)."""
     pytest.importorskip("openvino")
-    shipped = engines.load_record(REPO / "model" / "weights")
+    shipped = engines.load_record(SHIPPED_WEIGHTS_DIR)
     assert shipped["engines"][engines.OPENVINO_INT8]["recheck_logit_gap"] == engines.RECHECK_LOGIT_GAP
     monkeypatch.setattr(engines, "native_bf16", lambda device: False)
     # ... of the int8 network shipped beside it (engine_int8.xml + .bin, committed with it)
@@ -665,7 +666,7 @@ def test_a_gpu_worker_serves_no_lossy_engine_on_the_cpus_record_and_the_reverse(
     figures a CPU's oneDNN rounding made. A lossy engine needs figures from its own kind of machine; lossless ones
     need none. (Only the engine's choice is checked: no GPU runs here.)"""
     gpu = torch.device("cuda", 0)
-    shipped = engines.load_record(REPO / "model" / "weights")
+    shipped = engines.load_record(SHIPPED_WEIGHTS_DIR)
     assert shipped["engines"]["compile-bf16"]["measured_on"]["machine"]["device"] == "cpu"
     with caplog.at_level(logging.WARNING, logger=engines.__name__):
         assert engines.candidates("auto", gpu, shipped) == ["compile-fp32", engines.EAGER]
@@ -704,7 +705,7 @@ def test_training_engines_picks_the_probe_again_for_other_weights_and_keeps_the_
     from training.engines import probe_inputs
 
     model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
-    shipped = engines.load_inputs(REPO / "model" / "weights")
+    shipped = engines.load_inputs(SHIPPED_WEIGHTS_DIR)
     training_split = torch.cat([shipped["calibration"][:64], shipped["probe"][:64]])
     monkeypatch.setattr(engines, "PROBE_IMAGES", 16)
     monkeypatch.setattr(training.data, "load_split", lambda data_dir, train: (training_split, None))

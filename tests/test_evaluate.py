@@ -98,17 +98,17 @@ def test_flip_tta_reports_the_mirror_averaged_figures(tmp_path, cifar100_data_di
     """--tta (the default) scores flip TTA's averaged logits and --no-tta the plain ones: the shipped
     weights on a 300-image subset, where the two answers differ."""
     from model import load_network
-    from serving.archive import DEFAULT_WEIGHTS
+    from model.shipped import SHIPPED_WEIGHTS
     from training.data import load_split, subset
     from training.evaluation import accuracy, predict_logits
 
     images, labels = subset(*load_split(str(cifar100_data_dir), train=False), 300, seed=1)
-    network = load_network(DEFAULT_WEIGHTS)
+    network = load_network(SHIPPED_WEIGHTS)
     expected = {tta: accuracy(predict_logits(network, images, labels, flip_tta=tta), labels) for tta in (False, True)}
     assert expected[True] != expected[False]
     for tta, flag in ((True, "--tta"), (False, "--no-tta")):
         out = tmp_path / f"{flag}.json"
-        assert evaluate_module.main([str(DEFAULT_WEIGHTS), "--data-dir", str(cifar100_data_dir), "--test-subset",
+        assert evaluate_module.main([str(SHIPPED_WEIGHTS), "--data-dir", str(cifar100_data_dir), "--test-subset",
                                      "300", flag, "--json", str(out)]) == 0
         report = json.loads(out.read_text())
         assert report["flip_tta"] is tta

@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from handler.protocols import OUTPUTS, ProtocolError, parse_request, plain_v2_body
-from serving.archive import MODEL_CONFIG, weights_version
+from serving.settings import MODEL_CONFIG
+from serving.archive import weights_version
 from serving.kserve import ENVELOPES, KServeTorchServe, build_bundle
 from serving.process import free_ports, stop_process
 from serving.settings import PREDICTOR_PORT_ENV

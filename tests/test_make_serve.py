@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.archive import DEFAULT_WEIGHTS
+from model.shipped import SHIPPED_WEIGHTS
 from serving.process import port_in_use
 from serving.settings import CALIBRATION_FILE, TORCHSERVE_PORT_ENV
 from checkout import Commands, user_in_a_copy
@@ -46,8 +46,8 @@ def miscalibrated_weights(tmp_path_factory) -> Path:
     """The shipped weights beside a calibration.json fitted on other weights."""
     folder = tmp_path_factory.mktemp("weights")
     weights = folder / "CIFAR100_model.pth"
-    shutil.copy(DEFAULT_WEIGHTS, weights)
-    record = json.loads((DEFAULT_WEIGHTS.parent / CALIBRATION_FILE).read_text())
+    shutil.copy(SHIPPED_WEIGHTS, weights)
+    record = json.loads((SHIPPED_WEIGHTS.parent / CALIBRATION_FILE).read_text())
     record["weights_sha256"] = "0" * 64
     (folder / CALIBRATION_FILE).write_text(json.dumps(record))
     return weights
@@ -72,7 +72,7 @@ def test_make_serve_answers_classify_uncalibrated_and_says_so(served, user, misc
     assert r.status_code == 200, r.text
     answer = r.json()
     plain = ReferenceModel(miscalibrated_weights).probs_of_bytes(EXAMPLE.read_bytes())
-    calibrated = ReferenceModel(DEFAULT_WEIGHTS).probs_of_bytes(EXAMPLE.read_bytes())
+    calibrated = ReferenceModel(SHIPPED_WEIGHTS).probs_of_bytes(EXAMPLE.read_bytes())
     assert answer["index"] == int(plain.argmax())
     assert answer["probability"] == pytest.approx(float(plain.max()), abs=2e-4)
     assert abs(float(calibrated.max()) - float(plain.max())) > 0.01  # the check above tells them apart
@@ -83,7 +83,7 @@ def test_make_serve_answers_classify_uncalibrated_and_says_so(served, user, misc
 
 def test_make_serve_again_is_idempotent_and_status_says_running(served, user):
     assert served.returncode == 0
-    again = user.make("serve", f"WEIGHTS={DEFAULT_WEIGHTS}")
+    again = user.make("serve", f"WEIGHTS={SHIPPED_WEIGHTS}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "TorchServe was already running" in again.stdout and "Adapter already running" in again.stdout
     # Other weights than those served: the archive was rebuilt, the running server keeps the old one.

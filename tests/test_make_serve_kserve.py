@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.archive import DEFAULT_WEIGHTS
+from model.shipped import SHIPPED_WEIGHTS
 from serving.process import port_in_use
 from serving.settings import PREDICTOR_PORT_ENV, TORCHSERVE_PORT_ENV
 from checkout import Commands, user_in_a_copy
@@ -48,7 +48,7 @@ def test_make_serve_kserve_answers_through_kserves_server_without_torchserve(ser
     r = httpx.post(f"{adapter}/classify/", files={"image": ("test-00042.png", EXAMPLE.read_bytes(), "image/png")},
                    timeout=60)
     assert r.status_code == 200, r.text
-    assert r.json()["index"] == int(ReferenceModel(DEFAULT_WEIGHTS).probs_of_bytes(EXAMPLE.read_bytes()).argmax())
+    assert r.json()["index"] == int(ReferenceModel(SHIPPED_WEIGHTS).probs_of_bytes(EXAMPLE.read_bytes()).argmax())
     assert user.status("serving.kserve", "predictor") == 0
     assert user.status("serving.torchserve") == 3  # no TorchServe, no Java
     # gRPC is served too, on its own port.

@@ -12,10 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from model import CIFAR100Model, ResidualSEBlock, SEBlock, fold_batchnorm, infer_width_and_classes, network_from_state_dict
+from model import (SHIPPED_WEIGHTS, CIFAR100Model, ResidualSEBlock, SEBlock, fold_batchnorm, infer_width_and_classes,
+                   network_from_state_dict)
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_WEIGHTS = ROOT / "model" / "weights" / "CIFAR100_model.pth"
 
 
 def _batchnorm(prefix: str, channels: int) -> dict[str, torch.Size]:
@@ -220,9 +219,8 @@ def test_finite_weights_that_overflow_are_refused_by_a_probe_forward_pass():
     through the network (eval mode, the caller's mode kept) and refuses non-finite logits; weights large but in
     range still load."""
     from model import WeightsError, network_from_state_dict
-    from serving.archive import DEFAULT_WEIGHTS
 
-    shipped = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+    shipped = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)
     torch.manual_seed(0)
     untrained = CIFAR100Model(width=1, num_classes=100).state_dict()  # BatchNorm biases 0
     assert network_from_state_dict(shipped).training  # returned in train mode, as built

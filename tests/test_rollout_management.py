@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import signal
@@ -23,12 +22,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from serving.archive import DEFAULT_WEIGHTS, inputs_digest, weights_version
+from model.shipped import SHIPPED_WEIGHTS
+from serving.archive import inputs_digest, weights_version
 from serving.rollout import HTTP_TIMEOUT_S, Rollout, RolloutError
 from serving.torchserve import TorchServeInstance
 from test_adapter_oip import stand_in_server
 
-NEW = weights_version(DEFAULT_WEIGHTS)
+NEW = weights_version(SHIPPED_WEIGHTS)
 OLD = "w3-deadbeef"
 INVALID_KEY = {"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed. Token either"
                                                                       " incorrect, expired, or not provided correctly"}
@@ -117,7 +117,7 @@ def test_an_expired_management_key_is_renewed_and_the_call_sent_again(tmp_path):
     """TorchServe's management key expires after token_expiration_min (60): the rollout asks for a new
     one with the API key, as the adapter does, instead of reporting that cifar100 is not served."""
     api = StandInManagement(tmp_path, [NEW], expired={"management"})
-    version, said = with_stand_in(api, lambda rollout: rollout.run(DEFAULT_WEIGHTS))
+    version, said = with_stand_in(api, lambda rollout: rollout.run(SHIPPED_WEIGHTS))
     assert version == NEW and "nothing to do" in said[-1]
     assert api.refused == [("GET", "/models/cifar100")] and api.issued == 1
     assert json.loads((tmp_path / "key_file.json").read_text())["management"]["key"] == "m1"
@@ -152,7 +152,7 @@ def test_a_key_renewed_elsewhere_is_read_again_not_renewed(tmp_path):
 def test_a_key_that_cannot_be_renewed_is_reported_as_such(tmp_path):
     api = StandInManagement(tmp_path, [NEW], expired={"management"}, renewable=False)
     with pytest.raises(RolloutError) as err:
-        with_stand_in(api, lambda rollout: rollout.run(DEFAULT_WEIGHTS))
+        with_stand_in(api, lambda rollout: rollout.run(SHIPPED_WEIGHTS))
     message = str(err.value)
     assert "refused the management key" in message and "renewing it with the API key failed" in message
     assert "does not serve" not in message
@@ -177,7 +177,7 @@ def test_the_default_already_serving_still_unregisters_the_versions_left_beside_
     """A rollout interrupted after its switch leaves the old version registered (its workers' memory
     for good): the same command again drains and unregisters it, and says so."""
     api = StandInManagement(tmp_path, [NEW, OLD])
-    version, said = with_stand_in(api, lambda rollout: rollout.run(DEFAULT_WEIGHTS))
+    version, said = with_stand_in(api, lambda rollout: rollout.run(SHIPPED_WEIGHTS))
     assert version == NEW and api.registered == [NEW]
     assert ("DELETE", f"/models/cifar100/{OLD}") in api.calls
     assert not any(method == "DELETE" and path.endswith(NEW) for method, path in api.calls)
@@ -202,21 +202,21 @@ def test_a_second_rollout_while_one_runs_is_refused_at_once_naming_the_first(tmp
 
     def go(rollout):
         first = Rollout(rollout.ts, ready_timeout_s=5, drain_s=0, say=held_first)
-        thread = threading.Thread(target=first.run, args=(DEFAULT_WEIGHTS,))
+        thread = threading.Thread(target=first.run, args=(SHIPPED_WEIGHTS,))
         thread.start()
         try:
             assert first_started.wait(30)
             calls_before = len(api.calls)
             started = time.monotonic()
             with pytest.raises(RolloutError) as err:
-                rollout.run(DEFAULT_WEIGHTS)
+                rollout.run(SHIPPED_WEIGHTS)
             assert time.monotonic() - started < 1 and len(api.calls) == calls_before  # at once, nothing asked
         finally:
             first_may_go.set()
             thread.join(30)
         message = str(err.value)
         assert message.startswith(f"another rollout is under way on this TorchServe (pid {os.getpid()}, since ")
-        assert f"--weights {DEFAULT_WEIGHTS}; lock {rollout.ts.log_dir / 'rollout.lock'})" in message, message
+        assert f"--weights {SHIPPED_WEIGHTS}; lock {rollout.ts.log_dir / 'rollout.lock'})" in message, message
         # README quotes it whole (it had a relative lock path and stopped before the advice): the same words.
         readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
         quoted = re.search(r"`error: (another rollout is under way on this TorchServe \(pid [^`]*)`", readme)[1]
@@ -226,7 +226,7 @@ def test_a_second_rollout_while_one_runs_is_refused_at_once_naming_the_first(tmp
             return " ".join(text.split())
         assert shape(quoted) == shape(message), (quoted, message)
         assert api.registered == [NEW]  # the first one finished its work
-        return rollout.run(DEFAULT_WEIGHTS)  # the lock is free again
+        return rollout.run(SHIPPED_WEIGHTS)  # the lock is free again
     version, said = with_stand_in(api, go)
     assert version == NEW and "nothing to do" in said[-1]
 
@@ -421,9 +421,9 @@ def test_the_rollouts_http_timeout_is_an_option(monkeypatch, capsys):
 def test_the_rollout_passes_on_make_archives_warnings(tmp_path):
     """The rollout built its archive quietly, so weights with no calibration.json beside them went into service
     uncalibrated (nothing ever "unsure") without the warning `make archive` prints for them."""
-    weights = tmp_path / "weights" / DEFAULT_WEIGHTS.name
+    weights = tmp_path / "weights" / SHIPPED_WEIGHTS.name
     weights.parent.mkdir()
-    shutil.copyfile(DEFAULT_WEIGHTS, weights)
+    shutil.copyfile(SHIPPED_WEIGHTS, weights)
     said: list[str] = []
     ts = TorchServeInstance(tmp_path, model_store=tmp_path / "store")
     ts.model_store.mkdir()
@@ -451,12 +451,12 @@ def test_the_same_weights_built_from_a_changed_handler_are_not_nothing_to_do(tmp
     api = StandInManagement(tmp_path, [NEW])
     (tmp_path / f"cifar100-{NEW}.mar.inputs").write_text("0" * 64 + "\n")  # built from another handler
     with pytest.raises(RolloutError) as err:
-        with_stand_in(api, lambda rollout: rollout.run(DEFAULT_WEIGHTS))
+        with_stand_in(api, lambda rollout: rollout.run(SHIPPED_WEIGHTS))
     assert f"version {NEW} already serves cifar100, but" in str(err.value) and "other inputs" in str(err.value)
-    assert f"make stop && make serve WEIGHTS={DEFAULT_WEIGHTS}" in str(err.value)
+    assert f"make stop && make serve WEIGHTS={SHIPPED_WEIGHTS}" in str(err.value)
     assert not any(method in ("POST", "PUT", "DELETE") for method, _ in api.calls)  # nothing registered or changed
-    (tmp_path / f"cifar100-{NEW}.mar.inputs").write_text(inputs_digest(DEFAULT_WEIGHTS, NEW) + "\n")  # the same
-    version, said = with_stand_in(api, lambda rollout: rollout.run(DEFAULT_WEIGHTS))
+    (tmp_path / f"cifar100-{NEW}.mar.inputs").write_text(inputs_digest(SHIPPED_WEIGHTS, NEW) + "\n")  # the same
+    version, said = with_stand_in(api, lambda rollout: rollout.run(SHIPPED_WEIGHTS))
     assert version == NEW and "nothing to do" in said[-1]
 
 
@@ -491,7 +491,7 @@ def test_a_switch_refused_withdraws_the_new_version_and_says_the_old_one_serves(
 
     def run(rollout):
         with pytest.raises(RolloutError) as info:
-            rollout.run(DEFAULT_WEIGHTS)
+            rollout.run(SHIPPED_WEIGHTS)
         return str(info.value)
     message, _ = with_stand_in_route(api, route, run)
     assert message.startswith(f"could not make {NEW} the default: 500"), message
@@ -518,7 +518,7 @@ def test_a_failed_registration_leaves_nothing_of_the_new_version(tmp_path, answe
 
     def run(rollout):
         with pytest.raises(RolloutError) as info:
-            rollout.run(DEFAULT_WEIGHTS)
+            rollout.run(SHIPPED_WEIGHTS)
         return str(info.value)
     message, _ = with_stand_in_route(api, route, run, http_timeout_s=0.5)
     assert ("POST", "/models") in api.calls and api.registered == [OLD], (api.calls, api.registered)
@@ -557,13 +557,13 @@ def test_an_old_version_whose_queue_never_empties_is_unregistered_with_a_warning
 ROLLOUT_IN_A_CHILD = """
 import sys
 from pathlib import Path
-from serving.archive import DEFAULT_WEIGHTS
+from model.shipped import SHIPPED_WEIGHTS
 from serving.rollout import roll_out
 from serving.torchserve import TorchServeInstance
 workdir, port, http_timeout_s = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 ts = TorchServeInstance(workdir, {"inference": port, "management": port, "metrics": port, "grpc_inference": 1,
                                   "grpc_management": 2}, model_store=workdir)
-sys.exit(roll_out(ts, DEFAULT_WEIGHTS, ready_timeout_s=60, drain_s=0, http_timeout_s=http_timeout_s))
+sys.exit(roll_out(ts, SHIPPED_WEIGHTS, ready_timeout_s=60, drain_s=0, http_timeout_s=http_timeout_s))
 """
 
 

@@ -18,7 +18,9 @@ from ts.context import Context, RequestProcessor
 
 from handler.cifar100_handler import CIFAR100Handler
 from handler.preprocessing import normalize
+from model.shipped import SHIPPED_WEIGHTS
 from serving.archive import build_archive, weights_version
+from serving.settings import MODEL_CONFIG
 from serving_helpers import ReferenceModel, assert_same_answer, cifar_pil, encode
 from torchserve_fixture import weights_under_test
 
@@ -393,10 +395,10 @@ def test_the_archive_is_rebuilt_when_weights_handler_or_config_change_and_kept_o
     digest = archive.inputs_digest(weights, version)
     assert archive.inputs_digest(weights, version) == digest
     config = tmp_path / "model-config.yaml"
-    config.write_text(archive.MODEL_CONFIG.read_text())
+    config.write_text(MODEL_CONFIG.read_text())
     copied = archive.inputs_digest(weights, version, config)
     assert archive.inputs_digest(weights, version, config) == copied
-    config.write_text(archive.MODEL_CONFIG.read_text().replace("topk: 5", "topk: 3"))
+    config.write_text(MODEL_CONFIG.read_text().replace("topk: 5", "topk: 3"))
     assert "topk: 3" in config.read_text() and archive.inputs_digest(weights, version, config) != copied
     other = tmp_path / "weights" / weights.name
     other.parent.mkdir()
@@ -417,7 +419,7 @@ def test_the_archive_is_rebuilt_when_weights_handler_or_config_change_and_kept_o
     beside.parent.mkdir()
     shutil.copyfile(weights, beside)
     bare = archive.inputs_digest(beside, version)
-    calibration = json.loads((archive.DEFAULT_WEIGHTS.parent / "calibration.json").read_text())
+    calibration = json.loads((SHIPPED_WEIGHTS.parent / "calibration.json").read_text())
     (beside.parent / "calibration.json").write_text(json.dumps({**calibration, "weights_sha256": archive.sha256_of(beside)}))
     assert archive.inputs_digest(beside, version) != bare
     module = tmp_path / "answers.py"
@@ -444,12 +446,10 @@ def test_another_model_config_is_packed_from_the_command_line_or_ts_model_config
     not a model config is refused by name, before torch-model-archiver runs, and no archive is written."""
     import os
 
-    from serving import archive
-
     repo = Path(__file__).resolve().parents[1]
     flip = tmp_path / "flip.yaml"
-    flip.write_text(archive.MODEL_CONFIG.read_text().replace("flip_tta: false", "flip_tta: true"))
-    assert flip.read_text() != archive.MODEL_CONFIG.read_text()
+    flip.write_text(MODEL_CONFIG.read_text().replace("flip_tta: false", "flip_tta: true"))
+    assert flip.read_text() != MODEL_CONFIG.read_text()
     bad = tmp_path / "bad.yaml"
     bad.write_text("batchSize: 6\n")
 
@@ -467,7 +467,7 @@ def test_another_model_config_is_packed_from_the_command_line_or_ts_model_config
     assert build("by-env", env={"TS_MODEL_CONFIG": str(flip)}).returncode == 0
     assert packed("by-env") == flip.read_text()
     assert build("default", env={"TS_MODEL_CONFIG": ""}).returncode == 0  # set but empty: the shipped one
-    assert packed("default") == archive.MODEL_CONFIG.read_text()
+    assert packed("default") == MODEL_CONFIG.read_text()
 
     for args, env, named in ((["--model-config", str(bad)], None, bad), ([], {"TS_MODEL_CONFIG": str(tmp_path / "gone.yaml")},
                                                                         tmp_path / "gone.yaml")):

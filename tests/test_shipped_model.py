@@ -7,17 +7,15 @@ through a running TorchServe for 1,000+ images) is in test_shipped_model_served.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from model import load_network
+from model import SHIPPED_WEIGHTS, load_network
 from training.evaluation import accuracy
 
-ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "model" / "weights" / "CIFAR100_model.pth"
-METRICS = ROOT / "model" / "weights" / "metrics.json"
+WEIGHTS = SHIPPED_WEIGHTS
+METRICS = SHIPPED_WEIGHTS.parent / "metrics.json"
 # The model card's promise for the shipped weights (top-1 on the 10,000 test images as served:
 # no test-time augmentation, which the handler does not do).
 TOP1_FLOOR = 70.0

@@ -19,7 +19,8 @@ import pytest
 import torch
 import yaml
 
-from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG
+from model.shipped import SHIPPED_WEIGHTS
+from serving.settings import MODEL_CONFIG
 from serving_helpers import ReferenceModel, cifar_pil, encode, engine_record, torchserve_log
 from torchserve_fixture import weights_under_test
 
@@ -81,7 +82,7 @@ def test_1000_served_answers_agree_with_in_process_top1(torchserve_ready, cifar1
     assert abs(served_acc - in_process_acc) <= float(near_tie.float().mean())
     served_pct = 100 * served_acc
     assert served_pct >= TOP1_FLOOR, served_pct
-    if weights_under_test().resolve() == DEFAULT_WEIGHTS.resolve():  # the card is for the shipped weights
+    if weights_under_test().resolve() == SHIPPED_WEIGHTS.resolve():  # the card is for the shipped weights
         metrics = json.loads(METRICS.read_text())
         card = metrics["final_evaluation"][metrics["weights_are"]]["top1"]  # 74.95 (model/README.md)
         assert served_pct == pytest.approx(card, abs=SAMPLE_TOLERANCE), (served_pct, card)

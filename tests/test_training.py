@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from cifar100_data import data_dir
-from model import CIFAR100Model
+from model import SHIPPED_WEIGHTS, CIFAR100Model
 from serving import cli
 from training import train as train_module
 
@@ -245,7 +245,7 @@ def test_ddp_evaluation_scores_rank_0s_batchnorm_statistics_on_every_rank(tmp_pa
     script = tmp_path / "ddp_evaluate.py"
     script.write_text(DDP_EVALUATE_WORKER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           str(ROOT / "model" / "weights" / "CIFAR100_model.pth")]
+           str(SHIPPED_WEIGHTS)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

@@ -18,7 +18,9 @@ import os
 import shutil
 from pathlib import Path
 
-from serving.archive import DEFAULT_WEIGHTS, MODEL_CONFIG, build_archive
+from model.shipped import SHIPPED_WEIGHTS
+from serving.settings import MODEL_CONFIG
+from serving.archive import build_archive
 from serving.torchserve import TorchServeInstance
 
 WEIGHTS_ENV = "CIFAR100_TEST_WEIGHTS"
@@ -27,7 +29,7 @@ HTTP_TIMEOUT_S = 60.0  # no test request may hang: every call has a deadline (co
 
 
 def weights_under_test() -> Path:
-    return Path(os.environ.get(WEIGHTS_ENV, DEFAULT_WEIGHTS))
+    return Path(os.environ.get(WEIGHTS_ENV, SHIPPED_WEIGHTS))
 
 
 def start_test_torchserve(root: Path, weights: Path | None = None, model_config: Path = MODEL_CONFIG) -> TorchServeInstance:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from model.shipped import SHIPPED_WEIGHTS
 from serving.settings import CALIBRATION_FILE
 from serving import cli
 from training.runtime import served_weights, user_errors
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = cli.Parser("training.calibrate", __doc__.split("\n\n")[0])
     parser.add_argument("weights", type=Path, nargs="?",
-                        default=Path(__file__).resolve().parents[1] / "model" / "weights" / "CIFAR100_model.pth")
+                        default=SHIPPED_WEIGHTS)
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--out-dir", type=Path, help="default: the weights' folder")
     args = parser.parse_args(argv)

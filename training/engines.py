@@ -35,13 +35,12 @@ from pathlib import Path
 import torch
 
 from handler import engine as engines
-from serving.settings import CALIBRATION_FILE
+from model.shipped import SHIPPED_WEIGHTS, SHIPPED_WEIGHTS_DIR
+from serving.settings import CALIBRATION_FILE, MODEL_CONFIG
 from serving import cli
 from training.runtime import (DEVICE_HELP, atomic_save, atomic_write, device_argument, pick_device, served_weights,
                               user_errors)
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
 CALIBRATION_IMAGES = 256
 # Closer calls than this flip under any engine's rounding, good or broken: they would only add chance to the
 # probe (on 256 images from 0.02 the engines that pass the guard agreed 92-93%; from 0.001, 87-90%).
@@ -50,8 +49,6 @@ PROBE_MIN_LOGIT_GAP = 0.02
 # or its unsure threshold changed (the grid is 0.01).
 TEMPERATURE_TOLERANCE = 0.01
 
-
-MODEL_CONFIG = REPO / "handler" / "model-config.yaml"
 
 
 def model_config(path: Path = MODEL_CONFIG) -> dict:
@@ -73,7 +70,7 @@ def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.n
     weights = Path(weights)
     record_path = engine_record_for(weights)
     inputs = weights.resolve().parent / engines.INPUTS_FILE
-    inputs = inputs if inputs.is_file() else DEFAULT_WEIGHTS.parent / engines.INPUTS_FILE
+    inputs = inputs if inputs.is_file() else SHIPPED_WEIGHTS_DIR / engines.INPUTS_FILE
     if model is None:
         model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
     config = config or model_config()
@@ -202,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import default_data_dir, load_split
 
     parser = cli.Parser("training.engines", __doc__.split("\n\n")[0])
-    parser.add_argument("weights", type=Path, nargs="?", default=DEFAULT_WEIGHTS)
+    parser.add_argument("weights", type=Path, nargs="?", default=SHIPPED_WEIGHTS)
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--engines", nargs="+", default=list(engines.ENGINES[1:]), choices=engines.ENGINES[1:])
     parser.add_argument("--threads", type=cli.positive_int, default=torch.get_num_threads())

@@ -28,12 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from handler import engine as engines
+from model.shipped import SHIPPED_WEIGHTS
 from serving.settings import ENGINE_INT8_FILE
 from serving import cli
 from training.runtime import progress_argument, served_weights, show_progress, user_errors
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS = REPO / "model" / "weights" / "CIFAR100_model.pth"
 CALIBRATION_IMAGES = 300   # NNCF's default subset size
 CONTROL_IMAGES = 2000      # the agreement reported on training images (the test split is training.engines' job)
 # Layers left float32 (NNCF's names): the stem convolution and the SE gates' two small linears.
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import default_data_dir
 
     parser = cli.Parser("training.quantize", __doc__.split("\n\n")[0])
-    parser.add_argument("weights", type=Path, nargs="?", default=DEFAULT_WEIGHTS)
+    parser.add_argument("weights", type=Path, nargs="?", default=SHIPPED_WEIGHTS)
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--steps", type=int, default=QAT_STEPS, help=f"fine-tuning batches of {QAT_BATCH} (0: none)")
     progress_argument(parser)
