@@ -3,8 +3,9 @@ priority (nice 19): they run on the core the tests leave idle (about half the ti
 servers) instead of holding the tests up when first asked for. A result is what the test process would have
 computed; a test that asks before it is done waits for it (the tests then leave the cores to it).
 
-tests/conftest.py starts those the selected tests need (``COMPUTATIONS``, by the fixture that returns each: it
-calls ``result``) and stops any left at the end. Each runs as ``python tests/background.py NAME DATA_DIR OUT``."""
+A computation ``f(data_dir)`` is registered (``@background.computation(name)``) by the test module or conftest that
+has the fixture ``name`` returning ``result(name, ...)``; tests/conftest.py starts those the selected tests need and
+stops any left at the end. Each runs as ``python tests/background.py MODULE:FUNCTION DATA_DIR OUT``."""
 from __future__ import annotations
 
 import os
@@ -17,37 +18,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WAIT_TIMEOUT_S = 900  # the longest is ~1 min alone on 2 cores
 
-
-def shipped_test_split_logits(data_dir: str):
-    """(plain logits, flip-TTA logits, labels) of the shipped weights' served network on the whole test split."""
-    from serving.archive import DEFAULT_WEIGHTS
-    from training.calibrate import logits_on_test_split
-
-    return logits_on_test_split(DEFAULT_WEIGHTS, data_dir)
+# fixture name -> "module:function" the child imports and calls with the data folder (a function of a test module,
+# importable by its name from tests/: the module's own top-level code must be pure)
+COMPUTATIONS: dict[str, str] = {}
 
 
-def nncf_cpu_extension(data_dir: str) -> bool:
-    """NNCF's C++ quantization functions for the CPU, compiled into torch's extension cache (~20 s of g++ on a fresh
-    machine, at training.quantize's first use; later loads find it built, or wait on its lock while it builds)."""
-    from nncf.torch.quantization.extensions import QuantizedFunctionsCPULoader
-
-    QuantizedFunctionsCPULoader.load()
-    return True
-
-
-def width10_reference_probs(data_dir: str):
-    """The width-10 network's in-process answers (flip TTA, as its card serves it) to test_width10_model's images:
-    its engine is built here (~25 s on 2 cores) for the served worker, not in the test nor in the worker."""
-    from serving_helpers import ReferenceModel
-    from test_width10_model import N_IMAGES, WEIGHTS, served_model_config
-    from training.data import load_split
-
-    images, _ = load_split(data_dir, train=False)
-    return ReferenceModel(WEIGHTS, config=served_model_config()).probs_of_uint8(images[:N_IMAGES])
-
-
-COMPUTATIONS = {"shipped_test_split_logits": shipped_test_split_logits, "nncf_cpu_extension": nncf_cpu_extension,
-                "width10_reference_probs": width10_reference_probs}
+def computation(name: str):
+    """Registers the decorated ``function(data_dir)`` as the computation behind the fixture ``name``."""
+    def register(function):
+        COMPUTATIONS[name] = f"{function.__module__}:{function.__name__}"
+        return function
+    return register
 
 
 class Background:
@@ -58,8 +39,8 @@ class Background:
         self.folder = Path(tempfile.mkdtemp(prefix=f"background-{name}-"))
         self.out, self.log = self.folder / "result.pt", self.folder / "output.log"
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, __file__, name, data_dir, str(self.out)], cwd=REPO,
-                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([sys.executable, __file__, COMPUTATIONS[name], data_dir, str(self.out)],
+                                            cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         self._result = None
 
     def result(self):
@@ -103,12 +84,15 @@ def stop_all() -> None:
     RUNNING.clear()
 
 
-def main(name: str, data_dir: str, out: str) -> None:
+def main(target: str, data_dir: str, out: str) -> None:
     os.nice(19)  # first: the tests come before this
+    import importlib
+
     import torch
 
     sys.path.insert(0, str(REPO))
-    value = COMPUTATIONS[name](data_dir)
+    module, function = target.split(":")
+    value = getattr(importlib.import_module(module), function)(data_dir)
     partial = Path(out).with_suffix(".partial")
     torch.save(value, partial)
     partial.rename(out)  # whole or absent

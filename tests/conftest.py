@@ -137,12 +137,30 @@ def cifar100_test_split(cifar100_data_dir):
     return load_split(cifar100_data_dir, train=False)
 
 
+@background.computation("shipped_test_split_logits")
+def served_logits_on_the_test_split(data_dir: str):
+    from model.shipped import SHIPPED_WEIGHTS
+    from training.calibrate import logits_on_test_split
+
+    return logits_on_test_split(SHIPPED_WEIGHTS, data_dir)
+
+
 @pytest.fixture(scope="session")
 def shipped_test_split_logits(cifar100_data_dir):
     """(plain logits, flip-TTA logits, labels) of the shipped weights' served network on the whole test
     split, computed once for every test that needs them (one pass over 20,000 images: ~1 min on 2 cores), in the
     background from the session's start (tests/background.py)."""
     return background.result("shipped_test_split_logits", str(cifar100_data_dir))
+
+
+@background.computation("nncf_cpu_extension")
+def compile_nncf_cpu_extension(data_dir: str) -> bool:
+    """~20 s of g++ on a fresh machine, at training.quantize's first use; later loads find it built in torch's
+    extension cache, or wait on its lock while it builds."""
+    from nncf.torch.quantization.extensions import QuantizedFunctionsCPULoader
+
+    QuantizedFunctionsCPULoader.load()
+    return True
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,17 @@ import pytest
 import background
 
 
+@background.computation("a_failing_computation")
+def fails_for_want_of_data(data_dir: str):
+    raise FileNotFoundError(f"no CIFAR-100 in {data_dir}")
+
+
 def test_a_failed_background_computation_fails_the_asker_with_its_output():
-    computation = background.Background("no_such_computation", "/nonexistent")
+    """The child found this module's function by the name it was registered under, ran it, and its error is told."""
+    computation = background.Background("a_failing_computation", "/nonexistent")
     try:
-        with pytest.raises(AssertionError, match=r"(?s)no_such_computation in the background failed \(1\).*KeyError"):
+        with pytest.raises(AssertionError, match=r"(?s)a_failing_computation in the background failed \(1\).*"
+                                                 r"FileNotFoundError: no CIFAR-100 in /nonexistent"):
             computation.result()
     finally:
         computation.stop()

@@ -67,6 +67,15 @@ def width10_torchserve(tmp_path_factory):
     ts.stop()
 
 
+@background.computation("width10_reference_probs")
+def width10_reference_answers(data_dir: str):
+    from serving_helpers import ReferenceModel
+    from training.data import load_split
+
+    images, _ = load_split(data_dir, train=False)
+    return ReferenceModel(WEIGHTS, config=served_model_config()).probs_of_uint8(images[:N_IMAGES])
+
+
 @pytest.fixture(scope="module")
 def width10_reference_probs(cifar100_data_dir):
     """ReferenceModel(WEIGHTS, config=served_model_config())'s probabilities for the first N_IMAGES test images,
