@@ -97,7 +97,7 @@ MAX_TOP1_DROP = 0.002      # top-1 at most 0.2 points under eager fp32
 MIN_AGREEMENT = 0.99       # same top-1 as eager fp32 on at least 99% of test images
 # Start-up probe: fp32's 256 closest calls among training images (random training images almost never
 # change: openvino-int8 without its rechecks agreed on 100% of them, on 98.59% of the test split). On them the
-# engines that pass the test-split guard agreed 92-93%, those that fail it 71-75% (benchmarks/RESULTS.md,
+# engines that pass the test-split guard agreed 91.8-92.6%, those that fail it 71-75% (benchmarks/RESULTS.md,
 # session 48, one CPU): the line sits between. How far a good engine's figure moves on other CPUs or a GPU is
 # not measured yet (python -m benchmarks.engine_probe); a wrong refusal costs speed, not answers.
 PROBE_MIN_AGREEMENT = 0.85

@@ -736,6 +736,23 @@ def test_the_shipped_probe_record_and_weights_belong_together():
     assert engines.Engine(engines.EAGER, model)(normalize(inputs["probe"])).argmax(1).tolist() == shipped["probe_fp32_top1"]
 
 
+def test_the_readme_and_the_model_card_quote_the_shipped_record():
+    """The served engines' figures the READMEs give are engines.json's: they had kept an earlier record's (another
+    CPU's) after it was measured again."""
+    import re
+
+    measured = engines.load_record(SHIPPED_WEIGHTS_DIR)["engines"]
+    percent = {name: f"{100 * measured[name]['top1']:.2f}%" for name in ("openvino-bf16", "openvino-int8")}
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"{percent['openvino-bf16']} top-1 through `openvino-bf16`" in readme, percent
+    assert f"{percent['openvino-int8']} through `openvino-int8`" in readme, percent
+    card = " ".join((SHIPPED_WEIGHTS_DIR.parent / "README.md").read_text().split())
+    stated = re.search(r"`openvino-bf16` ([\d.]+%) and `openvino-int8` ([\d.]+%) in `engines.json`", card)
+    assert stated and stated.groups() == (percent["openvino-bf16"], percent["openvino-int8"]), percent
+    int8 = f"{100 * measured['int8']['agreement']:.2f}% agreement in the shipped record"
+    assert int8 in readme, int8
+
+
 def test_with_flip_tta_a_lossy_engine_needs_the_guard_passed_with_flip_tta_too(caplog):
     """The average of two views can move where neither view did: with openvino-int8's rechecks decided per view it
     agreed with fp32's flip TTA on 98.90% of the test split (under the guard's 99%). With handler.flip_tta on, a lossy
