@@ -303,6 +303,10 @@ def tight_adapter(torchserve, tmp_path_factory):
 
 
 def test_configured_limit_gives_413_for_a_multipart_upload(tight_adapter):
+    """MAX_UPLOAD_BYTES is the image's own size, whatever the form around it adds (FORM_OVERHEAD_BYTES): a file of
+    exactly 20000 bytes is read whole (then refused as no image, 400), one of 20001 is too large."""
+    at_the_limit = classify(tight_adapter.base_url, os.urandom(20000))
+    assert at_the_limit.status_code == 400 and "not an image" in at_the_limit.json()["error"], at_the_limit.text
     r = classify(tight_adapter.base_url, os.urandom(20001))
     assert r.status_code == 413 and r.json() == {"error": "The image is too large: the limit is 20 KB."}
 
@@ -330,9 +334,13 @@ def test_rotated_inference_key_is_picked_up(adapter, torchserve_ready, images):
     assert classify(adapter.base_url, content).status_code == 200
     old = torchserve_ready.key_file.load().inference
     torchserve_ready.key_file.renew(torchserve_ready.management_url, "inference")
-    assert torchserve_ready.key_file.load().inference != old
+    new = torchserve_ready.key_file.load().inference
+    assert new != old
     r = classify(adapter.base_url, content)
     assert r.status_code == 200, r.text
+    # Read from the rewritten file: an adapter that kept the old key would have been refused and renewed the
+    # key itself (a fallback that answers too), writing yet another one.
+    assert torchserve_ready.key_file.load().inference == new
 
 
 def test_refused_key_with_unchanged_file_is_renewed(adapter, torchserve_ready, images):
@@ -920,6 +928,12 @@ def test_the_adapters_answer_keeps_unsure_and_the_first_top_k_in_order():
     assert list(shaped)[0] == "prediction" and shaped["unsure"] is True
     assert shaped["top5"] == topk[:TOP_K]
     assert classify_answer({**answer, "unsure": False}, time.perf_counter())["unsure"] is False
+    # An answer with labels only (no display names: a handler older than them) gets them by the seed's rule.
+    bare = classify_answer({"label": "aquarium_fish", "index": 1, "probability": 0.9,
+                            "topk": [{"label": "aquarium_fish", "index": 1, "probability": 0.9},
+                                     {"label": "sweet_pepper", "index": 83, "probability": 0.1}]}, time.perf_counter())
+    assert bare["prediction"] == "Aquarium fish"
+    assert [item["name"] for item in bare["top5"]] == ["Aquarium fish", "Sweet pepper"]
 
 
 @pytest.mark.parametrize("server", ["torchserve", "oip"])

@@ -12,6 +12,7 @@ TorchServe at all) over real sockets, with short deadlines through its settings.
     a trailer line that never ends, a huge chunk extension -> 431
     a client that half-closes after its request -> still gets its answer
     HEAD on every GET route    -> 200
+    POST to a page's path       -> 405 at once, the connection closed (its body unread)
     refused uploads whose clients reset -> nothing of them kept (in-process, to count the connections)
 """
 from __future__ import annotations
@@ -209,6 +210,20 @@ def test_a_refusal_of_a_later_request_waits_for_the_earlier_answer(edge, path):
     first, _, second = response.partition(b"HTTP/1.1 400")
     assert first.startswith(b"HTTP/1.1 200" if path == "/classes" else b"HTTP/1.1 503"), response[:400]
     assert b"not valid HTTP" in second
+
+
+def test_a_post_to_a_path_that_takes_none_is_answered_at_once_and_closed_without_its_body(edge):
+    """Refused before the POST's body was read (the page's files take GET and HEAD only: 405), the connection is
+    closed (adapter/limits.py): neither waiting for the 10 MB the client promised nor reading them as its next
+    request."""
+    started = time.monotonic()
+    response = exchange(edge.port, b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                                   b"Content-Length: 10000000\r\n\r\n" + b"x" * 1000)
+    status, headers, body = status_and_json(response)
+    assert (status, body) == (405, {"error": "Method POST is not allowed on /nope."}), response[:400]
+    assert headers.get("allow") == "GET, HEAD", response[:400]
+    assert headers.get("connection") == "close" and response.count(b"HTTP/1.1 ") == 1, response[:400]
+    assert time.monotonic() - started < LATE_S  # closed after the answer, not when a body deadline fired
 
 
 @pytest.mark.parametrize("path", ["/classes", "/settings", "/metrics", "/health", "/"])

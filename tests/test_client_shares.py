@@ -534,8 +534,17 @@ async def _post_now(port: int, source: str, headers: str = "") -> tuple[int, dic
     return status, response_headers, body, time.monotonic() - started
 
 
+def busy_refusals(adapter) -> Counter:
+    """adapter_busy_refusals_total by cap, now."""
+    values = samples(httpx.get(f"{adapter.base_url}/metrics", timeout=10).text)
+    return Counter({labels[0][1]: value for (name, labels), value in values.items()
+                    if name == "adapter_busy_refusals_total"})
+
+
 def test_requests_in_flight_caps_give_503_with_retry_after(small_caps_adapter, torchserve_ready):
+    """Each cap refuses with its own words, and is counted as itself: its client's share, then everyone's."""
     port = small_caps_adapter.port
+    refused_before = busy_refusals(small_caps_adapter)
 
     async def scenario():
         held = [await _hold_upload(port, "127.0.0.5"), await _hold_upload(port, "127.0.0.5")]
@@ -554,9 +563,12 @@ def test_requests_in_flight_caps_give_503_with_retry_after(small_caps_adapter, t
         return own, everyone, health, after
 
     own, everyone, health, after = asyncio.run(scenario())
-    for (status, headers, body, seconds), words in ((own, "your address"), (everyone, "busy")):
+    for (status, headers, body, seconds), words in ((own, "from your address"), (everyone, "with other uploads")):
         assert status == 503 and headers.get("retry-after") == "3", (status, headers)
         assert words in json.loads(body)["error"] and seconds < 2, (body, seconds)
+    refused = busy_refusals(small_caps_adapter)
+    assert {cap: refused[cap] - refused_before[cap] for cap in refused} == {
+        cap: int(cap in ("client_in_flight", "in_flight")) for cap in refused}, (refused_before, refused)
     assert health == 200
     # The held uploads gone, the same request is admitted (400: its body is no image; not 503).
     assert after[0] == 400, after
@@ -570,6 +582,8 @@ def test_x_forwarded_for_counts_only_from_a_trusted_proxy(small_caps_adapter, to
         held = [await _hold_upload(port, "127.0.0.9", f"X-Forwarded-For: 203.0.113.{n}\r\n") for n in (1, 1, 2)]
         await asyncio.sleep(0.3)
         third_of_user_1 = await _post_now(port, "127.0.0.9", "X-Forwarded-For: 203.0.113.1\r\n")
+        # A third user through the same proxy has a share of its own: the fourth upload in flight, admitted.
+        user_3 = await _post_now(port, "127.0.0.9", "X-Forwarded-For: 203.0.113.3\r\n")
         for _, writer in held:
             writer.transport.abort()
         # From an address that is no proxy, the header names nobody: both uploads count for 127.0.0.10.
@@ -585,11 +599,12 @@ def test_x_forwarded_for_counts_only_from_a_trusted_proxy(small_caps_adapter, to
         other_user = await _post_now(port, "127.0.1.9", "X-Forwarded-For: 203.0.113.7\r\n")
         for _, writer in held:
             writer.transport.abort()
-        return third_of_user_1, spoofed, other_user
+        return third_of_user_1, user_3, spoofed, other_user
 
-    third_of_user_1, spoofed, other_user = asyncio.run(scenario())
+    third_of_user_1, user_3, spoofed, other_user = asyncio.run(scenario())
     # User 1 is over its share (2), user 2's upload was held beside it: 3 from one proxy address.
     assert third_of_user_1[0] == 503 and "your address" in json.loads(third_of_user_1[2])["error"]
+    assert user_3[0] == 400, user_3  # admitted (its body is no image), not 503
     assert spoofed[0] == 503 and "your address" in json.loads(spoofed[2])["error"]
     assert other_user[0] == 400, other_user  # admitted (its body is no image), not 503
 
@@ -620,13 +635,6 @@ def patient_adapter(torchserve, tmp_path_factory):
     with running_adapter(env, tmp_path_factory.mktemp("patient") / "adapter.log") as proc:
         proc.port = int(proc.base_url.rsplit(":", 1)[1])
         yield proc
-
-
-def busy_refusals(adapter) -> Counter:
-    """adapter_busy_refusals_total by cap, now."""
-    values = samples(httpx.get(f"{adapter.base_url}/metrics", timeout=10).text)
-    return Counter({labels[0][1]: value for (name, labels), value in values.items()
-                    if name == "adapter_busy_refusals_total"})
 
 
 def test_explanations_past_a_clients_share_get_503_and_its_classifications_do_not(patient_adapter, torchserve_ready,

@@ -293,12 +293,25 @@ def test_a_transparent_png_is_sent_as_it_is(adapter, page, tmp_path):
     assert page.is_hidden("#sent")
 
 
-def test_paste_an_image(adapter, page, photo):
+# A clipboard's image comes as one of its files, or (some browsers) only as one of its items.
+PASTED_AS = {
+    "files": "new ClipboardEvent('paste', {bubbles: true, cancelable: true, clipboardData: dt})",
+    "items only": "Object.defineProperty(new Event('paste', {bubbles: true, cancelable: true}), 'clipboardData', "
+                  "{value: {files: [], items: [{kind: 'string', getAsFile: () => null}, "
+                  "{kind: 'file', getAsFile: () => file}]}})",
+}
+
+
+@pytest.mark.parametrize("pasted_as", PASTED_AS)
+def test_paste_an_image(adapter, page, photo, pasted_as):
     answer = expected_answer(adapter, photo)
     page.goto(f"{adapter.base_url}/")
-    page.evaluate("() => {" + _file_js(photo) + """
-        document.dispatchEvent(new ClipboardEvent('paste', {bubbles: true, cancelable: true, clipboardData: dt}));
-    }""")
+    prevented = page.evaluate("() => {" + _file_js(photo) + f"""
+        const event = {PASTED_AS[pasted_as]};
+        document.dispatchEvent(event);
+        return event.defaultPrevented;
+    }}""")
+    assert prevented is True  # the browser does not paste it anywhere itself
     wait_for_answer(page)
     assert_shows(page, answer)
 
@@ -710,9 +723,14 @@ def test_space_opens_picker_from_drop_zone(adapter, page):
     page.goto(f"{adapter.base_url}/")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "drop-zone"
+    # Seen from the document, after the drop zone's own handler: whether it kept Space from scrolling the page
+    # (the fresh page may be too short to scroll at all, so scrollY alone could not tell).
+    page.evaluate("document.addEventListener('keydown', e => { if (e.key === ' ') window.spacePrevented = "
+                  "e.defaultPrevented; })")
     with page.expect_file_chooser() as chooser:
         page.keyboard.press("Space")
     assert not chooser.value.is_multiple()
+    assert page.evaluate("window.spacePrevented") is True
     assert page.evaluate("window.scrollY") == 0  # Space did not scroll the page
 
 

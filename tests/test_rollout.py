@@ -56,11 +56,18 @@ def served(tmp_path_factory):
 
 
 def classify_loop(base: str, stop: threading.Event, results: list) -> None:
+    """Posts one image after another until ``stop``: (sent, answered, status, version, text) each; a request
+    that got no HTTP answer (reset, timeout) or an answer that is no JSON is recorded as status 0, and the loop
+    goes on: a thread that died would leave its failures out of ``results``."""
     with httpx.Client(timeout=60) as client:
         while not stop.is_set():
             started = time.monotonic()
-            r = client.post(f"{base}/classify/", files={"image": ("p.png", IMAGE, "image/png")})
-            version = r.json().get("model_version") if r.status_code == 200 else None
+            try:
+                r = client.post(f"{base}/classify/", files={"image": ("p.png", IMAGE, "image/png")})
+                version = r.json().get("model_version") if r.status_code == 200 else None
+            except (httpx.HTTPError, ValueError) as err:
+                results.append((started, time.monotonic(), 0, None, repr(err)))
+                continue
             results.append((started, time.monotonic(), r.status_code, version, r.text[:200]))
 
 
@@ -160,6 +167,7 @@ def test_rollout_under_load_fails_no_request_and_switches_once(served, tmp_path)
         stop.set()
         for t in threads:
             t.join(60)
+    assert not any(t.is_alive() for t in threads)
     failed = [r for r in results if r[2] != 200]
     assert not failed, failed[:5]
     versions = {r[3] for r in results}
