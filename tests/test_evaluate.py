@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+import background
 from model import CIFAR100Model, display_name, load_class_names
 from training import evaluate as evaluate_module
 
@@ -34,16 +36,24 @@ def known_answer_state(width: int = 1) -> dict:
     return state
 
 
+@background.computation("known_report")
+def evaluate_the_known_answer(data_dir: str) -> tuple[str, dict]:
+    """One run of the real CLI on the full test split (no TTA: a mirror cannot change a constant): what it printed
+    and its JSON report."""
+    with tempfile.TemporaryDirectory(prefix="evaluate-") as folder:
+        folder = Path(folder)
+        torch.save(known_answer_state(), folder / "known.pth")
+        proc = subprocess.run([sys.executable, "-m", "training.evaluate", str(folder / "known.pth"),
+                               "--data-dir", data_dir, "--no-tta", "--json", str(folder / "report.json")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=480)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout, json.loads((folder / "report.json").read_text())
+
+
 @pytest.fixture(scope="module")
-def known_report(tmp_path_factory, cifar100_data_dir):
-    """One run of the real CLI on the full test split (no TTA: a mirror cannot change a constant)."""
-    folder = tmp_path_factory.mktemp("evaluate")
-    torch.save(known_answer_state(), folder / "known.pth")
-    proc = subprocess.run([sys.executable, "-m", "training.evaluate", str(folder / "known.pth"),
-                           "--data-dir", str(cifar100_data_dir), "--no-tta", "--json", str(folder / "report.json")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=480)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout, json.loads((folder / "report.json").read_text())
+def known_report(cifar100_data_dir):
+    """evaluate_the_known_answer's result, worked out in the background from the session's start."""
+    return background.result("known_report", str(cifar100_data_dir))
 
 
 def test_known_answer_figures_on_the_full_test_split(known_report):
