@@ -3,7 +3,7 @@
 
     python -m benchmarks.bench_predictor_memory [--clients 64] [--body-mib 11] [--rounds 2] [--over rest grpc]
 
-In KServe's RawDeployment mode nothing in front of the server bounds its connections (Serverless mode's
+In KServe's Standard mode (RawDeployment) nothing in front of the server bounds its connections (Knative mode's
 queue-proxy holds all but containerConcurrency). Each of ``--clients`` threads sends ``--rounds`` bodies of
 ``--body-mib`` MiB, all at once: over REST a v1 body (one image's base64), over gRPC a ModelInferRequest of
 one BYTES element, each time an image that is not one (refused once read); meanwhile a small CIFAR image is

@@ -1,5 +1,5 @@
 """The bound on request bodies KServe's model server holds at once (``--max_body_bytes_held``,
-handler/kserve_predictor.py): in RawDeployment nothing in front of it bounds its connections, and 64
+handler/kserve_predictor.py): in KServe's Standard mode (RawDeployment) nothing in front of it bounds its connections, and 64
 clients sending two bodies of 11 MiB each held it at 1.9 GB over REST and 3.4 GB over gRPC.
 
 REST bodies are counted as their bytes arrive and refused (503) when they would pass the bound: a REST

@@ -103,7 +103,7 @@ TORCHSERVE_JOB_QUEUE_SIZE = 100  # TorchServe's default job_queue_size (requests
 # KServe converts every entry on the event loop before the model sees the request (500,000 of them: 2 s).
 MAX_GRPC_PARAMETERS = 64
 # Request bodies held at once over REST, from their first byte to their answer's end (--max_body_bytes_held): in
-# RawDeployment no queue-proxy bounds the connections, and 64 bodies of 11 MiB held the server at 2.35 GB.
+# Standard mode (RawDeployment) no queue-proxy bounds the connections, and 64 bodies of 11 MiB held the server at 2.35 GB.
 MAX_BODY_BYTES_HELD = 96 * 1024 * 1024
 # gRPC health and metadata calls read at once (--max_grpc_health_calls), beside the message bound: their messages
 # are empty or a name, yet gRPC could carry max_request_size in each; four cover a probe per kind and a metadata call.

@@ -145,8 +145,13 @@ def test_a_torchserve_pods_memory_limit_holds_java_at_its_ceiling_beside_its_wor
                                         (PREDICTOR_GPU_MANIFEST, "8080")],  # its REST port
                          ids=lambda v: getattr(v, "name", v))
 def test_every_inferenceservice_is_scraped_where_its_server_has_its_metrics(path, port):
+    """What KServe's pod webhook makes of the annotations (pkg/webhook/admission/pod/metrics_aggregate_injector.go):
+    the pod's prometheus.io/port is queue-proxy's 9091 (its own metrics only) unless metric aggregation is on, then
+    9088, where queue-proxy serves its own beside those it scrapes from prometheus.kserve.io/port and path. With
+    scraping alone, as the manifests had it, Prometheus never saw TorchServe's or the model server's metrics."""
     annotations = build(yaml.safe_load(path.read_text())).metadata.annotations
     assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
+    assert annotations.get("serving.kserve.io/enable-metric-aggregation") == "true", annotations
     assert (annotations["prometheus.kserve.io/port"], annotations["prometheus.kserve.io/path"]) == (port, "/metrics")
 
 

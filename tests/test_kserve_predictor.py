@@ -531,7 +531,7 @@ asyncio.run(main())
 
 
 def test_bodies_held_at_once_are_bounded_and_given_back_when_their_answers_end():
-    """RequestChecks, in-process: in RawDeployment nothing bounded the bodies held at once (64 bodies of 11 MiB held
+    """RequestChecks, in-process: in KServe's Standard mode nothing bounded the bodies held at once (64 bodies of 11 MiB held
     2.35 GB). With max_held 150: a request holding 80 bytes while its answer is under way makes one declaring 80 more
     get 503 busy (with Retry-After) before any byte is read, and a chunked one 503 at the chunk that would pass it;
     once the first answer ends its bytes are given back and the same request is answered."""
