@@ -43,6 +43,7 @@ from benchmarks.bench_serve import (
 from benchmarks.bench_kserve import v2_bodies
 from benchmarks.load import (HttpTarget, LoadResult, exit_on_sigterm, measure_targets, multipart_image_bodies,
                              print_failures, ratio)
+from benchmarks.side_by_side import side_by_side
 from serving.kserve import KServePredictor, build_bundle
 from serving.process import free_port, popen_exited, stop_popen, wait_until_ready
 from serving import cli
@@ -76,6 +77,18 @@ def seed_server(weights: Path, log_file: Path) -> Iterator[str]:
         yield base
     finally:
         stop_popen(process)
+
+
+@contextmanager
+def torchserve_and_adapter(root: Path, args) -> Iterator[tuple]:
+    """A TorchServe with the benchmark's settings and the adapter in front of it, as `make serve-adapter` runs it
+    (access log included): (its TorchServeInstance, the adapter)."""
+    ts = torchserve_from_arguments(root / "torchserve", args)
+    try:
+        with running_adapter(ts.adapter_env(), root / "adapter.log") as adapter:
+            yield ts, adapter
+    finally:
+        ts.stop()
 
 
 @contextmanager
@@ -192,23 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     concurrencies = args.concurrency
     with tempfile.TemporaryDirectory(prefix="bench-adapter-") as tmp:
         tmp = Path(tmp)
-        ts = torchserve_from_arguments(tmp / "torchserve", args)
-        try:
+        with side_by_side(torchserve_and_adapter(tmp, args), seed_server(args.weights, tmp / "seed.log"),
+                          kserve_path(args.weights, payloads, tmp) if args.kserve else nullcontext({})) as (
+                (ts, adapter), seed_base, oip_targets):
             engine = served_engine_name(ts, payloads[0])
-            # The adapter as `make serve-adapter` runs it, access log included.
-            adapter_env = ts.adapter_env()
-            with running_adapter(adapter_env, tmp / "adapter.log") as adapter, \
-                    seed_server(args.weights, tmp / "seed.log") as seed_base, \
-                    kserve_path(args.weights, payloads, tmp) if args.kserve else nullcontext({}) as oip_targets:
-                targets = {
-                    "torchserve": torchserve_target(ts, payloads),
-                    "adapter": classify_target(adapter.base_url, payloads),
-                    "seed-style": classify_target(seed_base, payloads),
-                    **oip_targets,
-                }
-                rows = measure_targets(targets, concurrencies, args.duration, tmp, args.warmup)
-        finally:
-            ts.stop()
+            targets = {
+                "torchserve": torchserve_target(ts, payloads),
+                "adapter": classify_target(adapter.base_url, payloads),
+                "seed-style": classify_target(seed_base, payloads),
+                **oip_targets,
+            }
+            rows = measure_targets(targets, concurrencies, args.duration, tmp, args.warmup)
 
     print(f"/classify/ benchmark on {machine()}: weights {args.weights}; {args.duration:g} s per point; "
           f"{len(payloads)} CIFAR-100 test PNGs")

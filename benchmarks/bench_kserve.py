@@ -27,6 +27,7 @@ import base64
 import json
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import httpx
@@ -35,6 +36,7 @@ from benchmarks.bench_serve import (add_load_arguments, cifar_png_payloads, mach
                                     print_table, ts_properties)
 from benchmarks.load import (GrpcTarget, HttpTarget, LoadResult, exit_on_sigterm, model_infer_messages, print_failures,
                              ratio, run_load, warm_up)
+from benchmarks.side_by_side import running, side_by_side
 from serving.kserve import KServePredictor, KServeTorchServe, build_bundle
 from serving.torchserve import read_properties
 from serving import cli
@@ -82,11 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         bundle = bundle_from_arguments(tmp, args)
         ts = KServeTorchServe(tmp / "torchserve", bundle, "v2")
         predictor = KServePredictor(tmp / "predictor", bundle) if args.predictor else None
-        try:
-            ts.start()
-            ts.wait_ready(600)  # the first start on a machine compiles the engine
-            if predictor is not None:
-                predictor.start(600)
+        # The first start on a machine compiles the engine; a failed or interrupted start leaves neither running.
+        with side_by_side(running(ts, lambda: (ts.start(), ts.wait_ready(600))),
+                          running(predictor, lambda: predictor.start(600)) if predictor else nullcontext()):
             engines = {"TorchServe": served_engine(ts.predictions_url, payloads[0], "image/png")}
             targets = {
                 "predictions": HttpTarget(ts.predictions_url, payloads, expect='"prediction"',
@@ -107,10 +107,6 @@ def main(argv: list[str] | None = None) -> int:
                     # ABBA order: neither target always runs first after the other's load.
                     for name in (list(targets) if r % 2 == 0 else list(reversed(targets))):
                         rounds[name][c].append(run_load(targets[name], c, args.duration, tmp))
-        finally:  # also after Ctrl-C or SIGTERM during a start: neither server is left running
-            ts.stop()
-            if predictor is not None:
-                predictor.stop()
     print(f"KServe bundle benchmark on {machine()}: weights {args.weights}; {args.duration:g} s per point")
     print("engine: " + ", ".join(f"{server} {engine}" for server, engine in engines.items())
           + " (handler.engine in the bundle's model-config.yaml)")

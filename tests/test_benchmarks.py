@@ -28,6 +28,7 @@ import pytest
 
 from benchmarks import load
 from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies, run_wrk
+from benchmarks.side_by_side import side_by_side
 from serving_helpers import cifar_pil, encode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +88,63 @@ def stub_server(mode: str, delay_s: float = 0.0) -> Iterator[str]:
 
 def stub_target(base: str) -> HttpTarget:
     return HttpTarget(f"{base}/predictions/x", [b"a body"], expect='"prediction"')
+
+
+@contextmanager
+def stand_in_server(name: str, events: list, start=lambda: None) -> Iterator[str]:
+    """A server for side_by_side: ``start()``, then up until the end ("<name> up" / "<name> down" in ``events``)."""
+    start()
+    events.append(f"{name} up")
+    try:
+        yield name
+    finally:
+        events.append(f"{name} down")
+
+
+def test_servers_start_side_by_side_and_all_stop_when_one_fails():
+    events: list[str] = []
+    both_starting = threading.Barrier(2, timeout=10)  # broken unless the two starts overlap
+
+    def fail():
+        both_starting.wait()
+        raise RuntimeError("c did not start")
+
+    with side_by_side(stand_in_server("a", events, both_starting.wait),
+                      stand_in_server("b", events, both_starting.wait)) as names:
+        assert names == ["a", "b"] and sorted(events) == ["a up", "b up"]
+    assert sorted(events) == ["a down", "a up", "b down", "b up"]
+    events.clear()
+    with pytest.raises(RuntimeError, match="c did not start"):
+        with side_by_side(stand_in_server("a", events, both_starting.wait), stand_in_server("c", events, fail)):
+            pytest.fail("entered though a server did not start")
+    assert events == ["a up", "a down"]
+
+
+@pytest.mark.parametrize("after_s", [0, 0.1], ids=["as the threads start", "while they are waited for"])
+def test_an_interrupt_while_servers_start_waits_for_the_starts_and_stops_what_started(after_s):
+    """Ctrl-C (here SIGUSR1 raising KeyboardInterrupt: a background CI run ignores SIGINT) while the starts run: the
+    start under way ends, and its server is stopped rather than left running; one not begun is not started. (A
+    Thread.join() interrupted marks its thread as ended though it runs on: bench_adapter left TorchServe running.)"""
+    events: list[str] = []
+
+    def interrupted_then_up():
+        time.sleep(after_s)
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled in the main thread
+        time.sleep(0.3)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with side_by_side(stand_in_server("a", events, interrupted_then_up), stand_in_server("b", events)):
+                pytest.fail("entered though interrupted")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    # a's start was under way: it came up (0.3 s after the interrupt) and was stopped; b started or not, and is not
+    # left running either.
+    assert "a up" in events and all(events.count(f"{name} up") == events.count(f"{name} down") for name in "ab"), events
 
 
 def test_a_hung_target_gives_no_clean_point(tmp_path):
