@@ -124,7 +124,7 @@ def test_a_request_given_up_on_keeps_what_the_model_server_holds_until_its_respo
     the model server's responseTimeout (in_flight.hold_s); a request answered keeps nothing."""
     in_flight = InFlight(max_requests=2, max_bytes=100)
     in_flight.share_per_client(max_requests=2, max_bytes=100)
-    in_flight.hold_s = 0.3
+    in_flight.hold_s = 1.0
 
     async def scenario():
         answered, timed_out = in_flight.try_admit("a", 40), in_flight.try_admit("a", 40)
@@ -134,7 +134,9 @@ def test_a_request_given_up_on_keeps_what_the_model_server_holds_until_its_respo
         timed_out.release()
         assert (in_flight.requests, in_flight.bytes) == (1, 30)
         assert in_flight.try_admit("b", 71) == "busy"  # 30 still held: 71 more do not fit in 100
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.1)  # the event loop has run: still held, for hold_s (not given back at once)
+        assert (in_flight.requests, in_flight.bytes) == (1, 30)
+        await asyncio.sleep(1.2)
         assert (in_flight.requests, in_flight.bytes, in_flight.clients) == (0, 0, {})
 
     asyncio.run(scenario())
