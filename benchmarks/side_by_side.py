@@ -27,7 +27,8 @@ def side_by_side(*contexts: AbstractContextManager) -> Iterator[list]:
     """Enters ``contexts`` each on a thread of its own and yields their values in order; at the end exits them
     side by side too (without the exception: each only stops what it started). When one fails to enter, those
     that did are exited and its error is raised. An interrupt (Ctrl-C; SIGTERM as exit_on_sigterm's SystemExit)
-    while they start waits for the starts under way, so that what they started is stopped, not left running."""
+    while they start waits for the starts under way (each bounded by its own start timeout), so that what they
+    started is stopped, not left running; a second interrupt during that wait may leave them running."""
     outcomes: list[tuple[bool, object] | None] = [None] * len(contexts)  # (entered, its value or its error)
     # Set by each start's thread as it begins and as it ends. Not Thread.join(): interrupted, it marks the thread as
     # stopped though it runs on (CPython 3.11), and a second join returns at once.

@@ -26,7 +26,9 @@ COMPUTATIONS: dict[str, str] = {}
 def computation(name: str):
     """Registers the decorated ``function(data_dir)`` as the computation behind the fixture ``name``."""
     def register(function):
-        COMPUTATIONS[name] = f"{function.__module__}:{function.__name__}"
+        target = f"{function.__module__}:{function.__name__}"
+        if COMPUTATIONS.setdefault(name, target) != target:
+            raise ValueError(f"background computation {name!r} is {COMPUTATIONS[name]} already, not {target}")
         return function
     return register
 

@@ -67,6 +67,7 @@ def classify_loop(base: str, stop: threading.Event, results: list) -> None:
                 version = r.json().get("model_version") if r.status_code == 200 else None
             except (httpx.HTTPError, ValueError) as err:
                 results.append((started, time.monotonic(), 0, None, repr(err)))
+                time.sleep(0.05)  # (a server gone would otherwise be asked again at once, in a tight loop)
                 continue
             results.append((started, time.monotonic(), r.status_code, version, r.text[:200]))
 
