@@ -39,7 +39,6 @@ from serving.torchserve import DEFAULT_ENGINE_CACHE
 from serving import cli
 from training.runtime import DEVICE_HELP, device_argument, pick_device
 
-WEIGHTS = SHIPPED_WEIGHTS
 POINTS = ((6, 2), (6, 1), (1, 1))  # (batch, threads)
 GPU_POINTS = ((6, None), (1, None))  # a GPU worker's batches: threads do not apply
 MAX_BATCH = 6
@@ -50,7 +49,7 @@ EMULATED_ISA = {"avx2": ("AVX2", "avx2"), "avx512-vnni": ("AVX512_CORE_VNNI", "a
 def network(width: int, device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, str]:
     """(serving model, weights digest): the shipped weights for width 3, seeded random ones else."""
     if width == 3:
-        data = WEIGHTS.read_bytes()
+        data = SHIPPED_WEIGHTS.read_bytes()
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     else:
         torch.manual_seed(0)
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 started = time.perf_counter()
                 try:
                     engine = engines.build_engine(name, model, digest, MAX_BATCH, device, calibration,
-                                                  DEFAULT_ENGINE_CACHE, shipped_dir=WEIGHTS.parent)
+                                                  DEFAULT_ENGINE_CACHE, shipped_dir=SHIPPED_WEIGHTS_DIR)
                 except engines.EngineError as err:  # openvino-int8 for random weights: no int8 network made for them
                     print(f"width {width} {name}: not built: {err}")
                     continue

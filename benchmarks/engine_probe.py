@@ -15,7 +15,7 @@ import torch
 from benchmarks.bench_serve import machine
 from handler import engine as engines
 from serving import cli
-from model.shipped import SHIPPED_WEIGHTS
+from model.shipped import SHIPPED_WEIGHTS, SHIPPED_WEIGHTS_DIR
 from training.engines import engine_logits, served_cache
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.weights.resolve().parent
     sha = hashlib.sha256(args.weights.read_bytes()).hexdigest()
     model = engines.serving_model(torch.load(args.weights, map_location="cpu", weights_only=True))
-    inputs = engines.load_inputs(folder) or engines.load_inputs(SHIPPED_WEIGHTS.parent)
+    inputs = engines.load_inputs(folder) or engines.load_inputs(SHIPPED_WEIGHTS_DIR)
     test_images = load_split(args.data_dir, train=False)[0][:args.images]
     sets = {"test": test_images, "random": inputs["calibration"], "probe": inputs["probe"]}
     eager = engines.Engine(engines.EAGER, model)

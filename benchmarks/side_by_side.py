@@ -48,6 +48,7 @@ def side_by_side(*contexts: AbstractContextManager) -> Iterator[list]:
         try:
             for index in range(len(contexts)):
                 threading.Thread(target=enter, args=(index,), name=f"start-{index}", daemon=True).start()
+            # Where an interrupt lands; the wait in `finally` then runs whole (without one it finds every event set).
             for done in ended:
                 done.wait()
         finally:  # after an interrupt too: the starts under way end first, then what they started is stopped

@@ -30,6 +30,7 @@ from benchmarks import load
 from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies, run_wrk
 from benchmarks.side_by_side import side_by_side
 from serving_helpers import cifar_pil, encode
+from stand_in_server import stand_in_server
 
 REPO = Path(__file__).resolve().parents[1]
 # Every test here drives a real server with wrk, on CIFAR-100 test images.
@@ -90,17 +91,6 @@ def stub_target(base: str) -> HttpTarget:
     return HttpTarget(f"{base}/predictions/x", [b"a body"], expect='"prediction"')
 
 
-@contextmanager
-def stand_in_server(name: str, events: list, start=lambda: None) -> Iterator[str]:
-    """A server for side_by_side: ``start()``, then up until the end ("<name> up" / "<name> down" in ``events``)."""
-    start()
-    events.append(f"{name} up")
-    try:
-        yield name
-    finally:
-        events.append(f"{name} down")
-
-
 def test_servers_start_side_by_side_and_all_stop_when_one_fails():
     events: list[str] = []
     both_starting = threading.Barrier(2, timeout=10)  # broken unless the two starts overlap
@@ -122,19 +112,11 @@ def test_servers_start_side_by_side_and_all_stop_when_one_fails():
 
 INTERRUPTED_WHILE_STARTING = """
 import json, os, signal, sys, time
-from contextlib import contextmanager
+sys.path.insert(0, "tests")
 from benchmarks.side_by_side import side_by_side
+from stand_in_server import stand_in_server
 
 events = []
-
-@contextmanager
-def server(name, start=lambda: None):
-    start()
-    events.append(name + " up")
-    try:
-        yield name
-    finally:
-        events.append(name + " down")
 
 def interrupted_then_up():
     time.sleep(float(sys.argv[1]))
@@ -146,7 +128,7 @@ def interrupt(signum, frame):
 
 signal.signal(signal.SIGUSR1, interrupt)
 try:
-    with side_by_side(server("a", interrupted_then_up), server("b")):
+    with side_by_side(stand_in_server("a", events, interrupted_then_up), stand_in_server("b", events)):
         print("entered though interrupted")
 except KeyboardInterrupt:
     print(json.dumps(events))

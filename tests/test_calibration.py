@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from handler.calibration import load_calibration
-from model.shipped import SHIPPED_WEIGHTS
+from model.shipped import SHIPPED_WEIGHTS, SHIPPED_WEIGHTS_DIR
 from serving.archive import package_files
 from serving.settings import CALIBRATION_FILE
 from training.calibrate import (calibrate, choose_unsure_threshold, expected_calibration_error,
                                 split_halves)
 
-RECORD = SHIPPED_WEIGHTS.parent / CALIBRATION_FILE
+RECORD = SHIPPED_WEIGHTS_DIR / CALIBRATION_FILE
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +58,13 @@ def test_model_card_says_the_unsure_figures_are_in_sample_and_gives_the_held_out
     what the stored T gives (0.2 points: the served network's logits differ a little between CPUs)."""
     import re
 
-    from model.shipped import SHIPPED_WEIGHTS
-
     logits, labels = test_logits
     fit, held = split_halves(len(labels))
     t = record["temperature"]
     threshold = choose_unsure_threshold(F.softmax(logits[fit] / t, dim=1), labels[fit])["threshold"]
     confidence, predicted = F.softmax(logits[held] / t, dim=1).max(dim=1)
     correct, unsure = (predicted == labels[held]).float(), confidence < threshold
-    card = " ".join((SHIPPED_WEIGHTS.parent.parent / "README.md").read_text().split())
+    card = " ".join((SHIPPED_WEIGHTS_DIR.parent / "README.md").read_text().split())
     assert "These three figures are *in-sample*" in card
     stated = re.search(r"Chosen on the even half instead, the threshold is ([\d.]+), and on the odd half ([\d.]+)% of "
                        r"answers are then unsure, right ([\d.]+)% of the time; the others ([\d.]+)%", card)

@@ -21,7 +21,6 @@ from model.normalization import normalize
 from model.shipped import SHIPPED_WEIGHTS, SHIPPED_WEIGHTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = SHIPPED_WEIGHTS
 CPU = torch.device("cpu")
 
 
@@ -149,7 +148,7 @@ def test_a_capped_onednn_isa_is_another_machine(monkeypatch):
 def test_guard_refuses_int8_with_a_damaged_calibration_and_falls_back_to_fp32(caplog):
     pytest.importorskip("torchao")
     torch.manual_seed(0)
-    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    model = serving_model(torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True))
     inputs = engines.load_inputs(SHIPPED_WEIGHTS_DIR)
     # One flat grey picture to calibrate on; a 128-image probe is plenty to see the damage.
     damaged = {"calibration": torch.zeros_like(inputs["calibration"][:16]), "probe": inputs["probe"][:128]}
@@ -202,7 +201,7 @@ def test_a_damaged_cache_entry_is_compiled_again_and_served(tmp_path, caplog):
     """A package or record cut short (a full disk, a worker killed while copying) is said once, deleted and
     compiled again under its lock: the engine is served, not eager fp32 for good."""
     pytest.importorskip("openvino")
-    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    model = serving_model(torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True))
     inputs = engines.load_inputs(SHIPPED_WEIGHTS_DIR)
     built = engines.build_engine("openvino-fp32", model, "test", 6, CPU, None, tmp_path)
     xml = Path(built.info["path"])
@@ -222,7 +221,7 @@ def test_a_damaged_cache_entry_is_compiled_again_and_served(tmp_path, caplog):
 
 def test_openvino_engines_build_once_load_from_the_cache_and_agree_with_fp32(tmp_path):
     pytest.importorskip("openvino")
-    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    model = serving_model(torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True))
     probe = normalize(engines.load_inputs(SHIPPED_WEIGHTS_DIR)["probe"])
     reference = engines.Engine(engines.EAGER, model)
     expected = reference(probe)
@@ -258,7 +257,7 @@ def watch():
         time.sleep(0.005)
 watcher = threading.Thread(target=watch)
 watcher.start()
-model = engines.serving_model(torch.load({str(WEIGHTS)!r}, map_location="cpu", weights_only=True))
+model = engines.serving_model(torch.load({str(SHIPPED_WEIGHTS)!r}, map_location="cpu", weights_only=True))
 engines.build_engine("openvino-fp32", model, "test", 6, torch.device("cpu"), None, __import__("pathlib").Path({str(tmp_path)!r}))
 time.sleep(0.5)
 stop.append(True)
@@ -297,11 +296,11 @@ def test_a_lone_image_borrows_an_idle_neighbours_share_of_the_cores_unless_pinne
 
 def test_openvino_runs_a_lone_image_on_the_lent_threads_and_batches_on_its_own(tmp_path, monkeypatch):
     pytest.importorskip("openvino")
-    sha = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
-    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    sha = hashlib.sha256(SHIPPED_WEIGHTS.read_bytes()).hexdigest()
+    model = serving_model(torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True))
     probe = normalize(engines.load_inputs(SHIPPED_WEIGHTS_DIR)["probe"][:12])
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # a 1-thread worker, as served on 2 cores
-    engine = engines.build_engine("openvino-int8", model, sha, 6, CPU, None, tmp_path, shipped_dir=WEIGHTS.parent)
+    engine = engines.build_engine("openvino-int8", model, sha, 6, CPU, None, tmp_path, shipped_dir=SHIPPED_WEIGHTS_DIR)
     parts = engine.forward.fast, engine.forward.exact  # int8 and its fp32 rechecks
 
     def answers():
@@ -383,12 +382,12 @@ def test_openvino_int8_answers_close_calls_with_fp32():
 
 def test_openvino_int8_serves_the_shipped_network_and_refuses_one_made_for_other_weights(tmp_path, caplog):
     pytest.importorskip("openvino")
-    sha = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
-    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    sha = hashlib.sha256(SHIPPED_WEIGHTS.read_bytes()).hexdigest()
+    model = serving_model(torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True))
     # Random training images (the shipped probe is all close calls: most of it is rechecked).
     probe = normalize(engines.load_inputs(SHIPPED_WEIGHTS_DIR)["calibration"])
     expected = engines.Engine(engines.EAGER, model)(probe)
-    engine = engines.build_engine("openvino-int8", model, sha, 6, CPU, None, tmp_path, shipped_dir=WEIGHTS.parent)
+    engine = engines.build_engine("openvino-int8", model, sha, 6, CPU, None, tmp_path, shipped_dir=SHIPPED_WEIGHTS_DIR)
     logits = engine(probe)
     assert logits.shape == (len(probe), 100) and engine.forward.answered == len(probe)
     assert 0 < engine.forward.rechecked < len(probe) / 4  # some close calls, not most answers
@@ -399,7 +398,7 @@ def test_openvino_int8_serves_the_shipped_network_and_refuses_one_made_for_other
     # Other weights (a retrained network without `python -m training.quantize`), or no int8 network at all:
     # refused with a line saying what to run, and the worker serves the next candidate.
     with pytest.raises(engines.EngineError, match="other weights"):
-        engines.build_engine("openvino-int8", model, "0" * 64, 6, CPU, None, tmp_path, shipped_dir=WEIGHTS.parent)
+        engines.build_engine("openvino-int8", model, "0" * 64, 6, CPU, None, tmp_path, shipped_dir=SHIPPED_WEIGHTS_DIR)
     with caplog.at_level(logging.WARNING, logger=engines.__name__):
         served = engines.select_engine("openvino-int8", model, sha, 6, CPU, record(**{"openvino-int8": INT8_PASSED}),
                                        None, normalize, folder=tmp_path, shipped_dir=tmp_path)
@@ -414,7 +413,7 @@ def test_quantize_writes_an_int8_network_named_for_its_weights_that_the_archive_
     from training.quantize import quantize
 
     weights = tmp_path / "CIFAR100_model.pth"
-    weights.write_bytes(WEIGHTS.read_bytes())
+    weights.write_bytes(SHIPPED_WEIGHTS.read_bytes())
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     state_dict = torch.load(weights, map_location="cpu", weights_only=True)
     model = serving_model(state_dict)
@@ -441,7 +440,7 @@ def test_quantize_writes_an_int8_network_named_for_its_weights_that_the_archive_
     engine = engines.build_engine("openvino-int8", model, sha, 6, CPU, None, tmp_path, shipped_dir=tmp_path)
     assert engine(probe[:7]).argmax(1).tolist()  # builds and answers any batch
     # Other weights beside it: the archive leaves the int8 network out.
-    weights.write_bytes(WEIGHTS.read_bytes() + b"\0")
+    weights.write_bytes(SHIPPED_WEIGHTS.read_bytes() + b"\0")
     assert int8_network_for(weights) is None
     assert all(dest != ENGINE_INT8_FILE for _, dest in package_files(weights))
 
@@ -449,7 +448,7 @@ def test_quantize_writes_an_int8_network_named_for_its_weights_that_the_archive_
 def test_the_network_quantize_trains_computes_what_the_handler_serves():
     from training.quantize import folded_network
 
-    state_dict = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    state_dict = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)
     images = normalize(engines.load_inputs(SHIPPED_WEIGHTS_DIR)["probe"][:32], channels_last=False)
     folded = folded_network(state_dict)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
@@ -476,11 +475,11 @@ def test_the_start_probe_serves_an_engine_at_its_agreement_line_and_refuses_one_
     top-1 on 15% of it is served, one that changes 15.5% is refused with a line saying so and the worker serves
     eager fp32. The damaged engine is the real network whose first rows' logits are shifted by one class. For
     other weights the probe is no close calls of theirs: the line is OTHER_PROBE_MIN_AGREEMENT."""
-    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    model = serving_model(torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True))
     inputs = engines.load_inputs(SHIPPED_WEIGHTS_DIR)
     shipped = {"calibration": inputs["calibration"][:8], "probe": inputs["probe"][:200],
                "probe_weights_sha256": inputs["probe_weights_sha256"]}
-    sha = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
+    sha = hashlib.sha256(SHIPPED_WEIGHTS.read_bytes()).hexdigest()
 
     def changing(rows: int):
         def build(name, model, weights_sha256, max_batch, device, calibration_images, folder, **_):
@@ -514,7 +513,7 @@ def test_a_lossless_engine_whose_logits_moved_is_refused_though_its_answers_stan
     """LOSSLESS_MAX_LOGIT_CHANGE: compile-fp32 or openvino-fp32 must give fp32's logits up to float rounding, so
     one that adds 0.05 to every logit (top-1 unchanged on every image: a wrong constant, a bad fusion) is
     refused; 1e-4, served. New weights without a record get these engines, checked against eager at start."""
-    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    model = serving_model(torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True))
     inputs = engines.load_inputs(SHIPPED_WEIGHTS_DIR)
     shipped = {"calibration": inputs["calibration"][:8], "probe": inputs["probe"][:64]}
 
@@ -541,13 +540,13 @@ def test_the_shipped_probe_refuses_openvino_int8_without_its_rechecks_which_rand
     is refused there, while on random training images (the shipped calibration ones) it agrees on 97% or more;
     with its rechecks it is served."""
     pytest.importorskip("openvino")
-    sha = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
-    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    sha = hashlib.sha256(SHIPPED_WEIGHTS.read_bytes()).hexdigest()
+    model = serving_model(torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True))
     inputs = engines.load_inputs(SHIPPED_WEIGHTS_DIR)
     shipped_record = engines.load_record(SHIPPED_WEIGHTS_DIR)
     with caplog.at_level(logging.INFO, logger=engines.__name__):
         served = engines.select_engine(engines.OPENVINO_INT8, model, sha, 6, CPU, shipped_record, inputs, normalize,
-                                       folder=tmp_path, shipped_dir=WEIGHTS.parent)
+                                       folder=tmp_path, shipped_dir=SHIPPED_WEIGHTS_DIR)
     assert served.name == engines.OPENVINO_INT8 and served.info["probe_agreement"] >= engines.PROBE_MIN_AGREEMENT
     alone = served.forward.fast  # the int8 network's own answers
 
@@ -559,7 +558,7 @@ def test_the_shipped_probe_refuses_openvino_int8_without_its_rechecks_which_rand
                                    engines.Engine(engines.EAGER, model), random_images) >= 0.97
     with caplog.at_level(logging.INFO, logger=engines.__name__):
         served = engines.select_engine(engines.OPENVINO_INT8, model, sha, 6, CPU, shipped_record, inputs, normalize,
-                                       folder=tmp_path, shipped_dir=WEIGHTS.parent, build=build_alone)
+                                       folder=tmp_path, shipped_dir=SHIPPED_WEIGHTS_DIR, build=build_alone)
     assert served.name == engines.EAGER and "engine openvino-int8 refused: it agrees with fp32 on" in caplog.text
 
 
@@ -605,7 +604,7 @@ def test_the_shipped_record_lets_the_handler_serve_openvino_int8_on_a_cpu_withou
     assert shipped["engines"][engines.OPENVINO_INT8]["recheck_logit_gap"] == engines.RECHECK_LOGIT_GAP
     monkeypatch.setattr(engines, "native_bf16", lambda device: False)
     # ... of the int8 network shipped beside it (engine_int8.xml + .bin, committed with it)
-    assert engines.candidates("auto", CPU, shipped, WEIGHTS.parent)[0] == engines.OPENVINO_INT8
+    assert engines.candidates("auto", CPU, shipped, SHIPPED_WEIGHTS_DIR)[0] == engines.OPENVINO_INT8
 
 
 def test_openvino_int8_is_refused_when_its_network_is_not_the_one_the_record_measured(tmp_path, monkeypatch, caplog):
@@ -633,7 +632,7 @@ def test_openvino_int8_is_refused_when_its_network_is_not_the_one_the_record_mea
     from serving.cli import module_command
 
     weights = tmp_path / "CIFAR100_model.pth"
-    weights.write_bytes(WEIGHTS.read_bytes())
+    weights.write_bytes(SHIPPED_WEIGHTS.read_bytes())
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     rt_info = f'<rt_info><cifar100><weights_sha256 value="{sha}"/></cifar100></rt_info>'  # made for these weights
     (tmp_path / engines.INT8_FILE).write_text(f"<net>{rt_info}</net>")
@@ -704,7 +703,7 @@ def test_training_engines_picks_the_probe_again_for_other_weights_and_keeps_the_
     import training.data
     from training.engines import probe_inputs
 
-    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    model = serving_model(torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True))
     shipped = engines.load_inputs(SHIPPED_WEIGHTS_DIR)
     training_split = torch.cat([shipped["calibration"][:64], shipped["probe"][:64]])
     monkeypatch.setattr(engines, "PROBE_IMAGES", 16)
@@ -728,11 +727,11 @@ def test_the_shipped_probe_record_and_weights_belong_together():
     """engine_inputs.pt's probe was picked for the shipped weights, engines.json's fp32 answers are of that probe
     and those weights, and eager fp32 gives them here (else every worker would check its engine against another
     network's answers, or hold a probe of other weights to the looser line)."""
-    sha = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
-    inputs, shipped = engines.load_inputs(WEIGHTS.parent), engines.load_record(WEIGHTS.parent)
+    sha = hashlib.sha256(SHIPPED_WEIGHTS.read_bytes()).hexdigest()
+    inputs, shipped = engines.load_inputs(SHIPPED_WEIGHTS_DIR), engines.load_record(SHIPPED_WEIGHTS_DIR)
     assert inputs["probe_weights_sha256"] == shipped["weights_sha256"] == sha
     assert shipped["probe_sha256"] == engines.probe_sha256(inputs["probe"]) and len(inputs["probe"]) == engines.PROBE_IMAGES
-    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    model = serving_model(torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True))
     assert engines.Engine(engines.EAGER, model)(normalize(inputs["probe"])).argmax(1).tolist() == shipped["probe_fp32_top1"]
 
 
@@ -780,9 +779,9 @@ def test_training_engines_measures_flip_tta_as_the_handler_answers():
     from model.tta import flip_tta_logits
     from training.engines import engine_logits
 
-    model = serving_model(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    model = serving_model(torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True))
     eager = engines.Engine(engines.EAGER, model)
-    images = engines.load_inputs(WEIGHTS.parent)["calibration"][:10]
+    images = engines.load_inputs(SHIPPED_WEIGHTS_DIR)["calibration"][:10]
     tta = engine_logits(eager, images, chunk=6, flip_tta=True)
     torch.testing.assert_close(tta, flip_tta_logits(eager, normalize(images)), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(tta, engine_logits(eager, images), atol=1e-3)  # the mirrors changed something

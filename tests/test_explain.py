@@ -20,7 +20,7 @@ from PIL import Image
 from adapter.run import running_adapter
 from benchmarks.bench_explain import deletion_drops, heatmap_pixels
 from handler.calibration import load_calibration
-from model.shipped import SHIPPED_WEIGHTS
+from model.shipped import SHIPPED_WEIGHTS, SHIPPED_WEIGHTS_DIR
 from serving_helpers import cifar_pil, encode
 
 IMAGES = 100
@@ -84,7 +84,7 @@ def test_heatmaps_pass_the_deletion_test(explained, cifar100_test_split):
     answers = torch.tensor([r.json()["index"] for r in explained[0]])
     heat = torch.stack([heatmap_pixels(r.json()["heatmap"]) for r in explained[0]])
     model = serving_model(torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True))
-    temperature = load_calibration(str(SHIPPED_WEIGHTS.parent)).temperature
+    temperature = load_calibration(str(SHIPPED_WEIGHTS_DIR)).temperature
     top, bottom = deletion_drops(model, images[:IMAGES], heat, answers, temperature)
     rate = float((top > bottom).float().mean())
     print(f"deletion test: {rate:.1%} of {IMAGES} images")

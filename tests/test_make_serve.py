@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from model.shipped import SHIPPED_WEIGHTS
+from model.shipped import SHIPPED_WEIGHTS, SHIPPED_WEIGHTS_DIR
 from serving.process import port_in_use
 from serving.settings import CALIBRATION_FILE, TORCHSERVE_PORT_ENV
 from checkout import Commands, user_in_a_copy
@@ -47,7 +47,7 @@ def miscalibrated_weights(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("weights")
     weights = folder / "CIFAR100_model.pth"
     shutil.copy(SHIPPED_WEIGHTS, weights)
-    record = json.loads((SHIPPED_WEIGHTS.parent / CALIBRATION_FILE).read_text())
+    record = json.loads((SHIPPED_WEIGHTS_DIR / CALIBRATION_FILE).read_text())
     record["weights_sha256"] = "0" * 64
     (folder / CALIBRATION_FILE).write_text(json.dumps(record))
     return weights

@@ -18,9 +18,9 @@ from ts.context import Context, RequestProcessor
 
 from handler.cifar100_handler import CIFAR100Handler
 from handler.preprocessing import normalize
-from model.shipped import SHIPPED_WEIGHTS
+from model.shipped import SHIPPED_WEIGHTS_DIR
 from serving.archive import build_archive, weights_version
-from serving.settings import MODEL_CONFIG
+from serving.settings import CALIBRATION_FILE, MODEL_CONFIG
 from serving_helpers import ReferenceModel, assert_same_answer, cifar_pil, encode
 from torchserve_fixture import weights_under_test
 
@@ -419,7 +419,7 @@ def test_the_archive_is_rebuilt_when_weights_handler_or_config_change_and_kept_o
     beside.parent.mkdir()
     shutil.copyfile(weights, beside)
     bare = archive.inputs_digest(beside, version)
-    calibration = json.loads((SHIPPED_WEIGHTS.parent / "calibration.json").read_text())
+    calibration = json.loads((SHIPPED_WEIGHTS_DIR / CALIBRATION_FILE).read_text())
     (beside.parent / "calibration.json").write_text(json.dumps({**calibration, "weights_sha256": archive.sha256_of(beside)}))
     assert archive.inputs_digest(beside, version) != bare
     module = tmp_path / "answers.py"
