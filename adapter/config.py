@@ -148,7 +148,7 @@ def torchserve_response_timeout(model_config: str, must_read: bool = False) -> f
     import yaml  # only at start-up
 
     try:
-        config = yaml.safe_load(Path(model_config).read_text()) or {}
+        config = shared.read_model_config(model_config)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:  # (not text: the .mar, say)
         if must_read:
             raise ConfigError(f"TS_MODEL_CONFIG={model_config!r} cannot be read: "

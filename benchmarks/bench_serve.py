@@ -33,7 +33,7 @@ from handler.preprocessing import decode_image, image_to_tensor, normalize
 from model.shipped import SHIPPED_WEIGHTS
 from serving.archive import build_archive
 from serving import cli
-from serving.settings import ENGINE_CACHE_ENV, MODEL_CONFIG
+from serving.settings import ENGINE_CACHE_ENV, MODEL_CONFIG, read_model_config
 from serving.torchserve import DEFAULT_ENGINE_CACHE, TorchServeInstance
 from training.engines import in_process_engine
 
@@ -75,7 +75,7 @@ def benchmark_model_config(root: Path, batch_size: int | None = None, max_batch_
         return MODEL_CONFIG
     import yaml
 
-    settings = yaml.safe_load(MODEL_CONFIG.read_text())
+    settings = read_model_config()
     settings["batchSize"] = batch_size if batch_size is not None else settings["batchSize"]
     settings["maxBatchDelay"] = max_batch_delay if max_batch_delay is not None else settings["maxBatchDelay"]
     if cpu_threads is not None:

@@ -55,7 +55,6 @@ from pathlib import Path
 
 import torch
 import uvicorn
-import yaml
 from fastapi.responses import JSONResponse
 from grpc import aio
 from grpc_interceptor.exceptions import InvalidArgument, NotFound, Unavailable, Unimplemented
@@ -87,7 +86,7 @@ from serving.clients import CALLER, ForwardedClient, client_key, proxy_networks
 from serving.fair_pool import FairPool
 from serving.pace import paced_deadline
 from serving.process import ensure_open_files
-from serving.settings import BODY_TIMEOUT_S, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME
+from serving.settings import BODY_TIMEOUT_S, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME, read_model_config
 from serving.throttled_log import ThrottledLog
 from serving.torchserve import BASE_CONFIG, read_properties
 
@@ -528,7 +527,7 @@ class CIFAR100Predictor(Model):
     def load(self) -> bool:
         folder = archive_folder(self.model_dir, Path(self._unpacked.name))
         manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())["model"]
-        config = yaml.safe_load((folder / manifest["configFile"]).read_text()) if manifest.get("configFile") else {}
+        config = read_model_config(folder / manifest["configFile"]) if manifest.get("configFile") else {}
         handler_cfg = config.get("handler") or {}
         torch.set_num_threads(int(engines.pinned_threads(config) or len(os.sched_getaffinity(0))))
         self._decoder.close()  # (its threads start on first use: none yet)

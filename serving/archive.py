@@ -41,7 +41,7 @@ import yaml
 from serving import cli
 from model.shipped import SHIPPED_WEIGHTS, SHIPPED_WEIGHTS_DIR
 from serving.settings import (CALIBRATION_FILE, ENGINE_INPUTS_FILE, ENGINE_INT8_FILE, ENGINE_RECORD_FILE, MODEL_CONFIG,
-                              MODEL_NAME)
+                              MODEL_NAME, read_model_config)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_EXPORT = REPO / "model_store"
@@ -73,7 +73,7 @@ def startup_timeout_s(model_config: Path | None = None) -> float:
     model_config_path() file. ArchiveError when the file is not a model config."""
     path = model_config_path(model_config)
     try:
-        config = yaml.safe_load(path.read_text())
+        config = read_model_config(path)
         return float(config["startupTimeout"])
     except OSError as err:
         raise ArchiveError(f"model config {path}: {err.strerror}") from None

@@ -36,7 +36,8 @@ from model.shipped import SHIPPED_WEIGHTS
 from serving.archive import MODEL_NAME, ArchiveError, build_archive, model_config_path, weights_version
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, changed_since_started, command_line_with,
                              free_ports, popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
-from serving.settings import ENGINE_CACHE_ENV, MODEL_CONFIG, PREDICTOR_PORT_ENV, PREDICTOR_PORTS, ports_from_env
+from serving.settings import (ENGINE_CACHE_ENV, MODEL_CONFIG, PREDICTOR_PORT_ENV, PREDICTOR_PORTS, ports_from_env,
+                              read_model_config)
 from serving.torchserve import (BASE_CONFIG, DEFAULT_ENGINE_CACHE, MAR_FILE, TorchServeError, TorchServeInstance,
                                read_properties)
 from serving import cli
@@ -69,7 +70,7 @@ def model_snapshot(version: str, model_config: Path = MODEL_CONFIG) -> dict:
     workers and their timeouts as in model-config.yaml. A snapshot's values replace the archive's, and
     a key it lacks gets TorchServe's default, not the archive's (0.12: 120 s for startupTimeout and
     responseTimeout), so every one of SNAPSHOT_KEYS is copied."""
-    cfg = yaml.safe_load(Path(model_config).read_text())
+    cfg = read_model_config(model_config)
     settings = {key: cfg[key] for key in SNAPSHOT_KEYS}
     return {"name": "startup.cfg", "modelCount": 1,
             "models": {MODEL_NAME: {version: {"defaultVersion": True, "marName": MAR_FILE, **settings}}}}

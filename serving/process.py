@@ -6,8 +6,10 @@ RUNNING (0) or NOT_RUNNING (3); a failed start or a bad setting is another non-z
 """
 from __future__ import annotations
 
+import collections
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -22,18 +24,29 @@ class ServiceStartError(RuntimeError):
     """A service exited while starting or did not become ready in time; the message carries its log's tail."""
 
 
+# Ports this process handed out lately: a port is bound only when its server starts, so the OS could give it again to
+# another caller meanwhile (servers started side by side); never again while remembered.
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=4096)
+_HANDING_OUT = threading.Lock()
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct ports on `host` that are free right now (the OS picks them; all held until all are picked)."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((host, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    """n distinct ports on `host` that are free right now (the OS picks them; all held until all are picked), none
+    of them one this process was given in its last 4,096 picks."""
+    sockets, ports = [], []
+    with _HANDING_OUT:
+        try:
+            while len(ports) < n:
+                sockets.append(socket.socket())
+                sockets[-1].bind((host, 0))
+                port = sockets[-1].getsockname()[1]
+                if port not in _HANDED_OUT:  # (a port handed out before is held too, so the OS gives another)
+                    ports.append(port)
+                    _HANDED_OUT.append(port)
+            return ports
+        finally:
+            for s in sockets:
+                s.close()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

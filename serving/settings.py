@@ -14,6 +14,14 @@ MODEL_NAME = "cifar100"          # the model's name in TorchServe / KServe, and 
 # settings, and TorchServe's responseTimeout (the adapter's deadline must be shorter).
 MODEL_CONFIG = Path(__file__).resolve().parents[1] / "handler" / "model-config.yaml"
 
+
+def read_model_config(path: Path | str = MODEL_CONFIG) -> dict:
+    """A model-config.yaml's settings ({} for an empty file); OSError or yaml.YAMLError when it cannot be read."""
+    import yaml  # here, not above: this module stays standard library for the handler
+
+    return yaml.safe_load(Path(path).read_text()) or {}
+
+
 # TorchServe on loopback (config.properties says the same to TorchServe itself).
 TORCHSERVE_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070,
                     "grpc_management": 7071}

@@ -16,7 +16,8 @@ from PIL import Image
 from handler.engine import serving_model
 from handler.protocols import OUTPUTS
 from handler.preprocessing import decode_image, image_to_tensor, normalize
-from training.engines import in_process_engine, model_config
+from serving.settings import read_model_config
+from training.engines import in_process_engine
 
 
 def torchserve_log(log_dir: Path, name: str) -> str:
@@ -193,7 +194,7 @@ class ReferenceModel:
         self.model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
         # As served: the model-config's handler.flip_tta (``config``, else model-config.yaml's) unless the test
         # says otherwise.
-        config = config or model_config()
+        config = config or read_model_config()
         self.flip_tta = engines.flip_tta(config) if flip_tta is None else flip_tta
         self.engine = in_process_engine(Path(weights), engine, self.model, self.flip_tta, config)
         # The temperature the archive ships with these weights (none: 1, the plain softmax), or the

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks import bench_serve
-from serving.settings import MODEL_CONFIG
+from serving.settings import read_model_config
 
 
 def test_every_torchserve_option_reaches_the_benchmark_torchserve(monkeypatch, tmp_path):
@@ -60,7 +60,7 @@ def test_every_serving_option_reaches_the_kserve_bundle_bench_kserve_serves(tmp_
     # Without options: the repository's model-config.yaml as it is.
     plain = bench_kserve.bundle_from_arguments(tmp_path / "plain", bench_serve_args([]))
     with zipfile.ZipFile(plain / "model-store" / "cifar100.mar") as mar:
-        assert yaml.safe_load(mar.read("model-config.yaml")) == yaml.safe_load(MODEL_CONFIG.read_text())
+        assert yaml.safe_load(mar.read("model-config.yaml")) == read_model_config()
 
 
 def bench_serve_args(argv: list[str]) -> argparse.Namespace:

@@ -31,6 +31,7 @@ from PIL import Image
 from adapter.config import Settings
 from adapter.run import running_adapter
 from benchmarks.soak import padded_jpeg
+from serving.settings import read_model_config
 from serving_helpers import cifar_pil, encode, torchserve_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -389,7 +390,7 @@ def test_a_flood_of_the_largest_requests_leaves_torchserves_java_serving(torchse
     java = ts.java_pid()
     props = read_properties(ts.config_path)
     queue_size = int(props.get("job_queue_size", 100))  # TorchServe's default, before config.properties named one
-    config = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
+    config = read_model_config()
     in_batches = config["maxWorkers"] * config["batchSize"]  # taken by the stopped workers
     clients = 48
     body = _largest_body(ts)
@@ -509,7 +510,7 @@ def test_a_burst_of_the_largest_uploads_leaves_torchserve_able_to_take_them_agai
     assert set(burst) <= {400, 500, 503, 507, "closed"}, Counter(burst)
     # A batch sent while the burst still filled direct memory may fail once (500 after responseTimeout: 1 run
     # in 9 of 64 uploads); batch after batch, as with the pooled allocator (20 of 96, 65 s), it may not.
-    config = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
+    config = read_model_config()
     in_batches = config["maxWorkers"] * config["batchSize"]
     assert Counter(burst)[500] <= in_batches, (Counter(burst), torchserve_log(ts.log_dir, "ts_log")[-2000:])
     assert took < config["responseTimeout"] + 20, f"the queued batches took {took:.0f} s after the workers ran"

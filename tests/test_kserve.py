@@ -21,10 +21,9 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-import yaml
 
 from handler.protocols import OUTPUTS, ProtocolError, parse_request, plain_v2_body
-from serving.settings import MODEL_CONFIG
+from serving.settings import read_model_config
 from serving.archive import weights_version
 from serving.kserve import ENVELOPES, KServeTorchServe, build_bundle
 from serving.process import free_ports, stop_process
@@ -83,7 +82,7 @@ def test_bundle_layout_and_config(bundle):
     assert props["model_store"] == "/mnt/models/model-store"
     assert "service_envelope" not in props
     snapshot = json.loads(props["model_snapshot"])
-    config = yaml.safe_load(MODEL_CONFIG.read_text())
+    config = read_model_config()
     version = weights_version(weights_under_test())
     entry = snapshot["models"]["cifar100"][version]
     assert entry["marName"] == "cifar100.mar" and entry["defaultVersion"] is True
@@ -563,7 +562,7 @@ def test_the_bundles_workers_run_as_model_config_says(kserve_ts, client):
     """The bundle's model_snapshot is what TorchServe loads: each worker setting it lacks would be
     TorchServe's default (startupTimeout 120 s, too short for a first start that compiles the engine)."""
     described = client.get(f"{kserve_ts.management_url}/models/cifar100").json()[0]
-    config = yaml.safe_load(MODEL_CONFIG.read_text())
+    config = read_model_config()
     for key in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout"):
         assert described[key] == config[key], (key, described)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from PIL import Image
 
 from model.classes import display_name
 from serving.archive import weights_version
+from serving.settings import read_model_config
 from serving_helpers import (animated_gif, assert_same_answer, cifar_pil, decompression_bomb_png,
                              encode, exif_block, exif_rotated_jpeg, oversized_png, png_declaring_size, png_with_bad_crc,
                              png_with_exif, sixteen_bit_png, torchserve_log)
@@ -27,8 +27,7 @@ from torchserve_fixture import weights_under_test
 
 N_MATCH = 200
 # The archive's worker count (model-config.yaml minWorkers = maxWorkers).
-CONFIGURED_WORKERS = yaml.safe_load((Path(__file__).resolve().parents[1] / "handler" / "model-config.yaml")
-                                    .read_text())["minWorkers"]
+CONFIGURED_WORKERS = read_model_config()["minWorkers"]
 
 
 def post(client, ts, data: bytes, how: str = "raw", content_type: str = "application/octet-stream",

@@ -20,7 +20,7 @@ from handler.cifar100_handler import CIFAR100Handler
 from handler.preprocessing import normalize
 from model.shipped import SHIPPED_WEIGHTS_DIR
 from serving.archive import build_archive, weights_version
-from serving.settings import CALIBRATION_FILE, MODEL_CONFIG
+from serving.settings import CALIBRATION_FILE, MODEL_CONFIG, read_model_config
 from serving_helpers import ReferenceModel, assert_same_answer, cifar_pil, encode
 from torchserve_fixture import weights_under_test
 
@@ -141,7 +141,7 @@ def test_flip_tta_setting_serves_the_mean_of_each_image_and_its_mirror(model_dir
     from handler.calibration import load_calibration
     from model.tta import flip_tta_logits
 
-    shipped = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+    shipped = read_model_config(model_dir / "model-config.yaml")
     assert shipped["handler"]["flip_tta"] is False
     context = make_context(model_dir, engine="openvino-fp32", flip_tta=True)  # lossless, built in seconds
     handler = CIFAR100Handler()

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from adapter.config import Settings
 from serving import settings
@@ -25,7 +24,7 @@ def test_config_properties_ports_are_the_settings_ports():
 
 
 def test_the_archives_topk_is_the_settings_top_k():
-    config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+    config = settings.read_model_config()
     assert config["handler"]["topk"] == settings.TOP_K
 
 
@@ -44,7 +43,7 @@ def test_torchserves_heap_holds_every_body_it_may_hold_at_once():
     from serving.torchserve import read_properties
 
     props = read_properties(BASE_CONFIG)
-    config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+    config = settings.read_model_config()
     request_mib = int(props["max_request_size"]) / 2**20
     heap_mib = jvm_flag_mib(props["vmargs"], "-Xmx")
     netty_threads = 4  # Netty's default: twice the cores of this 2-core host
@@ -65,7 +64,7 @@ def test_what_the_adapter_forwards_at_once_fits_torchserves_direct_memory_beside
     through it they always fit."""
     from serving.torchserve import read_properties
 
-    config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+    config = settings.read_model_config()
     room = room_for_arrivals_mib(read_properties(BASE_CONFIG), config["maxWorkers"], config["batchSize"])
     assert Settings().max_bytes_in_flight / 2**20 <= room, room
 

@@ -17,10 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import yaml
 
 from model.shipped import SHIPPED_WEIGHTS
-from serving.settings import MODEL_CONFIG
+from serving.settings import read_model_config
 from serving_helpers import ReferenceModel, cifar_pil, encode, engine_record, torchserve_log
 from torchserve_fixture import weights_under_test
 
@@ -61,7 +60,7 @@ def test_1000_served_answers_agree_with_in_process_top1(torchserve_ready, cifar1
     assert {r.json()["engine"] for r in responses} == {picked}
     # Where the engine is OpenVINO's and a worker has fewer threads than the cores, a lone image's forward
     # pass borrows an idle neighbour's share (handler.lone_image_threads): the worker says so when it starts.
-    config = yaml.safe_load(MODEL_CONFIG.read_text())
+    config = read_model_config()
     lent = engines.lone_image_threads(config)
     started = [line for line in torchserve_log(ts.log_dir, "model_log").splitlines()
                if "CIFAR-100 model" in line]

@@ -15,7 +15,7 @@ import yaml
 from model import infer_width_and_classes
 from model.network import CIFAR100Model
 from serving.archive import weights_version
-from training.engines import model_config
+from serving.settings import read_model_config
 import background
 from serving_helpers import assert_same_answer, cifar_pil, encode, torchserve_log
 from torchserve_fixture import HTTP_TIMEOUT_S, start_test_torchserve
@@ -51,7 +51,7 @@ def test_the_shipped_width10_file_is_the_evaluated_one():
 
 def served_model_config() -> dict:
     """The model-config the width-10 network is served with here."""
-    config = model_config()  # model-config.yaml's
+    config = read_model_config()  # model-config.yaml's
     config.update(minWorkers=1, maxWorkers=1)  # one worker: the 2 cores for one width-10 forward pass at a time
     config["handler"]["flip_tta"] = True
     return config

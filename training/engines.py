@@ -36,7 +36,7 @@ import torch
 
 from handler import engine as engines
 from model.shipped import SHIPPED_WEIGHTS, SHIPPED_WEIGHTS_DIR
-from serving.settings import CALIBRATION_FILE, MODEL_CONFIG
+from serving.settings import CALIBRATION_FILE, read_model_config
 from serving import cli
 from training.runtime import (DEVICE_HELP, atomic_save, atomic_write, device_argument, pick_device, served_weights,
                               user_errors)
@@ -49,12 +49,6 @@ PROBE_MIN_LOGIT_GAP = 0.02
 # or its unsure threshold changed (the grid is 0.01).
 TEMPERATURE_TOLERANCE = 0.01
 
-
-
-def model_config(path: Path = MODEL_CONFIG) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
 
 
 def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.nn.Module | None = None,
@@ -73,7 +67,7 @@ def in_process_engine(weights: Path, setting: str = engines.AUTO, model: torch.n
     inputs = inputs if inputs.is_file() else SHIPPED_WEIGHTS_DIR / engines.INPUTS_FILE
     if model is None:
         model = serving_model(torch.load(weights, map_location="cpu", weights_only=True))
-    config = config or model_config()
+    config = config or read_model_config()
     with workers_thread_count(config):
         return engines.select_engine(setting, model, hashlib.sha256(weights.read_bytes()).hexdigest(),
                                      engines.images_per_forward(config), torch.device("cpu"),
@@ -96,7 +90,7 @@ def workers_thread_count(config: dict | None = None):
     kernels), so this process builds or loads the package the workers serve (``config``: their model-config,
     None: model-config.yaml). Called with more threads afterwards, only oneDNN's convolutions use the extra ones."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(engines.worker_threads(config or model_config()))
+    torch.set_num_threads(engines.worker_threads(config or read_model_config()))
     try:
         yield
     finally:
@@ -239,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     record["engines"][engines.EAGER] = measure(engines.EAGER, reference, reference, labels, shipped, measured_on)
     # Written after each engine: a run cut short (a time limit, a crash compiling the next) keeps what it measured.
     write_record(record, record_path)
-    max_batch = engines.images_per_forward(model_config())  # the workers' bound: their packages, cached
+    max_batch = engines.images_per_forward(read_model_config())  # the workers' bound: their packages, cached
     from model.normalization import normalize
 
     for name in args.engines:
