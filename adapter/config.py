@@ -16,7 +16,9 @@ serving/settings.py).
     TS_MODEL_CONFIG       the model-config.yaml packed into the archive; one named here must be readable
                           (the default may be absent)  handler/model-config.yaml
     TS_HEALTH_TIMEOUT_S   waiting for the model status / a health probe  3
-    TS_MAX_CONNECTIONS    pooled connections to TorchServe      64
+    TS_MAX_CONNECTIONS    pooled connections to TorchServe: what it holds from the adapter at most (a call given up
+                          on keeps its place as long as TS_RESPONSE_TIMEOUT_S); at most its job_queue_size (a burst
+                          may find the workers' batches empty, and past the queue TorchServe answers 503)  24
     OIP_URL               an Open Inference Protocol (v2) server to use instead of TorchServe, e.g. a
                           KServe InferenceService's URL (adapter/oip.py; model name TS_MODEL_NAME) (unset)
     OIP_HOST_HEADER       Host header for it (KServe's ingress routes by host name)   (unset)
@@ -182,7 +184,7 @@ class Settings:
     response_timeout_s: float | None = None  # TorchServe's; None: read from model_config
     model_config: str = str(shared.MODEL_CONFIG)
     health_timeout_s: float = 3.0
-    max_connections: int = 64
+    max_connections: int = 24
     oip_url: str = ""
     oip_host_header: str = ""
     health_max_silence_s: float = 10.0

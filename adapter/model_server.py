@@ -19,12 +19,15 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from serving.throttled_log import ThrottledLog
+
 from .config import Settings
 from .errors import ClassifyError
 from .metrics import Metrics
 from .request_context import note_busy
 
 log = logging.getLogger("adapter.model_server")
+MODEL_SERVER_REFUSALS = ThrottledLog(log)  # its 503s: a full queue answers many at once
 
 
 def named_engine(answer: dict, last: str | None) -> str | None:
@@ -143,9 +146,12 @@ class Pool:
     """
 
     def __init__(self, base_url: str, limit: int, wait_s: float, timeout: aiohttp.ClientTimeout,
-                 latency=None):
+                 latency=None, hold_s: float = 0.0):
         self.base_url = base_url.rstrip("/")
         self.wait_s = wait_s
+        # A call given up on (its deadline, its task cancelled) keeps its slot this long: the model server still
+        # holds the request (queued or in a batch), and its queue must not get more than the pool's size.
+        self.hold_s = hold_s
         self.latency = latency  # a Prometheus histogram of each call's seconds by call (MODEL_SERVER_CALLS), or None
         self._slots = asyncio.Semaphore(limit)
         # Needs the running event loop: the adapter builds its client in the app's lifespan.
@@ -165,13 +171,19 @@ class Pool:
         except TimeoutError:
             raise PoolBusy() from None
         _WAITING_FOR_SLOT.set(False)
-        started = time.perf_counter()
+        started, release = time.perf_counter(), self._slots.release
         try:
             async with self.session.request(method, self.base_url + path, headers=headers,
                                             data=data) as response:
                 return Response(response.status, await response.read(), response.reason or "")
+        except (asyncio.CancelledError, asyncio.TimeoutError) as err:
+            if self.hold_s > 0 and not isinstance(err, aiohttp.ConnectionTimeoutError):  # (that one never got there)
+                asyncio.get_running_loop().call_later(self.hold_s, self._slots.release)
+                release = None
+            raise
         finally:
-            self._slots.release()
+            if release is not None:
+                release()
             if self.latency is not None:
                 self.latency.labels(call).observe(time.perf_counter() - started)
 
@@ -194,21 +206,24 @@ async def prediction_deadline(seconds: float):
         raise
 
 
-def answer_error(response: Response, model_name: str) -> ClassifyError:
+def answer_error(response: Response, settings: Settings) -> ClassifyError:
     """A model server's non-200 answer to a prediction -> what the adapter's client gets (TorchServe
     and an Open Inference Protocol server alike). A 5xx that wraps a client error (KServe's wrapper)
     becomes that 4xx; no internal URL or exception name reaches the client (the log has them)."""
     status, message = _unwrapped(response)
     message = _URL.sub("(internal address)", message)
     if status == 404:
-        return ClassifyError(503, f"The model '{model_name}' is not loaded on the model server.")
+        return ClassifyError(503, f"The model '{settings.model_name}' is not loaded on the model server.")
     if status == 413:
         # The handler says why (too many pixels); TorchServe's own size refusal has no body.
         return ClassifyError(413, message if message and response.content.strip() else
                              "The image is larger than the model server accepts.", relayed=True)
     if status == 503:
-        # Busy (a full queue) or not ready (starting, no worker): the model server's own words say which.
-        return ClassifyError(503, f"The model server is unavailable: {message}")
+        # Its queue full, or no worker up (TorchServe says "no worker" for both, with advice for its operator):
+        # a later try may pass. Its own words go to the log, once a second at most.
+        MODEL_SERVER_REFUSALS.warning("the model server answered 503: %s", message)
+        return ClassifyError(503, "The model server is busy or has no worker ready; try again shortly.",
+                             {"Retry-After": str(settings.retry_after_s)}, relayed=True)
     if 400 <= status < 500:
         # The handler refused this image (not an image, empty, ...): pass its verdict on.
         return ClassifyError(status, message or f"The model server refused the request ({status}).", relayed=True)

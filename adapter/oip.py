@@ -87,7 +87,8 @@ class OIPClient:
         self._explain_path = f"/v1/models/{s.model_name}:explain"  # KServe's v1 route: OIP has no explanations
         self._pool = Pool(s.oip_url, s.max_connections, s.predict_timeout_s,
                            aiohttp.ClientTimeout(total=s.predict_timeout_s, connect=s.connect_timeout_s),
-                           metrics.model_server_latency if metrics else None)
+                           metrics.model_server_latency if metrics else None,
+                           s.model_server_hold_s())
         self._health = Pool(s.oip_url, 8, s.health_timeout_s,
                              aiohttp.ClientTimeout(total=s.health_timeout_s, connect=s.connect_timeout_s))
 
@@ -153,7 +154,7 @@ class OIPClient:
             answer = answer_from_outputs(self._json(response))
             self.silence.answered()
             return answer
-        raise answer_error(response, self.settings.model_name)
+        raise answer_error(response, self.settings)
 
     def _explanation(self, response: Response) -> dict:
         if response.status_code == 200:
@@ -169,7 +170,7 @@ class OIPClient:
             raise ClassifyError(501, "This model server gives no explanations: they need TorchServe's backend or "
                                      "KServe's own model server on the bundle (handler/kserve_predictor.py).",
                                  relayed=True)
-        raise answer_error(response, self.settings.model_name)
+        raise answer_error(response, self.settings)
 
     async def model_status(self) -> dict:
         path = f"/v2/models/{self.settings.model_name}/ready"

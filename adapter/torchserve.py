@@ -72,7 +72,8 @@ class TorchServeClient:
         # httpx's pool timeout was: by the prediction timeout, or the health timeout for management.
         self._inference = Pool(s.inference_url, s.max_connections, s.predict_timeout_s,
                                 aiohttp.ClientTimeout(total=s.predict_timeout_s, connect=s.connect_timeout_s),
-                                metrics.model_server_latency if metrics else None)
+                                metrics.model_server_latency if metrics else None,
+                                s.model_server_hold_s())
         self._management = Pool(s.management_url, MANAGEMENT_MAX_CONNECTIONS, s.health_timeout_s,
                                  aiohttp.ClientTimeout(total=s.health_timeout_s, connect=s.connect_timeout_s))
 
@@ -189,7 +190,7 @@ class TorchServeClient:
             self.silence.answered()  # an answer a client could use: a 502 is no proof for /health
             self.engine = named_engine(answer, self.engine)
             return answer
-        raise answer_error(response, self.settings.model_name)
+        raise answer_error(response, self.settings)
 
     async def health(self) -> dict:
         """model_status(), plus a real prediction of a tiny image when none succeeded for

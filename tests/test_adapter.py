@@ -504,8 +504,34 @@ def test_a_prediction_is_sent_at_most_twice_and_a_refusal_only_once(tmp_path, st
     # TorchServe could least take it), 500 of another kind, 400 (the image) and 504 (TorchServe's own
     # timeout: the worker did not die, it is slow) are not sent again.
     assert len(stand_in.predictions()) == (2 if status == 507 else 1)
-    if status == 503:
-        assert "no worker to serve" in err.value.message
+    if status == 503:  # a later try may pass, and the page waits for it; the words are the user's, not TorchServe's
+        assert err.value.message == "The model server is busy or has no worker ready; try again shortly."
+        assert err.value.headers == {"Retry-After": "1"} and err.value.relayed
+
+
+def test_a_prediction_given_up_on_keeps_its_pooled_connection_while_the_model_server_holds_it(tmp_path):
+    """TS_MAX_CONNECTIONS bounds what TorchServe holds from the adapter (its queue overflowed into 503s when the
+    adapter let more through): a prediction the adapter stopped waiting for (504) is still queued there, so its
+    connection's slot stays taken for TorchServe's responseTimeout. TS_MAX_CONNECTIONS=1: the second prediction,
+    sent after the first's 504, finds no slot (503 busy) though the stand-in would answer it at once."""
+    async def predict(request, n):
+        await asyncio.sleep(1.5 if n == 1 else 0)
+        return json_answer(200, ANSWER)
+
+    async def one_after_another(client):
+        results = []
+        for _ in range(2):
+            try:
+                results.append(await client.predict(b"PNG"))
+            except ClassifyError as err:
+                results.append(err.status_code)
+        return results
+
+    stand_in = StandIn(predict)
+    results = run_client(stand_in, tmp_path, one_after_another, max_connections=1, predict_timeout_s=0.5,
+                         response_timeout_s=30.0)
+    assert results == [504, 503], results
+    assert len(stand_in.predictions()) == 1
 
 
 MODEL_NOT_FOUND = {"code": 404, "type": "ModelNotFoundException", "message": "Model not found: cifar100"}

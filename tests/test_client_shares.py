@@ -7,6 +7,7 @@ binding the socket's source address. The attacks are those of issue 22, kept a f
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
@@ -439,6 +440,39 @@ def test_one_address_holding_full_size_uploads_does_not_shut_out_another(shares_
         assert answered["reset"] + answered["closed"] + answered["refused"] > 0, answered
     assert sampler.peak_fds < DEFAULTS.max_client_connections + 100, sampler.peak_fds
     assert sampler.peak_rss < ADAPTER_PEAK_RSS, sampler.peak_rss
+
+
+def test_three_clients_at_their_full_share_are_all_served(shares_adapter, torchserve_ready):
+    """Three addresses at MAX_CLIENT_REQUESTS_IN_FLIGHT each (48 at once, within everyone's 64) of photos just under
+    the shrink threshold (so TorchServe's workers decode them: they are the bottleneck): TorchServe queues 24
+    (job_queue_size) and answered the rest 503 when the adapter let 64 through (the hostile probe, session 51, with
+    1 MP JPEGs; 32 did too, at the burst's start); the adapter keeps the rest waiting for a connection, all served."""
+    photo = io.BytesIO()
+    Image.effect_mandelbrot((999, 1000), (-2, -1.5, 1, 1.5), 100).convert("RGB").save(photo, "JPEG", quality=90)
+    photo = photo.getvalue()
+    assert len(photo) < SHRINK_MIN_BYTES
+    statuses: Counter = Counter()
+
+    async def client(source: str, until: float) -> None:
+        connector = aiohttp.TCPConnector(local_addr=(source, 0), limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async def one_slot():
+                while time.monotonic() < until:
+                    form = aiohttp.FormData()
+                    form.add_field("image", photo, filename="a.jpg", content_type="image/jpeg")
+                    async with session.post(f"{shares_adapter.base_url}/classify/", data=form,
+                                            timeout=aiohttp.ClientTimeout(total=30)) as r:
+                        body = await r.read()
+                        statuses[r.status if r.status == 200 else (r.status, body[:60])] += 1
+            await asyncio.gather(*(one_slot() for _ in range(DEFAULTS.max_client_requests_in_flight)))
+
+    async def three():
+        until = time.monotonic() + 4.0
+        await asyncio.gather(*(client(source, until) for source in CRAWLERS[:3]))
+
+    asyncio.run(three())
+    print(f"\nthree clients of {DEFAULTS.max_client_requests_in_flight}: {dict(statuses)}")
+    assert set(statuses) == {200} and statuses[200] >= 48, statuses
 
 
 def test_a_thousand_crawling_connections_leave_the_service_answering(shares_adapter, torchserve_ready, small_png):

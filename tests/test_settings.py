@@ -69,6 +69,15 @@ def test_what_the_adapter_forwards_at_once_fits_torchserves_direct_memory_beside
     assert Settings().max_bytes_in_flight / 2**20 <= room, room
 
 
+def test_the_adapter_never_sends_torchserve_more_than_it_holds():
+    """TorchServe answers 503 past job_queue_size waiting requests, and a burst may arrive while the workers' batches
+    are empty: three clients of 16 each overflowed it through the adapter's 64 pooled connections, and 32 still did
+    (tests/test_client_shares.py; the hostile probe, session 51)."""
+    from serving.torchserve import read_properties
+
+    assert Settings().max_connections <= int(read_properties(BASE_CONFIG)["job_queue_size"])
+
+
 def test_the_page_carries_no_copy_of_the_upload_limit():
     for name in ("index.html", "app.js"):
         text = (ROOT / "frontend" / name).read_text()
