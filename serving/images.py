@@ -8,9 +8,11 @@ Limits (each refused with a 4xx before any pixel is decoded, the server keeps se
     stops decompression bombs (a tiny file that declares a huge canvas): MAX_IMAGE_PIXELS for formats
     decoded at full size (PNG, GIF, WebP, ...), MAX_JPEG_PIXELS for JPEG, which is decoded at 1/2..1/8
     scale (below); so is an image of another format than JPEG with a side above MAX_IMAGE_SIDE (a thin
-    one costs more per pixel). 413 rather than 400: the request is well-formed, just too big to process, and a
-    client should not retry it as is. (The upload's byte size is capped before: by the adapter, and
-    by TorchServe's max_request_size.)
+    one costs more per pixel). A tiled TIFF counts its whole tiles (tile_grid), also to be shrunk: libtiff decodes
+    each tile whole, so a 16x16 one of one 8192x8192 tile cost 64 MB (pixels, not bytes, as for every format: Pillow
+    reads 8 bytes a pixel at most; strips stop at the image's last row whatever RowsPerStrip says). 413 rather
+    than 400: the request is well-formed, just too big to process, and a client should not retry it as is. (The
+    upload's byte size is capped before: by the adapter, and by TorchServe's max_request_size.)
   * a v1/v2 request's images together: MAX_REQUEST_PIXELS as decoded (check_request_pixels), 413 on
     their headers too;
   * formats: only ACCEPTED_FORMATS are opened (400 for the rest);
@@ -330,18 +332,49 @@ def _check_pixel_limit(img: Image.Image) -> None:
         raise ImageRequestError(
             413, f"image is {width}x{height} pixels ({width * height / 1e6:.1f} MP), above the "
                  f"{limit / 1e6:.0f} MP limit for {kind}")
+    grid_width, grid_height = tile_grid(img)
+    if grid_width * grid_height > limit:  # a tiled TIFF's tiles, decoded whole, far beyond its size
+        tile_width, tile_height = _tiff_tile(img)
+        raise ImageRequestError(
+            413, f"image is {width}x{height} pixels in tiles of {tile_width}x{tile_height}: {grid_width}x{grid_height} "
+                 f"decoded ({grid_width * grid_height / 1e6:.1f} MP), above the {limit / 1e6:.0f} MP limit for {kind}")
+
+
+def _tiff_tile(img: Image.Image) -> tuple[int, int] | None:
+    """A tiled TIFF's tile size (TileWidth, TileLength, as libtiff reads them: either makes it tiled; one missing
+    counts as the image's side), else None."""
+    tags = getattr(img, "tag_v2", None) if img.format == "TIFF" else None
+    if tags is None or (_TILE_WIDTH not in tags and _TILE_LENGTH not in tags):
+        return None
+    sides = []
+    for tag, side in ((_TILE_WIDTH, img.width), (_TILE_LENGTH, img.height)):
+        value = tags.get(tag)
+        value = value[0] if isinstance(value, tuple) and value else value
+        sides.append(value if isinstance(value, int) and value > 0 else side)
+    return sides[0], sides[1]
+
+
+def tile_grid(img: Image.Image) -> tuple[int, int]:
+    """The size an opened image is decoded at in full: its own, or a tiled TIFF's whole tiles (libtiff decodes
+    each tile whole into a buffer of its size: a 16x16 TIFF of one 8192x8192 tile cost 64 MB and 0.24 s)."""
+    tile = _tiff_tile(img)
+    if tile is None:
+        return img.size
+    (width, height), (tile_width, tile_height) = img.size, tile
+    return -(-width // tile_width) * tile_width, -(-height // tile_height) * tile_height
 
 
 def decoded_pixels(img: Image.Image) -> int:
     """The pixels decode_opened decodes for an opened upload: a baseline JPEG's at its draft scale (as Pillow's
     draft picks it: the largest of 8, 4, 2 that keeps DECODE_MIN_SIDE), any other image's all (a progressive
-    JPEG's coefficients are held whole)."""
+    JPEG's coefficients are held whole, a tiled TIFF's whole tiles: tile_grid)."""
     width, height = img.size
     if img.format in JPEG_FORMATS and not img.info.get("progressive"):
         fits = min(width // DECODE_MIN_SIDE, height // DECODE_MIN_SIDE)
         scale = next(m for m in (8, 4, 2, 1) if fits >= m or m == 1)
         return -(-width // scale) * -(-height // scale)
-    return width * height
+    grid_width, grid_height = tile_grid(img)
+    return grid_width * grid_height
 
 
 def check_request_pixels(opened: list[Image.Image]) -> None:
@@ -650,7 +683,7 @@ def network_input(img: Image.Image) -> Image.Image:
 def worth_shrinking(img: Image.Image, size_bytes: int, min_bytes: int = SHRINK_MIN_BYTES) -> bool:
     """Whether an upload (its opened header and byte size) is shrunk before it travels on: any format (a 14 KB
     GIF of 16 MP cost a worker 0.29 s, unshrunk, and the workers have no per-client share; the adapter's pool has)."""
-    width, height = img.size
+    width, height = tile_grid(img)  # a tiled TIFF by its whole tiles
     return size_bytes > min_bytes or width * height > SHRINK_MIN_PIXELS
 
 

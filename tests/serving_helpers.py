@@ -173,6 +173,35 @@ def grey_tiff(width: int, height: int, extra: list[tuple[int, int, int, bytes]] 
     return b"II*\x00" + struct.pack("<I", 8) + bytes(table(first, 8)) + bytes(out) + pixels
 
 
+def tiled_tiff(width: int, height: int, tile_width: int, tile_length: int, compression: int = 8,
+               samples: int = 1, bits: int = 8, tile_data: bytes | None = None) -> bytes:
+    """A little-endian TIFF of ``width`` x ``height`` in tiles of ``tile_width`` x ``tile_length`` (as many as its
+    size needs), every tile the same ``tile_data`` (default: one tile of a grey ramp, deflated for compression 8,
+    raw for 1): a tile bomb when the tile is far larger than the image (libtiff decodes each tile whole)."""
+    if tile_data is None:
+        raw = bytes(range(256)) * (tile_width * tile_length * samples * bits // 8 // 256 + 1)
+        raw = raw[:tile_width * tile_length * samples * bits // 8]
+        tile_data = zlib.compress(raw) if compression == 8 else raw
+    tiles = -(-width // tile_width) * -(-height // tile_length)
+    entries = [(256, 4, [width]), (257, 4, [height]), (258, 3, [bits] * samples), (259, 3, [compression]),
+               (262, 3, [2 if samples >= 3 else 1]), (277, 3, [samples]), (322, 4, [tile_width]),
+               (323, 4, [tile_length]), (324, 4, ["data"] * tiles), (325, 4, [len(tile_data)] * tiles)]
+    entries += [(338, 3, [2])] if samples in (2, 4) else []  # the extra sample is alpha
+    after = 8 + 2 + 12 * len(entries) + 4  # values too long for an entry, then the tile's bytes
+    sizes = [len(value) * (2 if kind == 3 else 4) for _, kind, value in entries]
+    data_at = after + sum(size for size in sizes if size > 4)
+    head, values = bytearray(struct.pack("<H", len(entries))), bytearray()
+    for tag, kind, value in sorted(entries):
+        value = [data_at if v == "data" else v for v in value]
+        packed = struct.pack(f"<{len(value)}{'H' if kind == 3 else 'I'}", *value)
+        if len(packed) > 4:
+            head += struct.pack("<HHII", tag, kind, len(value), after + len(values))
+            values += packed
+        else:
+            head += struct.pack("<HHI", tag, kind, len(value)) + packed.ljust(4, b"\0")
+    return b"II*\x00" + struct.pack("<I", 8) + bytes(head) + b"\0\0\0\0" + bytes(values) + tile_data
+
+
 def engine_record(weights: Path) -> dict | None:
     """engines.json as the archive packs it for these weights (None when it measured others)."""
     from serving.archive import engine_record_for

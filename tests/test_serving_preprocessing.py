@@ -16,7 +16,7 @@ from handler.preprocessing import (INLINE_DECODE_MAX_BYTES, INPUT_SIZE, MAX_IMAG
 from serving.images import (BLOCK_BYTES, MAX_BLOCKS, MAX_EXIF_BYTES, MAX_JPEG_SCANS, MAX_PPM_HEADER_BYTES,
                             MAX_TIFF_TAGS, jpeg_markers, open_upload)
 from serving_helpers import (animated_gif, decompression_bomb_png, encode, exif_block, exif_rotated_jpeg, grey_tiff,
-                             jpeg_declaring_size,
+                             jpeg_declaring_size, tiled_tiff,
                              jpeg_with_repeated_scans, oversized_png, padded_with_empty_blocks, png_declaring_size,
                              png_with_bad_crc, png_with_exif, sixteen_bit_png)
 
@@ -187,6 +187,33 @@ def test_a_tiff_listing_more_strips_or_tiles_than_its_size_needs_is_refused_befo
         assert decode_image(encode(picture, "TIFF", tiffinfo=info)).size == (57, 31)
     planar = encode(picture, "TIFF", compression="tiff_adobe_deflate", tiffinfo={284: 2, 278: 8})  # 3 planes x 4 strips
     assert len(Image.open(io.BytesIO(planar)).tag_v2[273]) == 12 and open_upload(planar).size == (57, 31)
+
+
+def test_a_tiled_tiff_counts_its_whole_tiles_against_the_pixel_limit():
+    # libtiff decodes each tile whole: a 16x16 TIFF of one 8192x8192 deflated tile of zeros (64 KB) cost 64 MB and
+    # 0.24 s, one of 16384x16384 (255 KB) 256 MB and 0.7 s, while its declared 16x16 passed every limit.
+    from serving.images import MAX_REQUEST_PIXELS, check_request_pixels, decoded_pixels
+    for tile, compression, samples, bits in ((8192, 8, 1, 8), (8192, 34925, 3, 8), (16384, 8, 1, 8), (16384, 8, 4, 16)):
+        bomb = tiled_tiff(16, 16, tile, tile - 16 * (bits == 16), compression, samples, bits, tile_data=bytes(64))
+        with pytest.raises(ImageRequestError) as info:
+            decode_image(bomb)
+        assert info.value.status == 413 and f"image is 16x16 pixels in tiles of {tile}x" in info.value.message
+        assert "MP), above the 16 MP limit for TIFF images" in info.value.message
+        assert _cpu_seconds(decode_image, bomb) < 0.01
+    # Within the limit, its tiles are what it costs: a request's images are counted by them.
+    large_tile = open_upload(tiled_tiff(16, 16, 2048, 2048, tile_data=bytes(64)))
+    assert decoded_pixels(large_tile) == 2048 * 2048
+    with pytest.raises(ImageRequestError) as info:
+        check_request_pixels([large_tile] * (MAX_REQUEST_PIXELS // 2048 ** 2 + 1))
+    assert info.value.status == 413
+    # Tiles as writers make them: as large as the image or larger (16x16 in 16x16 or 256x256), a photo in 256x256.
+    for tile in (16, 256):
+        assert decode_image(tiled_tiff(16, 16, tile, tile)).size == (16, 16)
+    photo = tiled_tiff(3000, 2000, 256, 256)
+    assert decoded_pixels(open_upload(photo)) == 3072 * 2048 and decode_image(photo).size == (429, 286)
+    # Strips cost their image's rows only, whatever RowsPerStrip says (libtiff stops at the image's last row).
+    strips = encode(noisy((57, 31)), "TIFF", compression="tiff_adobe_deflate", tiffinfo={278: 65536})
+    assert decoded_pixels(open_upload(strips)) == 57 * 31 and decode_image(strips).size == (57, 31)
 
 
 def rle8_bmp(width: int, height: int) -> bytes:

@@ -33,7 +33,7 @@ from serving.images import (
     ImageRequestError, decode_image, network_input, open_upload, page_image_rules, page_shrink_rules, picture_size,
     shrunk_png, worth_shrinking)
 from serving.process import free_port
-from serving_helpers import encode, exif_rotated_jpeg, jpeg_declaring_size
+from serving_helpers import encode, exif_rotated_jpeg, jpeg_declaring_size, tiled_tiff
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO_SIZE = (4032, 3024)  # a 12 MP phone photo
@@ -198,6 +198,18 @@ def test_every_format_over_the_limits_is_shrunk_to_the_input_the_handler_would_m
     shrunk = prepare(data)
     assert len(shrunk) < 4096 and open_upload(shrunk).format == "PNG"
     assert np.array_equal(np.asarray(decode_image(shrunk)), np.asarray(network_input(decode_image(data))))
+
+
+def test_a_small_tiff_of_large_tiles_is_shrunk_as_an_image_of_their_size_is():
+    # A few KB of TIFF declaring 16x16 in one 2048x2048 tile went on whole: each worker decoding it inflated the whole
+    # tile (16 such requests at once starved other clients). Its tiles are its pixels: shrunk here, in the pool.
+    data = tiled_tiff(16, 16, 2048, 2048)
+    assert len(data) < SHRINK_MIN_BYTES and worth_shrinking(open_upload(data), len(data))
+    shrunk = prepare(data)
+    assert shrunk != data and open_upload(shrunk).format == "PNG"
+    assert np.array_equal(np.asarray(decode_image(shrunk)), np.asarray(network_input(decode_image(data))))
+    small = tiled_tiff(16, 16, 256, 256)  # tiles as writers make them: on as it is
+    assert prepare(small) == small
 
 
 def test_a_phones_multi_picture_jpeg_is_shrunk_as_a_jpeg_is():
