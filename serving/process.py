@@ -88,7 +88,7 @@ class PidFile:
         self.path = Path(path)
         self.is_ours = is_ours
 
-    def _live_process(self) -> psutil.Process | None:
+    def live_process(self) -> psutil.Process | None:
         """The live process the file names, whoever's it is."""
         try:
             process = psutil.Process(int(self.path.read_text().split()[0]))
@@ -100,7 +100,7 @@ class PidFile:
 
     def pid(self) -> int | None:
         """The live, matching process's pid, else None."""
-        process = self._live_process()
+        process = self.live_process()
         try:
             return process.pid if process is not None and self.is_ours(process) else None
         except psutil.Error:
@@ -109,7 +109,7 @@ class PidFile:
     def stranger(self) -> str | None:
         """When the file names a live process that is not ours (the pid reused after ours died without removing
         the file: a crash, kill -9): that process, described for a message; else None. It is left alone."""
-        process = self._live_process()
+        process = self.live_process()
         try:
             if process is None or self.is_ours(process):
                 return None
