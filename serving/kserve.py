@@ -36,7 +36,8 @@ import yaml
 from model.shipped import SHIPPED_WEIGHTS
 from serving.archive import MODEL_NAME, ArchiveError, build_archive, model_config_path, weights_version
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, changed_since_started, command_line_with,
-                             free_ports, popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
+                             free_ports, log_ends, popen_exited, port_in_use, stop_popen, stop_process,
+                             wait_until_ready)
 from serving.settings import (ENGINE_CACHE_ENV, MODEL_CONFIG, PREDICTOR_PORT_ENV, PREDICTOR_PORTS, ports_from_env,
                               read_model_config)
 from serving.torchserve import (BASE_CONFIG, DEFAULT_ENGINE_CACHE, MAR_FILE, TorchServeError, TorchServeInstance,
@@ -187,6 +188,7 @@ class KServePredictor:
         self.log = self.workdir / "predictor.log"
         self.extra_args, self.env = list(extra_args or []), dict(env or {})
         self.process: subprocess.Popen | None = None
+        self.log_since: dict[Path, int] = {}
         self.detached = detached  # a service of its own (predictor start): outlives this process and its shell
 
     def command(self) -> list[str]:
@@ -233,6 +235,7 @@ class KServePredictor:
         env = {**os.environ, **self.env}
         env.setdefault(ENGINE_CACHE_ENV, str(DEFAULT_ENGINE_CACHE))
         env.setdefault("TMPDIR", str(self.workdir))
+        self.log_since = log_ends([self.log])  # the log is appended to: a failed start shows its own lines only
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=self.detached)
@@ -240,7 +243,8 @@ class KServePredictor:
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Return once it answers; ServiceStartError when it exits first or stays silent ``timeout`` s."""
-        wait_until_ready(self.ready, timeout, "KServe's model server", [self.log], popen_exited(self.process))
+        wait_until_ready(self.ready, timeout, "KServe's model server", [self.log], popen_exited(self.process),
+                         since=self.log_since)
 
     def ready(self) -> bool:
         try:

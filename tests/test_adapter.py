@@ -749,6 +749,24 @@ def test_a_taken_metrics_port_is_named_with_its_setting(tmp_path):
     assert f"cannot serve the metrics on 127.0.0.1:{port} (METRICS_PORT, METRICS_HOST)" in str(err.value), str(err.value)
 
 
+def test_a_start_refused_for_a_bad_setting_shows_its_reason_not_the_last_runs_log(tmp_path):
+    """`MAX_UPLOAD_BYTES=nan make serve-adapter`: the reason came last, under 15 of the previous run's access lines
+    from logs/adapter.log (appended to run after run). Now this start's own output comes first, and no line the
+    log had before it."""
+    from serving.process import free_port
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "adapter.log").write_text("".join(f'{{"previous run": {i}}}\n' for i in range(40)))
+    env = {**os.environ, "ADAPTER_LOG_DIR": str(logs), "ADAPTER_PORT": str(free_port()), "MAX_UPLOAD_BYTES": "nan"}
+    done = subprocess.run([sys.executable, "-m", "adapter.run", "start"], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.returncode == 1 and "exited while starting (code 2)" in done.stderr, done.stderr
+    assert "previous run" not in done.stderr, done.stderr
+    reason = done.stderr.split("\n", 2)[1]  # the line under the stderr log's name
+    assert "bad setting" in reason and "MAX_UPLOAD_BYTES" in reason, done.stderr
+
+
 def test_health_does_not_probe_after_a_recent_answer(tmp_path):
     async def predict(request, n):
         return json_answer(200, ANSWER)
