@@ -335,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adapter: bad setting: {err}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        return serve(args.host or host, args.port or port, args.log_file)
+        try:
+            return serve(args.host or host, args.port or port, args.log_file)
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down cleanly, then raised it again; no traceback
+            return 130
     return {"start": start, "stop": stop, "status": status}[args.command]()
 
 
