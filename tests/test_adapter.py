@@ -777,8 +777,8 @@ def test_ctrl_c_stops_the_foreground_adapter_quietly_with_130(tmp_path):
     dead, port = free_ports(2)
     env = {**os.environ, "TS_INFERENCE_URL": f"http://127.0.0.1:{dead}", "TS_MANAGEMENT_URL": f"http://127.0.0.1:{dead}",
            "ADAPTER_LOG_DIR": str(tmp_path / "logs")}
-    server = subprocess.Popen([sys.executable, "-m", "adapter.run", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "adapter.run", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         def up() -> bool:
             try:
