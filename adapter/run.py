@@ -31,7 +31,7 @@ import httpx
 
 from serving import settings as shared
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, command_line_with, free_port,
-                             popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
+                             log_ends, popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
 from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,11 +95,14 @@ def spawn(host: str, port: int, log_file: Path, env: dict[str, str] | None = Non
                                 env=env, cwd=REPO, start_new_session=True)  # survives the shell (make) that started it
 
 
-def wait_until_up(base: str, process: subprocess.Popen, log_file: Path, timeout: float = START_TIMEOUT_S) -> None:
-    """Return once the adapter at `base` answers; raise ServiceStartError if it exits or stays silent."""
+def wait_until_up(base: str, process: subprocess.Popen, log_file: Path, timeout: float = START_TIMEOUT_S,
+                  since: dict[Path, int] | None = None) -> None:
+    """Return once the adapter at `base` answers; raise ServiceStartError if it exits or stays silent, with its
+    output (a bad setting's reason) first and the log from `since` (log_ends before spawn) on: earlier runs'
+    access lines buried the reason."""
     # /health answers 503 while TorchServe is down: the adapter is up all the same.
     wait_until_ready(lambda: _answers(f"{base}/health", statuses=(200, 503)), timeout, "The adapter",
-                     logs=[log_file, stderr_file(log_file)], exited=popen_exited(process))
+                     logs=[stderr_file(log_file), log_file], exited=popen_exited(process), since=since)
 
 
 @dataclass
@@ -114,9 +117,10 @@ def running_adapter(settings_env: dict[str, str], log_file: Path, host: str = "1
                     port: int | None = None, start_timeout: float = START_TIMEOUT_S) -> Iterator[AdapterProcess]:
     """An adapter process on a free port with these settings (tests, benchmarks); stopped on exit."""
     port = port or free_port(host)
+    since = log_ends([log_file])
     process = spawn(host, port, Path(log_file), env={**os.environ, **settings_env})
     try:
-        wait_until_up(f"http://{host}:{port}", process, Path(log_file), start_timeout)
+        wait_until_up(f"http://{host}:{port}", process, Path(log_file), start_timeout, since)
         yield AdapterProcess(f"http://{host}:{port}", process, Path(log_file))
     finally:
         stop_popen(process, STOP_TIMEOUT_S)
@@ -166,11 +170,12 @@ def start() -> int:
               "or set METRICS_PORT to another port (METRICS_HOST to listen elsewhere; unset: /metrics on the "
               "adapter's own port).", file=sys.stderr)
         return 1
+    since = log_ends([LOG_FILE])
     process = spawn(host, port, LOG_FILE)
     PID_FILE.write(process.pid)
     MODEL_SERVER_FILE.write_text(f"{wanted}\n")
     try:
-        wait_until_up(base, process, LOG_FILE)
+        wait_until_up(base, process, LOG_FILE, since=since)
     except ServiceStartError as err:
         stop_popen(process, STOP_TIMEOUT_S)
         PID_FILE.remove()
@@ -330,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adapter: bad setting: {err}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        return serve(args.host or host, args.port or port, args.log_file)
+        try:
+            return serve(args.host or host, args.port or port, args.log_file)
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down cleanly, then raised it again; no traceback
+            return 130
     return {"start": start, "stop": stop, "status": status}[args.command]()
 
 

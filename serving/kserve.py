@@ -30,12 +30,14 @@ import sys
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 
 from model.shipped import SHIPPED_WEIGHTS
 from serving.archive import MODEL_NAME, ArchiveError, build_archive, model_config_path, weights_version
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, changed_since_started, command_line_with,
-                             free_ports, popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
+                             free_ports, log_ends, popen_exited, port_in_use, stop_popen, stop_process,
+                             wait_until_ready)
 from serving.settings import (ENGINE_CACHE_ENV, MODEL_CONFIG, PREDICTOR_PORT_ENV, PREDICTOR_PORTS, ports_from_env,
                               read_model_config)
 from serving.torchserve import (BASE_CONFIG, DEFAULT_ENGINE_CACHE, MAR_FILE, TorchServeError, TorchServeInstance,
@@ -186,6 +188,7 @@ class KServePredictor:
         self.log = self.workdir / "predictor.log"
         self.extra_args, self.env = list(extra_args or []), dict(env or {})
         self.process: subprocess.Popen | None = None
+        self.log_since: dict[Path, int] = {}
         self.detached = detached  # a service of its own (predictor start): outlives this process and its shell
 
     def command(self) -> list[str]:
@@ -202,6 +205,25 @@ class KServePredictor:
                        command_line_with(["-m", PREDICTOR_MODULE], [f"--model_dir={self.bundle}"],
                                          [f"--http_port={self.port}"]))
 
+    def started_with(self, process: psutil.Process) -> list[str] | None:
+        """When `process` is this checkout's KServe model server on another REST port or bundle (the one pid file
+        names whichever `predictor start` ran last): the settings it was started with, as given to this command;
+        else None. Its file is kept: removed, nothing could stop that server any more. `predictor start`'s is
+        started in the checkout, in a session of its own (a test's or a benchmark's server is not)."""
+        try:
+            if (not command_line_with(["-m", PREDICTOR_MODULE])(process) or os.getsid(process.pid) != process.pid
+                    or Path(process.cwd()).resolve() != REPO):
+                return None
+            given = dict(arg[2:].split("=", 1) for arg in process.cmdline() if arg.startswith("--") and "=" in arg)
+        except (psutil.Error, OSError):
+            return None
+        settings = []
+        if given.get("http_port") != str(self.port):
+            settings.append(f"{PREDICTOR_PORT_ENV['http']}={given.get('http_port')}")
+        if given.get("model_dir") != str(self.bundle):
+            settings.append(f"--bundle {given.get('model_dir')}")
+        return settings or None
+
     def start(self, timeout: float = 300.0) -> "KServePredictor":
         self.spawn()
         self.wait_ready(timeout)
@@ -213,6 +235,7 @@ class KServePredictor:
         env = {**os.environ, **self.env}
         env.setdefault(ENGINE_CACHE_ENV, str(DEFAULT_ENGINE_CACHE))
         env.setdefault("TMPDIR", str(self.workdir))
+        self.log_since = log_ends([self.log])  # the log is appended to: a failed start shows its own lines only
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=self.detached)
@@ -220,7 +243,8 @@ class KServePredictor:
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Return once it answers; ServiceStartError when it exits first or stays silent ``timeout`` s."""
-        wait_until_ready(self.ready, timeout, "KServe's model server", [self.log], popen_exited(self.process))
+        wait_until_ready(self.ready, timeout, "KServe's model server", [self.log], popen_exited(self.process),
+                         since=self.log_since)
 
     def ready(self) -> bool:
         try:
@@ -240,6 +264,20 @@ def predictor_ports() -> tuple[int, int]:
     return ports["http"], ports["grpc"]
 
 
+def _started_otherwise(command: str, pid: int, settings: list[str], http: int) -> int:
+    """`command` while this checkout's server runs on other settings: said, and its pid file kept. Status: not
+    running on this port (3); stop and start fail (a start would write its own pid over that server's)."""
+    variables, options = ([x for x in settings if x.startswith("--") == option] for option in (False, True))
+    retry = " ".join([*variables, "python -m serving.kserve predictor", command, *options])
+    said = (f"the KServe model server running here (pid {pid}) was started with {' and '.join(settings)}: "
+            f"{'ask' if command == 'status' else command} with that ({retry})")
+    if command == "status":
+        print(f"KServe's model server not running on port {http}; {said}.")
+        return NOT_RUNNING
+    print(f"error: {said}; {LOG_DIR / 'kserve-predictor.pid'} is kept.", file=sys.stderr)
+    return 1
+
+
 def predictor_command(argv: list[str]) -> int:
     """``predictor start|stop|status``: KServe's model server on the bundle as a background service."""
     parser = cli.Parser("serving.kserve predictor", "KServe's own model server on the bundle, in the background.")
@@ -255,11 +293,13 @@ def predictor_command(argv: list[str]) -> int:
                                 env={"TMPDIR": os.environ.get("TMPDIR", "/tmp")})
     pid_record = predictor.pid_record
     pid = pid_record.pid()
+    other = None if pid else pid_record.live_process()
+    if other is not None and (settings := predictor.started_with(other)) is not None:
+        return _started_otherwise(args.command, other.pid, settings, http)
     if (stranger := pid_record.stranger()) is not None:
         print(f"note: {pid_record.path} names {stranger}, which is not this checkout's KServe model server on "
-              f"{args.bundle} and port {http} (ours stopped without removing the file; the pid was reused, or it "
-              f"was started with another {PREDICTOR_PORT_ENV['http']} or --bundle): that process is left alone",
-              file=sys.stderr)
+              f"{args.bundle} and port {http} (ours stopped without removing the file, and the pid was reused): "
+              "that process is left alone", file=sys.stderr)
     if args.command == "status":
         print(f"KServe's model server running (pid {pid}): http://127.0.0.1:{http}, gRPC 127.0.0.1:{grpc}"
               if pid else "KServe's model server not running.")

@@ -65,18 +65,28 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def log_tail(path: Path, lines: int = 40) -> str:
-    """The last lines of a log file, or a note that there is none."""
+def log_tail(path: Path, lines: int = 40, since: int = 0) -> str:
+    """The last lines of a log file from byte `since` on (all of it when it is shorter: rotated since), or a note
+    that there is none."""
     try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+        with open(path, "rb") as log:
+            log.seek(since if since <= log.seek(0, 2) else 0)
+            return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
     except OSError:
         return f"(no log at {path})"
 
 
-def log_tails(paths: Iterable[Path], lines: int = 15) -> str:
-    """`path:` + its last lines for each non-empty log, for an error message."""
+def log_ends(paths: Iterable[Path]) -> dict[Path, int]:
+    """Each existing log's size now: what a start about to begin must not show as its own (log_tails' `since`)."""
+    return {Path(path): Path(path).stat().st_size for path in paths if Path(path).is_file()}
+
+
+def log_tails(paths: Iterable[Path], lines: int = 15, since: dict[Path, int] | None = None) -> str:
+    """`path:` + its last lines for each non-empty log, for an error message; a log in `since` from that byte on
+    (an appended log's earlier runs above a start's own reason buried it)."""
+    since = since or {}
     parts = [f"{path}:\n{text}" for path in paths
-             if Path(path).is_file() and (text := log_tail(path, lines))]
+             if Path(path).is_file() and (text := log_tail(path, lines, since.get(Path(path), 0)))]
     return "\n".join(parts) or "(the logs are empty)"
 
 
@@ -88,7 +98,7 @@ class PidFile:
         self.path = Path(path)
         self.is_ours = is_ours
 
-    def _live_process(self) -> psutil.Process | None:
+    def live_process(self) -> psutil.Process | None:
         """The live process the file names, whoever's it is."""
         try:
             process = psutil.Process(int(self.path.read_text().split()[0]))
@@ -100,7 +110,7 @@ class PidFile:
 
     def pid(self) -> int | None:
         """The live, matching process's pid, else None."""
-        process = self._live_process()
+        process = self.live_process()
         try:
             return process.pid if process is not None and self.is_ours(process) else None
         except psutil.Error:
@@ -109,7 +119,7 @@ class PidFile:
     def stranger(self) -> str | None:
         """When the file names a live process that is not ours (the pid reused after ours died without removing
         the file: a crash, kill -9): that process, described for a message; else None. It is left alone."""
-        process = self._live_process()
+        process = self.live_process()
         try:
             if process is None or self.is_ours(process):
                 return None
@@ -144,18 +154,20 @@ def command_line_with(*runs: Sequence[str]) -> Callable[[psutil.Process], bool]:
 
 
 def wait_until_ready(is_ready: Callable[[], bool], timeout: float, what: str, logs: Iterable[Path] = (),
-                     exited: Callable[[], str | None] | None = None, interval: float = 0.2) -> None:
-    """Poll `is_ready()` until it is true; raise ServiceStartError with the logs' tails when `exited()`
-    says why the process is gone (a message; None while it runs) or when `timeout` seconds pass."""
+                     exited: Callable[[], str | None] | None = None, interval: float = 0.2,
+                     since: dict[Path, int] | None = None) -> None:
+    """Poll `is_ready()` until it is true; raise ServiceStartError with the logs' tails (from `since`, log_ends
+    taken before the start) when `exited()` says why the process is gone (a message; None while it runs) or
+    when `timeout` seconds pass."""
     logs = list(logs)
     deadline = time.monotonic() + timeout
     while True:
         if exited is not None and (why := exited()) is not None:
-            raise ServiceStartError(f"{what} exited while starting ({why}); {log_tails(logs)}")
+            raise ServiceStartError(f"{what} exited while starting ({why}); {log_tails(logs, since=since)}")
         if is_ready():
             return
         if time.monotonic() >= deadline:
-            raise ServiceStartError(f"{what} did not become ready within {timeout:g} s; {log_tails(logs)}")
+            raise ServiceStartError(f"{what} did not become ready within {timeout:g} s; {log_tails(logs, since=since)}")
         time.sleep(interval)
 
 

@@ -775,6 +775,50 @@ def test_a_taken_metrics_port_is_named_with_its_setting(tmp_path):
     assert f"cannot serve the metrics on 127.0.0.1:{port} (METRICS_PORT, METRICS_HOST)" in str(err.value), str(err.value)
 
 
+def test_a_start_refused_for_a_bad_setting_shows_its_reason_not_the_last_runs_log(tmp_path):
+    """`MAX_UPLOAD_BYTES=nan make serve-adapter`: the reason came last, under 15 of the previous run's access lines
+    from logs/adapter.log (appended to run after run). Now this start's own output comes first, and no line the
+    log had before it."""
+    from serving.process import free_port
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "adapter.log").write_text("".join(f'{{"previous run": {i}}}\n' for i in range(40)))
+    env = {**os.environ, "ADAPTER_LOG_DIR": str(logs), "ADAPTER_PORT": str(free_port()), "MAX_UPLOAD_BYTES": "nan"}
+    done = subprocess.run([sys.executable, "-m", "adapter.run", "start"], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.returncode == 1 and "exited while starting (code 2)" in done.stderr, done.stderr
+    assert "previous run" not in done.stderr, done.stderr
+    reason = done.stderr.split("\n", 2)[1]  # the line under the stderr log's name
+    assert "bad setting" in reason and "MAX_UPLOAD_BYTES" in reason, done.stderr
+
+
+def test_ctrl_c_stops_the_foreground_adapter_quietly_with_130(tmp_path):
+    """`python -m adapter.run serve` stopped with Ctrl-C shut down cleanly, then printed a KeyboardInterrupt
+    traceback. Now it exits 130 (128 + SIGINT, as the other commands do) without one."""
+    import signal
+
+    from serving.process import free_ports, popen_exited, stop_popen, wait_until_ready
+
+    dead, port = free_ports(2)
+    env = {**os.environ, "TS_INFERENCE_URL": f"http://127.0.0.1:{dead}", "TS_MANAGEMENT_URL": f"http://127.0.0.1:{dead}",
+           "ADAPTER_LOG_DIR": str(tmp_path / "logs")}
+    command = [sys.executable, "-m", "adapter.run", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def up() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code in (200, 503)
+            except httpx.HTTPError:
+                return False
+        wait_until_ready(up, 60, "The adapter", exited=popen_exited(server))
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=30)
+        assert server.returncode == 130 and "Traceback" not in err, (server.returncode, err)
+    finally:
+        stop_popen(server)
+
+
 def test_health_does_not_probe_after_a_recent_answer(tmp_path):
     async def predict(request, n):
         return json_answer(200, ANSWER)

@@ -112,13 +112,14 @@ def stand_in_command(command):
     return lambda self: [sys.executable, "-c", "import time; time.sleep(120)", *command(self)[1:]]
 
 
-def stand_in_predictor(*args: str) -> psutil.Process:
+def stand_in_predictor(*args: str, checkout: Path | None = None) -> psutil.Process:
     """A sleeping Python with these model server's arguments, orphaned as `predictor start` leaves its server (a
-    child of this process would stay a zombie once stopped, and stop would wait its whole timeout)."""
-    command = " ".join(shlex.quote(word) for word in [sys.executable, "-c", "import time; time.sleep(120)", "-m",
-                                                      "handler.kserve_predictor", *args])
+    child of this process would stay a zombie once stopped, and stop would wait its whole timeout); with a
+    `checkout`, started there in a session of its own, as `predictor start` starts it."""
+    command = " ".join(shlex.quote(word) for word in ["setsid"] * (checkout is not None) + [
+        sys.executable, "-c", "import time; time.sleep(120)", "-m", "handler.kserve_predictor", *args])
     launched = subprocess.run(["sh", "-c", f"{command} >/dev/null 2>&1 & echo $!"], capture_output=True, text=True,
-                              check=True, timeout=30)
+                              check=True, timeout=30, cwd=checkout)
     return psutil.Process(int(launched.stdout))
 
 
@@ -159,6 +160,33 @@ def test_predictor_stop_leaves_another_instances_predictor_alone(tmp_path):
     finally:
         for process in started:
             stop_process(process.pid, timeout=5)
+
+
+def test_a_predictor_started_on_another_port_keeps_its_pid_file_and_is_named(tmp_path):
+    """`PREDICTOR_HTTP_PORT=28085 make serve-kserve`, then `make stop-kserve` without the variable: the stop said
+    "not running", exited 0 and removed logs/kserve-predictor.pid, and nothing could stop that server after. Now
+    status, stop and start name the port it was started with, stop and start fail, the file stays, and the stop
+    with that port stops it. A stand-in process started in the checkout (as the server is) on its bundle."""
+    user = user_in_a_copy(tmp_path / "checkout", list(PREDICTOR_PORT_ENV.values()), 60)
+    pid_file = user.root / "logs" / "kserve-predictor.pid"
+    pid_file.parent.mkdir()
+    port = str(free_ports(1)[0])
+    server = stand_in_predictor(f"--model_dir={(user.root / 'dist' / 'kserve').resolve()}", f"--http_port={port}",
+                                checkout=user.root)
+    try:
+        pid_file.write_text(f"{server.pid}\n")
+        said = f"started with {PREDICTOR_PORT_ENV['http']}={port}"
+        done = user.python("serving.kserve", "predictor", "status")
+        assert done.returncode == 3 and said in done.stdout, done.stdout + done.stderr
+        for command in ("stop", "start"):
+            done = user.python("serving.kserve", "predictor", command)
+            assert done.returncode == 1 and said in done.stderr and "is kept" in done.stderr, done.stdout + done.stderr
+            assert alive(server) and pid_file.read_text() == f"{server.pid}\n"
+        done = user.python("serving.kserve", "predictor", "stop", **{PREDICTOR_PORT_ENV["http"]: port})
+        assert done.returncode == 0 and f"stopped (pid {server.pid})" in done.stdout, done.stdout + done.stderr
+        assert not alive(server) and not pid_file.exists()
+    finally:
+        stop_process(server.pid, timeout=5)
 
 
 def test_an_interrupted_predictor_start_leaves_no_server_behind(tmp_path, monkeypatch):

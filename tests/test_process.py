@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from serving.process import (PidFile, ServiceStartError, command_line_with, free_port, free_ports, popen_exited,
-                             stop_popen, stop_process, wait_until_ready)
+from serving.process import (PidFile, ServiceStartError, command_line_with, free_port, free_ports, log_ends, log_tails,
+                             popen_exited, stop_popen, stop_process, wait_until_ready)
 
 IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
 
@@ -171,6 +171,21 @@ def test_wait_until_ready_reports_the_exit_and_the_log_tail(tmp_path):
                                     stdout=out)
     with pytest.raises(ServiceStartError, match=r"(?s)exited while starting \(code 2\).*bad setting X"):
         wait_until_ready(lambda: False, 30, "The service", logs=[log], exited=popen_exited(crashing))
+
+
+def test_wait_until_ready_shows_only_what_the_logs_got_since_the_start(tmp_path):
+    """An appended log's earlier runs are not this start's: from `since` on only (all of it once rotated)."""
+    log = tmp_path / "service.log"
+    log.write_text("earlier run\n" * 20)
+    since = log_ends([log, tmp_path / "absent.log"])
+    with open(log, "a") as out:
+        crashing = subprocess.Popen([sys.executable, "-c", "import sys; print('bad setting X'); sys.exit(2)"],
+                                    stdout=out)
+    with pytest.raises(ServiceStartError) as err:
+        wait_until_ready(lambda: False, 30, "The service", logs=[log], exited=popen_exited(crashing), since=since)
+    assert "bad setting X" in str(err.value) and "earlier run" not in str(err.value), str(err.value)
+    log.write_text("rotated\n")
+    assert log_tails([log], since=since) == f"{log}:\nrotated"
 
 
 def test_wait_until_ready_gives_up_at_its_deadline(tmp_path):

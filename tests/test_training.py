@@ -286,6 +286,25 @@ def test_a_diverged_run_is_one_error_line_not_a_traceback(tmp_path, capsys):
     assert "Traceback" not in err and not (tmp_path / "checkpoint.pt").exists()
 
 
+def test_resuming_a_finished_run_says_so_and_evaluates_nothing_again(runs, tmp_path, capsys, monkeypatch):
+    """--resume on a run that had trained all its --epochs quietly ran the final evaluation again and printed
+    "done:". Now it says it is finished, before any data is read; without its metrics.json (stopped during its
+    final evaluation) that evaluation runs again, said as a spent --time-budget's is."""
+    for name in ("checkpoint.pt", "metrics.json"):
+        shutil.copy(runs["straight"] / name, tmp_path / name)
+    resume = ["--resume", "--out", str(tmp_path), "--threads", "1", "--no-progress"]
+    capsys.readouterr()
+    assert train_module.main(resume + ["--data-dir", str(tmp_path / "no-data-here")]) == 0
+    said = capsys.readouterr().out
+    assert "already finished: 2 of 2 epochs; nothing to resume" in said and "done:" not in said, said
+    (tmp_path / "metrics.json").unlink()
+    assert train_module.main(resume + ["--data-dir", str(DATA_DIR)]) == 0
+    said = capsys.readouterr().out
+    assert "note: the run is done: all 2 epochs trained" in said and "done: top-1" in said, said
+    assert json.loads((tmp_path / "metrics.json").read_text())["history"] == torch.load(
+        tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)["history"]
+
+
 def test_resume_from_a_weights_file_says_what_to_pass(runs, tmp_path, capsys):
     weights = runs["straight"] / "CIFAR100_model.pth"
     rc = train_module.main(SMALL_RUN + ["--resume", str(weights), "--out", str(tmp_path)])

@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=default_data_dir(),
                    help="folder holding cifar-100-python/ (env CIFAR100_DATA; default: %(default)s)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
-                   help="average with the mirrored image (the served handler does not; --no-tta gives the float32 answers its engines are held to)")
+                   help="average with the mirrored image (the served handler does too only when handler.flip_tta is "
+                        "on in model-config.yaml, off by default; --no-tta gives the float32 answers its engines "
+                        "are held to without it)")
     p.add_argument("--json", metavar="OUT", help="also write the full report (every class) as JSON here")
     p.add_argument("--batch-size", type=cli.positive_int, default=EVAL_BATCH_SIZE)
     p.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)

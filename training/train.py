@@ -646,6 +646,19 @@ class Session:
     owns_checkpoint: bool = False
 
 
+def finished_metrics(checkpoint: dict, args) -> dict | None:
+    """The metrics.json in OUT of a resumed run that had trained all its --epochs and written them (the same
+    history as the checkpoint's); else None: not finished, a --time-budget run (a larger budget continues it),
+    or one stopped before its final evaluation was written, which is then run again."""
+    if args.time_budget is not None or checkpoint["epoch"] != args.epochs:
+        return None
+    try:
+        metrics = json.loads((Path(args.out) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if metrics.get("history") == checkpoint["history"] else None
+
+
 def train(args, given: set[str] | None = None, session: Session | None = None) -> dict:
     """One run. With --resume, options not in `given` (the command line's own; None: all of them)
     are the checkpoint's. `session` (main's) is told when OUT/checkpoint.pt becomes this run's."""
@@ -665,6 +678,11 @@ def train(args, given: set[str] | None = None, session: Session | None = None) -
             args = resumed_args(checkpoint, args, given)
         check_compatible(checkpoint, args)
         settle_options(args, given)  # a resumed run's options are the checkpoint's, merged above
+        if (metrics := finished_metrics(checkpoint, args)) is not None:  # before the data load: nothing to do
+            if os.environ.get("RANK", "0") == "0":
+                print(f"already finished: {args.epochs} of {args.epochs} epochs; nothing to resume (top-1 "
+                      f"{metrics['top1']:.2f}%, {Path(args.out) / 'metrics.json'})", flush=True)
+            return metrics
     device, rank, world = init_distributed(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -719,6 +737,9 @@ def train(args, given: set[str] | None = None, session: Session | None = None) -
                         "nothing to train (a larger --time-budget continues it), its final evaluation is written again")
             if run.main_process:
                 print(said, flush=True)
+        elif start_epoch == args.epochs and args.time_budget is None and run.main_process:
+            print(f"note: the run is done: all {start_epoch} epochs trained; nothing to train, its final evaluation "
+                  "is written again (OUT has no metrics.json of it)", flush=True)
 
     if args.time_budget is not None:
         run.final_evaluation_estimate_s = final_evaluation_estimate(run, model, ema, test_x, test_y)
