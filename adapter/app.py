@@ -213,19 +213,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     classes_body = JSONResponse([{"index": i, "label": label, "name": display_name(label)}
                                  for i, label in enumerate(CLASS_NAMES)]).body
 
-    # GET and HEAD (uptime checkers): FastAPI's get() adds no HEAD, and the page's mount answered 404.
-    @app.api_route("/classes", methods=["GET", "HEAD"])
+    def get_and_head(path: str, endpoint) -> None:
+        # GET and HEAD (uptime checkers): FastAPI's get() adds no HEAD, and the page's mount answered 404.
+        # HEAD is kept out of the schema: one route for both gave both the same operation id (FastAPI
+        # warned "Duplicate Operation ID" on each GET /openapi.json).
+        app.add_api_route(path, endpoint, methods=["GET"])
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+
     async def classes() -> Response:
         return Response(classes_body, media_type="application/json")
 
+    get_and_head("/classes", classes)
+
     image_rules = page_image_rules()  # the handler's formats and pixel limits, one copy
 
-    @app.api_route("/settings", methods=["GET", "HEAD"])
     async def page_settings(request: Request) -> JSONResponse:
         # The page asks instead of carrying its own copy of the limits.
         return JSONResponse({"max_upload_bytes": settings.max_upload_bytes, "top_k": TOP_K,
                              "images": image_rules, "shrink": request.app.state.shrinker.page_rules(),
                              "explain": request.app.state.explains})
+
+    get_and_head("/settings", page_settings)
     # The page is mounted at "/" and would swallow what the routes do not match: the slash
     # redirect (answer "/classify" and "/explain" too) and the 405 for other methods (say it here).
     app.add_api_route("/classify", classify, methods=["POST"], include_in_schema=False)
@@ -250,7 +258,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health_wrong_method(request: Request) -> JSONResponse:
         return _error(405, f"Method {request.method} is not allowed on /health.", {"Allow": "GET, HEAD"})
 
-    app.add_api_route("/health", health, methods=["GET", "HEAD"])
+    get_and_head("/health", health)
     app.add_api_route("/health", health_wrong_method, include_in_schema=False,
                       methods=["POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"])
 

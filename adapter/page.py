@@ -6,6 +6,8 @@ talk to this server only and be framed by nobody, and no MIME sniffing. index.ht
 ADAPTER_PAGE_MARK, which tells app.js that it is the adapter's own page: it then ignores `?api=`
 (meant for a copy of the page hosted elsewhere), so a crafted link cannot send users' photos to
 another server.
+A Range the file cannot give (malformed, not bytes, past its end) is refused in the adapter's shape,
+{"error": ...} (Starlette answers plain text): 400, or 416 with `Content-Range: bytes */SIZE`.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import os
 from email.utils import formatdate
 
 from starlette.datastructures import Headers
-from starlette.responses import Response
+from starlette.responses import (FileResponse, JSONResponse, MalformedRangeHeader, RangeNotSatisfiable,
+                                 Response)
 from starlette.staticfiles import NotModifiedResponse, StaticFiles
 
 # What the page needs and nothing more (tests/test_page.py runs it under this policy): its own
@@ -31,6 +34,34 @@ PAGE_HEADERS = {
 ADAPTER_PAGE_MARK = b'  <meta name="page-server" content="adapter">\n'
 
 
+class PageFileResponse(FileResponse):
+    """Starlette's FileResponse, but its Range refusals are JSON (checked first, as it would)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        refusal = self._range_refusal(scope)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        await super().__call__(scope, receive, send)
+
+    def _range_refusal(self, scope) -> JSONResponse | None:
+        headers = Headers(scope=scope)
+        http_range, http_if_range = headers.get("range"), headers.get("if-range")
+        # Starlette's own conditions for reading the Range at all.
+        if (self.status_code != 200 or http_range is None or self.stat_result is None
+                or scope.get("method", "GET").upper() not in ("GET", "HEAD")
+                or (http_if_range is not None and not self._should_use_range(http_if_range))):
+            return None
+        size = self.stat_result.st_size
+        try:
+            self._parse_range_header(http_range, size)
+        except MalformedRangeHeader as exc:
+            return JSONResponse({"error": exc.content}, 400)
+        except RangeNotSatisfiable:
+            return JSONResponse({"error": f"Range not satisfiable: the file has {size} bytes."},
+                                416, headers={"Content-Range": f"bytes */{size}"})
+        return None
+
+
 class PageFiles(StaticFiles):
     def __init__(self, directory: str) -> None:
         super().__init__(directory=directory, html=True)
@@ -44,7 +75,10 @@ class PageFiles(StaticFiles):
 
     def file_response(self, full_path, stat_result: os.stat_result, scope, status_code: int = 200) -> Response:
         if os.fspath(full_path) != self._index_path:
-            return super().file_response(full_path, stat_result, scope, status_code)
+            response = PageFileResponse(full_path, status_code=status_code, stat_result=stat_result)
+            if self.is_not_modified(response.headers, Headers(scope=scope)):
+                return NotModifiedResponse(response.headers)
+            return response
         body, etag = self._marked_index(stat_result)
         response = Response(body, status_code, media_type="text/html",
                             headers={"ETag": etag, "Last-Modified": formatdate(stat_result.st_mtime, usegmt=True)})

@@ -43,12 +43,17 @@ class ImageUpload:
     data: bytes | bytearray
 
 
-def _mb(n: int) -> str:
-    return f"{n / (1024 * 1024):.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KB"
+def binary_size(n: int) -> str:
+    """10485760 -> "10 MiB", 20000 -> "19.5 KiB": the units MAX_UPLOAD_BYTES is documented in (the page's
+    formatBytes in frontend/app.js says sizes the same way)."""
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{n} bytes"
 
 
 def too_large(max_bytes: int) -> ClassifyError:
-    return ClassifyError(413, f"The image is too large: the limit is {_mb(max_bytes)}.")
+    return ClassifyError(413, f"The image is too large: the limit is {binary_size(max_bytes)}.")
 
 
 def too_many_parts(max_parts: int) -> ClassifyError:

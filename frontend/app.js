@@ -97,8 +97,12 @@
   }
   settingsAsked = askSettings();
 
+  // In the units of the server's own 413 (adapter/upload.py binary_size): 10 MiB, 97.7 KiB.
   function formatBytes(n) {
-    return n >= 1024 * 1024 ? `${(n / (1024 * 1024)).toFixed(1)} MB` : `${Math.ceil(n / 1024)} KB`;
+    for (const [unit, scale] of [["MiB", 1024 * 1024], ["KiB", 1024]]) {
+      if (n >= scale) return `${(n / scale).toFixed(1).replace(/\.0$/, "")} ${unit}`;
+    }
+    return `${n} bytes`;
   }
 
   // A whole percent from 10% (and 0%), one decimal below; chosen on the rounded value, so that

@@ -252,7 +252,7 @@ def test_413_on_declared_length_before_any_body_byte(adapter):
         sock.sendall(_request_head(port, f"Content-Length: {1 << 30}\r\n"))
         status, body = _read_response(sock)
     assert status == 413
-    assert json.loads(body) == {"error": "The image is too large: the limit is 10.0 MB."}
+    assert json.loads(body) == {"error": "The image is too large: the limit is 10 MiB."}
 
 
 def test_413_while_a_chunked_upload_is_still_streaming(adapter):
@@ -308,7 +308,7 @@ def test_configured_limit_gives_413_for_a_multipart_upload(tight_adapter):
     at_the_limit = classify(tight_adapter.base_url, b"\0" * 20000)  # (random bytes may start as a PPM or BMP)
     assert at_the_limit.status_code == 400 and "not an image" in at_the_limit.json()["error"], at_the_limit.text
     r = classify(tight_adapter.base_url, os.urandom(20001))
-    assert r.status_code == 413 and r.json() == {"error": "The image is too large: the limit is 20 KB."}
+    assert r.status_code == 413 and r.json() == {"error": "The image is too large: the limit is 19.5 KiB."}
 
 
 def test_torchserve_too_slow_gives_504(tight_adapter, torchserve_ready, images):

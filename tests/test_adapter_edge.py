@@ -7,6 +7,7 @@ import json
 import re
 import socket
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -592,3 +593,36 @@ def test_open_connections_and_the_clients_holding_them_are_gauged(tmp_path):
         while gauges() != (1, 1):
             assert time.monotonic() < deadline, gauges()
             time.sleep(0.1)
+
+
+def test_the_pages_range_refusals_are_json_and_openapi_json_warns_of_nothing(tmp_path):
+    """README: every 4xx/5xx is {"error": ...}. The page's files answered a Range they cannot give in
+    Starlette's plain text (400 "Range header: range must be requested", a 416 with no body); now JSON,
+    the 416 with its Content-Range (RFC 9110). Ranges they can give are served as before. And GET
+    /openapi.json logged FastAPI's "Duplicate Operation ID" for /classes, /settings and /health (their
+    HEAD had the GET's id): no warning now."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    size = (REPO / "frontend" / "app.js").stat().st_size
+    with running_adapter({"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead}, tmp_path / "a.log") as a:
+        url = f"{a.base_url}/app.js"
+        for value in ("bytes=a-b", "bytes=5-1", "items=0-1"):
+            r = httpx.get(url, headers={"Range": value}, timeout=30)
+            assert r.status_code == 400 and r.headers["content-type"] == "application/json", (value, r.text)
+            assert r.json()["error"], value
+        r = httpx.get(url, headers={"Range": "bytes=99999999-"}, timeout=30)
+        assert (r.status_code, r.headers["content-range"]) == (416, f"bytes */{size}"), r.text
+        assert r.json() == {"error": f"Range not satisfiable: the file has {size} bytes."}
+        r = httpx.get(url, headers={"Range": "bytes=0-9"}, timeout=30)
+        assert (r.status_code, r.headers["content-range"], len(r.content)) == (206, f"bytes 0-9/{size}", 10)
+        r = httpx.get(url, headers={"Range": "bytes=0-4,2-9"}, timeout=30)
+        assert r.status_code == 206, r.text
+        assert httpx.get(url, timeout=30).status_code == 200
+        spec = httpx.get(f"{a.base_url}/openapi.json", timeout=30).json()
+        assert set(spec["paths"]) == {"/classify/", "/explain/", "/classes", "/settings", "/health"}, spec["paths"]
+    # (FastAPI's warning goes to the process's stderr, not its log: asked of an app here.)
+    from adapter.app import create_app
+    from adapter.config import Settings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_app(Settings.from_env()).openapi()

@@ -568,7 +568,7 @@ MALFORMED = {
     "no boundary": (b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data\r\n"
                     b"Content-Length: 4\r\nConnection: close\r\n\r\nabcd", 400, "multipart"),
     "too large, declared": (b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
-                            b"Content-Length: 99999999\r\n\r\n", 413, "10.0 MB"),
+                            b"Content-Length: 99999999\r\n\r\n", 413, "10 MiB"),
 }
 ALLOW = {"OPTIONS /classify/": "POST", "POST /health": "GET, HEAD", "PUT /": "GET, HEAD"}
 

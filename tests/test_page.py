@@ -367,7 +367,7 @@ def test_too_large_is_refused_before_uploading(adapter, page):
     page.on("request", lambda r: requests.append(r.url) if "/classify/" in r.url else None)
     big = b"\x89PNG" + b"\0" * 150_000
     page.set_input_files("#file-input", files=[{"name": "huge.png", "mimeType": "image/png", "buffer": big}])
-    assert "too large" in wait_for_error(page) and "98 KB" in page.inner_text("#error")
+    assert "too large" in wait_for_error(page) and "the limit is 97.7 KiB" in page.inner_text("#error")
     assert requests == []
 
 
@@ -1278,13 +1278,13 @@ def test_the_adapters_own_too_large_answer_is_shown_in_its_words(torchserve, ada
     Image.new("RGB", (230, 230), (200, 120, 40)).save(bmp, "BMP")  # 155 KB
     env = {**torchserve.adapter_env(), "MAX_UPLOAD_BYTES": "100000"}
     with running_adapter(env, tmp_path / "adapter.log") as small:
-        page.route("**/settings", lambda route: route.fulfill(json=shipped))  # the page thinks 10 MB may go
+        page.route("**/settings", lambda route: route.fulfill(json=shipped))  # the page thinks 10 MiB may go
         page.goto(f"{small.base_url}/")
         statuses = []
         page.on("response", lambda r: statuses.append(r.status) if r.url.endswith("/classify/") else None)
         page.set_input_files("#file-input", files=[{"name": "big.bmp", "mimeType": "image/bmp",
                                                     "buffer": bmp.getvalue()}])
-        assert wait_for_error(page) == "The image is too large: the limit is 98 KB."
+        assert wait_for_error(page) == "The image is too large: the limit is 97.7 KiB."
         assert statuses == [413] and page_state(page)["busy"] == "false"
 
 
