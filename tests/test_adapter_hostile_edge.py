@@ -10,7 +10,7 @@ TorchServe at all) over real sockets, with short deadlines through its settings.
     uploads queued to be shrunk -> 503 + Retry-After after SHRINK_WAIT_S
     near-matches of the boundary -> 400 on the delimiter count; a boundary over 70 characters -> 400
     a trailer line that never ends, a huge chunk extension -> 431 (its answer read: a lingering close)
-    an upload in 8-byte chunks sent at once -> read whole; in 1-byte chunks (framing > body) -> 431
+    an upload in 64-byte chunks sent at once -> read whole; in 8-byte chunks (framing > body / 8) -> 431
     a client that half-closes after its request -> still gets its answer
     HEAD on every GET route    -> 200
     POST to a page's path       -> 405 at once, the connection closed (its body unread)
@@ -41,6 +41,7 @@ from adapter.config import Settings
 from adapter.protocol import HEAD_SLACK_BYTES
 from adapter.run import running_adapter
 from serving.process import free_port
+from serving.settings import MAX_UPLOAD_BYTES
 from test_adapter_edge import samples
 from test_hostile import multipart_head
 
@@ -191,21 +192,21 @@ def chunked(body: bytes, size: int) -> bytes:
                     for piece in (body[i:i + size] for i in range(0, len(body), size))) + b"0\r\n\r\n"
 
 
-def test_an_upload_in_tiny_chunks_sent_at_once_is_read_whatever_the_reads(edge):
-    """The framing limit is per gap between two pieces of body, not per socket read: 300 KB in 8-byte chunks
-    (a chunk line per 8 bytes, 100s of KB of them in one read) was refused 431 and reset."""
-    noise = Image.frombytes("RGB", (320, 320), random.Random(0).randbytes(320 * 320 * 3))
+def test_an_upload_in_small_chunks_sent_at_once_is_read_whatever_the_reads(edge):
+    """The framing limit is per gap between two pieces of body, not per socket read: 10 MB in 64-byte chunks
+    (a chunk line per 64 bytes, 10s of KB of them in one read) was refused 431 and reset."""
+    noise = Image.frombytes("RGB", (1800, 1800), random.Random(0).randbytes(1800 * 1800 * 3))
     buf = io.BytesIO()
     noise.save(buf, "PNG")
     part = image_part(buf.getvalue()) + b"--xx--\r\n"
-    assert len(part) > 300_000
-    head = (f"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
-            f"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
-    status, _, answer = status_and_json(exchange(edge.port, head + chunked(part, 8)))
+    assert 9_000_000 < len(part) < MAX_UPLOAD_BYTES
+    head = ("POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
+    status, _, answer = status_and_json(exchange(edge.port, head + chunked(part, 64)))
     assert status == 503, answer  # read whole: it reached the model server (absent here)
-    # 1-byte chunks (5 bytes of framing each, a parser callback per byte): more framing in all than body, 431.
-    status, _, answer = status_and_json(exchange(edge.port, head + chunked(part[:100_000], 1)))
-    assert status == 431 and "no more in all than the body's own bytes" in answer["error"], answer
+    # 8-byte chunks (5 bytes of framing each, a parser callback per 8 bytes): past an eighth of the body, 431.
+    status, _, answer = status_and_json(exchange(edge.port, head + chunked(part[:300_000], 8)))
+    assert status == 431 and "no more in all than an eighth of the body's own bytes" in answer["error"], answer
 
 
 @pytest.mark.parametrize("pause", [False, True], ids=["at-once", "after-the-head"])
