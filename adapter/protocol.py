@@ -17,8 +17,11 @@ what a connection may do before the app sees a request live here, at the HTTP pa
     when the next one starts, so the raw bytes of a head still arriving are counted too: past
     MAX_HEADER_BYTES (+ HEAD_SLACK_BYTES), 431 at once, however long its unfinished line. Past the
     head, a chunked body's bytes that are not body (chunk-size lines, extensions, trailers) are held to
-    the same limit between two pieces of body: a trailer line that never ended cost the event loop
-    quadratic CPU (httptools appends to its value) and froze every client's answers;
+    the same limit between two pieces of body (counted per gap, wherever the socket reads split them):
+    a trailer line that never ended cost the event loop quadratic CPU (httptools appends to its value)
+    and froze every client's answers; in all they may not pass an eighth of the body's own bytes by more
+    than the limit (a parser callback a chunk: 10 MB in 8-byte chunks cost ~1.2 s CPU, in 64-byte ones
+    0.23 s); that 431 is sent with a lingering close, as below;
   * a client that half-closes after its request (shutdown(SHUT_WR), `nc -N`) still gets its answer;
     the connection closes after it;
   * no protocol switch: a WebSocket upgrade, CONNECT, or an `Upgrade` on a request with a body is
@@ -67,6 +70,11 @@ LINGER_CHECK_S = 1.0
 # A head's raw bytes may pass MAX_HEADER_BYTES by this much before the 431 (what the header count
 # leaves out: the method, the version, line ends, spaces around values).
 HEAD_SLACK_BYTES = 1024
+# A chunked body's framing in all may be this share of its body's bytes (+ MAX_HEADER_BYTES): chunks of ~48 bytes
+# and more on average (a client's chunks are its writes: 8 KB and more as clients read files).
+FRAMING_SHARE = 8
+# The 431 for a chunked body's framing (chunk lines, extensions, trailers) past the limit.
+_FRAMING_REFUSAL = "The request's chunk lines or trailers are too large"
 # SO_LINGER on, 0 s: close() resets the connection and frees it at once (no FIN_WAIT / TIME_WAIT).
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
@@ -216,7 +224,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._messages_begun = 0
         self._head_raw = 0  # raw bytes of the head in progress (those httptools still holds included)
         self._framing_raw = 0  # raw bytes past the head that were not body, since the last piece of body
-        self._body_fed = 0  # body bytes the parser handed over during the current feed
+        self._framing_total = self._body_total = 0  # ... and in all, and the body's bytes, in this message
+        self._parser_failed = False  # the parser refused the stream: what still arrives is not parsed
+        # Where the parser is in the bytes being fed (for the framing between two pieces of body): the buffer, the
+        # end of its last piece of body (as found in it), and whether the framing before the next piece is all
+        # counted (False while a head may be in it: a message began in this feed and no body followed yet).
+        self._feed_buf = b""
+        self._feed_cursor = 0
+        self._framing_exact = False
         self._peer_done = False  # the client half-closed: close once its answers are sent
         self._deferred_refusal: bytes | None = None  # sent once the earlier answers are (send_error)
         self._send_timer = None
@@ -248,10 +263,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
 
-    def send_error(self, status: int, message: str) -> None:
+    def send_error(self, status: int, message: str, linger: bool = False) -> None:
+        """``linger``: the request's body is still arriving and its answer must survive it (a lingering close,
+        the parser's verdict notwithstanding); otherwise the connection is closed at once."""
         if getattr(self.transport, "_lingering", False):
             return  # already answered; what follows is dropped
-        transport = getattr(self.transport, "_transport", self.transport)  # no lingering: the parser stopped
+        # No lingering unless asked: the parser stopped, so the body's end cannot be seen.
+        transport = self.transport if linger else getattr(self.transport, "_transport", self.transport)
         if transport.is_closing():
             return
         if self._deferred_refusal is not None:
@@ -309,13 +327,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if transport._lingering:
             transport._drained += len(data)
             self._unset_keepalive_if_required()  # the lingering close has deadlines of its own
+            if self._parser_failed:
+                return  # a refused body still arriving: dropped unparsed
         received = len(data)
         begun, idle = self._messages_begun, not self._in_message
         in_body = self._in_message and not self._in_head
-        self._body_fed = 0
+        self._framing_exact = in_body
         rest = data
         try:
             while True:
+                self._feed_buf, self._feed_cursor = rest, 0
                 try:
                     self.parser.feed_data(rest)
                     break
@@ -329,12 +350,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         except httptools.HttpParserError as err:
             self._cancel_head_timer()
             self._in_head = False
+            self._parser_failed = True
+            self._feed_buf = b""
             status, message = self._refusal or (400, f"The request is not valid HTTP: {_parser_reason(err)}.")
             log.warning("refused a request at the HTTP parser (%d): %s", status, message)
-            self.send_error(status, message)
+            framing = status == 431 and self._refusal is not None and self._refusal[1].startswith(_FRAMING_REFUSAL)
+            self.send_error(status, message, linger=framing)
+            if framing:
+                self._in_message = False
             return
-        if in_body and self._messages_begun == begun:
-            self._count_framing(received - self._body_fed)
+        buf, cursor = self._feed_buf, self._feed_cursor
+        self._feed_buf = b""  # not held between reads
+        if self._in_message and not self._in_head and self._framing_exact:
+            # The bytes after the last piece of body (or all of them, none came) are framing: chunk lines, trailers.
+            self._count_framing(len(buf) - cursor)
         if not self._in_head:
             return
         if self._head_timer is not None:  # the head is still arriving: count it for its rate
@@ -354,19 +383,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                         message, self._head_raw)
             self.send_error(431, message)
 
-    def _count_framing(self, framing: int) -> None:
-        """A chunked body's bytes that are not body, since its last piece of body: past the head's limit, 431."""
+    def _count_framing(self, framing: int, in_parser: bool = False) -> None:
+        """A chunked body's bytes that are not body, since its last piece of body: past the head's limit, 431
+        (answered with a lingering close: the body is still arriving). ``in_parser``: called from a parser
+        callback, which stops the parser to refuse."""
         self._framing_raw += framing
+        self._framing_total += framing
         limit = self.settings.max_header_bytes
-        if self._framing_raw <= limit + HEAD_SLACK_BYTES:
+        # In all, no more than an eighth of the body's own bytes (+ the limit): a chunk costs the event loop a parser
+        # callback (~1 us): 10 MB in 8-byte chunks cost ~1.2 s of CPU, in 64-byte ones 0.23 s, in 64 KB ones 0.05 s.
+        if self._framing_raw <= limit + HEAD_SLACK_BYTES \
+                and self._framing_total <= self._body_total // FRAMING_SHARE + limit + HEAD_SLACK_BYTES:
             return
         if self.transport._lingering:  # already answered: what it still sends is not worth parsing
             self._in_message = False
             self.transport._transport.close()
             return
-        message = f"The request's chunk lines or trailers are too large: the limit is {limit} bytes."
+        message = (f"{_FRAMING_REFUSAL}: the limit is {limit} bytes between two pieces of body"
+                   + (", and no more in all than an eighth of the body's own bytes (use larger chunks)."
+                      if self._framing_raw <= limit + HEAD_SLACK_BYTES else "."))
+        if in_parser:
+            self._refuse(431, message)  # data_received answers it, lingering
         log.warning("refused a request at the HTTP parser (431): %s", message)
-        self.send_error(431, message)  # while still in its message: the refusal is the request's (route, id)
+        self._parser_failed = True  # what still arrives is dropped, not parsed
+        # While still in its message: the refusal is the request's (route, id).
+        self.send_error(431, message, linger=True)
         self._in_message = False
 
     def eof_received(self) -> bool | None:
@@ -392,8 +433,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     # ---- parser callbacks ------------------------------------------------------------------
     def on_body(self, body: bytes) -> None:
-        self._body_fed += len(body)
+        # The framing before this piece of body, since the last one: found by where the piece lies in the bytes fed
+        # (its first occurrence past the last piece: if the framing holds the same bytes, counted later, never less
+        # in all). Counted per gap, not per read: tiny chunks are tiny framing each, however the kernel batches them.
+        buf, cursor = self._feed_buf, self._feed_cursor
+        if buf:
+            at = buf.find(body, cursor)
+            if at < 0:  # cannot be: the piece is a slice of these bytes
+                at = cursor
+            if self._framing_exact:
+                self._count_framing(at - cursor, in_parser=True)
+            self._feed_cursor = at + len(body)
+        self._framing_exact = True
         self._framing_raw = 0
+        self._body_total += len(body)
         super().on_body(body)
 
     def on_message_begin(self) -> None:
@@ -407,7 +460,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = self._in_message = True
         self._head_done = False  # True once the app has the request (on_headers_complete)
         self._messages_begun += 1
-        self._head_raw = self._framing_raw = 0
+        self._head_raw = self._framing_raw = self._framing_total = self._body_total = 0
+        self._framing_exact = False  # the head is in the bytes before this message's first piece of body
         self._head_bytes = 0
         self._head_received = 0
         self._head_started = self.loop.time()

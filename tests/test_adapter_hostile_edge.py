@@ -9,7 +9,8 @@ TorchServe at all) over real sockets, with short deadlines through its settings.
     answers never read          -> reset after SEND_TIMEOUT_S; no traceback in the log
     uploads queued to be shrunk -> 503 + Retry-After after SHRINK_WAIT_S
     near-matches of the boundary -> 400 on the delimiter count; a boundary over 70 characters -> 400
-    a trailer line that never ends, a huge chunk extension -> 431
+    a trailer line that never ends, a huge chunk extension -> 431 (its answer read: a lingering close)
+    an upload in 64-byte chunks sent at once -> read whole; in 8-byte chunks (framing > body / 8) -> 431
     a client that half-closes after its request -> still gets its answer
     HEAD on every GET route    -> 200
     POST to a page's path       -> 405 at once, the connection closed (its body unread)
@@ -21,6 +22,7 @@ import contextlib
 import gc
 import io
 import json
+import random
 import re
 import socket
 import struct
@@ -39,6 +41,7 @@ from adapter.config import Settings
 from adapter.protocol import HEAD_SLACK_BYTES
 from adapter.run import running_adapter
 from serving.process import free_port
+from serving.settings import MAX_UPLOAD_BYTES
 from test_adapter_edge import samples
 from test_hostile import multipart_head
 
@@ -182,6 +185,50 @@ def test_trailers_and_chunk_lines_past_the_head_limit_get_431(edge):
     # Small trailers are read as before: the upload reaches the model server (absent: 503).
     status, _, _ = status_and_json(exchange(edge.port, head + chunk + b"0\r\nX-Trailer: ok\r\n\r\n"))
     assert status == 503
+
+
+def chunked(body: bytes, size: int) -> bytes:
+    return b"".join(f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+                    for piece in (body[i:i + size] for i in range(0, len(body), size))) + b"0\r\n\r\n"
+
+
+def test_an_upload_in_small_chunks_sent_at_once_is_read_whatever_the_reads(edge):
+    """The framing limit is per gap between two pieces of body, not per socket read: 10 MB in 64-byte chunks
+    (a chunk line per 64 bytes, 10s of KB of them in one read) was refused 431 and reset."""
+    noise = Image.frombytes("RGB", (1800, 1800), random.Random(0).randbytes(1800 * 1800 * 3))
+    buf = io.BytesIO()
+    noise.save(buf, "PNG")
+    part = image_part(buf.getvalue()) + b"--xx--\r\n"
+    assert 9_000_000 < len(part) < MAX_UPLOAD_BYTES
+    head = ("POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
+    status, _, answer = status_and_json(exchange(edge.port, head + chunked(part, 64)))
+    assert status == 503, answer  # read whole: it reached the model server (absent here)
+    # 8-byte chunks (5 bytes of framing each, a parser callback per 8 bytes): past an eighth of the body, 431.
+    status, _, answer = status_and_json(exchange(edge.port, head + chunked(part[:300_000], 8)))
+    assert status == 431 and "no more in all than an eighth of the body's own bytes" in answer["error"], answer
+
+
+@pytest.mark.parametrize("pause", [False, True], ids=["at-once", "after-the-head"])
+def test_a_huge_chunk_extension_between_pieces_of_body_gets_431_and_its_answer_survives(edge, pause):
+    """With body on both sides and more body after it, sent at once (the read that held the head was not counted)
+    or after the head: 431 JSON, read by the client (a lingering close: closing at once with the body unread
+    reset the connection and destroyed the answer)."""
+    head = (b"POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+            b"X-Request-ID: huge-extension\r\nTransfer-Encoding: chunked\r\n\r\n")
+    extension = b"5;ext=" + b"a" * (MAX_HEADER_BYTES + HEAD_SLACK_BYTES + 1) + b"\r\n"
+    data = head + b"d\r\n--xx\r\nA:b\r\n\r\n\r\n" + extension + b"zzzzz\r\n" + chunked(b"z" * 1_000_000, 4096)
+    split = data.index(extension) if pause else 0
+    with connect(edge.port, timeout=10) as sock:
+        try:
+            sock.sendall(data[:split])
+            time.sleep(0.2 if pause else 0)
+            sock.sendall(data[split:])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused while still sending
+        status, headers, answer = status_and_json(read_until_closed(sock))
+    assert status == 431 and "chunk lines or trailers are too large" in answer["error"], answer
+    assert headers["x-request-id"] == "huge-extension", headers
 
 
 @pytest.mark.parametrize("request_bytes", [
