@@ -19,9 +19,9 @@ what a connection may do before the app sees a request live here, at the HTTP pa
     head, a chunked body's bytes that are not body (chunk-size lines, extensions, trailers) are held to
     the same limit between two pieces of body (counted per gap, wherever the socket reads split them):
     a trailer line that never ended cost the event loop quadratic CPU (httptools appends to its value)
-    and froze every client's answers; in all they may not pass an eighth of the body's own bytes by more
-    than the limit (a parser callback a chunk: 10 MB in 8-byte chunks cost ~1.2 s CPU, in 64-byte ones
-    0.23 s); that 431 is sent with a lingering close, as below;
+    and froze every client's answers; and chunks must hold MIN_AVERAGE_CHUNK bytes on average (a parser
+    callback each: 10 MB in 8-byte chunks cost ~1.2 s CPU, in 64-byte ones 0.23 s); those 431s are sent
+    with a lingering close, as below;
   * a client that half-closes after its request (shutdown(SHUT_WR), `nc -N`) still gets its answer;
     the connection closes after it;
   * no protocol switch: a WebSocket upgrade, CONNECT, or an `Upgrade` on a request with a body is
@@ -70,9 +70,10 @@ LINGER_CHECK_S = 1.0
 # A head's raw bytes may pass MAX_HEADER_BYTES by this much before the 431 (what the header count
 # leaves out: the method, the version, line ends, spaces around values).
 HEAD_SLACK_BYTES = 1024
-# A chunked body's framing in all may be this share of its body's bytes (+ MAX_HEADER_BYTES): chunks of ~48 bytes
-# and more on average (a client's chunks are its writes: 8 KB and more as clients read files).
-FRAMING_SHARE = 8
+# A chunked body's chunks must hold this many bytes on average (a client's chunks are its writes: 8 KB and more as
+# clients read files), beyond the first CHUNK_ALLOWANCE.
+MIN_AVERAGE_CHUNK = 48
+CHUNK_ALLOWANCE = 64
 # The 431 for a chunked body's framing (chunk lines, extensions, trailers) past the limit.
 _FRAMING_REFUSAL = "The request's chunk lines or trailers are too large"
 # SO_LINGER on, 0 s: close() resets the connection and frees it at once (no FIN_WAIT / TIME_WAIT).
@@ -224,7 +225,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._messages_begun = 0
         self._head_raw = 0  # raw bytes of the head in progress (those httptools still holds included)
         self._framing_raw = 0  # raw bytes past the head that were not body, since the last piece of body
-        self._framing_total = self._body_total = 0  # ... and in all, and the body's bytes, in this message
+        self._chunks = self._body_total = 0  # a chunked body's chunks begun, and the body's bytes, in this message
         self._parser_failed = False  # the parser refused the stream: what still arrives is not parsed
         # Where the parser is in the bytes being fed (for the framing between two pieces of body): the buffer, the
         # end of its last piece of body (as found in it), and whether the framing before the next piece is all
@@ -331,8 +332,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 return  # a refused body still arriving: dropped unparsed
         received = len(data)
         begun, idle = self._messages_begun, not self._in_message
-        in_body = self._in_message and not self._in_head
-        self._framing_exact = in_body
+        self._framing_exact = self._in_message and not self._in_head
         rest = data
         try:
             while True:
@@ -384,24 +384,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.send_error(431, message)
 
     def _count_framing(self, framing: int, in_parser: bool = False) -> None:
-        """A chunked body's bytes that are not body, since its last piece of body: past the head's limit, 431
-        (answered with a lingering close: the body is still arriving). ``in_parser``: called from a parser
-        callback, which stops the parser to refuse."""
+        """A chunked body's bytes that are not body, since its last piece of body: past the head's limit, 431.
+        ``in_parser``: called from a parser callback, which stops the parser to refuse."""
         self._framing_raw += framing
-        self._framing_total += framing
         limit = self.settings.max_header_bytes
-        # In all, no more than an eighth of the body's own bytes (+ the limit): a chunk costs the event loop a parser
-        # callback (~1 us): 10 MB in 8-byte chunks cost ~1.2 s of CPU, in 64-byte ones 0.23 s, in 64 KB ones 0.05 s.
-        if self._framing_raw <= limit + HEAD_SLACK_BYTES \
-                and self._framing_total <= self._body_total // FRAMING_SHARE + limit + HEAD_SLACK_BYTES:
-            return
+        if self._framing_raw > limit + HEAD_SLACK_BYTES:
+            self._refuse_framing(f"{_FRAMING_REFUSAL}: the limit is {limit} bytes between two pieces of body.",
+                                 in_parser)
+
+    def _refuse_framing(self, message: str, in_parser: bool) -> None:
+        """431 for a chunked body's framing, answered with a lingering close (the body is still arriving)."""
         if self.transport._lingering:  # already answered: what it still sends is not worth parsing
             self._in_message = False
             self.transport._transport.close()
             return
-        message = (f"{_FRAMING_REFUSAL}: the limit is {limit} bytes between two pieces of body"
-                   + (", and no more in all than an eighth of the body's own bytes (use larger chunks)."
-                      if self._framing_raw <= limit + HEAD_SLACK_BYTES else "."))
         if in_parser:
             self._refuse(431, message)  # data_received answers it, lingering
         log.warning("refused a request at the HTTP parser (431): %s", message)
@@ -432,6 +428,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     # ---- parser callbacks ------------------------------------------------------------------
+    def on_chunk_header(self) -> None:
+        # A chunk costs the event loop a parser callback (~1 us) whatever its size: 10 MB in 8-byte chunks cost ~1.2 s
+        # of CPU, in 64-byte ones 0.23 s, in 64 KB ones 0.05 s. Counted here, not from the bytes around the body.
+        self._chunks += 1
+        if self._chunks > self._body_total // MIN_AVERAGE_CHUNK + CHUNK_ALLOWANCE:
+            self._refuse_framing(f"{_FRAMING_REFUSAL}: chunks must hold {MIN_AVERAGE_CHUNK} bytes on average "
+                                 "(use larger chunks).", True)
+
     def on_body(self, body: bytes) -> None:
         # The framing before this piece of body, since the last one: found by where the piece lies in the bytes fed
         # (its first occurrence past the last piece: if the framing holds the same bytes, counted later, never less
@@ -460,7 +464,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = self._in_message = True
         self._head_done = False  # True once the app has the request (on_headers_complete)
         self._messages_begun += 1
-        self._head_raw = self._framing_raw = self._framing_total = self._body_total = 0
+        self._head_raw = self._framing_raw = self._chunks = self._body_total = 0
         self._framing_exact = False  # the head is in the bytes before this message's first piece of body
         self._head_bytes = 0
         self._head_received = 0

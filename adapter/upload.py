@@ -44,11 +44,12 @@ class ImageUpload:
 
 
 def binary_size(n: int) -> str:
-    """10485760 -> "10 MiB", 20000 -> "19.5 KiB": the units MAX_UPLOAD_BYTES is documented in (the page's
-    formatBytes in frontend/app.js says sizes the same way)."""
+    """10485760 -> "10 MiB", 20000 -> "19.5 KiB": the units MAX_UPLOAD_BYTES is documented in, to a tenth rounded
+    half up in whole numbers (the page's formatBytes in frontend/app.js says sizes the same way, digit for digit)."""
     for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f}".removesuffix(".0") + f" {unit}"
+        tenths = (n * 10 + scale // 2) // scale
+        if tenths >= 10:  # (the unit chosen on the rounded value: 1048552 is "1 MiB", not "1024 KiB")
+            return f"{tenths // 10}" + (f".{tenths % 10}" if tenths % 10 else "") + f" {unit}"
     return f"{n} bytes"
 
 

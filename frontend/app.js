@@ -97,10 +97,11 @@
   }
   settingsAsked = askSettings();
 
-  // In the units of the server's own 413 (adapter/upload.py binary_size): 10 MiB, 97.7 KiB.
+  // In the units of the server's own 413, rounded as it rounds (adapter/upload.py binary_size): 10 MiB, 97.7 KiB.
   function formatBytes(n) {
     for (const [unit, scale] of [["MiB", 1024 * 1024], ["KiB", 1024]]) {
-      if (n >= scale) return `${(n / scale).toFixed(1).replace(/\.0$/, "")} ${unit}`;
+      const tenths = Math.floor((n * 10 + scale / 2) / scale);
+      if (tenths >= 10) return `${Math.floor(tenths / 10)}${tenths % 10 ? "." + (tenths % 10) : ""} ${unit}`;
     }
     return `${n} bytes`;
   }

@@ -111,7 +111,7 @@ MAX_GRPC_HEALTH_CALLS = 4
 # the other half of the reservations and waiting places to everyone else.
 MAX_CLIENT_SHARE = 0.5
 # REST connections from one client (--max_client_connections): this server's clients are services, not browsers (the
-# adapter's 64): an adapter in front holds up to its pool's 64 (TS_MAX_CONNECTIONS) + 8 for health checks at once.
+# adapter's 64): an adapter in front holds up to its pool's 24 (TS_MAX_CONNECTIONS) + 8 for health checks at once.
 MAX_CLIENT_CONNECTIONS = 128
 # Open files beyond the connection caps: the model's and the archive's files, logs, sockets of threads and probes.
 OPEN_FILES_MARGIN = 256
