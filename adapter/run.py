@@ -172,16 +172,17 @@ def start() -> int:
         return 1
     since = log_ends([LOG_FILE])
     process = spawn(host, port, LOG_FILE)
-    PID_FILE.write(process.pid)
-    MODEL_SERVER_FILE.write_text(f"{wanted}\n")
     try:
+        PID_FILE.write(process.pid)
+        MODEL_SERVER_FILE.write_text(f"{wanted}\n")
         wait_until_up(base, process, LOG_FILE, since=since)
-    except ServiceStartError as err:
+    except (ServiceStartError, KeyboardInterrupt) as err:  # (Ctrl-C: what this command started is stopped too)
         stop_popen(process, STOP_TIMEOUT_S)
         PID_FILE.remove()
         MODEL_SERVER_FILE.unlink(missing_ok=True)
-        print(err, file=sys.stderr)
-        return 1
+        interrupted = isinstance(err, KeyboardInterrupt)
+        print("error: interrupted while the adapter started; it was stopped" if interrupted else err, file=sys.stderr)
+        return 130 if interrupted else 1
     print(f"Adapter running (pid {process.pid}, log {LOG_FILE}): page at {base}/ ({_model_state(base)})")
     return 0
 
