@@ -805,7 +805,9 @@ def test_ctrl_c_stops_the_foreground_adapter_quietly_with_130(tmp_path):
     env = {**os.environ, "TS_INFERENCE_URL": f"http://127.0.0.1:{dead}", "TS_MANAGEMENT_URL": f"http://127.0.0.1:{dead}",
            "ADAPTER_LOG_DIR": str(tmp_path / "logs")}
     command = [sys.executable, "-m", "adapter.run", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # (SIGINT's default restored: a background shell, as CI's may be, starts its jobs with it ignored)
+    server = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         def up() -> bool:
             try:
@@ -834,7 +836,8 @@ def test_ctrl_c_while_the_adapter_starts_stops_what_the_start_began(tmp_path):
     env = {**os.environ, "TS_INFERENCE_URL": f"http://127.0.0.1:{dead}", "TS_MANAGEMENT_URL": f"http://127.0.0.1:{dead}",
            "ADAPTER_LOG_DIR": str(logs), "ADAPTER_PORT": str(port)}
     start = subprocess.Popen([sys.executable, "-m", "adapter.run", "start"], env=env, cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (as above)
     try:
         deadline, spawned = time.monotonic() + 30, ""
         while not spawned.strip().isdigit() and start.poll() is None and time.monotonic() < deadline:
