@@ -438,8 +438,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         # The framing before this piece of body, since the last one: found by where the piece lies in the bytes fed
-        # (its first occurrence past the last piece: if the framing holds the same bytes, counted later, never less
-        # in all). Counted per gap, not per read: tiny chunks are tiny framing each, however the kernel batches them.
+        # (its first occurrence past the last piece: framing holding the same bytes is counted at the read's end
+        # instead, or not at all in the read that ends the message, one read at most; a trailer that never ends
+        # ends no message, and the chunks' count is on_chunk_header's). Per gap, not per read: tiny chunks are tiny
+        # framing each, however the kernel batches them.
         buf, cursor = self._feed_buf, self._feed_cursor
         if buf:
             at = buf.find(body, cursor)

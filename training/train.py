@@ -434,6 +434,12 @@ class Run:
         return share
 
 
+def launched_as_rank_zero() -> bool:
+    """Whether torchrun started this process as rank 0 (or nothing did): the one that speaks for the run before
+    the process group exists (init_distributed) and after it is gone."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_distributed(args) -> tuple[torch.device, int, int]:
     """(device, rank, world size); joins the process group when torchrun started several processes."""
     device = pick_device(args.device)
@@ -679,7 +685,7 @@ def train(args, given: set[str] | None = None, session: Session | None = None) -
         check_compatible(checkpoint, args)
         settle_options(args, given)  # a resumed run's options are the checkpoint's, merged above
         if (metrics := finished_metrics(checkpoint, args)) is not None:  # before the data load: nothing to do
-            if os.environ.get("RANK", "0") == "0":
+            if launched_as_rank_zero():
                 print(f"already finished: {args.epochs} of {args.epochs} epochs; nothing to resume (top-1 "
                       f"{metrics['top1']:.2f}%, {Path(args.out) / 'metrics.json'})", flush=True)
             return metrics
@@ -885,7 +891,7 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:
         # A terminal's Ctrl-C reaches every process torchrun started: rank 0 alone speaks for the run.
-        if os.environ.get("RANK", "0") != "0":
+        if not launched_as_rank_zero():
             return 130
         own = Path(args.out) / "checkpoint.pt"
         if session.owns_checkpoint:
