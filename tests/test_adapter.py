@@ -9,6 +9,7 @@ server, as tests/test_adapter_oip.py does for an Open Inference Protocol server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -31,6 +32,7 @@ from adapter.request_context import CURRENT
 from adapter.run import running_adapter
 from adapter.torchserve import TorchServeClient
 from model.classes import display_name
+from ctrl_c import sigint_as_in_a_terminal, stopped_by
 from test_adapter_oip import errors_by_kind, stand_in_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -804,9 +806,8 @@ def test_ctrl_c_stops_the_foreground_adapter_quietly_with_130(tmp_path):
     env = {**os.environ, "TS_INFERENCE_URL": f"http://127.0.0.1:{dead}", "TS_MANAGEMENT_URL": f"http://127.0.0.1:{dead}",
            "ADAPTER_LOG_DIR": str(tmp_path / "logs")}
     command = [sys.executable, "-m", "adapter.run", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    # (SIGINT's default restored: a background shell, as CI's may be, starts its jobs with it ignored)
     server = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                              preexec_fn=sigint_as_in_a_terminal)
     try:
         def up() -> bool:
             try:
@@ -816,9 +817,42 @@ def test_ctrl_c_stops_the_foreground_adapter_quietly_with_130(tmp_path):
         wait_until_ready(up, 60, "The adapter", exited=popen_exited(server))
         server.send_signal(signal.SIGINT)
         _, err = server.communicate(timeout=30)
-        assert server.returncode == 130 and "Traceback" not in err, (server.returncode, err)
+        assert server.returncode in stopped_by(signal.SIGINT) and "Traceback" not in err, (server.returncode, err)
     finally:
         stop_popen(server)
+
+
+def test_ctrl_c_while_the_adapter_starts_stops_what_the_start_began(tmp_path):
+    """`python -m adapter.run start` (make serve) interrupted while it waits for the adapter to come up printed a
+    traceback and left the adapter running, its pid file written: the start now stops it, as TorchServe's does."""
+    import signal
+
+    import psutil
+
+    from serving.process import free_ports, stop_popen
+
+    dead, port = free_ports(2)
+    logs = tmp_path / "logs"
+    env = {**os.environ, "TS_INFERENCE_URL": f"http://127.0.0.1:{dead}", "TS_MANAGEMENT_URL": f"http://127.0.0.1:{dead}",
+           "ADAPTER_LOG_DIR": str(logs), "ADAPTER_PORT": str(port)}
+    start = subprocess.Popen([sys.executable, "-m", "adapter.run", "start"], env=env, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=sigint_as_in_a_terminal)
+    try:
+        deadline, spawned = time.monotonic() + 30, ""
+        while not spawned.strip().isdigit() and start.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+            with contextlib.suppress(OSError):
+                spawned = (logs / "adapter.pid").read_text()  # written before the wait for it to come up
+        spawned = int(spawned)
+        start.send_signal(signal.SIGINT)
+        out, err = start.communicate(timeout=30)
+    finally:
+        stop_popen(start)
+    assert start.returncode in stopped_by(signal.SIGINT) and "Traceback" not in err, (start.returncode, out, err)
+    assert "interrupted while the adapter started" in err
+    assert not psutil.pid_exists(spawned) or psutil.Process(spawned).status() == psutil.STATUS_ZOMBIE
+    assert not (logs / "adapter.pid").exists()
 
 
 def test_health_does_not_probe_after_a_recent_answer(tmp_path):

@@ -29,6 +29,7 @@ import pytest
 from benchmarks import load
 from benchmarks.load import HttpTarget, measure_targets, multipart_image_bodies, run_wrk
 from benchmarks.side_by_side import side_by_side
+from ctrl_c import sigint_as_in_a_terminal
 from serving_helpers import cifar_pil, encode
 from stand_in_server import stand_in_server
 
@@ -263,10 +264,7 @@ def signal_benchmark(argv: list[str], when, signum: int, tmp: Path) -> tuple[int
     proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True,
                             env={**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"},
-                            # CI starts its run in the background (`.ci/run &`), which leaves SIGINT *ignored*
-                            # in every descendant, and Python then never raises KeyboardInterrupt: give the
-                            # child the default disposition, as a terminal's Ctrl-C finds it.
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=sigint_as_in_a_terminal)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
