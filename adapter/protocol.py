@@ -236,7 +236,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._peer_done = False  # the client half-closed: close once its answers are sent
         self._deferred_refusal: bytes | None = None  # sent once the earlier answers are (send_error)
         self._send_timer = None
-        self._refusal: tuple[int, str] | None = None
+        self._refusal: tuple[int, str, bool] | None = None  # (status, message, answered with a lingering close)
         # Request cycles whose answers may not have begun (pipelined: several), oldest first; they end in order.
         self._unanswered: deque = deque()
         # A connection that never sends a byte would otherwise stay open for ever.
@@ -352,11 +352,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._in_head = False
             self._parser_failed = True
             self._feed_buf = b""
-            status, message = self._refusal or (400, f"The request is not valid HTTP: {_parser_reason(err)}.")
+            status, message, linger = self._refusal or (400, f"The request is not valid HTTP: {_parser_reason(err)}.",
+                                                        False)
             log.warning("refused a request at the HTTP parser (%d): %s", status, message)
-            framing = status == 431 and self._refusal is not None and self._refusal[1].startswith(_FRAMING_REFUSAL)
-            self.send_error(status, message, linger=framing)
-            if framing:
+            self.send_error(status, message, linger=linger)
+            if linger:
                 self._in_message = False
             return
         buf, cursor = self._feed_buf, self._feed_cursor
@@ -399,7 +399,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport._transport.close()
             return
         if in_parser:
-            self._refuse(431, message)  # data_received answers it, lingering
+            self._refuse(431, message, linger=True)  # data_received answers it
         log.warning("refused a request at the HTTP parser (431): %s", message)
         self._parser_failed = True  # what still arrives is dropped, not parsed
         # While still in its message: the refusal is the request's (route, id).
@@ -494,8 +494,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self.send_error(408, f"The request's headers did not arrive within {settings.header_timeout_s:g} s.")
 
-    def _refuse(self, status: int, message: str) -> None:
-        self._refusal = (status, message)
+    def _refuse(self, status: int, message: str, linger: bool = False) -> None:
+        """Stop the parser: data_received answers `status` (with a lingering close when `linger`: the body is still
+        arriving, and a plain close would reset the answer away)."""
+        self._refusal = (status, message, linger)
         raise _HeadRefused(message)
 
     def on_url(self, url: bytes) -> None:
