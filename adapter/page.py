@@ -16,8 +16,7 @@ import os
 from email.utils import formatdate
 
 from starlette.datastructures import Headers
-from starlette.responses import (FileResponse, JSONResponse, MalformedRangeHeader, RangeNotSatisfiable,
-                                 Response)
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.staticfiles import NotModifiedResponse, StaticFiles
 
 # What the page needs and nothing more (tests/test_page.py runs it under this policy): its own
@@ -35,31 +34,26 @@ ADAPTER_PAGE_MARK = b'  <meta name="page-server" content="adapter">\n'
 
 
 class PageFileResponse(FileResponse):
-    """Starlette's FileResponse, but its Range refusals are JSON (checked first, as it would)."""
+    """Starlette's FileResponse, its Range refusals (plain text: 400 with the reason, 416 with its Content-Range)
+    answered as JSON."""
 
     async def __call__(self, scope, receive, send) -> None:
-        refusal = self._range_refusal(scope)
-        if refusal is not None:
-            return await refusal(scope, receive, send)
-        await super().__call__(scope, receive, send)
+        refused: dict | None = None  # a refusal's start, held until its body (the reason) comes
 
-    def _range_refusal(self, scope) -> JSONResponse | None:
-        headers = Headers(scope=scope)
-        http_range, http_if_range = headers.get("range"), headers.get("if-range")
-        # Starlette's own conditions for reading the Range at all.
-        if (self.status_code != 200 or http_range is None or self.stat_result is None
-                or scope.get("method", "GET").upper() not in ("GET", "HEAD")
-                or (http_if_range is not None and not self._should_use_range(http_if_range))):
-            return None
-        size = self.stat_result.st_size
-        try:
-            self._parse_range_header(http_range, size)
-        except MalformedRangeHeader as exc:
-            return JSONResponse({"error": exc.content}, 400)
-        except RangeNotSatisfiable:
-            return JSONResponse({"error": f"Range not satisfiable: the file has {size} bytes."},
-                                416, headers={"Content-Range": f"bytes */{size}"})
-        return None
+        async def send_refusals_as_json(message) -> None:
+            nonlocal refused
+            if message["type"] == "http.response.start" and message["status"] in (400, 416):
+                refused = message
+            elif refused is None:
+                await send(message)
+            elif message["type"] == "http.response.body":
+                size = self.stat_result.st_size if self.stat_result is not None else 0
+                reason = (f"Range not satisfiable: the file has {size} bytes." if refused["status"] == 416
+                          else message.get("body", b"").decode("utf-8", "replace"))
+                headers = {"Content-Range": f"bytes */{size}"} if refused["status"] == 416 else None
+                await JSONResponse({"error": reason}, refused["status"], headers=headers)(scope, receive, send)
+
+        await super().__call__(scope, receive, send_refusals_as_json)
 
 
 class PageFiles(StaticFiles):

@@ -608,7 +608,7 @@ def test_the_pages_range_refusals_are_json_and_openapi_json_warns_of_nothing(tmp
         for value in ("bytes=a-b", "bytes=5-1", "items=0-1"):
             r = httpx.get(url, headers={"Range": value}, timeout=30)
             assert r.status_code == 400 and r.headers["content-type"] == "application/json", (value, r.text)
-            assert r.json()["error"], value
+            assert "range" in r.json()["error"].lower(), (value, r.text)  # Starlette's reason, as JSON
         r = httpx.get(url, headers={"Range": "bytes=99999999-"}, timeout=30)
         assert (r.status_code, r.headers["content-range"]) == (416, f"bytes */{size}"), r.text
         assert r.json() == {"error": f"Range not satisfiable: the file has {size} bytes."}
