@@ -60,6 +60,10 @@ MAX_IMAGE_SIDE = 32_768
 # JPEGs are decoded at up to 1/8 scale, so a 64 MP JPEG (a 48-50 MP sensor's full-resolution photo)
 # costs about what a 1 MP one does at full scale.
 MAX_JPEG_PIXELS = 64_000_000
+# A tiled TIFF is decoded in whole tiles: tiles as writers make them (libtiff's and GDAL's 256, up to 512) pad an
+# image by less than a tile, and that padding does not count against the pixel limit (4000x4000 in 256x256 tiles,
+# 16 MP, decodes 4096x4096); larger tiles do (a 16x16 TIFF of one 8192x8192 tile decodes 64 MP).
+ORDINARY_TILE_SIDE = 512
 # What one request's images may cost to decode in all (a v1/v2 request carries up to 64): pixels as
 # decoded, a JPEG's at the scale libjpeg decodes it at (decoded_pixels). Without it, 64 images of 16 MP
 # held a worker past TorchServe's responseTimeout with a second such request in the batch, which
@@ -333,7 +337,8 @@ def _check_pixel_limit(img: Image.Image) -> None:
             413, f"image is {width}x{height} pixels ({width * height / 1e6:.1f} MP), above the "
                  f"{limit / 1e6:.0f} MP limit for {kind}")
     grid_width, grid_height = tile_grid(img)
-    if grid_width * grid_height > limit:  # a tiled TIFF's tiles, decoded whole, far beyond its size
+    padded = -(-width // ORDINARY_TILE_SIDE) * ORDINARY_TILE_SIDE * -(-height // ORDINARY_TILE_SIDE) * ORDINARY_TILE_SIDE
+    if grid_width * grid_height > max(limit, padded):  # a tiled TIFF's tiles, decoded whole, far beyond its size
         tile_width, tile_height = _tiff_tile(img)
         raise ImageRequestError(
             413, f"image is {width}x{height} pixels in tiles of {tile_width}x{tile_height}: {grid_width}x{grid_height} "

@@ -211,6 +211,14 @@ def test_a_tiled_tiff_counts_its_whole_tiles_against_the_pixel_limit():
         assert decode_image(tiled_tiff(16, 16, tile, tile)).size == (16, 16)
     photo = tiled_tiff(3000, 2000, 256, 256)
     assert decoded_pixels(open_upload(photo)) == 3072 * 2048 and decode_image(photo).size == (429, 286)
+    # Their padding is not held against the limit (it refused a 16 MP image in 256x256 tiles: 16.8 MP decoded)
+    # while the same tiles' pixels from one tile far larger than its image are.
+    at_the_limit = tiled_tiff(4000, 4000, 256, 256)
+    assert decoded_pixels(open_upload(at_the_limit)) == 4096 * 4096
+    assert min(decode_image(at_the_limit).size) >= 256  # (reduced as it decodes, as any image)
+    with pytest.raises(ImageRequestError) as info:
+        decode_image(tiled_tiff(16, 16, 4096, 4096, tile_data=bytes(64)))
+    assert info.value.status == 413 and "4096x4096 decoded (16.8 MP)" in info.value.message, info.value.message
     # Strips cost their image's rows only, whatever RowsPerStrip says (libtiff stops at the image's last row).
     strips = encode(noisy((57, 31)), "TIFF", compression="tiff_adobe_deflate", tiffinfo={278: 65536})
     assert decoded_pixels(open_upload(strips)) == 57 * 31 and decode_image(strips).size == (57, 31)
