@@ -78,8 +78,8 @@ from handler.held_bodies import GrpcMessageBound, HeldBytes, client_share
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, OUTPUTS, V2, ProtocolError,
                                encode_answer, json_body, logged_request_id, parse_request, plain_v2_body,
-                               refuse_binary_extension, refuse_json_flood, shown_name, tensor_at, too_many_images,
-                               unsupported_datatype)
+                               refuse_binary_extension, refuse_json_flood, shown_name, tensor_at, too_many_dimensions,
+                               too_many_images, unsupported_datatype)
 from model import check_class_count, load_class_names, network_from_state_dict
 from serving.cli import positive_float, positive_int, share
 from serving.clients import CALLER, ForwardedClient, client_key, proxy_networks
@@ -389,7 +389,7 @@ def grpc_count_refusal(request, max_images: int) -> str | None:
         if tensor.datatype != "BYTES":
             return unsupported_datatype(at, tensor.datatype).message
         if len(tensor.shape) > MAX_DATA_DEPTH:
-            return f"{at}: shape has {len(tensor.shape)} dimensions, more than {MAX_DATA_DEPTH}"
+            return too_many_dimensions(at, len(tensor.shape)).message
         images += sum(len(values) for _, values in tensor.contents.ListFields())
     for raw in request.raw_input_contents:  # 4-byte length + bytes per element: counted until one too many
         at = 0

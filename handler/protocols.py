@@ -239,6 +239,12 @@ def tensor_at(n: int, name) -> str:
     return f"inputs[{n}] ({shown_name(name)})"
 
 
+def too_many_dimensions(at: str, dimensions: int) -> ProtocolError:
+    """A v2 shape longer than MAX_DATA_DEPTH: a tensor has a handful of dimensions, and 140 of 10^31 made a product
+    Python would not print (a 500) while thousands cost its multiplication seconds."""
+    return ProtocolError(400, f"{at}: shape has {dimensions} dimensions, more than {MAX_DATA_DEPTH}")
+
+
 def unsupported_datatype(at: str, datatype) -> ProtocolError:
     return ProtocolError(400, f"{at}: datatype {datatype!r} is not supported; send encoded images as datatype BYTES: "
                               "base64 strings in JSON, the bytes themselves over gRPC")
@@ -280,8 +286,10 @@ def _parse_v2(body: dict, max_images: int) -> ParsedRequest:
         shape = tensor.get("shape")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise ProtocolError(400, f"{at}: shape must be a list of sizes, e.g. [{len(data)}]")
-        if math.prod(shape) != len(data):
-            raise ProtocolError(400, f"{at}: shape {shape} holds {math.prod(shape)} elements, data has {len(data)}")
+        if len(shape) > MAX_DATA_DEPTH:
+            raise too_many_dimensions(at, len(shape))
+        if (elements := math.prod(shape)) != len(data):
+            raise ProtocolError(400, f"{at}: shape {shape} holds {elements} elements, data has {len(data)}")
         tensors.append((at, data))
     if (count := sum(len(data) for _, data in tensors)) > max_images:
         raise too_many_images(count, max_images)

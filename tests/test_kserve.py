@@ -291,6 +291,10 @@ PNG = b"\x89PNG\r\n\x1a\n..."
      "65 inputs in one request, above the limit of 64 images"),
     ({"inputs": [{"name": "x", "shape": [40], "datatype": "BYTES", "data": ["not base64!"] * 40}] * 2}, 413,
      "80 images in one request, above the limit of 64"),
+    ({"inputs": [{"name": "x", "shape": [10**31] * 140, "datatype": "BYTES", "data": ["not base64!"]}]}, 400,
+     "shape has 140 dimensions, more than 32"),
+    ({"inputs": [{"name": "x", "shape": [1] * 33, "datatype": "BYTES", "data": ["not base64!"]}]}, 400,
+     "shape has 33 dimensions"),
 ])
 def test_malformed_protocol_bodies_are_refused_with_a_reason(body, status, words):
     with pytest.raises(ProtocolError) as err:

@@ -215,6 +215,11 @@ def test_bodies_that_no_route_could_parse_get_a_400_that_says_why(kserve_predict
                 % (good, route.decode())).encode()
         r = client.post(url, content=body, headers=json_type)
         assert r.status_code == 400 and "NaN is not a JSON number" in r.json()["error"], (route, r.text[:200])
+        # A shape's product Python would not print (4,341 digits: a 500 and its traceback in the log).
+        body = ('{"inputs": [{"name": "image", "shape": [%s], "datatype": "BYTES", "data": ["%s"]}]%s}'
+                % (", ".join([str(10**31)] * 140), good, route.decode())).encode()
+        r = client.post(url, content=body, headers=json_type)
+        assert r.status_code == 400 and "shape has 140 dimensions, more than 32" in r.json()["error"], (route, r.text)
     r = client.post(url, content=json.dumps(v2_body([base64.b64decode(good)])), headers={"Content-Type": "text/plain"})
     assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"], r.text[:200]
     v1 = client.post(f"{kserve_predictor.url}/v1/models/cifar100:predict", content=json.dumps({"instances": [good]}),
