@@ -264,6 +264,8 @@ def _parse_v1(body: dict, max_images: int) -> ParsedRequest:
             if key is None:
                 raise ProtocolError(400, f"{at}: expected {{\"data\": \"<base64 image>\"}}")
             at, instance = f"{at}.{key}", instance[key]
+            if key == "image" and isinstance(instance, dict) and "b64" in instance:  # TF Serving's binary form
+                at, instance = f"{at}.b64", instance["b64"]
         images.append(_b64_image(instance, at))
         where.append(at)
     return ParsedRequest(V1, images, where)

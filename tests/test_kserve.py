@@ -421,8 +421,12 @@ def test_plain_bodies_stay_plain_and_json_sent_as_bytes_is_read():
     assert parse_request({"image": bytearray(PNG)}, 64) is None
     as_bytes = parse_request({"body": bytearray(json.dumps(v2_body([PNG, PNG], "7")).encode())}, 64)
     assert as_bytes.images == [PNG, PNG] and as_bytes.request_id == "7"
-    v1 = parse_request({"body": {"instances": [b64(PNG), {"b64": b64(PNG)}, {"data": b64(PNG)}]}}, 64)
-    assert v1.images == [PNG] * 3 and v1.protocol == "v1"
+    v1 = parse_request({"body": {"instances": [b64(PNG), {"b64": b64(PNG)}, {"data": b64(PNG)},
+                                               {"image": {"b64": b64(PNG)}}]}}, 64)  # (the last: TF Serving's form)
+    assert v1.images == [PNG] * 4 and v1.protocol == "v1"
+    with pytest.raises(ProtocolError) as err:
+        parse_request({"body": {"instances": [{"image": {"b64": 5}}]}}, 64)
+    assert err.value.status == 400 and "instances[0].image.b64: expected a base64 string" in err.value.message
 
 
 def test_only_plain_v2_json_bodies_are_taken_past_kserves_route():
