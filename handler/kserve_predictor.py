@@ -390,7 +390,10 @@ def grpc_count_refusal(request, max_images: int) -> str | None:
             return unsupported_datatype(at, tensor.datatype).message
         if len(tensor.shape) > MAX_DATA_DEPTH:
             return too_many_dimensions(at, len(tensor.shape)).message
-        images += sum(len(values) for _, values in tensor.contents.ListFields())
+        filled = tensor.contents.ListFields()
+        if other := [field.name for field, _ in filled if field.name != "bytes_contents"]:  # (KServe reads none)
+            return f"{at}: a BYTES tensor's elements go in bytes_contents (or raw_input_contents), not {other[0]}"
+        images += sum(len(values) for _, values in filled)
     for raw in request.raw_input_contents:  # 4-byte length + bytes per element: counted until one too many
         at = 0
         while at + 4 <= len(raw) and images <= max_images:

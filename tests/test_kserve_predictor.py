@@ -464,6 +464,23 @@ print(json.dumps({"limit": MAX_GRPC_PARAMETERS, **{
         assert result[f"{where} {limit + 1}"] == f"a parameters map of more than {limit} entries (this model reads none)"
 
 
+def test_a_bytes_tensor_with_its_elements_in_another_contents_field_is_told_where_they_go():
+    """A BYTES tensor whose elements came in int64_contents was refused "shape [1] holds 1 elements, data has 0"."""
+    result = in_child("""
+import json
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from handler.kserve_predictor import grpc_count_refusal
+
+tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+tensor.contents.int64_contents.append(7)
+good = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+good.contents.bytes_contents.append(b"an image")
+print(json.dumps([grpc_count_refusal(pb.ModelInferRequest(model_name="cifar100", inputs=[t]), 64) for t in (tensor, good)]))
+""")
+    assert result == ["inputs[0] ('image'): a BYTES tensor's elements go in bytes_contents (or raw_input_contents), "
+                      "not int64_contents", None], result
+
+
 def test_more_raw_input_contents_than_inputs_are_refused_on_their_count_before_any_is_walked():
     """3,000,000 empty raw_input_contents for one input (5.7 MiB) were each walked for elements (0.1 s of the
     event loop), found none and passed, for KServe to refuse with a traceback: refused on the two counts now;
