@@ -478,6 +478,47 @@ def test_the_edge_gives_the_model_server_the_id_it_returns_and_keeps_it_on_a_las
     assert "Internal error" in json.loads(failed[1]["body"])["error"] and seen == ["abc-1", "abc-1"]
 
 
+@pytest.mark.parametrize("gone", ["ClientDisconnect", "ConnectionResetError"])
+def test_a_client_gone_before_its_answer_began_is_499_and_sent_no_500_by_the_edge_alone(caplog, gone):
+    """In-process, around a bare ASGI app whose client went away mid-upload (the app's receive raised), and no
+    parser noted it (the Edge's own rule, whatever server runs it): 499 in the access line and the metrics, and
+    no last-resort 500 sent to nobody, nor counted as the adapter's error."""
+    import asyncio
+    import logging
+
+    from starlette.requests import ClientDisconnect
+
+    from adapter.edge import Edge
+    from adapter.metrics import Metrics
+
+    async def app(scope, receive, send):
+        await receive()
+        raise ClientDisconnect() if gone == "ClientDisconnect" else ConnectionResetError("reset by peer")
+
+    async def call() -> list[dict]:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"--b\r\n", "more_body": True}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/classify/", "client": ("127.0.0.1", 5000),
+                 "headers": [(b"x-request-id", b"gone-1")]}
+        await Edge(app, 40, metrics)(scope, receive, send)
+        return sent
+
+    metrics = Metrics()
+    caplog.set_level(logging.INFO, logger="adapter.access")
+    assert asyncio.run(call()) == []
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "adapter.access"]
+    assert [(line["request_id"], line["status"], line["bytes_in"]) for line in lines] == [("gone-1", 499, 5)], lines
+    counted = {labels: value for (name, labels), value in samples(metrics.render().decode()).items()
+               if name == "adapter_requests_total" and value}
+    assert counted == {(("route", "/classify/"), ("status", "499")): 1}, counted
+
+
 def test_metrics_host_and_frontend_dir_are_the_settings_readme_says(tmp_path):
     """METRICS_HOST: the metrics port listens there only (127.0.0.2: another loopback address);
     FRONTEND_DIR: the folder served at /; a folder that is not there: no page, said in the log."""
