@@ -441,6 +441,17 @@ def test_settings_tell_the_page_the_configured_upload_limit(tmp_path):
     assert (settings["max_upload_bytes"], settings["top_k"]) == (20000, 5)
 
 
+def test_the_413_names_the_limit_in_binary_units_to_a_tenth_rounded_half_up():
+    """adapter/upload.py binary_size, the words of every 413 (and, digit for digit, the page's formatBytes): the unit
+    chosen on the rounded value, a tenth shown only when it is not 0. Only the browser tier checked it before."""
+    from adapter.upload import binary_size, too_large
+
+    assert [binary_size(n) for n in (10 * 1024 * 1024, 100_000, 20_000, 1_048_552, 1023, 102, 1536, 1588)] == [
+        "10 MiB", "97.7 KiB", "19.5 KiB", "1 MiB", "1 KiB", "102 bytes", "1.5 KiB", "1.6 KiB"]
+    err = too_large(100_000)
+    assert (err.status_code, err.message) == (413, "The image is too large: the limit is 97.7 KiB.")
+
+
 def test_the_edge_gives_the_model_server_the_id_it_returns_and_keeps_it_on_a_last_resort_500():
     """In-process, around a bare ASGI app: the id the app sees (sent on to the model server) is the one the
     client gets back; an app that raises gets the edge's own 500 in JSON, with the id too."""
