@@ -942,6 +942,36 @@ def test_concurrent_health_calls_share_one_status_check_and_a_stopped_torchserve
         stand_in.stop()
 
 
+def test_a_health_check_that_ended_is_reused_for_health_cache_s_its_failure_too_then_asked_again():
+    """SharedCheck: the outcome of a check that ended (ok, or the 503) answers the calls within HEALTH_CACHE_S of its
+    end without a new check; after that the next call checks again. HEALTH_CACHE_S=0: every call checks."""
+    from adapter.health import SharedCheck
+
+    calls = []
+
+    async def check():
+        calls.append(time.monotonic())
+        if len(calls) == 2:
+            raise ClassifyError(503, "The model server is not reachable.")
+        return {"check": len(calls)}
+
+    async def scenario():
+        shared = SharedCheck(check, reuse_s=0.5)
+        first, again = await shared(), await shared()  # the second call comes after the first check ended
+        assert first == again == {"check": 1} and len(calls) == 1, calls
+        await asyncio.sleep(0.6)
+        for _ in range(2):  # the reuse over: checked again, and its failure reused as well
+            with pytest.raises(ClassifyError):
+                await shared()
+        assert len(calls) == 2, calls
+        await asyncio.sleep(0.6)
+        assert await shared() == {"check": 3}
+        uncached = SharedCheck(check, reuse_s=0.0)
+        assert [await uncached(), await uncached()] == [{"check": 4}, {"check": 5}]
+
+    asyncio.run(scenario())
+
+
 def test_an_address_where_nobody_answers_the_connect_is_503_not_reachable_and_not_resent(tmp_path):
     """TS_CONNECT_TIMEOUT_S: a TCP connect left unanswered (a listener whose backlog is full drops
     the SYN, as a host that is gone does) is "not reachable" (503) at once, not "too slow" (504)

@@ -441,6 +441,17 @@ def test_settings_tell_the_page_the_configured_upload_limit(tmp_path):
     assert (settings["max_upload_bytes"], settings["top_k"]) == (20000, 5)
 
 
+def test_the_413_names_the_limit_in_binary_units_to_a_tenth_rounded_half_up():
+    """adapter/upload.py binary_size, the words of every 413 (and, digit for digit, the page's formatBytes): the unit
+    chosen on the rounded value, a tenth shown only when it is not 0. Only the browser tier checked it before."""
+    from adapter.upload import binary_size, too_large
+
+    assert [binary_size(n) for n in (10 * 1024 * 1024, 100_000, 20_000, 1_048_552, 1023, 102, 1536, 1588)] == [
+        "10 MiB", "97.7 KiB", "19.5 KiB", "1 MiB", "1 KiB", "102 bytes", "1.5 KiB", "1.6 KiB"]
+    err = too_large(100_000)
+    assert (err.status_code, err.message) == (413, "The image is too large: the limit is 97.7 KiB.")
+
+
 def test_the_edge_gives_the_model_server_the_id_it_returns_and_keeps_it_on_a_last_resort_500():
     """In-process, around a bare ASGI app: the id the app sees (sent on to the model server) is the one the
     client gets back; an app that raises gets the edge's own 500 in JSON, with the id too."""
@@ -476,6 +487,47 @@ def test_the_edge_gives_the_model_server_the_id_it_returns_and_keeps_it_on_a_las
     failed = asyncio.run(call("/boom"))
     assert failed[0]["status"] == 500 and (b"x-request-id", b"abc-1") in failed[0]["headers"]
     assert "Internal error" in json.loads(failed[1]["body"])["error"] and seen == ["abc-1", "abc-1"]
+
+
+@pytest.mark.parametrize("gone", ["ClientDisconnect", "ConnectionResetError"])
+def test_a_client_gone_before_its_answer_began_is_499_and_sent_no_500_by_the_edge_alone(caplog, gone):
+    """In-process, around a bare ASGI app whose client went away mid-upload (the app's receive raised), and no
+    parser noted it (the Edge's own rule, whatever server runs it): 499 in the access line and the metrics, and
+    no last-resort 500 sent to nobody, nor counted as the adapter's error."""
+    import asyncio
+    import logging
+
+    from starlette.requests import ClientDisconnect
+
+    from adapter.edge import Edge
+    from adapter.metrics import Metrics
+
+    async def app(scope, receive, send):
+        await receive()
+        raise ClientDisconnect() if gone == "ClientDisconnect" else ConnectionResetError("reset by peer")
+
+    async def call() -> list[dict]:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"--b\r\n", "more_body": True}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/classify/", "client": ("127.0.0.1", 5000),
+                 "headers": [(b"x-request-id", b"gone-1")]}
+        await Edge(app, 40, metrics)(scope, receive, send)
+        return sent
+
+    metrics = Metrics()
+    caplog.set_level(logging.INFO, logger="adapter.access")
+    assert asyncio.run(call()) == []
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "adapter.access"]
+    assert [(line["request_id"], line["status"], line["bytes_in"]) for line in lines] == [("gone-1", 499, 5)], lines
+    counted = {labels: value for (name, labels), value in samples(metrics.render().decode()).items()
+               if name == "adapter_requests_total" and value}
+    assert counted == {(("route", "/classify/"), ("status", "499")): 1}, counted
 
 
 def test_metrics_host_and_frontend_dir_are_the_settings_readme_says(tmp_path):

@@ -212,6 +212,26 @@ def test_an_upload_in_small_chunks_sent_at_once_is_read_whatever_the_reads(edge)
     assert status == 431 and "chunks must hold 48 bytes on average" in answer["error"], answer
 
 
+def test_a_chunked_body_is_refused_413_once_its_count_passes_the_body_limit_not_before(edge):
+    """No Content-Length: the body is counted as it arrives, and refused as soon as it passes MAX_UPLOAD_BYTES +
+    FORM_OVERHEAD_BYTES, whatever its parts (here one field that is no image, which the parser skips and never
+    holds): one byte more than the limit is 413; a body of exactly the limit is read whole (400: no image)."""
+    from adapter.upload import upload_body_limit
+
+    limit = upload_body_limit(MAX_UPLOAD_BYTES)
+    head = ("POST /classify/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
+
+    def body(size: int) -> bytes:
+        part, end = b'--xx\r\nContent-Disposition: form-data; name="note"\r\n\r\n', b"\r\n--xx--\r\n"
+        return part + b"n" * (size - len(part) - len(end)) + end
+
+    status, _, answer = status_and_json(exchange(edge.port, head + chunked(body(limit + 1), 1 << 20)))
+    assert status == 413 and "too large" in answer["error"], answer
+    status, _, answer = status_and_json(exchange(edge.port, head + chunked(body(limit), 1 << 20)))
+    assert status == 400 and "No image uploaded" in answer["error"], answer
+
+
 @pytest.mark.parametrize("pause", [False, True], ids=["at-once", "after-the-head"])
 def test_a_huge_chunk_extension_between_pieces_of_body_gets_431_and_its_answer_survives(edge, pause):
     """With body on both sides and more body after it, sent at once (the read that held the head was not counted)

@@ -235,6 +235,7 @@ def test_explanations_have_their_own_shares_and_wait_their_turn_in_order():
         with pytest.raises(ClassifyError) as busy:
             await asyncio.wait_for(explain("c"), timeout=10)  # (a wait without end must fail, not hang)
         assert busy.value.status_code == 503 and "busy explaining" in busy.value.message
+        assert busy.value.headers == {"Retry-After": "3"}  # a later try may pass: said, as for every busy 503
         # Waiters get their turns first come, first served.
         waiting = [asyncio.create_task(explain(name)) for name in "cd"]
         await asyncio.sleep(0.05)

@@ -58,6 +58,24 @@ def test_a_free_thread_goes_to_the_waiting_client_with_the_fewest_there():
     assert started[4:6] == ["a", "b"] and started[6:] == ["a", "a"], started
 
 
+def test_a_free_thread_goes_to_the_client_running_fewest_even_if_it_was_given_one_more_recently():
+    """Three threads: a holds two with long work, b the third with short work; then a and b each queue one more
+    (a first). When b's work ends, the freed thread is b's: it runs none, a runs two. The order of the last grant
+    (a was given its threads before b) decides only among clients running as many."""
+    work, started, most = recorder()
+
+    async def scenario(pool):
+        async def send(client, after_s, seconds):
+            await asyncio.sleep(after_s)
+            return await pool.run(client, work, client, seconds)
+        return await asyncio.gather(send("a", 0, 1.0), send("a", 0, 1.0), send("b", 0.05, 0.3),
+                                    send("a", 0.1, 0.0), send("b", 0.15, 0.0))
+
+    assert with_pool(3, scenario) == ["a", "a", "b", "a", "b"]
+    assert started == ["a", "a", "b", "b", "a"], started
+    assert most[0] == 3
+
+
 def test_a_turn_not_given_in_time_is_refused_and_leaves_nothing_behind():
     work, started, _ = recorder()
 
