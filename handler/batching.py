@@ -9,12 +9,16 @@ at once (each has every core), and while it runs the next batch gathers. A reque
 chunks it was built for. ``forward`` may answer with anything indexed by image (a tensor of logits,
 a list of answers): each request gets its own slice. At most ``max_waiting`` requests wait for a
 batch (None: no bound); one more is refused at once (BatcherFull), as TorchServe refuses a request
-beyond its ``job_queue_size``, rather than queueing without end behind a flood. A caller that left
-(its call cancelled: a client gone) neither counts as waiting nor takes room in a batch.
+beyond its ``job_queue_size``, rather than queueing without end behind a flood. With ``client_waiting``,
+a caller's client (its key) keeps that many places when all are taken: a request of a client under it
+takes the place of the newest request of the client that waits in the most, past it (that one: BatcherFull
+at once), so that one client's flood leaves the other places to everyone else. A caller that left (its call
+cancelled: a client gone) neither counts as waiting nor takes room in a batch.
 """
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -24,45 +28,69 @@ import torch
 class BatcherFull(Exception):
     """``max_waiting`` requests already wait for a forward pass."""
 
-    def __init__(self, max_waiting: int):
-        super().__init__(f"{max_waiting} requests already wait for the model")
-        self.max_waiting = max_waiting
+    def __init__(self, max_waiting: int, gave_way_at: int | None = None):
+        super().__init__(f"{max_waiting} requests already wait for the model" if gave_way_at is None else
+                         f"{max_waiting} requests wait for the model and more than {gave_way_at} of them are this "
+                         f"client's (its share): its newest gave its place to another client's")
+        self.max_waiting, self.gave_way = max_waiting, gave_way_at is not None
 
 
 class Batcher:
     def __init__(self, forward: Callable[[torch.Tensor], Sequence], max_images: int, max_delay_s: float,
-                 max_waiting: int | None = None):
+                 max_waiting: int | None = None, client_waiting: int | None = None):
         self.forward, self.max_images, self.max_delay_s = forward, max(1, max_images), max(0.0, max_delay_s)
-        self.max_waiting = max_waiting
+        self.max_waiting, self.client_waiting = max_waiting, client_waiting
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        # The futures of requests in the queue whose callers still wait (the queue also holds those that left).
-        self._waiting: set[asyncio.Future] = set()
+        # The futures of requests in the queue whose callers still wait, oldest first, with their clients' keys
+        # (the queue also holds those that left).
+        self._waiting: dict[asyncio.Future, str | None] = {}
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self.batches = self.images = 0  # run so far (tests/test_batching.py reads them)
 
-    async def __call__(self, images: torch.Tensor) -> Sequence:
-        """``forward``'s rows for ``images`` ([n, 3, 32, 32] normalized), computed in a batch with others'."""
+    async def __call__(self, images: torch.Tensor, client: str | None = None) -> Sequence:
+        """``forward``'s rows for ``images`` ([n, 3, 32, 32] normalized), computed in a batch with others';
+        ``client``: whose request it is (its share of the waiting places)."""
         if self._task is None or self._task.done():  # the first call, on the server's event loop
-            self._queue, self._waiting = asyncio.Queue(), set()
+            self._queue, self._waiting = asyncio.Queue(), {}
             self._task = asyncio.get_running_loop().create_task(self._run())
-        if self.full():
-            raise BatcherFull(self.max_waiting)
+        if self._all_taken():
+            if (crowding := self._place_to_take(client)) is None:
+                raise BatcherFull(self.max_waiting)
+            del self._waiting[crowding]  # (its entry is skipped when taken)
+            crowding.set_exception(BatcherFull(self.max_waiting, self.client_waiting))
         done = asyncio.get_running_loop().create_future()
-        self._waiting.add(done)
+        self._waiting[done] = client
         self._queue.put_nowait((images, done))
         try:
             return await done
         finally:
-            self._waiting.discard(done)  # a caller that left no longer waits (its entry is skipped when taken)
+            self._waiting.pop(done, None)  # a caller that left no longer waits (its entry is skipped when taken)
 
-    def full(self) -> bool:
-        """Whether ``max_waiting`` requests wait already: a call now would be refused (BatcherFull)."""
+    def full(self, client: str | None = None) -> bool:
+        """Whether a call of ``client`` now would be refused (BatcherFull): all ``max_waiting`` places are taken
+        and none is another client's past its share that this one may take."""
+        return self._all_taken() and self._place_to_take(client) is None
+
+    def _all_taken(self) -> bool:
         return self.max_waiting is not None and len(self._waiting) >= self.max_waiting
+
+    def _place_to_take(self, client: str | None) -> asyncio.Future | None:
+        """The newest waiting request of the client that waits in the most, if that is past ``client_waiting`` and
+        ``client`` is under it; else None."""
+        if client is None or self.client_waiting is None:
+            return None
+        counts = Counter(key for key in self._waiting.values() if key is not None)
+        if counts[client] >= self.client_waiting or not counts:
+            return None
+        crowding, count = counts.most_common(1)[0]
+        if count <= self.client_waiting:
+            return None
+        return next(done for done in reversed(self._waiting) if self._waiting[done] == crowding)
 
     def _taken(self, item: tuple) -> bool:
         """Marks a queue entry taken for a batch (no longer waiting); False when its caller left meanwhile."""
-        self._waiting.discard(item[1])
+        self._waiting.pop(item[1], None)
         return not item[1].done()
 
     async def _run(self) -> None:

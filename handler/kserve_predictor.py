@@ -29,7 +29,8 @@ for its share of that bound before its message is read (handler/held_bodies.py):
 ``--max_waiting_requests`` calls already wait or its turn has not come in ``--body_timeout_s``,
 DEADLINE_EXCEEDED when its message has not arrived by then; one client (its address, or what a proxy in
 ``--trusted_proxies`` forwards for) takes at most ``--max_client_share`` of the reservations, and of the
-waiting places once they are full. Connections are bounded on both ports: REST's by the adapter's HTTP/1.1
+waiting places once they are full; of the places to wait for a forward pass too, REST and gRPC alike
+(handler/batching.py). Connections are bounded on both ports: REST's by the adapter's HTTP/1.1
 protocol (adapter/protocol.py: ``--max_open_connections``, ``--max_client_connections``, ``--header_timeout_s``,
 ...), gRPC's by grpc core's (grpc_connection_options). A client that leaves before its answer has its request cancelled. Over
 gRPC the 4xx are INVALID_ARGUMENT, the 503 UNAVAILABLE, with the same message; a model or version not
@@ -512,10 +513,12 @@ def torchserve_setting(model_dir: Path, key: str, default: int | None = None) ->
 
 class CIFAR100Predictor(Model):
     def __init__(self, name: str, model_dir: Path, engine_setting: str | None = None,
-                 max_waiting: int | None = None, max_explanations: int | None = None):
+                 max_waiting: int | None = None, max_explanations: int | None = None,
+                 client_waiting: int | None = None):
         super().__init__(name)
         self.model_dir = Path(model_dir)
-        self.engine_setting, self.max_waiting = engine_setting, max_waiting
+        # client_waiting: the waiting places a client keeps when all are taken (handler/batching.py)
+        self.engine_setting, self.max_waiting, self.client_waiting = engine_setting, max_waiting, client_waiting
         # Explanations under way at once (None: as many as may wait for a forward pass); one more gets 503.
         self.max_explanations = max_explanations if max_explanations is not None else max_waiting
         self._explanations = 0
@@ -553,7 +556,7 @@ class CIFAR100Predictor(Model):
             hashlib.sha256(weights.read_bytes()).hexdigest(), engines.images_per_forward(config),
             self.device, folder, load_calibration(str(folder), self.flip_tta), self.flip_tta)
         self.batcher = Batcher(self._forward, int(config.get("batchSize") or 1),
-                               float(config.get("maxBatchDelay") or 0) / 1000, self.max_waiting)
+                               float(config.get("maxBatchDelay") or 0) / 1000, self.max_waiting, self.client_waiting)
         logger.info("CIFAR-100 model %s on %s, %d threads, top-%d, engine %s %s, flip TTA %s, batches of up to %d "
                     "images within %s ms", self.model_version, self.device, torch.get_num_threads(), self.topk,
                     self.network_engine.name, self.network_engine.info, "on" if self.flip_tta else "off",
@@ -601,7 +604,7 @@ class CIFAR100Predictor(Model):
         thread's hand-off costs more than decoding a CIFAR-size image), any other in a thread (Pillow lets
         go of the GIL while it decodes; one thread per CPU, shared out by client), so a large photo never holds
         up the loop."""
-        if self.batcher.full():  # refused before its images are decoded (up to 64 of them), not after
+        if self.batcher.full(CALLER.get() or None):  # refused before its images are decoded (up to 64), not after
             raise self._busy(str(BatcherFull(self.batcher.max_waiting)), "--max_waiting_requests", headers)
         size = _request_bytes(payload, headers)
         if decodes_inline(size):
@@ -613,9 +616,10 @@ class CIFAR100Predictor(Model):
         else:  # a large body, or one without a length (chunked): parsed in a thread too
             request, images, sizes = await self._decoder.run(CALLER.get(), self._images, payload)
         try:
-            answers = await self.batcher(images)
-        except BatcherFull as err:  # filled up while this one was read
-            raise self._busy(str(err), "--max_waiting_requests", headers) from None
+            answers = await self.batcher(images, CALLER.get() or None)
+        except BatcherFull as err:  # filled up while this one was read, or its place went to another client
+            raise self._busy(str(err), "--max_client_share" if err.gave_way else "--max_waiting_requests",
+                             headers) from None
         if None in answers:  # a plain exception, as before: REST 500 "ValueError : ...", gRPC INTERNAL
             raise ValueError(NOT_FINITE)
         return request, images, sizes, answers
@@ -853,10 +857,12 @@ def main() -> None:
     parser.add_argument("--send_timeout_s", type=positive_float, default=edge_defaults.send_timeout_s,
                         help="how long an answer may wait for a client that reads none of it (then reset)")
     parser.add_argument("--max_client_share", type=share, default=MAX_CLIENT_SHARE,
-                        help="the part of the gRPC message bound one client may take: of the reservations "
+                        help="the part one client may take of the gRPC message bound's reservations "
                              "(--max_body_bytes_held / the largest message) held at once and of the "
-                             "--max_waiting_requests places to wait for one (one of each at least); past it, "
-                             "UNAVAILABLE at once. 1: no per-client share")
+                             "--max_waiting_requests places to wait for one, and of the places to wait for a forward "
+                             "pass, REST and gRPC alike (one of each at least): when all are taken, another client's "
+                             "request takes the place of the newest of a client past its share (503 / UNAVAILABLE). "
+                             "1: no per-client share")
     parser.add_argument("--max_grpc_health_calls", type=positive_int, default=MAX_GRPC_HEALTH_CALLS,
                         help="gRPC calls other than ModelInfer (health, metadata) whose messages may be read at "
                              "once, each reserving the largest message as ModelInfer's do: a bound of their own, "
@@ -902,7 +908,8 @@ def main() -> None:
         parser.error(f"--max_body_bytes_held {args.max_body_bytes_held} is below "
                      f"--grpc_max_receive_message_length {max_message}")
     model = CIFAR100Predictor(args.model_name if args.model_name != "model" else MODEL_NAME, args.model_dir,
-                              args.engine, max_waiting, args.max_waiting_explanations)
+                              args.engine, max_waiting, args.max_waiting_explanations,
+                              client_share(max_waiting, args.max_client_share))
     server = ModelServer()  # configures KServe's logging; the handler's lines (engine choice, refusals) join it
     for name in ("handler", "model", "serving", "adapter"):
         logging.getLogger(name).handlers[:] = logging.getLogger("kserve").handlers

@@ -152,6 +152,36 @@ def test_requests_beyond_the_waiting_bound_are_refused_at_once_and_the_waiting_o
     assert [results[i].item() for i in range(4)] == [0, 1, 2, 3]
 
 
+def test_a_client_under_its_share_takes_the_newest_place_of_the_client_past_its_share():
+    """A flood from one client took every waiting place: another client's request was refused (503) as long as it
+    lasted (the hostile probe of make serve-kserve: 49 of 53 REST and 43 of 44 gRPC requests). With
+    client_waiting, a client keeps that many places when all are taken; past it, its newest gives way."""
+    forward = RecordingForward(delay_s=0.1)
+    batcher = Batcher(forward, max_images=1, max_delay_s=0.0, max_waiting=4, client_waiting=2)
+
+    async def main():
+        running = asyncio.ensure_future(batcher(images(0), "flood"))
+        await asyncio.sleep(0.02)  # in its forward pass: no longer waiting
+        flood = [asyncio.ensure_future(batcher(images(i), "flood")) for i in range(1, 5)]  # every place
+        await asyncio.sleep(0)
+        assert batcher.full("flood") and batcher.full(None) and not batcher.full("other")
+        other = [asyncio.ensure_future(batcher(images(10 + i), "other")) for i in range(3)]
+        unknown = asyncio.ensure_future(batcher(images(20)))  # no client: no share to claim
+        return await asyncio.gather(running, *flood, *other, unknown, return_exceptions=True)
+
+    results = asyncio.run(main())
+    running, flood, other, unknown = results[0], results[1:5], results[5:8], results[8]
+    assert running.item() == 0 and [r.item() for r in flood[:2]] == [1, 2], results
+    # The flood's two newest gave their places to the other client's first two; its third found the flood at its
+    # share (2 each) and was refused, as was the request of no client.
+    assert all(isinstance(r, BatcherFull) and r.gave_way for r in flood[2:]), results
+    assert "more than 2 of them are this client's" in str(flood[2])
+    assert [r.item() for r in other[:2]] == [10, 11], results
+    assert isinstance(other[2], BatcherFull) and not other[2].gave_way, results
+    assert isinstance(unknown, BatcherFull) and not unknown.gave_way, results
+    assert forward.sizes == [1] * 5  # the answered ones only: a place given up was never computed
+
+
 def test_the_delay_counts_from_the_first_request_and_a_full_batch_goes_at_once():
     """maxBatchDelay bounds the first request's wait (later arrivals do not extend it), and a batch that is
     full runs without waiting out the delay. (Margins of tenths of a second: behaviour, not speed.)"""

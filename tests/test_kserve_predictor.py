@@ -1287,6 +1287,41 @@ def test_a_flood_beyond_the_waiting_bound_gets_503_at_once_and_the_rest_are_answ
     wait_for_log(predictor, "503 to request 'flood-")  # the refusal's log line names a refused request
 
 
+@pytest.mark.integration  # starts its own server process
+def test_one_clients_flood_leaves_other_clients_a_place_to_wait_for_the_forward_pass(bundle, tmp_path, client,
+                                                                                  cifar100_test_split):
+    """One client's flood took every place to wait for a forward pass (--max_waiting_requests), and everyone else got
+    503 while it lasted (the hostile probe of make serve-kserve: 49 of 53 REST requests of another client). Now a
+    client keeps its share of them (--max_client_share) when all are taken: another client's request takes the place
+    of the flood's newest, which gets 503 at once."""
+    predictor = KServePredictor(tmp_path, bundle, extra_args=["--max_waiting_requests=2"]).start()
+    six = [encode(cifar_pil(cifar100_test_split[0], i)) for i in range(6)]
+    url = infer_url(predictor)
+    stop, flood_answers = [], []
+
+    def flood(_):
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=60) as own:
+            while not stop:
+                r = own.post(url, json=v2_body(six))
+                flood_answers.append((r.status_code, r.json().get("error", "")))
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            floods = [pool.submit(flood, n) for n in range(8)]
+            time.sleep(2)  # the flood under way, its places full
+            others = [client.post(url, json=v2_body(six[:1])).status_code for _ in range(20)]
+            stop.append(True)
+            for f in floods:
+                f.result(timeout=120)
+        gave_way = [why for status, why in flood_answers if status == 503 and "gave its place" in why]
+        assert others == [200] * 20, others
+        assert gave_way and all(status in (200, 503) for status, _ in flood_answers), flood_answers[:20]
+        assert bound_metrics(predictor).get("max_client_share") == len(gave_way)
+        assert predictor.process.poll() is None
+    finally:
+        stop.append(True)
+        predictor.stop()
+
+
 def bound_metrics(predictor: KServePredictor) -> dict[str, int]:
     """The body bound's figures at the predictor's /metrics: bytes held by protocol, gRPC calls waiting, and
     the requests refused by each bound's setting."""
