@@ -49,8 +49,9 @@ serving/settings.py).
     TRUSTED_PROXIES       comma-separated proxy addresses/networks whose X-Forwarded-For names
                           the client (behind nginx or KServe's ingress); empty: the socket's peer  (none)
     BODY_TIMEOUT_S        a request's whole body must arrive within this (-> 408, closed)  30
-    HEADER_TIMEOUT_S      a request's head (line + headers) must arrive within this (-> 408)  10
-    KEEPALIVE_TIMEOUT_S   idle keep-alive (and fresh, silent) connections are closed after  5
+    HEADER_TIMEOUT_S      a request's head (line + headers) must arrive within this (-> 408); a fresh
+                          connection that sends nothing is closed after it (or KEEPALIVE_TIMEOUT_S if shorter)  10
+    KEEPALIVE_TIMEOUT_S   idle keep-alive connections (between requests) are closed after  5
     MAX_HEADER_BYTES      request line + headers, in bytes (URL too long -> 414, else 431)  16384
     MAX_HEADER_COUNT      headers per request (-> 431)          100
     MAX_FORM_PARTS        parts in one upload's multipart form (-> 400; the page sends 1)  16

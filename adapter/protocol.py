@@ -7,9 +7,12 @@ what a connection may do before the app sees a request live here, at the HTTP pa
     or buffered, so that crawling sockets cannot exhaust file descriptors while the admitted
     connections are served (uvicorn's limit_concurrency answers 503 only once a head has arrived,
     holding every socket meanwhile; its backlog only bounds connections not yet accepted);
-  * a fresh connection that sends nothing is closed after KEEPALIVE_TIMEOUT_S, like an idle
-    keep-alive one (uvicorn arms that timer only after a first response); bytes that begin no
-    request (blank lines between requests) do not reset that timer, only a request's first byte does;
+  * a fresh connection that sends nothing is closed at HEADER_TIMEOUT_S, as a head that trickles is
+    (or at KEEPALIVE_TIMEOUT_S, if shorter: never kept longer than an idle keep-alive one; uvicorn arms
+    no timer before a first response): kept for the keep-alive time (65 s on KServe's predictor), a few
+    addresses' silent sockets held MAX_OPEN_CONNECTIONS that long and every other client was reset. A
+    connection idle between requests keeps KEEPALIVE_TIMEOUT_S. Bytes that begin no request (blank
+    lines) do not reset either timer, only a request's first byte does;
   * a request's line + headers must arrive within HEADER_TIMEOUT_S, and after MIN_RATE_GRACE_S at
     MIN_UPLOAD_RATE on average (a trickled or stalled head: 408, closed);
   * the URL may hold at most MAX_HEADER_BYTES (414), line + headers together too, in at most
@@ -239,8 +242,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refusal: tuple[int, str, bool] | None = None  # (status, message, answered with a lingering close)
         # Request cycles whose answers may not have begun (pipelined: several), oldest first; they end in order.
         self._unanswered: deque = deque()
-        # A connection that never sends a byte would otherwise stay open for ever.
-        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+        # A connection that never sends a byte would otherwise stay open for ever; one that has sent nothing is
+        # given no longer than a request's head (nor than an idle keep-alive connection).
+        self.timeout_keep_alive_task = self.loop.call_later(silent_timeout_s(self.settings, self.timeout_keep_alive),
                                                             self.timeout_keep_alive_handler)
 
     def connection_lost(self, exc) -> None:
@@ -576,6 +580,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             "reset a connection from %s: it read none of its answers for %g s (SEND_TIMEOUT_S)",
             self.client[0] if self.client else None, self.settings.send_timeout_s)
         _reset(getattr(self.transport, "_transport", self.transport))
+
+
+def silent_timeout_s(settings: Settings, keepalive_s: float) -> float:
+    """How long a connection that has sent no request's byte since it opened is kept: HEADER_TIMEOUT_S, as a head
+    that trickles, or the keep-alive time if shorter. KServe's predictor closes a gRPC connection with no call at
+    the same time (handler/kserve_predictor.py)."""
+    return min(settings.header_timeout_s, keepalive_s)
 
 
 def _parser_reason(err: Exception) -> str:

@@ -69,7 +69,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from adapter.config import Settings as EdgeSettings
 from adapter.metrics import CONNECTION_REFUSALS, EDGE_REFUSALS, parser_refusal_reason
-from adapter.protocol import protocol_class
+from adapter.protocol import protocol_class, silent_timeout_s
 from handler import engine as engines
 from handler.answers import NOT_FINITE, image_answers, served_topk
 from handler.batching import Batcher, BatcherFull
@@ -805,7 +805,14 @@ def _connection_reset(cap: str) -> None:
 def grpc_connection_options(max_open: int, handshake_timeout_s: float, idle_s: float) -> list[tuple[str, int]]:
     """grpc core's bounds on connections: at most ``max_open`` open (one more is closed at once), its HTTP/2
     preface and settings within ``handshake_timeout_s`` (else closed), and closed (GOAWAY) after ``idle_s`` with
-    no call: a connection that sends nothing otherwise stays open for ever, each holding a file descriptor."""
+    no call: a connection that sends nothing otherwise stays open for ever, each holding a file descriptor.
+
+    grpc core counts no connections per client (no channel argument, no hook at accept in grpcio), so ``idle_s`` is
+    the REST port's bound on a connection that has sent nothing (adapter/protocol.py silent_timeout_s), not the
+    keep-alive time: 515 connections that sent the preface and an empty SETTINGS held ``max_open`` for the
+    keep-alive time (59 s measured at 65 s), every other client's call UNAVAILABLE meanwhile. grpc cannot tell a
+    connection that never made a call from one between calls: both go (one that made calls one to two ``idle_s``
+    after its last: grpc core checks once a period); a channel reconnects on its next call."""
     return [("grpc.max_allowed_incoming_connections", max_open),
             ("grpc.server_handshake_timeout_ms", max(1, round(handshake_timeout_s * 1000))),
             ("grpc.max_connection_idle_ms", max(1, round(idle_s * 1000)))]
@@ -847,7 +854,9 @@ def main() -> None:
                         help="REST connections open at once from one client (--trusted_proxies exempt)")
     parser.add_argument("--header_timeout_s", type=positive_float, default=edge_defaults.header_timeout_s,
                         help="a REST request's line and headers must arrive within this (408), at --min_upload_rate "
-                             "after --min_rate_grace_s; a gRPC connection's HTTP/2 preface and settings too (closed)")
+                             "after --min_rate_grace_s; a gRPC connection's HTTP/2 preface and settings too (closed); "
+                             "a REST connection that sends nothing, and a gRPC connection with no call, are closed "
+                             "after it (or --timeout-keep-alive, if shorter)")
     parser.add_argument("--max_header_bytes", type=positive_int, default=edge_defaults.max_header_bytes,
                         help="a REST request's URL (414) and its line and headers together (431)")
     parser.add_argument("--max_header_count", type=positive_int, default=edge_defaults.max_header_count,
@@ -941,7 +950,8 @@ def main() -> None:
         grpc_messages, max_message, max_waiting, args.body_timeout_s, refused=lambda bound: REFUSED.labels(bound).inc(),
         clients=ForwardedClient(trusted), client_waiting=client_share(max_waiting, args.max_client_share),
         others=grpc_health),
-        grpc_connection_options(args.max_open_connections, args.header_timeout_s, model_server.args.timeout_keep_alive),
+        grpc_connection_options(args.max_open_connections, args.header_timeout_s,
+                                silent_timeout_s(edge, model_server.args.timeout_keep_alive)),
         args.host)
     rest_server.uvicorn = _UvicornGuarded(edge_protocol(edge), args.host)
     server.start([model])

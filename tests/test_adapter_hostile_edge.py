@@ -514,6 +514,36 @@ def test_a_refused_body_still_arriving_is_dropped_for_at_most_linger_max_s(monke
     assert took >= protocol.LINGER_MAX_S - 0.5, f"cut after {took:.1f} s although it arrived at a good rate"
 
 
+def test_a_connection_that_sends_nothing_is_closed_at_the_head_deadline_an_idle_kept_alive_one_is_not():
+    """A connection that had sent nothing since it opened was kept for the keep-alive time (65 s on KServe's
+    predictor, which shares this edge), one that sent a single byte of a head was closed at HEADER_TIMEOUT_S: 4-5
+    addresses of silent sockets held MAX_OPEN_CONNECTIONS for the whole keep-alive time, every other client (and a
+    liveness probe) reset meanwhile. Now a silent connection is closed at HEADER_TIMEOUT_S (or the keep-alive time,
+    if shorter), as a head that trickles is; a connection idle between requests keeps the keep-alive time."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    header_s, keepalive_s = 1.0, 5.0
+    settings = Settings(inference_url=dead, management_url=dead, header_timeout_s=header_s,
+                        keepalive_timeout_s=keepalive_s)
+    with in_process_adapter(settings) as port, connect(port, timeout=LATE_S) as silent, \
+            connect(port, timeout=LATE_S) as kept:
+        started = time.monotonic()
+        kept.sendall(b"GET /settings HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+        answered = time.monotonic()
+        silent.settimeout(header_s + LATE_S)
+        assert silent.recv(65536) == b"", "a silent connection was answered"
+        silent_s = time.monotonic() - started
+        time.sleep(max(0.0, answered + header_s + 1.0 - time.monotonic()))
+        kept.setblocking(False)
+        with pytest.raises(BlockingIOError):  # still open, nothing sent: idle between requests is not silent
+            kept.recv(65536)
+        kept.settimeout(keepalive_s + LATE_S)
+        assert kept.recv(65536) == b""
+        kept_s = time.monotonic() - answered
+    assert header_s - 0.1 <= silent_s < header_s + LATE_S / 2, f"a silent connection closed after {silent_s:.1f} s"
+    assert keepalive_s - 0.1 <= kept_s < keepalive_s + LATE_S, f"an idle kept-alive one closed after {kept_s:.1f} s"
+
+
 @contextlib.contextmanager
 def in_process_adapter(settings: Settings, wrap_protocol=lambda protocol_class: protocol_class):
     """The app and its protocol in a real uvicorn on a real loopback socket, in this process (to patch the

@@ -1511,6 +1511,14 @@ def connection_state(sock: socket.socket | None) -> str:
         return "reset"
 
 
+def went_idle(states: list) -> bool:
+    """A gRPC channel's connectivity states (channel.subscribe): it was connected, then the server closed it."""
+    import grpc
+
+    ready = [n for n, state in enumerate(states) if state == grpc.ChannelConnectivity.READY]
+    return bool(ready) and grpc.ChannelConnectivity.IDLE in states[ready[0]:]
+
+
 def seconds_until_closed(sock: socket.socket | None, timeout: float) -> float | None:
     started = time.monotonic()
     while time.monotonic() < started + timeout:
@@ -1526,18 +1534,25 @@ def test_connections_that_send_nothing_are_capped_and_closed_on_both_ports(bundl
     """KServe's REST server kept a connection that sends nothing for ever: 19,990 of them from one client took all
     20,000 file descriptors, and no client was answered while they stayed. Now REST has the adapter's edge
     (adapter/protocol.py): --max_client_connections from one address (one more reset at once, another address
-    answered), --max_open_connections in all, a silent connection closed after the keep-alive time, a head that
-    trickles 408 at --header_timeout_s. gRPC has grpc core's: --max_open_connections (one more closed at once), the
-    HTTP/2 preface within --header_timeout_s, a connection with no call closed (GOAWAY) after the keep-alive time."""
+    answered), --max_open_connections in all, a silent connection closed at --header_timeout_s as a head that
+    trickles is (408), a connection idle between requests at the keep-alive time. gRPC has grpc core's:
+    --max_open_connections (one more closed at once), the HTTP/2 preface within --header_timeout_s, a connection
+    with no call closed (GOAWAY) at --header_timeout_s too, and a channel's next call after that close reconnects.
+
+    Silent connections were kept for the keep-alive time on both ports (65 s; 59 s over gRPC): 4-5 addresses x 128
+    silent REST sockets, or 515 gRPC connections that sent the preface and SETTINGS, reset every other client (and
+    the liveness probe) that long; now --header_timeout_s."""
     import grpc
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 
     import kserve_types  # noqa: F401 - registers KServe's gRPC types
 
+    header_s, keepalive_s = 2, 6
     predictor = KServePredictor(tmp_path, bundle, extra_args=[
-        "--max_open_connections=6", "--max_client_connections=3", "--header_timeout_s=2",
-        "--timeout-keep-alive=4"]).start()
+        "--max_open_connections=6", "--max_client_connections=3", f"--header_timeout_s={header_s}",
+        f"--timeout-keep-alive={keepalive_s}"]).start()
     good = encode(cifar_pil(cifar100_test_split[0], 0))
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # and an empty SETTINGS
 
     def connect(port, source="127.0.0.2"):
         return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
@@ -1553,39 +1568,74 @@ def test_connections_that_send_nothing_are_capped_and_closed_on_both_ports(bundl
             return None
     try:
         silent, opened = [connect_or_reset(predictor.port) for _ in range(4)], time.monotonic()
+        kept = connect(predictor.port, "127.0.0.3")  # one request, then idle between requests
+        kept.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        kept_answer = kept.recv(65536)
+        kept_answered = time.monotonic()
         time.sleep(0.5)
         rest_states = [connection_state(sock) for sock in silent]
+        silent_closed = [time.monotonic() + seconds_until_closed(sock, 10) - opened for sock in silent[:3]]
+        time.sleep(max(0.0, kept_answered + header_s + 1 - time.monotonic()))
+        kept_state = connection_state(kept)  # past the head's deadline: still open
+        kept_closed = time.monotonic() + seconds_until_closed(kept, 10) - kept_answered
         answered = client.post(infer_url(predictor), json=v2_body([good]))  # from 127.0.0.1: another client
         trickling = connect(predictor.port, "127.0.0.3")
         trickling.sendall(b"POST /v2/models/cifar100/infer HTTP/1.1\r\nHost: x\r\n")  # and no more
         trickled = trickling.recv(65536).decode("latin-1")  # its 408, at the head's deadline
-        silent_closed = [time.monotonic() + seconds_until_closed(sock, 10) - opened for sock in silent[:3]]
         # gRPC: six silent connections fill its count, a seventh is closed at once; unfinished handshakes go.
         grpc_silent = [connect_or_reset(predictor.grpc_port, f"127.0.0.{4 + n}") for n in range(7)]
         time.sleep(0.5)
         grpc_states = [connection_state(sock) for sock in grpc_silent]
         grpc_closed = [seconds_until_closed(sock, 10) for sock in grpc_silent[:6]]
-        idle = connect(predictor.grpc_port)
-        idle.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # no call
-        idle_closed = seconds_until_closed(idle, 10)
+        # Six that finish the handshake and make no call fill the count too: other clients are refused until
+        # they are closed (GOAWAY, then closed), at --header_timeout_s, no longer the keep-alive time.
+        idle = [connect(predictor.grpc_port, f"127.0.0.{4 + n}") for n in range(6)]
+        for sock in idle:
+            sock.sendall(preface)
+        idle_opened = time.monotonic()
+        time.sleep(0.5)
+        with grpc.insecure_channel(predictor.grpc_target) as locked_out:
+            try:
+                grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(locked_out).ServerLive(
+                    pb().ServerLiveRequest(), timeout=1)
+                refused = None
+            except grpc.RpcError as err:
+                refused = err.code()
+        idle_closed = [time.monotonic() + seconds_until_closed(sock, 15) - idle_opened for sock in idle]
+        # A well-behaved client: its channel's next call after the idle close reconnects and succeeds.
+        states = []
         with grpc.insecure_channel(predictor.grpc_target) as channel:
-            grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(grpc_request([good]), timeout=30)
-        for sock in (*silent, trickling, *grpc_silent, idle):
+            channel.subscribe(states.append)
+            stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+            stub.ModelInfer(grpc_request([good]), timeout=30)
+            last_call = time.monotonic()
+            # grpc core checks for idleness each period and starts another one when a call came in the last: a
+            # connection that made calls is closed one to two periods after its last.
+            while time.monotonic() < last_call + 2 * header_s + 5 and not went_idle(states):
+                time.sleep(0.05)
+            idle_after, states_idle = time.monotonic() - last_call, list(states)
+            again = stub.ModelInfer(grpc_request([good]), timeout=30)
+        for sock in (*silent, kept, trickling, *grpc_silent, *idle):
             if sock is not None:
                 sock.close()
         assert rest_states == ["open", "open", "open", "reset"], rest_states
+        assert all(header_s - 0.2 < closed < header_s + 1.5 for closed in silent_closed), silent_closed
+        assert kept_answer.startswith(b"HTTP/1.1 200"), kept_answer
+        assert kept_state == "open" and keepalive_s - 0.5 < kept_closed < keepalive_s + 2, (kept_state, kept_closed)
         assert answered.status_code == 200, answered.text
         assert trickled.startswith("HTTP/1.1 408") and "did not arrive within 2 s" in trickled, trickled
-        assert all(3.5 < closed < 6 for closed in silent_closed), silent_closed  # the keep-alive time, 4 s
         assert grpc_states[:6] == ["open"] * 6 and grpc_states[6] != "open", grpc_states
         assert all(closed is not None and closed < 3 for closed in grpc_closed), grpc_closed
-        assert idle_closed is not None and 3 < idle_closed < 7, idle_closed
+        assert refused == grpc.StatusCode.UNAVAILABLE, refused
+        assert all(1.5 < closed < header_s + 1.5 for closed in idle_closed), idle_closed
+        assert went_idle(states_idle) and idle_after < 2 * header_s + 3, (states_idle, idle_after)  # closed
+        assert [output.name for output in again.outputs], again
         assert predictor.process.poll() is None
         text = httpx.get(f"{predictor.url}/metrics", timeout=10).text
-        refused = {reason: int(float(value)) for reason, value in
-                   re.findall(r'^HttpRefused_total\{Reason="(\w+)"\} (\S+)$', text, re.M)}
-        assert refused["client_connections"] == 1 and refused["timeout"] == 1, refused  # the reset, the 408
-        assert refused["connections"] == 0 and refused["bad_http"] == 0, refused
+        refused_http = {reason: int(float(value)) for reason, value in
+                        re.findall(r'^HttpRefused_total\{Reason="(\w+)"\} (\S+)$', text, re.M)}
+        assert refused_http["client_connections"] == 1 and refused_http["timeout"] == 1, refused_http
+        assert refused_http["connections"] == 0 and refused_http["bad_http"] == 0, refused_http
         wait_for_log(predictor, "reset a connection from 127.0.0.2: it has 3 open (MAX_CLIENT_CONNECTIONS)")
     finally:
         predictor.stop()
