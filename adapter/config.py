@@ -219,7 +219,7 @@ class Settings:
     metrics: bool = True
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
-    request_id_max_length: int = 128
+    request_id_max_length: int = shared.REQUEST_ID_MAX_LENGTH
     frontend_dir: str = str(DEFAULT_FRONTEND_DIR)
     shrink_uploads: bool = True
     shrink_min_bytes: int = images.SHRINK_MIN_BYTES

@@ -42,6 +42,15 @@ log = logging.getLogger("adapter.edge")
 EDGE_RECORD = "adapter.edge"
 
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]+")
+# Characters of a request's path (or target) put in a plain log line; the access line names its route instead
+# (route_label: a known route, else "other"). Here and in KServe's predictor (handler/kserve_predictor.py): a path of
+# 15,000 characters made each of its 404s' access lines that long (2,362 of them: 35.7 MB of log in 3 s).
+PATH_LOGGED = 200
+
+
+def shown_path(path: str) -> str:
+    """A request's path as a log line shows it: cut to PATH_LOGGED characters, its length said when cut."""
+    return path if len(path) <= PATH_LOGGED else f"{path[:PATH_LOGGED]}...({len(path)} characters)"
 # nginx's "client closed request": the client went away before its answer (mid-upload), so none was sent.
 CLIENT_GONE = 499
 
@@ -118,11 +127,12 @@ class Edge:
             if isinstance(err, (ClientDisconnect, ConnectionError)):
                 # The client went away mid-request: its business, not an error of the adapter's.
                 if context["parser_refused"] is None:  # (else the parser closed it, and logged why)
-                    log.info("client gone during %s %s: %s", scope["method"], scope["path"], type(err).__name__)
+                    log.info("client gone during %s %s: %s", scope["method"], shown_path(scope["path"]),
+                             type(err).__name__)
                     if not response_started:  # nobody to answer: counted and logged apart from bad requests
                         status = CLIENT_GONE
             else:
-                log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+                log.exception("unexpected error on %s %s", scope["method"], shown_path(scope["path"]))
             # Starlette's last-resort 500 is sent outside this middleware: without an id. Send it here.
             if not response_started and status != CLIENT_GONE:
                 body = json.dumps({"error": "Internal error in the adapter; see its log."}).encode()

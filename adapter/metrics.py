@@ -17,7 +17,10 @@ port: METRICS_ENABLED, METRICS_PORT in config.py).
     adapter_refusals_total{reason}                   the adapter's own (a model server's passed on: not here):
                                                      timeout (408), too_large (413), url_too_long (414),
                                                      pipelined (429), headers_too_large (431), bad_http (400 at the parser),
-                                                     unsupported (501: WebSocket, CONNECT, upgrades),
+                                                     unsupported (501: WebSocket, CONNECT, upgrades, a
+                                                     Transfer-Encoding other than chunked), encoded (415: a
+                                                     Content-Encoding), length_required (411: HTTP/1.0 body
+                                                     without Content-Length),
                                                      busy (any 503 + Retry-After: in-flight caps and shares,
                                                      explanations' turns, the shrink wait, no pooled connection
                                                      to the model server in time)
@@ -48,8 +51,8 @@ ROUTES = frozenset({"/classify/", "/classify", "/explain/", "/explain", "/classe
 # a 503 for a model server that is down or not ready is the model server's, not a refusal). A 400 is
 # one only at the HTTP parser (refused_before_app: bad_http); the app's 400s (no image, a picture the
 # handler refuses) are answers about a request's content, counted in adapter_requests_total alone.
-REFUSAL_REASONS = {408: "timeout", 413: "too_large", 414: "url_too_long", 429: "pipelined", 431: "headers_too_large",
-                   501: "unsupported"}
+REFUSAL_REASONS = {408: "timeout", 411: "length_required", 413: "too_large", 414: "url_too_long", 415: "encoded",
+                   429: "pipelined", 431: "headers_too_large", 501: "unsupported"}
 PARSER_REFUSAL = "bad_http"  # the parser's 400, and any status the parser refuses with that has no reason above
 BUSY_REFUSAL = "busy"  # any 503 with Retry-After (its caps, shares, turns and waits; the pool to the model server)
 # Connections reset before a byte was read (adapter/protocol.py OpenConnections), by the cap that refused them.

@@ -255,7 +255,9 @@ def _wrapped_client_error(status: int, message: str, response: Response) -> tupl
             where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
             return 400, f"The model server could not read the request: {first['msg']}" + (f" ({where})" if where else "")
         except (ValueError, LookupError, TypeError, AttributeError):
-            return 400, "The model server could not read the request."
+            # KServe's predictor (handler/kserve_predictor.py) answers its 422 as {"error": ...}, without the body.
+            said = error_message(response) if _has_error_key(response) else ""
+            return 400, "The model server could not read the request" + (f": {said}" if said else ".")
     if status < 500 or (match := _WRAPPED_4XX.match(message)) is None:
         return None
     inner = match["inner"].strip()
@@ -263,6 +265,13 @@ def _wrapped_client_error(status: int, message: str, response: Response) -> tupl
         inner = quoted[1]  # TorchServe's own {"code", "type", "message"} error, printed as a dict
     inner = _URL.sub("(internal address)", inner).strip()
     return int(match["code"]), inner
+
+
+def _has_error_key(response: Response) -> bool:
+    try:
+        return isinstance(response.json().get("error"), str)
+    except (ValueError, AttributeError):
+        return False
 
 
 # Characters of a model server's error message kept (passed on, logged): the handler's own are under 300; a

@@ -30,6 +30,9 @@ what a connection may do before the app sees a request live here, at the HTTP pa
   * no protocol switch: a WebSocket upgrade, CONNECT, or an `Upgrade` on a request with a body is
     answered 501 (this server has no WebSocket routes); another `Upgrade` (curl --http2's h2c) on a
     request without a body is ignored, as HTTP allows, and the request answered in HTTP/1.1;
+  * a body that cannot be read as it is sent is refused with its head (its body drained by a lingering close):
+    a Transfer-Encoding other than chunked 501, a Content-Encoding other than identity 415 (nothing here
+    decompresses), an HTTP/1.0 POST, PUT or PATCH without a Content-Length 411;
   * an answer the client does not read (its send buffer full, writing paused) may wait at most
     SEND_TIMEOUT_S for it to drain; then the connection is reset (a client pipelining requests and
     reading nothing would otherwise hold it, and megabytes of buffers, for ever);
@@ -106,7 +109,8 @@ class _LingeringTransport:
 
     def close(self) -> None:
         cycle = self._protocol.cycle
-        body_unread = cycle is not None and cycle.more_body and not cycle.disconnected
+        body_unread = (cycle is not None and cycle.more_body and not cycle.disconnected) or getattr(
+            self._protocol, "_body_refused", False)  # refused with its head (_refuse_codings): its body never read
         if self._lingering or not body_unread or not self._transport.can_write_eof() \
                 or self._transport.is_closing():
             self._transport.close()
@@ -471,6 +475,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_done = False  # True once the app has the request (on_headers_complete)
         self._messages_begun += 1
         self._head_raw = self._framing_raw = self._chunks = self._body_total = 0
+        self._body_refused = False
         self._framing_exact = False  # the head is in the bytes before this message's first piece of body
         self._head_bytes = 0
         self._head_received = 0
@@ -524,6 +529,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         if self.parser.should_upgrade():
             self._refuse_upgrade()
+        self._refuse_codings()
         super().on_headers_complete()
         self._head_done = True
         # self.cycle is the newest request only: an earlier pipelined one may still be answered. (Constant work a
@@ -550,6 +556,36 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                for name, value in self.headers):
             self._refuse(501, f"Protocol upgrades (Upgrade: {upgrade[:40]}) are not supported: "
                               "send the request without the Upgrade header.")
+
+    def _refuse_codings(self) -> None:
+        """A body that cannot be read as it is sent, refused before the app sees it (the body still arriving is
+        drained: a lingering close): a Transfer-Encoding other than chunked (501: httptools undoes the chunking alone,
+        and the app got the body still coded), a Content-Encoding other than identity (415: nothing here decompresses;
+        the adapter classified a body labelled gzip as plain, the predictor answered FastAPI's 400), and an HTTP/1.0
+        POST, PUT or PATCH without a Content-Length (411: its body is not read, and the app saw none)."""
+        codings: dict[bytes, list[str]] = {b"transfer-encoding": [], b"content-encoding": []}
+        length = False
+        for name, value in self.headers:
+            if name in codings:
+                codings[name].extend(part.strip().lower() for part in value.decode("latin-1").split(",") if part.strip())
+            length = length or (name == b"content-length" and value.strip() not in (b"", b"0"))
+        transfer = [coding for coding in codings[b"transfer-encoding"] if coding != "chunked"]
+        content = [coding for coding in codings[b"content-encoding"] if coding != "identity"]
+        body = length or bool(codings[b"transfer-encoding"])  # (a Content-Length of 0: no body to drain)
+        if transfer:
+            refusal = (501, f"Transfer-Encoding {_shown(', '.join(transfer))} is not supported: send the body as it is "
+                            "(with a Content-Length, or chunked).")
+        elif content:
+            refusal = (415, f"Content-Encoding {_shown(', '.join(content))} is not supported: send the body as it is "
+                            "(not compressed).")
+        elif (not body and not any(name == b"content-length" for name, _ in self.headers)
+              and self.parser.get_http_version() == "1.0"
+              and self.parser.get_method() in (b"POST", b"PUT", b"PATCH")):
+            refusal, body = (411, "An HTTP/1.0 request with a body needs a Content-Length."), True
+        else:
+            return
+        self._body_refused = body  # its body may still be arriving: the answer waits out a lingering close
+        self._refuse(*refusal, linger=body)
 
     def on_message_complete(self) -> None:
         self._in_message = False
@@ -587,6 +623,11 @@ def silent_timeout_s(settings: Settings, keepalive_s: float) -> float:
     that trickles, or the keep-alive time if shorter. KServe's predictor closes a gRPC connection with no call at
     the same time (handler/kserve_predictor.py)."""
     return min(settings.header_timeout_s, keepalive_s)
+
+
+def _shown(text: str) -> str:
+    """A client's text in an answer: cut to 40 characters, in ASCII."""
+    return ascii(text[:40])[1:-1] + ("..." if len(text) > 40 else "")
 
 
 def _parser_reason(err: Exception) -> str:

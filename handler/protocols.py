@@ -31,7 +31,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from serving.settings import V2_OUTPUTS
+from serving.settings import REQUEST_ID_MAX_LENGTH, V2_OUTPUTS
 
 PLAIN, V1, V2 = "plain", "v1", "v2"
 # Images in one v1/v2 request (more -> 413); model-config.yaml's handler.max_images_per_request overrides it.
@@ -46,7 +46,7 @@ JSON_COMMAS_PER_IMAGE = 64
 JSON_COMMAS_SPARE = 1024
 
 
-REQUEST_ID_LOGGED = 128  # characters of a request's X-Request-ID put in a log line (the adapter's ids are shorter)
+REQUEST_ID_LOGGED = REQUEST_ID_MAX_LENGTH  # characters of a request's X-Request-ID put in a log line
 
 
 def logged_request_id(headers) -> str:
@@ -271,7 +271,24 @@ def _parse_v1(body: dict, max_images: int) -> ParsedRequest:
     return ParsedRequest(V1, images, where)
 
 
+def request_id_refusal(request_id) -> ProtocolError | None:
+    """Why a v2 request's ``id`` cannot be echoed, or None: the answer carries it back, so a long one made a small
+    answer as large as the body (an 11 MB id, echoed to 100 clients that read nothing: KServe's predictor 0.9 GB up);
+    at most REQUEST_ID_MAX_LENGTH characters (serving/settings.py, the adapter's bound on X-Request-ID too)."""
+    if request_id is None:
+        return None
+    if not isinstance(request_id, str):
+        return ProtocolError(400, "'id' must be a string")
+    if len(request_id) > REQUEST_ID_MAX_LENGTH:
+        return ProtocolError(400, f"'id' has {len(request_id)} characters, more than {REQUEST_ID_MAX_LENGTH} "
+                                  "(the answer echoes it): send a shorter id")
+    return None
+
+
 def _parse_v2(body: dict, max_images: int) -> ParsedRequest:
+    request_id = body.get("id")
+    if (refusal := request_id_refusal(request_id)) is not None:  # before anything is read: the cheapest check
+        raise refusal
     inputs = body["inputs"]
     if not isinstance(inputs, list) or not inputs:
         raise ProtocolError(400, "'inputs' must be a non-empty list of tensors")
@@ -302,9 +319,6 @@ def _parse_v2(body: dict, max_images: int) -> ParsedRequest:
             images.append(_b64_image(item, where[-1]))
     if not images:
         raise ProtocolError(400, "the request's inputs hold no image")
-    request_id = body.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise ProtocolError(400, "'id' must be a string")
     outputs = list(OUTPUTS)
     if body.get("outputs") not in (None, []):  # none asked, or an empty list: every output
         asked = body["outputs"]

@@ -57,6 +57,10 @@ PREDICTOR_PORT_ENV = {"http": "PREDICTOR_HTTP_PORT", "grpc": "PREDICTOR_GRPC_POR
 ADAPTER_HOST = "127.0.0.1"       # the adapter: the one process that faces users
 ADAPTER_PORT = 8000
 
+# The longest request id kept or echoed: a client's X-Request-ID at the adapter (its REQUEST_ID_MAX_LENGTH overrides
+# it there; a longer one is replaced), and a v2 request's "id", which the answer echoes (a longer one: 400; an 11 MB id
+# echoed to 100 clients that read nothing held KServe's predictor 0.9 GB up).
+REQUEST_ID_MAX_LENGTH = 128
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # one image through the adapter (413 above); the page checks it first
 # How long a request's body may take to arrive (serving/pace.py): the adapter's defaults, and KServe's predictor's.
 BODY_TIMEOUT_S = 30.0                # all of it, at most (-> 408)

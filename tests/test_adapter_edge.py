@@ -334,6 +334,43 @@ def test_bad_http_counts_the_parsers_400s_not_the_apps(tmp_path):
         assert values[("adapter_requests_total", (("route", "/classify/"), ("status", "400")))] == 2
 
 
+def coded_requests(path: bytes, content_type: bytes, body: bytes) -> dict[str, bytes]:
+    """Requests whose body cannot be read as it is sent, by the status they get (adapter/protocol.py)."""
+    head = b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type + b"\r\n"
+    return {
+        # an uncompressed body labelled gzip (the adapter classified it), and a large one: its 415 survives the body
+        "415": head + b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+        "415 large": head + b"Content-Encoding: deflate\r\nContent-Length: %d\r\n\r\n" % (len(body) + (1 << 20))
+                     + body + b" " * (1 << 20),
+        "501": head + b"Transfer-Encoding: gzip, chunked\r\n\r\n" + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n",
+        "411": b"POST " + path + b" HTTP/1.0\r\nHost: x\r\nContent-Type: " + content_type + b"\r\n\r\n" + body,
+    }
+
+
+def test_a_body_that_cannot_be_read_as_sent_is_refused_at_the_parser(tmp_path):
+    """A Content-Encoding (other than identity) was ignored: an uncompressed upload labelled gzip was classified; a
+    Transfer-Encoding other than chunked, or an HTTP/1.0 POST without Content-Length, reached the app with a body it
+    could not read. Now 415, 501, 411, {"error": ...}, counted by reason. No model server needed."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    part = (b"--XX\r\nContent-Disposition: form-data; name=\"image\"; filename=\"p.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + PNG_1PX + b"\r\n--XX--\r\n")
+    with running_adapter({"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead}, tmp_path / "a.log") as a:
+        for expected, request in coded_requests(b"/classify/", b"multipart/form-data; boundary=XX", part).items():
+            answer = raw_request(a.base_url, request)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 " + expected[:3].encode()), (expected, answer[:300])
+            assert "not supported" in json.loads(body)["error"] or "Content-Length" in json.loads(body)["error"]
+        assert b"gzip" in raw_request(a.base_url, coded_requests(b"/classify/", b"x", b"")["415"])
+        # identity is no coding: answered as before
+        same = raw_request(a.base_url, b"GET /classes HTTP/1.1\r\nHost: x\r\nContent-Encoding: identity\r\n"
+                                       b"Connection: close\r\n\r\n")
+        assert same.startswith(b"HTTP/1.1 200"), same[:300]
+        values = samples(httpx.get(f"{a.base_url}/metrics", timeout=30).text)
+    assert {reason: values[("adapter_refusals_total", (("reason", reason),))]
+            for reason in ("encoded", "unsupported", "length_required")} == {
+        "encoded": 3, "unsupported": 1, "length_required": 1}
+
+
 def test_a_request_refused_at_the_parser_keeps_the_clients_id_and_is_counted_and_logged_once(tmp_path):
     """README: every answer, those refused at the HTTP parser included, has the client's X-Request-ID when
     it is sane. A 431 (too many headers) and a 400 for a chunk that breaks mid-body had a new one. And the

@@ -202,6 +202,9 @@ def wrapper_500(inner: str, code: str) -> dict:
     (500, {"error": f", '400 Bad Request' for url '{INTERNAL_URL}'"}, 400, "The model server refused the request (400)."),
     (422, {"detail": [{"loc": ["body", "inputs", 0, "datatype"], "msg": "Field required", "type": "missing"}]},
      400, "The model server could not read the request: Field required (inputs.0.datatype)"),
+    # KServe's predictor's own 422 (no "detail": FastAPI's echoed the body), its reason passed on
+    (422, {"error": "not an inference request: Field required (inputs.0.datatype)"},
+     400, "The model server could not read the request: not an inference request: Field required (inputs.0.datatype)"),
     (503, {"error": f"upstream connect error to {INTERNAL_URL}: connection refused"},
      503, "The model server is busy or has no worker ready; try again shortly."),
     (400, {"error": "could not fetch https://10.0.0.7:8443/v2/models/cifar100/infer?x=1 for this image"},

@@ -191,7 +191,8 @@ def test_refused_requests_get_their_4xx_and_error_and_the_server_goes_on(kserve_
                                                            "Content-Type": "application/octet-stream"})
     assert binary.status_code == 400 and "binary tensor extension" in binary.json()["error"], binary.text
     malformed = client.post(url, content=b'{"inputs": [', headers={"Content-Type": "application/json"})
-    assert malformed.status_code == 422  # KServe's own parser answers first (FastAPI's {"detail": [...]})
+    # KServe's own parser answers first (FastAPI's 422), as {"error": ...}
+    assert malformed.status_code == 422 and "not an inference request" in malformed.json()["error"], malformed.text
     r = client.post(url, json=v2_body([good]))
     assert r.status_code == 200 and kserve_predictor.process.poll() is None, r.text
 
@@ -615,7 +616,8 @@ def test_a_refused_requests_log_line_shows_its_path_escaped_not_a_line_of_the_cl
     log line starts no line of its own."""
     script = """
 import asyncio, json, logging
-from handler.kserve_predictor import PATH_LOGGED, RequestChecks
+from adapter.edge import PATH_LOGGED
+from handler.kserve_predictor import RequestChecks
 
 lines = []
 handler = logging.Handler()
@@ -1802,6 +1804,66 @@ def test_an_output_asked_twice_is_refused_not_answered_twice(kserve_predictor, g
     chosen.outputs.add(name="topk_name")
     chosen.outputs.add(name="label")
     assert [o.name for o in grpc_stub.ModelInfer(chosen, timeout=60).outputs] == ["topk_name", "label"]
+
+
+def test_an_answer_echoes_no_long_id_nor_a_refused_body(kserve_predictor, grpc_stub, client, cifar100_test_split):
+    """A v2 answer echoes the request's id, and FastAPI's 422 echoed the body it refused (each error's "input"): an
+    11 MB id sent on 100 connections that read nothing held the predictor 0.9 GB up in unsent answers. An id is at
+    most REQUEST_ID_MAX_LENGTH characters (400 past it, on every route and over gRPC), a caller's X-Request-ID too
+    (else a new id), and a validation error is a short {"error": ...}."""
+    import grpc
+
+    from serving.settings import REQUEST_ID_MAX_LENGTH
+
+    good = encode(cifar_pil(cifar100_test_split[0], 0))
+    url = infer_url(kserve_predictor)
+    longest, over = "i" * REQUEST_ID_MAX_LENGTH, "i" * (REQUEST_ID_MAX_LENGTH + 1)
+    kept = client.post(url, json=v2_body([good], request_id=longest))
+    assert kept.status_code == 200 and kept.json()["id"] == longest, kept.text
+    huge = "A" * (1 << 20)
+    # the plain route, and KServe's (a body with parameters goes there)
+    for body in (v2_body([good], request_id=over), v2_body([good], request_id=huge),
+                 {**v2_body([good], request_id=huge), "parameters": {"x": 1}}):
+        r = client.post(url, json=body)
+        assert r.status_code == 400 and f"more than {REQUEST_ID_MAX_LENGTH}" in r.json()["error"], r.text[:300]
+        assert len(r.content) < 1000
+    with pytest.raises(grpc.RpcError) as refused:
+        grpc_stub.ModelInfer(grpc_request([good], request_id=huge), timeout=60)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()[:300]
+    assert f"more than {REQUEST_ID_MAX_LENGTH}" in refused.value.details() and len(refused.value.details()) < 1000
+    # no id in the body: the caller's X-Request-ID when within the limit, else a new one
+    tagged = client.post(url, json=v2_body([good]), headers={"X-Request-ID": over})
+    assert tagged.status_code == 200 and re.fullmatch("[0-9a-f]{32}", tagged.json()["id"]), tagged.text
+    # FastAPI's validation error: the reason and where, not the body
+    wrong = client.post(url, json={"id": 5, "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                                         "data": [huge]}]})
+    assert wrong.status_code == 422 and "detail" not in wrong.json(), wrong.text[:300]
+    assert wrong.json()["error"].startswith("not an inference request: ") and ".id)" in wrong.json()["error"]
+    assert len(wrong.content) < 1000
+    assert client.post(url, json=v2_body([good])).status_code == 200
+
+
+def test_a_body_that_cannot_be_read_as_sent_is_refused_and_a_long_target_is_logged_cut(kserve_predictor):
+    """The REST port's edge is the adapter's (adapter/protocol.py): a Content-Encoding got FastAPI's 400 {"detail"},
+    a Transfer-Encoding of gzip, chunked or an HTTP/1.0 POST without Content-Length KServe's 422 "Field required";
+    now 415, 501, 411 {"error": ...}. And an access line carried a request's whole target: 16 KiB a 404."""
+    from adapter.edge import PATH_LOGGED
+    from test_adapter_edge import coded_requests, raw_request
+
+    body = json.dumps(v2_body([b"not an image"])).encode()
+    for expected, request in coded_requests(b"/v2/models/cifar100/infer", b"application/json", body).items():
+        answer = raw_request(kserve_predictor.url, request)
+        head, _, text = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 " + expected[:3].encode()), (expected, answer[:300])
+        assert "not supported" in json.loads(text)["error"] or "Content-Length" in json.loads(text)["error"]
+    long_path = "/x" + "A" * 15000
+    assert httpx.get(kserve_predictor.url + long_path, timeout=30).status_code == 404
+    deadline = time.monotonic() + 10
+    while not (lines := [line for line in kserve_predictor.log.read_text(errors="replace").splitlines()
+                         if "GET /xAAAA" in line]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert lines and all(len(line) < PATH_LOGGED + 200 and "(15002 characters)" in line for line in lines), (
+        [line[:300] for line in lines])
 
 
 def test_a_version_or_model_not_served_is_not_found_and_logs_no_traceback(kserve_predictor, grpc_stub,
