@@ -575,7 +575,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if transfer:
             refusal = (501, f"Transfer-Encoding {_shown(', '.join(transfer))} is not supported: send the body as it is "
                             "(with a Content-Length, or chunked).")
-        elif content:
+        elif content and body:  # (a request without a body has nothing coded to misread)
             refusal = (415, f"Content-Encoding {_shown(', '.join(content))} is not supported: send the body as it is "
                             "(not compressed).")
         elif (not body and not any(name == b"content-length" for name, _ in self.headers)

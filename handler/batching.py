@@ -59,6 +59,7 @@ class Batcher:
                 raise BatcherFull(self.max_waiting)
             del self._waiting[crowding]  # (its entry is skipped when taken)
             crowding.set_exception(BatcherFull(self.max_waiting, self.client_waiting))
+            crowding.exception()  # retrieved: its caller may be cancelled before it reads it (no "never retrieved")
         done = asyncio.get_running_loop().create_future()
         self._waiting[done] = client
         self._queue.put_nowait((images, done))
@@ -72,21 +73,27 @@ class Batcher:
         and none is another client's past its share that this one may take."""
         return self._all_taken() and self._place_to_take(client) is None
 
+    def _still_waiting(self) -> dict[asyncio.Future, str | None]:
+        """The waiting requests whose callers are still there: a caller cancelled (its client gone) has its future
+        cancelled at once, and leaves ``_waiting`` only when its task runs next."""
+        return {done: client for done, client in self._waiting.items() if not done.done()}
+
     def _all_taken(self) -> bool:
-        return self.max_waiting is not None and len(self._waiting) >= self.max_waiting
+        return self.max_waiting is not None and len(self._still_waiting()) >= self.max_waiting
 
     def _place_to_take(self, client: str | None) -> asyncio.Future | None:
         """The newest waiting request of the client that waits in the most, if that is past ``client_waiting`` and
         ``client`` is under it; else None."""
         if client is None or self.client_waiting is None:
             return None
-        counts = Counter(key for key in self._waiting.values() if key is not None)
+        waiting = self._still_waiting()
+        counts = Counter(key for key in waiting.values() if key is not None)
         if counts[client] >= self.client_waiting or not counts:
             return None
         crowding, count = counts.most_common(1)[0]
         if count <= self.client_waiting:
             return None
-        return next(done for done in reversed(self._waiting) if self._waiting[done] == crowding)
+        return next(done for done in reversed(waiting) if waiting[done] == crowding)
 
     def _taken(self, item: tuple) -> bool:
         """Marks a queue entry taken for a batch (no longer waiting); False when its caller left meanwhile."""

@@ -947,9 +947,10 @@ def main() -> None:
     if model_server.args.enable_grpc and args.max_body_bytes_held < max_message:  # no gRPC call could ever be read
         parser.error(f"--max_body_bytes_held {args.max_body_bytes_held} is below "
                      f"--grpc_max_receive_message_length {max_message}")
+    client_waiting = client_share(max_waiting, args.max_client_share)  # gRPC's and the forward pass's
     model = CIFAR100Predictor(args.model_name if args.model_name != "model" else MODEL_NAME, args.model_dir,
                               args.engine, max_waiting, args.max_waiting_explanations,
-                              client_share(max_waiting, args.max_client_share))
+                              client_waiting)
     server = ModelServer()  # configures KServe's logging; the handler's lines (engine choice, refusals) join it
     for name in ("handler", "model", "serving", "adapter"):
         logging.getLogger(name).handlers[:] = logging.getLogger("kserve").handlers
@@ -981,7 +982,7 @@ def main() -> None:
     grpc_server.InferenceServicer = CIFAR100Servicer  # the servicer KServe's gRPC server builds at start
     grpc_server.aio = _AioBounded(GrpcMessageBound(
         grpc_messages, max_message, max_waiting, args.body_timeout_s, refused=lambda bound: REFUSED.labels(bound).inc(),
-        clients=ForwardedClient(trusted), client_waiting=client_share(max_waiting, args.max_client_share),
+        clients=ForwardedClient(trusted), client_waiting=client_waiting,
         others=grpc_health),
         grpc_connection_options(args.max_open_connections, args.header_timeout_s,
                                 silent_timeout_s(edge, model_server.args.timeout_keep_alive)),

@@ -62,7 +62,8 @@ MAX_IMAGE_SIDE = 32_768
 MAX_JPEG_PIXELS = 64_000_000
 # A tiled TIFF is decoded in whole tiles: tiles as writers make them (libtiff's and GDAL's 256, up to 512) pad an
 # image by less than a tile, and that padding does not count against the pixel limit (4000x4000 in 256x256 tiles,
-# 16 MP, decodes 4096x4096); larger tiles do (a 16x16 TIFF of one 8192x8192 tile decodes 64 MP).
+# 16 MP, decodes 4096x4096), up to a sixteenth of the limit (a thin 513x31189 would pad to twice it); larger tiles
+# do count (a 16x16 TIFF of one 8192x8192 tile decodes 64 MP).
 ORDINARY_TILE_SIDE = 512
 # What one request's images may cost to decode in all (a v1/v2 request carries up to 64): pixels as
 # decoded, a JPEG's at the scale libjpeg decodes it at (decoded_pixels). Without it, 64 images of 16 MP
@@ -338,7 +339,7 @@ def _check_pixel_limit(img: Image.Image) -> None:
                  f"{limit / 1e6:.0f} MP limit for {kind}")
     grid_width, grid_height = tile_grid(img)
     padded = -(-width // ORDINARY_TILE_SIDE) * ORDINARY_TILE_SIDE * -(-height // ORDINARY_TILE_SIDE) * ORDINARY_TILE_SIDE
-    if grid_width * grid_height > max(limit, padded):  # a tiled TIFF's tiles, decoded whole, far beyond its size
+    if grid_width * grid_height > max(limit, min(padded, limit + limit // 16)):  # tiles decoded whole, beyond its size
         tile_width, tile_height = _tiff_tile(img)
         raise ImageRequestError(
             413, f"image is {width}x{height} pixels in tiles of {tile_width}x{tile_height}: {grid_width}x{grid_height} "

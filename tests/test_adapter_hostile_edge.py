@@ -541,7 +541,8 @@ def test_a_connection_that_sends_nothing_is_closed_at_the_head_deadline_an_idle_
         assert kept.recv(65536) == b""
         kept_s = time.monotonic() - answered
     assert header_s - 0.1 <= silent_s < header_s + LATE_S / 2, f"a silent connection closed after {silent_s:.1f} s"
-    assert keepalive_s - 0.1 <= kept_s < keepalive_s + LATE_S, f"an idle kept-alive one closed after {kept_s:.1f} s"
+    # (from the client's reading of its answer: the server armed its timer as it sent it, a little earlier)
+    assert keepalive_s - 0.5 <= kept_s < keepalive_s + LATE_S, f"an idle kept-alive one closed after {kept_s:.1f} s"
 
 
 @contextlib.contextmanager

@@ -156,8 +156,12 @@ def test_a_client_under_its_share_takes_the_newest_place_of_the_client_past_its_
     """A flood from one client took every waiting place: another client's request was refused (503) as long as it
     lasted (the hostile probe of make serve-kserve: 49 of 53 REST and 43 of 44 gRPC requests). With
     client_waiting, a client keeps that many places when all are taken; past it, its newest gives way."""
-    forward = RecordingForward(delay_s=0.1)
-    batcher = Batcher(forward, max_images=1, max_delay_s=0.0, max_waiting=4, client_waiting=2)
+    forward, gate = RecordingForward(), threading.Event()  # the first forward pass lasts until the test says
+
+    def gated(batch):
+        gate.wait(30)
+        return forward(batch)
+    batcher = Batcher(gated, max_images=1, max_delay_s=0.0, max_waiting=4, client_waiting=2)
 
     async def main():
         running = asyncio.ensure_future(batcher(images(0), "flood"))
@@ -167,6 +171,8 @@ def test_a_client_under_its_share_takes_the_newest_place_of_the_client_past_its_
         assert batcher.full("flood") and batcher.full(None) and not batcher.full("other")
         other = [asyncio.ensure_future(batcher(images(10 + i), "other")) for i in range(3)]
         unknown = asyncio.ensure_future(batcher(images(20)))  # no client: no share to claim
+        await asyncio.sleep(0.02)
+        gate.set()
         return await asyncio.gather(running, *flood, *other, unknown, return_exceptions=True)
 
     results = asyncio.run(main())
@@ -180,6 +186,36 @@ def test_a_client_under_its_share_takes_the_newest_place_of_the_client_past_its_
     assert isinstance(other[2], BatcherFull) and not other[2].gave_way, results
     assert isinstance(unknown, BatcherFull) and not unknown.gave_way, results
     assert forward.sizes == [1] * 5  # the answered ones only: a place given up was never computed
+
+
+def test_a_caller_that_left_holds_no_place_and_is_never_the_one_to_give_way():
+    """A cancelled caller's future is cancelled at once, its task leaves the waiting places only when it runs next:
+    in between it was counted, and a newcomer could pick it to give way (set_exception on a cancelled future:
+    InvalidStateError, a 500 for an innocent request)."""
+    gate = threading.Event()
+
+    def gated(batch):
+        gate.wait(30)
+        return batch[:, :1, 0, 0].clone()
+    batcher = Batcher(gated, max_images=1, max_delay_s=0.0, max_waiting=3, client_waiting=1)
+
+    async def main():
+        running = asyncio.ensure_future(batcher(images(0), "flood"))
+        await asyncio.sleep(0.02)  # in its forward pass
+        flood = [asyncio.ensure_future(batcher(images(i), "flood")) for i in range(1, 4)]
+        await asyncio.sleep(0)
+        assert batcher.full(None)
+        flood[2].cancel()  # its client gone: its future cancelled now, its task not yet run
+        assert not batcher.full(None)  # it holds no place
+        flood[1].cancel()
+        newcomer = asyncio.ensure_future(batcher(images(10), "other"))  # takes a free place, gives nothing way
+        await asyncio.sleep(0.02)
+        gate.set()
+        return await asyncio.gather(running, *flood, newcomer, return_exceptions=True)
+
+    running, first, second, third, newcomer = asyncio.run(main())
+    assert running.item() == 0 and first.item() == 1 and newcomer.item() == 10, (first, newcomer)
+    assert isinstance(second, asyncio.CancelledError) and isinstance(third, asyncio.CancelledError)
 
 
 def test_the_delay_counts_from_the_first_request_and_a_full_batch_goes_at_once():

@@ -219,6 +219,10 @@ def test_a_tiled_tiff_counts_its_whole_tiles_against_the_pixel_limit():
     with pytest.raises(ImageRequestError) as info:
         decode_image(tiled_tiff(16, 16, 4096, 4096, tile_data=bytes(64)))
     assert info.value.status == 413 and "4096x4096 decoded (16.8 MP)" in info.value.message, info.value.message
+    # Nor is more than a sixteenth of the limit: a thin image padded to twice its size in 512x512 tiles.
+    with pytest.raises(ImageRequestError) as info:
+        decode_image(tiled_tiff(513, 31189, 512, 512, tile_data=bytes(64)))
+    assert info.value.status == 413 and "1024x31232 decoded (32.0 MP)" in info.value.message, info.value.message
     # Strips cost their image's rows only, whatever RowsPerStrip says (libtiff stops at the image's last row).
     strips = encode(noisy((57, 31)), "TIFF", compression="tiff_adobe_deflate", tiffinfo={278: 65536})
     assert decoded_pixels(open_upload(strips)) == 57 * 31 and decode_image(strips).size == (57, 31)
