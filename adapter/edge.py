@@ -46,13 +46,13 @@ _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]+")
 # (route_label: a known route, else "other"). Here and in KServe's predictor (handler/kserve_predictor.py): a path of
 # 15,000 characters made each of its 404s' access lines that long (2,362 of them: 35.7 MB of log in 3 s).
 PATH_LOGGED = 200
+# nginx's "client closed request": the client went away before its answer (mid-upload), so none was sent.
+CLIENT_GONE = 499
 
 
 def shown_path(path: str) -> str:
     """A request's path as a log line shows it: cut to PATH_LOGGED characters, its length said when cut."""
     return path if len(path) <= PATH_LOGGED else f"{path[:PATH_LOGGED]}...({len(path)} characters)"
-# nginx's "client closed request": the client went away before its answer (mid-upload), so none was sent.
-CLIENT_GONE = 499
 
 
 def request_id_from(headers, max_length: int) -> str:

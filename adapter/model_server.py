@@ -252,7 +252,7 @@ def _wrapped_client_error(status: int, message: str, response: Response) -> tupl
     if status == 422:
         try:
             first = response.json()["detail"][0]
-            where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+            where = validation_error_at(first)
             return 400, f"The model server could not read the request: {first['msg']}" + (f" ({where})" if where else "")
         except (ValueError, LookupError, TypeError, AttributeError):
             # KServe's predictor (handler/kserve_predictor.py) answers its 422 as {"error": ...}, without the body.
@@ -265,6 +265,11 @@ def _wrapped_client_error(status: int, message: str, response: Response) -> tupl
         inner = quoted[1]  # TorchServe's own {"code", "type", "message"} error, printed as a dict
     inner = _URL.sub("(internal address)", inner).strip()
     return int(match["code"]), inner
+
+
+def validation_error_at(error: dict) -> str:
+    """Where in the body a FastAPI validation error (422) is: its loc past "body" ("inputs.0.shape"), or ""."""
+    return ".".join(str(part) for part in error.get("loc", ()) if part != "body")
 
 
 def _has_error_key(response: Response) -> bool:

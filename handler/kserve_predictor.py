@@ -72,6 +72,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from adapter.config import Settings as EdgeSettings
 from adapter.edge import shown_path
 from adapter.metrics import CONNECTION_REFUSALS, EDGE_REFUSALS, parser_refusal_reason
+from adapter.model_server import validation_error_at
 from adapter.protocol import protocol_class, silent_timeout_s
 from handler import engine as engines
 from handler.answers import NOT_FINITE, image_answers, served_topk
@@ -82,8 +83,8 @@ from handler.held_bodies import GrpcMessageBound, HeldBytes, client_share
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, OUTPUTS, V2, ProtocolError,
                                encode_answer, json_body, logged_request_id, parse_request, plain_v2_body,
-                               refuse_binary_extension, request_id_refusal, refuse_json_flood, shown_name, tensor_at, too_many_dimensions,
-                               too_many_images, unsupported_datatype)
+                               refuse_binary_extension, refuse_json_flood, request_id_refusal, shown_name, tensor_at,
+                               too_many_dimensions, too_many_images, unsupported_datatype)
 from model import check_class_count, load_class_names, network_from_state_dict
 from serving.cli import positive_float, positive_int, share
 from serving.clients import CALLER, ForwardedClient, client_key, proxy_networks
@@ -163,7 +164,7 @@ async def _not_a_request(_, err: RequestValidationError) -> JSONResponse:
     with 11 MB of data came back in an 11.5 MB answer)."""
     errors = err.errors()
     first = errors[0] if errors else {}
-    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")[:VALIDATION_SHOWN]
+    where = validation_error_at(first)[:VALIDATION_SHOWN]
     reason = str(first.get("msg") or "not valid")[:VALIDATION_SHOWN]
     more = f"; {len(errors) - 1} more" if len(errors) > 1 else ""
     return JSONResponse(status_code=422, content={

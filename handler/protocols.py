@@ -46,9 +46,6 @@ JSON_COMMAS_PER_IMAGE = 64
 JSON_COMMAS_SPARE = 1024
 
 
-REQUEST_ID_LOGGED = REQUEST_ID_MAX_LENGTH  # characters of a request's X-Request-ID put in a log line
-
-
 def logged_request_id(headers) -> str:
     """A request's X-Request-ID as a log line names it (TorchServe's worker, KServe's predictor; the adapter
     and KServe's ingress set one on every request): ``headers`` a mapping of str or bytes, any case."""
@@ -56,7 +53,7 @@ def logged_request_id(headers) -> str:
         name = name.decode("latin-1") if isinstance(name, bytes) else str(name)
         if name.lower() == "x-request-id":
             value = value.decode("latin-1") if isinstance(value, bytes) else str(value)
-            return "request " + ascii(value[:REQUEST_ID_LOGGED])
+            return "request " + ascii(value[:REQUEST_ID_MAX_LENGTH])  # (no longer than the adapter keeps one)
     return "a request without X-Request-ID"
 
 

@@ -338,7 +338,7 @@ def _check_pixel_limit(img: Image.Image) -> None:
             413, f"image is {width}x{height} pixels ({width * height / 1e6:.1f} MP), above the "
                  f"{limit / 1e6:.0f} MP limit for {kind}")
     grid_width, grid_height = tile_grid(img)
-    padded = -(-width // ORDINARY_TILE_SIDE) * ORDINARY_TILE_SIDE * -(-height // ORDINARY_TILE_SIDE) * ORDINARY_TILE_SIDE
+    padded = in_whole_tiles(width, ORDINARY_TILE_SIDE) * in_whole_tiles(height, ORDINARY_TILE_SIDE)
     if grid_width * grid_height > max(limit, min(padded, limit + limit // 16)):  # tiles decoded whole, beyond its size
         tile_width, tile_height = _tiff_tile(img)
         raise ImageRequestError(
@@ -367,7 +367,12 @@ def tile_grid(img: Image.Image) -> tuple[int, int]:
     if tile is None:
         return img.size
     (width, height), (tile_width, tile_height) = img.size, tile
-    return -(-width // tile_width) * tile_width, -(-height // tile_height) * tile_height
+    return in_whole_tiles(width, tile_width), in_whole_tiles(height, tile_height)
+
+
+def in_whole_tiles(side: int, tile: int) -> int:
+    """A side rounded up to whole tiles of ``tile`` pixels."""
+    return -(-side // tile) * tile
 
 
 def decoded_pixels(img: Image.Image) -> int:
