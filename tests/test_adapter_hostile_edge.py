@@ -15,6 +15,9 @@ TorchServe at all) over real sockets, with short deadlines through its settings.
     HEAD on every GET route    -> 200
     POST to a page's path       -> 405 at once, the connection closed (its body unread)
     refused uploads whose clients reset -> nothing of them kept (in-process, to count the connections)
+    an upload past MAX_REQUESTS_IN_FLIGHT / MAX_CLIENT_REQUESTS_IN_FLIGHT -> 503 + Retry-After (RETRY_AFTER_S), {"error"}
+    an image of exactly MAX_UPLOAD_BYTES -> read; one byte more -> 413 {"error"}
+    two `image` fields -> 400; an empty image file -> 400 "empty"
 """
 from __future__ import annotations
 
@@ -67,8 +70,10 @@ def edge(tmp_path_factory):
         yield proc
 
 
-def connect(port: int, timeout: float = 30.0) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+def connect(port: int, timeout: float = 30.0, source: str | None = None) -> socket.socket:
+    """A connection to the adapter, from ``source`` (a loopback address: another client's share) if given."""
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
@@ -78,8 +83,8 @@ def read_until_closed(sock: socket.socket) -> bytes:
     return out
 
 
-def exchange(port: int, data: bytes) -> bytes:
-    with connect(port) as sock:
+def exchange(port: int, data: bytes, source: str | None = None) -> bytes:
+    with connect(port, source=source) as sock:
         sock.sendall(data)
         return read_until_closed(sock)
 
@@ -178,7 +183,7 @@ def test_trailers_and_chunk_lines_past_the_head_limit_get_431(edge):
         # One record, the request's: its route and id (it was counted twice: "other" 431 under a new id, and 499).
         assert headers["x-request-id"] == request_id, headers
         deadline = time.monotonic() + LATE_S
-        while not (mine := access_lines(edge, request_id)) and time.monotonic() < deadline:
+        while not access_lines(edge, request_id) and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.3)
         assert [(line["route"], line["status"]) for line in access_lines(edge, request_id)] == [("/classify/", 431)]
@@ -629,3 +634,108 @@ def read_until_closed_or_answered(sock: socket.socket) -> bytes:
     while len(body) < length:
         body += sock.recv(65536)
     return head + b"\r\n\r\n" + body
+
+
+# --- the admission caps, the upload's own limits and its form: fast, with no model server -----------------------
+
+def requests_in_flight(port: int) -> float:
+    """The adapter's count of requests with a body held now (the count MAX_REQUESTS_IN_FLIGHT decides on)."""
+    return samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)[("adapter_requests_in_flight", ())]
+
+
+@contextlib.contextmanager
+def holding_a_place(port: int, source: str):
+    """An upload from ``source`` admitted and held (its body never ends) until the block ends: one place among the
+    requests in flight, in all and in that address's share. Its admission is waited for on the gauge, not a sleep."""
+    before = requests_in_flight(port)
+    with connect(port, source=source) as holder:
+        holder.sendall(multipart_head(port, 100_000) + b"--xx\r\n")
+        deadline = time.monotonic() + 10
+        while requests_in_flight(port) < before + 1:
+            assert time.monotonic() < deadline, "the holding upload was never admitted"
+            time.sleep(0.02)
+        yield
+
+
+def sent_on(answer: tuple[int, dict, dict]) -> bool:
+    """Whether an upload was read whole and sent on: with no model server, its 503 "not reachable"."""
+    status, _, body = answer
+    return status == 503 and "not reachable" in body.get("error", "")
+
+
+def assert_only_an_error(answer: dict) -> None:
+    """README: every error answer is {"error": "..."}, the text not empty, and nothing else."""
+    assert list(answer) == ["error"] and isinstance(answer["error"], str) and answer["error"].strip(), answer
+
+
+ONE_IMAGE = image_part(png((4, 4))) + b"--xx--\r\n"
+
+
+@pytest.mark.parametrize("cap", ["MAX_REQUESTS_IN_FLIGHT", "MAX_CLIENT_REQUESTS_IN_FLIGHT"])
+def test_an_upload_past_an_in_flight_cap_is_503_with_retry_after_and_only_an_error(cap):
+    """One place under the cap, held by 127.0.0.2's upload: the next upload the cap counts is refused at its head,
+    503 + Retry-After (RETRY_AFTER_S, 1 by default) and {"error"} alone; MAX_CLIENT_REQUESTS_IN_FLIGHT counts
+    that address's uploads only (another address's is read and sent on), MAX_REQUESTS_IN_FLIGHT everyone's."""
+    from adapter.limits import BUSY_MESSAGE, CLIENT_BUSY_MESSAGE
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = Settings(inference_url=dead, management_url=dead, min_rate_grace_s=60, body_timeout_s=60,
+                        **{cap.lower(): 1})
+    with in_process_adapter(settings) as port, holding_a_place(port, "127.0.0.2"):
+        same = status_and_json(exchange(port, form_request(port, ONE_IMAGE), source="127.0.0.2"))
+        other = status_and_json(exchange(port, form_request(port, ONE_IMAGE), source="127.0.0.3"))
+    status, headers, answer = same
+    assert (status, headers.get("retry-after")) == (503, "1"), same
+    assert headers["content-type"] == "application/json" and answer == {"error": CLIENT_BUSY_MESSAGE}, same
+    assert_only_an_error(answer)
+    if cap == "MAX_CLIENT_REQUESTS_IN_FLIGHT":
+        assert sent_on(other), other
+    else:
+        status, headers, answer = other
+        assert (status, headers.get("retry-after"), answer) == (503, "1", {"error": BUSY_MESSAGE}), other
+
+
+def test_retry_after_s_from_the_environment_is_the_busy_refusals_retry_after(monkeypatch):
+    """RETRY_AFTER_S=7 in the environment: an upload past its address's share is told Retry-After: 7."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    for name, value in {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "RETRY_AFTER_S": "7",
+                        "MAX_CLIENT_REQUESTS_IN_FLIGHT": "1", "MIN_RATE_GRACE_S": "60", "BODY_TIMEOUT_S": "60"}.items():
+        monkeypatch.setenv(name, value)
+    with in_process_adapter(Settings.from_env()) as port, holding_a_place(port, "127.0.0.1"):
+        status, headers, answer = status_and_json(exchange(port, form_request(port, ONE_IMAGE)))
+    assert (status, headers.get("retry-after")) == (503, "7"), (status, headers, answer)
+    assert_only_an_error(answer)
+
+
+def test_an_image_of_exactly_max_upload_bytes_is_read_and_one_byte_more_is_413():
+    """MAX_UPLOAD_BYTES is the largest image accepted, itself included: a file of exactly that size is read and sent
+    on, one byte more is 413 {"error"} naming the limit."""
+    from adapter.upload import too_large
+
+    image = png((4, 4))
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = Settings(inference_url=dead, management_url=dead, max_upload_bytes=len(image))
+    with in_process_adapter(settings) as port:
+        at_limit = status_and_json(exchange(port, form_request(port, image_part(image) + b"--xx--\r\n")))
+        over = status_and_json(exchange(port, form_request(port, image_part(image + b"\0") + b"--xx--\r\n")))
+    assert sent_on(at_limit), at_limit
+    status, _, answer = over
+    assert status == 413 and answer == {"error": too_large(len(image)).message}, over
+    assert_only_an_error(answer)
+
+
+def test_a_form_with_two_image_fields_is_400_asking_for_one_image(edge):
+    """README: more than one `image` field is a 400 (the seed answered for the last one silently): whichever the
+    other parts are, and with the same form of one image read and sent on."""
+    image = image_part(png((4, 4)))
+    assert sent_on(status_and_json(exchange(edge.port, form_request(edge.port, ONE_IMAGE))))
+    for form in (image + image, image + image_part(b"note", name="note") + image_part(b"")):
+        status, _, answer = status_and_json(exchange(edge.port, form_request(edge.port, form + b"--xx--\r\n")))
+        assert status == 400 and "more than one field named 'image'" in answer["error"], answer
+        assert_only_an_error(answer)
+
+
+def test_an_empty_image_file_is_400_saying_it_is_empty(edge):
+    status, _, answer = status_and_json(exchange(edge.port, form_request(edge.port, image_part(b"") + b"--xx--\r\n")))
+    assert status == 400 and answer == {"error": "The uploaded file is empty."}, answer
+    assert_only_an_error(answer)
