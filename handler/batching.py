@@ -10,19 +10,21 @@ chunks it was built for. ``forward`` may answer with anything indexed by image (
 a list of answers): each request gets its own slice. At most ``max_waiting`` requests wait for a
 batch (None: no bound); one more is refused at once (BatcherFull), as TorchServe refuses a request
 beyond its ``job_queue_size``, rather than queueing without end behind a flood. With ``client_waiting``,
-a caller's client (its key) keeps that many places when all are taken: a request of a client under it
-takes the place of the newest request of the client that waits in the most, past it (that one: BatcherFull
-at once), so that one client's flood leaves the other places to everyone else. A caller that left (its call
+a caller's client (its key) keeps its fair share of the places when all are taken (an equal part among the
+clients waiting, at most ``client_waiting``): a request of a client under it takes the place of the newest
+request of the client that waits in the most, past it (that one: BatcherFull at once), so that one client's
+flood, or two clients' at half each, leave places to everyone else. A caller that left (its call
 cancelled: a client gone) neither counts as waiting nor takes room in a batch.
 """
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import torch
+
+from serving.clients import newest_past_fair_share
 
 
 class BatcherFull(Exception):
@@ -55,10 +57,11 @@ class Batcher:
             self._queue, self._waiting = asyncio.Queue(), {}
             self._task = asyncio.get_running_loop().create_task(self._run())
         if self._all_taken():
-            if (crowding := self._place_to_take(client)) is None:
+            if (place := self._place_to_take(client)) is None:
                 raise BatcherFull(self.max_waiting)
+            crowding, share = place
             del self._waiting[crowding]  # (its entry is skipped when taken)
-            crowding.set_exception(BatcherFull(self.max_waiting, self.client_waiting))
+            crowding.set_exception(BatcherFull(self.max_waiting, share))
             crowding.exception()  # retrieved: its caller may be cancelled before it reads it (no "never retrieved")
         done = asyncio.get_running_loop().create_future()
         self._waiting[done] = client
@@ -81,19 +84,13 @@ class Batcher:
     def _all_taken(self) -> bool:
         return self.max_waiting is not None and len(self._still_waiting()) >= self.max_waiting
 
-    def _place_to_take(self, client: str | None) -> asyncio.Future | None:
-        """The newest waiting request of the client that waits in the most, if that is past ``client_waiting`` and
-        ``client`` is under it; else None."""
+    def _place_to_take(self, client: str | None) -> tuple[asyncio.Future, int] | None:
+        """The waiting request whose place ``client``'s takes, and the share it was past
+        (serving/clients.py newest_past_fair_share); None: none."""
         if client is None or self.client_waiting is None:
             return None
-        waiting = self._still_waiting()
-        counts = Counter(key for key in waiting.values() if key is not None)
-        if counts[client] >= self.client_waiting or not counts:
-            return None
-        crowding, count = counts.most_common(1)[0]
-        if count <= self.client_waiting:
-            return None
-        return next(done for done in reversed(waiting) if waiting[done] == crowding)
+        return newest_past_fair_share(list(self._still_waiting().items()), client, self.max_waiting,
+                                      self.client_waiting)
 
     def _taken(self, item: tuple) -> bool:
         """Marks a queue entry taken for a batch (no longer waiting); False when its caller left meanwhile."""

@@ -12,13 +12,18 @@ A reservation whose message never comes is held until the call's deadline (30 s)
 stalling eight calls held the whole gRPC bound and every other client waited. So one client (the peer's address,
 or the one a trusted proxy's X-Forwarded-For names: serving/clients.py) holds at most its share of the
 reservations (``--max_client_share``, half by default): its calls past that wait, passed over by other clients'
-turns. The waiting places are everyone's while there is room; when they are full, another client's call takes the
-place of the newest waiting call of a client past its share of them, which is refused. One client alone (all calls
-through one proxy) keeps every waiting place, as before.
+turns. While other clients want reservations it holds no more than its fair share (an equal part among the clients
+holding or waiting): two addresses at half each held them all, and a third client's call waited 29 s. A waiting
+call within its fair share takes the newest reservation of a client past it (that call, its message not come, is
+refused), and freed reservations go to the client holding the fewest first. The waiting places are everyone's
+while there is room; when they are full, another client's call takes the place of the newest waiting call of a
+client past its fair share of them, which is refused. One client alone (all calls through one proxy) keeps every
+waiting place, as before.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import Counter, deque
 
@@ -26,7 +31,7 @@ import grpc
 from grpc import aio
 
 from handler.protocols import logged_request_id
-from serving.clients import CALLER, ForwardedClient, client_key, grpc_peer_host
+from serving.clients import CALLER, ForwardedClient, client_key, fair_share, grpc_peer_host, newest_past_fair_share
 from serving.throttled_log import ThrottledLog
 
 # The one gRPC method that carries images: the message bound proper; every other call has a small bound of its own.
@@ -39,17 +44,29 @@ class TurnGivenUp(Exception):
     """A waiting turn given to another owner's newcomer (HeldBytes.make_room): its owner had more than its share."""
 
 
+class Turn:
+    """A reservation granted to ``owner``, from its grant to HeldBytes.end_turn. ``stop``, set by its call while it
+    waits for its message, ends that wait when the turn gives way to another owner's (``given_way``)."""
+
+    __slots__ = ("owner", "stop", "given_way")
+
+    def __init__(self, owner: str | None):
+        self.owner, self.stop, self.given_way = owner, None, False
+
+
 class HeldBytes:
     """Bytes held at once by the requests under way in one event loop, against ``limit``: ``take`` what has
     arrived or is declared (False, nothing taken, when it would pass the limit), ``reserve`` waiting for a
-    turn in order of arrival, ``give`` back. A reservation may name its owner (a client): an owner holds at
-    most ``turns_per_owner`` turns at once (from its grant to ``end_turn``), and the turns of an owner at that
-    share are passed over, not waited behind, so that one client's stalled calls cannot hold everyone's."""
+    turn, ``give`` back. A reservation may name its owner (a client): an owner holds at most ``turns_per_owner``
+    turns at once (from its grant to ``end_turn``), and fewer while other owners want theirs: its fair share
+    (serving/clients.py fair_share). Waiting turns go to the owner holding the fewest first, the turns of an owner
+    at its share are passed over, not waited behind, and a newcomer within its fair share takes the newest turn of
+    an owner past it, so that no client's stalled calls, nor two clients' at half each, hold everyone's."""
 
     def __init__(self, limit: int, turns_per_owner: int | None = None):
         self.limit, self.held, self.turns_per_owner = limit, 0, turns_per_owner
         self._turns: deque[tuple[int, str | None, asyncio.Future]] = deque()
-        self._owned: Counter[str] = Counter()  # turns held, by owner
+        self._owned: dict[str, list[Turn]] = {}  # turns held, by owner, oldest first
 
     @property
     def waiting(self) -> int:
@@ -58,8 +75,8 @@ class HeldBytes:
     def waiting_of(self, owner: str) -> int:
         return sum(1 for _, waiter, _ in self._turns if waiter == owner)  # a few dozen at most: --max_waiting_requests
 
-    def turns_of(self, owner: str) -> int:
-        return self._owned[owner]
+    def turns_of(self, owner: str | None) -> int:
+        return len(self._owned.get(owner, ()))
 
     def fits(self, size: int) -> bool:
         return self.held + size <= self.limit
@@ -70,51 +87,53 @@ class HeldBytes:
         self.held += size
         return True
 
-    def take_turn(self, size: int, owner: str | None = None) -> bool:
-        """``size`` taken at once, a turn of ``owner``'s, if no turn that may go waits before it, the owner is under
-        its share and it fits (False: nothing taken)."""
+    def take_turn(self, size: int, owner: str | None = None) -> Turn | None:
+        """``size`` taken at once, a turn of ``owner``'s, if no turn that may go waits, the owner is under its share
+        and it fits (None: nothing taken)."""
         if (self._turns and any(self._may_go(waiter) for _, waiter, _ in self._turns)) or not self._may_go(owner) \
                 or not self.take(size):
-            return False
-        self._own(owner)
-        return True
+            return None
+        return self._own(owner)
 
-    async def reserve(self, size: int, owner: str | None = None) -> None:
-        """``size`` taken when the bytes held, the turns before this one and ``owner``'s share allow it; a caller
-        that stops waiting (cancelled, timed out) leaves nothing taken."""
-        if self.take_turn(size, owner):
-            return
-        turn = asyncio.get_running_loop().create_future()
-        self._turns.append((size, owner, turn))
+    async def reserve(self, size: int, owner: str | None = None) -> Turn:
+        """``size`` taken when the bytes held, the other turns and ``owner``'s share allow it; a caller that stops
+        waiting (cancelled, timed out) leaves nothing taken."""
+        if (turn := self.take_turn(size, owner)) is not None:
+            return turn
+        granted = asyncio.get_running_loop().create_future()
+        self._turns.append((size, owner, granted))
+        self._make_way(size, owner)
         try:
-            await turn
+            return await granted
         except BaseException:
-            if turn.done() and not turn.cancelled() and turn.exception() is None:  # granted as it stopped waiting
-                self.end_turn(owner)
+            if granted.done() and not granted.cancelled() and granted.exception() is None:  # granted as it stopped
+                self.end_turn(granted.result())
                 self.give(size)
-            elif (size, owner, turn) in self._turns:
-                self._turns.remove((size, owner, turn))
+            elif (size, owner, granted) in self._turns:
+                self._turns.remove((size, owner, granted))
                 self._grant()  # the turns behind it may fit now
             raise
 
-    def make_room(self, share: int) -> bool:
-        """Frees a waiting place for a newcomer: the newest waiting turn of the owner with the most waiting, if that
-        is more than ``share``, stops waiting with TurnGivenUp (True); else nothing changes (False)."""
-        counts = Counter(owner for _, owner, turn in self._turns if owner is not None and not turn.done())
-        crowding, count = (counts.most_common(1) or [(None, 0)])[0]
-        if count <= share:
+    def make_room(self, owner: str, places: int, most: int) -> bool:
+        """Frees one of the ``places`` to wait for ``owner``'s newcomer: the newest waiting turn of the owner that
+        waits in the most, past its fair share (at most ``most``), stops waiting with TurnGivenUp (True), if
+        ``owner`` is under that share; else nothing changes (False)."""
+        place = newest_past_fair_share([(entry, entry[1]) for entry in self._turns if not entry[2].done()], owner,
+                                       places, most)
+        if place is None:
             return False
-        entry = next(entry for entry in reversed(self._turns) if entry[1] == crowding and not entry[2].done())
+        entry = place[0]
         self._turns.remove(entry)
-        entry[2].set_exception(TurnGivenUp(crowding))
+        entry[2].set_exception(TurnGivenUp(entry[1]))
         return True
 
-    def end_turn(self, owner: str | None) -> None:
-        """``owner``'s turn is over (its bytes stay held until ``give``): its next reservation may go."""
-        if owner is not None:
-            self._owned[owner] -= 1
-            if not self._owned[owner]:
-                del self._owned[owner]
+    def end_turn(self, turn: Turn) -> None:
+        """``turn`` is over (its bytes stay held until ``give``): its owner's next reservation may go. Again: nothing."""
+        turns = self._owned.get(turn.owner)
+        if turns and turn in turns:
+            turns.remove(turn)
+            if not turns:
+                del self._owned[turn.owner]
             if self._turns:
                 self._grant()
 
@@ -123,25 +142,44 @@ class HeldBytes:
         self._grant()
 
     def _may_go(self, owner: str | None) -> bool:
-        return owner is None or self.turns_per_owner is None or self._owned[owner] < self.turns_per_owner
+        return owner is None or self.turns_per_owner is None or self.turns_of(owner) < self.turns_per_owner
 
-    def _own(self, owner: str | None) -> None:
+    def _own(self, owner: str | None) -> Turn:
+        turn = Turn(owner)
         if owner is not None:
-            self._owned[owner] += 1
+            self._owned.setdefault(owner, []).append(turn)
+        return turn
+
+    def _make_way(self, size: int, owner: str | None) -> None:
+        """A turn of ``owner``'s waits for bytes held by others: if the turns it holds and wants are within its fair
+        share of the turns that fit in the limit (among the owners holding or waiting), the newest turn of the owner
+        holding the most, past that share, gives way: its call stops waiting for its message and gives its bytes
+        back. A stalled sender held its turns until its deadline (30 s), and two clients at half each, all of them."""
+        if owner is None or self.turns_per_owner is None or self.fits(size) or not self._owned:
+            return
+        waiting = Counter(waiter for _, waiter, granted in self._turns if waiter is not None and not granted.done())
+        share = fair_share(self.limit // size, len(self._owned.keys() | waiting.keys()), self.turns_per_owner)
+        crowding = max(self._owned, key=self.turns_of)
+        if self.turns_of(owner) + waiting[owner] > share or self.turns_of(crowding) <= share:
+            return
+        turn = self._owned[crowding][-1]
+        self.end_turn(turn)
+        turn.given_way = True
+        if turn.stop is not None:
+            turn.stop()
 
     def _grant(self) -> None:
-        """Turns in order of arrival, passing over owners at their share; the first other that does not fit stops
-        the rest (a small one behind a large one waits too: no call passes the others for ever)."""
-        for entry in list(self._turns):
-            size, owner, turn = entry
-            if turn.done():  # a cancelled turn is left to its owner
-                self._turns.remove(entry)
-            elif self._may_go(owner):
-                if not self.take(size):
-                    return
-                self._turns.remove(entry)
-                self._own(owner)
-                turn.set_result(None)
+        """Waiting turns, the owner's holding the fewest first, then in order of arrival, passing over owners at
+        their share; the first that does not fit stops the rest (a small one behind a large one waits too: no call
+        passes the others for ever)."""
+        for entry in [entry for entry in self._turns if entry[2].done()]:  # a cancelled turn is left to its owner
+            self._turns.remove(entry)
+        while ready := [entry for entry in self._turns if self._may_go(entry[1])]:
+            entry = min(ready, key=lambda entry: self.turns_of(entry[1]))  # the first of the fewest
+            if not self.take(entry[0]):
+                return
+            self._turns.remove(entry)
+            entry[2].set_result(self._own(entry[1]))
 
 
 class GrpcMessageBound(aio.ServerInterceptor):
@@ -183,31 +221,38 @@ class GrpcMessageBound(aio.ServerInterceptor):
             client = await self._client(context)
             if client is not None:
                 CALLER.set(client)  # (this call's own task)
-            if not bound.take_turn(self.max_message, client):  # its turn now, without a timer; else it waits
+            turn = bound.take_turn(self.max_message, client)  # its turn now, without a timer; else it waits
+            if turn is None:
                 if bound.waiting >= self.max_waiting and not (  # full: a place of a client past its share?
-                        client is not None and bound.waiting_of(client) < self.client_waiting
-                        and bound.make_room(self.client_waiting)):
+                        client is not None and bound.make_room(client, self.max_waiting, self.client_waiting)):
                     await self._refuse(context, method, setting, grpc.StatusCode.UNAVAILABLE,
                                        self._busy(bound, f"{bound.waiting} calls wait"))
                 try:
                     async with asyncio.timeout_at(deadline):
-                        await bound.reserve(self.max_message, client)
+                        turn = await bound.reserve(self.max_message, client)
                 except TimeoutError:
                     await self._refuse(context, method, setting, grpc.StatusCode.UNAVAILABLE,
                                        self._busy(bound, f"no turn came in {self.deadline_s:g} s"))
                 except TurnGivenUp:
                     await self._refuse(context, method, "max_client_share", grpc.StatusCode.UNAVAILABLE,
                                        self._client_busy(bound, client))
-            charged, in_turn = self.max_message, True
+            charged = self.max_message
             try:
                 try:
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(deadline) as timer:
+                        turn.stop = functools.partial(stop_now, timer)
+                        if turn.given_way:  # given way before this call ran again
+                            turn.stop()
                         message = await context.read()  # its bytes: parsed below, where a bad one is named
                 except TimeoutError:
+                    if turn.given_way:
+                        await self._refuse(context, method, "max_client_share", grpc.StatusCode.UNAVAILABLE,
+                                           self._gave_way(client))
                     await self._refuse(context, method, "body_timeout_s", grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"the request message did not arrive within {self.deadline_s:g} s")
-                in_turn = False
-                bound.end_turn(client)
+                finally:
+                    turn.stop = None
+                bound.end_turn(turn)
                 if message is aio.EOF:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
                 bound.give(charged - len(message))
@@ -230,8 +275,7 @@ class GrpcMessageBound(aio.ServerInterceptor):
                     err.__context__ = err.__cause__ = None
                     raise err.with_traceback(None)
             finally:
-                if in_turn:
-                    bound.end_turn(client)
+                bound.end_turn(turn)
                 bound.give(charged)
 
         return grpc.stream_unary_rpc_method_handler(bounded, response_serializer=handler.response_serializer)
@@ -256,10 +300,21 @@ class GrpcMessageBound(aio.ServerInterceptor):
                 f"sending their messages and {bound.waiting_of(client)} more wait for their turn, past its share "
                 "(--max_client_share) while other clients wait; try again shortly.")
 
+    def _gave_way(self, client: str) -> str:
+        return (f"The model is busy with gRPC calls from your address ({client}): this call's message had not come and "
+                "its reservation went to another client's call, past your fair share of them (--max_client_share, "
+                "shared equally among the clients waiting); try again shortly.")
+
     def _busy(self, bound: HeldBytes, why: str) -> str:
         setting = "--max_body_bytes_held" if bound is self.held else "--max_grpc_health_calls"
         return (f"The model is busy: gRPC messages of up to {self.max_message} bytes each are held or reserved "
                 f"({bound.held} of {bound.limit} bytes, {setting}) and {why}; try again shortly.")
+
+
+def stop_now(timer: asyncio.Timeout) -> None:
+    """Ends ``timer``'s wait at once (TimeoutError in its task), unless it has expired already."""
+    if not timer.expired():
+        timer.reschedule(-1)  # a time past: as soon as the loop runs
 
 
 def client_share(places: int, share: float) -> int:

@@ -29,8 +29,8 @@ for its share of that bound before its message is read (handler/held_bodies.py):
 ``--max_waiting_requests`` calls already wait or its turn has not come in ``--body_timeout_s``,
 DEADLINE_EXCEEDED when its message has not arrived by then; one client (its address, or what a proxy in
 ``--trusted_proxies`` forwards for) takes at most ``--max_client_share`` of the reservations, and of the
-waiting places once they are full; of the places to wait for a forward pass too, REST and gRPC alike
-(handler/batching.py). Connections are bounded on both ports: REST's by the adapter's HTTP/1.1
+waiting places once they are full, and no more than its fair share (an equal part) while other clients want them;
+of the places to wait for a forward pass too, REST and gRPC alike (handler/batching.py). Connections are bounded on both ports: REST's by the adapter's HTTP/1.1
 protocol (adapter/protocol.py: ``--max_open_connections``, ``--max_client_connections``, ``--header_timeout_s``,
 ...), gRPC's by grpc core's (grpc_connection_options). A client that leaves before its answer has its request cancelled. Over
 gRPC the 4xx are INVALID_ARGUMENT, the 503 UNAVAILABLE, with the same message; a model or version not
@@ -901,9 +901,9 @@ def main() -> None:
                         help="the part one client may take of the gRPC message bound's reservations "
                              "(--max_body_bytes_held / the largest message) held at once and of the "
                              "--max_waiting_requests places to wait for one, and of the places to wait for a forward "
-                             "pass, REST and gRPC alike (one of each at least): when all are taken, another client's "
-                             "request takes the place of the newest of a client past its share (503 / UNAVAILABLE). "
-                             "1: no per-client share")
+                             "pass, REST and gRPC alike (one of each at least), and while other clients want them an "
+                             "equal part at most: when all are taken, another client's request takes the place of the "
+                             "newest of a client past its part (503 / UNAVAILABLE). 1: no per-client share")
     parser.add_argument("--max_grpc_health_calls", type=positive_int, default=MAX_GRPC_HEALTH_CALLS,
                         help="gRPC calls other than ModelInfer (health, metadata) whose messages may be read at "
                              "once, each reserving the largest message as ModelInfer's do: a bound of their own, "

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
 
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -90,3 +91,25 @@ class ForwardedClient:
 
 async def _forwarded_to(scope, receive, send) -> None:
     """ProxyHeadersMiddleware's application: the client it found is left in the scope."""
+
+
+def fair_share(places: int, clients: int, most: int) -> int:
+    """What each of ``clients`` may keep of ``places`` while they all want more: an equal part (one at least), and
+    never more than ``most``, a client's share however few compete (max-min fairness: two clients at half each
+    would leave a third nothing)."""
+    return min(most, max(1, places // max(1, clients)))
+
+
+def newest_past_fair_share(waiting: Sequence[tuple[object, str | None]], client: str, places: int,
+                           most: int) -> tuple[object, int] | None:
+    """When all ``places`` are taken and ``client`` would wait too: of ``waiting`` (entries and their clients, oldest
+    first), the newest entry of the client that waits in the most, if that is past its fair share (fair_share among
+    the clients waiting and ``client``) and ``client`` is under it, with that share; else None."""
+    counts = Counter(owner for _, owner in waiting if owner is not None)
+    share = fair_share(places, len(counts.keys() | {client}), most)
+    if counts[client] >= share or not counts:
+        return None
+    crowding, count = counts.most_common(1)[0]
+    if count <= share:
+        return None
+    return next(entry for entry, owner in reversed(waiting) if owner == crowding), share

@@ -188,6 +188,39 @@ def test_a_client_under_its_share_takes_the_newest_place_of_the_client_past_its_
     assert forward.sizes == [1] * 5  # the answered ones only: a place given up was never computed
 
 
+def test_two_clients_at_half_the_places_each_leave_a_third_its_fair_share():
+    """Two clients flooding at their share (half the places each) held them all, and a third client's every
+    request was refused as long as they lasted. A client's share when all are taken is its fair part among the
+    clients waiting (here a third each, one at least), at most client_waiting: the third client's first request
+    takes the newest place of a client past that part; its second, at its part, is refused."""
+    gate = threading.Event()
+
+    def gated(batch):
+        gate.wait(30)
+        return batch[:, :1, 0, 0].clone()
+    batcher = Batcher(gated, max_images=1, max_delay_s=0.0, max_waiting=4, client_waiting=2)
+
+    async def main():
+        running = asyncio.ensure_future(batcher(images(0), "a"))
+        await asyncio.sleep(0.02)  # in its forward pass: no longer waiting
+        floods = [asyncio.ensure_future(batcher(images(i), client)) for i, client in
+                  ((1, "a"), (2, "b"), (3, "a"), (4, "b"))]  # two each: every place, each at client_waiting
+        await asyncio.sleep(0)
+        assert batcher.full("a") and batcher.full("b") and not batcher.full("c")
+        third = [asyncio.ensure_future(batcher(images(10 + i), "c")) for i in range(2)]
+        await asyncio.sleep(0.02)
+        gate.set()
+        return await asyncio.gather(running, *floods, *third, return_exceptions=True)
+
+    results = asyncio.run(main())
+    floods, third = results[1:5], results[5:]
+    # a, the first of the most waiting, gave its newest (3) to c's first; c's second found c at its part (4 // 3).
+    assert [r.item() for r in (floods[0], floods[1], floods[3])] == [1, 2, 4], results
+    assert isinstance(floods[2], BatcherFull) and floods[2].gave_way, results
+    assert "more than 1 of them are this client's" in str(floods[2]), results
+    assert third[0].item() == 10 and isinstance(third[1], BatcherFull) and not third[1].gave_way, results
+
+
 def test_a_caller_that_left_holds_no_place_and_is_never_the_one_to_give_way():
     """A cancelled caller's future is cancelled at once, its task leaves the waiting places only when it runs next:
     in between it was counted, and a newcomer could pick it to give way (set_exception on a cancelled future:

@@ -695,7 +695,8 @@ from handler.held_bodies import HeldBytes
 
 async def run(share):
     held, granted = HeldBytes(100, turns_per_owner=share), []
-    log = {"a's first two at once": [held.take_turn(25, "a"), held.take_turn(25, "a")]}
+    a_turns = [held.take_turn(25, "a"), held.take_turn(25, "a")]
+    log = {"a's first two at once": [turn is not None for turn in a_turns]}
     async def turn(name, owner):
         try:
             async with asyncio.timeout(0.3):
@@ -705,10 +706,12 @@ async def run(share):
             granted.append(name + " gave up")
     stalled = asyncio.ensure_future(turn("a3", "a"))
     await asyncio.sleep(0.05)
-    log["b at once, a3 waiting"] = [held.take_turn(25, "b"), held.waiting_of("a"), held.turns_of("a"), held.held]
+    log["b at once, a3 waiting"] = [held.take_turn(25, "b") is not None, held.waiting_of("a"), held.turns_of("a"),
+                                    held.held]
     log["owner-less take"] = [held.take(25), held.turns_of("a"), held.turns_of("b")]
     held.give(25)
-    held.end_turn("a")  # a's first has its message: its bytes stay, its turn is over
+    held.end_turn(a_turns[0])  # a's first has its message: its bytes stay, its turn is over
+    held.end_turn(a_turns[0])  # again (the call's last word): nothing more
     await asyncio.sleep(0.05)
     log["a3 after a's turn ended"] = [list(granted), held.held, held.turns_of("a")]
     await stalled
@@ -724,6 +727,56 @@ print(json.dumps({"share 2": asyncio.run(run(2)), "no share": asyncio.run(run(No
     assert shared["a3 after a's turn ended"] == [["a3"], 100, 2], out
     # The control: without a share a3 takes the third turn at once, and b the fourth.
     assert out["no share"]["b at once, a3 waiting"] == [True, 0, 3, 100], out
+
+
+def test_held_bytes_takes_the_newest_turn_of_an_owner_past_its_fair_share_for_a_newcomer():
+    """Two owners at their share (half each) held every turn, stalled until their deadline, and a third owner's
+    reservation waited it out. Now a waiting newcomer within its fair share (an equal part of the turns among the
+    owners holding or waiting) takes the newest turn of the owner holding the most, past that part: that turn's
+    call is stopped, and the bytes it gives back go to the owner holding the fewest turns first, before older
+    waiters of the owners past their part. A newcomer past its part takes nothing."""
+    script = """
+import asyncio, json
+from handler.held_bodies import HeldBytes
+
+async def main():
+    held, granted, stopped = HeldBytes(200, turns_per_owner=4), [], []  # eight turns of 25, four an owner at most
+    turns = {owner: [held.take_turn(25, owner) for _ in range(4)] for owner in ("a", "b")}
+    for owner, owned in turns.items():
+        for n, turn in enumerate(owned):
+            turn.stop = lambda name=f"{owner}{n}": stopped.append(name)
+    async def turn(name, owner):
+        got = await held.reserve(25, owner)
+        granted.append(name)
+        return got
+    waiters = [asyncio.ensure_future(turn("a4", "a"))]  # a at its share: passed over until a's turns end
+    await asyncio.sleep(0.01)
+    log = {"a4 waits, nothing stopped": [held.waiting, list(stopped)]}
+    waiters += [asyncio.ensure_future(turn(f"c{n}", "c")) for n in range(3)]
+    await asyncio.sleep(0.01)
+    # c0 and c1 are within c's part (8 // 3 = 2): a's newest, then b's; c2 is past it and waits.
+    log["c's three wait"] = [list(stopped), [held.turns_of(o) for o in "abc"], held.waiting, list(granted)]
+    held.give(25)  # the stopped calls end: their bytes back
+    held.give(25)
+    await asyncio.sleep(0.01)
+    log["bytes back"] = [list(granted), [held.turns_of(o) for o in "abc"], held.held]
+    held.end_turn(turns["a"][0])  # a's oldest has its message
+    held.give(25)
+    await asyncio.sleep(0.01)
+    log["one more free"] = [list(granted), [held.turns_of(o) for o in "abc"]]
+    for waiter in waiters:
+        waiter.cancel()
+    print(json.dumps(log))
+
+asyncio.run(main())
+"""
+    out = in_child(script)
+    assert out["a4 waits, nothing stopped"] == [1, []], out
+    assert out["c's three wait"] == [["a3", "b3"], [3, 3, 0], 4, []], out
+    # c0 and c1 before a4 (older, but a holds more); c2 waits: c at its part of 2, the bytes full.
+    assert out["bytes back"] == [["c0", "c1"], [3, 3, 2], 200], out
+    # a's oldest ended: a holds 2, as c does; between equals, the order of arrival: a4 before c2.
+    assert out["one more free"] == [["c0", "c1", "a4"], [3, 3, 2]], out
 
 
 def test_a_refused_grpc_call_lets_go_of_its_request_without_the_garbage_collector():
@@ -1493,6 +1546,51 @@ def test_one_clients_stalled_grpc_calls_take_only_its_share_of_the_bound_and_oth
         figures = bound_metrics(predictor)
         assert (figures["held grpc"], figures["waiting"]) == (0, 0), figures
     finally:
+        channel.close()
+        predictor.stop()
+
+
+@pytest.mark.integration  # starts its own server process
+def test_two_clients_stalled_grpc_calls_at_half_each_give_a_third_client_a_reservation(bundle, tmp_path,
+                                                                                       cifar100_test_split):
+    """Two addresses stalling gRPC calls at their share (half the reservations each) held every reservation, and
+    another client's call waited 29 s (--body_timeout_s) for one (session 52's hostile probe). Now a newcomer within
+    its fair share (an equal part among the clients holding or waiting) takes the newest reservation of the client
+    holding the most, past that part: that call is refused at once (UNAVAILABLE, Bound=max_client_share) and the
+    newcomer is answered. Four reservations; 127.0.0.2 and 127.0.0.3 stall two calls each, then 127.0.0.1 calls."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+
+    import kserve_types  # noqa: F401 - registers KServe's gRPC types
+    from grpc_raw import seconds_until_stream_ends, stalled_call
+
+    largest = int(read_properties(bundle / "config" / "config.properties")["max_request_size"])
+    predictor = KServePredictor(tmp_path, bundle, extra_args=[
+        f"--max_body_bytes_held={4 * largest}", "--body_timeout_s=20"]).start()
+    channel = grpc.insecure_channel(predictor.grpc_target)
+    stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+    method = "/inference.GRPCInferenceService/ModelInfer"
+    stalled = []
+    try:
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.2", "127.0.0.3"):
+            stalled.append(stalled_call("127.0.0.1", predictor.grpc_port, method, message_bytes=100_000,
+                                        sent_bytes=1_000, source=source))
+            time.sleep(0.3)  # in the order of their starts
+        full = bound_metrics(predictor)
+        started = time.monotonic()
+        answer = stub.ModelInfer(grpc_request([encode(cifar_pil(cifar100_test_split[0], 0))]), timeout=30)
+        answered = time.monotonic() - started
+        ended = [seconds_until_stream_ends(sock, timeout=0.5) for sock in stalled]
+        after = bound_metrics(predictor)
+        assert (full["held grpc"], full["waiting"]) == (4 * largest, 0), full  # each at its share of two
+        assert answer.outputs and answered < 4, answered  # not the 20 s a stalled reservation holds
+        # 127.0.0.2, the first of those holding the most, gave its newest (the third stall); the rest stall on.
+        assert [end is not None for end in ended] == [False, False, True, False], ended
+        assert after.get("max_client_share") == 1 and after["held grpc"] == 3 * largest, after
+        wait_for_log(predictor, "its reservation went to another client's call")
+    finally:
+        for sock in stalled:
+            sock.close()
         channel.close()
         predictor.stop()
 
