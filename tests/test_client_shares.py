@@ -88,8 +88,8 @@ def test_an_ipv6_client_is_its_slash_64_and_an_ipv4_mapped_one_its_ipv4_address(
     assert not isinstance(in_flight.try_admit(client_address({"client": (same[0], 1)}), 1), str)
     assert in_flight.try_admit(client_address({"client": (same[1], 1)}), 1) == "client"
     connections = OpenConnections(Settings(max_client_connections=1))
-    assert connections.try_open(same[0]) is not None and connections.try_open(same[1]) is None
-    assert connections.try_open("2001:db8:1:3::1") is not None
+    assert connections.try_open(same[0], object()) is not None and connections.try_open(same[1], object()) is None
+    assert connections.try_open("2001:db8:1:3::1", object()) is not None
 
 
 def test_a_crawling_upload_holds_what_it_sent_and_a_healthy_one_its_promise():
@@ -981,6 +981,90 @@ def test_connections_past_an_address_share_or_the_open_cap_are_reset(connection_
     assert over_share in ("reset", "closed") and over_all in ("reset", "closed"), (over_share, over_all)
     assert again == "200", again
     assert (after[0] - before[0], after[1] - before[1]) == (1, 1), (before, after)
+
+
+def test_a_new_address_takes_the_place_of_an_idle_connection_of_an_address_past_its_fair_share(
+        connection_caps_adapter):
+    """Four addresses' silent or idle connections (128 each) filled the predictor's 512 and every other client was
+    reset as long as they stayed. When all are open, a new address under its fair share (an equal part among the
+    addresses connected, at most MAX_CLIENT_CONNECTIONS) takes the place of an idle connection of the address
+    holding the most, past that share: closed as its keep-alive time would. Here 6 in all, 2 an address: three
+    addresses hold two idle connections each; a fourth and a fifth address each close one of the first two's (fair
+    share 1 now), a sixth one of the third's; a seventh finds every address at its share and is reset."""
+    port = connection_caps_adapter.port
+
+    async def connect(source: str):
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        except ConnectionError:
+            return "reset", None, None
+        writer.write(b"GET /classes HTTP/1.1\r\nHost: x\r\n\r\n")
+        status = await asyncio.wait_for(_read_status(reader), timeout=10)
+        if status == "200":
+            await asyncio.wait_for(reader.readuntil(b"]"), timeout=10)  # the class list: the answer read, idle
+        return status, reader, writer
+
+    async def closed(reader) -> bool:
+        try:
+            return await asyncio.wait_for(reader.read(), timeout=0.5) == b""
+        except (TimeoutError, ConnectionError):
+            return False
+
+    async def scenario():
+        held = {source: [await connect(source) for _ in range(2)] for source in ("127.0.0.2", "127.0.0.3", "127.0.0.5")}
+        newcomers = [await connect(source) for source in ("127.0.0.4", "127.0.0.6", "127.0.0.7")]  # (kept open)
+        last = await connect("127.0.0.8")
+        closed_of = {source: [await closed(reader) for _, reader, _ in connections]
+                     for source, connections in held.items()}
+        for _, _, writer in (*sum(held.values(), []), *newcomers, last):
+            if writer is not None:
+                writer.transport.abort()
+        return ([status for status, _, _ in sum(held.values(), [])], [status for status, _, _ in newcomers], last[0],
+                closed_of)
+
+    held, newcomers, last, closed_of = asyncio.run(scenario())
+    assert held == ["200"] * 6 and newcomers == ["200"] * 3, (held, newcomers)
+    assert last in ("reset", "closed"), (last, closed_of)
+    # Each of the three gave its oldest idle connection; its newer one stays.
+    assert closed_of == {source: [True, False] for source in ("127.0.0.2", "127.0.0.3", "127.0.0.5")}, closed_of
+
+
+def test_only_an_idle_connection_of_a_client_past_its_fair_share_gives_way():
+    """adapter/protocol.py OpenConnections at its cap, in-process: a new client's connection takes the place of an idle
+    one of the client holding the most, if that is past the fair share (the next holding client when the most's
+    are all busy); none when every client holding more is busy or at the share, when the newcomer is at its share,
+    or for a trusted proxy, whose connections are neither counted as a client's nor closed."""
+    from adapter.config import Settings
+    from adapter.protocol import OpenConnections
+
+    class Connection:
+        def __init__(self, idle: bool):
+            self.idle, self.closed = idle, False
+
+        def timeout_keep_alive_handler(self):
+            self.closed = True
+
+    connections = OpenConnections(Settings(max_open_connections=5, max_client_connections=3,
+                                           trusted_proxies=["10.9.9.9"]))
+    held = {"10.0.0.1": [Connection(False) for _ in range(3)], "10.0.0.2": [Connection(True), Connection(False)]}
+    for host, theirs in held.items():
+        assert all(connections.try_open(host, connection) is not None for connection in theirs)
+    assert connections.try_open("10.9.9.9", Connection(True)) is None  # the proxy: no share to claim
+    assert connections.try_open("10.0.0.2", Connection(True)) is None  # at its share (5 // 2 clients = 2)
+    # Three clients: a share of 1. 10.0.0.1 holds the most, all busy; 10.0.0.2 is past the share, with an idle one.
+    assert connections.try_open("10.0.0.3", Connection(True)) == "10.0.0.3"
+    assert [connection.closed for connection in held["10.0.0.2"]] == [True, False], held
+    assert connections.total == 5 and len(connections.per_client["10.0.0.2"]) == 1
+    connections.closed("10.0.0.2", held["10.0.0.2"][0])  # its connection_lost later: counted once
+    assert connections.total == 5
+    # 10.0.0.4: 10.0.0.1's are busy, the others at the share (1): reset.
+    assert connections.try_open("10.0.0.4", Connection(True)) is None
+    # A trusted proxy's connections are nobody's share: never closed for a newcomer.
+    connections.closed("10.0.0.3", next(iter(connections.per_client["10.0.0.3"])))
+    proxied = Connection(True)
+    assert connections.try_open("10.9.9.9", proxied) == "" and connections.total == 5
+    assert connections.try_open("10.0.0.5", Connection(True)) is None and not proxied.closed
+    assert not any(connection.closed for connection in held["10.0.0.1"])
 
 
 @pytest.fixture(scope="module")
