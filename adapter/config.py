@@ -27,7 +27,9 @@ serving/settings.py).
     HEALTH_CACHE_S        /health's check (ok or 503) is reused this long after it ends, and callers meanwhile
                           share the one in flight (adapter/health.py); 0: every call checks  1
     MAX_UPLOAD_BYTES      largest accepted image file (-> 413)  10485760 (10 MB)
-    MAX_REQUESTS_IN_FLIGHT  requests with a body held at once; more -> 503 + Retry-After  64
+    MAX_REQUESTS_IN_FLIGHT  requests with a body held at once; more -> 503 + Retry-After, unless its client
+                          holds under its fair share and another past it is still uploading: that upload gives
+                          way (503) (adapter/limits.py)  64
     MAX_BYTES_IN_FLIGHT   bytes those requests may hold together: received, plus the rest of their declared
                           size while they arrive at MIN_UPLOAD_RATE (a chunked upload declares MAX_UPLOAD_BYTES
                           + 64 KB, the form); more -> 503 + Retry-After  104857600 (100 MB)

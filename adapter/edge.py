@@ -38,7 +38,7 @@ log = logging.getLogger("adapter.edge")
 # The request's record in its ASGI scope (the dict the app and adapter/protocol.py share): request_id,
 # model_version, parser_refused (the status the parser answered its body with, else None), client_gone
 # (the connection closed before the answer began), relayed (the answer passes on the model server's refusal), and
-# busy_cap (what refused it busy: adapter/metrics.py BUSY_CAPS).
+# busy_cap (what refused it busy: adapter/metrics.py BUSY_CAPS, or GAVE_WAY).
 EDGE_RECORD = "adapter.edge"
 
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]+")

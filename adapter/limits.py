@@ -6,6 +6,12 @@ An ASGI middleware around the whole app, for every request that has a body:
     a chunked body counts as a full-size upload) must fit in what is left of MAX_BYTES_IN_FLIGHT and
     of the client's MAX_CLIENT_BYTES_IN_FLIGHT. Otherwise 503 with Retry-After at once, before the
     body is read, for that request alone;
+  * max-min fairness, when everyone's caps refuse a request: if its client holds fewer than its fair share
+    (MAX_REQUESTS_IN_FLIGHT // the clients holding requests, itself counted; at most
+    MAX_CLIENT_REQUESTS_IN_FLIGHT), it takes the place of the newest request still receiving its body of
+    the client holding the most past that share (InFlight.to_give_way), which gets 503 with Retry-After
+    at once, its connection closed. Without it four addresses' 16 slow uploads each held all 64 places,
+    every other client refused for BODY_TIMEOUT_S at a time;
   * bytes held, not declared: a request is charged the body bytes it has received, plus, once its
     body is arriving at a healthy rate (at least MIN_UPLOAD_RATE since its start, a second's worth
     at least), a promise of the rest of its declared size, so that it is never refused half-way.
@@ -53,16 +59,19 @@ log = logging.getLogger("adapter.limits")
 
 BUSY_MESSAGE = "The server is busy with other uploads; try again shortly."
 CLIENT_BUSY_MESSAGE = "The server is busy with uploads from your address; try again shortly."
+GAVE_WAY_MESSAGE = ("Your address held more than its share of the uploads in flight while other clients waited: "
+                    "this one was stopped to make room for theirs; try again shortly.")
 CLIENT_EXPLANATIONS_MESSAGE = "Too many explanations asked from your address at once; try again shortly."
 EXPLANATIONS_BUSY_MESSAGE = "The server is busy explaining other answers; try again shortly."
 
 
 class _ClientShare:
-    __slots__ = ("requests", "bytes")
+    __slots__ = ("requests", "bytes", "receiving")
 
     def __init__(self) -> None:
         self.requests = 0
         self.bytes = 0
+        self.receiving: list[Charge] = []  # its requests still receiving their body, oldest first (Charge.receiving)
 
 
 # Where RequestLimits leaves a request's Charge in its ASGI scope, for held_by_model_server.
@@ -111,6 +120,25 @@ class InFlight:
             del self.clients[client]
         return reason
 
+    def to_give_way(self, client: str, declared: int) -> "Charge | None":
+        """For a request of ``client`` refused "busy": the request that gives way to it (max-min fairness), or None.
+        That is the newest request still receiving its body (the others are at or past the model server) of the
+        client holding the most past the fair share, max_requests // the clients holding requests (``client``
+        counted), when ``client`` holds less than that share and the newcomer fits once it is gone."""
+        share = self.clients.get(client)
+        held = share.requests if share is not None else 0
+        fair = min(self.max_requests // (len(self.clients) + (share is None)), self.max_client_requests)
+        if held >= fair:
+            return None
+        crowding = max((other for other in self.clients.values() if other.requests > fair and other.receiving),
+                       key=lambda other: other.requests, default=None)
+        if crowding is None:
+            return None
+        newest = crowding.receiving[-1]
+        if self.bytes - newest.charged + declared > self.max_bytes:
+            return None  # (its bytes would not make room: it would be stopped for nothing)
+        return newest
+
     def _take(self, share: _ClientShare, n: int) -> bool:
         if self.bytes + n > self.max_bytes or share.bytes + n > self.max_client_bytes:
             return False
@@ -122,7 +150,7 @@ class InFlight:
 class Charge:
     """What one admitted request holds: `charged` covers the body bytes received, and its promise."""
 
-    __slots__ = ("in_flight", "client", "share", "declared", "charged", "promised", "kept")
+    __slots__ = ("in_flight", "client", "share", "declared", "charged", "promised", "kept", "stop", "released")
 
     def __init__(self, in_flight: InFlight, client: str, share: _ClientShare, declared: int):
         self.in_flight = in_flight
@@ -132,6 +160,25 @@ class Charge:
         self.charged = 0
         self.promised = False
         self.kept: int | None = None  # bytes the model server still holds after the answer (keep)
+        self.stop = None  # while its body arrives: what stops it, should it give way (receiving)
+        self.released = False
+
+    def receiving(self, stop) -> None:
+        """Its body is arriving: ``stop()`` ends it at once (503) should it give way to another client's request."""
+        self.stop = stop
+        self.share.receiving.append(self)
+
+    def received(self) -> None:
+        """Its body has all arrived (or it is answered): it no longer gives way."""
+        if self.stop is not None:
+            self.stop = None
+            self.share.receiving.remove(self)
+
+    def give_way(self) -> None:
+        """Released now, for another client's request to take its place, and its body stopped."""
+        stop = self.stop
+        self.release()
+        stop()
 
     def cover(self, received: int, healthy: bool) -> bool:
         """Charge for `received` body bytes (and promise the rest while `healthy`); False: no room."""
@@ -163,12 +210,16 @@ class Charge:
         self.kept = min(forwarded, self.charged)
 
     def release(self) -> None:
+        if self.released:  # (it gave way: its request's own release comes later)
+            return
+        self.received()
         in_flight = self.in_flight
         if self.kept is not None:
             self._give_back(self.charged - self.kept)
             self.kept = None
             asyncio.get_running_loop().call_later(in_flight.hold_s, self.release)
             return
+        self.released = True
         self._give_back(self.charged)
         in_flight.requests -= 1
         self.share.requests -= 1
@@ -306,6 +357,10 @@ class RequestLimits:
             return await self.app(scope, receive, send)
         client = client_address(scope)
         charge = self.in_flight.try_admit(client, size)
+        if charge == "busy" and (place := self.in_flight.to_give_way(client, size)) is not None:
+            # Max-min fairness: one past its share gives way (released now; its own stop() below ends its body, 503).
+            place.give_way()
+            charge = self.in_flight.try_admit(client, size)
         if not isinstance(charge, Charge):
             self.refusals.warning("503 (%s): refused %s %s from %s (%d requests, %d bytes in flight)",
                                   "client's share" if charge == "client" else "busy", scope["method"],
@@ -323,17 +378,39 @@ class RequestLimits:
         body_done = False
         refused_busy = False
         released = False
+        stopped = False  # it gave way (InFlight.to_give_way): its charge is released, its body not read on
+        waiting = None  # the timeout of the receive under way, if any: stop() ends it at once
+
+        def stop():
+            nonlocal stopped
+            stopped = True
+            if waiting is not None and not waiting.expired():  # (expired: its TimeoutError is on its way)
+                waiting.reschedule(loop.time())
+
+        charge.receiving(stop)
+
+        def gave_way() -> ClassifyError:
+            nonlocal refused_busy
+            refused_busy = True
+            self.refusals.warning("503 (gave way): stopped the body of %s %s from %s, past its share of requests "
+                                  "in flight while another client waited", scope["method"], scope["path"], client)
+            note_busy("gave_way")
+            return ClassifyError(503, GAVE_WAY_MESSAGE)
 
         async def timed_receive():
-            nonlocal body_done, received, refused_busy
+            nonlocal body_done, received, refused_busy, waiting
             if body_done or released:  # (answered: nothing more is charged)
                 return await receive()
+            if stopped:
+                raise gave_way()
             # mod_reqtimeout's MinRate: each byte received buys 1/rate s more, never past the deadline.
             deadline = paced_deadline(started, received, settings.body_timeout_s, settings.min_rate_grace_s, rate)
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(deadline) as waiting:
                     message = await receive()
             except TimeoutError:
+                if stopped:
+                    raise gave_way() from None
                 if deadline < last_deadline:
                     self.refusals.warning("408: the body of %s %s from %s arrived slower than %d bytes/s",
                                           scope["method"], scope["path"], client, rate)
@@ -343,11 +420,17 @@ class RequestLimits:
                                       scope["method"], scope["path"], client, settings.body_timeout_s)
                 raise ClassifyError(408, f"The upload did not arrive within {settings.body_timeout_s:g} s.") \
                     from None
+            finally:
+                waiting = None
+            if stopped:  # (stopped as this message arrived: it is not charged)
+                raise gave_way()
             if message["type"] != "http.request":
                 body_done = True
+                charge.received()
                 return message
             if not message.get("more_body", False):
                 body_done = True
+                charge.received()
             chunk = len(message.get("body", b""))
             if chunk:
                 received += chunk

@@ -21,9 +21,11 @@ port: METRICS_ENABLED, METRICS_PORT in config.py).
                                                      Transfer-Encoding other than chunked), encoded (415: a
                                                      Content-Encoding), length_required (411: HTTP/1.0 body
                                                      without Content-Length),
-                                                     busy (any 503 + Retry-After: in-flight caps and shares,
+                                                     busy (a 503 + Retry-After: in-flight caps and shares,
                                                      explanations' turns, the shrink wait, no pooled connection
-                                                     to the model server in time)
+                                                     to the model server in time), gave_way (503 + Retry-After
+                                                     mid-body: its client held past its fair share of the
+                                                     in-flight caps while another's request waited)
     adapter_busy_refusals_total{cap}                 the busy refusals by what refused them: BUSY_CAPS below
     adapter_model_server_retries_total               predictions sent again after their worker died or their
                                                      connection dropped mid-answer
@@ -54,7 +56,10 @@ ROUTES = frozenset({"/classify/", "/classify", "/explain/", "/explain", "/classe
 REFUSAL_REASONS = {408: "timeout", 411: "length_required", 413: "too_large", 414: "url_too_long", 415: "encoded",
                    429: "pipelined", 431: "headers_too_large", 501: "unsupported"}
 PARSER_REFUSAL = "bad_http"  # the parser's 400, and any status the parser refuses with that has no reason above
-BUSY_REFUSAL = "busy"  # any 503 with Retry-After (its caps, shares, turns and waits; the pool to the model server)
+BUSY_REFUSAL = "busy"  # a 503 with Retry-After (its caps, shares, turns and waits; the pool to the model server)
+# A 503 with Retry-After to an upload stopped mid-body for another client's (adapter/limits.py InFlight.to_give_way):
+# apart from busy, as no cap refused it (another client's request took its place); noted as its busy_cap.
+GAVE_WAY = "gave_way"
 # Connections reset before a byte was read (adapter/protocol.py OpenConnections), by the cap that refused them.
 CONNECTION_REFUSALS = {"max_open_connections": "connections", "max_client_connections": "client_connections"}
 # The HTTP edge's own reasons (adapter/protocol.py: requests refused at the parser, connections reset), which KServe's
@@ -121,7 +126,7 @@ class Metrics:
                                            ["kind"], registry=r)
         # Every reason and kind from the start, at 0: rate() and increase() see the first one (a series that
         # appears at 1 is no increase to Prometheus), and a dashboard lists them all.
-        for reason in (*EDGE_REFUSALS, BUSY_REFUSAL):
+        for reason in (*EDGE_REFUSALS, BUSY_REFUSAL, GAVE_WAY):
             self.refusals.labels(reason)
         for kind in MODEL_SERVER_ERROR_KINDS:
             self.model_server_errors.labels(kind)
@@ -167,7 +172,7 @@ class Metrics:
                  relayed: bool = False, busy_cap: str | None = None) -> None:
         """One answer of the app's; ``parser_refused``: the HTTP parser answered it instead (its body broke);
         ``relayed``: it passes on the model server's own refusal (no refusal of the adapter's); ``busy_cap``: what
-        refused it busy (BUSY_CAPS)."""
+        refused it busy (BUSY_CAPS), or GAVE_WAY."""
         if route != SCRAPE_ROUTE:
             self.recorded += 1
         key = (route, status)
@@ -184,7 +189,8 @@ class Metrics:
         elif relayed:
             reason = None
         else:
-            reason = BUSY_REFUSAL if status == 503 and busy else REFUSAL_REASONS.get(status)
+            reason = ((GAVE_WAY if busy_cap == GAVE_WAY else BUSY_REFUSAL) if status == 503 and busy
+                      else REFUSAL_REASONS.get(status))
         if reason is not None:
             self.refusals.labels(reason).inc()
         if reason == BUSY_REFUSAL and busy_cap in BUSY_CAPS:

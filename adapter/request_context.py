@@ -23,7 +23,7 @@ def _note(key: str, value) -> None:
 
 
 def note_busy(cap: str) -> None:
-    """The request is refused busy (503 + Retry-After) by ``cap`` (adapter/metrics.py BUSY_CAPS)."""
+    """The request is refused busy (503 + Retry-After) by ``cap`` (adapter/metrics.py BUSY_CAPS, or GAVE_WAY)."""
     _note("busy_cap", cap)
 
 

@@ -53,11 +53,11 @@ def test_every_refusal_reason_and_model_server_error_kind_is_there_at_0_from_the
     the first model-server outage or the first refusal of a kind never fired. Each is exported at 0 from the start."""
     from prometheus_client import generate_latest
 
-    from adapter.metrics import (CONNECTION_REFUSALS, MODEL_SERVER_CALLS, MODEL_SERVER_ERROR_KINDS, PARSER_REFUSAL,
-                                 REFUSAL_REASONS, Metrics)
+    from adapter.metrics import (CONNECTION_REFUSALS, GAVE_WAY, MODEL_SERVER_CALLS, MODEL_SERVER_ERROR_KINDS,
+                                 PARSER_REFUSAL, REFUSAL_REASONS, Metrics)
 
     values = samples(generate_latest(Metrics().registry).decode())
-    for reason in (*REFUSAL_REASONS.values(), PARSER_REFUSAL, "busy", *CONNECTION_REFUSALS.values()):
+    for reason in (*REFUSAL_REASONS.values(), PARSER_REFUSAL, "busy", GAVE_WAY, *CONNECTION_REFUSALS.values()):
         assert values[("adapter_refusals_total", (("reason", reason),))] == 0
     for kind in MODEL_SERVER_ERROR_KINDS:
         assert values[("adapter_model_server_errors_total", (("kind", kind),))] == 0

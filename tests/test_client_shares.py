@@ -588,9 +588,11 @@ def test_requests_in_flight_caps_give_503_with_retry_after(small_caps_adapter, t
         await asyncio.sleep(0.3)
         # Over its own share: that address alone is refused, at once.
         own = await _post_now(port, "127.0.0.5")
-        held += [await _hold_upload(port, "127.0.0.6"), await _hold_upload(port, "127.0.0.7")]
+        held.pop()[1].transport.abort()  # (holding 2, past a newcomer's fair share, one would give way to it)
+        held += [await _hold_upload(port, source) for source in ("127.0.0.6", "127.0.0.7", "127.0.0.4")]
         await asyncio.sleep(0.3)
-        # MAX_REQUESTS_IN_FLIGHT reached: everyone with an upload gets 503 + Retry-After.
+        # MAX_REQUESTS_IN_FLIGHT reached, by four addresses at their fair share: everyone with an upload gets 503 +
+        # Retry-After (tests/test_adapter_fairness.py: when one holds past it).
         everyone = await _post_now(port, "127.0.0.8")
         health = httpx.get(f"{small_caps_adapter.base_url}/health", timeout=10).status_code  # no body: served
         for _, writer in held:

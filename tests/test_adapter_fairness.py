@@ -1,0 +1,246 @@
+"""Max-min fairness of everyone's in-flight caps (adapter/limits.py InFlight.to_give_way): when they are full, a
+request of a client under its fair share takes the place of the newest upload still arriving of the client holding
+the most past it. Four addresses holding 16 slow uploads each had every other client refused 503 "busy" for
+BODY_TIMEOUT_S at a time. The choice in-process; then a real adapter over real sockets, from several loopback
+addresses, in front of a stand-in model server (no TorchServe needed)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adapter.limits import InFlight
+from adapter.run import running_adapter
+from test_adapter import ANSWER
+from test_adapter_edge import samples
+from test_client_shares import SlowTorchServe, _hold_upload, _post_now
+from test_hostile import parse, wait_for
+
+PNG = (Path(__file__).resolve().parents[1] / "frontend" / "examples" / "test-00042.png").read_bytes()
+
+
+# --- the choice (no server) ----------------------------------------------------------------------
+
+def _receiving(in_flight: InFlight, client: str, stopped: list, declared: int = 1):
+    """A request of ``client`` admitted and receiving its body; ``stopped`` records it when it is stopped."""
+    charge = in_flight.try_admit(client, declared)
+    assert not isinstance(charge, str), charge
+    charge.receiving(lambda: stopped.append(charge))
+    return charge
+
+
+def test_the_newest_upload_still_arriving_of_the_client_holding_most_past_its_share_gives_way():
+    in_flight = InFlight(max_requests=6, max_bytes=10**6)
+    in_flight.share_per_client(max_requests=3, max_bytes=10**6)
+    stopped: list = []
+    a = [_receiving(in_flight, "a", stopped) for _ in range(3)]
+    b = [_receiving(in_flight, "b", stopped) for _ in range(2)]
+    _receiving(in_flight, "c", stopped)
+    assert in_flight.try_admit("d", 1) == "busy"
+    # d's fair share: 6 // 4 clients = 1. a holds 3 (the most), b 2: a's newest still arriving.
+    assert in_flight.to_give_way("d", 1) is a[2]
+    a[2].received()  # its body all arrived: waiting for the model server, it never gives way
+    assert in_flight.to_give_way("d", 1) is a[1]
+    for charge in a[:2]:
+        charge.received()
+    assert in_flight.to_give_way("d", 1) is b[1]  # a has none arriving: b, past the share too
+    assert in_flight.to_give_way("c", 1) is None  # c holds its share (1) already
+    # One that gives way is released at once (and once: its request's own release later changes nothing).
+    b[1].give_way()
+    assert stopped == [b[1]] and (in_flight.requests, in_flight.clients["b"].requests) == (5, 1)
+    b[1].release()
+    assert (in_flight.requests, in_flight.clients["b"].requests) == (5, 1)
+    assert not isinstance(in_flight.try_admit("d", 1), str)
+
+
+def test_no_request_gives_way_when_all_hold_their_fair_share_or_less_or_it_would_not_make_room():
+    in_flight = InFlight(max_requests=4, max_bytes=10**6)
+    in_flight.share_per_client(max_requests=4, max_bytes=10**6)
+    stopped: list = []
+    for client in "abcd":
+        _receiving(in_flight, client, stopped)
+    assert in_flight.try_admit("e", 1) == "busy"
+    assert in_flight.to_give_way("e", 1) is None  # 4 // 5 clients: a share of 0; none holds past it
+    # A lone client at everyone's cap (its share): nothing of its own gives way to it.
+    lone = InFlight(max_requests=4, max_bytes=10**6)
+    lone.share_per_client(max_requests=4, max_bytes=10**6)
+    for _ in range(4):
+        _receiving(lone, "a", stopped)
+    assert lone.try_admit("a", 1) == "client" and lone.to_give_way("a", 1) is None
+    # Two at 2 of 4: a third's share is 1, so one of them gives way, but not when its bytes would not make room.
+    full = InFlight(max_requests=4, max_bytes=1000)
+    full.share_per_client(max_requests=4, max_bytes=1000)
+    held = [_receiving(full, client, stopped, 250) for client in "aabb"]
+    for charge in held:
+        assert charge.cover(10, healthy=False)  # each holds 10 bytes of 250
+    assert full.to_give_way("c", 100) in held
+    assert full.to_give_way("c", 1000 - 40 + 11) is None  # 10 bytes freed: 971 would still not fit
+    assert stopped == []
+
+
+def test_a_request_kept_for_the_model_server_or_answered_never_gives_way():
+    """Answered 504 while TorchServe still holds it (Charge.keep), it keeps its place but cannot give way; nor can
+    one answered before its body ended (a 404 or 413 to a POST: released, its place free)."""
+    async def scenario():
+        in_flight = InFlight(max_requests=4, max_bytes=10**6)
+        in_flight.share_per_client(max_requests=4, max_bytes=10**6)
+        in_flight.hold_s = 30
+        stopped: list = []
+        kept = [_receiving(in_flight, "a", stopped) for _ in range(3)]
+        for charge in kept:
+            charge.received()
+            charge.keep(0)
+            charge.release()
+        _receiving(in_flight, "a", stopped).release()  # answered mid-body
+        _receiving(in_flight, "b", stopped)
+        assert in_flight.requests == 4 and in_flight.try_admit("c", 1) == "busy"
+        # c's share: 4 // 3 = 1. a holds 3, all kept; b holds its 1.
+        return in_flight.to_give_way("c", 1), stopped
+
+    assert asyncio.run(scenario()) == (None, [])
+
+
+# --- over HTTP ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fair_adapter(tmp_path_factory):
+    """4 uploads in flight in all, 2 per address, a long grace (stalled uploads stay held), in front of a stand-in
+    model server that answers at once."""
+    server = SlowTorchServe(work_s=0.0)
+    env = {"TS_INFERENCE_URL": server.url, "TS_MANAGEMENT_URL": server.url,
+           "MAX_REQUESTS_IN_FLIGHT": "4", "MAX_CLIENT_REQUESTS_IN_FLIGHT": "2",
+           "MIN_RATE_GRACE_S": "30", "BODY_TIMEOUT_S": "30", "RETRY_AFTER_S": "3"}
+    try:
+        with running_adapter(env, tmp_path_factory.mktemp("fairness") / "adapter.log") as proc:
+            proc.port = int(proc.base_url.rsplit(":", 1)[1])
+            proc.model_server = server
+            yield proc
+    finally:
+        server.close()
+
+
+def _metrics(adapter) -> dict:
+    return samples(httpx.get(f"{adapter.base_url}/metrics", timeout=10).text)
+
+
+def _in_flight(adapter) -> float:
+    return _metrics(adapter)[("adapter_requests_in_flight", ())]
+
+
+async def _held(adapter, count: int) -> None:
+    """Until the caps hold ``count`` requests (the /metrics that asks has no body); the loop runs meanwhile (an
+    aborted connection closes in its next step)."""
+    for _ in range(50):
+        if _in_flight(adapter) == count:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"not {count} uploads held within 10 s: {_in_flight(adapter)}")
+
+
+def _refusals(adapter, reason: str) -> float:
+    return _metrics(adapter)[("adapter_refusals_total", (("reason", reason),))]
+
+
+async def _post_png(port: int, source: str) -> httpx.Response:
+    transport = httpx.AsyncHTTPTransport(local_address=source)
+    async with httpx.AsyncClient(transport=transport, timeout=30) as client:
+        return await client.post(f"http://127.0.0.1:{port}/classify/",
+                                 files={"image": ("test-00042.png", PNG, "image/png")})
+
+
+def test_a_client_under_its_share_is_served_and_the_newest_slow_upload_past_a_share_gives_way(fair_adapter):
+    """Two addresses hold 2 slow uploads each (all 4 places); a third address's upload is answered 200, and the newest
+    upload of one of the two got 503 + Retry-After {"error"} at once, its connection closed; the other three go on."""
+    adapter, port = fair_adapter, fair_adapter.port
+    gave_way_before, busy_before = _refusals(adapter, "gave_way"), _refusals(adapter, "busy")
+
+    async def scenario():
+        held = []
+        for source in ("127.0.0.2", "127.0.0.3"):
+            held += [await _hold_upload(port, source), await _hold_upload(port, source)]
+        await _held(adapter, 4)
+        served = await _post_png(port, "127.0.0.4")
+        reads = [asyncio.create_task(reader.read()) for reader, _ in held]
+        await asyncio.wait(reads, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.sleep(1.0)  # (any other would have ended by now)
+        ended = [i for i, read in enumerate(reads) if read.done()]
+        still_held = _in_flight(adapter)
+        for _, writer in held:
+            writer.transport.abort()
+        for read in reads:
+            read.cancel()
+        return served, ended, [reads[i].result() for i in ended], still_held
+
+    served, ended, answers, still_held = asyncio.run(scenario())
+    assert served.status_code == 200 and served.json()["prediction"] == ANSWER["prediction"], served.text
+    assert len(ended) == 1 and ended[0] in (1, 3), ended  # the newest of its address, and only it
+    status, headers, body = parse(answers[0])  # read to its end: the connection closed
+    assert status == 503 and headers.get("retry-after") == "3" and headers.get("connection") == "close", answers
+    assert "more than its share" in json.loads(body)["error"], body
+    assert still_held == 3  # the three others, charged once each (the stopped one's release changed nothing)
+    assert (_refusals(adapter, "gave_way") - gave_way_before, _refusals(adapter, "busy") - busy_before) == (1, 0)
+    wait_for(lambda: _in_flight(adapter) == 0, 10, "no upload held")
+
+
+def test_a_client_at_its_share_and_clients_all_at_their_fair_share_are_refused_as_before(fair_adapter):
+    """No change where nobody holds past a newcomer's fair share: a holder's own fifth request gets its client's 503;
+    four addresses holding one each leave a fifth address the busy 503 (its share, 4 // 5, is 0); nothing is stopped."""
+    adapter, port = fair_adapter, fair_adapter.port
+    gave_way_before = _refusals(adapter, "gave_way")
+
+    async def scenario():
+        held = [await _hold_upload(port, source) for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3")]
+        await _held(adapter, 4)
+        own = await _post_now(port, "127.0.0.3")
+        for _, writer in held[1::2]:
+            writer.transport.abort()
+        await _held(adapter, 2)
+        held += [await _hold_upload(port, source) for source in ("127.0.0.4", "127.0.0.5")]
+        await _held(adapter, 4)
+        everyone = await _post_now(port, "127.0.0.6")
+        still_held = _in_flight(adapter)
+        for _, writer in held:
+            writer.transport.abort()
+        return own, everyone, still_held
+
+    own, everyone, still_held = asyncio.run(scenario())
+    for (status, headers, body, _), words in ((own, "from your address"), (everyone, "with other uploads")):
+        assert status == 503 and headers.get("retry-after") == "3", (status, headers, body)
+        assert words in json.loads(body)["error"], body
+    assert still_held == 4 and _refusals(adapter, "gave_way") == gave_way_before
+    wait_for(lambda: _in_flight(adapter) == 0, 10, "no upload held")
+
+
+def test_uploads_waiting_for_the_model_server_never_give_way(fair_adapter):
+    """An address whose 2 uploads have all arrived and wait for the model server holds past a newcomer's fair share
+    (4 // 4 clients = 1), but neither is stopped: the newcomer gets the busy 503, and both are answered 200."""
+    adapter, port, server = fair_adapter, fair_adapter.port, fair_adapter.model_server
+    gave_way_before = _refusals(adapter, "gave_way")
+
+    async def scenario():
+        runs = len(server.runs)
+        server.work_s = 3.0
+        try:
+            waiting = [asyncio.create_task(_post_png(port, "127.0.0.2")) for _ in range(2)]
+            for _ in range(50):  # until the model server has both (their bodies read in full)
+                if len(server.runs) == runs + 2:
+                    break
+                await asyncio.sleep(0.1)
+            held = [await _hold_upload(port, source) for source in ("127.0.0.3", "127.0.0.5")]
+            await _held(adapter, 4)
+            newcomer = await _post_now(port, "127.0.0.4")
+            answers = await asyncio.gather(*waiting)
+        finally:
+            server.work_s = 0.0
+        for _, writer in held:
+            writer.transport.abort()
+        return newcomer, answers
+
+    (status, headers, body, _), answers = asyncio.run(scenario())
+    assert status == 503 and "with other uploads" in json.loads(body)["error"], (status, headers, body)
+    assert [answer.status_code for answer in answers] == [200, 200], [answer.text for answer in answers]
+    assert _refusals(adapter, "gave_way") == gave_way_before
+    wait_for(lambda: _in_flight(adapter) == 0, 10, "no upload held")
