@@ -46,7 +46,7 @@ import contextlib
 import json
 import logging
 
-from serving.clients import client_key
+from serving.clients import client_key, fair_share
 from serving.pace import paced_deadline
 from serving.throttled_log import ThrottledLog
 
@@ -123,11 +123,12 @@ class InFlight:
     def to_give_way(self, client: str, declared: int) -> "Charge | None":
         """For a request of ``client`` refused "busy": the request that gives way to it (max-min fairness), or None.
         That is the newest request still receiving its body (the others are at or past the model server) of the
-        client holding the most past the fair share, max_requests // the clients holding requests (``client``
-        counted), when ``client`` holds less than that share and the newcomer fits once it is gone."""
+        client holding the most past the fair share (serving/clients.py fair_share among the clients holding
+        requests, ``client`` counted), when ``client`` holds less than that share and the newcomer fits once it is
+        gone."""
         share = self.clients.get(client)
         held = share.requests if share is not None else 0
-        fair = min(self.max_requests // (len(self.clients) + (share is None)), self.max_client_requests)
+        fair = fair_share(self.max_requests, len(self.clients) + (share is None), self.max_client_requests)
         if held >= fair:
             return None
         crowding = max((other for other in self.clients.values() if other.requests > fair and other.receiving),
