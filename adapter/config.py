@@ -26,17 +26,17 @@ serving/settings.py).
                           succeeded for this long; a failed probe -> 503  10
     HEALTH_CACHE_S        /health's check (ok or 503) is reused this long after it ends, and callers meanwhile
                           share the one in flight (adapter/health.py); 0: every call checks  1
-    MAX_UPLOAD_BYTES      largest accepted image file (-> 413)  10485760 (10 MB)
+    MAX_UPLOAD_BYTES      largest accepted image file (-> 413)  10485760 (10 MiB)
     MAX_REQUESTS_IN_FLIGHT  requests with a body held at once; more -> 503 + Retry-After, unless its client
                           holds under its fair share and another past it is still uploading: that upload gives
                           way (503) (adapter/limits.py)  64
     MAX_BYTES_IN_FLIGHT   bytes those requests may hold together: received, plus the rest of their declared
                           size while they arrive at MIN_UPLOAD_RATE (a chunked upload declares MAX_UPLOAD_BYTES
-                          + 64 KB, the form); more -> 503 + Retry-After  104857600 (100 MB)
+                          + 64 KiB, the form); more -> 503 + Retry-After  104857600 (100 MiB)
     MAX_CLIENT_REQUESTS_IN_FLIGHT  of those, what one client address may hold; more -> 503 for that
                           client alone  16
     MAX_CLIENT_BYTES_IN_FLIGHT  bytes one client address may hold (buffered, or promised to its
-                          uploads arriving at a healthy rate); more -> 503  33554432 (32 MB)
+                          uploads arriving at a healthy rate); more -> 503  33554432 (32 MiB)
     MAX_EXPLANATIONS_IN_FLIGHT  POST /explain/ answered by the model server at once (each costs
                           several classifications' CPU); more wait their turn  4
     MAX_CLIENT_EXPLANATIONS_IN_FLIGHT  explanations one client address may hold (reading, waiting or
@@ -76,7 +76,7 @@ serving/settings.py).
     SHRINK_UPLOADS        1: large photos are shrunk here before they go on, and the page shrinks
                           them before uploading (adapter/shrink.py); 0: every file goes as it is
                           (its header still read here)  1
-    SHRINK_MIN_BYTES      uploads above this (or above 1 MP) are shrunk  262144 (256 KB)
+    SHRINK_MIN_BYTES      uploads above this (or above 1 MP) are shrunk  262144 (256 KiB)
     SHRINK_WORKERS        threads that decode uploads to shrink them    2
     SHRINK_WAIT_S         the longest an upload waits for a free one; then 503 + Retry-After  5
 """

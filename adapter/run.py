@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "serve" and (args.host or args.port or args.log_file):
         # start/stop/status find the adapter by its settings: an address given here would be ignored.
         parser.error(f"--host, --port and --log-file are for serve; {args.command} reads ADAPTER_HOST and "
-                     "ADAPTER_PORT (e.g. ADAPTER_PORT=8001 python -m adapter.run start)")
+                     f"ADAPTER_PORT (e.g. ADAPTER_PORT=8001 {cli.module_command('adapter.run', 'start')})")
     try:
         host, port = _address()
     except ValueError as err:  # a bare int() gave a traceback without the name, and took 0 or 70000

@@ -268,7 +268,7 @@ def _started_otherwise(command: str, pid: int, settings: list[str], http: int) -
     """`command` while this checkout's server runs on other settings: said, and its pid file kept. Status: not
     running on this port (3); stop and start fail (a start would write its own pid over that server's)."""
     variables, options = ([x for x in settings if x.startswith("--") == option] for option in (False, True))
-    retry = " ".join([*variables, "python -m serving.kserve predictor", command, *options])
+    retry = " ".join([*variables, cli.module_command("serving.kserve", "predictor", command), *options])
     said = (f"the KServe model server running here (pid {pid}) was started with {' and '.join(settings)}: "
             f"{'ask' if command == 'status' else command} with that ({retry})")
     if command == "status":

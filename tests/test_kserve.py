@@ -178,6 +178,8 @@ def test_a_predictor_started_on_another_port_keeps_its_pid_file_and_is_named(tmp
         said = f"started with {PREDICTOR_PORT_ENV['http']}={port}"
         done = user.python("serving.kserve", "predictor", "status")
         assert done.returncode == 3 and said in done.stdout, done.stdout + done.stderr
+        # The line to run names the interpreter that ran it (bare `python` is the system's, without the packages).
+        assert "-m serving.kserve predictor status" in done.stdout and " python -m" not in done.stdout, done.stdout
         for command in ("stop", "start"):
             done = user.python("serving.kserve", "predictor", command)
             assert done.returncode == 1 and said in done.stderr and "is kept" in done.stderr, done.stdout + done.stderr
