@@ -56,8 +56,8 @@ class Batcher:
         if self._task is None or self._task.done():  # the first call, on the server's event loop
             self._queue, self._waiting = asyncio.Queue(), {}
             self._task = asyncio.get_running_loop().create_task(self._run())
-        if self._all_taken():
-            if (place := self._place_to_take(client)) is None:
+        if self._all_taken(waiting := self._still_waiting()):
+            if (place := self._place_to_take(client, waiting)) is None:
                 raise BatcherFull(self.max_waiting)
             crowding, share = place
             del self._waiting[crowding]  # (its entry is skipped when taken)
@@ -74,23 +74,23 @@ class Batcher:
     def full(self, client: str | None = None) -> bool:
         """Whether a call of ``client`` now would be refused (BatcherFull): all ``max_waiting`` places are taken
         and none is another client's past its share that this one may take."""
-        return self._all_taken() and self._place_to_take(client) is None
+        waiting = self._still_waiting()
+        return self._all_taken(waiting) and self._place_to_take(client, waiting) is None
 
     def _still_waiting(self) -> dict[asyncio.Future, str | None]:
         """The waiting requests whose callers are still there: a caller cancelled (its client gone) has its future
         cancelled at once, and leaves ``_waiting`` only when its task runs next."""
         return {done: client for done, client in self._waiting.items() if not done.done()}
 
-    def _all_taken(self) -> bool:
-        return self.max_waiting is not None and len(self._still_waiting()) >= self.max_waiting
+    def _all_taken(self, waiting: dict) -> bool:
+        return self.max_waiting is not None and len(waiting) >= self.max_waiting
 
-    def _place_to_take(self, client: str | None) -> tuple[asyncio.Future, int] | None:
-        """The waiting request whose place ``client``'s takes, and the share it was past
+    def _place_to_take(self, client: str | None, waiting: dict) -> tuple[asyncio.Future, int] | None:
+        """Of ``waiting`` (_still_waiting), the request whose place ``client``'s takes, and the share it was past
         (serving/clients.py newest_past_fair_share); None: none."""
         if client is None or self.client_waiting is None:
             return None
-        return newest_past_fair_share(list(self._still_waiting().items()), client, self.max_waiting,
-                                      self.client_waiting)
+        return newest_past_fair_share(list(waiting.items()), client, self.max_waiting, self.client_waiting)
 
     def _taken(self, item: tuple) -> bool:
         """Marks a queue entry taken for a batch (no longer waiting); False when its caller left meanwhile."""
