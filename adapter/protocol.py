@@ -582,10 +582,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(501, "WebSocket is not supported: this server answers plain HTTP requests only.")
         # httptools skips the body of an upgrade request (it would be the new protocol's bytes): it
         # cannot be read, so the request cannot be answered.
-        if any(name in (b"content-length", b"transfer-encoding") and value.strip() not in (b"", b"0")
-               for name, value in self.headers):
+        if self._declares_body():
             self._refuse(501, f"Protocol upgrades (Upgrade: {upgrade[:40]}) are not supported: "
                               "send the request without the Upgrade header.")
+
+    def _declares_body(self) -> bool:
+        """Whether the head says a body follows: a Content-Length above 0 (0: none to drain), or a Transfer-Encoding."""
+        return any((name == b"content-length" and value.strip() not in (b"", b"0"))
+                   or (name == b"transfer-encoding" and value.strip()) for name, value in self.headers)
 
     def _refuse_codings(self) -> None:
         """A body that cannot be read as it is sent, refused before the app sees it (the body still arriving is
@@ -594,14 +598,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         the adapter classified a body labelled gzip as plain, the predictor answered FastAPI's 400), and an HTTP/1.0
         POST, PUT or PATCH without a Content-Length (411: its body is not read, and the app saw none)."""
         codings: dict[bytes, list[str]] = {b"transfer-encoding": [], b"content-encoding": []}
-        length = False
         for name, value in self.headers:
             if name in codings:
                 codings[name].extend(part.strip().lower() for part in value.decode("latin-1").split(",") if part.strip())
-            length = length or (name == b"content-length" and value.strip() not in (b"", b"0"))
         transfer = [coding for coding in codings[b"transfer-encoding"] if coding != "chunked"]
         content = [coding for coding in codings[b"content-encoding"] if coding != "identity"]
-        body = length or bool(codings[b"transfer-encoding"])  # (a Content-Length of 0: no body to drain)
+        body = self._declares_body()
         if transfer:
             refusal = (501, f"Transfer-Encoding {_shown(', '.join(transfer))} is not supported: send the body as it is "
                             "(with a Content-Length, or chunked).")
