@@ -6,12 +6,12 @@ An ASGI middleware around the whole app, for every request that has a body:
     a chunked body counts as a full-size upload) must fit in what is left of MAX_BYTES_IN_FLIGHT and
     of the client's MAX_CLIENT_BYTES_IN_FLIGHT. Otherwise 503 with Retry-After at once, before the
     body is read, for that request alone;
-  * max-min fairness, when everyone's caps refuse a request: if its client holds fewer than its fair share
-    (MAX_REQUESTS_IN_FLIGHT // the clients holding requests, itself counted; at most
-    MAX_CLIENT_REQUESTS_IN_FLIGHT), it takes the place of the newest request still receiving its body of
-    the client holding the most past that share (InFlight.to_give_way), which gets 503 with Retry-After
-    at once, its connection closed. Without it four addresses' 16 slow uploads each held all 64 places,
-    every other client refused for BODY_TIMEOUT_S at a time;
+  * max-min fairness, when everyone's caps refuse a request: if its client holds less than its fair share
+    (an equal part of MAX_REQUESTS_IN_FLIGHT and of MAX_BYTES_IN_FLIGHT among the clients holding requests,
+    itself counted; at most its MAX_CLIENT_* share), it takes the place of the newest request still receiving
+    its body of the client most past its share (InFlight.to_give_way), which gets 503 with Retry-After at
+    once, its connection closed. Without it four addresses' 16 slow uploads each held all 64 places, or
+    three addresses' slow full-size uploads all the bytes, every other client refused for BODY_TIMEOUT_S at a time;
   * bytes held, not declared: a request is charged the body bytes it has received, plus, once its
     body is arriving at a healthy rate (at least MIN_UPLOAD_RATE since its start, a second's worth
     at least), a promise of the rest of its declared size, so that it is never refused half-way.
@@ -122,23 +122,27 @@ class InFlight:
 
     def to_give_way(self, client: str, declared: int) -> "Charge | None":
         """For a request of ``client`` refused "busy": the request that gives way to it (max-min fairness), or None.
-        That is the newest request still receiving its body (the others are at or past the model server) of the
-        client holding the most past the fair share (serving/clients.py fair_share among the clients holding
-        requests, ``client`` counted), when ``client`` holds less than that share and the newcomer fits once it is
-        gone."""
+        ``client``'s fair share is an equal part of the requests and of the bytes among the clients holding requests,
+        itself counted (serving/clients.py fair_share); if it holds less, with this one's ``declared`` bytes, the
+        newest request still receiving its body (the others are at or past the model server) of the client most past
+        its own share, in requests or in bytes, gives way, if the newcomer fits once it is gone. Three addresses'
+        three slow full-size uploads each (32 MiB) held the bytes, and every phone photo of 4 MB was refused."""
         share = self.clients.get(client)
-        held = share.requests if share is not None else 0
-        fair = fair_share(self.max_requests, len(self.clients) + (share is None), self.max_client_requests)
-        if held >= fair:
+        requests, held = (share.requests, share.bytes) if share is not None else (0, 0)
+        clients = len(self.clients) + (share is None)
+        fair_requests = fair_share(self.max_requests, clients, self.max_client_requests)
+        fair_bytes = fair_share(self.max_bytes, clients, self.max_client_bytes)
+        if requests >= fair_requests or held + declared > fair_bytes:
             return None
-        crowding = max((other for other in self.clients.values() if other.requests > fair and other.receiving),
-                       key=lambda other: other.requests, default=None)
-        if crowding is None:
-            return None
-        newest = crowding.receiving[-1]
-        if self.bytes - newest.charged + declared > self.max_bytes:
-            return None  # (its bytes would not make room: it would be stopped for nothing)
-        return newest
+
+        def past(other: _ClientShare) -> float:  # times its fair share it holds, in requests or bytes
+            return max(other.requests / fair_requests, other.bytes / fair_bytes)
+        for crowding in sorted((other for other in self.clients.values() if other.receiving and past(other) > 1),
+                               key=past, reverse=True):
+            newest = crowding.receiving[-1]
+            if self.bytes - newest.charged + declared <= self.max_bytes:  # (else it would be stopped for nothing)
+                return newest
+        return None
 
     def _take(self, share: _ClientShare, n: int) -> bool:
         if self.bytes + n > self.max_bytes or share.bytes + n > self.max_client_bytes:

@@ -56,6 +56,28 @@ def test_the_newest_upload_still_arriving_of_the_client_holding_most_past_its_sh
     assert not isinstance(in_flight.try_admit("d", 1), str)
 
 
+def test_a_client_past_its_fair_share_of_the_bytes_gives_way_to_one_under_it():
+    """Three addresses each holding slow full-size uploads (promised their declared size) held everyone's bytes with
+    few requests, and a phone photo was refused "busy". The fair share counts bytes too: a newcomer whose held and
+    declared bytes are within an equal part of them takes the place of the newest upload still arriving of the
+    client most past its share (here in bytes); none when its own bytes would pass its part."""
+    in_flight = InFlight(max_requests=64, max_bytes=1000)
+    in_flight.share_per_client(max_requests=16, max_bytes=450)
+    stopped: list = []
+    a = [_receiving(in_flight, "a", stopped, 200) for _ in range(2)]
+    b = _receiving(in_flight, "b", stopped, 400)
+    for charge in (*a, b):
+        assert charge.cover(1, healthy=True)  # arriving at a healthy rate: promised its declared size
+    assert in_flight.bytes == 800 and in_flight.try_admit("c", 300) == "busy"
+    # c's part: 1000 // 3 clients = 333 bytes. a holds 400 (1.2 parts, in 2 requests), b 400 in 1: a's newest first
+    # (equal bytes; ties go to the first held), then b once a is done receiving.
+    assert in_flight.to_give_way("c", 300) is a[1]
+    for charge in a:
+        charge.received()
+    assert in_flight.to_give_way("c", 300) is b
+    assert in_flight.to_give_way("c", 334) is None  # past its own part
+
+
 def test_no_request_gives_way_when_all_hold_their_fair_share_or_less_or_it_would_not_make_room():
     in_flight = InFlight(max_requests=4, max_bytes=10**6)
     in_flight.share_per_client(max_requests=4, max_bytes=10**6)
@@ -63,7 +85,7 @@ def test_no_request_gives_way_when_all_hold_their_fair_share_or_less_or_it_would
     for client in "abcd":
         _receiving(in_flight, client, stopped)
     assert in_flight.try_admit("e", 1) == "busy"
-    assert in_flight.to_give_way("e", 1) is None  # 4 // 5 clients: a share of 0; none holds past it
+    assert in_flight.to_give_way("e", 1) is None  # 4 // 5 clients: a share of 1 (one at least); none holds past it
     # A lone client at everyone's cap (its share): nothing of its own gives way to it.
     lone = InFlight(max_requests=4, max_bytes=10**6)
     lone.share_per_client(max_requests=4, max_bytes=10**6)
