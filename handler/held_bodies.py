@@ -182,6 +182,71 @@ class HeldBytes:
             entry[2].set_result(self._own(entry[1]))
 
 
+class Body:
+    """A REST request's body, from its client's key to its answer's end: the bytes charged to it, and, while it
+    waits for more of them, ``stop`` (ends that wait should it give way: ``given_way``)."""
+
+    __slots__ = ("owner", "charged", "stop", "given_way")
+
+    def __init__(self, owner: str):
+        self.owner, self.charged, self.stop, self.given_way = owner, 0, None, False
+
+
+class RestBodies:
+    """REST bodies held against ``held`` (a HeldBytes: --max_body_bytes_held's REST part), by client. A body that
+    would pass the bound, of a client within its fair share of it (an equal part among the clients holding bodies,
+    itself counted), takes the bytes of the newest bodies still arriving of the client most past its own part: they
+    are stopped (503) and give their bytes back at once. One client's bodies stalled near their end held the whole
+    bound for --body_timeout_s, and every other client's REST request was refused (503) meanwhile."""
+
+    def __init__(self, held: HeldBytes):
+        self.held = held
+        self._bodies: dict[str, list[Body]] = {}  # by client: its bodies under way, oldest first
+
+    def open(self, owner: str) -> Body:
+        body = Body(owner)
+        self._bodies.setdefault(owner, []).append(body)
+        return body
+
+    def fits(self, body: Body, size: int) -> bool:
+        """Whether ``size`` more bytes of ``body`` fit, once the bodies past their fair share have made way."""
+        return self.held.fits(size) or self._make_way(body.owner, size)
+
+    def take(self, body: Body, size: int) -> bool:
+        if not self.fits(body, size) or not self.held.take(size):
+            return False
+        body.charged += size
+        return True
+
+    def close(self, body: Body) -> None:
+        """``body``'s request has ended (or it gave way): its bytes given back. Again: nothing."""
+        bodies = self._bodies.get(body.owner)
+        if bodies and body in bodies:
+            bodies.remove(body)
+            if not bodies:
+                del self._bodies[body.owner]
+            self.held.give(body.charged)
+
+    def _make_way(self, owner: str, size: int) -> bool:
+        """Stops the newest bodies still arriving (``stop`` set) of the clients most past their fair share, while
+        ``owner``'s, ``size`` counted, are within theirs and ``size`` does not fit: True once it fits."""
+        while not self.held.fits(size):
+            held = {client: sum(body.charged for body in bodies) for client, bodies in self._bodies.items()}
+            share = fair_share(self.held.limit, len(held.keys() | {owner}), self.held.limit)
+            if held.get(owner, 0) + size > share:
+                return False
+            crowding = max((client for client, bodies in self._bodies.items()
+                            if held[client] > share and any(body.stop is not None for body in bodies)),
+                           key=held.get, default=None)
+            if crowding is None:
+                return False
+            newest = next(body for body in reversed(self._bodies[crowding]) if body.stop is not None)
+            self.close(newest)
+            newest.given_way = True
+            newest.stop()
+        return True
+
+
 class GrpcMessageBound(aio.ServerInterceptor):
     """gRPC's share of the bound, first among the server's interceptors: every ModelInfer call reserves
     ``max_message`` bytes of ``held`` before its message is read, then keeps the message's size until its

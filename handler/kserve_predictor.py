@@ -24,7 +24,8 @@ too); 503, before
 the body is decoded, when ``--max_waiting_requests`` requests already wait for a forward pass (default:
 the bundle's ``job_queue_size``, 24 as shipped; TorchServe's default 100), or ``--max_waiting_explanations`` explanations are under way
 (default: the same bound), or a REST body would take the bytes of all bodies held past ``--max_body_bytes_held``
-(96 MiB; before it is read when it declares its length); each busy 503 has ``Retry-After``. A gRPC call waits
+(96 MiB; before it is read when it declares its length), unless the bodies still arriving of a client past its fair
+share of it give way (handler/held_bodies.py RestBodies); each busy 503 has ``Retry-After``. A gRPC call waits
 for its share of that bound before its message is read (handler/held_bodies.py): UNAVAILABLE when
 ``--max_waiting_requests`` calls already wait or its turn has not come in ``--body_timeout_s``,
 DEADLINE_EXCEEDED when its message has not arrived by then; one client (its address, or what a proxy in
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -79,7 +81,7 @@ from handler.answers import NOT_FINITE, image_answers, served_topk
 from handler.batching import Batcher, BatcherFull
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
-from handler.held_bodies import GrpcMessageBound, HeldBytes, client_share
+from handler.held_bodies import GrpcMessageBound, HeldBytes, RestBodies, client_share, stop_now
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, OUTPUTS, V2, ProtocolError,
                                encode_answer, json_body, logged_request_id, parse_request, plain_v2_body,
@@ -180,7 +182,8 @@ class RequestChecks:
     as it likes), a JSON body of more values than a request of ``max_images`` images holds -> 413
     (handler/protocols.py refuse_json_flood: parsing it would hold the event loop for seconds), and a body
     that would take the bytes every request's body holds past ``max_held`` -> 503 busy (its declared
-    length before any byte is read, else as it streams). The body is held here, then handed on, and
+    length before any byte is read, else as it streams), unless a client past its fair share of them has bodies
+    still arriving: they give way (503; handler/held_bodies.py RestBodies). The body is held here, then handed on, and
     counted until the answer ends; a refusal closes the connection. A client that leaves before its answer
     has started has its request cancelled (``_answered``)."""
 
@@ -189,8 +192,10 @@ class RequestChecks:
                  clients: ForwardedClient | None = None):
         self.app, self.max_bytes, self.max_images = app, max_bytes, max_images
         self.clients = clients if clients is not None else ForwardedClient([])  # who a request's client is (CALLER)
-        # Body bytes held by the requests under way (one event loop): ``bodies`` when given (main's, at /metrics).
+        # Body bytes held by the requests under way (one event loop): ``bodies`` when given (main's, at /metrics),
+        # by client (a body of a client within its fair share takes the bytes of bodies of one past it).
         self.bodies = bodies if bodies is not None else HeldBytes(max_held)
+        self.shares = RestBodies(self.bodies)
         self.refusals = ThrottledLog(logger)  # a flood of slow clients: one line a second
         self.pace = {"limit_s": BODY_TIMEOUT_S, "grace_s": MIN_RATE_GRACE_S, "min_rate": MIN_UPLOAD_RATE, **(pace or {})}
 
@@ -205,19 +210,24 @@ class RequestChecks:
         declared = headers.get("content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(send)
-        if declared.isdigit() and not self.bodies.fits(int(declared)):
-            return await self._busy(send, scope, headers, int(declared))
+        client = await self._client(scope)
+        CALLER.set(client)  # (this request's own task, and the answer's copied from it)
+        body = self.shares.open(client)  # what this request adds to self.bodies, given back when it ends however
         chunks, seen, message = [], 0, {"more_body": True}
-        charged = 0  # what this request adds to self.bodies, given back when it ends however it ends
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
+            if declared.isdigit() and not self.shares.fits(body, int(declared)):
+                return await self._busy(send, scope, headers, int(declared))
             while message.get("more_body"):
                 deadline = paced_deadline(started, seen, **self.pace)
                 try:
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(deadline) as timer:
+                        body.stop = functools.partial(stop_now, timer)
                         message = await receive()
                 except TimeoutError:
+                    if body.given_way:
+                        return await self._gave_way(send, scope, headers, client)
                     whole_time = deadline >= started + self.pace["limit_s"]  # else its rate fell short first
                     REFUSED.labels("body_timeout_s" if whole_time else "min_upload_rate").inc()
                     self.refusals.warning("408: the body of %s %s (%s) did not arrive in time (%d bytes in %.1f s)",
@@ -227,25 +237,27 @@ class RequestChecks:
                         f"the request body did not arrive within {self.pace['limit_s']:g} s"
                         if whole_time else
                         f"the request body arrived too slowly (under {self.pace['min_rate']:g} bytes/s)"))
+                finally:
+                    body.stop = None
+                if body.given_way:  # (as this message came)
+                    return await self._gave_way(send, scope, headers, client)
                 if message["type"] != "http.request":  # the client left
                     return
                 chunks.append(message.get("body", b""))
                 seen += len(chunks[-1])
                 if seen > self.max_bytes:
                     return await self._refuse(send)
-                if not self.bodies.take(len(chunks[-1])):
+                if not self.shares.take(body, len(chunks[-1])):
                     return await self._busy(send, scope, headers, seen)
-                charged += len(chunks[-1])
             whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
             del chunks
             try:
                 refuse_json_flood(whole["body"], self.max_images)
             except ProtocolError as err:
                 return await _answer(send, err.status, err.message)
-            CALLER.set(await self._client(scope))  # (this request's own task, and the answer's copied from it)
             await _answered(self.app, scope, whole, receive, send)
         finally:
-            self.bodies.give(charged)
+            self.shares.close(body)
 
     async def _client(self, scope) -> str:
         host = scope["client"][0] if scope.get("client") else "unknown"
@@ -261,6 +273,16 @@ class RequestChecks:
                               scope["method"], logged_path(scope), logged_request_id(headers), size, held, limit)
         await _answer(send, 503, f"The model is busy: request bodies of {held} bytes are held, and this one "
                                  f"would take them past {limit} (--max_body_bytes_held); try again shortly.")
+
+    async def _gave_way(self, send, scope, headers: dict, client: str) -> None:
+        REFUSED.labels("max_client_share").inc()
+        self.refusals.warning("503 to %s %s (%s): its body gave way to another client's, %s holding more than its "
+                              "fair share of --max_body_bytes_held", scope["method"], logged_path(scope),
+                              logged_request_id(headers), client)
+        await _answer(send, 503, f"The model is busy with request bodies from your address ({client}): this one had "
+                                 "not all arrived and its bytes went to another client's request, past your fair share "
+                                 "of them (--max_body_bytes_held, shared equally among the clients sending); try "
+                                 "again shortly.")
 
     async def _refuse(self, send) -> None:
         REFUSED.labels("max_request_size").inc()

@@ -610,6 +610,69 @@ asyncio.run(main())
     assert out["reached"] == [80, 80], out
 
 
+def test_a_body_still_arriving_of_a_client_past_its_fair_share_gives_its_bytes_to_another_clients():
+    """RequestChecks, in-process: one client's bodies stalled near their end held all of --max_body_bytes_held for
+    --body_timeout_s, and every other client's REST request was 503. With max_held 150: client A's request of 80
+    bytes is at the model (its body all arrived), B's has sent 60 and waits for more. C declares 30: within its fair
+    share (150 // 3 clients = 50), it takes B's bytes (B past its share, still arriving), B's request gets 503 at
+    once, and C is answered; A's is never stopped, being past its body. D declaring 60, past its share, gets the
+    ordinary 503 busy and stops nothing."""
+    script = """
+import asyncio, json
+from handler.kserve_predictor import RequestChecks
+
+def scope(client, length=None):
+    headers = [] if length is None else [(b"content-length", str(length).encode())]
+    return {"type": "http", "method": "POST", "path": "/x", "headers": headers, "client": (client, 1)}
+
+release, reached = asyncio.Event(), []
+
+async def app(scope, receive, send):
+    reached.append(scope["client"][0])
+    await receive()
+    if scope["client"][0] == "10.0.0.1":
+        await release.wait()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+checks = RequestChecks(app, max_bytes=100, max_held=150)
+
+async def exchange(head, *chunks, more=False):
+    sent, client = [], asyncio.Queue()
+    for n, chunk in enumerate(chunks):
+        client.put_nowait({"type": "http.request", "body": chunk, "more_body": more or n < len(chunks) - 1})
+    async def send(message):
+        if message["type"] == "http.response.start":
+            sent.append(message["status"])
+        elif message["type"] == "http.response.body":
+            sent.append(json.loads(message["body"]).get("error", "") if sent[-1] != 200 else "")
+    await asyncio.wait_for(checks(head, client.get, send), 10)
+    return sent
+
+async def main():
+    a = asyncio.ensure_future(exchange(scope("10.0.0.1", 80), b"a" * 80))
+    b = asyncio.ensure_future(exchange(scope("10.0.0.2"), b"b" * 60, more=True))  # then nothing more
+    await asyncio.sleep(0.05)
+    log = {"held": checks.bodies.held}
+    log["d"] = await exchange(scope("10.0.0.4", 60), b"d" * 60)
+    log["c"] = await exchange(scope("10.0.0.3", 30), b"c" * 30)
+    log["b"] = await b
+    release.set()
+    log["a"] = await a
+    log["held after"], log["reached"] = checks.bodies.held, reached
+    print(json.dumps(log))
+
+asyncio.run(main())
+"""
+    out = in_child(script)
+    assert out["held"] == 140, out
+    assert out["d"][0] == 503 and "--max_body_bytes_held" in out["d"][1], out
+    assert out["c"] == [200, ""], out
+    assert out["b"][0] == 503 and "from your address (10.0.0.2)" in out["b"][1] and "fair share" in out["b"][1], out
+    assert out["a"] == [200, ""] and out["held after"] == 0, out
+    assert out["reached"] == ["10.0.0.1", "10.0.0.3"], out
+
+
 def test_a_refused_requests_log_line_shows_its_path_escaped_not_a_line_of_the_clients_making():
     """RequestChecks, in-process: uvicorn decodes %0A into the path, and KServe's log is plain text. A busy
     503's warning names the path escaped and cut, on one line: a path holding a newline and a forged
