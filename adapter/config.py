@@ -217,8 +217,8 @@ class Settings:
     send_timeout_s: float = 30.0
     cors_allow_origins: list[str] = field(default_factory=list)
     docs: bool = False
-    log_max_bytes: int = 10 * 1024 * 1024
-    log_backups: int = 5
+    log_max_bytes: int = shared.LOG_MAX_BYTES
+    log_backups: int = shared.LOG_BACKUPS
     metrics: bool = True
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"

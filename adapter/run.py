@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
-from logging.handlers import RotatingFileHandler
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +31,7 @@ import httpx
 from serving import settings as shared
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, command_line_with, free_port,
                              log_ends, popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
+from serving.rotating_log import stderr_file
 from serving import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,11 +78,6 @@ def _model_state(base: str) -> str:
     except (httpx.HTTPError, ValueError):
         return "model status unknown"
     return "model ready" if response.status_code == 200 else f"model not ready: {body.get('error')}"
-
-
-def stderr_file(log_file: Path) -> Path:
-    """Where the process's own output goes (start-up crashes); logging writes `log_file`."""
-    return Path(log_file).with_suffix(".stderr.log")
 
 
 def spawn(host: str, port: int, log_file: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -209,38 +204,12 @@ def status() -> int:
     return RUNNING
 
 
-class RotatingLog(RotatingFileHandler):
-    """logging's RotatingFileHandler, counting the file's size itself: the stock one asks the file
-    system (two stats and a seek) and formats each record twice, per line. With one access line per
-    request, that is a third of a line's CPU (benchmarks/RESULTS.md, "The edge")."""
-
-    def shouldRollover(self, record) -> bool:  # noqa: N802 - logging's name
-        return False  # emit() decides, from the size it counts
-
-    def emit(self, record) -> None:
-        try:
-            line = self.format(record) + self.terminator
-            if self.stream is None:
-                self.stream = self._open()
-            size = getattr(self, "_size", None)
-            if size is None:
-                size = self.stream.seek(0, 2)
-            if self.maxBytes > 0 and size + len(line) >= self.maxBytes and size > 0:
-                self.doRollover()
-                size = 0
-            self.stream.write(line)
-            self.stream.flush()
-            self._size = size + (len(line) if line.isascii() else len(line.encode(self.encoding or "utf-8")))
-        except Exception:  # noqa: BLE001 - logging's own policy: report, never raise
-            self.handleError(record)
-
-
 def logging_config(log_file: Path | None, settings) -> dict:
     """uvicorn's and the adapter's logs into one rotating file (or the console without a file)."""
     if log_file is None:
         handler = {"class": "logging.StreamHandler", "formatter": "plain"}
     else:
-        handler = {"class": "adapter.run.RotatingLog", "formatter": "plain",
+        handler = {"class": "serving.rotating_log.RotatingLog", "formatter": "plain",
                    "filename": str(log_file), "maxBytes": settings.log_max_bytes,
                    "backupCount": settings.log_backups, "encoding": "utf-8"}
     quiet = {"handlers": ["out"], "level": "INFO", "propagate": False}

@@ -4,7 +4,7 @@
 
 A trivial ASGI app is called directly, bare and wrapped by Edge with and without metrics and the
 access line (written to a temporary adapter.log through adapter/run.py's logging configuration,
-with adapter/run.py's RotatingLog and with logging's stock RotatingFileHandler); each variant's
+with serving/rotating_log.py's RotatingLog and with logging's stock RotatingFileHandler); each variant's
 best of --repeats runs, in process CPU time, variants interleaved. The end-to-end comparison with
 an older adapter is `python -m benchmarks.bench_adapter --before REF`.
 """
@@ -64,7 +64,7 @@ async def _measure(requests: int, repeats: int, log_dir: Path) -> dict[str, floa
         "bare app": (_app, False, None),
         "+ request id, context": (Edge(_app, 128, None), False, None),
         "+ metrics": (Edge(_app, 128, Metrics()), False, None),
-        "+ JSON line (RotatingLog)": (Edge(_app, 128, Metrics()), True, "adapter.run.RotatingLog"),
+        "+ JSON line (RotatingLog)": (Edge(_app, 128, Metrics()), True, "serving.rotating_log.RotatingLog"),
         "+ JSON line (stock handler)": (Edge(_app, 128, Metrics()), True, "logging.handlers.RotatingFileHandler"),
     }
     best = dict.fromkeys(variants, float("inf"))

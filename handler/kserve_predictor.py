@@ -93,7 +93,9 @@ from serving.clients import CALLER, ForwardedClient, client_key, proxy_networks
 from serving.fair_pool import FairPool
 from serving.pace import paced_deadline
 from serving.process import ensure_open_files
-from serving.settings import BODY_TIMEOUT_S, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME, read_model_config
+from serving.rotating_log import RotatingLog, log_everything_to
+from serving.settings import (BODY_TIMEOUT_S, LOG_BACKUPS, LOG_MAX_BYTES, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME,
+                              read_model_config)
 from serving.throttled_log import ThrottledLog
 from serving.torchserve import BASE_CONFIG, read_properties
 
@@ -935,6 +937,14 @@ def main() -> None:
                              "client of a gRPC call (its share) and of a request's decoding (its line), and whose REST "
                              "connections count in no client's --max_client_connections; off: the client is the "
                              "connection's peer")
+    parser.add_argument("--log_file", type=Path, default=None,
+                        help="every log line (KServe's, uvicorn's and its access lines, ours) into this file, rotated "
+                             "at --log_max_bytes, keeping --log_backups old files (FILE.1, ...); default: stderr and "
+                             "stdout, as KServe (a pod's log)")
+    parser.add_argument("--log_max_bytes", type=positive_int, default=LOG_MAX_BYTES,
+                        help="--log_file rotates at this size")
+    parser.add_argument("--log_backups", type=positive_int, default=LOG_BACKUPS,
+                        help="old --log_file files kept")
     # Every option known (KServe's and ours): a misspelt one (--enable-grpc for --enable_grpc) was dropped
     # without a word, leaving gRPC open on every interface.
     args = parser.parse_args()
@@ -979,6 +989,14 @@ def main() -> None:
         logging.getLogger(name).handlers[:] = logging.getLogger("kserve").handlers
         logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger(name).propagate = False
+    if args.log_file is not None:
+        # Into one rotating file once KServe has configured its loggers (ModelServer above), each line in the format
+        # KServe gave its logger, as on stdout/stderr before. Not KServe's --log_config_file: that file would restate
+        # KServe's four formats and its loggers (and have to follow them through KServe's upgrades), one file needs
+        # one handler for them all (a handler each, every one rotates the file under the others' open streams), and
+        # it takes no path or size from our command line. It still works: --log_file then takes over its loggers.
+        log_everything_to(RotatingLog(args.log_file, maxBytes=args.log_max_bytes, backupCount=args.log_backups,
+                                      encoding="utf-8"), "kserve")
     # KServe's per-request timing lines (kserve.trace, INFO: wall and CPU time, model latencies) stay silent;
     # the access log stays. Its timing middleware, whose only output they are, goes (_without_timing).
     logging.getLogger("kserve.trace").setLevel(logging.WARNING)

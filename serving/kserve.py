@@ -18,7 +18,8 @@ The same bundle also runs without TorchServe, under KServe's own Python model se
     python -m serving.kserve predictor start|stop|status [--bundle dist/kserve]
 
 ``predictor start`` runs KServe's model server on the bundle in the background, as `make serve-kserve`
-does (ports: PREDICTOR_HTTP_PORT / PREDICTOR_GRPC_PORT, 8085 / 8086; logs/predictor.log,
+does (ports: PREDICTOR_HTTP_PORT / PREDICTOR_GRPC_PORT, 8085 / 8086; logs/predictor.log, rotated as the
+predictor's --log_max_bytes / --log_backups say, and logs/predictor.stderr.log, this start's own output;
 logs/kserve-predictor.pid); ``stop`` stops it (`make stop` too).
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ from serving.archive import MODEL_NAME, ArchiveError, build_archive, model_confi
 from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, changed_since_started, command_line_with,
                              free_ports, log_ends, popen_exited, port_in_use, stop_popen, stop_process,
                              wait_until_ready)
+from serving.rotating_log import stderr_file
 from serving.settings import (ENGINE_CACHE_ENV, MODEL_CONFIG, PREDICTOR_PORT_ENV, PREDICTOR_PORTS, ports_from_env,
                               read_model_config)
 from serving.torchserve import (BASE_CONFIG, DEFAULT_ENGINE_CACHE, MAR_FILE, TorchServeError, TorchServeInstance,
@@ -185,7 +187,7 @@ class KServePredictor:
         self.port, self.grpc_port = port or spare[0], grpc_port or spare[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
-        self.log = self.workdir / "predictor.log"
+        self.log = (self.workdir / "predictor.log").absolute()
         self.extra_args, self.env = list(extra_args or []), dict(env or {})
         self.process: subprocess.Popen | None = None
         self.log_since: dict[Path, int] = {}
@@ -193,7 +195,8 @@ class KServePredictor:
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", PREDICTOR_MODULE, f"--model_dir={self.bundle}", "--host=127.0.0.1",
-                f"--http_port={self.port}", f"--grpc_port={self.grpc_port}", *self.extra_args]
+                f"--http_port={self.port}", f"--grpc_port={self.grpc_port}", f"--log_file={self.log}",
+                *self.extra_args]
 
     @property
     def pid_record(self) -> PidFile:
@@ -236,15 +239,17 @@ class KServePredictor:
         env.setdefault(ENGINE_CACHE_ENV, str(DEFAULT_ENGINE_CACHE))
         env.setdefault("TMPDIR", str(self.workdir))
         self.log_since = log_ends([self.log])  # the log is appended to: a failed start shows its own lines only
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        # Its logging rotates predictor.log itself (--log_file); what it prints outside logging (an error before
+        # logging is set up, a library's warnings) goes to predictor.stderr.log, this start's only.
+        with open(stderr_file(self.log), "wb") as out:
+            self.process = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=self.detached)
         return self.process
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Return once it answers; ServiceStartError when it exits first or stays silent ``timeout`` s."""
-        wait_until_ready(self.ready, timeout, "KServe's model server", [self.log], popen_exited(self.process),
-                         since=self.log_since)
+        wait_until_ready(self.ready, timeout, "KServe's model server", [stderr_file(self.log), self.log],
+                         popen_exited(self.process), since=self.log_since)
 
     def ready(self) -> bool:
         try:

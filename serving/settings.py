@@ -56,6 +56,10 @@ PREDICTOR_PORTS = {"http": 8085, "grpc": 8086}
 PREDICTOR_PORT_ENV = {"http": "PREDICTOR_HTTP_PORT", "grpc": "PREDICTOR_GRPC_PORT"}
 ADAPTER_HOST = "127.0.0.1"       # the adapter: the one process that faces users
 ADAPTER_PORT = 8000
+# Where the adapter's and KServe's predictor's logs rotate (serving/rotating_log.py), and the old files they keep:
+# the adapter's ADAPTER_LOG_MAX_BYTES / ADAPTER_LOG_BACKUPS, the predictor's --log_max_bytes / --log_backups.
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
 
 # The longest request id kept or echoed: a client's X-Request-ID at the adapter (its REQUEST_ID_MAX_LENGTH overrides
 # it there; a longer one is replaced), and a v2 request's "id", which the answer echoes (a longer one: 400; an 11 MB id

@@ -218,7 +218,7 @@ def test_a_client_id_is_kept_up_to_its_length_limit_and_only_with_sane_character
 def test_the_log_rotates_at_its_size_and_keeps_every_line(tmp_path):
     import logging
 
-    from adapter.run import RotatingLog
+    from serving.rotating_log import RotatingLog
 
     path = tmp_path / "adapter.log"
     logger = logging.getLogger("test.rotation")

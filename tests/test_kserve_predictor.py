@@ -23,6 +23,7 @@ import pytest
 
 from serving.archive import weights_version
 from serving.kserve import KServePredictor, build_bundle
+from serving.rotating_log import stderr_file
 from serving.torchserve import read_properties
 from serving_helpers import assert_same_answer, cifar_pil, decompression_bomb_png, encode, v1_body, v2_answers, v2_body
 from torchserve_fixture import weights_under_test
@@ -1351,6 +1352,52 @@ def wait_for_log(predictor, words: str, timeout_s: float = 10) -> None:
     while words not in predictor.log.read_text():
         assert time.monotonic() < deadline, (words, predictor.log.read_text()[-3000:])
         time.sleep(0.1)
+
+
+@pytest.mark.integration  # starts its own server process
+def test_the_predictor_log_rotates_at_its_size_keeping_every_line_in_kserves_format(bundle, tmp_path):
+    """logs/predictor.log was the process's stdout and stderr: every access line and refusal, without end. Now every
+    logger's lines (KServe's, uvicorn's, the handler's) go to one rotating file (--log_file, KServePredictor's
+    predictor.log) in KServe's formats, nothing to stdout or stderr; --log_backups old files, predictor.log.1, .2."""
+    max_bytes, requests = 20000, 600  # ~110 B an access line: 3 rotations, the oldest file dropped
+    predictor = KServePredictor(tmp_path, bundle, extra_args=[f"--log_max_bytes={max_bytes}", "--log_backups=2"])
+    predictor.start()
+    try:
+        started = predictor.log.read_text()  # KServe's, uvicorn's and the handler's own lines
+        assert " handler.kserve_predictor INFO [kserve_predictor.py:load()" in started, started[-3000:]
+        assert " kserve INFO [model_server.py:register_model()" in started
+        assert " uvicorn.error INFO:     Uvicorn running on" in started
+        with httpx.Client(timeout=30) as client:
+            for i in range(requests):
+                assert client.get(f"{predictor.url}/rotated-{i:04d}").status_code == 404
+        wait_for_log(predictor, f'"GET /rotated-{requests - 1:04d} HTTP/1.1" 404')  # the newest, in predictor.log
+    finally:
+        predictor.stop()
+    files = [predictor.log.with_name(f"predictor.log.{n}") for n in (2, 1)] + [predictor.log]
+    assert all(f.is_file() for f in files) and not predictor.log.with_name("predictor.log.3").exists()
+    longest = max(len(line) + 1 for f in files for line in f.read_bytes().splitlines())
+    assert all(f.stat().st_size < max_bytes + longest for f in files), [f.stat().st_size for f in files]
+    # The newest access lines, in order, none lost at a rotation (one handler for every logger); KServe's format.
+    seen = [int(n) for n in re.findall(r' uvicorn\.access INFO: +127\.0\.0\.1:\d+ \d+ - "GET /rotated-(\d{4}) HTTP/1\.1" 404',
+                                       "".join(f.read_text() for f in files))]
+    assert len(seen) > 2 * max_bytes // longest and seen == list(range(requests - len(seen), requests)), seen[:5]
+    assert " kserve INFO [server.py:stop()" in predictor.log.read_text()  # its stop, after them
+    output = stderr_file(predictor.log).read_text()
+    assert "uvicorn" not in output and "kserve" not in output and "rotated-" not in output, output[-2000:]
+
+
+def test_a_failed_start_shows_its_own_output_from_the_stderr_log_begun_afresh(tmp_path):
+    """What the predictor prints outside logging (a traceback before it serves) goes to predictor.stderr.log,
+    emptied at each start, and a failed start's error shows it."""
+    from serving.process import ServiceStartError
+
+    predictor = KServePredictor(tmp_path / "run", tmp_path / "no-bundle")
+    for _ in range(2):
+        with pytest.raises(ServiceStartError) as err:
+            predictor.start(timeout=120)
+        assert f"{stderr_file(predictor.log)}:" in str(err.value), str(err.value)
+        assert "no model-store/cifar100.mar" in str(err.value), str(err.value)
+    assert stderr_file(predictor.log).read_text().count("Traceback") == 1  # the last start's only
 
 
 @pytest.fixture(scope="module")
