@@ -129,13 +129,8 @@ class HeldBytes:
 
     def end_turn(self, turn: Turn) -> None:
         """``turn`` is over (its bytes stay held until ``give``): its owner's next reservation may go. Again: nothing."""
-        turns = self._owned.get(turn.owner)
-        if turns and turn in turns:
-            turns.remove(turn)
-            if not turns:
-                del self._owned[turn.owner]
-            if self._turns:
-                self._grant()
+        if removed(self._owned, turn.owner, turn) and self._turns:
+            self._grant()
 
     def give(self, size: int) -> None:
         self.held -= size
@@ -220,11 +215,7 @@ class RestBodies:
 
     def close(self, body: Body) -> None:
         """``body``'s request has ended (or it gave way): its bytes given back. Again: nothing."""
-        bodies = self._bodies.get(body.owner)
-        if bodies and body in bodies:
-            bodies.remove(body)
-            if not bodies:
-                del self._bodies[body.owner]
+        if removed(self._bodies, body.owner, body):
             self.held.give(body.charged)
 
     def _make_way(self, owner: str, size: int) -> bool:
@@ -374,6 +365,18 @@ class GrpcMessageBound(aio.ServerInterceptor):
         setting = "--max_body_bytes_held" if bound is self.held else "--max_grpc_health_calls"
         return (f"The model is busy: gRPC messages of up to {self.max_message} bytes each are held or reserved "
                 f"({bound.held} of {bound.limit} bytes, {setting}) and {why}; try again shortly.")
+
+
+def removed(lists: dict, key, item) -> bool:
+    """``item`` taken out of ``lists[key]``, the key gone with its last item; False (nothing changed) when it was not
+    there."""
+    items = lists.get(key)
+    if not items or item not in items:
+        return False
+    items.remove(item)
+    if not items:
+        del lists[key]
+    return True
 
 
 def stop_now(timer: asyncio.Timeout) -> None:

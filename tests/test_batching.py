@@ -41,6 +41,17 @@ def images(tag: float, n: int = 1) -> torch.Tensor:
     return torch.full((n, 3, 32, 32), tag)
 
 
+def gated_batcher(max_waiting: int, client_waiting: int) -> tuple[Batcher, threading.Event]:
+    """A Batcher of one image a batch whose forward pass (each row's first pixel) waits for the gate returned with
+    it: its callers wait meanwhile."""
+    gate = threading.Event()
+
+    def gated(batch):
+        gate.wait(30)
+        return batch[:, :1, 0, 0].clone()
+    return Batcher(gated, max_images=1, max_delay_s=0.0, max_waiting=max_waiting, client_waiting=client_waiting), gate
+
+
 def test_concurrent_requests_share_batches_up_to_the_bound_and_get_their_own_rows():
     forward = RecordingForward(delay_s=0.02)
     batcher = Batcher(forward, max_images=6, max_delay_s=0.005)
@@ -193,12 +204,7 @@ def test_two_clients_at_half_the_places_each_leave_a_third_its_fair_share():
     request was refused as long as they lasted. A client's share when all are taken is its fair part among the
     clients waiting (here a third each, one at least), at most client_waiting: the third client's first request
     takes the newest place of a client past that part; its second, at its part, is refused."""
-    gate = threading.Event()
-
-    def gated(batch):
-        gate.wait(30)
-        return batch[:, :1, 0, 0].clone()
-    batcher = Batcher(gated, max_images=1, max_delay_s=0.0, max_waiting=4, client_waiting=2)
+    batcher, gate = gated_batcher(max_waiting=4, client_waiting=2)
 
     async def main():
         running = asyncio.ensure_future(batcher(images(0), "a"))
@@ -225,12 +231,7 @@ def test_a_caller_that_left_holds_no_place_and_is_never_the_one_to_give_way():
     """A cancelled caller's future is cancelled at once, its task leaves the waiting places only when it runs next:
     in between it was counted, and a newcomer could pick it to give way (set_exception on a cancelled future:
     InvalidStateError, a 500 for an innocent request)."""
-    gate = threading.Event()
-
-    def gated(batch):
-        gate.wait(30)
-        return batch[:, :1, 0, 0].clone()
-    batcher = Batcher(gated, max_images=1, max_delay_s=0.0, max_waiting=3, client_waiting=1)
+    batcher, gate = gated_batcher(max_waiting=3, client_waiting=1)
 
     async def main():
         running = asyncio.ensure_future(batcher(images(0), "flood"))
