@@ -2085,7 +2085,10 @@ def test_a_version_or_model_not_served_is_not_found_and_logs_no_traceback(kserve
     pinned, wrong_version, wrong_model = grpc_request([good]), grpc_request([good]), grpc_request([good])
     pinned.model_version, wrong_version.model_version, wrong_model.model_name = served, "9", "cifar10"
     assert grpc_stub.ModelInfer(pinned, timeout=60).model_version == served
-    log_before = kserve_predictor.log.read_text().count("Traceback")
+    def tracebacks() -> int:  # in the log and in what the process printed outside it
+        logs = (kserve_predictor.log, stderr_file(kserve_predictor.log))
+        return sum(path.read_text().count("Traceback") for path in logs)
+    log_before = tracebacks()
     refusals = [
         ("ModelInfer", wrong_version, grpc.StatusCode.NOT_FOUND,
          f"no version '9': this server serves version '{served}'"),
@@ -2102,7 +2105,7 @@ def test_a_version_or_model_not_served_is_not_found_and_logs_no_traceback(kserve
             getattr(grpc_stub, method)(request, timeout=60)
         assert refused.value.code() == code and words in refused.value.details(), (method, refused.value.details())
     assert grpc_stub.ModelReady(pb().ModelReadyRequest(name="cifar100", version=served), timeout=30).ready
-    assert kserve_predictor.log.read_text().count("Traceback") == log_before
+    assert tracebacks() == log_before
 
 
 def test_a_misspelt_option_is_refused_not_dropped():
