@@ -227,6 +227,33 @@ def test_two_clients_at_half_the_places_each_leave_a_third_its_fair_share():
     assert third[0].item() == 10 and isinstance(third[1], BatcherFull) and not third[1].gave_way, results
 
 
+def test_waiting_requests_are_taken_a_client_at_a_time_so_a_lone_one_waits_behind_one_of_each_other():
+    """Requests went to the forward pass in order of arrival: a lone image waited behind every request of two
+    clients' floods (3.5-8 s behind 23 requests of 64 images). Now each client has its line and the lines are taken
+    in turns (the client served least recently first): c's one request goes third, after one of a's and one of b's;
+    a client's own requests keep their order."""
+    order, gate = [], threading.Event()
+
+    def gated(batch):
+        gate.wait(30)
+        order.append(int(batch[0, 0, 0, 0]))
+        return batch[:, :1, 0, 0].clone()
+    batcher = Batcher(gated, max_images=1, max_delay_s=0.0)
+
+    async def main():
+        running = asyncio.ensure_future(batcher(images(0), "a"))
+        await asyncio.sleep(0.02)  # in its forward pass
+        waiting = [asyncio.ensure_future(batcher(images(tag), client)) for tag, client in
+                   ((1, "a"), (2, "a"), (3, "a"), (11, "b"), (12, "b"), (21, "c"))]
+        await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.gather(running, *waiting)
+
+    answers = asyncio.run(main())
+    assert [answer.item() for answer in answers] == [0, 1, 2, 3, 11, 12, 21]  # each its own rows
+    assert order == [0, 1, 11, 21, 2, 12, 3], order
+
+
 def test_a_caller_that_left_holds_no_place_and_is_never_the_one_to_give_way():
     """A cancelled caller's future is cancelled at once, its task leaves the waiting places only when it runs next:
     in between it was counted, and a newcomer could pick it to give way (set_exception on a cancelled future:
