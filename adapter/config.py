@@ -32,7 +32,8 @@ serving/settings.py).
                           way (503) (adapter/limits.py)  64
     MAX_BYTES_IN_FLIGHT   bytes those requests may hold together: received, plus the rest of their declared
                           size while they arrive at MIN_UPLOAD_RATE (a chunked upload declares MAX_UPLOAD_BYTES
-                          + 64 KiB, the form); more -> 503 + Retry-After  104857600 (100 MiB)
+                          + 64 KiB, the form); more -> 503 + Retry-After, unless an upload of a client past
+                          its fair share of the bytes gives way, as above  104857600 (100 MiB)
     MAX_CLIENT_REQUESTS_IN_FLIGHT  of those, what one client address may hold; more -> 503 for that
                           client alone  16
     MAX_CLIENT_BYTES_IN_FLIGHT  bytes one client address may hold (buffered, or promised to its

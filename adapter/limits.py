@@ -125,7 +125,7 @@ class InFlight:
         ``client``'s fair share is an equal part of the requests and of the bytes among the clients holding requests,
         itself counted (serving/clients.py fair_share); if it holds less, with this one's ``declared`` bytes, the
         newest request still receiving its body (the others are at or past the model server) of the client most past
-        its own share, in requests or in bytes, gives way, if the newcomer fits once it is gone. Three addresses'
+        its own share, in requests or in bytes, whose going makes room for the newcomer, gives way. Three addresses'
         three slow full-size uploads each (32 MiB) held the bytes, and every phone photo of 4 MB was refused."""
         share = self.clients.get(client)
         requests, held = (share.requests, share.bytes) if share is not None else (0, 0)
@@ -139,9 +139,9 @@ class InFlight:
             return max(other.requests / fair_requests, other.bytes / fair_bytes)
         for crowding in sorted((other for other in self.clients.values() if other.receiving and past(other) > 1),
                                key=past, reverse=True):
-            newest = crowding.receiving[-1]
-            if self.bytes - newest.charged + declared <= self.max_bytes:  # (else it would be stopped for nothing)
-                return newest
+            for newest in reversed(crowding.receiving):  # the newest whose bytes make room (else stopped for nothing)
+                if self.bytes - newest.charged + declared <= self.max_bytes:
+                    return newest
         return None
 
     def _take(self, share: _ClientShare, n: int) -> bool:
@@ -186,7 +186,10 @@ class Charge:
         stop()
 
     def cover(self, received: int, healthy: bool) -> bool:
-        """Charge for `received` body bytes (and promise the rest while `healthy`); False: no room."""
+        """Charge for `received` body bytes (and promise the rest while `healthy`); False: no room, or released (it
+        gave way: nothing more is charged to it, nothing would give it back)."""
+        if self.released:
+            return False
         if healthy and not self.promised and self.declared > self.charged:
             # The whole declared size at once, if it fits: then this upload is never refused half-way.
             if self.in_flight._take(self.share, self.declared - self.charged):

@@ -170,6 +170,7 @@ class OpenConnections:
         self.max_per_client = settings.max_client_connections
         self.trusted = [ipaddress.ip_network(network) for network in settings.trusted_networks()]
         self.total = 0
+        self.proxied = 0  # of those, trusted proxies' (no client's share)
         self.per_client: dict[str, dict] = {}  # client -> its connections (protocols), oldest first
         self.refusals = ThrottledLog(log)
 
@@ -196,20 +197,23 @@ class OpenConnections:
                                       host, len(connections))
                 return self._reset("max_client_connections")
             connections[connection] = None
+        else:
+            self.proxied += 1
         self.total += 1
         return key
 
     def _make_room(self, key: str) -> bool:
-        """Closes an idle connection of the client holding the most past its fair share, for a new one of ``key``
-        (a client under it; a trusted proxy's are neither counted so nor closed): True if one was."""
+        """Closes an idle connection of the client holding the most past its fair share (of the places trusted
+        proxies leave), for a new one of ``key`` (a client under it; a trusted proxy's are neither counted so nor
+        closed): True if one was. At the cap every new connection asks: the common refusals return early."""
         if not key:
             return False
-        share = fair_share(self.max_open, len(self.per_client.keys() | {key}), self.max_per_client)
-        if len(self.per_client.get(key, ())) >= share:
+        places = self.max_open - self.proxied
+        share = fair_share(places, len(self.per_client) + (key not in self.per_client), self.max_per_client)
+        if len(self.per_client.get(key, ())) >= share or max(map(len, self.per_client.values()), default=0) <= share:
             return False
-        for crowding in sorted(self.per_client, key=lambda client: -len(self.per_client[client])):
-            if len(self.per_client[crowding]) <= share:
-                return False
+        for crowding in sorted((client for client, theirs in self.per_client.items() if len(theirs) > share),
+                               key=lambda client: -len(self.per_client[client])):
             idle = next((connection for connection in self.per_client[crowding] if connection.idle), None)
             if idle is not None:
                 self.refusals.warning("closed an idle connection of %s (%d open, past its fair share of %d) for a "
@@ -230,7 +234,9 @@ class OpenConnections:
         if key and (connections is None or connections.pop(connection, False) is False):
             return
         self.total -= 1
-        if key and not connections:
+        if not key:
+            self.proxied -= 1
+        elif not connections:
             del self.per_client[key]
 
 
@@ -278,8 +284,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     @property
     def idle(self) -> bool:
-        """Between requests, or nothing sent yet: uvicorn's keep-alive timer (or the silent one) runs."""
-        return self.timeout_keep_alive_task is not None and not self.transport.is_closing()
+        """Between requests, or nothing sent yet (uvicorn's keep-alive timer, or the silent one, runs), with its
+        answers all sent: closed, its socket goes at once. Not one lingering after a refusal (its answer could be
+        lost in a reset), nor one whose client is not reading (it would stay open, no longer counted)."""
+        transport = self.transport
+        return (self.timeout_keep_alive_task is not None and not transport.is_closing()
+                and not getattr(transport, "_lingering", False) and transport.get_write_buffer_size() == 0)
 
     def connection_lost(self, exc) -> None:
         if self._connection_key is None:  # refused in connection_made: uvicorn never knew it

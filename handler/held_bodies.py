@@ -208,7 +208,8 @@ class RestBodies:
         return self.held.fits(size) or self._make_way(body.owner, size)
 
     def take(self, body: Body, size: int) -> bool:
-        if not self.fits(body, size) or not self.held.take(size):
+        """``size`` more bytes of ``body`` held (False: no room, or it gave way: nothing more is charged to it)."""
+        if body.given_way or not self.fits(body, size) or not self.held.take(size):
             return False
         body.charged += size
         return True
@@ -219,22 +220,34 @@ class RestBodies:
             self.held.give(body.charged)
 
     def _make_way(self, owner: str, size: int) -> bool:
-        """Stops the newest bodies still arriving (``stop`` set) of the clients most past their fair share, while
-        ``owner``'s, ``size`` counted, are within theirs and ``size`` does not fit: True once it fits."""
-        while not self.held.fits(size):
-            held = {client: sum(body.charged for body in bodies) for client, bodies in self._bodies.items()}
-            share = fair_share(self.held.limit, len(held.keys() | {owner}), self.held.limit)
-            if held.get(owner, 0) + size > share:
-                return False
-            crowding = max((client for client, bodies in self._bodies.items()
-                            if held[client] > share and any(body.stop is not None for body in bodies)),
+        """Stops the newest bodies still arriving, bytes charged, of the clients most past their fair share, if
+        ``owner``'s, ``size`` counted, are within its own and their bytes make room for ``size``: True once it fits
+        (nothing is stopped when they would not make room)."""
+        need = self.held.held + size - self.held.limit
+        if need <= 0:
+            return True
+        held = {client: sum(body.charged for body in bodies) for client, bodies in self._bodies.items()}
+        # (requests without a body yet, a probe's GET, hold nothing and are nobody's claim)
+        share = fair_share(self.held.limit, len({client for client, taken in held.items() if taken} | {owner}),
+                           self.held.limit)
+        if held.get(owner, 0) + size > share:
+            return False
+        arriving = {client: deque(body for body in reversed(bodies) if body.stop is not None and body.charged)
+                    for client, bodies in self._bodies.items() if held[client] > share}  # newest first
+        chosen = []
+        while need > 0:
+            crowding = max((client for client, bodies in arriving.items() if bodies and held[client] > share),
                            key=held.get, default=None)
             if crowding is None:
                 return False
-            newest = next(body for body in reversed(self._bodies[crowding]) if body.stop is not None)
-            self.close(newest)
-            newest.given_way = True
-            newest.stop()
+            body = arriving[crowding].popleft()
+            chosen.append(body)
+            need -= body.charged
+            held[crowding] -= body.charged
+        for body in chosen:
+            self.close(body)
+            body.given_way = True
+            body.stop()
         return True
 
 

@@ -76,6 +76,24 @@ def test_a_client_past_its_fair_share_of_the_bytes_gives_way_to_one_under_it():
         charge.received()
     assert in_flight.to_give_way("c", 300) is b
     assert in_flight.to_give_way("c", 334) is None  # past its own part
+    # A request that gave way is charged nothing more (a chunk that came with its stop would never be given back).
+    held = in_flight.bytes
+    b.give_way()
+    assert in_flight.bytes == held - 400 and not b.cover(500, healthy=True) and in_flight.bytes == held - 400
+
+
+def test_an_older_upload_gives_way_when_the_newest_past_the_share_holds_too_few_bytes():
+    """When bytes are what is short, the newest upload of the client past its share may hold too few to make room:
+    its older one that does gives way (it was the next client or nothing)."""
+    in_flight = InFlight(max_requests=64, max_bytes=1000)
+    in_flight.share_per_client(max_requests=16, max_bytes=1000)
+    stopped: list = []
+    large = _receiving(in_flight, "a", stopped, 700)
+    assert large.cover(1, healthy=True)  # promised its 700
+    small = _receiving(in_flight, "a", stopped, 100)
+    assert small.cover(10, healthy=False)  # crawling: holds its 10
+    assert in_flight.bytes == 710 and in_flight.try_admit("b", 400) == "busy"
+    assert in_flight.to_give_way("b", 400) is large  # the newest's 10 bytes would not make room
 
 
 def test_no_request_gives_way_when_all_hold_their_fair_share_or_less_or_it_would_not_make_room():
@@ -209,7 +227,7 @@ def test_a_client_under_its_share_is_served_and_the_newest_slow_upload_past_a_sh
 
 def test_a_client_at_its_share_and_clients_all_at_their_fair_share_are_refused_as_before(fair_adapter):
     """No change where nobody holds past a newcomer's fair share: a holder's own fifth request gets its client's 503;
-    four addresses holding one each leave a fifth address the busy 503 (its share, 4 // 5, is 0); nothing is stopped."""
+    four addresses holding one each leave a fifth address the busy 503 (its share, 4 // 5, is 1, one at least: each holds just that); nothing is stopped."""
     adapter, port = fair_adapter, fair_adapter.port
     gave_way_before = _refusals(adapter, "gave_way")
 

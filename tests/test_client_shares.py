@@ -938,7 +938,7 @@ def test_a_request_may_carry_max_header_count_headers_and_no_more(connection_cap
 
 def test_connections_past_an_address_share_or_the_open_cap_are_reset(connection_caps_adapter):
     """One more connection than an address's share (or than everyone's cap) is reset at once, another
-    address and a trusted proxy's are not; a closed connection gives its place back. Each reset is counted at
+    address and a trusted proxy's are not (under the cap); a closed connection gives its place back. Each reset is counted at
     /metrics by the cap that refused it (adapter_refusals_total{reason="client_connections"|"connections"})."""
     import httpx
 
@@ -965,7 +965,8 @@ def test_connections_past_an_address_share_or_the_open_cap_are_reset(connection_
         over_share = await connect("127.0.0.2")
         held += [await connect("127.0.0.3")]
         held += [await connect("127.0.0.9") for _ in range(3)]  # a proxy: no share of its own
-        over_all = await connect("127.0.0.4")  # 6 open: a fresh address is reset too
+        over_all = await connect("127.0.0.9")  # 6 open: the proxy's is reset (a fresh address's would take an idle one
+        # of 127.0.0.2's, past its fair share: test_a_new_address_takes_the_place_of_an_idle_connection_...)
         # One of 127.0.0.2's closes (its end read: the adapter has counted it closed): its place is back.
         _, reader, writer = held.pop(0)
         writer.write_eof()
@@ -1066,6 +1067,15 @@ def test_only_an_idle_connection_of_a_client_past_its_fair_share_gives_way():
     proxied = Connection(True)
     assert connections.try_open("10.9.9.9", proxied) == "" and connections.total == 5
     assert connections.try_open("10.0.0.5", Connection(True)) is None and not proxied.closed
+    # The shares are of the places the proxies leave: 4 open, 2 of them a proxy's; an address holding the other two
+    # is past its share (2 // 2 clients = 1) when another comes.
+    connections = OpenConnections(Settings(max_open_connections=4, max_client_connections=3,
+                                           trusted_proxies=["10.9.9.9"]))
+    theirs = [Connection(True), Connection(True)]
+    assert all(connections.try_open("10.9.9.9", Connection(True)) == "" for _ in range(2))
+    assert all(connections.try_open("10.0.0.1", connection) == "10.0.0.1" for connection in theirs)
+    assert connections.try_open("10.0.0.2", Connection(True)) == "10.0.0.2" and theirs[0].closed
+    assert (connections.total, connections.proxied) == (4, 2)
     assert not any(connection.closed for connection in held["10.0.0.1"])
 
 

@@ -674,6 +674,48 @@ asyncio.run(main())
     assert out["reached"] == ["10.0.0.1", "10.0.0.3"], out
 
 
+def test_bodies_give_way_only_when_their_bytes_make_room_newest_first_down_to_the_share():
+    """handler/held_bodies.py RestBodies, in-process: bodies were stopped one after another even when all their bytes
+    could not make room (a complete body at the model cannot be stopped): 510 small ones stopped, the newcomer still
+    refused. Now nothing is stopped unless the arriving bodies' bytes of clients past their share cover what is
+    missing; then the newest first, none once their client is down to its share. Limit 150, shares of 50."""
+    script = """
+import json
+from handler.held_bodies import HeldBytes, RestBodies
+
+def arriving(rest, owner, size, stopped, name):
+    body = rest.open(owner)
+    assert rest.take(body, size)
+    body.stop = lambda: stopped.append(name)
+    return body
+
+log, stopped = {}, []
+rest = RestBodies(HeldBytes(150))
+done = rest.open("a")
+assert rest.take(done, 100)  # at the model: no stop
+small = [arriving(rest, "a", 5, stopped, "a-small"), rest.open("a")]  # 5 bytes arriving, and one with none yet
+small[1].stop = lambda: stopped.append("a-empty")
+assert rest.take(rest.open("b"), 40)
+log["cannot make room"] = [rest.fits(rest.open("c"), 30), list(stopped), rest.held.held]
+
+stopped.clear()
+rest = RestBodies(HeldBytes(150))
+four = [arriving(rest, "a", 20, stopped, f"a{n}") for n in range(4)]
+assert rest.take(rest.open("b"), 60)
+newcomer = rest.open("c")
+log["two make room"] = [rest.take(newcomer, 50), list(stopped), rest.held.held, [body.given_way for body in four]]
+log["a stopped body takes nothing more"] = rest.take(four[3], 1)
+log["past its share"] = rest.fits(rest.open("d"), 51)
+print(json.dumps(log))
+"""
+    out = in_child(script)
+    assert out["cannot make room"] == [False, [], 145], out  # need 25, 5 arriving: nothing stopped
+    # need 40: a's two newest (20 + 20), a then at 40, under its share; b's body is complete.
+    assert out["two make room"] == [True, ["a3", "a2"], 150, [False, False, True, True]], out
+    assert out["a stopped body takes nothing more"] is False, out
+    assert out["past its share"] is False, out
+
+
 def test_a_refused_requests_log_line_shows_its_path_escaped_not_a_line_of_the_clients_making():
     """RequestChecks, in-process: uvicorn decodes %0A into the path, and KServe's log is plain text. A busy
     503's warning names the path escaped and cut, on one line: a path holding a newline and a forged
