@@ -59,7 +59,7 @@ from collections import deque
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from serving.clients import client_key, fair_share
+from serving.clients import client_key, fair_share, removed
 from serving.pace import paced_deadline
 from serving.throttled_log import ThrottledLog
 
@@ -172,6 +172,9 @@ class OpenConnections:
         self.total = 0
         self.proxied = 0  # of those, trusted proxies' (no client's share)
         self.per_client: dict[str, dict] = {}  # client -> its connections (protocols), oldest first
+        # client -> its connections between requests (their keep-alive timer set), oldest first: what _make_room
+        # looks at, so that a refusal at the cap costs no walk over every connection
+        self.idle: dict[str, dict] = {}
         self.refusals = ThrottledLog(log)
 
     def _is_trusted_proxy(self, host: str) -> bool:
@@ -210,11 +213,11 @@ class OpenConnections:
             return False
         places = self.max_open - self.proxied
         share = fair_share(places, len(self.per_client) + (key not in self.per_client), self.max_per_client)
-        if len(self.per_client.get(key, ())) >= share or max(map(len, self.per_client.values()), default=0) <= share:
+        if len(self.per_client.get(key, ())) >= share:
             return False
-        for crowding in sorted((client for client, theirs in self.per_client.items() if len(theirs) > share),
+        for crowding in sorted((client for client in self.idle if len(self.per_client[client]) > share),
                                key=lambda client: -len(self.per_client[client])):
-            idle = next((connection for connection in self.per_client[crowding] if connection.idle), None)
+            idle = next((connection for connection in self.idle[crowding] if connection.idle), None)
             if idle is not None:
                 self.refusals.warning("closed an idle connection of %s (%d open, past its fair share of %d) for a "
                                       "new one of %s (MAX_OPEN_CONNECTIONS)", crowding,
@@ -228,8 +231,18 @@ class OpenConnections:
         if self.on_reset is not None:
             self.on_reset(cap)
 
+    def set_idle(self, key: str, connection, idle: bool) -> None:
+        """``connection`` of ``key`` is between requests (True) or in one; a trusted proxy's are not kept."""
+        if not key or connection not in self.per_client.get(key, ()):
+            return
+        if idle:
+            self.idle.setdefault(key, {})[connection] = None
+        else:
+            removed(self.idle, key, connection)
+
     def closed(self, key: str, connection) -> None:
         """``connection`` (counted under ``key``) is closed; again: nothing."""
+        removed(self.idle, key, connection)
         connections = self.per_client.get(key)
         if key and (connections is None or connections.pop(connection, False) is False):
             return
@@ -281,6 +294,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # given no longer than a request's head (nor than an idle keep-alive connection).
         self.timeout_keep_alive_task = self.loop.call_later(silent_timeout_s(self.settings, self.timeout_keep_alive),
                                                             self.timeout_keep_alive_handler)
+
+    @property
+    def timeout_keep_alive_task(self):
+        """uvicorn's keep-alive timer (and the silent connection's): set, the connection is between requests."""
+        return self.__dict__.get("_keep_alive_task")
+
+    @timeout_keep_alive_task.setter
+    def timeout_keep_alive_task(self, task) -> None:
+        self.__dict__["_keep_alive_task"] = task
+        if self.__dict__.get("_connection_key") is not None:  # (uvicorn sets it before the connection is made)
+            self.open_connections.set_idle(self._connection_key, self, task is not None)
 
     @property
     def idle(self) -> bool:

@@ -31,7 +31,8 @@ import grpc
 from grpc import aio
 
 from handler.protocols import logged_request_id
-from serving.clients import CALLER, ForwardedClient, client_key, fair_share, grpc_peer_host, newest_past_fair_share
+from serving.clients import (CALLER, ForwardedClient, client_key, fair_share, grpc_peer_host, newest_past_fair_share,
+                             removed)
 from serving.throttled_log import ThrottledLog
 
 # The one gRPC method that carries images: the message bound proper; every other call has a small bound of its own.
@@ -66,7 +67,7 @@ class HeldBytes:
     def __init__(self, limit: int, turns_per_owner: int | None = None):
         self.limit, self.held, self.turns_per_owner = limit, 0, turns_per_owner
         self._turns: deque[tuple[int, str | None, asyncio.Future]] = deque()
-        self._owned: dict[str, list[Turn]] = {}  # turns held, by owner, oldest first
+        self._owned: dict[str, dict[Turn, None]] = {}  # turns held, by owner, oldest first
 
     @property
     def waiting(self) -> int:
@@ -142,7 +143,7 @@ class HeldBytes:
     def _own(self, owner: str | None) -> Turn:
         turn = Turn(owner)
         if owner is not None:
-            self._owned.setdefault(owner, []).append(turn)
+            self._owned.setdefault(owner, {})[turn] = None
         return turn
 
     def _make_way(self, size: int, owner: str | None) -> None:
@@ -157,7 +158,7 @@ class HeldBytes:
         crowding = max(self._owned, key=self.turns_of)
         if self.turns_of(owner) + waiting[owner] > share or self.turns_of(crowding) <= share:
             return
-        turn = self._owned[crowding][-1]
+        turn = next(reversed(self._owned[crowding]))
         self.end_turn(turn)
         turn.given_way = True
         if turn.stop is not None:
@@ -196,11 +197,11 @@ class RestBodies:
 
     def __init__(self, held: HeldBytes):
         self.held = held
-        self._bodies: dict[str, list[Body]] = {}  # by client: its bodies under way, oldest first
+        self._bodies: dict[str, dict[Body, None]] = {}  # by client: its bodies under way, oldest first
 
     def open(self, owner: str) -> Body:
         body = Body(owner)
-        self._bodies.setdefault(owner, []).append(body)
+        self._bodies.setdefault(owner, {})[body] = None
         return body
 
     def fits(self, body: Body, size: int) -> bool:
@@ -378,18 +379,6 @@ class GrpcMessageBound(aio.ServerInterceptor):
         setting = "--max_body_bytes_held" if bound is self.held else "--max_grpc_health_calls"
         return (f"The model is busy: gRPC messages of up to {self.max_message} bytes each are held or reserved "
                 f"({bound.held} of {bound.limit} bytes, {setting}) and {why}; try again shortly.")
-
-
-def removed(lists: dict, key, item) -> bool:
-    """``item`` taken out of ``lists[key]``, the key gone with its last item; False (nothing changed) when it was not
-    there."""
-    items = lists.get(key)
-    if not items or item not in items:
-        return False
-    items.remove(item)
-    if not items:
-        del lists[key]
-    return True
 
 
 def stop_now(timer: asyncio.Timeout) -> None:

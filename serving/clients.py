@@ -113,3 +113,15 @@ def newest_past_fair_share(waiting: Sequence[tuple[object, str | None]], client:
     if count <= share:
         return None
     return next(entry for entry, owner in reversed(waiting) if owner == crowding), share
+
+
+def removed(by_client: dict[str, dict], client: str, item) -> bool:
+    """``item`` taken out of ``by_client[client]`` (a client's things, in a dict for their order), the client gone
+    with its last one; False (nothing changed) when it was not there."""
+    items = by_client.get(client)
+    if not items or item not in items:
+        return False
+    del items[item]
+    if not items:
+        del by_client[client]
+    return True

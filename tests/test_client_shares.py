@@ -1047,34 +1047,43 @@ def test_only_an_idle_connection_of_a_client_past_its_fair_share_gives_way():
         def timeout_keep_alive_handler(self):
             self.closed = True
 
+    def try_open(connections, host, connection):
+        """OpenConnections.try_open, then the connection's keep-alive timer as the protocol reports it."""
+        key = connections.try_open(host, connection)
+        if key is not None:
+            connections.set_idle(key, connection, connection.idle)
+        return key
+
     connections = OpenConnections(Settings(max_open_connections=5, max_client_connections=3,
                                            trusted_proxies=["10.9.9.9"]))
     held = {"10.0.0.1": [Connection(False) for _ in range(3)], "10.0.0.2": [Connection(True), Connection(False)]}
     for host, theirs in held.items():
-        assert all(connections.try_open(host, connection) is not None for connection in theirs)
-    assert connections.try_open("10.9.9.9", Connection(True)) is None  # the proxy: no share to claim
-    assert connections.try_open("10.0.0.2", Connection(True)) is None  # at its share (5 // 2 clients = 2)
+        assert all(try_open(connections, host, connection) is not None for connection in theirs)
+    # One of 10.0.0.1's has its keep-alive timer set but lingers after a refusal (not idle): never closed.
+    connections.set_idle("10.0.0.1", held["10.0.0.1"][0], True)
+    assert try_open(connections, "10.9.9.9", Connection(True)) is None  # the proxy: no share to claim
+    assert try_open(connections, "10.0.0.2", Connection(True)) is None  # at its share (5 // 2 clients = 2)
     # Three clients: a share of 1. 10.0.0.1 holds the most, all busy; 10.0.0.2 is past the share, with an idle one.
-    assert connections.try_open("10.0.0.3", Connection(True)) == "10.0.0.3"
+    assert try_open(connections, "10.0.0.3", Connection(True)) == "10.0.0.3"
     assert [connection.closed for connection in held["10.0.0.2"]] == [True, False], held
     assert connections.total == 5 and len(connections.per_client["10.0.0.2"]) == 1
     connections.closed("10.0.0.2", held["10.0.0.2"][0])  # its connection_lost later: counted once
     assert connections.total == 5
     # 10.0.0.4: 10.0.0.1's are busy, the others at the share (1): reset.
-    assert connections.try_open("10.0.0.4", Connection(True)) is None
+    assert try_open(connections, "10.0.0.4", Connection(True)) is None
     # A trusted proxy's connections are nobody's share: never closed for a newcomer.
     connections.closed("10.0.0.3", next(iter(connections.per_client["10.0.0.3"])))
     proxied = Connection(True)
-    assert connections.try_open("10.9.9.9", proxied) == "" and connections.total == 5
-    assert connections.try_open("10.0.0.5", Connection(True)) is None and not proxied.closed
+    assert try_open(connections, "10.9.9.9", proxied) == "" and connections.total == 5
+    assert try_open(connections, "10.0.0.5", Connection(True)) is None and not proxied.closed
     # The shares are of the places the proxies leave: 4 open, 2 of them a proxy's; an address holding the other two
     # is past its share (2 // 2 clients = 1) when another comes.
     connections = OpenConnections(Settings(max_open_connections=4, max_client_connections=3,
                                            trusted_proxies=["10.9.9.9"]))
     theirs = [Connection(True), Connection(True)]
-    assert all(connections.try_open("10.9.9.9", Connection(True)) == "" for _ in range(2))
-    assert all(connections.try_open("10.0.0.1", connection) == "10.0.0.1" for connection in theirs)
-    assert connections.try_open("10.0.0.2", Connection(True)) == "10.0.0.2" and theirs[0].closed
+    assert all(try_open(connections, "10.9.9.9", Connection(True)) == "" for _ in range(2))
+    assert all(try_open(connections, "10.0.0.1", connection) == "10.0.0.1" for connection in theirs)
+    assert try_open(connections, "10.0.0.2", Connection(True)) == "10.0.0.2" and theirs[0].closed
     assert (connections.total, connections.proxied) == (4, 2)
     assert not any(connection.closed for connection in held["10.0.0.1"])
 
