@@ -6,7 +6,8 @@ An ASGI middleware around the whole app, for every request that has a body:
     a chunked body counts as a full-size upload) must fit in what is left of MAX_BYTES_IN_FLIGHT and
     of the client's MAX_CLIENT_BYTES_IN_FLIGHT. Otherwise 503 with Retry-After at once, before the
     body is read, for that request alone;
-  * max-min fairness, when everyone's caps refuse a request: if its client holds less than its fair share
+  * max-min fairness, when everyone's caps refuse a request whose body has begun (its first bytes within
+    MIN_RATE_GRACE_S: a head alone claims nothing): if its client holds less than its fair share
     (an equal part of MAX_REQUESTS_IN_FLIGHT and of MAX_BYTES_IN_FLIGHT among the clients holding requests,
     itself counted; at most its MAX_CLIENT_* share), it takes the place of the newest request still receiving
     its body of the client most past its share (InFlight.to_give_way), which gets 503 with Retry-After at
@@ -365,10 +366,16 @@ class RequestLimits:
             return await self.app(scope, receive, send)
         client = client_address(scope)
         charge = self.in_flight.try_admit(client, size)
-        if charge == "busy" and (place := self.in_flight.to_give_way(client, size)) is not None:
-            # Max-min fairness: one past its share gives way (released now; its own stop() below ends its body, 503).
-            place.give_way()
-            charge = self.in_flight.try_admit(client, size)
+        if charge == "busy" and self.in_flight.to_give_way(client, size) is not None:
+            # Max-min fairness: one past its share gives way (released now; its own stop() below ends its body,
+            # 503), once this one's body has begun: a head that sends nothing would stop an upload for nothing.
+            first = await _first_body(receive, self.settings.min_rate_grace_s)
+            if first is not None:
+                receive = _replaying(first, receive)
+                charge = self.in_flight.try_admit(client, size)
+                if charge == "busy" and (place := self.in_flight.to_give_way(client, size)) is not None:
+                    place.give_way()
+                    charge = self.in_flight.try_admit(client, size)
         if not isinstance(charge, Charge):
             self.refusals.warning("503 (%s): refused %s %s from %s (%d requests, %d bytes in flight)",
                                   "client's share" if charge == "client" else "busy", scope["method"],
@@ -476,6 +483,26 @@ class RequestLimits:
             await self.app(scope, timed_receive, closing_send)
         finally:
             release()
+
+
+async def _first_body(receive, wait_s: float) -> dict | None:
+    """The body's first message if it brings bytes (or ends the body) within ``wait_s``; else None."""
+    try:
+        async with asyncio.timeout(wait_s):
+            message = await receive()
+    except TimeoutError:
+        return None
+    began = message["type"] == "http.request" and (message.get("body") or not message.get("more_body", False))
+    return message if began else None
+
+
+def _replaying(first: dict, receive):
+    """``receive`` whose first message is ``first`` (already read)."""
+    pending = [first]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+    return replayed
 
 
 async def _send_json(send, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:

@@ -16,8 +16,8 @@ from adapter.limits import InFlight
 from adapter.run import running_adapter
 from test_adapter import ANSWER
 from test_adapter_edge import samples
-from test_client_shares import SlowTorchServe, _hold_upload, _post_now
-from test_hostile import parse, wait_for
+from test_client_shares import PART_HEAD, SlowTorchServe, _hold_upload, _post_now
+from test_hostile import multipart_head, parse, wait_for
 
 PNG = (Path(__file__).resolve().parents[1] / "frontend" / "examples" / "test-00042.png").read_bytes()
 
@@ -222,6 +222,38 @@ def test_a_client_under_its_share_is_served_and_the_newest_slow_upload_past_a_sh
     assert "more than its share" in json.loads(body)["error"], body
     assert still_held == 3  # the three others, charged once each (the stopped one's release changed nothing)
     assert (_refusals(adapter, "gave_way") - gave_way_before, _refusals(adapter, "busy") - busy_before) == (1, 0)
+    wait_for(lambda: _in_flight(adapter) == 0, 10, "no upload held")
+
+
+def test_a_head_whose_body_has_not_begun_stops_nobody_until_it_begins(fair_adapter):
+    """A head alone claimed a place: an address sending heads that declare a body and never send it (cut only at the
+    grace) stopped an honest client's uploads for nothing, half of them under a claim every 0.1 s. Now the claim
+    counts once its body begins: while it sends nothing, the four uploads held go on; its first bytes make the
+    newest of one address past its share give way, and it is admitted (the stand-in's answer, not 503)."""
+    adapter, port = fair_adapter, fair_adapter.port
+    gave_way_before = _refusals(adapter, "gave_way")
+
+    async def scenario():
+        held = []
+        for source in ("127.0.0.2", "127.0.0.3"):
+            held += [await _hold_upload(port, source), await _hold_upload(port, source)]
+        await _held(adapter, 4)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.4", 0))
+        writer.write(multipart_head(port, 1000))
+        await writer.drain()
+        await asyncio.sleep(1.0)
+        quiet = (_in_flight(adapter), _refusals(adapter, "gave_way") - gave_way_before)
+        writer.write(PART_HEAD + b"\0" * (1000 - len(PART_HEAD)))
+        answer = parse(await asyncio.wait_for(reader.read(), timeout=30))
+        writer.transport.abort()
+        for _, held_writer in held:
+            held_writer.transport.abort()
+        return quiet, answer
+
+    quiet, (status, _, body) = asyncio.run(scenario())
+    assert quiet == (4, 0), quiet  # its head alone: nothing stopped, nothing admitted
+    assert status != 503, (status, body)  # admitted once its body began
+    assert _refusals(adapter, "gave_way") - gave_way_before == 1
     wait_for(lambda: _in_flight(adapter) == 0, 10, "no upload held")
 
 
