@@ -204,9 +204,10 @@ class RestBodies:
         self._bodies.setdefault(owner, {})[body] = None
         return body
 
-    def fits(self, body: Body, size: int) -> bool:
-        """Whether ``size`` more bytes of ``body`` fit, once the bodies past their fair share have made way."""
-        return self.held.fits(size) or self._make_way(body.owner, size)
+    def fits(self, body: Body, size: int, stop: bool = True) -> bool:
+        """Whether ``size`` more bytes of ``body`` fit, once the bodies past their fair share have made way (``stop``
+        False: would fit, nothing stopped: a declared length claims nothing before its bytes come)."""
+        return self.held.fits(size) or self._make_way(body.owner, size, stop)
 
     def take(self, body: Body, size: int) -> bool:
         """``size`` more bytes of ``body`` held (False: no room, or it gave way: nothing more is charged to it)."""
@@ -220,7 +221,7 @@ class RestBodies:
         if removed(self._bodies, body.owner, body):
             self.held.give(body.charged)
 
-    def _make_way(self, owner: str, size: int) -> bool:
+    def _make_way(self, owner: str, size: int, stop: bool = True) -> bool:
         """Stops the newest bodies still arriving, bytes charged, of the clients most past their fair share, if
         ``owner``'s, ``size`` counted, are within its own and their bytes make room for ``size``: True once it fits
         (nothing is stopped when they would not make room)."""
@@ -245,7 +246,7 @@ class RestBodies:
             chosen.append(body)
             need -= body.charged
             held[crowding] -= body.charged
-        for body in chosen:
+        for body in chosen if stop else ():
             self.close(body)
             body.given_way = True
             body.stop()

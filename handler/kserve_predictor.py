@@ -219,7 +219,7 @@ class RequestChecks:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            if declared.isdigit() and not self.shares.fits(body, int(declared)):
+            if declared.isdigit() and not self.shares.fits(body, int(declared), stop=False):
                 return await self._busy(send, scope, headers, int(declared))
             while message.get("more_body"):
                 deadline = paced_deadline(started, seen, **self.pace)

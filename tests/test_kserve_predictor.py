@@ -703,6 +703,7 @@ rest = RestBodies(HeldBytes(150))
 four = [arriving(rest, "a", 20, stopped, f"a{n}") for n in range(4)]
 assert rest.take(rest.open("b"), 60)
 newcomer = rest.open("c")
+log["declared: would fit, nothing stopped"] = [rest.fits(newcomer, 50, stop=False), list(stopped)]
 log["two make room"] = [rest.take(newcomer, 50), list(stopped), rest.held.held, [body.given_way for body in four]]
 log["a stopped body takes nothing more"] = rest.take(four[3], 1)
 log["past its share"] = rest.fits(rest.open("d"), 51)
@@ -710,6 +711,7 @@ print(json.dumps(log))
 """
     out = in_child(script)
     assert out["cannot make room"] == [False, [], 145], out  # need 25, 5 arriving: nothing stopped
+    assert out["declared: would fit, nothing stopped"] == [True, []], out  # its bytes, not its length, claim
     # need 40: a's two newest (20 + 20), a then at 40, under its share; b's body is complete.
     assert out["two make room"] == [True, ["a3", "a2"], 150, [False, False, True, True]], out
     assert out["a stopped body takes nothing more"] is False, out
