@@ -561,9 +561,10 @@ async def _hold_upload(port: int, source: str, headers: str = "", path: str = "/
 
 
 async def _post_now(port: int, source: str, headers: str = "") -> tuple[int, dict, bytes, float]:
-    """A whole small upload; (status, headers, body, seconds)."""
+    """A whole small upload; (status, headers, body, seconds). Connection: close, so that reading to the end does
+    not wait out the keep-alive time after an answer that keeps the connection."""
     started = time.monotonic()
-    reader, writer = await _hold_upload(port, source, headers)
+    reader, writer = await _hold_upload(port, source, headers + "Connection: close\r\n")
     writer.write(b"\0" * (1000 - len(PART_HEAD)))
     response = await asyncio.wait_for(reader.read(), timeout=30)
     writer.transport.abort()
