@@ -48,7 +48,7 @@ import json
 import logging
 
 from serving.clients import client_key, fair_share
-from serving.pace import paced_deadline
+from serving.pace import paced_deadline, stop_now
 from serving.throttled_log import ThrottledLog
 
 from .config import Settings
@@ -399,8 +399,8 @@ class RequestLimits:
         def stop():
             nonlocal stopped
             stopped = True
-            if waiting is not None and not waiting.expired():  # (expired: its TimeoutError is on its way)
-                waiting.reschedule(loop.time())
+            if waiting is not None:
+                stop_now(waiting)
 
         charge.receiving(stop)
 

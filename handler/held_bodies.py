@@ -33,6 +33,7 @@ from grpc import aio
 from handler.protocols import logged_request_id
 from serving.clients import (CALLER, ForwardedClient, client_key, fair_share, grpc_peer_host, newest_past_fair_share,
                              removed)
+from serving.pace import stop_now
 from serving.throttled_log import ThrottledLog
 
 # The one gRPC method that carries images: the message bound proper; every other call has a small bound of its own.
@@ -380,12 +381,6 @@ class GrpcMessageBound(aio.ServerInterceptor):
         setting = "--max_body_bytes_held" if bound is self.held else "--max_grpc_health_calls"
         return (f"The model is busy: gRPC messages of up to {self.max_message} bytes each are held or reserved "
                 f"({bound.held} of {bound.limit} bytes, {setting}) and {why}; try again shortly.")
-
-
-def stop_now(timer: asyncio.Timeout) -> None:
-    """Ends ``timer``'s wait at once (TimeoutError in its task), unless it has expired already."""
-    if not timer.expired():
-        timer.reschedule(-1)  # a time past: as soon as the loop runs
 
 
 def client_share(places: int, share: float) -> int:

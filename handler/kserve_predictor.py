@@ -81,7 +81,7 @@ from handler.answers import NOT_FINITE, image_answers, served_topk
 from handler.batching import Batcher, BatcherFull
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
-from handler.held_bodies import GrpcMessageBound, HeldBytes, RestBodies, client_share, stop_now
+from handler.held_bodies import GrpcMessageBound, HeldBytes, RestBodies, client_share
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, OUTPUTS, V2, ProtocolError,
                                encode_answer, json_body, logged_request_id, parse_request, plain_v2_body,
@@ -91,7 +91,7 @@ from model import check_class_count, load_class_names, network_from_state_dict
 from serving.cli import positive_float, positive_int, share
 from serving.clients import CALLER, ForwardedClient, client_key, proxy_networks
 from serving.fair_pool import FairPool
-from serving.pace import paced_deadline
+from serving.pace import paced_deadline, stop_now
 from serving.process import ensure_open_files
 from serving.rotating_log import RotatingLog, log_everything_to
 from serving.settings import (BODY_TIMEOUT_S, LOG_BACKUPS, LOG_MAX_BYTES, MIN_RATE_GRACE_S, MIN_UPLOAD_RATE, MODEL_NAME,
