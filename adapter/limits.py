@@ -47,7 +47,7 @@ import contextlib
 import json
 import logging
 
-from serving.clients import client_key, fair_share
+from serving.clients import client_key, fair_share, giving_way
 from serving.pace import paced_deadline, stop_now
 from serving.throttled_log import ThrottledLog
 
@@ -136,14 +136,12 @@ class InFlight:
         if requests >= fair_requests or held + declared > fair_bytes:
             return None
 
-        def past(other: _ClientShare) -> float:  # times its fair share it holds, in requests or bytes
-            return max(other.requests / fair_requests, other.bytes / fair_bytes)
-        for crowding in sorted((other for other in self.clients.values() if other.receiving and past(other) > 1),
-                               key=past, reverse=True):
-            for newest in reversed(crowding.receiving):  # the newest whose bytes make room (else stopped for nothing)
-                if self.bytes - newest.charged + declared <= self.max_bytes:
-                    return newest
-        return None
+        def past(other: str) -> float:  # times its fair share it holds, in requests or bytes
+            return max(self.clients[other].requests / fair_requests, self.clients[other].bytes / fair_bytes)
+        receiving = {other: theirs.receiving for other, theirs in self.clients.items()}
+        # The first whose bytes make room (else it would be stopped for nothing).
+        return next((charge for charge in giving_way(receiving, past)
+                     if self.bytes - charge.charged + declared <= self.max_bytes), None)
 
     def _take(self, share: _ClientShare, n: int) -> bool:
         if self.bytes + n > self.max_bytes or share.bytes + n > self.max_client_bytes:

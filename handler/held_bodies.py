@@ -31,8 +31,8 @@ import grpc
 from grpc import aio
 
 from handler.protocols import logged_request_id
-from serving.clients import (CALLER, ForwardedClient, client_key, fair_share, grpc_peer_host, newest_past_fair_share,
-                             removed)
+from serving.clients import (CALLER, ForwardedClient, client_key, fair_share, giving_way, grpc_peer_host,
+                             newest_past_fair_share, removed)
 from serving.pace import stop_now
 from serving.throttled_log import ThrottledLog
 
@@ -156,10 +156,11 @@ class HeldBytes:
             return
         waiting = Counter(waiter for _, waiter, granted in self._turns if waiter is not None and not granted.done())
         share = fair_share(self.limit // size, len(self._owned.keys() | waiting.keys()), self.turns_per_owner)
-        crowding = max(self._owned, key=self.turns_of)
-        if self.turns_of(owner) + waiting[owner] > share or self.turns_of(crowding) <= share:
+        if self.turns_of(owner) + waiting[owner] > share:
             return
-        turn = next(reversed(self._owned[crowding]))
+        turn = next(giving_way(self._owned, lambda crowding: self.turns_of(crowding) / share), None)
+        if turn is None:
+            return
         self.end_turn(turn)
         turn.given_way = True
         if turn.stop is not None:
@@ -235,18 +236,16 @@ class RestBodies:
                            self.held.limit)
         if held.get(owner, 0) + size > share:
             return False
-        arriving = {client: deque(body for body in reversed(bodies) if body.stop is not None and body.charged)
-                    for client, bodies in self._bodies.items() if held[client] > share}  # newest first
+        arriving = {client: [body for body in bodies if body.stop is not None and body.charged]
+                    for client, bodies in self._bodies.items()}
+        givers = giving_way(arriving, lambda client: held[client] / share)  # (held: what is left once they go)
         chosen = []
         while need > 0:
-            crowding = max((client for client, bodies in arriving.items() if bodies and held[client] > share),
-                           key=held.get, default=None)
-            if crowding is None:
+            if (body := next(givers, None)) is None:
                 return False
-            body = arriving[crowding].popleft()
             chosen.append(body)
             need -= body.charged
-            held[crowding] -= body.charged
+            held[body.owner] -= body.charged
         for body in chosen if stop else ():
             self.close(body)
             body.given_way = True

@@ -1,16 +1,19 @@
 """Whose share a request counts in: the client behind a peer address, for the per-client shares of the
 adapter (adapter/limits.py, adapter/protocol.py) and of KServe's model server's gRPC bound
 (handler/held_bodies.py). A trusted proxy's X-Forwarded-For names the client by uvicorn's rule (the
-nearest address in it that is not itself a trusted proxy), the adapter's through uvicorn's middleware."""
+nearest address in it that is not itself a trusted proxy), the adapter's through uvicorn's middleware. And the rule
+of those shares while clients compete (max-min fairness): fair_share, giving_way."""
 from __future__ import annotations
 
 import functools
 import ipaddress
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
+from typing import TypeVar
 
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+T = TypeVar("T")
 
 # The client key of the request this task answers, on KServe's model server (set by its REST checks and its gRPC
 # bound): whose line its work waits in further down (serving/fair_pool.py). "" where nobody set it.
@@ -100,19 +103,33 @@ def fair_share(places: int, clients: int, most: int) -> int:
     return min(most, max(1, places // max(1, clients)))
 
 
+def giving_way(holders: Mapping[str, Iterable[T]], past: Callable[[str], float]) -> Iterator[T]:
+    """What gives way to a newcomer within its fair share, in turn: the newest thing of the client most past its own
+    share, then the next; ``holders``: what each client could give, oldest first; ``past(client)``: the times its
+    fair share it holds (over 1: past it), asked again before each (a caller taking off what was chosen changes
+    it). The one rule of every bound's max-min fairness: the adapter's uploads, the predictor's bodies and turns."""
+    left = {client: list(things) for client, things in holders.items()}
+    while left := {client: things for client, things in left.items() if things}:
+        crowding = max(left, key=past)  # (the first of equals: the oldest holder)
+        if past(crowding) <= 1:
+            return
+        yield left[crowding].pop()
+
+
 def newest_past_fair_share(waiting: Sequence[tuple[object, str | None]], client: str, places: int,
                            most: int) -> tuple[object, int] | None:
     """When all ``places`` are taken and ``client`` would wait too: of ``waiting`` (entries and their clients, oldest
     first), the newest entry of the client that waits in the most, if that is past its fair share (fair_share among
     the clients waiting and ``client``) and ``client`` is under it, with that share; else None."""
-    counts = Counter(owner for _, owner in waiting if owner is not None)
-    share = fair_share(places, len(counts.keys() | {client}), most)
-    if counts[client] >= share or not counts:
+    by_client: dict[str, list] = {}
+    for entry, owner in waiting:
+        if owner is not None:
+            by_client.setdefault(owner, []).append(entry)
+    share = fair_share(places, len(by_client.keys() | {client}), most)
+    if len(by_client.get(client, ())) >= share:
         return None
-    crowding, count = counts.most_common(1)[0]
-    if count <= share:
-        return None
-    return next(entry for entry, owner in reversed(waiting) if owner == crowding), share
+    entry = next(giving_way(by_client, lambda owner: len(by_client[owner]) / share), None)
+    return None if entry is None else (entry, share)
 
 
 def removed(by_client: dict[str, dict], client: str, item) -> bool:
