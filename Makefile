@@ -76,6 +76,7 @@ serve: install
 	@echo "Open the page: http://127.0.0.1:$${ADAPTER_PORT:-8000}/   (stop everything with: make stop)"
 
 # The same page without TorchServe or Java: the KServe bundle under KServe's own model server, the adapter in front.
+# (The server's other options: PREDICTOR_ARGS="--log_max_bytes 1048576".)
 serve-kserve: install
 	$(MAKE) --no-print-directory kserve-bundle
 	$(PY) -m serving.kserve predictor start

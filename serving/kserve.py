@@ -20,14 +20,16 @@ The same bundle also runs without TorchServe, under KServe's own Python model se
 ``predictor start`` runs KServe's model server on the bundle in the background, as `make serve-kserve`
 does (ports: PREDICTOR_HTTP_PORT / PREDICTOR_GRPC_PORT, 8085 / 8086; logs/predictor.log, rotated as the
 predictor's --log_max_bytes / --log_backups say, and logs/predictor.stderr.log, this start's own output;
-logs/kserve-predictor.pid); ``stop`` stops it (`make stop` too).
+logs/kserve-predictor.pid; its other options from PREDICTOR_ARGS); ``stop`` stops it (`make stop` too).
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -40,8 +42,8 @@ from serving.process import (NOT_RUNNING, RUNNING, PidFile, ServiceStartError, c
                              free_ports, log_ends, popen_exited, port_in_use, stop_popen, stop_process,
                              wait_until_ready)
 from serving.rotating_log import stderr_file
-from serving.settings import (ENGINE_CACHE_ENV, MODEL_CONFIG, PREDICTOR_PORT_ENV, PREDICTOR_PORTS, ports_from_env,
-                              read_model_config)
+from serving.settings import (ENGINE_CACHE_ENV, MODEL_CONFIG, PREDICTOR_ARGS_ENV, PREDICTOR_PORT_ENV, PREDICTOR_PORTS,
+                              ports_from_env, read_model_config)
 from serving.torchserve import (BASE_CONFIG, DEFAULT_ENGINE_CACHE, MAR_FILE, TorchServeError, TorchServeInstance,
                                read_properties)
 from serving import cli
@@ -54,6 +56,10 @@ LOG_DIR = REPO / "logs"
 PREDICTOR_START_TIMEOUT_S = 300.0  # the first start on a machine compiles the engine
 PREDICTOR_STOP_TIMEOUT_S = 30.0    # SIGTERM: KServe finishes the requests in flight (its grace period), then exits
 PREDICTOR_MODULE = "handler.kserve_predictor"
+# The options `predictor start` gives its server itself (not PREDICTOR_ARGS'), and what chooses them.
+PREDICTOR_OWN_OPTIONS = {"--model_dir": "the --bundle option", "--host": "127.0.0.1, this machine only",
+                         "--http_port": PREDICTOR_PORT_ENV["http"], "--grpc_port": PREDICTOR_PORT_ENV["grpc"],
+                         "--log_file": "logs/predictor.log"}
 # KServe's wrapper (port 8080, the pod's only served port) calls TorchServe on 8085 for inference
 # and management alike; only the wrapper calls it, so it listens on the pod's loopback. Prometheus
 # scrapes the metrics port from outside the container.
@@ -269,6 +275,25 @@ def predictor_ports() -> tuple[int, int]:
     return ports["http"], ports["grpc"]
 
 
+def predictor_args(environ: Mapping[str, str]) -> list[str]:
+    """PREDICTOR_ARGS, split as a shell would: more options for ``predictor start``'s server. ValueError for text
+    that does not split, or for an option that ``predictor start`` gives itself (also abbreviated, as argparse
+    takes it): the bundle, address, ports and log have their own settings, and its pid file knows the server
+    by them."""
+    text = environ.get(PREDICTOR_ARGS_ENV, "")
+    try:
+        args = shlex.split(text)
+    except ValueError as err:
+        raise ValueError(f"{PREDICTOR_ARGS_ENV}={text!r}: {err}") from None
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and len(name) > 2 and (own := next(
+                (option for option in PREDICTOR_OWN_OPTIONS if option.startswith(name)), None)) is not None:
+            raise ValueError(f"{PREDICTOR_ARGS_ENV}: {arg}: `predictor start` sets {own} itself "
+                             f"({PREDICTOR_OWN_OPTIONS[own]})")
+    return args
+
+
 def _started_otherwise(command: str, pid: int, settings: list[str], http: int) -> int:
     """`command` while this checkout's server runs on other settings: said, and its pid file kept. Status: not
     running on this port (3); stop and start fail (a start would write its own pid over that server's)."""
@@ -294,8 +319,13 @@ def predictor_command(argv: list[str]) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        extra_args = predictor_args(os.environ) if args.command == "start" else []
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     predictor = KServePredictor(LOG_DIR, args.bundle, port=http, grpc_port=grpc, detached=True,
-                                env={"TMPDIR": os.environ.get("TMPDIR", "/tmp")})
+                                extra_args=extra_args, env={"TMPDIR": os.environ.get("TMPDIR", "/tmp")})
     pid_record = predictor.pid_record
     pid = pid_record.pid()
     other = None if pid else pid_record.live_process()

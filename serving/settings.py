@@ -54,6 +54,9 @@ def ports_from_env(environ: Mapping[str, str], defaults: Mapping[str, int],
 # KServe's own model server run locally (`make serve-kserve`): REST and gRPC ports, and the variables that move them.
 PREDICTOR_PORTS = {"http": 8085, "grpc": 8086}
 PREDICTOR_PORT_ENV = {"http": "PREDICTOR_HTTP_PORT", "grpc": "PREDICTOR_GRPC_PORT"}
+# Its other options (python -m handler.kserve_predictor --help: bounds, deadlines, log rotation), as a shell would
+# split them: `PREDICTOR_ARGS="--log_max_bytes 1048576" make serve-kserve`.
+PREDICTOR_ARGS_ENV = "PREDICTOR_ARGS"
 ADAPTER_HOST = "127.0.0.1"       # the adapter: the one process that faces users
 ADAPTER_PORT = 8000
 # Where the adapter's and KServe's predictor's logs rotate (serving/rotating_log.py), and the old files they keep:

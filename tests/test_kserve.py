@@ -267,6 +267,33 @@ def test_a_predictor_port_that_is_no_number_is_a_one_line_error(variable, monkey
     assert err == f"error: {variable}='80a5' is not a port number (1-65535)\n"
 
 
+@pytest.mark.parametrize("text, said", [
+    ("--http_port=9", "PREDICTOR_ARGS: --http_port=9: `predictor start` sets --http_port itself (PREDICTOR_HTTP_PORT)"),
+    ("--max_client_share 0.5 --grpc 9", "--grpc: `predictor start` sets --grpc_port itself (PREDICTOR_GRPC_PORT)"),
+    ("--host 0.0.0.0", "--host: `predictor start` sets --host itself"),
+    ("--log_f /tmp/x", "--log_f: `predictor start` sets --log_file itself (logs/predictor.log)"),
+    ("--model_dir=/x", "--model_dir=/x: `predictor start` sets --model_dir itself (the --bundle option)"),
+    ("--trusted_proxies '10.0.0.1", "PREDICTOR_ARGS=\"--trusted_proxies '10.0.0.1\": No closing quotation"),
+])
+def test_predictor_args_that_start_sets_itself_or_that_do_not_split_are_a_one_line_error(text, said, monkeypatch,
+                                                                                         capsys):
+    import serving.kserve as kserve
+
+    monkeypatch.setenv("PREDICTOR_ARGS", text)
+    assert kserve.main(["predictor", "start"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and said in err and err.count("\n") == 1, err
+
+
+def test_predictor_args_pass_every_other_option_as_a_shell_splits_it():
+    from serving.kserve import predictor_args
+
+    assert predictor_args({}) == []
+    assert predictor_args({"PREDICTOR_ARGS": "--log_max_bytes 1048576 --log_backups=2 --trusted_proxies '10.0.0.1, "
+                                             "10.0.0.2'"}) == ["--log_max_bytes", "1048576", "--log_backups=2",
+                                                              "--trusted_proxies", "10.0.0.1, 10.0.0.2"]
+
+
 # ---- request parsing, without a server -------------------------------------------------------
 PNG = b"\x89PNG\r\n\x1a\n..."
 

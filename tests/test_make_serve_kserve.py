@@ -10,11 +10,12 @@ import socket
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from model.shipped import SHIPPED_WEIGHTS
 from serving.process import port_in_use
-from serving.settings import PREDICTOR_PORT_ENV, TORCHSERVE_PORT_ENV
+from serving.settings import PREDICTOR_ARGS_ENV, PREDICTOR_PORT_ENV, TORCHSERVE_PORT_ENV
 from checkout import Commands, user_in_a_copy
 from serving_helpers import ReferenceModel
 
@@ -31,8 +32,13 @@ def user(tmp_path_factory) -> Commands:
                                                                 *TORCHSERVE_PORT_ENV.values()], MAKE_TIMEOUT_S)
 
 
+# Options of KServe's model server for `make serve-kserve` (the defaults otherwise).
+PREDICTOR_ARGS = "--log_max_bytes 5000000 --log_backups 2"
+
+
 @pytest.fixture(scope="module")
 def served(user):
+    user.env[PREDICTOR_ARGS_ENV] = PREDICTOR_ARGS
     try:
         yield user.make("serve-kserve")
     finally:
@@ -54,6 +60,8 @@ def test_make_serve_kserve_answers_through_kserves_server_without_torchserve(ser
     # gRPC is served too, on its own port.
     assert port_in_use(int(user.env[PREDICTOR_PORT_ENV["grpc"]]))
     assert (user.root / "logs" / "predictor.log").is_file() and (user.root / "dist" / "kserve").is_dir()  # the copy's
+    pid = int((user.root / "logs" / "kserve-predictor.pid").read_text().split()[0])
+    assert psutil.Process(pid).cmdline()[-4:] == PREDICTOR_ARGS.split()  # PREDICTOR_ARGS reached it
 
 
 def test_make_stop_stops_kserves_server_and_the_adapter(served, user):
