@@ -3,8 +3,10 @@
     python -m benchmarks.bench_fairness [--duration 10] [--rounds 2] [--addresses 8] [--per-address 2]
                                         [--explanation-caps 64 4] [--photo-addresses 6] [--photos-per-address 4]
                                         [--floods /classes /metrics /health] [--flood-connections 6]
+                                        [--running-torchserve]
 
-One TorchServe (this checkout's archive, free loopback ports) and, per setting, an adapter in front of it.
+One TorchServe (this checkout's archive, free loopback ports; --running-torchserve: the one already running where
+the adapter's settings point, by default `make serve`'s) and, per setting, an adapter in front of it.
 A probe, from its own address, posts a CIFAR-100 test PNG to /classify/ every 20 ms, one at a time,
 from the 2nd second of each phase; meanwhile:
   * quiet: nobody else;
@@ -36,6 +38,7 @@ from adapter.run import running_adapter
 from benchmarks.bench_photos import phone_photos
 from benchmarks.bench_serve import cifar_png_payloads, machine, start_benchmark_torchserve
 from benchmarks.load import exit_on_sigterm
+from benchmarks.side_by_side import side_by_side
 from benchmarks.soak import connector, post_image, user_address
 from serving import cli
 from model.shipped import SHIPPED_WEIGHTS
@@ -120,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flood-connections", type=cli.positive_int, default=6,
                         help="keep-alive connections, from one address, flooding each route")
     parser.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
+    parser.add_argument("--running-torchserve", action="store_true",
+                        help="measure the TorchServe already running where the adapter's settings point "
+                        "(TS_INFERENCE_URL, TS_KEY_FILE, ...; by default make serve's) instead of starting one "
+                        "(--weights unused)")
     args = parser.parse_args(argv)
     if args.duration <= PROBE_START_S:
         parser.error(f"--duration must be above {PROBE_START_S:g} s (the probe starts then)")
@@ -139,18 +146,24 @@ def main(argv: list[str] | None = None) -> int:
                 [FLOOD_ADDRESS] * args.flood_connections, []) for route in args.floods]
     with tempfile.TemporaryDirectory(prefix="fairness-") as tmp:
         tmp = Path(tmp)
-        ts = start_benchmark_torchserve(tmp / "ts", args.weights)
+        ts = None if args.running_torchserve else start_benchmark_torchserve(tmp / "ts", args.weights)
+        ts_env = ts.adapter_env() if ts else {}  # else the adapter's own settings, from the environment
         try:
             for round_ in range(1, args.rounds + 1):
-                for i, (name, env, route, others, bodies) in enumerate(phases):
-                    with running_adapter({**ts.adapter_env(), **env}, tmp / f"adapter-{round_}-{i}.log") as adapter:
+                # A fresh adapter per phase, the round's started at once (an idle one takes no CPU from the phase
+                # measured; one after another their starts took ~1.5 s each).
+                with side_by_side(*(running_adapter({**ts_env, **env}, tmp / f"adapter-{round_}-{i}.log")
+                                    for i, (_, env, *_) in enumerate(phases))) as adapters:
+                    for (name, env, route, others, bodies), adapter in zip(phases, adapters):
                         probe, load = asyncio.run(_phase(adapter.base_url, pngs, route, others, bodies,
                                                          args.duration))
-                    answered = sum(1 for status, _ in load if status == 200) / (args.duration)
-                    others_line = f"; theirs {summary(load)}, {answered:.1f} answered/s" if others else ""
-                    print(f"round {round_}, {name}: the probe's /classify/ {summary(probe)}{others_line}", flush=True)
+                        answered = sum(1 for status, _ in load if status == 200) / (args.duration)
+                        others_line = f"; theirs {summary(load)}, {answered:.1f} answered/s" if others else ""
+                        print(f"round {round_}, {name}: the probe's /classify/ {summary(probe)}{others_line}",
+                              flush=True)
         finally:
-            ts.stop()
+            if ts is not None:
+                ts.stop()
     return 0
 
 

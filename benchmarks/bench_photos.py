@@ -26,7 +26,7 @@ import psutil
 from adapter.run import running_adapter
 from benchmarks.bench_decode import photo_like
 from benchmarks.bench_serve import add_load_arguments, machine, torchserve_from_arguments
-from benchmarks.load import HttpTarget, exit_on_sigterm, multipart_image_bodies, print_failures, run_wrk
+from benchmarks.load import HttpTarget, exit_on_sigterm, multipart_image_bodies, print_failures, run_wrk, warm_up
 from serving import cli
 
 PHOTO_SIZE = (4032, 3024)
@@ -109,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                     target = HttpTarget(f"{adapter.base_url}/classify/", sent, expect='"prediction"',
                                         headers=lambda: {"Content-Type": content_type})
                     targets[name] = (target, psutil.Process(adapter.process.pid))
-                for target, _ in targets.values():  # warm-up, unmeasured
-                    for concurrency in args.concurrency:
-                        run_wrk(target, concurrency, args.warmup, tmp)
+                warm_up({name: target for name, (target, _) in targets.items()}, args.concurrency, tmp, args.warmup)
                 for concurrency in args.concurrency:
                     for name, (target, adapter_process) in targets.items():
                         workers = java.children(recursive=True)

@@ -195,7 +195,8 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every serving benchmark shares (bench_adapter uses them too)."""
     parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per point")
     parser.add_argument("--warmup", type=float, default=SERVER_WARMUP_S,
-                        help="seconds of unmeasured load per target and concurrency before the measured points")
+                        help="seconds of unmeasured load per target and concurrency before the measured points "
+                        "(0: none, the servers measured cold)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
     parser.add_argument("--batch-size", type=int, help="override model-config.yaml's batchSize")

@@ -324,7 +324,7 @@ def test_bench_served_engines_keeps_what_it_measured_when_stopped(tmp_path, shor
     out_file = tmp_path / "served.json"
     code, out, left = signal_benchmark(
         ["benchmarks.bench_served_engines", "--engines", "eager-fp32", "openvino-fp32", "--images", "20",
-         "--concurrency", "1", "--duration", "1", "--warmup", "0.5", "--out", str(out_file)],
+         "--concurrency", "1", "--duration", "0.5", "--warmup", "0.2", "--out", str(out_file)],
         lambda lines, _: any(line.startswith("eager-fp32 (served: ") for line in lines), signal.SIGTERM, short_tmp)
     assert code != 0 and left == [], out
     figures = json.loads(out_file.read_text())
@@ -371,11 +371,11 @@ def test_multipart_bodies_are_read_as_the_image_field(torchserve_ready, pngs, tm
         assert result.errors == 0 and result.images > 0
 
 
-def run_benchmark(module: str, columns: tuple[str, ...]) -> list[str]:
-    """`python -m benchmarks.<module>` on 1 s points at concurrency 1 and 2 (0.5 s of warm-up each): its
-    output lines, after checking that it succeeded and that each column has a row per concurrency with
-    images/s and no failed request (the table: target, conc, img/s, p50, p99, errors)."""
-    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--duration", "1", "--warmup", "0.5",
+def run_benchmark(module: str, columns: tuple[str, ...], warmup: str = "0.5") -> list[str]:
+    """`python -m benchmarks.<module>` on 1 s points at concurrency 1 and 2 (`warmup` s of warm-up each, wrk's
+    shortest being 1 s; 0: none): its output lines, after checking that it succeeded and that each column has a row
+    per concurrency with images/s and no failed request (the table: target, conc, img/s, p50, p99, errors)."""
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--duration", "1", "--warmup", warmup,
                            "--concurrency", "1", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
@@ -397,8 +397,10 @@ def test_bench_serve_prints_both_columns_and_the_two_ratios():
 
 def test_bench_adapter_prints_both_paths_and_its_targets():
     # Starts its own TorchServe, adapter and seed-style server, and KServe's model server with an adapter in
-    # OIP mode in front, as `make bench-serve` does (~60 s here).
-    lines = run_benchmark("bench_adapter", ("torchserve", "adapter", "seed-style", "predictor", "adapter-oip"))
+    # OIP mode in front, as `make bench-serve` does (~30 s here). Cold: 10 points of warm-up cost 10 s, and the
+    # warm-up is bench_serve's test's.
+    lines = run_benchmark("bench_adapter", ("torchserve", "adapter", "seed-style", "predictor", "adapter-oip"),
+                          warmup="0")
     assert any(line.startswith("adapter p50 - torchserve p50 at concurrency 1:") for line in lines), lines
     assert any(line.startswith("adapter / seed-style images/s at concurrency 2:") for line in lines), lines
     assert any(line.startswith("without TorchServe: adapter-oip / seed-style images/s at concurrency 2:")
@@ -421,8 +423,8 @@ def test_bench_predictor_memory_prints_the_peak_with_and_without_the_bound():
 
 
 def test_bench_photos_prints_the_three_paths_with_their_cpu_per_photo():
-    # Starts its own TorchServe and two adapters, 12 MP JPEGs at concurrency 1 only (~60 s here).
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_photos", "--duration", "1", "--warmup", "1",
+    # Starts its own TorchServe and two adapters, 12 MP JPEGs at concurrency 1 only, cold (~25 s here).
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_photos", "--duration", "1", "--warmup", "0",
                            "--concurrency", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -435,13 +437,15 @@ def test_bench_photos_prints_the_three_paths_with_their_cpu_per_photo():
     assert "errors" not in done.stdout
 
 
-def test_bench_fairness_prints_the_probe_beside_each_kind_of_load():
-    # Starts its own TorchServe and an adapter per phase: 3 s phases, small loads (~50 s here).
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_fairness", "--duration", "3", "--rounds", "1",
+def test_bench_fairness_prints_the_probe_beside_each_kind_of_load(torchserve_ready):
+    # An adapter per phase in front of the session's TorchServe (its own cost ~12 s to start and stop): 2.5 s
+    # phases (the probe's last 0.5 s), small loads.
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_fairness", "--duration", "2.5", "--rounds", "1",
                            "--addresses", "2", "--per-address", "1", "--explanation-caps", "64", "1",
                            "--photo-addresses", "1", "--photos-per-address", "1",
-                           "--floods", "/metrics", "--flood-connections", "2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--floods", "/metrics", "--flood-connections", "2", "--running-torchserve"],
+                          cwd=REPO, env={**os.environ, **torchserve_ready.adapter_env()},
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("round 1, ")]
     assert " cores" in done.stdout.splitlines()[0], done.stdout
@@ -461,11 +465,12 @@ def test_bench_fairness_prints_the_probe_beside_each_kind_of_load():
 
 
 def test_bench_served_engines_serves_each_engine_and_compares_its_answers(tmp_path):
-    # Starts KServe's own model server once per engine (no TorchServe, no wrk: aiohttp clients), ~30 s here.
+    # Starts KServe's own model server once per engine (no TorchServe, no wrk: aiohttp clients: points shorter than
+    # wrk's 1 s), ~20 s here.
     out = tmp_path / "served.json"
     done = subprocess.run([sys.executable, "-m", "benchmarks.bench_served_engines", "--engines", "eager-fp32",
-                           "openvino-fp32", "--images", "40", "--concurrency", "1", "3", "--duration", "1",
-                           "--warmup", "0.5", "--out", str(out)],
+                           "openvino-fp32", "--images", "40", "--concurrency", "1", "3", "--duration", "0.5",
+                           "--warmup", "0.2", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " cores" in done.stdout.splitlines()[0], done.stdout
