@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -1033,4 +1034,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # Stopped or refused: the interpreter's teardown collected every object torch, KServe and pandas made, ~2 s
+        # of each stop (~0.7 s of a refusal) freeing nothing the exit does not. Frozen, they are left out of it.
+        gc.freeze()
