@@ -72,9 +72,9 @@ def test_torchrun_two_processes_gloo(tmp_path, cifar100_data_dir):
 def test_torchrun_time_budget_stops_every_process_at_the_same_step(tmp_path, cifar100_data_dir):
     """Rank 0's clock decides for all: a rank that stopped on its own clock would leave the other
     waiting in an all-reduce (the timeout below would catch that hang)."""
-    out, budget_s = tmp_path / "ddp-budget", 12
+    out, budget_s = tmp_path / "ddp-budget", 8
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "training.train", "--data-dir", str(cifar100_data_dir), "--train-subset", "1024", "--test-subset", "200",
+           "-m", "training.train", "--data-dir", str(cifar100_data_dir), "--train-subset", "512", "--test-subset", "200",
            "--width", "1", "--batch-size", "64", "--time-budget", str(budget_s / 60), "--no-ema", "--no-tta",
            "--threads", "1", "--no-progress", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -558,11 +558,11 @@ def test_time_budget_schedules_follow_the_share_of_time_spent():
 
 
 def test_time_budget_run_fits_its_budget_across_a_resume_and_ends_annealed(tmp_path):
-    """A 15-second budget: the first session stops after 2 epochs (--max-epochs-this-run), the second
+    """A 10-second budget: the first session stops after 2 epochs (--max-epochs-this-run), the second
     after one more, the third carries on to the end, all on one clock; training and the final
     evaluation end inside the budget, having used most of it, with the learning rate near zero and
     the resolution grown to 32. Resumed after that, the finished run trains no further."""
-    out, budget_s = tmp_path / "budget", 15
+    out, budget_s = tmp_path / "budget", 10
     run = SMALL_RUN + ["--time-budget", str(budget_s / 60), "--min-res", "16", "--eval-every", "3", "--no-ema",
                        "--no-tta", "--out", str(out)]
     assert train_module.main(run + ["--max-epochs-this-run", "2"]) == 0
@@ -591,27 +591,27 @@ def test_time_budget_run_fits_its_budget_across_a_resume_and_ends_annealed(tmp_p
 
 
 def test_a_larger_time_budget_given_on_resume_continues_a_finished_run(tmp_path, capsys):
-    """A spent 6 s budget resumed with --time-budget 0.3 (18 s) trains on to it (it trained nothing and
-    recorded 0.3); resumed then with a smaller one, the run is done and keeps the budget it was trained to."""
+    """A spent 6 s budget resumed with --time-budget 0.2 (12 s) trains on to it (it trained nothing and
+    recorded 0.2); resumed then with a smaller one, the run is done and keeps the budget it was trained to."""
     out = tmp_path / "longer"
     run = SMALL_RUN + ["--time-budget", "0.1", "--no-ema", "--no-tta", "--out", str(out)]
     assert train_module.main(run) == 0
     first = json.loads((out / "metrics.json").read_text())
     resume = ["--resume", "--out", str(out), "--data-dir", str(DATA_DIR), "--threads", "1", "--no-progress"]
     capsys.readouterr()
-    assert train_module.main(resume + ["--time-budget", "0.3"]) == 0
+    assert train_module.main(resume + ["--time-budget", "0.2"]) == 0
     longer = json.loads((out / "metrics.json").read_text())
     assert longer["history"][:len(first["history"])] == first["history"]
-    assert len(longer["history"]) > len(first["history"]) and longer["time_budget"]["minutes"] == 0.3
+    assert len(longer["history"]) > len(first["history"]) and longer["time_budget"]["minutes"] == 0.2
     said = capsys.readouterr().out
-    assert "note: the run's 0.1 min budget was spent; continuing to 0.3 min" in said, said
+    assert "note: the run's 0.1 min budget was spent; continuing to 0.2 min" in said, said
     assert longer["wall_time_s"] > first["wall_time_s"] + 3
-    assert longer["wall_time_s"] + longer["final_evaluation_s"] <= 18 + 1
-    assert train_module.main(resume + ["--time-budget", "0.2"]) == 0
+    assert longer["wall_time_s"] + longer["final_evaluation_s"] <= 12 + 1
+    assert train_module.main(resume + ["--time-budget", "0.15"]) == 0
     said = capsys.readouterr().out
-    assert "note: the run is done: its 0.3 min budget was spent" in said, said
+    assert "note: the run is done: its 0.2 min budget was spent" in said, said
     done = json.loads((out / "metrics.json").read_text())
-    assert done["history"] == longer["history"] and done["time_budget"]["minutes"] == 0.3
+    assert done["history"] == longer["history"] and done["time_budget"]["minutes"] == 0.2
 
 
 def test_a_budget_spent_between_epochs_still_ends_on_a_scored_step(tmp_path, monkeypatch):
@@ -682,7 +682,7 @@ def test_training_bench_plans_the_most_epochs_that_fit_a_budget(capsys):
 
     plan = ["--data-dir", str(DATA_DIR), "--widths", "1", "--steps", "2", "--warmup", "1", "--batch-size", "32",
             "--threads", "1", "--plan-minutes", "5", "--min-res", "16", "--eval-every", "2",
-            "--train-images", "2000", "--test-images", "500"]
+            "--train-images", "2000", "--test-images", "200"]
     bench.main(plan)
     bench.main(plan + ["--res-ramp", "6", "9"])
     out = capsys.readouterr().out

@@ -22,7 +22,7 @@ from torchserve_fixture import HTTP_TIMEOUT_S, start_test_torchserve
 
 WIDTH10 = Path(__file__).resolve().parents[1] / "model" / "weights" / "width10"
 WEIGHTS = WIDTH10 / "CIFAR100_model.pth"
-N_IMAGES = 60  # each twice (flip TTA) through a width-10 network on 2 cores, in-process and served
+N_IMAGES = 30  # each twice (flip TTA) through a width-10 network on 2 cores, in-process and served
 
 
 def test_records_describe_the_width_10_network_of_this_checkout():
@@ -101,8 +101,8 @@ def test_width10_served_on_the_cpu_answers_as_in_process(width10_torchserve, wid
         assert body["model_version"] == weights_version(WEIGHTS)
         bodies.append(body)
     served_top1 = sum(b["index"] == int(y) for b, y in zip(bodies, labels)) / N_IMAGES
-    # 82.5% on the whole split (evaluation_flip_tta.json), 85% on these 60 (the first of the split): a broken network
-    # is far below.
+    # 82.5% on the whole split (evaluation_flip_tta.json), 80% (24) on these 30 (the first of the split): a broken
+    # network is far below.
     assert served_top1 >= 0.72, served_top1
     log = torchserve_log(ts.log_dir, "model_log")
     assert f"CIFAR-100 model {weights_version(WEIGHTS)} on cpu" in log and "flip TTA on" in log

@@ -160,9 +160,11 @@ def bench_resolutions(args, device, amp) -> None:
 
 def evaluation_seconds(width, data_dir, device, amp, channels_last, n_images, n_timed=2000) -> tuple[float, float]:
     """Seconds for one per-epoch evaluation of n_images (the run's mixed precision) and for the final
-    one (float32, plain and with flip TTA: training.train's finish()), timed on n_timed test images."""
+    one (float32, plain and with flip TTA: training.train's finish()), timed on n_timed test images (on
+    n_images when fewer: timing more than the run scores only costs time)."""
     from training.evaluation import predict_logits
 
+    n_timed = max(1, min(n_timed, n_images))
     images, labels = load_split(data_dir, train=False)
     images, labels = images[:n_timed], labels[:n_timed]
     model = CIFAR100Model(width=width).to(device)
