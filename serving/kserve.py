@@ -314,12 +314,8 @@ def predictor_command(argv: list[str]) -> int:
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--bundle", type=Path, default=DEFAULT_OUT, help="the KServe bundle (make kserve-bundle)")
     args = parser.parse_args(argv)
-    try:
+    try:  # the settings from the environment: a port that is no number, PREDICTOR_ARGS a start cannot take
         http, grpc = predictor_ports()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
         extra_args = predictor_args(os.environ) if args.command == "start" else []
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
