@@ -19,12 +19,20 @@ refused), and freed reservations go to the client holding the fewest first. The 
 while there is room; when they are full, another client's call takes the place of the newest waiting call of a
 client past its fair share of them, which is refused. One client alone (all calls through one proxy) keeps every
 waiting place, as before.
+
+Eight addresses stalling one call each were all within their shares and held every reservation until their
+deadlines: another client's call waited 28 s. So a reservation whose message has not come within
+``--grpc_message_grace_s`` of its grant passes to a waiting call of another client within its fair share (the
+oldest such reservation first; its own call is refused): stalled calls hold the bound only while no one else wants
+it, and a call waits about the grace behind them, not their deadlines. An honest sender of a message slower than
+the grace loses its reservation only when every reservation is taken and another client waits.
 """
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
+import time
 from collections import Counter, deque
 
 import grpc
@@ -47,13 +55,16 @@ class TurnGivenUp(Exception):
 
 
 class Turn:
-    """A reservation granted to ``owner``, from its grant to HeldBytes.end_turn. ``stop``, set by its call while it
-    waits for its message, ends that wait when the turn gives way to another owner's (``given_way``)."""
+    """A reservation of ``size`` granted to ``owner`` at ``since`` (time.monotonic()), from its grant to
+    HeldBytes.end_turn. ``stop``, set by its call while it waits for its message, ends that wait when the turn gives
+    way to another owner's: ``given_way`` names the setting that made it (None: it did not), and ``handed_on`` says
+    its bytes went on to that owner's turn (its call gives none back)."""
 
-    __slots__ = ("owner", "stop", "given_way")
+    __slots__ = ("owner", "size", "since", "stop", "given_way", "handed_on")
 
-    def __init__(self, owner: str | None):
-        self.owner, self.stop, self.given_way = owner, None, False
+    def __init__(self, owner: str | None, size: int):
+        self.owner, self.size, self.since = owner, size, time.monotonic()
+        self.stop, self.given_way, self.handed_on = None, None, False
 
 
 class HeldBytes:
@@ -63,12 +74,15 @@ class HeldBytes:
     turns at once (from its grant to ``end_turn``), and fewer while other owners want theirs: its fair share
     (serving/clients.py fair_share). Waiting turns go to the owner holding the fewest first, the turns of an owner
     at its share are passed over, not waited behind, and a newcomer within its fair share takes the newest turn of
-    an owner past it, so that no client's stalled calls, nor two clients' at half each, hold everyone's."""
+    an owner past it, so that no client's stalled calls, nor two clients' at half each, hold everyone's. With
+    ``grace_s``, a turn held that long passes to such a newcomer, even within its owner's share: many clients'
+    stalled calls, one each, hold them no longer than that while others wait."""
 
-    def __init__(self, limit: int, turns_per_owner: int | None = None):
-        self.limit, self.held, self.turns_per_owner = limit, 0, turns_per_owner
+    def __init__(self, limit: int, turns_per_owner: int | None = None, grace_s: float | None = None):
+        self.limit, self.held, self.turns_per_owner, self.grace_s = limit, 0, turns_per_owner, grace_s
         self._turns: deque[tuple[int, str | None, asyncio.Future]] = deque()
         self._owned: dict[str, dict[Turn, None]] = {}  # turns held, by owner, oldest first
+        self._recheck: asyncio.TimerHandle | None = None  # when the next held turn passes its grace
 
     @property
     def waiting(self) -> int:
@@ -95,7 +109,7 @@ class HeldBytes:
         if (self._turns and any(self._may_go(waiter) for _, waiter, _ in self._turns)) or not self._may_go(owner) \
                 or not self.take(size):
             return None
-        return self._own(owner)
+        return self._own(owner, size)
 
     async def reserve(self, size: int, owner: str | None = None) -> Turn:
         """``size`` taken when the bytes held, the other turns and ``owner``'s share allow it; a caller that stops
@@ -103,8 +117,8 @@ class HeldBytes:
         if (turn := self.take_turn(size, owner)) is not None:
             return turn
         granted = asyncio.get_running_loop().create_future()
-        self._turns.append((size, owner, granted))
-        self._make_way(size, owner)
+        self._turns.append(entry := (size, owner, granted))
+        self._make_way(entry)
         try:
             return await granted
         except BaseException:
@@ -138,31 +152,71 @@ class HeldBytes:
         self.held -= size
         self._grant()
 
+    def keep(self, charged: int, size: int) -> bool:
+        """Holds ``size`` instead of ``charged`` (a reservation's bytes once its message has come: ``size``); False,
+        ``charged`` still held, if the more would pass the limit."""
+        if size > charged:
+            return self.take(size - charged)
+        self.give(charged - size)
+        return True
+
     def _may_go(self, owner: str | None) -> bool:
         return owner is None or self.turns_per_owner is None or self.turns_of(owner) < self.turns_per_owner
 
-    def _own(self, owner: str | None) -> Turn:
-        turn = Turn(owner)
+    def _own(self, owner: str | None, size: int) -> Turn:
+        turn = Turn(owner, size)
         if owner is not None:
             self._owned.setdefault(owner, {})[turn] = None
         return turn
 
-    def _make_way(self, size: int, owner: str | None) -> None:
-        """A turn of ``owner``'s waits for bytes held by others: if the turns it holds and wants are within its fair
-        share of the turns that fit in the limit (among the owners holding or waiting), the newest turn of the owner
-        holding the most, past that share, gives way: its call stops waiting for its message and gives its bytes
-        back. A stalled sender held its turns until its deadline (30 s), and two clients at half each, all of them."""
-        if owner is None or self.turns_per_owner is None or self.fits(size) or not self._owned:
+    def _make_way(self, entry: tuple[int, str | None, asyncio.Future]) -> None:
+        """A turn of ``owner``'s waits (``entry``) for bytes held by others: if the turns it holds and wants are within
+        its fair share of the turns that fit in the limit (among the owners holding or waiting), the newest turn of
+        the owner holding the most, past that share, gives way: its call stops waiting for its message and gives its
+        bytes back. Else, with ``grace_s``, the oldest turn of another owner's held past it is handed on to this one
+        (none past it yet: this is asked again when one will be). A stalled sender held its turns until its deadline
+        (30 s), two clients at half each all of them, and eight at one each too."""
+        size, owner, granted = entry
+        if owner is None or self.turns_per_owner is None or self.fits(size) or not self._owned or granted.done():
             return
         waiting = Counter(waiter for _, waiter, granted in self._turns if waiter is not None and not granted.done())
         share = fair_share(self.limit // size, len(self._owned.keys() | waiting.keys()), self.turns_per_owner)
         if self.turns_of(owner) + waiting[owner] > share:
             return
-        turn = next(giving_way(self._owned, lambda crowding: self.turns_of(crowding) / share), None)
-        if turn is None:
-            return
+        if (turn := next(giving_way(self._owned, lambda crowding: self.turns_of(crowding) / share), None)) is not None:
+            self._stop(turn, "max_client_share")
+        elif (turn := self._past_grace(size)) is not None:
+            self._stop(turn, "grpc_message_grace_s")
+            turn.handed_on = True  # its bytes are this waiter's now: nothing to wait for, nobody else's to take
+            self._turns.remove(entry)
+            granted.set_result(self._own(owner, size))
+
+    def _past_grace(self, size: int) -> Turn | None:
+        """The oldest turn of ``size`` held past ``grace_s``; if there is one not yet past it, the waiting
+        turns are looked at again when it will be. (Every turn is another owner's: nobody is past their fair share here
+        and all turns are taken, so there are more owners than turns, each holding one, and ``owner`` none.)"""
+        turns = [turn for turns in self._owned.values() for turn in turns if turn.size == size]
+        if self.grace_s is None or not turns:
+            return None
+        oldest = min(turns, key=lambda turn: turn.since)
+        if (wait := oldest.since + self.grace_s - time.monotonic()) <= 0:
+            return oldest
+        loop = asyncio.get_running_loop()
+        if self._recheck is None or self._recheck.when() > loop.time() + wait:
+            if self._recheck is not None:
+                self._recheck.cancel()
+            self._recheck = loop.call_later(wait, self._past_grace_recheck)
+        return None
+
+    def _past_grace_recheck(self) -> None:
+        self._recheck = None
+        for entry in list(self._turns):  # in order of arrival; each takes one turn at most
+            self._make_way(entry)
+
+    def _stop(self, turn: Turn, setting: str) -> None:
+        """``turn`` gives way (``setting``: the rule that made it): its owner's count drops, its call stops waiting."""
         self.end_turn(turn)
-        turn.given_way = True
+        turn.given_way = setting
         if turn.stop is not None:
             turn.stop()
 
@@ -177,7 +231,7 @@ class HeldBytes:
             if not self.take(entry[0]):
                 return
             self._turns.remove(entry)
-            entry[2].set_result(self._own(entry[1]))
+            entry[2].set_result(self._own(entry[1], entry[0]))
 
 
 class Body:
@@ -317,16 +371,20 @@ class GrpcMessageBound(aio.ServerInterceptor):
                         message = await context.read()  # its bytes: parsed below, where a bad one is named
                 except TimeoutError:
                     if turn.given_way:
-                        await self._refuse(context, method, "max_client_share", grpc.StatusCode.UNAVAILABLE,
-                                           self._gave_way(client))
+                        await self._refuse(context, method, turn.given_way, grpc.StatusCode.UNAVAILABLE,
+                                           self._gave_way(bound, client, turn.given_way))
                     await self._refuse(context, method, "body_timeout_s", grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"the request message did not arrive within {self.deadline_s:g} s")
                 finally:
                     turn.stop = None
+                    if turn.handed_on:  # its reservation went on to another call (its message may have come since)
+                        charged = 0
                 bound.end_turn(turn)
                 if message is aio.EOF:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
-                bound.give(charged - len(message))
+                if not bound.keep(charged, len(message)):  # (only a message that came as its turn was handed on)
+                    await self._refuse(context, method, turn.given_way, grpc.StatusCode.UNAVAILABLE,
+                                       self._gave_way(bound, client, turn.given_way))
                 charged = len(message)
                 try:
                     request, refusal = (parse(message) if parse is not None else message), None
@@ -371,10 +429,15 @@ class GrpcMessageBound(aio.ServerInterceptor):
                 f"sending their messages and {bound.waiting_of(client)} more wait for their turn, past its share "
                 "(--max_client_share) while other clients wait; try again shortly.")
 
-    def _gave_way(self, client: str) -> str:
-        return (f"The model is busy with gRPC calls from your address ({client}): this call's message had not come and "
-                "its reservation went to another client's call, past your fair share of them (--max_client_share, "
-                "shared equally among the clients waiting); try again shortly.")
+    def _gave_way(self, bound: HeldBytes, client: str, setting: str) -> str:
+        if setting == "grpc_message_grace_s":
+            why = (f"had not come within {bound.grace_s:g} s (--grpc_message_grace_s) and its reservation went to "
+                   "another client's waiting call")
+        else:
+            why = ("had not come and its reservation went to another client's call, past your fair share of them "
+                   "(--max_client_share, shared equally among the clients waiting)")
+        return (f"The model is busy with gRPC calls from your address ({client}): this call's message {why}; try "
+                "again shortly.")
 
     def _busy(self, bound: HeldBytes, why: str) -> str:
         setting = "--max_body_bytes_held" if bound is self.held else "--max_grpc_health_calls"

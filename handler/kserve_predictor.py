@@ -31,6 +31,7 @@ for its share of that bound before its message is read (handler/held_bodies.py):
 DEADLINE_EXCEEDED when its message has not arrived by then; one client (its address, or what a proxy in
 ``--trusted_proxies`` forwards for) takes at most ``--max_client_share`` of the reservations, and of the
 waiting places once they are full, and no more than its fair share (an equal part) while other clients want them;
+a reservation whose message has not come within ``--grpc_message_grace_s`` passes to another client's waiting call;
 of the places to wait for a forward pass too, REST and gRPC alike (handler/batching.py). Connections are bounded on both ports: REST's by the adapter's HTTP/1.1
 protocol (adapter/protocol.py: ``--max_open_connections``, ``--max_client_connections``, ``--header_timeout_s``,
 ...), gRPC's by grpc core's (grpc_connection_options). A client that leaves before its answer has its request cancelled. Over
@@ -119,6 +120,10 @@ MAX_GRPC_HEALTH_CALLS = 4
 # One client's part of the gRPC message bound (--max_client_share): half, so that one client's stalled calls leave
 # the other half of the reservations and waiting places to everyone else.
 MAX_CLIENT_SHARE = 0.5
+# How long a gRPC call's reserved message may take to come while another client's call waits for a reservation
+# (--grpc_message_grace_s): eight addresses stalling one call each held every reservation for 30 s; a 12 MiB
+# message needs 2.4 MB/s to come within it, a 32x32 image's tensor (12 KB) one round trip.
+GRPC_MESSAGE_GRACE_S = 5.0
 # REST connections from one client (--max_client_connections): this server's clients are services, not browsers (the
 # adapter's 64): an adapter in front holds up to its pool's 24 (TS_MAX_CONNECTIONS) + 8 for health checks at once.
 MAX_CLIENT_CONNECTIONS = 128
@@ -929,6 +934,10 @@ def main() -> None:
                              "pass, REST and gRPC alike (one of each at least), and while other clients want them an "
                              "equal part at most: when all are taken, another client's request takes the place of the "
                              "newest of a client past its part (503 / UNAVAILABLE). 1: no per-client share")
+    parser.add_argument("--grpc_message_grace_s", type=positive_float, default=GRPC_MESSAGE_GRACE_S,
+                        help="how long a gRPC call's message may take to come once its reservation is granted, while "
+                             "all are taken and another client's call within its share waits: the oldest past it goes "
+                             "to that call, and its own call gets UNAVAILABLE (health and metadata calls alike)")
     parser.add_argument("--max_grpc_health_calls", type=positive_int, default=MAX_GRPC_HEALTH_CALLS,
                         help="gRPC calls other than ModelInfer (health, metadata) whose messages may be read at "
                              "once, each reserving the largest message as ModelInfer's do: a bound of their own, "
@@ -1010,9 +1019,10 @@ def main() -> None:
     model_server.app.add_middleware(PlainV2Route, path=f"/v2/models/{model.name}/infer", model=model)
     rest_bodies = HeldBytes(args.max_body_bytes_held)
     grpc_messages = HeldBytes(args.max_body_bytes_held,
-                              client_share(args.max_body_bytes_held // max_message, args.max_client_share))
+                              client_share(args.max_body_bytes_held // max_message, args.max_client_share),
+                              args.grpc_message_grace_s)
     grpc_health = HeldBytes(args.max_grpc_health_calls * max_message,
-                            client_share(args.max_grpc_health_calls, args.max_client_share))
+                            client_share(args.max_grpc_health_calls, args.max_client_share), args.grpc_message_grace_s)
     BODY_BYTES_HELD.labels("rest").set_function(lambda: rest_bodies.held)
     BODY_BYTES_HELD.labels("grpc").set_function(lambda: grpc_messages.held + grpc_health.held)
     GRPC_CALLS_WAITING.set_function(lambda: grpc_messages.waiting + grpc_health.waiting)

@@ -889,6 +889,66 @@ asyncio.run(main())
     assert out["one more free"] == [["c0", "c1", "a4"], [3, 3, 2]], out
 
 
+def test_held_bytes_hands_a_turn_held_past_its_grace_to_a_newcomer_holding_fewer_oldest_first():
+    """Four owners at one turn each are each within their fair share: their stalled calls held every turn until their
+    deadlines (eight addresses x one stalled gRPC call: another client's call waited 28 s). With grace_s, a waiting
+    newcomer within its share takes the oldest turn of another owner's held past the grace: that turn's call is
+    stopped and its bytes become the newcomer's turn (nothing given back, nothing over the limit). A newcomer past its
+    share, or wanting more than a turn holds, takes nothing; without grace_s nothing moves (the control)."""
+    script = """
+import asyncio, json, time
+from handler.held_bodies import HeldBytes
+
+async def run(grace_s):
+    held, granted, stopped = HeldBytes(100, turns_per_owner=2, grace_s=grace_s), [], []
+    start = time.monotonic()
+    turns = {}
+    for owner in "abcd":
+        turns[owner] = held.take_turn(25, owner)
+        turns[owner].stop = lambda owner=owner: stopped.append(owner)
+        if owner == "b":
+            await asyncio.sleep(0.2)  # c and d come 0.2 s after a and b
+    async def turn(owner):
+        got = await held.reserve(25, owner)
+        granted.append([owner, got.size, got.owner])
+    waiters = [asyncio.ensure_future(turn("e"))]
+    await asyncio.sleep(0.02)
+    waiters.append(asyncio.ensure_future(turn("f")))
+    await asyncio.sleep(0.02)
+    log = {"before the grace": [list(stopped), held.waiting]}
+    await asyncio.sleep(start + 0.45 - time.monotonic())  # a's and b's turns past 0.4 s, c's and d's not
+    log["a and b past it"] = [list(stopped), list(granted), held.held, held.waiting,
+                              [turns[o].given_way for o in "abcd"], [turns[o].handed_on for o in "abcd"],
+                              [held.turns_of(o) for o in "abcdef"]]
+    waiters.append(asyncio.ensure_future(turn("e")))  # e holds one now, as c and d do: nothing of theirs
+    await asyncio.sleep(start + 0.9 - time.monotonic())  # c's and d's past it too
+    log["e's second"] = [list(stopped), held.waiting]
+    waiters.append(asyncio.ensure_future(held.reserve(50, "g")))  # within g's share, but larger than any turn held
+    await asyncio.sleep(0.05)
+    log["g's larger"] = [list(stopped), held.waiting]
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    log["keep"] = [held.keep(25, 10), held.held, held.keep(0, 30), held.held]
+    return log
+
+print(json.dumps({"grace": asyncio.run(run(0.4)), "none": asyncio.run(run(None))}))
+"""
+    out = in_child(script)
+    grace = out["grace"]
+    assert grace["before the grace"] == [[], 2], out
+    # e, first to wait, took a's (the oldest), f b's; the bytes went with them: 100 held, none given or over.
+    assert grace["a and b past it"] == [["a", "b"], [["e", 25, "e"], ["f", 25, "f"]], 100, 0,
+                                        ["grpc_message_grace_s", "grpc_message_grace_s", None, None],
+                                        [True, True, False, False], [0, 0, 1, 1, 1, 1]], out
+    assert grace["e's second"] == [["a", "b"], 1], out
+    assert grace["g's larger"] == [["a", "b"], 2], out
+    # A message of 10 held instead of its reservation of 25; 30 more for a message whose turn went on: no room.
+    assert grace["keep"] == [True, 85, False, 85], out
+    assert out["none"]["a and b past it"][:4] == [[], [], 100, 2], out
+    assert out["none"]["e's second"] == [[], 3], out
+
+
 def test_a_refused_grpc_call_lets_go_of_its_request_without_the_garbage_collector():
     """grpc keeps an aborted call's AbortError in the call's state and its traceback reaches the call's frames: a
     reference cycle, so every refused request (up to a largest message) lived until the collector's next full
@@ -1744,6 +1804,63 @@ def test_two_clients_stalled_grpc_calls_at_half_each_give_a_third_client_a_reser
         assert [end is not None for end in ended] == [False, False, True, False], ended
         assert after.get("max_client_share") == 1 and after["held grpc"] == 3 * largest, after
         wait_for_log(predictor, "its reservation went to another client's call")
+    finally:
+        for sock in stalled:
+            sock.close()
+        channel.close()
+        predictor.stop()
+
+
+@pytest.mark.integration  # starts its own server process
+def test_stalled_grpc_calls_one_per_address_give_their_reservations_to_another_client_past_the_grace(
+        bundle, tmp_path, cifar100_test_split):
+    """Eight addresses stalling one gRPC call each were each within their fair share and held every reservation: another
+    client's call waited 28 s (--body_timeout_s). Now a reservation whose message has not come within
+    --grpc_message_grace_s goes to a waiting call of a client holding fewer, the oldest first: that call is refused
+    (UNAVAILABLE, Bound=grpc_message_grace_s) and the newcomer answered after about the grace. Four reservations,
+    127.0.0.2-5 stall one call each, then 127.0.0.1 calls; 127.0.0.2 stalls another in the reservation that frees,
+    and 127.0.0.1's next call takes the next oldest, past the grace already: at once."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+
+    import kserve_types  # noqa: F401 - registers KServe's gRPC types
+    from grpc_raw import seconds_until_stream_ends, stalled_call
+
+    largest = int(read_properties(bundle / "config" / "config.properties")["max_request_size"])
+    predictor = KServePredictor(tmp_path, bundle, extra_args=[
+        f"--max_body_bytes_held={4 * largest}", "--body_timeout_s=20", "--grpc_message_grace_s=1.5"]).start()
+    channel = grpc.insecure_channel(predictor.grpc_target)
+    stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+    request = grpc_request([encode(cifar_pil(cifar100_test_split[0], 0))])
+    stalled = []
+
+    def answered_after() -> float:
+        started = time.monotonic()
+        assert stub.ModelInfer(request, timeout=30).outputs
+        return time.monotonic() - started
+
+    def stall(source: str) -> None:
+        stalled.append(stalled_call("127.0.0.1", predictor.grpc_port, "/inference.GRPCInferenceService/ModelInfer",
+                                    message_bytes=100_000, sent_bytes=1_000, source=source))
+        time.sleep(0.3)  # in the order of their starts: 0.3 s apart
+    try:
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"):
+            stall(source)
+        full = bound_metrics(predictor)
+        first = answered_after()
+        stall("127.0.0.2")  # the reservation the first call freed
+        second = answered_after()
+        ended = [seconds_until_stream_ends(sock, timeout=0.5) for sock in stalled]
+        after = bound_metrics(predictor)
+        assert (full["held grpc"], full["waiting"]) == (4 * largest, 0), full  # one each: within their shares
+        # The grace less the 1.2 s since the first stall began, give or take; not the 20 s they held.
+        assert 0.1 < first < 3, first
+        assert second < 1, second
+        # 127.0.0.2's first and 127.0.0.3's, the two oldest, gave way; 127.0.0.2's second stalls on.
+        assert [end is not None for end in ended] == [True, True, False, False, False], ended
+        assert after.get("grpc_message_grace_s") == 2 and after["held grpc"] == 3 * largest, after
+        assert "max_client_share" not in after, after  # no one was past its share
+        wait_for_log(predictor, "had not come within 1.5 s (--grpc_message_grace_s)")
     finally:
         for sock in stalled:
             sock.close()

@@ -221,6 +221,7 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
     # read, not imported: handler.kserve_predictor imports kserve, which tests/kserve_types.py may have stood in for
     predictor = (ROOT / "handler" / "kserve_predictor.py").read_text()
     MAX_GRPC_PARAMETERS = int(re.search(r"^MAX_GRPC_PARAMETERS = (\d+)$", predictor, re.M)[1])
+    GRPC_MESSAGE_GRACE_S = float(re.search(r"^GRPC_MESSAGE_GRACE_S = ([\d.]+)$", predictor, re.M)[1])
 
     readme = " ".join((ROOT / "README.md").read_text().split())
     documented = {  # the constant, and how README states its number
@@ -235,6 +236,7 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
         "MAX_REQUEST_PIXELS": (images.MAX_REQUEST_PIXELS, r"(\d+) MP to decode in all \(`MAX_REQUEST_PIXELS`", 10**6),
         "MAX_GRPC_PARAMETERS": (MAX_GRPC_PARAMETERS, r"`MAX_GRPC_PARAMETERS` \((\d+)\)", 1),
         "MAX_DATA_DEPTH": (MAX_DATA_DEPTH, r"`MAX_DATA_DEPTH` \((\d+)\)", 1),
+        "GRPC_MESSAGE_GRACE_S": (GRPC_MESSAGE_GRACE_S, r"`--grpc_message_grace_s` \((\d+) s\)", 1),
         "RENDER_REUSE_S": (RENDER_REUSE_S, r"for up to (\d+) s \(`RENDER_REUSE_S`", 1),
     }
     for name, (value, pattern, unit) in documented.items():
