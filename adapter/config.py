@@ -48,7 +48,8 @@ serving/settings.py).
                           bytes/s on average, else 408 and closed at once  16384
     MIN_RATE_GRACE_S      the grace before MIN_UPLOAD_RATE applies   2
     MAX_OPEN_CONNECTIONS  open client connections; more are reset at once (file descriptors), unless an idle one
-                          of an address past its fair share gives way (adapter/protocol.py)  512
+                          of an address past its fair share gives way, or one of its connections whose answers
+                          have waited unread for MIN_RATE_GRACE_S (adapter/protocol.py)  512
     MAX_CLIENT_CONNECTIONS  open connections from one client address (trusted proxies exempt)  64
     TRUSTED_PROXIES       comma-separated proxy addresses/networks whose X-Forwarded-For names
                           the client (behind nginx or KServe's ingress); empty: the socket's peer  (none)

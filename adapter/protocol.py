@@ -162,7 +162,9 @@ class OpenConnections:
     ``max_open`` are taken, a new connection of a client under its fair share of them (an equal part among the
     clients connected, at most ``max_per_client``) takes the place of an idle one (between requests, or that has
     sent nothing yet) of the client holding the most, past that share: four addresses' silent or idle connections
-    at 128 each filled the predictor's 512 and every other client was reset."""
+    at 128 each filled the predictor's 512 and every other client was reset. Else of one whose answers have waited
+    unread for ``min_rate_grace_s`` (its writing paused; reset): eight addresses' 64 connections each pipelining
+    requests and reading nothing held the 512 until SEND_TIMEOUT_S (30 s), and took them again."""
 
     def __init__(self, settings: Settings, on_reset=None):
         self.on_reset = on_reset  # called with the cap's setting (max_open_connections, ...) per reset
@@ -175,6 +177,10 @@ class OpenConnections:
         # client -> its connections between requests (their keep-alive timer set), oldest first: what _make_room
         # looks at, so that a refusal at the cap costs no walk over every connection
         self.idle: dict[str, dict] = {}
+        # client -> its connections whose answers wait unread (writing paused), oldest first; reset for a newcomer
+        # once they have waited unread_grace_s
+        self.unread: dict[str, dict] = {}
+        self.unread_grace_s = settings.min_rate_grace_s
         self.refusals = ThrottledLog(log)
 
     def _is_trusted_proxy(self, host: str) -> bool:
@@ -208,22 +214,33 @@ class OpenConnections:
     def _make_room(self, key: str) -> bool:
         """Closes an idle connection of the client holding the most past its fair share (of the places trusted
         proxies leave), for a new one of ``key`` (a client under it; a trusted proxy's are neither counted so nor
-        closed): True if one was. At the cap every new connection asks: the common refusals return early."""
+        closed), else resets one of its connections whose answers have waited unread for ``unread_grace_s``: True
+        if one was. At the cap every new connection asks: the common refusals return early."""
         if not key:
             return False
         places = self.max_open - self.proxied
         share = fair_share(places, len(self.per_client) + (key not in self.per_client), self.max_per_client)
         if len(self.per_client.get(key, ())) >= share:
             return False
-        for crowding in sorted((client for client in self.idle if len(self.per_client[client]) > share),
+        for crowding in sorted((client for client in dict.fromkeys([*self.idle, *self.unread])
+                                if len(self.per_client[client]) > share),
                                key=lambda client: -len(self.per_client[client])):
-            idle = next((connection for connection in self.idle[crowding] if connection.idle), None)
+            idle = next((connection for connection in self.idle.get(crowding, ()) if connection.idle), None)
             if idle is not None:
                 self.refusals.warning("closed an idle connection of %s (%d open, past its fair share of %d) for a "
                                       "new one of %s (MAX_OPEN_CONNECTIONS)", crowding,
                                       len(self.per_client[crowding]), share, key)
                 self.closed(crowding, idle)
                 idle.timeout_keep_alive_handler()  # as its keep-alive time would (uvicorn's)
+                return True
+            unread = next((connection for connection in self.unread.get(crowding, ())
+                           if connection.unread_s >= self.unread_grace_s), None)
+            if unread is not None:
+                self.refusals.warning("reset a connection of %s that read none of its answers for %.1f s (%d open, "
+                                      "past its fair share of %d) for a new one of %s (MAX_OPEN_CONNECTIONS)", crowding,
+                                      unread.unread_s, len(self.per_client[crowding]), share, key)
+                self.closed(crowding, unread)
+                unread.reset()
                 return True
         return False
 
@@ -233,16 +250,24 @@ class OpenConnections:
 
     def set_idle(self, key: str, connection, idle: bool) -> None:
         """``connection`` of ``key`` is between requests (True) or in one; a trusted proxy's are not kept."""
+        self._mark(self.idle, key, connection, idle)
+
+    def set_unread(self, key: str, connection, unread: bool) -> None:
+        """``connection`` of ``key`` has answers its client is not reading (True: its writing paused) or not."""
+        self._mark(self.unread, key, connection, unread)
+
+    def _mark(self, marked: dict[str, dict], key: str, connection, on: bool) -> None:
         if not key or connection not in self.per_client.get(key, ()):
             return
-        if idle:
-            self.idle.setdefault(key, {})[connection] = None
+        if on:
+            marked.setdefault(key, {})[connection] = None
         else:
-            removed(self.idle, key, connection)
+            removed(marked, key, connection)
 
     def closed(self, key: str, connection) -> None:
         """``connection`` (counted under ``key``) is closed; again: nothing."""
         removed(self.idle, key, connection)
+        removed(self.unread, key, connection)
         connections = self.per_client.get(key)
         if key and (connections is None or connections.pop(connection, False) is False):
             return
@@ -666,6 +691,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().pause_writing()
         if getattr(self, "_send_timer", False) is None:
             self._send_timer = self.loop.call_later(self.settings.send_timeout_s, self._send_stalled)
+            self.open_connections.set_unread(self._connection_key, self, True)
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -675,13 +701,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if getattr(self, "_send_timer", None) is not None:
             self._send_timer.cancel()
             self._send_timer = None
+            self.open_connections.set_unread(self._connection_key, self, False)
+
+    @property
+    def unread_s(self) -> float:
+        """How long its answers have waited for its client to read them (its writing paused); 0: not waiting."""
+        timer = getattr(self, "_send_timer", None)
+        return 0.0 if timer is None else self.loop.time() - (timer.when() - self.settings.send_timeout_s)
+
+    def reset(self) -> None:
+        _reset(getattr(self.transport, "_transport", self.transport))
 
     def _send_stalled(self) -> None:
-        self._send_timer = None
         self.open_connections.refusals.warning(
             "reset a connection from %s: it read none of its answers for %g s (SEND_TIMEOUT_S)",
             self.client[0] if self.client else None, self.settings.send_timeout_s)
-        _reset(getattr(self.transport, "_transport", self.transport))
+        self._cancel_send_timer()
+        self.reset()
 
 
 def silent_timeout_s(settings: Settings, keepalive_s: float) -> float:

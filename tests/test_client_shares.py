@@ -871,9 +871,11 @@ def _no_model_server_adapter(tmp_path_factory, name: str, env: dict[str, str]):
 @pytest.fixture(scope="module")
 def connection_caps_adapter(tmp_path_factory):
     """6 connections open in all, 2 per address, 127.0.0.9 a trusted proxy; idle ones kept a minute;
-    a head may take 30 s, but after a 1 s grace it must arrive at MIN_UPLOAD_RATE."""
+    a head may take 30 s, but after a 1 s grace it must arrive at MIN_UPLOAD_RATE; a connection pipelining 200
+    requests is not refused for it (its answers, never read, fill the buffers first)."""
     env = {"MAX_OPEN_CONNECTIONS": "6", "MAX_CLIENT_CONNECTIONS": "2", "TRUSTED_PROXIES": "127.0.0.9",
-           "KEEPALIVE_TIMEOUT_S": "60", "HEADER_TIMEOUT_S": "30", "MIN_RATE_GRACE_S": "1"}
+           "KEEPALIVE_TIMEOUT_S": "60", "HEADER_TIMEOUT_S": "30", "MIN_RATE_GRACE_S": "1",
+           "MAX_PIPELINED_REQUESTS": "200"}
     with _no_model_server_adapter(tmp_path_factory, "connection-caps", env) as proc:
         proc.port = int(proc.base_url.rsplit(":", 1)[1])
         yield proc
@@ -1033,6 +1035,54 @@ def test_a_new_address_takes_the_place_of_an_idle_connection_of_an_address_past_
     assert closed_of == {source: [True, False] for source in ("127.0.0.2", "127.0.0.3", "127.0.0.5")}, closed_of
 
 
+def test_a_new_address_takes_the_place_of_a_connection_reading_none_of_its_answers_past_the_grace(
+        connection_caps_adapter):
+    """Eight addresses' 64 connections each, pipelining requests and reading none of the answers, held all 512 of the
+    adapter's places until SEND_TIMEOUT_S (30 s): such a connection is not idle (its answers are on their way), and
+    every other client was reset. Now, when all are open, a new address under its fair share takes the place of a
+    connection of the address holding the most, past that share, whose answers have waited unread (its writing
+    paused) for MIN_RATE_GRACE_S (here 1 s): reset. Three addresses x 2 such connections fill the 6 places; a fourth
+    address is answered, and one of their connections is reset, the others not."""
+    import errno
+
+    port = connection_caps_adapter.port
+
+    def non_reader(source: str) -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # its answers fill the buffers sooner
+        sock.bind((source, 0))
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /app.js HTTP/1.1\r\nHost: x\r\n\r\n" * 200)  # ~10 MB of answers, never read
+        return sock
+
+    def was_reset(sock: socket.socket) -> bool:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+
+    sources = [source for source in ("127.0.0.2", "127.0.0.3", "127.0.0.5") for _ in range(2)]
+    held = [non_reader(source) for source in sources]
+    try:
+        time.sleep(3)  # their writing paused, past the grace
+        with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.4", 0)) as sock:
+            sock.sendall(b"GET /classes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            try:
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            except ConnectionResetError:
+                answer = b"reset"
+        time.sleep(0.2)
+        reset = [was_reset(sock) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]
+    assert sum(reset) == 1, reset  # one place was wanted (of the address whose answers waited unread the longest)
+    source = sources[reset.index(True)]
+    wait_for(lambda: f"reset a connection of {source} that read none of its answers" in
+             connection_caps_adapter.log_file.read_text(), 5, "the reset's log line")
+
+
 def test_only_an_idle_connection_of_a_client_past_its_fair_share_gives_way():
     """adapter/protocol.py OpenConnections at its cap, in-process: a new client's connection takes the place of an idle
     one of the client holding the most, if that is past the fair share (the next holding client when the most's
@@ -1087,6 +1137,56 @@ def test_only_an_idle_connection_of_a_client_past_its_fair_share_gives_way():
     assert try_open(connections, "10.0.0.2", Connection(True)) == "10.0.0.2" and theirs[0].closed
     assert (connections.total, connections.proxied) == (4, 2)
     assert not any(connection.closed for connection in held["10.0.0.1"])
+
+
+def test_a_connection_reading_none_of_its_answers_gives_way_past_the_grace_after_any_idle_one():
+    """OpenConnections at its cap, in-process: when no idle connection of the client holding the most past its fair
+    share is there, one of its connections whose answers have waited unread for min_rate_grace_s is reset for a new
+    client's (the first so marked that is past the grace); one under the grace is not, nor one of a client at its
+    share, and an idle one goes first, closed, not reset."""
+    from adapter.config import Settings
+    from adapter.protocol import OpenConnections
+
+    class Connection:
+        def __init__(self, idle: bool = False, unread_s: float = 0.0):
+            self.idle, self.unread_s, self.closed, self.was_reset = idle, unread_s, False, False
+
+        def timeout_keep_alive_handler(self):
+            self.closed = True
+
+        def reset(self):
+            self.was_reset = True
+
+    def opened(connections, host, connection):
+        key = connections.try_open(host, connection)
+        if key is not None:
+            connections.set_idle(key, connection, connection.idle)
+            connections.set_unread(key, connection, connection.unread_s > 0)
+        return key
+
+    connections = OpenConnections(Settings(max_open_connections=4, max_client_connections=2, min_rate_grace_s=2))
+    held = {"10.0.0.1": [Connection(unread_s=3), Connection()], "10.0.0.2": [Connection(unread_s=1),
+                                                                               Connection(unread_s=5)]}
+    for host, theirs in held.items():
+        assert all(opened(connections, host, connection) == host for connection in theirs)
+    # A share of 1 for three: both past it, 10.0.0.1 first of equals; its connection unread for 3 s is reset.
+    assert opened(connections, "10.0.0.3", Connection()) == "10.0.0.3"
+    assert [c.was_reset for c in held["10.0.0.1"]] == [True, False], held
+    assert connections.total == 4 and len(connections.per_client["10.0.0.1"]) == 1
+    # Four: only 10.0.0.2 past; its first unread is under the grace, its second (5 s) past it: that one.
+    assert opened(connections, "10.0.0.4", Connection()) == "10.0.0.4"
+    assert [c.was_reset for c in held["10.0.0.2"]] == [False, True], held
+    # Five: every client at its share of 1: nothing more, however long its answers have waited.
+    held["10.0.0.2"][0].unread_s = 60
+    assert opened(connections, "10.0.0.5", Connection()) is None and not held["10.0.0.2"][0].was_reset
+    connections.set_unread("10.0.0.2", held["10.0.0.2"][0], False)  # it read them: no longer marked
+    assert connections.unread.get("10.0.0.2") is None
+    # An idle connection of the client past its share goes before one unread past the grace.
+    connections = OpenConnections(Settings(max_open_connections=2, max_client_connections=2, min_rate_grace_s=2))
+    unread, idle = Connection(unread_s=10), Connection(idle=True)
+    assert opened(connections, "10.0.0.1", unread) and opened(connections, "10.0.0.1", idle)
+    assert opened(connections, "10.0.0.2", Connection()) == "10.0.0.2"
+    assert (idle.closed, unread.was_reset) == (True, False)
 
 
 @pytest.fixture(scope="module")
