@@ -36,7 +36,8 @@ import aiohttp
 
 from adapter.run import running_adapter
 from benchmarks.bench_photos import phone_photos
-from benchmarks.bench_serve import cifar_png_payloads, machine, start_benchmark_torchserve
+from benchmarks.bench_serve import (RunningTorchServe, add_running_torchserve_argument, cifar_png_payloads, machine,
+                                    start_benchmark_torchserve)
 from benchmarks.load import exit_on_sigterm
 from benchmarks.side_by_side import side_by_side
 from benchmarks.soak import connector, post_image, user_address
@@ -123,10 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flood-connections", type=cli.positive_int, default=6,
                         help="keep-alive connections, from one address, flooding each route")
     parser.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
-    parser.add_argument("--running-torchserve", action="store_true",
-                        help="measure the TorchServe already running where the adapter's settings point "
-                        "(TS_INFERENCE_URL, TS_KEY_FILE, ...; by default make serve's) instead of starting one "
-                        "(--weights unused)")
+    add_running_torchserve_argument(parser, "--weights unused")
     args = parser.parse_args(argv)
     if args.duration <= PROBE_START_S:
         parser.error(f"--duration must be above {PROBE_START_S:g} s (the probe starts then)")
@@ -146,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 [FLOOD_ADDRESS] * args.flood_connections, []) for route in args.floods]
     with tempfile.TemporaryDirectory(prefix="fairness-") as tmp:
         tmp = Path(tmp)
-        ts = None if args.running_torchserve else start_benchmark_torchserve(tmp / "ts", args.weights)
-        ts_env = ts.adapter_env() if ts else {}  # else the adapter's own settings, from the environment
+        ts = RunningTorchServe() if args.running_torchserve else start_benchmark_torchserve(tmp / "ts", args.weights)
+        ts_env = ts.adapter_env()
         try:
             for round_ in range(1, args.rounds + 1):
                 # A fresh adapter per phase, the round's started at once (an idle one takes no CPU from the phase
@@ -162,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"round {round_}, {name}: the probe's /classify/ {summary(probe)}{others_line}",
                               flush=True)
         finally:
-            if ts is not None:
-                ts.stop()
+            ts.stop()
     return 0
 
 

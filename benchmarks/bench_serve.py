@@ -1,12 +1,15 @@
 """Serving speed: TorchServe against the same model + preprocessing called in-process with batching.
 
     python -m benchmarks.bench_serve [--duration 8] [--concurrency 1 4 16] [--batch-size 8 --max-batch-delay 5]
+                                     [--running-torchserve]
 
 For each concurrency it prints images/s and p50/p99 latency of
   * in-process: decode the PNGs, stack a batch of `concurrency` images, normalize, forward, top-k
     (what a perfectly batching server could do at best; its latency is one batch's time);
-  * torchserve: real HTTP requests (raw PNG bodies) to a TorchServe started for the run, sent by
-    wrk (benchmarks/load.py says why wrk).
+  * torchserve: real HTTP requests (raw PNG bodies) to a TorchServe started for the run (this
+    checkout's archive, free loopback ports; --running-torchserve: the one already running where the
+    adapter's settings point, by default `make serve`'s, with its own settings), sent by wrk
+    (benchmarks/load.py says why wrk).
 and the ratios the project aims at: TorchServe at concurrency 16 >= 80% of in-process images/s;
 TorchServe's p50 at concurrency 1 within 5 ms of the in-process single-image latency.
 
@@ -32,6 +35,7 @@ from benchmarks.load import (SERVER_WARMUP_S, HttpTarget, LoadResult, exit_on_si
 from handler.preprocessing import decode_image, image_to_tensor, normalize
 from model.shipped import SHIPPED_WEIGHTS
 from serving.archive import build_archive
+from serving.keys import KeyFile
 from serving import cli
 from serving.settings import ENGINE_CACHE_ENV, MODEL_CONFIG, read_model_config
 from serving.torchserve import DEFAULT_ENGINE_CACHE, TorchServeInstance
@@ -117,6 +121,40 @@ def start_benchmark_torchserve(root: Path, weights: Path = SHIPPED_WEIGHTS, batc
     return ts
 
 
+class RunningTorchServe:
+    """The TorchServe already running where the adapter's settings point (adapter/config.py: TS_INFERENCE_URL,
+    TS_MANAGEMENT_URL, TS_MODEL_NAME, TS_KEY_FILE; by default `make serve`'s): what --running-torchserve measures,
+    in the place of a started TorchServeInstance (what the benchmarks use of one). Neither started nor stopped here."""
+
+    def __init__(self) -> None:
+        from adapter.config import Settings
+
+        settings = Settings.from_env()
+        self.inference_url, self.management_url = settings.inference_url, settings.management_url
+        self.model_name = settings.model_name
+        self.key_file = KeyFile(settings.key_file)
+
+    @property
+    def predictions_url(self) -> str:
+        return f"{self.inference_url}/predictions/{self.model_name}"
+
+    def adapter_env(self) -> dict[str, str]:
+        """Nothing: an adapter started beside it reads the same settings from the environment."""
+        return {}
+
+    def stop(self) -> None:
+        """Leaves it running: it is not the benchmark's."""
+
+
+def add_running_torchserve_argument(parser: argparse.ArgumentParser, note: str) -> None:
+    """--running-torchserve (RunningTorchServe), the same in each benchmark that has it; `note`, in parentheses at
+    the end of its help: what becomes of the options that shape the TorchServe the benchmark would start."""
+    parser.add_argument("--running-torchserve", action="store_true",
+                        help="measure the TorchServe already running where the adapter's settings point "
+                        "(TS_INFERENCE_URL, TS_KEY_FILE, ...; by default make serve's) instead of starting one "
+                        f"({note})")
+
+
 def model_config_from_arguments(root: Path, args: argparse.Namespace) -> Path:
     """benchmark_model_config with add_load_arguments' model-config.yaml settings (and bench_adapter's --flip-tta)."""
     flip_tta = getattr(args, "flip_tta", None)
@@ -134,13 +172,13 @@ def torchserve_from_arguments(root: Path, args: argparse.Namespace) -> TorchServ
                                       lone_image_threads=args.lone_image_threads)
 
 
-def torchserve_target(ts: TorchServeInstance, payloads: list[bytes]) -> HttpTarget:
+def torchserve_target(ts: TorchServeInstance | RunningTorchServe, payloads: list[bytes]) -> HttpTarget:
     """Raw PNG bodies to the predictions API, with the current inference key."""
     return HttpTarget(ts.predictions_url, payloads, expect='"prediction"',
                       headers=lambda: {**ts.key_file.header("inference"), "Content-Type": "image/png"})
 
 
-def served_engine_name(ts: TorchServeInstance, payload: bytes) -> str:
+def served_engine_name(ts: TorchServeInstance | RunningTorchServe, payload: bytes) -> str:
     """The forward pass TorchServe's workers chose (each answer names it: handler/engine.py)."""
     import httpx
 
@@ -210,6 +248,12 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config.properties key for the benchmark's TorchServe (repeatable)")
 
 
+# add_load_arguments' options that shape the TorchServe started for the run (torchserve_from_arguments), by attribute.
+TORCHSERVE_SETTING_OPTIONS = {"--batch-size": "batch_size", "--max-batch-delay": "max_batch_delay",
+                              "--cpu-threads": "cpu_threads", "--workers": "workers", "--engine": "engine",
+                              "--lone-image-threads": "lone_image_threads", "--ts-property": "ts_property"}
+
+
 def ts_properties(pairs: list[str]) -> dict[str, str]:
     """--ts-property KEY=VALUE options as a dict."""
     out = {}
@@ -224,13 +268,23 @@ def ts_properties(pairs: list[str]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser("benchmarks.bench_serve", "TorchServe vs in-process throughput and latency.")
     add_load_arguments(parser)
+    add_running_torchserve_argument(parser, "with its own settings: the options that set a started one's are "
+                                    "refused; --weights: the in-process column's only")
     args = parser.parse_args(argv)
+    given = [option for option, name in TORCHSERVE_SETTING_OPTIONS.items() if getattr(args, name) not in (None, [])]
+    if args.running_torchserve and given:
+        parser.error(f"--running-torchserve measures that TorchServe with its own settings: {', '.join(given)} "
+                     "would not reach it")
 
     payloads = cifar_png_payloads()
     print(f"{machine()}; torch threads {torch.get_num_threads()}; weights {args.weights}; {args.duration:.0f} s per point")
     rows: dict[str, dict[int, LoadResult]] = {"in-process": {}, "torchserve": {}}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        ts = torchserve_from_arguments(Path(tmp), args)
+        if args.running_torchserve:
+            ts = RunningTorchServe()
+            print(f"TorchServe: the one running at {ts.inference_url}, with its own settings")
+        else:
+            ts = torchserve_from_arguments(Path(tmp), args)
         try:
             engine = served_engine_name(ts, payloads[0])
             # In-process runs the engine the workers serve, built from the same cache (the same code).

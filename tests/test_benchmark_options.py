@@ -1,12 +1,14 @@
 """The serving benchmarks' shared options reach the TorchServe they start (benchmarks/bench_serve.py
 torchserve_from_arguments) and the KServe bundle bench_kserve serves (bundle_from_arguments): an option a
-benchmark accepts and then ignores would measure the wrong thing."""
+benchmark accepts and then ignores would measure the wrong thing (bench_serve --running-torchserve, which starts
+none, refuses them)."""
 from __future__ import annotations
 
 import argparse
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from benchmarks import bench_serve
@@ -67,6 +69,22 @@ def bench_serve_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     bench_serve.add_load_arguments(parser)
     return parser.parse_args(argv)
+
+
+def test_bench_serve_refuses_each_torchserve_option_with_the_running_torchserve(capsys):
+    # --running-torchserve measures a TorchServe with its own settings: an option that would shape the one started
+    # for the run (every load option but the load's own and --weights, the in-process column's) is refused, not
+    # ignored. Refused on parsing, before any image is read.
+    parser = argparse.ArgumentParser()
+    bench_serve.add_load_arguments(parser)
+    shaping = {action.option_strings[-1]: action.dest for action in parser._actions
+               if action.dest not in ("help", "duration", "warmup", "concurrency", "weights")}
+    assert shaping == bench_serve.TORCHSERVE_SETTING_OPTIONS
+    for option in shaping:
+        with pytest.raises(SystemExit) as refused:
+            bench_serve.main(["--running-torchserve", option, "job_queue_size=9" if option == "--ts-property" else "1"])
+        assert refused.value.code == 2
+        assert f"own settings: {option} would not reach it" in capsys.readouterr().err
 
 
 def test_bench_engines_prints_every_point_of_each_engine_it_ran(capsys):

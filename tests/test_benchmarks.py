@@ -32,6 +32,7 @@ from benchmarks.side_by_side import side_by_side
 from ctrl_c import sigint_as_in_a_terminal
 from serving_helpers import cifar_pil, encode
 from stand_in_server import stand_in_server
+from torchserve_fixture import weights_under_test
 
 REPO = Path(__file__).resolve().parents[1]
 # Every test here drives a real server with wrk, on CIFAR-100 test images.
@@ -371,12 +372,15 @@ def test_multipart_bodies_are_read_as_the_image_field(torchserve_ready, pngs, tm
         assert result.errors == 0 and result.images > 0
 
 
-def run_benchmark(module: str, columns: tuple[str, ...], warmup: str = "0.5") -> list[str]:
+def run_benchmark(module: str, columns: tuple[str, ...], warmup: str = "0.5", *options: str,
+                  env: dict[str, str] | None = None) -> list[str]:
     """`python -m benchmarks.<module>` on 1 s points at concurrency 1 and 2 (`warmup` s of warm-up each, wrk's
-    shortest being 1 s; 0: none): its output lines, after checking that it succeeded and that each column has a row
-    per concurrency with images/s and no failed request (the table: target, conc, img/s, p50, p99, errors)."""
+    shortest being 1 s; 0: none), with these other `options` and `env` over the environment: its output lines,
+    after checking that it succeeded and that each column has a row per concurrency with images/s and no failed
+    request (the table: target, conc, img/s, p50, p99, errors)."""
     done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--duration", "1", "--warmup", warmup,
-                           "--concurrency", "1", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--concurrency", "1", "2", *options], cwd=REPO, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     for name in columns:
@@ -387,9 +391,11 @@ def run_benchmark(module: str, columns: tuple[str, ...], warmup: str = "0.5") ->
     return lines
 
 
-def test_bench_serve_prints_both_columns_and_the_two_ratios():
-    # Starts its own TorchServe, as `make bench-serve` does (~30 s here).
-    lines = run_benchmark("bench_serve", ("in-process", "torchserve"))
+def test_bench_serve_prints_both_columns_and_the_two_ratios(torchserve_ready):
+    # The session's TorchServe (`make bench-serve` starts its own, as the signal tests above do: ~15 s more here), the
+    # in-process column on the weights it serves.
+    lines = run_benchmark("bench_serve", ("in-process", "torchserve"), "0.5", "--running-torchserve",
+                          "--weights", str(weights_under_test()), env=torchserve_ready.adapter_env())
     assert " cores" in lines[0], lines  # which machine the figures are from
     assert any(line.startswith("torchserve / in-process images/s at concurrency 2:") for line in lines), lines
     assert any(line.startswith("torchserve p50 - in-process p50 at concurrency 1:") for line in lines), lines
