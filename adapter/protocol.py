@@ -691,6 +691,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().pause_writing()
         if getattr(self, "_send_timer", False) is None:
             self._send_timer = self.loop.call_later(self.settings.send_timeout_s, self._send_stalled)
+            self._unread_since = self.loop.time()
             self.open_connections.set_unread(self._connection_key, self, True)
 
     def resume_writing(self) -> None:
@@ -706,8 +707,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     @property
     def unread_s(self) -> float:
         """How long its answers have waited for its client to read them (its writing paused); 0: not waiting."""
-        timer = getattr(self, "_send_timer", None)
-        return 0.0 if timer is None else self.loop.time() - (timer.when() - self.settings.send_timeout_s)
+        return 0.0 if getattr(self, "_send_timer", None) is None else self.loop.time() - self._unread_since
 
     def reset(self) -> None:
         _reset(getattr(self.transport, "_transport", self.transport))
