@@ -1083,6 +1083,30 @@ def test_a_new_address_takes_the_place_of_a_connection_reading_none_of_its_answe
              connection_caps_adapter.log_file.read_text(), 5, "the reset's log line")
 
 
+class Connection:
+    """What OpenConnections asks of a connection (adapter/protocol.py GuardedHttpToolsProtocol): whether it is idle,
+    how long its answers have waited unread, and its close (as its keep-alive time would) and reset."""
+
+    def __init__(self, idle: bool = False, unread_s: float = 0.0):
+        self.idle, self.unread_s, self.closed, self.was_reset = idle, unread_s, False, False
+
+    def timeout_keep_alive_handler(self):
+        self.closed = True
+
+    def reset(self):
+        self.was_reset = True
+
+
+def opened(connections, host: str, connection: Connection) -> str | None:
+    """OpenConnections.try_open, then the connection's keep-alive timer and paused writing as the protocol reports
+    them."""
+    key = connections.try_open(host, connection)
+    if key is not None:
+        connections.set_idle(key, connection, connection.idle)
+        connections.set_unread(key, connection, connection.unread_s > 0)
+    return key
+
+
 def test_only_an_idle_connection_of_a_client_past_its_fair_share_gives_way():
     """adapter/protocol.py OpenConnections at its cap, in-process: a new client's connection takes the place of an idle
     one of the client holding the most, if that is past the fair share (the next holding client when the most's
@@ -1091,50 +1115,36 @@ def test_only_an_idle_connection_of_a_client_past_its_fair_share_gives_way():
     from adapter.config import Settings
     from adapter.protocol import OpenConnections
 
-    class Connection:
-        def __init__(self, idle: bool):
-            self.idle, self.closed = idle, False
-
-        def timeout_keep_alive_handler(self):
-            self.closed = True
-
-    def try_open(connections, host, connection):
-        """OpenConnections.try_open, then the connection's keep-alive timer as the protocol reports it."""
-        key = connections.try_open(host, connection)
-        if key is not None:
-            connections.set_idle(key, connection, connection.idle)
-        return key
-
     connections = OpenConnections(Settings(max_open_connections=5, max_client_connections=3,
                                            trusted_proxies=["10.9.9.9"]))
     held = {"10.0.0.1": [Connection(False) for _ in range(3)], "10.0.0.2": [Connection(True), Connection(False)]}
     for host, theirs in held.items():
-        assert all(try_open(connections, host, connection) is not None for connection in theirs)
+        assert all(opened(connections, host, connection) is not None for connection in theirs)
     # One of 10.0.0.1's has its keep-alive timer set but lingers after a refusal (not idle): never closed.
     connections.set_idle("10.0.0.1", held["10.0.0.1"][0], True)
-    assert try_open(connections, "10.9.9.9", Connection(True)) is None  # the proxy: no share to claim
-    assert try_open(connections, "10.0.0.2", Connection(True)) is None  # at its share (5 // 2 clients = 2)
+    assert opened(connections, "10.9.9.9", Connection(True)) is None  # the proxy: no share to claim
+    assert opened(connections, "10.0.0.2", Connection(True)) is None  # at its share (5 // 2 clients = 2)
     # Three clients: a share of 1. 10.0.0.1 holds the most, all busy; 10.0.0.2 is past the share, with an idle one.
-    assert try_open(connections, "10.0.0.3", Connection(True)) == "10.0.0.3"
+    assert opened(connections, "10.0.0.3", Connection(True)) == "10.0.0.3"
     assert [connection.closed for connection in held["10.0.0.2"]] == [True, False], held
     assert connections.total == 5 and len(connections.per_client["10.0.0.2"]) == 1
     connections.closed("10.0.0.2", held["10.0.0.2"][0])  # its connection_lost later: counted once
     assert connections.total == 5
     # 10.0.0.4: 10.0.0.1's are busy, the others at the share (1): reset.
-    assert try_open(connections, "10.0.0.4", Connection(True)) is None
+    assert opened(connections, "10.0.0.4", Connection(True)) is None
     # A trusted proxy's connections are nobody's share: never closed for a newcomer.
     connections.closed("10.0.0.3", next(iter(connections.per_client["10.0.0.3"])))
     proxied = Connection(True)
-    assert try_open(connections, "10.9.9.9", proxied) == "" and connections.total == 5
-    assert try_open(connections, "10.0.0.5", Connection(True)) is None and not proxied.closed
+    assert opened(connections, "10.9.9.9", proxied) == "" and connections.total == 5
+    assert opened(connections, "10.0.0.5", Connection(True)) is None and not proxied.closed
     # The shares are of the places the proxies leave: 4 open, 2 of them a proxy's; an address holding the other two
     # is past its share (2 // 2 clients = 1) when another comes.
     connections = OpenConnections(Settings(max_open_connections=4, max_client_connections=3,
                                            trusted_proxies=["10.9.9.9"]))
     theirs = [Connection(True), Connection(True)]
-    assert all(try_open(connections, "10.9.9.9", Connection(True)) == "" for _ in range(2))
-    assert all(try_open(connections, "10.0.0.1", connection) == "10.0.0.1" for connection in theirs)
-    assert try_open(connections, "10.0.0.2", Connection(True)) == "10.0.0.2" and theirs[0].closed
+    assert all(opened(connections, "10.9.9.9", Connection(True)) == "" for _ in range(2))
+    assert all(opened(connections, "10.0.0.1", connection) == "10.0.0.1" for connection in theirs)
+    assert opened(connections, "10.0.0.2", Connection(True)) == "10.0.0.2" and theirs[0].closed
     assert (connections.total, connections.proxied) == (4, 2)
     assert not any(connection.closed for connection in held["10.0.0.1"])
 
@@ -1146,23 +1156,6 @@ def test_a_connection_reading_none_of_its_answers_gives_way_past_the_grace_after
     share, and an idle one goes first, closed, not reset."""
     from adapter.config import Settings
     from adapter.protocol import OpenConnections
-
-    class Connection:
-        def __init__(self, idle: bool = False, unread_s: float = 0.0):
-            self.idle, self.unread_s, self.closed, self.was_reset = idle, unread_s, False, False
-
-        def timeout_keep_alive_handler(self):
-            self.closed = True
-
-        def reset(self):
-            self.was_reset = True
-
-    def opened(connections, host, connection):
-        key = connections.try_open(host, connection)
-        if key is not None:
-            connections.set_idle(key, connection, connection.idle)
-            connections.set_unread(key, connection, connection.unread_s > 0)
-        return key
 
     connections = OpenConnections(Settings(max_open_connections=4, max_client_connections=2, min_rate_grace_s=2))
     held = {"10.0.0.1": [Connection(unread_s=3), Connection()], "10.0.0.2": [Connection(unread_s=1),
