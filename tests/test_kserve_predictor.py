@@ -1853,8 +1853,8 @@ def test_stalled_grpc_calls_one_per_address_give_their_reservations_to_another_c
         ended = [seconds_until_stream_ends(sock, timeout=0.5) for sock in stalled]
         after = bound_metrics(predictor)
         assert (full["held grpc"], full["waiting"]) == (4 * largest, 0), full  # one each: within their shares
-        # The grace less the 1.2 s since the first stall began, give or take; not the 20 s they held.
-        assert 0.1 < first < 3, first
+        # The grace less the 1.2 s since the first stall began (at once, on a loaded machine); not the 20 s they held.
+        assert first < 3, first
         assert second < 1, second
         # 127.0.0.2's first and 127.0.0.3's, the two oldest, gave way; 127.0.0.2's second stalls on.
         assert [end is not None for end in ended] == [True, True, False, False, False], ended
