@@ -24,10 +24,10 @@ from aiohttp import web
 from adapter.run import running_adapter
 from serving.archive import sha256_of, weights_version
 from serving.rollout import Rollout, RolloutError
-from serving.settings import CALIBRATION_FILE, EXPLAINER_READY_LOG_LINE
+from serving.settings import CALIBRATION_FILE, EXPLAINER_READY_LOG_LINE, read_model_config
 from ctrl_c import sigint_as_in_a_terminal, stopped_by
 from test_adapter_oip import stand_in_server
-from torchserve_fixture import start_test_torchserve, weights_under_test
+from torchserve_fixture import start_test_torchserve, stop_meanwhile, weights_under_test
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -46,14 +46,26 @@ def other_weights(path: Path, shift: float) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, pytestconfig):
     root = tmp_path_factory.mktemp("rollout")
     ts = start_test_torchserve(root / "torchserve")
     try:
         with running_adapter(ts.adapter_env(), root / "adapter.log") as adapter:
             yield ts, adapter, root
     finally:
-        ts.stop()
+        stop_meanwhile(ts, pytestconfig)
+
+
+def one_worker_config(folder: Path) -> Path:
+    """model-config.yaml with one worker: the model config (--model-config) of a new version whose workers only need
+    to be READY for what a test checks (two starting side by side share the cores and take as long)."""
+    import yaml
+
+    config = read_model_config()
+    config.update(minWorkers=1, maxWorkers=1)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model-config.yaml").write_text(yaml.safe_dump(config))
+    return folder / "model-config.yaml"
 
 
 def classify_loop(base: str, stop: threading.Event, results: list) -> None:
@@ -96,8 +108,8 @@ class BacklogAtSwitch:
     removed version's queue: its clients wait until they time out) or failed ("Worker died.")."""
 
     # count stays under config.properties' job_queue_size (24): past it TorchServe answers 503 at once
-    # (the paused workers' batches may hold only one request each).
-    def __init__(self, ts, retiring: str, say, count: int = 20, resume_s: float = 3.0):
+    # (the paused workers' batches may hold only one request each). resume_s: twice the rollback's --drain-s (1 s).
+    def __init__(self, ts, retiring: str, say, count: int = 20, resume_s: float = 2.0):
         self.ts, self.retiring, self.say, self.count, self.resume_s = ts, retiring, say, count, resume_s
         self.results: list[tuple[int | None, str | None, str]] = []
         self.threads: list[threading.Thread] = []
@@ -151,25 +163,36 @@ class BacklogAtSwitch:
             t.join(60)
 
 
+def every_client_answered(each: list[list], since: float, answers: int = 3, timeout: float = 60) -> None:
+    """Wait until every client (``each``: its results, classify_loop's) has the results of ``answers`` requests it
+    sent after ``since`` (monotonic): every request it sent before then has its result (one at a time)."""
+    deadline = time.monotonic() + timeout
+    while not all(sum(started > since for started, *_ in list(mine)) >= answers for mine in each):
+        assert time.monotonic() < deadline, [len(mine) for mine in each]
+        time.sleep(0.05)
+
+
 def test_rollout_under_load_fails_no_request_and_switches_once(served, tmp_path):
     ts, adapter, _ = served
     old = weights_version(weights_under_test())
     new_weights = other_weights(tmp_path / "new" / "CIFAR100_model.pth", 1e-3)
     new = weights_version(new_weights)
     said: list[str] = []
-    stop, results = threading.Event(), []
-    threads = [threading.Thread(target=classify_loop, args=(adapter.base_url, stop, results)) for _ in range(CONCURRENCY)]
+    stop, each = threading.Event(), [[] for _ in range(CONCURRENCY)]  # each client's results
+    threads = [threading.Thread(target=classify_loop, args=(adapter.base_url, stop, mine)) for mine in each]
     for t in threads:
         t.start()
     try:
-        time.sleep(2)
-        assert Rollout(ts, ready_timeout_s=240, say=said.append).run(new_weights) == new
-        time.sleep(2)
+        every_client_answered(each, since=0.0)  # the load is on before the rollout starts
+        # --drain-s 1 (the rollback's below): a batch takes milliseconds, and no request may fail across the switch
+        assert Rollout(ts, ready_timeout_s=240, drain_s=1, say=said.append).run(new_weights) == new
+        every_client_answered(each, since=time.monotonic())  # and still on after the old version is gone
     finally:
         stop.set()
         for t in threads:
             t.join(60)
     assert not any(t.is_alive() for t in threads)
+    results = [r for mine in each for r in mine]
     failed = [r for r in results if r[2] != 200]
     assert not failed, failed[:5]
     versions = {r[3] for r in results}
@@ -387,7 +410,8 @@ def test_a_warm_up_not_answered_by_the_new_version_leaves_the_old_one_serving(se
         return await misrouted_to_default(ts, request)
     with pytest.raises(RolloutError) as err:
         through_front(ts, misrouted,
-                      lambda front: Rollout(front, ready_timeout_s=240, say=lambda line: None).run(candidate))
+                      lambda front: Rollout(front, ready_timeout_s=240, say=lambda line: None,
+                                            model_config=one_worker_config(tmp_path / "config")).run(candidate))
     message = str(err.value)
     assert f"{version} is READY but its warm-up predictions failed: 200 from version {old}:" in message, message
     assert f"{old} still serves; {version} was unregistered" in message

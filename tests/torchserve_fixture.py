@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from model.shipped import SHIPPED_WEIGHTS
@@ -47,3 +48,11 @@ def start_test_torchserve(root: Path, weights: Path | None = None, model_config:
         ts.stop()
         raise
     return ts
+
+
+def stop_meanwhile(ts: TorchServeInstance, config) -> None:
+    """Stop ``ts`` while the next tests run: a stop waits ~4 s for Java and its workers to exit, with a quarter of a
+    second of CPU among them. ``config`` (pytest's) waits for it at the session's end, so nothing outlives the run."""
+    stopping = threading.Thread(target=ts.stop, name=f"stop TorchServe {ts.workdir}")
+    stopping.start()
+    config.add_cleanup(stopping.join)
