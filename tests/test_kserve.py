@@ -32,7 +32,7 @@ from serving.torchserve import read_properties
 from serving_helpers import (assert_same_answer, b64, cifar_pil, decompression_bomb_png, encode, v1_body, v2_answers,
                              v2_body)
 from checkout import user_in_a_copy
-from torchserve_fixture import READY_TIMEOUT_S, weights_under_test
+from torchserve_fixture import READY_TIMEOUT_S, stop_meanwhile, weights_under_test
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,14 +46,14 @@ def bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=["v2", "v1"])
-def kserve_ts(request, bundle, tmp_path_factory):
+def kserve_ts(request, bundle, tmp_path_factory, pytestconfig):
     ts = KServeTorchServe(tmp_path_factory.mktemp(f"kserve-{request.param}"), bundle, request.param)
     ts.start()
     try:
         ts.wait_ready(READY_TIMEOUT_S)
         yield ts
     finally:
-        ts.stop()
+        stop_meanwhile(ts, pytestconfig)
 
 
 def routes(ts: KServeTorchServe) -> list[str]:

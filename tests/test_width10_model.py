@@ -18,7 +18,7 @@ from serving.archive import weights_version
 from serving.settings import read_model_config
 import background
 from serving_helpers import assert_same_answer, cifar_pil, encode, torchserve_log
-from torchserve_fixture import HTTP_TIMEOUT_S, start_test_torchserve
+from torchserve_fixture import HTTP_TIMEOUT_S, start_test_torchserve, stop_meanwhile
 
 WIDTH10 = Path(__file__).resolve().parents[1] / "model" / "weights" / "width10"
 WEIGHTS = WIDTH10 / "CIFAR100_model.pth"
@@ -58,13 +58,13 @@ def served_model_config() -> dict:
 
 
 @pytest.fixture(scope="module")
-def width10_torchserve(tmp_path_factory):
+def width10_torchserve(tmp_path_factory, pytestconfig):
     root = tmp_path_factory.mktemp("width10")
     config_file = root / "model-config.yaml"
     config_file.write_text(yaml.safe_dump(served_model_config()))
     ts = start_test_torchserve(root, WEIGHTS, config_file)
     yield ts
-    ts.stop()
+    stop_meanwhile(ts, pytestconfig)
 
 
 @background.computation("width10_reference_probs")
