@@ -94,7 +94,7 @@ class _GrpcSide(_Side):
         self.transport = transport
         self.other.other = self
         self.port = transport.get_extra_info("sockname")[1]
-        self.relay.clients[self.port] = self.other.host  # before any of the client's bytes reach grpc
+        self.relay.clients[self.port] = self.other.host or INTERNAL_HOST  # before any client's bytes reach grpc
 
     def eof_received(self) -> bool:
         # grpc never half-closes a connection it goes on with (HTTP/2 ends it with GOAWAY): once its FIN comes, it
@@ -103,8 +103,8 @@ class _GrpcSide(_Side):
         return False  # closed
 
     def connection_lost(self, exc) -> None:
-        if self.port is not None and self.relay.clients.get(self.port) == self.other.host:
-            del self.relay.clients[self.port]
+        if self.port is not None:  # (its port still taken: its socket is closed after this)
+            self.relay.clients.pop(self.port, None)
         super().connection_lost(exc)
 
 
