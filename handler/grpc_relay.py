@@ -163,6 +163,33 @@ class _ClientSide(_Side):
         super().connection_lost(exc)
 
 
+def _dual_stack(port: int) -> socket.socket:
+    """A socket bound to ``port`` on every interface: IPv6 taking IPv4 too (as grpc's "[::]"), else IPv4 only
+    where this host has no IPv6."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        sock = None
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("::", port))
+            return sock
+        except OSError as err:
+            sock.close()
+            if err.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class GrpcRelay:
     """The public gRPC port in front of grpc's internal one (``internal_port``, set once grpc listens): ``start``
     listens on ``host``:``port``, ``stop_listening`` and ``close`` end it; ``peer_host`` reads a call's client."""
@@ -178,15 +205,11 @@ class GrpcRelay:
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        everywhere = host in ("0.0.0.0", "::")  # all interfaces, IPv4 and IPv6 (as grpc's "[::]")
-        try:
-            server = await loop.create_server(lambda: _ClientSide(self), None if everywhere else host, port,
+        if host in ("0.0.0.0", "::"):  # all interfaces, IPv4 too, on one port (port 0 too), as grpc's "[::]"
+            server = await loop.create_server(lambda: _ClientSide(self), sock=_dual_stack(port),
                                               backlog=socket.SOMAXCONN)
-        except OSError as err:
-            if not everywhere or err.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                raise
-            server = await loop.create_server(lambda: _ClientSide(self), "0.0.0.0", port,  # no IPv6 here
-                                              backlog=socket.SOMAXCONN)
+        else:
+            server = await loop.create_server(lambda: _ClientSide(self), host, port, backlog=socket.SOMAXCONN)
         self.servers.append(server)
 
     def stop_listening(self) -> None:

@@ -117,3 +117,38 @@ def test_a_trusted_proxys_connections_count_in_no_clients_share():
             internal.close()
 
     asyncio.run(scenario())
+
+
+def test_all_interfaces_is_one_port_for_ipv4_and_ipv6_and_an_ipv4_client_counts_as_its_address():
+    """--host 0.0.0.0 (or ::): one dual-stack socket, as grpc's "[::]" listened (port 0 too); an IPv4 client arrives
+    as ::ffff:a.b.c.d and is counted, and named to the shares, as its IPv4 address (trusted proxies match it)."""
+    async def scenario():
+        accepted: asyncio.Queue = asyncio.Queue()
+
+        async def grpc_side(reader, writer):
+            await accepted.put((reader, writer))
+
+        internal = await asyncio.start_server(grpc_side, "127.0.0.1", 0)
+        relay = GrpcRelay(OpenConnections(Settings(max_open_connections=4, max_client_connections=4)))
+        relay.internal_port = internal.sockets[0].getsockname()[1]
+        await relay.start("0.0.0.0", 0)
+        try:
+            (listening,) = [sock for server in relay.servers for sock in server.sockets]
+            port = listening.getsockname()[1]
+            _, ipv4 = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.9", 0))
+            _, up = await asyncio.wait_for(accepted.get(), 5)
+            assert relay.peer_host(f"ipv4:127.0.0.1:{up.get_extra_info('peername')[1]}") == "127.0.0.9"
+            assert list(relay.connections.per_client) == ["127.0.0.9"]
+            try:
+                _, ipv6 = await asyncio.open_connection("::1", port)
+            except OSError:  # no IPv6 loopback here
+                return
+            await asyncio.wait_for(accepted.get(), 5)
+            assert list(relay.connections.per_client) == ["127.0.0.9", "::/64"]
+            for writer in (ipv4, ipv6):
+                writer.close()
+        finally:
+            relay.close()
+            internal.close()
+
+    asyncio.run(scenario())
