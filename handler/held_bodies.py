@@ -323,7 +323,7 @@ class GrpcMessageBound(aio.ServerInterceptor):
 
     def __init__(self, held: HeldBytes, max_message: int, max_waiting: int, deadline_s: float,
                  refused=lambda bound: None, clients: ForwardedClient | None = None, client_waiting: int | None = None,
-                 others: HeldBytes | None = None):
+                 others: HeldBytes | None = None, peer_host=grpc_peer_host):
         self.held, self.max_message, self.max_waiting, self.deadline_s = held, max_message, max_waiting, deadline_s
         self.others = others if others is not None else HeldBytes(held.limit, held.turns_per_owner)
         self.refused = refused  # called with the bound's setting (max_body_bytes_held, ...) per refusal
@@ -331,6 +331,8 @@ class GrpcMessageBound(aio.ServerInterceptor):
         # Per-client shares (None: none): who a call's client is, and how many waiting places it keeps when the
         # places are full and another client's call comes; the turns one client may hold are held.turns_per_owner.
         self.clients, self.client_waiting = clients, client_waiting
+        # The host of a call's context.peer(): behind the predictor's relay (handler/grpc_relay.py) its client's
+        self.peer_host = peer_host
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -418,7 +420,7 @@ class GrpcMessageBound(aio.ServerInterceptor):
     async def _client(self, context) -> str | None:
         if self.clients is None:
             return None
-        host = grpc_peer_host(context.peer())
+        host = self.peer_host(context.peer())
         if not self.clients.reads_headers:  # the common case, every call: no metadata to walk
             return client_key(host)
         forwarded = [value for name, value in context.invocation_metadata() or () if name == "x-forwarded-for"]

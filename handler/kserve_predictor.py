@@ -34,7 +34,9 @@ waiting places once they are full, and no more than its fair share (an equal par
 a reservation whose message has not come within ``--grpc_message_grace_s`` passes to another client's waiting call;
 of the places to wait for a forward pass too, REST and gRPC alike (handler/batching.py). Connections are bounded on both ports: REST's by the adapter's HTTP/1.1
 protocol (adapter/protocol.py: ``--max_open_connections``, ``--max_client_connections``, ``--header_timeout_s``,
-...), gRPC's by grpc core's (grpc_connection_options). A client that leaves before its answer has its request cancelled. Over
+...), gRPC's by the same per-client and total counts, a count of their own, at a TCP relay in front of grpc, which
+listens on 127.0.0.1 (handler/grpc_relay.py: grpc core counts connections only in all), and by grpc core's handshake
+and idle bounds (grpc_connection_options). A client that leaves before its answer has its request cancelled. Over
 gRPC the 4xx are INVALID_ARGUMENT, the 503 UNAVAILABLE, with the same message; a model or version not
 served NOT_FOUND. KServe's own checks
 answer first where they apply (JSON that is not an inference request: 422, as ``{"error": ...}`` with FastAPI's
@@ -77,12 +79,13 @@ from adapter.config import Settings as EdgeSettings
 from adapter.edge import shown_path
 from adapter.metrics import CONNECTION_REFUSALS, EDGE_REFUSALS, parser_refusal_reason
 from adapter.model_server import validation_error_at
-from adapter.protocol import protocol_class, silent_timeout_s
+from adapter.protocol import OpenConnections, protocol_class, silent_timeout_s
 from handler import engine as engines
 from handler.answers import NOT_FINITE, image_answers, served_topk
 from handler.batching import Batcher, BatcherFull
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
+from handler.grpc_relay import INTERNAL_HOST, GrpcRelay
 from handler.held_bodies import GrpcMessageBound, HeldBytes, RestBodies, client_share
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, OUTPUTS, V2, ProtocolError,
@@ -144,6 +147,10 @@ HTTP_REFUSED = Counter("HttpRefused", "REST requests refused at the HTTP parser 
                        "reason", ["Reason"])
 for _reason in EDGE_REFUSALS:
     HTTP_REFUSED.labels(_reason)  # at 0 from the start: rate() sees the first one
+GRPC_CONNECTIONS_RESET = Counter("GrpcConnectionsReset", "gRPC connections reset at once by a cap, by reason "
+                                 "(HttpRefused's names)", ["Reason"])
+for _reason in CONNECTION_REFUSALS.values():
+    GRPC_CONNECTIONS_RESET.labels(_reason)
 GRPC_CALLS_WAITING = Gauge("GrpcCallsWaiting", "gRPC calls waiting for their turn to have their message read")
 
 
@@ -806,19 +813,41 @@ def _without_timing(app) -> None:
 class _AioBounded:
     """grpc.aio as KServe's gRPC server module sees it (it builds its server with ``aio.server`` at start, its
     interceptors and options fixed): the server built with ``bound`` first among them (handler/held_bodies.py)
-    and the connection ``options`` added to KServe's (grpc core's channel arguments)."""
+    and the connection ``options`` added to KServe's (grpc core's channel arguments). It listens on 127.0.0.1 (a
+    free port) only: KServe's port, on --host, is ``relay``'s (handler/grpc_relay.py: connections counted per
+    client), listening once grpc has started and closed when it stops."""
 
-    def __init__(self, bound: GrpcMessageBound, options: list[tuple[str, int]], host: str):
-        self.bound, self.options, self.host = bound, options, host
+    def __init__(self, bound: GrpcMessageBound, options: list[tuple[str, int]], host: str, relay: GrpcRelay):
+        self.bound, self.options, self.host, self.relay = bound, options, host, relay
 
     def __getattr__(self, name: str):
         return getattr(aio, name)
 
     def server(self, *args, interceptors=(), options=(), **kwargs):
+        # (not grpc's SO_REUSEPORT: another socket could bind its internal port and take its connections)
         server = aio.server(*args, interceptors=(self.bound, *(interceptors or ())),
-                            options=[*(options or ()), *self.options], **kwargs)
-        listen = server.add_insecure_port  # KServe listens on "[::]:port": on --host instead
-        server.add_insecure_port = lambda address: listen(f"{grpc_host(self.host)}:{address.rpartition(':')[2]}")
+                            options=[*(options or ()), *self.options, ("grpc.so_reuseport", 0)], **kwargs)
+        listen, start, stop = server.add_insecure_port, server.start, server.stop
+        public = []
+
+        def add_insecure_port(address: str) -> int:  # KServe listens on "[::]:port": the relay does, on --host
+            public.append(int(address.rpartition(":")[2]))
+            self.relay.internal_port = listen(f"{INTERNAL_HOST}:0")
+            return public[-1]
+
+        async def started() -> None:
+            await start()
+            for port in public:
+                await self.relay.start(self.host, port)
+
+        async def stopped(grace: float | None) -> None:
+            self.relay.stop_listening()  # no new connections; those open keep their calls through the grace
+            try:
+                await stop(grace)
+            finally:
+                self.relay.close()
+
+        server.add_insecure_port, server.start, server.stop = add_insecure_port, started, stopped
         return server
 
 
@@ -834,14 +863,6 @@ class _UvicornGuarded:
 
     def Config(self, *args, **kwargs):  # noqa: N802 - uvicorn's name
         return uvicorn.Config(*args, **{**kwargs, "host": self.host, "http": self.protocol})
-
-
-def grpc_host(host: str) -> str:
-    """``--host`` as grpc writes an address's host: all interfaces ("0.0.0.0" or "::") as "[::]", as KServe listens
-    (IPv4 too); another IPv6 address in brackets."""
-    if host in ("0.0.0.0", "::"):
-        return "[::]"
-    return f"[{host}]" if ":" in host else host
 
 
 def edge_protocol(settings: EdgeSettings) -> type:
@@ -865,17 +886,19 @@ def _connection_reset(cap: str) -> None:
 
 
 def grpc_connection_options(max_open: int, handshake_timeout_s: float, idle_s: float) -> list[tuple[str, int]]:
-    """grpc core's bounds on connections: at most ``max_open`` open (one more is closed at once), its HTTP/2
-    preface and settings within ``handshake_timeout_s`` (else closed), and closed (GOAWAY) after ``idle_s`` with
-    no call: a connection that sends nothing otherwise stays open for ever, each holding a file descriptor.
+    """grpc core's bounds on connections: its HTTP/2 preface and settings within ``handshake_timeout_s`` (else
+    closed), closed (GOAWAY) after ``idle_s`` with no call: a connection that sends nothing otherwise stays open for
+    ever, each holding a file descriptor (three now: the client's, the relay's to grpc and grpc's); and at most
+    twice ``max_open`` open, a backstop only: the relay (handler/grpc_relay.py) counts the clients' connections, in
+    all (``max_open``) and per client, and grpc may not yet have seen the close of one it closed when the next comes.
 
-    grpc core counts no connections per client (no channel argument, no hook at accept in grpcio), so ``idle_s`` is
-    the REST port's bound on a connection that has sent nothing (adapter/protocol.py silent_timeout_s), not the
-    keep-alive time: 515 connections that sent the preface and an empty SETTINGS held ``max_open`` for the
-    keep-alive time (59 s measured at 65 s), every other client's call UNAVAILABLE meanwhile. grpc cannot tell a
-    connection that never made a call from one between calls: both go (one that made calls one to two ``idle_s``
-    after its last: grpc core checks once a period); a channel reconnects on its next call."""
-    return [("grpc.max_allowed_incoming_connections", max_open),
+    grpc cannot tell a connection that never made a call from one between calls (nor can the relay, which sees no
+    calls): ``idle_s`` is the REST port's bound on a connection that has sent nothing (adapter/protocol.py
+    silent_timeout_s), not the keep-alive time: 515 connections that sent the preface and an empty SETTINGS held
+    ``max_open`` for the keep-alive time (59 s measured at 65 s), every other client's call UNAVAILABLE meanwhile.
+    Both go (one that made calls one to two ``idle_s`` after its last: grpc core checks once a period), and the
+    relay closes the client's connection with grpc's; a channel reconnects on its next call."""
+    return [("grpc.max_allowed_incoming_connections", 2 * max_open),
             ("grpc.server_handshake_timeout_ms", max(1, round(handshake_timeout_s * 1000))),
             ("grpc.max_connection_idle_ms", max(1, round(idle_s * 1000)))]
 
@@ -913,7 +936,8 @@ def main() -> None:
                         help="connections open at once over REST, and over gRPC (each a count of its own); one more "
                              "is closed at once, before it is read")
     parser.add_argument("--max_client_connections", type=positive_int, default=MAX_CLIENT_CONNECTIONS,
-                        help="REST connections open at once from one client (--trusted_proxies exempt)")
+                        help="connections open at once from one client over REST, and over gRPC (each a count of "
+                             "its own; --trusted_proxies exempt); one more is closed at once")
     parser.add_argument("--header_timeout_s", type=positive_float, default=edge_defaults.header_timeout_s,
                         help="a REST request's line and headers must arrive within this (408), at --min_upload_rate "
                              "after --min_rate_grace_s; a gRPC connection's HTTP/2 preface and settings too (closed); "
@@ -945,8 +969,8 @@ def main() -> None:
     parser.add_argument("--trusted_proxies", default="",
                         help="comma-separated addresses or networks of proxies whose X-Forwarded-For names the "
                              "client of a gRPC call (its share) and of a request's decoding (its line), and whose REST "
-                             "connections count in no client's --max_client_connections; off: the client is the "
-                             "connection's peer")
+                             "connections count in no client's --max_client_connections (REST and gRPC); off: the "
+                             "client is the connection's peer")
     parser.add_argument("--log_file", type=Path, default=None,
                         help="every log line (KServe's, uvicorn's and its access lines, ours) into this file, rotated "
                              "at --log_max_bytes, keeping --log_backups old files (FILE.1, ...); default: stderr and "
@@ -977,8 +1001,8 @@ def main() -> None:
         trusted = proxy_networks(proxy for proxy in args.trusted_proxies.split(",") if proxy.strip())
     except ValueError as err:
         parser.error(f"--trusted_proxies: {err}")
-    try:  # REST's and gRPC's connections, and the model's files, logs and threads
-        ensure_open_files(2 * args.max_open_connections + OPEN_FILES_MARGIN)
+    try:  # REST's and gRPC's connections (three descriptors each: the relay's two, grpc's), the model's files, logs
+        ensure_open_files(4 * args.max_open_connections + OPEN_FILES_MARGIN)
     except ValueError as err:
         parser.error(f"--max_open_connections {args.max_open_connections} {err}")
     edge = EdgeSettings(
@@ -1032,13 +1056,15 @@ def main() -> None:
     _without_repository_extension(server)
     _explain_without_echo(server)
     grpc_server.InferenceServicer = CIFAR100Servicer  # the servicer KServe's gRPC server builds at start
+    # gRPC's connections counted as REST's, a count of their own, by the relay on the public port
+    relay = GrpcRelay(OpenConnections(edge, lambda cap: GRPC_CONNECTIONS_RESET.labels(CONNECTION_REFUSALS[cap]).inc()))
     grpc_server.aio = _AioBounded(GrpcMessageBound(
         grpc_messages, max_message, max_waiting, args.body_timeout_s, refused=lambda bound: REFUSED.labels(bound).inc(),
         clients=ForwardedClient(trusted), client_waiting=client_waiting,
-        others=grpc_health),
+        others=grpc_health, peer_host=relay.peer_host),
         grpc_connection_options(args.max_open_connections, args.header_timeout_s,
                                 silent_timeout_s(edge, model_server.args.timeout_keep_alive)),
-        args.host)
+        args.host, relay)
     rest_server.uvicorn = _UvicornGuarded(edge_protocol(edge), args.host)
     server.start([model])
 

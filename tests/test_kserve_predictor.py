@@ -362,7 +362,9 @@ def test_both_ports_listen_on_the_host_asked_for_not_every_interface(kserve_pred
     listening = {(conn.laddr.ip.removeprefix("::ffff:"), conn.laddr.port)  # grpc's IPv4 on an IPv6 socket
                  for conn in psutil.Process(kserve_predictor.process.pid).net_connections(kind="inet")
                  if conn.status == psutil.CONN_LISTEN}
-    assert listening == {("127.0.0.1", kserve_predictor.port), ("127.0.0.1", kserve_predictor.grpc_port)}, listening
+    # and grpc's own port behind the gRPC port's relay (handler/grpc_relay.py), on 127.0.0.1 too
+    assert {("127.0.0.1", kserve_predictor.port), ("127.0.0.1", kserve_predictor.grpc_port)} < listening, listening
+    assert len(listening) == 3 and {ip for ip, _ in listening} == {"127.0.0.1"}, listening
 
 
 def test_a_model_dir_without_the_archive_stops_the_start_with_the_reason(tmp_path):
@@ -2021,6 +2023,62 @@ def test_connections_that_send_nothing_are_capped_and_closed_on_both_ports(bundl
         wait_for_log(predictor, "reset a connection from 127.0.0.2: it has 3 open (MAX_CLIENT_CONNECTIONS)")
     finally:
         watcher.shutdown()
+        predictor.stop()
+
+
+@pytest.mark.integration  # starts its own server process
+def test_one_address_holds_at_most_its_own_grpc_connections_and_other_clients_calls_are_answered(
+        bundle, tmp_path, cifar100_test_split):
+    """grpc core counts connections only in all: one address that opened --max_open_connections connections and
+    sent the HTTP/2 preface (no call) held every gRPC connection until grpc closed them as idle
+    (--header_timeout_s), every other client's call UNAVAILABLE meanwhile. Now the gRPC port is a relay
+    (handler/grpc_relay.py) counting them as the REST port does: past --max_client_connections from one address,
+    reset at once; another client's call answered; the relayed ones still closed with grpc's idle close."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+
+    import kserve_types  # noqa: F401 - registers KServe's gRPC types
+
+    header_s = 3
+    predictor = KServePredictor(tmp_path, bundle, extra_args=[
+        "--max_open_connections=8", "--max_client_connections=4", f"--header_timeout_s={header_s}"]).start()
+    good = encode(cifar_pil(cifar100_test_split[0], 0))
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # and an empty SETTINGS
+
+    def idle_connection():
+        """A connection from 127.0.0.2 with the preface sent, or None when it was reset before that."""
+        try:
+            sock = socket.create_connection(("127.0.0.1", predictor.grpc_port), timeout=5,
+                                            source_address=("127.0.0.2", 0))
+            sock.sendall(preface)
+            return sock
+        except OSError:
+            return None
+    flood = []
+    try:
+        flood, opened = [idle_connection() for _ in range(10)], time.monotonic()
+        time.sleep(0.5)
+        states = [connection_state(sock) for sock in flood]
+        with grpc.insecure_channel(predictor.grpc_target) as channel:  # from 127.0.0.1: another client
+            stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+            answer = stub.ModelInfer(grpc_request([good]), timeout=max(1.0, opened + header_s - 0.5 - time.monotonic()))
+        still = [connection_state(sock) for sock in flood[:4]]
+        closed = [seconds_until_closed(sock, 10) for sock in flood[:4]]
+        assert states == ["open"] * 4 + ["reset"] * 6, states
+        assert [output.name for output in answer.outputs], answer
+        assert still == ["open"] * 4, still  # the call came while they were open
+        # grpc's close of a connection with no call reaches the client through the relay
+        assert all(seconds is not None for seconds in closed), closed
+        text = httpx.get(f"{predictor.url}/metrics", timeout=10).text
+        reset = {reason: int(float(value)) for reason, value in
+                 re.findall(r'^GrpcConnectionsReset_total\{Reason="(\w+)"\} (\S+)$', text, re.M)}
+        assert reset == {"client_connections": 6, "connections": 0}, reset
+        wait_for_log(predictor, "reset a connection from 127.0.0.2: it has 4 open (MAX_CLIENT_CONNECTIONS)")
+        assert predictor.process.poll() is None
+    finally:
+        for sock in flood:
+            if sock is not None:
+                sock.close()
         predictor.stop()
 
 

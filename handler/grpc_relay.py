@@ -1,0 +1,232 @@
+"""The predictor's public gRPC port: a TCP relay in the server's event loop in front of KServe's gRPC server, which
+listens on 127.0.0.1 only (a free port). Its one job: accept a connection, count it by the REST port's rules
+(adapter/protocol.py OpenConnections: --max_open_connections, --max_client_connections per client, trusted proxies
+exempt; a count of its own), reset it at once when refused, else copy its bytes to a connection of its own to grpc
+and back, with flow control, each side's close or half-close passed on to the other.
+
+grpc core counts connections only in all (grpc.max_allowed_incoming_connections) and grpcio has no hook at accept:
+one address that opened 512 connections and sent the HTTP/2 preface held every gRPC connection until grpc's idle
+close (--header_timeout_s), and again at each reconnect, every other client's call failing meanwhile.
+
+A call's ``context.peer()`` is now the relay's connection to grpc ("ipv4:127.0.0.1:PORT"): ``peer_host`` maps it back
+to the client's address (a table from that connection's local port, kept while it is open), for the per-client
+shares of handler/held_bodies.py, trusted proxies' X-Forwarded-For included."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+
+from adapter.protocol import OpenConnections, _reset
+from serving.clients import grpc_peer_host
+from serving.throttled_log import ThrottledLog
+
+logger = logging.getLogger("handler.grpc_relay")
+
+INTERNAL_HOST = "127.0.0.1"  # where grpc listens (a free port), reached from the relay only
+_INTERNAL_PEER = f"ipv4:{INTERNAL_HOST}:"  # grpc's peer string for the relay's connections, less the port
+
+
+def _client_host(peername) -> str | None:
+    """A peer address's host as grpc_peer_host wrote grpc's peer: an IPv4-mapped IPv6 address as IPv4."""
+    if not isinstance(peername, tuple):
+        return None
+    host = peername[0]
+    if ":" in host:
+        try:
+            mapped = ipaddress.IPv6Address(host.split("%")[0]).ipv4_mapped
+        except ValueError:
+            return host
+        return str(mapped) if mapped is not None else host
+    return host
+
+
+class _Side(asyncio.Protocol):
+    """One of a relayed pair of connections: what it reads is written to the other; while the other's writing is
+    paused (its reader slow), this one's reading is paused."""
+
+    transport: asyncio.Transport | None = None
+    other: "_Side | None" = None
+    lost = False
+
+    def data_received(self, data: bytes) -> None:
+        other = self.other
+        if other is not None and other.transport is not None and not other.transport.is_closing():
+            other.transport.write(data)
+
+    def pause_writing(self) -> None:  # its write buffer is full: stop reading what fills it
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        """Its peer half-closed (FIN): the other is half-closed too, after what it still has to write, and this
+        one kept open for the other's bytes: grpc, its client's FIN passed on, closes the connection (then the
+        client's is closed), and grpc's FIN closes both (_GrpcSide)."""
+        other = self.other
+        if other is None or other.transport is None or other.transport.is_closing():
+            return False
+        if other.transport.can_write_eof():
+            other.transport.write_eof()
+        return True
+
+    def close(self) -> None:
+        """Closed once its buffered bytes are written."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self.lost = True
+        if self.other is not None:
+            self.other.close()  # (after what it still has to write to its peer)
+
+
+class _GrpcSide(_Side):
+    def __init__(self, relay: "GrpcRelay", client: "_ClientSide"):
+        self.relay, self.other, self.port = relay, client, None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.other.other = self
+        self.port = transport.get_extra_info("sockname")[1]
+        self.relay.clients[self.port] = self.other.host or INTERNAL_HOST  # before any client's bytes reach grpc
+
+    def eof_received(self) -> bool:
+        # grpc never half-closes a connection it goes on with (HTTP/2 ends it with GOAWAY): once its FIN comes, it
+        # reads no more either; a half-open pair would be read by nobody, and its client counted for ever.
+        self.other.close()
+        return False  # closed
+
+    def connection_lost(self, exc) -> None:
+        if self.port is not None:  # (its port still taken: its socket is closed after this)
+            self.relay.clients.pop(self.port, None)
+        super().connection_lost(exc)
+
+
+class _ClientSide(_Side):
+    """A client's connection to the public port: counted, then relayed."""
+
+    # OpenConnections._make_room's hooks. The relay cannot see calls inside HTTP/2 (without parsing every frame both
+    # ways): a connection is never taken as idle (between calls) nor as unread, so none is closed for a newcomer's
+    # fair share, and only the caps apply; grpc itself closes one with no call after --header_timeout_s.
+    idle = False
+    unread_s = 0.0
+
+    def __init__(self, relay: "GrpcRelay"):
+        self.relay, self.key, self.host, self.connecting = relay, None, None, None
+
+    def timeout_keep_alive_handler(self) -> None:
+        self.close()
+
+    def reset(self) -> None:
+        if self.transport is not None:
+            _reset(self.transport)
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.host = _client_host(transport.get_extra_info("peername"))
+        self.key = self.relay.connections.try_open(self.host, self)
+        if self.key is None:
+            _reset(transport)
+            return
+        self.relay.open.add(self)
+        transport.pause_reading()  # until its connection to grpc is made
+        self.connecting = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_connection(lambda: _GrpcSide(self.relay, self), INTERNAL_HOST, self.relay.internal_port)
+        except OSError as err:  # grpc stopped, or out of descriptors
+            self.relay.failures.warning("could not relay a connection from %s to grpc: %s", self.host, err)
+            self.reset()
+            return
+        finally:
+            self.connecting = None
+        if self.lost:
+            self.other.close()
+        else:
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        if self.key is None:
+            return
+        self.relay.connections.closed(self.key, self)
+        self.relay.open.discard(self)
+        if self.connecting is not None:
+            self.connecting.cancel()
+        super().connection_lost(exc)
+
+
+def _dual_stack(port: int) -> socket.socket:
+    """A socket bound to ``port`` on every interface: IPv6 taking IPv4 too (as grpc's "[::]"), else IPv4 only
+    where this host has no IPv6."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        sock = None
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("::", port))
+            return sock
+        except OSError as err:
+            sock.close()
+            if err.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class GrpcRelay:
+    """The public gRPC port in front of grpc's internal one (``internal_port``, set once grpc listens): ``start``
+    listens on ``host``:``port``, ``stop_listening`` and ``close`` end it; ``peer_host`` reads a call's client."""
+
+    def __init__(self, connections: OpenConnections):
+        self.connections = connections
+        self.connections.refusals = ThrottledLog(logger)  # its resets logged as the gRPC port's
+        self.failures = ThrottledLog(logger)
+        self.clients: dict[int, str] = {}  # the local port of a connection to grpc -> its client's host
+        self.open: set[_ClientSide] = set()
+        self.internal_port: int | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        if host in ("0.0.0.0", "::"):  # all interfaces, IPv4 too, on one port (port 0 too), as grpc's "[::]"
+            server = await loop.create_server(lambda: _ClientSide(self), sock=_dual_stack(port),
+                                              backlog=socket.SOMAXCONN)
+        else:
+            server = await loop.create_server(lambda: _ClientSide(self), host, port, backlog=socket.SOMAXCONN)
+        self.servers.append(server)
+
+    def stop_listening(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    def close(self) -> None:
+        """No more connections, and those still open reset (grpc has stopped)."""
+        self.stop_listening()
+        for connection in list(self.open):
+            connection.reset()
+
+    def peer_host(self, peer: str) -> str:
+        """The host of a call's ``context.peer()``: for the relay's connection to grpc, its client's."""
+        if peer.startswith(_INTERNAL_PEER):
+            try:
+                return self.clients.get(int(peer[len(_INTERNAL_PEER):]), INTERNAL_HOST)
+            except ValueError:
+                pass
+        return grpc_peer_host(peer)

@@ -1,0 +1,154 @@
+"""The predictor's gRPC port relay (handler/grpc_relay.py) in-process, in front of a plain TCP server standing in
+for grpc: connections counted per client and reset past the cap, bytes copied both ways with flow control, each
+side's close passed on, and the client's address found from the relay's connection as grpc's peer string."""
+from __future__ import annotations
+
+import asyncio
+
+from adapter.config import Settings
+from adapter.protocol import OpenConnections
+from handler.grpc_relay import GrpcRelay
+
+
+async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = None):
+    """The relay on a free port in front of a stand-in for grpc: (relay, its port, the stand-in's accepted
+    connections as (reader, writer) in a queue, the stand-in server)."""
+    accepted: asyncio.Queue = asyncio.Queue()
+
+    async def grpc_side(reader, writer):
+        await accepted.put((reader, writer))
+
+    internal = await asyncio.start_server(grpc_side, "127.0.0.1", 0)
+    relay = GrpcRelay(OpenConnections(Settings(max_open_connections=max_open, max_client_connections=max_client,
+                                               trusted_proxies=trusted or [])))
+    relay.internal_port = internal.sockets[0].getsockname()[1]
+    await relay.start("127.0.0.1", 0)
+    return relay, relay.servers[0].sockets[0].getsockname()[1], accepted, internal
+
+
+async def _closed_or_reset(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_the_relay_caps_one_clients_connections_and_relays_the_rest_as_its_own():
+    async def scenario():
+        relay, port, accepted, internal = await _relayed(max_open=4, max_client=2)
+        try:
+            clients = [await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+                       for _ in range(3)]
+            upstream = [await asyncio.wait_for(accepted.get(), 5) for _ in range(2)]
+            assert await _closed_or_reset(clients[2][0])  # past its cap: reset at once, never relayed
+            assert accepted.empty()
+            other = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.3", 0))
+            other_up = await asyncio.wait_for(accepted.get(), 5)
+            # grpc's peer for each relayed connection names the relay's side: mapped back to the client
+            peers = [f"ipv4:127.0.0.1:{writer.get_extra_info('peername')[1]}" for _, writer in (*upstream, other_up)]
+            assert [relay.peer_host(peer) for peer in peers] == ["127.0.0.2", "127.0.0.2", "127.0.0.3"]
+            assert relay.peer_host("ipv4:10.0.0.7:5000") == "10.0.0.7"  # not the relay's: as grpc_peer_host
+            # bytes both ways
+            clients[0][1].write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            assert await asyncio.wait_for(upstream[0][0].readexactly(24), 5) == b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            upstream[0][1].write(b"settings")
+            assert await asyncio.wait_for(clients[0][0].readexactly(8), 5) == b"settings"
+            # grpc closes (GOAWAY after idle, a stop): the client's connection closes, its place and entry freed
+            upstream[0][1].close()
+            assert await _closed_or_reset(clients[0][0])
+            # the client closes: grpc's side sees its end (and closes, as grpc does)
+            clients[1][1].close()
+            assert await asyncio.wait_for(upstream[1][0].read(), 5) == b""
+            upstream[1][1].close()
+            await asyncio.sleep(0.1)
+            assert relay.connections.per_client == {"127.0.0.3": {next(iter(relay.open)): None}}
+            assert list(relay.clients.values()) == ["127.0.0.3"]
+            again = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            await asyncio.wait_for(accepted.get(), 5)  # its places free again
+            for _, writer in (other, again):
+                writer.close()
+        finally:
+            relay.close()
+            internal.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_relay_copies_many_megabytes_to_a_slow_reader_intact_holding_little():
+    async def scenario():
+        relay, port, accepted, internal = await _relayed(max_open=4, max_client=4)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            up_reader, up_writer = await asyncio.wait_for(accepted.get(), 5)
+            payload = bytes(range(256)) * (128 * 1024)  # 32 MiB: past what the sockets' buffers take
+            up_writer.write(payload)
+            sending = asyncio.ensure_future(up_writer.drain())
+            await asyncio.sleep(0.5)  # the client reads nothing yet: the relay pauses its reading from grpc
+            (connection,) = relay.open
+            assert connection.transport.get_write_buffer_size() < 1 << 20
+            got = bytearray()
+            while len(got) < len(payload):
+                got += await asyncio.wait_for(reader.read(1 << 16), 5)
+            assert bytes(got) == payload
+            await asyncio.wait_for(sending, 5)
+            writer.write(payload)  # and the other way
+            assert await asyncio.wait_for(up_reader.readexactly(len(payload)), 20) == payload
+            writer.close()
+            up_writer.close()
+        finally:
+            relay.close()
+            internal.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_trusted_proxys_connections_count_in_no_clients_share():
+    async def scenario():
+        relay, port, accepted, internal = await _relayed(max_open=4, max_client=1, trusted=["127.0.0.1"])
+        try:
+            proxied = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+            for _ in proxied:
+                await asyncio.wait_for(accepted.get(), 5)
+            assert relay.connections.proxied == 3 and not relay.connections.per_client
+            for _, writer in proxied:
+                writer.close()
+        finally:
+            relay.close()
+            internal.close()
+
+    asyncio.run(scenario())
+
+
+def test_all_interfaces_is_one_port_for_ipv4_and_ipv6_and_an_ipv4_client_counts_as_its_address():
+    """--host 0.0.0.0 (or ::): one dual-stack socket, as grpc's "[::]" listened (port 0 too); an IPv4 client arrives
+    as ::ffff:a.b.c.d and is counted, and named to the shares, as its IPv4 address (trusted proxies match it)."""
+    async def scenario():
+        accepted: asyncio.Queue = asyncio.Queue()
+
+        async def grpc_side(reader, writer):
+            await accepted.put((reader, writer))
+
+        internal = await asyncio.start_server(grpc_side, "127.0.0.1", 0)
+        relay = GrpcRelay(OpenConnections(Settings(max_open_connections=4, max_client_connections=4)))
+        relay.internal_port = internal.sockets[0].getsockname()[1]
+        await relay.start("0.0.0.0", 0)
+        try:
+            (listening,) = [sock for server in relay.servers for sock in server.sockets]
+            port = listening.getsockname()[1]
+            _, ipv4 = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.9", 0))
+            _, up = await asyncio.wait_for(accepted.get(), 5)
+            assert relay.peer_host(f"ipv4:127.0.0.1:{up.get_extra_info('peername')[1]}") == "127.0.0.9"
+            assert list(relay.connections.per_client) == ["127.0.0.9"]
+            try:
+                _, ipv6 = await asyncio.open_connection("::1", port)
+            except OSError:  # no IPv6 loopback here
+                return
+            await asyncio.wait_for(accepted.get(), 5)
+            assert list(relay.connections.per_client) == ["127.0.0.9", "::/64"]
+            for writer in (ipv4, ipv6):
+                writer.close()
+        finally:
+            relay.close()
+            internal.close()
+
+    asyncio.run(scenario())
