@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import socket
 
 from adapter.protocol import OpenConnections, _reset
-from serving.clients import grpc_peer_host
+from serving.clients import grpc_peer_host, unmapped_host
 from serving.throttled_log import ThrottledLog
 
 logger = logging.getLogger("handler.grpc_relay")
@@ -31,16 +30,7 @@ _INTERNAL_PEER = f"ipv4:{INTERNAL_HOST}:"  # grpc's peer string for the relay's 
 
 def _client_host(peername) -> str | None:
     """A peer address's host as grpc_peer_host wrote grpc's peer: an IPv4-mapped IPv6 address as IPv4."""
-    if not isinstance(peername, tuple):
-        return None
-    host = peername[0]
-    if ":" in host:
-        try:
-            mapped = ipaddress.IPv6Address(host.split("%")[0]).ipv4_mapped
-        except ValueError:
-            return host
-        return str(mapped) if mapped is not None else host
-    return host
+    return unmapped_host(peername[0]) if isinstance(peername, tuple) else None
 
 
 class _Side(asyncio.Protocol):

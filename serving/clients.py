@@ -62,7 +62,12 @@ def grpc_peer_host(peer: str) -> str:
         return address.rpartition(":")[0]
     if kind != "ipv6":
         return peer
-    host = address.rpartition(":")[0].strip("[]").replace("%25", "%")
+    return unmapped_host(address.rpartition(":")[0].strip("[]").replace("%25", "%"))
+
+
+def unmapped_host(host: str) -> str:
+    """An IPv4 client of a dual-stack listener (IPv4-mapped, "::ffff:10.0.0.7") as its IPv4 address, so that it
+    matches IPv4 proxies; any other host as it is."""
     try:
         mapped = ipaddress.IPv6Address(host.split("%")[0]).ipv4_mapped
     except ValueError:
