@@ -81,7 +81,9 @@ serve-kserve: install
 	$(MAKE) --no-print-directory kserve-bundle
 	$(PY) -m serving.kserve predictor start
 	@# An adapter already running in front of TorchServe (make serve's) is restarted in front of this one.
-	OIP_URL=http://127.0.0.1:$${PREDICTOR_HTTP_PORT:-8085} $(MAKE) --no-print-directory serve-adapter
+	@# This predictor stops a request whose client left: a request the adapter gave up on holds nothing there.
+	OIP_URL=http://127.0.0.1:$${PREDICTOR_HTTP_PORT:-8085} MODEL_SERVER_HOLD_S=$${MODEL_SERVER_HOLD_S:-0} \
+	  $(MAKE) --no-print-directory serve-adapter
 	@echo "Open the page: http://127.0.0.1:$${ADAPTER_PORT:-8000}/   (stop everything with: make stop)"
 
 # Stops the adapter, TorchServe and KServe's model server that make serve / make serve-kserve started (all three tried; non-zero when one failed).

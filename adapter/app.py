@@ -110,9 +110,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("adapter: Prometheus metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
         app.state.shrinker = UploadShrinker(settings)  # large photos shrunk before they travel on
         log.info("adapter: model '%s' at %s (max upload %d bytes, %d requests / %d bytes in flight, "
-                 "predict deadline %g s)", settings.model_name, settings.oip_url or settings.inference_url,
-                 settings.max_upload_bytes, settings.max_requests_in_flight, settings.max_bytes_in_flight,
-                 settings.predict_timeout_s)
+                 "predict deadline %g s, a request given up on held %g s more)", settings.model_name,
+                 settings.oip_url or settings.inference_url, settings.max_upload_bytes,
+                 settings.max_requests_in_flight, settings.max_bytes_in_flight, settings.predict_timeout_s,
+                 settings.model_server_hold_s())
         try:
             yield
         finally:

@@ -13,6 +13,8 @@ serving/settings.py).
     TS_RESPONSE_TIMEOUT_S TorchServe's responseTimeout; unset: read from TS_MODEL_CONFIG (else 120). A request
                           the adapter answered 504 (or whose task was cancelled) keeps its bytes, its place in the
                           request caps and an explanation's turn this long more: TorchServe may still run it
+    MODEL_SERVER_HOLD_S   that time instead: 0 for a model server that stops a request whose client left (this
+                          project's KServe predictor; make serve-kserve sets 0)  (unset)
     TS_MODEL_CONFIG       the model-config.yaml packed into the archive; one named here must be readable
                           (the default may be absent)  handler/model-config.yaml
     TS_HEALTH_TIMEOUT_S   waiting for the model status / a health probe  3
@@ -188,6 +190,7 @@ class Settings:
     connect_timeout_s: float = 2.0
     predict_timeout_s: float = 10.0
     response_timeout_s: float | None = None  # TorchServe's; None: read from model_config
+    model_server_hold: float | None = None  # MODEL_SERVER_HOLD_S; None: the response timeout
     model_config: str = str(shared.MODEL_CONFIG)
     health_timeout_s: float = 3.0
     max_connections: int = 24
@@ -263,7 +266,11 @@ class Settings:
     def model_server_hold_s(self) -> float:
         """How long the model server may still work on a request after the adapter stopped waiting for it
         (504, or its task cancelled): TorchServe keeps the request queued, and a batch runs until it answers or
-        responseTimeout passes. Until then the request keeps its place in the caps (adapter/limits.py)."""
+        responseTimeout passes. Until then the request keeps its place in the caps (adapter/limits.py). A model
+        server that stops a request whose client left (the adapter closes the connection) holds nothing after it:
+        MODEL_SERVER_HOLD_S=0."""
+        if self.model_server_hold is not None:
+            return self.model_server_hold
         return (self.response_timeout_s or torchserve_response_timeout(self.model_config)
                 or TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S)
 
@@ -282,6 +289,7 @@ class Settings:
             connect_timeout_s=_env_float("TS_CONNECT_TIMEOUT_S", cls.connect_timeout_s),
             predict_timeout_s=_env_float("TS_PREDICT_TIMEOUT_S", cls.predict_timeout_s),
             response_timeout_s=_env_float("TS_RESPONSE_TIMEOUT_S", None),
+            model_server_hold=_env_float("MODEL_SERVER_HOLD_S", None, zero_ok=True),
             model_config=os.environ.get("TS_MODEL_CONFIG", cls.model_config),
             health_timeout_s=_env_float("TS_HEALTH_TIMEOUT_S", cls.health_timeout_s),
             max_connections=_env_int("TS_MAX_CONNECTIONS", cls.max_connections),

@@ -34,8 +34,9 @@ was cancelled, may still be queued or running at TorchServe, which cancels nothi
 server's responseTimeout more (Settings.model_server_hold_s), the bytes it forwarded and its place among
 the requests in flight (`held_by_model_server`), and an explanation its turn: otherwise the caps would
 let in more while TorchServe still holds them (Java's heap filled with bodies of 504'd uploads; 7
-explanations ran at once under a cap of 4, 25-39 with TS_PREDICT_TIMEOUT_S=1). A client that leaves
-cancels nothing: uvicorn lets its request run to TorchServe's answer, which frees what it held.
+explanations ran at once under a cap of 4, 25-39 with TS_PREDICT_TIMEOUT_S=1). In front of a model server that
+stops a request whose client left (this project's KServe predictor), MODEL_SERVER_HOLD_S=0 holds nothing after it.
+A client that leaves cancels nothing: uvicorn lets its request run to TorchServe's answer, which frees what it held.
 The client address is scope["client"]: the socket's peer, or, behind a proxy listed in
 TRUSTED_PROXIES, what its X-Forwarded-For says (uvicorn's ProxyHeadersMiddleware, adapter/run.py);
 an IPv6 client is counted by its /64 (serving/clients.py client_key).

@@ -318,6 +318,45 @@ def test_no_pooled_connection_free_in_time_is_503_busy_not_a_timeout():
     assert kinds == {"timeout": 1, "busy": 1}
 
 
+
+@pytest.mark.parametrize("hold", [None, 0.0])
+def test_a_call_given_up_on_holds_its_pooled_connection_unless_the_model_server_stops_it(hold):
+    """TS_MAX_CONNECTIONS=1, a first answer that never comes in time (504 at 0.5 s): the adapter closes that
+    connection (a model server that stops a request whose client left, as this project's predictor does, sees
+    it go). Held for the response timeout (30 s, as in front of TorchServe, which runs it on), the next call finds
+    no connection: 503 busy, with the model server idle. MODEL_SERVER_HOLD_S=0 frees it at once: answered."""
+    closed = asyncio.Event()
+
+    async def first_never_in_time(request):
+        if closed.is_set() or request.app.get("served"):
+            return web.json_response(GOOD)
+        request.app["served"] = True
+        for _ in range(50):  # the adapter's close, as the predictor's request watcher sees it
+            await asyncio.sleep(0.1)
+            if request.transport is None or request.transport.is_closing():
+                closed.set()
+                break
+        return web.json_response(GOOD)
+
+    async def two_calls(client):
+        with pytest.raises(ClassifyError) as first:
+            await client.predict(b"PNG")
+        assert first.value.status_code == 504
+        await asyncio.wait_for(closed.wait(), 3)
+        try:
+            return await client.predict(b"PNG")
+        except ClassifyError as err:
+            return err
+
+    second, _ = asyncio.run(call_server(first_never_in_time, {"max_connections": 1, "predict_timeout_s": 0.5,
+                                                              "response_timeout_s": 30, "model_server_hold": hold},
+                                        two_calls))
+    if hold is None:
+        assert isinstance(second, ClassifyError) and second.status_code == 503 and "busy" in second.message, second
+    else:
+        assert isinstance(second, dict) and second["prediction"] == "Aquarium fish", second
+
+
 class ReadinessServer:
     """A v2 server on a real port, in its own thread: /v2/models/cifar100/ready answers 200 while
     `ready`, else 503 (as KServe's model server does), and it records the Host header it gets."""

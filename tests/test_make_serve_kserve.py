@@ -62,6 +62,8 @@ def test_make_serve_kserve_answers_through_kserves_server_without_torchserve(ser
     assert (user.root / "logs" / "predictor.log").is_file() and (user.root / "dist" / "kserve").is_dir()  # the copy's
     pid = int((user.root / "logs" / "kserve-predictor.pid").read_text().split()[0])
     assert psutil.Process(pid).cmdline()[-4:] == PREDICTOR_ARGS.split()  # PREDICTOR_ARGS reached it
+    # The predictor stops a request whose client left: the adapter holds nothing after giving one up.
+    assert "a request given up on held 0 s more" in (user.root / "logs" / "adapter.log").read_text()
 
 
 def test_make_stop_stops_kserves_server_and_the_adapter(served, user):
