@@ -1,7 +1,8 @@
 """The predictor's public gRPC port: a TCP relay in the server's event loop in front of KServe's gRPC server, which
 listens on 127.0.0.1 only (a free port). Its one job: accept a connection, count it by the REST port's rules
 (adapter/protocol.py OpenConnections: --max_open_connections, --max_client_connections per client, trusted proxies
-exempt; a count of its own), reset it at once when refused, else copy its bytes to a connection of its own to grpc
+exempt, at the cap a quiet or unread connection of the address most past its fair share giving way (_ClientSide); a
+count of its own), reset it at once when refused, else copy its bytes to a connection of its own to grpc
 and back, with flow control, each side's close or half-close passed on to the other.
 
 grpc core counts connections only in all (grpc.max_allowed_incoming_connections) and grpcio has no hook at accept:
@@ -17,6 +18,7 @@ import asyncio
 import errno
 import logging
 import socket
+import time
 
 from adapter.protocol import OpenConnections, _reset
 from serving.clients import grpc_peer_host, unmapped_host
@@ -40,8 +42,10 @@ class _Side(asyncio.Protocol):
     transport: asyncio.Transport | None = None
     other: "_Side | None" = None
     lost = False
+    read_at = 0.0  # time.monotonic() of its last bytes read (_ClientSide.idle)
 
     def data_received(self, data: bytes) -> None:
+        self.read_at = time.monotonic()
         other = self.other
         if other is not None and other.transport is not None and not other.transport.is_closing():
             other.transport.write(data)
@@ -101,17 +105,40 @@ class _GrpcSide(_Side):
 class _ClientSide(_Side):
     """A client's connection to the public port: counted, then relayed."""
 
-    # OpenConnections._make_room's hooks. The relay cannot see calls inside HTTP/2 (without parsing every frame both
-    # ways): a connection is never taken as idle (between calls) nor as unread, so none is closed for a newcomer's
-    # fair share, and only the caps apply; grpc itself closes one with no call after --header_timeout_s.
-    idle = False
-    unread_s = 0.0
+    # OpenConnections._make_room's hooks, so that at the cap a newcomer under its fair share takes the place of a
+    # connection of the address most past it: four addresses' 128 preface-only connections each had held all 512
+    # until grpc's idle close, and again at each reconnect. The relay sees no calls inside HTTP/2 (it would have to
+    # parse every frame both ways): a connection with no bytes either way for --min_rate_grace_s is taken as idle
+    # (between calls; an answer that long in coming is lost with it), one whose client has left grpc's bytes unread
+    # that long (its writing paused) as unread.
 
     def __init__(self, relay: "GrpcRelay"):
         self.relay, self.key, self.host, self.connecting = relay, None, None, None
+        self.read_at = time.monotonic()
+        self.unread_since: float | None = None
 
-    def timeout_keep_alive_handler(self) -> None:
+    @property
+    def idle(self) -> bool:
+        other = self.other
+        return (other is not None and self.unread_since is None and time.monotonic() - max(self.read_at, other.read_at)
+                >= self.relay.connections.unread_grace_s)
+
+    @property
+    def unread_s(self) -> float:
+        return 0.0 if self.unread_since is None else time.monotonic() - self.unread_since
+
+    def timeout_keep_alive_handler(self) -> None:  # (an idle one: nothing left to write)
         self.close()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.unread_since = time.monotonic()
+        self.relay.connections.set_unread(self.key, self, True)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.unread_since = None
+        self.relay.connections.set_unread(self.key, self, False)
 
     def reset(self) -> None:
         if self.transport is not None:
@@ -125,6 +152,7 @@ class _ClientSide(_Side):
             _reset(transport)
             return
         self.relay.open.add(self)
+        self.relay.connections.set_idle(self.key, self, True)  # (whether it is idle: its property, when asked)
         transport.pause_reading()  # until its connection to grpc is made
         self.connecting = asyncio.get_running_loop().create_task(self._connect())
 

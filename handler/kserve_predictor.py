@@ -915,7 +915,9 @@ def main() -> None:
                         help="a request's whole body must arrive within this (408)")
     parser.add_argument("--min_upload_rate", type=float, default=MIN_UPLOAD_RATE,
                         help="bytes/s a body must average after --min_rate_grace_s (408)")
-    parser.add_argument("--min_rate_grace_s", type=float, default=MIN_RATE_GRACE_S)
+    parser.add_argument("--min_rate_grace_s", type=float, default=MIN_RATE_GRACE_S,
+                        help="the grace before --min_upload_rate applies; at the connection cap, how long a gRPC "
+                             "connection stays quiet, or any connection's answers unread, before it may give way")
     parser.add_argument("--max_waiting_requests", type=positive_int, default=None,
                         help="requests that may wait for a forward pass; one more gets 503 (default: TorchServe's "
                              "job_queue_size of the bundle's config.properties, else the repository's (the image's), "
@@ -934,7 +936,8 @@ def main() -> None:
     edge_defaults = EdgeSettings()
     parser.add_argument("--max_open_connections", type=positive_int, default=edge_defaults.max_open_connections,
                         help="connections open at once over REST, and over gRPC (each a count of its own); one more "
-                             "is closed at once, before it is read")
+                             "is closed at once, before it is read, unless one of the client most past its fair share "
+                             "gives way (idle, or quiet or its answers unread for --min_rate_grace_s)")
     parser.add_argument("--max_client_connections", type=positive_int, default=MAX_CLIENT_CONNECTIONS,
                         help="connections open at once from one client over REST, and over gRPC (each a count of "
                              "its own; --trusted_proxies exempt); one more is closed at once")

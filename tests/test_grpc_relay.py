@@ -10,7 +10,7 @@ from adapter.protocol import OpenConnections
 from handler.grpc_relay import GrpcRelay
 
 
-async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = None):
+async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = None, grace_s: float = 2.0):
     """The relay on a free port in front of a stand-in for grpc: (relay, its port, the stand-in's accepted
     connections as (reader, writer) in a queue, the stand-in server)."""
     accepted: asyncio.Queue = asyncio.Queue()
@@ -20,7 +20,7 @@ async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = N
 
     internal = await asyncio.start_server(grpc_side, "127.0.0.1", 0)
     relay = GrpcRelay(OpenConnections(Settings(max_open_connections=max_open, max_client_connections=max_client,
-                                               trusted_proxies=trusted or [])))
+                                               trusted_proxies=trusted or [], min_rate_grace_s=grace_s)))
     relay.internal_port = internal.sockets[0].getsockname()[1]
     await relay.start("127.0.0.1", 0)
     return relay, relay.servers[0].sockets[0].getsockname()[1], accepted, internal
@@ -147,6 +147,87 @@ def test_all_interfaces_is_one_port_for_ipv4_and_ipv6_and_an_ipv4_client_counts_
             assert list(relay.connections.per_client) == ["127.0.0.9", "::/64"]
             for writer in (ipv4, ipv6):
                 writer.close()
+        finally:
+            relay.close()
+            internal.close()
+
+    asyncio.run(scenario())
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+async def _open(port: int, source: str, accepted: asyncio.Queue | None = None):
+    """A client connection from ``source``: (reader, writer), and its relayed end at the stand-in when ``accepted``."""
+    client = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    if accepted is None:
+        return client
+    return client, await asyncio.wait_for(accepted.get(), 5)
+
+
+def test_at_the_cap_a_quiet_connection_of_the_address_past_its_share_gives_way_to_a_newcomer():
+    """Four connections of one address fill the cap (4). A newcomer is reset while they have just spoken; once they
+    have been quiet both ways for the grace (0.5 s here), its connection takes the place of the oldest quiet one
+    (closed), not of one that has just sent bytes; at its fair share (2 of 4 between two addresses) the newcomer is
+    refused again. (Before, the relay never took a gRPC connection as idle: four addresses at 128 connections each
+    shut every other client out of the 512.)"""
+    async def scenario():
+        relay, port, accepted, internal = await _relayed(max_open=4, max_client=4, grace_s=0.5)
+        try:
+            crowd = [await _open(port, "127.0.0.2", accepted) for _ in range(4)]
+            for (_, writer), _ in crowd:
+                writer.write(PREFACE)
+            early = await _open(port, "127.0.0.3")
+            assert await _closed_or_reset(early[0])  # none quiet yet
+            await asyncio.sleep(0.6)
+            crowd[0][0][1].write(b"ping")  # the oldest speaks: not idle
+            assert await asyncio.wait_for(crowd[0][1][0].readexactly(28), 5)
+            newcomer = await _open(port, "127.0.0.3", accepted)
+            assert await _closed_or_reset(crowd[1][0][0])  # the oldest quiet one
+            assert await asyncio.wait_for(crowd[1][1][0].read(), 5) == PREFACE  # and then its end at grpc
+            second = await _open(port, "127.0.0.3", accepted)
+            assert await _closed_or_reset(crowd[2][0][0])
+            third = await _open(port, "127.0.0.3")  # at its share (2), the crowd's 2 left to it
+            assert await _closed_or_reset(third[0])
+            assert {key: len(connections) for key, connections in relay.connections.per_client.items()} == {
+                "127.0.0.2": 2, "127.0.0.3": 2}
+            crowd[0][1][1].write(b"settings")  # the oldest, which spoke, is still relayed both ways
+            assert await asyncio.wait_for(crowd[0][0][0].readexactly(8), 5) == b"settings"
+            for (_, writer), _ in (newcomer, second, *crowd):
+                writer.close()
+        finally:
+            relay.close()
+            internal.close()
+
+    asyncio.run(scenario())
+
+
+def test_at_the_cap_a_connection_whose_client_reads_nothing_gives_way_after_the_grace():
+    """Two connections of one address fill the cap (2), grpc writing to them 32 MiB their client does not read (the
+    relay's writing paused, so they are not quiet-idle: reading from grpc is paused too). A newcomer is reset before
+    the grace (0.5 s); after it, one of them is reset for it."""
+    async def scenario():
+        relay, port, accepted, internal = await _relayed(max_open=2, max_client=2, grace_s=0.5)
+        try:
+            crowd = [await _open(port, "127.0.0.2", accepted) for _ in range(2)]
+            payload = bytes(32 << 20)
+            for _, (_, up_writer) in crowd:
+                up_writer.write(payload)
+            for _ in range(100):  # the client reads nothing: the relay's writing to it pauses
+                if all(connection.unread_since is not None for connection in relay.open):
+                    break
+                await asyncio.sleep(0.05)
+            assert all(connection.unread_since is not None and not connection.idle for connection in relay.open)
+            early = await _open(port, "127.0.0.3")
+            assert await _closed_or_reset(early[0])
+            await asyncio.sleep(0.8)  # (a pause may start again after a short resume)
+            newcomer = await _open(port, "127.0.0.3", accepted)
+            await asyncio.sleep(0.1)
+            assert {key: len(connections) for key, connections in relay.connections.per_client.items()} == {
+                "127.0.0.2": 1, "127.0.0.3": 1}
+            for (_, writer), (_, up_writer) in (newcomer, *crowd):
+                writer.close()
+                up_writer.close()
         finally:
             relay.close()
             internal.close()

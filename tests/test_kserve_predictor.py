@@ -2033,7 +2033,9 @@ def test_one_address_holds_at_most_its_own_grpc_connections_and_other_clients_ca
     sent the HTTP/2 preface (no call) held every gRPC connection until grpc closed them as idle
     (--header_timeout_s), every other client's call UNAVAILABLE meanwhile. Now the gRPC port is a relay
     (handler/grpc_relay.py) counting them as the REST port does: past --max_client_connections from one address,
-    reset at once; another client's call answered; the relayed ones still closed with grpc's idle close."""
+    reset at once; another client's call answered; the relayed ones still closed with grpc's idle close. Then two
+    addresses fill all 8 with 4 each (their own cap): once quiet for --min_rate_grace_s, one of them gives way to
+    another client's call (with no gRPC connection taken as idle, four addresses at 128 had filled the 512)."""
     import grpc
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 
@@ -2041,15 +2043,16 @@ def test_one_address_holds_at_most_its_own_grpc_connections_and_other_clients_ca
 
     header_s = 3
     predictor = KServePredictor(tmp_path, bundle, extra_args=[
-        "--max_open_connections=8", "--max_client_connections=4", f"--header_timeout_s={header_s}"]).start()
+        "--max_open_connections=8", "--max_client_connections=4", f"--header_timeout_s={header_s}",
+        "--min_rate_grace_s=1"]).start()
     good = encode(cifar_pil(cifar100_test_split[0], 0))
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # and an empty SETTINGS
 
-    def idle_connection():
-        """A connection from 127.0.0.2 with the preface sent, or None when it was reset before that."""
+    def idle_connection(source="127.0.0.2"):
+        """A connection from ``source`` with the preface sent, or None when it was reset before that."""
         try:
             sock = socket.create_connection(("127.0.0.1", predictor.grpc_port), timeout=5,
-                                            source_address=("127.0.0.2", 0))
+                                            source_address=(source, 0))
             sock.sendall(preface)
             return sock
         except OSError:
@@ -2074,6 +2077,21 @@ def test_one_address_holds_at_most_its_own_grpc_connections_and_other_clients_ca
                  re.findall(r'^GrpcConnectionsReset_total\{Reason="(\w+)"\} (\S+)$', text, re.M)}
         assert reset == {"client_connections": 6, "connections": 0}, reset
         wait_for_log(predictor, "reset a connection from 127.0.0.2: it has 4 open (MAX_CLIENT_CONNECTIONS)")
+
+        for sock in filter(None, flood):
+            sock.close()
+        flood = [idle_connection(source) for source in ["127.0.0.3"] * 4 + ["127.0.0.4"] * 4]
+        opened = time.monotonic()
+        time.sleep(0.1)
+        assert [connection_state(sock) for sock in flood] == ["open"] * 8
+        time.sleep(1.2)  # past the grace, before grpc's idle close
+        with grpc.insecure_channel(predictor.grpc_target) as channel:
+            stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+            answer = stub.ModelInfer(grpc_request([good]), timeout=max(1.0, opened + header_s - 0.3 - time.monotonic()))
+        assert [output.name for output in answer.outputs], answer
+        states = [connection_state(sock) for sock in flood]
+        assert sorted(states) == ["closed"] + ["open"] * 7, states  # one quiet connection of the two gave way
+        wait_for_log(predictor, "closed an idle connection of 127.0.0.")
         assert predictor.process.poll() is None
     finally:
         for sock in flood:
