@@ -289,7 +289,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         peer = transport.get_extra_info("peername")
         self._connection_key = self.open_connections.try_open(peer[0] if isinstance(peer, tuple) else None, self)
         if self._connection_key is None:
-            _reset(transport)
+            reset_connection(transport)
             return
         super().connection_made(transport)
         self.transport = _LingeringTransport(transport, self)  # type: ignore[assignment]
@@ -710,7 +710,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         return 0.0 if getattr(self, "_send_timer", None) is None else self.loop.time() - self._unread_since
 
     def reset(self) -> None:
-        _reset(getattr(self.transport, "_transport", self.transport))
+        reset_connection(getattr(self.transport, "_transport", self.transport))
 
     def _send_stalled(self) -> None:
         self.open_connections.refusals.warning(
@@ -738,7 +738,7 @@ def _parser_reason(err: Exception) -> str:
     return text[:120] if text else "malformed request"
 
 
-def _reset(transport) -> None:
+def reset_connection(transport) -> None:
     """Refuse a connection as cheaply as can be: a reset, its descriptor freed at once."""
     sock = transport.get_extra_info("socket")
     try:

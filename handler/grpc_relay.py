@@ -20,7 +20,7 @@ import logging
 import socket
 import time
 
-from adapter.protocol import OpenConnections, _reset
+from adapter.protocol import OpenConnections, reset_connection
 from serving.clients import grpc_peer_host, unmapped_host
 from serving.throttled_log import ThrottledLog
 
@@ -142,14 +142,14 @@ class _ClientSide(_Side):
 
     def reset(self) -> None:
         if self.transport is not None:
-            _reset(self.transport)
+            reset_connection(self.transport)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.host = _client_host(transport.get_extra_info("peername"))
         self.key = self.relay.connections.try_open(self.host, self)
         if self.key is None:
-            _reset(transport)
+            reset_connection(transport)
             return
         self.relay.open.add(self)
         self.relay.connections.set_idle(self.key, self, True)  # (whether it is idle: its property, when asked)
