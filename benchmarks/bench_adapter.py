@@ -1,9 +1,9 @@
 """`POST /classify/` through the adapter, beside TorchServe called directly and the seed-style server.
 
-    python -m benchmarks.bench_adapter [--duration 8] [--concurrency 1 4 16] [--weights PATH]
+    python -m benchmarks.bench_adapter [--duration 8] [--concurrency 1 4 16] [--weights PATH] [--running-torchserve]
 
-One run starts, on free loopback ports, a TorchServe (this checkout's archive of --weights), the
-adapter in front of it (a real uvicorn process) and benchmarks/seed_server.py (the seed's design:
+One run starts, on free loopback ports, a TorchServe (this checkout's archive of --weights; --running-torchserve:
+the one already running where the adapter's settings point, as bench_serve), the adapter in front of it (a real uvicorn process) and benchmarks/seed_server.py (the seed's design:
 the model in-process, one image per forward pass in the request handler, same weights), then
 drives each with the same CIFAR-100 test PNGs at each concurrency and prints images/s and
 p50/p99 latency, and the targets:
@@ -38,8 +38,9 @@ import httpx
 
 from adapter.run import running_adapter
 from benchmarks.bench_serve import (
-    add_load_arguments, cifar_png_payloads, machine, print_table, served_engine_name, torchserve_from_arguments,
-    torchserve_target)
+    TORCHSERVE_SETTING_OPTIONS, RunningTorchServe, add_load_arguments, add_running_torchserve_argument,
+    cifar_png_payloads, machine, print_table, refuse_settings_with_running_torchserve, served_engine_name,
+    torchserve_from_arguments, torchserve_target)
 from benchmarks.bench_kserve import v2_bodies
 from benchmarks.load import (HttpTarget, LoadResult, exit_on_sigterm, measure_targets, multipart_image_bodies,
                              print_failures, ratio)
@@ -81,9 +82,9 @@ def seed_server(weights: Path, log_file: Path) -> Iterator[str]:
 
 @contextmanager
 def torchserve_and_adapter(root: Path, args) -> Iterator[tuple]:
-    """A TorchServe with the benchmark's settings and the adapter in front of it, as `make serve-adapter` runs it
-    (access log included): (its TorchServeInstance, the adapter)."""
-    ts = torchserve_from_arguments(root / "torchserve", args)
+    """A TorchServe with the benchmark's settings (or the running one: --running-torchserve) and the adapter in front
+    of it, as `make serve-adapter` runs it (access log included): (its TorchServeInstance, the adapter)."""
+    ts = RunningTorchServe() if args.running_torchserve else torchserve_from_arguments(root / "torchserve", args)
     try:
         with running_adapter(ts.adapter_env(), root / "adapter.log") as adapter:
             yield ts, adapter
@@ -197,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flip-tta", choices=["on", "off"], help="override model-config.yaml's handler.flip_tta")
     parser.add_argument("--no-kserve", dest="kserve", action="store_false",
                         help="leave out KServe's own model server and the adapter in OIP mode in front of it")
+    add_running_torchserve_argument(parser, "with its own settings: the options that set a started one's are "
+                                    "refused, --before too; --weights: the other servers'")
     args = parser.parse_args(argv)
+    refuse_settings_with_running_torchserve(parser, args, {**TORCHSERVE_SETTING_OPTIONS, "--flip-tta": "flip_tta",
+                                                           "--before": "before"})
     if args.before:
         return compare_before_after(args)
 

@@ -155,6 +155,16 @@ def add_running_torchserve_argument(parser: argparse.ArgumentParser, note: str) 
                         f"({note})")
 
 
+def refuse_settings_with_running_torchserve(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                                            options: dict[str, str]) -> None:
+    """--running-torchserve with any of ``options`` (option -> its args name; TORCHSERVE_SETTING_OPTIONS and the
+    benchmark's own) given: a usage error, as they would shape only a TorchServe the benchmark starts."""
+    given = [option for option, name in options.items() if getattr(args, name) not in (None, [])]
+    if args.running_torchserve and given:
+        parser.error(f"--running-torchserve measures that TorchServe with its own settings: {', '.join(given)} "
+                     "would not reach it")
+
+
 def model_config_from_arguments(root: Path, args: argparse.Namespace) -> Path:
     """benchmark_model_config with add_load_arguments' model-config.yaml settings (and bench_adapter's --flip-tta)."""
     flip_tta = getattr(args, "flip_tta", None)
@@ -271,10 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     add_running_torchserve_argument(parser, "with its own settings: the options that set a started one's are "
                                     "refused; --weights: the in-process column's only")
     args = parser.parse_args(argv)
-    given = [option for option, name in TORCHSERVE_SETTING_OPTIONS.items() if getattr(args, name) not in (None, [])]
-    if args.running_torchserve and given:
-        parser.error(f"--running-torchserve measures that TorchServe with its own settings: {', '.join(given)} "
-                     "would not reach it")
+    refuse_settings_with_running_torchserve(parser, args, TORCHSERVE_SETTING_OPTIONS)
 
     payloads = cifar_png_payloads()
     print(f"{machine()}; torch threads {torch.get_num_threads()}; weights {args.weights}; {args.duration:.0f} s per point")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import bench_serve
+from benchmarks import bench_adapter, bench_serve
 from serving.settings import read_model_config
 
 
@@ -71,7 +71,7 @@ def bench_serve_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_bench_serve_refuses_each_torchserve_option_with_the_running_torchserve(capsys):
+def test_bench_serve_and_bench_adapter_refuse_each_torchserve_option_with_the_running_torchserve(capsys):
     # --running-torchserve measures a TorchServe with its own settings: an option that would shape the one started
     # for the run (every load option but the load's own and --weights, the in-process column's) is refused, not
     # ignored. Refused on parsing, before any image is read.
@@ -80,11 +80,13 @@ def test_bench_serve_refuses_each_torchserve_option_with_the_running_torchserve(
     shaping = {action.option_strings[-1]: action.dest for action in parser._actions
                if action.dest not in ("help", "duration", "warmup", "concurrency", "weights")}
     assert shaping == bench_serve.TORCHSERVE_SETTING_OPTIONS
-    for option in shaping:
-        with pytest.raises(SystemExit) as refused:
-            bench_serve.main(["--running-torchserve", option, "job_queue_size=9" if option == "--ts-property" else "1"])
-        assert refused.value.code == 2
-        assert f"own settings: {option} would not reach it" in capsys.readouterr().err
+    values = {"--ts-property": "job_queue_size=9", "--flip-tta": "on", "--before": "HEAD"}
+    for main, options in ((bench_serve.main, shaping), (bench_adapter.main, [*shaping, "--flip-tta", "--before"])):
+        for option in options:
+            with pytest.raises(SystemExit) as refused:
+                main(["--running-torchserve", option, values.get(option, "1")])
+            assert refused.value.code == 2
+            assert f"own settings: {option} would not reach it" in capsys.readouterr().err
 
 
 def test_bench_engines_prints_every_point_of_each_engine_it_ran(capsys):

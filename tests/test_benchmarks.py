@@ -401,12 +401,13 @@ def test_bench_serve_prints_both_columns_and_the_two_ratios(torchserve_ready):
     assert any(line.startswith("torchserve p50 - in-process p50 at concurrency 1:") for line in lines), lines
 
 
-def test_bench_adapter_prints_both_paths_and_its_targets():
-    # Starts its own TorchServe, adapter and seed-style server, and KServe's model server with an adapter in
-    # OIP mode in front, as `make bench-serve` does (~30 s here). Cold: 10 points of warm-up cost 10 s, and the
-    # warm-up is bench_serve's test's.
+def test_bench_adapter_prints_both_paths_and_its_targets(torchserve_ready):
+    # The session's TorchServe (--running-torchserve; `make bench-serve` starts its own: ~10 s more on an AVX2 EPYC),
+    # its own adapter and seed-style server, and KServe's model server with an adapter in OIP mode in front, as
+    # `make bench-serve` does. Cold: 10 points of warm-up cost 10 s, and the warm-up is bench_serve's test's.
     lines = run_benchmark("bench_adapter", ("torchserve", "adapter", "seed-style", "predictor", "adapter-oip"),
-                          warmup="0")
+                          "0", "--running-torchserve", "--weights", str(weights_under_test()),
+                          env=torchserve_ready.adapter_env())
     assert any(line.startswith("adapter p50 - torchserve p50 at concurrency 1:") for line in lines), lines
     assert any(line.startswith("adapter / seed-style images/s at concurrency 2:") for line in lines), lines
     assert any(line.startswith("without TorchServe: adapter-oip / seed-style images/s at concurrency 2:")
