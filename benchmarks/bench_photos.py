@@ -1,9 +1,10 @@
 """Phone photos through `POST /classify/`: shrunk where they enter (the adapter's default) against
 today's path (SHRINK_UPLOADS=0: the whole file crosses adapter -> Java -> worker).
 
-    python -m benchmarks.bench_photos [--duration 8] [--concurrency 1 4] [--weights PATH]
+    python -m benchmarks.bench_photos [--duration 8] [--concurrency 1 4] [--weights PATH] [--running-torchserve]
 
-One run starts a TorchServe (this checkout's archive) and two adapters in front of it, one with
+One run starts a TorchServe (this checkout's archive; --running-torchserve: the one already running on this
+machine where the adapter's settings point, as bench_serve) and two adapters in front of it, one with
 shrinking and one without, and drives each with 12 MP JPEGs (4032x3024 photo-like pictures at
 quality 95, ~4.3 MB each, like a phone's) through wrk, the points interleaved; a third row sends
 what the page uploads for the same photos (shrunk in the browser: ~30 KB). Besides
@@ -25,7 +26,9 @@ import psutil
 
 from adapter.run import running_adapter
 from benchmarks.bench_decode import photo_like
-from benchmarks.bench_serve import add_load_arguments, machine, torchserve_from_arguments
+from benchmarks.bench_serve import (TORCHSERVE_SETTING_OPTIONS, RunningTorchServe, add_load_arguments,
+                                    add_running_torchserve_argument, machine, refuse_settings_with_running_torchserve,
+                                    torchserve_from_arguments)
 from benchmarks.load import HttpTarget, exit_on_sigterm, multipart_image_bodies, print_failures, run_wrk, warm_up
 from serving import cli
 
@@ -88,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser("benchmarks.bench_photos", __doc__.splitlines()[0])
     add_load_arguments(parser)
     parser.set_defaults(warmup=WARMUP_S, concurrency=[1, 4])
+    add_running_torchserve_argument(parser, "on this machine: its Java's CPU is read; the options that set a started "
+                                    "one's are refused")
     args = parser.parse_args(argv)
+    refuse_settings_with_running_torchserve(parser, args, TORCHSERVE_SETTING_OPTIONS)
 
     photos = phone_photos()
     bodies, content_type = multipart_image_bodies(photos, "image", "image/jpeg")
@@ -96,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-photos-") as tmp:
         tmp = Path(tmp)
-        ts = torchserve_from_arguments(tmp / "torchserve", args)
+        ts = RunningTorchServe() if args.running_torchserve else torchserve_from_arguments(tmp / "torchserve", args)
         try:
+            if ts.java_pid() is None:
+                raise SystemExit(f"no TorchServe listens at {ts.inference_url} on this machine: its CPU is measured")
             env = ts.adapter_env()
             with running_adapter(env, tmp / "shrinking.log") as shrinking, \
                     running_adapter({**env, "SHRINK_UPLOADS": "0"}, tmp / "whole.log") as whole:

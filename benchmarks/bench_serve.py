@@ -142,6 +142,15 @@ class RunningTorchServe:
         """Nothing: an adapter started beside it reads the same settings from the environment."""
         return {}
 
+    def java_pid(self) -> int | None:
+        """The process listening on its inference port on this machine (TorchServe's Java), or None."""
+        import psutil
+        from urllib.parse import urlsplit
+
+        port = urlsplit(self.inference_url).port
+        return next((c.pid for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid), None)
+
     def stop(self) -> None:
         """Leaves it running: it is not the benchmark's."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import bench_adapter, bench_serve
+from benchmarks import bench_adapter, bench_photos, bench_serve
 from serving.settings import read_model_config
 
 
@@ -71,7 +71,7 @@ def bench_serve_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_bench_serve_and_bench_adapter_refuse_each_torchserve_option_with_the_running_torchserve(capsys):
+def test_the_benchmarks_refuse_each_torchserve_option_with_the_running_torchserve(capsys):
     # --running-torchserve measures a TorchServe with its own settings: an option that would shape the one started
     # for the run (every load option but the load's own and --weights, the in-process column's) is refused, not
     # ignored. Refused on parsing, before any image is read.
@@ -81,7 +81,8 @@ def test_bench_serve_and_bench_adapter_refuse_each_torchserve_option_with_the_ru
                if action.dest not in ("help", "duration", "warmup", "concurrency", "weights")}
     assert shaping == bench_serve.TORCHSERVE_SETTING_OPTIONS
     values = {"--ts-property": "job_queue_size=9", "--flip-tta": "on", "--before": "HEAD"}
-    for main, options in ((bench_serve.main, shaping), (bench_adapter.main, [*shaping, "--flip-tta", "--before"])):
+    for main, options in ((bench_serve.main, shaping), (bench_adapter.main, [*shaping, "--flip-tta", "--before"]),
+                          (bench_photos.main, shaping)):
         for option in options:
             with pytest.raises(SystemExit) as refused:
                 main(["--running-torchserve", option, values.get(option, "1")])

@@ -429,11 +429,12 @@ def test_bench_predictor_memory_prints_the_peak_with_and_without_the_bound():
         assert 0 < before <= peak and row[4] == refused and slowest >= 0, row
 
 
-def test_bench_photos_prints_the_three_paths_with_their_cpu_per_photo():
-    # Starts its own TorchServe and two adapters, 12 MP JPEGs at concurrency 1 only, cold (~25 s here).
+def test_bench_photos_prints_the_three_paths_with_their_cpu_per_photo(torchserve_ready):
+    # The session's TorchServe (--running-torchserve) and two adapters, 12 MP JPEGs at concurrency 1 only, cold.
     done = subprocess.run([sys.executable, "-m", "benchmarks.bench_photos", "--duration", "1", "--warmup", "0",
-                           "--concurrency", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--concurrency", "1", "--running-torchserve"],
+                          cwd=REPO, env={**os.environ, **torchserve_ready.adapter_env()}, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert any(" cores" in line for line in lines[:2]), lines  # the CPU, beside TorchServe's start-up line
