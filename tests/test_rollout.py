@@ -246,8 +246,9 @@ def explainer_ready(ts, version: str, timeout: float = 15) -> dict[str, bool]:
         time.sleep(0.2)
 
 
-def test_a_version_that_never_gets_ready_leaves_the_old_one_serving(served, tmp_path):
+def test_a_version_that_never_gets_ready_leaves_the_old_one_serving(served, tmp_path, monkeypatch):
     ts, adapter, _ = served
+    monkeypatch.setattr(ts, "load_failures_to_give_up", 1)  # (TS_START_LOAD_FAILURES; 3 took two more worker deaths)
     old = httpx.get(f"{adapter.base_url}/health", timeout=30).json()["archive_version"]
     # Weights with a calibration record the handler refuses (temperature -1): its workers die at start.
     broken = other_weights(tmp_path / "broken" / "CIFAR100_model.pth", 2e-3)
