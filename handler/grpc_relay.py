@@ -110,12 +110,15 @@ class _ClientSide(_Side):
     # until grpc's idle close, and again at each reconnect. The relay sees no calls inside HTTP/2 (it would have to
     # parse every frame both ways): a connection with no bytes either way for --min_rate_grace_s is taken as idle
     # (between calls; an answer that long in coming is lost with it), one whose client has left grpc's bytes unread
-    # that long (its writing paused) as unread.
+    # that long (its writing paused) as unread. Marked idle by a check every half grace (not on every read), so that
+    # a refusal at the cap walks only the connections quiet at their last check, not every busy one.
 
     def __init__(self, relay: "GrpcRelay"):
         self.relay, self.key, self.host, self.connecting = relay, None, None, None
         self.read_at = time.monotonic()
         self.unread_since: float | None = None
+        self.marked_idle = False
+        self.idle_check: asyncio.TimerHandle | None = None
 
     @property
     def idle(self) -> bool:
@@ -129,6 +132,14 @@ class _ClientSide(_Side):
 
     def timeout_keep_alive_handler(self) -> None:  # (an idle one: nothing left to write)
         self.close()
+
+    def _check_idle(self) -> None:
+        idle = self.idle
+        if idle != self.marked_idle:
+            self.marked_idle = idle
+            self.relay.connections.set_idle(self.key, self, idle)
+        self.idle_check = asyncio.get_running_loop().call_later(self.relay.connections.unread_grace_s / 2,
+                                                                self._check_idle)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -152,7 +163,9 @@ class _ClientSide(_Side):
             reset_connection(transport)
             return
         self.relay.open.add(self)
-        self.relay.connections.set_idle(self.key, self, True)  # (whether it is idle: its property, when asked)
+        if self.key:  # (a trusted proxy's never gives way)
+            self.idle_check = asyncio.get_running_loop().call_later(self.relay.connections.unread_grace_s / 2,
+                                                                    self._check_idle)
         transport.pause_reading()  # until its connection to grpc is made
         self.connecting = asyncio.get_running_loop().create_task(self._connect())
 
@@ -178,6 +191,8 @@ class _ClientSide(_Side):
         self.relay.open.discard(self)
         if self.connecting is not None:
             self.connecting.cancel()
+        if self.idle_check is not None:
+            self.idle_check.cancel()
         super().connection_lost(exc)
 
 

@@ -26,11 +26,14 @@ async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = N
     return relay, relay.servers[0].sockets[0].getsockname()[1], accepted, internal
 
 
-async def _closed_or_reset(reader: asyncio.StreamReader) -> bool:
+async def _closed_or_reset(reader: asyncio.StreamReader, wait_s: float = 5) -> bool:
+    """Whether the connection ends (closed or reset) within ``wait_s``; False: still open (nothing read)."""
     try:
-        return await asyncio.wait_for(reader.read(1), 5) == b""
+        return await asyncio.wait_for(reader.read(1), wait_s) == b""
     except ConnectionResetError:
         return True
+    except TimeoutError:
+        return False
 
 
 def test_the_relay_caps_one_clients_connections_and_relays_the_rest_as_its_own():
@@ -166,33 +169,43 @@ async def _open(port: int, source: str, accepted: asyncio.Queue | None = None):
 
 
 def test_at_the_cap_a_quiet_connection_of_the_address_past_its_share_gives_way_to_a_newcomer():
-    """Four connections of one address fill the cap (4). A newcomer is reset while they have just spoken; once they
-    have been quiet both ways for the grace (0.5 s here), its connection takes the place of the oldest quiet one
-    (closed), not of one that has just sent bytes; at its fair share (2 of 4 between two addresses) the newcomer is
-    refused again. (Before, the relay never took a gRPC connection as idle: four addresses at 128 connections each
-    shut every other client out of the 512.)"""
+    """Four connections of one address fill the cap (4). A newcomer is reset while they have just spoken. Once they
+    have all been quiet both ways past the grace (0.5 s here) and three of them then speak, a newcomer's connection
+    takes the place of the quiet one (closed), and the next is reset; once the others are quiet again, one more takes
+    one of theirs, and at its fair share (2 of 4 between two addresses) the newcomer is refused again. (Before, the
+    relay never took a gRPC connection as idle: four addresses at 128 connections each shut every other client out
+    of the 512.)"""
     async def scenario():
         relay, port, accepted, internal = await _relayed(max_open=4, max_client=4, grace_s=0.5)
         try:
-            crowd = [await _open(port, "127.0.0.2", accepted) for _ in range(4)]
+            crowd = [await _open(port, "127.0.0.2", accepted) for _ in range(3)]
+            await asyncio.sleep(0.1)
+            crowd.append(await _open(port, "127.0.0.2", accepted))  # the last marked idle
             for (_, writer), _ in crowd:
                 writer.write(PREFACE)
             early = await _open(port, "127.0.0.3")
             assert await _closed_or_reset(early[0])  # none quiet yet
-            await asyncio.sleep(0.6)
-            crowd[0][0][1].write(b"ping")  # the oldest speaks: not idle
-            assert await asyncio.wait_for(crowd[0][1][0].readexactly(28), 5)
+            await asyncio.sleep(1.1)  # all quiet past the grace at a check (every half grace): marked idle
+            for (_, writer), (up_reader, _) in crowd[:3]:
+                writer.write(b"ping")  # they speak: marked, but not idle now
+                assert await asyncio.wait_for(up_reader.readexactly(28), 5)
             newcomer = await _open(port, "127.0.0.3", accepted)
-            assert await _closed_or_reset(crowd[1][0][0])  # the oldest quiet one
-            assert await asyncio.wait_for(crowd[1][1][0].read(), 5) == PREFACE  # and then its end at grpc
+            refused = await _open(port, "127.0.0.3")
+            assert await _closed_or_reset(refused[0])  # the rest have just spoken
+            closed = [i for i in range(4) if await _closed_or_reset(crowd[i][0][0], 0.3)]
+            assert closed == [3], closed  # the quiet one
+            assert await asyncio.wait_for(crowd[3][1][0].read(), 5) == PREFACE  # and then its end at grpc
+            await asyncio.sleep(0.6)
             second = await _open(port, "127.0.0.3", accepted)
-            assert await _closed_or_reset(crowd[2][0][0])
+            closed += [i for i in range(3) if await _closed_or_reset(crowd[i][0][0], 0.3)]
+            assert len(closed) == 2, closed
             third = await _open(port, "127.0.0.3")  # at its share (2), the crowd's 2 left to it
             assert await _closed_or_reset(third[0])
             assert {key: len(connections) for key, connections in relay.connections.per_client.items()} == {
                 "127.0.0.2": 2, "127.0.0.3": 2}
-            crowd[0][1][1].write(b"settings")  # the oldest, which spoke, is still relayed both ways
-            assert await asyncio.wait_for(crowd[0][0][0].readexactly(8), 5) == b"settings"
+            kept = next(i for i in range(3) if i not in closed)
+            crowd[kept][1][1].write(b"settings")  # one left is still relayed both ways
+            assert await asyncio.wait_for(crowd[kept][0][0].readexactly(8), 5) == b"settings"
             for (_, writer), _ in (newcomer, second, *crowd):
                 writer.close()
         finally:
