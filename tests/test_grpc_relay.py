@@ -4,15 +4,18 @@ side's close passed on, and the client's address found from the relay's connecti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from adapter.config import Settings
 from adapter.protocol import OpenConnections
 from handler.grpc_relay import GrpcRelay
 
 
-async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = None, grace_s: float = 2.0):
-    """The relay on a free port in front of a stand-in for grpc: (relay, its port, the stand-in's accepted
-    connections as (reader, writer) in a queue, the stand-in server)."""
+@contextlib.asynccontextmanager
+async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = None, grace_s: float = 2.0,
+                   host: str = "127.0.0.1"):
+    """The relay on a free port of ``host`` in front of a stand-in for grpc: (relay, its port, the stand-in's accepted
+    connections as (reader, writer) in a queue); both closed at the end."""
     accepted: asyncio.Queue = asyncio.Queue()
 
     async def grpc_side(reader, writer):
@@ -22,8 +25,12 @@ async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = N
     relay = GrpcRelay(OpenConnections(Settings(max_open_connections=max_open, max_client_connections=max_client,
                                                trusted_proxies=trusted or [], min_rate_grace_s=grace_s)))
     relay.internal_port = internal.sockets[0].getsockname()[1]
-    await relay.start("127.0.0.1", 0)
-    return relay, relay.servers[0].sockets[0].getsockname()[1], accepted, internal
+    try:
+        await relay.start(host, 0)
+        yield relay, relay.servers[0].sockets[0].getsockname()[1], accepted
+    finally:
+        relay.close()
+        internal.close()
 
 
 async def _closed_or_reset(reader: asyncio.StreamReader, wait_s: float = 5) -> bool:
@@ -38,8 +45,7 @@ async def _closed_or_reset(reader: asyncio.StreamReader, wait_s: float = 5) -> b
 
 def test_the_relay_caps_one_clients_connections_and_relays_the_rest_as_its_own():
     async def scenario():
-        relay, port, accepted, internal = await _relayed(max_open=4, max_client=2)
-        try:
+        async with _relayed(max_open=4, max_client=2) as (relay, port, accepted):
             clients = [await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
                        for _ in range(3)]
             upstream = [await asyncio.wait_for(accepted.get(), 5) for _ in range(2)]
@@ -70,17 +76,13 @@ def test_the_relay_caps_one_clients_connections_and_relays_the_rest_as_its_own()
             await asyncio.wait_for(accepted.get(), 5)  # its places free again
             for _, writer in (other, again):
                 writer.close()
-        finally:
-            relay.close()
-            internal.close()
 
     asyncio.run(scenario())
 
 
 def test_the_relay_copies_many_megabytes_to_a_slow_reader_intact_holding_little():
     async def scenario():
-        relay, port, accepted, internal = await _relayed(max_open=4, max_client=4)
-        try:
+        async with _relayed(max_open=4, max_client=4) as (relay, port, accepted):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             up_reader, up_writer = await asyncio.wait_for(accepted.get(), 5)
             payload = bytes(range(256)) * (128 * 1024)  # 32 MiB: past what the sockets' buffers take
@@ -98,26 +100,19 @@ def test_the_relay_copies_many_megabytes_to_a_slow_reader_intact_holding_little(
             assert await asyncio.wait_for(up_reader.readexactly(len(payload)), 20) == payload
             writer.close()
             up_writer.close()
-        finally:
-            relay.close()
-            internal.close()
 
     asyncio.run(scenario())
 
 
 def test_a_trusted_proxys_connections_count_in_no_clients_share():
     async def scenario():
-        relay, port, accepted, internal = await _relayed(max_open=4, max_client=1, trusted=["127.0.0.1"])
-        try:
+        async with _relayed(max_open=4, max_client=1, trusted=["127.0.0.1"]) as (relay, port, accepted):
             proxied = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
             for _ in proxied:
                 await asyncio.wait_for(accepted.get(), 5)
             assert relay.connections.proxied == 3 and not relay.connections.per_client
             for _, writer in proxied:
                 writer.close()
-        finally:
-            relay.close()
-            internal.close()
 
     asyncio.run(scenario())
 
@@ -126,18 +121,8 @@ def test_all_interfaces_is_one_port_for_ipv4_and_ipv6_and_an_ipv4_client_counts_
     """--host 0.0.0.0 (or ::): one dual-stack socket, as grpc's "[::]" listened (port 0 too); an IPv4 client arrives
     as ::ffff:a.b.c.d and is counted, and named to the shares, as its IPv4 address (trusted proxies match it)."""
     async def scenario():
-        accepted: asyncio.Queue = asyncio.Queue()
-
-        async def grpc_side(reader, writer):
-            await accepted.put((reader, writer))
-
-        internal = await asyncio.start_server(grpc_side, "127.0.0.1", 0)
-        relay = GrpcRelay(OpenConnections(Settings(max_open_connections=4, max_client_connections=4)))
-        relay.internal_port = internal.sockets[0].getsockname()[1]
-        await relay.start("0.0.0.0", 0)
-        try:
-            (listening,) = [sock for server in relay.servers for sock in server.sockets]
-            port = listening.getsockname()[1]
+        async with _relayed(max_open=4, max_client=4, host="0.0.0.0") as (relay, port, accepted):
+            assert len([sock for server in relay.servers for sock in server.sockets]) == 1
             _, ipv4 = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.9", 0))
             _, up = await asyncio.wait_for(accepted.get(), 5)
             assert relay.peer_host(f"ipv4:127.0.0.1:{up.get_extra_info('peername')[1]}") == "127.0.0.9"
@@ -150,9 +135,6 @@ def test_all_interfaces_is_one_port_for_ipv4_and_ipv6_and_an_ipv4_client_counts_
             assert list(relay.connections.per_client) == ["127.0.0.9", "::/64"]
             for writer in (ipv4, ipv6):
                 writer.close()
-        finally:
-            relay.close()
-            internal.close()
 
     asyncio.run(scenario())
 
@@ -176,8 +158,7 @@ def test_at_the_cap_a_quiet_connection_of_the_address_past_its_share_gives_way_t
     relay never took a gRPC connection as idle: four addresses at 128 connections each shut every other client out
     of the 512.)"""
     async def scenario():
-        relay, port, accepted, internal = await _relayed(max_open=4, max_client=4, grace_s=0.5)
-        try:
+        async with _relayed(max_open=4, max_client=4, grace_s=0.5) as (relay, port, accepted):
             crowd = [await _open(port, "127.0.0.2", accepted) for _ in range(3)]
             await asyncio.sleep(0.1)
             crowd.append(await _open(port, "127.0.0.2", accepted))  # the last marked idle
@@ -208,9 +189,6 @@ def test_at_the_cap_a_quiet_connection_of_the_address_past_its_share_gives_way_t
             assert await asyncio.wait_for(crowd[kept][0][0].readexactly(8), 5) == b"settings"
             for (_, writer), _ in (newcomer, second, *crowd):
                 writer.close()
-        finally:
-            relay.close()
-            internal.close()
 
     asyncio.run(scenario())
 
@@ -220,8 +198,7 @@ def test_at_the_cap_a_connection_whose_client_reads_nothing_gives_way_after_the_
     relay's writing paused, so they are not quiet-idle: reading from grpc is paused too). A newcomer is reset before
     the grace (0.5 s); after it, one of them is reset for it."""
     async def scenario():
-        relay, port, accepted, internal = await _relayed(max_open=2, max_client=2, grace_s=0.5)
-        try:
+        async with _relayed(max_open=2, max_client=2, grace_s=0.5) as (relay, port, accepted):
             crowd = [await _open(port, "127.0.0.2", accepted) for _ in range(2)]
             payload = bytes(32 << 20)
             for _, (_, up_writer) in crowd:
@@ -241,8 +218,5 @@ def test_at_the_cap_a_connection_whose_client_reads_nothing_gives_way_after_the_
             for (_, writer), (_, up_writer) in (newcomer, *crowd):
                 writer.close()
                 up_writer.close()
-        finally:
-            relay.close()
-            internal.close()
 
     asyncio.run(scenario())
