@@ -706,7 +706,7 @@ def test_bench_kserve_prints_each_target_and_the_ratios():
     from pathlib import Path
 
     # With the serving options make bench-serve passes it (BENCH_SERVE_ARGS): both servers run what they ask.
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_kserve", "--duration", "1", "--rounds", "2",
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_kserve", "--duration", "1", "--rounds", "1",
                            "--warmup", "0", "--concurrency", "2", "--engine", "eager-fp32", "--workers", "1"],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
