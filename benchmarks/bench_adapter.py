@@ -38,9 +38,8 @@ import httpx
 
 from adapter.run import running_adapter
 from benchmarks.bench_serve import (
-    TORCHSERVE_SETTING_OPTIONS, RunningTorchServe, add_load_arguments, add_running_torchserve_argument,
-    cifar_png_payloads, machine, print_table, refuse_settings_with_running_torchserve, served_engine_name,
-    torchserve_from_arguments, torchserve_target)
+    add_load_arguments, add_running_torchserve_argument, cifar_png_payloads, machine, print_table,
+    refuse_settings_with_running_torchserve, served_engine_name, torchserve_from_arguments, torchserve_target)
 from benchmarks.bench_kserve import v2_bodies
 from benchmarks.load import (HttpTarget, LoadResult, exit_on_sigterm, measure_targets, multipart_image_bodies,
                              print_failures, ratio)
@@ -84,7 +83,7 @@ def seed_server(weights: Path, log_file: Path) -> Iterator[str]:
 def torchserve_and_adapter(root: Path, args) -> Iterator[tuple]:
     """A TorchServe with the benchmark's settings (or the running one: --running-torchserve) and the adapter in front
     of it, as `make serve-adapter` runs it (access log included): (its TorchServeInstance, the adapter)."""
-    ts = RunningTorchServe() if args.running_torchserve else torchserve_from_arguments(root / "torchserve", args)
+    ts = torchserve_from_arguments(root / "torchserve", args)
     try:
         with running_adapter(ts.adapter_env(), root / "adapter.log") as adapter:
             yield ts, adapter
@@ -201,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     add_running_torchserve_argument(parser, "with its own settings: the options that set a started one's are "
                                     "refused, --before too; --weights: the other servers'")
     args = parser.parse_args(argv)
-    refuse_settings_with_running_torchserve(parser, args, {**TORCHSERVE_SETTING_OPTIONS, "--flip-tta": "flip_tta",
-                                                           "--before": "before"})
+    refuse_settings_with_running_torchserve(parser, args, {"--flip-tta": "flip_tta", "--before": "before"})
     if args.before:
         return compare_before_after(args)
 

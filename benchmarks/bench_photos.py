@@ -26,9 +26,8 @@ import psutil
 
 from adapter.run import running_adapter
 from benchmarks.bench_decode import photo_like
-from benchmarks.bench_serve import (TORCHSERVE_SETTING_OPTIONS, RunningTorchServe, add_load_arguments,
-                                    add_running_torchserve_argument, machine, refuse_settings_with_running_torchserve,
-                                    torchserve_from_arguments)
+from benchmarks.bench_serve import (add_load_arguments, add_running_torchserve_argument, machine,
+                                    refuse_settings_with_running_torchserve, torchserve_from_arguments)
 from benchmarks.load import HttpTarget, exit_on_sigterm, multipart_image_bodies, print_failures, run_wrk, warm_up
 from serving import cli
 
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     add_running_torchserve_argument(parser, "on this machine: its Java's CPU is read; the options that set a started "
                                     "one's are refused")
     args = parser.parse_args(argv)
-    refuse_settings_with_running_torchserve(parser, args, TORCHSERVE_SETTING_OPTIONS)
+    refuse_settings_with_running_torchserve(parser, args)
 
     photos = phone_photos()
     bodies, content_type = multipart_image_bodies(photos, "image", "image/jpeg")
@@ -102,14 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-photos-") as tmp:
         tmp = Path(tmp)
-        ts = RunningTorchServe() if args.running_torchserve else torchserve_from_arguments(tmp / "torchserve", args)
+        ts = torchserve_from_arguments(tmp / "torchserve", args)
         try:
-            if ts.java_pid() is None:
+            java_pid = ts.java_pid()
+            if java_pid is None:
                 raise SystemExit(f"no TorchServe listens at {ts.inference_url} on this machine: its CPU is measured")
             env = ts.adapter_env()
             with running_adapter(env, tmp / "shrinking.log") as shrinking, \
                     running_adapter({**env, "SHRINK_UPLOADS": "0"}, tmp / "whole.log") as whole:
-                java = psutil.Process(ts.java_pid())
+                java = psutil.Process(java_pid)
                 targets = {"whole file (SHRINK_UPLOADS=0)": (whole, bodies),
                            "shrunk in the adapter": (shrinking, bodies),
                            "shrunk by the page": (shrinking, page_bodies)}

@@ -165,9 +165,10 @@ def add_running_torchserve_argument(parser: argparse.ArgumentParser, note: str) 
 
 
 def refuse_settings_with_running_torchserve(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                                            options: dict[str, str]) -> None:
-    """--running-torchserve with any of ``options`` (option -> its args name; TORCHSERVE_SETTING_OPTIONS and the
-    benchmark's own) given: a usage error, as they would shape only a TorchServe the benchmark starts."""
+                                            own_options: dict[str, str] | None = None) -> None:
+    """--running-torchserve with any of TORCHSERVE_SETTING_OPTIONS or the benchmark's ``own_options`` (option -> its
+    args name) given: a usage error, as they would shape only a TorchServe the benchmark starts."""
+    options = {**TORCHSERVE_SETTING_OPTIONS, **(own_options or {})}
     given = [option for option, name in options.items() if getattr(args, name) not in (None, [])]
     if args.running_torchserve and given:
         parser.error(f"--running-torchserve measures that TorchServe with its own settings: {', '.join(given)} "
@@ -181,9 +182,14 @@ def model_config_from_arguments(root: Path, args: argparse.Namespace) -> Path:
                                   args.engine, None if flip_tta is None else flip_tta == "on", args.lone_image_threads)
 
 
-def torchserve_from_arguments(root: Path, args: argparse.Namespace) -> TorchServeInstance:
+def torchserve_from_arguments(root: Path, args: argparse.Namespace) -> TorchServeInstance | RunningTorchServe:
     """start_benchmark_torchserve with every TorchServe setting of add_load_arguments (and bench_adapter's
-    --flip-tta): one place, so that no benchmark quietly ignores one of them."""
+    --flip-tta): one place, so that no benchmark quietly ignores one of them; with --running-torchserve (refused
+    beside those settings: refuse_settings_with_running_torchserve) the one running instead, started by nobody here."""
+    if getattr(args, "running_torchserve", False):
+        ts = RunningTorchServe()
+        print(f"TorchServe: the one running at {ts.inference_url}, with its own settings")
+        return ts
     flip_tta = getattr(args, "flip_tta", None)
     return start_benchmark_torchserve(root, args.weights, args.batch_size, args.max_batch_delay, args.cpu_threads,
                                       ts_properties(args.ts_property), args.workers, args.engine,
@@ -290,17 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     add_running_torchserve_argument(parser, "with its own settings: the options that set a started one's are "
                                     "refused; --weights: the in-process column's only")
     args = parser.parse_args(argv)
-    refuse_settings_with_running_torchserve(parser, args, TORCHSERVE_SETTING_OPTIONS)
+    refuse_settings_with_running_torchserve(parser, args)
 
     payloads = cifar_png_payloads()
     print(f"{machine()}; torch threads {torch.get_num_threads()}; weights {args.weights}; {args.duration:.0f} s per point")
     rows: dict[str, dict[int, LoadResult]] = {"in-process": {}, "torchserve": {}}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        if args.running_torchserve:
-            ts = RunningTorchServe()
-            print(f"TorchServe: the one running at {ts.inference_url}, with its own settings")
-        else:
-            ts = torchserve_from_arguments(Path(tmp), args)
+        ts = torchserve_from_arguments(Path(tmp), args)
         try:
             engine = served_engine_name(ts, payloads[0])
             # In-process runs the engine the workers serve, built from the same cache (the same code).
