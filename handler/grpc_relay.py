@@ -133,13 +133,16 @@ class _ClientSide(_Side):
     def timeout_keep_alive_handler(self) -> None:  # (an idle one: nothing left to write)
         self.close()
 
+    def _check_idle_later(self) -> None:
+        self.idle_check = asyncio.get_running_loop().call_later(self.relay.connections.unread_grace_s / 2,
+                                                                self._check_idle)
+
     def _check_idle(self) -> None:
         idle = self.idle
         if idle != self.marked_idle:
             self.marked_idle = idle
             self.relay.connections.set_idle(self.key, self, idle)
-        self.idle_check = asyncio.get_running_loop().call_later(self.relay.connections.unread_grace_s / 2,
-                                                                self._check_idle)
+        self._check_idle_later()
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -164,8 +167,7 @@ class _ClientSide(_Side):
             return
         self.relay.open.add(self)
         if self.key:  # (a trusted proxy's never gives way)
-            self.idle_check = asyncio.get_running_loop().call_later(self.relay.connections.unread_grace_s / 2,
-                                                                    self._check_idle)
+            self._check_idle_later()
         transport.pause_reading()  # until its connection to grpc is made
         self.connecting = asyncio.get_running_loop().create_task(self._connect())
 

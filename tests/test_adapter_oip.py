@@ -318,7 +318,6 @@ def test_no_pooled_connection_free_in_time_is_503_busy_not_a_timeout():
     assert kinds == {"timeout": 1, "busy": 1}
 
 
-
 @pytest.mark.parametrize("hold", [None, 0.0])
 def test_a_call_given_up_on_holds_its_pooled_connection_unless_the_model_server_stops_it(hold):
     """TS_MAX_CONNECTIONS=1, a first answer that never comes in time (504 at 0.5 s): the adapter closes that

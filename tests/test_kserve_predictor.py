@@ -2035,8 +2035,8 @@ def test_one_address_holds_at_most_its_own_grpc_connections_and_other_clients_ca
     (handler/grpc_relay.py) counting them as the REST port does: past --max_client_connections from one address,
     reset at once; another client's call answered; the relayed ones still closed with grpc's idle close. Then two
     addresses fill all 8 with 4 each (their own cap): once quiet for --min_rate_grace_s (checked every half of it),
-    one of them gives way to
-    another client's call (with no gRPC connection taken as idle, four addresses at 128 had filled the 512)."""
+    one of them gives way to another client's call (with no gRPC connection taken as idle, four addresses at 128 had
+    filled the 512)."""
     import grpc
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 
