@@ -17,6 +17,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -27,6 +28,7 @@ from serving.rotating_log import stderr_file
 from serving.torchserve import read_properties
 from serving_helpers import assert_same_answer, cifar_pil, decompression_bomb_png, encode, v1_body, v2_answers, v2_body
 from torchserve_fixture import weights_under_test
+from warm_child import WarmChild
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 120
@@ -386,7 +388,7 @@ def test_a_bare_archive_is_served_too(bundle, client, tmp_path, cifar100_test_sp
         predictor.stop()
 
 
-def test_kserves_timing_middleware_is_left_out_of_the_stack_and_the_rest_kept():
+def test_kserves_timing_middleware_is_left_out_of_the_stack_and_the_rest_kept(warm_child):
     """KServe adds a middleware that reads the process's CPU time twice a request for log lines the
     predictor silences (~15% of its event loop at concurrency 16): left out; KServe's other layers and
     the predictor's own checks stay. In a child process (importing kserve here would clash with
@@ -408,23 +410,28 @@ while layer is not None:
     layer = getattr(layer, "app", None)
 print(" ".join(layers))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    done = warm_child.run(script)
     assert done.returncode == 0, done.stderr[-2000:]
     layers = done.stdout.split()
     assert "TimingMiddleware" not in layers, layers
     assert "RequestChecks" in layers and "ServerErrorMiddleware" in layers, layers
 
 
-def test_a_waiting_bound_under_one_is_refused_at_start(tmp_path):
+def test_options_that_would_break_the_server_are_refused_at_start(tmp_path):
     """--max_waiting_requests 0 once became the default 100 and a negative one refused every request; a body bound
     below max_request_size could never read a full-size body; a client share of nothing, or a proxy that is no
-    address, would refuse every gRPC call or trust nobody."""
+    address, would refuse every gRPC call or trust nobody. --enable-grpc (dashes) for --enable_grpc: KServe's
+    parse_known_args dropped it, and gRPC stayed open on every interface while the operator believed it off.
+    KServe's --workers N starts N processes that import its bare FastAPI app: every bound, check and route this
+    server sets up in its one process would be missing from them."""
     cases = [(["--max_waiting_requests=0"], "needs 1 or more"), (["--max_waiting_explanations=-1"], "needs 1 or more"),
              (["--max_body_bytes_held=1000"], "--max_body_bytes_held 1000 is below max_request_size"),
              (["--max_body_bytes_held=20000000", "--grpc_max_receive_message_length=30000000"],
               "--max_body_bytes_held 20000000 is below --grpc_max_receive_message_length 30000000"),
              (["--max_client_share=0"], "needs 0 < x <= 1, not 0"),
-             (["--trusted_proxies=10.0.0.1, proxy.local"], "--trusted_proxies: 'proxy.local' is not an IP address")]
+             (["--trusted_proxies=10.0.0.1, proxy.local"], "--trusted_proxies: 'proxy.local' is not an IP address"),
+             (["--enable-grpc", "false"], "unrecognized arguments: --enable-grpc false"),
+             (["--workers", "2"], "--workers 2: this server runs one process")]
     # All at once: each spends ~3 s importing torch and kserve before it reads its options.
     started = [subprocess.Popen([sys.executable, "-m", "handler.kserve_predictor", f"--model_dir={tmp_path}", *options],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -434,15 +441,25 @@ def test_a_waiting_bound_under_one_is_refused_at_start(tmp_path):
         assert process.returncode == 2 and said in stderr, (options, stderr[-1000:])
 
 
-def in_child(script: str) -> dict:
-    """``script``'s last line of output, JSON, run in a child process (importing kserve here would clash
-    with tests/kserve_types.py)."""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def warm_child() -> Iterator[WarmChild]:
+    """Scripts that import KServe and the predictor, each in a child process (importing kserve here would clash
+    with tests/kserve_types.py), forked from one that imported them once."""
+    with WarmChild(["handler.kserve_predictor"], REPO) as child:
+        yield child
 
 
-def test_a_grpc_parameters_map_of_more_than_the_limit_is_refused_on_its_count():
+@pytest.fixture
+def in_child(warm_child) -> Callable[[str], dict]:
+    def run(script: str) -> dict:
+        """``script``'s last line of output, JSON."""
+        done = warm_child.run(script)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    return run
+
+
+def test_a_grpc_parameters_map_of_more_than_the_limit_is_refused_on_its_count(in_child):
     """MAX_GRPC_PARAMETERS on the request's, an input's and an output's parameters map: 65 entries
     refused before KServe converts anything, exactly 64 passed on (no test built such a map)."""
     result = in_child("""
@@ -470,7 +487,7 @@ print(json.dumps({"limit": MAX_GRPC_PARAMETERS, **{
         assert result[f"{where} {limit + 1}"] == f"a parameters map of more than {limit} entries (this model reads none)"
 
 
-def test_a_bytes_tensor_with_its_elements_in_another_contents_field_is_told_where_they_go():
+def test_a_bytes_tensor_with_its_elements_in_another_contents_field_is_told_where_they_go(in_child):
     """A BYTES tensor whose elements came in int64_contents was refused "shape [1] holds 1 elements, data has 0"."""
     result = in_child("""
 import json
@@ -487,7 +504,7 @@ print(json.dumps([grpc_count_refusal(pb.ModelInferRequest(model_name="cifar100",
                       "not int64_contents", None], result
 
 
-def test_more_raw_input_contents_than_inputs_are_refused_on_their_count_before_any_is_walked():
+def test_more_raw_input_contents_than_inputs_are_refused_on_their_count_before_any_is_walked(in_child):
     """3,000,000 empty raw_input_contents for one input (5.7 MiB) were each walked for elements (0.1 s of the
     event loop), found none and passed, for KServe to refuse with a traceback: refused on the two counts now;
     one raw entry per input still passes."""
@@ -511,7 +528,7 @@ print(json.dumps({"flood": refusal, "s": time.perf_counter() - started, "one": g
     assert result["one"] is None and result["s"] < 0.05, result
 
 
-def test_a_body_over_max_bytes_is_refused_on_its_declared_length_at_once_or_as_it_streams_past():
+def test_a_body_over_max_bytes_is_refused_on_its_declared_length_at_once_or_as_it_streams_past(in_child):
     """RequestChecks, in-process: a head declaring max_bytes + 1 gets 413 before any body byte (a client
     that then sends nothing is not waited for: the streaming check alone answered 408 after the body's
     deadline), a body streaming one byte past max_bytes gets 413 at that chunk, and one of exactly
@@ -558,7 +575,7 @@ asyncio.run(main())
     assert (out["exact"]["status"], out["exact"]["app"]) == (200, [100]), out
 
 
-def test_bodies_held_at_once_are_bounded_and_given_back_when_their_answers_end():
+def test_bodies_held_at_once_are_bounded_and_given_back_when_their_answers_end(in_child):
     """RequestChecks, in-process: in KServe's Standard mode nothing bounded the bodies held at once (64 bodies of 11 MiB held
     2.35 GB). With max_held 150: a request holding 80 bytes while its answer is under way makes one declaring 80 more
     get 503 busy (with Retry-After) before any byte is read, and a chunked one 503 at the chunk that would pass it;
@@ -615,7 +632,7 @@ asyncio.run(main())
     assert out["reached"] == [80, 80], out
 
 
-def test_a_body_still_arriving_of_a_client_past_its_fair_share_gives_its_bytes_to_another_clients():
+def test_a_body_still_arriving_of_a_client_past_its_fair_share_gives_its_bytes_to_another_clients(in_child):
     """RequestChecks, in-process: one client's bodies stalled near their end held all of --max_body_bytes_held for
     --body_timeout_s, and every other client's REST request was 503. With max_held 150: client A's request of 80
     bytes is at the model (its body all arrived), B's has sent 60 and waits for more. C declares 30: within its fair
@@ -678,7 +695,7 @@ asyncio.run(main())
     assert out["reached"] == ["10.0.0.1", "10.0.0.3"], out
 
 
-def test_bodies_give_way_only_when_their_bytes_make_room_newest_first_down_to_the_share():
+def test_bodies_give_way_only_when_their_bytes_make_room_newest_first_down_to_the_share(in_child):
     """handler/held_bodies.py RestBodies, in-process: bodies were stopped one after another even when all their bytes
     could not make room (a complete body at the model cannot be stopped): 510 small ones stopped, the newcomer still
     refused. Now nothing is stopped unless the arriving bodies' bytes of clients past their share cover what is
@@ -722,7 +739,7 @@ print(json.dumps(log))
     assert out["past its share"] is False, out
 
 
-def test_a_refused_requests_log_line_shows_its_path_escaped_not_a_line_of_the_clients_making():
+def test_a_refused_requests_log_line_shows_its_path_escaped_not_a_line_of_the_clients_making(in_child):
     """RequestChecks, in-process: uvicorn decodes %0A into the path, and KServe's log is plain text. A busy
     503's warning names the path escaped and cut, on one line: a path holding a newline and a forged
     log line starts no line of its own."""
@@ -756,7 +773,7 @@ print(json.dumps({"status": sent, "lines": lines, "cut": PATH_LOGGED}))
     assert "x" * 500 not in line and "x" * (out["cut"] - 80) in line, out
 
 
-def test_held_bytes_grants_turns_in_order_and_a_turn_given_up_leaves_nothing_taken():
+def test_held_bytes_grants_turns_in_order_and_a_turn_given_up_leaves_nothing_taken(in_child):
     """handler/held_bodies.py HeldBytes, in-process: a reservation that does not fit waits, turns are granted in
     order of arrival (a small one behind a large one waits too: no call passes the others for ever), a waiter
     that gives up (its deadline) leaves nothing taken and lets the turns behind it through, and what is given
@@ -796,7 +813,7 @@ asyncio.run(main())
     assert out["take past the limit"] == [False, 80], out
 
 
-def test_held_bytes_passes_over_an_owner_at_its_share_and_lets_it_go_when_its_turn_ends():
+def test_held_bytes_passes_over_an_owner_at_its_share_and_lets_it_go_when_its_turn_ends(in_child):
     """HeldBytes with turns_per_owner, in-process: an owner holds at most that many turns at once; its next waits and
     is passed over, so another owner's reservation goes first, at once, even behind it in the queue; the owner's
     turn ending (its bytes still held) lets its waiter through when the bytes fit; an owner-less take is not
@@ -841,7 +858,7 @@ print(json.dumps({"share 2": asyncio.run(run(2)), "no share": asyncio.run(run(No
     assert out["no share"]["b at once, a3 waiting"] == [True, 0, 3, 100], out
 
 
-def test_held_bytes_takes_the_newest_turn_of_an_owner_past_its_fair_share_for_a_newcomer():
+def test_held_bytes_takes_the_newest_turn_of_an_owner_past_its_fair_share_for_a_newcomer(in_child):
     """Two owners at their share (half each) held every turn, stalled until their deadline, and a third owner's
     reservation waited it out. Now a waiting newcomer within its fair share (an equal part of the turns among the
     owners holding or waiting) takes the newest turn of the owner holding the most, past that part: that turn's
@@ -891,7 +908,7 @@ asyncio.run(main())
     assert out["one more free"] == [["c0", "c1", "a4"], [3, 3, 2]], out
 
 
-def test_held_bytes_hands_a_turn_held_past_its_grace_to_a_newcomer_holding_fewer_oldest_first():
+def test_held_bytes_hands_a_turn_held_past_its_grace_to_a_newcomer_holding_fewer_oldest_first(in_child):
     """Four owners at one turn each are each within their fair share: their stalled calls held every turn until their
     deadlines (eight addresses x one stalled gRPC call: another client's call waited 28 s). With grace_s, a waiting
     newcomer within its share takes the oldest turn of another owner's held past the grace: that turn's call is
@@ -951,7 +968,7 @@ print(json.dumps({"grace": asyncio.run(run(0.4)), "none": asyncio.run(run(None))
     assert out["none"]["e's second"] == [[], 3], out
 
 
-def test_a_refused_grpc_call_lets_go_of_its_request_without_the_garbage_collector():
+def test_a_refused_grpc_call_lets_go_of_its_request_without_the_garbage_collector(in_child):
     """grpc keeps an aborted call's AbortError in the call's state and its traceback reaches the call's frames: a
     reference cycle, so every refused request (up to a largest message) lived until the collector's next full
     pass: 64 clients x 2 refused messages of 11 MiB held KServe's server at 2.4 GB with two read at a time.
@@ -1000,7 +1017,7 @@ asyncio.run(main())
     assert out["plain"] == [["INVALID_ARGUMENT"] * 3, 3], out
 
 
-def test_a_client_that_leaves_cancels_its_request_until_the_answer_has_started():
+def test_a_client_that_leaves_cancels_its_request_until_the_answer_has_started(in_child):
     """RequestChecks reads the connection while the app answers: a disconnect before the answer starts
     cancels the app (nothing sent); after, the app finishes, and an app that asks for the disconnect
     itself gets its body first, then the disconnect. In-process ASGI, a queue as the connection."""
@@ -1066,7 +1083,7 @@ asyncio.run(main())
     assert out["left"] == 0, out  # no watcher left behind
 
 
-def test_busy_bounds_refuse_before_decoding_and_bound_explanations_too():
+def test_busy_bounds_refuse_before_decoding_and_bound_explanations_too(in_child):
     """In-process, with a stand-in forward pass (a sleep) and Grad-CAM patched to a short sleep (its
     time, not its work): with the one waiting slot taken, an 8-image request is refused (503) before any
     of its images is decoded; explanations beyond ``max_explanations`` get 503 at once instead of
@@ -1136,7 +1153,7 @@ asyncio.run(main())
 
 
 
-def test_large_images_are_decoded_one_per_cpu_at_most_shared_out_by_client(bundle):
+def test_large_images_are_decoded_one_per_cpu_at_most_shared_out_by_client(in_child, bundle):
     """In-process on the real bundle (loaded as the server loads it, eager engine): 8 requests of one client at
     once, each a 1 MP PNG (decoded in a thread, not on the loop), with the decode slowed by 0.2 s to overlap them,
     and one of another client once every thread decodes the first's. At most one decode per CPU the predictor uses (torch's threads) runs at
@@ -1197,7 +1214,7 @@ asyncio.run(main())
     assert out["started"].index("other") <= out["threads"] + 1, out
 
 
-def test_the_rest_checks_name_the_requests_client_for_the_work_behind_them():
+def test_the_rest_checks_name_the_requests_client_for_the_work_behind_them(in_child):
     """RequestChecks, in-process: the app behind it sees CALLER as the socket's peer (its client key: an IPv6
     address's /64), or, from a trusted proxy, the client its X-Forwarded-For names; an untrusted peer's header
     is ignored."""
@@ -1238,7 +1255,7 @@ print(json.dumps(seen))
     assert in_child(script) == ["203.0.113.7", "2001:db8::/64", "203.0.113.7", "198.51.100.2", "203.0.113.7"]
 
 
-def test_a_not_finite_answer_fails_only_the_request_it_belongs_to():
+def test_a_not_finite_answer_fails_only_the_request_it_belongs_to(in_child):
     """In-process, the real _forward on a stand-in engine whose second row of a batch is NaN: of two
     one-image requests sharing that forward pass, the first is answered and the second fails as before
     (a plain ValueError naming NOT_FINITE: KServe's 500 "ValueError : ...", gRPC INTERNAL); every request
@@ -2357,18 +2374,3 @@ def test_a_version_or_model_not_served_is_not_found_and_logs_no_traceback(kserve
     assert grpc_stub.ModelReady(pb().ModelReadyRequest(name="cifar100", version=served), timeout=30).ready
     assert tracebacks() == log_before
 
-
-def test_a_misspelt_option_is_refused_not_dropped():
-    # --enable-grpc (dashes) for --enable_grpc: KServe's parse_known_args dropped it, and gRPC stayed open on
-    # every interface while the operator believed it off.
-    done = subprocess.run([sys.executable, "-m", "handler.kserve_predictor", "--model_dir", "/nonexistent",
-                           "--enable-grpc", "false"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "unrecognized arguments: --enable-grpc false" in done.stderr, done.stderr[-2000:]
-
-
-def test_more_than_one_rest_process_is_refused_at_start():
-    # KServe's --workers N starts N processes that import its bare FastAPI app: every bound, check and route
-    # this server sets up in its one process would be missing from them.
-    done = subprocess.run([sys.executable, "-m", "handler.kserve_predictor", "--model_dir", "/nonexistent",
-                           "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "--workers 2: this server runs one process" in done.stderr, done.stderr[-2000:]
