@@ -185,14 +185,34 @@ def stop_process(pid: int, timeout: float = 10.0, children: bool = False) -> boo
         process.terminate()
     except psutil.NoSuchProcess:
         return False
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    alive = _wait_ended(processes, timeout)
     for straggler in alive:  # wedged (e.g. a worker stuck in a forward pass)
         try:
             straggler.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=5)
+    _wait_ended(alive, 5)
     return True
+
+
+def _wait_ended(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """psutil.wait_procs (which reaps this process's own children), a zombie counted as ended: one whose parent has
+    not reaped it yet (a process another one started, stopped by its pid) was waited for to the timeout, then
+    killed, 15 s for nothing. Those still running after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    alive = list(processes)
+    while True:
+        _, alive = psutil.wait_procs(alive, timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+        alive = [p for p in alive if not _zombie(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+
+
+def _zombie(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def stop_popen(process: subprocess.Popen, timeout: float = 10.0) -> None:

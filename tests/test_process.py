@@ -152,6 +152,19 @@ def test_stop_sends_term_then_kill_after_the_timeout(tmp_path):
     assert not stop_process(stubborn.pid)  # already gone: nothing to stop
 
 
+def test_stop_returns_once_the_process_ended_though_its_parent_has_not_reaped_it():
+    """A process of another parent (an adapter started by a supervisor that waits for it later) is a zombie once
+    it ended: stop counted it alive and waited its whole timeout, then the kill's 5 s."""
+    parent = sleeper(child=True)
+    try:
+        child = psutil.Process(parent.pid).children()[0]
+        started = time.monotonic()
+        assert stop_process(child.pid, timeout=30)
+        assert time.monotonic() - started < 10 and child.status() == psutil.STATUS_ZOMBIE
+    finally:
+        stop_popen(parent, timeout=5)
+
+
 def test_stop_popen_keeps_the_childs_exit_status(tmp_path):
     log = tmp_path / "out.log"
     with open(log, "w") as out:
