@@ -12,7 +12,8 @@ forward passes (handler/batching.py: up to the archive's ``batchSize`` images, w
 ``maxBatchDelay``), one at a time on every core (``handler.cpu_threads`` or OMP_NUM_THREADS pin
 fewer), or on the first GPU the process sees (handler/engine.py serving_device). Routes are KServe's: ``POST /v2/models/cifar100/infer``, ``GET /v2/models/cifar100/ready``,
 ``POST /v1/models/cifar100:predict``, ``POST /v1/models/cifar100:explain`` (the answer plus a Grad-CAM
-heatmap, as TorchServe's /explanations), ``/v2/health/live|ready``, Prometheus ``/metrics``; and the
+heatmap, as TorchServe's /explanations), the v2 routes of the served version (``/v2/models/cifar100/versions/<v>/...``,
+VersionedRoutes), ``/v2/health/live|ready``, Prometheus ``/metrics``; and the
 protocol's gRPC service (ModelInfer: each image's bytes as a BYTES element, the v2 outputs back). KServe's
 model repository extension (load/unload by request) is refused on both (501, UNIMPLEMENTED).
 
@@ -54,6 +55,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import uuid
@@ -385,6 +387,29 @@ def _replaying(message: dict, receive):
         return pending.pop() if pending else await receive()
 
     return replay
+
+
+class VersionedRoutes:
+    """The v2 routes of a model version (``/v2/models/<name>/versions/<version>``, ``.../ready``, ``.../infer``):
+    KServe answers them 501 "Model versioning not supported yet", so a client that names the version (as
+    tritonclient's ``model_version``) was served over gRPC only. The served version's routes are answered as the
+    routes without it; another version gets 404, as gRPC's NOT_FOUND. The access line keeps the path as sent."""
+
+    PATH = re.compile(r"/v2/models/([^/]+)/versions/([^/]+)(/.*)?")
+
+    def __init__(self, app, model: Model):
+        self.app, self.model = app, model
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v2/models/") and (
+                found := self.PATH.fullmatch(scope["path"])):
+            name, version, rest = found.groups()
+            if version != self.model.model_version:
+                return await _answer(send, 404, f"model {name} has no version {version!r}: this server serves "
+                                                f"version {self.model.model_version!r} (or leave the version out)")
+            path = f"/v2/models/{name}{rest or ''}"
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        return await self.app(scope, receive, send)
 
 
 class PlainV2Route:
@@ -1056,6 +1081,7 @@ def main() -> None:
     model_server.app.add_middleware(RequestChecks, max_bytes=limit, max_images=model.max_images, pace={
         "limit_s": args.body_timeout_s, "grace_s": args.min_rate_grace_s, "min_rate": args.min_upload_rate},
         bodies=rest_bodies, clients=ForwardedClient(trusted))
+    model_server.app.add_middleware(VersionedRoutes, model=model)  # outermost: the checks see the route it names
     _without_repository_extension(server)
     _explain_without_echo(server)
     grpc_server.InferenceServicer = CIFAR100Servicer  # the servicer KServe's gRPC server builds at start

@@ -2374,3 +2374,25 @@ def test_a_version_or_model_not_served_is_not_found_and_logs_no_traceback(kserve
     assert grpc_stub.ModelReady(pb().ModelReadyRequest(name="cifar100", version=served), timeout=30).ready
     assert tracebacks() == log_before
 
+
+
+def test_the_served_versions_rest_routes_answer_as_the_routes_without_it_and_another_version_is_not_found(
+        kserve_predictor, client, cifar100_test_split):
+    """REST: KServe answered /v2/models/cifar100/versions/<version>[/ready|/infer] 501 "Model versioning not
+    supported yet" whatever the version, where gRPC took the served one."""
+    served = weights_version(weights_under_test())
+    base = f"{kserve_predictor.url}/v2/models/cifar100"
+    body = v2_body([encode(cifar_pil(cifar100_test_split[0], 0))])
+    for route in (f"/versions/{served}", f"/versions/{served}/ready"):
+        versioned, plain = client.get(base + route), client.get(base + route.replace(f"/versions/{served}", ""))
+        assert versioned.status_code == plain.status_code == 200 and versioned.json() == plain.json(), versioned.text
+    answered, plain = client.post(f"{base}/versions/{served}/infer", json=body), client.post(f"{base}/infer", json=body)
+    assert answered.status_code == 200 and answered.json()["model_version"] == served, answered.text
+    assert v2_answers(answered.json()) == v2_answers(plain.json())
+    for method, route in (("GET", "/versions/9"), ("GET", "/versions/9/ready"), ("POST", "/versions/9/infer")):
+        refused = client.request(method, base + route, json=body if method == "POST" else None)
+        assert refused.status_code == 404, (route, refused.text)
+        assert refused.json() == {"error": f"model cifar100 has no version '9': this server serves version "
+                                           f"'{served}' (or leave the version out)"}, refused.text
+    # The access line names the route as it was sent.
+    assert f"/v2/models/cifar100/versions/{served}/infer" in kserve_predictor.log.read_text()
