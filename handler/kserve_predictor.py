@@ -393,7 +393,8 @@ class VersionedRoutes:
     """The v2 routes of a model version (``/v2/models/<name>/versions/<version>``, ``.../ready``, ``.../infer``):
     KServe answers them 501 "Model versioning not supported yet", so a client that names the version (as
     tritonclient's ``model_version``) was served over gRPC only. The served version's routes are answered as the
-    routes without it; another version gets 404, as gRPC's NOT_FOUND. The access line keeps the path as sent."""
+    routes without it; another version gets 404, as gRPC's NOT_FOUND (the client's version cut in the answer, as
+    a tensor's name). The access line keeps the path as sent."""
 
     PATH = re.compile(r"/v2/models/([^/]+)/versions/([^/]+)(/.*)?")
 
@@ -404,10 +405,11 @@ class VersionedRoutes:
         if scope["type"] == "http" and scope["path"].startswith("/v2/models/") and (
                 found := self.PATH.fullmatch(scope["path"])):
             name, version, rest = found.groups()
-            if version != self.model.model_version:
-                return await _answer(send, 404, f"model {name} has no version {version!r}: this server serves "
-                                                f"version {self.model.model_version!r} (or leave the version out)")
-            path = f"/v2/models/{name}{rest or ''}"
+            if name == self.model.name and version != self.model.model_version:
+                return await _answer(send, 404, f"model {name} has no version {shown_name(version)}: this server "
+                                                f"serves version {self.model.model_version!r} (or leave the version "
+                                                "out)")
+            path = f"/v2/models/{name}{rest or ''}"  # (another model's: KServe's 404 on the route without it)
             scope = {**scope, "path": path, "raw_path": path.encode()}
         return await self.app(scope, receive, send)
 

@@ -2394,5 +2394,9 @@ def test_the_served_versions_rest_routes_answer_as_the_routes_without_it_and_ano
         assert refused.status_code == 404, (route, refused.text)
         assert refused.json() == {"error": f"model cifar100 has no version '9': this server serves version "
                                            f"'{served}' (or leave the version out)"}, refused.text
+    long_version = client.get(f"{base}/versions/{'v' * 4000}/ready")
+    assert long_version.status_code == 404 and len(long_version.text) < 300, long_version.text
+    other_model = client.get(f"{kserve_predictor.url}/v2/models/cifar10/versions/{served}/ready")
+    assert other_model.status_code == 404 and "cifar10" in other_model.text, other_model.text  # KServe's, not 501
     # The access line names the route as it was sent.
     assert f"/v2/models/cifar100/versions/{served}/infer" in kserve_predictor.log.read_text()
