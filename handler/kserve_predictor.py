@@ -389,12 +389,21 @@ def _replaying(message: dict, receive):
     return replay
 
 
+def unserved_version(model: Model, version: str) -> str | None:
+    """Why a request naming ``version`` of ``model`` is not served (gRPC's NOT_FOUND, REST's 404), the client's
+    version cut as a tensor's name; None for the served version, or none named."""
+    if version in ("", model.model_version):
+        return None
+    return (f"model {model.name} has no version {shown_name(version)}: this server serves version "
+            f"{model.model_version!r}")
+
+
 class VersionedRoutes:
     """The v2 routes of a model version (``/v2/models/<name>/versions/<version>``, ``.../ready``, ``.../infer``):
     KServe answers them 501 "Model versioning not supported yet", so a client that names the version (as
     tritonclient's ``model_version``) was served over gRPC only. The served version's routes are answered as the
-    routes without it; another version gets 404, as gRPC's NOT_FOUND (the client's version cut in the answer, as
-    a tensor's name). The access line keeps the path as sent."""
+    routes without it; another version gets 404, as gRPC's NOT_FOUND (unserved_version). The access line keeps the
+    path as sent."""
 
     PATH = re.compile(r"/v2/models/([^/]+)/versions/([^/]+)(/.*)?")
 
@@ -405,10 +414,8 @@ class VersionedRoutes:
         if scope["type"] == "http" and scope["path"].startswith("/v2/models/") and (
                 found := self.PATH.fullmatch(scope["path"])):
             name, version, rest = found.groups()
-            if name == self.model.name and version != self.model.model_version:
-                return await _answer(send, 404, f"model {name} has no version {shown_name(version)}: this server "
-                                                f"serves version {self.model.model_version!r} (or leave the version "
-                                                "out)")
+            if name == self.model.name and (unserved := unserved_version(self.model, version)):
+                return await _answer(send, 404, f"{unserved} (or leave the version out)")
             path = f"/v2/models/{name}{rest or ''}"  # (another model's: KServe's 404 on the route without it)
             scope = {**scope, "path": path, "raw_path": path.encode()}
         return await self.app(scope, receive, send)
@@ -519,9 +526,8 @@ class CIFAR100Servicer(InferenceServicer):
         model = self._data_plane.model_registry.get_model(name)
         if model is None:
             raise NotFound(f"Model with name {name} does not exist.")
-        if version not in ("", model.model_version):
-            raise NotFound(f"model {name} has no version {version!r}: this server serves version "
-                           f"{model.model_version!r} (or leave model_version empty)")
+        if unserved := unserved_version(model, version):
+            raise NotFound(f"{unserved} (or leave model_version empty)")
         return model
 
     async def ModelReady(self, request, context):

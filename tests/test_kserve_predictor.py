@@ -2371,6 +2371,9 @@ def test_a_version_or_model_not_served_is_not_found_and_logs_no_traceback(kserve
         with pytest.raises(grpc.RpcError) as refused:
             getattr(grpc_stub, method)(request, timeout=60)
         assert refused.value.code() == code and words in refused.value.details(), (method, refused.value.details())
+    with pytest.raises(grpc.RpcError) as refused:  # a long version is cut in the answer, as over REST
+        grpc_stub.ModelReady(pb().ModelReadyRequest(name="cifar100", version="v" * 4000), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND and len(refused.value.details()) < 300
     assert grpc_stub.ModelReady(pb().ModelReadyRequest(name="cifar100", version=served), timeout=30).ready
     assert tracebacks() == log_before
 
