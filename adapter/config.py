@@ -74,7 +74,8 @@ serving/settings.py).
     METRICS_PORT          unset: GET /metrics on the adapter's own port; a port: there instead (own
                           HTTP server, METRICS_HOST), and not on the adapter's port  (unset)
     METRICS_HOST          where that metrics server listens (0.0.0.0 in a pod for Prometheus)  127.0.0.1
-    REQUEST_ID_MAX_LENGTH  longest client X-Request-ID kept (letters, digits, ._:-); else a new one  128
+    REQUEST_ID_MAX_LENGTH  longest client X-Request-ID kept (letters, digits, ._:-); else a new one;
+                          at most 128 (the model servers' logs keep no more)  128
     FRONTEND_DIR          folder served at /                    frontend/ beside this package
     ADAPTER_HOST / ADAPTER_PORT  where `python -m adapter.run start` listens  127.0.0.1 / 8000
     SHRINK_UPLOADS        1: large photos are shrunk here before they go on, and the page shrinks
@@ -258,6 +259,11 @@ class Settings:
             raise ConfigError(f"MAX_CLIENT_BYTES_IN_FLIGHT={self.max_client_bytes_in_flight} is below "
                               f"MAX_UPLOAD_BYTES={self.max_upload_bytes} + {FORM_OVERHEAD_BYTES} (the form around "
                               "the image): no client could send a full-size upload")
+        # The model servers' log lines name a request by at most this much of its id (handler/protocols.py).
+        if self.request_id_max_length > shared.REQUEST_ID_MAX_LENGTH:
+            raise ConfigError(f"REQUEST_ID_MAX_LENGTH={self.request_id_max_length} is above "
+                              f"{shared.REQUEST_ID_MAX_LENGTH}: the model servers' logs keep no longer an id "
+                              "(serving/settings.py), so a longer one could not be found there")
         try:
             proxy_networks(self.trusted_proxies)
         except ValueError as err:

@@ -264,6 +264,8 @@ def test_explanations_have_their_own_shares_and_wait_their_turn_in_order():
     ({"MAX_REQUESTS_IN_FLIGHT": "0"}, "must be positive"),
     ({"SHRINK_UPLOADS": "maybe"}, "is not 1/0"),
     ({"MODEL_SERVER_HOLD_S": "-1"}, "must be 0 or more"),  # a flag that is neither on nor off is not read as off
+    # Longer ids than the model servers' log lines keep could not be found there.
+    ({"REQUEST_ID_MAX_LENGTH": "129"}, "REQUEST_ID_MAX_LENGTH=129 is above 128: the model servers' logs"),
     # The adapter's deadline must be below TorchServe's responseTimeout, not equal to it.
     ({"TS_PREDICT_TIMEOUT_S": "30", "TS_RESPONSE_TIMEOUT_S": "30"}, "must be below TorchServe's responseTimeout"),
 ])
