@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from training.device_data import pack, unpack
+from training.device_data import main, unpack
 
 
 def cifar_like_file(path, images: int, seed: int) -> bytes:
@@ -23,7 +23,7 @@ def cifar_like_file(path, images: int, seed: int) -> bytes:
     return raw
 
 
-def test_the_files_are_rebuilt_byte_for_byte_from_chunks_spread_over_two_carries(tmp_path):
+def test_the_files_are_rebuilt_byte_for_byte_from_chunks_spread_over_two_carries(tmp_path, monkeypatch):
     source = tmp_path / "cifar-100-python"
     source.mkdir()
     files = {"train": cifar_like_file(source / "train", 2000, 0), "test": cifar_like_file(source / "test", 1000, 1),
@@ -31,7 +31,8 @@ def test_the_files_are_rebuilt_byte_for_byte_from_chunks_spread_over_two_carries
     (source / "meta").write_bytes(files["meta"])
     md5 = {name: hashlib.md5(raw).hexdigest() for name, raw in files.items()}
     chunks = tmp_path / "chunks"
-    pack(source, chunks)
+    monkeypatch.setenv("CIFAR100_DATA", str(tmp_path))  # the data folder's rule, as make's and the training tools'
+    main(["pack", str(chunks)])
     assert sorted(p.name for p in chunks.glob("*.webp")) == ["test.000.webp", "train.000.webp", "train.001.webp"]
     # Two calls' carries: the second training chunk in another folder.
     second = tmp_path / "b"

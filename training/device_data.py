@@ -106,14 +106,18 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("pack")
     a.add_argument("out", type=Path)
-    a.add_argument("--source", type=Path, default=Path(os.environ.get("CIFAR100_DATA", "../shared/data")) / "cifar-100-python")
+    a.add_argument("--source", type=Path, help="the official files' folder (default: cifar-100-python in the "
+                   "data folder make and the training tools use: $CIFAR100_DATA, else ../shared/data, else ./data)")
     b = sub.add_parser("unpack")
     b.add_argument("folders", type=Path, nargs="+")
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
     args = p.parse_args(argv)
     if args.command == "pack":
-        pack(args.source, args.out, workers=os.cpu_count() or 2)
+        from training.data import default_data_dir  # (it imports torch: only pack needs it)
+
+        source = args.source or Path(default_data_dir()) / "cifar-100-python"
+        pack(source, args.out, workers=os.cpu_count() or 2)
     else:
         print(f"CIFAR-100 rebuilt, md5s official: {unpack(args.folders, args.out, tuple(args.splits))}")
     return 0
