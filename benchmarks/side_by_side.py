@@ -28,26 +28,36 @@ def side_by_side(*contexts: AbstractContextManager) -> Iterator[list]:
     side by side too (without the exception: each only stops what it started). When one fails to enter, those
     that did are exited and its error is raised. An interrupt (Ctrl-C; SIGTERM as exit_on_sigterm's SystemExit)
     while they start waits for the starts under way (each bounded by its own start timeout), so that what they
-    started is stopped, not left running; a second interrupt during that wait may leave them running."""
+    started is stopped, not left running; after a second interrupt during that wait, a start still under way stops
+    what it started itself as it ends (its thread keeps the interpreter until then)."""
     outcomes: list[tuple[bool, object] | None] = [None] * len(contexts)  # (entered, its value or its error)
     # Set by each start's thread as it begins and as it ends. Not Thread.join(): interrupted, it marks the thread as
     # stopped though it runs on (CPython 3.11), and a second join returns at once.
     began = [threading.Event() for _ in contexts]
     ended = [threading.Event() for _ in contexts]
+    abandoned = False  # no longer waited for: a start that ends now exits its context itself
+    lock = threading.Lock()
 
     def enter(index: int) -> None:
         began[index].set()
         try:
-            outcomes[index] = (True, contexts[index].__enter__())
+            value = contexts[index].__enter__()
         except BaseException as err:
             outcomes[index] = (False, err)
+        else:
+            with lock:
+                left_behind = abandoned
+                if not left_behind:
+                    outcomes[index] = (True, value)
+            if left_behind:
+                contexts[index].__exit__(None, None, None)
         finally:
             ended[index].set()
 
     try:
         try:
             for index in range(len(contexts)):
-                threading.Thread(target=enter, args=(index,), name=f"start-{index}", daemon=True).start()
+                threading.Thread(target=enter, args=(index,), name=f"start-{index}").start()
             # Where an interrupt lands; the wait in `finally` then runs whole (without one it finds every event set).
             for done in ended:
                 done.wait()
@@ -60,7 +70,10 @@ def side_by_side(*contexts: AbstractContextManager) -> Iterator[list]:
             raise failed[0]
         yield [value for _, value in outcomes]
     finally:
-        _exit_all([context for context, outcome in zip(contexts, outcomes) if outcome is not None and outcome[0]])
+        with lock:
+            abandoned = True
+            entered = [context for context, outcome in zip(contexts, outcomes) if outcome is not None and outcome[0]]
+        _exit_all(entered)
 
 
 def _exit_all(contexts: list[AbstractContextManager]) -> None:
