@@ -20,6 +20,8 @@ Limits (each refused with a 4xx before any pixel is decoded, the server keeps se
   * metadata read block by block (a JPEG's marker segments, a PNG's chunks, what precedes a GIF's first
     picture, a PPM's header) is bounded before Pillow opens the file: a file of empty blocks would cost
     by their count, not by its pixels (block_limit, MAX_PPM_HEADER_BYTES: 400);
+  * formats Pillow decodes in Python are bounded by their pixels, bytes or samples (MAX_BMP_RLE_PIXELS,
+    MAX_PLAIN_PNM_BYTES, MAX_SCALED_PNM_SAMPLES: 413);
   * EXIF metadata above MAX_EXIF_BYTES is refused (413), and a TIFF directory of more than
     MAX_TIFF_TAGS entries (400): of EXIF only the Orientation tag is read, by image_orientation.
 Cheap decoding: the network sees 32x32, so an image is decoded no larger than it needs. A JPEG is
@@ -130,6 +132,11 @@ MAX_PPM_HEADER_BYTES = 4096
 # (session 46). Real ones are small (icons, teaching files): 1 MP costs ~70 ms, 1 MB ~160 ms.
 MAX_BMP_RLE_PIXELS = 1_000_000
 MAX_PLAIN_PNM_BYTES = 1024 * 1024
+# ... and a binary PNM (P5, P6) whose maximum value is not 255 (but a grey one's 65535), scaled a sample at a time
+# (~0.9 us each: a 9.9 MB PGM of maximum 254 cost the adapter 8.9 s, two of them held both shrinking threads;
+# session 58). Such files are rare (16-bit scans): 65,536 samples (a 256x256 grey picture, 147x147 in colour) cost
+# ~60 ms of CPU on an AVX2 EPYC, the decode included.
+MAX_SCALED_PNM_SAMPLES = 65_536
 # Entries in one directory of a TIFF (its first image's, and the Exif, GPS and Interop directories that
 # Pillow reads whole while loading it): real files have 10-150; Pillow's reader takes ~9 us per entry.
 MAX_TIFF_TAGS = 512
@@ -299,6 +306,21 @@ def _check_plain_pnm(data: bytes | bytearray) -> None:
         raise ImageRequestError(
             413, f"plain (text) PNM of {len(data) / 2**20:.1f} MB refused: above the {MAX_PLAIN_PNM_BYTES // 2**20} MB "
                  "limit for P1-P3, read a number at a time: save it as binary PNM (P4-P6) or PNG")
+
+
+def _check_scaled_pnm(img: Image.Image) -> None:
+    """Refuse a binary PNM that Pillow scales to 8 bits in Python (its "ppm" decoder) of more than
+    MAX_SCALED_PNM_SAMPLES samples, on its header."""
+    if img.format != "PPM" or not img.tile or img.tile[0][0] != "ppm":
+        return
+    width, height = img.size
+    samples = width * height * len(img.getbands())
+    if samples > MAX_SCALED_PNM_SAMPLES:
+        maxval = img.tile[0][3][1]  # (the decoder's args: raw mode, maximum value)
+        raise ImageRequestError(
+            413, f"binary PNM of {width}x{height} pixels with maximum value {maxval} refused: above the "
+                 f"{MAX_SCALED_PNM_SAMPLES:,}-sample limit for a maximum value other than 255, scaled a sample at "
+                 "a time: save it as PNG")
 
 
 def _check_ppm_header(data: bytes | bytearray) -> None:
@@ -641,6 +663,7 @@ def open_upload(data: bytes) -> Image.Image:
             _check_avif_exif(data)
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         _check_pixel_limit(img)  # on the header, before decoding pixels
+        _check_scaled_pnm(img)
     except Exception as err:  # noqa: BLE001 - every failure becomes the client's 4xx
         # Pillow refuses a canvas above ~179 MP while opening it, with no image to name the format by.
         raise _refusal(err, "JPEG" if data[:3] == _JPEG_SIGNATURE else None) from err

@@ -261,6 +261,23 @@ def test_formats_pillow_decodes_in_python_are_bounded_by_their_pixels_or_bytes()
     assert _cpu_seconds(open_upload, over) < 0.01
     binary = b"P5\n2000 1000\n255\n" + bytes(2_000_000)  # the same limit does not apply to binary PNM
     assert decode_image(binary).mode == "RGB"
+    # Binary PNM of another maximum value than 255 is scaled in Python (a 9.9 MB PGM of maximum 254: 8.9 s), but
+    # not a grey one of 65535 (read as 16-bit, in C): bounded by its samples, a sample per channel.
+    from serving.images import MAX_SCALED_PNM_SAMPLES as most
+    grey_side, colour = int(most ** 0.5), b"P6\n%d %d\n1000\n"
+    assert grey_side ** 2 == most
+    at_limit = [b"P5\n%d %d\n254\n" % (grey_side, grey_side) + bytes(most),
+                colour % (most // 3 // 100, 100) + bytes(most // 3 // 100 * 100 * 6)]
+    for image in at_limit:
+        assert decode_image(image).mode == "RGB"
+    for bomb, maxval in ((b"P5\n%d %d\n254\n" % (grey_side, grey_side + 1) + bytes(most + grey_side), 254),
+                         (colour % (most // 3 // 100 + 1, 100) + bytes((most // 3 // 100 + 1) * 600), 1000),
+                         (b"P5\n3000 3300\n254\n" + bytes(3000 * 3300), 254)):
+        with pytest.raises(ImageRequestError) as info:
+            open_upload(bomb)
+        assert info.value.status == 413 and f"maximum value {maxval} refused" in info.value.message, info.value.message
+        assert _cpu_seconds(open_upload, bomb) < 0.01
+    assert decode_image(b"P5\n2000 1000\n65535\n" + bytes(4_000_000)).mode == "RGB"
 
 
 def test_an_exif_block_of_exactly_the_limit_is_read_and_one_byte_more_is_413():
