@@ -278,6 +278,14 @@ def test_formats_pillow_decodes_in_python_are_bounded_by_their_pixels_or_bytes()
         assert info.value.status == 413 and f"maximum value {maxval} refused" in info.value.message, info.value.message
         assert _cpu_seconds(open_upload, bomb) < 0.01
     assert decode_image(b"P5\n2000 1000\n65535\n" + bytes(4_000_000)).mode == "RGB"
+    # Those are all of Pillow's Python decoders (a Pillow that adds one for an accepted format needs its bound too).
+    from PIL import Image
+    from serving.images import ACCEPTED_FORMATS
+    Image.init()
+    plugins = {Image.OPEN[image_format][0].__module__ for image_format in ACCEPTED_FORMATS}
+    assert len(plugins) == len(ACCEPTED_FORMATS), plugins
+    in_python = {name for name, decoder in Image.DECODERS.items() if decoder.__module__ in plugins}
+    assert in_python == {"bmp_rle", "ppm", "ppm_plain"}, in_python
 
 
 def test_an_exif_block_of_exactly_the_limit_is_read_and_one_byte_more_is_413():
