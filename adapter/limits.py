@@ -9,10 +9,13 @@ An ASGI middleware around the whole app, for every request that has a body:
   * max-min fairness, when everyone's caps refuse a request whose body has begun (its first bytes within
     MIN_RATE_GRACE_S: a head alone claims nothing): if its client holds less than its fair share
     (an equal part of MAX_REQUESTS_IN_FLIGHT and of MAX_BYTES_IN_FLIGHT among the clients holding requests,
-    itself counted; at most its MAX_CLIENT_* share), it takes the place of the newest request still receiving
-    its body of the client most past its share (InFlight.to_give_way), which gets 503 with Retry-After at
-    once, its connection closed. Without it four addresses' 16 slow uploads each held all 64 places, or
-    three addresses' slow full-size uploads all the bytes, every other client refused for BODY_TIMEOUT_S at a time;
+    itself counted; at most its MAX_CLIENT_* share), it takes the place of the newest request of the client most
+    past its share that is still receiving its body, or waiting for a connection to the model server (nothing of
+    it sent there yet: waiting_for_model_server) (InFlight.to_give_way), which gets 503 with Retry-After at
+    once (its connection closed if its body was arriving). Without it four addresses' 16 slow uploads each held all
+    64 places, or three addresses' slow full-size uploads all the bytes, every other client refused for
+    BODY_TIMEOUT_S at a time; and four addresses' 16 uploads each, arrived and waiting for a connection, half the
+    requests of another;
   * bytes held, not declared: a request is charged the body bytes it has received, plus, once its
     body is arriving at a healthy rate (at least MIN_UPLOAD_RATE since its start, a second's worth
     at least), a promise of the rest of its declared size, so that it is never refused half-way.
@@ -47,6 +50,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from contextvars import ContextVar
 
 from serving.clients import client_key, fair_share, giving_way
 from serving.pace import paced_deadline, stop_now
@@ -68,16 +72,21 @@ EXPLANATIONS_BUSY_MESSAGE = "The server is busy explaining other answers; try ag
 
 
 class _ClientShare:
-    __slots__ = ("requests", "bytes", "receiving")
+    __slots__ = ("requests", "bytes", "stoppable")
 
     def __init__(self) -> None:
         self.requests = 0
         self.bytes = 0
-        self.receiving: list[Charge] = []  # its requests still receiving their body, oldest first (Charge.receiving)
+        # Its requests that may still give way (Charge.stoppable): receiving their body, or waiting for a connection
+        # to the model server; oldest first.
+        self.stoppable: list[Charge] = []
 
 
-# Where RequestLimits leaves a request's Charge in its ASGI scope, for held_by_model_server.
+# Where RequestLimits leaves a request's Charge in its ASGI scope, for held_by_model_server; and for the code under it
+# (waiting_for_model_server).
 CHARGE_KEY = "adapter.charge"
+_CHARGE: ContextVar["Charge | None"] = ContextVar("adapter_charge", default=None)
+_WAITING_REFUSALS = ThrottledLog(log)
 
 
 def given_up(err: BaseException) -> bool:
@@ -94,6 +103,7 @@ class InFlight:
         self.max_requests = max_requests
         self.max_bytes = max_bytes
         self.hold_s = 0.0  # how long a request given up on keeps what the model server holds (Charge.keep)
+        self.retry_after_s = 1  # what a request that gave way is told (waiting_for_model_server)
         # Per client address; no shares (the global caps) until share_per_client() says otherwise.
         self.max_client_requests = max_requests
         self.max_client_bytes = max_bytes
@@ -126,9 +136,11 @@ class InFlight:
         """For a request of ``client`` refused "busy": the request that gives way to it (max-min fairness), or None.
         ``client``'s fair share is an equal part of the requests and of the bytes among the clients holding requests,
         itself counted (serving/clients.py fair_share); if it holds less, with this one's ``declared`` bytes, the
-        newest request still receiving its body (the others are at or past the model server) of the client most past
-        its own share, in requests or in bytes, whose going makes room for the newcomer, gives way. Three addresses'
-        three slow full-size uploads each (32 MiB) held the bytes, and every phone photo of 4 MB was refused."""
+        newest request that may still give way (still receiving its body, or waiting for a connection to the model
+        server: nothing of it there yet) of the client most past its own share, in requests or in bytes, whose going
+        makes room for the newcomer, gives way. Three addresses' three slow full-size uploads each (32 MiB) held the
+        bytes, and every phone photo of 4 MB was refused; four addresses' 16 uploads each, all arrived, held every
+        place while 40 of them waited for a connection, and another client was refused half its requests."""
         share = self.clients.get(client)
         requests, held = (share.requests, share.bytes) if share is not None else (0, 0)
         clients = len(self.clients) + (share is None)
@@ -139,9 +151,9 @@ class InFlight:
 
         def past(other: str) -> float:  # times its fair share it holds, in requests or bytes
             return max(self.clients[other].requests / fair_requests, self.clients[other].bytes / fair_bytes)
-        receiving = {other: theirs.receiving for other, theirs in self.clients.items()}
+        stoppable = {other: theirs.stoppable for other, theirs in self.clients.items()}
         # The first whose bytes make room (else it would be stopped for nothing).
-        return next((charge for charge in giving_way(receiving, past)
+        return next((charge for charge in giving_way(stoppable, past)
                      if self.bytes - charge.charged + declared <= self.max_bytes), None)
 
     def _take(self, share: _ClientShare, n: int) -> bool:
@@ -165,19 +177,20 @@ class Charge:
         self.charged = 0
         self.promised = False
         self.kept: int | None = None  # bytes the model server still holds after the answer (keep)
-        self.stop = None  # while its body arrives: what stops it, should it give way (receiving)
+        self.stop = None  # while it may give way: what stops it (stoppable)
         self.released = False
 
-    def receiving(self, stop) -> None:
-        """Its body is arriving: ``stop()`` ends it at once (503) should it give way to another client's request."""
+    def stoppable(self, stop) -> None:
+        """It may give way to another client's request (its body arriving, or it waits for a connection to the
+        model server): ``stop()`` ends it at once (503)."""
         self.stop = stop
-        self.share.receiving.append(self)
+        self.share.stoppable.append(self)
 
-    def received(self) -> None:
-        """Its body has all arrived (or it is answered): it no longer gives way."""
+    def unstoppable(self) -> None:
+        """It no longer may (its body all arrived, sent to the model server, answered)."""
         if self.stop is not None:
             self.stop = None
-            self.share.receiving.remove(self)
+            self.share.stoppable.remove(self)
 
     def give_way(self) -> None:
         """Released now, for another client's request to take its place, and its body stopped."""
@@ -220,7 +233,7 @@ class Charge:
     def release(self) -> None:
         if self.released:  # (it gave way: its request's own release comes later)
             return
-        self.received()
+        self.unstoppable()
         in_flight = self.in_flight
         if self.kept is not None:
             self._give_back(self.charged - self.kept)
@@ -315,6 +328,38 @@ def held_by_model_server(scope, forwarded: int):
         raise
 
 
+@contextlib.asynccontextmanager
+async def waiting_for_model_server():
+    """Around the request's wait for a connection to the model server (adapter/model_server.py Pool): nothing of it
+    is there yet, so it may give way to another client's (InFlight.to_give_way), as an upload still arriving may;
+    then ClassifyError 503 (GAVE_WAY_MESSAGE, Retry-After). Nothing outside a request held by RequestLimits."""
+    charge = _CHARGE.get()
+    if charge is None or charge.released:
+        yield
+        return
+    task = asyncio.current_task()
+    stopped = False
+
+    def stop():
+        nonlocal stopped
+        stopped = True
+        task.cancel()
+
+    charge.stoppable(stop)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not stopped or task.uncancel() > 0:  # (cancelled for another reason too: that one goes on)
+            raise
+        _WAITING_REFUSALS.warning("503 (gave way): stopped a request of %s waiting for a connection to the model "
+                                  "server, past its share of requests in flight while another client waited",
+                                  charge.client)
+        note_busy("gave_way")
+        raise ClassifyError(503, GAVE_WAY_MESSAGE, {"Retry-After": str(charge.in_flight.retry_after_s)}) from None
+    finally:
+        charge.unstoppable()
+
+
 def client_host(scope) -> str:
     """The request's client: the socket's peer, or what a trusted proxy says (module docstring); the
     access line names it."""
@@ -353,6 +398,7 @@ class RequestLimits:
         self.in_flight = in_flight
         in_flight.share_per_client(settings.max_client_requests_in_flight, settings.max_client_bytes_in_flight)
         in_flight.hold_s = settings.model_server_hold_s()
+        in_flight.retry_after_s = settings.retry_after_s
         self.full_upload = upload_body_limit(settings.max_upload_bytes)
         self.retry_after = str(settings.retry_after_s).encode()
         self.refusals = ThrottledLog(log)
@@ -383,6 +429,7 @@ class RequestLimits:
             return await _send_json(send, 503, CLIENT_BUSY_MESSAGE if charge == "client" else BUSY_MESSAGE,
                                     [(b"retry-after", self.retry_after), (b"connection", b"close")])
         scope[CHARGE_KEY] = charge  # (held_by_model_server: what a request given up on keeps)
+        _CHARGE.set(charge)  # (this task's context: the request's own)
         settings = self.settings
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -401,7 +448,7 @@ class RequestLimits:
             if waiting is not None:
                 stop_now(waiting)
 
-        charge.receiving(stop)
+        charge.stoppable(stop)
 
         def gave_way() -> ClassifyError:
             nonlocal refused_busy
@@ -440,11 +487,11 @@ class RequestLimits:
                 raise gave_way()
             if message["type"] != "http.request":
                 body_done = True
-                charge.received()
+                charge.unstoppable()
                 return message
             if not message.get("more_body", False):
                 body_done = True
-                charge.received()
+                charge.unstoppable()
             chunk = len(message.get("body", b""))
             if chunk:
                 received += chunk

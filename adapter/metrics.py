@@ -24,8 +24,9 @@ port: METRICS_ENABLED, METRICS_PORT in config.py).
                                                      busy (a 503 + Retry-After: in-flight caps and shares,
                                                      explanations' turns, the shrink wait, no pooled connection
                                                      to the model server in time), gave_way (503 + Retry-After
-                                                     mid-body: its client held past its fair share of the
-                                                     in-flight caps while another's request waited)
+                                                     mid-body or before it was sent to the model server: its
+                                                     client held past its fair share of the in-flight caps
+                                                     while another's request waited)
     adapter_busy_refusals_total{cap}                 the busy refusals by what refused them: BUSY_CAPS below
     adapter_model_server_retries_total               predictions sent again after their worker died or their
                                                      connection dropped mid-answer

@@ -23,6 +23,7 @@ from serving.throttled_log import ThrottledLog
 
 from .config import Settings
 from .errors import ClassifyError
+from .limits import waiting_for_model_server
 from .metrics import Metrics
 from .request_context import note_busy
 
@@ -166,7 +167,7 @@ class Pool:
         """One call; ``call`` (MODEL_SERVER_CALLS) names it in the latency histogram."""
         _WAITING_FOR_SLOT.set(True)
         try:
-            async with asyncio.timeout(self.wait_s):
+            async with waiting_for_model_server(), asyncio.timeout(self.wait_s):  # (it may give way meanwhile)
                 await self._slots.acquire()
         except TimeoutError:
             raise PoolBusy() from None

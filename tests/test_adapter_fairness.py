@@ -1,7 +1,7 @@
 """Max-min fairness of everyone's in-flight caps (adapter/limits.py InFlight.to_give_way): when they are full, a
-request of a client under its fair share takes the place of the newest upload still arriving of the client holding
-the most past it. Four addresses holding 16 slow uploads each had every other client refused 503 "busy" for
-BODY_TIMEOUT_S at a time. The choice in-process; then a real adapter over real sockets, from several loopback
+request of a client under its fair share takes the place of the newest request of the client holding the most past
+it that is still arriving or waiting for a connection to the model server. Four addresses holding 16 slow uploads
+each had every other client refused 503 "busy" for BODY_TIMEOUT_S at a time. The choice in-process; then a real adapter over real sockets, from several loopback
 addresses, in front of a stand-in model server (no TorchServe needed)."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapter.limits import InFlight
+from adapter.errors import ClassifyError
+from adapter.limits import _CHARGE, GAVE_WAY_MESSAGE, InFlight, waiting_for_model_server
 from adapter.run import running_adapter
 from test_adapter import ANSWER
 from test_adapter_edge import samples
@@ -28,7 +29,7 @@ def _receiving(in_flight: InFlight, client: str, stopped: list, declared: int = 
     """A request of ``client`` admitted and receiving its body; ``stopped`` records it when it is stopped."""
     charge = in_flight.try_admit(client, declared)
     assert not isinstance(charge, str), charge
-    charge.receiving(lambda: stopped.append(charge))
+    charge.stoppable(lambda: stopped.append(charge))
     return charge
 
 
@@ -42,10 +43,10 @@ def test_the_newest_upload_still_arriving_of_the_client_holding_most_past_its_sh
     assert in_flight.try_admit("d", 1) == "busy"
     # d's fair share: 6 // 4 clients = 1. a holds 3 (the most), b 2: a's newest still arriving.
     assert in_flight.to_give_way("d", 1) is a[2]
-    a[2].received()  # its body all arrived: waiting for the model server, it never gives way
+    a[2].unstoppable()  # its body all arrived and sent to the model server: it never gives way
     assert in_flight.to_give_way("d", 1) is a[1]
     for charge in a[:2]:
-        charge.received()
+        charge.unstoppable()
     assert in_flight.to_give_way("d", 1) is b[1]  # a has none arriving: b, past the share too
     assert in_flight.to_give_way("c", 1) is None  # c holds its share (1) already
     # One that gives way is released at once (and once: its request's own release later changes nothing).
@@ -54,6 +55,50 @@ def test_the_newest_upload_still_arriving_of_the_client_holding_most_past_its_sh
     b[1].release()
     assert (in_flight.requests, in_flight.clients["b"].requests) == (5, 1)
     assert not isinstance(in_flight.try_admit("d", 1), str)
+
+
+def test_a_request_waiting_for_a_connection_to_the_model_server_gives_way_with_a_503_and_retry_after():
+    """Its body arrived, nothing of it at the model server yet: the newest such request of the client most past its
+    share gives way as an upload still arriving does, its wait ending in 503 + Retry-After; one cancelled for
+    another reason (its deadline) stays cancelled; once past the wait, or outside a request, nothing gives way."""
+    async def scenario():
+        in_flight = InFlight(max_requests=3, max_bytes=10**6)
+        in_flight.share_per_client(max_requests=3, max_bytes=10**6)
+        in_flight.retry_after_s = 7
+        never = asyncio.Event()
+
+        async def waits(charge, entered: asyncio.Event):
+            _CHARGE.set(charge)  # (as RequestLimits does for the request's task)
+            async with waiting_for_model_server():
+                entered.set()
+                await never.wait()
+
+        charges = [in_flight.try_admit("a", 1) for _ in range(3)]
+        entered = [asyncio.Event() for _ in charges]
+        tasks = [asyncio.create_task(waits(charge, event)) for charge, event in zip(charges, entered)]
+        for event in entered:
+            await event.wait()
+        assert in_flight.try_admit("b", 1) == "busy"
+        place = in_flight.to_give_way("b", 1)  # b's share: 3 // 2 = 1; a holds 3: its newest waiting
+        assert place is charges[2]
+        place.give_way()
+        with pytest.raises(ClassifyError) as gave_way:
+            await tasks[2]
+        assert (gave_way.value.status_code, gave_way.value.message) == (503, GAVE_WAY_MESSAGE)
+        assert gave_way.value.headers == {"Retry-After": "7"}
+        assert not isinstance(in_flight.try_admit("b", 1), str)  # its place taken
+        tasks[1].cancel()  # (a deadline's cancel): not a give-way
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[1]
+        assert charges[1].stop is None  # its wait over: it no longer may give way (still held, until its release)
+        assert in_flight.to_give_way("c", 1) is charges[0]  # (c's share 1; a holds 2: the one still waiting)
+        never.set()
+        await tasks[0]
+        assert charges[0].stop is None and in_flight.clients["a"].stoppable == []
+        async with waiting_for_model_server():  # outside a request: nothing to give way
+            pass
+
+    asyncio.run(scenario())
 
 
 def test_a_client_past_its_fair_share_of_the_bytes_gives_way_to_one_under_it():
@@ -73,7 +118,7 @@ def test_a_client_past_its_fair_share_of_the_bytes_gives_way_to_one_under_it():
     # (equal bytes; ties go to the first held), then b once a is done receiving.
     assert in_flight.to_give_way("c", 300) is a[1]
     for charge in a:
-        charge.received()
+        charge.unstoppable()
     assert in_flight.to_give_way("c", 300) is b
     assert in_flight.to_give_way("c", 334) is None  # past its own part
     # A request that gave way is charged nothing more (a chunk that came with its stop would never be given back).
@@ -131,7 +176,7 @@ def test_a_request_kept_for_the_model_server_or_answered_never_gives_way():
         stopped: list = []
         kept = [_receiving(in_flight, "a", stopped) for _ in range(3)]
         for charge in kept:
-            charge.received()
+            charge.unstoppable()
             charge.keep(0)
             charge.release()
         _receiving(in_flight, "a", stopped).release()  # answered mid-body
@@ -286,8 +331,56 @@ def test_a_client_at_its_share_and_clients_all_at_their_fair_share_are_refused_a
     wait_for(lambda: _in_flight(adapter) == 0, 10, "no upload held")
 
 
-def test_uploads_waiting_for_the_model_server_never_give_way(fair_adapter):
-    """An address whose 2 uploads have all arrived and wait for the model server holds past a newcomer's fair share
+@pytest.fixture(scope="module")
+def one_connection_adapter(tmp_path_factory):
+    """fair_adapter's caps with one connection to the model server: requests whose body arrived wait for it."""
+    server = SlowTorchServe(work_s=0.0)
+    env = {"TS_INFERENCE_URL": server.url, "TS_MANAGEMENT_URL": server.url, "TS_MAX_CONNECTIONS": "1",
+           "MAX_REQUESTS_IN_FLIGHT": "4", "MAX_CLIENT_REQUESTS_IN_FLIGHT": "2", "RETRY_AFTER_S": "3"}
+    try:
+        with running_adapter(env, tmp_path_factory.mktemp("one-connection") / "adapter.log") as proc:
+            proc.port = int(proc.base_url.rsplit(":", 1)[1])
+            proc.model_server = server
+            yield proc
+    finally:
+        server.close()
+
+
+def test_a_request_waiting_for_a_connection_past_its_clients_share_gives_way(one_connection_adapter):
+    """Two addresses' 2 uploads each, arrived: one at the model server, three waiting for the only connection, all
+    4 places held. A third address's upload is served (200), and one of those waiting, of an address past its share
+    (4 // 3 = 1), got 503 + Retry-After {"error"} at once; the other three are answered 200. Before, it got the busy
+    503: four addresses' 16 arrived uploads each held all 64 places, and another client was refused half its tries."""
+    adapter, port, server = one_connection_adapter, one_connection_adapter.port, one_connection_adapter.model_server
+    gave_way_before, busy_before = _refusals(adapter, "gave_way"), _refusals(adapter, "busy")
+
+    async def scenario():
+        runs = len(server.runs)
+        server.work_s = 3.0  # the first holds the connection meanwhile
+        try:
+            flood = [asyncio.create_task(_post_png(port, source)) for source in ("127.0.0.2",) * 2 + ("127.0.0.3",) * 2]
+            await _held(adapter, 4)
+            assert len(server.runs) == runs + 1, server.runs[runs:]  # one at the model server, three waiting
+            newcomer = asyncio.create_task(_post_png(port, "127.0.0.4"))
+            # Within the first's 3 s: only the one that gave way is answered.
+            done, _ = await asyncio.wait(flood, timeout=2.0, return_when=asyncio.FIRST_COMPLETED)
+            gave_way = [task.result() for task in done]
+            server.work_s = 0.0
+            return gave_way, await newcomer, await asyncio.gather(*flood)
+        finally:
+            server.work_s = 0.0
+
+    gave_way, newcomer, answers = asyncio.run(scenario())
+    assert len(gave_way) == 1 and gave_way[0].status_code == 503, [answer.text for answer in gave_way]
+    assert gave_way[0].headers.get("retry-after") == "3" and "more than its share" in gave_way[0].json()["error"]
+    assert newcomer.status_code == 200 and newcomer.json()["prediction"] == ANSWER["prediction"], newcomer.text
+    assert sorted(answer.status_code for answer in answers) == [200, 200, 200, 503], [a.text for a in answers]
+    assert (_refusals(adapter, "gave_way") - gave_way_before, _refusals(adapter, "busy") - busy_before) == (1, 0)
+    wait_for(lambda: _in_flight(adapter) == 0, 10, "no upload held")
+
+
+def test_uploads_at_the_model_server_never_give_way(fair_adapter):
+    """An address whose 2 uploads have all arrived and are at the model server holds past a newcomer's fair share
     (4 // 4 clients = 1), but neither is stopped: the newcomer gets the busy 503, and both are answered 200."""
     adapter, port, server = fair_adapter, fair_adapter.port, fair_adapter.model_server
     gave_way_before = _refusals(adapter, "gave_way")
