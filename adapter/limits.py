@@ -332,10 +332,11 @@ def held_by_model_server(scope, forwarded: int):
 async def waiting_for_model_server():
     """Around the request's wait for a connection to the model server (adapter/model_server.py Pool): nothing of it
     is there yet, so it may give way to another client's (InFlight.to_give_way), as an upload still arriving may;
-    then ClassifyError 503 (GAVE_WAY_MESSAGE, Retry-After). Nothing outside a request held by RequestLimits."""
+    then ClassifyError 503 (GAVE_WAY_MESSAGE, Retry-After). Yields the client whose line it waits in ("" outside a
+    request held by RequestLimits, which gives way to nobody)."""
     charge = _CHARGE.get()
     if charge is None or charge.released:
-        yield
+        yield ""
         return
     task = asyncio.current_task()
     stopped = False
@@ -347,7 +348,7 @@ async def waiting_for_model_server():
 
     charge.stoppable(stop)
     try:
-        yield
+        yield charge.client
     except asyncio.CancelledError:
         if not stopped or task.uncancel() > 0:  # (cancelled for another reason too: that one goes on)
             raise

@@ -16,9 +16,11 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass
+from functools import partial
 
 import aiohttp
 
+from serving.fair_pool import FairPlaces
 from serving.throttled_log import ThrottledLog
 
 from .config import Settings
@@ -136,13 +138,14 @@ _WAITING_FOR_SLOT: contextvars.ContextVar[bool] = contextvars.ContextVar("waitin
 
 
 class Pool:
-    """One API's pooled aiohttp session, plus a count of its free connections.
+    """One API's pooled aiohttp session, plus its connections shared fairly among clients.
 
     aiohttp has no pool timeout of its own: its `connect` timeout lumps waiting for a free pooled
     connection together with opening a new one, and both raise the same ConnectionTimeoutError.
-    To tell "busy" (503, try again) from "not reachable" honestly, the waiting happens here, on a
-    semaphore as large as the connector's limit: a request that holds a slot always finds a
-    connection in aiohttp's pool (each request holds at most one, released when its body is read),
+    To tell "busy" (503, try again) from "not reachable" honestly, the waiting happens here, for one of
+    as many places as the connector's limit (serving/fair_pool.py FairPlaces: a freed one goes to the
+    waiting client holding the fewest, not to the oldest request): a request that holds a place always
+    finds a connection in aiohttp's pool (each request holds at most one, released when its body is read),
     so aiohttp's own `connect` timeout only ever times DNS + TCP connect, like httpx's did.
     """
 
@@ -154,7 +157,7 @@ class Pool:
         # holds the request (queued or in a batch), and its queue must not get more than the pool's size.
         self.hold_s = hold_s
         self.latency = latency  # a Prometheus histogram of each call's seconds by call (MODEL_SERVER_CALLS), or None
-        self._slots = asyncio.Semaphore(limit)
+        self._places = FairPlaces(limit)
         # Needs the running event loop: the adapter builds its client in the app's lifespan.
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=limit), timeout=timeout,
@@ -167,19 +170,20 @@ class Pool:
         """One call; ``call`` (MODEL_SERVER_CALLS) names it in the latency histogram."""
         _WAITING_FOR_SLOT.set(True)
         try:
-            async with waiting_for_model_server(), asyncio.timeout(self.wait_s):  # (it may give way meanwhile)
-                await self._slots.acquire()
+            # (it may give way meanwhile; its turn comes in its client's line)
+            async with waiting_for_model_server() as client, asyncio.timeout(self.wait_s):
+                await self._places.take(client)
         except TimeoutError:
             raise PoolBusy() from None
         _WAITING_FOR_SLOT.set(False)
-        started, release = time.perf_counter(), self._slots.release
+        started, release = time.perf_counter(), partial(self._places.give_back, client)
         try:
             async with self.session.request(method, self.base_url + path, headers=headers,
                                             data=data) as response:
                 return Response(response.status, await response.read(), response.reason or "")
         except (asyncio.CancelledError, asyncio.TimeoutError) as err:
             if self.hold_s > 0 and not isinstance(err, aiohttp.ConnectionTimeoutError):  # (that one never got there)
-                asyncio.get_running_loop().call_later(self.hold_s, self._slots.release)
+                asyncio.get_running_loop().call_later(self.hold_s, release)
                 release = None
             raise
         finally:

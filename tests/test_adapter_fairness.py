@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -376,6 +377,39 @@ def test_a_request_waiting_for_a_connection_past_its_clients_share_gives_way(one
     assert newcomer.status_code == 200 and newcomer.json()["prediction"] == ANSWER["prediction"], newcomer.text
     assert sorted(answer.status_code for answer in answers) == [200, 200, 200, 503], [a.text for a in answers]
     assert (_refusals(adapter, "gave_way") - gave_way_before, _refusals(adapter, "busy") - busy_before) == (1, 0)
+    wait_for(lambda: _in_flight(adapter) == 0, 10, "no upload held")
+
+
+def test_a_free_connection_to_the_model_server_goes_to_the_waiting_client_holding_the_fewest(one_connection_adapter):
+    """One connection: a's first request holds it, then a's second, b's first and b's second wait for it, in that
+    order. It goes to b's first next (b holds none, a held one most recently), then a's, then b's: first come, first
+    served answered a's two first (four addresses' 40 uploads waiting put another client's photo behind all)."""
+    adapter, port, server = one_connection_adapter, one_connection_adapter.port, one_connection_adapter.model_server
+
+    async def scenario():
+        async def post(name: str, source: str):
+            answer = await _post_png(port, source)
+            return name, answer.status_code, time.monotonic()
+
+        runs = len(server.runs)
+        server.work_s = 2.0  # (a1's: the others queue meanwhile)
+        try:
+            tasks = [asyncio.create_task(post("a1", "127.0.0.2"))]
+            for _ in range(50):
+                if len(server.runs) > runs:
+                    break
+                await asyncio.sleep(0.05)
+            for held, (name, source) in enumerate((("a2", "127.0.0.2"), ("b1", "127.0.0.3"), ("b2", "127.0.0.3")), 2):
+                tasks.append(asyncio.create_task(post(name, source)))
+                await _held(adapter, held)
+            server.work_s = 0.3
+            return await asyncio.gather(*tasks)
+        finally:
+            server.work_s = 0.0
+
+    answers = asyncio.run(scenario())
+    assert all(status == 200 for _, status, _ in answers), answers
+    assert [name for name, _, _ in sorted(answers, key=lambda answer: answer[2])] == ["a1", "b1", "a2", "b2"], answers
     wait_for(lambda: _in_flight(adapter) == 0, 10, "no upload held")
 
 

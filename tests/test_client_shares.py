@@ -746,6 +746,7 @@ class SlowTorchServe:
         self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
         started.set()
         self._loop.run_forever()
+        self._loop.close()  # (its self-pipe's sockets, else left to the garbage collector: a ResourceWarning)
 
     async def _route(self, request: web.Request) -> web.Response:
         if not request.path.startswith(("/predictions/", "/explanations/")):
