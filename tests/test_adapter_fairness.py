@@ -191,21 +191,26 @@ def test_a_request_kept_for_the_model_server_or_answered_never_gives_way():
 
 # --- over HTTP ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def fair_adapter(tmp_path_factory):
-    """4 uploads in flight in all, 2 per address, a long grace (stalled uploads stay held), in front of a stand-in
-    model server that answers at once."""
+def _adapter_before_a_stand_in(log_dir, **settings):
+    """An adapter with 4 uploads in flight in all, 2 per address (and ``settings``), in front of a stand-in model
+    server that answers at once (its work_s to change that): the adapter process, with .port and .model_server."""
     server = SlowTorchServe(work_s=0.0)
-    env = {"TS_INFERENCE_URL": server.url, "TS_MANAGEMENT_URL": server.url,
-           "MAX_REQUESTS_IN_FLIGHT": "4", "MAX_CLIENT_REQUESTS_IN_FLIGHT": "2",
-           "MIN_RATE_GRACE_S": "30", "BODY_TIMEOUT_S": "30", "RETRY_AFTER_S": "3"}
+    env = {"TS_INFERENCE_URL": server.url, "TS_MANAGEMENT_URL": server.url, "MAX_REQUESTS_IN_FLIGHT": "4",
+           "MAX_CLIENT_REQUESTS_IN_FLIGHT": "2", "RETRY_AFTER_S": "3", **settings}
     try:
-        with running_adapter(env, tmp_path_factory.mktemp("fairness") / "adapter.log") as proc:
+        with running_adapter(env, log_dir / "adapter.log") as proc:
             proc.port = int(proc.base_url.rsplit(":", 1)[1])
             proc.model_server = server
             yield proc
     finally:
         server.close()
+
+
+@pytest.fixture(scope="module")
+def fair_adapter(tmp_path_factory):
+    """A long grace: stalled uploads stay held."""
+    yield from _adapter_before_a_stand_in(tmp_path_factory.mktemp("fairness"), MIN_RATE_GRACE_S="30",
+                                          BODY_TIMEOUT_S="30")
 
 
 def _metrics(adapter) -> dict:
@@ -334,17 +339,8 @@ def test_a_client_at_its_share_and_clients_all_at_their_fair_share_are_refused_a
 
 @pytest.fixture(scope="module")
 def one_connection_adapter(tmp_path_factory):
-    """fair_adapter's caps with one connection to the model server: requests whose body arrived wait for it."""
-    server = SlowTorchServe(work_s=0.0)
-    env = {"TS_INFERENCE_URL": server.url, "TS_MANAGEMENT_URL": server.url, "TS_MAX_CONNECTIONS": "1",
-           "MAX_REQUESTS_IN_FLIGHT": "4", "MAX_CLIENT_REQUESTS_IN_FLIGHT": "2", "RETRY_AFTER_S": "3"}
-    try:
-        with running_adapter(env, tmp_path_factory.mktemp("one-connection") / "adapter.log") as proc:
-            proc.port = int(proc.base_url.rsplit(":", 1)[1])
-            proc.model_server = server
-            yield proc
-    finally:
-        server.close()
+    """One connection to the model server: requests whose body arrived wait for it."""
+    yield from _adapter_before_a_stand_in(tmp_path_factory.mktemp("one-connection"), TS_MAX_CONNECTIONS="1")
 
 
 def test_a_request_waiting_for_a_connection_past_its_clients_share_gives_way(one_connection_adapter):
