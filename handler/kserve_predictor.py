@@ -447,7 +447,7 @@ class PlainV2Route:
             if not is_json_type(content_type):
                 # KServe's route would read it as the binary extension's and say its header is missing.
                 raise ProtocolError(400, f"a v2 request is JSON: send it as Content-Type: application/json "
-                                         f"(not {content_type.split(';')[0].strip()!r})")
+                                         f"(not {shown_name(content_type.split(';')[0].strip())})")
             payload = None if message.get("more_body") else plain_v2_body(content_type, message["body"])
         except ProtocolError as err:
             return await _send_json(send, err.status, json.dumps({"error": err.message}).encode())
@@ -550,7 +550,7 @@ class NoModelRepository:
 
     async def load(self, model_name: str):
         raise RepositoryExtensionRefused(
-            f"the model repository extension is not served: {model_name!r} cannot be loaded or unloaded by a "
+            f"the model repository extension is not served: {shown_name(model_name)} cannot be loaded or unloaded by a "
             f"request; this server serves {MODEL_NAME}, loaded at start")
 
     unload = load

@@ -2315,6 +2315,21 @@ def test_an_answer_echoes_no_long_id_nor_a_refused_body(kserve_predictor, grpc_s
     assert wrong.status_code == 422 and "detail" not in wrong.json(), wrong.text[:300]
     assert wrong.json()["error"].startswith("not an inference request: ") and ".id)" in wrong.json()["error"]
     assert len(wrong.content) < 1000
+    # Nor a datatype, an output's name or a Content-Type the 400 names: an 11 MB output name came back whole, and
+    # 128 such answers unread held the predictor 1.4 GB up. Cut as a tensor's name is, on /infer and :explain.
+    image = v2_body([good])["inputs"][0]
+    for route in (url, f"{kserve_predictor.url}/v1/models/cifar100:explain"):
+        for body, words in (({"inputs": [{**image, "datatype": huge}]}, "datatype 'AAAA"),
+                            ({"inputs": [image], "outputs": [{"name": huge}] * 6}, "'...] and 2 more; this model")):
+            r = client.post(route, json=body)
+            assert r.status_code == 400 and words in r.json()["error"], r.text[:300]
+            assert len(r.content) < 1000, r.text[:300]
+    typed = client.post(url, content=b"{}", headers={"Content-Type": "text/" + "x" * 8000})
+    assert typed.status_code == 400 and "(not 'text/xxx" in typed.json()["error"] and len(typed.content) < 1000
+    request = grpc_request([good], datatype=huge)
+    with pytest.raises(grpc.RpcError) as refused:
+        grpc_stub.ModelInfer(request, timeout=60)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(refused.value.details()) < 1000
     assert client.post(url, json=v2_body([good])).status_code == 200
 
 

@@ -215,7 +215,7 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
     import re
 
     from adapter.metrics import RENDER_REUSE_S
-    from handler.protocols import MAX_DATA_DEPTH
+    from handler.protocols import MAX_DATA_DEPTH, NAME_SHOWN
     from serving import images
 
     # read, not imported: handler.kserve_predictor imports kserve, which tests/kserve_types.py may have stood in for
@@ -237,6 +237,7 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
         "MAX_REQUEST_PIXELS": (images.MAX_REQUEST_PIXELS, r"(\d+) MP to decode in all \(`MAX_REQUEST_PIXELS`", 10**6),
         "MAX_GRPC_PARAMETERS": (MAX_GRPC_PARAMETERS, r"`MAX_GRPC_PARAMETERS` \((\d+)\)", 1),
         "MAX_DATA_DEPTH": (MAX_DATA_DEPTH, r"`MAX_DATA_DEPTH` \((\d+)\)", 1),
+        "NAME_SHOWN": (NAME_SHOWN, r"cut to (\d+) characters, `NAME_SHOWN`", 1),
         "GRPC_MESSAGE_GRACE_S": (GRPC_MESSAGE_GRACE_S, r"`--grpc_message_grace_s` \((\d+) s\)", 1),
         "RENDER_REUSE_S": (RENDER_REUSE_S, r"for up to (\d+) s \(`RENDER_REUSE_S`", 1),
     }
