@@ -24,7 +24,8 @@ conversion), or a body over ``max_request_size`` (config.properties, as TorchSer
 too); 503, before
 the body is decoded, when ``--max_waiting_requests`` requests already wait for a forward pass (default:
 the bundle's ``job_queue_size``, 24 as shipped; TorchServe's default 100), or ``--max_waiting_explanations`` explanations are under way
-(default: the same bound), or a REST body would take the bytes of all bodies held past ``--max_body_bytes_held``
+(default: the same bound; taken on the explainer's thread in turns by client, a client past its fair share of them
+giving way to one under it), or a REST body would take the bytes of all bodies held past ``--max_body_bytes_held``
 (96 MiB; before it is read when it declares its length), unless the bodies still arriving of a client past its fair
 share of it give way (handler/held_bodies.py RestBodies); each busy 503 has ``Retry-After``. A gRPC call waits
 for its share of that bound before its message is read (handler/held_bodies.py): UNAVAILABLE when
@@ -60,7 +61,6 @@ import sys
 import tempfile
 import uuid
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -96,7 +96,7 @@ from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, O
                                too_many_dimensions, too_many_images, unsupported_datatype)
 from model import check_class_count, load_class_names, network_from_state_dict
 from serving.cli import positive_float, positive_int, share
-from serving.clients import CALLER, ForwardedClient, client_key, proxy_networks
+from serving.clients import CALLER, ForwardedClient, client_key, newest_past_fair_share, proxy_networks
 from serving.fair_pool import FairPool
 from serving.pace import paced_deadline, stop_now
 from serving.process import ensure_open_files
@@ -615,19 +615,44 @@ def torchserve_setting(model_dir: Path, key: str, default: int | None = None) ->
     return default
 
 
+class _Explanation:
+    """One explanation under way (CIFAR100Predictor.explain): its client; until it runs on the explainer's thread,
+    stop() ends it, its request answered 503 (it gave its place to another client's)."""
+
+    __slots__ = ("client", "task", "running", "gave_way_at")
+
+    def __init__(self, client: str | None):
+        self.client, self.task = client, asyncio.current_task()
+        self.running = False
+        self.gave_way_at: int | None = None  # the share it was past, once stopped
+
+    def on_thread(self, work, *args):
+        """``work(*args)`` on the explainer's thread, marked running first (no longer stopped)."""
+        self.running = True
+        return work(*args)
+
+    def stop(self, share: int) -> None:
+        self.gave_way_at = share
+        self.task.cancel()
+
+
 class CIFAR100Predictor(Model):
     def __init__(self, name: str, model_dir: Path, engine_setting: str | None = None,
                  max_waiting: int | None = None, max_explanations: int | None = None,
-                 client_waiting: int | None = None):
+                 client_waiting: int | None = None, client_explanations: int | None = None):
         super().__init__(name)
         self.model_dir = Path(model_dir)
         # client_waiting: the waiting places a client keeps when all are taken (handler/batching.py)
         self.engine_setting, self.max_waiting, self.client_waiting = engine_setting, max_waiting, client_waiting
-        # Explanations under way at once (None: as many as may wait for a forward pass); one more gets 503.
+        # Explanations under way at once (None: as many as may wait for a forward pass); one more gets 503, unless a
+        # client past its share gives way (explain). client_explanations: the most a client keeps when all are taken.
         self.max_explanations = max_explanations if max_explanations is not None else max_waiting
-        self._explanations = 0
+        self.client_explanations = client_explanations
+        self._explaining: dict[_Explanation, None] = {}  # those under way, oldest first
         self._unpacked = tempfile.TemporaryDirectory(prefix="cifar100-kserve-")
-        self._explainer = ThreadPoolExecutor(1, thread_name_prefix="explain")
+        # Grad-CAM's one thread, taken in turns by client (one client's 24 queued explanations of 64 images each had
+        # another's wait behind them all).
+        self._explainer = FairPool(1, "explain")
         # Large images decoded at once: one per CPU (load() sizes it anew for the threads it sets), shared out by
         # client (CALLER). asyncio's default pool (CPUs + 4) held 6 x 16 MP decodes on 2 CPUs: 1.5 GB over the
         # pod's 2 GiB (benchmarks/RESULTS.md session 47).
@@ -765,21 +790,43 @@ class CIFAR100Predictor(Model):
         """KServe's v1 explain route (``POST /v1/models/cifar100:explain``, v1 or v2 body): each image's
         answer plus a Grad-CAM ``heatmap`` of its top-1 class (handler/explain.py), as TorchServe's
         /explanations; answered as v1 ``{"predictions": [...]}``. One explanation batch at a time, on its own
-        thread (a backward pass: 10-18 ms an image here), beside the forward passes. At most
-        ``max_explanations`` under way (read, answered, waiting for or on that thread); one more gets 503 at
-        once, rather than a queue without end on the thread."""
-        if self.max_explanations is not None and self._explanations >= self.max_explanations:
-            raise self._busy(f"{self.max_explanations} explanations already wait for the explainer",
-                             "--max_waiting_explanations", headers)
-        self._explanations += 1
+        thread (a backward pass: 10-18 ms an image here), beside the forward passes, taken in turns by client. At
+        most ``max_explanations`` under way (read, answered, waiting for or on that thread); one more gets 503 at
+        once, rather than a queue without end on the thread; but one of a client under its fair share of them (an
+        equal part among the clients explaining, at most ``client_explanations``) takes the place of the newest
+        explanation not yet on the thread of the client most past its share, which gets the 503 (one address's 24
+        explanations had every other client's refused, 58 of 58)."""
+        client = CALLER.get() or None
+        if self.max_explanations is not None and len(self._explaining) >= self.max_explanations:
+            place = self._explanation_to_stop(client)
+            if place is None:
+                raise self._busy(f"{self.max_explanations} explanations already wait for the explainer",
+                                 "--max_waiting_explanations", headers)
+            place[0].stop(place[1])
+        explanation = _Explanation(client)
+        self._explaining[explanation] = None
         try:
             request, images, sizes, answers = await self._answers(payload, headers)
             targets = torch.tensor([answer["index"] for answer in answers])
-            maps = await asyncio.get_running_loop().run_in_executor(self._explainer, self._heatmaps, images, targets,
-                                                                    sizes)
+            maps = await self._explainer.run(client or "", explanation.on_thread, self._heatmaps, images, targets,
+                                             sizes)
+        except asyncio.CancelledError:
+            if explanation.gave_way_at is None or asyncio.current_task().uncancel() > 0:
+                raise
+            raise self._busy(f"{self.max_explanations} explanations are under way and more than "
+                             f"{explanation.gave_way_at} of them are this client's (its share): its newest gave its "
+                             "place to another client's", "--max_client_share", headers) from None
         finally:
-            self._explanations -= 1
+            self._explaining.pop(explanation, None)
         return {"predictions": [{**answer, "heatmap": heatmap} for answer, heatmap in zip(answers, maps)]}
+
+    def _explanation_to_stop(self, client: str | None) -> "tuple[_Explanation, int] | None":
+        """When all explanations' places are taken: the one whose place ``client``'s takes (serving/clients.py
+        newest_past_fair_share, among those not yet on the explainer's thread), with the share it was past."""
+        if client is None or self.client_explanations is None:
+            return None
+        stoppable = [(entry, entry.client) for entry in self._explaining if not entry.running]
+        return newest_past_fair_share(stoppable, client, self.max_explanations, self.client_explanations)
 
     def _heatmaps(self, images: torch.Tensor, targets: torch.Tensor, sizes: list) -> list[str]:
         from handler.explain import explanation_model, heatmaps  # captum: imported on the first explanation
@@ -965,7 +1012,8 @@ def main() -> None:
                              " at least max_request_size)")
     parser.add_argument("--max_waiting_explanations", type=positive_int, default=None,
                         help="explanations (:explain) that may be under way at once, one Grad-CAM batch running "
-                             "and the rest waiting; one more gets 503 (default: the --max_waiting_requests bound)")
+                             "and the rest waiting, taken in turns by client; one more gets 503, unless a client past "
+                             "its share (--max_client_share) gives way (default: the --max_waiting_requests bound)")
     # The connection limits of the adapter's edge (adapter/protocol.py, its defaults: adapter/config.py), here on
     # KServe's REST server, which otherwise kept a connection that sends nothing for ever (20,000 of them took every
     # file descriptor: no client was answered), and their gRPC counterparts.
@@ -994,7 +1042,8 @@ def main() -> None:
                         help="the part one client may take of the gRPC message bound's reservations "
                              "(--max_body_bytes_held / the largest message) held at once and of the "
                              "--max_waiting_requests places to wait for one, and of the places to wait for a forward "
-                             "pass, REST and gRPC alike (one of each at least), and while other clients want them an "
+                             "pass, REST and gRPC alike, and of the --max_waiting_explanations (one of each at least), "
+                             "and while other clients want them an "
                              "equal part at most: when all are taken, another client's request takes the place of the "
                              "newest of a client past its part (503 / UNAVAILABLE). 1: no per-client share")
     parser.add_argument("--grpc_message_grace_s", type=positive_float, default=GRPC_MESSAGE_GRACE_S,
@@ -1054,9 +1103,10 @@ def main() -> None:
         parser.error(f"--max_body_bytes_held {args.max_body_bytes_held} is below "
                      f"--grpc_max_receive_message_length {max_message}")
     client_waiting = client_share(max_waiting, args.max_client_share)  # gRPC's and the forward pass's
+    max_explanations = args.max_waiting_explanations if args.max_waiting_explanations is not None else max_waiting
     model = CIFAR100Predictor(args.model_name if args.model_name != "model" else MODEL_NAME, args.model_dir,
-                              args.engine, max_waiting, args.max_waiting_explanations,
-                              client_waiting)
+                              args.engine, max_waiting, max_explanations, client_waiting,
+                              client_share(max_explanations, args.max_client_share))
     server = ModelServer()  # configures KServe's logging; the handler's lines (engine choice, refusals) join it
     for name in ("handler", "model", "serving", "adapter"):
         logging.getLogger(name).handlers[:] = logging.getLogger("kserve").handlers

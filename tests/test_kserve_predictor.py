@@ -1142,7 +1142,7 @@ async def main():
             return [err.status, err.message]
     burst = await asyncio.gather(*(explained(i) for i in range(6)))
     later = await explained(0)
-    print(json.dumps({"full": full, "burst": burst, "later": later, "under_way": model._explanations}))
+    print(json.dumps({"full": full, "burst": burst, "later": later, "under_way": len(model._explaining)}))
 
 asyncio.run(main())
 """
@@ -1155,6 +1155,59 @@ asyncio.run(main())
     assert all(r[0] == 503 and "busy: 2 explanations already wait" in r[1] for r in refused), out
     assert out["later"] == "map" and out["under_way"] == 0, out
 
+
+def test_a_client_past_its_share_of_explanations_gives_way_and_the_explainer_takes_clients_in_turns(in_child):
+    """In-process, Grad-CAM a 0.3 s sleep: client a has 4 explanations under way (all 4 places: one on the thread,
+    three waiting for it); b's one takes the place of a's newest not yet on the thread (a's share: 4 // 2 clients
+    = 2, a holds 4), which gets 503 "... gave its place", and runs next on the thread, before a's others; a third
+    client's, with places free, stops nobody and runs before a's last. One address's 24 explanations of 64 images
+    had every other client's refused (58 of 58), and the thread took them in order of arrival."""
+    script = """
+import asyncio, base64, io, json, tempfile, time
+from PIL import Image
+import handler.kserve_predictor as kp
+from handler.batching import Batcher
+from serving.clients import CALLER
+
+def png(seed):
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (seed, 0, 0)).save(out, "PNG")
+    return {"data": base64.b64encode(out.getvalue()).decode()}
+
+model = kp.CIFAR100Predictor("cifar100", tempfile.mkdtemp(), max_waiting=8, max_explanations=4,
+                             client_explanations=2)
+model.max_images, model.model_version = 64, "t"
+ran = []
+
+def heatmaps(images, targets, sizes):
+    ran.append(len(images))
+    time.sleep(0.3)
+    return ["map"] * len(images)
+
+model._heatmaps = heatmaps
+
+async def explained(client, images, after_s):
+    CALLER.set(client)  # (this task's own)
+    await asyncio.sleep(after_s)
+    try:
+        return (await model.explain({"instances": [png(i) for i in range(images)]}))["predictions"][0]["heatmap"]
+    except kp.RequestRefused as err:
+        return [err.status, err.message]
+
+async def main():
+    model.batcher = Batcher(lambda images: [{"index": 0, "prediction": "x"}] * len(images), 6, 0.0, 8)
+    a = [asyncio.ensure_future(explained("a", 4, 0.02 * i)) for i in range(4)]
+    b = await explained("b", 1, 0.15)
+    c = await explained("c", 2, 0)  # a's second on the thread, its third waiting: places free
+    return {"a": await asyncio.gather(*a), "b": b, "c": c, "ran": ran, "left": len(model._explaining)}
+
+print(json.dumps(asyncio.run(main())))
+"""
+    out = in_child(script)
+    assert out["b"] == "map" and out["c"] == "map" and out["left"] == 0, out
+    assert out["a"][:3] == ["map"] * 3 and out["a"][3][0] == 503, out
+    assert "more than 2 of them are this client's (its share): its newest gave its place" in out["a"][3][1], out
+    assert out["ran"] == [4, 1, 4, 2, 4], out  # b's next after a's first, c's before a's last: clients in turns
 
 
 def test_large_images_are_decoded_one_per_cpu_at_most_shared_out_by_client(in_child, bundle):
