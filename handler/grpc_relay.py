@@ -26,6 +26,10 @@ from serving.throttled_log import ThrottledLog
 
 logger = logging.getLogger("handler.grpc_relay")
 
+_PREFACE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # what a client sends before its first frame
+_FRAME_HEAD = 9  # an HTTP/2 frame's length (3 bytes), type, flags and stream
+_RST_STREAM = 0x3
+
 INTERNAL_HOST = "127.0.0.1"  # where grpc listens (a free port), reached from the relay only
 _INTERNAL_PEER = f"ipv4:{INTERNAL_HOST}:"  # grpc's peer string for the relay's connections, less the port
 
@@ -102,6 +106,28 @@ class _GrpcSide(_Side):
         super().connection_lost(exc)
 
 
+class StreamResets:
+    """The streams each client address resets (HTTP/2 RST_STREAM frames it sends), counted over all its connections
+    a second at a time: past ``per_s`` in one second, the connection that sent the one too many is reset, as nghttp2
+    and Envoy answer a "rapid reset" flood. One connection opening ModelInfer calls and resetting each at once
+    (10,000 a second, 1.5 MB/s) had every other client's calls answered CANCELLED; a client whose calls run out their
+    deadline resets a few a second."""
+
+    def __init__(self, per_s: int):
+        self.per_s = per_s
+        self._counts: dict[str, tuple[float, int]] = {}  # client key -> (its second's start, resets in it)
+
+    def too_many(self, key: str, resets: int) -> bool:
+        now = time.monotonic()
+        start, count = self._counts.get(key, (now, 0))
+        if now - start >= 1.0:
+            start, count = now, 0
+            if len(self._counts) > 4096:  # (seconds past: forgotten)
+                self._counts = {k: v for k, v in self._counts.items() if now - v[0] < 1.0}
+        self._counts[key] = (start, count + resets)
+        return count + resets > self.per_s
+
+
 class _ClientSide(_Side):
     """A client's connection to the public port: counted, then relayed."""
 
@@ -116,6 +142,9 @@ class _ClientSide(_Side):
     def __init__(self, relay: "GrpcRelay"):
         self.relay, self.key, self.host, self.connecting = relay, None, None, None
         self.read_at = time.monotonic()
+        # Where its bytes are in HTTP/2's framing (stream_resets): the preface left, the frame payload left to pass
+        # over, and a frame head split between two reads.
+        self._preface_left, self._payload_left, self._head = _PREFACE, 0, b""
         self.unread_since: float | None = None
         self.marked_idle = False
         self.idle_check: asyncio.TimerHandle | None = None
@@ -157,6 +186,36 @@ class _ClientSide(_Side):
     def reset(self) -> None:
         if self.transport is not None:
             reset_connection(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.key and self._stream_resets(data):  # (a trusted proxy's connections carry many clients' calls)
+            self.relay.stream_resets_refused(self.host)
+            self.reset()
+            return
+        super().data_received(data)
+
+    def _stream_resets(self, data: bytes) -> bool:
+        """Whether ``data``'s RST_STREAM frames put its client past --max_client_stream_resets this second: frame heads
+        read, payloads passed over by their length."""
+        at, end, resets = 0, len(data), 0
+        if self._preface_left:
+            at = min(self._preface_left, end)
+            self._preface_left -= at
+        while at < end:
+            if self._payload_left:
+                step = min(self._payload_left, end - at)
+                self._payload_left -= step
+                at += step
+                continue
+            head = self._head + data[at:at + _FRAME_HEAD - len(self._head)]
+            at += len(head) - len(self._head)
+            if len(head) < _FRAME_HEAD:
+                self._head = head
+                break
+            self._head = b""
+            self._payload_left = int.from_bytes(head[:3], "big")
+            resets += head[3] == _RST_STREAM
+        return bool(resets) and self.relay.stream_resets.too_many(self.key, resets)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -229,10 +288,11 @@ class GrpcRelay:
     """The public gRPC port in front of grpc's internal one (``internal_port``, set once grpc listens): ``start``
     listens on ``host``:``port``, ``stop_listening`` and ``close`` end it; ``peer_host`` reads a call's client."""
 
-    def __init__(self, connections: OpenConnections):
+    def __init__(self, connections: OpenConnections, stream_resets: StreamResets, on_stream_resets=lambda: None):
         self.connections = connections
         self.connections.refusals = ThrottledLog(logger)  # its resets logged as the gRPC port's
         self.failures = ThrottledLog(logger)
+        self.stream_resets, self._on_stream_resets = stream_resets, on_stream_resets
         self.clients: dict[int, str] = {}  # the local port of a connection to grpc -> its client's host
         self.open: set[_ClientSide] = set()
         self.internal_port: int | None = None
@@ -256,6 +316,11 @@ class GrpcRelay:
         self.stop_listening()
         for connection in list(self.open):
             connection.reset()
+
+    def stream_resets_refused(self, host: str | None) -> None:
+        self._on_stream_resets()
+        self.failures.warning("reset a gRPC connection from %s: its client reset more than %d streams in a second "
+                              "(--max_client_stream_resets)", host, self.stream_resets.per_s)
 
     def peer_host(self, peer: str) -> str:
         """The host of a call's ``context.peer()``: for the relay's connection to grpc, its client's."""
