@@ -28,7 +28,7 @@ logger = logging.getLogger("handler.grpc_relay")
 
 _PREFACE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # what a client sends before its first frame
 _FRAME_HEAD = 9  # an HTTP/2 frame's length (3 bytes), type, flags and stream
-_RST_STREAM = 0x3
+_HEADERS = 0x1
 
 INTERNAL_HOST = "127.0.0.1"  # where grpc listens (a free port), reached from the relay only
 _INTERNAL_PEER = f"ipv4:{INTERNAL_HOST}:"  # grpc's peer string for the relay's connections, less the port
@@ -106,26 +106,28 @@ class _GrpcSide(_Side):
         super().connection_lost(exc)
 
 
-class StreamResets:
-    """The streams each client address resets (HTTP/2 RST_STREAM frames it sends), counted over all its connections
-    a second at a time: past ``per_s`` in one second, the connection that sent the one too many is reset, as nghttp2
-    and Envoy answer a "rapid reset" flood. One connection opening ModelInfer calls and resetting each at once
-    (10,000 a second, 1.5 MB/s) had every other client's calls answered CANCELLED; a client whose calls run out their
-    deadline resets a few a second."""
+class NewStreams:
+    """The streams (calls) each client address opens (HTTP/2 HEADERS frames of a new stream), counted over all its
+    connections a second at a time: past ``per_s`` in one second, the connection that opened the one too many is
+    reset, its bytes not relayed. One connection opening ModelInfer calls and resetting each at once ("rapid reset",
+    10,000 a second), or ending each at once with an empty message (51,000 a second), had every other client's calls
+    answered CANCELLED; grpc core pushes back on neither. Counting resets alone missed the second, and reset an honest
+    client whose calls ran out a 50 ms deadline (225 a second). The default is about twice the one-image calls this
+    server answers a second on 2 cores."""
 
     def __init__(self, per_s: int):
         self.per_s = per_s
-        self._counts: dict[str, tuple[float, int]] = {}  # client key -> (its second's start, resets in it)
+        self._counts: dict[str, tuple[float, int]] = {}  # client key -> (its second's start, streams opened in it)
 
-    def too_many(self, key: str, resets: int) -> bool:
+    def too_many(self, key: str, streams: int) -> bool:
         now = time.monotonic()
         start, count = self._counts.get(key, (now, 0))
         if now - start >= 1.0:
             start, count = now, 0
             if len(self._counts) > 4096:  # (seconds past: forgotten)
                 self._counts = {k: v for k, v in self._counts.items() if now - v[0] < 1.0}
-        self._counts[key] = (start, count + resets)
-        return count + resets > self.per_s
+        self._counts[key] = (start, count + streams)
+        return count + streams > self.per_s
 
 
 class _ClientSide(_Side):
@@ -142,9 +144,9 @@ class _ClientSide(_Side):
     def __init__(self, relay: "GrpcRelay"):
         self.relay, self.key, self.host, self.connecting = relay, None, None, None
         self.read_at = time.monotonic()
-        # Where its bytes are in HTTP/2's framing (stream_resets): the preface left, the frame payload left to pass
-        # over, and a frame head split between two reads.
-        self._preface_left, self._payload_left, self._head = _PREFACE, 0, b""
+        # Where its bytes are in HTTP/2's framing (_new_streams): the preface left, the frame payload left to pass
+        # over, a frame head split between two reads, and the highest stream opened.
+        self._preface_left, self._payload_left, self._head, self._last_stream = _PREFACE, 0, b"", 0
         self.unread_since: float | None = None
         self.marked_idle = False
         self.idle_check: asyncio.TimerHandle | None = None
@@ -188,16 +190,16 @@ class _ClientSide(_Side):
             reset_connection(self.transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.key and self._stream_resets(data):  # (a trusted proxy's connections carry many clients' calls)
-            self.relay.stream_resets_refused(self.host)
+        if self.key and self._new_streams(data):  # (a trusted proxy's connections carry many clients' calls)
+            self.relay.streams_refused(self.host)
             self.reset()
             return
         super().data_received(data)
 
-    def _stream_resets(self, data: bytes) -> bool:
-        """Whether ``data``'s RST_STREAM frames put its client past --max_client_stream_resets this second: frame heads
-        read, payloads passed over by their length."""
-        at, end, resets = 0, len(data), 0
+    def _new_streams(self, data: bytes) -> bool:
+        """Whether the streams ``data`` opens put its client past --max_client_streams this second: frame heads read,
+        payloads passed over by their length."""
+        at, end, opened = 0, len(data), 0
         if self._preface_left:
             at = min(self._preface_left, end)
             self._preface_left -= at
@@ -214,8 +216,11 @@ class _ClientSide(_Side):
                 break
             self._head = b""
             self._payload_left = int.from_bytes(head[:3], "big")
-            resets += head[3] == _RST_STREAM
-        return bool(resets) and self.relay.stream_resets.too_many(self.key, resets)
+            stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+            if head[3] == _HEADERS and stream > self._last_stream:  # (not a stream's trailers: a new one)
+                self._last_stream = stream
+                opened += 1
+        return bool(opened) and self.relay.new_streams.too_many(self.key, opened)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -288,11 +293,11 @@ class GrpcRelay:
     """The public gRPC port in front of grpc's internal one (``internal_port``, set once grpc listens): ``start``
     listens on ``host``:``port``, ``stop_listening`` and ``close`` end it; ``peer_host`` reads a call's client."""
 
-    def __init__(self, connections: OpenConnections, stream_resets: StreamResets, on_stream_resets=lambda: None):
+    def __init__(self, connections: OpenConnections, new_streams: NewStreams, on_streams_refused=lambda: None):
         self.connections = connections
         self.connections.refusals = ThrottledLog(logger)  # its resets logged as the gRPC port's
         self.failures = ThrottledLog(logger)
-        self.stream_resets, self._on_stream_resets = stream_resets, on_stream_resets
+        self.new_streams, self._on_streams_refused = new_streams, on_streams_refused
         self.clients: dict[int, str] = {}  # the local port of a connection to grpc -> its client's host
         self.open: set[_ClientSide] = set()
         self.internal_port: int | None = None
@@ -317,10 +322,10 @@ class GrpcRelay:
         for connection in list(self.open):
             connection.reset()
 
-    def stream_resets_refused(self, host: str | None) -> None:
-        self._on_stream_resets()
-        self.failures.warning("reset a gRPC connection from %s: its client reset more than %d streams in a second "
-                              "(--max_client_stream_resets)", host, self.stream_resets.per_s)
+    def streams_refused(self, host: str | None) -> None:
+        self._on_streams_refused()
+        self.failures.warning("reset a gRPC connection from %s: its client opened more than %d streams in a second "
+                              "(--max_client_streams)", host, self.new_streams.per_s)
 
     def peer_host(self, peer: str) -> str:
         """The host of a call's ``context.peer()``: for the relay's connection to grpc, its client's."""

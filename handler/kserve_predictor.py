@@ -87,7 +87,7 @@ from handler.answers import NOT_FINITE, image_answers, served_topk
 from handler.batching import Batcher, BatcherFull
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
-from handler.grpc_relay import INTERNAL_HOST, GrpcRelay, StreamResets
+from handler.grpc_relay import INTERNAL_HOST, GrpcRelay, NewStreams
 from handler.held_bodies import GrpcMessageBound, HeldBytes, RestBodies, client_share
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, OUTPUTS, V2, ProtocolError,
@@ -132,10 +132,9 @@ GRPC_MESSAGE_GRACE_S = 5.0
 # REST connections from one client (--max_client_connections): this server's clients are services, not browsers (the
 # adapter's 64): an adapter in front holds up to its pool's 24 (TS_MAX_CONNECTIONS) + 8 for health checks at once.
 MAX_CLIENT_CONNECTIONS = 128
-# gRPC streams one client may reset in a second (--max_client_stream_resets): a client whose calls run out their deadline
-# resets a few; 10,000 a second from one connection (HTTP/2 "rapid reset") had every other client's calls CANCELLED,
-# 2,000 a second did not (session 58).
-MAX_CLIENT_STREAM_RESETS = 200
+# gRPC streams (calls) one client may open in a second (--max_client_streams, handler/grpc_relay.py NewStreams): about
+# twice the one-image calls this server answers a second on 2 cores (benchmarks/RESULTS.md session 58).
+MAX_CLIENT_STREAMS = 1000
 # Open files beyond the connection caps: the model's and the archive's files, logs, sockets of threads and probes.
 OPEN_FILES_MARGIN = 256
 
@@ -155,7 +154,7 @@ for _reason in EDGE_REFUSALS:
     HTTP_REFUSED.labels(_reason)  # at 0 from the start: rate() sees the first one
 GRPC_CONNECTIONS_RESET = Counter("GrpcConnectionsReset", "gRPC connections reset at once by a cap, by reason "
                                  "(HttpRefused's names)", ["Reason"])
-for _reason in (*CONNECTION_REFUSALS.values(), "stream_resets"):
+for _reason in (*CONNECTION_REFUSALS.values(), "streams"):
     GRPC_CONNECTIONS_RESET.labels(_reason)
 GRPC_CALLS_WAITING = Gauge("GrpcCallsWaiting", "gRPC calls waiting for their turn to have their message read")
 
@@ -1029,9 +1028,10 @@ def main() -> None:
     parser.add_argument("--max_client_connections", type=positive_int, default=MAX_CLIENT_CONNECTIONS,
                         help="connections open at once from one client over REST, and over gRPC (each a count of "
                              "its own; --trusted_proxies exempt); one more is closed at once")
-    parser.add_argument("--max_client_stream_resets", type=positive_int, default=MAX_CLIENT_STREAM_RESETS,
-                        help="gRPC streams one client may reset (RST_STREAM) in a second, over all its connections "
-                             "(--trusted_proxies exempt); the connection of one more is reset (HTTP/2 rapid reset)")
+    parser.add_argument("--max_client_streams", type=positive_int, default=MAX_CLIENT_STREAMS,
+                        help="gRPC streams (calls) one client may open in a second, over all its connections "
+                             "(--trusted_proxies exempt); the connection that opens one more is reset (HTTP/2 "
+                             "rapid reset and the like); raise it for a server that answers more calls a second")
     parser.add_argument("--header_timeout_s", type=positive_float, default=edge_defaults.header_timeout_s,
                         help="a REST request's line and headers must arrive within this (408), at --min_upload_rate "
                              "after --min_rate_grace_s; a gRPC connection's HTTP/2 preface and settings too (closed); "
@@ -1155,7 +1155,7 @@ def main() -> None:
     grpc_server.InferenceServicer = CIFAR100Servicer  # the servicer KServe's gRPC server builds at start
     # gRPC's connections counted as REST's, a count of their own, by the relay on the public port
     relay = GrpcRelay(OpenConnections(edge, lambda cap: GRPC_CONNECTIONS_RESET.labels(CONNECTION_REFUSALS[cap]).inc()),
-                      StreamResets(args.max_client_stream_resets), GRPC_CONNECTIONS_RESET.labels("stream_resets").inc)
+                      NewStreams(args.max_client_streams), GRPC_CONNECTIONS_RESET.labels("streams").inc)
     grpc_server.aio = _AioBounded(GrpcMessageBound(
         grpc_messages, max_message, max_waiting, args.body_timeout_s, refused=lambda bound: REFUSED.labels(bound).inc(),
         clients=ForwardedClient(trusted), client_waiting=client_waiting,

@@ -9,12 +9,12 @@ import contextlib
 from adapter.config import Settings
 from adapter.protocol import OpenConnections
 from grpc_raw import DATA, HEADERS, RST_STREAM, frame
-from handler.grpc_relay import GrpcRelay, StreamResets
+from handler.grpc_relay import GrpcRelay, NewStreams
 
 
 @contextlib.asynccontextmanager
 async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = None, grace_s: float = 2.0,
-                   host: str = "127.0.0.1", stream_resets_per_s: int = 200):
+                   host: str = "127.0.0.1", streams_per_s: int = 1000):
     """The relay on a free port of ``host`` in front of a stand-in for grpc: (relay, its port, the stand-in's accepted
     connections as (reader, writer) in a queue); both closed at the end."""
     accepted: asyncio.Queue = asyncio.Queue()
@@ -25,7 +25,7 @@ async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = N
     internal = await asyncio.start_server(grpc_side, "127.0.0.1", 0)
     relay = GrpcRelay(OpenConnections(Settings(max_open_connections=max_open, max_client_connections=max_client,
                                                trusted_proxies=trusted or [], min_rate_grace_s=grace_s)),
-                      StreamResets(stream_resets_per_s))
+                      NewStreams(streams_per_s))
     relay.internal_port = internal.sockets[0].getsockname()[1]
     try:
         await relay.start(host, 0)
@@ -224,20 +224,22 @@ def test_at_the_cap_a_connection_whose_client_reads_nothing_gives_way_after_the_
     asyncio.run(scenario())
 
 
-def test_a_client_resetting_more_streams_a_second_than_its_bound_has_its_connection_reset():
-    """HTTP/2 "rapid reset": calls opened and reset at once (HEADERS + RST_STREAM), 10,000 a second from one
-    connection, had every other client's calls answered CANCELLED. The relay reads the frames' heads (payloads passed
-    over by their length, a head split between reads joined): an address's RST_STREAMs over all its connections, past
-    the bound in a second, reset the connection that sent the one too many; until then every byte is relayed as sent.
-    Another address, and a trusted proxy (many clients' calls), are not counted with it."""
+def test_a_client_opening_more_streams_a_second_than_its_bound_has_its_connection_reset():
+    """HTTP/2 calls opened and reset at once ("rapid reset", 10,000 a second) or ended at once with an empty message
+    (51,000 a second) from one connection had every other client's calls answered CANCELLED. The relay reads the
+    frames' heads (payloads passed over by their length, a head split between reads joined): the streams an address
+    opens (HEADERS of a new stream; not a stream's second HEADERS) over all its connections, past the bound in a
+    second, reset the connection that opened the one too many; until then every byte is relayed as sent. Another
+    address, and a trusted proxy (many clients' calls), are not counted with it."""
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-    # A DATA frame whose payload holds what would read as RST_STREAM heads: passed over, not counted.
-    decoy = frame(DATA, 0, 1, frame(RST_STREAM, 0, 1, b"\0" * 4) * 50)
+    # A DATA frame whose payload holds what would read as new streams' HEADERS: passed over, not counted.
+    decoy = frame(DATA, 0, 1, b"".join(frame(HEADERS, 4, stream, b"\x83") for stream in range(101, 201, 2)))
     calls = [frame(HEADERS, 4, stream, b"\x83") + frame(RST_STREAM, 0, stream, b"\0\0\0\x08")
              for stream in range(3, 23, 2)]  # 10 calls, each reset
+    calls[4] += frame(HEADERS, 5, 11, b"\x83")  # a second HEADERS on stream 11 (as trailers): no new stream
 
     async def scenario():
-        async with _relayed(max_open=8, max_client=4, trusted=["127.0.0.5"], stream_resets_per_s=10) as (
+        async with _relayed(max_open=8, max_client=4, trusted=["127.0.0.5"], streams_per_s=10) as (
                 relay, port, accepted):
             connections = {}  # (all open first: what follows the first reset must fit in its second)
             for name, source in (("first", "127.0.0.2"), ("second", "127.0.0.2"), ("other", "127.0.0.3"),
@@ -253,8 +255,8 @@ def test_a_client_resetting_more_streams_a_second_than_its_bound_has_its_connect
             for at in range(0, len(sent), 7):  # in pieces of 7 bytes: heads split between reads
                 writer.write(sent[at:at + 7])
                 await writer.drain()
-            assert await asyncio.wait_for(up_reader.readexactly(len(sent)), 5) == sent  # 10 resets: relayed
-            writer.write(calls[0])  # the 11th this second: reset
+            assert await asyncio.wait_for(up_reader.readexactly(len(sent)), 5) == sent  # 10 streams: relayed
+            writer.write(frame(HEADERS, 4, 23, b"\x83"))  # the 11th this second: reset
             connections["second"][1].write(calls[0])  # its other connection: reset at its next one this second
             connections["other"][1].write(b"".join(calls))  # its own 10: not counted with 127.0.0.2's
             connections["proxy"][1].write(b"".join(calls) * 3)  # 30: a trusted proxy's are not counted
