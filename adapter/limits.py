@@ -135,9 +135,10 @@ class InFlight:
     def to_give_way(self, client: str, declared: int) -> "Charge | None":
         """For a request of ``client`` refused "busy": the request that gives way to it (max-min fairness), or None.
         ``client``'s fair share is an equal part of the requests and of the bytes among the clients holding requests,
-        itself counted (serving/clients.py fair_share); if it holds less, with this one's ``declared`` bytes, the
+        itself counted (serving/clients.py fair_share); if it holds less of what is short, with this one's ``declared``
+        bytes, the
         newest request that may still give way (still receiving its body, or waiting for a connection to the model
-        server: nothing of it there yet) of the client most past its own share, in requests or in bytes, whose going
+        server: nothing of it there yet) of the client most past its own share of what is short, whose going
         makes room for the newcomer, gives way. Three addresses' three slow full-size uploads each (32 MiB) held the
         bytes, and every phone photo of 4 MB was refused; four addresses' 16 uploads each, all arrived, held every
         place while 40 of them waited for a connection, and another client was refused half its requests."""
@@ -146,11 +147,18 @@ class InFlight:
         clients = len(self.clients) + (share is None)
         fair_requests = fair_share(self.max_requests, clients, self.max_client_requests)
         fair_bytes = fair_share(self.max_bytes, clients, self.max_client_bytes)
-        if requests >= fair_requests or held + declared > fair_bytes:
+        # Judged on what is short, the places or the bytes (or both): 32 addresses' two small uploads each held every
+        # place with a quarter of the bytes, and a 6.7 MB photo, past an equal part of the bytes (3 MiB), was refused,
+        # or its upload under way stopped for a newcomer, its bytes ranking it most past its share.
+        places_short = self.requests >= self.max_requests
+        bytes_short = self.bytes + declared > self.max_bytes
+        if (places_short and requests >= fair_requests) or (bytes_short and held + declared > fair_bytes):
             return None
 
-        def past(other: str) -> float:  # times its fair share it holds, in requests or bytes
-            return max(self.clients[other].requests / fair_requests, self.clients[other].bytes / fair_bytes)
+        def past(other: str) -> float:  # times its fair share it holds, of what is short
+            theirs = self.clients[other]
+            return max(theirs.requests / fair_requests if places_short else 0.0,
+                       theirs.bytes / fair_bytes if bytes_short else 0.0)
         stoppable = {other: theirs.stoppable for other, theirs in self.clients.items()}
         # The first whose bytes make room (else it would be stopped for nothing).
         return next((charge for charge in giving_way(stoppable, past)

@@ -128,6 +128,37 @@ def test_a_client_past_its_fair_share_of_the_bytes_gives_way_to_one_under_it():
     assert in_flight.bytes == held - 400 and not b.cover(500, healthy=True) and in_flight.bytes == held - 400
 
 
+def test_only_what_is_short_decides_who_is_under_and_who_is_past_its_share():
+    """Places short, bytes plenty: 32 addresses' two small uploads each held every place with a quarter of the bytes,
+    and a 6.7 MB photo (past an equal part of the bytes, 3 MiB) was refused "busy", or an honest client's upload under
+    way, holding one place, was stopped for a newcomer, its bytes ranking it the most past its share. Now the places
+    alone decide while the bytes fit; the bytes alone while the places are free."""
+    in_flight = InFlight(max_requests=5, max_bytes=10_000)
+    in_flight.share_per_client(max_requests=5, max_bytes=10_000)
+    stopped: list = []
+    a = [_receiving(in_flight, "a", stopped, 10) for _ in range(2)]
+    b = [_receiving(in_flight, "b", stopped, 10) for _ in range(2)]
+    honest = _receiving(in_flight, "h", stopped, 6000)
+    for charge in (*a, *b, honest):
+        assert charge.cover(1, healthy=True)  # promised their declared sizes: 6,040 bytes held of 10,000
+    assert in_flight.try_admit("n", 3000) == "busy"  # every place held; the bytes would fit
+    # n's part: 5 places // 4 clients = 1 (2,500 bytes: under its 3,000, but the bytes are not short). h holds 1
+    # place (its 6,000 bytes 2.4 parts); a and b 2 places each: a's newest gives way, not h's upload.
+    assert in_flight.to_give_way("n", 3000) is a[1]
+    assert in_flight.to_give_way("h", 10) is None  # h holds its part of the places already
+    # The bytes short, the places not: its part of the bytes is what counts, and who is past theirs.
+    roomy = InFlight(max_requests=10, max_bytes=10_000)
+    roomy.share_per_client(max_requests=10, max_bytes=10_000)
+    large = _receiving(roomy, "a", stopped, 7000)
+    small = [_receiving(roomy, "b", stopped, 10) for _ in range(4)]  # 4 places of 10 // 3 clients = 3: past
+    for charge in (large, *small):
+        assert charge.cover(1, healthy=True)
+    assert roomy.try_admit("n", 3000) == "busy"  # 7,040 + 3,000 bytes: past the 10,000
+    assert roomy.to_give_way("n", 3000) is large  # a's 7,000 bytes (2.1 parts of 3,333), not b's places
+    assert roomy.to_give_way("n", 3500) is None  # past its own part of the bytes
+    assert stopped == []
+
+
 def test_an_older_upload_gives_way_when_the_newest_past_the_share_holds_too_few_bytes():
     """When bytes are what is short, the newest upload of the client past its share may hold too few to make room:
     its older one that does gives way (it was the next client or nothing)."""
