@@ -3,7 +3,8 @@ listens on 127.0.0.1 only (a free port). Its one job: accept a connection, count
 (adapter/protocol.py OpenConnections: --max_open_connections, --max_client_connections per client, trusted proxies
 exempt, at the cap a quiet or unread connection of the address most past its fair share giving way (_ClientSide); a
 count of its own), reset it at once when refused, else copy its bytes to a connection of its own to grpc
-and back, with flow control, each side's close or half-close passed on to the other.
+and back, with flow control, each side's close or half-close passed on to the other; and reset it when its client
+opens streams faster than --max_client_streams a second (NewStreams: the client's frame heads are read for that).
 
 grpc core counts connections only in all (grpc.max_allowed_incoming_connections) and grpcio has no hook at accept:
 one address that opened 512 connections and sent the HTTP/2 preface held every gRPC connection until grpc's idle
@@ -135,8 +136,9 @@ class _ClientSide(_Side):
 
     # OpenConnections._make_room's hooks, so that at the cap a newcomer under its fair share takes the place of a
     # connection of the address most past it: four addresses' 128 preface-only connections each had held all 512
-    # until grpc's idle close, and again at each reconnect. The relay sees no calls inside HTTP/2 (it would have to
-    # parse every frame both ways): a connection with no bytes either way for --min_rate_grace_s is taken as idle
+    # until grpc's idle close, and again at each reconnect. The relay does not follow calls inside HTTP/2 (it would
+    # have to parse every frame both ways; it counts only the streams a client opens): a connection with no bytes
+    # either way for --min_rate_grace_s is taken as idle
     # (between calls; an answer that long in coming is lost with it), one whose client has left grpc's bytes unread
     # that long (its writing paused) as unread. Marked idle by a check every half grace (not on every read), so that
     # a refusal at the cap walks only the connections quiet at their last check, not every busy one.
