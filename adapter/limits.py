@@ -52,7 +52,7 @@ import json
 import logging
 from contextvars import ContextVar
 
-from serving.clients import client_key, fair_share, giving_way
+from serving.clients import StoppableWait, client_key, fair_share, giving_way
 from serving.pace import paced_deadline, stop_now
 from serving.throttled_log import ThrottledLog
 
@@ -346,19 +346,12 @@ async def waiting_for_model_server():
     if charge is None or charge.released:
         yield ""
         return
-    task = asyncio.current_task()
-    stopped = False
-
-    def stop():
-        nonlocal stopped
-        stopped = True
-        task.cancel()
-
-    charge.stoppable(stop)
+    wait = StoppableWait()
+    charge.stoppable(wait.stop)
     try:
         yield charge.client
     except asyncio.CancelledError:
-        if not stopped or task.uncancel() > 0:  # (cancelled for another reason too: that one goes on)
+        if not wait.gave_way():
             raise
         _WAITING_REFUSALS.warning("503 (gave way): stopped a request of %s waiting for a connection to the model "
                                   "server, past its share of requests in flight while another client waited",

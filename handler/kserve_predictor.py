@@ -96,7 +96,8 @@ from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, O
                                too_many_dimensions, too_many_images, unsupported_datatype)
 from model import check_class_count, load_class_names, network_from_state_dict
 from serving.cli import positive_float, positive_int, share
-from serving.clients import CALLER, ForwardedClient, client_key, newest_past_fair_share, proxy_networks
+from serving.clients import (CALLER, ForwardedClient, StoppableWait, client_key, newest_past_fair_share,
+                             proxy_networks)
 from serving.fair_pool import FairPool
 from serving.pace import paced_deadline, stop_now
 from serving.process import ensure_open_files
@@ -622,10 +623,10 @@ class _Explanation:
     """One explanation under way (CIFAR100Predictor.explain): its client; until it runs on the explainer's thread,
     stop() ends it, its request answered 503 (it gave its place to another client's)."""
 
-    __slots__ = ("client", "task", "running", "gave_way_at")
+    __slots__ = ("client", "wait", "running", "gave_way_at")
 
     def __init__(self, client: str | None):
-        self.client, self.task = client, asyncio.current_task()
+        self.client, self.wait = client, StoppableWait()
         self.running = False
         self.gave_way_at: int | None = None  # the share it was past, once stopped
 
@@ -636,7 +637,7 @@ class _Explanation:
 
     def stop(self, share: int) -> None:
         self.gave_way_at = share
-        self.task.cancel()
+        self.wait.stop()
 
 
 class CIFAR100Predictor(Model):
@@ -647,9 +648,9 @@ class CIFAR100Predictor(Model):
         self.model_dir = Path(model_dir)
         # client_waiting: the waiting places a client keeps when all are taken (handler/batching.py)
         self.engine_setting, self.max_waiting, self.client_waiting = engine_setting, max_waiting, client_waiting
-        # Explanations under way at once (None: as many as may wait for a forward pass); one more gets 503, unless a
-        # client past its share gives way (explain). client_explanations: the most a client keeps when all are taken.
-        self.max_explanations = max_explanations if max_explanations is not None else max_waiting
+        # Explanations under way at once (None: no bound); one more gets 503, unless a client past its share gives
+        # way (explain). client_explanations: the most a client keeps when all are taken.
+        self.max_explanations = max_explanations
         self.client_explanations = client_explanations
         self._explaining: dict[_Explanation, None] = {}  # those under way, oldest first
         self._unpacked = tempfile.TemporaryDirectory(prefix="cifar100-kserve-")
@@ -814,7 +815,7 @@ class CIFAR100Predictor(Model):
             maps = await self._explainer.run(client or "", explanation.on_thread, self._heatmaps, images, targets,
                                              sizes)
         except asyncio.CancelledError:
-            if explanation.gave_way_at is None or asyncio.current_task().uncancel() > 0:
+            if not explanation.wait.gave_way():
                 raise
             raise self._busy(f"{self.max_explanations} explanations are under way and more than "
                              f"{explanation.gave_way_at} of them are this client's (its share): its newest gave its "

@@ -5,6 +5,7 @@ nearest address in it that is not itself a trusted proxy), the adapter's through
 of those shares while clients compete (max-min fairness): fair_share, giving_way."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -119,6 +120,24 @@ def giving_way(holders: Mapping[str, Iterable[T]], past: Callable[[str], float])
         if past(crowding) <= 1:
             return
         yield left[crowding].pop()
+
+
+class StoppableWait:
+    """The current task's wait, which a newcomer within its fair share may end (giving_way): ``stop()`` cancels the
+    task; in its ``except asyncio.CancelledError``, ``gave_way()`` says whether that cancel was the stop's alone (one
+    of another kind too, a deadline's or a client's that left, goes on as it came). The adapter's requests waiting
+    for a connection to the model server, the predictor's explanations waiting for the explainer's thread."""
+
+    def __init__(self):
+        self.task = asyncio.current_task()
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.task.cancel()
+
+    def gave_way(self) -> bool:
+        return self.stopped and self.task.uncancel() == 0
 
 
 def newest_past_fair_share(waiting: Sequence[tuple[object, str | None]], client: str, places: int,

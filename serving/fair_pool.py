@@ -23,7 +23,6 @@ class FairPlaces:
     """``places`` places (threads, connections) shared among clients: take() waits for one, give_back() frees it."""
 
     def __init__(self, places: int):
-        self.places = places
         self._free = places
         self._holding: dict[str, int] = {}  # client -> the places it holds now
         self._waiting: dict[str, deque[asyncio.Future]] = {}  # client -> its turns, oldest first
