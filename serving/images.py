@@ -19,7 +19,8 @@ Limits (each refused with a 4xx before any pixel is decoded, the server keeps se
   * a JPEG of more than MAX_JPEG_SCANS scans is refused (400), counted on its markers;
   * metadata read block by block (a JPEG's marker segments, a PNG's chunks, what precedes a GIF's first
     picture, a PPM's header) is bounded before Pillow opens the file: a file of empty blocks would cost
-    by their count, not by its pixels (block_limit, MAX_PPM_HEADER_BYTES: 400);
+    by their count, not by its pixels (block_limit, MAX_PPM_HEADER_BYTES: 400), and so are a PNG's
+    compressed metadata chunks, each inflated up to 1 MB (MAX_PNG_COMPRESSED_CHUNKS: 400);
   * formats Pillow decodes in Python are bounded by their pixels, bytes or samples (MAX_BMP_RLE_PIXELS,
     MAX_PLAIN_PNM_BYTES, MAX_SCALED_PNM_SAMPLES: 413);
   * EXIF metadata above MAX_EXIF_BYTES is refused (413), and a TIFF directory of more than
@@ -127,10 +128,16 @@ BLOCK_BYTES = 1024
 # A PPM's header (magic, sizes, maximum value, comments) is read a byte at a time (~0.3 us each): it must end
 # within this many bytes (netpbm writes ~15, GIMP ~60 with its comment).
 MAX_PPM_HEADER_BYTES = 4096
-# Formats Pillow decodes in Python, by their pixels or their bytes: a BMP compressed with RLE (RLE8, RLE4: ~0.12 us
-# a pixel; 3 KB of 16 MP cost a worker 2 s) and plain (text) PNM, P1-P3 (~0.3 us a number; 10 MB cost 1.5 s)
-# (session 46). Real ones are small (icons, teaching files): 1 MP costs ~70 ms, 1 MB ~160 ms.
-MAX_BMP_RLE_PIXELS = 1_000_000
+# A PNG's compressed metadata chunks (zTXt, iCCP, an iTXt marked compressed), each of which Pillow inflates while
+# it opens or loads the file, up to its MAX_TEXT_CHUNK (1 MB) a chunk, what its MAX_TEXT_MEMORY counts or not (an
+# iCCP, a stream broken after 1 MB): 60 of 1 KB each inflating to 1 MB, a 66 KB file, cost the adapter's event loop
+# 0.2 s (session 59). Real files hold up to ~5 (an ICC profile; ImageMagick's raw EXIF, XMP, IPTC, 8BIM profiles).
+MAX_PNG_COMPRESSED_CHUNKS = 8
+# Formats Pillow decodes in Python, by their pixels or their bytes: a BMP compressed with RLE (RLE8, RLE4: 60-90 ns
+# a pixel, rows padded a byte at a time after their end-of-line up to 160 ns at 1 MP: 3 KB of 16 MP cost a worker
+# 2 s, 5 KB of 1 MP 0.15-0.33 s, session 59) and plain (text) PNM, P1-P3 (~0.3 us a number; 10 MB cost 1.5 s)
+# (session 46). Real ones are small (icons, teaching files, 640x480 screens): 640x640 costs 35-65 ms, 1 MB ~160 ms.
+MAX_BMP_RLE_PIXELS = 640 * 640
 MAX_PLAIN_PNM_BYTES = 1024 * 1024
 # ... and a binary PNM (P5, P6) whose maximum value is not 255 (but a grey one's 65535), scaled a sample at a time
 # (~0.9 us each: a 9.9 MB PGM of maximum 254 cost the adapter 8.9 s, two of them held both shrinking threads;
@@ -173,7 +180,7 @@ def check_png_chunks(data: bytes) -> None:
     """
     if not data.startswith(PNG_SIGNATURE):
         return
-    pos, chunks, limit = len(PNG_SIGNATURE), 0, block_limit(len(data))
+    pos, chunks, compressed, limit = len(PNG_SIGNATURE), 0, 0, block_limit(len(data))
     while pos + 12 <= len(data):
         chunks += 1
         if chunks > limit:
@@ -187,7 +194,18 @@ def check_png_chunks(data: bytes) -> None:
             raise ImageRequestError(400, f"corrupt PNG: checksum mismatch in its {kind.decode('latin-1')!r} chunk")
         if kind == b"IEND":
             return
+        if kind in (b"zTXt", b"iCCP") or kind == b"iTXt" and _compressed_itxt(data[pos + 8:end - 4]):
+            compressed += 1  # a chunk Pillow inflates as it reads it
+            if compressed > MAX_PNG_COMPRESSED_CHUNKS:
+                raise ImageRequestError(400, f"PNG of more than {MAX_PNG_COMPRESSED_CHUNKS} compressed metadata "
+                                             "chunks (zTXt, iTXt, iCCP) refused: real files hold a few")
         pos = end
+
+
+def _compressed_itxt(payload: bytes) -> bool:
+    """An iTXt chunk's compression flag: the byte after its keyword's NUL."""
+    flag_at = payload.find(b"\0") + 1
+    return 0 < flag_at < len(payload) and payload[flag_at] != 0
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -297,7 +315,7 @@ def _check_bmp_rle(data: bytes | bytearray) -> None:
     if compression in (1, 2) and abs(width) * abs(height) > MAX_BMP_RLE_PIXELS:
         raise ImageRequestError(
             413, f"BMP compressed with RLE of {abs(width)}x{abs(height)} pixels refused: above the "
-                 f"{MAX_BMP_RLE_PIXELS / 1e6:g} MP limit for RLE, decoded slowly: save it as PNG")
+                 f"{MAX_BMP_RLE_PIXELS:,}-pixel limit for RLE, decoded slowly: save it as PNG")
 
 
 def _check_plain_pnm(data: bytes | bytearray) -> None:

@@ -53,10 +53,9 @@ def png_with_bad_crc(img: Image.Image, chunk: bytes = b"IDAT") -> bytes:
 
 def png_declaring_size(width: int, height: int) -> bytes:
     """A tiny, structurally valid PNG header that declares a huge canvas (a decompression bomb's header)."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + png_chunk(b"IEND", b""))
 
 
 def jpeg_declaring_size(width: int, height: int, progressive: bool = False) -> bytes:
@@ -89,6 +88,18 @@ def padded_with_empty_blocks(img: Image.Image, fmt: str, blocks: int) -> bytes:
         return data[:2] + b"\xff\xfe\x00\x02" * blocks + data[2:]
     at = 13 + ((3 << ((data[10] & 7) + 1)) if data[10] & 0x80 else 0)  # after the global colour table
     return data[:at] + b"\x21\xfe" + b"\x01-" * (blocks - 1) + b"\x00" + data[at:]
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_with_chunks(img: Image.Image, chunks: list[bytes], before_pixels: bool = True) -> bytes:
+    """img as a PNG with ``chunks`` (png_chunk) after its header, read as Pillow opens it, or before its end, read
+    as it loads its pixels."""
+    data = encode(img)
+    at = data.index(b"IDAT") - 4 if before_pixels else data.rindex(b"IEND") - 4
+    return data[:at] + b"".join(chunks) + data[at:]
 
 
 def decompression_bomb_png() -> bytes:

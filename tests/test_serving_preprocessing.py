@@ -5,6 +5,7 @@ import base64
 import io
 import struct
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -13,12 +14,12 @@ from PIL import Image, ImageFile
 
 from handler.preprocessing import (INLINE_DECODE_MAX_BYTES, INPUT_SIZE, MAX_IMAGE_PIXELS, ImageRequestError,
                                    decode_image, decodes_inline, image_bytes, image_to_tensor)
-from serving.images import (BLOCK_BYTES, MAX_BLOCKS, MAX_EXIF_BYTES, MAX_JPEG_SCANS, MAX_PPM_HEADER_BYTES,
-                            MAX_TIFF_TAGS, jpeg_markers, open_upload)
+from serving.images import (BLOCK_BYTES, MAX_BLOCKS, MAX_EXIF_BYTES, MAX_JPEG_SCANS, MAX_PNG_COMPRESSED_CHUNKS,
+                            MAX_PPM_HEADER_BYTES, MAX_TIFF_TAGS, jpeg_markers, open_upload)
 from serving_helpers import (animated_gif, decompression_bomb_png, encode, exif_block, exif_rotated_jpeg, grey_tiff,
                              jpeg_declaring_size, tiled_tiff,
                              jpeg_with_repeated_scans, oversized_png, padded_with_empty_blocks, png_declaring_size,
-                             png_with_bad_crc, png_with_exif, sixteen_bit_png)
+                             png_chunk, png_with_bad_crc, png_with_chunks, png_with_exif, sixteen_bit_png)
 
 
 def halves(size=(40, 20), left=(255, 0, 0), right=(0, 0, 255)) -> Image.Image:
@@ -247,7 +248,7 @@ def test_formats_pillow_decodes_in_python_are_bounded_by_their_pixels_or_bytes()
     for bomb in (rle8_bmp(side + 1, side), rle8_bmp(32768, 488)):
         with pytest.raises(ImageRequestError) as info:
             open_upload(bomb)
-        assert info.value.status == 413 and "MP limit for RLE" in info.value.message, info.value.message
+        assert info.value.status == 413 and "pixel limit for RLE" in info.value.message, info.value.message
         assert _cpu_seconds(open_upload, bomb) < 0.01
     head = b"P2\n1000 %d\n255\n"
     rows = (MAX_PLAIN_PNM_BYTES - len(head % 9999)) // 2000
@@ -530,6 +531,28 @@ def test_a_file_of_empty_metadata_blocks_is_refused_before_pillow_reads_them(fmt
     assert np.array_equal(np.asarray(at_limit), np.asarray(decode_image(encode(picture, fmt))))
     if fmt == "JPEG":
         assert jpeg_markers(padded_with_empty_blocks(picture, fmt, 10)) == (10 + own, 1)
+
+
+@pytest.mark.parametrize("before_pixels", [True, False], ids=["read-as-opened", "read-as-loaded"])
+def test_a_png_of_more_compressed_metadata_chunks_than_real_files_hold_is_refused_before_pillow_inflates_them(
+        before_pixels):
+    # Pillow inflates each zTXt, iCCP and compressed iTXt, up to 1 MB, as it reads it (before the pixels: as it
+    # opens the file, on the adapter's event loop for a small upload): 60 of 1 KB, a 66 KB file, cost 0.2 s.
+    megabyte = zlib.compress(bytes(2**20 - 1), 9)  # ~1 KB inflating to just under Pillow's MAX_TEXT_CHUNK
+    compressed = [png_chunk(b"iCCP", b"icc\0\0" + megabyte)] + [
+        png_chunk(b"zTXt", b"k%d\0\0" % i + megabyte) if i % 2 else png_chunk(b"iTXt", b"k%d\0\1\0\0\0" % i + megabyte)
+        for i in range(1, 60)]
+    plain = [png_chunk(b"tEXt", b"Comment\0hello"), png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0<x/>")] * 3
+    picture = halves((64, 32))
+    at_limit = png_with_chunks(picture, plain + compressed[:MAX_PNG_COMPRESSED_CHUNKS], before_pixels)
+    assert np.array_equal(np.asarray(decode_image(at_limit)), np.asarray(decode_image(encode(picture))))
+    for hostile in (compressed[:MAX_PNG_COMPRESSED_CHUNKS + 1], compressed):
+        hostile = png_with_chunks(picture, plain + hostile, before_pixels)
+        with pytest.raises(ImageRequestError) as info:
+            decode_image(hostile)
+        assert info.value.status == 400, info.value.message
+        assert f"more than {MAX_PNG_COMPRESSED_CHUNKS} compressed metadata chunks" in info.value.message
+        assert _cpu_seconds(decode_image, hostile) < 0.01  # refused on the chunks' heads, nothing inflated
 
 
 def test_a_large_png_may_hold_one_chunk_per_block_bytes(monkeypatch):

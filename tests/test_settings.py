@@ -231,7 +231,9 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
         "BLOCK_BYTES": (images.BLOCK_BYTES, r"one per (\d+) bytes of the file if that is more, `BLOCK_BYTES`", 1),
         "MAX_PPM_HEADER_BYTES": (images.MAX_PPM_HEADER_BYTES, r"longer than (\d+) bytes, `MAX_PPM_HEADER_BYTES`", 1),
         "MAX_EXIF_BYTES": (images.MAX_EXIF_BYTES, r"over (\d+) KB, `MAX_EXIF_BYTES`", 1024),
-        "MAX_BMP_RLE_PIXELS": (images.MAX_BMP_RLE_PIXELS, r"RLE of over (\d+) MP, `MAX_BMP_RLE_PIXELS`", 10**6),
+        "MAX_BMP_RLE_PIXELS": (images.MAX_BMP_RLE_PIXELS, r"RLE of over ([\d,]+) pixels \(\d+x\d+\), `MAX_BMP_RLE_",
+                               1),
+        "MAX_PNG_COMPRESSED_CHUNKS": (images.MAX_PNG_COMPRESSED_CHUNKS, r"more than (\d+) compressed metadata chunks", 1),
         "MAX_PLAIN_PNM_BYTES": (images.MAX_PLAIN_PNM_BYTES, r"P1-P3, over (\d+) MB, `MAX_PLAIN_PNM_BYTES`", 2**20),
         "MAX_SCALED_PNM_SAMPLES": (images.MAX_SCALED_PNM_SAMPLES, r"of over (\d+) samples, `MAX_SCALED_PNM_SAMPLES`", 1),
         "MAX_REQUEST_PIXELS": (images.MAX_REQUEST_PIXELS, r"(\d+) MP to decode in all \(`MAX_REQUEST_PIXELS`", 10**6),
@@ -244,7 +246,7 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
     for name, (value, pattern, unit) in documented.items():
         match = re.search(pattern, readme)
         assert match, f"README no longer states {name} as {pattern!r}"
-        assert int(match[1]) * unit == value, f"{name}: README says {match[1]}, the code has {value}"
+        assert int(match[1].replace(",", "")) * unit == value, f"{name}: README says {match[1]}, the code has {value}"
 
 
 def test_readme_says_which_torchserve_logs_roll_over_as_log4j2_xml_does():
