@@ -4,7 +4,9 @@ listens on 127.0.0.1 only (a free port). Its one job: accept a connection, count
 exempt, at the cap a quiet or unread connection of the address most past its fair share giving way (_ClientSide); a
 count of its own), reset it at once when refused, else copy its bytes to a connection of its own to grpc
 and back, with flow control, each side's close or half-close passed on to the other; and reset it when its client
-opens streams faster than --max_client_streams a second (NewStreams: the client's frame heads are read for that).
+opens streams faster than --max_client_streams a second, sends frames faster than --max_client_frames a second (both
+PerSecond), or a header block of more than MAX_HEADER_FIELDS fields or MAX_HEADER_BLOCK_BYTES bytes (hpack_fields):
+the client's frame heads are read for that, and its header blocks' representations, no string decoded.
 
 grpc core counts connections only in all (grpc.max_allowed_incoming_connections) and grpcio has no hook at accept:
 one address that opened 512 connections and sent the HTTP/2 preface held every gRPC connection until grpc's idle
@@ -29,7 +31,18 @@ logger = logging.getLogger("handler.grpc_relay")
 
 _PREFACE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # what a client sends before its first frame
 _FRAME_HEAD = 9  # an HTTP/2 frame's length (3 bytes), type, flags and stream
-_HEADERS = 0x1
+_HEADERS, _CONTINUATION = 0x1, 0x9
+_END_HEADERS, _PADDED, _PRIORITY = 0x4, 0x8, 0x20  # HEADERS' flags (CONTINUATION's: END_HEADERS)
+
+# A call's header block: at most this many fields (Envoy's default max_headers_count; a grpc call sends ~10 and its
+# metadata). HPACK lets one byte name a 4 KB entry of the connection's table: 8,000 such in an 8 KB block, a call
+# that never sent its message, took the predictor from 0.8 to 3.4-4.3 GB in 8 s (grpc core expands them before its
+# own 16 KiB bound refuses the call), every gRPC call failing (session 59).
+MAX_HEADER_FIELDS = 100
+# ... and of at most this many bytes as sent, its CONTINUATION frames included: a block that never ended was read
+# for as long as its client sent (2.4 GB in 8 s). grpc refuses more than 16 KiB of headers as decoded.
+MAX_HEADER_BLOCK_BYTES = 64 * 1024
+RESET_REASONS = ("streams", "frames", "headers")  # why a connection is reset (_ClientSide._refusal): a metric's labels
 
 INTERNAL_HOST = "127.0.0.1"  # where grpc listens (a free port), reached from the relay only
 _INTERNAL_PEER = f"ipv4:{INTERNAL_HOST}:"  # grpc's peer string for the relay's connections, less the port
@@ -107,28 +120,68 @@ class _GrpcSide(_Side):
         super().connection_lost(exc)
 
 
-class NewStreams:
-    """The streams (calls) each client address opens (HTTP/2 HEADERS frames of a new stream), counted over all its
-    connections a second at a time: past ``per_s`` in one second, the connection that opened the one too many is
-    reset, its bytes not relayed. One connection opening ModelInfer calls and resetting each at once ("rapid reset",
-    10,000 a second), or ending each at once with an empty message (51,000 a second), had every other client's calls
-    answered CANCELLED; grpc core pushes back on neither. Counting resets alone missed the second, and reset an honest
-    client whose calls ran out a 50 ms deadline (225 a second). The default is about twice the one-image calls this
-    server answers a second on 2 cores."""
+class PerSecond:
+    """What each client address does over all its connections (streams opened, frames sent), counted a second at a
+    time: past ``per_s`` in one second, the connection that did one too many is reset, its bytes not relayed.
+
+    Streams (--max_client_streams): one connection opening ModelInfer calls and resetting each at once ("rapid
+    reset", 10,000 a second), or ending each at once with an empty message (51,000 a second), had every other
+    client's calls answered CANCELLED; grpc core pushes back on neither. Counting resets alone missed the second, and
+    reset an honest client whose calls ran out a 50 ms deadline (225 a second). Frames (--max_client_frames): 4
+    connections sending 9-byte frames of an unknown type, WINDOW_UPDATE or PRIORITY, 1 million a second, held the
+    event loop in this relay's reading of their heads, every REST and gRPC answer taking 1-9 s."""
 
     def __init__(self, per_s: int):
         self.per_s = per_s
-        self._counts: dict[str, tuple[float, int]] = {}  # client key -> (its second's start, streams opened in it)
+        self._counts: dict[str, tuple[float, int]] = {}  # client key -> (its second's start, its count in it)
 
-    def too_many(self, key: str, streams: int) -> bool:
+    def too_many(self, key: str, count: int) -> bool:
         now = time.monotonic()
-        start, count = self._counts.get(key, (now, 0))
+        start, counted = self._counts.get(key, (now, 0))
         if now - start >= 1.0:
-            start, count = now, 0
+            start, counted = now, 0
             if len(self._counts) > 4096:  # (seconds past: forgotten)
                 self._counts = {k: v for k, v in self._counts.items() if now - v[0] < 1.0}
-        self._counts[key] = (start, count + streams)
-        return count + streams > self.per_s
+        self._counts[key] = (start, counted + count)
+        return counted + count > self.per_s
+
+
+def _hpack_integer(block, at: int, prefix_bits: int) -> tuple[int, int]:
+    """An HPACK integer (RFC 7541 5.1) whose prefix is the low ``prefix_bits`` of ``block[at]``: (value, where the
+    next representation starts); a value past the block's length for one cut short or absurdly long."""
+    most = (1 << prefix_bits) - 1
+    value, at = block[at] & most, at + 1
+    if value < most:
+        return value, at
+    for shift in range(0, 28, 7):  # (4 bytes of continuation: past any length a block can hold)
+        if at >= len(block):
+            break
+        byte, at = block[at], at + 1
+        value += (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+    return len(block) + 1, len(block) + 1
+
+
+def hpack_fields(block, most: int) -> int:
+    """The header fields (and table size updates) an HPACK header block holds, counted up to ``most`` + 1: each
+    representation's first byte, integers and string lengths read (RFC 7541 6), no string decoded (hpack's Decoder
+    would decode Huffman strings in Python, ~1 us a byte). A block cut short counts as read so far (grpc refuses it)."""
+    at, fields = 0, 0
+    while at < len(block) and fields <= most:
+        first = block[at]
+        if first & 0x80:  # an indexed field
+            _, at = _hpack_integer(block, at, 7)
+        elif first & 0x20 and not first & 0x40:  # a dynamic table size update
+            _, at = _hpack_integer(block, at, 5)
+        else:  # a literal field (with incremental indexing, without, never indexed): its name's index, or a name
+            index, at = _hpack_integer(block, at, 6 if first & 0x40 else 4)
+            for _ in range(1 if index else 2):  # the name (when not indexed), the value
+                if at < len(block):
+                    length, at = _hpack_integer(block, at, 7)
+                    at += length
+        fields += 1
+    return fields
 
 
 class _ClientSide(_Side):
@@ -146,9 +199,13 @@ class _ClientSide(_Side):
     def __init__(self, relay: "GrpcRelay"):
         self.relay, self.key, self.host, self.connecting = relay, None, None, None
         self.read_at = time.monotonic()
-        # Where its bytes are in HTTP/2's framing (_new_streams): the preface left, the frame payload left to pass
-        # over, a frame head split between two reads, and the highest stream opened.
+        # Where its bytes are in HTTP/2's framing (_refusal): the preface left, the frame payload left to pass over,
+        # a frame head split between two reads, and the highest stream opened; a header block's frame payload read
+        # so far (HEADERS, CONTINUATION), its frame's type and flags, and the block's fragments before it.
         self._preface_left, self._payload_left, self._head, self._last_stream = _PREFACE, 0, b"", 0
+        self._fragment: bytearray | None = None
+        self._fragment_of = (0, 0)
+        self._block = bytearray()
         self.unread_since: float | None = None
         self.marked_idle = False
         self.idle_check: asyncio.TimerHandle | None = None
@@ -192,24 +249,29 @@ class _ClientSide(_Side):
             reset_connection(self.transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.key and self._new_streams(data):  # (a trusted proxy's connections carry many clients' calls)
-            self.relay.streams_refused(self.host)
+        if self.key and (reason := self._refusal(data)):  # (a trusted proxy's connections carry many clients' calls)
+            self.relay.refused(self.host, reason)
             self.reset()
             return
         super().data_received(data)
 
-    def _new_streams(self, data: bytes) -> bool:
-        """Whether the streams ``data`` opens put its client past --max_client_streams this second: frame heads read,
-        payloads passed over by their length."""
-        at, end, opened = 0, len(data), 0
+    def _refusal(self, data: bytes) -> str | None:
+        """Why ``data`` gets its connection reset: its client past --max_client_streams or --max_client_frames this
+        second ("streams", "frames"), or a header block past MAX_HEADER_FIELDS or MAX_HEADER_BLOCK_BYTES
+        ("headers"); None: relayed. Frame heads read, payloads passed over by their length but header blocks'."""
+        at, end, opened, frames = 0, len(data), 0, 0
         if self._preface_left:
             at = min(self._preface_left, end)
             self._preface_left -= at
         while at < end:
             if self._payload_left:
                 step = min(self._payload_left, end - at)
+                if self._fragment is not None:
+                    self._fragment += data[at:at + step]
                 self._payload_left -= step
                 at += step
+                if not self._payload_left and self._fragment is not None and not self._header_fragment_read():
+                    return "headers"
                 continue
             head = self._head + data[at:at + _FRAME_HEAD - len(self._head)]
             at += len(head) - len(self._head)
@@ -217,12 +279,40 @@ class _ClientSide(_Side):
                 self._head = head
                 break
             self._head = b""
+            frames += 1
             self._payload_left = int.from_bytes(head[:3], "big")
-            stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
-            if head[3] == _HEADERS and stream > self._last_stream:  # (not a stream's trailers: a new one)
+            kind, stream = head[3], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+            if kind == _HEADERS and stream > self._last_stream:  # (not a stream's trailers: a new one)
                 self._last_stream = stream
                 opened += 1
-        return bool(opened) and self.relay.new_streams.too_many(self.key, opened)
+            if kind in (_HEADERS, _CONTINUATION):
+                if len(self._block) + self._payload_left > MAX_HEADER_BLOCK_BYTES:
+                    return "headers"
+                self._fragment, self._fragment_of = bytearray(), (kind, head[4])
+                if not self._payload_left and not self._header_fragment_read():
+                    return "headers"
+        if opened and self.relay.new_streams.too_many(self.key, opened):
+            return "streams"
+        if frames and self.relay.frames.too_many(self.key, frames):
+            return "frames"
+        return None
+
+    def _header_fragment_read(self) -> bool:
+        """A HEADERS or CONTINUATION frame's payload read whole: its fragment added to the header block (a HEADERS
+        begins one: its padding and priority left out); at the block's end, whether it holds at most
+        MAX_HEADER_FIELDS fields."""
+        fragment, (kind, flags) = self._fragment, self._fragment_of
+        self._fragment = None
+        if kind == _HEADERS:
+            start = (1 if flags & _PADDED else 0) + (5 if flags & _PRIORITY else 0)
+            padding = fragment[0] if flags & _PADDED and fragment else 0
+            self._block = fragment[start:len(fragment) - padding]
+        else:
+            self._block += fragment
+        if not flags & _END_HEADERS:
+            return True
+        block, self._block = self._block, bytearray()
+        return hpack_fields(block, MAX_HEADER_FIELDS) <= MAX_HEADER_FIELDS
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -295,11 +385,13 @@ class GrpcRelay:
     """The public gRPC port in front of grpc's internal one (``internal_port``, set once grpc listens): ``start``
     listens on ``host``:``port``, ``stop_listening`` and ``close`` end it; ``peer_host`` reads a call's client."""
 
-    def __init__(self, connections: OpenConnections, new_streams: NewStreams, on_streams_refused=lambda: None):
+    def __init__(self, connections: OpenConnections, new_streams: PerSecond, frames: PerSecond,
+                 on_refused=lambda reason: None):
         self.connections = connections
         self.connections.refusals = ThrottledLog(logger)  # its resets logged as the gRPC port's
         self.failures = ThrottledLog(logger)
-        self.new_streams, self._on_streams_refused = new_streams, on_streams_refused
+        self.resets = {reason: ThrottledLog(logger) for reason in RESET_REASONS}  # (each kind's count its own)
+        self.new_streams, self.frames, self._on_refused = new_streams, frames, on_refused
         self.clients: dict[int, str] = {}  # the local port of a connection to grpc -> its client's host
         self.open: set[_ClientSide] = set()
         self.internal_port: int | None = None
@@ -324,10 +416,14 @@ class GrpcRelay:
         for connection in list(self.open):
             connection.reset()
 
-    def streams_refused(self, host: str | None) -> None:
-        self._on_streams_refused()
-        self.failures.warning("reset a gRPC connection from %s: its client opened more than %d streams in a second "
-                              "(--max_client_streams)", host, self.new_streams.per_s)
+    def refused(self, host: str | None, reason: str) -> None:
+        """A connection of ``host`` reset for ``reason`` (_ClientSide._refusal's)."""
+        self._on_refused(reason)
+        why = {"streams": f"its client opened more than {self.new_streams.per_s} streams in a second "
+                          "(--max_client_streams)",
+               "frames": f"its client sent more than {self.frames.per_s} frames in a second (--max_client_frames)",
+               "headers": f"a header block of more than {MAX_HEADER_FIELDS} fields or {MAX_HEADER_BLOCK_BYTES} bytes"}
+        self.resets[reason].warning("reset a gRPC connection from %s: %s", host, why[reason])
 
     def peer_host(self, peer: str) -> str:
         """The host of a call's ``context.peer()``: for the relay's connection to grpc, its client's."""

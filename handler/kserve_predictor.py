@@ -87,7 +87,7 @@ from handler.answers import NOT_FINITE, image_answers, served_topk
 from handler.batching import Batcher, BatcherFull
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
-from handler.grpc_relay import INTERNAL_HOST, GrpcRelay, NewStreams
+from handler.grpc_relay import INTERNAL_HOST, RESET_REASONS, GrpcRelay, PerSecond
 from handler.held_bodies import GrpcMessageBound, HeldBytes, RestBodies, client_share
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, OUTPUTS, V2, ProtocolError,
@@ -133,9 +133,16 @@ GRPC_MESSAGE_GRACE_S = 5.0
 # REST connections from one client (--max_client_connections): this server's clients are services, not browsers (the
 # adapter's 64): an adapter in front holds up to its pool's 24 (TS_MAX_CONNECTIONS) + 8 for health checks at once.
 MAX_CLIENT_CONNECTIONS = 128
-# gRPC streams (calls) one client may open in a second (--max_client_streams, handler/grpc_relay.py NewStreams): about
+# gRPC streams (calls) one client may open in a second (--max_client_streams, handler/grpc_relay.py PerSecond): about
 # twice the one-image calls this server answers a second on 2 cores (benchmarks/RESULTS.md session 58).
 MAX_CLIENT_STREAMS = 1000
+# HTTP/2 frames one client may send in a second (--max_client_frames): a call takes 3-5 (HEADERS, DATA, WINDOW_UPDATE),
+# so 5,000 at MAX_CLIENT_STREAMS, and a 12 MiB message 770 of 16 KiB; read by the relay at ~1 us each.
+MAX_CLIENT_FRAMES = 10_000
+# gRPC messages as sent only (grpc core's enabled algorithms: identity alone; a compressed one is answered
+# UNIMPLEMENTED): 11 KB of gzip inflating to an 11 MB message cost this server what the 11 MB one does, for a thousandth
+# of the bytes (session 59); an image is compressed already.
+GRPC_UNCOMPRESSED = ("grpc.compression_enabled_algorithms_bitset", 1)
 # Open files beyond the connection caps: the model's and the archive's files, logs, sockets of threads and probes.
 OPEN_FILES_MARGIN = 256
 
@@ -155,7 +162,7 @@ for _reason in EDGE_REFUSALS:
     HTTP_REFUSED.labels(_reason)  # at 0 from the start: rate() sees the first one
 GRPC_CONNECTIONS_RESET = Counter("GrpcConnectionsReset", "gRPC connections reset at once by a cap, by reason "
                                  "(HttpRefused's names)", ["Reason"])
-for _reason in (*CONNECTION_REFUSALS.values(), "streams"):
+for _reason in (*CONNECTION_REFUSALS.values(), *RESET_REASONS):
     GRPC_CONNECTIONS_RESET.labels(_reason)
 GRPC_CALLS_WAITING = Gauge("GrpcCallsWaiting", "gRPC calls waiting for their turn to have their message read")
 
@@ -1033,6 +1040,10 @@ def main() -> None:
                         help="gRPC streams (calls) one client may open in a second, over all its connections "
                              "(--trusted_proxies exempt); the connection that opens one more is reset (HTTP/2 "
                              "rapid reset and the like); raise it for a server that answers more calls a second")
+    parser.add_argument("--max_client_frames", type=positive_int, default=MAX_CLIENT_FRAMES,
+                        help="HTTP/2 frames one client may send over gRPC in a second, over all its connections "
+                             "(--trusted_proxies exempt); the connection that sends one more is reset (floods of "
+                             "small frames); raise it for clients that send more")
     parser.add_argument("--header_timeout_s", type=positive_float, default=edge_defaults.header_timeout_s,
                         help="a REST request's line and headers must arrive within this (408), at --min_upload_rate "
                              "after --min_rate_grace_s; a gRPC connection's HTTP/2 preface and settings too (closed); "
@@ -1156,13 +1167,14 @@ def main() -> None:
     grpc_server.InferenceServicer = CIFAR100Servicer  # the servicer KServe's gRPC server builds at start
     # gRPC's connections counted as REST's, a count of their own, by the relay on the public port
     relay = GrpcRelay(OpenConnections(edge, lambda cap: GRPC_CONNECTIONS_RESET.labels(CONNECTION_REFUSALS[cap]).inc()),
-                      NewStreams(args.max_client_streams), GRPC_CONNECTIONS_RESET.labels("streams").inc)
+                      PerSecond(args.max_client_streams), PerSecond(args.max_client_frames),
+                      lambda reason: GRPC_CONNECTIONS_RESET.labels(reason).inc())
     grpc_server.aio = _AioBounded(GrpcMessageBound(
         grpc_messages, max_message, max_waiting, args.body_timeout_s, refused=lambda bound: REFUSED.labels(bound).inc(),
         clients=ForwardedClient(trusted), client_waiting=client_waiting,
         others=grpc_health, peer_host=relay.peer_host),
-        grpc_connection_options(args.max_open_connections, args.header_timeout_s,
-                                silent_timeout_s(edge, model_server.args.timeout_keep_alive)),
+        [*grpc_connection_options(args.max_open_connections, args.header_timeout_s,
+                                  silent_timeout_s(edge, model_server.args.timeout_keep_alive)), GRPC_UNCOMPRESSED],
         args.host, relay)
     rest_server.uvicorn = _UvicornGuarded(edge_protocol(edge), args.host)
     server.start([model])

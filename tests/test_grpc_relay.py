@@ -9,12 +9,12 @@ import contextlib
 from adapter.config import Settings
 from adapter.protocol import OpenConnections
 from grpc_raw import DATA, HEADERS, RST_STREAM, frame
-from handler.grpc_relay import GrpcRelay, NewStreams
+from handler.grpc_relay import MAX_HEADER_BLOCK_BYTES, MAX_HEADER_FIELDS, GrpcRelay, PerSecond, hpack_fields
 
 
 @contextlib.asynccontextmanager
 async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = None, grace_s: float = 2.0,
-                   host: str = "127.0.0.1", streams_per_s: int = 1000):
+                   host: str = "127.0.0.1", streams_per_s: int = 1000, frames_per_s: int = 10_000):
     """The relay on a free port of ``host`` in front of a stand-in for grpc: (relay, its port, the stand-in's accepted
     connections as (reader, writer) in a queue); both closed at the end."""
     accepted: asyncio.Queue = asyncio.Queue()
@@ -25,7 +25,7 @@ async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = N
     internal = await asyncio.start_server(grpc_side, "127.0.0.1", 0)
     relay = GrpcRelay(OpenConnections(Settings(max_open_connections=max_open, max_client_connections=max_client,
                                                trusted_proxies=trusted or [], min_rate_grace_s=grace_s)),
-                      NewStreams(streams_per_s))
+                      PerSecond(streams_per_s), PerSecond(frames_per_s))
     relay.internal_port = internal.sockets[0].getsockname()[1]
     try:
         await relay.start(host, 0)
@@ -267,3 +267,67 @@ def test_a_client_opening_more_streams_a_second_than_its_bound_has_its_connectio
             return ended
 
     assert asyncio.run(scenario()) == [True, True, False, False]
+
+
+CONTINUATION, WINDOW_UPDATE = 0x9, 0x8
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def test_hpack_fields_counts_every_kind_of_representation_without_decoding_a_string():
+    """RFC 7541's representations: an indexed field (one byte, or more past index 126), a literal with incremental
+    indexing / without / never indexed, its name indexed or a string, Huffman-coded or not, a table size update;
+    integers of several bytes (a string of 300 bytes). Counted up to the bound + 1; a block cut short counts what
+    was read."""
+    long = b"\xff" + bytes([(300 - 127) & 0x7F | 0x80, (300 - 127) >> 7]) + b"v" * 300  # Huffman, 300 bytes
+    representations = {
+        "indexed": b"\x82", "indexed past 126": b"\xff\x10",
+        "incremental, name indexed": b"\x44\x03abc", "incremental, new name": b"\x40\x01k\x81\x07",
+        "without indexing, new name": b"\x00\x02kk" + long, "never indexed, name indexed": b"\x11\x00",
+        "without indexing, name index 20": b"\x0f\x05\x01v", "table size update": b"\x3f\xe1\x1f",
+    }
+    block = b"".join(representations.values())
+    assert hpack_fields(block, 100) == len(representations)
+    assert hpack_fields(block * 20, 100) == 101  # (160: counted up to the bound + 1)
+    assert hpack_fields(block[:-1], 100) == len(representations)  # cut short in its last
+    assert hpack_fields(b"\x82" * 100, 100) == 100 and hpack_fields(b"\x82" * 101, 100) == 101
+    assert hpack_fields(b"\x00\x7f", 100) == 1  # a string length past the block: one field, cut short
+
+
+def test_a_header_block_of_too_many_fields_or_bytes_or_a_flood_of_frames_has_its_connection_reset():
+    """HPACK lets one byte name a 4 KB entry of the connection's table: 8,000 such in a call's 8 KB header block took
+    the predictor past 3 GB; a block that never ended (CONTINUATION after CONTINUATION) was read for as long as its
+    client sent; 9-byte frames by the million held the event loop. The relay reads the blocks' representations (a
+    block split among HEADERS and CONTINUATION frames and among reads; a HEADERS' padding and priority left out)
+    and the frames an address sends a second: a block of MAX_HEADER_FIELDS fields is relayed, one more resets the
+    connection; so does a block past MAX_HEADER_BLOCK_BYTES, and the frame past the bound in a second."""
+    fields = b"\x82" * (MAX_HEADER_FIELDS - 1)
+    padded = frame(HEADERS, 0x8 | 0x20, 1, bytes([40]) + b"\x80\0\0\0\x10" + fields[:30] + b"\x82" * 40)
+    unended = padded + frame(CONTINUATION, 0, 1, fields[30:])  # 99 fields (the padding's and priority's not)
+    whole = unended + frame(CONTINUATION, 4, 1, b"\x82")
+
+    async def reset_after(head: bytes, tail: bytes, frames_per_s: int = 10_000) -> tuple[bool, bool]:
+        """(``head`` relayed, the connection reset once ``tail`` follows)."""
+        async with _relayed(max_open=8, max_client=4, frames_per_s=frames_per_s) as (relay, port, accepted):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            writer.write(PREFACE)
+            up_reader, up_writer = await asyncio.wait_for(accepted.get(), 5)
+            for at in range(0, len(head), 7):  # in pieces of 7 bytes: frames and blocks split between reads
+                writer.write(head[at:at + 7])
+                await writer.drain()
+            relayed = await asyncio.wait_for(up_reader.readexactly(len(PREFACE) + len(head)), 5) == PREFACE + head
+            writer.write(tail)
+            ended = await _closed_or_reset(reader, 1)
+            writer.close()
+            up_writer.close()
+            return relayed, ended
+
+    async def scenario():
+        update = frame(WINDOW_UPDATE, 0, 0, b"\0\0\0\1")
+        return [await reset_after(whole, frame(HEADERS, 5, 3, b"\x82")),  # (then a call's HEADERS: relayed)
+                await reset_after(unended, frame(CONTINUATION, 4, 1, b"\x82\x82")),  # 101 fields
+                await reset_after(frame(HEADERS, 0, 1, b"\x82") + frame(CONTINUATION, 0, 1, bytes(16384)) * 3,
+                                  frame(CONTINUATION, 0, 1, bytes(16384))),  # a block never ended: past 64 KiB
+                await reset_after(update * 50, update, frames_per_s=50)]
+
+    assert MAX_HEADER_BLOCK_BYTES == 4 * 16384
+    assert asyncio.run(scenario()) == [(True, False), (True, True), (True, True), (True, True)]

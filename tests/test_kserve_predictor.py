@@ -1520,6 +1520,56 @@ def test_a_client_opening_streams_by_the_thousand_has_its_grpc_connection_reset(
     assert [output.name for output in answer.outputs], answer
 
 
+def test_an_hpack_bomb_resets_its_grpc_connection_and_a_compressed_message_is_refused(kserve_predictor, grpc_stub,
+                                                                                      cifar100_test_split):
+    """HPACK lets one byte name a 4 KB entry of the connection's header table: calls of 8,000 such in an 8 KB block
+    took the predictor from 0.8 to 3.4-4.3 GB in 8 s, every gRPC call failing meanwhile. The relay resets the
+    connection whose header block holds more than MAX_HEADER_FIELDS fields (GrpcConnectionsReset_total
+    {Reason="headers"}, logged); another client's call is answered. A message compressed (grpc-encoding gzip: 11 KB
+    that inflated to 11 MB cost what 11 MB does) is answered UNIMPLEMENTED, the same call uncompressed answered."""
+    import grpc
+    from grpc_raw import HEADERS, SETTINGS, frame, literal
+
+    from handler.grpc_relay import MAX_HEADER_FIELDS
+
+    def reset(reason: str) -> int:
+        text = httpx.get(f"{kserve_predictor.url}/metrics", timeout=10).text
+        return int(float(re.search(rf'^GrpcConnectionsReset_total\{{Reason="{reason}"\}} (\S+)$', text, re.M)[1]))
+
+    before = reset("headers")
+    reset("frames")  # (exported from the start too)
+    head = b"".join(literal(name, value) for name, value in (
+        (":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelInfer"),
+        (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")))
+    # a literal of a new name, indexed (the table's entry 62), of 4,000 bytes
+    entry = b"\x40\x01x\x7f" + bytes([(4000 - 127) & 0x7F | 0x80, (4000 - 127) >> 7]) + b"v" * 4000
+    bomb = head + entry + b"\xbe" * 8000  # index 62: the entry, 8,000 times (32 MB of headers)
+    sock = socket.create_connection(("127.0.0.1", kserve_predictor.grpc_port), timeout=10,
+                                    source_address=("127.0.0.8", 0))
+    try:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0, b"") + frame(HEADERS, 4, 1, bomb))
+        deadline = time.monotonic() + 10
+        while connection_state(sock) == "open" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert connection_state(sock) in ("reset", "closed")
+    except ConnectionResetError:  # (reset while it was still sending)
+        pass
+    finally:
+        sock.close()
+    assert reset("headers") == before + 1
+    wait_for_log(kserve_predictor, f"reset a gRPC connection from 127.0.0.8: a header block of more than "
+                                   f"{MAX_HEADER_FIELDS} fields")
+    request = grpc_request([encode(cifar_pil(cifar100_test_split[0], 0))])
+    assert [output.name for output in grpc_stub.ModelInfer(request, timeout=30).outputs]
+    with grpc.insecure_channel(kserve_predictor.grpc_target, compression=grpc.Compression.Gzip) as channel:
+        from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+
+        with pytest.raises(grpc.RpcError) as refused:
+            grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, refused.value
+    assert "gzip" in refused.value.details(), refused.value.details()
+
+
 def test_model_metadata_names_the_image_input_and_the_answers_outputs(kserve_predictor, grpc_stub, client):
     from serving.settings import V2_OUTPUTS
 

@@ -215,6 +215,7 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
     import re
 
     from adapter.metrics import RENDER_REUSE_S
+    from handler.grpc_relay import MAX_HEADER_BLOCK_BYTES, MAX_HEADER_FIELDS
     from handler.protocols import MAX_DATA_DEPTH, NAME_SHOWN
     from serving import images
 
@@ -240,6 +241,8 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
         "MAX_GRPC_PARAMETERS": (MAX_GRPC_PARAMETERS, r"`MAX_GRPC_PARAMETERS` \((\d+)\)", 1),
         "MAX_DATA_DEPTH": (MAX_DATA_DEPTH, r"`MAX_DATA_DEPTH` \((\d+)\)", 1),
         "NAME_SHOWN": (NAME_SHOWN, r"cut to (\d+) characters, `NAME_SHOWN`", 1),
+        "MAX_HEADER_FIELDS": (MAX_HEADER_FIELDS, r"more than (\d+) fields, `MAX_HEADER_FIELDS`", 1),
+        "MAX_HEADER_BLOCK_BYTES": (MAX_HEADER_BLOCK_BYTES, r"more than (\d+) KiB as sent, `MAX_HEADER_BLOCK_BYTES`", 1024),
         "GRPC_MESSAGE_GRACE_S": (GRPC_MESSAGE_GRACE_S, r"`--grpc_message_grace_s` \((\d+) s\)", 1),
         "RENDER_REUSE_S": (RENDER_REUSE_S, r"for up to (\d+) s \(`RENDER_REUSE_S`", 1),
     }
