@@ -2236,7 +2236,7 @@ def test_one_address_holds_at_most_its_own_grpc_connections_and_other_clients_ca
         text = httpx.get(f"{predictor.url}/metrics", timeout=10).text
         reset = {reason: int(float(value)) for reason, value in
                  re.findall(r'^GrpcConnectionsReset_total\{Reason="(\w+)"\} (\S+)$', text, re.M)}
-        assert reset == {"client_connections": 6, "connections": 0, "streams": 0}, reset
+        assert reset == {"client_connections": 6, "connections": 0, "streams": 0, "frames": 0, "headers": 0}, reset
         wait_for_log(predictor, "reset a connection from 127.0.0.2: it has 4 open (MAX_CLIENT_CONNECTIONS)")
 
         for sock in filter(None, flood):
