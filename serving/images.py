@@ -19,8 +19,8 @@ Limits (each refused with a 4xx before any pixel is decoded, the server keeps se
   * a JPEG of more than MAX_JPEG_SCANS scans is refused (400), counted on its markers;
   * metadata read block by block (a JPEG's marker segments, a PNG's chunks, what precedes a GIF's first
     picture, a PPM's header) is bounded before Pillow opens the file: a file of empty blocks would cost
-    by their count, not by its pixels (block_limit, MAX_PPM_HEADER_BYTES: 400), and so are a PNG's
-    compressed metadata chunks, each inflated up to 1 MB (MAX_PNG_COMPRESSED_CHUNKS: 400);
+    by their count, not by its pixels (block_limit, MAX_PPM_HEADER_BYTES: 400); a PNG's compressed metadata,
+    which Pillow would inflate, is left out unread (checked_png);
   * formats Pillow decodes in Python are bounded by their pixels, bytes or samples (MAX_BMP_RLE_PIXELS,
     MAX_PLAIN_PNM_BYTES, MAX_SCALED_PNM_SAMPLES: 413);
   * EXIF metadata above MAX_EXIF_BYTES is refused (413), and a TIFF directory of more than
@@ -128,11 +128,6 @@ BLOCK_BYTES = 1024
 # A PPM's header (magic, sizes, maximum value, comments) is read a byte at a time (~0.3 us each): it must end
 # within this many bytes (netpbm writes ~15, GIMP ~60 with its comment).
 MAX_PPM_HEADER_BYTES = 4096
-# A PNG's compressed metadata chunks (zTXt, iCCP, an iTXt marked compressed), each of which Pillow inflates while
-# it opens or loads the file, up to its MAX_TEXT_CHUNK (1 MB) a chunk, what its MAX_TEXT_MEMORY counts or not (an
-# iCCP, a stream broken after 1 MB): 60 of 1 KB each inflating to 1 MB, a 66 KB file, cost the adapter's event loop
-# 0.2 s (session 59). Real files hold up to ~5 (an ICC profile; ImageMagick's raw EXIF, XMP, IPTC, 8BIM profiles).
-MAX_PNG_COMPRESSED_CHUNKS = 8
 # Formats Pillow decodes in Python, by their pixels or their bytes: a BMP compressed with RLE (RLE8, RLE4: 60-90 ns
 # a pixel, rows padded a byte at a time after their end-of-line up to 160 ns at 1 MP: 3 KB of 16 MP cost a worker
 # 2 s, 5 KB of 1 MP 0.15-0.33 s, session 59) and plain (text) PNM, P1-P3 (~0.3 us a number; 10 MB cost 1.5 s)
@@ -171,16 +166,22 @@ def _too_many_blocks(what: str, size: int) -> ImageRequestError:
                                   f"(at most {MAX_BLOCKS:,}, or one per {BLOCK_BYTES} bytes; real files hold tens)")
 
 
-def check_png_chunks(data: bytes) -> None:
-    """Refuse a PNG whose chunk checksums are wrong (a corrupted upload or download), or of more chunks
-    than block_limit.
+def checked_png(data: bytes) -> bytes:
+    """A PNG's chunks checked: refused when a checksum is wrong (a corrupted upload or download), or when it has
+    more chunks than block_limit; and what Pillow opens: the PNG itself, or a copy without its compressed metadata
+    (zTXt, iCCP, a compressed iTXt). Another format's bytes as they are.
 
     Pillow checks the checksums only for some chunks (and then says "cannot identify image file"); a bad
-    image-data (IDAT) chunk would otherwise decode into wrong pixels and a confident wrong answer.
+    image-data (IDAT) chunk would otherwise decode into wrong pixels and a confident wrong answer. Pillow inflates
+    each compressed metadata chunk, up to 1 MB (its MAX_TEXT_CHUNK), as it reads it, counted against its
+    MAX_TEXT_MEMORY or not (an iCCP, a stream broken at 1 MB): 60 of 1 KB, a 66 KB file, cost the adapter's event loop
+    0.2 s, and 8 still cost a worker 25 ms (session 59). Nothing here reads them (no colour management, no text but
+    the explanation PNG's own tEXt, PICTURE_SIZE_KEY): left out unread, the pixels the same.
     """
     if not data.startswith(PNG_SIGNATURE):
-        return
-    pos, chunks, compressed, limit = len(PNG_SIGNATURE), 0, 0, block_limit(len(data))
+        return data
+    pos, chunks, limit = len(PNG_SIGNATURE), 0, block_limit(len(data))
+    kept, kept_from = [], 0  # the spans kept, once a chunk is left out
     while pos + 12 <= len(data):
         chunks += 1
         if chunks > limit:
@@ -188,18 +189,17 @@ def check_png_chunks(data: bytes) -> None:
         length = int.from_bytes(data[pos:pos + 4], "big")
         end = pos + 12 + length  # length, type, payload, crc
         if end > len(data):
-            return  # truncated: decoding reports it
+            break  # truncated: decoding reports it
         kind = data[pos + 4:pos + 8]
         if zlib.crc32(data[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
             raise ImageRequestError(400, f"corrupt PNG: checksum mismatch in its {kind.decode('latin-1')!r} chunk")
         if kind == b"IEND":
-            return
+            break
         if kind in (b"zTXt", b"iCCP") or kind == b"iTXt" and _compressed_itxt(data[pos + 8:end - 4]):
-            compressed += 1  # a chunk Pillow inflates as it reads it
-            if compressed > MAX_PNG_COMPRESSED_CHUNKS:
-                raise ImageRequestError(400, f"PNG of more than {MAX_PNG_COMPRESSED_CHUNKS} compressed metadata "
-                                             "chunks (zTXt, iTXt, iCCP) refused: real files hold a few")
+            kept.append(data[kept_from:pos])
+            kept_from = end
         pos = end
+    return data if not kept else b"".join(kept) + data[kept_from:]
 
 
 def _compressed_itxt(payload: bytes) -> bool:
@@ -663,7 +663,7 @@ def open_upload(data: bytes) -> Image.Image:
     (No warnings filter: Pillow only warns between 89 and 179 MP, far above these limits, which
     refuse such an image right after; a process-wide filter would not be thread-safe in the adapter.)
     """
-    check_png_chunks(data)
+    data = checked_png(data)
     try:
         # What Pillow's openers would read block by block, or parse at length, bounded before they do.
         if data[:3] == _JPEG_SIGNATURE:
@@ -732,11 +732,21 @@ def network_input(img: Image.Image) -> Image.Image:
 
 # --- shrinking ------------------------------------------------------------------------------------
 
+def decoded_in_python(img: Image.Image) -> bool:
+    """Whether Pillow decodes this opened image in Python (its decoder one of Image.DECODERS: an RLE BMP, a plain or
+    scaled PNM): up to ~60 ms under their bounds where as many pixels cost ~1 ms in C. Such a file is decoded where
+    clients take turns (the adapter's shrinking threads, the predictor's decoding threads), not in TorchServe's
+    workers, first come first served (one address's 16 RLE BMPs of 1 MP took another's answer from 13 to 700 ms),
+    nor on an event loop."""
+    return any(tile.codec_name in Image.DECODERS for tile in img.tile)
+
+
 def worth_shrinking(img: Image.Image, size_bytes: int, min_bytes: int = SHRINK_MIN_BYTES) -> bool:
     """Whether an upload (its opened header and byte size) is shrunk before it travels on: any format (a 14 KB
-    GIF of 16 MP cost a worker 0.29 s, unshrunk, and the workers have no per-client share; the adapter's pool has)."""
+    GIF of 16 MP cost a worker 0.29 s, unshrunk, and the workers have no per-client share; the adapter's pool has),
+    and any decoded in Python."""
     width, height = tile_grid(img)  # a tiled TIFF by its whole tiles
-    return size_bytes > min_bytes or width * height > SHRINK_MIN_PIXELS
+    return size_bytes > min_bytes or width * height > SHRINK_MIN_PIXELS or decoded_in_python(img)
 
 
 def shrunk_png(img: Image.Image, explain: bool = False) -> bytes:

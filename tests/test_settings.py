@@ -234,7 +234,6 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
         "MAX_EXIF_BYTES": (images.MAX_EXIF_BYTES, r"over (\d+) KB, `MAX_EXIF_BYTES`", 1024),
         "MAX_BMP_RLE_PIXELS": (images.MAX_BMP_RLE_PIXELS, r"RLE of over ([\d,]+) pixels \(\d+x\d+\), `MAX_BMP_RLE_",
                                1),
-        "MAX_PNG_COMPRESSED_CHUNKS": (images.MAX_PNG_COMPRESSED_CHUNKS, r"more than (\d+) compressed metadata chunks", 1),
         "MAX_PLAIN_PNM_BYTES": (images.MAX_PLAIN_PNM_BYTES, r"P1-P3, over (\d+) MB, `MAX_PLAIN_PNM_BYTES`", 2**20),
         "MAX_SCALED_PNM_SAMPLES": (images.MAX_SCALED_PNM_SAMPLES, r"of over (\d+) samples, `MAX_SCALED_PNM_SAMPLES`", 1),
         "MAX_REQUEST_PIXELS": (images.MAX_REQUEST_PIXELS, r"(\d+) MP to decode in all \(`MAX_REQUEST_PIXELS`", 10**6),

@@ -33,7 +33,7 @@ from serving.images import (
     ImageRequestError, decode_image, network_input, open_upload, page_image_rules, page_shrink_rules, picture_size,
     shrunk_png, worth_shrinking)
 from serving.process import free_port
-from serving_helpers import encode, exif_rotated_jpeg, jpeg_declaring_size, tiled_tiff
+from serving_helpers import encode, exif_rotated_jpeg, jpeg_declaring_size, rle8_bmp, tiled_tiff
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO_SIZE = (4032, 3024)  # a 12 MP phone photo
@@ -210,6 +210,19 @@ def test_a_small_tiff_of_large_tiles_is_shrunk_as_an_image_of_their_size_is():
     assert np.array_equal(np.asarray(decode_image(shrunk)), np.asarray(network_input(decode_image(data))))
     small = tiled_tiff(16, 16, 256, 256)  # tiles as writers make them: on as it is
     assert prepare(small) == small
+
+
+def test_a_small_file_pillow_decodes_in_python_is_shrunk_here():
+    # An RLE BMP's rows padded a byte at a time, a plain PNM's numbers read one by one: up to ~60 ms under their
+    # limits, and TorchServe's workers take requests first come, first served (one address's 16 RLE BMPs of 1 MP took
+    # another's answer from 13 to 700 ms). Decoded in the pool here, in turns by client, whatever their size.
+    for slow in (rle8_bmp(300, 200), b"P2\n3 2\n255\n" + b"9 " * 18):
+        assert len(slow) < SHRINK_MIN_BYTES and worth_shrinking(open_upload(slow), len(slow))
+        shrunk = prepare(slow)
+        assert shrunk != slow and open_upload(shrunk).format == "PNG"
+        assert np.array_equal(np.asarray(decode_image(shrunk)), np.asarray(network_input(decode_image(slow))))
+    fast = b"P5\n3 2\n255\n" + bytes(6)  # (binary, of maximum 255: read in C)
+    assert prepare(fast) == fast
 
 
 def test_a_phones_multi_picture_jpeg_is_shrunk_as_a_jpeg_is():
