@@ -1484,28 +1484,20 @@ def test_grpc_refusals_carry_the_handlers_message_and_the_server_goes_on(kserve_
     assert tagged.id == "edge-7"  # the caller's request id, from the call's metadata
 
 
-def test_a_client_opening_streams_by_the_thousand_has_its_grpc_connection_reset(kserve_predictor, grpc_stub,
-                                                                                 cifar100_test_split):
-    """HTTP/2 calls opened and reset at once ("rapid reset"), or ended at once, 10,000-51,000 a second from one
-    connection, had every other client's calls answered CANCELLED. Past --max_client_streams (1000) new streams in a
-    second, the relay resets the connection (handler/grpc_relay.py NewStreams; counted as
-    GrpcConnectionsReset_total{Reason="streams"}, logged); another client's call is answered."""
-    from grpc_raw import HEADERS, RST_STREAM, SETTINGS, frame, literal
+def _connections_reset(predictor, reason: str) -> int:
+    """GrpcConnectionsReset_total{Reason=reason} on the predictor's /metrics."""
+    text = httpx.get(f"{predictor.url}/metrics", timeout=10).text
+    return int(float(re.search(rf'^GrpcConnectionsReset_total\{{Reason="{reason}"\}} (\S+)$', text, re.M)[1]))
 
-    def refused() -> int:
-        text = httpx.get(f"{kserve_predictor.url}/metrics", timeout=10).text
-        return int(float(re.search(r'^GrpcConnectionsReset_total\{Reason="streams"\} (\S+)$', text, re.M)[1]))
 
-    before = refused()
-    head = b"".join(literal(name, value) for name, value in (
-        (":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelInfer"),
-        (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")))
-    calls = b"".join(frame(HEADERS, 4, stream, head) + frame(RST_STREAM, 0, stream, (8).to_bytes(4, "big"))
-                     for stream in range(1, 2 * 1001, 2))  # 1,001 calls, each reset at once (CANCEL)
-    sock = socket.create_connection(("127.0.0.1", kserve_predictor.grpc_port), timeout=10,
-                                    source_address=("127.0.0.7", 0))
+def _reset_once_sent(predictor, source: str, frames: bytes) -> None:
+    """The HTTP/2 preface, an empty SETTINGS and ``frames`` sent to the gRPC port from ``source``: the connection is
+    reset (or closed) within 10 s."""
+    from grpc_raw import SETTINGS, frame
+
+    sock = socket.create_connection(("127.0.0.1", predictor.grpc_port), timeout=10, source_address=(source, 0))
     try:
-        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0, b"") + calls)
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0, b"") + frames)
         deadline = time.monotonic() + 10
         while connection_state(sock) == "open" and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -1514,7 +1506,30 @@ def test_a_client_opening_streams_by_the_thousand_has_its_grpc_connection_reset(
         pass
     finally:
         sock.close()
-    assert refused() == before + 1
+
+
+def _call_head() -> bytes:
+    """A ModelInfer call's header block (HPACK literals)."""
+    from grpc_raw import literal
+
+    return b"".join(literal(name, value) for name, value in (
+        (":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelInfer"),
+        (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")))
+
+
+def test_a_client_opening_streams_by_the_thousand_has_its_grpc_connection_reset(kserve_predictor, grpc_stub,
+                                                                                 cifar100_test_split):
+    """HTTP/2 calls opened and reset at once ("rapid reset"), or ended at once, 10,000-51,000 a second from one
+    connection, had every other client's calls answered CANCELLED. Past --max_client_streams (1000) new streams in a
+    second, the relay resets the connection (handler/grpc_relay.py PerSecond; counted as
+    GrpcConnectionsReset_total{Reason="streams"}, logged); another client's call is answered."""
+    from grpc_raw import HEADERS, RST_STREAM, frame
+
+    before = _connections_reset(kserve_predictor, "streams")
+    calls = b"".join(frame(HEADERS, 4, stream, _call_head()) + frame(RST_STREAM, 0, stream, (8).to_bytes(4, "big"))
+                     for stream in range(1, 2 * 1001, 2))  # 1,001 calls, each reset at once (CANCEL)
+    _reset_once_sent(kserve_predictor, "127.0.0.7", calls)
+    assert _connections_reset(kserve_predictor, "streams") == before + 1
     wait_for_log(kserve_predictor, "reset a gRPC connection from 127.0.0.7: its client opened more than 1000 streams")
     answer = grpc_stub.ModelInfer(grpc_request([encode(cifar_pil(cifar100_test_split[0], 0))]), timeout=30)
     assert [output.name for output in answer.outputs], answer
@@ -1528,42 +1543,23 @@ def test_an_hpack_bomb_resets_its_grpc_connection_and_a_compressed_message_is_re
     {Reason="headers"}, logged); another client's call is answered. A message compressed (grpc-encoding gzip: 11 KB
     that inflated to 11 MB cost what 11 MB does) is answered UNIMPLEMENTED, the same call uncompressed answered."""
     import grpc
-    from grpc_raw import HEADERS, SETTINGS, frame, literal
+    from grpc_raw import HEADERS, frame
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 
     from handler.grpc_relay import MAX_HEADER_FIELDS
 
-    def reset(reason: str) -> int:
-        text = httpx.get(f"{kserve_predictor.url}/metrics", timeout=10).text
-        return int(float(re.search(rf'^GrpcConnectionsReset_total\{{Reason="{reason}"\}} (\S+)$', text, re.M)[1]))
-
-    before = reset("headers")
-    reset("frames")  # (exported from the start too)
-    head = b"".join(literal(name, value) for name, value in (
-        (":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelInfer"),
-        (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")))
+    before = _connections_reset(kserve_predictor, "headers")
+    _connections_reset(kserve_predictor, "frames")  # (exported from the start too)
     # a literal of a new name, indexed (the table's entry 62), of 4,000 bytes
     entry = b"\x40\x01x\x7f" + bytes([(4000 - 127) & 0x7F | 0x80, (4000 - 127) >> 7]) + b"v" * 4000
-    bomb = head + entry + b"\xbe" * 8000  # index 62: the entry, 8,000 times (32 MB of headers)
-    sock = socket.create_connection(("127.0.0.1", kserve_predictor.grpc_port), timeout=10,
-                                    source_address=("127.0.0.8", 0))
-    try:
-        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0, b"") + frame(HEADERS, 4, 1, bomb))
-        deadline = time.monotonic() + 10
-        while connection_state(sock) == "open" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert connection_state(sock) in ("reset", "closed")
-    except ConnectionResetError:  # (reset while it was still sending)
-        pass
-    finally:
-        sock.close()
-    assert reset("headers") == before + 1
+    bomb = _call_head() + entry + b"\xbe" * 8000  # index 62: the entry, 8,000 times (32 MB of headers)
+    _reset_once_sent(kserve_predictor, "127.0.0.8", frame(HEADERS, 4, 1, bomb))
+    assert _connections_reset(kserve_predictor, "headers") == before + 1
     wait_for_log(kserve_predictor, f"reset a gRPC connection from 127.0.0.8: a header block of more than "
                                    f"{MAX_HEADER_FIELDS} fields")
     request = grpc_request([encode(cifar_pil(cifar100_test_split[0], 0))])
     assert [output.name for output in grpc_stub.ModelInfer(request, timeout=30).outputs]
     with grpc.insecure_channel(kserve_predictor.grpc_target, compression=grpc.Compression.Gzip) as channel:
-        from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-
         with pytest.raises(grpc.RpcError) as refused:
             grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
     assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, refused.value
