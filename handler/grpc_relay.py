@@ -34,14 +34,17 @@ _FRAME_HEAD = 9  # an HTTP/2 frame's length (3 bytes), type, flags and stream
 _HEADERS, _CONTINUATION = 0x1, 0x9
 _END_HEADERS, _PADDED, _PRIORITY = 0x4, 0x8, 0x20  # HEADERS' flags (CONTINUATION's: END_HEADERS)
 
-# A call's header block: at most this many fields (Envoy's default max_headers_count; a grpc call sends ~10 and its
-# metadata). HPACK lets one byte name a 4 KB entry of the connection's table: 8,000 such in an 8 KB block, a call
-# that never sent its message, took the predictor from 0.8 to 3.4-4.3 GB in 8 s (grpc core expands them before its
-# own 16 KiB bound refuses the call), every gRPC call failing (session 59).
-MAX_HEADER_FIELDS = 100
+# A call's header block: at most this many fields, a field naming an entry of the connection's HPACK table that the
+# block already named counting REPEAT_WEIGHT (hpack_fields). One byte may name a 4 KB entry: 8,000 such in an 8 KB
+# block, a call that never sent its message, took the predictor from 0.8 to 3.4-4.3 GB in 8 s (grpc core expands them,
+# and dispatched calls of 90 such), every gRPC call failing (session 59); a grpc client names each of its headers
+# once (~10 and its metadata: 95 entries were reset by a plain count of 100; grpc refuses past 16 KiB, ~500 fields).
+MAX_HEADER_FIELDS = 512
+REPEAT_WEIGHT = 32  # (a table entry's 4 KB at most over 128 bytes: 16 repeats at most)
 # ... and of at most this many bytes as sent, its CONTINUATION frames included: a block that never ended was read
 # for as long as its client sent (2.4 GB in 8 s). grpc refuses more than 16 KiB of headers as decoded.
 MAX_HEADER_BLOCK_BYTES = 64 * 1024
+_STATIC_ENTRIES = 61  # HPACK's static table (RFC 7541 A): an index past it names the connection's own table
 RESET_REASONS = ("streams", "frames", "headers")  # why a connection is reset (_ClientSide._refusal): a metric's labels
 
 INTERNAL_HOST = "127.0.0.1"  # where grpc listens (a free port), reached from the relay only
@@ -164,23 +167,26 @@ def _hpack_integer(block, at: int, prefix_bits: int) -> tuple[int, int]:
 
 
 def hpack_fields(block, most: int) -> int:
-    """The header fields (and table size updates) an HPACK header block holds, counted up to ``most`` + 1: each
-    representation's first byte, integers and string lengths read (RFC 7541 6), no string decoded (hpack's Decoder
-    would decode Huffman strings in Python, ~1 us a byte). A block cut short counts as read so far (grpc refuses it)."""
-    at, fields = 0, 0
+    """The header fields (and table size updates) an HPACK header block holds, a field that names a table entry (or
+    its name) the block named before counting REPEAT_WEIGHT, counted up to past ``most``: each representation's
+    first byte, integers and string lengths read (RFC 7541 6), no string decoded (hpack's Decoder would decode Huffman
+    strings in Python, ~1 us a byte). A block cut short counts as read so far (grpc refuses it)."""
+    at, fields, named = 0, 0, set()
     while at < len(block) and fields <= most:
         first = block[at]
         if first & 0x80:  # an indexed field
-            _, at = _hpack_integer(block, at, 7)
+            index, at = _hpack_integer(block, at, 7)
         elif first & 0x20 and not first & 0x40:  # a dynamic table size update
             _, at = _hpack_integer(block, at, 5)
+            index = 0
         else:  # a literal field (with incremental indexing, without, never indexed): its name's index, or a name
             index, at = _hpack_integer(block, at, 6 if first & 0x40 else 4)
             for _ in range(1 if index else 2):  # the name (when not indexed), the value
                 if at < len(block):
                     length, at = _hpack_integer(block, at, 7)
                     at += length
-        fields += 1
+        fields += REPEAT_WEIGHT if index > _STATIC_ENTRIES and index in named else 1
+        named.add(index)
     return fields
 
 
@@ -422,7 +428,8 @@ class GrpcRelay:
         why = {"streams": f"its client opened more than {self.new_streams.per_s} streams in a second "
                           "(--max_client_streams)",
                "frames": f"its client sent more than {self.frames.per_s} frames in a second (--max_client_frames)",
-               "headers": f"a header block of more than {MAX_HEADER_FIELDS} fields or {MAX_HEADER_BLOCK_BYTES} bytes"}
+               "headers": f"a header block of more than {MAX_HEADER_FIELDS} fields (a repeated one counting "
+                          f"{REPEAT_WEIGHT}) or {MAX_HEADER_BLOCK_BYTES} bytes"}
         self.resets[reason].warning("reset a gRPC connection from %s: %s", host, why[reason])
 
     def peer_host(self, peer: str) -> str:

@@ -9,7 +9,8 @@ import contextlib
 from adapter.config import Settings
 from adapter.protocol import OpenConnections
 from grpc_raw import DATA, HEADERS, RST_STREAM, frame
-from handler.grpc_relay import MAX_HEADER_BLOCK_BYTES, MAX_HEADER_FIELDS, GrpcRelay, PerSecond, hpack_fields
+from handler.grpc_relay import (MAX_HEADER_BLOCK_BYTES, MAX_HEADER_FIELDS, REPEAT_WEIGHT, GrpcRelay, PerSecond,
+                                hpack_fields)
 
 
 @contextlib.asynccontextmanager
@@ -276,8 +277,9 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 def test_hpack_fields_counts_every_kind_of_representation_without_decoding_a_string():
     """RFC 7541's representations: an indexed field (one byte, or more past index 126), a literal with incremental
     indexing / without / never indexed, its name indexed or a string, Huffman-coded or not, a table size update;
-    integers of several bytes (a string of 300 bytes). Counted up to the bound + 1; a block cut short counts what
-    was read."""
+    integers of several bytes (a string of 300 bytes). A field naming an entry of the connection's table (past the
+    61 static ones) that the block named before counts REPEAT_WEIGHT (one byte may name a 4 KB entry); a static one,
+    or another entry, 1. Counted until past the bound; a block cut short counts what was read."""
     long = b"\xff" + bytes([(300 - 127) & 0x7F | 0x80, (300 - 127) >> 7]) + b"v" * 300  # Huffman, 300 bytes
     representations = {
         "indexed": b"\x82", "indexed past 126": b"\xff\x10",
@@ -287,9 +289,13 @@ def test_hpack_fields_counts_every_kind_of_representation_without_decoding_a_str
     }
     block = b"".join(representations.values())
     assert hpack_fields(block, 100) == len(representations)
-    assert hpack_fields(block * 20, 100) == 101  # (160: counted up to the bound + 1)
+    assert hpack_fields(block * 2, 100) == 2 * len(representations) - 1 + REPEAT_WEIGHT  # entry 143 named again
+    assert hpack_fields(block * 20, 100) > 100  # (stops once past the bound)
     assert hpack_fields(block[:-1], 100) == len(representations)  # cut short in its last
-    assert hpack_fields(b"\x82" * 100, 100) == 100 and hpack_fields(b"\x82" * 101, 100) == 101
+    assert hpack_fields(b"\x82" * 500, 1000) == 500  # a static entry again and again: 1 each
+    assert hpack_fields(bytes(range(0xbe, 0xff)), 1000) == 65  # table entries 62-126, each once
+    assert hpack_fields(b"\xbe" * 3, 1000) == 1 + 2 * REPEAT_WEIGHT  # entry 62, then twice more
+    assert hpack_fields(b"\x40\x01k\x00" + b"\x7f\x00\x00" * 2, 1000) == 1 + 1 + REPEAT_WEIGHT  # a name, as such
     assert hpack_fields(b"\x00\x7f", 100) == 1  # a string length past the block: one field, cut short
 
 
@@ -302,7 +308,7 @@ def test_a_header_block_of_too_many_fields_or_bytes_or_a_flood_of_frames_has_its
     connection; so does a block past MAX_HEADER_BLOCK_BYTES, and the frame past the bound in a second."""
     fields = b"\x82" * (MAX_HEADER_FIELDS - 1)
     padded = frame(HEADERS, 0x8 | 0x20, 1, bytes([40]) + b"\x80\0\0\0\x10" + fields[:30] + b"\x82" * 40)
-    unended = padded + frame(CONTINUATION, 0, 1, fields[30:])  # 99 fields (the padding's and priority's not)
+    unended = padded + frame(CONTINUATION, 0, 1, fields[30:])  # the bound less one (not the padding's, priority's)
     whole = unended + frame(CONTINUATION, 4, 1, b"\x82")
 
     async def reset_after(head: bytes, tail: bytes, frames_per_s: int = 10_000) -> tuple[bool, bool]:
@@ -324,7 +330,7 @@ def test_a_header_block_of_too_many_fields_or_bytes_or_a_flood_of_frames_has_its
     async def scenario():
         update = frame(WINDOW_UPDATE, 0, 0, b"\0\0\0\1")
         return [await reset_after(whole, frame(HEADERS, 5, 3, b"\x82")),  # (then a call's HEADERS: relayed)
-                await reset_after(unended, frame(CONTINUATION, 4, 1, b"\x82\x82")),  # 101 fields
+                await reset_after(unended, frame(CONTINUATION, 4, 1, b"\x82\x82")),  # one past the bound
                 await reset_after(frame(HEADERS, 0, 1, b"\x82") + frame(CONTINUATION, 0, 1, bytes(16384)) * 3,
                                   frame(CONTINUATION, 0, 1, bytes(16384))),  # a block never ended: past 64 KiB
                 await reset_after(update * 50, update, frames_per_s=50)]
