@@ -22,7 +22,7 @@ Limits (each refused with a 4xx before any pixel is decoded, the server keeps se
     by their count, not by its pixels (block_limit, MAX_PPM_HEADER_BYTES: 400); a PNG's compressed metadata,
     which Pillow would inflate, is left out unread (checked_png);
   * formats Pillow decodes in Python are bounded by their pixels, bytes or samples (MAX_BMP_RLE_PIXELS,
-    MAX_PLAIN_PNM_BYTES, MAX_SCALED_PNM_SAMPLES: 413);
+    MAX_BMP_RLE_BYTES, MAX_PLAIN_PNM_BYTES, MAX_SCALED_PNM_SAMPLES: 413);
   * EXIF metadata above MAX_EXIF_BYTES is refused (413), and a TIFF directory of more than
     MAX_TIFF_TAGS entries (400): of EXIF only the Orientation tag is read, by image_orientation.
 Cheap decoding: the network sees 32x32, so an image is decoded no larger than it needs. A JPEG is
@@ -128,12 +128,14 @@ BLOCK_BYTES = 1024
 # A PPM's header (magic, sizes, maximum value, comments) is read a byte at a time (~0.3 us each): it must end
 # within this many bytes (netpbm writes ~15, GIMP ~60 with its comment).
 MAX_PPM_HEADER_BYTES = 4096
-# Formats Pillow decodes in Python, by their pixels or their bytes: a BMP compressed with RLE (RLE8, RLE4: 60-90 ns
+# Formats Pillow decodes in Python, by their pixels and their bytes: a BMP compressed with RLE (RLE8, RLE4: 60-90 ns
 # a pixel, rows padded a byte at a time after their end-of-line up to 160 ns at 1 MP: 3 KB of 16 MP cost a worker
-# 2 s, 5 KB of 1 MP 0.15-0.33 s, session 59) and plain (text) PNM, P1-P3 (~0.3 us a number; 10 MB cost 1.5 s)
-# (session 46). Real ones are small (icons, teaching files, 640x480 screens): 640x640 costs 35-65 ms, 1 MB ~160 ms.
+# 2 s, 5 KB of 1 MP 0.15-0.33 s; and ~0.2 us a two-byte code, of no pixel once its row is full: 9 MB of them 2.9 s)
+# and plain (text) PNM, P1-P3 (~0.25 us a number, and comments cost by the square of their count: 1 MB of them
+# 12 s) (sessions 46, 59). Real ones are small (icons, teaching files, 640x480 screens): at these limits 35-65 ms.
 MAX_BMP_RLE_PIXELS = 640 * 640
-MAX_PLAIN_PNM_BYTES = 1024 * 1024
+MAX_BMP_RLE_BYTES = 256 * 1024
+MAX_PLAIN_PNM_BYTES = 64 * 1024
 # ... and a binary PNM (P5, P6) whose maximum value is not 255 (but a grey one's 65535), scaled a sample at a time
 # (~0.9 us each: a 9.9 MB PGM of maximum 254 cost the adapter 8.9 s, two of them held both shrinking threads;
 # session 58). Such files are rare (16-bit scans): 65,536 samples (a 256x256 grey picture, 147x147 in colour) cost
@@ -308,7 +310,8 @@ _PPM_MAGIC = re.compile(rb"P[0-6fy]")  # Pillow's PPM opener's first bytes (its 
 
 
 def _check_bmp_rle(data: bytes | bytearray) -> None:
-    """Refuse a BMP compressed with RLE (its info header's compression 1 or 2) of more than MAX_BMP_RLE_PIXELS."""
+    """Refuse a BMP compressed with RLE (its info header's compression 1 or 2) of more than MAX_BMP_RLE_PIXELS or
+    MAX_BMP_RLE_BYTES."""
     if len(data) < 34 or int.from_bytes(data[14:18], "little") < 40:
         return  # an OS/2 header has no compression field; Pillow says what is wrong
     width, height, _, _, compression = struct.unpack_from("<iiHHI", data, 18)
@@ -316,13 +319,17 @@ def _check_bmp_rle(data: bytes | bytearray) -> None:
         raise ImageRequestError(
             413, f"BMP compressed with RLE of {abs(width)}x{abs(height)} pixels refused: above the "
                  f"{MAX_BMP_RLE_PIXELS:,}-pixel limit for RLE, decoded slowly: save it as PNG")
+    if compression in (1, 2) and len(data) > MAX_BMP_RLE_BYTES:
+        raise ImageRequestError(
+            413, f"BMP compressed with RLE of {len(data) / 1024:.0f} KB refused: above the {MAX_BMP_RLE_BYTES // 1024} "
+                 "KB limit for RLE, decoded slowly: save it as PNG")
 
 
 def _check_plain_pnm(data: bytes | bytearray) -> None:
     """Refuse a plain (text) PNM, P1-P3, of more than MAX_PLAIN_PNM_BYTES."""
     if data[:2] in (b"P1", b"P2", b"P3") and len(data) > MAX_PLAIN_PNM_BYTES:
         raise ImageRequestError(
-            413, f"plain (text) PNM of {len(data) / 2**20:.1f} MB refused: above the {MAX_PLAIN_PNM_BYTES // 2**20} MB "
+            413, f"plain (text) PNM of {len(data) / 1024:.0f} KB refused: above the {MAX_PLAIN_PNM_BYTES // 1024} KB "
                  "limit for P1-P3, read a number at a time: save it as binary PNM (P4-P6) or PNG")
 
 

@@ -90,11 +90,11 @@ def padded_with_empty_blocks(img: Image.Image, fmt: str, blocks: int) -> bytes:
     return data[:at] + b"\x21\xfe" + b"\x01-" * (blocks - 1) + b"\x00" + data[at:]
 
 
-def rle8_bmp(width: int, height: int) -> bytes:
-    """A grey BMP compressed with RLE8: one pixel, then end of line, on every row (Pillow fills the rest of
-    each row a byte at a time, in Python)."""
+def rle8_bmp(width: int, height: int, body: bytes | None = None) -> bytes:
+    """A grey BMP compressed with RLE8: ``body``'s codes, or one pixel, then end of line, on every row (Pillow fills
+    the rest of each row a byte at a time, in Python)."""
     palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
-    body = b"\x01\x05\x00\x00" * height + b"\x00\x01"
+    body = b"\x01\x05\x00\x00" * height + b"\x00\x01" if body is None else body
     info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(body), 2835, 2835, 256, 0)
     offset = 14 + len(info) + len(palette)
     return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body

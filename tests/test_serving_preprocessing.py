@@ -231,7 +231,7 @@ def test_a_tiled_tiff_counts_its_whole_tiles_against_the_pixel_limit():
 
 def test_formats_pillow_decodes_in_python_are_bounded_by_their_pixels_or_bytes():
     # A 3 KB RLE8 BMP of 16 MP cost a worker 2 s of CPU, 10 MB of a plain PGM 1.5 s (pure-Python decoders).
-    from serving.images import MAX_BMP_RLE_PIXELS, MAX_PLAIN_PNM_BYTES
+    from serving.images import MAX_BMP_RLE_BYTES, MAX_BMP_RLE_PIXELS, MAX_PLAIN_PNM_BYTES
     side = int(MAX_BMP_RLE_PIXELS ** 0.5)
     assert side * side == MAX_BMP_RLE_PIXELS
     assert open_upload(rle8_bmp(side, side)).size == (side, side) and decode_image(rle8_bmp(side, side)).mode == "RGB"
@@ -240,6 +240,24 @@ def test_formats_pillow_decodes_in_python_are_bounded_by_their_pixels_or_bytes()
             open_upload(bomb)
         assert info.value.status == 413 and "pixel limit for RLE" in info.value.message, info.value.message
         assert _cpu_seconds(open_upload, bomb) < 0.01
+    # 1x2 pixels, then two-byte codes that add none once the row is full (9 MB of them cost 2.9 s): by its bytes.
+    def codes(count: int) -> bytes:  # row 0's pixel, ``count`` codes of 255 more (none fit), row 1's
+        return rle8_bmp(1, 2, b"\x01\x80" + b"\xff\x07" * count + b"\x00\x00\x01\x80\x00\x01")
+
+    most = (MAX_BMP_RLE_BYTES - len(codes(0))) // 2
+    assert len(codes(most)) <= MAX_BMP_RLE_BYTES
+    assert open_upload(codes(most)).size == (1, 2) and decode_image(codes(most)).mode == "RGB"
+    over = codes(most + 1)
+    with pytest.raises(ImageRequestError) as info:
+        open_upload(over)
+    assert info.value.status == 413 and f"{MAX_BMP_RLE_BYTES // 1024} KB limit for RLE" in info.value.message
+    assert _cpu_seconds(open_upload, over) < 0.01
+    # Comments in a plain PNM cost by the square of their count (1 MB of them: 12 s): bounded by the bytes too.
+    comments = b"P3 1 1 255\n" + b"#\n" * ((MAX_PLAIN_PNM_BYTES - 16) // 2) + b"7 7 7"
+    assert len(comments) <= MAX_PLAIN_PNM_BYTES and decode_image(comments).size == (1, 1)
+    assert _cpu_seconds(decode_image, comments) < 0.5  # (~60 ms here; at 1 MB, 12 s)
+    with pytest.raises(ImageRequestError, match="limit for P1-P3"):
+        open_upload(b"P3 1 1 255\n#" + comments[11:] + b" ")
     head = b"P2\n1000 %d\n255\n"
     rows = (MAX_PLAIN_PNM_BYTES - len(head % 9999)) // 2000
     at_limit = (head % rows) + b"7 " * 1000 * rows
