@@ -196,7 +196,8 @@ class _ClientSide(_Side):
     # OpenConnections._make_room's hooks, so that at the cap a newcomer under its fair share takes the place of a
     # connection of the address most past it: four addresses' 128 preface-only connections each had held all 512
     # until grpc's idle close, and again at each reconnect. The relay does not follow calls inside HTTP/2 (it would
-    # have to parse every frame both ways; it counts only the streams a client opens): a connection with no bytes
+    # have to parse every frame both ways; it reads only the frames a client sends, and their header blocks, for
+    # _refusal's counts): a connection with no bytes
     # either way for --min_rate_grace_s is taken as idle
     # (between calls; an answer that long in coming is lost with it), one whose client has left grpc's bytes unread
     # that long (its writing paused) as unread. Marked idle by a check every half grace (not on every read), so that
