@@ -315,11 +315,13 @@ def _check_bmp_rle(data: bytes | bytearray) -> None:
     if len(data) < 34 or int.from_bytes(data[14:18], "little") < 40:
         return  # an OS/2 header has no compression field; Pillow says what is wrong
     width, height, _, _, compression = struct.unpack_from("<iiHHI", data, 18)
-    if compression in (1, 2) and abs(width) * abs(height) > MAX_BMP_RLE_PIXELS:
+    if compression not in (1, 2):
+        return
+    if abs(width) * abs(height) > MAX_BMP_RLE_PIXELS:
         raise ImageRequestError(
             413, f"BMP compressed with RLE of {abs(width)}x{abs(height)} pixels refused: above the "
                  f"{MAX_BMP_RLE_PIXELS:,}-pixel limit for RLE, decoded slowly: save it as PNG")
-    if compression in (1, 2) and len(data) > MAX_BMP_RLE_BYTES:
+    if len(data) > MAX_BMP_RLE_BYTES:
         raise ImageRequestError(
             413, f"BMP compressed with RLE of {len(data) / 1024:.0f} KB refused: above the {MAX_BMP_RLE_BYTES // 1024} "
                  "KB limit for RLE, decoded slowly: save it as PNG")
