@@ -19,7 +19,7 @@ from model.normalization import normalize  # noqa: F401 - the handler normalizes
 # The decoding rules, re-exported for the handler, the tests and the benchmarks.
 from serving.images import (  # noqa: F401
     DECODE_MIN_SIDE, INPUT_SIZE, MAX_IMAGE_PIXELS, MAX_JPEG_PIXELS, ImageRequestError, checked_png,
-    check_request_pixels, decode_image, decode_opened, decoded_in_python, network_input, open_upload, picture_size,
+    check_request_pixels, decode_image, decode_opened, decoded_slowly, network_input, open_upload, picture_size,
     tile_grid)
 
 # Where an image may sit in a request: multipart field names, keys of a JSON object, and "body"
@@ -126,9 +126,9 @@ def decodes_inline(body_bytes: int | None, opened: list[Image.Image] | None = No
     with its images ``opened`` (serving.images.open_upload: headers only), whether they are too."""
     if body_bytes is None or body_bytes > INLINE_DECODE_MAX_BYTES:
         return False
-    # A tiled TIFF by its whole tiles, which libtiff decodes whole; an RLE BMP or a plain PNM by its Python decoder.
+    # A tiled TIFF by its whole tiles, which libtiff decodes whole; an RLE BMP, a plain PNM or an AVIF as costly.
     return opened is None or (sum(w * h for w, h in map(tile_grid, opened)) <= INLINE_DECODE_MAX_PIXELS
-                              and not any(map(decoded_in_python, opened)))
+                              and not any(map(decoded_slowly, opened)))
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:

@@ -22,7 +22,8 @@ Limits (each refused with a 4xx before any pixel is decoded, the server keeps se
     by their count, not by its pixels (block_limit, MAX_PPM_HEADER_BYTES: 400); a PNG's compressed metadata,
     which Pillow would inflate, is left out unread (checked_png);
   * formats Pillow decodes in Python are bounded by their pixels, bytes or samples (MAX_BMP_RLE_PIXELS,
-    MAX_BMP_RLE_BYTES, MAX_PLAIN_PNM_BYTES, MAX_SCALED_PNM_SAMPLES: 413);
+    MAX_BMP_RLE_BYTES, MAX_PLAIN_PNM_BYTES, MAX_SCALED_PNM_SAMPLES: 413), a TIFF by its strips or tiles
+    (MAX_TIFF_CHUNKS: 413);
   * EXIF metadata above MAX_EXIF_BYTES is refused (413), and a TIFF directory of more than
     MAX_TIFF_TAGS entries (400): of EXIF only the Orientation tag is read, by image_orientation.
 Cheap decoding: the network sees 32x32, so an image is decoded no larger than it needs. A JPEG is
@@ -141,6 +142,12 @@ MAX_PLAIN_PNM_BYTES = 64 * 1024
 # session 58). Such files are rare (16-bit scans): 65,536 samples (a 256x256 grey picture, 147x147 in colour) cost
 # ~60 ms of CPU on an AVX2 EPYC, the decode included.
 MAX_SCALED_PNM_SAMPLES = 65_536
+# Strip or tile offsets a TIFF's first image may list, however its size and layout divide it: Pillow makes a Python
+# tile entry of each as it opens the file (on the adapter's event loop for a small upload) and runs a decoder per
+# entry (~8 us each in all): a 250 KB TIFF of 1x16,000 RGBA pixels, one row a strip and a plane a channel (64,000
+# entries) cost 0.5 s, and 4 in flight took another client's answer from 14 ms to 2-2.6 s (session 60). Writers use
+# 8-64 KB strips: a 10 MiB file needs at most ~1,300 (at this bound ~33 ms).
+MAX_TIFF_CHUNKS = 4096
 # Entries in one directory of a TIFF (its first image's, and the Exif, GPS and Interop directories that
 # Pillow reads whole while loading it): real files have 10-150; Pillow's reader takes ~9 us per entry.
 MAX_TIFF_TAGS = 512
@@ -633,7 +640,8 @@ _WIDTH, _LENGTH, _SAMPLES, _ROWS_PER_STRIP, _PLANAR, _TILE_WIDTH, _TILE_LENGTH =
 
 
 def _check_tiff_chunks(tiff: _TiffLayout, entries: list[tuple]) -> None:
-    """Refuse a first image listing more strip or tile offsets (or byte counts) than its size and layout need:
+    """Refuse a first image listing more than MAX_TIFF_CHUNKS strip or tile offsets (413), or more (or byte counts)
+    than its size and layout need (400):
     Pillow reads each into a Python list while opening it (~1.6 us each), before the pixel limit is checked; a
     1x2 picture with 125,000 offsets to the same two bytes (250 KB) cost 190 ms, 2 MB 1.6 s (session 46). Its
     sides are counted up to MAX_IMAGE_SIDE (beyond, it is refused once opened), a tile as 16 px at least (the
@@ -651,6 +659,9 @@ def _check_tiff_chunks(tiff: _TiffLayout, entries: list[tuple]) -> None:
     if listed > planes * needed:
         raise ImageRequestError(400, f"TIFF refused: it lists {listed:,} strip or tile offsets where its size and "
                                      f"layout need {planes * needed:,}")
+    if listed > MAX_TIFF_CHUNKS:
+        raise ImageRequestError(413, f"TIFF refused: it lists {listed:,} strips or tiles, above the {MAX_TIFF_CHUNKS:,} "
+                                     "it may have (each costs a decoder run): save it as PNG")
 
 
 def _check_avif_exif(data: bytes | bytearray) -> None:
@@ -741,21 +752,23 @@ def network_input(img: Image.Image) -> Image.Image:
 
 # --- shrinking ------------------------------------------------------------------------------------
 
-def decoded_in_python(img: Image.Image) -> bool:
-    """Whether Pillow decodes this opened image in Python (its decoder one of Image.DECODERS: an RLE BMP, a plain or
-    scaled PNM): up to ~60 ms under their bounds where as many pixels cost ~1 ms in C. Such a file is decoded where
-    clients take turns (the adapter's shrinking threads, the predictor's decoding threads), not in TorchServe's
-    workers, first come first served (one address's 16 RLE BMPs of 1 MP took another's answer from 13 to 700 ms),
-    nor on an event loop."""
-    return any(tile.codec_name in Image.DECODERS for tile in img.tile)
+def decoded_slowly(img: Image.Image) -> bool:
+    """Whether this opened image may cost far more to decode than its header's pixels say: Pillow decodes it in
+    Python (its decoder one of Image.DECODERS: an RLE BMP, a plain or scaled PNM: up to ~60 ms under their bounds
+    where as many pixels cost ~1 ms in C), or it is an AVIF, whose declared size (its ispe box, what Pillow reports)
+    need not be the AV1 frame's that libavif decodes (a 3.4 KB file declaring 64x64 held a 16384x16384 frame: 1.1 s
+    and +550 MB, session 60). Such a file is decoded where clients take turns (the adapter's shrinking threads, the
+    predictor's decoding threads), not in TorchServe's workers, first come first served (one address's 16 RLE BMPs
+    of 1 MP took another's answer from 13 to 700 ms; 4 such AVIFs from 14 to 1,150 ms), nor on an event loop."""
+    return img.format == "AVIF" or any(tile.codec_name in Image.DECODERS for tile in img.tile)
 
 
 def worth_shrinking(img: Image.Image, size_bytes: int, min_bytes: int = SHRINK_MIN_BYTES) -> bool:
     """Whether an upload (its opened header and byte size) is shrunk before it travels on: any format (a 14 KB
     GIF of 16 MP cost a worker 0.29 s, unshrunk, and the workers have no per-client share; the adapter's pool has),
-    and any decoded in Python."""
+    and any decoded slowly (decoded_slowly)."""
     width, height = tile_grid(img)  # a tiled TIFF by its whole tiles
-    return size_bytes > min_bytes or width * height > SHRINK_MIN_PIXELS or decoded_in_python(img)
+    return size_bytes > min_bytes or width * height > SHRINK_MIN_PIXELS or decoded_slowly(img)
 
 
 def shrunk_png(img: Image.Image, explain: bool = False) -> bytes:

@@ -100,6 +100,16 @@ def rle8_bmp(width: int, height: int, body: bytes | None = None) -> bytes:
     return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body
 
 
+def avif_declaring(declared: tuple[int, int], frame: tuple[int, int]) -> bytes:
+    """A flat AVIF whose AV1 frame is ``frame`` while its ispe box (the size Pillow reports) says ``declared``."""
+    out = io.BytesIO()
+    Image.new("RGB", frame, (90, 120, 200)).save(out, "AVIF", quality=50, speed=10)
+    data = bytearray(out.getvalue())
+    at = data.find(b"ispe") + 8  # (after the box's type: its version and flags, then width and height)
+    data[at:at + 8] = struct.pack(">II", *declared)
+    return bytes(data)
+
+
 def png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 

@@ -15,8 +15,8 @@ from PIL import Image, ImageFile
 from handler.preprocessing import (INLINE_DECODE_MAX_BYTES, INPUT_SIZE, MAX_IMAGE_PIXELS, ImageRequestError,
                                    decode_image, decodes_inline, image_bytes, image_to_tensor)
 from serving.images import (BLOCK_BYTES, MAX_BLOCKS, MAX_EXIF_BYTES, MAX_JPEG_SCANS, MAX_PPM_HEADER_BYTES,
-                            MAX_TIFF_TAGS, jpeg_markers, open_upload)
-from serving_helpers import (animated_gif, decompression_bomb_png, encode, exif_block, exif_rotated_jpeg, grey_tiff,
+                            MAX_TIFF_CHUNKS, MAX_TIFF_TAGS, jpeg_markers, open_upload)
+from serving_helpers import (animated_gif, avif_declaring, decompression_bomb_png, encode, exif_block, exif_rotated_jpeg, grey_tiff,
                              jpeg_declaring_size, tiled_tiff,
                              jpeg_with_repeated_scans, oversized_png, padded_with_empty_blocks, png_declaring_size,
                              png_chunk, png_with_bad_crc, png_with_chunks, png_with_exif, rle8_bmp, sixteen_bit_png)
@@ -180,6 +180,13 @@ def test_a_tiff_listing_more_strips_or_tiles_than_its_size_needs_is_refused_befo
     with pytest.raises(ImageRequestError) as info:
         open_upload(tiled_grey_tiff(40, 20, 16, listed=7))  # 3 x 2 tiles
     assert "lists 7 strip or tile offsets where its size and layout need 6" in info.value.message
+    # Past MAX_TIFF_CHUNKS, however its size needs them (each a decoder run: 250 KB of 1x16,000 RGBA pixels, a strip
+    # per row and plane, cost 0.5 s): refused on its directory, and as many as that read.
+    thin = Image.new("L", (1, MAX_TIFF_CHUNKS + 1))
+    with pytest.raises(ImageRequestError) as info:
+        open_upload(encode(thin, "TIFF", tiffinfo={278: 1}))
+    assert info.value.status == 413 and f"lists {MAX_TIFF_CHUNKS + 1:,} strips or tiles" in info.value.message
+    assert decode_image(encode(thin.crop((0, 0, 1, MAX_TIFF_CHUNKS)), "TIFF", tiffinfo={278: 1})).size == (1, MAX_TIFF_CHUNKS)
     # What they need is read: two strips of one row, six tiles, a strip per row, a strip per plane of each band.
     assert decode_image(strips_to_the_same_bytes(2)).size == (1, 2)
     assert decode_image(tiled_grey_tiff(40, 20, 16)).size == (40, 20)
@@ -658,8 +665,10 @@ def test_only_small_requests_of_few_pixels_are_decoded_where_they_are_read():
     assert not decodes_inline(len(flat), [open_upload(flat)])
     tiled = tiled_tiff(16, 16, 2048, 2048)  # 16x16 declared, one 2048x2048 tile decoded whole
     assert len(tiled) < INLINE_DECODE_MAX_BYTES and not decodes_inline(len(tiled), [open_upload(tiled)])
-    # Decoded in Python (~60 ms at their bounds): a small RLE BMP, a plain PNM, a binary one scaled.
-    for slow in (rle8_bmp(64, 64), b"P2\n2 2\n255\n1 2 3 4", b"P5\n2 2\n254\n" + bytes(4)):
+    # Decoded in Python (~60 ms at their bounds): a small RLE BMP, a plain PNM, a binary one scaled; an AVIF whose
+    # AV1 frame may be larger than the size it declares.
+    for slow in (rle8_bmp(64, 64), b"P2\n2 2\n255\n1 2 3 4", b"P5\n2 2\n254\n" + bytes(4),
+                 avif_declaring((8, 8), (256, 256))):
         assert not decodes_inline(len(slow), [cifar, open_upload(slow)]), slow[:2]
     assert decodes_inline(100, [open_upload(b"P5\n2 2\n255\n" + bytes(4))])  # (read as it is, in C)
     assert not decodes_inline(INLINE_DECODE_MAX_BYTES + 1) and not decodes_inline(None)  # too long, or unknown

@@ -237,6 +237,7 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
         "MAX_PLAIN_PNM_BYTES": (images.MAX_PLAIN_PNM_BYTES, r"P1-P3, over (\d+) KB, `MAX_PLAIN_PNM_BYTES`", 1024),
         "MAX_BMP_RLE_BYTES": (images.MAX_BMP_RLE_BYTES, r"or over (\d+) KB, `MAX_BMP_RLE_BYTES`", 1024),
         "MAX_SCALED_PNM_SAMPLES": (images.MAX_SCALED_PNM_SAMPLES, r"of over (\d+) samples, `MAX_SCALED_PNM_SAMPLES`", 1),
+        "MAX_TIFF_CHUNKS": (images.MAX_TIFF_CHUNKS, r"listing over (\d+) strips or tiles, `MAX_TIFF_CHUNKS`", 1),
         "MAX_REQUEST_PIXELS": (images.MAX_REQUEST_PIXELS, r"(\d+) MP to decode in all \(`MAX_REQUEST_PIXELS`", 10**6),
         "MAX_GRPC_PARAMETERS": (MAX_GRPC_PARAMETERS, r"`MAX_GRPC_PARAMETERS` \((\d+)\)", 1),
         "MAX_DATA_DEPTH": (MAX_DATA_DEPTH, r"`MAX_DATA_DEPTH` \((\d+)\)", 1),
