@@ -23,7 +23,7 @@ Limits (each refused with a 4xx before any pixel is decoded, the server keeps se
     which Pillow would inflate, is left out unread (checked_png);
   * formats Pillow decodes in Python are bounded by their pixels, bytes or samples (MAX_BMP_RLE_PIXELS,
     MAX_BMP_RLE_BYTES, MAX_PLAIN_PNM_BYTES, MAX_SCALED_PNM_SAMPLES: 413), a TIFF by its strips or tiles
-    (MAX_TIFF_CHUNKS: 413);
+    (MAX_TIFF_CHUNKS: 413), an AVIF by its AV1 frames, whatever size it declares (serving/avif.py: 413);
   * EXIF metadata above MAX_EXIF_BYTES is refused (413), and a TIFF directory of more than
     MAX_TIFF_TAGS entries (400): of EXIF only the Orientation tag is read, by image_orientation.
 Cheap decoding: the network sees 32x32, so an image is decoded no larger than it needs. A JPEG is
@@ -51,6 +51,8 @@ import zlib
 
 from PIL import Image, ImageMath, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
+
+from serving.avif import av1_frame_pixels
 
 # 16 megapixels decoded at full size (~48 MB as RGB): above a 12 MP phone photo or a 5K screenshot
 # (14.7 MP); a small PNG bomb must not cost a worker seconds and memory (benchmarks/RESULTS.md).
@@ -434,8 +436,10 @@ def in_whole_tiles(side: int, tile: int) -> int:
 def decoded_pixels(img: Image.Image) -> int:
     """The pixels decode_opened decodes for an opened upload: a baseline JPEG's at its draft scale (as Pillow's
     draft picks it: the largest of 8, 4, 2 that keeps DECODE_MIN_SIDE), any other image's all (a progressive
-    JPEG's coefficients are held whole, a tiled TIFF's whole tiles: tile_grid)."""
+    JPEG's coefficients are held whole, a tiled TIFF's whole tiles: tile_grid, an AVIF's AV1 frames)."""
     width, height = img.size
+    if img.format == "AVIF":  # its AV1 frames, whatever it declares (open_upload counts them)
+        return max(width * height, img.info.get(AV1_FRAME_PIXELS_KEY, 0))
     if img.format in JPEG_FORMATS and not img.info.get("progressive"):
         fits = min(width // DECODE_MIN_SIDE, height // DECODE_MIN_SIDE)
         scale = next(m for m in (8, 4, 2, 1) if fits >= m or m == 1)
@@ -532,6 +536,8 @@ _XMP_ORIENTATION = r'tiff:Orientation(="|>)([0-9])'  # Pillow's fallback when EX
 
 # TIFF headers as Pillow accepts them: byte order, 42 (or 43: BigTIFF), also with the bytes of 42 swapped.
 TIFF_PREFIXES = (b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")
+# An opened AVIF's info key: the pixels of its AV1 frames (decoded_pixels counts them, not the size it declares).
+AV1_FRAME_PIXELS_KEY = "av1_frame_pixels"
 # An AVIF (ISO base media file): its "ftyp" box first, with one of the major brands Pillow's opener takes.
 AVIF_BRANDS = (b"avif", b"avis", b"mif1", b"msf1")
 
@@ -664,6 +670,19 @@ def _check_tiff_chunks(tiff: _TiffLayout, entries: list[tuple]) -> None:
                                      "it may have (each costs a decoder run): save it as PNG")
 
 
+def _checked_av1_frames(data: bytes | bytearray, img: Image.Image) -> int:
+    """The pixels of an AVIF's AV1 frames (serving/avif.py: what libavif decodes, whatever its ispe box, which Pillow
+    reports, declares), refused (413) above twice MAX_IMAGE_PIXELS: a picture at the limit and its alpha plane."""
+    frames = av1_frame_pixels(data)
+    if frames > 2 * MAX_IMAGE_PIXELS:
+        width, height = img.size
+        raise ImageRequestError(
+            413, f"AVIF refused: it declares {width}x{height} pixels but its AV1 frames hold {frames / 1e6:.0f} MP, "
+                 f"above the {2 * MAX_IMAGE_PIXELS / 1e6:.0f} MP a picture at the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit "
+                 "and its alpha plane hold")
+    return frames
+
+
 def _check_avif_exif(data: bytes | bytearray) -> None:
     """Refuse an AVIF whose EXIF is above MAX_EXIF_BYTES before Pillow opens it (its opener parses the
     EXIF, and rewrites it all when the container's rotation differs from the tag's): the container's
@@ -700,6 +719,8 @@ def open_upload(data: bytes) -> Image.Image:
         elif data[4:8] == b"ftyp" and data[8:12] in AVIF_BRANDS:
             _check_avif_exif(data)
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        if img.format == "AVIF":
+            img.info[AV1_FRAME_PIXELS_KEY] = _checked_av1_frames(data, img)
         _check_pixel_limit(img)  # on the header, before decoding pixels
         _check_scaled_pnm(img)
     except Exception as err:  # noqa: BLE001 - every failure becomes the client's 4xx

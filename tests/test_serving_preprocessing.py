@@ -15,8 +15,12 @@ from PIL import Image, ImageFile
 from handler.preprocessing import (INLINE_DECODE_MAX_BYTES, INPUT_SIZE, MAX_IMAGE_PIXELS, ImageRequestError,
                                    decode_image, decodes_inline, image_bytes, image_to_tensor)
 from serving.images import (BLOCK_BYTES, MAX_BLOCKS, MAX_EXIF_BYTES, MAX_JPEG_SCANS, MAX_PPM_HEADER_BYTES,
-                            MAX_TIFF_CHUNKS, MAX_TIFF_TAGS, jpeg_markers, open_upload)
-from serving_helpers import (animated_gif, avif_declaring, decompression_bomb_png, encode, exif_block, exif_rotated_jpeg, grey_tiff,
+                            MAX_TIFF_CHUNKS, MAX_TIFF_TAGS, check_request_pixels, decoded_pixels, jpeg_markers,
+                            open_upload)
+from serving import images
+from serving.avif import av1_frame_pixels
+from serving_helpers import (animated_gif, avif_declaring, decompression_bomb_png, encode, exif_block, exif_rotated_jpeg,
+                             grey_tiff,
                              jpeg_declaring_size, tiled_tiff,
                              jpeg_with_repeated_scans, oversized_png, padded_with_empty_blocks, png_declaring_size,
                              png_chunk, png_with_bad_crc, png_with_chunks, png_with_exif, rle8_bmp, sixteen_bit_png)
@@ -118,6 +122,30 @@ def test_an_avif_exif_bomb_is_refused_before_pillow_opens_it():
         open_upload(bomb)
     assert info.value.status == 413 and "EXIF metadata" in info.value.message
     assert _cpu_seconds(open_upload, bomb) < 0.02
+
+
+def test_an_avif_is_counted_by_the_av1_frames_it_holds_not_the_size_it_declares(monkeypatch):
+    # libavif decodes the AV1 frames whatever the ispe box (what Pillow reports) declares: 3.4 KB declaring 64x64 held
+    # 16384x16384, 1.1 s and +550 MB. The frames' sequence headers are read (serving/avif.py): the pixel limits
+    # count them, a colour picture and its alpha plane, an image sequence's first frame.
+    from PIL import features
+    if not features.check("avif"):
+        pytest.skip("Pillow built without AVIF")
+    assert av1_frame_pixels(encode(noisy((33, 17)), "AVIF")) == 33 * 17
+    assert av1_frame_pixels(encode(Image.new("RGBA", (30, 20), (1, 2, 3, 100)), "AVIF")) == 2 * 30 * 20
+    sequence = encode(Image.new("RGB", (20, 10)), "AVIF", save_all=True, append_images=[Image.new("RGB", (20, 10))])
+    assert Image.open(io.BytesIO(sequence)).n_frames == 2 and av1_frame_pixels(sequence) == 20 * 10
+    hiding = avif_declaring((16, 16), (1024, 1024))
+    opened = open_upload(hiding)
+    assert opened.size == (16, 16) and decoded_pixels(opened) == 1024 * 1024
+    with pytest.raises(ImageRequestError) as info:  # 64 MP in all, not 64 x 256 pixels
+        check_request_pixels([opened] * 64)
+    assert info.value.status == 413
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 500_000)  # (a real 16384x16384 frame takes ~15 s to encode)
+    with pytest.raises(ImageRequestError) as info:
+        open_upload(hiding)
+    assert info.value.status == 413 and "declares 16x16 pixels but its AV1 frames hold 1 MP" in info.value.message
+    assert _cpu_seconds(open_upload, encode(noisy((600, 400)), "AVIF")) < 0.05  # (its frames within the limit)
 
 
 def test_tiff_directories_pillow_reads_whole_are_bounded():
