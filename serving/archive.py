@@ -13,7 +13,8 @@ The archive holds:
   engine_inputs.pt                                    training images: int8 calibration, start-up probe
   engine_int8.xml + .bin                              the openvino-int8 engine's network, when made from
                                                       exactly these weights (training/quantize.py)
-  model/, handler/, serving/settings.py + images.py   the packages the handler imports
+  model/, handler/, serving/settings.py, images.py,   the packages the handler imports
+  avif.py
 
 The version says which weights it holds: ``w<width>-<first 8 hex of the weights' sha256>``. The
 archive is rebuilt only when an input changed (a digest of all inputs sits beside it), so
@@ -54,7 +55,7 @@ PACKAGES = {"model": ["*.py", "index_to_name.json"],
             "handler": ["__init__.py", "preprocessing.py", "protocols.py", "calibration.py", "explain.py", "engine.py",
                         "answers.py"],
             # the shared facts (top-k, v2 output names) and the decoding rules the adapter shares
-            "serving": ["__init__.py", "settings.py", "images.py"]}
+            "serving": ["__init__.py", "settings.py", "images.py", "avif.py"]}
 
 
 class ArchiveError(RuntimeError):

@@ -6,6 +6,7 @@ starting Java. The GPU case is mocked (torch.cuda.is_available patched): there i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -381,6 +382,17 @@ def test_an_engine_whose_calibration_moved_serves_its_refit_and_flip_tta_keeps_i
         passed_with_tta = (record["engines"][name].get("flip_tta") or {}).get("passed")
         assert tta.engine.name == (name if passed_with_tta else "eager-fp32"), name
     assert served, f"none of the engines with a refit calibration ({sorted(moved)}) is served here"
+
+
+def test_the_unpacked_archive_holds_every_module_its_handler_imports(model_dir):
+    # A TorchServe worker imports the handler from the unpacked archive alone: serving/images.py importing a module
+    # left out of serving/archive.py's PACKAGES (serving/avif.py) killed every worker at load (session 60).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = "import cifar100_handler, handler.explain; import handler; print(handler.__file__)"
+    done = subprocess.run([sys.executable, "-c", script], cwd=model_dir, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip()).parent.parent == model_dir  # (the archive's handler/, not this checkout's)
 
 
 def test_the_archive_is_rebuilt_when_weights_handler_or_config_change_and_kept_otherwise(tmp_path, monkeypatch):
