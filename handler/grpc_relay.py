@@ -4,9 +4,10 @@ listens on 127.0.0.1 only (a free port). Its one job: accept a connection, count
 exempt, at the cap a quiet or unread connection of the address most past its fair share giving way (_ClientSide); a
 count of its own), reset it at once when refused, else copy its bytes to a connection of its own to grpc
 and back, with flow control, each side's close or half-close passed on to the other; and reset it when its client
-opens streams faster than --max_client_streams a second, sends frames faster than --max_client_frames a second (both
-PerSecond), or a header block of more than MAX_HEADER_FIELDS fields or MAX_HEADER_BLOCK_BYTES bytes (hpack_fields):
-the client's frame heads are read for that, and its header blocks' representations, no string decoded.
+opens streams faster than --max_client_streams a second, or past its fair share while all clients together open
+more than --max_streams a second (FairShare), sends frames faster than --max_client_frames a second (PerSecond), or a
+header block of more than MAX_HEADER_FIELDS fields or MAX_HEADER_BLOCK_BYTES bytes (hpack_fields): the client's frame
+heads are read for that, and its header blocks' representations, no string decoded.
 
 grpc core counts connections only in all (grpc.max_allowed_incoming_connections) and grpcio has no hook at accept:
 one address that opened 512 connections and sent the HTTP/2 preface held every gRPC connection until grpc's idle
@@ -45,7 +46,8 @@ REPEAT_WEIGHT = 32  # (a table entry's 4 KB at most over 128 bytes: 16 repeats a
 # for as long as its client sent (2.4 GB in 8 s). grpc refuses more than 16 KiB of headers as decoded.
 MAX_HEADER_BLOCK_BYTES = 64 * 1024
 _STATIC_ENTRIES = 61  # HPACK's static table (RFC 7541 A): an index past it names the connection's own table
-RESET_REASONS = ("streams", "frames", "headers")  # why a connection is reset (_ClientSide._refusal): a metric's labels
+# why a connection is reset (_ClientSide._refusal): a metric's labels
+RESET_REASONS = ("streams", "all_streams", "frames", "headers")
 
 INTERNAL_HOST = "127.0.0.1"  # where grpc listens (a free port), reached from the relay only
 _INTERNAL_PEER = f"ipv4:{INTERNAL_HOST}:"  # grpc's peer string for the relay's connections, less the port
@@ -147,6 +149,37 @@ class PerSecond:
                 self._counts = {k: v for k, v in self._counts.items() if now - v[0] < 1.0}
         self._counts[key] = (start, counted + count)
         return counted + count > self.per_s
+
+
+class FairShare:
+    """Streams opened by all client addresses together (--max_streams) over the last second: while they are past
+    ``per_s``, the connection of an address that has opened more than its fair share of them (``per_s`` over the
+    addresses that opened streams in it) is reset; an address within its share never is by this bound.
+
+    4 addresses each opening ~900 calls a second, each under --max_client_streams, took another client's ModelInfer
+    calls from ~10 ms to 247-724 ms p50, some CANCELLED (session 59): nothing bounded them together. Counted a second
+    at a time, the last second's counts weighing by the part of it still within a second of now: counted from 0 at
+    each second's start, 4 such addresses opened 1000 streams in its first 0.3 s, every second (honest p90 ~200 ms)."""
+
+    def __init__(self, per_s: int):
+        self.per_s = per_s
+        self._start = time.monotonic()
+        self._total, self._counts = 0, {}  # this second's streams: in all, per client key
+        self._last_total, self._last_counts = 0, {}  # the second's before it
+
+    def too_many(self, key: str, count: int) -> bool:
+        now = time.monotonic()
+        if now - self._start >= 1.0:
+            recent = now - self._start < 2.0
+            self._last_total, self._last_counts = (self._total, self._counts) if recent else (0, {})
+            self._start, self._total, self._counts = now, 0, {}
+        weight = 1.0 - (now - self._start)
+        self._total += count
+        self._counts[key] = counted = self._counts.get(key, 0) + count
+        if self._total + weight * self._last_total <= self.per_s:
+            return False
+        addresses = len(self._counts.keys() | self._last_counts.keys())
+        return counted + weight * self._last_counts.get(key, 0) > self.per_s / addresses
 
 
 def _hpack_integer(block, at: int, prefix_bits: int) -> tuple[int, int]:
@@ -263,9 +296,10 @@ class _ClientSide(_Side):
         super().data_received(data)
 
     def _refusal(self, data: bytes) -> str | None:
-        """Why ``data`` gets its connection reset: its client past --max_client_streams or --max_client_frames this
-        second ("streams", "frames"), or a header block past MAX_HEADER_FIELDS or MAX_HEADER_BLOCK_BYTES
-        ("headers"); None: relayed. Frame heads read, payloads passed over by their length but header blocks'."""
+        """Why ``data`` gets its connection reset: its client past --max_client_streams, past its share of
+        --max_streams or past --max_client_frames this second ("streams", "all_streams", "frames"), or a header
+        block past MAX_HEADER_FIELDS or MAX_HEADER_BLOCK_BYTES ("headers"); None: relayed. Frame heads read,
+        payloads passed over by their length but header blocks'."""
         at, end, opened, frames = 0, len(data), 0, 0
         if self._preface_left:
             at = min(self._preface_left, end)
@@ -300,6 +334,8 @@ class _ClientSide(_Side):
                     return "headers"
         if opened and self.relay.new_streams.too_many(self.key, opened):
             return "streams"
+        if opened and self.relay.all_streams.too_many(self.key, opened):
+            return "all_streams"
         if frames and self.relay.frames.too_many(self.key, frames):
             return "frames"
         return None
@@ -393,12 +429,13 @@ class GrpcRelay:
     listens on ``host``:``port``, ``stop_listening`` and ``close`` end it; ``peer_host`` reads a call's client."""
 
     def __init__(self, connections: OpenConnections, new_streams: PerSecond, frames: PerSecond,
-                 on_refused=lambda reason: None):
+                 all_streams: FairShare, on_refused=lambda reason: None):
         self.connections = connections
         self.connections.refusals = ThrottledLog(logger)  # its resets logged as the gRPC port's
         self.failures = ThrottledLog(logger)
         self.resets = {reason: ThrottledLog(logger) for reason in RESET_REASONS}  # (each kind's count its own)
-        self.new_streams, self.frames, self._on_refused = new_streams, frames, on_refused
+        self.new_streams, self.frames, self.all_streams = new_streams, frames, all_streams
+        self._on_refused = on_refused
         self.clients: dict[int, str] = {}  # the local port of a connection to grpc -> its client's host
         self.open: set[_ClientSide] = set()
         self.internal_port: int | None = None
@@ -428,6 +465,8 @@ class GrpcRelay:
         self._on_refused(reason)
         why = {"streams": f"its client opened more than {self.new_streams.per_s} streams in a second "
                           "(--max_client_streams)",
+               "all_streams": f"its client opened more than its fair share of the {self.all_streams.per_s} "
+                              "streams all clients may open in a second (--max_streams)",
                "frames": f"its client sent more than {self.frames.per_s} frames in a second (--max_client_frames)",
                "headers": f"a header block of more than {MAX_HEADER_FIELDS} fields (a repeated one counting "
                           f"{REPEAT_WEIGHT}) or {MAX_HEADER_BLOCK_BYTES} bytes"}

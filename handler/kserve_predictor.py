@@ -87,7 +87,7 @@ from handler.answers import NOT_FINITE, image_answers, served_topk
 from handler.batching import Batcher, BatcherFull
 from handler.calibration import load_calibration
 from handler.explain import HEATMAP_MAX_SIDE
-from handler.grpc_relay import INTERNAL_HOST, RESET_REASONS, GrpcRelay, PerSecond
+from handler.grpc_relay import INTERNAL_HOST, RESET_REASONS, FairShare, GrpcRelay, PerSecond
 from handler.held_bodies import GrpcMessageBound, HeldBytes, RestBodies, client_share
 from handler.preprocessing import ImageRequestError, decoded_tensors, decodes_inline, normalize, opened_images
 from handler.protocols import (DEFAULT_MAX_IMAGES_PER_REQUEST, MAX_DATA_DEPTH, OUTPUTS, V2, ProtocolError,
@@ -136,6 +136,10 @@ MAX_CLIENT_CONNECTIONS = 128
 # gRPC streams (calls) one client may open in a second (--max_client_streams, handler/grpc_relay.py PerSecond): about
 # twice the one-image calls this server answers a second on 2 cores (benchmarks/RESULTS.md session 58).
 MAX_CLIENT_STREAMS = 1000
+# gRPC streams all clients together may open in a second (--max_streams, handler/grpc_relay.py FairShare), an address
+# past its fair share then reset: 4 addresses at 250 a second each kept another client's calls at 17 ms p50 (10 quiet;
+# 38 ms at 500 each, 0.9 s and CANCELLED at 900 each); not below MAX_CLIENT_STREAMS, which one client alone may open.
+MAX_STREAMS = 1000
 # HTTP/2 frames one client may send in a second (--max_client_frames): a call takes 3-5 (HEADERS, DATA, WINDOW_UPDATE),
 # so 5,000 at MAX_CLIENT_STREAMS, and a 12 MiB message 770 of 16 KiB; read by the relay at ~1 us each.
 MAX_CLIENT_FRAMES = 10_000
@@ -1040,6 +1044,11 @@ def main() -> None:
                         help="gRPC streams (calls) one client may open in a second, over all its connections "
                              "(--trusted_proxies exempt); the connection that opens one more is reset (HTTP/2 "
                              "rapid reset and the like); raise it for a server that answers more calls a second")
+    parser.add_argument("--max_streams", type=positive_int, default=MAX_STREAMS,
+                        help="gRPC streams (calls) all clients together may open in a second; past it, the "
+                             "connection of a client that opened more than its fair share (this over the clients "
+                             "that opened streams in the last second) is reset (--trusted_proxies exempt); raise it "
+                             "for a server that answers more calls a second")
     parser.add_argument("--max_client_frames", type=positive_int, default=MAX_CLIENT_FRAMES,
                         help="HTTP/2 frames one client may send over gRPC in a second, over all its connections "
                              "(--trusted_proxies exempt); the connection that sends one more is reset (floods of "
@@ -1097,6 +1106,8 @@ def main() -> None:
     if not any(arg.startswith("--grpc_max_receive_message_length") for arg in sys.argv[1:]):
         # One limit for both routes: gRPC refuses a larger message itself (RESOURCE_EXHAUSTED).
         model_server.args.grpc_max_receive_message_length = limit
+    if args.max_streams < args.max_client_streams:  # (one client alone may open its whole share: all of them)
+        parser.error(f"--max_streams {args.max_streams} is below --max_client_streams {args.max_client_streams}")
     max_waiting = args.max_waiting_requests if args.max_waiting_requests is not None else torchserve_setting(
         args.model_dir, "job_queue_size", TORCHSERVE_JOB_QUEUE_SIZE)
     if max_waiting < 1:  # a bound of 0 would refuse every request
@@ -1168,7 +1179,7 @@ def main() -> None:
     # gRPC's connections counted as REST's, a count of their own, by the relay on the public port
     relay = GrpcRelay(OpenConnections(edge, lambda cap: GRPC_CONNECTIONS_RESET.labels(CONNECTION_REFUSALS[cap]).inc()),
                       PerSecond(args.max_client_streams), PerSecond(args.max_client_frames),
-                      lambda reason: GRPC_CONNECTIONS_RESET.labels(reason).inc())
+                      FairShare(args.max_streams), lambda reason: GRPC_CONNECTIONS_RESET.labels(reason).inc())
     grpc_server.aio = _AioBounded(GrpcMessageBound(
         grpc_messages, max_message, max_waiting, args.body_timeout_s, refused=lambda bound: REFUSED.labels(bound).inc(),
         clients=ForwardedClient(trusted), client_waiting=client_waiting,

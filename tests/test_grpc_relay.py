@@ -9,13 +9,14 @@ import contextlib
 from adapter.config import Settings
 from adapter.protocol import OpenConnections
 from grpc_raw import DATA, HEADERS, RST_STREAM, frame
-from handler.grpc_relay import (MAX_HEADER_BLOCK_BYTES, MAX_HEADER_FIELDS, REPEAT_WEIGHT, GrpcRelay, PerSecond,
-                                hpack_fields)
+from handler.grpc_relay import (MAX_HEADER_BLOCK_BYTES, MAX_HEADER_FIELDS, REPEAT_WEIGHT, FairShare, GrpcRelay,
+                                PerSecond, hpack_fields)
 
 
 @contextlib.asynccontextmanager
 async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = None, grace_s: float = 2.0,
-                   host: str = "127.0.0.1", streams_per_s: int = 1000, frames_per_s: int = 10_000):
+                   host: str = "127.0.0.1", streams_per_s: int = 1000, frames_per_s: int = 10_000,
+                   all_streams_per_s: int = 4000):
     """The relay on a free port of ``host`` in front of a stand-in for grpc: (relay, its port, the stand-in's accepted
     connections as (reader, writer) in a queue); both closed at the end."""
     accepted: asyncio.Queue = asyncio.Queue()
@@ -26,7 +27,7 @@ async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = N
     internal = await asyncio.start_server(grpc_side, "127.0.0.1", 0)
     relay = GrpcRelay(OpenConnections(Settings(max_open_connections=max_open, max_client_connections=max_client,
                                                trusted_proxies=trusted or [], min_rate_grace_s=grace_s)),
-                      PerSecond(streams_per_s), PerSecond(frames_per_s))
+                      PerSecond(streams_per_s), PerSecond(frames_per_s), FairShare(all_streams_per_s))
     relay.internal_port = internal.sockets[0].getsockname()[1]
     try:
         await relay.start(host, 0)
@@ -337,3 +338,33 @@ def test_a_header_block_of_too_many_fields_or_bytes_or_a_flood_of_frames_has_its
 
     assert MAX_HEADER_BLOCK_BYTES == 4 * 16384
     assert asyncio.run(scenario()) == [(True, False), (True, True), (True, True), (True, True)]
+
+
+def test_fair_share_counts_all_addresses_streams_and_marks_only_those_past_their_share(monkeypatch):
+    """--max_streams: within the total, no address is past it; past it, an address whose streams are more than the
+    total over the addresses that opened streams is, one within its share never. The last second's counts weigh by
+    the part of it still within a second (all of them at a second's start, half half a second on); two seconds on,
+    nothing."""
+    import handler.grpc_relay as relay_module
+
+    now = [100.0]
+    monkeypatch.setattr(relay_module.time, "monotonic", lambda: now[0])
+    streams = FairShare(100)
+    assert not any(streams.too_many(key, 30) for key in ("a", "b", "c"))  # 90: within the total
+    assert not streams.too_many("d", 5)  # 95
+    assert not streams.too_many("d", 10)  # 105, past the total, but d's 15 within its share (25)
+    assert streams.too_many("a", 1)  # a's 31: past it
+    assert not streams.too_many("d", 1)  # d's 16 still within
+    assert not streams.too_many("e", 10)  # a newcomer's 10 (share 20 of 5)
+    assert streams.too_many("b", 1)
+    now[0] += 1.0  # the next second: the last one's 118 (a 31, b 31) weigh in full
+    assert streams.too_many("a", 1)  # still past the total and its share
+    assert not streams.too_many("g", 10)  # a newcomer's 10: within its share (100 / 6)
+    now[0] += 0.5  # half of it within a second now: 59 of the last second's 118, 11 of this one's
+    assert not streams.too_many("a", 20)  # 70 + 20: within the total
+    assert streams.too_many("a", 11)  # 101: past it, a's 32 + 15.5 past its share (100 / 6)
+    now[0] += 2.0  # two seconds on: nothing counted
+    assert not streams.too_many("a", 100)  # alone, its share is the total
+    assert streams.too_many("a", 1)
+    assert not streams.too_many("f", 50)  # share 50 of 2
+    assert streams.too_many("f", 1)  # its 51: past it

@@ -429,12 +429,14 @@ def test_options_that_would_break_the_server_are_refused_at_start(tmp_path, warm
              (["--max_client_share=0"], "needs 0 < x <= 1, not 0"),
              (["--trusted_proxies=10.0.0.1, proxy.local"], "--trusted_proxies: 'proxy.local' is not an IP address"),
              (["--enable-grpc", "false"], "unrecognized arguments: --enable-grpc false"),
-             (["--workers", "2"], "--workers 2: this server runs one process")]
+             (["--workers", "2"], "--workers 2: this server runs one process"),
+             (["--max_streams=10"], "--max_streams 10 is below --max_client_streams 1000")]
     for options, said in cases:
         # `python -m handler.kserve_predictor OPTIONS`, forked after the imports (a fresh process each cost ~3 s of
         # imports: 14-25 s for these); KServe parses its own options from sys.argv as kserve.model_server is imported.
         argv = ["kserve_predictor", f"--model_dir={tmp_path}", *options]
         done = warm_child.run(f"""
+import sys
 from kserve import model_server
 sys.argv = {argv!r}
 model_server.args, _ = model_server.parser.parse_known_args()
@@ -1538,6 +1540,52 @@ def test_a_client_opening_streams_by_the_thousand_has_its_grpc_connection_reset(
     assert [output.name for output in answer.outputs], answer
 
 
+def test_addresses_together_past_max_streams_have_the_heaviest_reset_and_a_light_one_answered(
+        kserve_predictor, grpc_stub, cifar100_test_split):
+    """4 addresses opening ~900 calls a second each, each under --max_client_streams, took another client's ModelInfer
+    calls from ~10 ms to 247-724 ms p50, some CANCELLED. Past --max_streams (1000) new streams a second from all
+    addresses together, the connection of an address past its fair share (the bound over the addresses that opened
+    streams in the last second) is reset (GrpcConnectionsReset_total{Reason="all_streams"}, logged); an address that
+    opens a few meanwhile is not, and a real call is answered."""
+    from grpc_raw import HEADERS, RST_STREAM, SETTINGS, frame
+
+    before = _connections_reset(kserve_predictor, "all_streams")
+    head = _call_head()
+    heavy = [f"127.0.0.{n}" for n in (21, 22, 23)]
+    sockets = {source: socket.create_connection(("127.0.0.1", kserve_predictor.grpc_port), timeout=10,
+                                                source_address=(source, 0)) for source in (*heavy, "127.0.0.24")}
+    for sock in sockets.values():
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0, b""))
+    time.sleep(2.1)  # (seconds of its own: the last one's streams count too)
+    try:
+        for round_ in range(18):  # in turns, 50 streams each (900 each, under its own 1000; 2,700 in all)
+            time.sleep(0.01)  # (read in turns, not one address's all at once)
+            for source in heavy:
+                try:
+                    sockets[source].sendall(b"".join(
+                        frame(HEADERS, 4, stream, head) + frame(RST_STREAM, 0, stream, (8).to_bytes(4, "big"))
+                        for stream in range(1 + 100 * round_, 101 + 100 * round_, 2)))
+                except OSError:  # (reset)
+                    pass
+            if round_ == 6:  # a light address's 5 streams meanwhile
+                sockets["127.0.0.24"].sendall(b"".join(
+                    frame(HEADERS, 4, stream, head) + frame(RST_STREAM, 0, stream, (8).to_bytes(4, "big"))
+                    for stream in range(1, 11, 2)))
+        answer = grpc_stub.ModelInfer(grpc_request([encode(cifar_pil(cifar100_test_split[0], 0))]), timeout=30)
+        assert [output.name for output in answer.outputs], answer
+        deadline = time.monotonic() + 5
+        while any(connection_state(sockets[source]) == "open" for source in heavy) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(connection_state(sockets[source]) in ("reset", "closed") for source in heavy)
+        assert connection_state(sockets["127.0.0.24"]) == "open"
+    finally:
+        for sock in sockets.values():
+            sock.close()
+    assert _connections_reset(kserve_predictor, "all_streams") == before + 3
+    wait_for_log(kserve_predictor, "reset a gRPC connection from 127.0.0.2")  # (one of them: the log throttled)
+    wait_for_log(kserve_predictor, "fair share of the 1000 streams all clients may open in a second")
+
+
 def test_an_hpack_bomb_resets_its_grpc_connection_and_a_compressed_message_is_refused(kserve_predictor, grpc_stub,
                                                                                       cifar100_test_split):
     """HPACK lets one byte name a 4 KB entry of the connection's header table: calls of 8,000 such in an 8 KB block
@@ -2238,7 +2286,8 @@ def test_one_address_holds_at_most_its_own_grpc_connections_and_other_clients_ca
         text = httpx.get(f"{predictor.url}/metrics", timeout=10).text
         reset = {reason: int(float(value)) for reason, value in
                  re.findall(r'^GrpcConnectionsReset_total\{Reason="(\w+)"\} (\S+)$', text, re.M)}
-        assert reset == {"client_connections": 6, "connections": 0, "streams": 0, "frames": 0, "headers": 0}, reset
+        assert reset == {"client_connections": 6, "connections": 0, "streams": 0, "all_streams": 0, "frames": 0,
+                         "headers": 0}, reset
         wait_for_log(predictor, "reset a connection from 127.0.0.2: it has 4 open (MAX_CLIENT_CONNECTIONS)")
 
         for sock in filter(None, flood):

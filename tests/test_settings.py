@@ -223,6 +223,7 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
     predictor = (ROOT / "handler" / "kserve_predictor.py").read_text()
     MAX_GRPC_PARAMETERS = int(re.search(r"^MAX_GRPC_PARAMETERS = (\d+)$", predictor, re.M)[1])
     GRPC_MESSAGE_GRACE_S = float(re.search(r"^GRPC_MESSAGE_GRACE_S = ([\d.]+)$", predictor, re.M)[1])
+    MAX_STREAMS = int(re.search(r"^MAX_STREAMS = (\d+)$", predictor, re.M)[1])
 
     readme = " ".join((ROOT / "README.md").read_text().split())
     documented = {  # the constant, and how README states its number
@@ -245,6 +246,7 @@ def test_readme_states_the_image_and_grpc_limits_the_code_has():
         "MAX_HEADER_FIELDS": (MAX_HEADER_FIELDS, r"more than (\d+) fields, `MAX_HEADER_FIELDS`", 1),
         "MAX_HEADER_BLOCK_BYTES": (MAX_HEADER_BLOCK_BYTES, r"more than (\d+) KiB as sent, `MAX_HEADER_BLOCK_BYTES`", 1024),
         "GRPC_MESSAGE_GRACE_S": (GRPC_MESSAGE_GRACE_S, r"`--grpc_message_grace_s` \((\d+) s\)", 1),
+        "MAX_STREAMS": (MAX_STREAMS, r"more than `--max_streams` streams in the last second \((\d+),", 1),
         "RENDER_REUSE_S": (RENDER_REUSE_S, r"for up to (\d+) s \(`RENDER_REUSE_S`", 1),
     }
     for name, (value, pattern, unit) in documented.items():
