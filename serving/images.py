@@ -52,7 +52,7 @@ import zlib
 from PIL import Image, ImageMath, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
-from serving.avif import av1_frame_pixels
+from serving.avif import NotReadable, av1_frame_pixels
 
 # 16 megapixels decoded at full size (~48 MB as RGB): above a 12 MP phone photo or a 5K screenshot
 # (14.7 MP); a small PNG bomb must not cost a worker seconds and memory (benchmarks/RESULTS.md).
@@ -672,8 +672,12 @@ def _check_tiff_chunks(tiff: _TiffLayout, entries: list[tuple]) -> None:
 
 def _checked_av1_frames(data: bytes | bytearray, img: Image.Image) -> int:
     """The pixels of an AVIF's AV1 frames (serving/avif.py: what libavif decodes, whatever its ispe box, which Pillow
-    reports, declares), refused (413) above twice MAX_IMAGE_PIXELS: a picture at the limit and its alpha plane."""
-    frames = av1_frame_pixels(data)
+    reports, declares), refused (413) above twice MAX_IMAGE_PIXELS: a picture at the limit and its alpha plane; 400
+    when they cannot be sized (NotReadable)."""
+    try:
+        frames = av1_frame_pixels(data)
+    except NotReadable as err:
+        raise ImageRequestError(400, f"AVIF refused: {err}") from None
     if frames > 2 * MAX_IMAGE_PIXELS:
         width, height = img.size
         raise ImageRequestError(

@@ -148,6 +148,40 @@ def test_an_avif_is_counted_by_the_av1_frames_it_holds_not_the_size_it_declares(
     assert _cpu_seconds(open_upload, encode(noisy((600, 400)), "AVIF")) < 0.05  # (its frames within the limit)
 
 
+def iloc_of(items: int, extents: int, data_at: int, av1: bool = True) -> bytes:
+    """An AVIF's boxes after its ftyp: a meta box of ``items`` av01 items (iinf, or of another type), each of
+    ``extents`` extents of 16 bytes at ``data_at`` (iloc version 1), then those 16 bytes: a temporal delimiter OBU."""
+    def box(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", 8 + len(payload)) + kind + payload
+    entries = b"".join(box(b"infe", b"\x02\0\0\0" + struct.pack(">HH", i + 1, 0) + (b"av01" if av1 else b"Exif") + b"\0")
+                       for i in range(items))
+    locations = b"".join(struct.pack(">HHHH", i + 1, 0, 0, extents) + struct.pack(">II", data_at, 16) * extents
+                         for i in range(items))
+    meta = box(b"meta", b"\0" * 4 + box(b"iinf", b"\0" * 4 + struct.pack(">H", items) + entries)
+               + box(b"iloc", b"\x01\0\0\0\x44\0" + struct.pack(">H", items) + locations))
+    return meta + b"\x12\x00" + bytes(14)
+
+
+def test_an_avif_whose_frames_cannot_be_sized_is_refused_and_its_boxes_are_read_within_bounds():
+    # Sized by the sequence header that begins each av01 item's data (serving/avif.py): an item that begins otherwise
+    # is refused (libavif's decoder would find the header further on); iloc tables are read up to their bounds
+    # (1024 items of 16 extents, 160 KB, cost 40 ms), pointed-at bytes a window at a time (256 items of 64 extents
+    # of "the rest of the file" copied gigabytes).
+    from serving import avif
+    ftyp = b"\0\0\0\x18ftypavif\0\0\0\0avifmif1"
+
+    def sized(items, extents, av1=True):
+        head = ftyp + iloc_of(items, extents, 0, av1)
+        return avif.av1_frame_pixels(ftyp + iloc_of(items, extents, len(head) - 16, av1))
+    with pytest.raises(avif.NotReadable, match="does not begin with its sequence header"):
+        sized(1, 1)
+    assert sized(3, 1, av1=False) == 0  # (metadata items: no frame)
+    with pytest.raises(avif.NotReadable, match=f"{avif._MAX_ITEMS + 1} items"):
+        sized(avif._MAX_ITEMS + 1, 1, av1=False)
+    with pytest.raises(avif.NotReadable, match=f"an item of {avif._MAX_EXTENTS + 1} extents"):
+        sized(2, avif._MAX_EXTENTS + 1)
+
+
 def test_tiff_directories_pillow_reads_whole_are_bounded():
     # A TIFF's directories are parsed by Pillow entry by entry (~9 us each), its Exif and GPS directories
     # decoded value by value while loading: 500,000 fractions in a 4 MB TIFF cost 1.7 s of CPU (7 s on a
