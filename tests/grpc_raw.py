@@ -15,6 +15,17 @@ def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
 
 
+# What a client sends first on a connection: the HTTP/2 preface and an empty SETTINGS.
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0, b"")
+
+
+def reset_calls(head: bytes, streams) -> bytes:
+    """A call opened (HEADERS ``head``) and reset at once (RST_STREAM CANCEL) on each of ``streams``: HTTP/2's
+    "rapid reset"."""
+    return b"".join(frame(HEADERS, END_HEADERS, stream, head) + frame(RST_STREAM, 0, stream, (8).to_bytes(4, "big"))
+                    for stream in streams)
+
+
 def literal(name: str, value: str) -> bytes:
     """An HPACK header field without indexing, its name and value as plain strings (under 127 bytes each)."""
     return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
@@ -29,8 +40,7 @@ def stalled_call(host: str, port: int, method: str, message_bytes: int, sent_byt
     fields = ((":method", "POST"), (":scheme", "http"), (":path", method), (":authority", f"{host}:{port}"),
               ("content-type", "application/grpc"), ("te", "trailers"), *metadata)
     message_start = b"\x00" + struct.pack(">I", message_bytes) + b"\x00" * sent_bytes
-    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0, b"")
-                 + frame(HEADERS, END_HEADERS, 1, b"".join(literal(n, v) for n, v in fields))
+    sock.sendall(PREFACE + frame(HEADERS, END_HEADERS, 1, b"".join(literal(n, v) for n, v in fields))
                  + frame(DATA, 0, 1, message_start))
     return sock
 

@@ -8,7 +8,7 @@ import contextlib
 
 from adapter.config import Settings
 from adapter.protocol import OpenConnections
-from grpc_raw import DATA, HEADERS, RST_STREAM, frame
+from grpc_raw import DATA, HEADERS, frame, reset_calls
 from handler.grpc_relay import (MAX_HEADER_BLOCK_BYTES, MAX_HEADER_FIELDS, REPEAT_WEIGHT, FairShare, GrpcRelay,
                                 PerSecond, hpack_fields)
 
@@ -236,8 +236,7 @@ def test_a_client_opening_more_streams_a_second_than_its_bound_has_its_connectio
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
     # A DATA frame whose payload holds what would read as new streams' HEADERS: passed over, not counted.
     decoy = frame(DATA, 0, 1, b"".join(frame(HEADERS, 4, stream, b"\x83") for stream in range(101, 201, 2)))
-    calls = [frame(HEADERS, 4, stream, b"\x83") + frame(RST_STREAM, 0, stream, b"\0\0\0\x08")
-             for stream in range(3, 23, 2)]  # 10 calls, each reset
+    calls = [reset_calls(b"\x83", [stream]) for stream in range(3, 23, 2)]  # 10 calls, each reset
     calls[4] += frame(HEADERS, 5, 11, b"\x83")  # a second HEADERS on stream 11 (as trailers): no new stream
 
     async def scenario():

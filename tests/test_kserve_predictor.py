@@ -1498,11 +1498,11 @@ def _connections_reset(predictor, reason: str) -> int:
 def _reset_once_sent(predictor, source: str, frames: bytes) -> None:
     """The HTTP/2 preface, an empty SETTINGS and ``frames`` sent to the gRPC port from ``source``: the connection is
     reset (or closed) within 10 s."""
-    from grpc_raw import SETTINGS, frame
+    from grpc_raw import PREFACE
 
     sock = socket.create_connection(("127.0.0.1", predictor.grpc_port), timeout=10, source_address=(source, 0))
     try:
-        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0, b"") + frames)
+        sock.sendall(PREFACE + frames)
         deadline = time.monotonic() + 10
         while connection_state(sock) == "open" and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -1528,11 +1528,10 @@ def test_a_client_opening_streams_by_the_thousand_has_its_grpc_connection_reset(
     connection, had every other client's calls answered CANCELLED. Past --max_client_streams (1000) new streams in a
     second, the relay resets the connection (handler/grpc_relay.py PerSecond; counted as
     GrpcConnectionsReset_total{Reason="streams"}, logged); another client's call is answered."""
-    from grpc_raw import HEADERS, RST_STREAM, frame
+    from grpc_raw import reset_calls
 
     before = _connections_reset(kserve_predictor, "streams")
-    calls = b"".join(frame(HEADERS, 4, stream, _call_head()) + frame(RST_STREAM, 0, stream, (8).to_bytes(4, "big"))
-                     for stream in range(1, 2 * 1001, 2))  # 1,001 calls, each reset at once (CANCEL)
+    calls = reset_calls(_call_head(), range(1, 2 * 1001, 2))  # 1,001 calls, each reset at once (CANCEL)
     _reset_once_sent(kserve_predictor, "127.0.0.7", calls)
     assert _connections_reset(kserve_predictor, "streams") == before + 1
     wait_for_log(kserve_predictor, "reset a gRPC connection from 127.0.0.7: its client opened more than 1000 streams")
@@ -1547,7 +1546,7 @@ def test_addresses_together_past_max_streams_have_the_heaviest_reset_and_a_light
     addresses together, the connection of an address past its fair share (the bound over the addresses that opened
     streams in the last second) is reset (GrpcConnectionsReset_total{Reason="all_streams"}, logged); an address that
     opens a few meanwhile is not, and a real call is answered."""
-    from grpc_raw import HEADERS, RST_STREAM, SETTINGS, frame
+    from grpc_raw import PREFACE, reset_calls
 
     before = _connections_reset(kserve_predictor, "all_streams")
     head = _call_head()
@@ -1555,22 +1554,18 @@ def test_addresses_together_past_max_streams_have_the_heaviest_reset_and_a_light
     sockets = {source: socket.create_connection(("127.0.0.1", kserve_predictor.grpc_port), timeout=10,
                                                 source_address=(source, 0)) for source in (*heavy, "127.0.0.24")}
     for sock in sockets.values():
-        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0, b""))
+        sock.sendall(PREFACE)
     time.sleep(2.1)  # (seconds of its own: the last one's streams count too)
     try:
         for round_ in range(18):  # in turns, 50 streams each (900 each, under its own 1000; 2,700 in all)
             time.sleep(0.01)  # (read in turns, not one address's all at once)
             for source in heavy:
                 try:
-                    sockets[source].sendall(b"".join(
-                        frame(HEADERS, 4, stream, head) + frame(RST_STREAM, 0, stream, (8).to_bytes(4, "big"))
-                        for stream in range(1 + 100 * round_, 101 + 100 * round_, 2)))
+                    sockets[source].sendall(reset_calls(head, range(1 + 100 * round_, 101 + 100 * round_, 2)))
                 except OSError:  # (reset)
                     pass
             if round_ == 6:  # a light address's 5 streams meanwhile
-                sockets["127.0.0.24"].sendall(b"".join(
-                    frame(HEADERS, 4, stream, head) + frame(RST_STREAM, 0, stream, (8).to_bytes(4, "big"))
-                    for stream in range(1, 11, 2)))
+                sockets["127.0.0.24"].sendall(reset_calls(head, range(1, 11, 2)))
         answer = grpc_stub.ModelInfer(grpc_request([encode(cifar_pil(cifar100_test_split[0], 0))]), timeout=30)
         assert [output.name for output in answer.outputs], answer
         deadline = time.monotonic() + 5
@@ -2134,6 +2129,7 @@ def test_connections_that_send_nothing_are_capped_and_closed_on_both_ports(bundl
     the liveness probe) that long; now --header_timeout_s."""
     import grpc
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+    from grpc_raw import PREFACE
 
     import kserve_types  # noqa: F401 - registers KServe's gRPC types
 
@@ -2142,7 +2138,6 @@ def test_connections_that_send_nothing_are_capped_and_closed_on_both_ports(bundl
         "--max_open_connections=6", "--max_client_connections=3", f"--header_timeout_s={header_s}",
         f"--timeout-keep-alive={keepalive_s}"]).start()
     good = encode(cifar_pil(cifar100_test_split[0], 0))
-    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # and an empty SETTINGS
 
     def connect(port, source="127.0.0.2"):
         return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
@@ -2183,7 +2178,7 @@ def test_connections_that_send_nothing_are_capped_and_closed_on_both_ports(bundl
         # they are closed (GOAWAY, then closed), at --header_timeout_s, no longer the keep-alive time.
         idle = [connect(predictor.grpc_port, f"127.0.0.{4 + n}") for n in range(6)]
         for sock in idle:
-            sock.sendall(preface)
+            sock.sendall(PREFACE)
         idle_opened = time.monotonic()
         time.sleep(0.5)
         with grpc.insecure_channel(predictor.grpc_target) as locked_out:
@@ -2249,6 +2244,7 @@ def test_one_address_holds_at_most_its_own_grpc_connections_and_other_clients_ca
     filled the 512)."""
     import grpc
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+    from grpc_raw import PREFACE
 
     import kserve_types  # noqa: F401 - registers KServe's gRPC types
 
@@ -2257,14 +2253,13 @@ def test_one_address_holds_at_most_its_own_grpc_connections_and_other_clients_ca
         "--max_open_connections=8", "--max_client_connections=4", f"--header_timeout_s={header_s}",
         "--min_rate_grace_s=0.6"]).start()
     good = encode(cifar_pil(cifar100_test_split[0], 0))
-    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # and an empty SETTINGS
 
     def idle_connection(source="127.0.0.2"):
         """A connection from ``source`` with the preface sent, or None when it was reset before that."""
         try:
             sock = socket.create_connection(("127.0.0.1", predictor.grpc_port), timeout=5,
                                             source_address=(source, 0))
-            sock.sendall(preface)
+            sock.sendall(PREFACE)
             return sock
         except OSError:
             return None
