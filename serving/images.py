@@ -670,33 +670,29 @@ def _check_tiff_chunks(tiff: _TiffLayout, entries: list[tuple]) -> None:
                                      "it may have (each costs a decoder run): save it as PNG")
 
 
-def _checked_av1_frames(data: bytes | bytearray, img: Image.Image) -> int:
-    """The pixels of an AVIF's AV1 frames (serving/avif.py: what libavif decodes, whatever its ispe box, which Pillow
-    reports, declares), refused (413) above twice MAX_IMAGE_PIXELS: a picture at the limit and its alpha plane; 400
-    when they cannot be sized (NotReadable)."""
+def _checked_avif(data: bytes | bytearray) -> int:
+    """An AVIF's container, checked before Pillow opens it; the pixels of its AV1 frames. Its frames (serving/avif.py:
+    what libavif decodes, whatever its ispe box, which Pillow reports, declares) are refused (413) above twice
+    MAX_IMAGE_PIXELS, a picture at the limit and its alpha plane; 400 when they cannot be sized (NotReadable). Its
+    EXIF is refused above MAX_EXIF_BYTES (Pillow's opener parses it, and rewrites it all when the container's rotation
+    differs from the tag's): read, with the declared size, by Pillow's own libavif binding, which decodes no pixel."""
     try:
         frames = av1_frame_pixels(data)
     except NotReadable as err:
         raise ImageRequestError(400, f"AVIF refused: {err}") from None
+    try:
+        from PIL import _avif  # Pillow's AVIF support (requirements.txt pins Pillow)
+    except ImportError:
+        return frames  # Pillow cannot open it either
+    info = _avif.AvifDecoder(bytes(data), "auto", 1).get_info()
+    (width, height), exif = info[0], info[4]
     if frames > 2 * MAX_IMAGE_PIXELS:
-        width, height = img.size
         raise ImageRequestError(
             413, f"AVIF refused: it declares {width}x{height} pixels but its AV1 frames hold {frames / 1e6:.0f} MP, "
                  f"above the {2 * MAX_IMAGE_PIXELS / 1e6:.0f} MP a picture at the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit "
                  "and its alpha plane hold")
-    return frames
-
-
-def _check_avif_exif(data: bytes | bytearray) -> None:
-    """Refuse an AVIF whose EXIF is above MAX_EXIF_BYTES before Pillow opens it (its opener parses the
-    EXIF, and rewrites it all when the container's rotation differs from the tag's): the container's
-    header read by Pillow's own libavif binding, which decodes no pixel."""
-    try:
-        from PIL import _avif  # Pillow's AVIF support (requirements.txt pins Pillow)
-    except ImportError:
-        return  # Pillow cannot open it either
-    exif = _avif.AvifDecoder(bytes(data), "auto", 1).get_info()[4]
     _check_exif_size(len(exif or b""))
+    return frames
 
 
 def open_upload(data: bytes) -> Image.Image:
@@ -707,6 +703,7 @@ def open_upload(data: bytes) -> Image.Image:
     refuse such an image right after; a process-wide filter would not be thread-safe in the adapter.)
     """
     data = checked_png(data)
+    av1_frames = 0  # an AVIF's, counted before Pillow opens it (its opener accepts AVIF_BRANDS alone)
     try:
         # What Pillow's openers would read block by block, or parse at length, bounded before they do.
         if data[:3] == _JPEG_SIGNATURE:
@@ -721,10 +718,10 @@ def open_upload(data: bytes) -> Image.Image:
         elif data[:4] in TIFF_PREFIXES:
             _check_tiff_metadata(data)
         elif data[4:8] == b"ftyp" and data[8:12] in AVIF_BRANDS:
-            _check_avif_exif(data)
+            av1_frames = _checked_avif(data)
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         if img.format == "AVIF":
-            img.info[AV1_FRAME_PIXELS_KEY] = _checked_av1_frames(data, img)
+            img.info[AV1_FRAME_PIXELS_KEY] = av1_frames
         _check_pixel_limit(img)  # on the header, before decoding pixels
         _check_scaled_pnm(img)
     except Exception as err:  # noqa: BLE001 - every failure becomes the client's 4xx
