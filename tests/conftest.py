@@ -11,7 +11,8 @@ Test tiers: a test is marked ``integration`` when it needs more than Python and 
 that is when it uses (directly or through another fixture) TorchServe (Java), the headless browser
 or the CIFAR-100 data (``cifar100_data_dir``), or when its module says ``pytestmark =
 pytest.mark.integration``. ``make test-unit`` runs the others (``-m "not integration"``: ~5 min on 2 cores,
-no Java, no Chromium, no data); ``make test`` runs both. When selected tests need the data, Java,
+no Java, no Chromium, no data); ``make test`` runs both, but the tests marked ``bench`` (a benchmark run end to end
+with servers of its own), which ``make test-bench`` runs: CI's ``make test`` must end within 30 minutes. When selected tests need the data, Java,
 Chromium, wrk or npm's axe-core and one is missing, the run stops at once (a failure, never a
 skip) and says how to get it (tests/system_parts.py).
 """

@@ -1,7 +1,11 @@
 """The serving benchmarks' parts: the wrk load generator (benchmarks/load.py) against the session's
 real TorchServe and against stub servers that misbehave (slow, refusing, dropping connections), and
-`python -m benchmarks.bench_serve`, `bench_adapter`, `bench_photos`, `bench_kserve`, `bench_served_engines`
-end to end on short runs, and stopped by a signal.
+`python -m benchmarks.bench_serve`, `bench_adapter`, `bench_photos`, `bench_fairness`, `bench_predictor_memory`,
+`bench_served_engines` (bench_kserve: tests/test_kserve.py) end to end on short runs, and stopped by a signal.
+
+Those that start servers of their own (each ~13-30 s: their own adapter, TorchServe or KServe's model server) are
+marked `bench`: `make test-bench` runs them, `make test` (CI's, within 30 minutes) the rest, which drive the same
+parts (benchmarks/load.py, side_by_side, a stopped run's cleanup) through bench_serve on the session's TorchServe.
 
 What is tested is that the figures are measured and failures are counted, not any speed: speed
 is shown by `make bench`, never asserted by a test.
@@ -332,6 +336,7 @@ def test_a_stopped_benchmark_leaves_no_server_and_no_temporary_folder(signum, wh
     assert list(short_tmp.glob("bench-serve-*")) == [], out
 
 
+@pytest.mark.bench
 def test_bench_served_engines_keeps_what_it_measured_when_stopped(tmp_path, short_tmp):
     # Stopped by SIGTERM (as gpu_check.sh's step limit stops it) after its first engine: that engine's
     # figures are in --out, and its second server and temporary folder are gone.
@@ -414,6 +419,7 @@ def test_bench_serve_prints_both_columns_and_the_two_ratios(torchserve_ready):
     assert any(line.startswith("torchserve p50 - in-process p50 at concurrency 2:") for line in lines), lines
 
 
+@pytest.mark.bench
 def test_bench_adapter_prints_both_paths_and_its_targets(torchserve_ready):
     # The session's TorchServe (--running-torchserve; `make bench-serve` starts its own: ~10 s more on an AVX2 EPYC),
     # its own adapter and seed-style server, and KServe's model server with an adapter in OIP mode in front, as
@@ -427,6 +433,7 @@ def test_bench_adapter_prints_both_paths_and_its_targets(torchserve_ready):
                for line in lines), lines
 
 
+@pytest.mark.bench
 def test_bench_predictor_memory_prints_the_peak_with_and_without_the_bound():
     # KServe's model server started twice on one bundle, a small flood each, over gRPC only (~13 s here; REST's
     # flood differs by its sender alone, and the small requests sent meanwhile go over REST).
@@ -443,6 +450,7 @@ def test_bench_predictor_memory_prints_the_peak_with_and_without_the_bound():
         assert 0 < before <= peak and row[4] == "{'INVALID_ARGUMENT': 3}" and slowest >= 0, row
 
 
+@pytest.mark.bench
 def test_bench_photos_prints_the_three_paths_with_their_cpu_per_photo(torchserve_ready):
     # The session's TorchServe (--running-torchserve) and two adapters, 12 MP JPEGs at concurrency 1 only, cold.
     done = subprocess.run([sys.executable, "-m", "benchmarks.bench_photos", "--duration", "1", "--warmup", "0",
@@ -459,6 +467,7 @@ def test_bench_photos_prints_the_three_paths_with_their_cpu_per_photo(torchserve
     assert "errors" not in done.stdout
 
 
+@pytest.mark.bench
 def test_bench_fairness_prints_the_probe_beside_each_kind_of_load(torchserve_ready):
     # An adapter per phase in front of the session's TorchServe (its own cost ~12 s to start and stop): 2.5 s
     # phases (the probe's last 0.5 s), small loads.
@@ -486,6 +495,7 @@ def test_bench_fairness_prints_the_probe_beside_each_kind_of_load(torchserve_rea
     assert float(flood.rsplit(", ", 1)[1].removesuffix(" answered/s")) > 0, flood
 
 
+@pytest.mark.bench
 def test_bench_served_engines_serves_each_engine_and_compares_its_answers(tmp_path):
     # Starts KServe's own model server once per engine (no TorchServe, no wrk: aiohttp clients: points shorter than
     # wrk's 1 s), ~20 s here.

@@ -700,6 +700,7 @@ def test_adapter_in_front_of_the_v2_server_answers_classify_as_today(kserve_ts, 
 
 # ---- the benchmark's v2 point (figures are make bench-serve's job; here: it measures) -----------
 @pytest.mark.integration  # starts TorchServe and reads CIFAR-100 in a subprocess (no fixture says so)
+@pytest.mark.bench  # its own TorchServe and model server (~22 s): make test-bench
 def test_bench_kserve_prints_each_target_and_the_ratios():
     import subprocess
     import sys
