@@ -1,11 +1,14 @@
 """The test tiers and the missing-data path: `make test-unit` selects only tests that need no server,
-browser or data set, and a run that needs CIFAR-100 without it stops at once saying how to get it."""
+browser or data set, `make test` leaves the bench tier to `make test-bench`, and a run that needs CIFAR-100 without
+it stops at once saying how to get it."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,3 +72,22 @@ def test_a_shell_that_moved_the_services_ports_runs_the_tests_unchanged(tmp_path
                            "tests/test_settings.py::test_config_properties_ports_are_the_settings_ports"],
                           cwd=ROOT, env={**os.environ, **moved}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.integration  # the collected modules ask for CIFAR-100 and wrk (their pytestmark)
+def test_make_test_leaves_the_benchmarks_own_runs_to_make_test_bench():
+    """CI's `make test` must end within its 30 minutes: the benchmarks run end to end with servers of their own
+    (pytest.ini's `bench` marker) are `make test-bench`'s, while bench_serve's run on the session's TorchServe and the
+    load generator's tests stay in `make test`."""
+    def selected(target: str) -> set[str]:
+        done = subprocess.run(["make", "-s", "--no-print-directory", target, "PYTEST_ARGS=--collect-only -q -p "
+                               "no:cacheprovider tests/test_benchmarks.py tests/test_kserve.py"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return {line.split("::")[1] for line in done.stdout.splitlines() if line.startswith("tests/")}
+
+    bench, rest = selected("test-bench"), selected("test")
+    assert not bench & rest and all(name.startswith("test_bench_") for name in bench), bench
+    assert {"test_bench_fairness_prints_the_probe_beside_each_kind_of_load",
+            "test_bench_kserve_prints_each_target_and_the_ratios"} <= bench, bench
+    assert {"test_bench_serve_prints_both_columns_and_the_two_ratios", "test_wrk_measures_answered_requests"} <= rest
