@@ -157,7 +157,7 @@ soak: install
 # Every test but the benchmarks' own runs: unit + integration (real TorchServe, headless Chromium, CIFAR-100).
 # The `bench` tier (make test-bench) is left out: what CI runs must end within its 30 minutes (tests/conftest.py).
 test: install node_modules/.installed
-	$(PY) -m pytest -m "not bench" $(PYTEST_ARGS)
+	$(PY) tests/lanes.py -m "not bench" $(PYTEST_ARGS)
 
 # The fast tier: no TorchServe, no browser, no data set (~5 min on 2 cores; runs without Java or Chromium).
 test-unit: install

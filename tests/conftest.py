@@ -12,7 +12,8 @@ that is when it uses (directly or through another fixture) TorchServe (Java), th
 or the CIFAR-100 data (``cifar100_data_dir``), or when its module says ``pytestmark =
 pytest.mark.integration``. ``make test-unit`` runs the others (``-m "not integration"``: ~5 min on 2 cores,
 no Java, no Chromium, no data); ``make test`` runs both, but the tests marked ``bench`` (a benchmark run end to end
-with servers of its own), which ``make test-bench`` runs: CI's ``make test`` must end within 30 minutes. When selected tests need the data, Java,
+with servers of its own), which ``make test-bench`` runs: CI's ``make test`` must end within 30 minutes; it runs
+in two lanes at once (``--lane``, tests/lanes.py: the CPU-bound training modules at nice 19 beside the rest). When selected tests need the data, Java,
 Chromium, wrk or npm's axe-core and one is missing, the run stops at once (a failure, never a
 skip) and says how to get it (tests/system_parts.py).
 """
@@ -23,6 +24,7 @@ import os
 import pytest
 
 import background
+import lanes
 from cifar100_data import data_dir, missing_data_message
 from system_parts import AXE, missing_parts, wrk_problem
 from torchserve_fixture import HTTP_TIMEOUT_S, READY_TIMEOUT_S, start_test_torchserve, weights_under_test
@@ -50,6 +52,17 @@ def pytest_collection_modifyitems(config, items):
     waiting = {getattr(item, "module", None) for item in items
                if background.COMPUTATIONS.keys() & set(getattr(item, "fixturenames", ()))}
     items.sort(key=lambda item: getattr(item, "module", None) in waiting)  # stable: each module's order kept
+    lane = config.getoption("lane")
+    if lane != "all":  # make test's two lanes (tests/lanes.py)
+        others = [item for item in items if lanes.lane_of(item) != lane]
+        if others:
+            config.hook.pytest_deselected(items=others)
+            items[:] = [item for item in items if lanes.lane_of(item) == lane]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--lane", choices=("all", "main", "side"), default="all",
+                     help="only the tests of make test's main or side lane (tests/lanes.py); all: every test")
 
 
 def pytest_collection_finish(session):

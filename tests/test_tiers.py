@@ -91,3 +91,34 @@ def test_make_test_leaves_the_benchmarks_own_runs_to_make_test_bench():
     assert {"test_bench_fairness_prints_the_probe_beside_each_kind_of_load",
             "test_bench_kserve_prints_each_target_and_the_ratios"} <= bench, bench
     assert {"test_bench_serve_prints_both_columns_and_the_two_ratios", "test_wrk_measures_answered_requests"} <= rest
+
+
+@pytest.mark.integration  # test_training.py asks for CIFAR-100
+def test_make_test_runs_the_training_modules_in_a_side_lane_but_their_clock_tests():
+    """`make test` runs tests/lanes.py: the side lane (nice 19) takes the CPU-bound training modules, less their
+    tests marked wall_clock, and the main lane the rest; each test in exactly one."""
+    done = subprocess.run(["make", "-s", "--no-print-directory", "test", "PYTEST_ARGS=--collect-only -q -p "
+                           "no:cacheprovider tests/test_training.py tests/test_model.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    main_out, header, side_out = done.stdout.partition("make test's side lane")
+    assert header, done.stdout[-3000:]
+    main, side = ({line for line in out.splitlines() if line.startswith("tests/")} for out in (main_out, side_out))
+    assert main and side and not main & side
+    assert all(test.startswith("tests/test_training.py::") for test in side), side
+    clock_tests = {f"tests/test_training.py::{name}" for name in (
+        "test_time_budget_run_fits_its_budget_across_a_resume_and_ends_annealed",
+        "test_a_larger_time_budget_given_on_resume_continues_a_finished_run")}
+    assert clock_tests <= main and "tests/test_model.py::test_structure_matches_the_seed_recipe" in main, main
+
+
+def test_either_lane_failing_fails_make_test_and_a_lane_with_nothing_selected_does_not():
+    from lanes import NO_TESTS_COLLECTED, combined
+
+    assert combined(0, NO_TESTS_COLLECTED) == combined(NO_TESTS_COLLECTED, 0) == 0
+    assert combined(NO_TESTS_COLLECTED, NO_TESTS_COLLECTED) == NO_TESTS_COLLECTED
+    assert combined(0, 1) == combined(1, 0) == combined(1, NO_TESTS_COLLECTED) == 1
+    done = subprocess.run([sys.executable, "tests/lanes.py", "--collect-only", "-q", "tests/test_no_such_module.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 4, done.stdout[-3000:] + done.stderr[-3000:]  # pytest's usage error, from both lanes
+    assert done.stdout.count("file or directory not found") >= 1, done.stdout[-3000:]
