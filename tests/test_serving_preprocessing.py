@@ -83,6 +83,17 @@ def test_every_exif_orientation_is_applied_as_pillow_applies_it(fmt):
     assert len(shapes) == 8  # each orientation turned the picture its own way
 
 
+def test_an_exif_block_whose_prefix_is_repeated_is_read_for_its_orientation():
+    # Some writers repeat JPEG's "Exif\0\0" before the block's TIFF header: each is dropped (images.exif_orientation),
+    # else such a photo stood sideways.
+    from serving.images import exif_orientation
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    block = exif.tobytes()
+    assert block.startswith(b"Exif\0\0")
+    assert exif_orientation(block) == exif_orientation(b"Exif\0\0" * 2 + block) == 6
+
+
 def _cpu_seconds(fn, *args) -> float:
     started = time.process_time()
     try:
@@ -180,6 +191,81 @@ def test_an_avif_whose_frames_cannot_be_sized_is_refused_and_its_boxes_are_read_
         sized(avif._MAX_ITEMS + 1, 1, av1=False)
     with pytest.raises(avif.NotReadable, match=f"an item of {avif._MAX_EXTENTS + 1} extents"):
         sized(2, avif._MAX_EXTENTS + 1)
+
+
+def test_an_avif_with_alpha_at_the_pixel_limit_is_read_and_a_frame_pixel_more_is_413(monkeypatch):
+    # Its colour frame and its alpha plane are both counted: a picture at the pixel limit with alpha holds twice the
+    # limit in frames, and is read (README: "more than twice the 16 MP, a picture and its alpha plane").
+    from PIL import features
+    if not features.check("avif"):
+        pytest.skip("Pillow built without AVIF")
+    rgba = encode(Image.new("RGBA", (30, 20), (1, 2, 3, 100)), "AVIF")
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 30 * 20)  # (as 4000x4000 with alpha at the real limit)
+    opened = open_upload(rgba)
+    assert opened.size == (30, 20) and decoded_pixels(opened) == 2 * 30 * 20
+    assert decode_image(rgba).size == (30, 20)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 30 * 20 - 1)
+    with pytest.raises(ImageRequestError) as info:
+        open_upload(rgba)
+    assert info.value.status == 413 and "but its AV1 frames hold" in info.value.message, info.value.message
+
+
+def test_an_avif_whose_frames_cannot_be_sized_is_400_and_its_bounds_admit_what_they_name():
+    # README: "an AVIF whose frames cannot be sized so, an AV1 item not beginning with its sequence header or more
+    # than 512 items, is 400" (the request is malformed, not too big); 512 items (a 16 MP grid of 256x256 tiles with
+    # their alpha planes) and 4 extents an item are read.
+    from serving import avif
+    ftyp = b"\0\0\0\x18ftypavif\0\0\0\0avifmif1"
+
+    def avif_of(items, extents, av1=True):
+        head = ftyp + iloc_of(items, extents, 0, av1)
+        return ftyp + iloc_of(items, extents, len(head) - 16, av1)
+    for data, words in ((avif_of(1, 1), "an AV1 item or sample that does not begin with its sequence header"),
+                        (avif_of(avif._MAX_ITEMS + 1, 1, av1=False), f"{avif._MAX_ITEMS + 1} items")):
+        with pytest.raises(ImageRequestError) as info:
+            open_upload(data)
+        assert (info.value.status, info.value.message) == (400, f"AVIF refused: {words}")
+    for items, extents in ((avif._MAX_ITEMS, 1), (2, avif._MAX_EXTENTS)):  # read: their first bytes are no header
+        with pytest.raises(avif.NotReadable, match="does not begin with its sequence header"):
+            avif.av1_frame_pixels(avif_of(items, extents))
+
+
+def test_an_avifs_frames_are_counted_wherever_its_boxes_keep_them(monkeypatch):
+    # libavif reads an item's data from the meta box's idat (iloc's construction method 1) as from the file (0), and
+    # an image sequence (brand avis) from its track, whatever size the track's header declares (what Pillow reports).
+    from PIL import features
+    if not features.check("avif"):
+        pytest.skip("Pillow built without AVIF")
+
+    def box(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", 8 + len(payload)) + kind + payload
+    still = encode(noisy((33, 17)), "AVIF")
+    item = still[still.index(b"mdat") + 4:]  # its one av01 item's data, the file's last box
+    ftyp = b"\0\0\0\x18ftypavif\0\0\0\0avifmif1"
+    infe = box(b"infe", b"\x02\0\0\0" + struct.pack(">HH", 1, 0) + b"av01\0")  # item 1, of type av01
+    iinf = box(b"iinf", b"\0" * 4 + struct.pack(">H", 1) + infe)
+
+    def iloc(method: int, offset: int) -> bytes:
+        # version 1, 4-byte offsets and lengths; one item (1) of one extent
+        return box(b"iloc", b"\x01\0\0\0\x44\0" + struct.pack(">HHHHHII", 1, 1, method, 0, 1, offset, len(item)))
+    in_idat = ftyp + box(b"meta", b"\0" * 4 + iinf + iloc(1, 0) + box(b"idat", item))
+    item_at = len(ftyp + box(b"meta", b"\0" * 4 + iinf + iloc(0, 0)))
+    in_file = ftyp + box(b"meta", b"\0" * 4 + iinf + iloc(0, item_at)) + item
+    assert av1_frame_pixels(in_idat) == av1_frame_pixels(in_file) == av1_frame_pixels(still) == 33 * 17
+    out = io.BytesIO()
+    frame = Image.new("RGB", (256, 256), (90, 120, 200))
+    frame.save(out, "AVIF", save_all=True, append_images=[frame], quality=50, speed=10)
+    sequence = bytearray(out.getvalue())
+    assert sequence[8:12] == b"avis"
+    tkhd = sequence.index(b"tkhd") - 4
+    tkhd_end = tkhd + int.from_bytes(sequence[tkhd:tkhd + 4], "big")
+    sequence[tkhd_end - 8:tkhd_end] = struct.pack(">II", 16 << 16, 16 << 16)  # its track header's width, height
+    opened = open_upload(bytes(sequence))
+    assert opened.size == (16, 16) and decoded_pixels(opened) == 256 * 256
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 30_000)
+    with pytest.raises(ImageRequestError) as info:
+        open_upload(bytes(sequence))
+    assert info.value.status == 413 and "declares 16x16 pixels but its AV1 frames hold" in info.value.message
 
 
 def test_tiff_directories_pillow_reads_whole_are_bounded():
@@ -364,6 +450,51 @@ def test_formats_pillow_decodes_in_python_are_bounded_by_their_pixels_or_bytes()
     assert len(plugins) == len(ACCEPTED_FORMATS), plugins
     in_python = {name for name, decoder in Image.DECODERS.items() if decoder.__module__ in plugins}
     assert in_python == {"bmp_rle", "ppm", "ppm_plain"}, in_python
+
+
+def rle_bmp(width: int, height: int, rle4: bool = False, top_down: bool = False) -> bytes:
+    """A grey BMP compressed with RLE8, or RLE4, stored bottom-up, or top-down (a negative height): one pixel, then
+    end of line, on every row."""
+    bits, colours = (4, 16) if rle4 else (8, 256)
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(0, 256, 256 // colours))
+    body = b"\x01\x05\x00\x00" * height + b"\x00\x01"
+    info = struct.pack("<IiiHHIIiiII", 40, width, -height if top_down else height, 1, bits, 2 if rle4 else 1,
+                       len(body), 2835, 2835, colours, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body
+
+
+@pytest.mark.parametrize("kind", [{"rle4": True}, {"top_down": True}], ids=["RLE4", "top-down"])
+def test_an_rle4_or_top_down_rle_bmp_is_bounded_as_an_rle8_one_is(kind):
+    # Pillow decodes both in Python as it does RLE8 (bmp_rle): README's "a BMP compressed with RLE of over 409,600
+    # pixels" is every RLE BMP, whichever its bits or the order of its rows.
+    from serving.images import MAX_BMP_RLE_PIXELS
+    side = int(MAX_BMP_RLE_PIXELS ** 0.5)
+    at_limit = rle_bmp(side, side, **kind)
+    assert open_upload(at_limit).size == (side, side) and open_upload(at_limit).tile[0][0] == "bmp_rle"
+    assert decode_image(at_limit).mode == "RGB"
+    for bomb in (rle_bmp(side + 1, side, **kind), rle_bmp(4000, 4000, **kind)):
+        with pytest.raises(ImageRequestError) as info:
+            open_upload(bomb)
+        assert info.value.status == 413 and "pixel limit for RLE" in info.value.message, info.value.message
+        assert _cpu_seconds(open_upload, bomb) < 0.01
+
+
+@pytest.mark.parametrize("magic", [b"P1", b"P2", b"P3"])
+def test_every_plain_pnm_is_bounded_by_its_bytes(magic):
+    # P1 (bits written as text) is read a number at a time by the same decoder as P2 and P3, its comments as costly:
+    # README's "a plain (text) PNM, P1-P3, over 64 KB" is 413.
+    from serving.images import MAX_PLAIN_PNM_BYTES
+    head, pixel = {b"P1": (b"P1 1 1\n", b"1"), b"P2": (b"P2 1 1 255\n", b"7"),
+                   b"P3": (b"P3 1 1 255\n", b"7 7 7")}[magic]
+    comments = b"#\n" * ((MAX_PLAIN_PNM_BYTES - len(head) - len(pixel)) // 2)
+    at_limit = head + comments + pixel
+    assert len(at_limit) <= MAX_PLAIN_PNM_BYTES and decode_image(at_limit).size == (1, 1)
+    over = head + comments + b"#\n" + pixel
+    assert len(over) > MAX_PLAIN_PNM_BYTES
+    with pytest.raises(ImageRequestError) as info:
+        open_upload(over)
+    assert info.value.status == 413 and "limit for P1-P3" in info.value.message, info.value.message
 
 
 def test_an_exif_block_of_exactly_the_limit_is_read_and_one_byte_more_is_413():

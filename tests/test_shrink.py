@@ -12,7 +12,6 @@ import json
 import multiprocessing
 import threading
 import time
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -184,6 +183,15 @@ def test_small_files_and_the_switch_keep_todays_path():
         with pytest.raises(ClassifyError) as off:
             prepare(not_an_image, shrink_uploads=False)
         assert (off.value.status_code, off.value.message) == (handler.value.status, handler.value.message)
+
+
+def test_an_upload_of_exactly_shrink_min_pixels_goes_as_it_is_and_one_row_more_is_shrunk():
+    # README: "An upload over SHRINK_MIN_BYTES (or over 1 MP)": a flat picture of few bytes, by its pixels alone.
+    from serving.images import SHRINK_MIN_PIXELS
+    assert SHRINK_MIN_PIXELS == 1000 * 1000
+    at_limit, over = (encode(Image.new("RGB", (1000, height), (20, 90, 160))) for height in (1000, 1001))
+    assert len(over) < SHRINK_MIN_BYTES and prepare(at_limit) == at_limit
+    assert decode_image(prepare(over)).size == (32, 32)
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "PPM", "AVIF"])
