@@ -330,3 +330,28 @@ def test_callers_that_left_neither_hold_waiting_slots_nor_room_in_a_batch():
     busy, live = asyncio.run(main())
     assert busy.item() == 0 and [rows.flatten().tolist() for rows in live] == [[1, 1], [2, 2], [3, 3]]
     assert forward.sizes == [1, 6], forward.sizes
+
+
+def test_a_caller_that_leaves_during_the_forward_pass_leaves_every_other_answer_where_it_belongs():
+    """The rows of a batch are handed out by each request's images in turn: a caller gone while its batch's forward
+    pass ran (a client gone, a gRPC deadline) still took its rows' place, or every request after it in the batch
+    would get its neighbour's answer (another client's image's label)."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def gated(batch):
+        entered.set()
+        gate.wait(30)
+        return batch[:, :1, 0, 0].clone()
+    batcher = Batcher(gated, max_images=8, max_delay_s=0.05)
+
+    async def main():
+        calls = [asyncio.ensure_future(batcher(images(i, 1 + i % 2))) for i in range(4)]  # 6 images: one batch
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        calls[1].cancel()  # during the forward pass
+        gate.set()
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[1], asyncio.CancelledError), results
+    assert [results[i].flatten().tolist() for i in (0, 2, 3)] == [[0], [2], [3, 3]], results

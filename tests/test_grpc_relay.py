@@ -16,9 +16,10 @@ from handler.grpc_relay import (MAX_HEADER_BLOCK_BYTES, MAX_HEADER_FIELDS, REPEA
 @contextlib.asynccontextmanager
 async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = None, grace_s: float = 2.0,
                    host: str = "127.0.0.1", streams_per_s: int = 1000, frames_per_s: int = 10_000,
-                   all_streams_per_s: int = 4000):
+                   all_streams_per_s: int = 4000, on_refused=lambda reason: None):
     """The relay on a free port of ``host`` in front of a stand-in for grpc: (relay, its port, the stand-in's accepted
-    connections as (reader, writer) in a queue); both closed at the end."""
+    connections as (reader, writer) in a queue); both closed at the end. ``on_refused``: called with each reset's
+    reason."""
     accepted: asyncio.Queue = asyncio.Queue()
 
     async def grpc_side(reader, writer):
@@ -27,7 +28,7 @@ async def _relayed(max_open: int, max_client: int, trusted: list[str] | None = N
     internal = await asyncio.start_server(grpc_side, "127.0.0.1", 0)
     relay = GrpcRelay(OpenConnections(Settings(max_open_connections=max_open, max_client_connections=max_client,
                                                trusted_proxies=trusted or [], min_rate_grace_s=grace_s)),
-                      PerSecond(streams_per_s), PerSecond(frames_per_s), FairShare(all_streams_per_s))
+                      PerSecond(streams_per_s), PerSecond(frames_per_s), FairShare(all_streams_per_s), on_refused)
     relay.internal_port = internal.sockets[0].getsockname()[1]
     try:
         await relay.start(host, 0)
@@ -339,6 +340,34 @@ def test_a_header_block_of_too_many_fields_or_bytes_or_a_flood_of_frames_has_its
     assert asyncio.run(scenario()) == [(True, False), (True, True), (True, True), (True, True)]
 
 
+def test_per_second_counts_each_address_a_second_at_a_time_up_to_its_bound_and_forgets_past_seconds(monkeypatch):
+    """--max_client_streams, --max_client_frames: an address's count within its bound (exactly the bound too) is
+    let through, one more is past it; another address counts on its own; a second after its count began, an address
+    may open its bound again (counted for ever, an honest client's 1001st call in its life would reset it). Past 4096
+    addresses the seconds gone are forgotten, the ones under way kept."""
+    import handler.grpc_relay as relay_module
+
+    now = [100.0]
+    monkeypatch.setattr(relay_module.time, "monotonic", lambda: now[0])
+    counts = PerSecond(10)
+    assert not counts.too_many("a", 10)  # the bound: let through
+    assert counts.too_many("a", 1)
+    assert not counts.too_many("b", 10)  # its own count
+    now[0] = 100.99
+    assert counts.too_many("a", 1)  # still a's second
+    now[0] = 101.0
+    assert not counts.too_many("a", 10)  # a second on: its bound again
+    assert counts.too_many("a", 1)
+    for n in range(4097):  # addresses of seconds that will be gone
+        counts.too_many(f"old {n}", 1)
+    now[0] = 101.5
+    assert not counts.too_many("c", 10)  # c's second begins
+    now[0] = 102.1
+    assert not counts.too_many("old 0", 1)  # a new second for it: the gone ones forgotten
+    assert counts.too_many("c", 1), "c's second, 0.6 s old, was forgotten with them"
+    assert len(counts._counts) == 2
+
+
 def test_fair_share_counts_all_addresses_streams_and_marks_only_those_past_their_share(monkeypatch):
     """--max_streams: within the total, no address is past it; past it, an address whose streams are more than the
     total over the addresses that opened streams is, one within its share never. The last second's counts weigh by
@@ -367,3 +396,69 @@ def test_fair_share_counts_all_addresses_streams_and_marks_only_those_past_their
     assert streams.too_many("a", 1)
     assert not streams.too_many("f", 50)  # share 50 of 2
     assert streams.too_many("f", 1)  # its 51: past it
+
+
+def test_each_reset_is_counted_under_its_own_reason_and_relays_none_of_the_bytes_that_caused_it():
+    """GrpcConnectionsReset_total{Reason=...} is the operator's one view of which bound resets connections: each
+    refusal reaches the metric's hook once, under its own reason, and the bytes that made it (a stream too many, an
+    HPACK bomb's header block, a frame too many) never reach grpc (the bomb's fields would be expanded there). An
+    address past its share of --max_streams is reset as it opens another stream, not for a frame of a call under way
+    (the README's contract); its next stream resets it. A trusted proxy's streams count in no bound."""
+    call = frame(HEADERS, 4, 1, b"\x82")
+    data = frame(DATA, 0, 1, b"\0\0\0\0\0")
+    bomb = frame(HEADERS, 4, 3, b"\x82" * (MAX_HEADER_FIELDS + 1))
+
+    async def reset_when(sends: list[tuple[str, bytes]], **bounds) -> tuple[list[str], list[bool], list[bool], bytes]:
+        """``sends`` from their sources in turn, each connection opened first: (the reasons reset, whether each send
+        but the last was relayed whole, whether each connection ended, the bytes that reached grpc from the last
+        send's connection past what was relayed before it)."""
+        reasons = []
+        async with _relayed(max_open=8, max_client=4, on_refused=reasons.append, **bounds) as (relay, port, accepted):
+            connections = {}
+            for source, _ in sends:
+                if source not in connections:
+                    connections[source] = await _open(port, source, accepted)
+                    connections[source][0][1].write(PREFACE)
+                    assert await asyncio.wait_for(connections[source][1][0].readexactly(len(PREFACE)), 5) == PREFACE
+            relayed = []
+            for source, sent in sends:
+                (_, writer), (up_reader, _) = connections[source]
+                writer.write(sent)
+                with contextlib.suppress(ConnectionResetError):  # (reset before)
+                    await writer.drain()
+                if len(relayed) < len(sends) - 1:  # relayed whole before the next is sent
+                    try:
+                        relayed.append(await asyncio.wait_for(up_reader.readexactly(len(sent)), 5) == sent)
+                    except asyncio.IncompleteReadError:  # (reset: its connection to grpc closed)
+                        relayed.append(False)
+            ended = [await _closed_or_reset(reader, 1) for (reader, _), _ in connections.values()]
+            (_, writer), (up_reader, up_writer) = connections[sends[-1][0]]
+            writer.close()
+            reached = await asyncio.wait_for(up_reader.read(), 5)  # to its end: what the relay wrote after the preface
+            for (_, writer), (_, up_writer) in connections.values():
+                writer.close()
+                up_writer.close()
+            return reasons, relayed, ended, reached
+
+    async def scenario():
+        streams = [frame(HEADERS, 4, stream, b"\x82") for stream in (1, 3, 5)]
+        return {
+            # a trusted proxy's 3 (many clients' calls) are not counted; 127.0.0.2's third is one too many
+            "streams": await reset_when([("127.0.0.5", b"".join(streams)), ("127.0.0.2", streams[0] + streams[1]),
+                                         ("127.0.0.2", streams[2])], streams_per_s=2, trusted=["127.0.0.5"]),
+            # a opens 8 alone, b 3 (11 of 10 in all, b within its 5): a's DATA is relayed, its next stream is not
+            "all_streams": await reset_when(
+                [("127.0.0.2", b"".join(frame(HEADERS, 4, stream, b"\x82") for stream in range(1, 17, 2))),
+                 ("127.0.0.3", b"".join(frame(HEADERS, 4, stream, b"\x82") for stream in range(1, 7, 2))),
+                 ("127.0.0.2", data), ("127.0.0.2", frame(HEADERS, 4, 17, b"\x82"))], all_streams_per_s=10),
+            "frames": await reset_when([("127.0.0.2", data * 3), ("127.0.0.2", data)], frames_per_s=3),
+            "headers": await reset_when([("127.0.0.2", call), ("127.0.0.2", bomb)]),  # (bomb: stream 3)
+        }
+
+    out = asyncio.run(scenario())
+    assert out["streams"] == (["streams"], [True, True], [False, True], b""), out["streams"]
+    assert out["all_streams"] == (["all_streams"], [True, True, True], [True, False], b""), out["all_streams"]
+    assert out["frames"] == (["frames"], [True], [True], b""), out["frames"]
+    reasons, relayed, ended, reached = out["headers"]
+    assert (reasons, relayed, ended) == (["headers"], [True], [True]), out["headers"]
+    assert len(reached) < len(bomb), reached  # (the part of its frame read before the block's end, at most)

@@ -822,6 +822,49 @@ asyncio.run(main())
     assert out["take past the limit"] == [False, 80], out
 
 
+def test_held_bytes_a_waiter_that_stops_gives_back_a_turn_granted_as_it_stopped_and_lets_the_next_through(in_child):
+    """HeldBytes.reserve, in-process: a call whose turn was granted just as it stopped waiting (its deadline, its
+    client gone) holds nothing after, or each such race kept a largest message's bytes reserved for ever, and the
+    bound shrank until every gRPC call waited; and a large waiter that gives up lets a smaller one behind it, which
+    fits, go at once, not at the next bytes given back (or its deadline)."""
+    script = """
+import asyncio, json
+from handler.held_bodies import HeldBytes
+
+async def main():
+    log = {}
+    held = HeldBytes(100)
+    held.take(60)
+    racing = asyncio.ensure_future(held.reserve(50))
+    await asyncio.sleep(0.01)
+    held.give(60)  # its turn granted: its task not yet run
+    racing.cancel()  # and its caller stops
+    try:
+        await racing
+    except asyncio.CancelledError:
+        pass
+    log["granted as it stopped"] = [held.held, held.waiting]
+    held.take(60)
+    large = asyncio.ensure_future(asyncio.wait_for(held.reserve(70), 0.2))
+    await asyncio.sleep(0.02)
+    small = asyncio.ensure_future(held.reserve(30))
+    await asyncio.sleep(0.02)
+    log["behind a large one"] = [small.done(), held.held, held.waiting]  # it fits, but waits its turn
+    await asyncio.sleep(0.5)  # the large one gave up 0.2 s in
+    log["behind a large one that gave up"] = [small.done(), held.held, held.waiting]
+    for waiter in (large, small):
+        waiter.cancel()
+    await asyncio.gather(large, small, return_exceptions=True)
+    print(json.dumps(log))
+
+asyncio.run(main())
+"""
+    out = in_child(script)
+    assert out["granted as it stopped"] == [0, 0], out
+    assert out["behind a large one"] == [False, 60, 2], out
+    assert out["behind a large one that gave up"] == [True, 90, 0], out
+
+
 def test_held_bytes_passes_over_an_owner_at_its_share_and_lets_it_go_when_its_turn_ends(in_child):
     """HeldBytes with turns_per_owner, in-process: an owner holds at most that many turns at once; its next waits and
     is passed over, so another owner's reservation goes first, at once, even behind it in the queue; the owner's
