@@ -102,6 +102,35 @@ def test_a_request_waiting_for_a_connection_to_the_model_server_gives_way_with_a
     asyncio.run(scenario())
 
 
+def test_a_wait_stopped_and_cancelled_for_another_reason_too_is_not_read_as_giving_way():
+    """serving/clients.py StoppableWait: a stop that meets a cancel of another kind (a deadline's, a client's that left)
+    goes on as that cancel, not as the give-way's 503."""
+    from serving.clients import StoppableWait
+
+    async def scenario():
+        waits: list = []
+
+        async def waiting() -> bool:
+            waits.append(StoppableWait())
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                return waits[-1].gave_way()
+            return False
+
+        results = []
+        for also_cancelled in (False, True):
+            task = asyncio.create_task(waiting())
+            await asyncio.sleep(0)  # (waiting now)
+            waits[-1].stop()
+            if also_cancelled:
+                task.cancel()
+            results.append(await task)
+        return results
+
+    assert asyncio.run(scenario()) == [True, False]
+
+
 def test_a_client_past_its_fair_share_of_the_bytes_gives_way_to_one_under_it():
     """Three addresses each holding slow full-size uploads (promised their declared size) held everyone's bytes with
     few requests, and a phone photo was refused "busy". The fair share counts bytes too: a newcomer whose held and
@@ -126,6 +155,21 @@ def test_a_client_past_its_fair_share_of_the_bytes_gives_way_to_one_under_it():
     held = in_flight.bytes
     b.give_way()
     assert in_flight.bytes == held - 400 and not b.cover(500, healthy=True) and in_flight.bytes == held - 400
+
+
+def test_a_request_that_gave_way_is_charged_nothing_more_even_for_a_chunk_that_would_fit():
+    """Released when it gave way, it keeps no bytes and no place: a chunk that came with its stop is refused (charged,
+    nothing would ever give it back), however much room is left."""
+    in_flight = InFlight(max_requests=4, max_bytes=1000)
+    in_flight.share_per_client(max_requests=4, max_bytes=1000)
+    stopped: list = []
+    held = _receiving(in_flight, "a", stopped, 400)
+    assert held.cover(100, healthy=False)
+    held.give_way()
+    assert stopped == [held]
+    assert not held.cover(200, healthy=False) and not held.cover(400, healthy=True)
+    held.release()  # its request's own release, later
+    assert (in_flight.requests, in_flight.bytes, in_flight.clients) == (0, 0, {})
 
 
 def test_only_what_is_short_decides_who_is_under_and_who_is_past_its_share():
@@ -157,6 +201,34 @@ def test_only_what_is_short_decides_who_is_under_and_who_is_past_its_share():
     assert roomy.to_give_way("n", 3000) is large  # a's 7,000 bytes (2.1 parts of 3,333), not b's places
     assert roomy.to_give_way("n", 3500) is None  # past its own part of the bytes
     assert stopped == []
+
+
+def test_a_newcomer_already_holding_a_request_counts_once_among_the_clients_that_share():
+    """Its fair share is an equal part among the clients holding requests, itself counted once: one that holds 1 of
+    4 places beside a client holding 3 is under its share (4 // 2 clients = 2), and a's newest gives way to it
+    (counted twice, its share read 4 // 3 = 1, and it was refused "busy")."""
+    in_flight = InFlight(max_requests=4, max_bytes=10**6)
+    in_flight.share_per_client(max_requests=4, max_bytes=10**6)
+    stopped: list = []
+    a = [_receiving(in_flight, "a", stopped) for _ in range(3)]
+    _receiving(in_flight, "n", stopped)
+    assert in_flight.try_admit("n", 1) == "busy"
+    assert in_flight.to_give_way("n", 1) is a[2]
+
+
+def test_while_only_the_bytes_are_short_a_clients_many_small_uploads_do_not_rank_it_past_its_share():
+    """The mirror of the case above: bytes short, places free. b's 5 uploads are past an equal part of the places
+    (10 // 3 = 3) but the places are not what is short; a's one upload, 1.5 parts of the bytes, is the most past."""
+    in_flight = InFlight(max_requests=10, max_bytes=10_000)
+    in_flight.share_per_client(max_requests=10, max_bytes=10_000)
+    stopped: list = []
+    a = _receiving(in_flight, "a", stopped, 5000)
+    b = [_receiving(in_flight, "b", stopped, 700) for _ in range(5)]
+    for charge in (a, *b):
+        assert charge.cover(1, healthy=True)  # promised: 8,500 bytes held, 6 places of 10
+    assert in_flight.try_admit("n", 2000) == "busy"
+    # n's part: 10,000 // 3 = 3,333 bytes. a holds 5,000 (1.5 parts), b 3,500 (1.05): a gives way, not b's newest.
+    assert in_flight.to_give_way("n", 2000) is a
 
 
 def test_an_older_upload_gives_way_when_the_newest_past_the_share_holds_too_few_bytes():

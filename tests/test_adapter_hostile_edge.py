@@ -707,6 +707,45 @@ def test_retry_after_s_from_the_environment_is_the_busy_refusals_retry_after(mon
     assert_only_an_error(answer)
 
 
+def test_an_upload_refused_at_its_head_by_a_cap_is_closed_without_waiting_for_its_body():
+    """The 503 before the body is read ends the connection (Connection: close, then the close): the unread body must
+    not keep the socket, nor be parsed as a next request. Here the body never comes: the refused connection is
+    closed at once, not held while the client waits."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = Settings(inference_url=dead, management_url=dead, min_rate_grace_s=60, body_timeout_s=60,
+                        max_client_requests_in_flight=1)
+    with in_process_adapter(settings) as port, holding_a_place(port, "127.0.0.2"), \
+            connect(port, timeout=LATE_S, source="127.0.0.2") as refused:
+        refused.sendall(multipart_head(port, 100_000))  # its body never sent
+        try:
+            answer = read_until_closed(refused)
+        except socket.timeout:
+            answer = None
+    assert answer is not None, f"the refused connection was still open {LATE_S:g} s after its head"
+    status, headers, _ = status_and_json(answer)
+    assert (status, headers.get("retry-after"), headers.get("connection")) == (503, "1", "close"), answer
+
+
+def test_a_head_whose_body_never_begins_stops_no_upload_and_gets_the_busy_503_at_the_grace():
+    """A newcomer under its fair share claims a place held past another's once its body begins (its first bytes within
+    MIN_RATE_GRACE_S): a head alone, its body never sent, stops nobody (heads sent every 0.1 s from four addresses had
+    stopped half an honest client's uploads). At the grace it gets the busy 503, and both uploads held go on."""
+    from adapter.limits import BUSY_MESSAGE
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    # One byte a second: the held uploads' few bytes keep them for seconds past the short grace.
+    settings = Settings(inference_url=dead, management_url=dead, max_requests_in_flight=2,
+                        max_client_requests_in_flight=2, min_rate_grace_s=0.5, min_upload_rate=1, body_timeout_s=60)
+    with in_process_adapter(settings) as port, holding_a_place(port, "127.0.0.2"), \
+            holding_a_place(port, "127.0.0.2"), connect(port, timeout=LATE_S, source="127.0.0.3") as head_only:
+        head_only.sendall(multipart_head(port, 100_000))  # 127.0.0.3's share: 2 // 2 = 1; 127.0.0.2 holds 2
+        answer = status_and_json(read_until_closed(head_only))
+        held = requests_in_flight(port)
+    status, headers, body = answer
+    assert (status, headers.get("retry-after"), body) == (503, "1", {"error": BUSY_MESSAGE}), answer
+    assert held == 2
+
+
 def test_an_image_of_exactly_max_upload_bytes_is_read_and_one_byte_more_is_413():
     """MAX_UPLOAD_BYTES is the largest image accepted, itself included: a file of exactly that size is read and sent
     on, one byte more is 413 {"error"} naming the limit."""

@@ -31,7 +31,7 @@ from PIL import Image
 
 from adapter.config import ConfigError, Settings
 from adapter.errors import ClassifyError
-from adapter.limits import Explanations, InFlight
+from adapter.limits import CHARGE_KEY, Explanations, InFlight, held_by_model_server
 from adapter.run import running_adapter
 from serving.images import SHRINK_MIN_BYTES
 from serving.process import free_port
@@ -141,6 +141,27 @@ def test_a_request_given_up_on_keeps_what_the_model_server_holds_until_its_respo
         assert (in_flight.requests, in_flight.bytes, in_flight.clients) == (0, 0, {})
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("status", [400, 502, 503])
+def test_a_request_that_failed_otherwise_than_504_keeps_nothing_for_the_model_server(status):
+    """Only a request given up on (504, or its task cancelled) keeps the bytes it forwarded and its place for the
+    response timeout: the model server may still hold it. One whose model server answered, an error included,
+    gives all back at its release; else every upload TorchServe refuses would hold its place for 120 s."""
+    in_flight = InFlight(max_requests=2, max_bytes=100)
+    in_flight.share_per_client(max_requests=2, max_bytes=100)
+    in_flight.hold_s = 30.0
+
+    async def scenario():
+        charge = in_flight.try_admit("a", 40)
+        assert charge.cover(40, healthy=True)
+        with pytest.raises(ClassifyError):
+            with held_by_model_server({CHARGE_KEY: charge}, 40):
+                raise ClassifyError(status, "the model server's answer")
+        charge.release()
+        return in_flight.requests, in_flight.bytes, in_flight.clients
+
+    assert asyncio.run(scenario()) == (0, 0, {})
 
 
 def test_an_explanation_given_up_on_keeps_its_turn_until_the_response_timeout():
@@ -1159,6 +1180,39 @@ def test_only_an_idle_connection_of_a_client_past_its_fair_share_gives_way():
     assert opened(connections, "10.0.0.2", Connection(True)) == "10.0.0.2" and theirs[0].closed
     assert (connections.total, connections.proxied) == (4, 2)
     assert not any(connection.closed for connection in held["10.0.0.1"])
+
+
+def test_the_idle_connection_that_gives_way_is_of_the_client_holding_the_most_for_one_under_its_share_only():
+    """OpenConnections at its cap, in-process: of two clients past the fair share, both with idle connections, the one
+    holding the most gives one up; and a client already at its share takes nobody's place."""
+    from adapter.config import Settings
+    from adapter.protocol import OpenConnections
+
+    connections = OpenConnections(Settings(max_open_connections=5, max_client_connections=3))
+    held = {"10.0.0.1": [Connection(True) for _ in range(3)], "10.0.0.2": [Connection(True) for _ in range(2)]}
+    for host, theirs in held.items():
+        assert all(opened(connections, host, connection) == host for connection in theirs)
+    # 10.0.0.2 holds 2, its share (5 // 2 clients): its third would be past it, so nothing of 10.0.0.1's is closed.
+    assert opened(connections, "10.0.0.2", Connection(True)) is None
+    assert not any(connection.closed for connection in (*held["10.0.0.1"], *held["10.0.0.2"]))
+    # A third client's share is 1: both are past it, 10.0.0.1 holding the most gives its oldest idle one.
+    assert opened(connections, "10.0.0.3", Connection(True)) == "10.0.0.3"
+    assert [c.closed for c in held["10.0.0.1"]] == [True, False, False] and not any(c.closed for c in held["10.0.0.2"])
+
+
+def test_a_trusted_proxys_closed_connections_give_their_places_back_to_the_shares():
+    """The shares are of the places trusted proxies' connections leave (OpenConnections.proxied): once those close,
+    the count gives them back, else every proxied connection ever closed would shrink the shares for good."""
+    from adapter.config import Settings
+    from adapter.protocol import OpenConnections
+
+    connections = OpenConnections(Settings(max_open_connections=4, max_client_connections=3,
+                                           trusted_proxies=["10.9.9.9"]))
+    proxied = [Connection(True), Connection(True)]
+    assert all(opened(connections, "10.9.9.9", connection) == "" for connection in proxied)
+    for connection in proxied:
+        connections.closed("", connection)
+    assert (connections.total, connections.proxied) == (0, 0)
 
 
 def test_a_connection_reading_none_of_its_answers_gives_way_past_the_grace_after_any_idle_one():
