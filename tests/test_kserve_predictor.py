@@ -375,11 +375,19 @@ def test_a_model_dir_without_the_archive_stops_the_start_with_the_reason(tmp_pat
     assert "exited while starting" in str(err.value) and "no model-store/cifar100.mar" in str(err.value)
 
 
-def test_a_bare_archive_is_served_too(bundle, client, tmp_path, cifar100_test_split):
+def test_a_bare_archive_is_served_too_and_a_free_port_taken_before_the_bind_is_picked_again(bundle, client, tmp_path,
+                                                                                           cifar100_test_split):
     """--model_dir may name the .mar itself (no bundle around it: TorchServe's max_request_size from the repo's
-    config.properties)."""
-    predictor = KServePredictor(tmp_path, bundle / "model-store" / "cifar100.mar").start()
+    config.properties). And a port picked free for it but taken before the server bound it, seconds later (any
+    process's bind to port 0 may get it: 26 tests lost their predictor so once), is picked again."""
+    predictor = KServePredictor(tmp_path, bundle / "model-store" / "cifar100.mar")
+    taken = predictor.grpc_port
+    with socket.socket() as thief:
+        thief.bind(("127.0.0.1", taken))
+        thief.listen()
+        predictor.start()
     try:
+        assert predictor.grpc_port != taken
         r = client.post(infer_url(predictor), json=v2_body([encode(cifar_pil(cifar100_test_split[0], 3))]))
         assert r.status_code == 200 and v2_answers(r.json())[0]["prediction"], r.text
     finally:
