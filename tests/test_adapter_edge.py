@@ -620,7 +620,7 @@ def test_the_metrics_port_holds_a_clients_share_of_connections_until_the_heads_d
 
     port, dead = free_port(), f"http://127.0.0.1:{free_port()}"
     env = {"TS_INFERENCE_URL": dead, "TS_MANAGEMENT_URL": dead, "METRICS_PORT": str(port),
-           "MAX_CLIENT_CONNECTIONS": "4", "HEADER_TIMEOUT_S": "2"}
+           "MAX_CLIENT_CONNECTIONS": "4", "HEADER_TIMEOUT_S": "4"}  # (2 s: one of the 4 had reached it on a loaded host)
     with running_adapter(env, tmp_path / "a.log") as a:
         adapter = psutil.Process(a.process.pid)
         threads = adapter.num_threads()
@@ -634,16 +634,16 @@ def test_the_metrics_port_holds_a_clients_share_of_connections_until_the_heads_d
             still_open = [sock for sock in held if not _closed_at_once(sock, 0.05)]
             assert len(still_open) == 4, len(still_open)  # its share held (the rest closed at once)
             assert adapter.num_threads() <= threads + 2 * 4  # each held one: its thread, its deadline's
-            assert all(_closed_at_once(sock, 3) for sock in still_open)  # the head's deadline, 2 s
+            assert all(_closed_at_once(sock, 5) for sock in still_open)  # the head's deadline, 4 s
         finally:
             for sock in held:
                 sock.close()
-        # A byte every 0.5 s never leaves a read waiting 2 s: the deadline counts from the connection's start.
+        # A byte every 0.5 s never leaves a read waiting 4 s: the deadline counts from the connection's start.
         time.sleep(0.5)  # the held ones' threads gone (else the last of these may be one past the share)
         dripping = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
         started, closed_after = time.monotonic(), {}
         try:
-            while len(closed_after) < len(dripping) and time.monotonic() - started < 6:
+            while len(closed_after) < len(dripping) and time.monotonic() - started < 8:
                 for number, sock in enumerate(dripping):
                     if number not in closed_after:
                         try:
@@ -656,7 +656,7 @@ def test_the_metrics_port_holds_a_clients_share_of_connections_until_the_heads_d
         finally:
             for sock in dripping:
                 sock.close()
-        assert len(closed_after) == 4 and 1.5 <= min(closed_after.values()) <= max(closed_after.values()) < 4, \
+        assert len(closed_after) == 4 and 3.5 <= min(closed_after.values()) <= max(closed_after.values()) < 6, \
             closed_after
         assert "adapter_requests_total" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
 

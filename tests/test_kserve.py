@@ -245,6 +245,10 @@ def test_start_warns_when_the_running_server_loaded_an_older_bundle(tmp_path, mo
     server = subprocess.Popen(stand_in_command(kserve.KServePredictor.command)(
         kserve.KServePredictor(logs, tmp_path / "bundle", port=http, grpc_port=grpc)))
     try:
+        # Until its exec, the child's command line is pytest's: the pid file's check read that once on a loaded host.
+        deadline = time.monotonic() + 30
+        while "handler.kserve_predictor" not in psutil.Process(server.pid).cmdline() and time.monotonic() < deadline:
+            time.sleep(0.05)
         (logs / "kserve-predictor.pid").parent.mkdir(parents=True)
         (logs / "kserve-predictor.pid").write_text(f"{server.pid}\n")
         argv = ["predictor", "start", "--bundle", str(tmp_path / "bundle")]
