@@ -54,10 +54,12 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: getattr(item, "module", None) in waiting)  # stable: each module's order kept
     lane = config.getoption("lane")
     if lane != "all":  # make test's two lanes (tests/lanes.py)
-        others = [item for item in items if lanes.lane_of(item) != lane]
+        kept, others = [], []
+        for item in items:
+            (kept if lanes.lane_of(item) == lane else others).append(item)
         if others:
             config.hook.pytest_deselected(items=others)
-            items[:] = [item for item in items if lanes.lane_of(item) == lane]
+            items[:] = kept
 
 
 def pytest_addoption(parser):
