@@ -59,6 +59,7 @@ from collections import deque
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from serving.client_text import clipped
 from serving.clients import client_key, fair_share, removed
 from serving.pace import paced_deadline
 from serving.throttled_log import ThrottledLog
@@ -82,6 +83,8 @@ MIN_AVERAGE_CHUNK = 48
 CHUNK_ALLOWANCE = 64
 # The 431 for a chunked body's framing (chunk lines, extensions, trailers) past the limit.
 _FRAMING_REFUSAL = "The request's chunk lines or trailers are too large"
+# Characters of an unsupported Transfer- or Content-Encoding that its refusal shows (the header is the client's).
+CODINGS_SHOWN = 40
 # SO_LINGER on, 0 s: close() resets the connection and frees it at once (no FIN_WAIT / TIME_WAIT).
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
@@ -664,11 +667,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         content = [coding for coding in codings[b"content-encoding"] if coding != "identity"]
         body = self._declares_body()
         if transfer:
-            refusal = (501, f"Transfer-Encoding {_shown(', '.join(transfer))} is not supported: send the body as it is "
-                            "(with a Content-Length, or chunked).")
+            refusal = (501, f"Transfer-Encoding {clipped(', '.join(transfer), CODINGS_SHOWN)} is not supported: send "
+                            "the body as it is (with a Content-Length, or chunked).")
         elif content and body:  # (a request without a body has nothing coded to misread)
-            refusal = (415, f"Content-Encoding {_shown(', '.join(content))} is not supported: send the body as it is "
-                            "(not compressed).")
+            refusal = (415, f"Content-Encoding {clipped(', '.join(content), CODINGS_SHOWN)} is not supported: send "
+                            "the body as it is (not compressed).")
         elif (not body and not any(name == b"content-length" for name, _ in self.headers)
               and self.parser.get_http_version() == "1.0"
               and self.parser.get_method() in (b"POST", b"PUT", b"PATCH")):
@@ -725,11 +728,6 @@ def silent_timeout_s(settings: Settings, keepalive_s: float) -> float:
     that trickles, or the keep-alive time if shorter. KServe's predictor closes a gRPC connection with no call at
     the same time (handler/kserve_predictor.py)."""
     return min(settings.header_timeout_s, keepalive_s)
-
-
-def _shown(text: str) -> str:
-    """A client's text in an answer: cut to 40 characters, in ASCII."""
-    return ascii(text[:40])[1:-1] + ("..." if len(text) > 40 else "")
 
 
 def _parser_reason(err: Exception) -> str:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from model.normalization import normalize  # noqa: F401 - the handler normalizes through here
+from serving.client_text import clipped
 # The decoding rules, re-exported for the handler, the tests and the benchmarks.
 from serving.images import (  # noqa: F401
     DECODE_MIN_SIDE, INPUT_SIZE, MAX_IMAGE_PIXELS, MAX_JPEG_PIXELS, ImageRequestError, checked_png,
@@ -49,8 +50,7 @@ ERROR_FIELDS_SHOWN, ERROR_FIELD_CHARS = 3, 40
 
 def _field_names(row: dict) -> str:
     names = sorted(map(str, row))
-    shown = [name if len(name) <= ERROR_FIELD_CHARS else name[:ERROR_FIELD_CHARS] + "..."
-             for name in names[:ERROR_FIELDS_SHOWN]]
+    shown = [clipped(name, ERROR_FIELD_CHARS) for name in names[:ERROR_FIELDS_SHOWN]]
     more = len(names) - len(shown)
     return ", ".join(shown + ([f"{more} more"] if more else [])) or "none"
 

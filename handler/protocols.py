@@ -31,6 +31,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from serving.client_text import clipped
 from serving.settings import REQUEST_ID_MAX_LENGTH, V2_OUTPUTS
 
 PLAIN, V1, V2 = "plain", "v1", "v2"
@@ -222,13 +223,12 @@ NAME_SHOWN = 64  # characters of a tensor's name that messages show: the name is
 
 
 def shown_name(name) -> str:
-    """A tensor's name as messages show it: cut to NAME_SHOWN characters, in ASCII (a 12 MB name, shown whole in
-    each of its 64 images' labels, four characters per control byte, cost a request 3 GB and 14 s)."""
+    """A tensor's name as messages show it, quoted: cut to NAME_SHOWN characters, in ASCII (serving/client_text.py)."""
     if name is None:
         name = "unnamed"
     if not isinstance(name, str):
         return f"a {type(name).__name__} for a name"
-    return ascii(name[:NAME_SHOWN]) + ("..." if len(name) > NAME_SHOWN else "")
+    return f"'{clipped(name, NAME_SHOWN)}'"
 
 
 def shown_names(names: list, most: int = 4) -> str:

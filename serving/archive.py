@@ -14,7 +14,7 @@ The archive holds:
   engine_int8.xml + .bin                              the openvino-int8 engine's network, when made from
                                                       exactly these weights (training/quantize.py)
   model/, handler/, serving/settings.py, images.py,   the packages the handler imports
-  avif.py
+  avif.py, client_text.py
 
 The version says which weights it holds: ``w<width>-<first 8 hex of the weights' sha256>``. The
 archive is rebuilt only when an input changed (a digest of all inputs sits beside it), so
@@ -55,7 +55,7 @@ PACKAGES = {"model": ["*.py", "index_to_name.json"],
             "handler": ["__init__.py", "preprocessing.py", "protocols.py", "calibration.py", "explain.py", "engine.py",
                         "answers.py"],
             # the shared facts (top-k, v2 output names) and the decoding rules the adapter shares
-            "serving": ["__init__.py", "settings.py", "images.py", "avif.py"]}
+            "serving": ["__init__.py", "settings.py", "images.py", "avif.py", "client_text.py"]}
 
 
 class ArchiveError(RuntimeError):

@@ -7,6 +7,7 @@ RUNNING (0) or NOT_RUNNING (3); a failed start or a bad setting is another non-z
 from __future__ import annotations
 
 import collections
+import random
 import socket
 import subprocess
 import threading
@@ -28,19 +29,47 @@ class ServiceStartError(RuntimeError):
 # another caller meanwhile (servers started side by side); never again while remembered.
 _HANDED_OUT: collections.deque[int] = collections.deque(maxlen=4096)
 _HANDING_OUT = threading.Lock()
+_PICKS = random.Random()  # its own: a test's random.seed() must not make two processes pick alike
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PICKED_PORT = 10_000  # under it: the well-known defaults (8080, 8000...) and what operators choose by hand
+
+
+def unclaimed_ports() -> range | None:
+    """The ports from LOWEST_PICKED_PORT up to the kernel's ephemeral range: no outgoing connection's local port and no
+    bind to port 0 is ever one of them, so a port picked there stays free until its server binds it (Java's seconds
+    later; a CI run lost a module's server so, session 62). None where the range starts too low to leave 1,000."""
+    try:
+        first_ephemeral = int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return range(LOWEST_PICKED_PORT, first_ephemeral) if first_ephemeral - LOWEST_PICKED_PORT >= 1000 else None
+
+
+def _bound_to_a_free_port(host: str, candidates: range | None) -> socket.socket:
+    """A socket bound to a port free now: one of candidates at random, else (none found, or None) one the OS picks."""
+    for _ in range(64 if candidates is not None else 0):
+        s = socket.socket()
+        try:
+            s.bind((host, _PICKS.choice(candidates)))
+            return s
+        except OSError:  # in use
+            s.close()
+    s = socket.socket()
+    s.bind((host, 0))
+    return s
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct ports on `host` that are free right now (the OS picks them; all held until all are picked), none
-    of them one this process was given in its last 4,096 picks."""
+    """n distinct ports on `host` that are free right now (all held until all are picked), below the ephemeral range
+    where it leaves room (unclaimed_ports), none of them one this process was given in its last 4,096 picks."""
     sockets, ports = [], []
+    candidates = unclaimed_ports()
     with _HANDING_OUT:
         try:
             while len(ports) < n:
-                sockets.append(socket.socket())
-                sockets[-1].bind((host, 0))
+                sockets.append(_bound_to_a_free_port(host, candidates))
                 port = sockets[-1].getsockname()[1]
-                if port not in _HANDED_OUT:  # (a port handed out before is held too, so the OS gives another)
+                if port not in _HANDED_OUT:  # (a port handed out before is held too, so the next pick differs)
                     ports.append(port)
                     _HANDED_OUT.append(port)
             return ports

@@ -13,7 +13,7 @@ or the CIFAR-100 data (``cifar100_data_dir``), or when its module says ``pytestm
 pytest.mark.integration``. ``make test-unit`` runs the others (``-m "not integration"``: ~5 min on 2 cores,
 no Java, no Chromium, no data); ``make test`` runs both, but the tests marked ``bench`` (a benchmark run end to end
 with servers of its own), which ``make test-bench`` runs: CI's ``make test`` must end within 30 minutes; it runs
-in two lanes at once (``--lane``, tests/lanes.py: the CPU-bound training modules at nice 19 beside the rest). When selected tests need the data, Java,
+in two lanes at once (``--lane``, tests/lanes.py: the modules that compute in-process at nice 19 beside the rest). When selected tests need the data, Java,
 Chromium, wrk or npm's axe-core and one is missing, the run stops at once (a failure, never a
 skip) and says how to get it (tests/system_parts.py).
 """
@@ -39,6 +39,7 @@ for _variable in MOVED_BY_THE_USER:
 
 # Fixtures that make a test an integration test (a test using any fixture built on them is one too).
 INTEGRATION_FIXTURES = {"torchserve", "kserve_ts", "kserve_predictor", "browser", "cifar100_data_dir", "wrk"}
+BENCH_TIMEOUT_S = 1200  # make test-bench runs benchmarks end to end, servers and all: longer than pytest.ini's timeout
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
@@ -46,6 +47,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("bench") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(BENCH_TIMEOUT_S))
     # The modules that ask for a background computation run last, whole (their module-scoped servers started once),
     # in their order: asked for early, its result held the run up (test_calibration waited 40 s for the test
     # split's logits once the bench tier had left `make test`, whose 140 s of tests had given them their time).

@@ -1,7 +1,7 @@
 """`make test`'s two lanes: one pytest command line run twice at once, `--lane main` and, at nice 19, `--lane side`.
 
-The side lane holds the modules in SIDE_MODULES: they train or score networks on the CPU, start no server and
-judge nothing by the clock; their tests marked `wall_clock` (a time budget's fit, a plan made from a speed
+The side lane holds the modules in SIDE_MODULES: they train or score networks, build engines or archives on the CPU,
+start no server and judge nothing by the clock; their tests marked `wall_clock` (a time budget's fit, a plan made from a speed
 measured) stay in the main lane, as nice 19 leaves them the CPU only when the rest do not want it. The rest of the
 suite waits on servers, browsers and deadlines about half its time (on a 2-core AMD EPYC Zen 1, session 62: 31
 CPU minutes in 30.8 of wall time), and the side lane takes that idle CPU, as tests/background.py's computations do.
@@ -19,7 +19,12 @@ import subprocess
 import sys
 import tempfile
 
-SIDE_MODULES = frozenset({"test_training.py", "test_decoding.py", "test_device_data.py"})
+# Modules that compute in-process and start no server (benchmarks/RESULTS.md, sessions 62-63: the main lane is the
+# run's length; the side lane ended half-way).
+SIDE_MODULES = frozenset({"test_training.py", "test_decoding.py", "test_device_data.py", "test_training_cli.py",
+                          "test_engine.py", "test_serving_handler.py", "test_explain_handler.py", "test_calibration.py",
+                          "test_evaluate.py", "test_shipped_model.py", "test_model.py", "test_answers.py",
+                          "test_background.py"})
 NO_TESTS_COLLECTED = 5  # pytest's exit code when nothing was selected
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from serving import process as ports_module
 from serving.process import (PidFile, ServiceStartError, command_line_with, free_port, free_ports, log_ends, log_tails,
-                             popen_exited, stop_popen, stop_process, wait_until_ready)
+                             popen_exited, port_in_use, stop_popen, stop_process, wait_until_ready)
 
 IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
 
@@ -27,9 +28,25 @@ def test_free_ports_are_distinct_and_bindable():
 
 def test_a_port_is_handed_out_once():
     # Servers started side by side each pick ports before any binds them: without the process's memory of the ports
-    # it gave, the OS gives one twice ~35 times in 1,000 picks (bind picks from ~14,000 ephemeral ports).
+    # it gave, one comes twice ~35 times in 1,000 picks (among ~14,000 ephemeral ports; ~22,000 below them).
     ports = [free_port() for _ in range(1000)] + free_ports(100)
     assert len(set(ports)) == len(ports)
+
+
+def test_ports_are_picked_below_the_ephemeral_range_where_no_connection_takes_them(tmp_path, monkeypatch):
+    first_ephemeral = int(ports_module.EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    ports = free_ports(200)
+    if first_ephemeral - ports_module.LOWEST_PICKED_PORT >= 1000:  # Linux's default range starts at 32768
+        assert all(ports_module.LOWEST_PICKED_PORT <= port < first_ephemeral for port in ports), ports
+    # Where the range leaves no room below it (or cannot be read), the OS picks: still free and distinct.
+    narrow = tmp_path / "ip_local_port_range"
+    narrow.write_text("10500\t60999\n")
+    monkeypatch.setattr(ports_module, "EPHEMERAL_RANGE_FILE", narrow)
+    assert ports_module.unclaimed_ports() is None
+    ports = free_ports(20)
+    assert len(set(ports)) == 20 and not any(port_in_use(port) for port in ports)
+    monkeypatch.setattr(ports_module, "EPHEMERAL_RANGE_FILE", tmp_path / "absent")
+    assert ports_module.unclaimed_ports() is None and len(set(free_ports(5))) == 5
 
 
 def test_pid_file_counts_only_a_live_process_that_is_ours(tmp_path):

@@ -845,6 +845,10 @@ def test_a_json_body_sent_as_a_form_is_refused_in_a_short_line_that_names_the_co
         assert ('{"instances": [{"image"' in message) == (len(row) == 1)  # recognisable; a few names of many
     with pytest.raises(ImageRequestError, match="not base64"):
         image_bytes({"body": {"image": "%%% not base64 %%%"}})
+    # A field's name is the client's bytes: control characters shown escaped, as in every refusal (no line forged).
+    with pytest.raises(ImageRequestError) as refused:
+        image_bytes({"photo\r\nERROR forged line\x1b[2J": bytearray()})
+    assert "fields: photo\\r\\nERROR forged line\\x1b[2J)" in refused.value.message, refused.value.message
 
 
 def test_only_small_requests_of_few_pixels_are_decoded_where_they_are_read():

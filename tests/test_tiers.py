@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,23 @@ def test_missing_chromium_stops_the_run_at_once_with_the_install_hint(tmp_path):
     assert " passed" not in out and " skipped" not in out
 
 
+def test_a_hung_test_fails_at_the_ini_timeout_and_the_run_goes_on(tmp_path):
+    ini = (ROOT / "pytest.ini").read_text()
+    assert "\ntimeout = 300\n" in ini  # the setting this test shortens
+    (tmp_path / "pytest.ini").write_text(ini.replace("\ntimeout = 300\n", "\ntimeout = 2\n"))
+    (tmp_path / "test_hangs.py").write_text("import time\n\n"
+                                            "def test_hangs():\n    time.sleep(120)\n\n"
+                                            "def test_after_it():\n    pass\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", str(tmp_path / "pytest.ini"),
+                           "--rootdir", str(tmp_path), str(tmp_path / "test_hangs.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=100)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "1 failed, 1 passed" in out, out[-3000:]
+    assert "Timeout (>2.0s)" in out and "time.sleep(120)" in out  # said so, with where it hung
+    assert time.monotonic() - started < 60
+
+
 def test_training_without_data_names_make_data(tmp_path, capsys):
     from training import train as train_module
 
@@ -98,7 +116,7 @@ def test_make_test_runs_the_training_modules_in_a_side_lane_but_their_clock_test
     """`make test` runs tests/lanes.py: the side lane (nice 19) takes the CPU-bound training modules, less their
     tests marked wall_clock, and the main lane the rest; each test in exactly one."""
     done = subprocess.run(["make", "-s", "--no-print-directory", "test", "PYTEST_ARGS=--collect-only -q -p "
-                           "no:cacheprovider tests/test_training.py tests/test_model.py"],
+                           "no:cacheprovider tests/test_training.py tests/test_process.py"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     main_out, header, side_out = done.stdout.partition("make test's side lane")
@@ -109,7 +127,7 @@ def test_make_test_runs_the_training_modules_in_a_side_lane_but_their_clock_test
     clock_tests = {f"tests/test_training.py::{name}" for name in (
         "test_time_budget_run_fits_its_budget_across_a_resume_and_ends_annealed",
         "test_a_larger_time_budget_given_on_resume_continues_a_finished_run")}
-    assert clock_tests <= main and "tests/test_model.py::test_structure_matches_the_seed_recipe" in main, main
+    assert clock_tests <= main and "tests/test_process.py::test_a_port_is_handed_out_once" in main, main
 
 
 def test_either_lane_failing_fails_make_test_and_a_lane_with_nothing_selected_does_not():
