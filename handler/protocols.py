@@ -228,7 +228,7 @@ def shown_name(name) -> str:
         name = "unnamed"
     if not isinstance(name, str):
         return f"a {type(name).__name__} for a name"
-    return f"'{clipped(name, NAME_SHOWN)}'"
+    return clipped(name, NAME_SHOWN, quoted=True)
 
 
 def shown_names(names: list, most: int = 4) -> str:

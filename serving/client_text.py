@@ -4,6 +4,8 @@ images' labels cost a request 3 GB and 14 s; a control byte shown as it came cou
 from __future__ import annotations
 
 
-def clipped(text: str, most: int) -> str:
-    """``text``'s first ``most`` characters as Python's ascii() writes them, quotes left off, "..." when cut."""
-    return ascii(text[:most])[1:-1] + ("..." if len(text) > most else "")
+def clipped(text: str, most: int, quoted: bool = False) -> str:
+    """``text``'s first ``most`` characters as Python's ascii() writes them, in its quotes only when ``quoted``,
+    then "..." when cut."""
+    shown = ascii(text[:most])
+    return (shown if quoted else shown[1:-1]) + ("..." if len(text) > most else "")

@@ -334,10 +334,13 @@ def test_a_header_block_of_too_many_fields_or_bytes_or_a_flood_of_frames_has_its
                 await reset_after(unended, frame(CONTINUATION, 4, 1, b"\x82\x82")),  # one past the bound
                 await reset_after(frame(HEADERS, 0, 1, b"\x82") + frame(CONTINUATION, 0, 1, bytes(16384)) * 3,
                                   frame(CONTINUATION, 0, 1, bytes(16384))),  # a block never ended: past 64 KiB
+                await reset_after(frame(HEADERS, 0, 1, b"\x82") + frame(CONTINUATION, 0, 1, bytes(16384)) * 3
+                                  + frame(CONTINUATION, 0, 1, bytes(16383)),  # 64 KiB exactly: relayed
+                                  frame(CONTINUATION, 0, 1, b"\0")),  # one byte more
                 await reset_after(update * 50, update, frames_per_s=50)]
 
     assert MAX_HEADER_BLOCK_BYTES == 4 * 16384
-    assert asyncio.run(scenario()) == [(True, False), (True, True), (True, True), (True, True)]
+    assert asyncio.run(scenario()) == [(True, False), (True, True), (True, True), (True, True), (True, True)]
 
 
 def test_per_second_counts_each_address_a_second_at_a_time_up_to_its_bound_and_forgets_past_seconds(monkeypatch):
@@ -396,6 +399,10 @@ def test_fair_share_counts_all_addresses_streams_and_marks_only_those_past_their
     assert streams.too_many("a", 1)
     assert not streams.too_many("f", 50)  # share 50 of 2
     assert streams.too_many("f", 1)  # its 51: past it
+    exact = FairShare(100)
+    assert not exact.too_many("a", 60) and not exact.too_many("b", 30)
+    assert not exact.too_many("a", 10)  # 100 in all, the bound exactly: a's 70, past its share, not reset yet
+    assert exact.too_many("a", 1)
 
 
 def test_each_reset_is_counted_under_its_own_reason_and_relays_none_of_the_bytes_that_caused_it():

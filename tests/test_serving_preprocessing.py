@@ -26,6 +26,11 @@ from serving_helpers import (animated_gif, avif_declaring, decompression_bomb_pn
                              png_chunk, png_with_bad_crc, png_with_chunks, png_with_exif, rle8_bmp, sixteen_bit_png)
 
 
+def box(kind: bytes, payload: bytes) -> bytes:
+    """An ISO/IEC 14496-12 box (an AVIF's parts): its size, its type, its payload."""
+    return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+
 def halves(size=(40, 20), left=(255, 0, 0), right=(0, 0, 255)) -> Image.Image:
     """Left half one colour, right half another: rotations and flips are visible."""
     img = Image.new("RGB", size, right)
@@ -162,8 +167,6 @@ def test_an_avif_is_counted_by_the_av1_frames_it_holds_not_the_size_it_declares(
 def iloc_of(items: int, extents: int, data_at: int, av1: bool = True) -> bytes:
     """An AVIF's boxes after its ftyp: a meta box of ``items`` av01 items (iinf, or of another type), each of
     ``extents`` extents of 16 bytes at ``data_at`` (iloc version 1), then those 16 bytes: a temporal delimiter OBU."""
-    def box(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", 8 + len(payload)) + kind + payload
     entries = b"".join(box(b"infe", b"\x02\0\0\0" + struct.pack(">HH", i + 1, 0) + (b"av01" if av1 else b"Exif") + b"\0")
                        for i in range(items))
     locations = b"".join(struct.pack(">HHHH", i + 1, 0, 0, extents) + struct.pack(">II", data_at, 16) * extents
@@ -237,8 +240,6 @@ def test_an_avifs_frames_are_counted_wherever_its_boxes_keep_them(monkeypatch):
     if not features.check("avif"):
         pytest.skip("Pillow built without AVIF")
 
-    def box(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", 8 + len(payload)) + kind + payload
     still = encode(noisy((33, 17)), "AVIF")
     item = still[still.index(b"mdat") + 4:]  # its one av01 item's data, the file's last box
     ftyp = b"\0\0\0\x18ftypavif\0\0\0\0avifmif1"
@@ -266,6 +267,31 @@ def test_an_avifs_frames_are_counted_wherever_its_boxes_keep_them(monkeypatch):
     with pytest.raises(ImageRequestError) as info:
         open_upload(bytes(sequence))
     assert info.value.status == 413 and "declares 16x16 pixels but its AV1 frames hold" in info.value.message
+
+
+def test_an_image_sequences_first_sample_is_found_by_either_size_table_and_either_offset_table():
+    # A track's sample sizes are one size for all or a table (stsz), its chunk offsets 4 or 8 bytes (stco, co64, a
+    # file over 4 GB: libavif reads both); Pillow writes one kind, so these tracks are built here around a still's
+    # AV1 data, put after the moov box.
+    from PIL import features
+    if not features.check("avif"):
+        pytest.skip("Pillow built without AVIF")
+
+    still = encode(noisy((33, 17)), "AVIF")
+    sample = still[still.index(b"mdat") + 4:]  # its one av01 item's data: a sequence header, then the frame
+    ftyp = b"\0\0\0\x18ftypavis\0\0\0\0avismsf1"
+    stsd = box(b"stsd", b"\0" * 4 + struct.pack(">I", 1) + box(b"av01", b"\0" * 78))
+
+    def sequence(one_size: bool, wide: bool, offset: int = 0) -> bytes:
+        sizes = struct.pack(">II", len(sample), 2) if one_size else struct.pack(">IIII", 0, 2, len(sample), 9)
+        offsets = struct.pack(">IQ", 1, offset) if wide else struct.pack(">II", 1, offset)
+        stbl = box(b"stbl", stsd + box(b"stsz", b"\0" * 4 + sizes) + box(b"co64" if wide else b"stco",
+                                                                       b"\0" * 4 + offsets))
+        moov = box(b"moov", box(b"trak", box(b"mdia", box(b"minf", stbl))))
+        return ftyp + moov + sample if offset else sequence(one_size, wide, len(ftyp + moov))
+    for one_size in (True, False):
+        for wide in (True, False):
+            assert av1_frame_pixels(sequence(one_size, wide)) == 33 * 17, (one_size, wide)
 
 
 def test_tiff_directories_pillow_reads_whole_are_bounded():
