@@ -13,9 +13,9 @@ or the CIFAR-100 data (``cifar100_data_dir``), or when its module says ``pytestm
 pytest.mark.integration``. ``make test-unit`` runs the others (``-m "not integration"``: ~5 min on 2 cores,
 no Java, no Chromium, no data); ``make test`` runs both, but the tests marked ``bench`` (a benchmark run end to end
 with servers of its own), which ``make test-bench`` runs: CI's ``make test`` must end within 30 minutes; it runs
-in two lanes at once (``--lane``, tests/lanes.py: the modules that compute in-process at nice 19 beside the rest). When selected tests need the data, Java,
-Chromium, wrk or npm's axe-core and one is missing, the run stops at once (a failure, never a
-skip) and says how to get it (tests/system_parts.py).
+in two lanes at once (``--lane``, tests/lanes.py: the modules that compute in-process at nice 19 beside the rest).
+When selected tests need the data, Java, Chromium, wrk or npm's axe-core and one is missing, the run stops at once
+(a failure, never a skip) and says how to get it (tests/system_parts.py).
 """
 from __future__ import annotations
 

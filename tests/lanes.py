@@ -1,8 +1,8 @@
 """`make test`'s two lanes: one pytest command line run twice at once, `--lane main` and, at nice 19, `--lane side`.
 
 The side lane holds the modules in SIDE_MODULES: they train or score networks, build engines or archives on the CPU,
-start no server and judge nothing by the clock; their tests marked `wall_clock` (a time budget's fit, a plan made from a speed
-measured) stay in the main lane, as nice 19 leaves them the CPU only when the rest do not want it. The rest of the
+start no server and judge nothing by the clock; their tests marked `wall_clock` (a time budget's fit, a plan made
+from a speed measured) stay in the main lane, as nice 19 leaves them the CPU only when the rest do not want it. The rest of the
 suite waits on servers, browsers and deadlines about half its time (on a 2-core AMD EPYC Zen 1, session 62: 31
 CPU minutes in 30.8 of wall time), and the side lane takes that idle CPU, as tests/background.py's computations do.
 

@@ -32,6 +32,7 @@ from PIL import Image
 from adapter.config import ConfigError, Settings
 from adapter.errors import ClassifyError
 from adapter.limits import CHARGE_KEY, Explanations, InFlight, held_by_model_server
+from adapter.protocol import OpenConnections
 from adapter.run import running_adapter
 from serving.images import SHRINK_MIN_BYTES
 from serving.process import free_port
@@ -77,7 +78,6 @@ def test_an_ipv6_client_is_its_slash_64_and_an_ipv4_mapped_one_its_ipv4_address(
     """One IPv6 host usually holds a whole /64: a share per address would let it take any number of shares
     (64 addresses of one /64 held every request slot). The connection cap counts the same way."""
     from adapter.limits import client_address
-    from adapter.protocol import OpenConnections
 
     same = ["2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:ffff"]
     assert client_address({"client": (same[0], 1)}) == client_address({"client": (same[1], 2)}) == "2001:db8:1:2::/64"
@@ -1145,9 +1145,6 @@ def test_only_an_idle_connection_of_a_client_past_its_fair_share_gives_way():
     one of the client holding the most, if that is past the fair share (the next holding client when the most's
     are all busy); none when every client holding more is busy or at the share, when the newcomer is at its share,
     or for a trusted proxy, whose connections are neither counted as a client's nor closed."""
-    from adapter.config import Settings
-    from adapter.protocol import OpenConnections
-
     connections = OpenConnections(Settings(max_open_connections=5, max_client_connections=3,
                                            trusted_proxies=["10.9.9.9"]))
     held = {"10.0.0.1": [Connection(False) for _ in range(3)], "10.0.0.2": [Connection(True), Connection(False)]}
@@ -1185,9 +1182,6 @@ def test_only_an_idle_connection_of_a_client_past_its_fair_share_gives_way():
 def test_the_idle_connection_that_gives_way_is_of_the_client_holding_the_most_for_one_under_its_share_only():
     """OpenConnections at its cap, in-process: of two clients past the fair share, both with idle connections, the one
     holding the most gives one up; and a client already at its share takes nobody's place."""
-    from adapter.config import Settings
-    from adapter.protocol import OpenConnections
-
     connections = OpenConnections(Settings(max_open_connections=5, max_client_connections=3))
     held = {"10.0.0.1": [Connection(True) for _ in range(3)], "10.0.0.2": [Connection(True) for _ in range(2)]}
     for host, theirs in held.items():
@@ -1203,9 +1197,6 @@ def test_the_idle_connection_that_gives_way_is_of_the_client_holding_the_most_fo
 def test_a_trusted_proxys_closed_connections_give_their_places_back_to_the_shares():
     """The shares are of the places trusted proxies' connections leave (OpenConnections.proxied): once those close,
     the count gives them back, else every proxied connection ever closed would shrink the shares for good."""
-    from adapter.config import Settings
-    from adapter.protocol import OpenConnections
-
     connections = OpenConnections(Settings(max_open_connections=4, max_client_connections=3,
                                            trusted_proxies=["10.9.9.9"]))
     proxied = [Connection(True), Connection(True)]
@@ -1220,9 +1211,6 @@ def test_a_connection_reading_none_of_its_answers_gives_way_past_the_grace_after
     share is there, one of its connections whose answers have waited unread for min_rate_grace_s is reset for a new
     client's (the first so marked that is past the grace); one under the grace is not, nor one of a client at its
     share, and an idle one goes first, closed, not reset."""
-    from adapter.config import Settings
-    from adapter.protocol import OpenConnections
-
     connections = OpenConnections(Settings(max_open_connections=4, max_client_connections=2, min_rate_grace_s=2))
     held = {"10.0.0.1": [Connection(unread_s=3), Connection()], "10.0.0.2": [Connection(unread_s=1),
                                                                                Connection(unread_s=5)]}

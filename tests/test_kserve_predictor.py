@@ -378,8 +378,8 @@ def test_a_model_dir_without_the_archive_stops_the_start_with_the_reason(tmp_pat
 def test_a_bare_archive_is_served_too_and_a_free_port_taken_before_the_bind_is_picked_again(bundle, client, tmp_path,
                                                                                            cifar100_test_split):
     """--model_dir may name the .mar itself (no bundle around it: TorchServe's max_request_size from the repo's
-    config.properties). And a port picked free for it but taken before the server bound it, seconds later (any
-    process's bind to port 0 may get it: 26 tests lost their predictor so once), is picked again."""
+    config.properties). And a port picked free for it but taken before the server bound it, seconds later (26 tests
+    lost their predictor so once, when free ports came from the ephemeral range), is picked again."""
     predictor = KServePredictor(tmp_path, bundle / "model-store" / "cifar100.mar")
     taken = predictor.grpc_port
     with socket.socket() as thief:

@@ -113,8 +113,8 @@ def test_make_test_leaves_the_benchmarks_own_runs_to_make_test_bench():
 
 @pytest.mark.integration  # test_training.py asks for CIFAR-100
 def test_make_test_runs_the_training_modules_in_a_side_lane_but_their_clock_tests():
-    """`make test` runs tests/lanes.py: the side lane (nice 19) takes the CPU-bound training modules, less their
-    tests marked wall_clock, and the main lane the rest; each test in exactly one."""
+    """`make test` runs tests/lanes.py: the side lane (nice 19) takes the modules in SIDE_MODULES (test_training.py
+    among them), less their tests marked wall_clock, and the main lane the rest; each test in exactly one."""
     done = subprocess.run(["make", "-s", "--no-print-directory", "test", "PYTEST_ARGS=--collect-only -q -p "
                            "no:cacheprovider tests/test_training.py tests/test_process.py"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
